@@ -1,0 +1,1 @@
+"""x402 sidecar: HTTP 402 payments for any API behind Envoy."""

@@ -1,0 +1,230 @@
+"""The `x402` command line: serve, keys, payers and configs. Errors are one line, no traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+
+from sidecar.config import Settings
+from sidecar.envoy_config import Endpoints, render_yaml
+from sidecar.errors import AmountError, X402Error
+from sidecar.identity import Identity
+from sidecar.ledger import ACTIVE, SUSPENDED, Ledger
+
+T = TypeVar("T")
+
+
+class Group(click.Group):
+    """Turns every expected error into one readable line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except X402Error as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="x402-sidecar")
+def main() -> None:
+    """HTTP 402 payments for any API behind Envoy."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="X402_CONFIG",
+              help="YAML config file (X402_<KEY> environment variables override it).")
+def serve(config_path: str | None) -> None:
+    """Run the ext_authz sidecar."""
+    from sidecar import server
+
+    server.run(Settings.load(config_path))
+
+
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="Where to write the private key (mode 0600; never overwritten).")
+def keygen(out: str) -> None:
+    """Create an Ed25519 key: a gateway signing key or an agent wallet."""
+    identity = Identity.generate()
+    try:
+        identity.save(out)
+    except FileExistsError:
+        raise X402Error(f"{out} exists; refusing to overwrite a key") from None
+    except OSError as exc:
+        raise X402Error(f"cannot write {out}: {exc.strerror}") from None
+    click.echo(f"public key: {identity.public_key}")
+    click.echo(f"key id:     {identity.kid}")
+
+
+@main.command("secret")
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+def secret_command(out: str) -> None:
+    """Create a random invoice secret file (mode 0600)."""
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise X402Error(f"{out} exists; refusing to overwrite a secret") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    click.echo(f"wrote {out}")
+
+
+@main.command("envoy-config")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="X402_CONFIG")
+@click.option("--listen", default="0.0.0.0:10000", show_default=True)
+@click.option("--service", default="127.0.0.1:8080", show_default=True,
+              help="The upstream service Envoy protects.")
+def envoy_config(config_path: str | None, listen: str, service: str) -> None:
+    """Print an Envoy config that routes through the sidecar, prices from the config."""
+    from sidecar.server import split_host_port
+
+    settings = Settings.load(config_path)
+    endpoints = Endpoints(
+        listen=split_host_port(listen, "--listen"),
+        service=split_host_port(service, "--service"),
+        authz=split_host_port(settings.listen_grpc, "listen_grpc"),
+        sideport=split_host_port(settings.listen_http, "listen_http"),
+    )
+    click.echo(render_yaml(settings.routes, settings.default_asset, endpoints), nl=False)
+
+
+@main.command(hidden=True)
+@click.option("--host", default="127.0.0.1")
+@click.option("--port", type=int, required=True)
+def upstream(host: str, port: int) -> None:
+    """Run the small demo service."""
+    from sidecar import upstream as demo_upstream
+
+    demo_upstream.run(host, port)
+
+
+# -- payers ------------------------------------------------------------------------------
+
+redis_option = click.option(
+    "--redis", "redis_url", envvar=["REDIS_URL", "X402_REDIS_URL"],
+    help="Redis URL of the ledger [env REDIS_URL].",
+)
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), envvar="X402_CONFIG",
+    help="Sidecar config, for its assets and Redis URL.",
+)
+
+
+def _ledger_call(redis_url: str | None, config_path: str | None,
+                 op: Callable[[Ledger, Settings], Awaitable[T]]) -> T:
+    settings = Settings.load(config_path)
+
+    async def run() -> T:
+        ledger = Ledger.from_url(redis_url or settings.redis_url)
+        try:
+            return await op(ledger, settings)
+        finally:
+            await ledger.close()
+    return asyncio.run(run())
+
+
+@main.group()
+def payer() -> None:
+    """Register, credit, suspend payers and read balances."""
+
+
+@payer.command("register")
+@click.argument("public_key")
+@redis_option
+@config_option
+def payer_register(public_key: str, redis_url: str | None, config_path: str | None) -> None:
+    """Make an agent's public key known to the ledger."""
+    _check_public_key(public_key)
+    created = _ledger_call(redis_url, config_path, lambda ledger, _s: ledger.register(public_key))
+    click.echo("registered" if created else "already registered")
+
+
+@payer.command("credit")
+@click.argument("public_key")
+@click.argument("amount")
+@click.option("--asset", default=None, help="Asset code [default: the config's default].")
+@click.option("--idempotency-key", default=None,
+              help="Retrying with the same key never credits twice [default: random].")
+@redis_option
+@config_option
+def payer_credit(public_key: str, amount: str, asset: str | None, idempotency_key: str | None,
+                 redis_url: str | None, config_path: str | None) -> None:
+    """Add AMOUNT (a decimal like 10.5) to a payer's balance."""
+    _check_public_key(public_key)
+    key = idempotency_key or secrets.token_urlsafe(12)
+
+    async def op(ledger: Ledger, settings: Settings) -> str:
+        code = asset or settings.default_asset
+        assets = settings.asset_table()
+        if code not in assets:
+            raise X402Error(f"unknown asset {code!r} (known: {', '.join(assets)})")
+        try:
+            atomic = assets[code].to_atomic(amount)
+        except AmountError as exc:
+            raise X402Error(str(exc)) from None
+        result = await ledger.credit(public_key, code, atomic, key)
+        verb = "credited" if result.applied else "already applied (idempotency key seen)"
+        return f"{verb}; balance {assets[code].to_decimal(result.balance)} {code} " \
+               f"(idempotency key {key})"
+
+    click.echo(_ledger_call(redis_url, config_path, op))
+
+
+@payer.command("balance")
+@click.argument("public_key")
+@redis_option
+@config_option
+def payer_balance(public_key: str, redis_url: str | None, config_path: str | None) -> None:
+    """Show a payer's status and balances."""
+    async def op(ledger: Ledger, settings: Settings) -> str:
+        account = await ledger.account(public_key)
+        assets = settings.asset_table()
+        lines = [f"status: {account.status}"]
+        for code in sorted(set(account.balances) | set(assets)):
+            atomic = account.balances.get(code, 0)
+            shown = assets[code].to_decimal(atomic) if code in assets else f"{atomic} (atomic)"
+            lines.append(f"{code}: {shown}")
+        return "\n".join(lines)
+
+    click.echo(_ledger_call(redis_url, config_path, op))
+
+
+@payer.command("suspend")
+@click.argument("public_key")
+@redis_option
+@config_option
+def payer_suspend(public_key: str, redis_url: str | None, config_path: str | None) -> None:
+    """Refuse this payer's proofs (403 payer_suspended) until activated again."""
+    _ledger_call(redis_url, config_path, lambda ledger, _s: ledger.set_status(public_key, SUSPENDED))
+    click.echo("suspended")
+
+
+@payer.command("activate")
+@click.argument("public_key")
+@redis_option
+@config_option
+def payer_activate(public_key: str, redis_url: str | None, config_path: str | None) -> None:
+    """Accept this payer's proofs again."""
+    _ledger_call(redis_url, config_path, lambda ledger, _s: ledger.set_status(public_key, ACTIVE))
+    click.echo("active")
+
+
+def _check_public_key(public_key: str) -> None:
+    from sidecar.identity import verify_key
+
+    try:
+        verify_key(public_key)
+    except ValueError:
+        raise X402Error("not a public key: expected base64url of 32 bytes (see x402 keygen)") \
+            from None
+
+
+if __name__ == "__main__":
+    main()

