@@ -103,6 +103,11 @@ class Proof:
     signed_message: bytes
 
     @property
+    def is_direct(self) -> bool:
+        """A one-round-trip payment from the price list: no invoice was issued."""
+        return self.invoice_id is None
+
+    @property
     def terms(self) -> dict[str, Any]:
         """The fields the invoice MAC covers."""
         return {"version": VERSION, "scheme": SCHEME, "nonce": self.nonce,
