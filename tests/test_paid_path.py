@@ -410,7 +410,7 @@ async def test_ledger_down_fails_closed_and_free_routes_still_work() -> None:
             assert (await client.get(ATLAS)).status_code == 402
             assert (await client.get("/api/v1/health")).status_code == 200
             assert (await client.get("/.well-known/x402")).status_code == 200
-            ready = httpx.get(f"{stack.sideport_url}/readyz")
+            ready = await client.get(f"{stack.sideport_url}/readyz")
             assert ready.status_code == 503
             assert ready.json() == {"status": "ledger_unavailable"}
 
