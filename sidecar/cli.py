@@ -38,8 +38,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="X402_CONFIG",
-              help="YAML config file (X402_<KEY> environment variables override it).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar="X402_CONFIG",
+    help="YAML config file (X402_<KEY> environment variables override it).",
+)
 def serve(config_path: str | None) -> None:
     """Run the ext_authz sidecar."""
     from sidecar import server
@@ -48,8 +53,12 @@ def serve(config_path: str | None) -> None:
 
 
 @main.command()
-@click.option("--out", type=click.Path(dir_okay=False), required=True,
-              help="Where to write the private key (mode 0600; never overwritten).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Where to write the private key (mode 0600; never overwritten).",
+)
 def keygen(out: str) -> None:
     """Create an Ed25519 key: a gateway signing key or an agent wallet."""
     identity = Identity.generate()
@@ -79,8 +88,12 @@ def secret_command(out: str) -> None:
 @main.command("envoy-config")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="X402_CONFIG")
 @click.option("--listen", default="0.0.0.0:10000", show_default=True)
-@click.option("--service", default="127.0.0.1:8080", show_default=True,
-              help="The upstream service Envoy protects.")
+@click.option(
+    "--service",
+    default="127.0.0.1:8080",
+    show_default=True,
+    help="The upstream service Envoy protects.",
+)
 def envoy_config(config_path: str | None, listen: str, service: str) -> None:
     """Print an Envoy config that routes through the sidecar, prices from the config."""
     from sidecar.server import split_host_port
@@ -108,17 +121,23 @@ def upstream(host: str, port: int) -> None:
 # -- payers ------------------------------------------------------------------------------
 
 redis_option = click.option(
-    "--redis", "redis_url", envvar=["REDIS_URL", "X402_REDIS_URL"],
+    "--redis",
+    "redis_url",
+    envvar=["REDIS_URL", "X402_REDIS_URL"],
     help="Redis URL of the ledger [env REDIS_URL].",
 )
 config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), envvar="X402_CONFIG",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar="X402_CONFIG",
     help="Sidecar config, for its assets and Redis URL.",
 )
 
 
-def _ledger_call(redis_url: str | None, config_path: str | None,
-                 op: Callable[[Ledger, Settings], Awaitable[T]]) -> T:
+def _ledger_call(
+    redis_url: str | None, config_path: str | None, op: Callable[[Ledger, Settings], Awaitable[T]]
+) -> T:
     settings = Settings.load(config_path)
 
     async def run() -> T:
@@ -127,6 +146,7 @@ def _ledger_call(redis_url: str | None, config_path: str | None,
             return await op(ledger, settings)
         finally:
             await ledger.close()
+
     return asyncio.run(run())
 
 
@@ -150,12 +170,21 @@ def payer_register(public_key: str, redis_url: str | None, config_path: str | No
 @click.argument("public_key")
 @click.argument("amount")
 @click.option("--asset", default=None, help="Asset code [default: the config's default].")
-@click.option("--idempotency-key", default=None,
-              help="Retrying with the same key never credits twice [default: random].")
+@click.option(
+    "--idempotency-key",
+    default=None,
+    help="Retrying with the same key never credits twice [default: random].",
+)
 @redis_option
 @config_option
-def payer_credit(public_key: str, amount: str, asset: str | None, idempotency_key: str | None,
-                 redis_url: str | None, config_path: str | None) -> None:
+def payer_credit(
+    public_key: str,
+    amount: str,
+    asset: str | None,
+    idempotency_key: str | None,
+    redis_url: str | None,
+    config_path: str | None,
+) -> None:
     """Add AMOUNT (a decimal like 10.5) to a payer's balance."""
     _check_public_key(public_key)
     key = idempotency_key or secrets.token_urlsafe(12)
@@ -171,8 +200,10 @@ def payer_credit(public_key: str, amount: str, asset: str | None, idempotency_ke
             raise X402Error(str(exc)) from None
         result = await ledger.credit(public_key, code, atomic, key)
         verb = "credited" if result.applied else "already applied (idempotency key seen)"
-        return f"{verb}; balance {assets[code].to_decimal(result.balance)} {code} " \
-               f"(idempotency key {key})"
+        return (
+            f"{verb}; balance {assets[code].to_decimal(result.balance)} {code} "
+            f"(idempotency key {key})"
+        )
 
     click.echo(_ledger_call(redis_url, config_path, op))
 
@@ -183,6 +214,7 @@ def payer_credit(public_key: str, amount: str, asset: str | None, idempotency_ke
 @config_option
 def payer_balance(public_key: str, redis_url: str | None, config_path: str | None) -> None:
     """Show a payer's status and balances."""
+
     async def op(ledger: Ledger, settings: Settings) -> str:
         account = await ledger.account(public_key)
         assets = settings.asset_table()
@@ -202,7 +234,9 @@ def payer_balance(public_key: str, redis_url: str | None, config_path: str | Non
 @config_option
 def payer_suspend(public_key: str, redis_url: str | None, config_path: str | None) -> None:
     """Refuse this payer's proofs (403 payer_suspended) until activated again."""
-    _ledger_call(redis_url, config_path, lambda ledger, _s: ledger.set_status(public_key, SUSPENDED))
+    _ledger_call(
+        redis_url, config_path, lambda ledger, _s: ledger.set_status(public_key, SUSPENDED)
+    )
     click.echo("suspended")
 
 
@@ -222,8 +256,9 @@ def _check_public_key(public_key: str) -> None:
     try:
         verify_key(public_key)
     except ValueError:
-        raise X402Error("not a public key: expected base64url of 32 bytes (see x402 keygen)") \
-            from None
+        raise X402Error(
+            "not a public key: expected base64url of 32 bytes (see x402 keygen)"
+        ) from None
 
 
 if __name__ == "__main__":

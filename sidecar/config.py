@@ -46,8 +46,9 @@ class Settings:
     routes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None,
-             env: Mapping[str, str] | None = None) -> Settings:
+    def load(
+        cls, path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
         raw: Any = {}
         if path is not None:
             try:
@@ -69,7 +70,7 @@ class Settings:
         values: dict[str, Any] = {}
         for name, spec in known.items():
             env_value = env.get(ENV_PREFIX + name.upper())
-            default = spec.default if spec.default is not MISSING else spec.default_factory()
+            default = spec.default_factory() if spec.default is MISSING else spec.default  # type: ignore[operator]
             value = raw.get(name, default)
             if env_value is not None and isinstance(default, int | str):
                 value = env_value
@@ -80,9 +81,8 @@ class Settings:
 
     def asset_table(self) -> dict[str, Asset]:
         assets: dict[str, Asset] = {}
-        for code, decimals in self.assets.items():
-            if isinstance(decimals, Mapping):
-                decimals = decimals.get("decimals")
+        for code, spec in self.assets.items():
+            decimals = spec.get("decimals") if isinstance(spec, Mapping) else spec
             if type(decimals) is not int or not 0 <= decimals <= 18:
                 raise ConfigError(f"config assets.{code}: decimals must be an integer 0..18")
             assets[str(code)] = Asset(str(code), decimals)
@@ -123,8 +123,9 @@ class Settings:
             if amount > MAX_BALANCE:
                 raise ConfigError(f"{key}.price: larger than the ledger's maximum balance")
             description = str(spec.get("description", ""))
-            routes.append(Route(str(name), method, str(path), Price(
-                str(name), amount, asset, description)))
+            routes.append(
+                Route(str(name), method, str(path), Price(str(name), amount, asset, description))
+            )
         return RouteTable(routes, assets, self.default_asset)
 
     def gateway(self) -> Gateway:
@@ -142,8 +143,7 @@ class Settings:
             ) from None
         if len(secret) < MIN_SECRET_BYTES:
             raise ConfigError(
-                f"config invoice_secret_file: the secret must be at least {MIN_SECRET_BYTES} "
-                "bytes"
+                f"config invoice_secret_file: the secret must be at least {MIN_SECRET_BYTES} bytes"
             )
         return Gateway(
             identity=Identity.load(self.signing_key_file),
@@ -165,8 +165,10 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             value = int(value)
         if type(value) is not int or value < 0:
             raise ConfigError(f"config {name}: must be a non-negative integer")
-        if name in ("workers", "invoice_ttl_seconds", "max_direct_ttl_seconds",
-                    "max_proof_bytes") and value == 0:
+        if (
+            name in ("workers", "invoice_ttl_seconds", "max_direct_ttl_seconds", "max_proof_bytes")
+            and value == 0
+        ):
             raise ConfigError(f"config {name}: must be at least 1")
         return value
     if isinstance(default, str):

@@ -27,7 +27,9 @@ from sidecar.pricing import Price
 from sidecar.protocol import SCHEME, VERSION, Proof
 
 UPSTREAM_PAYER, UPSTREAM_AMOUNT, UPSTREAM_RECEIPT = (
-    "x-x402-payer", "x-x402-amount", "x-x402-receipt-id",
+    "x-x402-payer",
+    "x-x402-amount",
+    "x-x402-receipt-id",
 )
 
 
@@ -123,14 +125,13 @@ def verify_payment(request: Request, price: Price, gateway: Gateway, now: int) -
     if amount != price.amount:
         raise InvoiceMismatch(f"this route costs {price.display} {price.asset.code} now")
     if proof.payee != gateway.payee:
-        raise InvoiceMismatch(f"proof is for payee {proof.payee!r}, this gateway is "
-                              f"{gateway.payee!r}")
+        raise InvoiceMismatch(
+            f"proof is for payee {proof.payee!r}, this gateway is {gateway.payee!r}"
+        )
     if proof.expires_at < now:
         raise InvoiceExpired("the invoice has expired; pay the fresh one")
     if proof.is_direct and proof.expires_at > now + gateway.max_direct_ttl:
-        raise InvoiceExpired(
-            f"a direct proof may expire at most {gateway.max_direct_ttl}s ahead"
-        )
+        raise InvoiceExpired(f"a direct proof may expire at most {gateway.max_direct_ttl}s ahead")
     if not proof.is_direct and not protocol.invoice_matches(
         gateway.invoice_secret, proof.terms, proof.invoice_id or ""
     ):
@@ -161,17 +162,27 @@ def deny(
         fresh = invoice(request, price, gateway, now)
         invoice_id = fresh["invoice_id"]
         body["x402"] = fresh
-        headers.append(("payment-required", protocol.encode_header(
-            payment_required(fresh, request, price, gateway, error.reason, error.message)
-        )))
+        headers.append(
+            (
+                "payment-required",
+                protocol.encode_header(
+                    payment_required(fresh, request, price, gateway, error.reason, error.message)
+                ),
+            )
+        )
     if error.status == 503:
         headers.append(("retry-after", "1"))
-    return Denial(error.status, error.reason, _json(body), tuple(headers), invoice_id,
-                  body.get("balance"))
+    return Denial(
+        error.status, error.reason, _json(body), tuple(headers), invoice_id, body.get("balance")
+    )
 
 
 def payment_required(
-    fresh: dict[str, Any], request: Request, price: Price, gateway: Gateway, reason: str,
+    fresh: dict[str, Any],
+    request: Request,
+    price: Price,
+    gateway: Gateway,
+    reason: str,
     message: str,
 ) -> dict[str, Any]:
     """The x402 v2 `PaymentRequired` object, so generic x402 tooling can read the challenge."""
@@ -183,15 +194,17 @@ def payment_required(
             "description": price.description or message,
             "mimeType": "application/json",
         },
-        "accepts": [{
-            "scheme": SCHEME,
-            "network": gateway.network,
-            "amount": str(price.amount),
-            "asset": price.asset.code,
-            "payTo": gateway.payee,
-            "maxTimeoutSeconds": gateway.invoice_ttl,
-            "extra": fresh,
-        }],
+        "accepts": [
+            {
+                "scheme": SCHEME,
+                "network": gateway.network,
+                "amount": str(price.amount),
+                "asset": price.asset.code,
+                "payTo": gateway.payee,
+                "maxTimeoutSeconds": gateway.invoice_ttl,
+                "extra": fresh,
+            }
+        ],
     }
 
 
@@ -199,20 +212,23 @@ def allow(
     proof: Proof, price: Price, balance: int, receipt_id: str, gateway: Gateway, now: int
 ) -> Allow:
     """After the ledger debited: the signed receipt and the headers that carry it."""
-    receipt = protocol.sign_receipt({
-        "version": VERSION,
-        "success": True,
-        "receipt_id": receipt_id,
-        "invoice_id": proof.invoice_id or "",
-        "nonce": proof.nonce,
-        "payer": proof.payer,
-        "payee": gateway.payee,
-        "resource": proof.resource,
-        "asset": price.asset.code,
-        "amount": price.display,
-        "balance": price.asset.to_decimal(balance),
-        "issued_at": now,
-    }, gateway.identity)
+    receipt = protocol.sign_receipt(
+        {
+            "version": VERSION,
+            "success": True,
+            "receipt_id": receipt_id,
+            "invoice_id": proof.invoice_id or "",
+            "nonce": proof.nonce,
+            "payer": proof.payer,
+            "payee": gateway.payee,
+            "resource": proof.resource,
+            "asset": price.asset.code,
+            "amount": price.display,
+            "balance": price.asset.to_decimal(balance),
+            "issued_at": now,
+        },
+        gateway.identity,
+    )
     encoded = protocol.encode_header(receipt)
     return Allow(
         receipt=receipt,

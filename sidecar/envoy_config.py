@@ -20,9 +20,13 @@ _TYPES = "type.googleapis.com/envoy.extensions"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 DISCOVERY_PATH = "/.well-known/x402"
 _ACCESS_LOG_FORMAT = {
-    "time": "%START_TIME%", "request_id": "%REQ(X-REQUEST-ID)%", "method": "%REQ(:METHOD)%",
-    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", "status": "%RESPONSE_CODE%",
-    "duration_ms": "%DURATION%", "payer": f"%DYNAMIC_METADATA({EXT_AUTHZ}:payer)%",
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "duration_ms": "%DURATION%",
+    "payer": f"%DYNAMIC_METADATA({EXT_AUTHZ}:payer)%",
     "amount": f"%DYNAMIC_METADATA({EXT_AUTHZ}:amount)%",
     "receipt_id": f"%DYNAMIC_METADATA({EXT_AUTHZ}:receipt_id)%",
 }
@@ -47,9 +51,10 @@ def _cluster(name: str, host: str, port: int, http2: bool = False) -> dict[str, 
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": name, "endpoints": [
-            {"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}
-        ]},
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}],
+        },
     }
     if http2:
         cluster["typed_extension_protocol_options"] = {
@@ -84,15 +89,18 @@ def priced_route(name: str, spec: Mapping[str, Any], default_asset: str) -> dict
         "name": name,
         "match": match,
         "route": {"cluster": "service"},
-        "typed_per_filter_config": {EXT_AUTHZ: {
-            "@type": f"{_TYPES}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-            "check_settings": {"context_extensions": extensions},
-        }},
+        "typed_per_filter_config": {
+            EXT_AUTHZ: {
+                "@type": f"{_TYPES}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                "check_settings": {"context_extensions": extensions},
+            }
+        },
     }
 
 
 def render(
-    routes: Mapping[str, Mapping[str, Any]], default_asset: str = "USDF",
+    routes: Mapping[str, Mapping[str, Any]],
+    default_asset: str = "USDF",
     endpoints: Endpoints | None = None,
 ) -> dict[str, Any]:
     ep = endpoints or Endpoints()
@@ -100,10 +108,12 @@ def render(
         "name": "x402_discovery",
         "match": {"path": DISCOVERY_PATH},
         "route": {"cluster": "x402_http"},
-        "typed_per_filter_config": {EXT_AUTHZ: {
-            "@type": f"{_TYPES}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-            "disabled": True,
-        }},
+        "typed_per_filter_config": {
+            EXT_AUTHZ: {
+                "@type": f"{_TYPES}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                "disabled": True,
+            }
+        },
     }
     # Unannotated paths still go through ext_authz: the sidecar's own route table may
     # price them, and otherwise answers "free" without touching Redis.
@@ -115,50 +125,71 @@ def render(
         "normalize_path": True,
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
-        "access_log": [{
-            "name": "envoy.access_loggers.stdout",
-            "typed_config": {
-                "@type": f"{_TYPES}.access_loggers.stream.v3.StdoutAccessLog",
-                "log_format": {"json_format": _ACCESS_LOG_FORMAT},
-            },
-        }],
-        "route_config": {"name": "priced", "virtual_hosts": [{
-            "name": "service",
-            "domains": ["*"],
-            "routes": [
-                discovery,
-                *(priced_route(name, spec, default_asset) for name, spec in routes.items()),
-                fallback,
-            ],
-        }]},
-        "http_filters": [
-            {"name": EXT_AUTHZ, "typed_config": {
-                "@type": f"{_TYPES}.filters.http.ext_authz.v3.ExtAuthz",
-                "transport_api_version": "V3",
-                "grpc_service": {
-                    "envoy_grpc": {"cluster_name": "x402_authz"},
-                    "timeout": ep.authz_timeout,
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": {
+                    "@type": f"{_TYPES}.access_loggers.stream.v3.StdoutAccessLog",
+                    "log_format": {"json_format": _ACCESS_LOG_FORMAT},
                 },
-                # Fail closed: no sidecar answer means no free pass, and a 503.
-                "failure_mode_allow": False,
-                "status_on_error": {"code": "ServiceUnavailable"},
-            }},
-            {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": f"{_TYPES}.filters.http.router.v3.Router",
-            }},
+            }
+        ],
+        "route_config": {
+            "name": "priced",
+            "virtual_hosts": [
+                {
+                    "name": "service",
+                    "domains": ["*"],
+                    "routes": [
+                        discovery,
+                        *(priced_route(name, spec, default_asset) for name, spec in routes.items()),
+                        fallback,
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            {
+                "name": EXT_AUTHZ,
+                "typed_config": {
+                    "@type": f"{_TYPES}.filters.http.ext_authz.v3.ExtAuthz",
+                    "transport_api_version": "V3",
+                    "grpc_service": {
+                        "envoy_grpc": {"cluster_name": "x402_authz"},
+                        "timeout": ep.authz_timeout,
+                    },
+                    # Fail closed: no sidecar answer means no free pass, and a 503.
+                    "failure_mode_allow": False,
+                    "status_on_error": {"code": "ServiceUnavailable"},
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": f"{_TYPES}.filters.http.router.v3.Router",
+                },
+            },
         ],
     }
     return {
         "admin": {"address": _address(*ep.admin)},
         "static_resources": {
-            "listeners": [{
-                "name": "ingress",
-                "address": _address(*ep.listen),
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm,
-                }]}],
-            }],
+            "listeners": [
+                {
+                    "name": "ingress",
+                    "address": _address(*ep.listen),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
             "clusters": [
                 _cluster("x402_authz", *ep.authz, http2=True),
                 _cluster("x402_http", *ep.sideport),
@@ -168,8 +199,11 @@ def render(
     }
 
 
-def render_yaml(routes: Mapping[str, Mapping[str, Any]], default_asset: str = "USDF",
-                endpoints: Endpoints | None = None) -> str:
+def render_yaml(
+    routes: Mapping[str, Mapping[str, Any]],
+    default_asset: str = "USDF",
+    endpoints: Endpoints | None = None,
+) -> str:
     header = (
         "# Envoy in front of a service, with the x402 sidecar as ext_authz.\n"
         "# Generated by `x402 envoy-config`; edit the sidecar config's routes, not this file.\n"

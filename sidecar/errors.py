@@ -96,8 +96,19 @@ class InternalError(PaymentError):
 BY_REASON: dict[str, type[PaymentError]] = {
     cls.reason: cls
     for cls in (
-        PaymentRequired, MalformedPayment, UnsupportedVersion, UnsupportedScheme,
-        InvoiceMismatch, InvoiceExpired, InvalidInvoice, InvalidSignature, UnknownPayer,
-        PayerSuspended, NonceReused, InsufficientFunds, LedgerUnavailable, InternalError,
+        PaymentRequired,
+        MalformedPayment,
+        UnsupportedVersion,
+        UnsupportedScheme,
+        InvoiceMismatch,
+        InvoiceExpired,
+        InvalidInvoice,
+        InvalidSignature,
+        UnknownPayer,
+        PayerSuspended,
+        NonceReused,
+        InsufficientFunds,
+        LedgerUnavailable,
+        InternalError,
     )
 }

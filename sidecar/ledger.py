@@ -58,10 +58,15 @@ class Ledger:
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 1.0) -> Ledger:
-        return cls(aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
-            health_check_interval=30,
-        ))
+        return cls(
+            aioredis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                decode_responses=True,
+                health_check_interval=30,
+            )
+        )
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -74,18 +79,29 @@ class Ledger:
             raise LedgerUnavailable(f"ledger unavailable ({exc.__class__.__name__})") from exc
 
     async def debit(
-        self, payer: str, nonce: str, asset: str, amount: int, expires_at: int,
-        receipt_id: str, receipt: dict[str, str | int],
+        self,
+        payer: str,
+        nonce: str,
+        asset: str,
+        amount: int,
+        expires_at: int,
+        receipt_id: str,
+        receipt: dict[str, str | int],
     ) -> int:
         """Charge one proof atomically; returns the balance left or raises the reason."""
         pairs: list[str | int] = []
         for name, value in receipt.items():
             pairs += (name, value)
-        result: list[Any] = await self._call(lambda: self._debit(
-            keys=(keyspace.account(payer), keyspace.nonce(payer, nonce),
-                  keyspace.receipts(payer)),
-            args=(asset, amount, expires_at + NONCE_GRACE, receipt_id, *pairs),
-        ))
+        result: list[Any] = await self._call(
+            lambda: self._debit(
+                keys=(
+                    keyspace.account(payer),
+                    keyspace.nonce(payer, nonce),
+                    keyspace.receipts(payer),
+                ),
+                args=(asset, amount, expires_at + NONCE_GRACE, receipt_id, *pairs),
+            )
+        )
         if result[0] == "ok":
             return int(result[1])
         if result[0] == InsufficientFunds.reason:
@@ -95,16 +111,19 @@ class Ledger:
         error: type[PaymentError] = BY_REASON[result[0]]
         raise error(_MESSAGES[result[0]])
 
-    async def credit(
-        self, payer: str, asset: str, amount: int, idempotency_key: str
-    ) -> Credit:
+    async def credit(self, payer: str, asset: str, amount: int, idempotency_key: str) -> Credit:
         if amount <= 0:
             raise X402Error("a credit must be a positive amount")
-        result: list[Any] = await self._call(lambda: self._credit(
-            keys=(keyspace.account(payer), keyspace.idempotency(payer, idempotency_key),
-                  keyspace.credits(payer)),
-            args=(asset, amount, IDEMPOTENCY_TTL, MAX_BALANCE, int(time.time())),
-        ))
+        result: list[Any] = await self._call(
+            lambda: self._credit(
+                keys=(
+                    keyspace.account(payer),
+                    keyspace.idempotency(payer, idempotency_key),
+                    keyspace.credits(payer),
+                ),
+                args=(asset, amount, IDEMPOTENCY_TTL, MAX_BALANCE, int(time.time())),
+            )
+        )
         if result[0] == "unknown_payer":
             raise UnknownPayer(_MESSAGES["unknown_payer"])
         if result[0] == "balance_limit":
@@ -113,10 +132,12 @@ class Ledger:
 
     async def register(self, payer: str) -> bool:
         """Make a payer known (active, zero balance); False if it was registered already."""
+
         async def op() -> bool:
             created = bool(await self.redis.hsetnx(keyspace.account(payer), "status", ACTIVE))
             await self.redis.sadd(keyspace.PAYERS, payer)
             return created
+
         return await self._call(op)
 
     async def set_status(self, payer: str, status: str) -> None:
@@ -124,30 +145,38 @@ class Ledger:
             if not await self.redis.exists(keyspace.account(payer)):
                 raise UnknownPayer(_MESSAGES["unknown_payer"])
             await self.redis.hset(keyspace.account(payer), "status", status)
+
         await self._call(op)
 
     async def account(self, payer: str) -> Account:
         fields: dict[str, str] = await self._call(
-            lambda: self.redis.hgetall(keyspace.account(payer))  # type: ignore[misc]
+            lambda: self.redis.hgetall(keyspace.account(payer))  # type: ignore[arg-type,return-value]
         )
         if not fields:
             raise UnknownPayer(_MESSAGES["unknown_payer"])
 
         def amounts(prefix: str) -> dict[str, int]:
-            return {k.removeprefix(prefix): int(v) for k, v in fields.items()
-                    if k.startswith(prefix)}
-        return Account(payer, fields.get("status", ""), amounts("balance:"),
-                       amounts("credited:"), amounts("debited:"))
+            return {
+                k.removeprefix(prefix): int(v) for k, v in fields.items() if k.startswith(prefix)
+            }
+
+        return Account(
+            payer,
+            fields.get("status", ""),
+            amounts("balance:"),
+            amounts("credited:"),
+            amounts("debited:"),
+        )
 
     async def receipts(self, payer: str, count: int = 100) -> list[dict[str, str]]:
-        entries = await self._call(
-            lambda: self.redis.xrange(keyspace.receipts(payer), count=count)
+        entries: list[tuple[str, dict[str, str]]] = await self._call(
+            lambda: self.redis.xrange(keyspace.receipts(payer), count=count)  # type: ignore[arg-type,return-value]
         )
         return [fields for _id, fields in entries]
 
     async def ping(self) -> bool:
         try:
-            return bool(await self.redis.ping())  # type: ignore[misc]
+            return bool(await self.redis.ping())
         except (RedisError, OSError):
             return False
 

@@ -4,20 +4,35 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
 # The fields of PROTOCOL.md §7, always present (null when unknown) so `jq` filters stay simple.
 DECISION_FIELDS = (
-    "decision", "status", "reason", "request_id", "method", "path", "route", "price", "asset",
-    "payer", "invoice_id", "receipt_id", "balance", "latency_ms",
+    "decision",
+    "status",
+    "reason",
+    "request_id",
+    "method",
+    "path",
+    "route",
+    "price",
+    "asset",
+    "payer",
+    "invoice_id",
+    "receipt_id",
+    "balance",
+    "latency_ms",
 )
 # Never logged, whatever a caller passes: proofs and signatures are bearer material.
 _FORBIDDEN = frozenset({"signature", "proof", "x-payment", "payment-signature", "secret"})
 
 
-def drop_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+def drop_secrets(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for key in _FORBIDDEN & event.keys():
         del event[key]
     return event

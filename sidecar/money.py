@@ -37,7 +37,8 @@ def to_atomic(amount: str, decimals: int) -> int:
     whole, fraction = match.group(1), match.group(2) or ""
     if len(fraction) > decimals:
         raise AmountError(f"amount {amount!r} has more than {decimals} decimals")
-    return int(whole) * 10**decimals + int(fraction.ljust(decimals, "0") or "0")
+    scaled: int = int(whole) * 10**decimals + int(fraction.ljust(decimals, "0") or "0")
+    return scaled
 
 
 def to_decimal(atomic: int, decimals: int) -> str:

@@ -15,7 +15,10 @@ _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PATTERN = re.compile(r"/(?:[^{}/]+|\{[A-Za-z_][A-Za-z0-9_]*\}|/)*")
 # The per-route annotations Envoy sends as ext_authz context_extensions.
 EXT_PRICE, EXT_ASSET, EXT_ROUTE, EXT_DESCRIPTION = (
-    "x402.price", "x402.asset", "x402.route", "x402.description",
+    "x402.price",
+    "x402.asset",
+    "x402.route",
+    "x402.description",
 )
 
 

@@ -27,12 +27,29 @@ MAX_FIELD_CHARS = 512
 
 # Fields of a proof and their JSON types; `invoice_id` is absent in direct payments.
 PROOF_FIELDS: dict[str, type] = {
-    "version": str, "scheme": str, "invoice_id": str, "nonce": str, "resource": str,
-    "asset": str, "amount": str, "payee": str, "expires_at": int, "payer": str, "signature": str,
+    "version": str,
+    "scheme": str,
+    "invoice_id": str,
+    "nonce": str,
+    "resource": str,
+    "asset": str,
+    "amount": str,
+    "payee": str,
+    "expires_at": int,
+    "payer": str,
+    "signature": str,
 }
 # What the invoice MAC covers: every field the agent echoes back in its proof.
-INVOICE_MAC_FIELDS = ("version", "scheme", "nonce", "resource", "asset", "amount", "payee",
-                      "expires_at")
+INVOICE_MAC_FIELDS = (
+    "version",
+    "scheme",
+    "nonce",
+    "resource",
+    "asset",
+    "amount",
+    "payee",
+    "expires_at",
+)
 
 
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
@@ -110,9 +127,16 @@ class Proof:
     @property
     def terms(self) -> dict[str, Any]:
         """The fields the invoice MAC covers."""
-        return {"version": VERSION, "scheme": SCHEME, "nonce": self.nonce,
-                "resource": self.resource, "asset": self.asset, "amount": self.amount,
-                "payee": self.payee, "expires_at": self.expires_at}
+        return {
+            "version": VERSION,
+            "scheme": SCHEME,
+            "nonce": self.nonce,
+            "resource": self.resource,
+            "asset": self.asset,
+            "amount": self.amount,
+            "payee": self.payee,
+            "expires_at": self.expires_at,
+        }
 
 
 def parse_proof(value: str, max_bytes: int) -> Proof:
@@ -137,7 +161,7 @@ def parse_proof(value: str, max_bytes: int) -> Proof:
         field_value = obj[name]
         if type(field_value) is not kind:  # `type is`, so True is not an int
             raise MalformedPayment(f"payment field {name!r} must be a {kind.__name__}")
-        if kind is str and not 0 < len(field_value) <= MAX_FIELD_CHARS:
+        if isinstance(field_value, str) and not 0 < len(field_value) <= MAX_FIELD_CHARS:
             raise MalformedPayment(f"payment field {name!r} is empty or too long")
     unknown = obj.keys() - PROOF_FIELDS.keys()
     if unknown:
@@ -146,9 +170,15 @@ def parse_proof(value: str, max_bytes: int) -> Proof:
         raise MalformedPayment(f"nonce must be at least {MIN_NONCE_CHARS} ASCII characters")
     unsigned = {k: v for k, v in obj.items() if k != "signature"}
     return Proof(
-        nonce=obj["nonce"], resource=obj["resource"], asset=obj["asset"], amount=obj["amount"],
-        payee=obj["payee"], expires_at=obj["expires_at"], payer=obj["payer"],
-        signature=obj["signature"], invoice_id=obj.get("invoice_id"),
+        nonce=obj["nonce"],
+        resource=obj["resource"],
+        asset=obj["asset"],
+        amount=obj["amount"],
+        payee=obj["payee"],
+        expires_at=obj["expires_at"],
+        payer=obj["payer"],
+        signature=obj["signature"],
+        invoice_id=obj.get("invoice_id"),
         signed_message=PROOF_DOMAIN + canonical_json(unsigned),
     )
 

@@ -47,14 +47,20 @@ async def serve(settings: Settings) -> None:
     try:
         http = await start_http(side.respond, http_host, http_port)
     except OSError as exc:
-        raise ConfigError(f"config listen_http: cannot listen on {settings.listen_http}: "
-                          f"{exc.strerror}") from None
+        raise ConfigError(
+            f"config listen_http: cannot listen on {settings.listen_http}: {exc.strerror}"
+        ) from None
     await server.start()
     for service in ("", AUTHZ_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("sidecar.started", listen_grpc=settings.listen_grpc,
-             listen_http=settings.listen_http, payee=gateway.payee,
-             routes=len(routes.routes), ledger_ready=await ledger.ping())
+    log.info(
+        "sidecar.started",
+        listen_grpc=settings.listen_grpc,
+        listen_http=settings.listen_http,
+        payee=gateway.payee,
+        routes=len(routes.routes),
+        ledger_ready=await ledger.ping(),
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

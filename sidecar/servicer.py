@@ -32,15 +32,17 @@ log = get_logger("sidecar.authz")
 
 
 def _headers(pairs: tuple[tuple[str, str], ...]) -> list[HeaderValueOption]:
-    return [HeaderValueOption(header=HeaderValue(key=k, value=v), append_action=_OVERWRITE)
-            for k, v in pairs]
+    return [
+        HeaderValueOption(header=HeaderValue(key=k, value=v), append_action=_OVERWRITE)
+        for k, v in pairs
+    ]
 
 
 def denied_response(denial: Denial) -> authz.CheckResponse:
     return authz.CheckResponse(
         status=_DENIED,
         denied_response=authz.DeniedHttpResponse(
-            status=HttpStatus(code=denial.status),  # type: ignore[arg-type]
+            status=HttpStatus(code=denial.status),
             headers=_headers(denial.headers),
             body=denial.body.decode(),
         ),
@@ -49,8 +51,14 @@ def denied_response(denial: Denial) -> authz.CheckResponse:
 
 def ok_response(allowed: Allow, price: Price) -> authz.CheckResponse:
     metadata = Struct()
-    metadata.update({"payer": allowed.receipt["payer"], "amount": price.display,
-                     "asset": price.asset.code, "receipt_id": allowed.receipt["receipt_id"]})
+    metadata.update(
+        {
+            "payer": allowed.receipt["payer"],
+            "amount": price.display,
+            "asset": price.asset.code,
+            "receipt_id": allowed.receipt["receipt_id"],
+        }
+    )
     return authz.CheckResponse(
         status=_OK,
         ok_response=authz.OkHttpResponse(
@@ -82,9 +90,16 @@ class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
             proof_header=headers.get("x-payment") or headers.get("payment-signature"),
         )
         entry: dict[str, Any] = {
-            "request_id": headers.get("x-request-id"), "method": request.method,
-            "path": request.path, "route": None, "price": None, "asset": None,
-            "payer": None, "invoice_id": None, "receipt_id": None, "balance": None,
+            "request_id": headers.get("x-request-id"),
+            "method": request.method,
+            "path": request.path,
+            "route": None,
+            "price": None,
+            "asset": None,
+            "payer": None,
+            "invoice_id": None,
+            "receipt_id": None,
+            "balance": None,
         }
         response, price = await self._decide(request, check, entry)
         entry["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
@@ -113,15 +128,31 @@ class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
             entry["payer"], entry["invoice_id"] = proof.payer, proof.invoice_id
             receipt_id = protocol.new_receipt_id()
             balance = await self.ledger.debit(
-                proof.payer, proof.nonce, price.asset.code, price.amount, proof.expires_at,
-                receipt_id, {"nonce": proof.nonce, "invoice_id": proof.invoice_id or "",
-                             "resource": proof.resource, "asset": price.asset.code,
-                             "amount": price.amount, "route": price.route, "issued_at": now,
-                             "payee": gateway.payee},
+                proof.payer,
+                proof.nonce,
+                price.asset.code,
+                price.amount,
+                proof.expires_at,
+                receipt_id,
+                {
+                    "nonce": proof.nonce,
+                    "invoice_id": proof.invoice_id or "",
+                    "resource": proof.resource,
+                    "asset": price.asset.code,
+                    "amount": price.amount,
+                    "route": price.route,
+                    "issued_at": now,
+                    "payee": gateway.payee,
+                },
             )
             allowed = decision.allow(proof, price, balance, receipt_id, gateway, now)
-            entry.update(decision="allow", status=200, reason="paid", receipt_id=receipt_id,
-                         balance=allowed.receipt["balance"])
+            entry.update(
+                decision="allow",
+                status=200,
+                reason="paid",
+                receipt_id=receipt_id,
+                balance=allowed.receipt["balance"],
+            )
             return ok_response(allowed, price), price
         except PaymentError as error:
             return self._deny(error, request, price, entry, now), price
@@ -129,13 +160,20 @@ class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
             return self._deny(InternalError(str(error)), request, price, entry, now), price
         except Exception:  # a bug must never let a request through
             log.exception("authz.error", method=request.method, path=request.path)
-            error = InternalError("the payment check failed; try again")
-            return self._deny(error, request, price, entry, now), price
+            failure = InternalError("the payment check failed; try again")
+            return self._deny(failure, request, price, entry, now), price
 
-    def _deny(self, error: PaymentError, request: Request, price: Price | None,
-              entry: dict[str, Any], now: int) -> authz.CheckResponse:
+    def _deny(
+        self,
+        error: PaymentError,
+        request: Request,
+        price: Price | None,
+        entry: dict[str, Any],
+        now: int,
+    ) -> authz.CheckResponse:
         denial = decision.deny(error, request, price, self.gateway, now)
-        entry.update(decision="deny", status=denial.status, reason=denial.reason,
-                     balance=denial.balance)
+        entry.update(
+            decision="deny", status=denial.status, reason=denial.reason, balance=denial.balance
+        )
         entry["invoice_id"] = entry["invoice_id"] or denial.invoice_id
         return denied_response(denial)

@@ -33,8 +33,13 @@ def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
         "assets": [{"asset": a.code, "decimals": a.decimals} for a in routes.assets.values()],
         "schemes": [SCHEME],
         "routes": [
-            {"method": r.method, "path": r.path, "price": r.price.display,
-             "asset": r.price.asset.code, "description": r.price.description}
+            {
+                "method": r.method,
+                "path": r.path,
+                "price": r.price.display,
+                "asset": r.price.asset.code,
+                "description": r.price.description,
+            }
             for r in routes.routes
         ],
         "max_direct_ttl_seconds": gateway.max_direct_ttl,
@@ -92,11 +97,17 @@ async def start_http(responder: Responder, host: str, port: int) -> asyncio.Serv
             writer.write(
                 f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\nContent-Type: {kind}\r\n"
                 f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
-                f"Connection: close\r\n\r\n".encode() + (b"" if method == "HEAD" else body)
+                f"Connection: close\r\n\r\n".encode()
+                + (b"" if method == "HEAD" else body)
             )
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ValueError, ConnectionError):
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ValueError,
+            ConnectionError,
+        ):
             pass  # a broken or hostile client; nothing to answer
         finally:
             writer.close()

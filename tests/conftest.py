@@ -16,8 +16,12 @@ from sidecar.stack import Stack
 
 # Priced both in the sidecar config and as Envoy annotations, like a chart install.
 ROUTES: dict[str, dict[str, Any]] = {
-    "atlas": {"method": "GET", "path": "/api/v1/agent/pay-api/atlas", "price": "0.25",
-              "description": "Atlas agent API"},
+    "atlas": {
+        "method": "GET",
+        "path": "/api/v1/agent/pay-api/atlas",
+        "price": "0.25",
+        "description": "Atlas agent API",
+    },
     "verify": {"method": "GET", "path": "/api/v1/trade/verify/{trade_id}", "price": "0.01"},
     # In the sidecar's route table only: Envoy sends it down the unannotated fallback route.
     "signal": {"method": "GET", "path": "/api/v1/market/signal", "price": "0.0005"},
@@ -64,17 +68,25 @@ def pay_invoice(challenge: httpx.Response, wallet: Identity, **tamper: Any) -> d
     return {"X-Payment": protocol.encode_header(protocol.sign_proof(terms, wallet))}
 
 
-def direct_terms(stack: Stack, resource: str, amount: str, ttl: int = 60,
-                 **fields: Any) -> dict[str, Any]:
+def direct_terms(
+    stack: Stack, resource: str, amount: str, ttl: int = 60, **fields: Any
+) -> dict[str, Any]:
     """Terms of a direct (no challenge) payment."""
     return {
-        "version": protocol.VERSION, "scheme": protocol.SCHEME, "nonce": protocol.new_nonce(),
-        "resource": resource, "asset": "USDF", "amount": amount,
-        "payee": stack.gateway_identity.kid, "expires_at": int(time.time()) + ttl, **fields,
+        "version": protocol.VERSION,
+        "scheme": protocol.SCHEME,
+        "nonce": protocol.new_nonce(),
+        "resource": resource,
+        "asset": "USDF",
+        "amount": amount,
+        "payee": stack.gateway_identity.kid,
+        "expires_at": int(time.time()) + ttl,
+        **fields,
     }
 
 
-def pay_direct(stack: Stack, wallet: Identity, resource: str, amount: str,
-               **fields: Any) -> dict[str, str]:
+def pay_direct(
+    stack: Stack, wallet: Identity, resource: str, amount: str, **fields: Any
+) -> dict[str, str]:
     proof = protocol.sign_proof(direct_terms(stack, resource, amount, **fields), wallet)
     return {"X-Payment": protocol.encode_header(proof)}
