@@ -1,0 +1,50 @@
+"""Key files and key encodings."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from sidecar.errors import ConfigError
+from sidecar.identity import Identity, b64url_decode, verify, verify_key
+
+
+def test_key_file_round_trip_with_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "agent.key"
+    identity = Identity.generate()
+    identity.save(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    loaded = Identity.load(path)
+    assert loaded.public_key == identity.public_key and loaded.kid == identity.kid
+    with pytest.raises(FileExistsError):
+        identity.save(path)  # never overwrites a key
+
+
+def test_signatures_verify_only_for_their_message() -> None:
+    identity = Identity.generate()
+    signature = identity.sign(b"message")
+    key = verify_key(identity.public_key)
+    assert verify(key, b"message", signature)
+    assert not verify(key, b"other", signature)
+    assert not verify(key, b"message", "!!!")
+
+
+@pytest.mark.parametrize("text", ["AAAA=", "AA+A", "A", "AAB"])
+def test_b64url_is_strict(text: str) -> None:
+    with pytest.raises(ValueError):
+        b64url_decode(text)
+
+
+def test_repr_hides_the_private_key() -> None:
+    identity = Identity.generate()
+    assert identity.seed_text not in repr(identity)
+
+
+def test_bad_key_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    path.write_text("not a key")
+    with pytest.raises(ConfigError, match="not an Ed25519 private key"):
+        Identity.load(path)

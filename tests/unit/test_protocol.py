@@ -1,0 +1,161 @@
+"""Wire encodings: canonical bytes, strict proof parsing, invoice MACs, receipts."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar import protocol
+from sidecar.errors import MalformedPayment, PaymentError, UnsupportedScheme, UnsupportedVersion
+from sidecar.identity import Identity
+
+SECRET = b"s" * 32
+WALLET = Identity.from_seed_text(base64.urlsafe_b64encode(bytes(range(32))).rstrip(b"=").decode())
+
+
+def terms(**changes: Any) -> dict[str, Any]:
+    base = {
+        "version": protocol.VERSION,
+        "scheme": protocol.SCHEME,
+        "nonce": "n_" + "a" * 22,
+        "resource": "GET /api",
+        "asset": "USDF",
+        "amount": "0.25",
+        "payee": "gw_x",
+        "expires_at": 1_763_712_000,
+    }
+    return {**base, **changes}
+
+
+def header(obj: Any) -> str:
+    return base64.b64encode(json.dumps(obj).encode()).decode()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=10,
+)
+
+
+@given(st.dictionaries(st.text(), json_values))
+def test_canonical_json_is_order_independent_and_round_trips(obj: dict[str, Any]) -> None:
+    reordered = dict(reversed(list(obj.items())))
+    encoded = protocol.canonical_json(obj)
+    assert encoded == protocol.canonical_json(reordered)
+    assert json.loads(encoded) == obj
+
+
+def test_canonical_json_is_sorted_compact_utf8() -> None:
+    assert protocol.canonical_json({"b": 1, "a": "é"}) == '{"a":"é","b":1}'.encode()
+
+
+def test_signed_proof_parses_and_signature_covers_every_field() -> None:
+    signed = protocol.sign_proof({**terms(), "invoice_id": "inv_1"}, WALLET)
+    proof = protocol.parse_proof(protocol.encode_header(signed), 4096)
+    assert proof.payer == WALLET.public_key and proof.invoice_id == "inv_1"
+    unsigned = {k: v for k, v in signed.items() if k != "signature"}
+    assert proof.signed_message == protocol.PROOF_DOMAIN + protocol.canonical_json(unsigned)
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda raw: base64.b64encode(raw).decode(),
+        lambda raw: base64.b64encode(raw).decode().rstrip("="),
+        lambda raw: base64.urlsafe_b64encode(raw).decode(),
+        lambda raw: base64.urlsafe_b64encode(raw).decode().rstrip("="),
+    ],
+)
+def test_header_accepts_standard_and_urlsafe_base64_with_or_without_padding(encode: Any) -> None:
+    raw = protocol.canonical_json(protocol.sign_proof(terms(), WALLET))
+    assert protocol.parse_proof(encode(raw), 4096).nonce == terms()["nonce"]
+
+
+def test_v2_envelope_is_unwrapped() -> None:
+    envelope = {"x402Version": 2, "accepted": {}, "payload": protocol.sign_proof(terms(), WALLET)}
+    assert protocol.parse_proof(header(envelope), 4096).is_direct
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b'{"version":"fth-x402/2.0","version":"fth-x402/2.0"}', MalformedPayment),  # duplicate key
+        (b"\xff\xfe{}", MalformedPayment),  # not UTF-8
+        (b"[" * 100_000 + b"]" * 100_000, MalformedPayment),  # deep nesting
+        (b'{"version": 1' + b"0" * 5000 + b"}", MalformedPayment),  # huge number
+        (b"null", MalformedPayment),
+        (b'{"version":"fth-x402/9"}', UnsupportedVersion),
+        (b'{"version":"fth-x402/2.0","scheme":"x"}', UnsupportedScheme),
+    ],
+)
+def test_hostile_json_gets_a_typed_reason(raw: bytes, error: type[PaymentError]) -> None:
+    with pytest.raises(error):
+        protocol.parse_proof(base64.b64encode(raw).decode(), 10**7)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"expires_at": True},  # a bool is not an integer
+        {"expires_at": "1763712000"},
+        {"amount": 0.25},  # never a float
+        {"nonce": "short"},
+        {"payer": ""},
+        {"extra": "field"},
+        {"resource": "x" * 600},
+    ],
+)
+def test_wrong_field_types_are_malformed(change: dict[str, Any]) -> None:
+    obj = {**protocol.sign_proof(terms(), WALLET), **change}
+    with pytest.raises(MalformedPayment):
+        protocol.parse_proof(header(obj), 4096)
+
+
+def test_missing_field_is_malformed() -> None:
+    obj = protocol.sign_proof(terms(), WALLET)
+    del obj["expires_at"]
+    with pytest.raises(MalformedPayment, match="expires_at"):
+        protocol.parse_proof(header(obj), 4096)
+
+
+def test_oversized_header_is_refused_before_decoding() -> None:
+    with pytest.raises(MalformedPayment, match="larger"):
+        protocol.parse_proof("A" * 4097, 4096)
+
+
+@pytest.mark.parametrize("field", protocol.INVOICE_MAC_FIELDS)
+def test_invoice_mac_covers_every_field(field: str) -> None:
+    original = terms()
+    changed = {**original, field: 1 if field == "expires_at" else "other"}
+    assert protocol.invoice_id(SECRET, original) != protocol.invoice_id(SECRET, changed)
+    assert protocol.invoice_matches(SECRET, original, protocol.invoice_id(SECRET, original))
+    assert not protocol.invoice_matches(SECRET, changed, protocol.invoice_id(SECRET, original))
+
+
+def test_invoice_mac_depends_on_the_secret_and_has_128_bits() -> None:
+    mac = protocol.invoice_id(SECRET, terms())
+    assert mac != protocol.invoice_id(b"t" * 32, terms())
+    assert len(base64.urlsafe_b64decode(mac.removeprefix("inv_") + "==")) == 16
+
+
+def test_receipt_signature_verifies_and_detects_changes() -> None:
+    gateway = Identity.generate()
+    receipt = protocol.sign_receipt({"receipt_id": "rcpt_1", "amount": "0.25"}, gateway)
+    keys = {gateway.kid: gateway.public_key}
+    assert receipt["kid"] == gateway.kid
+    assert protocol.verify_receipt(receipt, keys)
+    assert not protocol.verify_receipt({**receipt, "amount": "0.26"}, keys)
+    assert not protocol.verify_receipt(receipt, {gateway.kid: Identity.generate().public_key})
+    assert not protocol.verify_receipt(receipt, {})
+
+
+def test_nonces_and_receipt_ids_are_unique_and_long_enough() -> None:
+    nonces = {protocol.new_nonce() for _ in range(1000)}
+    assert len(nonces) == 1000
+    assert all(len(n) >= protocol.MIN_NONCE_CHARS for n in nonces)
