@@ -132,8 +132,12 @@ class Settings:
         """Load the secrets this config points at."""
         if not self.signing_key_file:
             raise ConfigError("config signing_key_file: required (create one: x402 keygen)")
+        try:
+            identity = Identity.load(self.signing_key_file)
+        except ConfigError as exc:
+            raise ConfigError(f"config signing_key_file: {exc}") from None
         if not self.invoice_secret_file:
-            raise ConfigError("config invoice_secret_file: required")
+            raise ConfigError("config invoice_secret_file: required (create one: x402 secret)")
         try:
             secret = Path(self.invoice_secret_file).read_bytes().strip()
         except OSError as exc:
@@ -146,7 +150,7 @@ class Settings:
                 f"config invoice_secret_file: the secret must be at least {MIN_SECRET_BYTES} bytes"
             )
         return Gateway(
-            identity=Identity.load(self.signing_key_file),
+            identity=identity,
             invoice_secret=secret,
             invoice_ttl=self.invoice_ttl_seconds,
             max_direct_ttl=self.max_direct_ttl_seconds,

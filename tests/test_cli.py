@@ -1,0 +1,125 @@
+"""The `x402` command line against a real Redis: keys, payers, configs, readable errors."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidecar.envoy_config import render_yaml
+from sidecar.identity import Identity
+from sidecar.stack import Stack, find_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def x402(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+        check=False,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") or result.stderr.startswith("Usage"), result.stderr
+    for word in words:
+        assert word in result.stderr
+
+
+def test_keygen_writes_a_private_key_0600_and_prints_the_public_key(tmp_path: Path) -> None:
+    out = tmp_path / "agent.key"
+    result = x402("keygen", "--out", str(out))
+    assert result.returncode == 0
+    identity = Identity.load(out)
+    assert f"public key: {identity.public_key}" in result.stdout
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert identity.seed_text not in result.stdout
+    assert_one_line_error(x402("keygen", "--out", str(out)), "refusing to overwrite")
+
+
+def test_payer_lifecycle_with_idempotent_credit(stack: Stack) -> None:
+    key = Identity.generate().public_key
+    redis = ["--redis", stack.redis_url]
+
+    assert x402("payer", "register", key, *redis).stdout.strip() == "registered"
+    assert x402("payer", "register", key, *redis).stdout.strip() == "already registered"
+    first = x402("payer", "credit", key, "10.5", "--idempotency-key", "topup-1", *redis)
+    assert first.returncode == 0 and "credited; balance 10.5 USDF" in first.stdout
+    retried = x402("payer", "credit", key, "10.5", "--idempotency-key", "topup-1", *redis)
+    assert "already applied" in retried.stdout and "balance 10.5 USDF" in retried.stdout
+    # REDIS_URL is the default, as for any Redis tool.
+    balance = x402("payer", "balance", key, env={"REDIS_URL": stack.redis_url})
+    assert balance.stdout.splitlines() == ["status: active", "USDF: 10.5"]
+    assert x402("payer", "suspend", key, *redis).returncode == 0
+    assert "status: suspended" in x402("payer", "balance", key, *redis).stdout
+    assert x402("payer", "activate", key, *redis).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["payer", "register", "not-a-key"], ["not a public key"]),
+        (
+            ["payer", "credit", Identity.generate().public_key, "0.0000001"],
+            ["more than 6 decimals"],
+        ),
+        (
+            ["payer", "credit", Identity.generate().public_key, "1e3"],
+            ["not a non-negative decimal"],
+        ),
+        (["payer", "credit", Identity.generate().public_key, "1"], ["not registered"]),
+        (
+            ["payer", "credit", Identity.generate().public_key, "1", "--asset", "BTC"],
+            ["unknown asset"],
+        ),
+        (["payer", "balance", Identity.generate().public_key], ["not registered"]),
+    ],
+)
+def test_payer_errors_are_one_readable_line(
+    stack: Stack, args: list[str], words: list[str]
+) -> None:
+    assert_one_line_error(x402(*args, "--redis", stack.redis_url), *words)
+
+
+def test_ledger_unreachable_is_a_readable_error() -> None:
+    key = Identity.generate().public_key
+    result = x402("payer", "register", key, "--redis", "redis://127.0.0.1:1/0")
+    assert_one_line_error(result, "ledger unavailable")
+
+
+def test_serve_refuses_bad_config_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "x402.yaml"
+    config.write_text(yaml.safe_dump({"routes": {"atlas": {"path": "/a", "price": 0.25}}}))
+    assert_one_line_error(x402("serve", "--config", str(config)), "routes.atlas.price")
+    config.write_text(yaml.safe_dump({"signing_key_file": str(tmp_path / "none")}))
+    env = {"X402_INVOICE_SECRET_FILE": str(tmp_path / "none")}
+    assert_one_line_error(x402("serve", "--config", str(config), env=env), "signing_key_file")
+
+
+def test_reference_envoy_config_is_generated_from_the_example_and_valid(tmp_path: Path) -> None:
+    example = yaml.safe_load((ROOT / "envoy" / "x402.yaml").read_text())
+    checked_in = (ROOT / "envoy" / "envoy.yaml").read_text()
+    assert checked_in == render_yaml(example["routes"], example["default_asset"]), (
+        "envoy/envoy.yaml is stale: x402 envoy-config --config envoy/x402.yaml > envoy/envoy.yaml"
+    )
+    result = x402("envoy-config", "--config", str(ROOT / "envoy" / "x402.yaml"))
+    assert result.stdout == checked_in
+    validated = subprocess.run(
+        [find_binary("envoy"), "--mode", "validate", "-c", str(ROOT / "envoy" / "envoy.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert validated.returncode == 0, validated.stdout + validated.stderr
