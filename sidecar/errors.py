@@ -112,3 +112,43 @@ BY_REASON: dict[str, type[PaymentError]] = {
         InternalError,
     )
 }
+
+
+# -- agent side (the client SDK) --------------------------------------------------------
+
+
+class GuardRefused(X402Error):
+    """A spending guard of the agent's wallet refused a payment; nothing was signed.
+
+    `guard` names the guard (max_amount, budget, assets, payees) for programs to branch on.
+    """
+
+    guard: ClassVar[str] = "guard"
+
+
+class MaxAmountExceeded(GuardRefused):
+    guard = "max_amount"
+
+
+class BudgetExceeded(GuardRefused):
+    guard = "budget"
+
+
+class AssetNotAllowed(GuardRefused):
+    guard = "assets"
+
+
+class PayeeNotAllowed(GuardRefused):
+    guard = "payees"
+
+
+class InvalidChallenge(X402Error):
+    """A 402 whose invoice cannot be paid: malformed, or not for the request that was sent."""
+
+
+class InvalidReceipt(X402Error):
+    """A receipt that is missing, unsigned by the gateway's key, or not for this payment."""
+
+
+class ReceiptWarning(UserWarning):
+    """Emitted instead of InvalidReceipt when the client is not in strict mode."""

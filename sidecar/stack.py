@@ -292,3 +292,46 @@ class Stack:
                 if isinstance(entry, dict) and entry.get("event") == "authz.decision":
                     lines.append(entry)
         return lines
+
+    # -- helpers for agents (x402 demo, SDK tests) -------------------------------------------
+    async def fund(self, payer: str, amount: str, asset: str = "USDF") -> int:
+        """Register `payer` with this stack's ledger and credit `amount`; the new balance."""
+        import secrets
+
+        from sidecar.ledger import Ledger
+        from sidecar.money import to_atomic
+
+        decimals = dict(self.settings.get("assets") or {"USDF": 6})[asset]
+        if isinstance(decimals, Mapping):  # the config also allows {asset: {decimals: n}}
+            decimals = decimals["decimals"]
+        ledger = Ledger.from_url(self.redis_url)
+        try:
+            await ledger.register(payer)
+            credit = await ledger.credit(
+                payer, asset, to_atomic(amount, int(decimals)), secrets.token_urlsafe(12)
+            )
+        finally:
+            await ledger.close()
+        return credit.balance
+
+    async def balance(self, payer: str, asset: str = "USDF") -> int:
+        """A payer's ledger balance in atomic units."""
+        from sidecar.ledger import Ledger
+
+        ledger = Ledger.from_url(self.redis_url)
+        try:
+            return (await ledger.account(payer)).balances.get(asset, 0)
+        finally:
+            await ledger.close()
+
+    def envoy_counter(self, name: str) -> int:
+        """One of Envoy's counters, e.g. http.ingress.downstream_rq_completed (0 if unset)."""
+        from urllib.parse import quote
+
+        url = f"http://{LOOPBACK}:{self.ports['admin']}/stats?filter={quote(f'^{name}$')}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                stat, _, value = line.partition(": ")
+                if stat == name:
+                    return int(value)
+        return 0
