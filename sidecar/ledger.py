@@ -20,6 +20,7 @@ from sidecar.errors import (
     UnknownPayer,
     X402Error,
 )
+from sidecar.redis_pipe import RedisPipe, RedisPipeError, Script
 
 # Lua numbers are doubles, exact up to 2^53; no balance may grow past that.
 MAX_BALANCE = 2**53 - 1
@@ -49,26 +50,35 @@ class Account:
     debited: dict[str, int]
 
 
+DEBIT = Script(_script("debit"))
+
+
 class Ledger:
-    def __init__(self, client: aioredis.Redis) -> None:
+    """Debits, the hot path, go through the pipelined client; the rest through redis-py."""
+
+    def __init__(self, client: aioredis.Redis, pipe: RedisPipe) -> None:
         self.redis = client
+        self.pipe = pipe
         # register_script: EVALSHA, and a reload on NOSCRIPT after a Redis restart.
-        self._debit = client.register_script(_script("debit"))
         self._credit = client.register_script(_script("credit"))
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 1.0) -> Ledger:
-        return cls(
-            aioredis.Redis.from_url(
-                url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                decode_responses=True,
-                health_check_interval=30,
-            )
+        try:
+            pipe = RedisPipe(url, timeout=timeout, scripts=(DEBIT,))
+        except ValueError as exc:
+            raise X402Error(f"redis_url: {exc}") from None
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            decode_responses=True,
+            health_check_interval=30,
         )
+        return cls(client, pipe)
 
     async def close(self) -> None:
+        await self.pipe.close()
         await self.redis.aclose()
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
@@ -92,16 +102,14 @@ class Ledger:
         pairs: list[str | int] = []
         for name, value in receipt.items():
             pairs += (name, value)
-        result: list[Any] = await self._call(
-            lambda: self._debit(
-                keys=(
-                    keyspace.account(payer),
-                    keyspace.nonce(payer, nonce),
-                    keyspace.receipts(payer),
-                ),
-                args=(asset, amount, expires_at + NONCE_GRACE, receipt_id, *pairs),
+        keys = (keyspace.account(payer), keyspace.nonce(payer, nonce), keyspace.receipts(payer))
+        try:
+            result: list[Any] = await self.pipe.evalsha(
+                DEBIT, keys, (asset, amount, expires_at + NONCE_GRACE, receipt_id, *pairs)
             )
-        )
+        except RedisPipeError as exc:
+            # Fail closed; the exception class tells the operator why, without secrets.
+            raise LedgerUnavailable(f"ledger unavailable ({exc.__class__.__name__})") from exc
         if result[0] == "ok":
             return int(result[1])
         if result[0] == InsufficientFunds.reason:
@@ -175,10 +183,8 @@ class Ledger:
         return [fields for _id, fields in entries]
 
     async def ping(self) -> bool:
-        try:
-            return bool(await self.redis.ping())
-        except (RedisError, OSError):
-            return False
+        """Whether the hot path's own connection reaches Redis (readiness)."""
+        return await self.pipe.ping()
 
 
 _MESSAGES = {

@@ -1,0 +1,190 @@
+"""The pipelined Redis client against a real redis-server started here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.errors import LedgerUnavailable
+from sidecar.ledger import Ledger
+from sidecar.redis_pipe import ConnectionFailed, RedisPipe, RedisPipeError, ReplyError, Script
+from sidecar.stack import LOOPBACK, find_binary, free_port
+
+COUNTER = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+
+
+class Redis:
+    """A redis-server process that can be killed and started again on the same port."""
+
+    def __init__(self, workdir: Path, *options: str) -> None:
+        self.port = free_port()
+        self.socket = str(workdir / "redis.sock")
+        self.workdir = workdir
+        self.options = options
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                find_binary("redis-server"),
+                "--port",
+                str(self.port),
+                "--bind",
+                LOOPBACK,
+                "--unixsocket",
+                self.socket,
+                "--dir",
+                str(self.workdir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *self.options,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, self.port)):
+                return
+            time.sleep(0.025)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[Redis]:
+    server = Redis(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+async def pipe(redis: Redis) -> AsyncIterator[RedisPipe]:
+    client = RedisPipe(redis.url, timeout=2.0, scripts=(COUNTER,))
+    yield client
+    await client.close()
+
+
+async def test_many_calls_in_flight_share_one_connection(pipe: RedisPipe) -> None:
+    replies = await asyncio.gather(*(pipe.evalsha(COUNTER, ("n",), (1,)) for _ in range(2000)))
+
+    assert replies == list(range(1, 2001))  # each caller got its own reply, in order
+    clients = await pipe.call("CLIENT", "LIST")
+    assert len(clients.splitlines()) == 1
+
+
+async def test_an_error_reply_fails_only_its_own_call(pipe: RedisPipe) -> None:
+    await pipe.call("SET", "text", "abc")
+    results = await asyncio.gather(
+        pipe.call("ECHO", "before"),
+        pipe.call("INCR", "text"),
+        pipe.call("ECHO", "after"),
+        return_exceptions=True,
+    )
+    assert results[0] == "before" and results[2] == "after"
+    assert isinstance(results[1], ReplyError)
+
+
+async def test_noscript_after_script_flush_reloads_and_retries(pipe: RedisPipe) -> None:
+    assert await pipe.evalsha(COUNTER, ("k",), (5,)) == 5
+    assert await pipe.call("SCRIPT", "FLUSH") == "OK"
+
+    replies = await asyncio.gather(*(pipe.evalsha(COUNTER, ("k",), (1,)) for _ in range(50)))
+
+    assert sorted(replies) == list(range(6, 56))  # each ran exactly once
+
+
+async def test_a_cancelled_call_does_not_desynchronise_later_replies(pipe: RedisPipe) -> None:
+    # BLPOP holds the connection's replies back, so the calls behind it are surely waiting.
+    blocked = asyncio.ensure_future(pipe.call("BLPOP", "nothing", "0.3"))
+    echoes = [asyncio.ensure_future(pipe.call("ECHO", str(i))) for i in range(100)]
+    await asyncio.sleep(0.05)
+    blocked.cancel()
+    for echo in echoes[::2]:
+        echo.cancel()
+
+    answered = await asyncio.gather(*echoes[1::2])
+
+    assert answered == [str(i) for i in range(1, 100, 2)]
+    assert await pipe.call("ECHO", "next") == "next"
+
+
+async def test_an_overdue_reply_fails_the_calls_then_the_client_reconnects(
+    redis: Redis,
+) -> None:
+    pipe = RedisPipe(redis.url, timeout=0.2)
+    stuck = pipe.call("BLPOP", "nothing", "2")  # longer than the timeout
+    behind = pipe.call("ECHO", "behind")
+    results = await asyncio.gather(stuck, behind, return_exceptions=True)
+
+    assert all(isinstance(r, ConnectionFailed) for r in results)
+    assert await pipe.call("ECHO", "again") == "again"
+    await pipe.close()
+
+
+async def test_a_restarted_redis_is_unavailable_then_recovers(redis: Redis) -> None:
+    ledger = Ledger.from_url(redis.url, timeout=1.0)
+    await ledger.register("payer")
+    await ledger.credit("payer", "USDF", 100, "once")
+    assert await ledger.debit("payer", "n1", "USDF", 10, int(time.time()) + 60, "r1", {}) == 90
+
+    redis.kill()
+    with pytest.raises(LedgerUnavailable):
+        await ledger.debit("payer", "n2", "USDF", 10, int(time.time()) + 60, "r2", {})
+    assert not await ledger.ping()
+
+    redis.start()  # empty, without scripts: the client loads them again by itself
+    admin = Ledger.from_url(redis.url)  # redis-py's pool would fail once on its dead socket
+    await admin.register("payer")
+    await admin.credit("payer", "USDF", 100, "again")
+    await admin.close()
+    assert await ledger.debit("payer", "n3", "USDF", 10, int(time.time()) + 60, "r3", {}) == 90
+    assert await ledger.ping()
+    await ledger.close()
+
+
+async def test_connection_refused_is_an_error_not_a_hang() -> None:
+    pipe = RedisPipe(f"redis://{LOOPBACK}:{free_port()}/0", timeout=1.0)
+    with pytest.raises(RedisPipeError):
+        await pipe.call("PING")
+    assert not await pipe.ping()
+
+
+async def test_password_database_and_unix_socket(tmp_path: Path) -> None:
+    server = Redis(tmp_path, "--requirepass", "s3cret")
+    server.start()
+    try:
+        over_tcp = RedisPipe(f"redis://:s3cret@{LOOPBACK}:{server.port}/3")
+        await over_tcp.call("SET", "where", "db3")
+        over_unix = RedisPipe(f"unix://:s3cret@{server.socket}?db=3")
+        assert await over_unix.call("GET", "where") == "db3"
+        wrong = RedisPipe(f"redis://:wrong@{LOOPBACK}:{server.port}/0")
+        with pytest.raises(ReplyError):
+            await wrong.call("PING")
+        for client in (over_tcp, over_unix, wrong):
+            await client.close()
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("url", ["http://localhost", "redis://host/zero", "unix://"])
+def test_bad_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        RedisPipe(url)
