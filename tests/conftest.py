@@ -14,6 +14,18 @@ from sidecar.identity import Identity
 from sidecar.ledger import Ledger
 from sidecar.stack import Stack
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("x402")
+    group.addoption(
+        "--conservation-ops",
+        default=3000,
+        type=int,
+        help="operations in the conservation-of-money workload",
+    )
+    group.addoption("--conservation-seed", default=402, type=int)
+
+
 # Priced both in the sidecar config and as Envoy annotations, like a chart install.
 ROUTES: dict[str, dict[str, Any]] = {
     "atlas": {

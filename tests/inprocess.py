@@ -1,0 +1,58 @@
+"""Drive the real ext_authz servicer in-process (real Redis, no Envoy) for high-volume tests."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.service.auth.v3 import external_auth_pb2 as authz
+
+from sidecar.config import Settings
+from sidecar.ledger import Ledger
+from sidecar.servicer import Authorization
+from sidecar.stack import Stack
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    reason: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+def check_request(
+    method: str,
+    path: str,
+    headers: Mapping[str, str] | None = None,
+    context_extensions: Mapping[str, str] | None = None,
+) -> authz.CheckRequest:
+    request = authz.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path, http.host, http.scheme = method, path, "gateway.test", "http"
+    http.headers.update(headers or {})
+    request.attributes.context_extensions.update(context_extensions or {})
+    return request
+
+
+def outcome(response: authz.CheckResponse) -> Outcome:
+    if response.status.code == 0:
+        ok = response.ok_response
+        headers = {h.header.key: h.header.value for h in ok.response_headers_to_add}
+        return Outcome(200, "allow", {}, headers)
+    denied = response.denied_response
+    body = json.loads(denied.body)
+    headers = {h.header.key: h.header.value for h in denied.headers}
+    return Outcome(denied.status.code, body["error"], body, headers)
+
+
+def servicer_for(stack: Stack) -> tuple[Authorization, Ledger]:
+    settings = Settings.load(stack.config_path, env={})
+    ledger = Ledger.from_url(stack.redis_url)
+    return Authorization(settings.route_table(), settings.gateway(), ledger), ledger
+
+
+async def check(servicer: Authorization, request: authz.CheckRequest) -> Outcome:
+    return outcome(await servicer.Check(request, None))
