@@ -24,7 +24,6 @@ from sidecar.identity import Identity
 from sidecar.ledger import ACTIVE, SUSPENDED, Ledger
 from sidecar.servicer import Authorization
 from sidecar.stack import Stack
-from tests.conftest import ROUTES
 from tests.inprocess import check, check_request, servicer_for
 
 PAYERS = 24
