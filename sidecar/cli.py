@@ -261,5 +261,97 @@ def _check_public_key(public_key: str) -> None:
         ) from None
 
 
+# -- agents: pay and demo -----------------------------------------------------------------
+
+
+@main.command()
+@click.argument("url")
+@click.option(
+    "-X",
+    "--request",
+    "method",
+    default=None,
+    metavar="METHOD",
+    help="HTTP method [default: GET, or POST with -d].",
+)
+@click.option(
+    "-H",
+    "--header",
+    "headers",
+    multiple=True,
+    metavar="'NAME: VALUE'",
+    help="Extra request header (repeatable).",
+)
+@click.option(
+    "-d", "--data", default=None, help="Request body; @FILE reads a file, @- reads stdin."
+)
+@click.option(
+    "--max-amount",
+    default=None,
+    metavar="AMOUNT",
+    help="Refuse to pay more than this per request (decimal, e.g. 0.50).",
+)
+@click.option("--asset", "assets", multiple=True, help="Only pay in this asset (repeatable).")
+@click.option("--payee", "payees", multiple=True, help="Only pay this gateway id (repeatable).")
+@click.option(
+    "--wallet",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Agent key file from `x402 keygen` [default: env X402_WALLET or X402_WALLET_FILE].",
+)
+@click.option(
+    "--direct/--challenge",
+    default=True,
+    show_default=True,
+    help="Pay from the price list in one round trip, or always wait for the 402.",
+)
+@click.option("--strict", is_flag=True, help="An invalid receipt is an error, not a warning.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds.")
+def pay(
+    url: str,
+    method: str | None,
+    headers: tuple[str, ...],
+    data: str | None,
+    max_amount: str | None,
+    assets: tuple[str, ...],
+    payees: tuple[str, ...],
+    wallet: str | None,
+    direct: bool,
+    strict: bool,
+    timeout: float,
+) -> None:
+    """Request URL like curl, paying if the gateway asks: body on stdout, receipt on stderr."""
+    from sidecar import payment
+
+    sys.exit(
+        payment.run(
+            payment.PayRequest(
+                url=url,
+                method=method,
+                headers=headers,
+                data=data,
+                max_amount=max_amount,
+                assets=assets,
+                payees=payees,
+                wallet=wallet,
+                direct=direct,
+                strict=strict,
+                timeout=timeout,
+            )
+        )
+    )
+
+
+@main.command()
+@click.option(
+    "--serve", is_flag=True, help="Keep the stack running for your own agent until Ctrl-C."
+)
+def demo(serve: bool) -> None:
+    """Start Redis, the sidecar, Envoy and a demo API on loopback, and pay through them."""
+    from sidecar import demo as demo_story
+
+    sys.exit(demo_story.run(serve=serve))
+
+
 if __name__ == "__main__":
     main()

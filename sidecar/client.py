@@ -43,9 +43,16 @@ PROOF_HEADER = "X-Payment"
 # A direct proof refused for one of these means the price list is stale: pay the challenge.
 FALLBACK_REASONS = frozenset({"invoice_mismatch", "invoice_expired", "payment_required"})
 INVOICE_FIELDS: dict[str, type] = {
-    "version": str, "scheme": str, "invoice_id": str, "nonce": str, "resource": str,
-    "asset": str, "amount": str, "payee": str, "expires_at": int,
-}  # fmt: skip
+    "version": str,
+    "scheme": str,
+    "invoice_id": str,
+    "nonce": str,
+    "resource": str,
+    "asset": str,
+    "amount": str,
+    "payee": str,
+    "expires_at": int,
+}
 
 
 @dataclass(frozen=True)
@@ -74,12 +81,20 @@ class Receipt:
 
         issued = fields.get("issued_at")
         return cls(
-            receipt_id=text("receipt_id"), payer=text("payer"), payee=text("payee"),
-            resource=text("resource"), asset=text("asset"), amount=text("amount"),
-            balance=text("balance"), nonce=text("nonce"), invoice_id=text("invoice_id"),
-            issued_at=issued if type(issued) is int else 0, kid=text("kid"),
-            verified=verified, fields=dict(fields),
-        )  # fmt: skip
+            receipt_id=text("receipt_id"),
+            payer=text("payer"),
+            payee=text("payee"),
+            resource=text("resource"),
+            asset=text("asset"),
+            amount=text("amount"),
+            balance=text("balance"),
+            nonce=text("nonce"),
+            invoice_id=text("invoice_id"),
+            issued_at=issued if type(issued) is int else 0,
+            kid=text("kid"),
+            verified=verified,
+            fields=dict(fields),
+        )
 
 
 @dataclass(frozen=True)
@@ -109,9 +124,11 @@ class Discovery:
         assets = {
             a["asset"]: Asset(a["asset"], a["decimals"])
             for a in doc.get("assets") or []
-            if isinstance(a, dict) and isinstance(a.get("asset"), str)
-            and type(a.get("decimals")) is int and 0 <= a["decimals"] <= 18
-        }  # fmt: skip
+            if isinstance(a, dict)
+            and isinstance(a.get("asset"), str)
+            and type(a.get("decimals")) is int
+            and 0 <= a["decimals"] <= 18
+        }
         routes = []
         for spec in doc.get("routes") or []:
             route = _route(spec, assets)
@@ -241,9 +258,9 @@ class X402Auth(httpx.Auth):
       the challenge's payment; never a second charge.
     - Otherwise, or for a route the price list does not know, a 402 is answered by signing
       its invoice and retrying once.
-    - Every receipt is verified against the gateway's keys from discovery and put in
-      `response.extensions["x402_receipt"]`; a bad one raises InvalidReceipt when
-      strict=True, else warns (ReceiptWarning).
+    - Every receipt is verified against the gateway's keys from discovery (or the pinned
+      `gateway_keys`, {kid: public key}) and put in `response.extensions["x402_receipt"]`;
+      a bad one raises InvalidReceipt when strict=True, else warns (ReceiptWarning).
     - The wallet's guards are checked before signing; a refusal raises a GuardRefused.
     """
 
@@ -257,6 +274,7 @@ class X402Auth(httpx.Auth):
         direct: bool = True,
         strict: bool = False,
         discovery_ttl: float = 300.0,
+        gateway_keys: Mapping[str, str] | None = None,
         direct_ttl: int = 60,
     ) -> None:
         self.wallet = wallet
@@ -264,6 +282,8 @@ class X402Auth(httpx.Auth):
         self.strict = strict
         self.discovery_ttl = discovery_ttl
         self.direct_ttl = direct_ttl
+        # Pinned receipt keys ({kid: public key}) instead of trusting discovery's.
+        self.gateway_keys = dict(gateway_keys) if gateway_keys is not None else None
         self._cache: dict[str, _Cached] = {}
         self._cache_lock = threading.Lock()
 
@@ -387,7 +407,10 @@ class X402Auth(httpx.Auth):
         if not isinstance(fields, dict):
             self._bad_receipt("the payment receipt header is not base64 JSON")
             return
-        problem = check_receipt(fields, payment.proof, discovery)
+        keys = self.gateway_keys
+        if keys is None and discovery is not None:
+            keys = discovery.keys
+        problem = check_receipt(fields, payment.proof, keys)
         receipt = Receipt.from_fields(fields, verified=problem is None)
         response.extensions = {**response.extensions, RECEIPT_EXTENSION: receipt}
         if problem is not None:
@@ -400,12 +423,12 @@ class X402Auth(httpx.Auth):
 
 
 def check_receipt(
-    fields: Mapping[str, Any], proof: Mapping[str, Any], discovery: Discovery | None
+    fields: Mapping[str, Any], proof: Mapping[str, Any], keys: Mapping[str, str] | None
 ) -> str | None:
     """Why this receipt is not a valid receipt for `proof`, or None if it is one."""
-    if discovery is None:
+    if keys is None:
         return "no gateway keys to verify it (the gateway has no /.well-known/x402)"
-    if not protocol.verify_receipt(fields, discovery.keys):
+    if not protocol.verify_receipt(fields, keys):
         return "the signature does not verify against the gateway's published keys"
     if fields.get("success") is not True:
         return "it does not say success"

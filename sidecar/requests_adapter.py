@@ -92,10 +92,11 @@ def _headers(headers: httpx.Headers) -> dict[str, str]:
 
 def _to_httpx_response(response: requests.Response, request: httpx.Request) -> httpx.Response:
     headers: Mapping[str, str] = {
-        k: v for k, v in response.headers.items()
+        k: v
+        for k, v in response.headers.items()
         # requests has decoded the body already; the flow must not decode it again.
         if k.lower() not in ("content-encoding", "transfer-encoding", "content-length")
-    }  # fmt: skip
+    }
     return httpx.Response(
         response.status_code, headers=headers, content=response.content, request=request
     )
