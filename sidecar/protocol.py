@@ -103,7 +103,8 @@ def invoice_id(secret: bytes, fields: Mapping[str, Any]) -> str:
 
 
 def invoice_matches(secret: bytes, fields: Mapping[str, Any], claimed: str) -> bool:
-    return hmac.compare_digest(invoice_id(secret, fields), claimed)  # constant time
+    # Constant time; as bytes, because compare_digest refuses non-ASCII str (a hostile id).
+    return hmac.compare_digest(invoice_id(secret, fields).encode(), claimed.encode())
 
 
 @dataclass(frozen=True, slots=True)

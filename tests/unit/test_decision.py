@@ -72,6 +72,7 @@ def test_a_direct_payment_verifies() -> None:
         ({"payee": "gw_other"}, InvoiceMismatch),
         ({"expires_at": NOW - 1}, InvoiceExpired),
         ({"invoice_id": "inv_forged"}, InvalidInvoice),
+        ({"invoice_id": "inv_\u00e9"}, InvalidInvoice),  # non-ASCII: found by atheris
         ({"expires_at": NOW + 10_000}, InvalidInvoice),  # a longer life breaks the MAC
         ({"nonce": "n_" + "z" * 22}, InvalidInvoice),
     ],
