@@ -1,0 +1,255 @@
+{{/* ---- names and labels -------------------------------------------------------- */}}
+
+{{- define "x402.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "x402.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "x402.redisName" -}}
+{{- printf "%s-redis" (include "x402.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "x402.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "x402.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* The gateway pods (service + Envoy + sidecar); the in-chart Redis is "redis". */}}
+{{- define "x402.gatewaySelectorLabels" -}}
+{{ include "x402.selectorLabels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "x402.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "x402.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "x402.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "x402.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "x402.image" -}}
+{{- printf "%s:%s" .image.repository (default .default .image.tag) }}
+{{- end }}
+
+{{- define "x402.sidecarImage" -}}
+{{- include "x402.image" (dict "image" .Values.sidecar.image "default" .Chart.AppVersion) }}
+{{- end }}
+
+{{/* Paths inside the pod: the config and secret volumes mount here. */}}
+{{- define "x402.configPath" -}}/etc/x402/config/x402.yaml{{- end }}
+{{- define "x402.secretsDir" -}}/etc/x402/secrets{{- end }}
+{{- define "x402.envoyConfigPath" -}}/etc/envoy/envoy.yaml{{- end }}
+
+{{/* ---- values checks the schema cannot express (fail closed, name the key) -------- */}}
+
+{{- define "x402.validate" -}}
+{{- $v := .Values }}
+{{- if not (hasKey $v.assets $v.defaultAsset) }}
+{{- fail (printf "defaultAsset: %q is not in assets (%s)" $v.defaultAsset (keys $v.assets | sortAlpha | join ", ")) }}
+{{- end }}
+{{- range $name, $route := $v.routes }}
+{{- $asset := default $v.defaultAsset $route.asset }}
+{{- if not (hasKey $v.assets $asset) }}
+{{- fail (printf "routes.%s.asset: unknown asset %q (assets: %s)" $name $asset (keys $v.assets | sortAlpha | join ", ")) }}
+{{- end }}
+{{- $decimals := int (index $v.assets $asset) }}
+{{- $parts := splitList "." $route.price }}
+{{- $fraction := "" }}
+{{- if gt (len $parts) 1 }}{{ $fraction = index $parts 1 }}{{ end }}
+{{- if gt (len $fraction) $decimals }}
+{{- fail (printf "routes.%s.price: %q has more than %d decimals, the most %s allows" $name $route.price $decimals $asset) }}
+{{- end }}
+{{- /* Atomic units must stay below the ledger's maximum balance, 2^53 - 1. */}}
+{{- $atomic := printf "%s%s%s" (index $parts 0) $fraction (repeat (int (sub $decimals (len $fraction))) "0") | regexReplaceAll "^0+" "" }}
+{{- if or (gt (len $atomic) 16) (and (eq (len $atomic) 16) (gt $atomic "9007199254740991")) }}
+{{- fail (printf "routes.%s.price: %q is larger than the ledger's maximum balance" $name $route.price) }}
+{{- end }}
+{{- end }}
+{{- /* Sidecar worker i listens on grpcPort + i. */}}
+{{- $ports := list (int $v.app.port) (int $v.envoy.port) (int $v.envoy.adminPort) (int $v.sidecar.httpPort) }}
+{{- range $i := until (int $v.sidecar.workers) }}{{ $ports = append $ports (add $v.sidecar.grpcPort $i | int) }}{{ end }}
+{{- if ne (len $ports) (len (uniq $ports)) }}
+{{- fail (printf "ports: app.port, envoy.port, envoy.adminPort, sidecar.httpPort and sidecar.grpcPort..grpcPort+workers-1 share one network namespace and must differ (got %v)" $ports) }}
+{{- end }}
+{{- if gt (add $v.sidecar.grpcPort $v.sidecar.workers | int) 65536 }}
+{{- fail (printf "sidecar.grpcPort: %d workers need ports %d..%d" (int $v.sidecar.workers) (int $v.sidecar.grpcPort) (add $v.sidecar.grpcPort $v.sidecar.workers -1 | int)) }}
+{{- end }}
+{{- if and $v.redis.url $v.redis.internal.enabled }}
+{{- fail "redis: redis.url points at an existing Redis, so set redis.internal.enabled=false (or unset redis.url to use the in-chart Redis)" }}
+{{- end }}
+{{- if and (not $v.redis.url) (not $v.redis.internal.enabled) }}
+{{- fail "redis: the ledger needs a Redis; set redis.url to an existing one, or redis.internal.enabled=true for the in-chart Redis" }}
+{{- end }}
+{{- if contains "@" $v.redis.url }}
+{{- fail "redis.url: must not carry credentials; put the password in a Secret named by redis.auth.existingSecret" }}
+{{- end }}
+{{- if and $v.redis.auth.username (not $v.redis.auth.existingSecret) (not $v.redis.internal.enabled) }}
+{{- fail "redis.auth.username: needs redis.auth.existingSecret with the password" }}
+{{- end }}
+{{- if ge (int $v.redis.timeoutMs) (include "x402.durationMs" $v.envoy.authzTimeout | int) }}
+{{- fail (printf "envoy.authzTimeout: %s must be longer than redis.timeoutMs (%dms), so the sidecar answers 503 before Envoy gives up" $v.envoy.authzTimeout (int $v.redis.timeoutMs)) }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
+{{- fail "autoscaling: minReplicas must not exceed maxReplicas" }}
+{{- end }}
+{{- end }}
+
+{{/* "1s", "1.5s" or "800ms" → whole milliseconds. */}}
+{{- define "x402.durationMs" -}}
+{{- if hasSuffix "ms" . }}{{ trimSuffix "ms" . | float64 | int }}
+{{- else }}{{ mulf (trimSuffix "s" . | float64) 1000 | int }}
+{{- end }}
+{{- end }}
+
+{{/* ---- routes ------------------------------------------------------------------ */}}
+
+{{/* Route names in match order, space-separated: exact paths first, then templated
+     ones, each group by name. The sidecar's route table looks up in the same order. */}}
+{{- define "x402.routeNames" -}}
+{{- $exact := list }}
+{{- $templated := list }}
+{{- range $name := keys .Values.routes | sortAlpha }}
+{{- if contains "{" (index $.Values.routes $name).path }}
+{{- $templated = append $templated $name }}
+{{- else }}
+{{- $exact = append $exact $name }}
+{{- end }}
+{{- end }}
+{{- concat $exact $templated | join " " }}
+{{- end }}
+
+{{/* Envoy safe_regex of a templated path: {param} → [^/]+, the rest escaped like
+     Python's re.escape, exactly as sidecar/envoy_config.py renders it. */}}
+{{- define "x402.pathRegex" -}}
+{{- $segments := list }}
+{{- range splitList "/" . }}
+{{- if regexMatch "^\\{[A-Za-z_][A-Za-z0-9_]*\\}$" . }}
+{{- $segments = append $segments "[^/]+" }}
+{{- else }}
+{{- $segments = append $segments (regexQuoteMeta . | replace "-" "\\-" | replace "&" "\\&" | replace "~" "\\~" | replace "#" "\\#") }}
+{{- end }}
+{{- end }}
+{{- join "/" $segments }}
+{{- end }}
+
+{{/* A concrete path for a pattern, for `helm test`: each {param} becomes "x402-test". */}}
+{{- define "x402.samplePath" -}}
+{{- regexReplaceAll "\\{[A-Za-z_][A-Za-z0-9_]*\\}" . "x402-test" }}
+{{- end }}
+
+{{/* ---- secrets: generated once, then reused on every upgrade ---------------------- */}}
+
+{{/* Computed once per render and cached on the root context, so the Secret and the pod's
+     checksum annotation see the same bytes. `lookup` finds the live Secret on upgrades
+     (it is empty under `helm template`, where a fresh pair is generated). */}}
+{{- define "x402.gatewaySecretData" -}}
+{{- if not (hasKey $ "x402GatewaySecretData") }}
+{{- $name := printf "%s-keys" (include "x402.fullname" .) }}
+{{- $live := lookup "v1" "Secret" .Release.Namespace $name }}
+{{- $data := dict }}
+{{- if and $live $live.data (hasKey $live.data "signing.key") (hasKey $live.data "invoice.secret") }}
+{{- $data = dict "signing.key" (index $live.data "signing.key") "invoice.secret" (index $live.data "invoice.secret") }}
+{{- else }}
+{{- /* An Ed25519 seed: 32 random bytes as unpadded base64url, as `x402 keygen` writes. */}}
+{{- $seed := randBytes 32 | replace "+" "-" | replace "/" "_" | trimSuffix "=" }}
+{{- $data = dict "signing.key" ($seed | b64enc) "invoice.secret" (randAlphaNum 48 | b64enc) }}
+{{- end }}
+{{- $_ := set $ "x402GatewaySecretData" $data }}
+{{- end }}
+{{- get $ "x402GatewaySecretData" | toJson }}
+{{- end }}
+
+{{- define "x402.redisSecretData" -}}
+{{- if not (hasKey $ "x402RedisSecretData") }}
+{{- $live := lookup "v1" "Secret" .Release.Namespace (include "x402.redisName" .) }}
+{{- $data := dict }}
+{{- if and $live $live.data (hasKey $live.data "redis-password") }}
+{{- $data = dict "redis-password" (index $live.data "redis-password") }}
+{{- else }}
+{{- /* Alphanumeric: it goes into a redis:// URL unescaped. */}}
+{{- $data = dict "redis-password" (randAlphaNum 40 | b64enc) }}
+{{- end }}
+{{- $_ := set $ "x402RedisSecretData" $data }}
+{{- end }}
+{{- get $ "x402RedisSecretData" | toJson }}
+{{- end }}
+
+{{- define "x402.gatewaySecretName" -}}
+{{- default (printf "%s-keys" (include "x402.fullname" .)) .Values.secrets.existingSecret }}
+{{- end }}
+
+{{/* The Secret and key of the Redis password, or nothing when Redis has no password. */}}
+{{- define "x402.redisPasswordRef" -}}
+{{- if .Values.redis.auth.existingSecret }}
+{{- dict "name" .Values.redis.auth.existingSecret "key" .Values.redis.auth.secretKey | toJson }}
+{{- else if .Values.redis.internal.enabled }}
+{{- dict "name" (include "x402.redisName" .) "key" "redis-password" | toJson }}
+{{- end }}
+{{- end }}
+
+{{/* The ledger URL; $(REDIS_PASSWORD) is expanded by the kubelet from the env var above
+     it, so the password lives only in a Secret, never in a ConfigMap. */}}
+{{- define "x402.redisUrl" -}}
+{{- $url := .Values.redis.url }}
+{{- if .Values.redis.internal.enabled }}
+{{- $url = printf "redis://%s:%d/0" (include "x402.redisName" .) (int .Values.redis.internal.port) }}
+{{- end }}
+{{- if include "x402.redisPasswordRef" . }}
+{{- $scheme := regexFind "^redis://" $url }}
+{{- printf "%s%s:$(REDIS_PASSWORD)@%s" $scheme .Values.redis.auth.username (trimPrefix $scheme $url) }}
+{{- else }}
+{{- $url }}
+{{- end }}
+{{- end }}
+
+{{/* ---- the sidecar's config file (no secrets: those are files and env) ------------- */}}
+
+{{- define "x402.sidecarConfig" -}}
+{{- $v := .Values }}
+{{- $routes := dict }}
+{{- range $name, $route := $v.routes }}
+{{- $spec := dict "method" (default "*" $route.method) "path" $route.path "price" $route.price "asset" (default $v.defaultAsset $route.asset) }}
+{{- if $route.description }}{{ $_ := set $spec "description" $route.description }}{{ end }}
+{{- $_ := set $routes $name $spec }}
+{{- end }}
+{{- $assets := dict }}
+{{- range $code, $decimals := $v.assets }}{{ $_ := set $assets $code (int $decimals) }}{{ end }}
+{{- $config := dict
+  "listen_grpc" (printf "0.0.0.0:%d" (int $v.sidecar.grpcPort))
+  "listen_http" (printf "0.0.0.0:%d" (int $v.sidecar.httpPort))
+  "redis_timeout_ms" (int $v.redis.timeoutMs)
+  "signing_key_file" (printf "%s/signing.key" (include "x402.secretsDir" .))
+  "invoice_secret_file" (printf "%s/invoice.secret" (include "x402.secretsDir" .))
+  "log_level" $v.sidecar.logLevel
+  "network" $v.sidecar.network
+  "public_url" $v.sidecar.publicUrl
+  "invoice_ttl_seconds" (int $v.sidecar.invoiceTtlSeconds)
+  "max_direct_ttl_seconds" (int $v.sidecar.maxDirectTtlSeconds)
+  "max_proof_bytes" (int $v.sidecar.maxProofBytes)
+  "workers" (int $v.sidecar.workers)
+  "default_asset" $v.defaultAsset
+  "assets" $assets
+  "routes" $routes
+}}
+{{- toYaml $config }}
+{{- end }}
