@@ -1,0 +1,98 @@
+"""`x402 pay URL`: curl-like, body on stdout, receipt and balance on stderr, one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.identity import Identity
+from sidecar.stack import Stack
+
+X402 = str(Path(sys.executable).parent / "x402")
+ROUTES = {
+    "atlas": {"method": "GET", "path": "/api/v1/agent/pay-api/atlas", "price": "0.25"},
+    "deep": {"method": "POST", "path": "/api/v1/agent/pay-api/atlas/deep", "price": "5"},
+}
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Stack]:
+    with Stack(ROUTES) as running:
+        yield running
+
+
+async def x402(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("X402_WALLET")}
+    return await asyncio.to_thread(
+        subprocess.run, [X402, *args], input=stdin, capture_output=True, timeout=60,
+        env={**clean, **(env or {})}, check=False,
+    )  # fmt: skip
+
+
+async def test_pay_prints_the_body_and_reports_receipt_and_balance(
+    gateway: Stack, tmp_path: Path
+) -> None:
+    agent = Identity.generate()
+    agent.save(tmp_path / "agent.key")
+    await gateway.fund(agent.public_key, "10")
+    url = f"{gateway.url}/api/v1/agent/pay-api/atlas?q=1"
+    result = await x402("pay", "--wallet", str(tmp_path / "agent.key"), "-H", "X-Trace: t1", url)
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)  # stdout is the body and nothing else
+    assert body["payer"] == agent.public_key and body["method"] == "GET"
+    err = result.stderr.decode()
+    assert "HTTP 200 OK · paid 0.25 USDF" in err
+    assert "(verified, GET /api/v1/agent/pay-api/atlas)" in err
+    assert "balance 9.75 USDF" in err
+
+    # POST with a body from stdin, the wallet from the environment, the challenge flow.
+    result = await x402(
+        "pay", "-X", "POST", "-d", "@-", "--challenge", "--max-amount", "5",
+        f"{gateway.url}/api/v1/agent/pay-api/atlas/deep",
+        env={"X402_WALLET": agent.seed_text}, stdin=b'{"topic": "agents"}',
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["method"] == "POST"
+    assert "balance 4.75 USDF" in result.stderr.decode()
+    assert await gateway.balance(agent.public_key) == 4_750_000
+
+
+async def test_pay_refusals_are_one_readable_line(gateway: Stack, tmp_path: Path) -> None:
+    agent = Identity.generate()
+    await gateway.fund(agent.public_key, "0.1")
+    env = {"X402_WALLET": agent.seed_text}
+    atlas = f"{gateway.url}/api/v1/agent/pay-api/atlas"
+
+    capped = await x402("pay", "--max-amount", "0.10", atlas, env=env)
+    assert capped.returncode == 1 and capped.stdout == b""
+    assert capped.stderr.decode() == (
+        "error: guard max_amount: 0.25 USDF is more than the 0.1 allowed per request\n"
+    )
+    poor = await x402("pay", atlas, env=env)
+    assert poor.returncode == 1
+    assert json.loads(poor.stdout)["error"] == "insufficient_funds"  # the body, as curl would
+    assert poor.stderr.decode().splitlines() == [
+        "error: HTTP 402 Payment Required: insufficient_funds: the balance does not cover "
+        "this request (balance 0.1)"
+    ]
+    bad_amount = await x402("pay", "--max-amount", "1e3", atlas, env=env)
+    no_wallet = await x402("pay", atlas)
+    unreachable = await x402("pay", "http://127.0.0.1:9/x", env=env)
+    for result, message in (
+        (bad_amount, "error: max_amount: amount '1e3' is not a non-negative decimal"),
+        (no_wallet, "error: no wallet: set X402_WALLET or X402_WALLET_FILE"),
+        (unreachable, "error: GET http://127.0.0.1:9/x: ConnectError"),
+    ):
+        err = result.stderr.decode()
+        assert result.returncode == 1 and err.startswith(message), err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert await gateway.balance(agent.public_key) == 100_000

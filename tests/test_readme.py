@@ -1,0 +1,77 @@
+"""The README's promises, executed: the two first commands and the five-line agent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.identity import Identity
+from sidecar.stack import Stack
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARKER = "<!-- agent-snippet"
+ROUTES = {"atlas": {"method": "GET", "path": "/api/v1/agent/pay-api/atlas", "price": "0.25"}}
+
+
+def agent_snippet() -> str:
+    """The first ```python block after the agent-snippet marker, exactly as written."""
+    text = README.read_text(encoding="utf-8")
+    assert MARKER in text, "README.md lost its agent-snippet marker"
+    match = re.search(r"```python\n(.*?)```", text[text.index(MARKER) :], re.DOTALL)
+    assert match is not None, "no ```python block after the agent-snippet marker"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Stack]:
+    with Stack(ROUTES) as running:
+        yield running
+
+
+def test_the_readme_starts_with_the_two_commands() -> None:
+    text = README.read_text(encoding="utf-8")
+    first_block = re.search(r"```\w*\n(.*?)```", text, re.DOTALL)
+    assert first_block is not None
+    assert text.index(first_block.group(0)) < text.index("\n## ")
+    assert first_block.group(1).splitlines() == [
+        "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && x402 demo",
+        "make test",
+    ]
+
+
+def test_the_snippet_is_five_lines_of_code() -> None:
+    code = [line for line in agent_snippet().splitlines() if line.strip()]
+    assert len(code) == 5, code
+
+
+async def test_the_five_line_agent_pays_against_a_live_gateway(gateway: Stack) -> None:
+    wallet = Identity.generate()
+    await gateway.fund(wallet.public_key, "10")
+    env = {
+        **os.environ,
+        "X402_WALLET": wallet.seed_text,
+        "X402_GATEWAY": gateway.url,
+        "PYTHONWARNINGS": "error::UserWarning",  # a receipt warning fails the test
+    }
+    env.pop("X402_WALLET_FILE", None)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", agent_snippet()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("200 "), result.stdout
+    assert "'proof_header_seen': False" in result.stdout
+    assert "verified=True" in result.stdout and "amount='0.25'" in result.stdout
+    assert await gateway.balance(wallet.public_key) == 9_750_000
