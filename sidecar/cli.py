@@ -45,11 +45,23 @@ def main() -> None:
     envvar="X402_CONFIG",
     help="YAML config file (X402_<KEY> environment variables override it).",
 )
-def serve(config_path: str | None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes; worker i serves gRPC on listen_grpc's port + i "
+    "[default: config key workers, or one per available core].",
+)
+def serve(config_path: str | None, workers: int | None) -> None:
     """Run the ext_authz sidecar."""
+    import dataclasses
+
     from sidecar import server
 
-    server.run(Settings.load(config_path))
+    settings = Settings.load(config_path)
+    if workers is not None:
+        settings = dataclasses.replace(settings, workers=workers)
+    server.run(settings)
 
 
 @main.command()
@@ -103,6 +115,7 @@ def envoy_config(config_path: str | None, listen: str, service: str) -> None:
         listen=split_host_port(listen, "--listen"),
         service=split_host_port(service, "--service"),
         authz=split_host_port(settings.listen_grpc, "listen_grpc"),
+        authz_workers=settings.workers,
         sideport=split_host_port(settings.listen_http, "listen_http"),
     )
     click.echo(render_yaml(settings.routes, settings.default_asset, endpoints), nl=False)

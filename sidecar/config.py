@@ -29,7 +29,7 @@ MIN_SECRET_BYTES = 16
 @dataclass(frozen=True)
 class Settings:
     listen_grpc: str = "127.0.0.1:9001"  # ext_authz and gRPC health
-    listen_http: str = "127.0.0.1:9002"  # discovery, /healthz, /readyz
+    listen_http: str = "127.0.0.1:9000"  # discovery, /healthz, /readyz (below the workers)
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_ms: int = 500
     signing_key_file: str = ""
@@ -40,7 +40,7 @@ class Settings:
     invoice_ttl_seconds: int = 300
     max_direct_ttl_seconds: int = 300
     max_proof_bytes: int = 4096
-    workers: int = 1
+    workers: int = field(default_factory=lambda: available_cores())  # ext_authz processes
     default_asset: str = "USDF"
     assets: Mapping[str, int] = field(default_factory=lambda: {"USDF": 6})
     routes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -158,6 +158,19 @@ class Settings:
             network=self.network,
             public_url=self.public_url.rstrip("/"),
         )
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a Kubernetes CPU limit), so a pod limited to 2 CPUs on a 64-core node runs 2 workers."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))  # ceiling
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:

@@ -37,8 +37,10 @@ class Endpoints:
     listen: tuple[str, int] = ("0.0.0.0", 10000)  # where clients connect
     admin: tuple[str, int] = ("127.0.0.1", 9901)
     service: tuple[str, int] = ("127.0.0.1", 8080)  # the priced upstream
-    authz: tuple[str, int] = ("127.0.0.1", 9001)  # sidecar gRPC
-    sideport: tuple[str, int] = ("127.0.0.1", 9002)  # sidecar HTTP
+    authz: tuple[str, int] = ("127.0.0.1", 9001)  # sidecar gRPC, worker 0
+    # The sidecar's worker i listens on authz's port + i; each is one cluster endpoint.
+    authz_workers: int = 1
+    sideport: tuple[str, int] = ("127.0.0.1", 9000)  # sidecar HTTP
     authz_timeout: str = "1s"  # above the sidecar's ledger timeout, so it answers first
 
 
@@ -46,14 +48,23 @@ def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _cluster(name: str, host: str, port: int, http2: bool = False) -> dict[str, Any]:
+def _cluster(
+    name: str, host: str, port: int, http2: bool = False, count: int = 1
+) -> dict[str, Any]:
+    """`count` endpoints on consecutive ports from `port`."""
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}],
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _address(host, port + i)}} for i in range(count)
+                    ]
+                }
+            ],
         },
     }
     if http2:
@@ -191,7 +202,7 @@ def render(
                 }
             ],
             "clusters": [
-                _cluster("x402_authz", *ep.authz, http2=True),
+                _cluster("x402_authz", *ep.authz, http2=True, count=ep.authz_workers),
                 _cluster("x402_http", *ep.sideport),
                 _cluster("service", *ep.service),
             ],

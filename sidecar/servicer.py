@@ -71,10 +71,13 @@ def ok_response(allowed: Allow, price: Price) -> authz.CheckResponse:
 
 
 class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, routes: RouteTable, gateway: Gateway, ledger: Ledger) -> None:
+    def __init__(
+        self, routes: RouteTable, gateway: Gateway, ledger: Ledger, worker: int = 0
+    ) -> None:
         self.routes = routes
         self.gateway = gateway
         self.ledger = ledger
+        self.worker = worker
 
     async def Check(
         self, check: authz.CheckRequest, context: grpc.aio.ServicerContext
@@ -100,6 +103,7 @@ class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
             "invoice_id": None,
             "receipt_id": None,
             "balance": None,
+            "worker": self.worker,
         }
         response, price = await self._decide(request, check, entry)
         entry["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)

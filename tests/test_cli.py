@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.envoy_config import render_yaml
+from sidecar.envoy_config import Endpoints, render_yaml
 from sidecar.identity import Identity
 from sidecar.stack import Stack, find_binary
 
@@ -110,7 +110,8 @@ def test_serve_refuses_bad_config_naming_the_key(tmp_path: Path) -> None:
 def test_reference_envoy_config_is_generated_from_the_example_and_valid(tmp_path: Path) -> None:
     example = yaml.safe_load((ROOT / "envoy" / "x402.yaml").read_text())
     checked_in = (ROOT / "envoy" / "envoy.yaml").read_text()
-    assert checked_in == render_yaml(example["routes"], example["default_asset"]), (
+    workers = Endpoints(authz_workers=example["workers"])  # one endpoint per sidecar worker
+    assert checked_in == render_yaml(example["routes"], example["default_asset"], workers), (
         "envoy/envoy.yaml is stale: x402 envoy-config --config envoy/x402.yaml > envoy/envoy.yaml"
     )
     result = x402("envoy-config", "--config", str(ROOT / "envoy" / "x402.yaml"))
