@@ -109,6 +109,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     board.set(worker, SERVING)
     log.info(
         "sidecar.started",
+        pid=os.getpid(),
         listen_grpc=address,
         listen_http=settings.listen_http if http else None,
         payee=gateway.payee,
