@@ -10,6 +10,7 @@ Exit status 0 only if every step behaved as expected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import threading
@@ -23,7 +24,7 @@ import httpx
 from rich import box
 from rich.console import Console
 from rich.panel import Panel
-from rich.table import Table
+from rich.table import Column, Table
 
 from sidecar import protocol
 from sidecar.client import X402Auth, receipt_of
@@ -199,14 +200,15 @@ class Demo:
         self.step("1. The price list", "Free: GET /.well-known/x402")
         response = httpx.get(f"{self.stack.url}/.well-known/x402", timeout=10)
         self.discovery = response.json()
-        table = Table("method", "path", "price", "description", box=box.SIMPLE)
+        # No wrapping: a path or a price cut in two is harder to read than a narrow table.
+        table = Table(
+            Column("route", no_wrap=True),
+            Column("price", no_wrap=True, justify="right"),
+            box=box.SIMPLE,
+        )
         for route in self.discovery.get("routes", []):
-            table.add_row(
-                route["method"],
-                route["path"],
-                f"{route['price']} {route['asset']}",
-                route["description"],
-            )
+            price = f"{route['price']} {route['asset']}"
+            table.add_row(f"{route['method']} {route['path']}", price)
         self.console.print(table)
         self.console.print(
             f"payee {self.discovery.get('payee')}, receipts signed by key "
@@ -396,24 +398,20 @@ class Demo:
                 break
             time.sleep(0.05)
         table = Table(
-            "decision",
-            "status",
-            "reason",
-            "route",
-            "price",
-            "balance",
-            "ms",
+            Column("status", no_wrap=True),
+            Column("reason", no_wrap=True),
+            Column("route", no_wrap=True),
+            Column("price", no_wrap=True),
+            Column("balance", no_wrap=True),
             box=box.SIMPLE,
         )
         for d in decisions:
             table.add_row(
-                d.get("decision"),
                 str(d.get("status")),
                 d.get("reason"),
                 f"{d.get('method')} {d.get('route') or d.get('path')}",
                 d.get("price") or "",
                 d.get("balance") or "",
-                str(d.get("latency_ms")),
             )
         self.console.print(table)
         if decisions:
@@ -457,13 +455,16 @@ class Demo:
 
 def run(serve: bool = False, console: Console | None = None) -> int:
     console = console or make_console()
-    with (
-        console.status("starting Redis, the sidecar, Envoy and the demo service…"),
-        Stack(ROUTES) as stack,
-    ):
-        if serve:
-            return serve_forever(stack, console)
-        return Demo(stack, console).run()
+    try:
+        with contextlib.ExitStack() as running:
+            with console.status("starting Redis, the sidecar, Envoy and the demo service…"):
+                stack = running.enter_context(Stack(ROUTES))
+            if serve:
+                return serve_forever(stack, console)
+            return Demo(stack, console).run()
+    except KeyboardInterrupt:  # Ctrl-C during the story: the stack has been stopped
+        console.print("interrupted", markup=False)
+        return 130
 
 
 def serve_forever(stack: Stack, console: Console) -> int:
