@@ -80,7 +80,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail (printf "routes.%s.price: %q has more than %d decimals, the most %s allows" $name $route.price $decimals $asset) }}
 {{- end }}
 {{- /* Atomic units must stay below the ledger's maximum balance, 2^53 - 1. */}}
-{{- $atomic := printf "%s%s%s" (index $parts 0) $fraction (repeat (int (sub $decimals (len $fraction))) "0") | regexReplaceAll "^0+" "" }}
+{{- $digits := printf "%s%s%s" (index $parts 0) $fraction (repeat (int (sub $decimals (len $fraction))) "0") }}
+{{- $atomic := regexReplaceAll "^0+" $digits "" }}
 {{- if or (gt (len $atomic) 16) (and (eq (len $atomic) 16) (gt $atomic "9007199254740991")) }}
 {{- fail (printf "routes.%s.price: %q is larger than the ledger's maximum balance" $name $route.price) }}
 {{- end }}
@@ -114,11 +115,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* "1s", "1.5s" or "800ms" → whole milliseconds. */}}
+{{/* A Duration ("1s", "0.75s") → whole milliseconds. */}}
 {{- define "x402.durationMs" -}}
-{{- if hasSuffix "ms" . }}{{ trimSuffix "ms" . | float64 | int }}
-{{- else }}{{ mulf (trimSuffix "s" . | float64) 1000 | int }}
-{{- end }}
+{{- mulf (trimSuffix "s" . | float64) 1000 | int }}
 {{- end }}
 
 {{/* ---- routes ------------------------------------------------------------------ */}}
