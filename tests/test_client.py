@@ -12,11 +12,12 @@ import httpx
 import pytest
 import requests
 
-from sidecar.client import X402Auth, receipt_of
+from sidecar.client import X402Auth, parse_invoice, receipt_of
 from sidecar.errors import (
     AssetNotAllowed,
     BudgetExceeded,
     GuardRefused,
+    InvalidChallenge,
     InvalidReceipt,
     MaxAmountExceeded,
     PayeeNotAllowed,
@@ -370,3 +371,34 @@ async def test_the_requests_adapter_pays_and_exposes_the_receipt(gw: Stack) -> N
     assert challenged.json()["method"] == "POST"
     assert await gw.balance(wallet.public_key) == 10_000_000 - 5_250_000
     assert wallet.spent() == "5.25"
+
+
+# -- reading challenges --------------------------------------------------------------------
+
+
+async def test_the_invoice_is_read_from_the_payment_required_header_too(gw: Stack) -> None:
+    async with httpx.AsyncClient(base_url=gw.url) as plain:
+        challenge = await plain.get(ATLAS)
+    from_body = parse_invoice(challenge)
+    header_only = httpx.Response(
+        402, headers={"payment-required": challenge.headers["payment-required"]}
+    )
+    assert from_body is not None and parse_invoice(header_only) == from_body
+    assert from_body["amount"] == "0.25" and from_body["invoice_id"].startswith("inv_")
+    assert parse_invoice(httpx.Response(402, text="pay me")) is None  # not x402: untouched
+    with pytest.raises(InvalidChallenge, match="not base64"):
+        parse_invoice(httpx.Response(402, headers={"payment-required": "%%%"}))
+
+
+async def test_an_invoice_for_another_resource_is_not_paid(gw: Stack) -> None:
+    async with httpx.AsyncClient(base_url=gw.url) as plain:
+        atlas_challenge = await plain.get(ATLAS)
+    wallet = await funded(gw)
+    flow = X402Auth(wallet, direct=False).auth_flow(
+        httpx.Request("GET", f"{gw.url}/api/v1/trade/verify/T-9")
+    )
+    request = next(flow)
+    assert "x-payment" not in request.headers
+    with pytest.raises(InvalidChallenge, match="not paying"):
+        flow.send(atlas_challenge)  # a 402 that asks to pay for a different resource
+    assert wallet.spent() == "0"
