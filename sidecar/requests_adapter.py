@@ -6,7 +6,7 @@
 
 An adapter rather than a requests `AuthBase`: the flow may need to send a discovery
 request before the first try, and an auth hook cannot send anything before the request.
-`requests` is an optional dependency (`pip install 'x402-sidecar[requests]'`).
+`requests` is an optional dependency: the extra `requests` (`pip install -e '.[requests]'`).
 """
 
 from __future__ import annotations
