@@ -942,6 +942,14 @@ def test_the_rendered_pod_runs_as_processes_and_takes_a_payment(
         assert free.status_code == 200
         assert free.json()["service"] == "demo-upstream"
 
+    # `kubectl exec ... -c x402 -- x402 payer balance` finds config and ledger in the env.
+    balance = run(
+        [find_binary("x402"), "payer", "balance", wallet.public_key],
+        env={**os.environ, **pod.env(x402)},
+    )
+    assert balance.returncode == 0, balance.stderr
+    assert f"{asset}: {to_decimal(atomic * 2, decimals)}" in balance.stdout
+
     # The decision is one JSON line in the x402 container's log.
     sidecar = pod.processes["x402"]
 
