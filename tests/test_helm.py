@@ -451,8 +451,10 @@ def test_notes_explain_the_product_and_print_no_secret(name: str, notes_chart: P
     assert f"logs deploy/{FULLNAME} -c x402" in notes
     assert 'select(.event == "authz.decision")' in notes
     assert f"helm test {RELEASE}" in notes
-    for route in rendered.values["routes"].values():
-        assert route["path"] in notes
+    routes = list(ordered_routes(rendered.values["routes"]).values())
+    for route in routes[:10]:  # the first ten, then "… and N more"
+        assert f"{route.get('method', '*')} {route['path']}  {route['price']}" in notes
+    assert (f"and {len(routes) - 10} more" in notes) == (len(routes) > 10)
     for data in rendered.secret_values().values():
         for value in data.values():
             assert value not in notes
@@ -522,6 +524,11 @@ INVALID: dict[str, tuple[str, list[str], str]] = {
         "redis: {url: 'redis://:hunter2@r:6379/0', internal: {enabled: false}}",
         [],
         "redis.url: must not carry credentials",
+    ),
+    "an ACL user for the in-chart redis": (
+        "redis: {auth: {username: ledger}}",
+        [],
+        "redis.auth.username: an ACL user of an external Redis",
     ),
     "ports of workers collide": (
         "sidecar: {workers: 2, httpPort: 9002}",

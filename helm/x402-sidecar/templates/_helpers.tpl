@@ -104,7 +104,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if contains "@" $v.redis.url }}
 {{- fail "redis.url: must not carry credentials; put the password in a Secret named by redis.auth.existingSecret" }}
 {{- end }}
-{{- if and $v.redis.auth.username (not $v.redis.auth.existingSecret) (not $v.redis.internal.enabled) }}
+{{- if and $v.redis.auth.username $v.redis.internal.enabled }}
+{{- fail "redis.auth.username: an ACL user of an external Redis; the in-chart Redis has only its password" }}
+{{- end }}
+{{- if and $v.redis.auth.username (not $v.redis.auth.existingSecret) }}
 {{- fail "redis.auth.username: needs redis.auth.existingSecret with the password" }}
 {{- end }}
 {{- if ge (int $v.redis.timeoutMs) (include "x402.durationMs" $v.envoy.authzTimeout | int) }}
