@@ -41,5 +41,10 @@ unit: install
 demo: install
 	$(VENV)/bin/x402 demo
 
+# The sidecar against Envoy alone and an allow-all ext_authz server, through real Envoy and
+# Redis on loopback (installs wrk with apt-get if missing); see docs/performance.md.
+bench: install
+	$(PY) -m bench.run
+
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

@@ -366,5 +366,92 @@ def demo(serve: bool) -> None:
     sys.exit(demo_story.run(serve=serve))
 
 
+# -- load ------------------------------------------------------------------------------
+
+
+@main.command("load")
+@click.option(
+    "--url", required=True, help="The gateway agents call (Envoy), e.g. http://127.0.0.1:10000."
+)
+@click.option(
+    "--route",
+    "routes",
+    multiple=True,
+    required=True,
+    help="A priced route: its path pattern, 'METHOD PATH', or a concrete path (repeatable).",
+)
+@click.option("--duration", default="10s", show_default=True, help="How long: 30s, 2m, 500ms.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Loops in flight at once.",
+)
+@click.option(
+    "--agents",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Agent wallets [default: one per concurrent loop].",
+)
+@click.option(
+    "--direct",
+    is_flag=True,
+    help="Pay from the price list in one request instead of 402 → sign → retry.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Start at most this many loops per second [default: no limit].",
+)
+@click.option(
+    "--fund",
+    default="",
+    help="Credit per agent, decimal [default: 100,000 loops of the dearest route].",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the summary as JSON here.",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@redis_option
+def load_command(
+    url: str,
+    routes: tuple[str, ...],
+    duration: str,
+    concurrency: int,
+    agents: int,
+    direct: bool,
+    rate: float,
+    fund: str,
+    json_path: str | None,
+    progress: bool,
+    redis_url: str | None,
+) -> None:
+    """Push priced routes with many agents and count the challenge loops the stack clears."""
+    from sidecar import load
+
+    if not redis_url:
+        raise X402Error("--redis (or REDIS_URL) is needed to register and credit the agents")
+    config = load.LoadConfig(
+        url=url,
+        redis_url=redis_url,
+        routes=routes,
+        duration=load.parse_duration(duration),
+        concurrency=concurrency,
+        agents=agents,
+        direct=direct,
+        rate=rate,
+        fund=fund,
+    )
+    stats = load.main(config, json_path, progress)
+    if not stats.cleared:
+        sys.exit(1)  # not one loop cleared: the stack or the setup is broken
+
+
 if __name__ == "__main__":
     main()

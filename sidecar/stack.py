@@ -135,6 +135,7 @@ class Stack:
     workdir: Path | None = None
     processes: dict[str, Process] = field(default_factory=dict)
     workers: int = 1  # sidecar worker processes, each an endpoint of Envoy's x402_authz
+    envoy_concurrency: int = 1  # Envoy worker threads
 
     def __post_init__(self) -> None:
         if self.workdir is None:
@@ -292,7 +293,7 @@ class Stack:
                 "-c",
                 str(self.dir / "envoy.yaml"),
                 "--concurrency",
-                "1",
+                str(self.envoy_concurrency),
                 "--use-dynamic-base-id",
                 "--log-level",
                 "warn",

@@ -1,0 +1,499 @@
+"""`make bench`: the sidecar against its baselines, through real Envoy, in one run.
+
+Starts Redis, one Envoy (a bare listener without ext_authz, and the product listener; the
+upstream is Envoy's own direct_response) and, in turn, the allow-all baseline and the
+sidecar, both with the same worker model. Then:
+
+  (1) Envoy only                      wrk, bare listener
+  (2) Envoy + allow-all ext_authz     wrk, the floor of any Python ext_authz server
+  (3) sidecar, free route             wrk
+  (4) sidecar, paid direct proofs     wrk, one unique pre-signed proof per request
+  (5) challenge loops                 x402 load: full speed, then 1 agent (latency)
+  (6) paid at a fixed 500 req/s       x402 load --direct --rate 500; the sidecar's own
+                                      check latency from its decision log
+
+It prints a table and the ratios, checks the ledger (debits = allowed paid requests x
+price, no negative balance) and writes bench/results.json. On a 2-core machine it takes
+about 2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+import yaml
+
+from sidecar import protocol
+from sidecar.identity import Identity
+from sidecar.ledger import Ledger
+from sidecar.load import percentiles
+from sidecar.stack import LOOPBACK, Process, Stack, free_port
+
+HERE = Path(__file__).resolve().parent
+WRK_SCRIPTS = HERE / "wrk"
+PAID_PATH, FREE_PATH = "/api/v1/bench/paid", "/api/v1/bench/free"
+PRICE, PRICE_ATOMIC = "0.001", 1000
+ROUTES = {"paid": {"method": "GET", "path": PAID_PATH, "price": PRICE}}
+PROOF_TTL = 3000  # pre-signed proofs must outlive the run (the sidecar allows 3600 here)
+PAYERS = 64  # wallets behind the pre-signed proofs
+
+
+# -- tools ------------------------------------------------------------------------------
+
+
+def ensure_wrk() -> str:
+    """wrk from PATH, else from Debian's package (the bench must run on a fresh machine)."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        sys.exit("bench: wrk is missing; install it (Debian/Ubuntu: apt-get install -y wrk)")
+    print("bench: installing wrk (apt-get install -y wrk)", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
+    return shutil.which("wrk") or sys.exit("bench: wrk did not install")
+
+
+def run_wrk(
+    wrk: str,
+    url: str,
+    seconds: float,
+    connections: int,
+    threads: int,
+    script: str = "plain.lua",
+    args: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    argv = [
+        wrk,
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "5s",
+        "-s",
+        script,
+        url,
+        "--",
+        *args,
+    ]
+    done = subprocess.run(
+        argv, cwd=WRK_SCRIPTS, capture_output=True, text=True, timeout=seconds + 60, check=False
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH "):
+            figures: dict[str, Any] = json.loads(line.removeprefix("BENCH "))
+            seconds_run = figures["duration_us"] / 1e6
+            errors = sum(
+                figures[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
+            )
+            figures.update(
+                ok=figures["requests"] - figures["non_2xx"],
+                rps=round(figures["requests"] / seconds_run, 1),
+                ok_rps=round((figures["requests"] - figures["non_2xx"]) / seconds_run, 1),
+                p50_ms=figures["p50_us"] / 1000,
+                p99_ms=figures["p99_us"] / 1000,
+                socket_errors=errors,
+            )
+            return figures
+    raise SystemExit(f"bench: wrk failed:\n{done.stdout}\n{done.stderr}")
+
+
+def run_load(stack: Stack, seconds: float, concurrency: int, *extra: str) -> dict[str, Any]:
+    out = stack.dir / f"load-{time.monotonic_ns()}.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "sidecar.cli",
+        "load",
+        "--url",
+        stack.url,
+        "--redis",
+        stack.redis_url,
+        "--route",
+        f"GET {PAID_PATH}",
+        "--duration",
+        f"{seconds}s",
+        "--concurrency",
+        str(concurrency),
+        "--json",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120, check=False)
+    if not out.exists():
+        raise SystemExit(f"bench: x402 load failed:\n{done.stdout}\n{done.stderr}")
+    summary: dict[str, Any] = json.loads(out.read_text())
+    return summary
+
+
+# -- the stack --------------------------------------------------------------------------
+
+
+def bench_envoy(config: dict[str, Any], bare_port: int) -> dict[str, Any]:
+    """The product's Envoy config, answering from Envoy itself instead of an upstream (so
+    the upstream costs nothing), plus a bare listener without ext_authz for (1)."""
+    listener = config["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+        if route.get("route", {}).get("cluster") == "service":
+            del route["route"]
+            route["direct_response"] = {"status": 200, "body": {"inline_string": "ok\n"}}
+    bare = copy.deepcopy(listener)
+    bare["name"] = "bare"
+    bare["address"]["socket_address"]["port_value"] = bare_port
+    bare_hcm = bare["filter_chains"][0]["filters"][0]["typed_config"]
+    bare_hcm["stat_prefix"] = "bare"
+    bare_hcm["http_filters"] = [
+        f for f in bare_hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_authz"
+    ]
+    for route in bare_hcm["route_config"]["virtual_hosts"][0]["routes"]:
+        route.pop("typed_per_filter_config", None)
+    config["static_resources"]["listeners"].append(bare)
+    return config
+
+
+def envoy_stat(stack: Stack, name: str) -> int:
+    return stack.envoy_counter(name)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its live descendants."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += cpu_seconds(int(child))
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+class CpuMeter:
+    """CPU µs per request of each part of the stack (and of wrk) during one phase."""
+
+    def __init__(self, parts: dict[str, int]) -> None:
+        self.parts = parts
+        self.before = {name: cpu_seconds(pid) for name, pid in parts.items()}
+        self.children = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        used = {name: cpu_seconds(pid) - self.before[name] for name, pid in self.parts.items()}
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        used["client"] = (after.ru_utime + after.ru_stime) - (
+            self.children.ru_utime + self.children.ru_stime
+        )
+        return {name: round(seconds * 1e6 / max(requests, 1), 1) for name, seconds in used.items()}
+
+
+def wait_ports(first: int, count: int, process: Process) -> None:
+    """Until every worker of the allow-all server accepts connections."""
+    deadline = time.monotonic() + 20
+    for port in range(first, first + count):
+        while True:
+            try:
+                socket.create_connection((LOOPBACK, port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.popen.poll() is not None:
+                    raise SystemExit(
+                        f"bench: allow-all did not start; see {process.log_path}"
+                    ) from None
+                time.sleep(0.05)
+
+
+def _sign_batch(job: tuple[list[str], int, str, int]) -> list[str]:
+    seeds, count, payee, expires_at = job
+    wallets = [Identity.from_seed_text(seed) for seed in seeds]
+    headers = []
+    for i in range(count):
+        terms = {
+            "version": protocol.VERSION,
+            "scheme": protocol.SCHEME,
+            "nonce": protocol.new_nonce(),
+            "resource": f"GET {PAID_PATH}",
+            "asset": "USDF",
+            "amount": PRICE,
+            "payee": payee,
+            "expires_at": expires_at,
+        }
+        headers.append(
+            protocol.encode_header(protocol.sign_proof(terms, wallets[i % len(wallets)]))
+        )
+    return headers
+
+
+def presign(count: int, wallets: list[Identity], payee: str, files: list[Path]) -> None:
+    """`count` direct proofs, one per request, spread over `files` (one per wrk thread)."""
+    seeds = [w.seed_text for w in wallets]
+    expires_at = int(time.time()) + PROOF_TTL
+    jobs = os.cpu_count() or 1
+    with multiprocessing.Pool(jobs) as pool:
+        batches = pool.map(_sign_batch, [(seeds, count // jobs + 1, payee, expires_at)] * jobs)
+    proofs = [p for batch in batches for p in batch][:count]
+    for i, path in enumerate(files):
+        path.write_text("\n".join(proofs[i :: len(files)]) + "\n")
+
+
+async def fund(stack: Stack, wallets: list[Identity], atomic: int) -> None:
+    ledger = Ledger.from_url(stack.redis_url)
+    for wallet in wallets:
+        await ledger.register(wallet.public_key)
+        await ledger.credit(wallet.public_key, "USDF", atomic, f"bench-{wallet.kid}")
+    await ledger.close()
+
+
+def ledger_totals(stack: Stack) -> dict[str, int]:
+    """Over every account: debited total, lowest balance, receipts and spent nonces."""
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    debited, lowest, receipts, accounts = 0, 0, 0, 0
+    for key in client.scan_iter("x402:{*}:account", count=1000):
+        fields = client.hgetall(key)
+        accounts += 1
+        debited += int(fields.get("debited:USDF", 0))
+        lowest = min(lowest, int(fields.get("balance:USDF", 0)))
+        receipts += int(client.xlen(key.removesuffix(":account") + ":receipts"))
+    nonces = sum(1 for _ in client.scan_iter("x402:{*}:nonce:*", count=10_000))
+    client.close()
+    return {
+        "accounts": accounts,
+        "debited_atomic": debited,
+        "lowest_balance": lowest,
+        "receipts": receipts,
+        "spent_nonces": nonces,
+    }
+
+
+def decision_latencies(log: Path, offset: int) -> list[float]:
+    with log.open("rb") as f:
+        f.seek(offset)
+        lines = f.read().decode(errors="replace").splitlines()
+    latencies = []
+    for line in lines:
+        if '"authz.decision"' in line and '"paid"' in line:
+            latencies.append(float(json.loads(line)["latency_ms"]))
+    return latencies
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="x402 sidecar benchmark")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk phase")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--envoy-concurrency", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = parser.parse_args()
+    wrk = ensure_wrk()
+    started = time.monotonic()
+    results: dict[str, Any] = {"phases": {}}
+    phases = results["phases"]
+
+    stack = Stack(
+        ROUTES,
+        settings={"max_direct_ttl_seconds": 3600},
+        workers=args.workers,
+        envoy_concurrency=args.envoy_concurrency,
+    )
+    bare_port = free_port()
+    try:
+        stack.write_files()
+        envoy_file = stack.dir / "envoy.yaml"
+        config = bench_envoy(yaml.safe_load(envoy_file.read_text()), bare_port)
+        envoy_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        stack.start_redis()
+        stack.start_envoy()
+        bare_url = f"http://{LOOPBACK}:{bare_port}{FREE_PATH}"
+        free_url, paid_url = stack.url + FREE_PATH, stack.url + PAID_PATH
+
+        def parts() -> dict[str, int]:
+            names = ("envoy", "redis", "sidecar", "allow_all")
+            return {n: stack.processes[n].popen.pid for n in names if n in stack.processes}
+
+        def wrk_phase(
+            name: str,
+            url: str,
+            script: str = "plain.lua",
+            wrk_args: tuple[str, ...] = (),
+            warm: bool = True,
+        ) -> dict[str, Any]:
+            if warm and args.warmup:
+                run_wrk(wrk, url, args.warmup, args.connections, args.threads, script, wrk_args)
+            meter = CpuMeter(parts())
+            figures = run_wrk(
+                wrk, url, args.duration, args.connections, args.threads, script, wrk_args
+            )
+            figures["cpu_us_per_request"] = meter.per_request(figures["requests"])
+            phases[name] = figures
+            print(
+                f"bench: {name:<22} {figures['ok_rps']:>9.0f} req/s  "
+                f"p50 {figures['p50_ms']:.2f} ms  p99 {figures['p99_ms']:.2f} ms",
+                flush=True,
+            )
+            return figures
+
+        wrk_phase("1 envoy only", bare_url)
+
+        allow_all = stack._spawn(
+            "allow_all",
+            [
+                sys.executable,
+                "-m",
+                "bench.allow_all",
+                "--port",
+                str(stack.ports["grpc"]),
+                "--workers",
+                str(args.workers),
+            ],
+        )
+        wait_ports(stack.ports["grpc"], args.workers, allow_all)
+        baseline = wrk_phase("2 allow-all ext_authz", free_url)
+        allow_all.stop()
+        del stack.processes["allow_all"]
+
+        stack.start_sidecar()
+        wrk_phase("3 sidecar free route", free_url)
+
+        # (4): enough unique proofs for the warmup and the run at the baseline's speed.
+        wallets = [Identity.generate() for _ in range(PAYERS)]
+        need = int(baseline["ok_rps"] * 1.3 * (args.duration + args.warmup)) + 1000
+        asyncio.run(fund(stack, wallets, (need // PAYERS + 1) * PRICE_ATOMIC))
+        payee = stack.gateway_identity.kid
+        warm_files = [stack.dir / f"warm.{i}" for i in range(args.threads)]
+        run_files = [stack.dir / f"proofs.{i}" for i in range(args.threads)]
+        presign(int(baseline["ok_rps"] * 1.3 * args.warmup) + 500, wallets, payee, warm_files)
+        presign(int(baseline["ok_rps"] * 1.3 * args.duration) + 500, wallets, payee, run_files)
+        before = envoy_stat(stack, "http.ingress.ext_authz.ok")
+        run_wrk(
+            wrk,
+            paid_url,
+            args.warmup,
+            args.connections,
+            args.threads,
+            "paid.lua",
+            (str(stack.dir / "warm"),),
+        )
+        wrk_phase(
+            "4 sidecar paid direct", paid_url, "paid.lua", (str(stack.dir / "proofs"),), warm=False
+        )
+
+        # (5) challenge loops: at full speed, then one agent at a time (latency).
+        loops = run_load(stack, args.duration, 32)
+        phases["5 challenge loops"] = loops
+        print(
+            f"bench: 5 challenge loops      {loops['loops_per_second']:>9.0f} loops/s  "
+            f"loop p50 {loops['loop_ms']['p50']} ms",
+            flush=True,
+        )
+        single = run_load(stack, max(3.0, args.duration / 2), 1)
+        phases["5 challenge loop, 1 agent"] = single
+        print(
+            f"bench: 5 one agent's loops    {single['loops_per_second']:>9.0f} loops/s  "
+            f"loop p50 {single['loop_ms']['p50']} ms",
+            flush=True,
+        )
+
+        # (6) 500 paid req/s: the sidecar's own check latency from its decision log.
+        log = stack.processes["sidecar"].log_path
+        offset = log.stat().st_size
+        paced = run_load(stack, args.duration, 32, "--direct", "--rate", "500")
+        time.sleep(0.5)  # the last decision lines are written after the answers
+        check = percentiles(decision_latencies(log, offset))
+        paced["sidecar_check_ms"] = check
+        phases["6 paid at 500 req/s"] = paced
+        print(
+            f"bench: 6 paid at 500 req/s    {paced['loops_per_second']:>9.0f} req/s  "
+            f"sidecar check p99 {check['p99']} ms",
+            flush=True,
+        )
+
+        allowed = envoy_stat(stack, "http.ingress.ext_authz.ok") - before
+        results["ledger"] = {
+            **ledger_totals(stack),
+            "allowed_paid_requests": allowed,
+            "price_atomic": PRICE_ATOMIC,
+        }
+        results["ledger"]["exact"] = (
+            results["ledger"]["debited_atomic"] == allowed * PRICE_ATOMIC
+            and results["ledger"]["receipts"] == allowed
+            and results["ledger"]["spent_nonces"] == allowed
+            and results["ledger"]["lowest_balance"] >= 0
+        )
+    finally:
+        stack.stop()
+
+    results["machine"] = {
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "workers": args.workers,
+        "envoy_concurrency": args.envoy_concurrency,
+        "wrk": f"-t{args.threads} -c{args.connections} -d{args.duration}s",
+    }
+    results["seconds"] = round(time.monotonic() - started, 1)
+    report(results)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"bench: wrote {args.out} ({results['seconds']} s)")
+
+
+def report(results: dict[str, Any]) -> None:
+    phases = results["phases"]
+    envoy, allow = phases["1 envoy only"]["ok_rps"], phases["2 allow-all ext_authz"]["ok_rps"]
+    paid = phases["4 sidecar paid direct"]["ok_rps"]
+    results["ratios"] = {
+        "paid / allow-all (4)/(2)": round(paid / allow, 3),
+        "paid / envoy (4)/(1)": round(paid / envoy, 3),
+        "allow-all / envoy (2)/(1)": round(allow / envoy, 3),
+    }
+    print()
+    print(f"{'phase':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    for name, figures in phases.items():
+        if "ok_rps" in figures:
+            row = (figures["ok_rps"], figures["p50_ms"], figures["p99_ms"])
+        else:
+            row = (
+                figures["loops_per_second"],
+                figures["loop_ms"]["p50"],
+                figures["loop_ms"]["p99"],
+            )
+        print(f"{name:<28}{row[0]:>10.0f}{row[1]:>10.2f}{row[2]:>10.2f}")
+    print()
+    for name, ratio in results["ratios"].items():
+        print(f"{name:<28}{ratio:>10.3f}")
+    check = phases["6 paid at 500 req/s"]["sidecar_check_ms"]
+    print(f"{'sidecar check p99 @500/s':<28}{check['p99']:>10} ms")
+    print(
+        f"{'challenge loop p50, 1 agent':<28}"
+        f"{phases['5 challenge loop, 1 agent']['loop_ms']['p50']:>10} ms"
+    )
+    ledger = results["ledger"]
+    print(
+        f"ledger: {ledger['allowed_paid_requests']} allowed paid requests x "
+        f"{ledger['price_atomic']} = {ledger['debited_atomic']} debited; receipts "
+        f"{ledger['receipts']}, spent nonces {ledger['spent_nonces']}, lowest balance "
+        f"{ledger['lowest_balance']}: {'exact' if ledger['exact'] else 'MISMATCH'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

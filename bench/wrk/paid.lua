@@ -1,0 +1,25 @@
+-- Paid requests, each with its own pre-signed direct proof: a proof is good once, so
+-- every request must carry a fresh one. Thread i reads <prefix>.<i>; a thread that runs out
+-- sends a junk header (a 400, counted) and says how often in "exhausted".
+dofile("report.lua")
+
+local requests, count, sent = {}, 0, 0
+exhausted = 0
+
+function init(args)
+  local prefix = args[1]
+  for line in io.lines(prefix .. "." .. id) do
+    count = count + 1
+    requests[count] = wrk.format("GET", nil, { ["X-Payment"] = line })
+  end
+  junk = wrk.format("GET", nil, { ["X-Payment"] = "exhausted" })
+end
+
+function request()
+  sent = sent + 1
+  if sent > count then
+    exhausted = exhausted + 1
+    return junk
+  end
+  return requests[sent]
+end
