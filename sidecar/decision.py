@@ -110,10 +110,15 @@ def _verify_key(payer: str) -> VerifyKey:
     return verify_key(payer)
 
 
-def verify_payment(request: Request, price: Price, gateway: Gateway, now: int) -> Proof:
-    """Every check that needs no ledger, cheapest first; raises a typed PaymentError."""
-    assert request.proof_header is not None
-    proof = protocol.parse_proof(request.proof_header, gateway.max_proof_bytes)
+def verify_payment(
+    request: Request, price: Price, gateway: Gateway, now: int, proof: Proof | None = None
+) -> Proof:
+    """Every check that needs no ledger, cheapest first; raises a typed PaymentError.
+
+    `proof`: the header already parsed (the servicer decodes once to pick the scheme)."""
+    if proof is None:
+        assert request.proof_header is not None
+        proof = protocol.parse_proof(request.proof_header, gateway.max_proof_bytes)
     if proof.resource != request.resource:
         raise InvoiceMismatch(f"proof is for {proof.resource!r}, not {request.resource!r}")
     if proof.asset != price.asset.code:

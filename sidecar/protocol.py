@@ -142,6 +142,12 @@ class Proof:
 
 def parse_proof(value: str, max_bytes: int) -> Proof:
     """Header value → Proof with every field of the right type, or a typed 400."""
+    return proof_from(decode_payment(value, max_bytes))
+
+
+def decode_payment(value: str, max_bytes: int) -> dict[str, Any]:
+    """What every scheme's header shares: size, base64, JSON object, version. Decoded once;
+    the servicer then picks the parser by `scheme` (proof_from, channel.voucher_from)."""
     if len(value) > max_bytes:
         raise MalformedPayment(f"payment header is larger than {max_bytes} bytes")
     obj = decode_header(value)
@@ -149,14 +155,17 @@ def parse_proof(value: str, max_bytes: int) -> Proof:
         obj = obj.get("payload")
     if not isinstance(obj, dict):
         raise MalformedPayment("payment must be a JSON object")
-    version, scheme = obj.get("version"), obj.get("scheme")
-    if version != VERSION:
+    if obj.get("version") != VERSION:
         raise UnsupportedVersion(f"version must be {VERSION!r}")
-    if scheme != SCHEME:
-        raise UnsupportedScheme(f"scheme must be {SCHEME!r}")
-    for name, kind in PROOF_FIELDS.items():
+    return obj
+
+
+def check_fields(obj: Mapping[str, Any], spec: Mapping[str, type], optional: str = "") -> None:
+    """Every field of `spec` present (but `optional`) with exactly its JSON type, strings
+    non-empty and bounded, and no other field; else malformed_payment."""
+    for name, kind in spec.items():
         if name not in obj:
-            if name == "invoice_id":
+            if name == optional:
                 continue
             raise MalformedPayment(f"payment is missing {name!r}")
         field_value = obj[name]
@@ -164,9 +173,16 @@ def parse_proof(value: str, max_bytes: int) -> Proof:
             raise MalformedPayment(f"payment field {name!r} must be a {kind.__name__}")
         if isinstance(field_value, str) and not 0 < len(field_value) <= MAX_FIELD_CHARS:
             raise MalformedPayment(f"payment field {name!r} is empty or too long")
-    unknown = obj.keys() - PROOF_FIELDS.keys()
+    unknown = obj.keys() - spec.keys()
     if unknown:
         raise MalformedPayment(f"payment has unknown field {sorted(unknown)[0]!r}")
+
+
+def proof_from(obj: Mapping[str, Any]) -> Proof:
+    """A decoded payment object (decode_payment) → Proof, or a typed 400."""
+    if obj.get("scheme") != SCHEME:
+        raise UnsupportedScheme(f"scheme must be {SCHEME!r}")
+    check_fields(obj, PROOF_FIELDS, optional="invoice_id")
     if not obj["nonce"].isascii() or len(obj["nonce"]) < MIN_NONCE_CHARS:
         raise MalformedPayment(f"nonce must be at least {MIN_NONCE_CHARS} ASCII characters")
     unsigned = {k: v for k, v in obj.items() if k != "signature"}
