@@ -44,6 +44,18 @@ class Settings:
     default_asset: str = "USDF"
     assets: Mapping[str, int] = field(default_factory=lambda: {"USDF": 6})
     routes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # The facilitator admin API (sidecar/admin.py): off unless a credential is configured.
+    listen_admin: str = "127.0.0.1:8999"  # below the side port, clear of the workers' ports
+    admin_token_file: str = ""  # bearer token, >= 16 bytes
+    admin_tls_cert_file: str = ""  # TLS on the admin port ...
+    admin_tls_key_file: str = ""
+    admin_tls_client_ca_file: str = ""  # ... and mutual TLS: clients need a cert of this CA
+    # Settlement batches (sidecar/settlement.py; `x402 settle`, or in the sidecar).
+    settle_batch_size: int = 1000  # receipts per batch at most
+    settle_max_age_seconds: int = 60  # a partial batch is settled once this old
+    settle_lease_seconds: int = 30  # a crashed worker's claim is taken over after this
+    settle_interval_seconds: int = 0  # > 0: worker 0 of the sidecar settles this often
+    anchor_file: str = "x402-anchors.jsonl"  # append-only manifest log; "" for Redis only
 
     @classmethod
     def load(
@@ -183,7 +195,15 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if type(value) is not int or value < 0:
             raise ConfigError(f"config {name}: must be a non-negative integer")
         if (
-            name in ("workers", "invoice_ttl_seconds", "max_direct_ttl_seconds", "max_proof_bytes")
+            name
+            in (
+                "workers",
+                "invoice_ttl_seconds",
+                "max_direct_ttl_seconds",
+                "max_proof_bytes",
+                "settle_batch_size",
+                "settle_lease_seconds",
+            )
             and value == 0
         ):
             raise ConfigError(f"config {name}: must be at least 1")

@@ -81,6 +81,31 @@ class InsufficientFunds(PaymentError):
     reason = "insufficient_funds"
 
 
+class UnknownChannel(PaymentError):
+    """A voucher names a channel this payer has not opened with this gateway."""
+
+    reason = "unknown_channel"
+
+
+class ChannelClosed(PaymentError):
+    """A voucher for a channel that is closed or past its expiry."""
+
+    reason = "channel_closed"
+
+
+class StaleVoucher(PaymentError):
+    """A voucher whose sequence is not above the last accepted one: a replay, or sent out
+    of order. The body says the channel's last sequence and cumulative amount."""
+
+    reason = "stale_voucher"
+
+
+class UnderpaidVoucher(PaymentError):
+    """A voucher that raises the cumulative amount by less than the route's price."""
+
+    reason = "underpaid_voucher"
+
+
 class LedgerUnavailable(PaymentError):
     reason = "ledger_unavailable"
     status = 503
@@ -108,6 +133,10 @@ BY_REASON: dict[str, type[PaymentError]] = {
         PayerSuspended,
         NonceReused,
         InsufficientFunds,
+        UnknownChannel,
+        ChannelClosed,
+        StaleVoucher,
+        UnderpaidVoucher,
         LedgerUnavailable,
         InternalError,
     )

@@ -33,3 +33,37 @@ def credits(payer: str) -> str:
 def idempotency(payer: str, key: str) -> str:
     """Remembers an applied credit so a retried top-up is not applied twice."""
     return f"{PREFIX}:{{{payer}}}:credit:{key}"
+
+
+# -- settlement (sidecar/settlement.py) ---------------------------------------------------
+
+BATCHES = f"{PREFIX}:batches"  # sorted set: batch id by closed_at, the anchor index
+SETTLEMENT = f"{PREFIX}:settlement"  # hash: the last settle pass (for the lag metric)
+
+
+def settlement(payer: str) -> str:
+    """Hash: `settled` (last stream id in a committed batch), `seq`, and the open claim."""
+    return f"{PREFIX}:{{{payer}}}:settlement"
+
+
+def payer_batches(payer: str) -> str:
+    """List of the payer's committed batch ids, in order (index = seq - 1)."""
+    return f"{PREFIX}:{{{payer}}}:batches"
+
+
+def batch(batch_id: str) -> str:
+    """String: a signed batch manifest (JSON), written by the Redis anchor sink."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+# -- state channels (sidecar/channel.py) --------------------------------------------------
+
+
+def channel(payer: str, channel_id: str) -> str:
+    """Hash: status, asset, deposit, cumulative, sequence, payee, expiry, last voucher."""
+    return f"{PREFIX}:{{{payer}}}:channel:{channel_id}"
+
+
+def channels(payer: str) -> str:
+    """Set of the payer's open channel ids (the settle pass closes expired ones)."""
+    return f"{PREFIX}:{{{payer}}}:channels"

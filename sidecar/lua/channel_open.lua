@@ -1,0 +1,23 @@
+-- Open a payment channel: move the deposit from the payer's balance into the channel.
+-- KEYS: account hash, channel hash, open-channels set (all under the payer's hash tag)
+-- ARGV: asset, deposit (atomic, > 0), channel id, payee, expires_at, now (unix seconds)
+-- Returns {"ok", balance} or {"exists"} or {reason} or {"insufficient_funds", balance}.
+local account, channel, open = KEYS[1], KEYS[2], KEYS[3]
+local asset, deposit = ARGV[1], tonumber(ARGV[2])
+
+local status = redis.call('HGET', account, 'status')
+if not status then return {'unknown_payer'} end
+if status ~= 'active' then return {'payer_suspended'} end
+if redis.call('EXISTS', channel) == 1 then return {'exists'} end
+
+local balance = tonumber(redis.call('HGET', account, 'balance:' .. asset) or '0')
+if balance < deposit then return {'insufficient_funds', balance} end
+
+-- Money is conserved: credited = balance + channeled (open deposits) + debited.
+local left = redis.call('HINCRBY', account, 'balance:' .. asset, '-' .. ARGV[2])
+redis.call('HINCRBY', account, 'channeled:' .. asset, ARGV[2])
+redis.call('HSET', channel, 'status', 'open', 'asset', asset, 'deposit', ARGV[2],
+  'cumulative', '0', 'sequence', '0', 'payee', ARGV[4], 'expires_at', ARGV[5],
+  'opened_at', ARGV[6], 'voucher', '')
+redis.call('SADD', open, ARGV[3])
+return {'ok', left}

@@ -1,0 +1,35 @@
+-- Claim the payer's next settlement batch: the receipts after the settled cursor, at most
+-- ARGV[4] of them. A claim is fixed once made: retried (after a crash, or by another worker
+-- once the lease has run out) it returns the very same range, so the batch built from it
+-- is the same batch, byte for byte. Only a commit moves the cursor past it.
+-- KEYS: settlement hash, receipts stream (both under the payer's hash tag)
+-- ARGV: worker id, now (unix ms), lease (ms), max count, max age (ms; 0 = flush now)
+-- Returns {"claimed", previous, first, last, seq, entries} or {"busy", owner}
+--      or {"wait", oldest ms} or {"empty"}.
+local state, stream = KEYS[1], KEYS[2]
+local owner, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_count, max_age = tonumber(ARGV[4]), tonumber(ARGV[5])
+
+local s = redis.call('HMGET', state, 'settled', 'seq', 'claim_first', 'claim_last',
+  'claim_owner', 'claim_until')
+local settled, seq = s[1] or '0-0', tonumber(s[2] or '0')
+
+if s[3] then
+  if s[5] ~= owner and tonumber(s[6]) > now then return {'busy', s[5]} end
+  -- The holder crashed or stalled past its lease: take the same range over.
+  redis.call('HSET', state, 'claim_owner', owner, 'claim_until', string.format('%d', now + lease))
+  local entries = redis.call('XRANGE', stream, s[3], s[4])
+  return {'claimed', settled, s[3], s[4], seq + 1, entries}
+end
+
+local entries = redis.call('XRANGE', stream, '(' .. settled, '+', 'COUNT', max_count)
+if #entries == 0 then return {'empty'} end
+if #entries < max_count then
+  -- A partial batch waits until its oldest receipt is max_age old (stream ids are ms).
+  local oldest = tonumber(string.match(entries[1][1], '^(%d+)'))
+  if now - oldest < max_age then return {'wait', string.format('%d', oldest)} end
+end
+local first, last = entries[1][1], entries[#entries][1]
+redis.call('HSET', state, 'claim_first', first, 'claim_last', last, 'claim_owner', owner,
+  'claim_until', string.format('%d', now + lease))
+return {'claimed', settled, first, last, seq + 1, entries}
