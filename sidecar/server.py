@@ -31,7 +31,8 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from sidecar import logs
+from sidecar import logs, metrics
+from sidecar.admin import start_facilities
 from sidecar.config import Settings
 from sidecar.errors import ConfigError
 from sidecar.ledger import Ledger
@@ -103,6 +104,8 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     side, http = SidePort(routes, gateway, ledger), None
     if worker == 0:
         http = await _start_side_port(settings, side, board)
+        # The admin API and the settlement worker, if configured: one instance each.
+        facilities = await start_facilities(settings, ledger, gateway)
     await server.start()
     for service in ("", AUTHZ_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -130,6 +133,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     await server.stop(SHUTDOWN_GRACE_SECONDS)
     if http is not None:
         http.close()
+        await facilities.close(SHUTDOWN_GRACE_SECONDS)
     with contextlib.suppress(Exception):
         await ledger.close()
     log.info("sidecar.stopped")
@@ -250,4 +254,6 @@ def run(settings: Settings) -> None:
         parse_url(settings.redis_url)
     except ValueError as exc:
         raise ConfigError(f"config redis_url: {exc}") from None
-    sys.exit(Supervisor(settings).run())
+    with metrics.aggregated(settings.workers):  # /metrics sums every worker's samples
+        code = Supervisor(settings).run()
+    sys.exit(code)

@@ -13,7 +13,8 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 from google.rpc import code_pb2, status_pb2
 
-from sidecar import decision, protocol
+from sidecar import channel, decision, metrics, protocol
+from sidecar.channel import Channels
 from sidecar.decision import Allow, Denial, Gateway, Request
 from sidecar.errors import ConfigError, InternalError, PaymentError, PaymentRequired
 from sidecar.ledger import Ledger
@@ -78,6 +79,7 @@ class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
         self.gateway = gateway
         self.ledger = ledger
         self.worker = worker
+        self.channels = Channels(ledger)
 
     async def Check(
         self, check: authz.CheckRequest, context: grpc.aio.ServicerContext
@@ -106,7 +108,9 @@ class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
             "worker": self.worker,
         }
         response, price = await self._decide(request, check, entry)
-        entry["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        elapsed = time.perf_counter() - started
+        entry["latency_ms"] = round(elapsed * 1000, 3)
+        metrics.record(entry, price, elapsed)
         if price is not None:
             entry.update(route=price.route, price=price.display, asset=price.asset.code)
         log.info("authz.decision", **entry)
@@ -128,7 +132,13 @@ class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
                 raise PaymentRequired(
                     f"{request.resource} costs {price.display} {price.asset.code}"
                 )
-            proof = decision.verify_payment(request, price, gateway, now)
+            payment = protocol.decode_payment(request.proof_header, gateway.max_proof_bytes)
+            if payment.get("scheme") == channel.SCHEME:  # a state-channel voucher
+                voucher = channel.voucher_from(payment)
+                allowed = await self.channels.pay(voucher, request, price, gateway, now, entry)
+                return ok_response(allowed, price), price
+            proof = protocol.proof_from(payment)
+            decision.verify_payment(request, price, gateway, now, proof)
             entry["payer"], entry["invoice_id"] = proof.payer, proof.invoice_id
             receipt_id = protocol.new_receipt_id()
             balance = await self.ledger.debit(

@@ -1,4 +1,5 @@
-"""The sidecar's small HTTP port: discovery (/.well-known/x402), /healthz and /readyz.
+"""The sidecar's small HTTP port: discovery (/.well-known/x402), /healthz, /readyz and
+/metrics (Prometheus).
 
 Envoy routes /.well-known/x402 here without ext_authz; probes call the rest directly.
 """
@@ -10,6 +11,10 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from redis.exceptions import RedisError
+
+from sidecar import metrics
+from sidecar.channel import SCHEME as CHANNEL_SCHEME
 from sidecar.decision import Gateway
 from sidecar.ledger import Ledger
 from sidecar.pricing import RouteTable
@@ -31,7 +36,7 @@ def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
         "payee": gateway.payee,
         "keys": [{"kid": identity.kid, "alg": "Ed25519", "public_key": identity.public_key}],
         "assets": [{"asset": a.code, "decimals": a.decimals} for a in routes.assets.values()],
-        "schemes": [SCHEME],
+        "schemes": [SCHEME, CHANNEL_SCHEME],
         "routes": [
             {
                 "method": r.method,
@@ -59,6 +64,7 @@ class SidePort:
             "/.well-known/x402": well_known,
             "/healthz": self.healthz,
             "/readyz": self.readyz,
+            "/metrics": self.metrics,
         }
 
     async def healthz(self) -> tuple[int, str, bytes]:
@@ -70,6 +76,17 @@ class SidePort:
         if not await self.ledger.ping():
             return 503, "application/json", b'{"status":"ledger_unavailable"}'
         return 200, "application/json", b'{"status":"ready"}'
+
+    async def metrics(self) -> tuple[int, str, bytes]:
+        """Every worker's metrics (multiprocess files), and the settlement lag from Redis."""
+        from sidecar.settlement import settlement_lag
+
+        try:
+            async with asyncio.timeout(0.5):
+                lag = await settlement_lag(self.ledger)
+        except (RedisError, OSError, TimeoutError, ValueError):  # Redis down: the rest still
+            lag = None
+        return 200, metrics.CONTENT_TYPE, metrics.render(lag)
 
     async def respond(self, method: str, path: str, _headers: Headers) -> Reply:
         handler = self.handlers.get(path)
