@@ -97,27 +97,28 @@ class Ledger:
         expires_at: int,
         receipt_id: str,
         receipt: dict[str, str | int],
+        late: Callable[[int | PaymentError], None] | None = None,
     ) -> int:
-        """Charge one proof atomically; returns the balance left or raises the reason."""
+        """Charge one proof atomically; returns the balance left or raises the reason.
+
+        `late`: if the caller is cancelled (Envoy gave up on the check) once the script is
+        sent, Redis may still charge; `late` then gets the outcome when Redis answers, the
+        balance left or the PaymentError, so no charge goes unrecorded."""
         pairs: list[str | int] = []
         for name, value in receipt.items():
             pairs += (name, value)
         keys = (keyspace.account(payer), keyspace.nonce(payer, nonce), keyspace.receipts(payer))
+        listener = None if late is None else lambda reply: late(_late_outcome(reply))
         try:
-            result: list[Any] = await self.pipe.evalsha(
-                DEBIT, keys, (asset, amount, expires_at + NONCE_GRACE, receipt_id, *pairs)
+            result = await self.pipe.evalsha(
+                DEBIT,
+                keys,
+                (asset, amount, expires_at + NONCE_GRACE, receipt_id, *pairs),
+                listener,
             )
         except RedisPipeError as exc:
-            # Fail closed; the exception class tells the operator why, without secrets.
-            raise LedgerUnavailable(f"ledger unavailable ({exc.__class__.__name__})") from exc
-        if result[0] == "ok":
-            return int(result[1])
-        if result[0] == InsufficientFunds.reason:
-            raise InsufficientFunds(
-                "the balance does not cover this request", balance=int(result[1])
-            )
-        error: type[PaymentError] = BY_REASON[result[0]]
-        raise error(_MESSAGES[result[0]])
+            raise _unavailable(exc) from exc
+        return _debited(result)
 
     async def credit(self, payer: str, asset: str, amount: int, idempotency_key: str) -> Credit:
         if amount <= 0:
@@ -185,6 +186,30 @@ class Ledger:
     async def ping(self) -> bool:
         """Whether the hot path's own connection reaches Redis (readiness)."""
         return await self.pipe.ping()
+
+
+def _unavailable(exc: Exception) -> LedgerUnavailable:
+    # Fail closed; the exception class tells the operator why, without secrets.
+    return LedgerUnavailable(f"ledger unavailable ({exc.__class__.__name__})")
+
+
+def _debited(result: list[Any]) -> int:
+    """The debit script's reply → the balance left, or the reason raised."""
+    if result[0] == "ok":
+        return int(result[1])
+    if result[0] == InsufficientFunds.reason:
+        raise InsufficientFunds("the balance does not cover this request", balance=int(result[1]))
+    error: type[PaymentError] = BY_REASON[result[0]]
+    raise error(_MESSAGES[result[0]])
+
+
+def _late_outcome(reply: Any) -> int | PaymentError:
+    if isinstance(reply, RedisPipeError):
+        return _unavailable(reply)
+    try:
+        return _debited(reply)
+    except PaymentError as error:
+        return error
 
 
 _MESSAGES = {

@@ -7,7 +7,8 @@ socket for a few µs each. Only the hot path needs this; admin operations use re
 
 Failure rules, all surfacing as `RedisPipeError` (the ledger maps it to 503):
 - a caller that stops waiting (Envoy timed out the check) leaves its slot in the queue, so
-  its reply is read and dropped and never handed to the next caller;
+  its reply is read and never handed to the next caller: it is dropped, or given to the
+  `late` listener the caller left, so the outcome of a script it started is not lost;
 - when the oldest reply is overdue by `timeout`, the connection is presumed dead: it is
   aborted and every waiting call fails; the next call reconnects;
 - after a Redis restart or SCRIPT FLUSH, scripts are loaded again (on connect, and on
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -97,7 +99,11 @@ class _Connection(asyncio.Protocol):
         self.loop = loop
         self.timeout = timeout
         self.reader = hiredis.Reader(encoding="utf-8", replyError=ReplyError)
-        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        # Per command in flight: its caller's future, its deadline, and who to tell if the
+        # caller gave up before the reply (None: nobody).
+        self.waiting: collections.deque[
+            tuple[asyncio.Future[Any], float, Callable[[Any], None] | None]
+        ] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.out: list[bytes] = []  # commands of this loop iteration, sent in one write
@@ -113,8 +119,10 @@ class _Connection(asyncio.Protocol):
         reader.feed(data)
         try:
             while (reply := reader.gets()) is not False:
-                future = waiting.popleft()[0]
-                if future.done():  # its caller gave up: drop the reply, keep the order
+                future, _, late = waiting.popleft()
+                if future.done():  # its caller gave up: keep the order, tell `late`
+                    if late is not None:
+                        late(reply)
                     continue
                 if isinstance(reply, ReplyError):
                     future.set_exception(reply)
@@ -127,12 +135,15 @@ class _Connection(asyncio.Protocol):
         self.abort(ConnectionFailed("connection to Redis lost"))
 
     # -- calls -------------------------------------------------------------------------
-    def send(self, command: bytes) -> asyncio.Future[Any]:
-        """Queue one packed command; the future gets its reply."""
+    def send(
+        self, command: bytes, late: Callable[[Any], None] | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue one packed command; the future gets its reply, or `late` if the future was
+        cancelled by then."""
         if self.closed:
             raise ConnectionFailed("connection to Redis closed")
         future = self.loop.create_future()
-        self.waiting.append((future, self.loop.time() + self.timeout))
+        self.waiting.append((future, self.loop.time() + self.timeout, late))
         if not self.out:
             self.loop.call_soon(self.flush)
         self.out.append(command)
@@ -165,9 +176,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         while self.waiting:
-            future = self.waiting.popleft()[0]
+            future, _, late = self.waiting.popleft()
             if not future.done():
                 future.set_exception(error)
+            elif late is not None:
+                late(error)
         self.out.clear()
 
 
@@ -181,24 +194,32 @@ class RedisPipe:
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
 
-    async def call(self, *args: str | int | bytes) -> Any:
+    async def call(
+        self, *args: str | int | bytes, late: Callable[[Any], None] | None = None
+    ) -> Any:
+        """Send one command and wait for its reply. If the caller is cancelled after the
+        command left, `late` gets the reply (or the connection's error) when it comes."""
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
-        return await connection.send(hiredis.pack_command(args))
+        return await connection.send(hiredis.pack_command(args), late)
 
     async def evalsha(
-        self, script: Script, keys: tuple[str, ...], args: tuple[str | int, ...]
+        self,
+        script: Script,
+        keys: tuple[str, ...],
+        args: tuple[str | int, ...],
+        late: Callable[[Any], None] | None = None,
     ) -> Any:
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            return await self.call(*command)
+            return await self.call(*command, late=late)
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         # Redis lost its scripts (SCRIPT FLUSH): the script did not run, so load and retry.
         await self.call("SCRIPT", "LOAD", script.source)
-        return await self.call(*command)
+        return await self.call(*command, late=late)
 
     async def ping(self) -> bool:
         try:

@@ -126,6 +126,31 @@ async def test_a_cancelled_call_does_not_desynchronise_later_replies(pipe: Redis
     assert await pipe.call("ECHO", "next") == "next"
 
 
+async def test_a_caller_that_gave_up_can_still_learn_the_outcome(redis: Redis) -> None:
+    ledger = Ledger.from_url(redis.url, timeout=5.0)
+    await ledger.register("payer")
+    await ledger.credit("payer", "USDF", 100, "once")
+    assert await ledger.ping()  # connected, scripts loaded
+    admin = RedisPipe(redis.url)
+    await admin.call("CLIENT", "PAUSE", 10_000, "WRITE")  # the debit waits inside Redis
+    outcomes: list[int | Exception] = []
+    debit = asyncio.ensure_future(
+        ledger.debit("payer", "n1", "USDF", 30, int(time.time()) + 60, "r1", {},
+                     late=outcomes.append)
+    )  # fmt: skip
+    await asyncio.sleep(0.1)
+    debit.cancel()  # Envoy gave up on the check, the script is already in Redis
+
+    await admin.call("CLIENT", "UNPAUSE")
+    assert await ledger.pipe.call("ECHO", "after") == "after"  # replies in order
+
+    assert debit.cancelled()
+    assert outcomes == [70]  # charged after all, and the caller's listener knows
+    assert (await ledger.account("payer")).balances["USDF"] == 70
+    await admin.close()
+    await ledger.close()
+
+
 async def test_an_overdue_reply_fails_the_calls_then_the_client_reconnects(
     redis: Redis,
 ) -> None:
