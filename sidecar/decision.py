@@ -123,12 +123,13 @@ def verify_payment(
         raise InvoiceMismatch(f"proof is for {proof.resource!r}, not {request.resource!r}")
     if proof.asset != price.asset.code:
         raise InvoiceMismatch(f"this route is priced in {price.asset.code}, not {proof.asset}")
-    try:
-        amount = price.asset.to_atomic(proof.amount)
-    except AmountError as exc:
-        raise MalformedPayment(f"payment amount: {exc}") from None
-    if amount != price.amount:
-        raise InvoiceMismatch(f"this route costs {price.display} {price.asset.code} now")
+    if proof.amount != price.display:  # the usual case, the canonical string: no parsing
+        try:
+            amount = price.asset.to_atomic(proof.amount)
+        except AmountError as exc:
+            raise MalformedPayment(f"payment amount: {exc}") from None
+        if amount != price.amount:
+            raise InvoiceMismatch(f"this route costs {price.display} {price.asset.code} now")
     if proof.payee != gateway.payee:
         raise InvoiceMismatch(
             f"proof is for payee {proof.payee!r}, this gateway is {gateway.payee!r}"

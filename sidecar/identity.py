@@ -6,8 +6,10 @@ import base64
 import hashlib
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -81,8 +83,14 @@ class Identity:
     def kid(self) -> str:
         return key_id(bytes(self.signing_key.verify_key))
 
+    @cached_property
+    def _secret(self) -> bytes:
+        """libsodium's 64-byte secret key (seed + public key), derived once."""
+        return crypto_sign_seed_keypair(bytes(self.signing_key))[1]
+
     def sign(self, message: bytes) -> str:
-        return b64url(self.signing_key.sign(message).signature)
+        # libsodium directly: SigningKey.sign wraps every signature in a SignedMessage.
+        return b64url(crypto_sign(message, self._secret)[:64])
 
 
 def verify_key(public_key: str) -> VerifyKey:

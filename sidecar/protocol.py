@@ -52,9 +52,13 @@ INVOICE_MAC_FIELDS = (
 )
 
 
+# Built once: json.dumps with options builds a new encoder on every call (hot path).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
     """Keys sorted, no whitespace, UTF-8: the bytes that are signed and MACed."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL.encode(obj).encode()
 
 
 def encode_header(obj: Mapping[str, Any]) -> str:

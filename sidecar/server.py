@@ -27,7 +27,6 @@ from collections import deque
 from types import FrameType
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
@@ -37,10 +36,9 @@ from sidecar.config import Settings
 from sidecar.errors import ConfigError
 from sidecar.ledger import Ledger
 from sidecar.redis_pipe import parse_url
-from sidecar.servicer import Authorization
+from sidecar.servicer import AUTHZ_SERVICE, Authorization
 from sidecar.sideport import Headers, Reply, SidePort, start_http
 
-AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 SHUTDOWN_GRACE_SECONDS = 5.0
 CRASH_LOOP_RESTARTS = 5  # worker restarts within CRASH_LOOP_SECONDS before giving up
 CRASH_LOOP_SECONDS = 60.0
@@ -95,8 +93,8 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     ledger = Ledger.from_url(settings.redis_url, timeout=settings.redis_timeout_ms / 1000)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    authz = Authorization(routes, gateway, ledger, worker=worker)
-    authz_grpc.add_AuthorizationServicer_to_server(authz, server)
+    authz = Authorization(routes, gateway, ledger, worker, logs.DecisionLog(settings.log_level))
+    server.add_generic_rpc_handlers((authz.handler(),))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if server.add_insecure_port(address) == 0:

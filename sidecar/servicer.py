@@ -1,4 +1,11 @@
-"""The Envoy ext_authz v3 servicer: CheckRequest → pricing, decision, ledger → CheckResponse."""
+"""The Envoy ext_authz v3 servicer: CheckRequest → pricing, decision, ledger → CheckResponse.
+
+The hot path of the product. The gRPC framework already spends ~200 µs of GIL-bound Python
+per check, so the check itself stays lean: routes and prices are precompiled, verify keys
+cached (decision.py), the response is concatenated from prebuilt protobuf pieces
+(responses.py) and sent as bytes, the decision line skips structlog's processor chain
+(logs.DecisionLog), and the debit is one pipelined EVALSHA (ledger.py).
+"""
 
 from __future__ import annotations
 
@@ -6,84 +13,67 @@ import time
 from typing import Any
 
 import grpc
-from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3 import external_auth_pb2 as authz
-from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
-from envoy.type.v3.http_status_pb2 import HttpStatus
-from google.protobuf.struct_pb2 import Struct
-from google.rpc import code_pb2, status_pb2
 
-from sidecar import channel, decision, metrics, protocol
-from sidecar.channel import Channels
-from sidecar.decision import Allow, Denial, Gateway, Request
+from sidecar import channel, decision, metrics, protocol, responses
+from sidecar.decision import Allow, Gateway, Request
 from sidecar.errors import ConfigError, InternalError, PaymentError, PaymentRequired
 from sidecar.ledger import Ledger
-from sidecar.logs import get_logger
+from sidecar.logs import DecisionLog, get_logger
 from sidecar.pricing import Price, RouteTable
 
-_OVERWRITE = HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
-_OK = status_pb2.Status(code=code_pb2.OK)
-_DENIED = status_pb2.Status(code=code_pb2.PERMISSION_DENIED)
-# A free route still strips proof headers: they are bearer material, never for the upstream.
-_FREE = authz.CheckResponse(
-    status=_OK, ok_response=authz.OkHttpResponse(headers_to_remove=protocol.PROOF_HEADERS)
-)
+AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
+# Proof headers are bearer material: stripped before any request, free or paid, goes on.
+_REMOVE_PROOFS = responses.removals(protocol.PROOF_HEADERS)
+_FREE = responses.ok(remove_headers=_REMOVE_PROOFS)
 
 log = get_logger("sidecar.authz")
 
 
-def _headers(pairs: tuple[tuple[str, str], ...]) -> list[HeaderValueOption]:
-    return [
-        HeaderValueOption(header=HeaderValue(key=k, value=v), append_action=_OVERWRITE)
-        for k, v in pairs
-    ]
-
-
-def denied_response(denial: Denial) -> authz.CheckResponse:
-    return authz.CheckResponse(
-        status=_DENIED,
-        denied_response=authz.DeniedHttpResponse(
-            status=HttpStatus(code=denial.status),
-            headers=_headers(denial.headers),
-            body=denial.body.decode(),
-        ),
-    )
-
-
-def ok_response(allowed: Allow, price: Price) -> authz.CheckResponse:
-    metadata = Struct()
-    metadata.update(
+def ok_response(allowed: Allow, price: Price) -> bytes:
+    receipt = allowed.receipt
+    return responses.ok(
+        allowed.upstream_headers,
+        allowed.response_headers,
+        _REMOVE_PROOFS,
+        # For Envoy's access log (%DYNAMIC_METADATA(envoy.filters.http.ext_authz:payer)%).
         {
-            "payer": allowed.receipt["payer"],
-            "amount": price.display,
+            "payer": receipt["payer"],
+            "amount": receipt["amount"],
             "asset": price.asset.code,
-            "receipt_id": allowed.receipt["receipt_id"],
-        }
-    )
-    return authz.CheckResponse(
-        status=_OK,
-        ok_response=authz.OkHttpResponse(
-            headers=_headers(allowed.upstream_headers),
-            headers_to_remove=protocol.PROOF_HEADERS,
-            response_headers_to_add=_headers(allowed.response_headers),
-        ),
-        dynamic_metadata=metadata,
+            "receipt_id": receipt["receipt_id"],
+        },
     )
 
 
-class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
+class Authorization:
     def __init__(
-        self, routes: RouteTable, gateway: Gateway, ledger: Ledger, worker: int = 0
+        self,
+        routes: RouteTable,
+        gateway: Gateway,
+        ledger: Ledger,
+        worker: int = 0,
+        decisions: DecisionLog | None = None,
     ) -> None:
         self.routes = routes
         self.gateway = gateway
         self.ledger = ledger
         self.worker = worker
-        self.channels = Channels(ledger)
+        self.decisions = decisions or DecisionLog()
+        self.channels = channel.Channels(ledger)
 
-    async def Check(
-        self, check: authz.CheckRequest, context: grpc.aio.ServicerContext
-    ) -> authz.CheckResponse:
+    def handler(self) -> grpc.GenericRpcHandler:
+        """ext_authz for a grpc.aio server; `check`'s bytes go out unserialized."""
+        check = grpc.unary_unary_rpc_method_handler(
+            self.check, request_deserializer=authz.CheckRequest.FromString
+        )
+        return grpc.method_handlers_generic_handler(AUTHZ_SERVICE, {"Check": check})
+
+    async def Check(self, check: authz.CheckRequest, context: Any = None) -> authz.CheckResponse:
+        """The check as a message, for tests and tools; the server sends `check`'s bytes."""
+        return authz.CheckResponse.FromString(await self.check(check, context))
+
+    async def check(self, check: authz.CheckRequest, context: Any) -> bytes:
         started = time.perf_counter()
         http = check.attributes.request.http
         headers = http.headers
@@ -107,18 +97,22 @@ class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
             "balance": None,
             "worker": self.worker,
         }
-        response, price = await self._decide(request, check, entry)
+        response, price = await self._decide(request, check, entry, started)
+        self._record(entry, price, started)
+        return response
+
+    def _record(self, entry: dict[str, Any], price: Price | None, started: float) -> None:
         elapsed = time.perf_counter() - started
         entry["latency_ms"] = round(elapsed * 1000, 3)
         metrics.record(entry, price, elapsed)
         if price is not None:
-            entry.update(route=price.route, price=price.display, asset=price.asset.code)
-        log.info("authz.decision", **entry)
-        return response
+            entry["route"], entry["price"] = price.route, price.display
+            entry["asset"] = price.asset.code
+        self.decisions.write(entry)
 
     async def _decide(
-        self, request: Request, check: authz.CheckRequest, entry: dict[str, Any]
-    ) -> tuple[authz.CheckResponse, Price | None]:
+        self, request: Request, check: authz.CheckRequest, entry: dict[str, Any], started: float
+    ) -> tuple[bytes, Price | None]:
         gateway, price = self.gateway, None
         now = int(time.time())
         try:
@@ -141,6 +135,16 @@ class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
             decision.verify_payment(request, price, gateway, now, proof)
             entry["payer"], entry["invoice_id"] = proof.payer, proof.invoice_id
             receipt_id = protocol.new_receipt_id()
+
+            def late(outcome: int | PaymentError) -> None:
+                # Envoy gave up on this check after the debit left: still one line for it.
+                entry["cancelled"] = True
+                if isinstance(outcome, PaymentError):
+                    self._deny(outcome, request, price, entry, now)
+                else:
+                    self._allow(proof, price, outcome, receipt_id, entry, now)
+                self._record(entry, price, started)
+
             balance = await self.ledger.debit(
                 proof.payer,
                 proof.nonce,
@@ -158,16 +162,9 @@ class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
                     "issued_at": now,
                     "payee": gateway.payee,
                 },
+                late,
             )
-            allowed = decision.allow(proof, price, balance, receipt_id, gateway, now)
-            entry.update(
-                decision="allow",
-                status=200,
-                reason="paid",
-                receipt_id=receipt_id,
-                balance=allowed.receipt["balance"],
-            )
-            return ok_response(allowed, price), price
+            return self._allow(proof, price, balance, receipt_id, entry, now), price
         except PaymentError as error:
             return self._deny(error, request, price, entry, now), price
         except ConfigError as error:  # a bad price annotation in Envoy's config: fail closed
@@ -177,6 +174,20 @@ class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
             failure = InternalError("the payment check failed; try again")
             return self._deny(failure, request, price, entry, now), price
 
+    def _allow(
+        self,
+        proof: protocol.Proof,
+        price: Price,
+        balance: int,
+        receipt_id: str,
+        entry: dict[str, Any],
+        now: int,
+    ) -> bytes:
+        allowed = decision.allow(proof, price, balance, receipt_id, self.gateway, now)
+        entry["decision"], entry["status"], entry["reason"] = "allow", 200, "paid"
+        entry["receipt_id"], entry["balance"] = receipt_id, allowed.receipt["balance"]
+        return ok_response(allowed, price)
+
     def _deny(
         self,
         error: PaymentError,
@@ -184,10 +195,10 @@ class Authorization(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
         price: Price | None,
         entry: dict[str, Any],
         now: int,
-    ) -> authz.CheckResponse:
+    ) -> bytes:
         denial = decision.deny(error, request, price, self.gateway, now)
         entry.update(
             decision="deny", status=denial.status, reason=denial.reason, balance=denial.balance
         )
         entry["invoice_id"] = entry["invoice_id"] or denial.invoice_id
-        return denied_response(denial)
+        return responses.denied(denial.status, denial.headers, denial.body)
