@@ -163,6 +163,46 @@ def _ledger_call(
     return asyncio.run(run())
 
 
+def _remember_admin(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta[f"x402.{param.name}"] = value
+    return value
+
+
+def admin_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--admin ADDR` (and its credentials): run the command through the facilitator admin
+    API instead of Redis. Kept out of the command's parameters (see _remote)."""
+    options = [
+        ("--admin", "X402_ADMIN", "Use the admin API at host:port instead of Redis."),
+        ("--admin-token-file", "X402_ADMIN_TOKEN_FILE", "The admin API's bearer token."),
+        ("--admin-ca", None, "CA of the admin API's TLS certificate (enables TLS)."),
+        ("--admin-cert", None, "Client certificate for mutual TLS."),
+        ("--admin-key", None, "Client certificate's key for mutual TLS."),
+    ]
+    for flag, envvar, text in reversed(options):
+        command = click.option(
+            flag, envvar=envvar, expose_value=False, callback=_remember_admin, help=text
+        )(command)
+    return command
+
+
+def _remote() -> Any:
+    """The admin API client when --admin was given, else None."""
+    from sidecar.admin import AdminTarget, RemotePayers
+
+    meta = click.get_current_context().meta
+    if not meta.get("x402.admin"):
+        return None
+    return RemotePayers(
+        AdminTarget(
+            meta["x402.admin"],
+            meta.get("x402.admin_token_file"),
+            meta.get("x402.admin_ca"),
+            meta.get("x402.admin_cert"),
+            meta.get("x402.admin_key"),
+        )
+    )
+
+
 @main.group()
 def payer() -> None:
     """Register, credit, suspend payers and read balances."""
@@ -172,9 +212,14 @@ def payer() -> None:
 @click.argument("public_key")
 @redis_option
 @config_option
+@admin_options
 def payer_register(public_key: str, redis_url: str | None, config_path: str | None) -> None:
     """Make an agent's public key known to the ledger."""
     _check_public_key(public_key)
+    if remote := _remote():
+        with remote:
+            click.echo(remote.register(public_key))
+        return
     created = _ledger_call(redis_url, config_path, lambda ledger, _s: ledger.register(public_key))
     click.echo("registered" if created else "already registered")
 
@@ -190,6 +235,7 @@ def payer_register(public_key: str, redis_url: str | None, config_path: str | No
 )
 @redis_option
 @config_option
+@admin_options
 def payer_credit(
     public_key: str,
     amount: str,
@@ -201,6 +247,10 @@ def payer_credit(
     """Add AMOUNT (a decimal like 10.5) to a payer's balance."""
     _check_public_key(public_key)
     key = idempotency_key or secrets.token_urlsafe(12)
+    if remote := _remote():
+        with remote:
+            click.echo(remote.credit(public_key, amount, asset, key))
+        return
 
     async def op(ledger: Ledger, settings: Settings) -> str:
         code = asset or settings.default_asset
@@ -225,8 +275,13 @@ def payer_credit(
 @click.argument("public_key")
 @redis_option
 @config_option
+@admin_options
 def payer_balance(public_key: str, redis_url: str | None, config_path: str | None) -> None:
     """Show a payer's status and balances."""
+    if remote := _remote():
+        with remote:
+            click.echo(remote.balance(public_key))
+        return
 
     async def op(ledger: Ledger, settings: Settings) -> str:
         account = await ledger.account(public_key)
@@ -245,8 +300,13 @@ def payer_balance(public_key: str, redis_url: str | None, config_path: str | Non
 @click.argument("public_key")
 @redis_option
 @config_option
+@admin_options
 def payer_suspend(public_key: str, redis_url: str | None, config_path: str | None) -> None:
     """Refuse this payer's proofs (403 payer_suspended) until activated again."""
+    if remote := _remote():
+        with remote:
+            click.echo(remote.set_status(public_key, suspend=True))
+        return
     _ledger_call(
         redis_url, config_path, lambda ledger, _s: ledger.set_status(public_key, SUSPENDED)
     )
@@ -257,8 +317,13 @@ def payer_suspend(public_key: str, redis_url: str | None, config_path: str | Non
 @click.argument("public_key")
 @redis_option
 @config_option
+@admin_options
 def payer_activate(public_key: str, redis_url: str | None, config_path: str | None) -> None:
     """Accept this payer's proofs again."""
+    if remote := _remote():
+        with remote:
+            click.echo(remote.set_status(public_key, suspend=False))
+        return
     _ledger_call(redis_url, config_path, lambda ledger, _s: ledger.set_status(public_key, ACTIVE))
     click.echo("active")
 
@@ -272,6 +337,258 @@ def _check_public_key(public_key: str) -> None:
         raise X402Error(
             "not a public key: expected base64url of 32 bytes (see x402 keygen)"
         ) from None
+
+
+# -- settlement, evidence, channels (logic in settlement.py, evidence.py, channel.py) -----
+
+
+@main.command()
+@redis_option
+@config_option
+@click.option(
+    "--flush/--no-flush",
+    default=False,
+    help="Settle every pending receipt now, whatever its age [default: no].",
+)
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Keep settling every SECONDS until interrupted [default: one pass].",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[config]")
+@click.option("--max-age", type=click.FloatRange(min=0), default=None, help="Seconds [config].")
+@click.option("--lease", type=click.FloatRange(min=0.1), default=None, help="Seconds [config].")
+@click.option("--anchor-file", default=None, help="JSONL anchor log; '' for none [config].")
+@click.option("--worker-id", default=None, help="[default: host:pid]")
+def settle(
+    redis_url: str | None,
+    config_path: str | None,
+    flush: bool,
+    watch: float | None,
+    batch_size: int | None,
+    max_age: float | None,
+    lease: float | None,
+    anchor_file: str | None,
+    worker_id: str | None,
+) -> None:
+    """Batch receipts for settlement: Merkle root, signed manifest, anchor sinks. Safe to
+    run several at once and to kill at any point."""
+    from sidecar import settlement
+    from sidecar.identity import Identity
+
+    async def op(ledger: Ledger, settings: Settings) -> str:
+        worker = settlement.from_settings(
+            settings,
+            ledger,
+            Identity.load(settings.signing_key_file),
+            anchor_file=anchor_file,
+            batch_size=batch_size,
+            max_age=max_age,
+            lease=lease,
+            flush=flush or None,
+            worker_id=worker_id,
+        )
+        if watch is not None:
+            await worker.run_forever(watch, asyncio.Event())
+        report = await worker.run_once()
+        lines = [
+            f"{m['batch_id']} payer {m['payer'][:12]}… seq {m['seq']}: {m['count']} receipts, "
+            f"root {m['merkle_root'][:16]}…"
+            for m in report.batches
+        ]
+        lines.append(
+            f"settled {report.receipts} receipts in {len(report.batches)} batches "
+            f"({report.payers} payers; {report.waiting} waiting, {report.busy} busy, "
+            f"{report.failed} failed)"
+        )
+        if report.failed:
+            raise X402Error("\n".join([*lines, "some batches failed; see the log"]))
+        return "\n".join(lines)
+
+    click.echo(_ledger_call(redis_url, config_path, op))
+
+
+@main.group()
+def evidence() -> None:
+    """Export and verify evidence bundles (receipts, Merkle proofs, signed manifests)."""
+
+
+def _unix_time(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise X402Error(f"{value!r} is neither unix seconds nor an ISO 8601 time") from None
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
+
+
+@evidence.command("export")
+@click.option("--receipt", "receipt_id", default=None, help="One receipt id (rcpt_…).")
+@click.option("--payer", "payer_key", default=None, help="One payer's receipts.")
+@click.option("--since", default=None, help="Issued at or after (unix seconds or ISO 8601).")
+@click.option("--until", default=None, help="Issued before (unix seconds or ISO 8601).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+@redis_option
+@config_option
+def evidence_export(
+    receipt_id: str | None,
+    payer_key: str | None,
+    since: str | None,
+    until: str | None,
+    out: str,
+    redis_url: str | None,
+    config_path: str | None,
+) -> None:
+    """Write the settled receipts a query matches, their proofs and manifests, signed."""
+    import json
+
+    from sidecar import evidence as bundles
+    from sidecar.identity import Identity
+
+    if not (receipt_id or payer_key or since or until):
+        raise X402Error("say what to export: --receipt, --payer, --since/--until")
+    query = bundles.Query(receipt_id, payer_key, _unix_time(since), _unix_time(until))
+
+    async def op(ledger: Ledger, settings: Settings) -> bundles.Export:
+        gateway = Identity.load(settings.signing_key_file)
+        return await bundles.export(ledger, gateway, settings.asset_table(), query)
+
+    result = _ledger_call(redis_url, config_path, op)
+    receipts = len(result.bundle["receipts"])
+    if receipt_id and not receipts:
+        raise X402Error(f"receipt {receipt_id} is in no settled batch (run x402 settle)")
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(result.bundle, f, indent=1, sort_keys=True)
+    click.echo(f"wrote {out}: {receipts} receipts in {len(result.bundle['batches'])} batches")
+    if result.unsettled:
+        click.echo(f"{result.unsettled} matching receipts are not settled yet (not exported)")
+
+
+@evidence.command("verify")
+@click.argument("bundle", type=click.Path(dir_okay=False, exists=True))
+@click.option(
+    "--key",
+    required=True,
+    help="The gateway's public key (base64url), or a file holding it.",
+)
+def evidence_verify(bundle: str, key: str) -> None:
+    """Check a bundle offline; exit 1 and name every problem if anything fails."""
+    import json
+    from pathlib import Path
+
+    from sidecar import evidence as bundles
+
+    text = Path(key).read_text() if Path(key).is_file() else key
+    try:
+        public_key = bundles.parse_public_key(text)
+    except (ValueError, UnicodeEncodeError):
+        raise X402Error("--key: not a base64url Ed25519 public key") from None
+    try:
+        document = json.loads(Path(bundle).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise X402Error(f"cannot read {bundle}: {exc}") from None
+    verdict = bundles.verify_bundle(document, public_key)
+    if verdict.ok:
+        click.echo(f"OK: {verdict.receipts} receipts in {verdict.batches} batches verify")
+        return
+    for problem in verdict.problems:
+        click.echo(f"FAIL: {problem}")
+    sys.exit(1)
+
+
+@main.group()
+def channel() -> None:
+    """Open and close payment channels (a deposit locked for vouchered requests)."""
+
+
+@channel.command("open")
+@click.argument("public_key")
+@click.argument("deposit")
+@click.option("--asset", default=None, help="Asset code [default: the config's default].")
+@click.option("--ttl", type=click.IntRange(min=1), default=86400, show_default=True)
+@click.option("--id", "channel_id", default=None, help="Channel id [default: random].")
+@redis_option
+@config_option
+@admin_options
+def channel_open(
+    public_key: str,
+    deposit: str,
+    asset: str | None,
+    ttl: int,
+    channel_id: str | None,
+    redis_url: str | None,
+    config_path: str | None,
+) -> None:
+    """Lock DEPOSIT (a decimal) from a payer's balance into a new channel."""
+    from sidecar.admin import channel_opened
+    from sidecar.channel import Channels
+    from sidecar.identity import Identity
+
+    _check_public_key(public_key)
+    if remote := _remote():
+        with remote:
+            click.echo(remote.open_channel(public_key, deposit, asset, ttl, channel_id))
+        return
+
+    async def op(ledger: Ledger, settings: Settings) -> str:
+        code = asset or settings.default_asset
+        assets = settings.asset_table()
+        if code not in assets:
+            raise X402Error(f"unknown asset {code!r} (known: {', '.join(assets)})")
+        payee = Identity.load(settings.signing_key_file).kid
+        channels = Channels(ledger)
+        opened, balance = await channels.open(
+            public_key, code, assets[code].to_atomic(deposit), payee, ttl, channel_id
+        )
+        state = await channels.get(public_key, opened)
+        show = assets[code].to_decimal
+        return channel_opened(opened, show(state.deposit), code, state.expires_at, show(balance))
+
+    click.echo(_ledger_call(redis_url, config_path, op))
+
+
+@channel.command("close")
+@click.argument("public_key")
+@click.argument("channel_id")
+@redis_option
+@config_option
+@admin_options
+def channel_close(
+    public_key: str, channel_id: str, redis_url: str | None, config_path: str | None
+) -> None:
+    """Refund what is left of the deposit; the final voucher goes to settlement."""
+    from sidecar.admin import channel_closed
+    from sidecar.channel import Channels
+
+    _check_public_key(public_key)
+    if remote := _remote():
+        with remote:
+            click.echo(remote.close_channel(public_key, channel_id))
+        return
+
+    async def op(ledger: Ledger, settings: Settings) -> str:
+        channels = Channels(ledger)
+        state = await channels.get(public_key, channel_id)
+        closed = await channels.close(public_key, channel_id)
+        assert closed is not None  # not only_expired: it always closes
+        show = settings.asset_table()[state.asset].to_decimal
+        return channel_closed(
+            channel_id,
+            show(closed.cumulative),
+            show(closed.refund),
+            show(closed.balance),
+            closed.sequence,
+            closed.receipt_id,
+            closed.already,
+        )
+
+    click.echo(_ledger_call(redis_url, config_path, op))
 
 
 # -- agents: pay and demo -----------------------------------------------------------------

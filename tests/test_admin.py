@@ -1,0 +1,272 @@
+"""The facilitator admin API: refused without its token, and every call with it, over real
+gRPC to the real sidecar (and its CLI with --admin); mutual TLS in process."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from sidecar import admin
+from sidecar import admin_pb2 as pb
+from sidecar import admin_pb2_grpc as pb_grpc
+from sidecar.config import Settings
+from sidecar.identity import Identity
+from sidecar.ledger import Ledger
+from sidecar.stack import Stack, free_port
+from tests.settle_helpers import (
+    ADMIN_TOKEN,
+    admin_stack,  # noqa: F401 - the session fixture
+    paid_requests,
+    settle,
+    x402,
+)
+
+AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+METHODS = {
+    "RegisterPayer": pb.PayerRequest,
+    "SuspendPayer": pb.PayerRequest,
+    "ActivatePayer": pb.PayerRequest,
+    "Credit": pb.CreditRequest,
+    "GetBalance": pb.PayerRequest,
+    "ListReceipts": pb.ListReceiptsRequest,
+    "OpenChannel": pb.OpenChannelRequest,
+    "CloseChannel": pb.ChannelRequest,
+    "GetChannel": pb.ChannelRequest,
+    "ListBatches": pb.ListBatchesRequest,
+}
+
+
+@pytest.fixture
+async def stub(admin_stack: Stack) -> AsyncIterator[Any]:  # noqa: F811
+    address = f"127.0.0.1:{admin_stack.ports['admin_api']}"
+    async with grpc.aio.insecure_channel(address) as channel:
+        yield pb_grpc.FacilitatorStub(channel)
+
+
+def admin_args(stack: Stack, *, token: bool = True) -> list[str]:
+    args = ["--admin", f"127.0.0.1:{stack.ports['admin_api']}"]
+    if token:
+        args += ["--admin-token-file", str(stack.dir / "admin.token")]
+    return args
+
+
+@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong-token-000000000"),)])
+async def test_every_call_without_the_token_is_unauthenticated(
+    stub: Any, metadata: tuple[tuple[str, str], ...]
+) -> None:
+    payer = Identity.generate().public_key
+    for method, request in METHODS.items():
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await getattr(stub, method)(request(payer=payer), metadata=metadata)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+    # Nothing happened: the payer was not registered by the refused calls.
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.GetBalance(pb.PayerRequest(payer=payer), metadata=AUTH)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_payers_credits_receipts_channels_and_batches(
+    stub: Any,
+    admin_stack: Stack,  # noqa: F811
+) -> None:
+    wallet = Identity.generate()
+    payer = wallet.public_key
+
+    registered = await stub.RegisterPayer(pb.PayerRequest(payer=payer), metadata=AUTH)
+    assert (registered.created, registered.status) == (True, "active")
+    again = await stub.RegisterPayer(pb.PayerRequest(payer=payer), metadata=AUTH)
+    assert again.created is False
+    credit = pb.CreditRequest(payer=payer, amount="2.5", idempotency_key="topup-1")
+    assert (await stub.Credit(credit, metadata=AUTH)).balance == "2.5"
+    retried = await stub.Credit(credit, metadata=AUTH)
+    assert (retried.applied, retried.balance) == (False, "2.5")  # never twice
+
+    async with httpx.AsyncClient(base_url=admin_stack.url, timeout=10) as client:
+        receipts = await paid_requests(client, admin_stack, wallet, 3)
+    listed = await stub.ListReceipts(pb.ListReceiptsRequest(payer=payer), metadata=AUTH)
+    assert [r.receipt_id for r in listed.receipts] == [r["receipt_id"] for r in receipts]
+    assert [json.loads(r.signed_json) for r in listed.receipts] == receipts
+    page = await stub.ListReceipts(pb.ListReceiptsRequest(payer=payer, limit=2), metadata=AUTH)
+    rest = await stub.ListReceipts(
+        pb.ListReceiptsRequest(payer=payer, after=page.next_after), metadata=AUTH
+    )
+    assert len(page.receipts) == 2 and len(rest.receipts) == 1 and rest.next_after == ""
+
+    opened = await stub.OpenChannel(
+        pb.OpenChannelRequest(payer=payer, deposit="1", channel_id="ch_admin_test_01"),
+        metadata=AUTH,
+    )
+    assert (opened.channel_id, opened.deposit, opened.balance, opened.status) == (
+        "ch_admin_test_01",
+        "1",
+        "1.47",
+        "open",
+    )
+    balance = await stub.GetBalance(pb.PayerRequest(payer=payer), metadata=AUTH)
+    [usdf] = balance.assets
+    assert (usdf.balance, usdf.channeled, usdf.debited, usdf.credited) == (
+        "1.47",
+        "1",
+        "0.03",
+        "2.5",
+    )
+    closed = await stub.CloseChannel(
+        pb.ChannelRequest(payer=payer, channel_id="ch_admin_test_01"), metadata=AUTH
+    )
+    assert (closed.refund, closed.balance, closed.already_closed) == ("1", "2.47", False)
+
+    assert (await settle(admin_stack)).code == 0
+    batches = await stub.ListBatches(pb.ListBatchesRequest(payer=payer), metadata=AUTH)
+    [batch] = batches.batches
+    assert (batch.count, batch.committed, dict(batch.totals)) == (4, True, {"USDF": "30000"})
+    assert json.loads(batch.manifest_json)["merkle_root"] == batch.merkle_root
+    everyone = await stub.ListBatches(pb.ListBatchesRequest(), metadata=AUTH)
+    assert batch.batch_id in {b.batch_id for b in everyone.batches}
+
+    suspended = await stub.SuspendPayer(pb.PayerRequest(payer=payer), metadata=AUTH)
+    assert suspended.status == "suspended"
+
+
+@pytest.mark.parametrize(
+    ("method", "request_fields", "code"),
+    [
+        ("GetBalance", {"payer": "not-a-key"}, grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            "Credit",
+            {"amount": "1.0000001", "idempotency_key": "k"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        ("Credit", {"amount": "1"}, grpc.StatusCode.INVALID_ARGUMENT),  # no idempotency key
+        ("GetBalance", {}, grpc.StatusCode.NOT_FOUND),
+        ("OpenChannel", {"deposit": "5"}, grpc.StatusCode.NOT_FOUND),
+        ("GetChannel", {"channel_id": "ch_missing_000"}, grpc.StatusCode.NOT_FOUND),
+    ],
+)
+async def test_bad_calls_get_the_right_status(
+    stub: Any, method: str, request_fields: dict[str, Any], code: grpc.StatusCode
+) -> None:
+    fields = {"payer": Identity.generate().public_key, **request_fields}
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await getattr(stub, method)(METHODS[method](**fields), metadata=AUTH)
+    assert failed.value.code() == code
+
+
+async def test_the_cli_payer_commands_use_the_admin_api(admin_stack: Stack) -> None:  # noqa: F811
+    payer = Identity.generate().public_key
+    run = await x402("payer", "register", payer, *admin_args(admin_stack))
+    assert (run.code, run.out) == (0, "registered\n"), run.err
+    run = await x402(
+        "payer", "credit", payer, "3", "--idempotency-key", "k1", *admin_args(admin_stack)
+    )
+    assert run.out == "credited; balance 3 USDF (idempotency key k1)\n", run.err
+    run = await x402(
+        "channel", "open", payer, "1", "--id", "ch_cli_admin_01", *admin_args(admin_stack)
+    )
+    assert "channel ch_cli_admin_01" in run.out and "balance left 2 USDF" in run.out, run.err
+    run = await x402("payer", "balance", payer, *admin_args(admin_stack))
+    assert run.out == "status: active\nUSDF: 2 (+1 in channels)\n", run.err
+    run = await x402("channel", "close", payer, "ch_cli_admin_01", *admin_args(admin_stack))
+    assert "refunded 1; balance 3" in run.out, run.err
+    assert (await x402("payer", "suspend", payer, *admin_args(admin_stack))).out == "suspended\n"
+    assert (await x402("payer", "activate", payer, *admin_args(admin_stack))).out == "active\n"
+
+    refused = await x402("payer", "balance", payer, *admin_args(admin_stack, token=False))
+    assert refused.code == 1
+    assert "admin API GetBalance: UNAUTHENTICATED" in refused.err
+
+
+def test_the_admin_api_is_local_and_off_without_a_credential() -> None:
+    settings = Settings()
+    assert settings.listen_admin.startswith("127.0.0.1:")
+    assert not settings.admin_token_file and not settings.admin_tls_client_ca_file
+
+
+# -- mutual TLS, in process --------------------------------------------------------------
+
+
+def make_pki(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+
+    def run(command: str) -> None:
+        subprocess.run(
+            ["openssl", *command.split()], check=True, capture_output=True, cwd=directory
+        )
+
+    ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+    run(f"req -x509 {ec} -keyout ca.key -out ca.pem -days 1 -subj /CN=x402-test-CA")
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "")):
+        run(f"req {ec} -keyout {name}.key -out {name}.csr -subj /CN={name}")
+        (directory / f"{name}.ext").write_text((extension or "basicConstraints=CA:FALSE") + "\n")
+        run(
+            f"x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial "
+            f"-out {name}.pem -days 1 -extfile {name}.ext"
+        )
+    names = ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
+    return {name: directory / name for name in names}
+
+
+async def test_mutual_tls_without_a_token(stack: Stack, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    port = free_port()
+    settings = Settings.from_mapping(
+        {
+            "listen_admin": f"127.0.0.1:{port}",
+            "admin_tls_cert_file": str(pki["server.pem"]),
+            "admin_tls_key_file": str(pki["server.key"]),
+            "admin_tls_client_ca_file": str(pki["ca.pem"]),
+            "redis_url": stack.redis_url,
+        },
+        env={},
+    )
+    ledger = Ledger.from_url(stack.redis_url)
+    gateway = Settings.load(stack.config_path).gateway()
+    server = await admin.start_admin(settings, ledger, gateway)
+    assert server is not None
+    payer = Identity.generate().public_key
+    try:
+        trusted = grpc.ssl_channel_credentials(
+            pki["ca.pem"].read_bytes(),
+            pki["client.key"].read_bytes(),
+            pki["client.pem"].read_bytes(),
+        )
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", trusted) as channel:
+            reply = await pb_grpc.FacilitatorStub(channel).RegisterPayer(
+                pb.PayerRequest(payer=payer)
+            )
+            assert reply.created
+        anonymous = grpc.ssl_channel_credentials(pki["ca.pem"].read_bytes())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", anonymous) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await pb_grpc.FacilitatorStub(channel).GetBalance(
+                    pb.PayerRequest(payer=payer), timeout=5
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails
+        # The CLI speaks mutual TLS too.
+        run = await x402(
+            "payer", "balance", payer, "--admin", f"127.0.0.1:{port}",
+            "--admin-ca", str(pki["ca.pem"]), "--admin-cert", str(pki["client.pem"]),
+            "--admin-key", str(pki["client.key"]),
+        )  # fmt: skip
+        assert run.out == "status: active\n", run.err
+    finally:
+        await server.stop(None)
+        await ledger.close()
+
+
+def test_token_files_must_hold_a_real_secret(tmp_path: Path) -> None:
+    short = tmp_path / "short.token"
+    short.write_text("abc\n")
+    with pytest.raises(admin.ConfigError, match="at least 16 bytes"):
+        admin.read_secret(str(short), "admin_token_file")
+    good = tmp_path / "good.token"
+    secret = secrets.token_urlsafe(24)
+    good.write_text(secret + "\n")
+    assert admin.read_secret(str(good), "admin_token_file") == secret.encode()
