@@ -136,6 +136,7 @@ class Stack:
     processes: dict[str, Process] = field(default_factory=dict)
     workers: int = 1  # sidecar worker processes, each an endpoint of Envoy's x402_authz
     envoy_concurrency: int = 1  # Envoy worker threads
+    redis_args: tuple[str, ...] = ()  # extra redis-server arguments, e.g. AOF for fault tests
 
     def __post_init__(self) -> None:
         if self.workdir is None:
@@ -238,6 +239,7 @@ class Stack:
                 "",
                 "--appendonly",
                 "no",
+                *self.redis_args,
             ],
         )
         deadline = time.monotonic() + 10
