@@ -1,8 +1,9 @@
 """The floor of any Python ext_authz design: the sidecar's server model doing no work.
 
 Same model as `x402 serve`: workers forked before gRPC exists, worker i on port + i,
-uvloop, grpc.aio; each check is answered with one prebuilt OK. The bench's ratio of paid
-requests to this isolates the sidecar's own cost from gRPC's and Envoy's.
+uvloop, grpc.aio, the CheckRequest parsed by the framework and the answer sent as bytes;
+each check is answered with one prebuilt OK. The bench's ratio of paid requests to this
+isolates the sidecar's own cost from gRPC's and Envoy's.
 
     python -m bench.allow_all --port 9001 --workers 2
 """
@@ -16,22 +17,27 @@ import signal
 import sys
 
 from envoy.service.auth.v3 import external_auth_pb2 as authz
-from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from google.rpc import code_pb2, status_pb2
 
-OK = authz.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
+from sidecar.servicer import AUTHZ_SERVICE
+
+OK = authz.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)).SerializeToString()
 
 
-class AllowAll(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
-    async def Check(self, request: authz.CheckRequest, context: object) -> authz.CheckResponse:
-        return OK
+async def check(request: authz.CheckRequest, context: object) -> bytes:
+    return OK
 
 
 async def serve(address: str) -> None:
     import grpc
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    authz_grpc.add_AuthorizationServicer_to_server(AllowAll(), server)
+    handler = grpc.unary_unary_rpc_method_handler(
+        check, request_deserializer=authz.CheckRequest.FromString
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(AUTHZ_SERVICE, {"Check": handler}),)
+    )
     if server.add_insecure_port(address) == 0:
         raise SystemExit(f"cannot listen on {address}")
     await server.start()

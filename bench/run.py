@@ -303,6 +303,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--envoy-concurrency", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=500.0, help="paid req/s of phase 6")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
     wrk = ensure_wrk()
@@ -324,122 +325,96 @@ def main() -> None:
         envoy_file.write_text(yaml.safe_dump(config, sort_keys=False))
         stack.start_redis()
         stack.start_envoy()
-        bare_url = f"http://{LOOPBACK}:{bare_port}{FREE_PATH}"
+        bare_url = f"http://{LOOPBACK}:{bare_port}{PAID_PATH}"
         free_url, paid_url = stack.url + FREE_PATH, stack.url + PAID_PATH
+        warm, proofs = str(stack.dir / "warm"), str(stack.dir / "proofs")
 
         def parts() -> dict[str, int]:
             names = ("envoy", "redis", "sidecar", "allow_all")
             return {n: stack.processes[n].popen.pid for n in names if n in stack.processes}
 
-        def wrk_phase(
-            name: str,
-            url: str,
-            script: str = "plain.lua",
-            wrk_args: tuple[str, ...] = (),
-            warm: bool = True,
-        ) -> dict[str, Any]:
-            if warm and args.warmup:
-                run_wrk(wrk, url, args.warmup, args.connections, args.threads, script, wrk_args)
+        def wrk_phase(name: str, url: str, paid: bool = False) -> dict[str, Any]:
+            script, warm_args, run_args = "plain.lua", (), ()
+            if paid:  # fresh proofs: warm-up and measured run each have their own
+                script, warm_args, run_args = "paid.lua", (warm,), (proofs,)
+            if args.warmup:
+                run_wrk(wrk, url, args.warmup, args.connections, args.threads, script, warm_args)
             meter = CpuMeter(parts())
             figures = run_wrk(
-                wrk, url, args.duration, args.connections, args.threads, script, wrk_args
+                wrk, url, args.duration, args.connections, args.threads, script, run_args
             )
             figures["cpu_us_per_request"] = meter.per_request(figures["requests"])
             phases[name] = figures
             print(
-                f"bench: {name:<22} {figures['ok_rps']:>9.0f} req/s  "
+                f"bench: {name:<30} {figures['ok_rps']:>8.0f} req/s  "
                 f"p50 {figures['p50_ms']:.2f} ms  p99 {figures['p99_ms']:.2f} ms",
                 flush=True,
             )
             return figures
 
         wrk_phase("1 envoy only", bare_url)
-
         allow_all = stack._spawn(
             "allow_all",
-            [
-                sys.executable,
-                "-m",
-                "bench.allow_all",
-                "--port",
-                str(stack.ports["grpc"]),
-                "--workers",
-                str(args.workers),
-            ],
-        )
+            [sys.executable, "-m", "bench.allow_all", "--port", str(stack.ports["grpc"]),
+             "--workers", str(args.workers)],
+        )  # fmt: skip
         wait_ports(stack.ports["grpc"], args.workers, allow_all)
-        baseline = wrk_phase("2 allow-all ext_authz", free_url)
+        plain = wrk_phase("2b allow-all, no proof header", free_url)
+
+        # Unique proofs for (2) and (4), enough for the baseline's speed; the allow-all
+        # server spends none, so (4) replays the very requests of (2).
+        wallets = [Identity.generate() for _ in range(PAYERS)]
+        budget = plain["ok_rps"] * 1.3
+        count = int(budget * args.duration) + 500
+        warm_count = int(budget * args.warmup) + 500
+        paced_count = int(args.rate * args.duration * 1.1) + 100
+        asyncio.run(fund(stack, wallets, (count + warm_count + paced_count) * PRICE_ATOMIC))
+        payee = stack.gateway_identity.kid
+        threads = range(args.threads)
+        presign(warm_count, wallets, payee, [stack.dir / f"warm.{i}" for i in threads])
+        presign(count, wallets, payee, [stack.dir / f"proofs.{i}" for i in threads])
+        presign(paced_count, wallets, payee, [stack.dir / "paced"])
+
+        wrk_phase("2 allow-all ext_authz", paid_url, paid=True)
         allow_all.stop()
         del stack.processes["allow_all"]
 
         stack.start_sidecar()
         wrk_phase("3 sidecar free route", free_url)
-
-        # (4): enough unique proofs for the warmup and the run at the baseline's speed.
-        wallets = [Identity.generate() for _ in range(PAYERS)]
-        need = int(baseline["ok_rps"] * 1.3 * (args.duration + args.warmup)) + 1000
-        asyncio.run(fund(stack, wallets, (need // PAYERS + 1) * PRICE_ATOMIC))
-        payee = stack.gateway_identity.kid
-        warm_files = [stack.dir / f"warm.{i}" for i in range(args.threads)]
-        run_files = [stack.dir / f"proofs.{i}" for i in range(args.threads)]
-        presign(int(baseline["ok_rps"] * 1.3 * args.warmup) + 500, wallets, payee, warm_files)
-        presign(int(baseline["ok_rps"] * 1.3 * args.duration) + 500, wallets, payee, run_files)
         before = envoy_stat(stack, "http.ingress.ext_authz.ok")
-        run_wrk(
-            wrk,
-            paid_url,
-            args.warmup,
-            args.connections,
-            args.threads,
-            "paid.lua",
-            (str(stack.dir / "warm"),),
-        )
-        wrk_phase(
-            "4 sidecar paid direct", paid_url, "paid.lua", (str(stack.dir / "proofs"),), warm=False
-        )
+        wrk_phase("4 sidecar paid direct", paid_url, paid=True)
 
-        # (5) challenge loops: at full speed, then one agent at a time (latency).
+        # (5) challenge loops with x402 load: as fast as it goes, then one agent (latency).
         loops = run_load(stack, args.duration, 32)
-        phases["5 challenge loops"] = loops
-        print(
-            f"bench: 5 challenge loops      {loops['loops_per_second']:>9.0f} loops/s  "
-            f"loop p50 {loops['loop_ms']['p50']} ms",
-            flush=True,
-        )
+        phases["5 challenge loops, 32 agents"] = loops
         single = run_load(stack, max(3.0, args.duration / 2), 1)
-        phases["5 challenge loop, 1 agent"] = single
-        print(
-            f"bench: 5 one agent's loops    {single['loops_per_second']:>9.0f} loops/s  "
-            f"loop p50 {single['loop_ms']['p50']} ms",
-            flush=True,
-        )
+        phases["5 challenge loops, 1 agent"] = single
+        for name in ("5 challenge loops, 32 agents", "5 challenge loops, 1 agent"):
+            figures = phases[name]
+            print(
+                f"bench: {name:<30} {figures['loops_per_second']:>8.0f} loops/s  "
+                f"loop p50 {figures['loop_ms']['p50']} ms",
+                flush=True,
+            )
 
-        # (6) 500 paid req/s: the sidecar's own check latency from its decision log.
+        # (6) paid requests at a constant rate: the sidecar's own check latency, from its
+        # decision log, and the client's through Envoy.
         log = stack.processes["sidecar"].log_path
         offset = log.stat().st_size
-        paced = run_load(stack, args.duration, 32, "--direct", "--rate", "500")
+        paced = run_paced(paid_url, args.rate, args.duration, stack.dir / "paced")
         time.sleep(0.5)  # the last decision lines are written after the answers
-        check = percentiles(decision_latencies(log, offset))
-        paced["sidecar_check_ms"] = check
-        phases["6 paid at 500 req/s"] = paced
+        paced["sidecar_check_ms"] = percentiles(decision_latencies(log, offset))
+        phases[f"6 paid at {args.rate:.0f} req/s"] = paced
         print(
-            f"bench: 6 paid at 500 req/s    {paced['loops_per_second']:>9.0f} req/s  "
-            f"sidecar check p99 {check['p99']} ms",
+            f"bench: {'6 paid at constant rate':<30} {paced['rate']:>8.0f} req/s  "
+            f"sidecar check p99 {paced['sidecar_check_ms']['p99']} ms",
             flush=True,
         )
 
-        allowed = envoy_stat(stack, "http.ingress.ext_authz.ok") - before
-        results["ledger"] = {
-            **ledger_totals(stack),
-            "allowed_paid_requests": allowed,
-            "price_atomic": PRICE_ATOMIC,
-        }
-        results["ledger"]["exact"] = (
-            results["ledger"]["debited_atomic"] == allowed * PRICE_ATOMIC
-            and results["ledger"]["receipts"] == allowed
-            and results["ledger"]["spent_nonces"] == allowed
-            and results["ledger"]["lowest_balance"] >= 0
-        )
+        time.sleep(0.5)
+        envoy_allowed = envoy_stat(stack, "http.ingress.ext_authz.ok") - before
+        # wrk's paid runs (warm-up and measured) each leave up to `connections` in flight.
+        results["ledger"] = reconcile(stack, envoy_allowed, 2 * args.connections)
     finally:
         stack.stop()
 
@@ -448,50 +423,93 @@ def main() -> None:
         "python": platform.python_version(),
         "workers": args.workers,
         "envoy_concurrency": args.envoy_concurrency,
-        "wrk": f"-t{args.threads} -c{args.connections} -d{args.duration}s",
+        "wrk": f"-t{args.threads} -c{args.connections} -d{args.duration:g}s",
     }
     results["seconds"] = round(time.monotonic() - started, 1)
-    report(results)
+    report(results, args.rate)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"bench: wrote {args.out} ({results['seconds']} s)")
 
 
-def report(results: dict[str, Any]) -> None:
+def run_paced(url: str, rate: float, seconds: float, proofs: Path) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "bench.paced", "--url", url, "--rate", str(rate),
+            "--seconds", str(seconds), "--proofs", str(proofs)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: bench.paced failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def reconcile(stack: Stack, envoy_allowed: int, in_flight: int) -> dict[str, Any]:
+    """No double spend: every charge has exactly one decision line, so paid lines =
+    receipts = spent nonces = debits / price, and no balance is below zero. Envoy passed on
+    at most that many: when wrk stops it drops its connections, and a check already charged
+    then answers a client that is gone (at most `in_flight` such checks)."""
+    paid = cancelled = 0
+    for line in stack.processes["sidecar"].log().splitlines():
+        if '"authz.decision"' in line and '"reason": "paid"' in line:
+            paid += 1
+            cancelled += '"cancelled": true' in line
+    totals = ledger_totals(stack)
+    exact = (
+        totals["debited_atomic"] == paid * PRICE_ATOMIC
+        and totals["receipts"] == paid
+        and totals["spent_nonces"] == paid
+        and totals["lowest_balance"] >= 0
+        and envoy_allowed <= paid <= envoy_allowed + in_flight
+    )
+    return {
+        **totals,
+        "paid_decisions": paid,
+        "envoy_allowed": envoy_allowed,
+        "charged_client_gone": paid - envoy_allowed,
+        "cancelled_after_debit": cancelled,
+        "price_atomic": PRICE_ATOMIC,
+        "exact": exact,
+    }
+
+
+def report(results: dict[str, Any], rate: float) -> None:
     phases = results["phases"]
-    envoy, allow = phases["1 envoy only"]["ok_rps"], phases["2 allow-all ext_authz"]["ok_rps"]
+    envoy = phases["1 envoy only"]["ok_rps"]
+    allow = phases["2 allow-all ext_authz"]["ok_rps"]
     paid = phases["4 sidecar paid direct"]["ok_rps"]
     results["ratios"] = {
-        "paid / allow-all (4)/(2)": round(paid / allow, 3),
-        "paid / envoy (4)/(1)": round(paid / envoy, 3),
-        "allow-all / envoy (2)/(1)": round(allow / envoy, 3),
+        "(4)/(2) paid / allow-all": round(paid / allow, 3),
+        "(4)/(1) paid / envoy only": round(paid / envoy, 3),
+        "(2)/(1) allow-all / envoy only": round(allow / envoy, 3),
+        "(4)/(2b) paid / allow-all without proof header": round(
+            paid / phases["2b allow-all, no proof header"]["ok_rps"], 3
+        ),
     }
     print()
-    print(f"{'phase':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'phase':<34}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
     for name, figures in phases.items():
         if "ok_rps" in figures:
             row = (figures["ok_rps"], figures["p50_ms"], figures["p99_ms"])
+        elif "loop_ms" in figures:
+            row = (figures["loops_per_second"], figures["loop_ms"]["p50"],
+                   figures["loop_ms"]["p99"])  # fmt: skip
         else:
-            row = (
-                figures["loops_per_second"],
-                figures["loop_ms"]["p50"],
-                figures["loop_ms"]["p99"],
-            )
-        print(f"{name:<28}{row[0]:>10.0f}{row[1]:>10.2f}{row[2]:>10.2f}")
+            row = (figures["rate"], figures["latency_ms"]["p50"], figures["latency_ms"]["p99"])
+        print(f"{name:<34}{row[0]:>9.0f}{row[1]:>9.2f}{row[2]:>9.2f}")
     print()
     for name, ratio in results["ratios"].items():
-        print(f"{name:<28}{ratio:>10.3f}")
-    check = phases["6 paid at 500 req/s"]["sidecar_check_ms"]
-    print(f"{'sidecar check p99 @500/s':<28}{check['p99']:>10} ms")
-    print(
-        f"{'challenge loop p50, 1 agent':<28}"
-        f"{phases['5 challenge loop, 1 agent']['loop_ms']['p50']:>10} ms"
-    )
+        print(f"{name:<48}{ratio:>7.3f}")
+    check = phases[f"6 paid at {rate:.0f} req/s"]["sidecar_check_ms"]
+    print(f"{f'sidecar check at {rate:.0f} paid req/s':<48}p50 {check['p50']} ms, "
+          f"p99 {check['p99']} ms")  # fmt: skip
+    print(f"{'challenge loop, 1 agent':<48}p50 "
+          f"{phases['5 challenge loops, 1 agent']['loop_ms']['p50']} ms")  # fmt: skip
     ledger = results["ledger"]
     print(
-        f"ledger: {ledger['allowed_paid_requests']} allowed paid requests x "
-        f"{ledger['price_atomic']} = {ledger['debited_atomic']} debited; receipts "
-        f"{ledger['receipts']}, spent nonces {ledger['spent_nonces']}, lowest balance "
-        f"{ledger['lowest_balance']}: {'exact' if ledger['exact'] else 'MISMATCH'}"
+        f"ledger: {ledger['paid_decisions']} paid decisions x {ledger['price_atomic']} = "
+        f"{ledger['paid_decisions'] * ledger['price_atomic']}, debited "
+        f"{ledger['debited_atomic']}; receipts {ledger['receipts']}, spent nonces "
+        f"{ledger['spent_nonces']}, lowest balance {ledger['lowest_balance']}; Envoy passed "
+        f"{ledger['envoy_allowed']} on ({ledger['charged_client_gone']} charged as wrk hung "
+        f"up): {'exact, no double spend' if ledger['exact'] else 'MISMATCH'}"
     )
 
 
