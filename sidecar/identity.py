@@ -74,12 +74,12 @@ class Identity:
     def seed_text(self) -> str:
         return b64url(bytes(self.signing_key))
 
-    @property
+    @cached_property  # on every receipt: hashed once, not per request
     def public_key(self) -> str:
         """base64url of the raw 32-byte public key: an agent's `payer` id."""
         return b64url(bytes(self.signing_key.verify_key))
 
-    @property
+    @cached_property
     def kid(self) -> str:
         return key_id(bytes(self.signing_key.verify_key))
 
