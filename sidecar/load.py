@@ -287,7 +287,10 @@ class Runner:
             stats.statuses[challenge.status_code] += 1
             if challenge.status_code != 402:
                 raise _Unexpected(_reason("challenge", challenge))
-            terms = challenge.json()["x402"]
+            try:
+                terms = challenge.json()["x402"]
+            except (ValueError, KeyError, TypeError):
+                raise _Unexpected("challenge: 402 without an invoice") from None
         header = protocol.encode_header(protocol.sign_proof(terms, wallet))
         began = time.perf_counter()
         paid = await client.request(target.method, path, headers={"X-Payment": header})
