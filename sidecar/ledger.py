@@ -9,9 +9,10 @@ from importlib.resources import files
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from sidecar import keyspace
+from sidecar import keyspace, redis_cluster
 from sidecar.errors import (
     BY_REASON,
     InsufficientFunds,
@@ -20,6 +21,7 @@ from sidecar.errors import (
     UnknownPayer,
     X402Error,
 )
+from sidecar.redis_cluster import ClusterPipe
 from sidecar.redis_pipe import RedisPipe, RedisPipeError, Script
 
 # Lua numbers are doubles, exact up to 2^53; no balance may grow past that.
@@ -56,14 +58,27 @@ DEBIT = Script(_script("debit"))
 class Ledger:
     """Debits, the hot path, go through the pipelined client; the rest through redis-py."""
 
-    def __init__(self, client: aioredis.Redis, pipe: RedisPipe) -> None:
+    def __init__(
+        self, client: aioredis.Redis | RedisCluster, pipe: RedisPipe | ClusterPipe
+    ) -> None:
         self.redis = client
         self.pipe = pipe
         # register_script: EVALSHA, and a reload on NOSCRIPT after a Redis restart.
         self._credit = client.register_script(_script("credit"))
 
+    @property
+    def cluster(self) -> bool:
+        """On Redis Cluster (`redis+cluster://`): multi-key commands must stay in one slot."""
+        return isinstance(self.redis, RedisCluster)
+
     @classmethod
     def from_url(cls, url: str, timeout: float = 1.0) -> Ledger:
+        if redis_cluster.is_cluster_url(url):
+            try:
+                cluster_pipe = ClusterPipe(url, timeout=timeout, scripts=(DEBIT,))
+            except ValueError as exc:
+                raise X402Error(f"redis_url: {exc}") from None
+            return cls(redis_cluster.client(url, timeout), cluster_pipe)
         try:
             pipe = RedisPipe(url, timeout=timeout, scripts=(DEBIT,))
         except ValueError as exc:

@@ -195,13 +195,24 @@ class RedisPipe:
         self._connecting: asyncio.Future[_Connection] | None = None
 
     async def call(
-        self, *args: str | int | bytes, late: Callable[[Any], None] | None = None
+        self,
+        *args: str | int | bytes,
+        late: Callable[[Any], None] | None = None,
+        asking: bool = False,
     ) -> Any:
         """Send one command and wait for its reply. If the caller is cancelled after the
-        command left, `late` gets the reply (or the connection's error) when it comes."""
+        command left, `late` gets the reply (or the connection's error) when it comes.
+
+        `asking`: Redis Cluster sent ASK (the slot is migrating here), so ASKING must
+        precede the command on this connection; both are queued in this one step, so no
+        other caller's command comes between them."""
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
+        if asking:
+            allowed = connection.send(hiredis.pack_command(("ASKING",)))
+            reply = connection.send(hiredis.pack_command(args), late)
+            return (await asyncio.gather(allowed, reply))[1]
         return await connection.send(hiredis.pack_command(args), late)
 
     async def evalsha(
@@ -210,16 +221,17 @@ class RedisPipe:
         keys: tuple[str, ...],
         args: tuple[str | int, ...],
         late: Callable[[Any], None] | None = None,
+        asking: bool = False,
     ) -> Any:
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            return await self.call(*command, late=late)
+            return await self.call(*command, late=late, asking=asking)
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         # Redis lost its scripts (SCRIPT FLUSH): the script did not run, so load and retry.
         await self.call("SCRIPT", "LOAD", script.source)
-        return await self.call(*command, late=late)
+        return await self.call(*command, late=late, asking=asking)
 
     async def ping(self) -> bool:
         try:

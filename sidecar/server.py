@@ -35,6 +35,7 @@ from sidecar.admin import start_facilities
 from sidecar.config import Settings
 from sidecar.errors import ConfigError
 from sidecar.ledger import Ledger
+from sidecar.redis_cluster import is_cluster_url, parse_cluster_url
 from sidecar.redis_pipe import parse_url
 from sidecar.servicer import AUTHZ_SERVICE, Authorization
 from sidecar.sideport import Headers, Reply, SidePort, start_http
@@ -249,7 +250,10 @@ def run(settings: Settings) -> None:
     settings.gateway()
     worker_addresses(settings)
     try:
-        parse_url(settings.redis_url)
+        if is_cluster_url(settings.redis_url):
+            parse_cluster_url(settings.redis_url)
+        else:
+            parse_url(settings.redis_url)
     except ValueError as exc:
         raise ConfigError(f"config redis_url: {exc}") from None
     with metrics.aggregated(settings.workers):  # /metrics sums every worker's samples

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from sidecar import keyspace, merkle
@@ -452,7 +453,12 @@ async def payer_batches(ledger: Ledger, payer: str) -> list[dict[str, Any]]:
 async def manifests(ledger: Ledger, ids: Sequence[str]) -> list[dict[str, Any]]:
     if not ids:
         return []
-    texts = await ledger.redis.mget([keyspace.batch(i) for i in ids])
+    keys = [keyspace.batch(i) for i in ids]
+    if isinstance(ledger.redis, RedisCluster):
+        # Manifests are keyed by batch id, so they spread over slots: one MGET per slot.
+        texts = await ledger.redis.mget_nonatomic(keys)
+    else:
+        texts = await ledger.redis.mget(keys)
     found = []
     for batch, text in zip(ids, texts, strict=True):
         if text is None:

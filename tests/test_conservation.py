@@ -140,6 +140,12 @@ class Workload:
 async def test_money_is_conserved(stack: Stack, request: pytest.FixtureRequest) -> None:
     operations = int(request.config.getoption("--conservation-ops"))
     seed = int(request.config.getoption("--conservation-seed"))
+    await run_and_check(stack, operations, seed)
+
+
+async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
+    """Run the workload against `stack`'s ledger (one Redis or a cluster), then check every
+    invariant; tests/test_cluster.py runs it on Redis Cluster."""
     servicer, ledger = servicer_for(stack)
     workload = Workload(stack, servicer, ledger, random.Random(seed))
     try:
@@ -177,5 +183,6 @@ async def test_money_is_conserved(stack: Stack, request: pytest.FixtureRequest) 
             f"credited {totals['credited']} = balances {totals['balance']} + "
             f"debited {totals['debited']} atomic units"
         )
+        return books
     finally:
         await ledger.close()

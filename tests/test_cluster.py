@@ -1,0 +1,309 @@
+"""The ledger on a real Redis Cluster: three masters (`redis-server --cluster-enabled yes`,
+joined by `redis-cli --cluster create`) on loopback, the sidecar and Envoy in front, the
+sidecar configured with `redis_url: redis+cluster://...` (docs/redis.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from sidecar import channel, keyspace, protocol
+from sidecar.channel import Channels
+from sidecar.channel_client import ChannelAuth, PaymentChannel
+from sidecar.errors import InsufficientFunds, NonceReused, X402Error
+from sidecar.identity import Identity
+from sidecar.ledger import Ledger
+from sidecar.money import Asset
+from sidecar.pricing import Price
+from sidecar.redis_cluster import ClusterPipe, parse_cluster_url, slot_of
+from sidecar.stack import LOOPBACK, Stack
+from sidecar.wallet import Wallet
+from tests.conftest import ENVOY_ROUTES, ROUTES, funded_payer, pay_direct
+from tests.settle_helpers import assert_exactly_once, paid_requests, remember_gateway, settle
+from tests.test_conservation import run_and_check
+
+MASTERS = 3
+VERIFY = "/api/v1/trade/verify/T-{n}"  # 0.01 USDF
+PRICE = 10_000
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Stack]:
+    stack = Stack(ROUTES, envoy_routes=ENVOY_ROUTES, redis_cluster=MASTERS)
+    stack.settings = {"anchor_file": str(stack.dir / "anchors.jsonl")}
+    with stack:
+        remember_gateway(stack)
+        yield stack
+
+
+@pytest.fixture(scope="module")
+async def cledger(cluster: Stack) -> AsyncIterator[Ledger]:
+    ledger = Ledger.from_url(cluster.redis_url)
+    yield ledger
+    await ledger.close()
+
+
+@pytest.fixture
+async def cclient(cluster: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
+        yield http
+
+
+def node(port: int) -> aioredis.Redis:
+    """A plain connection to one cluster node, to see where keys really live."""
+    return aioredis.Redis(host=LOOPBACK, port=port, decode_responses=True)
+
+
+async def slot_owners(port: int) -> dict[int, int]:
+    """Slot → port of its master, as the cluster itself says (CLUSTER SLOTS)."""
+    async with node(port) as any_node:
+        ranges = await any_node.execute_command("CLUSTER", "SLOTS")
+    owners = {}
+    for start, end, master, *_replicas in ranges:
+        owners.update(dict.fromkeys(range(int(start), int(end) + 1), int(master[1])))
+    return owners
+
+
+def receipt(nonce: str, amount: int) -> dict[str, str | int]:
+    """The receipt fields the servicer stores with a debit (settlement re-signs them)."""
+    return {
+        "nonce": nonce,
+        "invoice_id": "",
+        "resource": "GET /api/v1/trade/verify/T-1",
+        "asset": "USDF",
+        "amount": amount,
+        "route": "verify",
+        "issued_at": int(time.time()),
+        "payee": "gw_test",
+    }
+
+
+async def debit(ledger: Ledger, payer: str, amount: int, receipt_id: str) -> int:
+    nonce = protocol.new_nonce()
+    expires = int(time.time()) + 60
+    return await ledger.debit(
+        payer, nonce, "USDF", amount, expires, receipt_id, receipt(nonce, amount)
+    )
+
+
+def payer_keys(payer: str) -> list[str]:
+    return [
+        keyspace.account(payer),
+        keyspace.nonce(payer, "n" * 22),
+        keyspace.receipts(payer),
+        keyspace.credits(payer),
+        keyspace.idempotency(payer, "k"),
+        keyspace.settlement(payer),
+        keyspace.payer_batches(payer),
+        keyspace.channel(payer, "ch_x"),
+        keyspace.channels(payer),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "seeds", "username", "password"),
+    [
+        ("redis+cluster://10.0.0.1:7000", (("10.0.0.1", 7000),), "", ""),
+        ("redis+cluster://a:7000,b,c:7002/0", (("a", 7000), ("b", 6379), ("c", 7002)), "", ""),
+        ("redis+cluster://:p%40ss@a:7000", (("a", 7000),), "", "p@ss"),
+        ("redis+cluster://ledger:s3cret@[::1]:7000", (("::1", 7000),), "ledger", "s3cret"),
+    ],
+)
+def test_cluster_urls(url: str, seeds: tuple[Any, ...], username: str, password: str) -> None:
+    address = parse_cluster_url(url)
+    assert (address.seeds, address.username, address.password) == (seeds, username, password)
+    assert password not in repr(address) or not password
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis+cluster://", "redis+cluster://a:7000/1", "redis+cluster://a:99999", "redis://a"],
+)
+def test_bad_cluster_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        parse_cluster_url(url)
+    if url != "redis://a":
+        with pytest.raises(X402Error, match="redis_url"):
+            Ledger.from_url(url)
+
+
+async def test_every_key_of_a_payer_is_in_one_slot(cluster: Stack) -> None:
+    payer = Identity.generate().public_key
+    async with node(cluster.cluster_ports[0]) as any_node:
+        slots = {await any_node.cluster("KEYSLOT", key) for key in payer_keys(payer)}
+    assert slots == {slot_of(keyspace.account(payer))}
+
+
+async def test_ledger_round_trip(cledger: Ledger) -> None:
+    assert isinstance(cledger.pipe, ClusterPipe) and cledger.cluster
+    wallet = Identity.generate()
+    payer = wallet.public_key
+    assert await cledger.register(payer)
+    assert not await cledger.register(payer)
+    credit = await cledger.credit(payer, "USDF", 1_000_000, "top-up-1")
+    assert (credit.balance, credit.applied) == (1_000_000, True)
+    assert not (await cledger.credit(payer, "USDF", 1_000_000, "top-up-1")).applied
+    nonce = protocol.new_nonce()
+    expires = int(time.time()) + 60
+    fields = receipt(nonce, 250_000)
+
+    assert await cledger.debit(payer, nonce, "USDF", 250_000, expires, "rcpt_1", fields) == 750_000
+    with pytest.raises(NonceReused):
+        await cledger.debit(payer, nonce, "USDF", 250_000, expires, "rcpt_2", fields)
+    with pytest.raises(InsufficientFunds):
+        await debit(cledger, payer, 900_000, "rcpt_3")
+
+    account = await cledger.account(payer)
+    assert (account.balances, account.credited, account.debited) == (
+        {"USDF": 750_000},
+        {"USDF": 1_000_000},
+        {"USDF": 250_000},
+    )
+    [stored] = await cledger.receipts(payer)
+    assert (stored["receipt_id"], stored["balance"]) == ("rcpt_1", "750000")
+    assert await cledger.ping()
+
+
+async def test_payers_spread_over_the_masters(cluster: Stack, cledger: Ledger) -> None:
+    payers = [Identity.generate().public_key for _ in range(12)]
+    for payer in payers:
+        await cledger.register(payer)
+        await cledger.credit(payer, "USDF", 5, "k")
+    owners = await slot_owners(cluster.cluster_ports[0])
+    homes = {}
+    for payer in payers:
+        home = owners[slot_of(keyspace.account(payer))]
+        async with node(home) as master:  # the keys really are on that master
+            assert await master.exists(keyspace.account(payer), keyspace.credits(payer)) == 2
+        assert isinstance(cledger.pipe, ClusterPipe)
+        assert cledger.pipe.owner(keyspace.account(payer)) == (LOOPBACK, home)
+        homes[payer] = home
+    assert len(set(homes.values())) >= 2  # 12 random payers on one of 3 masters: p ≈ 6e-6
+
+
+async def test_concurrent_payments_never_overspend(
+    cluster: Stack, cledger: Ledger, cclient: httpx.AsyncClient
+) -> None:
+    """Through Envoy and the sidecar process, which reads `redis+cluster://` from its config."""
+    path = VERIFY.format(n=9)
+    wallet = await funded_payer(cledger, 50 * PRICE)
+    proofs = [pay_direct(cluster, wallet, f"GET {path}", "0.01") for _ in range(200)]
+
+    responses = await asyncio.gather(*(cclient.get(path, headers=h) for h in proofs))
+
+    statuses = [r.status_code for r in responses]
+    assert (statuses.count(200), statuses.count(402)) == (50, 150)
+    assert {r.json()["error"] for r in responses if r.status_code == 402} == {"insufficient_funds"}
+    account = await cledger.account(wallet.public_key)
+    assert (account.balances["USDF"], account.debited["USDF"]) == (0, 50 * PRICE)
+    receipts = await cledger.receipts(wallet.public_key, count=1000)
+    assert len({r["receipt_id"] for r in receipts}) == len(receipts) == 50
+    assert sorted(int(r["balance"]) for r in receipts) == [i * PRICE for i in range(50)]
+
+
+async def test_money_is_conserved(cluster: Stack) -> None:
+    books = await run_and_check(cluster, operations=1200, seed=403)
+    assert books.outcomes["allow"] > 100
+
+
+async def test_channels_and_settlement(
+    cluster: Stack, cledger: Ledger, cclient: httpx.AsyncClient
+) -> None:
+    """Every other script on the cluster: channel open, vouchers (on the pipe), close, then
+    `x402 settle` (a real process) scans `x402:payers` and batches every payer's receipts."""
+    wallet = await funded_payer(cledger, 2_000_000)
+    payer = wallet.public_key
+    await paid_requests(cclient, cluster, wallet, 30)
+    channel_id, _left = await Channels(cledger).open(
+        payer, "USDF", 1_000_000, cluster.gateway_identity.kid
+    )
+    lane = PaymentChannel(Wallet(wallet), channel_id, deposit="1")
+    async with httpx.AsyncClient(
+        base_url=cluster.url, auth=ChannelAuth(lane, strict=True), timeout=10
+    ) as agent:
+        for n in range(20):
+            assert (await agent.get(VERIFY.format(n=n))).status_code == 200
+    closed = await Channels(cledger).close(payer, channel_id)
+    assert closed is not None and (closed.cumulative, closed.refund) == (20 * PRICE, 800_000)
+    account = await cledger.account(payer)
+    assert account.balances["USDF"] == 2_000_000 - 50 * PRICE
+
+    run = await settle(cluster)
+    assert run.code == 0, run.err
+
+    per_payer = await assert_exactly_once(cledger, cluster.gateway_identity.public_key)
+    assert per_payer[payer] == 31  # 30 paid requests and the channel's close
+
+
+async def migrate(source: int, target: int, slot: int, others: list[int]) -> None:
+    """Move one slot between masters by hand, as `redis-cli --cluster reshard` does."""
+    async with node(source) as src, node(target) as dst:
+        src_id, dst_id = await src.cluster("MYID"), await dst.cluster("MYID")
+        await dst.cluster("SETSLOT", slot, "IMPORTING", src_id)
+        await src.cluster("SETSLOT", slot, "MIGRATING", dst_id)
+        keys = await src.cluster("GETKEYSINSLOT", slot, 1000)
+        await src.execute_command("MIGRATE", LOOPBACK, target, "", 0, 5000, "KEYS", *keys)
+
+
+async def finish_migration(target: int, slot: int, ports: list[int]) -> None:
+    async with node(target) as dst:
+        dst_id = await dst.cluster("MYID")
+    for port in [target, *(p for p in ports if p != target)]:
+        async with node(port) as master:
+            await master.cluster("SETSLOT", slot, "NODE", dst_id)
+
+
+async def test_a_migrating_slot_is_followed(cluster: Stack, cledger: Ledger) -> None:
+    """Resharding while the hot path runs: a voucher is served on the target after ASK; a
+    debit (its fresh nonce key is on neither side) gets TRYAGAIN until the slot has moved,
+    then MOVED, and goes through once; the pipe's slot map follows."""
+    wallet = await funded_payer(cledger, 1_000_000)
+    payer = wallet.public_key
+    channels = Channels(cledger)
+    channel_id, _left = await channels.open(payer, "USDF", 500_000, cluster.gateway_identity.kid)
+    account_key = keyspace.account(payer)
+    slot = slot_of(account_key)
+    owners = await slot_owners(cluster.cluster_ports[0])
+    source = owners[slot]
+    target = next(port for port in cluster.cluster_ports if port != source)
+    assert isinstance(cledger.pipe, ClusterPipe)
+    assert await debit(cledger, payer, PRICE, "r1")
+    assert cledger.pipe.owner(account_key) == (LOOPBACK, source)
+
+    await migrate(source, target, slot, cluster.cluster_ports)
+    try:
+        voucher = _voucher(cluster, wallet, channel_id)
+        price = Price("verify", PRICE, Asset("USDF", 6))
+        left, charged = await channels.accept(voucher, PRICE, price, voucher.payee, 0)
+        assert (left, charged) == (500_000 - PRICE, PRICE)  # served by the target, after ASK
+
+        pending = asyncio.ensure_future(debit(cledger, payer, PRICE, "r2"))
+        await asyncio.sleep(0.15)
+        assert not pending.done()  # TRYAGAIN, retried while the slot is in flight
+    finally:
+        await finish_migration(target, slot, cluster.cluster_ports)
+    assert await pending == 1_000_000 - 500_000 - 2 * PRICE
+    assert cledger.pipe.owner(account_key) == (LOOPBACK, target)  # MOVED fixed the map
+    assert await debit(cledger, payer, PRICE, "r3")
+    account = await cledger.account(payer)
+    assert account.debited["USDF"] == 3 * PRICE
+    async with node(target) as dst:
+        assert await dst.exists(account_key) == 1
+
+
+def _voucher(stack: Stack, wallet: Identity, channel_id: str) -> channel.Voucher:
+    fields = {
+        "channel_id": channel_id,
+        "asset": "USDF",
+        "cumulative": "0.01",
+        "sequence": 1,
+        "resource": f"GET {VERIFY.format(n=1)}",
+        "payee": stack.gateway_identity.kid,
+    }
+    return channel.voucher_from(channel.sign_voucher(fields, wallet))
