@@ -18,7 +18,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -404,12 +404,16 @@ class Channels:
         gateway: Gateway,
         now: int,
         entry: dict[str, Any],
+        limit: Callable[[], Awaitable[None]] | None = None,
     ) -> Allow:
         """The servicer's channel path: verify, accept, sign the receipt; fills the
-        decision log `entry`; raises a typed PaymentError."""
+        decision log `entry`; raises a typed PaymentError. `limit`: the rate limiter, run
+        once the voucher's signature holds (so only the payer spends its allowance)."""
         entry["payer"] = voucher.payer
         entry["channel_id"] = voucher.channel_id
         cumulative = verify_voucher(voucher, request, price, gateway)
+        if limit is not None:
+            await limit()
         remaining, increment = await self.accept(voucher, cumulative, price, gateway.payee, now)
         receipt_id = protocol.new_receipt_id()
         allowed = allow(voucher, price, cumulative, increment, remaining, receipt_id, gateway, now)

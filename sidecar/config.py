@@ -56,6 +56,11 @@ class Settings:
     settle_lease_seconds: int = 30  # a crashed worker's claim is taken over after this
     settle_interval_seconds: int = 0  # > 0: worker 0 of the sidecar settles this often
     anchor_file: str = "x402-anchors.jsonl"  # append-only manifest log; "" for Redis only
+    # Optional rate limits on paid checks (sidecar/ratelimit.py); 0 turns a limit off.
+    rate_limit_payer_per_second: int = 0  # paid checks per payer and second
+    rate_limit_payer_burst: int = 0  # checks at once after a quiet spell; 0: the rate
+    rate_limit_ip_per_second: int = 0  # paid checks per client address and second
+    rate_limit_ip_burst: int = 0
 
     @classmethod
     def load(

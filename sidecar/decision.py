@@ -178,6 +178,8 @@ def deny(
         )
     if error.status == 503:
         headers.append(("retry-after", "1"))
+    elif error.status == 429:  # rate_limited: when the next check may pass
+        headers.append(("retry-after", str(error.details.get("retry_after", 1))))
     return Denial(
         error.status, error.reason, _json(body), tuple(headers), invoice_id, body.get("balance")
     )

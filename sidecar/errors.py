@@ -106,6 +106,14 @@ class UnderpaidVoucher(PaymentError):
     reason = "underpaid_voucher"
 
 
+class RateLimited(PaymentError):
+    """Too many paid checks for one payer or one client address (optional limits); the
+    body says which `limit` and `retry_after` seconds, also in the Retry-After header."""
+
+    reason = "rate_limited"
+    status = 429
+
+
 class LedgerUnavailable(PaymentError):
     reason = "ledger_unavailable"
     status = 503
@@ -137,6 +145,7 @@ BY_REASON: dict[str, type[PaymentError]] = {
         ChannelClosed,
         StaleVoucher,
         UnderpaidVoucher,
+        RateLimited,
         LedgerUnavailable,
         InternalError,
     )

@@ -67,3 +67,16 @@ def channel(payer: str, channel_id: str) -> str:
 def channels(payer: str) -> str:
     """Set of the payer's open channel ids (the settle pass closes expired ones)."""
     return f"{PREFIX}:{{{payer}}}:channels"
+
+
+# -- rate limits (sidecar/ratelimit.py) ---------------------------------------------------
+
+
+def payer_rate(payer: str) -> str:
+    """String: the payer's rate-limit bucket (GCRA arrival time, µs); expires when full."""
+    return f"{PREFIX}:{{{payer}}}:rate"
+
+
+def ip_rate(address: str) -> str:
+    """String: a client address's rate-limit bucket. Its own hash tag: one slot per address."""
+    return f"{PREFIX}:ip:{{{address}}}"

@@ -35,6 +35,7 @@ from sidecar.admin import start_facilities
 from sidecar.config import Settings
 from sidecar.errors import ConfigError
 from sidecar.ledger import Ledger
+from sidecar.ratelimit import RateLimiter
 from sidecar.redis_cluster import is_cluster_url, parse_cluster_url
 from sidecar.redis_pipe import parse_url
 from sidecar.servicer import AUTHZ_SERVICE, Authorization
@@ -94,7 +95,10 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     ledger = Ledger.from_url(settings.redis_url, timeout=settings.redis_timeout_ms / 1000)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    authz = Authorization(routes, gateway, ledger, worker, logs.DecisionLog(settings.log_level))
+    limiter = RateLimiter.from_settings(settings, ledger.pipe)
+    authz = Authorization(
+        routes, gateway, ledger, worker, logs.DecisionLog(settings.log_level), limiter
+    )
     server.add_generic_rpc_handlers((authz.handler(),))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

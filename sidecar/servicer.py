@@ -10,6 +10,7 @@ cached (decision.py), the response is concatenated from prebuilt protobuf pieces
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from sidecar.errors import ConfigError, InternalError, PaymentError, PaymentRequ
 from sidecar.ledger import Ledger
 from sidecar.logs import DecisionLog, get_logger
 from sidecar.pricing import Price, RouteTable
+from sidecar.ratelimit import RateLimiter, client_address
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 # Proof headers are bearer material: stripped before any request, free or paid, goes on.
@@ -54,12 +56,14 @@ class Authorization:
         ledger: Ledger,
         worker: int = 0,
         decisions: DecisionLog | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.routes = routes
         self.gateway = gateway
         self.ledger = ledger
         self.worker = worker
         self.decisions = decisions or DecisionLog()
+        self.limiter = limiter  # None: no rate limits, not even a call
         self.channels = channel.Channels(ledger)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -129,11 +133,18 @@ class Authorization:
             payment = protocol.decode_payment(request.proof_header, gateway.max_proof_bytes)
             if payment.get("scheme") == channel.SCHEME:  # a state-channel voucher
                 voucher = channel.voucher_from(payment)
-                allowed = await self.channels.pay(voucher, request, price, gateway, now, entry)
+                limit = None
+                if self.limiter is not None:
+                    limit = partial(self.limiter.check, voucher.payer, client_address(check))
+                allowed = await self.channels.pay(
+                    voucher, request, price, gateway, now, entry, limit
+                )
                 return ok_response(allowed, price), price
             proof = protocol.proof_from(payment)
             decision.verify_payment(request, price, gateway, now, proof)
             entry["payer"], entry["invoice_id"] = proof.payer, proof.invoice_id
+            if self.limiter is not None:  # before the debit: a refused check charges nothing
+                await self.limiter.check(proof.payer, client_address(check), proof.nonce)
             receipt_id = protocol.new_receipt_id()
 
             def late(outcome: int | PaymentError) -> None:

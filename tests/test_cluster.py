@@ -16,11 +16,12 @@ import redis.asyncio as aioredis
 from sidecar import channel, keyspace, protocol
 from sidecar.channel import Channels
 from sidecar.channel_client import ChannelAuth, PaymentChannel
-from sidecar.errors import InsufficientFunds, NonceReused, X402Error
+from sidecar.errors import InsufficientFunds, NonceReused, RateLimited, X402Error
 from sidecar.identity import Identity
 from sidecar.ledger import Ledger
 from sidecar.money import Asset
 from sidecar.pricing import Price
+from sidecar.ratelimit import Rate, RateLimiter
 from sidecar.redis_cluster import ClusterPipe, parse_cluster_url, slot_of
 from sidecar.stack import LOOPBACK, Stack
 from sidecar.wallet import Wallet
@@ -239,6 +240,24 @@ async def test_channels_and_settlement(
 
     per_payer = await assert_exactly_once(cledger, cluster.gateway_identity.public_key)
     assert per_payer[payer] == 31  # 30 paid requests and the channel's close
+
+
+async def test_rate_limits_on_the_cluster(cluster: Stack, cledger: Ledger) -> None:
+    """Each bucket is one key in one slot: the payer's beside its account, the address's
+    wherever its own tag hashes."""
+    assert isinstance(cledger.pipe, ClusterPipe)
+    limiter = RateLimiter(cledger.pipe, payer=Rate(1, 2), ip=Rate(1, 5))
+    payer = Identity.generate().public_key
+    for _ in range(2):
+        await limiter.check(payer, "192.0.2.7", protocol.new_nonce())
+    with pytest.raises(RateLimited) as refused:
+        await limiter.check(payer, "192.0.2.7", protocol.new_nonce())
+    assert refused.value.details["limit"] == "payer"
+    owners = await slot_owners(cluster.cluster_ports[0])
+    for key in (keyspace.payer_rate(payer), keyspace.ip_rate("192.0.2.7")):
+        async with node(owners[slot_of(key)]) as home:
+            assert await home.exists(key) == 1
+    assert slot_of(keyspace.payer_rate(payer)) == slot_of(keyspace.account(payer))
 
 
 async def migrate(source: int, target: int, slot: int, others: list[int]) -> None:
