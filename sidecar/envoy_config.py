@@ -153,7 +153,14 @@ def render(
                     "domains": ["*"],
                     "routes": [
                         discovery,
-                        *(priced_route(name, spec, default_asset) for name, spec in routes.items()),
+                        # Exact paths first, as the sidecar's route table matches them:
+                        # Envoy takes the first match, so a template must not shadow one.
+                        *(
+                            priced_route(name, spec, default_asset)
+                            for name, spec in sorted(
+                                routes.items(), key=lambda item: "{" in str(item[1]["path"])
+                            )
+                        ),
                         fallback,
                     ],
                 }
