@@ -369,32 +369,28 @@ class Channels:
         return closed
 
     async def accept(
-        self, voucher: Voucher, cumulative: int, price: Price, payee: str, now: int
+        self,
+        voucher: Voucher,
+        cumulative: int,
+        price: Price,
+        payee: str,
+        now: int,
+        late: Callable[[tuple[int, int] | PaymentError], None] | None = None,
     ) -> tuple[int, int]:
-        """The hot path's one ledger step: (left in the channel, amount charged)."""
+        """The hot path's one ledger step: (left in the channel, amount charged).
+
+        `late`: if the caller is cancelled (Envoy gave up on the check) once the script is
+        sent, Redis may still accept the voucher; `late` then gets the outcome."""
         payer = voucher.payer
         keys = (keyspace.account(payer), keyspace.channel(payer, voucher.channel_id))
         evidence = protocol.canonical_json(voucher.fields).decode()
         args = (price.asset.code, cumulative, voucher.sequence, price.amount, now, payee, evidence)
+        listener = None if late is None else lambda reply: late(_late_outcome(reply, price))
         try:
-            result: list[Any] = await self.ledger.pipe.evalsha(VOUCHER, keys, args)
+            result: list[Any] = await self.ledger.pipe.evalsha(VOUCHER, keys, args, listener)
         except RedisPipeError as exc:
-            # Fail closed; the exception class tells the operator why, without secrets.
-            raise LedgerUnavailable(f"ledger unavailable ({exc.__class__.__name__})") from exc
-        if result[0] == "ok":
-            return int(result[1]), int(result[2])
-        reason = result[0]
-        if reason in (StaleVoucher.reason, UnderpaidVoucher.reason):
-            last_sequence, last_cumulative = int(result[1]), int(result[2])
-            error_type = StaleVoucher if reason == StaleVoucher.reason else UnderpaidVoucher
-            raise error_type(
-                _MESSAGES[reason],
-                sequence=last_sequence,
-                cumulative=price.asset.to_decimal(last_cumulative),
-            )
-        if reason == InsufficientFunds.reason:
-            raise InsufficientFunds(_MESSAGES[reason], balance=int(result[1]))
-        raise BY_REASON[reason](_MESSAGES[reason])
+            raise _unavailable(exc) from exc
+        return _accepted(result, price)
 
     async def pay(
         self,
@@ -405,26 +401,34 @@ class Channels:
         now: int,
         entry: dict[str, Any],
         limit: Callable[[], Awaitable[None]] | None = None,
+        late: Callable[[], None] | None = None,
     ) -> Allow:
         """The servicer's channel path: verify, accept, sign the receipt; fills the
         decision log `entry`; raises a typed PaymentError. `limit`: the rate limiter, run
-        once the voucher's signature holds (so only the payer spends its allowance)."""
+        once the voucher's signature holds (so only the payer spends its allowance).
+        `late()`: called if Envoy gave up on the check while Redis had the voucher, once
+        `entry` says what became of it (so an accepted voucher still gets its log line)."""
         entry["payer"] = voucher.payer
         entry["channel_id"] = voucher.channel_id
         cumulative = verify_voucher(voucher, request, price, gateway)
         if limit is not None:
             await limit()
-        remaining, increment = await self.accept(voucher, cumulative, price, gateway.payee, now)
         receipt_id = protocol.new_receipt_id()
-        allowed = allow(voucher, price, cumulative, increment, remaining, receipt_id, gateway, now)
-        metrics.revenue(price.asset.code, price.route, increment)
-        entry.update(
-            decision="allow",
-            status=200,
-            reason="channel",
-            receipt_id=receipt_id,
-            balance=allowed.receipt["balance"],
+
+        def outcome(result: tuple[int, int] | PaymentError) -> None:
+            entry["cancelled"] = True
+            if isinstance(result, PaymentError):
+                entry.update(decision="deny", status=result.status, reason=result.reason)
+            else:
+                _accepted_entry(entry, price, receipt_id, *result)
+            if late is not None:
+                late()
+
+        remaining, increment = await self.accept(
+            voucher, cumulative, price, gateway.payee, now, None if late is None else outcome
         )
+        allowed = allow(voucher, price, cumulative, increment, remaining, receipt_id, gateway, now)
+        _accepted_entry(entry, price, receipt_id, remaining, increment)
         return allowed
 
     @staticmethod
@@ -433,6 +437,50 @@ class Channels:
             return await op
         except (RedisError, OSError) as exc:
             raise LedgerUnavailable(f"ledger unavailable ({exc.__class__.__name__})") from exc
+
+
+def _accepted_entry(
+    entry: dict[str, Any], price: Price, receipt_id: str, remaining: int, increment: int
+) -> None:
+    metrics.revenue(price.asset.code, price.route, increment)
+    entry.update(
+        decision="allow",
+        status=200,
+        reason="channel",
+        receipt_id=receipt_id,
+        balance=price.asset.to_decimal(remaining),
+    )
+
+
+def _unavailable(exc: RedisPipeError) -> LedgerUnavailable:
+    # Fail closed; the exception class tells the operator why, without secrets.
+    return LedgerUnavailable(f"ledger unavailable ({exc.__class__.__name__})")
+
+
+def _accepted(result: list[Any], price: Price) -> tuple[int, int]:
+    """The voucher script's reply → (left in the channel, charged), or the PaymentError."""
+    reason = result[0]
+    if reason == "ok":
+        return int(result[1]), int(result[2])
+    if reason in (StaleVoucher.reason, UnderpaidVoucher.reason):
+        error_type = StaleVoucher if reason == StaleVoucher.reason else UnderpaidVoucher
+        raise error_type(
+            _MESSAGES[reason],
+            sequence=int(result[1]),
+            cumulative=price.asset.to_decimal(int(result[2])),
+        )
+    if reason == InsufficientFunds.reason:
+        raise InsufficientFunds(_MESSAGES[reason], balance=int(result[1]))
+    raise BY_REASON[reason](_MESSAGES[reason])
+
+
+def _late_outcome(reply: Any, price: Price) -> tuple[int, int] | PaymentError:
+    if isinstance(reply, RedisPipeError):
+        return _unavailable(reply)
+    try:
+        return _accepted(reply, price)
+    except PaymentError as error:
+        return error
 
 
 def _state(payer: str, channel_id: str, fields: Mapping[str, str]) -> ChannelState:

@@ -136,8 +136,12 @@ class Authorization:
                 limit = None
                 if self.limiter is not None:
                     limit = partial(self.limiter.check, voucher.payer, client_address(check))
+
+                def written() -> None:  # Envoy gave up after the voucher left: still a line
+                    self._record(entry, price, started)
+
                 allowed = await self.channels.pay(
-                    voucher, request, price, gateway, now, entry, limit
+                    voucher, request, price, gateway, now, entry, limit, written
                 )
                 return ok_response(allowed, price), price
             proof = protocol.proof_from(payment)

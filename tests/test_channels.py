@@ -4,18 +4,23 @@ the SDK's ChannelAuth, stale and replayed vouchers refused, close; money conserv
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 from typing import Any
 
 import httpx
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2 as authz
 
 from sidecar import channel, keyspace, protocol
 from sidecar.channel import Channels
 from sidecar.channel_client import ChannelAuth, ChannelExhausted, PaymentChannel
+from sidecar.config import Settings
 from sidecar.identity import Identity
 from sidecar.ledger import SUSPENDED, Ledger
+from sidecar.logs import DecisionLog
+from sidecar.servicer import Authorization
 from sidecar.stack import Stack
 from sidecar.wallet import Wallet
 from tests.conftest import funded_payer
@@ -368,3 +373,45 @@ async def test_the_settle_pass_closes_expired_channels(
     [(_id, entry)] = await ledger.redis.xrange(keyspace.receipts(wallet.public_key))
     assert entry["kind"] == "channel"
     assert await ledger.redis.llen(keyspace.payer_batches(wallet.public_key)) == 1
+
+
+async def test_a_voucher_accepted_after_envoy_gave_up_still_gets_its_log_line(
+    stack: Stack, ledger: Ledger
+) -> None:
+    """The real servicer in process; Redis paused (DEBUG SLEEP) while the voucher is in it,
+    the check cancelled as Envoy's timeout would: the line is written when Redis answers."""
+    settings = Settings.load(stack.config_path)
+    log = io.StringIO()
+    servicer = Authorization(
+        settings.route_table(),
+        settings.gateway(),
+        Ledger.from_url(stack.redis_url, timeout=5),
+        decisions=DecisionLog(stream=log),
+    )
+    wallet = await funded_payer(ledger, USDF)
+    channel_id = await open_fast(ledger, stack, wallet.public_key, USDF)
+    path = VERIFY.format(n=1)
+    check = authz.CheckRequest()
+    http = check.attributes.request.http
+    http.method, http.path, http.host = "GET", path, "gw"
+    terms = {"channel_id": channel_id, "resource": f"GET {path}"}
+    http.headers["x-payment"] = voucher_header(
+        stack, wallet, cumulative="0.01", sequence=1, **terms
+    )["X-Payment"]
+    # Connected, and the script loaded (else its first call is NOSCRIPT, load, retry).
+    await servicer.ledger.pipe.call("SCRIPT", "LOAD", channel.VOUCHER.source)
+    pause = asyncio.create_task(ledger.redis.execute_command("DEBUG", "SLEEP", "0.5"))
+    await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(servicer.Check(check))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await pause
+    await asyncio.sleep(0.2)
+
+    state = await Channels(ledger).get(wallet.public_key, channel_id)
+    assert (state.cumulative, state.sequence) == (10_000, 1)
+    [line] = [json.loads(text) for text in log.getvalue().splitlines()]
+    assert (line["decision"], line["reason"], line["cancelled"]) == ("allow", "channel", True)
+    assert line["channel_id"] == channel_id and line["balance"] == "0.99"
+    await servicer.ledger.close()
