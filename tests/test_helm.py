@@ -335,6 +335,17 @@ def test_redis_password_travels_only_through_secrets(rendered: Rendered) -> None
             assert value not in configmaps
 
 
+def test_a_redis_cluster_url_gets_the_password_too() -> None:
+    cluster = "redis+cluster://ledger-0.ledger:6379,ledger-1.ledger:6379"
+    rendered = render_chart(
+        "external-redis", "--set-string", "redis.url=" + cluster.replace(",", "\\,")
+    )
+    env = {e["name"]: e.get("value") for e in rendered.container("x402")["env"]}
+    assert env["X402_REDIS_URL"] == (
+        "redis+cluster://:$(REDIS_PASSWORD)@ledger-0.ledger:6379,ledger-1.ledger:6379"
+    )
+
+
 def test_generated_keys_are_valid_and_the_checksum_is_of_them() -> None:
     rendered = rendered_values("default")
     secrets_ = rendered.secret_values()

@@ -217,7 +217,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $url = printf "redis://%s:%d/0" (include "x402.redisName" .) (int .Values.redis.internal.port) }}
 {{- end }}
 {{- if include "x402.redisPasswordRef" . }}
-{{- $scheme := regexFind "^redis://" $url }}
+{{- $scheme := regexFind "^redis(\\+cluster)?://" $url }}
 {{- printf "%s%s:$(REDIS_PASSWORD)@%s" $scheme .Values.redis.auth.username (trimPrefix $scheme $url) }}
 {{- else }}
 {{- $url }}
