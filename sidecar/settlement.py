@@ -38,6 +38,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from sidecar import keyspace, merkle
+from sidecar.channel import Channels, close_receipt_body
 from sidecar.errors import LedgerUnavailable, X402Error
 from sidecar.identity import Identity, b64url, verify, verify_key
 from sidecar.ledger import Ledger, _script
@@ -87,8 +88,6 @@ def signed_receipt(
     if asset is None:
         raise SettlementError(f"receipt {entry.get('receipt_id')}: unknown asset")
     if entry.get("kind") == "channel":
-        from sidecar.channel import close_receipt_body
-
         return sign_receipt(close_receipt_body(payer, entry, asset), gateway)
     try:
         body = {
@@ -315,6 +314,7 @@ class Settler:
         self.options = options or Options()
         self._claim = self.redis.register_script(_script("settle_claim"))
         self._commit = self.redis.register_script(_script("settle_commit"))
+        self.channels = Channels(ledger)
 
     async def run_once(self) -> Report:
         """One pass over every registered payer."""
@@ -402,9 +402,7 @@ class Settler:
 
     async def _close_expired_channels(self, payer: str) -> None:
         """An expired channel's deposit goes back and its final voucher gets settled."""
-        from sidecar.channel import Channels
-
-        await Channels(self.ledger).close_expired(payer)
+        await self.channels.close_expired(payer)
 
     @staticmethod
     def _oldest(report: Report, ms: int) -> None:
