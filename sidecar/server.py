@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import mmap
 import os
 import signal
@@ -112,6 +113,9 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     await server.start()
     for service in ("", AUTHZ_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    # Everything made so far lives as long as the worker: keep the collector from scanning
+    # it again and again (checks allocate fast, and every pass walked all of it).
+    gc.freeze()
     board.set(worker, SERVING)
     log.info(
         "sidecar.started",
