@@ -363,12 +363,12 @@ def _event_loop_run(coroutine: Coroutine[Any, Any, Stats]) -> Stats:
 
 def render_summary(summary: dict[str, Any], config: LoadConfig) -> Any:
     from rich.console import Group
+    from rich.rule import Rule
     from rich.table import Table
 
-    mode = "direct" if config.direct else "challenge"
-    head = Table(
-        title=f"x402 load: {mode} loops, {config.concurrency} concurrent", show_header=False
-    )
+    mode = "direct payments" if config.direct else "challenge loops"
+    title = Rule(f"x402 load: {mode}, {config.concurrency} concurrent", align="left")
+    head = Table(show_header=False)
     head.add_row("cleared loops", str(summary["cleared"]))
     head.add_row("loops/s", f"{summary['loops_per_second']:.1f}")
     head.add_row("attempted", str(summary["attempted"]))
@@ -381,7 +381,7 @@ def render_summary(summary: dict[str, Any], config: LoadConfig) -> Any:
         values = summary[f"{leg}_ms"]
         if values["p50"] is not None:
             latency.add_row(leg, *(f"{values[k]:.2f}" for k in ("p50", "p95", "p99", "max")))
-    parts: list[Any] = [head, latency]
+    parts: list[Any] = [title, head, latency]
     if summary["errors"]:
         errors = Table(title="errors by reason")
         errors.add_column("reason")
