@@ -213,7 +213,15 @@ class RedisPipe:
             allowed = connection.send(hiredis.pack_command(("ASKING",)))
             reply = connection.send(hiredis.pack_command(args), late)
             return (await asyncio.gather(allowed, reply))[1]
-        return await connection.send(hiredis.pack_command(args), late)
+        future = connection.send(hiredis.pack_command(args), late)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Cancelled after the reply came but before this task resumed: the slot is
+            # gone, so `late` hears it here.
+            if late is not None and future.done() and not future.cancelled():
+                late(future.exception() or future.result())
+            raise
 
     async def evalsha(
         self,

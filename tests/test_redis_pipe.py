@@ -151,6 +151,26 @@ async def test_a_caller_that_gave_up_can_still_learn_the_outcome(redis: Redis) -
     await ledger.close()
 
 
+async def test_cancelled_after_the_reply_but_before_resuming_still_reports(
+    pipe: RedisPipe,
+) -> None:
+    heard: list[object] = []
+    assert await pipe.ping()  # connected
+    call = asyncio.ensure_future(pipe.call("ECHO", "charged", late=heard.append))
+    connection = pipe._connection
+    assert connection is not None
+    received = connection.data_received
+
+    def then_cancel(data: bytes) -> None:
+        received(data)  # the reply is in the caller's future, its task not yet resumed
+        call.cancel()
+
+    connection.data_received = then_cancel  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert heard == ["charged"]
+
+
 async def test_an_overdue_reply_fails_the_calls_then_the_client_reconnects(
     redis: Redis,
 ) -> None:
