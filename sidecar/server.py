@@ -138,6 +138,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     board.set(worker, DRAINING)
     await health.enter_graceful_shutdown()
     await server.stop(SHUTDOWN_GRACE_SECONDS)
+    authz.decisions.flush()  # the last checks' lines
     if http is not None:
         http.close()
         await facilities.close(SHUTDOWN_GRACE_SECONDS)

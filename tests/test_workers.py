@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +35,20 @@ def started(stack: Stack) -> list[dict[str, Any]]:
         if '"sidecar.started"' in line:
             lines.append(json.loads(line))
     return lines
+
+
+def active_checks_per_worker(stack: Stack) -> dict[str, int]:
+    """Envoy's checks in flight to each sidecar worker (admin /clusters, per host)."""
+    url = f"http://127.0.0.1:{stack.ports['admin']}/clusters"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    per_worker = {f"127.0.0.1:{stack.ports['grpc'] + i}": 0 for i in range(stack.workers)}
+    for line in lines:
+        cluster, _, rest = line.partition("::")
+        host, _, stat = rest.partition("::")
+        if cluster == "x402_authz" and stat.startswith("rq_active::"):
+            per_worker[host] = int(stat.rpartition("::")[2])
+    return per_worker
 
 
 async def eventually(check: Any, attempts: int = 200) -> None:
@@ -101,20 +116,26 @@ async def test_sigterm_drains_in_flight_checks() -> None:
             requests = [asyncio.ensure_future(client.get(VERIFY, headers=h)) for h in proofs]
 
             async def all_checks_in_flight() -> bool:
-                active = await asyncio.to_thread(
-                    stack.envoy_counter, "cluster.x402_authz.upstream_rq_active"
-                )
-                return active == len(proofs)
+                # Every check waiting in a worker, and each worker holding some of them.
+                per_worker = await asyncio.to_thread(active_checks_per_worker, stack)
+                return sum(per_worker.values()) == len(proofs) and all(per_worker.values())
 
             await eventually(all_checks_in_flight)
             sidecar = stack.processes["sidecar"].popen
             sidecar.send_signal(signal.SIGTERM)
 
-            async def not_ready() -> bool:
-                ready = await client.get(f"{stack.sideport_url}/readyz")
-                return ready.status_code == 503 and ready.json()["status"] == "shutting_down"
+            async def draining() -> bool:
+                # Asked before worker 0 took the signal, /readyz would ping Redis, and wait
+                # behind the paused scripts.
+                return any(
+                    '"sidecar.stopping"' in line and '"worker": 0' in line
+                    for line in stack.processes["sidecar"].log().splitlines()
+                )
 
-            await eventually(not_ready)  # readiness flips while the checks still wait
+            await eventually(draining)
+            ready = await client.get(f"{stack.sideport_url}/readyz")
+            # Readiness flipped while the checks still wait.
+            assert (ready.status_code, ready.json()) == (503, {"status": "shutting_down"})
             await redis.execute_command("CLIENT", "UNPAUSE")
             responses = await asyncio.gather(*requests)
 
