@@ -182,6 +182,7 @@ class Runner:
         self.started = 0.0
         self.deadline = 0.0
         self.next_start = 0
+        self.urls: dict[str, httpx.URL] = {}
 
     async def run(self, tick: Callable[[Stats, float], None] | None = None) -> Stats:
         config = self.config
@@ -269,6 +270,10 @@ class Runner:
         self, client: httpx.AsyncClient, wallet: Identity, target: Target, payee: str, ttl: int
     ) -> None:
         stats, path = self.stats, target.path()
+        # A string URL is parsed on every request (~60 µs); a fixed path's only once.
+        url = self.urls.get(path) or httpx.URL(self.config.url.rstrip("/") + path)
+        if "{" not in target.pattern:
+            self.urls[path] = url
         if self.config.direct:
             terms = {
                 "version": protocol.VERSION,
@@ -282,7 +287,7 @@ class Runner:
             }
         else:
             began = time.perf_counter()
-            challenge = await client.request(target.method, path)
+            challenge = await client.request(target.method, url)
             stats.challenge_ms.append((time.perf_counter() - began) * 1000)
             stats.statuses[challenge.status_code] += 1
             if challenge.status_code != 402:
@@ -293,7 +298,7 @@ class Runner:
                 raise _Unexpected("challenge: 402 without an invoice") from None
         header = protocol.encode_header(protocol.sign_proof(terms, wallet))
         began = time.perf_counter()
-        paid = await client.request(target.method, path, headers={"X-Payment": header})
+        paid = await client.request(target.method, url, headers={"X-Payment": header})
         stats.paid_ms.append((time.perf_counter() - began) * 1000)
         stats.statuses[paid.status_code] += 1
         if paid.status_code != 200:
