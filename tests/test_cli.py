@@ -29,6 +29,14 @@ def x402(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+def public_key() -> str:
+    """A fresh payer key that click will not mistake for an option (1 in 64 start with -;
+    on the command line such a key goes after `--`)."""
+    while (key := Identity.generate().public_key).startswith("-"):
+        pass
+    return key
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -49,7 +57,7 @@ def test_keygen_writes_a_private_key_0600_and_prints_the_public_key(tmp_path: Pa
 
 
 def test_payer_lifecycle_with_idempotent_credit(stack: Stack) -> None:
-    key = Identity.generate().public_key
+    key = public_key()
     redis = ["--redis", stack.redis_url]
 
     assert x402("payer", "register", key, *redis).stdout.strip() == "registered"
@@ -71,19 +79,19 @@ def test_payer_lifecycle_with_idempotent_credit(stack: Stack) -> None:
     [
         (["payer", "register", "not-a-key"], ["not a public key"]),
         (
-            ["payer", "credit", Identity.generate().public_key, "0.0000001"],
+            ["payer", "credit", public_key(), "0.0000001"],
             ["more than 6 decimals"],
         ),
         (
-            ["payer", "credit", Identity.generate().public_key, "1e3"],
+            ["payer", "credit", public_key(), "1e3"],
             ["not a non-negative decimal"],
         ),
-        (["payer", "credit", Identity.generate().public_key, "1"], ["not registered"]),
+        (["payer", "credit", public_key(), "1"], ["not registered"]),
         (
-            ["payer", "credit", Identity.generate().public_key, "1", "--asset", "BTC"],
+            ["payer", "credit", public_key(), "1", "--asset", "BTC"],
             ["unknown asset"],
         ),
-        (["payer", "balance", Identity.generate().public_key], ["not registered"]),
+        (["payer", "balance", public_key()], ["not registered"]),
     ],
 )
 def test_payer_errors_are_one_readable_line(
@@ -93,7 +101,7 @@ def test_payer_errors_are_one_readable_line(
 
 
 def test_ledger_unreachable_is_a_readable_error() -> None:
-    key = Identity.generate().public_key
+    key = public_key()
     result = x402("payer", "register", key, "--redis", "redis://127.0.0.1:1/0")
     assert_one_line_error(result, "ledger unavailable")
 
