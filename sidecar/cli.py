@@ -205,7 +205,10 @@ def _remote() -> Any:
 
 @main.group()
 def payer() -> None:
-    """Register, credit, suspend payers and read balances."""
+    """Register, credit, suspend payers and read balances.
+
+    A public key that starts with "-" goes after "--": x402 payer balance -- -Abc...
+    """
 
 
 @payer.command("register")
