@@ -25,7 +25,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from sidecar import keyspace, metrics, protocol
-from sidecar.decision import UPSTREAM_AMOUNT, UPSTREAM_PAYER, UPSTREAM_RECEIPT, Allow, Gateway
+from sidecar.decision import Allow, Gateway, carrying
 from sidecar.decision import Request as HttpRequest
 from sidecar.decision import _verify_key as cached_verify_key
 from sidecar.errors import (
@@ -198,16 +198,7 @@ def allow(
         },
         gateway.identity,
     )
-    encoded = protocol.encode_header(receipt)
-    return Allow(
-        receipt=receipt,
-        upstream_headers=(
-            (UPSTREAM_PAYER, voucher.payer),
-            (UPSTREAM_AMOUNT, receipt["amount"]),
-            (UPSTREAM_RECEIPT, receipt_id),
-        ),
-        response_headers=tuple((name, encoded) for name in protocol.RECEIPT_HEADERS),
-    )
+    return carrying(receipt)
 
 
 def close_receipt_body(payer: str, entry: Mapping[str, str], asset: Asset) -> dict[str, Any]:

@@ -42,16 +42,9 @@ DISCOVERY_PATH = "/.well-known/x402"
 PROOF_HEADER = "X-Payment"
 # A direct proof refused for one of these means the price list is stale: pay the challenge.
 FALLBACK_REASONS = frozenset({"invoice_mismatch", "invoice_expired", "payment_required"})
-INVOICE_FIELDS: dict[str, type] = {
-    "version": str,
-    "scheme": str,
-    "invoice_id": str,
-    "nonce": str,
-    "resource": str,
-    "asset": str,
-    "amount": str,
-    "payee": str,
-    "expires_at": int,
+# An invoice carries what a proof echoes back, without the payer's name and signature.
+INVOICE_FIELDS = {
+    name: kind for name, kind in protocol.PROOF_FIELDS.items() if name not in ("payer", "signature")
 }
 
 

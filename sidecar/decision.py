@@ -237,13 +237,18 @@ def allow(
         },
         gateway.identity,
     )
+    return carrying(receipt)
+
+
+def carrying(receipt: dict[str, Any]) -> Allow:
+    """A signed receipt and the headers that carry it: to the service and to the client."""
     encoded = protocol.encode_header(receipt)
     return Allow(
         receipt=receipt,
         upstream_headers=(
-            (UPSTREAM_PAYER, proof.payer),
-            (UPSTREAM_AMOUNT, price.display),
-            (UPSTREAM_RECEIPT, receipt_id),
+            (UPSTREAM_PAYER, receipt["payer"]),
+            (UPSTREAM_AMOUNT, receipt["amount"]),
+            (UPSTREAM_RECEIPT, receipt["receipt_id"]),
         ),
         response_headers=tuple((name, encoded) for name in protocol.RECEIPT_HEADERS),
     )
