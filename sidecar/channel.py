@@ -25,9 +25,8 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from sidecar import keyspace, metrics, protocol
-from sidecar.decision import Allow, Gateway, carrying
+from sidecar.decision import Allow, Gateway, carrying, payer_key
 from sidecar.decision import Request as HttpRequest
-from sidecar.decision import _verify_key as cached_verify_key
 from sidecar.errors import (
     BY_REASON,
     AmountError,
@@ -43,7 +42,7 @@ from sidecar.errors import (
     X402Error,
 )
 from sidecar.identity import Identity, verify
-from sidecar.ledger import MAX_BALANCE, Ledger, _script
+from sidecar.ledger import MAX_BALANCE, Ledger, lua_script
 from sidecar.money import Asset
 from sidecar.pricing import Price
 from sidecar.redis_pipe import RedisPipeError, Script
@@ -66,7 +65,7 @@ CHANNEL_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 DEFAULT_TTL = 24 * 3600
 OPEN, CLOSED = "open", "closed"
 
-VOUCHER = Script(_script("channel_voucher"))
+VOUCHER = Script(lua_script("channel_voucher"))
 
 
 # -- the voucher (pure) -----------------------------------------------------------------
@@ -136,7 +135,7 @@ def verify_signature(voucher: Mapping[str, Any]) -> bool:
     """The payer's signature on a voucher object (offline: evidence bundles)."""
     try:
         parsed = voucher_from(voucher)
-        key = cached_verify_key(parsed.payer)
+        key = payer_key(parsed.payer)
     except (PaymentError, ValueError):
         return False
     return verify(key, parsed.signed_message, parsed.signature)
@@ -159,7 +158,7 @@ def verify_voucher(voucher: Voucher, request: HttpRequest, price: Price, gateway
     if cumulative > MAX_BALANCE:
         raise MalformedPayment("voucher cumulative is beyond any deposit")
     try:
-        key = cached_verify_key(voucher.payer)
+        key = payer_key(voucher.payer)
     except ValueError:
         raise MalformedPayment("payer is not a base64url Ed25519 public key") from None
     if not verify(key, voucher.signed_message, voucher.signature):
@@ -269,8 +268,8 @@ class Channels:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self.redis = ledger.redis
-        self._open = self.redis.register_script(_script("channel_open"))
-        self._close = self.redis.register_script(_script("channel_close"))
+        self._open = self.redis.register_script(lua_script("channel_open"))
+        self._close = self.redis.register_script(lua_script("channel_close"))
 
     async def open(
         self,

@@ -106,7 +106,8 @@ def invoice(request: Request, price: Price, gateway: Gateway, now: int) -> dict[
 
 
 @lru_cache(maxsize=65536)
-def _verify_key(payer: str) -> VerifyKey:
+def payer_key(payer: str) -> VerifyKey:
+    """A payer's verify key, parsed once per payer (ValueError if it is not a key)."""
     return verify_key(payer)
 
 
@@ -143,7 +144,7 @@ def verify_payment(
     ):
         raise InvalidInvoice("the invoice was not issued by this gateway or was altered")
     try:
-        key = _verify_key(proof.payer)
+        key = payer_key(proof.payer)
     except ValueError:
         raise MalformedPayment("payer is not a base64url Ed25519 public key") from None
     if not verify(key, proof.signed_message, proof.signature):

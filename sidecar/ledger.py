@@ -33,7 +33,8 @@ ACTIVE, SUSPENDED = "active", "suspended"
 T = TypeVar("T")
 
 
-def _script(name: str) -> str:
+def lua_script(name: str) -> str:
+    """The text of a script shipped as package data in sidecar/lua/."""
     return files("sidecar").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
 
 
@@ -52,7 +53,7 @@ class Account:
     debited: dict[str, int]
 
 
-DEBIT = Script(_script("debit"))
+DEBIT = Script(lua_script("debit"))
 
 
 class Ledger:
@@ -64,7 +65,7 @@ class Ledger:
         self.redis = client
         self.pipe = pipe
         # register_script: EVALSHA, and a reload on NOSCRIPT after a Redis restart.
-        self._credit = client.register_script(_script("credit"))
+        self._credit = client.register_script(lua_script("credit"))
 
     @property
     def cluster(self) -> bool:

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar import keyspace
 from sidecar.errors import LedgerUnavailable, RateLimited
-from sidecar.ledger import _script
+from sidecar.ledger import lua_script
 from sidecar.redis_cluster import ClusterPipe
 from sidecar.redis_pipe import RedisPipe, RedisPipeError, Script
 
 if TYPE_CHECKING:
     from sidecar.config import Settings
 
-RATE = Script(_script("rate_limit"))
+RATE = Script(lua_script("rate_limit"))
 UNKNOWN_ADDRESS = "unknown"  # a check without a source address: all such share one bucket
 
 

@@ -41,7 +41,7 @@ from sidecar import keyspace, merkle
 from sidecar.channel import Channels, close_receipt_body
 from sidecar.errors import LedgerUnavailable, X402Error
 from sidecar.identity import Identity, b64url, verify, verify_key
-from sidecar.ledger import Ledger, _script
+from sidecar.ledger import Ledger, lua_script
 from sidecar.logs import get_logger
 from sidecar.money import Asset
 from sidecar.protocol import VERSION, canonical_json, sign_receipt
@@ -312,8 +312,8 @@ class Settler:
         self.assets = dict(assets)
         self.sinks = list(sinks)
         self.options = options or Options()
-        self._claim = self.redis.register_script(_script("settle_claim"))
-        self._commit = self.redis.register_script(_script("settle_commit"))
+        self._claim = self.redis.register_script(lua_script("settle_claim"))
+        self._commit = self.redis.register_script(lua_script("settle_commit"))
         self.channels = Channels(ledger)
 
     async def run_once(self) -> Report:
