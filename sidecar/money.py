@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from sidecar.errors import AmountError
 
 _DECIMAL = re.compile(r"(0|[1-9][0-9]*)(?:\.([0-9]+))?")
-_ATOMIC = re.compile(r"0|[1-9][0-9]*")
 # Far beyond any real balance; bounds the work a hostile amount string can cause.
 MAX_DIGITS = 36
 
@@ -47,10 +46,3 @@ def to_decimal(atomic: int, decimals: int) -> str:
     whole, fraction = divmod(abs(atomic), 10**decimals)
     digits = str(fraction).rjust(decimals, "0").rstrip("0") if decimals else ""
     return f"{sign}{whole}.{digits}" if digits else f"{sign}{whole}"
-
-
-def parse_atomic(value: str) -> int:
-    """Atomic amounts on the wire are base-10 integer strings ("250000")."""
-    if not isinstance(value, str) or len(value) > MAX_DIGITS or not _ATOMIC.fullmatch(value):
-        raise AmountError(f"atomic amount {value!r} is not a non-negative integer string")
-    return int(value)

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.errors import AmountError
-from sidecar.money import Asset, parse_atomic, to_atomic, to_decimal
+from sidecar.money import Asset, to_atomic, to_decimal
 
 USDF = Asset("USDF", 6)
 
@@ -99,10 +99,3 @@ def test_decimal_round_trips_to_its_canonical_form(text: str) -> None:
 def test_arbitrary_text_parses_or_raises_amount_error(text: str) -> None:
     with contextlib.suppress(AmountError):
         assert to_atomic(text, 6) >= 0
-
-
-@pytest.mark.parametrize("text", ["-1", "1.0", "abc", "", "007"])
-def test_atomic_wire_strings_are_plain_integers(text: str) -> None:
-    with pytest.raises(AmountError):
-        parse_atomic(text)
-    assert parse_atomic("250000") == 250_000
