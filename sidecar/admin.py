@@ -294,6 +294,7 @@ class Facilitator(pb_grpc.FacilitatorServicer):  # type: ignore[misc]
                 balance=show(closed.balance),
                 receipt_id=closed.receipt_id,
                 already_closed=closed.already,
+                vouchers=closed.vouchers,
             )
 
         return await _answer(context, op)
@@ -557,7 +558,7 @@ class RemotePayers:
             reply.cumulative,
             reply.refund,
             reply.balance,
-            reply.sequence,
+            reply.vouchers,
             reply.receipt_id,
             reply.already_closed,
         )
@@ -576,12 +577,12 @@ def channel_closed(
     cumulative: str,
     refund: str,
     balance: str,
-    sequence: int,
+    vouchers: int,
     receipt_id: str,
     already: bool,
 ) -> str:
     head = f"channel {channel_id} {'was already closed' if already else 'closed'}"
     return (
-        f"{head}: spent {cumulative} in {sequence} vouchers, refunded {refund}; "
+        f"{head}: spent {cumulative} in {vouchers} vouchers, refunded {refund}; "
         f"balance {balance}\nsettlement receipt {receipt_id}"
     )

@@ -165,7 +165,7 @@ class Channel(_message.Message):
     def __init__(self, channel_id: _Optional[str] = ..., payer: _Optional[str] = ..., payee: _Optional[str] = ..., asset: _Optional[str] = ..., deposit: _Optional[str] = ..., cumulative: _Optional[str] = ..., sequence: _Optional[int] = ..., status: _Optional[str] = ..., opened_at: _Optional[int] = ..., expires_at: _Optional[int] = ..., balance: _Optional[str] = ...) -> None: ...
 
 class CloseChannelResponse(_message.Message):
-    __slots__ = ("channel_id", "refund", "cumulative", "sequence", "balance", "receipt_id", "already_closed")
+    __slots__ = ("channel_id", "refund", "cumulative", "sequence", "balance", "receipt_id", "already_closed", "vouchers")
     CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
     REFUND_FIELD_NUMBER: _ClassVar[int]
     CUMULATIVE_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,7 @@ class CloseChannelResponse(_message.Message):
     BALANCE_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_ID_FIELD_NUMBER: _ClassVar[int]
     ALREADY_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    VOUCHERS_FIELD_NUMBER: _ClassVar[int]
     channel_id: str
     refund: str
     cumulative: str
@@ -180,7 +181,8 @@ class CloseChannelResponse(_message.Message):
     balance: str
     receipt_id: str
     already_closed: bool
-    def __init__(self, channel_id: _Optional[str] = ..., refund: _Optional[str] = ..., cumulative: _Optional[str] = ..., sequence: _Optional[int] = ..., balance: _Optional[str] = ..., receipt_id: _Optional[str] = ..., already_closed: _Optional[bool] = ...) -> None: ...
+    vouchers: int
+    def __init__(self, channel_id: _Optional[str] = ..., refund: _Optional[str] = ..., cumulative: _Optional[str] = ..., sequence: _Optional[int] = ..., balance: _Optional[str] = ..., receipt_id: _Optional[str] = ..., already_closed: _Optional[bool] = ..., vouchers: _Optional[int] = ...) -> None: ...
 
 class ListBatchesRequest(_message.Message):
     __slots__ = ("payer", "limit")

@@ -42,7 +42,7 @@ from sidecar.errors import (
     X402Error,
 )
 from sidecar.identity import Identity, verify
-from sidecar.ledger import MAX_BALANCE, Ledger, lua_script
+from sidecar.ledger import DEADLINE_PASSED, MAX_BALANCE, Ledger, deadline_ms, lua_script, too_late
 from sidecar.money import Asset
 from sidecar.pricing import Price
 from sidecar.redis_pipe import RedisPipeError, Script
@@ -257,9 +257,10 @@ class Closed:
     refund: int
     balance: int  # the payer's balance after the refund
     cumulative: int
-    sequence: int
+    sequence: int  # the last voucher's sequence number
     receipt_id: str
     already: bool  # it had been closed before; nothing moved now
+    vouchers: int = 0  # how many vouchers the channel accepted
 
 
 class Channels:
@@ -338,7 +339,7 @@ class Channels:
             return None
         if result[0] == "unknown_channel":
             raise X402Error(f"no channel {channel_id} for this payer")
-        _status, refund, balance, cumulative, sequence, stored_receipt = result
+        _status, refund, balance, cumulative, sequence, stored_receipt, vouchers = result
         return Closed(
             channel_id,
             int(refund),
@@ -347,6 +348,7 @@ class Channels:
             int(sequence),
             stored_receipt,
             already=result[0] == "closed",
+            vouchers=int(vouchers),
         )
 
     async def close_expired(self, payer: str) -> list[Closed]:
@@ -366,6 +368,7 @@ class Channels:
         payee: str,
         now: int,
         late: Callable[[tuple[int, int] | PaymentError], None] | None = None,
+        within: float | None = None,
     ) -> tuple[int, int]:
         """The hot path's one ledger step: (left in the channel, amount charged).
 
@@ -374,7 +377,10 @@ class Channels:
         payer = voucher.payer
         keys = (keyspace.account(payer), keyspace.channel(payer, voucher.channel_id))
         evidence = protocol.canonical_json(voucher.fields).decode()
-        args = (price.asset.code, cumulative, voucher.sequence, price.amount, now, payee, evidence)
+        args = (
+            *(price.asset.code, cumulative, voucher.sequence, price.amount, now, payee, evidence),
+            deadline_ms(self.ledger.pipe.timeout, within),
+        )
         listener = None if late is None else lambda reply: late(_late_outcome(reply, price))
         try:
             result: list[Any] = await self.ledger.pipe.evalsha(VOUCHER, keys, args, listener)
@@ -392,6 +398,7 @@ class Channels:
         entry: dict[str, Any],
         limit: Callable[[], Awaitable[None]] | None = None,
         late: Callable[[], None] | None = None,
+        within: float | None = None,
     ) -> Allow:
         """The servicer's channel path: verify, accept, sign the receipt; fills the
         decision log `entry`; raises a typed PaymentError. `limit`: the rate limiter, run
@@ -415,7 +422,13 @@ class Channels:
                 late()
 
         remaining, increment = await self.accept(
-            voucher, cumulative, price, gateway.payee, now, None if late is None else outcome
+            voucher,
+            cumulative,
+            price,
+            gateway.payee,
+            now,
+            None if late is None else outcome,
+            within,
         )
         allowed = allow(voucher, price, cumulative, increment, remaining, receipt_id, gateway, now)
         _accepted_entry(entry, price, receipt_id, remaining, increment)
@@ -452,6 +465,8 @@ def _accepted(result: list[Any], price: Price) -> tuple[int, int]:
     reason = result[0]
     if reason == "ok":
         return int(result[1]), int(result[2])
+    if reason == DEADLINE_PASSED:
+        raise too_late()
     if reason in (StaleVoucher.reason, UnderpaidVoucher.reason):
         error_type = StaleVoucher if reason == StaleVoucher.reason else UnderpaidVoucher
         raise error_type(

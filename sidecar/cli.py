@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
@@ -14,7 +13,7 @@ import click
 from sidecar.config import Settings
 from sidecar.envoy_config import Endpoints, render_yaml
 from sidecar.errors import AmountError, X402Error
-from sidecar.identity import Identity
+from sidecar.identity import Identity, write_secret
 from sidecar.ledger import ACTIVE, SUSPENDED, Ledger
 
 T = TypeVar("T")
@@ -89,11 +88,9 @@ def keygen(out: str) -> None:
 def secret_command(out: str) -> None:
     """Create a random invoice secret file (mode 0600)."""
     try:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_secret(out, secrets.token_urlsafe(32) + "\n")
     except FileExistsError:
         raise X402Error(f"{out} exists; refusing to overwrite a secret") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32) + "\n")
     click.echo(f"wrote {out}")
 
 
@@ -203,15 +200,17 @@ def _remote() -> Any:
     )
 
 
+# About 1 in 64 base64url keys starts with "-": click would take it for an option. Commands
+# with a key argument keep unknown option-like words as arguments (none has short options).
+KEY_ARGUMENTS = {"ignore_unknown_options": True}
+
+
 @main.group()
 def payer() -> None:
-    """Register, credit, suspend payers and read balances.
-
-    A public key that starts with "-" goes after "--": x402 payer balance -- -Abc...
-    """
+    """Register, credit, suspend payers and read balances."""
 
 
-@payer.command("register")
+@payer.command("register", context_settings=KEY_ARGUMENTS)
 @click.argument("public_key")
 @redis_option
 @config_option
@@ -227,7 +226,7 @@ def payer_register(public_key: str, redis_url: str | None, config_path: str | No
     click.echo("registered" if created else "already registered")
 
 
-@payer.command("credit")
+@payer.command("credit", context_settings=KEY_ARGUMENTS)
 @click.argument("public_key")
 @click.argument("amount")
 @click.option("--asset", default=None, help="Asset code [default: the config's default].")
@@ -274,7 +273,7 @@ def payer_credit(
     click.echo(_ledger_call(redis_url, config_path, op))
 
 
-@payer.command("balance")
+@payer.command("balance", context_settings=KEY_ARGUMENTS)
 @click.argument("public_key")
 @redis_option
 @config_option
@@ -299,7 +298,7 @@ def payer_balance(public_key: str, redis_url: str | None, config_path: str | Non
     click.echo(_ledger_call(redis_url, config_path, op))
 
 
-@payer.command("suspend")
+@payer.command("suspend", context_settings=KEY_ARGUMENTS)
 @click.argument("public_key")
 @redis_option
 @config_option
@@ -316,7 +315,7 @@ def payer_suspend(public_key: str, redis_url: str | None, config_path: str | Non
     click.echo("suspended")
 
 
-@payer.command("activate")
+@payer.command("activate", context_settings=KEY_ARGUMENTS)
 @click.argument("public_key")
 @redis_option
 @config_option
@@ -510,7 +509,7 @@ def channel() -> None:
     """Open and close payment channels (a deposit locked for vouchered requests)."""
 
 
-@channel.command("open")
+@channel.command("open", context_settings=KEY_ARGUMENTS)
 @click.argument("public_key")
 @click.argument("deposit")
 @click.option("--asset", default=None, help="Asset code [default: the config's default].")
@@ -556,7 +555,7 @@ def channel_open(
     click.echo(_ledger_call(redis_url, config_path, op))
 
 
-@channel.command("close")
+@channel.command("close", context_settings=KEY_ARGUMENTS)
 @click.argument("public_key")
 @click.argument("channel_id")
 @redis_option
@@ -586,7 +585,7 @@ def channel_close(
             show(closed.cumulative),
             show(closed.refund),
             show(closed.balance),
-            closed.sequence,
+            closed.vouchers,
             closed.receipt_id,
             closed.already,
         )

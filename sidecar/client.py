@@ -131,8 +131,9 @@ class Discovery:
         return cls(payee, keys, RouteTable(routes, assets, default), ttl)
 
     def price(self, method: str, path: str) -> Price | None:
-        """The same matcher the sidecar uses, over the published price list."""
-        return self.routes.lookup(method, path)
+        """The same matcher the sidecar uses, over the published price list (None: free)."""
+        price = self.routes.lookup(method, path)
+        return price if price is not None and price.amount else None
 
 
 def _route(spec: Any, assets: Mapping[str, Asset]) -> Route | None:

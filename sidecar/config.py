@@ -18,11 +18,16 @@ from sidecar.errors import AmountError, ConfigError
 from sidecar.identity import Identity
 from sidecar.ledger import MAX_BALANCE
 from sidecar.money import Asset
-from sidecar.pricing import ANY_METHOD, Price, Route, RouteTable, validate_path
+from sidecar.pricing import ANY_METHOD, UNLISTED, Price, Route, RouteTable, validate_path
 
 ENV_PREFIX = "X402_"
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", ANY_METHOD}
-LOG_LEVELS = {"debug", "info", "warning", "error"}
+# String keys that take one of a few words (case-insensitive).
+CHOICES = {
+    "log_level": ("debug", "info", "warning", "error"),
+    "unlisted": UNLISTED,
+    "path_case": ("sensitive", "insensitive"),
+}
 MIN_SECRET_BYTES = 16
 
 
@@ -44,6 +49,8 @@ class Settings:
     default_asset: str = "USDF"
     assets: Mapping[str, int] = field(default_factory=lambda: {"USDF": 6})
     routes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    unlisted: str = "pass"  # a path no route lists: "pass" (free) or "deny" (404)
+    path_case: str = "sensitive"  # "insensitive": /API/x reaches the route /api/x
     # The facilitator admin API (sidecar/admin.py): off unless a credential is configured.
     listen_admin: str = "127.0.0.1:8999"  # below the side port, clear of the workers' ports
     admin_token_file: str = ""  # bearer token, >= 16 bytes
@@ -143,7 +150,9 @@ class Settings:
             routes.append(
                 Route(str(name), method, str(path), Price(str(name), amount, asset, description))
             )
-        return RouteTable(routes, assets, self.default_asset)
+        return RouteTable(
+            routes, assets, self.default_asset, self.unlisted, self.path_case == "sensitive"
+        )
 
     def gateway(self) -> Gateway:
         """Load the secrets this config points at."""
@@ -216,9 +225,10 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, str):
         if not isinstance(value, str):
             raise ConfigError(f"config {name}: must be a string")
-        if name == "log_level" and value.lower() not in LOG_LEVELS:
-            raise ConfigError(f"config log_level: one of {', '.join(sorted(LOG_LEVELS))}")
-        return value.lower() if name == "log_level" else value
+        choices = CHOICES.get(name)
+        if choices is not None and value.lower() not in choices:
+            raise ConfigError(f"config {name}: one of {', '.join(choices)}")
+        return value.lower() if choices is not None else value
     if not isinstance(value, Mapping):
         raise ConfigError(f"config {name}: must be a mapping")
     return dict(value)

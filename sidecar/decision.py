@@ -31,6 +31,7 @@ UPSTREAM_PAYER, UPSTREAM_AMOUNT, UPSTREAM_RECEIPT = (
     "x-x402-amount",
     "x-x402-receipt-id",
 )
+UPSTREAM_HEADERS = (UPSTREAM_PAYER, UPSTREAM_AMOUNT, UPSTREAM_RECEIPT)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,21 @@ class LedgerUnavailable(PaymentError):
     status = 503
 
 
+class BadRequest(PaymentError):
+    """A request the gateway refuses before pricing: a non-canonical method, or an odd
+    spelling of a priced path that a framework could route to the priced handler."""
+
+    reason = "bad_request"
+    status = 400
+
+
+class UnknownRoute(PaymentError):
+    """`unlisted: deny`: the route table lists no route for this request."""
+
+    reason = "unknown_route"
+    status = 404
+
+
 class InternalError(PaymentError):
     """A bug, never expected: the check fails closed rather than letting a request pass."""
 
@@ -147,6 +162,8 @@ BY_REASON: dict[str, type[PaymentError]] = {
         UnderpaidVoucher,
         RateLimited,
         LedgerUnavailable,
+        BadRequest,
+        UnknownRoute,
         InternalError,
     )
 }

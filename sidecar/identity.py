@@ -34,6 +34,14 @@ def key_id(public_key: bytes, prefix: str = "gw_") -> str:
     return prefix + b64url(hashlib.sha256(public_key).digest()[:12])
 
 
+def write_secret(path: str | os.PathLike[str], text: str) -> None:
+    """Create `path` holding `text`, mode 0600 from the first byte (no window where others
+    can read it); FileExistsError rather than overwrite a secret."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+
+
 @dataclass(frozen=True)
 class Identity:
     """A private Ed25519 key. The key file holds the 32-byte seed as base64url text."""
@@ -64,11 +72,8 @@ class Identity:
         return cls.from_seed_text(text, source=f"key file {path}")
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the seed with mode 0600 from the first byte (no window where others can read)."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        fd = os.open(path, flags, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(self.seed_text + "\n")
+        """Write the seed to a new file of mode 0600 (see `write_secret`)."""
+        write_secret(path, self.seed_text + "\n")
 
     @property
     def seed_text(self) -> str:

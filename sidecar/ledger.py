@@ -29,8 +29,25 @@ MAX_BALANCE = 2**53 - 1
 IDEMPOTENCY_TTL = 30 * 24 * 3600  # a retried top-up is recognised for 30 days
 NONCE_GRACE = 120  # seconds a spent nonce outlives its proof, for clock skew between replicas
 ACTIVE, SUSPENDED = "active", "suspended"
+# A hot-path script refuses to move money once half the time its caller can wait has passed
+# (the Redis timeout, or less if Envoy gives up sooner), by Redis's clock: its reply could
+# arrive after the caller answered 503, and a 503 never charges. The other half covers the
+# reply's trip back and modest clock skew between hosts (docs/redis.md).
+DEADLINE_SHARE = 0.5
+DEADLINE_PASSED = "deadline_passed"
 
 T = TypeVar("T")
+
+
+def deadline_ms(timeout: float, within: float | None = None) -> int:
+    """The unix time in ms after which a script sent now must refuse (see DEADLINE_SHARE):
+    `timeout` is the client's Redis timeout, `within` how long the caller can still wait."""
+    wait = timeout if within is None else min(timeout, within)
+    return int((time.time() + wait * DEADLINE_SHARE) * 1000)
+
+
+def too_late() -> LedgerUnavailable:
+    return LedgerUnavailable("the ledger answered too late; nothing was charged")
 
 
 def lua_script(name: str) -> str:
@@ -114,8 +131,12 @@ class Ledger:
         receipt_id: str,
         receipt: dict[str, str | int],
         late: Callable[[int | PaymentError], None] | None = None,
+        within: float | None = None,
     ) -> int:
         """Charge one proof atomically; returns the balance left or raises the reason.
+
+        `within`: seconds the caller can still wait (Envoy's deadline); past half of it, or
+        of the Redis timeout, the script refuses and nothing is charged.
 
         `late`: if the caller is cancelled (Envoy gave up on the check) once the script is
         sent, Redis may still charge; `late` then gets the outcome when Redis answers, the
@@ -129,7 +150,14 @@ class Ledger:
             result = await self.pipe.evalsha(
                 DEBIT,
                 keys,
-                (asset, amount, expires_at + NONCE_GRACE, receipt_id, *pairs),
+                (
+                    asset,
+                    amount,
+                    expires_at + NONCE_GRACE,
+                    receipt_id,
+                    deadline_ms(self.pipe.timeout, within),
+                    *pairs,
+                ),
                 listener,
             )
         except RedisPipeError as exc:
@@ -215,6 +243,8 @@ def _debited(result: list[Any]) -> int:
         return int(result[1])
     if result[0] == InsufficientFunds.reason:
         raise InsufficientFunds("the balance does not cover this request", balance=int(result[1]))
+    if result[0] == DEADLINE_PASSED:
+        raise too_late()
     error: type[PaymentError] = BY_REASON[result[0]]
     raise error(_MESSAGES[result[0]])
 

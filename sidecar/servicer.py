@@ -27,7 +27,9 @@ from sidecar.ratelimit import RateLimiter, client_address
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 # Proof headers are bearer material: stripped before any request, free or paid, goes on.
 _REMOVE_PROOFS = responses.removals(protocol.PROOF_HEADERS)
-_FREE = responses.ok(remove_headers=_REMOVE_PROOFS)
+# What the gateway asserts to the service is never the client's word: on a free request it
+# is removed (Envoy strips every x-x402-* at the edge too); a paid one overwrites it.
+_FREE = responses.ok(remove_headers=_REMOVE_PROOFS + responses.removals(decision.UPSTREAM_HEADERS))
 
 log = get_logger("sidecar.authz")
 
@@ -46,6 +48,11 @@ def ok_response(allowed: Allow, price: Price) -> bytes:
             "receipt_id": receipt["receipt_id"],
         },
     )
+
+
+def within(context: Any) -> float | None:
+    """Seconds until Envoy stops waiting for this check (its gRPC deadline), if it set one."""
+    return None if context is None else context.time_remaining()
 
 
 class Authorization:
@@ -101,7 +108,7 @@ class Authorization:
             "balance": None,
             "worker": self.worker,
         }
-        response, price = await self._decide(request, check, entry, started)
+        response, price = await self._decide(request, check, context, entry, started)
         self._record(entry, price, started)
         return response
 
@@ -115,7 +122,12 @@ class Authorization:
         self.decisions.write(entry)
 
     async def _decide(
-        self, request: Request, check: authz.CheckRequest, entry: dict[str, Any], started: float
+        self,
+        request: Request,
+        check: authz.CheckRequest,
+        context: Any,
+        entry: dict[str, Any],
+        started: float,
     ) -> tuple[bytes, Price | None]:
         gateway, price = self.gateway, None
         now = int(time.time())
@@ -141,7 +153,7 @@ class Authorization:
                     self._record(entry, price, started)
 
                 allowed = await self.channels.pay(
-                    voucher, request, price, gateway, now, entry, limit, written
+                    voucher, request, price, gateway, now, entry, limit, written, within(context)
                 )
                 return ok_response(allowed, price), price
             proof = protocol.proof_from(payment)
@@ -178,6 +190,7 @@ class Authorization:
                     "payee": gateway.payee,
                 },
                 late,
+                within(context),
             )
             return self._allow(proof, price, balance, receipt_id, entry, now), price
         except PaymentError as error:

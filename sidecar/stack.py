@@ -17,7 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -27,7 +27,7 @@ import yaml
 
 from sidecar.envoy_config import Endpoints, render
 from sidecar.errors import X402Error
-from sidecar.identity import Identity
+from sidecar.identity import Identity, write_secret
 
 LOOPBACK = "127.0.0.1"
 
@@ -215,8 +215,8 @@ class Stack:
             self._tmp.cleanup()
 
     def write_files(self) -> None:
-        (self.dir / "signing.key").write_text(self.gateway_identity.seed_text + "\n")
-        (self.dir / "invoice.secret").write_text(os.urandom(32).hex() + "\n")
+        self.gateway_identity.save(self.dir / "signing.key")
+        write_secret(self.dir / "invoice.secret", os.urandom(32).hex() + "\n")
         config = {
             "listen_grpc": f"{LOOPBACK}:{self.ports['grpc']}",
             "listen_http": f"{LOOPBACK}:{self.ports['http']}",
@@ -381,6 +381,18 @@ class Stack:
                 if isinstance(entry, dict) and entry.get("event") == "authz.decision":
                     lines.append(entry)
         return lines
+
+    def wait_decisions(
+        self, match: Callable[[dict[str, Any]], bool], count: int = 1, timeout: float = 5.0
+    ) -> list[dict[str, Any]]:
+        """The decision lines `match` accepts, once `count` are written (the sidecar writes
+        its lines just after answering) or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.decisions() if match(line)]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.02)
 
     # -- helpers for agents (x402 demo, SDK tests) -------------------------------------------
     async def fund(self, payer: str, amount: str, asset: str = "USDF") -> int:

@@ -30,9 +30,9 @@ def x402(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def public_key() -> str:
-    """A fresh payer key that click will not mistake for an option (1 in 64 start with -;
-    on the command line such a key goes after `--`)."""
-    while (key := Identity.generate().public_key).startswith("-"):
+    """A fresh payer key that starts with "-", as 1 in 64 do: every command must take it as
+    typed, not mistake it for an option."""
+    while not (key := Identity.generate().public_key).startswith("-"):
         pass
     return key
 

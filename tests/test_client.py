@@ -61,12 +61,7 @@ async def funded(stack: Stack, amount: str = "10", **guards: Any) -> Wallet:
 
 def decisions_of(stack: Stack, payer: str, count: int) -> list[dict[str, Any]]:
     """The decision lines naming `payer`, once `count` of them are written (or 5 s passed)."""
-    deadline = time.monotonic() + 5
-    while True:
-        lines = [d for d in stack.decisions() if d.get("payer") == payer]
-        if len(lines) >= count or time.monotonic() > deadline:
-            return lines
-        time.sleep(0.02)
+    return stack.wait_decisions(lambda line: line.get("payer") == payer, count)
 
 
 class Sent:

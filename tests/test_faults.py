@@ -159,8 +159,10 @@ async def test_sidecar_killed_and_restarted_mid_load() -> None:
         await traffic.assert_each_payment_charged_once(await traffic.retry_unanswered(), 10**9)
 
 
-async def test_ext_authz_timeout_is_503_and_the_retry_is_not_charged_twice() -> None:
+async def test_ext_authz_timeout_is_503_charges_nothing_and_the_retry_pays_once() -> None:
     # A sidecar slower than Envoy is willing to wait (here: Redis stalls): Envoy gives up.
+    # The debit script's deadline follows Envoy's (the gRPC deadline), so the stalled debit
+    # refuses when Redis resumes: the 503 charged nothing and the same proof then pays.
     with Stack(ROUTES, settings={"redis_timeout_ms": 5000}, authz_timeout="0.3s") as stack:
         ledger = Ledger.from_url(stack.redis_url)
         wallet = await funded_payer(ledger, 1_000_000)
@@ -177,7 +179,7 @@ async def test_ext_authz_timeout_is_503_and_the_retry_is_not_charged_twice() -> 
                 if retried.status_code != 503:
                     break
         await admin.aclose()
-        assert (retried.status_code, reason_of(retried)) == (402, "nonce_reused")
+        assert retried.status_code == 200, retried.text
         account = await ledger.account(wallet.public_key)
         receipts = await ledger.receipts(wallet.public_key)
         await ledger.close()

@@ -2,16 +2,18 @@
 -- amount as debited, and append the final voucher to the receipts stream for settlement.
 -- KEYS: account hash, channel hash, open-channels set, receipts stream (payer's hash tag)
 -- ARGV: channel id, receipt id, now (unix seconds), only if expired ("1"/"0")
--- Returns {"ok", refund, balance, cumulative, sequence, receipt id}
---      or {"closed", refund, balance, cumulative, sequence, receipt id} (closed before)
+-- Returns {"ok", refund, balance, cumulative, sequence, receipt id, vouchers accepted}
+--      or {"closed", ...the same} (closed before)
 --      or {"unknown_channel"} or {"open"} (not expired, only-if-expired was asked).
 local account, channel, open, receipts = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = ARGV[3]
 
 local c = redis.call('HMGET', channel, 'status', 'asset', 'deposit', 'cumulative',
-  'sequence', 'payee', 'voucher', 'refund', 'receipt_id', 'expires_at', 'balance_after')
+  'sequence', 'payee', 'voucher', 'refund', 'receipt_id', 'expires_at', 'balance_after',
+  'vouchers')
+local vouchers = c[12] or '0'
 if not c[1] then return {'unknown_channel'} end
-if c[1] == 'closed' then return {'closed', c[8], c[11], c[4], c[5], c[9]} end
+if c[1] == 'closed' then return {'closed', c[8], c[11], c[4], c[5], c[9], vouchers} end
 if ARGV[4] == '1' and tonumber(now) <= tonumber(c[10]) then return {'open'} end
 
 local asset = c[2]
@@ -26,4 +28,4 @@ redis.call('SREM', open, ARGV[1])
 redis.call('XADD', receipts, '*', 'kind', 'channel', 'receipt_id', ARGV[2],
   'channel_id', ARGV[1], 'asset', asset, 'amount', c[4], 'deposit', c[3], 'refund', refund,
   'sequence', c[5], 'voucher', c[7], 'balance', balance, 'issued_at', now, 'payee', c[6])
-return {'ok', refund, balance, c[4], c[5], ARGV[2]}
+return {'ok', refund, balance, c[4], c[5], ARGV[2], vouchers}

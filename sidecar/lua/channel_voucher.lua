@@ -2,12 +2,19 @@
 -- asset and payee; sequence above the last; cumulative raised by at least the price and
 -- within the deposit -> record it as the channel's latest voucher.
 -- KEYS: account hash, channel hash (both under the payer's hash tag)
--- ARGV: asset, cumulative (atomic), sequence, price (atomic), now, payee, voucher JSON
+-- ARGV: asset, cumulative (atomic), sequence, price (atomic), now, payee, voucher JSON,
+--       deadline (unix ms)
 -- Returns {"ok", remaining, increment} or {reason} or {reason, last sequence, last
--- cumulative} (stale_voucher, underpaid_voucher) or {"insufficient_funds", remaining}.
+-- cumulative} (stale_voucher, underpaid_voucher) or {"insufficient_funds", remaining}, or
+-- {"deadline_passed"}: the caller has stopped waiting (it answered 503), so nothing moves.
 local account, channel = KEYS[1], KEYS[2]
 local cumulative, sequence = tonumber(ARGV[2]), tonumber(ARGV[3])
 local price, now = tonumber(ARGV[4]), tonumber(ARGV[5])
+
+local clock = redis.call('TIME')
+if tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) > tonumber(ARGV[8]) then
+  return {'deadline_passed'}
+end
 
 local status = redis.call('HGET', account, 'status')
 if not status then return {'unknown_payer'} end
@@ -27,4 +34,5 @@ if cumulative > deposit then
 end
 
 redis.call('HSET', channel, 'cumulative', ARGV[2], 'sequence', ARGV[3], 'voucher', ARGV[7])
+redis.call('HINCRBY', channel, 'vouchers', 1)
 return {'ok', string.format('%d', deposit - cumulative), string.format('%d', cumulative - last)}

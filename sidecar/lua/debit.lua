@@ -1,11 +1,17 @@
 -- Charge one proof, all or nothing: payer known and active, nonce unused, balance covers
 -- the amount -> debit, mark the nonce until the proof expires, append the receipt.
 -- KEYS: account hash, nonce key, receipts stream (all under the payer's hash tag)
--- ARGV: asset, amount (atomic), nonce expiry (unix seconds), receipt id, then the
---       receipt's other field/value pairs
--- Returns {"ok", balance} or {reason} or {"insufficient_funds", balance}.
+-- ARGV: asset, amount (atomic), nonce expiry (unix seconds), receipt id, deadline (unix
+--       ms), then the receipt's other field/value pairs
+-- Returns {"ok", balance} or {reason} or {"insufficient_funds", balance}, or
+-- {"deadline_passed"}: the caller has stopped waiting (it answered 503), so nothing moves.
 local account, nonce_key, receipts = KEYS[1], KEYS[2], KEYS[3]
 local asset, amount, receipt_id = ARGV[1], tonumber(ARGV[2]), ARGV[4]
+
+local clock = redis.call('TIME')
+if tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) > tonumber(ARGV[5]) then
+  return {'deadline_passed'}
+end
 
 local status = redis.call('HGET', account, 'status')
 if not status then return {'unknown_payer'} end
@@ -20,5 +26,5 @@ local left = redis.call('HINCRBY', account, 'balance:' .. asset, '-' .. ARGV[2])
 redis.call('HINCRBY', account, 'debited:' .. asset, ARGV[2])
 redis.call('SET', nonce_key, receipt_id)
 redis.call('EXPIREAT', nonce_key, ARGV[3])
-redis.call('XADD', receipts, '*', 'receipt_id', receipt_id, 'balance', string.format('%d', left), unpack(ARGV, 5))
+redis.call('XADD', receipts, '*', 'receipt_id', receipt_id, 'balance', string.format('%d', left), unpack(ARGV, 6))
 return {'ok', left}

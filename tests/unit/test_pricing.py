@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.errors import ConfigError
+from sidecar.errors import BadRequest, ConfigError, UnknownRoute
 from sidecar.money import Asset
 from sidecar.pricing import Price, Route, RouteTable, validate_path
 
@@ -47,7 +47,6 @@ def test_lookup_finds_the_route(method: str, path: str, name: str) -> None:
         ("POST", "/api/v1/agent/pay-api/atlas"),  # other method
         ("GET", "/api/v1/trade/verify/"),  # empty parameter
         ("GET", "/api/v1/trade/verify/a/b"),  # a parameter is one segment
-        ("GET", "/api/v1/agent/pay-api/atlas/"),
         ("GET", "/api/v1/agent/pay-api/atlasx"),
         ("POST", "/a/1/b"),
     ],
@@ -95,3 +94,83 @@ def test_regex_characters_in_paths_are_literal() -> None:
     table = RouteTable([route("dot", "GET", "/v1.0/{id}", 1)], {"USDF": USDF}, "USDF")
     assert table.lookup("GET", "/v1.0/7") is not None
     assert table.lookup("GET", "/v1x0/7") is None
+
+
+def test_equivalent_spellings_reach_the_route() -> None:
+    for method, path in [
+        ("GET", "/api/v1/agent/pay-api/atlas/"),  # one trailing slash
+        ("HEAD", "/api/v1/agent/pay-api/atlas"),  # HEAD runs the GET handler
+        ("HEAD", "/api/v1/trade/verify/T-1/"),
+        ("POST", "/a/1/b/2/"),
+        ("GET", "/api/v1/trade/verify/T-1;x=1/"),  # the parameter is `T-1;x=1`: priced
+    ]:
+        price = TABLE.price_for(method, path, {})
+        assert price is not None and price.amount > 0, (method, path)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/v1/agent/pay-api/atlas;jsessionid=0"),
+        ("GET", "/api/v1/agent/pay-api/ATLAS"),
+        ("GET", "/API/v1/agent/pay-api/atlas"),
+        ("GET", "/api/v1/agent/pay-api/atlas.json"),
+        ("GET", "/api/v1/agent/pay-api/atlas\\"),
+        ("GET", "/api/v1/agent/pay-api/atlas/."),
+        ("GET", "/api/v1/agent/pay-api/x\\..\\atlas"),
+        ("GET", "/api/v1/agent/pay-api/%61tlas"),
+        ("GET", "/api/v1/trade/verify;x=1/T-1"),
+        ("POST", "/A/1/B/2"),
+        ("HEAD", "/api/v1/agent/pay-api/atlas.xml"),
+        ("PUT", "/api/v1/ANY"),
+    ],
+)
+def test_odd_spellings_of_a_priced_path_are_refused(method: str, path: str) -> None:
+    with pytest.raises(BadRequest):
+        TABLE.price_for(method, path, {})
+
+
+@pytest.mark.parametrize("method", ["get", "Get", "pOST", "", "G ET", "GET\r\n"])
+def test_non_canonical_methods_are_refused(method: str) -> None:
+    with pytest.raises(BadRequest):
+        TABLE.price_for(method, "/api/v1/agent/pay-api/atlas", {})
+    with pytest.raises(BadRequest):  # free routes too: the service may upper-case it
+        TABLE.price_for(method, "/free", {"x402.price": "0.01"})
+
+
+def test_other_methods_and_unrelated_paths_stay_free() -> None:
+    assert TABLE.price_for("POST", "/api/v1/agent/pay-api/atlas/", {}) is None
+    assert TABLE.price_for("GET", "/static/app.js", {}) is None
+    assert TABLE.price_for("M-SEARCH", "/", {}) is None
+
+
+def test_a_zero_price_is_a_free_listed_route() -> None:
+    table = RouteTable(
+        [route("eval", "GET", "/eval", 0), route("paid", "GET", "/paid", 5)],
+        {"USDF": USDF},
+        "USDF",
+        unlisted="deny",
+    )
+    assert table.price_for("GET", "/eval", {}) is None  # listed, free, no 402 for 0
+    for unlisted in ("/other", "/eval.json"):  # an odd spelling of a free path is unlisted
+        with pytest.raises(UnknownRoute):
+            table.price_for("GET", unlisted, {})
+    with pytest.raises(BadRequest):  # refused before unlisted: the reason says why
+        table.price_for("GET", "/PAID", {})
+
+
+def test_case_insensitive_tables_price_any_case() -> None:
+    table = RouteTable(
+        [route("atlas", "GET", "/api/Atlas", 5), route("t", "GET", "/t/{id}", 1)],
+        {"USDF": USDF},
+        "USDF",
+        case_sensitive=False,
+    )
+    for path in ("/api/Atlas", "/API/ATLAS", "/api/atlas/", "/T/x"):
+        price = table.price_for("GET", path, {})
+        assert price is not None and price.amount > 0, path
+
+
+def test_unlisted_must_be_pass_or_deny() -> None:
+    with pytest.raises(ConfigError, match="unlisted"):
+        RouteTable([], {"USDF": USDF}, "USDF", unlisted="allow")
