@@ -19,7 +19,7 @@ import sys
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 from google.rpc import code_pb2, status_pb2
 
-from sidecar.servicer import AUTHZ_SERVICE
+from sidecar.server.authz import AUTHZ_SERVICE
 
 OK = authz.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)).SerializeToString()
 

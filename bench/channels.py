@@ -44,13 +44,13 @@ from bench.run import (
     presign,
     run_wrk,
 )
-from sidecar import channel, protocol
-from sidecar.channel import Channels
-from sidecar.identity import Identity
-from sidecar.ledger import Ledger
-from sidecar.load import percentiles
-from sidecar.money import to_decimal
-from sidecar.stack import Stack, free_port
+from sidecar.core import protocol, vouchers
+from sidecar.core.identity import Identity
+from sidecar.core.money import to_decimal
+from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.channels import Channels
+from sidecar.tools.load import percentiles
+from sidecar.tools.stack import Stack, free_port
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,7 +61,7 @@ def _sign_lane(job: tuple[str, str, str, int]) -> list[str]:
     wallet = Identity.from_seed_text(seed)
     return [
         protocol.encode_header(
-            channel.sign_voucher(
+            vouchers.sign_voucher(
                 {
                     "channel_id": channel_id,
                     "asset": "USDF",
@@ -152,8 +152,8 @@ def channel_phase(wrk: str, stack: Stack, lanes: int, seconds: float, per_lane: 
     with multiprocessing.Pool(os.cpu_count() or 1) as pool:
         signed = pool.map(_sign_lane, jobs)
     prefix = stack.dir / f"vouchers-{time.monotonic_ns()}"
-    for i, vouchers in enumerate(signed):
-        Path(f"{prefix}.{i}").write_text("\n".join(vouchers) + "\n")
+    for i, lane in enumerate(signed):
+        Path(f"{prefix}.{i}").write_text("\n".join(lane) + "\n")
     offset, meter, memory = log.stat().st_size, CpuMeter(parts(stack)), redis_memory(stack)
     figures = run_wrk(wrk, url, seconds, lanes, lanes, "paid.lua", (str(prefix),))
     figures["cpu_us_per_request"] = meter.per_request(figures["requests"])

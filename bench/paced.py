@@ -19,7 +19,7 @@ from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
 
-from sidecar.load import percentiles
+from sidecar.tools.load import percentiles
 
 
 async def run(url: str, rate: float, seconds: float, proofs: list[str], connections: int) -> Any:

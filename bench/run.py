@@ -38,11 +38,11 @@ from typing import Any
 import redis
 import yaml
 
-from sidecar import protocol
-from sidecar.identity import Identity
-from sidecar.ledger import Ledger
-from sidecar.load import percentiles
-from sidecar.stack import LOOPBACK, Process, Stack, free_port
+from sidecar.core import protocol
+from sidecar.core.identity import Identity
+from sidecar.ledger.accounts import Ledger
+from sidecar.tools.load import percentiles
+from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port
 
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPTS = HERE / "wrk"
@@ -118,7 +118,7 @@ def run_load(stack: Stack, seconds: float, concurrency: int, *extra: str) -> dic
     argv = [
         sys.executable,
         "-m",
-        "sidecar.cli",
+        "sidecar.tools.cli",
         "load",
         "--url",
         stack.url,

@@ -1,10 +1,10 @@
-"""Compile protos/admin.proto into sidecar/admin_pb2.py, admin_pb2.pyi, admin_pb2_grpc.py.
+"""Compile protos/admin.proto into sidecar/server/admin_pb2.py, .pyi and admin_pb2_grpc.py.
 
     .venv/bin/python protos/generate.py
 
 The generated files are committed (small, and no build step at install time). The
 include path maps this directory to the package name, so the generated gRPC module
-imports `from sidecar import admin_pb2` and works inside the package.
+imports `from sidecar.server import admin_pb2` and works inside the package.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ def main() -> int:
     return protoc.main(
         [
             "grpc_tools.protoc",
-            f"-Isidecar={protos}",
+            f"-Isidecar/server={protos}",
             f"-I{well_known}",
             f"--python_out={ROOT}",
             f"--pyi_out={ROOT}",
             f"--grpc_python_out={ROOT}",
-            "sidecar/admin.proto",
+            "sidecar/server/admin.proto",
         ]
     )
 

@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar import protocol
-from sidecar.identity import Identity
-from sidecar.ledger import Ledger
-from sidecar.stack import Stack
+from sidecar.core import protocol
+from sidecar.core.identity import Identity
+from sidecar.ledger.accounts import Ledger
+from sidecar.tools.stack import Stack
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -9,10 +9,10 @@ from typing import Any
 
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 
-from sidecar.config import Settings
-from sidecar.ledger import Ledger
-from sidecar.servicer import Authorization
-from sidecar.stack import Stack
+from sidecar.ledger.accounts import Ledger
+from sidecar.server.authz import Authorization
+from sidecar.server.config import Settings
+from sidecar.tools.stack import Stack
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar import keyspace, merkle, settlement
-from sidecar.identity import Identity
-from sidecar.ledger import Ledger
-from sidecar.money import to_atomic
-from sidecar.stack import Stack, free_port
+from sidecar.core import merkle
+from sidecar.core.identity import Identity
+from sidecar.core.money import to_atomic
+from sidecar.ledger import keyspace, settlement
+from sidecar.ledger.accounts import Ledger
+from sidecar.tools.stack import Stack, free_port
 from tests.conftest import ENVOY_ROUTES, ROUTES, funded_payer, pay_direct
 
 VERIFY = "/api/v1/trade/verify/T-{n}"  # 0.01 USDF, the route ROUTES["verify"]
@@ -40,7 +41,7 @@ async def x402(*args: str, env: dict[str, str] | None = None, limit: float = 60)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sidecar.cli",
+        "sidecar.tools.cli",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -137,7 +138,7 @@ def remember_gateway(stack: Stack) -> None:
 
 
 def _leaf(payer: str, fields: dict[str, str], public_key: str) -> bytes:
-    from sidecar.money import Asset
+    from sidecar.core.money import Asset
 
     gateway = _gateways[public_key]
     receipt = settlement.signed_receipt(payer, fields, {"USDF": Asset("USDF", 6)}, gateway)

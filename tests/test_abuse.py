@@ -7,7 +7,7 @@ from collections import Counter
 
 import redis.asyncio as aioredis
 
-from sidecar.stack import LOOPBACK, Stack
+from sidecar.tools.stack import LOOPBACK, Stack
 
 FLOOD = 10_000
 CONNECTIONS = 8

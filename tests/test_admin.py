@@ -14,13 +14,13 @@ import grpc
 import httpx
 import pytest
 
-from sidecar import admin
-from sidecar import admin_pb2 as pb
-from sidecar import admin_pb2_grpc as pb_grpc
-from sidecar.config import Settings
-from sidecar.identity import Identity
-from sidecar.ledger import Ledger
-from sidecar.stack import Stack, free_port
+from sidecar.core.identity import Identity
+from sidecar.ledger.accounts import Ledger
+from sidecar.server import admin
+from sidecar.server import admin_pb2 as pb
+from sidecar.server import admin_pb2_grpc as pb_grpc
+from sidecar.server.config import Settings
+from sidecar.tools.stack import Stack, free_port
 from tests.settle_helpers import (
     ADMIN_TOKEN,
     admin_stack,  # noqa: F401 - the session fixture

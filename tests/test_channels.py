@@ -13,16 +13,18 @@ import httpx
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 
-from sidecar import channel, keyspace, protocol
-from sidecar.channel import Channels
-from sidecar.channel_client import ChannelAuth, ChannelExhausted, PaymentChannel
-from sidecar.config import Settings
-from sidecar.identity import Identity
-from sidecar.ledger import SUSPENDED, Ledger
-from sidecar.logs import DecisionLog
-from sidecar.servicer import Authorization
-from sidecar.stack import Stack
-from sidecar.wallet import Wallet
+from sidecar.agent.channel import ChannelAuth, PaymentChannel
+from sidecar.agent.wallet import Wallet
+from sidecar.core import protocol, vouchers
+from sidecar.core.errors import ChannelExhausted
+from sidecar.core.identity import Identity
+from sidecar.ledger import keyspace, scripts
+from sidecar.ledger.accounts import SUSPENDED, Ledger
+from sidecar.ledger.channels import Channels
+from sidecar.server.authz import Authorization
+from sidecar.server.config import Settings
+from sidecar.server.logs import DecisionLog
+from sidecar.tools.stack import Stack
 from tests.conftest import funded_payer
 from tests.settle_helpers import b64json, settle, x402
 
@@ -59,7 +61,7 @@ async def open_fast(ledger: Ledger, stack: Stack, payer: str, deposit: int) -> s
 
 def voucher_header(stack: Stack, wallet: Identity, **terms: Any) -> dict[str, str]:
     fields = {"asset": "USDF", "payee": stack.gateway_identity.kid, **terms}
-    return {"X-Payment": protocol.encode_header(channel.sign_voucher(fields, wallet))}
+    return {"X-Payment": protocol.encode_header(vouchers.sign_voucher(fields, wallet))}
 
 
 async def expect(response: httpx.Response, status: int, reason: str) -> dict[str, Any]:
@@ -186,7 +188,7 @@ async def test_open_a_thousand_vouchered_requests_and_close(
     )
     final = json.loads(entry["voucher"])
     assert final["sequence"] == 1000 and final["cumulative"] == "10"
-    assert channel.verify_signature(final)
+    assert vouchers.verify_signature(final)
 
 
 async def test_only_one_of_many_copies_of_a_voucher_is_accepted(
@@ -240,7 +242,7 @@ async def test_bad_vouchers_are_refused_before_the_ledger_moves(
         "resource": f"GET {path}",
     }
     fields = {"asset": "USDF", "payee": stack.gateway_identity.kid, **terms, **change}
-    signed = channel.sign_voucher(fields, wallet)
+    signed = vouchers.sign_voucher(fields, wallet)
     signed.update({k: v for k, v in change.items() if k not in signed})  # unknown fields too
 
     response = await client.get(path, headers={"X-Payment": protocol.encode_header(signed)})
@@ -262,7 +264,7 @@ async def test_a_forged_or_suspended_voucher_is_refused(
         "sequence": 1,
         "resource": f"GET {path}",
     }
-    forged = channel.sign_voucher(
+    forged = vouchers.sign_voucher(
         {"asset": "USDF", "payee": stack.gateway_identity.kid, **terms}, Identity.generate()
     )
     forged["payer"] = wallet.public_key  # signed by someone else on the payer's behalf
@@ -399,7 +401,7 @@ async def test_a_voucher_accepted_after_envoy_gave_up_still_gets_its_log_line(
         stack, wallet, cumulative="0.01", sequence=1, **terms
     )["X-Payment"]
     # Connected, and the script loaded (else its first call is NOSCRIPT, load, retry).
-    await servicer.ledger.pipe.call("SCRIPT", "LOAD", channel.VOUCHER.source)
+    await servicer.ledger.pipe.call("SCRIPT", "LOAD", scripts.VOUCHER.source)
     pause = asyncio.create_task(ledger.redis.execute_command("DEBUG", "SLEEP", "0.5"))
     await asyncio.sleep(0.05)
 

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.envoy_config import Endpoints, render_yaml
-from sidecar.identity import Identity
-from sidecar.stack import Stack, find_binary
+from sidecar.core.identity import Identity
+from sidecar.tools.envoy_config import Endpoints, render_yaml
+from sidecar.tools.stack import Stack, find_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def x402(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sidecar.cli", *args],
+        [sys.executable, "-m", "sidecar.tools.cli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

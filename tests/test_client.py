@@ -12,8 +12,10 @@ import httpx
 import pytest
 import requests
 
-from sidecar.client import X402Auth, parse_invoice, receipt_of
-from sidecar.errors import (
+from sidecar.agent.auth import X402Auth, parse_invoice, receipt_of
+from sidecar.agent.requests_adapter import X402Adapter, x402_session
+from sidecar.agent.wallet import Wallet
+from sidecar.core.errors import (
     AssetNotAllowed,
     BudgetExceeded,
     GuardRefused,
@@ -23,10 +25,8 @@ from sidecar.errors import (
     PayeeNotAllowed,
     ReceiptWarning,
 )
-from sidecar.identity import Identity
-from sidecar.requests_adapter import X402Adapter, x402_session
-from sidecar.stack import Stack
-from sidecar.wallet import Wallet
+from sidecar.core.identity import Identity
+from sidecar.tools.stack import Stack
 
 ROUTES: dict[str, dict[str, Any]] = {
     "atlas": {"method": "GET", "path": "/api/v1/agent/pay-api/atlas", "price": "0.25"},

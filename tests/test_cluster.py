@@ -13,18 +13,19 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from sidecar import channel, keyspace, protocol
-from sidecar.channel import Channels
-from sidecar.channel_client import ChannelAuth, PaymentChannel
-from sidecar.errors import InsufficientFunds, NonceReused, RateLimited, X402Error
-from sidecar.identity import Identity
-from sidecar.ledger import Ledger
-from sidecar.money import Asset
-from sidecar.pricing import Price
-from sidecar.ratelimit import Rate, RateLimiter
-from sidecar.redis_cluster import ClusterPipe, parse_cluster_url, slot_of
-from sidecar.stack import LOOPBACK, Stack
-from sidecar.wallet import Wallet
+from sidecar.agent.channel import ChannelAuth, PaymentChannel
+from sidecar.agent.wallet import Wallet
+from sidecar.core import protocol, vouchers
+from sidecar.core.errors import InsufficientFunds, NonceReused, RateLimited, X402Error
+from sidecar.core.identity import Identity
+from sidecar.core.money import Asset
+from sidecar.core.pricing import Price
+from sidecar.ledger import keyspace
+from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.channels import Channels
+from sidecar.ledger.cluster import ClusterPipe, parse_cluster_url, slot_of
+from sidecar.ledger.rate_limit import Rate, RateLimiter
+from sidecar.tools.stack import LOOPBACK, Stack
 from tests.conftest import ENVOY_ROUTES, ROUTES, funded_payer, pay_direct
 from tests.settle_helpers import assert_exactly_once, paid_requests, remember_gateway, settle
 from tests.test_conservation import run_and_check
@@ -318,7 +319,7 @@ async def test_a_migrating_slot_is_followed(cluster: Stack, cledger: Ledger) -> 
         assert await dst.exists(account_key) == 1
 
 
-def _voucher(stack: Stack, wallet: Identity, channel_id: str) -> channel.Voucher:
+def _voucher(stack: Stack, wallet: Identity, channel_id: str) -> vouchers.Voucher:
     fields = {
         "channel_id": channel_id,
         "asset": "USDF",
@@ -327,7 +328,7 @@ def _voucher(stack: Stack, wallet: Identity, channel_id: str) -> channel.Voucher
         "resource": f"GET {VERIFY.format(n=1)}",
         "payee": stack.gateway_identity.kid,
     }
-    return channel.voucher_from(channel.sign_voucher(fields, wallet))
+    return vouchers.voucher_from(vouchers.sign_voucher(fields, wallet))
 
 
 async def test_a_dead_master_fails_its_payers_closed_and_no_one_else(

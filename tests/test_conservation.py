@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from sidecar import protocol
-from sidecar.identity import Identity
-from sidecar.ledger import ACTIVE, SUSPENDED, Ledger
-from sidecar.servicer import Authorization
-from sidecar.stack import Stack
+from sidecar.core import protocol
+from sidecar.core.identity import Identity
+from sidecar.ledger.accounts import ACTIVE, SUSPENDED, Ledger
+from sidecar.server.authz import Authorization
+from sidecar.tools.stack import Stack
 from tests.inprocess import check, check_request, servicer_for
 
 PAYERS = 24

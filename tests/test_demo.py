@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from sidecar import demo
-from sidecar.client import X402Auth, receipt_of
-from sidecar.stack import Stack
-from sidecar.wallet import Wallet
+from sidecar.agent.auth import X402Auth, receipt_of
+from sidecar.agent.wallet import Wallet
+from sidecar.tools import demo
+from sidecar.tools.stack import Stack
 
 X402 = str(Path(sys.executable).parent / "x402")  # the console script pip installed
 CHECKS = [

@@ -12,11 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar import evidence, settlement
-from sidecar.identity import Identity
-from sidecar.ledger import Ledger
-from sidecar.protocol import canonical_json
-from sidecar.stack import Stack
+from sidecar.core.identity import Identity
+from sidecar.core.protocol import canonical_json
+from sidecar.ledger import evidence, settlement
+from sidecar.ledger.accounts import Ledger
+from sidecar.tools.stack import Stack
 from tests.settle_helpers import payers_with_receipts, settle, x402
 
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import httpx
 import redis.asyncio as aioredis
 
-from sidecar.identity import Identity
-from sidecar.ledger import Ledger
-from sidecar.stack import Stack
+from sidecar.core.identity import Identity
+from sidecar.ledger.accounts import Ledger
+from sidecar.tools.stack import Stack
 from tests.conftest import ROUTES, funded_payer, pay_direct
 
 VERIFY = "/api/v1/trade/verify/T-7"

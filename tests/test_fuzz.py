@@ -20,12 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar import protocol
-from sidecar.errors import BY_REASON
-from sidecar.identity import Identity
-from sidecar.logs import DecisionLog
-from sidecar.servicer import Authorization
-from sidecar.stack import Stack
+from sidecar.core import protocol
+from sidecar.core.errors import BY_REASON
+from sidecar.core.identity import Identity
+from sidecar.server.authz import Authorization
+from sidecar.server.logs import DecisionLog
+from sidecar.tools.stack import Stack
 from tests.inprocess import Outcome, check, check_request, servicer_for
 
 TYPED = set(BY_REASON) - {"internal_error"}

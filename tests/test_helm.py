@@ -32,13 +32,13 @@ import redis
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar import protocol
-from sidecar.config import Settings
-from sidecar.envoy_config import Endpoints, render
-from sidecar.identity import Identity
-from sidecar.ledger import Ledger
-from sidecar.money import to_atomic, to_decimal
-from sidecar.stack import LOOPBACK, Process, find_binary, free_port, free_ports, wait_http
+from sidecar.core import protocol
+from sidecar.core.identity import Identity
+from sidecar.core.money import to_atomic, to_decimal
+from sidecar.ledger.accounts import Ledger
+from sidecar.server.config import Settings
+from sidecar.tools.envoy_config import Endpoints, render
+from sidecar.tools.stack import LOOPBACK, Process, find_binary, free_port, free_ports, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "x402-sidecar"
@@ -896,7 +896,7 @@ def test_the_rendered_pod_runs_as_processes_and_takes_a_payment(
     stand_in = (
         None
         if demo
-        else [sys.executable, "-m", "sidecar.cli", "upstream", "--port", str(ports["app"])]
+        else [sys.executable, "-m", "sidecar.tools.cli", "upstream", "--port", str(ports["app"])]
     )
     pod.start("app", stand_in)
     pod.start("x402")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from sidecar.stack import Stack
+from sidecar.tools.stack import Stack
 from tests.conftest import ROUTES
 
 VERIFY_PRICE = 10_000  # atomic units of 0.01 USDF
@@ -27,7 +27,7 @@ def load_stack() -> Iterator[Stack]:
 def x402_load(stack: Stack, tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
     out = tmp_path / "summary.json"
     done = subprocess.run(
-        [sys.executable, "-m", "sidecar.cli", "load", "--url", stack.url,
+        [sys.executable, "-m", "sidecar.tools.cli", "load", "--url", stack.url,
          "--redis", stack.redis_url, "--json", str(out), *args],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -80,7 +80,7 @@ def test_unexpected_answers_are_counted_by_reason(load_stack: Stack, tmp_path: P
 
 def test_an_unknown_route_is_a_readable_error(load_stack: Stack) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "sidecar.cli", "load", "--url", load_stack.url,
+        [sys.executable, "-m", "sidecar.tools.cli", "load", "--url", load_stack.url,
          "--redis", load_stack.redis_url, "--route", "/nope", "--duration", "1s"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

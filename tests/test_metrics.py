@@ -9,14 +9,14 @@ import httpx
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar import metrics
-from sidecar.channel import Channels
-from sidecar.channel_client import ChannelAuth, PaymentChannel
-from sidecar.config import Settings
-from sidecar.ledger import Ledger
-from sidecar.servicer import Authorization
-from sidecar.stack import Stack, free_port
-from sidecar.wallet import Wallet
+from sidecar.agent.channel import ChannelAuth, PaymentChannel
+from sidecar.agent.wallet import Wallet
+from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.channels import Channels
+from sidecar.server import metrics
+from sidecar.server.authz import Authorization
+from sidecar.server.config import Settings
+from sidecar.tools.stack import Stack, free_port
 from tests.conftest import funded_payer, pay_direct
 from tests.settle_helpers import admin_stack, settle  # noqa: F401 - the session fixture
 

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar import protocol
-from sidecar.identity import Identity
-from sidecar.ledger import SUSPENDED, Ledger
-from sidecar.stack import Stack
+from sidecar.core import protocol
+from sidecar.core.identity import Identity
+from sidecar.ledger.accounts import SUSPENDED, Ledger
+from sidecar.tools.stack import Stack
 from tests.conftest import ROUTES, funded_payer, pay_direct, pay_invoice
 
 ATLAS = "/api/v1/agent/pay-api/atlas"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.identity import Identity
-from sidecar.stack import Stack
+from sidecar.core.identity import Identity
+from sidecar.tools.stack import Stack
 
 X402 = str(Path(sys.executable).parent / "x402")
 ROUTES = {

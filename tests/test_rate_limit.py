@@ -13,12 +13,12 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 
-from sidecar.channel import Channels
-from sidecar.errors import LedgerUnavailable
-from sidecar.ledger import Ledger
-from sidecar.ratelimit import Rate, RateLimiter
-from sidecar.redis_pipe import RedisPipe
-from sidecar.stack import LOOPBACK, Stack, free_port
+from sidecar.core.errors import LedgerUnavailable
+from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.channels import Channels
+from sidecar.ledger.pipe import RedisPipe
+from sidecar.ledger.rate_limit import Rate, RateLimiter
+from sidecar.tools.stack import LOOPBACK, Stack, free_port
 from tests.conftest import ENVOY_ROUTES, ROUTES, funded_payer, pay_direct
 from tests.test_channels import voucher_header
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.errors import LedgerUnavailable
-from sidecar.ledger import Ledger
-from sidecar.redis_pipe import ConnectionFailed, RedisPipe, RedisPipeError, ReplyError, Script
-from sidecar.stack import LOOPBACK, find_binary, free_port
+from sidecar.core.errors import LedgerUnavailable
+from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.pipe import ConnectionFailed, RedisPipe, RedisPipeError, ReplyError, Script
+from sidecar.tools.stack import LOOPBACK, find_binary, free_port
 
 COUNTER = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 

@@ -29,11 +29,11 @@ import h2.events
 import httpx
 import pytest
 
-from sidecar import channel, protocol
-from sidecar.channel import Channels
-from sidecar.decision import UPSTREAM_HEADERS
-from sidecar.ledger import Ledger
-from sidecar.stack import LOOPBACK, Stack
+from sidecar.core import protocol, vouchers
+from sidecar.core.decision import UPSTREAM_HEADERS
+from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.channels import Channels
+from sidecar.tools.stack import LOOPBACK, Stack
 from tests.conftest import ROUTES, funded_payer, pay_direct
 from tests.inprocess import check_request, servicer_for
 from tests.settle_helpers import x402
@@ -281,7 +281,7 @@ async def test_channel_close_counts_accepted_vouchers(stack: Stack, ledger: Ledg
     channel_id, _ = await Channels(ledger).open(payer, "USDF", 100_000, stack.gateway_identity.kid)
     async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
         for sequence, cumulative in ((1, "0.01"), (50, "0.02"), (105, "0.03"), (106, "0.04")):
-            voucher = channel.sign_voucher(
+            voucher = vouchers.sign_voucher(
                 {
                     "asset": "USDF",
                     "payee": stack.gateway_identity.kid,

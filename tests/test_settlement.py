@@ -12,11 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar import keyspace, settlement
-from sidecar.admin import start_facilities
-from sidecar.config import Settings
-from sidecar.ledger import Ledger
-from sidecar.stack import Stack
+from sidecar.ledger import keyspace, settlement
+from sidecar.ledger.accounts import Ledger
+from sidecar.server.admin import start_facilities
+from sidecar.server.config import Settings
+from sidecar.tools.stack import Stack
 from tests.conftest import ENVOY_ROUTES, ROUTES
 from tests.settle_helpers import (
     assert_exactly_once,

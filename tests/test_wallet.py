@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.errors import (
+from sidecar.agent.wallet import Wallet
+from sidecar.core.errors import (
     AmountError,
     AssetNotAllowed,
     BudgetExceeded,
@@ -16,8 +17,7 @@ from sidecar.errors import (
     MaxAmountExceeded,
     PayeeNotAllowed,
 )
-from sidecar.identity import Identity
-from sidecar.wallet import Wallet
+from sidecar.core.identity import Identity
 
 
 def test_from_env_prefers_the_key_text_then_the_key_file(tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from sidecar.ledger import Ledger
-from sidecar.stack import Stack
+from sidecar.ledger.accounts import Ledger
+from sidecar.tools.stack import Stack
 from tests.conftest import ROUTES, funded_payer, pay_direct
 
 VERIFY = "/api/v1/trade/verify/T-1"

@@ -12,12 +12,12 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from sidecar import decision, protocol
-    from sidecar.decision import Gateway, Request
-    from sidecar.errors import BY_REASON, PaymentError
-    from sidecar.identity import Identity
-    from sidecar.money import Asset
-    from sidecar.pricing import Price
+    from sidecar.core import decision, protocol
+    from sidecar.core.decision import Gateway, Request
+    from sidecar.core.errors import BY_REASON, PaymentError
+    from sidecar.core.identity import Identity
+    from sidecar.core.money import Asset
+    from sidecar.core.pricing import Price
 
 GATEWAY = Gateway(Identity.generate(), b"f" * 32)
 PRICE = Price("atlas", 250_000, Asset("USDF", 6))

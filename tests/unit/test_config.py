@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import Settings
-from sidecar.errors import ConfigError
-from sidecar.identity import Identity
+from sidecar.core.errors import ConfigError
+from sidecar.core.identity import Identity
+from sidecar.server.config import Settings
 
 ROUTE = {"method": "GET", "path": "/api/{id}", "price": "0.25"}
 

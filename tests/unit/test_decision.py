@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from sidecar import decision, protocol
-from sidecar.decision import Gateway, Request
-from sidecar.errors import (
+from sidecar.core import decision, protocol, receipts
+from sidecar.core.decision import Gateway, Request
+from sidecar.core.errors import (
     InsufficientFunds,
     InvalidInvoice,
     InvalidSignature,
@@ -19,9 +19,9 @@ from sidecar.errors import (
     MalformedPayment,
     PaymentError,
 )
-from sidecar.identity import Identity
-from sidecar.money import Asset
-from sidecar.pricing import Price
+from sidecar.core.identity import Identity
+from sidecar.core.money import Asset
+from sidecar.core.pricing import Price
 
 NOW = 1_763_711_000
 GATEWAY = Gateway(Identity.generate(), b"k" * 32)
@@ -157,10 +157,22 @@ def test_ledger_unavailable_is_503_with_retry_after_and_no_invoice() -> None:
     assert "x402" not in json.loads(denial.body)
 
 
-def test_allow_signs_a_receipt_with_the_balance_left() -> None:
+def test_a_debit_receipt_is_signed_with_the_balance_left() -> None:
     proof = decision.verify_payment(paid(challenge()), PRICE, GATEWAY, NOW)
-    allowed = decision.allow(proof, PRICE, 750_000, "rcpt_1", GATEWAY, NOW)
-    receipt = allowed.receipt
+    record = receipts.debit_record(proof, PRICE.asset, PRICE.amount, "atlas", GATEWAY.payee, NOW)
+    entry = {**record, "receipt_id": "rcpt_1", "balance": 750_000}
+    receipt = protocol.sign_receipt(
+        receipts.body(WALLET.public_key, entry, PRICE.asset), GATEWAY.identity
+    )
+    # Settlement re-derives it from the stream's strings: the same bytes, the same signature.
+    stored = {name: str(value) for name, value in entry.items()}
+    assert (
+        protocol.sign_receipt(
+            receipts.body(WALLET.public_key, stored, PRICE.asset), GATEWAY.identity
+        )
+        == receipt
+    )
+    allowed = decision.carrying(receipt)
     assert (receipt["amount"], receipt["balance"], receipt["receipt_id"]) == (
         "0.25",
         "0.75",

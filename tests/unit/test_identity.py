@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.errors import ConfigError
-from sidecar.identity import Identity, b64url_decode, verify, verify_key
+from sidecar.core.errors import ConfigError
+from sidecar.core.identity import Identity, b64url_decode, verify, verify_key
 
 
 def test_key_file_round_trip_with_mode_0600(tmp_path: Path) -> None:

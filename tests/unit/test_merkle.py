@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar import merkle
-from sidecar.merkle import MerkleTree
+from sidecar.core import merkle
+from sidecar.core.merkle import MerkleTree
 
 
 def reference_root(leaves: list[bytes]) -> bytes:

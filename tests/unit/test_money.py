@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.errors import AmountError
-from sidecar.money import Asset, to_atomic, to_decimal
+from sidecar.core.errors import AmountError
+from sidecar.core.money import Asset, to_atomic, to_decimal
 
 USDF = Asset("USDF", 6)
 

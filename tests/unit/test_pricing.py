@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.errors import BadRequest, ConfigError, UnknownRoute
-from sidecar.money import Asset
-from sidecar.pricing import Price, Route, RouteTable, validate_path
+from sidecar.core.errors import BadRequest, ConfigError, UnknownRoute
+from sidecar.core.money import Asset
+from sidecar.core.pricing import Price, Route, RouteTable, validate_path
 
 USDF, EURF = Asset("USDF", 6), Asset("EURF", 2)
 

@@ -10,9 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar import protocol
-from sidecar.errors import MalformedPayment, PaymentError, UnsupportedScheme, UnsupportedVersion
-from sidecar.identity import Identity
+from sidecar.core import protocol
+from sidecar.core.errors import (
+    MalformedPayment,
+    PaymentError,
+    UnsupportedScheme,
+    UnsupportedVersion,
+)
+from sidecar.core.identity import Identity
 
 SECRET = b"s" * 32
 WALLET = Identity.from_seed_text(base64.urlsafe_b64encode(bytes(range(32))).rstrip(b"=").decode())

@@ -1,0 +1,254 @@
+"""Agents pay through a state channel with httpx: `ChannelAuth` signs one voucher per request.
+
+    channel = PaymentChannel(wallet, "ch_…", asset="USDF", deposit="10")
+    with httpx.Client(auth=ChannelAuth(channel)) as http:
+        http.get(url)  # X-Payment: a voucher raising the cumulative amount by the price
+
+The channel is opened by the operator (`x402 channel open PAYER DEPOSIT`, or the admin
+API); its id is all the agent needs. Vouchers are a sequence: send them from one place at
+a time (a channel per concurrent lane). A voucher the gateway refuses because another got
+there first (stale_voucher) or because a lost answer left the two sides apart
+(underpaid_voucher) is re-issued once from the gateway's state, which can never be above
+what this wallet signed: the agent pays for each request at most once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from sidecar.agent.auth import (
+    DISCOVERY_PATH,
+    PROOF_HEADER,
+    RECEIPT_EXTENSION,
+    Discovery,
+    Receipt,
+    origin_of,
+    parse_invoice,
+    path_of,
+    refusal,
+)
+from sidecar.agent.wallet import Reservation, Wallet, scaled, unscaled
+from sidecar.core import protocol, vouchers
+from sidecar.core.errors import (
+    AmountError,
+    ChannelExhausted,
+    InvalidReceipt,
+    PaymentError,
+    ReceiptWarning,
+)
+
+RESYNC_REASONS = frozenset({"stale_voucher", "underpaid_voucher"})
+
+
+@dataclass(frozen=True)
+class Issued:
+    voucher: dict[str, Any]
+    amount: int  # scaled (wallet.SCALE decimals)
+    before: int  # the cumulative amount before this voucher, scaled
+    reservation: Reservation
+
+
+class PaymentChannel:
+    """The agent's side of one channel: the cumulative amount and sequence it has signed.
+
+    Amounts are decimal strings in the channel's asset; internally integers at the
+    wallet's scale. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        wallet: Wallet,
+        channel_id: str,
+        *,
+        asset: str = "USDF",
+        deposit: str | None = None,
+        cumulative: str = "0",
+        sequence: int = 0,
+    ) -> None:
+        """`cumulative`/`sequence`: where a resumed channel stands (0 for a new one)."""
+        self.wallet = wallet
+        self.channel_id = channel_id
+        self.asset = asset
+        self.deposit = None if deposit is None else scaled(deposit, "deposit")
+        self.cumulative = scaled(cumulative, "cumulative")
+        self.sequence = sequence
+        self.high_water = self.cumulative  # the most this wallet ever signed for
+        self._lock = threading.Lock()
+
+    def issue(self, resource: str, amount: str, payee: str) -> Issued:
+        """Guards first (they raise), then sign a voucher raising the total by `amount`."""
+        value = scaled(amount)
+        reservation = self.wallet.reserve(self.asset, amount, payee)
+        with self._lock:
+            total = self.cumulative + value
+            if self.deposit is not None and total > self.deposit:
+                reservation.release()
+                raise ChannelExhausted(
+                    f"channel {self.channel_id}: {unscaled(total)} {self.asset} would pass "
+                    f"the {unscaled(self.deposit)} deposit"
+                )
+            before = self.cumulative
+            self.cumulative, self.sequence = total, self.sequence + 1
+            self.high_water = max(self.high_water, total)
+            voucher = vouchers.sign_voucher(
+                {
+                    "channel_id": self.channel_id,
+                    "asset": self.asset,
+                    "cumulative": unscaled(total),
+                    "sequence": self.sequence,
+                    "resource": resource,
+                    "payee": payee,
+                },
+                self.wallet.identity,
+            )
+        return Issued(voucher, value, before, reservation)
+
+    def refused(self, issued: Issued) -> None:
+        """The gateway did not take this voucher: give its amount back, if no voucher was
+        issued after it (else the next one already covers the gap; the gateway takes
+        any raise of at least the price, so at worst that one overpays by this amount)."""
+        issued.reservation.release()
+        with self._lock:
+            if self.sequence == issued.voucher["sequence"]:
+                self.cumulative = issued.before
+
+    def resync(self, body: Any) -> bool:
+        """Adopt the gateway's last sequence and cumulative amount from a refusal's body;
+        False if there is none, or it claims more than this wallet ever signed."""
+        if not isinstance(body, dict):
+            return False
+        sequence, cumulative = body.get("sequence"), body.get("cumulative")
+        if type(sequence) is not int or not isinstance(cumulative, str):
+            return False
+        try:
+            theirs = scaled(cumulative)
+        except AmountError:
+            return False
+        with self._lock:
+            if theirs > self.high_water:
+                return False  # never sign on the word of a gateway claiming more
+            self.cumulative = theirs
+            self.sequence = max(self.sequence, sequence)
+        return True
+
+    @property
+    def spent(self) -> str:
+        with self._lock:
+            return unscaled(self.cumulative)
+
+
+class ChannelAuth(httpx.Auth):
+    """httpx auth that pays each priced request with a voucher of `channel`.
+
+    Prices come from the gateway's /.well-known/x402 (fetched once per origin, cached
+    `discovery_ttl` seconds); a route it does not list is paid for from its 402's invoice.
+    Receipts are verified against the gateway's keys and put in
+    `response.extensions["x402_receipt"]`; a bad one raises InvalidReceipt when strict,
+    else warns.
+    """
+
+    requires_request_body = True  # a route missing from the price list is sent twice
+    requires_response_body = True
+
+    def __init__(
+        self, channel: PaymentChannel, *, strict: bool = False, discovery_ttl: float = 300.0
+    ) -> None:
+        self.channel = channel
+        self.strict = strict
+        self.discovery_ttl = discovery_ttl
+        self._cache: dict[str, tuple[Discovery | None, float]] = {}
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        origin = origin_of(request.url)
+        cached = self._cache.get(origin)
+        if cached is None or cached[1] < time.monotonic():
+            url = request.url.copy_with(path=DISCOVERY_PATH, query=None, fragment=None)
+            found = yield httpx.Request("GET", url, headers={"accept": "application/json"})
+            discovery = None
+            if found.status_code == 200:
+                try:
+                    discovery = Discovery.parse(found.json())
+                except (ValueError, UnicodeDecodeError):
+                    discovery = None
+            cached = (discovery, time.monotonic() + self.discovery_ttl)
+            self._cache[origin] = cached  # one assignment: safe across threads
+        discovery = cached[0]
+        if discovery is None:
+            yield request  # no price list, no payee: nothing this auth can pay
+            return
+
+        resource = f"{request.method} {path_of(request.url)}"
+        price = discovery.price(request.method, path_of(request.url))
+        if price is not None and price.asset.code == self.channel.asset:
+            amount = price.display
+        else:
+            response = yield request
+            invoice = parse_invoice(response) if response.status_code == 402 else None
+            if invoice is None or invoice["asset"] != self.channel.asset:
+                return
+            amount = invoice["amount"]
+
+        for attempt in (1, 2):
+            issued = self.channel.issue(resource, amount, discovery.payee)
+            request.headers[PROOF_HEADER] = protocol.encode_header(issued.voucher)
+            response = yield request
+            reason = refusal(response)
+            if reason is None:
+                issued.reservation.commit()
+                self._check(response, issued.voucher, discovery)
+                return
+            self.channel.refused(issued)
+            if attempt == 2 or reason not in RESYNC_REASONS or not self._resync(response):
+                return
+
+    def _resync(self, response: httpx.Response) -> bool:
+        try:
+            body = response.json()
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return self.channel.resync(body)
+
+    def _check(
+        self, response: httpx.Response, voucher: Mapping[str, Any], discovery: Discovery
+    ) -> None:
+        header = next(
+            (response.headers[n] for n in protocol.RECEIPT_HEADERS if n in response.headers),
+            None,
+        )
+        problem: str | None = "no payment receipt on the response"
+        fields: Any = None
+        if header is not None:
+            try:
+                fields = protocol.decode_header(header)
+            except PaymentError:
+                fields = None
+            problem = _receipt_problem(fields, voucher, discovery)
+        if isinstance(fields, dict):
+            receipt = Receipt.from_fields(fields, verified=problem is None)
+            response.extensions = {**response.extensions, RECEIPT_EXTENSION: receipt}
+        if problem is not None:
+            if self.strict:
+                raise InvalidReceipt(problem)
+            warnings.warn(problem, ReceiptWarning, stacklevel=2)
+
+
+def _receipt_problem(fields: Any, voucher: Mapping[str, Any], discovery: Discovery) -> str | None:
+    if not isinstance(fields, dict):
+        return "the payment receipt header is not base64 JSON"
+    if not protocol.verify_receipt(fields, discovery.keys):
+        return "the receipt's signature does not verify against the gateway's keys"
+    for name in ("channel_id", "sequence", "payer", "resource", "asset"):
+        if fields.get(name) != voucher.get(name):
+            return f"the receipt's {name} is not the voucher's"
+    try:
+        same = scaled(str(fields.get("cumulative"))) == scaled(str(voucher.get("cumulative")))
+    except AmountError:
+        same = False
+    return None if same else "the receipt's cumulative amount is not the voucher's"

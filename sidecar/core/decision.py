@@ -1,0 +1,232 @@
+"""The decision for one request: challenge, verify a proof, deny, or allow with a receipt.
+
+Pure: the ledger step happens between `verify_payment` and `allow` in the servicer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+from typing import Any
+
+from nacl.signing import VerifyKey
+
+from sidecar.core import protocol
+from sidecar.core.errors import (
+    AmountError,
+    InvalidInvoice,
+    InvalidSignature,
+    InvoiceExpired,
+    InvoiceMismatch,
+    MalformedPayment,
+    PaymentError,
+)
+from sidecar.core.identity import Identity, verify, verify_key
+from sidecar.core.pricing import Price
+from sidecar.core.protocol import SCHEME, VERSION, Proof
+
+UPSTREAM_PAYER, UPSTREAM_AMOUNT, UPSTREAM_RECEIPT = (
+    "x-x402-payer",
+    "x-x402-amount",
+    "x-x402-receipt-id",
+)
+UPSTREAM_HEADERS = (UPSTREAM_PAYER, UPSTREAM_AMOUNT, UPSTREAM_RECEIPT)
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """What the gateway knows of itself: its key, its invoice secret and its limits."""
+
+    identity: Identity = field(repr=False)
+    invoice_secret: bytes = field(repr=False)
+    invoice_ttl: int = 300
+    max_direct_ttl: int = 300
+    max_proof_bytes: int = 4096
+    network: str = "fth-ledger"
+    public_url: str = ""  # base URL agents use; derived from each request's Host when empty
+
+    @cached_property
+    def payee(self) -> str:
+        return self.identity.kid
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The facts of one HTTP request that the decision needs."""
+
+    method: str
+    path: str  # without the query string
+    host: str = ""
+    scheme: str = "http"
+    proof_header: str | None = None
+
+    @property
+    def resource(self) -> str:
+        return f"{self.method} {self.path}"
+
+    def base_url(self, gateway: Gateway) -> str:
+        return gateway.public_url or f"{self.scheme}://{self.host}"
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    status: int
+    reason: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+    invoice_id: str | None = None
+    balance: str | None = None  # insufficient_funds says what is left
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    receipt: dict[str, Any]
+    upstream_headers: tuple[tuple[str, str], ...]
+    response_headers: tuple[tuple[str, str], ...]
+
+
+def invoice(request: Request, price: Price, gateway: Gateway, now: int) -> dict[str, Any]:
+    """A fresh, stateless invoice: nothing is stored, the MAC makes it unforgeable."""
+    terms: dict[str, Any] = {
+        "version": VERSION,
+        "scheme": SCHEME,
+        "asset": price.asset.code,
+        "amount": price.display,
+        "nonce": protocol.new_nonce(),
+        "resource": request.resource,
+        "payee": gateway.payee,
+        "expires_at": now + gateway.invoice_ttl,
+    }
+    return {
+        **terms,
+        "amount_atomic": str(price.amount),
+        "invoice_id": protocol.invoice_id(gateway.invoice_secret, terms),
+        "facilitator_url": f"{request.base_url(gateway)}/.well-known/x402",
+    }
+
+
+@lru_cache(maxsize=65536)
+def payer_key(payer: str) -> VerifyKey:
+    """A payer's verify key, parsed once per payer (ValueError if it is not a key)."""
+    return verify_key(payer)
+
+
+def verify_payment(
+    request: Request, price: Price, gateway: Gateway, now: int, proof: Proof | None = None
+) -> Proof:
+    """Every check that needs no ledger, cheapest first; raises a typed PaymentError.
+
+    `proof`: the header already parsed (the servicer decodes once to pick the scheme)."""
+    if proof is None:
+        assert request.proof_header is not None
+        proof = protocol.parse_proof(request.proof_header, gateway.max_proof_bytes)
+    if proof.resource != request.resource:
+        raise InvoiceMismatch(f"proof is for {proof.resource!r}, not {request.resource!r}")
+    if proof.asset != price.asset.code:
+        raise InvoiceMismatch(f"this route is priced in {price.asset.code}, not {proof.asset}")
+    if proof.amount != price.display:  # the usual case, the canonical string: no parsing
+        try:
+            amount = price.asset.to_atomic(proof.amount)
+        except AmountError as exc:
+            raise MalformedPayment(f"payment amount: {exc}") from None
+        if amount != price.amount:
+            raise InvoiceMismatch(f"this route costs {price.display} {price.asset.code} now")
+    if proof.payee != gateway.payee:
+        raise InvoiceMismatch(
+            f"proof is for payee {proof.payee!r}, this gateway is {gateway.payee!r}"
+        )
+    if proof.expires_at < now:
+        raise InvoiceExpired("the invoice has expired; pay the fresh one")
+    if proof.is_direct and proof.expires_at > now + gateway.max_direct_ttl:
+        raise InvoiceExpired(f"a direct proof may expire at most {gateway.max_direct_ttl}s ahead")
+    if not proof.is_direct and not protocol.invoice_matches(
+        gateway.invoice_secret, proof.terms, proof.invoice_id or ""
+    ):
+        raise InvalidInvoice("the invoice was not issued by this gateway or was altered")
+    try:
+        key = payer_key(proof.payer)
+    except ValueError:
+        raise MalformedPayment("payer is not a base64url Ed25519 public key") from None
+    if not verify(key, proof.signed_message, proof.signature):
+        raise InvalidSignature("the proof signature does not verify for this payer")
+    return proof
+
+
+def _json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def deny(
+    error: PaymentError, request: Request, price: Price | None, gateway: Gateway, now: int
+) -> Denial:
+    """The denial of PROTOCOL.md §5; every 402 carries a fresh invoice so the agent can pay."""
+    body: dict[str, Any] = {"error": error.reason, "message": error.message, **error.details}
+    if isinstance(body.get("balance"), int) and price is not None:  # atomic → wire decimal
+        body["balance"] = price.asset.to_decimal(body["balance"])
+    headers = [("content-type", "application/json"), ("cache-control", "no-store")]
+    invoice_id = None
+    if error.status == 402 and price is not None:
+        fresh = invoice(request, price, gateway, now)
+        invoice_id = fresh["invoice_id"]
+        body["x402"] = fresh
+        headers.append(
+            (
+                "payment-required",
+                protocol.encode_header(
+                    payment_required(fresh, request, price, gateway, error.reason, error.message)
+                ),
+            )
+        )
+    if error.status == 503:
+        headers.append(("retry-after", "1"))
+    elif error.status == 429:  # rate_limited: when the next check may pass
+        headers.append(("retry-after", str(error.details.get("retry_after", 1))))
+    return Denial(
+        error.status, error.reason, _json(body), tuple(headers), invoice_id, body.get("balance")
+    )
+
+
+def payment_required(
+    fresh: dict[str, Any],
+    request: Request,
+    price: Price,
+    gateway: Gateway,
+    reason: str,
+    message: str,
+) -> dict[str, Any]:
+    """The x402 v2 `PaymentRequired` object, so generic x402 tooling can read the challenge."""
+    return {
+        "x402Version": protocol.X402_VERSION,
+        "error": reason,
+        "resource": {
+            "url": request.base_url(gateway) + request.path,
+            "description": price.description or message,
+            "mimeType": "application/json",
+        },
+        "accepts": [
+            {
+                "scheme": SCHEME,
+                "network": gateway.network,
+                "amount": str(price.amount),
+                "asset": price.asset.code,
+                "payTo": gateway.payee,
+                "maxTimeoutSeconds": gateway.invoice_ttl,
+                "extra": fresh,
+            }
+        ],
+    }
+
+
+def carrying(receipt: dict[str, Any]) -> Allow:
+    """A signed receipt and the headers that carry it: to the service and to the client."""
+    encoded = protocol.encode_header(receipt)
+    return Allow(
+        receipt=receipt,
+        upstream_headers=(
+            (UPSTREAM_PAYER, receipt["payer"]),
+            (UPSTREAM_AMOUNT, receipt["amount"]),
+            (UPSTREAM_RECEIPT, receipt["receipt_id"]),
+        ),
+        response_headers=tuple((name, encoded) for name in protocol.RECEIPT_HEADERS),
+    )

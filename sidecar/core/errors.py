@@ -1,0 +1,238 @@
+"""Every error the product raises, each carrying the machine `reason` of PROTOCOL.md §5."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class X402Error(Exception):
+    """Base of every expected failure; `str(error)` is safe to show a user."""
+
+
+class ConfigError(X402Error):
+    """Bad configuration; the message names the offending key, never a secret value."""
+
+
+class AmountError(X402Error, ValueError):
+    """An amount that does not parse, is negative, or is more precise than its asset."""
+
+
+class PaymentError(X402Error):
+    """A check refused: `reason` and `status` go on the wire as they are."""
+
+    reason: ClassVar[str] = "payment_required"
+    status: ClassVar[int] = 402
+
+    def __init__(self, message: str, **details: str | int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class PaymentRequired(PaymentError):
+    reason = "payment_required"
+
+
+class MalformedPayment(PaymentError):
+    reason = "malformed_payment"
+    status = 400
+
+
+class UnsupportedVersion(PaymentError):
+    reason = "unsupported_version"
+    status = 400
+
+
+class UnsupportedScheme(PaymentError):
+    reason = "unsupported_scheme"
+    status = 400
+
+
+class InvoiceMismatch(PaymentError):
+    reason = "invoice_mismatch"
+
+
+class InvoiceExpired(PaymentError):
+    reason = "invoice_expired"
+
+
+class InvalidInvoice(PaymentError):
+    reason = "invalid_invoice"
+
+
+class InvalidSignature(PaymentError):
+    reason = "invalid_signature"
+
+
+class UnknownPayer(PaymentError):
+    reason = "unknown_payer"
+
+
+class PayerSuspended(PaymentError):
+    reason = "payer_suspended"
+    status = 403
+
+
+class NonceReused(PaymentError):
+    reason = "nonce_reused"
+
+
+class InsufficientFunds(PaymentError):
+    reason = "insufficient_funds"
+
+
+class UnknownChannel(PaymentError):
+    """A voucher names a channel this payer has not opened with this gateway."""
+
+    reason = "unknown_channel"
+
+
+class ChannelClosed(PaymentError):
+    """A voucher for a channel that is closed or past its expiry."""
+
+    reason = "channel_closed"
+
+
+class StaleVoucher(PaymentError):
+    """A voucher whose sequence is not above the last accepted one: a replay, or sent out
+    of order. The body says the channel's last sequence and cumulative amount."""
+
+    reason = "stale_voucher"
+
+
+class UnderpaidVoucher(PaymentError):
+    """A voucher that raises the cumulative amount by less than the route's price."""
+
+    reason = "underpaid_voucher"
+
+
+class RateLimited(PaymentError):
+    """Too many paid checks for one payer or one client address (optional limits); the
+    body says which `limit` and `retry_after` seconds, also in the Retry-After header."""
+
+    reason = "rate_limited"
+    status = 429
+
+
+class LedgerUnavailable(PaymentError):
+    reason = "ledger_unavailable"
+    status = 503
+
+
+class BadRequest(PaymentError):
+    """A request the gateway refuses before pricing: a non-canonical method, or an odd
+    spelling of a priced path that a framework could route to the priced handler."""
+
+    reason = "bad_request"
+    status = 400
+
+
+class UnknownRoute(PaymentError):
+    """`unlisted: deny`: the route table lists no route for this request."""
+
+    reason = "unknown_route"
+    status = 404
+
+
+class InternalError(PaymentError):
+    """A bug, never expected: the check fails closed rather than letting a request pass."""
+
+    reason = "internal_error"
+    status = 503
+
+
+class ChannelExists(X402Error):
+    """Opening a channel under an id already taken (a retried open is refused, not doubled)."""
+
+
+class ChannelExhausted(X402Error):
+    """The next voucher would go beyond the channel's deposit; nothing was signed."""
+
+
+class SettlementError(X402Error):
+    """A batch that cannot be built or anchored; its claim stays and is retried."""
+
+
+BY_REASON: dict[str, type[PaymentError]] = {
+    cls.reason: cls
+    for cls in (
+        PaymentRequired,
+        MalformedPayment,
+        UnsupportedVersion,
+        UnsupportedScheme,
+        InvoiceMismatch,
+        InvoiceExpired,
+        InvalidInvoice,
+        InvalidSignature,
+        UnknownPayer,
+        PayerSuspended,
+        NonceReused,
+        InsufficientFunds,
+        UnknownChannel,
+        ChannelClosed,
+        StaleVoucher,
+        UnderpaidVoucher,
+        RateLimited,
+        LedgerUnavailable,
+        BadRequest,
+        UnknownRoute,
+        InternalError,
+    )
+}
+
+# The ledger's scripts answer a bare reason; these are the words for it.
+LEDGER_MESSAGES = {
+    "unknown_payer": "this payer key is not registered with the ledger",
+    "payer_suspended": "this payer is suspended",
+    "nonce_reused": "this proof was already used (replay)",
+    "insufficient_funds": "the balance does not cover this request",
+    "unknown_channel": "this payer has no such channel with this gateway",
+    "channel_closed": "this channel is closed or expired; pay directly or open another",
+    "stale_voucher": "the voucher's sequence is not above the channel's last (replay?)",
+    "underpaid_voucher": "the voucher raises the cumulative amount by less than the price",
+}
+
+
+def refusal(reason: str, message: str | None = None, **details: str | int) -> PaymentError:
+    """The typed error for a reason a ledger script answered."""
+    return BY_REASON[reason](message or LEDGER_MESSAGES.get(reason, reason), **details)
+
+
+# -- agent side (the client SDK) --------------------------------------------------------
+
+
+class GuardRefused(X402Error):
+    """A spending guard of the agent's wallet refused a payment; nothing was signed.
+
+    `guard` names the guard (max_amount, budget, assets, payees) for programs to branch on.
+    """
+
+    guard: ClassVar[str] = "guard"
+
+
+class MaxAmountExceeded(GuardRefused):
+    guard = "max_amount"
+
+
+class BudgetExceeded(GuardRefused):
+    guard = "budget"
+
+
+class AssetNotAllowed(GuardRefused):
+    guard = "assets"
+
+
+class PayeeNotAllowed(GuardRefused):
+    guard = "payees"
+
+
+class InvalidChallenge(X402Error):
+    """A 402 whose invoice cannot be paid: malformed, or not for the request that was sent."""
+
+
+class InvalidReceipt(X402Error):
+    """A receipt that is missing, unsigned by the gateway's key, or not for this payment."""
+
+
+class ReceiptWarning(UserWarning):
+    """Emitted instead of InvalidReceipt when the client is not in strict mode."""

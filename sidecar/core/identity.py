@@ -1,0 +1,120 @@
+"""Ed25519 identities: the gateway's signing key and an agent's wallet key, one format."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from sidecar.core.errors import ConfigError
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Strict base64url without padding, the encoding of keys and signatures."""
+    padded = text + "=" * (-len(text) % 4)
+    raw = base64.urlsafe_b64decode(padded.encode("ascii"))
+    if b64url(raw) != text:  # reject non-canonical encodings (malleability)
+        raise ValueError("non-canonical base64url")
+    return raw
+
+
+def key_id(public_key: bytes, prefix: str = "gw_") -> str:
+    """A short, stable name for a public key: the gateway's `payee` and receipts' `kid`."""
+    return prefix + b64url(hashlib.sha256(public_key).digest()[:12])
+
+
+def write_secret(path: str | os.PathLike[str], text: str) -> None:
+    """Create `path` holding `text`, mode 0600 from the first byte (no window where others
+    can read it); FileExistsError rather than overwrite a secret."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A private Ed25519 key. The key file holds the 32-byte seed as base64url text."""
+
+    signing_key: SigningKey = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(SigningKey.generate())
+
+    @classmethod
+    def from_seed_text(cls, text: str, source: str = "key") -> Identity:
+        try:
+            seed = b64url_decode(text.strip())
+        except (ValueError, UnicodeEncodeError):
+            seed = b""
+        if len(seed) != 32:
+            # Never echo the content: it is a secret.
+            raise ConfigError(f"{source}: not an Ed25519 private key (expected 32-byte base64url)")
+        return cls(SigningKey(seed))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Identity:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read key file {path}: {exc.__class__.__name__}") from None
+        return cls.from_seed_text(text, source=f"key file {path}")
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the seed to a new file of mode 0600 (see `write_secret`)."""
+        write_secret(path, self.seed_text + "\n")
+
+    @property
+    def seed_text(self) -> str:
+        return b64url(bytes(self.signing_key))
+
+    @cached_property  # on every receipt: hashed once, not per request
+    def public_key(self) -> str:
+        """base64url of the raw 32-byte public key: an agent's `payer` id."""
+        return b64url(bytes(self.signing_key.verify_key))
+
+    @cached_property
+    def kid(self) -> str:
+        return key_id(bytes(self.signing_key.verify_key))
+
+    @cached_property
+    def _secret(self) -> bytes:
+        """libsodium's 64-byte secret key (seed + public key), derived once."""
+        return crypto_sign_seed_keypair(bytes(self.signing_key))[1]
+
+    def sign(self, message: bytes) -> str:
+        # libsodium directly: SigningKey.sign wraps every signature in a SignedMessage.
+        return b64url(crypto_sign(message, self._secret)[:64])
+
+
+def verify_key(public_key: str) -> VerifyKey:
+    """Parse a base64url public key; ValueError if it is not exactly 32 canonical bytes."""
+    raw = b64url_decode(public_key)
+    if len(raw) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    return VerifyKey(raw)
+
+
+def verify(key: VerifyKey, message: bytes, signature: str) -> bool:
+    try:
+        raw = b64url_decode(signature)
+    except ValueError:
+        return False
+    if len(raw) != 64:
+        return False
+    try:
+        key.verify(message, raw)
+    except BadSignatureError:
+        return False
+    return True

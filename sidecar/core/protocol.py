@@ -1,0 +1,230 @@
+"""The fth-x402/2.0 wire format: invoices, proofs and receipts (PROTOCOL.md §2-4). Pure."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.core.errors import MalformedPayment, UnsupportedScheme, UnsupportedVersion
+from sidecar.core.identity import Identity, b64url, verify, verify_key
+
+VERSION = "fth-x402/2.0"
+SCHEME = "prepaid-ed25519"
+X402_VERSION = 2
+PROOF_DOMAIN = b"fth-x402/2.0 proof\n"
+RECEIPT_DOMAIN = b"fth-x402/2.0 receipt\n"
+PROOF_HEADERS = ("x-payment", "payment-signature")
+RECEIPT_HEADERS = ("x-payment-response", "payment-response")
+MIN_NONCE_CHARS = 22  # 128 bits of base64url
+MAX_FIELD_CHARS = 512
+
+# Fields of a proof and their JSON types; `invoice_id` is absent in direct payments.
+PROOF_FIELDS: dict[str, type] = {
+    "version": str,
+    "scheme": str,
+    "invoice_id": str,
+    "nonce": str,
+    "resource": str,
+    "asset": str,
+    "amount": str,
+    "payee": str,
+    "expires_at": int,
+    "payer": str,
+    "signature": str,
+}
+# What the invoice MAC covers: every field the agent echoes back in its proof.
+INVOICE_MAC_FIELDS = (
+    "version",
+    "scheme",
+    "nonce",
+    "resource",
+    "asset",
+    "amount",
+    "payee",
+    "expires_at",
+)
+
+
+# Built once: json.dumps with options builds a new encoder on every call (hot path).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def canonical_json(obj: Mapping[str, Any]) -> bytes:
+    """Keys sorted, no whitespace, UTF-8: the bytes that are signed and MACed."""
+    return _CANONICAL.encode(obj).encode()
+
+
+def encode_header(obj: Mapping[str, Any]) -> str:
+    """Header values are standard base64 of compact JSON, as in the public x402 headers."""
+    return base64.b64encode(canonical_json(obj)).decode("ascii")
+
+
+def decode_header(value: str) -> Any:
+    """Inverse of `encode_header`, lenient on alphabet and padding, strict on everything else."""
+    text = value.strip().replace("-", "+").replace("_", "/")
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedPayment("payment header is not base64") from None
+    return loads_strict(raw)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise MalformedPayment("payment JSON has a duplicate key")
+    return obj
+
+
+def loads_strict(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError:
+        raise MalformedPayment("payment header is not UTF-8") from None
+    except (ValueError, RecursionError):  # JSONDecodeError, huge integers, deep nesting
+        raise MalformedPayment("payment header is not valid JSON") from None
+
+
+def new_nonce() -> str:
+    return "n_" + secrets.token_urlsafe(16)
+
+
+def new_receipt_id() -> str:
+    return "rcpt_" + secrets.token_urlsafe(16)
+
+
+def invoice_id(secret: bytes, fields: Mapping[str, Any]) -> str:
+    """Stateless invoices: the id is a 128-bit HMAC-SHA256 over the fields the proof echoes."""
+    message = canonical_json({k: fields[k] for k in INVOICE_MAC_FIELDS})
+    return "inv_" + b64url(hmac.new(secret, message, hashlib.sha256).digest()[:16])
+
+
+def invoice_matches(secret: bytes, fields: Mapping[str, Any], claimed: str) -> bool:
+    # Constant time; as bytes, because compare_digest refuses non-ASCII str (a hostile id).
+    return hmac.compare_digest(invoice_id(secret, fields).encode(), claimed.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    nonce: str
+    resource: str
+    asset: str
+    amount: str
+    payee: str
+    expires_at: int
+    payer: str
+    signature: str
+    invoice_id: str | None  # None for a direct payment
+    signed_message: bytes
+
+    @property
+    def is_direct(self) -> bool:
+        """A one-round-trip payment from the price list: no invoice was issued."""
+        return self.invoice_id is None
+
+    @property
+    def terms(self) -> dict[str, Any]:
+        """The fields the invoice MAC covers."""
+        return {
+            "version": VERSION,
+            "scheme": SCHEME,
+            "nonce": self.nonce,
+            "resource": self.resource,
+            "asset": self.asset,
+            "amount": self.amount,
+            "payee": self.payee,
+            "expires_at": self.expires_at,
+        }
+
+
+def parse_proof(value: str, max_bytes: int) -> Proof:
+    """Header value → Proof with every field of the right type, or a typed 400."""
+    return proof_from(decode_payment(value, max_bytes))
+
+
+def decode_payment(value: str, max_bytes: int) -> dict[str, Any]:
+    """What every scheme's header shares: size, base64, JSON object, version. Decoded once;
+    the servicer then picks the parser by `scheme` (proof_from, vouchers.voucher_from)."""
+    if len(value) > max_bytes:
+        raise MalformedPayment(f"payment header is larger than {max_bytes} bytes")
+    obj = decode_header(value)
+    if isinstance(obj, dict) and "x402Version" in obj:  # the x402 v2 PAYMENT-SIGNATURE envelope
+        obj = obj.get("payload")
+    if not isinstance(obj, dict):
+        raise MalformedPayment("payment must be a JSON object")
+    if obj.get("version") != VERSION:
+        raise UnsupportedVersion(f"version must be {VERSION!r}")
+    return obj
+
+
+def check_fields(obj: Mapping[str, Any], spec: Mapping[str, type], optional: str = "") -> None:
+    """Every field of `spec` present (but `optional`) with exactly its JSON type, strings
+    non-empty and bounded, and no other field; else malformed_payment."""
+    for name, kind in spec.items():
+        if name not in obj:
+            if name == optional:
+                continue
+            raise MalformedPayment(f"payment is missing {name!r}")
+        field_value = obj[name]
+        if type(field_value) is not kind:  # `type is`, so True is not an int
+            raise MalformedPayment(f"payment field {name!r} must be a {kind.__name__}")
+        if isinstance(field_value, str) and not 0 < len(field_value) <= MAX_FIELD_CHARS:
+            raise MalformedPayment(f"payment field {name!r} is empty or too long")
+    unknown = obj.keys() - spec.keys()
+    if unknown:
+        raise MalformedPayment(f"payment has unknown field {sorted(unknown)[0]!r}")
+
+
+def proof_from(obj: Mapping[str, Any]) -> Proof:
+    """A decoded payment object (decode_payment) → Proof, or a typed 400."""
+    if obj.get("scheme") != SCHEME:
+        raise UnsupportedScheme(f"scheme must be {SCHEME!r}")
+    check_fields(obj, PROOF_FIELDS, optional="invoice_id")
+    if not obj["nonce"].isascii() or len(obj["nonce"]) < MIN_NONCE_CHARS:
+        raise MalformedPayment(f"nonce must be at least {MIN_NONCE_CHARS} ASCII characters")
+    unsigned = {k: v for k, v in obj.items() if k != "signature"}
+    return Proof(
+        nonce=obj["nonce"],
+        resource=obj["resource"],
+        asset=obj["asset"],
+        amount=obj["amount"],
+        payee=obj["payee"],
+        expires_at=obj["expires_at"],
+        payer=obj["payer"],
+        signature=obj["signature"],
+        invoice_id=obj.get("invoice_id"),
+        signed_message=PROOF_DOMAIN + canonical_json(unsigned),
+    )
+
+
+def sign_proof(terms: Mapping[str, Any], wallet: Identity) -> dict[str, Any]:
+    """Client side: sign invoice `terms` (or direct terms without invoice_id)."""
+    fields = {k: terms[k] for k in PROOF_FIELDS if k in terms and k not in ("payer", "signature")}
+    fields["payer"] = wallet.public_key
+    fields["signature"] = wallet.sign(PROOF_DOMAIN + canonical_json(fields))
+    return fields
+
+
+def sign_receipt(fields: Mapping[str, Any], gateway: Identity) -> dict[str, Any]:
+    body = {**fields, "kid": gateway.kid}
+    return {**body, "signature": gateway.sign(RECEIPT_DOMAIN + canonical_json(body))}
+
+
+def verify_receipt(receipt: Mapping[str, Any], public_keys: Mapping[str, str]) -> bool:
+    """Offline check with the gateway keys of discovery ({kid: base64url public key})."""
+    signature, kid = receipt.get("signature"), receipt.get("kid")
+    if not isinstance(signature, str) or not isinstance(kid, str) or kid not in public_keys:
+        return False
+    body = {k: v for k, v in receipt.items() if k != "signature"}
+    try:
+        key = verify_key(public_keys[kid])
+    except ValueError:
+        return False
+    return verify(key, RECEIPT_DOMAIN + canonical_json(body), signature)

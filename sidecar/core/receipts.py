@@ -1,0 +1,114 @@
+"""The receipt format, in one place (PROTOCOL.md §4).
+
+A charge that the ledger records is a receipt-stream entry: the facts below, stored by
+the debit (or channel close) script, which adds `receipt_id` and `balance`. The receipt
+the agent gets is the body derived from such an entry and signed by the gateway. The
+response path and settlement (which re-derives every receipt to batch it) both call
+`body`, so the two are the same bytes by construction; Ed25519 signatures are
+deterministic, so re-signing gives the same signature.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from sidecar.core.money import Asset
+from sidecar.core.protocol import VERSION, Proof
+from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
+from sidecar.core.vouchers import Voucher
+
+CHANNEL_CLOSE = "channel"  # the `kind` of a channel close's stream entry
+
+
+def debit_record(
+    proof: Proof, asset: Asset, amount: int, route: str, payee: str, issued_at: int
+) -> dict[str, str | int]:
+    """What the debit script stores for one paid proof (it adds receipt_id and balance)."""
+    return {
+        "nonce": proof.nonce,
+        "invoice_id": proof.invoice_id or "",
+        "resource": proof.resource,
+        "asset": asset.code,
+        "amount": amount,
+        "route": route,
+        "issued_at": issued_at,
+        "payee": payee,
+    }
+
+
+def body(payer: str, entry: Mapping[str, Any], asset: Asset) -> dict[str, Any]:
+    """The unsigned receipt of one receipt-stream entry (a debit or a channel close).
+    Values may be the stream's strings or the caller's ints; KeyError or ValueError when
+    the entry lacks a field or holds a malformed one."""
+    if entry.get("kind") == CHANNEL_CLOSE:
+        return _close_body(payer, entry, asset)
+    return {
+        "version": VERSION,
+        "success": True,
+        "receipt_id": entry["receipt_id"],
+        "invoice_id": entry["invoice_id"],
+        "nonce": entry["nonce"],
+        "payer": payer,
+        "payee": entry["payee"],
+        "resource": entry["resource"],
+        "asset": asset.code,
+        "amount": asset.to_decimal(int(entry["amount"])),
+        "balance": asset.to_decimal(int(entry["balance"])),
+        "issued_at": int(entry["issued_at"]),
+    }
+
+
+def _close_body(payer: str, entry: Mapping[str, Any], asset: Asset) -> dict[str, Any]:
+    """A channel close carries the payer's final voucher, so an auditor can check that the
+    payer itself signed for the amount settled."""
+    receipt: dict[str, Any] = {
+        "version": VERSION,
+        "success": True,
+        "receipt_id": entry["receipt_id"],
+        "scheme": CHANNEL_SCHEME,
+        "channel_id": entry["channel_id"],
+        "payer": payer,
+        "payee": entry["payee"],
+        "asset": asset.code,
+        "amount": asset.to_decimal(int(entry["amount"])),
+        "deposit": asset.to_decimal(int(entry["deposit"])),
+        "refund": asset.to_decimal(int(entry["refund"])),
+        "sequence": int(entry["sequence"]),
+        "balance": asset.to_decimal(int(entry["balance"])),
+        "issued_at": int(entry["issued_at"]),
+    }
+    if entry["voucher"]:
+        receipt["voucher"] = json.loads(entry["voucher"])
+    return receipt
+
+
+def voucher_body(
+    voucher: Voucher,
+    asset: Asset,
+    cumulative: int,
+    increment: int,
+    remaining: int,
+    receipt_id: str,
+    payee: str,
+    issued_at: int,
+) -> dict[str, Any]:
+    """The unsigned receipt of one accepted voucher; not a stream entry (a channel keeps
+    only its latest voucher, and its close is the entry that settlement batches)."""
+    return {
+        "version": VERSION,
+        "success": True,
+        "receipt_id": receipt_id,
+        "scheme": CHANNEL_SCHEME,
+        "channel_id": voucher.channel_id,
+        "sequence": voucher.sequence,
+        "cumulative": asset.to_decimal(cumulative),
+        "payer": voucher.payer,
+        "payee": payee,
+        "resource": voucher.resource,
+        "asset": asset.code,
+        "amount": asset.to_decimal(increment),
+        "balance": asset.to_decimal(remaining),  # left in the channel
+        "issued_at": issued_at,
+    }

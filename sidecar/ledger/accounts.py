@@ -1,0 +1,250 @@
+"""The Redis ledger: payers, balances, spent nonces and receipts. Money moves only in Lua."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from sidecar.core.errors import (
+    InsufficientFunds,
+    LedgerUnavailable,
+    PaymentError,
+    UnknownPayer,
+    X402Error,
+    refusal,
+)
+from sidecar.core.money import MAX_BALANCE
+from sidecar.ledger import cluster as redis_cluster
+from sidecar.ledger import keyspace, scripts
+from sidecar.ledger.cluster import ClusterPipe
+from sidecar.ledger.pipe import RedisPipe, RedisPipeError, Script
+
+IDEMPOTENCY_TTL = 30 * 24 * 3600  # a retried top-up is recognised for 30 days
+NONCE_GRACE = 120  # seconds a spent nonce outlives its proof, for clock skew between replicas
+ACTIVE, SUSPENDED = "active", "suspended"
+# A hot-path script refuses to move money once half the time its caller can wait has passed
+# (the Redis timeout, or less if Envoy gives up sooner), by Redis's clock: its reply could
+# arrive after the caller answered 503, and a 503 never charges. The other half covers the
+# reply's trip back and modest clock skew between hosts (docs/redis.md).
+DEADLINE_SHARE = 0.5
+DEADLINE_PASSED = "deadline_passed"
+
+T = TypeVar("T")
+
+
+def deadline_ms(timeout: float, within: float | None = None) -> int:
+    """The unix time in ms after which a script sent now must refuse (see DEADLINE_SHARE):
+    `timeout` is the client's Redis timeout, `within` how long the caller can still wait."""
+    wait = timeout if within is None else min(timeout, within)
+    return int((time.time() + wait * DEADLINE_SHARE) * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    balance: int
+    applied: bool  # False when the idempotency key had been used already
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    payer: str
+    status: str
+    balances: dict[str, int]
+    credited: dict[str, int]
+    debited: dict[str, int]
+
+
+class Ledger:
+    """Debits, the hot path, go through the pipelined client; the rest through redis-py."""
+
+    def __init__(
+        self, client: aioredis.Redis | RedisCluster, pipe: RedisPipe | ClusterPipe
+    ) -> None:
+        self.redis = client
+        self.pipe = pipe
+        # register_script: EVALSHA, and a reload on NOSCRIPT after a Redis restart.
+        self._credit = client.register_script(scripts.source("credit"))
+
+    @property
+    def cluster(self) -> bool:
+        """On Redis Cluster (`redis+cluster://`): multi-key commands must stay in one slot."""
+        return isinstance(self.redis, RedisCluster)
+
+    @classmethod
+    def from_url(cls, url: str, timeout: float = 1.0) -> Ledger:
+        if redis_cluster.is_cluster_url(url):
+            try:
+                cluster_pipe = ClusterPipe(url, timeout=timeout, scripts=(scripts.DEBIT,))
+            except ValueError as exc:
+                raise X402Error(f"redis_url: {exc}") from None
+            return cls(redis_cluster.client(url, timeout), cluster_pipe)
+        try:
+            pipe = RedisPipe(url, timeout=timeout, scripts=(scripts.DEBIT,))
+        except ValueError as exc:
+            raise X402Error(f"redis_url: {exc}") from None
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            decode_responses=True,
+            health_check_interval=30,
+        )
+        return cls(client, pipe)
+
+    async def close(self) -> None:
+        await self.pipe.close()
+        await self.redis.aclose()
+
+    async def call(self, op: Awaitable[Any]) -> Any:
+        """Any redis-py operation off the hot path; Redis unreachable → LedgerUnavailable."""
+        try:
+            return await op
+        except (RedisError, OSError) as exc:
+            raise unavailable(exc) from exc
+
+    async def run(
+        self,
+        script: Script,
+        keys: tuple[str, ...],
+        args: Sequence[str | int],
+        parse: Callable[[Any], T],
+        late: Callable[[T | PaymentError], None] | None = None,
+        within: float | None = None,
+    ) -> T:
+        """A money script on the hot path, through the pipelined client. Its ARGV starts
+        with the deadline (see DEADLINE_SHARE): past it the script refuses, so a caller that
+        answered 503 charged nothing. `parse` turns the reply into the result or raises its
+        reason. `late`: if the caller is cancelled (Envoy gave up on the check) once the
+        script is sent, `late` gets its outcome when Redis answers, so none goes unrecorded.
+        """
+        listener = None if late is None else lambda reply: late(_outcome(reply, parse))
+        argv = (deadline_ms(self.pipe.timeout, within), *args)
+        try:
+            reply = await self.pipe.evalsha(script, keys, argv, listener)
+        except RedisPipeError as exc:
+            raise unavailable(exc) from exc
+        return _parsed(reply, parse)
+
+    async def debit(
+        self,
+        payer: str,
+        nonce: str,
+        asset: str,
+        amount: int,
+        expires_at: int,
+        receipt_id: str,
+        receipt: dict[str, str | int],
+        late: Callable[[int | PaymentError], None] | None = None,
+        within: float | None = None,
+    ) -> int:
+        """Charge one proof atomically; returns the balance left or raises the reason.
+
+        `within`: seconds the caller can still wait (Envoy's deadline); `late`: see `run`."""
+        pairs: list[str | int] = []
+        for name, value in receipt.items():
+            pairs += (name, value)
+        keys = (keyspace.account(payer), keyspace.nonce(payer, nonce), keyspace.receipts(payer))
+        args = (asset, amount, expires_at + NONCE_GRACE, receipt_id, *pairs)
+        return await self.run(scripts.DEBIT, keys, args, _debited, late, within)
+
+    async def credit(self, payer: str, asset: str, amount: int, idempotency_key: str) -> Credit:
+        if amount <= 0:
+            raise X402Error("a credit must be a positive amount")
+        result: list[Any] = await self.call(
+            self._credit(
+                keys=(
+                    keyspace.account(payer),
+                    keyspace.idempotency(payer, idempotency_key),
+                    keyspace.credits(payer),
+                ),
+                args=(asset, amount, IDEMPOTENCY_TTL, MAX_BALANCE, int(time.time())),
+            )
+        )
+        if result[0] == "unknown_payer":
+            raise refusal(UnknownPayer.reason)
+        if result[0] == "balance_limit":
+            raise X402Error(f"a balance may not exceed {MAX_BALANCE} atomic units")
+        return Credit(balance=int(result[1]), applied=result[0] == "ok")
+
+    async def register(self, payer: str) -> bool:
+        """Make a payer known (active, zero balance); False if it was registered already."""
+
+        async def op() -> bool:
+            created = bool(await self.redis.hsetnx(keyspace.account(payer), "status", ACTIVE))
+            await self.redis.sadd(keyspace.PAYERS, payer)
+            return created
+
+        return bool(await self.call(op()))
+
+    async def set_status(self, payer: str, status: str) -> None:
+        async def op() -> None:
+            if not await self.redis.exists(keyspace.account(payer)):
+                raise refusal(UnknownPayer.reason)
+            await self.redis.hset(keyspace.account(payer), "status", status)
+
+        await self.call(op())
+
+    async def account(self, payer: str) -> Account:
+        fields: dict[str, str] = await self.call(self.redis.hgetall(keyspace.account(payer)))
+        if not fields:
+            raise refusal(UnknownPayer.reason)
+
+        def amounts(prefix: str) -> dict[str, int]:
+            return {
+                k.removeprefix(prefix): int(v) for k, v in fields.items() if k.startswith(prefix)
+            }
+
+        return Account(
+            payer,
+            fields.get("status", ""),
+            amounts("balance:"),
+            amounts("credited:"),
+            amounts("debited:"),
+        )
+
+    async def receipts(self, payer: str, count: int = 100) -> list[dict[str, str]]:
+        entries: list[tuple[str, dict[str, str]]] = await self.call(
+            self.redis.xrange(keyspace.receipts(payer), count=count)
+        )
+        return [fields for _id, fields in entries]
+
+    async def ping(self) -> bool:
+        """Whether the hot path's own connection reaches Redis (readiness)."""
+        return await self.pipe.ping()
+
+
+def unavailable(exc: Exception) -> LedgerUnavailable:
+    """The one way Redis failing becomes a reason: fail closed; the exception class tells
+    the operator why, without secrets."""
+    return LedgerUnavailable(f"ledger unavailable ({exc.__class__.__name__})")
+
+
+def _parsed(reply: Any, parse: Callable[[Any], T]) -> T:
+    if isinstance(reply, list) and reply and reply[0] == DEADLINE_PASSED:
+        raise LedgerUnavailable("the ledger answered too late; nothing was charged")
+    return parse(reply)
+
+
+def _outcome(reply: Any, parse: Callable[[Any], T]) -> T | PaymentError:
+    """A reply for a caller that gave up: the result, or the reason it raised."""
+    if isinstance(reply, RedisPipeError):
+        return unavailable(reply)
+    try:
+        return _parsed(reply, parse)
+    except PaymentError as error:
+        return error
+
+
+def _debited(result: list[Any]) -> int:
+    """The debit script's reply → the balance left, or the reason raised."""
+    if result[0] == "ok":
+        return int(result[1])
+    if result[0] == InsufficientFunds.reason:
+        raise refusal(result[0], balance=int(result[1]))
+    raise refusal(result[0])

@@ -1,0 +1,221 @@
+"""State channels: a deposit locked once, then one signed voucher per request.
+
+A payer (or the operator on its behalf) locks a deposit from its balance into a channel.
+Every request then carries a voucher in the payment header: "channel C owes the payee a
+cumulative X, sequence n", signed by the payer. The sidecar accepts it, in one Lua
+script, if n is above the last sequence and X is above the last cumulative amount by at
+least the route's price and within the deposit. Closing refunds deposit - X and appends
+the final voucher to the receipt stream, where settlement batches it like any receipt.
+
+Per request the ledger does one small script and keeps no per-request record: the
+channel's latest voucher is the whole of its state. Money is conserved at every step:
+credited = balance + channeled (deposits of open channels) + debited.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from sidecar.core import protocol
+from sidecar.core.errors import (
+    ChannelExists,
+    InsufficientFunds,
+    InvoiceMismatch,
+    PaymentError,
+    StaleVoucher,
+    UnderpaidVoucher,
+    UnknownChannel,
+    X402Error,
+    refusal,
+)
+from sidecar.core.pricing import Price
+from sidecar.core.vouchers import CHANNEL_ID, Voucher, new_channel_id
+from sidecar.ledger import keyspace, scripts
+from sidecar.ledger.accounts import Ledger
+
+DEFAULT_TTL = 24 * 3600  # a channel's lifetime unless the opener says
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    channel_id: str
+    payer: str
+    payee: str
+    asset: str
+    deposit: int
+    cumulative: int
+    sequence: int
+    status: str
+    opened_at: int
+    expires_at: int
+    closed_at: int | None = None
+    refund: int | None = None
+
+
+@dataclass(frozen=True)
+class Closed:
+    channel_id: str
+    refund: int
+    balance: int  # the payer's balance after the refund
+    cumulative: int
+    sequence: int  # the last voucher's sequence number
+    receipt_id: str
+    already: bool  # it had been closed before; nothing moved now
+    vouchers: int = 0  # how many vouchers the channel accepted
+
+
+class Channels:
+    """Open, accept vouchers, close. Every money step is one Lua script under the payer."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.redis = ledger.redis
+        self._open = self.redis.register_script(scripts.source("channel_open"))
+        self._close = self.redis.register_script(scripts.source("channel_close"))
+
+    async def open(
+        self,
+        payer: str,
+        asset: str,
+        deposit: int,
+        payee: str,
+        ttl: int = DEFAULT_TTL,
+        channel_id: str | None = None,
+    ) -> tuple[str, int]:
+        """Lock `deposit` atomic units; (channel id, balance left). A given channel id
+        makes a retry safe: opening it again is refused, never a second deposit."""
+        if deposit <= 0:
+            raise X402Error("a channel deposit must be a positive amount")
+        if ttl <= 0:
+            raise X402Error("a channel needs a positive lifetime")
+        channel_id = channel_id or new_channel_id()
+        if not CHANNEL_ID.fullmatch(channel_id):
+            raise X402Error("channel id must be 8-64 characters of A-Z a-z 0-9 _ -")
+        now = int(time.time())
+        result: list[Any] = await self.ledger.call(
+            self._open(
+                keys=(
+                    keyspace.account(payer),
+                    keyspace.channel(payer, channel_id),
+                    keyspace.channels(payer),
+                ),
+                args=(asset, deposit, channel_id, payee, now + ttl, now),
+            )
+        )
+        if result[0] == "ok":
+            return channel_id, int(result[1])
+        if result[0] == "exists":
+            raise ChannelExists(f"channel {channel_id} exists already")
+        raise _error(result)
+
+    async def get(self, payer: str, channel_id: str) -> ChannelState:
+        fields: dict[str, str] = await self.ledger.call(
+            self.redis.hgetall(keyspace.channel(payer, channel_id))
+        )
+        if not fields:
+            raise UnknownChannel(f"no channel {channel_id} for this payer")
+        return _state(payer, channel_id, fields)
+
+    async def close(self, payer: str, channel_id: str, only_expired: bool = False) -> Closed | None:
+        """Refund the rest of the deposit, settle the final voucher. Closing twice is
+        harmless (already=True). None: only_expired and it has not expired."""
+        receipt_id = protocol.new_receipt_id()
+        result: list[Any] = await self.ledger.call(
+            self._close(
+                keys=(
+                    keyspace.account(payer),
+                    keyspace.channel(payer, channel_id),
+                    keyspace.channels(payer),
+                    keyspace.receipts(payer),
+                ),
+                args=(channel_id, receipt_id, int(time.time()), "1" if only_expired else "0"),
+            )
+        )
+        if result[0] == "open":
+            return None
+        if result[0] == "unknown_channel":
+            raise UnknownChannel(f"no channel {channel_id} for this payer")
+        _status, refund, balance, cumulative, sequence, stored_receipt, vouchers = result
+        return Closed(
+            channel_id,
+            int(refund),
+            int(balance),
+            int(cumulative),
+            int(sequence),
+            stored_receipt,
+            already=result[0] == "closed",
+            vouchers=int(vouchers),
+        )
+
+    async def close_expired(self, payer: str) -> list[Closed]:
+        ids: set[str] = await self.ledger.call(self.redis.smembers(keyspace.channels(payer)))
+        closed = []
+        for channel_id in sorted(ids):
+            done = await self.close(payer, channel_id, only_expired=True)
+            if done is not None:
+                closed.append(done)
+        return closed
+
+    async def accept(
+        self,
+        voucher: Voucher,
+        cumulative: int,
+        price: Price,
+        payee: str,
+        now: int,
+        late: Callable[[tuple[int, int] | PaymentError], None] | None = None,
+        within: float | None = None,
+    ) -> tuple[int, int]:
+        """The hot path's one ledger step: (left in the channel, amount charged).
+        `late`, `within`: see `Ledger.run`."""
+        payer = voucher.payer
+        keys = (keyspace.account(payer), keyspace.channel(payer, voucher.channel_id))
+        evidence = protocol.canonical_json(voucher.fields).decode()
+        args = (price.asset.code, cumulative, voucher.sequence, price.amount, now, payee, evidence)
+        return await self.ledger.run(
+            scripts.VOUCHER, keys, args, partial(_accepted, price), late, within
+        )
+
+
+def _accepted(price: Price, result: list[Any]) -> tuple[int, int]:
+    """The voucher script's reply → (left in the channel, charged), or the PaymentError."""
+    reason = result[0]
+    if reason == "ok":
+        return int(result[1]), int(result[2])
+    if reason in (StaleVoucher.reason, UnderpaidVoucher.reason):
+        cumulative = price.asset.to_decimal(int(result[2]))
+        raise refusal(reason, sequence=int(result[1]), cumulative=cumulative)
+    if reason == InsufficientFunds.reason:
+        message = "the voucher goes beyond the channel's deposit"
+        raise refusal(reason, message, balance=int(result[1]))
+    if reason == InvoiceMismatch.reason:
+        raise refusal(reason, "this channel holds another asset")
+    raise refusal(reason)
+
+
+def _state(payer: str, channel_id: str, fields: Mapping[str, str]) -> ChannelState:
+    return ChannelState(
+        channel_id=channel_id,
+        payer=payer,
+        payee=fields.get("payee", ""),
+        asset=fields.get("asset", ""),
+        deposit=int(fields.get("deposit", "0")),
+        cumulative=int(fields.get("cumulative", "0")),
+        sequence=int(fields.get("sequence", "0")),
+        status=fields.get("status", ""),
+        opened_at=int(fields.get("opened_at", "0")),
+        expires_at=int(fields.get("expires_at", "0")),
+        closed_at=int(fields["closed_at"]) if "closed_at" in fields else None,
+        refund=int(fields["refund"]) if "refund" in fields else None,
+    )
+
+
+def _error(result: list[Any]) -> X402Error:
+    reason = result[0]
+    if reason == InsufficientFunds.reason:
+        return refusal(reason, "the balance does not cover this deposit", balance=int(result[1]))
+    return refusal(reason)

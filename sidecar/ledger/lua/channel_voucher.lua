@@ -1,0 +1,38 @@
+-- Accept one voucher, all or nothing: payer active, channel open and unexpired, for this
+-- asset and payee; sequence above the last; cumulative raised by at least the price and
+-- within the deposit -> record it as the channel's latest voucher.
+-- KEYS: account hash, channel hash (both under the payer's hash tag)
+-- ARGV: deadline (unix ms), asset, cumulative (atomic), sequence, price (atomic), now,
+--       payee, voucher JSON
+-- Returns {"ok", remaining, increment} or {reason} or {reason, last sequence, last
+-- cumulative} (stale_voucher, underpaid_voucher) or {"insufficient_funds", remaining}, or
+-- {"deadline_passed"}: the caller has stopped waiting (it answered 503), so nothing moves.
+local account, channel = KEYS[1], KEYS[2]
+local cumulative, sequence = tonumber(ARGV[3]), tonumber(ARGV[4])
+local price, now = tonumber(ARGV[5]), tonumber(ARGV[6])
+
+local clock = redis.call('TIME')
+if tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) > tonumber(ARGV[1]) then
+  return {'deadline_passed'}
+end
+
+local status = redis.call('HGET', account, 'status')
+if not status then return {'unknown_payer'} end
+if status ~= 'active' then return {'payer_suspended'} end
+
+local c = redis.call('HMGET', channel, 'status', 'asset', 'deposit', 'cumulative',
+  'sequence', 'expires_at', 'payee')
+if not c[1] or c[7] ~= ARGV[7] then return {'unknown_channel'} end
+if c[1] ~= 'open' or now > tonumber(c[6]) then return {'channel_closed'} end
+if c[2] ~= ARGV[2] then return {'invoice_mismatch'} end
+
+local deposit, last = tonumber(c[3]), tonumber(c[4])
+if sequence <= tonumber(c[5]) then return {'stale_voucher', c[5], c[4]} end
+if cumulative - last < price then return {'underpaid_voucher', c[5], c[4]} end
+if cumulative > deposit then
+  return {'insufficient_funds', string.format('%d', deposit - last)}
+end
+
+redis.call('HSET', channel, 'cumulative', ARGV[3], 'sequence', ARGV[4], 'voucher', ARGV[8])
+redis.call('HINCRBY', channel, 'vouchers', 1)
+return {'ok', string.format('%d', deposit - cumulative), string.format('%d', cumulative - last)}

@@ -1,0 +1,23 @@
+"""Every Lua script of the ledger, in one place: the `.lua` files beside this module
+(package data, as `limits` ships its scripts), each loaded once at import.
+
+The hot-path scripts go through the pipelined client as `Script`s (EVALSHA, reloaded on
+NOSCRIPT); the others through redis-py's `register_script`, from `SOURCES`.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+from sidecar.ledger.pipe import Script
+
+
+def source(name: str) -> str:
+    """The text of `lua/<name>.lua`."""
+    return files(__package__ or "sidecar.ledger").joinpath(f"lua/{name}.lua").read_text("utf-8")
+
+
+# The hot path: one per paid check.
+DEBIT = Script(source("debit"))
+VOUCHER = Script(source("channel_voucher"))
+RATE = Script(source("rate_limit"))

@@ -1,0 +1,233 @@
+"""Settings: one YAML file, then `X402_<KEY>` environment overrides for every scalar key.
+
+Bad config stops start-up with a message naming the key; secret values are never echoed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar.core.decision import Gateway
+from sidecar.core.errors import AmountError, ConfigError
+from sidecar.core.identity import Identity
+from sidecar.core.money import MAX_BALANCE, Asset
+from sidecar.core.pricing import ANY_METHOD, UNLISTED, Price, Route, RouteTable, validate_path
+
+ENV_PREFIX = "X402_"
+METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", ANY_METHOD}
+# String keys that take one of a few words (case-insensitive).
+CHOICES = {
+    "log_level": ("debug", "info", "warning", "error"),
+    "unlisted": UNLISTED,
+    "path_case": ("sensitive", "insensitive"),
+}
+MIN_SECRET_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen_grpc: str = "127.0.0.1:9001"  # ext_authz and gRPC health
+    listen_http: str = "127.0.0.1:9000"  # discovery, /healthz, /readyz (below the workers)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_ms: int = 500
+    signing_key_file: str = ""
+    invoice_secret_file: str = ""
+    log_level: str = "info"
+    network: str = "fth-ledger"
+    public_url: str = ""
+    invoice_ttl_seconds: int = 300
+    max_direct_ttl_seconds: int = 300
+    max_proof_bytes: int = 4096
+    workers: int = field(default_factory=lambda: available_cores())  # ext_authz processes
+    default_asset: str = "USDF"
+    assets: Mapping[str, int] = field(default_factory=lambda: {"USDF": 6})
+    routes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    unlisted: str = "pass"  # a path no route lists: "pass" (free) or "deny" (404)
+    path_case: str = "sensitive"  # "insensitive": /API/x reaches the route /api/x
+    # The facilitator admin API (sidecar/admin.py): off unless a credential is configured.
+    listen_admin: str = "127.0.0.1:8999"  # below the side port, clear of the workers' ports
+    admin_token_file: str = ""  # bearer token, >= 16 bytes
+    admin_tls_cert_file: str = ""  # TLS on the admin port ...
+    admin_tls_key_file: str = ""
+    admin_tls_client_ca_file: str = ""  # ... and mutual TLS: clients need a cert of this CA
+    # Settlement batches (sidecar/settlement.py; `x402 settle`, or in the sidecar).
+    settle_batch_size: int = 1000  # receipts per batch at most
+    settle_max_age_seconds: int = 60  # a partial batch is settled once this old
+    settle_lease_seconds: int = 30  # a crashed worker's claim is taken over after this
+    settle_interval_seconds: int = 0  # > 0: worker 0 of the sidecar settles this often
+    anchor_file: str = "x402-anchors.jsonl"  # append-only manifest log; "" for Redis only
+    # Optional rate limits on paid checks (sidecar/ratelimit.py); 0 turns a limit off.
+    rate_limit_payer_per_second: int = 0  # paid checks per payer and second
+    rate_limit_payer_burst: int = 0  # checks at once after a quiet spell; 0: the rate
+    rate_limit_ip_per_second: int = 0  # paid checks per client address and second
+    rate_limit_ip_burst: int = 0
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        raw: Any = {}
+        if path is not None:
+            try:
+                raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            except OSError as exc:
+                raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("config must be a YAML mapping of keys to values")
+        return cls.from_mapping(raw, os.environ if env is None else env)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
+        known = {f.name: f for f in fields(cls)}
+        for key in raw:
+            if key not in known:
+                raise ConfigError(f"config: unknown key {key!r}")
+        values: dict[str, Any] = {}
+        for name, spec in known.items():
+            env_value = env.get(ENV_PREFIX + name.upper())
+            default = spec.default_factory() if spec.default is MISSING else spec.default  # type: ignore[operator]
+            value = raw.get(name, default)
+            if env_value is not None and isinstance(default, int | str):
+                value = env_value
+            values[name] = _coerce(name, value, default)
+        settings = cls(**values)
+        settings.route_table()  # validate routes and assets now, not at the first request
+        return settings
+
+    def asset_table(self) -> dict[str, Asset]:
+        assets: dict[str, Asset] = {}
+        for code, spec in self.assets.items():
+            decimals = spec.get("decimals") if isinstance(spec, Mapping) else spec
+            if type(decimals) is not int or not 0 <= decimals <= 18:
+                raise ConfigError(f"config assets.{code}: decimals must be an integer 0..18")
+            assets[str(code)] = Asset(str(code), decimals)
+        if self.default_asset not in assets:
+            raise ConfigError(f"config default_asset: {self.default_asset!r} is not in assets")
+        return assets
+
+    def route_table(self) -> RouteTable:
+        assets = self.asset_table()
+        routes = []
+        for name, spec in self.routes.items():
+            key = f"config routes.{name}"
+            if not isinstance(spec, Mapping):
+                raise ConfigError(f"{key}: must be a mapping with method, path and price")
+            unknown = set(spec) - {"method", "path", "price", "asset", "description"}
+            if unknown:
+                raise ConfigError(f"{key}: unknown key {sorted(unknown)[0]!r}")
+            method = str(spec.get("method", ANY_METHOD)).upper()
+            if method not in METHODS:
+                raise ConfigError(f"{key}.method: {method!r} is not an HTTP method or '*'")
+            path = spec.get("path")
+            try:
+                validate_path(path)  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise ConfigError(f"{key}.path: {exc}") from None
+            asset = assets.get(str(spec.get("asset", self.default_asset)))
+            if asset is None:
+                raise ConfigError(f"{key}.asset: unknown asset {spec.get('asset')!r}")
+            price = spec.get("price")
+            if isinstance(price, int) and not isinstance(price, bool):
+                price = str(price)
+            if not isinstance(price, str):
+                raise ConfigError(f'{key}.price: write the price as a string, like "0.25"')
+            try:
+                amount = asset.to_atomic(price)
+            except AmountError as exc:
+                raise ConfigError(f"{key}.price: {exc}") from None
+            if amount > MAX_BALANCE:
+                raise ConfigError(f"{key}.price: larger than the ledger's maximum balance")
+            description = str(spec.get("description", ""))
+            routes.append(
+                Route(str(name), method, str(path), Price(str(name), amount, asset, description))
+            )
+        return RouteTable(
+            routes, assets, self.default_asset, self.unlisted, self.path_case == "sensitive"
+        )
+
+    def gateway(self) -> Gateway:
+        """Load the secrets this config points at."""
+        if not self.signing_key_file:
+            raise ConfigError("config signing_key_file: required (create one: x402 keygen)")
+        try:
+            identity = Identity.load(self.signing_key_file)
+        except ConfigError as exc:
+            raise ConfigError(f"config signing_key_file: {exc}") from None
+        if not self.invoice_secret_file:
+            raise ConfigError("config invoice_secret_file: required (create one: x402 secret)")
+        try:
+            secret = Path(self.invoice_secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"config invoice_secret_file: cannot read {self.invoice_secret_file}: "
+                f"{exc.strerror}"
+            ) from None
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                f"config invoice_secret_file: the secret must be at least {MIN_SECRET_BYTES} bytes"
+            )
+        return Gateway(
+            identity=identity,
+            invoice_secret=secret,
+            invoice_ttl=self.invoice_ttl_seconds,
+            max_direct_ttl=self.max_direct_ttl_seconds,
+            max_proof_bytes=self.max_proof_bytes,
+            network=self.network,
+            public_url=self.public_url.rstrip("/"),
+        )
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a Kubernetes CPU limit), so a pod limited to 2 CPUs on a 64-core node runs 2 workers."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))  # ceiling
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Check one top-level value against its default's type; env values arrive as str."""
+    if isinstance(default, bool) or default is None:
+        return value
+    if isinstance(default, int):
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if type(value) is not int or value < 0:
+            raise ConfigError(f"config {name}: must be a non-negative integer")
+        if (
+            name
+            in (
+                "workers",
+                "invoice_ttl_seconds",
+                "max_direct_ttl_seconds",
+                "max_proof_bytes",
+                "settle_batch_size",
+                "settle_lease_seconds",
+            )
+            and value == 0
+        ):
+            raise ConfigError(f"config {name}: must be at least 1")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"config {name}: must be a string")
+        choices = CHOICES.get(name)
+        if choices is not None and value.lower() not in choices:
+            raise ConfigError(f"config {name}: one of {', '.join(choices)}")
+        return value.lower() if choices is not None else value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config {name}: must be a mapping")
+    return dict(value)

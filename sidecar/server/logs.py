@@ -1,0 +1,104 @@
+"""Structured logs: one JSON line per event on stdout; the decision line is the operator's UI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+# Never logged, whatever a caller passes: proofs and signatures are bearer material.
+_FORBIDDEN = frozenset({"signature", "proof", "x-payment", "payment-signature", "secret"})
+
+
+def drop_secrets(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key in _FORBIDDEN & event.keys():
+        del event[key]
+    return event
+
+
+def configure(level: str = "info") -> None:
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            drop_secrets,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)
+
+
+class DecisionLog:
+    """The decision line of PROTOCOL.md §7 on the hot path.
+
+    The same line structlog writes (the caller's keys in order, then `event`, `level` and
+    a UTC `timestamp`), built with one json.dumps: ~5 µs a check instead of ~13. Lines are
+    written together at most `FLUSH_SECONDS` after the first of them (or at `MAX_PENDING`):
+    a write per check cost a worker ~50 µs of CPU a check under load. The caller's keys
+    are the fixed decision fields: no secret can get in. Call `flush` before exiting.
+    """
+
+    FLUSH_SECONDS = 0.01
+    MAX_PENDING = 256
+
+    def __init__(self, level: str = "info", stream: TextIO | None = None) -> None:
+        self.enabled = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO
+        self.stream = stream  # None: sys.stdout when writing
+        self.pending: list[str] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.second, self.prefix = -1, ""
+
+    def timestamp(self) -> str:
+        """ISO 8601 UTC with microseconds, as structlog's TimeStamper writes it; the part up
+        to the second is formatted once per second."""
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self.prefix}.{int((now - second) * 1_000_000):06d}Z"
+
+    def write(self, entry: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        entry["event"] = "authz.decision"
+        entry["level"] = "info"
+        entry["timestamp"] = self.timestamp()
+        self.pending.append(json.dumps(entry))
+        if len(self.pending) >= self.MAX_PENDING:
+            self.flush()
+        elif self.timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop: write now
+                self.flush()
+            else:
+                self.timer = loop.call_later(self.FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        lines, self.pending = self.pending, []
+        if lines:
+            out = self.stream or sys.stdout
+            out.write("\n".join(lines) + "\n")
+            out.flush()

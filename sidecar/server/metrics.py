@@ -1,0 +1,153 @@
+"""Prometheus metrics: decisions, revenue, check latency, ledger errors, settlement lag.
+
+The hot path calls `record` once per check. Label children are created once per label
+combination and kept in a dict, so a check costs a dict lookup and a few increments.
+
+Several worker processes (server.py forks them) aggregate through prometheus-client's
+multiprocess mode: each process writes its samples to an mmap file in one directory and
+`/metrics` (worker 0's side port) merges them. prometheus-client picks its value class
+when it is imported, so the supervisor calls `use_multiprocess` before forking and the
+metric objects are (re)built then, whatever was imported earlier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sidecar.core.pricing import Price
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+LEDGER_UNAVAILABLE = "ledger_unavailable"
+# Checks take ~0.2-2 ms; the buckets resolve that range and show the timeouts beyond.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.registry = registry
+        self.decisions = Counter(
+            "x402_decisions",
+            "Payment checks by decision (allow/deny), reason and route.",
+            ("decision", "reason", "route"),
+            registry=registry,
+        )
+        self.revenue = Counter(
+            "x402_revenue_atomic",
+            "Amount charged, in atomic units of the asset (proofs and channel vouchers).",
+            ("asset", "route"),
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "x402_check_latency_seconds",
+            "Time the sidecar took to answer one ext_authz check.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ledger_errors = Counter(
+            "x402_ledger_errors",
+            "Checks that failed closed because the ledger (Redis) did not answer.",
+            registry=registry,
+        )
+        self.decision_children: dict[tuple[str, str, str], Any] = {}
+        self.revenue_children: dict[tuple[str, str], Any] = {}
+
+    def decision(self, decision: str, reason: str, route: str) -> None:
+        key = (decision, reason, route)
+        child = self.decision_children.get(key)
+        if child is None:
+            child = self.decision_children[key] = self.decisions.labels(*key)
+        child.inc()
+
+    def charge(self, asset: str, route: str, amount: int) -> None:
+        key = (asset, route)
+        child = self.revenue_children.get(key)
+        if child is None:
+            child = self.revenue_children[key] = self.revenue.labels(*key)
+        child.inc(amount)
+
+
+_current = _Metrics(CollectorRegistry())
+_multiprocess_dir: str | None = None
+
+
+def use_multiprocess(directory: str) -> None:
+    """Aggregate across processes through files in `directory` (fresh and empty); call
+    before forking the workers."""
+    global _current, _multiprocess_dir
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    # prometheus-client chose its value class when imported; choose again, now.
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    _multiprocess_dir = directory
+    _current = _Metrics(None)  # multiprocess metrics live in the files, not a registry
+
+
+def record(entry: Mapping[str, Any], price: Price | None, charged: int, seconds: float) -> None:
+    """One check: the decision log entry (decision, reason), its price if priced, and the
+    atomic units it charged (the revenue)."""
+    metrics = _current
+    reason = entry["reason"]
+    metrics.decision(entry["decision"], reason, price.route if price is not None else "")
+    if charged and price is not None:
+        metrics.charge(price.asset.code, price.route, charged)
+    elif reason == LEDGER_UNAVAILABLE:
+        metrics.ledger_errors.inc()
+    metrics.latency.observe(seconds)
+
+
+class _Settlement(Collector):
+    def __init__(self, lag: float | None) -> None:
+        self.lag = lag
+
+    def collect(self) -> Any:
+        if self.lag is not None:
+            yield GaugeMetricFamily(
+                "x402_settlement_lag_seconds",
+                "Age of the oldest receipt not yet in a committed settlement batch, as of "
+                "the last settle pass (0: all settled then).",
+                value=self.lag,
+            )
+
+
+def render(settlement_lag: float | None = None) -> bytes:
+    """The text exposition of every process's metrics, plus the settlement lag."""
+    if _multiprocess_dir is not None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=_multiprocess_dir)  # type: ignore[no-untyped-call]
+        page = generate_latest(registry)
+    else:
+        assert _current.registry is not None
+        page = generate_latest(_current.registry)
+    extra = CollectorRegistry()
+    extra.register(_Settlement(settlement_lag))
+    return page + generate_latest(extra)
+
+
+@contextlib.contextmanager
+def aggregated(workers: int) -> Iterator[None]:
+    """For the supervisor's lifetime: with several workers, a fresh multiprocess directory
+    (removed at exit, so a restart never counts a previous run's samples twice)."""
+    if workers <= 1:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="x402-metrics-") as directory:
+        use_multiprocess(directory)
+        yield

@@ -1,0 +1,132 @@
+"""The sidecar's small HTTP port: discovery (/.well-known/x402), /healthz, /readyz and
+/metrics (Prometheus).
+
+Envoy routes /.well-known/x402 here without ext_authz; probes call the rest directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from sidecar.core.decision import Gateway
+from sidecar.core.pricing import RouteTable
+from sidecar.core.protocol import SCHEME, VERSION
+from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
+from sidecar.ledger.accounts import Ledger
+from sidecar.server import metrics
+
+Reply = tuple[int, str, bytes]  # status, content type, body
+Headers = dict[str, str]
+Handler = Callable[[], Awaitable[Reply]]
+Responder = Callable[[str, str, Headers], Awaitable[Reply]]
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+MAX_REQUEST_BYTES = 8192
+
+
+def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
+    """What an agent needs to pay without a challenge (PROTOCOL.md §6)."""
+    identity = gateway.identity
+    return {
+        "version": VERSION,
+        "payee": gateway.payee,
+        "keys": [{"kid": identity.kid, "alg": "Ed25519", "public_key": identity.public_key}],
+        "assets": [{"asset": a.code, "decimals": a.decimals} for a in routes.assets.values()],
+        "schemes": [SCHEME, CHANNEL_SCHEME],
+        "routes": [
+            {
+                "method": r.method,
+                "path": r.path,
+                "price": r.price.display,
+                "asset": r.price.asset.code,
+                "description": r.price.description,
+            }
+            for r in routes.routes
+        ],
+        "max_direct_ttl_seconds": gateway.max_direct_ttl,
+    }
+
+
+class SidePort:
+    def __init__(self, routes: RouteTable, gateway: Gateway, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.ready = True  # flipped off first on shutdown, so probes drain traffic
+        discovery = json.dumps(discovery_document(routes, gateway)).encode()
+
+        async def well_known() -> tuple[int, str, bytes]:
+            return 200, "application/json", discovery
+
+        self.handlers: dict[str, Handler] = {
+            "/.well-known/x402": well_known,
+            "/healthz": self.healthz,
+            "/readyz": self.readyz,
+            "/metrics": self.metrics,
+        }
+
+    async def healthz(self) -> tuple[int, str, bytes]:
+        return 200, "application/json", b'{"status":"ok"}'
+
+    async def readyz(self) -> tuple[int, str, bytes]:
+        if not self.ready:
+            return 503, "application/json", b'{"status":"shutting_down"}'
+        if not await self.ledger.ping():
+            return 503, "application/json", b'{"status":"ledger_unavailable"}'
+        return 200, "application/json", b'{"status":"ready"}'
+
+    async def metrics(self) -> tuple[int, str, bytes]:
+        """Every worker's metrics (multiprocess files), and the settlement lag from Redis."""
+        from sidecar.ledger.settlement import settlement_lag
+
+        try:
+            async with asyncio.timeout(0.5):
+                lag = await settlement_lag(self.ledger)
+        except (RedisError, OSError, TimeoutError, ValueError):  # Redis down: the rest still
+            lag = None
+        return 200, metrics.CONTENT_TYPE, metrics.render(lag)
+
+    async def respond(self, method: str, path: str, _headers: Headers) -> Reply:
+        handler = self.handlers.get(path)
+        if handler is None:
+            return 404, "application/json", b'{"error":"not_found"}'
+        if method not in ("GET", "HEAD"):
+            return 405, "application/json", b'{"error":"method_not_allowed"}'
+        return await handler()
+
+
+async def start_http(responder: Responder, host: str, port: int) -> asyncio.Server:
+    """A deliberately tiny HTTP/1.1 server: one request per connection, no request body."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ", 2)
+            headers = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if sep:
+                    headers[name.strip().lower()] = value.strip()
+            status, kind, body = await responder(method, target.partition("?")[0], headers)
+            writer.write(
+                f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\nContent-Type: {kind}\r\n"
+                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                f"Connection: close\r\n\r\n".encode()
+                + (b"" if method == "HEAD" else body)
+            )
+            await writer.drain()
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ValueError,
+            ConnectionError,
+        ):
+            pass  # a broken or hostile client; nothing to answer
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port, limit=MAX_REQUEST_BYTES)

@@ -1,0 +1,269 @@
+"""Run the sidecar: a supervisor process and one worker process per core.
+
+The gRPC framework costs ~200 µs of GIL-bound Python per check, so one process cannot use
+more than one core. `run` validates the config, then forks `workers` processes before any
+gRPC object exists (gRPC's threads do not survive a fork). Worker i serves ext_authz and
+gRPC health on its own port, listen_grpc's port + i; Envoy lists every worker as an
+endpoint of its x402_authz cluster (envoy_config.Endpoints.authz_workers) and spreads
+checks evenly. SO_REUSEPORT would not: Envoy keeps a few long-lived HTTP/2 connections
+and the kernel pins each to one process. Worker 0 also serves the HTTP side port.
+
+The supervisor does nothing else: it restarts a worker that dies (a crash loop makes it
+stop everything and exit 1, for Kubernetes to restart the pod), and on SIGTERM or SIGINT
+it passes the signal on and waits for every worker to drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import mmap
+import os
+import signal
+import sys
+import time
+from collections import deque
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from sidecar.core.errors import ConfigError
+from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.cluster import is_cluster_url, parse_cluster_url
+from sidecar.ledger.pipe import parse_url
+from sidecar.server import logs, metrics, wiring
+from sidecar.server.admin import start_facilities
+from sidecar.server.authz import AUTHZ_SERVICE, Authorization
+from sidecar.server.config import Settings
+from sidecar.server.side_port import Headers, Reply, SidePort, start_http
+
+SHUTDOWN_GRACE_SECONDS = 5.0
+CRASH_LOOP_RESTARTS = 5  # worker restarts within CRASH_LOOP_SECONDS before giving up
+CRASH_LOOP_SECONDS = 60.0
+STARTING, SERVING, DRAINING = 0, 1, 2
+
+
+def split_host_port(address: str, key: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"config {key}: {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def worker_addresses(settings: Settings) -> list[str]:
+    """Worker i listens on listen_grpc's port + i."""
+    host, port = split_host_port(settings.listen_grpc, "listen_grpc")
+    if port == 0 or port + settings.workers > 65536:
+        raise ConfigError(
+            f"config listen_grpc: {settings.workers} workers need ports {port}.."
+            f"{port + settings.workers - 1}"
+        )
+    _, http_port = split_host_port(settings.listen_http, "listen_http")
+    if port <= http_port < port + settings.workers:
+        raise ConfigError(
+            f"config listen_http: port {http_port} is taken by a worker; worker i listens on "
+            f"listen_grpc's port + i ({port}..{port + settings.workers - 1})"
+        )
+    host = f"[{host}]" if ":" in host else host
+    return [f"{host}:{port + i}" for i in range(settings.workers)]
+
+
+class Board:
+    """Each worker's state in memory shared across the fork, for worker 0's /readyz."""
+
+    def __init__(self, workers: int) -> None:
+        self.states = mmap.mmap(-1, workers)  # anonymous and MAP_SHARED: survives fork
+
+    def set(self, worker: int, state: int) -> None:
+        self.states[worker] = state
+
+    def all_serving(self) -> bool:
+        return all(state == SERVING for state in self.states[:])  # bytes → ints
+
+
+async def serve(settings: Settings, worker: int, board: Board) -> None:
+    """One worker: run until SIGTERM or SIGINT, then drain: readiness flips first, then
+    in-flight checks finish within the grace period."""
+    logs.configure(settings.log_level)
+    log = logs.get_logger("sidecar.server.supervisor").bind(worker=worker)
+    routes, gateway = settings.route_table(), settings.gateway()
+    address = worker_addresses(settings)[worker]
+    ledger = Ledger.from_url(settings.redis_url, timeout=settings.redis_timeout_ms / 1000)
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    limiter = wiring.rate_limiter(settings, ledger.pipe)
+    authz = Authorization(
+        routes, gateway, ledger, worker, logs.DecisionLog(settings.log_level), limiter
+    )
+    server.add_generic_rpc_handlers((authz.handler(),))
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if server.add_insecure_port(address) == 0:
+        raise ConfigError(f"config listen_grpc: worker {worker} cannot listen on {address}")
+    side, http = SidePort(routes, gateway, ledger), None
+    if worker == 0:
+        http = await _start_side_port(settings, side, board)
+        # The admin API and the settlement worker, if configured: one instance each.
+        facilities = await start_facilities(settings, ledger, gateway)
+    await server.start()
+    for service in ("", AUTHZ_SERVICE):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    # Everything made so far lives as long as the worker: keep the collector from scanning
+    # it again and again (checks allocate fast, and every pass walked all of it).
+    gc.freeze()
+    board.set(worker, SERVING)
+    log.info(
+        "sidecar.started",
+        pid=os.getpid(),
+        listen_grpc=address,
+        listen_http=settings.listen_http if http else None,
+        payee=gateway.payee,
+        routes=len(routes.routes),
+        ledger_ready=await ledger.ping(),
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    log.info("sidecar.stopping", grace_seconds=SHUTDOWN_GRACE_SECONDS)
+    side.ready = False
+    board.set(worker, DRAINING)
+    await health.enter_graceful_shutdown()
+    await server.stop(SHUTDOWN_GRACE_SECONDS)
+    authz.decisions.flush()  # the last checks' lines
+    if http is not None:
+        http.close()
+        await facilities.close(SHUTDOWN_GRACE_SECONDS)
+    with contextlib.suppress(Exception):
+        await ledger.close()
+    log.info("sidecar.stopped")
+
+
+async def _start_side_port(settings: Settings, side: SidePort, board: Board) -> asyncio.Server:
+    async def respond(method: str, path: str, headers: Headers) -> Reply:
+        # Ready only when every worker serves: Envoy sends checks to all of them.
+        if path == "/readyz" and side.ready and not board.all_serving():
+            return 503, "application/json", b'{"status":"workers_starting"}'
+        return await side.respond(method, path, headers)
+
+    host, port = split_host_port(settings.listen_http, "listen_http")
+    try:
+        return await start_http(respond, host, port)
+    except OSError as exc:
+        raise ConfigError(
+            f"config listen_http: cannot listen on {settings.listen_http}: {exc.strerror}"
+        ) from None
+
+
+def run_worker(settings: Settings, worker: int, board: Board) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        asyncio.run(serve(settings, worker, board))
+    else:
+        uvloop.run(serve(settings, worker, board))
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.board = Board(settings.workers)
+        self.children: dict[int, int] = {}  # pid → worker index
+        self.stopping = False
+        self.restarts: deque[float] = deque(maxlen=CRASH_LOOP_RESTARTS)
+        self.log = logs.get_logger("sidecar.supervisor")
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._stop)
+        for worker in range(self.settings.workers):
+            self._spawn(worker)
+        failed = False
+        while self.children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            if pid not in self.children:
+                continue
+            worker = self.children.pop(pid)
+            if self.stopping:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            self.log.error("sidecar.worker_exited", worker=worker, pid=pid, exit_code=code)
+            now = time.monotonic()
+            self.restarts.append(now)
+            if len(self.restarts) == CRASH_LOOP_RESTARTS and now - self.restarts[0] < (
+                CRASH_LOOP_SECONDS
+            ):
+                self.log.error("sidecar.crash_loop", restarts=CRASH_LOOP_RESTARTS)
+                failed = True
+                self._stop(signal.SIGTERM, None)
+                continue
+            self._spawn(worker)
+        return 1 if failed else 0
+
+    def _spawn(self, worker: int) -> None:
+        self.board.set(worker, STARTING)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid:
+            self.children[pid] = worker
+            return
+        code = 1
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_DFL)
+            _die_with_parent(parent)
+            run_worker(self.settings, worker, self.board)
+            code = 0
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        except BaseException:  # a worker must never fall back into the supervisor's loop
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+
+    def _stop(self, signum: int, _frame: FrameType | None) -> None:
+        if not self.stopping:
+            self.log.info("sidecar.stopping", workers=len(self.children))
+        self.stopping = True
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: a worker gets SIGTERM if the supervisor is killed, so no orphan keeps a port."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+def run(settings: Settings) -> None:
+    """Check everything that can fail once, before forking, so a bad config fails once."""
+    logs.configure(settings.log_level)
+    settings.route_table()
+    settings.gateway()
+    worker_addresses(settings)
+    try:
+        if is_cluster_url(settings.redis_url):
+            parse_cluster_url(settings.redis_url)
+        else:
+            parse_url(settings.redis_url)
+    except ValueError as exc:
+        raise ConfigError(f"config redis_url: {exc}") from None
+    with metrics.aggregated(settings.workers):  # /metrics sums every worker's samples
+        code = Supervisor(settings).run()
+    sys.exit(code)

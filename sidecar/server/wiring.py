@@ -1,0 +1,52 @@
+"""From settings to objects: the one place that reads `Settings` to build the ledger's
+pieces (the packages below the server take plain values, not the config)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from sidecar.core.identity import Identity
+from sidecar.ledger import settlement
+from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.cluster import ClusterPipe
+from sidecar.ledger.pipe import RedisPipe
+from sidecar.ledger.rate_limit import RateLimiter, rate
+from sidecar.server.config import Settings
+
+
+def ledger(settings: Settings) -> Ledger:
+    return Ledger.from_url(settings.redis_url, timeout=settings.redis_timeout_ms / 1000)
+
+
+def rate_limiter(settings: Settings, pipe: RedisPipe | ClusterPipe) -> RateLimiter | None:
+    """None when both limits are off: the servicer then skips the limiter entirely."""
+    payer = rate(settings.rate_limit_payer_per_second, settings.rate_limit_payer_burst)
+    ip = rate(settings.rate_limit_ip_per_second, settings.rate_limit_ip_burst)
+    if payer is None and ip is None:
+        return None
+    return RateLimiter(pipe, payer, ip)
+
+
+def anchor_sinks(
+    settings: Settings, ledger: Ledger, anchor_file: str | None = None
+) -> list[settlement.AnchorSink]:
+    """The default sinks: the JSONL file (unless "") first, then Redis."""
+    path = settings.anchor_file if anchor_file is None else anchor_file
+    sinks: list[settlement.AnchorSink] = [settlement.JsonlSink(path)] if path else []
+    return [*sinks, settlement.RedisSink(ledger)]
+
+
+def settler(
+    settings: Settings, ledger: Ledger, gateway: Identity, **overrides: Any
+) -> settlement.Settler:
+    """A settle worker configured like the sidecar; `overrides` replace Options fields."""
+    options = settlement.Options(
+        batch_size=settings.settle_batch_size,
+        max_age=float(settings.settle_max_age_seconds),
+        lease=float(settings.settle_lease_seconds),
+    )
+    anchor_file = overrides.pop("anchor_file", None)
+    options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
+    sinks = anchor_sinks(settings, ledger, anchor_file)
+    return settlement.Settler(ledger, gateway, settings.asset_table(), sinks, options)

@@ -1,0 +1,776 @@
+"""The `x402` command line: serve, keys, payers and configs. Errors are one line, no traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+
+from sidecar.core.errors import AmountError, X402Error
+from sidecar.core.identity import Identity, write_secret
+from sidecar.ledger.accounts import ACTIVE, SUSPENDED, Ledger
+from sidecar.server.config import Settings
+from sidecar.tools.envoy_config import Endpoints, render_yaml
+
+T = TypeVar("T")
+
+
+class Group(click.Group):
+    """Turns every expected error into one readable line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except X402Error as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="x402-sidecar")
+def main() -> None:
+    """HTTP 402 payments for any API behind Envoy."""
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar="X402_CONFIG",
+    help="YAML config file (X402_<KEY> environment variables override it).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes; worker i serves gRPC on listen_grpc's port + i "
+    "[default: config key workers, or one per available core].",
+)
+def serve(config_path: str | None, workers: int | None) -> None:
+    """Run the ext_authz sidecar."""
+    import dataclasses
+
+    from sidecar.server import supervisor as server
+
+    settings = Settings.load(config_path)
+    if workers is not None:
+        settings = dataclasses.replace(settings, workers=workers)
+    server.run(settings)
+
+
+@main.command()
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Where to write the private key (mode 0600; never overwritten).",
+)
+def keygen(out: str) -> None:
+    """Create an Ed25519 key: a gateway signing key or an agent wallet."""
+    identity = Identity.generate()
+    try:
+        identity.save(out)
+    except FileExistsError:
+        raise X402Error(f"{out} exists; refusing to overwrite a key") from None
+    except OSError as exc:
+        raise X402Error(f"cannot write {out}: {exc.strerror}") from None
+    click.echo(f"public key: {identity.public_key}")
+    click.echo(f"key id:     {identity.kid}")
+
+
+@main.command("secret")
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+def secret_command(out: str) -> None:
+    """Create a random invoice secret file (mode 0600)."""
+    try:
+        write_secret(out, secrets.token_urlsafe(32) + "\n")
+    except FileExistsError:
+        raise X402Error(f"{out} exists; refusing to overwrite a secret") from None
+    click.echo(f"wrote {out}")
+
+
+@main.command("envoy-config")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="X402_CONFIG")
+@click.option("--listen", default="0.0.0.0:10000", show_default=True)
+@click.option(
+    "--service",
+    default="127.0.0.1:8080",
+    show_default=True,
+    help="The upstream service Envoy protects.",
+)
+def envoy_config(config_path: str | None, listen: str, service: str) -> None:
+    """Print an Envoy config that routes through the sidecar, prices from the config."""
+    from sidecar.server.supervisor import split_host_port
+
+    settings = Settings.load(config_path)
+    endpoints = Endpoints(
+        listen=split_host_port(listen, "--listen"),
+        service=split_host_port(service, "--service"),
+        authz=split_host_port(settings.listen_grpc, "listen_grpc"),
+        authz_workers=settings.workers,
+        sideport=split_host_port(settings.listen_http, "listen_http"),
+    )
+    click.echo(render_yaml(settings.routes, settings.default_asset, endpoints), nl=False)
+
+
+@main.command(hidden=True)
+@click.option("--host", default="127.0.0.1")
+@click.option("--port", type=int, required=True)
+def upstream(host: str, port: int) -> None:
+    """Run the small demo service."""
+    from sidecar.tools import upstream as demo_upstream
+
+    demo_upstream.run(host, port)
+
+
+# -- payers ------------------------------------------------------------------------------
+
+redis_option = click.option(
+    "--redis",
+    "redis_url",
+    envvar=["REDIS_URL", "X402_REDIS_URL"],
+    help="Redis URL of the ledger [env REDIS_URL].",
+)
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar="X402_CONFIG",
+    help="Sidecar config, for its assets and Redis URL.",
+)
+
+
+def _ledger_call(
+    redis_url: str | None, config_path: str | None, op: Callable[[Ledger, Settings], Awaitable[T]]
+) -> T:
+    settings = Settings.load(config_path)
+
+    async def run() -> T:
+        ledger = Ledger.from_url(redis_url or settings.redis_url)
+        try:
+            return await op(ledger, settings)
+        finally:
+            await ledger.close()
+
+    return asyncio.run(run())
+
+
+def _remember_admin(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta[f"x402.{param.name}"] = value
+    return value
+
+
+def admin_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--admin ADDR` (and its credentials): run the command through the facilitator admin
+    API instead of Redis. Kept out of the command's parameters (see _remote)."""
+    options = [
+        ("--admin", "X402_ADMIN", "Use the admin API at host:port instead of Redis."),
+        ("--admin-token-file", "X402_ADMIN_TOKEN_FILE", "The admin API's bearer token."),
+        ("--admin-ca", None, "CA of the admin API's TLS certificate (enables TLS)."),
+        ("--admin-cert", None, "Client certificate for mutual TLS."),
+        ("--admin-key", None, "Client certificate's key for mutual TLS."),
+    ]
+    for flag, envvar, text in reversed(options):
+        command = click.option(
+            flag, envvar=envvar, expose_value=False, callback=_remember_admin, help=text
+        )(command)
+    return command
+
+
+def _remote() -> Any:
+    """The admin API client when --admin was given, else None."""
+    from sidecar.server.admin import AdminTarget, RemotePayers
+
+    meta = click.get_current_context().meta
+    if not meta.get("x402.admin"):
+        return None
+    return RemotePayers(
+        AdminTarget(
+            meta["x402.admin"],
+            meta.get("x402.admin_token_file"),
+            meta.get("x402.admin_ca"),
+            meta.get("x402.admin_cert"),
+            meta.get("x402.admin_key"),
+        )
+    )
+
+
+# About 1 in 64 base64url keys starts with "-": click would take it for an option. Commands
+# with a key argument keep unknown option-like words as arguments (none has short options).
+KEY_ARGUMENTS = {"ignore_unknown_options": True}
+
+
+@main.group()
+def payer() -> None:
+    """Register, credit, suspend payers and read balances."""
+
+
+@payer.command("register", context_settings=KEY_ARGUMENTS)
+@click.argument("public_key")
+@redis_option
+@config_option
+@admin_options
+def payer_register(public_key: str, redis_url: str | None, config_path: str | None) -> None:
+    """Make an agent's public key known to the ledger."""
+    _check_public_key(public_key)
+    if remote := _remote():
+        with remote:
+            click.echo(remote.register(public_key))
+        return
+    created = _ledger_call(redis_url, config_path, lambda ledger, _s: ledger.register(public_key))
+    click.echo("registered" if created else "already registered")
+
+
+@payer.command("credit", context_settings=KEY_ARGUMENTS)
+@click.argument("public_key")
+@click.argument("amount")
+@click.option("--asset", default=None, help="Asset code [default: the config's default].")
+@click.option(
+    "--idempotency-key",
+    default=None,
+    help="Retrying with the same key never credits twice [default: random].",
+)
+@redis_option
+@config_option
+@admin_options
+def payer_credit(
+    public_key: str,
+    amount: str,
+    asset: str | None,
+    idempotency_key: str | None,
+    redis_url: str | None,
+    config_path: str | None,
+) -> None:
+    """Add AMOUNT (a decimal like 10.5) to a payer's balance."""
+    _check_public_key(public_key)
+    key = idempotency_key or secrets.token_urlsafe(12)
+    if remote := _remote():
+        with remote:
+            click.echo(remote.credit(public_key, amount, asset, key))
+        return
+
+    async def op(ledger: Ledger, settings: Settings) -> str:
+        code = asset or settings.default_asset
+        assets = settings.asset_table()
+        if code not in assets:
+            raise X402Error(f"unknown asset {code!r} (known: {', '.join(assets)})")
+        try:
+            atomic = assets[code].to_atomic(amount)
+        except AmountError as exc:
+            raise X402Error(str(exc)) from None
+        result = await ledger.credit(public_key, code, atomic, key)
+        verb = "credited" if result.applied else "already applied (idempotency key seen)"
+        return (
+            f"{verb}; balance {assets[code].to_decimal(result.balance)} {code} "
+            f"(idempotency key {key})"
+        )
+
+    click.echo(_ledger_call(redis_url, config_path, op))
+
+
+@payer.command("balance", context_settings=KEY_ARGUMENTS)
+@click.argument("public_key")
+@redis_option
+@config_option
+@admin_options
+def payer_balance(public_key: str, redis_url: str | None, config_path: str | None) -> None:
+    """Show a payer's status and balances."""
+    if remote := _remote():
+        with remote:
+            click.echo(remote.balance(public_key))
+        return
+
+    async def op(ledger: Ledger, settings: Settings) -> str:
+        account = await ledger.account(public_key)
+        assets = settings.asset_table()
+        lines = [f"status: {account.status}"]
+        for code in sorted(set(account.balances) | set(assets)):
+            atomic = account.balances.get(code, 0)
+            shown = assets[code].to_decimal(atomic) if code in assets else f"{atomic} (atomic)"
+            lines.append(f"{code}: {shown}")
+        return "\n".join(lines)
+
+    click.echo(_ledger_call(redis_url, config_path, op))
+
+
+@payer.command("suspend", context_settings=KEY_ARGUMENTS)
+@click.argument("public_key")
+@redis_option
+@config_option
+@admin_options
+def payer_suspend(public_key: str, redis_url: str | None, config_path: str | None) -> None:
+    """Refuse this payer's proofs (403 payer_suspended) until activated again."""
+    if remote := _remote():
+        with remote:
+            click.echo(remote.set_status(public_key, suspend=True))
+        return
+    _ledger_call(
+        redis_url, config_path, lambda ledger, _s: ledger.set_status(public_key, SUSPENDED)
+    )
+    click.echo("suspended")
+
+
+@payer.command("activate", context_settings=KEY_ARGUMENTS)
+@click.argument("public_key")
+@redis_option
+@config_option
+@admin_options
+def payer_activate(public_key: str, redis_url: str | None, config_path: str | None) -> None:
+    """Accept this payer's proofs again."""
+    if remote := _remote():
+        with remote:
+            click.echo(remote.set_status(public_key, suspend=False))
+        return
+    _ledger_call(redis_url, config_path, lambda ledger, _s: ledger.set_status(public_key, ACTIVE))
+    click.echo("active")
+
+
+def _check_public_key(public_key: str) -> None:
+    from sidecar.core.identity import verify_key
+
+    try:
+        verify_key(public_key)
+    except ValueError:
+        raise X402Error(
+            "not a public key: expected base64url of 32 bytes (see x402 keygen)"
+        ) from None
+
+
+# -- settlement, evidence, channels (logic in settlement.py, evidence.py, channel.py) -----
+
+
+@main.command()
+@redis_option
+@config_option
+@click.option(
+    "--flush/--no-flush",
+    default=False,
+    help="Settle every pending receipt now, whatever its age [default: no].",
+)
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Keep settling every SECONDS until interrupted [default: one pass].",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[config]")
+@click.option("--max-age", type=click.FloatRange(min=0), default=None, help="Seconds [config].")
+@click.option("--lease", type=click.FloatRange(min=0.1), default=None, help="Seconds [config].")
+@click.option("--anchor-file", default=None, help="JSONL anchor log; '' for none [config].")
+@click.option("--worker-id", default=None, help="[default: host:pid]")
+def settle(
+    redis_url: str | None,
+    config_path: str | None,
+    flush: bool,
+    watch: float | None,
+    batch_size: int | None,
+    max_age: float | None,
+    lease: float | None,
+    anchor_file: str | None,
+    worker_id: str | None,
+) -> None:
+    """Batch receipts for settlement: Merkle root, signed manifest, anchor sinks. Safe to
+    run several at once and to kill at any point."""
+    from sidecar.core.identity import Identity
+    from sidecar.server import wiring
+
+    async def op(ledger: Ledger, settings: Settings) -> str:
+        worker = wiring.settler(
+            settings,
+            ledger,
+            Identity.load(settings.signing_key_file),
+            anchor_file=anchor_file,
+            batch_size=batch_size,
+            max_age=max_age,
+            lease=lease,
+            flush=flush or None,
+            worker_id=worker_id,
+        )
+        if watch is not None:
+            await worker.run_forever(watch, asyncio.Event())
+        report = await worker.run_once()
+        lines = [
+            f"{m['batch_id']} payer {m['payer'][:12]}… seq {m['seq']}: {m['count']} receipts, "
+            f"root {m['merkle_root'][:16]}…"
+            for m in report.batches
+        ]
+        lines.append(
+            f"settled {report.receipts} receipts in {len(report.batches)} batches "
+            f"({report.payers} payers; {report.waiting} waiting, {report.busy} busy, "
+            f"{report.failed} failed)"
+        )
+        if report.failed:
+            raise X402Error("\n".join([*lines, "some batches failed; see the log"]))
+        return "\n".join(lines)
+
+    click.echo(_ledger_call(redis_url, config_path, op))
+
+
+@main.group()
+def evidence() -> None:
+    """Export and verify evidence bundles (receipts, Merkle proofs, signed manifests)."""
+
+
+def _unix_time(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise X402Error(f"{value!r} is neither unix seconds nor an ISO 8601 time") from None
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
+
+
+@evidence.command("export")
+@click.option("--receipt", "receipt_id", default=None, help="One receipt id (rcpt_…).")
+@click.option("--payer", "payer_key", default=None, help="One payer's receipts.")
+@click.option("--since", default=None, help="Issued at or after (unix seconds or ISO 8601).")
+@click.option("--until", default=None, help="Issued before (unix seconds or ISO 8601).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+@redis_option
+@config_option
+def evidence_export(
+    receipt_id: str | None,
+    payer_key: str | None,
+    since: str | None,
+    until: str | None,
+    out: str,
+    redis_url: str | None,
+    config_path: str | None,
+) -> None:
+    """Write the settled receipts a query matches, their proofs and manifests, signed."""
+    import json
+
+    from sidecar.core.identity import Identity
+    from sidecar.ledger import evidence as bundles
+
+    if not (receipt_id or payer_key or since or until):
+        raise X402Error("say what to export: --receipt, --payer, --since/--until")
+    query = bundles.Query(receipt_id, payer_key, _unix_time(since), _unix_time(until))
+
+    async def op(ledger: Ledger, settings: Settings) -> bundles.Export:
+        gateway = Identity.load(settings.signing_key_file)
+        return await bundles.export(ledger, gateway, settings.asset_table(), query)
+
+    result = _ledger_call(redis_url, config_path, op)
+    receipts = len(result.bundle["receipts"])
+    if receipt_id and not receipts:
+        raise X402Error(f"receipt {receipt_id} is in no settled batch (run x402 settle)")
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(result.bundle, f, indent=1, sort_keys=True)
+    click.echo(f"wrote {out}: {receipts} receipts in {len(result.bundle['batches'])} batches")
+    if result.unsettled:
+        click.echo(f"{result.unsettled} matching receipts are not settled yet (not exported)")
+
+
+@evidence.command("verify")
+@click.argument("bundle", type=click.Path(dir_okay=False, exists=True))
+@click.option(
+    "--key",
+    required=True,
+    help="The gateway's public key (base64url), or a file holding it.",
+)
+def evidence_verify(bundle: str, key: str) -> None:
+    """Check a bundle offline; exit 1 and name every problem if anything fails."""
+    import json
+    from pathlib import Path
+
+    from sidecar.ledger import evidence as bundles
+
+    text = Path(key).read_text() if Path(key).is_file() else key
+    try:
+        public_key = bundles.parse_public_key(text)
+    except (ValueError, UnicodeEncodeError):
+        raise X402Error("--key: not a base64url Ed25519 public key") from None
+    try:
+        document = json.loads(Path(bundle).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise X402Error(f"cannot read {bundle}: {exc}") from None
+    verdict = bundles.verify_bundle(document, public_key)
+    if verdict.ok:
+        click.echo(f"OK: {verdict.receipts} receipts in {verdict.batches} batches verify")
+        return
+    for problem in verdict.problems:
+        click.echo(f"FAIL: {problem}")
+    sys.exit(1)
+
+
+@main.group()
+def channel() -> None:
+    """Open and close payment channels (a deposit locked for vouchered requests)."""
+
+
+@channel.command("open", context_settings=KEY_ARGUMENTS)
+@click.argument("public_key")
+@click.argument("deposit")
+@click.option("--asset", default=None, help="Asset code [default: the config's default].")
+@click.option("--ttl", type=click.IntRange(min=1), default=86400, show_default=True)
+@click.option("--id", "channel_id", default=None, help="Channel id [default: random].")
+@redis_option
+@config_option
+@admin_options
+def channel_open(
+    public_key: str,
+    deposit: str,
+    asset: str | None,
+    ttl: int,
+    channel_id: str | None,
+    redis_url: str | None,
+    config_path: str | None,
+) -> None:
+    """Lock DEPOSIT (a decimal) from a payer's balance into a new channel."""
+    from sidecar.core.identity import Identity
+    from sidecar.ledger.channels import Channels
+    from sidecar.server.admin import channel_opened
+
+    _check_public_key(public_key)
+    if remote := _remote():
+        with remote:
+            click.echo(remote.open_channel(public_key, deposit, asset, ttl, channel_id))
+        return
+
+    async def op(ledger: Ledger, settings: Settings) -> str:
+        code = asset or settings.default_asset
+        assets = settings.asset_table()
+        if code not in assets:
+            raise X402Error(f"unknown asset {code!r} (known: {', '.join(assets)})")
+        payee = Identity.load(settings.signing_key_file).kid
+        channels = Channels(ledger)
+        opened, balance = await channels.open(
+            public_key, code, assets[code].to_atomic(deposit), payee, ttl, channel_id
+        )
+        state = await channels.get(public_key, opened)
+        show = assets[code].to_decimal
+        return channel_opened(opened, show(state.deposit), code, state.expires_at, show(balance))
+
+    click.echo(_ledger_call(redis_url, config_path, op))
+
+
+@channel.command("close", context_settings=KEY_ARGUMENTS)
+@click.argument("public_key")
+@click.argument("channel_id")
+@redis_option
+@config_option
+@admin_options
+def channel_close(
+    public_key: str, channel_id: str, redis_url: str | None, config_path: str | None
+) -> None:
+    """Refund what is left of the deposit; the final voucher goes to settlement."""
+    from sidecar.ledger.channels import Channels
+    from sidecar.server.admin import channel_closed
+
+    _check_public_key(public_key)
+    if remote := _remote():
+        with remote:
+            click.echo(remote.close_channel(public_key, channel_id))
+        return
+
+    async def op(ledger: Ledger, settings: Settings) -> str:
+        channels = Channels(ledger)
+        state = await channels.get(public_key, channel_id)
+        closed = await channels.close(public_key, channel_id)
+        assert closed is not None  # not only_expired: it always closes
+        show = settings.asset_table()[state.asset].to_decimal
+        return channel_closed(
+            channel_id,
+            show(closed.cumulative),
+            show(closed.refund),
+            show(closed.balance),
+            closed.vouchers,
+            closed.receipt_id,
+            closed.already,
+        )
+
+    click.echo(_ledger_call(redis_url, config_path, op))
+
+
+# -- agents: pay and demo -----------------------------------------------------------------
+
+
+@main.command()
+@click.argument("url")
+@click.option(
+    "-X",
+    "--request",
+    "method",
+    default=None,
+    metavar="METHOD",
+    help="HTTP method [default: GET, or POST with -d].",
+)
+@click.option(
+    "-H",
+    "--header",
+    "headers",
+    multiple=True,
+    metavar="'NAME: VALUE'",
+    help="Extra request header (repeatable).",
+)
+@click.option(
+    "-d", "--data", default=None, help="Request body; @FILE reads a file, @- reads stdin."
+)
+@click.option(
+    "--max-amount",
+    default=None,
+    metavar="AMOUNT",
+    help="Refuse to pay more than this per request (decimal, e.g. 0.50).",
+)
+@click.option("--asset", "assets", multiple=True, help="Only pay in this asset (repeatable).")
+@click.option("--payee", "payees", multiple=True, help="Only pay this gateway id (repeatable).")
+@click.option(
+    "--wallet",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Agent key file from `x402 keygen` [default: env X402_WALLET or X402_WALLET_FILE].",
+)
+@click.option(
+    "--direct/--challenge",
+    default=True,
+    show_default=True,
+    help="Pay from the price list in one round trip, or always wait for the 402.",
+)
+@click.option("--strict", is_flag=True, help="An invalid receipt is an error, not a warning.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds.")
+def pay(
+    url: str,
+    method: str | None,
+    headers: tuple[str, ...],
+    data: str | None,
+    max_amount: str | None,
+    assets: tuple[str, ...],
+    payees: tuple[str, ...],
+    wallet: str | None,
+    direct: bool,
+    strict: bool,
+    timeout: float,
+) -> None:
+    """Request URL like curl, paying if the gateway asks: body on stdout, receipt on stderr."""
+    from sidecar.tools import pay as payment
+
+    sys.exit(
+        payment.run(
+            payment.PayRequest(
+                url=url,
+                method=method,
+                headers=headers,
+                data=data,
+                max_amount=max_amount,
+                assets=assets,
+                payees=payees,
+                wallet=wallet,
+                direct=direct,
+                strict=strict,
+                timeout=timeout,
+            )
+        )
+    )
+
+
+@main.command()
+@click.option(
+    "--serve", is_flag=True, help="Keep the stack running for your own agent until Ctrl-C."
+)
+def demo(serve: bool) -> None:
+    """Start Redis, the sidecar, Envoy and a demo API on loopback, and pay through them."""
+    from sidecar.tools import demo as demo_story
+
+    sys.exit(demo_story.run(serve=serve))
+
+
+# -- load ------------------------------------------------------------------------------
+
+
+@main.command("load")
+@click.option(
+    "--url", required=True, help="The gateway agents call (Envoy), e.g. http://127.0.0.1:10000."
+)
+@click.option(
+    "--route",
+    "routes",
+    multiple=True,
+    required=True,
+    help="A priced route: its path pattern, 'METHOD PATH', or a concrete path (repeatable).",
+)
+@click.option("--duration", default="10s", show_default=True, help="How long: 30s, 2m, 500ms.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Loops in flight at once.",
+)
+@click.option(
+    "--agents",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Agent wallets [default: one per concurrent loop].",
+)
+@click.option(
+    "--direct",
+    is_flag=True,
+    help="Pay from the price list in one request instead of 402 → sign → retry.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Start at most this many loops per second [default: no limit].",
+)
+@click.option(
+    "--fund",
+    default="",
+    help="Credit per agent, decimal [default: 100,000 loops of the dearest route].",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the summary as JSON here.",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@redis_option
+def load_command(
+    url: str,
+    routes: tuple[str, ...],
+    duration: str,
+    concurrency: int,
+    agents: int,
+    direct: bool,
+    rate: float,
+    fund: str,
+    json_path: str | None,
+    progress: bool,
+    redis_url: str | None,
+) -> None:
+    """Push priced routes with many agents and count the challenge loops the stack clears."""
+    from sidecar.tools import load
+
+    if not redis_url:
+        raise X402Error("--redis (or REDIS_URL) is needed to register and credit the agents")
+    config = load.LoadConfig(
+        url=url,
+        redis_url=redis_url,
+        routes=routes,
+        duration=load.parse_duration(duration),
+        concurrency=concurrency,
+        agents=agents,
+        direct=direct,
+        rate=rate,
+        fund=fund,
+    )
+    stats = load.main(config, json_path, progress)
+    if not stats.cleared:
+        sys.exit(1)  # not one loop cleared: the stack or the setup is broken
+
+
+if __name__ == "__main__":
+    main()

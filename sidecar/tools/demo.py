@@ -1,0 +1,515 @@
+"""`x402 demo`: the whole product on loopback, and an agent paying its way through it.
+
+Starts a real Redis, the sidecar, the real Envoy and a small upstream (sidecar.stack),
+creates and funds an agent wallet, then narrates: the price list, a 402 challenge, the
+signed proof, the paid 200 with its verified receipt, a replay refused, direct payments
+in one round trip, two spending guards refusing, the decision log and the ledger.
+Exit status 0 only if every step behaved as expected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from rich import box
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Column, Table
+
+from sidecar.agent.auth import X402Auth, receipt_of
+from sidecar.agent.wallet import Wallet
+from sidecar.core import protocol
+from sidecar.core.errors import BudgetExceeded, MaxAmountExceeded, X402Error
+from sidecar.core.money import to_decimal
+from sidecar.tools.stack import Stack
+
+ROUTES: dict[str, dict[str, str]] = {
+    "atlas": {
+        "method": "GET",
+        "path": "/api/v1/agent/pay-api/atlas",
+        "price": "0.25",
+        "description": "Atlas agent API, one call",
+    },
+    "trade-verify": {
+        "method": "GET",
+        "path": "/api/v1/trade/verify/{trade_id}",
+        "price": "0.01",
+        "description": "Verify one trade",
+    },
+    "market-signal": {
+        "method": "GET",
+        "path": "/api/v1/market/signal/{symbol}",
+        "price": "0.0005",
+        "description": "One market signal",
+    },
+    "atlas-deep-research": {
+        "method": "POST",
+        "path": "/api/v1/agent/pay-api/atlas/deep-research",
+        "price": "5",
+        "description": "Atlas deep research run",
+    },
+}
+FREE_PATH = "/api/v1/agents/discover"  # not in the price list: free
+ATLAS = "/api/v1/agent/pay-api/atlas"
+CREDIT = "10"
+MAX_AMOUNT, BUDGET = "1.00", "0.50"
+EXPECTED_BALANCE = "9.7395"  # 10 - 0.25 - 0.01 - 0.0005
+
+
+@dataclass
+class Exchange:
+    """One HTTP request the agent's client sent, and what came back."""
+
+    method: str
+    path: str
+    proof: dict[str, Any] | None
+    status: int = 0
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Recorder:
+    """httpx event hooks: every request the SDK sends, including its retries."""
+
+    def __init__(self) -> None:
+        self.exchanges: list[Exchange] = []
+
+    def on_request(self, request: httpx.Request) -> None:
+        header = request.headers.get("x-payment")
+        proof = protocol.decode_header(header) if header else None
+        self.exchanges.append(Exchange(request.method, request.url.path, proof))
+
+    def on_response(self, response: httpx.Response) -> None:
+        response.read()
+        exchange = self.exchanges[-1]
+        exchange.status = response.status_code
+        exchange.headers = dict(response.headers)
+        try:
+            exchange.body = response.json()
+        except ValueError:
+            exchange.body = response.text
+
+    @contextmanager
+    def call(self) -> Iterator[list[Exchange]]:
+        """The exchanges of one SDK call."""
+        start = len(self.exchanges)
+        exchanges: list[Exchange] = []
+        try:
+            yield exchanges
+        finally:
+            exchanges.extend(self.exchanges[start:])
+
+
+def short(text: str, keep: int = 12) -> str:
+    return text if len(text) <= keep + 1 else text[:keep] + "…"
+
+
+def make_console() -> Console:
+    console = Console(highlight=False)
+    if not console.is_terminal:  # captured output: wide enough that tables do not wrap
+        console = Console(highlight=False, width=110)
+    return console
+
+
+class Demo:
+    def __init__(self, stack: Stack, console: Console) -> None:
+        self.stack = stack
+        self.console = console
+        self.results: list[tuple[str, bool, str]] = []
+        self.recorder = Recorder()
+        self.wallet = Wallet.generate(max_amount=MAX_AMOUNT, budget=BUDGET)
+        self.discovery: dict[str, Any] = {}
+        self.replayed: dict[str, Any] | None = None  # the proof step 3 paid with
+
+    # -- narration helpers -----------------------------------------------------------------
+    def step(self, title: str, text: str = "") -> None:
+        self.console.print()
+        self.console.print(
+            Panel(
+                text or title,
+                title=f"[bold]{title}",
+                title_align="left",
+                box=box.ROUNDED,
+                expand=False,
+            )
+        )
+
+    def check(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.results.append((name, ok, detail))
+        mark = "[green]✓[/green]" if ok else "[red]✗[/red]"
+        self.console.print(f"{mark} {name}" + (f" — {detail}" if detail else ""))
+        return ok
+
+    def client(self, direct: bool) -> httpx.Client:
+        auth = X402Auth(self.wallet, direct=direct, strict=True)
+        hooks: dict[str, list[Callable[..., Any]]] = {
+            "request": [self.recorder.on_request],
+            "response": [self.recorder.on_response],
+        }
+        return httpx.Client(base_url=self.stack.url, auth=auth, event_hooks=hooks, timeout=10)
+
+    def attempt(self, name: str, action: Callable[[], None]) -> None:
+        """Run one step; an unexpected exception fails it instead of ending the demo."""
+        try:
+            action()
+        except Exception as exc:  # the demo reports it, then exits non-zero
+            self.check(name, False, f"{exc.__class__.__name__}: {exc}")
+
+    # -- the story -------------------------------------------------------------------------
+    def run(self) -> int:
+        self.show_stack()
+        self.attempt("price list", self.price_list)
+        self.attempt("free route", self.free_route)
+        self.attempt("agent wallet", self.fund_wallet)
+        with self.client(direct=False) as challenge_client:
+            self.attempt("402 challenge", lambda: self.challenge(challenge_client))
+        self.attempt("replay refused", self.replay)
+        with self.client(direct=True) as direct_client:
+            self.attempt("direct payment", lambda: self.direct(direct_client))
+            self.attempt("guards", lambda: self.guards(direct_client))
+        self.attempt("decision log", self.decision_log)
+        self.attempt("ledger", self.ledger)
+        return self.summary()
+
+    def show_stack(self) -> None:
+        stack = self.stack
+        table = Table(box=box.SIMPLE, show_header=False)
+        table.add_row("gateway (Envoy)", stack.url)
+        table.add_row("Redis ledger", stack.redis_url)
+        table.add_row(
+            "sidecar", f"ext_authz gRPC :{stack.ports['grpc']}, HTTP :{stack.ports['http']}"
+        )
+        table.add_row("demo upstream", f"http://127.0.0.1:{stack.ports['upstream']}")
+        self.step(
+            "x402 demo",
+            "Real Redis, the x402 sidecar, real Envoy and a demo service, all on loopback.",
+        )
+        self.console.print(table)
+
+    def price_list(self) -> None:
+        self.step("1. The price list", "Free: GET /.well-known/x402")
+        response = httpx.get(f"{self.stack.url}/.well-known/x402", timeout=10)
+        self.discovery = response.json()
+        # No wrapping: a path or a price cut in two is harder to read than a narrow table.
+        table = Table(
+            Column("route", no_wrap=True),
+            Column("price", no_wrap=True, justify="right"),
+            box=box.SIMPLE,
+        )
+        for route in self.discovery.get("routes", []):
+            price = f"{route['price']} {route['asset']}"
+            table.add_row(f"{route['method']} {route['path']}", price)
+        self.console.print(table)
+        self.console.print(
+            f"payee {self.discovery.get('payee')}, receipts signed by key "
+            f"{self.discovery['keys'][0]['kid']}"
+        )
+        self.check(
+            "price list",
+            response.status_code == 200 and len(self.discovery.get("routes", [])) == len(ROUTES),
+            f"{len(self.discovery.get('routes', []))} priced routes",
+        )
+
+    def free_route(self) -> None:
+        response = httpx.get(f"{self.stack.url}{FREE_PATH}", timeout=10)
+        self.check(
+            "free route",
+            response.status_code == 200,
+            f"GET {FREE_PATH} → {response.status_code} without paying",
+        )
+
+    def fund_wallet(self) -> None:
+        self.step(
+            "2. An agent wallet",
+            "An Ed25519 key (x402 keygen) with spending guards: at most "
+            f"{MAX_AMOUNT} USDF per request, {BUDGET} USDF in total.",
+        )
+        balance = asyncio.run(self.stack.fund(self.wallet.public_key, CREDIT))
+        self.console.print(f"payer   {self.wallet.public_key}")
+        self.console.print(f"credit  {CREDIT} USDF (x402 payer register + x402 payer credit)")
+        self.check("agent wallet", balance == 10_000_000, f"registered and funded, {CREDIT} USDF")
+
+    def challenge(self, client: httpx.Client) -> None:
+        self.step(
+            "3. Pay on a 402",
+            "httpx.get(url, auth=X402Auth(wallet)): the agent reads "
+            "the 402, signs a proof and retries, by itself.",
+        )
+        with self.recorder.call() as exchanges:
+            response = client.get(ATLAS)
+        sent = [e for e in exchanges if e.path == ATLAS]
+        if len(sent) != 2 or not isinstance(sent[0].body, dict):
+            self.check("402 challenge", False, f"{len(sent)} requests to the route, not 2")
+            return
+        first, paid = sent
+        invoice = first.body.get("x402", {})
+        required = protocol.decode_header(first.headers.get("payment-required", ""))
+        accepts = required["accepts"][0]
+        self.console.print(
+            f"[bold]→ GET {ATLAS}[/bold] without a proof\n"
+            f"[bold]← {first.status}[/bold] {first.body.get('error')}: "
+            f"{first.body.get('message')}"
+        )
+        table = Table(box=box.SIMPLE, show_header=False)
+        for name in ("invoice_id", "amount", "asset", "resource", "payee", "nonce"):
+            table.add_row(name, str(invoice.get(name)))
+        table.add_row(
+            "expires_at",
+            f"{invoice.get('expires_at')} (in {invoice.get('expires_at', 0) - int(time.time())} s)",
+        )
+        table.add_row(
+            "PAYMENT-REQUIRED",
+            f"x402Version {required['x402Version']}, "
+            f"{accepts['amount']} atomic {accepts['asset']} to {accepts['payTo']}",
+        )
+        self.console.print(table)
+        self.check(
+            "402 challenge",
+            first.status == 402
+            and first.body.get("error") == "payment_required"
+            and invoice.get("amount") == "0.25"
+            and accepts["amount"] == "250000",
+            "an invoice in the body and in PAYMENT-REQUIRED (x402 v2)",
+        )
+        proof = paid.proof or {}
+        self.console.print("[bold]→ retry[/bold] with X-Payment: the signed proof")
+        table = Table(box=box.SIMPLE, show_header=False)
+        for name in ("invoice_id", "nonce", "amount", "payer", "signature"):
+            table.add_row(name, short(str(proof.get(name)), 24))
+        self.console.print(table)
+        self.check(
+            "signed proof",
+            proof.get("invoice_id") == invoice.get("invoice_id")
+            and proof.get("payer") == self.wallet.public_key,
+            "Ed25519 over the invoice terms",
+        )
+        receipt = receipt_of(response)
+        body = response.json()
+        self.console.print(f"[bold]← {response.status_code}[/bold] from the service:")
+        self.console.print(json.dumps(body), markup=False, soft_wrap=True)
+        self.check(
+            "paid 200",
+            response.status_code == 200
+            and body.get("payer") == self.wallet.public_key
+            and body.get("proof_header_seen") is False,
+            "the service saw the payer, never the proof",
+        )
+        if receipt is None:
+            self.check("verified receipt", False, "no receipt on the response")
+            return
+        table = Table(box=box.SIMPLE, show_header=False)
+        for name in ("receipt_id", "amount", "asset", "balance", "resource", "kid"):
+            table.add_row(name, str(getattr(receipt, name)))
+        self.console.print(table)
+        self.check(
+            "verified receipt",
+            receipt.verified and receipt.amount == "0.25",
+            f"{receipt.receipt_id} signed by {receipt.kid}, balance {receipt.balance}",
+        )
+        self.replayed = paid.proof
+
+    def replay(self) -> None:
+        self.step("4. A replay", "Someone resends the exact same X-Payment header.")
+        proof = self.replayed
+        if proof is None:
+            self.check("replay refused", False, "no proof to replay")
+            return
+        response = httpx.get(
+            f"{self.stack.url}{ATLAS}",
+            timeout=10,
+            headers={"X-Payment": protocol.encode_header(proof)},
+        )
+        reason = response.json().get("error")
+        self.console.print(
+            f"[bold]← {response.status_code}[/bold] {reason}: {response.json().get('message')}"
+        )
+        self.check(
+            "replay refused",
+            response.status_code == 402 and reason == "nonce_reused",
+            "402 nonce_reused, nothing charged",
+        )
+
+    def direct(self, client: httpx.Client) -> None:
+        self.step(
+            "5. Pay in one round trip",
+            "With the price list, X402Auth signs before sending: no 402 at all.",
+        )
+        ok = True
+        for path in ("/api/v1/trade/verify/T-1001", "/api/v1/market/signal/BTC-USD"):
+            with self.recorder.call() as exchanges:
+                response = client.get(path)
+            to_route = [e for e in exchanges if e.path == path]
+            receipt = receipt_of(response)
+            paid = receipt.amount if receipt else "?"
+            verified = "verified" if receipt and receipt.verified else "NOT verified"
+            self.console.print(
+                f"GET {path} → {response.status_code}, {len(to_route)} request, "
+                f"paid {paid} USDF, receipt {verified}"
+            )
+            ok = ok and response.status_code == 200 and len(to_route) == 1
+            ok = ok and receipt is not None and receipt.verified and not receipt.invoice_id
+        self.check("direct payment", ok, "one HTTP request per paid call, receipts verified")
+
+    def guards(self, client: httpx.Client) -> None:
+        self.step("6. Spending guards", "Checked before anything is signed.")
+        before = len(self.recorder.exchanges)
+        try:
+            client.post("/api/v1/agent/pay-api/atlas/deep-research", json={"topic": "agents"})
+        except MaxAmountExceeded as exc:
+            self.console.print(f"[bold]refused[/bold] {exc}")
+            self.check(
+                "max_amount guard",
+                len(self.recorder.exchanges) == before,
+                f"a {ROUTES['atlas-deep-research']['price']} USDF call, nothing signed or sent",
+            )
+        else:
+            self.check("max_amount guard", False, "the expensive call was not refused")
+        try:
+            client.get(ATLAS)
+        except BudgetExceeded as exc:
+            self.console.print(f"[bold]refused[/bold] {exc}")
+            self.check(
+                "budget guard",
+                len(self.recorder.exchanges) == before,
+                f"spent {self.wallet.spent()} of {BUDGET} USDF; another 0.25 would overspend",
+            )
+        else:
+            self.check("budget guard", False, "the call over budget was not refused")
+
+    def decision_log(self) -> None:
+        self.step("7. The decision log", "One JSON line per check, from the sidecar.")
+        deadline = time.monotonic() + 3
+        while True:  # the sidecar writes its log asynchronously; wait for the last line
+            decisions = self.stack.decisions()
+            if (
+                sum(d.get("reason") == "paid" for d in decisions) >= 3
+                or time.monotonic() > deadline
+            ):
+                break
+            time.sleep(0.05)
+        table = Table(
+            Column("status", no_wrap=True),
+            Column("reason", no_wrap=True),
+            Column("route", no_wrap=True),
+            Column("price", no_wrap=True),
+            Column("balance", no_wrap=True),
+            box=box.SIMPLE,
+        )
+        for d in decisions:
+            table.add_row(
+                str(d.get("status")),
+                d.get("reason"),
+                f"{d.get('method')} {d.get('route') or d.get('path')}",
+                d.get("price") or "",
+                d.get("balance") or "",
+            )
+        self.console.print(table)
+        if decisions:
+            self.console.print("a raw line:")
+            self.console.print(json.dumps(decisions[-1]), soft_wrap=True, markup=False)
+        reasons = [d.get("reason") for d in decisions]
+        expected = ["free", "payment_required", "paid", "nonce_reused", "paid", "paid"]
+        self.check("decision log", reasons == expected, ", ".join(map(str, reasons)))
+
+    def ledger(self) -> None:
+        balance = asyncio.run(self.stack.balance(self.wallet.public_key))
+        shown = to_decimal(balance, 6)
+        self.check(
+            "ledger",
+            shown == EXPECTED_BALANCE,
+            f"balance {shown} USDF = {CREDIT} - 0.25 - 0.01 - 0.0005; "
+            f"the wallet counted {self.wallet.spent()} spent",
+        )
+
+    def summary(self) -> int:
+        failed = [name for name, ok, _ in self.results if not ok]
+        self.console.print()
+        if failed:
+            self.console.print(
+                Panel(
+                    f"[red]{len(failed)} of {len(self.results)} steps "
+                    f"misbehaved: {', '.join(failed)}",
+                    expand=False,
+                )
+            )
+            return 1
+        self.console.print(
+            Panel(
+                f"[green]All {len(self.results)} steps behaved as expected.[/]"
+                "\nNext: x402 demo --serve, then pay with your own agent.",
+                expand=False,
+            )
+        )
+        return 0
+
+
+def run(serve: bool = False, console: Console | None = None) -> int:
+    console = console or make_console()
+    try:
+        with contextlib.ExitStack() as running:
+            with console.status("starting Redis, the sidecar, Envoy and the demo service…"):
+                stack = running.enter_context(Stack(ROUTES))
+            if serve:
+                return serve_forever(stack, console)
+            return Demo(stack, console).run()
+    except KeyboardInterrupt:  # Ctrl-C during the story: the stack has been stopped
+        console.print("interrupted", markup=False)
+        return 130
+
+
+def serve_forever(stack: Stack, console: Console) -> int:
+    """Keep the stack up for the user's own agent until Ctrl-C or SIGTERM."""
+    wallet = Wallet.generate()
+    key_file = stack.dir / "agent.key"
+    wallet.identity.save(key_file)
+    asyncio.run(stack.fund(wallet.public_key, "100"))
+    table = Table(box=box.SIMPLE, show_header=False)
+    table.add_row("gateway", stack.url)
+    table.add_row("price list", f"{stack.url}/.well-known/x402")
+    table.add_row("Redis", stack.redis_url)
+    table.add_row("agent wallet", f"{key_file} (100 USDF)")
+    console.print(Panel(table, title="x402 demo --serve", title_align="left", expand=False))
+    console.print("Try it:", markup=False)
+    console.print(
+        f"  export X402_GATEWAY={stack.url} X402_WALLET_FILE={key_file} "
+        f"REDIS_URL={stack.redis_url}\n"
+        f"  x402 pay $X402_GATEWAY{ATLAS}\n"
+        f'  x402 pay --max-amount 1 -X POST -d \'{{"topic": "agents"}}\' '
+        f"$X402_GATEWAY/api/v1/agent/pay-api/atlas/deep-research\n"
+        f"  x402 payer balance {wallet.public_key}\n"
+        "  python - <<'EOF'\n"
+        "import os, httpx\n"
+        "from sidecar.agent import Wallet, X402Auth\n"
+        'auth = X402Auth(Wallet.from_env(max_amount="1.00", budget="10"))\n'
+        f'r = httpx.get(os.environ["X402_GATEWAY"] + "{ATLAS}", auth=auth)\n'
+        'print(r.status_code, r.json(), r.extensions["x402_receipt"])\n'
+        "EOF",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print("Ctrl-C stops everything.", markup=False)
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        while not stop.wait(0.5):
+            dead = [p.name for p in stack.processes.values() if p.popen.poll() is not None]
+            if dead:
+                raise X402Error(f"{', '.join(dead)} exited; see the logs in {stack.dir}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    console.print("stopping…", markup=False)
+    return 0

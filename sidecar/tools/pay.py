@@ -1,0 +1,128 @@
+"""`x402 pay URL`: one curl-like HTTP request that pays if the gateway asks for it.
+
+The response body goes to stdout untouched; what was paid, the receipt and the balance
+left go to stderr, so `x402 pay URL | jq` works.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from sidecar.agent.auth import X402Auth, receipt_of, refusal
+from sidecar.agent.wallet import Wallet
+from sidecar.core.errors import ReceiptWarning, X402Error
+
+
+@dataclass
+class PayRequest:
+    url: str
+    method: str | None = None  # default: GET, or POST with data (as curl)
+    headers: Sequence[str] = ()  # "Name: value"
+    data: str | None = None  # "@file" reads a file, "@-" stdin
+    max_amount: str | None = None
+    assets: Sequence[str] = ()
+    payees: Sequence[str] = ()
+    wallet: str | None = None  # key file; default X402_WALLET / X402_WALLET_FILE
+    direct: bool = True
+    strict: bool = False
+    timeout: float = 30.0
+
+
+def parse_headers(values: Sequence[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for value in values:
+        name, sep, text = value.partition(":")
+        if not sep or not name.strip():
+            raise X402Error(f"header {value!r} is not 'Name: value'")
+        headers[name.strip()] = text.strip()
+    return headers
+
+
+def read_data(data: str | None, stdin: IO[bytes]) -> bytes | None:
+    if data is None:
+        return None
+    if data == "@-":
+        return stdin.read()
+    if data.startswith("@"):
+        try:
+            return Path(data[1:]).read_bytes()
+        except OSError as exc:
+            raise X402Error(f"cannot read {data[1:]}: {exc.strerror}") from None
+    return data.encode()
+
+
+def run(
+    req: PayRequest,
+    stdout: IO[bytes] | None = None,
+    stderr: IO[str] | None = None,
+    stdin: IO[bytes] | None = None,
+) -> int:
+    """Exit status: 0 for a response below 400, 1 otherwise (the body is printed anyway)."""
+    out = stdout or sys.stdout.buffer
+    err = stderr or sys.stderr
+    wallet = Wallet.load(
+        req.wallet,
+        max_amount=req.max_amount,
+        assets=req.assets or None,
+        payees=req.payees or None,
+    )
+    body = read_data(req.data, stdin or sys.stdin.buffer)
+    method = (req.method or ("POST" if body is not None else "GET")).upper()
+    auth = X402Auth(wallet, direct=req.direct, strict=req.strict)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReceiptWarning)
+        try:
+            with httpx.Client(auth=auth, timeout=req.timeout) as client:
+                response = client.request(
+                    method, req.url, headers=parse_headers(req.headers), content=body
+                )
+        except httpx.InvalidURL as exc:
+            raise X402Error(f"invalid URL {req.url!r}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise X402Error(f"{method} {req.url}: {exc.__class__.__name__}: {exc}") from None
+    out.write(response.content)
+    out.flush()
+    for warning in caught:
+        print(f"warning: {warning.message}", file=err)
+    return report(response, err)
+
+
+def report(response: httpx.Response, err: IO[str]) -> int:
+    receipt = receipt_of(response)
+    status = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+    if receipt is not None:
+        check = "verified" if receipt.verified else "NOT VERIFIED"
+        print(
+            f"{status} · paid {receipt.amount} {receipt.asset} to {receipt.payee}\n"
+            f"receipt {receipt.receipt_id} ({check}, {receipt.resource})\n"
+            f"balance {receipt.balance} {receipt.asset}",
+            file=err,
+        )
+    elif response.status_code < 400:
+        print(f"{status} · nothing to pay", file=err)
+    if response.status_code < 400:
+        return 0
+    reason = refusal(response) or f"http_{response.status_code}"
+    message = _message(response)
+    print(f"error: {status}: {reason}{': ' + message if message else ''}", file=err)
+    return 1
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    if not isinstance(body, dict):
+        return ""
+    message = str(body.get("message", ""))
+    if "balance" in body:
+        message += f" (balance {body['balance']})"
+    return message

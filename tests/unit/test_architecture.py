@@ -1,0 +1,82 @@
+"""The house by audience: core < agent, ledger < server < tools; imports point down only.
+
+docs/architecture.md draws the same picture; this test keeps it true.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "sidecar"
+# What each package may import from the others (and itself).
+ALLOWED = {
+    "core": {"core"},
+    "agent": {"core", "agent"},
+    "ledger": {"core", "ledger"},
+    "server": {"core", "ledger", "server"},
+    "tools": {"core", "agent", "ledger", "server", "tools"},
+}
+# The base install is the agent SDK: importing it loads none of the gateway's dependencies.
+SERVER_ONLY = ("grpc", "redis", "hiredis", "envoy", "prometheus_client", "structlog", "yaml")
+
+
+def sidecar_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every `sidecar.…` import in a file, lazy ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            modules = [node.module]
+            if node.module == "sidecar":
+                modules = [f"sidecar.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        else:
+            continue
+        found += [(node.lineno, m) for m in modules if m.startswith("sidecar.")]
+    return found
+
+
+def modules_of(package: str) -> list[Path]:
+    return sorted(p for p in (PACKAGE / package).rglob("*.py") if "_pb2" not in p.name)
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_imports_point_down_the_house(package: str) -> None:
+    upward = [
+        f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}"
+        for path in modules_of(package)
+        for line, module in sidecar_imports(path)
+        if module.split(".")[1] not in ALLOWED[package]
+    ]
+    assert upward == []
+
+
+def test_every_module_lives_in_a_package() -> None:
+    """Only the package marker and the one-release `sidecar.client` shim stay at the top."""
+    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "client.py"]
+
+
+def test_the_boundary_check_sees_an_upward_import(tmp_path: Path) -> None:
+    module = tmp_path / "bad.py"
+    module.write_text("from sidecar.ledger.accounts import Ledger\nfrom sidecar import server\n")
+    assert [m for _line, m in sidecar_imports(module)] == [
+        "sidecar.ledger.accounts",
+        "sidecar.server",
+    ]
+
+
+def test_the_sdk_loads_none_of_the_gateways_dependencies() -> None:
+    probe = (
+        "import sys, sidecar.agent, sidecar.client; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "nacl" in loaded and "httpx" in loaded
+    assert [name for name in SERVER_ONLY if name in loaded] == []
