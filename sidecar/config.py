@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from sidecar.decision import Gateway
+from sidecar.envoy_config import Edge
 from sidecar.errors import AmountError, ConfigError
 from sidecar.identity import Identity
 from sidecar.ledger import MAX_BALANCE
@@ -61,6 +62,8 @@ class Settings:
     rate_limit_payer_burst: int = 0  # checks at once after a quiet spell; 0: the rate
     rate_limit_ip_per_second: int = 0  # paid checks per client address and second
     rate_limit_ip_burst: int = 0
+    # Envoy's edge hardening, read by `x402 envoy-config` and the stack (envoy_config.Edge).
+    edge: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -94,7 +97,12 @@ class Settings:
             values[name] = _coerce(name, value, default)
         settings = cls(**values)
         settings.route_table()  # validate routes and assets now, not at the first request
+        settings.edge_config()
         return settings
+
+    def edge_config(self) -> Edge:
+        """The `edge` mapping, checked: Envoy's timeouts, limits and header policy."""
+        return Edge.from_mapping(self.edge)
 
     def asset_table(self) -> dict[str, Asset]:
         assets: dict[str, Asset] = {}

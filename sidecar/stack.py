@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from sidecar.envoy_config import Endpoints, render
+from sidecar.envoy_config import Edge, Endpoints, render
 from sidecar.errors import X402Error
 from sidecar.identity import Identity
 
@@ -240,7 +240,8 @@ class Stack:
             authz_timeout=self.authz_timeout or f"{max(1000, redis_timeout_ms + 500) / 1000}s",
         )
         envoy_routes = self.routes if self.envoy_routes is None else self.envoy_routes
-        envoy = render(envoy_routes, str(config.get("default_asset", "USDF")), endpoints)
+        edge = Edge.from_mapping(config.get("edge"))  # the sidecar config's `edge`, as the CLI
+        envoy = render(envoy_routes, str(config.get("default_asset", "USDF")), endpoints, edge)
         (self.dir / "envoy.yaml").write_text(yaml.safe_dump(envoy, sort_keys=False))
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Process:
@@ -331,6 +332,7 @@ class Stack:
                 "upstream",
                 "--port",
                 str(self.ports["upstream"]),
+                "--log-headers",  # what reached the service: upstream_requests()
             ],
         )
         wait_http(f"http://{LOOPBACK}:{self.ports['upstream']}/", process=process)
@@ -369,6 +371,18 @@ class Stack:
         )
         wait_http(f"http://{LOOPBACK}:{self.ports['admin']}/ready", timeout=30, process=process)
         return process
+
+    def upstream_requests(self) -> list[dict[str, Any]]:
+        """What reached the demo upstream so far: {method, path, headers} per request."""
+        import json
+
+        lines = []
+        for line in self.processes["upstream"].log().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and "headers" in entry:
+                    lines.append(entry)
+        return lines
 
     def decisions(self) -> list[dict[str, Any]]:
         """The sidecar's decision log lines so far."""
