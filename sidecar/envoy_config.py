@@ -120,12 +120,15 @@ def _address(host: str, port: int) -> dict[str, Any]:
 def _cluster(
     name: str, host: str, port: int, http2: bool = False, count: int = 1
 ) -> dict[str, Any]:
-    """`count` endpoints on consecutive ports from `port`."""
+    """`count` endpoints on consecutive ports from `port`. HTTP/1 clusters (the service,
+    the side port) get the edge's 32 KiB buffer limit; the sidecar's gRPC cluster keeps
+    Envoy's default: one HTTP/2 connection per worker multiplexes every check, a small
+    buffer would throttle the hot path, and its messages are small and its peer is ours."""
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
+        **({} if http2 else {"per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES}),
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [

@@ -359,7 +359,9 @@ async def test_the_sidecars_ledger_unavailable_reaches_the_client_as_written(
 
 
 def test_sidecar_down_is_503_authz_unavailable_and_the_stack_recovers(faults: Stack) -> None:
-    faults.processes["sidecar"].kill()
+    sidecar = faults.processes["sidecar"].popen
+    os.killpg(sidecar.pid, signal.SIGKILL)  # the supervisor and every worker
+    sidecar.wait()
     try:
         for path in (ATLAS, FREE):  # free routes ask the sidecar too: fail closed
             down = send(faults, "GET", path)

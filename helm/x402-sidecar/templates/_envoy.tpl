@@ -6,7 +6,9 @@
 - name: {{ .name }}
   type: STATIC
   connect_timeout: 1s
+  {{- if not .http2 }}
   per_connection_buffer_limit_bytes: 32768
+  {{- end }}
   load_assignment:
     cluster_name: {{ .name }}
     endpoints:
