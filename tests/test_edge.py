@@ -405,3 +405,20 @@ def test_upstream_too_slow_is_504_upstream_timeout(faults: Stack) -> None:
     finally:
         os.killpg(group, signal.SIGCONT)
     expect_envelope(slow, 504, "upstream_timeout")
+
+
+def test_a_heap_over_max_heap_bytes_sheds_requests() -> None:
+    """A heap limit far below Envoy's heap: every new request is refused, and the sidecar
+    and the service are never asked. Envoy 1.40 sends this 503 before local_reply_config
+    (plain text, no envelope): if this starts failing, the docs' exception can go."""
+    with Stack(ROUTES, settings={"edge": {"max_heap_bytes": 1 << 20}}) as shedding:
+        active = "overload.envoy.overload_actions.stop_accepting_requests.active"
+        deadline = time.monotonic() + 10
+        while shedding.envoy_counter(active) != 1:  # the monitor is read every 0.25 s
+            assert time.monotonic() < deadline, "the overload manager never acted"
+            time.sleep(0.05)
+        shed = send(shedding, "GET", FREE)
+        assert shed.status_code == 503
+        assert (shed.headers["content-type"], shed.text) == ("text/plain", "envoy overloaded")
+        assert shedding.decisions() == []
+        assert [r for r in shedding.upstream_requests() if MARKER in r["headers"]] == []

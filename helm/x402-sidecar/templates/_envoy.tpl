@@ -171,7 +171,6 @@ static_resources:
                   match_if_key_not_found: false
             {{- $replies := list
                 (dict "flags" (list "UAEX") "status" 503 "retry" true "reason" "authz_unavailable" "message" "the payment check is unavailable; retry shortly")
-                (dict "flags" (list "OM") "status" 503 "retry" true "reason" "overloaded" "message" "the gateway is overloaded; retry shortly")
                 (dict "flags" (list "UT") "status" 504 "reason" "upstream_timeout" "message" "the service did not answer in time")
                 (dict "flags" (list "UF" "UH" "URX" "UO" "UC" "UR") "status" 503 "retry" true "reason" "upstream_unavailable" "message" "the service is unavailable; retry shortly")
                 (dict "code" 408 "reason" "request_timeout" "message" "the request did not arrive in time")
