@@ -132,3 +132,44 @@ def test_reference_envoy_config_is_generated_from_the_example_and_valid(tmp_path
         check=False,
     )
     assert validated.returncode == 0, validated.stdout + validated.stderr
+
+
+def test_envoy_config_takes_the_edge_settings_and_stays_valid(tmp_path: Path) -> None:
+    example = yaml.safe_load((ROOT / "envoy" / "x402.yaml").read_text())
+    edge = {
+        "xff_num_trusted_hops": 2,
+        "trust_request_id": True,
+        "strip_method_override": False,
+        "request_headers_timeout_seconds": 0,  # off
+        "upstream_timeout_seconds": 60,
+        "max_connections": 0,  # no cap
+        "max_heap_bytes": 1 << 30,  # shed load near 1 GiB
+    }
+    config = tmp_path / "x402.yaml"
+    config.write_text(yaml.safe_dump({**example, "edge": edge}))
+
+    result = x402("envoy-config", "--config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)
+    hcm = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    hcm = hcm["typed_config"]
+    assert (hcm["xff_num_trusted_hops"], hcm["preserve_external_request_id"]) == (2, True)
+    assert hcm["request_headers_timeout"] == "0s"
+    removed = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
+    assert {"remove": "x-request-id"} not in removed
+    assert {"remove": "x-http-method-override"} not in removed
+    monitors = rendered["overload_manager"]["resource_monitors"]
+    assert [m["name"] for m in monitors] == ["envoy.resource_monitors.fixed_heap"]
+    (tmp_path / "envoy.yaml").write_text(result.stdout)
+    validated = subprocess.run(
+        [find_binary("envoy"), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+
+    config.write_text(yaml.safe_dump({**example, "edge": {"xff_num_trusted_hops": "two"}}))
+    assert_one_line_error(x402("envoy-config", "--config", str(config)), "edge.xff_num_trusted")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import hashlib
 import json
@@ -36,7 +37,7 @@ from sidecar.core import protocol
 from sidecar.core.identity import Identity
 from sidecar.core.money import to_atomic, to_decimal
 from sidecar.ledger.accounts import Ledger
-from sidecar.server.config import Settings
+from sidecar.server.config import Edge, Settings
 from sidecar.tools.envoy_config import Endpoints, render
 from sidecar.tools.stack import LOOPBACK, Process, find_binary, free_port, free_ports, wait_http
 
@@ -238,8 +239,19 @@ def test_envoy_config_has_the_shape_of_the_python_renderer(rendered: Rendered) -
         sideport=(LOOPBACK, v["sidecar"]["httpPort"]),
         authz_timeout=v["envoy"]["authzTimeout"],
     )
-    expected = render(ordered_routes(v["routes"]), v["defaultAsset"], endpoints)
+    edge = Edge(**{snake_case(key): value for key, value in v["envoy"]["edge"].items()})
+    expected = render(ordered_routes(v["routes"]), v["defaultAsset"], endpoints, edge)
     assert rendered.envoy_config == expected
+
+
+def snake_case(key: str) -> str:
+    """The chart's camelCase value name → the sidecar config's key (maxHeapBytes → ...)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+
+
+def test_the_charts_edge_defaults_are_the_renderers() -> None:
+    chart = yaml.safe_load((CHART / "values.yaml").read_text())["envoy"]["edge"]
+    assert {snake_case(key): value for key, value in chart.items()} == dataclasses.asdict(Edge())
 
 
 def test_sidecar_config_is_the_same_route_table(rendered: Rendered) -> None:
@@ -555,6 +567,21 @@ INVALID: dict[str, tuple[str, list[str], str]] = {
         "envoy: {authzTimeout: 750ms}",
         [],
         "envoy.authzTimeout: Does not match pattern",
+    ),
+    "edge value out of range": (
+        "envoy: {edge: {xffNumTrustedHops: -1}}",
+        [],
+        "envoy.edge.xffNumTrustedHops: Must be greater than or equal to 0",
+    ),
+    "edge value of the wrong type": (
+        "envoy: {edge: {trustRequestId: 'yes'}}",
+        [],
+        "envoy.edge.trustRequestId: Invalid type. Expected: boolean, given: string",
+    ),
+    "unknown edge key": (
+        "envoy: {edge: {xffTrustedHops: 1}}",
+        [],
+        "Additional property xffTrustedHops is not allowed",
     ),
     "default asset not in assets": (
         "defaultAsset: EUR",

@@ -53,8 +53,11 @@ def test_ok_free_route_only_strips_proofs() -> None:
 
 
 def test_denied_with_status_headers_and_a_large_body() -> None:
+    """Also marked with {"x402": "denied"}, which Envoy's local-reply mappers leave alone."""
     body = b'{"error":"payment_required","x402":"' + b"x" * 20_000 + b'"}'  # 3-byte length
     headers = [("content-type", "application/json"), ("retry-after", "1")]
+    mark = Struct()
+    mark.update({"x402": "denied"})
     expected = authz.CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
         denied_response=authz.DeniedHttpResponse(
@@ -62,5 +65,6 @@ def test_denied_with_status_headers_and_a_large_body() -> None:
             headers=options(headers),
             body=body.decode(),
         ),
+        dynamic_metadata=mark,
     )
     assert authz.CheckResponse.FromString(responses.denied(402, headers, body)) == expected

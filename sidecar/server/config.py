@@ -31,6 +31,55 @@ MIN_SECRET_BYTES = 16
 
 
 @dataclass(frozen=True)
+class Edge:
+    """Envoy's edge hardening: the sidecar config's `edge` mapping (docs/configuration.md).
+    Durations are whole seconds; 0 turns that timeout off."""
+
+    xff_num_trusted_hops: int = 0  # proxies in front of Envoy whose X-Forwarded-For counts
+    trust_request_id: bool = False  # keep a client's x-request-id (else Envoy makes one)
+    strip_method_override: bool = True  # drop X-HTTP-Method-Override and its kin
+    request_headers_timeout_seconds: int = 10  # the whole header block must arrive by then
+    stream_idle_timeout_seconds: int = 300  # a request with no activity this long: 408
+    request_timeout_seconds: int = 300  # the whole request must arrive by then
+    idle_timeout_seconds: int = 3600  # a downstream connection with no request is closed
+    upstream_timeout_seconds: int = 15  # the service's answer (Envoy's route timeout)
+    max_request_headers_kb: int = 60  # larger header blocks: 431
+    max_connections: int = 50000  # downstream connections over every listener; 0: no cap
+    max_heap_bytes: int = 0  # > 0: shed load near this heap size (overload manager)
+    http2_max_concurrent_streams: int = 100  # per HTTP/2 connection
+
+    @classmethod
+    def from_mapping(cls, raw: Any) -> Edge:
+        """Checked `edge` config; a bad value raises ConfigError naming `edge.<key>`."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise ConfigError("config edge: must be a mapping")
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in known:
+                raise ConfigError(f"config edge: unknown key {key!r}")
+            if isinstance(known[key].default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"config edge.{key}: must be true or false")
+            else:
+                low, high = _EDGE_BOUNDS.get(key, (0, 2**31 - 1))
+                if type(value) is not int or not low <= value <= high:
+                    raise ConfigError(f"config edge.{key}: must be an integer {low}..{high}")
+            values[key] = value
+        return cls(**values)
+
+
+_EDGE_BOUNDS = {
+    "max_request_headers_kb": (1, 8192),  # Envoy's own limits
+    "http2_max_concurrent_streams": (1, 2**31 - 1),
+    "xff_num_trusted_hops": (0, 16),
+    "max_heap_bytes": (0, 2**63 - 1),
+}
+
+
+@dataclass(frozen=True)
 class Settings:
     listen_grpc: str = "127.0.0.1:9001"  # ext_authz and gRPC health
     listen_http: str = "127.0.0.1:9000"  # discovery, /healthz, /readyz (below the workers)
@@ -67,6 +116,8 @@ class Settings:
     rate_limit_payer_burst: int = 0  # checks at once after a quiet spell; 0: the rate
     rate_limit_ip_per_second: int = 0  # paid checks per client address and second
     rate_limit_ip_burst: int = 0
+    # Envoy's edge hardening, read by `x402 envoy-config` and the stack (Edge below).
+    edge: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -100,7 +151,12 @@ class Settings:
             values[name] = _coerce(name, value, default)
         settings = cls(**values)
         settings.route_table()  # validate routes and assets now, not at the first request
+        settings.edge_config()
         return settings
+
+    def edge_config(self) -> Edge:
+        """The `edge` mapping, checked: Envoy's timeouts, limits and header policy."""
+        return Edge.from_mapping(self.edge)
 
     def asset_table(self) -> dict[str, Asset]:
         assets: dict[str, Asset] = {}

@@ -125,8 +125,16 @@ def removals(names: Iterable[str]) -> bytes:
     return b"".join(_field(OK_REMOVE, name.encode()) for name in names)
 
 
+# Dynamic metadata {"x402": "denied"} on every denial: Envoy's local-reply mappers
+# (envoy_config.local_reply_config) leave a reply carrying it as the sidecar wrote it.
+DENIAL_METADATA_KEY = "x402"
+DENIAL_METADATA = {DENIAL_METADATA_KEY: "denied"}
+_DENIAL_MARK = _field(METADATA, b"".join(_entry(k, v) for k, v in DENIAL_METADATA.items()))
+
+
 def denied(status: int, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
-    """Deny with an HTTP status, headers and a body of Envoy's local reply."""
+    """Deny with an HTTP status, headers and a body of Envoy's local reply, marked as the
+    sidecar's own denial (DENIAL_METADATA)."""
     http_status = _field(DENIED_STATUS, HTTP_STATUS_CODE + _varint(status))
     message = http_status + _options(DENIED_HEADERS, headers) + _field(DENIED_BODY, body)
-    return _DENIED_STATUS + _field(DENIED, message)
+    return _DENIED_STATUS + _field(DENIED, message) + _DENIAL_MARK

@@ -115,17 +115,21 @@ def envoy_config(config_path: str | None, listen: str, service: str) -> None:
         authz_workers=settings.workers,
         sideport=split_host_port(settings.listen_http, "listen_http"),
     )
-    click.echo(render_yaml(settings.routes, settings.default_asset, endpoints), nl=False)
+    click.echo(
+        render_yaml(settings.routes, settings.default_asset, endpoints, settings.edge_config()),
+        nl=False,
+    )
 
 
 @main.command(hidden=True)
 @click.option("--host", default="127.0.0.1")
 @click.option("--port", type=int, required=True)
-def upstream(host: str, port: int) -> None:
+@click.option("--log-headers", is_flag=True, help="Print each request's headers as JSON.")
+def upstream(host: str, port: int, log_headers: bool) -> None:
     """Run the small demo service."""
     from sidecar.tools import upstream as demo_upstream
 
-    demo_upstream.run(host, port)
+    demo_upstream.run(host, port, log_headers)
 
 
 # -- payers ------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from sidecar.core.pricing import ANY_METHOD, EXT_ASSET, EXT_DESCRIPTION, EXT_PRICE, EXT_ROUTE
+from sidecar.server.config import Edge
+from sidecar.server.responses import DENIAL_METADATA_KEY
 
 _TYPES = "type.googleapis.com/envoy.extensions"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
@@ -44,6 +46,24 @@ class Endpoints:
     authz_timeout: str = "1s"  # above the sidecar's ledger timeout, so it answers first
 
 
+# Headers the gateway asserts to the service (the sidecar's x-x402-payer, -amount,
+# -receipt-id and any added later), and Envoy's own x-envoy-* control headers: a client's
+# copies are removed before any filter runs. The sidecar sets its own at ext_authz allow.
+ASSERTED_PREFIXES = ("x-x402-", "x-envoy-")
+# Headers some frameworks take as the request's real method, so a GET priced as free
+# could run as a DELETE in the service: removed unless `edge.strip_method_override` is off.
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+REQUEST_ID = "x-request-id"
+# Fixed edge limits (Envoy's edge-proxy guidance); docs/configuration.md lists them.
+BUFFER_LIMIT_BYTES = 32768
+HTTP2_STREAM_WINDOW_BYTES = 65536
+HTTP2_CONNECTION_WINDOW_BYTES = 1048576
+
+
+def _seconds(value: int) -> str:
+    return f"{value}s"
+
+
 def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
@@ -51,11 +71,15 @@ def _address(host: str, port: int) -> dict[str, Any]:
 def _cluster(
     name: str, host: str, port: int, http2: bool = False, count: int = 1
 ) -> dict[str, Any]:
-    """`count` endpoints on consecutive ports from `port`."""
+    """`count` endpoints on consecutive ports from `port`. HTTP/1 clusters (the service,
+    the side port) get the edge's 32 KiB buffer limit; the sidecar's gRPC cluster keeps
+    Envoy's default: one HTTP/2 connection per worker multiplexes every check, a small
+    buffer would throttle the hot path, and its messages are small and its peer is ours."""
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
+        **({} if http2 else {"per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES}),
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [
@@ -84,10 +108,15 @@ def _path_match(path: str) -> dict[str, Any]:
     return {"safe_regex": {"regex": "[^/]+".join(re.escape(p) for p in parts)}}
 
 
-def priced_route(name: str, spec: Mapping[str, Any], default_asset: str) -> dict[str, Any]:
+def priced_route(
+    name: str, spec: Mapping[str, Any], default_asset: str, edge: Edge | None = None
+) -> dict[str, Any]:
     match = _path_match(str(spec["path"]))
     method = str(spec.get("method", ANY_METHOD)).upper()
-    if method != ANY_METHOD:
+    if method == "GET":  # HEAD runs the GET handler: the sidecar prices it as GET
+        methods: dict[str, Any] = {"safe_regex": {"regex": "GET|HEAD"}}
+        match["headers"] = [{"name": ":method", "string_match": methods}]
+    elif method != ANY_METHOD:
         match["headers"] = [{"name": ":method", "string_match": {"exact": method}}]
     extensions = {
         EXT_ROUTE: name,
@@ -99,7 +128,7 @@ def priced_route(name: str, spec: Mapping[str, Any], default_asset: str) -> dict
     return {
         "name": name,
         "match": match,
-        "route": {"cluster": "service"},
+        "route": _service_route(edge or Edge()),
         "typed_per_filter_config": {
             EXT_AUTHZ: {
                 "@type": f"{_TYPES}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
@@ -109,12 +138,172 @@ def priced_route(name: str, spec: Mapping[str, Any], default_asset: str) -> dict
     }
 
 
+def _service_route(edge: Edge) -> dict[str, Any]:
+    return {"cluster": "service", "timeout": _seconds(edge.upstream_timeout_seconds)}
+
+
+def early_header_mutation(edge: Edge) -> list[dict[str, Any]]:
+    """Client headers removed as the request arrives, before any filter or Envoy's own
+    request-id and X-Forwarded-For handling runs."""
+    mutations: list[dict[str, Any]] = [
+        {"remove_on_match": {"key_matcher": {"prefix": prefix, "ignore_case": True}}}
+        for prefix in ASSERTED_PREFIXES
+    ]
+    if edge.strip_method_override:
+        mutations += [{"remove": name} for name in METHOD_OVERRIDE_HEADERS]
+    if not edge.trust_request_id:  # Envoy then generates one, even for a loopback peer
+        mutations.append({"remove": REQUEST_ID})
+    return [
+        {
+            "name": "envoy.http.early_header_mutation.header_mutation",
+            "typed_config": {
+                "@type": f"{_TYPES}.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                "mutations": mutations,
+            },
+        }
+    ]
+
+
+def _reply(
+    filter_: dict[str, Any],
+    reason: str,
+    message: str,
+    status: int | None = None,
+    retry: bool = False,
+    details: bool = False,
+) -> dict[str, Any]:
+    """A mapper: Envoy's local reply → `{"error": reason, "message": ...}` (+ `details`,
+    Envoy's response code details such as http1.codec_error)."""
+    mapper: dict[str, Any] = {"filter": filter_}
+    if status is not None:
+        mapper["status_code"] = status
+    headers = [("cache-control", "no-store")] + ([("retry-after", "1")] if retry else [])
+    mapper["headers_to_add"] = [
+        {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        for key, value in headers
+    ]
+    mapper["body_format_override"] = {
+        "json_format": {
+            "error": reason,
+            "message": message,
+            **({"details": "%RESPONSE_CODE_DETAILS%"} if details else {}),
+        },
+        "content_type": "application/json",
+    }
+    return mapper
+
+
+def _flags(*flags: str) -> dict[str, Any]:
+    return {"response_flag_filter": {"flags": list(flags)}}
+
+
+def _status(code: int) -> dict[str, Any]:
+    return {
+        "status_code_filter": {
+            "comparison": {
+                "op": "EQ",
+                "value": {"default_value": code, "runtime_key": f"x402.local_reply.{code}"},
+            }
+        }
+    }
+
+
+def local_reply_config() -> dict[str, Any]:
+    """Envoy's own failures in the JSON envelope of docs/protocol.md §5. The first mapper
+    matches the sidecar's ext_authz denials (marked with dynamic metadata) and changes
+    nothing, so their status, headers and body reach the client as the sidecar wrote them.
+    (The overload manager's own 503 "envoy overloaded" is sent before local_reply_config is
+    consulted, in Envoy 1.40: it stays plain text, so no mapper is written for it.)"""
+    sidecar_denial = {
+        "metadata_filter": {
+            "matcher": {
+                "filter": EXT_AUTHZ,
+                "path": [{"key": DENIAL_METADATA_KEY}],
+                "value": {"present_match": True},
+            },
+            "match_if_key_not_found": False,
+        }
+    }
+    return {
+        "mappers": [
+            {"filter": sidecar_denial},
+            # ext_authz failed (sidecar down, timed out, refused): fail closed.
+            _reply(
+                _flags("UAEX"),
+                "authz_unavailable",
+                "the payment check is unavailable; retry shortly",
+                503,
+                retry=True,
+            ),
+            _reply(_flags("UT"), "upstream_timeout", "the service did not answer in time", 504),
+            _reply(
+                _flags("UF", "UH", "URX", "UO", "UC", "UR"),
+                "upstream_unavailable",
+                "the service is unavailable; retry shortly",
+                503,
+                retry=True,
+            ),
+            _reply(_status(408), "request_timeout", "the request did not arrive in time"),
+            _reply(_status(431), "headers_too_large", "the request headers are too large"),
+            _reply(_status(413), "body_too_large", "the request body is too large"),
+            _reply(_status(400), "bad_request", "the request is malformed", details=True),
+            # Anything else Envoy answers itself keeps its status, in the same envelope.
+            _reply(
+                {"response_flag_filter": {}},
+                "gateway_error",
+                "the gateway could not serve this request",
+                details=True,
+            ),
+        ]
+    }
+
+
+def overload_manager(edge: Edge) -> dict[str, Any]:
+    monitors: list[dict[str, Any]] = []
+    actions: list[dict[str, Any]] = []
+    if edge.max_connections:
+        monitors.append(
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": f"{_TYPES}.resource_monitors.downstream_connections.v3."
+                    "DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": edge.max_connections,
+                },
+            }
+        )
+    if edge.max_heap_bytes:
+        heap = "envoy.resource_monitors.fixed_heap"
+        monitors.append(
+            {
+                "name": heap,
+                "typed_config": {
+                    "@type": f"{_TYPES}.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                    "max_heap_size_bytes": edge.max_heap_bytes,
+                },
+            }
+        )
+        actions = [
+            {"name": name, "triggers": [{"name": heap, "threshold": {"value": value}}]}
+            for name, value in (
+                ("envoy.overload_actions.shrink_heap", 0.95),
+                ("envoy.overload_actions.stop_accepting_requests", 0.98),
+            )
+        ]
+    manager: dict[str, Any] = {"refresh_interval": "0.25s", "resource_monitors": monitors}
+    if actions:
+        manager["actions"] = actions
+    return manager
+
+
 def render(
     routes: Mapping[str, Mapping[str, Any]],
     default_asset: str = "USDF",
     endpoints: Endpoints | None = None,
+    edge: Edge | None = None,
 ) -> dict[str, Any]:
     ep = endpoints or Endpoints()
+    edge = edge or Edge()
     discovery = {
         "name": "x402_discovery",
         "match": {"path": DISCOVERY_PATH},
@@ -128,7 +317,7 @@ def render(
     }
     # Unannotated paths still go through ext_authz: the sidecar's own route table may
     # price them, and otherwise answers "free" without touching Redis.
-    fallback = {"name": "service", "match": {"prefix": "/"}, "route": {"cluster": "service"}}
+    fallback = {"name": "service", "match": {"prefix": "/"}, "route": _service_route(edge)}
     hcm = {
         "@type": f"{_TYPES}.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "ingress",
@@ -136,6 +325,28 @@ def render(
         "normalize_path": True,
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        # The edge: the peer is the client (plus trusted proxies' X-Forwarded-For), and
+        # nothing a client sends may pose as the gateway (docs/security.md).
+        "use_remote_address": True,
+        "xff_num_trusted_hops": edge.xff_num_trusted_hops,
+        "early_header_mutation_extensions": early_header_mutation(edge),
+        "preserve_external_request_id": edge.trust_request_id,
+        "always_set_request_id_in_response": True,
+        "request_headers_timeout": _seconds(edge.request_headers_timeout_seconds),
+        "stream_idle_timeout": _seconds(edge.stream_idle_timeout_seconds),
+        "request_timeout": _seconds(edge.request_timeout_seconds),
+        "max_request_headers_kb": edge.max_request_headers_kb,
+        "common_http_protocol_options": {
+            "idle_timeout": _seconds(edge.idle_timeout_seconds),
+            # x_x402_payer is x-x402-payer to CGI/WSGI services: such headers are dropped.
+            "headers_with_underscores_action": "DROP_HEADER",
+        },
+        "http2_protocol_options": {
+            "max_concurrent_streams": edge.http2_max_concurrent_streams,
+            "initial_stream_window_size": HTTP2_STREAM_WINDOW_BYTES,
+            "initial_connection_window_size": HTTP2_CONNECTION_WINDOW_BYTES,
+        },
+        "local_reply_config": local_reply_config(),
         "access_log": [
             {
                 "name": "envoy.access_loggers.stdout",
@@ -156,7 +367,7 @@ def render(
                         # Exact paths first, as the sidecar's route table matches them:
                         # Envoy takes the first match, so a template must not shadow one.
                         *(
-                            priced_route(name, spec, default_asset)
+                            priced_route(name, spec, default_asset, edge)
                             for name, spec in sorted(
                                 routes.items(), key=lambda item: "{" in str(item[1]["path"])
                             )
@@ -191,11 +402,13 @@ def render(
     }
     return {
         "admin": {"address": _address(*ep.admin)},
+        "overload_manager": overload_manager(edge),
         "static_resources": {
             "listeners": [
                 {
                     "name": "ingress",
                     "address": _address(*ep.listen),
+                    "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
                     "filter_chains": [
                         {
                             "filters": [
@@ -221,11 +434,12 @@ def render_yaml(
     routes: Mapping[str, Mapping[str, Any]],
     default_asset: str = "USDF",
     endpoints: Endpoints | None = None,
+    edge: Edge | None = None,
 ) -> str:
     header = (
         "# Envoy in front of a service, with the x402 sidecar as ext_authz.\n"
         "# Generated by `x402 envoy-config`; edit the sidecar config's routes, not this file.\n"
     )
     return header + yaml.safe_dump(
-        render(routes, default_asset, endpoints), sort_keys=False, width=100
+        render(routes, default_asset, endpoints, edge), sort_keys=False, width=100
     )

@@ -27,6 +27,7 @@ import yaml
 
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity, write_secret
+from sidecar.server.config import Edge
 from sidecar.tools.envoy_config import Endpoints, render
 
 LOOPBACK = "127.0.0.1"
@@ -240,7 +241,8 @@ class Stack:
             authz_timeout=self.authz_timeout or f"{max(1000, redis_timeout_ms + 500) / 1000}s",
         )
         envoy_routes = self.routes if self.envoy_routes is None else self.envoy_routes
-        envoy = render(envoy_routes, str(config.get("default_asset", "USDF")), endpoints)
+        edge = Edge.from_mapping(config.get("edge"))  # the sidecar config's `edge`, as the CLI
+        envoy = render(envoy_routes, str(config.get("default_asset", "USDF")), endpoints, edge)
         (self.dir / "envoy.yaml").write_text(yaml.safe_dump(envoy, sort_keys=False))
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Process:
@@ -331,6 +333,7 @@ class Stack:
                 "upstream",
                 "--port",
                 str(self.ports["upstream"]),
+                "--log-headers",  # what reached the service: upstream_requests()
             ],
         )
         wait_http(f"http://{LOOPBACK}:{self.ports['upstream']}/", process=process)
@@ -369,6 +372,18 @@ class Stack:
         )
         wait_http(f"http://{LOOPBACK}:{self.ports['admin']}/ready", timeout=30, process=process)
         return process
+
+    def upstream_requests(self) -> list[dict[str, Any]]:
+        """What reached the demo upstream so far: {method, path, headers} per request."""
+        import json
+
+        lines = []
+        for line in self.processes["upstream"].log().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and "headers" in entry:
+                    lines.append(entry)
+        return lines
 
     def decisions(self) -> list[dict[str, Any]]:
         """The sidecar's decision log lines so far."""

@@ -1,5 +1,7 @@
 """A small demo service to put behind Envoy: it answers JSON and shows what the gateway
-told it (payer, amount, receipt id) and that no proof header reached it."""
+told it (payer, amount, receipt id) and that no proof header reached it. With
+`log_headers` (the stack's), each request's headers also go to stdout as one JSON line
+(upstream.log), so a test sees what reached the service, even for a HEAD."""
 
 from __future__ import annotations
 
@@ -24,11 +26,16 @@ async def respond(method: str, path: str, headers: Headers) -> Reply:
     return 200, "application/json", json.dumps(body).encode()
 
 
-async def serve(host: str, port: int) -> None:
-    server = await start_http(respond, host, port)
+async def respond_logged(method: str, path: str, headers: Headers) -> Reply:
+    print(json.dumps({"method": method, "path": path, "headers": headers}), flush=True)
+    return await respond(method, path, headers)
+
+
+async def serve(host: str, port: int, log_headers: bool = False) -> None:
+    server = await start_http(respond_logged if log_headers else respond, host, port)
     async with server:
         await server.serve_forever()
 
 
-def run(host: str, port: int) -> None:
-    asyncio.run(serve(host, port))
+def run(host: str, port: int, log_headers: bool = False) -> None:
+    asyncio.run(serve(host, port, log_headers))

@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.core.errors import ConfigError
 from sidecar.core.identity import Identity
-from sidecar.server.config import Settings
+from sidecar.server.config import Edge, Settings
 
 ROUTE = {"method": "GET", "path": "/api/{id}", "price": "0.25"}
 
@@ -59,11 +59,27 @@ def test_routes_become_a_route_table() -> None:
         ({"assets": {"USDF": 40}}, {}, "assets.USDF"),
         ({"default_asset": "EURF"}, {}, "default_asset"),
         ({"routes": ["r"]}, {}, "routes"),
+        ({"edge": "strict"}, {}, "edge"),
+        ({"edge": {"colour": 1}}, {}, "edge: unknown key 'colour'"),
+        ({"edge": {"xff_num_trusted_hops": -1}}, {}, "edge.xff_num_trusted_hops"),
+        ({"edge": {"trust_request_id": "yes"}}, {}, "edge.trust_request_id"),
+        ({"edge": {"strip_method_override": 1}}, {}, "edge.strip_method_override"),
+        ({"edge": {"request_headers_timeout_seconds": 1.5}}, {}, "edge.request_headers_"),
+        ({"edge": {"max_request_headers_kb": 9000}}, {}, "edge.max_request_headers_kb"),
+        ({"edge": {"http2_max_concurrent_streams": 0}}, {}, "edge.http2_max_concurrent"),
+        ({"edge": {"max_connections": True}}, {}, "edge.max_connections"),
     ],
 )
 def test_bad_config_names_the_key(raw: dict[str, Any], env: dict[str, str], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load(raw, **env)
+
+
+def test_edge_settings_for_envoy() -> None:
+    assert load({}).edge_config() == Edge()
+    edge = load({"edge": {"xff_num_trusted_hops": 2, "trust_request_id": True}}).edge_config()
+    assert (edge.xff_num_trusted_hops, edge.trust_request_id) == (2, True)
+    assert edge.request_headers_timeout_seconds == Edge().request_headers_timeout_seconds
 
 
 def test_assets_take_a_number_or_a_mapping() -> None:

@@ -6,6 +6,9 @@
 - name: {{ .name }}
   type: STATIC
   connect_timeout: 1s
+  {{- if not .http2 }}
+  per_connection_buffer_limit_bytes: 32768
+  {{- end }}
   load_assignment:
     cluster_name: {{ .name }}
     endpoints:
@@ -26,8 +29,45 @@
 {{- end }}
 {{- end }}
 
+{{- /* One local-reply mapper: Envoy's own failure in the JSON envelope of protocol.md §5. */}}
+{{- define "x402.envoyLocalReply" -}}
+- filter:
+    {{- if .code }}
+    status_code_filter:
+      comparison:
+        op: EQ
+        value:
+          default_value: {{ .code }}
+          runtime_key: x402.local_reply.{{ .code }}
+    {{- else if .flags }}
+    response_flag_filter:
+      flags: {{ toJson .flags }}
+    {{- else }}
+    response_flag_filter: {}
+    {{- end }}
+  {{- if .status }}
+  status_code: {{ .status }}
+  {{- end }}
+  headers_to_add:
+  - header: {key: cache-control, value: no-store}
+    append_action: OVERWRITE_IF_EXISTS_OR_ADD
+  {{- if .retry }}
+  - header: {key: retry-after, value: "1"}
+    append_action: OVERWRITE_IF_EXISTS_OR_ADD
+  {{- end }}
+  body_format_override:
+    json_format:
+      error: {{ .reason }}
+      message: {{ .message | toJson }}
+      {{- if .details }}
+      details: '%RESPONSE_CODE_DETAILS%'
+      {{- end }}
+    content_type: application/json
+{{- end }}
+
 {{- define "x402.envoyConfig" -}}
 {{- $v := .Values }}
+{{- $e := $v.envoy.edge }}
 {{- $ext := "envoy.filters.http.ext_authz" -}}
 # Envoy in front of the service, with the x402 sidecar as ext_authz.
 # Rendered by the x402-sidecar chart from .Values.routes; edit the values, not this file.
@@ -36,6 +76,30 @@ admin:
     socket_address:
       address: 127.0.0.1
       port_value: {{ int $v.envoy.adminPort }}
+overload_manager:
+  refresh_interval: 0.25s
+  resource_monitors:
+  {{- if $e.maxConnections }}
+  - name: envoy.resource_monitors.global_downstream_max_connections
+    typed_config:
+      '@type': type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
+      max_active_downstream_connections: {{ int64 $e.maxConnections }}
+  {{- end }}
+  {{- if $e.maxHeapBytes }}
+  - name: envoy.resource_monitors.fixed_heap
+    typed_config:
+      '@type': type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig
+      max_heap_size_bytes: {{ int64 $e.maxHeapBytes }}
+  actions:
+  - name: envoy.overload_actions.shrink_heap
+    triggers:
+    - name: envoy.resource_monitors.fixed_heap
+      threshold: {value: 0.95}
+  - name: envoy.overload_actions.stop_accepting_requests
+    triggers:
+    - name: envoy.resource_monitors.fixed_heap
+      threshold: {value: 0.98}
+  {{- end }}
 static_resources:
   listeners:
   - name: ingress
@@ -43,6 +107,7 @@ static_resources:
       socket_address:
         address: 0.0.0.0
         port_value: {{ int $v.envoy.port }}
+    per_connection_buffer_limit_bytes: 32768
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -53,6 +118,69 @@ static_resources:
           normalize_path: true
           merge_slashes: true
           path_with_escaped_slashes_action: REJECT_REQUEST
+          # The edge: the peer is the client (plus trusted proxies' X-Forwarded-For), and
+          # nothing a client sends may pose as the gateway (docs/security.md).
+          use_remote_address: true
+          xff_num_trusted_hops: {{ int $e.xffNumTrustedHops }}
+          early_header_mutation_extensions:
+          - name: envoy.http.early_header_mutation.header_mutation
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation
+              mutations:
+              # The gateway's own x-x402-* (set by the sidecar at allow) and Envoy's x-envoy-*.
+              {{- range $prefix := list "x-x402-" "x-envoy-" }}
+              - remove_on_match:
+                  key_matcher:
+                    prefix: {{ $prefix }}
+                    ignore_case: true
+              {{- end }}
+              {{- if $e.stripMethodOverride }}
+              - remove: x-http-method-override
+              - remove: x-http-method
+              - remove: x-method-override
+              {{- end }}
+              {{- if not $e.trustRequestId }}
+              - remove: x-request-id
+              {{- end }}
+          preserve_external_request_id: {{ $e.trustRequestId }}
+          always_set_request_id_in_response: true
+          request_headers_timeout: {{ int $e.requestHeadersTimeoutSeconds }}s
+          stream_idle_timeout: {{ int $e.streamIdleTimeoutSeconds }}s
+          request_timeout: {{ int $e.requestTimeoutSeconds }}s
+          max_request_headers_kb: {{ int $e.maxRequestHeadersKb }}
+          common_http_protocol_options:
+            idle_timeout: {{ int $e.idleTimeoutSeconds }}s
+            # x_x402_payer is x-x402-payer to CGI/WSGI services: such headers are dropped.
+            headers_with_underscores_action: DROP_HEADER
+          http2_protocol_options:
+            max_concurrent_streams: {{ int $e.http2MaxConcurrentStreams }}
+            initial_stream_window_size: 65536
+            initial_connection_window_size: 1048576
+          # Envoy's own failures in the JSON envelope; the sidecar's denials (marked with
+          # ext_authz dynamic metadata x402) pass as the sidecar wrote them.
+          local_reply_config:
+            mappers:
+            - filter:
+                metadata_filter:
+                  matcher:
+                    filter: {{ $ext }}
+                    path:
+                    - key: x402
+                    value:
+                      present_match: true
+                  match_if_key_not_found: false
+            {{- $replies := list
+                (dict "flags" (list "UAEX") "status" 503 "retry" true "reason" "authz_unavailable" "message" "the payment check is unavailable; retry shortly")
+                (dict "flags" (list "UT") "status" 504 "reason" "upstream_timeout" "message" "the service did not answer in time")
+                (dict "flags" (list "UF" "UH" "URX" "UO" "UC" "UR") "status" 503 "retry" true "reason" "upstream_unavailable" "message" "the service is unavailable; retry shortly")
+                (dict "code" 408 "reason" "request_timeout" "message" "the request did not arrive in time")
+                (dict "code" 431 "reason" "headers_too_large" "message" "the request headers are too large")
+                (dict "code" 413 "reason" "body_too_large" "message" "the request body is too large")
+                (dict "code" 400 "reason" "bad_request" "message" "the request is malformed" "details" true)
+                (dict "reason" "gateway_error" "message" "the gateway could not serve this request" "details" true) }}
+            {{- range $replies }}
+{{ include "x402.envoyLocalReply" . | indent 12 }}
+            {{- end }}
           access_log:
           - name: envoy.access_loggers.stdout
             typed_config:
@@ -96,7 +224,13 @@ static_resources:
                   {{- else }}
                   path: {{ $route.path | toJson }}
                   {{- end }}
-                  {{- if ne $method "*" }}
+                  {{- if eq $method "GET" }}
+                  headers:
+                  - name: :method
+                    string_match:
+                      safe_regex:
+                        regex: GET|HEAD
+                  {{- else if ne $method "*" }}
                   headers:
                   - name: :method
                     string_match:
@@ -104,6 +238,7 @@ static_resources:
                   {{- end }}
                 route:
                   cluster: service
+                  timeout: {{ int $e.upstreamTimeoutSeconds }}s
                 typed_per_filter_config:
                   {{ $ext }}:
                     '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
@@ -123,6 +258,7 @@ static_resources:
                   prefix: /
                 route:
                   cluster: service
+                  timeout: {{ int $e.upstreamTimeoutSeconds }}s
           http_filters:
           - name: {{ $ext }}
             typed_config:
