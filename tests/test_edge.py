@@ -41,7 +41,9 @@ FORGED = {
     "x_x402-amount": "1000000",
 }
 # A priced path with a method it does not price still goes through; so do free routes.
-UNCHARGED = [("GET", FREE), ("HEAD", FREE), ("HEAD", ATLAS), ("POST", ATLAS), ("DELETE", ATLAS)]
+# Requests the sidecar lets through without a charge (HEAD on a GET-priced route pays: see
+# tests/test_refusals.py).
+UNCHARGED = [("GET", FREE), ("HEAD", FREE), ("POST", ATLAS), ("DELETE", ATLAS)]
 RATE_LIMITED_BY_ADDRESS = {"rate_limit_ip_per_second": 1, "rate_limit_ip_burst": 1000}
 
 
