@@ -1,0 +1,1 @@
+"""Tools around the product: the local chain harness and the x402 facilitator."""
