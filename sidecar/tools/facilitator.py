@@ -1,0 +1,311 @@
+"""`x402 facilitator serve`: the standard x402 facilitator HTTP API on one EVM chain.
+
+`POST /verify`, `POST /settle` (body `{"x402Version", "paymentPayload",
+"paymentRequirements"}`) and `GET /supported`, answered by the official `x402` package's
+facilitator (`x402FacilitatorSync` + its `exact` EVM scheme on a `FacilitatorWeb3Signer`,
+`simulate_in_settle=True`). This module only carries HTTP; every verification and
+settlement decision is the official code's.
+
+Answers follow the official facilitators: a payment that does not pass is HTTP 200 with
+`isValid: false` / `success: false` and the reason (the scheme's own codes, or the x402 v2
+standard ones: `invalid_payload`, `invalid_payment_requirements`, `unsupported_scheme`,
+`invalid_network`); a body that is not a JSON object carrying both objects is 400; an
+exception the official code lets out is 500 (`unexpected_verify_error` /
+`unexpected_settle_error`). The official scheme reports an unreachable RPC as a failed
+payment, so `GET /health` is 200 only while the chain answers (503 otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import stat
+import string
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from pydantic import ValidationError
+from x402 import x402FacilitatorSync
+from x402.mechanisms.evm import FacilitatorWeb3Signer
+from x402.mechanisms.evm.exact import ExactEvmFacilitatorScheme, ExactEvmSchemeConfig
+from x402.schemas import (
+    PaymentPayload,
+    PaymentPayloadV1,
+    PaymentRequirements,
+    PaymentRequirementsV1,
+    SchemeNotFoundError,
+    SettleResponse,
+    VerifyResponse,
+    parse_payment_payload,
+    parse_payment_requirements,
+)
+
+from sidecar.core.errors import ConfigError
+
+log = logging.getLogger("sidecar.facilitator")
+
+MAX_BODY = 64 * 1024  # a payload with its requirements is ~1.5 KiB
+
+Payload = PaymentPayload | PaymentPayloadV1
+Requirements = PaymentRequirements | PaymentRequirementsV1
+
+
+def read_key_file(path: str | Path) -> str:
+    """The hex private key in `path`; refused if anyone but the owner may read it."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"key file {path} is not a regular file")
+    if mode & 0o077:
+        raise ConfigError(
+            f"key file {path} has mode {stat.S_IMODE(mode):04o}: others may read it "
+            f"(chmod 600 {path})"
+        )
+    key = text.strip().removeprefix("0x")
+    # The message never quotes the file: it is a secret even when malformed.
+    if len(key) != 64 or any(c not in string.hexdigits for c in key):
+        raise ConfigError(f"key file {path} does not hold a 32-byte hex private key")
+    return "0x" + key
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--listen wants HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def rpc_secrets(rpc_url: str) -> list[str]:
+    """The parts of an RPC URL that may carry a provider's API key (path, query, user)."""
+    parts = urlsplit(rpc_url)
+    found = [rpc_url, parts.path.rstrip("/"), parts.query, parts.username, parts.password]
+    return sorted({part for part in found if part and len(part) > 3}, key=len, reverse=True)
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "<rpc-url>")
+    return text
+
+
+def rpc_host(rpc_url: str) -> str:
+    """What a message may say of the RPC URL: scheme, host and port only."""
+    parts = urlsplit(rpc_url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
+
+
+def build(rpc_url: str, key: str, network: str | None = None) -> tuple[x402FacilitatorSync, str]:
+    """The official facilitator with the `exact` EVM scheme on the chain behind `rpc_url`.
+
+    The network defaults to the chain's own id; a given one must match it. Only x402 v2 on
+    this one network is registered (register_exact_evm_facilitator would add v1 for every
+    public EVM network, which this signer's RPC does not serve).
+    """
+    signer = FacilitatorWeb3Signer(private_key=key, rpc_url=rpc_url)
+    try:
+        chain_id = signer.get_chain_id()
+    except Exception as exc:  # the error's text would quote the whole URL
+        raise ConfigError(
+            f"cannot reach the chain at {rpc_host(rpc_url)}: {type(exc).__name__}"
+        ) from None
+    actual = f"eip155:{chain_id}"
+    if network is not None and network != actual:
+        raise ConfigError(f"--network {network} but the chain at {rpc_host(rpc_url)} is {actual}")
+    facilitator = x402FacilitatorSync()
+    scheme = ExactEvmFacilitatorScheme(signer, ExactEvmSchemeConfig(simulate_in_settle=True))
+    facilitator.register([actual], scheme)
+    return facilitator, actual
+
+
+@dataclass
+class Invalid(Exception):
+    """The request is a payment that cannot be checked: reported as a failed payment."""
+
+    reason: str
+    message: str
+    network: str = ""
+
+
+def _parse(body: Any) -> tuple[Payload, Requirements]:
+    payload_data = body.get("paymentPayload")
+    requirements_data = body.get("paymentRequirements")
+    network = ""
+    if isinstance(payload_data, dict):
+        accepted = payload_data.get("accepted")
+        found = accepted.get("network") if isinstance(accepted, dict) else None
+        network = str(found or payload_data.get("network") or "")
+    try:
+        payload = parse_payment_payload(payload_data)
+    except (ValidationError, ValueError) as exc:
+        raise Invalid("invalid_payload", _first_error(exc), network) from None
+    try:
+        requirements = parse_payment_requirements(payload.x402_version, requirements_data)
+    except (ValidationError, ValueError) as exc:
+        raise Invalid("invalid_payment_requirements", _first_error(exc), network) from None
+    return payload, requirements
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}: {first['msg']}" if where else str(first["msg"])
+    return str(exc)
+
+
+class Server:
+    """The aiohttp app around one official facilitator."""
+
+    def __init__(self, facilitator: x402FacilitatorSync, network: str, rpc_url: str) -> None:
+        self.facilitator = facilitator
+        self.network = network
+        self.rpc_url = rpc_url
+        self.secrets = rpc_secrets(rpc_url)
+        self.app = web.Application(client_max_size=MAX_BODY)
+        self.app.router.add_post("/verify", self.verify)
+        self.app.router.add_post("/settle", self.settle)
+        self.app.router.add_get("/supported", self.supported)
+        self.app.router.add_get("/health", self.health)
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            raise _bad_request(f"body larger than {MAX_BODY} bytes") from None
+        except (ValueError, UnicodeDecodeError):
+            raise _bad_request("body is not JSON") from None
+        if not isinstance(body, dict):
+            raise _bad_request("body is not a JSON object")
+        for field in ("paymentPayload", "paymentRequirements"):
+            if not isinstance(body.get(field), dict):
+                raise _bad_request(f"missing {field} object")
+        return body
+
+    async def _run(
+        self,
+        name: str,
+        request: web.Request,
+        call: Callable[[Payload, Requirements], Any],
+        failed: Callable[[Invalid], dict[str, Any]],
+    ) -> web.Response:
+        body = await self._body(request)
+        try:
+            payload, requirements = _parse(body)
+            # The official facilitator routes every eip155:* network to a scheme registered
+            # for one; this signer's RPC serves exactly one chain.
+            for network in (payload.get_network(), str(requirements.network)):
+                if network != self.network:
+                    raise Invalid(
+                        "invalid_network",
+                        f"this facilitator serves {self.network}",
+                        payload.get_network(),
+                    )
+            try:
+                # The official signer is blocking web3: keep it off the event loop.
+                result = await asyncio.to_thread(call, payload, requirements)
+            except SchemeNotFoundError as exc:
+                raise Invalid("unsupported_scheme", str(exc), exc.network) from None
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                # The scheme reads the inner payload without checking its shape first.
+                raise Invalid("invalid_payload", str(exc), payload.get_network()) from None
+        except Invalid as invalid:
+            return self._answer(failed(invalid))
+        except Exception as exc:
+            log.error("%s failed: %s", name, scrub(repr(exc), self.secrets))
+            return web.json_response(
+                {"error": f"unexpected_{name}_error", "message": f"{name} failed"}, status=500
+            )
+        answer: VerifyResponse | SettleResponse = result
+        return self._answer(answer.model_dump(by_alias=True, exclude_none=True))
+
+    def _answer(self, answer: dict[str, Any]) -> web.Response:
+        # The official scheme puts exception text in the messages; an RPC error names the URL,
+        # and a provider's URL carries its API key.
+        for field in ("invalidMessage", "errorMessage"):
+            if isinstance(answer.get(field), str):
+                answer[field] = scrub(answer[field], self.secrets)
+        return web.json_response(answer)
+
+    async def verify(self, request: web.Request) -> web.Response:
+        def failed(invalid: Invalid) -> dict[str, Any]:
+            return {
+                "isValid": False,
+                "invalidReason": invalid.reason,
+                "invalidMessage": invalid.message,
+            }
+
+        return await self._run("verify", request, self.facilitator.verify, failed)
+
+    async def settle(self, request: web.Request) -> web.Response:
+        def failed(invalid: Invalid) -> dict[str, Any]:
+            return {
+                "success": False,
+                "errorReason": invalid.reason,
+                "errorMessage": invalid.message,
+                "transaction": "",
+                "network": invalid.network,
+            }
+
+        return await self._run("settle", request, self.facilitator.settle, failed)
+
+    async def supported(self, request: web.Request) -> web.Response:
+        supported = self.facilitator.get_supported()
+        return web.json_response(supported.model_dump(by_alias=True, exclude_none=True))
+
+    async def health(self, request: web.Request) -> web.Response:
+        """200 while the chain answers: a failed check says nothing of an outage (the
+        official scheme reports an unreachable RPC as a failed payment), this does."""
+        try:
+            block = await asyncio.to_thread(_block_number, self.rpc_url)
+        except Exception:
+            return web.json_response(
+                {"status": "chain_unavailable", "network": self.network}, status=503
+            )
+        return web.json_response({"status": "ok", "network": self.network, "block": block})
+
+
+def _block_number(rpc_url: str) -> int:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber"}).encode()
+    headers = {"Content-Type": "application/json"}
+    request = urllib.request.Request(rpc_url, body, headers=headers)  # noqa: S310
+    with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310
+        return int(json.loads(response.read())["result"], 16)
+
+
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(
+        text=json.dumps({"error": "invalid_request", "message": message}),
+        content_type="application/json",
+    )
+
+
+def serve(rpc_url: str, key_file: str, listen: str, network: str | None = None) -> None:
+    """Run until SIGTERM or SIGINT."""
+    host, port = parse_listen(listen)
+    key = read_key_file(key_file)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # The official package logs every signature check at INFO.
+    logging.getLogger("x402").setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
+    facilitator, actual = build(rpc_url, key, network)
+    signers = facilitator.get_supported().signers.get("eip155:*", [])
+    server = Server(facilitator, actual, rpc_url)
+
+    def ready(_: str) -> None:
+        signer = ", ".join(signers)
+        log.info(
+            "Facilitator listening on http://%s:%d (%s, signer %s)", host, port, actual, signer
+        )
+
+    web.run_app(server.app, host=host, port=port, print=ready, access_log=None)
