@@ -83,7 +83,15 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+# A payment is a few flat objects. Counting brackets (in C) bounds the nesting before the
+# recursive JSON parser sees it: a library in the same process (py_ecc, under web3) raises
+# Python's recursion limit to 100,000, and 100,000 `[` would then overflow the C stack.
+MAX_BRACKETS = 64
+
+
 def loads_strict(raw: bytes) -> Any:
+    if raw.count(b"[") + raw.count(b"{") > MAX_BRACKETS:
+        raise MalformedPayment("payment JSON is nested too deeply")
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except UnicodeDecodeError:

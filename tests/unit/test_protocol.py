@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -102,6 +104,23 @@ def test_v2_envelope_is_unwrapped() -> None:
 def test_hostile_json_gets_a_typed_reason(raw: bytes, error: type[PaymentError]) -> None:
     with pytest.raises(error):
         protocol.parse_proof(base64.b64encode(raw).decode(), 10**7)
+
+
+def test_deep_nesting_is_refused_even_under_a_raised_recursion_limit() -> None:
+    """py_ecc (loaded with web3 for the `exact` scheme) sets the recursion limit to 100,000;
+    a deeply nested header must still be a typed refusal, not a crash of the worker."""
+    probe = (
+        "import base64, sys; sys.setrecursionlimit(100_000)\n"
+        "from sidecar.core import protocol\n"
+        "from sidecar.core.errors import MalformedPayment\n"
+        "raw = b'[' * 100_000 + b']' * 100_000\n"
+        "try:\n"
+        "    protocol.parse_proof(base64.b64encode(raw).decode(), 10**7)\n"
+        "except MalformedPayment as exc:\n"
+        "    print(exc.reason)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert (done.returncode, done.stdout.strip()) == (0, "malformed_payment")
 
 
 @pytest.mark.parametrize(
