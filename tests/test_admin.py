@@ -14,7 +14,8 @@ import grpc
 import httpx
 import pytest
 
-from sidecar.core.identity import Identity
+from sidecar.core.errors import ConfigError
+from sidecar.core.identity import Identity, read_secret
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import admin
 from sidecar.server import admin_pb2 as pb
@@ -255,7 +256,7 @@ async def test_mutual_tls_without_a_token(stack: Stack, tmp_path: Path) -> None:
             "--admin-ca", str(pki["ca.pem"]), "--admin-cert", str(pki["client.pem"]),
             "--admin-key", str(pki["client.key"]),
         )  # fmt: skip
-        assert run.out == "status: active\n", run.err
+        assert run.out == "status: active\nUSDF: 0\n", run.err
     finally:
         await server.stop(None)
         await ledger.close()
@@ -264,9 +265,9 @@ async def test_mutual_tls_without_a_token(stack: Stack, tmp_path: Path) -> None:
 def test_token_files_must_hold_a_real_secret(tmp_path: Path) -> None:
     short = tmp_path / "short.token"
     short.write_text("abc\n")
-    with pytest.raises(admin.ConfigError, match="at least 16 bytes"):
-        admin.read_secret(str(short), "admin_token_file")
+    with pytest.raises(ConfigError, match="admin_token_file: the secret must be at least 16"):
+        read_secret(str(short), "config admin_token_file", admin.MIN_TOKEN_BYTES)
     good = tmp_path / "good.token"
     secret = secrets.token_urlsafe(24)
     good.write_text(secret + "\n")
-    assert admin.read_secret(str(good), "admin_token_file") == secret.encode()
+    assert read_secret(str(good), "admin_token_file", admin.MIN_TOKEN_BYTES) == secret.encode()

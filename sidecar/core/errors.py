@@ -141,6 +141,14 @@ class InternalError(PaymentError):
     status = 503
 
 
+class InvalidKey(X402Error, ValueError):
+    """A payer key that is not base64url of a 32-byte Ed25519 public key."""
+
+
+class UnknownAsset(X402Error):
+    """An asset code the gateway's config does not list."""
+
+
 class ChannelExists(X402Error):
     """Opening a channel under an id already taken (a retried open is refused, not doubled)."""
 

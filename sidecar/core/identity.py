@@ -42,6 +42,19 @@ def write_secret(path: str | os.PathLike[str], text: str) -> None:
         out.write(text)
 
 
+def read_secret(path: str | os.PathLike[str], what: str, min_bytes: int = 1) -> bytes:
+    """A secret file's content, stripped. Errors start with `what` (e.g. "config
+    admin_token_file") and name the path, never the content: a malformed secret is still a
+    secret."""
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if len(secret) < min_bytes:
+        raise ConfigError(f"{what}: the secret must be at least {min_bytes} bytes")
+    return secret
+
+
 @dataclass(frozen=True)
 class Identity:
     """A private Ed25519 key. The key file holds the 32-byte seed as base64url text."""
@@ -65,10 +78,7 @@ class Identity:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Identity:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read key file {path}: {exc.__class__.__name__}") from None
+        text = read_secret(path, "key file").decode("utf-8", errors="replace")
         return cls.from_seed_text(text, source=f"key file {path}")
 
     def save(self, path: str | os.PathLike[str]) -> None:

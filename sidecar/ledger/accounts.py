@@ -58,6 +58,7 @@ class Account:
     balances: dict[str, int]
     credited: dict[str, int]
     debited: dict[str, int]
+    channeled: dict[str, int]  # locked in open channels, out of `balances`
 
 
 class Ledger:
@@ -206,13 +207,21 @@ class Ledger:
             amounts("balance:"),
             amounts("credited:"),
             amounts("debited:"),
+            amounts("channeled:"),
         )
 
     async def receipts(self, payer: str, count: int = 100) -> list[dict[str, str]]:
+        return [fields for _id, fields in await self.receipt_page(payer, "", count)]
+
+    async def receipt_page(
+        self, payer: str, after: str, count: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Up to `count` (stream id, receipt facts) of a payer, oldest first, after `after`."""
+        start = f"({after}" if after else "-"
         entries: list[tuple[str, dict[str, str]]] = await self.call(
-            self.redis.xrange(keyspace.receipts(payer), count=count)
+            self.redis.xrange(keyspace.receipts(payer), min=start, count=count)
         )
-        return [fields for _id, fields in entries]
+        return entries
 
     async def ping(self) -> bool:
         """Whether the hot path's own connection reaches Redis (readiness)."""

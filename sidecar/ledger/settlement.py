@@ -452,3 +452,9 @@ async def recent_batches(
         return list(reversed(await payer_batches(ledger, payer)))[:limit]
     ids = cast(list[str], await ledger.redis.zrevrange(keyspace.BATCHES, 0, max(limit - 1, 0)))
     return await manifests(ledger, ids)
+
+
+async def committed_seq(ledger: Ledger, payer: str) -> int:
+    """The sequence number of the payer's last committed batch (0: none yet)."""
+    seq = await ledger.call(ledger.redis.hget(keyspace.settlement(payer), "seq"))
+    return int(seq or 0)

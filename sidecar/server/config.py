@@ -15,7 +15,7 @@ import yaml
 
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import AmountError, ConfigError
-from sidecar.core.identity import Identity
+from sidecar.core.identity import Identity, read_secret
 from sidecar.core.money import MAX_BALANCE, Asset
 from sidecar.core.pricing import ANY_METHOD, UNLISTED, Price, Route, RouteTable, validate_path
 
@@ -219,17 +219,9 @@ class Settings:
             raise ConfigError(f"config signing_key_file: {exc}") from None
         if not self.invoice_secret_file:
             raise ConfigError("config invoice_secret_file: required (create one: x402 secret)")
-        try:
-            secret = Path(self.invoice_secret_file).read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"config invoice_secret_file: cannot read {self.invoice_secret_file}: "
-                f"{exc.strerror}"
-            ) from None
-        if len(secret) < MIN_SECRET_BYTES:
-            raise ConfigError(
-                f"config invoice_secret_file: the secret must be at least {MIN_SECRET_BYTES} bytes"
-            )
+        secret = read_secret(
+            self.invoice_secret_file, "config invoice_secret_file", MIN_SECRET_BYTES
+        )
         return Gateway(
             identity=identity,
             invoice_secret=secret,

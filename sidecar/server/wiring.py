@@ -10,6 +10,7 @@ from sidecar.core.identity import Identity
 from sidecar.ledger import settlement
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.cluster import ClusterPipe
+from sidecar.ledger.payers import Payers
 from sidecar.ledger.pipe import RedisPipe
 from sidecar.ledger.rate_limit import RateLimiter, rate
 from sidecar.server.config import Settings
@@ -50,3 +51,8 @@ def settler(
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
     sinks = anchor_sinks(settings, ledger, anchor_file)
     return settlement.Settler(ledger, gateway, settings.asset_table(), sinks, options)
+
+
+def payers(settings: Settings, ledger: Ledger, payee: str | None = None) -> Payers:
+    """The operator's payer service; `payee` (the gateway's key id) is needed for channels."""
+    return Payers(ledger, settings.asset_table(), settings.default_asset, payee)

@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from sidecar.core.errors import AmountError, X402Error
+from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity, write_secret
 
 if TYPE_CHECKING:  # the gateway's modules load only for the commands that need them
     from sidecar.ledger.accounts import Ledger
+    from sidecar.ledger.payers import Payers
     from sidecar.server.config import Settings
+    from sidecar.tools.admin_client import AdminPayers, AdminTarget
 
 T = TypeVar("T")
 
@@ -193,7 +195,7 @@ def _remember_admin(ctx: click.Context, param: click.Parameter, value: Any) -> A
 
 def admin_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """`--admin ADDR` (and its credentials): run the command through the facilitator admin
-    API instead of Redis. Kept out of the command's parameters (see _remote)."""
+    API instead of Redis. Kept out of the command's parameters (see _admin_target)."""
     options = [
         ("--admin", "X402_ADMIN", "Use the admin API at host:port instead of Redis."),
         ("--admin-token-file", "X402_ADMIN_TOKEN_FILE", "The admin API's bearer token."),
@@ -208,22 +210,50 @@ def admin_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _remote() -> Any:
-    """The admin API client when --admin was given, else None."""
-    from sidecar.server.admin import AdminTarget, RemotePayers
+def _admin_target() -> AdminTarget | None:
+    """Where --admin points (with its credentials), or None: use Redis directly."""
+    from sidecar.tools.admin_client import AdminTarget
 
     meta = click.get_current_context().meta
     if not meta.get("x402.admin"):
         return None
-    return RemotePayers(
-        AdminTarget(
-            meta["x402.admin"],
-            meta.get("x402.admin_token_file"),
-            meta.get("x402.admin_ca"),
-            meta.get("x402.admin_cert"),
-            meta.get("x402.admin_key"),
-        )
+    return AdminTarget(
+        meta["x402.admin"],
+        meta.get("x402.admin_token_file"),
+        meta.get("x402.admin_ca"),
+        meta.get("x402.admin_cert"),
+        meta.get("x402.admin_key"),
     )
+
+
+def _payers_call(
+    redis_url: str | None,
+    config_path: str | None,
+    call: Callable[[Payers | AdminPayers], Awaitable[T]],
+    channels: bool = False,
+) -> T:
+    """Run `call` on the payer service: over the admin API with --admin, else on Redis.
+    `channels`: the local service needs the gateway's key id (channels are opened to it)."""
+    target = _admin_target()
+    if target is not None:
+        from sidecar.tools.admin_client import AdminPayers
+
+        async def remote() -> T:
+            payers = AdminPayers(target)
+            try:
+                return await call(payers)
+            finally:
+                await payers.close()
+
+        return asyncio.run(remote())
+
+    from sidecar.server import wiring
+
+    async def local(ledger: Ledger, settings: Settings) -> T:
+        payee = Identity.load(settings.signing_key_file).kid if channels else None
+        return await call(wiring.payers(settings, ledger, payee))
+
+    return _ledger_call(redis_url, config_path, local)
 
 
 # About 1 in 64 base64url keys starts with "-": click would take it for an option. Commands
@@ -243,13 +273,9 @@ def payer() -> None:
 @admin_options
 def payer_register(public_key: str, redis_url: str | None, config_path: str | None) -> None:
     """Make an agent's public key known to the ledger."""
-    _check_public_key(public_key)
-    if remote := _remote():
-        with remote:
-            click.echo(remote.register(public_key))
-        return
-    created = _ledger_call(redis_url, config_path, lambda ledger, _s: ledger.register(public_key))
-    click.echo("registered" if created else "already registered")
+    _check_key(public_key)
+    registered = _payers_call(redis_url, config_path, lambda p: p.register(public_key))
+    click.echo("registered" if registered.created else "already registered")
 
 
 @payer.command("credit", context_settings=KEY_ARGUMENTS)
@@ -273,30 +299,13 @@ def payer_credit(
     config_path: str | None,
 ) -> None:
     """Add AMOUNT (a decimal like 10.5) to a payer's balance."""
-    _check_public_key(public_key)
+    _check_key(public_key)
     key = idempotency_key or secrets.token_urlsafe(12)
-    if remote := _remote():
-        with remote:
-            click.echo(remote.credit(public_key, amount, asset, key))
-        return
-
-    async def op(ledger: Ledger, settings: Settings) -> str:
-        code = asset or settings.default_asset
-        assets = settings.asset_table()
-        if code not in assets:
-            raise X402Error(f"unknown asset {code!r} (known: {', '.join(assets)})")
-        try:
-            atomic = assets[code].to_atomic(amount)
-        except AmountError as exc:
-            raise X402Error(str(exc)) from None
-        result = await ledger.credit(public_key, code, atomic, key)
-        verb = "credited" if result.applied else "already applied (idempotency key seen)"
-        return (
-            f"{verb}; balance {assets[code].to_decimal(result.balance)} {code} "
-            f"(idempotency key {key})"
-        )
-
-    click.echo(_ledger_call(redis_url, config_path, op))
+    credited = _payers_call(
+        redis_url, config_path, lambda p: p.credit(public_key, amount, asset, key)
+    )
+    verb = "credited" if credited.applied else "already applied (idempotency key seen)"
+    click.echo(f"{verb}; balance {credited.balance} {credited.asset} (idempotency key {key})")
 
 
 @payer.command("balance", context_settings=KEY_ARGUMENTS)
@@ -306,22 +315,11 @@ def payer_credit(
 @admin_options
 def payer_balance(public_key: str, redis_url: str | None, config_path: str | None) -> None:
     """Show a payer's status and balances."""
-    if remote := _remote():
-        with remote:
-            click.echo(remote.balance(public_key))
-        return
-
-    async def op(ledger: Ledger, settings: Settings) -> str:
-        account = await ledger.account(public_key)
-        assets = settings.asset_table()
-        lines = [f"status: {account.status}"]
-        for code in sorted(set(account.balances) | set(assets)):
-            atomic = account.balances.get(code, 0)
-            shown = assets[code].to_decimal(atomic) if code in assets else f"{atomic} (atomic)"
-            lines.append(f"{code}: {shown}")
-        return "\n".join(lines)
-
-    click.echo(_ledger_call(redis_url, config_path, op))
+    balance = _payers_call(redis_url, config_path, lambda p: p.balance(public_key))
+    click.echo(f"status: {balance.status}")
+    for entry in balance.assets:
+        locked = f" (+{entry.channeled} in channels)" if entry.channeled != "0" else ""
+        click.echo(f"{entry.asset}: {entry.balance}{locked}")
 
 
 @payer.command("suspend", context_settings=KEY_ARGUMENTS)
@@ -331,16 +329,8 @@ def payer_balance(public_key: str, redis_url: str | None, config_path: str | Non
 @admin_options
 def payer_suspend(public_key: str, redis_url: str | None, config_path: str | None) -> None:
     """Refuse this payer's proofs (403 payer_suspended) until activated again."""
-    from sidecar.ledger import accounts
-
-    if remote := _remote():
-        with remote:
-            click.echo(remote.set_status(public_key, suspend=True))
-        return
-    _ledger_call(
-        redis_url, config_path, lambda ledger, _s: ledger.set_status(public_key, accounts.SUSPENDED)
-    )
-    click.echo("suspended")
+    _check_key(public_key)
+    click.echo(_payers_call(redis_url, config_path, lambda p: p.suspend(public_key)))
 
 
 @payer.command("activate", context_settings=KEY_ARGUMENTS)
@@ -350,26 +340,15 @@ def payer_suspend(public_key: str, redis_url: str | None, config_path: str | Non
 @admin_options
 def payer_activate(public_key: str, redis_url: str | None, config_path: str | None) -> None:
     """Accept this payer's proofs again."""
-    from sidecar.ledger import accounts
-
-    if remote := _remote():
-        with remote:
-            click.echo(remote.set_status(public_key, suspend=False))
-        return
-    activate = lambda ledger, _s: ledger.set_status(public_key, accounts.ACTIVE)  # noqa: E731
-    _ledger_call(redis_url, config_path, activate)
-    click.echo("active")
+    _check_key(public_key)
+    click.echo(_payers_call(redis_url, config_path, lambda p: p.activate(public_key)))
 
 
-def _check_public_key(public_key: str) -> None:
-    from sidecar.core.identity import verify_key
+def _check_key(public_key: str) -> None:
+    """Refuse a malformed key before anything connects anywhere."""
+    from sidecar.ledger.payers import checked_key
 
-    try:
-        verify_key(public_key)
-    except ValueError:
-        raise X402Error(
-            "not a public key: expected base64url of 32 bytes (see x402 keygen)"
-        ) from None
+    checked_key(public_key)
 
 
 # -- settlement, evidence, channels (logic in settlement.py, evidence.py, channel.py) -----
@@ -559,31 +538,18 @@ def channel_open(
     config_path: str | None,
 ) -> None:
     """Lock DEPOSIT (a decimal) from a payer's balance into a new channel."""
-    from sidecar.core.identity import Identity
-    from sidecar.ledger.channels import Channels
-    from sidecar.server.admin import channel_opened
-
-    _check_public_key(public_key)
-    if remote := _remote():
-        with remote:
-            click.echo(remote.open_channel(public_key, deposit, asset, ttl, channel_id))
-        return
-
-    async def op(ledger: Ledger, settings: Settings) -> str:
-        code = asset or settings.default_asset
-        assets = settings.asset_table()
-        if code not in assets:
-            raise X402Error(f"unknown asset {code!r} (known: {', '.join(assets)})")
-        payee = Identity.load(settings.signing_key_file).kid
-        channels = Channels(ledger)
-        opened, balance = await channels.open(
-            public_key, code, assets[code].to_atomic(deposit), payee, ttl, channel_id
-        )
-        state = await channels.get(public_key, opened)
-        show = assets[code].to_decimal
-        return channel_opened(opened, show(state.deposit), code, state.expires_at, show(balance))
-
-    click.echo(_ledger_call(redis_url, config_path, op))
+    _check_key(public_key)
+    opened = _payers_call(
+        redis_url,
+        config_path,
+        lambda p: p.open_channel(public_key, deposit, asset, ttl, channel_id),
+        channels=True,
+    )
+    click.echo(
+        f"channel {opened.channel_id}\n"
+        f"deposit {opened.deposit} {opened.asset}, open until {opened.expires_at} (unix time)\n"
+        f"balance left {opened.balance} {opened.asset}"
+    )
 
 
 @channel.command("close", context_settings=KEY_ARGUMENTS)
@@ -596,32 +562,13 @@ def channel_close(
     public_key: str, channel_id: str, redis_url: str | None, config_path: str | None
 ) -> None:
     """Refund what is left of the deposit; the final voucher goes to settlement."""
-    from sidecar.ledger.channels import Channels
-    from sidecar.server.admin import channel_closed
-
-    _check_public_key(public_key)
-    if remote := _remote():
-        with remote:
-            click.echo(remote.close_channel(public_key, channel_id))
-        return
-
-    async def op(ledger: Ledger, settings: Settings) -> str:
-        channels = Channels(ledger)
-        state = await channels.get(public_key, channel_id)
-        closed = await channels.close(public_key, channel_id)
-        assert closed is not None  # not only_expired: it always closes
-        show = settings.asset_table()[state.asset].to_decimal
-        return channel_closed(
-            channel_id,
-            show(closed.cumulative),
-            show(closed.refund),
-            show(closed.balance),
-            closed.vouchers,
-            closed.receipt_id,
-            closed.already,
-        )
-
-    click.echo(_ledger_call(redis_url, config_path, op))
+    _check_key(public_key)
+    closed = _payers_call(redis_url, config_path, lambda p: p.close_channel(public_key, channel_id))
+    head = f"channel {closed.channel_id} {'was already closed' if closed.already else 'closed'}"
+    click.echo(
+        f"{head}: spent {closed.cumulative} in {closed.vouchers} vouchers, refunded "
+        f"{closed.refund}; balance {closed.balance}\nsettlement receipt {closed.receipt_id}"
+    )
 
 
 # -- agents: pay and demo -----------------------------------------------------------------

@@ -47,6 +47,7 @@ from x402.schemas import (
 )
 
 from sidecar.core.errors import ConfigError
+from sidecar.core.identity import read_secret
 
 log = logging.getLogger("sidecar.facilitator")
 
@@ -59,11 +60,8 @@ Requirements = PaymentRequirements | PaymentRequirementsV1
 def read_key_file(path: str | Path) -> str:
     """The hex private key in `path`; refused if anyone but the owner may read it."""
     path = Path(path)
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
+    text = read_secret(path, "key file").decode("utf-8", errors="replace")
+    mode = path.stat().st_mode
     if not stat.S_ISREG(mode):
         raise ConfigError(f"key file {path} is not a regular file")
     if mode & 0o077:
@@ -71,7 +69,7 @@ def read_key_file(path: str | Path) -> str:
             f"key file {path} has mode {stat.S_IMODE(mode):04o}: others may read it "
             f"(chmod 600 {path})"
         )
-    key = text.strip().removeprefix("0x")
+    key = text.removeprefix("0x")
     # The message never quotes the file: it is a secret even when malformed.
     if len(key) != 64 or any(c not in string.hexdigits for c in key):
         raise ConfigError(f"key file {path} does not hold a 32-byte hex private key")
