@@ -38,7 +38,6 @@ from sidecar.core.protocol import SCHEME, VERSION
 __all__ = ["RECEIPT_EXTENSION", "Discovery", "Receipt", "Wallet", "X402Auth", "receipt_of"]
 
 RECEIPT_EXTENSION = "x402_receipt"
-DISCOVERY_PATH = "/.well-known/x402"
 PROOF_HEADER = "X-Payment"
 # A direct proof refused for one of these means the price list is stale: pay the challenge.
 FALLBACK_REASONS = frozenset({"invoice_mismatch", "invoice_expired", "payment_required"})
@@ -309,7 +308,7 @@ class X402Auth(httpx.Auth):
 
     @staticmethod
     def _discovery_request(request: httpx.Request) -> httpx.Request:
-        url = request.url.copy_with(path=DISCOVERY_PATH, query=None, fragment=None)
+        url = request.url.copy_with(path=protocol.DISCOVERY_PATH, query=None, fragment=None)
         return httpx.Request("GET", url, headers={"accept": "application/json"})
 
     # -- the flow --------------------------------------------------------------------------
@@ -359,16 +358,13 @@ class X402Auth(httpx.Auth):
     def _direct_terms(
         self, request: httpx.Request, price: Price, discovery: Discovery
     ) -> dict[str, Any]:
-        return {
-            "version": VERSION,
-            "scheme": SCHEME,
-            "nonce": protocol.new_nonce(),
-            "resource": f"{request.method} {path_of(request.url)}",
-            "asset": price.asset.code,
-            "amount": price.display,
-            "payee": discovery.payee,
-            "expires_at": int(time.time()) + min(self.direct_ttl, discovery.max_direct_ttl),
-        }
+        return protocol.direct_terms(
+            f"{request.method} {path_of(request.url)}",
+            price.asset.code,
+            price.display,
+            discovery.payee,
+            int(time.time()) + min(self.direct_ttl, discovery.max_direct_ttl),
+        )
 
     def _pay(self, request: httpx.Request, terms: Mapping[str, Any]) -> _Payment:
         """Guards first (they raise), then sign; the proof rides on the request."""

@@ -24,7 +24,6 @@ from typing import Any
 import httpx
 
 from sidecar.agent.auth import (
-    DISCOVERY_PATH,
     PROOF_HEADER,
     RECEIPT_EXTENSION,
     Discovery,
@@ -169,7 +168,7 @@ class ChannelAuth(httpx.Auth):
         origin = origin_of(request.url)
         cached = self._cache.get(origin)
         if cached is None or cached[1] < time.monotonic():
-            url = request.url.copy_with(path=DISCOVERY_PATH, query=None, fragment=None)
+            url = request.url.copy_with(path=protocol.DISCOVERY_PATH, query=None, fragment=None)
             found = yield httpx.Request("GET", url, headers={"accept": "application/json"})
             discovery = None
             if found.status_code == 200:

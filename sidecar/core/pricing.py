@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import unquote
@@ -53,11 +53,19 @@ class Route:
         return "{" in self.path
 
 
-def compile_path(path: str, flags: int = 0) -> re.Pattern[str]:
+def path_regex(path: str) -> str:
     """`{param}` matches exactly one non-empty path segment; everything else is literal."""
     parts = _PARAM.split(path)
-    regex = "".join(re.escape(p) if i % 2 == 0 else "[^/]+" for i, p in enumerate(parts))
-    return re.compile(regex, flags)
+    return "".join(re.escape(p) if i % 2 == 0 else "[^/]+" for i, p in enumerate(parts))
+
+
+def compile_path(path: str, flags: int = 0) -> re.Pattern[str]:
+    return re.compile(path_regex(path), flags)
+
+
+def fill_params(path: str, value: Callable[[], str]) -> str:
+    """A concrete path of a pattern: each `{param}` replaced by a fresh `value()`."""
+    return _PARAM.sub(lambda _m: value(), path)
 
 
 def validate_path(path: str) -> None:

@@ -100,6 +100,26 @@ def loads_strict(raw: bytes) -> Any:
         raise MalformedPayment("payment header is not valid JSON") from None
 
 
+DISCOVERY_PATH = "/.well-known/x402"  # the price list and keys (PROTOCOL.md §6)
+
+
+def direct_terms(
+    resource: str, asset: str, amount: str, payee: str, expires_at: int
+) -> dict[str, Any]:
+    """The terms of a direct payment (no challenge, PROTOCOL.md §3): a fresh nonce, no
+    invoice id; sign them with `sign_proof`."""
+    return {
+        "version": VERSION,
+        "scheme": SCHEME,
+        "nonce": new_nonce(),
+        "resource": resource,
+        "asset": asset,
+        "amount": amount,
+        "payee": payee,
+        "expires_at": expires_at,
+    }
+
+
 def new_nonce() -> str:
     return "n_" + secrets.token_urlsafe(16)
 

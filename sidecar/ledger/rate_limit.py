@@ -20,8 +20,9 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.core.errors import LedgerUnavailable, RateLimited
+from sidecar.core.errors import RateLimited
 from sidecar.ledger import keyspace, scripts
+from sidecar.ledger.accounts import unavailable
 from sidecar.ledger.cluster import ClusterPipe
 from sidecar.ledger.pipe import RedisPipe, RedisPipeError
 
@@ -64,7 +65,7 @@ class RateLimiter:
             reply: Any = await self.pipe.evalsha(scripts.RATE, keys, (rate.per_second, rate.burst))
         except RedisPipeError as exc:
             # Fail closed, exactly like the debit would: the limiter is the ledger's Redis.
-            raise LedgerUnavailable(f"ledger unavailable ({exc.__class__.__name__})") from exc
+            raise unavailable(exc) from exc
         if reply[0] == "ok":
             return
         wait_ms = int(reply[1])

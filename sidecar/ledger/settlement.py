@@ -39,12 +39,12 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from sidecar.core import merkle, receipts
-from sidecar.core.errors import LedgerUnavailable, SettlementError, X402Error
+from sidecar.core.errors import SettlementError, X402Error
 from sidecar.core.identity import Identity, b64url, verify, verify_key
 from sidecar.core.money import Asset
 from sidecar.core.protocol import VERSION, canonical_json, sign_receipt
 from sidecar.ledger import keyspace, scripts
-from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.accounts import Ledger, unavailable
 from sidecar.ledger.channels import Channels
 
 BATCH_DOMAIN = b"fth-x402/2.0 batch\n"
@@ -305,7 +305,7 @@ class Settler:
                 await self.settle_payer(payer, report)
             await self._record_pass(report)
         except (RedisError, OSError) as exc:
-            raise LedgerUnavailable(f"ledger unavailable ({exc.__class__.__name__})") from exc
+            raise unavailable(exc) from exc
         return report
 
     async def run_forever(self, interval: float, stop: asyncio.Event) -> None:

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from sidecar.core.decision import Gateway
 from sidecar.core.pricing import RouteTable
-from sidecar.core.protocol import SCHEME, VERSION
+from sidecar.core.protocol import DISCOVERY_PATH, SCHEME, VERSION
 from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import metrics
@@ -61,7 +61,7 @@ class SidePort:
             return 200, "application/json", discovery
 
         self.handlers: dict[str, Handler] = {
-            "/.well-known/x402": well_known,
+            DISCOVERY_PATH: well_known,
             "/healthz": self.healthz,
             "/readyz": self.readyz,
             "/metrics": self.metrics,

@@ -198,7 +198,7 @@ class Demo:
 
     def price_list(self) -> None:
         self.step("1. The price list", "Free: GET /.well-known/x402")
-        response = httpx.get(f"{self.stack.url}/.well-known/x402", timeout=10)
+        response = httpx.get(self.stack.url + protocol.DISCOVERY_PATH, timeout=10)
         self.discovery = response.json()
         # No wrapping: a path or a price cut in two is harder to read than a narrow table.
         table = Table(
@@ -475,7 +475,7 @@ def serve_forever(stack: Stack, console: Console) -> int:
     asyncio.run(stack.fund(wallet.public_key, "100"))
     table = Table(box=box.SIMPLE, show_header=False)
     table.add_row("gateway", stack.url)
-    table.add_row("price list", f"{stack.url}/.well-known/x402")
+    table.add_row("price list", stack.url + protocol.DISCOVERY_PATH)
     table.add_row("Redis", stack.redis_url)
     table.add_row("agent wallet", f"{key_file} (100 USDF)")
     console.print(Panel(table, title="x402 demo --serve", title_align="left", expand=False))

@@ -7,20 +7,26 @@ price as ext_authz `context_extensions`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from sidecar.core.pricing import ANY_METHOD, EXT_ASSET, EXT_DESCRIPTION, EXT_PRICE, EXT_ROUTE
+from sidecar.core.pricing import (
+    ANY_METHOD,
+    EXT_ASSET,
+    EXT_DESCRIPTION,
+    EXT_PRICE,
+    EXT_ROUTE,
+    path_regex,
+)
+from sidecar.core.protocol import DISCOVERY_PATH
 from sidecar.server.config import Edge
 from sidecar.server.responses import DENIAL_METADATA_KEY
 
 _TYPES = "type.googleapis.com/envoy.extensions"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
-DISCOVERY_PATH = "/.well-known/x402"
 _ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
     "request_id": "%REQ(X-REQUEST-ID)%",
@@ -104,8 +110,7 @@ def _cluster(
 def _path_match(path: str) -> dict[str, Any]:
     if "{" not in path:
         return {"path": path}
-    parts = re.split(r"\{[A-Za-z_][A-Za-z0-9_]*\}", path)
-    return {"safe_regex": {"regex": "[^/]+".join(re.escape(p) for p in parts)}}
+    return {"safe_regex": {"regex": path_regex(path)}}
 
 
 def priced_route(

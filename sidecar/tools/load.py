@@ -25,10 +25,9 @@ from sidecar.core import protocol
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity
 from sidecar.core.money import Asset
-from sidecar.core.pricing import compile_path
+from sidecar.core.pricing import compile_path, fill_params
 from sidecar.ledger.accounts import Ledger
 
-_PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -53,7 +52,7 @@ class Target:
 
     def path(self) -> str:
         """A concrete path: every {param} gets a fresh value, as distinct agent calls would."""
-        return _PARAM.sub(lambda _m: secrets.token_hex(4), self.pattern)
+        return fill_params(self.pattern, lambda: secrets.token_hex(4))
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ def _reason(leg: str, response: httpx.Response) -> str:
 
 
 async def discover(client: httpx.AsyncClient) -> dict[str, Any]:
-    response = await client.get("/.well-known/x402")
+    response = await client.get(protocol.DISCOVERY_PATH)
     if response.status_code != 200:
         raise X402Error(
             f"no price list at {client.base_url}/.well-known/x402 ({response.status_code})"
@@ -275,16 +274,13 @@ class Runner:
         if "{" not in target.pattern:
             self.urls[path] = url
         if self.config.direct:
-            terms = {
-                "version": protocol.VERSION,
-                "scheme": protocol.SCHEME,
-                "nonce": protocol.new_nonce(),
-                "resource": f"{target.method} {path}",
-                "asset": target.asset.code,
-                "amount": target.price,
-                "payee": payee,
-                "expires_at": int(time.time()) + min(ttl, 60),
-            }
+            terms = protocol.direct_terms(
+                f"{target.method} {path}",
+                target.asset.code,
+                target.price,
+                payee,
+                int(time.time()) + min(ttl, 60),
+            )
         else:
             began = time.perf_counter()
             challenge = await client.request(target.method, url)
