@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from sidecar.core import protocol
+from sidecar.core.errors import MaxAmountExceeded
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import Holds
 from sidecar.tools.stack import Stack
@@ -301,3 +302,33 @@ async def test_a_sidecar_killed_mid_request_leaves_no_charge_and_no_hold(
         assert (await ledger.account(wallet.public_key)).balances["USDF"] == 750_000
     finally:
         await ledger.close()
+
+
+async def test_the_sdk_pays_the_hold_and_keeps_the_difference(
+    holds_stack: Stack, holds_ledger: Ledger
+) -> None:
+    from sidecar.agent.auth import X402Auth, receipt_of
+    from sidecar.agent.wallet import Wallet
+
+    wallet = Wallet.generate(max_amount="0.1", budget="0.5")
+    await holds_ledger.register(wallet.public_key)
+    await holds_ledger.credit(wallet.public_key, "USDF", 1_000_000, "sdk-holds")
+    auth = X402Auth(wallet, strict=True)
+    async with httpx.AsyncClient(base_url=holds_stack.url, timeout=15, auth=auth) as http:
+        served = await http.get(ROWS, params={"limit": "37"})
+        receipt = receipt_of(served)
+        assert served.status_code == 200 and receipt is not None and receipt.verified
+        assert (receipt.amount, receipt.held, receipt.units) == ("0.037", "0.1", 37)
+        assert wallet.spent() == "0.037"  # the guard saw the hold; the budget the capture
+        assert wallet.remaining() == "0.463"
+
+        failed = await http.get(ROWS, params={"fail": "503"})
+        refund = receipt_of(failed)
+        assert failed.status_code == 503 and refund is not None and refund.verified
+        assert (refund.success, refund.amount, refund.held) == (False, "0", "0.1")
+        assert wallet.spent() == "0.037"
+
+        # the guards apply to the hold: 0.25 is above max_amount, so nothing is signed
+        with pytest.raises(MaxAmountExceeded):
+            await http.get(REPORT)
+    assert (await holds_ledger.account(wallet.public_key)).balances["USDF"] == 1_000_000 - 37_000

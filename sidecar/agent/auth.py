@@ -64,6 +64,12 @@ class Receipt:
     kid: str
     verified: bool  # signature valid for the gateway's key *and* it is for this payment
     fields: Mapping[str, Any] = field(repr=False)
+    # A route charged on success: `amount` is what was captured of the `held` amount (a
+    # metered route: `units` of it); `success` False: the service failed, nothing was
+    # charged (`released`), and the same payment may be retried.
+    success: bool = True
+    held: str = ""
+    units: int | None = None
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any], verified: bool) -> Receipt:
@@ -86,6 +92,9 @@ class Receipt:
             kid=text("kid"),
             verified=verified,
             fields=dict(fields),
+            success=fields.get("success") is True,
+            held=text("held") or text("released"),
+            units=fields["units"] if type(fields.get("units")) is int else None,
         )
 
 
@@ -389,18 +398,27 @@ class X402Auth(httpx.Auth):
             payment.reservation.commit()
             self._bad_receipt(f"{response.status_code} response carries no payment receipt")
             return
-        payment.reservation.commit()
         try:
             fields = protocol.decode_header(header)
         except PaymentError:
             fields = None
         if not isinstance(fields, dict):
+            payment.reservation.commit()
             self._bad_receipt("the payment receipt header is not base64 JSON")
             return
         keys = self.gateway_keys
         if keys is None and discovery is not None:
             keys = discovery.keys
         problem = check_receipt(fields, payment.proof, keys)
+        # A verified receipt of a hold says what was really charged: the budget gets the
+        # rest back (all of it when the service failed and the hold was released).
+        captured = None
+        if problem is None and ("held" in fields or fields.get("success") is False):
+            captured = scaled(str(fields["amount"]))
+        if captured == 0 and fields.get("success") is False:
+            payment.reservation.release()
+        else:
+            payment.reservation.commit(captured)
         receipt = Receipt.from_fields(fields, verified=problem is None)
         response.extensions = {**response.extensions, RECEIPT_EXTENSION: receipt}
         if problem is not None:
@@ -420,15 +438,23 @@ def check_receipt(
         return "no gateway keys to verify it (the gateway has no /.well-known/x402)"
     if not protocol.verify_receipt(fields, keys):
         return "the signature does not verify against the gateway's published keys"
-    if fields.get("success") is not True:
-        return "it does not say success"
     for name in ("payer", "payee", "nonce", "resource", "asset"):
         if fields.get(name) != proof.get(name):
             return f"its {name} is not the one paid"
     try:
-        same_amount = scaled(str(fields.get("amount"))) == scaled(str(proof.get("amount")))
+        paid = scaled(str(proof.get("amount")))
+        amount = scaled(str(fields.get("amount")))
+        # a hold: what was held is what was paid, and at most that was captured
+        held = fields.get("held") if fields.get("success") is True else fields.get("released")
+        held_amount = None if held is None else scaled(str(held))
     except AmountError:
-        same_amount = False
-    if not same_amount:
         return "its amount is not the amount paid"
+    if fields.get("success") is not True:
+        if fields.get("success") is False and held_amount == paid and amount == 0:
+            return None  # the service failed: the hold was released, nothing charged
+        return "it does not say success"
+    if held_amount is None and amount != paid:
+        return "its amount is not the amount paid"
+    if held_amount is not None and not (held_amount == paid and 0 <= amount <= paid):
+        return "its captured amount is not within the amount held"
     return None
