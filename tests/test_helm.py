@@ -263,15 +263,11 @@ def test_sidecar_config_is_the_same_route_table(rendered: Rendered) -> None:
     expected = set()
     for name, spec in v["routes"].items():
         asset = spec.get("asset", v["defaultAsset"])
-        expected.add(
-            (
-                name,
-                spec.get("method", "*"),
-                spec["path"],
-                asset,
-                to_atomic(spec["price"], v["assets"][asset]),
-            )
-        )
+        if "unit_price" in spec:  # metered: the hold, the quoted maximum
+            amount = to_atomic(spec["unit_price"], v["assets"][asset]) * spec["max_units"]
+        else:
+            amount = to_atomic(spec["price"], v["assets"][asset])
+        expected.add((name, spec.get("method", "*"), spec["path"], asset, amount))
     actual = {(r.name, r.method, r.path, r.price.asset.code, r.price.amount) for r in table.routes}
     assert actual == expected
     # The sidecar looks exact paths up first, then tries templated ones in table order;
@@ -476,12 +472,21 @@ def test_notes_explain_the_product_and_print_no_secret(name: str, notes_chart: P
     assert f"helm test {RELEASE}" in notes
     routes = list(ordered_routes(rendered.values["routes"]).values())
     for route in routes[:10]:  # the first ten, then "… and N more"
-        assert f"{route.get('method', '*')} {route['path']}  {route['price']}" in notes
+        price = route.get("price") or f"{route['unit_price']} per {route.get('unit', 'unit')}"
+        assert f"{route.get('method', '*')} {route['path']}  {price}" in notes
     assert (f"and {len(routes) - 10} more" in notes) == (len(routes) > 10)
     for data in rendered.secret_values().values():
         for value in data.values():
             assert value not in notes
             assert base64.b64encode(value.encode()).decode() not in notes
+
+
+def listed_price(spec: Mapping[str, Any], values: Mapping[str, Any], asset: str) -> str:
+    """A route's price in discovery: a metered route's is its hold, the quoted maximum."""
+    decimals = values["assets"][asset]
+    if "unit_price" in spec:
+        return to_decimal(to_atomic(spec["unit_price"], decimals) * spec["max_units"], decimals)
+    return to_decimal(to_atomic(spec["price"], decimals), decimals)
 
 
 # -- 4. invalid values fail with a message that names the key -------------------------------
@@ -948,12 +953,7 @@ def test_the_rendered_pod_runs_as_processes_and_takes_a_payment(
         document = discovery.json()
         listed = {(r["method"], r["path"], r["price"], r["asset"]) for r in document["routes"]}
         assert listed == {
-            (
-                spec.get("method", "*"),
-                spec["path"],
-                to_decimal(to_atomic(spec["price"], values["assets"][a]), values["assets"][a]),
-                a,
-            )
+            (spec.get("method", "*"), spec["path"], listed_price(spec, values, a), a)
             for spec in values["routes"].values()
             for a in [spec.get("asset", values["defaultAsset"])]
         }
