@@ -213,6 +213,16 @@ async def test_the_failure_threshold_is_per_route(
     assert paid.status_code == 404
     assert receipt_of(paid)["amount"] == "0.25"
     assert (await holds_ledger.account(wallet.public_key)).balances["USDF"] == 750_000
+    # revenue is counted at the capture, never at the hold
+    page = (await http.get(f"{holds_stack.sideport_url}/metrics")).text
+    assert (
+        'x402_decisions_total{decision="release",reason="service_failed",route="strict"} 1.0'
+        in page
+    )
+    assert 'x402_decisions_total{decision="allow",reason="held",route="strict"} 1.0' in page
+    assert 'route="strict"' not in "".join(
+        line for line in page.splitlines() if line.startswith("x402_revenue_atomic_total")
+    )
 
 
 async def test_an_on_check_route_still_charges_at_the_check(
@@ -332,3 +342,36 @@ async def test_the_sdk_pays_the_hold_and_keeps_the_difference(
         with pytest.raises(MaxAmountExceeded):
             await http.get(REPORT)
     assert (await holds_ledger.account(wallet.public_key)).balances["USDF"] == 1_000_000 - 37_000
+
+
+async def test_captures_settle_into_evidence_with_the_captured_amounts(
+    http: httpx.AsyncClient, holds_stack: Stack, holds_ledger: Ledger, tmp_path: Any
+) -> None:
+    from tests.settle_helpers import settle, x402
+
+    wallet = await funded_payer(holds_ledger, 1_000_000)
+    served = await http.get(
+        ROWS, params={"limit": "12"}, headers=pay_direct(holds_stack, wallet, f"GET {ROWS}", "0.1")
+    )
+    failed = await http.get(
+        REPORT,
+        params={"fail": "502"},
+        headers=pay_direct(holds_stack, wallet, f"GET {REPORT}", "0.25"),
+    )
+    assert failed.status_code == 502 and receipt_of(failed)["success"] is False
+    run = await settle(holds_stack, "--anchor-file", str(tmp_path / "anchors.jsonl"))
+    assert run.code == 0, run.err
+    out = tmp_path / "bundle.json"
+    run = await x402(
+        "evidence", "export", "--payer", wallet.public_key, "--out", str(out),
+        "--config", str(holds_stack.config_path),
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    bundle = json.loads(out.read_text())
+    # one receipt: the capture, exactly as the agent got it (0.012 of 0.1); no release
+    assert [item["receipt"] for item in bundle["receipts"]] == [receipt_of(served)]
+    assert bundle["receipts"][0]["receipt"]["amount"] == "0.012"
+    run = await x402(
+        "evidence", "verify", str(out), "--key", holds_stack.gateway_identity.public_key
+    )
+    assert run.code == 0, run.out

@@ -187,6 +187,7 @@ class Processor:
             closed = await holder.release(payer, hold_id)
             entry.update(decision="release", status=status, reason="service_failed")
             entry.update(captured="0", released=asset.to_decimal(closed.held))
+            _describe(entry, closed)
             if closed.outcome != NO_HOLD:
                 entry["balance"] = asset.to_decimal(closed.balance)
                 receipt = holding.release_receipt(
@@ -200,6 +201,7 @@ class Processor:
         )
         if capture.units is not None:
             entry.update(units=capture.units, usage=capture.usage)
+        _describe(entry, closed)
         if closed.outcome != CAPTURED:
             return self._lost(closed, entry)
         entry.update(decision="capture", status=status, reason="captured")
@@ -227,6 +229,13 @@ class Processor:
             "the service answered after the payment's hold expired; nothing was charged, "
             "retry with the same proof",
         )
+
+
+def _describe(entry: dict[str, Any], closed: Closed) -> None:
+    """The decision line's request facts, from the hold's record (PROTOCOL §7)."""
+    method, _, path = closed.record.get("resource", "").partition(" ")
+    entry["method"], entry["path"] = method or None, path or None
+    entry["invoice_id"] = closed.record.get("invoice_id") or None
 
 
 def _headers(mutation: ext_proc.HeaderMutation) -> ext_proc.ProcessingResponse:
