@@ -24,7 +24,7 @@ X402 = str(Path(sys.executable).parent / "x402")  # the console script pip insta
 CHECKS = [
     "price list", "free route", "agent wallet", "402 challenge", "signed proof", "paid 200",
     "verified receipt", "replay refused", "direct payment", "max_amount guard",
-    "budget guard", "decision log", "ledger",
+    "budget guard", "decision log", "ledger", "refund", "metered charge",
 ]  # fmt: skip
 
 
@@ -50,6 +50,11 @@ def test_x402_demo_exits_0_and_reports_every_step() -> None:
         '"event": "authz.decision"',
         "✓ decision log — free, payment_required, paid, nonce_reused, paid, paid",
         "✓ ledger — balance 9.7395 USDF",
+        "GET /api/v1/data/rows?limit=37 → 500 (the service failed), charged 0 of 0.1 held",
+        "✓ refund",
+        "GET /api/v1/data/rows → 200, 37 rows: charged 0.037 of 0.1 USDF held",
+        "POST /api/v1/llm/generate → 200, 120 tokens: charged 0.0012 of 0.04 USDF held",
+        "✓ metered charge — 37 rows x 0.001 + 120 tokens x 0.00001 = 0.0382 USDF",
         f"All {len(CHECKS)} steps behaved as expected.",
     ]
     positions = [out.find(fact) for fact in facts]
