@@ -15,6 +15,7 @@ ledger releases it: the payer is charged only when the response was seen.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -110,10 +111,15 @@ class Processor:
         return grpc.method_handlers_generic_handler(PROCESSOR_SERVICE, {"Process": process})
 
     async def process(
-        self, requests: AsyncIterator[ext_proc.ProcessingRequest], context: Any
-    ) -> AsyncIterator[ext_proc.ProcessingResponse]:
-        async for request in requests:
-            yield await self.respond(request, context)
+        self, _requests: AsyncIterator[ext_proc.ProcessingRequest], context: Any
+    ) -> None:
+        """One stream per response: read and answer each message (context.read/write is
+        cheaper in grpc.aio than an async-generator handler)."""
+        while True:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                return
+            await context.write(await self.respond(request, context))
 
     async def respond(
         self, request: ext_proc.ProcessingRequest, context: Any = None
@@ -131,10 +137,17 @@ class Processor:
     async def response_headers(
         self, request: ext_proc.ProcessingRequest, context: Any
     ) -> ext_proc.ProcessingResponse:
-        started = time.perf_counter()
         namespace = request.metadata_context.filter_metadata.get(EXT_AUTHZ_NAMESPACE)
         if namespace is None or holding.HOLD not in namespace.fields:
             return _CONTINUE_HEADERS  # no hold: a free route, or one charged on check
+        # Once the ledger is asked, finish: if Envoy gives up meanwhile (the client hung
+        # up), the capture or release it made still gets its decision line and revenue.
+        return await asyncio.shield(self._held(request, namespace, context))
+
+    async def _held(
+        self, request: ext_proc.ProcessingRequest, namespace: Any, context: Any
+    ) -> ext_proc.ProcessingResponse:
+        started = time.perf_counter()
         meta = {key: value.string_value for key, value in namespace.fields.items()}
         headers = headers_of(request.response_headers)
         status = int(headers.get(":status", "0") or 0)
