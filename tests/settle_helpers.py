@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.core import merkle
+from sidecar.core import batches, merkle
 from sidecar.core.identity import Identity
 from sidecar.core.money import to_atomic
 from sidecar.ledger import keyspace, settlement
@@ -108,7 +108,7 @@ async def assert_exactly_once(ledger: Ledger, public_key: str) -> dict[str, int]
         placed: Counter[str] = Counter()
         previous = "0-0"
         for seq, manifest in enumerate(await settlement.payer_batches(ledger, payer), start=1):
-            assert settlement.verify_manifest(manifest, public_key)
+            assert batches.verify_manifest(manifest, public_key)
             assert (manifest["payer"], manifest["seq"], manifest["previous"]) == (
                 payer,
                 seq,
@@ -141,8 +141,8 @@ def _leaf(payer: str, fields: dict[str, str], public_key: str) -> bytes:
     from sidecar.core.money import Asset
 
     gateway = _gateways[public_key]
-    receipt = settlement.signed_receipt(payer, fields, {"USDF": Asset("USDF", 6)}, gateway)
-    return settlement.leaf(receipt)
+    receipt = batches.signed_receipt(payer, fields, {"USDF": Asset("USDF", 6)}, gateway)
+    return batches.leaf(receipt)
 
 
 def leaves_root(leaves: list[bytes]) -> str:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from sidecar.core.batches import signed_receipt
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import (
     ChannelExists,
@@ -152,9 +153,7 @@ class Facilitator(pb_grpc.FacilitatorServicer):  # type: ignore[misc]
             entries = await self.ledger.receipt_page(payer, request.after, limit)
             receipts = []
             for stream_id, fields in entries:
-                signed = settlement.signed_receipt(
-                    payer, fields, self.payers.assets, self.gateway.identity
-                )
+                signed = signed_receipt(payer, fields, self.payers.assets, self.gateway.identity)
                 receipts.append(
                     pb.Receipt(
                         stream_id=stream_id,

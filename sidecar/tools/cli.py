@@ -351,7 +351,7 @@ def _check_key(public_key: str) -> None:
     checked_key(public_key)
 
 
-# -- settlement, evidence, channels (logic in settlement.py, evidence.py, channel.py) -----
+# -- settlement, evidence, channels (logic in ledger/ and core/: batches, bundles) --------
 
 
 @main.command()
@@ -494,7 +494,7 @@ def evidence_verify(bundle: str, key: str) -> None:
     import json
     from pathlib import Path
 
-    from sidecar.ledger import evidence as bundles
+    from sidecar.core import bundles
 
     text = Path(key).read_text() if Path(key).is_file() else key
     try:
