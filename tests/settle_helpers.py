@@ -36,16 +36,27 @@ class Run:
     err: str
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 async def x402(*args: str, env: dict[str, str] | None = None, limit: float = 60) -> Run:
     """Run the real CLI in its own process, as an operator would."""
+    return await python_module("sidecar.tools.cli", *args, env=env, limit=limit)
+
+
+async def python_module(
+    module: str, *args: str, env: dict[str, str] | None = None, limit: float = 60
+) -> Run:
+    """`python -m MODULE ARGS…` in its own process, from the repository's root."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sidecar.tools.cli",
+        module,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
+        cwd=ROOT,
     )
     out, err = await asyncio.wait_for(process.communicate(), limit)
     assert process.returncode is not None
@@ -90,8 +101,14 @@ async def payers_with_receipts(
     return made
 
 
-async def settle(stack: Stack, *args: str, env: dict[str, str] | None = None) -> Run:
-    return await x402("settle", "--config", str(stack.config_path), "--flush", *args, env=env)
+async def settle(stack: Stack, *args: str) -> Run:
+    return await x402("settle", "--config", str(stack.config_path), "--flush", *args)
+
+
+async def settle_crash(stack: Stack, step: str, *args: str) -> Run:
+    """A settle pass like `settle`'s that kills its process at `step` (tests/support)."""
+    config = str(stack.config_path)
+    return await python_module("tests.support.settle_crash", step, "--config", config, *args)
 
 
 async def assert_exactly_once(ledger: Ledger, public_key: str) -> dict[str, int]:

@@ -27,6 +27,7 @@ from tests.settle_helpers import (
     payers_with_receipts,
     remember_gateway,
     settle,
+    settle_crash,
 )
 
 
@@ -116,9 +117,7 @@ async def test_a_worker_killed_at_any_step_loses_nothing_and_doubles_nothing(
     await payers_with_receipts(sledger, sclient, sstack, [4, 9])
     before = await _committed(sledger)
 
-    crashed = await settle(
-        sstack, "--batch-size", "4", "--worker-id", "w-crashed", env={"X402_SETTLE_FAULT": step}
-    )
+    crashed = await settle_crash(sstack, step, "--batch-size", "4", "--worker-id", "w-crashed")
 
     assert crashed.code == -signal.SIGKILL, crashed.err
     after_crash = await _committed(sledger)

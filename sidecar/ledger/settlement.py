@@ -26,10 +26,9 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -47,16 +46,16 @@ from sidecar.ledger import keyspace, scripts
 from sidecar.ledger.accounts import Ledger, unavailable
 from sidecar.ledger.channels import Channels
 
-# Test hook: the worker SIGKILLs itself at this step, to prove a crash there is harmless.
-FAULT_ENV = "X402_SETTLE_FAULT"
+# A fault hook is called with each step's name as the worker passes it: the crash tests
+# pass one that kills the process at a chosen step, to prove a crash there is harmless.
+Fault = Callable[[str], None]
 FAULT_STEPS = ("after_claim", "mid_jsonl", "after_jsonl", "after_anchor", "after_commit")
 
 log = structlog.get_logger("sidecar.settlement")
 
 
-def _fault(step: str) -> None:
-    if os.environ.get(FAULT_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+def _no_fault(step: str) -> None:
+    pass
 
 
 # -- anchor sinks -----------------------------------------------------------------------
@@ -102,8 +101,9 @@ class JsonlSink:
 
     name = "jsonl"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], fault: Fault | None = None) -> None:
         self.path = Path(path)
+        self.fault = fault
         self._seen: set[str] = set()
         self._offset = 0  # bytes of the file already indexed in _seen
         self._inode = -1
@@ -130,11 +130,14 @@ class JsonlSink:
                 f.truncate(self._offset)
             if batch in self._seen:
                 return False
-            if os.environ.get(FAULT_ENV) == "mid_jsonl":
-                f.write(line[: len(line) // 2])
+            if self.fault is None:
+                f.write(line)
+            else:  # in two halves, so that a crash at "mid_jsonl" leaves a torn line
+                half = len(line) // 2
+                f.write(line[:half])
                 f.flush()
-                _fault("mid_jsonl")
-            f.write(line)
+                self.fault("mid_jsonl")
+                f.write(line[half:])
             f.flush()
             os.fsync(f.fileno())
             self._offset += len(line)
@@ -188,6 +191,7 @@ class Settler:
         assets: Mapping[str, Asset],
         sinks: Sequence[AnchorSink],
         options: Options | None = None,
+        fault: Fault | None = None,
     ) -> None:
         self.ledger = ledger
         self.redis = ledger.redis
@@ -195,6 +199,7 @@ class Settler:
         self.assets = dict(assets)
         self.sinks = list(sinks)
         self.options = options or Options()
+        self._fault = fault or _no_fault
         self._claim = self.redis.register_script(scripts.source("settle_claim"))
         self._commit = self.redis.register_script(scripts.source("settle_commit"))
         self.channels = Channels(ledger)
@@ -252,19 +257,19 @@ class Settler:
                 return
             _status, previous, first, last, seq, raw = result
             entries = [(stream_id, _pairs(values)) for stream_id, values in raw]
-            _fault("after_claim")
+            self._fault("after_claim")
             try:
                 batch = build_batch(payer, previous, int(seq), entries, self.assets, self.gateway)
                 for sink in self.sinks:
                     await sink.anchor(batch.manifest)
-                    _fault(f"after_{sink.name}")
+                    self._fault(f"after_{sink.name}")
             except (SettlementError, OSError) as exc:
                 # The claim stays; after its lease any worker retries this same batch.
                 log.error("settle.batch_failed", payer=payer, first=first, error=str(exc))
                 report.failed += 1
                 self._oldest(report, _ms(first))
                 return
-            _fault("after_anchor")
+            self._fault("after_anchor")
             committed: list[Any] = await self._commit(
                 keys=(keyspace.settlement(payer), keyspace.payer_batches(payer)),
                 args=(first, last, batch.id),
@@ -272,7 +277,7 @@ class Settler:
             if committed[0] != "ok":
                 report.stale += 1
                 continue
-            _fault("after_commit")
+            self._fault("after_commit")
             report.batches.append(batch.manifest)
             log.info(
                 "settle.batch",

@@ -30,18 +30,26 @@ def rate_limiter(settings: Settings, pipe: RedisPipe | ClusterPipe) -> RateLimit
 
 
 def anchor_sinks(
-    settings: Settings, ledger: Ledger, anchor_file: str | None = None
+    settings: Settings,
+    ledger: Ledger,
+    anchor_file: str | None = None,
+    fault: settlement.Fault | None = None,
 ) -> list[settlement.AnchorSink]:
     """The default sinks: the JSONL file (unless "") first, then Redis."""
     path = settings.anchor_file if anchor_file is None else anchor_file
-    sinks: list[settlement.AnchorSink] = [settlement.JsonlSink(path)] if path else []
+    sinks: list[settlement.AnchorSink] = [settlement.JsonlSink(path, fault)] if path else []
     return [*sinks, settlement.RedisSink(ledger)]
 
 
 def settler(
-    settings: Settings, ledger: Ledger, gateway: Identity, **overrides: Any
+    settings: Settings,
+    ledger: Ledger,
+    gateway: Identity,
+    fault: settlement.Fault | None = None,
+    **overrides: Any,
 ) -> settlement.Settler:
-    """A settle worker configured like the sidecar; `overrides` replace Options fields."""
+    """A settle worker configured like the sidecar; `overrides` replace Options fields;
+    `fault` is the crash tests' hook (settlement.Fault)."""
     options = settlement.Options(
         batch_size=settings.settle_batch_size,
         max_age=float(settings.settle_max_age_seconds),
@@ -49,8 +57,8 @@ def settler(
     )
     anchor_file = overrides.pop("anchor_file", None)
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
-    sinks = anchor_sinks(settings, ledger, anchor_file)
-    return settlement.Settler(ledger, gateway, settings.asset_table(), sinks, options)
+    sinks = anchor_sinks(settings, ledger, anchor_file, fault)
+    return settlement.Settler(ledger, gateway, settings.asset_table(), sinks, options, fault)
 
 
 def payers(settings: Settings, ledger: Ledger, payee: str | None = None) -> Payers:
