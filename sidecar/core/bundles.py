@@ -16,19 +16,63 @@ receipt cannot be altered, added or dropped, nor a manifest forged, without
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.core import merkle, vouchers
 from sidecar.core.batches import leaf, verify_manifest
 from sidecar.core.errors import AmountError
-from sidecar.core.identity import b64url_decode, key_id, verify, verify_key
+from sidecar.core.identity import Identity, b64url_decode, key_id, verify, verify_key
 from sidecar.core.money import to_atomic
-from sidecar.core.protocol import canonical_json, verify_receipt
+from sidecar.core.protocol import VERSION, canonical_json, verify_receipt
 
 FORMAT = "fth-x402/2.0 evidence"
 STATEMENT_DOMAIN = b"fth-x402/2.0 evidence\n"
+
+
+def entries(
+    batch_id: str,
+    receipts: Sequence[Mapping[str, Any]],
+    tree: merkle.MerkleTree,
+    chosen: Callable[[Mapping[str, Any]], bool],
+) -> list[dict[str, Any]]:
+    """The chosen receipts of one batch (its leaves, in order), each with its proof."""
+    return [
+        {
+            "receipt": receipt,
+            "batch_id": batch_id,
+            "proof": {
+                "index": index,
+                "size": tree.size,
+                "path": [node.hex() for node in tree.proof(index)],
+            },
+        }
+        for index, receipt in enumerate(receipts)
+        if chosen(receipt)
+    ]
+
+
+def bundle(
+    manifests: list[dict[str, Any]],
+    items: list[dict[str, Any]],
+    query: Mapping[str, Any],
+    created_at: int,
+    gateway: Identity,
+) -> dict[str, Any]:
+    """The bundle of these manifests and receipt entries, with the signed statement that
+    lists them (so none can be dropped or added unnoticed)."""
+    statement = {
+        "version": VERSION,
+        "type": "evidence-export",
+        "query": dict(query),
+        "created_at": created_at,
+        "receipts": [item["receipt"]["receipt_id"] for item in items],
+        "batches": [m["batch_id"] for m in manifests],
+        "kid": gateway.kid,
+    }
+    signed = {**statement, "signature": gateway.sign(STATEMENT_DOMAIN + canonical_json(statement))}
+    return {"format": FORMAT, "statement": signed, "batches": manifests, "receipts": items}
 
 
 @dataclass

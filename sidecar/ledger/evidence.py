@@ -12,13 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sidecar.core import merkle
+from sidecar.core import bundles, merkle
 from sidecar.core.batches import leaf, signed_receipt
-from sidecar.core.bundles import FORMAT, STATEMENT_DOMAIN
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity
 from sidecar.core.money import Asset
-from sidecar.core.protocol import VERSION, canonical_json
 from sidecar.ledger import keyspace, settlement
 from sidecar.ledger.accounts import Ledger
 
@@ -74,17 +72,7 @@ async def export(
         for _id, fields in pending:
             receipt = {"receipt_id": fields.get("receipt_id"), "issued_at": fields["issued_at"]}
             unsettled += query.matches(receipt)
-    statement = {
-        "version": VERSION,
-        "type": "evidence-export",
-        "query": query.describe(),
-        "created_at": int(time.time()),
-        "receipts": [item["receipt"]["receipt_id"] for item in items],
-        "batches": [m["batch_id"] for m in batches],
-        "kid": gateway.kid,
-    }
-    signed = {**statement, "signature": gateway.sign(STATEMENT_DOMAIN + canonical_json(statement))}
-    bundle = {"format": FORMAT, "statement": signed, "batches": batches, "receipts": items}
+    bundle = bundles.bundle(batches, items, query.describe(), int(time.time()), gateway)
     return Export(bundle, unsettled)
 
 
@@ -112,16 +100,4 @@ async def _batch_items(
             f"batch {manifest['batch_id']}: the ledger's receipts do not rebuild its "
             "Merkle root (receipts trimmed or altered, or another gateway key)"
         )
-    return [
-        {
-            "receipt": receipt,
-            "batch_id": manifest["batch_id"],
-            "proof": {
-                "index": index,
-                "size": tree.size,
-                "path": [node.hex() for node in tree.proof(index)],
-            },
-        }
-        for index, receipt in enumerate(receipts)
-        if query.matches(receipt)
-    ]
+    return bundles.entries(str(manifest["batch_id"]), receipts, tree, query.matches)
