@@ -22,13 +22,10 @@ from sidecar.server import admin_pb2 as pb
 from sidecar.server import admin_pb2_grpc as pb_grpc
 from sidecar.server.config import Settings
 from sidecar.tools.stack import Stack, free_port
-from tests.settle_helpers import (
-    ADMIN_TOKEN,
-    admin_stack,  # noqa: F401 - the session fixture
-    paid_requests,
-    settle,
-    x402,
-)
+from tests.support.cli import x402
+from tests.support.payers import paid_requests
+from tests.support.settlement import settle
+from tests.support.stacks import ADMIN_TOKEN
 
 AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 METHODS = {
@@ -46,7 +43,7 @@ METHODS = {
 
 
 @pytest.fixture
-async def stub(admin_stack: Stack) -> AsyncIterator[Any]:  # noqa: F811
+async def stub(admin_stack: Stack) -> AsyncIterator[Any]:
     address = f"127.0.0.1:{admin_stack.ports['admin_api']}"
     async with grpc.aio.insecure_channel(address) as channel:
         yield pb_grpc.FacilitatorStub(channel)
@@ -76,7 +73,7 @@ async def test_every_call_without_the_token_is_unauthenticated(
 
 async def test_payers_credits_receipts_channels_and_batches(
     stub: Any,
-    admin_stack: Stack,  # noqa: F811
+    admin_stack: Stack,
 ) -> None:
     wallet = Identity.generate()
     payer = wallet.public_key
@@ -160,7 +157,7 @@ async def test_bad_calls_get_the_right_status(
     assert failed.value.code() == code
 
 
-async def test_the_cli_payer_commands_use_the_admin_api(admin_stack: Stack) -> None:  # noqa: F811
+async def test_the_cli_payer_commands_use_the_admin_api(admin_stack: Stack) -> None:
     payer = Identity.generate().public_key
     run = await x402("payer", "register", payer, *admin_args(admin_stack))
     assert (run.code, run.out) == (0, "registered\n"), run.err

@@ -25,8 +25,9 @@ from sidecar.server.authz import Authorization
 from sidecar.server.config import Settings
 from sidecar.server.logs import DecisionLog
 from sidecar.tools.stack import Stack
-from tests.conftest import funded_payer
-from tests.settle_helpers import b64json, settle, x402
+from tests.support.cli import x402
+from tests.support.payers import b64json, funded_payer, voucher_header
+from tests.support.settlement import settle
 
 VERIFY = "/api/v1/trade/verify/T-{n}"  # 0.01 USDF
 USDF = 1_000_000
@@ -57,11 +58,6 @@ async def open_fast(ledger: Ledger, stack: Stack, payer: str, deposit: int) -> s
         payer, "USDF", deposit, stack.gateway_identity.kid
     )
     return channel_id
-
-
-def voucher_header(stack: Stack, wallet: Identity, **terms: Any) -> dict[str, str]:
-    fields = {"asset": "USDF", "payee": stack.gateway_identity.kid, **terms}
-    return {"X-Payment": protocol.encode_header(vouchers.sign_voucher(fields, wallet))}
 
 
 async def expect(response: httpx.Response, status: int, reason: str) -> dict[str, Any]:

@@ -26,9 +26,10 @@ from sidecar.ledger.channels import Channels
 from sidecar.ledger.cluster import ClusterPipe, parse_cluster_url, slot_of
 from sidecar.ledger.rate_limit import Rate, RateLimiter
 from sidecar.tools.stack import LOOPBACK, Stack
-from tests.conftest import ENVOY_ROUTES, ROUTES, funded_payer, pay_direct
-from tests.settle_helpers import assert_exactly_once, paid_requests, remember_gateway, settle
-from tests.test_conservation import run_and_check
+from tests.support.conservation import run_and_check
+from tests.support.payers import funded_payer, paid_requests, pay_direct
+from tests.support.routes import ENVOY_ROUTES, ROUTES
+from tests.support.settlement import assert_exactly_once, remember_gateway, settle
 
 MASTERS = 3
 VERIFY = "/api/v1/trade/verify/T-{n}"  # 0.01 USDF

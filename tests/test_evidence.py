@@ -17,7 +17,9 @@ from sidecar.core.identity import Identity
 from sidecar.core.protocol import canonical_json
 from sidecar.ledger.accounts import Ledger
 from sidecar.tools.stack import Stack
-from tests.settle_helpers import payers_with_receipts, settle, x402
+from tests.support.cli import x402
+from tests.support.payers import payers_with_receipts
+from tests.support.settlement import settle
 
 
 @dataclass

@@ -23,7 +23,8 @@ import redis.asyncio as aioredis
 from sidecar.core.identity import Identity
 from sidecar.ledger.accounts import Ledger
 from sidecar.tools.stack import Stack
-from tests.conftest import ROUTES, funded_payer, pay_direct
+from tests.support.payers import funded_payer, pay_direct
+from tests.support.routes import ROUTES
 
 VERIFY = "/api/v1/trade/verify/T-7"
 PRICE = 10_000  # 0.01 USDF

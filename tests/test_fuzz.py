@@ -26,7 +26,7 @@ from sidecar.core.identity import Identity
 from sidecar.server.authz import Authorization
 from sidecar.server.logs import DecisionLog
 from sidecar.tools.stack import Stack
-from tests.inprocess import Outcome, check, check_request, servicer_for
+from tests.support.inprocess import Outcome, check, check_request, servicer_for
 
 TYPED = set(BY_REASON) - {"internal_error"}
 ATLAS = "/api/v1/agent/pay-api/atlas"

@@ -19,12 +19,12 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.server.admin import start_facilities
 from sidecar.server.config import Settings
 from sidecar.tools.stack import Stack
-from tests.conftest import ENVOY_ROUTES, ROUTES
-from tests.settle_helpers import (
+from tests.support.payers import payers_with_receipts
+from tests.support.routes import ENVOY_ROUTES, ROUTES
+from tests.support.settlement import (
     assert_exactly_once,
     jsonl_manifests,
     leaves_root,
-    payers_with_receipts,
     remember_gateway,
     settle,
     settle_crash,

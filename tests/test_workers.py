@@ -17,7 +17,8 @@ import redis.asyncio as aioredis
 
 from sidecar.ledger.accounts import Ledger
 from sidecar.tools.stack import Stack
-from tests.conftest import ROUTES, funded_payer, pay_direct
+from tests.support.payers import funded_payer, pay_direct
+from tests.support.routes import ROUTES
 
 VERIFY = "/api/v1/trade/verify/T-1"
 PRICE = 10_000

@@ -1,6 +1,7 @@
 """The house by audience: core < agent, ledger < server < tools; imports point down only.
 
-docs/architecture.md draws the same picture; this test keeps it true.
+docs/architecture.md draws the same picture; this test keeps it true. The tests have a
+house too: shared helpers in tests/support, fixtures alone in conftest.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "sidecar"
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "sidecar"
+TESTS = ROOT / "tests"
 # What each package may import from the others (and itself).
 ALLOWED = {
     "core": {"core"},
@@ -27,17 +30,24 @@ SERVER_ONLY = ("grpc", "redis", "hiredis", "envoy", "prometheus_client", "struct
 
 def sidecar_imports(path: Path) -> list[tuple[int, str]]:
     """(line, module) of every `sidecar.…` import in a file, lazy ones included."""
+    return [(line, m) for line, m in imports(path) if m.startswith("sidecar.")]
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in a file, lazy ones included; `from a import b`
+    counts as `a.b` when `a` is a package of ours, a relative import keeps its dots."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            modules = [node.module]
-            if node.module == "sidecar":
-                modules = [f"sidecar.{alias.name}" for alias in node.names]
+        if isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            modules = [module]
+            if module in ("sidecar", "tests"):
+                modules = [f"{module}.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.Import):
             modules = [alias.name for alias in node.names]
         else:
             continue
-        found += [(node.lineno, m) for m in modules if m.startswith("sidecar.")]
+        found += [(node.lineno, m) for m in modules]
     return found
 
 
@@ -80,3 +90,48 @@ def test_the_sdk_loads_none_of_the_gateways_dependencies() -> None:
     ).stdout.split()
     assert "nacl" in loaded and "httpx" in loaded
     assert [name for name in SERVER_ONLY if name in loaded] == []
+
+
+def shared(module: str) -> bool:
+    """Whether a test may import `module`: anything but conftest, a test module or a
+    relative import (tests/support is the one shared place)."""
+    if module.startswith(".") or module.split(".")[-1] == "conftest":
+        return False
+    return module.split(".")[0] != "tests" or module.split(".")[:2] == ["tests", "support"]
+
+
+def test_no_test_imports_conftest_or_another_test_module() -> None:
+    """Helpers live in tests/support: a test module imported by another would run its
+    tests twice over and tie the two together; conftest is pytest's, not a library."""
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in sorted(TESTS.rglob("*.py"))
+        for line, module in imports(path)
+        if not shared(module)
+    ]
+    assert bad == []
+
+
+def test_conftest_defines_only_fixtures_and_hooks() -> None:
+    tree = ast.parse((TESTS / "conftest.py").read_text(encoding="utf-8"))
+    others = [
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        and not node.name.startswith("pytest_")
+        and not any("fixture" in ast.unparse(d) for d in node.decorator_list)
+    ]
+    assert others == []
+    assert not [n for n in tree.body if isinstance(n, ast.Assign | ast.AnnAssign)]
+
+
+def test_the_test_house_check_sees_a_test_importing_a_test(tmp_path: Path) -> None:
+    module = tmp_path / "test_bad.py"
+    module.write_text(
+        "from tests.conftest import ROUTES\nfrom tests import test_channels\n"
+        "from .test_x import y\nfrom tests.support.routes import ROUTES\n"
+    )
+    found = [m for _line, m in imports(module)]
+    assert found == ["tests.conftest", "tests.test_channels", ".test_x", "tests.support.routes"]
+    assert [shared(m) for m in found] == [False, False, False, True]
+    assert not shared("conftest") and not shared("tests.unit.test_money")
