@@ -49,16 +49,8 @@ class Workload:
         self.books = Books()
 
     def proof(self, payer: Identity, path: str, amount: str, ttl: int) -> dict[str, str]:
-        terms = {
-            "version": protocol.VERSION,
-            "scheme": protocol.SCHEME,
-            "nonce": protocol.new_nonce(),
-            "resource": f"GET {path}",
-            "asset": "USDF",
-            "amount": amount,
-            "payee": self.stack.gateway_identity.kid,
-            "expires_at": int(time.time()) + ttl,
-        }
+        payee, expires_at = self.stack.gateway_identity.kid, int(time.time()) + ttl
+        terms = protocol.direct_terms(f"GET {path}", "USDF", amount, payee, expires_at)
         return {"x-payment": protocol.encode_header(protocol.sign_proof(terms, payer))}
 
     async def credit(self) -> None:

@@ -36,18 +36,9 @@ def pay_invoice(challenge: httpx.Response, wallet: Identity, **tamper: Any) -> d
 def direct_terms(
     stack: Stack, resource: str, amount: str, ttl: int = 60, **fields: Any
 ) -> dict[str, Any]:
-    """Terms of a direct (no challenge) payment."""
-    return {
-        "version": protocol.VERSION,
-        "scheme": protocol.SCHEME,
-        "nonce": protocol.new_nonce(),
-        "resource": resource,
-        "asset": "USDF",
-        "amount": amount,
-        "payee": stack.gateway_identity.kid,
-        "expires_at": int(time.time()) + ttl,
-        **fields,
-    }
+    """Terms of a direct (no challenge) payment to `stack`, with `fields` changed."""
+    payee, expires_at = stack.gateway_identity.kid, int(time.time()) + ttl
+    return {**protocol.direct_terms(resource, "USDF", amount, payee, expires_at), **fields}
 
 
 def pay_direct(
