@@ -4,7 +4,6 @@ gRPC to the real sidecar (and its CLI with --admin); mutual TLS in process."""
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,8 +13,7 @@ import grpc
 import httpx
 import pytest
 
-from sidecar.core.errors import ConfigError
-from sidecar.core.identity import Identity, read_secret
+from sidecar.core.identity import Identity
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import admin
 from sidecar.server import admin_pb2 as pb
@@ -257,14 +255,3 @@ async def test_mutual_tls_without_a_token(stack: Stack, tmp_path: Path) -> None:
     finally:
         await server.stop(None)
         await ledger.close()
-
-
-def test_token_files_must_hold_a_real_secret(tmp_path: Path) -> None:
-    short = tmp_path / "short.token"
-    short.write_text("abc\n")
-    with pytest.raises(ConfigError, match="admin_token_file: the secret must be at least 16"):
-        read_secret(str(short), "config admin_token_file", admin.MIN_TOKEN_BYTES)
-    good = tmp_path / "good.token"
-    secret = secrets.token_urlsafe(24)
-    good.write_text(secret + "\n")
-    assert read_secret(str(good), "admin_token_file", admin.MIN_TOKEN_BYTES) == secret.encode()
