@@ -27,6 +27,15 @@ async def funded_payer(ledger: Ledger, amount: int, asset: str = "USDF") -> Iden
     return wallet
 
 
+async def funded_payer_at(redis_url: str, amount: int, asset: str = "USDF") -> Identity:
+    """funded_payer through a ledger client of its own (for a Redis no fixture holds)."""
+    ledger = Ledger.from_url(redis_url)
+    try:
+        return await funded_payer(ledger, amount, asset)
+    finally:
+        await ledger.close()
+
+
 def pay_invoice(challenge: httpx.Response, wallet: Identity, **tamper: Any) -> dict[str, str]:
     """Sign the invoice of a 402 (optionally with fields changed first) → request headers."""
     terms = {**challenge.json()["x402"], **tamper}

@@ -1,5 +1,5 @@
-{{/* Envoy's config: the same shape as sidecar/envoy_config.py render(), written as a
-     template (tests/test_helm.py compares the two). Every container of the pod shares
+{{/* Envoy's config: the same shape as sidecar/tools/envoy_config.py render(), written as a
+     template (tests/helm/test_parity.py compares the two). Every container of the pod shares
      one network namespace, so Envoy reaches the sidecar and the service on 127.0.0.1. */}}
 
 {{- define "x402.envoyCluster" -}}
