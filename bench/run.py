@@ -334,7 +334,9 @@ def main() -> None:
             return {n: stack.processes[n].popen.pid for n in names if n in stack.processes}
 
         def wrk_phase(name: str, url: str, paid: bool = False) -> dict[str, Any]:
-            script, warm_args, run_args = "plain.lua", (), ()
+            warm_args: tuple[str, ...] = ()
+            run_args: tuple[str, ...] = ()
+            script = "plain.lua"
             if paid:  # fresh proofs: warm-up and measured run each have their own
                 script, warm_args, run_args = "paid.lua", (warm,), (proofs,)
             if args.warmup:

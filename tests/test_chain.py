@@ -21,6 +21,7 @@ import httpx
 import pytest
 from eth_account import Account
 from x402 import x402ClientSync
+from x402.client_base import SpendControlAsset
 from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo
@@ -110,7 +111,11 @@ def pay(chain: Chain, offer: PaymentRequirements) -> PaymentPayload:
     signer = EthAccountSigner(Account.from_key(payer_of(chain).key))
     register_exact_evm_client(client, signer, networks=chain.network)
     # By default the client pays only assets it knows (mainnet USDC and the like) up to $1.
-    cap = {"network": chain.network, "asset": chain.token, "max_amount_per_payment": str(PRICE)}
+    cap: SpendControlAsset = {
+        "network": chain.network,
+        "asset": chain.token,
+        "max_amount_per_payment": str(PRICE),
+    }
     client.set_spend_controls({"allowed_assets": [cap]})
     challenge = PaymentRequired(
         accepts=[offer], resource=ResourceInfo(url="http://api.test/paid", description="paid")
@@ -159,7 +164,7 @@ def test_the_chain_carries_usdc_as_circle_deploys_it(chain: Chain) -> None:
     assert chain.balance_of(payer_of(chain).address) >= PRICE
     assert len(chain.w3.eth.get_code(MULTICALL3_ADDRESS)) > 0
     # The implementation sits behind Circle's proxy, whose admin is not the token's owner.
-    slot = "0x10d6a54a4754c8869d6886b5f5d7fbfa5b4522237ea5c60d11bc4e7a1ff9390b"  # zos admin
+    slot = 0x10D6A54A4754C8869D6886B5F5D7FBFA5B4522237EA5C60D11BC4E7A1FF9390B  # zos admin
     admin = chain.w3.eth.get_storage_at(chain.token, slot)
     assert admin[-20:] == bytes.fromhex(chain.deployer.address[2:])
 

@@ -18,10 +18,10 @@ from sidecar.server.authz import Authorization
 from sidecar.server.config import Settings
 from sidecar.tools.stack import Stack, free_port
 from tests.support.payers import funded_payer, pay_direct
+from tests.support.routes import VERIFY
 from tests.support.settlement import settle
 
 ATLAS = "/api/v1/agent/pay-api/atlas"
-VERIFY = "/api/v1/trade/verify/T-{n}"
 
 
 def scrape(stack: Stack) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -19,6 +19,7 @@ from sidecar.ledger.accounts import ACTIVE, SUSPENDED, Ledger
 from sidecar.server.authz import Authorization
 from sidecar.tools.stack import Stack
 from tests.support.inprocess import check, check_request, servicer_for
+from tests.support.streams import xrange
 
 PAYERS = 24
 BATCH = 16  # operations in flight at once
@@ -149,7 +150,7 @@ async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
             assert sum(books.receipts[i][1] for i in ids) == debited
             # balances recorded after each debit: never below zero at any point
             assert all(int(entry["balance"]) >= 0 for entry in stream)
-            credits = await ledger.redis.xrange(f"x402:{{{payer}}}:credits", count=10**6)
+            credits = await xrange(ledger.redis, f"x402:{{{payer}}}:credits", count=10**6)
             assert sum(int(fields["amount"]) for _id, fields in credits) == credited
             totals.update(credited=credited, balance=balance, debited=debited)
         assert totals["credited"] == totals["balance"] + totals["debited"]

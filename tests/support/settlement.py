@@ -14,8 +14,7 @@ from sidecar.ledger import keyspace, settlement
 from sidecar.ledger.accounts import Ledger
 from sidecar.tools.stack import Stack
 from tests.support.cli import Run, python_module, x402
-
-Entries = list[tuple[str, dict[str, str]]]
+from tests.support.streams import xrange
 
 
 async def settle(stack: Stack, *args: str) -> Run:
@@ -34,7 +33,7 @@ async def assert_exactly_once(ledger: Ledger, public_key: str) -> dict[str, int]
     redis = ledger.redis
     per_payer = {}
     async for payer in redis.sscan_iter(keyspace.PAYERS):
-        entries = cast(Entries, await redis.xrange(keyspace.receipts(payer)))
+        entries = await xrange(redis, keyspace.receipts(payer))
         stream_ids = [stream_id for stream_id, _fields in entries]
         fields_of = dict(entries)
         state = cast(dict[str, str], await redis.hgetall(keyspace.settlement(payer)))
@@ -48,9 +47,8 @@ async def assert_exactly_once(ledger: Ledger, public_key: str) -> dict[str, int]
                 seq,
                 previous,
             )
-            members = cast(
-                Entries,
-                await redis.xrange(keyspace.receipts(payer), manifest["first"], manifest["last"]),
+            members = await xrange(
+                redis, keyspace.receipts(payer), manifest["first"], manifest["last"]
             )
             assert len(members) == manifest["count"]
             placed.update(stream_id for stream_id, _f in members)

@@ -46,7 +46,7 @@ def test_guard_amounts_are_decimal_strings_never_floats() -> None:
     with pytest.raises(AmountError, match="budget"):
         Wallet.generate(budget="-1")
     with pytest.raises(AmountError):
-        Wallet.generate(max_amount=0.5)  # type: ignore[arg-type]
+        Wallet.generate(max_amount=0.5)
 
 
 @pytest.mark.parametrize(
