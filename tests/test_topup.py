@@ -322,3 +322,14 @@ async def test_a_lost_settle_answer_is_resolved_on_chain_and_credited_once(
             assert (again.status_code, again.json()["error"]) == (402, "nonce_reused")
             assert await lossy.balance(key) == 4 * USDC
             assert onchain(chain, payer.address) == (before[0] - 4 * USDC, before[1] + 4 * USDC)
+
+            # A paid request whose settle answer is lost the same way is served once the
+            # chain shows the transfer, and its receipt names the transaction found there.
+            before = onchain(chain, payer.address)
+            async with x402HttpxClient(official_client(chain, payer, 1_000), timeout=60) as c:
+                paid = await c.get(lossy.url + CHEAP)
+            assert paid.status_code == 200, paid.text
+            settled = decode_payment_response_header(paid.headers["payment-response"])
+            assert settled.success and settled.transaction.startswith("0x")
+            assert chain.w3.eth.get_transaction_receipt(settled.transaction)["status"] == 1  # type: ignore[arg-type]
+            assert onchain(chain, payer.address) == (before[0] - 1_000, before[1] + 1_000)
