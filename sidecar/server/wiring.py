@@ -9,11 +9,14 @@ from typing import Any
 from sidecar.core.identity import Identity
 from sidecar.ledger import settlement
 from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.authorizations import Authorizations
 from sidecar.ledger.cluster import ClusterPipe
 from sidecar.ledger.payers import Payers
 from sidecar.ledger.pipe import RedisPipe
 from sidecar.ledger.rate_limit import RateLimiter, rate
 from sidecar.server.config import Settings
+from sidecar.server.facilitation import Chain, Facilitator
+from sidecar.server.schemes import Settler
 
 
 def ledger(settings: Settings) -> Ledger:
@@ -64,3 +67,17 @@ def settler(
 def payers(settings: Settings, ledger: Ledger, payee: str | None = None) -> Payers:
     """The operator's payer service; `payee` (the gateway's key id) is needed for channels."""
     return Payers(ledger, settings.asset_table(), settings.default_asset, payee)
+
+
+def exact_settler(settings: Settings, ledger: Ledger) -> Settler | None:
+    """The facilitator, the chain reader and the reservations of the `exact` scheme; None
+    when no on-chain asset is configured."""
+    if not settings.onchain:
+        return None
+    facilitator = Facilitator(
+        settings.facilitator_url,
+        settings.facilitator_verify_timeout_ms / 1000,
+        settings.facilitator_settle_timeout_ms / 1000,
+    )
+    chain = Chain(settings.chain_rpc_url) if settings.chain_rpc_url else None
+    return Settler(Authorizations(ledger), facilitator, chain)

@@ -12,7 +12,7 @@ import yaml
 
 from sidecar.core.money import to_atomic
 from sidecar.server.config import Edge, Settings
-from sidecar.tools.envoy_config import Endpoints, render
+from sidecar.tools.envoy_config import Endpoints, render, timeouts
 from sidecar.tools.stack import LOOPBACK
 from tests.support.charts import (
     CHART,
@@ -36,6 +36,10 @@ def test_envoy_config_has_the_shape_of_the_python_renderer(rendered: Rendered) -
         sideport=(LOOPBACK, v["sidecar"]["httpPort"]),
         authz_timeout=v["envoy"]["authzTimeout"],
     )
+    if v["exact"]["onchain"]:  # the renderer's timeouts for this sidecar config, as the CLI
+        authz, topup = timeouts(Settings.from_mapping(rendered.sidecar_config, env={}))
+        assert topup, "the exact values turn top-ups on"
+        endpoints = dataclasses.replace(endpoints, authz_timeout=authz, topup_timeout=topup)
     edge = Edge(**{snake_case(key): value for key, value in v["envoy"]["edge"].items()})
     expected = render(ordered_routes(v["routes"]), v["defaultAsset"], endpoints, edge)
     assert rendered.envoy_config == expected

@@ -24,6 +24,7 @@ VALUES: dict[str, Path | None] = {
     "external-redis": CHART / "ci" / "external-redis-values.yaml",
     "internal-redis": CHART / "ci" / "internal-redis-values.yaml",
     "many-routes": CHART / "ci" / "many-routes-values.yaml",
+    "exact": CHART / "ci" / "exact-values.yaml",
 }
 RELEASE, NAMESPACE = "pay", "payments"
 FULLNAME = "pay-x402-sidecar"
