@@ -12,6 +12,7 @@ no Redis, no Envoy. It imports only `sidecar.core`.
 
 from sidecar.agent.auth import Discovery, Receipt, X402Auth, receipt_of
 from sidecar.agent.channel import ChannelAuth, PaymentChannel
+from sidecar.agent.evm import EvmKey
 from sidecar.agent.wallet import Wallet
 from sidecar.core.errors import (
     AssetNotAllowed,
@@ -30,6 +31,7 @@ __all__ = [
     "ChannelAuth",
     "ChannelExhausted",
     "Discovery",
+    "EvmKey",
     "GuardRefused",
     "Identity",
     "InvalidReceipt",

@@ -87,17 +87,30 @@ def serve(config_path: str | None, workers: int | None) -> None:
     required=True,
     help="Where to write the private key (mode 0600; never overwritten).",
 )
-def keygen(out: str) -> None:
-    """Create an Ed25519 key: a gateway signing key or an agent wallet."""
-    identity = Identity.generate()
+@click.option(
+    "--evm",
+    is_flag=True,
+    help="An EVM (secp256k1) key instead: an agent's key for x402 `exact` and top-ups.",
+)
+def keygen(out: str, evm: bool) -> None:
+    """Create an Ed25519 key (a gateway signing key or an agent wallet), or an EVM key."""
+    from sidecar.agent.evm import EvmKey
+
+    key = EvmKey.generate() if evm else Identity.generate()
+    # Before writing: an EVM address needs the `evm` extra (ConfigError without it).
+    shown = (
+        [f"address: {key.address}"]
+        if isinstance(key, EvmKey)
+        else [f"public key: {key.public_key}", f"key id:     {key.kid}"]
+    )
     try:
-        identity.save(out)
+        key.save(out)
     except FileExistsError:
         raise X402Error(f"{out} exists; refusing to overwrite a key") from None
     except OSError as exc:
         raise X402Error(f"cannot write {out}: {exc.strerror}") from None
-    click.echo(f"public key: {identity.public_key}")
-    click.echo(f"key id:     {identity.kid}")
+    for line in shown:
+        click.echo(line)
 
 
 @main.command("secret")
