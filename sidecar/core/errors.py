@@ -119,6 +119,27 @@ class LedgerUnavailable(PaymentError):
     status = 503
 
 
+class FacilitatorUnavailable(PaymentError):
+    """The `exact` scheme's facilitator is down, too slow or answered 5xx: nothing was
+    settled (or a top-up's settle outcome could not be resolved yet); retry shortly."""
+
+    reason = "facilitator_unavailable"
+    status = 503
+
+
+class InvalidPayment(PaymentError):
+    """The facilitator found an `exact` authorization invalid (`isValid: false`); the body
+    carries its reason as `facilitator_reason`, and a fresh challenge."""
+
+    reason = "invalid_payment"
+
+
+class SettlementFailed(PaymentError):
+    """An `exact` settlement failed on chain: nothing forwarded, nothing credited."""
+
+    reason = "settlement_failed"
+
+
 class BadRequest(PaymentError):
     """A request the gateway refuses before pricing: a non-canonical method, or an odd
     spelling of a priced path that a framework could route to the priced handler."""
@@ -174,6 +195,9 @@ BY_REASON: dict[str, type[PaymentError]] = {
         UnderpaidVoucher,
         RateLimited,
         LedgerUnavailable,
+        FacilitatorUnavailable,
+        InvalidPayment,
+        SettlementFailed,
         BadRequest,
         UnknownRoute,
         InternalError,

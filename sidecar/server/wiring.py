@@ -9,10 +9,13 @@ from typing import Any
 from sidecar.core.identity import Identity
 from sidecar.ledger import settlement
 from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.authorizations import Authorizations
 from sidecar.ledger.cluster import ClusterPipe
 from sidecar.ledger.pipe import RedisPipe
 from sidecar.ledger.rate_limit import RateLimiter, rate
 from sidecar.server.config import Settings
+from sidecar.server.facilitation import Chain, Facilitator
+from sidecar.server.schemes import Settler
 
 
 def ledger(settings: Settings) -> Ledger:
@@ -50,3 +53,17 @@ def settler(
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
     sinks = anchor_sinks(settings, ledger, anchor_file)
     return settlement.Settler(ledger, gateway, settings.asset_table(), sinks, options)
+
+
+def exact_settler(settings: Settings, ledger: Ledger) -> Settler | None:
+    """The facilitator, the chain reader and the reservations of the `exact` scheme; None
+    when no on-chain asset is configured."""
+    if not settings.onchain:
+        return None
+    facilitator = Facilitator(
+        settings.facilitator_url,
+        settings.facilitator_verify_timeout_ms / 1000,
+        settings.facilitator_settle_timeout_ms / 1000,
+    )
+    chain = Chain(settings.chain_rpc_url) if settings.chain_rpc_url else None
+    return Settler(Authorizations(ledger), facilitator, chain)

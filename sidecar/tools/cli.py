@@ -137,15 +137,18 @@ def envoy_config(config_path: str | None, listen: str, service: str) -> None:
     """Print an Envoy config that routes through the sidecar, prices from the config."""
     from sidecar.server.config import Settings
     from sidecar.server.supervisor import split_host_port
-    from sidecar.tools.envoy_config import Endpoints, render_yaml
+    from sidecar.tools.envoy_config import Endpoints, render_yaml, timeouts
 
     settings = Settings.load(config_path)
+    authz_timeout, topup_timeout = timeouts(settings)
     endpoints = Endpoints(
         listen=split_host_port(listen, "--listen"),
         service=split_host_port(service, "--service"),
         authz=split_host_port(settings.listen_grpc, "listen_grpc"),
         authz_workers=settings.workers,
         sideport=split_host_port(settings.listen_http, "listen_http"),
+        authz_timeout=authz_timeout,
+        topup_timeout=topup_timeout,
     )
     click.echo(
         render_yaml(settings.routes, settings.default_asset, endpoints, settings.edge_config()),

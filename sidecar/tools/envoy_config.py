@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from sidecar.core.pricing import ANY_METHOD, EXT_ASSET, EXT_DESCRIPTION, EXT_PRICE, EXT_ROUTE
-from sidecar.server.config import Edge
+from sidecar.server.config import TOPUP_PATH, Edge, Settings
 from sidecar.server.responses import DENIAL_METADATA_KEY
 
 _TYPES = "type.googleapis.com/envoy.extensions"
@@ -44,6 +44,36 @@ class Endpoints:
     authz_workers: int = 1
     sideport: tuple[str, int] = ("127.0.0.1", 9000)  # sidecar HTTP
     authz_timeout: str = "1s"  # above the sidecar's ledger timeout, so it answers first
+    # The self-serve top-up route (POST /x402/topup → the side port, no ext_authz) and how
+    # long Envoy waits for it: "" renders no such route.
+    topup_timeout: str = ""
+
+
+def timeouts(settings: Settings) -> tuple[str, str]:
+    """Envoy's ext_authz timeout and the top-up route's for a sidecar config: above
+    everything the sidecar may wait for, so the sidecar always answers first. With the
+    `exact` scheme a check waits for the facilitator's /verify and /settle (a real chain's
+    settle: seconds), plus its two ledger steps and a chain lookup after a lost answer."""
+    redis_ms = settings.redis_timeout_ms
+    authz_ms = max(1000, redis_ms + 500)
+    if settings.onchain:
+        authz_ms = max(
+            authz_ms,
+            settings.facilitator_verify_timeout_ms
+            + settings.facilitator_settle_timeout_ms
+            + 3 * redis_ms
+            + 1000,
+        )
+    topup = ""
+    if settings.onchain and settings.exact_terms() is not None:
+        terms = settings.exact_terms()
+        if terms is not None and terms.topup:
+            topup = _duration_ms(authz_ms + 5000)  # + the on-chain lookup of a lost settle
+    return _duration_ms(authz_ms), topup
+
+
+def _duration_ms(ms: int) -> str:
+    return f"{ms / 1000:g}s"
 
 
 # Headers the gateway asserts to the service (the sidecar's x-x402-payer, -amount,
@@ -315,6 +345,16 @@ def render(
             }
         },
     }
+    topup = []
+    if ep.topup_timeout:  # the side port prices and settles it itself
+        topup = [
+            {
+                **discovery,
+                "name": "x402_topup",
+                "match": {"path": TOPUP_PATH},
+                "route": {"cluster": "x402_http", "timeout": ep.topup_timeout},
+            }
+        ]
     # Unannotated paths still go through ext_authz: the sidecar's own route table may
     # price them, and otherwise answers "free" without touching Redis.
     fallback = {"name": "service", "match": {"prefix": "/"}, "route": _service_route(edge)}
@@ -364,6 +404,7 @@ def render(
                     "domains": ["*"],
                     "routes": [
                         discovery,
+                        *topup,
                         # Exact paths first, as the sidecar's route table matches them:
                         # Envoy takes the first match, so a template must not shadow one.
                         *(
