@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sidecar.agent.exact import EXACT
 from sidecar.core.errors import ConfigError, InvalidChallenge
 from sidecar.core.identity import write_secret
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:  # the `evm` extra
     from eth_account.signers.local import LocalAccount
 
 ENV_EVM_KEY, ENV_EVM_KEY_FILE = "X402_EVM_KEY", "X402_EVM_KEY_FILE"
-EXACT = "exact"
 # secp256k1's group order: a private key is an integer in [1, N).
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 _EVM_EXTRA = "pip install 'x402-sidecar[evm]'"

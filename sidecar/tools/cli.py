@@ -722,6 +722,66 @@ def pay(
 
 
 @main.command()
+@click.argument("url")
+@click.option(
+    "--amount",
+    required=True,
+    metavar="AMOUNT",
+    help="Credit to buy, a decimal in the gateway's top-up asset (e.g. 5).",
+)
+@click.option(
+    "--wallet",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Ed25519 key file credited [default: env X402_WALLET or X402_WALLET_FILE].",
+)
+@click.option(
+    "--evm-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="EVM key file that pays (x402 keygen --evm) [default: env X402_EVM_KEY or "
+    "X402_EVM_KEY_FILE].",
+)
+@click.option("--asset", "assets", multiple=True, help="Only pay in this asset (repeatable).")
+@click.option("--payee", "payees", multiple=True, help="Only pay this gateway id (repeatable).")
+@click.option("--strict", is_flag=True, help="An invalid receipt is an error, not a warning.")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds.")
+def topup(
+    url: str,
+    amount: str,
+    wallet: str | None,
+    evm_key: str | None,
+    assets: tuple[str, ...],
+    payees: tuple[str, ...],
+    strict: bool,
+    timeout: float,
+) -> None:
+    """Buy prepaid credit at the gateway URL, paid with x402 `exact` from an EVM key."""
+    import warnings
+
+    import httpx
+
+    from sidecar.agent.topup import topup as buy
+    from sidecar.agent.wallet import Wallet
+    from sidecar.core.errors import ReceiptWarning
+
+    agent = Wallet.load(wallet, evm_key_file=evm_key, assets=assets or None, payees=payees or None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReceiptWarning)
+        try:
+            done = buy(url, agent, amount, strict=strict, request_timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise X402Error(f"top-up at {url}: {exc.__class__.__name__}: {exc}") from None
+    for warning in caught:
+        click.echo(f"warning: {warning.message}", err=True)
+    check = "verified" if done.verified else "NOT VERIFIED"
+    click.echo(f"credited {done.credited} {done.asset} to {done.payer}")
+    click.echo(f"balance {done.balance} {done.asset}")
+    click.echo(f"transaction {done.transaction}")
+    click.echo(f"receipt {done.receipt_id} ({check})")
+
+
+@main.command()
 @click.option(
     "--serve", is_flag=True, help="Keep the stack running for your own agent until Ctrl-C."
 )
