@@ -10,7 +10,9 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import pytest
 from sidecar.agent import TOPUP_EXTENSION, receipt_of
 from sidecar.agent.auth import X402Auth
 from sidecar.agent.evm import EvmKey
+from sidecar.agent.requests_adapter import x402_session
 from sidecar.agent.topup import topup
 from sidecar.agent.wallet import Wallet
 from sidecar.core.errors import (
@@ -164,6 +167,16 @@ async def test_exact_payments_from_async_tasks_each_move_the_price_once(
     assert wallet.spent("USDF") == "0.03"
 
 
+def test_the_requests_adapter_pays_exact_too(gw: Stack, chain: Chain) -> None:
+    account = agent_key(chain)
+    before = balances(chain, account)
+    session = x402_session(X402Auth(Wallet(evm=account), strict=True))
+    response = session.get(f"{gw.url}{PAID}", timeout=60)
+    assert response.status_code == 200, response.text
+    assert receipt_of(response).verified  # type: ignore[union-attr]
+    assert balances(chain, account) == (before[0] - PRICE, before[1] + PRICE)
+
+
 async def test_a_wallet_with_both_keys_pays_prepaid_where_it_can(gw: Stack, chain: Chain) -> None:
     account = agent_key(chain)
     wallet = Wallet(Identity.generate(), evm=account)
@@ -238,6 +251,25 @@ async def test_auto_topup_funds_a_fresh_key_once_for_concurrent_requests(
     assert chain.w3.eth.get_transaction_receipt(bought[0].transaction)["status"] == 1
     # The top-up counts against the budget, and so do the requests paid from its credit.
     assert wallet.spent("USDF") == "1.08"
+
+
+def test_auto_topup_from_threads_sharing_one_auth_buys_once(gw: Stack, chain: Chain) -> None:
+    account = agent_key(chain)
+    wallet = Wallet(Identity.generate(), evm=account)
+    auth = X402Auth(wallet, auto_topup="1", strict=True)
+    barrier = threading.Barrier(4)
+    with httpx.Client(base_url=gw.url, auth=auth, timeout=60) as http:
+
+        def call(_: int) -> int:
+            barrier.wait()
+            return http.get(PAID).status_code
+
+        with ThreadPoolExecutor(4) as pool:
+            statuses = list(pool.map(call, range(4)))
+    assert statuses == [200] * 4
+    assert len(topups(gw, wallet.public_key)) == 1
+    assert asyncio.run(gw.balance(wallet.public_key)) == 1_000_000 - 4 * PRICE
+    assert chain.balance_of(account.address) == MINTED - 1_000_000
 
 
 def test_auto_topup_buys_again_only_when_the_credit_runs_out(gw: Stack, chain: Chain) -> None:
