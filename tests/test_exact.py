@@ -309,3 +309,37 @@ async def test_a_dead_facilitator_is_503_for_exact_only_and_recovers(
     response = await http.get(PAID, headers={"PAYMENT-SIGNATURE": header})
     assert response.status_code == 200, response.text
     assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
+
+
+# -- browsers ------------------------------------------------------------------------------
+
+ORIGIN = "https://agent.example"
+
+
+async def test_a_browser_may_send_the_payment_header_preflight(http: httpx.AsyncClient) -> None:
+    response = await http.options(
+        PAID,
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "payment-signature",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert "payment-signature" in response.headers["access-control-allow-headers"]
+    assert "GET" in response.headers["access-control-allow-methods"]
+
+
+async def test_a_browser_can_read_the_challenge_and_the_receipt(
+    http: httpx.AsyncClient, chain: Chain
+) -> None:
+    challenge = await http.get(PAID, headers={"Origin": ORIGIN})
+    assert challenge.status_code == 402
+    assert challenge.headers["access-control-allow-origin"] == ORIGIN
+    assert "payment-required" in challenge.headers["access-control-expose-headers"]
+    header, _ = await signed_envelope(chain, http, payer_index=5)
+    paid = await http.get(PAID, headers={"Origin": ORIGIN, "PAYMENT-SIGNATURE": header})
+    assert paid.status_code == 200, paid.text
+    assert paid.headers["access-control-allow-origin"] == ORIGIN
+    assert "payment-response" in paid.headers["access-control-expose-headers"]

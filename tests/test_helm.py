@@ -38,7 +38,7 @@ from sidecar.core.identity import Identity
 from sidecar.core.money import to_atomic, to_decimal
 from sidecar.ledger.accounts import Ledger
 from sidecar.server.config import Edge, Settings
-from sidecar.tools.envoy_config import Endpoints, render
+from sidecar.tools.envoy_config import Endpoints, render, timeouts
 from sidecar.tools.stack import LOOPBACK, Process, find_binary, free_port, free_ports, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +48,7 @@ VALUES: dict[str, Path | None] = {
     "external-redis": CHART / "ci" / "external-redis-values.yaml",
     "internal-redis": CHART / "ci" / "internal-redis-values.yaml",
     "many-routes": CHART / "ci" / "many-routes-values.yaml",
+    "exact": CHART / "ci" / "exact-values.yaml",
 }
 RELEASE, NAMESPACE = "pay", "payments"
 FULLNAME = "pay-x402-sidecar"
@@ -239,6 +240,10 @@ def test_envoy_config_has_the_shape_of_the_python_renderer(rendered: Rendered) -
         sideport=(LOOPBACK, v["sidecar"]["httpPort"]),
         authz_timeout=v["envoy"]["authzTimeout"],
     )
+    if v["exact"]["onchain"]:  # the renderer's timeouts for this sidecar config, as the CLI
+        authz, topup = timeouts(Settings.from_mapping(rendered.sidecar_config, env={}))
+        assert topup, "the exact values turn top-ups on"
+        endpoints = dataclasses.replace(endpoints, authz_timeout=authz, topup_timeout=topup)
     edge = Edge(**{snake_case(key): value for key, value in v["envoy"]["edge"].items()})
     expected = render(ordered_routes(v["routes"]), v["defaultAsset"], endpoints, edge)
     assert rendered.envoy_config == expected

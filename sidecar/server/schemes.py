@@ -200,10 +200,11 @@ class Settler:
                 verified.message or "the facilitator found the authorization invalid",
                 facilitator_reason=verified.reason or "invalid",
             )
+        via = "facilitator"
         try:
             settled = await self.facilitator.settle(auth.envelope, auth.requirements)
         except SettleUnknown:
-            transaction = await self.resolve(auth)  # keeps the reservation if unresolved
+            via, transaction = "chain", await self.resolve(auth)  # unresolved: stays reserved
         except FacilitatorUnavailable:
             await release()  # the request never reached the facilitator
             raise
@@ -211,7 +212,7 @@ class Settler:
             if settled.success and settled.transaction:
                 transaction = settled.transaction
             elif settled.transaction:  # sent, then failed: look at the chain, not the answer
-                transaction = await self.resolve(auth, failed=settled.reason)
+                via, transaction = "chain", await self.resolve(auth, failed=settled.reason)
             else:
                 await release()
                 raise SettlementFailed(
@@ -220,7 +221,7 @@ class Settler:
                 )
         with contextlib.suppress(PaymentError):  # settled on chain: the reservation holds
             await held.settled(auth.payer, auth.key, reservation, transaction)
-        return settled_facts(auth, transaction)
+        return {**settled_facts(auth, transaction), "via": via}
 
     async def resolve(self, auth: exact.Authorization, failed: str = "") -> str:
         """A settle whose outcome is unknown: did the authorization land on chain? Its

@@ -146,7 +146,12 @@ class Topup:
             ),
             self.gateway.identity,
         )
-        entry.update(transaction=settled["transaction"], receipt_id=receipt["receipt_id"])
+        entry.update(
+            transaction=settled["transaction"],
+            receipt_id=receipt["receipt_id"],
+            settled_via=settled.get("via", "ledger"),  # "chain": a lost settle answer looked up
+            balance=self.asset.to_decimal(credit.balance),
+        )
         body = {
             "payer": payer,
             "asset": self.asset.code,
@@ -171,9 +176,8 @@ class Topup:
         if not await chain.authorization_used(token, auth.payer, auth.nonce):
             raise NonceReused("this authorization is being settled; try again shortly")
         found = state.split(":")[1] if state.startswith("settled:") else ""
-        return settled_facts(
-            auth, found or await chain.transaction_of(token, auth.payer, auth.nonce) or "unknown"
-        )
+        transaction = found or await chain.transaction_of(token, auth.payer, auth.nonce)
+        return {**settled_facts(auth, transaction or "unknown"), "via": "chain"}
 
     def _deny(
         self,

@@ -50,26 +50,29 @@ class Endpoints:
 
 
 def timeouts(settings: Settings) -> tuple[str, str]:
-    """Envoy's ext_authz timeout and the top-up route's for a sidecar config: above
-    everything the sidecar may wait for, so the sidecar always answers first. With the
-    `exact` scheme a check waits for the facilitator's /verify and /settle (a real chain's
-    settle: seconds), plus its two ledger steps and a chain lookup after a lost answer."""
+    """Envoy's ext_authz timeout and the top-up route's ("": no top-up route) for a sidecar
+    config: above everything the sidecar may wait for, so the sidecar always answers first.
+    With the `exact` scheme a check waits for the facilitator's /verify and /settle (a real
+    chain's settle takes seconds) and three ledger steps; the top-up adds 5 s for the
+    on-chain lookup of a settle whose answer was lost. The chart computes the same."""
     redis_ms = settings.redis_timeout_ms
-    authz_ms = max(1000, redis_ms + 500)
-    if settings.onchain:
-        authz_ms = max(
-            authz_ms,
-            settings.facilitator_verify_timeout_ms
-            + settings.facilitator_settle_timeout_ms
-            + 3 * redis_ms
-            + 1000,
-        )
-    topup = ""
-    if settings.onchain and settings.exact_terms() is not None:
-        terms = settings.exact_terms()
-        if terms is not None and terms.topup:
-            topup = _duration_ms(authz_ms + 5000)  # + the on-chain lookup of a lost settle
-    return _duration_ms(authz_ms), topup
+    floor_ms = max(1000, redis_ms + 500)
+    terms = settings.exact_terms()
+    if terms is None:
+        return _duration_ms(floor_ms), ""
+    exact_ms = (
+        settings.facilitator_verify_timeout_ms
+        + settings.facilitator_settle_timeout_ms
+        + 3 * redis_ms
+        + 1000
+    )
+    authz_ms = max(redis_ms + 500, exact_ms)
+    topup = _millis(exact_ms + 5000) if terms.topup else ""
+    return _millis(authz_ms), topup
+
+
+def _millis(ms: int) -> str:
+    return f"{ms // 1000}.{ms % 1000:03d}s"
 
 
 def _duration_ms(ms: int) -> str:
@@ -84,6 +87,16 @@ ASSERTED_PREFIXES = ("x-x402-", "x-envoy-")
 # could run as a DELETE in the service: removed unless `edge.strip_method_override` is off.
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
 REQUEST_ID = "x-request-id"
+# CORS: a browser agent may read the challenge and the receipt and send a payment, from any
+# origin (no credentials: a payment is a header, never a cookie). Envoy answers preflights
+# itself, before ext_authz; its CORS filter adds these to every answer, denials included.
+CORS = "envoy.filters.http.cors"
+CORS_ALLOW_HEADERS = "payment-signature, x-payment, content-type, authorization"
+CORS_EXPOSE_HEADERS = (
+    "payment-required, payment-response, x-payment-response, x-request-id, retry-after"
+)
+CORS_ALLOW_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+CORS_MAX_AGE = "600"
 # Fixed edge limits (Envoy's edge-proxy guidance); docs/configuration.md lists them.
 BUFFER_LIMIT_BYTES = 32768
 HTTP2_STREAM_WINDOW_BYTES = 65536
@@ -221,6 +234,17 @@ def _reply(
         "content_type": "application/json",
     }
     return mapper
+
+
+def cors_policy() -> dict[str, Any]:
+    return {
+        "@type": f"{_TYPES}.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": [{"safe_regex": {"regex": ".*"}}],
+        "allow_methods": CORS_ALLOW_METHODS,
+        "allow_headers": CORS_ALLOW_HEADERS,
+        "expose_headers": CORS_EXPOSE_HEADERS,
+        "max_age": CORS_MAX_AGE,
+    }
 
 
 def _flags(*flags: str) -> dict[str, Any]:
@@ -402,6 +426,7 @@ def render(
                 {
                     "name": "service",
                     "domains": ["*"],
+                    "typed_per_filter_config": {CORS: cors_policy()},
                     "routes": [
                         discovery,
                         *topup,
@@ -419,6 +444,7 @@ def render(
             ],
         },
         "http_filters": [
+            {"name": CORS, "typed_config": {"@type": f"{_TYPES}.filters.http.cors.v3.Cors"}},
             {
                 "name": EXT_AUTHZ,
                 "typed_config": {
