@@ -40,10 +40,13 @@ from tests.exact_helpers import Facilitator, exact_settings, operator
 PAID = "/api/paid"  # 0.01 USDF, also payable with 0.01 USDC (exact)
 DEAR = "/api/dear"  # 0.4 USDF
 PRICE, DEAR_PRICE = 10_000, 400_000
+ATLAS = "/api/v1/agent/pay-api/atlas"  # the README's route
 ROUTES = {
     "paid": {"method": "GET", "path": PAID, "price": "0.01"},
     "dear": {"method": "GET", "path": DEAR, "price": "0.4"},
+    "atlas": {"method": "GET", "path": ATLAS, "price": "0.25"},
 }
+README = Path(__file__).resolve().parents[1] / "README.md"
 MINTED = 50_000_000  # 50 USDC per agent key
 TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")
 X402 = str(Path(sys.executable).with_name("x402"))
@@ -372,6 +375,20 @@ def test_x402_topup_prints_the_balance_and_the_transaction(
     assert again.stdout.splitlines()[1] == "balance 6.5 USDF"
 
 
+def test_x402_pay_with_only_an_evm_key_pays_exact(gw: Stack, chain: Chain, tmp_path: Path) -> None:
+    account = agent_key(chain)
+    account.save(tmp_path / "agent.evm")
+    before = balances(chain, account)
+    result = run_x402("pay", "--evm-key", str(tmp_path / "agent.evm"), "--strict", gw.url + PAID)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["payer"].lower() == account.address.lower()
+    err = result.stderr.splitlines()
+    assert err[0].startswith("HTTP 200 OK · paid 0.01 USDF to gw_")
+    assert err[1].endswith(f"(verified, GET {PAID})")
+    assert TX_HASH.match(err[2].removeprefix("transaction "))
+    assert balances(chain, account) == (before[0] - PRICE, before[1] + PRICE)
+
+
 @pytest.mark.parametrize(
     ("args", "env", "words"),
     [
@@ -396,3 +413,30 @@ def test_x402_topup_errors_are_one_line(
     for word in words:
         assert word in result.stderr, result.stderr
     assert balances(chain, account) == before
+
+
+# -- the README ----------------------------------------------------------------------------------
+
+
+def test_the_readmes_self_funding_agent_runs_as_written(gw: Stack, chain: Chain) -> None:
+    text = README.read_text(encoding="utf-8")
+    marker = "<!-- self-funding-snippet"
+    found = re.search(r"```python\n(.*?)```", text[text.index(marker) :], re.DOTALL)
+    assert found is not None
+    account = agent_key(chain)
+    agent = Identity.generate()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("X402_WALLET", "X402_EVM"))},
+        "X402_WALLET": agent.seed_text,
+        "X402_EVM_KEY": account.hex,
+        "X402_GATEWAY": gw.url,
+        "PYTHONWARNINGS": "error::UserWarning",  # a receipt warning fails the test
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", found.group(1)], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "200 4.75\n"
+    assert len(topups(gw, agent.public_key)) == 1
+    assert chain.balance_of(account.address) == MINTED - 5_000_000

@@ -679,6 +679,13 @@ def channel_close(
     help="Agent key file from `x402 keygen` [default: env X402_WALLET or X402_WALLET_FILE].",
 )
 @click.option(
+    "--evm-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="EVM key file (x402 keygen --evm): pays x402 `exact` where prepaid is not possible "
+    "[default: env X402_EVM_KEY or X402_EVM_KEY_FILE].",
+)
+@click.option(
     "--direct/--challenge",
     default=True,
     show_default=True,
@@ -695,6 +702,7 @@ def pay(
     assets: tuple[str, ...],
     payees: tuple[str, ...],
     wallet: str | None,
+    evm_key: str | None,
     direct: bool,
     strict: bool,
     timeout: float,
@@ -713,6 +721,7 @@ def pay(
                 assets=assets,
                 payees=payees,
                 wallet=wallet,
+                evm_key=evm_key,
                 direct=direct,
                 strict=strict,
                 timeout=timeout,
