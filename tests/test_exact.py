@@ -343,3 +343,26 @@ async def test_a_browser_can_read_the_challenge_and_the_receipt(
     assert paid.status_code == 200, paid.text
     assert paid.headers["access-control-allow-origin"] == ORIGIN
     assert "payment-response" in paid.headers["access-control-expose-headers"]
+
+
+async def test_a_slow_facilitator_is_503_and_charges_nothing(
+    chain: Chain, facilitator: Facilitator
+) -> None:
+    """/verify not answered within facilitator_verify_timeout_ms (1 ms here): 503, nothing
+    settled, prepaid unaffected."""
+    settings = exact_settings(chain, facilitator, facilitator_verify_timeout_ms=1)
+    with Stack(ROUTES, settings=settings) as slow:
+        async with httpx.AsyncClient(base_url=slow.url, timeout=60) as http:
+            header, _ = await signed_envelope(chain, http, payer_index=5)
+            payer = payers(chain)[5]
+            before = balances(chain, payer.address)
+            response = await http.get(PAID, headers={"PAYMENT-SIGNATURE": header})
+            assert (response.status_code, response.json()["error"]) == (
+                503,
+                "facilitator_unavailable",
+            )
+            wallet = Identity.generate()
+            await slow.fund(wallet.public_key, "1")
+            prepaid = await http.get(PAID, headers=pay_direct(slow, wallet, f"GET {PAID}", "0.01"))
+            assert prepaid.status_code == 200
+        assert balances(chain, payer.address) == before

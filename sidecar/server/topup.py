@@ -22,6 +22,7 @@ from sidecar.core.decision import Gateway, payer_key
 from sidecar.core.errors import (
     AmountError,
     BadRequest,
+    InternalError,
     MalformedPayment,
     NonceReused,
     PayerSuspended,
@@ -66,6 +67,11 @@ class Topup:
         except PaymentError as error:
             entry.update(decision="deny", status=error.status, reason=error.reason)
             return self._deny(error, entry, offer, query, headers)
+        except Exception:  # a bug never credits, and never leaves the agent without an answer
+            log.exception("topup.error", payer=entry["payer"])
+            failure = InternalError("the top-up failed; nothing was credited; try again")
+            entry.update(decision="deny", status=failure.status, reason=failure.reason)
+            return self._deny(failure, entry, offer, query, headers)
         finally:
             entry["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
             log.info("topup.decision", **entry)
