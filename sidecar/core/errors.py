@@ -268,3 +268,14 @@ class InvalidReceipt(X402Error):
 
 class ReceiptWarning(UserWarning):
     """Emitted instead of InvalidReceipt when the client is not in strict mode."""
+
+
+class TopUpFailed(X402Error):
+    """A top-up (buying prepaid credit with `exact`) that did not credit the key: the
+    gateway's `reason` (PROTOCOL.md §5, or `http_<status>`) and its `status`; the message
+    says what was or was not paid."""
+
+    def __init__(self, message: str, reason: str = "topup_failed", status: int = 0) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status

@@ -26,6 +26,8 @@ ALLOWED = {
 }
 # The base install is the agent SDK: importing it loads none of the gateway's dependencies.
 SERVER_ONLY = ("grpc", "redis", "hiredis", "envoy", "prometheus_client", "structlog", "yaml")
+# The `evm` extra (x402 `exact` payments, top-ups) loads when an EVM key first signs.
+EVM_ONLY = ("eth_account", "eth_keys", "eth_utils", "web3", "x402", "pydantic")
 
 
 def sidecar_imports(path: Path) -> list[tuple[int, str]]:
@@ -90,6 +92,29 @@ def test_the_sdk_loads_none_of_the_gateways_dependencies() -> None:
     ).stdout.split()
     assert "nacl" in loaded and "httpx" in loaded
     assert [name for name in SERVER_ONLY if name in loaded] == []
+    assert [name for name in EVM_ONLY if name in loaded] == []
+
+
+def test_the_sdks_evm_and_x402_pieces_load_only_when_used() -> None:
+    """The x402 plugin module and a wallet holding an EVM key load nothing of the `evm`
+    extra until a payment is signed; signing loads eth_account and x402."""
+    probe = (
+        "import sys\n"
+        "from sidecar.agent import Wallet, EvmKey\n"
+        "from sidecar.agent.x402_plugin import PrepaidEd25519\n"
+        "wallet = Wallet(evm=EvmKey.generate())\n"
+        "PrepaidEd25519(Wallet.generate())\n"
+        "before = {m.split('.')[0] for m in sys.modules}\n"
+        "wallet.evm.address\n"
+        "after = {m.split('.')[0] for m in sys.modules}\n"
+        "print(' '.join(sorted(before)))\n"
+        "print(' '.join(sorted(after)))\n"
+    )
+    before, after = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert [name for name in EVM_ONLY if name in before.split()] == []
+    assert "eth_account" in after.split()
 
 
 def shared(module: str) -> bool:
