@@ -25,7 +25,7 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.rate_limit import RateLimiter, client_address
 from sidecar.server import metrics, responses, schemes
 from sidecar.server.logs import DecisionLog, get_logger
-from sidecar.server.schemes import Charged, Scheme, Settler
+from sidecar.server.schemes import Charged, ExactSettler, Scheme
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 # Proof headers are bearer material: stripped before any request, free or paid, goes on.
@@ -67,7 +67,7 @@ class Authorization:
         worker: int = 0,
         decisions: DecisionLog | None = None,
         limiter: RateLimiter | None = None,
-        settler: Settler | None = None,
+        settler: ExactSettler | None = None,
     ) -> None:
         self.routes = routes
         self.gateway = gateway
