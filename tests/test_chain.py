@@ -21,12 +21,12 @@ import httpx
 import pytest
 from eth_account import Account
 from x402 import x402ClientSync
+from x402.client_base import SpendControlAsset
 from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo
 
 from sidecar.tools.chain import MULTICALL3_ADDRESS, Chain, DevAccount
-from sidecar.tools.facilitator import rpc_secrets, scrub
 from sidecar.tools.stack import LOOPBACK, Process, free_port, wait_http
 
 PRICE = 10_000  # 0.01 USDC
@@ -111,7 +111,11 @@ def pay(chain: Chain, offer: PaymentRequirements) -> PaymentPayload:
     signer = EthAccountSigner(Account.from_key(payer_of(chain).key))
     register_exact_evm_client(client, signer, networks=chain.network)
     # By default the client pays only assets it knows (mainnet USDC and the like) up to $1.
-    cap = {"network": chain.network, "asset": chain.token, "max_amount_per_payment": str(PRICE)}
+    cap: SpendControlAsset = {
+        "network": chain.network,
+        "asset": chain.token,
+        "max_amount_per_payment": str(PRICE),
+    }
     client.set_spend_controls({"allowed_assets": [cap]})
     challenge = PaymentRequired(
         accepts=[offer], resource=ResourceInfo(url="http://api.test/paid", description="paid")
@@ -160,7 +164,7 @@ def test_the_chain_carries_usdc_as_circle_deploys_it(chain: Chain) -> None:
     assert chain.balance_of(payer_of(chain).address) >= PRICE
     assert len(chain.w3.eth.get_code(MULTICALL3_ADDRESS)) > 0
     # The implementation sits behind Circle's proxy, whose admin is not the token's owner.
-    slot = "0x10d6a54a4754c8869d6886b5f5d7fbfa5b4522237ea5c60d11bc4e7a1ff9390b"  # zos admin
+    slot = 0x10D6A54A4754C8869D6886B5F5D7FBFA5B4522237EA5C60D11BC4E7A1FF9390B  # zos admin
     admin = chain.w3.eth.get_storage_at(chain.token, slot)
     assert admin[-20:] == bytes.fromhex(chain.deployer.address[2:])
 
@@ -321,16 +325,6 @@ def test_verify_and_settle_timings(http: httpx.Client, chain: Chain) -> None:
         f"\nfacilitator on anvil over 20 calls: verify p50 {statistics.median(verify_ms):.1f} ms,"
         f" settle p50 {statistics.median(settle_ms):.1f} ms"
     )
-
-
-def test_messages_never_carry_the_rpc_urls_key() -> None:
-    url = "https://base-mainnet.example/v2/k3yK3yK3y?token=s3cr3t"
-    error = (
-        f"HTTPSConnectionPool(host='base-mainnet.example'): url: /v2/k3yK3yK3y?token=s3cr3t ({url})"
-    )
-    cleaned = scrub(error, rpc_secrets(url))
-    assert "k3yK3yK3y" not in cleaned and "s3cr3t" not in cleaned
-    assert "base-mainnet.example" in cleaned  # the host says which provider failed
 
 
 def test_a_chain_outage_fails_payments_and_health(

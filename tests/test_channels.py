@@ -21,14 +21,17 @@ from sidecar.core.identity import Identity
 from sidecar.ledger import keyspace, scripts
 from sidecar.ledger.accounts import SUSPENDED, Ledger
 from sidecar.ledger.channels import Channels
+from sidecar.ledger.pipe import RedisPipe
 from sidecar.server.authz import Authorization
 from sidecar.server.config import Settings
 from sidecar.server.logs import DecisionLog
 from sidecar.tools.stack import Stack
-from tests.conftest import funded_payer
-from tests.settle_helpers import b64json, settle, x402
+from tests.support.cli import x402
+from tests.support.payers import b64json, funded_payer, voucher_header
+from tests.support.routes import VERIFY
+from tests.support.settlement import settle
+from tests.support.streams import xrange
 
-VERIFY = "/api/v1/trade/verify/T-{n}"  # 0.01 USDF
 USDF = 1_000_000
 
 
@@ -57,11 +60,6 @@ async def open_fast(ledger: Ledger, stack: Stack, payer: str, deposit: int) -> s
         payer, "USDF", deposit, stack.gateway_identity.kid
     )
     return channel_id
-
-
-def voucher_header(stack: Stack, wallet: Identity, **terms: Any) -> dict[str, str]:
-    fields = {"asset": "USDF", "payee": stack.gateway_identity.kid, **terms}
-    return {"X-Payment": protocol.encode_header(vouchers.sign_voucher(fields, wallet))}
 
 
 async def expect(response: httpx.Response, status: int, reason: str) -> dict[str, Any]:
@@ -179,7 +177,7 @@ async def test_open_a_thousand_vouchered_requests_and_close(
     )
     await expect(await client.get(VERIFY.format(n=1), headers=late), 402, "channel_closed")
     # The close is one receipt in the stream, carrying the payer's final voucher.
-    [(_id, entry)] = await ledger.redis.xrange(keyspace.receipts(payer))
+    [(_id, entry)] = await xrange(ledger.redis, keyspace.receipts(payer))
     assert (entry["kind"], entry["amount"], entry["refund"], entry["sequence"]) == (
         "channel",
         str(10 * USDF),
@@ -372,7 +370,7 @@ async def test_the_settle_pass_closes_expired_channels(
         "debited": 10_000,
     }
     # Its close was settled in the same pass.
-    [(_id, entry)] = await ledger.redis.xrange(keyspace.receipts(wallet.public_key))
+    [(_id, entry)] = await xrange(ledger.redis, keyspace.receipts(wallet.public_key))
     assert entry["kind"] == "channel"
     assert await ledger.redis.llen(keyspace.payer_batches(wallet.public_key)) == 1
 
@@ -401,7 +399,9 @@ async def test_a_voucher_accepted_after_envoy_gave_up_still_gets_its_log_line(
         stack, wallet, cumulative="0.01", sequence=1, **terms
     )["X-Payment"]
     # Connected, and the script loaded (else its first call is NOSCRIPT, load, retry).
-    await servicer.ledger.pipe.call("SCRIPT", "LOAD", scripts.VOUCHER.source)
+    pipe = servicer.ledger.pipe
+    assert isinstance(pipe, RedisPipe)  # one Redis here, not a cluster
+    await pipe.call("SCRIPT", "LOAD", scripts.VOUCHER.source)
     pause = asyncio.create_task(ledger.redis.execute_command("DEBUG", "SLEEP", "0.5"))
     await asyncio.sleep(0.05)
 

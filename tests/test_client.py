@@ -100,7 +100,7 @@ async def test_a_402_is_paid_once_and_the_verified_receipt_is_on_the_response(
     body = response.json()
     assert body["payer"] == wallet.public_key and body["proof_header_seen"] is False
     receipt = response.extensions["x402_receipt"]
-    assert receipt is receipt_of(response)
+    assert receipt is receipt_of(response) and receipt is not None
     assert receipt.verified and receipt.invoice_id.startswith("inv_")
     assert (receipt.amount, receipt.asset, receipt.balance) == ("0.25", "USDF", "9.75")
     assert (receipt.payer, receipt.resource) == (wallet.public_key, f"GET {ATLAS}")

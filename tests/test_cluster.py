@@ -26,12 +26,12 @@ from sidecar.ledger.channels import Channels
 from sidecar.ledger.cluster import ClusterPipe, parse_cluster_url, slot_of
 from sidecar.ledger.rate_limit import Rate, RateLimiter
 from sidecar.tools.stack import LOOPBACK, Stack
-from tests.conftest import ENVOY_ROUTES, ROUTES, funded_payer, pay_direct
-from tests.settle_helpers import assert_exactly_once, paid_requests, remember_gateway, settle
-from tests.test_conservation import run_and_check
+from tests.support.conservation import run_and_check
+from tests.support.payers import funded_payer, paid_requests, pay_direct
+from tests.support.routes import ENVOY_ROUTES, ROUTES, VERIFY
+from tests.support.settlement import assert_exactly_once, remember_gateway, settle
 
 MASTERS = 3
-VERIFY = "/api/v1/trade/verify/T-{n}"  # 0.01 USDF
 PRICE = 10_000
 
 
@@ -65,7 +65,7 @@ def node(port: int) -> aioredis.Redis:
 async def slot_owners(port: int) -> dict[int, int]:
     """Slot → port of its master, as the cluster itself says (CLUSTER SLOTS)."""
     async with node(port) as any_node:
-        ranges = await any_node.execute_command("CLUSTER", "SLOTS")
+        ranges = await any_node.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
     owners = {}
     for start, end, master, *_replicas in ranges:
         owners.update(dict.fromkeys(range(int(start), int(end) + 1), int(master[1])))
@@ -268,7 +268,7 @@ async def migrate(source: int, target: int, slot: int, others: list[int]) -> Non
         await dst.cluster("SETSLOT", slot, "IMPORTING", src_id)
         await src.cluster("SETSLOT", slot, "MIGRATING", dst_id)
         keys = await src.cluster("GETKEYSINSLOT", slot, 1000)
-        await src.execute_command("MIGRATE", LOOPBACK, target, "", 0, 5000, "KEYS", *keys)
+        await src.execute_command("MIGRATE", LOOPBACK, target, "", 0, 5000, "KEYS", *keys)  # type: ignore[no-untyped-call]
 
 
 async def finish_migration(target: int, slot: int, ports: list[int]) -> None:

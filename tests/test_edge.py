@@ -25,7 +25,8 @@ from sidecar.core.identity import Identity
 from sidecar.ledger.accounts import Ledger
 from sidecar.tools.envoy_config import METHOD_OVERRIDE_HEADERS
 from sidecar.tools.stack import LOOPBACK, Stack
-from tests.conftest import ENVOY_ROUTES, ROUTES, funded_payer, pay_direct
+from tests.support.payers import funded_payer, pay_direct
+from tests.support.routes import ENVOY_ROUTES, ROUTES
 
 ATLAS = "/api/v1/agent/pay-api/atlas"  # GET only, 0.25
 FREE = "/api/v1/health"

@@ -12,12 +12,14 @@ from typing import Any
 import httpx
 import pytest
 
+from sidecar.core import batches, bundles, merkle
 from sidecar.core.identity import Identity
 from sidecar.core.protocol import canonical_json
-from sidecar.ledger import evidence, settlement
 from sidecar.ledger.accounts import Ledger
 from sidecar.tools.stack import Stack
-from tests.settle_helpers import payers_with_receipts, settle, x402
+from tests.support.cli import x402
+from tests.support.payers import payers_with_receipts
+from tests.support.settlement import settle
 
 
 @dataclass
@@ -90,7 +92,7 @@ async def test_export_by_receipt_and_by_time_range(
     one = json.loads((tmp_path / "one.json").read_text())
     assert [i["receipt"] for i in one["receipts"]] == [target]
     assert [m["seq"] for m in one["batches"]] == [2]
-    assert evidence.verify_bundle(one, settled.key).ok
+    assert bundles.verify_bundle(one, settled.key).ok
 
     since = min(r["issued_at"] for r in settled.receipts)
     until = max(r["issued_at"] for r in settled.receipts) + 1
@@ -98,7 +100,7 @@ async def test_export_by_receipt_and_by_time_range(
     ranged = json.loads((tmp_path / "range.json").read_text())
     ids = {i["receipt"]["receipt_id"] for i in ranged["receipts"]}
     assert {r["receipt_id"] for r in settled.receipts} <= ids  # other tests' too, if settled
-    assert evidence.verify_bundle(ranged, settled.key).ok
+    assert bundles.verify_bundle(ranged, settled.key).ok
 
 
 async def test_a_changed_amount_is_named(settled: Settled, tmp_path: Path) -> None:
@@ -119,7 +121,7 @@ async def test_a_dropped_receipt_is_named(settled: Settled) -> None:
     bundle = copy.deepcopy(settled.bundle)
     dropped = bundle["receipts"].pop(6)["receipt"]["receipt_id"]
 
-    verdict = evidence.verify_bundle(bundle, settled.key)
+    verdict = bundles.verify_bundle(bundle, settled.key)
 
     assert verdict.problems == [
         f"receipt {dropped}: listed in the signed export statement but missing (dropped)"
@@ -127,7 +129,7 @@ async def test_a_dropped_receipt_is_named(settled: Settled) -> None:
     # Taking it off the statement too breaks the statement's signature.
     bundle["statement"]["receipts"].remove(dropped)
     assert (
-        evidence.verify_bundle(bundle, settled.key)
+        bundles.verify_bundle(bundle, settled.key)
         .problems[0]
         .startswith("export statement: signature does not verify")
     )
@@ -138,11 +140,11 @@ async def test_a_forged_manifest_is_named(settled: Settled, tmp_path: Path) -> N
     manifest = bundle["batches"][0]
     # The forger rebuilds batch 1 without its first receipt and signs with its own key.
     forger = Identity.generate()
-    leaves = [settlement.leaf(i["receipt"]) for i in bundle["receipts"][1:5]]
+    leaves = [batches.leaf(i["receipt"]) for i in bundle["receipts"][1:5]]
     body = {k: v for k, v in manifest.items() if k != "signature"}
-    body.update(merkle_root=settlement.merkle.MerkleTree(leaves).root.hex(), count=4)
+    body.update(merkle_root=merkle.MerkleTree(leaves).root.hex(), count=4)
     manifest.clear()
-    manifest.update(body, signature=forger.sign(settlement.BATCH_DOMAIN + canonical_json(body)))
+    manifest.update(body, signature=forger.sign(batches.BATCH_DOMAIN + canonical_json(body)))
 
     run = await verify(bundle, tmp_path / "b.json", settled.key)
 
@@ -155,7 +157,7 @@ async def test_a_forged_manifest_is_named(settled: Settled, tmp_path: Path) -> N
 
 
 async def test_the_wrong_key_fails_everything(settled: Settled) -> None:
-    verdict = evidence.verify_bundle(settled.bundle, Identity.generate().public_key)
+    verdict = bundles.verify_bundle(settled.bundle, Identity.generate().public_key)
     assert not verdict.ok
     assert len([p for p in verdict.problems if "gateway signature" in p]) == 12
     assert len([p for p in verdict.problems if "manifest signature" in p]) == 3

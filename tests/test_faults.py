@@ -23,7 +23,8 @@ import redis.asyncio as aioredis
 from sidecar.core.identity import Identity
 from sidecar.ledger.accounts import Ledger
 from sidecar.tools.stack import Stack
-from tests.conftest import ROUTES, funded_payer, pay_direct
+from tests.support.payers import funded_payer, pay_direct
+from tests.support.routes import ROUTES
 
 VERIFY = "/api/v1/trade/verify/T-7"
 PRICE = 10_000  # 0.01 USDF
@@ -169,7 +170,8 @@ async def test_ext_authz_timeout_is_503_charges_nothing_and_the_retry_pays_once(
         headers = pay_direct(stack, wallet, f"GET {VERIFY}", "0.01")
         admin = aioredis.Redis.from_url(stack.redis_url)
         async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
-            await admin.execute_command("CLIENT", "PAUSE", "1800")  # Redis stalls
+            # Redis stalls
+            await admin.execute_command("CLIENT", "PAUSE", "1800")  # type: ignore[no-untyped-call]
             timed_out = await client.get(VERIFY, headers=headers)
             assert timed_out.status_code == 503  # Envoy's status_on_error, not a free pass
             retried = timed_out

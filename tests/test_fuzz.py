@@ -12,9 +12,9 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -26,11 +26,12 @@ from sidecar.core.identity import Identity
 from sidecar.server.authz import Authorization
 from sidecar.server.logs import DecisionLog
 from sidecar.tools.stack import Stack
-from tests.inprocess import Outcome, check, check_request, servicer_for
+from tests.support.inprocess import Outcome, check, check_request, servicer_for
 
 TYPED = set(BY_REASON) - {"internal_error"}
 ATLAS = "/api/v1/agent/pay-api/atlas"
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 L = 2**252 + 27742317777372353535851937790883648493  # the order of Ed25519's group
 
 
@@ -46,7 +47,7 @@ class Harness:
         self.run(self.ledger.register(self.wallet.public_key))
         self.run(self.ledger.credit(self.wallet.public_key, "USDF", 10**12, "fuzz"))
 
-    def run(self, coroutine: Any) -> Any:
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coroutine)
 
     def valid_proof(self, path: str = ATLAS) -> dict[str, Any]:

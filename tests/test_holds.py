@@ -19,7 +19,9 @@ from sidecar.core.errors import MaxAmountExceeded
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import Holds
 from sidecar.tools.stack import Stack
-from tests.conftest import funded_payer, pay_direct
+from tests.support.cli import x402
+from tests.support.payers import funded_payer, pay_direct
+from tests.support.settlement import settle
 
 REPORT, ROWS, LLM = "/api/v1/report", "/api/v1/data/rows", "/api/v1/llm/generate"
 ROUTES: dict[str, dict[str, Any]] = {
@@ -347,7 +349,6 @@ async def test_the_sdk_pays_the_hold_and_keeps_the_difference(
 async def test_captures_settle_into_evidence_with_the_captured_amounts(
     http: httpx.AsyncClient, holds_stack: Stack, holds_ledger: Ledger, tmp_path: Any
 ) -> None:
-    from tests.settle_helpers import settle, x402
 
     wallet = await funded_payer(holds_ledger, 1_000_000)
     served = await http.get(

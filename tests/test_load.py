@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from sidecar.tools.stack import Stack
-from tests.conftest import ROUTES
+from tests.support.routes import ROUTES
 
 VERIFY_PRICE = 10_000  # atomic units of 0.01 USDF
 

@@ -17,11 +17,11 @@ from sidecar.server import metrics
 from sidecar.server.authz import Authorization
 from sidecar.server.config import Settings
 from sidecar.tools.stack import Stack, free_port
-from tests.conftest import funded_payer, pay_direct
-from tests.settle_helpers import admin_stack, settle  # noqa: F401 - the session fixture
+from tests.support.payers import funded_payer, pay_direct
+from tests.support.routes import VERIFY
+from tests.support.settlement import settle
 
 ATLAS = "/api/v1/agent/pay-api/atlas"
-VERIFY = "/api/v1/trade/verify/T-{n}"
 
 
 def scrape(stack: Stack) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -40,7 +40,7 @@ def value(page: dict[Any, float], name: str, **labels: str) -> float:
 
 
 async def test_the_metrics_page_counts_this_tests_decisions_across_workers(
-    admin_stack: Stack,  # noqa: F811
+    admin_stack: Stack,
 ) -> None:
     stack = admin_stack
     ledger = Ledger.from_url(stack.redis_url)
@@ -87,7 +87,7 @@ async def test_the_metrics_page_counts_this_tests_decisions_across_workers(
     assert workers == {0, 1}
 
 
-async def test_the_settlement_lag_is_on_the_page(admin_stack: Stack) -> None:  # noqa: F811
+async def test_the_settlement_lag_is_on_the_page(admin_stack: Stack) -> None:
     await settle(admin_stack)  # everything settled: no lag
     assert value(scrape(admin_stack), "x402_settlement_lag_seconds") == 0.0
 

@@ -27,14 +27,26 @@ def test_the_base_install_is_the_sdk_alone(tmp_path: Path) -> None:
         assert server_part not in installed, server_part
     assert not list(env_dir.rglob("envoy")), "no Envoy binary in the SDK's venv"
 
-    probe = "import sidecar.agent; from sidecar.agent import Wallet, X402Auth; print('ok')"
+    probe = (
+        "import sidecar.agent; from sidecar.agent import Wallet, X402Auth; "
+        "from sidecar.agent.x402_plugin import PrepaidEd25519; print('ok')"
+    )
     assert subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout == "ok\n"
     key = tmp_path / "agent.key"
     made = subprocess.run([x402, "keygen", "--out", str(key)], capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     assert "public key: " in made.stdout and key.exists()
-    helped = subprocess.run([x402, "pay", "--help"], capture_output=True, text=True)
-    assert helped.returncode == 0 and "Usage" in helped.stdout, helped.stderr
+    for command in ("pay", "topup"):
+        helped = subprocess.run([x402, command, "--help"], capture_output=True, text=True)
+        assert helped.returncode == 0 and "Usage" in helped.stdout, helped.stderr
+    # An EVM key needs the `evm` extra: one line saying so, and no key file left behind.
+    evm_key = tmp_path / "agent.evm"
+    refused = subprocess.run(
+        [x402, "keygen", "--evm", "--out", str(evm_key)], capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and not evm_key.exists()
+    assert refused.stderr.startswith("error: ") and "x402-sidecar[evm]" in refused.stderr
+    assert "Traceback" not in refused.stderr
     # A gateway command says which extra it needs, in one line.
     served = subprocess.run([x402, "serve"], capture_output=True, text=True)
     assert served.returncode == 1

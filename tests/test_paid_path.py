@@ -17,14 +17,11 @@ from sidecar.core import protocol
 from sidecar.core.identity import Identity
 from sidecar.ledger.accounts import SUSPENDED, Ledger
 from sidecar.tools.stack import Stack
-from tests.conftest import ROUTES, funded_payer, pay_direct, pay_invoice
+from tests.support.payers import b64json, funded_payer, pay_direct, pay_invoice
+from tests.support.routes import ROUTES
 
 ATLAS = "/api/v1/agent/pay-api/atlas"
 ATLAS_PRICE = 250_000
-
-
-def b64json(value: str) -> Any:
-    return json.loads(base64.b64decode(value))
 
 
 async def discovery_keys(client: httpx.AsyncClient) -> dict[str, str]:

@@ -19,8 +19,8 @@ from sidecar.ledger.channels import Channels
 from sidecar.ledger.pipe import RedisPipe
 from sidecar.ledger.rate_limit import Rate, RateLimiter
 from sidecar.tools.stack import LOOPBACK, Stack, free_port
-from tests.conftest import ENVOY_ROUTES, ROUTES, funded_payer, pay_direct
-from tests.test_channels import voucher_header
+from tests.support.payers import funded_payer, pay_direct, voucher_header
+from tests.support.routes import ENVOY_ROUTES, ROUTES
 
 PATH = "/api/v1/trade/verify/T-7"  # 0.01 USDF
 PRICE = 10_000

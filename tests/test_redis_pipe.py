@@ -142,6 +142,7 @@ async def test_a_caller_that_gave_up_can_still_learn_the_outcome(redis: Redis) -
     debit.cancel()  # Envoy gave up on the check, the script is already in Redis
 
     await admin.call("CLIENT", "UNPAUSE")
+    assert isinstance(ledger.pipe, RedisPipe)
     assert await ledger.pipe.call("ECHO", "after") == "after"  # replies in order
 
     assert debit.cancelled()

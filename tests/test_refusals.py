@@ -34,9 +34,10 @@ from sidecar.core.decision import UPSTREAM_HEADERS
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.channels import Channels
 from sidecar.tools.stack import LOOPBACK, Stack
-from tests.conftest import ROUTES, funded_payer, pay_direct
-from tests.inprocess import check_request, servicer_for
-from tests.settle_helpers import x402
+from tests.support.cli import x402
+from tests.support.inprocess import check_request, servicer_for
+from tests.support.payers import funded_payer, pay_direct
+from tests.support.routes import ROUTES
 
 ATLAS = "/api/v1/agent/pay-api/atlas"  # GET, 0.25, in the table and annotated in Envoy
 VERIFY = "/api/v1/trade/verify/T-1"  # GET {trade_id}, 0.01, both

@@ -12,19 +12,22 @@ from typing import Any
 import httpx
 import pytest
 
+from sidecar.core import batches
+from sidecar.core.protocol import canonical_json
 from sidecar.ledger import keyspace, settlement
 from sidecar.ledger.accounts import Ledger
 from sidecar.server.admin import start_facilities
 from sidecar.server.config import Settings
 from sidecar.tools.stack import Stack
-from tests.conftest import ENVOY_ROUTES, ROUTES
-from tests.settle_helpers import (
+from tests.support.payers import payers_with_receipts
+from tests.support.routes import ENVOY_ROUTES, ROUTES
+from tests.support.settlement import (
     assert_exactly_once,
     jsonl_manifests,
     leaves_root,
-    payers_with_receipts,
     remember_gateway,
     settle,
+    settle_crash,
 )
 
 
@@ -73,19 +76,19 @@ async def test_paid_requests_settle_into_signed_batches(
         for manifest in manifests:
             chunk = receipts[start : start + manifest["count"]]
             start += manifest["count"]
-            assert manifest["merkle_root"] == leaves_root([settlement.leaf(r) for r in chunk])
+            assert manifest["merkle_root"] == leaves_root([batches.leaf(r) for r in chunk])
             assert manifest["totals"] == {"USDF": str(10_000 * len(chunk))}
             assert manifest["kid"] == sstack.gateway_identity.kid
             assert manifest["closed_at"] == max(r["issued_at"] for r in chunk)
         # A forged manifest (its root changed) no longer verifies.
         forged = {**manifests[0], "merkle_root": "00" * 32}
-        assert not settlement.verify_manifest(forged, public_key(sstack))
+        assert not batches.verify_manifest(forged, public_key(sstack))
     # Both anchor sinks hold the same manifests, each once.
     anchored = jsonl_manifests(sstack.dir / "anchors.jsonl")
     assert len({m["batch_id"] for m in anchored}) == len(anchored)
     for manifest in anchored:
         stored = await sledger.redis.get(keyspace.batch(manifest["batch_id"]))
-        assert stored is not None and settlement.canonical_json(manifest).decode() == stored
+        assert stored is not None and canonical_json(manifest).decode() == stored
 
 
 async def test_a_partial_batch_waits_until_it_is_old_enough(
@@ -114,9 +117,7 @@ async def test_a_worker_killed_at_any_step_loses_nothing_and_doubles_nothing(
     await payers_with_receipts(sledger, sclient, sstack, [4, 9])
     before = await _committed(sledger)
 
-    crashed = await settle(
-        sstack, "--batch-size", "4", "--worker-id", "w-crashed", env={"X402_SETTLE_FAULT": step}
-    )
+    crashed = await settle_crash(sstack, step, "--batch-size", "4", "--worker-id", "w-crashed")
 
     assert crashed.code == -signal.SIGKILL, crashed.err
     after_crash = await _committed(sledger)

@@ -17,7 +17,8 @@ import redis.asyncio as aioredis
 
 from sidecar.ledger.accounts import Ledger
 from sidecar.tools.stack import Stack
-from tests.conftest import ROUTES, funded_payer, pay_direct
+from tests.support.payers import funded_payer, pay_direct
+from tests.support.routes import ROUTES
 
 VERIFY = "/api/v1/trade/verify/T-1"
 PRICE = 10_000
@@ -112,7 +113,7 @@ async def test_sigterm_drains_in_flight_checks() -> None:
         redis = aioredis.Redis.from_url(stack.redis_url)
         async with httpx.AsyncClient(base_url=stack.url, timeout=20) as client:
             # Scripts wait inside Redis until UNPAUSE; reads (UNPAUSE itself) still run.
-            await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+            await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")  # type: ignore[no-untyped-call]
             requests = [asyncio.ensure_future(client.get(VERIFY, headers=h)) for h in proofs]
 
             async def all_checks_in_flight() -> bool:
@@ -136,7 +137,7 @@ async def test_sigterm_drains_in_flight_checks() -> None:
             ready = await client.get(f"{stack.sideport_url}/readyz")
             # Readiness flipped while the checks still wait.
             assert (ready.status_code, ready.json()) == (503, {"status": "shutting_down"})
-            await redis.execute_command("CLIENT", "UNPAUSE")
+            await redis.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
             responses = await asyncio.gather(*requests)
 
         assert [r.status_code for r in responses] == [200] * len(proofs)

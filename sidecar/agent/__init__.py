@@ -2,16 +2,22 @@
 
     from sidecar.agent import Wallet, X402Auth
 
-    wallet = Wallet.from_env(max_per_request="1", budget="10")
+    wallet = Wallet.from_env(max_amount="1", budget="10")
     with httpx.Client(auth=X402Auth(wallet)) as http:
         http.get("https://api.example/priced")  # 402 → signed proof → 200 + receipt
+
+A wallet may also hold an EVM key (the `evm` extra): X402Auth then pays the x402 `exact`
+scheme where that is what a route offers, and `auto_topup=` buys prepaid credit with it.
 
 This package and `sidecar.core` are all that `pip install x402-sidecar` brings: no gRPC,
 no Redis, no Envoy. It imports only `sidecar.core`.
 """
 
-from sidecar.agent.auth import Discovery, Receipt, X402Auth, receipt_of
+from sidecar.agent.auth import TOPUP_EXTENSION, Discovery, Receipt, X402Auth, receipt_of
 from sidecar.agent.channel import ChannelAuth, PaymentChannel
+from sidecar.agent.evm import EvmKey
+from sidecar.agent.exact import TopUp
+from sidecar.agent.topup import atopup, topup
 from sidecar.agent.wallet import Wallet
 from sidecar.core.errors import (
     AssetNotAllowed,
@@ -21,15 +27,18 @@ from sidecar.core.errors import (
     InvalidReceipt,
     MaxAmountExceeded,
     PayeeNotAllowed,
+    TopUpFailed,
 )
 from sidecar.core.identity import Identity
 
 __all__ = [
+    "TOPUP_EXTENSION",
     "AssetNotAllowed",
     "BudgetExceeded",
     "ChannelAuth",
     "ChannelExhausted",
     "Discovery",
+    "EvmKey",
     "GuardRefused",
     "Identity",
     "InvalidReceipt",
@@ -37,7 +46,11 @@ __all__ = [
     "PayeeNotAllowed",
     "PaymentChannel",
     "Receipt",
+    "TopUp",
+    "TopUpFailed",
     "Wallet",
     "X402Auth",
+    "atopup",
     "receipt_of",
+    "topup",
 ]

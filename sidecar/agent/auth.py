@@ -15,30 +15,59 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from collections.abc import Generator, Mapping
+from collections.abc import AsyncGenerator, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
+import anyio
 import httpx
 
+from sidecar.agent.exact import (
+    TOPUP_KIND,
+    ExactOffer,
+    Onchain,
+    TopUp,
+    TopUpTerms,
+    check_exact_receipt,
+    exact_offers,
+    find_onchain,
+    official_default,
+)
 from sidecar.agent.wallet import Reservation, Wallet, scaled
 from sidecar.core import protocol
 from sidecar.core.errors import (
     AmountError,
+    ConfigError,
     InvalidChallenge,
     InvalidReceipt,
     PaymentError,
     ReceiptWarning,
+    TopUpFailed,
 )
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price, Route, RouteTable, validate_path
 from sidecar.core.protocol import SCHEME, VERSION
 
 # Re-exported so an agent needs one import line.
-__all__ = ["RECEIPT_EXTENSION", "Discovery", "Receipt", "Wallet", "X402Auth", "receipt_of"]
+__all__ = [
+    "RECEIPT_EXTENSION",
+    "TOPUP_EXTENSION",
+    "Discovery",
+    "Receipt",
+    "TopUp",
+    "Wallet",
+    "X402Auth",
+    "receipt_of",
+]
 
 RECEIPT_EXTENSION = "x402_receipt"
+TOPUP_EXTENSION = "x402_topup"  # the TopUp an auto top-up made before this response
+JSON = "application/json"
 PROOF_HEADER = "X-Payment"
+SIGNATURE_HEADER = "PAYMENT-SIGNATURE"  # the x402 v2 envelope, as official clients send it
+# A prepaid proof refused for one of these is what a top-up cures (auto_topup).
+TOPUP_REASONS = frozenset({"unknown_payer", "insufficient_funds"})
 # A direct proof refused for one of these means the price list is stale: pay the challenge.
 FALLBACK_REASONS = frozenset({"invoice_mismatch", "invoice_expired", "payment_required"})
 # An invoice carries what a proof echoes back, without the payer's name and signature.
@@ -106,6 +135,8 @@ class Discovery:
     keys: dict[str, str]  # kid → base64url public key
     routes: RouteTable
     max_direct_ttl: int
+    onchain: tuple[Onchain, ...] = ()  # tokens that back ledger assets (`exact`)
+    topup: TopUpTerms | None = None  # where to buy prepaid credit, if the gateway sells it
 
     @classmethod
     def parse(cls, doc: Any) -> Discovery | None:
@@ -136,7 +167,15 @@ class Discovery:
             if route is not None:
                 routes.append(route)
         default = next(iter(assets), "USDF")
-        return cls(payee, keys, RouteTable(routes, assets, default), ttl)
+        onchain = [Onchain.parse(spec) for spec in doc.get("onchain") or []]
+        return cls(
+            payee,
+            keys,
+            RouteTable(routes, assets, default),
+            ttl,
+            tuple(entry for entry in onchain if entry is not None),
+            TopUpTerms.parse(doc.get("topup")),
+        )
 
     def price(self, method: str, path: str) -> Price | None:
         """The same matcher the sidecar uses, over the published price list (None: free)."""
@@ -177,6 +216,35 @@ class _Payment:
 
     reservation: Reservation
     proof: dict[str, Any]
+
+
+@dataclass
+class _ExactPayment:
+    """One signed `exact` authorization in flight."""
+
+    reservation: Reservation
+    onchain: Onchain  # the asset it is counted in, and its decimals
+    amount: int  # atomic
+    payer: str  # the EVM address that signed
+    resource: str | None  # METHOD path; None for a top-up
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """Yielded by the flow instead of a request: wait until `event` (a top-up another
+    request started) is set, at most `timeout` seconds; the flow gets None back."""
+
+    event: threading.Event
+    timeout: float
+
+
+@dataclass
+class _TopUps:
+    """Per origin: one top-up in flight at a time; `generation` counts those that worked."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    generation: int = 0
+    running: threading.Event | None = None
 
 
 def receipt_of(response: Any) -> Receipt | None:
@@ -251,6 +319,41 @@ def parse_invoice(response: httpx.Response) -> dict[str, Any] | None:
     return {name: invoice[name] for name in INVOICE_FIELDS}
 
 
+Step = httpx.Request | _Wait
+Flow = Generator[Step, httpx.Response | None, None]
+
+
+def _send(request: httpx.Request) -> Generator[Step, httpx.Response | None, httpx.Response]:
+    """`response = yield from _send(request)`: a request's answer inside a flow."""
+    response = yield request
+    assert response is not None  # only a _Wait is answered with None
+    return response
+
+
+async def _wait_async(wait: _Wait) -> None:
+    """A `_Wait` under async httpx: poll the event, never block the event loop. A
+    threading.Event, not an anyio one: sync threads and event loops may share the auth."""
+    deadline = time.monotonic() + wait.timeout
+    while not wait.event.is_set() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await anyio.sleep(0.005)
+
+
+def _drive(flow: Flow) -> Generator[httpx.Request, httpx.Response, None]:
+    """A flow as an httpx auth flow for sync callers: a `_Wait` blocks this thread."""
+    try:
+        step = next(flow)
+        while True:
+            if isinstance(step, _Wait):
+                step.event.wait(step.timeout)
+                step = flow.send(None)
+            else:
+                step = flow.send((yield step))
+    except StopIteration:
+        return
+    finally:
+        flow.close()
+
+
 class X402Auth(httpx.Auth):
     """httpx auth that pays for requests with a Wallet, at most once per request.
 
@@ -260,6 +363,13 @@ class X402Auth(httpx.Auth):
       the challenge's payment; never a second charge.
     - Otherwise, or for a route the price list does not know, a 402 is answered by signing
       its invoice and retrying once.
+    - A wallet with an EVM key pays the x402 `exact` scheme (EIP-3009, signed by the
+      official x402 client) where the 402 offers it and a prepaid proof is not possible:
+      only `exact` offered, or no Ed25519 key in the wallet.
+    - auto_topup="5": a prepaid proof refused for `unknown_payer` or `insufficient_funds`
+      buys that much credit on the gateway's top-up route (discovery's `topup`), paid with
+      `exact` from the EVM key, then retries the request with a fresh proof, once. One
+      top-up at a time per origin: requests refused meanwhile wait for it, and use it.
     - Every receipt is verified against the gateway's keys from discovery (or the pinned
       `gateway_keys`, {kid: public key}) and put in `response.extensions["x402_receipt"]`;
       a bad one raises InvalidReceipt when strict=True, else warns (ReceiptWarning).
@@ -278,6 +388,8 @@ class X402Auth(httpx.Auth):
         discovery_ttl: float = 300.0,
         gateway_keys: Mapping[str, str] | None = None,
         direct_ttl: int = 60,
+        auto_topup: str | None = None,
+        topup_timeout: float = 120.0,
     ) -> None:
         self.wallet = wallet
         self.direct = direct
@@ -286,8 +398,18 @@ class X402Auth(httpx.Auth):
         self.direct_ttl = direct_ttl
         # Pinned receipt keys ({kid: public key}) instead of trusting discovery's.
         self.gateway_keys = dict(gateway_keys) if gateway_keys is not None else None
+        if auto_topup is not None:
+            scaled(auto_topup, "auto_topup")  # a decimal string, or AmountError
+            if wallet.evm is None or not wallet.has_identity:
+                raise ConfigError(
+                    "auto_topup needs a wallet with both keys: the Ed25519 key that is "
+                    "credited and the EVM key that pays"
+                )
+        self.auto_topup = auto_topup
+        self.topup_timeout = topup_timeout  # how long a request waits for another's top-up
         self._cache: dict[str, _Cached] = {}
         self._cache_lock = threading.Lock()
+        self._topups: dict[str, _TopUps] = {}
 
     # -- discovery cache -------------------------------------------------------------------
     def _cached(self, origin: str) -> _Cached | None:
@@ -320,21 +442,58 @@ class X402Auth(httpx.Auth):
         url = request.url.copy_with(path=protocol.DISCOVERY_PATH, query=None, fragment=None)
         return httpx.Request("GET", url, headers={"accept": "application/json"})
 
-    # -- the flow --------------------------------------------------------------------------
+    def _keys(self, discovery: Discovery | None) -> Mapping[str, str] | None:
+        if self.gateway_keys is not None:
+            return self.gateway_keys
+        return discovery.keys if discovery is not None else None
+
+    def _topup_state(self, origin: str) -> _TopUps:
+        with self._cache_lock:
+            return self._topups.setdefault(origin, _TopUps())
+
+    # -- the drivers: httpx sync and async, the requests adapter ------------------------------
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        """The payment flow for a synchronous caller (httpx.Client, the requests adapter)."""
+        return _drive(self._flow(request))
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """The same flow under httpx.AsyncClient: waiting for a top-up never blocks the loop."""
+        if self.requires_request_body:
+            await request.aread()
+        flow = self._flow(request)
+        try:
+            step = next(flow)
+            while True:
+                if isinstance(step, _Wait):
+                    await _wait_async(step)
+                    step = flow.send(None)
+                else:
+                    response = yield step
+                    await response.aread()
+                    step = flow.send(response)
+        except StopIteration:
+            return
+        finally:
+            flow.close()
+
+    # -- the flow --------------------------------------------------------------------------
+    def _flow(self, request: httpx.Request) -> Flow:
         origin = origin_of(request.url)
         cached = self._cached(origin)
         discovery = cached.discovery if cached is not None else None
         if self.direct and cached is None:
-            discovery = self._store(origin, (yield self._discovery_request(request)))
+            discovery = self._store(origin, (yield from _send(self._discovery_request(request))))
             cached = self._cached(origin)
 
         payment = None
-        if self.direct and discovery is not None:
+        generation = self._topup_state(origin).generation
+        if self.direct and discovery is not None and self.wallet.has_identity:
             price = discovery.price(request.method, path_of(request.url))
             if price is not None:
                 payment = self._pay(request, self._direct_terms(request, price, discovery))
-        response = yield request
+        response = yield from _send(request)
 
         if payment is not None:
             reason = refusal(response)
@@ -342,27 +501,48 @@ class X402Auth(httpx.Auth):
                 self._settle(payment, response, discovery)
                 return
             payment.reservation.release()  # refused: nothing was charged
+            if self._cures(reason):
+                yield from self._topup_and_retry(request, response, generation)
+                return
             if response.status_code != 402 or reason not in FALLBACK_REASONS:
                 return
             # The price list is stale: refresh it, then pay the invoice this 402 carries.
-            discovery = self._store(origin, (yield self._discovery_request(request)))
+            discovery = self._store(origin, (yield from _send(self._discovery_request(request))))
             cached = self._cached(origin)
         elif response.status_code != 402:
             return
 
-        invoice = parse_invoice(response)
-        if invoice is None:
-            return  # a 402 that is no x402 challenge: the caller gets it as it is
+        offers = exact_offers(response.headers.get("payment-required"))
+        can_exact = bool(offers) and self.wallet.evm is not None
+        invoice = None
+        if self.wallet.has_identity:
+            try:
+                invoice = parse_invoice(response)
+            except InvalidChallenge:
+                if not can_exact:
+                    raise
+        if invoice is None and not can_exact:
+            return  # nothing this wallet can pay: the caller gets the 402 as it is
         resource = f"{request.method} {path_of(request.url)}"
-        if invoice["resource"] != resource:
+        if invoice is not None and invoice["resource"] != resource:
             raise InvalidChallenge(
                 f"the invoice is for {invoice['resource']!r}, not {resource!r}; not paying"
             )
         if cached is None:  # challenge mode: the keys that check the receipt
-            discovery = self._store(origin, (yield self._discovery_request(request)))
-        payment = self._pay(request, invoice)
-        response = yield request
-        self._settle(payment, response, discovery)
+            discovery = self._store(origin, (yield from _send(self._discovery_request(request))))
+
+        if invoice is not None:
+            generation = self._topup_state(origin).generation
+            payment = self._pay(request, invoice)
+            response = yield from _send(request)
+            self._settle(payment, response, discovery)
+            reason = refusal(response)
+            if reason is not None and self._cures(reason):
+                yield from self._topup_and_retry(request, response, generation)
+            return
+        exact = self._pay_exact(request, offers, discovery)
+        response = yield from _send(request)
+        self._settle_exact(exact, response, discovery)
 
     def _direct_terms(
         self, request: httpx.Request, price: Price, discovery: Discovery
@@ -406,10 +586,7 @@ class X402Auth(httpx.Auth):
             payment.reservation.commit()
             self._bad_receipt("the payment receipt header is not base64 JSON")
             return
-        keys = self.gateway_keys
-        if keys is None and discovery is not None:
-            keys = discovery.keys
-        problem = check_receipt(fields, payment.proof, keys)
+        problem = check_receipt(fields, payment.proof, self._keys(discovery))
         # A verified receipt of a hold says what was really charged: the budget gets the
         # rest back (all of it when the service failed and the hold was released).
         captured = None
@@ -424,10 +601,288 @@ class X402Auth(httpx.Auth):
         if problem is not None:
             self._bad_receipt(f"receipt {receipt.receipt_id or '?'}: {problem}")
 
+    # -- exact -----------------------------------------------------------------------------
+    def _pay_exact(
+        self, request: httpx.Request, offers: list[ExactOffer], discovery: Discovery | None
+    ) -> _ExactPayment:
+        """Guards first, in the ledger asset the token backs; then the official client signs."""
+        evm = self.wallet.evm
+        assert evm is not None
+        for offer in offers:
+            onchain = onchain_of(offer, discovery)
+            if onchain is not None:
+                break
+        else:
+            tokens = ", ".join(f"{o.token} on {o.network}" for o in offers)
+            raise InvalidChallenge(
+                f"the 402 offers exact in {tokens}: a token neither the gateway's discovery "
+                "nor the official client's table names, so its decimals are unknown; not paying"
+            )
+        payee = discovery.payee if discovery is not None else offer.pay_to
+        reservation = self.wallet.reserve_atomic(
+            onchain.asset,
+            offer.amount,
+            onchain.decimals,
+            payee,
+            aliases=(offer.token,),
+            payee_aliases=(offer.pay_to,),
+        )
+        try:
+            header = evm.sign_exact(offer.offer, offer.resource)
+        except BaseException:
+            reservation.release()
+            raise
+        request.headers.pop(PROOF_HEADER, None)  # a refused prepaid proof must not ride along
+        request.headers[SIGNATURE_HEADER] = header
+        resource = f"{request.method} {path_of(request.url)}"
+        return _ExactPayment(reservation, onchain, offer.amount, evm.address, resource)
+
+    def _settle_exact(
+        self, payment: _ExactPayment, response: httpx.Response, discovery: Discovery | None
+    ) -> None:
+        header = _receipt_header(response)
+        if header is None:
+            if 400 <= response.status_code < 500:
+                payment.reservation.release()  # refused before anything settled
+                return
+            # A 5xx may come after the chain moved the money; a 2xx did pay.
+            payment.reservation.commit()
+            if response.status_code < 400:
+                self._bad_receipt(f"{response.status_code} response carries no payment receipt")
+            return
+        payment.reservation.commit()
+        try:
+            fields = protocol.decode_header(header)
+        except PaymentError:
+            fields = None
+        if not isinstance(fields, dict):
+            self._bad_receipt("the payment receipt header is not base64 JSON")
+            return
+        problem = check_exact_receipt(
+            fields,
+            self._keys(discovery),
+            payer=payment.payer,
+            resource=payment.resource,
+            asset=payment.onchain.asset,
+            atomic=payment.amount,
+            decimals=payment.onchain.decimals,
+        )
+        receipt = Receipt.from_fields(fields, verified=problem is None)
+        response.extensions = {**response.extensions, RECEIPT_EXTENSION: receipt}
+        if problem is not None:
+            self._bad_receipt(f"receipt {receipt.receipt_id or '?'}: {problem}")
+
+    # -- auto top-up -----------------------------------------------------------------------
+    def _cures(self, reason: str) -> bool:
+        return self.auto_topup is not None and reason in TOPUP_REASONS
+
+    def _topup_and_retry(
+        self, request: httpx.Request, refused: httpx.Response, generation: int
+    ) -> Flow:
+        """Buy credit (or wait for the top-up another request started), then retry once
+        with a fresh prepaid proof. `generation`: the state of top-ups when the refused
+        proof was signed; a top-up finished since then is used, not repeated."""
+        assert self.auto_topup is not None
+        origin = origin_of(request.url)
+        entry = self._cache.get(origin)  # even if stale: its top-up terms are what we have
+        discovery = entry.discovery if entry is not None else None
+        if discovery is None or discovery.topup is None:
+            return  # this gateway sells no credit: the refusal stands
+        state = self._topup_state(origin)
+        with state.lock:
+            if state.generation != generation:
+                running, run = None, False  # credit was bought since: just retry
+            elif state.running is None:
+                running, run = threading.Event(), True
+                state.running = running
+            else:
+                running, run = state.running, False
+        topup = None
+        if run:
+            assert running is not None
+            try:
+                topup = yield from topup_flow(
+                    self.wallet, origin, self.auto_topup, discovery, self._keys(discovery)
+                )
+                if not topup.verified:
+                    self._bad_receipt(f"top-up receipt {topup.receipt_id or '?'}: {topup.problem}")
+                with state.lock:
+                    state.generation += 1
+            finally:
+                with state.lock:
+                    state.running = None
+                running.set()
+        elif running is not None:
+            yield _Wait(running, self.topup_timeout)
+            if state.generation == generation:
+                return  # that top-up failed, or is late: the refusal stands
+        # The retry: a fresh proof, direct from the price list or the refusal's invoice.
+        price = discovery.price(request.method, path_of(request.url)) if self.direct else None
+        if price is not None:
+            terms = self._direct_terms(request, price, discovery)
+        else:
+            invoice = parse_invoice(refused)
+            resource = f"{request.method} {path_of(request.url)}"
+            if invoice is None or invoice["resource"] != resource:
+                return
+            terms = invoice
+        payment = self._pay(request, terms)
+        response = yield from _send(request)
+        self._settle(payment, response, discovery)
+        if topup is not None:
+            response.extensions = {**response.extensions, TOPUP_EXTENSION: topup}
+
     def _bad_receipt(self, message: str) -> None:
         if self.strict:
             raise InvalidReceipt(message)
         warnings.warn(message, ReceiptWarning, stacklevel=2)
+
+
+def onchain_of(offer: ExactOffer, discovery: Discovery | None) -> Onchain | None:
+    """The ledger asset an exact offer's token backs (the gateway's discovery), else the
+    official client's well-known token (USDC on Base, …); None when neither knows it."""
+    found = find_onchain(discovery.onchain, offer.network, offer.token) if discovery else None
+    return found or official_default(offer.network, offer.token)
+
+
+def topup_flow(
+    wallet: Wallet,
+    origin: str,
+    amount: str,
+    discovery: Discovery,
+    keys: Mapping[str, str] | None,
+) -> Generator[Step, httpx.Response | None, TopUp]:
+    """Buy `amount` of prepaid credit for the wallet's Ed25519 key on the gateway's top-up
+    route, paying `exact` with its EVM key: the priced 402, then the paid retry.
+
+    The top-up counts against the wallet's budget in the credited asset (and its asset and
+    payee guards); max_amount does not apply (it caps one request's price). Raises
+    TopUpFailed when the gateway did not credit the key, GuardRefused before signing."""
+    terms = discovery.topup
+    if terms is None:
+        raise TopUpFailed("this gateway sells no prepaid credit (no `topup` in its discovery)")
+    evm = wallet.evm
+    if evm is None:
+        raise ConfigError("a top-up is paid with an EVM key: this wallet has none")
+    payer = wallet.public_key
+    asset = discovery.routes.assets.get(terms.asset)
+    if asset is None:
+        raise TopUpFailed(f"the gateway's discovery lists no decimals for {terms.asset}")
+    atomic = asset.to_atomic(amount)  # AmountError: not an amount of this asset
+    try:
+        low, high = asset.to_atomic(terms.min), asset.to_atomic(terms.max)
+    except AmountError:
+        raise TopUpFailed("the gateway's top-up limits do not parse") from None
+    if not low <= atomic <= high:
+        raise TopUpFailed(
+            f"a top-up is {terms.min} to {terms.max} {terms.asset}; {amount} is not",
+            "bad_request",
+        )
+    query = urlencode({"payer": payer, "amount": amount})
+    url = f"{origin}{terms.path}?{query}"
+    priced = yield from _send(httpx.Request(terms.method, url, headers={"accept": JSON}))
+    if priced.status_code != 402:
+        raise _topup_refused(priced, "asking its price")
+    offers = [
+        offer
+        for offer in exact_offers(priced.headers.get("payment-required"))
+        if (found := find_onchain(discovery.onchain, offer.network, offer.token)) is not None
+        and found.asset == terms.asset
+    ]
+    if not offers:
+        raise InvalidChallenge(
+            f"the top-up's 402 offers exact in no token the gateway lists for {terms.asset}"
+        )
+    offer = offers[0]
+    if offer.amount != atomic:
+        raise InvalidChallenge(
+            f"the top-up's offer is for {offer.amount} atomic units, not the {atomic} asked for"
+        )
+    reservation = wallet.reserve_atomic(
+        terms.asset,
+        atomic,
+        asset.decimals,
+        discovery.payee,
+        aliases=(offer.token,),
+        payee_aliases=(offer.pay_to,),
+        per_request=False,
+    )
+    try:
+        header = evm.sign_exact(offer.offer, offer.resource)
+    except BaseException:
+        reservation.release()
+        raise
+    paid_request = httpx.Request(
+        terms.method, url, headers={"accept": JSON, SIGNATURE_HEADER: header}
+    )
+    try:
+        paid = yield from _send(paid_request)
+    except BaseException:
+        reservation.commit()  # sent, perhaps settled: it counts
+        raise
+    if paid.status_code != 200:
+        if 400 <= paid.status_code < 500:
+            reservation.release()  # refused before anything settled
+        else:
+            reservation.commit()  # a 5xx may come after the chain moved the money
+        raise _topup_refused(paid, "paying")
+    reservation.commit()
+    try:
+        body = paid.json()
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    body = body if isinstance(body, dict) else {}
+    fields = body.get("receipt")
+    if not isinstance(fields, dict):
+        header_value = _receipt_header(paid)
+        try:
+            fields = protocol.decode_header(header_value) if header_value else {}
+        except PaymentError:
+            fields = {}
+    fields = fields if isinstance(fields, dict) else {}
+    problem = check_exact_receipt(
+        fields,
+        keys,
+        payer=evm.address,
+        resource=None,
+        asset=terms.asset,
+        atomic=atomic,
+        decimals=asset.decimals,
+    )
+    if problem is None and (fields.get("payer") != payer or fields.get("kind") != TOPUP_KIND):
+        problem = "it does not credit this wallet's key"
+
+    def text(name: str) -> str:
+        value = body.get(name, fields.get(name, ""))
+        return value if isinstance(value, str) else str(value)
+
+    return TopUp(
+        payer=payer,
+        asset=terms.asset,
+        credited=text("credited") or str(fields.get("amount", "")),
+        balance=text("balance"),
+        transaction=text("transaction"),
+        receipt_id=str(fields.get("receipt_id", "")),
+        verified=problem is None,
+        receipt=fields,
+        problem=problem,
+    )
+
+
+def _topup_refused(response: httpx.Response, doing: str) -> TopUpFailed:
+    reason = refusal(response) or f"http_{response.status_code}"
+    message = ""
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        message = f": {body['message']}"
+    return TopUpFailed(
+        f"top-up refused while {doing}: HTTP {response.status_code} {reason}{message}",
+        reason,
+        response.status_code,
+    )
 
 
 def check_receipt(

@@ -12,7 +12,7 @@ from typing import Any
 
 from nacl.signing import VerifyKey
 
-from sidecar.core import holds, protocol
+from sidecar.core import exact, holds, protocol
 from sidecar.core.errors import (
     AmountError,
     InvalidInvoice,
@@ -43,8 +43,9 @@ class Gateway:
     invoice_ttl: int = 300
     max_direct_ttl: int = 300
     max_proof_bytes: int = 4096
-    network: str = "fth-ledger"
+    network: str = "fth:ledger"  # CAIP-2 shaped: the official x402 schemas require a ":"
     public_url: str = ""  # base URL agents use; derived from each request's Host when empty
+    exact: exact.ExactTerms | None = None  # the x402 `exact` scheme, where configured
 
     @cached_property
     def payee(self) -> str:
@@ -172,6 +173,9 @@ def deny(
     if error.status == 402 and price is not None:
         fresh = invoice(request, price, gateway, now)
         invoice_id = fresh["invoice_id"]
+        onchain = gateway.exact.for_price(price) if gateway.exact is not None else None
+        if onchain is not None and gateway.exact is not None:
+            fresh = {**fresh, **exact.invoice_fields(onchain, price.amount, gateway.exact)}
         body["x402"] = fresh
         headers.append(
             (
@@ -198,7 +202,23 @@ def payment_required(
     reason: str,
     message: str,
 ) -> dict[str, Any]:
-    """The x402 v2 `PaymentRequired` object, so generic x402 tooling can read the challenge."""
+    """The x402 v2 `PaymentRequired` object, so generic x402 tooling can read the challenge
+    (and, where the route's asset is backed by a token on chain, pay it with `exact`)."""
+    prepaid = {k: v for k, v in fresh.items() if k not in _EXACT_FIELDS}
+    accepts: list[dict[str, Any]] = [
+        {
+            "scheme": SCHEME,
+            "network": gateway.network,
+            "amount": str(price.amount),
+            "asset": price.asset.code,
+            "payTo": gateway.payee,
+            "maxTimeoutSeconds": gateway.invoice_ttl,
+            "extra": prepaid,
+        }
+    ]
+    onchain = gateway.exact.for_price(price) if gateway.exact is not None else None
+    if onchain is not None and gateway.exact is not None:
+        accepts.append(exact.offer(onchain, price.amount, gateway.exact))
     return {
         "x402Version": protocol.X402_VERSION,
         "error": reason,
@@ -207,18 +227,11 @@ def payment_required(
             "description": price.description or message,
             "mimeType": "application/json",
         },
-        "accepts": [
-            {
-                "scheme": SCHEME,
-                "network": gateway.network,
-                "amount": str(price.amount),
-                "asset": price.asset.code,
-                "payTo": gateway.payee,
-                "maxTimeoutSeconds": gateway.invoice_ttl,
-                "extra": fresh,
-            }
-        ],
+        "accepts": accepts,
     }
+
+
+_EXACT_FIELDS = frozenset(("price_usd", "token", "chain", "facilitator", "payment_target"))
 
 
 def carrying(receipt: dict[str, Any]) -> Allow:

@@ -119,6 +119,27 @@ class LedgerUnavailable(PaymentError):
     status = 503
 
 
+class FacilitatorUnavailable(PaymentError):
+    """The `exact` scheme's facilitator is down, too slow or answered 5xx: nothing was
+    settled (or a top-up's settle outcome could not be resolved yet); retry shortly."""
+
+    reason = "facilitator_unavailable"
+    status = 503
+
+
+class InvalidPayment(PaymentError):
+    """The facilitator found an `exact` authorization invalid (`isValid: false`); the body
+    carries its reason as `facilitator_reason`, and a fresh challenge."""
+
+    reason = "invalid_payment"
+
+
+class SettlementFailed(PaymentError):
+    """An `exact` settlement failed on chain: nothing forwarded, nothing credited."""
+
+    reason = "settlement_failed"
+
+
 class BadRequest(PaymentError):
     """A request the gateway refuses before pricing: a non-canonical method, or an odd
     spelling of a priced path that a framework could route to the priced handler."""
@@ -182,6 +203,9 @@ BY_REASON: dict[str, type[PaymentError]] = {
         UnderpaidVoucher,
         RateLimited,
         LedgerUnavailable,
+        FacilitatorUnavailable,
+        InvalidPayment,
+        SettlementFailed,
         BadRequest,
         UnknownRoute,
         InternalError,
@@ -244,3 +268,14 @@ class InvalidReceipt(X402Error):
 
 class ReceiptWarning(UserWarning):
     """Emitted instead of InvalidReceipt when the client is not in strict mode."""
+
+
+class TopUpFailed(X402Error):
+    """A top-up (buying prepaid credit with `exact`) that did not credit the key: the
+    gateway's `reason` (PROTOCOL.md §5, or `http_<status>`) and its `status`; the message
+    says what was or was not paid."""
+
+    def __init__(self, message: str, reason: str = "topup_failed", status: int = 0) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status

@@ -149,3 +149,68 @@ def voucher_body(
         "balance": asset.to_decimal(remaining),  # left in the channel
         "issued_at": issued_at,
     }
+
+
+def exact_body(
+    payer: str,
+    resource: str,
+    asset: Asset,
+    amount: int,
+    settled: Mapping[str, str],
+    receipt_id: str,
+    payee: str,
+    issued_at: int,
+) -> dict[str, Any]:
+    """The unsigned receipt of one `exact` payment. It carries the official x402
+    SettleResponse fields (`success`, `transaction`, `network`, `payer`), so official
+    clients read it as their PAYMENT-RESPONSE; the settlement is the chain's transaction,
+    not a ledger entry. `settled`: transaction, network, token, nonce (the authorization)."""
+    return {
+        "version": VERSION,
+        "success": True,
+        "receipt_id": receipt_id,
+        "scheme": "exact",
+        "payer": payer,
+        "payee": payee,
+        "resource": resource,
+        "asset": asset.code,
+        "amount": asset.to_decimal(amount),
+        "transaction": settled["transaction"],
+        "network": settled["network"],
+        "token": settled["token"],
+        "nonce": settled["nonce"],
+        "issued_at": issued_at,
+    }
+
+
+def topup_body(
+    payer: str,
+    authorizer: str,
+    asset: Asset,
+    credited: int,
+    balance: int,
+    settled: Mapping[str, str],
+    receipt_id: str,
+    payee: str,
+    issued_at: int,
+) -> dict[str, Any]:
+    """The unsigned credit receipt of a top-up: `payer` is the Ed25519 key credited,
+    `authorizer` the address that paid on chain; also the top-up's PAYMENT-RESPONSE."""
+    return {
+        "version": VERSION,
+        "success": True,
+        "receipt_id": receipt_id,
+        "kind": "topup",
+        "scheme": "exact",
+        "payer": payer,
+        "payee": payee,
+        "asset": asset.code,
+        "amount": asset.to_decimal(credited),
+        "balance": asset.to_decimal(balance),
+        "authorizer": authorizer,
+        "transaction": settled["transaction"],
+        "network": settled["network"],
+        "token": settled["token"],
+        "nonce": settled["nonce"],
+        "issued_at": issued_at,
+    }

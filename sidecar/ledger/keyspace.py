@@ -92,3 +92,13 @@ def payer_rate(payer: str) -> str:
 def ip_rate(address: str) -> str:
     """String: a client address's rate-limit bucket. Its own hash tag: one slot per address."""
     return f"{PREFIX}:ip:{{{address}}}"
+
+
+# -- the x402 `exact` scheme (sidecar/ledger/authorizations.py) ---------------------------
+
+
+def authorization(authorizer: str, key: str) -> str:
+    """String: one EIP-3009 authorization's state, `reserved:<id>` then `settled:<tx>`,
+    until its validBefore (+ grace). Tagged by the authorizer (an EVM address), so the
+    reservation is one key in one slot; `key` is network:token:nonce."""
+    return f"{PREFIX}:{{evm:{authorizer.lower()}}}:auth:{key}"

@@ -5,9 +5,10 @@ batch) under the payer's hash tag. One pass, for each payer:
 
 1. claim (one Lua script): the receipts after the cursor, at most `batch_size`, once there
    are `batch_size` of them or the oldest is `max_age` old. The claimed range is stored.
-2. build: re-derive every signed receipt (signatures are deterministic), compute the
-   Merkle root and sign the manifest. Nothing in it depends on the clock or the worker,
-   so a batch built again from the same claim is the same bytes and has the same id.
+2. build (`sidecar/core/batches.py`, pure): re-derive every signed receipt (signatures are
+   deterministic), compute the Merkle root and sign the manifest. Nothing in it depends on
+   the clock or the worker, so a batch built again from the same claim is the same bytes
+   and has the same id.
 3. anchor: write the manifest to every sink; each is idempotent on the batch id.
 4. commit (one Lua script): if the claim is still this range, move the cursor past it.
 
@@ -23,13 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
-import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -38,121 +37,25 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from sidecar.core import merkle, receipts
+from sidecar.core.batches import build_batch
 from sidecar.core.errors import SettlementError, X402Error
-from sidecar.core.identity import Identity, b64url, verify, verify_key
+from sidecar.core.identity import Identity
 from sidecar.core.money import Asset
-from sidecar.core.protocol import VERSION, canonical_json, sign_receipt
+from sidecar.core.protocol import canonical_json
 from sidecar.ledger import keyspace, scripts
 from sidecar.ledger.accounts import Ledger, unavailable
 from sidecar.ledger.channels import Channels
 
-BATCH_DOMAIN = b"fth-x402/2.0 batch\n"
-BATCH_TYPE = "settlement-batch"
-# Test hook: the worker SIGKILLs itself at this step, to prove a crash there is harmless.
-FAULT_ENV = "X402_SETTLE_FAULT"
+# A fault hook is called with each step's name as the worker passes it: the crash tests
+# pass one that kills the process at a chosen step, to prove a crash there is harmless.
+Fault = Callable[[str], None]
 FAULT_STEPS = ("after_claim", "mid_jsonl", "after_jsonl", "after_anchor", "after_commit")
 
 log = structlog.get_logger("sidecar.settlement")
 
 
-def _fault(step: str) -> None:
-    if os.environ.get(FAULT_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# -- receipts and manifests (pure) ------------------------------------------------------
-
-
-def batch_id(payer: str, first: str, last: str) -> str:
-    """Deterministic from the claimed range: a rebuilt batch keeps its id."""
-    digest = hashlib.sha256(canonical_json({"payer": payer, "first": first, "last": last}))
-    return "bat_" + b64url(digest.digest()[:16])
-
-
-def signed_receipt(
-    payer: str, entry: Mapping[str, str], assets: Mapping[str, Asset], gateway: Identity
-) -> dict[str, Any]:
-    """The receipt the agent got for a receipt-stream entry, re-derived and re-signed.
-
-    Ed25519 signatures are deterministic: with the same gateway key this is, byte for
-    byte, the receipt of the response headers (PROTOCOL.md §4).
-    """
-    asset = assets.get(entry.get("asset", ""))
-    if asset is None:
-        raise SettlementError(f"receipt {entry.get('receipt_id')}: unknown asset")
-    try:
-        body = receipts.body(payer, entry, asset)
-    except (KeyError, ValueError) as exc:
-        raise SettlementError(
-            f"receipt {entry.get('receipt_id')}: malformed stream entry ({exc})"
-        ) from None
-    return sign_receipt(body, gateway)
-
-
-def leaf(receipt: Mapping[str, Any]) -> bytes:
-    """A batch's leaves are the signed receipts' canonical JSON."""
-    return canonical_json(receipt)
-
-
-@dataclass(frozen=True)
-class Batch:
-    manifest: dict[str, Any]  # signed
-    receipts: list[dict[str, Any]]  # signed, in leaf order
-    stream_ids: list[str]
-    tree: merkle.MerkleTree = field(repr=False)
-
-    @property
-    def id(self) -> str:
-        return str(self.manifest["batch_id"])
-
-
-def build_batch(
-    payer: str,
-    previous: str,
-    seq: int,
-    entries: Sequence[tuple[str, Mapping[str, str]]],
-    assets: Mapping[str, Asset],
-    gateway: Identity,
-) -> Batch:
-    """The signed manifest of one claimed range. Deterministic: no clock, no worker id."""
-    receipts = [signed_receipt(payer, fields, assets, gateway) for _id, fields in entries]
-    tree = merkle.MerkleTree([leaf(r) for r in receipts])
-    totals: dict[str, int] = {}
-    for _id, fields in entries:
-        totals[fields["asset"]] = totals.get(fields["asset"], 0) + int(fields["amount"])
-    first, last = entries[0][0], entries[-1][0]
-    body = {
-        "version": VERSION,
-        "type": BATCH_TYPE,
-        "batch_id": batch_id(payer, first, last),
-        "payer": payer,
-        "seq": seq,
-        "previous": previous,  # the cursor before this batch: batches chain per payer
-        "first": first,
-        "last": last,
-        "count": len(receipts),
-        "totals": {code: str(amount) for code, amount in sorted(totals.items())},
-        "merkle_alg": merkle.ALGORITHM,
-        "merkle_root": tree.root.hex(),
-        "closed_at": max(int(r["issued_at"]) for r in receipts),
-        "kid": gateway.kid,
-    }
-    manifest = {**body, "signature": gateway.sign(BATCH_DOMAIN + canonical_json(body))}
-    return Batch(manifest, receipts, [stream_id for stream_id, _f in entries], tree)
-
-
-def verify_manifest(manifest: Mapping[str, Any], public_key: str) -> bool:
-    """The gateway's signature on a batch manifest, with its public key (base64url)."""
-    signature = manifest.get("signature")
-    if not isinstance(signature, str):
-        return False
-    try:
-        key = verify_key(public_key)
-    except ValueError:
-        return False
-    body = {k: v for k, v in manifest.items() if k != "signature"}
-    return verify(key, BATCH_DOMAIN + canonical_json(body), signature)
+def _no_fault(step: str) -> None:
+    pass
 
 
 # -- anchor sinks -----------------------------------------------------------------------
@@ -198,8 +101,9 @@ class JsonlSink:
 
     name = "jsonl"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], fault: Fault | None = None) -> None:
         self.path = Path(path)
+        self.fault = fault
         self._seen: set[str] = set()
         self._offset = 0  # bytes of the file already indexed in _seen
         self._inode = -1
@@ -226,11 +130,14 @@ class JsonlSink:
                 f.truncate(self._offset)
             if batch in self._seen:
                 return False
-            if os.environ.get(FAULT_ENV) == "mid_jsonl":
-                f.write(line[: len(line) // 2])
+            if self.fault is None:
+                f.write(line)
+            else:  # in two halves, so that a crash at "mid_jsonl" leaves a torn line
+                half = len(line) // 2
+                f.write(line[:half])
                 f.flush()
-                _fault("mid_jsonl")
-            f.write(line)
+                self.fault("mid_jsonl")
+                f.write(line[half:])
             f.flush()
             os.fsync(f.fileno())
             self._offset += len(line)
@@ -284,6 +191,7 @@ class Settler:
         assets: Mapping[str, Asset],
         sinks: Sequence[AnchorSink],
         options: Options | None = None,
+        fault: Fault | None = None,
     ) -> None:
         self.ledger = ledger
         self.redis = ledger.redis
@@ -291,6 +199,7 @@ class Settler:
         self.assets = dict(assets)
         self.sinks = list(sinks)
         self.options = options or Options()
+        self._fault = fault or _no_fault
         self._claim = self.redis.register_script(scripts.source("settle_claim"))
         self._commit = self.redis.register_script(scripts.source("settle_commit"))
         self.channels = Channels(ledger)
@@ -348,19 +257,19 @@ class Settler:
                 return
             _status, previous, first, last, seq, raw = result
             entries = [(stream_id, _pairs(values)) for stream_id, values in raw]
-            _fault("after_claim")
+            self._fault("after_claim")
             try:
                 batch = build_batch(payer, previous, int(seq), entries, self.assets, self.gateway)
                 for sink in self.sinks:
                     await sink.anchor(batch.manifest)
-                    _fault(f"after_{sink.name}")
+                    self._fault(f"after_{sink.name}")
             except (SettlementError, OSError) as exc:
                 # The claim stays; after its lease any worker retries this same batch.
                 log.error("settle.batch_failed", payer=payer, first=first, error=str(exc))
                 report.failed += 1
                 self._oldest(report, _ms(first))
                 return
-            _fault("after_anchor")
+            self._fault("after_anchor")
             committed: list[Any] = await self._commit(
                 keys=(keyspace.settlement(payer), keyspace.payer_batches(payer)),
                 args=(first, last, batch.id),
@@ -368,7 +277,7 @@ class Settler:
             if committed[0] != "ok":
                 report.stale += 1
                 continue
-            _fault("after_commit")
+            self._fault("after_commit")
             report.batches.append(batch.manifest)
             log.info(
                 "settle.batch",

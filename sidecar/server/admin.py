@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from sidecar.core.batches import signed_receipt
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import (
     ChannelExists,
@@ -100,20 +101,21 @@ class Facilitator(pb_grpc.FacilitatorServicer):  # type: ignore[misc]
     async def SuspendPayer(
         self, request: pb.PayerRequest, context: grpc.aio.ServicerContext
     ) -> pb.PayerStatus:
-        async def op() -> pb.PayerStatus:
-            return pb.PayerStatus(
-                payer=request.payer, status=await self.payers.suspend(request.payer)
-            )
-
-        return await _answer(context, op)
+        return await self._status(request.payer, self.payers.suspend, context)
 
     async def ActivatePayer(
         self, request: pb.PayerRequest, context: grpc.aio.ServicerContext
     ) -> pb.PayerStatus:
+        return await self._status(request.payer, self.payers.activate, context)
+
+    async def _status(
+        self,
+        payer: str,
+        change: Callable[[str], Awaitable[str]],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.PayerStatus:
         async def op() -> pb.PayerStatus:
-            return pb.PayerStatus(
-                payer=request.payer, status=await self.payers.activate(request.payer)
-            )
+            return pb.PayerStatus(payer=payer, status=await change(payer))
 
         return await _answer(context, op)
 
@@ -152,9 +154,7 @@ class Facilitator(pb_grpc.FacilitatorServicer):  # type: ignore[misc]
             entries = await self.ledger.receipt_page(payer, request.after, limit)
             receipts = []
             for stream_id, fields in entries:
-                signed = settlement.signed_receipt(
-                    payer, fields, self.payers.assets, self.gateway.identity
-                )
+                signed = signed_receipt(payer, fields, self.payers.assets, self.gateway.identity)
                 receipts.append(
                     pb.Receipt(
                         stream_id=stream_id,

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 
-from sidecar.core import decision, holds, protocol
+from sidecar.core import decision, exact, holds, protocol
 from sidecar.core.decision import Allow, Gateway, Request
 from sidecar.core.errors import ConfigError, InternalError, PaymentError, PaymentRequired
 from sidecar.core.pricing import Price, RouteTable
@@ -26,7 +26,7 @@ from sidecar.ledger.rate_limit import RateLimiter, client_address
 from sidecar.server import holding, metrics, responses, schemes
 from sidecar.server.holding import Held, HoldingScheme
 from sidecar.server.logs import DecisionLog, get_logger
-from sidecar.server.schemes import Charged, Payment, Scheme
+from sidecar.server.schemes import Charged, ExactSettler, Payment, Scheme
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 # Proof headers are bearer material: stripped before any request, free or paid, goes on.
@@ -68,6 +68,7 @@ class Authorization:
         worker: int = 0,
         decisions: DecisionLog | None = None,
         limiter: RateLimiter | None = None,
+        settler: ExactSettler | None = None,
     ) -> None:
         self.routes = routes
         self.gateway = gateway
@@ -75,7 +76,7 @@ class Authorization:
         self.worker = worker
         self.decisions = decisions or DecisionLog()
         self.limiter = limiter  # None: no rate limits, not even a call
-        self.schemes = schemes.registry(gateway, ledger)
+        self.schemes = schemes.registry(gateway, ledger, settler)
         # A payment naming no scheme we know is parsed as a proof, which names the reason.
         self.default_scheme = self.schemes[protocol.SCHEME]
         # Schemes with a hold step, for routes charged on success (server/holding.py).
@@ -154,7 +155,7 @@ class Authorization:
                     f"{request.resource} costs {price.display} {price.asset.code}"
                 )
             decoded = protocol.decode_payment(request.proof_header, gateway.max_proof_bytes)
-            scheme = self.schemes.get(str(decoded.get("scheme")), self.default_scheme)
+            scheme = self.schemes.get(exact.scheme_of(decoded), self.default_scheme)
             payment = scheme.verify(decoded, request, price, now)
             entry["payer"], entry["invoice_id"] = payment.payer, payment.invoice_id
             entry.update(payment.facts)

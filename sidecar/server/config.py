@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from sidecar.core import holds
+from sidecar.core import exact, holds
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import AmountError, ConfigError
 from sidecar.core.identity import Identity, read_secret
@@ -29,6 +29,7 @@ CHOICES = {
     "path_case": ("sensitive", "insensitive"),
 }
 MIN_SECRET_BYTES = 16
+TOPUP_PATH = "/x402/topup"  # served by the side port; Envoy routes it without ext_authz
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class Settings:
     signing_key_file: str = ""
     invoice_secret_file: str = ""
     log_level: str = "info"
-    network: str = "fth-ledger"
+    network: str = "fth:ledger"  # CAIP-2 shaped (namespace:reference), prepaid's `network`
     public_url: str = ""
     invoice_ttl_seconds: int = 300
     max_direct_ttl_seconds: int = 300
@@ -121,6 +122,20 @@ class Settings:
     rate_limit_ip_burst: int = 0
     # Envoy's edge hardening, read by `x402 envoy-config` and the stack (Edge below).
     edge: Mapping[str, Any] = field(default_factory=dict)
+    # The x402 `exact` scheme (docs/configuration.md): which on-chain token backs which
+    # ledger asset ({USDF: {network, token, name, version, decimals}}), who is paid, and the
+    # facilitator that verifies and settles. Empty `onchain`: prepaid only.
+    onchain: Mapping[str, Any] = field(default_factory=dict)
+    facilitator_url: str = ""  # the standard x402 facilitator API (/verify, /settle)
+    pay_to: str = ""  # the operator's address, the `payTo` of every exact offer
+    exact_max_timeout_seconds: int = 300  # the offer's maxTimeoutSeconds
+    facilitator_verify_timeout_ms: int = 5000  # past it: 503 facilitator_unavailable
+    facilitator_settle_timeout_ms: int = 20000  # a real chain's settle fits in it
+    chain_rpc_url: str = ""  # JSON-RPC of the chain: resolves a top-up's unknown settle
+    # Self-serve top-ups (POST /x402/topup): an agent buys prepaid credit with `exact`.
+    topup_asset: str = ""  # "": the default asset, if a token backs it; "off": no top-ups
+    topup_min: str = "1"  # per top-up, in the asset's decimals
+    topup_max: str = "1000"
 
     @classmethod
     def load(
@@ -155,7 +170,72 @@ class Settings:
         settings = cls(**values)
         settings.route_table()  # validate routes and assets now, not at the first request
         settings.edge_config()
+        settings.exact_terms()
         return settings
+
+    def exact_terms(self) -> exact.ExactTerms | None:
+        """The `exact` scheme's config, checked (None: no on-chain asset configured)."""
+        if exact.CAIP2.fullmatch(self.network) is None:
+            raise ConfigError(
+                "config network: must be CAIP-2 shaped, namespace:reference (e.g. fth:ledger)"
+            )
+        if not self.onchain:
+            return None
+        assets = self.asset_table()
+        tokens: dict[str, exact.OnchainAsset] = {}
+        for code, spec in self.onchain.items():
+            if str(code) not in assets:
+                raise ConfigError(f"config onchain.{code}: not a ledger asset (see assets)")
+            tokens[str(code)] = exact.onchain_from_config(
+                str(code), spec, assets[str(code)].decimals
+            )
+        if exact.ADDRESS.fullmatch(self.pay_to) is None:
+            raise ConfigError("config pay_to: the operator's 0x address (required with onchain)")
+        if not self.facilitator_url.startswith(("http://", "https://")):
+            raise ConfigError("config facilitator_url: an http(s) URL (required with onchain)")
+        if self.chain_rpc_url and not self.chain_rpc_url.startswith(("http://", "https://")):
+            raise ConfigError("config chain_rpc_url: an http(s) URL")
+        for key in ("exact_max_timeout_seconds", "facilitator_verify_timeout_ms"):
+            if getattr(self, key) == 0:
+                raise ConfigError(f"config {key}: must be at least 1")
+        if self.facilitator_settle_timeout_ms == 0:
+            raise ConfigError("config facilitator_settle_timeout_ms: must be at least 1")
+        return exact.ExactTerms(
+            tokens,
+            self.pay_to,
+            self.facilitator_url.rstrip("/"),
+            self.exact_max_timeout_seconds,
+            self.topup_terms(tokens, assets),
+        )
+
+    def topup_terms(
+        self, tokens: Mapping[str, exact.OnchainAsset], assets: Mapping[str, Asset]
+    ) -> dict[str, Any]:
+        """Discovery's `topup` entry ({} when top-ups are off), checked."""
+        code = self.topup_asset or self.default_asset
+        if self.topup_asset.lower() == "off" or (not self.topup_asset and code not in tokens):
+            return {}
+        if code not in tokens:
+            raise ConfigError(f"config topup_asset: {code!r} is not backed by a token (onchain)")
+        asset = assets[code]
+        bounds = []
+        for key in ("topup_min", "topup_max"):
+            try:
+                bounds.append(asset.to_atomic(getattr(self, key)))
+            except AmountError as exc:
+                raise ConfigError(f"config {key}: {exc}") from None
+        low, high = bounds
+        if not 0 < low <= high <= MAX_BALANCE:
+            raise ConfigError("config topup_min, topup_max: need 0 < topup_min <= topup_max")
+        return {
+            "method": "POST",
+            "path": TOPUP_PATH,
+            "asset": code,
+            "min": asset.to_decimal(low),
+            "max": asset.to_decimal(high),
+            "min_atomic": low,
+            "max_atomic": high,
+        }
 
     def edge_config(self) -> Edge:
         """The `edge` mapping, checked: Envoy's timeouts, limits and header policy."""
@@ -244,6 +324,7 @@ class Settings:
             max_proof_bytes=self.max_proof_bytes,
             network=self.network,
             public_url=self.public_url.rstrip("/"),
+            exact=self.exact_terms(),
         )
 
 

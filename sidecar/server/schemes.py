@@ -9,16 +9,26 @@ more object here, not another branch in the servicer.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from sidecar.core import decision, protocol, receipts, vouchers
+from sidecar.core import decision, exact, protocol, receipts, vouchers
 from sidecar.core.decision import Gateway, Request
-from sidecar.core.errors import PaymentError
+from sidecar.core.errors import (
+    FacilitatorUnavailable,
+    InvalidPayment,
+    PaymentError,
+    SettlementFailed,
+    UnsupportedScheme,
+)
 from sidecar.core.pricing import Price
 from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.authorizations import Authorizations
 from sidecar.ledger.channels import Channels
+from sidecar.server.facilitation import Chain, Facilitator, SettleUnknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +48,7 @@ class Charged:
 
     receipt: dict[str, Any]
     amount: int  # atomic units charged: the revenue
-    balance: str  # what the payer has left (in a channel: left in it), as a wire decimal
+    balance: str | None  # what the payer has left (in a channel: in it); None: paid on chain
 
 
 Late = Callable[[Charged | PaymentError], None]
@@ -148,6 +158,172 @@ class Vouchers:
         return charged(accepted)
 
 
+class ExactSettler:
+    """One EIP-3009 authorization, settled at most once through the facilitator: reserve
+    it in the ledger (concurrent and replayed copies stop here), /verify, /settle. Shared
+    by the `exact` scheme and the top-up route."""
+
+    RESOLVE_ATTEMPTS = 6
+    RESOLVE_INTERVAL = 0.5
+
+    def __init__(
+        self, authorizations: Authorizations, facilitator: Facilitator, chain: Chain | None
+    ) -> None:
+        self.authorizations, self.facilitator, self.chain = authorizations, facilitator, chain
+
+    async def close(self) -> None:
+        await self.facilitator.close()
+        if self.chain is not None:
+            await self.chain.close()
+
+    async def settle(
+        self, auth: exact.Authorization, within: float | None = None, owner: str = ""
+    ) -> dict[str, str]:
+        """The settled facts (transaction, network, token, nonce), or a typed refusal:
+        nonce_reused, facilitator_unavailable (503), invalid_payment, settlement_failed.
+        `owner`: who a top-up credits, kept with the reservation."""
+        held = self.authorizations
+        reservation = await held.reserve(auth.payer, auth.key, auth.valid_before, within, owner)
+
+        async def release() -> None:
+            with contextlib.suppress(PaymentError):  # the reservation then simply expires
+                await held.release(auth.payer, auth.key, reservation)
+
+        try:
+            verified = await self.facilitator.verify(auth.envelope, auth.requirements)
+        except FacilitatorUnavailable:
+            await release()  # verifying moves nothing: the same authorization may come again
+            raise
+        if not verified.valid:
+            await release()
+            raise InvalidPayment(
+                verified.message or "the facilitator found the authorization invalid",
+                facilitator_reason=verified.reason or "invalid",
+            )
+        via = "facilitator"
+        try:
+            settled = await self.facilitator.settle(auth.envelope, auth.requirements)
+        except SettleUnknown:
+            via, transaction = "chain", await self.resolve(auth)  # unresolved: stays reserved
+        except FacilitatorUnavailable:
+            await release()  # the request never reached the facilitator
+            raise
+        else:
+            if settled.success and settled.transaction:
+                transaction = settled.transaction
+            elif settled.transaction:  # sent, then failed: look at the chain, not the answer
+                via, transaction = "chain", await self.resolve(auth, failed=settled.reason)
+            else:
+                await release()
+                raise SettlementFailed(
+                    settled.message or "the settlement failed; nothing was charged",
+                    facilitator_reason=settled.reason or "settle_failed",
+                )
+        with contextlib.suppress(PaymentError):  # settled on chain: the reservation holds
+            await held.settled(auth.payer, auth.key, reservation, transaction)
+        return {**settled_facts(auth, transaction), "via": via}
+
+    async def resolve(self, auth: exact.Authorization, failed: str = "") -> str:
+        """A settle whose outcome is unknown: did the authorization land on chain? Its
+        transaction if so; else the reservation stays until the authorization expires (it
+        may still land) and the answer is 503 (or settlement_failed after a failed tx)."""
+        if self.chain is None:
+            raise FacilitatorUnavailable(
+                "the settlement's outcome is unknown; this authorization stays reserved "
+                "until it expires"
+            )
+        token = str(auth.requirements["asset"])
+        for attempt in range(self.RESOLVE_ATTEMPTS):
+            if await self.chain.authorization_used(token, auth.payer, auth.nonce):
+                found = await self.chain.transaction_of(token, auth.payer, auth.nonce)
+                return found or "unknown"
+            if attempt + 1 < self.RESOLVE_ATTEMPTS:
+                await asyncio.sleep(self.RESOLVE_INTERVAL)
+        if failed:
+            raise SettlementFailed(
+                "the settlement transaction failed; nothing was charged",
+                facilitator_reason=failed,
+            )
+        raise FacilitatorUnavailable(
+            "the settlement's outcome is unknown; this authorization stays reserved until it "
+            "expires"
+        )
+
+
+def settled_facts(auth: exact.Authorization, transaction: str) -> dict[str, str]:
+    return {
+        "transaction": transaction,
+        "network": str(auth.requirements["network"]),
+        "token": str(auth.requirements["asset"]),
+        "nonce": auth.nonce,
+    }
+
+
+class Exact:
+    """x402 `exact` on EVM: an EIP-3009 authorization, verified and settled through the
+    facilitator before the request is forwarded ("upfront"). Nothing moves in the prepaid
+    ledger: the chain's transfer is the payment, the ledger holds the reservation."""
+
+    name = exact.SCHEME
+    reason = "exact"
+
+    def __init__(self, gateway: Gateway, settler: ExactSettler) -> None:
+        assert gateway.exact is not None
+        self.gateway, self.terms, self.settler = gateway, gateway.exact, settler
+
+    def verify(
+        self, payment: Mapping[str, Any], request: Request, price: Price, now: int
+    ) -> Payment:
+        onchain = self.terms.for_price(price)
+        if onchain is None:
+            raise UnsupportedScheme(f"{price.asset.code} is not payable with exact here")
+        auth = exact.verify(payment, exact.offer(onchain, price.amount, self.terms), now)
+        return Payment(auth.payer, (auth, request.resource), nonce=auth.nonce)
+
+    async def charge(
+        self, payment: Payment, price: Price, now: int, late: Late | None, within: float | None
+    ) -> Charged:
+        auth: exact.Authorization
+        auth, resource = payment.terms
+        envelope_from = str(auth.envelope["payload"]["authorization"]["from"])
+
+        async def settle() -> Charged:
+            settled = await self.settler.settle(auth, within)
+            receipt = receipts.exact_body(
+                envelope_from,
+                resource,
+                price.asset,
+                price.amount,
+                settled,
+                protocol.new_receipt_id(),
+                self.gateway.payee,
+                now,
+            )
+            return Charged(
+                protocol.sign_receipt(receipt, self.gateway.identity), price.amount, None
+            )
+
+        # Envoy may give up during a long settle: the settlement goes on, and `late` gets
+        # its outcome, so the decision line and the revenue are never lost.
+        task = asyncio.ensure_future(settle())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if late is not None:
+                task.add_done_callback(lambda done: _finish_late(done, late))
+            raise
+
+
+def _finish_late(done: asyncio.Future[Charged], late: Late) -> None:
+    if done.cancelled():
+        return
+    error = done.exception()
+    if isinstance(error, PaymentError):
+        late(error)
+    elif error is None:
+        late(done.result())
+
+
 def _relay(late: Late, charged: Callable[[T], Charged]) -> Callable[[T | PaymentError], None]:
     """A ledger outcome for a caller that gave up → the servicer's `late` callback."""
 
@@ -157,6 +333,10 @@ def _relay(late: Late, charged: Callable[[T], Charged]) -> Callable[[T | Payment
     return relay
 
 
-def registry(gateway: Gateway, ledger: Ledger) -> dict[str, Scheme]:
+def registry(
+    gateway: Gateway, ledger: Ledger, settler: ExactSettler | None = None
+) -> dict[str, Scheme]:
     schemes: list[Scheme] = [Proofs(gateway, ledger), Vouchers(gateway, ledger)]
+    if gateway.exact is not None and settler is not None:
+        schemes.append(Exact(gateway, settler))
     return {scheme.name: scheme for scheme in schemes}

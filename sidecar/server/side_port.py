@@ -1,7 +1,8 @@
-"""The sidecar's small HTTP port: discovery (/.well-known/x402), /healthz, /readyz and
-/metrics (Prometheus).
+"""The sidecar's small HTTP port: discovery (/.well-known/x402), self-serve top-ups
+(POST /x402/topup, where configured), /healthz, /readyz and /metrics (Prometheus).
 
-Envoy routes /.well-known/x402 here without ext_authz; probes call the rest directly.
+Envoy routes /.well-known/x402 and the top-up here without ext_authz; probes call the
+rest directly.
 """
 
 from __future__ import annotations
@@ -13,19 +14,32 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from sidecar.core import holds
+from sidecar.core import exact, holds
 from sidecar.core.decision import Gateway
 from sidecar.core.pricing import RouteTable
 from sidecar.core.protocol import DISCOVERY_PATH, SCHEME, VERSION
 from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import metrics
+from sidecar.server.config import TOPUP_PATH
+from sidecar.server.topup import Topup
 
 Reply = tuple[int, str, bytes]  # status, content type, body
 Headers = dict[str, str]
+# A reply may add response headers (the top-up's PAYMENT-REQUIRED / PAYMENT-RESPONSE).
+AnyReply = Reply | tuple[int, str, bytes, Headers]
 Handler = Callable[[], Awaitable[Reply]]
-Responder = Callable[[str, str, Headers], Awaitable[Reply]]
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+Responder = Callable[[str, str, Headers], Awaitable[AnyReply]]
+QUERY = ":query"  # the request's query string, among the headers (no header has a colon)
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    402: "Payment Required",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
 MAX_REQUEST_BYTES = 8192
 
 
@@ -37,7 +51,7 @@ def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
         "payee": gateway.payee,
         "keys": [{"kid": identity.kid, "alg": "Ed25519", "public_key": identity.public_key}],
         "assets": [{"asset": a.code, "decimals": a.decimals} for a in routes.assets.values()],
-        "schemes": [SCHEME, CHANNEL_SCHEME],
+        "schemes": [SCHEME, CHANNEL_SCHEME, *([exact.SCHEME] if gateway.exact else [])],
         "routes": [
             {
                 "method": r.method,
@@ -50,12 +64,43 @@ def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
             for r in routes.routes
         ],
         "max_direct_ttl_seconds": gateway.max_direct_ttl,
+        **_exact_entries(gateway),
     }
 
 
+def _exact_entries(gateway: Gateway) -> dict[str, Any]:
+    """Where `exact` is configured: the tokens, where to pay, and the top-up route."""
+    terms = gateway.exact
+    if terms is None:
+        return {}
+    entries: dict[str, Any] = {
+        "onchain": [
+            {
+                "asset": a.asset,
+                "network": a.network,
+                "token": a.token,
+                "name": a.name,
+                "version": a.version,
+                "decimals": a.decimals,
+            }
+            for a in terms.assets.values()
+        ],
+        "payment_target": terms.pay_to,
+        "facilitator": terms.facilitator_url,
+    }
+    if terms.topup:
+        entries["topup"] = {
+            key: terms.topup[key] for key in ("method", "path", "asset", "min", "max")
+        }
+    return entries
+
+
 class SidePort:
-    def __init__(self, routes: RouteTable, gateway: Gateway, ledger: Ledger) -> None:
+    def __init__(
+        self, routes: RouteTable, gateway: Gateway, ledger: Ledger, topup: Topup | None = None
+    ) -> None:
         self.ledger = ledger
+        self.topup = topup
         self.ready = True  # flipped off first on shutdown, so probes drain traffic
         discovery = json.dumps(discovery_document(routes, gateway)).encode()
 
@@ -90,7 +135,9 @@ class SidePort:
             lag = None
         return 200, metrics.CONTENT_TYPE, metrics.render(lag)
 
-    async def respond(self, method: str, path: str, _headers: Headers) -> Reply:
+    async def respond(self, method: str, path: str, headers: Headers) -> AnyReply:
+        if path == TOPUP_PATH and self.topup is not None:
+            return await self.topup.respond(method, headers.get(QUERY, ""), headers)
         handler = self.handlers.get(path)
         if handler is None:
             return 404, "application/json", b'{"error":"not_found"}'
@@ -112,10 +159,12 @@ async def start_http(responder: Responder, host: str, port: int) -> asyncio.Serv
                 name, sep, value = line.partition(":")
                 if sep:
                     headers[name.strip().lower()] = value.strip()
-            status, kind, body = await responder(method, target.partition("?")[0], headers)
+            path, _, headers[QUERY] = target.partition("?")
+            status, kind, body, *more = await responder(method, path, headers)
+            added = "".join(f"{k}: {v}\r\n" for extra in more for k, v in extra.items())
             writer.write(
                 f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\nContent-Type: {kind}\r\n"
-                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{added}"
                 f"Connection: close\r\n\r\n".encode()
                 + (b"" if method == "HEAD" else body)
             )

@@ -40,7 +40,8 @@ from sidecar.server.admin import start_facilities
 from sidecar.server.authz import AUTHZ_SERVICE, Authorization
 from sidecar.server.config import Settings
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
-from sidecar.server.side_port import Headers, Reply, SidePort, start_http
+from sidecar.server.side_port import AnyReply, Headers, SidePort, start_http
+from sidecar.server.topup import Topup
 
 SHUTDOWN_GRACE_SECONDS = 5.0
 CRASH_LOOP_RESTARTS = 5  # worker restarts within CRASH_LOOP_SECONDS before giving up
@@ -97,8 +98,9 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     limiter = wiring.rate_limiter(settings, ledger.pipe)
+    settler = wiring.exact_settler(settings, ledger)
     authz = Authorization(
-        routes, gateway, ledger, worker, logs.DecisionLog(settings.log_level), limiter
+        routes, gateway, ledger, worker, logs.DecisionLog(settings.log_level), limiter, settler
     )
     # The response phase of routes charged on success: Envoy's ext_proc, same port.
     processor = Processor(routes, gateway, ledger, worker, authz.decisions)
@@ -107,7 +109,11 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if server.add_insecure_port(address) == 0:
         raise ConfigError(f"config listen_grpc: worker {worker} cannot listen on {address}")
-    side, http = SidePort(routes, gateway, ledger), None
+    topup = None
+    if settler is not None and gateway.exact is not None and gateway.exact.topup:
+        asset = routes.assets[gateway.exact.topup["asset"]]
+        topup = Topup(gateway, settler, settler.authorizations, asset)
+    side, http = SidePort(routes, gateway, ledger, topup), None
     if worker == 0:
         http = await _start_side_port(settings, side, board)
         # The admin API and the settlement worker, if configured: one instance each.
@@ -148,11 +154,14 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
         await facilities.close(SHUTDOWN_GRACE_SECONDS)
     with contextlib.suppress(Exception):
         await ledger.close()
+    if settler is not None:
+        with contextlib.suppress(Exception):
+            await settler.close()
     log.info("sidecar.stopped")
 
 
 async def _start_side_port(settings: Settings, side: SidePort, board: Board) -> asyncio.Server:
-    async def respond(method: str, path: str, headers: Headers) -> Reply:
+    async def respond(method: str, path: str, headers: Headers) -> AnyReply:
         # Ready only when every worker serves: Envoy sends checks to all of them.
         if path == "/readyz" and side.ready and not board.all_serving():
             return 503, "application/json", b'{"status":"workers_starting"}'

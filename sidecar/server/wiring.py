@@ -9,11 +9,14 @@ from typing import Any
 from sidecar.core.identity import Identity
 from sidecar.ledger import settlement
 from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.authorizations import Authorizations
 from sidecar.ledger.cluster import ClusterPipe
 from sidecar.ledger.payers import Payers
 from sidecar.ledger.pipe import RedisPipe
 from sidecar.ledger.rate_limit import RateLimiter, rate
 from sidecar.server.config import Settings
+from sidecar.server.facilitation import Chain, Facilitator
+from sidecar.server.schemes import ExactSettler
 
 
 def ledger(settings: Settings) -> Ledger:
@@ -30,18 +33,26 @@ def rate_limiter(settings: Settings, pipe: RedisPipe | ClusterPipe) -> RateLimit
 
 
 def anchor_sinks(
-    settings: Settings, ledger: Ledger, anchor_file: str | None = None
+    settings: Settings,
+    ledger: Ledger,
+    anchor_file: str | None = None,
+    fault: settlement.Fault | None = None,
 ) -> list[settlement.AnchorSink]:
     """The default sinks: the JSONL file (unless "") first, then Redis."""
     path = settings.anchor_file if anchor_file is None else anchor_file
-    sinks: list[settlement.AnchorSink] = [settlement.JsonlSink(path)] if path else []
+    sinks: list[settlement.AnchorSink] = [settlement.JsonlSink(path, fault)] if path else []
     return [*sinks, settlement.RedisSink(ledger)]
 
 
 def settler(
-    settings: Settings, ledger: Ledger, gateway: Identity, **overrides: Any
+    settings: Settings,
+    ledger: Ledger,
+    gateway: Identity,
+    fault: settlement.Fault | None = None,
+    **overrides: Any,
 ) -> settlement.Settler:
-    """A settle worker configured like the sidecar; `overrides` replace Options fields."""
+    """A settle worker configured like the sidecar; `overrides` replace Options fields;
+    `fault` is the crash tests' hook (settlement.Fault)."""
     options = settlement.Options(
         batch_size=settings.settle_batch_size,
         max_age=float(settings.settle_max_age_seconds),
@@ -49,10 +60,24 @@ def settler(
     )
     anchor_file = overrides.pop("anchor_file", None)
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
-    sinks = anchor_sinks(settings, ledger, anchor_file)
-    return settlement.Settler(ledger, gateway, settings.asset_table(), sinks, options)
+    sinks = anchor_sinks(settings, ledger, anchor_file, fault)
+    return settlement.Settler(ledger, gateway, settings.asset_table(), sinks, options, fault)
 
 
 def payers(settings: Settings, ledger: Ledger, payee: str | None = None) -> Payers:
     """The operator's payer service; `payee` (the gateway's key id) is needed for channels."""
     return Payers(ledger, settings.asset_table(), settings.default_asset, payee)
+
+
+def exact_settler(settings: Settings, ledger: Ledger) -> ExactSettler | None:
+    """The facilitator, the chain reader and the reservations of the `exact` scheme; None
+    when no on-chain asset is configured."""
+    if not settings.onchain:
+        return None
+    facilitator = Facilitator(
+        settings.facilitator_url,
+        settings.facilitator_verify_timeout_ms / 1000,
+        settings.facilitator_settle_timeout_ms / 1000,
+    )
+    chain = Chain(settings.chain_rpc_url) if settings.chain_rpc_url else None
+    return ExactSettler(Authorizations(ledger), facilitator, chain)

@@ -5,7 +5,7 @@ the CLI prints one way whichever path it took.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -115,20 +115,9 @@ class AdminPayers:
             ttl_seconds=ttl,
             channel_id=channel_id or "",
         )
-        r = await self._call("OpenChannel", request)
-        return ChannelView(
-            r.channel_id,
-            r.payer,
-            r.payee,
-            r.asset,
-            r.deposit,
-            r.cumulative,
-            r.sequence,
-            r.status,
-            r.opened_at,
-            r.expires_at,
-            r.balance,
-        )
+        reply = await self._call("OpenChannel", request)
+        # pb.Channel carries ChannelView's fields under the same names.
+        return ChannelView(*(getattr(reply, field.name) for field in fields(ChannelView)))
 
     async def close_channel(self, payer: str, channel_id: str) -> ChannelClosing:
         request = pb.ChannelRequest(payer=payer, channel_id=channel_id)

@@ -89,17 +89,30 @@ def serve(config_path: str | None, workers: int | None) -> None:
     required=True,
     help="Where to write the private key (mode 0600; never overwritten).",
 )
-def keygen(out: str) -> None:
-    """Create an Ed25519 key: a gateway signing key or an agent wallet."""
-    identity = Identity.generate()
+@click.option(
+    "--evm",
+    is_flag=True,
+    help="An EVM (secp256k1) key instead: an agent's key for x402 `exact` and top-ups.",
+)
+def keygen(out: str, evm: bool) -> None:
+    """Create an Ed25519 key (a gateway signing key or an agent wallet), or an EVM key."""
+    from sidecar.agent.evm import EvmKey
+
+    key = EvmKey.generate() if evm else Identity.generate()
+    # Before writing: an EVM address needs the `evm` extra (ConfigError without it).
+    shown = (
+        [f"address: {key.address}"]
+        if isinstance(key, EvmKey)
+        else [f"public key: {key.public_key}", f"key id:     {key.kid}"]
+    )
     try:
-        identity.save(out)
+        key.save(out)
     except FileExistsError:
         raise X402Error(f"{out} exists; refusing to overwrite a key") from None
     except OSError as exc:
         raise X402Error(f"cannot write {out}: {exc.strerror}") from None
-    click.echo(f"public key: {identity.public_key}")
-    click.echo(f"key id:     {identity.kid}")
+    for line in shown:
+        click.echo(line)
 
 
 @main.command("secret")
@@ -126,15 +139,18 @@ def envoy_config(config_path: str | None, listen: str, service: str) -> None:
     """Print an Envoy config that routes through the sidecar, prices from the config."""
     from sidecar.server.config import Settings
     from sidecar.server.supervisor import split_host_port
-    from sidecar.tools.envoy_config import Endpoints, render_yaml
+    from sidecar.tools.envoy_config import Endpoints, render_yaml, timeouts
 
     settings = Settings.load(config_path)
+    authz_timeout, topup_timeout = timeouts(settings)
     endpoints = Endpoints(
         listen=split_host_port(listen, "--listen"),
         service=split_host_port(service, "--service"),
         authz=split_host_port(settings.listen_grpc, "listen_grpc"),
         authz_workers=settings.workers,
         sideport=split_host_port(settings.listen_http, "listen_http"),
+        authz_timeout=authz_timeout,
+        topup_timeout=topup_timeout,
     )
     click.echo(
         render_yaml(settings.routes, settings.default_asset, endpoints, settings.edge_config()),
@@ -351,7 +367,7 @@ def _check_key(public_key: str) -> None:
     checked_key(public_key)
 
 
-# -- settlement, evidence, channels (logic in settlement.py, evidence.py, channel.py) -----
+# -- settlement, evidence, channels (logic in ledger/ and core/: batches, bundles) --------
 
 
 @main.command()
@@ -494,7 +510,7 @@ def evidence_verify(bundle: str, key: str) -> None:
     import json
     from pathlib import Path
 
-    from sidecar.ledger import evidence as bundles
+    from sidecar.core import bundles
 
     text = Path(key).read_text() if Path(key).is_file() else key
     try:
@@ -610,6 +626,13 @@ def channel_close(
     help="Agent key file from `x402 keygen` [default: env X402_WALLET or X402_WALLET_FILE].",
 )
 @click.option(
+    "--evm-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="EVM key file (x402 keygen --evm): pays x402 `exact` where prepaid is not possible "
+    "[default: env X402_EVM_KEY or X402_EVM_KEY_FILE].",
+)
+@click.option(
     "--direct/--challenge",
     default=True,
     show_default=True,
@@ -626,6 +649,7 @@ def pay(
     assets: tuple[str, ...],
     payees: tuple[str, ...],
     wallet: str | None,
+    evm_key: str | None,
     direct: bool,
     strict: bool,
     timeout: float,
@@ -644,12 +668,73 @@ def pay(
                 assets=assets,
                 payees=payees,
                 wallet=wallet,
+                evm_key=evm_key,
                 direct=direct,
                 strict=strict,
                 timeout=timeout,
             )
         )
     )
+
+
+@main.command()
+@click.argument("url")
+@click.option(
+    "--amount",
+    required=True,
+    metavar="AMOUNT",
+    help="Credit to buy, a decimal in the gateway's top-up asset (e.g. 5).",
+)
+@click.option(
+    "--wallet",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Ed25519 key file credited [default: env X402_WALLET or X402_WALLET_FILE].",
+)
+@click.option(
+    "--evm-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="EVM key file that pays (x402 keygen --evm) [default: env X402_EVM_KEY or "
+    "X402_EVM_KEY_FILE].",
+)
+@click.option("--asset", "assets", multiple=True, help="Only pay in this asset (repeatable).")
+@click.option("--payee", "payees", multiple=True, help="Only pay this gateway id (repeatable).")
+@click.option("--strict", is_flag=True, help="An invalid receipt is an error, not a warning.")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds.")
+def topup(
+    url: str,
+    amount: str,
+    wallet: str | None,
+    evm_key: str | None,
+    assets: tuple[str, ...],
+    payees: tuple[str, ...],
+    strict: bool,
+    timeout: float,
+) -> None:
+    """Buy prepaid credit at the gateway URL, paid with x402 `exact` from an EVM key."""
+    import warnings
+
+    import httpx
+
+    from sidecar.agent.topup import topup as buy
+    from sidecar.agent.wallet import Wallet
+    from sidecar.core.errors import ReceiptWarning
+
+    agent = Wallet.load(wallet, evm_key_file=evm_key, assets=assets or None, payees=payees or None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReceiptWarning)
+        try:
+            done = buy(url, agent, amount, strict=strict, request_timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise X402Error(f"top-up at {url}: {exc.__class__.__name__}: {exc}") from None
+    for warning in caught:
+        click.echo(f"warning: {warning.message}", err=True)
+    check = "verified" if done.verified else "NOT VERIFIED"
+    click.echo(f"credited {done.credited} {done.asset} to {done.payer}")
+    click.echo(f"balance {done.balance} {done.asset}")
+    click.echo(f"transaction {done.transaction}")
+    click.echo(f"receipt {done.receipt_id} ({check})")
 
 
 @main.command()

@@ -59,7 +59,7 @@ ROUTES: dict[str, dict[str, Any]] = {
         "price": "5",
         "description": "Atlas deep research run",
     },
-    # Charged for what was served (docs/protocol.md §11): a hold at the check, captured
+    # Charged for what was served (docs/protocol.md §12): a hold at the check, captured
     # at the response: usage x unit price, nothing if the service fails.
     "data-rows": {
         "method": "GET",

@@ -23,7 +23,7 @@ from sidecar.core.pricing import (
     path_regex,
 )
 from sidecar.core.protocol import DISCOVERY_PATH
-from sidecar.server.config import Edge
+from sidecar.server.config import TOPUP_PATH, Edge, Settings
 from sidecar.server.responses import DENIAL_METADATA_KEY
 
 _TYPES = "type.googleapis.com/envoy.extensions"
@@ -52,6 +52,39 @@ class Endpoints:
     authz_workers: int = 1
     sideport: tuple[str, int] = ("127.0.0.1", 9000)  # sidecar HTTP
     authz_timeout: str = "1s"  # above the sidecar's ledger timeout, so it answers first
+    # The self-serve top-up route (POST /x402/topup → the side port, no ext_authz) and how
+    # long Envoy waits for it: "" renders no such route.
+    topup_timeout: str = ""
+
+
+def timeouts(settings: Settings) -> tuple[str, str]:
+    """Envoy's ext_authz timeout and the top-up route's ("": no top-up route) for a sidecar
+    config: above everything the sidecar may wait for, so the sidecar always answers first.
+    With the `exact` scheme a check waits for the facilitator's /verify and /settle (a real
+    chain's settle takes seconds) and three ledger steps; the top-up adds 5 s for the
+    on-chain lookup of a settle whose answer was lost. The chart computes the same."""
+    redis_ms = settings.redis_timeout_ms
+    floor_ms = max(1000, redis_ms + 500)
+    terms = settings.exact_terms()
+    if terms is None:
+        return _duration_ms(floor_ms), ""
+    exact_ms = (
+        settings.facilitator_verify_timeout_ms
+        + settings.facilitator_settle_timeout_ms
+        + 3 * redis_ms
+        + 1000
+    )
+    authz_ms = max(redis_ms + 500, exact_ms)
+    topup = _millis(exact_ms + 5000) if terms.topup else ""
+    return _millis(authz_ms), topup
+
+
+def _millis(ms: int) -> str:
+    return f"{ms // 1000}.{ms % 1000:03d}s"
+
+
+def _duration_ms(ms: int) -> str:
+    return f"{ms / 1000:g}s"
 
 
 # Headers the gateway asserts to the service (the sidecar's x-x402-payer, -amount,
@@ -62,6 +95,16 @@ ASSERTED_PREFIXES = ("x-x402-", "x-envoy-")
 # could run as a DELETE in the service: removed unless `edge.strip_method_override` is off.
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
 REQUEST_ID = "x-request-id"
+# CORS: a browser agent may read the challenge and the receipt and send a payment, from any
+# origin (no credentials: a payment is a header, never a cookie). Envoy answers preflights
+# itself, before ext_authz; its CORS filter adds these to every answer, denials included.
+CORS = "envoy.filters.http.cors"
+CORS_ALLOW_HEADERS = "payment-signature, x-payment, content-type, authorization"
+CORS_EXPOSE_HEADERS = (
+    "payment-required, payment-response, x-payment-response, x-request-id, retry-after"
+)
+CORS_ALLOW_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+CORS_MAX_AGE = "600"
 # Fixed edge limits (Envoy's edge-proxy guidance); docs/configuration.md lists them.
 BUFFER_LIMIT_BYTES = 32768
 HTTP2_STREAM_WINDOW_BYTES = 65536
@@ -251,6 +294,17 @@ def _reply(
     return mapper
 
 
+def cors_policy() -> dict[str, Any]:
+    return {
+        "@type": f"{_TYPES}.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": [{"safe_regex": {"regex": ".*"}}],
+        "allow_methods": CORS_ALLOW_METHODS,
+        "allow_headers": CORS_ALLOW_HEADERS,
+        "expose_headers": CORS_EXPOSE_HEADERS,
+        "max_age": CORS_MAX_AGE,
+    }
+
+
 def _flags(*flags: str) -> dict[str, Any]:
     return {"response_flag_filter": {"flags": list(flags)}}
 
@@ -373,6 +427,16 @@ def render(
             }
         },
     }
+    topup = []
+    if ep.topup_timeout:  # the side port prices and settles it itself
+        topup = [
+            {
+                **discovery,
+                "name": "x402_topup",
+                "match": {"path": TOPUP_PATH},
+                "route": {"cluster": "x402_http", "timeout": ep.topup_timeout},
+            }
+        ]
     # Unannotated paths still go through ext_authz: the sidecar's own route table may
     # price them, and otherwise answers "free" without touching Redis.
     fallback = {"name": "service", "match": {"prefix": "/"}, "route": _service_route(edge)}
@@ -420,8 +484,10 @@ def render(
                 {
                     "name": "service",
                     "domains": ["*"],
+                    "typed_per_filter_config": {CORS: cors_policy()},
                     "routes": [
                         discovery,
+                        *topup,
                         # Exact paths first, as the sidecar's route table matches them:
                         # Envoy takes the first match, so a template must not shadow one.
                         *(
@@ -436,6 +502,7 @@ def render(
             ],
         },
         "http_filters": [
+            {"name": CORS, "typed_config": {"@type": f"{_TYPES}.filters.http.cors.v3.Cors"}},
             {
                 "name": EXT_AUTHZ,
                 "typed_config": {

@@ -30,6 +30,7 @@ class PayRequest:
     assets: Sequence[str] = ()
     payees: Sequence[str] = ()
     wallet: str | None = None  # key file; default X402_WALLET / X402_WALLET_FILE
+    evm_key: str | None = None  # EVM key file; default X402_EVM_KEY / X402_EVM_KEY_FILE
     direct: bool = True
     strict: bool = False
     timeout: float = 30.0
@@ -69,6 +70,7 @@ def run(
     err = stderr or sys.stderr
     wallet = Wallet.load(
         req.wallet,
+        evm_key_file=req.evm_key,
         max_amount=req.max_amount,
         assets=req.assets or None,
         payees=req.payees or None,
@@ -99,10 +101,16 @@ def report(response: httpx.Response, err: IO[str]) -> int:
     status = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
     if receipt is not None:
         check = "verified" if receipt.verified else "NOT VERIFIED"
+        # A prepaid receipt says the ledger balance left; an `exact` one, the transfer.
+        transaction = receipt.fields.get("transaction")
+        last = (
+            f"transaction {transaction}"
+            if isinstance(transaction, str) and transaction and not receipt.balance
+            else f"balance {receipt.balance} {receipt.asset}"
+        )
         print(
             f"{status} · paid {receipt.amount} {receipt.asset} to {receipt.payee}\n"
-            f"receipt {receipt.receipt_id} ({check}, {receipt.resource})\n"
-            f"balance {receipt.balance} {receipt.asset}",
+            f"receipt {receipt.receipt_id} ({check}, {receipt.resource})\n{last}",
             file=err,
         )
     elif response.status_code < 400:

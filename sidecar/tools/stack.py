@@ -27,8 +27,8 @@ import yaml
 
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity, write_secret
-from sidecar.server.config import Edge
-from sidecar.tools.envoy_config import Endpoints, render
+from sidecar.server.config import Edge, Settings
+from sidecar.tools.envoy_config import Endpoints, render, timeouts
 
 LOOPBACK = "127.0.0.1"
 
@@ -229,8 +229,9 @@ class Stack:
             **self.settings,
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        # Envoy waits longer than the sidecar waits for Redis, so the sidecar answers first.
-        redis_timeout_ms = int(config.get("redis_timeout_ms", 500))
+        # Envoy waits longer than the sidecar waits for Redis (and, with `exact`, for the
+        # facilitator), so the sidecar answers first.
+        authz_timeout, topup_timeout = timeouts(Settings.from_mapping(config, env={}))
         endpoints = Endpoints(
             listen=(LOOPBACK, self.ports["envoy"]),
             admin=(LOOPBACK, self.ports["admin"]),
@@ -238,7 +239,8 @@ class Stack:
             authz=(LOOPBACK, self.ports["grpc"]),
             authz_workers=self.workers,
             sideport=(LOOPBACK, self.ports["http"]),
-            authz_timeout=self.authz_timeout or f"{max(1000, redis_timeout_ms + 500) / 1000}s",
+            authz_timeout=self.authz_timeout or authz_timeout,
+            topup_timeout=topup_timeout,
         )
         envoy_routes = self.routes if self.envoy_routes is None else self.envoy_routes
         edge = Edge.from_mapping(config.get("edge"))  # the sidecar config's `edge`, as the CLI

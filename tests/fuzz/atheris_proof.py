@@ -33,7 +33,8 @@ TYPED = set(BY_REASON) - {"internal_error"}
 def header_from(fdp: atheris.FuzzedDataProvider) -> str:
     mode = fdp.ConsumeIntInRange(0, 3)
     if mode == 0:  # free-form header text
-        return fdp.ConsumeUnicodeNoSurrogates(8192)
+        text: str = fdp.ConsumeUnicodeNoSurrogates(8192)
+        return text
     if mode == 1:  # arbitrary bytes behind valid base64: the JSON parser's turn
         return base64.b64encode(fdp.ConsumeBytes(4096)).decode()
     if mode == 2:  # a valid proof with one field replaced by anything

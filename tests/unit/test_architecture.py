@@ -1,6 +1,7 @@
 """The house by audience: core < agent, ledger < server < tools; imports point down only.
 
-docs/architecture.md draws the same picture; this test keeps it true.
+docs/architecture.md draws the same picture; this test keeps it true. The tests have a
+house too: shared helpers in tests/support, fixtures alone in conftest.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "sidecar"
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "sidecar"
+TESTS = ROOT / "tests"
 # What each package may import from the others (and itself).
 ALLOWED = {
     "core": {"core"},
@@ -23,21 +26,30 @@ ALLOWED = {
 }
 # The base install is the agent SDK: importing it loads none of the gateway's dependencies.
 SERVER_ONLY = ("grpc", "redis", "hiredis", "envoy", "prometheus_client", "structlog", "yaml")
+# The `evm` extra (x402 `exact` payments, top-ups) loads when an EVM key first signs.
+EVM_ONLY = ("eth_account", "eth_keys", "eth_utils", "web3", "x402", "pydantic")
 
 
 def sidecar_imports(path: Path) -> list[tuple[int, str]]:
     """(line, module) of every `sidecar.…` import in a file, lazy ones included."""
+    return [(line, m) for line, m in imports(path) if m.startswith("sidecar.")]
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in a file, lazy ones included; `from a import b`
+    counts as `a.b` when `a` is a package of ours, a relative import keeps its dots."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            modules = [node.module]
-            if node.module == "sidecar":
-                modules = [f"sidecar.{alias.name}" for alias in node.names]
+        if isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            modules = [module]
+            if module in ("sidecar", "tests"):
+                modules = [f"{module}.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.Import):
             modules = [alias.name for alias in node.names]
         else:
             continue
-        found += [(node.lineno, m) for m in modules if m.startswith("sidecar.")]
+        found += [(node.lineno, m) for m in modules]
     return found
 
 
@@ -80,3 +92,79 @@ def test_the_sdk_loads_none_of_the_gateways_dependencies() -> None:
     ).stdout.split()
     assert "nacl" in loaded and "httpx" in loaded
     assert [name for name in SERVER_ONLY if name in loaded] == []
+    assert [name for name in EVM_ONLY if name in loaded] == []
+
+
+def test_the_sdks_evm_and_x402_pieces_load_only_when_used() -> None:
+    """The x402 plugin module and a wallet holding an EVM key load nothing of the `evm`
+    extra until a payment is signed; signing loads eth_account and x402."""
+    probe = (
+        "import sys\n"
+        "from sidecar.agent import Wallet, EvmKey\n"
+        "from sidecar.agent.x402_plugin import PrepaidEd25519\n"
+        "wallet = Wallet(evm=EvmKey.generate())\n"
+        "PrepaidEd25519(Wallet.generate())\n"
+        "before = {m.split('.')[0] for m in sys.modules}\n"
+        "wallet.evm.address\n"
+        "after = {m.split('.')[0] for m in sys.modules}\n"
+        "print(' '.join(sorted(before)))\n"
+        "print(' '.join(sorted(after)))\n"
+    )
+    before, after = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert [name for name in EVM_ONLY if name in before.split()] == []
+    assert "eth_account" in after.split()
+
+
+def shared(module: str) -> bool:
+    """Whether a test may import `module`: anything but conftest, a test module or a
+    relative import (tests/support is the one shared place)."""
+    if module.startswith(".") or module.split(".")[-1] == "conftest":
+        return False
+    return module.split(".")[0] != "tests" or module.split(".")[:2] == ["tests", "support"]
+
+
+def test_no_test_imports_conftest_or_another_test_module() -> None:
+    """Helpers live in tests/support: a test module imported by another would run its
+    tests twice over and tie the two together; conftest is pytest's, not a library."""
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in sorted(TESTS.rglob("*.py"))
+        for line, module in imports(path)
+        if not shared(module)
+    ]
+    assert bad == []
+
+
+def test_conftest_defines_only_fixtures_and_hooks() -> None:
+    tree = ast.parse((TESTS / "conftest.py").read_text(encoding="utf-8"))
+    others = [
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        and not node.name.startswith("pytest_")
+        and not any("fixture" in ast.unparse(d) for d in node.decorator_list)
+    ]
+    assert others == []
+    assert not [n for n in tree.body if isinstance(n, ast.Assign | ast.AnnAssign)]
+
+
+def test_the_test_house_check_sees_a_test_importing_a_test(tmp_path: Path) -> None:
+    module = tmp_path / "test_bad.py"
+    module.write_text(
+        "from tests.conftest import ROUTES\nfrom tests import test_channels\n"
+        "from .test_x import y\nfrom tests.support.routes import ROUTES\n"
+    )
+    found = [m for _line, m in imports(module)]
+    assert found == ["tests.conftest", "tests.test_channels", ".test_x", "tests.support.routes"]
+    assert [shared(m) for m in found] == [False, False, False, True]
+    assert not shared("conftest") and not shared("tests.unit.test_money")
+
+
+def test_unit_tests_mirror_the_packages() -> None:
+    """tests/unit/<package>/ holds the pure tests of sidecar/<package>/."""
+    unit = TESTS / "unit"
+    assert sorted(p.name for p in unit.glob("*.py")) == ["__init__.py", "test_architecture.py"]
+    folders = {p.name for p in unit.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders <= set(ALLOWED)

@@ -1,5 +1,5 @@
-{{/* Envoy's config: the same shape as sidecar/envoy_config.py render(), written as a
-     template (tests/test_helm.py compares the two). Every container of the pod shares
+{{/* Envoy's config: the same shape as sidecar/tools/envoy_config.py render(), written as a
+     template (tests/helm/test_parity.py compares the two). Every container of the pod shares
      one network namespace, so Envoy reaches the sidecar and the service on 127.0.0.1. */}}
 
 {{- define "x402.envoyCluster" -}}
@@ -203,6 +203,17 @@ static_resources:
             - name: service
               domains:
               - '*'
+              # Browsers may read the challenge and the receipt and send a payment.
+              typed_per_filter_config:
+                envoy.filters.http.cors:
+                  '@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
+                  allow_origin_string_match:
+                  - safe_regex:
+                      regex: .*
+                  allow_methods: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS
+                  allow_headers: payment-signature, x-payment, content-type, authorization
+                  expose_headers: payment-required, payment-response, x-payment-response, x-request-id, retry-after
+                  max_age: "600"
               routes:
               # Discovery is free: no ext_authz, served by the sidecar's HTTP port.
               - name: x402_discovery
@@ -214,6 +225,20 @@ static_resources:
                   {{ $ext }}:
                     '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
                     disabled: true
+              {{- $topupTimeout := include "x402.topupTimeout" . }}
+              {{- if $topupTimeout }}
+              # Self-serve top-ups: the side port prices and settles them itself.
+              - name: x402_topup
+                match:
+                  path: /x402/topup
+                route:
+                  cluster: x402_http
+                  timeout: {{ $topupTimeout }}
+                typed_per_filter_config:
+                  {{ $ext }}:
+                    '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                    disabled: true
+              {{- end }}
               {{- range $name := include "x402.routeNames" . | splitList " " | compact }}
               {{- $route := index $v.routes $name }}
               {{- $method := default "*" $route.method }}
@@ -294,6 +319,9 @@ static_resources:
                   cluster: service
                   timeout: {{ int $e.upstreamTimeoutSeconds }}s
           http_filters:
+          - name: envoy.filters.http.cors
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors
           - name: {{ $ext }}
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
@@ -301,7 +329,7 @@ static_resources:
               grpc_service:
                 envoy_grpc:
                   cluster_name: x402_authz
-                timeout: {{ $v.envoy.authzTimeout }}
+                timeout: {{ include "x402.authzTimeout" . }}
               # Fail closed: no sidecar answer means no free pass, and a 503.
               failure_mode_allow: false
               status_on_error:

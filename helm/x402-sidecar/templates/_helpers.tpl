@@ -283,4 +283,58 @@ response_trailer_mode: SKIP
   "routes" $routes
 }}
 {{- toYaml $config }}
+{{- /* The exact keys are written out and quoted: toYaml leaves an address like 0x90F7…
+     bare, and YAML 1.1 reads that as a hex integer. */}}
+{{- $x := $v.exact }}
+{{- if $x.onchain }}
+onchain:
+{{- range $code, $spec := $x.onchain }}
+  {{ $code | quote }}:
+    network: {{ $spec.network | quote }}
+    token: {{ $spec.token | quote }}
+    name: {{ $spec.name | quote }}
+    version: {{ $spec.version | quote }}
+    {{- if hasKey $spec "decimals" }}
+    decimals: {{ int $spec.decimals }}
+    {{- end }}
+    {{- if hasKey $spec "usd" }}
+    usd: {{ $spec.usd }}
+    {{- end }}
+{{- end }}
+facilitator_url: {{ $x.facilitatorUrl | quote }}
+pay_to: {{ $x.payTo | quote }}
+exact_max_timeout_seconds: {{ int $x.maxTimeoutSeconds }}
+facilitator_verify_timeout_ms: {{ int $x.verifyTimeoutMs }}
+facilitator_settle_timeout_ms: {{ int $x.settleTimeoutMs }}
+chain_rpc_url: {{ $x.chainRpcUrl | quote }}
+topup_asset: {{ $x.topup.asset | quote }}
+topup_min: {{ $x.topup.min | quote }}
+topup_max: {{ $x.topup.max | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Envoy's ext_authz timeout: envoy.authzTimeout, or with `exact` the facilitator's
+     verify + settle + 3 ledger steps + 1s (sidecar/tools/envoy_config.py timeouts()). */}}
+{{- define "x402.authzTimeout" -}}
+{{- $v := .Values }}
+{{- if $v.exact.onchain }}
+{{- $ms := add (int $v.exact.verifyTimeoutMs) (int $v.exact.settleTimeoutMs) (mul 3 (int $v.redis.timeoutMs)) 1000 }}
+{{- $floor := add (int $v.redis.timeoutMs) 500 }}
+{{- if lt $ms $floor }}{{ $ms = $floor }}{{ end }}
+{{- printf "%d.%03ds" (div $ms 1000) (mod $ms 1000) }}
+{{- else }}
+{{- $v.envoy.authzTimeout }}
+{{- end }}
+{{- end }}
+
+{{/* The top-up route's timeout ("" when top-ups are off): the check's, plus 5s for the
+     on-chain lookup of a settle whose answer was lost. */}}
+{{- define "x402.topupTimeout" -}}
+{{- $v := .Values }}
+{{- $x := $v.exact }}
+{{- $asset := default $v.defaultAsset $x.topup.asset }}
+{{- if and $x.onchain (ne (lower $x.topup.asset) "off") (hasKey $x.onchain $asset) }}
+{{- $ms := add (int $x.verifyTimeoutMs) (int $x.settleTimeoutMs) (mul 3 (int $v.redis.timeoutMs)) 1000 5000 }}
+{{- printf "%d.%03ds" (div $ms 1000) (mod $ms 1000) }}
+{{- end }}
 {{- end }}

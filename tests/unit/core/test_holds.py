@@ -52,7 +52,7 @@ def test_route_terms_parse_and_fail_naming_the_key() -> None:
     assert phase == ResponsePhase(unit="row", unit_price=1000, max_units=100)
     assert phase.maximum == 100_000
     assert holds.phase_from("routes.a", {"price": "1"}, USDF) is None
-    bad = [
+    bad: list[tuple[dict[str, object], str]] = [
         ({"charge": "later"}, "routes.a.charge"),
         ({"unit_price": "0.001", "max_units": 1, "charge": "on_check"}, "routes.a.charge"),
         ({"unit_price": "0.0000001", "max_units": 1}, "routes.a.unit_price"),

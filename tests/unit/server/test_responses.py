@@ -61,7 +61,7 @@ def test_denied_with_status_headers_and_a_large_body() -> None:
     expected = authz.CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
         denied_response=authz.DeniedHttpResponse(
-            status=HttpStatus(code=402),  # type: ignore[arg-type]
+            status=HttpStatus(code=402),
             headers=options(headers),
             body=body.decode(),
         ),

@@ -1,0 +1,228 @@
+"""Evidence bundles, checked offline with nothing but the gateway's public key. Pure.
+
+A bundle (`sidecar/ledger/evidence.py` exports one) is one JSON document:
+
+    {"format": "fth-x402/2.0 evidence",
+     "statement": {signed: what was exported, the receipt and batch ids it contains},
+     "batches": [signed batch manifests],
+     "receipts": [{"receipt": {signed receipt}, "batch_id", "proof": {"index", "size",
+                   "path": [hex]}}]}
+
+Every signature is the gateway's: receipts (`fth-x402/2.0 receipt\\n`), manifests
+(`fth-x402/2.0 batch\\n`) and the export statement (`fth-x402/2.0 evidence\\n`), so a
+receipt cannot be altered, added or dropped, nor a manifest forged, without
+`verify_bundle` saying which and how.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.core import merkle, vouchers
+from sidecar.core.batches import leaf, verify_manifest
+from sidecar.core.errors import AmountError
+from sidecar.core.identity import Identity, b64url_decode, key_id, verify, verify_key
+from sidecar.core.money import to_atomic
+from sidecar.core.protocol import VERSION, canonical_json, verify_receipt
+
+FORMAT = "fth-x402/2.0 evidence"
+STATEMENT_DOMAIN = b"fth-x402/2.0 evidence\n"
+
+
+def entries(
+    batch_id: str,
+    receipts: Sequence[Mapping[str, Any]],
+    tree: merkle.MerkleTree,
+    chosen: Callable[[Mapping[str, Any]], bool],
+) -> list[dict[str, Any]]:
+    """The chosen receipts of one batch (its leaves, in order), each with its proof."""
+    return [
+        {
+            "receipt": receipt,
+            "batch_id": batch_id,
+            "proof": {
+                "index": index,
+                "size": tree.size,
+                "path": [node.hex() for node in tree.proof(index)],
+            },
+        }
+        for index, receipt in enumerate(receipts)
+        if chosen(receipt)
+    ]
+
+
+def bundle(
+    manifests: list[dict[str, Any]],
+    items: list[dict[str, Any]],
+    query: Mapping[str, Any],
+    created_at: int,
+    gateway: Identity,
+) -> dict[str, Any]:
+    """The bundle of these manifests and receipt entries, with the signed statement that
+    lists them (so none can be dropped or added unnoticed)."""
+    statement = {
+        "version": VERSION,
+        "type": "evidence-export",
+        "query": dict(query),
+        "created_at": created_at,
+        "receipts": [item["receipt"]["receipt_id"] for item in items],
+        "batches": [m["batch_id"] for m in manifests],
+        "kid": gateway.kid,
+    }
+    signed = {**statement, "signature": gateway.sign(STATEMENT_DOMAIN + canonical_json(statement))}
+    return {"format": FORMAT, "statement": signed, "batches": manifests, "receipts": items}
+
+
+@dataclass
+class Verdict:
+    problems: list[str] = field(default_factory=list)
+    receipts: int = 0
+    batches: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def parse_public_key(text: str) -> str:
+    """A gateway public key (base64url of 32 bytes); ValueError if it is not one."""
+    text = text.strip()
+    raw = b64url_decode(text)
+    if len(raw) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    return text
+
+
+def verify_bundle(bundle: Any, public_key: str) -> Verdict:
+    """Check everything offline; every problem found is one line that names what fails."""
+    verdict = Verdict()
+    problems = verdict.problems
+    if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
+        problems.append(f"not an evidence bundle (format is not {FORMAT!r})")
+        return verdict
+    kid = key_id(b64url_decode(public_key))
+    key = verify_key(public_key)
+
+    statement = bundle.get("statement")
+    listed_receipts: list[str] = []
+    listed_batches: list[str] = []
+    statement_ok = isinstance(statement, dict) and _signed_by(statement, STATEMENT_DOMAIN, key)
+    if not isinstance(statement, dict) or not statement_ok:
+        problems.append(
+            f"export statement: signature does not verify with key {kid} "
+            "(the list of exported receipts was altered, or another key signed it)"
+        )
+    else:
+        listed_receipts = [str(r) for r in statement.get("receipts") or []]
+        listed_batches = [str(b) for b in statement.get("batches") or []]
+
+    manifests: dict[str, Mapping[str, Any]] = {}
+    for manifest in _list(bundle, "batches"):
+        batch = str(manifest.get("batch_id"))
+        verdict.batches += 1
+        if batch in manifests:
+            problems.append(f"batch {batch}: appears twice")
+        manifests[batch] = manifest
+        if manifest.get("kid") != kid:
+            problems.append(f"batch {batch}: signed by {manifest.get('kid')!r}, not {kid}")
+        if not verify_manifest(manifest, public_key):
+            problems.append(
+                f"batch {batch}: manifest signature does not verify (forged or altered)"
+            )
+
+    seen: set[str] = set()
+    for item in _list(bundle, "receipts"):
+        verdict.receipts += 1
+        receipt = item.get("receipt")
+        if not isinstance(receipt, dict):
+            problems.append("a receipt entry has no receipt object")
+            continue
+        rid = str(receipt.get("receipt_id"))
+        if rid in seen:
+            problems.append(f"receipt {rid}: appears twice")
+        seen.add(rid)
+        if not verify_receipt(receipt, {kid: public_key}):
+            problems.append(f"receipt {rid}: gateway signature does not verify (altered)")
+        problems.extend(f"receipt {rid}: {p}" for p in _check_voucher(receipt))
+        batch = str(item.get("batch_id"))
+        anchored = manifests.get(batch)
+        if anchored is None:
+            problems.append(f"receipt {rid}: its batch {batch} is not in the bundle")
+            continue
+        if receipt.get("payer") != anchored.get("payer"):
+            problems.append(f"receipt {rid}: payer differs from batch {batch}'s payer")
+        if not _proof_holds(receipt, item.get("proof"), anchored):
+            problems.append(
+                f"receipt {rid}: Merkle proof does not lead to batch {batch}'s root "
+                "(the receipt or its proof was altered, or the batch was forged)"
+            )
+
+    for rid in listed_receipts:
+        if rid not in seen:
+            problems.append(
+                f"receipt {rid}: listed in the signed export statement but missing (dropped)"
+            )
+    if statement_ok:
+        for rid in sorted(seen - set(listed_receipts)):
+            problems.append(f"receipt {rid}: not in the signed export statement (added)")
+    for batch in listed_batches:
+        if batch not in manifests:
+            problems.append(f"batch {batch}: listed in the signed export statement but missing")
+    return verdict
+
+
+def _list(bundle: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
+    value = bundle.get(name)
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _signed_by(obj: Mapping[str, Any], domain: bytes, key: Any) -> bool:
+    signature = obj.get("signature")
+    if not isinstance(signature, str):
+        return False
+    body = {k: v for k, v in obj.items() if k != "signature"}
+    return verify(key, domain + canonical_json(body), signature)
+
+
+def _proof_holds(receipt: Mapping[str, Any], proof: Any, manifest: Mapping[str, Any]) -> bool:
+    if not isinstance(proof, dict):
+        return False
+    index, size, path = proof.get("index"), proof.get("size"), proof.get("path")
+    if type(index) is not int or type(size) is not int or not isinstance(path, list):
+        return False
+    if size != manifest.get("count"):
+        return False
+    try:
+        nodes = [bytes.fromhex(node) for node in path]
+        root = bytes.fromhex(str(manifest.get("merkle_root")))
+    except (TypeError, ValueError):
+        return False
+    return merkle.verify(leaf(receipt), index, size, nodes, root)
+
+
+def _check_voucher(receipt: Mapping[str, Any]) -> Sequence[str]:
+    """A channel close carries the payer's final voucher: it must be the payer's, for this
+    channel, and for exactly the amount settled."""
+    if receipt.get("scheme") != vouchers.SCHEME:
+        return []
+    voucher = receipt.get("voucher")
+    if voucher is None:
+        return [] if receipt.get("amount") == "0" else ["a channel close without a voucher"]
+    if not isinstance(voucher, dict) or not vouchers.verify_signature(voucher):
+        return ["the payer's final voucher signature does not verify"]
+    problems = []
+    if voucher.get("payer") != receipt.get("payer"):
+        problems.append("the final voucher is not the payer's")
+    if voucher.get("channel_id") != receipt.get("channel_id"):
+        problems.append("the final voucher is for another channel")
+    try:
+        same = to_atomic(str(voucher.get("cumulative")), 18) == to_atomic(
+            str(receipt.get("amount")), 18
+        )
+    except AmountError:
+        same = False
+    if not same:
+        problems.append("the settled amount is not the final voucher's cumulative amount")
+    return problems

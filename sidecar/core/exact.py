@@ -1,0 +1,247 @@
+"""The x402 v2 `exact` scheme on EVM (EIP-3009 transferWithAuthorization): the offer the
+402 carries, and the pure checks of a `PAYMENT-SIGNATURE` envelope against it (PROTOCOL.md
+§8). Pure: the facilitator and the ledger are called by the server's `Exact` scheme only
+after everything here has passed.
+
+The envelope an official x402 client sends:
+
+    {"x402Version": 2, "accepted": {scheme, network, amount, asset, payTo,
+     maxTimeoutSeconds, extra}, "payload": {"authorization": {from, to, value, validAfter,
+     validBefore, nonce}, "signature": "0x..."}, "resource": {...}, "extensions": {...}}
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.core.errors import (
+    ConfigError,
+    InvoiceExpired,
+    InvoiceMismatch,
+    MalformedPayment,
+    UnsupportedScheme,
+    UnsupportedVersion,
+)
+from sidecar.core.pricing import Price
+
+SCHEME = "exact"
+X402_VERSION = 2
+EVM_NETWORK = re.compile(r"eip155:[1-9][0-9]{0,17}")
+ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+NONCE = re.compile(r"0x[0-9a-fA-F]{64}")
+SIGNATURE = re.compile(r"0x[0-9a-fA-F]{130,4096}")  # 65 bytes, or longer (ERC-1271/6492)
+UINT = re.compile(r"0|[1-9][0-9]{0,77}")  # a uint256 as a decimal string
+# CAIP-2: namespace ":" reference. The official TypeScript schema (@x402/core) wants a ":".
+CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}")
+# An authorization must stay valid this long after the check, so settlement can land.
+MIN_VALIDITY_SECONDS = 6
+# validBefore may exceed now + maxTimeoutSeconds by this much (client clock ahead of ours).
+CLOCK_SKEW_SECONDS = 60
+# Keccak-256 constants of FiatToken (EIP-3009), so the server needs no keccak of its own:
+# the selector of authorizationState(address,bytes32) and the AuthorizationUsed event topic.
+AUTHORIZATION_STATE_SELECTOR = "0xe94a0102"
+AUTHORIZATION_USED_TOPIC = "0x98de503528ee59b575ef0c0a2576a82497bfc029a5685b209e9ec333479b10a5"
+
+
+@dataclass(frozen=True, slots=True)
+class OnchainAsset:
+    """The on-chain token that backs one ledger asset (config `onchain`)."""
+
+    asset: str  # the ledger asset's code, e.g. USDF
+    network: str  # eip155:<chain id>
+    token: str  # the token contract's address
+    name: str  # EIP-712 domain name, e.g. "USD Coin"
+    version: str  # EIP-712 domain version, e.g. "2"
+    decimals: int
+    usd: bool = True  # a USD stablecoin: the 402 states `price_usd`
+
+    @property
+    def chain_id(self) -> int:
+        return int(self.network.partition(":")[2])
+
+
+@dataclass(frozen=True)
+class ExactTerms:
+    """What the gateway offers through `exact`: tokens by ledger asset, and where to pay."""
+
+    assets: Mapping[str, OnchainAsset]
+    pay_to: str  # the operator's address
+    facilitator_url: str
+    max_timeout_seconds: int = 300
+    topup: Mapping[str, Any] = field(default_factory=dict)  # discovery's `topup`, if any
+
+    def for_price(self, price: Price) -> OnchainAsset | None:
+        return self.assets.get(price.asset.code)
+
+
+def offer(onchain: OnchainAsset, amount: int, terms: ExactTerms) -> dict[str, Any]:
+    """The x402 v2 `PaymentRequirements` of `exact` for `amount` atomic units."""
+    return {
+        "scheme": SCHEME,
+        "network": onchain.network,
+        "amount": str(amount),
+        "asset": onchain.token,
+        "payTo": terms.pay_to,
+        "maxTimeoutSeconds": terms.max_timeout_seconds,
+        "extra": {"name": onchain.name, "version": onchain.version},
+    }
+
+
+def invoice_fields(onchain: OnchainAsset, amount: int, terms: ExactTerms) -> dict[str, Any]:
+    """What the 402 body's `x402` object gains where `exact` applies (product documents)."""
+    fields: dict[str, Any] = {
+        "token": onchain.token,
+        "chain": onchain.network,
+        "facilitator": terms.facilitator_url,
+        "payment_target": terms.pay_to,
+    }
+    if onchain.usd:
+        from sidecar.core.money import to_decimal
+
+        fields["price_usd"] = to_decimal(amount, onchain.decimals)
+    return fields
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """A checked EIP-3009 authorization and the envelope that carried it."""
+
+    payer: str  # `from`, lower case
+    to: str
+    value: int
+    valid_after: int
+    valid_before: int
+    nonce: str  # 0x + 64 hex, lower case
+    envelope: Mapping[str, Any]  # what goes to the facilitator as paymentPayload, unchanged
+    requirements: Mapping[str, Any]  # our offer: the facilitator's paymentRequirements
+
+    @property
+    def key(self) -> str:
+        """Names the authorization across the ledger: token, payer and nonce."""
+        token = str(self.requirements["asset"]).lower()
+        return f"{self.requirements['network']}:{token}:{self.nonce}"
+
+
+def scheme_of(decoded: Mapping[str, Any]) -> str:
+    """The scheme an x402 v2 envelope carries (`accepted.scheme`), else the payment's own."""
+    accepted = decoded.get("accepted")
+    if "x402Version" in decoded and isinstance(accepted, Mapping):
+        return str(accepted.get("scheme"))
+    return str(decoded.get("scheme"))
+
+
+def _string(obj: Mapping[str, Any], name: str, pattern: re.Pattern[str], what: str) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+        raise MalformedPayment(f"exact payment: {what} {name!r} is missing or malformed")
+    return value
+
+
+def parse(decoded: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """The envelope's `accepted` and `payload.authorization`, shapes checked; typed 400s."""
+    if decoded.get("x402Version") != X402_VERSION:
+        raise UnsupportedVersion("exact payments are x402Version 2 envelopes")
+    accepted, payload = decoded.get("accepted"), decoded.get("payload")
+    if not isinstance(accepted, Mapping) or not isinstance(payload, Mapping):
+        raise MalformedPayment("exact payment: the envelope needs `accepted` and `payload`")
+    if accepted.get("scheme") != SCHEME:
+        raise UnsupportedScheme(f"scheme must be {SCHEME!r}")
+    authorization = payload.get("authorization")
+    if not isinstance(authorization, Mapping):
+        raise MalformedPayment("exact payment: payload.authorization is missing (EIP-3009)")
+    _string(payload, "signature", SIGNATURE, "payload")
+    _string(authorization, "from", ADDRESS, "authorization")
+    _string(authorization, "to", ADDRESS, "authorization")
+    _string(authorization, "nonce", NONCE, "authorization")
+    for name in ("value", "validAfter", "validBefore"):
+        _string(authorization, name, UINT, "authorization")
+    return accepted, authorization
+
+
+def verify(decoded: Mapping[str, Any], requirements: Mapping[str, Any], now: int) -> Authorization:
+    """Match the envelope against this route's offer, cheapest first, before anyone is
+    called: scheme, network, amount, asset, payTo, then the authorization's recipient,
+    value and validity window. Addresses compare case-insensitively (EIP-55 checksums)."""
+    accepted, authorization = parse(decoded)
+    if accepted.get("network") != requirements["network"]:
+        raise InvoiceMismatch(f"this route is paid on {requirements['network']}")
+    if accepted.get("amount") != requirements["amount"]:
+        raise InvoiceMismatch(f"this route costs {requirements['amount']} atomic units now")
+    for name in ("asset", "payTo"):
+        value = accepted.get(name)
+        if not isinstance(value, str) or value.lower() != str(requirements[name]).lower():
+            raise InvoiceMismatch(f"accepted.{name} is not this route's {requirements[name]}")
+    if authorization["to"].lower() != str(requirements["payTo"]).lower():
+        raise InvoiceMismatch("the authorization pays someone else than this gateway's payTo")
+    if authorization["value"] != requirements["amount"]:
+        raise InvoiceMismatch("the authorization's value is not this route's price")
+    valid_after, valid_before = int(authorization["validAfter"]), int(authorization["validBefore"])
+    if valid_after > now:
+        raise InvoiceExpired("the authorization is not valid yet (validAfter)")
+    if valid_before < now + MIN_VALIDITY_SECONDS:
+        raise InvoiceExpired("the authorization has expired (validBefore); sign a fresh one")
+    if valid_before > now + int(requirements["maxTimeoutSeconds"]) + CLOCK_SKEW_SECONDS:
+        raise InvoiceMismatch(
+            f"validBefore is more than maxTimeoutSeconds ({requirements['maxTimeoutSeconds']}) "
+            "ahead"
+        )
+    return Authorization(
+        payer=authorization["from"].lower(),
+        to=authorization["to"].lower(),
+        value=int(authorization["value"]),
+        valid_after=valid_after,
+        valid_before=valid_before,
+        nonce=authorization["nonce"].lower(),
+        envelope=decoded,
+        requirements=requirements,
+    )
+
+
+def authorization_state_call(authorizer: str, nonce: str) -> str:
+    """eth_call data for FiatToken's authorizationState(authorizer, nonce)."""
+    return (
+        AUTHORIZATION_STATE_SELECTOR
+        + authorizer.lower().removeprefix("0x").rjust(64, "0")
+        + nonce.lower().removeprefix("0x")
+    )
+
+
+def authorization_used_topics(authorizer: str, nonce: str) -> list[str]:
+    """eth_getLogs topics of the AuthorizationUsed(authorizer, nonce) event."""
+    return [
+        AUTHORIZATION_USED_TOPIC,
+        "0x" + authorizer.lower().removeprefix("0x").rjust(64, "0"),
+        nonce.lower(),
+    ]
+
+
+def onchain_from_config(code: str, spec: Any, decimals: int) -> OnchainAsset:
+    """One `onchain.<code>` config entry, checked; ConfigError names the key."""
+    key = f"config onchain.{code}"
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{key}: must be a mapping with network, token, name, version")
+    unknown = set(spec) - {"network", "token", "name", "version", "decimals", "usd"}
+    if unknown:
+        raise ConfigError(f"{key}: unknown key {sorted(unknown)[0]!r}")
+    network = spec.get("network")
+    if not isinstance(network, str) or EVM_NETWORK.fullmatch(network) is None:
+        raise ConfigError(f"{key}.network: must be eip155:<chain id>")
+    token = spec.get("token")
+    if not isinstance(token, str) or ADDRESS.fullmatch(token) is None:
+        raise ConfigError(f"{key}.token: must be a 0x-prefixed 20-byte address")
+    for name in ("name", "version"):
+        if not isinstance(spec.get(name), str) or not spec[name]:
+            raise ConfigError(f"{key}.{name}: the token's EIP-712 domain {name} (a string)")
+    token_decimals = spec.get("decimals", decimals)
+    if type(token_decimals) is not int or token_decimals != decimals:
+        raise ConfigError(
+            f"{key}.decimals: must equal the ledger asset's decimals ({decimals}); "
+            "one atomic unit of the token is one atomic unit of the asset"
+        )
+    usd = spec.get("usd", True)
+    if not isinstance(usd, bool):
+        raise ConfigError(f"{key}.usd: must be true or false")
+    return OnchainAsset(code, network, token, spec["name"], spec["version"], decimals, usd)

@@ -1,0 +1,1 @@
+"""The Helm chart, one module per concern."""

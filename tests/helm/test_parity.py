@@ -1,0 +1,117 @@
+"""The chart and the Python side say the same: Envoy's config is the renderer's, the
+sidecar's route table is the values' routes (prices to the unit), the edge defaults are
+the renderer's, and the Dockerfile runs what the chart runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import yaml
+
+from sidecar.core.money import to_atomic
+from sidecar.server.config import Edge, Settings
+from sidecar.tools.envoy_config import Endpoints, render, timeouts
+from sidecar.tools.stack import LOOPBACK
+from tests.support.charts import (
+    CHART,
+    REPO,
+    Rendered,
+    ordered_routes,
+    render_chart,
+    rendered_values,
+    snake_case,
+)
+
+
+def test_envoy_config_has_the_shape_of_the_python_renderer(rendered: Rendered) -> None:
+    v = rendered.values
+    endpoints = Endpoints(
+        listen=("0.0.0.0", v["envoy"]["port"]),
+        admin=(LOOPBACK, v["envoy"]["adminPort"]),
+        service=(LOOPBACK, v["app"]["port"]),
+        authz=(LOOPBACK, v["sidecar"]["grpcPort"]),
+        authz_workers=v["sidecar"]["workers"],
+        sideport=(LOOPBACK, v["sidecar"]["httpPort"]),
+        authz_timeout=v["envoy"]["authzTimeout"],
+    )
+    if v["exact"]["onchain"]:  # the renderer's timeouts for this sidecar config, as the CLI
+        authz, topup = timeouts(Settings.from_mapping(rendered.sidecar_config, env={}))
+        assert topup, "the exact values turn top-ups on"
+        endpoints = dataclasses.replace(endpoints, authz_timeout=authz, topup_timeout=topup)
+    edge = Edge(**{snake_case(key): value for key, value in v["envoy"]["edge"].items()})
+    expected = render(ordered_routes(v["routes"]), v["defaultAsset"], endpoints, edge)
+    assert rendered.envoy_config == expected
+
+
+def test_the_charts_edge_defaults_are_the_renderers() -> None:
+    chart = yaml.safe_load((CHART / "values.yaml").read_text())["envoy"]["edge"]
+    assert {snake_case(key): value for key, value in chart.items()} == dataclasses.asdict(Edge())
+
+
+def test_sidecar_config_is_the_same_route_table(rendered: Rendered) -> None:
+    v = rendered.values
+    config = rendered.sidecar_config
+    settings = Settings.from_mapping(config, env={})
+    table = settings.route_table()
+
+    expected = set()
+    for name, spec in v["routes"].items():
+        asset = spec.get("asset", v["defaultAsset"])
+        if "unit_price" in spec:  # metered: the hold, the quoted maximum
+            amount = to_atomic(spec["unit_price"], v["assets"][asset]) * spec["max_units"]
+        else:
+            amount = to_atomic(spec["price"], v["assets"][asset])
+        expected.add((name, spec.get("method", "*"), spec["path"], asset, amount))
+    actual = {(r.name, r.method, r.path, r.price.asset.code, r.price.amount) for r in table.routes}
+    assert actual == expected
+    # The sidecar looks exact paths up first, then tries templated ones in table order;
+    # Envoy's routes are in that same order, so both pick the same route for a path.
+    templated = [name for name in ordered_routes(v["routes"]) if "{" in v["routes"][name]["path"]]
+    assert [r.name for r in table.routes if r.is_template] == templated
+    assert settings.listen_grpc == f"0.0.0.0:{v['sidecar']['grpcPort']}"
+    assert settings.listen_http == f"0.0.0.0:{v['sidecar']['httpPort']}"
+    assert settings.workers == v["sidecar"]["workers"]
+    assert "redis_url" not in config  # it carries the password: env from a Secret only
+
+
+def test_prices_at_the_edges_render() -> None:
+    rendered = render_chart(
+        "default",
+        "--set-string",
+        "routes.max.path=/max",
+        "--set-string",
+        "routes.max.price=9007199254.740991",
+        "--set-string",
+        "routes.micro.path=/micro",
+        "--set-string",
+        "routes.micro.price=0.000001",
+        "--set-string",
+        "routes.free.path=/free",
+        "--set-string",
+        "routes.free.price=0",
+    )
+    prices = {
+        r.name: r.price.amount
+        for r in Settings.from_mapping(rendered.sidecar_config, env={}).route_table().routes
+    }
+    assert prices == {"free": 0, "max": 2**53 - 1, "micro": 1}
+
+
+def test_dockerfile_runs_x402_serve_as_the_charts_user() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    final = dockerfile.split("\nFROM ")[-1]  # the runtime stage
+
+    def instruction(name: str) -> str:
+        match = re.search(rf"^{name} (.+)$", final, re.MULTILINE)
+        assert match, f"no {name} in the final stage"
+        return match.group(1)
+
+    x402 = rendered_values("default").container("x402")
+    assert json.loads(instruction("ENTRYPOINT")) == x402["command"] == ["x402", "serve"]
+    assert json.loads(instruction("CMD")) == x402["args"]
+    context = x402["securityContext"]
+    assert instruction("USER") == f"{context['runAsUser']}:{context['runAsGroup']}"
+    assert "AS build" in dockerfile  # multi-stage: the build stage stays behind
+    assert not re.search(r"apt-get|gcc|build-essential|pip install", final)

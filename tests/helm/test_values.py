@@ -1,0 +1,177 @@
+"""Values: invalid ones fail with a message that names the key; the switches (config
+checksum, ServiceMonitor, autoscaling) render what they say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.charts import (
+    CHART,
+    FULLNAME,
+    RELEASE,
+    helm,
+    render_chart,
+    rendered_values,
+)
+
+INVALID: dict[str, tuple[str, list[str], str]] = {
+    "negative price": (
+        "routes: {a: {path: /a, price: '-1'}}",
+        [],
+        "routes.a.price: Does not match pattern",
+    ),
+    "unknown key": ("sidecar: {colour: blue}", [], "Additional property colour is not allowed"),
+    "unknown route key": (
+        "routes: {a: {path: /a, price: '1', cost: '1'}}",
+        [],
+        "Additional property cost is not allowed",
+    ),
+    "too many decimals": (
+        "routes: {a: {path: /a, price: '0.0000001'}}",
+        [],
+        'routes.a.price: "0.0000001" has more than 6 decimals, the most USDF allows',
+    ),
+    "too many decimals for a 0-decimal asset": (
+        "assets: {CREDIT: 0}\nroutes: {a: {path: /a, price: '1.5', asset: CREDIT}}",
+        [],
+        'routes.a.price: "1.5" has more than 0 decimals, the most CREDIT allows',
+    ),
+    "price as a YAML number": (
+        "routes: {a: {path: /a, price: 0.25}}",
+        [],
+        "routes.a.price: Invalid type. Expected: string, given: number",
+    ),
+    "price as an integer from --set": (
+        "",
+        ["--set", "routes.a.path=/a", "--set", "routes.a.price=1"],
+        "routes.a.price: Invalid type. Expected: string, given: integer",
+    ),
+    "price above the ledger's maximum": (
+        "routes: {a: {path: /a, price: '9007199254.740992'}}",
+        [],
+        'routes.a.price: "9007199254.740992" is larger than the ledger\'s maximum balance',
+    ),
+    "unknown asset": (
+        "routes: {a: {path: /a, price: '1', asset: EUR}}",
+        [],
+        'routes.a.asset: unknown asset "EUR" (assets: USDF)',
+    ),
+    "param not a whole segment": (
+        "routes: {a: {path: '/a/{id}.json', price: '1'}}",
+        [],
+        "routes.a.path: Does not match pattern",
+    ),
+    "missing redis": (
+        "redis: {internal: {enabled: false}}",
+        [],
+        "redis: the ledger needs a Redis; set redis.url",
+    ),
+    "two redis": (
+        "redis: {url: 'redis://r:6379/0'}",
+        [],
+        "redis: redis.url points at an existing Redis, so set redis.internal.enabled=false",
+    ),
+    "password in the redis url": (
+        "redis: {url: 'redis://:hunter2@r:6379/0', internal: {enabled: false}}",
+        [],
+        "redis.url: must not carry credentials",
+    ),
+    "an ACL user for the in-chart redis": (
+        "redis: {auth: {username: ledger}}",
+        [],
+        "redis.auth.username: an ACL user of an external Redis",
+    ),
+    "ports of workers collide": (
+        "sidecar: {workers: 2, httpPort: 9002}",
+        [],
+        "ports: app.port, envoy.port, envoy.adminPort, sidecar.httpPort and",
+    ),
+    "authz timeout below the ledger timeout": (
+        "envoy: {authzTimeout: 0.4s}",
+        [],
+        "envoy.authzTimeout: 0.4s must be longer than redis.timeoutMs (500ms)",
+    ),
+    "authz timeout in ms, which Envoy rejects": (
+        "envoy: {authzTimeout: 750ms}",
+        [],
+        "envoy.authzTimeout: Does not match pattern",
+    ),
+    "edge value out of range": (
+        "envoy: {edge: {xffNumTrustedHops: -1}}",
+        [],
+        "envoy.edge.xffNumTrustedHops: Must be greater than or equal to 0",
+    ),
+    "edge value of the wrong type": (
+        "envoy: {edge: {trustRequestId: 'yes'}}",
+        [],
+        "envoy.edge.trustRequestId: Invalid type. Expected: boolean, given: string",
+    ),
+    "unknown edge key": (
+        "envoy: {edge: {xffTrustedHops: 1}}",
+        [],
+        "Additional property xffTrustedHops is not allowed",
+    ),
+    "default asset not in assets": (
+        "defaultAsset: EUR",
+        [],
+        'defaultAsset: "EUR" is not in assets (USDF)',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_values_fail_with_a_clear_message(case: str, tmp_path: Path) -> None:
+    values, extra, message = INVALID[case]
+    path = tmp_path / "values.yaml"
+    path.write_text(values)
+    result = helm("template", RELEASE, str(CHART), "-f", str(path), *extra)
+    assert result.returncode != 0, f"{case} rendered:\n{result.stdout[:2000]}"
+    assert message in result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def test_a_config_change_rolls_the_pods() -> None:
+    def checksum(*extra: str) -> str:
+        deployment = render_chart("external-redis", *extra).find("Deployment", FULLNAME)
+        annotations: dict[str, str] = deployment["spec"]["template"]["metadata"]["annotations"]
+        return annotations["checksum/config"]
+
+    before = checksum()
+    assert checksum() == before  # deterministic: an unchanged upgrade rolls nothing
+    assert checksum("--set-string", "routes.atlas.price=0.3") != before
+    assert checksum("--set", "sidecar.logLevel=debug") != before
+
+
+def test_service_monitor_scrapes_the_sidecar_http_port() -> None:
+    rendered = rendered_values("external-redis")
+    monitor = rendered.find("ServiceMonitor", FULLNAME)
+    service = rendered.find("Service", f"{FULLNAME}-metrics")
+    pod_labels = rendered.find("Deployment", FULLNAME)["spec"]["template"]["metadata"]["labels"]
+
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    (port,) = service["spec"]["ports"]
+    assert endpoint["port"] == port["name"] == "metrics"
+    assert endpoint["path"] == rendered.values["serviceMonitor"]["path"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    x402_ports = {p["name"]: p["containerPort"] for p in rendered.container("x402")["ports"]}
+    assert x402_ports[port["targetPort"]] == rendered.values["sidecar"]["httpPort"]
+    # Monitoring off: no CRD object at all, so installs without the operator work.
+    assert not rendered_values("default").all("ServiceMonitor")
+
+
+def test_autoscaling_owns_the_replica_count() -> None:
+    external = rendered_values("external-redis")
+    assert "replicas" not in external.find("Deployment", FULLNAME)["spec"]
+    hpa = external.find("HorizontalPodAutoscaler", FULLNAME)
+    assert hpa["spec"]["scaleTargetRef"]["name"] == FULLNAME
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    assert external.find("PodDisruptionBudget", FULLNAME)["spec"]["maxUnavailable"] == "25%"
+    default = rendered_values("default")
+    assert default.find("Deployment", FULLNAME)["spec"]["replicas"] == 2
+    assert not default.all("HorizontalPodAutoscaler")

@@ -1,0 +1,1 @@
+"""Tests of sidecar.agent: pure, no servers."""

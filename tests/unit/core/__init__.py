@@ -1,0 +1,1 @@
+"""Tests of sidecar.core: pure, no servers."""

@@ -1,0 +1,237 @@
+"""The `exact` scheme's pure parts: its config, the offer, and the checks of an envelope
+against the offer before anyone is called (core/exact.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from eth_utils.crypto import keccak
+
+from sidecar.core import exact, protocol
+from sidecar.core.errors import (
+    ConfigError,
+    InvoiceExpired,
+    InvoiceMismatch,
+    MalformedPayment,
+    PaymentError,
+    UnsupportedScheme,
+)
+from sidecar.server.config import Settings
+
+TOKEN = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+OPERATOR = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
+PAYER = "0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65"
+NONCE = "0x" + "ab" * 32
+ONCHAIN = {"USDF": {"network": "eip155:31337", "token": TOKEN, "name": "USD Coin", "version": "2"}}
+EXACT = {"onchain": ONCHAIN, "pay_to": OPERATOR, "facilitator_url": "http://127.0.0.1:1"}
+
+
+def load(raw: dict[str, Any], **env: str) -> Settings:
+    return Settings.from_mapping(raw, env)
+
+
+# -- config -------------------------------------------------------------------------------
+
+
+def test_onchain_config_becomes_the_exact_terms() -> None:
+    terms = load({**EXACT, "onchain": {"USDF": {**ONCHAIN["USDF"], "decimals": 6}}}).exact_terms()
+    assert terms is not None
+    usdf = terms.assets["USDF"]
+    assert (usdf.network, usdf.token, usdf.decimals, usdf.chain_id) == (
+        "eip155:31337",
+        TOKEN,
+        6,
+        31337,
+    )
+    assert (terms.pay_to, terms.facilitator_url, terms.max_timeout_seconds) == (
+        OPERATOR,
+        "http://127.0.0.1:1",
+        300,
+    )
+    assert terms.topup["path"] == "/x402/topup" and terms.topup["asset"] == "USDF"
+    assert (terms.topup["min"], terms.topup["max"]) == ("1", "1000")
+
+
+def test_no_onchain_asset_no_exact() -> None:
+    assert load({}).exact_terms() is None
+    assert load({}).network == "fth:ledger"
+
+
+def test_env_overrides_the_exact_scalars() -> None:
+    settings = load(
+        EXACT,
+        X402_PAY_TO=PAYER,
+        X402_FACILITATOR_URL="https://facilitator.example",
+        X402_EXACT_MAX_TIMEOUT_SECONDS="60",
+        X402_TOPUP_MAX="20",
+    )
+    terms = settings.exact_terms()
+    assert terms is not None
+    assert (terms.pay_to, terms.facilitator_url, terms.max_timeout_seconds) == (
+        PAYER,
+        "https://facilitator.example",
+        60,
+    )
+    assert terms.topup["max"] == "20"
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"onchain": {"USDF": {**ONCHAIN["USDF"], "decimals": 18}}}, "onchain.USDF.decimals"),
+        ({"onchain": {"EUR": ONCHAIN["USDF"]}}, "onchain.EUR"),
+        ({"onchain": {"USDF": {**ONCHAIN["USDF"], "token": "0x12"}}}, "onchain.USDF.token"),
+        ({"onchain": {"USDF": {**ONCHAIN["USDF"], "network": "base"}}}, "onchain.USDF.network"),
+        ({"onchain": {"USDF": {**ONCHAIN["USDF"], "name": ""}}}, "onchain.USDF.name"),
+        ({"onchain": {"USDF": {**ONCHAIN["USDF"], "chain": 1}}}, "onchain.USDF"),
+        ({"pay_to": ""}, "pay_to"),
+        ({"facilitator_url": "ftp://x"}, "facilitator_url"),
+        ({"network": "fth-ledger"}, "network"),
+        ({"topup_min": "5", "topup_max": "1"}, "topup_min"),
+        ({"topup_min": "0.0000001"}, "topup_min"),
+        ({"topup_asset": "EUR"}, "topup_asset"),
+        ({"exact_max_timeout_seconds": 0}, "exact_max_timeout_seconds"),
+    ],
+)
+def test_bad_exact_config_names_the_key(change: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"config {key}"):
+        load({**EXACT, **change})
+
+
+def test_topups_can_be_turned_off() -> None:
+    terms = load({**EXACT, "topup_asset": "off"}).exact_terms()
+    assert terms is not None and terms.topup == {}
+
+
+# -- the offer and the envelope -------------------------------------------------------------
+
+
+def terms() -> exact.ExactTerms:
+    found = load(EXACT).exact_terms()
+    assert found is not None
+    return found
+
+
+def offer(amount: int = 10_000) -> dict[str, Any]:
+    return exact.offer(terms().assets["USDF"], amount, terms())
+
+
+def envelope(now: int, **authorization: str) -> dict[str, Any]:
+    requirements = offer()
+    auth = {
+        "from": PAYER,
+        "to": OPERATOR,
+        "value": "10000",
+        "validAfter": "0",
+        "validBefore": str(now + 300),
+        "nonce": NONCE,
+        **authorization,
+    }
+    return {
+        "x402Version": 2,
+        "accepted": requirements,
+        "payload": {"authorization": auth, "signature": "0x" + "11" * 65},
+        "resource": {"url": "http://api.test/paid"},
+    }
+
+
+def test_the_offer_is_x402_v2_exact() -> None:
+    assert offer() == {
+        "scheme": "exact",
+        "network": "eip155:31337",
+        "amount": "10000",
+        "asset": TOKEN,
+        "payTo": OPERATOR,
+        "maxTimeoutSeconds": 300,
+        "extra": {"name": "USD Coin", "version": "2"},
+    }
+
+
+def test_a_matching_envelope_passes_addresses_in_any_case() -> None:
+    now = int(time.time())
+    data = envelope(now, to=OPERATOR.lower())
+    data["accepted"] = {**data["accepted"], "asset": TOKEN.lower(), "payTo": OPERATOR.upper()}
+    data["accepted"]["payTo"] = "0x" + OPERATOR[2:].upper()
+    auth = exact.verify(data, offer(), now)
+    assert (auth.payer, auth.nonce, auth.value) == (PAYER.lower(), NONCE, 10_000)
+    assert auth.key == f"eip155:31337:{TOKEN.lower()}:{NONCE}"
+
+
+@pytest.mark.parametrize(
+    ("accepted", "authorization", "error"),
+    [
+        ({"network": "eip155:8453"}, {}, InvoiceMismatch),
+        ({"amount": "1"}, {}, InvoiceMismatch),
+        ({"asset": PAYER}, {}, InvoiceMismatch),
+        ({"payTo": PAYER}, {}, InvoiceMismatch),
+        ({}, {"to": PAYER}, InvoiceMismatch),
+        ({}, {"value": "9999"}, InvoiceMismatch),
+        ({}, {"validBefore": "1"}, InvoiceExpired),
+        ({}, {"validAfter": str(2**40)}, InvoiceExpired),
+        ({}, {"validBefore": str(2**40)}, InvoiceMismatch),  # far beyond maxTimeoutSeconds
+        ({}, {"nonce": "0x12"}, MalformedPayment),
+        ({}, {"value": "1e4"}, MalformedPayment),
+        ({}, {"from": "alice"}, MalformedPayment),
+        ({"scheme": "upto"}, {}, UnsupportedScheme),
+    ],
+)
+def test_a_mismatch_is_refused_before_anyone_is_called(
+    accepted: dict[str, str], authorization: dict[str, str], error: type[PaymentError]
+) -> None:
+    now = int(time.time())
+    data = envelope(now, **authorization)
+    data["accepted"] = {**data["accepted"], **accepted}
+    with pytest.raises(error):
+        exact.verify(data, offer(), now)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"x402Version": 2, "accepted": "exact", "payload": {}},
+        {"x402Version": 2, "accepted": {"scheme": "exact"}, "payload": {"signature": "0x00"}},
+        {"x402Version": 2, "accepted": {"scheme": "exact"}, "payload": {"authorization": {}}},
+    ],
+)
+def test_a_malformed_envelope_is_400(broken: dict[str, Any]) -> None:
+    with pytest.raises(PaymentError) as caught:
+        exact.verify(broken, offer(), int(time.time()))
+    assert caught.value.status == 400
+
+
+def test_the_header_decoder_keeps_an_exact_envelope_and_unwraps_a_prepaid_one() -> None:
+    now = int(time.time())
+    data = envelope(now)
+    decoded = protocol.decode_payment(protocol.encode_header(data), 4096)
+    assert decoded == data and exact.scheme_of(decoded) == "exact"
+    proof = {"version": protocol.VERSION, "scheme": protocol.SCHEME, "nonce": "n"}
+    wrapped = {"x402Version": 2, "accepted": {"scheme": protocol.SCHEME}, "payload": proof}
+    assert protocol.decode_payment(protocol.encode_header(wrapped), 4096) == proof
+    assert exact.scheme_of(proof) == protocol.SCHEME
+
+
+def test_the_fiat_token_constants_are_keccak_of_their_signatures() -> None:
+    selector = keccak(text="authorizationState(address,bytes32)")[:4].hex()
+    assert "0x" + selector == exact.AUTHORIZATION_STATE_SELECTOR
+    topic = keccak(text="AuthorizationUsed(address,bytes32)").hex()
+    assert "0x" + topic == exact.AUTHORIZATION_USED_TOPIC
+    call = exact.authorization_state_call(PAYER, NONCE)
+    assert call == "0x" + selector + "0" * 24 + PAYER[2:].lower() + "ab" * 32
+
+
+def test_the_server_needs_no_evm_extra() -> None:
+    """Without an on-chain asset the gateway runs on the [server] extra: nothing of the
+    official x402 package or web3 is imported by the server's modules."""
+    code = (
+        "import sys; import sidecar.server.supervisor, sidecar.server.topup, "
+        "sidecar.server.facilitation, sidecar.core.exact; "
+        "evm = ('x402', 'web3', 'eth_account'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in evm))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

@@ -1,0 +1,1 @@
+"""Tests of sidecar.server: pure, no servers."""

@@ -1,0 +1,1 @@
+"""Tests of sidecar.tools: pure, no servers."""
