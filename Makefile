@@ -37,13 +37,13 @@ $(MULTICALL3): | $(VENV)/.installed
 tools: $(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json $(MULTICALL3)
 
 lint: install
-	$(PY) -m ruff check sidecar tests bench
-	$(PY) -m ruff format --check sidecar tests bench
+	$(PY) -m ruff check sidecar tests bench examples
+	$(PY) -m ruff format --check sidecar tests bench examples
 	$(PY) -m mypy
 
 format: install
-	$(PY) -m ruff check --fix sidecar tests bench
-	$(PY) -m ruff format sidecar tests bench
+	$(PY) -m ruff check --fix sidecar tests bench examples
+	$(PY) -m ruff format sidecar tests bench examples
 
 test: install tools lint
 	HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(abspath $(USDC)) \

@@ -1,0 +1,309 @@
+"""The product's lanes as runnable worlds: the gateways (each its own Redis, sidecar, Envoy,
+upstream and key: one operator each), optionally a shared anvil chain with USDC and an x402
+facilitator, and one agent identity. Used by the programs in `examples/` and their tests.
+
+`World` is what a lane's program needs to know (URLs, keys, config files), as JSON: a
+test starts the world, writes it with `World.save`, runs the example with `--info FILE`,
+then checks the ledgers and the chain itself. Without `--info` the example starts its own
+world (`start`). The operator's side (credit, channels, settlement, evidence) goes through
+the ledger with the gateway's own config, as the `x402` CLI does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sidecar.agent.evm import EvmKey
+from sidecar.agent.wallet import Wallet
+from sidecar.core.identity import Identity
+from sidecar.core.money import to_atomic
+from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.payers import ChannelClosing, ChannelView
+from sidecar.server import wiring
+from sidecar.server.config import Settings
+from sidecar.tools.stack import Stack
+
+Routes = Mapping[str, Mapping[str, Any]]
+DECIMALS = 6  # USDF, the gateways' default asset
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A lane's world: its gateways' routes, what the operator credits the agent at each
+    (none when the agent funds itself), and whether a chain backs USDF."""
+
+    gateways: Mapping[str, Routes]
+    credit: Mapping[str, str] = field(default_factory=dict)
+    chain: bool = False
+    mint: int = 0  # atomic USDC minted to the agent's EVM key (the chain's faucet)
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """One operator's gateway: where agents connect and, for its operator, its ledger."""
+
+    name: str
+    url: str
+    redis_url: str
+    config: str  # the sidecar's config file (the operator's commands read it)
+    key: str  # the receipt-signing public key
+    pay_to: str = ""  # the operator's on-chain address ("" without a chain)
+
+    def _run(self, op: Callable[[Ledger, Settings], Any]) -> Any:
+        settings = Settings.load(self.config)
+
+        async def run() -> Any:
+            ledger = Ledger.from_url(self.redis_url)
+            try:
+                return await op(ledger, settings)
+            finally:
+                await ledger.close()
+
+        return asyncio.run(run())
+
+    def balance(self, payer: str) -> int:
+        """The payer's USDF balance in this gateway's ledger, atomic units."""
+
+        async def op(ledger: Ledger, settings: Settings) -> int:
+            return (await ledger.account(payer)).balances.get("USDF", 0)
+
+        result: int = self._run(op)
+        return result
+
+    def credit(self, payer: str, amount: str) -> None:
+        """The operator credits a payer (`x402 payer credit`)."""
+
+        async def op(ledger: Ledger, settings: Settings) -> None:
+            await ledger.register(payer)
+            await ledger.credit(
+                payer, "USDF", to_atomic(amount, DECIMALS), secrets.token_urlsafe(12)
+            )
+
+        self._run(op)
+
+    def open_channel(self, payer: str, deposit: str) -> ChannelView:
+        """The operator locks `deposit` of the payer's balance (`x402 channel open`)."""
+
+        async def op(ledger: Ledger, settings: Settings) -> ChannelView:
+            payee = Identity.load(settings.signing_key_file).kid
+            return await wiring.payers(settings, ledger, payee).open_channel(
+                payer, deposit, None, 3600, None
+            )
+
+        view: ChannelView = self._run(op)
+        return view
+
+    def close_channel(self, payer: str, channel_id: str) -> ChannelClosing:
+        """Refund what the vouchers did not spend (`x402 channel close`)."""
+
+        async def op(ledger: Ledger, settings: Settings) -> ChannelClosing:
+            return await wiring.payers(settings, ledger).close_channel(payer, channel_id)
+
+        closing: ChannelClosing = self._run(op)
+        return closing
+
+    def receipts(self, payer: str) -> list[dict[str, str]]:
+        """The payer's receipts in this ledger (their facts), oldest first."""
+
+        async def op(ledger: Ledger, settings: Settings) -> list[dict[str, str]]:
+            return await ledger.receipts(payer, 1000)
+
+        found: list[dict[str, str]] = self._run(op)
+        return found
+
+
+@dataclass(frozen=True)
+class World:
+    gateways: Mapping[str, Gateway]
+    agent_key: str  # the agent's Ed25519 seed text: one identity at every gateway
+    evm_key: str = ""  # the agent's EVM key (hex), when a chain backs USDF
+    rpc_url: str = ""
+    token: str = ""  # the USDC contract
+
+    def wallet(self, **guards: Any) -> Wallet:
+        """The agent's wallet (both keys), with spending guards."""
+        evm = EvmKey.from_text(self.evm_key) if self.evm_key else None
+        return Wallet(Identity.from_seed_text(self.agent_key), evm=evm, **guards)
+
+    def usdc(self, address: str) -> int:
+        """An address's USDC balance on the chain, atomic units."""
+        from web3 import Web3
+
+        w3 = Web3(Web3.HTTPProvider(self.rpc_url))
+        abi = [
+            {
+                "name": "balanceOf",
+                "type": "function",
+                "stateMutability": "view",
+                "inputs": [{"name": "a", "type": "address"}],
+                "outputs": [{"name": "", "type": "uint256"}],
+            }
+        ]
+        token = w3.eth.contract(address=Web3.to_checksum_address(self.token), abi=abi)
+        balance: int = token.functions.balanceOf(Web3.to_checksum_address(address)).call()
+        return balance
+
+    def save(self, path: Path) -> None:
+        document = asdict(self)
+        path.write_text(json.dumps(document, indent=1))
+        path.chmod(0o600)
+
+    @classmethod
+    def load(cls, path: Path) -> World:
+        document = json.loads(path.read_text())
+        gateways = {name: Gateway(**spec) for name, spec in document.pop("gateways").items()}
+        return cls(gateways=gateways, **document)
+
+
+def _start_but_envoy(stack: Stack) -> None:
+    stack.write_files()
+    stack.start_redis()
+    stack.start_upstream()
+    stack.start_sidecar()
+
+
+@contextmanager
+def start(spec: Spec) -> Iterator[World]:
+    """Start the lane's world on loopback; everything stops on exit."""
+    with ExitStack() as running:
+        agent = Wallet.generate(evm=spec.chain)
+        settings: dict[str, dict[str, Any]] = {name: {} for name in spec.gateways}
+        rpc_url = token = evm_key = ""
+        pay_to: dict[str, str] = {name: "" for name in spec.gateways}
+        if spec.chain:
+            from sidecar.tools.chain import Chain
+            from sidecar.tools.onchain import Facilitator, exact_settings
+
+            chain = running.enter_context(Chain())
+            workdir = Path(running.enter_context(tempfile.TemporaryDirectory(prefix="x402-")))
+            facilitator = Facilitator(chain, workdir).start()
+            running.callback(facilitator.stop)
+            # Three operators, three payees: spare[0] is the facilitator's, spare[1:] are free.
+            operators = chain.spare[1:]
+            for index, name in enumerate(spec.gateways):
+                pay_to[name] = operators[index].address
+                settings[name] = exact_settings(chain, facilitator, pay_to=pay_to[name])
+            assert agent.evm is not None
+            chain.mint(agent.evm.address, spec.mint)
+            rpc_url, token, evm_key = chain.rpc_url, chain.token, agent.evm.hex
+        stacks = {
+            name: Stack(routes, settings=settings[name]) for name, routes in spec.gateways.items()
+        }
+        for stack in stacks.values():
+            running.callback(stack.stop)
+        with ThreadPoolExecutor(len(stacks)) as pool:  # independent: start them together,
+            for started in [pool.submit(_start_but_envoy, s) for s in stacks.values()]:
+                started.result()
+        for stack in stacks.values():  # but not the Envoys: two starting at once may pick
+            stack.start_envoy()  # the same dynamic base id, and one hot-restarts the other
+        gateways = {
+            name: Gateway(
+                name,
+                stack.url,
+                stack.redis_url,
+                str(stack.config_path),
+                stack.gateway_identity.public_key,
+                pay_to[name],
+            )
+            for name, stack in stacks.items()
+        }
+        for name, amount in spec.credit.items():
+            gateways[name].credit(agent.public_key, amount)
+        yield World(gateways, agent.identity.seed_text, evm_key, rpc_url, token)
+
+
+def run(spec: Spec, lane: Callable[[World, bool], Mapping[str, Any]]) -> None:
+    """An example's entry point: `--info FILE` uses a running world, else one is started;
+    `--short` is the test suite's quick mode. The last line printed is the lane's figures,
+    as JSON (amounts: decimal strings)."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__)
+    parser.add_argument("--info", type=Path, help="a world's JSON (lanes.World.save)")
+    parser.add_argument("--short", action="store_true", help="a few requests, for tests")
+    args = parser.parse_args()
+    if args.info is not None:
+        figures = lane(World.load(args.info), args.short)
+    else:
+        print("starting the lane's gateways on loopback…", flush=True)
+        with start(spec) as world:
+            figures = lane(world, args.short)
+    print(json.dumps(figures, sort_keys=True), flush=True)
+
+
+def _route(method: str, path: str, price: str = "", **more: Any) -> dict[str, Any]:
+    return {"method": method, "path": path, **({"price": price} if price else {}), **more}
+
+
+# The worlds of the examples in examples/ (and of `x402 demo --lane`).
+SPECS: dict[str, Spec] = {
+    # Three operators, three gateways; the agent funds itself at each one on chain.
+    "content": Spec(
+        gateways={
+            "text": {"write": _route("POST", "/api/v1/text/generate", "0.02")},
+            "image": {"draw": _route("POST", "/api/v1/image/generate", "0.05")},
+            "voice": {"speak": _route("POST", "/api/v1/voice/synthesize", "0.03")},
+        },
+        chain=True,
+        mint=10_000_000,  # 10 USDC
+    ),
+    # A code-generation agent priced per token, then a security audit at a flat price.
+    "per-token": Spec(
+        gateways={
+            "codegen": {
+                "generate": _route(
+                    "POST",
+                    "/api/v1/llm/generate",
+                    unit="token",
+                    unit_price="0.00001",
+                    max_units=4000,
+                )
+            },
+            "audit": {"audit": _route("POST", "/api/v1/audit/security", "0.05")},
+        },
+        credit={"codegen": "2", "audit": "2"},
+    ),
+    # A data API priced per row returned; a failed page is released, not charged.
+    "per-row": Spec(
+        gateways={
+            "data": {
+                "rows": _route(
+                    "GET", "/api/v1/data/rows", unit="row", unit_price="0.001", max_units=100
+                )
+            }
+        },
+        credit={"data": "1"},
+    ),
+    # A market-signal route paid with channel vouchers.
+    "channel": Spec(
+        gateways={"market": {"signal": _route("GET", "/api/v1/market/signal/{symbol}", "0.0005")}},
+        credit={"market": "10"},
+    ),
+    # Micro-cent scans behind two gateways.
+    "ci": Spec(
+        gateways={
+            "scanner": {"scan": _route("POST", "/api/v1/scan/vulnerabilities", "0.000004")},
+            "licenses": {"check": _route("POST", "/api/v1/scan/licenses", "0.000002")},
+        },
+        credit={"scanner": "0.001", "licenses": "0.001"},
+    ),
+    # A day of paid calls, settled, exported and verified.
+    "compliance": Spec(
+        gateways={
+            "api": {
+                "atlas": _route("GET", "/api/v1/agent/pay-api/atlas", "0.25"),
+                "trade-verify": _route("GET", "/api/v1/trade/verify/{trade_id}", "0.01"),
+            }
+        },
+        credit={"api": "5"},
+    ),
+}

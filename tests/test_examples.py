@@ -1,0 +1,63 @@
+"""The programs in examples/, each run as a user runs it (a subprocess), in short mode,
+against a world this test started: what each reports must be what the ledgers and the
+chain say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from sidecar.core.money import to_atomic
+from sidecar.tools import lanes
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def atomic(amount: str) -> int:
+    return to_atomic(amount, lanes.DECIMALS)
+
+
+def run_example(name: str, world: lanes.World, tmp: Path) -> dict[str, Any]:
+    """Run examples/NAME.py --short against `world`; its last line, the figures."""
+    info = tmp / "world.json"
+    world.save(info)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), "--info", str(info), "--short"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def test_content_agent_one_wallet_three_gateways_funds_itself_on_chain(tmp_path: Path) -> None:
+    with lanes.start(lanes.SPECS["content"]) as world:
+        agent = world.wallet()
+        assert agent.evm is not None
+        usdc_before = world.usdc(agent.evm.address)
+        payees_before = {n: world.usdc(g.pay_to) for n, g in world.gateways.items()}
+        figures = run_example("content_agent", world, tmp_path)
+
+        assert figures["payer"] == agent.public_key and figures["evm"] == agent.evm.address
+        assert set(figures["spent"]) == set(world.gateways) == {"text", "image", "voice"}
+        assert len({g.key for g in world.gateways.values()}) == 3  # three operators
+        bought = 0
+        for name, gateway in world.gateways.items():
+            credited = atomic(figures["topups"][name]["credited"])
+            bought += credited
+            # The operator's address received exactly the top-up, on chain.
+            assert world.usdc(gateway.pay_to) - payees_before[name] == credited
+            # Its ledger: credited by the top-up, debited by exactly what the agent reports.
+            spent = atomic(figures["spent"][name])
+            assert gateway.balance(agent.public_key) == credited - spent
+            ledger_receipts = {r["receipt_id"]: r for r in gateway.receipts(agent.public_key)}
+            assert set(figures["receipts"][name]) <= set(ledger_receipts)
+            paid = [int(ledger_receipts[rid]["amount"]) for rid in figures["receipts"][name]]
+            assert spent == sum(paid)  # the ledger's receipts hold atomic amounts
+        assert usdc_before - world.usdc(agent.evm.address) == bought
