@@ -61,3 +61,34 @@ def test_content_agent_one_wallet_three_gateways_funds_itself_on_chain(tmp_path:
             paid = [int(ledger_receipts[rid]["amount"]) for rid in figures["receipts"][name]]
             assert spent == sum(paid)  # the ledger's receipts hold atomic amounts
         assert usdc_before - world.usdc(agent.evm.address) == bought
+
+
+def ledger_amounts(gateway: lanes.Gateway, payer: str) -> dict[str, int]:
+    """receipt id → atomic amount charged, from the gateway's ledger."""
+    return {r["receipt_id"]: int(r["amount"]) for r in gateway.receipts(payer)}
+
+
+def test_per_token_then_audit_each_call_settled_on_its_own(tmp_path: Path) -> None:
+    with lanes.start(lanes.SPECS["per-token"]) as world:
+        figures = run_example("per_token_audit", world, tmp_path)
+        payer = figures["payer"]
+        codegen, audit = figures["codegen"], figures["audit"]
+        assert codegen["tokens"] == 120
+        assert atomic(codegen["amount"]) == codegen["tokens"] * atomic(codegen["unit_price"])
+        for name, call in (("codegen", codegen), ("audit", audit)):
+            gateway = world.gateways[name]
+            assert gateway.balance(payer) == atomic("2") - atomic(call["amount"])
+            assert ledger_amounts(gateway, payer)[call["receipt"]] == atomic(call["amount"])
+        assert atomic(figures["total"]) == atomic(codegen["amount"]) + atomic(audit["amount"])
+
+
+def test_per_row_pipeline_pays_rows_returned_and_nothing_for_a_failed_page(
+    tmp_path: Path,
+) -> None:
+    with lanes.start(lanes.SPECS["per-row"]) as world:
+        figures = run_example("per_row_pipeline", world, tmp_path)
+        data = world.gateways["data"]
+        assert figures["rows"] == 60 and figures["failed_page_charged"] == "0"
+        assert atomic(figures["charged"]) == 60 * atomic(figures["unit_price"])
+        assert data.balance(figures["payer"]) == atomic("1") - atomic(figures["charged"])
+        assert sum(ledger_amounts(data, figures["payer"]).values()) == atomic(figures["charged"])
