@@ -92,3 +92,15 @@ def test_per_row_pipeline_pays_rows_returned_and_nothing_for_a_failed_page(
         assert atomic(figures["charged"]) == 60 * atomic(figures["unit_price"])
         assert data.balance(figures["payer"]) == atomic("1") - atomic(figures["charged"])
         assert sum(ledger_amounts(data, figures["payer"]).values()) == atomic(figures["charged"])
+
+
+def test_trading_bot_on_channels_spends_vouchers_and_gets_the_rest_back(tmp_path: Path) -> None:
+    with lanes.start(lanes.SPECS["channel"]) as world:
+        figures = run_example("trading_bot", world, tmp_path)
+        market = world.gateways["market"]
+        requests, price = figures["requests"], atomic("0.0005")
+        assert requests == 400 and figures["req_per_s"] > 0
+        assert atomic(figures["spent"]) == requests * price
+        assert atomic(figures["refund"]) == atomic(figures["deposited"]) - requests * price
+        # Closed: the balance is the credit less exactly what the vouchers spent.
+        assert market.balance(figures["payer"]) == atomic("10") - requests * price
