@@ -104,3 +104,18 @@ def test_trading_bot_on_channels_spends_vouchers_and_gets_the_rest_back(tmp_path
         assert atomic(figures["refund"]) == atomic(figures["deposited"]) - requests * price
         # Closed: the balance is the credit less exactly what the vouchers spent.
         assert market.balance(figures["payer"]) == atomic("10") - requests * price
+
+
+def test_ci_scanner_stops_at_its_budget_and_pays_exactly_what_it_reports(
+    tmp_path: Path,
+) -> None:
+    with lanes.start(lanes.SPECS["ci"]) as world:
+        figures = run_example("ci_scanner", world, tmp_path)
+        payer = figures["payer"]
+        # 8 diffs x (0.000004 + 0.000002) fit in 0.00005; the 9th scan would not.
+        assert figures["scanned"] == 8 and figures["stopped_at"] == 8
+        assert atomic(figures["total"]) == 8 * atomic("0.000006") <= atomic(figures["budget"])
+        for name, gateway in world.gateways.items():
+            assert gateway.balance(payer) == atomic("0.001") - atomic(figures["spent"][name])
+            assert len(gateway.receipts(payer)) == 8  # the refused scan reached no gateway
+        assert figures["wallet_spent"] == figures["total"]
