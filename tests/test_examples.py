@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sidecar.core import bundles
 from sidecar.core.money import to_atomic
 from sidecar.tools import lanes
 
@@ -30,6 +31,7 @@ def run_example(name: str, world: lanes.World, tmp: Path) -> dict[str, Any]:
         text=True,
         timeout=120,
         check=False,
+        cwd=tmp,  # what an example writes (evidence bundles) stays in the test's directory
     )
     assert result.returncode == 0, result.stdout + result.stderr
     figures: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
@@ -119,3 +121,23 @@ def test_ci_scanner_stops_at_its_budget_and_pays_exactly_what_it_reports(
             assert gateway.balance(payer) == atomic("0.001") - atomic(figures["spent"][name])
             assert len(gateway.receipts(payer)) == 8  # the refused scan reached no gateway
         assert figures["wallet_spent"] == figures["total"]
+
+
+def test_compliance_exports_a_days_evidence_that_verifies_offline(tmp_path: Path) -> None:
+    with lanes.start(lanes.SPECS["compliance"]) as world:
+        figures = run_example("compliance_export", world, tmp_path)
+        api = world.gateways["api"]
+        assert figures["verified"] is True and len(figures["batches"]) == 1
+        # The bundle holds every receipt of the day, and they add up to what was debited.
+        assert figures["receipts"] == [r["receipt_id"] for r in api.receipts(figures["payer"])]
+        assert (
+            atomic(figures["total"])
+            == atomic("0.28")
+            == atomic("5") - api.balance(figures["payer"])
+        )
+        document = json.loads(Path(figures["bundle"]).read_text())
+        verdict = bundles.verify_bundle(document, bundles.parse_public_key(api.key))
+        assert verdict.ok and verdict.receipts == 4, verdict.problems
+        # One altered amount and the offline check names it.
+        document["receipts"][0]["receipt"]["amount"] = "0.01"
+        assert not bundles.verify_bundle(document, bundles.parse_public_key(api.key)).ok
