@@ -141,3 +141,22 @@ def test_compliance_exports_a_days_evidence_that_verifies_offline(tmp_path: Path
         # One altered amount and the offline check names it.
         document["receipts"][0]["receipt"]["amount"] = "0.01"
         assert not bundles.verify_bundle(document, bundles.parse_public_key(api.key)).ok
+
+
+def test_swarm_coordinator_chained_calls_roll_up_per_provider(tmp_path: Path) -> None:
+    with lanes.start(lanes.SPECS["swarm"]) as world:
+        figures = run_example("swarm_coordinator", world, tmp_path)
+        payer, below = figures["payer"], {"research": "search", "writer": "llm"}
+        below["reviewer"] = "search"
+        assert figures["paid"] == {"research": "0.02", "writer": "0.05", "reviewer": "0.01"}
+        assert atomic(figures["total"]) == atomic("0.08")
+        for name, paid in figures["paid"].items():
+            rollup = figures["rollup"][name]
+            # The coordinator's credit at the specialist's gateway went down by what it paid.
+            assert world.gateways[name].balance(payer) == atomic("1") - atomic(paid)
+            assert rollup["revenue"] == paid
+            # The specialist paid its own API below with its own key, once per task.
+            specialist = world.specialists[name]
+            spent = atomic("1") - world.gateways[below[name]].balance(specialist)
+            assert spent == atomic(rollup["paid_below"]) > 0
+            assert atomic(rollup["net"]) == atomic(paid) - spent

@@ -28,11 +28,12 @@ from sidecar.agent.evm import EvmKey
 from sidecar.agent.wallet import Wallet
 from sidecar.core.identity import Identity
 from sidecar.core.money import to_atomic
+from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.payers import ChannelClosing, ChannelView
 from sidecar.server import wiring
 from sidecar.server.config import Settings
-from sidecar.tools.stack import Stack
+from sidecar.tools.stack import LOOPBACK, Process, Stack, wait_http
 
 Routes = Mapping[str, Mapping[str, Any]]
 DECIMALS = 6  # USDF, the gateways' default asset
@@ -47,6 +48,11 @@ class Spec:
     credit: Mapping[str, str] = field(default_factory=dict)
     chain: bool = False
     mint: int = 0  # atomic USDC minted to the agent's EVM key (the chain's faucet)
+    # Gateways whose service is a specialist agent (sidecar.tools.specialist) that pays
+    # another gateway's route for each task: name → (downstream gateway, path). Each has
+    # its own wallet, credited `chained_credit` by the downstream operator.
+    chained: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    chained_credit: str = "1"
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,20 @@ class Gateway:
         closing: ChannelClosing = self._run(op)
         return closing
 
+    def revenue(self) -> dict[str, int]:
+        """What each payer paid this gateway (atomic USDF, from the receipt streams): the
+        operator's revenue by payer."""
+
+        async def op(ledger: Ledger, settings: Settings) -> dict[str, int]:
+            payers = [p async for p in ledger.redis.sscan_iter(keyspace.PAYERS)]
+            paid = {
+                p: sum(int(r["amount"]) for r in await ledger.receipts(p, 10_000)) for p in payers
+            }
+            return {payer: amount for payer, amount in paid.items() if amount}
+
+        found: dict[str, int] = self._run(op)
+        return found
+
     def receipts(self, payer: str) -> list[dict[str, str]]:
         """The payer's receipts in this ledger (their facts), oldest first."""
 
@@ -130,6 +150,7 @@ class World:
     evm_key: str = ""  # the agent's EVM key (hex), when a chain backs USDF
     rpc_url: str = ""
     token: str = ""  # the USDC contract
+    specialists: Mapping[str, str] = field(default_factory=dict)  # gateway → its payer key
 
     def wallet(self, **guards: Any) -> Wallet:
         """The agent's wallet (both keys), with spending guards."""
@@ -166,6 +187,22 @@ class World:
         return cls(gateways=gateways, **document)
 
 
+@dataclass
+class SpecialistStack(Stack):
+    """A gateway whose service is a specialist agent paying `downstream` per task."""
+
+    downstream: str = ""
+    wallet_seed: str = ""
+
+    def start_upstream(self) -> Process:
+        port = self.ports["upstream"]
+        argv = [sys.executable, "-m", "sidecar.tools.specialist", "--port", str(port)]
+        argv += ["--downstream", self.downstream]
+        process = self._spawn("upstream", argv, env={"X402_WALLET": self.wallet_seed})
+        wait_http(f"http://{LOOPBACK}:{port}/", process=process)
+        return process
+
+
 def _start_but_envoy(stack: Stack) -> None:
     stack.write_files()
     stack.start_redis()
@@ -198,8 +235,19 @@ def start(spec: Spec) -> Iterator[World]:
             chain.mint(agent.evm.address, spec.mint)
             rpc_url, token, evm_key = chain.rpc_url, chain.token, agent.evm.hex
         stacks = {
-            name: Stack(routes, settings=settings[name]) for name, routes in spec.gateways.items()
+            name: Stack(routes, settings=settings[name])
+            for name, routes in spec.gateways.items()
+            if name not in spec.chained
         }
+        specialists: dict[str, Wallet] = {}
+        for name, (downstream, path) in spec.chained.items():
+            specialists[name] = Wallet.generate()
+            stacks[name] = SpecialistStack(
+                spec.gateways[name],
+                settings=settings[name],
+                downstream=stacks[downstream].url + path,
+                wallet_seed=specialists[name].identity.seed_text,
+            )
         for stack in stacks.values():
             running.callback(stack.stop)
         with ThreadPoolExecutor(len(stacks)) as pool:  # independent: start them together,
@@ -220,7 +268,10 @@ def start(spec: Spec) -> Iterator[World]:
         }
         for name, amount in spec.credit.items():
             gateways[name].credit(agent.public_key, amount)
-        yield World(gateways, agent.identity.seed_text, evm_key, rpc_url, token)
+        for name, wallet in specialists.items():
+            gateways[spec.chained[name][0]].credit(wallet.public_key, spec.chained_credit)
+        keys = {name: wallet.public_key for name, wallet in specialists.items()}
+        yield World(gateways, agent.identity.seed_text, evm_key, rpc_url, token, keys)
 
 
 def run(spec: Spec, lane: Callable[[World, bool], Mapping[str, Any]]) -> None:
@@ -295,6 +346,22 @@ SPECS: dict[str, Spec] = {
             "licenses": {"check": _route("POST", "/api/v1/scan/licenses", "0.000002")},
         },
         credit={"scanner": "0.001", "licenses": "0.001"},
+    ),
+    # A coordinator dispatching to specialists (three providers), each paying an API below.
+    "swarm": Spec(
+        gateways={
+            "research": {"task": _route("POST", "/api/v1/tasks/research", "0.02")},
+            "writer": {"task": _route("POST", "/api/v1/tasks/write", "0.05")},
+            "reviewer": {"task": _route("POST", "/api/v1/tasks/review", "0.01")},
+            "search": {"search": _route("GET", "/api/v1/search", "0.002")},
+            "llm": {"complete": _route("GET", "/api/v1/llm/complete", "0.004")},
+        },
+        credit={"research": "1", "writer": "1", "reviewer": "1"},
+        chained={
+            "research": ("search", "/api/v1/search"),
+            "writer": ("llm", "/api/v1/llm/complete"),
+            "reviewer": ("search", "/api/v1/search"),
+        },
     ),
     # A day of paid calls, settled, exported and verified.
     "compliance": Spec(
