@@ -1,6 +1,8 @@
-"""The on-chain half of the real stack, shared by the `exact` and top-up tests: anvil with
-Circle's FiatTokenV2_2, the official facilitator behind `x402 facilitator serve`, and a
-Stack configured to offer `exact` for USDF through them. Nothing is mocked."""
+"""The on-chain half of the real stack, shared by `x402 demo` and the `exact` and top-up
+tests: roles on the anvil chain with Circle's FiatTokenV2_2 (sidecar.tools.chain), the
+official facilitator behind `x402 facilitator serve`, the sidecar config keys that offer
+`exact` for USDF through them, and an unmodified official x402 client for the local token.
+Needs the `evm` extra."""
 
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 
 from sidecar.tools.chain import Chain, DevAccount
 from sidecar.tools.stack import LOOPBACK, Process, free_port, wait_http
-
-X402 = str(Path(sys.executable).with_name("x402"))
 
 
 def facilitator_account(chain: Chain) -> DevAccount:
@@ -50,7 +50,8 @@ class Facilitator:
         key_file = self.workdir / "facilitator.key"
         key_file.write_text(facilitator_account(self.chain).key + "\n")
         key_file.chmod(0o600)
-        argv = [X402, "facilitator", "serve", "--rpc-url", self.chain.rpc_url]
+        argv = [sys.executable, "-m", "sidecar.tools.cli", "facilitator", "serve"]
+        argv += ["--rpc-url", self.chain.rpc_url]
         argv += ["--key-file", str(key_file), "--listen", f"{LOOPBACK}:{self.port}"]
         argv += ["--network", self.chain.network]
         self.process = Process("facilitator", argv, self.workdir / "facilitator.log").start()
