@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -741,11 +742,19 @@ def topup(
 @click.option(
     "--serve", is_flag=True, help="Keep the stack running for your own agent until Ctrl-C."
 )
-def demo(serve: bool) -> None:
-    """Start Redis, the sidecar, Envoy and a demo API on loopback, and pay through them."""
+@click.option(
+    "--info",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --serve: write what a client needs (URLs, keys) to FILE as JSON, mode 0600.",
+)
+def demo(serve: bool, info: Path | None) -> None:
+    """Start Redis, the sidecar, Envoy, a demo API, anvil with USDC and an x402 facilitator
+    on loopback, and pay through them."""
+    if info is not None and not serve:
+        raise click.UsageError("--info needs --serve")
     from sidecar.tools import demo as demo_story
 
-    sys.exit(demo_story.run(serve=serve))
+    sys.exit(demo_story.run(serve=serve, info=info))
 
 
 # -- load ------------------------------------------------------------------------------

@@ -90,10 +90,14 @@ def exact_settings(chain: Chain, facilitator: Facilitator, **more: Any) -> dict[
 def official_client(chain: Chain, payer: DevAccount, cap: int) -> x402Client:
     """An unmodified official x402 client for the local token: `exact` on this chain, spend
     controls that allow our USDC (not a token it knows) up to `cap` atomic units."""
+    return exact_client(chain.network, chain.token, payer.key, cap)
+
+
+def exact_client(network: str, token: str, key: str, cap: int) -> x402Client:
+    """The same from plain facts (what `x402 demo --info` writes): the official client
+    paying `exact` on `network` from the hex private `key`, `token` allowed up to `cap`."""
     client = x402Client()
-    register_exact_evm_client(client, EthAccountSigner(Account.from_key(payer.key)), chain.network)
-    allowed = SpendControlAsset(
-        network=chain.network, asset=chain.token, max_amount_per_payment=str(cap)
-    )
+    register_exact_evm_client(client, EthAccountSigner(Account.from_key(key)), network)
+    allowed = SpendControlAsset(network=network, asset=token, max_amount_per_payment=str(cap))
     client.set_spend_controls(SpendControls(allowed_assets=[allowed]))
     return client
