@@ -287,3 +287,11 @@ def test_x402_demo_serve_info_writes_what_a_client_needs_and_sigterm_stops_it(
             process.kill()
             process.wait()
         log.close()
+
+
+def test_info_without_serve_is_a_usage_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [X402, "demo", "--info", str(tmp_path / "demo.json")], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "--info needs --serve" in result.stderr
+    assert not (tmp_path / "demo.json").exists()

@@ -28,6 +28,9 @@ SERVER_MODULES = frozenset(
     {"grpc", "grpc_health", "envoy", "redis", "hiredis", "structlog", "prometheus_client", "yaml"}
 )
 
+# `x402 demo` also runs the chain's lanes: the `evm` extra, which the `demo` extra brings.
+DEMO_MODULES = frozenset({"x402", "web3", "eth_account", "eth_typing", "aiohttp", "rich"})
+
 
 class Group(click.Group):
     """Turns every expected error into one readable line and exit status 1."""
@@ -752,7 +755,15 @@ def demo(serve: bool, info: Path | None) -> None:
     on loopback, and pay through them."""
     if info is not None and not serve:
         raise click.UsageError("--info needs --serve")
-    from sidecar.tools import demo as demo_story
+    try:
+        from sidecar.tools import demo as demo_story
+    except ModuleNotFoundError as exc:  # the demo extra brings the server and evm extras
+        if (exc.name or "").split(".")[0] not in SERVER_MODULES | DEMO_MODULES:
+            raise
+        raise X402Error(
+            f"x402 demo needs the demo extra ({exc.name} is missing): "
+            "pip install 'x402-sidecar[demo]'"
+        ) from None
 
     sys.exit(demo_story.run(serve=serve, info=info))
 

@@ -728,8 +728,10 @@ def to_atomic_usdf(amount: str) -> int:
 
 def run(serve: bool = False, console: Console | None = None, info: Path | None = None) -> int:
     console = console or make_console()
-    # SIGTERM stops what was started, as Ctrl-C does (serve_forever takes it over).
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM stops what was started, as Ctrl-C does (serve_forever takes it over); signal
+    # handlers belong to the main thread.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
         with contextlib.ExitStack() as running:
             onchain = start_onchain(running, console)
@@ -750,7 +752,8 @@ def run(serve: bool = False, console: Console | None = None, info: Path | None =
         console.print("interrupted", markup=False)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(*_: object) -> None:
