@@ -11,6 +11,10 @@ sidecar, both with the same worker model. Then:
   (5) challenge loops                 x402 load: full speed, then 1 agent (latency)
   (6) paid at a fixed 500 req/s       x402 load --direct --rate 500; the sidecar's own
                                       check latency from its decision log
+  (7) paid, charge: on_success        wrk, direct proofs; a hold at the check, captured by
+                                      the ext_proc response phase
+  (8) paid, metered                   wrk, direct proofs; the response reports 37 of 100
+                                      units (x402-usage), 37 are captured
 
 It prints a table and the ratios, checks the ledger (debits = allowed paid requests x
 price, no negative balance) and writes bench/results.json. On a 2-core machine it takes
@@ -47,8 +51,28 @@ from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPTS = HERE / "wrk"
 PAID_PATH, FREE_PATH = "/api/v1/bench/paid", "/api/v1/bench/free"
+HELD_PATH, METERED_PATH = "/api/v1/bench/held", "/api/v1/bench/metered"
 PRICE, PRICE_ATOMIC = "0.001", 1000
-ROUTES = {"paid": {"method": "GET", "path": PAID_PATH, "price": PRICE}}
+UNITS_USED, UNIT_PRICE_ATOMIC = 37, 10  # the metered route: 37 of 100 units of 0.00001
+HOLD_SECONDS = 5  # holds cut off when wrk hangs up expire before the ledger is checked
+ROUTES: dict[str, dict[str, Any]] = {
+    "paid": {"method": "GET", "path": PAID_PATH, "price": PRICE},
+    "held": {
+        "method": "GET",
+        "path": HELD_PATH,
+        "price": PRICE,
+        "charge": "on_success",
+        "hold_seconds": HOLD_SECONDS,
+    },
+    "metered": {
+        "method": "GET",
+        "path": METERED_PATH,
+        "unit": "row",
+        "unit_price": "0.00001",
+        "max_units": 100,
+        "hold_seconds": HOLD_SECONDS,
+    },
+}
 PROOF_TTL = 3000  # pre-signed proofs must outlive the run (the sidecar allows 3600 here)
 PAYERS = 64  # wallets behind the pre-signed proofs
 
@@ -154,6 +178,10 @@ def bench_envoy(config: dict[str, Any], bare_port: int) -> dict[str, Any]:
         if route.get("route", {}).get("cluster") == "service":
             del route["route"]
             route["direct_response"] = {"status": 200, "body": {"inline_string": "ok\n"}}
+        if route.get("name") == "metered":  # the service reports its usage
+            route["response_headers_to_add"] = [
+                {"header": {"key": "x402-usage", "value": str(UNITS_USED)}}
+            ]
     bare = copy.deepcopy(listener)
     bare["name"] = "bare"
     bare["address"]["socket_address"]["port_value"] = bare_port
@@ -219,8 +247,8 @@ def wait_ports(first: int, count: int, process: Process) -> None:
                 time.sleep(0.05)
 
 
-def _sign_batch(job: tuple[list[str], int, str, int]) -> list[str]:
-    seeds, count, payee, expires_at = job
+def _sign_batch(job: tuple[list[str], int, str, int, str]) -> list[str]:
+    seeds, count, payee, expires_at, path = job
     wallets = [Identity.from_seed_text(seed) for seed in seeds]
     headers = []
     for i in range(count):
@@ -228,9 +256,9 @@ def _sign_batch(job: tuple[list[str], int, str, int]) -> list[str]:
             "version": protocol.VERSION,
             "scheme": protocol.SCHEME,
             "nonce": protocol.new_nonce(),
-            "resource": f"GET {PAID_PATH}",
+            "resource": f"GET {path}",
             "asset": "USDF",
-            "amount": PRICE,
+            "amount": PRICE,  # every bench route holds or charges 0.001
             "payee": payee,
             "expires_at": expires_at,
         }
@@ -240,16 +268,20 @@ def _sign_batch(job: tuple[list[str], int, str, int]) -> list[str]:
     return headers
 
 
-def presign(count: int, wallets: list[Identity], payee: str, files: list[Path]) -> None:
-    """`count` direct proofs, one per request, spread over `files` (one per wrk thread)."""
+def presign(
+    count: int, wallets: list[Identity], payee: str, files: list[Path], path: str = PAID_PATH
+) -> None:
+    """`count` direct proofs for `path`, one per request, spread over `files` (one per wrk
+    thread)."""
     seeds = [w.seed_text for w in wallets]
     expires_at = int(time.time()) + PROOF_TTL
     jobs = os.cpu_count() or 1
     with multiprocessing.Pool(jobs) as pool:
-        batches = pool.map(_sign_batch, [(seeds, count // jobs + 1, payee, expires_at)] * jobs)
+        job = (seeds, count // jobs + 1, payee, expires_at, path)
+        batches = pool.map(_sign_batch, [job] * jobs)
     proofs = [p for batch in batches for p in batch][:count]
-    for i, path in enumerate(files):
-        path.write_text("\n".join(proofs[i :: len(files)]) + "\n")
+    for i, file in enumerate(files):
+        file.write_text("\n".join(proofs[i :: len(files)]) + "\n")
 
 
 async def fund(stack: Stack, wallets: list[Identity], atomic: int) -> None:
@@ -263,11 +295,12 @@ async def fund(stack: Stack, wallets: list[Identity], atomic: int) -> None:
 def ledger_totals(stack: Stack) -> dict[str, int]:
     """Over every account: debited total, lowest balance, receipts and spent nonces."""
     client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
-    debited, lowest, receipts, accounts = 0, 0, 0, 0
+    debited, lowest, receipts, accounts, held = 0, 0, 0, 0, 0
     for key in client.scan_iter("x402:{*}:account", count=1000):
         fields = client.hgetall(key)
         accounts += 1
         debited += int(fields.get("debited:USDF", 0))
+        held += int(fields.get("held:USDF", 0))
         lowest = min(lowest, int(fields.get("balance:USDF", 0)))
         receipts += int(client.xlen(key.removesuffix(":account") + ":receipts"))
     nonces = sum(1 for _ in client.scan_iter("x402:{*}:nonce:*", count=10_000))
@@ -275,6 +308,7 @@ def ledger_totals(stack: Stack) -> dict[str, int]:
     return {
         "accounts": accounts,
         "debited_atomic": debited,
+        "held_atomic": held,
         "lowest_balance": lowest,
         "receipts": receipts,
         "spent_nonces": nonces,
@@ -313,7 +347,7 @@ def main() -> None:
 
     stack = Stack(
         ROUTES,
-        settings={"max_direct_ttl_seconds": 3600},
+        settings={"max_direct_ttl_seconds": 3600, "hold_sweep_seconds": 1},
         workers=args.workers,
         envoy_concurrency=args.envoy_concurrency,
     )
@@ -333,12 +367,12 @@ def main() -> None:
             names = ("envoy", "redis", "sidecar", "allow_all")
             return {n: stack.processes[n].popen.pid for n in names if n in stack.processes}
 
-        def wrk_phase(name: str, url: str, paid: bool = False) -> dict[str, Any]:
+        def wrk_phase(name: str, url: str, paid: bool = False, prefix: str = "") -> dict[str, Any]:
             warm_args: tuple[str, ...] = ()
             run_args: tuple[str, ...] = ()
             script = "plain.lua"
             if paid:  # fresh proofs: warm-up and measured run each have their own
-                script, warm_args, run_args = "paid.lua", (warm,), (proofs,)
+                script, warm_args, run_args = "paid.lua", (warm + prefix,), (proofs + prefix,)
             if args.warmup:
                 run_wrk(wrk, url, args.warmup, args.connections, args.threads, script, warm_args)
             meter = CpuMeter(parts())
@@ -370,12 +404,20 @@ def main() -> None:
         count = int(budget * args.duration) + 500
         warm_count = int(budget * args.warmup) + 500
         paced_count = int(args.rate * args.duration * 1.1) + 100
-        asyncio.run(fund(stack, wallets, (count + warm_count + paced_count) * PRICE_ATOMIC))
+        # (4), (6), (7) and (8) each spend up to their proofs' worth
+        asyncio.run(fund(stack, wallets, 3 * (count + warm_count + paced_count) * PRICE_ATOMIC))
         payee = stack.gateway_identity.kid
         threads = range(args.threads)
         presign(warm_count, wallets, payee, [stack.dir / f"warm.{i}" for i in threads])
         presign(count, wallets, payee, [stack.dir / f"proofs.{i}" for i in threads])
         presign(paced_count, wallets, payee, [stack.dir / "paced"])
+        for prefix, path in ((".held", HELD_PATH), (".metered", METERED_PATH)):
+            presign(
+                warm_count, wallets, payee, [stack.dir / f"warm{prefix}.{i}" for i in threads], path
+            )
+            presign(
+                count, wallets, payee, [stack.dir / f"proofs{prefix}.{i}" for i in threads], path
+            )
 
         wrk_phase("2 allow-all ext_authz", paid_url, paid=True)
         allow_all.stop()
@@ -415,6 +457,12 @@ def main() -> None:
 
         time.sleep(0.5)
         envoy_allowed = envoy_stat(stack, "http.ingress.ext_authz.ok") - before
+
+        # (7) and (8): charged on success, through the ext_proc response phase.
+        wrk_phase("7 paid on_success", stack.url + HELD_PATH, paid=True, prefix=".held")
+        wrk_phase("8 paid metered", stack.url + METERED_PATH, paid=True, prefix=".metered")
+        # Holds cut off when wrk hung up expire; the sweeper releases them.
+        time.sleep(HOLD_SECONDS + 2.5)
         # wrk's paid runs (warm-up and measured) each leave up to `connections` in flight.
         results["ledger"] = reconcile(stack, envoy_allowed, 2 * args.connections)
     finally:
@@ -444,26 +492,37 @@ def run_paced(url: str, rate: float, seconds: float, proofs: Path) -> dict[str, 
 
 
 def reconcile(stack: Stack, envoy_allowed: int, in_flight: int) -> dict[str, Any]:
-    """No double spend: every charge has exactly one decision line, so paid lines =
-    receipts = spent nonces = debits / price, and no balance is below zero. Envoy passed on
-    at most that many: when wrk stops it drops its connections, and a check already charged
-    then answers a client that is gone (at most `in_flight` such checks)."""
-    paid = cancelled = 0
+    """No double spend: every charge has exactly one decision line, so paid lines +
+    captures = receipts = spent nonces, debits = what those lines say, no balance is below
+    zero and no hold is left. Envoy passed on at most that many checks charged on check:
+    when wrk stops it drops its connections, and a check already charged then answers a
+    client that is gone (at most `in_flight` such checks); a hold cut off that way is never
+    captured, and released."""
+    paid = cancelled = captured = metered = 0
     for line in stack.processes["sidecar"].log().splitlines():
-        if '"authz.decision"' in line and '"reason": "paid"' in line:
+        if '"authz.decision"' not in line:
+            continue
+        if '"reason": "paid"' in line:
             paid += 1
             cancelled += '"cancelled": true' in line
+        elif '"reason": "captured"' in line:
+            captured += 1
+            metered += '"route": "metered"' in line
     totals = ledger_totals(stack)
+    charged = (paid + captured - metered) * PRICE_ATOMIC + metered * UNITS_USED * UNIT_PRICE_ATOMIC
     exact = (
-        totals["debited_atomic"] == paid * PRICE_ATOMIC
-        and totals["receipts"] == paid
-        and totals["spent_nonces"] == paid
+        totals["debited_atomic"] == charged
+        and totals["receipts"] == paid + captured
+        and totals["spent_nonces"] == paid + captured
         and totals["lowest_balance"] >= 0
+        and totals["held_atomic"] == 0
         and envoy_allowed <= paid <= envoy_allowed + in_flight
     )
     return {
         **totals,
         "paid_decisions": paid,
+        "captures": captured,
+        "metered_captures": metered,
         "envoy_allowed": envoy_allowed,
         "charged_client_gone": paid - envoy_allowed,
         "cancelled_after_debit": cancelled,
@@ -484,6 +543,8 @@ def report(results: dict[str, Any], rate: float) -> None:
         "(4)/(2b) paid / allow-all without proof header": round(
             paid / phases["2b allow-all, no proof header"]["ok_rps"], 3
         ),
+        "(7)/(4) on_success / on_check": round(phases["7 paid on_success"]["ok_rps"] / paid, 3),
+        "(8)/(4) metered / on_check": round(phases["8 paid metered"]["ok_rps"] / paid, 3),
     }
     print()
     print(f"{'phase':<34}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
@@ -507,7 +568,8 @@ def report(results: dict[str, Any], rate: float) -> None:
     ledger = results["ledger"]
     print(
         f"ledger: {ledger['paid_decisions']} paid decisions x {ledger['price_atomic']} = "
-        f"{ledger['paid_decisions'] * ledger['price_atomic']}, debited "
+        f"{ledger['paid_decisions'] * ledger['price_atomic']}, + {ledger['captures']} "
+        f"captures ({ledger['metered_captures']} metered), debited "
         f"{ledger['debited_atomic']}; receipts {ledger['receipts']}, spent nonces "
         f"{ledger['spent_nonces']}, lowest balance {ledger['lowest_balance']}; Envoy passed "
         f"{ledger['envoy_allowed']} on ({ledger['charged_client_gone']} charged as wrk hung "

@@ -33,7 +33,7 @@ X402 = str(Path(sys.executable).parent / "x402")  # the console script pip insta
 CHECKS = [
     "price list", "free route", "agent wallet", "402 challenge", "signed proof", "paid 200",
     "verified receipt", "replay refused", "direct payment", "max_amount guard",
-    "budget guard", "decision log", "ledger",
+    "budget guard", "decision log", "ledger", "refund", "metered charge",
     # the on-chain lanes
     "self-funded top-up", "prepaid from the credit", "ledger after top-up",
     "exact payment", "exact on chain",
@@ -72,6 +72,11 @@ def test_x402_demo_exits_0_and_reports_every_step() -> None:
         '"event": "authz.decision"',
         "✓ decision log — free, payment_required, paid, nonce_reused, paid, paid",
         "✓ ledger — balance 9.7395 USDF",
+        "GET /api/v1/data/rows?limit=37 → 500 (the service failed), charged 0 of 0.1 held",
+        "✓ refund",
+        "GET /api/v1/data/rows → 200, 37 rows: charged 0.037 of 0.1 USDF held",
+        "POST /api/v1/llm/generate → 200, 120 tokens: charged 0.0012 of 0.04 USDF held",
+        "✓ metered charge — 37 rows x 0.001 + 120 tokens x 0.00001 = 0.0382 USDF",
         # (a) an EVM key alone buys credit for a fresh Ed25519 key, then pays prepaid.
         "A. An agent that funds itself",
         "top-up 5 USDF credited, transaction 0x",
@@ -117,7 +122,7 @@ def test_without_npm_the_demo_runs_the_prepaid_lanes_and_says_why_not_the_chain(
     assert result.returncode == 0, out + result.stderr
     assert "on-chain lanes skipped: npm not found" in out
     assert "On-chain lanes skipped: npm not found" in out
-    assert f"All {CHECKS.index('ledger') + 1} steps behaved as expected." in out
+    assert f"All {CHECKS.index('metered charge') + 1} steps behaved as expected." in out
     assert "The on-chain lanes were skipped: npm not found" in out
     assert "A. An agent that funds itself" not in out and "✗" not in out
     assert not (tmp_path / "cache" / "x402-sidecar" / "tools" / "node_modules").exists()

@@ -107,8 +107,11 @@ class Reservation:
     def display(self) -> str:
         return unscaled(self.amount)
 
-    def commit(self) -> None:
-        self.wallet._settle(self, spent=True)
+    def commit(self, captured: int | None = None) -> None:
+        """Paid: the whole reservation, or (a hold captured at the response, metered or
+        charged on success) `captured` scaled units of it; the rest goes back to the
+        budget."""
+        self.wallet._settle(self, spent=True, captured=captured)
 
     def release(self) -> None:
         self.wallet._settle(self, spent=False)
@@ -287,7 +290,9 @@ class Wallet:
             self._reserved[asset] = self._reserved.get(asset, 0) + value
         return Reservation(self, asset, value, payee)
 
-    def _settle(self, reservation: Reservation, *, spent: bool) -> None:
+    def _settle(
+        self, reservation: Reservation, *, spent: bool, captured: int | None = None
+    ) -> None:
         with self._lock:
             if reservation.state != "reserved":
                 return  # settling twice must not move money twice
@@ -295,7 +300,10 @@ class Wallet:
             asset = reservation.asset
             self._reserved[asset] -= reservation.amount
             if spent:
-                self._spent[asset] = self._spent.get(asset, 0) + reservation.amount
+                amount = reservation.amount
+                if captured is not None:
+                    amount = min(max(captured, 0), amount)
+                self._spent[asset] = self._spent.get(asset, 0) + amount
 
     def _refund(self, reservation: Reservation) -> None:
         with self._lock:

@@ -12,7 +12,7 @@ from typing import Any
 
 from nacl.signing import VerifyKey
 
-from sidecar.core import exact, protocol
+from sidecar.core import exact, holds, protocol
 from sidecar.core.errors import (
     AmountError,
     InvalidInvoice,
@@ -104,6 +104,9 @@ def invoice(request: Request, price: Price, gateway: Gateway, now: int) -> dict[
         "amount_atomic": str(price.amount),
         "invoice_id": protocol.invoice_id(gateway.invoice_secret, terms),
         "facilitator_url": f"{request.base_url(gateway)}/.well-known/x402",
+        # charge: on_success: `amount` is the hold (a metered route's maximum); the
+        # receipt at the response says what was captured (core/holds.py)
+        **holds.describe(price.phase, price.asset),
     }
 
 

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import unquote
 
+from sidecar.core import holds
 from sidecar.core.errors import AmountError, BadRequest, ConfigError, UnknownRoute
+from sidecar.core.holds import ResponsePhase
 from sidecar.core.money import Asset
 
 ANY_METHOD = "*"
@@ -35,6 +37,9 @@ class Price:
     amount: int  # atomic units of `asset`
     asset: Asset
     description: str = ""
+    # `charge: on_success` (a hold captured at the response; core/holds.py); None: on_check.
+    # A metered route's `amount` is its hold, the quoted maximum.
+    phase: ResponsePhase | None = None
 
     @property
     def display(self) -> str:
@@ -185,14 +190,15 @@ class RouteTable:
         context_extensions override the route table."""
         if method not in _COMMON_METHODS and not _CANONICAL_METHOD.fullmatch(method):
             raise BadRequest(f"the method {method[:32]!r} is not an upper-case HTTP method")
-        if EXT_PRICE in context_extensions:
+        if EXT_PRICE in context_extensions or holds.EXT_UNIT_PRICE in context_extensions:
             route = context_extensions.get(EXT_ROUTE, "")
             return _extension_price(
                 self,
-                context_extensions[EXT_PRICE],
+                context_extensions.get(EXT_PRICE, ""),
                 context_extensions.get(EXT_ASSET, ""),
                 route or f"{method} {path}",
                 context_extensions.get(EXT_DESCRIPTION, ""),
+                _phase_annotations(context_extensions),
             )
         price = self.lookup(method, path)
         if price is not None:
@@ -207,16 +213,37 @@ class RouteTable:
         return None
 
 
+_PHASE_ANNOTATIONS = tuple(f"x402.{name}" for name in holds.ROUTE_KEYS)
+
+
+def _phase_annotations(extensions: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """A route's response-phase annotations, hashable for `_extension_price`'s cache; the
+    common on_check route has none and pays one `in` per key."""
+    if holds.EXT_CHARGE not in extensions and holds.EXT_UNIT_PRICE not in extensions:
+        return ()
+    return tuple((k, extensions[k]) for k in _PHASE_ANNOTATIONS if k in extensions)
+
+
 @lru_cache(maxsize=4096)
 def _extension_price(
-    table: RouteTable, price: str, asset_code: str, route: str, description: str
+    table: RouteTable,
+    price: str,
+    asset_code: str,
+    route: str,
+    description: str,
+    phase_annotations: tuple[tuple[str, str], ...] = (),
 ) -> Price | None:
     """Parse one annotation once: Envoy sends the same few millions of times."""
     asset = table.assets.get(asset_code or table.default_asset)
     if asset is None:
         raise ConfigError(f"context_extensions {EXT_ASSET}: unknown asset {asset_code!r}")
+    phase = None
+    if phase_annotations:
+        phase = holds.from_annotations("context_extensions x402", dict(phase_annotations), asset)
+    if phase is not None and phase.metered:
+        return Price(route, phase.maximum, asset, description, phase)
     try:
         amount = asset.to_atomic(price)
     except AmountError as exc:
         raise ConfigError(f"context_extensions {EXT_PRICE}: {exc}") from None
-    return Price(route, amount, asset, description) if amount else None
+    return Price(route, amount, asset, description, phase) if amount else None

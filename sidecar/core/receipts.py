@@ -44,7 +44,7 @@ def body(payer: str, entry: Mapping[str, Any], asset: Asset) -> dict[str, Any]:
     the entry lacks a field or holds a malformed one."""
     if entry.get("kind") == CHANNEL_CLOSE:
         return _close_body(payer, entry, asset)
-    return {
+    receipt = {
         "version": VERSION,
         "success": True,
         "receipt_id": entry["receipt_id"],
@@ -57,6 +57,43 @@ def body(payer: str, entry: Mapping[str, Any], asset: Asset) -> dict[str, Any]:
         "amount": asset.to_decimal(int(entry["amount"])),
         "balance": asset.to_decimal(int(entry["balance"])),
         "issued_at": int(entry["issued_at"]),
+    }
+    if "held" in entry:  # a captured hold (charge: on_success): what was held, what used
+        receipt["held"] = asset.to_decimal(int(entry["held"]))
+        if entry.get("units", "") != "":
+            receipt["units"] = int(entry["units"])
+    return receipt
+
+
+def hold_extra(held: int, units: int | None) -> dict[str, str]:
+    """The facts a hold's capture adds to its receipt-stream entry (see `body`)."""
+    extra = {"held": str(held)}
+    if units is not None:
+        extra["units"] = str(units)
+    return extra
+
+
+def release_body(
+    payer: str, hold_id: str, record: Mapping[str, Any], asset: Asset, released: int,
+    balance: int, status: int, issued_at: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The unsigned receipt of a released hold: nothing was charged (`success` false,
+    `amount` 0), the hold went back, the proof may be retried. Not a stream entry."""
+    return {
+        "version": VERSION,
+        "success": False,
+        "receipt_id": hold_id,
+        "invoice_id": record.get("invoice_id", ""),
+        "nonce": record.get("nonce", ""),
+        "payer": payer,
+        "payee": record.get("payee", ""),
+        "resource": record.get("resource", ""),
+        "asset": asset.code,
+        "amount": "0",
+        "released": asset.to_decimal(released),
+        "balance": asset.to_decimal(balance),
+        "status": status,
+        "issued_at": issued_at,
     }
 
 

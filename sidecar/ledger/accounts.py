@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from sidecar.core.errors import (
     InsufficientFunds,
     LedgerUnavailable,
+    NonceReused,
     PaymentError,
     UnknownPayer,
     X402Error,
@@ -59,6 +60,7 @@ class Account:
     credited: dict[str, int]
     debited: dict[str, int]
     channeled: dict[str, int]  # locked in open channels, out of `balances`
+    held: dict[str, int] = field(default_factory=dict)  # in open holds, out of `balances`
 
 
 class Ledger:
@@ -208,6 +210,7 @@ class Ledger:
             amounts("credited:"),
             amounts("debited:"),
             amounts("channeled:"),
+            {asset: amount for asset, amount in amounts("held:").items() if amount},
         )
 
     async def receipts(self, payer: str, count: int = 100) -> list[dict[str, str]]:
@@ -256,4 +259,7 @@ def _debited(result: list[Any]) -> int:
         return int(result[1])
     if result[0] == InsufficientFunds.reason:
         raise refusal(result[0], balance=int(result[1]))
+    if result[0] == NonceReused.reason and len(result) > 1:
+        # The charge whose answer the agent may have lost: its receipt id says it paid.
+        raise refusal(result[0], receipt_id=str(result[1]))
     raise refusal(result[0])

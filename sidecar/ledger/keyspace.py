@@ -11,13 +11,25 @@ PAYERS = f"{PREFIX}:payers"  # set of registered payers; never touched by a mone
 
 
 def account(payer: str) -> str:
-    """Hash: status, balance:<asset>, credited:<asset>, debited:<asset> (atomic units)."""
+    """Hash: status, balance:<asset>, credited:<asset>, debited:<asset>, held:<asset>
+    (atomic units; held: in open holds, out of balance)."""
     return f"{PREFIX}:{{{payer}}}:account"
 
 
 def nonce(payer: str, nonce_value: str) -> str:
     """Marks a spent nonce until its proof has expired; holds the receipt id."""
     return f"{PREFIX}:{{{payer}}}:nonce:{nonce_value}"
+
+
+def holds(payer: str) -> str:
+    """Hash: hold id → the hold (JSON: asset, held, nonce, receipt facts), until captured,
+    released or swept (ledger/holds.py)."""
+    return f"{PREFIX}:{{{payer}}}:holds"
+
+
+def hold_expiries(payer: str) -> str:
+    """Sorted set: hold id by expiry (unix ms, Redis's clock); the sweep reads it."""
+    return f"{PREFIX}:{{{payer}}}:hold-expiries"
 
 
 def receipts(payer: str) -> str:

@@ -21,3 +21,9 @@ def source(name: str) -> str:
 DEBIT = Script(source("debit"))
 VOUCHER = Script(source("channel_voucher"))
 RATE = Script(source("rate_limit"))
+
+# Holds (ledger/holds.py): the shared release and sweep functions prepended to each.
+_HOLDS_COMMON = source("holds_common")
+HOLD = Script(_HOLDS_COMMON + source("hold"))
+HOLD_CLOSE = Script(_HOLDS_COMMON + source("hold_close"))
+HOLD_SWEEP_SOURCE = _HOLDS_COMMON + source("hold_sweep")

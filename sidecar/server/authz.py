@@ -17,15 +17,16 @@ from typing import Any
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 
-from sidecar.core import decision, exact, protocol
+from sidecar.core import decision, exact, holds, protocol
 from sidecar.core.decision import Allow, Gateway, Request
 from sidecar.core.errors import ConfigError, InternalError, PaymentError, PaymentRequired
 from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.rate_limit import RateLimiter, client_address
-from sidecar.server import metrics, responses, schemes
+from sidecar.server import holding, metrics, responses, schemes
+from sidecar.server.holding import Held, HoldingScheme
 from sidecar.server.logs import DecisionLog, get_logger
-from sidecar.server.schemes import Charged, Scheme, Settler
+from sidecar.server.schemes import Charged, ExactSettler, Payment, Scheme
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 # Proof headers are bearer material: stripped before any request, free or paid, goes on.
@@ -67,7 +68,7 @@ class Authorization:
         worker: int = 0,
         decisions: DecisionLog | None = None,
         limiter: RateLimiter | None = None,
-        settler: Settler | None = None,
+        settler: ExactSettler | None = None,
     ) -> None:
         self.routes = routes
         self.gateway = gateway
@@ -78,6 +79,8 @@ class Authorization:
         self.schemes = schemes.registry(gateway, ledger, settler)
         # A payment naming no scheme we know is parsed as a proof, which names the reason.
         self.default_scheme = self.schemes[protocol.SCHEME]
+        # Schemes with a hold step, for routes charged on success (server/holding.py).
+        self.holding = holding.registry(gateway, ledger)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """ext_authz for a grpc.aio server; `check`'s bytes go out unserialized."""
@@ -158,6 +161,13 @@ class Authorization:
             entry.update(payment.facts)
             if self.limiter is not None:  # before the ledger: a refused check charges nothing
                 await self.limiter.check(payment.payer, client_address(check), payment.nonce)
+            if price.phase is not None:  # charge: on_success (core/holds.py)
+                holder = self._holder(scheme, price, check)
+                if holder is not None:
+                    answer = await self._hold(
+                        holder, scheme, payment, price, request, entry, now, started, context
+                    )
+                    return answer, price, 0  # revenue is counted at the capture
 
             def late(outcome: Charged | PaymentError) -> None:
                 # Envoy gave up on this check after the ledger step left: still its line.
@@ -179,6 +189,66 @@ class Authorization:
             log.exception("authz.error", method=request.method, path=request.path)
             failure = InternalError("the payment check failed; try again")
             return self._deny(failure, request, price, entry, now), price, 0
+
+    def _holder(
+        self, scheme: Scheme, price: Price, check: authz.CheckRequest
+    ) -> HoldingScheme | None:
+        """The hold step for this payment, or None to charge on check. A hold is placed only
+        when Envoy says this route runs the response phase (the `x402.phase` annotation the
+        renderer writes beside the ext_proc filter): otherwise nothing would capture it, and
+        the response would go out free. A metered route cannot be charged on check."""
+        assert price.phase is not None
+        extensions = check.attributes.context_extensions
+        holder = self.holding.get(scheme.name)
+        if extensions.get(holds.EXT_PHASE) == holds.PHASE_RESPONSE and holder is not None:
+            return holder
+        if price.phase.metered:
+            raise ConfigError(
+                f"route {price.route} is metered but has no response phase here "
+                f"(Envoy's ext_proc filter, annotation {holds.EXT_PHASE}) or scheme"
+            )
+        return None
+
+    async def _hold(
+        self,
+        holder: HoldingScheme,
+        scheme: Scheme,
+        payment: Payment,
+        price: Price,
+        request: Request,
+        entry: dict[str, Any],
+        now: int,
+        started: float,
+        context: Any,
+    ) -> bytes:
+        assert price.phase is not None
+        entry["phase"] = "check"
+
+        def late(outcome: Held | PaymentError) -> None:
+            entry["cancelled"] = True
+            if isinstance(outcome, PaymentError):
+                self._deny(outcome, request, price, entry, now)
+            else:
+                self._allow_held(outcome, payment, scheme, price, entry)
+            self._record(entry, price, 0, started)
+
+        held = await holder.hold(payment, price, price.phase, now, late, within(context))
+        return self._allow_held(held, payment, scheme, price, entry)
+
+    def _allow_held(
+        self, held: Held, payment: Payment, scheme: Scheme, price: Price, entry: dict[str, Any]
+    ) -> bytes:
+        """Allow with a hold: the service hears of it; the client's receipt comes with the
+        response (server/processor.py), stating what was captured."""
+        entry["decision"], entry["status"], entry["reason"] = "allow", 200, "held"
+        entry["receipt_id"], entry["balance"] = held.hold_id, held.balance
+        upstream = (
+            (decision.UPSTREAM_PAYER, payment.payer),
+            (decision.UPSTREAM_AMOUNT, price.display),
+            (decision.UPSTREAM_RECEIPT, held.hold_id),
+        )
+        meta = holding.metadata(held, payment, scheme.name, price, entry["request_id"])
+        return responses.ok(upstream, (), _REMOVE_PROOFS, meta)
 
     def _allow(
         self, scheme: Scheme, charged: Charged, price: Price, entry: dict[str, Any]

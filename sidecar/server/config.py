@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from sidecar.core import exact
+from sidecar.core import exact, holds
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import AmountError, ConfigError
 from sidecar.core.identity import Identity, read_secret
@@ -112,6 +112,8 @@ class Settings:
     settle_max_age_seconds: int = 60  # a partial batch is settled once this old
     settle_lease_seconds: int = 30  # a crashed worker's claim is taken over after this
     settle_interval_seconds: int = 0  # > 0: worker 0 of the sidecar settles this often
+    # Holds (charge: on_success): worker 0 releases every payer's expired holds this often.
+    hold_sweep_seconds: int = 5
     anchor_file: str = "x402-anchors.jsonl"  # append-only manifest log; "" for Redis only
     # Optional rate limits on paid checks (sidecar/ratelimit.py); 0 turns a limit off.
     rate_limit_payer_per_second: int = 0  # paid checks per payer and second
@@ -258,6 +260,7 @@ class Settings:
             if not isinstance(spec, Mapping):
                 raise ConfigError(f"{key}: must be a mapping with method, path and price")
             unknown = set(spec) - {"method", "path", "price", "asset", "description"}
+            unknown -= set(holds.ROUTE_KEYS)  # charge: on_success and metering
             if unknown:
                 raise ConfigError(f"{key}: unknown key {sorted(unknown)[0]!r}")
             method = str(spec.get("method", ANY_METHOD)).upper()
@@ -271,6 +274,11 @@ class Settings:
             asset = assets.get(str(spec.get("asset", self.default_asset)))
             if asset is None:
                 raise ConfigError(f"{key}.asset: unknown asset {spec.get('asset')!r}")
+            phase = holds.phase_from(key, spec, asset)
+            if phase is not None and phase.metered:
+                if "price" in spec:
+                    raise ConfigError(f"{key}.price: a metered route is priced by unit_price")
+                spec = {**spec, "price": asset.to_decimal(phase.maximum)}
             price = spec.get("price")
             if isinstance(price, int) and not isinstance(price, bool):
                 price = str(price)
@@ -284,7 +292,12 @@ class Settings:
                 raise ConfigError(f"{key}.price: larger than the ledger's maximum balance")
             description = str(spec.get("description", ""))
             routes.append(
-                Route(str(name), method, str(path), Price(str(name), amount, asset, description))
+                Route(
+                    str(name),
+                    method,
+                    str(path),
+                    Price(str(name), amount, asset, description, phase),
+                )
             )
         return RouteTable(
             routes, assets, self.default_asset, self.unlisted, self.path_case == "sensitive"
@@ -346,6 +359,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
                 "max_proof_bytes",
                 "settle_batch_size",
                 "settle_lease_seconds",
+                "hold_sweep_seconds",
             )
             and value == 0
         ):

@@ -113,6 +113,18 @@ def record(entry: Mapping[str, Any], price: Price | None, charged: int, seconds:
     metrics.latency.observe(seconds)
 
 
+def record_phase(entry: Mapping[str, Any], captured: int, seconds: float) -> None:
+    """One response phase (server/processor.py): capture, release or deny; the revenue of
+    a route charged on success is counted here, at the capture, never at its hold."""
+    metrics = _current
+    route = entry.get("route") or ""
+    metrics.decision(entry["decision"], entry["reason"], route)
+    if captured:
+        metrics.charge(entry.get("asset") or "", route, captured)
+    elif entry["reason"] == LEDGER_UNAVAILABLE:
+        metrics.ledger_errors.inc()
+
+
 class _Settlement(Collector):
     def __init__(self, lag: float | None) -> None:
         self.lag = lag

@@ -158,7 +158,7 @@ class Vouchers:
         return charged(accepted)
 
 
-class Settler:
+class ExactSettler:
     """One EIP-3009 authorization, settled at most once through the facilitator: reserve
     it in the ledger (concurrent and replayed copies stop here), /verify, /settle. Shared
     by the `exact` scheme and the top-up route."""
@@ -267,7 +267,7 @@ class Exact:
     name = exact.SCHEME
     reason = "exact"
 
-    def __init__(self, gateway: Gateway, settler: Settler) -> None:
+    def __init__(self, gateway: Gateway, settler: ExactSettler) -> None:
         assert gateway.exact is not None
         self.gateway, self.terms, self.settler = gateway, gateway.exact, settler
 
@@ -333,7 +333,9 @@ def _relay(late: Late, charged: Callable[[T], Charged]) -> Callable[[T | Payment
     return relay
 
 
-def registry(gateway: Gateway, ledger: Ledger, settler: Settler | None = None) -> dict[str, Scheme]:
+def registry(
+    gateway: Gateway, ledger: Ledger, settler: ExactSettler | None = None
+) -> dict[str, Scheme]:
     schemes: list[Scheme] = [Proofs(gateway, ledger), Vouchers(gateway, ledger)]
     if gateway.exact is not None and settler is not None:
         schemes.append(Exact(gateway, settler))

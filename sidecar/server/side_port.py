@@ -14,7 +14,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from sidecar.core import exact
+from sidecar.core import exact, holds
 from sidecar.core.decision import Gateway
 from sidecar.core.pricing import RouteTable
 from sidecar.core.protocol import DISCOVERY_PATH, SCHEME, VERSION
@@ -59,6 +59,7 @@ def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
                 "price": r.price.display,
                 "asset": r.price.asset.code,
                 "description": r.price.description,
+                **holds.describe(r.price.phase, r.price.asset),  # on_success, metered
             }
             for r in routes.routes
         ],

@@ -35,10 +35,11 @@ from sidecar.core.errors import ConfigError
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.cluster import is_cluster_url, parse_cluster_url
 from sidecar.ledger.pipe import parse_url
-from sidecar.server import logs, metrics, wiring
+from sidecar.server import holding, logs, metrics, wiring
 from sidecar.server.admin import start_facilities
 from sidecar.server.authz import AUTHZ_SERVICE, Authorization
 from sidecar.server.config import Settings
+from sidecar.server.processor import PROCESSOR_SERVICE, Processor
 from sidecar.server.side_port import AnyReply, Headers, SidePort, start_http
 from sidecar.server.topup import Topup
 
@@ -101,7 +102,9 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     authz = Authorization(
         routes, gateway, ledger, worker, logs.DecisionLog(settings.log_level), limiter, settler
     )
-    server.add_generic_rpc_handlers((authz.handler(),))
+    # The response phase of routes charged on success: Envoy's ext_proc, same port.
+    processor = Processor(routes, gateway, ledger, worker, authz.decisions)
+    server.add_generic_rpc_handlers((authz.handler(), processor.handler()))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if server.add_insecure_port(address) == 0:
@@ -115,8 +118,9 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
         http = await _start_side_port(settings, side, board)
         # The admin API and the settlement worker, if configured: one instance each.
         facilities = await start_facilities(settings, ledger, gateway)
+        sweeper = asyncio.create_task(holding.sweep_forever(ledger, settings.hold_sweep_seconds))
     await server.start()
-    for service in ("", AUTHZ_SERVICE):
+    for service in ("", AUTHZ_SERVICE, PROCESSOR_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     # Everything made so far lives as long as the worker: keep the collector from scanning
     # it again and again (checks allocate fast, and every pass walked all of it).
@@ -145,6 +149,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     await server.stop(SHUTDOWN_GRACE_SECONDS)
     authz.decisions.flush()  # the last checks' lines
     if http is not None:
+        sweeper.cancel()
         http.close()
         await facilities.close(SHUTDOWN_GRACE_SECONDS)
     with contextlib.suppress(Exception):

@@ -5,7 +5,7 @@ x402 client (docs/protocol.md, "Top-up").
 Served by the side port; Envoy routes the path there without ext_authz, like discovery.
 Without `PAYMENT-SIGNATURE` the answer is a 402 whose `accepts` is `exact` for that
 amount; with it: the authorization is matched against that offer, reserved, verified and
-settled (the `exact` scheme's Settler), and only then credited, once per authorization.
+settled (the `exact` scheme's ExactSettler), and only then credited, once per authorization.
 The key needs no registration: its account is made by its first credit.
 """
 
@@ -34,7 +34,7 @@ from sidecar.ledger.accounts import ACTIVE
 from sidecar.ledger.authorizations import Authorizations
 from sidecar.server.config import TOPUP_PATH
 from sidecar.server.logs import get_logger
-from sidecar.server.schemes import Settler, settled_facts
+from sidecar.server.schemes import ExactSettler, settled_facts
 
 Answer = tuple[int, str, bytes, dict[str, str]]
 log = get_logger("sidecar.topup")
@@ -42,7 +42,7 @@ log = get_logger("sidecar.topup")
 
 class Topup:
     def __init__(
-        self, gateway: Gateway, settler: Settler, authorizations: Authorizations, asset: Asset
+        self, gateway: Gateway, settler: ExactSettler, authorizations: Authorizations, asset: Asset
     ) -> None:
         assert gateway.exact is not None
         self.gateway, self.terms = gateway, gateway.exact

@@ -16,7 +16,7 @@ from sidecar.ledger.pipe import RedisPipe
 from sidecar.ledger.rate_limit import RateLimiter, rate
 from sidecar.server.config import Settings
 from sidecar.server.facilitation import Chain, Facilitator
-from sidecar.server.schemes import Settler
+from sidecar.server.schemes import ExactSettler
 
 
 def ledger(settings: Settings) -> Ledger:
@@ -69,7 +69,7 @@ def payers(settings: Settings, ledger: Ledger, payee: str | None = None) -> Paye
     return Payers(ledger, settings.asset_table(), settings.default_asset, payee)
 
 
-def exact_settler(settings: Settings, ledger: Ledger) -> Settler | None:
+def exact_settler(settings: Settings, ledger: Ledger) -> ExactSettler | None:
     """The facilitator, the chain reader and the reservations of the `exact` scheme; None
     when no on-chain asset is configured."""
     if not settings.onchain:
@@ -80,4 +80,4 @@ def exact_settler(settings: Settings, ledger: Ledger) -> Settler | None:
         settings.facilitator_settle_timeout_ms / 1000,
     )
     chain = Chain(settings.chain_rpc_url) if settings.chain_rpc_url else None
-    return Settler(Authorizations(ledger), facilitator, chain)
+    return ExactSettler(Authorizations(ledger), facilitator, chain)

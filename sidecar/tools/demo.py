@@ -3,7 +3,8 @@
 Starts a real Redis, the sidecar, the real Envoy and a small upstream (sidecar.stack),
 creates and funds an agent wallet, then narrates: the price list, a 402 challenge, the
 signed proof, the paid 200 with its verified receipt, a replay refused, direct payments
-in one round trip, two spending guards refusing, the decision log and the ledger.
+in one round trip, two spending guards refusing, the decision log and the ledger; then
+paying for what was served: a failed call refunded and metered calls charged by usage.
 Then the two on-chain lanes, with anvil + Circle's USDC and `x402 facilitator serve`
 (sidecar.tools.chain, sidecar.tools.onchain): an agent holding only an EVM key tops up a
 fresh Ed25519 key and pays prepaid from the credit; an unmodified official x402 client
@@ -49,7 +50,7 @@ from sidecar.tools.chain import Chain, DevAccount, install_chain_tools, missing_
 from sidecar.tools.onchain import Facilitator, exact_settings, official_client, operator
 from sidecar.tools.stack import Process, Stack
 
-ROUTES: dict[str, dict[str, str]] = {
+ROUTES: dict[str, dict[str, Any]] = {
     "atlas": {
         "method": "GET",
         "path": "/api/v1/agent/pay-api/atlas",
@@ -73,6 +74,24 @@ ROUTES: dict[str, dict[str, str]] = {
         "path": "/api/v1/agent/pay-api/atlas/deep-research",
         "price": "5",
         "description": "Atlas deep research run",
+    },
+    # Charged for what was served (docs/protocol.md §12): a hold at the check, captured
+    # at the response: usage x unit price, nothing if the service fails.
+    "data-rows": {
+        "method": "GET",
+        "path": "/api/v1/data/rows",
+        "unit": "row",
+        "unit_price": "0.001",
+        "max_units": 100,
+        "description": "Data rows, 0.001 each",
+    },
+    "llm-generate": {
+        "method": "POST",
+        "path": "/api/v1/llm/generate",
+        "unit": "token",
+        "unit_price": "0.00001",
+        "max_units": 4000,
+        "description": "LLM generation, per token",
     },
 }
 FREE_PATH = "/api/v1/agents/discover"  # not in the price list: free
@@ -256,6 +275,7 @@ class Demo:
             self.attempt("guards", lambda: self.guards(direct_client))
         self.attempt("decision log", self.decision_log)
         self.attempt("ledger", self.ledger)
+        self.attempt("refund", self.served)
         self.onchain_lanes()
         return self.summary()
 
@@ -292,6 +312,8 @@ class Demo:
         )
         for route in self.discovery.get("routes", []):
             price = f"{route['price']} {route['asset']}"
+            if "unit_price" in route:
+                price = f"{route['unit_price']} per {route['unit']}, up to {price}"
             table.add_row(f"{route['method']} {route['path']}", price)
         self.console.print(table)
         self.console.print(
@@ -513,6 +535,54 @@ class Demo:
             shown == EXPECTED_BALANCE,
             f"balance {shown} USDF = {CREDIT} - 0.25 - 0.01 - 0.0005; "
             f"the wallet counted {self.wallet.spent()} spent",
+        )
+
+    def served(self) -> None:
+        self.step(
+            "8. Pay for what was served",
+            "Metered routes hold the quoted maximum at the check and capture what the\n"
+            "service reports (x402-usage) at the response; a failed call is refunded.",
+        )
+        wallet = Wallet.generate(max_amount="0.1", budget="1")
+        asyncio.run(self.stack.fund(wallet.public_key, "1"))
+        auth = X402Auth(wallet, strict=True)
+        with httpx.Client(base_url=self.stack.url, auth=auth, timeout=10) as client:
+            failed = client.get("/api/v1/data/rows", params={"limit": "37", "fail": "500"})
+            refund = receipt_of(failed)
+            self.console.print(
+                f"GET /api/v1/data/rows?limit=37 → {failed.status_code} (the service failed), "
+                f"charged {refund.amount if refund else '?'} of "
+                f"{refund.held if refund else '?'} held"
+            )
+            self.check(
+                "refund",
+                failed.status_code == 500
+                and refund is not None
+                and refund.verified
+                and not refund.success
+                and wallet.spent() == "0",
+                "a signed receipt says nothing was charged; the proof may be retried",
+            )
+            rows = client.get("/api/v1/data/rows", params={"limit": "37"})
+            tokens = client.post("/api/v1/llm/generate", json={"prompt": "hi", "max_tokens": 120})
+        ok = True
+        for response, what in ((rows, "rows"), (tokens, "tokens")):
+            receipt = receipt_of(response)
+            if receipt is None:
+                ok = False
+                continue
+            self.console.print(
+                f"{response.request.method} {response.request.url.path} → "
+                f"{response.status_code}, {receipt.units} {what}: charged {receipt.amount} "
+                f"of {receipt.held} USDF held, receipt "
+                f"{'verified' if receipt.verified else 'NOT verified'}"
+            )
+            ok = ok and response.status_code == 200 and receipt.verified
+        balance = to_decimal(asyncio.run(self.stack.balance(wallet.public_key)), 6)
+        self.check(
+            "metered charge",
+            ok and wallet.spent() == "0.0382" and balance == "0.9618",
+            f"37 rows x 0.001 + 120 tokens x 0.00001 = 0.0382 USDF; balance {balance}",
         )
 
     # -- the on-chain lanes (USDC on anvil, `x402 facilitator serve`) ------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from sidecar.core import holds
 from sidecar.core.pricing import (
     ANY_METHOD,
     EXT_ASSET,
@@ -27,6 +28,7 @@ from sidecar.server.responses import DENIAL_METADATA_KEY
 
 _TYPES = "type.googleapis.com/envoy.extensions"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
+EXT_PROC = "envoy.filters.http.ext_proc"
 _ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
     "request_id": "%REQ(X-REQUEST-ID)%",
@@ -166,28 +168,79 @@ def priced_route(
         match["headers"] = [{"name": ":method", "string_match": methods}]
     elif method != ANY_METHOD:
         match["headers"] = [{"name": ":method", "string_match": {"exact": method}}]
-    extensions = {
-        EXT_ROUTE: name,
-        EXT_PRICE: str(spec["price"]),
-        EXT_ASSET: str(spec.get("asset", default_asset)),
-    }
+    extensions = {EXT_ROUTE: name}
+    if "price" in spec:  # a metered route is priced by its unit price (below)
+        extensions[EXT_PRICE] = str(spec["price"])
+    extensions[EXT_ASSET] = str(spec.get("asset", default_asset))
     if spec.get("description"):
         extensions[EXT_DESCRIPTION] = str(spec["description"])
+    phase = holds.spec_annotations(spec)
+    extensions.update(phase)
+    edge = edge or Edge()
+    config: dict[str, Any] = {
+        EXT_AUTHZ: {
+            "@type": f"{_TYPES}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            "check_settings": {"context_extensions": extensions},
+        }
+    }
+    if phase:  # charge: on_success: the response phase runs on this route alone
+        config[EXT_PROC] = response_phase_route()
+    timeout = holds.route_timeout(spec, edge.upstream_timeout_seconds)
     return {
         "name": name,
         "match": match,
-        "route": _service_route(edge or Edge()),
-        "typed_per_filter_config": {
-            EXT_AUTHZ: {
-                "@type": f"{_TYPES}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-                "check_settings": {"context_extensions": extensions},
-            }
-        },
+        "route": _service_route(edge, timeout),
+        "typed_per_filter_config": config,
     }
 
 
-def _service_route(edge: Edge) -> dict[str, Any]:
-    return {"cluster": "service", "timeout": _seconds(edge.upstream_timeout_seconds)}
+def _service_route(edge: Edge, timeout: int | None = None) -> dict[str, Any]:
+    seconds = edge.upstream_timeout_seconds if timeout is None else timeout
+    return {"cluster": "service", "timeout": _seconds(seconds)}
+
+
+def has_response_phase(routes: Mapping[str, Mapping[str, Any]]) -> bool:
+    return any(holds.spec_annotations(spec) for spec in routes.values())
+
+
+def response_phase_route() -> dict[str, Any]:
+    """Enables the ext_proc filter (disabled in the chain) on one route."""
+    return {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {
+        "@type": f"{_TYPES}.filters.http.ext_proc.v3.ExtProcPerRoute",
+        "overrides": {"processing_mode": PROCESSING_MODE},
+    }}  # fmt: skip
+
+
+# Only the response's headers go to the sidecar: no request message, no bodies.
+PROCESSING_MODE = {
+    "request_header_mode": "SKIP",
+    "response_header_mode": "SEND",
+    "request_body_mode": "NONE",
+    "response_body_mode": "NONE",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SKIP",
+}
+
+
+def response_phase_filter(timeout: str) -> dict[str, Any]:
+    """Envoy's ext_proc filter for the response phase (server/processor.py), disabled
+    unless a route enables it. Fail closed: if the sidecar cannot be asked (down, too
+    slow), the client gets an error, never the response; the hold it could not capture
+    expires and the ledger releases it, so nothing is charged either."""
+    return {
+        "name": EXT_PROC,
+        "disabled": True,
+        "typed_config": {
+            "@type": f"{_TYPES}.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "x402_authz"}},
+            "failure_mode_allow": False,
+            "processing_mode": PROCESSING_MODE,
+            "message_timeout": timeout,
+            # The hold the check placed, as ext_authz's dynamic metadata.
+            "metadata_options": {"forwarding_namespaces": {"untyped": [EXT_AUTHZ]}},
+            "status_on_error": {"code": "ServiceUnavailable"},
+        },
+    }
 
 
 def early_header_mutation(edge: Edge) -> list[dict[str, Any]]:
@@ -464,6 +517,7 @@ def render(
                     "status_on_error": {"code": "ServiceUnavailable"},
                 },
             },
+            *([response_phase_filter(ep.authz_timeout)] if has_response_phase(routes) else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {

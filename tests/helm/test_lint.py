@@ -106,7 +106,8 @@ def test_notes_explain_the_product_and_print_no_secret(name: str, notes_chart: P
     assert f"helm test {RELEASE}" in notes
     routes = list(ordered_routes(rendered.values["routes"]).values())
     for route in routes[:10]:  # the first ten, then "… and N more"
-        assert f"{route.get('method', '*')} {route['path']}  {route['price']}" in notes
+        price = route.get("price") or f"{route['unit_price']} per {route.get('unit', 'unit')}"
+        assert f"{route.get('method', '*')} {route['path']}  {price}" in notes
     assert (f"and {len(routes) - 10} more" in notes) == (len(routes) > 10)
     for data in rendered.secret_values().values():
         for value in data.values():

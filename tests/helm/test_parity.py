@@ -59,15 +59,11 @@ def test_sidecar_config_is_the_same_route_table(rendered: Rendered) -> None:
     expected = set()
     for name, spec in v["routes"].items():
         asset = spec.get("asset", v["defaultAsset"])
-        expected.add(
-            (
-                name,
-                spec.get("method", "*"),
-                spec["path"],
-                asset,
-                to_atomic(spec["price"], v["assets"][asset]),
-            )
-        )
+        if "unit_price" in spec:  # metered: the hold, the quoted maximum
+            amount = to_atomic(spec["unit_price"], v["assets"][asset]) * spec["max_units"]
+        else:
+            amount = to_atomic(spec["price"], v["assets"][asset])
+        expected.add((name, spec.get("method", "*"), spec["path"], asset, amount))
     actual = {(r.name, r.method, r.path, r.price.asset.code, r.price.amount) for r in table.routes}
     assert actual == expected
     # The sidecar looks exact paths up first, then tries templated ones in table order;

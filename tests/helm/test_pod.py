@@ -24,6 +24,7 @@ from sidecar.core.money import to_atomic, to_decimal
 from sidecar.tools.stack import LOOPBACK, find_binary, free_port, free_ports
 from tests.support.charts import (
     FULLNAME,
+    listed_price,
     render_chart,
     rendered_values,
     run,
@@ -129,12 +130,7 @@ def test_the_rendered_pod_runs_as_processes_and_takes_a_payment(
         document = discovery.json()
         listed = {(r["method"], r["path"], r["price"], r["asset"]) for r in document["routes"]}
         assert listed == {
-            (
-                spec.get("method", "*"),
-                spec["path"],
-                to_decimal(to_atomic(spec["price"], values["assets"][a]), values["assets"][a]),
-                a,
-            )
+            (spec.get("method", "*"), spec["path"], listed_price(spec, values, a), a)
             for spec in values["routes"].values()
             for a in [spec.get("asset", values["defaultAsset"])]
         }

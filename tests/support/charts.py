@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from sidecar.core.money import to_atomic, to_decimal
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "x402-sidecar"
 VALUES: dict[str, Path | None] = {
@@ -143,3 +145,11 @@ def ordered_routes(routes: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping
 def snake_case(key: str) -> str:
     """The chart's camelCase value name → the sidecar config's key (maxHeapBytes → ...)."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+
+
+def listed_price(spec: Mapping[str, Any], values: Mapping[str, Any], asset: str) -> str:
+    """A route's price in discovery: a metered route's is its hold, the quoted maximum."""
+    decimals = values["assets"][asset]
+    if "unit_price" in spec:
+        return to_decimal(to_atomic(spec["unit_price"], decimals) * spec["max_units"], decimals)
+    return to_decimal(to_atomic(spec["price"], decimals), decimals)

@@ -1,7 +1,11 @@
 """The conservation-of-money workload: credits (some retried), paid requests from
-concurrent payers, replays, expired proofs and suspensions through the real servicer, then
-every invariant checked against the ledger (tests/test_conservation.py, and on Redis
-Cluster tests/test_cluster.py)."""
+concurrent payers, replays, expired proofs and suspensions through the real servicer; so
+do routes charged on success and metered ones, through the real response phase
+(server/processor.py) with random statuses and usage reports, and holds whose response
+phase never runs (the worker was killed). Then, after the holds' lifetime, every invariant
+is checked against the ledger: credited = balance + captured (debited), no hold left,
+receipts = captures (tests/test_conservation.py, and on Redis Cluster
+tests/test_cluster.py)."""
 
 from __future__ import annotations
 
@@ -13,12 +17,20 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from sidecar.core import protocol
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
+from envoy.service.auth.v3 import external_auth_pb2 as authz
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+
+from sidecar.core import holds, protocol
 from sidecar.core.identity import Identity
+from sidecar.core.money import to_atomic
+from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import ACTIVE, SUSPENDED, Ledger
+from sidecar.ledger.holds import Holds
 from sidecar.server.authz import Authorization
+from sidecar.server.processor import EXT_AUTHZ_NAMESPACE, Processor
 from sidecar.tools.stack import Stack
-from tests.support.inprocess import check, check_request, servicer_for
+from tests.support.inprocess import check, check_request, outcome, servicer_for
 from tests.support.streams import xrange
 
 PAYERS = 24
@@ -28,6 +40,29 @@ PRICES = {
     "/api/v1/trade/verify/T-{n}": ("0.01", 10_000),
     "/api/v1/market/signal": ("0.0005", 500),
 }
+HOLD_SECONDS = 2
+# Routes charged on success, as Envoy annotates them (the renderer's context_extensions).
+HELD_ROUTES = {
+    "/api/v1/report": (
+        "0.25",
+        {"x402.route": "report", "x402.price": "0.25", "x402.charge": "on_success"},
+    ),
+    "/api/v1/data/rows": (
+        "0.1",
+        {
+            "x402.route": "rows",
+            "x402.unit": "row",
+            "x402.unit_price": "0.001",
+            "x402.max_units": "100",
+            "x402.usage_missing": "minimum",
+            "x402.min_units": "3",
+        },
+    ),
+}
+for _price, _extensions in HELD_ROUTES.values():
+    _extensions.update(
+        {holds.EXT_PHASE: holds.PHASE_RESPONSE, "x402.hold_seconds": str(HOLD_SECONDS)}
+    )
 
 
 @dataclass
@@ -39,6 +74,8 @@ class Books:
     spent_proofs: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
     credit_keys: dict[str, tuple[str, int]] = field(default_factory=dict)
+    released: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # retry
+    captured: list[tuple[str, str, dict[str, str], str]] = field(default_factory=list)
 
 
 class Workload:
@@ -48,6 +85,7 @@ class Workload:
         self.stack, self.servicer, self.ledger, self.rng = stack, servicer, ledger, rng
         self.payers = [Identity.generate() for _ in range(PAYERS)]
         self.books = Books()
+        self.processor = Processor(servicer.routes, servicer.gateway, ledger)
 
     def proof(self, payer: Identity, path: str, amount: str, ttl: int) -> dict[str, str]:
         payee, expires_at = self.stack.gateway_identity.kid, int(time.time()) + ttl
@@ -105,6 +143,66 @@ class Workload:
         await self.ledger.set_status(payer.public_key, status)
         self.books.outcomes[f"status:{status}"] += 1
 
+    async def held(self, retry: bool = False) -> None:
+        """A route charged on success: the check places a hold; the response phase sees a
+        random status and usage (or, for a killed worker, never runs)."""
+        if retry and self.books.released:  # a proof whose hold was released: pays again
+            payer_key, path, headers = self.books.released.pop(
+                self.rng.randrange(len(self.books.released))
+            )
+        else:
+            payer = self.rng.choice(self.payers)
+            payer_key, path = payer.public_key, self.rng.choice(list(HELD_ROUTES))
+            headers = self.proof(payer, path, HELD_ROUTES[path][0], ttl=120)
+        extensions = HELD_ROUTES[path][1]
+        response = await self.servicer.Check(check_request("GET", path, headers, extensions))
+        result = outcome(response)
+        kind = "held_retry" if retry else "held"
+        self.books.outcomes[f"{kind}:{result.reason}"] += 1
+        assert result.reason in ("allow", "insufficient_funds", "payer_suspended"), result
+        if result.reason != "allow":
+            return
+        assert "x-payment-response" not in result.headers  # the receipt comes at the response
+        roll = self.rng.random()
+        if roll < 0.08:  # the worker was killed: the response phase never runs
+            self.books.outcomes["held:abandoned"] += 1
+            return
+        status = self.rng.choice((200, 200, 200, 201, 404, 500, 503))
+        usage = self.rng.choice(("0", "1", "37", "99", "100", "250", "", "bad", None))
+        answer = await self.processor.respond(respond_request(response, status, usage))
+        mutation = answer.response_headers.response.header_mutation
+        receipts = {h.header.key: h.header.raw_value for h in mutation.set_headers}
+        if answer.HasField("immediate_response"):  # the hold expired before its response
+            self.books.outcomes["held:expired_before_response"] += 1
+            return
+        receipt = json.loads(base64.b64decode(receipts["x-payment-response"]))
+        if receipt["success"]:
+            atomic = to_atomic(receipt["amount"], 6)
+            assert atomic <= to_atomic(HELD_ROUTES[path][0], 6)
+            assert receipt["receipt_id"] not in self.books.receipts
+            self.books.receipts[receipt["receipt_id"]] = (payer_key, atomic)
+            self.books.captured.append((payer_key, path, headers, receipt["receipt_id"]))
+            self.books.outcomes[f"{kind}:captured"] += 1
+        else:
+            assert status >= 500 and receipt["amount"] == "0"
+            self.books.released.append((payer_key, path, headers))
+            self.books.outcomes[f"{kind}:released"] += 1
+
+    async def replay_captured(self) -> None:
+        """A captured hold's proof again: refused, naming the receipt that charged it."""
+        if not self.books.captured:
+            return
+        _payer, path, headers, receipt_id = self.rng.choice(self.books.captured)
+        extensions = HELD_ROUTES[path][1]
+        result = await check(self.servicer, check_request("GET", path, headers, extensions))
+        self.books.outcomes[f"held_replay:{result.reason}"] += 1
+        assert result.reason in ("nonce_reused", "payer_suspended"), result
+        if result.reason == "nonce_reused":
+            assert result.body["receipt_id"] == receipt_id
+
+    async def held_retry(self) -> None:
+        await self.held(retry=True)
+
     async def run(self, operations: int) -> None:
         for payer in self.payers:
             await self.ledger.register(payer.public_key)
@@ -114,6 +212,9 @@ class Workload:
             + [self.replay] * 12
             + [self.expired] * 8
             + [self.toggle] * 5
+            + [self.held] * 40
+            + [self.held_retry] * 8
+            + [self.replay_captured] * 6
         )
         done = 0
         while done < operations:
@@ -124,6 +225,22 @@ class Workload:
             await self.ledger.set_status(payer.public_key, ACTIVE)
 
 
+def respond_request(
+    check_response: authz.CheckResponse, status: int, usage: str | None
+) -> ext_proc.ProcessingRequest:
+    """What Envoy's ext_proc filter sends at the response: its headers, and ext_authz's
+    dynamic metadata (the hold)."""
+    headers = [HeaderValue(key=":status", raw_value=str(status).encode())]
+    if usage is not None:
+        headers.append(HeaderValue(key="x402-usage", raw_value=usage.encode()))
+    metadata = Metadata()
+    metadata.filter_metadata[EXT_AUTHZ_NAMESPACE].CopyFrom(check_response.dynamic_metadata)
+    return ext_proc.ProcessingRequest(
+        response_headers=ext_proc.HttpHeaders(headers=HeaderMap(headers=headers)),
+        metadata_context=metadata,
+    )
+
+
 async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
     """Run the workload against `stack`'s ledger (one Redis or a cluster), then check every
     invariant."""
@@ -132,6 +249,9 @@ async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
     try:
         await workload.run(operations)
         books = workload.books
+        # Holds nobody captured (killed workers) are released by the ledger once expired.
+        await asyncio.sleep(HOLD_SECONDS + 0.2)
+        await Holds(ledger).sweep_all()
         by_payer: dict[str, list[str]] = defaultdict(list)
         for receipt_id, (payer, _amount) in books.receipts.items():
             by_payer[payer].append(receipt_id)
@@ -142,6 +262,9 @@ async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
             debited = account.debited.get("USDF", 0)
             assert credited == books.credited[payer]
             assert balance == credited - debited >= 0
+            assert account.held == {}  # zero holds left
+            assert await ledger.redis.hlen(keyspace.holds(payer)) == 0
+            assert await ledger.redis.zcard(keyspace.hold_expiries(payer)) == 0
             stream = await ledger.receipts(payer, count=10**6)
             ids = [entry["receipt_id"] for entry in stream]
             # every debit has exactly one receipt and every receipt one debit
@@ -159,10 +282,13 @@ async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
         assert outcomes["allow"] > 0 and outcomes["insufficient_funds"] > 0
         assert outcomes["replay:nonce_reused"] > 0 and outcomes["credit_retry"] > 0
         assert outcomes["expired:invoice_expired"] > 0 and outcomes["payer_suspended"] > 0
+        assert outcomes["held:captured"] > 0 and outcomes["held:released"] > 0
+        assert outcomes["held:abandoned"] > 0 and outcomes["held_retry:captured"] > 0
+        assert outcomes["held_replay:nonce_reused"] > 0
         print(
             f"\nconservation: {operations} operations, seed {seed}: {dict(outcomes)}; "
             f"credited {totals['credited']} = balances {totals['balance']} + "
-            f"debited {totals['debited']} atomic units"
+            f"captured {totals['debited']} atomic units; no hold left"
         )
         return books
     finally:

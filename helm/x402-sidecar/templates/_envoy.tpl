@@ -69,6 +69,7 @@
 {{- $v := .Values }}
 {{- $e := $v.envoy.edge }}
 {{- $ext := "envoy.filters.http.ext_authz" -}}
+{{- $proc := "envoy.filters.http.ext_proc" -}}
 # Envoy in front of the service, with the x402 sidecar as ext_authz.
 # Rendered by the x402-sidecar chart from .Values.routes; edit the values, not this file.
 admin:
@@ -261,20 +262,53 @@ static_resources:
                     string_match:
                       exact: {{ $method }}
                   {{- end }}
+                {{- $phase := include "x402.hasPhase" $route }}
+                {{- $timeout := int $e.upstreamTimeoutSeconds }}
+                {{- if $phase }}
+                {{- /* The service answers within the hold's lifetime, so it can be captured. */}}
+                {{- $limit := max 1 (sub (int (default 60 $route.hold_seconds)) 1) | int }}
+                {{- if or (eq $timeout 0) (gt $timeout $limit) }}{{ $timeout = $limit }}{{ end }}
+                {{- end }}
                 route:
                   cluster: service
-                  timeout: {{ int $e.upstreamTimeoutSeconds }}s
+                  timeout: {{ $timeout }}s
                 typed_per_filter_config:
                   {{ $ext }}:
                     '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
                     check_settings:
                       context_extensions:
                         x402.route: {{ $name | toJson }}
+                        {{- if hasKey $route "price" }}
                         x402.price: {{ $route.price | toJson }}
+                        {{- end }}
                         x402.asset: {{ default $v.defaultAsset $route.asset | toJson }}
                         {{- if $route.description }}
                         x402.description: {{ $route.description | toJson }}
                         {{- end }}
+                        {{- if $phase }}
+                        x402.charge: on_success
+                        x402.phase: response
+                        {{- range $key := list "failure_status" "max_units" "min_units" "hold_seconds" }}
+                        {{- if hasKey $route $key }}
+                        x402.{{ $key }}: {{ index $route $key | int64 | toString | toJson }}
+                        {{- end }}
+                        {{- end }}
+                        {{- range $key := list "usage_header" "usage_missing" "unit" "unit_price" }}
+                        {{- if hasKey $route $key }}
+                        x402.{{ $key }}: {{ index $route $key | toString | toJson }}
+                        {{- end }}
+                        {{- end }}
+                        {{- end }}
+                  {{- if $phase }}
+                  # charge: on_success: the response phase (ext_proc) runs on this route.
+                  {{ $proc }}:
+                    '@type': type.googleapis.com/envoy.config.route.v3.FilterConfig
+                    config:
+                      '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
+                      overrides:
+                        processing_mode:
+{{ include "x402.processingMode" . | indent 26 }}
+                  {{- end }}
               {{- end }}
               # Unannotated paths still go through ext_authz: the sidecar's route table
               # may price them, and otherwise answers "free" without touching Redis.
@@ -300,6 +334,28 @@ static_resources:
               failure_mode_allow: false
               status_on_error:
                 code: ServiceUnavailable
+          {{- if include "x402.anyPhase" . }}
+          # The response phase of routes charged on success, disabled unless a route
+          # enables it. Fail closed: no sidecar answer means an error, never the response;
+          # the hold nobody captured expires and the ledger releases it.
+          - name: {{ $proc }}
+            disabled: true
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service:
+                envoy_grpc:
+                  cluster_name: x402_authz
+              failure_mode_allow: false
+              processing_mode:
+{{ include "x402.processingMode" . | indent 16 }}
+              message_timeout: {{ $v.envoy.authzTimeout }}
+              metadata_options:
+                forwarding_namespaces:
+                  untyped:
+                  - {{ $ext }}
+              status_on_error:
+                code: ServiceUnavailable
+          {{- end }}
           - name: envoy.filters.http.router
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router

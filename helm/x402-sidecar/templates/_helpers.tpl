@@ -73,6 +73,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail (printf "routes.%s.asset: unknown asset %q (assets: %s)" $name $asset (keys $v.assets | sortAlpha | join ", ")) }}
 {{- end }}
 {{- $decimals := int (index $v.assets $asset) }}
+{{- if hasKey $route "price" }}
 {{- $parts := splitList "." $route.price }}
 {{- $fraction := "" }}
 {{- if gt (len $parts) 1 }}{{ $fraction = index $parts 1 }}{{ end }}
@@ -84,6 +85,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $atomic := regexReplaceAll "^0+" $digits "" }}
 {{- if or (gt (len $atomic) 16) (and (eq (len $atomic) 16) (gt $atomic "9007199254740991")) }}
 {{- fail (printf "routes.%s.price: %q is larger than the ledger's maximum balance" $name $route.price) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- /* Sidecar worker i listens on grpcPort + i. */}}
@@ -124,6 +126,26 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/* ---- routes ------------------------------------------------------------------ */}}
+
+{{/* "true" when a route is charged on success (or metered): a hold, captured at the
+     response by the ext_proc filter; "" otherwise. */}}
+{{- define "x402.hasPhase" -}}
+{{- if or (eq (lower (toString (default "" .charge))) "on_success") (hasKey . "unit_price") }}true{{ end }}
+{{- end }}
+
+{{- define "x402.anyPhase" -}}
+{{- range $name, $route := .Values.routes }}{{ include "x402.hasPhase" $route }}{{ end }}
+{{- end }}
+
+{{/* Only the response's headers go to the sidecar: no request message, no bodies. */}}
+{{- define "x402.processingMode" -}}
+request_header_mode: SKIP
+response_header_mode: SEND
+request_body_mode: NONE
+response_body_mode: NONE
+request_trailer_mode: SKIP
+response_trailer_mode: SKIP
+{{- end }}
 
 {{/* Route names in match order, space-separated: exact paths first, then templated
      ones, each group by name. The sidecar's route table looks up in the same order. */}}
@@ -230,8 +252,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $v := .Values }}
 {{- $routes := dict }}
 {{- range $name, $route := $v.routes }}
-{{- $spec := dict "method" (default "*" $route.method) "path" $route.path "price" $route.price "asset" (default $v.defaultAsset $route.asset) }}
+{{- $spec := dict "method" (default "*" $route.method) "path" $route.path "asset" (default $v.defaultAsset $route.asset) }}
+{{- if hasKey $route "price" }}{{ $_ := set $spec "price" $route.price }}{{ end }}
 {{- if $route.description }}{{ $_ := set $spec "description" $route.description }}{{ end }}
+{{- range $key := list "charge" "usage_header" "usage_missing" "unit" "unit_price" }}
+{{- if hasKey $route $key }}{{ $_ := set $spec $key (index $route $key | toString) }}{{ end }}
+{{- end }}
+{{- range $key := list "failure_status" "max_units" "min_units" "hold_seconds" }}
+{{- if hasKey $route $key }}{{ $_ := set $spec $key (index $route $key | int64) }}{{ end }}
+{{- end }}
 {{- $_ := set $routes $name $spec }}
 {{- end }}
 {{- $assets := dict }}

@@ -3,7 +3,8 @@
 -- KEYS: account hash, nonce key, receipts stream (all under the payer's hash tag)
 -- ARGV: deadline (unix ms), asset, amount (atomic), nonce expiry (unix seconds), receipt
 --       id, then the receipt's other field/value pairs
--- Returns {"ok", balance} or {reason} or {"insufficient_funds", balance}, or
+-- Returns {"ok", balance} or {reason} or {"insufficient_funds", balance} or
+-- {"nonce_reused", the receipt id that spent it}, or
 -- {"deadline_passed"}: the caller has stopped waiting (it answered 503), so nothing moves.
 local account, nonce_key, receipts = KEYS[1], KEYS[2], KEYS[3]
 local asset, amount, receipt_id = ARGV[2], tonumber(ARGV[3]), ARGV[5]
@@ -16,7 +17,8 @@ end
 local status = redis.call('HGET', account, 'status')
 if not status then return {'unknown_payer'} end
 if status ~= 'active' then return {'payer_suspended'} end
-if redis.call('EXISTS', nonce_key) == 1 then return {'nonce_reused'} end
+local spent = redis.call('GET', nonce_key)
+if spent then return {'nonce_reused', spent} end
 
 local balance = tonumber(redis.call('HGET', account, 'balance:' .. asset) or '0')
 if balance < amount then return {'insufficient_funds', balance} end

@@ -1,0 +1,35 @@
+-- Place a hold for one proof, all or nothing: the payer's expired holds are released
+-- first; payer known and active, nonce unused, balance covers the amount -> move the
+-- amount from balance to held, mark the nonce (holding the hold id, the future receipt
+-- id) and record the hold with its expiry. The response phase captures or releases it.
+-- KEYS: account hash, nonce key, holds hash, hold expiries zset (the payer's hash tag)
+-- ARGV: deadline (unix ms), asset, amount (atomic), nonce expiry (unix s), hold id,
+--       lifetime (ms), nonce key prefix, hold JSON {asset, held, nonce, record}
+-- Returns {"ok", balance} or {reason} or {"insufficient_funds", balance} or
+-- {"nonce_reused", receipt id} or {"deadline_passed"} (the caller answered 503: nothing).
+local account, nonce_key, holds, expiries = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local asset, amount, hold_id = ARGV[2], tonumber(ARGV[3]), ARGV[5]
+
+local now = clock_ms()
+if now > tonumber(ARGV[1]) then return {'deadline_passed'} end
+sweep_holds(account, holds, expiries, ARGV[7], now, 16)
+
+local status = redis.call('HGET', account, 'status')
+if not status then return {'unknown_payer'} end
+if status ~= 'active' then return {'payer_suspended'} end
+local spent = redis.call('GET', nonce_key)
+if spent then return {'nonce_reused', spent} end
+
+local balance = tonumber(redis.call('HGET', account, 'balance:' .. asset) or '0')
+if balance < amount then return {'insufficient_funds', balance} end
+
+local expires = now + tonumber(ARGV[6])
+local left = redis.call('HINCRBY', account, 'balance:' .. asset, '-' .. ARGV[3])
+redis.call('HINCRBY', account, 'held:' .. asset, ARGV[3])
+redis.call('SET', nonce_key, hold_id)
+-- The nonce outlives both the proof and the hold: a proof is spent until its hold is
+-- captured or released.
+redis.call('EXPIREAT', nonce_key, math.max(tonumber(ARGV[4]), math.floor(expires / 1000) + 2))
+redis.call('HSET', holds, hold_id, ARGV[8])
+redis.call('ZADD', expiries, expires, hold_id)
+return {'ok', left}

@@ -1,0 +1,259 @@
+"""The response phase: Envoy's ext_proc v3 servicer, on routes charged on success.
+
+Envoy's ext_proc filter runs only on routes whose config enables it (envoy_config.py), with
+request headers skipped and response headers sent. The check phase (authz.py) placed a
+hold and left its facts in ext_authz's dynamic metadata, which the filter forwards here
+(`metadata_options.forwarding_namespaces`). From the response's status and the usage the
+service reported, core/holds.py says what to capture; the hold's scheme (holding.py)
+captures or releases it in one ledger script, and the client's response gets the signed
+receipt (PAYMENT-RESPONSE / X-Payment-Response) with the amount actually charged, and
+loses the usage header. A capture that cannot happen (the hold expired, the ledger is
+down) replaces the response with an error: a response is never served free. If this phase
+never runs (the sidecar or Envoy died, the client went away), the hold expires and the
+ledger releases it: the payer is charged only when the response was seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from functools import lru_cache
+from typing import Any
+
+import grpc
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+from envoy.type.v3.http_status_pb2 import HttpStatus
+
+from sidecar.core import holds, protocol
+from sidecar.core.decision import Gateway
+from sidecar.core.errors import PaymentError
+from sidecar.core.holds import ResponsePhase
+from sidecar.core.money import Asset
+from sidecar.core.pricing import RouteTable
+from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.holds import CAPTURED, NO_HOLD, Closed
+from sidecar.server import holding, metrics
+from sidecar.server.holding import HoldingScheme
+from sidecar.server.logs import DecisionLog, get_logger
+
+PROCESSOR_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+_CONTINUE_HEADERS = ext_proc.ProcessingResponse(response_headers=ext_proc.HeadersResponse())
+
+log = get_logger("sidecar.processor")
+
+
+def header(name: str, value: str) -> HeaderValueOption:
+    return HeaderValueOption(
+        header=HeaderValue(key=name, raw_value=value.encode()),
+        append_action=HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def receipt_headers(receipt: Mapping[str, Any]) -> list[HeaderValueOption]:
+    encoded = protocol.encode_header(receipt)
+    return [header(name, encoded) for name in protocol.RECEIPT_HEADERS]
+
+
+def headers_of(message: ext_proc.HttpHeaders) -> dict[str, str]:
+    """Envoy sends header values as raw bytes (or, with an old runtime flag, as `value`)."""
+    return {
+        h.key.lower(): h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        for h in message.headers.headers
+    }
+
+
+def immediate(status: int, reason: str, message: str) -> ext_proc.ProcessingResponse:
+    """Replace the service's response: a capture that cannot happen never serves it free."""
+    body = json.dumps({"error": reason, "message": message}).encode()
+    headers = [header("content-type", "application/json"), header("cache-control", "no-store")]
+    if status == 503:
+        headers.append(header("retry-after", "1"))
+    return ext_proc.ProcessingResponse(
+        immediate_response=ext_proc.ImmediateResponse(
+            status=HttpStatus(code=status),
+            headers=ext_proc.HeaderMutation(set_headers=headers),
+            body=body,
+            details=f"x402_{reason}",
+        )
+    )
+
+
+@lru_cache(maxsize=1024)
+def _phase(annotations: tuple[tuple[str, str], ...], asset: Asset) -> ResponsePhase | None:
+    return holds.from_annotations("hold metadata", dict(annotations), asset)
+
+
+class Processor:
+    def __init__(
+        self,
+        routes: RouteTable,
+        gateway: Gateway,
+        ledger: Ledger,
+        worker: int = 0,
+        decisions: DecisionLog | None = None,
+    ) -> None:
+        self.assets = routes.assets
+        self.gateway = gateway
+        self.worker = worker
+        self.decisions = decisions or DecisionLog()
+        self.holding = holding.registry(gateway, ledger)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        process = grpc.stream_stream_rpc_method_handler(
+            self.process,
+            request_deserializer=ext_proc.ProcessingRequest.FromString,
+            response_serializer=ext_proc.ProcessingResponse.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler(PROCESSOR_SERVICE, {"Process": process})
+
+    async def process(
+        self, _requests: AsyncIterator[ext_proc.ProcessingRequest], context: Any
+    ) -> None:
+        """One stream per response: read and answer each message (context.read/write is
+        cheaper in grpc.aio than an async-generator handler)."""
+        while True:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                return
+            await context.write(await self.respond(request, context))
+
+    async def respond(
+        self, request: ext_proc.ProcessingRequest, context: Any = None
+    ) -> ext_proc.ProcessingResponse:
+        """One message of the stream; anything but response headers continues unchanged."""
+        kind = request.WhichOneof("request")
+        if kind == "response_headers":
+            return await self.response_headers(request, context)
+        if kind in ("request_trailers", "response_trailers"):
+            return ext_proc.ProcessingResponse(**{kind: ext_proc.TrailersResponse()})
+        if kind in ("request_body", "response_body"):
+            return ext_proc.ProcessingResponse(**{kind: ext_proc.BodyResponse()})
+        return ext_proc.ProcessingResponse(request_headers=ext_proc.HeadersResponse())
+
+    async def response_headers(
+        self, request: ext_proc.ProcessingRequest, context: Any
+    ) -> ext_proc.ProcessingResponse:
+        namespace = request.metadata_context.filter_metadata.get(EXT_AUTHZ_NAMESPACE)
+        if namespace is None or holding.HOLD not in namespace.fields:
+            return _CONTINUE_HEADERS  # no hold: a free route, or one charged on check
+        # Once the ledger is asked, finish: if Envoy gives up meanwhile (the client hung
+        # up), the capture or release it made still gets its decision line and revenue.
+        return await asyncio.shield(self._held(request, namespace, context))
+
+    async def _held(
+        self, request: ext_proc.ProcessingRequest, namespace: Any, context: Any
+    ) -> ext_proc.ProcessingResponse:
+        started = time.perf_counter()
+        meta = {key: value.string_value for key, value in namespace.fields.items()}
+        headers = headers_of(request.response_headers)
+        status = int(headers.get(":status", "0") or 0)
+        entry: dict[str, Any] = {
+            "request_id": meta.get(holding.REQUEST_ID) or None,
+            "phase": "response",
+            "route": meta.get(holding.ROUTE),
+            "asset": meta.get(holding.ASSET),
+            "payer": meta.get(holding.PAYER),
+            "receipt_id": meta.get(holding.HOLD),
+            "upstream_status": status,
+            "worker": self.worker,
+        }
+        try:
+            response = await self._close(meta, headers, status, entry, context)
+        except PaymentError as error:  # the ledger: the hold stays until it expires
+            entry.update(decision="deny", status=error.status, reason=error.reason)
+            response = immediate(error.status, error.reason, error.message)
+        except Exception:  # a bug must never serve the response free nor charge twice
+            log.exception("processor.error", route=meta.get(holding.ROUTE))
+            entry.update(decision="deny", status=503, reason="internal_error")
+            response = immediate(503, "internal_error", "the payment could not be completed")
+        elapsed = time.perf_counter() - started
+        entry["latency_ms"] = round(elapsed * 1000, 3)
+        metrics.record_phase(entry, int(entry.get("captured_atomic", 0)), elapsed)
+        entry.pop("captured_atomic", None)
+        self.decisions.write(entry)
+        return response
+
+    async def _close(
+        self,
+        meta: Mapping[str, str],
+        headers: Mapping[str, str],
+        status: int,
+        entry: dict[str, Any],
+        context: Any,
+    ) -> ext_proc.ProcessingResponse:
+        asset = self.assets[meta[holding.ASSET]]
+        annotations = tuple(sorted((k, v) for k, v in meta.items() if k.startswith("x402.")))
+        phase = _phase(annotations, asset)
+        if phase is None:
+            raise ValueError("hold metadata without a response phase")
+        holder: HoldingScheme = self.holding[meta[holding.HOLD_SCHEME]]
+        payer, hold_id, held = meta[holding.PAYER], meta[holding.HOLD], int(meta[holding.HELD])
+        entry["price"] = asset.to_decimal(held)
+        capture = holds.captured(phase, held, status, headers.get(phase.usage_header))
+        now = int(time.time())
+        mutation = ext_proc.HeaderMutation(remove_headers=[phase.usage_header])
+        if capture.release:
+            closed = await holder.release(payer, hold_id)
+            entry.update(decision="release", status=status, reason="service_failed")
+            entry.update(captured="0", released=asset.to_decimal(closed.held))
+            _describe(entry, closed)
+            if closed.outcome != NO_HOLD:
+                entry["balance"] = asset.to_decimal(closed.balance)
+                receipt = holding.release_receipt(
+                    self.gateway, payer, hold_id, closed, asset, status, now
+                )
+                mutation.set_headers.extend(receipt_headers(receipt))
+            return _headers(mutation)
+        within = None if context is None else context.time_remaining()
+        closed = await holder.capture(
+            payer, hold_id, capture.amount, held, capture.units, now, within
+        )
+        if capture.units is not None:
+            entry.update(units=capture.units, usage=capture.usage)
+        _describe(entry, closed)
+        if closed.outcome != CAPTURED:
+            return self._lost(closed, entry)
+        entry.update(decision="capture", status=status, reason="captured")
+        entry.update(
+            captured=asset.to_decimal(closed.amount),
+            released=asset.to_decimal(closed.held - closed.amount),
+            balance=asset.to_decimal(closed.balance),
+            captured_atomic=closed.amount,
+        )
+        receipt = holding.capture_receipt(
+            self.gateway, payer, hold_id, closed, asset, now, capture.units
+        )
+        mutation.set_headers.extend(receipt_headers(receipt))
+        return _headers(mutation)
+
+    def _lost(self, closed: Closed, entry: dict[str, Any]) -> ext_proc.ProcessingResponse:
+        """The hold was gone (expired and released) when the response came: nothing was
+        charged, so the response is not served."""
+        entry.update(decision="deny", status=504, reason="hold_expired", captured="0")
+        if closed.outcome == NO_HOLD:
+            entry["reason"] = "no_hold"
+        return immediate(
+            504,
+            "hold_expired",
+            "the service answered after the payment's hold expired; nothing was charged, "
+            "retry with the same proof",
+        )
+
+
+def _describe(entry: dict[str, Any], closed: Closed) -> None:
+    """The decision line's request facts, from the hold's record (PROTOCOL §7)."""
+    method, _, path = closed.record.get("resource", "").partition(" ")
+    entry["method"], entry["path"] = method or None, path or None
+    entry["invoice_id"] = closed.record.get("invoice_id") or None
+
+
+def _headers(mutation: ext_proc.HeaderMutation) -> ext_proc.ProcessingResponse:
+    return ext_proc.ProcessingResponse(
+        response_headers=ext_proc.HeadersResponse(
+            response=ext_proc.CommonResponse(header_mutation=mutation)
+        )
+    )
