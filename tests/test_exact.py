@@ -24,8 +24,7 @@ from x402.schemas import PaymentPayload, PaymentRequired
 from sidecar.core import protocol
 from sidecar.core.identity import Identity
 from sidecar.tools.chain import Chain
-from sidecar.tools.stack import Stack
-from tests.support.onchain import (
+from sidecar.tools.onchain import (
     Facilitator,
     exact_settings,
     facilitator_account,
@@ -33,6 +32,7 @@ from tests.support.onchain import (
     operator,
     payers,
 )
+from sidecar.tools.stack import Stack
 from tests.support.payers import pay_direct
 
 PAID = "/api/paid"
