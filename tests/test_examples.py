@@ -160,3 +160,12 @@ def test_swarm_coordinator_chained_calls_roll_up_per_provider(tmp_path: Path) ->
             spent = atomic("1") - world.gateways[below[name]].balance(specialist)
             assert spent == atomic(rollup["paid_below"]) > 0
             assert atomic(rollup["net"]) == atomic(paid) - spent
+
+
+def test_the_readme_links_every_example_on_one_line() -> None:
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    programs = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+    assert len(programs) == 7
+    for program in programs:
+        lines = [line for line in readme.splitlines() if f"(examples/{program})" in line]
+        assert len(lines) == 1 and lines[0].startswith(f"- [examples/{program}]"), program
