@@ -60,10 +60,12 @@ def lane(world: lanes.World, short: bool) -> dict[str, Any]:
     for entry in document["receipts"]:
         receipt, batch = entry["receipt"], batches[entry["batch_id"]]
         total += to_atomic(receipt["amount"], 6)
+        # A channel has one receipt, at its close, for all its vouchers.
+        charge = receipt.get("resource") or f"channel {receipt['channel_id']}"
         print(
             f"- receipt {receipt['receipt_id']} (signed by {receipt['kid']}) proves that payer "
             f"{receipt['payer'][:12]}… paid {receipt['amount']} {receipt['asset']} for "
-            f"{receipt['resource']}; it is leaf {entry['proof']['index']} of "
+            f"{charge}; it is leaf {entry['proof']['index']} of "
             f"{batch['count']} in batch {batch['batch_id']}, Merkle root "
             f"{batch['merkle_root'][:16]}…, manifest signed by the gateway and line "
             f"{anchored.index(batch['batch_id']) + 1} of {anchors}"

@@ -363,6 +363,22 @@ SPECS: dict[str, Spec] = {
             "reviewer": ("search", "/api/v1/search"),
         },
     ),
+    # The gateway the guides' code blocks run against (docs/guides, tests/test_guides.py).
+    "guides": Spec(
+        gateways={
+            "api": {
+                "atlas": _route("GET", "/api/v1/agent/pay-api/atlas", "0.25"),
+                "trade-verify": _route("GET", "/api/v1/trade/verify/{trade_id}", "0.01"),
+                "signal": _route("GET", "/api/v1/market/signal/{symbol}", "0.0005"),
+                "rows": _route(
+                    "GET", "/api/v1/data/rows", unit="row", unit_price="0.001", max_units=100
+                ),
+            }
+        },
+        credit={"api": "5"},
+        chain=True,
+        mint=10_000_000,
+    ),
     # A day of paid calls, settled, exported and verified.
     "compliance": Spec(
         gateways={
