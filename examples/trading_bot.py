@@ -36,7 +36,7 @@ def worker(url: str, channel: PaymentChannel, requests: int) -> None:
 def lane(world: lanes.World, short: bool) -> dict[str, Any]:
     market = world.gateways["market"]
     wallet = world.wallet(max_amount="0.001")
-    per_worker = 100 if short else 1500
+    per_worker = 100 if short else 1000
     channels = []
     for _ in range(WORKERS):  # the operator opens them (x402 channel open)
         opened = market.open_channel(wallet.public_key, DEPOSIT)

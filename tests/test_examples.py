@@ -169,3 +169,20 @@ def test_the_readme_links_every_example_on_one_line() -> None:
     for program in programs:
         lines = [line for line in readme.splitlines() if f"(examples/{program})" in line]
         assert len(lines) == 1 and lines[0].startswith(f"- [examples/{program}]"), program
+
+
+def test_x402_demo_lane_narrates_one_lane_and_names_the_lanes() -> None:
+    x402 = str(Path(sys.executable).with_name("x402"))
+    done = subprocess.run(
+        [x402, "demo", "--lane", "per-row"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "x402 demo --lane per-row" in out and "Lane 5: an ML pipeline paying per row" in out
+    assert "page 1: 500 from the service, charged 0" in out
+    assert '"rows": 800' in out and '"charged": "0.8"' in out
+    assert "✓ lane per-row ran" in out
+    wrong = subprocess.run([x402, "demo", "--lane", "nope"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "one of content, per-token, swarm" in wrong.stderr
+    assert set(lanes.EXAMPLES) == set(lanes.SPECS) - {"guides"}
+    assert all((EXAMPLES / program).is_file() for program in lanes.EXAMPLES.values())

@@ -750,11 +750,26 @@ def topup(
     type=click.Path(dir_okay=False, path_type=Path),
     help="With --serve: write what a client needs (URLs, keys) to FILE as JSON, mode 0600.",
 )
-def demo(serve: bool, info: Path | None) -> None:
+@click.option(
+    "--lane",
+    metavar="NAME",
+    help="Run one lane of examples/ narrated instead: content, per-token, swarm, channel, "
+    "per-row, ci, compliance.",
+)
+def demo(serve: bool, info: Path | None, lane: str | None) -> None:
     """Start Redis, the sidecar, Envoy, a demo API, anvil with USDC and an x402 facilitator
     on loopback, and pay through them."""
     if info is not None and not serve:
         raise click.UsageError("--info needs --serve")
+    if lane is not None:
+        if serve:
+            raise click.UsageError("--lane runs one lane and stops; it does not --serve")
+        from sidecar.tools import lanes
+        from sidecar.tools.demo import make_console
+
+        if lane not in lanes.EXAMPLES:
+            raise click.UsageError(f"--lane: one of {', '.join(lanes.EXAMPLES)}, not {lane!r}")
+        sys.exit(lanes.narrate(lane, make_console()))
     try:
         from sidecar.tools import demo as demo_story
     except ModuleNotFoundError as exc:  # the demo extra brings the server and evm extras

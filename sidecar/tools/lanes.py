@@ -390,3 +390,60 @@ SPECS: dict[str, Spec] = {
         credit={"api": "5"},
     ),
 }
+
+
+# -- x402 demo --lane NAME: one example, narrated -----------------------------------------
+EXAMPLES = {
+    "content": "content_agent.py",
+    "per-token": "per_token_audit.py",
+    "swarm": "swarm_coordinator.py",
+    "channel": "trading_bot.py",
+    "per-row": "per_row_pipeline.py",
+    "ci": "ci_scanner.py",
+    "compliance": "compliance_export.py",
+}
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+
+
+def load_example(name: str) -> Any:
+    """The program examples/<file>.py of lane `name`, imported (its `lane` and `__doc__`)."""
+    import importlib.util
+
+    from sidecar.core.errors import X402Error
+
+    path = EXAMPLES_DIR / EXAMPLES[name]
+    spec = importlib.util.spec_from_file_location(f"x402_example_{name.replace('-', '_')}", path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise X402Error(f"{path} not found: the lanes are the programs in a checkout's examples/")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def narrate(name: str, console: Any, short: bool = False) -> int:
+    """Start lane `name`'s world, show it, run its program, show its figures; 0 if it ran."""
+    import contextlib
+
+    from rich import box
+    from rich.panel import Panel
+    from rich.table import Table
+
+    example = load_example(name)
+    console.print(Panel(str(example.__doc__).strip(), title=f"[bold]x402 demo --lane {name}"))
+    with ExitStack() as running:
+        with console.status("starting the lane's gateways on loopback…"):
+            world = running.enter_context(start(SPECS[name]))
+        table = Table("gateway", "URL", "receipt key", "on-chain payee", box=box.SIMPLE)
+        for gateway in world.gateways.values():
+            table.add_row(gateway.name, gateway.url, gateway.key[:16] + "…", gateway.pay_to)
+        console.print(table)
+        workdir = running.enter_context(tempfile.TemporaryDirectory(prefix="x402-lane-"))
+        running.enter_context(contextlib.chdir(workdir))  # what the lane writes goes away
+        try:
+            figures = example.lane(world, short)
+        except Exception as exc:  # reported, then a non-zero exit
+            console.print(f"[red]✗[/red] lane {name}: {exc.__class__.__name__}: {exc}")
+            return 1
+    console.print_json(json.dumps(figures, sort_keys=True))
+    console.print(f"[green]✓[/green] lane {name} ran; the figures above are its own")
+    return 0
