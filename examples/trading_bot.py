@@ -20,7 +20,7 @@ from sidecar.agent import ChannelAuth, PaymentChannel, receipt_of
 from sidecar.core.money import to_atomic, to_decimal
 from sidecar.tools import lanes
 
-WORKERS, DEPOSIT = 4, "1"
+WORKERS, DEPOSIT = 8, "1"
 SYMBOLS = ["BTC", "ETH", "SOL", "EUR"]
 
 
@@ -36,7 +36,7 @@ def worker(url: str, channel: PaymentChannel, requests: int) -> None:
 def lane(world: lanes.World, short: bool) -> dict[str, Any]:
     market = world.gateways["market"]
     wallet = world.wallet(max_amount="0.001")
-    per_worker = 100 if short else 1000
+    per_worker = 50 if short else 500
     channels = []
     for _ in range(WORKERS):  # the operator opens them (x402 channel open)
         opened = market.open_channel(wallet.public_key, DEPOSIT)
