@@ -5,8 +5,10 @@ chain say."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +188,32 @@ def test_x402_demo_lane_narrates_one_lane_and_names_the_lanes() -> None:
     assert wrong.returncode == 2 and "one of content, per-token, swarm" in wrong.stderr
     assert set(lanes.EXAMPLES) == set(lanes.SPECS) - {"guides"}
     assert all((EXAMPLES / program).is_file() for program in lanes.EXAMPLES.values())
+
+
+def test_an_example_runs_against_x402_demo_serve_info(tmp_path: Path) -> None:
+    info = tmp_path / "demo.json"
+    x402 = str(Path(sys.executable).with_name("x402"))
+    demo = subprocess.Popen(
+        [x402, "demo", "--serve", "--info", str(info)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not info.exists():
+            assert demo.poll() is None and time.monotonic() < deadline, "no --info file"
+            time.sleep(0.2)
+        world = lanes.World.load(info, lanes.SPECS["per-row"])
+        data, payer = world.gateways["data"], world.wallet().public_key
+        before = data.balance(payer)
+        done = subprocess.run(
+            [sys.executable, str(EXAMPLES / "per_row_pipeline.py"), "--info", str(info)],
+            capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+        assert figures["payer"] == payer and figures["rows"] == 800
+        assert before - data.balance(payer) == atomic(figures["charged"]) == atomic("0.8")
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.wait(timeout=30)

@@ -17,10 +17,10 @@ import json
 import secrets
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,10 +181,36 @@ class World:
         path.chmod(0o600)
 
     @classmethod
-    def load(cls, path: Path) -> World:
+    def load(cls, path: Path, spec: Spec | None = None) -> World:
+        """A world saved by `save`, or the `--info` file of `x402 demo --serve`: its one
+        gateway then stands for each of the lane's gateways (`spec`)."""
         document = json.loads(path.read_text())
+        if "gateway_url" in document:
+            return cls.from_demo(document, spec.gateways if spec else {"api": {}})
         gateways = {name: Gateway(**spec) for name, spec in document.pop("gateways").items()}
         return cls(gateways=gateways, **document)
+
+    @classmethod
+    def from_demo(cls, facts: Mapping[str, Any], names: Iterable[str]) -> World:
+        import httpx
+
+        workdir = Path(facts["wallet_file"]).parent  # the demo stack's directory
+        discovery = httpx.get(facts["discovery_url"], timeout=10).json()
+        gateway = Gateway(
+            "demo",
+            facts["gateway_url"],
+            facts["redis_url"],
+            str(workdir / "x402.yaml"),
+            discovery["keys"][0]["public_key"],
+            facts.get("pay_to") or "",
+        )
+        return cls(
+            {name: replace(gateway, name=name) for name in names},
+            Identity.load(facts["wallet_file"]).seed_text,
+            facts.get("evm_private_key") or "",
+            facts.get("chain_rpc_url") or "",
+            facts.get("token_address") or "",
+        )
 
 
 @dataclass
@@ -279,11 +305,13 @@ def run(spec: Spec, lane: Callable[[World, bool], Mapping[str, Any]]) -> None:
     `--short` is the test suite's quick mode. The last line printed is the lane's figures,
     as JSON (amounts: decimal strings)."""
     parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__)
-    parser.add_argument("--info", type=Path, help="a world's JSON (lanes.World.save)")
+    parser.add_argument(
+        "--info", type=Path, help="a world's JSON (lanes.World.save, or x402 demo --serve --info)"
+    )
     parser.add_argument("--short", action="store_true", help="a few requests, for tests")
     args = parser.parse_args()
     if args.info is not None:
-        figures = lane(World.load(args.info), args.short)
+        figures = lane(World.load(args.info, spec), args.short)
     else:
         print("starting the lane's gateways on loopback…", flush=True)
         with start(spec) as world:
