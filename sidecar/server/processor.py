@@ -38,6 +38,7 @@ from sidecar.ledger.holds import CAPTURED, NO_HOLD, Closed
 from sidecar.server import holding, metrics
 from sidecar.server.holding import HoldingScheme
 from sidecar.server.logs import DecisionLog, get_logger
+from sidecar.server.schemes import ExactSettler
 
 PROCESSOR_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
@@ -95,12 +96,13 @@ class Processor:
         ledger: Ledger,
         worker: int = 0,
         decisions: DecisionLog | None = None,
+        settler: ExactSettler | None = None,
     ) -> None:
         self.assets = routes.assets
         self.gateway = gateway
         self.worker = worker
         self.decisions = decisions or DecisionLog()
-        self.holding = holding.registry(gateway, ledger)
+        self.holding = holding.registry(gateway, ledger, settler)
 
     def handler(self) -> grpc.GenericRpcHandler:
         process = grpc.stream_stream_rpc_method_handler(
@@ -191,43 +193,38 @@ class Processor:
         if phase is None:
             raise ValueError("hold metadata without a response phase")
         holder: HoldingScheme = self.holding[meta[holding.HOLD_SCHEME]]
-        payer, hold_id, held = meta[holding.PAYER], meta[holding.HOLD], int(meta[holding.HELD])
+        held = int(meta[holding.HELD])
         entry["price"] = asset.to_decimal(held)
         capture = holds.captured(phase, held, status, headers.get(phase.usage_header))
         now = int(time.time())
         mutation = ext_proc.HeaderMutation(remove_headers=[phase.usage_header])
         if capture.release:
-            closed = await holder.release(payer, hold_id)
+            closing = await holder.release(meta, asset, status, now)
             entry.update(decision="release", status=status, reason="service_failed")
-            entry.update(captured="0", released=asset.to_decimal(closed.held))
-            _describe(entry, closed)
-            if closed.outcome != NO_HOLD:
-                entry["balance"] = asset.to_decimal(closed.balance)
-                receipt = holding.release_receipt(
-                    self.gateway, payer, hold_id, closed, asset, status, now
-                )
-                mutation.set_headers.extend(receipt_headers(receipt))
+            entry.update(captured="0", released=asset.to_decimal(closing.closed.held))
+            _describe(entry, closing.closed)
+            entry.update(closing.facts)
+            if closing.receipt is not None:
+                entry["balance"] = closing.balance
+                mutation.set_headers.extend(receipt_headers(closing.receipt))
             return _headers(mutation)
         within = None if context is None else context.time_remaining()
-        closed = await holder.capture(
-            payer, hold_id, capture.amount, held, capture.units, now, within
-        )
+        closing = await holder.capture(meta, asset, capture, now, within)
+        closed = closing.closed
         if capture.units is not None:
             entry.update(units=capture.units, usage=capture.usage)
         _describe(entry, closed)
-        if closed.outcome != CAPTURED:
+        entry.update(closing.facts)
+        if closed.outcome != CAPTURED or closing.receipt is None:
             return self._lost(closed, entry)
         entry.update(decision="capture", status=status, reason="captured")
         entry.update(
             captured=asset.to_decimal(closed.amount),
             released=asset.to_decimal(closed.held - closed.amount),
-            balance=asset.to_decimal(closed.balance),
+            balance=closing.balance,
             captured_atomic=closed.amount,
         )
-        receipt = holding.capture_receipt(
-            self.gateway, payer, hold_id, closed, asset, now, capture.units
-        )
-        mutation.set_headers.extend(receipt_headers(receipt))
+        mutation.set_headers.extend(receipt_headers(closing.receipt))
         return _headers(mutation)
 
     def _lost(self, closed: Closed, entry: dict[str, Any]) -> ext_proc.ProcessingResponse:

@@ -294,6 +294,11 @@ class Chain:
         to = Web3.to_checksum_address(address)
         self._send(self._token().functions.mint(to, amount), self.issuer.address)
 
+    def transfer(self, sender: str, to: str, amount: int) -> None:
+        """Move `amount` atomic units of the token from one dev account to `to`."""
+        call = self._token().functions.transfer(Web3.to_checksum_address(to), amount)
+        self._send(call, Web3.to_checksum_address(sender))
+
     def balance_of(self, address: str) -> int:
         balance: int = self._token().functions.balanceOf(Web3.to_checksum_address(address)).call()
         return balance
