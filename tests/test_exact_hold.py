@@ -307,3 +307,43 @@ async def test_timings_exact_after_success_versus_upfront(
         f"upfront (on_check) {statistics.median(upfront_ms):.1f} ms, "
         f"after success (on_success) {statistics.median(on_success_ms):.1f} ms"
     )
+
+
+async def test_a_settle_answer_lost_after_success_is_resolved_on_chain(
+    chain: Chain, facilitator: Facilitator
+) -> None:
+    """The facilitator sends the transfer but its /settle answer comes too late (anvil
+    mines nothing until told): the sidecar looks the authorization up on chain, finds it
+    used once mined, and serves the response as settled."""
+    settings = exact_settings(chain, facilitator, facilitator_settle_timeout_ms=1000)
+    payer = payers(chain)[0]
+    with Stack(ROUTES, settings=settings) as slow:
+        async with httpx.AsyncClient(base_url=slow.url, timeout=60) as http:
+            header, payload = await sign_exact(chain, http, REPORT, payer, PRICE)
+            nonce = payload.payload["authorization"]["nonce"]
+            before, sent = balances(chain, payer.address), settles(chain)
+            await asyncio.to_thread(chain.automine, False)
+            try:
+                pending = asyncio.create_task(
+                    http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
+                )
+                for _ in range(200):  # the settle's transaction, sent and not mined
+                    if await asyncio.to_thread(chain.pending_transactions):
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1.2)  # past facilitator_settle_timeout_ms: unknown
+                await asyncio.to_thread(chain.mine)
+            finally:
+                await asyncio.to_thread(chain.automine, True)
+            served = await pending
+        assert served.status_code == 200, served.text
+        assert served.json()["service"] == MARKER
+        receipt = b64json(served.headers["payment-response"])
+        assert receipt["success"] is True and nonce_used(chain, payer.address, nonce)
+        assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
+        assert settles(chain) == sent + 1
+        [line] = await asyncio.to_thread(
+            slow.wait_decisions,
+            lambda e: e.get("phase") == "response" and e.get("decision") == "capture",
+        )
+        assert (line["settled_via"], line["transaction"]) == ("chain", receipt["transaction"])

@@ -299,6 +299,18 @@ class Chain:
         call = self._token().functions.transfer(Web3.to_checksum_address(to), amount)
         self._send(call, Web3.to_checksum_address(sender))
 
+    def automine(self, on: bool) -> None:
+        """anvil mines each transaction as it comes (the default), or only on `mine`."""
+        self.w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [on])
+
+    def mine(self) -> None:
+        self.w3.provider.make_request(RPCEndpoint("evm_mine"), [])
+
+    def pending_transactions(self) -> int:
+        """Transactions sent and not mined yet (anvil's txpool)."""
+        answer = self.w3.provider.make_request(RPCEndpoint("txpool_status"), [])
+        return int(str(answer["result"]["pending"]), 0)
+
     def balance_of(self, address: str) -> int:
         balance: int = self._token().functions.balanceOf(Web3.to_checksum_address(address)).call()
         return balance
