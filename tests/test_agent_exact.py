@@ -34,8 +34,8 @@ from sidecar.core.errors import (
 )
 from sidecar.core.identity import Identity
 from sidecar.tools.chain import Chain
+from sidecar.tools.onchain import Facilitator, exact_settings, operator
 from sidecar.tools.stack import Stack
-from tests.support.onchain import Facilitator, exact_settings, operator
 
 PAID = "/api/paid"  # 0.01 USDF, also payable with 0.01 USDC (exact)
 DEAR = "/api/dear"  # 0.4 USDF

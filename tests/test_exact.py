@@ -24,18 +24,16 @@ from x402.schemas import PaymentPayload, PaymentRequired
 from sidecar.core import protocol
 from sidecar.core.identity import Identity
 from sidecar.tools.chain import Chain
-from sidecar.tools.stack import Stack
-from tests.support.onchain import (
+from sidecar.tools.onchain import (
     Facilitator,
-    b64json,
-    balances,
     exact_settings,
     facilitator_account,
     official_client,
     operator,
     payers,
-    sign_exact,
 )
+from sidecar.tools.stack import Stack
+from tests.support.exact import b64json, balances, sign_exact
 from tests.support.payers import pay_direct
 
 PAID = "/api/paid"

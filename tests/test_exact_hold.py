@@ -21,18 +21,16 @@ from x402.http.utils import decode_payment_response_header
 
 from sidecar.core import protocol
 from sidecar.tools.chain import Chain
-from sidecar.tools.stack import Stack
-from tests.support.onchain import (
+from sidecar.tools.onchain import (
     Facilitator,
-    b64json,
-    balances,
     exact_settings,
     facilitator_account,
     official_client,
     operator,
     payers,
-    sign_exact,
 )
+from sidecar.tools.stack import Stack
+from tests.support.exact import b64json, balances, sign_exact
 
 REPORT, UPFRONT, ROWS = "/api/v1/report", "/api/paid", "/api/v1/data/rows"
 PRICE = 10_000  # 0.01 USDF = 0.01 USDC

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
@@ -110,6 +111,9 @@ async def test_a_partial_batch_waits_until_it_is_old_enough(
     ]
 
 
+CRASH_LEASE = 3.0  # seconds
+
+
 @pytest.mark.parametrize("step", settlement.FAULT_STEPS)
 async def test_a_worker_killed_at_any_step_loses_nothing_and_doubles_nothing(
     sstack: Stack, sledger: Ledger, sclient: httpx.AsyncClient, step: str
@@ -117,7 +121,13 @@ async def test_a_worker_killed_at_any_step_loses_nothing_and_doubles_nothing(
     await payers_with_receipts(sledger, sclient, sstack, [4, 9])
     before = await _committed(sledger)
 
-    crashed = await settle_crash(sstack, step, "--batch-size", "4", "--worker-id", "w-crashed")
+    # The crashed worker's lease must outlive the next worker's start-up (a second or more
+    # on a loaded machine) for "busy" to be seen; the rerun then waits until it has lapsed
+    # (it was taken before the crash, so it lapses before `leased_until`).
+    crashed = await settle_crash(
+        sstack, step, "--batch-size", "4", "--worker-id", "w-crashed", "--lease", str(CRASH_LEASE)
+    )
+    leased_until = time.monotonic() + CRASH_LEASE
 
     assert crashed.code == -signal.SIGKILL, crashed.err
     after_crash = await _committed(sledger)
@@ -130,7 +140,7 @@ async def test_a_worker_killed_at_any_step_loses_nothing_and_doubles_nothing(
         busy = await settle(sstack, "--batch-size", "4", "--worker-id", "w-other")
         assert busy.code == 0, busy.err
         assert "1 busy" in busy.out
-        await asyncio.sleep(1.1)  # settle_lease_seconds: 1
+        await asyncio.sleep(max(0.0, leased_until + 0.1 - time.monotonic()))
 
     rerun = await settle(sstack, "--batch-size", "4", "--worker-id", "w-rerun")
 

@@ -24,8 +24,7 @@ from sidecar.core import protocol
 from sidecar.core.identity import Identity
 from sidecar.ledger.accounts import SUSPENDED, Ledger
 from sidecar.tools.chain import Chain
-from sidecar.tools.stack import Stack
-from tests.support.onchain import (
+from sidecar.tools.onchain import (
     Facilitator,
     exact_settings,
     facilitator_account,
@@ -33,6 +32,7 @@ from tests.support.onchain import (
     operator,
     payers,
 )
+from sidecar.tools.stack import Stack
 from tests.support.payers import pay_direct
 
 TOPUP = "/x402/topup"

@@ -6,15 +6,15 @@
 
 One `auth_flow` generator serves sync and async httpx (as httpx's DigestAuth does). Every
 piece of per-request state lives in the generator, so one auth object can be shared by
-threads and by hundreds of concurrent tasks; the only shared state is the wallet (locked)
-and the discovery cache (one dict assignment per refresh).
+threads and by hundreds of concurrent tasks; the only shared state is the wallet (locked),
+the discovery cache (discovery.py, shared with ChannelAuth) and the top-up state (locked).
+Receipts are read and checked by receipts.py, as ChannelAuth's are.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import warnings
 from collections.abc import AsyncGenerator, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,16 +23,28 @@ from urllib.parse import urlencode
 import anyio
 import httpx
 
+from sidecar.agent.discovery import Discovery, DiscoveryCache, origin_of, path_of
 from sidecar.agent.exact import (
     TOPUP_KIND,
     ExactOffer,
     Onchain,
     TopUp,
-    TopUpTerms,
     check_exact_receipt,
     exact_offers,
     find_onchain,
     official_default,
+)
+from sidecar.agent.receipts import (
+    NOT_JSON,
+    RECEIPT_EXTENSION,
+    Receipt,
+    attach,
+    bad_receipt,
+    receipt_fields,
+    receipt_header,
+    receipt_of,
+    refusal,
+    report,
 )
 from sidecar.agent.wallet import Reservation, Wallet, scaled
 from sidecar.core import protocol
@@ -40,13 +52,10 @@ from sidecar.core.errors import (
     AmountError,
     ConfigError,
     InvalidChallenge,
-    InvalidReceipt,
     PaymentError,
-    ReceiptWarning,
     TopUpFailed,
 )
-from sidecar.core.money import Asset
-from sidecar.core.pricing import Price, Route, RouteTable, validate_path
+from sidecar.core.pricing import Price
 from sidecar.core.protocol import SCHEME, VERSION
 
 # Re-exported so an agent needs one import line.
@@ -61,7 +70,6 @@ __all__ = [
     "receipt_of",
 ]
 
-RECEIPT_EXTENSION = "x402_receipt"
 TOPUP_EXTENSION = "x402_topup"  # the TopUp an auto top-up made before this response
 JSON = "application/json"
 PROOF_HEADER = "X-Payment"
@@ -74,140 +82,6 @@ FALLBACK_REASONS = frozenset({"invoice_mismatch", "invoice_expired", "payment_re
 INVOICE_FIELDS = {
     name: kind for name, kind in protocol.PROOF_FIELDS.items() if name not in ("payer", "signature")
 }
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """The gateway's signed receipt for one payment, as the client checked it."""
-
-    receipt_id: str
-    payer: str
-    payee: str
-    resource: str
-    asset: str
-    amount: str
-    balance: str  # the payer's ledger balance after this payment
-    nonce: str
-    invoice_id: str  # "" for a direct payment
-    issued_at: int
-    kid: str
-    verified: bool  # signature valid for the gateway's key *and* it is for this payment
-    fields: Mapping[str, Any] = field(repr=False)
-    # A route charged on success: `amount` is what was captured of the `held` amount (a
-    # metered route: `units` of it); `success` False: the service failed, nothing was
-    # charged (`released`), and the same payment may be retried.
-    success: bool = True
-    held: str = ""
-    units: int | None = None
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, Any], verified: bool) -> Receipt:
-        def text(name: str) -> str:
-            value = fields.get(name, "")
-            return value if isinstance(value, str) else str(value)
-
-        issued = fields.get("issued_at")
-        return cls(
-            receipt_id=text("receipt_id"),
-            payer=text("payer"),
-            payee=text("payee"),
-            resource=text("resource"),
-            asset=text("asset"),
-            amount=text("amount"),
-            balance=text("balance"),
-            nonce=text("nonce"),
-            invoice_id=text("invoice_id"),
-            issued_at=issued if type(issued) is int else 0,
-            kid=text("kid"),
-            verified=verified,
-            fields=dict(fields),
-            success=fields.get("success") is True,
-            held=text("held") or text("released"),
-            units=fields["units"] if type(fields.get("units")) is int else None,
-        )
-
-
-@dataclass(frozen=True)
-class Discovery:
-    """A gateway's `/.well-known/x402`: its payee, its keys and its price list."""
-
-    payee: str
-    keys: dict[str, str]  # kid → base64url public key
-    routes: RouteTable
-    max_direct_ttl: int
-    onchain: tuple[Onchain, ...] = ()  # tokens that back ledger assets (`exact`)
-    topup: TopUpTerms | None = None  # where to buy prepaid credit, if the gateway sells it
-
-    @classmethod
-    def parse(cls, doc: Any) -> Discovery | None:
-        """None when the document is not a usable fth-x402/2.0 discovery document."""
-        if not isinstance(doc, dict) or doc.get("version") != VERSION:
-            return None
-        payee, ttl = doc.get("payee"), doc.get("max_direct_ttl_seconds")
-        if not isinstance(payee, str) or type(ttl) is not int:
-            return None
-        keys = {
-            k["kid"]: k["public_key"]
-            for k in doc.get("keys") or []
-            if isinstance(k, dict)
-            and isinstance(k.get("kid"), str)
-            and isinstance(k.get("public_key"), str)
-        }
-        assets = {
-            a["asset"]: Asset(a["asset"], a["decimals"])
-            for a in doc.get("assets") or []
-            if isinstance(a, dict)
-            and isinstance(a.get("asset"), str)
-            and type(a.get("decimals")) is int
-            and 0 <= a["decimals"] <= 18
-        }
-        routes = []
-        for spec in doc.get("routes") or []:
-            route = _route(spec, assets)
-            if route is not None:
-                routes.append(route)
-        default = next(iter(assets), "USDF")
-        onchain = [Onchain.parse(spec) for spec in doc.get("onchain") or []]
-        return cls(
-            payee,
-            keys,
-            RouteTable(routes, assets, default),
-            ttl,
-            tuple(entry for entry in onchain if entry is not None),
-            TopUpTerms.parse(doc.get("topup")),
-        )
-
-    def price(self, method: str, path: str) -> Price | None:
-        """The same matcher the sidecar uses, over the published price list (None: free)."""
-        price = self.routes.lookup(method, path)
-        return price if price is not None and price.amount else None
-
-
-def _route(spec: Any, assets: Mapping[str, Asset]) -> Route | None:
-    """One price-list entry, or None if it is not one we can pay from (skipped, not fatal)."""
-    if not isinstance(spec, dict):
-        return None
-    method, path, price, code = (spec.get(k) for k in ("method", "path", "price", "asset"))
-    if not all(isinstance(v, str) for v in (method, path, price, code)):
-        return None
-    asset = assets.get(str(code))
-    if asset is None:
-        return None
-    try:
-        validate_path(str(path))
-        amount = asset.to_atomic(str(price))
-    except (ValueError, AmountError):
-        return None
-    if amount == 0:
-        return None
-    name = f"{method} {path}"
-    return Route(name, str(method), str(path), Price(name, amount, asset))
-
-
-@dataclass(frozen=True)
-class _Cached:
-    discovery: Discovery | None  # None: the origin has no usable discovery document
-    expires: float
 
 
 @dataclass
@@ -245,45 +119,6 @@ class _TopUps:
     lock: threading.Lock = field(default_factory=threading.Lock)
     generation: int = 0
     running: threading.Event | None = None
-
-
-def receipt_of(response: Any) -> Receipt | None:
-    """The verified receipt of an httpx or requests response paid through this SDK."""
-    extensions = getattr(response, "extensions", None)
-    if isinstance(extensions, Mapping) and RECEIPT_EXTENSION in extensions:
-        receipt = extensions[RECEIPT_EXTENSION]
-        return receipt if isinstance(receipt, Receipt) else None
-    receipt = getattr(response, RECEIPT_EXTENSION, None)
-    return receipt if isinstance(receipt, Receipt) else None
-
-
-def origin_of(url: httpx.URL) -> str:
-    return f"{url.scheme}://{url.netloc.decode('ascii')}"
-
-
-def path_of(url: httpx.URL) -> str:
-    """The path as sent on the wire, without the query: what `resource` names."""
-    return url.raw_path.decode("ascii").partition("?")[0]
-
-
-def refusal(response: httpx.Response) -> str | None:
-    """The gateway's reason when it refused a payment (nothing was charged), else None."""
-    if response.status_code < 400 or _receipt_header(response) is not None:
-        return None
-    try:
-        body = response.json()
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    reason = body.get("error") if isinstance(body, dict) else None
-    # Envoy adds the receipt to every allowed response, so a denial without one is unpaid.
-    return reason if isinstance(reason, str) else f"http_{response.status_code}"
-
-
-def _receipt_header(response: httpx.Response) -> str | None:
-    for name in protocol.RECEIPT_HEADERS:
-        if name in response.headers:
-            return response.headers[name]
-    return None
 
 
 def parse_invoice(response: httpx.Response) -> dict[str, Any] | None:
@@ -407,40 +242,20 @@ class X402Auth(httpx.Auth):
                 )
         self.auto_topup = auto_topup
         self.topup_timeout = topup_timeout  # how long a request waits for another's top-up
-        self._cache: dict[str, _Cached] = {}
-        self._cache_lock = threading.Lock()
+        self.discoveries = DiscoveryCache(discovery_ttl)
+        self._topups_lock = threading.Lock()
         self._topups: dict[str, _TopUps] = {}
 
-    # -- discovery cache -------------------------------------------------------------------
-    def _cached(self, origin: str) -> _Cached | None:
-        entry = self._cache.get(origin)
-        return entry if entry is not None and entry.expires > time.monotonic() else None
-
-    def _store(self, origin: str, response: httpx.Response) -> Discovery | None:
-        discovery = None
-        if response.status_code == 200:
-            try:
-                discovery = Discovery.parse(response.json())
-            except (ValueError, UnicodeDecodeError):
-                discovery = None
-        # Retry a missing document sooner than a good one goes stale.
-        ttl = self.discovery_ttl if discovery is not None else min(self.discovery_ttl, 30.0)
-        with self._cache_lock:
-            self._cache[origin] = _Cached(discovery, time.monotonic() + ttl)
-        return discovery
-
+    # -- discovery -------------------------------------------------------------------------
     def forget(self, origin: str | None = None) -> None:
         """Drop cached discovery documents (all, or one origin like http://host:port)."""
-        with self._cache_lock:
-            if origin is None:
-                self._cache.clear()
-            else:
-                self._cache.pop(origin, None)
+        self.discoveries.forget(origin)
 
-    @staticmethod
-    def _discovery_request(request: httpx.Request) -> httpx.Request:
-        url = request.url.copy_with(path=protocol.DISCOVERY_PATH, query=None, fragment=None)
-        return httpx.Request("GET", url, headers={"accept": "application/json"})
+    def _discover(
+        self, request: httpx.Request, origin: str
+    ) -> Generator[Step, httpx.Response | None, Discovery | None]:
+        """Fetch (again) the discovery document of `request`'s origin, and keep it."""
+        return self.discoveries.store(origin, (yield from _send(DiscoveryCache.request(request))))
 
     def _keys(self, discovery: Discovery | None) -> Mapping[str, str] | None:
         if self.gateway_keys is not None:
@@ -448,7 +263,7 @@ class X402Auth(httpx.Auth):
         return discovery.keys if discovery is not None else None
 
     def _topup_state(self, origin: str) -> _TopUps:
-        with self._cache_lock:
+        with self._topups_lock:
             return self._topups.setdefault(origin, _TopUps())
 
     # -- the drivers: httpx sync and async, the requests adapter ------------------------------
@@ -481,11 +296,11 @@ class X402Auth(httpx.Auth):
     # -- the flow --------------------------------------------------------------------------
     def _flow(self, request: httpx.Request) -> Flow:
         origin = origin_of(request.url)
-        cached = self._cached(origin)
+        cached = self.discoveries.fresh(origin)
         discovery = cached.discovery if cached is not None else None
         if self.direct and cached is None:
-            discovery = self._store(origin, (yield from _send(self._discovery_request(request))))
-            cached = self._cached(origin)
+            discovery = yield from self._discover(request, origin)
+            cached = self.discoveries.fresh(origin)
 
         payment = None
         generation = self._topup_state(origin).generation
@@ -507,8 +322,8 @@ class X402Auth(httpx.Auth):
             if response.status_code != 402 or reason not in FALLBACK_REASONS:
                 return
             # The price list is stale: refresh it, then pay the invoice this 402 carries.
-            discovery = self._store(origin, (yield from _send(self._discovery_request(request))))
-            cached = self._cached(origin)
+            discovery = yield from self._discover(request, origin)
+            cached = self.discoveries.fresh(origin)
         elif response.status_code != 402:
             return
 
@@ -529,7 +344,7 @@ class X402Auth(httpx.Auth):
                 f"the invoice is for {invoice['resource']!r}, not {resource!r}; not paying"
             )
         if cached is None:  # challenge mode: the keys that check the receipt
-            discovery = self._store(origin, (yield from _send(self._discovery_request(request))))
+            discovery = yield from self._discover(request, origin)
 
         if invoice is not None:
             generation = self._topup_state(origin).generation
@@ -569,22 +384,19 @@ class X402Auth(httpx.Auth):
     def _settle(
         self, payment: _Payment, response: httpx.Response, discovery: Discovery | None
     ) -> None:
-        header = _receipt_header(response)
+        header = receipt_header(response)
         if header is None:
             if response.status_code >= 400:
                 payment.reservation.release()  # a denial: the gateway charged nothing
                 return
             # Success without a receipt: we may have paid, so it counts against the budget.
             payment.reservation.commit()
-            self._bad_receipt(f"{response.status_code} response carries no payment receipt")
+            bad_receipt(f"{response.status_code} response carries no payment receipt", self.strict)
             return
-        try:
-            fields = protocol.decode_header(header)
-        except PaymentError:
-            fields = None
-        if not isinstance(fields, dict):
+        fields = receipt_fields(header)
+        if fields is None:
             payment.reservation.commit()
-            self._bad_receipt("the payment receipt header is not base64 JSON")
+            bad_receipt(NOT_JSON, self.strict)
             return
         problem = check_receipt(fields, payment.proof, self._keys(discovery))
         # A verified receipt of a hold says what was really charged: the budget gets the
@@ -596,10 +408,7 @@ class X402Auth(httpx.Auth):
             payment.reservation.release()
         else:
             payment.reservation.commit(captured)
-        receipt = Receipt.from_fields(fields, verified=problem is None)
-        response.extensions = {**response.extensions, RECEIPT_EXTENSION: receipt}
-        if problem is not None:
-            self._bad_receipt(f"receipt {receipt.receipt_id or '?'}: {problem}")
+        report(attach(response, fields, problem), problem, self.strict)
 
     # -- exact -----------------------------------------------------------------------------
     def _pay_exact(
@@ -640,7 +449,7 @@ class X402Auth(httpx.Auth):
     def _settle_exact(
         self, payment: _ExactPayment, response: httpx.Response, discovery: Discovery | None
     ) -> None:
-        header = _receipt_header(response)
+        header = receipt_header(response)
         if header is None:
             if 400 <= response.status_code < 500:
                 payment.reservation.release()  # refused before anything settled
@@ -648,15 +457,13 @@ class X402Auth(httpx.Auth):
             # A 5xx may come after the chain moved the money; a 2xx did pay.
             payment.reservation.commit()
             if response.status_code < 400:
-                self._bad_receipt(f"{response.status_code} response carries no payment receipt")
+                message = f"{response.status_code} response carries no payment receipt"
+                bad_receipt(message, self.strict)
             return
         payment.reservation.commit()
-        try:
-            fields = protocol.decode_header(header)
-        except PaymentError:
-            fields = None
-        if not isinstance(fields, dict):
-            self._bad_receipt("the payment receipt header is not base64 JSON")
+        fields = receipt_fields(header)
+        if fields is None:
+            bad_receipt(NOT_JSON, self.strict)
             return
         problem = check_exact_receipt(
             fields,
@@ -667,10 +474,7 @@ class X402Auth(httpx.Auth):
             atomic=payment.amount,
             decimals=payment.onchain.decimals,
         )
-        receipt = Receipt.from_fields(fields, verified=problem is None)
-        response.extensions = {**response.extensions, RECEIPT_EXTENSION: receipt}
-        if problem is not None:
-            self._bad_receipt(f"receipt {receipt.receipt_id or '?'}: {problem}")
+        report(attach(response, fields, problem), problem, self.strict)
 
     # -- auto top-up -----------------------------------------------------------------------
     def _cures(self, reason: str) -> bool:
@@ -684,8 +488,7 @@ class X402Auth(httpx.Auth):
         proof was signed; a top-up finished since then is used, not repeated."""
         assert self.auto_topup is not None
         origin = origin_of(request.url)
-        entry = self._cache.get(origin)  # even if stale: its top-up terms are what we have
-        discovery = entry.discovery if entry is not None else None
+        discovery = self.discoveries.last(origin)  # stale or not: its top-up terms are ours
         if discovery is None or discovery.topup is None:
             return  # this gateway sells no credit: the refusal stands
         state = self._topup_state(origin)
@@ -705,7 +508,8 @@ class X402Auth(httpx.Auth):
                     self.wallet, origin, self.auto_topup, discovery, self._keys(discovery)
                 )
                 if not topup.verified:
-                    self._bad_receipt(f"top-up receipt {topup.receipt_id or '?'}: {topup.problem}")
+                    message = f"top-up receipt {topup.receipt_id or '?'}: {topup.problem}"
+                    bad_receipt(message, self.strict)
                 with state.lock:
                     state.generation += 1
             finally:
@@ -731,11 +535,6 @@ class X402Auth(httpx.Auth):
         self._settle(payment, response, discovery)
         if topup is not None:
             response.extensions = {**response.extensions, TOPUP_EXTENSION: topup}
-
-    def _bad_receipt(self, message: str) -> None:
-        if self.strict:
-            raise InvalidReceipt(message)
-        warnings.warn(message, ReceiptWarning, stacklevel=2)
 
 
 def onchain_of(offer: ExactOffer, discovery: Discovery | None) -> Onchain | None:
@@ -834,7 +633,7 @@ def topup_flow(
     body = body if isinstance(body, dict) else {}
     fields = body.get("receipt")
     if not isinstance(fields, dict):
-        header_value = _receipt_header(paid)
+        header_value = receipt_header(paid)
         try:
             fields = protocol.decode_header(header_value) if header_value else {}
         except PaymentError:

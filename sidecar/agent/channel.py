@@ -15,32 +15,28 @@ what this wallet signed: the agent pays for each request at most once.
 from __future__ import annotations
 
 import threading
-import time
-import warnings
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from sidecar.agent.auth import (
-    PROOF_HEADER,
-    RECEIPT_EXTENSION,
-    Discovery,
-    Receipt,
-    origin_of,
-    parse_invoice,
-    path_of,
+from sidecar.agent.auth import PROOF_HEADER, parse_invoice
+from sidecar.agent.discovery import Discovery, DiscoveryCache, origin_of, path_of
+from sidecar.agent.receipts import (
+    NOT_JSON,
+    attach,
+    bad_receipt,
+    receipt_fields,
+    receipt_header,
     refusal,
+    report,
 )
 from sidecar.agent.wallet import Reservation, Wallet, scaled, unscaled
 from sidecar.core import protocol, vouchers
 from sidecar.core.errors import (
     AmountError,
     ChannelExhausted,
-    InvalidReceipt,
-    PaymentError,
-    ReceiptWarning,
 )
 
 RESYNC_REASONS = frozenset({"stale_voucher", "underpaid_voucher"})
@@ -161,24 +157,16 @@ class ChannelAuth(httpx.Auth):
     ) -> None:
         self.channel = channel
         self.strict = strict
-        self.discovery_ttl = discovery_ttl
-        self._cache: dict[str, tuple[Discovery | None, float]] = {}
+        self.discoveries = DiscoveryCache(discovery_ttl)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         origin = origin_of(request.url)
-        cached = self._cache.get(origin)
-        if cached is None or cached[1] < time.monotonic():
-            url = request.url.copy_with(path=protocol.DISCOVERY_PATH, query=None, fragment=None)
-            found = yield httpx.Request("GET", url, headers={"accept": "application/json"})
-            discovery = None
-            if found.status_code == 200:
-                try:
-                    discovery = Discovery.parse(found.json())
-                except (ValueError, UnicodeDecodeError):
-                    discovery = None
-            cached = (discovery, time.monotonic() + self.discovery_ttl)
-            self._cache[origin] = cached  # one assignment: safe across threads
-        discovery = cached[0]
+        cached = self.discoveries.fresh(origin)
+        if cached is None:
+            found = yield DiscoveryCache.request(request)
+            discovery = self.discoveries.store(origin, found)
+        else:
+            discovery = cached.discovery
         if discovery is None:
             yield request  # no price list, no payee: nothing this auth can pay
             return
@@ -217,30 +205,21 @@ class ChannelAuth(httpx.Auth):
     def _check(
         self, response: httpx.Response, voucher: Mapping[str, Any], discovery: Discovery
     ) -> None:
-        header = next(
-            (response.headers[n] for n in protocol.RECEIPT_HEADERS if n in response.headers),
-            None,
-        )
-        problem: str | None = "no payment receipt on the response"
-        fields: Any = None
-        if header is not None:
-            try:
-                fields = protocol.decode_header(header)
-            except PaymentError:
-                fields = None
-            problem = _receipt_problem(fields, voucher, discovery)
-        if isinstance(fields, dict):
-            receipt = Receipt.from_fields(fields, verified=problem is None)
-            response.extensions = {**response.extensions, RECEIPT_EXTENSION: receipt}
-        if problem is not None:
-            if self.strict:
-                raise InvalidReceipt(problem)
-            warnings.warn(problem, ReceiptWarning, stacklevel=2)
+        header = receipt_header(response)
+        if header is None:
+            bad_receipt("no payment receipt on the response", self.strict)
+            return
+        fields = receipt_fields(header)
+        if fields is None:
+            bad_receipt(NOT_JSON, self.strict)
+            return
+        problem = _receipt_problem(fields, voucher, discovery)
+        report(attach(response, fields, problem), problem, self.strict)
 
 
-def _receipt_problem(fields: Any, voucher: Mapping[str, Any], discovery: Discovery) -> str | None:
-    if not isinstance(fields, dict):
-        return "the payment receipt header is not base64 JSON"
+def _receipt_problem(
+    fields: Mapping[str, Any], voucher: Mapping[str, Any], discovery: Discovery
+) -> str | None:
     if not protocol.verify_receipt(fields, discovery.keys):
         return "the receipt's signature does not verify against the gateway's keys"
     for name in ("channel_id", "sequence", "payer", "resource", "asset"):

@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 
-from sidecar.agent.auth import Discovery, Step, origin_of, topup_flow
+from sidecar.agent.auth import Step, topup_flow
+from sidecar.agent.discovery import Discovery, origin_of
 from sidecar.agent.exact import TopUp
 from sidecar.agent.wallet import Wallet
 from sidecar.core import protocol

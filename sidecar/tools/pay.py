@@ -15,7 +15,8 @@ from typing import IO
 
 import httpx
 
-from sidecar.agent.auth import X402Auth, receipt_of, refusal
+from sidecar.agent.auth import X402Auth
+from sidecar.agent.receipts import receipt_of, refusal
 from sidecar.agent.wallet import Wallet
 from sidecar.core.errors import ReceiptWarning, X402Error
 

@@ -1,4 +1,5 @@
-"""`python -m tests.support.settle_crash STEP --config FILE [--batch-size N] [--worker-id ID]`
+"""`python -m tests.support.settle_crash STEP --config FILE [--batch-size N] [--worker-id ID]
+[--lease SECONDS]`
 
 One `x402 settle --flush` pass, built as the CLI builds it, that SIGKILLs its own process
 at STEP (one of settlement.FAULT_STEPS): the crash tests prove a crash there loses nothing
@@ -27,7 +28,7 @@ def kill_at(step: str) -> settlement.Fault:
 
 
 async def settle_once(
-    step: str, config: str, batch_size: int | None, worker_id: str | None
+    step: str, config: str, batch_size: int | None, worker_id: str | None, lease: float | None
 ) -> None:
     settings = Settings.load(config)
     ledger = Ledger.from_url(settings.redis_url)
@@ -39,6 +40,7 @@ async def settle_once(
             fault=kill_at(step),
             batch_size=batch_size,
             worker_id=worker_id,
+            lease=lease,
             flush=True,
         )
         await worker.run_once()
@@ -52,8 +54,9 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--lease", type=float, default=None)
     args = parser.parse_args()
-    asyncio.run(settle_once(args.step, args.config, args.batch_size, args.worker_id))
+    asyncio.run(settle_once(args.step, args.config, args.batch_size, args.worker_id, args.lease))
 
 
 if __name__ == "__main__":

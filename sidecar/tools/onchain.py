@@ -1,28 +1,24 @@
-"""The on-chain half of the real stack, shared by the `exact` and top-up tests: anvil with
-Circle's FiatTokenV2_2, the official facilitator behind `x402 facilitator serve`, and a
-Stack configured to offer `exact` for USDF through them. Nothing is mocked."""
+"""The on-chain half of the real stack, shared by `x402 demo` and the `exact` and top-up
+tests: roles on the anvil chain with Circle's FiatTokenV2_2 (sidecar.tools.chain), the
+official facilitator behind `x402 facilitator serve`, the sidecar config keys that offer
+`exact` for USDF through them, and an unmodified official x402 client for the local token.
+Needs the `evm` extra."""
 
 from __future__ import annotations
 
-import base64
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 from eth_account import Account
 from x402 import x402Client
 from x402.client_base import SpendControlAsset, SpendControls
 from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
-from x402.schemas import PaymentPayload, PaymentRequired
 
 from sidecar.tools.chain import Chain, DevAccount
 from sidecar.tools.stack import LOOPBACK, Process, free_port, wait_http
-
-X402 = str(Path(sys.executable).with_name("x402"))
 
 
 def facilitator_account(chain: Chain) -> DevAccount:
@@ -54,7 +50,8 @@ class Facilitator:
         key_file = self.workdir / "facilitator.key"
         key_file.write_text(facilitator_account(self.chain).key + "\n")
         key_file.chmod(0o600)
-        argv = [X402, "facilitator", "serve", "--rpc-url", self.chain.rpc_url]
+        argv = [sys.executable, "-m", "sidecar.tools.cli", "facilitator", "serve"]
+        argv += ["--rpc-url", self.chain.rpc_url]
         argv += ["--key-file", str(key_file), "--listen", f"{LOOPBACK}:{self.port}"]
         argv += ["--network", self.chain.network]
         self.process = Process("facilitator", argv, self.workdir / "facilitator.log").start()
@@ -93,38 +90,14 @@ def exact_settings(chain: Chain, facilitator: Facilitator, **more: Any) -> dict[
 def official_client(chain: Chain, payer: DevAccount, cap: int) -> x402Client:
     """An unmodified official x402 client for the local token: `exact` on this chain, spend
     controls that allow our USDC (not a token it knows) up to `cap` atomic units."""
+    return exact_client(chain.network, chain.token, payer.key, cap)
+
+
+def exact_client(network: str, token: str, key: str, cap: int) -> x402Client:
+    """The same from plain facts (what `x402 demo --info` writes): the official client
+    paying `exact` on `network` from the hex private `key`, `token` allowed up to `cap`."""
     client = x402Client()
-    register_exact_evm_client(client, EthAccountSigner(Account.from_key(payer.key)), chain.network)
-    allowed = SpendControlAsset(
-        network=chain.network, asset=chain.token, max_amount_per_payment=str(cap)
-    )
+    register_exact_evm_client(client, EthAccountSigner(Account.from_key(key)), network)
+    allowed = SpendControlAsset(network=network, asset=token, max_amount_per_payment=str(cap))
     client.set_spend_controls(SpendControls(allowed_assets=[allowed]))
     return client
-
-
-def b64json(value: str) -> Any:
-    return json.loads(base64.b64decode(value))
-
-
-def balances(chain: Chain, payer: str) -> tuple[int, int]:
-    """The payer's and the operator's token balances."""
-    return chain.balance_of(payer), chain.balance_of(operator(chain).address)
-
-
-async def sign_exact(
-    chain: Chain, http: httpx.AsyncClient, path: str, payer: DevAccount, cap: int,
-    amount: int | None = None,
-) -> tuple[str, PaymentPayload]:  # fmt: skip
-    """What the official client sends for `path`'s 402: the PAYMENT-SIGNATURE value and
-    the payload. `amount`: sign for another amount than the offer's (a refused payment)."""
-    challenge = await http.get(path)
-    assert challenge.status_code == 402
-    required = PaymentRequired.model_validate(b64json(challenge.headers["payment-required"]))
-    if amount is not None:
-        required.accepts = [
-            offer.model_copy(update={"amount": str(amount)}) for offer in required.accepts
-        ]
-    payload = await official_client(chain, payer, cap).create_payment_payload(required)
-    assert isinstance(payload, PaymentPayload)
-    encoded = base64.b64encode(payload.model_dump_json(by_alias=True).encode()).decode()
-    return encoded, payload
