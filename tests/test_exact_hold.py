@@ -219,6 +219,12 @@ async def test_funds_gone_before_the_settle_withhold_the_response(
     assert response.status_code == 402, response.text
     assert response.json()["error"] == "settlement_failed"
     assert MARKER not in response.text and "payment-response" not in response.headers
+    # A fresh challenge, as at the check: the agent may pay again (once funded).
+    required = b64json(response.headers["payment-required"])
+    assert [offer["scheme"] for offer in required["accepts"]] == ["prepaid-ed25519", "exact"]
+    assert required["accepts"][1]["amount"] == str(PRICE)
+    assert required["resource"]["url"].endswith(REPORT)
+    assert response.json()["x402"]["charge"] == "on_success"
     assert chain.balance_of(operator(chain).address) == operator_before
     assert not nonce_used(chain, payer.address, nonce)
     [line] = await asyncio.to_thread(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sidecar.core import exact, holds, protocol, receipts
-from sidecar.core.decision import Gateway
+from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import FacilitatorUnavailable, PaymentError, UnsupportedScheme
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
@@ -48,6 +48,9 @@ ENVELOPE, REQUIREMENTS, RESERVATION, RESOURCE = (
     "exact_reservation",
     "exact_resource",
 )
+# The request's host and scheme: a refusal at the response (402 settlement_failed) carries
+# a fresh challenge whose resource URL is the request's.
+HOST, HTTP_SCHEME = "http_host", "http_scheme"
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +209,8 @@ class ExactHolds:
                 "value and cannot be charged for the units served; pay it with a prepaid proof"
             )
         auth: exact.Authorization
-        auth, resource = payment.terms
+        request: Request
+        auth, request = payment.terms
         hold_id = protocol.new_receipt_id()
         task = asyncio.ensure_future(self.settler.verify(auth, within))
         try:
@@ -220,7 +224,9 @@ class ExactHolds:
             ENVELOPE: _compact(auth.envelope),
             REQUIREMENTS: _compact(auth.requirements),
             RESERVATION: reservation,
-            RESOURCE: resource,
+            RESOURCE: request.resource,
+            HOST: request.host,
+            HTTP_SCHEME: request.scheme,
         }
         envelope_from = str(auth.envelope["payload"]["authorization"]["from"])
         return Held(hold_id, price.amount, None, extra, envelope_from)

@@ -27,12 +27,12 @@ from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
-from sidecar.core import holds, protocol
-from sidecar.core.decision import Gateway
-from sidecar.core.errors import PaymentError
+from sidecar.core import decision, holds, protocol
+from sidecar.core.decision import Denial, Gateway, Request
+from sidecar.core.errors import PaymentError, X402Error
 from sidecar.core.holds import ResponsePhase
 from sidecar.core.money import Asset
-from sidecar.core.pricing import RouteTable
+from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import CAPTURED, NO_HOLD, Closed
 from sidecar.server import holding, metrics
@@ -67,12 +67,19 @@ def headers_of(message: ext_proc.HttpHeaders) -> dict[str, str]:
     }
 
 
-def immediate(status: int, reason: str, message: str) -> ext_proc.ProcessingResponse:
-    """Replace the service's response: a capture that cannot happen never serves it free."""
-    body = json.dumps({"error": reason, "message": message}).encode()
-    headers = [header("content-type", "application/json"), header("cache-control", "no-store")]
-    if status == 503:
-        headers.append(header("retry-after", "1"))
+def immediate(
+    status: int, reason: str, message: str, denial: Denial | None = None
+) -> ext_proc.ProcessingResponse:
+    """Replace the service's response: a capture that cannot happen never serves it free.
+    `denial`: the check's own refusal (a 402 with its fresh challenge) to answer instead."""
+    if denial is not None:
+        body = denial.body
+        headers = [header(name, value) for name, value in denial.headers]
+    else:
+        body = json.dumps({"error": reason, "message": message}).encode()
+        headers = [header("content-type", "application/json"), header("cache-control", "no-store")]
+        if status == 503:
+            headers.append(header("retry-after", "1"))
     return ext_proc.ProcessingResponse(
         immediate_response=ext_proc.ImmediateResponse(
             status=HttpStatus(code=status),
@@ -167,7 +174,8 @@ class Processor:
             response = await self._close(meta, headers, status, entry, context)
         except PaymentError as error:  # the ledger: the hold stays until it expires
             entry.update(decision="deny", status=error.status, reason=error.reason)
-            response = immediate(error.status, error.reason, error.message)
+            denial = self._challenge(error, meta) if error.status == 402 else None
+            response = immediate(error.status, error.reason, error.message, denial)
         except Exception:  # a bug must never serve the response free nor charge twice
             log.exception("processor.error", route=meta.get(holding.ROUTE))
             entry.update(decision="deny", status=503, reason="internal_error")
@@ -226,6 +234,22 @@ class Processor:
         )
         mutation.set_headers.extend(receipt_headers(closing.receipt))
         return _headers(mutation)
+
+    def _challenge(self, error: PaymentError, meta: Mapping[str, str]) -> Denial | None:
+        """A 402 at the response (`exact`'s settlement_failed) as the check would answer
+        it: the error with a fresh challenge (PAYMENT-REQUIRED), so the agent can pay again."""
+        try:
+            method, _, path = meta[holding.RESOURCE].partition(" ")
+            asset = self.assets[meta[holding.ASSET]]
+            request = Request(
+                method, path, meta.get(holding.HOST, ""), meta.get(holding.HTTP_SCHEME) or "http"
+            )
+            annotations = tuple(sorted((k, v) for k, v in meta.items() if k.startswith("x402.")))
+            phase = _phase(annotations, asset)
+            price = Price(meta[holding.ROUTE], int(meta[holding.HELD]), asset, phase=phase)
+        except (KeyError, ValueError, X402Error):  # without those facts: the plain refusal
+            return None
+        return decision.deny(error, request, price, self.gateway, int(time.time()))
 
     def _lost(self, closed: Closed, entry: dict[str, Any]) -> ext_proc.ProcessingResponse:
         """The hold was gone (expired and released) when the response came: nothing was

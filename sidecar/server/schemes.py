@@ -293,13 +293,14 @@ class Exact:
         if onchain is None:
             raise UnsupportedScheme(f"{price.asset.code} is not payable with exact here")
         auth = exact.verify(payment, exact.offer(onchain, price.amount, self.terms), now)
-        return Payment(auth.payer, (auth, request.resource), nonce=auth.nonce)
+        return Payment(auth.payer, (auth, request), nonce=auth.nonce)
 
     async def charge(
         self, payment: Payment, price: Price, now: int, late: Late | None, within: float | None
     ) -> Charged:
         auth: exact.Authorization
-        auth, resource = payment.terms
+        auth, request = payment.terms
+        resource = request.resource
         envelope_from = str(auth.envelope["payload"]["authorization"]["from"])
 
         async def settle() -> Charged:
