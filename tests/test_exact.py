@@ -33,6 +33,7 @@ from sidecar.tools.onchain import (
     payers,
 )
 from sidecar.tools.stack import Stack
+from tests.support.exact import b64json, balances, sign_exact
 from tests.support.payers import pay_direct
 
 PAID = "/api/paid"
@@ -72,26 +73,11 @@ async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def b64json(value: str) -> Any:
-    return json.loads(base64.b64decode(value))
-
-
-def balances(chain: Chain, payer: str) -> tuple[int, int]:
-    return chain.balance_of(payer), chain.balance_of(operator(chain).address)
-
-
 async def signed_envelope(
     chain: Chain, http: httpx.AsyncClient, payer_index: int = 0
 ) -> tuple[str, PaymentPayload]:
     """What the official client sends for this route's 402: the PAYMENT-SIGNATURE value."""
-    challenge = await http.get(PAID)
-    assert challenge.status_code == 402
-    required = PaymentRequired.model_validate(b64json(challenge.headers["payment-required"]))
-    client = official_client(chain, payers(chain)[payer_index], PRICE)
-    payload = await client.create_payment_payload(required)
-    assert isinstance(payload, PaymentPayload)
-    encoded = base64.b64encode(payload.model_dump_json(by_alias=True).encode()).decode()
-    return encoded, payload
+    return await sign_exact(chain, http, PAID, payers(chain)[payer_index], PRICE)
 
 
 # -- the challenge -----------------------------------------------------------------------

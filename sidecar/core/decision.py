@@ -216,8 +216,11 @@ def payment_required(
             "extra": prepaid,
         }
     ]
+    # Not on a metered route: an EIP-3009 authorization is for one fixed value, and such a
+    # route charges the units served (docs/protocol.md §12).
+    metered = price.phase is not None and price.phase.metered
     onchain = gateway.exact.for_price(price) if gateway.exact is not None else None
-    if onchain is not None and gateway.exact is not None:
+    if onchain is not None and gateway.exact is not None and not metered:
         accepts.append(exact.offer(onchain, price.amount, gateway.exact))
     return {
         "x402Version": protocol.X402_VERSION,

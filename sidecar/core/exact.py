@@ -200,6 +200,23 @@ def verify(decoded: Mapping[str, Any], requirements: Mapping[str, Any], now: int
     )
 
 
+def restore(envelope: Mapping[str, Any], requirements: Mapping[str, Any]) -> Authorization:
+    """An authorization `verify` accepted earlier (at the check), rebuilt for its settle in
+    the response phase: the shapes are checked again, the clock is not (its validBefore is
+    the chain's to enforce, and the reservation's)."""
+    _, authorization = parse(envelope)
+    return Authorization(
+        payer=authorization["from"].lower(),
+        to=authorization["to"].lower(),
+        value=int(authorization["value"]),
+        valid_after=int(authorization["validAfter"]),
+        valid_before=int(authorization["validBefore"]),
+        nonce=authorization["nonce"].lower(),
+        envelope=envelope,
+        requirements=requirements,
+    )
+
+
 def authorization_state_call(authorizer: str, nonce: str) -> str:
     """eth_call data for FiatToken's authorizationState(authorizer, nonce)."""
     return (

@@ -183,6 +183,33 @@ def exact_body(
     }
 
 
+def exact_release_body(
+    payer: str, resource: str, asset: Asset, released: int, network: str, token: str,
+    nonce: str, receipt_id: str, payee: str, status: int, issued_at: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The unsigned receipt of an `exact` authorization verified at the check and never
+    settled, because the service failed: nothing moved on chain (`success` false, `amount`
+    0, no `transaction`); the same authorization may be sent again until it expires."""
+    return {
+        "version": VERSION,
+        "success": False,
+        "receipt_id": receipt_id,
+        "scheme": "exact",
+        "payer": payer,
+        "payee": payee,
+        "resource": resource,
+        "asset": asset.code,
+        "amount": "0",
+        "released": asset.to_decimal(released),
+        "transaction": "",
+        "network": network,
+        "token": token,
+        "nonce": nonce,
+        "status": status,
+        "issued_at": issued_at,
+    }
+
+
 def topup_body(
     payer: str,
     authorizer: str,

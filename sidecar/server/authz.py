@@ -80,7 +80,7 @@ class Authorization:
         # A payment naming no scheme we know is parsed as a proof, which names the reason.
         self.default_scheme = self.schemes[protocol.SCHEME]
         # Schemes with a hold step, for routes charged on success (server/holding.py).
-        self.holding = holding.registry(gateway, ledger)
+        self.holding = holding.registry(gateway, ledger, settler)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """ext_authz for a grpc.aio server; `check`'s bytes go out unserialized."""
@@ -243,7 +243,7 @@ class Authorization:
         entry["decision"], entry["status"], entry["reason"] = "allow", 200, "held"
         entry["receipt_id"], entry["balance"] = held.hold_id, held.balance
         upstream = (
-            (decision.UPSTREAM_PAYER, payment.payer),
+            (decision.UPSTREAM_PAYER, held.payer or payment.payer),
             (decision.UPSTREAM_AMOUNT, price.display),
             (decision.UPSTREAM_RECEIPT, held.hold_id),
         )

@@ -27,17 +27,18 @@ from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
-from sidecar.core import holds, protocol
-from sidecar.core.decision import Gateway
-from sidecar.core.errors import PaymentError
+from sidecar.core import decision, holds, protocol
+from sidecar.core.decision import Denial, Gateway, Request
+from sidecar.core.errors import PaymentError, X402Error
 from sidecar.core.holds import ResponsePhase
 from sidecar.core.money import Asset
-from sidecar.core.pricing import RouteTable
+from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import CAPTURED, NO_HOLD, Closed
 from sidecar.server import holding, metrics
 from sidecar.server.holding import HoldingScheme
 from sidecar.server.logs import DecisionLog, get_logger
+from sidecar.server.schemes import ExactSettler
 
 PROCESSOR_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
@@ -66,12 +67,19 @@ def headers_of(message: ext_proc.HttpHeaders) -> dict[str, str]:
     }
 
 
-def immediate(status: int, reason: str, message: str) -> ext_proc.ProcessingResponse:
-    """Replace the service's response: a capture that cannot happen never serves it free."""
-    body = json.dumps({"error": reason, "message": message}).encode()
-    headers = [header("content-type", "application/json"), header("cache-control", "no-store")]
-    if status == 503:
-        headers.append(header("retry-after", "1"))
+def immediate(
+    status: int, reason: str, message: str, denial: Denial | None = None
+) -> ext_proc.ProcessingResponse:
+    """Replace the service's response: a capture that cannot happen never serves it free.
+    `denial`: the check's own refusal (a 402 with its fresh challenge) to answer instead."""
+    if denial is not None:
+        body = denial.body
+        headers = [header(name, value) for name, value in denial.headers]
+    else:
+        body = json.dumps({"error": reason, "message": message}).encode()
+        headers = [header("content-type", "application/json"), header("cache-control", "no-store")]
+        if status == 503:
+            headers.append(header("retry-after", "1"))
     return ext_proc.ProcessingResponse(
         immediate_response=ext_proc.ImmediateResponse(
             status=HttpStatus(code=status),
@@ -95,12 +103,13 @@ class Processor:
         ledger: Ledger,
         worker: int = 0,
         decisions: DecisionLog | None = None,
+        settler: ExactSettler | None = None,
     ) -> None:
         self.assets = routes.assets
         self.gateway = gateway
         self.worker = worker
         self.decisions = decisions or DecisionLog()
-        self.holding = holding.registry(gateway, ledger)
+        self.holding = holding.registry(gateway, ledger, settler)
 
     def handler(self) -> grpc.GenericRpcHandler:
         process = grpc.stream_stream_rpc_method_handler(
@@ -165,7 +174,8 @@ class Processor:
             response = await self._close(meta, headers, status, entry, context)
         except PaymentError as error:  # the ledger: the hold stays until it expires
             entry.update(decision="deny", status=error.status, reason=error.reason)
-            response = immediate(error.status, error.reason, error.message)
+            denial = self._challenge(error, meta) if error.status == 402 else None
+            response = immediate(error.status, error.reason, error.message, denial)
         except Exception:  # a bug must never serve the response free nor charge twice
             log.exception("processor.error", route=meta.get(holding.ROUTE))
             entry.update(decision="deny", status=503, reason="internal_error")
@@ -191,44 +201,55 @@ class Processor:
         if phase is None:
             raise ValueError("hold metadata without a response phase")
         holder: HoldingScheme = self.holding[meta[holding.HOLD_SCHEME]]
-        payer, hold_id, held = meta[holding.PAYER], meta[holding.HOLD], int(meta[holding.HELD])
+        held = int(meta[holding.HELD])
         entry["price"] = asset.to_decimal(held)
         capture = holds.captured(phase, held, status, headers.get(phase.usage_header))
         now = int(time.time())
         mutation = ext_proc.HeaderMutation(remove_headers=[phase.usage_header])
         if capture.release:
-            closed = await holder.release(payer, hold_id)
+            closing = await holder.release(meta, asset, status, now)
             entry.update(decision="release", status=status, reason="service_failed")
-            entry.update(captured="0", released=asset.to_decimal(closed.held))
-            _describe(entry, closed)
-            if closed.outcome != NO_HOLD:
-                entry["balance"] = asset.to_decimal(closed.balance)
-                receipt = holding.release_receipt(
-                    self.gateway, payer, hold_id, closed, asset, status, now
-                )
-                mutation.set_headers.extend(receipt_headers(receipt))
+            entry.update(captured="0", released=asset.to_decimal(closing.closed.held))
+            _describe(entry, closing.closed)
+            entry.update(closing.facts)
+            if closing.receipt is not None:
+                entry["balance"] = closing.balance
+                mutation.set_headers.extend(receipt_headers(closing.receipt))
             return _headers(mutation)
         within = None if context is None else context.time_remaining()
-        closed = await holder.capture(
-            payer, hold_id, capture.amount, held, capture.units, now, within
-        )
+        closing = await holder.capture(meta, asset, capture, now, within)
+        closed = closing.closed
         if capture.units is not None:
             entry.update(units=capture.units, usage=capture.usage)
         _describe(entry, closed)
-        if closed.outcome != CAPTURED:
+        entry.update(closing.facts)
+        if closed.outcome != CAPTURED or closing.receipt is None:
             return self._lost(closed, entry)
         entry.update(decision="capture", status=status, reason="captured")
         entry.update(
             captured=asset.to_decimal(closed.amount),
             released=asset.to_decimal(closed.held - closed.amount),
-            balance=asset.to_decimal(closed.balance),
+            balance=closing.balance,
             captured_atomic=closed.amount,
         )
-        receipt = holding.capture_receipt(
-            self.gateway, payer, hold_id, closed, asset, now, capture.units
-        )
-        mutation.set_headers.extend(receipt_headers(receipt))
+        mutation.set_headers.extend(receipt_headers(closing.receipt))
         return _headers(mutation)
+
+    def _challenge(self, error: PaymentError, meta: Mapping[str, str]) -> Denial | None:
+        """A 402 at the response (`exact`'s settlement_failed) as the check would answer
+        it: the error with a fresh challenge (PAYMENT-REQUIRED), so the agent can pay again."""
+        try:
+            method, _, path = meta[holding.RESOURCE].partition(" ")
+            asset = self.assets[meta[holding.ASSET]]
+            request = Request(
+                method, path, meta.get(holding.HOST, ""), meta.get(holding.HTTP_SCHEME) or "http"
+            )
+            annotations = tuple(sorted((k, v) for k, v in meta.items() if k.startswith("x402.")))
+            phase = _phase(annotations, asset)
+            price = Price(meta[holding.ROUTE], int(meta[holding.HELD]), asset, phase=phase)
+        except (KeyError, ValueError, X402Error):  # without those facts: the plain refusal
+            return None
+        return decision.deny(error, request, price, self.gateway, int(time.time()))
 
     def _lost(self, closed: Closed, entry: dict[str, Any]) -> ext_proc.ProcessingResponse:
         """The hold was gone (expired and released) when the response came: nothing was

@@ -179,34 +179,49 @@ class ExactSettler:
     async def settle(
         self, auth: exact.Authorization, within: float | None = None, owner: str = ""
     ) -> dict[str, str]:
-        """The settled facts (transaction, network, token, nonce), or a typed refusal:
+        """The settled facts (transaction, network, token, nonce, via), or a typed refusal:
         nonce_reused, facilitator_unavailable (503), invalid_payment, settlement_failed.
         `owner`: who a top-up credits, kept with the reservation."""
-        held = self.authorizations
-        reservation = await held.reserve(auth.payer, auth.key, auth.valid_before, within, owner)
+        reservation = await self.verify(auth, within, owner)
+        return await self.settle_reserved(auth, reservation)
 
-        async def release() -> None:
-            with contextlib.suppress(PaymentError):  # the reservation then simply expires
-                await held.release(auth.payer, auth.key, reservation)
-
+    async def verify(
+        self, auth: exact.Authorization, within: float | None = None, owner: str = ""
+    ) -> str:
+        """The first half: reserve the authorization in the ledger (until it expires) and
+        /verify it; the reservation, or a typed refusal with nothing reserved (a verify
+        moves nothing: the same authorization may come again)."""
+        reservation = await self.authorizations.reserve(
+            auth.payer, auth.key, auth.valid_before, within, owner
+        )
         try:
             verified = await self.facilitator.verify(auth.envelope, auth.requirements)
         except FacilitatorUnavailable:
-            await release()  # verifying moves nothing: the same authorization may come again
+            await self.release(auth, reservation)
             raise
         if not verified.valid:
-            await release()
+            await self.release(auth, reservation)
             raise InvalidPayment(
                 verified.message or "the facilitator found the authorization invalid",
                 facilitator_reason=verified.reason or "invalid",
             )
+        return reservation
+
+    async def release(self, auth: exact.Authorization, reservation: str) -> None:
+        """Nothing moved on chain: free the authorization (if still this reservation's)."""
+        with contextlib.suppress(PaymentError):  # the reservation then simply expires
+            await self.authorizations.release(auth.payer, auth.key, reservation)
+
+    async def settle_reserved(self, auth: exact.Authorization, reservation: str) -> dict[str, str]:
+        """The second half: /settle a verified, reserved authorization. An unknown outcome
+        is resolved on chain (unresolved: it stays reserved until it expires, 503)."""
         via = "facilitator"
         try:
             settled = await self.facilitator.settle(auth.envelope, auth.requirements)
         except SettleUnknown:
             via, transaction = "chain", await self.resolve(auth)  # unresolved: stays reserved
         except FacilitatorUnavailable:
-            await release()  # the request never reached the facilitator
+            await self.release(auth, reservation)  # the request never reached the facilitator
             raise
         else:
             if settled.success and settled.transaction:
@@ -214,13 +229,13 @@ class ExactSettler:
             elif settled.transaction:  # sent, then failed: look at the chain, not the answer
                 via, transaction = "chain", await self.resolve(auth, failed=settled.reason)
             else:
-                await release()
+                await self.release(auth, reservation)
                 raise SettlementFailed(
                     settled.message or "the settlement failed; nothing was charged",
                     facilitator_reason=settled.reason or "settle_failed",
                 )
         with contextlib.suppress(PaymentError):  # settled on chain: the reservation holds
-            await held.settled(auth.payer, auth.key, reservation, transaction)
+            await self.authorizations.settled(auth.payer, auth.key, reservation, transaction)
         return {**settled_facts(auth, transaction), "via": via}
 
     async def resolve(self, auth: exact.Authorization, failed: str = "") -> str:
@@ -278,13 +293,14 @@ class Exact:
         if onchain is None:
             raise UnsupportedScheme(f"{price.asset.code} is not payable with exact here")
         auth = exact.verify(payment, exact.offer(onchain, price.amount, self.terms), now)
-        return Payment(auth.payer, (auth, request.resource), nonce=auth.nonce)
+        return Payment(auth.payer, (auth, request), nonce=auth.nonce)
 
     async def charge(
         self, payment: Payment, price: Price, now: int, late: Late | None, within: float | None
     ) -> Charged:
         auth: exact.Authorization
-        auth, resource = payment.terms
+        auth, request = payment.terms
+        resource = request.resource
         envelope_from = str(auth.envelope["payload"]["authorization"]["from"])
 
         async def settle() -> Charged:

@@ -103,7 +103,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
         routes, gateway, ledger, worker, logs.DecisionLog(settings.log_level), limiter, settler
     )
     # The response phase of routes charged on success: Envoy's ext_proc, same port.
-    processor = Processor(routes, gateway, ledger, worker, authz.decisions)
+    processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)
     server.add_generic_rpc_handlers((authz.handler(), processor.handler()))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

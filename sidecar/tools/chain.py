@@ -455,6 +455,23 @@ class Chain:
         to = Web3.to_checksum_address(address)
         self._send(self._token().functions.mint(to, amount), self.issuer.address)
 
+    def transfer(self, sender: str, to: str, amount: int) -> None:
+        """Move `amount` atomic units of the token from one dev account to `to`."""
+        call = self._token().functions.transfer(Web3.to_checksum_address(to), amount)
+        self._send(call, Web3.to_checksum_address(sender))
+
+    def automine(self, on: bool) -> None:
+        """anvil mines each transaction as it comes (the default), or only on `mine`."""
+        self.w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [on])
+
+    def mine(self) -> None:
+        self.w3.provider.make_request(RPCEndpoint("evm_mine"), [])
+
+    def pending_transactions(self) -> int:
+        """Transactions sent and not mined yet (anvil's txpool)."""
+        answer = self.w3.provider.make_request(RPCEndpoint("txpool_status"), [])
+        return int(str(answer["result"]["pending"]), 0)
+
     def balance_of(self, address: str) -> int:
         balance: int = self._token().functions.balanceOf(Web3.to_checksum_address(address)).call()
         return balance

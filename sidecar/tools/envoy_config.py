@@ -62,7 +62,9 @@ def timeouts(settings: Settings) -> tuple[str, str]:
     config: above everything the sidecar may wait for, so the sidecar always answers first.
     With the `exact` scheme a check waits for the facilitator's /verify and /settle (a real
     chain's settle takes seconds) and three ledger steps; the top-up adds 5 s for the
-    on-chain lookup of a settle whose answer was lost. The chart computes the same."""
+    on-chain lookup of a settle whose answer was lost. The ext_proc filter's message
+    timeout (the response phase) is the same: on a `charge: on_success` route `exact` is
+    /settle'd there, after the service succeeded. The chart computes the same."""
     redis_ms = settings.redis_timeout_ms
     floor_ms = max(1000, redis_ms + 500)
     terms = settings.exact_terms()

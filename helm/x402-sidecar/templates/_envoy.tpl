@@ -348,7 +348,8 @@ static_resources:
               failure_mode_allow: false
               processing_mode:
 {{ include "x402.processingMode" . | indent 16 }}
-              message_timeout: {{ $v.envoy.authzTimeout }}
+              # As the check's: with `exact`, a response phase may /settle (after success).
+              message_timeout: {{ include "x402.authzTimeout" . }}
               metadata_options:
                 forwarding_namespaces:
                   untyped:

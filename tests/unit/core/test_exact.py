@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from eth_utils.crypto import keccak
 
-from sidecar.core import exact, protocol
+from sidecar.core import decision, exact, holds, protocol
+from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import (
     ConfigError,
     InvoiceExpired,
@@ -20,6 +21,9 @@ from sidecar.core.errors import (
     PaymentError,
     UnsupportedScheme,
 )
+from sidecar.core.identity import Identity
+from sidecar.core.money import Asset
+from sidecar.core.pricing import Price
 from sidecar.server.config import Settings
 
 TOKEN = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
@@ -159,6 +163,36 @@ def test_a_matching_envelope_passes_addresses_in_any_case() -> None:
     auth = exact.verify(data, offer(), now)
     assert (auth.payer, auth.nonce, auth.value) == (PAYER.lower(), NONCE, 10_000)
     assert auth.key == f"eip155:31337:{TOKEN.lower()}:{NONCE}"
+
+
+def test_an_authorization_is_restored_for_its_settle_after_success() -> None:
+    """The response phase rebuilds the authorization the check verified (from Envoy's
+    metadata): the same key and facts, whatever the clock says by then."""
+    now = int(time.time())
+    verified = exact.verify(envelope(now), offer(), now)
+    later = exact.restore(verified.envelope, verified.requirements)
+    assert later == verified
+    assert exact.restore(envelope(now, validBefore="1"), offer()).valid_before == 1
+    with pytest.raises(MalformedPayment):
+        exact.restore(envelope(now, nonce="0x12"), offer())
+
+
+def test_a_metered_routes_402_offers_no_exact() -> None:
+    """An EIP-3009 authorization is for one fixed value; a metered route charges the units
+    served: its challenge offers prepaid only, a fixed on_success route's offers both."""
+    usdf = Asset("USDF", 6)
+    gateway = Gateway(Identity.generate(), b"k" * 32, exact=terms())
+    request = Request("GET", "/rows", "api.test", "http", None)
+    metered = holds.ResponsePhase(unit="row", unit_price=1_000, max_units=100)
+    for phase, schemes in (
+        (metered, ["prepaid-ed25519"]),
+        (holds.ResponsePhase(), ["prepaid-ed25519", "exact"]),
+        (None, ["prepaid-ed25519", "exact"]),
+    ):
+        price = Price("rows", 100_000, usdf, phase=phase)
+        fresh = decision.invoice(request, price, gateway, int(time.time()))
+        required = decision.payment_required(fresh, request, price, gateway, "r", "m")
+        assert [offer["scheme"] for offer in required["accepts"]] == schemes
 
 
 @pytest.mark.parametrize(

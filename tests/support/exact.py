@@ -1,0 +1,43 @@
+"""Paying with x402 `exact` in tests: the official client's PAYMENT-SIGNATURE for a
+route's 402, and the token balances a payment moves (sidecar/tools/onchain.py runs the
+chain side: the facilitator, the settings, the client)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import httpx
+from x402.schemas import PaymentPayload, PaymentRequired
+
+from sidecar.tools.chain import Chain, DevAccount
+from sidecar.tools.onchain import official_client, operator
+
+
+def b64json(value: str) -> Any:
+    return json.loads(base64.b64decode(value))
+
+
+def balances(chain: Chain, payer: str) -> tuple[int, int]:
+    """The payer's and the operator's token balances."""
+    return chain.balance_of(payer), chain.balance_of(operator(chain).address)
+
+
+async def sign_exact(
+    chain: Chain, http: httpx.AsyncClient, path: str, payer: DevAccount, cap: int,
+    amount: int | None = None,
+) -> tuple[str, PaymentPayload]:  # fmt: skip
+    """What the official client sends for `path`'s 402: the PAYMENT-SIGNATURE value and
+    the payload. `amount`: sign for another amount than the offer's (a refused payment)."""
+    challenge = await http.get(path)
+    assert challenge.status_code == 402
+    required = PaymentRequired.model_validate(b64json(challenge.headers["payment-required"]))
+    if amount is not None:
+        required.accepts = [
+            offer.model_copy(update={"amount": str(amount)}) for offer in required.accepts
+        ]
+    payload = await official_client(chain, payer, cap).create_payment_payload(required)
+    assert isinstance(payload, PaymentPayload)
+    encoded = base64.b64encode(payload.model_dump_json(by_alias=True).encode()).decode()
+    return encoded, payload

@@ -1,0 +1,353 @@
+"""x402 `exact` after success (x402's standard flow) through the real stack: anvil +
+Circle's FiatTokenV2_2, `x402 facilitator serve`, real Envoy (ext_authz + ext_proc), the
+sidecar, Redis and the demo upstream; paid by the unmodified official x402 Python client.
+On a `charge: on_success` route the authorization is verified at the check and settled
+only once the service succeeded; on an `on_check` route it is settled upfront. Nothing is
+mocked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from x402.http.clients import x402HttpxClient
+from x402.http.utils import decode_payment_response_header
+
+from sidecar.core import protocol
+from sidecar.tools.chain import Chain
+from sidecar.tools.onchain import (
+    Facilitator,
+    exact_settings,
+    facilitator_account,
+    official_client,
+    operator,
+    payers,
+)
+from sidecar.tools.stack import Stack
+from tests.support.exact import b64json, balances, sign_exact
+
+REPORT, UPFRONT, ROWS = "/api/v1/report", "/api/paid", "/api/v1/data/rows"
+PRICE = 10_000  # 0.01 USDF = 0.01 USDC
+ROWS_MAX = 100 * 1_000  # the metered route's hold: 100 rows at 0.001
+MINTED = 5_000_000
+MARKER = "demo-upstream"  # in every body the demo service answers
+ROUTES: dict[str, dict[str, Any]] = {
+    "report": {"method": "GET", "path": REPORT, "price": "0.01", "charge": "on_success"},
+    "paid": {"method": "GET", "path": UPFRONT, "price": "0.01"},
+    "rows": {"method": "GET", "path": ROWS, "unit": "row", "unit_price": "0.001", "max_units": 100},
+}
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator[Chain]:
+    with Chain() as running:
+        for payer in payers(running):
+            running.mint(payer.address, MINTED)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilitator]:
+    served = Facilitator(chain, tmp_path_factory.mktemp("facilitator")).start()
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(chain: Chain, facilitator: Facilitator) -> Iterator[Stack]:
+    with Stack(ROUTES, settings=exact_settings(chain, facilitator)) as running:
+        yield running
+
+
+@pytest.fixture
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as client:
+        yield client
+
+
+def settles(chain: Chain) -> int:
+    """Transactions the facilitator has sent: one per settlement."""
+    return chain.transaction_count(facilitator_account(chain).address)
+
+
+def nonce_used(chain: Chain, payer: str, nonce: str) -> bool:
+    return chain.authorization_used(payer, bytes.fromhex(nonce.removeprefix("0x")))
+
+
+def keys(stack: Stack) -> dict[str, str]:
+    return {stack.gateway_identity.kid: stack.gateway_identity.public_key}
+
+
+async def held(stack: Stack, payer: str) -> dict[str, Any]:
+    """The check's decision line once the hold is placed (the service is then working)."""
+    [line] = await asyncio.to_thread(
+        stack.wait_decisions,
+        lambda e: e.get("reason") == "held" and e.get("payer") == payer.lower(),
+        1,
+        20.0,
+    )
+    return line
+
+
+async def test_a_failed_service_transfers_nothing_and_the_authorization_pays_later(
+    http: httpx.AsyncClient, stack: Stack, chain: Chain
+) -> None:
+    payer = payers(chain)[0]
+    header, payload = await sign_exact(chain, http, REPORT, payer, PRICE)
+    nonce = payload.payload["authorization"]["nonce"]
+    before, sent = balances(chain, payer.address), settles(chain)
+
+    failed = await http.get(REPORT, params={"fail": "500"}, headers={"PAYMENT-SIGNATURE": header})
+
+    assert failed.status_code == 500
+    assert failed.json()["error"] == "demo_failure"  # the service's own answer
+    refund = b64json(failed.headers["payment-response"])
+    assert protocol.verify_receipt(refund, keys(stack))
+    assert (refund["success"], refund["scheme"], refund["amount"]) == (False, "exact", "0")
+    assert (refund["released"], refund["status"], refund["transaction"]) == ("0.01", 500, "")
+    assert refund["payer"] == payer.address
+    # Nothing on chain: no transaction, balances as they were, the authorization unused.
+    assert balances(chain, payer.address) == before and settles(chain) == sent
+    assert not nonce_used(chain, payer.address, nonce)
+    check, response = await asyncio.to_thread(
+        stack.wait_decisions, lambda e: e.get("receipt_id") == refund["receipt_id"], 2
+    )
+    assert (check["phase"], check["reason"], check["payer"]) == (
+        "check",
+        "held",
+        payer.address.lower(),
+    )
+    assert (response["phase"], response["decision"], response["reason"]) == (
+        "response",
+        "release",
+        "service_failed",
+    )
+    assert (response["captured"], response["released"], response["upstream_status"]) == (
+        "0",
+        "0.01",
+        500,
+    )
+
+    # The service healthy again: the very same authorization pays, once.
+    served = await http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
+
+    assert served.status_code == 200, served.text
+    assert served.json()["service"] == MARKER
+    assert served.json()["payer"] == payer.address
+    receipt = b64json(served.headers["payment-response"])
+    assert protocol.verify_receipt(receipt, keys(stack))
+    assert (receipt["success"], receipt["scheme"], receipt["amount"]) == (True, "exact", "0.01")
+    assert receipt["network"] == chain.network and receipt["payer"] == payer.address
+    tx = chain.w3.eth.get_transaction_receipt(receipt["transaction"])
+    assert tx["status"] == 1
+    assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
+    assert settles(chain) == sent + 1 and nonce_used(chain, payer.address, nonce)
+    lines = await asyncio.to_thread(
+        stack.wait_decisions, lambda e: e.get("receipt_id") == receipt["receipt_id"], 2
+    )
+    capture = next(line for line in lines if line.get("phase") == "response")
+    assert (capture["decision"], capture["reason"], capture["captured"]) == (
+        "capture",
+        "captured",
+        "0.01",
+    )
+    assert (capture["transaction"], capture["settled_via"]) == (
+        receipt["transaction"],
+        "facilitator",
+    )
+    assert all("signature" not in json.dumps(line) for line in stack.decisions())
+    # Revenue is counted at the settle, on the route charged on success.
+    page = (await http.get(f"{stack.sideport_url}/metrics")).text
+    revenue = [
+        line
+        for line in page.splitlines()
+        if line.startswith("x402_revenue_atomic_total") and 'route="report"' in line
+    ]
+    assert revenue and revenue[0].endswith(f" {float(PRICE)}")
+
+    # A replay is refused before the facilitator: nothing more moves.
+    again = await http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
+    assert (again.status_code, again.json()["error"]) == (402, "nonce_reused")
+    assert settles(chain) == sent + 1
+
+
+async def test_the_official_client_pays_after_success_and_accepts_the_receipt(
+    stack: Stack, chain: Chain
+) -> None:
+    payer = payers(chain)[1]
+    before, sent = balances(chain, payer.address), settles(chain)
+    async with x402HttpxClient(official_client(chain, payer, PRICE), timeout=60) as client:
+        response = await client.get(stack.url + REPORT)
+    assert response.status_code == 200, response.text
+    assert response.json()["service"] == MARKER
+    settled = decode_payment_response_header(response.headers["payment-response"])
+    assert settled.success is True
+    assert settled.network == chain.network and settled.payer == payer.address
+    tx = chain.w3.eth.get_transaction_receipt(settled.transaction)  # type: ignore[arg-type]
+    assert tx["status"] == 1
+    assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
+    assert settles(chain) == sent + 1
+    receipt = b64json(response.headers["payment-response"])
+    assert protocol.verify_receipt(receipt, keys(stack))
+    assert (receipt["resource"], receipt["held"]) == (f"GET {REPORT}", "0.01")
+
+
+async def test_funds_gone_before_the_settle_withhold_the_response(
+    http: httpx.AsyncClient, stack: Stack, chain: Chain
+) -> None:
+    """Verified at the check; the payer empties its wallet while the service works: the
+    settle fails, the service's answer is not served, nothing is transferred to us."""
+    payer, elsewhere = payers(chain)[2], payers(chain)[5]
+    header, payload = await sign_exact(chain, http, REPORT, payer, PRICE)
+    nonce = payload.payload["authorization"]["nonce"]
+    operator_before = chain.balance_of(operator(chain).address)
+
+    pending = asyncio.create_task(
+        http.get(REPORT, params={"sleep": "3"}, headers={"PAYMENT-SIGNATURE": header})
+    )
+    await held(stack, payer.address)
+    everything = chain.balance_of(payer.address)
+    await asyncio.to_thread(chain.transfer, payer.address, elsewhere.address, everything)
+    response = await pending
+
+    assert response.status_code == 402, response.text
+    assert response.json()["error"] == "settlement_failed"
+    assert MARKER not in response.text and "payment-response" not in response.headers
+    # A fresh challenge, as at the check: the agent may pay again (once funded).
+    required = b64json(response.headers["payment-required"])
+    assert [offer["scheme"] for offer in required["accepts"]] == ["prepaid-ed25519", "exact"]
+    assert required["accepts"][1]["amount"] == str(PRICE)
+    assert required["resource"]["url"].endswith(REPORT)
+    assert response.json()["x402"]["charge"] == "on_success"
+    assert chain.balance_of(operator(chain).address) == operator_before
+    assert not nonce_used(chain, payer.address, nonce)
+    [line] = await asyncio.to_thread(
+        stack.wait_decisions,
+        lambda e: e.get("phase") == "response" and e.get("payer") == payer.address.lower(),
+    )
+    assert (line["decision"], line["status"], line["reason"]) == ("deny", 402, "settlement_failed")
+    await asyncio.to_thread(chain.transfer, elsewhere.address, payer.address, everything)
+
+
+async def test_a_dead_facilitator_at_the_response_is_503_and_the_authorization_pays_later(
+    http: httpx.AsyncClient, stack: Stack, chain: Chain, facilitator: Facilitator
+) -> None:
+    payer = payers(chain)[3]
+    header, payload = await sign_exact(chain, http, REPORT, payer, PRICE)
+    nonce = payload.payload["authorization"]["nonce"]
+    before, sent = balances(chain, payer.address), settles(chain)
+
+    pending = asyncio.create_task(
+        http.get(REPORT, params={"sleep": "2"}, headers={"PAYMENT-SIGNATURE": header})
+    )
+    await held(stack, payer.address)
+    facilitator.kill()  # between the verify and the settle
+    try:
+        response = await pending
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "facilitator_unavailable"
+        assert MARKER not in response.text and "payment-response" not in response.headers
+        assert balances(chain, payer.address) == before and settles(chain) == sent
+        assert not nonce_used(chain, payer.address, nonce)
+    finally:
+        facilitator.start()
+    # The settle never reached the facilitator: the reservation was freed, it pays now.
+    served = await http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
+    assert served.status_code == 200, served.text
+    assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
+    assert settles(chain) == sent + 1
+
+
+async def test_an_on_check_route_still_settles_upfront(
+    http: httpx.AsyncClient, stack: Stack, chain: Chain
+) -> None:
+    payer = payers(chain)[4]
+    header, _ = await sign_exact(chain, http, UPFRONT, payer, PRICE)
+    before = balances(chain, payer.address)
+    failed = await http.get(UPFRONT, params={"fail": "500"}, headers={"PAYMENT-SIGNATURE": header})
+    assert failed.status_code == 500  # settled before the service was asked
+    receipt = b64json(failed.headers["payment-response"])
+    assert (receipt["success"], receipt["amount"]) == (True, "0.01")
+    assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
+
+
+async def test_a_metered_route_refuses_exact_before_the_facilitator(
+    http: httpx.AsyncClient, chain: Chain, facilitator: Facilitator
+) -> None:
+    challenge = await http.get(ROWS)
+    assert challenge.status_code == 402
+    offers = b64json(challenge.headers["payment-required"])["accepts"]
+    assert [offer["scheme"] for offer in offers] == ["prepaid-ed25519"]  # no exact offer
+    # An authorization for the route's hold, signed anyway: refused, nothing verified.
+    header, _ = await sign_exact(chain, http, REPORT, payers(chain)[4], ROWS_MAX, ROWS_MAX)
+    log = (facilitator.workdir / "facilitator.log").read_text()
+    response = await http.get(ROWS, headers={"PAYMENT-SIGNATURE": header})
+    assert (response.status_code, response.json()["error"]) == (400, "unsupported_scheme")
+    assert (facilitator.workdir / "facilitator.log").read_text() == log
+
+
+async def test_timings_exact_after_success_versus_upfront(
+    http: httpx.AsyncClient, chain: Chain
+) -> None:
+    """Not a benchmark, nothing asserted on the numbers: p50 in this run, for the record."""
+    payer = payers(chain)[4]
+    upfront_ms: list[float] = []
+    on_success_ms: list[float] = []
+    for _ in range(10):
+        for path, times in ((UPFRONT, upfront_ms), (REPORT, on_success_ms)):
+            header, _ = await sign_exact(chain, http, path, payer, PRICE)
+            start = time.perf_counter()
+            answer = await http.get(path, headers={"PAYMENT-SIGNATURE": header})
+            times.append((time.perf_counter() - start) * 1000)
+            assert answer.status_code == 200, answer.text
+    print(
+        "\np50 over 10 exact payments through Envoy: "
+        f"upfront (on_check) {statistics.median(upfront_ms):.1f} ms, "
+        f"after success (on_success) {statistics.median(on_success_ms):.1f} ms"
+    )
+
+
+async def test_a_settle_answer_lost_after_success_is_resolved_on_chain(
+    chain: Chain, facilitator: Facilitator
+) -> None:
+    """The facilitator sends the transfer but its /settle answer comes too late (anvil
+    mines nothing until told): the sidecar looks the authorization up on chain, finds it
+    used once mined, and serves the response as settled."""
+    settings = exact_settings(chain, facilitator, facilitator_settle_timeout_ms=1000)
+    payer = payers(chain)[0]
+    with Stack(ROUTES, settings=settings) as slow:
+        async with httpx.AsyncClient(base_url=slow.url, timeout=60) as http:
+            header, payload = await sign_exact(chain, http, REPORT, payer, PRICE)
+            nonce = payload.payload["authorization"]["nonce"]
+            before, sent = balances(chain, payer.address), settles(chain)
+            await asyncio.to_thread(chain.automine, False)
+            try:
+                pending = asyncio.create_task(
+                    http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
+                )
+                for _ in range(200):  # the settle's transaction, sent and not mined
+                    if await asyncio.to_thread(chain.pending_transactions):
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1.2)  # past facilitator_settle_timeout_ms: unknown
+                await asyncio.to_thread(chain.mine)
+            finally:
+                await asyncio.to_thread(chain.automine, True)
+            served = await pending
+        assert served.status_code == 200, served.text
+        assert served.json()["service"] == MARKER
+        receipt = b64json(served.headers["payment-response"])
+        assert receipt["success"] is True and nonce_used(chain, payer.address, nonce)
+        assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
+        assert settles(chain) == sent + 1
+        [line] = await asyncio.to_thread(
+            slow.wait_decisions,
+            lambda e: e.get("phase") == "response" and e.get("decision") == "capture",
+        )
+        assert (line["settled_via"], line["transaction"]) == ("chain", receipt["transaction"])
