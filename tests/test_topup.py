@@ -304,7 +304,11 @@ async def test_a_lost_settle_answer_is_resolved_on_chain_and_credited_once(
 ) -> None:
     """The sidecar gives up on /settle after 5 ms (the facilitator settles on regardless):
     the outcome is unknown, so it looks the authorization up on chain before crediting."""
-    settings = exact_settings(chain, facilitator, facilitator_settle_timeout_ms=5)
+    # The chain is watched long enough for the facilitator's transfer to land even when
+    # this machine is loaded.
+    settings = exact_settings(
+        chain, facilitator, facilitator_settle_timeout_ms=5, chain_lookup_ms=20_000
+    )
     with Stack(ROUTES, settings=settings) as lossy:
         async with httpx.AsyncClient(base_url=lossy.url, timeout=60) as http:
             key = Identity.generate().public_key

@@ -131,7 +131,8 @@ class Settings:
     exact_max_timeout_seconds: int = 300  # the offer's maxTimeoutSeconds
     facilitator_verify_timeout_ms: int = 5000  # past it: 503 facilitator_unavailable
     facilitator_settle_timeout_ms: int = 20000  # a real chain's settle fits in it
-    chain_rpc_url: str = ""  # JSON-RPC of the chain: resolves a top-up's unknown settle
+    chain_rpc_url: str = ""  # JSON-RPC of the chain: resolves a settle whose answer was lost
+    chain_lookup_ms: int = 3000  # how long the chain is watched for such a settle
     # Self-serve top-ups (POST /x402/topup): an agent buys prepaid credit with `exact`.
     topup_asset: str = ""  # "": the default asset, if a token backs it; "off": no top-ups
     topup_min: str = "1"  # per top-up, in the asset's decimals
@@ -200,6 +201,8 @@ class Settings:
                 raise ConfigError(f"config {key}: must be at least 1")
         if self.facilitator_settle_timeout_ms == 0:
             raise ConfigError("config facilitator_settle_timeout_ms: must be at least 1")
+        if self.chain_lookup_ms < 0:
+            raise ConfigError("config chain_lookup_ms: must be 0 or more")
         return exact.ExactTerms(
             tokens,
             self.pay_to,

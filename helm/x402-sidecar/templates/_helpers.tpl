@@ -307,6 +307,7 @@ exact_max_timeout_seconds: {{ int $x.maxTimeoutSeconds }}
 facilitator_verify_timeout_ms: {{ int $x.verifyTimeoutMs }}
 facilitator_settle_timeout_ms: {{ int $x.settleTimeoutMs }}
 chain_rpc_url: {{ $x.chainRpcUrl | quote }}
+chain_lookup_ms: {{ int $x.chainLookupMs }}
 topup_asset: {{ $x.topup.asset | quote }}
 topup_min: {{ $x.topup.min | quote }}
 topup_max: {{ $x.topup.max | quote }}
@@ -314,11 +315,12 @@ topup_max: {{ $x.topup.max | quote }}
 {{- end }}
 
 {{/* Envoy's ext_authz timeout: envoy.authzTimeout, or with `exact` the facilitator's
-     verify + settle + 3 ledger steps + 1s (sidecar/tools/envoy_config.py timeouts()). */}}
+     verify + settle + the chain lookup + 3 ledger steps + 1s (sidecar/tools/envoy_config.py
+     timeouts()). */}}
 {{- define "x402.authzTimeout" -}}
 {{- $v := .Values }}
 {{- if $v.exact.onchain }}
-{{- $ms := add (int $v.exact.verifyTimeoutMs) (int $v.exact.settleTimeoutMs) (mul 3 (int $v.redis.timeoutMs)) 1000 }}
+{{- $ms := add (int $v.exact.verifyTimeoutMs) (int $v.exact.settleTimeoutMs) (int $v.exact.chainLookupMs) (mul 3 (int $v.redis.timeoutMs)) 1000 }}
 {{- $floor := add (int $v.redis.timeoutMs) 500 }}
 {{- if lt $ms $floor }}{{ $ms = $floor }}{{ end }}
 {{- printf "%d.%03ds" (div $ms 1000) (mod $ms 1000) }}
@@ -327,14 +329,14 @@ topup_max: {{ $x.topup.max | quote }}
 {{- end }}
 {{- end }}
 
-{{/* The top-up route's timeout ("" when top-ups are off): the check's, plus 5s for the
-     on-chain lookup of a settle whose answer was lost. */}}
+{{/* The top-up route's timeout ("" when top-ups are off): the check's, plus its credit
+     (one ledger step) and 1s. */}}
 {{- define "x402.topupTimeout" -}}
 {{- $v := .Values }}
 {{- $x := $v.exact }}
 {{- $asset := default $v.defaultAsset $x.topup.asset }}
 {{- if and $x.onchain (ne (lower $x.topup.asset) "off") (hasKey $x.onchain $asset) }}
-{{- $ms := add (int $x.verifyTimeoutMs) (int $x.settleTimeoutMs) (mul 3 (int $v.redis.timeoutMs)) 1000 5000 }}
+{{- $ms := add (int $x.verifyTimeoutMs) (int $x.settleTimeoutMs) (int $x.chainLookupMs) (mul 4 (int $v.redis.timeoutMs)) 2000 }}
 {{- printf "%d.%03ds" (div $ms 1000) (mod $ms 1000) }}
 {{- end }}
 {{- end }}
