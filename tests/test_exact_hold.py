@@ -35,28 +35,12 @@ from tests.support.exact import answer_lost, b64json, balances, sign_exact
 REPORT, UPFRONT, ROWS = "/api/v1/report", "/api/paid", "/api/v1/data/rows"
 PRICE = 10_000  # 0.01 USDF = 0.01 USDC
 ROWS_MAX = 100 * 1_000  # the metered route's hold: 100 rows at 0.001
-MINTED = 5_000_000
 MARKER = "demo-upstream"  # in every body the demo service answers
 ROUTES: dict[str, dict[str, Any]] = {
     "report": {"method": "GET", "path": REPORT, "price": "0.01", "charge": "on_success"},
     "paid": {"method": "GET", "path": UPFRONT, "price": "0.01"},
     "rows": {"method": "GET", "path": ROWS, "unit": "row", "unit_price": "0.001", "max_units": 100},
 }
-
-
-@pytest.fixture(scope="module")
-def chain() -> Iterator[Chain]:
-    with Chain() as running:
-        for payer in payers(running):
-            running.mint(payer.address, MINTED)
-        yield running
-
-
-@pytest.fixture(scope="module")
-def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilitator]:
-    served = Facilitator(chain, tmp_path_factory.mktemp("facilitator")).start()
-    yield served
-    served.stop()
 
 
 @pytest.fixture(scope="module")

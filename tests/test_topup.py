@@ -39,23 +39,7 @@ from tests.support.payers import pay_direct
 TOPUP = "/x402/topup"
 CHEAP = "/api/cheap"
 ROUTES = {"cheap": {"method": "GET", "path": CHEAP, "price": "0.001"}}  # sub-cent
-MINTED = 100_000_000
 USDC = 1_000_000
-
-
-@pytest.fixture(scope="module")
-def chain() -> Iterator[Chain]:
-    with Chain() as running:
-        for payer in payers(running):
-            running.mint(payer.address, MINTED)
-        yield running
-
-
-@pytest.fixture(scope="module")
-def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilitator]:
-    served = Facilitator(chain, tmp_path_factory.mktemp("facilitator")).start()
-    yield served
-    served.stop()
 
 
 @pytest.fixture(scope="module")
