@@ -182,3 +182,81 @@ def test_the_chart_plays_in_podman_takes_payments_and_fails_closed(
         again, _ = pay(client, "/reports/r-3", wallet)
         receipt = assert_paid(again, wallet, keys)
         assert receipt["balance"] == "0.5"
+
+
+def test_alongside_an_existing_service_the_gateway_pod_pays_a_route_of_another_pod(
+    built: Images, cluster: Cluster
+) -> None:
+    fullname = f"x402a-{os.urandom(3).hex()}"
+    service, port = f"{fullname}-orders", free_port()
+    # "The existing service": a pod of its own on the same network, found by its name as
+    # a Service's would be, listening on all its addresses.
+    labels = {"app": service}
+    existing: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": service, "labels": labels},
+        "spec": {
+            "containers": [
+                {
+                    "name": "orders",
+                    "image": built.sidecar,
+                    "imagePullPolicy": "Never",
+                    "command": ["x402", "upstream", "--host", "0.0.0.0", "--port", "8080"],
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"path": "/", "port": "http"}},
+                }
+            ]
+        },
+    }
+    rendered = render_chart(
+        "default",
+        "-f",
+        str(VALUES),
+        *built.helm_args(),
+        "--set",
+        f"fullnameOverride={fullname}",
+        "--set",
+        f"existingService.name={service}",
+        "--set",
+        "existingService.port=8080",
+        "--set",
+        f"existingService.podSelector.app={service}",
+    )
+    deployment = rendered.find("Deployment", fullname)
+    spec = deployment["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["containers"]] == ["envoy", "x402"]
+    # The policy keeps the service's port to the gateway: it selects the existing pods and
+    # admits the gateway's pods alone (podman enforces no NetworkPolicy; the cluster does).
+    policy = rendered.find("NetworkPolicy", f"{fullname}-upstream")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    [rule] = policy["ingress"]
+    assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    [source] = rule["from"]
+    gateway_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert source["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+    assert set(source) == {"podSelector"}
+
+    cluster.play([existing])
+    wait_ready(cluster, service, existing["spec"])
+    publish(deployment, "envoy", "http", port)
+    cluster.play(rendered.docs)
+    gateway, ledger = f"{fullname}-pod-0", f"{fullname}-redis"
+    wait_ready(cluster, ledger, rendered.find("StatefulSet", ledger)["spec"]["template"]["spec"])
+    wait_ready(cluster, gateway, spec)
+    x402 = cluster.container(gateway, "x402")
+
+    with httpx.Client(base_url=f"http://{LOOPBACK}:{port}", timeout=10) as client:
+        keys = {k["kid"]: k["public_key"] for k in client.get("/.well-known/x402").json()["keys"]}
+        wallet = Identity.generate()
+        fund(cluster, x402, wallet, "1")
+        paid, header = pay(client, "/reports/r-9", wallet)
+        receipt = assert_paid(paid, wallet, keys)
+        assert receipt["balance"] == "0.75"
+        # The other pod answered, with what the gateway asserted about the payment.
+        assert paid.json()["service"] == "demo-upstream"
+        assert paid.json()["amount"] == "0.25"
+        replay = client.get("/reports/r-9", headers=header)
+        assert (replay.status_code, replay.json()["error"]) == (402, "nonce_reused")
+        free = client.get("/not/priced")
+        assert (free.status_code, free.json()["service"]) == (200, "demo-upstream")

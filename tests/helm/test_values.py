@@ -113,6 +113,32 @@ INVALID: dict[str, tuple[str, list[str], str]] = {
         [],
         "Additional property xffTrustedHops is not allowed",
     ),
+    "existing service without the selector of its pods": (
+        "existingService: {name: orders-api}",
+        [],
+        "existingService.podSelector: the labels of the service's pods",
+    ),
+    "existing service and an app container": (
+        "existingService: {name: orders-api, podSelector: {app: orders}}\n"
+        "app: {image: {repository: orders}}",
+        [],
+        "existingService.name: the gateway fronts an existing Service, so it runs no app",
+    ),
+    "existing service name not a DNS name": (
+        "existingService: {name: Orders_API, podSelector: {app: orders}}",
+        [],
+        "existingService.name: Does not match pattern",
+    ),
+    "existing service port out of range": (
+        "existingService: {name: orders-api, port: 0, podSelector: {app: orders}}",
+        [],
+        "existingService.port: Must be greater than or equal to 1",
+    ),
+    "existing service selector not a label map": (
+        "existingService: {name: orders-api, podSelector: {app: [orders]}}",
+        [],
+        "existingService.podSelector.app: Invalid type. Expected: string, given: array",
+    ),
     "default asset not in assets": (
         "defaultAsset: EUR",
         [],

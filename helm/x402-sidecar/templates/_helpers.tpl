@@ -89,8 +89,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 {{- /* Sidecar worker i listens on grpcPort + i. */}}
-{{- $ports := list (int $v.app.port) (int $v.envoy.port) (int $v.envoy.adminPort) (int $v.sidecar.httpPort) }}
+{{- $ports := list (int $v.envoy.port) (int $v.envoy.adminPort) (int $v.sidecar.httpPort) }}
+{{- if not $v.existingService.name }}{{ $ports = prepend $ports (int $v.app.port) }}{{ end }}
 {{- range $i := until (int $v.sidecar.workers) }}{{ $ports = append $ports (add $v.sidecar.grpcPort $i | int) }}{{ end }}
+{{- if and $v.existingService.name $v.networkPolicy.enabled (not $v.existingService.podSelector) }}
+{{- fail "existingService.podSelector: the labels of the service's pods, so a NetworkPolicy lets only the gateway reach them (or networkPolicy.enabled=false if your cluster enforces that otherwise)" }}
+{{- end }}
+{{- if and $v.existingService.name $v.app.image.repository }}
+{{- fail "existingService.name: the gateway fronts an existing Service, so it runs no app container; unset app.image.repository" }}
+{{- end }}
 {{- if ne (len $ports) (len (uniq $ports)) }}
 {{- fail (printf "ports: app.port, envoy.port, envoy.adminPort, sidecar.httpPort and sidecar.grpcPort..grpcPort+workers-1 share one network namespace and must differ (got %v)" $ports) }}
 {{- end }}
