@@ -86,10 +86,12 @@ def test_the_image_builds_runs_x402_and_holds_no_compiler_pip_cache_or_sources(
 
 
 def fund(cluster: Cluster, x402: str, wallet: Identity, amount: str) -> None:
-    """`kubectl exec ... -c x402 -- x402 payer ...`: the container's env finds the ledger."""
+    """`kubectl exec ... -c x402 -- x402 payer ... --admin`: through the pod's admin API,
+    with the token the chart's Secret mounts."""
+    admin = ["--admin", "127.0.0.1:8999", "--admin-token-file", "/etc/x402/admin/admin.token"]
     for argv in (
-        ["x402", "payer", "register", wallet.public_key],
-        ["x402", "payer", "credit", wallet.public_key, amount, "--asset", "USDF"],
+        ["x402", "payer", "register", wallet.public_key, *admin],
+        ["x402", "payer", "credit", wallet.public_key, amount, "--asset", "USDF", *admin],
     ):
         result = cluster.exec(x402, *argv)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -150,6 +152,14 @@ def test_the_chart_plays_in_podman_takes_payments_and_fails_closed(
             return False
 
         wait_until(decided, "the allow decision in the x402 container's log", lambda: "", 20)
+
+        # The sidecar's settlement loop batches the receipt and appends the batch's
+        # manifest to the anchor file on the pod's volume.
+        def anchored() -> bool:
+            read = cluster.exec(x402, "cat", "/var/lib/x402/x402-anchors.jsonl")
+            return read.returncode == 0 and bool(read.stdout.strip())
+
+        wait_until(anchored, "a settled batch in the anchor file", lambda: cluster.logs(x402), 30)
 
         # The sidecar container dies: Envoy fails closed with the JSON envelope, and the
         # container comes back by the pod's restart policy.
