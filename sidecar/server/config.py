@@ -107,6 +107,11 @@ class Settings:
     admin_tls_cert_file: str = ""  # TLS on the admin port ...
     admin_tls_key_file: str = ""
     admin_tls_client_ca_file: str = ""  # ... and mutual TLS: clients need a cert of this CA
+    # The operator's web dashboard (server/dashboard): on worker 0 beside the admin API,
+    # behind the same admin token; "" turns it off. It needs admin_token_file.
+    listen_dashboard: str = "127.0.0.1:8998"
+    # Recent decision lines kept in a capped Redis stream for the dashboard; 0: none kept.
+    decision_stream_max: int = 10000
     # Settlement batches (sidecar/settlement.py; `x402 settle`, or in the sidecar).
     settle_batch_size: int = 1000  # receipts per batch at most
     settle_max_age_seconds: int = 60  # a partial batch is settled once this old

@@ -159,7 +159,10 @@ class Stack:
             self._tmp = tempfile.TemporaryDirectory(prefix="x402-")
             self.workdir = Path(self._tmp.name)
         self.dir = self.workdir
-        self.ports = {name: free_port() for name in ("redis", "http", "envoy", "admin", "upstream")}
+        self.ports = {
+            name: free_port()
+            for name in ("redis", "http", "envoy", "admin", "upstream", "dashboard")
+        }
         self.ports["grpc"] = free_ports(self.workers)  # worker i listens on this + i
         for node in range(self.redis_cluster):
             self.ports[f"redis{node}"] = free_cluster_port()
@@ -221,6 +224,7 @@ class Stack:
         config = {
             "listen_grpc": f"{LOOPBACK}:{self.ports['grpc']}",
             "listen_http": f"{LOOPBACK}:{self.ports['http']}",
+            "listen_dashboard": f"{LOOPBACK}:{self.ports['dashboard']}",
             "redis_url": self.redis_url,
             "signing_key_file": str(self.dir / "signing.key"),
             "invoice_secret_file": str(self.dir / "invoice.secret"),
