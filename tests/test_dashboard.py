@@ -23,6 +23,7 @@ from selenium.webdriver.support.ui import Select
 from sidecar.ledger import decisions
 from sidecar.ledger.accounts import Ledger
 from sidecar.server.dashboard import auth
+from sidecar.server.feed import DecisionFeed
 from sidecar.tools.stack import Stack
 from tests.support.browser import chromium, log_in, screenshot, table_rows, wait_for
 from tests.support.cli import x402
@@ -282,3 +283,22 @@ async def test_attacker_chosen_strings_render_as_text(
         driver.get(f"{base}/decisions?payer={quote(MARKUP)}")
         field = driver.find_element(By.CSS_SELECTOR, "#filters input[name=payer]")
         assert field.get_attribute("value") == MARKUP
+
+
+async def test_the_decision_stream_is_capped_and_a_dead_redis_costs_nothing(
+    admin_ledger: Ledger,
+) -> None:
+    lines = [json.dumps({"decision": "allow", "reason": "free", "n": n}) for n in range(3000)]
+    for start in range(0, 3000, 256):
+        await decisions.append(admin_ledger, lines[start : start + 256], keep=1000)
+    kept = await admin_ledger.redis.xlen("x402:decisions")
+    assert 1000 <= kept < 1200  # MAXLEN ~: whole nodes trimmed
+    newest = await decisions.recent(admin_ledger, 3)
+    assert [line["n"] for line in newest] == [2999, 2998, 2997]
+
+    dead = Ledger.from_url("redis://127.0.0.1:1/0", timeout=0.2)
+    feed = DecisionFeed(dead)
+    feed(lines[:10])  # returns at once; the batch is sent in the background
+    await feed.close()
+    assert feed.dropped == 10
+    await dead.close()
