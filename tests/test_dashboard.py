@@ -9,6 +9,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote
@@ -20,6 +26,8 @@ from envoy.service.auth.v3 import external_auth_pb2 as authz
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
+from sidecar.agent.auth import X402Auth
+from sidecar.agent.wallet import Wallet
 from sidecar.ledger import decisions
 from sidecar.ledger.accounts import Ledger
 from sidecar.server.dashboard import auth
@@ -42,6 +50,7 @@ from tests.support.stacks import ADMIN_TOKEN
 
 MARKUP = '<script>document.title="owned"</script><img src=x id=injected>'
 PATH = "/api/v1/market/" + MARKUP
+X402 = str(Path(sys.executable).parent / "x402")  # the console script pip installed
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +311,47 @@ async def test_the_decision_stream_is_capped_and_a_dead_redis_costs_nothing(
     await feed.close()
     assert feed.dropped == 10
     await dead.close()
+
+
+def test_demo_serve_prints_the_dashboard_and_its_traffic_shows_up() -> None:
+    process = subprocess.Popen(
+        [X402, "demo", "--serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+    )
+    try:
+        assert process.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any("Ctrl-C stops everything" in line for line in lines):
+            line = process.stdout.readline()
+            assert line and time.monotonic() < deadline, "".join(lines)
+            lines.append(line)
+        text = "".join(lines)
+        dashboard = re.search(r"dashboard\s+(http://\S+)", text)
+        token = re.search(r"admin token\s+(\S+)", text)
+        gateway = re.search(r"X402_GATEWAY=(\S+)", text)
+        key_file = re.search(r"X402_WALLET_FILE=(\S+)", text)
+        assert dashboard and token and gateway and key_file, text
+
+        wallet = Wallet.from_file(key_file.group(1))
+        atlas = f"{gateway.group(1)}/api/v1/agent/pay-api/atlas"
+        with httpx.Client(auth=X402Auth(wallet, strict=True)) as client:
+            assert client.get(atlas).status_code == 200
+        time.sleep(0.2)
+        with httpx.Client(base_url=dashboard.group(1), timeout=10) as http:
+            assert http.get("/api/summary").status_code == 401
+            assert http.post("/login", data={"token": token.group(1)}).status_code == 303
+            summary = http.get("/api/summary").json()
+            recent = http.get("/api/decisions", params={"reason": "paid"}).json()
+        assert {"route": "atlas", "asset": "USDF", "receipts": 1, "last_hour": "0.25",
+                "last_day": "0.25", "total": "0.25"} in summary["revenue"]  # fmt: skip
+        assert [d["payer"] for d in recent["decisions"]] == [wallet.public_key]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

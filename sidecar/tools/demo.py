@@ -528,16 +528,18 @@ def run(serve: bool = False, console: Console | None = None) -> int:
     try:
         with contextlib.ExitStack() as running:
             with console.status("starting Redis, the sidecar, Envoy and the demo service…"):
-                stack = running.enter_context(Stack(ROUTES))
+                stack = Stack(ROUTES)
+                token = stack.with_admin() if serve else ""  # --serve: the dashboard too
+                running.enter_context(stack)
             if serve:
-                return serve_forever(stack, console)
+                return serve_forever(stack, console, token)
             return Demo(stack, console).run()
     except KeyboardInterrupt:  # Ctrl-C during the story: the stack has been stopped
         console.print("interrupted", markup=False)
         return 130
 
 
-def serve_forever(stack: Stack, console: Console) -> int:
+def serve_forever(stack: Stack, console: Console, token: str = "") -> int:
     """Keep the stack up for the user's own agent until Ctrl-C or SIGTERM."""
     wallet = Wallet.generate()
     key_file = stack.dir / "agent.key"
@@ -548,6 +550,9 @@ def serve_forever(stack: Stack, console: Console) -> int:
     table.add_row("price list", stack.url + protocol.DISCOVERY_PATH)
     table.add_row("Redis", stack.redis_url)
     table.add_row("agent wallet", f"{key_file} (100 USDF)")
+    if token:
+        table.add_row("dashboard", stack.dashboard_url)
+        table.add_row("admin token", token)
     console.print(Panel(table, title="x402 demo --serve", title_align="left", expand=False))
     console.print("Try it:", markup=False)
     console.print(

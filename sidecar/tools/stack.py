@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -184,6 +185,24 @@ class Stack:
     def url(self) -> str:
         """Where agents connect: Envoy's listener."""
         return f"http://{LOOPBACK}:{self.ports['envoy']}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """The operator's dashboard (served only with an admin token: `with_admin`)."""
+        return f"http://{LOOPBACK}:{self.ports['dashboard']}"
+
+    def with_admin(self) -> str:
+        """Before start: serve the admin API and the dashboard behind a fresh admin token
+        (in the stack's directory); returns the token."""
+        token = secrets.token_urlsafe(24)
+        write_secret(self.dir / "admin.token", token + "\n")
+        self.ports["admin_api"] = free_port()
+        self.settings = {
+            **self.settings,
+            "listen_admin": f"{LOOPBACK}:{self.ports['admin_api']}",
+            "admin_token_file": str(self.dir / "admin.token"),
+        }
+        return token
 
     @property
     def sideport_url(self) -> str:
