@@ -47,6 +47,8 @@ from sidecar.server.dashboard.html import (
 from sidecar.server.logs import get_logger
 
 MIN_TOKEN_BYTES = 16
+# Decisions: allow and deny at the check; capture and release in the response phase.
+COLOURS = {"allow": "#2f9e57", "capture": "#1f7a8c", "deny": "#d0473c", "release": "#d08a2c"}
 RECENT_DECISIONS = 500  # read from the stream per page; filtered here
 SHOWN_DECISIONS = 200
 log = get_logger("sidecar.server.dashboard")
@@ -239,7 +241,7 @@ class Dashboard:
         by_reason = sorted(s["by_reason"].items(), key=lambda item: (-item[1], item[0]))
         reason_chart = hbar_chart(
             "decisions by reason",
-            [(f"{d}: {r}", n, "#2f9e57" if d == "allow" else "#d0473c") for (d, r), n in by_reason],
+            [(f"{d}: {r}", n, COLOURS.get(d, "#8a94a6")) for (d, r), n in by_reason],
         )
         reason_rows = [
             (
@@ -250,15 +252,14 @@ class Dashboard:
             for (d, r), n in by_reason
         ]
         top = [(payer_link(p), esc(a), esc(self.show(a, n))) for p, a, n in revenue.top_payers(10)]
-        holds = {
-            r: n for (_d, r), n in s["by_reason"].items() if r in ("held", "captured", "released",
-                                                                    "hold_expired")
-        }  # fmt: skip
+        phases: dict[str, int] = defaultdict(int)  # the response phase's decisions
+        for (decision, reason), n in s["by_reason"].items():
+            phases["held" if reason == "held" else decision] += n
         holds_rows = [
             ("open now (ledger)", str(s["open_holds"])),
-            ("placed (metrics)", str(holds.get("held", 0))),
-            ("captured (metrics)", str(holds.get("captured", 0))),
-            ("released (metrics)", str(holds.get("released", 0) + holds.get("hold_expired", 0))),
+            ("placed (metrics)", str(phases["held"])),
+            ("captured (metrics)", str(phases["capture"])),
+            ("released: the service failed (metrics)", str(phases["release"])),
         ]
         topups = [
             (
@@ -548,7 +549,9 @@ class Dashboard:
             owner = str(m["payer"])
             if owner not in committed:
                 committed[owner] = await settlement.committed_seq(self.ledger, owner)
-            totals = ", ".join(f"{v} {k}" for k, v in sorted(dict(m["totals"]).items()))
+            totals = ", ".join(  # the manifest's totals are atomic units
+                f"{self.show(k, int(v))} {k}" for k, v in sorted(dict(m["totals"]).items())
+            )
             rows.append(
                 (
                     esc(_when(int(m["closed_at"]))),

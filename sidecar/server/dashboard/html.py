@@ -26,7 +26,7 @@ border-bottom:1px solid #edf0f5;vertical-align:top}th{color:#5b6475;font-weight:
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 code,.key{font-family:ui-monospace,monospace;font-size:12px;word-break:break-all}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}.grid section{margin:0}
-.allow{color:#17803d}.deny{color:#b42318}.muted{color:#6b7385}
+.allow{color:#17803d}.deny{color:#b42318}.capture{color:#1f7a8c}.release{color:#b26b00}.muted{color:#6b7385}
 .flash{background:#eef6ee;border-color:#b7dcb9}.error{background:#fdeeee;border-color:#f0b9b9}
 form.inline{display:inline}input,select,button{font:inherit;padding:3px 6px}
 button{cursor:pointer}
