@@ -100,10 +100,11 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     limiter = wiring.rate_limiter(settings, ledger.pipe)
     settler = wiring.exact_settler(settings, ledger)
-    # Each batch of decision lines also goes to the dashboard's capped stream (feed.py).
-    feed = (
-        DecisionFeed(ledger, settings.decision_stream_max) if settings.decision_stream_max else None
-    )
+    # Each batch of decision lines also goes to the dashboard's capped stream (feed.py),
+    # while there is a dashboard to read it.
+    feed = None
+    if settings.dashboard_enabled and settings.decision_stream_max:
+        feed = DecisionFeed(ledger, settings.decision_stream_max)
     decision_log = logs.DecisionLog(settings.log_level, sink=feed)
     authz = Authorization(routes, gateway, ledger, worker, decision_log, limiter, settler)
     # The response phase of routes charged on success: Envoy's ext_proc, same port.

@@ -694,10 +694,7 @@ async def start_dashboard(
     settings: Settings, ledger: Ledger, gateway: Gateway
 ) -> web.AppRunner | None:
     """The dashboard, started on listen_dashboard; None when off or without a token."""
-    if not settings.listen_dashboard:
-        return None
-    if not settings.admin_token_file:
-        log.warning("dashboard.disabled", reason="no admin_token_file: the dashboard needs it")
+    if not settings.dashboard_enabled:  # off, or no admin token to put it behind
         return None
     from sidecar.server.supervisor import split_host_port
 
