@@ -107,6 +107,12 @@ class Settings:
     admin_tls_cert_file: str = ""  # TLS on the admin port ...
     admin_tls_key_file: str = ""
     admin_tls_client_ca_file: str = ""  # ... and mutual TLS: clients need a cert of this CA
+    # The operator's web dashboard (server/dashboard): on worker 0 beside the admin API,
+    # behind the same admin token; "" turns it off. It needs admin_token_file.
+    listen_dashboard: str = "127.0.0.1:8998"
+    # Recent decision lines kept in a capped Redis stream for the dashboard (written only
+    # while the dashboard is on); 0: none kept.
+    decision_stream_max: int = 10000
     # Settlement batches (sidecar/settlement.py; `x402 settle`, or in the sidecar).
     settle_batch_size: int = 1000  # receipts per batch at most
     settle_max_age_seconds: int = 60  # a partial batch is settled once this old
@@ -173,6 +179,11 @@ class Settings:
         settings.edge_config()
         settings.exact_terms()
         return settings
+
+    @property
+    def dashboard_enabled(self) -> bool:
+        """The dashboard is served (by worker 0) only behind the admin token."""
+        return bool(self.listen_dashboard and self.admin_token_file)
 
     def exact_terms(self) -> exact.ExactTerms | None:
         """The `exact` scheme's config, checked (None: no on-chain asset configured)."""

@@ -3,11 +3,13 @@ checksum, ServiceMonitor, autoscaling) render what they say."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from sidecar.server.config import Settings
+from tests.support import grafana
 from tests.support.charts import (
     CHART,
     FULLNAME,
@@ -210,6 +212,16 @@ INVALID: dict[str, tuple[str, list[str], str]] = {
         [],
         "Additional property token is not allowed",
     ),
+    "grafana dashboard switch as a string": (
+        "grafanaDashboard: {enabled: 'yes'}",
+        [],
+        "grafanaDashboard.enabled: Invalid type. Expected: boolean, given: string",
+    ),
+    "unknown grafana dashboard key": (
+        "grafanaDashboard: {enabled: true, folder: payments}",
+        [],
+        "Additional property folder is not allowed",
+    ),
     "default asset not in assets": (
         "defaultAsset: EUR",
         [],
@@ -260,6 +272,22 @@ def test_service_monitor_scrapes_the_sidecar_http_port() -> None:
     assert x402_ports[port["targetPort"]] == rendered.values["sidecar"]["httpPort"]
     # Monitoring off: no CRD object at all, so installs without the operator work.
     assert not rendered_values("default").all("ServiceMonitor")
+
+
+def test_the_grafana_dashboard_configmap_is_off_by_default_and_loadable() -> None:
+    name = f"{FULLNAME}-grafana-dashboard"
+    assert not rendered_values("default").has("ConfigMap", name)
+    rendered = render_chart(
+        "default",
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "grafanaDashboard.annotations.grafana_folder=payments",
+    )
+    configmap = rendered.find("ConfigMap", name)
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "payments"}
+    assert json.loads(configmap["data"]["x402-sidecar.json"]) == grafana.load()
 
 
 def test_autoscaling_owns_the_replica_count() -> None:
