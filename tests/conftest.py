@@ -4,6 +4,7 @@ the admin stack, clients. Shared helpers are in tests/support."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -13,6 +14,10 @@ from sidecar.tools.stack import Stack
 from tests.support import stacks
 from tests.support.routes import ENVOY_ROUTES, ROUTES
 from tests.support.settlement import remember_gateway
+
+if TYPE_CHECKING:  # web3 and x402 load only in the modules that use the chain
+    from sidecar.tools.chain import Chain
+    from sidecar.tools.onchain import Facilitator
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -51,3 +56,28 @@ def admin_stack() -> Iterator[Stack]:
     with stacks.admin_stack() as running:
         remember_gateway(running)
         yield running
+
+
+# -- the chain parts of the `exact` tests: one anvil and one facilitator per module --------
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator[Chain]:
+    """anvil with Circle's USDC deployed, the payers of sidecar.tools.onchain funded."""
+    from sidecar.tools.chain import Chain
+    from sidecar.tools.onchain import payers
+
+    with Chain() as running:
+        for payer in payers(running):
+            running.mint(payer.address, 100_000_000)  # 100 USDC each
+        yield running
+
+
+@pytest.fixture(scope="module")
+def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilitator]:
+    """`x402 facilitator serve` on the module's chain."""
+    from sidecar.tools.onchain import Facilitator
+
+    served = Facilitator(chain, tmp_path_factory.mktemp("facilitator")).start()
+    yield served
+    served.stop()

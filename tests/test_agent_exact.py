@@ -53,19 +53,6 @@ X402 = str(Path(sys.executable).with_name("x402"))
 
 
 @pytest.fixture(scope="module")
-def chain() -> Iterator[Chain]:
-    with Chain() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilitator]:
-    served = Facilitator(chain, tmp_path_factory.mktemp("facilitator")).start()
-    yield served
-    served.stop()
-
-
-@pytest.fixture(scope="module")
 def gw(chain: Chain, facilitator: Facilitator) -> Iterator[Stack]:
     with Stack(ROUTES, settings=exact_settings(chain, facilitator)) as running:
         yield running

@@ -38,27 +38,11 @@ from tests.support.payers import pay_direct
 
 PAID = "/api/paid"
 PRICE = 10_000  # 0.01 USDF = 0.01 USDC
-MINTED = 5_000_000
 ROUTES = {"paid": {"method": "GET", "path": PAID, "price": "0.01", "description": "paid"}}
 X402_CORE = Path(
     os.environ.get("X402_CORE")
     or Path(__file__).resolve().parents[1] / ".tools/node_modules/@x402/core"
 )
-
-
-@pytest.fixture(scope="module")
-def chain() -> Iterator[Chain]:
-    with Chain() as running:
-        for payer in payers(running):
-            running.mint(payer.address, MINTED)
-        yield running
-
-
-@pytest.fixture(scope="module")
-def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilitator]:
-    served = Facilitator(chain, tmp_path_factory.mktemp("facilitator")).start()
-    yield served
-    served.stop()
 
 
 @pytest.fixture(scope="module")

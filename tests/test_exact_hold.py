@@ -30,33 +30,17 @@ from sidecar.tools.onchain import (
     payers,
 )
 from sidecar.tools.stack import Stack
-from tests.support.exact import b64json, balances, sign_exact
+from tests.support.exact import answer_lost, b64json, balances, sign_exact
 
 REPORT, UPFRONT, ROWS = "/api/v1/report", "/api/paid", "/api/v1/data/rows"
 PRICE = 10_000  # 0.01 USDF = 0.01 USDC
 ROWS_MAX = 100 * 1_000  # the metered route's hold: 100 rows at 0.001
-MINTED = 5_000_000
 MARKER = "demo-upstream"  # in every body the demo service answers
 ROUTES: dict[str, dict[str, Any]] = {
     "report": {"method": "GET", "path": REPORT, "price": "0.01", "charge": "on_success"},
     "paid": {"method": "GET", "path": UPFRONT, "price": "0.01"},
     "rows": {"method": "GET", "path": ROWS, "unit": "row", "unit_price": "0.001", "max_units": 100},
 }
-
-
-@pytest.fixture(scope="module")
-def chain() -> Iterator[Chain]:
-    with Chain() as running:
-        for payer in payers(running):
-            running.mint(payer.address, MINTED)
-        yield running
-
-
-@pytest.fixture(scope="module")
-def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilitator]:
-    served = Facilitator(chain, tmp_path_factory.mktemp("facilitator")).start()
-    yield served
-    served.stop()
 
 
 @pytest.fixture(scope="module")
@@ -326,20 +310,9 @@ async def test_a_settle_answer_lost_after_success_is_resolved_on_chain(
             header, payload = await sign_exact(chain, http, REPORT, payer, PRICE)
             nonce = payload.payload["authorization"]["nonce"]
             before, sent = balances(chain, payer.address), settles(chain)
-            await asyncio.to_thread(chain.automine, False)
-            try:
-                pending = asyncio.create_task(
-                    http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
-                )
-                for _ in range(200):  # the settle's transaction, sent and not mined
-                    if await asyncio.to_thread(chain.pending_transactions):
-                        break
-                    await asyncio.sleep(0.05)
-                await asyncio.sleep(1.2)  # past facilitator_settle_timeout_ms: unknown
-                await asyncio.to_thread(chain.mine)
-            finally:
-                await asyncio.to_thread(chain.automine, True)
-            served = await pending
+            served = await answer_lost(
+                chain, http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
+            )
         assert served.status_code == 200, served.text
         assert served.json()["service"] == MARKER
         receipt = b64json(served.headers["payment-response"])

@@ -33,28 +33,13 @@ from sidecar.tools.onchain import (
     payers,
 )
 from sidecar.tools.stack import Stack
+from tests.support.exact import answer_lost
 from tests.support.payers import pay_direct
 
 TOPUP = "/x402/topup"
 CHEAP = "/api/cheap"
 ROUTES = {"cheap": {"method": "GET", "path": CHEAP, "price": "0.001"}}  # sub-cent
-MINTED = 100_000_000
 USDC = 1_000_000
-
-
-@pytest.fixture(scope="module")
-def chain() -> Iterator[Chain]:
-    with Chain() as running:
-        for payer in payers(running):
-            running.mint(payer.address, MINTED)
-        yield running
-
-
-@pytest.fixture(scope="module")
-def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilitator]:
-    served = Facilitator(chain, tmp_path_factory.mktemp("facilitator")).start()
-    yield served
-    served.stop()
 
 
 @pytest.fixture(scope="module")
@@ -302,9 +287,12 @@ async def test_timings_topup_versus_prepaid(
 async def test_a_lost_settle_answer_is_resolved_on_chain_and_credited_once(
     chain: Chain, facilitator: Facilitator
 ) -> None:
-    """The sidecar gives up on /settle after 5 ms (the facilitator settles on regardless):
-    the outcome is unknown, so it looks the authorization up on chain before crediting."""
-    settings = exact_settings(chain, facilitator, facilitator_settle_timeout_ms=5)
+    """The facilitator's /settle answer comes too late (its transaction waits unmined):
+    the outcome is unknown, so the sidecar looks the authorization up on chain before
+    crediting."""
+    settings = exact_settings(
+        chain, facilitator, facilitator_settle_timeout_ms=1000, chain_lookup_ms=10_000
+    )
     with Stack(ROUTES, settings=settings) as lossy:
         async with httpx.AsyncClient(base_url=lossy.url, timeout=60) as http:
             key = Identity.generate().public_key
@@ -312,7 +300,9 @@ async def test_a_lost_settle_answer_is_resolved_on_chain_and_credited_once(
             before = onchain(chain, payer.address)
             header = await signed_topup(chain, http, key, "4", payer_index=5)
             params = {"payer": key, "amount": "4"}
-            response = await http.post(TOPUP, params=params, headers={"PAYMENT-SIGNATURE": header})
+            response = await answer_lost(
+                chain, http.post(TOPUP, params=params, headers={"PAYMENT-SIGNATURE": header})
+            )
             assert response.status_code == 200, response.text
             body = response.json()
             assert chain.w3.eth.get_transaction_receipt(body["transaction"])["status"] == 1
@@ -327,7 +317,7 @@ async def test_a_lost_settle_answer_is_resolved_on_chain_and_credited_once(
             # chain shows the transfer, and its receipt names the transaction found there.
             before = onchain(chain, payer.address)
             async with x402HttpxClient(official_client(chain, payer, 1_000), timeout=60) as c:
-                paid = await c.get(lossy.url + CHEAP)
+                paid = await answer_lost(chain, c.get(lossy.url + CHEAP))
             assert paid.status_code == 200, paid.text
             settled = decode_payment_response_header(paid.headers["payment-response"])
             assert settled.success and settled.transaction.startswith("0x")

@@ -102,3 +102,8 @@ def authorization(authorizer: str, key: str) -> str:
     until its validBefore (+ grace). Tagged by the authorizer (an EVM address), so the
     reservation is one key in one slot; `key` is network:token:nonce."""
     return f"{PREFIX}:{{evm:{authorizer.lower()}}}:auth:{key}"
+
+
+# -- the operator's dashboard (sidecar/ledger/decisions.py) -------------------------------
+
+DECISIONS = f"{PREFIX}:decisions"  # stream of recent decision lines, capped (MAXLEN ~)

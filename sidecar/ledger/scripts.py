@@ -21,6 +21,8 @@ def source(name: str) -> str:
 DEBIT = Script(source("debit"))
 VOUCHER = Script(source("channel_voucher"))
 RATE = Script(source("rate_limit"))
+# Off the hot path but beside it: one call per decision-log batch (ledger/decisions.py).
+DECISIONS = Script(source("decisions"))
 
 # Holds (ledger/holds.py): the shared release and sweep functions prepended to each.
 _HOLDS_COMMON = source("holds_common")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from aiohttp import web
 
 from sidecar.core.batches import signed_receipt
 from sidecar.core.decision import Gateway
@@ -42,6 +43,7 @@ from sidecar.server import admin_pb2 as pb
 from sidecar.server import admin_pb2_grpc as pb_grpc
 from sidecar.server import wiring
 from sidecar.server.config import Settings
+from sidecar.server.dashboard import start_dashboard
 from sidecar.server.logs import get_logger
 
 T = TypeVar("T")
@@ -343,14 +345,18 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
 
 @dataclass
 class Facilities:
-    """What worker 0 runs beside ext_authz: the admin API and the settlement worker."""
+    """What worker 0 runs beside ext_authz: the admin API, the settlement worker and the
+    dashboard."""
 
     admin: grpc.aio.Server | None
     settler: asyncio.Task[None] | None
     stop: asyncio.Event
+    dashboard: web.AppRunner | None = None
 
     async def close(self, grace: float) -> None:
         self.stop.set()
+        if self.dashboard is not None:
+            await self.dashboard.cleanup()
         if self.admin is not None:
             await self.admin.stop(grace)
         if self.settler is not None:
@@ -366,4 +372,5 @@ async def start_facilities(settings: Settings, ledger: Ledger, gateway: Gateway)
         settler = asyncio.create_task(
             worker.run_forever(settings.settle_interval_seconds, stop), name="x402-settle"
         )
-    return Facilities(admin, settler, stop)
+    dashboard = await start_dashboard(settings, ledger, gateway)
+    return Facilities(admin, settler, stop, dashboard)

@@ -107,6 +107,12 @@ class Settings:
     admin_tls_cert_file: str = ""  # TLS on the admin port ...
     admin_tls_key_file: str = ""
     admin_tls_client_ca_file: str = ""  # ... and mutual TLS: clients need a cert of this CA
+    # The operator's web dashboard (server/dashboard): on worker 0 beside the admin API,
+    # behind the same admin token; "" turns it off. It needs admin_token_file.
+    listen_dashboard: str = "127.0.0.1:8998"
+    # Recent decision lines kept in a capped Redis stream for the dashboard (written only
+    # while the dashboard is on); 0: none kept.
+    decision_stream_max: int = 10000
     # Settlement batches (sidecar/settlement.py; `x402 settle`, or in the sidecar).
     settle_batch_size: int = 1000  # receipts per batch at most
     settle_max_age_seconds: int = 60  # a partial batch is settled once this old
@@ -131,7 +137,8 @@ class Settings:
     exact_max_timeout_seconds: int = 300  # the offer's maxTimeoutSeconds
     facilitator_verify_timeout_ms: int = 5000  # past it: 503 facilitator_unavailable
     facilitator_settle_timeout_ms: int = 20000  # a real chain's settle fits in it
-    chain_rpc_url: str = ""  # JSON-RPC of the chain: resolves a top-up's unknown settle
+    chain_rpc_url: str = ""  # JSON-RPC of the chain: resolves a settle whose answer was lost
+    chain_lookup_ms: int = 3000  # how long the chain is watched for such a settle
     # Self-serve top-ups (POST /x402/topup): an agent buys prepaid credit with `exact`.
     topup_asset: str = ""  # "": the default asset, if a token backs it; "off": no top-ups
     topup_min: str = "1"  # per top-up, in the asset's decimals
@@ -173,6 +180,11 @@ class Settings:
         settings.exact_terms()
         return settings
 
+    @property
+    def dashboard_enabled(self) -> bool:
+        """The dashboard is served (by worker 0) only behind the admin token."""
+        return bool(self.listen_dashboard and self.admin_token_file)
+
     def exact_terms(self) -> exact.ExactTerms | None:
         """The `exact` scheme's config, checked (None: no on-chain asset configured)."""
         if exact.CAIP2.fullmatch(self.network) is None:
@@ -200,6 +212,8 @@ class Settings:
                 raise ConfigError(f"config {key}: must be at least 1")
         if self.facilitator_settle_timeout_ms == 0:
             raise ConfigError("config facilitator_settle_timeout_ms: must be at least 1")
+        if self.chain_lookup_ms < 0:
+            raise ConfigError("config chain_lookup_ms: must be 0 or more")
         return exact.ExactTerms(
             tokens,
             self.pay_to,

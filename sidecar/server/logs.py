@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -59,9 +59,16 @@ class DecisionLog:
     FLUSH_SECONDS = 0.01
     MAX_PENDING = 256
 
-    def __init__(self, level: str = "info", stream: TextIO | None = None) -> None:
-        self.enabled = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO
+    def __init__(
+        self,
+        level: str = "info",
+        stream: TextIO | None = None,
+        sink: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        self.printing = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO
+        self.enabled = self.printing or sink is not None
         self.stream = stream  # None: sys.stdout when writing
+        self.sink = sink  # also given each batch of lines (the dashboard's recent decisions)
         self.pending: list[str] = []
         self.timer: asyncio.TimerHandle | None = None
         self.second, self.prefix = -1, ""
@@ -98,7 +105,9 @@ class DecisionLog:
             self.timer.cancel()
             self.timer = None
         lines, self.pending = self.pending, []
-        if lines:
+        if lines and self.sink is not None:
+            self.sink(lines)
+        if lines and self.printing:
             out = self.stream or sys.stdout
             out.write("\n".join(lines) + "\n")
             out.flush()

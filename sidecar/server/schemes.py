@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -163,13 +164,17 @@ class ExactSettler:
     it in the ledger (concurrent and replayed copies stop here), /verify, /settle. Shared
     by the `exact` scheme and the top-up route."""
 
-    RESOLVE_ATTEMPTS = 6
-    RESOLVE_INTERVAL = 0.5
+    RESOLVE_INTERVAL = 0.5  # seconds between two looks at the chain
 
     def __init__(
-        self, authorizations: Authorizations, facilitator: Facilitator, chain: Chain | None
+        self,
+        authorizations: Authorizations,
+        facilitator: Facilitator,
+        chain: Chain | None,
+        lookup: float = 3.0,  # seconds the chain is watched for a settle whose answer was lost
     ) -> None:
         self.authorizations, self.facilitator, self.chain = authorizations, facilitator, chain
+        self.lookup = lookup
 
     async def close(self) -> None:
         await self.facilitator.close()
@@ -248,12 +253,14 @@ class ExactSettler:
                 "until it expires"
             )
         token = str(auth.requirements["asset"])
-        for attempt in range(self.RESOLVE_ATTEMPTS):
+        deadline = time.monotonic() + self.lookup
+        while True:
             if await self.chain.authorization_used(token, auth.payer, auth.nonce):
                 found = await self.chain.transaction_of(token, auth.payer, auth.nonce)
                 return found or "unknown"
-            if attempt + 1 < self.RESOLVE_ATTEMPTS:
-                await asyncio.sleep(self.RESOLVE_INTERVAL)
+            if time.monotonic() + self.RESOLVE_INTERVAL > deadline:
+                break
+            await asyncio.sleep(self.RESOLVE_INTERVAL)
         if failed:
             raise SettlementFailed(
                 "the settlement transaction failed; nothing was charged",

@@ -39,6 +39,7 @@ from sidecar.server import holding, logs, metrics, wiring
 from sidecar.server.admin import start_facilities
 from sidecar.server.authz import AUTHZ_SERVICE, Authorization
 from sidecar.server.config import Settings
+from sidecar.server.feed import DecisionFeed
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
 from sidecar.server.side_port import AnyReply, Headers, SidePort, start_http
 from sidecar.server.topup import Topup
@@ -99,9 +100,13 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     limiter = wiring.rate_limiter(settings, ledger.pipe)
     settler = wiring.exact_settler(settings, ledger)
-    authz = Authorization(
-        routes, gateway, ledger, worker, logs.DecisionLog(settings.log_level), limiter, settler
-    )
+    # Each batch of decision lines also goes to the dashboard's capped stream (feed.py),
+    # while there is a dashboard to read it.
+    feed = None
+    if settings.dashboard_enabled and settings.decision_stream_max:
+        feed = DecisionFeed(ledger, settings.decision_stream_max)
+    decision_log = logs.DecisionLog(settings.log_level, sink=feed)
+    authz = Authorization(routes, gateway, ledger, worker, decision_log, limiter, settler)
     # The response phase of routes charged on success: Envoy's ext_proc, same port.
     processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)
     server.add_generic_rpc_handlers((authz.handler(), processor.handler()))
@@ -148,6 +153,8 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     await health.enter_graceful_shutdown()
     await server.stop(SHUTDOWN_GRACE_SECONDS)
     authz.decisions.flush()  # the last checks' lines
+    if feed is not None:
+        await feed.close()
     if http is not None:
         sweeper.cancel()
         http.close()

@@ -80,4 +80,5 @@ def exact_settler(settings: Settings, ledger: Ledger) -> ExactSettler | None:
         settings.facilitator_settle_timeout_ms / 1000,
     )
     chain = Chain(settings.chain_rpc_url) if settings.chain_rpc_url else None
-    return ExactSettler(Authorizations(ledger), facilitator, chain)
+    lookup = settings.chain_lookup_ms / 1000
+    return ExactSettler(Authorizations(ledger), facilitator, chain, lookup)

@@ -814,9 +814,11 @@ def run(serve: bool = False, console: Console | None = None, info: Path | None =
                     topup_max=TOPUP_MAX,
                 )
             with console.status("starting Redis, the sidecar, Envoy and the demo service…"):
-                stack = running.enter_context(Stack(ROUTES, settings=settings))
+                stack = Stack(ROUTES, settings=settings)
+                token = stack.with_admin() if serve else ""  # --serve: the dashboard too
+                running.enter_context(stack)
             if serve:
-                return serve_forever(stack, console, onchain, info)
+                return serve_forever(stack, console, onchain, info, token)
             return Demo(stack, console, onchain).run()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM during the story: everything is stopped
         console.print("interrupted", markup=False)
@@ -863,9 +865,11 @@ def serve_forever(
     console: Console,
     onchain: OnchainStatus | None = None,
     info: Path | None = None,
+    token: str = "",
 ) -> int:
     """Keep the stack up for the user's own agent until Ctrl-C or SIGTERM; with `info`,
-    write what a client needs there (mode 0600), removed again on the way out."""
+    write what a client needs there (mode 0600), removed again on the way out; with
+    `token`, the operator's dashboard is served behind it."""
     onchain = onchain or OnchainStatus(skipped="no chain configured")
     wallet = Wallet.generate()
     key_file = stack.dir / "agent.key"
@@ -878,6 +882,9 @@ def serve_forever(
     table.add_row("agent wallet", f"{key_file} ({SERVE_CREDIT} USDF)")
     facts = serve_facts(stack, wallet, key_file, onchain)
     serve_chain_rows(table, facts)
+    if token:
+        table.add_row("dashboard", stack.dashboard_url)
+        table.add_row("admin token", token)
     console.print(Panel(table, title="x402 demo --serve", title_align="left", expand=False))
     console.print("Try it:", markup=False)
     console.print(

@@ -61,8 +61,9 @@ def timeouts(settings: Settings) -> tuple[str, str]:
     """Envoy's ext_authz timeout and the top-up route's ("": no top-up route) for a sidecar
     config: above everything the sidecar may wait for, so the sidecar always answers first.
     With the `exact` scheme a check waits for the facilitator's /verify and /settle (a real
-    chain's settle takes seconds) and three ledger steps; the top-up adds 5 s for the
-    on-chain lookup of a settle whose answer was lost. The ext_proc filter's message
+    chain's settle takes seconds), the on-chain lookup of a settle whose answer was lost
+    (chain_lookup_ms) and three ledger steps; the top-up adds its credit (one more ledger
+    step) and a second. The ext_proc filter's message
     timeout (the response phase) is the same: on a `charge: on_success` route `exact` is
     /settle'd there, after the service succeeded. The chart computes the same."""
     redis_ms = settings.redis_timeout_ms
@@ -73,11 +74,12 @@ def timeouts(settings: Settings) -> tuple[str, str]:
     exact_ms = (
         settings.facilitator_verify_timeout_ms
         + settings.facilitator_settle_timeout_ms
+        + settings.chain_lookup_ms
         + 3 * redis_ms
         + 1000
     )
     authz_ms = max(redis_ms + 500, exact_ms)
-    topup = _millis(exact_ms + 5000) if terms.topup else ""
+    topup = _millis(exact_ms + redis_ms + 1000) if terms.topup else ""
     return _millis(authz_ms), topup
 
 

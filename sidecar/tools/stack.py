@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -159,7 +160,10 @@ class Stack:
             self._tmp = tempfile.TemporaryDirectory(prefix="x402-")
             self.workdir = Path(self._tmp.name)
         self.dir = self.workdir
-        self.ports = {name: free_port() for name in ("redis", "http", "envoy", "admin", "upstream")}
+        self.ports = {
+            name: free_port()
+            for name in ("redis", "http", "envoy", "admin", "upstream", "dashboard")
+        }
         self.ports["grpc"] = free_ports(self.workers)  # worker i listens on this + i
         for node in range(self.redis_cluster):
             self.ports[f"redis{node}"] = free_cluster_port()
@@ -181,6 +185,24 @@ class Stack:
     def url(self) -> str:
         """Where agents connect: Envoy's listener."""
         return f"http://{LOOPBACK}:{self.ports['envoy']}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """The operator's dashboard (served only with an admin token: `with_admin`)."""
+        return f"http://{LOOPBACK}:{self.ports['dashboard']}"
+
+    def with_admin(self) -> str:
+        """Before start: serve the admin API and the dashboard behind a fresh admin token
+        (in the stack's directory); returns the token."""
+        token = secrets.token_urlsafe(24)
+        write_secret(self.dir / "admin.token", token + "\n")
+        self.ports["admin_api"] = free_port()
+        self.settings = {
+            **self.settings,
+            "listen_admin": f"{LOOPBACK}:{self.ports['admin_api']}",
+            "admin_token_file": str(self.dir / "admin.token"),
+        }
+        return token
 
     @property
     def sideport_url(self) -> str:
@@ -221,6 +243,7 @@ class Stack:
         config = {
             "listen_grpc": f"{LOOPBACK}:{self.ports['grpc']}",
             "listen_http": f"{LOOPBACK}:{self.ports['http']}",
+            "listen_dashboard": f"{LOOPBACK}:{self.ports['dashboard']}",
             "redis_url": self.redis_url,
             "signing_key_file": str(self.dir / "signing.key"),
             "invoice_secret_file": str(self.dir / "invoice.secret"),

@@ -3,10 +3,13 @@ checksum, ServiceMonitor, autoscaling) render what they say."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from sidecar.server.config import Settings
+from tests.support import grafana
 from tests.support.charts import (
     CHART,
     FULLNAME,
@@ -113,6 +116,112 @@ INVALID: dict[str, tuple[str, list[str], str]] = {
         [],
         "Additional property xffTrustedHops is not allowed",
     ),
+    "existing service without the selector of its pods": (
+        "existingService: {name: orders-api}",
+        [],
+        "existingService.podSelector: the labels of the service's pods",
+    ),
+    "existing service and an app container": (
+        "existingService: {name: orders-api, podSelector: {app: orders}}\n"
+        "app: {image: {repository: orders}}",
+        [],
+        "existingService.name: the gateway fronts an existing Service, so it runs no app",
+    ),
+    "existing service name not a DNS name": (
+        "existingService: {name: Orders_API, podSelector: {app: orders}}",
+        [],
+        "existingService.name: Does not match pattern",
+    ),
+    "existing service port out of range": (
+        "existingService: {name: orders-api, port: 0, podSelector: {app: orders}}",
+        [],
+        "existingService.port: Must be greater than or equal to 1",
+    ),
+    "existing service selector not a label map": (
+        "existingService: {name: orders-api, podSelector: {app: [orders]}}",
+        [],
+        "existingService.podSelector.app: Invalid type. Expected: string, given: array",
+    ),
+    "negative rate limit": (
+        "sidecar: {rateLimits: {payerPerSecond: -1}}",
+        [],
+        "sidecar.rateLimits.payerPerSecond: Must be greater than or equal to 0",
+    ),
+    "unknown rate limit": (
+        "sidecar: {rateLimits: {perMinute: 5}}",
+        [],
+        "Additional property perMinute is not allowed",
+    ),
+    "ip burst of the wrong type": (
+        "sidecar: {rateLimits: {ipBurst: '10'}}",
+        [],
+        "sidecar.rateLimits.ipBurst: Invalid type. Expected: integer, given: string",
+    ),
+    "hold sweep of zero": (
+        "sidecar: {holdSweepSeconds: 0}",
+        [],
+        "sidecar.holdSweepSeconds: Must be greater than or equal to 1",
+    ),
+    "negative settlement interval": (
+        "sidecar: {settlement: {intervalSeconds: -5}}",
+        [],
+        "sidecar.settlement.intervalSeconds: Must be greater than or equal to 0",
+    ),
+    "empty settlement batches": (
+        "sidecar: {settlement: {batchSize: 0}}",
+        [],
+        "sidecar.settlement.batchSize: Must be greater than or equal to 1",
+    ),
+    "settlement max age of zero": (
+        "sidecar: {settlement: {maxAgeSeconds: 0}}",
+        [],
+        "sidecar.settlement.maxAgeSeconds: Must be greater than or equal to 1",
+    ),
+    "settlement lease of zero": (
+        "sidecar: {settlement: {leaseSeconds: 0}}",
+        [],
+        "sidecar.settlement.leaseSeconds: Must be greater than or equal to 1",
+    ),
+    "anchor file outside the chart's volume": (
+        "sidecar: {settlement: {anchorFile: /etc/anchors.jsonl}}",
+        [],
+        "sidecar.settlement.anchorFile: Does not match pattern",
+    ),
+    "admin switch of the wrong type": (
+        "sidecar: {admin: {enabled: 'yes'}}",
+        [],
+        "sidecar.admin.enabled: Invalid type. Expected: boolean, given: string",
+    ),
+    "admin port out of range": (
+        "sidecar: {admin: {port: 70000}}",
+        [],
+        "sidecar.admin.port: Must be less than or equal to 65535",
+    ),
+    "admin port on another port of the pod": (
+        "sidecar: {admin: {enabled: true, port: 9000}}",
+        [],
+        "ports: app.port, envoy.port, envoy.adminPort, sidecar.httpPort and",
+    ),
+    "admin token key not a key name": (
+        "sidecar: {admin: {tokenKey: 'admin token'}}",
+        [],
+        "sidecar.admin.tokenKey: Does not match pattern",
+    ),
+    "unknown admin key": (
+        "sidecar: {admin: {token: abc}}",
+        [],
+        "Additional property token is not allowed",
+    ),
+    "grafana dashboard switch as a string": (
+        "grafanaDashboard: {enabled: 'yes'}",
+        [],
+        "grafanaDashboard.enabled: Invalid type. Expected: boolean, given: string",
+    ),
+    "unknown grafana dashboard key": (
+        "grafanaDashboard: {enabled: true, folder: payments}",
+        [],
+        "Additional property folder is not allowed",
+    ),
     "default asset not in assets": (
         "defaultAsset: EUR",
         [],
@@ -165,6 +274,22 @@ def test_service_monitor_scrapes_the_sidecar_http_port() -> None:
     assert not rendered_values("default").all("ServiceMonitor")
 
 
+def test_the_grafana_dashboard_configmap_is_off_by_default_and_loadable() -> None:
+    name = f"{FULLNAME}-grafana-dashboard"
+    assert not rendered_values("default").has("ConfigMap", name)
+    rendered = render_chart(
+        "default",
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "grafanaDashboard.annotations.grafana_folder=payments",
+    )
+    configmap = rendered.find("ConfigMap", name)
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "payments"}
+    assert json.loads(configmap["data"]["x402-sidecar.json"]) == grafana.load()
+
+
 def test_autoscaling_owns_the_replica_count() -> None:
     external = rendered_values("external-redis")
     assert "replicas" not in external.find("Deployment", FULLNAME)["spec"]
@@ -175,3 +300,42 @@ def test_autoscaling_owns_the_replica_count() -> None:
     default = rendered_values("default")
     assert default.find("Deployment", FULLNAME)["spec"]["replicas"] == 2
     assert not default.all("HorizontalPodAutoscaler")
+
+
+def test_rate_limits_settlement_holds_and_the_admin_api_reach_the_sidecar_config() -> None:
+    rendered = render_chart(
+        "default",
+        "--set",
+        "sidecar.rateLimits.payerPerSecond=5",
+        "--set",
+        "sidecar.rateLimits.ipBurst=20",
+        "--set",
+        "sidecar.holdSweepSeconds=2",
+        "--set",
+        "sidecar.settlement.intervalSeconds=30",
+        "--set",
+        "sidecar.settlement.batchSize=500",
+        "--set",
+        "sidecar.admin.enabled=true",
+    )
+    config = rendered.sidecar_config
+    settings = Settings.from_mapping(config, env={})
+    assert (settings.rate_limit_payer_per_second, settings.rate_limit_ip_burst) == (5, 20)
+    assert (settings.hold_sweep_seconds, settings.settle_interval_seconds) == (2, 30)
+    assert (settings.settle_batch_size, settings.anchor_file) == (
+        500,
+        "/var/lib/x402/x402-anchors.jsonl",
+    )
+    assert settings.listen_admin == "0.0.0.0:8999"
+    x402 = rendered.container("x402")
+    mounts = {m["mountPath"]: m["name"] for m in x402["volumeMounts"]}
+    assert mounts["/var/lib/x402"] == "x402-data"
+    token_dir = settings.admin_token_file.rsplit("/", 1)[0]
+    assert mounts[token_dir] == "x402-admin"
+    token = rendered.secret_values()[f"{FULLNAME}-admin"]["admin.token"]
+    assert len(token.encode()) >= 16
+    assert {"name": "x402-admin", "containerPort": 8999, "protocol": "TCP"} in x402["ports"]
+    # Off by default: no admin listener, no token Secret.
+    default = rendered_values("default")
+    assert "listen_admin" not in default.sidecar_config
+    assert not default.has("Secret", f"{FULLNAME}-admin")

@@ -4,8 +4,10 @@ chain side: the facilitator, the settings, the client)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+from collections.abc import Awaitable
 from typing import Any
 
 import httpx
@@ -41,3 +43,22 @@ async def sign_exact(
     assert isinstance(payload, PaymentPayload)
     encoded = base64.b64encode(payload.model_dump_json(by_alias=True).encode()).decode()
     return encoded, payload
+
+
+async def answer_lost(chain: Chain, send: Awaitable[httpx.Response]) -> httpx.Response:
+    """`send` a paid request while anvil mines nothing: the facilitator's settle transaction
+    waits in the pool past the sidecar's facilitator_settle_timeout_ms (at most 1 s here),
+    so the settle's answer is lost; then the block is mined and the sidecar, watching the
+    chain (chain_lookup_ms), finds the transfer."""
+    await asyncio.to_thread(chain.automine, False)
+    try:
+        pending = asyncio.ensure_future(send)
+        for _ in range(400):  # the settle's transaction, sent and not mined
+            if await asyncio.to_thread(chain.pending_transactions) or pending.done():
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.2)  # past facilitator_settle_timeout_ms: the outcome is unknown
+        await asyncio.to_thread(chain.mine)
+    finally:
+        await asyncio.to_thread(chain.automine, True)
+    return await pending

@@ -4,8 +4,12 @@
 
 {{- define "x402.envoyCluster" -}}
 - name: {{ .name }}
-  type: STATIC
+  type: {{ ternary "STRICT_DNS" "STATIC" (hasKey . "address") }}
   connect_timeout: 1s
+  {{- if hasKey . "address" }}
+  # An existing Service by name: re-resolved as the cluster's DNS answers change.
+  dns_lookup_family: V4_PREFERRED
+  {{- end }}
   {{- if not .http2 }}
   per_connection_buffer_limit_bytes: 32768
   {{- end }}
@@ -17,7 +21,7 @@
       - endpoint:
           address:
             socket_address:
-              address: 127.0.0.1
+              address: {{ default "127.0.0.1" $.address }}
               port_value: {{ add $.port $i }}
       {{- end }}
 {{- if .http2 }}
@@ -364,5 +368,9 @@ static_resources:
 {{- /* Sidecar worker i serves ext_authz on grpcPort + i; each is an endpoint. */}}
 {{ include "x402.envoyCluster" (dict "name" "x402_authz" "port" (int $v.sidecar.grpcPort) "http2" true "count" (int $v.sidecar.workers)) | indent 2 }}
 {{ include "x402.envoyCluster" (dict "name" "x402_http" "port" (int $v.sidecar.httpPort)) | indent 2 }}
+{{- if $v.existingService.name }}
+{{ include "x402.envoyCluster" (dict "name" "service" "address" $v.existingService.name "port" (int $v.existingService.port)) | indent 2 }}
+{{- else }}
 {{ include "x402.envoyCluster" (dict "name" "service" "port" (int $v.app.port)) | indent 2 }}
+{{- end }}
 {{- end }}

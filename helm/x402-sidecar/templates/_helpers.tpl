@@ -58,6 +58,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* Paths inside the pod: the config and secret volumes mount here. */}}
 {{- define "x402.configPath" -}}/etc/x402/config/x402.yaml{{- end }}
 {{- define "x402.secretsDir" -}}/etc/x402/secrets{{- end }}
+{{- define "x402.adminSecretsDir" -}}/etc/x402/admin{{- end }}
 {{- define "x402.envoyConfigPath" -}}/etc/envoy/envoy.yaml{{- end }}
 
 {{/* ---- values checks the schema cannot express (fail closed, name the key) -------- */}}
@@ -89,8 +90,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 {{- /* Sidecar worker i listens on grpcPort + i. */}}
-{{- $ports := list (int $v.app.port) (int $v.envoy.port) (int $v.envoy.adminPort) (int $v.sidecar.httpPort) }}
+{{- $ports := list (int $v.envoy.port) (int $v.envoy.adminPort) (int $v.sidecar.httpPort) }}
+{{- if not $v.existingService.name }}{{ $ports = prepend $ports (int $v.app.port) }}{{ end }}
+{{- if $v.sidecar.admin.enabled }}{{ $ports = append $ports (int $v.sidecar.admin.port) }}{{ end }}
 {{- range $i := until (int $v.sidecar.workers) }}{{ $ports = append $ports (add $v.sidecar.grpcPort $i | int) }}{{ end }}
+{{- if and $v.existingService.name $v.networkPolicy.enabled (not $v.existingService.podSelector) }}
+{{- fail "existingService.podSelector: the labels of the service's pods, so a NetworkPolicy lets only the gateway reach them (or networkPolicy.enabled=false if your cluster enforces that otherwise)" }}
+{{- end }}
+{{- if and $v.existingService.name $v.app.image.repository }}
+{{- fail "existingService.name: the gateway fronts an existing Service, so it runs no app container; unset app.image.repository" }}
+{{- end }}
 {{- if ne (len $ports) (len (uniq $ports)) }}
 {{- fail (printf "ports: app.port, envoy.port, envoy.adminPort, sidecar.httpPort and sidecar.grpcPort..grpcPort+workers-1 share one network namespace and must differ (got %v)" $ports) }}
 {{- end }}
@@ -218,6 +227,25 @@ response_trailer_mode: SKIP
 {{- get $ "x402RedisSecretData" | toJson }}
 {{- end }}
 
+{{/* The admin API's bearer token: generated once, then reused (as the keys above). */}}
+{{- define "x402.adminSecretData" -}}
+{{- if not (hasKey $ "x402AdminSecretData") }}
+{{- $live := lookup "v1" "Secret" .Release.Namespace (printf "%s-admin" (include "x402.fullname" .)) }}
+{{- $data := dict }}
+{{- if and $live $live.data (hasKey $live.data "admin.token") }}
+{{- $data = dict "admin.token" (index $live.data "admin.token") }}
+{{- else }}
+{{- $data = dict "admin.token" (randAlphaNum 40 | b64enc) }}
+{{- end }}
+{{- $_ := set $ "x402AdminSecretData" $data }}
+{{- end }}
+{{- get $ "x402AdminSecretData" | toJson }}
+{{- end }}
+
+{{- define "x402.adminSecretName" -}}
+{{- default (printf "%s-admin" (include "x402.fullname" .)) .Values.sidecar.admin.existingSecret }}
+{{- end }}
+
 {{- define "x402.gatewaySecretName" -}}
 {{- default (printf "%s-keys" (include "x402.fullname" .)) .Values.secrets.existingSecret }}
 {{- end }}
@@ -277,11 +305,25 @@ response_trailer_mode: SKIP
   "invoice_ttl_seconds" (int $v.sidecar.invoiceTtlSeconds)
   "max_direct_ttl_seconds" (int $v.sidecar.maxDirectTtlSeconds)
   "max_proof_bytes" (int $v.sidecar.maxProofBytes)
+  "rate_limit_payer_per_second" (int $v.sidecar.rateLimits.payerPerSecond)
+  "rate_limit_payer_burst" (int $v.sidecar.rateLimits.payerBurst)
+  "rate_limit_ip_per_second" (int $v.sidecar.rateLimits.ipPerSecond)
+  "rate_limit_ip_burst" (int $v.sidecar.rateLimits.ipBurst)
+  "hold_sweep_seconds" (int $v.sidecar.holdSweepSeconds)
+  "settle_interval_seconds" (int $v.sidecar.settlement.intervalSeconds)
+  "settle_batch_size" (int $v.sidecar.settlement.batchSize)
+  "settle_max_age_seconds" (int $v.sidecar.settlement.maxAgeSeconds)
+  "settle_lease_seconds" (int $v.sidecar.settlement.leaseSeconds)
+  "anchor_file" $v.sidecar.settlement.anchorFile
   "workers" (int $v.sidecar.workers)
   "default_asset" $v.defaultAsset
   "assets" $assets
   "routes" $routes
 }}
+{{- if $v.sidecar.admin.enabled }}
+{{- $_ := set $config "listen_admin" (printf "0.0.0.0:%d" (int $v.sidecar.admin.port)) }}
+{{- $_ := set $config "admin_token_file" (printf "%s/admin.token" (include "x402.adminSecretsDir" .)) }}
+{{- end }}
 {{- toYaml $config }}
 {{- /* The exact keys are written out and quoted: toYaml leaves an address like 0x90F7…
      bare, and YAML 1.1 reads that as a hex integer. */}}
@@ -307,6 +349,7 @@ exact_max_timeout_seconds: {{ int $x.maxTimeoutSeconds }}
 facilitator_verify_timeout_ms: {{ int $x.verifyTimeoutMs }}
 facilitator_settle_timeout_ms: {{ int $x.settleTimeoutMs }}
 chain_rpc_url: {{ $x.chainRpcUrl | quote }}
+chain_lookup_ms: {{ int $x.chainLookupMs }}
 topup_asset: {{ $x.topup.asset | quote }}
 topup_min: {{ $x.topup.min | quote }}
 topup_max: {{ $x.topup.max | quote }}
@@ -314,11 +357,12 @@ topup_max: {{ $x.topup.max | quote }}
 {{- end }}
 
 {{/* Envoy's ext_authz timeout: envoy.authzTimeout, or with `exact` the facilitator's
-     verify + settle + 3 ledger steps + 1s (sidecar/tools/envoy_config.py timeouts()). */}}
+     verify + settle + the chain lookup + 3 ledger steps + 1s (sidecar/tools/envoy_config.py
+     timeouts()). */}}
 {{- define "x402.authzTimeout" -}}
 {{- $v := .Values }}
 {{- if $v.exact.onchain }}
-{{- $ms := add (int $v.exact.verifyTimeoutMs) (int $v.exact.settleTimeoutMs) (mul 3 (int $v.redis.timeoutMs)) 1000 }}
+{{- $ms := add (int $v.exact.verifyTimeoutMs) (int $v.exact.settleTimeoutMs) (int $v.exact.chainLookupMs) (mul 3 (int $v.redis.timeoutMs)) 1000 }}
 {{- $floor := add (int $v.redis.timeoutMs) 500 }}
 {{- if lt $ms $floor }}{{ $ms = $floor }}{{ end }}
 {{- printf "%d.%03ds" (div $ms 1000) (mod $ms 1000) }}
@@ -327,14 +371,14 @@ topup_max: {{ $x.topup.max | quote }}
 {{- end }}
 {{- end }}
 
-{{/* The top-up route's timeout ("" when top-ups are off): the check's, plus 5s for the
-     on-chain lookup of a settle whose answer was lost. */}}
+{{/* The top-up route's timeout ("" when top-ups are off): the check's, plus its credit
+     (one ledger step) and 1s. */}}
 {{- define "x402.topupTimeout" -}}
 {{- $v := .Values }}
 {{- $x := $v.exact }}
 {{- $asset := default $v.defaultAsset $x.topup.asset }}
 {{- if and $x.onchain (ne (lower $x.topup.asset) "off") (hasKey $x.onchain $asset) }}
-{{- $ms := add (int $x.verifyTimeoutMs) (int $x.settleTimeoutMs) (mul 3 (int $v.redis.timeoutMs)) 1000 5000 }}
+{{- $ms := add (int $x.verifyTimeoutMs) (int $x.settleTimeoutMs) (int $x.chainLookupMs) (mul 4 (int $v.redis.timeoutMs)) 2000 }}
 {{- printf "%d.%03ds" (div $ms 1000) (mod $ms 1000) }}
 {{- end }}
 {{- end }}

@@ -1,0 +1,357 @@
+"""The operator's dashboard on the admin side of a real stack (Redis, two sidecar workers,
+Envoy): refused without the admin token, CSRF-proof, and in a real headless Chromium:
+revenue equal to the ledger's sums after paid traffic, decisions filtered by reason, a
+payer credited once per idempotency key, an evidence bundle downloaded and verified, and
+attacker-chosen strings shown as text."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import quote
+
+import grpc
+import httpx
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2 as authz
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
+
+from sidecar.agent.auth import X402Auth
+from sidecar.agent.wallet import Wallet
+from sidecar.ledger import decisions
+from sidecar.ledger.accounts import Ledger
+from sidecar.server.dashboard import auth
+from sidecar.server.feed import DecisionFeed
+from sidecar.tools.stack import Stack
+from tests.support.browser import chromium, log_in, screenshot, table_rows, wait_for
+from tests.support.cli import x402
+from tests.support.dashboard import (
+    GET_PAGES,
+    POST_PAGES,
+    base_url,
+    csrf_of,
+    ledger_revenue,
+    session,
+)
+from tests.support.inprocess import check_request
+from tests.support.payers import funded_payer, paid_requests, pay_direct
+from tests.support.settlement import settle
+from tests.support.stacks import ADMIN_TOKEN
+
+MARKUP = '<script>document.title="owned"</script><img src=x id=injected>'
+PATH = "/api/v1/market/" + MARKUP
+X402 = str(Path(sys.executable).parent / "x402")  # the console script pip installed
+
+
+@pytest.fixture(scope="module")
+async def admin_ledger(admin_stack: Stack) -> AsyncIterator[Ledger]:
+    ledger = Ledger.from_url(admin_stack.redis_url)
+    yield ledger
+    await ledger.close()
+
+
+@pytest.mark.parametrize(
+    "credential",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token-0000000000000000"},
+        {"Authorization": f"Basic {ADMIN_TOKEN}"},
+        {"Cookie": f"{auth.COOKIE}=made-up-session"},
+    ],
+    ids=["none", "wrong-bearer", "not-bearer", "made-up-cookie"],
+)
+async def test_every_page_and_api_is_401_without_the_token(
+    admin_stack: Stack, admin_ledger: Ledger, credential: dict[str, str]
+) -> None:
+    wallet = await funded_payer(admin_ledger, 1_000_000)
+    payer = quote(wallet.public_key, safe="")
+    async with httpx.AsyncClient(base_url=base_url(admin_stack), timeout=10) as http:
+        for path in GET_PAGES:
+            answer = await http.get(path.format(payer=payer), headers=credential)
+            assert answer.status_code == 401, path
+            assert wallet.public_key not in answer.text  # nothing of the ledger shows
+        for path in POST_PAGES:
+            form = {"amount": "5", "asset": "USDF", "idempotency_key": "k1", "confirm": "yes",
+                    "action": "suspend", "csrf": "x"}  # fmt: skip
+            answer = await http.post(path.format(payer=payer), data=form, headers=credential)
+            assert answer.status_code == 401, path
+        refused = await http.post("/login", data={"token": "wrong-token-0000000000000000"})
+        assert refused.status_code == 401 and "set-cookie" not in refused.headers
+    account = await admin_ledger.account(wallet.public_key)
+    assert (account.status, account.balances["USDF"]) == ("active", 1_000_000)
+
+
+def test_the_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    sessions = auth.Sessions(ADMIN_TOKEN.encode())
+    assert not sessions.token_matches("t0ken-" + "y" * 26)
+    assert not sessions.token_matches("short")
+    assert sessions.token_matches(ADMIN_TOKEN)
+    assert [given for given, _expected in compared] == [
+        b"t0ken-" + b"y" * 26,
+        b"short",
+        ADMIN_TOKEN.encode(),
+    ]
+
+
+async def test_cross_site_posts_are_refused(admin_stack: Stack, admin_ledger: Ledger) -> None:
+    wallet = await funded_payer(admin_ledger, 1_000_000)
+    payer = quote(wallet.public_key, safe="")
+    base = base_url(admin_stack)
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        # Logging in from another site is refused too (login CSRF).
+        forged = await http.post(
+            "/login", data={"token": ADMIN_TOKEN}, headers={"Origin": "https://evil.example"}
+        )
+        assert forged.status_code == 403 and "set-cookie" not in forged.headers
+    async with session(admin_stack) as http:
+        cookie = http.cookies.jar
+        assert any(c.name == auth.COOKIE for c in cookie)
+        page = await http.get(f"/payers/{payer}")
+        token = csrf_of(page.text)
+        form = {"amount": "5", "asset": "USDF", "idempotency_key": "csrf-1", "confirm": "yes"}
+        for headers, fields in (
+            ({"Origin": "https://evil.example"}, {**form, "csrf": token}),
+            ({"Sec-Fetch-Site": "cross-site"}, {**form, "csrf": token}),
+            ({"Origin": base}, form),  # no CSRF token
+            ({"Origin": base}, {**form, "csrf": token[:-2] + "xx"}),
+        ):
+            refused = await http.post(f"/payers/{payer}/credit", data=fields, headers=headers)
+            assert refused.status_code == 403, headers
+        suspend = {"action": "suspend", "csrf": token}
+        refused = await http.post(
+            f"/payers/{payer}/status", data=suspend, headers={"Origin": "null"}
+        )
+        assert refused.status_code == 403
+        assert (await admin_ledger.account(wallet.public_key)).balances["USDF"] == 1_000_000
+        assert (await admin_ledger.account(wallet.public_key)).status == "active"
+        # The same form from the dashboard's own origin goes through.
+        done = await http.post(
+            f"/payers/{payer}/credit", data={**form, "csrf": token}, headers={"Origin": base}
+        )
+        assert done.status_code == 200 and "Credited 5 USDF" in done.text
+    assert (await admin_ledger.account(wallet.public_key)).balances["USDF"] == 6_000_000
+
+
+async def test_the_session_cookie_is_httponly_and_samesite_strict(admin_stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=base_url(admin_stack), timeout=10) as http:
+        answer = await http.post("/login", data={"token": ADMIN_TOKEN})
+    cookie = answer.headers["set-cookie"]
+    assert answer.status_code == 303 and cookie.startswith(f"{auth.COOKIE}=")
+    attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")[1:]}
+    assert {"httponly", "samesite", "path"} <= attributes
+    assert "samesite=strict" in cookie.lower() and ADMIN_TOKEN not in cookie
+    policy = answer.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script" not in policy
+
+
+async def test_the_dashboard_in_a_real_browser(
+    admin_stack: Stack, admin_ledger: Ledger, tmp_path: Path
+) -> None:
+    wallet = await funded_payer(admin_ledger, 5_000_000)
+    other = await funded_payer(admin_ledger, 1_000_000)
+    atlas = "/api/v1/agent/pay-api/atlas"
+    async with httpx.AsyncClient(base_url=admin_stack.url, timeout=10) as client:
+        await paid_requests(client, admin_stack, wallet, 7)
+        await paid_requests(client, admin_stack, other, 3)
+        for _ in range(2):
+            paid = await client.get(
+                atlas, headers=pay_direct(admin_stack, wallet, f"GET {atlas}", "0.25")
+            )
+            assert paid.status_code == 200, paid.text
+        refused = await client.get(atlas)  # no payment: 402 payment_required
+        assert refused.status_code == 402
+    expected = await ledger_revenue(admin_ledger)
+    assert expected[("atlas", "USDF")] and expected[("verify", "USDF")]
+    await asyncio.sleep(0.2)  # the decision log's batch reaches the stream (10 ms)
+
+    base = base_url(admin_stack)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with chromium(downloads) as driver:
+        log_in(driver, base, ADMIN_TOKEN)
+        shown = {
+            (row[0], row[1]): row[5] for row in table_rows(driver, "revenue") if row[0] != "total"
+        }
+        assert shown == {key: value for key, value in expected.items()}
+        screenshot(driver, "dashboard.png")
+
+        # Decisions filtered by a reason: only that reason, the refused request among them.
+        driver.get(f"{base}/decisions")
+        Select(driver.find_element(By.ID, "reason")).select_by_value("payment_required")
+        driver.find_element(By.CSS_SELECTOR, "#filters button").click()
+        wait_for(lambda: "reason=payment_required" in driver.current_url, "the filter")
+        rows = table_rows(driver, "decisions")
+        assert rows and {row[3] for row in rows} == {"payment_required"}
+        assert atlas in {row[5] for row in rows}
+        screenshot(driver, "dashboard-decisions.png")
+
+        # A payer, from the top payers; credited twice with one idempotency key.
+        driver.get(base)
+        driver.find_element(By.LINK_TEXT, wallet.public_key).click()
+        wait_for(lambda: driver.find_elements(By.ID, "payer-key"), "the payer page")
+        assert driver.find_element(By.ID, "payer-key").text == wallet.public_key
+        before = await admin_stack.balance(wallet.public_key)
+        receipts = table_rows(driver, "receipts")
+        assert len(receipts) == 9 and {row[5] for row in receipts} == {"signature ok"}
+        for attempt in range(2):
+            form = driver.find_element(By.ID, "credit")
+            form.find_element(By.NAME, "amount").send_keys("2.5")
+            key = form.find_element(By.NAME, "idempotency_key")
+            key.clear()
+            key.send_keys("dashboard-credit-1")
+            form.find_element(By.CSS_SELECTOR, "button").click()
+            wait_for(lambda: driver.find_elements(By.ID, "confirm"), "the confirmation")
+            assert driver.find_element(By.ID, "confirm-amount").text == "2.5 USDF"
+            driver.find_element(By.ID, "confirm").click()
+            flash = wait_for(lambda: driver.find_elements(By.ID, "flash"), "the result")[0]
+            if attempt == 0:
+                assert flash.text.startswith("Credited 2.5 USDF")
+            else:
+                assert flash.text.startswith("Idempotency key seen before")
+        assert await admin_stack.balance(wallet.public_key) == before + 2_500_000
+        balances = {row[0]: row[1] for row in table_rows(driver, "balances")}
+        assert balances["USDF"] == "6.93"  # 5 - 7 x 0.01 - 2 x 0.25 + 2.5
+
+        # Settle, then download the payer's evidence bundle and verify it offline.
+        assert (await settle(admin_stack)).code == 0
+        driver.refresh()
+        driver.find_element(By.ID, "evidence").click()
+        bundle = wait_for(
+            lambda: [p for p in downloads.glob("evidence-*.json") if p.stat().st_size],
+            "the evidence download",
+        )[0]
+        document = json.loads(bundle.read_text())
+        assert len(document["receipts"]) == 9
+        verified = await x402(
+            "evidence", "verify", str(bundle), "--key", admin_stack.gateway_identity.public_key
+        )
+        assert verified.code == 0 and verified.out.startswith("OK: 9 receipts"), verified.out
+
+        driver.get(f"{base}/settlement")
+        batches = table_rows(driver, "batches")
+        assert any(row[2] == wallet.public_key and row[7] == "committed" for row in batches)
+
+
+async def test_attacker_chosen_strings_render_as_text(
+    admin_stack: Stack, admin_ledger: Ledger, tmp_path: Path
+) -> None:
+    # A request path with markup, checked by worker 0 over its ext_authz gRPC port: its
+    # decision line. (Envoy percent-encodes such a path; a check may come from elsewhere.)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{admin_stack.ports['grpc']}") as channel:
+        check = channel.unary_unary(
+            "/envoy.service.auth.v3.Authorization/Check",
+            request_serializer=authz.CheckRequest.SerializeToString,
+            response_deserializer=authz.CheckResponse.FromString,
+        )
+        answer = await check(check_request("GET", PATH))
+        assert answer.status.code == 0  # an unlisted path: free
+    # A payer key and a route with markup, as a worker would write them (the stream is
+    # data: whatever a future scheme puts in a payer field must still render as text).
+    line = {"decision": "deny", "reason": "invalid_payment", "payer": MARKUP, "route": MARKUP,
+            "path": "/x", "method": "GET", "status": 402}  # fmt: skip
+    await decisions.append(admin_ledger, [json.dumps(line)])
+    await asyncio.sleep(0.2)
+
+    base = base_url(admin_stack)
+    with chromium(tmp_path) as driver:
+        log_in(driver, base, ADMIN_TOKEN)
+        for page in (
+            "/decisions",
+            f"/decisions?payer={quote(MARKUP)}",
+            f"/payers/{quote(MARKUP, safe='')}",
+        ):
+            driver.get(base + page)
+            assert driver.title != "owned", page
+            assert not driver.find_elements(By.CSS_SELECTOR, "main script, main img"), page
+            text = driver.find_element(By.TAG_NAME, "main").text
+            assert MARKUP in text, page
+        driver.get(base + "/decisions")
+        paths = [row[5] for row in table_rows(driver, "decisions")]
+        assert PATH in paths
+        payers = [row[7] for row in table_rows(driver, "decisions")]
+        assert MARKUP in payers
+        # The filter's input shows the markup as its value, not as elements.
+        driver.get(f"{base}/decisions?payer={quote(MARKUP)}")
+        field = driver.find_element(By.CSS_SELECTOR, "#filters input[name=payer]")
+        assert field.get_attribute("value") == MARKUP
+
+
+async def test_the_decision_stream_is_capped_and_a_dead_redis_costs_nothing(
+    admin_ledger: Ledger,
+) -> None:
+    lines = [json.dumps({"decision": "allow", "reason": "free", "n": n}) for n in range(3000)]
+    for start in range(0, 3000, 256):
+        await decisions.append(admin_ledger, lines[start : start + 256], keep=1000)
+    kept = await admin_ledger.redis.xlen("x402:decisions")
+    assert 1000 <= kept < 1200  # MAXLEN ~: whole nodes trimmed
+    newest = await decisions.recent(admin_ledger, 3)
+    assert [line["n"] for line in newest] == [2999, 2998, 2997]
+
+    dead = Ledger.from_url("redis://127.0.0.1:1/0", timeout=0.2)
+    feed = DecisionFeed(dead)
+    feed(lines[:10])  # returns at once; the batch is sent in the background
+    await feed.close()
+    assert feed.dropped == 10
+    await dead.close()
+
+
+def test_demo_serve_prints_the_dashboard_and_its_traffic_shows_up() -> None:
+    process = subprocess.Popen(
+        [X402, "demo", "--serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+    )
+    try:
+        assert process.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any("Ctrl-C stops everything" in line for line in lines):
+            line = process.stdout.readline()
+            assert line and time.monotonic() < deadline, "".join(lines)
+            lines.append(line)
+        text = "".join(lines)
+        dashboard = re.search(r"dashboard\s+(http://\S+)", text)
+        token = re.search(r"admin token\s+(\S+)", text)
+        gateway = re.search(r"X402_GATEWAY=(\S+)", text)
+        key_file = re.search(r"X402_WALLET_FILE=(\S+)", text)
+        assert dashboard and token and gateway and key_file, text
+
+        wallet = Wallet.from_file(key_file.group(1))
+        atlas = f"{gateway.group(1)}/api/v1/agent/pay-api/atlas"
+        with httpx.Client(auth=X402Auth(wallet, strict=True)) as client:
+            assert client.get(atlas).status_code == 200
+        time.sleep(0.2)
+        with httpx.Client(base_url=dashboard.group(1), timeout=10) as http:
+            assert http.get("/api/summary").status_code == 401
+            assert http.post("/login", data={"token": token.group(1)}).status_code == 303
+            summary = http.get("/api/summary").json()
+            recent = http.get("/api/decisions", params={"reason": "paid"}).json()
+        assert {"route": "atlas", "asset": "USDF", "receipts": 1, "last_hour": "0.25",
+                "last_day": "0.25", "total": "0.25"} in summary["revenue"]  # fmt: skip
+        assert [d["payer"] for d in recent["decisions"]] == [wallet.public_key]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
