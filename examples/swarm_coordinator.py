@@ -4,7 +4,8 @@ A coordinator dispatches tasks to three specialist agents from different provide
 (research, writer, reviewer), each an x402 endpoint behind its own gateway. To do a task,
 each specialist pays an API below it (search, LLM) with its own wallet: chained paid calls.
 Then the roll-up, as the operators' ledgers see it: what the coordinator paid, each
-specialist's revenue, what it paid downstream, and its net.
+specialist's revenue, what it paid downstream, and its net; and each specialist's revenue
+as its operator's dashboard shows it (its JSON API, /api/summary).
 
     python examples/swarm_coordinator.py
 """
@@ -57,6 +58,14 @@ def lane(world: lanes.World, short: bool) -> dict[str, Any]:
         }
         print(f"{name:<10} {rollup[name]['revenue']:>9} {rollup[name]['paid_below']:>11} "
               f"{rollup[name]['net']:>9}")  # fmt: skip
+    # The same revenue as each specialist's operator sees it on the dashboard's API.
+    dashboard = {}
+    for name in TASKS:
+        gateway = world.gateways[name]
+        if gateway.dashboard:
+            revenue = gateway.dashboard_summary()["revenue"]
+            dashboard[name] = next(r["total"] for r in revenue if r["route"] == "task")
+            print(f"{name}'s dashboard ({gateway.dashboard}): route task earned {dashboard[name]}")
     total = sum(paid.values())
     print(f"coordinator paid {to_decimal(total, 6)} USDF in all")
     return {
@@ -65,6 +74,7 @@ def lane(world: lanes.World, short: bool) -> dict[str, Any]:
         "paid": {name: to_decimal(amount, 6) for name, amount in paid.items()},
         "total": to_decimal(total, 6),
         "rollup": rollup,
+        "dashboard": dashboard,
     }
 
 

@@ -162,6 +162,8 @@ def test_swarm_coordinator_chained_calls_roll_up_per_provider(tmp_path: Path) ->
             spent = atomic("1") - world.gateways[below[name]].balance(specialist)
             assert spent == atomic(rollup["paid_below"]) > 0
             assert atomic(rollup["net"]) == atomic(paid) - spent
+            # The operator's dashboard (its JSON API) shows the same revenue.
+            assert atomic(figures["dashboard"][name]) == atomic(paid)
 
 
 def test_the_readme_links_every_example_on_one_line() -> None:

@@ -33,7 +33,7 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.payers import ChannelClosing, ChannelView
 from sidecar.server import wiring
 from sidecar.server.config import Settings
-from sidecar.tools.stack import LOOPBACK, Process, Stack, wait_http
+from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port, wait_http
 
 Routes = Mapping[str, Mapping[str, Any]]
 DECIMALS = 6  # USDF, the gateways' default asset
@@ -53,6 +53,7 @@ class Spec:
     # its own wallet, credited `chained_credit` by the downstream operator.
     chained: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     chained_credit: str = "1"
+    dashboard: bool = False  # each gateway serves the operator's dashboard (admin token)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,24 @@ class Gateway:
     config: str  # the sidecar's config file (the operator's commands read it)
     key: str  # the receipt-signing public key
     pay_to: str = ""  # the operator's on-chain address ("" without a chain)
+    dashboard: str = ""  # the operator's dashboard URL ("" when not served)
+    admin_token_file: str = ""  # what opens it
+
+    def dashboard_summary(self) -> dict[str, Any]:
+        """The dashboard's own figures (GET /api/summary), logged in with the admin token."""
+        import httpx
+
+        from sidecar.core.errors import X402Error
+
+        token = Path(self.admin_token_file).read_text().strip()
+        with httpx.Client(base_url=self.dashboard, timeout=10) as http:
+            login = http.post("/login", data={"token": token})
+            if login.status_code != 303:  # logged in: a session cookie and a redirect
+                raise X402Error(f"dashboard login refused: {login.status_code}")
+            summary = http.get("/api/summary")
+            summary.raise_for_status()
+            found: dict[str, Any] = summary.json()
+            return found
 
     def _run(self, op: Callable[[Ledger, Settings], Any]) -> Any:
         settings = Settings.load(self.config)
@@ -276,6 +295,17 @@ def start(spec: Spec) -> Iterator[World]:
             )
         for stack in stacks.values():
             running.callback(stack.stop)
+            if spec.dashboard:
+                token_file = stack.dir / "admin.token"
+                token_file.write_text(secrets.token_urlsafe(24) + "\n")
+                token_file.chmod(0o600)
+                stack.ports["dashboard"] = free_port()
+                stack.settings = {
+                    **stack.settings,
+                    "admin_token_file": str(token_file),
+                    "listen_admin": "",
+                    "listen_dashboard": f"{LOOPBACK}:{stack.ports['dashboard']}",
+                }
         with ThreadPoolExecutor(len(stacks)) as pool:  # independent: start them together,
             for started in [pool.submit(_start_but_envoy, s) for s in stacks.values()]:
                 started.result()
@@ -289,6 +319,8 @@ def start(spec: Spec) -> Iterator[World]:
                 str(stack.config_path),
                 stack.gateway_identity.public_key,
                 pay_to[name],
+                f"http://{LOOPBACK}:{stack.ports['dashboard']}" if spec.dashboard else "",
+                str(stack.dir / "admin.token") if spec.dashboard else "",
             )
             for name, stack in stacks.items()
         }
@@ -390,6 +422,7 @@ SPECS: dict[str, Spec] = {
             "writer": ("llm", "/api/v1/llm/complete"),
             "reviewer": ("search", "/api/v1/search"),
         },
+        dashboard=True,
     ),
     # The gateway the guides' code blocks run against (docs/guides, tests/test_guides.py).
     "guides": Spec(
