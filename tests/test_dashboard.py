@@ -9,11 +9,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -43,6 +40,7 @@ from tests.support.dashboard import (
     ledger_revenue,
     session,
 )
+from tests.support.demos import read_until_up, serve_demo
 from tests.support.inprocess import check_request
 from tests.support.payers import funded_payer, paid_requests, pay_direct
 from tests.support.settlement import settle
@@ -50,7 +48,6 @@ from tests.support.stacks import ADMIN_TOKEN
 
 MARKUP = '<script>document.title="owned"</script><img src=x id=injected>'
 PATH = "/api/v1/market/" + MARKUP
-X402 = str(Path(sys.executable).parent / "x402")  # the console script pip installed
 
 
 @pytest.fixture(scope="module")
@@ -314,22 +311,9 @@ async def test_the_decision_stream_is_capped_and_a_dead_redis_costs_nothing(
 
 
 def test_demo_serve_prints_the_dashboard_and_its_traffic_shows_up() -> None:
-    process = subprocess.Popen(
-        [X402, "demo", "--serve"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
-    )
+    process = serve_demo()
     try:
-        assert process.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 60
-        while not any("Ctrl-C stops everything" in line for line in lines):
-            line = process.stdout.readline()
-            assert line and time.monotonic() < deadline, "".join(lines)
-            lines.append(line)
-        text = "".join(lines)
+        text = read_until_up(process)
         dashboard = re.search(r"dashboard\s+(http://\S+)", text)
         token = re.search(r"admin token\s+(\S+)", text)
         gateway = re.search(r"X402_GATEWAY=(\S+)", text)

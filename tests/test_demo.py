@@ -28,8 +28,8 @@ from sidecar.core.money import to_atomic, to_decimal
 from sidecar.tools import demo
 from sidecar.tools.onchain import exact_client
 from sidecar.tools.stack import Stack
+from tests.support.demos import X402, read_until_up, serve_demo
 
-X402 = str(Path(sys.executable).parent / "x402")  # the console script pip installed
 CHECKS = [
     "price list", "free route", "agent wallet", "402 challenge", "signed proof", "paid 200",
     "verified receipt", "replay refused", "direct payment", "max_amount guard",
@@ -142,22 +142,9 @@ def test_the_demo_exits_non_zero_when_a_step_misbehaves() -> None:
 
 
 def test_x402_demo_serve_keeps_the_stack_up_and_stops_cleanly_on_ctrl_c() -> None:
-    process = subprocess.Popen(
-        [X402, "demo", "--serve"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    process = serve_demo()
     try:
-        assert process.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 60
-        while not any("Ctrl-C stops everything" in line for line in lines):
-            line = process.stdout.readline()
-            assert line and time.monotonic() < deadline, "".join(lines)
-            lines.append(line)
-        text = "".join(lines)
+        text = read_until_up(process)
         gateway = re.search(r"X402_GATEWAY=(\S+)", text)
         key_file = re.search(r"X402_WALLET_FILE=(\S+)", text)
         redis = re.search(r"REDIS_URL=(redis://\S+)", text)

@@ -143,9 +143,15 @@ def parse_invoice(response: httpx.Response) -> dict[str, Any] | None:
                 break
     if not isinstance(invoice, dict):
         return None
+    return checked_invoice(invoice, "the 402's invoice")
+
+
+def checked_invoice(invoice: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """The invoice fields a proof echoes back, each of its type and of our version and
+    scheme; InvalidChallenge names `what` (where the invoice came from) otherwise."""
     for name, kind in INVOICE_FIELDS.items():
         if type(invoice.get(name)) is not kind:
-            raise InvalidChallenge(f"the 402's invoice has no valid {name!r}")
+            raise InvalidChallenge(f"{what} has no valid {name!r}")
     if invoice["version"] != VERSION or invoice["scheme"] != SCHEME:
         raise InvalidChallenge(
             f"cannot pay a {invoice['version']}/{invoice['scheme']} invoice "

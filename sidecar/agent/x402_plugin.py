@@ -27,12 +27,12 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from sidecar.agent.auth import INVOICE_FIELDS
+from sidecar.agent.auth import checked_invoice
 from sidecar.agent.wallet import Reservation, Wallet
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import AmountError, InvalidChallenge
 from sidecar.core.money import to_atomic
-from sidecar.core.protocol import SCHEME, VERSION
+from sidecar.core.protocol import SCHEME
 
 if TYPE_CHECKING:  # the agent's own x402 install
     from x402.schemas import PaymentRequirements, PaymentResponseContext
@@ -130,12 +130,4 @@ def offer_invoice(extra: Any) -> dict[str, Any]:
     """The invoice fields of a `prepaid-ed25519` offer's `extra`, checked."""
     if not isinstance(extra, dict):
         raise InvalidChallenge("the prepaid-ed25519 offer carries no invoice in `extra`")
-    for name, kind in INVOICE_FIELDS.items():
-        if type(extra.get(name)) is not kind:
-            raise InvalidChallenge(f"the offer's invoice has no valid {name!r}")
-    if extra["version"] != VERSION or extra["scheme"] != SCHEME:
-        raise InvalidChallenge(
-            f"cannot pay a {extra['version']}/{extra['scheme']} invoice "
-            f"(this scheme pays {VERSION}/{SCHEME})"
-        )
-    return {name: extra[name] for name in INVOICE_FIELDS}
+    return checked_invoice(extra, "the offer's invoice")
