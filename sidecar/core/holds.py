@@ -57,6 +57,19 @@ EXT_HOLD_SECONDS = "x402.hold_seconds"
 # Set by the Envoy config renderer (and the chart) on exactly the routes whose ext_proc
 # filter is enabled: a hold is placed only when Envoy will show the sidecar the response.
 EXT_PHASE, PHASE_RESPONSE = "x402.phase", "response"
+# Every key `phase_annotations` may write.
+PHASE_KEYS = (
+    EXT_CHARGE,
+    EXT_PHASE,
+    EXT_FAILURE_STATUS,
+    EXT_USAGE_HEADER,
+    EXT_HOLD_SECONDS,
+    EXT_UNIT,
+    EXT_UNIT_PRICE,
+    EXT_MAX_UNITS,
+    EXT_MIN_UNITS,
+    EXT_USAGE_MISSING,
+)
 
 
 @dataclass(frozen=True, slots=True)

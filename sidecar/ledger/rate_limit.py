@@ -81,9 +81,3 @@ def rate(per_second: int, burst: int) -> Rate | None:
     if per_second <= 0:
         return None
     return Rate(per_second, burst or per_second)
-
-
-def client_address(check: Any) -> str:
-    """The client's address as Envoy saw it (`attributes.source.address`), not a header a
-    client could set. Behind a proxy, have Envoy trust X-Forwarded-For (docs)."""
-    return str(check.attributes.source.address.socket_address.address)

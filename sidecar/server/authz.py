@@ -1,62 +1,128 @@
-"""The Envoy ext_authz v3 servicer: CheckRequest → pricing, decision, ledger → CheckResponse.
+"""Envoy's ext_authz: the facts of one request → pricing, decision, ledger → the answer.
 
-The hot path of the product. The gRPC framework already spends ~200 µs of GIL-bound Python
-per check, so the check itself stays lean: routes and prices are precompiled, verify keys
-cached (decision.py), the response is concatenated from prebuilt protobuf pieces
-(responses.py) and sent as bytes, the decision line skips structlog's processor chain
-(logs.DecisionLog), and the ledger step is one pipelined EVALSHA (ledger/accounts.py).
-Each payment scheme is one object of schemes.py; this servicer alone writes the decision
-line and counts revenue.
+The hot path of the product, behind either transport Envoy offers: gRPC (`Check`, the
+default; this module) or plain HTTP (http_authz.py). Both hand `decide` the same `Facts` and
+an `Answers` encoder of their wire format, so the decision code is one. It stays lean:
+routes and prices are precompiled, verify keys cached (decision.py), the answer is
+concatenated from prebuilt pieces (responses.py, http_authz.py) and sent as bytes, the
+decision line skips structlog's processor chain (logs.DecisionLog), and the ledger step is
+one pipelined EVALSHA (ledger/accounts.py). Each payment scheme is one object of
+schemes.py; this module alone writes the decision line and counts revenue.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 
 from sidecar.core import decision, exact, holds, protocol
-from sidecar.core.decision import Allow, Gateway, Request
+from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import ConfigError, InternalError, PaymentError, PaymentRequired
 from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.rate_limit import RateLimiter, client_address
+from sidecar.ledger.rate_limit import RateLimiter
 from sidecar.server import holding, metrics, responses, schemes
 from sidecar.server.holding import Held, HoldingScheme
 from sidecar.server.logs import DecisionLog, get_logger
 from sidecar.server.schemes import Charged, ExactSettler, Payment, Scheme
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
-# Proof headers are bearer material: stripped before any request, free or paid, goes on.
-_REMOVE_PROOFS = responses.removals(protocol.PROOF_HEADERS)
-# What the gateway asserts to the service is never the client's word: on a free request it
-# is removed (Envoy strips every x-x402-* at the edge too); a paid one overwrites it.
-_FREE = responses.ok(remove_headers=_REMOVE_PROOFS + responses.removals(decision.UPSTREAM_HEADERS))
-
 log = get_logger("sidecar.authz")
 
 
-def ok_response(allowed: Allow, price: Price) -> bytes:
-    receipt = allowed.receipt
-    return responses.ok(
-        allowed.upstream_headers,
-        allowed.response_headers,
-        _REMOVE_PROOFS,
-        # For Envoy's access log (%DYNAMIC_METADATA(envoy.filters.http.ext_authz:payer)%).
-        {
-            "payer": receipt["payer"],
-            "amount": receipt["amount"],
-            "asset": price.asset.code,
-            "receipt_id": receipt["receipt_id"],
-        },
+@dataclass(slots=True)
+class Facts:
+    """What one check knows of its request, whichever transport brought it."""
+
+    method: str
+    path: str  # without the query string
+    host: str
+    scheme: str
+    headers: Mapping[str, str]  # lower-case names: the proofs, the request id
+    extensions: Mapping[str, str]  # the route's annotations (gRPC context_extensions)
+    peer: str  # the client's address as Envoy saw it, for the rate limiter
+    deadline: float | None = None  # perf_counter() when Envoy stops waiting, if known
+    # True once Envoy hung up on a check whose coroutine still runs (HTTP: nothing cancels
+    # it; gRPC cancels the coroutine and `late` callbacks take over instead).
+    abandoned: Callable[[], bool] | None = None
+
+    def within(self) -> float | None:
+        """Seconds until Envoy stops waiting for this check, if it said."""
+        return None if self.deadline is None else self.deadline - time.perf_counter()
+
+
+class Answers(Protocol):
+    """A transport's encoder of the three answers, from prebuilt pieces, as bytes."""
+
+    free: bytes  # allow, nothing charged; the client's proof and x-x402-* headers stripped
+
+    def ok(
+        self,
+        upstream: Iterable[tuple[str, str]],
+        response: Iterable[tuple[str, str]],
+        metadata: Mapping[str, str],
+    ) -> bytes:
+        """Allow: headers for the service, for the client's response, and dynamic metadata
+        (Envoy's access log, the response phase); the proof headers are stripped."""
+        ...
+
+    def denied(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+        """Envoy answers the client itself with this status, headers and body."""
+        ...
+
+
+class GrpcAnswers:
+    """ext_authz v3 CheckResponse bytes (responses.py)."""
+
+    # Proof headers are bearer material: stripped before any request, free or paid, goes on.
+    _REMOVE_PROOFS = responses.removals(protocol.PROOF_HEADERS)
+    # What the gateway asserts to the service is never the client's word: on a free request
+    # it is removed (Envoy strips every x-x402-* at the edge too); a paid one overwrites it.
+    free = responses.ok(
+        remove_headers=_REMOVE_PROOFS + responses.removals(decision.UPSTREAM_HEADERS)
     )
 
+    def ok(
+        self,
+        upstream: Iterable[tuple[str, str]],
+        response: Iterable[tuple[str, str]],
+        metadata: Mapping[str, str],
+    ) -> bytes:
+        return responses.ok(upstream, response, self._REMOVE_PROOFS, metadata)
 
-def within(context: Any) -> float | None:
-    """Seconds until Envoy stops waiting for this check (its gRPC deadline), if it set one."""
-    return None if context is None else context.time_remaining()
+    def denied(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+        return responses.denied(status, headers, body)
+
+
+def access_metadata(receipt: Mapping[str, Any], price: Price) -> dict[str, str]:
+    """For Envoy's access log (%DYNAMIC_METADATA(envoy.filters.http.ext_authz:payer)%)."""
+    return {
+        "payer": receipt["payer"],
+        "amount": receipt["amount"],
+        "asset": price.asset.code,
+        "receipt_id": receipt["receipt_id"],
+    }
+
+
+def grpc_facts(check: authz.CheckRequest, context: Any) -> Facts:
+    attributes = check.attributes
+    http = attributes.request.http
+    remaining = None if context is None else context.time_remaining()
+    return Facts(
+        http.method,
+        http.path.partition("?")[0],
+        http.host,
+        http.scheme or "http",
+        http.headers,
+        attributes.context_extensions,
+        attributes.source.address.socket_address.address,
+        None if remaining is None else time.perf_counter() + remaining,
+    )
 
 
 class Authorization:
@@ -69,6 +135,7 @@ class Authorization:
         decisions: DecisionLog | None = None,
         limiter: RateLimiter | None = None,
         settler: ExactSettler | None = None,
+        answers: Answers | None = None,
     ) -> None:
         self.routes = routes
         self.gateway = gateway
@@ -76,6 +143,7 @@ class Authorization:
         self.worker = worker
         self.decisions = decisions or DecisionLog()
         self.limiter = limiter  # None: no rate limits, not even a call
+        self.answers: Answers = answers or GrpcAnswers()
         self.schemes = schemes.registry(gateway, ledger, settler)
         # A payment naming no scheme we know is parsed as a proof, which names the reason.
         self.default_scheme = self.schemes[protocol.SCHEME]
@@ -94,14 +162,17 @@ class Authorization:
         return authz.CheckResponse.FromString(await self.check(check, context))
 
     async def check(self, check: authz.CheckRequest, context: Any) -> bytes:
+        """The gRPC transport: a CheckRequest in, CheckResponse bytes out."""
+        return await self.decide(grpc_facts(check, context))
+
+    async def decide(self, facts: Facts) -> bytes:
         started = time.perf_counter()
-        http = check.attributes.request.http
-        headers = http.headers
+        headers = facts.headers
         request = Request(
-            method=http.method,
-            path=http.path.partition("?")[0],
-            host=http.host,
-            scheme=http.scheme or "http",
+            method=facts.method,
+            path=facts.path,
+            host=facts.host,
+            scheme=facts.scheme,
             proof_header=headers.get("x-payment") or headers.get("payment-signature"),
         )
         entry: dict[str, Any] = {
@@ -117,7 +188,9 @@ class Authorization:
             "balance": None,
             "worker": self.worker,
         }
-        response, price, charged = await self._decide(request, check, context, entry, started)
+        response, price, charged = await self._decide(request, facts, entry, started)
+        if facts.abandoned is not None and facts.abandoned():
+            entry["cancelled"] = True
         self._record(entry, price, charged, started)
         return response
 
@@ -135,8 +208,7 @@ class Authorization:
     async def _decide(
         self,
         request: Request,
-        check: authz.CheckRequest,
-        context: Any,
+        facts: Facts,
         entry: dict[str, Any],
         started: float,
     ) -> tuple[bytes, Price | None, int]:
@@ -144,12 +216,10 @@ class Authorization:
         gateway, price = self.gateway, None
         now = int(time.time())
         try:
-            price = self.routes.price_for(
-                request.method, request.path, check.attributes.context_extensions
-            )
+            price = self.routes.price_for(request.method, request.path, facts.extensions)
             if price is None:
                 entry.update(decision="allow", status=200, reason="free")
-                return _FREE, None, 0
+                return self.answers.free, None, 0
             if request.proof_header is None:
                 raise PaymentRequired(
                     f"{request.resource} costs {price.display} {price.asset.code}"
@@ -160,12 +230,12 @@ class Authorization:
             entry["payer"], entry["invoice_id"] = payment.payer, payment.invoice_id
             entry.update(payment.facts)
             if self.limiter is not None:  # before the ledger: a refused check charges nothing
-                await self.limiter.check(payment.payer, client_address(check), payment.nonce)
+                await self.limiter.check(payment.payer, facts.peer, payment.nonce)
             if price.phase is not None:  # charge: on_success (core/holds.py)
-                holder = self._holder(scheme, price, check)
+                holder = self._holder(scheme, price, facts.extensions)
                 if holder is not None:
                     answer = await self._hold(
-                        holder, scheme, payment, price, request, entry, now, started, context
+                        holder, scheme, payment, price, request, entry, now, started, facts
                     )
                     return answer, price, 0  # revenue is counted at the capture
 
@@ -179,7 +249,7 @@ class Authorization:
                     self._allow(scheme, outcome, price, entry)
                     self._record(entry, price, outcome.amount, started)
 
-            charged = await scheme.charge(payment, price, now, late, within(context))
+            charged = await scheme.charge(payment, price, now, late, facts.within())
             return self._allow(scheme, charged, price, entry), price, charged.amount
         except PaymentError as error:
             return self._deny(error, request, price, entry, now), price, 0
@@ -191,14 +261,13 @@ class Authorization:
             return self._deny(failure, request, price, entry, now), price, 0
 
     def _holder(
-        self, scheme: Scheme, price: Price, check: authz.CheckRequest
+        self, scheme: Scheme, price: Price, extensions: Mapping[str, str]
     ) -> HoldingScheme | None:
         """The hold step for this payment, or None to charge on check. A hold is placed only
         when Envoy says this route runs the response phase (the `x402.phase` annotation the
         renderer writes beside the ext_proc filter): otherwise nothing would capture it, and
         the response would go out free. A metered route cannot be charged on check."""
         assert price.phase is not None
-        extensions = check.attributes.context_extensions
         holder = self.holding.get(scheme.name)
         if extensions.get(holds.EXT_PHASE) == holds.PHASE_RESPONSE and holder is not None:
             return holder
@@ -219,7 +288,7 @@ class Authorization:
         entry: dict[str, Any],
         now: int,
         started: float,
-        context: Any,
+        facts: Facts,
     ) -> bytes:
         assert price.phase is not None
         entry["phase"] = "check"
@@ -232,7 +301,7 @@ class Authorization:
                 self._allow_held(outcome, payment, scheme, price, entry)
             self._record(entry, price, 0, started)
 
-        held = await holder.hold(payment, price, price.phase, now, late, within(context))
+        held = await holder.hold(payment, price, price.phase, now, late, facts.within())
         return self._allow_held(held, payment, scheme, price, entry)
 
     def _allow_held(
@@ -248,14 +317,19 @@ class Authorization:
             (decision.UPSTREAM_RECEIPT, held.hold_id),
         )
         meta = holding.metadata(held, payment, scheme.name, price, entry["request_id"])
-        return responses.ok(upstream, (), _REMOVE_PROOFS, meta)
+        return self.answers.ok(upstream, (), meta)
 
     def _allow(
         self, scheme: Scheme, charged: Charged, price: Price, entry: dict[str, Any]
     ) -> bytes:
         entry["decision"], entry["status"], entry["reason"] = "allow", 200, scheme.reason
         entry["receipt_id"], entry["balance"] = charged.receipt["receipt_id"], charged.balance
-        return ok_response(decision.carrying(charged.receipt), price)
+        allowed = decision.carrying(charged.receipt)
+        return self.answers.ok(
+            allowed.upstream_headers,
+            allowed.response_headers,
+            access_metadata(allowed.receipt, price),
+        )
 
     def _deny(
         self,
@@ -270,4 +344,4 @@ class Authorization:
             decision="deny", status=denial.status, reason=denial.reason, balance=denial.balance
         )
         entry["invoice_id"] = entry["invoice_id"] or denial.invoice_id
-        return responses.denied(denial.status, denial.headers, denial.body)
+        return self.answers.denied(denial.status, denial.headers, denial.body)

@@ -27,6 +27,7 @@ CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "unlisted": UNLISTED,
     "path_case": ("sensitive", "insensitive"),
+    "transport": ("grpc", "http"),
 }
 MIN_SECRET_BYTES = 16
 TOPUP_PATH = "/x402/topup"  # served by the side port; Envoy routes it without ext_authz
@@ -83,7 +84,11 @@ _EDGE_BOUNDS = {
 
 @dataclass(frozen=True)
 class Settings:
-    listen_grpc: str = "127.0.0.1:9001"  # ext_authz and gRPC health
+    listen_grpc: str = "127.0.0.1:9001"  # ext_authz, the response phase, gRPC health
+    # How Envoy asks for checks: "grpc" (ext_authz v3 Check on listen_grpc) or "http"
+    # (Envoy's http_service mode on listen_authz_http; server/http_authz.py).
+    transport: str = "grpc"
+    listen_authz_http: str = "127.0.0.1:9101"  # transport http: worker i on this port + i
     listen_http: str = "127.0.0.1:9000"  # discovery, /healthz, /readyz (below the workers)
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_ms: int = 500

@@ -51,6 +51,9 @@ ENVELOPE, REQUIREMENTS, RESERVATION, RESOURCE = (
 # The request's host and scheme: a refusal at the response (402 settlement_failed) carries
 # a fresh challenge whose resource URL is the request's.
 HOST, HTTP_SCHEME = "http_host", "http_scheme"
+# Every key `metadata` may write besides the phase's annotations (holds.PHASE_KEYS).
+METADATA_KEYS: tuple[str, ...] = (HOLD, HOLD_SCHEME, PAYER, ASSET, HELD, ROUTE, REQUEST_ID)
+METADATA_KEYS += (ENVELOPE, REQUIREMENTS, RESERVATION, RESOURCE, HOST, HTTP_SCHEME)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from sidecar.core.errors import ConfigError
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.cluster import is_cluster_url, parse_cluster_url
 from sidecar.ledger.pipe import parse_url
-from sidecar.server import holding, logs, metrics, wiring
+from sidecar.server import holding, http_authz, logs, metrics, wiring
 from sidecar.server.admin import start_facilities
 from sidecar.server.authz import AUTHZ_SERVICE, Authorization
 from sidecar.server.config import Settings
@@ -57,22 +57,26 @@ def split_host_port(address: str, key: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def worker_addresses(settings: Settings) -> list[str]:
-    """Worker i listens on listen_grpc's port + i."""
-    host, port = split_host_port(settings.listen_grpc, "listen_grpc")
-    if port == 0 or port + settings.workers > 65536:
+def worker_addresses(settings: Settings, key: str = "listen_grpc") -> list[str]:
+    """Worker i listens on the port of `key` (listen_grpc, listen_authz_http) + i."""
+    host, port = split_host_port(getattr(settings, key), key)
+    workers = settings.workers
+    if port == 0 or port + workers > 65536:
         raise ConfigError(
-            f"config listen_grpc: {settings.workers} workers need ports {port}.."
-            f"{port + settings.workers - 1}"
+            f"config {key}: {workers} workers need ports {port}..{port + workers - 1}"
         )
-    _, http_port = split_host_port(settings.listen_http, "listen_http")
-    if port <= http_port < port + settings.workers:
-        raise ConfigError(
-            f"config listen_http: port {http_port} is taken by a worker; worker i listens on "
-            f"listen_grpc's port + i ({port}..{port + settings.workers - 1})"
-        )
+    spans = {"listen_http": 1, "listen_grpc": workers}
+    if settings.transport == "http":
+        spans["listen_authz_http"] = workers
+    for other, span in spans.items():
+        _, start = split_host_port(getattr(settings, other), other)
+        if other != key and start < port + workers and port < start + span:
+            raise ConfigError(
+                f"config {other}: its ports overlap the workers' on {key} "
+                f"({port}..{port + workers - 1}); worker i listens on {key}'s port + i"
+            )
     host = f"[{host}]" if ":" in host else host
-    return [f"{host}:{port + i}" for i in range(settings.workers)]
+    return [f"{host}:{port + i}" for i in range(workers)]
 
 
 class Board:
@@ -106,10 +110,15 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     if settings.dashboard_enabled and settings.decision_stream_max:
         feed = DecisionFeed(ledger, settings.decision_stream_max)
     decision_log = logs.DecisionLog(settings.log_level, sink=feed)
-    authz = Authorization(routes, gateway, ledger, worker, decision_log, limiter, settler)
-    # The response phase of routes charged on success: Envoy's ext_proc, same port.
+    over_http = settings.transport == "http"
+    answers = http_authz.HttpAnswers() if over_http else None
+    authz = Authorization(routes, gateway, ledger, worker, decision_log, limiter, settler, answers)
+    # The response phase of routes charged on success: Envoy's ext_proc, on the gRPC port
+    # whichever transport the checks come by.
     processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)
-    server.add_generic_rpc_handlers((authz.handler(), processor.handler()))
+    server.add_generic_rpc_handlers(
+        (processor.handler(),) if over_http else (authz.handler(), processor.handler())
+    )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if server.add_insecure_port(address) == 0:
@@ -125,6 +134,11 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
         facilities = await start_facilities(settings, ledger, gateway)
         sweeper = asyncio.create_task(holding.sweep_forever(ledger, settings.hold_sweep_seconds))
     await server.start()
+    checks = None
+    if over_http:
+        host, port = split_host_port(worker_addresses(settings, "listen_authz_http")[worker], "")
+        trusted = settings.edge_config().xff_num_trusted_hops
+        checks = await http_authz.serve(authz, host, port, trusted)
     for service in ("", AUTHZ_SERVICE, PROCESSOR_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     # Everything made so far lives as long as the worker: keep the collector from scanning
@@ -135,6 +149,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
         "sidecar.started",
         pid=os.getpid(),
         listen_grpc=address,
+        transport=settings.transport,
         listen_http=settings.listen_http if http else None,
         payee=gateway.payee,
         routes=len(routes.routes),
@@ -151,6 +166,8 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     side.ready = False
     board.set(worker, DRAINING)
     await health.enter_graceful_shutdown()
+    if checks is not None:
+        await checks.drain(SHUTDOWN_GRACE_SECONDS)
     await server.stop(SHUTDOWN_GRACE_SECONDS)
     authz.decisions.flush()  # the last checks' lines
     if feed is not None:
@@ -278,6 +295,8 @@ def run(settings: Settings) -> None:
     settings.route_table()
     settings.gateway()
     worker_addresses(settings)
+    if settings.transport == "http":
+        worker_addresses(settings, "listen_authz_http")
     try:
         if is_cluster_url(settings.redis_url):
             parse_cluster_url(settings.redis_url)

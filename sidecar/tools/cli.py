@@ -139,7 +139,13 @@ def secret_command(out: str) -> None:
     show_default=True,
     help="The upstream service Envoy protects.",
 )
-def envoy_config(config_path: str | None, listen: str, service: str) -> None:
+@click.option(
+    "--transport",
+    type=click.Choice(["grpc", "http"]),
+    default=None,
+    help="How ext_authz asks the sidecar (default: the config's `transport`).",
+)
+def envoy_config(config_path: str | None, listen: str, service: str, transport: str | None) -> None:
     """Print an Envoy config that routes through the sidecar, prices from the config."""
     from sidecar.server.config import Settings
     from sidecar.server.supervisor import split_host_port
@@ -152,6 +158,8 @@ def envoy_config(config_path: str | None, listen: str, service: str) -> None:
         service=split_host_port(service, "--service"),
         authz=split_host_port(settings.listen_grpc, "listen_grpc"),
         authz_workers=settings.workers,
+        transport=transport or settings.transport,
+        authz_http=split_host_port(settings.listen_authz_http, "listen_authz_http"),
         sideport=split_host_port(settings.listen_http, "listen_http"),
         authz_timeout=authz_timeout,
         topup_timeout=topup_timeout,

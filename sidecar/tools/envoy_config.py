@@ -1,19 +1,21 @@
 """Render the Envoy config that puts the sidecar in front of a service.
 
 One renderer serves the reference `envoy/envoy.yaml`, the demo, the tests and the bench,
-so they cannot drift apart. Each priced route becomes an Envoy route annotated with its
-price as ext_authz `context_extensions`.
+so they cannot drift apart. Each priced route becomes an Envoy route; over the gRPC
+transport it is annotated with its price as ext_authz `context_extensions`, over the HTTP
+transport (server/http_authz.py) the sidecar prices it from its own route table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from sidecar.core import holds
+from sidecar.core.decision import UPSTREAM_HEADERS
 from sidecar.core.pricing import (
     ANY_METHOD,
     EXT_ASSET,
@@ -22,13 +24,15 @@ from sidecar.core.pricing import (
     EXT_ROUTE,
     path_regex,
 )
-from sidecar.core.protocol import DISCOVERY_PATH
+from sidecar.core.protocol import DISCOVERY_PATH, PROOF_HEADERS
+from sidecar.server import http_authz
 from sidecar.server.config import TOPUP_PATH, Edge, Settings
 from sidecar.server.responses import DENIAL_METADATA_KEY
 
 _TYPES = "type.googleapis.com/envoy.extensions"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 EXT_PROC = "envoy.filters.http.ext_proc"
+TRANSPORTS = ("grpc", "http")
 _ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
     "request_id": "%REQ(X-REQUEST-ID)%",
@@ -50,6 +54,10 @@ class Endpoints:
     authz: tuple[str, int] = ("127.0.0.1", 9001)  # sidecar gRPC, worker 0
     # The sidecar's worker i listens on authz's port + i; each is one cluster endpoint.
     authz_workers: int = 1
+    # How ext_authz asks: "grpc" (the Check service above) or "http" (http_service, at
+    # authz_http's port + i; the response phase stays on gRPC, ext_proc has no HTTP mode).
+    transport: str = "grpc"
+    authz_http: tuple[str, int] = ("127.0.0.1", 9101)
     sideport: tuple[str, int] = ("127.0.0.1", 9000)  # sidecar HTTP
     authz_timeout: str = "1s"  # above the sidecar's ledger timeout, so it answers first
     # The self-serve top-up route (POST /x402/topup → the side port, no ext_authz) and how
@@ -163,8 +171,15 @@ def _path_match(path: str) -> dict[str, Any]:
 
 
 def priced_route(
-    name: str, spec: Mapping[str, Any], default_asset: str, edge: Edge | None = None
+    name: str,
+    spec: Mapping[str, Any],
+    default_asset: str,
+    edge: Edge | None = None,
+    http_service: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """An Envoy route for a priced route. Over gRPC its price rides along as
+    context_extensions; over HTTP (`http_service`: the filter's) there are none, and a
+    route with a response phase says so with a header on its checks instead."""
     match = _path_match(str(spec["path"]))
     method = str(spec.get("method", ANY_METHOD)).upper()
     if method == "GET":  # HEAD runs the GET handler: the sidecar prices it as GET
@@ -181,21 +196,98 @@ def priced_route(
     phase = holds.spec_annotations(spec)
     extensions.update(phase)
     edge = edge or Edge()
-    config: dict[str, Any] = {
-        EXT_AUTHZ: {
+    check_settings: dict[str, Any] = {"context_extensions": extensions}
+    if http_service is not None:
+        check_settings = {}
+        if phase:
+            check_settings["http_service"] = _with_headers(
+                http_service, {http_authz.PHASE_HEADER: holds.PHASE_RESPONSE}
+            )
+    config: dict[str, Any] = {}
+    if check_settings:
+        config[EXT_AUTHZ] = {
             "@type": f"{_TYPES}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-            "check_settings": {"context_extensions": extensions},
+            "check_settings": check_settings,
         }
-    }
     if phase:  # charge: on_success: the response phase runs on this route alone
         config[EXT_PROC] = response_phase_route()
     timeout = holds.route_timeout(spec, edge.upstream_timeout_seconds)
-    return {
-        "name": name,
-        "match": match,
-        "route": _service_route(edge, timeout),
-        "typed_per_filter_config": config,
+    route = {"name": name, "match": match, "route": _service_route(edge, timeout)}
+    if config:
+        route["typed_per_filter_config"] = config
+    return route
+
+
+def _exact(names: Iterable[str]) -> dict[str, Any]:
+    return {"patterns": [{"exact": name} for name in names]}
+
+
+def _with_headers(http_service: Mapping[str, Any], headers: Mapping[str, str]) -> dict[str, Any]:
+    """The filter's http_service with more headers on each check."""
+    request = dict(http_service["authorization_request"])
+    request["headers_to_add"] = [
+        *request.get("headers_to_add", []),
+        *({"key": key, "value": value} for key, value in headers.items()),
+    ]
+    return {**http_service, "authorization_request": request}
+
+
+# What Envoy sends of each request to the sidecar: what the decision reads, and no cookies,
+# credentials or bodies (the smaller CheckRequest is also cheaper to build and parse).
+AUTHZ_REQUEST_HEADERS = (*PROOF_HEADERS, REQUEST_ID)
+
+
+def ext_authz_filter(ep: Endpoints, edge: Edge) -> dict[str, Any]:
+    """Envoy's ext_authz filter over the configured transport. Fail closed either way: no
+    sidecar answer means no free pass, and a 503."""
+    config: dict[str, Any] = {
+        "@type": f"{_TYPES}.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
     }
+    if ep.transport == "http":
+        config["http_service"] = http_service(ep)
+        config["allowed_headers"] = _exact(http_authz.REQUEST_HEADERS)
+    else:
+        config["grpc_service"] = {
+            "envoy_grpc": {"cluster_name": "x402_authz"},
+            "timeout": ep.authz_timeout,
+        }
+        config["allowed_headers"] = _exact(AUTHZ_REQUEST_HEADERS)
+    config["failure_mode_allow"] = False
+    config["status_on_error"] = {"code": "ServiceUnavailable"}
+    return {"name": EXT_AUTHZ, "typed_config": config}
+
+
+def http_service(ep: Endpoints) -> dict[str, Any]:
+    """ext_authz's HTTP mode (server/http_authz.py): what goes to the sidecar, and which of
+    its answer's headers go where."""
+    host, port = ep.authz_http
+    return {
+        "server_uri": {
+            "uri": f"http://{host}:{port}",
+            "cluster": "x402_authz_http",
+            "timeout": ep.authz_timeout,
+        },
+        "path_prefix": "",
+        "authorization_request": {
+            # Envoy's own deadline for the check: the sidecar's ledger scripts refuse past
+            # it, so a check Envoy already answered with 503 never charges.
+            "headers_to_add": [
+                {"key": http_authz.TIMEOUT_HEADER, "value": str(_ms(ep.authz_timeout))}
+            ],
+        },
+        "authorization_response": {
+            "allowed_upstream_headers": _exact(UPSTREAM_HEADERS),
+            "allowed_client_headers": _exact(http_authz.DENIAL_HEADERS),
+            "allowed_client_headers_on_success": _exact(http_authz.SUCCESS_HEADERS),
+            "dynamic_metadata_from_headers": _exact(http_authz.METADATA_KEYS),
+        },
+    }
+
+
+def _ms(duration: str) -> int:
+    """Milliseconds of an Envoy duration string ("1s", "0.3s", "1.250s")."""
+    return round(float(duration.removesuffix("s")) * 1000)
 
 
 def _service_route(edge: Edge, timeout: int | None = None) -> dict[str, Any]:
@@ -420,6 +512,9 @@ def render(
 ) -> dict[str, Any]:
     ep = endpoints or Endpoints()
     edge = edge or Edge()
+    if ep.transport not in TRANSPORTS:
+        raise ValueError(f"transport {ep.transport!r}: one of {', '.join(TRANSPORTS)}")
+    per_route_http = http_service(ep) if ep.transport == "http" else None
     discovery = {
         "name": "x402_discovery",
         "match": {"path": DISCOVERY_PATH},
@@ -495,7 +590,7 @@ def render(
                         # Exact paths first, as the sidecar's route table matches them:
                         # Envoy takes the first match, so a template must not shadow one.
                         *(
-                            priced_route(name, spec, default_asset, edge)
+                            priced_route(name, spec, default_asset, edge, per_route_http)
                             for name, spec in sorted(
                                 routes.items(), key=lambda item: "{" in str(item[1]["path"])
                             )
@@ -507,20 +602,7 @@ def render(
         },
         "http_filters": [
             {"name": CORS, "typed_config": {"@type": f"{_TYPES}.filters.http.cors.v3.Cors"}},
-            {
-                "name": EXT_AUTHZ,
-                "typed_config": {
-                    "@type": f"{_TYPES}.filters.http.ext_authz.v3.ExtAuthz",
-                    "transport_api_version": "V3",
-                    "grpc_service": {
-                        "envoy_grpc": {"cluster_name": "x402_authz"},
-                        "timeout": ep.authz_timeout,
-                    },
-                    # Fail closed: no sidecar answer means no free pass, and a 503.
-                    "failure_mode_allow": False,
-                    "status_on_error": {"code": "ServiceUnavailable"},
-                },
-            },
+            ext_authz_filter(ep, edge),
             *([response_phase_filter(ep.authz_timeout)] if has_response_phase(routes) else []),
             {
                 "name": "envoy.filters.http.router",
@@ -553,6 +635,11 @@ def render(
             ],
             "clusters": [
                 _cluster("x402_authz", *ep.authz, http2=True, count=ep.authz_workers),
+                *(
+                    [_cluster("x402_authz_http", *ep.authz_http, count=ep.authz_workers)]
+                    if ep.transport == "http"
+                    else []
+                ),
                 _cluster("x402_http", *ep.sideport),
                 _cluster("service", *ep.service),
             ],

@@ -154,6 +154,9 @@ class Stack:
     redis_args: tuple[str, ...] = ()  # extra redis-server arguments, e.g. AOF for fault tests
     redis_cluster: int = 0  # > 0: the ledger on a Redis Cluster of this many masters
     authz_timeout: str = ""  # Envoy's ext_authz timeout; default: longer than the ledger's
+    # How Envoy asks the sidecar (config `transport`); X402_TRANSPORT picks it as it does for
+    # `x402 serve`, so the whole end-to-end suite runs over either transport.
+    transport: str = field(default_factory=lambda: os.environ.get("X402_TRANSPORT", "grpc"))
 
     def __post_init__(self) -> None:
         if self.workdir is None:
@@ -165,6 +168,7 @@ class Stack:
             for name in ("redis", "http", "envoy", "admin", "upstream", "dashboard")
         }
         self.ports["grpc"] = free_ports(self.workers)  # worker i listens on this + i
+        self.ports["authz_http"] = free_ports(self.workers)  # transport http: the same
         for node in range(self.redis_cluster):
             self.ports[f"redis{node}"] = free_cluster_port()
         self.gateway_identity = Identity.generate()
@@ -249,6 +253,8 @@ class Stack:
             "invoice_secret_file": str(self.dir / "invoice.secret"),
             "routes": {name: dict(spec) for name, spec in self.routes.items()},
             "workers": self.workers,
+            "transport": self.transport,
+            "listen_authz_http": f"{LOOPBACK}:{self.ports['authz_http']}",
             **self.settings,
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -261,6 +267,8 @@ class Stack:
             service=(LOOPBACK, self.ports["upstream"]),
             authz=(LOOPBACK, self.ports["grpc"]),
             authz_workers=self.workers,
+            transport=str(config["transport"]),
+            authz_http=(LOOPBACK, self.ports["authz_http"]),
             sideport=(LOOPBACK, self.ports["http"]),
             authz_timeout=self.authz_timeout or authz_timeout,
             topup_timeout=topup_timeout,

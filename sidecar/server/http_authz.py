@@ -1,0 +1,282 @@
+"""Envoy's ext_authz over plain HTTP/1.1 (`transport: http`): the same decision, a cheaper wire.
+
+Envoy's `http_service` mode sends each check as an HTTP request: the client's method, path
+and Host, the headers `allowed_headers` lets through, and `headers_to_add` (the renderer's
+`x-x402-authz-timeout-ms`, Envoy's own deadline for the check). A 200 answer allows: the
+headers Envoy's `allowed_upstream_headers` names go to the service, those of
+`allowed_client_headers_on_success` to the client, those of `dynamic_metadata_from_headers`
+become ext_authz's dynamic metadata (the access log, the response phase), and
+`x-envoy-auth-headers-to-remove` strips the proof. Any other status denies: Envoy answers
+the client with it, the `allowed_client_headers` and our body. There are no per-route
+`context_extensions` here, so prices come from the sidecar's route table; a route's response
+phase is announced by the renderer's per-route `x-x402-phase` header instead.
+
+Why a second transport: grpc.aio costs ~200 µs of Python per check before our code runs;
+an asyncio protocol over httptools (llhttp, the parser uvicorn uses) costs a fraction of it.
+The parser is that well-kept library; only the answers are written here, from prebuilt
+pieces. A check is never cancelled when Envoy hangs up: it finishes (the ledger scripts
+refuse past Envoy's deadline, so a 503 never charges) and its decision line says
+`cancelled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping
+from typing import cast
+
+import httptools
+
+from sidecar.core import decision, holds, protocol
+from sidecar.core.errors import ConfigError
+from sidecar.server import holding
+from sidecar.server.authz import Authorization, Facts
+from sidecar.server.responses import DENIAL_METADATA, DENIAL_METADATA_KEY
+
+# Gateway-asserted request headers Envoy sends with every check (authorization_request.
+# headers_to_add; a client's x-x402-* never gets this far: the edge strips them).
+TIMEOUT_HEADER = "x-x402-authz-timeout-ms"
+PHASE_HEADER = "x-x402-phase"  # on routes whose response phase (ext_proc) runs
+# What Envoy forwards of the client's request: what the decision reads, nothing more
+# (cookies and credentials stay out). The client's address is the X-Forwarded-For entry
+# Envoy appended itself (use_remote_address), counted from the right past trusted hops.
+REQUEST_HEADERS = (*protocol.PROOF_HEADERS, "x-request-id", "x-forwarded-for", "x-forwarded-proto")
+# Envoy's instruction, on an allow, to strip these from the request before the service.
+REMOVE = "x-envoy-auth-headers-to-remove"
+# Every key the decision may put in ext_authz's dynamic metadata; each travels as a header
+# of that name and Envoy's dynamic_metadata_from_headers turns it back into metadata.
+METADATA_KEYS = tuple(
+    dict.fromkeys(
+        (
+            "payer",
+            "amount",
+            "asset",
+            "receipt_id",
+            *holding.METADATA_KEYS,
+            *holds.PHASE_KEYS,
+            DENIAL_METADATA_KEY,
+        )
+    )
+)
+# What Envoy passes to the client: from a denial, and with an allow.
+DENIAL_HEADERS = ("content-type", "cache-control", "payment-required", "retry-after")
+SUCCESS_HEADERS = protocol.RECEIPT_HEADERS
+MAX_HEAD_BYTES = 65536  # Envoy caps a client's header block at max_request_headers_kb (60)
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    402: "Payment Required",
+    403: "Forbidden",
+    404: "Not Found",
+    409: "Conflict",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def _lines(headers: Iterable[tuple[str, str]]) -> bytes:
+    return "".join(f"{name}: {value}\r\n" for name, value in headers).encode("latin-1")
+
+
+class HttpAnswers:
+    """HTTP/1.1 answers for Envoy's ext_authz `http_service` (authz.Answers)."""
+
+    _REMOVE_PROOFS = f"{REMOVE}: {','.join(protocol.PROOF_HEADERS)}\r\n".encode()
+    # A free request: the proofs and any x-x402-* assertion stripped (the edge strips them
+    # too), nothing added.
+    _STRIP = ",".join((*protocol.PROOF_HEADERS, *decision.UPSTREAM_HEADERS))
+    free = f"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n{REMOVE}: {_STRIP}\r\n\r\n".encode()
+
+    def ok(
+        self,
+        upstream: Iterable[tuple[str, str]],
+        response: Iterable[tuple[str, str]],
+        metadata: Mapping[str, str],
+    ) -> bytes:
+        return (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n"
+            + self._REMOVE_PROOFS
+            + _lines(upstream)
+            + _lines(response)
+            + _lines(metadata.items())
+            + b"\r\n"
+        )
+
+    def denied(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+        return (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Denied')}\r\n"
+            f"content-length: {len(body)}\r\n".encode()
+            + _lines(headers)
+            + _lines(DENIAL_METADATA.items())  # Envoy's local-reply mappers leave it as is
+            + b"\r\n"
+            + body
+        )
+
+
+def client_address(forwarded_for: str, trusted_hops: int) -> str:
+    """The client as Envoy saw it: with use_remote_address Envoy appends the peer it talks
+    to, so the last entry is the peer, and each trusted proxy in front adds one more."""
+    entries = [entry.strip() for entry in forwarded_for.split(",") if entry.strip()]
+    if not entries:
+        return ""
+    return entries[max(0, len(entries) - 1 - trusted_hops)]
+
+
+class _Malformed(Exception):
+    """A check request that is not HTTP/1.1 as Envoy writes it."""
+
+
+class AuthzConnection(asyncio.Protocol):
+    """One connection from Envoy's ext_authz HTTP client: keep-alive, one check at a time
+    (answers go out in request order should Envoy ever pipeline)."""
+
+    def __init__(
+        self, authz: Authorization, trusted_hops: int, inflight: set[asyncio.Future[None]]
+    ) -> None:
+        self.authz, self.trusted_hops, self.inflight = authz, trusted_hops, inflight
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.previous: asyncio.Future[None] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.size = 0
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True  # checks in flight finish; their lines say `cancelled`
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, _Malformed):
+            self._refuse(400, "bad_request", "the check request is not HTTP/1.1 as Envoy sends it")
+
+    # -- httptools callbacks -----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._reset()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.size += len(name) + len(value)
+        if self.size > MAX_HEAD_BYTES:
+            raise _Malformed("header block too large")
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)  # Envoy sends none (no with_request_body); bound it anyway
+        if self.size > MAX_HEAD_BYTES:
+            raise _Malformed("body too large")
+
+    def on_message_complete(self) -> None:
+        headers = self.headers
+        method = self.parser.get_method().decode("latin-1")
+        timeout = headers.get(TIMEOUT_HEADER)
+        deadline = None
+        if timeout is not None and timeout.isdigit():
+            deadline = time.perf_counter() + int(timeout) / 1000
+        extensions = (
+            {holds.EXT_PHASE: holds.PHASE_RESPONSE}
+            if headers.get(PHASE_HEADER) == holds.PHASE_RESPONSE
+            else {}
+        )
+        facts = Facts(
+            method,
+            self.url.decode("latin-1").partition("?")[0],
+            headers.get("host", ""),
+            headers.get("x-forwarded-proto", "http"),
+            headers,
+            extensions,
+            client_address(headers.get("x-forwarded-for", ""), self.trusted_hops),
+            deadline,
+            self.gone,
+        )
+        keep_alive = self.parser.should_keep_alive()
+        previous, self.previous = (
+            self.previous,
+            asyncio.ensure_future(self._answer(facts, method == "HEAD", keep_alive, self.previous)),
+        )
+        del previous
+
+    def gone(self) -> bool:
+        return self.closed
+
+    async def _answer(
+        self,
+        facts: Facts,
+        head_only: bool,
+        keep_alive: bool,
+        previous: asyncio.Future[None] | None,
+    ) -> None:
+        answer = await self.authz.decide(facts)
+        if previous is not None and not previous.done():
+            await previous
+        if head_only:  # an answer to HEAD carries no body: Envoy would not read it
+            answer = answer[: answer.index(b"\r\n\r\n") + 4]
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(answer)
+        if not keep_alive:
+            transport.close()
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        """Answer what cannot be parsed (Envoy then answers the client with it), then hang
+        up: the connection's framing is lost."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        body = f'{{"error":"{reason}","message":"{message}"}}'.encode()
+        headers = (("content-type", "application/json"), ("cache-control", "no-store"))
+        transport.write(HttpAnswers().denied(status, headers, body))
+        transport.close()
+
+
+class CheckServer:
+    """One worker's HTTP ext_authz listener and the checks it has in flight."""
+
+    def __init__(self, authz: Authorization, trusted_hops: int) -> None:
+        self.authz, self.trusted_hops = authz, trusted_hops
+        self.inflight: set[asyncio.Future[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self.server = await loop.create_server(
+                lambda: AuthzConnection(self.authz, self.trusted_hops, self.inflight),
+                host,
+                port,
+                backlog=1024,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"config listen_authz_http: cannot listen on {host}:{port}: {exc.strerror}"
+            ) from None
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking connections; give the checks in flight `grace` seconds to answer."""
+        if self.server is not None:
+            self.server.close()
+        if self.inflight:
+            await asyncio.wait(set(self.inflight), timeout=grace)
+
+
+async def serve(authz: Authorization, host: str, port: int, trusted_hops: int) -> CheckServer:
+    """Listen for Envoy's ext_authz checks on host:port."""
+    server = CheckServer(authz, trusted_hops)
+    await server.start(host, port)
+    return server
