@@ -13,12 +13,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 import redis
-from envoy.service.auth.v3 import external_auth_pb2 as authz
-from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 
 from sidecar.core import protocol
 from sidecar.core.identity import Identity
@@ -27,6 +24,7 @@ from sidecar.tools.envoy_config import METHOD_OVERRIDE_HEADERS
 from sidecar.tools.stack import LOOPBACK, Stack
 from tests.support.payers import funded_payer, pay_direct
 from tests.support.routes import ENVOY_ROUTES, ROUTES
+from tests.support.stacks import ask_sidecar, over_http
 
 ATLAS = "/api/v1/agent/pay-api/atlas"  # GET only, 0.25
 FREE = "/api/v1/health"
@@ -263,9 +261,12 @@ async def test_a_trusted_proxy_names_the_client_to_the_service(trusting: Stack) 
 
     assert paid.status_code == 200
     assert upstream_saw(trusting, paid)["x-envoy-external-address"] == "9.9.9.9"
-    # The sidecar's per-address limit keys on the TCP peer all the same (Envoy's ext_authz
-    # source address): behind a balancer, the PROXY protocol (docs/configuration.md).
-    assert address_buckets(trusting) == {"x402:ip:{127.0.0.1}"}
+    if over_http(trusting):  # the check carries Envoy's x-envoy-external-address
+        assert address_buckets(trusting) == {"x402:ip:{9.9.9.9}"}
+    else:
+        # The per-address limit keys on the TCP peer all the same (ext_authz's source
+        # address): behind a balancer, the PROXY protocol (docs/configuration.md).
+        assert address_buckets(trusting) == {"x402:ip:{127.0.0.1}"}
 
 
 # -- 5. slow and oversized requests ----------------------------------------------------------
@@ -331,19 +332,6 @@ def test_the_sidecars_402_reaches_the_client_as_written(faults: Stack) -> None:
     assert malformed.json()["error"] == "malformed_payment"
 
 
-def sidecar_check(stack: Stack, headers: dict[str, str]) -> authz.CheckResponse:
-    """Ask the sidecar directly, as Envoy does."""
-    check = authz.CheckRequest()
-    http = check.attributes.request.http
-    http.method, http.path, http.host, http.scheme = "GET", ATLAS, "gw", "http"
-    http.headers.update({name.lower(): value for name, value in headers.items()})
-    with grpc.insecure_channel(f"{LOOPBACK}:{stack.ports['grpc']}") as channel:
-        response: authz.CheckResponse = authz_grpc.AuthorizationStub(channel).Check(
-            check, timeout=5
-        )
-        return response
-
-
 async def test_the_sidecars_ledger_unavailable_reaches_the_client_as_written(
     faults: Stack,
 ) -> None:
@@ -351,12 +339,12 @@ async def test_the_sidecars_ledger_unavailable_reaches_the_client_as_written(
     faults.processes["redis"].kill()
     try:
         through_envoy = send(faults, "GET", ATLAS, paid_headers(faults, wallet))
-        direct = sidecar_check(faults, paid_headers(faults, wallet)).denied_response
+        status, body = ask_sidecar(faults, ATLAS, paid_headers(faults, wallet))
     finally:
         faults.start_redis()
 
-    assert through_envoy.status_code == 503 == direct.status.code
-    assert through_envoy.content == direct.body.encode()
+    assert through_envoy.status_code == 503 == status
+    assert through_envoy.content == body
     assert through_envoy.json()["error"] == "ledger_unavailable"
     assert through_envoy.headers["retry-after"] == "1"
 

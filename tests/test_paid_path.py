@@ -19,6 +19,7 @@ from sidecar.ledger.accounts import SUSPENDED, Ledger
 from sidecar.tools.stack import Stack
 from tests.support.payers import b64json, funded_payer, pay_direct, pay_invoice
 from tests.support.routes import ROUTES
+from tests.support.stacks import grpc_only_prices
 
 ATLAS = "/api/v1/agent/pay-api/atlas"
 ATLAS_PRICE = 250_000
@@ -126,7 +127,9 @@ async def test_direct_payment_needs_no_challenge(
     ("method", "path", "price"),
     [
         ("GET", "/api/v1/market/signal", "0.0005"),  # sidecar route table, unannotated in Envoy
-        ("POST", "/api/v1/annotated", "0.02"),  # Envoy annotation only
+        pytest.param(
+            "POST", "/api/v1/annotated", "0.02", marks=grpc_only_prices
+        ),  # Envoy annotation only
     ],
 )
 async def test_both_price_sources_charge(

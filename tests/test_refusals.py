@@ -38,6 +38,7 @@ from tests.support.cli import x402
 from tests.support.inprocess import check_request, servicer_for
 from tests.support.payers import funded_payer, pay_direct
 from tests.support.routes import ROUTES
+from tests.support.stacks import over_http
 
 ATLAS = "/api/v1/agent/pay-api/atlas"  # GET, 0.25, in the table and annotated in Envoy
 VERIFY = "/api/v1/trade/verify/T-1"  # GET {trade_id}, 0.01, both
@@ -210,9 +211,10 @@ async def test_a_zero_price_is_a_free_route_in_both_sources(strict_stack: Stack)
     async with httpx.AsyncClient(base_url=strict_stack.url, timeout=10) as client:
         listed = await client.get("/api/v1/evaluate")
         assert listed.status_code == 200 and listed.json()["service"] == "demo-upstream"
-        # Priced "0" by its Envoy annotation alone (not in the sidecar's table): also free.
+        # Priced "0" by its Envoy annotation alone (not in the sidecar's table): also free;
+        # over HTTP there are no Envoy-side prices: unlisted, so `unlisted: deny` refuses it.
         annotated = await client.get("/api/v1/annotated-free")
-        assert annotated.status_code == 200
+        assert annotated.status_code == (404 if over_http(strict_stack) else 200)
         assert (await client.get(ATLAS)).status_code == 402
 
 

@@ -19,6 +19,7 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.tools.stack import Stack
 from tests.support.payers import funded_payer, pay_direct
 from tests.support.routes import ROUTES
+from tests.support.stacks import authz_endpoints
 
 VERIFY = "/api/v1/trade/verify/T-1"
 PRICE = 10_000
@@ -43,11 +44,12 @@ def active_checks_per_worker(stack: Stack) -> dict[str, int]:
     url = f"http://127.0.0.1:{stack.ports['admin']}/clusters"
     with urllib.request.urlopen(url, timeout=5) as response:
         lines = response.read().decode().splitlines()
-    per_worker = {f"127.0.0.1:{stack.ports['grpc'] + i}": 0 for i in range(stack.workers)}
+    checks, hosts = authz_endpoints(stack)
+    per_worker = dict.fromkeys(hosts, 0)
     for line in lines:
         cluster, _, rest = line.partition("::")
         host, _, stat = rest.partition("::")
-        if cluster == "x402_authz" and stat.startswith("rq_active::"):
+        if cluster == checks and stat.startswith("rq_active::"):
             per_worker[host] = int(stat.rpartition("::")[2])
     return per_worker
 

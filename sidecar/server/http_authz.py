@@ -7,7 +7,10 @@ headers Envoy's `allowed_upstream_headers` names go to the service, those of
 `allowed_client_headers_on_success` to the client, those of `dynamic_metadata_from_headers`
 become ext_authz's dynamic metadata (the access log, the response phase), and
 `x-envoy-auth-headers-to-remove` strips the proof. Any other status denies: Envoy answers
-the client with it, the `allowed_client_headers` and our body. There are no per-route
+the client with it, the `allowed_client_headers` and our body; but Envoy takes any 5xx for
+its own failure and drops our answer, so a 503 travels as UNAVAILABLE_STAND_IN, marked, and
+the renderer's local-reply mapper gives it back its 503 (envoy_config.local_reply_config).
+There are no per-route
 `context_extensions` here, so prices come from the sidecar's route table; a route's response
 phase is announced by the renderer's per-route `x-x402-phase` header instead.
 
@@ -41,7 +44,15 @@ PHASE_HEADER = "x-x402-phase"  # on routes whose response phase (ext_proc) runs
 # What Envoy forwards of the client's request: what the decision reads, nothing more
 # (cookies and credentials stay out). The client's address is the X-Forwarded-For entry
 # Envoy appended itself (use_remote_address), counted from the right past trusted hops.
-REQUEST_HEADERS = (*protocol.PROOF_HEADERS, "x-request-id", "x-forwarded-for", "x-forwarded-proto")
+# Envoy's x-envoy-external-address (its trusted client address) where it sets one.
+EXTERNAL_ADDRESS = "x-envoy-external-address"
+REQUEST_HEADERS = (
+    *protocol.PROOF_HEADERS,
+    "x-request-id",
+    EXTERNAL_ADDRESS,
+    "x-forwarded-for",
+    "x-forwarded-proto",
+)
 # Envoy's instruction, on an allow, to strip these from the request before the service.
 REMOVE = "x-envoy-auth-headers-to-remove"
 # Every key the decision may put in ext_authz's dynamic metadata; each travels as a header
@@ -62,6 +73,8 @@ METADATA_KEYS = tuple(
 # What Envoy passes to the client: from a denial, and with an allow.
 DENIAL_HEADERS = ("content-type", "cache-control", "payment-required", "retry-after")
 SUCCESS_HEADERS = protocol.RECEIPT_HEADERS
+# A 5xx denial's status on this wire, and its mark (DENIAL_METADATA_KEY's value).
+UNAVAILABLE_STAND_IN, UNAVAILABLE_MARK = 490, "unavailable"
 MAX_HEAD_BYTES = 65536  # Envoy caps a client's header block at max_request_headers_kb (60)
 
 _REASONS = {
@@ -107,20 +120,27 @@ class HttpAnswers:
             + b"\r\n"
         )
 
+    _DENIED = _lines(DENIAL_METADATA.items())  # Envoy's local-reply mappers leave it as is
+    _UNAVAILABLE = _lines([(DENIAL_METADATA_KEY, UNAVAILABLE_MARK)])  # ... or restore a 503
+
     def denied(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+        mark = self._DENIED
+        if status >= 500:
+            status, mark = UNAVAILABLE_STAND_IN, self._UNAVAILABLE
         return (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Denied')}\r\n"
             f"content-length: {len(body)}\r\n".encode()
             + _lines(headers)
-            + _lines(DENIAL_METADATA.items())  # Envoy's local-reply mappers leave it as is
+            + mark
             + b"\r\n"
             + body
         )
 
 
 def client_address(forwarded_for: str, trusted_hops: int) -> str:
-    """The client as Envoy saw it: with use_remote_address Envoy appends the peer it talks
-    to, so the last entry is the peer, and each trusted proxy in front adds one more."""
+    """The client as Envoy saw it, where Envoy set no x-envoy-external-address: with
+    use_remote_address Envoy appends the peer it talks to, so the last entry is the peer,
+    and each trusted proxy in front adds one more."""
     entries = [entry.strip() for entry in forwarded_for.split(",") if entry.strip()]
     if not entries:
         return ""
@@ -200,7 +220,8 @@ class AuthzConnection(asyncio.Protocol):
             headers.get("x-forwarded-proto", "http"),
             headers,
             extensions,
-            client_address(headers.get("x-forwarded-for", ""), self.trusted_hops),
+            headers.get(EXTERNAL_ADDRESS)
+            or client_address(headers.get("x-forwarded-for", ""), self.trusted_hops),
             deadline,
             self.gone,
         )

@@ -416,24 +416,33 @@ def _status(code: int) -> dict[str, Any]:
     }
 
 
+def _denial_filter(value: dict[str, Any]) -> dict[str, Any]:
+    """Matches the sidecar's denials by their ext_authz dynamic metadata mark."""
+    return {
+        "metadata_filter": {
+            "matcher": {
+                "filter": EXT_AUTHZ,
+                "path": [{"key": DENIAL_METADATA_KEY}],
+                "value": value,
+            },
+            "match_if_key_not_found": False,
+        }
+    }
+
+
 def local_reply_config() -> dict[str, Any]:
     """Envoy's own failures in the JSON envelope of docs/protocol.md §5. The first mapper
     matches the sidecar's ext_authz denials (marked with dynamic metadata) and changes
     nothing, so their status, headers and body reach the client as the sidecar wrote them.
     (The overload manager's own 503 "envoy overloaded" is sent before local_reply_config is
     consulted, in Envoy 1.40: it stays plain text, so no mapper is written for it.)"""
-    sidecar_denial = {
-        "metadata_filter": {
-            "matcher": {
-                "filter": EXT_AUTHZ,
-                "path": [{"key": DENIAL_METADATA_KEY}],
-                "value": {"present_match": True},
-            },
-            "match_if_key_not_found": False,
-        }
-    }
+    sidecar_denial = _denial_filter({"present_match": True})
+    # Over the HTTP transport a sidecar 503 arrives as a stand-in status (a 5xx would be
+    # taken for the sidecar's own failure): its status comes back, its body stays.
+    unavailable = _denial_filter({"string_match": {"exact": http_authz.UNAVAILABLE_MARK}})
     return {
         "mappers": [
+            {"filter": unavailable, "status_code": 503},
             {"filter": sidecar_denial},
             # ext_authz failed (sidecar down, timed out, refused): fail closed.
             _reply(
