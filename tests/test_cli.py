@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sidecar.core.identity import Identity
-from sidecar.tools.envoy_config import Endpoints, render_yaml
+from sidecar.tools.envoy_config import EXT_AUTHZ, Endpoints, render_yaml
 from sidecar.tools.stack import Stack, find_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,3 +173,45 @@ def test_envoy_config_takes_the_edge_settings_and_stays_valid(tmp_path: Path) ->
 
     config.write_text(yaml.safe_dump({**example, "edge": {"xff_num_trusted_hops": "two"}}))
     assert_one_line_error(x402("envoy-config", "--config", str(config)), "edge.xff_num_trusted")
+
+
+def test_envoy_config_renders_the_http_transport_valid(tmp_path: Path) -> None:
+    """`--transport http`: ext_authz's http_service at the workers' HTTP ports, no price
+    annotations (the sidecar prices from its table), the response phase announced per route."""
+    example = yaml.safe_load((ROOT / "envoy" / "x402.yaml").read_text())
+    routes = {
+        **example["routes"],
+        "held": {"method": "GET", "path": "/api/held", "price": "0.01", "charge": "on_success"},
+    }
+    config = tmp_path / "x402.yaml"
+    config.write_text(yaml.safe_dump({**example, "routes": routes}))
+
+    result = x402("envoy-config", "--config", str(config), "--transport", "http")
+
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)
+    hcm = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    hcm = hcm["typed_config"]
+    ext_authz = next(f for f in hcm["http_filters"] if f["name"] == EXT_AUTHZ)["typed_config"]
+    assert "grpc_service" not in ext_authz
+    service = ext_authz["http_service"]
+    assert service["server_uri"]["cluster"] == "x402_authz_http"
+    allowed = {p["exact"] for p in ext_authz["allowed_headers"]["patterns"]}
+    assert {"x-payment", "payment-signature"} <= allowed and "cookie" not in allowed
+    clusters = {c["name"]: c for c in rendered["static_resources"]["clusters"]}
+    endpoints = clusters["x402_authz_http"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert len(endpoints) == example["workers"]
+    priced = {r["name"]: r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+    assert EXT_AUTHZ not in priced[next(iter(example["routes"]))].get("typed_per_filter_config", {})
+    phase = priced["held"]["typed_per_filter_config"][EXT_AUTHZ]["check_settings"]
+    added = phase["http_service"]["authorization_request"]["headers_to_add"]
+    assert {"key": "x-x402-phase", "value": "response"} in added
+    (tmp_path / "envoy.yaml").write_text(result.stdout)
+    validated = subprocess.run(
+        [find_binary("envoy"), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert validated.returncode == 0, validated.stdout + validated.stderr

@@ -1,0 +1,113 @@
+"""The HTTP transport's answers, read back with the same parser family Envoy's peers use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import httptools
+
+from sidecar.core import holds
+from sidecar.core.money import Asset
+from sidecar.server import holding
+from sidecar.server.http_authz import (
+    DENIAL_HEADERS,
+    METADATA_KEYS,
+    REMOVE,
+    UNAVAILABLE_MARK,
+    UNAVAILABLE_STAND_IN,
+    HttpAnswers,
+    client_address,
+)
+from sidecar.server.responses import DENIAL_METADATA_KEY
+
+
+@dataclass
+class Parsed:
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    complete: bool = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode().lower()] = value.decode()
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def parse(answer: bytes) -> Parsed:
+    parsed = Parsed()
+    parser = httptools.HttpResponseParser(parsed)
+    parser.feed_data(answer)
+    parsed.status = parser.get_status_code()
+    assert parsed.complete, "one whole HTTP/1.1 message"
+    return parsed
+
+
+def test_free_strips_the_proofs_and_every_gateway_assertion() -> None:
+    parsed = parse(HttpAnswers.free)
+    assert parsed.status == 200 and parsed.body == b""
+    removed = set(parsed.headers[REMOVE].split(","))
+    assert removed == {
+        "x-payment",
+        "payment-signature",
+        "x-x402-payer",
+        "x-x402-amount",
+        "x-x402-receipt-id",
+    }
+
+
+def test_ok_carries_upstream_client_and_metadata_headers() -> None:
+    answer = HttpAnswers().ok(
+        (("x-x402-payer", "P"), ("x-x402-amount", "0.01")),
+        (("x-payment-response", "R"),),
+        {"payer": "P", "receipt_id": "rcpt_1"},
+    )
+    parsed = parse(answer)
+    assert parsed.status == 200
+    assert parsed.headers["x-x402-payer"] == "P" and parsed.headers["x-payment-response"] == "R"
+    assert parsed.headers["receipt_id"] == "rcpt_1"
+    assert parsed.headers[REMOVE] == "x-payment,payment-signature"
+
+
+def test_a_denial_keeps_status_headers_body_and_is_marked() -> None:
+    body = b'{"error":"payment_required"}'
+    parsed = parse(HttpAnswers().denied(402, (("content-type", "application/json"),), body))
+    assert (parsed.status, parsed.body) == (402, body)
+    assert parsed.headers[DENIAL_METADATA_KEY] == "denied"
+    assert "content-type" in DENIAL_HEADERS
+
+
+def test_a_503_travels_as_the_stand_in_envoy_restores() -> None:
+    # Envoy takes any 5xx from an HTTP authorization server for the server's own failure
+    # and drops its answer; the stand-in keeps the body, the mark brings the 503 back.
+    body = b'{"error":"ledger_unavailable"}'
+    parsed = parse(HttpAnswers().denied(503, (("retry-after", "1"),), body))
+    assert parsed.status == UNAVAILABLE_STAND_IN and not 500 <= parsed.status < 600
+    assert parsed.headers[DENIAL_METADATA_KEY] == UNAVAILABLE_MARK
+    assert parsed.body == body and parsed.headers["retry-after"] == "1"
+
+
+def test_the_client_address_is_counted_from_the_right_past_trusted_hops() -> None:
+    assert client_address("9.9.9.9, 10.0.0.7", 0) == "10.0.0.7"
+    assert client_address("9.9.9.9, 10.0.0.7", 1) == "9.9.9.9"
+    assert client_address("10.0.0.7", 3) == "10.0.0.7"  # never past the first entry
+    assert client_address("", 0) == ""
+
+
+def test_every_metadata_key_the_decision_writes_travels_as_a_header() -> None:
+    usd = Asset("USDF", 6)
+    phase = holds.phase_from(
+        "routes.rows",
+        {"unit": "row", "unit_price": "0.001", "max_units": 10, "usage_missing": "minimum"},
+        usd,
+    )
+    assert phase is not None
+    written = set(holds.phase_annotations(phase, usd))
+    assert written <= set(METADATA_KEYS)
+    assert set(holding.METADATA_KEYS) <= set(METADATA_KEYS)
+    for name in METADATA_KEYS:  # valid header names: Envoy would refuse anything else
+        assert name == name.lower() and " " not in name and ":" not in name
