@@ -5,13 +5,17 @@ uvloop, grpc.aio, the CheckRequest parsed by the framework and the answer sent a
 each check is answered with one prebuilt OK. The bench's ratio of paid requests to this
 isolates the sidecar's own cost from gRPC's and Envoy's.
 
-    python -m bench.allow_all --port 9001 --workers 2
+    python -m bench.allow_all --port 9001 --workers 2 [--transport http]
+
+With `--transport http` it is the HTTP transport's floor instead: server/http_authz.py's
+connection protocol (httptools, keep-alive) answering every check with one prebuilt 200.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -19,13 +23,33 @@ import sys
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 from google.rpc import code_pb2, status_pb2
 
-from sidecar.server.authz import AUTHZ_SERVICE
+from sidecar.server import http_authz
+from sidecar.server.authz import AUTHZ_SERVICE, Facts
+from sidecar.server.http_authz import HttpAnswers
 
 OK: bytes = authz.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)).SerializeToString()
 
 
 async def check(request: authz.CheckRequest, context: object) -> bytes:
     return OK
+
+
+class AllowAll:
+    """The HTTP transport's decider, doing nothing."""
+
+    async def decide(self, facts: Facts) -> bytes:
+        return HttpAnswers.free
+
+
+async def serve_http(host: str, port: int) -> None:
+    server = await http_authz.serve(AllowAll(), host, port, 0)
+    gc.freeze()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.drain(1)
 
 
 async def serve(address: str) -> None:
@@ -54,6 +78,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--transport", choices=("grpc", "http"), default="grpc")
     args = parser.parse_args()
     import uvloop
 
@@ -62,7 +87,10 @@ def main() -> None:
         pid = os.fork()  # before any gRPC object exists, like the sidecar
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            uvloop.run(serve(f"{args.host}:{args.port + worker}"))
+            if args.transport == "http":
+                uvloop.run(serve_http(args.host, args.port + worker))
+            else:
+                uvloop.run(serve(f"{args.host}:{args.port + worker}"))
             os._exit(0)
         children.append(pid)
 

@@ -27,14 +27,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Mapping
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
 
 from sidecar.core import decision, holds, protocol
 from sidecar.core.errors import ConfigError
 from sidecar.server import holding
-from sidecar.server.authz import Authorization, Facts
+from sidecar.server.authz import Facts
 from sidecar.server.responses import DENIAL_METADATA, DENIAL_METADATA_KEY
 
 # Gateway-asserted request headers Envoy sends with every check (authorization_request.
@@ -147,6 +147,12 @@ def client_address(forwarded_for: str, trusted_hops: int) -> str:
     return entries[max(0, len(entries) - 1 - trusted_hops)]
 
 
+class Decider(Protocol):
+    """What answers a check: authz.Authorization (the bench's allow-all is another)."""
+
+    async def decide(self, facts: Facts) -> bytes: ...
+
+
 class _Malformed(Exception):
     """A check request that is not HTTP/1.1 as Envoy writes it."""
 
@@ -156,7 +162,7 @@ class AuthzConnection(asyncio.Protocol):
     (answers go out in request order should Envoy ever pipeline)."""
 
     def __init__(
-        self, authz: Authorization, trusted_hops: int, inflight: set[asyncio.Future[None]]
+        self, authz: Decider, trusted_hops: int, inflight: set[asyncio.Future[None]]
     ) -> None:
         self.authz, self.trusted_hops, self.inflight = authz, trusted_hops, inflight
         self.parser = httptools.HttpRequestParser(self)
@@ -269,7 +275,7 @@ class AuthzConnection(asyncio.Protocol):
 class CheckServer:
     """One worker's HTTP ext_authz listener and the checks it has in flight."""
 
-    def __init__(self, authz: Authorization, trusted_hops: int) -> None:
+    def __init__(self, authz: Decider, trusted_hops: int) -> None:
         self.authz, self.trusted_hops = authz, trusted_hops
         self.inflight: set[asyncio.Future[None]] = set()
         self.server: asyncio.Server | None = None
@@ -296,7 +302,7 @@ class CheckServer:
             await asyncio.wait(set(self.inflight), timeout=grace)
 
 
-async def serve(authz: Authorization, host: str, port: int, trusted_hops: int) -> CheckServer:
+async def serve(authz: Decider, host: str, port: int, trusted_hops: int) -> CheckServer:
     """Listen for Envoy's ext_authz checks on host:port."""
     server = CheckServer(authz, trusted_hops)
     await server.start(host, port)
