@@ -57,9 +57,16 @@ format: install
 	$(PY) -m ruff check --fix sidecar tests bench examples
 	$(PY) -m ruff format sidecar tests bench examples
 
+TEST_ENV := HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(abspath $(USDC)) \
+	MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) X402_CORE=$(abspath $(X402_CORE))
+# The end-to-end files that run a second time with Envoy asking over the HTTP transport
+# (X402_TRANSPORT=http, docs/configuration.md): every one that starts a stack.
+E2E_OVER_HTTP := $(filter-out tests/test_packaging.py tests/test_fuzz.py tests/test_grafana.py \
+	tests/test_readme.py tests/test_guides.py tests/test_http_transport.py, $(wildcard tests/test_*.py))
+
 test: install tools containers browser lint
-	HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(abspath $(USDC)) \
-		MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) X402_CORE=$(abspath $(X402_CORE)) $(PY) -m pytest
+	$(TEST_ENV) $(PY) -m pytest
+	X402_TRANSPORT=http $(TEST_ENV) $(PY) -m pytest $(E2E_OVER_HTTP)
 
 unit: install
 	$(PY) -m pytest tests/unit
