@@ -122,7 +122,13 @@ def test_reference_envoy_config_is_generated_from_the_example_and_valid(tmp_path
     assert checked_in == render_yaml(example["routes"], example["default_asset"], workers), (
         "envoy/envoy.yaml is stale: x402 envoy-config --config envoy/x402.yaml > envoy/envoy.yaml"
     )
-    result = x402("envoy-config", "--config", str(ROOT / "envoy" / "x402.yaml"))
+    # The reference is the default transport, whatever X402_TRANSPORT this run has.
+    result = x402(
+        "envoy-config",
+        "--config",
+        str(ROOT / "envoy" / "x402.yaml"),
+        env={"X402_TRANSPORT": "grpc"},
+    )
     assert result.stdout == checked_in
     validated = subprocess.run(
         [find_binary("envoy"), "--mode", "validate", "-c", str(ROOT / "envoy" / "envoy.yaml")],
