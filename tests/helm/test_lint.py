@@ -67,6 +67,15 @@ def test_every_manifest_passes_kubernetes_validate_strict(
 
 
 def test_rendered_envoy_config_passes_envoy_validate(rendered: Rendered, tmp_path: Path) -> None:
+    envoy_validate(rendered, tmp_path)
+
+
+@pytest.mark.parametrize("name", [name for name in VALUES if name != "http"])
+def test_every_values_file_over_http_passes_envoy_validate(name: str, tmp_path: Path) -> None:
+    envoy_validate(render_chart(name, "--set", "sidecar.transport=http"), tmp_path)
+
+
+def envoy_validate(rendered: Rendered, tmp_path: Path) -> None:
     path = tmp_path / "envoy.yaml"
     path.write_text(rendered.configmap["envoy.yaml"])
     result = run(

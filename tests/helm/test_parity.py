@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from typing import Any
 
+import pytest
 import yaml
 
 from sidecar.core.money import to_atomic
@@ -17,7 +19,9 @@ from sidecar.tools.stack import LOOPBACK
 from tests.support.charts import (
     CHART,
     REPO,
+    VALUES,
     Rendered,
+    merge,
     ordered_routes,
     render_chart,
     rendered_values,
@@ -26,6 +30,18 @@ from tests.support.charts import (
 
 
 def test_envoy_config_has_the_shape_of_the_python_renderer(rendered: Rendered) -> None:
+    assert rendered.envoy_config == renderers_envoy_config(rendered)
+
+
+@pytest.mark.parametrize("name", [name for name in VALUES if name != "http"])
+def test_every_values_file_over_http_has_the_shape_of_the_python_renderer(name: str) -> None:
+    rendered = render_chart(name, "--set", "sidecar.transport=http")
+    rendered.values = merge(rendered.values, {"sidecar": {"transport": "http"}})
+    assert rendered.envoy_config == renderers_envoy_config(rendered)
+
+
+def renderers_envoy_config(rendered: Rendered) -> dict[str, Any]:
+    """What `render(...)` makes of the values, as `x402 envoy-config` would."""
     v = rendered.values
     endpoints = Endpoints(
         listen=("0.0.0.0", v["envoy"]["port"]),
@@ -33,6 +49,8 @@ def test_envoy_config_has_the_shape_of_the_python_renderer(rendered: Rendered) -
         service=(LOOPBACK, v["app"]["port"]),
         authz=(LOOPBACK, v["sidecar"]["grpcPort"]),
         authz_workers=v["sidecar"]["workers"],
+        transport=v["sidecar"]["transport"],
+        authz_http=(LOOPBACK, v["sidecar"]["authzHttpPort"]),
         sideport=(LOOPBACK, v["sidecar"]["httpPort"]),
         authz_timeout=v["envoy"]["authzTimeout"],
     )
@@ -41,13 +59,20 @@ def test_envoy_config_has_the_shape_of_the_python_renderer(rendered: Rendered) -
         assert topup, "the exact values turn top-ups on"
         endpoints = dataclasses.replace(endpoints, authz_timeout=authz, topup_timeout=topup)
     edge = Edge(**{snake_case(key): value for key, value in v["envoy"]["edge"].items()})
-    expected = render(ordered_routes(v["routes"]), v["defaultAsset"], endpoints, edge)
-    assert rendered.envoy_config == expected
+    return render(ordered_routes(v["routes"]), v["defaultAsset"], endpoints, edge)
 
 
 def test_the_charts_edge_defaults_are_the_renderers() -> None:
     chart = yaml.safe_load((CHART / "values.yaml").read_text())["envoy"]["edge"]
     assert {snake_case(key): value for key, value in chart.items()} == dataclasses.asdict(Edge())
+
+
+def test_the_charts_transport_defaults_are_the_sidecars() -> None:
+    chart = yaml.safe_load((CHART / "values.yaml").read_text())["sidecar"]
+    defaults = {field.name: field.default for field in dataclasses.fields(Settings)}
+    assert chart["transport"] == defaults["transport"] == Endpoints().transport
+    port = int(str(defaults["listen_authz_http"]).rpartition(":")[2])
+    assert chart["authzHttpPort"] == port == Endpoints().authz_http[1]
 
 
 def test_sidecar_config_is_the_same_route_table(rendered: Rendered) -> None:
@@ -72,6 +97,8 @@ def test_sidecar_config_is_the_same_route_table(rendered: Rendered) -> None:
     assert [r.name for r in table.routes if r.is_template] == templated
     assert settings.listen_grpc == f"0.0.0.0:{v['sidecar']['grpcPort']}"
     assert settings.listen_http == f"0.0.0.0:{v['sidecar']['httpPort']}"
+    assert settings.transport == v["sidecar"]["transport"]
+    assert settings.listen_authz_http == f"0.0.0.0:{v['sidecar']['authzHttpPort']}"
     assert settings.workers == v["sidecar"]["workers"]
     assert "redis_url" not in config  # it carries the password: env from a Secret only
 

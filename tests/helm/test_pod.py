@@ -45,6 +45,7 @@ def pods() -> Iterator[list[Pod]]:
 PAID = {
     "external-redis": ("verify", "/api/v1/trade/verify/T-42"),
     "many-routes": ("catalog-sub", "/v2/catalog/sku-1/versions/7"),
+    "http": ("verify", "/v1/verify/T-42"),  # checks over ext_authz's http_service
 }
 
 
@@ -56,6 +57,7 @@ def test_the_rendered_pod_runs_as_processes_and_takes_a_payment(
     workers = values["sidecar"]["workers"]
     ports = {key: free_port() for key in ("envoy", "admin", "app", "http", "redis")}
     grpc_port = free_ports(workers)  # worker i listens on grpcPort + i
+    authz_http_port = free_ports(workers)  # and, with transport http, on authzHttpPort + i
     auth = values["redis"]["auth"]
     password = secrets.token_urlsafe(18) if auth["existingSecret"] else None
     redis_process = start_redis(tmp_path / "redis", ports["redis"], password)
@@ -73,6 +75,8 @@ def test_the_rendered_pod_runs_as_processes_and_takes_a_payment(
         f"sidecar.httpPort={ports['http']}",
         "--set",
         f"sidecar.grpcPort={grpc_port}",
+        "--set",
+        f"sidecar.authzHttpPort={authz_http_port}",
         "--set",
         f"redis.url=redis://{LOOPBACK}:{ports['redis']}/0",
     )
@@ -183,6 +187,12 @@ def test_the_rendered_pod_runs_as_processes_and_takes_a_payment(
         return False
 
     poll(decided, "the allow decision in the x402 log", sidecar, timeout=10)
+    # Every worker took its checks over the values' transport.
+    started = [
+        json.loads(line) for line in sidecar.log().splitlines() if '"sidecar.started"' in line
+    ]
+    assert len(started) == workers
+    assert {entry["transport"] for entry in started} == {values["sidecar"]["transport"]}
 
     # The `helm test` pod's own script, against this Envoy instead of the Service name.
     hook = next(

@@ -91,6 +91,26 @@ INVALID: dict[str, tuple[str, list[str], str]] = {
         [],
         "ports: app.port, envoy.port, envoy.adminPort, sidecar.httpPort and",
     ),
+    "unknown transport": (
+        "sidecar: {transport: websocket}",
+        [],
+        "sidecar.transport: sidecar.transport must be one of the following",
+    ),
+    "authz http port out of range": (
+        "sidecar: {authzHttpPort: 70000}",
+        [],
+        "sidecar.authzHttpPort: Must be less than or equal to 65535",
+    ),
+    "http workers on the grpc workers' ports": (
+        "sidecar: {transport: http, workers: 2, authzHttpPort: 9002}",
+        [],
+        "(with transport http, authzHttpPort..authzHttpPort+workers-1 too) share",
+    ),
+    "http workers past the last port": (
+        "sidecar: {transport: http, workers: 2, authzHttpPort: 65535}",
+        [],
+        "sidecar.authzHttpPort: 2 workers need ports 65535..65536",
+    ),
     "authz timeout below the ledger timeout": (
         "envoy: {authzTimeout: 0.4s}",
         [],

@@ -27,6 +27,7 @@ VALUES: dict[str, Path | None] = {
     "internal-redis": CHART / "ci" / "internal-redis-values.yaml",
     "many-routes": CHART / "ci" / "many-routes-values.yaml",
     "exact": CHART / "ci" / "exact-values.yaml",
+    "http": CHART / "ci" / "http-values.yaml",  # sidecar.transport: http
 }
 RELEASE, NAMESPACE = "pay", "payments"
 FULLNAME = "pay-x402-sidecar"

@@ -69,11 +69,51 @@
     content_type: application/json
 {{- end }}
 
+{{- /* Envoy StringMatcher patterns, one `exact` per name of a list. */}}
+{{- define "x402.envoyExactPatterns" -}}
+patterns:
+{{- range . }}
+- exact: {{ . | toJson }}
+{{- end }}
+{{- end }}
+
+{{- /* ext_authz's HTTP mode (sidecar/server/http_authz.py): what goes to the sidecar, and
+     which of its answer's headers go where. "phase": a route whose response phase runs
+     says so with a header on its checks. */}}
+{{- define "x402.envoyHttpService" -}}
+{{- $timeout := include "x402.authzTimeout" .ctx -}}
+server_uri:
+  uri: http://127.0.0.1:{{ int .ctx.Values.sidecar.authzHttpPort }}
+  cluster: x402_authz_http
+  timeout: {{ $timeout }}
+path_prefix: ""
+authorization_request:
+  # Envoy's deadline: the ledger refuses past it, so a check Envoy gave up on never charges.
+  headers_to_add:
+  - key: x-x402-authz-timeout-ms
+    value: {{ include "x402.durationMs" $timeout | quote }}
+  {{- if .phase }}
+  - key: x-x402-phase
+    value: response
+  {{- end }}
+authorization_response:
+  allowed_upstream_headers:
+    {{- include "x402.envoyExactPatterns" (list "x-x402-payer" "x-x402-amount" "x-x402-receipt-id") | nindent 4 }}
+  allowed_client_headers:
+    {{- include "x402.envoyExactPatterns" (list "content-type" "cache-control" "payment-required" "retry-after") | nindent 4 }}
+  allowed_client_headers_on_success:
+    {{- include "x402.envoyExactPatterns" (list "x-payment-response" "payment-response") | nindent 4 }}
+  # Each key of ext_authz's dynamic metadata travels as a header of that name.
+  dynamic_metadata_from_headers:
+    {{- include "x402.envoyExactPatterns" (list "payer" "amount" "asset" "receipt_id" "hold" "hold_scheme" "held" "route" "request_id" "exact_envelope" "exact_requirements" "exact_reservation" "exact_resource" "http_host" "http_scheme" "x402.charge" "x402.phase" "x402.failure_status" "x402.usage_header" "x402.hold_seconds" "x402.unit" "x402.unit_price" "x402.max_units" "x402.min_units" "x402.usage_missing" "x402") | nindent 4 }}
+{{- end }}
+
 {{- define "x402.envoyConfig" -}}
 {{- $v := .Values }}
 {{- $e := $v.envoy.edge }}
 {{- $ext := "envoy.filters.http.ext_authz" -}}
 {{- $proc := "envoy.filters.http.ext_proc" -}}
+{{- $http := eq $v.sidecar.transport "http" -}}
 # Envoy in front of the service, with the x402 sidecar as ext_authz.
 # Rendered by the x402-sidecar chart from .Values.routes; edit the values, not this file.
 admin:
@@ -165,6 +205,19 @@ static_resources:
           # ext_authz dynamic metadata x402) pass as the sidecar wrote them.
           local_reply_config:
             mappers:
+            # Over the HTTP transport a sidecar 503 arrives as a stand-in status (a 5xx
+            # would be taken for the sidecar's own failure): its status comes back.
+            - filter:
+                metadata_filter:
+                  matcher:
+                    filter: {{ $ext }}
+                    path:
+                    - key: x402
+                    value:
+                      string_match:
+                        exact: unavailable
+                  match_if_key_not_found: false
+              status_code: 503
             - filter:
                 metadata_filter:
                   matcher:
@@ -276,7 +329,16 @@ static_resources:
                 route:
                   cluster: service
                   timeout: {{ $timeout }}s
+                {{- if or (not $http) $phase }}
                 typed_per_filter_config:
+                  {{- if $http }}
+                  # Priced by the sidecar's route table; the response phase runs here.
+                  {{ $ext }}:
+                    '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                    check_settings:
+                      http_service:
+                        {{- include "x402.envoyHttpService" (dict "ctx" $ "phase" true) | nindent 24 }}
+                  {{- else }}
                   {{ $ext }}:
                     '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
                     check_settings:
@@ -303,6 +365,7 @@ static_resources:
                         {{- end }}
                         {{- end }}
                         {{- end }}
+                  {{- end }}
                   {{- if $phase }}
                   # charge: on_success: the response phase (ext_proc) runs on this route.
                   {{ $proc }}:
@@ -313,6 +376,7 @@ static_resources:
                         processing_mode:
 {{ include "x402.processingMode" . | indent 26 }}
                   {{- end }}
+                {{- end }}
               {{- end }}
               # Unannotated paths still go through ext_authz: the sidecar's route table
               # may price them, and otherwise answers "free" without touching Redis.
@@ -330,10 +394,21 @@ static_resources:
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
               transport_api_version: V3
+              {{- if $http }}
+              http_service:
+                {{- include "x402.envoyHttpService" (dict "ctx" . "phase" false) | nindent 16 }}
+              # What Envoy sends of each request: what the decision reads, no cookies or bodies.
+              allowed_headers:
+                {{- include "x402.envoyExactPatterns" (list "x-payment" "payment-signature" "x-request-id" "x-envoy-external-address" "x-forwarded-for" "x-forwarded-proto") | nindent 16 }}
+              {{- else }}
               grpc_service:
                 envoy_grpc:
                   cluster_name: x402_authz
                 timeout: {{ include "x402.authzTimeout" . }}
+              # What Envoy sends of each request: what the decision reads, no cookies or bodies.
+              allowed_headers:
+                {{- include "x402.envoyExactPatterns" (list "x-payment" "payment-signature" "x-request-id") | nindent 16 }}
+              {{- end }}
               # Fail closed: no sidecar answer means no free pass, and a 503.
               failure_mode_allow: false
               status_on_error:
@@ -367,6 +442,10 @@ static_resources:
   clusters:
 {{- /* Sidecar worker i serves ext_authz on grpcPort + i; each is an endpoint. */}}
 {{ include "x402.envoyCluster" (dict "name" "x402_authz" "port" (int $v.sidecar.grpcPort) "http2" true "count" (int $v.sidecar.workers)) | indent 2 }}
+{{- if $http }}
+{{- /* Transport http: worker i serves checks over HTTP/1 on authzHttpPort + i. */}}
+{{ include "x402.envoyCluster" (dict "name" "x402_authz_http" "port" (int $v.sidecar.authzHttpPort) "count" (int $v.sidecar.workers)) | indent 2 }}
+{{- end }}
 {{ include "x402.envoyCluster" (dict "name" "x402_http" "port" (int $v.sidecar.httpPort)) | indent 2 }}
 {{- if $v.existingService.name }}
 {{ include "x402.envoyCluster" (dict "name" "service" "address" $v.existingService.name "port" (int $v.existingService.port)) | indent 2 }}

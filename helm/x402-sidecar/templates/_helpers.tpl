@@ -89,11 +89,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 {{- end }}
-{{- /* Sidecar worker i listens on grpcPort + i. */}}
+{{- /* Sidecar worker i listens on grpcPort + i (and, over HTTP, on authzHttpPort + i). */}}
 {{- $ports := list (int $v.envoy.port) (int $v.envoy.adminPort) (int $v.sidecar.httpPort) }}
 {{- if not $v.existingService.name }}{{ $ports = prepend $ports (int $v.app.port) }}{{ end }}
 {{- if $v.sidecar.admin.enabled }}{{ $ports = append $ports (int $v.sidecar.admin.port) }}{{ end }}
 {{- range $i := until (int $v.sidecar.workers) }}{{ $ports = append $ports (add $v.sidecar.grpcPort $i | int) }}{{ end }}
+{{- if eq $v.sidecar.transport "http" }}
+{{- range $i := until (int $v.sidecar.workers) }}{{ $ports = append $ports (add $v.sidecar.authzHttpPort $i | int) }}{{ end }}
+{{- end }}
 {{- if and $v.existingService.name $v.networkPolicy.enabled (not $v.existingService.podSelector) }}
 {{- fail "existingService.podSelector: the labels of the service's pods, so a NetworkPolicy lets only the gateway reach them (or networkPolicy.enabled=false if your cluster enforces that otherwise)" }}
 {{- end }}
@@ -101,10 +104,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail "existingService.name: the gateway fronts an existing Service, so it runs no app container; unset app.image.repository" }}
 {{- end }}
 {{- if ne (len $ports) (len (uniq $ports)) }}
-{{- fail (printf "ports: app.port, envoy.port, envoy.adminPort, sidecar.httpPort and sidecar.grpcPort..grpcPort+workers-1 share one network namespace and must differ (got %v)" $ports) }}
+{{- fail (printf "ports: app.port, envoy.port, envoy.adminPort, sidecar.httpPort and sidecar.grpcPort..grpcPort+workers-1 (with transport http, authzHttpPort..authzHttpPort+workers-1 too) share one network namespace and must differ (got %v)" $ports) }}
 {{- end }}
-{{- if gt (add $v.sidecar.grpcPort $v.sidecar.workers | int) 65536 }}
-{{- fail (printf "sidecar.grpcPort: %d workers need ports %d..%d" (int $v.sidecar.workers) (int $v.sidecar.grpcPort) (add $v.sidecar.grpcPort $v.sidecar.workers -1 | int)) }}
+{{- range $key := list "grpcPort" "authzHttpPort" }}
+{{- $port := index $v.sidecar $key | int }}
+{{- if and (or (eq $key "grpcPort") (eq $v.sidecar.transport "http")) (gt (add $port $v.sidecar.workers | int) 65536) }}
+{{- fail (printf "sidecar.%s: %d workers need ports %d..%d" $key (int $v.sidecar.workers) $port (add $port $v.sidecar.workers -1 | int)) }}
+{{- end }}
 {{- end }}
 {{- if and $v.redis.url $v.redis.internal.enabled }}
 {{- fail "redis: redis.url points at an existing Redis, so set redis.internal.enabled=false (or unset redis.url to use the in-chart Redis)" }}
@@ -129,9 +135,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* A Duration ("1s", "0.75s") → whole milliseconds. */}}
+{{/* A Duration ("1s", "0.75s") → whole milliseconds, rounded as envoy_config._ms does. */}}
 {{- define "x402.durationMs" -}}
-{{- mulf (trimSuffix "s" . | float64) 1000 | int }}
+{{- round (mulf (trimSuffix "s" . | float64) 1000) 0 | int }}
 {{- end }}
 
 {{/* ---- routes ------------------------------------------------------------------ */}}
@@ -296,6 +302,8 @@ response_trailer_mode: SKIP
 {{- $config := dict
   "listen_grpc" (printf "0.0.0.0:%d" (int $v.sidecar.grpcPort))
   "listen_http" (printf "0.0.0.0:%d" (int $v.sidecar.httpPort))
+  "transport" $v.sidecar.transport
+  "listen_authz_http" (printf "0.0.0.0:%d" (int $v.sidecar.authzHttpPort))
   "redis_timeout_ms" (int $v.redis.timeoutMs)
   "signing_key_file" (printf "%s/signing.key" (include "x402.secretsDir" .))
   "invoice_secret_file" (printf "%s/invoice.secret" (include "x402.secretsDir" .))
