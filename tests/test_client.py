@@ -27,6 +27,7 @@ from sidecar.core.errors import (
 )
 from sidecar.core.identity import Identity
 from sidecar.tools.stack import Stack
+from tests.support.stacks import grpc_only_prices
 
 ROUTES: dict[str, dict[str, Any]] = {
     "atlas": {"method": "GET", "path": "/api/v1/agent/pay-api/atlas", "price": "0.25"},
@@ -288,6 +289,7 @@ async def test_direct_mode_pays_in_exactly_one_http_request(gw: Stack) -> None:
     assert await gw.balance(wallet.public_key) == 10_000_000 - 11 * 500
 
 
+@grpc_only_prices  # the price changes between the price list and Envoy's annotation
 async def test_direct_mode_falls_back_to_the_challenge_when_the_price_changed(
     repriced: Stack,
 ) -> None:

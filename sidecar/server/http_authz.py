@@ -232,11 +232,12 @@ class AuthzConnection(asyncio.Protocol):
             self.gone,
         )
         keep_alive = self.parser.should_keep_alive()
-        previous, self.previous = (
-            self.previous,
-            asyncio.ensure_future(self._answer(facts, method == "HEAD", keep_alive, self.previous)),
+        task = asyncio.ensure_future(
+            self._answer(facts, method == "HEAD", keep_alive, self.previous)
         )
-        del previous
+        self.previous = task
+        self.inflight.add(task)  # a worker drains these before it stops
+        task.add_done_callback(self.inflight.discard)
 
     def gone(self) -> bool:
         return self.closed

@@ -55,8 +55,8 @@ def authz_endpoints(stack: Stack) -> tuple[str, list[str]]:
 
 
 def ask_sidecar(stack: Stack, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
-    """Ask worker 0 directly, as Envoy does over the stack's transport: the status and body
-    Envoy would answer a denial with."""
+    """Ask worker 0 directly, as Envoy does over the stack's transport: 200 for an allow,
+    else the status and body Envoy would answer the denial with."""
     if over_http(stack):
         answer = httpx.get(
             f"http://127.0.0.1:{stack.ports['authz_http']}{path}",
@@ -75,5 +75,7 @@ def ask_sidecar(stack: Stack, path: str, headers: dict[str, str]) -> tuple[int, 
         response: authz.CheckResponse = authz_grpc.AuthorizationStub(channel).Check(
             check, timeout=5
         )
+    if response.status.code == 0:
+        return 200, b""
     denied = response.denied_response
     return denied.status.code, denied.body.encode()
