@@ -152,6 +152,9 @@ def main() -> None:
         workers=args.workers,
         access_log=False,
         log_level="warning",
+        # uvicorn restarts a worker that misses a 5 s health ping: on a busy 2-core machine
+        # that would cut paid requests mid-settle and count against the official stack.
+        timeout_worker_healthcheck=60,
     )
 
 

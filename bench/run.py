@@ -16,9 +16,21 @@ sidecar, both with the same worker model. Then:
   (8) paid, metered                   wrk, direct proofs; the response reports 37 of 100
                                       units (x402-usage), 37 are captured
 
-It prints a table and the ratios, checks the ledger (debits = allowed paid requests x
-price, no negative balance) and writes bench/results.json. On a 2-core machine it takes
-about 2 minutes.
+Then a second stack whose USDF is also offered as USDC (`exact`) on anvil with Circle's
+FiatTokenV2_2, settled through `x402 facilitator serve`, beside the official x402 stack
+(bench/official.py) on the same chain and facilitator, all at 16 connections:
+
+  (9)  channel vouchers, 16 lanes     wrk -t16 -c16, a channel per lane; and direct proofs
+                                      in the same shape (bench/channels.py)
+  (10) sidecar paid direct, c16       wrk -t1 -c16, as (4)
+  (11) sidecar exact on anvil, c16    wrk -t1 -c16, pre-signed EIP-3009 authorizations,
+                                      each verified and settled on chain
+  (12) official x402 stack, c16       the same payments to the official FastAPI middleware
+
+It prints a table and the ratios (results["ratios"], named after both sides), checks the
+ledger (debits = allowed paid requests x price, no negative balance) and the chain (USDC
+settled = 200s + requests wrk hung up on) and writes bench/results.json. On a 2-core
+machine it takes about 4 minutes (`--no-onchain`: 2, without (9)-(12)).
 """
 
 from __future__ import annotations
@@ -642,7 +654,7 @@ def sign_exact(required_header: str, chain: Chain, keys: list[str], count: int) 
 
 def onchain_phase(
     wrk: str, chain: Chain, url: str, keys: list[str], seconds: float, warmup: float,
-    lanes: int, workdir: Path,
+    lanes: int, workdir: Path, parts: dict[str, int],
 ) -> dict[str, Any]:  # fmt: skip
     """wrk -t1 -c`lanes` with one pre-signed `exact` payment per request against `url`; the
     operator's USDC shows what settled on chain. The rate is first measured in the warm-up,
@@ -668,7 +680,9 @@ def onchain_phase(
     run = workdir / f"exact-run-{time.monotonic_ns()}"
     run.with_suffix(".0").write_text("\n".join(sign_exact(required, chain, keys, count)))
     args = (str(run), "PAYMENT-SIGNATURE")
+    meter = CpuMeter(parts)
     figures = run_wrk(wrk, url, seconds, lanes, 1, "paid.lua", args, ONCHAIN_TIMEOUT)
+    figures["cpu_us_per_request"] = meter.per_request(figures["ok"])
     time.sleep(2)  # settles still in flight when wrk hung up
     settled = (chain.balance_of(payee) - before) // PRICE_ATOMIC
     answered = warmed["ok"] + figures["ok"]
@@ -764,7 +778,13 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
             # (11) and (12): every paid request settles on chain through the facilitator.
             seconds = args.official_duration
             warmup = max(args.warmup, 3.0)
-            figures = onchain_phase(wrk, chain, url, keys, seconds, warmup, lanes, stack.dir)
+            assert chain.process is not None and facilitator.process is not None
+            onchain = {
+                "anvil": chain.process.popen.pid,
+                "facilitator": facilitator.process.popen.pid,
+            }
+            parts = {**{n: p.popen.pid for n, p in stack.processes.items()}, **onchain}
+            figures = onchain_phase(wrk, chain, url, keys, seconds, warmup, lanes, stack.dir, parts)
             figures["note"] = (
                 "x402 v2 exact through Envoy and the sidecar: each request verified and "
                 "settled (EIP-3009 transferWithAuthorization on anvil) by the facilitator "
@@ -772,8 +792,9 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
             )
             phases[EXACT_C16] = figures
             show(EXACT_C16, figures)
+            parts = {"official": server.popen.pid, **onchain}
             figures = onchain_phase(
-                wrk, chain, official_url, keys, seconds, warmup, lanes, stack.dir
+                wrk, chain, official_url, keys, seconds, warmup, lanes, stack.dir, parts
             )
             figures["note"] = (
                 f"the official x402 {version('x402')} FastAPI middleware under uvicorn "
