@@ -75,9 +75,12 @@ demo: install
 	$(VENV)/bin/x402 demo
 
 # The sidecar against Envoy alone and an allow-all ext_authz server, through real Envoy and
-# Redis on loopback (installs wrk with apt-get if missing); see docs/performance.md.
-bench: install
-	$(PY) -m bench.run
+# Redis on loopback (installs wrk with apt-get if missing), then every payment path and the
+# official x402 stack on anvil + Circle's USDC (the tools' anvil and USDC, as the tests get
+# them); see docs/performance.md.
+bench: install tools
+	ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(abspath $(USDC)) \
+		MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) $(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache test-artifacts

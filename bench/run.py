@@ -16,9 +16,21 @@ sidecar, both with the same worker model. Then:
   (8) paid, metered                   wrk, direct proofs; the response reports 37 of 100
                                       units (x402-usage), 37 are captured
 
-It prints a table and the ratios, checks the ledger (debits = allowed paid requests x
-price, no negative balance) and writes bench/results.json. On a 2-core machine it takes
-about 2 minutes.
+Then a second stack whose USDF is also offered as USDC (`exact`) on anvil with Circle's
+FiatTokenV2_2, settled through `x402 facilitator serve`, beside the official x402 stack
+(bench/official.py) on the same chain and facilitator, all at 16 connections:
+
+  (9)  channel vouchers, 16 lanes     wrk -t16 -c16, a channel per lane; and direct proofs
+                                      in the same shape (bench/channels.py)
+  (10) sidecar paid direct, c16       wrk -t1 -c16, as (4)
+  (11) sidecar exact on anvil, c16    wrk -t1 -c16, pre-signed EIP-3009 authorizations,
+                                      each verified and settled on chain
+  (12) official x402 stack, c16       the same payments to the official FastAPI middleware
+
+It prints a table and the ratios (results["ratios"], named after both sides), checks the
+ledger (debits = allowed paid requests x price, no negative balance) and the chain (USDC
+settled = 200s + requests wrk hung up on) and writes bench/results.json. On a 2-core
+machine it takes about 4 minutes (`--no-onchain`: 2, without (9)-(12)).
 """
 
 from __future__ import annotations
@@ -35,18 +47,26 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import httpx
 import redis
 import yaml
+from eth_account import Account
 
+from bench import official
 from sidecar.core import protocol
+from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity
 from sidecar.ledger.accounts import Ledger
+from sidecar.tools.chain import Chain, install_chain_tools
 from sidecar.tools.load import percentiles
-from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port
+from sidecar.tools.onchain import Facilitator, exact_settings, operator
+from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port, wait_http
 
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPTS = HERE / "wrk"
@@ -101,6 +121,7 @@ def run_wrk(
     threads: int,
     script: str = "plain.lua",
     args: tuple[str, ...] = (),
+    timeout: int = 5,
 ) -> dict[str, Any]:
     argv = [
         wrk,
@@ -108,7 +129,7 @@ def run_wrk(
         f"-c{connections}",
         f"-d{max(1, round(seconds))}s",
         "--timeout",
-        "5s",
+        f"{timeout}s",
         "-s",
         script,
         url,
@@ -116,7 +137,12 @@ def run_wrk(
         *args,
     ]
     done = subprocess.run(
-        argv, cwd=WRK_SCRIPTS, capture_output=True, text=True, timeout=seconds + 60, check=False
+        argv,
+        cwd=WRK_SCRIPTS,
+        capture_output=True,
+        text=True,
+        timeout=seconds + timeout + 60,
+        check=False,
     )
     for line in done.stdout.splitlines():
         if line.startswith("BENCH "):
@@ -339,6 +365,12 @@ def main() -> None:
     parser.add_argument("--envoy-concurrency", type=int, default=1)
     parser.add_argument("--rate", type=float, default=500.0, help="paid req/s of phase 6")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument(
+        "--official-duration", type=float, default=10.0, help="seconds of (11) and (12)"
+    )
+    parser.add_argument(
+        "--no-onchain", action="store_true", help="skip (9)-(12): vouchers, exact, official"
+    )
     args = parser.parse_args()
     wrk = ensure_wrk()
     started = time.monotonic()
@@ -467,6 +499,8 @@ def main() -> None:
         results["ledger"] = reconcile(stack, envoy_allowed, 2 * args.connections)
     finally:
         stack.stop()
+    if not args.no_onchain:
+        onchain_phases(wrk, args, results)
 
     results["machine"] = {
         "cores": len(os.sched_getaffinity(0)),
@@ -546,6 +580,7 @@ def report(results: dict[str, Any], rate: float) -> None:
         "(7)/(4) on_success / on_check": round(phases["7 paid on_success"]["ok_rps"] / paid, 3),
         "(8)/(4) metered / on_check": round(phases["8 paid metered"]["ok_rps"] / paid, 3),
     }
+    results["ratios"].update(named_ratios(phases))
     print()
     print(f"{'phase':<34}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
     for name, figures in phases.items():
@@ -565,6 +600,7 @@ def report(results: dict[str, Any], rate: float) -> None:
           f"p99 {check['p99']} ms")  # fmt: skip
     print(f"{'challenge loop, 1 agent':<48}p50 "
           f"{phases['5 challenge loops, 1 agent']['loop_ms']['p50']} ms")  # fmt: skip
+    onchain_report(results)
     ledger = results["ledger"]
     print(
         f"ledger: {ledger['paid_decisions']} paid decisions x {ledger['price_atomic']} = "
@@ -575,6 +611,253 @@ def report(results: dict[str, Any], rate: float) -> None:
         f"{ledger['envoy_allowed']} on ({ledger['charged_client_gone']} charged as wrk hung "
         f"up): {'exact, no double spend' if ledger['exact'] else 'MISMATCH'}"
     )
+
+
+# -- (9)-(12): channel vouchers, `exact` on anvil and the official x402 stack ----------
+
+LANES = 16  # the concurrency at which the sidecar is compared with the official stack
+EXACT_TIMEOUT = 900  # seconds pre-signed EIP-3009 authorizations stay valid
+PAYER_USDC = 10**12  # atomic USDC minted to each EVM payer: never the limit
+ONCHAIN_TIMEOUT = 30  # wrk's per-request timeout (s) where each request settles on chain
+VOUCHERS, DIRECT_LANES = "9 channel vouchers, 16 lanes", "9 paid direct, 16 lanes"
+PAID_C16, EXACT_C16 = "10 sidecar paid direct, c16", "11 sidecar exact on anvil, c16"
+OFFICIAL_C16 = "12 official x402 stack, c16"
+
+
+def show(name: str, figures: dict[str, Any]) -> None:
+    print(
+        f"bench: {name:<30} {figures['ok_rps']:>8.0f} req/s  "
+        f"p50 {figures['p50_ms']:.2f} ms  p99 {figures['p99_ms']:.2f} ms",
+        flush=True,
+    )
+
+
+def chain_tools() -> None:
+    """anvil and Circle's USDC where the tests find them (the Makefile's ANVIL etc., the
+    checkout's .tools), else installed once into the per-user cache, as `x402 demo` does."""
+    try:
+        install_chain_tools(lambda what: print(f"bench: installing {what}", flush=True))
+    except X402Error as error:
+        raise SystemExit(f"bench: the chain's tools are missing: {error}") from None
+
+
+def sign_exact(required_header: str, chain: Chain, keys: list[str], count: int) -> list[str]:
+    """`count` PAYMENT-SIGNATURE values for a 402's `exact` offer, signed by the official
+    x402 client (each a fresh EIP-3009 nonce), spread over the payers."""
+    required = official.decode_required(required_header)
+    jobs = official.sign_jobs(required, chain.network, chain.token, keys, PAYER_USDC, count)
+    with multiprocessing.Pool(os.cpu_count() or 1) as pool:
+        batches = pool.map(official.sign_batch, jobs)
+    # Interleaved, so that consecutive requests come from different payers.
+    return [h for row in zip(*batches, strict=True) for h in row][:count]
+
+
+def onchain_phase(
+    wrk: str, chain: Chain, url: str, keys: list[str], seconds: float, warmup: float,
+    lanes: int, workdir: Path, parts: dict[str, int],
+) -> dict[str, Any]:  # fmt: skip
+    """wrk -t1 -c`lanes` with one pre-signed `exact` payment per request against `url`; the
+    operator's USDC shows what settled on chain. The rate is first measured in the warm-up,
+    so that the run has enough payments but not many more (signing costs the bench time)."""
+    challenge = httpx.get(url, timeout=30)
+    if challenge.status_code != 402 or "payment-required" not in challenge.headers:
+        raise SystemExit(f"bench: {url} did not answer 402: {challenge.status_code}")
+    required = challenge.headers["payment-required"]
+    payee = operator(chain).address
+    before = chain.balance_of(payee)
+    warm_count = lanes * 8
+    warm = workdir / f"exact-warm-{time.monotonic_ns()}"
+    warm.with_suffix(".0").write_text("\n".join(sign_exact(required, chain, keys, warm_count)))
+    args = (str(warm), "PAYMENT-SIGNATURE")
+    # A settle on chain takes seconds under load: wrk must not give up on it at 5 s.
+    warmed = run_wrk(wrk, url, warmup, lanes, 1, "paid.lua", args, ONCHAIN_TIMEOUT)
+    # Few warm-up requests finish when each takes seconds: Little's law bounds the rate too.
+    latency = warmed["p50_ms"] / 1000 if warmed["requests"] else warmup  # none done: ≥ that
+    rate = max(warmed["ok_rps"], lanes / max(latency, 0.001))
+    if warmed["exhausted"]:
+        rate = max(rate, 3 * warm_count / warmup)
+    count = int(rate * 1.6 * seconds) + 4 * lanes
+    run = workdir / f"exact-run-{time.monotonic_ns()}"
+    run.with_suffix(".0").write_text("\n".join(sign_exact(required, chain, keys, count)))
+    args = (str(run), "PAYMENT-SIGNATURE")
+    meter = CpuMeter(parts)
+    figures = run_wrk(wrk, url, seconds, lanes, 1, "paid.lua", args, ONCHAIN_TIMEOUT)
+    figures["cpu_us_per_request"] = meter.per_request(figures["ok"])
+    time.sleep(2)  # settles still in flight when wrk hung up
+    settled = (chain.balance_of(payee) - before) // PRICE_ATOMIC
+    answered = warmed["ok"] + figures["ok"]
+    # Every 200 was settled on chain; a payment settled without a 200 is one wrk hung up on
+    # (at most the requests in flight at the end of the warm-up and of the run).
+    figures["chain"] = {
+        "settled_transfers": settled,
+        "answered_200": answered,
+        "settled_client_gone": settled - answered,
+        "exact": 0 <= settled - answered <= 2 * lanes + figures["socket_errors"],
+    }
+    return figures
+
+
+def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """(9)-(12) on a second stack whose USDF is also offered as USDC on anvil, `exact`,
+    settled through `x402 facilitator serve` (the official x402Facilitator), beside the
+    official x402 stack (bench/official.py) on the same chain and facilitator:
+
+      (9)  wrk -t16 -c16: a channel voucher per request (one channel per lane, vouchers in
+           order), and direct proofs in the same shape (bench/channels.py)
+      (10) wrk -t1 -c16: paid direct proofs, as (4) at the official stack's concurrency
+      (11) wrk -t1 -c16: x402 `exact` through Envoy and the sidecar, verified and settled
+           on chain per request
+      (12) wrk -t1 -c16: the official FastAPI middleware + facilitator + chain
+    """
+    from bench import channels  # imported here: bench.channels imports this module
+
+    chain_tools()
+    phases, lanes = results["phases"], LANES
+    keys = [Account.create().key.hex() for _ in range(lanes)]  # one EVM payer per connection
+    mint = {Account.from_key(key).address: PAYER_USDC for key in keys}
+    expect = phases["4 sidecar paid direct"]["ok_rps"] * 1.5  # to size the pre-signing
+    with tempfile.TemporaryDirectory(prefix="x402-bench-") as tmp, Chain(mint=mint) as chain:
+        workdir = Path(tmp)
+        facilitator = Facilitator(chain, workdir)  # its URL now, started below
+        settings = exact_settings(chain, facilitator, exact_max_timeout_seconds=EXACT_TIMEOUT)
+        stack = Stack(
+            ROUTES,
+            settings={"max_direct_ttl_seconds": 3600, **settings},
+            workers=args.workers,
+            envoy_concurrency=args.envoy_concurrency,
+        )
+        official_port = free_port()
+        argv = [sys.executable, "-m", "bench.official", "--facilitator", facilitator.url,
+                "--network", chain.network, "--asset", chain.token,
+                "--asset-name", chain.token_name, "--asset-version", chain.token_version,
+                "--pay-to", operator(chain).address, "--amount", str(PRICE_ATOMIC),
+                "--max-timeout-seconds", str(EXACT_TIMEOUT), "--port", str(official_port),
+                "--workers", str(args.workers)]  # fmt: skip
+        server: Process | None = None
+        try:
+            facilitator.start()
+            # The official server boots (imports) while the sidecar's stack starts.
+            server = Process("official", argv, workdir / "official.log").start()
+            stack.write_files()
+            envoy_file = stack.dir / "envoy.yaml"
+            config = bench_envoy(yaml.safe_load(envoy_file.read_text()), free_port())
+            envoy_file.write_text(yaml.safe_dump(config, sort_keys=False))
+            stack.start_redis()
+            stack.start_envoy()
+            stack.start_sidecar()
+            official_url = f"http://{LOOPBACK}:{official_port}{official.PATH}"
+            wait_http(f"http://{LOOPBACK}:{official_port}/health", timeout=120, process=server)
+            if args.warmup:
+                run_wrk(wrk, stack.url + FREE_PATH, args.warmup, lanes, lanes)
+
+            # (9) vouchers against direct proofs, both one connection per wrk thread.
+            per_lane = int(expect * args.duration / lanes) + 200
+            for name, run in ((DIRECT_LANES, channels.direct_phase),
+                              (VOUCHERS, channels.channel_phase)):  # fmt: skip
+                phases[name] = run(wrk, stack, lanes, args.duration, per_lane)
+                show(name, phases[name])
+
+            # (10) paid direct at the official stack's concurrency, as (4) otherwise is.
+            wallets = [Identity.generate() for _ in range(PAYERS)]
+            count = int(expect * args.duration) + 500
+            warm_count = int(expect * args.warmup) + 500
+            asyncio.run(fund(stack, wallets, (count + warm_count) * PRICE_ATOMIC))
+            payee, url = stack.gateway_identity.kid, stack.url + PAID_PATH
+            presign(warm_count, wallets, payee, [stack.dir / "warm16.0"])
+            presign(count, wallets, payee, [stack.dir / "proofs16.0"])
+            if args.warmup:
+                run_wrk(wrk, url, args.warmup, lanes, 1, "paid.lua", (str(stack.dir / "warm16"),))
+            meter = CpuMeter({n: p.popen.pid for n, p in stack.processes.items()})
+            figures = run_wrk(wrk, url, args.duration, lanes, 1, "paid.lua",
+                              (str(stack.dir / "proofs16"),))  # fmt: skip
+            figures["cpu_us_per_request"] = meter.per_request(figures["requests"])
+            figures["note"] = "prepaid credit debited in Redis (one Lua script), no chain"
+            phases[PAID_C16] = figures
+            show(PAID_C16, figures)
+
+            # (11) and (12): every paid request settles on chain through the facilitator.
+            seconds = args.official_duration
+            warmup = max(args.warmup, 3.0)
+            assert chain.process is not None and facilitator.process is not None
+            onchain = {
+                "anvil": chain.process.popen.pid,
+                "facilitator": facilitator.process.popen.pid,
+            }
+            parts = {**{n: p.popen.pid for n, p in stack.processes.items()}, **onchain}
+            figures = onchain_phase(wrk, chain, url, keys, seconds, warmup, lanes, stack.dir, parts)
+            figures["note"] = (
+                "x402 v2 exact through Envoy and the sidecar: each request verified and "
+                "settled (EIP-3009 transferWithAuthorization on anvil) by the facilitator "
+                "before it passes; pre-signed by the official x402 client"
+            )
+            phases[EXACT_C16] = figures
+            show(EXACT_C16, figures)
+            parts = {"official": server.popen.pid, **onchain}
+            figures = onchain_phase(
+                wrk, chain, official_url, keys, seconds, warmup, lanes, stack.dir, parts
+            )
+            figures["note"] = (
+                f"the official x402 {version('x402')} FastAPI middleware under uvicorn "
+                f"({args.workers} workers), the same facilitator and chain: each request "
+                "verified, served and settled on chain; pre-signed by the official client"
+            )
+            phases[OFFICIAL_C16] = figures
+            show(OFFICIAL_C16, figures)
+        finally:
+            if server is not None:
+                server.stop()
+            stack.stop()
+            facilitator.stop()
+
+
+def onchain_report(results: dict[str, Any]) -> None:
+    """(11) and (12) against the chain, and (10) against (12) against DESIGN.md's targets."""
+    phases, ratios = results["phases"], results["ratios"]
+    for name in (EXACT_C16, OFFICIAL_C16):
+        if name in phases:
+            chain = phases[name]["chain"]
+            print(
+                f"chain, {name}: {chain['settled_transfers']} transfers settled for "
+                f"{chain['answered_200']} 200s ({chain['settled_client_gone']} as wrk hung "
+                f"up): {'consistent' if chain['exact'] else 'MISMATCH'}"
+            )
+    if "sidecar_paid/official_x402" in ratios:
+        rps, p50 = (
+            ratios["sidecar_paid/official_x402"],
+            ratios["official_x402_p50/sidecar_paid_p50"],
+        )
+        print(
+            f"versus the official x402 stack at c16: {rps:.0f}x the paid throughput (target "
+            f"200x: {'met' if rps >= 200 else 'not met'}), p50 {p50:.0f}x lower (target 100x: "
+            f"{'met' if p50 >= 100 else 'not met'}); the sidecar debits prepaid credit, the "
+            "official stack settles each request on chain"
+        )
+
+
+def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
+    """The ratios by the names of both sides, each where both phases ran."""
+
+    def rps(name: str) -> float:
+        return float(phases[name]["ok_rps"])
+
+    pairs = {
+        "paid/allow_all": ("4 sidecar paid direct", "2 allow-all ext_authz"),
+        "on_success/on_check": ("7 paid on_success", "4 sidecar paid direct"),
+        "metered/on_check": ("8 paid metered", "4 sidecar paid direct"),
+        "vouchers/paid": (VOUCHERS, DIRECT_LANES),
+        "exact/paid": (EXACT_C16, PAID_C16),
+        "sidecar_paid/official_x402": (PAID_C16, OFFICIAL_C16),
+        "sidecar_exact/official_x402": (EXACT_C16, OFFICIAL_C16),
+    }
+    ratios = {
+        key: round(rps(a) / rps(b), 3) if rps(b) else float("inf")
+        for key, (a, b) in pairs.items()
+        if a in phases and b in phases
+    }
+    if PAID_C16 in phases and OFFICIAL_C16 in phases:
+        p50 = phases[OFFICIAL_C16]["p50_ms"] / max(phases[PAID_C16]["p50_ms"], 1e-3)
+        ratios["official_x402_p50/sidecar_paid_p50"] = round(p50, 1)
+    return ratios
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Needs the `evm` extra."""
 
 from __future__ import annotations
 
+import base64
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from x402 import x402Client
 from x402.client_base import SpendControlAsset, SpendControls
 from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
+from x402.schemas import PaymentPayload
 
 from sidecar.tools.chain import Chain, DevAccount
 from sidecar.tools.stack import LOOPBACK, Process, free_port, wait_http
@@ -101,3 +103,8 @@ def exact_client(network: str, token: str, key: str, cap: int) -> x402Client:
     allowed = SpendControlAsset(network=network, asset=token, max_amount_per_payment=str(cap))
     client.set_spend_controls(SpendControls(allowed_assets=[allowed]))
     return client
+
+
+def payment_signature(payload: PaymentPayload) -> str:
+    """The PAYMENT-SIGNATURE header value the official HTTP clients send for `payload`."""
+    return base64.b64encode(payload.model_dump_json(by_alias=True).encode()).decode()

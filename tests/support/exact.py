@@ -14,7 +14,7 @@ import httpx
 from x402.schemas import PaymentPayload, PaymentRequired
 
 from sidecar.tools.chain import Chain, DevAccount
-from sidecar.tools.onchain import official_client, operator
+from sidecar.tools.onchain import official_client, operator, payment_signature
 
 
 def b64json(value: str) -> Any:
@@ -41,8 +41,7 @@ async def sign_exact(
         ]
     payload = await official_client(chain, payer, cap).create_payment_payload(required)
     assert isinstance(payload, PaymentPayload)
-    encoded = base64.b64encode(payload.model_dump_json(by_alias=True).encode()).decode()
-    return encoded, payload
+    return payment_signature(payload), payload
 
 
 async def answer_lost(chain: Chain, send: Awaitable[httpx.Response]) -> httpx.Response:
