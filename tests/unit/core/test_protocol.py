@@ -58,6 +58,29 @@ def test_canonical_json_is_order_independent_and_round_trips(obj: dict[str, Any]
     assert json.loads(encoded) == obj
 
 
+json_floats = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=10,
+)
+ENCODER_OPTIONS: tuple[dict[str, Any], ...] = (
+    {},
+    {"sort_keys": True, "separators": (",", ":"), "ensure_ascii": False},
+    {"separators": (",", ":")},
+)
+
+
+@pytest.mark.parametrize("options", ENCODER_OPTIONS)
+@given(obj=json_floats)
+def test_kept_encoder_writes_what_json_writes(options: dict[str, Any], obj: Any) -> None:
+    assert protocol.json_encoder(**options)(obj) == json.JSONEncoder(**options).encode(obj)
+
+
+def test_kept_encoder_refuses_what_json_refuses() -> None:
+    with pytest.raises(TypeError):
+        protocol.json_encoder()({"a": object()})
+
+
 def test_canonical_json_is_sorted_compact_utf8() -> None:
     assert protocol.canonical_json({"b": 1, "a": "é"}) == '{"a":"é","b":1}'.encode()
 
