@@ -7,6 +7,7 @@ share of the samples times the worker's measured user CPU time over the checks i
 answered (its decision lines); kernel time is its own line.
 
     python -m bench.profile --seconds 10 [--native] [--raw out.txt]
+    python -m bench.profile --strace    # syscalls per check instead (strace -c, main thread)
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import dataclasses
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -58,9 +61,10 @@ CATEGORIES = (
     "glue",
     "other",
 )
-# A sample goes to the category of its innermost frame that one of these names, so time
-# in asyncio or builtins under a sidecar function counts for that function's category.
-# (file fragment, function or "" for any, category); the first match wins.
+# A sample goes to the category of its innermost frame that one of RULES names, so time
+# in asyncio or builtins under a sidecar function counts for that function's category;
+# one with none of them but a framework frame is the framework's; else "other".
+# (fragment of "/" + file, function or "" for any, category); the first match wins.
 RULES: tuple[tuple[str, str, str], ...] = (
     ("/nacl/", "crypto_sign_open", "Ed25519 verify"),
     ("/nacl/", "verify", "Ed25519 verify"),
@@ -73,6 +77,7 @@ RULES: tuple[tuple[str, str, str], ...] = (
     ("/sidecar/core/protocol.py", "canonical_json", "JSON (+base64)"),
     ("/sidecar/core/protocol.py", "loads_strict", "JSON (+base64)"),
     ("/sidecar/core/protocol.py", "_no_duplicate_keys", "JSON (+base64)"),
+    ("/sidecar/core/protocol.py", "encode", "JSON (+base64)"),  # json_encoder's
     ("/prometheus_client/", "", "metrics"),
     ("/sidecar/server/metrics.py", "", "metrics"),
     ("/hiredis", "", "Redis client"),
@@ -81,15 +86,18 @@ RULES: tuple[tuple[str, str, str], ...] = (
     ("/sidecar/server/responses.py", "", "response building"),
     ("/sidecar/core/decision.py", "carrying", "response building"),
     ("/sidecar/", "", "glue"),
-    ("/grpc", "", "transport framework"),
-    ("/aiohttp/", "", "transport framework"),
-    ("/google/protobuf", "", "transport framework"),
-    ("/envoy/", "", "transport framework"),
-    ("/asyncio/", "", "transport framework"),
-    ("/uvloop", "", "transport framework"),
-    # The worker's only other Python thread is grpc.aio's poller (its frames are in C).
-    ("/threading.py", "", "transport framework"),
 )
+FRAMEWORK = (
+    "/grpc",
+    "/aiohttp/",
+    "/google/protobuf",
+    "/envoy/",
+    "/asyncio/",
+    "/uvloop",
+    "/threading.py",  # the worker's only other Python thread: grpc.aio's poller
+)
+# The worker's start-up, below the event loop: outside every check.
+OUTER = ("/sidecar/server/supervisor.py", "/sidecar/tools/cli.py")
 _FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
@@ -103,13 +111,19 @@ def frame_parts(frame: str) -> tuple[str, str]:
 
 def categorize(stack: Iterable[str]) -> str:
     """The category of one sampled stack, its frames listed root first."""
-    frames = [frame_parts(frame) for frame in stack]
-    for function, file in reversed(frames):
+    found = "other"
+    for frame in reversed(list(stack)):
+        function, file = frame_parts(frame)
         text = "/" + (file or function)  # native frames name a library, not a Python file
+        if any(fragment in text for fragment in OUTER):
+            break
+        method = function.rpartition(".")[2]  # py-spy writes Class.method
         for fragment, name, category in RULES:
-            if fragment in text and (not name or function == name):
+            if fragment in text and (not name or method == name):
                 return category
-    return "other"
+        if any(fragment in text for fragment in FRAMEWORK):
+            found = "transport framework"
+    return found
 
 
 def parse_raw(lines: Iterable[str]) -> Counter[str]:
@@ -126,6 +140,16 @@ def breakdown(samples: Counter[str], user_seconds: float, checks: int) -> dict[s
     """µs of user CPU per check by category: the category's share of the samples."""
     total = sum(samples.values()) or 1
     return {c: samples[c] / total * user_seconds * 1e6 / max(checks, 1) for c in CATEGORIES}
+
+
+def strace_counts(lines: Iterable[str]) -> dict[str, int]:
+    """`strace -c` summary → calls per syscall."""
+    calls = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) in (5, 6) and parts[0].replace(".", "", 1).isdigit() and parts[-1] != "total":
+            calls[parts[-1]] = int(parts[3])
+    return calls
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
@@ -173,6 +197,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=4000.0, help="proofs per second")
     parser.add_argument("--transport", choices=TRANSPORTS, default="grpc")
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw stacks here")
+    parser.add_argument("--strace", action="store_true", help="count syscalls, no py-spy")
     args = parser.parse_args()
     worker = args.worker if args.worker >= 0 else args.workers - 1
     wrk = ensure_wrk()
@@ -208,14 +233,16 @@ def main() -> None:
             )
         time.sleep(0.2)  # the warm-up's last decision lines
         checks_before = paid_checks(sidecar.log(), worker)
-        raw = args.raw or stack.dir / "pyspy.txt"
-        spy = subprocess.Popen(
-            [str(Path(sys.executable).parent / "py-spy"), "record", "-r", str(args.rate),
-             "-p", str(pid), "-f", "raw", "-o", str(raw), "-d", str(round(args.seconds) + 2),
-             "--nonblocking", *(["--native"] if args.native else [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        time.sleep(1.0)  # py-spy attached
+        raw = args.raw or stack.dir / ("strace.txt" if args.strace else "pyspy.txt")
+        if args.strace:  # the main thread only: the servicer's, not gRPC's poller
+            argv = [shutil.which("strace") or "strace", "-c", "-p", str(pid), "-o", str(raw)]
+        else:
+            argv = [str(Path(sys.executable).parent / "py-spy"), "record", "-r", str(args.rate),
+                    "-p", str(pid), "-f", "raw", "-o", str(raw),
+                    "-d", str(round(args.seconds) + 2), "--nonblocking",
+                    *(["--native"] if args.native else [])]  # fmt: skip
+        spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # attached
         user0, sys0 = cpu_times(pid)
         switches0 = context_switches(pid)
         figures = run_wrk(
@@ -225,11 +252,22 @@ def main() -> None:
         switches1 = context_switches(pid)
         time.sleep(0.2)
         checks = paid_checks(sidecar.log(), worker) - checks_before
+        if args.strace:
+            spy.send_signal(signal.SIGINT)  # strace detaches and writes its summary
         spy.wait(timeout=60)
-        # py-spy ran a little longer than wrk: its samples are shares, times are measured.
-        samples = parse_raw(raw.read_text().splitlines())
+        # The tracer ran a little longer than wrk: its samples are shares, times are measured.
+        lines = raw.read_text().splitlines()
     finally:
         stack.stop()
+    if args.strace:
+        calls = strace_counts(lines)
+        print(f"profile: worker {worker} answered {checks} paid checks; syscalls per check "
+              "on its main thread (strace slows it: counts, not times)")  # fmt: skip
+        for name, count in sorted(calls.items(), key=lambda item: -item[1]):
+            print(f"{name:<24}{count / max(checks, 1):>10.2f}")
+        print(f"{'total':<24}{sum(calls.values()) / max(checks, 1):>10.2f}")
+        return
+    samples = parse_raw(lines)
     user, system = user1 - user0, sys1 - sys0
     per = breakdown(samples, user, checks)
     print(f"profile: {figures['ok_rps']:.0f} paid req/s through Envoy, transport "
