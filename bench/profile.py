@@ -84,12 +84,17 @@ RULES: tuple[tuple[str, str, str], ...] = (
     ("/sidecar/ledger/", "", "Redis client"),
     ("/sidecar/server/logs.py", "", "decision line"),
     ("/sidecar/server/responses.py", "", "response building"),
+    ("/sidecar/server/http_authz.py", "ok", "response building"),  # HttpAnswers
+    ("/sidecar/server/http_authz.py", "denied", "response building"),
+    ("/sidecar/server/http_authz.py", "_lines", "response building"),
+    ("/sidecar/server/http_authz.py", "", "transport framework"),  # the HTTP transport
     ("/sidecar/core/decision.py", "carrying", "response building"),
     ("/sidecar/", "", "glue"),
 )
 FRAMEWORK = (
     "/grpc",
     "/aiohttp/",
+    "/httptools",
     "/google/protobuf",
     "/envoy/",
     "/asyncio/",

@@ -33,6 +33,9 @@ CHECK = ROOT + ";Authorization.check (sidecar/server/authz.py:120)"
         (CHECK + ";RedisPipe.call (sidecar/ledger/pipe.py:216);"
          "Future.__init__ (asyncio/futures.py:1)", "Redis client"),
         (CHECK + ";ok (sidecar/server/responses.py:113)", "response building"),
+        (ROOT + ";AuthzConnection.on_header (sidecar/server/http_authz.py:199)",
+         "transport framework"),
+        (CHECK + ";HttpAnswers.ok (sidecar/server/http_authz.py:110)", "response building"),
         ("<module> (somewhere.py:1)", "other"),
     ],
 )  # fmt: skip
