@@ -364,7 +364,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--envoy-concurrency", type=int, default=1)
     parser.add_argument("--rate", type=float, default=500.0, help="paid req/s of phase 6")
-    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--out", type=Path, help="default: bench/results.json, on a full run")
+    parser.add_argument("--phases", default="", help="only these, e.g. 2,4 (2 and 4 run 2b)")
     parser.add_argument(
         "--official-duration", type=float, default=10.0, help="seconds of (11) and (12)"
     )
@@ -372,6 +373,14 @@ def main() -> None:
         "--no-onchain", action="store_true", help="skip (9)-(12): vouchers, exact, official"
     )
     args = parser.parse_args()
+    only = set(args.phases.split(",")) if args.phases else None
+    if only is not None and only & {"2", "4"}:
+        only.add("2b")  # its rate sizes the proofs of (2) and (4)
+
+    def wanted(phase: str) -> bool:
+        return only is None or phase in only
+
+    out = args.out or (HERE / "results.json" if only is None else None)
     wrk = ensure_wrk()
     started = time.monotonic()
     results: dict[str, Any] = {"phases": {}}
@@ -420,19 +429,20 @@ def main() -> None:
             )
             return figures
 
-        wrk_phase("1 envoy only", bare_url)
+        if wanted("1"):
+            wrk_phase("1 envoy only", bare_url)
         allow_all = stack._spawn(
             "allow_all",
             [sys.executable, "-m", "bench.allow_all", "--port", str(stack.ports["grpc"]),
              "--workers", str(args.workers)],
         )  # fmt: skip
         wait_ports(stack.ports["grpc"], args.workers, allow_all)
-        plain = wrk_phase("2b allow-all, no proof header", free_url)
+        plain = wrk_phase("2b allow-all, no proof header", free_url) if wanted("2b") else {}
 
         # Unique proofs for (2) and (4), enough for the baseline's speed; the allow-all
         # server spends none, so (4) replays the very requests of (2).
         wallets = [Identity.generate() for _ in range(PAYERS)]
-        budget = plain["ok_rps"] * 1.3
+        budget = plain.get("ok_rps", 4000) * 1.3
         count = int(budget * args.duration) + 500
         warm_count = int(budget * args.warmup) + 500
         paced_count = int(args.rate * args.duration * 1.1) + 100
@@ -451,55 +461,62 @@ def main() -> None:
                 count, wallets, payee, [stack.dir / f"proofs{prefix}.{i}" for i in threads], path
             )
 
-        wrk_phase("2 allow-all ext_authz", paid_url, paid=True)
+        if wanted("2"):
+            wrk_phase("2 allow-all ext_authz", paid_url, paid=True)
         allow_all.stop()
         del stack.processes["allow_all"]
 
         stack.start_sidecar()
-        wrk_phase("3 sidecar free route", free_url)
+        if wanted("3"):
+            wrk_phase("3 sidecar free route", free_url)
         before = envoy_stat(stack, "http.ingress.ext_authz.ok")
-        wrk_phase("4 sidecar paid direct", paid_url, paid=True)
+        if wanted("4"):
+            wrk_phase("4 sidecar paid direct", paid_url, paid=True)
 
         # (5) challenge loops with x402 load: as fast as it goes, then one agent (latency).
-        loops = run_load(stack, args.duration, 32)
-        phases["5 challenge loops, 32 agents"] = loops
-        single = run_load(stack, max(3.0, args.duration / 2), 1)
-        phases["5 challenge loops, 1 agent"] = single
-        for name in ("5 challenge loops, 32 agents", "5 challenge loops, 1 agent"):
-            figures = phases[name]
-            print(
-                f"bench: {name:<30} {figures['loops_per_second']:>8.0f} loops/s  "
-                f"loop p50 {figures['loop_ms']['p50']} ms",
-                flush=True,
-            )
+        if wanted("5"):
+            loops = run_load(stack, args.duration, 32)
+            phases["5 challenge loops, 32 agents"] = loops
+            single = run_load(stack, max(3.0, args.duration / 2), 1)
+            phases["5 challenge loops, 1 agent"] = single
+            for name in ("5 challenge loops, 32 agents", "5 challenge loops, 1 agent"):
+                figures = phases[name]
+                print(
+                    f"bench: {name:<30} {figures['loops_per_second']:>8.0f} loops/s  "
+                    f"loop p50 {figures['loop_ms']['p50']} ms",
+                    flush=True,
+                )
 
         # (6) paid requests at a constant rate: the sidecar's own check latency, from its
         # decision log, and the client's through Envoy.
-        log = stack.processes["sidecar"].log_path
-        offset = log.stat().st_size
-        paced = run_paced(paid_url, args.rate, args.duration, stack.dir / "paced")
-        time.sleep(0.5)  # the last decision lines are written after the answers
-        paced["sidecar_check_ms"] = percentiles(decision_latencies(log, offset))
-        phases[f"6 paid at {args.rate:.0f} req/s"] = paced
-        print(
-            f"bench: {'6 paid at constant rate':<30} {paced['rate']:>8.0f} req/s  "
-            f"sidecar check p99 {paced['sidecar_check_ms']['p99']} ms",
-            flush=True,
-        )
+        if wanted("6"):
+            log = stack.processes["sidecar"].log_path
+            offset = log.stat().st_size
+            paced = run_paced(paid_url, args.rate, args.duration, stack.dir / "paced")
+            time.sleep(0.5)  # the last decision lines are written after the answers
+            paced["sidecar_check_ms"] = percentiles(decision_latencies(log, offset))
+            phases[f"6 paid at {args.rate:.0f} req/s"] = paced
+            print(
+                f"bench: {'6 paid at constant rate':<30} {paced['rate']:>8.0f} req/s  "
+                f"sidecar check p99 {paced['sidecar_check_ms']['p99']} ms",
+                flush=True,
+            )
 
         time.sleep(0.5)
         envoy_allowed = envoy_stat(stack, "http.ingress.ext_authz.ok") - before
 
         # (7) and (8): charged on success, through the ext_proc response phase.
-        wrk_phase("7 paid on_success", stack.url + HELD_PATH, paid=True, prefix=".held")
-        wrk_phase("8 paid metered", stack.url + METERED_PATH, paid=True, prefix=".metered")
-        # Holds cut off when wrk hung up expire; the sweeper releases them.
-        time.sleep(HOLD_SECONDS + 2.5)
+        if wanted("7"):
+            wrk_phase("7 paid on_success", stack.url + HELD_PATH, paid=True, prefix=".held")
+        if wanted("8"):
+            wrk_phase("8 paid metered", stack.url + METERED_PATH, paid=True, prefix=".metered")
+        if wanted("7") or wanted("8"):  # holds cut off when wrk hung up expire, then swept
+            time.sleep(HOLD_SECONDS + 2.5)
         # wrk's paid runs (warm-up and measured) each leave up to `connections` in flight.
         results["ledger"] = reconcile(stack, envoy_allowed, 2 * args.connections)
     finally:
         stack.stop()
-    if not args.no_onchain:
+    if not args.no_onchain and (only is None or only & {"9", "10", "11", "12"}):
         onchain_phases(wrk, args, results)
 
     results["machine"] = {
@@ -511,8 +528,9 @@ def main() -> None:
     }
     results["seconds"] = round(time.monotonic() - started, 1)
     report(results, args.rate)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"bench: wrote {args.out} ({results['seconds']} s)")
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"bench: wrote {out} ({results['seconds']} s)")
 
 
 def run_paced(url: str, rate: float, seconds: float, proofs: Path) -> dict[str, Any]:
@@ -567,18 +585,21 @@ def reconcile(stack: Stack, envoy_allowed: int, in_flight: int) -> dict[str, Any
 
 def report(results: dict[str, Any], rate: float) -> None:
     phases = results["phases"]
-    envoy = phases["1 envoy only"]["ok_rps"]
-    allow = phases["2 allow-all ext_authz"]["ok_rps"]
-    paid = phases["4 sidecar paid direct"]["ok_rps"]
-    results["ratios"] = {
-        "(4)/(2) paid / allow-all": round(paid / allow, 3),
-        "(4)/(1) paid / envoy only": round(paid / envoy, 3),
-        "(2)/(1) allow-all / envoy only": round(allow / envoy, 3),
-        "(4)/(2b) paid / allow-all without proof header": round(
-            paid / phases["2b allow-all, no proof header"]["ok_rps"], 3
+    ratios = {
+        "(4)/(2) paid / allow-all": ("4 sidecar paid direct", "2 allow-all ext_authz"),
+        "(4)/(1) paid / envoy only": ("4 sidecar paid direct", "1 envoy only"),
+        "(2)/(1) allow-all / envoy only": ("2 allow-all ext_authz", "1 envoy only"),
+        "(4)/(2b) paid / allow-all without proof header": (
+            "4 sidecar paid direct",
+            "2b allow-all, no proof header",
         ),
-        "(7)/(4) on_success / on_check": round(phases["7 paid on_success"]["ok_rps"] / paid, 3),
-        "(8)/(4) metered / on_check": round(phases["8 paid metered"]["ok_rps"] / paid, 3),
+        "(7)/(4) on_success / on_check": ("7 paid on_success", "4 sidecar paid direct"),
+        "(8)/(4) metered / on_check": ("8 paid metered", "4 sidecar paid direct"),
+    }
+    results["ratios"] = {  # of the phases that ran (--phases)
+        name: round(phases[a]["ok_rps"] / phases[b]["ok_rps"], 3)
+        for name, (a, b) in ratios.items()
+        if a in phases and b in phases
     }
     results["ratios"].update(named_ratios(phases))
     print()
@@ -595,11 +616,13 @@ def report(results: dict[str, Any], rate: float) -> None:
     print()
     for name, ratio in results["ratios"].items():
         print(f"{name:<48}{ratio:>7.3f}")
-    check = phases[f"6 paid at {rate:.0f} req/s"]["sidecar_check_ms"]
-    print(f"{f'sidecar check at {rate:.0f} paid req/s':<48}p50 {check['p50']} ms, "
-          f"p99 {check['p99']} ms")  # fmt: skip
-    print(f"{'challenge loop, 1 agent':<48}p50 "
-          f"{phases['5 challenge loops, 1 agent']['loop_ms']['p50']} ms")  # fmt: skip
+    if f"6 paid at {rate:.0f} req/s" in phases:
+        check = phases[f"6 paid at {rate:.0f} req/s"]["sidecar_check_ms"]
+        print(f"{f'sidecar check at {rate:.0f} paid req/s':<48}p50 {check['p50']} ms, "
+              f"p99 {check['p99']} ms")  # fmt: skip
+    if "5 challenge loops, 1 agent" in phases:
+        print(f"{'challenge loop, 1 agent':<48}p50 "
+              f"{phases['5 challenge loops, 1 agent']['loop_ms']['p50']} ms")  # fmt: skip
     onchain_report(results)
     ledger = results["ledger"]
     print(

@@ -237,9 +237,11 @@ def payment_required(
 _EXACT_FIELDS = frozenset(("price_usd", "token", "chain", "facilitator", "payment_target"))
 
 
-def carrying(receipt: dict[str, Any]) -> Allow:
-    """A signed receipt and the headers that carry it: to the service and to the client."""
-    encoded = protocol.encode_header(receipt)
+def carrying(receipt: dict[str, Any], encoded: str | None = None) -> Allow:
+    """A signed receipt and the headers that carry it: to the service and to the client.
+    `encoded`: its header value, when signing made it already (protocol.signed_receipt)."""
+    if encoded is None:
+        encoded = protocol.encode_header(receipt)
     return Allow(
         receipt=receipt,
         upstream_headers=(

@@ -324,7 +324,7 @@ class Authorization:
     ) -> bytes:
         entry["decision"], entry["status"], entry["reason"] = "allow", 200, scheme.reason
         entry["receipt_id"], entry["balance"] = charged.receipt["receipt_id"], charged.balance
-        allowed = decision.carrying(charged.receipt)
+        allowed = decision.carrying(charged.receipt, charged.header)
         return self.answers.ok(
             allowed.upstream_headers,
             allowed.response_headers,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 import time
@@ -12,8 +11,11 @@ from typing import Any, TextIO
 
 import structlog
 
+from sidecar.core.protocol import json_encoder
+
 # Never logged, whatever a caller passes: proofs and signatures are bearer material.
 _FORBIDDEN = frozenset({"signature", "proof", "x-payment", "payment-signature", "secret"})
+_DUMPS = json_encoder()  # json.dumps, its C encoder built once
 
 
 def drop_secrets(
@@ -50,7 +52,7 @@ class DecisionLog:
     """The decision line of PROTOCOL.md §7 on the hot path.
 
     The same line structlog writes (the caller's keys in order, then `event`, `level` and
-    a UTC `timestamp`), built with one json.dumps: ~5 µs a check instead of ~13. Lines are
+    a UTC `timestamp`), built with one JSON encode: ~5 µs a check instead of ~13. Lines are
     written together at most `FLUSH_SECONDS` after the first of them (or at `MAX_PENDING`):
     a write per check cost a worker ~50 µs of CPU a check under load. The caller's keys
     are the fixed decision fields: no secret can get in. Call `flush` before exiting.
@@ -89,7 +91,7 @@ class DecisionLog:
         entry["event"] = "authz.decision"
         entry["level"] = "info"
         entry["timestamp"] = self.timestamp()
-        self.pending.append(json.dumps(entry))
+        self.pending.append(_DUMPS(entry))
         if len(self.pending) >= self.MAX_PENDING:
             self.flush()
         elif self.timer is None:

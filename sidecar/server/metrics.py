@@ -87,6 +87,22 @@ class _Metrics:
 
 _current = _Metrics(CollectorRegistry())
 _multiprocess_dir: str | None = None
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+# prometheus-client asks for the process id on every value update, to notice a fork: a
+# getpid syscall each, four a check. The id only changes at a fork, so it is kept here.
+os.register_at_fork(after_in_child=_forked)
+
+
+def process_id() -> int:
+    """This process's id, as of its last fork (os.getpid without the syscall)."""
+    return _pid
 
 
 def use_multiprocess(directory: str) -> None:
@@ -94,8 +110,9 @@ def use_multiprocess(directory: str) -> None:
     before forking the workers."""
     global _current, _multiprocess_dir
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    # prometheus-client chose its value class when imported; choose again, now.
-    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    # prometheus-client chose its value class when imported; choose again, now (what
+    # get_value_class would pick with the variable set, but with the kept process id).
+    values.ValueClass = values.MultiProcessValue(process_identifier=process_id)  # type: ignore[no-untyped-call]
     _multiprocess_dir = directory
     _current = _Metrics(None)  # multiprocess metrics live in the files, not a registry
 

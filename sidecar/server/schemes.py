@@ -50,6 +50,7 @@ class Charged:
     receipt: dict[str, Any]
     amount: int  # atomic units charged: the revenue
     balance: str | None  # what the payer has left (in a channel: in it); None: paid on chain
+    header: str | None = None  # the receipt's header value, if signing already encoded it
 
 
 Late = Callable[[Charged | PaymentError], None]
@@ -102,8 +103,8 @@ class Proofs:
         def charged(balance: int) -> Charged:
             entry = {**record, "receipt_id": receipt_id, "balance": balance}
             receipt = receipts.body(proof.payer, entry, asset)
-            signed = protocol.sign_receipt(receipt, self.gateway.identity)
-            return Charged(signed, price.amount, receipt["balance"])
+            signed, header = protocol.signed_receipt(receipt, self.gateway.identity)
+            return Charged(signed, price.amount, receipt["balance"], header)
 
         listener = None if late is None else _relay(late, charged)
         balance = await self.ledger.debit(
@@ -149,8 +150,8 @@ class Vouchers:
             receipt = receipts.voucher_body(
                 voucher, price.asset, cumulative, increment, remaining, receipt_id, payee, now
             )
-            signed = protocol.sign_receipt(receipt, self.gateway.identity)
-            return Charged(signed, increment, receipt["balance"])
+            signed, header = protocol.signed_receipt(receipt, self.gateway.identity)
+            return Charged(signed, increment, receipt["balance"], header)
 
         listener = None if late is None else _relay(late, charged)
         accepted = await self.channels.accept(

@@ -58,6 +58,29 @@ def test_canonical_json_is_order_independent_and_round_trips(obj: dict[str, Any]
     assert json.loads(encoded) == obj
 
 
+json_floats = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=10,
+)
+ENCODER_OPTIONS: tuple[dict[str, Any], ...] = (
+    {},
+    {"sort_keys": True, "separators": (",", ":"), "ensure_ascii": False},
+    {"separators": (",", ":")},
+)
+
+
+@pytest.mark.parametrize("options", ENCODER_OPTIONS)
+@given(obj=json_floats)
+def test_kept_encoder_writes_what_json_writes(options: dict[str, Any], obj: Any) -> None:
+    assert protocol.json_encoder(**options)(obj) == json.JSONEncoder(**options).encode(obj)
+
+
+def test_kept_encoder_refuses_what_json_refuses() -> None:
+    with pytest.raises(TypeError):
+        protocol.json_encoder()({"a": object()})
+
+
 def test_canonical_json_is_sorted_compact_utf8() -> None:
     assert protocol.canonical_json({"b": 1, "a": "é"}) == '{"a":"é","b":1}'.encode()
 
@@ -177,6 +200,43 @@ def test_receipt_signature_verifies_and_detects_changes() -> None:
     assert not protocol.verify_receipt({**receipt, "amount": "0.26"}, keys)
     assert not protocol.verify_receipt(receipt, {gateway.kid: Identity.generate().public_key})
     assert not protocol.verify_receipt(receipt, {})
+
+
+@given(st.dictionaries(st.text(), json_values))
+def test_signed_receipt_is_sign_receipt_and_its_header(fields: dict[str, Any]) -> None:
+    gateway = Identity.generate()
+    receipt, header = protocol.signed_receipt(fields, gateway)
+    assert receipt == protocol.sign_receipt(fields, gateway)
+    assert header == protocol.encode_header(receipt)
+    if "signature" not in fields:  # else sign_receipt signs that field too
+        keys = {gateway.kid: gateway.public_key}
+        assert protocol.verify_receipt(protocol.decode_header(header), keys)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"a": "\x00signature\x00"},
+        {"a": {"signature": "\x00signature\x00"}},  # the mark twice: the plain way
+        {"a": 1, "z": [{"signature": ""}]},
+    ],
+)
+def test_signed_receipt_edges(fields: dict[str, Any]) -> None:
+    gateway = Identity.generate()
+    receipt, header = protocol.signed_receipt(fields, gateway)
+    assert receipt == protocol.sign_receipt(fields, gateway)
+    assert header == protocol.encode_header(receipt)
+    assert protocol.verify_receipt(receipt, {gateway.kid: gateway.public_key})
+
+
+def test_signed_receipt_of_a_real_receipt_body() -> None:
+    gateway = Identity.generate()
+    body = {"version": protocol.VERSION, "success": True, "receipt_id": "rcpt_1",
+            "amount": "0.25", "balance": "1", "payer": "p", "issued_at": 1}  # fmt: skip
+    receipt, header = protocol.signed_receipt(body, gateway)
+    assert header == protocol.encode_header(protocol.sign_receipt(body, gateway))
+    assert list(json.loads(base64.b64decode(header))) == sorted(receipt)
 
 
 def test_nonces_and_receipt_ids_are_unique_and_long_enough() -> None:

@@ -1,0 +1,294 @@
+"""Where a paid check's CPU goes: py-spy on one sidecar worker while wrk sends paid requests.
+
+Starts the bench's stack (Redis, Envoy answering for the upstream, the sidecar), drives
+paid direct proofs through Envoy as `bench.run` phase 4 does, records one worker with
+py-spy and prints µs of that worker's CPU per paid check by category: each category's
+share of the samples times the worker's measured user CPU time over the checks it
+answered (its decision lines); kernel time is its own line.
+
+    python -m bench.profile --seconds 10 [--native] [--raw out.txt]
+    python -m bench.profile --strace    # syscalls per check instead (strace -c, main thread)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.run import (
+    PAID_PATH,
+    PAYERS,
+    PRICE_ATOMIC,
+    ROUTES,
+    bench_envoy,
+    ensure_wrk,
+    fund,
+    presign,
+    run_wrk,
+)
+from sidecar.core.identity import Identity
+from sidecar.tools.stack import Stack, free_port
+
+# The transports `Stack` can start. The HTTP ext_authz transport is being added to Stack as
+# its `transport` field: once it is there, `http` is offered and passed through as is.
+STACK_TRANSPORT = "transport" in {f.name for f in dataclasses.fields(Stack)}
+TRANSPORTS = ("grpc", "http") if STACK_TRANSPORT else ("grpc",)
+
+CATEGORIES = (
+    "transport framework",
+    "Ed25519 verify",
+    "Ed25519 sign",
+    "JSON (+base64)",
+    "response building",
+    "Redis client",
+    "decision line",
+    "metrics",
+    "glue",
+    "other",
+)
+# A sample goes to the category of its innermost frame that one of RULES names, so time
+# in asyncio or builtins under a sidecar function counts for that function's category;
+# one with none of them but a framework frame is the framework's; else "other".
+# (fragment of "/" + file, function or "" for any, category); the first match wins.
+RULES: tuple[tuple[str, str, str], ...] = (
+    ("/nacl/", "crypto_sign_open", "Ed25519 verify"),
+    ("/nacl/", "verify", "Ed25519 verify"),
+    ("/nacl/", "crypto_sign", "Ed25519 sign"),
+    ("/nacl/", "sign", "Ed25519 sign"),
+    ("/sidecar/core/identity.py", "verify", "Ed25519 verify"),
+    ("/sidecar/core/identity.py", "sign", "Ed25519 sign"),
+    ("/json/", "", "JSON (+base64)"),
+    ("/base64.py", "", "JSON (+base64)"),
+    ("/sidecar/core/protocol.py", "canonical_json", "JSON (+base64)"),
+    ("/sidecar/core/protocol.py", "loads_strict", "JSON (+base64)"),
+    ("/sidecar/core/protocol.py", "_no_duplicate_keys", "JSON (+base64)"),
+    ("/sidecar/core/protocol.py", "encode", "JSON (+base64)"),  # json_encoder's
+    ("/prometheus_client/", "", "metrics"),
+    ("/sidecar/server/metrics.py", "", "metrics"),
+    ("/hiredis", "", "Redis client"),
+    ("/sidecar/ledger/", "", "Redis client"),
+    ("/sidecar/server/logs.py", "", "decision line"),
+    ("/sidecar/server/responses.py", "", "response building"),
+    ("/sidecar/server/http_authz.py", "ok", "response building"),  # HttpAnswers
+    ("/sidecar/server/http_authz.py", "denied", "response building"),
+    ("/sidecar/server/http_authz.py", "_lines", "response building"),
+    ("/sidecar/server/http_authz.py", "", "transport framework"),  # the HTTP transport
+    ("/sidecar/core/decision.py", "carrying", "response building"),
+    ("/sidecar/", "", "glue"),
+)
+FRAMEWORK = (
+    "/grpc",
+    "/aiohttp/",
+    "/httptools",
+    "/google/protobuf",
+    "/envoy/",
+    "/asyncio/",
+    "/uvloop",
+    "/threading.py",  # the worker's only other Python thread: grpc.aio's poller
+)
+# The worker's start-up, below the event loop: outside every check.
+OUTER = ("/sidecar/server/supervisor.py", "/sidecar/tools/cli.py")
+_FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def frame_parts(frame: str) -> tuple[str, str]:
+    """A py-spy frame `function (file:line)` → (function, file); a bare name → (name, "")."""
+    match = _FRAME.match(frame.strip())
+    if match is None:
+        return frame.strip(), ""
+    return match["function"], match["file"]
+
+
+def categorize(stack: Iterable[str]) -> str:
+    """The category of one sampled stack, its frames listed root first."""
+    found = "other"
+    for frame in reversed(list(stack)):
+        function, file = frame_parts(frame)
+        text = "/" + (file or function)  # native frames name a library, not a Python file
+        if any(fragment in text for fragment in OUTER):
+            break
+        method = function.rpartition(".")[2]  # py-spy writes Class.method
+        for fragment, name, category in RULES:
+            if fragment in text and (not name or method == name):
+                return category
+        if any(fragment in text for fragment in FRAMEWORK):
+            found = "transport framework"
+    return found
+
+
+def parse_raw(lines: Iterable[str]) -> Counter[str]:
+    """py-spy's raw (collapsed) output → samples per category."""
+    samples: Counter[str] = Counter()
+    for line in lines:
+        stack, _, count = line.rstrip().rpartition(" ")
+        if stack and count.isdigit():
+            samples[categorize(stack.split(";"))] += int(count)
+    return samples
+
+
+def breakdown(samples: Counter[str], user_seconds: float, checks: int) -> dict[str, float]:
+    """µs of user CPU per check by category: the category's share of the samples."""
+    total = sum(samples.values()) or 1
+    return {c: samples[c] / total * user_seconds * 1e6 / max(checks, 1) for c in CATEGORIES}
+
+
+def strace_counts(lines: Iterable[str]) -> dict[str, int]:
+    """`strace -c` summary → calls per syscall."""
+    calls = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) in (5, 6) and parts[0].replace(".", "", 1).isdigit() and parts[-1] != "total":
+            calls[parts[-1]] = int(parts[3])
+    return calls
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of a process's main thread."""
+    total = 0
+    for line in Path(f"/proc/{pid}/task/{pid}/status").read_text().splitlines():
+        if "ctxt_switches:" in line:
+            total += int(line.split()[1])
+    return total
+
+
+def worker_pids(log: str, first_port: int) -> dict[int, int]:
+    """Worker index → pid, from the workers' `sidecar.started` lines."""
+    pids = {}
+    for line in log.splitlines():
+        if '"sidecar.started"' in line:
+            event = json.loads(line)
+            port = int(str(event["listen_grpc"]).rpartition(":")[2])
+            pids[port - first_port] = int(event["pid"])
+    return pids
+
+
+def paid_checks(log: str, worker: int) -> int:
+    """Paid decision lines of one worker (DecisionLog writes them with json.dumps)."""
+    mark = f'"worker": {worker},'
+    return sum(1 for line in log.splitlines() if '"reason": "paid"' in line and mark in line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="recorded wrk run")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--worker", type=int, default=-1, help="which one (default: the last)")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rate", type=int, default=2000, help="py-spy samples per second")
+    parser.add_argument("--native", action="store_true", help="py-spy --native (C frames)")
+    parser.add_argument("--budget", type=float, default=4000.0, help="proofs per second")
+    parser.add_argument("--transport", choices=TRANSPORTS, default="grpc")
+    parser.add_argument("--raw", type=Path, help="keep py-spy's raw stacks here")
+    parser.add_argument("--strace", action="store_true", help="count syscalls, no py-spy")
+    args = parser.parse_args()
+    worker = args.worker if args.worker >= 0 else args.workers - 1
+    wrk = ensure_wrk()
+    extra: dict[str, Any] = {"transport": args.transport} if STACK_TRANSPORT else {}
+    stack = Stack(
+        ROUTES,
+        settings={"max_direct_ttl_seconds": 3600},
+        workers=args.workers,
+        envoy_concurrency=1,
+        **extra,
+    )
+    try:
+        stack.write_files()
+        envoy_file = stack.dir / "envoy.yaml"
+        config = bench_envoy(yaml.safe_load(envoy_file.read_text()), free_port())
+        envoy_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        stack.start_redis()
+        stack.start_envoy()
+        stack.start_sidecar()
+        wallets = [Identity.generate() for _ in range(PAYERS)]
+        count = int(args.budget * args.seconds) + 500
+        warm_count = int(args.budget * args.warmup) + 500
+        asyncio.run(fund(stack, wallets, 2 * (count + warm_count) * PRICE_ATOMIC))
+        payee = stack.gateway_identity.kid
+        presign(warm_count, wallets, payee, [stack.dir / "warm.0"])
+        presign(count, wallets, payee, [stack.dir / "proofs.0"])
+        url = stack.url + PAID_PATH
+        sidecar = stack.processes["sidecar"]
+        pid = worker_pids(sidecar.log(), stack.ports["grpc"])[worker]
+        if args.warmup:
+            run_wrk(
+                wrk, url, args.warmup, args.connections, 1, "paid.lua", (str(stack.dir / "warm"),)
+            )
+        time.sleep(0.2)  # the warm-up's last decision lines
+        checks_before = paid_checks(sidecar.log(), worker)
+        raw = args.raw or stack.dir / ("strace.txt" if args.strace else "pyspy.txt")
+        if args.strace:  # the main thread only: the servicer's, not gRPC's poller
+            argv = [shutil.which("strace") or "strace", "-c", "-p", str(pid), "-o", str(raw)]
+        else:
+            argv = [str(Path(sys.executable).parent / "py-spy"), "record", "-r", str(args.rate),
+                    "-p", str(pid), "-f", "raw", "-o", str(raw),
+                    "-d", str(round(args.seconds) + 2), "--nonblocking",
+                    *(["--native"] if args.native else [])]  # fmt: skip
+        spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # attached
+        user0, sys0 = cpu_times(pid)
+        switches0 = context_switches(pid)
+        figures = run_wrk(
+            wrk, url, args.seconds, args.connections, 1, "paid.lua", (str(stack.dir / "proofs"),)
+        )
+        user1, sys1 = cpu_times(pid)
+        switches1 = context_switches(pid)
+        time.sleep(0.2)
+        checks = paid_checks(sidecar.log(), worker) - checks_before
+        if args.strace:
+            spy.send_signal(signal.SIGINT)  # strace detaches and writes its summary
+        spy.wait(timeout=60)
+        # The tracer ran a little longer than wrk: its samples are shares, times are measured.
+        lines = raw.read_text().splitlines()
+    finally:
+        stack.stop()
+    if args.strace:
+        calls = strace_counts(lines)
+        print(f"profile: worker {worker} answered {checks} paid checks; syscalls per check "
+              "on its main thread (strace slows it: counts, not times)")  # fmt: skip
+        for name, count in sorted(calls.items(), key=lambda item: -item[1]):
+            print(f"{name:<24}{count / max(checks, 1):>10.2f}")
+        print(f"{'total':<24}{sum(calls.values()) / max(checks, 1):>10.2f}")
+        return
+    samples = parse_raw(lines)
+    user, system = user1 - user0, sys1 - sys0
+    per = breakdown(samples, user, checks)
+    print(f"profile: {figures['ok_rps']:.0f} paid req/s through Envoy, transport "
+          f"{args.transport}; worker {worker} (pid {pid}) answered {checks} paid checks, "
+          f"{sum(samples.values())} samples{' (native)' if args.native else ''}")  # fmt: skip
+    print(f"{'category':<24}{'µs/check':>10}{'share':>8}")
+    for category in CATEGORIES:
+        share = samples[category] / max(sum(samples.values()), 1)
+        print(f"{category:<24}{per[category]:>10.1f}{share:>8.1%}")
+    print(f"{'user total':<24}{user * 1e6 / max(checks, 1):>10.1f}")
+    print(f"{'kernel (system time)':<24}{system * 1e6 / max(checks, 1):>10.1f}")
+    print(f"{'context switches':<24}{(switches1 - switches0) / max(checks, 1):>10.2f}"
+          "  per check, main thread")  # fmt: skip
+    if args.raw:
+        print(f"profile: raw stacks in {args.raw}")
+
+
+if __name__ == "__main__":
+    main()
