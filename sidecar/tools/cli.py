@@ -812,6 +812,12 @@ def demo(serve: bool, info: Path | None, lane: str | None) -> None:
     help="Agent wallets [default: one per concurrent loop].",
 )
 @click.option(
+    "--processes",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Generator processes, the loops split among them [default: one per core].",
+)
+@click.option(
     "--direct",
     is_flag=True,
     help="Pay from the price list in one request instead of 402 → sign → retry.",
@@ -842,6 +848,7 @@ def load_command(
     duration: str,
     concurrency: int,
     agents: int,
+    processes: int,
     direct: bool,
     rate: float,
     fund: str,
@@ -864,6 +871,7 @@ def load_command(
         direct=direct,
         rate=rate,
         fund=fund,
+        processes=processes,
     )
     stats = load.main(config, json_path, progress)
     if not stats.cleared:
