@@ -25,7 +25,17 @@ T = TypeVar("T")
 
 # The base install is the agent SDK; these come with the `server` extra.
 SERVER_MODULES = frozenset(
-    {"grpc", "grpc_health", "envoy", "redis", "hiredis", "structlog", "prometheus_client", "yaml"}
+    {
+        "grpc",
+        "grpc_health",
+        "envoy",
+        "redis",
+        "hiredis",
+        "structlog",
+        "prometheus_client",
+        "yaml",
+        "httptools",
+    }
 )
 
 # `x402 demo` also runs the chain's lanes: the `evm` extra, which the `demo` extra brings.
