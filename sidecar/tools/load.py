@@ -259,9 +259,10 @@ class Runner:
     def __init__(self, config: LoadConfig) -> None:
         self.config = config
 
-    def plans(self, document: dict[str, Any], wallets: list[Identity]) -> list[Plan]:
-        config, targets = self.config, tuple(resolve(document, self.config.routes))
-        count = config.process_count()
+    def plans(
+        self, document: dict[str, Any], targets: tuple[Target, ...], wallets: list[Identity]
+    ) -> list[Plan]:
+        config, count = self.config, self.config.process_count()
         seeds = [wallets[i % len(wallets)].seed_text for i in range(config.concurrency)]
         plans, first = [], 0
         for index, agents in enumerate(split(config.concurrency, count)):
@@ -274,14 +275,15 @@ class Runner:
     async def _setup(self) -> list[Plan]:
         config = self.config
         document = await discover(config.url)
+        targets = tuple(resolve(document, config.routes))
         credits: Counter[str] = Counter()
-        for target in resolve(document, config.routes):
+        for target in targets:
             amount = target.asset.to_atomic(config.fund) if config.fund else target.amount * 100_000
             credits[target.asset.code] = max(credits[target.asset.code], amount)
         wallets = await fund_agents(
             config.redis_url, config.agents or config.concurrency, dict(credits)
         )
-        return self.plans(document, wallets)
+        return self.plans(document, targets, wallets)
 
     def run(self, tick: Callable[[Stats, float], None] | None = None) -> Stats:
         plans = asyncio.run(self._setup())
