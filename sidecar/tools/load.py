@@ -368,7 +368,7 @@ def _receive(pipe: Connection) -> tuple[Any, ...]:
 
 def _expect(pipe: Connection, kind: str, timeout: float) -> tuple[Any, ...]:
     if not pipe.poll(timeout):
-        raise X402Error(f"x402 load: a generator process did not get {kind} in {timeout:.0f} s")
+        raise X402Error(f"x402 load: no {kind!r} from a generator process in {timeout:.0f} s")
     message = _receive(pipe)
     if message[0] != kind:
         raise X402Error(f"x402 load: expected {kind!r} from a generator process, got {message[0]}")
@@ -408,7 +408,8 @@ class _Connection(asyncio.Protocol):
     async def exchange(self, request: bytes) -> None:
         """Send one request; returns once its response is complete (status, body, receipt
         set), raises OSError (TimeoutError, ConnectionError) or a parser error."""
-        assert self.transport is not None
+        if self.transport is None:
+            raise ConnectionResetError("the connection is closed")
         self.status, self.body, self.receipt = 0, [], False
         self.waiter = self.loop.create_future()
         self.timer = self.loop.call_later(self.timeout, self._timed_out)
