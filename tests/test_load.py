@@ -78,6 +78,43 @@ def test_unexpected_answers_are_counted_by_reason(load_stack: Stack, tmp_path: P
     assert "insufficient_funds" in shown
 
 
+def test_processes_report_one_merged_summary_that_matches_the_ledger(
+    load_stack: Stack, tmp_path: Path
+) -> None:
+    summary, shown = x402_load(
+        load_stack, tmp_path, "--route", "/api/v1/trade/verify/{trade_id}",
+        "--route", "GET /api/v1/agent/pay-api/atlas", "--duration", "2s", "--concurrency", "5",
+        "--processes", "2",
+    )  # fmt: skip
+
+    assert summary["processes"] == 2
+    assert summary["cleared"] > 0 and summary["errors"] == {}
+    assert summary["attempted"] == summary["cleared"] + sum(summary["errors"].values())
+    assert summary["statuses"] == {"200": summary["cleared"], "402": summary["attempted"]}
+    assert debited(load_stack) == summary["charged_atomic"]["USDF"]
+    # Every proof was signed in a loop, after its 402.
+    assert summary["proofs"] == {"presigned": 0, "signed_in_loop": summary["cleared"]}
+    cpu = summary["generator_cpu"]
+    assert cpu["cpu_seconds"] > 0 and cpu["cores"] > 0 and cpu["us_per_loop"] > 0
+    assert "2 processes" in shown and "generator CPU" in shown
+
+
+def test_direct_payments_use_proofs_signed_before_the_clock(
+    load_stack: Stack, tmp_path: Path
+) -> None:
+    summary, _ = x402_load(
+        load_stack, tmp_path, "--route", "/api/v1/trade/verify/{trade_id}", "--direct",
+        "--duration", "1s", "--concurrency", "2", "--processes", "1", "--rate", "200",
+    )  # fmt: skip
+
+    assert summary["cleared"] > 100 and summary["errors"] == {}
+    assert summary["statuses"] == {"200": summary["cleared"]}  # one request a loop, no 402
+    # 200 loops/s over 1 s between 2 agents: 100 + 2 each, all signed beforehand.
+    assert summary["proofs"] == {"presigned": 204, "signed_in_loop": 0}
+    assert summary["generator_cpu"]["cores"] > 0
+    assert debited(load_stack) == summary["cleared"] * VERIFY_PRICE
+
+
 def test_an_unknown_route_is_a_readable_error(load_stack: Stack) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "sidecar.tools.cli", "load", "--url", load_stack.url,

@@ -25,7 +25,17 @@ T = TypeVar("T")
 
 # The base install is the agent SDK; these come with the `server` extra.
 SERVER_MODULES = frozenset(
-    {"grpc", "grpc_health", "envoy", "redis", "hiredis", "structlog", "prometheus_client", "yaml"}
+    {
+        "grpc",
+        "grpc_health",
+        "envoy",
+        "redis",
+        "hiredis",
+        "structlog",
+        "prometheus_client",
+        "yaml",
+        "httptools",
+    }
 )
 
 # `x402 demo` also runs the chain's lanes: the `evm` extra, which the `demo` extra brings.
@@ -820,6 +830,12 @@ def demo(serve: bool, info: Path | None, lane: str | None) -> None:
     help="Agent wallets [default: one per concurrent loop].",
 )
 @click.option(
+    "--processes",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Generator processes, the loops split among them [default: one per core].",
+)
+@click.option(
     "--direct",
     is_flag=True,
     help="Pay from the price list in one request instead of 402 → sign → retry.",
@@ -850,6 +866,7 @@ def load_command(
     duration: str,
     concurrency: int,
     agents: int,
+    processes: int,
     direct: bool,
     rate: float,
     fund: str,
@@ -872,6 +889,7 @@ def load_command(
         direct=direct,
         rate=rate,
         fund=fund,
+        processes=processes,
     )
     stats = load.main(config, json_path, progress)
     if not stats.cleared:
