@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import re
@@ -26,11 +25,12 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from bench.run import (
+    HELD_PATH,
+    METERED_PATH,
     PAID_PATH,
     PAYERS,
     PRICE_ATOMIC,
@@ -44,10 +44,8 @@ from bench.run import (
 from sidecar.core.identity import Identity
 from sidecar.tools.stack import Stack, free_port
 
-# The transports `Stack` can start. The HTTP ext_authz transport is being added to Stack as
-# its `transport` field: once it is there, `http` is offered and passed through as is.
-STACK_TRANSPORT = "transport" in {f.name for f in dataclasses.fields(Stack)}
-TRANSPORTS = ("grpc", "http") if STACK_TRANSPORT else ("grpc",)
+TRANSPORTS = ("grpc", "http")
+ROUTE_PATHS = {"paid": PAID_PATH, "held": HELD_PATH, "metered": METERED_PATH}
 
 CATEGORIES = (
     "transport framework",
@@ -184,10 +182,11 @@ def worker_pids(log: str, first_port: int) -> dict[int, int]:
     return pids
 
 
-def paid_checks(log: str, worker: int) -> int:
-    """Paid decision lines of one worker (DecisionLog writes them with json.dumps)."""
-    mark = f'"worker": {worker},'
-    return sum(1 for line in log.splitlines() if '"reason": "paid"' in line and mark in line)
+def paid_checks(log: str, worker: int, reason: str = "paid") -> int:
+    """Paid decision lines of one worker (DecisionLog writes them with json.dumps): `paid`
+    on a route charged on check, `captured` for one charged on success."""
+    mark, said = f'"worker": {worker},', f'"reason": "{reason}"'
+    return sum(1 for line in log.splitlines() if said in line and mark in line)
 
 
 def main() -> None:
@@ -201,18 +200,20 @@ def main() -> None:
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames)")
     parser.add_argument("--budget", type=float, default=4000.0, help="proofs per second")
     parser.add_argument("--transport", choices=TRANSPORTS, default="grpc")
+    parser.add_argument(
+        "--route", choices=sorted(ROUTE_PATHS), default="paid", help="the bench's route"
+    )
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw stacks here")
     parser.add_argument("--strace", action="store_true", help="count syscalls, no py-spy")
     args = parser.parse_args()
     worker = args.worker if args.worker >= 0 else args.workers - 1
     wrk = ensure_wrk()
-    extra: dict[str, Any] = {"transport": args.transport} if STACK_TRANSPORT else {}
     stack = Stack(
         ROUTES,
         settings={"max_direct_ttl_seconds": 3600},
         workers=args.workers,
         envoy_concurrency=1,
-        **extra,
+        transport=args.transport,
     )
     try:
         stack.write_files()
@@ -227,9 +228,11 @@ def main() -> None:
         warm_count = int(args.budget * args.warmup) + 500
         asyncio.run(fund(stack, wallets, 2 * (count + warm_count) * PRICE_ATOMIC))
         payee = stack.gateway_identity.kid
-        presign(warm_count, wallets, payee, [stack.dir / "warm.0"])
-        presign(count, wallets, payee, [stack.dir / "proofs.0"])
-        url = stack.url + PAID_PATH
+        path = ROUTE_PATHS[args.route]
+        presign(warm_count, wallets, payee, [stack.dir / "warm.0"], path)
+        presign(count, wallets, payee, [stack.dir / "proofs.0"], path)
+        url = stack.url + path
+        reason = "paid" if args.route == "paid" else "captured"
         sidecar = stack.processes["sidecar"]
         pid = worker_pids(sidecar.log(), stack.ports["grpc"])[worker]
         if args.warmup:
@@ -237,7 +240,7 @@ def main() -> None:
                 wrk, url, args.warmup, args.connections, 1, "paid.lua", (str(stack.dir / "warm"),)
             )
         time.sleep(0.2)  # the warm-up's last decision lines
-        checks_before = paid_checks(sidecar.log(), worker)
+        checks_before = paid_checks(sidecar.log(), worker, reason)
         raw = args.raw or stack.dir / ("strace.txt" if args.strace else "pyspy.txt")
         if args.strace:  # the main thread only: the servicer's, not gRPC's poller
             argv = [shutil.which("strace") or "strace", "-c", "-p", str(pid), "-o", str(raw)]
@@ -256,7 +259,7 @@ def main() -> None:
         user1, sys1 = cpu_times(pid)
         switches1 = context_switches(pid)
         time.sleep(0.2)
-        checks = paid_checks(sidecar.log(), worker) - checks_before
+        checks = paid_checks(sidecar.log(), worker, reason) - checks_before
         if args.strace:
             spy.send_signal(signal.SIGINT)  # strace detaches and writes its summary
         spy.wait(timeout=60)

@@ -261,6 +261,21 @@ def envoy_stat(stack: Stack, name: str) -> int:
     return stack.envoy_counter(name)
 
 
+def check_traffic(stack: Stack) -> tuple[int, int]:
+    """Bytes Envoy has sent to the check cluster of the stack's transport, and requests."""
+    cluster = "x402_authz_http" if stack.transport == "http" else "x402_authz"
+    return (
+        envoy_stat(stack, f"cluster.{cluster}.upstream_cx_tx_bytes_total"),
+        envoy_stat(stack, f"cluster.{cluster}.upstream_rq_total"),
+    )
+
+
+def bytes_per_check(before: tuple[int, int], after: tuple[int, int]) -> int | None:
+    """What one check cost on the wire to the sidecar (None: no check was asked)."""
+    sent, asked = after[0] - before[0], after[1] - before[1]
+    return round(sent / asked) if asked > 0 else None
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) of a process and its live descendants."""
     total = 0.0
@@ -290,6 +305,34 @@ class CpuMeter:
             self.children.ru_utime + self.children.ru_stime
         )
         return {name: round(seconds * 1e6 / max(requests, 1), 1) for name, seconds in used.items()}
+
+
+def restart(stack: Stack, bare_port: int, transport: str, workers: int) -> None:
+    """Envoy (and no sidecar yet) again, rendered for this transport and worker count; the
+    sidecar's log so far is kept aside, so each reconcile reads its own run's lines."""
+    for name in ("envoy", "sidecar"):
+        process = stack.processes.pop(name, None)
+        if process is not None:
+            process.stop()
+    log = stack.dir / "sidecar.log"
+    if log.exists():
+        log.rename(stack.dir / f"sidecar-{time.monotonic_ns()}.log")
+    stack.transport, stack.workers = transport, workers
+    for secret in ("signing.key", "invoice.secret"):  # written anew (same gateway key)
+        (stack.dir / secret).unlink()
+    stack.write_files()
+    envoy_file = stack.dir / "envoy.yaml"
+    config = bench_envoy(yaml.safe_load(envoy_file.read_text()), bare_port)
+    envoy_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    stack.start_envoy()
+
+
+def afresh(stack: Stack, wallets: list[Identity], atomic: int) -> None:
+    """An empty ledger with the wallets funded again: pre-signed proofs pay once more."""
+    client = redis.Redis.from_url(stack.redis_url)
+    client.flushall()
+    client.close()
+    asyncio.run(fund(stack, wallets, atomic))
 
 
 def wait_ports(first: int, count: int, process: Process) -> None:
@@ -452,10 +495,12 @@ def main() -> None:
             if args.warmup:
                 run_wrk(wrk, url, args.warmup, args.connections, args.threads, script, warm_args)
             meter = CpuMeter(parts())
+            asked = check_traffic(stack)
             figures = run_wrk(
                 wrk, url, args.duration, args.connections, args.threads, script, run_args
             )
             figures["cpu_us_per_request"] = meter.per_request(figures["requests"])
+            figures["bytes_per_check"] = bytes_per_check(asked, check_traffic(stack))
             phases[name] = figures
             print(
                 f"bench: {name:<30} {figures['ok_rps']:>8.0f} req/s  "
@@ -544,6 +589,58 @@ def main() -> None:
             time.sleep(HOLD_SECONDS + 2.5)
         # wrk's paid runs (warm-up and measured) each leave up to `connections` in flight.
         results["ledger"] = reconcile(stack, envoy_allowed, 2 * args.connections)
+
+        # (2h)-(8h): the same over the HTTP transport (server/http_authz.py). The ledger
+        # starts afresh, so the same pre-signed proofs pay once more.
+        funding = 3 * (count + warm_count + paced_count) * PRICE_ATOMIC
+        if any(wanted(phase) for phase in ("2h", "3h", "4h", "5h", "7h", "8h")):
+            restart(stack, bare_port, "http", args.workers)
+            allow_all = stack._spawn(
+                "allow_all",
+                [sys.executable, "-m", "bench.allow_all", "--port",
+                 str(stack.ports["authz_http"]), "--workers", str(args.workers),
+                 "--transport", "http"],
+            )  # fmt: skip
+            wait_ports(stack.ports["authz_http"], args.workers, allow_all)
+            if wanted("2h"):
+                wrk_phase("2h HTTP allow-all, no proof header", free_url)
+            allow_all.stop()
+            del stack.processes["allow_all"]
+            afresh(stack, wallets, funding)
+            stack.start_sidecar()
+            if wanted("3h"):
+                wrk_phase("3h HTTP sidecar free route", free_url)
+            before = envoy_stat(stack, "http.ingress.ext_authz.ok")
+            if wanted("4h"):
+                wrk_phase("4h HTTP sidecar paid direct", paid_url, paid=True)
+            if wanted("5h"):
+                phases["5h HTTP challenge loops, full speed"] = load_phase(
+                    stack, parts(), args.duration, LOAD_AGENTS
+                )
+                phases["5h HTTP challenge loops, 1 agent"] = load_phase(
+                    stack, parts(), max(3.0, args.duration / 2), 1
+                )
+            time.sleep(0.5)
+            envoy_allowed = envoy_stat(stack, "http.ingress.ext_authz.ok") - before
+            if wanted("7h"):
+                wrk_phase("7h HTTP paid on_success", stack.url + HELD_PATH, paid=True,
+                          prefix=".held")  # fmt: skip
+            if wanted("8h"):
+                wrk_phase("8h HTTP paid metered", stack.url + METERED_PATH, paid=True,
+                          prefix=".metered")  # fmt: skip
+            if wanted("7h") or wanted("8h"):
+                time.sleep(HOLD_SECONDS + 2.5)
+            results["ledger_http"] = reconcile(stack, envoy_allowed, 2 * args.connections)
+
+        # (4w1): what one worker does alone, over each transport; (4) and (4h) had
+        # `--workers` (one per core).
+        for transport, name in (("grpc", "4w1 paid direct, 1 worker"),
+                                ("http", "4w1h HTTP paid direct, 1 worker")):  # fmt: skip
+            if wanted(name.partition(" ")[0]) and args.workers > 1:
+                restart(stack, bare_port, transport, 1)
+                afresh(stack, wallets, funding)
+                stack.start_sidecar()
+                wrk_phase(name, paid_url, paid=True)
     finally:
         stack.stop()
     if not args.no_onchain and (only is None or only & {"9", "10", "11", "12"}):
@@ -887,6 +984,9 @@ def onchain_report(results: dict[str, Any]) -> None:
         )
 
 
+HTTP_PAID = "4h HTTP sidecar paid direct"
+
+
 def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
     """The ratios by the names of both sides, each where both phases ran."""
 
@@ -897,6 +997,17 @@ def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
         "paid/allow_all": ("4 sidecar paid direct", "2 allow-all ext_authz"),
         "on_success/on_check": ("7 paid on_success", "4 sidecar paid direct"),
         "metered/on_check": ("8 paid metered", "4 sidecar paid direct"),
+        "http_paid/grpc_allow_all": (HTTP_PAID, "2 allow-all ext_authz"),
+        "http_paid/grpc_paid": (HTTP_PAID, "4 sidecar paid direct"),
+        "http_paid/http_allow_all": (HTTP_PAID, "2h HTTP allow-all, no proof header"),
+        "http_allow_all/grpc_allow_all": (
+            "2h HTTP allow-all, no proof header",
+            "2b allow-all, no proof header",
+        ),
+        "http_on_success/http_on_check": ("7h HTTP paid on_success", HTTP_PAID),
+        "http_metered/http_on_check": ("8h HTTP paid metered", HTTP_PAID),
+        "grpc_2_workers/1_worker": ("4 sidecar paid direct", "4w1 paid direct, 1 worker"),
+        "http_2_workers/1_worker": (HTTP_PAID, "4w1h HTTP paid direct, 1 worker"),
         "vouchers/paid": (VOUCHERS, DIRECT_LANES),
         "exact/paid": (EXACT_C16, PAID_C16),
         "sidecar_paid/official_x402": (PAID_C16, OFFICIAL_C16),
