@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import yaml
 
 from bench.run import (
     PAID_PATH,
@@ -37,12 +36,12 @@ from bench.run import (
     PRICE_ATOMIC,
     ROUTES,
     CpuMeter,
-    bench_envoy,
     decision_latencies,
     ensure_wrk,
     fund,
     presign,
     run_wrk,
+    write_bench_files,
 )
 from sidecar.core import protocol, vouchers
 from sidecar.core.identity import Identity
@@ -50,7 +49,7 @@ from sidecar.core.money import to_decimal
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.channels import Channels
 from sidecar.tools.load import percentiles
-from sidecar.tools.stack import Stack, free_port
+from sidecar.tools.stack import Stack
 
 HERE = Path(__file__).resolve().parent
 
@@ -186,10 +185,7 @@ def main() -> None:
     stack = Stack(ROUTES, settings={"max_direct_ttl_seconds": 3600}, workers=args.workers)
     results: dict[str, Any] = {"lanes": lanes, "workers": args.workers, "rounds": []}
     try:
-        stack.write_files()
-        envoy_file = stack.dir / "envoy.yaml"
-        config = bench_envoy(yaml.safe_load(envoy_file.read_text()), free_port())
-        envoy_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        write_bench_files(stack)
         stack.start_redis()
         stack.start_envoy()
         stack.start_sidecar()

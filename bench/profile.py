@@ -26,8 +26,6 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-import yaml
-
 from bench.run import (
     HELD_PATH,
     METERED_PATH,
@@ -35,14 +33,14 @@ from bench.run import (
     PAYERS,
     PRICE_ATOMIC,
     ROUTES,
-    bench_envoy,
     ensure_wrk,
     fund,
     presign,
     run_wrk,
+    write_bench_files,
 )
 from sidecar.core.identity import Identity
-from sidecar.tools.stack import Stack, free_port
+from sidecar.tools.stack import Stack
 
 TRANSPORTS = ("grpc", "http")
 ROUTE_PATHS = {"paid": PAID_PATH, "held": HELD_PATH, "metered": METERED_PATH}
@@ -216,10 +214,7 @@ def main() -> None:
         transport=args.transport,
     )
     try:
-        stack.write_files()
-        envoy_file = stack.dir / "envoy.yaml"
-        config = bench_envoy(yaml.safe_load(envoy_file.read_text()), free_port())
-        envoy_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        write_bench_files(stack)
         stack.start_redis()
         stack.start_envoy()
         stack.start_sidecar()

@@ -230,6 +230,14 @@ def load_phase(stack: Stack, parts: dict[str, int], seconds: float, agents: int)
 # -- the stack --------------------------------------------------------------------------
 
 
+def write_bench_files(stack: Stack, bare_port: int | None = None) -> None:
+    """The stack's files, its Envoy config made the bench's (bench_envoy)."""
+    stack.write_files()
+    envoy_file = stack.dir / "envoy.yaml"
+    config = bench_envoy(yaml.safe_load(envoy_file.read_text()), bare_port or free_port())
+    envoy_file.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 def bench_envoy(config: dict[str, Any], bare_port: int) -> dict[str, Any]:
     """The product's Envoy config, answering from Envoy itself instead of an upstream (so
     the upstream costs nothing), plus a bare listener without ext_authz for (1)."""
@@ -320,10 +328,7 @@ def restart(stack: Stack, bare_port: int, transport: str, workers: int) -> None:
     stack.transport, stack.workers = transport, workers
     for secret in ("signing.key", "invoice.secret"):  # written anew (same gateway key)
         (stack.dir / secret).unlink()
-    stack.write_files()
-    envoy_file = stack.dir / "envoy.yaml"
-    config = bench_envoy(yaml.safe_load(envoy_file.read_text()), bare_port)
-    envoy_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    write_bench_files(stack, bare_port)
     stack.start_envoy()
 
 
@@ -472,10 +477,7 @@ def main() -> None:
     )
     bare_port = free_port()
     try:
-        stack.write_files()
-        envoy_file = stack.dir / "envoy.yaml"
-        config = bench_envoy(yaml.safe_load(envoy_file.read_text()), bare_port)
-        envoy_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        write_bench_files(stack, bare_port)
         stack.start_redis()
         stack.start_envoy()
         bare_url = f"http://{LOOPBACK}:{bare_port}{PAID_PATH}"
@@ -888,10 +890,7 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
             facilitator.start()
             # The official server boots (imports) while the sidecar's stack starts.
             server = Process("official", argv, workdir / "official.log").start()
-            stack.write_files()
-            envoy_file = stack.dir / "envoy.yaml"
-            config = bench_envoy(yaml.safe_load(envoy_file.read_text()), free_port())
-            envoy_file.write_text(yaml.safe_dump(config, sort_keys=False))
+            write_bench_files(stack)
             stack.start_redis()
             stack.start_envoy()
             stack.start_sidecar()

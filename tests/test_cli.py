@@ -18,6 +18,18 @@ from sidecar.tools.stack import Stack, find_binary
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def assert_valid_envoy(config: Path) -> None:
+    """Envoy itself accepts the config (`envoy --mode validate`)."""
+    validated = subprocess.run(
+        [find_binary("envoy"), "--mode", "validate", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+
+
 def x402(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sidecar.tools.cli", *args],
@@ -130,14 +142,7 @@ def test_reference_envoy_config_is_generated_from_the_example_and_valid(tmp_path
         env={"X402_TRANSPORT": "grpc"},
     )
     assert result.stdout == checked_in
-    validated = subprocess.run(
-        [find_binary("envoy"), "--mode", "validate", "-c", str(ROOT / "envoy" / "envoy.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert validated.returncode == 0, validated.stdout + validated.stderr
+    assert_valid_envoy(ROOT / "envoy" / "envoy.yaml")
 
 
 def test_envoy_config_takes_the_edge_settings_and_stays_valid(tmp_path: Path) -> None:
@@ -168,14 +173,7 @@ def test_envoy_config_takes_the_edge_settings_and_stays_valid(tmp_path: Path) ->
     monitors = rendered["overload_manager"]["resource_monitors"]
     assert [m["name"] for m in monitors] == ["envoy.resource_monitors.fixed_heap"]
     (tmp_path / "envoy.yaml").write_text(result.stdout)
-    validated = subprocess.run(
-        [find_binary("envoy"), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert validated.returncode == 0, validated.stdout + validated.stderr
+    assert_valid_envoy(tmp_path / "envoy.yaml")
 
     config.write_text(yaml.safe_dump({**example, "edge": {"xff_num_trusted_hops": "two"}}))
     assert_one_line_error(x402("envoy-config", "--config", str(config)), "edge.xff_num_trusted")
@@ -213,11 +211,4 @@ def test_envoy_config_renders_the_http_transport_valid(tmp_path: Path) -> None:
     added = phase["http_service"]["authorization_request"]["headers_to_add"]
     assert {"key": "x-x402-phase", "value": "response"} in added
     (tmp_path / "envoy.yaml").write_text(result.stdout)
-    validated = subprocess.run(
-        [find_binary("envoy"), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert validated.returncode == 0, validated.stdout + validated.stderr
+    assert_valid_envoy(tmp_path / "envoy.yaml")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Mapping
+from http import HTTPStatus
 from typing import Protocol, cast
 
 import httptools
@@ -77,19 +78,13 @@ SUCCESS_HEADERS = protocol.RECEIPT_HEADERS
 UNAVAILABLE_STAND_IN, UNAVAILABLE_MARK = 490, "unavailable"
 MAX_HEAD_BYTES = 65536  # Envoy caps a client's header block at max_request_headers_kb (60)
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    402: "Payment Required",
-    403: "Forbidden",
-    404: "Not Found",
-    409: "Conflict",
-    413: "Content Too Large",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
+
+def reason_phrase(status: int) -> str:
+    """The status line's phrase (any phrase will do for Envoy; a known one for people)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Denied"
 
 
 def _lines(headers: Iterable[tuple[str, str]]) -> bytes:
@@ -128,8 +123,7 @@ class HttpAnswers:
         if status >= 500:
             status, mark = UNAVAILABLE_STAND_IN, self._UNAVAILABLE
         return (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Denied')}\r\n"
-            f"content-length: {len(body)}\r\n".encode()
+            f"HTTP/1.1 {status} {reason_phrase(status)}\r\ncontent-length: {len(body)}\r\n".encode()
             + _lines(headers)
             + mark
             + b"\r\n"

@@ -22,6 +22,7 @@ from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import metrics
 from sidecar.server.config import TOPUP_PATH
+from sidecar.server.http_authz import reason_phrase
 from sidecar.server.topup import Topup
 
 Reply = tuple[int, str, bytes]  # status, content type, body
@@ -31,15 +32,6 @@ AnyReply = Reply | tuple[int, str, bytes, Headers]
 Handler = Callable[[], Awaitable[Reply]]
 Responder = Callable[[str, str, Headers], Awaitable[AnyReply]]
 QUERY = ":query"  # the request's query string, among the headers (no header has a colon)
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    402: "Payment Required",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    503: "Service Unavailable",
-}
 MAX_REQUEST_BYTES = 8192
 
 
@@ -163,7 +155,7 @@ async def start_http(responder: Responder, host: str, port: int) -> asyncio.Serv
             status, kind, body, *more = await responder(method, path, headers)
             added = "".join(f"{k}: {v}\r\n" for extra in more for k, v in extra.items())
             writer.write(
-                f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\nContent-Type: {kind}\r\n"
+                f"HTTP/1.1 {status} {reason_phrase(status)}\r\nContent-Type: {kind}\r\n"
                 f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{added}"
                 f"Connection: close\r\n\r\n".encode()
                 + (b"" if method == "HEAD" else body)
