@@ -753,9 +753,15 @@ def report(results: dict[str, Any], rate: float) -> None:
         print(f"{'challenge loop, 1 agent':<48}p50 "
               f"{phases['5 challenge loops, 1 agent']['loop_ms']['p50']} ms")  # fmt: skip
     onchain_report(results)
-    ledger = results["ledger"]
+    targets(results)
+    for key in ("ledger", "ledger_http"):
+        if key in results:
+            print_ledger(key, results[key])
+
+
+def print_ledger(key: str, ledger: dict[str, Any]) -> None:
     print(
-        f"ledger: {ledger['paid_decisions']} paid decisions x {ledger['price_atomic']} = "
+        f"{key}: {ledger['paid_decisions']} paid decisions x {ledger['price_atomic']} = "
         f"{ledger['paid_decisions'] * ledger['price_atomic']}, + {ledger['captures']} "
         f"captures ({ledger['metered_captures']} metered), debited "
         f"{ledger['debited_atomic']}; receipts {ledger['receipts']}, spent nonces "
@@ -774,6 +780,7 @@ ONCHAIN_TIMEOUT = 30  # wrk's per-request timeout (s) where each request settles
 VOUCHERS, DIRECT_LANES = "9 channel vouchers, 16 lanes", "9 paid direct, 16 lanes"
 PAID_C16, EXACT_C16 = "10 sidecar paid direct, c16", "11 sidecar exact on anvil, c16"
 OFFICIAL_C16 = "12 official x402 stack, c16"
+PAID_C16_HTTP = "10h HTTP sidecar paid direct, c16"
 
 
 def show(name: str, figures: dict[str, Any]) -> None:
@@ -908,21 +915,27 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
 
             # (10) paid direct at the official stack's concurrency, as (4) otherwise is.
             wallets = [Identity.generate() for _ in range(PAYERS)]
-            count = int(expect * args.duration) + 500
-            warm_count = int(expect * args.warmup) + 500
-            asyncio.run(fund(stack, wallets, (count + warm_count) * PRICE_ATOMIC))
-            payee, url = stack.gateway_identity.kid, stack.url + PAID_PATH
-            presign(warm_count, wallets, payee, [stack.dir / "warm16.0"])
-            presign(count, wallets, payee, [stack.dir / "proofs16.0"])
-            if args.warmup:
-                run_wrk(wrk, url, args.warmup, lanes, 1, "paid.lua", (str(stack.dir / "warm16"),))
-            meter = CpuMeter({n: p.popen.pid for n, p in stack.processes.items()})
-            figures = run_wrk(wrk, url, args.duration, lanes, 1, "paid.lua",
-                              (str(stack.dir / "proofs16"),))  # fmt: skip
-            figures["cpu_us_per_request"] = meter.per_request(figures["requests"])
-            figures["note"] = "prepaid credit debited in Redis (one Lua script), no chain"
-            phases[PAID_C16] = figures
-            show(PAID_C16, figures)
+            url = stack.url + PAID_PATH
+
+            def paid_c16(name: str, files: str) -> None:
+                count = int(expect * args.duration) + 500
+                warm_count = int(expect * args.warmup) + 500
+                asyncio.run(fund(stack, wallets, (count + warm_count) * PRICE_ATOMIC))
+                payee = stack.gateway_identity.kid
+                presign(warm_count, wallets, payee, [stack.dir / f"warm{files}.0"])
+                presign(count, wallets, payee, [stack.dir / f"proofs{files}.0"])
+                if args.warmup:
+                    run_wrk(wrk, url, args.warmup, lanes, 1, "paid.lua",
+                            (str(stack.dir / f"warm{files}"),))  # fmt: skip
+                meter = CpuMeter({n: p.popen.pid for n, p in stack.processes.items()})
+                figures = run_wrk(wrk, url, args.duration, lanes, 1, "paid.lua",
+                                  (str(stack.dir / f"proofs{files}"),))  # fmt: skip
+                figures["cpu_us_per_request"] = meter.per_request(figures["requests"])
+                figures["note"] = "prepaid credit debited in Redis (one Lua script), no chain"
+                phases[name] = figures
+                show(name, figures)
+
+            paid_c16(PAID_C16, "16")
 
             # (11) and (12): every paid request settles on chain through the facilitator.
             seconds = args.official_duration
@@ -952,6 +965,11 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
             )
             phases[OFFICIAL_C16] = figures
             show(OFFICIAL_C16, figures)
+
+            # (10h) as (10), Envoy asking over the HTTP transport.
+            restart(stack, free_port(), "http", args.workers)
+            stack.start_sidecar()
+            paid_c16(PAID_C16_HTTP, "16h")
         finally:
             if server is not None:
                 server.stop()
@@ -970,17 +988,44 @@ def onchain_report(results: dict[str, Any]) -> None:
                 f"{chain['answered_200']} 200s ({chain['settled_client_gone']} as wrk hung "
                 f"up): {'consistent' if chain['exact'] else 'MISMATCH'}"
             )
-    if "sidecar_paid/official_x402" in ratios:
-        rps, p50 = (
-            ratios["sidecar_paid/official_x402"],
-            ratios["official_x402_p50/sidecar_paid_p50"],
-        )
+    for transport, side in (("gRPC", "sidecar"), ("HTTP", "sidecar_http")):
+        if f"{side}_paid/official_x402" not in ratios:
+            continue
+        rps = ratios[f"{side}_paid/official_x402"]
+        p50 = ratios[f"official_x402_p50/{side}_paid_p50"]
         print(
-            f"versus the official x402 stack at c16: {rps:.0f}x the paid throughput (target "
-            f"200x: {'met' if rps >= 200 else 'not met'}), p50 {p50:.0f}x lower (target 100x: "
-            f"{'met' if p50 >= 100 else 'not met'}); the sidecar debits prepaid credit, the "
-            "official stack settles each request on chain"
+            f"versus the official x402 stack at c16, over {transport}: {rps:.0f}x the paid "
+            f"throughput (target 200x: {'met' if rps >= 200 else 'not met'}), p50 {p50:.0f}x "
+            f"lower (target 100x: {'met' if p50 >= 100 else 'not met'}); the sidecar debits "
+            "prepaid credit, the official stack settles each request on chain"
         )
+
+
+def targets(results: dict[str, Any]) -> None:
+    """Issue #17's targets, each against this run's figures (where its phases ran)."""
+    ratios, phases = results["ratios"], results["phases"]
+    checks = [
+        ("HTTP paid >= 0.8 x gRPC allow-all", ratios.get("http_paid/grpc_allow_all"), 0.8),
+        ("HTTP paid >= 1.7 x gRPC paid", ratios.get("http_paid/grpc_paid"), 1.7),
+        ("gRPC paid >= 0.5 x gRPC allow-all", ratios.get("paid/allow_all"), 0.5),
+        ("on_success >= 0.6 x on_check (gRPC)", ratios.get("on_success/on_check"), 0.6),
+        ("metered >= 0.6 x on_check (gRPC)", ratios.get("metered/on_check"), 0.6),
+        ("on_success >= 0.6 x on_check (HTTP)", ratios.get("http_on_success/http_on_check"), 0.6),
+        ("metered >= 0.6 x on_check (HTTP)", ratios.get("http_metered/http_on_check"), 0.6),
+    ]
+    for transport, prefix in (("gRPC", "5"), ("HTTP", "5h HTTP")):
+        full = phases.get(f"{prefix} challenge loops, full speed")
+        one = phases.get(f"{prefix} challenge loops, 1 agent")
+        if full is not None:
+            checks.append((f"challenge loops >= 1000/s ({transport})",
+                           full["loops_per_second"], 1000))  # fmt: skip
+        if one is not None:  # p50 <= 3 ms, as a ratio >= 1
+            checks.append((f"challenge loop p50 <= 3 ms ({transport})",
+                           3 / max(one["loop_ms"]["p50"], 1e-3), 1.0))  # fmt: skip
+    print()
+    for name, value, goal in checks:
+        if value is not None:
+            print(f"target: {name:<44}{'met' if value >= goal else 'NOT met'}")
 
 
 HTTP_PAID = "4h HTTP sidecar paid direct"
@@ -1010,6 +1055,7 @@ def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
         "vouchers/paid": (VOUCHERS, DIRECT_LANES),
         "exact/paid": (EXACT_C16, PAID_C16),
         "sidecar_paid/official_x402": (PAID_C16, OFFICIAL_C16),
+        "sidecar_http_paid/official_x402": (PAID_C16_HTTP, OFFICIAL_C16),
         "sidecar_exact/official_x402": (EXACT_C16, OFFICIAL_C16),
     }
     ratios = {
@@ -1017,9 +1063,11 @@ def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
         for key, (a, b) in pairs.items()
         if a in phases and b in phases
     }
-    if PAID_C16 in phases and OFFICIAL_C16 in phases:
-        p50 = phases[OFFICIAL_C16]["p50_ms"] / max(phases[PAID_C16]["p50_ms"], 1e-3)
-        ratios["official_x402_p50/sidecar_paid_p50"] = round(p50, 1)
+    for paid, key in ((PAID_C16, "official_x402_p50/sidecar_paid_p50"),
+                      (PAID_C16_HTTP, "official_x402_p50/sidecar_http_paid_p50")):  # fmt: skip
+        if paid in phases and OFFICIAL_C16 in phases:
+            p50 = phases[OFFICIAL_C16]["p50_ms"] / max(phases[paid]["p50_ms"], 1e-3)
+            ratios[key] = round(p50, 1)
     return ratios
 
 
