@@ -210,12 +210,14 @@ def run_load(
     return summary
 
 
-def load_phase(stack: Stack, parts: dict[str, int], seconds: float, agents: int) -> dict[str, Any]:
+def load_phase(
+    name: str, stack: Stack, parts: dict[str, int], seconds: float, agents: int
+) -> dict[str, Any]:
     """One run of phase (5), printed as it ends."""
     figures = run_load(stack, seconds, agents, "--processes", str(LOAD_PROCESSES), parts=parts)
     cpu, gen, loop = figures["cpu_us_per_loop"], figures["generator_cpu"], figures["loop_ms"]
     print(
-        f"bench: {f'5 challenge loops, {agents} agents':<30} "
+        f"bench: {name:<30} "
         f"{figures['loops_per_second']:>8.0f} loops/s  loop p50 {loop['p50']:.2f} ms  p99 "
         f"{loop['p99']:.2f} ms  (402 leg p50 {figures['challenge_ms']['p50']:.2f}, paid "
         f"{figures['paid_ms']['p50']:.2f})\n"
@@ -555,14 +557,15 @@ def main() -> None:
         if wanted("4"):
             wrk_phase("4 sidecar paid direct", paid_url, paid=True)
 
-        # (5) challenge loops with x402 load: at the stack's limit, then one agent (latency).
+        def challenge_loops(prefix: str) -> None:
+            """(5): x402 load at the stack's limit, then one agent (latency)."""
+            for agents, seconds in ((LOAD_AGENTS, args.duration),
+                                    (1, max(3.0, args.duration / 2))):  # fmt: skip
+                name = f"{prefix} challenge loops, {'full speed' if agents > 1 else '1 agent'}"
+                phases[name] = load_phase(name, stack, parts(), seconds, agents)
+
         if wanted("5"):
-            phases["5 challenge loops, full speed"] = load_phase(
-                stack, parts(), args.duration, LOAD_AGENTS
-            )
-            phases["5 challenge loops, 1 agent"] = load_phase(
-                stack, parts(), max(3.0, args.duration / 2), 1
-            )
+            challenge_loops("5")
 
         # (6) paid requests at a constant rate: the sidecar's own check latency, from its
         # decision log, and the client's through Envoy.
@@ -616,12 +619,7 @@ def main() -> None:
             if wanted("4h"):
                 wrk_phase("4h HTTP sidecar paid direct", paid_url, paid=True)
             if wanted("5h"):
-                phases["5h HTTP challenge loops, full speed"] = load_phase(
-                    stack, parts(), args.duration, LOAD_AGENTS
-                )
-                phases["5h HTTP challenge loops, 1 agent"] = load_phase(
-                    stack, parts(), max(3.0, args.duration / 2), 1
-                )
+                challenge_loops("5h HTTP")
             time.sleep(0.5)
             envoy_allowed = envoy_stat(stack, "http.ingress.ext_authz.ok") - before
             if wanted("7h"):
@@ -714,23 +712,7 @@ def reconcile(stack: Stack, envoy_allowed: int, in_flight: int) -> dict[str, Any
 
 def report(results: dict[str, Any], rate: float) -> None:
     phases = results["phases"]
-    ratios = {
-        "(4)/(2) paid / allow-all": ("4 sidecar paid direct", "2 allow-all ext_authz"),
-        "(4)/(1) paid / envoy only": ("4 sidecar paid direct", "1 envoy only"),
-        "(2)/(1) allow-all / envoy only": ("2 allow-all ext_authz", "1 envoy only"),
-        "(4)/(2b) paid / allow-all without proof header": (
-            "4 sidecar paid direct",
-            "2b allow-all, no proof header",
-        ),
-        "(7)/(4) on_success / on_check": ("7 paid on_success", "4 sidecar paid direct"),
-        "(8)/(4) metered / on_check": ("8 paid metered", "4 sidecar paid direct"),
-    }
-    results["ratios"] = {  # of the phases that ran (--phases)
-        name: round(phases[a]["ok_rps"] / phases[b]["ok_rps"], 3)
-        for name, (a, b) in ratios.items()
-        if a in phases and b in phases
-    }
-    results["ratios"].update(named_ratios(phases))
+    results["ratios"] = named_ratios(phases)  # of the phases that ran (--phases)
     print()
     print(f"{'phase':<34}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
     for name, figures in phases.items():
@@ -1039,6 +1021,9 @@ def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
 
     pairs = {
         "paid/allow_all": ("4 sidecar paid direct", "2 allow-all ext_authz"),
+        "paid/allow_all_no_proof": ("4 sidecar paid direct", "2b allow-all, no proof header"),
+        "paid/envoy_only": ("4 sidecar paid direct", "1 envoy only"),
+        "allow_all/envoy_only": ("2 allow-all ext_authz", "1 envoy only"),
         "on_success/on_check": ("7 paid on_success", "4 sidecar paid direct"),
         "metered/on_check": ("8 paid metered", "4 sidecar paid direct"),
         "http_paid/grpc_allow_all": (HTTP_PAID, "2 allow-all ext_authz"),

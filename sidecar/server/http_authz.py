@@ -28,6 +28,7 @@ import asyncio
 import time
 from collections.abc import Iterable, Mapping
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import Protocol, cast
 
 import httptools
@@ -43,9 +44,9 @@ from sidecar.server.responses import DENIAL_METADATA, DENIAL_METADATA_KEY
 TIMEOUT_HEADER = "x-x402-authz-timeout-ms"
 PHASE_HEADER = "x-x402-phase"  # on routes whose response phase (ext_proc) runs
 # What Envoy forwards of the client's request: what the decision reads, nothing more
-# (cookies and credentials stay out). The client's address is the X-Forwarded-For entry
-# Envoy appended itself (use_remote_address), counted from the right past trusted hops.
-# Envoy's x-envoy-external-address (its trusted client address) where it sets one.
+# (cookies and credentials stay out). The client's address is Envoy's own
+# x-envoy-external-address, else the X-Forwarded-For entry Envoy appended itself
+# (use_remote_address), counted from the right past trusted hops (client_address).
 EXTERNAL_ADDRESS = "x-envoy-external-address"
 REQUEST_HEADERS = (
     *protocol.PROOF_HEADERS,
@@ -77,6 +78,11 @@ SUCCESS_HEADERS = protocol.RECEIPT_HEADERS
 # A 5xx denial's status on this wire, and its mark (DENIAL_METADATA_KEY's value).
 UNAVAILABLE_STAND_IN, UNAVAILABLE_MARK = 490, "unavailable"
 MAX_HEAD_BYTES = 65536  # Envoy caps a client's header block at max_request_headers_kb (60)
+# A check's route annotations: over HTTP only whether the response phase runs (read-only).
+_RESPONSE_PHASE: Mapping[str, str] = MappingProxyType({holds.EXT_PHASE: holds.PHASE_RESPONSE})
+_NONE: Mapping[str, str] = MappingProxyType(
+    {}
+)  # Envoy caps a client's header block at max_request_headers_kb (60)
 
 
 def reason_phrase(status: int) -> str:
@@ -208,11 +214,7 @@ class AuthzConnection(asyncio.Protocol):
         deadline = None
         if timeout is not None and timeout.isdigit():
             deadline = time.perf_counter() + int(timeout) / 1000
-        extensions = (
-            {holds.EXT_PHASE: holds.PHASE_RESPONSE}
-            if headers.get(PHASE_HEADER) == holds.PHASE_RESPONSE
-            else {}
-        )
+        extensions = _RESPONSE_PHASE if headers.get(PHASE_HEADER) == holds.PHASE_RESPONSE else _NONE
         facts = Facts(
             method,
             self.url.decode("latin-1").partition("?")[0],

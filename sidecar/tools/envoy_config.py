@@ -237,7 +237,7 @@ def _with_headers(http_service: Mapping[str, Any], headers: Mapping[str, str]) -
 AUTHZ_REQUEST_HEADERS = (*PROOF_HEADERS, REQUEST_ID)
 
 
-def ext_authz_filter(ep: Endpoints, edge: Edge) -> dict[str, Any]:
+def ext_authz_filter(ep: Endpoints) -> dict[str, Any]:
     """Envoy's ext_authz filter over the configured transport. Fail closed either way: no
     sidecar answer means no free pass, and a 503."""
     config: dict[str, Any] = {
@@ -611,7 +611,7 @@ def render(
         },
         "http_filters": [
             {"name": CORS, "typed_config": {"@type": f"{_TYPES}.filters.http.cors.v3.Cors"}},
-            ext_authz_filter(ep, edge),
+            ext_authz_filter(ep),
             *([response_phase_filter(ep.authz_timeout)] if has_response_phase(routes) else []),
             {
                 "name": "envoy.filters.http.router",
