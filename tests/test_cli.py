@@ -248,3 +248,15 @@ def test_a_second_envoy_on_the_same_listen_address_fails_to_start(tmp_path: Path
         assert "Address already in use" in refused.stdout + refused.stderr
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--cors-origin", "https://App.example/"], ["edge.cors_origins", "not an origin"]),
+        (["--cors-origin", "*", "--cors-origin", "https://a.example"], ["list it alone"]),
+        (["--admin", "nope"], ["--admin", "not host:port"]),
+    ],
+)
+def test_envoy_config_refuses_bad_origins_and_addresses(args: list[str], words: list[str]) -> None:
+    assert_one_line_error(x402("envoy-config", *args), *words)

@@ -79,7 +79,11 @@ def test_the_charts_edge_defaults_are_the_renderers() -> None:
 @pytest.mark.parametrize(
     "over",
     [
-        {"envoy": {"edge": {"corsOrigins": ["https://app.example", "https://pay.app.example:8443"]}}},
+        {
+            "envoy": {
+                "edge": {"corsOrigins": ["https://app.example", "https://pay.app.example:8443"]}
+            }
+        },
         {"envoy": {"edge": {"corsOrigins": []}}},
         {
             "existingService": {"name": "orders-api", "port": 8081, "podSelector": {"app": "o"}},
