@@ -13,7 +13,7 @@ import yaml
 
 from sidecar.core.identity import Identity
 from sidecar.tools.envoy_config import EXT_AUTHZ, Endpoints, render_yaml
-from sidecar.tools.stack import Stack, find_binary
+from sidecar.tools.stack import Process, Stack, find_binary, free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,3 +212,51 @@ def test_envoy_config_renders_the_http_transport_valid(tmp_path: Path) -> None:
     assert {"key": "x-x402-phase", "value": "response"} in added
     (tmp_path / "envoy.yaml").write_text(result.stdout)
     assert_valid_envoy(tmp_path / "envoy.yaml")
+
+
+def test_envoy_config_addresses_a_hostname_by_dns_and_stays_valid(tmp_path: Path) -> None:
+    """Every Kubernetes Service is a hostname: STRICT_DNS for it, STATIC for IP literals.
+    (tests/test_browsers.py serves requests through a hostname-addressed service.)"""
+    result = x402("envoy-config", "--service", "my-service:8080")
+    assert result.returncode == 0, result.stderr
+    clusters = {c["name"]: c for c in yaml.safe_load(result.stdout)["static_resources"]["clusters"]}
+    assert clusters["service"]["type"] == "STRICT_DNS"
+    assert {clusters[name]["type"] for name in ("x402_authz", "x402_http")} == {"STATIC"}
+    (tmp_path / "envoy.yaml").write_text(result.stdout)
+    assert_valid_envoy(tmp_path / "envoy.yaml")
+
+
+def test_a_second_envoy_on_the_same_listen_address_fails_to_start(tmp_path: Path) -> None:
+    """The admin address comes from the config (`envoy_admin`) or `--admin`; the listener
+    refuses to share its port (`enable_reuse_port: false`)."""
+    listen, first_admin, second_admin = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    config = tmp_path / "x402.yaml"
+    config.write_text(yaml.safe_dump({"envoy_admin": first_admin}))
+    argv = [find_binary("envoy"), "--use-dynamic-base-id", "--log-level", "warn", "-c"]
+    first = tmp_path / "first.yaml"
+    first.write_text(x402("envoy-config", "--config", str(config), "--listen", listen).stdout)
+    running = Process("envoy", [*argv, str(first)], tmp_path / "first.log").start()
+    try:
+        wait_http(f"http://{first_admin}/ready", timeout=30, process=running)
+        second = tmp_path / "second.yaml"
+        rendered = x402("envoy-config", "--listen", listen, "--admin", second_admin)
+        second.write_text(rendered.stdout)
+        refused = subprocess.run(
+            [*argv, str(second)], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert refused.returncode != 0
+        assert "Address already in use" in refused.stdout + refused.stderr
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--cors-origin", "https://App.example/"], ["edge.cors_origins", "not an origin"]),
+        (["--cors-origin", "*", "--cors-origin", "https://a.example"], ["list it alone"]),
+        (["--admin", "nope"], ["--admin", "not host:port"]),
+    ],
+)
+def test_envoy_config_refuses_bad_origins_and_addresses(args: list[str], words: list[str]) -> None:
+    assert_one_line_error(x402("envoy-config", *args), *words)

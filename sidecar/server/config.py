@@ -6,6 +6,7 @@ Bad config stops start-up with a message naming the key; secret values are never
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -50,6 +51,11 @@ class Edge:
     max_connections: int = 50000  # downstream connections over every listener; 0: no cap
     max_heap_bytes: int = 0  # > 0: shed load near this heap size (overload manager)
     http2_max_concurrent_streams: int = 100  # per HTTP/2 connection
+    # Origins that may read the answers the gateway makes itself (discovery, the top-up,
+    # 402s, its own failures) and send a payment: "*" (any, never with credentials) or
+    # scheme://host[:port] each; none: no CORS from the gateway. The service's own answers
+    # keep their own CORS (docs/security.md, "Browsers").
+    cors_origins: tuple[str, ...] = ("*",)
 
     @classmethod
     def from_mapping(cls, raw: Any) -> Edge:
@@ -66,12 +72,32 @@ class Edge:
             if isinstance(known[key].default, bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"config edge.{key}: must be true or false")
+            elif isinstance(known[key].default, tuple):
+                value = _origins(key, value)
             else:
                 low, high = _EDGE_BOUNDS.get(key, (0, 2**31 - 1))
                 if type(value) is not int or not low <= value <= high:
                     raise ConfigError(f"config edge.{key}: must be an integer {low}..{high}")
             values[key] = value
         return cls(**values)
+
+
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[a-z0-9.-]+(:[0-9]{1,5})?")
+
+
+def _origins(key: str, value: Any) -> tuple[str, ...]:
+    """A list of browser origins: "*" alone, or scheme://host[:port] in lower case."""
+    if not isinstance(value, list | tuple) or not all(isinstance(o, str) for o in value):
+        raise ConfigError(f"config edge.{key}: must be a list of origins")
+    if "*" in value and len(value) > 1:
+        raise ConfigError(f'config edge.{key}: "*" allows any origin; list it alone')
+    for origin in value:
+        if origin != "*" and ORIGIN.fullmatch(origin) is None:
+            raise ConfigError(
+                f"config edge.{key}: {origin!r} is not an origin like https://app.example "
+                "(scheme://host[:port], lower case, no path)"
+            )
+    return tuple(value)
 
 
 _EDGE_BOUNDS = {
@@ -133,6 +159,9 @@ class Settings:
     rate_limit_ip_burst: int = 0
     # Envoy's edge hardening, read by `x402 envoy-config` and the stack (Edge below).
     edge: Mapping[str, Any] = field(default_factory=dict)
+    # Envoy's admin interface (stats, /ready), as `x402 envoy-config` renders it: keep it on
+    # loopback, it can drain and stop Envoy.
+    envoy_admin: str = "127.0.0.1:9901"
     # The x402 `exact` scheme (docs/configuration.md): which on-chain token backs which
     # ledger asset ({USDF: {network, token, name, version, decimals}}), who is paid, and the
     # facilitator that verifies and settles. Empty `onchain`: prepaid only.

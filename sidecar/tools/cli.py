@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -147,7 +148,7 @@ def secret_command(out: str) -> None:
     "--service",
     default="127.0.0.1:8080",
     show_default=True,
-    help="The upstream service Envoy protects.",
+    help="The upstream service Envoy protects: IP:PORT, or HOST:PORT (resolved by DNS).",
 )
 @click.option(
     "--transport",
@@ -155,16 +156,40 @@ def secret_command(out: str) -> None:
     default=None,
     help="How ext_authz asks the sidecar (default: the config's `transport`).",
 )
-def envoy_config(config_path: str | None, listen: str, service: str, transport: str | None) -> None:
+@click.option(
+    "--admin",
+    default=None,
+    help="Envoy's admin address (default: the config's `envoy_admin`, 127.0.0.1:9901).",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    help="An origin that may read the gateway's own answers; repeat for more, '*' for any "
+    "(default: the config's edge.cors_origins).",
+)
+def envoy_config(
+    config_path: str | None,
+    listen: str,
+    service: str,
+    transport: str | None,
+    admin: str | None,
+    cors_origins: tuple[str, ...],
+) -> None:
     """Print an Envoy config that routes through the sidecar, prices from the config."""
     from sidecar.server.config import Settings
     from sidecar.server.supervisor import split_host_port
     from sidecar.tools.envoy_config import Endpoints, render_yaml, timeouts
 
     settings = Settings.load(config_path)
+    if cors_origins:
+        settings = replace(settings, edge={**settings.edge, "cors_origins": list(cors_origins)})
     authz_timeout, topup_timeout = timeouts(settings)
     endpoints = Endpoints(
         listen=split_host_port(listen, "--listen"),
+        admin=split_host_port(admin, "--admin")
+        if admin
+        else split_host_port(settings.envoy_admin, "envoy_admin"),
         service=split_host_port(service, "--service"),
         authz=split_host_port(settings.listen_grpc, "listen_grpc"),
         authz_workers=settings.workers,

@@ -8,6 +8,7 @@ transport (server/http_authz.py) the sidecar prices it from its own route table.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from sidecar.core.protocol import DISCOVERY_PATH, PROOF_HEADERS
 from sidecar.server import http_authz
 from sidecar.server.config import TOPUP_PATH, Edge, Settings
 from sidecar.server.responses import DENIAL_METADATA_KEY
+from sidecar.tools import envoy_browser
 
 _TYPES = "type.googleapis.com/envoy.extensions"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
@@ -107,16 +109,6 @@ ASSERTED_PREFIXES = ("x-x402-", "x-envoy-")
 # could run as a DELETE in the service: removed unless `edge.strip_method_override` is off.
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
 REQUEST_ID = "x-request-id"
-# CORS: a browser agent may read the challenge and the receipt and send a payment, from any
-# origin (no credentials: a payment is a header, never a cookie). Envoy answers preflights
-# itself, before ext_authz; its CORS filter adds these to every answer, denials included.
-CORS = "envoy.filters.http.cors"
-CORS_ALLOW_HEADERS = "payment-signature, x-payment, content-type, authorization"
-CORS_EXPOSE_HEADERS = (
-    "payment-required, payment-response, x-payment-response, x-request-id, retry-after"
-)
-CORS_ALLOW_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
-CORS_MAX_AGE = "600"
 # Fixed edge limits (Envoy's edge-proxy guidance); docs/configuration.md lists them.
 BUFFER_LIMIT_BYTES = 32768
 HTTP2_STREAM_WINDOW_BYTES = 65536
@@ -134,14 +126,18 @@ def _address(host: str, port: int) -> dict[str, Any]:
 def _cluster(
     name: str, host: str, port: int, http2: bool = False, count: int = 1
 ) -> dict[str, Any]:
-    """`count` endpoints on consecutive ports from `port`. HTTP/1 clusters (the service,
-    the side port) get the edge's 32 KiB buffer limit; the sidecar's gRPC cluster keeps
-    Envoy's default: one HTTP/2 connection per worker multiplexes every check, a small
-    buffer would throttle the hot path, and its messages are small and its peer is ours."""
+    """`count` endpoints on consecutive ports from `port`: an IP literal is STATIC, a
+    hostname (a Kubernetes Service) STRICT_DNS, re-resolved as its DNS answers change.
+    HTTP/1 clusters (the service, the side port) get the edge's 32 KiB buffer limit; the
+    sidecar's gRPC cluster keeps Envoy's default: one HTTP/2 connection per worker
+    multiplexes every check, a small buffer would throttle the hot path, and its messages
+    are small and its peer is ours."""
+    dns = not _is_ip(host)
     cluster: dict[str, Any] = {
         "name": name,
-        "type": "STATIC",
+        "type": "STRICT_DNS" if dns else "STATIC",
         "connect_timeout": "1s",
+        **({"dns_lookup_family": "V4_PREFERRED"} if dns else {}),
         **({} if http2 else {"per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES}),
         "load_assignment": {
             "cluster_name": name,
@@ -162,6 +158,14 @@ def _cluster(
             }
         }
     return cluster
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _path_match(path: str) -> dict[str, Any]:
@@ -390,17 +394,6 @@ def _reply(
     return mapper
 
 
-def cors_policy() -> dict[str, Any]:
-    return {
-        "@type": f"{_TYPES}.filters.http.cors.v3.CorsPolicy",
-        "allow_origin_string_match": [{"safe_regex": {"regex": ".*"}}],
-        "allow_methods": CORS_ALLOW_METHODS,
-        "allow_headers": CORS_ALLOW_HEADERS,
-        "expose_headers": CORS_EXPOSE_HEADERS,
-        "max_age": CORS_MAX_AGE,
-    }
-
-
 def _flags(*flags: str) -> dict[str, Any]:
     return {"response_flag_filter": {"flags": list(flags)}}
 
@@ -430,49 +423,49 @@ def _denial_filter(value: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def local_reply_config() -> dict[str, Any]:
+def local_reply_config(origins: Iterable[str] = ()) -> dict[str, Any]:
     """Envoy's own failures in the JSON envelope of docs/protocol.md §5. The first mapper
     matches the sidecar's ext_authz denials (marked with dynamic metadata) and changes
     nothing, so their status, headers and body reach the client as the sidecar wrote them.
+    Every one carries the gateway's CORS for `origins` (envoy_browser.cors_replies).
     (The overload manager's own 503 "envoy overloaded" is sent before local_reply_config is
     consulted, in Envoy 1.40: it stays plain text, so no mapper is written for it.)"""
     sidecar_denial = _denial_filter({"present_match": True})
     # Over the HTTP transport a sidecar 503 arrives as a stand-in status (a 5xx would be
     # taken for the sidecar's own failure): its status comes back, its body stays.
     unavailable = _denial_filter({"string_match": {"exact": http_authz.UNAVAILABLE_MARK}})
-    return {
-        "mappers": [
-            {"filter": unavailable, "status_code": 503},
-            {"filter": sidecar_denial},
-            # ext_authz failed (sidecar down, timed out, refused): fail closed.
-            _reply(
-                _flags("UAEX"),
-                "authz_unavailable",
-                "the payment check is unavailable; retry shortly",
-                503,
-                retry=True,
-            ),
-            _reply(_flags("UT"), "upstream_timeout", "the service did not answer in time", 504),
-            _reply(
-                _flags("UF", "UH", "URX", "UO", "UC", "UR"),
-                "upstream_unavailable",
-                "the service is unavailable; retry shortly",
-                503,
-                retry=True,
-            ),
-            _reply(_status(408), "request_timeout", "the request did not arrive in time"),
-            _reply(_status(431), "headers_too_large", "the request headers are too large"),
-            _reply(_status(413), "body_too_large", "the request body is too large"),
-            _reply(_status(400), "bad_request", "the request is malformed", details=True),
-            # Anything else Envoy answers itself keeps its status, in the same envelope.
-            _reply(
-                {"response_flag_filter": {}},
-                "gateway_error",
-                "the gateway could not serve this request",
-                details=True,
-            ),
-        ]
-    }
+    mappers: list[dict[str, Any]] = [
+        {"filter": unavailable, "status_code": 503},
+        {"filter": sidecar_denial},
+        # ext_authz failed (sidecar down, timed out, refused): fail closed.
+        _reply(
+            _flags("UAEX"),
+            "authz_unavailable",
+            "the payment check is unavailable; retry shortly",
+            503,
+            retry=True,
+        ),
+        _reply(_flags("UT"), "upstream_timeout", "the service did not answer in time", 504),
+        _reply(
+            _flags("UF", "UH", "URX", "UO", "UC", "UR"),
+            "upstream_unavailable",
+            "the service is unavailable; retry shortly",
+            503,
+            retry=True,
+        ),
+        _reply(_status(408), "request_timeout", "the request did not arrive in time"),
+        _reply(_status(431), "headers_too_large", "the request headers are too large"),
+        _reply(_status(413), "body_too_large", "the request body is too large"),
+        _reply(_status(400), "bad_request", "the request is malformed", details=True),
+        # Anything else Envoy answers itself keeps its status, in the same envelope.
+        _reply(
+            {"response_flag_filter": {}},
+            "gateway_error",
+            "the gateway could not serve this request",
+            details=True,
+        ),
+    ]
+    return {"mappers": envoy_browser.cors_replies(mappers, tuple(origins))}
 
 
 def overload_manager(edge: Edge) -> dict[str, Any]:
@@ -513,17 +506,12 @@ def overload_manager(edge: Edge) -> dict[str, Any]:
     return manager
 
 
-def render(
-    routes: Mapping[str, Mapping[str, Any]],
-    default_asset: str = "USDF",
-    endpoints: Endpoints | None = None,
-    edge: Edge | None = None,
-) -> dict[str, Any]:
-    ep = endpoints or Endpoints()
-    edge = edge or Edge()
-    if ep.transport not in TRANSPORTS:
-        raise ValueError(f"transport {ep.transport!r}: one of {', '.join(TRANSPORTS)}")
-    per_route_http = http_service(ep) if ep.transport == "http" else None
+def virtual_host_routes(
+    routes: Mapping[str, Mapping[str, Any]], default_asset: str, ep: Endpoints, edge: Edge
+) -> list[dict[str, Any]]:
+    """Discovery, the top-up and a payment's preflight (answered by the gateway, with its
+    CORS), the priced routes, then the catch-all to the service."""
+    origins = edge.cors_origins
     discovery = {
         "name": "x402_discovery",
         "match": {"path": DISCOVERY_PATH},
@@ -545,9 +533,33 @@ def render(
                 "route": {"cluster": "x402_http", "timeout": ep.topup_timeout},
             }
         ]
+    per_route_http = http_service(ep) if ep.transport == "http" else None
     # Unannotated paths still go through ext_authz: the sidecar's own route table may
     # price them, and otherwise answers "free" without touching Redis.
     fallback = {"name": "service", "match": {"prefix": "/"}, "route": _service_route(edge)}
+    return [
+        *(envoy_browser.with_cors(route, origins) for route in (discovery, *topup)),
+        *envoy_browser.preflight_route(origins, _service_route(edge)),
+        # Exact paths first, as the sidecar's route table matches them: Envoy takes the
+        # first match, so a template must not shadow one.
+        *(
+            priced_route(name, spec, default_asset, edge, per_route_http)
+            for name, spec in sorted(routes.items(), key=lambda item: "{" in str(item[1]["path"]))
+        ),
+        fallback,
+    ]
+
+
+def render(
+    routes: Mapping[str, Mapping[str, Any]],
+    default_asset: str = "USDF",
+    endpoints: Endpoints | None = None,
+    edge: Edge | None = None,
+) -> dict[str, Any]:
+    ep = endpoints or Endpoints()
+    edge = edge or Edge()
+    if ep.transport not in TRANSPORTS:
+        raise ValueError(f"transport {ep.transport!r}: one of {', '.join(TRANSPORTS)}")
     hcm = {
         "@type": f"{_TYPES}.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "ingress",
@@ -576,7 +588,7 @@ def render(
             "initial_stream_window_size": HTTP2_STREAM_WINDOW_BYTES,
             "initial_connection_window_size": HTTP2_CONNECTION_WINDOW_BYTES,
         },
-        "local_reply_config": local_reply_config(),
+        "local_reply_config": local_reply_config(edge.cors_origins),
         "access_log": [
             {
                 "name": "envoy.access_loggers.stdout",
@@ -592,27 +604,18 @@ def render(
                 {
                     "name": "service",
                     "domains": ["*"],
-                    "typed_per_filter_config": {CORS: cors_policy()},
-                    "routes": [
-                        discovery,
-                        *topup,
-                        # Exact paths first, as the sidecar's route table matches them:
-                        # Envoy takes the first match, so a template must not shadow one.
-                        *(
-                            priced_route(name, spec, default_asset, edge, per_route_http)
-                            for name, spec in sorted(
-                                routes.items(), key=lambda item: "{" in str(item[1]["path"])
-                            )
-                        ),
-                        fallback,
-                    ],
+                    "routes": virtual_host_routes(routes, default_asset, ep, edge),
                 }
             ],
         },
         "http_filters": [
-            {"name": CORS, "typed_config": {"@type": f"{_TYPES}.filters.http.cors.v3.Cors"}},
+            {
+                "name": envoy_browser.CORS,
+                "typed_config": {"@type": f"{_TYPES}.filters.http.cors.v3.Cors"},
+            },
             ext_authz_filter(ep),
             *([response_phase_filter(ep.authz_timeout)] if has_response_phase(routes) else []),
+            envoy_browser.strip_dashboard_cookie(),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
@@ -629,6 +632,8 @@ def render(
                 {
                     "name": "ingress",
                     "address": _address(*ep.listen),
+                    # A second Envoy on this address fails to start instead of sharing it.
+                    "enable_reuse_port": False,
                     "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
                     "filter_chains": [
                         {

@@ -154,6 +154,7 @@ class Stack:
     redis_args: tuple[str, ...] = ()  # extra redis-server arguments, e.g. AOF for fault tests
     redis_cluster: int = 0  # > 0: the ledger on a Redis Cluster of this many masters
     authz_timeout: str = ""  # Envoy's ext_authz timeout; default: longer than the ledger's
+    service_host: str = LOOPBACK  # how Envoy addresses the upstream ("localhost": by DNS)
     # How Envoy asks the sidecar (config `transport`); X402_TRANSPORT picks it as it does for
     # `x402 serve`, so the whole end-to-end suite runs over either transport.
     transport: str = field(default_factory=lambda: os.environ.get("X402_TRANSPORT", "grpc"))
@@ -264,7 +265,7 @@ class Stack:
         endpoints = Endpoints(
             listen=(LOOPBACK, self.ports["envoy"]),
             admin=(LOOPBACK, self.ports["admin"]),
-            service=(LOOPBACK, self.ports["upstream"]),
+            service=(self.service_host, self.ports["upstream"]),
             authz=(LOOPBACK, self.ports["grpc"]),
             authz_workers=self.workers,
             transport=str(config["transport"]),

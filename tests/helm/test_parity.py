@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,7 +46,7 @@ def renderers_envoy_config(rendered: Rendered) -> dict[str, Any]:
     v = rendered.values
     endpoints = Endpoints(
         listen=("0.0.0.0", v["envoy"]["port"]),
-        admin=(LOOPBACK, v["envoy"]["adminPort"]),
+        admin=(v["envoy"]["adminAddress"], v["envoy"]["adminPort"]),
         service=(LOOPBACK, v["app"]["port"]),
         authz=(LOOPBACK, v["sidecar"]["grpcPort"]),
         authz_workers=v["sidecar"]["workers"],
@@ -58,13 +59,47 @@ def renderers_envoy_config(rendered: Rendered) -> dict[str, Any]:
         authz, topup = timeouts(Settings.from_mapping(rendered.sidecar_config, env={}))
         assert topup, "the exact values turn top-ups on"
         endpoints = dataclasses.replace(endpoints, authz_timeout=authz, topup_timeout=topup)
-    edge = Edge(**{snake_case(key): value for key, value in v["envoy"]["edge"].items()})
+    if v["existingService"]["name"]:  # a Service by name: a STRICT_DNS cluster
+        service = (v["existingService"]["name"], v["existingService"]["port"])
+        endpoints = dataclasses.replace(endpoints, service=service)
+    edge = Edge.from_mapping({snake_case(key): value for key, value in v["envoy"]["edge"].items()})
     return render(ordered_routes(v["routes"]), v["defaultAsset"], endpoints, edge)
 
 
 def test_the_charts_edge_defaults_are_the_renderers() -> None:
-    chart = yaml.safe_load((CHART / "values.yaml").read_text())["envoy"]["edge"]
-    assert {snake_case(key): value for key, value in chart.items()} == dataclasses.asdict(Edge())
+    chart = yaml.safe_load((CHART / "values.yaml").read_text())["envoy"]
+    assert Edge.from_mapping({snake_case(key): value for key, value in chart["edge"].items()}) == (
+        Edge()
+    )
+    assert {snake_case(key) for key in chart["edge"]} == set(dataclasses.asdict(Edge()))
+    admin = f"{chart['adminAddress']}:{chart['adminPort']}"
+    assert admin == Settings().envoy_admin == ":".join(map(str, Endpoints().admin))
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {
+            "envoy": {
+                "edge": {"corsOrigins": ["https://app.example", "https://pay.app.example:8443"]}
+            }
+        },
+        {"envoy": {"edge": {"corsOrigins": []}}},
+        {
+            "existingService": {"name": "orders-api", "port": 8081, "podSelector": {"app": "o"}},
+            "envoy": {"adminAddress": "::1"},
+        },
+    ],
+)
+def test_the_browser_and_address_values_have_the_shape_of_the_python_renderer(
+    over: dict[str, Any], tmp_path: Path
+) -> None:
+    """Configured CORS origins (or none), a Service by name and the admin address."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(over))
+    rendered = render_chart("default", "-f", str(values))
+    rendered.values = merge(rendered.values, over)
+    assert rendered.envoy_config == renderers_envoy_config(rendered)
 
 
 def test_the_charts_transport_defaults_are_the_sidecars() -> None:

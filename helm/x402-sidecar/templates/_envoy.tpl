@@ -33,40 +33,81 @@
 {{- end }}
 {{- end }}
 
-{{- /* One local-reply mapper: Envoy's own failure in the JSON envelope of protocol.md §5. */}}
-{{- define "x402.envoyLocalReply" -}}
-- filter:
-    {{- if .code }}
-    status_code_filter:
-      comparison:
-        op: EQ
-        value:
-          default_value: {{ .code }}
-          runtime_key: x402.local_reply.{{ .code }}
-    {{- else if .flags }}
-    response_flag_filter:
-      flags: {{ toJson .flags }}
-    {{- else }}
-    response_flag_filter: {}
-    {{- end }}
-  {{- if .status }}
-  status_code: {{ .status }}
-  {{- end }}
-  headers_to_add:
-  - header: {key: cache-control, value: no-store}
-    append_action: OVERWRITE_IF_EXISTS_OR_ADD
-  {{- if .retry }}
-  - header: {key: retry-after, value: "1"}
-    append_action: OVERWRITE_IF_EXISTS_OR_ADD
-  {{- end }}
-  body_format_override:
-    json_format:
-      error: {{ .reason }}
-      message: {{ .message | toJson }}
-      {{- if .details }}
-      details: '%RESPONSE_CODE_DETAILS%'
-      {{- end }}
-    content_type: application/json
+{{- /* The local-reply mappers (sidecar/tools/envoy_config.py local_reply_config): the
+     sidecar's denials pass as it wrote them, Envoy's own failures in the JSON envelope of
+     protocol.md §5; each with the gateway's CORS (envoy_browser.cors_replies): "*" on every
+     reply, or the caller's origin when it is a configured one. */}}
+{{- define "x402.envoyLocalReplies" -}}
+{{- $ext := "envoy.filters.http.ext_authz" }}
+{{- $origins := .Values.envoy.edge.corsOrigins }}
+{{- $denial := dict "matcher" (dict "filter" $ext "path" (list (dict "key" "x402"))) "match_if_key_not_found" false }}
+{{- $unavailable := deepCopy $denial }}
+{{- $_ := set $unavailable.matcher "value" (dict "string_match" (dict "exact" "unavailable")) }}
+{{- $_ := set $denial.matcher "value" (dict "present_match" true) }}
+{{- $mappers := list (dict "filter" (dict "metadata_filter" $unavailable) "status_code" 503) (dict "filter" (dict "metadata_filter" $denial)) }}
+{{- $replies := list
+    (dict "flags" (list "UAEX") "status" 503 "retry" true "reason" "authz_unavailable" "message" "the payment check is unavailable; retry shortly")
+    (dict "flags" (list "UT") "status" 504 "reason" "upstream_timeout" "message" "the service did not answer in time")
+    (dict "flags" (list "UF" "UH" "URX" "UO" "UC" "UR") "status" 503 "retry" true "reason" "upstream_unavailable" "message" "the service is unavailable; retry shortly")
+    (dict "code" 408 "reason" "request_timeout" "message" "the request did not arrive in time")
+    (dict "code" 431 "reason" "headers_too_large" "message" "the request headers are too large")
+    (dict "code" 413 "reason" "body_too_large" "message" "the request body is too large")
+    (dict "code" 400 "reason" "bad_request" "message" "the request is malformed" "details" true)
+    (dict "reason" "gateway_error" "message" "the gateway could not serve this request" "details" true) }}
+{{- range $replies }}
+{{- $filter := dict "response_flag_filter" (dict) }}
+{{- if .code }}
+{{- $filter = dict "status_code_filter" (dict "comparison" (dict "op" "EQ" "value" (dict "default_value" .code "runtime_key" (printf "x402.local_reply.%d" .code)))) }}
+{{- else if .flags }}
+{{- $filter = dict "response_flag_filter" (dict "flags" .flags) }}
+{{- end }}
+{{- $headers := list (dict "header" (dict "key" "cache-control" "value" "no-store") "append_action" "OVERWRITE_IF_EXISTS_OR_ADD") }}
+{{- if .retry }}
+{{- $headers = append $headers (dict "header" (dict "key" "retry-after" "value" "1") "append_action" "OVERWRITE_IF_EXISTS_OR_ADD") }}
+{{- end }}
+{{- $body := dict "error" .reason "message" .message }}
+{{- if .details }}{{ $_ := set $body "details" "%RESPONSE_CODE_DETAILS%" }}{{ end }}
+{{- $mapper := dict "filter" $filter "headers_to_add" $headers "body_format_override" (dict "json_format" $body "content_type" "application/json") }}
+{{- if .status }}{{ $_ := set $mapper "status_code" .status }}{{ end }}
+{{- $mappers = append $mappers $mapper }}
+{{- end }}
+{{- $expose := dict "header" (dict "key" "access-control-expose-headers" "value" "payment-required, payment-response, x-payment-response, x-request-id, retry-after") "append_action" "OVERWRITE_IF_EXISTS_OR_ADD" }}
+{{- if has "*" $origins }}
+{{- $any := dict "header" (dict "key" "access-control-allow-origin" "value" "*") "append_action" "OVERWRITE_IF_EXISTS_OR_ADD" }}
+{{- range $mappers }}
+{{- $_ := set . "headers_to_add" (concat (default (list) .headers_to_add) (list $any $expose)) }}
+{{- end }}
+{{- else if $origins }}
+{{- $allowed := dict "header_filter" (dict "header" (dict "name" "origin" "string_match" (dict "safe_regex" (dict "regex" (include "x402.originRegex" $origins))))) }}
+{{- $cors := list (dict "header" (dict "key" "access-control-allow-origin" "value" "%REQ(origin)%") "append_action" "OVERWRITE_IF_EXISTS_OR_ADD") $expose (dict "header" (dict "key" "vary" "value" "origin") "append_action" "OVERWRITE_IF_EXISTS_OR_ADD") }}
+{{- $echoed := list }}
+{{- range $mappers }}
+{{- $copy := deepCopy . }}
+{{- $_ := set $copy "filter" (dict "and_filter" (dict "filters" (list .filter $allowed))) }}
+{{- $_ := set $copy "headers_to_add" (concat (default (list) .headers_to_add) $cors) }}
+{{- $echoed = append $echoed $copy }}
+{{- end }}
+{{- $mappers = concat $echoed $mappers }}
+{{- end }}
+{{- toYaml $mappers }}
+{{- end }}
+
+{{- /* The configured origins as one RE2 full match (envoy_browser.origin_regex). */}}
+{{- define "x402.originRegex" -}}
+{{- if has "*" . }}.*{{ else }}{{ $quoted := list }}{{ range . }}{{ $quoted = append $quoted (regexQuoteMeta .) }}{{ end }}{{ join "|" $quoted }}{{ end }}
+{{- end }}
+
+{{- /* The CORS policy of a route the gateway answers itself: never credentials. */}}
+{{- define "x402.envoyCorsPolicy" -}}
+envoy.filters.http.cors:
+  '@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
+  allow_origin_string_match:
+  - safe_regex:
+      regex: {{ include "x402.originRegex" . | toJson }}
+  allow_methods: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS
+  allow_headers: payment-signature, x-payment, content-type, authorization
+  expose_headers: payment-required, payment-response, x-payment-response, x-request-id, retry-after
+  max_age: "600"
 {{- end }}
 
 {{- /* Envoy StringMatcher patterns, one `exact` per name of a list. */}}
@@ -119,7 +160,7 @@ authorization_response:
 admin:
   address:
     socket_address:
-      address: 127.0.0.1
+      address: {{ $v.envoy.adminAddress | toJson }}
       port_value: {{ int $v.envoy.adminPort }}
 overload_manager:
   refresh_interval: 0.25s
@@ -152,6 +193,8 @@ static_resources:
       socket_address:
         address: 0.0.0.0
         port_value: {{ int $v.envoy.port }}
+    # A second Envoy on this address fails to start instead of sharing it.
+    enable_reuse_port: false
     per_connection_buffer_limit_bytes: 32768
     filter_chains:
     - filters:
@@ -205,40 +248,7 @@ static_resources:
           # ext_authz dynamic metadata x402) pass as the sidecar wrote them.
           local_reply_config:
             mappers:
-            # Over the HTTP transport a sidecar 503 arrives as a stand-in status (a 5xx
-            # would be taken for the sidecar's own failure): its status comes back.
-            - filter:
-                metadata_filter:
-                  matcher:
-                    filter: {{ $ext }}
-                    path:
-                    - key: x402
-                    value:
-                      string_match:
-                        exact: unavailable
-                  match_if_key_not_found: false
-              status_code: 503
-            - filter:
-                metadata_filter:
-                  matcher:
-                    filter: {{ $ext }}
-                    path:
-                    - key: x402
-                    value:
-                      present_match: true
-                  match_if_key_not_found: false
-            {{- $replies := list
-                (dict "flags" (list "UAEX") "status" 503 "retry" true "reason" "authz_unavailable" "message" "the payment check is unavailable; retry shortly")
-                (dict "flags" (list "UT") "status" 504 "reason" "upstream_timeout" "message" "the service did not answer in time")
-                (dict "flags" (list "UF" "UH" "URX" "UO" "UC" "UR") "status" 503 "retry" true "reason" "upstream_unavailable" "message" "the service is unavailable; retry shortly")
-                (dict "code" 408 "reason" "request_timeout" "message" "the request did not arrive in time")
-                (dict "code" 431 "reason" "headers_too_large" "message" "the request headers are too large")
-                (dict "code" 413 "reason" "body_too_large" "message" "the request body is too large")
-                (dict "code" 400 "reason" "bad_request" "message" "the request is malformed" "details" true)
-                (dict "reason" "gateway_error" "message" "the gateway could not serve this request" "details" true) }}
-            {{- range $replies }}
-{{ include "x402.envoyLocalReply" . | indent 12 }}
-            {{- end }}
+            {{- include "x402.envoyLocalReplies" . | nindent 12 }}
           access_log:
           - name: envoy.access_loggers.stdout
             typed_config:
@@ -260,17 +270,8 @@ static_resources:
             - name: service
               domains:
               - '*'
-              # Browsers may read the challenge and the receipt and send a payment.
-              typed_per_filter_config:
-                envoy.filters.http.cors:
-                  '@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
-                  allow_origin_string_match:
-                  - safe_regex:
-                      regex: .*
-                  allow_methods: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS
-                  allow_headers: payment-signature, x-payment, content-type, authorization
-                  expose_headers: payment-required, payment-response, x-payment-response, x-request-id, retry-after
-                  max_age: "600"
+              # The gateway's CORS covers only its own answers (envoy.edge.corsOrigins):
+              # these routes and its local replies; the service's keep their own.
               routes:
               # Discovery is free: no ext_authz, served by the sidecar's HTTP port.
               - name: x402_discovery
@@ -282,6 +283,9 @@ static_resources:
                   {{ $ext }}:
                     '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
                     disabled: true
+                  {{- if $e.corsOrigins }}
+                  {{- include "x402.envoyCorsPolicy" $e.corsOrigins | nindent 18 }}
+                  {{- end }}
               {{- $topupTimeout := include "x402.topupTimeout" . }}
               {{- if $topupTimeout }}
               # Self-serve top-ups: the side port prices and settles them itself.
@@ -295,6 +299,31 @@ static_resources:
                   {{ $ext }}:
                     '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
                     disabled: true
+                  {{- if $e.corsOrigins }}
+                  {{- include "x402.envoyCorsPolicy" $e.corsOrigins | nindent 18 }}
+                  {{- end }}
+              {{- end }}
+              {{- if $e.corsOrigins }}
+              # A browser's preflight for a payment header, on any path: Envoy answers it
+              # for the configured origins; any other goes on to the service.
+              - name: x402_preflight
+                match:
+                  prefix: /
+                  headers:
+                  - name: :method
+                    string_match:
+                      exact: OPTIONS
+                  - name: origin
+                    present_match: true
+                  - name: access-control-request-headers
+                    string_match:
+                      safe_regex:
+                        regex: {{ "(?i)(.*[ ,])?(payment-signature|x-payment)([ ,].*)?" | toJson }}
+                route:
+                  cluster: service
+                  timeout: {{ int $e.upstreamTimeoutSeconds }}s
+                typed_per_filter_config:
+                  {{- include "x402.envoyCorsPolicy" $e.corsOrigins | nindent 18 }}
               {{- end }}
               {{- range $name := include "x402.routeNames" . | splitList " " | compact }}
               {{- $route := index $v.routes $name }}
@@ -436,6 +465,30 @@ static_resources:
               status_on_error:
                 code: ServiceUnavailable
           {{- end }}
+          # The dashboard's session cookie (a browser sends it to every port of its host)
+          # never reaches the service; Lua, as Envoy's header mutations cannot edit a value.
+          - name: envoy.filters.http.lua
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+              default_source_code:
+                inline_string: |
+                  local names = {["x402_dashboard"] = true, ["__Host-x402_dashboard"] = true}
+                  function envoy_on_request(request)
+                    local headers = request:headers()
+                    local count = headers:getNumValues("cookie")
+                    if count == 0 then return end
+                    local kept, dropped = {}, false
+                    for i = 0, count - 1 do
+                      for pair in string.gmatch(headers:getAtIndex("cookie", i), "[^;]+") do
+                        local crumb = string.match(pair, "^%s*(.-)%s*$")
+                        local name = string.match(crumb, "^([^=]-)%s*=") or crumb
+                        if names[name] then dropped = true elseif crumb ~= "" then kept[#kept + 1] = crumb end
+                      end
+                    end
+                    if not dropped then return end
+                    headers:remove("cookie")
+                    if #kept > 0 then headers:add("cookie", table.concat(kept, "; ")) end
+                  end
           - name: envoy.filters.http.router
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router

@@ -68,6 +68,9 @@ def test_routes_become_a_route_table() -> None:
         ({"edge": {"max_request_headers_kb": 9000}}, {}, "edge.max_request_headers_kb"),
         ({"edge": {"http2_max_concurrent_streams": 0}}, {}, "edge.http2_max_concurrent"),
         ({"edge": {"max_connections": True}}, {}, "edge.max_connections"),
+        ({"edge": {"cors_origins": "*"}}, {}, "edge.cors_origins"),
+        ({"edge": {"cors_origins": ["https://a.example/path"]}}, {}, "edge.cors_origins"),
+        ({"edge": {"cors_origins": ["*", "https://a.example"]}}, {}, "edge.cors_origins"),
     ],
 )
 def test_bad_config_names_the_key(raw: dict[str, Any], env: dict[str, str], key: str) -> None:
@@ -80,6 +83,10 @@ def test_edge_settings_for_envoy() -> None:
     edge = load({"edge": {"xff_num_trusted_hops": 2, "trust_request_id": True}}).edge_config()
     assert (edge.xff_num_trusted_hops, edge.trust_request_id) == (2, True)
     assert edge.request_headers_timeout_seconds == Edge().request_headers_timeout_seconds
+    origins = ["https://app.example", "http://localhost:3000"]
+    assert load({"edge": {"cors_origins": origins}}).edge_config().cors_origins == tuple(origins)
+    assert load({"edge": {"cors_origins": []}}).edge_config().cors_origins == ()
+    assert Edge().cors_origins == ("*",)
 
 
 def test_assets_take_a_number_or_a_mapping() -> None:
