@@ -22,7 +22,7 @@ from sidecar.core.errors import (
     MalformedPayment,
     PaymentError,
 )
-from sidecar.core.identity import Identity, verify, verify_key
+from sidecar.core.identity import Identity, KeySet, verify, verify_key
 from sidecar.core.pricing import Price
 from sidecar.core.protocol import SCHEME, VERSION, Proof
 
@@ -46,10 +46,31 @@ class Gateway:
     network: str = "fth:ledger"  # CAIP-2 shaped: the official x402 schemas require a ":"
     public_url: str = ""  # base URL agents use; derived from each request's Host when empty
     exact: exact.ExactTerms | None = None  # the x402 `exact` scheme, where configured
+    previous: tuple[Identity, ...] = field(default=(), repr=False)  # keys before a rotation
 
     @cached_property
     def payee(self) -> str:
+        """The current key's id: the payee of every invoice and price list."""
         return self.identity.kid
+
+    @cached_property
+    def keys(self) -> KeySet:
+        return KeySet(self.identity, self.previous)
+
+    @property
+    def payees(self) -> frozenset[str]:
+        """Whom a proof or voucher may pay: the current key and the previous ones."""
+        return self.keys.kids
+
+    @cached_property
+    def payee_list(self) -> str:
+        """`payees`, space-separated (the channel script's argument)."""
+        return " ".join(key.kid for key in self.keys.all)
+
+    def signer(self, payee: str) -> Identity:
+        """The key that signs the receipt of a payment to `payee`: the key of that id
+        (checks admit only `payees`), the current key for anything else."""
+        return self.keys.by_kid.get(payee, self.identity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +157,7 @@ def verify_payment(
             raise MalformedPayment(f"payment amount: {exc}") from None
         if amount != price.amount:
             raise InvoiceMismatch(f"this route costs {price.display} {price.asset.code} now")
-    if proof.payee != gateway.payee:
+    if proof.payee not in gateway.payees:
         raise InvoiceMismatch(
             f"proof is for payee {proof.payee!r}, this gateway is {gateway.payee!r}"
         )

@@ -36,12 +36,21 @@ MAX_REQUEST_BYTES = 8192
 
 
 def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
-    """What an agent needs to pay without a challenge (PROTOCOL.md §6)."""
-    identity = gateway.identity
+    """What an agent needs to pay without a challenge (PROTOCOL.md §6). `payee` is the
+    current key's id; `keys` is the key set, the current key first, then the previous
+    ones (still payees, and the keys of receipts signed before a rotation)."""
     return {
         "version": VERSION,
         "payee": gateway.payee,
-        "keys": [{"kid": identity.kid, "alg": "Ed25519", "public_key": identity.public_key}],
+        "keys": [
+            {
+                "kid": key.kid,
+                "alg": "Ed25519",
+                "public_key": key.public_key,
+                "status": "current" if key is gateway.identity else "previous",
+            }
+            for key in gateway.keys.all
+        ],
         "assets": [{"asset": a.code, "decimals": a.decimals} for a in routes.assets.values()],
         "schemes": [SCHEME, CHANNEL_SCHEME, *([exact.SCHEME] if gateway.exact else [])],
         "routes": [
