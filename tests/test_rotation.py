@@ -58,7 +58,8 @@ async def pay(client: httpx.AsyncClient, wallet: Identity, payee: str, n: int) -
     proof = protocol.encode_header(protocol.sign_proof(terms, wallet))
     response = await client.get(path, headers={"X-Payment": proof})
     assert response.status_code == 200, response.text
-    return b64json(response.headers["x-payment-response"])
+    receipt: dict[str, Any] = b64json(response.headers["x-payment-response"])
+    return receipt
 
 
 async def vouch(
@@ -72,7 +73,8 @@ async def vouch(
     )  # fmt: skip
     response = await client.get(path, headers=header)
     assert response.status_code == 200, response.text
-    return b64json(response.headers["x-payment-response"])
+    receipt: dict[str, Any] = b64json(response.headers["x-payment-response"])
+    return receipt
 
 
 async def test_receipts_across_a_rotation_all_verify_with_the_published_key_set(
@@ -155,3 +157,6 @@ async def test_receipts_across_a_rotation_all_verify_with_the_published_key_set(
     run = await x402("evidence", "verify", str(bundle), "--key", new.public_key)
     assert run.code == 1
     assert f"signed by '{old.kid}', not a key of the set ({new.kid})" in run.out
+    # A --key that is neither a key nor a discovery document is refused, naming the flag.
+    run = await x402("evidence", "verify", str(bundle), "--key", "not-a-key")
+    assert run.code != 0 and "--key not-a-key: no public key nor discovery document" in run.err

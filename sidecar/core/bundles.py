@@ -123,20 +123,7 @@ def verify_bundle(bundle: Any, public_keys: Mapping[str, str] | str) -> Verdict:
         listed_receipts = [str(r) for r in statement.get("receipts") or []]
         listed_batches = [str(b) for b in statement.get("batches") or []]
 
-    manifests: dict[str, Mapping[str, Any]] = {}
-    for manifest in _list(bundle, "batches"):
-        batch = str(manifest.get("batch_id"))
-        verdict.batches += 1
-        if batch in manifests:
-            problems.append(f"batch {batch}: appears twice")
-        manifests[batch] = manifest
-        kid = manifest.get("kid")
-        if not isinstance(kid, str) or kid not in public_keys:
-            problems.append(f"batch {batch}: signed by {kid!r}, not a key of the set ({known})")
-        elif not verify_manifest(manifest, public_keys[kid]):
-            problems.append(
-                f"batch {batch}: manifest signature does not verify (forged or altered)"
-            )
+    manifests = _check_manifests(_list(bundle, "batches"), public_keys, verdict)
 
     seen: set[str] = set()
     for item in _list(bundle, "receipts"):
@@ -181,6 +168,30 @@ def verify_bundle(bundle: Any, public_keys: Mapping[str, str] | str) -> Verdict:
         if batch not in manifests:
             problems.append(f"batch {batch}: listed in the signed export statement but missing")
     return verdict
+
+
+def _check_manifests(
+    found: list[dict[str, Any]], public_keys: Mapping[str, str], verdict: Verdict
+) -> dict[str, Mapping[str, Any]]:
+    """Each manifest signed by the key of the set its `kid` names; by batch id."""
+    manifests: dict[str, Mapping[str, Any]] = {}
+    for manifest in found:
+        batch = str(manifest.get("batch_id"))
+        verdict.batches += 1
+        if batch in manifests:
+            verdict.problems.append(f"batch {batch}: appears twice")
+        manifests[batch] = manifest
+        kid = manifest.get("kid")
+        if not isinstance(kid, str) or kid not in public_keys:
+            known = ", ".join(sorted(public_keys))
+            verdict.problems.append(
+                f"batch {batch}: signed by {kid!r}, not a key of the set ({known})"
+            )
+        elif not verify_manifest(manifest, public_keys[kid]):
+            verdict.problems.append(
+                f"batch {batch}: manifest signature does not verify (forged or altered)"
+            )
+    return manifests
 
 
 def _list(bundle: Mapping[str, Any], name: str) -> list[dict[str, Any]]:

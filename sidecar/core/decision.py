@@ -47,6 +47,7 @@ class Gateway:
     public_url: str = ""  # base URL agents use; derived from each request's Host when empty
     exact: exact.ExactTerms | None = None  # the x402 `exact` scheme, where configured
     previous: tuple[Identity, ...] = field(default=(), repr=False)  # keys before a rotation
+    previous_until: int = 0  # unix seconds: proofs to a previous key refused after; 0: never
 
     @cached_property
     def payee(self) -> str:
@@ -59,8 +60,16 @@ class Gateway:
 
     @property
     def payees(self) -> frozenset[str]:
-        """Whom a proof or voucher may pay: the current key and the previous ones."""
+        """Whom a voucher may pay: the current key and the previous ones (a channel works
+        until it is closed)."""
         return self.keys.kids
+
+    def pays(self, payee: str, now: int) -> bool:
+        """Whether a proof may pay `payee` at `now`: the current key, or a previous one
+        during the grace period after a rotation (agents with a cached price list)."""
+        if payee == self.payee:
+            return True
+        return payee in self.keys.kids and (not self.previous_until or now <= self.previous_until)
 
     @cached_property
     def payee_list(self) -> str:
@@ -157,7 +166,7 @@ def verify_payment(
             raise MalformedPayment(f"payment amount: {exc}") from None
         if amount != price.amount:
             raise InvoiceMismatch(f"this route costs {price.display} {price.asset.code} now")
-    if proof.payee not in gateway.payees:
+    if not gateway.pays(proof.payee, now):
         raise InvoiceMismatch(
             f"proof is for payee {proof.payee!r}, this gateway is {gateway.payee!r}"
         )

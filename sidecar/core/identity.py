@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import stat
 from collections.abc import Iterable, Mapping
@@ -194,6 +195,16 @@ def published_key_set(document: Mapping[str, object]) -> dict[str, str]:
             raise ValueError(f"key {entry.get('kid')!r} is not the id of its public key")
         found[kid] = key
     return found
+
+
+def parse_key_set(text: str) -> dict[str, str]:
+    """A public key, or a discovery document (JSON) and its whole key set; ValueError."""
+    if not text.lstrip().startswith("{"):
+        return public_key_set([text])
+    document = json.loads(text)
+    if not isinstance(document, dict):
+        raise ValueError("not a JSON object")
+    return published_key_set(document)
 
 
 def verify_key(public_key: str) -> VerifyKey:

@@ -96,6 +96,7 @@ class Settings:
     # Keys before a rotation (docs/operations.md): still payees, and they (re-)sign what was
     # paid to them; drop one once its receipts are settled and its channels closed.
     previous_signing_key_files: tuple[str, ...] = ()
+    previous_payees_until: int = 0  # unix seconds; after it, proofs to previous keys refused
     invoice_secret_file: str = ""
     log_level: str = "info"
     network: str = "fth:ledger"  # CAIP-2 shaped (namespace:reference), prepaid's `network`
@@ -348,6 +349,7 @@ class Settings:
         return Gateway(
             identity=keys.current,
             previous=keys.previous,
+            previous_until=self.previous_payees_until,
             invoice_secret=secret,
             invoice_ttl=self.invoice_ttl_seconds,
             max_direct_ttl=self.max_direct_ttl_seconds,

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from sidecar.core import exact, holds
 from sidecar.core.decision import Gateway
+from sidecar.core.identity import Identity
 from sidecar.core.pricing import RouteTable
 from sidecar.core.protocol import DISCOVERY_PATH, SCHEME, VERSION
 from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
@@ -47,7 +48,7 @@ def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
                 "kid": key.kid,
                 "alg": "Ed25519",
                 "public_key": key.public_key,
-                "status": "current" if key is gateway.identity else "previous",
+                **_key_status(key, gateway),
             }
             for key in gateway.keys.all
         ],
@@ -67,6 +68,14 @@ def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
         "max_direct_ttl_seconds": gateway.max_direct_ttl,
         **_exact_entries(gateway),
     }
+
+
+def _key_status(key: Identity, gateway: Gateway) -> dict[str, Any]:
+    """`current`, or `previous` (with the end of its grace period as a payee, if set)."""
+    if key is gateway.identity:
+        return {"status": "current"}
+    until = {"payee_until": gateway.previous_until} if gateway.previous_until else {}
+    return {"status": "previous", **until}
 
 
 def _exact_entries(gateway: Gateway) -> dict[str, Any]:

@@ -552,25 +552,15 @@ def evidence_verify(bundle: str, keys: tuple[str, ...]) -> None:
 
 
 def _key_set(key: str) -> dict[str, str]:
-    """One --key: a public key, a file holding one, or a discovery document's key set."""
-    import json
+    """One --key: a public key, or a file holding one or a discovery document."""
     from pathlib import Path
 
-    from sidecar.core.identity import public_key_set, published_key_set
+    from sidecar.core.identity import parse_key_set
 
-    text = Path(key).read_text(encoding="utf-8") if Path(key).is_file() else key
     try:
-        if text.lstrip().startswith("{"):
-            document = json.loads(text)
-            if not isinstance(document, dict):
-                raise ValueError("not a JSON object")
-            return published_key_set(document)
-        return public_key_set([text])
+        return parse_key_set(Path(key).read_text() if Path(key).is_file() else key)
     except ValueError as exc:
-        raise X402Error(
-            f"--key {key[:60]}: neither a base64url Ed25519 public key nor a discovery "
-            f"document with a valid `keys` list ({exc})"
-        ) from None
+        raise X402Error(f"--key {key[:60]}: no public key nor discovery document ({exc})") from None
 
 
 @main.group()

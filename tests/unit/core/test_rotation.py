@@ -99,6 +99,15 @@ def test_after_a_rotation_both_payees_are_paid_and_invoices_name_the_new_one() -
     assert ROTATED.signer("") is NEW
 
 
+def test_the_grace_period_ends_proofs_to_the_previous_payee_not_its_channels() -> None:
+    ending = Gateway(NEW, b"k" * 32, previous=(OLD,), previous_until=NOW + 10)
+    assert ending.pays(OLD.kid, NOW + 10) and ending.pays(NEW.kid, NOW + 11)
+    assert not ending.pays(OLD.kid, NOW + 11)
+    assert not ending.pays(Identity.generate().kid, NOW)
+    assert ending.payees == {OLD.kid, NEW.kid}  # vouchers: a channel works until closed
+    assert ending.signer(OLD.kid) is OLD  # and the old key still signs what it was paid
+
+
 def test_a_voucher_for_the_previous_payee_verifies() -> None:
     fields = {
         "channel_id": "ch_rotation",

@@ -139,6 +139,9 @@ def test_previous_signing_keys_join_the_key_set(tmp_path: Path) -> None:
     gateway = load(raw).gateway()
     assert gateway.payee == new.kid
     assert gateway.keys.public_keys() == {new.kid: new.public_key, old.kid: old.public_key}
+    assert gateway.previous_until == 0  # proofs to the old key: as long as it is listed
+    ending = load({**raw, "previous_payees_until": 1_800_000_000}).gateway()
+    assert ending.pays(old.kid, 1_800_000_000) and not ending.pays(old.kid, 1_800_000_001)
 
     for value in ("old.key", [""], [1]):
         with pytest.raises(ConfigError, match="previous_signing_key_files: must be a list"):
