@@ -33,11 +33,13 @@ from tests.support.settlement import assert_exactly_once, remember_gateway, sett
 
 MASTERS = 3
 PRICE = 10_000
+GATEWAY = Identity.generate()  # the cluster stack's signing key
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Stack]:
     stack = Stack(ROUTES, envoy_routes=ENVOY_ROUTES, redis_cluster=MASTERS)
+    stack.gateway_identity = GATEWAY  # the payee of `receipt`'s debits: settlement re-signs
     stack.settings = {"anchor_file": str(stack.dir / "anchors.jsonl")}
     with stack:
         remember_gateway(stack)
@@ -82,7 +84,7 @@ def receipt(nonce: str, amount: int) -> dict[str, str | int]:
         "amount": amount,
         "route": "verify",
         "issued_at": int(time.time()),
-        "payee": "gw_test",
+        "payee": GATEWAY.kid,  # the key that signs the receipt, and re-signs it when settled
     }
 
 

@@ -160,6 +160,7 @@ async def test_discovery_lists_prices_and_keys(client: httpx.AsyncClient, stack:
             "kid": stack.gateway_identity.kid,
             "alg": "Ed25519",
             "public_key": stack.gateway_identity.public_key,
+            "status": "current",
         }
     ]
     assert doc["assets"] == [{"asset": "USDF", "decimals": 6}]

@@ -14,7 +14,7 @@ from typing import Any
 
 from sidecar.core import merkle, receipts
 from sidecar.core.errors import SettlementError
-from sidecar.core.identity import Identity, b64url, verify, verify_key
+from sidecar.core.identity import Identity, KeySet, b64url, verify, verify_key
 from sidecar.core.money import Asset
 from sidecar.core.protocol import VERSION, canonical_json, sign_receipt
 
@@ -28,10 +28,26 @@ def batch_id(payer: str, first: str, last: str) -> str:
     return "bat_" + b64url(digest.digest()[:16])
 
 
+def signer(entry: Mapping[str, str], keys: KeySet) -> Identity:
+    """The key that signed a receipt-stream entry's receipt: the key of its payee. After a
+    rotation, an entry paid to a previous key is re-signed by that key, never the current
+    one; a payee outside the key set is a SettlementError (keep a previous key configured
+    until every receipt paid to it is settled)."""
+    payee = entry.get("payee", "")
+    try:
+        return keys.signer(payee)
+    except KeyError:
+        raise SettlementError(
+            f"receipt {entry.get('receipt_id')}: paid to {payee!r}, which is not a key of "
+            "the gateway's key set (configure it in previous_signing_key_files)"
+        ) from None
+
+
 def signed_receipt(
-    payer: str, entry: Mapping[str, str], assets: Mapping[str, Asset], gateway: Identity
+    payer: str, entry: Mapping[str, str], assets: Mapping[str, Asset], keys: KeySet
 ) -> dict[str, Any]:
-    """The receipt the agent got for a receipt-stream entry, re-derived and re-signed.
+    """The receipt the agent got for a receipt-stream entry, re-derived and re-signed by
+    the key that signed it (its payee's).
 
     Ed25519 signatures are deterministic: with the same gateway key this is, byte for
     byte, the receipt of the response headers (PROTOCOL.md §4).
@@ -45,7 +61,7 @@ def signed_receipt(
         raise SettlementError(
             f"receipt {entry.get('receipt_id')}: malformed stream entry ({exc})"
         ) from None
-    return sign_receipt(body, gateway)
+    return sign_receipt(body, signer(entry, keys))
 
 
 def leaf(receipt: Mapping[str, Any]) -> bytes:
@@ -71,10 +87,14 @@ def build_batch(
     seq: int,
     entries: Sequence[tuple[str, Mapping[str, str]]],
     assets: Mapping[str, Asset],
-    gateway: Identity,
+    keys: KeySet,
 ) -> Batch:
-    """The signed manifest of one claimed range. Deterministic: no clock, no worker id."""
-    receipts = [signed_receipt(payer, fields, assets, gateway) for _id, fields in entries]
+    """The signed manifest of one claimed range. Deterministic: no clock, no worker id,
+    nor which key is current: a claim holds the receipts of one payee (settle_claim.lua
+    ends it where the payee changes), and that payee's key signs the manifest too, so a
+    batch rebuilt after a rotation is the same bytes."""
+    receipts = [signed_receipt(payer, fields, assets, keys) for _id, fields in entries]
+    gateway = signer(entries[0][1], keys)
     tree = merkle.MerkleTree([leaf(r) for r in receipts])
     totals: dict[str, int] = {}
     for _id, fields in entries:

@@ -1,4 +1,4 @@
-"""Evidence bundles, checked offline with nothing but the gateway's public key. Pure.
+"""Evidence bundles, checked offline with nothing but the gateway's key set. Pure.
 
 A bundle (`sidecar/ledger/evidence.py` exports one) is one JSON document:
 
@@ -8,8 +8,10 @@ A bundle (`sidecar/ledger/evidence.py` exports one) is one JSON document:
      "receipts": [{"receipt": {signed receipt}, "batch_id", "proof": {"index", "size",
                    "path": [hex]}}]}
 
-Every signature is the gateway's: receipts (`fth-x402/2.0 receipt\\n`), manifests
-(`fth-x402/2.0 batch\\n`) and the export statement (`fth-x402/2.0 evidence\\n`), so a
+Every signature is by a key of the gateway's key set, the one its `kid` names: receipts
+(`fth-x402/2.0 receipt\\n`) and manifests (`fth-x402/2.0 batch\\n`) by the key that
+signed the receipts (a previous key's, for what was paid before a rotation), the export
+statement (`fth-x402/2.0 evidence\\n`) by the current key, so a
 receipt cannot be altered, added or dropped, nor a manifest forged, without
 `verify_bundle` saying which and how.
 """
@@ -23,7 +25,7 @@ from typing import Any
 from sidecar.core import merkle, vouchers
 from sidecar.core.batches import leaf, verify_manifest
 from sidecar.core.errors import AmountError
-from sidecar.core.identity import Identity, b64url_decode, key_id, verify, verify_key
+from sidecar.core.identity import Identity, public_key_set, verify, verify_key
 from sidecar.core.money import to_atomic
 from sidecar.core.protocol import VERSION, canonical_json, verify_receipt
 
@@ -88,49 +90,40 @@ class Verdict:
 
 def parse_public_key(text: str) -> str:
     """A gateway public key (base64url of 32 bytes); ValueError if it is not one."""
-    text = text.strip()
-    raw = b64url_decode(text)
-    if len(raw) != 32:
-        raise ValueError("an Ed25519 public key is 32 bytes")
-    return text
+    [key] = public_key_set([text]).values()
+    return key
 
 
-def verify_bundle(bundle: Any, public_key: str) -> Verdict:
-    """Check everything offline; every problem found is one line that names what fails."""
+def verify_bundle(bundle: Any, public_keys: Mapping[str, str] | str) -> Verdict:
+    """Check everything offline with the gateway's key set ({kid: base64url public key}:
+    `identity.public_key_set`, or `published_key_set` of its discovery document; after a
+    rotation it holds the previous keys too), or its one public key. Every problem found
+    is one line that names what fails."""
+    if isinstance(public_keys, str):
+        public_keys = public_key_set([public_keys])
     verdict = Verdict()
     problems = verdict.problems
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         problems.append(f"not an evidence bundle (format is not {FORMAT!r})")
         return verdict
-    kid = key_id(b64url_decode(public_key))
-    key = verify_key(public_key)
+    known = ", ".join(sorted(public_keys))
 
     statement = bundle.get("statement")
     listed_receipts: list[str] = []
     listed_batches: list[str] = []
-    statement_ok = isinstance(statement, dict) and _signed_by(statement, STATEMENT_DOMAIN, key)
+    statement_ok = isinstance(statement, dict) and _signed_by(
+        statement, STATEMENT_DOMAIN, public_keys
+    )
     if not isinstance(statement, dict) or not statement_ok:
         problems.append(
-            f"export statement: signature does not verify with key {kid} "
+            f"export statement: signature does not verify with the key set ({known}) "
             "(the list of exported receipts was altered, or another key signed it)"
         )
     else:
         listed_receipts = [str(r) for r in statement.get("receipts") or []]
         listed_batches = [str(b) for b in statement.get("batches") or []]
 
-    manifests: dict[str, Mapping[str, Any]] = {}
-    for manifest in _list(bundle, "batches"):
-        batch = str(manifest.get("batch_id"))
-        verdict.batches += 1
-        if batch in manifests:
-            problems.append(f"batch {batch}: appears twice")
-        manifests[batch] = manifest
-        if manifest.get("kid") != kid:
-            problems.append(f"batch {batch}: signed by {manifest.get('kid')!r}, not {kid}")
-        if not verify_manifest(manifest, public_key):
-            problems.append(
-                f"batch {batch}: manifest signature does not verify (forged or altered)"
-            )
+    manifests = _check_manifests(_list(bundle, "batches"), public_keys, verdict)
 
     seen: set[str] = set()
     for item in _list(bundle, "receipts"):
@@ -143,7 +136,11 @@ def verify_bundle(bundle: Any, public_key: str) -> Verdict:
         if rid in seen:
             problems.append(f"receipt {rid}: appears twice")
         seen.add(rid)
-        if not verify_receipt(receipt, {kid: public_key}):
+        if receipt.get("kid") not in public_keys:
+            problems.append(
+                f"receipt {rid}: signed by {receipt.get('kid')!r}, not a key of the set ({known})"
+            )
+        elif not verify_receipt(receipt, public_keys):
             problems.append(f"receipt {rid}: gateway signature does not verify (altered)")
         problems.extend(f"receipt {rid}: {p}" for p in _check_voucher(receipt))
         batch = str(item.get("batch_id"))
@@ -173,14 +170,43 @@ def verify_bundle(bundle: Any, public_key: str) -> Verdict:
     return verdict
 
 
+def _check_manifests(
+    found: list[dict[str, Any]], public_keys: Mapping[str, str], verdict: Verdict
+) -> dict[str, Mapping[str, Any]]:
+    """Each manifest signed by the key of the set its `kid` names; by batch id."""
+    manifests: dict[str, Mapping[str, Any]] = {}
+    for manifest in found:
+        batch = str(manifest.get("batch_id"))
+        verdict.batches += 1
+        if batch in manifests:
+            verdict.problems.append(f"batch {batch}: appears twice")
+        manifests[batch] = manifest
+        kid = manifest.get("kid")
+        if not isinstance(kid, str) or kid not in public_keys:
+            known = ", ".join(sorted(public_keys))
+            verdict.problems.append(
+                f"batch {batch}: signed by {kid!r}, not a key of the set ({known})"
+            )
+        elif not verify_manifest(manifest, public_keys[kid]):
+            verdict.problems.append(
+                f"batch {batch}: manifest signature does not verify (forged or altered)"
+            )
+    return manifests
+
+
 def _list(bundle: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
     value = bundle.get(name)
     return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
-def _signed_by(obj: Mapping[str, Any], domain: bytes, key: Any) -> bool:
-    signature = obj.get("signature")
-    if not isinstance(signature, str):
+def _signed_by(obj: Mapping[str, Any], domain: bytes, public_keys: Mapping[str, str]) -> bool:
+    """Signed by the key of the set that its `kid` names."""
+    signature, kid = obj.get("signature"), obj.get("kid")
+    if not isinstance(signature, str) or not isinstance(kid, str) or kid not in public_keys:
+        return False
+    try:
+        key = verify_key(public_keys[kid])
+    except ValueError:
         return False
     body = {k: v for k, v in obj.items() if k != "signature"}
     return verify(key, domain + canonical_json(body), signature)

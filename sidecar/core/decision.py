@@ -22,7 +22,7 @@ from sidecar.core.errors import (
     MalformedPayment,
     PaymentError,
 )
-from sidecar.core.identity import Identity, verify, verify_key
+from sidecar.core.identity import Identity, KeySet, verify, verify_key
 from sidecar.core.pricing import Price
 from sidecar.core.protocol import SCHEME, VERSION, Proof
 
@@ -46,10 +46,40 @@ class Gateway:
     network: str = "fth:ledger"  # CAIP-2 shaped: the official x402 schemas require a ":"
     public_url: str = ""  # base URL agents use; derived from each request's Host when empty
     exact: exact.ExactTerms | None = None  # the x402 `exact` scheme, where configured
+    previous: tuple[Identity, ...] = field(default=(), repr=False)  # keys before a rotation
+    previous_until: int = 0  # unix seconds: proofs to a previous key refused after; 0: never
 
     @cached_property
     def payee(self) -> str:
+        """The current key's id: the payee of every invoice and price list."""
         return self.identity.kid
+
+    @cached_property
+    def keys(self) -> KeySet:
+        return KeySet(self.identity, self.previous)
+
+    @property
+    def payees(self) -> frozenset[str]:
+        """Whom a voucher may pay: the current key and the previous ones (a channel works
+        until it is closed)."""
+        return self.keys.kids
+
+    def pays(self, payee: str, now: int) -> bool:
+        """Whether a proof may pay `payee` at `now`: the current key, or a previous one
+        during the grace period after a rotation (agents with a cached price list)."""
+        if payee == self.payee:
+            return True
+        return payee in self.keys.kids and (not self.previous_until or now <= self.previous_until)
+
+    @cached_property
+    def payee_list(self) -> str:
+        """`payees`, space-separated (the channel script's argument)."""
+        return " ".join(key.kid for key in self.keys.all)
+
+    def signer(self, payee: str) -> Identity:
+        """The key that signs the receipt of a payment to `payee`: the key of that id
+        (checks admit only `payees`), the current key for anything else."""
+        return self.keys.by_kid.get(payee, self.identity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +166,7 @@ def verify_payment(
             raise MalformedPayment(f"payment amount: {exc}") from None
         if amount != price.amount:
             raise InvoiceMismatch(f"this route costs {price.display} {price.asset.code} now")
-    if proof.payee != gateway.payee:
+    if not gateway.pays(proof.payee, now):
         raise InvoiceMismatch(
             f"proof is for payee {proof.payee!r}, this gateway is {gateway.payee!r}"
         )

@@ -13,6 +13,15 @@ class ConfigError(X402Error):
     """Bad configuration; the message names the offending key, never a secret value."""
 
 
+class KeySetError(ConfigError):
+    """A signing key of the key set cannot be used: `reason` says why (key_unreadable,
+    key_mode, key_malformed, duplicate_kid); the message names the file, never its content."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class ToolMissing(X402Error):
     """A tool the product installs by itself (anvil, say) cannot be installed on this
     machine: no npm, no package for the platform. The message says what to do."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
+import stat
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -13,7 +16,7 @@ from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from sidecar.core.errors import ConfigError
+from sidecar.core.errors import ConfigError, KeySetError
 
 
 def b64url(data: bytes) -> str:
@@ -106,6 +109,102 @@ class Identity:
     def sign(self, message: bytes) -> str:
         # libsodium directly: SigningKey.sign wraps every signature in a SignedMessage.
         return b64url(crypto_sign(message, self._secret)[:64])
+
+
+def load_signing_key(path: str | os.PathLike[str], what: str) -> Identity:
+    """A gateway signing key file: readable, not readable by others (group is fine: the
+    chart mounts secrets 0440), and an Ed25519 seed; else a KeySetError naming `what`."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise KeySetError("key_unreadable", f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise KeySetError("key_unreadable", f"{what}: {path} is not a regular file")
+    if mode & 0o007:
+        raise KeySetError(
+            "key_mode",
+            f"{what}: {path} has mode {stat.S_IMODE(mode):04o}: others may read it "
+            f"(chmod 600 {path})",
+        )
+    try:
+        return Identity.load(path)
+    except ConfigError as exc:
+        raise KeySetError("key_malformed", f"{what}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """The gateway's signing keys. The current key names the payee of new invoices and
+    signs new receipts; a previous key (kept after a rotation) is still a payee agents may
+    pay, signs the receipts of what was paid to it, and re-signs them at settlement, so
+    every receipt verifies with the published set ({kid: public key})."""
+
+    current: Identity
+    previous: tuple[Identity, ...] = ()
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for key in self.all:
+            if key.kid in seen:
+                raise KeySetError("duplicate_kid", f"signing keys: {key.kid} appears twice")
+            seen.add(key.kid)
+
+    @property
+    def all(self) -> tuple[Identity, ...]:
+        return (self.current, *self.previous)
+
+    @cached_property
+    def by_kid(self) -> dict[str, Identity]:
+        return {key.kid: key for key in self.all}
+
+    @cached_property
+    def kids(self) -> frozenset[str]:
+        return frozenset(self.by_kid)
+
+    def signer(self, kid: str) -> Identity:
+        """The key whose id is `kid` (a payee of this gateway); KeyError if none is."""
+        return self.by_kid[kid]
+
+    def public_keys(self) -> dict[str, str]:
+        """{kid: base64url public key}: what verifies every receipt of this gateway."""
+        return {key.kid: key.public_key for key in self.all}
+
+
+def public_key_set(keys: Iterable[str]) -> dict[str, str]:
+    """Base64url public keys → {kid: key}; ValueError naming the first that is not one."""
+    found = {}
+    for text in keys:
+        text = text.strip()
+        verify_key(text)
+        found[key_id(b64url_decode(text))] = text
+    return found
+
+
+def published_key_set(document: Mapping[str, object]) -> dict[str, str]:
+    """The key set of a discovery document (`keys`: [{kid, public_key}]); ValueError if a
+    key is malformed or its kid is not the id of its public key."""
+    entries = document.get("keys")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError("the document has no `keys` list")
+    found: dict[str, str] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("public_key"), str):
+            raise ValueError("a `keys` entry has no public_key")
+        [(kid, key)] = public_key_set([entry["public_key"]]).items()
+        if entry.get("kid") != kid:
+            raise ValueError(f"key {entry.get('kid')!r} is not the id of its public key")
+        found[kid] = key
+    return found
+
+
+def parse_key_set(text: str) -> dict[str, str]:
+    """A public key, or a discovery document (JSON) and its whole key set; ValueError."""
+    if not text.lstrip().startswith("{"):
+        return public_key_set([text])
+    document = json.loads(text)
+    if not isinstance(document, dict):
+        raise ValueError("not a JSON object")
+    return published_key_set(document)
 
 
 def verify_key(public_key: str) -> VerifyKey:

@@ -113,7 +113,7 @@ def verify_voucher(voucher: Voucher, request: Request, price: Price, gateway: Ga
         raise InvoiceMismatch(f"voucher is for {voucher.resource!r}, not {request.resource!r}")
     if voucher.asset != price.asset.code:
         raise InvoiceMismatch(f"this route is priced in {price.asset.code}, not {voucher.asset}")
-    if voucher.payee != gateway.payee:
+    if voucher.payee not in gateway.payees:
         raise InvoiceMismatch(
             f"voucher is for payee {voucher.payee!r}, this gateway is {gateway.payee!r}"
         )

@@ -165,17 +165,18 @@ class Channels:
         voucher: Voucher,
         cumulative: int,
         price: Price,
-        payee: str,
+        payees: str,
         now: int,
         late: Callable[[tuple[int, int] | PaymentError], None] | None = None,
         within: float | None = None,
     ) -> tuple[int, int]:
         """The hot path's one ledger step: (left in the channel, amount charged).
+        `payees`: the gateway's key ids, space-separated; the channel's payee must be one.
         `late`, `within`: see `Ledger.run`."""
         payer = voucher.payer
         keys = (keyspace.account(payer), keyspace.channel(payer, voucher.channel_id))
         evidence = protocol.canonical_json(voucher.fields).decode()
-        args = (price.asset.code, cumulative, voucher.sequence, price.amount, now, payee, evidence)
+        args = (price.asset.code, cumulative, voucher.sequence, price.amount, now, payees, evidence)
         return await self.ledger.run(
             scripts.VOUCHER, keys, args, partial(_accepted, price), late, within
         )

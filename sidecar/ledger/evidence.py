@@ -1,5 +1,5 @@
 """Evidence bundles: receipts with their Merkle proofs and signed batch manifests, checked
-offline with nothing but the gateway's public key.
+offline with nothing but the gateway's published key set.
 
 This module exports a bundle from the ledger; `sidecar/core/bundles.py` describes its
 format and verifies it (pure).
@@ -15,7 +15,7 @@ from typing import Any, cast
 from sidecar.core import bundles, merkle
 from sidecar.core.batches import leaf, signed_receipt
 from sidecar.core.errors import X402Error
-from sidecar.core.identity import Identity
+from sidecar.core.identity import KeySet
 from sidecar.core.money import Asset
 from sidecar.ledger import keyspace, settlement
 from sidecar.ledger.accounts import Ledger
@@ -46,9 +46,7 @@ class Export:
     unsettled: int  # receipts that matched but are in no committed batch yet
 
 
-async def export(
-    ledger: Ledger, gateway: Identity, assets: Mapping[str, Asset], query: Query
-) -> Export:
+async def export(ledger: Ledger, keys: KeySet, assets: Mapping[str, Asset], query: Query) -> Export:
     """Collect every settled receipt the query matches, with its proof and manifest."""
     if query.payer is not None:
         payers = [query.payer]
@@ -59,7 +57,7 @@ async def export(
     unsettled = 0
     for payer in payers:
         for manifest in await settlement.payer_batches(ledger, payer):
-            chosen = await _batch_items(ledger, gateway, assets, payer, manifest, query)
+            chosen = await _batch_items(ledger, keys, assets, payer, manifest, query)
             if chosen:
                 batches.append(manifest)
                 items.extend(chosen)
@@ -72,13 +70,13 @@ async def export(
         for _id, fields in pending:
             receipt = {"receipt_id": fields.get("receipt_id"), "issued_at": fields["issued_at"]}
             unsettled += query.matches(receipt)
-    bundle = bundles.bundle(batches, items, query.describe(), int(time.time()), gateway)
+    bundle = bundles.bundle(batches, items, query.describe(), int(time.time()), keys.current)
     return Export(bundle, unsettled)
 
 
 async def _batch_items(
     ledger: Ledger,
-    gateway: Identity,
+    keys: KeySet,
     assets: Mapping[str, Asset],
     payer: str,
     manifest: Mapping[str, Any],
@@ -90,7 +88,7 @@ async def _batch_items(
             keyspace.receipts(payer), min=manifest["first"], max=manifest["last"]
         ),
     )
-    receipts = [signed_receipt(payer, fields, assets, gateway) for _i, fields in entries]
+    receipts = [signed_receipt(payer, fields, assets, keys) for _i, fields in entries]
     if not any(query.matches(r) for r in receipts):
         return []
     tree = merkle.MerkleTree([leaf(r) for r in receipts])
@@ -98,6 +96,6 @@ async def _batch_items(
         # The ledger's receipts no longer rebuild the anchored root: say so, export nothing.
         raise X402Error(
             f"batch {manifest['batch_id']}: the ledger's receipts do not rebuild its "
-            "Merkle root (receipts trimmed or altered, or another gateway key)"
+            "Merkle root (receipts trimmed or altered, or a signing key missing from the set)"
         )
     return bundles.entries(str(manifest["batch_id"]), receipts, tree, query.matches)

@@ -5,8 +5,9 @@ batch) under the payer's hash tag. One pass, for each payer:
 
 1. claim (one Lua script): the receipts after the cursor, at most `batch_size`, once there
    are `batch_size` of them or the oldest is `max_age` old. The claimed range is stored.
-2. build (`sidecar/core/batches.py`, pure): re-derive every signed receipt (signatures are
-   deterministic), compute the Merkle root and sign the manifest. Nothing in it depends on
+2. build (`sidecar/core/batches.py`, pure): re-derive every signed receipt with the key
+   that signed it (signatures are deterministic; a claim holds one payee's receipts, so
+   one key's), compute the Merkle root and sign the manifest with that key. Nothing in it depends on
    the clock or the worker, so a batch built again from the same claim is the same bytes
    and has the same id.
 3. anchor: write the manifest to every sink; each is idempotent on the batch id.
@@ -39,7 +40,7 @@ from redis.exceptions import RedisError
 
 from sidecar.core.batches import build_batch
 from sidecar.core.errors import SettlementError, X402Error
-from sidecar.core.identity import Identity
+from sidecar.core.identity import KeySet
 from sidecar.core.money import Asset
 from sidecar.core.protocol import canonical_json
 from sidecar.ledger import keyspace, scripts
@@ -187,7 +188,7 @@ class Settler:
     def __init__(
         self,
         ledger: Ledger,
-        gateway: Identity,
+        keys: KeySet,
         assets: Mapping[str, Asset],
         sinks: Sequence[AnchorSink],
         options: Options | None = None,
@@ -195,7 +196,7 @@ class Settler:
     ) -> None:
         self.ledger = ledger
         self.redis = ledger.redis
-        self.gateway = gateway
+        self.keys = keys  # each batch is signed by the key that signed its receipts
         self.assets = dict(assets)
         self.sinks = list(sinks)
         self.options = options or Options()
@@ -259,7 +260,7 @@ class Settler:
             entries = [(stream_id, _pairs(values)) for stream_id, values in raw]
             self._fault("after_claim")
             try:
-                batch = build_batch(payer, previous, int(seq), entries, self.assets, self.gateway)
+                batch = build_batch(payer, previous, int(seq), entries, self.assets, self.keys)
                 for sink in self.sinks:
                     await sink.anchor(batch.manifest)
                     self._fault(f"after_{sink.name}")

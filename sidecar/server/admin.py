@@ -156,7 +156,7 @@ class Facilitator(pb_grpc.FacilitatorServicer):  # type: ignore[misc]
             entries = await self.ledger.receipt_page(payer, request.after, limit)
             receipts = []
             for stream_id, fields in entries:
-                signed = signed_receipt(payer, fields, self.payers.assets, self.gateway.identity)
+                signed = signed_receipt(payer, fields, self.payers.assets, self.gateway.keys)
                 receipts.append(
                     pb.Receipt(
                         stream_id=stream_id,
@@ -368,7 +368,7 @@ async def start_facilities(settings: Settings, ledger: Ledger, gateway: Gateway)
     admin = await start_admin(settings, ledger, gateway)
     stop, settler = asyncio.Event(), None
     if settings.settle_interval_seconds:
-        worker = wiring.settler(settings, ledger, gateway.identity)
+        worker = wiring.settler(settings, ledger, gateway.keys)
         settler = asyncio.create_task(
             worker.run_forever(settings.settle_interval_seconds, stop), name="x402-settle"
         )

@@ -17,7 +17,7 @@ import yaml
 from sidecar.core import exact, holds
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import AmountError, ConfigError
-from sidecar.core.identity import Identity, read_secret
+from sidecar.core.identity import KeySet, load_signing_key, read_secret
 from sidecar.core.money import MAX_BALANCE, Asset
 from sidecar.core.pricing import ANY_METHOD, UNLISTED, Price, Route, RouteTable, validate_path
 
@@ -118,7 +118,11 @@ class Settings:
     listen_http: str = "127.0.0.1:9000"  # discovery, /healthz, /readyz (below the workers)
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_ms: int = 500
-    signing_key_file: str = ""
+    signing_key_file: str = ""  # the current key: the payee of new invoices, signs receipts
+    # Keys before a rotation (docs/operations.md): still payees, and they (re-)sign what was
+    # paid to them; drop one once its receipts are settled and its channels closed.
+    previous_signing_key_files: tuple[str, ...] = ()
+    previous_payees_until: int = 0  # unix seconds; after it, proofs to previous keys refused
     invoice_secret_file: str = ""
     log_level: str = "info"
     network: str = "fth:ledger"  # CAIP-2 shaped (namespace:reference), prepaid's `network`
@@ -351,21 +355,30 @@ class Settings:
             routes, assets, self.default_asset, self.unlisted, self.path_case == "sensitive"
         )
 
-    def gateway(self) -> Gateway:
-        """Load the secrets this config points at."""
+    def signing_keys(self) -> KeySet:
+        """The current signing key and the previous ones; a KeySetError (reason
+        key_unreadable, key_mode, key_malformed, duplicate_kid) names the file at fault."""
         if not self.signing_key_file:
             raise ConfigError("config signing_key_file: required (create one: x402 keygen)")
-        try:
-            identity = Identity.load(self.signing_key_file)
-        except ConfigError as exc:
-            raise ConfigError(f"config signing_key_file: {exc}") from None
+        current = load_signing_key(self.signing_key_file, "config signing_key_file")
+        previous = tuple(
+            load_signing_key(path, f"config previous_signing_key_files[{index}]")
+            for index, path in enumerate(self.previous_signing_key_files)
+        )
+        return KeySet(current, previous)
+
+    def gateway(self) -> Gateway:
+        """Load the secrets this config points at."""
+        keys = self.signing_keys()
         if not self.invoice_secret_file:
             raise ConfigError("config invoice_secret_file: required (create one: x402 secret)")
         secret = read_secret(
             self.invoice_secret_file, "config invoice_secret_file", MIN_SECRET_BYTES
         )
         return Gateway(
-            identity=identity,
+            identity=keys.current,
+            previous=keys.previous,
+            previous_until=self.previous_payees_until,
             invoice_secret=secret,
             invoice_ttl=self.invoice_ttl_seconds,
             max_direct_ttl=self.max_direct_ttl_seconds,
@@ -420,6 +433,12 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if choices is not None and value.lower() not in choices:
             raise ConfigError(f"config {name}: one of {', '.join(choices)}")
         return value.lower() if choices is not None else value
+    if isinstance(default, tuple):
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(item, str) and item for item in value
+        ):
+            raise ConfigError(f"config {name}: must be a list of file paths")
+        return tuple(value)
     if not isinstance(value, Mapping):
         raise ConfigError(f"config {name}: must be a mapping")
     return dict(value)

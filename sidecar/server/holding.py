@@ -126,7 +126,7 @@ class ProofHolds:
         proof: protocol.Proof = payment.terms
         hold_id = protocol.new_receipt_id()
         record = receipts.debit_record(
-            proof, price.asset, price.amount, price.route, self.gateway.payee, now
+            proof, price.asset, price.amount, price.route, proof.payee, now
         )
 
         def held(balance: int) -> Held:
@@ -352,7 +352,8 @@ def capture_receipt(
         "issued_at": now,
         **receipts.hold_extra(closed.held, units),
     }
-    return protocol.sign_receipt(receipts.body(payer, entry, asset), gateway.identity)
+    signer = gateway.signer(str(entry.get("payee", "")))
+    return protocol.sign_receipt(receipts.body(payer, entry, asset), signer)
 
 
 def release_receipt(
@@ -362,7 +363,7 @@ def release_receipt(
     body = receipts.release_body(
         payer, hold_id, record or closed.record, asset, closed.held, closed.balance, status, now
     )
-    return protocol.sign_receipt(body, gateway.identity)
+    return protocol.sign_receipt(body, gateway.signer(str(body["payee"])))
 
 
 async def sweep_forever(ledger: Ledger, seconds: float) -> None:

@@ -96,14 +96,15 @@ class Proofs:
     ) -> Charged:
         proof: protocol.Proof = payment.terms
         asset, receipt_id = price.asset, protocol.new_receipt_id()
-        record = receipts.debit_record(
-            proof, asset, price.amount, price.route, self.gateway.payee, now
-        )
+        # Paid to the payee the proof names (the current key, or a previous one after a
+        # rotation): that key signs the receipt, here and when settlement re-signs it.
+        record = receipts.debit_record(proof, asset, price.amount, price.route, proof.payee, now)
+        signer = self.gateway.signer(proof.payee)
 
         def charged(balance: int) -> Charged:
             entry = {**record, "receipt_id": receipt_id, "balance": balance}
             receipt = receipts.body(proof.payer, entry, asset)
-            signed, header = protocol.signed_receipt(receipt, self.gateway.identity)
+            signed, header = protocol.signed_receipt(receipt, signer)
             return Charged(signed, price.amount, receipt["balance"], header)
 
         listener = None if late is None else _relay(late, charged)
@@ -143,19 +144,24 @@ class Vouchers:
         self, payment: Payment, price: Price, now: int, late: Late | None, within: float | None
     ) -> Charged:
         voucher, cumulative = payment.terms
-        receipt_id, payee = protocol.new_receipt_id(), self.gateway.payee
+        # The payee the voucher names (a previous key's, from an agent whose discovery
+        # predates a rotation) signs its receipt; the channel script checks that the
+        # channel's payee is one of the gateway's keys (one opened before the rotation
+        # works until it is closed, and its close is signed by the key it was opened to).
+        receipt_id, payee = protocol.new_receipt_id(), voucher.payee
+        signer = self.gateway.signer(payee)
 
         def charged(accepted: tuple[int, int]) -> Charged:
             remaining, increment = accepted
             receipt = receipts.voucher_body(
                 voucher, price.asset, cumulative, increment, remaining, receipt_id, payee, now
             )
-            signed, header = protocol.signed_receipt(receipt, self.gateway.identity)
+            signed, header = protocol.signed_receipt(receipt, signer)
             return Charged(signed, increment, receipt["balance"], header)
 
         listener = None if late is None else _relay(late, charged)
         accepted = await self.channels.accept(
-            voucher, cumulative, price, payee, now, listener, within
+            voucher, cumulative, price, self.gateway.payee_list, now, listener, within
         )
         return charged(accepted)
 

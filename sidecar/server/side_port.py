@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from sidecar.core import exact, holds
 from sidecar.core.decision import Gateway
+from sidecar.core.identity import Identity
 from sidecar.core.pricing import RouteTable
 from sidecar.core.protocol import DISCOVERY_PATH, SCHEME, VERSION
 from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
@@ -36,12 +37,21 @@ MAX_REQUEST_BYTES = 8192
 
 
 def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
-    """What an agent needs to pay without a challenge (PROTOCOL.md §6)."""
-    identity = gateway.identity
+    """What an agent needs to pay without a challenge (PROTOCOL.md §6). `payee` is the
+    current key's id; `keys` is the key set, the current key first, then the previous
+    ones (still payees, and the keys of receipts signed before a rotation)."""
     return {
         "version": VERSION,
         "payee": gateway.payee,
-        "keys": [{"kid": identity.kid, "alg": "Ed25519", "public_key": identity.public_key}],
+        "keys": [
+            {
+                "kid": key.kid,
+                "alg": "Ed25519",
+                "public_key": key.public_key,
+                **_key_status(key, gateway),
+            }
+            for key in gateway.keys.all
+        ],
         "assets": [{"asset": a.code, "decimals": a.decimals} for a in routes.assets.values()],
         "schemes": [SCHEME, CHANNEL_SCHEME, *([exact.SCHEME] if gateway.exact else [])],
         "routes": [
@@ -58,6 +68,14 @@ def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
         "max_direct_ttl_seconds": gateway.max_direct_ttl,
         **_exact_entries(gateway),
     }
+
+
+def _key_status(key: Identity, gateway: Gateway) -> dict[str, Any]:
+    """`current`, or `previous` (with the end of its grace period as a payee, if set)."""
+    if key is gateway.identity:
+        return {"status": "current"}
+    until = {"payee_until": gateway.previous_until} if gateway.previous_until else {}
+    return {"status": "previous", **until}
 
 
 def _exact_entries(gateway: Gateway) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from sidecar.core.identity import Identity
+from sidecar.core.identity import KeySet
 from sidecar.ledger import settlement
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.authorizations import Authorizations
@@ -47,7 +47,7 @@ def anchor_sinks(
 def settler(
     settings: Settings,
     ledger: Ledger,
-    gateway: Identity,
+    keys: KeySet,
     fault: settlement.Fault | None = None,
     **overrides: Any,
 ) -> settlement.Settler:
@@ -61,7 +61,7 @@ def settler(
     anchor_file = overrides.pop("anchor_file", None)
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
     sinks = anchor_sinks(settings, ledger, anchor_file, fault)
-    return settlement.Settler(ledger, gateway, settings.asset_table(), sinks, options, fault)
+    return settlement.Settler(ledger, keys, settings.asset_table(), sinks, options, fault)
 
 
 def payers(settings: Settings, ledger: Ledger, payee: str | None = None) -> Payers:

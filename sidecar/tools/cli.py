@@ -313,7 +313,7 @@ def _payers_call(
     from sidecar.server import wiring
 
     async def local(ledger: Ledger, settings: Settings) -> T:
-        payee = Identity.load(settings.signing_key_file).kid if channels else None
+        payee = settings.signing_keys().current.kid if channels else None
         return await call(wiring.payers(settings, ledger, payee))
 
     return _ledger_call(redis_url, config_path, local)
@@ -449,14 +449,13 @@ def settle(
 ) -> None:
     """Batch receipts for settlement: Merkle root, signed manifest, anchor sinks. Safe to
     run several at once and to kill at any point."""
-    from sidecar.core.identity import Identity
     from sidecar.server import wiring
 
     async def op(ledger: Ledger, settings: Settings) -> str:
         worker = wiring.settler(
             settings,
             ledger,
-            Identity.load(settings.signing_key_file),
+            settings.signing_keys(),
             anchor_file=anchor_file,
             batch_size=batch_size,
             max_age=max_age,
@@ -523,7 +522,6 @@ def evidence_export(
     """Write the settled receipts a query matches, their proofs and manifests, signed."""
     import json
 
-    from sidecar.core.identity import Identity
     from sidecar.ledger import evidence as bundles
 
     if not (receipt_id or payer_key or since or until):
@@ -531,8 +529,7 @@ def evidence_export(
     query = bundles.Query(receipt_id, payer_key, _unix_time(since), _unix_time(until))
 
     async def op(ledger: Ledger, settings: Settings) -> bundles.Export:
-        gateway = Identity.load(settings.signing_key_file)
-        return await bundles.export(ledger, gateway, settings.asset_table(), query)
+        return await bundles.export(ledger, settings.signing_keys(), settings.asset_table(), query)
 
     result = _ledger_call(redis_url, config_path, op)
     receipts = len(result.bundle["receipts"])
@@ -549,32 +546,46 @@ def evidence_export(
 @click.argument("bundle", type=click.Path(dir_okay=False, exists=True))
 @click.option(
     "--key",
+    "keys",
     required=True,
-    help="The gateway's public key (base64url), or a file holding it.",
+    multiple=True,
+    help="A gateway public key (base64url), or a file holding one, or the gateway's "
+    "discovery document (/.well-known/x402) saved as JSON: its whole key set. Repeatable: "
+    "after a rotation, the previous keys too.",
 )
-def evidence_verify(bundle: str, key: str) -> None:
+def evidence_verify(bundle: str, keys: tuple[str, ...]) -> None:
     """Check a bundle offline; exit 1 and name every problem if anything fails."""
     import json
     from pathlib import Path
 
     from sidecar.core import bundles
 
-    text = Path(key).read_text() if Path(key).is_file() else key
-    try:
-        public_key = bundles.parse_public_key(text)
-    except (ValueError, UnicodeEncodeError):
-        raise X402Error("--key: not a base64url Ed25519 public key") from None
+    public_keys: dict[str, str] = {}
+    for key in keys:
+        public_keys.update(_key_set(key))
     try:
         document = json.loads(Path(bundle).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise X402Error(f"cannot read {bundle}: {exc}") from None
-    verdict = bundles.verify_bundle(document, public_key)
+    verdict = bundles.verify_bundle(document, public_keys)
     if verdict.ok:
         click.echo(f"OK: {verdict.receipts} receipts in {verdict.batches} batches verify")
         return
     for problem in verdict.problems:
         click.echo(f"FAIL: {problem}")
     sys.exit(1)
+
+
+def _key_set(key: str) -> dict[str, str]:
+    """One --key: a public key, or a file holding one or a discovery document."""
+    from pathlib import Path
+
+    from sidecar.core.identity import parse_key_set
+
+    try:
+        return parse_key_set(Path(key).read_text() if Path(key).is_file() else key)
+    except ValueError as exc:
+        raise X402Error(f"--key {key[:60]}: no public key nor discovery document ({exc})") from None
 
 
 @main.group()

@@ -121,7 +121,7 @@ class Gateway:
         """The operator locks `deposit` of the payer's balance (`x402 channel open`)."""
 
         async def op(ledger: Ledger, settings: Settings) -> ChannelView:
-            payee = Identity.load(settings.signing_key_file).kid
+            payee = settings.signing_keys().current.kid
             return await wiring.payers(settings, ledger, payee).open_channel(
                 payer, deposit, None, 3600, None
             )

@@ -359,3 +359,21 @@ def test_rate_limits_settlement_holds_and_the_admin_api_reach_the_sidecar_config
     default = rendered_values("default")
     assert "listen_admin" not in default.sidecar_config
     assert not default.has("Secret", f"{FULLNAME}-admin")
+
+
+def test_previous_signing_keys_are_mounted_and_configured() -> None:
+    rendered = render_chart(
+        "default", "--set", "secrets.previousSigningKeyKeys={signing-1.key,signing-0.key}"
+    )
+    settings = Settings.from_mapping(rendered.sidecar_config, env={})
+    secrets_dir = settings.signing_key_file.rsplit("/", 1)[0]
+    assert settings.previous_signing_key_files == (
+        f"{secrets_dir}/previous-0.key",
+        f"{secrets_dir}/previous-1.key",
+    )
+    [volume] = [v for v in rendered.pod["volumes"] if v["name"] == "x402-secrets"]
+    assert volume["secret"]["items"][2:] == [
+        {"key": "signing-1.key", "path": "previous-0.key"},
+        {"key": "signing-0.key", "path": "previous-1.key"},
+    ]
+    assert "previous_signing_key_files" not in rendered_values("default").sidecar_config

@@ -12,7 +12,6 @@ import asyncio
 import os
 import signal
 
-from sidecar.core.identity import Identity
 from sidecar.ledger import settlement
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import wiring
@@ -36,7 +35,7 @@ async def settle_once(
         worker = wiring.settler(
             settings,
             ledger,
-            Identity.load(settings.signing_key_file),
+            settings.signing_keys(),
             fault=kill_at(step),
             batch_size=batch_size,
             worker_id=worker_id,

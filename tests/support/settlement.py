@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from sidecar.core import batches, merkle
-from sidecar.core.identity import Identity
+from sidecar.core.identity import Identity, KeySet
 from sidecar.core.money import Asset
 from sidecar.ledger import keyspace, settlement
 from sidecar.ledger.accounts import Ledger
@@ -73,7 +73,7 @@ def remember_gateway(stack: Stack) -> None:
 
 def _leaf(payer: str, fields: dict[str, str], public_key: str) -> bytes:
     gateway = _gateways[public_key]
-    receipt = batches.signed_receipt(payer, fields, {"USDF": Asset("USDF", 6)}, gateway)
+    receipt = batches.signed_receipt(payer, fields, {"USDF": Asset("USDF", 6)}, KeySet(gateway))
     return batches.leaf(receipt)
 
 

@@ -328,6 +328,9 @@ response_trailer_mode: SKIP
   "assets" $assets
   "routes" $routes
 }}
+{{- range $i, $_key := $v.secrets.previousSigningKeyKeys }}
+{{- $_ := set $config "previous_signing_key_files" (append ($config.previous_signing_key_files | default list) (printf "%s/previous-%d.key" (include "x402.secretsDir" $) $i)) }}
+{{- end }}
 {{- if $v.sidecar.admin.enabled }}
 {{- $_ := set $config "listen_admin" (printf "0.0.0.0:%d" (int $v.sidecar.admin.port)) }}
 {{- $_ := set $config "admin_token_file" (printf "%s/admin.token" (include "x402.adminSecretsDir" .)) }}

@@ -3,7 +3,9 @@
 -- within the deposit -> record it as the channel's latest voucher.
 -- KEYS: account hash, channel hash (both under the payer's hash tag)
 -- ARGV: deadline (unix ms), asset, cumulative (atomic), sequence, price (atomic), now,
---       payee, voucher JSON
+--       payees, voucher JSON. Payees: the gateway's key ids, current and previous, one
+--       space between two: a channel opened to a key before a rotation keeps working
+--       until it is closed, whichever of the gateway's keys the voucher names.
 -- Returns {"ok", remaining, increment} or {reason} or {reason, last sequence, last
 -- cumulative} (stale_voucher, underpaid_voucher) or {"insufficient_funds", remaining}, or
 -- {"deadline_passed"}: the caller has stopped waiting (it answered 503), so nothing moves.
@@ -22,7 +24,9 @@ if status ~= 'active' then return {'payer_suspended'} end
 
 local c = redis.call('HMGET', channel, 'status', 'asset', 'deposit', 'cumulative',
   'sequence', 'expires_at', 'payee')
-if not c[1] or c[7] ~= ARGV[7] then return {'unknown_channel'} end
+if not c[1] or not c[7] or not string.find(' ' .. ARGV[7] .. ' ', ' ' .. c[7] .. ' ', 1, true) then
+  return {'unknown_channel'}
+end
 if c[1] ~= 'open' or now > tonumber(c[6]) then return {'channel_closed'} end
 if c[2] ~= ARGV[2] then return {'invoice_mismatch'} end
 

@@ -1,7 +1,8 @@
 -- Claim the payer's next settlement batch: the receipts after the settled cursor, at most
 -- ARGV[4] of them. A claim is fixed once made: retried (after a crash, or by another worker
 -- once the lease has run out) it returns the very same range, so the batch built from it
--- is the same batch, byte for byte. Only a commit moves the cursor past it.
+-- is the same batch, byte for byte. Only a commit moves the cursor past it. A claim holds
+-- the receipts of one payee (one signing key) only.
 -- KEYS: settlement hash, receipts stream (both under the payer's hash tag)
 -- ARGV: worker id, now (unix ms), lease (ms), max count, max age (ms; 0 = flush now)
 -- Returns {"claimed", previous, first, last, seq, entries} or {"busy", owner}
@@ -28,6 +29,24 @@ if #entries < max_count then
   -- A partial batch waits until its oldest receipt is max_age old (stream ids are ms).
   local oldest = tonumber(string.match(entries[1][1], '^(%d+)'))
   if now - oldest < max_age then return {'wait', string.format('%d', oldest)} end
+end
+-- One batch, one signing key: the claim ends where the payee (the id of the key that
+-- signed the receipts) changes, as it does once per payer after a key rotation.
+local function payee(entry)
+  local f = entry[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'payee' then return f[i + 1] end
+  end
+  return ''
+end
+local kid = payee(entries[1])
+for i = 2, #entries do
+  if payee(entries[i]) ~= kid then
+    local same = {}
+    for j = 1, i - 1 do same[j] = entries[j] end
+    entries = same
+    break
+  end
 end
 local first, last = entries[1][1], entries[#entries][1]
 redis.call('HSET', state, 'claim_first', first, 'claim_last', last, 'claim_owner', owner,

@@ -412,12 +412,12 @@ class Dashboard:
         )
         receipts = await reports.recent_receipts(self.ledger, payer, 50)
         cursor = await reports.settled_cursor(self.ledger, payer)
-        keys = {self.gateway.identity.kid: self.gateway.identity.public_key}
+        keys = self.gateway.keys.public_keys()
         rows = []
         for r in receipts:
             try:
                 ok = verify_receipt(
-                    signed_receipt(payer, r.fields, self.payers.assets, self.gateway.identity),
+                    signed_receipt(payer, r.fields, self.payers.assets, self.gateway.keys),
                     keys,
                 )
             except SettlementError:
@@ -606,7 +606,7 @@ class Dashboard:
         try:
             result = await evidence.export(
                 self.ledger,
-                self.gateway.identity,
+                self.gateway.keys,
                 self.payers.assets,
                 evidence.Query(payer=checked_key(payer)),
             )

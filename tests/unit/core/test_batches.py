@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.core import batches, merkle, protocol, receipts
 from sidecar.core.errors import SettlementError
-from sidecar.core.identity import Identity
+from sidecar.core.identity import Identity, KeySet
 from sidecar.core.money import Asset
 
 GATEWAY = Identity.generate()
@@ -39,7 +39,9 @@ ENTRIES = [entry(n) for n in range(5)]
 
 def build(entries: list[tuple[str, dict[str, str]]] = ENTRIES, **kw: Any) -> batches.Batch:
     args: dict[str, Any] = {"previous": "0-0", "seq": 1, **kw}
-    return batches.build_batch(PAYER, args["previous"], args["seq"], entries, ASSETS, GATEWAY)
+    return batches.build_batch(
+        PAYER, args["previous"], args["seq"], entries, ASSETS, KeySet(GATEWAY)
+    )
 
 
 def test_the_manifest_says_what_the_batch_holds() -> None:

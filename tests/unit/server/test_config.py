@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.core.errors import ConfigError
+from sidecar.core.errors import ConfigError, KeySetError
 from sidecar.core.identity import Identity
 from sidecar.server.config import Edge, Settings
 
@@ -130,6 +130,37 @@ def test_secrets_load_and_errors_never_echo_them(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="invoice_secret_file") as raised:
         short.gateway()
     assert "short" not in str(raised.value).replace("invoice_secret_file", "")
+
+
+def test_previous_signing_keys_join_the_key_set(tmp_path: Path) -> None:
+    new, old = Identity.generate(), Identity.generate()
+    new.save(tmp_path / "new.key")
+    old.save(tmp_path / "old.key")
+    secret = tmp_path / "invoice.secret"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    raw: dict[str, Any] = {
+        "signing_key_file": str(tmp_path / "new.key"),
+        "previous_signing_key_files": [str(tmp_path / "old.key")],
+        "invoice_secret_file": str(secret),
+    }
+    gateway = load(raw).gateway()
+    assert gateway.payee == new.kid
+    assert gateway.keys.public_keys() == {new.kid: new.public_key, old.kid: old.public_key}
+    assert gateway.previous_until == 0  # proofs to the old key: as long as it is listed
+    ending = load({**raw, "previous_payees_until": 1_800_000_000}).gateway()
+    assert ending.pays(old.kid, 1_800_000_000) and not ending.pays(old.kid, 1_800_000_001)
+
+    for value in ("old.key", [""], [1]):
+        with pytest.raises(ConfigError, match="previous_signing_key_files: must be a list"):
+            load({**raw, "previous_signing_key_files": value})
+    cases = [
+        ([str(tmp_path / "new.key")], "duplicate_kid", f"{new.kid} appears twice"),
+        ([str(tmp_path / "missing.key")], "key_unreadable", r"files\[0\]: cannot read"),
+    ]
+    for files, reason, message in cases:
+        with pytest.raises(KeySetError, match=message) as raised:
+            load({**raw, "previous_signing_key_files": files}).gateway()
+        assert raised.value.reason == reason
 
 
 def test_missing_secrets_say_how_to_make_them() -> None:
