@@ -130,6 +130,9 @@ class Settings:
     settle_max_age_seconds: int = 60  # a partial batch is settled once this old
     settle_lease_seconds: int = 30  # a crashed worker's claim is taken over after this
     settle_interval_seconds: int = 0  # > 0: worker 0 of the sidecar settles this often
+    # Settled receipts older than this leave the ledger at the next settle pass (their
+    # batch manifests stay); unsettled ones always stay. 0: keep every receipt for ever.
+    receipt_retention_seconds: int = 30 * 86400
     # Holds (charge: on_success): worker 0 releases every payer's expired holds this often.
     hold_sweep_seconds: int = 5
     anchor_file: str = "x402-anchors.jsonl"  # append-only manifest log; "" for Redis only

@@ -66,6 +66,7 @@ def settler(
         batch_size=settings.settle_batch_size,
         max_age=float(settings.settle_max_age_seconds),
         lease=float(settings.settle_lease_seconds),
+        retention=float(settings.receipt_retention_seconds),
     )
     anchor_file = overrides.pop("anchor_file", None)
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
