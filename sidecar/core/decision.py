@@ -97,8 +97,8 @@ def clipped(value: str, limit: int = FIELD_BYTES) -> str | None:
     """`value` cut to at most `limit` bytes of UTF-8, ending in "…"; None if it fits."""
     if len(value) * 4 <= limit:  # no character is longer than 4 bytes: fits, unencoded
         return None
-    raw = value.encode("utf-8", "surrogatepass")
-    if len(raw) <= limit:
+    raw = value[:limit].encode("utf-8", "surrogatepass")  # never more: a 60 KB path costs 256
+    if len(raw) <= limit and len(value) <= limit:
         return None
     return raw[: limit - len(ELLIPSIS.encode())].decode("utf-8", "ignore") + ELLIPSIS
 
