@@ -397,6 +397,14 @@ async def test_the_decision_stream_is_capped_and_a_dead_redis_costs_nothing(
     assert 1000 <= kept < 1200  # MAXLEN ~: whole nodes trimmed
     newest = await decisions.recent(admin_ledger, 3)
     assert [line["n"] for line in newest] == [2999, 2998, 2997]
+    # Capped in bytes too, whatever the lines: 2,000 lines of 2 KB under a 256 KiB cap.
+    cap = 256 * 1024
+    wide = [json.dumps({"reason": "free", "n": n, "path": "/" + "p" * 2000}) for n in range(2000)]
+    for start in range(0, 2000, 256):
+        await decisions.append(admin_ledger, wide[start : start + 256], max_bytes=cap)
+    used = await admin_ledger.redis.memory_usage("x402:decisions", samples=0)
+    assert used is not None and cap // 2 < used <= cap * 1.05
+    assert [line["n"] for line in await decisions.recent(admin_ledger, 1)] == [1999]
 
     dead = Ledger.from_url("redis://127.0.0.1:1/0", timeout=0.2)
     feed = DecisionFeed(dead)
