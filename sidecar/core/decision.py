@@ -107,8 +107,9 @@ def bound(entry: dict[str, Any], limit: int = FIELD_BYTES) -> None:
     """Clip every string value of a decision line in place to `limit` bytes; the line's
     `truncated` lists the fields clipped. A few dict steps a check when nothing is long."""
     cut: list[str] | None = None
+    fits = limit // 4  # this many characters fit, whatever they are (clipped's fast path)
     for key, value in entry.items():
-        if type(value) is str and len(value) * 4 > limit:
+        if type(value) is str and len(value) > fits:
             short = clipped(value, limit)
             if short is not None:
                 entry[key] = short
