@@ -1,18 +1,29 @@
 """Abuse: floods of unpaid requests cost the ledger nothing (invoices are stateless); with
-the dashboard on, nothing but its capped stream of recent decisions."""
+the dashboard on, nothing but its stream of recent decisions, capped in lines and bytes;
+and however long an outsider's request, its decision line (log and stream) stays short."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
+from typing import cast
 
+import httpx
 import redis.asyncio as aioredis
 
+from sidecar.core.decision import FIELD_BYTES
 from sidecar.tools.stack import LOOPBACK, Stack
 from tests.support import stacks
+from tests.support.payers import funded_payer_at, paid_requests
 
 FLOOD = 10_000
 CONNECTIONS = 8
+
+
+LONG_PATH_BYTES = 55 * 1024  # under Envoy's 60 KB header limit, as an attacker would
+LONG_FLOOD = 20_000
+LEDGER_MAXMEMORY = 64 * 1024 * 1024
 
 
 async def hammer(port: int, path: str, count: int, statuses: Counter[int]) -> None:
@@ -78,3 +89,66 @@ async def test_with_the_dashboard_a_flood_grows_only_its_capped_stream() -> None
             assert cap <= await redis.xlen("x402:decisions") <= cap + 100
         finally:
             await redis.aclose()
+
+
+async def test_a_flood_of_long_paths_stays_bounded_in_bytes() -> None:
+    """20,000 unpaid requests with 55 KB paths, the dashboard's stream on, the ledger's
+    Redis under maxmemory with noeviction (a full ledger refuses every paid request): its
+    memory grows by less than 10 MB, a paid request still pays, and every line of the
+    sidecar's log is short, its clipped path marked."""
+    flooded = stacks.admin_stack()
+    flooded.settings = {**flooded.settings, "unlisted": "deny"}  # a short 404 to read back
+    maxmemory = ("--maxmemory", str(LEDGER_MAXMEMORY), "--maxmemory-policy", "noeviction")
+    flooded.redis_args = maxmemory
+    path = "/flood/" + "x" * (LONG_PATH_BYTES - len("/flood/"))
+    with flooded:
+        redis = aioredis.Redis.from_url(flooded.redis_url)
+        try:
+            before = (await redis.info("memory"))["used_memory"]
+            statuses: Counter[int] = Counter()
+            per = LONG_FLOOD // 16
+            port = flooded.ports["envoy"]
+            await asyncio.gather(*(hammer(port, path, per, statuses) for _ in range(16)))
+            assert statuses == Counter({404: LONG_FLOOD})
+            lines = flooded.wait_decisions(lambda d: d.get("reason") == "unknown_route", LONG_FLOOD)
+            await asyncio.sleep(0.2)  # the last batches reach the stream
+            grown = (await redis.info("memory"))["used_memory"] - before
+            assert grown < 10 * 1024 * 1024, grown
+            assert 0 < await redis.xlen("x402:decisions") <= 10_000
+        finally:
+            await redis.aclose()
+        # Every line of the log is short; each flooded line keeps a clipped, marked path.
+        assert len(lines) == LONG_FLOOD
+        log = (flooded.dir / "sidecar.log").read_bytes().splitlines()
+        assert max(len(line) for line in log) < 2048
+        for line in lines[:: LONG_FLOOD // 100]:
+            assert line["path"].endswith("…") and line["truncated"] == ["path"]
+            assert len(line["path"].encode()) <= FIELD_BYTES
+            assert path.startswith(line["path"][:-1])
+        streamed = json.loads((await _newest(flooded))["line"])
+        assert streamed["truncated"] == ["path"] and len(streamed["path"].encode()) <= 256
+        # Paid requests keep paying.
+        wallet = await funded_payer_at(flooded.redis_url, 1_000_000)
+        async with httpx.AsyncClient(base_url=flooded.url, timeout=10) as client:
+            receipts = await paid_requests(client, flooded, wallet, 5)
+            # The ledger's memory against its maxmemory, for an alert before it is full.
+            metrics = (await client.get(f"{flooded.sideport_url}/metrics")).text
+        assert len(receipts) == 5
+        used = _gauge(metrics, "x402_ledger_memory_used_bytes")
+        assert _gauge(metrics, "x402_ledger_memory_max_bytes") == LEDGER_MAXMEMORY
+        assert 0 < used < LEDGER_MAXMEMORY
+
+
+async def _newest(stack: Stack) -> dict[str, str]:
+    redis = aioredis.Redis.from_url(stack.redis_url, decode_responses=True)
+    try:
+        newest = await redis.xrevrange("x402:decisions", count=1)
+        return cast(list[tuple[str, dict[str, str]]], newest)[0][1]
+    finally:
+        await redis.aclose()
+
+
+def _gauge(text: str, name: str) -> float:
+    values = [float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, name
+    return values[0]

@@ -56,9 +56,10 @@ def admin_args(stack: Stack, *, token: bool = True) -> list[str]:
 
 @pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong-token-000000000"),)])
 async def test_every_call_without_the_token_is_unauthenticated(
-    stub: Any, metadata: tuple[tuple[str, str], ...]
+    stub: Any, metadata: tuple[tuple[str, str], ...], admin_stack: Stack
 ) -> None:
     payer = Identity.generate().public_key
+    counted = _grpc_auth_failures(admin_stack)
     for method, request in METHODS.items():
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await getattr(stub, method)(request(payer=payer), metadata=metadata)
@@ -67,6 +68,28 @@ async def test_every_call_without_the_token_is_unauthenticated(
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await stub.GetBalance(pb.PayerRequest(payer=payer), metadata=AUTH)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    # Each refusal: one JSON line naming the method and why, never the token; and counted.
+    reason = "wrong" if metadata else "missing"
+    log = (admin_stack.dir / "sidecar.log").read_text()
+    refused_lines = [
+        json.loads(line)
+        for line in log.splitlines()
+        if '"admin.auth_refused"' in line and f'"reason": "{reason}"' in line
+    ]
+    methods = {line["method"].rsplit("/", 1)[1] for line in refused_lines}
+    assert set(METHODS) <= methods and {line["api"] for line in refused_lines} == {"grpc"}
+    assert "wrong-token-000000000" not in log
+    assert _grpc_auth_failures(admin_stack) - counted == len(METHODS)
+
+
+def _grpc_auth_failures(stack: Stack) -> float:
+    """x402_admin_auth_failures_total{api="grpc"} from the sidecar's /metrics."""
+    text = httpx.get(f"{stack.sideport_url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('x402_admin_auth_failures_total{api="grpc"}')
+    )
 
 
 async def test_payers_credits_receipts_channels_and_batches(

@@ -13,6 +13,7 @@ import re
 import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -25,9 +26,10 @@ from sidecar.agent.auth import X402Auth
 from sidecar.agent.wallet import Wallet
 from sidecar.ledger import decisions
 from sidecar.ledger.accounts import Ledger
-from sidecar.server.dashboard import auth
+from sidecar.server.config import Settings
+from sidecar.server.dashboard import auth, start_dashboard
 from sidecar.server.feed import DecisionFeed
-from sidecar.tools.stack import Stack
+from sidecar.tools.stack import Stack, free_port
 from tests.support.browser import chromium, log_in, screenshot, table_rows, wait_for
 from tests.support.cli import x402
 from tests.support.dashboard import (
@@ -154,6 +156,106 @@ async def test_the_session_cookie_is_httponly_and_samesite_strict(admin_stack: S
     assert "samesite=strict" in cookie.lower() and ADMIN_TOKEN not in cookie
     policy = answer.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "script" not in policy
+
+
+async def test_wrong_tokens_make_an_address_wait_logged_and_counted(admin_stack: Stack) -> None:
+    """From one client address (127.0.0.2; the dashboard listens on 127.0.0.1), wrong
+    tokens by form and bearer header: past the free ones a typed 429 with Retry-After, even
+    for the right token; another address logs in; each failure one log line without the
+    token, and counted."""
+    wrong = "wrong-token-" + "w" * 20
+    counted = _auth_failures(admin_stack)
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    async with httpx.AsyncClient(
+        base_url=base_url(admin_stack), transport=transport, timeout=10
+    ) as other:
+        for n in range(auth.FREE_FAILURES):
+            if n % 2:
+                refused = await other.post("/login", data={"token": wrong})
+            else:
+                refused = await other.get(
+                    "/api/summary", headers={"Authorization": f"Bearer {wrong}"}
+                )
+            assert refused.status_code == 401, n
+        refused = await other.post("/login", data={"token": wrong})  # the first that waits
+        assert refused.status_code == 401
+        waiting = await other.post("/login", data={"token": ADMIN_TOKEN})
+        assert waiting.status_code == 429 and "set-cookie" not in waiting.headers
+        assert int(waiting.headers["retry-after"]) >= 1
+        assert waiting.json()["error"] == "rate_limited"
+        api = await other.get("/api/summary", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert api.status_code == 429
+    async with session(admin_stack) as http:  # per address: 127.0.0.1 is not held back
+        assert (await http.get("/api/summary")).status_code == 200
+    lines = [
+        json.loads(line)
+        for line in (admin_stack.dir / "sidecar.log").read_text().splitlines()
+        if '"admin.auth_refused"' in line and '"127.0.0.2"' in line
+    ]
+    assert len(lines) == auth.FREE_FAILURES + 1
+    assert {line["via"] for line in lines} == {"login", "bearer"}
+    assert all(line["api"] == "dashboard" and line["level"] == "warning" for line in lines)
+    assert wrong not in (admin_stack.dir / "sidecar.log").read_text()
+    assert _auth_failures(admin_stack) - counted >= auth.FREE_FAILURES + 1
+
+
+async def test_behind_a_tls_proxy_the_public_origin_posts_with_a_host_secure_cookie(
+    admin_stack: Stack, admin_ledger: Ledger
+) -> None:
+    """The dashboard as worker 0 serves it, with dashboard_public_origin set, in process on
+    the admin stack's ledger: the public Origin may POST, the cookie is __Host- and Secure."""
+    public = "https://ops.example.com"
+    settings = replace(
+        Settings.load(admin_stack.config_path, env={}),
+        dashboard_public_origin=public,
+        listen_dashboard=f"127.0.0.1:{free_port()}",
+    )
+    runner = await start_dashboard(settings, admin_ledger, settings.gateway())
+    assert runner is not None
+    wallet = await funded_payer(admin_ledger, 1_000_000)
+    payer = quote(wallet.public_key, safe="")
+    try:
+        base = f"http://{settings.listen_dashboard}"
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+            forged = await http.post(
+                "/login", data={"token": ADMIN_TOKEN}, headers={"Origin": "https://evil.example"}
+            )
+            assert forged.status_code == 403
+            login = await http.post(
+                "/login", data={"token": ADMIN_TOKEN}, headers={"Origin": public}
+            )
+            assert login.status_code == 303
+            cookie = login.headers["set-cookie"]
+            assert cookie.startswith(f"{auth.SECURE_COOKIE}=")
+            attributes = {part.strip().lower() for part in cookie.split(";")[1:]}
+            assert {"secure", "httponly", "path=/", "samesite=strict"} <= attributes
+            assert not any(a.startswith("domain") for a in attributes)
+            # What the browser sends back through the proxy (httpx keeps Secure cookies off
+            # plain HTTP, as a browser would): the cookie, the public Origin, the form token.
+            jar = {"Cookie": cookie.split(";")[0]}
+            page = await http.get(f"/payers/{payer}", headers=jar)
+            assert page.status_code == 200
+            plain = {"Cookie": f"{auth.COOKIE}={cookie.split(';')[0].split('=', 1)[1]}"}
+            assert (await http.get(f"/payers/{payer}", headers=plain)).status_code == 401
+            done = await http.post(
+                f"/payers/{payer}/status",
+                data={"action": "suspend", "csrf": csrf_of(page.text)},
+                headers={**jar, "Origin": public},
+            )
+            assert done.status_code == 200 and "Payer is now suspended" in done.text
+    finally:
+        await runner.cleanup()
+    assert (await admin_ledger.account(wallet.public_key)).status == "suspended"
+
+
+def _auth_failures(stack: Stack) -> float:
+    """x402_admin_auth_failures_total{api="dashboard"} from the sidecar's /metrics."""
+    text = httpx.get(f"{stack.sideport_url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('x402_admin_auth_failures_total{api="dashboard"}')
+    )
 
 
 async def test_the_dashboard_in_a_real_browser(
@@ -295,6 +397,14 @@ async def test_the_decision_stream_is_capped_and_a_dead_redis_costs_nothing(
     assert 1000 <= kept < 1200  # MAXLEN ~: whole nodes trimmed
     newest = await decisions.recent(admin_ledger, 3)
     assert [line["n"] for line in newest] == [2999, 2998, 2997]
+    # Capped in bytes too, whatever the lines: 2,000 lines of 2 KB under a 256 KiB cap.
+    cap = 256 * 1024
+    wide = [json.dumps({"reason": "free", "n": n, "path": "/" + "p" * 2000}) for n in range(2000)]
+    for start in range(0, 2000, 256):
+        await decisions.append(admin_ledger, wide[start : start + 256], max_bytes=cap)
+    used = await admin_ledger.redis.memory_usage("x402:decisions", samples=0)
+    assert used is not None and cap // 2 < used <= cap * 1.05
+    assert [line["n"] for line in await decisions.recent(admin_ledger, 1)] == [1999]
 
     dead = Ledger.from_url("redis://127.0.0.1:1/0", timeout=0.2)
     feed = DecisionFeed(dead)

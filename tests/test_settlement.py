@@ -14,14 +14,16 @@ import httpx
 import pytest
 
 from sidecar.core import batches
+from sidecar.core.identity import KeySet
 from sidecar.core.protocol import canonical_json
-from sidecar.ledger import keyspace, settlement
+from sidecar.ledger import evidence, keyspace, settlement
 from sidecar.ledger.accounts import Ledger
+from sidecar.server import wiring
 from sidecar.server.admin import start_facilities
 from sidecar.server.config import Settings
 from sidecar.tools.stack import Stack
-from tests.support.payers import payers_with_receipts
-from tests.support.routes import ENVOY_ROUTES, ROUTES
+from tests.support.payers import paid_requests, payers_with_receipts
+from tests.support.routes import ENVOY_ROUTES, ROUTES, VERIFY_PRICE
 from tests.support.settlement import (
     assert_exactly_once,
     jsonl_manifests,
@@ -213,3 +215,45 @@ async def test_the_sidecar_can_settle_by_itself(
     finally:
         await facilities.close(2)
     await assert_exactly_once(sledger, public_key(sstack))
+
+
+async def test_settled_receipts_past_retention_leave_the_ledger_and_unsettled_ones_stay(
+    sstack: Stack, sledger: Ledger, sclient: httpx.AsyncClient
+) -> None:
+    [(wallet, _receipts)] = await payers_with_receipts(sledger, sclient, sstack, [4])
+    payer = wallet.public_key
+    settings = Settings.load(sstack.config_path, env={})
+    assert settings.receipt_retention_seconds == 30 * 86400  # the default
+    kept = keyspace.receipts(payer)
+
+    async def settle_pass(later: float = 0, **options: Any) -> evidence.Export:
+        keys = KeySet(sstack.gateway_identity)
+        settler = settlement.Settler(
+            sledger,
+            keys,
+            settings.asset_table(),
+            wiring.anchor_sinks(settings, sledger),
+            settlement.Options(**{"retention": settings.receipt_retention_seconds, **options}),
+            clock=lambda: time.time() + later,
+        )
+        await settler.settle_payer(payer, settlement.Report())
+        query, assets = evidence.Query(payer=payer), settings.asset_table()
+        return await evidence.export(sledger, keys, assets, query)
+
+    settled = await settle_pass(flush=True)  # the four settle; none is a month old
+    assert (settled.expired, len(settled.bundle["receipts"])) == (0, 4)
+    await sledger.credit(payer, "USDF", 2 * VERIFY_PRICE, f"more-{payer}")
+    await paid_requests(sclient, sstack, wallet, 2)
+    # A retention of 1 ms, the two new receipts not old enough to settle: the settled four
+    # leave the ledger, the unsettled two stay.
+    waiting = await settle_pass(retention=0.001, max_age=3600)
+    assert await sledger.redis.xlen(kept) == 2
+    assert (waiting.expired, waiting.unsettled, waiting.bundle["receipts"]) == (1, 2, [])
+    settled = await settle_pass(flush=True)  # they settle, and stay (30 days)
+    assert (settled.expired, len(settled.bundle["receipts"])) == (1, 2)
+    assert [m["count"] for m in await settlement.payer_batches(sledger, payer)] == [4, 2]
+    # A month later they are past the default retention as well.
+    later = await settle_pass(later=31 * 86400)
+    assert await sledger.redis.xlen(kept) == 0
+    assert (later.expired, later.bundle["receipts"]) == (2, [])
+    assert (await sledger.account(payer)).balances["USDF"] == 0  # money untouched by it

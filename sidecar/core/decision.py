@@ -32,6 +32,12 @@ UPSTREAM_PAYER, UPSTREAM_AMOUNT, UPSTREAM_RECEIPT = (
     "x-x402-receipt-id",
 )
 UPSTREAM_HEADERS = (UPSTREAM_PAYER, UPSTREAM_AMOUNT, UPSTREAM_RECEIPT)
+# A decision or log line keeps at most this many bytes (UTF-8) of any one string value: the
+# path, method, request id and every other request-controlled field are an outsider's
+# (a 55 KB path would otherwise cost 55 KB a line, in the log and the dashboard's stream).
+FIELD_BYTES = 256
+ELLIPSIS = "\u2026"  # "…", 3 bytes: a clipped value ends with it
+TRUNCATED = "truncated"  # the line's list of the fields it clipped
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,31 @@ class Allow:
     receipt: dict[str, Any]
     upstream_headers: tuple[tuple[str, str], ...]
     response_headers: tuple[tuple[str, str], ...]
+
+
+def clipped(value: str, limit: int = FIELD_BYTES) -> str | None:
+    """`value` cut to at most `limit` bytes of UTF-8, ending in "…"; None if it fits."""
+    if len(value) * 4 <= limit:  # no character is longer than 4 bytes: fits, unencoded
+        return None
+    raw = value[:limit].encode("utf-8", "surrogatepass")  # never more: a 60 KB path costs 256
+    if len(raw) <= limit and len(value) <= limit:
+        return None
+    return raw[: limit - len(ELLIPSIS.encode())].decode("utf-8", "ignore") + ELLIPSIS
+
+
+def bound(entry: dict[str, Any], limit: int = FIELD_BYTES) -> None:
+    """Clip every string value of a decision line in place to `limit` bytes; the line's
+    `truncated` lists the fields clipped. A few dict steps a check when nothing is long."""
+    cut: list[str] | None = None
+    fits = limit // 4  # this many characters fit, whatever they are (clipped's fast path)
+    for key, value in entry.items():
+        if type(value) is str and len(value) > fits:
+            short = clipped(value, limit)
+            if short is not None:
+                entry[key] = short
+                cut = [*(cut or ()), key]
+    if cut is not None:
+        entry[TRUNCATED] = cut
 
 
 def invoice(request: Request, price: Price, gateway: Gateway, now: int) -> dict[str, Any]:

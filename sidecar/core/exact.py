@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from sidecar.core.errors import (
     ConfigError,
@@ -69,12 +70,21 @@ class ExactTerms:
 
     assets: Mapping[str, OnchainAsset]
     pay_to: str  # the operator's address
-    facilitator_url: str
+    facilitator_url: str  # as published (published_url): never the one with credentials
     max_timeout_seconds: int = 300
     topup: Mapping[str, Any] = field(default_factory=dict)  # discovery's `topup`, if any
 
     def for_price(self, price: Price) -> OnchainAsset | None:
         return self.assets.get(price.asset.code)
+
+
+def published_url(url: str) -> str:
+    """A configured URL as discovery and the 402s publish it: without userinfo, query or
+    fragment, where credentials hide (`https://user:key@host/x?token=…` → `https://host/x`).
+    The sidecar itself still calls the URL as configured."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", "")).rstrip("/")
 
 
 def offer(onchain: OnchainAsset, amount: int, terms: ExactTerms) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Workers hand over the lines their decision log writes, a batch at a time (at mos
 `DecisionLog.FLUSH_SECONDS`), off the hot path: one script call per batch through the
 ledger's pipelined connection (a redis-py pipeline of one XADD per line cost a paid check
 ~30 µs of CPU; see bench/feed.py), each XADD capped with `MAXLEN ~` so the stream stays a
-bounded window of the newest lines.
+bounded window of the newest lines, and the batch trimmed further when the stream's memory
+passes its byte cap (lines are bounded too: core/decision.FIELD_BYTES per field).
 Losing a batch (Redis down) loses dashboard rows, never money: the stream is a view.
 """
 
@@ -19,15 +20,24 @@ from sidecar.ledger.accounts import Ledger, unavailable
 from sidecar.ledger.pipe import RedisPipeError
 
 DEFAULT_KEEP = 10_000  # lines kept, about (MAXLEN ~ trims whole nodes)
+DEFAULT_MAX_BYTES = 4 * 1024 * 1024  # the stream's memory (MEMORY USAGE), at most about
 FIELD = "line"
 
 
-async def append(ledger: Ledger, lines: Sequence[str], keep: int = DEFAULT_KEEP) -> None:
-    """Append decision lines (JSON) to the stream, oldest first; one round trip."""
+async def append(
+    ledger: Ledger,
+    lines: Sequence[str],
+    keep: int = DEFAULT_KEEP,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> None:
+    """Append decision lines (JSON) to the stream, oldest first; one round trip. The stream
+    keeps about `keep` lines and at most about `max_bytes` of Redis memory."""
     if not lines:
         return
     try:
-        await ledger.pipe.evalsha(scripts.DECISIONS, (keyspace.DECISIONS,), (keep, *lines))
+        await ledger.pipe.evalsha(
+            scripts.DECISIONS, (keyspace.DECISIONS,), (keep, max_bytes, *lines)
+        )
     except RedisPipeError as exc:
         raise unavailable(exc) from exc
 

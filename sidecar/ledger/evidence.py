@@ -19,6 +19,7 @@ from sidecar.core.identity import KeySet
 from sidecar.core.money import Asset
 from sidecar.ledger import keyspace, settlement
 from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.reports import stream_after
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Query:
 class Export:
     bundle: dict[str, Any]
     unsettled: int  # receipts that matched but are in no committed batch yet
+    expired: int = 0  # batches whose receipts left the ledger (receipt_retention_seconds)
 
 
 async def export(ledger: Ledger, keys: KeySet, assets: Mapping[str, Asset], query: Query) -> Export:
@@ -54,14 +56,18 @@ async def export(ledger: Ledger, keys: KeySet, assets: Mapping[str, Asset], quer
         payers = sorted([p async for p in ledger.redis.sscan_iter(keyspace.PAYERS, count=500)])
     batches: list[dict[str, Any]] = []
     items: list[dict[str, Any]] = []
-    unsettled = 0
+    unsettled = expired = 0
     for payer in payers:
+        state = cast(dict[str, str], await ledger.redis.hgetall(keyspace.settlement(payer)))
+        kept_from = state.get("trimmed", "0-0")  # receipts before it left the ledger
         for manifest in await settlement.payer_batches(ledger, payer):
+            if stream_after(kept_from, manifest["first"]):
+                expired += 1  # past retention: its manifest remains, its receipts do not
+                continue
             chosen = await _batch_items(ledger, keys, assets, payer, manifest, query)
             if chosen:
                 batches.append(manifest)
                 items.extend(chosen)
-        state = cast(dict[str, str], await ledger.redis.hgetall(keyspace.settlement(payer)))
         after = state.get("settled", "0-0")
         pending = cast(
             list[tuple[str, dict[str, str]]],
@@ -71,7 +77,7 @@ async def export(ledger: Ledger, keys: KeySet, assets: Mapping[str, Asset], quer
             receipt = {"receipt_id": fields.get("receipt_id"), "issued_at": fields["issued_at"]}
             unsettled += query.matches(receipt)
     bundle = bundles.bundle(batches, items, query.describe(), int(time.time()), keys.current)
-    return Export(bundle, unsettled)
+    return Export(bundle, unsettled, expired)
 
 
 async def _batch_items(

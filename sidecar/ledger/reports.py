@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
+from redis.asyncio.cluster import RedisCluster
+
 from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import Ledger
 
@@ -174,3 +176,26 @@ def stream_after(stream_id: str, cursor: str) -> bool:
         return int(ms or 0), int(seq or 0)
 
     return key(stream_id) > key(cursor)
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """The ledger's Redis memory (INFO memory): what it uses and its `maxmemory` (0: none
+    set). On Redis Cluster, the primary nearest its limit (or the largest, with none)."""
+
+    used: int
+    maximum: int
+
+    def fill(self) -> float:
+        return self.used / self.maximum if self.maximum else 0.0
+
+
+async def memory(ledger: Ledger) -> Memory:
+    """INFO memory of the ledger's Redis (of every primary, on a cluster)."""
+    if isinstance(ledger.redis, RedisCluster):
+        reply = await ledger.call(ledger.redis.info("memory", target_nodes=RedisCluster.PRIMARIES))
+    else:
+        reply = await ledger.call(ledger.redis.info("memory"))
+    infos = [reply] if "used_memory" in reply else list(reply.values())
+    nodes = [Memory(int(i["used_memory"]), int(i.get("maxmemory", 0))) for i in infos]
+    return max(nodes, key=lambda m: (m.fill(), m.used))

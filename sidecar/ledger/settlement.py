@@ -5,6 +5,8 @@ batch) under the payer's hash tag. One pass, for each payer:
 
 1. claim (one Lua script): the receipts after the cursor, at most `batch_size`, once there
    are `batch_size` of them or the oldest is `max_age` old. The claimed range is stored.
+   The same script first trims settled receipts older than `retention` (never one past
+   the cursor): the ledger keeps receipts until settled, then for the retention period.
 2. build (`sidecar/core/batches.py`, pure): re-derive every signed receipt with the key
    that signed it (signatures are deterministic; a claim holds one payee's receipts, so
    one key's), compute the Merkle root and sign the manifest with that key. Nothing in it depends on
@@ -166,6 +168,7 @@ class Options:
     max_age: float = 60.0  # seconds a partial batch may wait for more receipts
     lease: float = 30.0  # seconds a claim belongs to its worker before others take over
     flush: bool = False  # settle every pending receipt now, whatever its age
+    retention: float = 0.0  # seconds a settled receipt stays in the ledger; 0: for ever
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
 
@@ -193,8 +196,10 @@ class Settler:
         sinks: Sequence[AnchorSink],
         options: Options | None = None,
         fault: Fault | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.ledger = ledger
+        self.clock = clock  # unix seconds: the claims' "now" (receipts' age, retention)
         self.redis = ledger.redis
         self.keys = keys  # each batch is signed by the key that signed its receipts
         self.assets = dict(assets)
@@ -235,7 +240,7 @@ class Settler:
         options = self.options
         keys = (keyspace.settlement(payer), keyspace.receipts(payer))
         while True:
-            now_ms = int(time.time() * 1000)
+            now_ms = int(self.clock() * 1000)
             result: list[Any] = await self._claim(
                 keys=keys,
                 args=(
@@ -244,6 +249,7 @@ class Settler:
                     int(options.lease * 1000),
                     options.batch_size,
                     0 if options.flush else int(options.max_age * 1000),
+                    int(options.retention * 1000),
                 ),
             )
             status = result[0]

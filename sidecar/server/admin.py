@@ -41,7 +41,7 @@ from sidecar.ledger.channels import DEFAULT_TTL
 from sidecar.ledger.payers import checked_key
 from sidecar.server import admin_pb2 as pb
 from sidecar.server import admin_pb2_grpc as pb_grpc
-from sidecar.server import wiring
+from sidecar.server import metrics, wiring
 from sidecar.server.config import Settings
 from sidecar.server.dashboard import start_dashboard
 from sidecar.server.logs import get_logger
@@ -55,28 +55,38 @@ log = get_logger("sidecar.server.admin")
 # -- authentication ---------------------------------------------------------------------
 
 
-async def _unauthenticated(_request: Any, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+def _refusal(method: str, reason: str) -> grpc.RpcMethodHandler:
+    """Refuse one call, after one JSON line (never the token) and a count of it."""
+
+    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
+        peer = context.peer()
+        log.warning("admin.auth_refused", api="grpc", method=method, reason=reason, peer=peer)
+        metrics.admin_auth_failed("grpc")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    return grpc.unary_unary_rpc_method_handler(refuse)  # every RPC is unary-unary
 
 
 class BearerToken(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Every call must carry `authorization: Bearer <token>`; compared in constant time."""
+    """Every call must carry `authorization: Bearer <token>`; compared in constant time.
+    A refusal is logged (`admin.auth_refused`) and counted (x402_admin_auth_failures)."""
 
     def __init__(self, token: bytes) -> None:
         self._expected = b"Bearer " + token
-        self._refuse = grpc.unary_unary_rpc_method_handler(_unauthenticated)
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        reason = "missing"
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
                 given = value if isinstance(value, bytes) else value.encode()
                 if hmac.compare_digest(given, self._expected):
                     return await continuation(details)
-        return self._refuse  # every RPC of the service is unary-unary
+                reason = "wrong"
+        return _refusal(str(details.method), reason)
 
 
 # -- the service ------------------------------------------------------------------------

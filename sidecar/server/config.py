@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -145,14 +146,23 @@ class Settings:
     # The operator's web dashboard (server/dashboard): on worker 0 beside the admin API,
     # behind the same admin token; "" turns it off. It needs admin_token_file.
     listen_dashboard: str = "127.0.0.1:8998"
+    # Where browsers reach the dashboard behind a TLS proxy (https://ops.example.com): its
+    # Origin is accepted on POSTs, and with https the cookie is Secure and __Host-.
+    dashboard_public_origin: str = ""
     # Recent decision lines kept in a capped Redis stream for the dashboard (written only
     # while the dashboard is on); 0: none kept.
     decision_stream_max: int = 10000
+    # ... and at most about this many bytes of Redis memory (MEMORY USAGE), whatever the
+    # lines: each keeps at most 256 bytes of any field (core/decision.FIELD_BYTES).
+    decision_stream_max_bytes: int = 4 * 1024 * 1024
     # Settlement batches (sidecar/settlement.py; `x402 settle`, or in the sidecar).
     settle_batch_size: int = 1000  # receipts per batch at most
     settle_max_age_seconds: int = 60  # a partial batch is settled once this old
     settle_lease_seconds: int = 30  # a crashed worker's claim is taken over after this
     settle_interval_seconds: int = 0  # > 0: worker 0 of the sidecar settles this often
+    # Settled receipts older than this leave the ledger at the next settle pass (their
+    # batch manifests stay); unsettled ones always stay. 0: keep every receipt for ever.
+    receipt_retention_seconds: int = 30 * 86400
     # Holds (charge: on_success): worker 0 releases every payer's expired holds this often.
     hold_sweep_seconds: int = 5
     anchor_file: str = "x402-anchors.jsonl"  # append-only manifest log; "" for Redis only
@@ -216,12 +226,33 @@ class Settings:
         settings.route_table()  # validate routes and assets now, not at the first request
         settings.edge_config()
         settings.exact_terms()
+        settings.dashboard_origin()
         return settings
 
     @property
     def dashboard_enabled(self) -> bool:
         """The dashboard is served (by worker 0) only behind the admin token."""
         return bool(self.listen_dashboard and self.admin_token_file)
+
+    def dashboard_origin(self) -> str:
+        """`dashboard_public_origin`, checked and as browsers send it ("" when unset)."""
+        origin = self.dashboard_public_origin.strip().rstrip("/").lower()
+        if not origin:
+            return ""
+        parts = urlsplit(origin)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or "@" in parts.netloc
+            or parts.path
+            or parts.query
+            or parts.fragment
+        ):
+            raise ConfigError(
+                "config dashboard_public_origin: scheme://host[:port], nothing more "
+                "(e.g. https://ops.example.com)"
+            )
+        return origin
 
     def exact_terms(self) -> exact.ExactTerms | None:
         """The `exact` scheme's config, checked (None: no on-chain asset configured)."""
@@ -255,7 +286,7 @@ class Settings:
         return exact.ExactTerms(
             tokens,
             self.pay_to,
-            self.facilitator_url.rstrip("/"),
+            exact.published_url(self.facilitator_url),
             self.exact_max_timeout_seconds,
             self.topup_terms(tokens, assets),
         )
@@ -384,7 +415,7 @@ class Settings:
             max_direct_ttl=self.max_direct_ttl_seconds,
             max_proof_bytes=self.max_proof_bytes,
             network=self.network,
-            public_url=self.public_url.rstrip("/"),
+            public_url=exact.published_url(self.public_url),
             exact=self.exact_terms(),
         )
 
@@ -421,6 +452,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
                 "settle_batch_size",
                 "settle_lease_seconds",
                 "hold_sweep_seconds",
+                "decision_stream_max_bytes",
             )
             and value == 0
         ):

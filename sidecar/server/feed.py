@@ -23,8 +23,13 @@ SEND_TIMEOUT = 2.0
 
 
 class DecisionFeed:
-    def __init__(self, ledger: Ledger, keep: int = decisions.DEFAULT_KEEP) -> None:
-        self.ledger, self.keep = ledger, keep
+    def __init__(
+        self,
+        ledger: Ledger,
+        keep: int = decisions.DEFAULT_KEEP,
+        max_bytes: int = decisions.DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.ledger, self.keep, self.max_bytes = ledger, keep, max_bytes
         self.in_flight: set[asyncio.Task[None]] = set()
         self.dropped = 0  # lines not appended (busy or failed)
 
@@ -43,7 +48,7 @@ class DecisionFeed:
     async def _send(self, lines: list[str]) -> None:
         try:
             async with asyncio.timeout(SEND_TIMEOUT):
-                await decisions.append(self.ledger, lines, self.keep)
+                await decisions.append(self.ledger, lines, self.keep, self.max_bytes)
         except (RedisError, OSError, TimeoutError, LedgerUnavailable):
             self.dropped += len(lines)
 

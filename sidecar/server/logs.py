@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from sidecar.core.decision import FIELD_BYTES, TRUNCATED, bound, clipped
 from sidecar.core.protocol import json_encoder
 
 # Never logged, whatever a caller passes: proofs and signatures are bearer material.
@@ -26,6 +27,26 @@ def drop_secrets(
     return event
 
 
+# A traceback may quote a request's values too: bounded as well, more generously.
+_EXCEPTION_BYTES = 16 * 1024
+
+
+def bound_values(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Every string value at most FIELD_BYTES (the decision line's rule, core/decision.py),
+    a rendered traceback at most _EXCEPTION_BYTES: no outsider makes a log line long."""
+    line = dict(event)
+    exception = line.pop("exception", None)
+    bound(line, FIELD_BYTES)
+    if isinstance(exception, str):
+        short = clipped(exception, _EXCEPTION_BYTES)
+        if short is not None:
+            line[TRUNCATED] = [*line.get(TRUNCATED, ()), "exception"]
+        line["exception"] = short or exception
+    return line
+
+
 def configure(level: str = "info") -> None:
     structlog.configure(
         processors=[
@@ -34,6 +55,7 @@ def configure(level: str = "info") -> None:
             drop_secrets,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
             structlog.processors.format_exc_info,
+            bound_values,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -91,6 +113,7 @@ class DecisionLog:
         entry["event"] = "authz.decision"
         entry["level"] = "info"
         entry["timestamp"] = self.timestamp()
+        bound(entry)  # a request's path, method, id: at most FIELD_BYTES each
         self.pending.append(_DUMPS(entry))
         if len(self.pending) >= self.MAX_PENDING:
             self.flush()

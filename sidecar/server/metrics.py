@@ -1,4 +1,5 @@
-"""Prometheus metrics: decisions, revenue, check latency, ledger errors, settlement lag.
+"""Prometheus metrics: decisions, revenue, check latency, ledger errors, settlement lag,
+the ledger's memory, admin authentication failures.
 
 The hot path calls `record` once per check. Label children are created once per label
 combination and kept in a dict, so a check costs a dict lookup and a few increments.
@@ -31,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sidecar.core.pricing import Price
+from sidecar.ledger.reports import Memory
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LEDGER_UNAVAILABLE = "ledger_unavailable"
@@ -65,6 +67,13 @@ class _Metrics:
         self.ledger_errors = Counter(
             "x402_ledger_errors",
             "Checks that failed closed because the ledger (Redis) did not answer.",
+            registry=registry,
+        )
+        self.admin_auth_failures = Counter(
+            "x402_admin_auth_failures",
+            "Refused admin credentials: the admin API's bearer token (api=grpc), the "
+            "dashboard's login form or bearer header (api=dashboard).",
+            ("api",),
             registry=registry,
         )
         self.decision_children: dict[tuple[str, str, str], Any] = {}
@@ -142,9 +151,16 @@ def record_phase(entry: Mapping[str, Any], captured: int, seconds: float) -> Non
         metrics.ledger_errors.inc()
 
 
-class _Settlement(Collector):
-    def __init__(self, lag: float | None) -> None:
-        self.lag = lag
+def admin_auth_failed(api: str) -> None:
+    """A wrong or missing admin credential: `api` is "grpc" or "dashboard"."""
+    _current.admin_auth_failures.labels(api).inc()
+
+
+class _LedgerState(Collector):
+    """What /metrics reads from Redis at scrape time: the settlement lag and the memory."""
+
+    def __init__(self, lag: float | None, memory: Memory | None) -> None:
+        self.lag, self.memory = lag, memory
 
     def collect(self) -> Any:
         if self.lag is not None:
@@ -154,10 +170,25 @@ class _Settlement(Collector):
                 "the last settle pass (0: all settled then).",
                 value=self.lag,
             )
+        if self.memory is None:
+            return
+        yield GaugeMetricFamily(
+            "x402_ledger_memory_used_bytes",
+            "The ledger's Redis memory in use (INFO used_memory; on a cluster, the primary "
+            "nearest its maxmemory).",
+            value=self.memory.used,
+        )
+        if self.memory.maximum:  # absent without maxmemory: used / max has no series then
+            yield GaugeMetricFamily(
+                "x402_ledger_memory_max_bytes",
+                "The ledger's Redis maxmemory (INFO maxmemory); past it, with noeviction, "
+                "every paid request answers 503 ledger_unavailable.",
+                value=self.memory.maximum,
+            )
 
 
-def render(settlement_lag: float | None = None) -> bytes:
-    """The text exposition of every process's metrics, plus the settlement lag."""
+def render(settlement_lag: float | None = None, ledger_memory: Memory | None = None) -> bytes:
+    """The text exposition of every process's metrics, plus the ledger's state."""
     if _multiprocess_dir is not None:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=_multiprocess_dir)  # type: ignore[no-untyped-call]
@@ -166,7 +197,7 @@ def render(settlement_lag: float | None = None) -> bytes:
         assert _current.registry is not None
         page = generate_latest(_current.registry)
     extra = CollectorRegistry()
-    extra.register(_Settlement(settlement_lag))
+    extra.register(_LedgerState(settlement_lag, ledger_memory))
     return page + generate_latest(extra)
 
 

@@ -16,10 +16,12 @@ from redis.exceptions import RedisError
 
 from sidecar.core import exact, holds
 from sidecar.core.decision import Gateway
+from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity
 from sidecar.core.pricing import RouteTable
 from sidecar.core.protocol import DISCOVERY_PATH, SCHEME, VERSION
 from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
+from sidecar.ledger import reports
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import metrics
 from sidecar.server.config import TOPUP_PATH
@@ -135,15 +137,18 @@ class SidePort:
         return 200, "application/json", b'{"status":"ready"}'
 
     async def metrics(self) -> tuple[int, str, bytes]:
-        """Every worker's metrics (multiprocess files), and the settlement lag from Redis."""
+        """Every worker's metrics (multiprocess files), and from Redis the settlement lag
+        and the ledger's memory against its maxmemory (for an alert before it is full)."""
         from sidecar.ledger.settlement import settlement_lag
 
+        lag = memory = None
         try:
             async with asyncio.timeout(0.5):
                 lag = await settlement_lag(self.ledger)
-        except (RedisError, OSError, TimeoutError, ValueError):  # Redis down: the rest still
-            lag = None
-        return 200, metrics.CONTENT_TYPE, metrics.render(lag)
+                memory = await reports.memory(self.ledger)
+        except (RedisError, OSError, TimeoutError, ValueError, X402Error):  # Redis down: the rest
+            pass
+        return 200, metrics.CONTENT_TYPE, metrics.render(lag, memory)
 
     async def respond(self, method: str, path: str, headers: Headers) -> AnyReply:
         if path == TOPUP_PATH and self.topup is not None:

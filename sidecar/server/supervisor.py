@@ -39,7 +39,6 @@ from sidecar.server import holding, http_authz, logs, metrics, wiring
 from sidecar.server.admin import start_facilities
 from sidecar.server.authz import AUTHZ_SERVICE, Authorization
 from sidecar.server.config import Settings
-from sidecar.server.feed import DecisionFeed
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
 from sidecar.server.side_port import AnyReply, Headers, SidePort, start_http
 from sidecar.server.topup import Topup
@@ -104,11 +103,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     limiter = wiring.rate_limiter(settings, ledger.pipe)
     settler = wiring.exact_settler(settings, ledger)
-    # Each batch of decision lines also goes to the dashboard's capped stream (feed.py),
-    # while there is a dashboard to read it.
-    feed = None
-    if settings.dashboard_enabled and settings.decision_stream_max:
-        feed = DecisionFeed(ledger, settings.decision_stream_max)
+    feed = wiring.decision_feed(settings, ledger)  # the dashboard's stream, if on
     decision_log = logs.DecisionLog(settings.log_level, sink=feed)
     over_http = settings.transport == "http"
     answers = http_authz.HttpAnswers() if over_http else None

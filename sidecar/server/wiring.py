@@ -16,6 +16,7 @@ from sidecar.ledger.pipe import RedisPipe
 from sidecar.ledger.rate_limit import RateLimiter, rate
 from sidecar.server.config import Settings
 from sidecar.server.facilitation import Chain, Facilitator
+from sidecar.server.feed import DecisionFeed
 from sidecar.server.schemes import ExactSettler
 
 
@@ -30,6 +31,14 @@ def rate_limiter(settings: Settings, pipe: RedisPipe | ClusterPipe) -> RateLimit
     if payer is None and ip is None:
         return None
     return RateLimiter(pipe, payer, ip)
+
+
+def decision_feed(settings: Settings, ledger: Ledger) -> DecisionFeed | None:
+    """Each batch of decision lines also goes to the dashboard's stream (feed.py), capped
+    in lines and bytes, while there is a dashboard to read it."""
+    if not (settings.dashboard_enabled and settings.decision_stream_max):
+        return None
+    return DecisionFeed(ledger, settings.decision_stream_max, settings.decision_stream_max_bytes)
 
 
 def anchor_sinks(
@@ -57,6 +66,7 @@ def settler(
         batch_size=settings.settle_batch_size,
         max_age=float(settings.settle_max_age_seconds),
         lease=float(settings.settle_lease_seconds),
+        retention=float(settings.receipt_retention_seconds),
     )
     anchor_file = overrides.pop("anchor_file", None)
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})

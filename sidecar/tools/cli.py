@@ -540,6 +540,11 @@ def evidence_export(
     click.echo(f"wrote {out}: {receipts} receipts in {len(result.bundle['batches'])} batches")
     if result.unsettled:
         click.echo(f"{result.unsettled} matching receipts are not settled yet (not exported)")
+    if result.expired:
+        click.echo(
+            f"{result.expired} batches are past receipt_retention_seconds: their receipts "
+            "left the ledger (their manifests remain in anchor_file)"
+        )
 
 
 @evidence.command("verify")

@@ -3,17 +3,36 @@
 -- once the lease has run out) it returns the very same range, so the batch built from it
 -- is the same batch, byte for byte. Only a commit moves the cursor past it. A claim holds
 -- the receipts of one payee (one signing key) only.
+-- Retention first: settled receipts older than ARGV[6] ms leave the stream (XTRIM MINID,
+-- never past the settled cursor: an unsettled receipt always stays); the settlement hash's
+-- `trimmed` records the first id kept, so evidence knows which batches are gone.
 -- KEYS: settlement hash, receipts stream (both under the payer's hash tag)
--- ARGV: worker id, now (unix ms), lease (ms), max count, max age (ms; 0 = flush now)
+-- ARGV: worker id, now (unix ms), lease (ms), max count, max age (ms; 0 = flush now),
+--       retention (ms; 0 = keep every receipt)
 -- Returns {"claimed", previous, first, last, seq, entries} or {"busy", owner}
 --      or {"wait", oldest ms} or {"empty"}.
 local state, stream = KEYS[1], KEYS[2]
 local owner, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_count, max_age = tonumber(ARGV[4]), tonumber(ARGV[5])
+local retention = tonumber(ARGV[6] or '0')
 
 local s = redis.call('HMGET', state, 'settled', 'seq', 'claim_first', 'claim_last',
   'claim_owner', 'claim_until')
 local settled, seq = s[1] or '0-0', tonumber(s[2] or '0')
+
+if retention > 0 and settled ~= '0-0' then
+  local settled_ms, settled_seq = string.match(settled, '^(%d+)-(%d+)$')
+  local mark = now - retention
+  local keep_from  -- the first id kept: the retention mark, or just past the cursor
+  if mark > tonumber(settled_ms) then
+    keep_from = settled_ms .. '-' .. string.format('%d', tonumber(settled_seq) + 1)
+  else
+    keep_from = string.format('%d', mark) .. '-0'
+  end
+  if redis.call('XTRIM', stream, 'MINID', keep_from) > 0 then
+    redis.call('HSET', state, 'trimmed', keep_from)
+  end
+end
 
 if s[3] then
   if s[5] ~= owner and tonumber(s[6]) > now then return {'busy', s[5]} end

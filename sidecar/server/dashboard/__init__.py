@@ -59,7 +59,7 @@ class Dashboard:
     def __init__(self, ledger: Ledger, gateway: Gateway, settings: Settings, token: bytes):
         self.ledger, self.gateway = ledger, gateway
         self.payers = wiring.payers(settings, ledger, gateway.payee)
-        self.sessions = auth.Sessions(token)
+        self.sessions = auth.Sessions(token, public_origin=settings.dashboard_origin())
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -88,16 +88,18 @@ class Dashboard:
             response = await self._guarded(request, handler)
         except web.HTTPException as exc:
             response = exc
-        _harden(response, nonce)
+        auth.harden(response, nonce)
         return response
 
     async def _guarded(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method == "POST" and not auth.same_origin(request):
+        if request.method == "POST" and not self.sessions.same_origin(request):
             return _plain(403, "cross-site request refused")
         if request.path == "/login":
             return await handler(request)
         session = self.sessions.find(request)
         bearer = session is None and self.sessions.bearer(request)
+        if isinstance(bearer, web.Response):  # this address must wait: 429
+            return bearer
         if session is None and not bearer:
             if request.path.startswith("/api/"):
                 return web.json_response({"error": "unauthenticated"}, status=401)
@@ -145,19 +147,24 @@ class Dashboard:
     async def login(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
         given = form.get("token")
-        if not isinstance(given, str) or not self.sessions.token_matches(given.strip()):
-            log.warning("dashboard.login_refused", remote=request.remote)
+        token = given.strip() if isinstance(given, str) else ""
+        checked = self.sessions.check(request, token, "login")  # logged and counted if wrong
+        if isinstance(checked, web.Response):  # this address must wait: 429
+            return checked
+        if not checked:
             return self._login_page(request, 401, "Wrong token.")
         key, _session = self.sessions.open()
         response = web.HTTPSeeOther("/")
-        auth.set_cookie(response, key, secure=request.secure)
+        self.sessions.set_cookie(response, request, key)
         log.info("dashboard.login", remote=request.remote)
         return response
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         self.sessions.close(request)
         response = web.HTTPSeeOther("/login")
-        response.del_cookie(auth.COOKIE, path="/")
+        response.del_cookie(
+            self.sessions.cookie(request), path="/", secure=self.sessions.secure(request)
+        )
         return response
 
     # -- reading ------------------------------------------------------------------------
@@ -677,17 +684,6 @@ def _lag(lag: float | None) -> str:
 
 def _plain(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text, content_type="text/plain")
-
-
-def _harden(response: web.StreamResponse, nonce: str) -> None:
-    response.headers["Content-Security-Policy"] = (
-        f"default-src 'none'; style-src 'nonce-{nonce}'; img-src 'self' data:; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    )
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "same-origin"  # no-referrer would make Origin "null"
-    response.headers["Cache-Control"] = "no-store"
 
 
 async def start_dashboard(

@@ -185,3 +185,40 @@ def test_a_debit_receipt_is_signed_with_the_balance_left() -> None:
         "x-x402-receipt-id": "rcpt_1",
     }
     assert protocol.decode_header(dict(allowed.response_headers)["payment-response"]) == receipt
+
+
+# -- decision lines bounded in bytes -------------------------------------------------------
+
+
+@pytest.mark.parametrize("char", ["x", "é", "€", "😀"])  # 1, 2, 3 and 4 bytes of UTF-8
+def test_a_long_value_is_clipped_to_the_byte_limit_and_marked(char: str) -> None:
+    value = "/api/" + char * 60_000
+    short = decision.clipped(value)
+    assert short is not None and short.endswith(decision.ELLIPSIS)
+    assert len(short.encode()) <= decision.FIELD_BYTES
+    assert value.startswith(short[:-1])  # a prefix, no character cut in half
+    assert len(short.encode()) > decision.FIELD_BYTES - 4  # and as much of it as fits
+
+
+def test_a_value_within_the_limit_is_kept() -> None:
+    assert decision.clipped("x" * decision.FIELD_BYTES) is None
+    assert decision.clipped("é" * (decision.FIELD_BYTES // 2)) is None
+    assert decision.clipped("é" * (decision.FIELD_BYTES // 2 + 1)) is not None
+
+
+def test_a_line_names_the_fields_it_clipped() -> None:
+    entry: dict[str, Any] = {
+        "method": "G" * 5000,
+        "path": "/" + "p" * 60_000,
+        "request_id": "r" * 300,
+        "route": "atlas",
+        "status": 402,
+        "payer": None,
+    }
+    decision.bound(entry)
+    assert entry["truncated"] == ["method", "path", "request_id"]
+    assert (entry["route"], entry["status"], entry["payer"]) == ("atlas", 402, None)
+    assert all(len(entry[k].encode()) <= decision.FIELD_BYTES for k in entry["truncated"])
+    short = {"path": "/api/atlas", "method": "GET"}
+    decision.bound(short)
+    assert short == {"path": "/api/atlas", "method": "GET"}  # no marker when nothing is cut

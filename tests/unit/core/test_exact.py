@@ -3,9 +3,12 @@ against the offer before anyone is called (core/exact.py)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,9 +22,10 @@ from sidecar.core.errors import (
     InvoiceMismatch,
     MalformedPayment,
     PaymentError,
+    PaymentRequired,
     UnsupportedScheme,
 )
-from sidecar.core.identity import Identity
+from sidecar.core.identity import Identity, write_secret
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
 from sidecar.server.config import Settings
@@ -269,3 +273,47 @@ def test_the_server_needs_no_evm_extra() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+# -- the published facilitator URL ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("configured", "published"),
+    [
+        ("https://user:s3cret@facilitator.example/x402?key=s3cret#s3cret", "https://facilitator.example/x402"),
+        ("https://:s3cret@facilitator.example:8443/", "https://facilitator.example:8443"),
+        ("http://s3cret@[::1]:9000/api", "http://[::1]:9000/api"),
+        ("https://facilitator.example", "https://facilitator.example"),
+    ],
+)  # fmt: skip
+def test_discovery_and_every_402_publish_the_facilitator_without_credentials(
+    configured: str, published: str, tmp_path: Path
+) -> None:
+    from sidecar.server.side_port import discovery_document
+
+    Identity.generate().save(tmp_path / "signing.key")
+    write_secret(tmp_path / "invoice.secret", "s" * 64 + "\n")
+    settings = load(
+        {
+            **EXACT,
+            "facilitator_url": configured,
+            "public_url": configured,
+            "signing_key_file": str(tmp_path / "signing.key"),
+            "invoice_secret_file": str(tmp_path / "invoice.secret"),
+        }
+    )
+    gateway = settings.gateway()
+    document = discovery_document(settings.route_table(), gateway)
+    price = Price("atlas", 250_000, Asset("USDF", 6))
+    refusal = PaymentRequired("GET /api/atlas costs 0.25 USDF")
+    denial = decision.deny(refusal, Request("GET", "/api/atlas", "gw"), price, gateway, 1)
+    header = json.loads(base64.b64decode(dict(denial.headers)["payment-required"]))
+    everything = denial.body.decode() + json.dumps(header) + json.dumps(document)
+    assert "s3cret" not in everything and "user" not in everything
+    assert document["facilitator"] == published
+    body = json.loads(denial.body)
+    assert body["x402"]["facilitator"] == published
+    assert body["x402"]["facilitator_url"] == f"{published}/.well-known/x402"
+    assert header["resource"]["url"] == f"{published}/api/atlas"
+    assert header["accepts"][0]["extra"]["facilitator_url"] == f"{published}/.well-known/x402"

@@ -166,3 +166,25 @@ def test_previous_signing_keys_join_the_key_set(tmp_path: Path) -> None:
 def test_missing_secrets_say_how_to_make_them() -> None:
     with pytest.raises(ConfigError, match="x402 keygen"):
         load({}).gateway()
+
+
+def test_the_dashboard_public_origin_is_an_origin_and_nothing_more() -> None:
+    assert load({}).dashboard_origin() == ""
+    origin = load({"dashboard_public_origin": "https://Ops.Example.com/"}).dashboard_origin()
+    assert origin == "https://ops.example.com"  # as a browser sends its Origin
+    for bad in (
+        "ops.example.com",
+        "ftp://ops.example.com",
+        "https://ops.example.com/dash",
+        "https://u:p@ops.example.com",
+        "https://ops.example.com?x=1",
+        "https://",
+    ):
+        with pytest.raises(ConfigError, match="config dashboard_public_origin"):
+            load({"dashboard_public_origin": bad})  # fmt: skip
+
+
+def test_the_decision_stream_is_always_capped_in_bytes() -> None:
+    assert load({}).decision_stream_max_bytes == 4 * 1024 * 1024
+    with pytest.raises(ConfigError, match="config decision_stream_max_bytes: must be at least 1"):
+        load({"decision_stream_max_bytes": 0})
