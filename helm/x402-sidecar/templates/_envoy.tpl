@@ -301,7 +301,7 @@ static_resources:
               {{- $method := default "*" $route.method }}
               - name: {{ $name | toJson }}
                 match:
-                  {{- if contains "{" $route.path }}
+                  {{- if or (contains "{" $route.path) (contains "*" $route.path) }}
                   safe_regex:
                     regex: {{ include "x402.pathRegex" $route.path | toJson }}
                   {{- else }}
