@@ -25,10 +25,27 @@ ATLAS = "/api/v1/agent/pay-api/atlas"
 
 
 @pytest.fixture(scope="module")
-def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    files = redis_tls_files(tmp_path_factory.mktemp("tls"))
-    with Stack(ROUTES, envoy_routes=ENVOY_ROUTES, redis_tls=files) as running:
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return redis_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def tls_stack(tls_files: Path) -> Iterator[Stack]:
+    with Stack(ROUTES, envoy_routes=ENVOY_ROUTES, redis_tls=tls_files) as running:
         yield running
+
+
+async def pay_atlas(stack: Stack) -> None:
+    """A payer funded through the stack's ledger URL pays once through Envoy."""
+    wallet = await funded_payer_at(stack.redis_url, 1_000_000)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        challenge = await http.get(ATLAS)
+        assert challenge.status_code == 402
+        paid = await http.get(ATLAS, headers=pay_invoice(challenge, wallet))
+        assert paid.status_code == 200, paid.text
+        ready = await http.get(stack.sideport_url + "/readyz")
+        assert ready.status_code == 200
+    assert await stack.balance(wallet.public_key) == 750_000
 
 
 def wrong_ca_url(stack: Stack) -> str:
@@ -40,15 +57,13 @@ def wrong_ca_url(stack: Stack) -> str:
 
 async def test_the_sidecar_pays_through_a_ledger_over_tls(tls_stack: Stack) -> None:
     assert tls_stack.redis_url.startswith("rediss://")
-    wallet = await funded_payer_at(tls_stack.redis_url, 1_000_000)
-    async with httpx.AsyncClient(base_url=tls_stack.url, timeout=10) as http:
-        challenge = await http.get(ATLAS)
-        assert challenge.status_code == 402
-        paid = await http.get(ATLAS, headers=pay_invoice(challenge, wallet))
-        assert paid.status_code == 200, paid.text
-        ready = await http.get(tls_stack.sideport_url + "/readyz")
-        assert ready.status_code == 200
-    assert await tls_stack.balance(wallet.public_key) == 750_000
+    await pay_atlas(tls_stack)
+
+
+async def test_the_sidecar_pays_through_a_redis_cluster_over_tls(tls_files: Path) -> None:
+    with Stack(ROUTES, envoy_routes=ENVOY_ROUTES, redis_tls=tls_files, redis_cluster=3) as cluster:
+        assert cluster.redis_url.startswith("rediss+cluster://")
+        await pay_atlas(cluster)
 
 
 def test_a_wrong_ca_refuses_naming_the_url_and_the_cause(tls_stack: Stack, tmp_path: Path) -> None:

@@ -41,9 +41,14 @@ async def test_wildcards_price_their_paths_through_envoy(wild_stack: Stack) -> N
         challenge = await http.get("/v1/forecast/rome")
         paid = await http.get("/v1/forecast/rome", headers=pay_invoice(challenge, wallet))
         assert paid.status_code == 200, paid.text
+        assert paid.json()["amount"] == "0.01" and paid.json()["hold"] is None  # charged
         challenge = await http.get("/files/a/b")
         paid = await http.get("/files/a/b", headers=pay_invoice(challenge, wallet))
         assert paid.status_code == 200, paid.text  # on_success: the hold captured
+        # The service is told the amount is a hold (x-x402-hold), captured at the response.
+        assert paid.json()["amount"] == "0.02" and paid.json()["hold"] == "true"
+        forged = await http.get("/v1/forecast/sample", headers={"x-x402-hold": "true"})
+        assert forged.status_code == 200 and forged.json()["hold"] is None  # stripped
     assert await wild_stack.balance(wallet.public_key) == 1_000_000 - 10_000 - 20_000
 
 

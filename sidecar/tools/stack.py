@@ -189,15 +189,15 @@ class Stack:
     # -- addresses ---------------------------------------------------------------------
     @property
     def redis_url(self) -> str:
-        if self.redis_cluster:
-            nodes = ",".join(f"{LOOPBACK}:{port}" for port in self.cluster_ports)
-            return f"redis+cluster://{nodes}"
+        tls, query = "", ""
         if self.redis_tls is not None:
             files = {"ssl_ca_certs": "ca.crt", "ssl_certfile": "client.crt"}
             files["ssl_keyfile"] = "client.key"
-            query = "&".join(f"{k}={self.redis_tls / name}" for k, name in files.items())
-            return f"rediss://{LOOPBACK}:{self.ports['redis']}/0?{query}"
-        return f"redis://{LOOPBACK}:{self.ports['redis']}/0"
+            tls, query = "s", "?" + "&".join(f"{k}={self.redis_tls / f}" for k, f in files.items())
+        if self.redis_cluster:
+            nodes = ",".join(f"{LOOPBACK}:{port}" for port in self.cluster_ports)
+            return f"redis{tls}+cluster://{nodes}{query}"
+        return f"redis{tls}://{LOOPBACK}:{self.ports['redis']}/0{query}"
 
     @property
     def cluster_ports(self) -> list[int]:
@@ -304,22 +304,10 @@ class Stack:
     def start_redis(self) -> Process:
         if self.redis_cluster:
             return self.start_redis_cluster()
-        port = ["--port", str(self.ports["redis"])]
-        binary = find_binary("redis-server")
-        if self.redis_tls is not None:
-            binary = tls_redis_server()
-            port = ["--port", "0", "--tls-port", str(self.ports["redis"])]
-            for option, name in (
-                ("cert", "redis.crt"),
-                ("key", "redis.key"),
-                ("ca-cert", "ca.crt"),
-            ):
-                port += [f"--tls-{option}-file", str(self.redis_tls / name)]
         process = self._spawn(
             "redis",
             [
-                binary,
-                *port,
+                *self._redis_server(self.ports["redis"]),
                 "--bind",
                 LOOPBACK,
                 "--dir",
@@ -345,6 +333,29 @@ class Stack:
                 raise X402Error(f"redis-server did not start; see {process.log_path}")
             time.sleep(0.05)
 
+    def _redis_server(self, port: int) -> list[str]:
+        """The redis-server command line listening on `port` (over TLS with `redis_tls`)."""
+        if self.redis_tls is None:
+            return [find_binary("redis-server"), "--port", str(port)]
+        argv = [tls_redis_server(), "--port", "0", "--tls-port", str(port)]
+        for option, name in (("cert", "redis.crt"), ("key", "redis.key"), ("ca-cert", "ca.crt")):
+            argv += [f"--tls-{option}-file", str(self.redis_tls / name)]
+        if self.redis_cluster:
+            argv += ["--tls-cluster", "yes"]
+        return argv
+
+    def _redis_cli(self) -> list[str]:
+        if self.redis_tls is None:
+            return [find_binary("redis-cli")]
+        cli = [str(Path(tls_redis_server()).with_name("redis-cli")), "--tls"]
+        for flag, name in (
+            ("--cacert", "ca.crt"),
+            ("--cert", "client.crt"),
+            ("--key", "client.key"),
+        ):
+            cli += [flag, str(self.redis_tls / name)]
+        return cli
+
     def _redis_socket(self, port: int) -> socket.socket:
         plain = socket.create_connection((LOOPBACK, port), timeout=0.5)
         if self.redis_tls is None:
@@ -363,8 +374,8 @@ class Stack:
             process = self._spawn(
                 f"redis{node}",
                 [
-                    find_binary("redis-server"),
-                    *("--port", str(port), "--bind", LOOPBACK, "--dir", str(workdir)),
+                    *self._redis_server(port),
+                    *("--bind", LOOPBACK, "--dir", str(workdir)),
                     *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
                     *("--save", "", "--appendonly", "no"),
                     *self.redis_args,
@@ -373,7 +384,7 @@ class Stack:
             nodes.append(self._wait_redis(process, port, b"PING", b"+PONG"))
         create = subprocess.run(
             [
-                find_binary("redis-cli"),
+                *self._redis_cli(),
                 "--cluster",
                 "create",
                 *(f"{LOOPBACK}:{port}" for port in self.cluster_ports),
