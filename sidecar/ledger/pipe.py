@@ -403,16 +403,17 @@ class RedisPipe:
         for script in self.scripts:
             command = ("SCRIPT", "LOAD", script.source)
             setup.append(("script", connection.send(hiredis.pack_command(command))))
-        for step, reply in setup:
-            try:
-                await reply
-            except ReplyError as exc:
-                where = address.where
-                if step == "select":
-                    raise ReplyError(
-                        f"Redis at {where} has no database {address.db} ({exc}): check the "
-                        "database number of redis_url"
-                    ) from None
-                if step == "auth":
-                    raise ReplyError(f"Redis at {where} refused the credentials ({exc})") from None
-                raise
+        # Every reply, so none is left unread when one step fails.
+        replies = await asyncio.gather(*(reply for _, reply in setup), return_exceptions=True)
+        for (step, _), reply in zip(setup, replies, strict=True):
+            if not isinstance(reply, BaseException):
+                continue
+            where = address.where
+            if step == "select":
+                raise ReplyError(
+                    f"Redis at {where} has no database {address.db} ({reply}): check the "
+                    "database number of redis_url"
+                )
+            if step == "auth":
+                raise ReplyError(f"Redis at {where} refused the credentials ({reply})")
+            raise reply
