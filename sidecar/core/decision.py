@@ -31,7 +31,10 @@ UPSTREAM_PAYER, UPSTREAM_AMOUNT, UPSTREAM_RECEIPT = (
     "x-x402-amount",
     "x-x402-receipt-id",
 )
-UPSTREAM_HEADERS = (UPSTREAM_PAYER, UPSTREAM_AMOUNT, UPSTREAM_RECEIPT)
+# `true` on a route charged on success or metered: x-x402-amount is then the hold (the
+# most this request can cost), captured or released when the response is seen.
+UPSTREAM_HOLD = "x-x402-hold"
+UPSTREAM_HEADERS = (UPSTREAM_PAYER, UPSTREAM_AMOUNT, UPSTREAM_RECEIPT, UPSTREAM_HOLD)
 # A decision or log line keeps at most this many bytes (UTF-8) of any one string value: the
 # path, method, request id and every other request-controlled field are an outsider's
 # (a 55 KB path would otherwise cost 55 KB a line, in the log and the dashboard's stream).

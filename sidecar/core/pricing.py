@@ -21,7 +21,12 @@ UNLISTED = ("pass", "deny")
 _COMMON_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 _CANONICAL_METHOD = re.compile(r"[A-Z][A-Z0-9!#$%&'*+.^_`|~-]*")
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_PATTERN = re.compile(r"/(?:[^{}/]+|\{[A-Za-z_][A-Za-z0-9_]*\}|/)*")
+# Path patterns (docs/configuration.md): each segment is a literal, `*` (exactly one
+# segment), `{param}` (one segment, named) or, as the last one, `**` (one or more segments:
+# the rest of the path). No segment is empty or a dot segment but a trailing slash.
+ONE, REST = "*", "**"
+_ONE_REGEX, _REST_REGEX = "[^/]+", "[^/].*"
+_LITERAL = re.compile(r"[^\s{}*?#]+")
 # The per-route annotations Envoy sends as ext_authz context_extensions.
 EXT_PRICE, EXT_ASSET, EXT_ROUTE, EXT_DESCRIPTION = (
     "x402.price",
@@ -55,13 +60,31 @@ class Route:
 
     @property
     def is_template(self) -> bool:
-        return "{" in self.path
+        return is_pattern(self.path)
+
+
+def segments(path: str) -> list[str]:
+    """A pattern's segments after the leading slash: "/a/{x}/" → ["a", "{x}", ""]."""
+    return path.split("/")[1:]
+
+
+def is_pattern(path: str) -> bool:
+    """Whether a path has wildcards (`*`, `**`, `{param}`), so a regex matches it."""
+    return "{" in path or ONE in path
+
+
+def _segment_regex(segment: str) -> str:
+    if segment == REST:
+        return _REST_REGEX
+    if segment == ONE or _PARAM.fullmatch(segment):
+        return _ONE_REGEX
+    return re.escape(segment)
 
 
 def path_regex(path: str) -> str:
-    """`{param}` matches exactly one non-empty path segment; everything else is literal."""
-    parts = _PARAM.split(path)
-    return "".join(re.escape(p) if i % 2 == 0 else "[^/]+" for i, p in enumerate(parts))
+    """The regex (Python's and Envoy's RE2 alike) of a validated pattern: `*` and
+    `{param}` match one non-empty segment, `**` one or more; the rest is literal."""
+    return "/" + "/".join(_segment_regex(segment) for segment in segments(path))
 
 
 def compile_path(path: str, flags: int = 0) -> re.Pattern[str]:
@@ -69,19 +92,115 @@ def compile_path(path: str, flags: int = 0) -> re.Pattern[str]:
 
 
 def fill_params(path: str, value: Callable[[], str]) -> str:
-    """A concrete path of a pattern: each `{param}` replaced by a fresh `value()`."""
-    return _PARAM.sub(lambda _m: value(), path)
+    """A concrete path of a pattern: each wildcard replaced by a fresh `value()`."""
+    return "/" + "/".join(
+        value() if _segment_regex(segment) in (_ONE_REGEX, _REST_REGEX) else segment
+        for segment in segments(path)
+    )
 
 
 def validate_path(path: str) -> None:
-    if not isinstance(path, str) or not _PATTERN.fullmatch(path) or "?" in path:
-        raise ValueError(
-            f"{path!r} is not a path pattern like /api/v1/items/{{item_id}} "
-            "(starts with /, no query string, {param} spans a whole segment)"
-        )
-    for segment in path.split("/"):
-        if "{" in segment and not _PARAM.fullmatch(segment):
+    """Refuse a pattern that is not one, or whose meaning is not obvious (ValueError)."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError(f"{path!r} is not a path pattern: it starts with /")
+    if "?" in path or "#" in path:
+        raise ValueError(f"{path!r}: a path pattern has no query string or fragment")
+    parts, params = segments(path), set()
+    for i, segment in enumerate(parts):
+        last = i == len(parts) - 1
+        if segment == REST and not last:
+            raise ValueError(f"{path!r}: ** (the rest of the path) must be the last segment")
+        if segment in (ONE, REST) or (segment == "" and last):
+            continue
+        param = _PARAM.fullmatch(segment)
+        if param is not None:
+            if param.group(1) in params:
+                raise ValueError(f"{path!r}: the parameter {segment} appears twice")
+            params.add(param.group(1))
+        elif ONE in segment:
+            raise ValueError(
+                f"{path!r}: a * must be a whole segment (* one segment, ** the rest), "
+                f"not part of {segment!r}"
+            )
+        elif "{" in segment or "}" in segment:
             raise ValueError(f"{path!r}: a {{param}} must be a whole path segment")
+        elif segment in ("", ".", ".."):
+            raise ValueError(
+                f"{path!r}: an empty or dot segment never reaches a route "
+                "(Envoy merges slashes and resolves dot segments)"
+            )
+        elif not _LITERAL.fullmatch(segment):
+            raise ValueError(f"{path!r}: {segment!r} is not a path segment")
+
+
+def refuse_ambiguity(routes: Iterable[Route], case_sensitive: bool = True) -> None:
+    """Refuse (ConfigError naming the routes) a table whose meaning depends on the order of
+    its routes: the same method and path twice; two priced routes that can match one
+    request; a free pattern that can match a priced route's request. A free literal path
+    beside a priced pattern is fine: literal paths are matched first (docs/configuration.md)."""
+    listed = list(routes)
+    for i, one in enumerate(listed):
+        for other in listed[:i]:
+            witness = _overlap(other, one, case_sensitive)
+            if witness is None:
+                continue
+            names = f"config routes.{other.name}, routes.{one.name}"
+            if one.method == other.method and _shape(one.path) == _shape(other.path):
+                raise ConfigError(f"{names}: the same route {one.method} {one.path} twice")
+            priced = [r for r in (other, one) if r.price.amount]
+            if len(priced) == 2:
+                raise ConfigError(
+                    f"{names}: both priced routes match {witness}; "
+                    "priced routes must not overlap (narrow one of the paths)"
+                )
+            free = other if priced == [one] else one
+            if priced and is_pattern(free.path):
+                raise ConfigError(
+                    f"{names}: the free pattern {free.path} also matches {witness}, a priced "
+                    "request; list the free paths literally or narrow the pattern"
+                )
+
+
+def _shape(path: str) -> tuple[str, ...]:
+    """A pattern with its parameters unnamed: /a/{x} and /a/* are the same route."""
+    return tuple(ONE if _PARAM.fullmatch(s) else s for s in segments(path))
+
+
+def _overlap(one: Route, other: Route, case_sensitive: bool) -> str | None:
+    """A request both routes can match (`METHOD /path`), or None."""
+    if ANY_METHOD not in (one.method, other.method) and one.method != other.method:
+        return None
+    method = one.method if one.method != ANY_METHOD else other.method
+    fold = str if case_sensitive else str.casefold
+    path = _common(_shape(one.path), _shape(other.path), fold)
+    if path is None:
+        return None
+    return f"{'GET' if method == ANY_METHOD else method} /{'/'.join(path)}"
+
+
+def _common(
+    one: tuple[str, ...], other: tuple[str, ...], fold: Callable[[str], str]
+) -> list[str] | None:
+    """The segments of a path both shapes match, or None (`x` stands in for wildcards)."""
+    if not one or not other:
+        return [] if one == other else None
+    a, b = one[0], other[0]
+    if a == REST or b == REST:  # one or more segments: whatever the other has left
+        rest = other if a == REST else one
+        if rest[0] == "":  # a trailing slash is an empty segment, which ** never matches
+            return None
+        return ["x" if s in (ONE, REST) else s for s in rest]
+    if a == ONE or b == ONE:
+        head = b if a == ONE else a
+        if head == "":
+            return None
+        head = "x" if head == ONE else head
+    elif fold(a) == fold(b):
+        head = a
+    else:
+        return None
+    tail = _common(one[1:], other[1:], fold)
+    return None if tail is None else [head, *tail]
 
 
 def spelling_probe(path: str) -> str:
@@ -103,8 +222,29 @@ def spelling_probe(path: str) -> str:
     return "/" + "/".join(segments)
 
 
+class _Patterns:
+    """Patterned routes as one compiled alternation per request method, tried in table
+    order: a request costs one regex match, however many patterns there are."""
+
+    def __init__(self, routes: Iterable[tuple[str, str, Price | None]], flags: int) -> None:
+        listed = list(routes)
+        self._by_method: dict[str, tuple[re.Pattern[str], tuple[Price | None, ...]]] = {}
+        for method in {ANY_METHOD, *(m for m, _, _ in listed)}:
+            chosen = [(p, price) for m, p, price in listed if m in (method, ANY_METHOD)]
+            regex = "|".join(f"({path_regex(p)})" for p, _ in chosen)
+            prices = (None, *(price for _, price in chosen))  # by group number
+            self._by_method[method] = (re.compile(regex or "(?!)", flags), prices)
+
+    def find(self, method: str, path: str) -> tuple[bool, Price | None]:
+        """Whether a pattern for `method` (or any method) matches `path`, and its price."""
+        regex, prices = self._by_method.get(method) or self._by_method[ANY_METHOD]
+        found = regex.fullmatch(path)
+        return (False, None) if found is None else (True, prices[found.lastindex or 0])
+
+
 class RouteTable:
-    """Exact routes answer from one dict lookup; templated routes are tried in order.
+    """Literal paths answer from one dict lookup; patterns from one regex per method, in
+    table order (docs/configuration.md: refuse_ambiguity keeps that order from mattering).
 
     A request reaches a route as spelled, HEAD as the GET route, or with one trailing slash
     dropped (and in any case, with `case_sensitive=False`). Any other spelling of a priced
@@ -126,23 +266,19 @@ class RouteTable:
         self.default_asset = default_asset
         self.unlisted = unlisted
         self.case_sensitive = case_sensitive
-        flags = 0 if case_sensitive else re.IGNORECASE
         self._exact: dict[tuple[str, str], Price] = {}
-        self._templates: list[tuple[str, re.Pattern[str], Price]] = []
-        # Priced routes by their lenient spelling, to recognise the odd ones.
+        # Priced literal routes by their lenient spelling, to recognise the odd ones.
         self._priced_exact: set[tuple[str, str]] = set()
-        self._priced_templates: list[tuple[str, re.Pattern[str]]] = []
+        patterns = [r for r in self.routes if r.is_template]
         for route in self.routes:
-            if route.is_template:
-                pattern = compile_path(route.path, flags)
-                self._templates.append((route.method, pattern, route.price))
-                if route.price.amount:
-                    lenient = compile_path(spelling_probe(route.path), re.IGNORECASE)
-                    self._priced_templates.append((route.method, lenient))
-            else:
+            if not route.is_template:
                 self._exact.setdefault((route.method, self._key(route.path)), route.price)
                 if route.price.amount:
                     self._priced_exact.add((route.method, spelling_probe(route.path)))
+        flags = 0 if case_sensitive else re.IGNORECASE
+        self._patterns = _Patterns(((r.method, r.path, r.price) for r in patterns), flags)
+        lenient = ((r.method, spelling_probe(r.path), None) for r in patterns if r.price.amount)
+        self._priced_patterns = _Patterns(lenient, re.IGNORECASE)
 
     def _key(self, path: str) -> str:
         return path if self.case_sensitive else path.lower()
@@ -151,10 +287,7 @@ class RouteTable:
         price = self._exact.get((method, path)) or self._exact.get((ANY_METHOD, path))
         if price is not None:
             return price
-        for route_method, pattern, price in self._templates:
-            if route_method in (method, ANY_METHOD) and pattern.fullmatch(path):
-                return price
-        return None
+        return self._patterns.find(method, path)[1]
 
     def lookup(self, method: str, path: str) -> Price | None:
         """The listed route `method path` (no query string) reaches, free ones (price 0)
@@ -177,9 +310,9 @@ class RouteTable:
         methods = (method, ANY_METHOD, "GET") if method == "HEAD" else (method, ANY_METHOD)
         if any((m, probe) in self._priced_exact for m in methods):
             return True
-        return any(
-            m in methods and pattern.fullmatch(probe) for m, pattern in self._priced_templates
-        )
+        # Each method's regex includes the routes for any method (`*`).
+        pattern_methods = (method, "GET") if method == "HEAD" else (method,)
+        return any(self._priced_patterns.find(m, probe)[0] for m in pattern_methods)
 
     def price_for(
         self, method: str, path: str, context_extensions: Mapping[str, str]

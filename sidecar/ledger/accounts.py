@@ -24,7 +24,7 @@ from sidecar.core.money import MAX_BALANCE
 from sidecar.ledger import cluster as redis_cluster
 from sidecar.ledger import keyspace, scripts
 from sidecar.ledger.cluster import ClusterPipe
-from sidecar.ledger.pipe import RedisPipe, RedisPipeError, Script
+from sidecar.ledger.pipe import Address, RedisPipe, RedisPipeError, Script, redacted
 
 IDEMPOTENCY_TTL = 30 * 24 * 3600  # a retried top-up is recognised for 30 days
 NONCE_GRACE = 120  # seconds a spent nonce outlives its proof, for clock skew between replicas
@@ -71,6 +71,7 @@ class Ledger:
     ) -> None:
         self.redis = client
         self.pipe = pipe
+        self.url = ""  # redis_url without its password, for logs
         # register_script: EVALSHA, and a reload on NOSCRIPT after a Redis restart.
         self._credit = client.register_script(scripts.source("credit"))
 
@@ -81,24 +82,26 @@ class Ledger:
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 1.0) -> Ledger:
-        if redis_cluster.is_cluster_url(url):
-            try:
-                cluster_pipe = ClusterPipe(url, timeout=timeout, scripts=(scripts.DEBIT,))
-            except ValueError as exc:
-                raise X402Error(f"redis_url: {exc}") from None
-            return cls(redis_cluster.client(url, timeout), cluster_pipe)
+        """The ledger at `url` (docs/redis.md: redis://, rediss://, unix://, and
+        redis+cluster:// or rediss+cluster:// for Redis Cluster); connects lazily."""
         try:
-            pipe = RedisPipe(url, timeout=timeout, scripts=(scripts.DEBIT,))
+            if redis_cluster.is_cluster_url(url):
+                cluster_pipe = ClusterPipe(url, timeout=timeout, scripts=(scripts.DEBIT,))
+                ledger = cls(redis_cluster.client(url, timeout), cluster_pipe)
+            else:
+                pipe = RedisPipe(url, timeout=timeout, scripts=(scripts.DEBIT,))
+                ledger = cls(_client(pipe.address, timeout), pipe)
         except ValueError as exc:
-            raise X402Error(f"redis_url: {exc}") from None
-        client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            decode_responses=True,
-            health_check_interval=30,
-        )
-        return cls(client, pipe)
+            raise X402Error(f"redis_url {redacted(url)}: {exc}") from None
+        ledger.url = redacted(url)
+        return ledger
+
+    async def unreachable(self) -> str:
+        """ "" if the hot path's connection reaches Redis, else why not (for logs: names
+        the address and the cause, never the password)."""
+        if await self.pipe.ping():
+            return ""
+        return self.pipe.last_error or "Redis did not answer PING"
 
     async def close(self) -> None:
         await self.pipe.close()
@@ -229,6 +232,24 @@ class Ledger:
     async def ping(self) -> bool:
         """Whether the hot path's own connection reaches Redis (readiness)."""
         return await self.pipe.ping()
+
+
+def _client(address: Address, timeout: float) -> aioredis.Redis:
+    """redis-py's client for everything but the hot path, at the pipe's address."""
+    where: dict[str, Any] = {"host": address.host, "port": address.port}
+    if address.path:
+        where = {"unix_socket_path": address.path}
+    return aioredis.Redis(
+        **where,
+        db=address.db,
+        username=address.username or None,
+        password=address.password or None,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        decode_responses=True,
+        health_check_interval=30,
+        **redis_cluster.tls_options(address.tls),
+    )
 
 
 def unavailable(exc: Exception) -> LedgerUnavailable:

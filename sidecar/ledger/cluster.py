@@ -26,21 +26,26 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import parse_qs, unquote
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from sidecar.ledger.pipe import (
     DEFAULT_PORT,
+    TLS,
+    TLS_PARAMS,
+    Address,
     ConnectionFailed,
     RedisPipe,
     RedisPipeError,
     ReplyError,
     Script,
+    check_query,
+    tls_from_query,
 )
 
-SCHEME = "redis+cluster"
+SCHEME, TLS_SCHEME = "redis+cluster", "rediss+cluster"  # the second over TLS
 MAX_REDIRECTS = 16  # MOVED/ASK hops in a row for one call; more: the cluster is in flux
 TRYAGAIN_PAUSE = 0.005  # seconds between retries while a slot migrates
 REFRESH_PAUSE = 0.25  # the slot map is reloaded at most this often after failures
@@ -49,7 +54,7 @@ Node = tuple[str, int]
 
 
 def is_cluster_url(url: str) -> bool:
-    return url.startswith(SCHEME + "://")
+    return url.startswith((SCHEME + "://", TLS_SCHEME + "://"))
 
 
 @dataclass(frozen=True)
@@ -57,16 +62,19 @@ class ClusterAddress:
     seeds: tuple[Node, ...]
     username: str = ""
     password: str = field(default="", repr=False)
+    tls: TLS | None = None
 
 
 def parse_cluster_url(url: str) -> ClusterAddress:
-    """`redis+cluster://[[user]:password@]host[:port][,host[:port]...][/0]`."""
+    """`redis+cluster://[[user]:password@]host[:port][,host[:port]...][/0]`, or over TLS
+    `rediss+cluster://…` with the query parameters of rediss:// (ssl_ca_certs, …)."""
     if not is_cluster_url(url):
-        raise ValueError(f"a Redis Cluster URL starts with {SCHEME}://")
-    rest = url[len(SCHEME) + 3 :]
-    rest, _, query = rest.partition("?")
-    if query:
-        raise ValueError("a Redis Cluster URL takes no query parameters")
+        raise ValueError(f"a Redis Cluster URL starts with {SCHEME}:// or {TLS_SCHEME}://")
+    scheme, _, rest = url.partition("://")
+    rest, _, query_text = rest.partition("?")
+    query = parse_qs(query_text)
+    check_query(query, TLS_PARAMS)
+    tls = tls_from_query(scheme.removesuffix("+cluster"), query)
     netloc, _, db = rest.partition("/")
     if db.strip("/") not in ("", "0"):
         raise ValueError("Redis Cluster has only database 0")
@@ -76,7 +84,7 @@ def parse_cluster_url(url: str) -> ClusterAddress:
     for item in hosts.split(","):
         host, port = _node(item.strip())
         seeds.append((host, port))
-    return ClusterAddress(tuple(seeds), unquote(username), unquote(password))
+    return ClusterAddress(tuple(seeds), unquote(username), unquote(password), tls)
 
 
 def _node(text: str) -> Node:
@@ -105,7 +113,20 @@ def client(url: str, timeout: float) -> RedisCluster:
         socket_connect_timeout=timeout,
         decode_responses=True,
         health_check_interval=30,
+        **tls_options(address.tls),
     )
+
+
+def tls_options(tls: TLS | None) -> dict[str, Any]:
+    """redis-py's keyword arguments for TLS (none without it)."""
+    if tls is None:
+        return {}
+    return {
+        "ssl": True,
+        "ssl_ca_certs": tls.ca_file or None,
+        "ssl_certfile": tls.cert_file or None,
+        "ssl_keyfile": tls.key_file or None,
+    }
 
 
 def slot_of(key: str) -> int:
@@ -125,6 +146,7 @@ class ClusterPipe:
         self._loaded = False
         self._refreshing: asyncio.Future[None] | None = None
         self._refreshed_at = -REFRESH_PAUSE
+        self.last_error = ""  # why the last ping failed, for logs
 
     # -- the calls the ledger makes --------------------------------------------------------
     async def evalsha(
@@ -173,15 +195,18 @@ class ClusterPipe:
         try:
             if not self._loaded:
                 await self._refresh()
-        except RedisPipeError:
+        except RedisPipeError as exc:
+            self.last_error = str(exc)
             return False
         masters = set(self._slots)
         if None in masters:
+            self.last_error = "some slots have no master (CLUSTER SLOTS)"
             return False
-        replies = await asyncio.gather(
-            *(self._pipe(node).ping() for node in masters if node is not None)
-        )
-        return all(replies)
+        pipes = [self._pipe(node) for node in masters if node is not None]
+        replies = await asyncio.gather(*(pipe.ping() for pipe in pipes))
+        failed = [pipe.last_error for pipe, ok in zip(pipes, replies, strict=True) if not ok]
+        self.last_error = "; ".join(failed)
+        return not failed
 
     async def close(self) -> None:
         for pipe in self._pipes.values():
@@ -197,13 +222,9 @@ class ClusterPipe:
         pipe = self._pipes.get(node)
         if pipe is None:
             host, port = node
-            user = quote(self.address.username, safe="")
-            secret = quote(self.address.password, safe="")
-            credentials = f"{user}:{secret}@" if user or secret else ""
-            host = f"[{host}]" if ":" in host else host
-            pipe = RedisPipe(
-                f"redis://{credentials}{host}:{port}/0", timeout=self.timeout, scripts=self.scripts
-            )
+            seed = self.address
+            address = Address(host, port, "", seed.username, seed.password, 0, seed.tls)
+            pipe = RedisPipe(address, timeout=self.timeout, scripts=self.scripts)
             self._pipes[node] = pipe
         return pipe
 
@@ -248,7 +269,8 @@ class ClusterPipe:
         for node in candidates:
             try:
                 reply = await self._pipe(node).call("CLUSTER", "SLOTS")
-            except RedisPipeError:
+            except RedisPipeError as exc:
+                self.last_error = str(exc)
                 continue
             slots: list[Node | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
             for start, end, master, *_replicas in reply:
@@ -257,7 +279,7 @@ class ClusterPipe:
                 slots[int(start) : int(end) + 1] = [owner] * (int(end) - int(start) + 1)
             self._slots, self._loaded = slots, True
             return
-        raise ConnectionFailed("no Redis Cluster node answered CLUSTER SLOTS")
+        raise ConnectionFailed(f"no Redis Cluster node answered CLUSTER SLOTS ({self.last_error})")
 
 
 def _redirect(error: ReplyError, node: Node) -> tuple[str, Node]:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import os
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -54,6 +56,68 @@ class Script:
         object.__setattr__(self, "sha", sha)
 
 
+# The URL schemes of redis_url, for every error that names them (docs/redis.md).
+SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+# TLS files as redis-py names its options, given as query parameters of a rediss:// URL.
+TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS to Redis: the CA that signed the server's certificate ("" for the system's CAs)
+    and, for servers that require client certificates, the client's certificate and key."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def context(self) -> ssl.SSLContext:
+        """The client side, verifying the server's certificate and host name."""
+        files = zip(TLS_PARAMS, (self.ca_file, self.cert_file, self.key_file), strict=True)
+        for param, path in files:
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{param}={path}: no such file")
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file or None)
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"TLS files: {exc.strerror or exc}") from None
+        return context
+
+
+def tls_from_query(scheme: str, query: dict[str, list[str]]) -> TLS | None:
+    """The TLS of a URL (`rediss` schemes) from its ssl_* query parameters."""
+    params = {name: values[-1] for name, values in query.items() if name in TLS_PARAMS}
+    if not scheme.startswith("rediss"):
+        if params:
+            raise ValueError(f"{', '.join(params)}: TLS options need a rediss:// URL")
+        return None
+    if params.get("ssl_keyfile") and not params.get("ssl_certfile"):
+        raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate)")
+    return TLS(
+        params.get("ssl_ca_certs", ""),
+        params.get("ssl_certfile", ""),
+        params.get("ssl_keyfile", ""),
+    )
+
+
+def check_query(query: dict[str, list[str]], allowed: tuple[str, ...]) -> None:
+    for name in query:
+        if name not in allowed:
+            raise ValueError(f"unknown query parameter {name!r} (known: {', '.join(allowed)})")
+
+
+def redacted(url: str) -> str:
+    """The URL with its password replaced by ***, for logs and errors."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    credentials, at, hosts = netloc.rpartition("@")
+    if at and ":" in credentials:
+        credentials = credentials.partition(":")[0] + ":***"
+    return f"{scheme}{sep}{credentials}{at}{hosts}{slash}{tail}"
+
+
 @dataclass(frozen=True)
 class Address:
     host: str = "127.0.0.1"
@@ -62,27 +126,43 @@ class Address:
     username: str = ""
     password: str = field(default="", repr=False)
     db: int = 0
+    tls: TLS | None = None
+
+    @property
+    def where(self) -> str:
+        return self.path or f"{self.host}:{self.port}"
 
 
 def parse_url(url: str) -> Address:
-    """`redis://[[user]:password@]host[:port][/db]` or `unix://[[user]:password@]/path?db=N`."""
+    """`redis://[[user]:password@]host[:port][/db]`, the same with `rediss://` (TLS; the
+    query may name ssl_ca_certs, ssl_certfile, ssl_keyfile), or
+    `unix://[[user]:password@]/path?db=N`."""
     parts = urlsplit(url)
     query = parse_qs(parts.query)
     username, password = unquote(parts.username or ""), unquote(parts.password or "")
     if parts.scheme == "unix":
+        check_query(query, ("db",))
         if not parts.path:
             raise ValueError("a unix:// Redis URL needs a socket path")
         db = query.get("db", ["0"])[0]
         return Address(path=parts.path, username=username, password=password, db=_db(db))
-    if parts.scheme != "redis":
-        raise ValueError(f"Redis URL scheme must be redis:// or unix://, not {parts.scheme!r}")
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(
+            f"Redis URL scheme must be one of {', '.join(SCHEMES)}, not {parts.scheme!r}"
+        )
+    check_query(query, ("db", *TLS_PARAMS))
     db = parts.path.strip("/") or query.get("db", ["0"])[0]
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError:
+        raise ValueError("the Redis URL's port is not a number 1..65535") from None
     return Address(
         host=parts.hostname or "127.0.0.1",
-        port=parts.port or DEFAULT_PORT,
+        port=port,
         username=username,
         password=password,
         db=_db(db),
+        tls=tls_from_query(parts.scheme, query),
     )
 
 
@@ -187,12 +267,16 @@ class _Connection(asyncio.Protocol):
 class RedisPipe:
     """The client: `call` any command, `evalsha` a registered script. Connects lazily."""
 
-    def __init__(self, url: str, timeout: float = 0.5, scripts: tuple[Script, ...] = ()) -> None:
-        self.address = parse_url(url)
+    def __init__(
+        self, url: str | Address, timeout: float = 0.5, scripts: tuple[Script, ...] = ()
+    ) -> None:
+        self.address = url if isinstance(url, Address) else parse_url(url)
         self.timeout = timeout
         self.scripts = scripts
+        self._tls = None if self.address.tls is None else self.address.tls.context()
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
+        self.last_error = ""  # why the last connection attempt or ping failed, for logs
 
     async def call(
         self,
@@ -243,9 +327,11 @@ class RedisPipe:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self.call("PING") == "PONG")
-        except RedisPipeError:
+            reply = await self.call("PING")
+        except RedisPipeError as exc:
+            self.last_error = str(exc)
             return False
+        return bool(reply == "PONG")
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -261,8 +347,13 @@ class RedisPipe:
 
     def _connected(self, attempt: asyncio.Future[_Connection]) -> None:
         self._connecting = None
-        if not attempt.cancelled() and attempt.exception() is None:
+        if attempt.cancelled():
+            return
+        error = attempt.exception()
+        if error is None:
             self._connection = attempt.result()
+        else:
+            self.last_error = str(error)
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -273,26 +364,56 @@ class RedisPipe:
                 if address.path:
                     await loop.create_unix_connection(lambda: connection, address.path)
                 else:
-                    await loop.create_connection(lambda: connection, address.host, address.port)
-                # Pipelined like everything else: AUTH, SELECT and the script loads.
-                setup = []
-                if address.password:
-                    user = (address.username,) if address.username else ()
-                    setup.append(
-                        connection.send(hiredis.pack_command(("AUTH", *user, address.password)))
+                    await loop.create_connection(
+                        lambda: connection,
+                        address.host,
+                        address.port,
+                        ssl=self._tls,
+                        server_hostname=address.host if self._tls else None,
                     )
-                if address.db:
-                    setup.append(connection.send(hiredis.pack_command(("SELECT", address.db))))
-                setup += [
-                    connection.send(hiredis.pack_command(("SCRIPT", "LOAD", s.source)))
-                    for s in self.scripts
-                ]
-                for reply in setup:
-                    await reply
-        except (OSError, TimeoutError) as exc:
+                await self._setup(connection)
+        except TimeoutError:
             connection.abort(ConnectionFailed("closed"))
-            raise ConnectionFailed(f"cannot connect to Redis ({exc.__class__.__name__})") from None
+            raise ConnectionFailed(
+                f"cannot connect to Redis at {address.where}: no answer in {self.timeout}s"
+            ) from None
+        except OSError as exc:  # refused, unreachable, TLS handshake (ssl.SSLError)
+            connection.abort(ConnectionFailed("closed"))
+            reason = exc.strerror or str(exc) or exc.__class__.__name__
+            raise ConnectionFailed(
+                f"cannot connect to Redis at {address.where}: {reason}"
+            ) from None
         except RedisPipeError:
             connection.abort(ConnectionFailed("closed"))
             raise
         return connection
+
+    async def _setup(self, connection: _Connection) -> None:
+        """AUTH, SELECT and the script loads, pipelined like everything else; an error
+        reply says which step failed."""
+        address = self.address
+        setup: list[tuple[str, asyncio.Future[Any]]] = []
+        if address.password:
+            user = (address.username,) if address.username else ()
+            command = ("AUTH", *user, address.password)
+            setup.append(("auth", connection.send(hiredis.pack_command(command))))
+        if address.db:
+            command = ("SELECT", address.db)
+            setup.append(("select", connection.send(hiredis.pack_command(command))))
+        for script in self.scripts:
+            command = ("SCRIPT", "LOAD", script.source)
+            setup.append(("script", connection.send(hiredis.pack_command(command))))
+        # Every reply, so none is left unread when one step fails.
+        replies = await asyncio.gather(*(reply for _, reply in setup), return_exceptions=True)
+        for (step, _), reply in zip(setup, replies, strict=True):
+            if not isinstance(reply, BaseException):
+                continue
+            where = address.where
+            if step == "select":
+                raise ReplyError(
+                    f"Redis at {where} has no database {address.db} ({reply}): check the "
+                    "database number of redis_url"
+                )
+            if step == "auth":
+                raise ReplyError(f"Redis at {where} refused the credentials ({reply})")
+            raise reply

@@ -315,6 +315,7 @@ class Authorization:
             (decision.UPSTREAM_PAYER, held.payer or payment.payer),
             (decision.UPSTREAM_AMOUNT, price.display),
             (decision.UPSTREAM_RECEIPT, held.hold_id),
+            (decision.UPSTREAM_HOLD, "true"),  # x-x402-amount is the hold, not the charge
         )
         meta = holding.metadata(held, payment, scheme.name, price, entry["request_id"])
         return self.answers.ok(upstream, (), meta)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,15 @@ from sidecar.core.decision import Gateway
 from sidecar.core.errors import AmountError, ConfigError
 from sidecar.core.identity import KeySet, load_signing_key, read_secret
 from sidecar.core.money import MAX_BALANCE, Asset
-from sidecar.core.pricing import ANY_METHOD, UNLISTED, Price, Route, RouteTable, validate_path
+from sidecar.core.pricing import (
+    ANY_METHOD,
+    UNLISTED,
+    Price,
+    Route,
+    RouteTable,
+    refuse_ambiguity,
+    validate_path,
+)
 
 ENV_PREFIX = "X402_"
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", ANY_METHOD}
@@ -199,11 +207,14 @@ class Settings:
         raw: Any = {}
         if path is not None:
             try:
-                raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+                text = Path(path).read_text(encoding="utf-8")
+                raw = yaml.load(text, UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
             except OSError as exc:
                 raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+            except ConfigError as exc:
+                raise ConfigError(f"config {path} {exc}") from None
             except yaml.YAMLError as exc:
-                raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+                raise ConfigError(f"config {path} is not valid YAML: {_one_line(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError("config must be a YAML mapping of keys to values")
         return cls.from_mapping(raw, os.environ if env is None else env)
@@ -215,18 +226,23 @@ class Settings:
             if key not in known:
                 raise ConfigError(f"config: unknown key {key!r}")
         values: dict[str, Any] = {}
+        from_env: set[str] = set()  # errors about these keys name the variable
         for name, spec in known.items():
             env_value = env.get(ENV_PREFIX + name.upper())
             default = spec.default_factory() if spec.default is MISSING else spec.default  # type: ignore[operator]
             value = raw.get(name, default)
             if env_value is not None and isinstance(default, int | str):
                 value = env_value
-            values[name] = _coerce(name, value, default)
+                from_env.add(name)
+            values[name] = _coerce(name, value, default, from_env)
         settings = cls(**values)
-        settings.route_table()  # validate routes and assets now, not at the first request
-        settings.edge_config()
-        settings.exact_terms()
-        settings.dashboard_origin()
+        try:  # validate routes and assets now, not at the first request
+            settings.route_table()
+            settings.edge_config()
+            settings.exact_terms()
+            settings.dashboard_origin()
+        except ConfigError as exc:
+            raise _named(exc, from_env) from None
         return settings
 
     @property
@@ -382,9 +398,9 @@ class Settings:
                     Price(str(name), amount, asset, description, phase),
                 )
             )
-        return RouteTable(
-            routes, assets, self.default_asset, self.unlisted, self.path_case == "sensitive"
-        )
+        case_sensitive = self.path_case == "sensitive"
+        refuse_ambiguity(routes, case_sensitive)
+        return RouteTable(routes, assets, self.default_asset, self.unlisted, case_sensitive)
 
     def signing_keys(self) -> KeySet:
         """The current signing key and the previous ones; a KeySetError (reason
@@ -420,6 +436,33 @@ class Settings:
         )
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the
+    last one silently: a route, a price or a secret's file overridden by a typo)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Hashable] = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # YAML's own constructor refuses it
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(
+                    f"line {line}: the key {key!r} appears twice in one mapping "
+                    "(YAML would keep only the last)"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    """A YAML error without its multi-line snippet: the problem and where."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        return f"{error.problem} at line {error.problem_mark.line + 1}"
+    return " ".join(str(error).split())
+
+
 def available_cores() -> int:
     """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
     (a Kubernetes CPU limit), so a pod limited to 2 CPUs on a 64-core node runs 2 workers."""
@@ -433,8 +476,23 @@ def available_cores() -> int:
     return cores
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
+def _named(error: ConfigError, from_env: set[str]) -> ConfigError:
+    """`config workers: …` → `env X402_WORKERS: …` when the value came from there."""
+    found = re.match(r"config (\w+)\b", str(error))
+    if found is None or found.group(1) not in from_env:
+        return error
+    return ConfigError(f"env {ENV_PREFIX}{found.group(1).upper()}{str(error)[found.end() :]}")
+
+
+def _coerce(name: str, value: Any, default: Any, from_env: set[str]) -> Any:
     """Check one top-level value against its default's type; env values arrive as str."""
+    try:
+        return _coerced(name, value, default)
+    except ConfigError as exc:
+        raise _named(exc, from_env) from None
+
+
+def _coerced(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool) or default is None:
         return value
     if isinstance(default, int):

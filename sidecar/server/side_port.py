@@ -26,7 +26,10 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.server import metrics
 from sidecar.server.config import TOPUP_PATH
 from sidecar.server.http_authz import reason_phrase
+from sidecar.server.logs import get_logger
 from sidecar.server.topup import Topup
+
+log = get_logger("sidecar.side_port")
 
 Reply = tuple[int, str, bytes]  # status, content type, body
 Headers = dict[str, str]
@@ -114,6 +117,7 @@ class SidePort:
         self.ledger = ledger
         self.topup = topup
         self.ready = True  # flipped off first on shutdown, so probes drain traffic
+        self._unreachable = ""  # why the ledger failed the last readiness probe
         discovery = json.dumps(discovery_document(routes, gateway)).encode()
 
         async def well_known() -> tuple[int, str, bytes]:
@@ -132,7 +136,14 @@ class SidePort:
     async def readyz(self) -> tuple[int, str, bytes]:
         if not self.ready:
             return 503, "application/json", b'{"status":"shutting_down"}'
-        if not await self.ledger.ping():
+        unreachable = await self.ledger.unreachable()
+        if unreachable != self._unreachable:  # a line when it changes, not per probe
+            if unreachable:
+                log.error("ledger.unavailable", redis_url=self.ledger.url, cause=unreachable)
+            else:
+                log.info("ledger.available", redis_url=self.ledger.url)
+            self._unreachable = unreachable
+        if unreachable:
             return 503, "application/json", b'{"status":"ledger_unavailable"}'
         return 200, "application/json", b'{"status":"ready"}'
 

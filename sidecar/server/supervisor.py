@@ -18,23 +18,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import gc
 import mmap
 import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from sidecar.core import exact, protocol, vouchers
+from sidecar.core.decision import Gateway
 from sidecar.core.errors import ConfigError
+from sidecar.core.pricing import RouteTable
 from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.cluster import is_cluster_url, parse_cluster_url
-from sidecar.ledger.pipe import parse_url
+from sidecar.ledger.cluster import ClusterPipe, is_cluster_url
+from sidecar.ledger.pipe import RedisPipe, redacted
 from sidecar.server import holding, http_authz, logs, metrics, wiring
 from sidecar.server.admin import start_facilities
 from sidecar.server.authz import AUTHZ_SERVICE, Authorization
@@ -46,6 +52,7 @@ from sidecar.server.topup import Topup
 SHUTDOWN_GRACE_SECONDS = 5.0
 CRASH_LOOP_RESTARTS = 5  # worker restarts within CRASH_LOOP_SECONDS before giving up
 CRASH_LOOP_SECONDS = 60.0
+EXIT_CONFIG = 78  # a worker's config cannot work (sysexits EX_CONFIG): stop, do not restart
 STARTING, SERVING, DRAINING = 0, 1, 2
 
 
@@ -116,7 +123,11 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if server.add_insecure_port(address) == 0:
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpc: "Failed to bind"
+        bound = 0
+    if bound == 0:
         raise ConfigError(f"config listen_grpc: worker {worker} cannot listen on {address}")
     topup = None
     if settler is not None and gateway.exact is not None and gateway.exact.topup:
@@ -140,16 +151,9 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     # it again and again (checks allocate fast, and every pass walked all of it).
     gc.freeze()
     board.set(worker, SERVING)
-    log.info(
-        "sidecar.started",
-        pid=os.getpid(),
-        listen_grpc=address,
-        transport=settings.transport,
-        listen_http=settings.listen_http if http else None,
-        payee=gateway.payee,
-        routes=len(routes.routes),
-        ledger_ready=await ledger.ping(),
-    )
+    await _log_started(log, ledger, listen_grpc=address, transport=settings.transport,
+        listen_http=settings.listen_http if http else None, payee=gateway.payee,
+        routes=len(routes.routes))  # fmt: skip
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -177,6 +181,21 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
         with contextlib.suppress(Exception):
             await settler.close()
     log.info("sidecar.stopped")
+
+
+async def _log_started(log: Any, ledger: Ledger, **facts: Any) -> None:
+    """The worker's start line; if Redis cannot be reached, a line saying where and why
+    (the worker fails closed with 503 until it can)."""
+    unreachable = await ledger.unreachable()
+    log.info(
+        "sidecar.started",
+        pid=os.getpid(),
+        redis_url=ledger.url,
+        ledger_ready=not unreachable,
+        **facts,
+    )
+    if unreachable:
+        log.error("ledger.unavailable", redis_url=ledger.url, cause=unreachable)
 
 
 async def _start_side_port(settings: Settings, side: SidePort, board: Board) -> asyncio.Server:
@@ -231,6 +250,10 @@ class Supervisor:
                 continue
             code = os.waitstatus_to_exitcode(status)
             self.log.error("sidecar.worker_exited", worker=worker, pid=pid, exit_code=code)
+            if code == EXIT_CONFIG:  # it said why on stderr; a restart would fail the same way
+                failed = True
+                self._stop(signal.SIGTERM, None)
+                continue
             now = time.monotonic()
             self.restarts.append(now)
             if len(self.restarts) == CRASH_LOOP_RESTARTS and now - self.restarts[0] < (
@@ -259,6 +282,7 @@ class Supervisor:
             code = 0
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+            code = EXIT_CONFIG
         except BaseException:  # a worker must never fall back into the supervisor's loop
             import traceback
 
@@ -284,21 +308,88 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def listeners(settings: Settings) -> list[tuple[str, str]]:
+    """Every (config key, host:port) the sidecar will listen on."""
+    bound = [("listen_grpc", address) for address in worker_addresses(settings)]
+    if settings.transport == "http":
+        bound += [("listen_authz_http", a) for a in worker_addresses(settings, "listen_authz_http")]
+    bound.append(("listen_http", settings.listen_http))
+    if settings.listen_admin and (settings.admin_token_file or settings.admin_tls_client_ca_file):
+        bound.append(("listen_admin", settings.listen_admin))
+    if settings.dashboard_enabled:
+        bound.append(("listen_dashboard", settings.listen_dashboard))
+    return bound
+
+
+def refuse_ports_in_use(settings: Settings) -> None:
+    """One line naming the port and its key if another process holds it (not a crash loop
+    of workers that cannot bind)."""
+    for key, address in listeners(settings):
+        host, port = split_host_port(address, key)
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+                probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"config {key}: port {port} ({address}) is in use by another process"
+                ) from None
+            reason = exc.strerror or str(exc)
+            raise ConfigError(f"config {key}: cannot listen on {address}: {reason}") from None
+
+
+def route_lines(routes: RouteTable, gateway: Gateway) -> list[str]:
+    """The route table the sidecar enforces, one line per route: method, pattern, price,
+    charge mode and the schemes that pay it (printed by `x402 serve` at start)."""
+    rows = []
+    for route in routes.routes:
+        price, phase = route.price, route.price.phase
+        schemes = [protocol.SCHEME, vouchers.SCHEME]
+        if phase is not None and phase.metered:
+            amount = f"{price.asset.to_decimal(phase.unit_price)} {price.asset.code}/{phase.unit}"
+            mode = f"metered (hold {price.display} {price.asset.code}, max {phase.max_units})"
+        else:
+            amount = f"{price.display} {price.asset.code}" if price.amount else "free"
+            mode = "on_success" if phase is not None else "on_check"
+            if gateway.exact is not None and gateway.exact.for_price(price) is not None:
+                schemes.append(exact.SCHEME)
+        if not price.amount:
+            mode, schemes = "-", []
+        rows.append((route.method, route.path, amount, mode, ",".join(schemes) or "-"))
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(4)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, [*widths, 0], strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def print_route_table(routes: RouteTable, gateway: Gateway) -> None:
+    unlisted = "served free" if routes.unlisted == "pass" else "refused: 404 unknown_route"
+    print(
+        f"x402 serve: {len(routes.routes)} routes enforced; unlisted: {routes.unlisted} "
+        f"(a path no route lists is {unlisted})",
+        file=sys.stderr,
+    )
+    for line in route_lines(routes, gateway):
+        print(f"  {line}", file=sys.stderr)
+    sys.stderr.flush()
+
+
 def run(settings: Settings) -> None:
     """Check everything that can fail once, before forking, so a bad config fails once."""
     logs.configure(settings.log_level)
-    settings.route_table()
-    settings.gateway()
-    worker_addresses(settings)
-    if settings.transport == "http":
-        worker_addresses(settings, "listen_authz_http")
-    try:
+    routes, gateway = settings.route_table(), settings.gateway()
+    try:  # the URL and its TLS files, before any worker depends on them
         if is_cluster_url(settings.redis_url):
-            parse_cluster_url(settings.redis_url)
+            ClusterPipe(settings.redis_url)
         else:
-            parse_url(settings.redis_url)
+            RedisPipe(settings.redis_url)
     except ValueError as exc:
-        raise ConfigError(f"config redis_url: {exc}") from None
+        raise ConfigError(f"config redis_url {redacted(settings.redis_url)}: {exc}") from None
+    refuse_ports_in_use(settings)
+    print_route_table(routes, gateway)
     with metrics.aggregated(settings.workers):  # /metrics sums every worker's samples
         code = Supervisor(settings).run()
     sys.exit(code)

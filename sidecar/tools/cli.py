@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from sidecar.core.errors import X402Error
+from sidecar.core.errors import UnknownPayer, X402Error
 from sidecar.core.identity import Identity, write_secret
 
 if TYPE_CHECKING:  # the gateway's modules load only for the commands that need them
@@ -236,6 +236,7 @@ config_option = click.option(
 def _ledger_call(
     redis_url: str | None, config_path: str | None, op: Callable[[Ledger, Settings], Awaitable[T]]
 ) -> T:
+    from sidecar.core.errors import LedgerUnavailable
     from sidecar.ledger.accounts import Ledger
     from sidecar.server.config import Settings
 
@@ -245,6 +246,8 @@ def _ledger_call(
         ledger = Ledger.from_url(redis_url or settings.redis_url)
         try:
             return await op(ledger, settings)
+        except LedgerUnavailable as exc:  # where and why, never the password
+            raise X402Error(f"ledger at {ledger.url} unavailable: {exc.__cause__ or exc}") from None
         finally:
             await ledger.close()
 
@@ -348,7 +351,8 @@ def payer_register(public_key: str, redis_url: str | None, config_path: str | No
 @click.option(
     "--idempotency-key",
     default=None,
-    help="Retrying with the same key never credits twice [default: random].",
+    help="Names the payment this credit records (an invoice or transfer id): re-running "
+    "the command with the same key never credits twice. Required.",
 )
 @redis_option
 @config_option
@@ -361,14 +365,24 @@ def payer_credit(
     redis_url: str | None,
     config_path: str | None,
 ) -> None:
-    """Add AMOUNT (a decimal like 10.5) to a payer's balance."""
+    """Add AMOUNT (a decimal like 10.5) to a registered payer's balance, once per
+    --idempotency-key."""
+    if not idempotency_key:
+        raise X402Error(
+            "--idempotency-key is required: name the payment this credit records (e.g. "
+            "--idempotency-key invoice-2041), so running the command again never credits twice"
+        )
     _check_key(public_key)
-    key = idempotency_key or secrets.token_urlsafe(12)
-    credited = _payers_call(
-        redis_url, config_path, lambda p: p.credit(public_key, amount, asset, key)
-    )
+    try:
+        credited = _payers_call(
+            redis_url, config_path, lambda p: p.credit(public_key, amount, asset, idempotency_key)
+        )
+    except UnknownPayer as exc:
+        raise X402Error(f"{exc}; register it first: x402 payer register {public_key}") from None
     verb = "credited" if credited.applied else "already applied (idempotency key seen)"
-    click.echo(f"{verb}; balance {credited.balance} {credited.asset} (idempotency key {key})")
+    click.echo(
+        f"{verb}; balance {credited.balance} {credited.asset} (idempotency key {idempotency_key})"
+    )
 
 
 @payer.command("balance", context_settings=KEY_ARGUMENTS)

@@ -23,6 +23,7 @@ from sidecar.core.pricing import (
     EXT_DESCRIPTION,
     EXT_PRICE,
     EXT_ROUTE,
+    is_pattern,
     path_regex,
 )
 from sidecar.core.protocol import DISCOVERY_PATH, PROOF_HEADERS
@@ -169,7 +170,7 @@ def _is_ip(host: str) -> bool:
 
 
 def _path_match(path: str) -> dict[str, Any]:
-    if "{" not in path:
+    if not is_pattern(path):  # wildcards (*, **, {param}) match as the sidecar's regex
         return {"path": path}
     return {"safe_regex": {"regex": path_regex(path)}}
 
@@ -544,7 +545,9 @@ def virtual_host_routes(
         # first match, so a template must not shadow one.
         *(
             priced_route(name, spec, default_asset, edge, per_route_http)
-            for name, spec in sorted(routes.items(), key=lambda item: "{" in str(item[1]["path"]))
+            for name, spec in sorted(
+                routes.items(), key=lambda item: is_pattern(str(item[1]["path"]))
+            )
         ),
         fallback,
     ]

@@ -29,6 +29,7 @@ import yaml
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity, write_secret
 from sidecar.server.config import Edge, Settings
+from sidecar.tools import redis_tls as tls_server
 from sidecar.tools.envoy_config import Endpoints, render, timeouts
 
 LOOPBACK = "127.0.0.1"
@@ -153,6 +154,7 @@ class Stack:
     envoy_concurrency: int = 1  # Envoy worker threads
     redis_args: tuple[str, ...] = ()  # extra redis-server arguments, e.g. AOF for fault tests
     redis_cluster: int = 0  # > 0: the ledger on a Redis Cluster of this many masters
+    redis_tls: Path | None = None  # certificates: the ledger over TLS (tools/redis_tls.py)
     authz_timeout: str = ""  # Envoy's ext_authz timeout; default: longer than the ledger's
     service_host: str = LOOPBACK  # how Envoy addresses the upstream ("localhost": by DNS)
     # How Envoy asks the sidecar (config `transport`); X402_TRANSPORT picks it as it does for
@@ -177,10 +179,12 @@ class Stack:
     # -- addresses ---------------------------------------------------------------------
     @property
     def redis_url(self) -> str:
+        files = self.redis_tls
+        tls, query = ("", "") if files is None else ("s", tls_server.url_query(files))
         if self.redis_cluster:
             nodes = ",".join(f"{LOOPBACK}:{port}" for port in self.cluster_ports)
-            return f"redis+cluster://{nodes}"
-        return f"redis://{LOOPBACK}:{self.ports['redis']}/0"
+            return f"redis{tls}+cluster://{nodes}{query}"
+        return f"redis{tls}://{LOOPBACK}:{self.ports['redis']}/0{query}"
 
     @property
     def cluster_ports(self) -> list[int]:
@@ -290,9 +294,7 @@ class Stack:
         process = self._spawn(
             "redis",
             [
-                find_binary("redis-server"),
-                "--port",
-                str(self.ports["redis"]),
+                *self._redis_server(self.ports["redis"]),
                 "--bind",
                 LOOPBACK,
                 "--dir",
@@ -310,16 +312,28 @@ class Stack:
         """Until the server on `port` answers `command` (inline) with a reply holding `answer`."""
         deadline = time.monotonic() + 10
         while True:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((LOOPBACK, port), timeout=0.5) as s,
-            ):
+            with contextlib.suppress(OSError), self._redis_socket(port) as s:
                 s.sendall(command + b"\r\n")
                 if answer in s.recv(4096):
                     return process
             if time.monotonic() > deadline or process.popen.poll() is not None:
                 raise X402Error(f"redis-server did not start; see {process.log_path}")
             time.sleep(0.05)
+
+    def _redis_server(self, port: int) -> list[str]:
+        """The redis-server command line listening on `port` (over TLS with `redis_tls`)."""
+        if self.redis_tls is None:
+            return [find_binary("redis-server"), "--port", str(port)]
+        return tls_server.server_argv(self.redis_tls, port, bool(self.redis_cluster))
+
+    def _redis_cli(self) -> list[str]:
+        tls = self.redis_tls
+        return [find_binary("redis-cli")] if tls is None else tls_server.cli_argv(tls)
+
+    def _redis_socket(self, port: int) -> socket.socket:
+        plain = socket.create_connection((LOOPBACK, port), timeout=0.5)
+        tls = self.redis_tls
+        return plain if tls is None else tls_server.client_socket(tls, plain, LOOPBACK)
 
     def start_redis_cluster(self) -> Process:
         """`redis_cluster` masters, no replicas, joined by `redis-cli --cluster create`, as
@@ -331,8 +345,8 @@ class Stack:
             process = self._spawn(
                 f"redis{node}",
                 [
-                    find_binary("redis-server"),
-                    *("--port", str(port), "--bind", LOOPBACK, "--dir", str(workdir)),
+                    *self._redis_server(port),
+                    *("--bind", LOOPBACK, "--dir", str(workdir)),
                     *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
                     *("--save", "", "--appendonly", "no"),
                     *self.redis_args,
@@ -341,7 +355,7 @@ class Stack:
             nodes.append(self._wait_redis(process, port, b"PING", b"+PONG"))
         create = subprocess.run(
             [
-                find_binary("redis-cli"),
+                *self._redis_cli(),
                 "--cluster",
                 "create",
                 *(f"{LOOPBACK}:{port}" for port in self.cluster_ports),

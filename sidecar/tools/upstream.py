@@ -18,7 +18,12 @@ import contextlib
 import json
 from urllib.parse import parse_qs
 
-from sidecar.core.decision import UPSTREAM_AMOUNT, UPSTREAM_PAYER, UPSTREAM_RECEIPT
+from sidecar.core.decision import (
+    UPSTREAM_AMOUNT,
+    UPSTREAM_HOLD,
+    UPSTREAM_PAYER,
+    UPSTREAM_RECEIPT,
+)
 from sidecar.core.protocol import PROOF_HEADERS
 
 Headers = dict[str, str]
@@ -53,6 +58,7 @@ async def respond(
         "payer": headers.get(UPSTREAM_PAYER),
         "amount": headers.get(UPSTREAM_AMOUNT),
         "receipt_id": headers.get(UPSTREAM_RECEIPT),
+        "hold": headers.get(UPSTREAM_HOLD),
         "proof_header_seen": any(h in headers for h in PROOF_HEADERS),
     }
     extra: Headers = {}

@@ -89,9 +89,10 @@ def fund(cluster: Cluster, x402: str, wallet: Identity, amount: str) -> None:
     """`kubectl exec ... -c x402 -- x402 payer ... --admin`: through the pod's admin API,
     with the token the chart's Secret mounts."""
     admin = ["--admin", "127.0.0.1:8999", "--admin-token-file", "/etc/x402/admin/admin.token"]
+    once = ["--idempotency-key", f"test-fund-{wallet.public_key}"]
     for argv in (
         ["x402", "payer", "register", wallet.public_key, *admin],
-        ["x402", "payer", "credit", wallet.public_key, amount, "--asset", "USDF", *admin],
+        ["x402", "payer", "credit", wallet.public_key, amount, "--asset", "USDF", *once, *admin],
     ):
         result = cluster.exec(x402, *argv)
         assert result.returncode == 0, result.stdout + result.stderr

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from sidecar.core.money import to_atomic
+from sidecar.core.pricing import is_pattern
 from sidecar.server.config import Edge, Settings
 from sidecar.tools.envoy_config import Endpoints, render, timeouts
 from sidecar.tools.stack import LOOPBACK
@@ -128,7 +129,8 @@ def test_sidecar_config_is_the_same_route_table(rendered: Rendered) -> None:
     assert actual == expected
     # The sidecar looks exact paths up first, then tries templated ones in table order;
     # Envoy's routes are in that same order, so both pick the same route for a path.
-    templated = [name for name in ordered_routes(v["routes"]) if "{" in v["routes"][name]["path"]]
+    routes = ordered_routes(v["routes"])
+    templated = [name for name in routes if is_pattern(routes[name]["path"])]
     assert [r.name for r in table.routes if r.is_template] == templated
     assert settings.listen_grpc == f"0.0.0.0:{v['sidecar']['grpcPort']}"
     assert settings.listen_http == f"0.0.0.0:{v['sidecar']['httpPort']}"

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from sidecar.core.money import to_atomic, to_decimal
+from sidecar.core.pricing import is_pattern
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "x402-sidecar"
@@ -139,7 +140,7 @@ def rendered_values(name: str) -> Rendered:
 
 def ordered_routes(routes: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     """The chart's match order: exact paths, then templated ones, each by name."""
-    names = sorted(routes, key=lambda name: ("{" in routes[name]["path"], name))
+    names = sorted(routes, key=lambda name: (is_pattern(routes[name]["path"]), name))
     return {name: routes[name] for name in names}
 
 

@@ -139,7 +139,7 @@ authorization_request:
   {{- end }}
 authorization_response:
   allowed_upstream_headers:
-    {{- include "x402.envoyExactPatterns" (list "x-x402-payer" "x-x402-amount" "x-x402-receipt-id") | nindent 4 }}
+    {{- include "x402.envoyExactPatterns" (list "x-x402-payer" "x-x402-amount" "x-x402-receipt-id" "x-x402-hold") | nindent 4 }}
   allowed_client_headers:
     {{- include "x402.envoyExactPatterns" (list "content-type" "cache-control" "payment-required" "retry-after") | nindent 4 }}
   allowed_client_headers_on_success:
@@ -330,7 +330,7 @@ static_resources:
               {{- $method := default "*" $route.method }}
               - name: {{ $name | toJson }}
                 match:
-                  {{- if contains "{" $route.path }}
+                  {{- if or (contains "{" $route.path) (contains "*" $route.path) }}
                   safe_regex:
                     regex: {{ include "x402.pathRegex" $route.path | toJson }}
                   {{- else }}

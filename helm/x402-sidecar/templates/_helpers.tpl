@@ -168,7 +168,8 @@ response_trailer_mode: SKIP
 {{- $exact := list }}
 {{- $templated := list }}
 {{- range $name := keys .Values.routes | sortAlpha }}
-{{- if contains "{" (index $.Values.routes $name).path }}
+{{- $path := (index $.Values.routes $name).path }}
+{{- if or (contains "{" $path) (contains "*" $path) }}
 {{- $templated = append $templated $name }}
 {{- else }}
 {{- $exact = append $exact $name }}
@@ -182,7 +183,9 @@ response_trailer_mode: SKIP
 {{- define "x402.pathRegex" -}}
 {{- $segments := list }}
 {{- range splitList "/" . }}
-{{- if regexMatch "^\\{[A-Za-z_][A-Za-z0-9_]*\\}$" . }}
+{{- if eq . "**" }}
+{{- $segments = append $segments "[^/].*" }}
+{{- else if or (eq . "*") (regexMatch "^\\{[A-Za-z_][A-Za-z0-9_]*\\}$" .) }}
 {{- $segments = append $segments "[^/]+" }}
 {{- else }}
 {{- $segments = append $segments (regexQuoteMeta . | replace "-" "\\-" | replace "&" "\\&" | replace "~" "\\~" | replace "#" "\\#") }}
@@ -191,9 +194,9 @@ response_trailer_mode: SKIP
 {{- join "/" $segments }}
 {{- end }}
 
-{{/* A concrete path for a pattern, for `helm test`: each {param} becomes "x402-test". */}}
+{{/* A concrete path for a pattern, for `helm test`: each wildcard becomes "x402-test". */}}
 {{- define "x402.samplePath" -}}
-{{- regexReplaceAll "\\{[A-Za-z_][A-Za-z0-9_]*\\}" . "x402-test" }}
+{{- regexReplaceAll "\\{[A-Za-z_][A-Za-z0-9_]*\\}|\\*\\*|\\*" . "x402-test" }}
 {{- end }}
 
 {{/* ---- secrets: generated once, then reused on every upgrade ---------------------- */}}

@@ -6,7 +6,15 @@ import pytest
 
 from sidecar.core.errors import BadRequest, ConfigError, UnknownRoute
 from sidecar.core.money import Asset
-from sidecar.core.pricing import Price, Route, RouteTable, validate_path
+from sidecar.core.pricing import (
+    Price,
+    Route,
+    RouteTable,
+    fill_params,
+    path_regex,
+    refuse_ambiguity,
+    validate_path,
+)
 
 USDF, EURF = Asset("USDF", 6), Asset("EURF", 2)
 
@@ -84,7 +92,27 @@ def test_bad_annotations_are_config_errors(annotations: dict[str, str]) -> None:
         TABLE.price_for("GET", "/x", annotations)
 
 
-@pytest.mark.parametrize("path", ["api", "/a?b=1", "/a/{x", "/a/pre{x}", "/a/{1x}", ""])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "api",
+        "/a?b=1",
+        "/a/{x",
+        "/a/pre{x}",
+        "/a/{1x}",
+        "",
+        "/a*b",  # a * inside a segment
+        "/a/*b",
+        "/a/***",
+        "/a/**/b",  # ** only as the last segment
+        "/a//b",  # Envoy merges slashes: never matches
+        "/a/../b",
+        "/a/./b",
+        "/a/{x}/{x}",
+        "/a#b",
+        "/a b",
+    ],
+)
 def test_invalid_patterns(path: str) -> None:
     with pytest.raises(ValueError):
         validate_path(path)
@@ -174,3 +202,89 @@ def test_case_insensitive_tables_price_any_case() -> None:
 def test_unlisted_must_be_pass_or_deny() -> None:
     with pytest.raises(ConfigError, match="unlisted"):
         RouteTable([], {"USDF": USDF}, "USDF", unlisted="allow")
+
+
+WILD = RouteTable(
+    [
+        route("forecast", "GET", "/v1/forecast/*", 3),
+        route("files", "GET", "/files/**", 4),
+        route("sample", "GET", "/v1/forecast/sample", 0),
+    ],
+    {"USDF": USDF},
+    "USDF",
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/v1/forecast/rome", "forecast"),
+        ("/v1/forecast/rome/", "forecast"),  # one trailing slash dropped
+        ("/v1/forecast/sample", "sample"),  # a literal path wins over a pattern
+        ("/files/a", "files"),
+        ("/files/a/b/c.txt", "files"),
+        ("/files/a/", "files"),
+    ],
+)
+def test_wildcards_match_their_segments(path: str, name: str) -> None:
+    price = WILD.lookup("GET", path)
+    assert price is not None and price.route == name
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/forecast", "/v1/forecast/", "/v1/forecast/rome/today", "/files", "/files/"]
+)
+def test_wildcards_match_nothing_else(path: str) -> None:
+    """`*` is exactly one segment; `**` one or more, never zero: the prefix is its own
+    route (docs/configuration.md)."""
+    assert WILD.lookup("GET", path) is None
+
+
+def test_wildcard_regexes_and_sample_paths() -> None:
+    assert path_regex("/v1.0/*/{id}/**") == r"/v1\.0/[^/]+/[^/]+/[^/].*"
+    assert fill_params("/a/*/{b}/**", lambda: "x") == "/a/x/x/x"
+
+
+def test_odd_spellings_under_a_wildcard_are_refused() -> None:
+    with pytest.raises(BadRequest):
+        WILD.price_for("GET", "/V1/Forecast/rome", {})
+    with pytest.raises(BadRequest):
+        WILD.price_for("GET", "/files;x/a", {})
+
+
+@pytest.mark.parametrize(
+    ("routes", "reason"),
+    [
+        ([route("a", "GET", "/x/*", 1), route("b", "GET", "/x/{id}", 0)], "the same route"),
+        ([route("a", "GET", "/x", 1), route("b", "GET", "/x", 1)], "the same route"),
+        ([route("a", "GET", "/x/*", 1), route("b", "*", "/x/y", 2)], "both priced"),
+        ([route("a", "GET", "/x/**", 1), route("b", "GET", "/x/*/z", 2)], "both priced"),
+        ([route("a", "GET", "/**", 1), route("b", "GET", "/x", 2)], "both priced"),
+        ([route("a", "GET", "/x/*", 1), route("b", "GET", "/*/y", 0)], "the free pattern"),
+    ],
+)
+def test_ambiguous_tables_are_refused(routes: list[Route], reason: str) -> None:
+    with pytest.raises(ConfigError, match=f"routes.a, routes.b: {reason}"):
+        refuse_ambiguity(routes)
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        [route("a", "GET", "/x/*", 1), route("b", "POST", "/x/*", 1)],  # other methods
+        [route("a", "GET", "/x/*", 1), route("b", "GET", "/x/y", 0)],  # free literal wins
+        [route("a", "GET", "/x/**", 1), route("b", "GET", "/x", 2)],  # ** is never zero
+        [route("a", "GET", "/x/*", 1), route("b", "GET", "/x/*/", 2)],  # trailing slash
+        [route("a", "GET", "/x/*", 0), route("b", "GET", "/*/y", 0)],  # both free
+        [route("a", "GET", "/x/a", 1), route("b", "HEAD", "/x/a", 2)],
+    ],
+)
+def test_unambiguous_tables_are_accepted(routes: list[Route]) -> None:
+    refuse_ambiguity(routes)
+
+
+def test_overlaps_follow_the_path_case() -> None:
+    routes = [route("a", "GET", "/X/*", 1), route("b", "GET", "/x/y", 2)]
+    refuse_ambiguity(routes)
+    with pytest.raises(ConfigError, match="both priced"):
+        refuse_ambiguity(routes, case_sensitive=False)

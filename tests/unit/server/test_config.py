@@ -46,7 +46,10 @@ def test_routes_become_a_route_table() -> None:
         ({"colour": "red"}, {}, "'colour'"),
         ({"workers": "many"}, {}, "workers"),
         ({"workers": 0}, {}, "workers"),
-        ({}, {"X402_MAX_PROOF_BYTES": "-5"}, "max_proof_bytes"),
+        ({}, {"X402_MAX_PROOF_BYTES": "-5"}, "env X402_MAX_PROOF_BYTES: must be"),
+        ({}, {"X402_WORKERS": "0"}, "env X402_WORKERS: must be at least 1"),
+        ({}, {"X402_UNLISTED": "allow"}, "env X402_UNLISTED: one of"),
+        ({}, {"X402_NETWORK": "ledger"}, "env X402_NETWORK: must be CAIP-2"),
         ({"log_level": "loud"}, {}, "log_level"),
         ({"routes": {"r": {**ROUTE, "price": 0.25}}}, {}, "routes.r.price"),  # a float
         ({"routes": {"r": {**ROUTE, "price": "0.0000001"}}}, {}, "routes.r.price"),
@@ -188,3 +191,79 @@ def test_the_decision_stream_is_always_capped_in_bytes() -> None:
     assert load({}).decision_stream_max_bytes == 4 * 1024 * 1024
     with pytest.raises(ConfigError, match="config decision_stream_max_bytes: must be at least 1"):
         load({"decision_stream_max_bytes": 0})
+
+
+def test_a_key_twice_in_the_yaml_refuses_to_start(tmp_path: Path) -> None:
+    config = tmp_path / "twice.yaml"
+    config.write_text(
+        "routes:\n"
+        "  forecast: {method: GET, path: '/v1/forecast/*', price: '0.01'}\n"
+        "  forecast: {method: GET, path: '/v1/forecast/{city}', price: '0'}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        Settings.load(config, env={})
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "line 3" in message and "'forecast' appears twice" in message
+
+
+def test_bad_yaml_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routes:\n  a: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as raised:
+        Settings.load(bad, env={})
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("routes", "message"),
+    [
+        (
+            {"a": {**ROUTE, "path": "/v1/x"}, "b": {**ROUTE, "path": "/v1/x", "price": "0"}},
+            "config routes.a, routes.b: the same route GET /v1/x twice",
+        ),
+        (
+            {"a": {**ROUTE, "path": "/v1/{city}"}, "b": {**ROUTE, "path": "/v1/*"}},
+            "config routes.a, routes.b: the same route GET /v1/* twice",
+        ),
+        (
+            {"a": {**ROUTE, "path": "/v1/**"}, "b": {**ROUTE, "path": "/v1/rome/{day}"}},
+            "config routes.a, routes.b: both priced routes match GET /v1/rome/x",
+        ),
+        (
+            {"a": {**ROUTE, "method": "*", "path": "/v1/x"}, "b": {**ROUTE, "path": "/v1/x"}},
+            "config routes.a, routes.b: both priced routes match GET /v1/x",
+        ),
+        (
+            {"a": {**ROUTE, "path": "/v1/*/b"}, "free": {**ROUTE, "path": "/v1/a/*", "price": 0}},
+            "config routes.a, routes.free: the free pattern /v1/a/* also matches GET /v1/a/b",
+        ),
+        (
+            {"a": {**ROUTE, "path": "/v1/forecast*"}},
+            "config routes.a.path: '/v1/forecast*': a * must be a whole segment",
+        ),
+        (
+            {"a": {**ROUTE, "path": "/v1/**/x"}},
+            "config routes.a.path: '/v1/**/x': ** (the rest of the path) must be the last",
+        ),
+    ],
+)
+def test_ambiguous_routes_refuse_to_start(routes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load({"routes": routes})
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_free_literal_path_beside_a_priced_pattern_is_clear() -> None:
+    table = load(
+        {
+            "routes": {
+                "forecast": {**ROUTE, "path": "/v1/forecast/*"},
+                "sample": {**ROUTE, "path": "/v1/forecast/sample", "price": "0"},
+                "other_method": {**ROUTE, "method": "POST", "path": "/v1/forecast/*"},
+            }
+        }
+    ).route_table()
+    assert table.price_for("GET", "/v1/forecast/sample", {}) is None
+    price = table.price_for("GET", "/v1/forecast/rome", {})
+    assert price is not None and price.route == "forecast"

@@ -57,6 +57,7 @@ def test_free_strips_the_proofs_and_every_gateway_assertion() -> None:
         "x-x402-payer",
         "x-x402-amount",
         "x-x402-receipt-id",
+        "x-x402-hold",
     }
 
 
