@@ -34,6 +34,16 @@ from sidecar.agent.exact import (
     find_onchain,
     official_default,
 )
+from sidecar.agent.outcomes import (
+    REFUSAL_EXTENSION,
+    answer_of,
+    attach_refusal,
+    guard,
+    never_sent,
+    outcome_unknown,
+    refusal_of,
+    transport_cause,
+)
 from sidecar.agent.receipts import (
     NOT_JSON,
     RECEIPT_EXTENSION,
@@ -46,7 +56,7 @@ from sidecar.agent.receipts import (
     refusal,
     report,
 )
-from sidecar.agent.wallet import Reservation, Wallet, scaled
+from sidecar.agent.wallet import Reservation, Wallet, scale_atomic, scaled, unscaled
 from sidecar.core import protocol
 from sidecar.core.errors import (
     AmountError,
@@ -61,6 +71,7 @@ from sidecar.core.protocol import SCHEME, VERSION
 # Re-exported so an agent needs one import line.
 __all__ = [
     "RECEIPT_EXTENSION",
+    "REFUSAL_EXTENSION",
     "TOPUP_EXTENSION",
     "Discovery",
     "Receipt",
@@ -68,6 +79,7 @@ __all__ = [
     "Wallet",
     "X402Auth",
     "receipt_of",
+    "refusal_of",
 ]
 
 TOPUP_EXTENSION = "x402_topup"  # the TopUp an auto top-up made before this response
@@ -90,6 +102,11 @@ class _Payment:
 
     reservation: Reservation
     proof: dict[str, Any]
+    request: httpx.Request  # the request it rides on: its answer is the paid one
+
+    def identity(self, origin: str) -> dict[str, Any]:
+        names = ("nonce", "invoice_id", "payer", "payee", "resource", "asset", "amount")
+        return {**{name: self.proof.get(name) for name in names}, "origin": origin}
 
 
 @dataclass
@@ -101,6 +118,15 @@ class _ExactPayment:
     amount: int  # atomic
     payer: str  # the EVM address that signed
     resource: str | None  # METHOD path; None for a top-up
+
+    def identity(self, origin: str) -> dict[str, Any]:
+        return {
+            "payer": self.payer,
+            "resource": self.resource,
+            "asset": self.onchain.asset,
+            "amount": unscaled(scale_atomic(self.amount, self.onchain.decimals)),
+            "origin": origin,
+        }
 
 
 @dataclass(frozen=True)
@@ -168,6 +194,30 @@ def _send(request: httpx.Request) -> Generator[Step, httpx.Response | None, http
     """`response = yield from _send(request)`: a request's answer inside a flow."""
     response = yield request
     assert response is not None  # only a _Wait is answered with None
+    return response
+
+
+def _send_paid(
+    request: httpx.Request, payment: _Payment | _ExactPayment
+) -> Generator[Step, httpx.Response | None, httpx.Response]:
+    """`_send` for a request that carries a proof. Abandoned before its answer came (a
+    timeout, a dropped connection, a cancellation), the payment may have been charged: it
+    is counted as spent, and a transport error becomes PaymentOutcomeUnknown. A proof
+    whose connection never opened did not leave: its reservation goes back."""
+    try:
+        response = yield request
+    except GeneratorExit as closing:
+        cause = transport_cause(closing, request)
+        if cause is not None and never_sent(cause):
+            payment.reservation.release()
+            raise
+        payment.reservation.commit()
+        if cause is not None:
+            raise outcome_unknown(request, payment.identity(origin_of(request.url)), cause) from (
+                cause
+            )
+        raise
+    assert response is not None
     return response
 
 
@@ -268,14 +318,43 @@ class X402Auth(httpx.Auth):
             return self.gateway_keys
         return discovery.keys if discovery is not None else None
 
+    def _worded(self, problem: str | None) -> str | None:
+        """A receipt's problem, naming the keys it was checked against as they came."""
+        if problem is None or self.gateway_keys is None:
+            return problem
+        return problem.replace("the gateway's published keys", "the pinned keys (gateway_keys)")
+
     def _topup_state(self, origin: str) -> _TopUps:
         with self._topups_lock:
             return self._topups.setdefault(origin, _TopUps())
 
     # -- the drivers: httpx sync and async, the requests adapter ------------------------------
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        """The payment flow for a synchronous caller (httpx.Client, the requests adapter)."""
-        return _drive(self._flow(request))
+        """The payment flow for the requests adapter (each answer's body already read)."""
+        return _drive(self._flow(request, asynchronous=False))
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        """The payment flow under httpx.Client: each answer is read here, inside the flow,
+        so a timeout while reading it reaches the flow (an unknown outcome), not the GC."""
+        if self.requires_request_body:
+            request.read()
+        flow = self._flow(request, asynchronous=False)
+        try:
+            step = next(flow)
+            while True:
+                if isinstance(step, _Wait):
+                    step.event.wait(step.timeout)
+                    step = flow.send(None)
+                else:
+                    response = yield step
+                    response.read()
+                    step = flow.send(response)
+        except StopIteration:
+            return
+        finally:
+            flow.close()
 
     async def async_auth_flow(
         self, request: httpx.Request
@@ -283,7 +362,7 @@ class X402Auth(httpx.Auth):
         """The same flow under httpx.AsyncClient: waiting for a top-up never blocks the loop."""
         if self.requires_request_body:
             await request.aread()
-        flow = self._flow(request)
+        flow = self._flow(request, asynchronous=True)
         try:
             step = next(flow)
             while True:
@@ -300,7 +379,29 @@ class X402Auth(httpx.Auth):
             flow.close()
 
     # -- the flow --------------------------------------------------------------------------
-    def _flow(self, request: httpx.Request) -> Flow:
+    def _flow(self, request: httpx.Request, *, asynchronous: bool) -> Flow:
+        """The payment flow, its proofs kept off redirects (outcomes.ProofGuard); the last
+        answer, if it refuses a payment, carries the typed refusal with its next step."""
+        guard(request, asynchronous)
+        flow = self._pay_flow(request)
+        last: httpx.Response | None = None
+        try:
+            step = next(flow)
+            while True:
+                sent = yield step
+                last = sent if sent is not None else last
+                step = flow.send(sent)
+        except StopIteration:
+            pass
+        finally:
+            flow.close()
+        reason = refusal(last) if last is not None else None
+        if last is not None and reason is not None and refusal_of(last) is None:
+            wallet = self.wallet
+            payer = wallet.public_key if wallet.has_identity else ""
+            attach_refusal(last, reason, payer or (wallet.evm.address if wallet.evm else ""))
+
+    def _pay_flow(self, request: httpx.Request) -> Flow:
         origin = origin_of(request.url)
         cached = self.discoveries.fresh(origin)
         discovery = cached.discovery if cached is not None else None
@@ -314,10 +415,13 @@ class X402Auth(httpx.Auth):
             price = discovery.price(request.method, path_of(request.url))
             if price is not None:
                 payment = self._pay(request, self._direct_terms(request, price, discovery))
-        response = yield from _send(request)
+        if payment is not None:
+            response = yield from _send_paid(request, payment)
+        else:
+            response = yield from _send(request)
 
         if payment is not None:
-            reason = refusal(response)
+            reason = refusal(answer_of(request, response))
             if reason is None:
                 self._settle(payment, response, discovery)
                 return
@@ -330,8 +434,8 @@ class X402Auth(httpx.Auth):
             # The price list is stale: refresh it, then pay the invoice this 402 carries.
             discovery = yield from self._discover(request, origin)
             cached = self.discoveries.fresh(origin)
-        elif response.status_code != 402:
-            return
+        elif response.status_code != 402 or answer_of(request, response) is not response:
+            return  # free, or another URL's 402 (a redirect): a proof goes where it is priced
 
         offers = exact_offers(response.headers.get("payment-required"))
         can_exact = bool(offers) and self.wallet.evm is not None
@@ -355,15 +459,16 @@ class X402Auth(httpx.Auth):
         if invoice is not None:
             generation = self._topup_state(origin).generation
             payment = self._pay(request, invoice)
-            response = yield from _send(request)
+            response = yield from _send_paid(request, payment)
             self._settle(payment, response, discovery)
             reason = refusal(response)
             if reason is not None and self._cures(reason):
                 yield from self._topup_and_retry(request, response, generation)
             return
         exact = self._pay_exact(request, offers, discovery)
-        response = yield from _send(request)
-        self._settle_exact(exact, response, discovery)
+        response = yield from _send_paid(request, exact)
+        self._settle_exact(exact, answer_of(request, response), discovery)
+        _carry(request, response)
 
     def _direct_terms(
         self, request: httpx.Request, price: Price, discovery: Discovery
@@ -385,9 +490,20 @@ class X402Auth(httpx.Auth):
             reservation.release()
             raise
         request.headers[PROOF_HEADER] = protocol.encode_header(proof)
-        return _Payment(reservation, proof)
+        return _Payment(reservation, proof, request)
 
     def _settle(
+        self, payment: _Payment, final: httpx.Response, discovery: Discovery | None
+    ) -> None:
+        """Account for a payment by its answer (a redirect's first hop, when the client
+        followed it: a paid 3xx is the paid answer); its receipt goes on `final` too."""
+        response = answer_of(payment.request, final)
+        try:
+            self._settle_answer(payment, response, discovery)
+        finally:
+            _carry(payment.request, final)
+
+    def _settle_answer(
         self, payment: _Payment, response: httpx.Response, discovery: Discovery | None
     ) -> None:
         header = receipt_header(response)
@@ -397,12 +513,13 @@ class X402Auth(httpx.Auth):
                 return
             # Success without a receipt: we may have paid, so it counts against the budget.
             payment.reservation.commit()
-            bad_receipt(f"{response.status_code} response carries no payment receipt", self.strict)
+            message = f"{response.status_code} response carries no payment receipt"
+            bad_receipt(message, self.strict, response)
             return
         fields = receipt_fields(header)
         if fields is None:
             payment.reservation.commit()
-            bad_receipt(NOT_JSON, self.strict)
+            bad_receipt(NOT_JSON, self.strict, response)
             return
         problem = check_receipt(fields, payment.proof, self._keys(discovery))
         # A verified receipt of a hold says what was really charged: the budget gets the
@@ -414,7 +531,8 @@ class X402Auth(httpx.Auth):
             payment.reservation.release()
         else:
             payment.reservation.commit(captured)
-        report(attach(response, fields, problem), problem, self.strict)
+        problem = self._worded(problem)
+        report(attach(response, fields, problem), problem, self.strict, response)
 
     # -- exact -----------------------------------------------------------------------------
     def _pay_exact(
@@ -464,12 +582,12 @@ class X402Auth(httpx.Auth):
             payment.reservation.commit()
             if response.status_code < 400:
                 message = f"{response.status_code} response carries no payment receipt"
-                bad_receipt(message, self.strict)
+                bad_receipt(message, self.strict, response)
             return
         payment.reservation.commit()
         fields = receipt_fields(header)
         if fields is None:
-            bad_receipt(NOT_JSON, self.strict)
+            bad_receipt(NOT_JSON, self.strict, response)
             return
         problem = check_exact_receipt(
             fields,
@@ -480,7 +598,8 @@ class X402Auth(httpx.Auth):
             atomic=payment.amount,
             decimals=payment.onchain.decimals,
         )
-        report(attach(response, fields, problem), problem, self.strict)
+        problem = self._worded(problem)
+        report(attach(response, fields, problem), problem, self.strict, response)
 
     # -- auto top-up -----------------------------------------------------------------------
     def _cures(self, reason: str) -> bool:
@@ -537,10 +656,18 @@ class X402Auth(httpx.Auth):
                 return
             terms = invoice
         payment = self._pay(request, terms)
-        response = yield from _send(request)
+        response = yield from _send_paid(request, payment)
         self._settle(payment, response, discovery)
         if topup is not None:
             response.extensions = {**response.extensions, TOPUP_EXTENSION: topup}
+
+
+def _carry(request: httpx.Request, final: httpx.Response) -> None:
+    """The receipt of a redirected request's paid hop, also on the last hop's response."""
+    paid = answer_of(request, final)
+    if paid is not final and RECEIPT_EXTENSION in paid.extensions:
+        receipt = paid.extensions[RECEIPT_EXTENSION]
+        final.extensions = {**final.extensions, RECEIPT_EXTENSION: receipt}
 
 
 def onchain_of(offer: ExactOffer, discovery: Discovery | None) -> Onchain | None:

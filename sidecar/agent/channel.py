@@ -207,14 +207,14 @@ class ChannelAuth(httpx.Auth):
     ) -> None:
         header = receipt_header(response)
         if header is None:
-            bad_receipt("no payment receipt on the response", self.strict)
+            bad_receipt("no payment receipt on the response", self.strict, response)
             return
         fields = receipt_fields(header)
         if fields is None:
-            bad_receipt(NOT_JSON, self.strict)
+            bad_receipt(NOT_JSON, self.strict, response)
             return
         problem = _receipt_problem(fields, voucher, discovery)
-        report(attach(response, fields, problem), problem, self.strict)
+        report(attach(response, fields, problem), problem, self.strict, response)
 
 
 def _receipt_problem(
