@@ -402,6 +402,9 @@ class X402Auth(httpx.Auth):
             attach_refusal(last, reason, payer or (wallet.evm.address if wallet.evm else ""))
 
     def _pay_flow(self, request: httpx.Request) -> Flow:
+        if PROOF_HEADER in request.headers or SIGNATURE_HEADER in request.headers:
+            yield from _send(request)  # the caller pays by hand (e.g. re-sends a proof)
+            return
         origin = origin_of(request.url)
         cached = self.discoveries.fresh(origin)
         discovery = cached.discovery if cached is not None else None

@@ -117,7 +117,11 @@ def keygen(out: str, evm: bool) -> None:
     shown = (
         [f"address: {key.address}"]
         if isinstance(key, EvmKey)
-        else [f"public key: {key.public_key}", f"key id:     {key.kid}"]
+        else [
+            f"public key: {key.public_key}",
+            f"  as an agent's wallet, its payer id: x402 payer register {key.public_key}",
+            f"  as a gateway's signing key, its payee id: {key.kid}",
+        ]
     )
     try:
         key.save(out)
