@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class X402Error(Exception):
@@ -274,7 +274,7 @@ class InvalidReceipt(X402Error):
     None when there was none; `reason` says what is wrong."""
 
     def __init__(
-        self, message: str, response: object = None, receipt: object = None, reason: str = ""
+        self, message: str, response: Any = None, receipt: Any = None, reason: str = ""
     ) -> None:
         super().__init__(message)
         self.response = response
