@@ -18,14 +18,11 @@ import time
 from collections.abc import AsyncGenerator, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
 
-import anyio
 import httpx
 
 from sidecar.agent.discovery import Discovery, DiscoveryCache, origin_of, path_of
 from sidecar.agent.exact import (
-    TOPUP_KIND,
     ExactOffer,
     Onchain,
     TopUp,
@@ -33,6 +30,16 @@ from sidecar.agent.exact import (
     exact_offers,
     find_onchain,
     official_default,
+)
+from sidecar.agent.flows import (
+    SIGNATURE_HEADER,
+    Flow,
+    Step,
+    Wait,
+    drive,
+    send,
+    topup_flow,
+    wait_async,
 )
 from sidecar.agent.outcomes import (
     REFUSAL_EXTENSION,
@@ -63,7 +70,6 @@ from sidecar.core.errors import (
     ConfigError,
     InvalidChallenge,
     PaymentError,
-    TopUpFailed,
 )
 from sidecar.core.pricing import Price
 from sidecar.core.protocol import SCHEME, VERSION
@@ -83,9 +89,7 @@ __all__ = [
 ]
 
 TOPUP_EXTENSION = "x402_topup"  # the TopUp an auto top-up made before this response
-JSON = "application/json"
 PROOF_HEADER = "X-Payment"
-SIGNATURE_HEADER = "PAYMENT-SIGNATURE"  # the x402 v2 envelope, as official clients send it
 # A prepaid proof refused for one of these is what a top-up cures (auto_topup).
 TOPUP_REASONS = frozenset({"unknown_payer", "insufficient_funds"})
 # A direct proof refused for one of these means the price list is stale: pay the challenge.
@@ -127,15 +131,6 @@ class _ExactPayment:
             "amount": unscaled(scale_atomic(self.amount, self.onchain.decimals)),
             "origin": origin,
         }
-
-
-@dataclass(frozen=True)
-class _Wait:
-    """Yielded by the flow instead of a request: wait until `event` (a top-up another
-    request started) is set, at most `timeout` seconds; the flow gets None back."""
-
-    event: threading.Event
-    timeout: float
 
 
 @dataclass
@@ -186,17 +181,6 @@ def checked_invoice(invoice: Mapping[str, Any], what: str) -> dict[str, Any]:
     return {name: invoice[name] for name in INVOICE_FIELDS}
 
 
-Step = httpx.Request | _Wait
-Flow = Generator[Step, httpx.Response | None, None]
-
-
-def _send(request: httpx.Request) -> Generator[Step, httpx.Response | None, httpx.Response]:
-    """`response = yield from _send(request)`: a request's answer inside a flow."""
-    response = yield request
-    assert response is not None  # only a _Wait is answered with None
-    return response
-
-
 def _send_paid(
     request: httpx.Request, payment: _Payment | _ExactPayment
 ) -> Generator[Step, httpx.Response | None, httpx.Response]:
@@ -219,30 +203,6 @@ def _send_paid(
         raise
     assert response is not None
     return response
-
-
-async def _wait_async(wait: _Wait) -> None:
-    """A `_Wait` under async httpx: poll the event, never block the event loop. A
-    threading.Event, not an anyio one: sync threads and event loops may share the auth."""
-    deadline = time.monotonic() + wait.timeout
-    while not wait.event.is_set() and time.monotonic() < deadline:  # noqa: ASYNC110
-        await anyio.sleep(0.005)
-
-
-def _drive(flow: Flow) -> Generator[httpx.Request, httpx.Response, None]:
-    """A flow as an httpx auth flow for sync callers: a `_Wait` blocks this thread."""
-    try:
-        step = next(flow)
-        while True:
-            if isinstance(step, _Wait):
-                step.event.wait(step.timeout)
-                step = flow.send(None)
-            else:
-                step = flow.send((yield step))
-    except StopIteration:
-        return
-    finally:
-        flow.close()
 
 
 class X402Auth(httpx.Auth):
@@ -311,7 +271,7 @@ class X402Auth(httpx.Auth):
         self, request: httpx.Request, origin: str
     ) -> Generator[Step, httpx.Response | None, Discovery | None]:
         """Fetch (again) the discovery document of `request`'s origin, and keep it."""
-        return self.discoveries.store(origin, (yield from _send(DiscoveryCache.request(request))))
+        return self.discoveries.store(origin, (yield from send(DiscoveryCache.request(request))))
 
     def _keys(self, discovery: Discovery | None) -> Mapping[str, str] | None:
         if self.gateway_keys is not None:
@@ -331,7 +291,7 @@ class X402Auth(httpx.Auth):
     # -- the drivers: httpx sync and async, the requests adapter ------------------------------
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         """The payment flow for the requests adapter (each answer's body already read)."""
-        return _drive(self._flow(request, asynchronous=False))
+        return drive(self._flow(request, asynchronous=False))
 
     def sync_auth_flow(
         self, request: httpx.Request
@@ -344,7 +304,7 @@ class X402Auth(httpx.Auth):
         try:
             step = next(flow)
             while True:
-                if isinstance(step, _Wait):
+                if isinstance(step, Wait):
                     step.event.wait(step.timeout)
                     step = flow.send(None)
                 else:
@@ -366,8 +326,8 @@ class X402Auth(httpx.Auth):
         try:
             step = next(flow)
             while True:
-                if isinstance(step, _Wait):
-                    await _wait_async(step)
+                if isinstance(step, Wait):
+                    await wait_async(step)
                     step = flow.send(None)
                 else:
                     response = yield step
@@ -403,7 +363,7 @@ class X402Auth(httpx.Auth):
 
     def _pay_flow(self, request: httpx.Request) -> Flow:
         if PROOF_HEADER in request.headers or SIGNATURE_HEADER in request.headers:
-            yield from _send(request)  # the caller pays by hand (e.g. re-sends a proof)
+            yield from send(request)  # the caller pays by hand (e.g. re-sends a proof)
             return
         origin = origin_of(request.url)
         cached = self.discoveries.fresh(origin)
@@ -421,7 +381,7 @@ class X402Auth(httpx.Auth):
         if payment is not None:
             response = yield from _send_paid(request, payment)
         else:
-            response = yield from _send(request)
+            response = yield from send(request)
 
         if payment is not None:
             reason = refusal(answer_of(request, response))
@@ -645,7 +605,7 @@ class X402Auth(httpx.Auth):
                     state.running = None
                 running.set()
         elif running is not None:
-            yield _Wait(running, self.topup_timeout)
+            yield Wait(running, self.topup_timeout)
             if state.generation == generation:
                 return  # that top-up failed, or is late: the refusal stands
         # The retry: a fresh proof, direct from the price list or the refusal's invoice.
@@ -678,146 +638,6 @@ def onchain_of(offer: ExactOffer, discovery: Discovery | None) -> Onchain | None
     official client's well-known token (USDC on Base, …); None when neither knows it."""
     found = find_onchain(discovery.onchain, offer.network, offer.token) if discovery else None
     return found or official_default(offer.network, offer.token)
-
-
-def topup_flow(
-    wallet: Wallet,
-    origin: str,
-    amount: str,
-    discovery: Discovery,
-    keys: Mapping[str, str] | None,
-) -> Generator[Step, httpx.Response | None, TopUp]:
-    """Buy `amount` of prepaid credit for the wallet's Ed25519 key on the gateway's top-up
-    route, paying `exact` with its EVM key: the priced 402, then the paid retry.
-
-    The top-up counts against the wallet's budget in the credited asset (and its asset and
-    payee guards); max_amount does not apply (it caps one request's price). Raises
-    TopUpFailed when the gateway did not credit the key, GuardRefused before signing."""
-    terms = discovery.topup
-    if terms is None:
-        raise TopUpFailed("this gateway sells no prepaid credit (no `topup` in its discovery)")
-    evm = wallet.evm
-    if evm is None:
-        raise ConfigError("a top-up is paid with an EVM key: this wallet has none")
-    payer = wallet.public_key
-    asset = discovery.routes.assets.get(terms.asset)
-    if asset is None:
-        raise TopUpFailed(f"the gateway's discovery lists no decimals for {terms.asset}")
-    atomic = asset.to_atomic(amount)  # AmountError: not an amount of this asset
-    try:
-        low, high = asset.to_atomic(terms.min), asset.to_atomic(terms.max)
-    except AmountError:
-        raise TopUpFailed("the gateway's top-up limits do not parse") from None
-    if not low <= atomic <= high:
-        raise TopUpFailed(
-            f"a top-up is {terms.min} to {terms.max} {terms.asset}; {amount} is not",
-            "bad_request",
-        )
-    query = urlencode({"payer": payer, "amount": amount})
-    url = f"{origin}{terms.path}?{query}"
-    priced = yield from _send(httpx.Request(terms.method, url, headers={"accept": JSON}))
-    if priced.status_code != 402:
-        raise _topup_refused(priced, "asking its price")
-    offers = [
-        offer
-        for offer in exact_offers(priced.headers.get("payment-required"))
-        if (found := find_onchain(discovery.onchain, offer.network, offer.token)) is not None
-        and found.asset == terms.asset
-    ]
-    if not offers:
-        raise InvalidChallenge(
-            f"the top-up's 402 offers exact in no token the gateway lists for {terms.asset}"
-        )
-    offer = offers[0]
-    if offer.amount != atomic:
-        raise InvalidChallenge(
-            f"the top-up's offer is for {offer.amount} atomic units, not the {atomic} asked for"
-        )
-    reservation = wallet.reserve_atomic(
-        terms.asset,
-        atomic,
-        asset.decimals,
-        discovery.payee,
-        aliases=(offer.token,),
-        payee_aliases=(offer.pay_to,),
-        per_request=False,
-    )
-    try:
-        header = evm.sign_exact(offer.offer, offer.resource)
-    except BaseException:
-        reservation.release()
-        raise
-    paid_request = httpx.Request(
-        terms.method, url, headers={"accept": JSON, SIGNATURE_HEADER: header}
-    )
-    try:
-        paid = yield from _send(paid_request)
-    except BaseException:
-        reservation.commit()  # sent, perhaps settled: it counts
-        raise
-    if paid.status_code != 200:
-        if 400 <= paid.status_code < 500:
-            reservation.release()  # refused before anything settled
-        else:
-            reservation.commit()  # a 5xx may come after the chain moved the money
-        raise _topup_refused(paid, "paying")
-    reservation.commit()
-    try:
-        body = paid.json()
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    body = body if isinstance(body, dict) else {}
-    fields = body.get("receipt")
-    if not isinstance(fields, dict):
-        header_value = receipt_header(paid)
-        try:
-            fields = protocol.decode_header(header_value) if header_value else {}
-        except PaymentError:
-            fields = {}
-    fields = fields if isinstance(fields, dict) else {}
-    problem = check_exact_receipt(
-        fields,
-        keys,
-        payer=evm.address,
-        resource=None,
-        asset=terms.asset,
-        atomic=atomic,
-        decimals=asset.decimals,
-    )
-    if problem is None and (fields.get("payer") != payer or fields.get("kind") != TOPUP_KIND):
-        problem = "it does not credit this wallet's key"
-
-    def text(name: str) -> str:
-        value = body.get(name, fields.get(name, ""))
-        return value if isinstance(value, str) else str(value)
-
-    return TopUp(
-        payer=payer,
-        asset=terms.asset,
-        credited=text("credited") or str(fields.get("amount", "")),
-        balance=text("balance"),
-        transaction=text("transaction"),
-        receipt_id=str(fields.get("receipt_id", "")),
-        verified=problem is None,
-        receipt=fields,
-        problem=problem,
-    )
-
-
-def _topup_refused(response: httpx.Response, doing: str) -> TopUpFailed:
-    reason = refusal(response) or f"http_{response.status_code}"
-    message = ""
-    try:
-        body = response.json()
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        message = f": {body['message']}"
-    return TopUpFailed(
-        f"top-up refused while {doing}: HTTP {response.status_code} {reason}{message}",
-        reason,
-        response.status_code,
-    )
 
 
 def check_receipt(
