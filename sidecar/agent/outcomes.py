@@ -158,7 +158,8 @@ def answer_of(request: httpx.Request, response: httpx.Response) -> httpx.Respons
 def _strip(info: Mapping[str, Any], url: bytes) -> None:
     wire = info.get("request")
     target = getattr(wire, "url", None)
-    if target is None or bytes(target) == url:
+    # through a forwarding HTTP proxy the target is the whole URL
+    if target is None or url in (bytes(target), target.target):
         return
     headers = wire.headers  # type: ignore[union-attr]
     headers[:] = [(k, v) for k, v in headers if k.lower() not in PAYMENT_HEADERS]
