@@ -66,6 +66,10 @@ def test_keygen_writes_a_private_key_0600_and_prints_the_public_key(tmp_path: Pa
     assert result.returncode == 0
     identity = Identity.load(out)
     assert f"public key: {identity.public_key}" in result.stdout
+    # an agent's payer id and what to run with it; the gw_ id only as a gateway's
+    assert f"x402 payer register {identity.public_key}" in result.stdout
+    assert f"as a gateway's signing key, its payee id: {identity.kid}" in result.stdout
+    assert "key id:" not in result.stdout
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert identity.seed_text not in result.stdout
     assert_one_line_error(x402("keygen", "--out", str(out)), "refusing to overwrite")

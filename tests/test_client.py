@@ -330,14 +330,22 @@ async def test_an_invalid_receipt_is_an_error_in_strict_mode_and_a_warning_other
     pinned = {impostor.kid: impostor.public_key}
     strict = X402Auth(wallet, strict=True, gateway_keys=pinned)
     async with httpx.AsyncClient(base_url=gw.url, auth=strict) as client:
-        with pytest.raises(InvalidReceipt, match="signature"):
+        with pytest.raises(InvalidReceipt, match="signature") as raised:
             await client.get(ATLAS)
+    # Raised after the money moved: it carries the paid answer and its receipt.
+    error = raised.value
+    assert isinstance(error.response, httpx.Response) and error.response.status_code == 200
+    assert error.response.json()["path"] == ATLAS
+    assert error.receipt is not None and error.receipt.receipt_id and not error.receipt.verified
+    assert "pinned keys" in error.reason and "published" not in error.reason
     lenient = X402Auth(wallet, gateway_keys=pinned)
     async with httpx.AsyncClient(base_url=gw.url, auth=lenient) as client:
-        with pytest.warns(ReceiptWarning, match="signature"):
+        with pytest.warns(ReceiptWarning, match="pinned keys") as warned:
             response = await client.get(ATLAS)
+    assert [w.filename for w in warned] == [__file__]  # the caller's line, not the SDK's
     receipt = receipt_of(response)
     assert response.status_code == 200 and receipt is not None and not receipt.verified
+    assert "does not verify against the pinned keys" in receipt.problem
     # The gateway did charge both times: an unverifiable receipt still counts as spent.
     assert wallet.spent() == "0.5"
     assert await gw.balance(wallet.public_key) == 9_500_000

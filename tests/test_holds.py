@@ -376,3 +376,27 @@ async def test_captures_settle_into_evidence_with_the_captured_amounts(
         "evidence", "verify", str(out), "--key", holds_stack.gateway_identity.public_key
     )
     assert run.code == 0, run.out
+
+
+async def test_a_channel_voucher_on_a_metered_route_is_a_typed_refusal_not_a_503(
+    holds_stack: Stack, holds_ledger: Ledger
+) -> None:
+    """A voucher cannot hold an amount until the response: the gateway says so with a
+    4xx a client does not retry (it used to be 503 internal_error), and nothing moves."""
+    from sidecar.agent.channel import ChannelAuth, PaymentChannel
+    from sidecar.agent.wallet import Wallet
+    from sidecar.ledger.channels import Channels
+
+    wallet = Wallet.generate()
+    await holds_ledger.register(wallet.public_key)
+    await holds_ledger.credit(wallet.public_key, "USDF", 1_000_000, "sdk-channel-metered")
+    channel_id, _ = await Channels(holds_ledger).open(
+        wallet.public_key, "USDF", 500_000, holds_stack.gateway_identity.kid
+    )
+    channel = PaymentChannel(wallet, channel_id, deposit="0.5")
+    async with httpx.AsyncClient(base_url=holds_stack.url, auth=ChannelAuth(channel)) as client:
+        refused = await client.get(ROWS, params={"limit": "3"})
+    assert refused.status_code == 400 and refused.json()["error"] == "unsupported_scheme"
+    assert "metered" in refused.json()["message"]
+    assert channel.cumulative == "0" and channel.deposit == "0.5"  # human amounts
+    assert (await holds_ledger.account(wallet.public_key)).balances["USDF"] == 500_000

@@ -82,7 +82,10 @@ async def test_pay_refusals_are_one_readable_line(gateway: Stack, tmp_path: Path
     assert json.loads(poor.stdout)["error"] == "insufficient_funds"  # the body, as curl would
     assert poor.stderr.decode().splitlines() == [
         "error: HTTP 402 Payment Required: insufficient_funds: the balance does not cover "
-        "this request (balance 0.1)"
+        "this request (balance 0.1)",
+        "next: the balance (0.1) does not cover this request: add credit with `x402 topup "
+        f"--amount AMOUNT {gateway.url}` with an EVM key, or X402Auth(auto_topup=...), or "
+        "ask the gateway's operator (`x402 payer credit`)",
     ]
     bad_amount = await x402("pay", "--max-amount", "1e3", atlas, env=env)
     no_wallet = await x402("pay", atlas)
@@ -96,3 +99,47 @@ async def test_pay_refusals_are_one_readable_line(gateway: Stack, tmp_path: Path
         assert result.returncode == 1 and err.startswith(message), err
         assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert await gateway.balance(agent.public_key) == 100_000
+
+
+async def test_pay_with_an_unknown_key_says_what_to_do(gateway: Stack, tmp_path: Path) -> None:
+    from sidecar.agent.evm import EvmKey
+
+    stranger = Identity.generate()
+    evm = EvmKey.generate()
+    evm.save(tmp_path / "agent.evm")
+    atlas = f"{gateway.url}/api/v1/agent/pay-api/atlas"
+    plain = await x402("pay", atlas, env={"X402_WALLET": stranger.seed_text})
+    lines = plain.stderr.decode().splitlines()
+    assert plain.returncode == 1 and lines[0].startswith("error: HTTP 402 Payment Required: ")
+    assert lines[1].startswith(f"next: this key ({stranger.public_key}) has no account")
+    assert f"x402 payer register {stranger.public_key}" in lines[1]
+    with_evm = await x402(
+        "pay", "--evm-key", str(tmp_path / "agent.evm"), atlas,
+        env={"X402_WALLET": stranger.seed_text},
+    )  # fmt: skip
+    assert with_evm.stderr.decode().splitlines()[1] == (
+        f"next: buy credit with this wallet's EVM key ({evm.address}): x402 topup "
+        f"--amount AMOUNT {gateway.url}"
+    )
+
+
+async def test_pay_timing_out_after_paying_says_it_may_have_been_charged(gateway: Stack) -> None:
+    agent = Identity.generate()
+    await gateway.fund(agent.public_key, "10")
+    env = {"X402_WALLET": agent.seed_text}
+    slow = f"{gateway.url}/api/v1/agent/pay-api/atlas?sleep=3"
+    result = await x402("pay", "--timeout", "1", slow, env=env)
+    err = result.stderr.decode()
+    assert result.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: GET {slow}: ReadTimeout after the payment was sent: 0.25 USDF")
+    assert "may have been charged" in err
+    assert await gateway.balance(agent.public_key) == 9_750_000
+    # The command it prints re-sends the same proof: charged at most once, and it says so.
+    command = err.partition("again): ")[2].strip()
+    assert command.startswith("x402 pay -X GET -H 'X-Payment: ")
+    proof = command.split("'")[1]
+    again = await x402("pay", "-H", proof, slow.partition("?")[0], env=env)
+    assert again.returncode == 1
+    assert json.loads(again.stdout)["error"] == "nonce_reused"
+    assert json.loads(again.stdout)["receipt_id"]
+    assert await gateway.balance(agent.public_key) == 9_750_000

@@ -51,9 +51,7 @@ def test_the_snippet_is_five_lines_of_code() -> None:
     assert len(code) == 5, code
 
 
-async def test_the_five_line_agent_pays_against_a_live_gateway(gateway: Stack) -> None:
-    wallet = Identity.generate()
-    await gateway.fund(wallet.public_key, "10")
+async def run_snippet(gateway: Stack, wallet: Identity) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "X402_WALLET": wallet.seed_text,
@@ -61,7 +59,7 @@ async def test_the_five_line_agent_pays_against_a_live_gateway(gateway: Stack) -
         "PYTHONWARNINGS": "error::UserWarning",  # a receipt warning fails the test
     }
     env.pop("X402_WALLET_FILE", None)
-    result = await asyncio.to_thread(
+    return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-c", agent_snippet()],
         env=env,
@@ -70,8 +68,26 @@ async def test_the_five_line_agent_pays_against_a_live_gateway(gateway: Stack) -
         timeout=60,
         check=False,
     )
+
+
+async def test_the_five_line_agent_pays_against_a_live_gateway(gateway: Stack) -> None:
+    wallet = Identity.generate()
+    await gateway.fund(wallet.public_key, "10")
+    result = await run_snippet(gateway, wallet)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("200 "), result.stdout
     assert "'proof_header_seen': False" in result.stdout
     assert "verified=True" in result.stdout and "amount='0.25'" in result.stdout
     assert await gateway.balance(wallet.public_key) == 9_750_000
+
+
+async def test_the_five_line_agent_with_an_unknown_key_says_what_to_do(gateway: Stack) -> None:
+    """The commonest first failure: a key nobody registered. No traceback: the refusal
+    and its next step."""
+    stranger = Identity.generate()
+    result = await run_snippet(gateway, stranger)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith("402 "), result.stdout
+    assert "unknown_payer" in result.stdout and "Next: " in result.stdout
+    assert f"x402 payer register {stranger.public_key}" in result.stdout
+    assert "x402 topup" in result.stdout

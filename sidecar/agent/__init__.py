@@ -17,6 +17,7 @@ from sidecar.agent.auth import TOPUP_EXTENSION, Discovery, Receipt, X402Auth, re
 from sidecar.agent.channel import ChannelAuth, PaymentChannel
 from sidecar.agent.evm import EvmKey
 from sidecar.agent.exact import TopUp
+from sidecar.agent.outcomes import REFUSAL_EXTENSION, raise_for_payment, refusal_of
 from sidecar.agent.topup import atopup, topup
 from sidecar.agent.wallet import Wallet
 from sidecar.core.errors import (
@@ -24,14 +25,20 @@ from sidecar.core.errors import (
     BudgetExceeded,
     ChannelExhausted,
     GuardRefused,
+    InsufficientFunds,
+    InvalidChallenge,
     InvalidReceipt,
     MaxAmountExceeded,
     PayeeNotAllowed,
+    PaymentError,
+    PaymentOutcomeUnknown,
     TopUpFailed,
+    UnknownPayer,
 )
 from sidecar.core.identity import Identity
 
 __all__ = [
+    "REFUSAL_EXTENSION",
     "TOPUP_EXTENSION",
     "AssetNotAllowed",
     "BudgetExceeded",
@@ -41,16 +48,23 @@ __all__ = [
     "EvmKey",
     "GuardRefused",
     "Identity",
+    "InsufficientFunds",
+    "InvalidChallenge",
     "InvalidReceipt",
     "MaxAmountExceeded",
     "PayeeNotAllowed",
     "PaymentChannel",
+    "PaymentError",
+    "PaymentOutcomeUnknown",
     "Receipt",
     "TopUp",
     "TopUpFailed",
+    "UnknownPayer",
     "Wallet",
     "X402Auth",
     "atopup",
+    "raise_for_payment",
     "receipt_of",
+    "refusal_of",
     "topup",
 ]

@@ -18,14 +18,11 @@ import time
 from collections.abc import AsyncGenerator, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
 
-import anyio
 import httpx
 
 from sidecar.agent.discovery import Discovery, DiscoveryCache, origin_of, path_of
 from sidecar.agent.exact import (
-    TOPUP_KIND,
     ExactOffer,
     Onchain,
     TopUp,
@@ -33,6 +30,26 @@ from sidecar.agent.exact import (
     exact_offers,
     find_onchain,
     official_default,
+)
+from sidecar.agent.flows import (
+    SIGNATURE_HEADER,
+    Flow,
+    Step,
+    Wait,
+    drive,
+    send,
+    topup_flow,
+    wait_async,
+)
+from sidecar.agent.outcomes import (
+    REFUSAL_EXTENSION,
+    answer_of,
+    attach_refusal,
+    guard,
+    never_sent,
+    outcome_unknown,
+    refusal_of,
+    transport_cause,
 )
 from sidecar.agent.receipts import (
     NOT_JSON,
@@ -46,14 +63,13 @@ from sidecar.agent.receipts import (
     refusal,
     report,
 )
-from sidecar.agent.wallet import Reservation, Wallet, scaled
+from sidecar.agent.wallet import Reservation, Wallet, scale_atomic, scaled, unscaled
 from sidecar.core import protocol
 from sidecar.core.errors import (
     AmountError,
     ConfigError,
     InvalidChallenge,
     PaymentError,
-    TopUpFailed,
 )
 from sidecar.core.pricing import Price
 from sidecar.core.protocol import SCHEME, VERSION
@@ -61,6 +77,7 @@ from sidecar.core.protocol import SCHEME, VERSION
 # Re-exported so an agent needs one import line.
 __all__ = [
     "RECEIPT_EXTENSION",
+    "REFUSAL_EXTENSION",
     "TOPUP_EXTENSION",
     "Discovery",
     "Receipt",
@@ -68,12 +85,11 @@ __all__ = [
     "Wallet",
     "X402Auth",
     "receipt_of",
+    "refusal_of",
 ]
 
 TOPUP_EXTENSION = "x402_topup"  # the TopUp an auto top-up made before this response
-JSON = "application/json"
 PROOF_HEADER = "X-Payment"
-SIGNATURE_HEADER = "PAYMENT-SIGNATURE"  # the x402 v2 envelope, as official clients send it
 # A prepaid proof refused for one of these is what a top-up cures (auto_topup).
 TOPUP_REASONS = frozenset({"unknown_payer", "insufficient_funds"})
 # A direct proof refused for one of these means the price list is stale: pay the challenge.
@@ -90,6 +106,11 @@ class _Payment:
 
     reservation: Reservation
     proof: dict[str, Any]
+    request: httpx.Request  # the request it rides on: its answer is the paid one
+
+    def identity(self, origin: str) -> dict[str, Any]:
+        names = ("nonce", "invoice_id", "payer", "payee", "resource", "asset", "amount")
+        return {**{name: self.proof.get(name) for name in names}, "origin": origin}
 
 
 @dataclass
@@ -102,14 +123,14 @@ class _ExactPayment:
     payer: str  # the EVM address that signed
     resource: str | None  # METHOD path; None for a top-up
 
-
-@dataclass(frozen=True)
-class _Wait:
-    """Yielded by the flow instead of a request: wait until `event` (a top-up another
-    request started) is set, at most `timeout` seconds; the flow gets None back."""
-
-    event: threading.Event
-    timeout: float
+    def identity(self, origin: str) -> dict[str, Any]:
+        return {
+            "payer": self.payer,
+            "resource": self.resource,
+            "asset": self.onchain.asset,
+            "amount": unscaled(scale_atomic(self.amount, self.onchain.decimals)),
+            "origin": origin,
+        }
 
 
 @dataclass
@@ -160,39 +181,28 @@ def checked_invoice(invoice: Mapping[str, Any], what: str) -> dict[str, Any]:
     return {name: invoice[name] for name in INVOICE_FIELDS}
 
 
-Step = httpx.Request | _Wait
-Flow = Generator[Step, httpx.Response | None, None]
-
-
-def _send(request: httpx.Request) -> Generator[Step, httpx.Response | None, httpx.Response]:
-    """`response = yield from _send(request)`: a request's answer inside a flow."""
-    response = yield request
-    assert response is not None  # only a _Wait is answered with None
-    return response
-
-
-async def _wait_async(wait: _Wait) -> None:
-    """A `_Wait` under async httpx: poll the event, never block the event loop. A
-    threading.Event, not an anyio one: sync threads and event loops may share the auth."""
-    deadline = time.monotonic() + wait.timeout
-    while not wait.event.is_set() and time.monotonic() < deadline:  # noqa: ASYNC110
-        await anyio.sleep(0.005)
-
-
-def _drive(flow: Flow) -> Generator[httpx.Request, httpx.Response, None]:
-    """A flow as an httpx auth flow for sync callers: a `_Wait` blocks this thread."""
+def _send_paid(
+    request: httpx.Request, payment: _Payment | _ExactPayment
+) -> Generator[Step, httpx.Response | None, httpx.Response]:
+    """`_send` for a request that carries a proof. Abandoned before its answer came (a
+    timeout, a dropped connection, a cancellation), the payment may have been charged: it
+    is counted as spent, and a transport error becomes PaymentOutcomeUnknown. A proof
+    whose connection never opened did not leave: its reservation goes back."""
     try:
-        step = next(flow)
-        while True:
-            if isinstance(step, _Wait):
-                step.event.wait(step.timeout)
-                step = flow.send(None)
-            else:
-                step = flow.send((yield step))
-    except StopIteration:
-        return
-    finally:
-        flow.close()
+        response = yield request
+    except GeneratorExit as closing:
+        cause = transport_cause(closing, request)
+        if cause is not None and never_sent(cause):
+            payment.reservation.release()
+            raise
+        payment.reservation.commit()
+        if cause is not None:
+            raise outcome_unknown(request, payment.identity(origin_of(request.url)), cause) from (
+                cause
+            )
+        raise
+    assert response is not None
+    return response
 
 
 class X402Auth(httpx.Auth):
@@ -261,12 +271,18 @@ class X402Auth(httpx.Auth):
         self, request: httpx.Request, origin: str
     ) -> Generator[Step, httpx.Response | None, Discovery | None]:
         """Fetch (again) the discovery document of `request`'s origin, and keep it."""
-        return self.discoveries.store(origin, (yield from _send(DiscoveryCache.request(request))))
+        return self.discoveries.store(origin, (yield from send(DiscoveryCache.request(request))))
 
     def _keys(self, discovery: Discovery | None) -> Mapping[str, str] | None:
         if self.gateway_keys is not None:
             return self.gateway_keys
         return discovery.keys if discovery is not None else None
+
+    def _worded(self, problem: str | None) -> str | None:
+        """A receipt's problem, naming the keys it was checked against as they came."""
+        if problem is None or self.gateway_keys is None:
+            return problem
+        return problem.replace("the gateway's published keys", "the pinned keys (gateway_keys)")
 
     def _topup_state(self, origin: str) -> _TopUps:
         with self._topups_lock:
@@ -274,8 +290,31 @@ class X402Auth(httpx.Auth):
 
     # -- the drivers: httpx sync and async, the requests adapter ------------------------------
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        """The payment flow for a synchronous caller (httpx.Client, the requests adapter)."""
-        return _drive(self._flow(request))
+        """The payment flow for the requests adapter (each answer's body already read)."""
+        return drive(self._flow(request, asynchronous=False))
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        """The payment flow under httpx.Client: each answer is read here, inside the flow,
+        so a timeout while reading it reaches the flow (an unknown outcome), not the GC."""
+        if self.requires_request_body:
+            request.read()
+        flow = self._flow(request, asynchronous=False)
+        try:
+            step = next(flow)
+            while True:
+                if isinstance(step, Wait):
+                    step.event.wait(step.timeout)
+                    step = flow.send(None)
+                else:
+                    response = yield step
+                    response.read()
+                    step = flow.send(response)
+        except StopIteration:
+            return
+        finally:
+            flow.close()
 
     async def async_auth_flow(
         self, request: httpx.Request
@@ -283,12 +322,12 @@ class X402Auth(httpx.Auth):
         """The same flow under httpx.AsyncClient: waiting for a top-up never blocks the loop."""
         if self.requires_request_body:
             await request.aread()
-        flow = self._flow(request)
+        flow = self._flow(request, asynchronous=True)
         try:
             step = next(flow)
             while True:
-                if isinstance(step, _Wait):
-                    await _wait_async(step)
+                if isinstance(step, Wait):
+                    await wait_async(step)
                     step = flow.send(None)
                 else:
                     response = yield step
@@ -300,7 +339,32 @@ class X402Auth(httpx.Auth):
             flow.close()
 
     # -- the flow --------------------------------------------------------------------------
-    def _flow(self, request: httpx.Request) -> Flow:
+    def _flow(self, request: httpx.Request, *, asynchronous: bool) -> Flow:
+        """The payment flow, its proofs kept off redirects (outcomes.ProofGuard); the last
+        answer, if it refuses a payment, carries the typed refusal with its next step."""
+        guard(request, asynchronous)
+        flow = self._pay_flow(request)
+        last: httpx.Response | None = None
+        try:
+            step = next(flow)
+            while True:
+                sent = yield step
+                last = sent if sent is not None else last
+                step = flow.send(sent)
+        except StopIteration:
+            pass
+        finally:
+            flow.close()
+        reason = refusal(last) if last is not None else None
+        if last is not None and reason is not None and refusal_of(last) is None:
+            wallet = self.wallet
+            payer = wallet.public_key if wallet.has_identity else ""
+            attach_refusal(last, reason, payer or (wallet.evm.address if wallet.evm else ""))
+
+    def _pay_flow(self, request: httpx.Request) -> Flow:
+        if PROOF_HEADER in request.headers or SIGNATURE_HEADER in request.headers:
+            yield from send(request)  # the caller pays by hand (e.g. re-sends a proof)
+            return
         origin = origin_of(request.url)
         cached = self.discoveries.fresh(origin)
         discovery = cached.discovery if cached is not None else None
@@ -314,10 +378,13 @@ class X402Auth(httpx.Auth):
             price = discovery.price(request.method, path_of(request.url))
             if price is not None:
                 payment = self._pay(request, self._direct_terms(request, price, discovery))
-        response = yield from _send(request)
+        if payment is not None:
+            response = yield from _send_paid(request, payment)
+        else:
+            response = yield from send(request)
 
         if payment is not None:
-            reason = refusal(response)
+            reason = refusal(answer_of(request, response))
             if reason is None:
                 self._settle(payment, response, discovery)
                 return
@@ -330,8 +397,8 @@ class X402Auth(httpx.Auth):
             # The price list is stale: refresh it, then pay the invoice this 402 carries.
             discovery = yield from self._discover(request, origin)
             cached = self.discoveries.fresh(origin)
-        elif response.status_code != 402:
-            return
+        elif response.status_code != 402 or answer_of(request, response) is not response:
+            return  # free, or another URL's 402 (a redirect): a proof goes where it is priced
 
         offers = exact_offers(response.headers.get("payment-required"))
         can_exact = bool(offers) and self.wallet.evm is not None
@@ -355,15 +422,16 @@ class X402Auth(httpx.Auth):
         if invoice is not None:
             generation = self._topup_state(origin).generation
             payment = self._pay(request, invoice)
-            response = yield from _send(request)
+            response = yield from _send_paid(request, payment)
             self._settle(payment, response, discovery)
             reason = refusal(response)
             if reason is not None and self._cures(reason):
                 yield from self._topup_and_retry(request, response, generation)
             return
         exact = self._pay_exact(request, offers, discovery)
-        response = yield from _send(request)
-        self._settle_exact(exact, response, discovery)
+        response = yield from _send_paid(request, exact)
+        self._settle_exact(exact, answer_of(request, response), discovery)
+        _carry(request, response)
 
     def _direct_terms(
         self, request: httpx.Request, price: Price, discovery: Discovery
@@ -385,9 +453,20 @@ class X402Auth(httpx.Auth):
             reservation.release()
             raise
         request.headers[PROOF_HEADER] = protocol.encode_header(proof)
-        return _Payment(reservation, proof)
+        return _Payment(reservation, proof, request)
 
     def _settle(
+        self, payment: _Payment, final: httpx.Response, discovery: Discovery | None
+    ) -> None:
+        """Account for a payment by its answer (a redirect's first hop, when the client
+        followed it: a paid 3xx is the paid answer); its receipt goes on `final` too."""
+        response = answer_of(payment.request, final)
+        try:
+            self._settle_answer(payment, response, discovery)
+        finally:
+            _carry(payment.request, final)
+
+    def _settle_answer(
         self, payment: _Payment, response: httpx.Response, discovery: Discovery | None
     ) -> None:
         header = receipt_header(response)
@@ -397,12 +476,13 @@ class X402Auth(httpx.Auth):
                 return
             # Success without a receipt: we may have paid, so it counts against the budget.
             payment.reservation.commit()
-            bad_receipt(f"{response.status_code} response carries no payment receipt", self.strict)
+            message = f"{response.status_code} response carries no payment receipt"
+            bad_receipt(message, self.strict, response)
             return
         fields = receipt_fields(header)
         if fields is None:
             payment.reservation.commit()
-            bad_receipt(NOT_JSON, self.strict)
+            bad_receipt(NOT_JSON, self.strict, response)
             return
         problem = check_receipt(fields, payment.proof, self._keys(discovery))
         # A verified receipt of a hold says what was really charged: the budget gets the
@@ -414,7 +494,8 @@ class X402Auth(httpx.Auth):
             payment.reservation.release()
         else:
             payment.reservation.commit(captured)
-        report(attach(response, fields, problem), problem, self.strict)
+        problem = self._worded(problem)
+        report(attach(response, fields, problem), problem, self.strict, response)
 
     # -- exact -----------------------------------------------------------------------------
     def _pay_exact(
@@ -464,12 +545,12 @@ class X402Auth(httpx.Auth):
             payment.reservation.commit()
             if response.status_code < 400:
                 message = f"{response.status_code} response carries no payment receipt"
-                bad_receipt(message, self.strict)
+                bad_receipt(message, self.strict, response)
             return
         payment.reservation.commit()
         fields = receipt_fields(header)
         if fields is None:
-            bad_receipt(NOT_JSON, self.strict)
+            bad_receipt(NOT_JSON, self.strict, response)
             return
         problem = check_exact_receipt(
             fields,
@@ -480,7 +561,8 @@ class X402Auth(httpx.Auth):
             atomic=payment.amount,
             decimals=payment.onchain.decimals,
         )
-        report(attach(response, fields, problem), problem, self.strict)
+        problem = self._worded(problem)
+        report(attach(response, fields, problem), problem, self.strict, response)
 
     # -- auto top-up -----------------------------------------------------------------------
     def _cures(self, reason: str) -> bool:
@@ -523,7 +605,7 @@ class X402Auth(httpx.Auth):
                     state.running = None
                 running.set()
         elif running is not None:
-            yield _Wait(running, self.topup_timeout)
+            yield Wait(running, self.topup_timeout)
             if state.generation == generation:
                 return  # that top-up failed, or is late: the refusal stands
         # The retry: a fresh proof, direct from the price list or the refusal's invoice.
@@ -537,10 +619,18 @@ class X402Auth(httpx.Auth):
                 return
             terms = invoice
         payment = self._pay(request, terms)
-        response = yield from _send(request)
+        response = yield from _send_paid(request, payment)
         self._settle(payment, response, discovery)
         if topup is not None:
             response.extensions = {**response.extensions, TOPUP_EXTENSION: topup}
+
+
+def _carry(request: httpx.Request, final: httpx.Response) -> None:
+    """The receipt of a redirected request's paid hop, also on the last hop's response."""
+    paid = answer_of(request, final)
+    if paid is not final and RECEIPT_EXTENSION in paid.extensions:
+        receipt = paid.extensions[RECEIPT_EXTENSION]
+        final.extensions = {**final.extensions, RECEIPT_EXTENSION: receipt}
 
 
 def onchain_of(offer: ExactOffer, discovery: Discovery | None) -> Onchain | None:
@@ -548,146 +638,6 @@ def onchain_of(offer: ExactOffer, discovery: Discovery | None) -> Onchain | None
     official client's well-known token (USDC on Base, …); None when neither knows it."""
     found = find_onchain(discovery.onchain, offer.network, offer.token) if discovery else None
     return found or official_default(offer.network, offer.token)
-
-
-def topup_flow(
-    wallet: Wallet,
-    origin: str,
-    amount: str,
-    discovery: Discovery,
-    keys: Mapping[str, str] | None,
-) -> Generator[Step, httpx.Response | None, TopUp]:
-    """Buy `amount` of prepaid credit for the wallet's Ed25519 key on the gateway's top-up
-    route, paying `exact` with its EVM key: the priced 402, then the paid retry.
-
-    The top-up counts against the wallet's budget in the credited asset (and its asset and
-    payee guards); max_amount does not apply (it caps one request's price). Raises
-    TopUpFailed when the gateway did not credit the key, GuardRefused before signing."""
-    terms = discovery.topup
-    if terms is None:
-        raise TopUpFailed("this gateway sells no prepaid credit (no `topup` in its discovery)")
-    evm = wallet.evm
-    if evm is None:
-        raise ConfigError("a top-up is paid with an EVM key: this wallet has none")
-    payer = wallet.public_key
-    asset = discovery.routes.assets.get(terms.asset)
-    if asset is None:
-        raise TopUpFailed(f"the gateway's discovery lists no decimals for {terms.asset}")
-    atomic = asset.to_atomic(amount)  # AmountError: not an amount of this asset
-    try:
-        low, high = asset.to_atomic(terms.min), asset.to_atomic(terms.max)
-    except AmountError:
-        raise TopUpFailed("the gateway's top-up limits do not parse") from None
-    if not low <= atomic <= high:
-        raise TopUpFailed(
-            f"a top-up is {terms.min} to {terms.max} {terms.asset}; {amount} is not",
-            "bad_request",
-        )
-    query = urlencode({"payer": payer, "amount": amount})
-    url = f"{origin}{terms.path}?{query}"
-    priced = yield from _send(httpx.Request(terms.method, url, headers={"accept": JSON}))
-    if priced.status_code != 402:
-        raise _topup_refused(priced, "asking its price")
-    offers = [
-        offer
-        for offer in exact_offers(priced.headers.get("payment-required"))
-        if (found := find_onchain(discovery.onchain, offer.network, offer.token)) is not None
-        and found.asset == terms.asset
-    ]
-    if not offers:
-        raise InvalidChallenge(
-            f"the top-up's 402 offers exact in no token the gateway lists for {terms.asset}"
-        )
-    offer = offers[0]
-    if offer.amount != atomic:
-        raise InvalidChallenge(
-            f"the top-up's offer is for {offer.amount} atomic units, not the {atomic} asked for"
-        )
-    reservation = wallet.reserve_atomic(
-        terms.asset,
-        atomic,
-        asset.decimals,
-        discovery.payee,
-        aliases=(offer.token,),
-        payee_aliases=(offer.pay_to,),
-        per_request=False,
-    )
-    try:
-        header = evm.sign_exact(offer.offer, offer.resource)
-    except BaseException:
-        reservation.release()
-        raise
-    paid_request = httpx.Request(
-        terms.method, url, headers={"accept": JSON, SIGNATURE_HEADER: header}
-    )
-    try:
-        paid = yield from _send(paid_request)
-    except BaseException:
-        reservation.commit()  # sent, perhaps settled: it counts
-        raise
-    if paid.status_code != 200:
-        if 400 <= paid.status_code < 500:
-            reservation.release()  # refused before anything settled
-        else:
-            reservation.commit()  # a 5xx may come after the chain moved the money
-        raise _topup_refused(paid, "paying")
-    reservation.commit()
-    try:
-        body = paid.json()
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    body = body if isinstance(body, dict) else {}
-    fields = body.get("receipt")
-    if not isinstance(fields, dict):
-        header_value = receipt_header(paid)
-        try:
-            fields = protocol.decode_header(header_value) if header_value else {}
-        except PaymentError:
-            fields = {}
-    fields = fields if isinstance(fields, dict) else {}
-    problem = check_exact_receipt(
-        fields,
-        keys,
-        payer=evm.address,
-        resource=None,
-        asset=terms.asset,
-        atomic=atomic,
-        decimals=asset.decimals,
-    )
-    if problem is None and (fields.get("payer") != payer or fields.get("kind") != TOPUP_KIND):
-        problem = "it does not credit this wallet's key"
-
-    def text(name: str) -> str:
-        value = body.get(name, fields.get(name, ""))
-        return value if isinstance(value, str) else str(value)
-
-    return TopUp(
-        payer=payer,
-        asset=terms.asset,
-        credited=text("credited") or str(fields.get("amount", "")),
-        balance=text("balance"),
-        transaction=text("transaction"),
-        receipt_id=str(fields.get("receipt_id", "")),
-        verified=problem is None,
-        receipt=fields,
-        problem=problem,
-    )
-
-
-def _topup_refused(response: httpx.Response, doing: str) -> TopUpFailed:
-    reason = refusal(response) or f"http_{response.status_code}"
-    message = ""
-    try:
-        body = response.json()
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        message = f": {body['message']}"
-    return TopUpFailed(
-        f"top-up refused while {doing}: HTTP {response.status_code} {reason}{message}",
-        reason,
-        response.status_code,
-    )
 
 
 def check_receipt(

@@ -53,8 +53,8 @@ class Issued:
 class PaymentChannel:
     """The agent's side of one channel: the cumulative amount and sequence it has signed.
 
-    Amounts are decimal strings in the channel's asset; internally integers at the
-    wallet's scale. Thread-safe.
+    Amounts are decimal strings in the channel's asset (`cumulative`, `spent`, `deposit`
+    as given); internally integers at the wallet's scale. Thread-safe.
     """
 
     def __init__(
@@ -71,10 +71,10 @@ class PaymentChannel:
         self.wallet = wallet
         self.channel_id = channel_id
         self.asset = asset
-        self.deposit = None if deposit is None else scaled(deposit, "deposit")
-        self.cumulative = scaled(cumulative, "cumulative")
+        self._deposit = None if deposit is None else scaled(deposit, "deposit")
+        self._total = scaled(cumulative, "cumulative")  # the cumulative amount signed
         self.sequence = sequence
-        self.high_water = self.cumulative  # the most this wallet ever signed for
+        self._high_water = self._total  # the most this wallet ever signed for
         self._lock = threading.Lock()
 
     def issue(self, resource: str, amount: str, payee: str) -> Issued:
@@ -82,16 +82,16 @@ class PaymentChannel:
         value = scaled(amount)
         reservation = self.wallet.reserve(self.asset, amount, payee)
         with self._lock:
-            total = self.cumulative + value
-            if self.deposit is not None and total > self.deposit:
+            total = self._total + value
+            if self._deposit is not None and total > self._deposit:
                 reservation.release()
                 raise ChannelExhausted(
                     f"channel {self.channel_id}: {unscaled(total)} {self.asset} would pass "
-                    f"the {unscaled(self.deposit)} deposit"
+                    f"the {unscaled(self._deposit)} deposit"
                 )
-            before = self.cumulative
-            self.cumulative, self.sequence = total, self.sequence + 1
-            self.high_water = max(self.high_water, total)
+            before = self._total
+            self._total, self.sequence = total, self.sequence + 1
+            self._high_water = max(self._high_water, total)
             voucher = vouchers.sign_voucher(
                 {
                     "channel_id": self.channel_id,
@@ -112,7 +112,7 @@ class PaymentChannel:
         issued.reservation.release()
         with self._lock:
             if self.sequence == issued.voucher["sequence"]:
-                self.cumulative = issued.before
+                self._total = issued.before
 
     def resync(self, body: Any) -> bool:
         """Adopt the gateway's last sequence and cumulative amount from a refusal's body;
@@ -127,16 +127,26 @@ class PaymentChannel:
         except AmountError:
             return False
         with self._lock:
-            if theirs > self.high_water:
+            if theirs > self._high_water:
                 return False  # never sign on the word of a gateway claiming more
-            self.cumulative = theirs
+            self._total = theirs
             self.sequence = max(self.sequence, sequence)
         return True
 
     @property
-    def spent(self) -> str:
+    def cumulative(self) -> str:
+        """The cumulative amount of the last voucher signed, in the channel's asset ("1.5")."""
         with self._lock:
-            return unscaled(self.cumulative)
+            return unscaled(self._total)
+
+    @property
+    def deposit(self) -> str | None:
+        return None if self._deposit is None else unscaled(self._deposit)
+
+    @property
+    def spent(self) -> str:
+        """What the channel has paid so far: its cumulative amount."""
+        return self.cumulative
 
 
 class ChannelAuth(httpx.Auth):
@@ -207,14 +217,14 @@ class ChannelAuth(httpx.Auth):
     ) -> None:
         header = receipt_header(response)
         if header is None:
-            bad_receipt("no payment receipt on the response", self.strict)
+            bad_receipt("no payment receipt on the response", self.strict, response)
             return
         fields = receipt_fields(header)
         if fields is None:
-            bad_receipt(NOT_JSON, self.strict)
+            bad_receipt(NOT_JSON, self.strict, response)
             return
         problem = _receipt_problem(fields, voucher, discovery)
-        report(attach(response, fields, problem), problem, self.strict)
+        report(attach(response, fields, problem), problem, self.strict, response)
 
 
 def _receipt_problem(

@@ -135,17 +135,29 @@ class DiscoveryCache:
         return entry.discovery if entry is not None else None
 
     def store(self, origin: str, response: httpx.Response) -> Discovery | None:
-        """Parse a discovery response and keep it; None when it is not a usable document."""
+        """Parse a discovery response and keep it; None when it is not a usable document.
+
+        A price list is the price list of the origin that served it: a client that follows
+        redirects may hand us another origin's document (`response.url`, the last hop),
+        which is kept for that origin, never for `origin` (a server that redirects its
+        /.well-known/x402 to a gateway would get proofs signed for that gateway)."""
         discovery = None
         if response.status_code == 200:
             try:
                 discovery = Discovery.parse(response.json())
             except (ValueError, UnicodeDecodeError):
                 discovery = None
+        served = origin_of(response.url)
+        if served != origin:
+            self._keep(served, discovery)
+            discovery = None
+        self._keep(origin, discovery)
+        return discovery
+
+    def _keep(self, origin: str, discovery: Discovery | None) -> None:
         ttl = self.ttl if discovery is not None else min(self.ttl, MISSING_TTL)
         with self._lock:
             self._entries[origin] = Cached(discovery, time.monotonic() + ttl)
-        return discovery
 
     def forget(self, origin: str | None = None) -> None:
         """Drop cached documents (all, or one origin like http://host:port)."""

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import stat
 import string
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sidecar.agent.exact import EXACT
 from sidecar.core.errors import ConfigError, InvalidChallenge
-from sidecar.core.identity import write_secret
+from sidecar.core.identity import read_secret, write_secret
 
 if TYPE_CHECKING:  # the `evm` extra
     from eth_account.signers.local import LocalAccount
@@ -76,21 +74,7 @@ class EvmKey:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> EvmKey:
         """A key file (`x402 keygen --evm`); refused if anyone but its owner may read it."""
-        path = Path(path)
-        try:
-            mode = path.stat().st_mode
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"cannot read EVM key file {path}: {exc.__class__.__name__}"
-            ) from None
-        if not stat.S_ISREG(mode):
-            raise ConfigError(f"EVM key file {path} is not a regular file")
-        if mode & 0o077:
-            raise ConfigError(
-                f"EVM key file {path} has mode {stat.S_IMODE(mode):04o}: others may read it "
-                f"(chmod 600 {path})"
-            )
+        text = read_secret(path, "EVM key file").decode("utf-8", errors="replace")
         return cls.from_text(text, source=f"EVM key file {path}")
 
     @classmethod

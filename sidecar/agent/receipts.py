@@ -8,6 +8,7 @@ does the rest the same way for all: the header, base64 JSON, `Receipt` in
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,9 +46,10 @@ class Receipt:
     success: bool = True
     held: str = ""
     units: int | None = None
+    problem: str = ""  # why it is not verified ("" when it is)
 
     @classmethod
-    def from_fields(cls, fields: Mapping[str, Any], verified: bool) -> Receipt:
+    def from_fields(cls, fields: Mapping[str, Any], verified: bool, problem: str = "") -> Receipt:
         def text(name: str) -> str:
             value = fields.get(name, "")
             return value if isinstance(value, str) else str(value)
@@ -70,6 +72,7 @@ class Receipt:
             success=fields.get("success") is True,
             held=text("held") or text("released"),
             units=fields["units"] if type(fields.get("units")) is int else None,
+            problem=problem,
         )
 
 
@@ -80,7 +83,14 @@ def receipt_of(response: Any) -> Receipt | None:
         receipt = extensions[RECEIPT_EXTENSION]
         return receipt if isinstance(receipt, Receipt) else None
     receipt = getattr(response, RECEIPT_EXTENSION, None)
-    return receipt if isinstance(receipt, Receipt) else None
+    if isinstance(receipt, Receipt):
+        return receipt
+    # requests follows redirects itself: a paid 3xx's receipt is on its history's response
+    for hop in reversed(getattr(response, "history", None) or []):
+        receipt = getattr(hop, RECEIPT_EXTENSION, None)
+        if isinstance(receipt, Receipt):
+            return receipt
+    return None
 
 
 def receipt_header(response: httpx.Response) -> str | None:
@@ -115,20 +125,42 @@ def receipt_fields(header: str) -> dict[str, Any] | None:
 def attach(response: httpx.Response, fields: Mapping[str, Any], problem: str | None) -> Receipt:
     """Put the Receipt on the response; `problem` says why the fields are not this
     payment's receipt (None: they are, it is verified)."""
-    receipt = Receipt.from_fields(fields, verified=problem is None)
+    receipt = Receipt.from_fields(fields, verified=problem is None, problem=problem or "")
     response.extensions = {**response.extensions, RECEIPT_EXTENSION: receipt}
     return receipt
 
 
-def report(receipt: Receipt, problem: str | None, strict: bool) -> None:
+def report(receipt: Receipt, problem: str | None, strict: bool, response: httpx.Response) -> None:
     """Say what is wrong with an attached receipt, if anything (see `bad_receipt`)."""
     if problem is not None:
-        bad_receipt(f"receipt {receipt.receipt_id or '?'}: {problem}", strict)
+        message = f"receipt {receipt.receipt_id or '?'}: {problem}"
+        bad_receipt(message, strict, response, receipt, problem)
 
 
-def bad_receipt(message: str, strict: bool) -> None:
-    """A receipt that does not prove the payment: InvalidReceipt when strict, else a
-    ReceiptWarning (the response itself is still returned)."""
+# Frames of these packages are the SDK's and its HTTP stack's, not the caller's.
+_NOT_THE_CALLER = ("/sidecar/agent/", "/httpx/", "/httpcore/", "/requests/", "/urllib3/",
+                   "/anyio/", "/asyncio/", "/contextlib.py")  # fmt: skip
+
+
+def _caller_level() -> int:
+    """The `stacklevel` of the first frame outside the SDK and the HTTP libraries: a
+    warning points at the caller's line (`client.get(...)`), not at this package."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and any(part in frame.f_code.co_filename for part in _NOT_THE_CALLER):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
+
+
+def bad_receipt(
+    message: str,
+    strict: bool,
+    response: httpx.Response | None = None,
+    receipt: Receipt | None = None,
+    reason: str = "",
+) -> None:
+    """A receipt that does not prove the payment, once the payment was made: with strict,
+    InvalidReceipt carrying the response and the Receipt (None when there was none); else
+    a ReceiptWarning at the caller's line (the response is still returned)."""
     if strict:
-        raise InvalidReceipt(message)
-    warnings.warn(message, ReceiptWarning, stacklevel=3)
+        raise InvalidReceipt(message, response, receipt, reason or message)
+    warnings.warn(message, ReceiptWarning, stacklevel=_caller_level())

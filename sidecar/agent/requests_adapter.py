@@ -18,7 +18,7 @@ import httpx
 import requests
 from requests.adapters import HTTPAdapter
 
-from sidecar.agent.auth import RECEIPT_EXTENSION, X402Auth
+from sidecar.agent.auth import RECEIPT_EXTENSION, REFUSAL_EXTENSION, X402Auth
 from sidecar.agent.wallet import Wallet
 
 __all__ = ["X402Adapter", "x402_session"]
@@ -38,14 +38,18 @@ class X402Adapter(HTTPAdapter):
         sent = next(flow)
         history: list[requests.Response] = []
         while True:
-            response = super().send(_to_requests(sent), **kwargs)
+            try:
+                response = super().send(_to_requests(sent), **kwargs)
+            except BaseException:
+                flow.close()  # a proof in flight becomes PaymentOutcomeUnknown
+                raise
             converted = _to_httpx_response(response, sent)
             try:
                 sent = flow.send(converted)
             except StopIteration:
-                receipt = converted.extensions.get(RECEIPT_EXTENSION)
-                if receipt is not None:
-                    setattr(response, RECEIPT_EXTENSION, receipt)
+                for name in (RECEIPT_EXTENSION, REFUSAL_EXTENSION):
+                    if name in converted.extensions:
+                        setattr(response, name, converted.extensions[name])
                 if history:
                     response.history = [*response.history, *history]
                 return response

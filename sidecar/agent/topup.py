@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx
 
-from sidecar.agent.auth import Step, topup_flow
 from sidecar.agent.discovery import Discovery, origin_of
 from sidecar.agent.exact import TopUp
+from sidecar.agent.flows import Step, topup_flow
 from sidecar.agent.wallet import Wallet
 from sidecar.core import protocol
 from sidecar.core.errors import InvalidReceipt, ReceiptWarning, TopUpFailed, X402Error

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class X402Error(Exception):
@@ -14,8 +14,8 @@ class ConfigError(X402Error):
 
 
 class KeySetError(ConfigError):
-    """A signing key of the key set cannot be used: `reason` says why (key_unreadable,
-    key_mode, key_malformed, duplicate_kid); the message names the file, never its content."""
+    """A key or secret file cannot be used: `reason` says why (key_unreadable, key_mode,
+    key_malformed, duplicate_kid); the message names the file, never its content."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -277,7 +277,34 @@ class InvalidChallenge(X402Error):
 
 
 class InvalidReceipt(X402Error):
-    """A receipt that is missing, unsigned by the gateway's key, or not for this payment."""
+    """A receipt that is missing, unsigned by the gateway's key, or not for this payment.
+    Raised (strict=True) after the payment was made: `response` is the answer (its body
+    read), `receipt` the Receipt as read off it (`.verified` False, `.problem` why), or
+    None when there was none; `reason` says what is wrong."""
+
+    def __init__(
+        self, message: str, response: Any = None, receipt: Any = None, reason: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.response = response
+        self.receipt = receipt
+        self.reason = reason or message
+
+
+class PaymentOutcomeUnknown(X402Error):
+    """A proof was sent and its answer never came (a timeout, a dropped connection): the
+    gateway may have charged it. The wallet counts it as spent. `payment` is its identity
+    (nonce, invoice_id, payer, payee, resource, asset, amount, origin), `resend_headers`
+    the same proof, to send again: the gateway charges a proof at most once and answers a
+    spent one `402 nonce_reused` with the receipt id that spent it. `__cause__` is the
+    transport's error."""
+
+    def __init__(
+        self, message: str, payment: dict[str, str], resend_headers: dict[str, str]
+    ) -> None:
+        super().__init__(message)
+        self.payment = payment
+        self.resend_headers = resend_headers
 
 
 class ReceiptWarning(UserWarning):

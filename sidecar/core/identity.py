@@ -45,16 +45,43 @@ def write_secret(path: str | os.PathLike[str], text: str) -> None:
         out.write(text)
 
 
+def check_private(path: str | os.PathLike[str], what: str) -> None:
+    """The one rule for every key and secret file, agents' and operators' alike: a regular
+    file that only its owner may read or write (mode 0600, or 0400); a KeySetError
+    (key_unreadable, key_mode) naming the file and the fix otherwise.
+
+    One exception, how Kubernetes mounts a Secret for a pod's fsGroup (the chart's): a
+    file this process does not own, that its group may only read and others not at all
+    (0440, owned by root)."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise KeySetError("key_unreadable", f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise KeySetError("key_unreadable", f"{what}: {path} is not a regular file")
+    mode = stat.S_IMODE(info.st_mode)
+    mounted = info.st_uid != os.geteuid() and not mode & 0o037
+    if mode & 0o077 and not mounted:
+        raise KeySetError(
+            "key_mode",
+            f"{what}: {path} has mode {mode:04o}: others may read it; "
+            f"make it the owner's only: chmod 600 {path}",
+        )
+
+
 def read_secret(path: str | os.PathLike[str], what: str, min_bytes: int = 1) -> bytes:
-    """A secret file's content, stripped. Errors start with `what` (e.g. "config
-    admin_token_file") and name the path, never the content: a malformed secret is still a
-    secret."""
+    """A secret file's content, stripped, once `check_private` allows it. Errors start
+    with `what` (e.g. "config admin_token_file") and name the path, never the content: a
+    malformed secret is still a secret."""
+    check_private(path, what)
     try:
         secret = Path(path).read_bytes().strip()
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not secret:
+        raise ConfigError(f"{what}: {path} is empty")
     if len(secret) < min_bytes:
-        raise ConfigError(f"{what}: the secret must be at least {min_bytes} bytes")
+        raise ConfigError(f"{what}: {path}: the secret must be at least {min_bytes} bytes")
     return secret
 
 
@@ -112,20 +139,9 @@ class Identity:
 
 
 def load_signing_key(path: str | os.PathLike[str], what: str) -> Identity:
-    """A gateway signing key file: readable, not readable by others (group is fine: the
-    chart mounts secrets 0440), and an Ed25519 seed; else a KeySetError naming `what`."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise KeySetError("key_unreadable", f"{what}: cannot read {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(mode):
-        raise KeySetError("key_unreadable", f"{what}: {path} is not a regular file")
-    if mode & 0o007:
-        raise KeySetError(
-            "key_mode",
-            f"{what}: {path} has mode {stat.S_IMODE(mode):04o}: others may read it "
-            f"(chmod 600 {path})",
-        )
+    """A gateway signing key file that `check_private` allows, holding an Ed25519 seed;
+    else a KeySetError naming `what`."""
+    check_private(path, what)
     try:
         return Identity.load(path)
     except ConfigError as exc:

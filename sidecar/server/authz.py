@@ -22,7 +22,13 @@ from envoy.service.auth.v3 import external_auth_pb2 as authz
 
 from sidecar.core import decision, exact, holds, protocol
 from sidecar.core.decision import Gateway, Request
-from sidecar.core.errors import ConfigError, InternalError, PaymentError, PaymentRequired
+from sidecar.core.errors import (
+    ConfigError,
+    InternalError,
+    PaymentError,
+    PaymentRequired,
+    UnsupportedScheme,
+)
 from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.rate_limit import RateLimiter
@@ -269,8 +275,14 @@ class Authorization:
         the response would go out free. A metered route cannot be charged on check."""
         assert price.phase is not None
         holder = self.holding.get(scheme.name)
-        if extensions.get(holds.EXT_PHASE) == holds.PHASE_RESPONSE and holder is not None:
+        responds = extensions.get(holds.EXT_PHASE) == holds.PHASE_RESPONSE
+        if responds and holder is not None:
             return holder
+        if price.phase.metered and responds:  # the route can hold; this kind of payment not
+            raise UnsupportedScheme(
+                f"route {price.route} is metered: pay it with a prepaid proof or exact "
+                f"({scheme.name} cannot hold an amount until the response)"
+            )
         if price.phase.metered:
             raise ConfigError(
                 f"route {price.route} is metered but has no response phase here "

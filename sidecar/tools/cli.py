@@ -115,11 +115,10 @@ def keygen(out: str, evm: bool) -> None:
 
     key = EvmKey.generate() if evm else Identity.generate()
     # Before writing: an EVM address needs the `evm` extra (ConfigError without it).
-    shown = (
-        [f"address: {key.address}"]
-        if isinstance(key, EvmKey)
-        else [f"public key: {key.public_key}", f"key id:     {key.kid}"]
-    )
+    shown = [f"address: {key.address}"] if isinstance(key, EvmKey) else [
+        f"public key: {key.public_key}\n  as an agent's wallet, its payer id: x402 payer "
+        f"register {key.public_key}\n  as a gateway's signing key, its payee id: {key.kid}"
+    ]  # fmt: skip
     try:
         key.save(out)
     except FileExistsError:

@@ -891,15 +891,15 @@ def serve_forever(
         f"  export X402_GATEWAY={stack.url} X402_WALLET_FILE={key_file} "
         f"REDIS_URL={stack.redis_url}\n"
         f"  x402 pay $X402_GATEWAY{ATLAS}\n"
-        f'  x402 pay --max-amount 1 -X POST -d \'{{"topic": "agents"}}\' '
+        f'  x402 pay --max-amount 5 -X POST -d \'{{"topic": "agents"}}\' '
         f"$X402_GATEWAY/api/v1/agent/pay-api/atlas/deep-research\n"
         f"  x402 payer balance {wallet.public_key}\n"
         "  python - <<'EOF'\n"
         "import os, httpx\n"
-        "from sidecar.agent import Wallet, X402Auth\n"
+        "from sidecar.agent import Wallet, X402Auth, receipt_of, refusal_of\n"
         'auth = X402Auth(Wallet.from_env(max_amount="1.00", budget="10"))\n'
         f'r = httpx.get(os.environ["X402_GATEWAY"] + "{ATLAS}", auth=auth)\n'
-        'print(r.status_code, r.json(), r.extensions["x402_receipt"])\n'
+        "print(r.status_code, r.json(), receipt_of(r) or refusal_of(r))\n"
         "EOF",
         markup=False,
         highlight=False,

@@ -26,7 +26,7 @@ from typing import Any
 
 from sidecar.agent.evm import EvmKey
 from sidecar.agent.wallet import Wallet
-from sidecar.core.identity import Identity
+from sidecar.core.identity import Identity, write_secret
 from sidecar.core.money import to_atomic
 from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import Ledger
@@ -297,8 +297,7 @@ def start(spec: Spec) -> Iterator[World]:
             running.callback(stack.stop)
             if spec.dashboard:
                 token_file = stack.dir / "admin.token"
-                token_file.write_text(secrets.token_urlsafe(24) + "\n")
-                token_file.chmod(0o600)
+                write_secret(token_file, secrets.token_urlsafe(24) + "\n")
                 stack.ports["dashboard"] = free_port()
                 stack.settings = {
                     **stack.settings,

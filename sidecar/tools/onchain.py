@@ -19,6 +19,7 @@ from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.schemas import PaymentPayload
 
+from sidecar.core.identity import write_secret
 from sidecar.tools.chain import Chain, DevAccount
 from sidecar.tools.stack import LOOPBACK, Process, free_port, wait_http
 
@@ -50,8 +51,8 @@ class Facilitator:
 
     def start(self) -> Facilitator:
         key_file = self.workdir / "facilitator.key"
-        key_file.write_text(facilitator_account(self.chain).key + "\n")
-        key_file.chmod(0o600)
+        key_file.unlink(missing_ok=True)  # a restart writes it again
+        write_secret(key_file, facilitator_account(self.chain).key + "\n")
         argv = [sys.executable, "-m", "sidecar.tools.cli", "facilitator", "serve"]
         argv += ["--rpc-url", self.chain.rpc_url]
         argv += ["--key-file", str(key_file), "--listen", f"{LOOPBACK}:{self.port}"]

@@ -15,10 +15,12 @@ from typing import IO
 
 import httpx
 
-from sidecar.agent.auth import X402Auth
+from sidecar.agent.auth import TOPUP_REASONS, X402Auth
+from sidecar.agent.discovery import origin_of
+from sidecar.agent.outcomes import refusal_of
 from sidecar.agent.receipts import receipt_of, refusal
 from sidecar.agent.wallet import Wallet
-from sidecar.core.errors import ReceiptWarning, X402Error
+from sidecar.core.errors import PaymentOutcomeUnknown, ReceiptWarning, X402Error
 
 
 @dataclass
@@ -86,6 +88,8 @@ def run(
                 response = client.request(
                     method, req.url, headers=parse_headers(req.headers), content=body
                 )
+        except PaymentOutcomeUnknown as exc:
+            raise X402Error(unknown_outcome(exc, method, req.url)) from None
         except httpx.InvalidURL as exc:
             raise X402Error(f"invalid URL {req.url!r}: {exc}") from None
         except httpx.HTTPError as exc:
@@ -94,10 +98,25 @@ def run(
     out.flush()
     for warning in caught:
         print(f"warning: {warning.message}", file=err)
-    return report(response, err)
+    return report(response, err, wallet)
 
 
-def report(response: httpx.Response, err: IO[str]) -> int:
+def unknown_outcome(exc: PaymentOutcomeUnknown, method: str, url: str) -> str:
+    """What a user can do when a paid answer never came: the same proof, re-sent, is
+    charged at most once, and a spent one is answered `nonce_reused` with its receipt."""
+    facts = exc.payment
+    cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "an error"
+    resend = " ".join(f"-H '{name}: {value}'" for name, value in exc.resend_headers.items())
+    return (
+        f"{method} {url}: {cause} after the payment was sent: {facts.get('amount', '?')} "
+        f"{facts.get('asset', '')} to {facts.get('payee', '?')} (nonce {facts.get('nonce', '?')})"
+        " may have been charged. Re-sending the same proof is charged at most once (if it "
+        "was, the answer is 402 nonce_reused with its receipt id; a plain re-send pays "
+        f"again): x402 pay -X {method} {resend} {url}"
+    )
+
+
+def report(response: httpx.Response, err: IO[str], wallet: Wallet | None = None) -> int:
     receipt = receipt_of(response)
     status = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
     if receipt is not None:
@@ -121,6 +140,15 @@ def report(response: httpx.Response, err: IO[str]) -> int:
     reason = refusal(response) or f"http_{response.status_code}"
     message = _message(response)
     print(f"error: {status}: {reason}{': ' + message if message else ''}", file=err)
+    refused = refusal_of(response)
+    next_step = getattr(refused, "next_step", None)
+    if wallet is not None and wallet.evm is not None and reason in TOPUP_REASONS:
+        next_step = (
+            f"buy credit with this wallet's EVM key ({wallet.evm.address}): x402 topup "
+            f"--amount AMOUNT {origin_of(response.request.url)}"
+        )
+    if next_step:
+        print(f"next: {next_step}", file=err)
     return 1
 
 

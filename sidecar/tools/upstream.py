@@ -5,6 +5,7 @@ told it (payer, amount, receipt id) and that no proof header reached it. With
 
 For routes charged on success it also fails, dawdles and meters on request:
 - any path: `?fail=500` answers that status; `?sleep=2.5` waits that long first;
+  `?redirect=/path` answers `302 Found` with that Location;
 - `POST /api/v1/llm/generate` (JSON `{"prompt", "max_tokens"}`): "generates" max_tokens
   tokens (or one per 4 bytes of body) and reports them in `x402-usage`;
 - `GET /api/v1/data/rows?limit=N`: returns N rows and reports `x402-usage: N`;
@@ -32,7 +33,13 @@ LLM_PATH, ROWS_PATH = "/api/v1/llm/generate", "/api/v1/data/rows"
 MAX_BODY_BYTES = 65536
 MAX_SLEEP_SECONDS = 60.0
 MAX_ROWS = 100_000
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
+_REASONS = {
+    200: "OK",
+    302: "Found",
+    400: "Bad Request",
+    404: "Not Found",
+    500: "Internal Server Error",
+}
 
 
 def _int(value: str | None, default: int) -> int:
@@ -81,6 +88,8 @@ async def respond(
         extra[USAGE_HEADER] = str(rows)
     if "usage" in query:
         extra[USAGE_HEADER] = query["usage"]
+    if query.get("redirect", "").startswith("/"):  # a local path only: no open redirect
+        status, extra["location"] = 302, query["redirect"]
     return status, extra, json.dumps(answer).encode()
 
 

@@ -258,6 +258,34 @@ def secret_uses(docs: Iterable[Mapping[str, Any]]) -> dict[str, set[str]]:
     return uses
 
 
+def kubelet_secret_files(docs: Iterable[Mapping[str, Any]], name: str) -> tuple[int, int]:
+    """The mode and group the kubelet gives a Secret volume's files: the volume's
+    `defaultMode` (0644 when unset) and the pod's `fsGroup` (the files stay root's)."""
+    for doc in docs:
+        for spec in pod_specs(doc):
+            for volume in spec.get("volumes", []):
+                if volume.get("secret", {}).get("secretName") == name:
+                    group = spec.get("securityContext", {}).get("fsGroup", 0)
+                    return int(volume["secret"].get("defaultMode", 0o644)), int(group)
+    return 0o644, 0
+
+
+def kubelet_secret_volume(docs: Iterable[Mapping[str, Any]], secret: Mapping[str, Any]) -> None:
+    """podman 4.3's kube play writes a Secret volume's files 0644 (it ignores defaultMode
+    and fsGroup) into a volume it reuses by the Secret's name, keeping the mode and owner
+    of files already there: create them first, as the kubelet would (root's, the pod's
+    fsGroup, defaultMode), so the sidecar's key-file rule meets what a cluster gives it."""
+    name = secret["metadata"]["name"]
+    mode, group = kubelet_secret_files(docs, name)
+    podman("volume", "create", name)
+    mount = podman("volume", "inspect", "--format", "{{.Mountpoint}}", name).stdout.strip()
+    for key, value in secret.get("data", {}).items():
+        path = Path(mount) / key
+        path.write_bytes(base64.b64decode(value))
+        os.chown(path, 0, group)
+        path.chmod(mode)
+
+
 def podman_secret(secret: Mapping[str, Any], uses: set[str]) -> str:
     """A Secret as podman 4.3's kube play reads it from its secret store: for secretKeyRef
     env, a JSON object of base64 values; for a volume, the Secret with its data written to
@@ -336,6 +364,7 @@ class Cluster:
                 podman("secret", "create", name, "-", input=podman_secret(doc, uses[name]))
                 if "volume" in uses[name]:
                     self.volumes.append(name)  # kube play keeps a secret volume by its name
+                    kubelet_secret_volume(docs, doc)
         # kube play keeps a ConfigMap volume under the ConfigMap's name.
         self.volumes += [d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"]
         played = [statefulset_pod(d) if d["kind"] == "StatefulSet" else d for d in docs]

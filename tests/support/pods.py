@@ -98,6 +98,13 @@ class Pod:
         elif "secret" in volume:
             source = volume["secret"]
             data = self.secret(source["secretName"])
+            items = source.get("items") or [{"key": k, "path": k} for k in data]
+            # The kubelet writes a Secret's files as root, readable by the pod's fsGroup
+            # (0440); here the process owns them, so the group's read is the owner's: the
+            # secrets rule (core/identity.py check_private) sees what a pod would allow.
+            mode = source.get("defaultMode", 0o644)
+            folded = (mode | (mode & 0o070) << 3) & 0o700
+            return {item["path"]: data[item["key"]] for item in items}, folded
         else:
             assert set(volume) == {"name", "emptyDir"}, f"unsupported volume {volume}"
             return {}, 0o777

@@ -10,6 +10,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 
+from sidecar.core.identity import write_secret
 from sidecar.server import http_authz
 from sidecar.server.responses import DENIAL_METADATA_KEY
 from sidecar.tools.stack import Stack, free_port
@@ -23,7 +24,7 @@ def admin_stack() -> Stack:
     not started yet."""
     stack = Stack(ROUTES, envoy_routes=ENVOY_ROUTES, workers=2)
     token_file = stack.dir / "admin.token"
-    token_file.write_text(ADMIN_TOKEN + "\n")
+    write_secret(token_file, ADMIN_TOKEN + "\n")
     stack.ports["admin_api"] = free_port()
     stack.settings = {
         "listen_admin": f"127.0.0.1:{stack.ports['admin_api']}",

@@ -51,12 +51,12 @@ def test_signing_key_files_are_checked(tmp_path: Path) -> None:
     path = tmp_path / "old.key"
     OLD.save(path)
     assert load_signing_key(path, "previous").kid == OLD.kid
-    os.chmod(path, 0o440)  # the chart mounts its secrets group-readable
+    os.chmod(path, 0o400)
     assert load_signing_key(path, "previous").kid == OLD.kid
 
     cases: list[tuple[Path, str, str]] = [(tmp_path / "none.key", "key_unreadable", "cannot")]
-    os.chmod(path, 0o644)
-    cases.append((path, "key_mode", "mode 0644: others may read it"))
+    os.chmod(path, 0o640)  # one rule for every key file: the owner's only (check_private)
+    cases.append((path, "key_mode", "mode 0640: others may read it"))
     garbage = tmp_path / "garbage.key"
     garbage.write_text("not-a-key-but-secret")
     garbage.chmod(0o600)

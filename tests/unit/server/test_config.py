@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from sidecar.core.errors import ConfigError, KeySetError
-from sidecar.core.identity import Identity
+from sidecar.core.identity import Identity, write_secret
 from sidecar.server.config import Edge, Settings
 
 ROUTE = {"method": "GET", "path": "/api/{id}", "price": "0.25"}
@@ -114,7 +114,7 @@ def test_secrets_load_and_errors_never_echo_them(tmp_path: Path) -> None:
     key_file, secret_file = tmp_path / "signing.key", tmp_path / "invoice.secret"
     identity = Identity.generate()
     identity.save(key_file)
-    secret_file.write_text("0123456789abcdef0123456789abcdef\n")
+    write_secret(secret_file, "0123456789abcdef0123456789abcdef\n")
     settings = load({"signing_key_file": str(key_file), "invoice_secret_file": str(secret_file)})
     gateway = settings.gateway()
     assert gateway.payee == identity.kid
@@ -140,7 +140,7 @@ def test_previous_signing_keys_join_the_key_set(tmp_path: Path) -> None:
     new.save(tmp_path / "new.key")
     old.save(tmp_path / "old.key")
     secret = tmp_path / "invoice.secret"
-    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    write_secret(secret, "0123456789abcdef0123456789abcdef\n")
     raw: dict[str, Any] = {
         "signing_key_file": str(tmp_path / "new.key"),
         "previous_signing_key_files": [str(tmp_path / "old.key")],
