@@ -95,7 +95,7 @@ async def test_a_flood_of_long_paths_stays_bounded_in_bytes() -> None:
     """20,000 unpaid requests with 55 KB paths, the dashboard's stream on, the ledger's
     Redis under maxmemory with noeviction (a full ledger refuses every paid request): its
     memory grows by less than 10 MB, a paid request still pays, and every line of the
-    sidecar's log is short, its clipped path marked."""
+    sidecar's log and Envoy's access log is short, the sidecar's clipped path marked."""
     flooded = stacks.admin_stack()
     flooded.settings = {**flooded.settings, "unlisted": "deny"}  # a short 404 to read back
     maxmemory = ("--maxmemory", str(LEDGER_MAXMEMORY), "--maxmemory-policy", "noeviction")
@@ -121,6 +121,13 @@ async def test_a_flood_of_long_paths_stays_bounded_in_bytes() -> None:
         assert len(lines) == LONG_FLOOD
         log = (flooded.dir / "sidecar.log").read_bytes().splitlines()
         assert max(len(line) for line in log) < 2048
+        # Envoy's access log clips the client's method and path the same way.
+        access = [
+            line
+            for line in (flooded.dir / "envoy.log").read_bytes().splitlines()
+            if b"/flood/" in line
+        ]
+        assert access and max(len(line) for line in access) < 2048  # (Envoy flushes in its time)
         for line in lines[:: LONG_FLOOD // 100]:
             assert line["path"].endswith("…") and line["truncated"] == ["path"]
             assert len(line["path"].encode()) <= FIELD_BYTES

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from sidecar.core import holds
-from sidecar.core.decision import UPSTREAM_HEADERS
+from sidecar.core.decision import FIELD_BYTES, UPSTREAM_HEADERS
 from sidecar.core.pricing import (
     ANY_METHOD,
     EXT_ASSET,
@@ -36,11 +36,13 @@ _TYPES = "type.googleapis.com/envoy.extensions"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 EXT_PROC = "envoy.filters.http.ext_proc"
 TRANSPORTS = ("grpc", "http")
+# A client writes the method and path: the access log keeps FIELD_BYTES of each, as the
+# sidecar's own lines do (a 60 KB path would otherwise be a 60 KB line).
 _ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
-    "request_id": "%REQ(X-REQUEST-ID)%",
-    "method": "%REQ(:METHOD)%",
-    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "request_id": f"%REQ(X-REQUEST-ID):{FIELD_BYTES}%",
+    "method": f"%REQ(:METHOD):{FIELD_BYTES}%",
+    "path": f"%REQ(X-ENVOY-ORIGINAL-PATH?:PATH):{FIELD_BYTES}%",
     "status": "%RESPONSE_CODE%",
     "duration_ms": "%DURATION%",
     "payer": f"%DYNAMIC_METADATA({EXT_AUTHZ}:payer)%",

@@ -256,9 +256,9 @@ static_resources:
               log_format:
                 json_format:
                   time: '%START_TIME%'
-                  request_id: '%REQ(X-REQUEST-ID)%'
-                  method: '%REQ(:METHOD)%'
-                  path: '%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%'
+                  request_id: '%REQ(X-REQUEST-ID):256%'
+                  method: '%REQ(:METHOD):256%'
+                  path: '%REQ(X-ENVOY-ORIGINAL-PATH?:PATH):256%'
                   status: '%RESPONSE_CODE%'
                   duration_ms: '%DURATION%'
                   payer: '%DYNAMIC_METADATA({{ $ext }}:payer)%'
