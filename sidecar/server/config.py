@@ -90,6 +90,10 @@ class Settings:
     transport: str = "grpc"
     listen_authz_http: str = "127.0.0.1:9101"  # transport http: worker i on this port + i
     listen_http: str = "127.0.0.1:9000"  # discovery, /healthz, /readyz (below the workers)
+    # /healthz and /readyz alone on a port of their own (worker 0), for kubelet probes when
+    # the check and side ports are bound to loopback; "": only on listen_http.
+    listen_health: str = ""
+    side_port_max_connections: int = 256  # listen_http's open connections at once (worker 0)
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_ms: int = 500
     signing_key_file: str = ""
@@ -379,6 +383,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
                 "settle_batch_size",
                 "settle_lease_seconds",
                 "hold_sweep_seconds",
+                "side_port_max_connections",
             )
             and value == 0
         ):
