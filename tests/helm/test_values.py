@@ -242,7 +242,8 @@ INVALID: dict[str, tuple[str, list[str], str]] = {
     ),
     "a grace period shorter than the drain": (
         "terminationGracePeriodSeconds: 30\nexact: {onchain: {USDF: {network: 'eip155:8453', "
-        "token: '0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913', name: USD Coin, version: '2', decimals: 6}}}",
+        "token: '0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913', name: USD Coin, version: '2', "
+        "decimals: 6}}}",
         [],
         "terminationGracePeriodSeconds: 30 is shorter than the drain (57s: preStop 5s, the "
         "sidecar's drain 32s, the upstream's 15s, 5s to exit)",
