@@ -346,7 +346,11 @@ class Cluster:
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = self.root / f"play-{len(self.pods)}.yaml"
         manifest.write_text(yaml.safe_dump_all(played))
-        podman("kube", "play", "--network", self.network, str(manifest), timeout=300)
+        # Pods on the host's network (hostNetwork: true) join no network of ours.
+        specs = [spec for doc in played for spec in pod_specs(doc)]
+        on_host = bool(specs) and all(spec.get("hostNetwork") for spec in specs)
+        network = [] if on_host else ["--network", self.network]
+        podman("kube", "play", *network, str(manifest), timeout=300)
         return names
 
     def container(self, pod: str, name: str) -> str:
