@@ -200,12 +200,14 @@ class SideServer:
             pass  # a broken or hostile client; nothing to answer
 
     async def drain(self, grace: float) -> None:
-        """Stop taking connections; give the answers in progress (a top-up settling on
-        chain) `grace` seconds to go out."""
-        if self.server is not None:
-            self.server.close()
+        """Give the answers in progress (a top-up settling on chain) `grace` seconds to go
+        out; the port keeps answering meanwhile (/readyz says shutting_down)."""
         if self.active:
             await asyncio.wait(set(self.active), timeout=grace)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
 
 
 async def start_http(

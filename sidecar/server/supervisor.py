@@ -41,7 +41,7 @@ from sidecar.ledger.pipe import parse_url
 from sidecar.server import holding, http_authz, logs, metrics, wiring
 from sidecar.server.admin import Facilities, check_listener, start_facilities
 from sidecar.server.authz import AUTHZ_SERVICE, Authorization
-from sidecar.server.config import Settings
+from sidecar.server.config import TOPUP_PATH, Settings
 from sidecar.server.feed import DecisionFeed
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
 from sidecar.server.side_port import AnyReply, Headers, SidePort, SideServer, start_http
@@ -232,8 +232,9 @@ class WorkerZero:
     async def close(self) -> None:
         """After the drain (the side port's is in serve's)."""
         self.sweeper.cancel()
+        self.http.close()
         if self.probes is not None:
-            await self.probes.drain(0)
+            self.probes.close()
         await self.facilities.close(SHUTDOWN_GRACE_SECONDS)
 
 
@@ -246,6 +247,8 @@ async def _start_side_port(
     async def respond(method: str, path: str, headers: Headers) -> AnyReply:
         if probes_only and path not in ("/healthz", "/readyz"):
             return 404, "application/json", b'{"error":"not_found"}'
+        if path == TOPUP_PATH and not side.ready:  # draining: finish top-ups, start none
+            return 503, "application/json", b'{"error":"shutting_down"}', {"Retry-After": "1"}
         # Ready only when every worker serves: Envoy sends checks to all of them.
         if path == "/readyz" and side.ready and not board.all_serving():
             return 503, "application/json", b'{"status":"workers_starting"}'

@@ -345,7 +345,7 @@ def test_a_sigterm_during_an_exact_settle_answers_the_settled_request_before_exi
         )
         deployment = rendered.find("Deployment", fullname)
         spec = deployment["spec"]["template"]["spec"]
-        on_host(spec)
+        spec["hostNetwork"] = True  # the chain, the facilitator and the ledger are the host's
         cluster.play(rendered.docs)
         gateway = f"{fullname}-pod-0"
         wait_ready(cluster, gateway, spec)
@@ -372,20 +372,6 @@ def test_a_sigterm_during_an_exact_settle_answers_the_settled_request_before_exi
     )
     stopped = [line for line in cluster.logs(x402).splitlines() if '"sidecar.stopped"' in line]
     assert stopped, cluster.logs(x402)
-
-
-def on_host(spec: dict[str, Any]) -> None:
-    """The pod on the host's network: podman maps no ports there, so the probes name
-    their ports by number."""
-    spec["hostNetwork"] = True
-    for container in spec["containers"]:
-        numbers = {port["name"]: port["containerPort"] for port in container.pop("ports", [])}
-        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
-            action = container.get(kind, {}).get("httpGet") or container.get(kind, {}).get(
-                "tcpSocket"
-            )
-            if action and isinstance(action["port"], str):
-                action["port"] = numbers[action["port"]]
 
 
 async def pay_exact_across_a_sigterm(

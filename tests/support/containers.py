@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import fcntl
 import hashlib
 import importlib.metadata
@@ -298,6 +299,23 @@ def publish(doc: dict[str, Any], container: str, port_name: str, host_port: int)
     raise AssertionError(f"no port {port_name} on {container} in {doc['metadata']['name']}")
 
 
+def unpublished(spec: Mapping[str, Any]) -> None:
+    """podman 4.3's kube play publishes every containerPort on the host's 0.0.0.0, hostPort
+    or not: two runs on one machine (or anything on 6379, 8080) would collide. Only the
+    ports given a hostPort (publish()) stay; probes name the others by number."""
+    for container in spec["containers"]:
+        ports = container.get("ports", [])
+        numbers = {port["name"]: port["containerPort"] for port in ports if "name" in port}
+        container["ports"] = [port for port in ports if "hostPort" in port]
+        if not container["ports"]:
+            del container["ports"]
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            probe = container.get(kind) or {}
+            action = probe.get("httpGet") or probe.get("tcpSocket") or probe.get("grpc")
+            if action and isinstance(action.get("port"), str):
+                action["port"] = numbers[action["port"]]
+
+
 # What kube play runs; the rest (Services, NetworkPolicies, ...) is the cluster's business.
 PLAYED = {"ConfigMap", "Deployment", "Pod", "StatefulSet"}
 
@@ -339,7 +357,10 @@ class Cluster:
         # kube play keeps a ConfigMap volume under the ConfigMap's name.
         self.volumes += [d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"]
         played = [statefulset_pod(d) if d["kind"] == "StatefulSet" else d for d in docs]
-        played = [d for d in played if d["kind"] in PLAYED and not is_hook(d)]
+        played = [copy.deepcopy(d) for d in played if d["kind"] in PLAYED and not is_hook(d)]
+        for doc in played:
+            for spec in pod_specs(doc):
+                unpublished(spec)
         played.sort(key=lambda d: {"ConfigMap": 0, "Pod": 1}.get(d["kind"], 2))
         names = [pod_name(d) for d in played if d["kind"] != "ConfigMap"]
         self.pods += names
