@@ -118,6 +118,11 @@ def test_notes_explain_the_product_and_print_no_secret(name: str, notes_chart: P
     assert f"logs deploy/{FULLNAME} -c x402" in notes
     assert 'select(.event == "authz.decision")' in notes
     assert f"helm test {RELEASE}" in notes
+    # The two ways a default install can hurt: one ledger pod, and receipts never settled.
+    single = "WARNING: the ledger is ONE Redis pod"
+    assert (single in notes) == rendered.values["redis"]["internal"]["enabled"]
+    settling = rendered.values["sidecar"]["settlement"]["intervalSeconds"]
+    assert ("WARNING: settlement is off" in notes) == (not settling)
     routes = list(ordered_routes(rendered.values["routes"]).values())
     for route in routes[:10]:  # the first ten, then "… and N more"
         price = route.get("price") or f"{route['unit_price']} per {route.get('unit', 'unit')}"
