@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from tests.support.pods import expand
+
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "helm" / "images"
 CONTAINERS_CONF = IMAGES / "containers.conf"
@@ -316,6 +318,20 @@ def unpublished(spec: Mapping[str, Any]) -> None:
                 action["port"] = numbers[action["port"]]
 
 
+def dependent_env(spec: Mapping[str, Any], stored: Mapping[str, Mapping[str, str]]) -> None:
+    """Kubernetes expands $(VAR) in an env value from the variables above it (the sidecar's
+    X402_REDIS_URL from REDIS_PASSWORD); podman 4.3's kube play passes it literally. So
+    expand it here, from the Secrets' data, as the kubelet would."""
+    for container in spec["containers"]:
+        known: dict[str, str] = {}
+        for var in container.get("env", []):
+            ref = var.get("valueFrom", {}).get("secretKeyRef")
+            if ref and ref["name"] in stored:
+                known[var["name"]] = base64.b64decode(stored[ref["name"]][ref["key"]]).decode()
+            elif "value" in var:
+                var["value"] = known[var["name"]] = expand(str(var["value"]), known)
+
+
 # What kube play runs; the rest (Services, NetworkPolicies, ...) is the cluster's business.
 PLAYED = {"ConfigMap", "Deployment", "Pod", "StatefulSet"}
 
@@ -358,9 +374,11 @@ class Cluster:
         self.volumes += [d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"]
         played = [statefulset_pod(d) if d["kind"] == "StatefulSet" else d for d in docs]
         played = [copy.deepcopy(d) for d in played if d["kind"] in PLAYED and not is_hook(d)]
+        stored = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "Secret"}
         for doc in played:
             for spec in pod_specs(doc):
                 unpublished(spec)
+                dependent_env(spec, stored)
         played.sort(key=lambda d: {"ConfigMap": 0, "Pod": 1}.get(d["kind"], 2))
         names = [pod_name(d) for d in played if d["kind"] != "ConfigMap"]
         self.pods += names
