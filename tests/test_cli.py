@@ -163,6 +163,23 @@ def test_serve_refuses_bad_config_naming_the_key(tmp_path: Path) -> None:
     assert_one_line_error(x402("serve", "--config", str(config), env=env), "signing_key_file")
 
 
+def test_serve_refuses_an_admin_api_off_loopback_without_tls(tmp_path: Path) -> None:
+    Identity.generate().save(tmp_path / "signing.key")
+    for name in ("invoice.secret", "admin.token"):
+        (tmp_path / name).write_text("s" * 32 + "\n")
+    config = tmp_path / "x402.yaml"
+    raw = {
+        "signing_key_file": str(tmp_path / "signing.key"),
+        "invoice_secret_file": str(tmp_path / "invoice.secret"),
+        "admin_token_file": str(tmp_path / "admin.token"),
+        "listen_admin": "0.0.0.0:8999",
+    }
+    config.write_text(yaml.safe_dump(raw))
+    refused = x402("serve", "--config", str(config))
+    assert_one_line_error(refused, "config listen_admin: 0.0.0.0:8999", "needs TLS")
+    assert len(refused.stderr.splitlines()) == 1, refused.stderr
+
+
 def test_reference_envoy_config_is_generated_from_the_example_and_valid(tmp_path: Path) -> None:
     example = yaml.safe_load((ROOT / "envoy" / "x402.yaml").read_text())
     checked_in = (ROOT / "envoy" / "envoy.yaml").read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -295,12 +296,31 @@ async def _answer(context: grpc.aio.ServicerContext, op: Callable[[], Awaitable[
 # -- serving ----------------------------------------------------------------------------
 
 
+def check_listener(settings: Settings) -> None:
+    """An admin API off loopback must be served with TLS: its bearer token and the
+    credits it grants would otherwise cross the network in the clear."""
+    enabled = settings.admin_token_file or settings.admin_tls_client_ca_file
+    if not settings.listen_admin or not enabled or settings.admin_tls_cert_file:
+        return
+    host = settings.listen_admin.rpartition(":")[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"config listen_admin: {settings.listen_admin} is not a loopback address; an "
+            "admin API on the network needs TLS (admin_tls_cert_file, admin_tls_key_file)"
+        )
+
+
 async def start_admin(
     settings: Settings, ledger: Ledger, gateway: Gateway
 ) -> grpc.aio.Server | None:
     """The admin gRPC server, started; None when no credential is configured."""
     if not settings.listen_admin:
         return None
+    check_listener(settings)
     tls = settings.admin_tls_cert_file or settings.admin_tls_key_file
     if not settings.admin_token_file and not settings.admin_tls_client_ca_file:
         log.warning(

@@ -125,6 +125,10 @@ class Settings:
     transport: str = "grpc"
     listen_authz_http: str = "127.0.0.1:9101"  # transport http: worker i on this port + i
     listen_http: str = "127.0.0.1:9000"  # discovery, /healthz, /readyz (below the workers)
+    # /healthz and /readyz alone on a port of their own (worker 0), for kubelet probes when
+    # the check and side ports are bound to loopback; "": only on listen_http.
+    listen_health: str = ""
+    side_port_max_connections: int = 256  # listen_http's open connections at once (worker 0)
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_ms: int = 500
     signing_key_file: str = ""  # the current key: the payee of new invoices, signs receipts
@@ -511,6 +515,7 @@ def _coerced(name: str, value: Any, default: Any) -> Any:
                 "settle_lease_seconds",
                 "hold_sweep_seconds",
                 "decision_stream_max_bytes",
+                "side_port_max_connections",
             )
             and value == 0
         ):

@@ -172,10 +172,39 @@ class SidePort:
         return await handler()
 
 
-async def start_http(responder: Responder, host: str, port: int) -> asyncio.Server:
-    """A deliberately tiny HTTP/1.1 server: one request per connection, no request body."""
+BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 17\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    b'{"error":"busy"}\n'
+)
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+class SideServer:
+    """A side-port listener and the connections it is answering: at most `max_connections`
+    at once (worker 0 also answers checks, so a flood must not take its memory or loop);
+    one more is told 503 busy without being read."""
+
+    def __init__(self, responder: Responder, max_connections: int) -> None:
+        self.responder = responder
+        self.max_connections = max_connections
+        self.active: set[asyncio.Task[Any]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self.active) >= self.max_connections:
+            writer.write(BUSY)
+            writer.close()
+            return
+        self.active.add(task)
+        try:
+            await self._answer(reader, writer)
+        finally:
+            self.active.discard(task)
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
             lines = head.decode("latin-1").split("\r\n")
@@ -186,7 +215,7 @@ async def start_http(responder: Responder, host: str, port: int) -> asyncio.Serv
                 if sep:
                     headers[name.strip().lower()] = value.strip()
             path, _, headers[QUERY] = target.partition("?")
-            status, kind, body, *more = await responder(method, path, headers)
+            status, kind, body, *more = await self.responder(method, path, headers)
             added = "".join(f"{k}: {v}\r\n" for extra in more for k, v in extra.items())
             writer.write(
                 f"HTTP/1.1 {status} {reason_phrase(status)}\r\nContent-Type: {kind}\r\n"
@@ -203,7 +232,22 @@ async def start_http(responder: Responder, host: str, port: int) -> asyncio.Serv
             ConnectionError,
         ):
             pass  # a broken or hostile client; nothing to answer
-        finally:
-            writer.close()
 
-    return await asyncio.start_server(handle, host, port, limit=MAX_REQUEST_BYTES)
+    async def drain(self, grace: float) -> None:
+        """Give the answers in progress (a top-up settling on chain) `grace` seconds to go
+        out; the port keeps answering meanwhile (/readyz says shutting_down)."""
+        if self.active:
+            await asyncio.wait(set(self.active), timeout=grace)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def start_http(
+    responder: Responder, host: str, port: int, max_connections: int = 256
+) -> SideServer:
+    """A deliberately tiny HTTP/1.1 server: one request per connection, no request body."""
+    side = SideServer(responder, max_connections)
+    side.server = await asyncio.start_server(side.handle, host, port, limit=MAX_REQUEST_BYTES)
+    return side

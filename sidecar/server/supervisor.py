@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import errno
 import gc
+import math
 import mmap
 import os
 import signal
@@ -27,6 +28,7 @@ import socket
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -42,11 +44,11 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.cluster import ClusterPipe, is_cluster_url
 from sidecar.ledger.pipe import RedisPipe, redacted
 from sidecar.server import holding, http_authz, logs, metrics, wiring
-from sidecar.server.admin import start_facilities
+from sidecar.server.admin import Facilities, check_listener, start_facilities
 from sidecar.server.authz import AUTHZ_SERVICE, Authorization
-from sidecar.server.config import Settings
+from sidecar.server.config import TOPUP_PATH, Settings
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
-from sidecar.server.side_port import AnyReply, Headers, SidePort, start_http
+from sidecar.server.side_port import AnyReply, Headers, SidePort, SideServer, start_http
 from sidecar.server.topup import Topup
 
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -63,6 +65,23 @@ def split_host_port(address: str, key: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def drain_seconds(settings: Settings) -> float:
+    """How long a stopping worker gives what it is answering: the longest a check or a
+    top-up can take (with `exact`: the facilitator's verify and settle, the chain lookup
+    and the ledger steps, summed as Envoy's timeouts are), at least SHUTDOWN_GRACE_SECONDS.
+    Shorter, a SIGTERM mid-settle would move the payer's money and answer nothing."""
+    if not settings.onchain:
+        return SHUTDOWN_GRACE_SECONDS
+    ms = (
+        settings.facilitator_verify_timeout_ms
+        + settings.facilitator_settle_timeout_ms
+        + settings.chain_lookup_ms
+        + 4 * settings.redis_timeout_ms
+        + 2000
+    )
+    return max(SHUTDOWN_GRACE_SECONDS, float(math.ceil(ms / 1000)))
+
+
 def worker_addresses(settings: Settings, key: str = "listen_grpc") -> list[str]:
     """Worker i listens on the port of `key` (listen_grpc, listen_authz_http) + i."""
     host, port = split_host_port(getattr(settings, key), key)
@@ -72,6 +91,8 @@ def worker_addresses(settings: Settings, key: str = "listen_grpc") -> list[str]:
             f"config {key}: {workers} workers need ports {port}..{port + workers - 1}"
         )
     spans = {"listen_http": 1, "listen_grpc": workers}
+    if settings.listen_health:
+        spans["listen_health"] = 1
     if settings.transport == "http":
         spans["listen_authz_http"] = workers
     for other, span in spans.items():
@@ -133,12 +154,8 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     if settler is not None and gateway.exact is not None and gateway.exact.topup:
         asset = routes.assets[gateway.exact.topup["asset"]]
         topup = Topup(gateway, settler, settler.authorizations, asset)
-    side, http = SidePort(routes, gateway, ledger, topup), None
-    if worker == 0:
-        http = await _start_side_port(settings, side, board)
-        # The admin API and the settlement worker, if configured: one instance each.
-        facilities = await start_facilities(settings, ledger, gateway)
-        sweeper = asyncio.create_task(holding.sweep_forever(ledger, settings.hold_sweep_seconds))
+    side = SidePort(routes, gateway, ledger, topup)
+    zero = await WorkerZero.start(settings, side, board, ledger, gateway) if worker == 0 else None
     await server.start()
     checks = None
     if over_http:
@@ -152,7 +169,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     gc.freeze()
     board.set(worker, SERVING)
     await _log_started(log, ledger, listen_grpc=address, transport=settings.transport,
-        listen_http=settings.listen_http if http else None, payee=gateway.payee,
+        listen_http=settings.listen_http if zero else None, payee=gateway.payee,
         routes=len(routes.routes))  # fmt: skip
 
     stop = asyncio.Event()
@@ -161,20 +178,24 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
 
-    log.info("sidecar.stopping", grace_seconds=SHUTDOWN_GRACE_SECONDS)
+    grace = drain_seconds(settings)
+    log.info("sidecar.stopping", grace_seconds=grace)
     side.ready = False
     board.set(worker, DRAINING)
     await health.enter_graceful_shutdown()
-    if checks is not None:
-        await checks.drain(SHUTDOWN_GRACE_SECONDS)
-    await server.stop(SHUTDOWN_GRACE_SECONDS)
+
+    async def stop_checks() -> None:
+        if checks is not None:
+            await checks.drain(grace)
+        await server.stop(grace)  # the response phase (ext_proc) too
+
+    # The checks and the side port's answers (a top-up settling on chain) drain together.
+    await asyncio.gather(stop_checks(), *([zero.http.drain(grace)] if zero else []))
     authz.decisions.flush()  # the last checks' lines
     if feed is not None:
         await feed.close()
-    if http is not None:
-        sweeper.cancel()
-        http.close()
-        await facilities.close(SHUTDOWN_GRACE_SECONDS)
+    if zero is not None:
+        await zero.close()
     with contextlib.suppress(Exception):
         await ledger.close()
     if settler is not None:
@@ -198,20 +219,60 @@ async def _log_started(log: Any, ledger: Ledger, **facts: Any) -> None:
         log.error("ledger.unavailable", redis_url=ledger.url, cause=unreachable)
 
 
-async def _start_side_port(settings: Settings, side: SidePort, board: Board) -> asyncio.Server:
+@dataclass
+class WorkerZero:
+    """What worker 0 serves beside its checks: the side port, the probes' port, the admin
+    API, settlement and the dashboard (facilities), and the sweep of expired holds."""
+
+    http: SideServer
+    probes: SideServer | None
+    facilities: Facilities
+    sweeper: asyncio.Task[None]
+
+    @classmethod
+    async def start(
+        cls, settings: Settings, side: SidePort, board: Board, ledger: Ledger, gateway: Gateway
+    ) -> WorkerZero:
+        http = await _start_side_port(settings, side, board)
+        probes = None
+        if settings.listen_health:
+            probes = await _start_side_port(settings, side, board, "listen_health")
+        # The admin API and the settlement worker, if configured: one instance each.
+        facilities = await start_facilities(settings, ledger, gateway)
+        sweeper = asyncio.create_task(holding.sweep_forever(ledger, settings.hold_sweep_seconds))
+        return cls(http, probes, facilities, sweeper)
+
+    async def close(self) -> None:
+        """After the drain (the side port's is in serve's)."""
+        self.sweeper.cancel()
+        self.http.close()
+        if self.probes is not None:
+            self.probes.close()
+        await self.facilities.close(SHUTDOWN_GRACE_SECONDS)
+
+
+async def _start_side_port(
+    settings: Settings, side: SidePort, board: Board, key: str = "listen_http"
+) -> SideServer:
+    """The side port (listen_http), or the probes' own port (listen_health: health only)."""
+    probes_only = key == "listen_health"
+
     async def respond(method: str, path: str, headers: Headers) -> AnyReply:
+        if probes_only and path not in ("/healthz", "/readyz"):
+            return 404, "application/json", b'{"error":"not_found"}'
+        if path == TOPUP_PATH and not side.ready:  # draining: finish top-ups, start none
+            return 503, "application/json", b'{"error":"shutting_down"}', {"Retry-After": "1"}
         # Ready only when every worker serves: Envoy sends checks to all of them.
         if path == "/readyz" and side.ready and not board.all_serving():
             return 503, "application/json", b'{"status":"workers_starting"}'
         return await side.respond(method, path, headers)
 
-    host, port = split_host_port(settings.listen_http, "listen_http")
+    address = getattr(settings, key)
+    host, port = split_host_port(address, key)
     try:
-        return await start_http(respond, host, port)
+        return await start_http(respond, host, port, settings.side_port_max_connections)
     except OSError as exc:
-        raise ConfigError(
-            f"config listen_http: cannot listen on {settings.listen_http}: {exc.strerror}"
-        ) from None
+        raise ConfigError(f"config {key}: cannot listen on {address}: {exc.strerror}") from None
 
 
 def run_worker(settings: Settings, worker: int, board: Board) -> None:
@@ -314,6 +375,8 @@ def listeners(settings: Settings) -> list[tuple[str, str]]:
     if settings.transport == "http":
         bound += [("listen_authz_http", a) for a in worker_addresses(settings, "listen_authz_http")]
     bound.append(("listen_http", settings.listen_http))
+    if settings.listen_health:
+        bound.append(("listen_health", settings.listen_health))
     if settings.listen_admin and (settings.admin_token_file or settings.admin_tls_client_ca_file):
         bound.append(("listen_admin", settings.listen_admin))
     if settings.dashboard_enabled:
@@ -381,6 +444,7 @@ def run(settings: Settings) -> None:
     """Check everything that can fail once, before forking, so a bad config fails once."""
     logs.configure(settings.log_level)
     routes, gateway = settings.route_table(), settings.gateway()
+    check_listener(settings)
     try:  # the URL and its TLS files, before any worker depends on them
         if is_cluster_url(settings.redis_url):
             ClusterPipe(settings.redis_url)

@@ -4,6 +4,7 @@ through the pod's own Envoy (tests/support/containers.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterator
@@ -12,9 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
+from x402.http.utils import decode_payment_response_header
 
 from sidecar.core import protocol
 from sidecar.core.identity import Identity
+from sidecar.server.supervisor import SHUTDOWN_GRACE_SECONDS
+from sidecar.tools.chain import Chain
+from sidecar.tools.onchain import Facilitator, operator, payers
 from sidecar.tools.stack import LOOPBACK, free_port
 from tests.support.charts import CHART, render_chart
 from tests.support.containers import (
@@ -22,13 +27,16 @@ from tests.support.containers import (
     Images,
     have_podman,
     images,
+    podman,
     publish,
     run_in_image,
     wait_ready,
     wait_until,
     which_in_image,
 )
+from tests.support.exact import sign_exact
 from tests.support.payers import b64json
+from tests.support.pods import start_redis
 
 pytestmark = pytest.mark.containers
 
@@ -271,3 +279,128 @@ def test_alongside_an_existing_service_the_gateway_pod_pays_a_route_of_another_p
         assert (replay.status_code, replay.json()["error"]) == (402, "nonce_reused")
         free = client.get("/not/priced")
         assert (free.status_code, free.json()["service"]) == (200, "demo-upstream")
+
+
+# -- a SIGTERM in the middle of an `exact` settle -----------------------------------------
+
+EXACT_PATH, EXACT_PRICE = "/reports/r-exact", 10_000  # 0.01 USDF = 0.01 USDC
+
+
+def exact_values(chain: Chain, facilitator: Facilitator, redis_port: int) -> tuple[list[str], int]:
+    """The podman values with `exact` on this chain, the pod on the host's network (the
+    chain and the facilitator listen on its loopback), every port a free one, and the
+    ledger an external Redis there too (no name to resolve on the host's network)."""
+    ports = {
+        "envoy.port": free_port(),
+        "envoy.adminPort": free_port(),
+        "envoy.probePort": free_port(),
+        "app.port": free_port(),
+        "sidecar.httpPort": free_port(),
+        "sidecar.healthPort": free_port(),
+        "sidecar.grpcPort": free_port(),
+        "sidecar.authzHttpPort": free_port(),
+    }
+    onchain = {
+        "network": chain.network,
+        "token": chain.token,
+        "name": chain.token_name,
+        "version": chain.token_version,
+        "decimals": chain.decimals,
+    }
+    pairs = [
+        *(f"{key}={port}" for key, port in ports.items()),
+        "sidecar.admin.enabled=false",  # its dashboard's fixed loopback port: not on a host
+        "redis.internal.enabled=false",
+        f"redis.url=redis://{LOOPBACK}:{redis_port}/0",
+        f"exact.facilitatorUrl={facilitator.url}",
+        f"exact.payTo={operator(chain).address}",
+        f"exact.chainRpcUrl={chain.rpc_url}",
+        "routes.report.path=/reports/{report_id}",
+    ]
+    args = [arg for pair in pairs for arg in ("--set", pair)]
+    args += ["--set-string", "routes.report.price=0.01"]
+    args += ["--set-json", f"exact.onchain={json.dumps({'USDF': onchain})}"]
+    return args, ports["envoy.port"]
+
+
+def test_a_sigterm_during_an_exact_settle_answers_the_settled_request_before_exiting(
+    built: Images, cluster: Cluster, chain: Chain, facilitator: Facilitator, tmp_path: Path
+) -> None:
+    """The pod's sidecar gets SIGTERM while a paid request's settle waits for its block:
+    the request is still answered 200 with the settled transaction and the receipt, and
+    the sidecar exits only after. (Its drain used to be 5 s: the payer's money moved and
+    the answer was a 503.)"""
+    redis_port = free_port()
+    ledger = start_redis(tmp_path / "redis", redis_port, None)
+    try:
+        fullname = f"x402t-{os.urandom(3).hex()}"
+        values, port = exact_values(chain, facilitator, redis_port)
+        rendered = render_chart(
+            "default",
+            "-f",
+            str(VALUES),
+            *built.helm_args(),
+            "--set",
+            f"fullnameOverride={fullname}",
+            *values,
+        )
+        deployment = rendered.find("Deployment", fullname)
+        spec = deployment["spec"]["template"]["spec"]
+        spec["hostNetwork"] = True  # the chain, the facilitator and the ledger are the host's
+        cluster.play(rendered.docs)
+        gateway = f"{fullname}-pod-0"
+        wait_ready(cluster, gateway, spec)
+        x402 = cluster.container(gateway, "x402")
+        restarts = cluster.inspect(x402)["RestartCount"]
+        response = asyncio.run(pay_exact_across_a_sigterm(chain, cluster, x402, port))
+    finally:
+        ledger.stop()
+
+    assert response.status_code == 200, response.text
+    settled = decode_payment_response_header(response.headers["payment-response"])
+    assert settled.success is True and settled.payer == payers(chain)[0].address
+    assert chain.w3.eth.get_transaction_receipt(settled.transaction)["status"] == 1  # type: ignore[arg-type]
+    receipt = b64json(response.headers["payment-response"])
+    assert (receipt["scheme"], receipt["amount"]) == ("exact", "0.01")
+    # And then the sidecar finished its drain and exited (the pod restarts it here).
+    wait_until(
+        lambda: (
+            '"sidecar.stopped"' in cluster.logs(x402)
+            or cluster.inspect(x402)["RestartCount"] > restarts
+        ),
+        "the sidecar's exit after its drain",
+        lambda: cluster.logs(x402),
+    )
+    stopped = [line for line in cluster.logs(x402).splitlines() if '"sidecar.stopped"' in line]
+    assert stopped, cluster.logs(x402)
+
+
+async def pay_exact_across_a_sigterm(
+    chain: Chain, cluster: Cluster, x402: str, port: int
+) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=f"http://{LOOPBACK}:{port}", timeout=90) as http:
+        signature, _ = await sign_exact(chain, http, EXACT_PATH, payers(chain)[0], EXACT_PRICE)
+        await asyncio.to_thread(chain.automine, False)
+        try:
+            pending = asyncio.ensure_future(
+                http.get(EXACT_PATH, headers={"PAYMENT-SIGNATURE": signature})
+            )
+            for _ in range(400):  # the facilitator's settle transaction, sent, not mined
+                if await asyncio.to_thread(chain.pending_transactions) or pending.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert not pending.done(), (await pending).text
+            await asyncio.to_thread(podman, "kill", "--signal", "TERM", x402)
+            await asyncio.to_thread(
+                wait_until,
+                lambda: '"sidecar.stopping"' in cluster.logs(x402),
+                "the sidecar's SIGTERM",
+                lambda: cluster.logs(x402),
+            )
+            # Past the 5 s the sidecar used to give what it had in flight.
+            await asyncio.sleep(SHUTDOWN_GRACE_SECONDS + 1)
+            assert not pending.done(), (await pending).text
+            await asyncio.to_thread(chain.mine)
+        finally:
+            await asyncio.to_thread(chain.automine, True)
+        return await pending

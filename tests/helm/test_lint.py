@@ -13,6 +13,7 @@ import pytest
 from sidecar.tools.stack import find_binary
 from tests.support.charts import (
     CHART,
+    EVERY_RENDER,
     FULLNAME,
     RELEASE,
     VALUES,
@@ -23,17 +24,21 @@ from tests.support.charts import (
     run,
 )
 
-# The oldest Kubernetes the chart supports (gRPC probes are GA in 1.27) and the newest
-# one kubernetes-validate ships schemas for.
-K8S_VERSIONS = ("1.27.0", "1.37.0")
+# The oldest Kubernetes the chart supports (kubeVersion: the preStop sleep action is on by
+# default from 1.30) and the newest one kubernetes-validate ships schemas for.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
 # Kinds from CRDs: kubernetes-validate has no schema for them and says so with a WARN.
-CRD_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1"}
+CRD_KINDS = {
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+    "PrometheusRule": "monitoring.coreos.com/v1",
+}
 
 
 @pytest.mark.parametrize("name", list(VALUES))
 def test_helm_lint_strict(name: str) -> None:
     path = VALUES[name]
-    result = helm("lint", "--strict", str(CHART), *(["-f", str(path)] if path else []))
+    args = ["--strict", str(CHART), *(["-f", str(path)] if path else []), *EVERY_RENDER]
+    result = helm("lint", *args)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
 
@@ -113,6 +118,11 @@ def test_notes_explain_the_product_and_print_no_secret(name: str, notes_chart: P
     assert f"logs deploy/{FULLNAME} -c x402" in notes
     assert 'select(.event == "authz.decision")' in notes
     assert f"helm test {RELEASE}" in notes
+    # The two ways a default install can hurt: one ledger pod, and receipts never settled.
+    single = "WARNING: the ledger is ONE Redis pod"
+    assert (single in notes) == rendered.values["redis"]["internal"]["enabled"]
+    settling = rendered.values["sidecar"]["settlement"]["intervalSeconds"]
+    assert ("WARNING: settlement is off" in notes) == (not settling)
     routes = list(ordered_routes(rendered.values["routes"]).values())
     for route in routes[:10]:  # the first ten, then "… and N more"
         price = route.get("price") or f"{route['unit_price']} per {route.get('unit', 'unit')}"

@@ -31,15 +31,26 @@ from tests.support.charts import (
 )
 
 
+def without_probe(config: dict[str, Any]) -> dict[str, Any]:
+    """The chart's Envoy config less what the chart alone adds for the kubelet: the probe
+    listener (GET /ready) and its cluster, the loopback admin (tests/helm/test_drain.py)."""
+    static = config["static_resources"]
+    listeners = [item for item in static["listeners"] if item["name"] != "probe"]
+    clusters = [item for item in static["clusters"] if item["name"] != "envoy_admin"]
+    assert len(listeners) == len(static["listeners"]) - 1
+    assert len(clusters) == len(static["clusters"]) - 1
+    return {**config, "static_resources": {**static, "listeners": listeners, "clusters": clusters}}
+
+
 def test_envoy_config_has_the_shape_of_the_python_renderer(rendered: Rendered) -> None:
-    assert rendered.envoy_config == renderers_envoy_config(rendered)
+    assert without_probe(rendered.envoy_config) == renderers_envoy_config(rendered)
 
 
 @pytest.mark.parametrize("name", [name for name in VALUES if name != "http"])
 def test_every_values_file_over_http_has_the_shape_of_the_python_renderer(name: str) -> None:
     rendered = render_chart(name, "--set", "sidecar.transport=http")
     rendered.values = merge(rendered.values, {"sidecar": {"transport": "http"}})
-    assert rendered.envoy_config == renderers_envoy_config(rendered)
+    assert without_probe(rendered.envoy_config) == renderers_envoy_config(rendered)
 
 
 def renderers_envoy_config(rendered: Rendered) -> dict[str, Any]:
@@ -132,10 +143,14 @@ def test_sidecar_config_is_the_same_route_table(rendered: Rendered) -> None:
     routes = ordered_routes(v["routes"])
     templated = [name for name in routes if is_pattern(routes[name]["path"])]
     assert [r.name for r in table.routes if r.is_template] == templated
-    assert settings.listen_grpc == f"0.0.0.0:{v['sidecar']['grpcPort']}"
-    assert settings.listen_http == f"0.0.0.0:{v['sidecar']['httpPort']}"
+    # Envoy is in the pod: the check ports are loopback's; the side port is the pod's only
+    # while Prometheus scrapes it; the kubelet probes the health port.
+    assert settings.listen_grpc == f"127.0.0.1:{v['sidecar']['grpcPort']}"
+    side = "0.0.0.0" if v["serviceMonitor"]["enabled"] else "127.0.0.1"
+    assert settings.listen_http == f"{side}:{v['sidecar']['httpPort']}"
+    assert settings.listen_health == f"0.0.0.0:{v['sidecar']['healthPort']}"
     assert settings.transport == v["sidecar"]["transport"]
-    assert settings.listen_authz_http == f"0.0.0.0:{v['sidecar']['authzHttpPort']}"
+    assert settings.listen_authz_http == f"127.0.0.1:{v['sidecar']['authzHttpPort']}"
     assert settings.workers == v["sidecar"]["workers"]
     assert "redis_url" not in config  # it carries the password: env from a Secret only
 

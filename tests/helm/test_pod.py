@@ -8,6 +8,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -55,7 +56,8 @@ def test_the_rendered_pod_runs_as_processes_and_takes_a_payment(
 ) -> None:
     values = rendered_values(name).values
     workers = values["sidecar"]["workers"]
-    ports = {key: free_port() for key in ("envoy", "admin", "app", "http", "redis")}
+    ports = {key: free_port() for key in ("envoy", "admin", "probe", "app", "http", "health")}
+    ports["redis"] = free_port()
     grpc_port = free_ports(workers)  # worker i listens on grpcPort + i
     authz_http_port = free_ports(workers)  # and, with transport http, on authzHttpPort + i
     auth = values["redis"]["auth"]
@@ -70,9 +72,16 @@ def test_the_rendered_pod_runs_as_processes_and_takes_a_payment(
         "--set",
         f"envoy.adminPort={ports['admin']}",
         "--set",
+        f"envoy.probePort={ports['probe']}",
+        "--set",
         f"app.port={ports['app']}",
         "--set",
         f"sidecar.httpPort={ports['http']}",
+        "--set",
+        f"sidecar.healthPort={ports['health']}",
+        # The drain below: the endpoint's time to leave the Services is not waited for here.
+        "--set",
+        "sidecar.drain.endpointSeconds=0",
         "--set",
         f"sidecar.grpcPort={grpc_port}",
         "--set",
@@ -115,8 +124,7 @@ def test_the_rendered_pod_runs_as_processes_and_takes_a_payment(
     pod.start("x402")
     pod.start("envoy")
     for container in ("app", "x402", "envoy"):
-        pod.wait_ready(container)
-    # The kubelet's gRPC probe asks for ""; Envoy's checks go to the Authorization service.
+        pod.wait_ready(container)  # the kubelet's probes: the health port, Envoy's /ready
     assert grpc_serving(grpc_port, "envoy.service.auth.v3.Authorization")
 
     route_name, path = PAID[name]
@@ -207,6 +215,31 @@ def test_the_rendered_pod_runs_as_processes_and_takes_a_payment(
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"^ok   402 ", result.stdout, re.MULTILINE), result.stdout
     assert result.stdout.count("ok   200 ") == 2, result.stdout
+    drain(pod, ports, (method, path), wallet)
+
+
+def drain(pod: Pod, ports: dict[str, int], request: tuple[str, str], wallet: Identity) -> None:
+    """The pod stops: the x402 container's preStop, as rendered, fails Envoy's /ready
+    (the kubelet's readiness probe) and drains its listeners; a paid request still arrives
+    and is answered, told to close its connection; then the sidecar's SIGTERM, a clean exit."""
+    x402 = pod.rendered.container("x402", pod.spec)
+    hook = x402["lifecycle"]["preStop"]["exec"]["command"]
+    stopping = run([find_binary(hook[0]), *hook[1:]])
+    assert stopping.returncode == 0 and not stopping.stdout, stopping.stdout + stopping.stderr
+    ready = httpx.get(f"http://{LOOPBACK}:{ports['probe']}/ready", timeout=5)
+    assert ready.status_code == 503
+    assert httpx.get(f"http://{LOOPBACK}:{ports['probe']}/stats", timeout=5).status_code == 404
+    method, path = request
+    with httpx.Client(base_url=f"http://{LOOPBACK}:{ports['envoy']}", timeout=10) as client:
+        invoice = client.request(method, path).json()["x402"]
+        header = {"X-Payment": protocol.encode_header(protocol.sign_proof(invoice, wallet))}
+        paid = client.request(method, path, headers=header)
+    assert paid.status_code == 200, paid.text
+    assert paid.headers["connection"] == "close"
+    sidecar = pod.processes["x402"]
+    sidecar.popen.send_signal(signal.SIGTERM)
+    assert sidecar.popen.wait(30) == 0
+    assert '"sidecar.stopped"' in sidecar.log()
 
 
 def test_in_chart_redis_runs_with_aof_noeviction_and_the_sidecars_password(
@@ -253,8 +286,16 @@ def test_in_chart_redis_runs_with_aof_noeviction_and_the_sidecars_password(
         assert client.config_get("appendfsync") == {"appendfsync": "always"}
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
         assert client.config_get("save") == {"save": ""}
+        # maxmemory below the container's memory limit: Redis refuses writes before the
+        # kernel would kill it.
+        limit = statefulset["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limit["memory"] == "512Mi"
+        assert client.config_get("maxmemory") == {"maxmemory": str(512 * 2**20 * 75 // 100)}
         client.set("x402:probe", "1")
     finally:
         client.close()
+    # The password is on no command line (`ps` shows every process's to the whole node).
+    server = pod.processes["redis"].popen.pid
+    assert password not in Path(f"/proc/{server}/cmdline").read_text()
     data = pod.mounts(rendered.container("redis", pod.spec))["/data"]
     assert any(path.name.startswith("appendonly") for path in data.rglob("*"))

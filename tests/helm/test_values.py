@@ -12,7 +12,9 @@ from sidecar.server.config import Settings
 from tests.support import grafana
 from tests.support.charts import (
     CHART,
+    EVERY_RENDER,
     FULLNAME,
+    KUBE_VERSION,
     RELEASE,
     helm,
     render_chart,
@@ -89,7 +91,7 @@ INVALID: dict[str, tuple[str, list[str], str]] = {
     "ports of workers collide": (
         "sidecar: {workers: 2, httpPort: 9002}",
         [],
-        "ports: app.port, envoy.port, envoy.adminPort, sidecar.httpPort and",
+        "ports: app.port, envoy.port, envoy.adminPort, envoy.probePort, sidecar.httpPort,",
     ),
     "unknown transport": (
         "sidecar: {transport: websocket}",
@@ -220,7 +222,41 @@ INVALID: dict[str, tuple[str, list[str], str]] = {
     "admin port on another port of the pod": (
         "sidecar: {admin: {enabled: true, port: 9000}}",
         [],
-        "ports: app.port, envoy.port, envoy.adminPort, sidecar.httpPort and",
+        "ports: app.port, envoy.port, envoy.adminPort, envoy.probePort, sidecar.httpPort,",
+    ),
+    "admin API off loopback without TLS": (
+        "sidecar: {admin: {enabled: true, bindAddress: 0.0.0.0}}",
+        [],
+        "sidecar.admin.bindAddress: 0.0.0.0 is reachable from the network; set "
+        "sidecar.admin.tls.existingSecret",
+    ),
+    "metrics scraped by anyone": (
+        "serviceMonitor: {enabled: true}",
+        [],
+        "networkPolicy.metricsFrom: with serviceMonitor.enabled, name who may scrape",
+    ),
+    "an anchor log that dies with the pod": (
+        "sidecar: {settlement: {anchorFile: /var/lib/x402/anchors.jsonl}}",
+        [],
+        "sidecar.settlement.anchorVolume: the anchor log must outlive the pod",
+    ),
+    "a grace period shorter than the drain": (
+        "terminationGracePeriodSeconds: 30\nexact: {onchain: {USDF: {network: 'eip155:8453', "
+        "token: '0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913', name: USD Coin, version: '2', "
+        "decimals: 6}}}",
+        [],
+        "terminationGracePeriodSeconds: 30 is shorter than the drain (57s: preStop 5s, the "
+        "sidecar's drain 32s, the upstream's 15s, 5s to exit)",
+    ),
+    "redis maxmemory without a memory limit": (
+        "redis: {internal: {resources: {limits: {memory: null}}}}",
+        [],
+        "redis.internal.resources.limits.memory: required",
+    ),
+    "alerts without the metrics": (
+        "prometheusRule: {enabled: true}",
+        [],
+        "prometheusRule.enabled: its alerts read the metrics serviceMonitor.enabled scrapes",
     ),
     "admin token key not a key name": (
         "sidecar: {admin: {tokenKey: 'admin token'}}",
@@ -255,7 +291,9 @@ def test_invalid_values_fail_with_a_clear_message(case: str, tmp_path: Path) -> 
     values, extra, message = INVALID[case]
     path = tmp_path / "values.yaml"
     path.write_text(values)
-    result = helm("template", RELEASE, str(CHART), "-f", str(path), *extra)
+    result = helm(
+        "template", RELEASE, str(CHART), "-f", str(path), *KUBE_VERSION, *EVERY_RENDER, *extra
+    )
     assert result.returncode != 0, f"{case} rendered:\n{result.stdout[:2000]}"
     assert message in result.stderr
     assert "hunter2" not in result.stderr
@@ -337,6 +375,10 @@ def test_rate_limits_settlement_holds_and_the_admin_api_reach_the_sidecar_config
         "sidecar.settlement.batchSize=500",
         "--set",
         "sidecar.admin.enabled=true",
+        "--set",
+        "sidecar.settlement.anchorFile=/var/lib/x402/x402-anchors.jsonl",
+        "--set",
+        "sidecar.settlement.anchorVolume.persistentVolumeClaim.claimName=x402-anchors",
     )
     config = rendered.sidecar_config
     settings = Settings.from_mapping(config, env={})
@@ -346,18 +388,22 @@ def test_rate_limits_settlement_holds_and_the_admin_api_reach_the_sidecar_config
         500,
         "/var/lib/x402/x402-anchors.jsonl",
     )
-    assert settings.listen_admin == "0.0.0.0:8999"
+    assert settings.listen_admin == "127.0.0.1:8999"
     x402 = rendered.container("x402")
     mounts = {m["mountPath"]: m["name"] for m in x402["volumeMounts"]}
     assert mounts["/var/lib/x402"] == "x402-data"
+    volumes = {v["name"]: v for v in rendered.pod["volumes"]}
+    assert volumes["x402-data"]["persistentVolumeClaim"] == {"claimName": "x402-anchors"}
     token_dir = settings.admin_token_file.rsplit("/", 1)[0]
     assert mounts[token_dir] == "x402-admin"
     token = rendered.secret_values()[f"{FULLNAME}-admin"]["admin.token"]
     assert len(token.encode()) >= 16
-    assert {"name": "x402-admin", "containerPort": 8999, "protocol": "TCP"} in x402["ports"]
-    # Off by default: no admin listener, no token Secret.
+    assert "x402-admin" not in {port["name"] for port in x402["ports"]}  # loopback only
+    # Off by default: no admin listener, no token Secret; no anchor log, no volume for it.
     default = rendered_values("default")
     assert "listen_admin" not in default.sidecar_config
+    assert default.sidecar_config["anchor_file"] == ""
+    assert "x402-data" not in {v["name"] for v in default.pod["volumes"]}
     assert not default.has("Secret", f"{FULLNAME}-admin")
 
 

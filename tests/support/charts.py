@@ -33,6 +33,12 @@ VALUES: dict[str, Path | None] = {
 RELEASE, NAMESPACE = "pay", "payments"
 FULLNAME = "pay-x402-sidecar"
 TIMEOUT = 120
+# The chart needs Kubernetes 1.30 (the preStop sleep action); this Helm's offline default
+# is older. Argo CD and `helm install` pass the cluster's own version.
+KUBE_VERSION = ("--kube-version", "1.30.0")
+# `helm template` sees no cluster, so generated secrets are allowed only this way (a new
+# set per render); tests/helm/test_secrets.py covers the default, which refuses.
+EVERY_RENDER = ("--set", "secrets.generate=everyRender")
 
 
 def helm_binary() -> str:
@@ -120,7 +126,7 @@ class Rendered:
 
 
 def render_chart(name: str, *extra: str, chart: Path = CHART) -> Rendered:
-    args = ["template", RELEASE, str(chart), "--namespace", NAMESPACE]
+    args = ["template", RELEASE, str(chart), "--namespace", NAMESPACE, *KUBE_VERSION, *EVERY_RENDER]
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     path = VALUES[name]
     if path is not None:

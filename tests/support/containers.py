@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import fcntl
 import hashlib
 import importlib.metadata
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.support.pods import expand
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "helm" / "images"
@@ -326,6 +329,37 @@ def publish(doc: dict[str, Any], container: str, port_name: str, host_port: int)
     raise AssertionError(f"no port {port_name} on {container} in {doc['metadata']['name']}")
 
 
+def unpublished(spec: Mapping[str, Any]) -> None:
+    """podman 4.3's kube play publishes every containerPort on the host's 0.0.0.0, hostPort
+    or not: two runs on one machine (or anything on 6379, 8080) would collide. Only the
+    ports given a hostPort (publish()) stay; probes name the others by number."""
+    for container in spec["containers"]:
+        ports = container.get("ports", [])
+        numbers = {port["name"]: port["containerPort"] for port in ports if "name" in port}
+        container["ports"] = [port for port in ports if "hostPort" in port]
+        if not container["ports"]:
+            del container["ports"]
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            probe = container.get(kind) or {}
+            action = probe.get("httpGet") or probe.get("tcpSocket") or probe.get("grpc")
+            if action and isinstance(action.get("port"), str):
+                action["port"] = numbers[action["port"]]
+
+
+def dependent_env(spec: Mapping[str, Any], stored: Mapping[str, Mapping[str, str]]) -> None:
+    """Kubernetes expands $(VAR) in an env value from the variables above it (the sidecar's
+    X402_REDIS_URL from REDIS_PASSWORD); podman 4.3's kube play passes it literally. So
+    expand it here, from the Secrets' data, as the kubelet would."""
+    for container in spec["containers"]:
+        known: dict[str, str] = {}
+        for var in container.get("env", []):
+            ref = var.get("valueFrom", {}).get("secretKeyRef")
+            if ref and ref["name"] in stored:
+                known[var["name"]] = base64.b64decode(stored[ref["name"]][ref["key"]]).decode()
+            elif "value" in var:
+                var["value"] = known[var["name"]] = expand(str(var["value"]), known)
+
+
 # What kube play runs; the rest (Services, NetworkPolicies, ...) is the cluster's business.
 PLAYED = {"ConfigMap", "Deployment", "Pod", "StatefulSet"}
 
@@ -368,14 +402,23 @@ class Cluster:
         # kube play keeps a ConfigMap volume under the ConfigMap's name.
         self.volumes += [d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"]
         played = [statefulset_pod(d) if d["kind"] == "StatefulSet" else d for d in docs]
-        played = [d for d in played if d["kind"] in PLAYED and not is_hook(d)]
+        played = [copy.deepcopy(d) for d in played if d["kind"] in PLAYED and not is_hook(d)]
+        stored = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "Secret"}
+        for doc in played:
+            for spec in pod_specs(doc):
+                unpublished(spec)
+                dependent_env(spec, stored)
         played.sort(key=lambda d: {"ConfigMap": 0, "Pod": 1}.get(d["kind"], 2))
         names = [pod_name(d) for d in played if d["kind"] != "ConfigMap"]
         self.pods += names
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = self.root / f"play-{len(self.pods)}.yaml"
         manifest.write_text(yaml.safe_dump_all(played))
-        podman("kube", "play", "--network", self.network, str(manifest), timeout=300)
+        # Pods on the host's network (hostNetwork: true) join no network of ours.
+        specs = [spec for doc in played for spec in pod_specs(doc)]
+        on_host = bool(specs) and all(spec.get("hostNetwork") for spec in specs)
+        network = [] if on_host else ["--network", self.network]
+        podman("kube", "play", *network, str(manifest), timeout=300)
         return names
 
     def container(self, pod: str, name: str) -> str:

@@ -492,6 +492,7 @@ static_resources:
           - name: envoy.filters.http.router
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+{{ include "x402.envoyProbeListener" . | indent 2 }}
   clusters:
 {{- /* Sidecar worker i serves ext_authz on grpcPort + i; each is an endpoint. */}}
 {{ include "x402.envoyCluster" (dict "name" "x402_authz" "port" (int $v.sidecar.grpcPort) "http2" true "count" (int $v.sidecar.workers)) | indent 2 }}
@@ -500,6 +501,7 @@ static_resources:
 {{ include "x402.envoyCluster" (dict "name" "x402_authz_http" "port" (int $v.sidecar.authzHttpPort) "count" (int $v.sidecar.workers)) | indent 2 }}
 {{- end }}
 {{ include "x402.envoyCluster" (dict "name" "x402_http" "port" (int $v.sidecar.httpPort)) | indent 2 }}
+{{ include "x402.envoyCluster" (dict "name" "envoy_admin" "port" (int $v.envoy.adminPort)) | indent 2 }}
 {{- if $v.existingService.name }}
 {{ include "x402.envoyCluster" (dict "name" "service" "address" $v.existingService.name "port" (int $v.existingService.port)) | indent 2 }}
 {{- else }}

@@ -34,8 +34,14 @@ app.kubernetes.io/component: gateway
 
 {{- define "x402.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
-{{ include "x402.selectorLabels" . }}
+{{ include "x402.podLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+
+{{/* Pod templates' labels: none that changes with the chart or app version, so a chart
+     bump does not restart a pod (the ledger's above all) by its labels alone. */}}
+{{- define "x402.podLabels" -}}
+{{ include "x402.selectorLabels" . }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
@@ -59,6 +65,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "x402.configPath" -}}/etc/x402/config/x402.yaml{{- end }}
 {{- define "x402.secretsDir" -}}/etc/x402/secrets{{- end }}
 {{- define "x402.adminSecretsDir" -}}/etc/x402/admin{{- end }}
+{{- define "x402.adminTlsDir" -}}/etc/x402/admin-tls{{- end }}
 {{- define "x402.envoyConfigPath" -}}/etc/envoy/envoy.yaml{{- end }}
 
 {{/* ---- values checks the schema cannot express (fail closed, name the key) -------- */}}
@@ -90,7 +97,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 {{- /* Sidecar worker i listens on grpcPort + i (and, over HTTP, on authzHttpPort + i). */}}
-{{- $ports := list (int $v.envoy.port) (int $v.envoy.adminPort) (int $v.sidecar.httpPort) }}
+{{- $ports := list (int $v.envoy.port) (int $v.envoy.adminPort) (int $v.envoy.probePort) (int $v.sidecar.httpPort) (int $v.sidecar.healthPort) }}
 {{- if not $v.existingService.name }}{{ $ports = prepend $ports (int $v.app.port) }}{{ end }}
 {{- if $v.sidecar.admin.enabled }}{{ $ports = append $ports (int $v.sidecar.admin.port) }}{{ end }}
 {{- range $i := until (int $v.sidecar.workers) }}{{ $ports = append $ports (add $v.sidecar.grpcPort $i | int) }}{{ end }}
@@ -104,7 +111,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail "existingService.name: the gateway fronts an existing Service, so it runs no app container; unset app.image.repository" }}
 {{- end }}
 {{- if ne (len $ports) (len (uniq $ports)) }}
-{{- fail (printf "ports: app.port, envoy.port, envoy.adminPort, sidecar.httpPort and sidecar.grpcPort..grpcPort+workers-1 (with transport http, authzHttpPort..authzHttpPort+workers-1 too) share one network namespace and must differ (got %v)" $ports) }}
+{{- fail (printf "ports: app.port, envoy.port, envoy.adminPort, envoy.probePort, sidecar.httpPort, sidecar.healthPort and sidecar.grpcPort..grpcPort+workers-1 (with transport http, authzHttpPort..authzHttpPort+workers-1 too) share one network namespace and must differ (got %v)" $ports) }}
 {{- end }}
 {{- range $key := list "grpcPort" "authzHttpPort" }}
 {{- $port := index $v.sidecar $key | int }}
@@ -133,6 +140,88 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling: minReplicas must not exceed maxReplicas" }}
 {{- end }}
+{{- include "x402.validateOperator" . }}
+{{- end }}
+
+{{/* The operator's side: loopback ports, TLS, scraping, the anchor log, the drain. */}}
+{{- define "x402.validateOperator" -}}
+{{- $v := .Values }}
+{{- $admin := $v.sidecar.admin }}
+{{- if and $admin.enabled (not (has $admin.bindAddress (list "127.0.0.1" "::1" "localhost"))) (not $admin.tls.existingSecret) }}
+{{- fail (printf "sidecar.admin.bindAddress: %s is reachable from the network; set sidecar.admin.tls.existingSecret (the sidecar refuses a plaintext admin API off loopback)" $admin.bindAddress) }}
+{{- end }}
+{{- if and $v.serviceMonitor.enabled $v.networkPolicy.enabled (not $v.networkPolicy.metricsFrom) }}
+{{- fail "networkPolicy.metricsFrom: with serviceMonitor.enabled, name who may scrape the sidecar (e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]); no other pod reaches it" }}
+{{- end }}
+{{- if and $v.prometheusRule.enabled (not $v.serviceMonitor.enabled) }}
+{{- fail "prometheusRule.enabled: its alerts read the metrics serviceMonitor.enabled scrapes; turn that on too" }}
+{{- end }}
+{{- with $v.sidecar.settlement }}
+{{- if and .anchorFile (not .anchorVolume) }}
+{{- fail "sidecar.settlement.anchorVolume: the anchor log must outlive the pod; give a volume source, e.g. {persistentVolumeClaim: {claimName: x402-anchors}} (or anchorFile: \"\" for Redis only)" }}
+{{- end }}
+{{- end }}
+{{- $grace := int $v.terminationGracePeriodSeconds }}
+{{- $needed := include "x402.gracePeriodSeconds" . | int }}
+{{- if and $grace (lt $grace $needed) }}
+{{- fail (printf "terminationGracePeriodSeconds: %d is shorter than the drain (%ds: preStop %ds, the sidecar's drain %ds, the upstream's %ds, 5s to exit); set it to 0 (computed) or at least %d" $grace $needed (int $v.sidecar.drain.endpointSeconds) (include "x402.sidecarDrainSeconds" . | int) (int $v.envoy.edge.upstreamTimeoutSeconds) $needed) }}
+{{- end }}
+{{- end }}
+
+{{/* ---- the drain: every number from the values, summed (docs/kubernetes.md) -------- */}}
+
+{{/* The sidecar's own drain (sidecar/server/supervisor.py drain_seconds): with `exact`,
+     the longest answer (a top-up: verify + settle + chain lookup + 4 ledger steps + 2s),
+     at least 5 s. */}}
+{{- define "x402.sidecarDrainSeconds" -}}
+{{- $v := .Values }}
+{{- $x := $v.exact }}
+{{- if $x.onchain }}
+{{- $ms := add (int $x.verifyTimeoutMs) (int $x.settleTimeoutMs) (int $x.chainLookupMs) (mul 4 (int $v.redis.timeoutMs)) 2000 }}
+{{- max 5 (div (add $ms 999) 1000) }}
+{{- else }}5{{ end }}
+{{- end }}
+
+{{/* How long Envoy (and the app) stay up after the pod is told to stop: the sidecar's
+     preStop, its drain, then the upstream's answer to a check allowed last. */}}
+{{- define "x402.envoyStopSeconds" -}}
+{{- add (int .Values.sidecar.drain.endpointSeconds) (include "x402.sidecarDrainSeconds" . | int) (int .Values.envoy.edge.upstreamTimeoutSeconds) }}
+{{- end }}
+
+{{- define "x402.gracePeriodSeconds" -}}
+{{- add (include "x402.envoyStopSeconds" . | int) 5 }}
+{{- end }}
+
+{{/* The x402 container's preStop: Envoy's /ready turns 503 (the endpoint leaves every
+     Service) and its listeners drain (Connection: close, GOAWAY); then the endpoint has
+     endpointSeconds to go before the sidecar gets SIGTERM. Errors only print: a stop
+     must never hang on it. */}}
+{{- define "x402.preStopScript" -}}
+import sys, time, urllib.request as r
+for path in ("/healthcheck/fail", "/drain_listeners?graceful&inboundonly"):
+    try:
+        r.urlopen(r.Request("http://127.0.0.1:" + sys.argv[1] + path, method="POST"), timeout=2)
+    except Exception as exc:
+        print("preStop", path, exc)
+time.sleep(int(sys.argv[2]))
+{{- end }}
+
+{{/* "512Mi" → bytes (Kubernetes quantities: plain, K/M/G/T and Ki/Mi/Gi/Ti). */}}
+{{- define "x402.bytes" -}}
+{{- $m := regexFind "^[0-9]+(Ki|Mi|Gi|Ti|K|M|G|T)?$" (toString .) }}
+{{- if not $m }}{{ fail (printf "redis.internal.resources.limits.memory: %v is not a whole quantity like 512Mi" .) }}{{ end }}
+{{- $unit := regexFind "[A-Za-z]+$" $m }}
+{{- $n := trimSuffix $unit $m | int64 }}
+{{- $scale := get (dict "" 1 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776) $unit }}
+{{- mul $n $scale }}
+{{- end }}
+
+{{/* Redis' maxmemory in bytes: maxmemoryPercent of its memory limit. */}}
+{{- define "x402.redisMaxmemory" -}}
+{{- $r := .Values.redis.internal }}
+{{- $limit := dig "limits" "memory" "" $r.resources }}
+{{- if not $limit }}{{ fail "redis.internal.resources.limits.memory: required; maxmemory is set below it" }}{{ end }}
+{{- div (mul (include "x402.bytes" $limit | int64) (int $r.maxmemoryPercent)) 100 }}
 {{- end }}
 
 {{/* A Duration ("1s", "0.75s") → whole milliseconds, rounded as envoy_config._ms does. */}}
@@ -199,11 +288,27 @@ response_trailer_mode: SKIP
 {{- regexReplaceAll "\\{[A-Za-z_][A-Za-z0-9_]*\\}|\\*\\*|\\*" . "x402-test" }}
 {{- end }}
 
-{{/* ---- secrets: generated once, then reused on every upgrade ---------------------- */}}
+{{/* ---- secrets: generated once in the cluster, then reused on every upgrade -------- */}}
+
+{{/* Whether a missing Secret may be generated now: onInstall, only where `lookup` sees
+     the cluster (listing the release namespace's Secrets answers a list there, and
+     nothing under `helm template`, Argo CD or a client dry run, where a generated secret
+     would be new at every render: a new payee key, a new Redis password). Fails with
+     the value to set. `key`: the existingSecret value that avoids generating. */}}
+{{- define "x402.mayGenerate" -}}
+{{- $root := .root }}
+{{- if ne $root.Values.secrets.generate "everyRender" }}
+{{- if not (hasKey $root "x402ClusterSeen") }}
+{{- $_ := set $root "x402ClusterSeen" (not (empty (lookup "v1" "Secret" $root.Release.Namespace ""))) }}
+{{- end }}
+{{- if not (get $root "x402ClusterSeen") }}
+{{- fail (printf "%s: no cluster to look the generated Secret up in (helm template, Argo CD, a dry run), so it would be regenerated at every render; create the Secret and set %s (docs/kubernetes.md, Secrets with GitOps), or secrets.generate=everyRender for a throwaway trial" .key .key) }}
+{{- end }}
+{{- end }}
+{{- end }}
 
 {{/* Computed once per render and cached on the root context, so the Secret and the pod's
-     checksum annotation see the same bytes. `lookup` finds the live Secret on upgrades
-     (it is empty under `helm template`, where a fresh pair is generated). */}}
+     checksum annotation see the same bytes. `lookup` finds the live Secret on upgrades. */}}
 {{- define "x402.gatewaySecretData" -}}
 {{- if not (hasKey $ "x402GatewaySecretData") }}
 {{- $name := printf "%s-keys" (include "x402.fullname" .) }}
@@ -212,6 +317,7 @@ response_trailer_mode: SKIP
 {{- if and $live $live.data (hasKey $live.data "signing.key") (hasKey $live.data "invoice.secret") }}
 {{- $data = dict "signing.key" (index $live.data "signing.key") "invoice.secret" (index $live.data "invoice.secret") }}
 {{- else }}
+{{- include "x402.mayGenerate" (dict "root" $ "key" "secrets.existingSecret") }}
 {{- /* An Ed25519 seed: 32 random bytes as unpadded base64url, as `x402 keygen` writes. */}}
 {{- $seed := randBytes 32 | replace "+" "-" | replace "/" "_" | trimSuffix "=" }}
 {{- $data = dict "signing.key" ($seed | b64enc) "invoice.secret" (randAlphaNum 48 | b64enc) }}
@@ -228,6 +334,7 @@ response_trailer_mode: SKIP
 {{- if and $live $live.data (hasKey $live.data "redis-password") }}
 {{- $data = dict "redis-password" (index $live.data "redis-password") }}
 {{- else }}
+{{- include "x402.mayGenerate" (dict "root" $ "key" "redis.auth.existingSecret") }}
 {{- /* Alphanumeric: it goes into a redis:// URL unescaped. */}}
 {{- $data = dict "redis-password" (randAlphaNum 40 | b64enc) }}
 {{- end }}
@@ -244,6 +351,7 @@ response_trailer_mode: SKIP
 {{- if and $live $live.data (hasKey $live.data "admin.token") }}
 {{- $data = dict "admin.token" (index $live.data "admin.token") }}
 {{- else }}
+{{- include "x402.mayGenerate" (dict "root" $ "key" "sidecar.admin.existingSecret") }}
 {{- $data = dict "admin.token" (randAlphaNum 40 | b64enc) }}
 {{- end }}
 {{- $_ := set $ "x402AdminSecretData" $data }}
@@ -303,10 +411,12 @@ response_trailer_mode: SKIP
 {{- $assets := dict }}
 {{- range $code, $decimals := $v.assets }}{{ $_ := set $assets $code (int $decimals) }}{{ end }}
 {{- $config := dict
-  "listen_grpc" (printf "0.0.0.0:%d" (int $v.sidecar.grpcPort))
-  "listen_http" (printf "0.0.0.0:%d" (int $v.sidecar.httpPort))
+  "listen_grpc" (printf "127.0.0.1:%d" (int $v.sidecar.grpcPort))
+  "listen_http" (printf "%s:%d" (ternary "0.0.0.0" "127.0.0.1" $v.serviceMonitor.enabled) (int $v.sidecar.httpPort))
+  "listen_health" (printf "0.0.0.0:%d" (int $v.sidecar.healthPort))
+  "side_port_max_connections" (int $v.sidecar.maxSideConnections)
   "transport" $v.sidecar.transport
-  "listen_authz_http" (printf "0.0.0.0:%d" (int $v.sidecar.authzHttpPort))
+  "listen_authz_http" (printf "127.0.0.1:%d" (int $v.sidecar.authzHttpPort))
   "redis_timeout_ms" (int $v.redis.timeoutMs)
   "signing_key_file" (printf "%s/signing.key" (include "x402.secretsDir" .))
   "invoice_secret_file" (printf "%s/invoice.secret" (include "x402.secretsDir" .))
@@ -335,8 +445,18 @@ response_trailer_mode: SKIP
 {{- $_ := set $config "previous_signing_key_files" (append ($config.previous_signing_key_files | default list) (printf "%s/previous-%d.key" (include "x402.secretsDir" $) $i)) }}
 {{- end }}
 {{- if $v.sidecar.admin.enabled }}
-{{- $_ := set $config "listen_admin" (printf "0.0.0.0:%d" (int $v.sidecar.admin.port)) }}
+{{- $host := $v.sidecar.admin.bindAddress }}
+{{- $_ := set $config "listen_admin" (printf "%s:%d" (ternary (printf "[%s]" $host) $host (contains ":" $host)) (int $v.sidecar.admin.port)) }}
 {{- $_ := set $config "admin_token_file" (printf "%s/admin.token" (include "x402.adminSecretsDir" .)) }}
+{{- with $v.sidecar.admin.tls }}
+{{- if .existingSecret }}
+{{- $_ := set $config "admin_tls_cert_file" (printf "%s/tls.crt" (include "x402.adminTlsDir" $)) }}
+{{- $_ := set $config "admin_tls_key_file" (printf "%s/tls.key" (include "x402.adminTlsDir" $)) }}
+{{- if .clientCaKey }}
+{{- $_ := set $config "admin_tls_client_ca_file" (printf "%s/ca.crt" (include "x402.adminTlsDir" $)) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- toYaml $config }}
 {{- /* The exact keys are written out and quoted: toYaml leaves an address like 0x90F7…
