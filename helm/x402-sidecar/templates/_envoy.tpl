@@ -21,7 +21,7 @@
       - endpoint:
           address:
             socket_address:
-              address: {{ default "127.0.0.1" $.address }}
+              address: {{ default "127.0.0.1" (default $.ip $.address) }}
               port_value: {{ add $.port $i }}
       {{- end }}
 {{- if .http2 }}
@@ -501,7 +501,8 @@ static_resources:
 {{ include "x402.envoyCluster" (dict "name" "x402_authz_http" "port" (int $v.sidecar.authzHttpPort) "count" (int $v.sidecar.workers)) | indent 2 }}
 {{- end }}
 {{ include "x402.envoyCluster" (dict "name" "x402_http" "port" (int $v.sidecar.httpPort)) | indent 2 }}
-{{ include "x402.envoyCluster" (dict "name" "envoy_admin" "port" (int $v.envoy.adminPort)) | indent 2 }}
+{{- /* The probe listener asks the admin API wherever it listens (an IP literal: STATIC). */}}
+{{ include "x402.envoyCluster" (dict "name" "envoy_admin" "ip" $v.envoy.adminAddress "port" (int $v.envoy.adminPort)) | indent 2 }}
 {{- if $v.existingService.name }}
 {{ include "x402.envoyCluster" (dict "name" "service" "address" $v.existingService.name "port" (int $v.existingService.port)) | indent 2 }}
 {{- else }}
