@@ -44,7 +44,7 @@ from sidecar.server import admin_pb2 as pb
 from sidecar.server import admin_pb2_grpc as pb_grpc
 from sidecar.server import metrics, wiring
 from sidecar.server.config import Settings
-from sidecar.server.dashboard import start_dashboard
+from sidecar.server.dashboard.routes import start_dashboard
 from sidecar.server.logs import get_logger
 
 T = TypeVar("T")
