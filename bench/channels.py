@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from bench.run import (
+from bench.harness import (
     PAID_PATH,
     PRICE,
     PRICE_ATOMIC,

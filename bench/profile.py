@@ -24,9 +24,10 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.run import (
+from bench.harness import (
     HELD_PATH,
     METERED_PATH,
     PAID_PATH,
@@ -187,7 +188,7 @@ def paid_checks(log: str, worker: int, reason: str = "paid") -> int:
     return sum(1 for line in log.splitlines() if said in line and mark in line)
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="recorded wrk run")
     parser.add_argument("--warmup", type=float, default=2.0)
@@ -203,7 +204,107 @@ def main() -> None:
     )
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw stacks here")
     parser.add_argument("--strace", action="store_true", help="count syscalls, no py-spy")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One worker during the recorded wrk run: the tracer's output and what it answered."""
+
+    pid: int
+    lines: list[str]  # py-spy's raw stacks, or strace's summary
+    checks: int  # paid (or captured) checks the worker answered
+    user: float  # CPU seconds
+    system: float
+    switches: int  # context switches of its main thread
+    ok_rps: float  # wrk's 2xx per second through Envoy
+
+
+def presign_proofs(args: argparse.Namespace, stack: Stack) -> str:
+    """Fund the payers and pre-sign the warm-up's and the run's proofs; the route's URL."""
+    wallets = [Identity.generate() for _ in range(PAYERS)]
+    count = int(args.budget * args.seconds) + 500
+    warm_count = int(args.budget * args.warmup) + 500
+    asyncio.run(fund(stack, wallets, 2 * (count + warm_count) * PRICE_ATOMIC))
+    payee = stack.gateway_identity.kid
+    path = ROUTE_PATHS[args.route]
+    presign(warm_count, wallets, payee, [stack.dir / "warm.0"], path)
+    presign(count, wallets, payee, [stack.dir / "proofs.0"], path)
+    return stack.url + path
+
+
+def tracer(args: argparse.Namespace, pid: int, raw: Path) -> list[str]:
+    if args.strace:  # the main thread only: the servicer's, not gRPC's poller
+        return [shutil.which("strace") or "strace", "-c", "-p", str(pid), "-o", str(raw)]
+    return [str(Path(sys.executable).parent / "py-spy"), "record", "-r", str(args.rate),
+            "-p", str(pid), "-f", "raw", "-o", str(raw),
+            "-d", str(round(args.seconds) + 2), "--nonblocking",
+            *(["--native"] if args.native else [])]  # fmt: skip
+
+
+def record(args: argparse.Namespace, wrk: str, stack: Stack, worker: int) -> Recording:
+    """Warm up, attach the tracer to the worker, run wrk, count what the worker did."""
+    url = presign_proofs(args, stack)
+    reason = "paid" if args.route == "paid" else "captured"
+    sidecar = stack.processes["sidecar"]
+    pid = worker_pids(sidecar.log(), stack.ports["grpc"])[worker]
+    if args.warmup:
+        run_wrk(wrk, url, args.warmup, args.connections, 1, "paid.lua", (str(stack.dir / "warm"),))
+    time.sleep(0.2)  # the warm-up's last decision lines
+    checks_before = paid_checks(sidecar.log(), worker, reason)
+    raw = args.raw or stack.dir / ("strace.txt" if args.strace else "pyspy.txt")
+    spy = subprocess.Popen(
+        tracer(args, pid, raw), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    time.sleep(1.0)  # attached
+    user0, sys0 = cpu_times(pid)
+    switches0 = context_switches(pid)
+    figures = run_wrk(
+        wrk, url, args.seconds, args.connections, 1, "paid.lua", (str(stack.dir / "proofs"),)
+    )
+    user1, sys1 = cpu_times(pid)
+    switches1 = context_switches(pid)
+    time.sleep(0.2)
+    checks = paid_checks(sidecar.log(), worker, reason) - checks_before
+    if args.strace:
+        spy.send_signal(signal.SIGINT)  # strace detaches and writes its summary
+    spy.wait(timeout=60)
+    # The tracer ran a little longer than wrk: its samples are shares, times are measured.
+    lines = raw.read_text().splitlines()
+    return Recording(
+        pid, lines, checks, user1 - user0, sys1 - sys0, switches1 - switches0, figures["ok_rps"]
+    )
+
+
+def print_syscalls(worker: int, rec: Recording) -> None:
+    calls, checks = strace_counts(rec.lines), rec.checks
+    print(f"profile: worker {worker} answered {checks} paid checks; syscalls per check "
+          "on its main thread (strace slows it: counts, not times)")  # fmt: skip
+    for name, count in sorted(calls.items(), key=lambda item: -item[1]):
+        print(f"{name:<24}{count / max(checks, 1):>10.2f}")
+    print(f"{'total':<24}{sum(calls.values()) / max(checks, 1):>10.2f}")
+
+
+def print_breakdown(args: argparse.Namespace, worker: int, rec: Recording) -> None:
+    samples, checks = parse_raw(rec.lines), rec.checks
+    per = breakdown(samples, rec.user, checks)
+    print(f"profile: {rec.ok_rps:.0f} paid req/s through Envoy, transport "
+          f"{args.transport}; worker {worker} (pid {rec.pid}) answered {checks} paid checks, "
+          f"{sum(samples.values())} samples{' (native)' if args.native else ''}")  # fmt: skip
+    print(f"{'category':<24}{'µs/check':>10}{'share':>8}")
+    for category in CATEGORIES:
+        share = samples[category] / max(sum(samples.values()), 1)
+        print(f"{category:<24}{per[category]:>10.1f}{share:>8.1%}")
+    print(f"{'user total':<24}{rec.user * 1e6 / max(checks, 1):>10.1f}")
+    print(f"{'kernel (system time)':<24}{rec.system * 1e6 / max(checks, 1):>10.1f}")
+    print(f"{'context switches':<24}{rec.switches / max(checks, 1):>10.2f}"
+          "  per check, main thread")  # fmt: skip
+    if args.raw:
+        print(f"profile: raw stacks in {args.raw}")
+
+
+def main() -> None:
+    args = arguments()
     worker = args.worker if args.worker >= 0 else args.workers - 1
     wrk = ensure_wrk()
     stack = Stack(
@@ -218,74 +319,13 @@ def main() -> None:
         stack.start_redis()
         stack.start_envoy()
         stack.start_sidecar()
-        wallets = [Identity.generate() for _ in range(PAYERS)]
-        count = int(args.budget * args.seconds) + 500
-        warm_count = int(args.budget * args.warmup) + 500
-        asyncio.run(fund(stack, wallets, 2 * (count + warm_count) * PRICE_ATOMIC))
-        payee = stack.gateway_identity.kid
-        path = ROUTE_PATHS[args.route]
-        presign(warm_count, wallets, payee, [stack.dir / "warm.0"], path)
-        presign(count, wallets, payee, [stack.dir / "proofs.0"], path)
-        url = stack.url + path
-        reason = "paid" if args.route == "paid" else "captured"
-        sidecar = stack.processes["sidecar"]
-        pid = worker_pids(sidecar.log(), stack.ports["grpc"])[worker]
-        if args.warmup:
-            run_wrk(
-                wrk, url, args.warmup, args.connections, 1, "paid.lua", (str(stack.dir / "warm"),)
-            )
-        time.sleep(0.2)  # the warm-up's last decision lines
-        checks_before = paid_checks(sidecar.log(), worker, reason)
-        raw = args.raw or stack.dir / ("strace.txt" if args.strace else "pyspy.txt")
-        if args.strace:  # the main thread only: the servicer's, not gRPC's poller
-            argv = [shutil.which("strace") or "strace", "-c", "-p", str(pid), "-o", str(raw)]
-        else:
-            argv = [str(Path(sys.executable).parent / "py-spy"), "record", "-r", str(args.rate),
-                    "-p", str(pid), "-f", "raw", "-o", str(raw),
-                    "-d", str(round(args.seconds) + 2), "--nonblocking",
-                    *(["--native"] if args.native else [])]  # fmt: skip
-        spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)  # attached
-        user0, sys0 = cpu_times(pid)
-        switches0 = context_switches(pid)
-        figures = run_wrk(
-            wrk, url, args.seconds, args.connections, 1, "paid.lua", (str(stack.dir / "proofs"),)
-        )
-        user1, sys1 = cpu_times(pid)
-        switches1 = context_switches(pid)
-        time.sleep(0.2)
-        checks = paid_checks(sidecar.log(), worker, reason) - checks_before
-        if args.strace:
-            spy.send_signal(signal.SIGINT)  # strace detaches and writes its summary
-        spy.wait(timeout=60)
-        # The tracer ran a little longer than wrk: its samples are shares, times are measured.
-        lines = raw.read_text().splitlines()
+        recording = record(args, wrk, stack, worker)
     finally:
         stack.stop()
     if args.strace:
-        calls = strace_counts(lines)
-        print(f"profile: worker {worker} answered {checks} paid checks; syscalls per check "
-              "on its main thread (strace slows it: counts, not times)")  # fmt: skip
-        for name, count in sorted(calls.items(), key=lambda item: -item[1]):
-            print(f"{name:<24}{count / max(checks, 1):>10.2f}")
-        print(f"{'total':<24}{sum(calls.values()) / max(checks, 1):>10.2f}")
-        return
-    samples = parse_raw(lines)
-    user, system = user1 - user0, sys1 - sys0
-    per = breakdown(samples, user, checks)
-    print(f"profile: {figures['ok_rps']:.0f} paid req/s through Envoy, transport "
-          f"{args.transport}; worker {worker} (pid {pid}) answered {checks} paid checks, "
-          f"{sum(samples.values())} samples{' (native)' if args.native else ''}")  # fmt: skip
-    print(f"{'category':<24}{'µs/check':>10}{'share':>8}")
-    for category in CATEGORIES:
-        share = samples[category] / max(sum(samples.values()), 1)
-        print(f"{category:<24}{per[category]:>10.1f}{share:>8.1%}")
-    print(f"{'user total':<24}{user * 1e6 / max(checks, 1):>10.1f}")
-    print(f"{'kernel (system time)':<24}{system * 1e6 / max(checks, 1):>10.1f}")
-    print(f"{'context switches':<24}{(switches1 - switches0) / max(checks, 1):>10.2f}"
-          "  per check, main thread")  # fmt: skip
-    if args.raw:
-        print(f"profile: raw stacks in {args.raw}")
+        print_syscalls(worker, recording)
+    else:
+        print_breakdown(args, worker, recording)
 
 
 if __name__ == "__main__":

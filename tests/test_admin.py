@@ -1,4 +1,4 @@
-"""The facilitator admin API: refused without its token, and every call with it, over real
+"""The gateway admin API: refused without its token, and every call with it, over real
 gRPC to the real sidecar (and its CLI with --admin); mutual TLS in process."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ METHODS = {
 async def stub(admin_stack: Stack) -> AsyncIterator[Any]:
     address = f"127.0.0.1:{admin_stack.ports['admin_api']}"
     async with grpc.aio.insecure_channel(address) as channel:
-        yield pb_grpc.FacilitatorStub(channel)
+        yield pb_grpc.GatewayAdminStub(channel)
 
 
 def admin_args(stack: Stack, *, token: bool = True) -> list[str]:
@@ -257,14 +257,14 @@ async def test_mutual_tls_without_a_token(stack: Stack, tmp_path: Path) -> None:
             pki["client.pem"].read_bytes(),
         )
         async with grpc.aio.secure_channel(f"127.0.0.1:{port}", trusted) as channel:
-            reply = await pb_grpc.FacilitatorStub(channel).RegisterPayer(
+            reply = await pb_grpc.GatewayAdminStub(channel).RegisterPayer(
                 pb.PayerRequest(payer=payer)
             )
             assert reply.created
         anonymous = grpc.ssl_channel_credentials(pki["ca.pem"].read_bytes())
         async with grpc.aio.secure_channel(f"127.0.0.1:{port}", anonymous) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await pb_grpc.FacilitatorStub(channel).GetBalance(
+                await pb_grpc.GatewayAdminStub(channel).GetBalance(
                     pb.PayerRequest(payer=payer), timeout=5
                 )
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails

@@ -27,7 +27,8 @@ from sidecar.agent.wallet import Wallet
 from sidecar.ledger import decisions
 from sidecar.ledger.accounts import Ledger
 from sidecar.server.config import Settings
-from sidecar.server.dashboard import auth, start_dashboard
+from sidecar.server.dashboard import auth
+from sidecar.server.dashboard.routes import start_dashboard
 from sidecar.server.feed import DecisionFeed
 from sidecar.tools.stack import Stack, free_port
 from tests.support.browser import chromium, log_in, screenshot, table_rows, wait_for

@@ -44,7 +44,7 @@ from sidecar.server import admin_pb2 as pb
 from sidecar.server import admin_pb2_grpc as pb_grpc
 from sidecar.server import metrics, wiring
 from sidecar.server.config import Settings
-from sidecar.server.dashboard import start_dashboard
+from sidecar.server.dashboard.routes import start_dashboard
 from sidecar.server.logs import get_logger
 
 T = TypeVar("T")
@@ -93,7 +93,7 @@ class BearerToken(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 # -- the service ------------------------------------------------------------------------
 
 
-class Facilitator(pb_grpc.FacilitatorServicer):  # type: ignore[misc]
+class GatewayAdmin(pb_grpc.GatewayAdminServicer):  # type: ignore[misc]
     """The admin API over the ledger's `Payers` service: each RPC converts its answer."""
 
     def __init__(self, ledger: Ledger, gateway: Gateway, settings: Settings) -> None:
@@ -337,7 +337,7 @@ async def start_admin(
             )
         )
     server = grpc.aio.server(interceptors=interceptors)
-    pb_grpc.add_FacilitatorServicer_to_server(Facilitator(ledger, gateway, settings), server)
+    pb_grpc.add_GatewayAdminServicer_to_server(GatewayAdmin(ledger, gateway, settings), server)
     if tls or settings.admin_tls_client_ca_file:
         credentials = _server_credentials(settings)
         port = server.add_secure_port(settings.listen_admin, credentials)

@@ -5,7 +5,7 @@ import warnings
 
 from sidecar.server import admin_pb2 as sidecar_dot_server_dot_admin__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class FacilitatorStub:
+class GatewayAdminStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,58 +35,58 @@ class FacilitatorStub:
             channel: A grpc.Channel.
         """
         self.RegisterPayer = channel.unary_unary(
-                '/x402.admin.v1.Facilitator/RegisterPayer',
+                '/x402.admin.v1.GatewayAdmin/RegisterPayer',
                 request_serializer=sidecar_dot_server_dot_admin__pb2.PayerRequest.SerializeToString,
                 response_deserializer=sidecar_dot_server_dot_admin__pb2.RegisterPayerResponse.FromString,
                 _registered_method=True)
         self.SuspendPayer = channel.unary_unary(
-                '/x402.admin.v1.Facilitator/SuspendPayer',
+                '/x402.admin.v1.GatewayAdmin/SuspendPayer',
                 request_serializer=sidecar_dot_server_dot_admin__pb2.PayerRequest.SerializeToString,
                 response_deserializer=sidecar_dot_server_dot_admin__pb2.PayerStatus.FromString,
                 _registered_method=True)
         self.ActivatePayer = channel.unary_unary(
-                '/x402.admin.v1.Facilitator/ActivatePayer',
+                '/x402.admin.v1.GatewayAdmin/ActivatePayer',
                 request_serializer=sidecar_dot_server_dot_admin__pb2.PayerRequest.SerializeToString,
                 response_deserializer=sidecar_dot_server_dot_admin__pb2.PayerStatus.FromString,
                 _registered_method=True)
         self.Credit = channel.unary_unary(
-                '/x402.admin.v1.Facilitator/Credit',
+                '/x402.admin.v1.GatewayAdmin/Credit',
                 request_serializer=sidecar_dot_server_dot_admin__pb2.CreditRequest.SerializeToString,
                 response_deserializer=sidecar_dot_server_dot_admin__pb2.CreditResponse.FromString,
                 _registered_method=True)
         self.GetBalance = channel.unary_unary(
-                '/x402.admin.v1.Facilitator/GetBalance',
+                '/x402.admin.v1.GatewayAdmin/GetBalance',
                 request_serializer=sidecar_dot_server_dot_admin__pb2.PayerRequest.SerializeToString,
                 response_deserializer=sidecar_dot_server_dot_admin__pb2.Balance.FromString,
                 _registered_method=True)
         self.ListReceipts = channel.unary_unary(
-                '/x402.admin.v1.Facilitator/ListReceipts',
+                '/x402.admin.v1.GatewayAdmin/ListReceipts',
                 request_serializer=sidecar_dot_server_dot_admin__pb2.ListReceiptsRequest.SerializeToString,
                 response_deserializer=sidecar_dot_server_dot_admin__pb2.ListReceiptsResponse.FromString,
                 _registered_method=True)
         self.OpenChannel = channel.unary_unary(
-                '/x402.admin.v1.Facilitator/OpenChannel',
+                '/x402.admin.v1.GatewayAdmin/OpenChannel',
                 request_serializer=sidecar_dot_server_dot_admin__pb2.OpenChannelRequest.SerializeToString,
                 response_deserializer=sidecar_dot_server_dot_admin__pb2.Channel.FromString,
                 _registered_method=True)
         self.CloseChannel = channel.unary_unary(
-                '/x402.admin.v1.Facilitator/CloseChannel',
+                '/x402.admin.v1.GatewayAdmin/CloseChannel',
                 request_serializer=sidecar_dot_server_dot_admin__pb2.ChannelRequest.SerializeToString,
                 response_deserializer=sidecar_dot_server_dot_admin__pb2.CloseChannelResponse.FromString,
                 _registered_method=True)
         self.GetChannel = channel.unary_unary(
-                '/x402.admin.v1.Facilitator/GetChannel',
+                '/x402.admin.v1.GatewayAdmin/GetChannel',
                 request_serializer=sidecar_dot_server_dot_admin__pb2.ChannelRequest.SerializeToString,
                 response_deserializer=sidecar_dot_server_dot_admin__pb2.Channel.FromString,
                 _registered_method=True)
         self.ListBatches = channel.unary_unary(
-                '/x402.admin.v1.Facilitator/ListBatches',
+                '/x402.admin.v1.GatewayAdmin/ListBatches',
                 request_serializer=sidecar_dot_server_dot_admin__pb2.ListBatchesRequest.SerializeToString,
                 response_deserializer=sidecar_dot_server_dot_admin__pb2.ListBatchesResponse.FromString,
                 _registered_method=True)
 
 
-class FacilitatorServicer:
+class GatewayAdminServicer:
     """Missing associated documentation comment in .proto file."""
 
     def RegisterPayer(self, request, context):
@@ -156,7 +156,7 @@ class FacilitatorServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_FacilitatorServicer_to_server(servicer, server):
+def add_GatewayAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RegisterPayer': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterPayer,
@@ -210,13 +210,13 @@ def add_FacilitatorServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'x402.admin.v1.Facilitator', rpc_method_handlers)
+            'x402.admin.v1.GatewayAdmin', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('x402.admin.v1.Facilitator', rpc_method_handlers)
+    server.add_registered_method_handlers('x402.admin.v1.GatewayAdmin', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Facilitator:
+class GatewayAdmin:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -233,7 +233,7 @@ class Facilitator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/x402.admin.v1.Facilitator/RegisterPayer',
+            '/x402.admin.v1.GatewayAdmin/RegisterPayer',
             sidecar_dot_server_dot_admin__pb2.PayerRequest.SerializeToString,
             sidecar_dot_server_dot_admin__pb2.RegisterPayerResponse.FromString,
             options,
@@ -260,7 +260,7 @@ class Facilitator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/x402.admin.v1.Facilitator/SuspendPayer',
+            '/x402.admin.v1.GatewayAdmin/SuspendPayer',
             sidecar_dot_server_dot_admin__pb2.PayerRequest.SerializeToString,
             sidecar_dot_server_dot_admin__pb2.PayerStatus.FromString,
             options,
@@ -287,7 +287,7 @@ class Facilitator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/x402.admin.v1.Facilitator/ActivatePayer',
+            '/x402.admin.v1.GatewayAdmin/ActivatePayer',
             sidecar_dot_server_dot_admin__pb2.PayerRequest.SerializeToString,
             sidecar_dot_server_dot_admin__pb2.PayerStatus.FromString,
             options,
@@ -314,7 +314,7 @@ class Facilitator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/x402.admin.v1.Facilitator/Credit',
+            '/x402.admin.v1.GatewayAdmin/Credit',
             sidecar_dot_server_dot_admin__pb2.CreditRequest.SerializeToString,
             sidecar_dot_server_dot_admin__pb2.CreditResponse.FromString,
             options,
@@ -341,7 +341,7 @@ class Facilitator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/x402.admin.v1.Facilitator/GetBalance',
+            '/x402.admin.v1.GatewayAdmin/GetBalance',
             sidecar_dot_server_dot_admin__pb2.PayerRequest.SerializeToString,
             sidecar_dot_server_dot_admin__pb2.Balance.FromString,
             options,
@@ -368,7 +368,7 @@ class Facilitator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/x402.admin.v1.Facilitator/ListReceipts',
+            '/x402.admin.v1.GatewayAdmin/ListReceipts',
             sidecar_dot_server_dot_admin__pb2.ListReceiptsRequest.SerializeToString,
             sidecar_dot_server_dot_admin__pb2.ListReceiptsResponse.FromString,
             options,
@@ -395,7 +395,7 @@ class Facilitator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/x402.admin.v1.Facilitator/OpenChannel',
+            '/x402.admin.v1.GatewayAdmin/OpenChannel',
             sidecar_dot_server_dot_admin__pb2.OpenChannelRequest.SerializeToString,
             sidecar_dot_server_dot_admin__pb2.Channel.FromString,
             options,
@@ -422,7 +422,7 @@ class Facilitator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/x402.admin.v1.Facilitator/CloseChannel',
+            '/x402.admin.v1.GatewayAdmin/CloseChannel',
             sidecar_dot_server_dot_admin__pb2.ChannelRequest.SerializeToString,
             sidecar_dot_server_dot_admin__pb2.CloseChannelResponse.FromString,
             options,
@@ -449,7 +449,7 @@ class Facilitator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/x402.admin.v1.Facilitator/GetChannel',
+            '/x402.admin.v1.GatewayAdmin/GetChannel',
             sidecar_dot_server_dot_admin__pb2.ChannelRequest.SerializeToString,
             sidecar_dot_server_dot_admin__pb2.Channel.FromString,
             options,
@@ -476,7 +476,7 @@ class Facilitator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/x402.admin.v1.Facilitator/ListBatches',
+            '/x402.admin.v1.GatewayAdmin/ListBatches',
             sidecar_dot_server_dot_admin__pb2.ListBatchesRequest.SerializeToString,
             sidecar_dot_server_dot_admin__pb2.ListBatchesResponse.FromString,
             options,

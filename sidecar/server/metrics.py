@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -187,15 +188,33 @@ class _LedgerState(Collector):
             )
 
 
-def render(settlement_lag: float | None = None, ledger_memory: Memory | None = None) -> bytes:
-    """The text exposition of every process's metrics, plus the ledger's state."""
+def _registry() -> CollectorRegistry:
+    """Every process's metrics: the multiprocess files merged, or this process's own."""
     if _multiprocess_dir is not None:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=_multiprocess_dir)  # type: ignore[no-untyped-call]
-        page = generate_latest(registry)
-    else:
-        assert _current.registry is not None
-        page = generate_latest(_current.registry)
+        return registry
+    assert _current.registry is not None
+    return _current.registry
+
+
+def decision_counts() -> dict[tuple[str, str, str], int]:
+    """x402_decisions of every worker, read from the registry: (decision, reason, route)
+    to its count (the dashboard's "by reason")."""
+    counts: dict[tuple[str, str, str], int] = defaultdict(int)
+    for family in _registry().collect():
+        if family.name != "x402_decisions":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                labels = sample.labels
+                counts[(labels["decision"], labels["reason"], labels["route"])] += int(sample.value)
+    return dict(counts)
+
+
+def render(settlement_lag: float | None = None, ledger_memory: Memory | None = None) -> bytes:
+    """The text exposition of every process's metrics, plus the ledger's state."""
+    page = generate_latest(_registry())
     extra = CollectorRegistry()
     extra.register(_LedgerState(settlement_lag, ledger_memory))
     return page + generate_latest(extra)

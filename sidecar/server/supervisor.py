@@ -44,6 +44,7 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.cluster import ClusterPipe, is_cluster_url
 from sidecar.ledger.pipe import RedisPipe, redacted
 from sidecar.server import holding, http_authz, logs, metrics, wiring
+from sidecar.server.addresses import split_host_port
 from sidecar.server.admin import Facilities, check_listener, start_facilities
 from sidecar.server.authz import AUTHZ_SERVICE, Authorization
 from sidecar.server.config import TOPUP_PATH, Settings
@@ -56,13 +57,6 @@ CRASH_LOOP_RESTARTS = 5  # worker restarts within CRASH_LOOP_SECONDS before givi
 CRASH_LOOP_SECONDS = 60.0
 EXIT_CONFIG = 78  # a worker's config cannot work (sysexits EX_CONFIG): stop, do not restart
 STARTING, SERVING, DRAINING = 0, 1, 2
-
-
-def split_host_port(address: str, key: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"config {key}: {address!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 def drain_seconds(settings: Settings) -> float:

@@ -60,7 +60,7 @@ class AdminPayers:
             self.channel = grpc.aio.secure_channel(target.address, credentials)
         else:
             self.channel = grpc.aio.insecure_channel(target.address)
-        self.stub = pb_grpc.FacilitatorStub(self.channel)
+        self.stub = pb_grpc.GatewayAdminStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()

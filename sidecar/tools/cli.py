@@ -176,8 +176,8 @@ def envoy_config(
     cors_origins: tuple[str, ...],
 ) -> None:
     """Print an Envoy config that routes through the sidecar, prices from the config."""
+    from sidecar.server.addresses import split_host_port
     from sidecar.server.config import Settings
-    from sidecar.server.supervisor import split_host_port
     from sidecar.tools.envoy_config import Endpoints, render_yaml, timeouts
 
     settings = Settings.load(config_path)
