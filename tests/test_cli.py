@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.core.identity import Identity
+from sidecar.core.identity import Identity, write_secret
 from sidecar.tools.envoy_config import EXT_AUTHZ, Endpoints, render_yaml
 from sidecar.tools.stack import Process, Stack, find_binary, free_port, wait_http
 
@@ -166,7 +166,7 @@ def test_serve_refuses_bad_config_naming_the_key(tmp_path: Path) -> None:
 def test_serve_refuses_an_admin_api_off_loopback_without_tls(tmp_path: Path) -> None:
     Identity.generate().save(tmp_path / "signing.key")
     for name in ("invoice.secret", "admin.token"):
-        (tmp_path / name).write_text("s" * 32 + "\n")
+        write_secret(tmp_path / name, "s" * 32 + "\n")
     config = tmp_path / "x402.yaml"
     raw = {
         "signing_key_file": str(tmp_path / "signing.key"),
@@ -282,7 +282,8 @@ def test_envoy_config_addresses_a_hostname_by_dns_and_stays_valid(tmp_path: Path
 def test_a_second_envoy_on_the_same_listen_address_fails_to_start(tmp_path: Path) -> None:
     """The admin address comes from the config (`envoy_admin`) or `--admin`; the listener
     refuses to share its port (`enable_reuse_port: false`)."""
-    listen, first_admin, second_admin = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    taken: set[int] = set()
+    listen, first_admin, second_admin = (f"127.0.0.1:{free_port(taken)}" for _ in range(3))
     config = tmp_path / "x402.yaml"
     config.write_text(yaml.safe_dump({"envoy_admin": first_admin}))
     argv = [find_binary("envoy"), "--use-dynamic-base-id", "--log-level", "warn", "-c"]

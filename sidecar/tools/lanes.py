@@ -298,7 +298,7 @@ def start(spec: Spec) -> Iterator[World]:
             if spec.dashboard:
                 token_file = stack.dir / "admin.token"
                 write_secret(token_file, secrets.token_urlsafe(24) + "\n")
-                stack.ports["dashboard"] = free_port()
+                stack.ports["dashboard"] = free_port(stack.taken)
                 stack.settings = {
                     **stack.settings,
                     "admin_token_file": str(token_file),

@@ -35,24 +35,29 @@ from sidecar.tools.envoy_config import Endpoints, render, timeouts
 LOOPBACK = "127.0.0.1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+def free_port(taken: set[int] | None = None) -> int:
+    return free_ports(1, taken)
 
 
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports (one per sidecar worker)."""
+def free_ports(count: int, taken: set[int] | None = None) -> int:
+    """The first of `count` consecutive free ports (one per sidecar worker), none of them
+    in `taken` (the kernel may hand a released port out again); they join it."""
+    taken = set() if taken is None else taken
     while True:
-        first = free_port()
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            first = int(s.getsockname()[1])
+        span = set(range(first, first + count))
+        if span & taken:
+            continue
         with contextlib.ExitStack() as held:
             try:
-                for port in range(first, first + count):
-                    s = held.enter_context(socket.socket())
-                    s.bind((LOOPBACK, port))
+                for port in span:
+                    held.enter_context(socket.socket()).bind((LOOPBACK, port))
             except OSError:
                 continue
-            return first
+        taken |= span
+        return first
 
 
 def free_cluster_port() -> int:
@@ -166,12 +171,13 @@ class Stack:
             self._tmp = tempfile.TemporaryDirectory(prefix="x402-")
             self.workdir = Path(self._tmp.name)
         self.dir = self.workdir
+        self.taken: set[int] = set()  # every port this stack was given: none twice
         self.ports = {
-            name: free_port()
+            name: free_port(self.taken)
             for name in ("redis", "http", "envoy", "admin", "upstream", "dashboard")
         }
-        self.ports["grpc"] = free_ports(self.workers)  # worker i listens on this + i
-        self.ports["authz_http"] = free_ports(self.workers)  # transport http: the same
+        self.ports["grpc"] = free_ports(self.workers, self.taken)  # worker i listens on this + i
+        self.ports["authz_http"] = free_ports(self.workers, self.taken)  # transport http: the same
         for node in range(self.redis_cluster):
             self.ports[f"redis{node}"] = free_cluster_port()
         self.gateway_identity = Identity.generate()
@@ -205,7 +211,7 @@ class Stack:
         (in the stack's directory); returns the token."""
         token = secrets.token_urlsafe(24)
         write_secret(self.dir / "admin.token", token + "\n")
-        self.ports["admin_api"] = free_port()
+        self.ports["admin_api"] = free_port(self.taken)
         self.settings = {
             **self.settings,
             "listen_admin": f"{LOOPBACK}:{self.ports['admin_api']}",

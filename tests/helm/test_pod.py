@@ -56,7 +56,8 @@ def test_the_rendered_pod_runs_as_processes_and_takes_a_payment(
 ) -> None:
     values = rendered_values(name).values
     workers = values["sidecar"]["workers"]
-    ports = {key: free_port() for key in ("envoy", "admin", "probe", "app", "http", "health")}
+    taken: set[int] = set()
+    ports = {key: free_port(taken) for key in ("envoy", "admin", "probe", "app", "http", "health")}
     ports["redis"] = free_port()
     grpc_port = free_ports(workers)  # worker i listens on grpcPort + i
     authz_http_port = free_ports(workers)  # and, with transport http, on authzHttpPort + i

@@ -25,7 +25,7 @@ def admin_stack() -> Stack:
     stack = Stack(ROUTES, envoy_routes=ENVOY_ROUTES, workers=2)
     token_file = stack.dir / "admin.token"
     write_secret(token_file, ADMIN_TOKEN + "\n")
-    stack.ports["admin_api"] = free_port()
+    stack.ports["admin_api"] = free_port(stack.taken)
     stack.settings = {
         "listen_admin": f"127.0.0.1:{stack.ports['admin_api']}",
         "admin_token_file": str(token_file),
