@@ -177,8 +177,9 @@ def envoy_config(
 ) -> None:
     """Print an Envoy config that routes through the sidecar, prices from the config."""
     from sidecar.server.config import Settings
+    from sidecar.server.envoy.edge import Endpoints
+    from sidecar.server.envoy.render import render_yaml, timeouts
     from sidecar.server.supervisor import split_host_port
-    from sidecar.tools.envoy_config import Endpoints, render_yaml, timeouts
 
     settings = Settings.load(config_path)
     if cors_origins:

@@ -15,8 +15,9 @@ import yaml
 
 from sidecar.core.money import to_atomic
 from sidecar.core.pricing import is_pattern
-from sidecar.server.config import Edge, Settings
-from sidecar.tools.envoy_config import Endpoints, render, timeouts
+from sidecar.server.config import Settings
+from sidecar.server.envoy.edge import Edge, Endpoints
+from sidecar.server.envoy.render import render, timeouts
 from sidecar.tools.stack import LOOPBACK
 from tests.support.charts import (
     CHART,

@@ -1,4 +1,4 @@
-{{/* Envoy's config: the same shape as sidecar/tools/envoy_config.py render(), written as a
+{{/* Envoy's config: the same shape as sidecar/server/envoy/render.py render(), written as a
      template (tests/helm/test_parity.py compares the two). Every container of the pod shares
      one network namespace, so Envoy reaches the sidecar and the service on 127.0.0.1. */}}
 
@@ -33,9 +33,9 @@
 {{- end }}
 {{- end }}
 
-{{- /* The local-reply mappers (sidecar/tools/envoy_config.py local_reply_config): the
+{{- /* The local-reply mappers (sidecar/server/envoy/replies.py local_reply_config): the
      sidecar's denials pass as it wrote them, Envoy's own failures in the JSON envelope of
-     protocol.md §5; each with the gateway's CORS (envoy_browser.cors_replies): "*" on every
+     protocol.md §5; each with the gateway's CORS (server/envoy/browser.py cors_replies): "*" on every
      reply, or the caller's origin when it is a configured one. */}}
 {{- define "x402.envoyLocalReplies" -}}
 {{- $ext := "envoy.filters.http.ext_authz" }}
@@ -92,7 +92,7 @@
 {{- toYaml $mappers }}
 {{- end }}
 
-{{- /* The configured origins as one RE2 full match (envoy_browser.origin_regex). */}}
+{{- /* The configured origins as one RE2 full match (server/envoy/browser.py origin_regex). */}}
 {{- define "x402.originRegex" -}}
 {{- if has "*" . }}.*{{ else }}{{ $quoted := list }}{{ range . }}{{ $quoted = append $quoted (regexQuoteMeta .) }}{{ end }}{{ join "|" $quoted }}{{ end }}
 {{- end }}
