@@ -241,16 +241,6 @@ time.sleep(int(sys.argv[2]))
 {{- range $name, $route := .Values.routes }}{{ include "x402.hasPhase" $route }}{{ end }}
 {{- end }}
 
-{{/* Only the response's headers go to the sidecar: no request message, no bodies. */}}
-{{- define "x402.processingMode" -}}
-request_header_mode: SKIP
-response_header_mode: SEND
-request_body_mode: NONE
-response_body_mode: NONE
-request_trailer_mode: SKIP
-response_trailer_mode: SKIP
-{{- end }}
-
 {{/* Route names in match order, space-separated: exact paths first, then templated
      ones, each group by name. The sidecar's route table looks up in the same order. */}}
 {{- define "x402.routeNames" -}}

@@ -143,11 +143,16 @@ end
 
 def strip_dashboard_cookie() -> dict[str, Any]:
     """The Lua filter that removes the dashboard's session cookie from forwarded requests."""
-    names = ", ".join(f'["{name}"] = true' for name in DASHBOARD_COOKIES)
     return {
         "name": LUA,
         "typed_config": {
             "@type": f"{TYPES}.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": STRIP_COOKIE_LUA.format(names=names)},
+            "default_source_code": {"inline_string": strip_cookie_source()},
         },
     }
+
+
+def strip_cookie_source() -> str:
+    """The Lua filter's source, naming the dashboard's cookies."""
+    names = ", ".join(f'["{name}"] = true' for name in DASHBOARD_COOKIES)
+    return STRIP_COOKIE_LUA.format(names=names)

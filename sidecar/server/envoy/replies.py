@@ -69,17 +69,21 @@ def _denial_filter(value: dict[str, Any]) -> dict[str, Any]:
 
 
 def local_reply_config(origins: Iterable[str] = ()) -> dict[str, Any]:
-    """Envoy's own failures in the JSON envelope of docs/protocol.md §5. The first mapper
-    matches the sidecar's ext_authz denials (marked with dynamic metadata) and changes
+    """The mappers, each carrying the gateway's CORS for `origins` (browser.cors_replies)."""
+    return {"mappers": browser.cors_replies(mappers(), tuple(origins))}
+
+
+def mappers() -> list[dict[str, Any]]:
+    """Envoy's own failures in the JSON envelope of docs/protocol.md §5. The first mappers
+    match the sidecar's ext_authz denials (marked with dynamic metadata) and change
     nothing, so their status, headers and body reach the client as the sidecar wrote them.
-    Every one carries the gateway's CORS for `origins` (browser.cors_replies).
     (The overload manager's own 503 "envoy overloaded" is sent before local_reply_config is
     consulted, in Envoy 1.40: it stays plain text, so no mapper is written for it.)"""
     sidecar_denial = _denial_filter({"present_match": True})
     # Over the HTTP transport a sidecar 503 arrives as a stand-in status (a 5xx would be
     # taken for the sidecar's own failure): its status comes back, its body stays.
     unavailable = _denial_filter({"string_match": {"exact": UNAVAILABLE_MARK}})
-    mappers: list[dict[str, Any]] = [
+    return [
         {"filter": unavailable, "status_code": 503},
         {"filter": sidecar_denial},
         # ext_authz failed (sidecar down, timed out, refused): fail closed.
@@ -110,4 +114,3 @@ def local_reply_config(origins: Iterable[str] = ()) -> dict[str, Any]:
             details=True,
         ),
     ]
-    return {"mappers": browser.cors_replies(mappers, tuple(origins))}
