@@ -19,9 +19,15 @@ from sidecar.core.decision import (
 )
 from sidecar.core.holds import EXT_PHASE, PHASE_KEYS, PHASE_RESPONSE
 from sidecar.core.pricing import EXT_ASSET, EXT_DESCRIPTION, EXT_PRICE, EXT_ROUTE
-from sidecar.core.protocol import DISCOVERY_PATH, PROOF_HEADERS, RECEIPT_HEADERS
+from sidecar.core.protocol import (
+    ASSERTED_PREFIXES,
+    DISCOVERY_PATH,
+    PROOF_HEADERS,
+    RECEIPT_HEADERS,
+)
 
 __all__ = [
+    "ASSERTED_PREFIXES",
     "DISCOVERY_PATH",
     "EXT_ASSET",
     "EXT_DESCRIPTION",
@@ -49,10 +55,9 @@ TOPUP_PATH = "/x402/topup"  # served by the side port; Envoy routes it without e
 REQUEST_ID_HEADER = "x-request-id"
 EXTERNAL_ADDRESS = "x-envoy-external-address"  # the client's address, as Envoy saw it
 FORWARDED_FOR, FORWARDED_PROTO = "x-forwarded-for", "x-forwarded-proto"
-# Headers the gateway asserts to the service (the sidecar's x-x402-payer, -amount,
-# -receipt-id and any added later), and Envoy's own x-envoy-* control headers: a client's
-# copies are removed before any filter runs. The sidecar sets its own at ext_authz allow.
-ASSERTED_PREFIXES = ("x-x402-", "x-envoy-")
+# ASSERTED_PREFIXES (core/protocol.py): the gateway's x-x402-* assertions to the service
+# and Envoy's own x-envoy-* control headers; a client's copies are removed before any
+# filter runs, and the sidecar sets its own at ext_authz allow.
 # Headers some frameworks take as the request's real method, so a GET priced as free
 # could run as a DELETE in the service: removed unless `edge.strip_method_override` is off.
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
