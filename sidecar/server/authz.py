@@ -33,6 +33,7 @@ from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.rate_limit import RateLimiter
 from sidecar.server import holding, metrics, responses, schemes
+from sidecar.server.envoy.contract import AMOUNT, ASSET, PAYER, RECEIPT_ID
 from sidecar.server.holding import Held, HoldingScheme
 from sidecar.server.logs import DecisionLog, get_logger
 from sidecar.server.schemes import Charged, ExactSettler, Payment, Scheme
@@ -108,10 +109,10 @@ class GrpcAnswers:
 def access_metadata(receipt: Mapping[str, Any], price: Price) -> dict[str, str]:
     """For Envoy's access log (%DYNAMIC_METADATA(envoy.filters.http.ext_authz:payer)%)."""
     return {
-        "payer": receipt["payer"],
-        "amount": receipt["amount"],
-        "asset": price.asset.code,
-        "receipt_id": receipt["receipt_id"],
+        PAYER: receipt["payer"],
+        AMOUNT: receipt["amount"],
+        ASSET: price.asset.code,
+        RECEIPT_ID: receipt["receipt_id"],
     }
 
 

@@ -26,34 +26,23 @@ from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import CAPTURED, NO_HOLD, RELEASED, Closed, Holds
+from sidecar.server.envoy.contract import (
+    ASSET,
+    ENVELOPE,
+    HELD,
+    HOLD,
+    HOLD_SCHEME,
+    HOST,
+    HTTP_SCHEME,
+    PAYER,
+    REQUEST_ID,
+    REQUIREMENTS,
+    RESERVATION,
+    RESOURCE,
+    ROUTE,
+)
 from sidecar.server.logs import get_logger
 from sidecar.server.schemes import ExactSettler, Payment
-
-# Keys of the ext_authz dynamic metadata that carry a hold to the response phase.
-HOLD, HOLD_SCHEME, PAYER, ASSET, HELD, ROUTE, REQUEST_ID = (
-    "hold",
-    "hold_scheme",
-    "payer",
-    "asset",
-    "held",
-    "route",
-    "request_id",
-)
-# `exact`'s hold: the authorization (the agent's envelope, our offer) and its reservation,
-# for the /settle after success. Envoy keeps dynamic metadata per request and logs only the
-# keys its access-log format names; the decision lines never carry these.
-ENVELOPE, REQUIREMENTS, RESERVATION, RESOURCE = (
-    "exact_envelope",
-    "exact_requirements",
-    "exact_reservation",
-    "exact_resource",
-)
-# The request's host and scheme: a refusal at the response (402 settlement_failed) carries
-# a fresh challenge whose resource URL is the request's.
-HOST, HTTP_SCHEME = "http_host", "http_scheme"
-# Every key `metadata` may write besides the phase's annotations (holds.PHASE_KEYS).
-METADATA_KEYS: tuple[str, ...] = (HOLD, HOLD_SCHEME, PAYER, ASSET, HELD, ROUTE, REQUEST_ID)
-METADATA_KEYS += (ENVELOPE, REQUIREMENTS, RESERVATION, RESOURCE, HOST, HTTP_SCHEME)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ become ext_authz's dynamic metadata (the access log, the response phase), and
 `x-envoy-auth-headers-to-remove` strips the proof. Any other status denies: Envoy answers
 the client with it, the `allowed_client_headers` and our body; but Envoy takes any 5xx for
 its own failure and drops our answer, so a 503 travels as UNAVAILABLE_STAND_IN, marked, and
-the renderer's local-reply mapper gives it back its 503 (envoy_config.local_reply_config).
+the renderer's local-reply mapper gives it back its 503 (server/envoy/replies.py).
 There are no per-route
 `context_extensions` here, so prices come from the sidecar's route table; a route's response
 phase is announced by the renderer's per-route `x-x402-phase` header instead.
@@ -35,48 +35,18 @@ import httptools
 
 from sidecar.core import decision, holds, protocol
 from sidecar.core.errors import ConfigError
-from sidecar.server import holding
 from sidecar.server.authz import Facts
-from sidecar.server.responses import DENIAL_METADATA, DENIAL_METADATA_KEY
-
-# Gateway-asserted request headers Envoy sends with every check (authorization_request.
-# headers_to_add; a client's x-x402-* never gets this far: the edge strips them).
-TIMEOUT_HEADER = "x-x402-authz-timeout-ms"
-PHASE_HEADER = "x-x402-phase"  # on routes whose response phase (ext_proc) runs
-# What Envoy forwards of the client's request: what the decision reads, nothing more
-# (cookies and credentials stay out). The client's address is Envoy's own
-# x-envoy-external-address, else the X-Forwarded-For entry Envoy appended itself
-# (use_remote_address), counted from the right past trusted hops (client_address).
-EXTERNAL_ADDRESS = "x-envoy-external-address"
-REQUEST_HEADERS = (
-    *protocol.PROOF_HEADERS,
-    "x-request-id",
+from sidecar.server.envoy.contract import (
+    DENIAL_METADATA,
+    DENIAL_METADATA_KEY,
     EXTERNAL_ADDRESS,
-    "x-forwarded-for",
-    "x-forwarded-proto",
+    PHASE_HEADER,
+    REMOVE_HEADER,
+    TIMEOUT_HEADER,
+    UNAVAILABLE_MARK,
+    UNAVAILABLE_STAND_IN,
 )
-# Envoy's instruction, on an allow, to strip these from the request before the service.
-REMOVE = "x-envoy-auth-headers-to-remove"
-# Every key the decision may put in ext_authz's dynamic metadata; each travels as a header
-# of that name and Envoy's dynamic_metadata_from_headers turns it back into metadata.
-METADATA_KEYS = tuple(
-    dict.fromkeys(
-        (
-            "payer",
-            "amount",
-            "asset",
-            "receipt_id",
-            *holding.METADATA_KEYS,
-            *holds.PHASE_KEYS,
-            DENIAL_METADATA_KEY,
-        )
-    )
-)
-# What Envoy passes to the client: from a denial, and with an allow.
-DENIAL_HEADERS = ("content-type", "cache-control", "payment-required", "retry-after")
-SUCCESS_HEADERS = protocol.RECEIPT_HEADERS
-# A 5xx denial's status on this wire, and its mark (DENIAL_METADATA_KEY's value).
-UNAVAILABLE_STAND_IN, UNAVAILABLE_MARK = 490, "unavailable"
+
 MAX_HEAD_BYTES = 65536  # Envoy caps a client's header block at max_request_headers_kb (60)
 # A check's route annotations: over HTTP only whether the response phase runs (read-only).
 _RESPONSE_PHASE: Mapping[str, str] = MappingProxyType({holds.EXT_PHASE: holds.PHASE_RESPONSE})
@@ -100,11 +70,11 @@ def _lines(headers: Iterable[tuple[str, str]]) -> bytes:
 class HttpAnswers:
     """HTTP/1.1 answers for Envoy's ext_authz `http_service` (authz.Answers)."""
 
-    _REMOVE_PROOFS = f"{REMOVE}: {','.join(protocol.PROOF_HEADERS)}\r\n".encode()
+    _REMOVE_PROOFS = f"{REMOVE_HEADER}: {','.join(protocol.PROOF_HEADERS)}\r\n".encode()
     # A free request: the proofs and any x-x402-* assertion stripped (the edge strips them
     # too), nothing added.
     _STRIP = ",".join((*protocol.PROOF_HEADERS, *decision.UPSTREAM_HEADERS))
-    free = f"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n{REMOVE}: {_STRIP}\r\n\r\n".encode()
+    free = f"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n{REMOVE_HEADER}: {_STRIP}\r\n\r\n".encode()
 
     def ok(
         self,

@@ -19,6 +19,8 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.struct_pb2 import Struct, Value
 from google.rpc import code_pb2, status_pb2
 
+from sidecar.server.envoy.contract import DENIAL_METADATA
+
 _LEN, _VARINT = 2, 0  # protobuf wire types
 
 
@@ -125,10 +127,6 @@ def removals(names: Iterable[str]) -> bytes:
     return b"".join(_field(OK_REMOVE, name.encode()) for name in names)
 
 
-# Dynamic metadata {"x402": "denied"} on every denial: Envoy's local-reply mappers
-# (envoy_config.local_reply_config) leave a reply carrying it as the sidecar wrote it.
-DENIAL_METADATA_KEY = "x402"
-DENIAL_METADATA = {DENIAL_METADATA_KEY: "denied"}
 _DENIAL_MARK = _field(METADATA, b"".join(_entry(k, v) for k, v in DENIAL_METADATA.items()))
 
 

@@ -4,7 +4,7 @@ The gRPC framework costs ~200 µs of GIL-bound Python per check, so one process 
 more than one core. `run` validates the config, then forks `workers` processes before any
 gRPC object exists (gRPC's threads do not survive a fork). Worker i serves ext_authz and
 gRPC health on its own port, listen_grpc's port + i; Envoy lists every worker as an
-endpoint of its x402_authz cluster (envoy_config.Endpoints.authz_workers) and spreads
+endpoint of its x402_authz cluster (server/envoy/edge.py, Endpoints.authz_workers) and spreads
 checks evenly. SO_REUSEPORT would not: Envoy keeps a few long-lived HTTP/2 connections
 and the kernel pins each to one process. Worker 0 also serves the HTTP side port.
 
@@ -47,7 +47,8 @@ from sidecar.server import holding, http_authz, logs, metrics, wiring
 from sidecar.server.addresses import split_host_port
 from sidecar.server.admin import Facilities, check_listener, start_facilities
 from sidecar.server.authz import AUTHZ_SERVICE, Authorization
-from sidecar.server.config import TOPUP_PATH, Settings
+from sidecar.server.config import Settings
+from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
 from sidecar.server.side_port import AnyReply, Headers, SidePort, SideServer, start_http
 from sidecar.server.topup import Topup

@@ -32,7 +32,7 @@ from sidecar.core.errors import (
 from sidecar.core.money import Asset
 from sidecar.ledger.accounts import ACTIVE
 from sidecar.ledger.authorizations import Authorizations
-from sidecar.server.config import TOPUP_PATH
+from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.logs import get_logger
 from sidecar.server.schemes import ExactSettler, settled_facts
 

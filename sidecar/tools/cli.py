@@ -178,7 +178,8 @@ def envoy_config(
     """Print an Envoy config that routes through the sidecar, prices from the config."""
     from sidecar.server.addresses import split_host_port
     from sidecar.server.config import Settings
-    from sidecar.tools.envoy_config import Endpoints, render_yaml, timeouts
+    from sidecar.server.envoy.edge import Endpoints
+    from sidecar.server.envoy.render import render_yaml, timeouts
 
     settings = Settings.load(config_path)
     if cors_origins:

@@ -28,9 +28,10 @@ import yaml
 
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity, write_secret
-from sidecar.server.config import Edge, Settings
+from sidecar.server.config import Settings
+from sidecar.server.envoy.edge import Edge, Endpoints
+from sidecar.server.envoy.render import render, timeouts
 from sidecar.tools import redis_tls as tls_server
-from sidecar.tools.envoy_config import Endpoints, render, timeouts
 
 LOOPBACK = "127.0.0.1"
 

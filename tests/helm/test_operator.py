@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from sidecar.server.config import Settings
+from sidecar.server.envoy.render import timeouts
 from sidecar.server.supervisor import drain_seconds
-from sidecar.tools.envoy_config import timeouts
 from tests.support.charts import (
     CHART,
     FULLNAME,

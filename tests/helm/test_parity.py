@@ -15,8 +15,11 @@ import yaml
 
 from sidecar.core.money import to_atomic
 from sidecar.core.pricing import is_pattern
-from sidecar.server.config import Edge, Settings
-from sidecar.tools.envoy_config import Endpoints, render, timeouts
+from sidecar.server.config import Settings
+from sidecar.server.envoy import contract
+from sidecar.server.envoy.chart import contract_template
+from sidecar.server.envoy.edge import Edge, Endpoints
+from sidecar.server.envoy.render import render, timeouts
 from sidecar.tools.stack import LOOPBACK
 from tests.support.charts import (
     CHART,
@@ -76,6 +79,39 @@ def renderers_envoy_config(rendered: Rendered) -> dict[str, Any]:
         endpoints = dataclasses.replace(endpoints, service=service)
     edge = Edge.from_mapping({snake_case(key): value for key, value in v["envoy"]["edge"].items()})
     return render(ordered_routes(v["routes"]), v["defaultAsset"], endpoints, edge)
+
+
+def test_the_charts_contract_is_generated_from_the_contract_module() -> None:
+    generated = CHART / "templates" / "_contract.tpl"
+    assert generated.read_text() == contract_template(), (
+        "the chart's _contract.tpl is stale: "
+        "python -m sidecar.server.envoy.chart > helm/x402-sidecar/templates/_contract.tpl"
+    )
+
+
+def test_the_charts_envoy_template_keeps_no_copy_of_the_contract() -> None:
+    """The header names, paths and metadata keys come from _contract.tpl: none is written
+    by hand in the template (comments aside), neither as a Go string nor as YAML."""
+    template = (CHART / "templates" / "_envoy.tpl").read_text()
+    code = re.sub(r"\{\{-? */\*.*?\*/ *-?\}\}", "", template, flags=re.DOTALL)
+    code = "\n".join(line for line in code.splitlines() if not line.lstrip().startswith("#"))
+    names = {
+        *contract.HTTP_REQUEST_HEADERS,
+        *contract.UPSTREAM_HEADERS,
+        *contract.DENIAL_HEADERS,
+        *contract.SUCCESS_HEADERS,
+        *contract.METADATA_KEYS,
+        *contract.METHOD_OVERRIDE_HEADERS,
+        *contract.ASSERTED_PREFIXES,
+        contract.TIMEOUT_HEADER,
+        contract.PHASE_HEADER,
+        contract.DISCOVERY_PATH,
+        contract.TOPUP_PATH,
+        contract.UNAVAILABLE_MARK,
+    }
+    quoted = {name for name in names if f'"{name}"' in code}
+    bare = {name for name in names if "-" in name or "/" in name if f" {name}\n" in code}
+    assert not quoted | bare
 
 
 def test_the_charts_edge_defaults_are_the_renderers() -> None:

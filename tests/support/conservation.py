@@ -28,7 +28,8 @@ from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import ACTIVE, SUSPENDED, Ledger
 from sidecar.ledger.holds import Holds
 from sidecar.server.authz import Authorization
-from sidecar.server.processor import EXT_AUTHZ_NAMESPACE, Processor
+from sidecar.server.envoy.contract import EXT_AUTHZ
+from sidecar.server.processor import Processor
 from sidecar.tools.stack import Stack
 from tests.support.inprocess import check, check_request, outcome, servicer_for
 from tests.support.streams import xrange
@@ -234,7 +235,7 @@ def respond_request(
     if usage is not None:
         headers.append(HeaderValue(key="x402-usage", raw_value=usage.encode()))
     metadata = Metadata()
-    metadata.filter_metadata[EXT_AUTHZ_NAMESPACE].CopyFrom(check_response.dynamic_metadata)
+    metadata.filter_metadata[EXT_AUTHZ].CopyFrom(check_response.dynamic_metadata)
     return ext_proc.ProcessingRequest(
         response_headers=ext_proc.HttpHeaders(headers=HeaderMap(headers=headers)),
         metadata_context=metadata,

@@ -1,4 +1,4 @@
-{{/* Envoy's config: the same shape as sidecar/tools/envoy_config.py render(), written as a
+{{/* Envoy's config: the same shape as sidecar/server/envoy/render.py render(), written as a
      template (tests/helm/test_parity.py compares the two). Every container of the pod shares
      one network namespace, so Envoy reaches the sidecar and the service on 127.0.0.1. */}}
 
@@ -33,45 +33,15 @@
 {{- end }}
 {{- end }}
 
-{{- /* The local-reply mappers (sidecar/tools/envoy_config.py local_reply_config): the
+{{- /* The local-reply mappers (sidecar/server/envoy/replies.py local_reply_config): the
      sidecar's denials pass as it wrote them, Envoy's own failures in the JSON envelope of
-     protocol.md §5; each with the gateway's CORS (envoy_browser.cors_replies): "*" on every
+     protocol.md §5; each with the gateway's CORS (server/envoy/browser.py cors_replies): "*" on every
      reply, or the caller's origin when it is a configured one. */}}
 {{- define "x402.envoyLocalReplies" -}}
-{{- $ext := "envoy.filters.http.ext_authz" }}
+{{- $c := include "x402.contract" . | fromJson }}
 {{- $origins := .Values.envoy.edge.corsOrigins }}
-{{- $denial := dict "matcher" (dict "filter" $ext "path" (list (dict "key" "x402"))) "match_if_key_not_found" false }}
-{{- $unavailable := deepCopy $denial }}
-{{- $_ := set $unavailable.matcher "value" (dict "string_match" (dict "exact" "unavailable")) }}
-{{- $_ := set $denial.matcher "value" (dict "present_match" true) }}
-{{- $mappers := list (dict "filter" (dict "metadata_filter" $unavailable) "status_code" 503) (dict "filter" (dict "metadata_filter" $denial)) }}
-{{- $replies := list
-    (dict "flags" (list "UAEX") "status" 503 "retry" true "reason" "authz_unavailable" "message" "the payment check is unavailable; retry shortly")
-    (dict "flags" (list "UT") "status" 504 "reason" "upstream_timeout" "message" "the service did not answer in time")
-    (dict "flags" (list "UF" "UH" "URX" "UO" "UC" "UR") "status" 503 "retry" true "reason" "upstream_unavailable" "message" "the service is unavailable; retry shortly")
-    (dict "code" 408 "reason" "request_timeout" "message" "the request did not arrive in time")
-    (dict "code" 431 "reason" "headers_too_large" "message" "the request headers are too large")
-    (dict "code" 413 "reason" "body_too_large" "message" "the request body is too large")
-    (dict "code" 400 "reason" "bad_request" "message" "the request is malformed" "details" true)
-    (dict "reason" "gateway_error" "message" "the gateway could not serve this request" "details" true) }}
-{{- range $replies }}
-{{- $filter := dict "response_flag_filter" (dict) }}
-{{- if .code }}
-{{- $filter = dict "status_code_filter" (dict "comparison" (dict "op" "EQ" "value" (dict "default_value" .code "runtime_key" (printf "x402.local_reply.%d" .code)))) }}
-{{- else if .flags }}
-{{- $filter = dict "response_flag_filter" (dict "flags" .flags) }}
-{{- end }}
-{{- $headers := list (dict "header" (dict "key" "cache-control" "value" "no-store") "append_action" "OVERWRITE_IF_EXISTS_OR_ADD") }}
-{{- if .retry }}
-{{- $headers = append $headers (dict "header" (dict "key" "retry-after" "value" "1") "append_action" "OVERWRITE_IF_EXISTS_OR_ADD") }}
-{{- end }}
-{{- $body := dict "error" .reason "message" .message }}
-{{- if .details }}{{ $_ := set $body "details" "%RESPONSE_CODE_DETAILS%" }}{{ end }}
-{{- $mapper := dict "filter" $filter "headers_to_add" $headers "body_format_override" (dict "json_format" $body "content_type" "application/json") }}
-{{- if .status }}{{ $_ := set $mapper "status_code" .status }}{{ end }}
-{{- $mappers = append $mappers $mapper }}
-{{- end }}
-{{- $expose := dict "header" (dict "key" "access-control-expose-headers" "value" "payment-required, payment-response, x-payment-response, x-request-id, retry-after") "append_action" "OVERWRITE_IF_EXISTS_OR_ADD" }}
+{{- $mappers := $c.localReplies }}
+{{- $expose := dict "header" (dict "key" "access-control-expose-headers" "value" $c.corsExposeHeaders) "append_action" "OVERWRITE_IF_EXISTS_OR_ADD" }}
 {{- if has "*" $origins }}
 {{- $any := dict "header" (dict "key" "access-control-allow-origin" "value" "*") "append_action" "OVERWRITE_IF_EXISTS_OR_ADD" }}
 {{- range $mappers }}
@@ -92,22 +62,23 @@
 {{- toYaml $mappers }}
 {{- end }}
 
-{{- /* The configured origins as one RE2 full match (envoy_browser.origin_regex). */}}
+{{- /* The configured origins as one RE2 full match (server/envoy/browser.py origin_regex). */}}
 {{- define "x402.originRegex" -}}
 {{- if has "*" . }}.*{{ else }}{{ $quoted := list }}{{ range . }}{{ $quoted = append $quoted (regexQuoteMeta .) }}{{ end }}{{ join "|" $quoted }}{{ end }}
 {{- end }}
 
 {{- /* The CORS policy of a route the gateway answers itself: never credentials. */}}
 {{- define "x402.envoyCorsPolicy" -}}
+{{- $c := include "x402.contract" . | fromJson -}}
 envoy.filters.http.cors:
   '@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
   allow_origin_string_match:
   - safe_regex:
       regex: {{ include "x402.originRegex" . | toJson }}
-  allow_methods: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS
-  allow_headers: payment-signature, x-payment, content-type, authorization
-  expose_headers: payment-required, payment-response, x-payment-response, x-request-id, retry-after
-  max_age: "600"
+  allow_methods: {{ $c.corsAllowMethods | toJson }}
+  allow_headers: {{ $c.corsAllowHeaders | toJson }}
+  expose_headers: {{ $c.corsExposeHeaders | toJson }}
+  max_age: {{ $c.corsMaxAge | toJson }}
 {{- end }}
 
 {{- /* Envoy StringMatcher patterns, one `exact` per name of a list. */}}
@@ -122,6 +93,7 @@ patterns:
      which of its answer's headers go where. "phase": a route whose response phase runs
      says so with a header on its checks. */}}
 {{- define "x402.envoyHttpService" -}}
+{{- $c := include "x402.contract" .ctx | fromJson -}}
 {{- $timeout := include "x402.authzTimeout" .ctx -}}
 server_uri:
   uri: http://127.0.0.1:{{ int .ctx.Values.sidecar.authzHttpPort }}
@@ -131,29 +103,30 @@ path_prefix: ""
 authorization_request:
   # Envoy's deadline: the ledger refuses past it, so a check Envoy gave up on never charges.
   headers_to_add:
-  - key: x-x402-authz-timeout-ms
+  - key: {{ $c.timeoutHeader }}
     value: {{ include "x402.durationMs" $timeout | quote }}
   {{- if .phase }}
-  - key: x-x402-phase
-    value: response
+  - key: {{ $c.phaseHeader }}
+    value: {{ $c.phaseResponse }}
   {{- end }}
 authorization_response:
   allowed_upstream_headers:
-    {{- include "x402.envoyExactPatterns" (list "x-x402-payer" "x-x402-amount" "x-x402-receipt-id" "x-x402-hold") | nindent 4 }}
+    {{- include "x402.envoyExactPatterns" $c.upstreamHeaders | nindent 4 }}
   allowed_client_headers:
-    {{- include "x402.envoyExactPatterns" (list "content-type" "cache-control" "payment-required" "retry-after") | nindent 4 }}
+    {{- include "x402.envoyExactPatterns" $c.denialHeaders | nindent 4 }}
   allowed_client_headers_on_success:
-    {{- include "x402.envoyExactPatterns" (list "x-payment-response" "payment-response") | nindent 4 }}
+    {{- include "x402.envoyExactPatterns" $c.successHeaders | nindent 4 }}
   # Each key of ext_authz's dynamic metadata travels as a header of that name.
   dynamic_metadata_from_headers:
-    {{- include "x402.envoyExactPatterns" (list "payer" "amount" "asset" "receipt_id" "hold" "hold_scheme" "held" "route" "request_id" "exact_envelope" "exact_requirements" "exact_reservation" "exact_resource" "http_host" "http_scheme" "x402.charge" "x402.phase" "x402.failure_status" "x402.usage_header" "x402.hold_seconds" "x402.unit" "x402.unit_price" "x402.max_units" "x402.min_units" "x402.usage_missing" "x402") | nindent 4 }}
+    {{- include "x402.envoyExactPatterns" $c.metadataKeys | nindent 4 }}
 {{- end }}
 
 {{- define "x402.envoyConfig" -}}
 {{- $v := .Values }}
 {{- $e := $v.envoy.edge }}
-{{- $ext := "envoy.filters.http.ext_authz" -}}
-{{- $proc := "envoy.filters.http.ext_proc" -}}
+{{- $c := include "x402.contract" . | fromJson -}}
+{{- $ext := $c.extAuthz -}}
+{{- $proc := $c.extProc -}}
 {{- $http := eq $v.sidecar.transport "http" -}}
 # Envoy in front of the service, with the x402 sidecar as ext_authz.
 # Rendered by the x402-sidecar chart from .Values.routes; edit the values, not this file.
@@ -216,19 +189,19 @@ static_resources:
               '@type': type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation
               mutations:
               # The gateway's own x-x402-* (set by the sidecar at allow) and Envoy's x-envoy-*.
-              {{- range $prefix := list "x-x402-" "x-envoy-" }}
+              {{- range $prefix := $c.assertedPrefixes }}
               - remove_on_match:
                   key_matcher:
                     prefix: {{ $prefix }}
                     ignore_case: true
               {{- end }}
               {{- if $e.stripMethodOverride }}
-              - remove: x-http-method-override
-              - remove: x-http-method
-              - remove: x-method-override
+              {{- range $c.methodOverrideHeaders }}
+              - remove: {{ . }}
+              {{- end }}
               {{- end }}
               {{- if not $e.trustRequestId }}
-              - remove: x-request-id
+              - remove: {{ $c.requestIdHeader }}
               {{- end }}
           preserve_external_request_id: {{ $e.trustRequestId }}
           always_set_request_id_in_response: true
@@ -261,9 +234,9 @@ static_resources:
                   path: '%REQ(X-ENVOY-ORIGINAL-PATH?:PATH):256%'
                   status: '%RESPONSE_CODE%'
                   duration_ms: '%DURATION%'
-                  payer: '%DYNAMIC_METADATA({{ $ext }}:payer)%'
-                  amount: '%DYNAMIC_METADATA({{ $ext }}:amount)%'
-                  receipt_id: '%DYNAMIC_METADATA({{ $ext }}:receipt_id)%'
+                  {{- range $c.accessLogKeys }}
+                  {{ . }}: '%DYNAMIC_METADATA({{ $ext }}:{{ . }})%'
+                  {{- end }}
           route_config:
             name: priced
             virtual_hosts:
@@ -276,7 +249,7 @@ static_resources:
               # Discovery is free: no ext_authz, served by the sidecar's HTTP port.
               - name: x402_discovery
                 match:
-                  path: /.well-known/x402
+                  path: {{ $c.discoveryPath }}
                 route:
                   cluster: x402_http
                 typed_per_filter_config:
@@ -291,7 +264,7 @@ static_resources:
               # Self-serve top-ups: the side port prices and settles them itself.
               - name: x402_topup
                 match:
-                  path: /x402/topup
+                  path: {{ $c.topupPath }}
                 route:
                   cluster: x402_http
                   timeout: {{ $topupTimeout }}
@@ -318,7 +291,7 @@ static_resources:
                   - name: access-control-request-headers
                     string_match:
                       safe_regex:
-                        regex: {{ "(?i)(.*[ ,])?(payment-signature|x-payment)([ ,].*)?" | toJson }}
+                        regex: {{ $c.paymentPreflight | toJson }}
                 route:
                   cluster: service
                   timeout: {{ int $e.upstreamTimeoutSeconds }}s
@@ -372,25 +345,25 @@ static_resources:
                     '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
                     check_settings:
                       context_extensions:
-                        x402.route: {{ $name | toJson }}
+                        {{ $c.extRoute }}: {{ $name | toJson }}
                         {{- if hasKey $route "price" }}
-                        x402.price: {{ $route.price | toJson }}
+                        {{ $c.extPrice }}: {{ $route.price | toJson }}
                         {{- end }}
-                        x402.asset: {{ default $v.defaultAsset $route.asset | toJson }}
+                        {{ $c.extAsset }}: {{ default $v.defaultAsset $route.asset | toJson }}
                         {{- if $route.description }}
-                        x402.description: {{ $route.description | toJson }}
+                        {{ $c.extDescription }}: {{ $route.description | toJson }}
                         {{- end }}
                         {{- if $phase }}
-                        x402.charge: on_success
-                        x402.phase: response
+                        {{ $c.extCharge }}: {{ $c.chargeOnSuccess }}
+                        {{ $c.extPhase }}: {{ $c.phaseResponse }}
                         {{- range $key := list "failure_status" "max_units" "min_units" "hold_seconds" }}
                         {{- if hasKey $route $key }}
-                        x402.{{ $key }}: {{ index $route $key | int64 | toString | toJson }}
+                        {{ index $c.phaseExtensions $key }}: {{ index $route $key | int64 | toString | toJson }}
                         {{- end }}
                         {{- end }}
                         {{- range $key := list "usage_header" "usage_missing" "unit" "unit_price" }}
                         {{- if hasKey $route $key }}
-                        x402.{{ $key }}: {{ index $route $key | toString | toJson }}
+                        {{ index $c.phaseExtensions $key }}: {{ index $route $key | toString | toJson }}
                         {{- end }}
                         {{- end }}
                         {{- end }}
@@ -403,7 +376,7 @@ static_resources:
                       '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
                       overrides:
                         processing_mode:
-{{ include "x402.processingMode" . | indent 26 }}
+{{ toYaml $c.processingMode | indent 26 }}
                   {{- end }}
                 {{- end }}
               {{- end }}
@@ -428,7 +401,7 @@ static_resources:
                 {{- include "x402.envoyHttpService" (dict "ctx" . "phase" false) | nindent 16 }}
               # What Envoy sends of each request: what the decision reads, no cookies or bodies.
               allowed_headers:
-                {{- include "x402.envoyExactPatterns" (list "x-payment" "payment-signature" "x-request-id" "x-envoy-external-address" "x-forwarded-for" "x-forwarded-proto") | nindent 16 }}
+                {{- include "x402.envoyExactPatterns" $c.httpRequestHeaders | nindent 16 }}
               {{- else }}
               grpc_service:
                 envoy_grpc:
@@ -436,7 +409,7 @@ static_resources:
                 timeout: {{ include "x402.authzTimeout" . }}
               # What Envoy sends of each request: what the decision reads, no cookies or bodies.
               allowed_headers:
-                {{- include "x402.envoyExactPatterns" (list "x-payment" "payment-signature" "x-request-id") | nindent 16 }}
+                {{- include "x402.envoyExactPatterns" $c.authzRequestHeaders | nindent 16 }}
               {{- end }}
               # Fail closed: no sidecar answer means no free pass, and a 503.
               failure_mode_allow: false
@@ -455,7 +428,7 @@ static_resources:
                   cluster_name: x402_authz
               failure_mode_allow: false
               processing_mode:
-{{ include "x402.processingMode" . | indent 16 }}
+{{ toYaml $c.processingMode | indent 16 }}
               # As the check's: with `exact`, a response phase may /settle (after success).
               message_timeout: {{ include "x402.authzTimeout" . }}
               metadata_options:
@@ -472,23 +445,7 @@ static_resources:
               '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
               default_source_code:
                 inline_string: |
-                  local names = {["x402_dashboard"] = true, ["__Host-x402_dashboard"] = true}
-                  function envoy_on_request(request)
-                    local headers = request:headers()
-                    local count = headers:getNumValues("cookie")
-                    if count == 0 then return end
-                    local kept, dropped = {}, false
-                    for i = 0, count - 1 do
-                      for pair in string.gmatch(headers:getAtIndex("cookie", i), "[^;]+") do
-                        local crumb = string.match(pair, "^%s*(.-)%s*$")
-                        local name = string.match(crumb, "^([^=]-)%s*=") or crumb
-                        if names[name] then dropped = true elseif crumb ~= "" then kept[#kept + 1] = crumb end
-                      end
-                    end
-                    if not dropped then return end
-                    headers:remove("cookie")
-                    if #kept > 0 then headers:add("cookie", table.concat(kept, "; ")) end
-                  end
+                  {{- $c.stripCookieLua | nindent 18 }}
           - name: envoy.filters.http.router
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router

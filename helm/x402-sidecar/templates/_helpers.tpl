@@ -224,7 +224,7 @@ time.sleep(int(sys.argv[2]))
 {{- div (mul (include "x402.bytes" $limit | int64) (int $r.maxmemoryPercent)) 100 }}
 {{- end }}
 
-{{/* A Duration ("1s", "0.75s") → whole milliseconds, rounded as envoy_config._ms does. */}}
+{{/* A Duration ("1s", "0.75s") → whole milliseconds, rounded as server/envoy/filters.py _ms does. */}}
 {{- define "x402.durationMs" -}}
 {{- round (mulf (trimSuffix "s" . | float64) 1000) 0 | int }}
 {{- end }}
@@ -239,16 +239,6 @@ time.sleep(int(sys.argv[2]))
 
 {{- define "x402.anyPhase" -}}
 {{- range $name, $route := .Values.routes }}{{ include "x402.hasPhase" $route }}{{ end }}
-{{- end }}
-
-{{/* Only the response's headers go to the sidecar: no request message, no bodies. */}}
-{{- define "x402.processingMode" -}}
-request_header_mode: SKIP
-response_header_mode: SEND
-request_body_mode: NONE
-response_body_mode: NONE
-request_trailer_mode: SKIP
-response_trailer_mode: SKIP
 {{- end }}
 
 {{/* Route names in match order, space-separated: exact paths first, then templated
@@ -268,7 +258,7 @@ response_trailer_mode: SKIP
 {{- end }}
 
 {{/* Envoy safe_regex of a templated path: {param} → [^/]+, the rest escaped like
-     Python's re.escape, exactly as sidecar/envoy_config.py renders it. */}}
+     Python's re.escape, exactly as sidecar/server/envoy/browser.py renders it. */}}
 {{- define "x402.pathRegex" -}}
 {{- $segments := list }}
 {{- range splitList "/" . }}
@@ -491,7 +481,7 @@ topup_max: {{ $x.topup.max | quote }}
 {{- end }}
 
 {{/* Envoy's ext_authz timeout: envoy.authzTimeout, or with `exact` the facilitator's
-     verify + settle + the chain lookup + 3 ledger steps + 1s (sidecar/tools/envoy_config.py
+     verify + settle + the chain lookup + 3 ledger steps + 1s (sidecar/server/envoy/render.py
      timeouts()). */}}
 {{- define "x402.authzTimeout" -}}
 {{- $v := .Values }}

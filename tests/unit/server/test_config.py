@@ -9,7 +9,8 @@ import pytest
 
 from sidecar.core.errors import ConfigError, KeySetError
 from sidecar.core.identity import Identity, write_secret
-from sidecar.server.config import Edge, Settings
+from sidecar.server.config import Settings
+from sidecar.server.envoy.edge import Edge
 
 ROUTE = {"method": "GET", "path": "/api/{id}", "price": "0.25"}
 

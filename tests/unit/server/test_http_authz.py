@@ -8,17 +8,16 @@ import httptools
 
 from sidecar.core import holds
 from sidecar.core.money import Asset
-from sidecar.server import holding
-from sidecar.server.http_authz import (
+from sidecar.server.envoy.contract import (
     DENIAL_HEADERS,
+    DENIAL_METADATA_KEY,
+    HOLD_METADATA_KEYS,
     METADATA_KEYS,
-    REMOVE,
+    REMOVE_HEADER,
     UNAVAILABLE_MARK,
     UNAVAILABLE_STAND_IN,
-    HttpAnswers,
-    client_address,
 )
-from sidecar.server.responses import DENIAL_METADATA_KEY
+from sidecar.server.http_authz import HttpAnswers, client_address
 
 
 @dataclass
@@ -50,7 +49,7 @@ def parse(answer: bytes) -> Parsed:
 def test_free_strips_the_proofs_and_every_gateway_assertion() -> None:
     parsed = parse(HttpAnswers.free)
     assert parsed.status == 200 and parsed.body == b""
-    removed = set(parsed.headers[REMOVE].split(","))
+    removed = set(parsed.headers[REMOVE_HEADER].split(","))
     assert removed == {
         "x-payment",
         "payment-signature",
@@ -71,7 +70,7 @@ def test_ok_carries_upstream_client_and_metadata_headers() -> None:
     assert parsed.status == 200
     assert parsed.headers["x-x402-payer"] == "P" and parsed.headers["x-payment-response"] == "R"
     assert parsed.headers["receipt_id"] == "rcpt_1"
-    assert parsed.headers[REMOVE] == "x-payment,payment-signature"
+    assert parsed.headers[REMOVE_HEADER] == "x-payment,payment-signature"
 
 
 def test_a_denial_keeps_status_headers_body_and_is_marked() -> None:
@@ -109,6 +108,6 @@ def test_every_metadata_key_the_decision_writes_travels_as_a_header() -> None:
     assert phase is not None
     written = set(holds.phase_annotations(phase, usd))
     assert written <= set(METADATA_KEYS)
-    assert set(holding.METADATA_KEYS) <= set(METADATA_KEYS)
+    assert set(HOLD_METADATA_KEYS) <= set(METADATA_KEYS)
     for name in METADATA_KEYS:  # valid header names: Envoy would refuse anything else
         assert name == name.lower() and " " not in name and ":" not in name

@@ -16,19 +16,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from sidecar.server.dashboard.auth import COOKIE
+from sidecar.server.envoy import contract
+from sidecar.server.envoy.filters import TYPES
 
-_TYPES = "type.googleapis.com/envoy.extensions"
 CORS = "envoy.filters.http.cors"
-CORS_ALLOW_HEADERS = "payment-signature, x-payment, content-type, authorization"
-CORS_EXPOSE_HEADERS = (
-    "payment-required, payment-response, x-payment-response, x-request-id, retry-after"
-)
+CORS_ALLOW_HEADERS = ", ".join(contract.CORS_ALLOW_HEADERS)
+CORS_EXPOSE_HEADERS = ", ".join(contract.CORS_EXPOSE_HEADERS)
 CORS_ALLOW_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_MAX_AGE = "600"
 ANY_ORIGIN = "*"
-# A browser's preflight for a request that carries a payment header (the fetch spec lists
-# the header names in lower case, comma separated).
-PAYMENT_PREFLIGHT = "(?i)(.*[ ,])?(payment-signature|x-payment)([ ,].*)?"
 # The dashboard's cookie, under its plain name and its `__Host-` (TLS) name.
 DASHBOARD_COOKIES = (COOKIE.removeprefix("__Host-"), "__Host-" + COOKIE.removeprefix("__Host-"))
 LUA = "envoy.filters.http.lua"
@@ -46,7 +42,7 @@ def cors_policy(origins: Sequence[str]) -> dict[str, Any]:
     """The policy of a route the gateway answers itself: the configured origins, never
     credentials."""
     return {
-        "@type": f"{_TYPES}.filters.http.cors.v3.CorsPolicy",
+        "@type": f"{TYPES}.filters.http.cors.v3.CorsPolicy",
         "allow_origin_string_match": [{"safe_regex": {"regex": origin_regex(origins)}}],
         "allow_methods": CORS_ALLOW_METHODS,
         "allow_headers": CORS_ALLOW_HEADERS,
@@ -74,7 +70,7 @@ def preflight_route(origins: Sequence[str], service_route: dict[str, Any]) -> li
         {"name": "origin", "present_match": True},
         {
             "name": "access-control-request-headers",
-            "string_match": {"safe_regex": {"regex": PAYMENT_PREFLIGHT}},
+            "string_match": {"safe_regex": {"regex": contract.PAYMENT_PREFLIGHT}},
         },
     ]
     route = {"name": "x402_preflight", "match": {"prefix": "/", "headers": headers}}
@@ -147,11 +143,16 @@ end
 
 def strip_dashboard_cookie() -> dict[str, Any]:
     """The Lua filter that removes the dashboard's session cookie from forwarded requests."""
-    names = ", ".join(f'["{name}"] = true' for name in DASHBOARD_COOKIES)
     return {
         "name": LUA,
         "typed_config": {
-            "@type": f"{_TYPES}.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": STRIP_COOKIE_LUA.format(names=names)},
+            "@type": f"{TYPES}.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": strip_cookie_source()},
         },
     }
+
+
+def strip_cookie_source() -> str:
+    """The Lua filter's source, naming the dashboard's cookies."""
+    names = ", ".join(f'["{name}"] = true' for name in DASHBOARD_COOKIES)
+    return STRIP_COOKIE_LUA.format(names=names)

@@ -1,0 +1,398 @@
+{{/* GENERATED from sidecar/server/envoy/contract.py: do not edit. Regenerate with
+     python -m sidecar.server.envoy.chart > helm/x402-sidecar/templates/_contract.tpl
+     (tests/helm/test_parity.py fails when it is stale). The names, keys and fixed
+     pieces Envoy's config shares with the sidecar, as JSON:
+     include "x402.contract" . | fromJson */}}
+{{- define "x402.contract" -}}
+{
+  "extAuthz": "envoy.filters.http.ext_authz",
+  "extProc": "envoy.filters.http.ext_proc",
+  "discoveryPath": "/.well-known/x402",
+  "topupPath": "/x402/topup",
+  "assertedPrefixes": [
+    "x-x402-",
+    "x-envoy-"
+  ],
+  "methodOverrideHeaders": [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override"
+  ],
+  "requestIdHeader": "x-request-id",
+  "authzRequestHeaders": [
+    "x-payment",
+    "payment-signature",
+    "x-request-id"
+  ],
+  "httpRequestHeaders": [
+    "x-payment",
+    "payment-signature",
+    "x-request-id",
+    "x-envoy-external-address",
+    "x-forwarded-for",
+    "x-forwarded-proto"
+  ],
+  "timeoutHeader": "x-x402-authz-timeout-ms",
+  "phaseHeader": "x-x402-phase",
+  "phaseResponse": "response",
+  "upstreamHeaders": [
+    "x-x402-payer",
+    "x-x402-amount",
+    "x-x402-receipt-id",
+    "x-x402-hold"
+  ],
+  "denialHeaders": [
+    "content-type",
+    "cache-control",
+    "payment-required",
+    "retry-after"
+  ],
+  "successHeaders": [
+    "x-payment-response",
+    "payment-response"
+  ],
+  "metadataKeys": [
+    "payer",
+    "amount",
+    "asset",
+    "receipt_id",
+    "hold",
+    "hold_scheme",
+    "held",
+    "route",
+    "request_id",
+    "exact_envelope",
+    "exact_requirements",
+    "exact_reservation",
+    "exact_resource",
+    "http_host",
+    "http_scheme",
+    "x402.charge",
+    "x402.phase",
+    "x402.failure_status",
+    "x402.usage_header",
+    "x402.hold_seconds",
+    "x402.unit",
+    "x402.unit_price",
+    "x402.max_units",
+    "x402.min_units",
+    "x402.usage_missing",
+    "x402"
+  ],
+  "accessLogKeys": [
+    "payer",
+    "amount",
+    "receipt_id"
+  ],
+  "denialMetadataKey": "x402",
+  "unavailableMark": "unavailable",
+  "extRoute": "x402.route",
+  "extPrice": "x402.price",
+  "extAsset": "x402.asset",
+  "extDescription": "x402.description",
+  "extCharge": "x402.charge",
+  "chargeOnSuccess": "on_success",
+  "extPhase": "x402.phase",
+  "phaseExtensions": {
+    "failure_status": "x402.failure_status",
+    "usage_header": "x402.usage_header",
+    "usage_missing": "x402.usage_missing",
+    "unit": "x402.unit",
+    "unit_price": "x402.unit_price",
+    "max_units": "x402.max_units",
+    "min_units": "x402.min_units",
+    "hold_seconds": "x402.hold_seconds"
+  },
+  "corsAllowHeaders": "payment-signature, x-payment, content-type, authorization",
+  "corsExposeHeaders": "payment-required, payment-response, x-payment-response, x-request-id, retry-after",
+  "corsAllowMethods": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+  "corsMaxAge": "600",
+  "paymentPreflight": "(?i)(.*[ ,])?(payment-signature|x-payment)([ ,].*)?",
+  "stripCookieLua": "local names = {[\"x402_dashboard\"] = true, [\"__Host-x402_dashboard\"] = true}\nfunction envoy_on_request(request)\n  local headers = request:headers()\n  local count = headers:getNumValues(\"cookie\")\n  if count == 0 then return end\n  local kept, dropped = {}, false\n  for i = 0, count - 1 do\n    for pair in string.gmatch(headers:getAtIndex(\"cookie\", i), \"[^;]+\") do\n      local crumb = string.match(pair, \"^%s*(.-)%s*$\")\n      local name = string.match(crumb, \"^([^=]-)%s*=\") or crumb\n      if names[name] then dropped = true elseif crumb ~= \"\" then kept[#kept + 1] = crumb end\n    end\n  end\n  if not dropped then return end\n  headers:remove(\"cookie\")\n  if #kept > 0 then headers:add(\"cookie\", table.concat(kept, \"; \")) end\nend\n",
+  "processingMode": {
+    "request_header_mode": "SKIP",
+    "response_header_mode": "SEND",
+    "request_body_mode": "NONE",
+    "response_body_mode": "NONE",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SKIP"
+  },
+  "localReplies": [
+    {
+      "filter": {
+        "metadata_filter": {
+          "matcher": {
+            "filter": "envoy.filters.http.ext_authz",
+            "path": [
+              {
+                "key": "x402"
+              }
+            ],
+            "value": {
+              "string_match": {
+                "exact": "unavailable"
+              }
+            }
+          },
+          "match_if_key_not_found": false
+        }
+      },
+      "status_code": 503
+    },
+    {
+      "filter": {
+        "metadata_filter": {
+          "matcher": {
+            "filter": "envoy.filters.http.ext_authz",
+            "path": [
+              {
+                "key": "x402"
+              }
+            ],
+            "value": {
+              "present_match": true
+            }
+          },
+          "match_if_key_not_found": false
+        }
+      }
+    },
+    {
+      "filter": {
+        "response_flag_filter": {
+          "flags": [
+            "UAEX"
+          ]
+        }
+      },
+      "status_code": 503,
+      "headers_to_add": [
+        {
+          "header": {
+            "key": "cache-control",
+            "value": "no-store"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        },
+        {
+          "header": {
+            "key": "retry-after",
+            "value": "1"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        }
+      ],
+      "body_format_override": {
+        "json_format": {
+          "error": "authz_unavailable",
+          "message": "the payment check is unavailable; retry shortly"
+        },
+        "content_type": "application/json"
+      }
+    },
+    {
+      "filter": {
+        "response_flag_filter": {
+          "flags": [
+            "UT"
+          ]
+        }
+      },
+      "status_code": 504,
+      "headers_to_add": [
+        {
+          "header": {
+            "key": "cache-control",
+            "value": "no-store"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        }
+      ],
+      "body_format_override": {
+        "json_format": {
+          "error": "upstream_timeout",
+          "message": "the service did not answer in time"
+        },
+        "content_type": "application/json"
+      }
+    },
+    {
+      "filter": {
+        "response_flag_filter": {
+          "flags": [
+            "UF",
+            "UH",
+            "URX",
+            "UO",
+            "UC",
+            "UR"
+          ]
+        }
+      },
+      "status_code": 503,
+      "headers_to_add": [
+        {
+          "header": {
+            "key": "cache-control",
+            "value": "no-store"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        },
+        {
+          "header": {
+            "key": "retry-after",
+            "value": "1"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        }
+      ],
+      "body_format_override": {
+        "json_format": {
+          "error": "upstream_unavailable",
+          "message": "the service is unavailable; retry shortly"
+        },
+        "content_type": "application/json"
+      }
+    },
+    {
+      "filter": {
+        "status_code_filter": {
+          "comparison": {
+            "op": "EQ",
+            "value": {
+              "default_value": 408,
+              "runtime_key": "x402.local_reply.408"
+            }
+          }
+        }
+      },
+      "headers_to_add": [
+        {
+          "header": {
+            "key": "cache-control",
+            "value": "no-store"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        }
+      ],
+      "body_format_override": {
+        "json_format": {
+          "error": "request_timeout",
+          "message": "the request did not arrive in time"
+        },
+        "content_type": "application/json"
+      }
+    },
+    {
+      "filter": {
+        "status_code_filter": {
+          "comparison": {
+            "op": "EQ",
+            "value": {
+              "default_value": 431,
+              "runtime_key": "x402.local_reply.431"
+            }
+          }
+        }
+      },
+      "headers_to_add": [
+        {
+          "header": {
+            "key": "cache-control",
+            "value": "no-store"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        }
+      ],
+      "body_format_override": {
+        "json_format": {
+          "error": "headers_too_large",
+          "message": "the request headers are too large"
+        },
+        "content_type": "application/json"
+      }
+    },
+    {
+      "filter": {
+        "status_code_filter": {
+          "comparison": {
+            "op": "EQ",
+            "value": {
+              "default_value": 413,
+              "runtime_key": "x402.local_reply.413"
+            }
+          }
+        }
+      },
+      "headers_to_add": [
+        {
+          "header": {
+            "key": "cache-control",
+            "value": "no-store"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        }
+      ],
+      "body_format_override": {
+        "json_format": {
+          "error": "body_too_large",
+          "message": "the request body is too large"
+        },
+        "content_type": "application/json"
+      }
+    },
+    {
+      "filter": {
+        "status_code_filter": {
+          "comparison": {
+            "op": "EQ",
+            "value": {
+              "default_value": 400,
+              "runtime_key": "x402.local_reply.400"
+            }
+          }
+        }
+      },
+      "headers_to_add": [
+        {
+          "header": {
+            "key": "cache-control",
+            "value": "no-store"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        }
+      ],
+      "body_format_override": {
+        "json_format": {
+          "error": "bad_request",
+          "message": "the request is malformed",
+          "details": "%RESPONSE_CODE_DETAILS%"
+        },
+        "content_type": "application/json"
+      }
+    },
+    {
+      "filter": {
+        "response_flag_filter": {}
+      },
+      "headers_to_add": [
+        {
+          "header": {
+            "key": "cache-control",
+            "value": "no-store"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        }
+      ],
+      "body_format_override": {
+        "json_format": {
+          "error": "gateway_error",
+          "message": "the gateway could not serve this request",
+          "details": "%RESPONSE_CODE_DETAILS%"
+        },
+        "content_type": "application/json"
+      }
+    }
+  ]
+}
+{{- end }}

@@ -1,0 +1,141 @@
+"""The contract with Envoy: every name and key the sidecar and Envoy's config must agree on.
+
+Both transports (server/http_authz.py, the gRPC servicer), the response phase
+(server/processor.py), the config renderer (render.py) and the Helm chart (its
+templates/_contract.tpl is generated from this module by chart.py) read them here. The few
+that pure code in `sidecar/core` needs itself (the headers asserted to the service, the
+proof and receipt headers, the route annotations) are defined there, where imports point,
+and gathered here, so this file reads as the whole contract.
+"""
+
+from __future__ import annotations
+
+from sidecar.core.decision import (
+    UPSTREAM_AMOUNT,
+    UPSTREAM_HEADERS,
+    UPSTREAM_HOLD,
+    UPSTREAM_PAYER,
+    UPSTREAM_RECEIPT,
+)
+from sidecar.core.holds import EXT_PHASE, PHASE_KEYS, PHASE_RESPONSE
+from sidecar.core.pricing import EXT_ASSET, EXT_DESCRIPTION, EXT_PRICE, EXT_ROUTE
+from sidecar.core.protocol import (
+    ASSERTED_PREFIXES,
+    DISCOVERY_PATH,
+    PROOF_HEADERS,
+    RECEIPT_HEADERS,
+)
+
+__all__ = [
+    "ASSERTED_PREFIXES",
+    "DISCOVERY_PATH",
+    "EXT_ASSET",
+    "EXT_DESCRIPTION",
+    "EXT_PHASE",
+    "EXT_PRICE",
+    "EXT_ROUTE",
+    "PHASE_KEYS",
+    "PHASE_RESPONSE",
+    "PROOF_HEADERS",
+    "RECEIPT_HEADERS",
+    "UPSTREAM_AMOUNT",
+    "UPSTREAM_HEADERS",
+    "UPSTREAM_HOLD",
+    "UPSTREAM_PAYER",
+    "UPSTREAM_RECEIPT",
+]
+
+# -- Envoy's filters and the sidecar's paths ----------------------------------------------
+EXT_AUTHZ = "envoy.filters.http.ext_authz"  # also the namespace of its dynamic metadata
+EXT_PROC = "envoy.filters.http.ext_proc"
+TRANSPORTS = ("grpc", "http")  # how ext_authz asks: the Check service, or http_service
+TOPUP_PATH = "/x402/topup"  # served by the side port; Envoy routes it without ext_authz
+
+# -- Request headers ----------------------------------------------------------------------
+REQUEST_ID_HEADER = "x-request-id"
+EXTERNAL_ADDRESS = "x-envoy-external-address"  # the client's address, as Envoy saw it
+FORWARDED_FOR, FORWARDED_PROTO = "x-forwarded-for", "x-forwarded-proto"
+# ASSERTED_PREFIXES (core/protocol.py): the gateway's x-x402-* assertions to the service
+# and Envoy's own x-envoy-* control headers; a client's copies are removed before any
+# filter runs, and the sidecar sets its own at ext_authz allow.
+# Headers some frameworks take as the request's real method, so a GET priced as free
+# could run as a DELETE in the service: removed unless `edge.strip_method_override` is off.
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+# What Envoy sends of each request to the sidecar over gRPC (allowed_headers): what the
+# decision reads, and no cookies, credentials or bodies.
+AUTHZ_REQUEST_HEADERS = (*PROOF_HEADERS, REQUEST_ID_HEADER)
+# The same over HTTP, where the client's address is Envoy's own x-envoy-external-address,
+# else the X-Forwarded-For entry Envoy appended itself (use_remote_address).
+HTTP_REQUEST_HEADERS = (
+    *PROOF_HEADERS,
+    REQUEST_ID_HEADER,
+    EXTERNAL_ADDRESS,
+    FORWARDED_FOR,
+    FORWARDED_PROTO,
+)
+# Gateway-asserted headers Envoy adds to every HTTP check (authorization_request.
+# headers_to_add; a client's x-x402-* never gets this far: the edge strips them): Envoy's
+# deadline for the check, and on routes whose response phase (ext_proc) runs, the phase.
+TIMEOUT_HEADER = "x-x402-authz-timeout-ms"
+PHASE_HEADER = "x-x402-phase"  # its value: PHASE_RESPONSE
+
+# -- Answer headers (HTTP transport) ------------------------------------------------------
+# Envoy's instruction, on an allow, to strip these from the request before the service.
+REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+# What Envoy passes to the client: from a denial, and with an allow.
+DENIAL_HEADERS = ("content-type", "cache-control", "payment-required", "retry-after")
+SUCCESS_HEADERS = RECEIPT_HEADERS
+
+# -- ext_authz dynamic metadata -----------------------------------------------------------
+# What Envoy's access log reads of a paid request, and the asset it was paid in.
+PAYER, AMOUNT, ASSET, RECEIPT_ID = "payer", "amount", "asset", "receipt_id"
+ACCESS_LOG_KEYS = (PAYER, AMOUNT, RECEIPT_ID)
+# A hold, carried to the response phase (ext_proc forwards the ext_authz namespace).
+HOLD, HOLD_SCHEME, HELD, ROUTE, REQUEST_ID = "hold", "hold_scheme", "held", "route", "request_id"
+# `exact`'s hold: the authorization (the agent's envelope, our offer) and its reservation,
+# for the /settle after success. Envoy keeps dynamic metadata per request and logs only the
+# keys its access-log format names; the decision lines never carry these.
+ENVELOPE, REQUIREMENTS, RESERVATION, RESOURCE = (
+    "exact_envelope",
+    "exact_requirements",
+    "exact_reservation",
+    "exact_resource",
+)
+# The request's host and scheme: a refusal at the response (402 settlement_failed) carries
+# a fresh challenge whose resource URL is the request's.
+HOST, HTTP_SCHEME = "http_host", "http_scheme"
+# Every key a hold's metadata may hold besides the phase's annotations (PHASE_KEYS).
+HOLD_METADATA_KEYS: tuple[str, ...] = (HOLD, HOLD_SCHEME, PAYER, ASSET, HELD, ROUTE, REQUEST_ID)
+HOLD_METADATA_KEYS += (ENVELOPE, REQUIREMENTS, RESERVATION, RESOURCE, HOST, HTTP_SCHEME)
+# Dynamic metadata {"x402": "denied"} on every denial: Envoy's local-reply mappers
+# (replies.local_reply_config) leave a reply carrying it as the sidecar wrote it.
+DENIAL_METADATA_KEY = "x402"
+DENIAL_METADATA = {DENIAL_METADATA_KEY: "denied"}
+# Over HTTP Envoy takes any 5xx for the sidecar's own failure and drops its answer: a 503
+# denial travels as this stand-in status, marked with this value of DENIAL_METADATA_KEY,
+# and a local-reply mapper gives it back its 503.
+UNAVAILABLE_STAND_IN, UNAVAILABLE_MARK = 490, "unavailable"
+# Every key the decision may put in ext_authz's dynamic metadata; over HTTP each travels as
+# a header of that name and Envoy's dynamic_metadata_from_headers turns it back.
+METADATA_KEYS = tuple(
+    dict.fromkeys(
+        (PAYER, AMOUNT, ASSET, RECEIPT_ID, *HOLD_METADATA_KEYS, *PHASE_KEYS, DENIAL_METADATA_KEY)
+    )
+)
+
+# -- Per-route context_extensions (gRPC) --------------------------------------------------
+# A priced route's own, then its response phase's (PHASE_KEYS, from core/holds.py).
+ROUTE_EXTENSIONS = (EXT_ROUTE, EXT_PRICE, EXT_ASSET, EXT_DESCRIPTION)
+
+# -- What browsers may send and read (the gateway's own answers) --------------------------
+CORS_ALLOW_HEADERS = ("payment-signature", "x-payment", "content-type", "authorization")
+CORS_EXPOSE_HEADERS = (
+    "payment-required",
+    "payment-response",
+    "x-payment-response",
+    REQUEST_ID_HEADER,
+    "retry-after",
+)
+# A browser's preflight for a request that carries a payment header (the fetch spec lists
+# the header names in lower case, comma separated).
+PAYMENT_PREFLIGHT = "(?i)(.*[ ,])?(payment-signature|x-payment)([ ,].*)?"

@@ -1,0 +1,153 @@
+"""The virtual host's routes: discovery and the top-up (no ext_authz), a payment's preflight,
+each priced route with its annotations, then the catch-all to the service.
+
+Over the gRPC transport a priced route carries its price as ext_authz
+`context_extensions`; over the HTTP transport (server/http_authz.py) the sidecar prices it
+from its own route table, and a route with a response phase says so with a header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sidecar.core import holds
+from sidecar.core.pricing import ANY_METHOD, is_pattern, path_regex
+from sidecar.server.envoy import browser, contract
+from sidecar.server.envoy.contract import EXT_AUTHZ, EXT_PROC
+from sidecar.server.envoy.edge import Edge, Endpoints
+from sidecar.server.envoy.filters import (
+    TYPES,
+    http_service,
+    response_phase_route,
+    with_headers,
+)
+
+
+def seconds(value: int) -> str:
+    return f"{value}s"
+
+
+def _path_match(path: str) -> dict[str, Any]:
+    if not is_pattern(path):  # wildcards (*, **, {param}) match as the sidecar's regex
+        return {"path": path}
+    return {"safe_regex": {"regex": path_regex(path)}}
+
+
+def _route_match(spec: Mapping[str, Any]) -> dict[str, Any]:
+    match = _path_match(str(spec["path"]))
+    method = str(spec.get("method", ANY_METHOD)).upper()
+    if method == "GET":  # HEAD runs the GET handler: the sidecar prices it as GET
+        methods: dict[str, Any] = {"safe_regex": {"regex": "GET|HEAD"}}
+        match["headers"] = [{"name": ":method", "string_match": methods}]
+    elif method != ANY_METHOD:
+        match["headers"] = [{"name": ":method", "string_match": {"exact": method}}]
+    return match
+
+
+def route_extensions(name: str, spec: Mapping[str, Any], default_asset: str) -> dict[str, str]:
+    """A priced route's ext_authz context_extensions: its name, price, asset and
+    description, and its response phase's annotations."""
+    extensions = {contract.EXT_ROUTE: name}
+    if "price" in spec:  # a metered route is priced by its unit price (phase annotations)
+        extensions[contract.EXT_PRICE] = str(spec["price"])
+    extensions[contract.EXT_ASSET] = str(spec.get("asset", default_asset))
+    if spec.get("description"):
+        extensions[contract.EXT_DESCRIPTION] = str(spec["description"])
+    extensions.update(holds.spec_annotations(spec))
+    return extensions
+
+
+def priced_route(
+    name: str,
+    spec: Mapping[str, Any],
+    default_asset: str,
+    edge: Edge | None = None,
+    http_service: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """An Envoy route for a priced route. Over gRPC its price rides along as
+    context_extensions; over HTTP (`http_service`: the filter's) there are none, and a
+    route with a response phase says so with a header on its checks instead."""
+    phase = holds.spec_annotations(spec)
+    edge = edge or Edge()
+    check_settings: dict[str, Any] = {
+        "context_extensions": route_extensions(name, spec, default_asset)
+    }
+    if http_service is not None:
+        check_settings = {}
+        if phase:
+            check_settings["http_service"] = with_headers(
+                http_service, {contract.PHASE_HEADER: contract.PHASE_RESPONSE}
+            )
+    config: dict[str, Any] = {}
+    if check_settings:
+        config[EXT_AUTHZ] = {
+            "@type": f"{TYPES}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            "check_settings": check_settings,
+        }
+    if phase:  # charge: on_success: the response phase runs on this route alone
+        config[EXT_PROC] = response_phase_route()
+    timeout = holds.route_timeout(spec, edge.upstream_timeout_seconds)
+    route = {"name": name, "match": _route_match(spec), "route": service_route(edge, timeout)}
+    if config:
+        route["typed_per_filter_config"] = config
+    return route
+
+
+def service_route(edge: Edge, timeout: int | None = None) -> dict[str, Any]:
+    value = edge.upstream_timeout_seconds if timeout is None else timeout
+    return {"cluster": "service", "timeout": seconds(value)}
+
+
+def has_response_phase(routes: Mapping[str, Mapping[str, Any]]) -> bool:
+    return any(holds.spec_annotations(spec) for spec in routes.values())
+
+
+def _gateway_routes(ep: Endpoints) -> list[dict[str, Any]]:
+    """Discovery and, where configured, the top-up: the side port answers them, without
+    ext_authz."""
+    discovery = {
+        "name": "x402_discovery",
+        "match": {"path": contract.DISCOVERY_PATH},
+        "route": {"cluster": "x402_http"},
+        "typed_per_filter_config": {
+            EXT_AUTHZ: {
+                "@type": f"{TYPES}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                "disabled": True,
+            }
+        },
+    }
+    if not ep.topup_timeout:
+        return [discovery]
+    topup = {
+        **discovery,
+        "name": "x402_topup",
+        "match": {"path": contract.TOPUP_PATH},
+        "route": {"cluster": "x402_http", "timeout": ep.topup_timeout},
+    }
+    return [discovery, topup]
+
+
+def virtual_host_routes(
+    routes: Mapping[str, Mapping[str, Any]], default_asset: str, ep: Endpoints, edge: Edge
+) -> list[dict[str, Any]]:
+    """Discovery, the top-up and a payment's preflight (answered by the gateway, with its
+    CORS), the priced routes, then the catch-all to the service."""
+    origins = edge.cors_origins
+    per_route_http = http_service(ep) if ep.transport == "http" else None
+    # Unannotated paths still go through ext_authz: the sidecar's own route table may
+    # price them, and otherwise answers "free" without touching Redis.
+    fallback = {"name": "service", "match": {"prefix": "/"}, "route": service_route(edge)}
+    return [
+        *(browser.with_cors(route, origins) for route in _gateway_routes(ep)),
+        *browser.preflight_route(origins, service_route(edge)),
+        # Exact paths first, as the sidecar's route table matches them: Envoy takes the
+        # first match, so a template must not shadow one.
+        *(
+            priced_route(name, spec, default_asset, edge, per_route_http)
+            for name, spec in sorted(
+                routes.items(), key=lambda item: is_pattern(str(item[1]["path"]))
+            )
+        ),
+        fallback,
+    ]
