@@ -1,10 +1,10 @@
 """The response phase: Envoy's ext_proc v3 servicer, on routes charged on success.
 
 Envoy's ext_proc filter runs only on routes whose config enables it (envoy_config.py), with
-request headers skipped and response headers sent. The check phase (authz.py) placed a
+request headers skipped and response headers sent. The check phase (server/authz/) placed a
 hold and left its facts in ext_authz's dynamic metadata, which the filter forwards here
 (`metadata_options.forwarding_namespaces`). From the response's status and the usage the
-service reported, core/holds.py says what to capture; the hold's scheme (holding.py)
+service reported, core/holds.py says what to capture; the hold's scheme (server/schemes/)
 captures or releases it in one ledger script, and the client's response gets the signed
 receipt (PAYMENT-RESPONSE / X-Payment-Response) with the amount actually charged, and
 loses the usage header. A capture that cannot happen (the hold expired, the ledger is
@@ -35,10 +35,12 @@ from sidecar.core.money import Asset
 from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import CAPTURED, NO_HOLD, Closed
-from sidecar.server import holding, metrics
-from sidecar.server.holding import HoldingScheme
+from sidecar.server import metrics
 from sidecar.server.logs import DecisionLog, get_logger
-from sidecar.server.schemes import ExactSettler
+from sidecar.server.schemes import base
+from sidecar.server.schemes.base import HoldingScheme
+from sidecar.server.schemes.exact import ExactSettler
+from sidecar.server.schemes.registry import Schemes
 
 PROCESSOR_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
@@ -109,7 +111,7 @@ class Processor:
         self.gateway = gateway
         self.worker = worker
         self.decisions = decisions or DecisionLog()
-        self.holding = holding.registry(gateway, ledger, settler)
+        self.holding = Schemes(gateway, ledger, settler).holding
 
     def handler(self) -> grpc.GenericRpcHandler:
         process = grpc.stream_stream_rpc_method_handler(
@@ -147,7 +149,7 @@ class Processor:
         self, request: ext_proc.ProcessingRequest, context: Any
     ) -> ext_proc.ProcessingResponse:
         namespace = request.metadata_context.filter_metadata.get(EXT_AUTHZ_NAMESPACE)
-        if namespace is None or holding.HOLD not in namespace.fields:
+        if namespace is None or base.HOLD not in namespace.fields:
             return _CONTINUE_HEADERS  # no hold: a free route, or one charged on check
         # Once the ledger is asked, finish: if Envoy gives up meanwhile (the client hung
         # up), the capture or release it made still gets its decision line and revenue.
@@ -161,12 +163,12 @@ class Processor:
         headers = headers_of(request.response_headers)
         status = int(headers.get(":status", "0") or 0)
         entry: dict[str, Any] = {
-            "request_id": meta.get(holding.REQUEST_ID) or None,
+            "request_id": meta.get(base.REQUEST_ID) or None,
             "phase": "response",
-            "route": meta.get(holding.ROUTE),
-            "asset": meta.get(holding.ASSET),
-            "payer": meta.get(holding.PAYER),
-            "receipt_id": meta.get(holding.HOLD),
+            "route": meta.get(base.ROUTE),
+            "asset": meta.get(base.ASSET),
+            "payer": meta.get(base.PAYER),
+            "receipt_id": meta.get(base.HOLD),
             "upstream_status": status,
             "worker": self.worker,
         }
@@ -177,7 +179,7 @@ class Processor:
             denial = self._challenge(error, meta) if error.status == 402 else None
             response = immediate(error.status, error.reason, error.message, denial)
         except Exception:  # a bug must never serve the response free nor charge twice
-            log.exception("processor.error", route=meta.get(holding.ROUTE))
+            log.exception("processor.error", route=meta.get(base.ROUTE))
             entry.update(decision="deny", status=503, reason="internal_error")
             response = immediate(503, "internal_error", "the payment could not be completed")
         elapsed = time.perf_counter() - started
@@ -195,13 +197,13 @@ class Processor:
         entry: dict[str, Any],
         context: Any,
     ) -> ext_proc.ProcessingResponse:
-        asset = self.assets[meta[holding.ASSET]]
+        asset = self.assets[meta[base.ASSET]]
         annotations = tuple(sorted((k, v) for k, v in meta.items() if k.startswith("x402.")))
         phase = _phase(annotations, asset)
         if phase is None:
             raise ValueError("hold metadata without a response phase")
-        holder: HoldingScheme = self.holding[meta[holding.HOLD_SCHEME]]
-        held = int(meta[holding.HELD])
+        holder: HoldingScheme[Any] = self.holding[meta[base.HOLD_SCHEME]]
+        held = int(meta[base.HELD])
         entry["price"] = asset.to_decimal(held)
         capture = holds.captured(phase, held, status, headers.get(phase.usage_header))
         now = int(time.time())
@@ -239,14 +241,14 @@ class Processor:
         """A 402 at the response (`exact`'s settlement_failed) as the check would answer
         it: the error with a fresh challenge (PAYMENT-REQUIRED), so the agent can pay again."""
         try:
-            method, _, path = meta[holding.RESOURCE].partition(" ")
-            asset = self.assets[meta[holding.ASSET]]
+            method, _, path = meta[base.RESOURCE].partition(" ")
+            asset = self.assets[meta[base.ASSET]]
             request = Request(
-                method, path, meta.get(holding.HOST, ""), meta.get(holding.HTTP_SCHEME) or "http"
+                method, path, meta.get(base.HOST, ""), meta.get(base.HTTP_SCHEME) or "http"
             )
             annotations = tuple(sorted((k, v) for k, v in meta.items() if k.startswith("x402.")))
             phase = _phase(annotations, asset)
-            price = Price(meta[holding.ROUTE], int(meta[holding.HELD]), asset, phase=phase)
+            price = Price(meta[base.ROUTE], int(meta[base.HELD]), asset, phase=phase)
         except (KeyError, ValueError, X402Error):  # without those facts: the plain refusal
             return None
         return decision.deny(error, request, price, self.gateway, int(time.time()))

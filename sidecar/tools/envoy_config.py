@@ -27,9 +27,9 @@ from sidecar.core.pricing import (
     path_regex,
 )
 from sidecar.core.protocol import DISCOVERY_PATH, PROOF_HEADERS
-from sidecar.server import http_authz
+from sidecar.server.authz import http_transport as http_authz
+from sidecar.server.authz.grpc_answers import DENIAL_METADATA_KEY
 from sidecar.server.config import TOPUP_PATH, Edge, Settings
-from sidecar.server.responses import DENIAL_METADATA_KEY
 from sidecar.tools import envoy_browser
 
 _TYPES = "type.googleapis.com/envoy.extensions"

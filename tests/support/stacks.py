@@ -11,8 +11,8 @@ from envoy.service.auth.v3 import external_auth_pb2 as authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 
 from sidecar.core.identity import write_secret
-from sidecar.server import http_authz
-from sidecar.server.responses import DENIAL_METADATA_KEY
+from sidecar.server.authz import http_transport
+from sidecar.server.authz.grpc_answers import DENIAL_METADATA_KEY
 from sidecar.tools.stack import Stack, free_port
 from tests.support.routes import ENVOY_ROUTES, ROUTES
 
@@ -65,7 +65,7 @@ def ask_sidecar(stack: Stack, path: str, headers: dict[str, str]) -> tuple[int, 
             timeout=5,
         )
         status = answer.status_code
-        if answer.headers.get(DENIAL_METADATA_KEY) == http_authz.UNAVAILABLE_MARK:
+        if answer.headers.get(DENIAL_METADATA_KEY) == http_transport.UNAVAILABLE_MARK:
             status = 503  # the stand-in Envoy's local-reply mapper turns back into a 503
         return status, answer.content
     check = authz.CheckRequest()

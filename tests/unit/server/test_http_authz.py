@@ -8,8 +8,8 @@ import httptools
 
 from sidecar.core import holds
 from sidecar.core.money import Asset
-from sidecar.server import holding
-from sidecar.server.http_authz import (
+from sidecar.server.authz.grpc_answers import DENIAL_METADATA_KEY
+from sidecar.server.authz.http_transport import (
     DENIAL_HEADERS,
     METADATA_KEYS,
     REMOVE,
@@ -18,7 +18,7 @@ from sidecar.server.http_authz import (
     HttpAnswers,
     client_address,
 )
-from sidecar.server.responses import DENIAL_METADATA_KEY
+from sidecar.server.schemes import base
 
 
 @dataclass
@@ -109,6 +109,6 @@ def test_every_metadata_key_the_decision_writes_travels_as_a_header() -> None:
     assert phase is not None
     written = set(holds.phase_annotations(phase, usd))
     assert written <= set(METADATA_KEYS)
-    assert set(holding.METADATA_KEYS) <= set(METADATA_KEYS)
+    assert set(base.METADATA_KEYS) <= set(METADATA_KEYS)
     for name in METADATA_KEYS:  # valid header names: Envoy would refuse anything else
         assert name == name.lower() and " " not in name and ":" not in name

@@ -35,9 +35,9 @@ import httptools
 
 from sidecar.core import decision, holds, protocol
 from sidecar.core.errors import ConfigError
-from sidecar.server import holding
-from sidecar.server.authz import Facts
-from sidecar.server.responses import DENIAL_METADATA, DENIAL_METADATA_KEY
+from sidecar.server.authz.check import Facts
+from sidecar.server.authz.grpc_answers import DENIAL_METADATA, DENIAL_METADATA_KEY
+from sidecar.server.schemes import base
 
 # Gateway-asserted request headers Envoy sends with every check (authorization_request.
 # headers_to_add; a client's x-x402-* never gets this far: the edge strips them).
@@ -66,7 +66,7 @@ METADATA_KEYS = tuple(
             "amount",
             "asset",
             "receipt_id",
-            *holding.METADATA_KEYS,
+            *base.METADATA_KEYS,
             *holds.PHASE_KEYS,
             DENIAL_METADATA_KEY,
         )
@@ -98,7 +98,7 @@ def _lines(headers: Iterable[tuple[str, str]]) -> bytes:
 
 
 class HttpAnswers:
-    """HTTP/1.1 answers for Envoy's ext_authz `http_service` (authz.Answers)."""
+    """HTTP/1.1 answers for Envoy's ext_authz `http_service` (check.Answers)."""
 
     _REMOVE_PROOFS = f"{REMOVE}: {','.join(protocol.PROOF_HEADERS)}\r\n".encode()
     # A free request: the proofs and any x-x402-* assertion stripped (the edge strips them
@@ -148,7 +148,7 @@ def client_address(forwarded_for: str, trusted_hops: int) -> str:
 
 
 class Decider(Protocol):
-    """What answers a check: authz.Authorization (the bench's allow-all is another)."""
+    """What answers a check: check.Authorization (the bench's allow-all is another)."""
 
     async def decide(self, facts: Facts) -> bytes: ...
 
