@@ -595,7 +595,7 @@ def main() -> None:
         # wrk's paid runs (warm-up and measured) each leave up to `connections` in flight.
         results["ledger"] = reconcile(stack, envoy_allowed, 2 * args.connections)
 
-        # (2h)-(8h): the same over the HTTP transport (server/http_authz.py). The ledger
+        # (2h)-(8h): the same over the HTTP transport (server/authz/http_transport.py). The ledger
         # starts afresh, so the same pre-signed proofs pay once more.
         funding = 3 * (count + warm_count + paced_count) * PRICE_ATOMIC
         if any(wanted(phase) for phase in ("2h", "3h", "4h", "5h", "7h", "8h")):

@@ -3,7 +3,7 @@
 One renderer serves the reference `envoy/envoy.yaml`, the demo, the tests and the bench,
 so they cannot drift apart. Each priced route becomes an Envoy route; over the gRPC
 transport it is annotated with its price as ext_authz `context_extensions`, over the HTTP
-transport (server/http_authz.py) the sidecar prices it from its own route table.
+transport (server/authz/http_transport.py) the sidecar prices it from its own route table.
 """
 
 from __future__ import annotations
@@ -266,8 +266,8 @@ def ext_authz_filter(ep: Endpoints) -> dict[str, Any]:
 
 
 def http_service(ep: Endpoints) -> dict[str, Any]:
-    """ext_authz's HTTP mode (server/http_authz.py): what goes to the sidecar, and which of
-    its answer's headers go where."""
+    """ext_authz's HTTP mode (server/authz/http_transport.py): what goes to the sidecar,
+    and which of its answer's headers go where."""
     host, port = ep.authz_http
     return {
         "server_uri": {
