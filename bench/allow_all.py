@@ -7,7 +7,7 @@ isolates the sidecar's own cost from gRPC's and Envoy's.
 
     python -m bench.allow_all --port 9001 --workers 2 [--transport http]
 
-With `--transport http` it is the HTTP transport's floor instead: server/http_authz.py's
+With `--transport http` it is the HTTP transport's floor instead: server/authz/http_transport.py's
 connection protocol (httptools, keep-alive) answering every check with one prebuilt 200.
 """
 
@@ -23,9 +23,10 @@ import sys
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 from google.rpc import code_pb2, status_pb2
 
-from sidecar.server import http_authz
-from sidecar.server.authz import AUTHZ_SERVICE, Facts
-from sidecar.server.http_authz import HttpAnswers
+from sidecar.server.authz import http_transport
+from sidecar.server.authz.check import Facts
+from sidecar.server.authz.grpc_transport import AUTHZ_SERVICE
+from sidecar.server.authz.http_transport import HttpAnswers
 
 OK: bytes = authz.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)).SerializeToString()
 
@@ -42,7 +43,7 @@ class AllowAll:
 
 
 async def serve_http(host: str, port: int) -> None:
-    server = await http_authz.serve(AllowAll(), host, port, 0)
+    server = await http_transport.serve(AllowAll(), host, port, 0)
     gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -23,7 +23,8 @@ from sidecar.core import protocol
 from sidecar.core.identity import Identity
 from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import Ledger
-from sidecar.server.authz import Authorization
+from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.config import Settings
 from sidecar.server.feed import DecisionFeed
 from sidecar.server.logs import DecisionLog
@@ -56,7 +57,7 @@ async def run(servicer: Authorization, batch: list[authz.CheckRequest]) -> tuple
 
     async def worker() -> None:
         while queue:
-            response = await servicer.Check(queue.pop(), None)
+            response = await check_message(servicer, queue.pop())
             assert response.status.code == 0, response
 
     cpu, wall = time.process_time(), time.perf_counter()

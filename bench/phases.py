@@ -336,7 +336,7 @@ class LocalRun:
         self.results["ledger"] = reconcile(stack, envoy_allowed, 2 * self.args.connections)
 
     def http_phases(self) -> None:
-        """(2h)-(8h): the same over the HTTP transport (server/http_authz.py). The ledger
+        """(2h)-(8h): the same over the HTTP transport (server/authz/http_transport.py). The ledger
         starts afresh, so the same pre-signed proofs pay once more."""
         if not any(self.wanted(phase) for phase in ("2h", "3h", "4h", "5h", "7h", "8h")):
             return

@@ -80,11 +80,11 @@ RULES: tuple[tuple[str, str, str], ...] = (
     ("/hiredis", "", "Redis client"),
     ("/sidecar/ledger/", "", "Redis client"),
     ("/sidecar/server/logs.py", "", "decision line"),
-    ("/sidecar/server/responses.py", "", "response building"),
-    ("/sidecar/server/http_authz.py", "ok", "response building"),  # HttpAnswers
-    ("/sidecar/server/http_authz.py", "denied", "response building"),
-    ("/sidecar/server/http_authz.py", "_lines", "response building"),
-    ("/sidecar/server/http_authz.py", "", "transport framework"),  # the HTTP transport
+    ("/sidecar/server/authz/grpc_answers.py", "", "response building"),
+    ("/sidecar/server/authz/http_transport.py", "ok", "response building"),  # HttpAnswers
+    ("/sidecar/server/authz/http_transport.py", "denied", "response building"),
+    ("/sidecar/server/authz/http_transport.py", "_lines", "response building"),
+    ("/sidecar/server/authz/http_transport.py", "", "transport framework"),  # the HTTP transport
     ("/sidecar/core/decision.py", "carrying", "response building"),
     ("/sidecar/", "", "glue"),
 )

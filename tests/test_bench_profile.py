@@ -10,7 +10,7 @@ import pytest
 from bench import profile
 
 ROOT = "run (uvloop/__init__.py:92);Runner.run (asyncio/runners.py:118)"
-CHECK = ROOT + ";Authorization.check (sidecar/server/authz.py:120)"
+CHECK = ROOT + ";GrpcChecks.check (sidecar/server/authz/grpc_transport.py:50)"
 
 
 @pytest.mark.parametrize(
@@ -32,10 +32,11 @@ CHECK = ROOT + ";Authorization.check (sidecar/server/authz.py:120)"
          "metrics"),
         (CHECK + ";RedisPipe.call (sidecar/ledger/pipe.py:216);"
          "Future.__init__ (asyncio/futures.py:1)", "Redis client"),
-        (CHECK + ";ok (sidecar/server/responses.py:113)", "response building"),
-        (ROOT + ";AuthzConnection.on_header (sidecar/server/http_authz.py:199)",
+        (CHECK + ";ok (sidecar/server/authz/grpc_answers.py:113)", "response building"),
+        (ROOT + ";AuthzConnection.on_header (sidecar/server/authz/http_transport.py:199)",
          "transport framework"),
-        (CHECK + ";HttpAnswers.ok (sidecar/server/http_authz.py:110)", "response building"),
+        (CHECK + ";HttpAnswers.ok (sidecar/server/authz/http_transport.py:110)",
+         "response building"),
         ("<module> (somewhere.py:1)", "other"),
     ],
 )  # fmt: skip

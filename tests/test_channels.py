@@ -22,7 +22,8 @@ from sidecar.ledger import keyspace, scripts
 from sidecar.ledger.accounts import SUSPENDED, Ledger
 from sidecar.ledger.channels import Channels
 from sidecar.ledger.pipe import RedisPipe
-from sidecar.server.authz import Authorization
+from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.config import Settings
 from sidecar.server.logs import DecisionLog
 from sidecar.tools.stack import Stack
@@ -405,7 +406,7 @@ async def test_a_voucher_accepted_after_envoy_gave_up_still_gets_its_log_line(
     pause = asyncio.create_task(ledger.redis.execute_command("DEBUG", "SLEEP", "0.5"))
     await asyncio.sleep(0.05)
 
-    task = asyncio.create_task(servicer.Check(check))
+    task = asyncio.create_task(check_message(servicer, check))
     await asyncio.sleep(0.1)
     task.cancel()
     await pause

@@ -8,6 +8,7 @@ mocked."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import statistics
 import time
@@ -19,7 +20,12 @@ import pytest
 from x402.http.clients import x402HttpxClient
 from x402.http.utils import decode_payment_response_header
 
-from sidecar.core import protocol
+from sidecar.core import holds, protocol
+from sidecar.ledger.accounts import Ledger
+from sidecar.server import wiring
+from sidecar.server.authz.check import Authorization, Facts
+from sidecar.server.config import Settings
+from sidecar.server.logs import DecisionLog
 from sidecar.tools.chain import Chain
 from sidecar.tools.onchain import (
     Facilitator,
@@ -324,3 +330,41 @@ async def test_a_settle_answer_lost_after_success_is_resolved_on_chain(
             lambda e: e.get("phase") == "response" and e.get("decision") == "capture",
         )
         assert (line["settled_via"], line["transaction"]) == ("chain", receipt["transaction"])
+
+
+async def test_a_check_envoy_left_after_the_verify_frees_the_authorization(
+    http: httpx.AsyncClient, stack: Stack, chain: Chain
+) -> None:
+    """The real servicer in process, told Envoy is gone (as the HTTP transport is when
+    Envoy hangs up; gRPC cancels instead) once the facilitator verified: no response phase
+    will settle it, so the reservation is freed at once, the line says why, and the same
+    authorization pays through the stack."""
+    settings = Settings.load(stack.config_path, env={})
+    ledger = Ledger.from_url(stack.redis_url)
+    settler = wiring.exact_settler(settings, ledger)
+    log = io.StringIO()
+    servicer = Authorization(
+        settings.route_table(), settings.gateway(), ledger, decisions=DecisionLog(stream=log),
+        settler=settler,
+    )  # fmt: skip
+    payer = payers(chain)[0]
+    header, _ = await sign_exact(chain, http, REPORT, payer, PRICE)
+    facts = Facts(
+        "GET", REPORT, "gateway.test", "http", {"payment-signature": header},
+        {holds.EXT_PHASE: holds.PHASE_RESPONSE}, "127.0.0.1", gone=lambda: True,
+    )  # fmt: skip
+
+    await servicer.decide(facts)
+    servicer.decisions.flush()
+
+    [line] = [json.loads(text) for text in log.getvalue().splitlines()]
+    assert (line["decision"], line["reason"], line["cancelled"]) == (
+        "deny",
+        "facilitator_unavailable",
+        True,
+    )
+    paid = await http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
+    assert paid.status_code == 200, paid.text
+    assert settler is not None
+    await settler.close()
+    await ledger.close()

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from sidecar.core import protocol
 from sidecar.core.errors import BY_REASON
 from sidecar.core.identity import Identity
-from sidecar.server.authz import Authorization
+from sidecar.server.authz.check import Authorization
 from sidecar.server.logs import DecisionLog
 from sidecar.tools.stack import Stack
 from tests.support.inprocess import Outcome, check, check_request, servicer_for

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import signal
@@ -14,12 +15,19 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.core import protocol
+from sidecar.core import holds, protocol
 from sidecar.core.errors import MaxAmountExceeded
+from sidecar.ledger import scripts
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import Holds
+from sidecar.ledger.pipe import RedisPipe
+from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.grpc_transport import check_message
+from sidecar.server.config import Settings
+from sidecar.server.logs import DecisionLog
 from sidecar.tools.stack import Stack
 from tests.support.cli import x402
+from tests.support.inprocess import check_request
 from tests.support.payers import funded_payer, pay_direct
 from tests.support.settlement import settle
 
@@ -400,3 +408,43 @@ async def test_a_channel_voucher_on_a_metered_route_is_a_typed_refusal_not_a_503
     assert "metered" in refused.json()["message"]
     assert channel.cumulative == "0" and channel.deposit == "0.5"  # human amounts
     assert (await holds_ledger.account(wallet.public_key)).balances["USDF"] == 500_000
+
+
+async def test_a_hold_placed_after_envoy_gave_up_gets_its_line_and_stays_until_it_expires(
+    holds_stack: Stack, holds_ledger: Ledger
+) -> None:
+    """The real servicer in process; Redis paused (DEBUG SLEEP) while the hold script is in
+    it, the check cancelled as Envoy's timeout would: the hold is placed all the same, its
+    line says `held` and `cancelled`, and it stays (no response phase will close it: the
+    sweep gives it back when it expires)."""
+    settings = Settings.load(holds_stack.config_path, env={})
+    log = io.StringIO()
+    servicer = Authorization(
+        settings.route_table(),
+        settings.gateway(),
+        Ledger.from_url(holds_stack.redis_url, timeout=5),
+        decisions=DecisionLog(stream=log),
+    )
+    wallet = await funded_payer(holds_ledger, 1_000_000)
+    proof = {name.lower(): value for name, value in pay_direct(
+        holds_stack, wallet, f"GET {REPORT}", "0.25"
+    ).items()}  # fmt: skip
+    check = check_request("GET", REPORT, proof, {holds.EXT_PHASE: holds.PHASE_RESPONSE})
+    pipe = servicer.ledger.pipe
+    assert isinstance(pipe, RedisPipe)  # one Redis here, not a cluster
+    await pipe.call("SCRIPT", "LOAD", scripts.HOLD.source)  # connected, the script loaded
+    pause = asyncio.create_task(holds_ledger.redis.execute_command("DEBUG", "SLEEP", "0.5"))
+    await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(check_message(servicer, check))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await pause
+    await asyncio.sleep(0.2)
+
+    account = await holds_ledger.account(wallet.public_key)
+    assert (account.balances["USDF"], account.held["USDF"]) == (750_000, 250_000)
+    [line] = [json.loads(text) for text in log.getvalue().splitlines()]
+    assert (line["decision"], line["reason"], line["cancelled"]) == ("allow", "held", True)
+    assert line["phase"] == "check" and line["balance"] == "0.75"
+    await servicer.ledger.close()

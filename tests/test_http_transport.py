@@ -1,4 +1,4 @@
-"""The HTTP ext_authz transport's own wire (server/http_authz.py), whatever X402_TRANSPORT
+"""The HTTP ext_authz transport's own wire (server/authz/http_transport.py), whatever X402_TRANSPORT
 says: Envoy's http_service mode in front of a real sidecar and Redis. The decisions behind
 it are the end-to-end suite's, which runs over both transports (`make test`)."""
 

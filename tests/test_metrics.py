@@ -14,7 +14,8 @@ from sidecar.agent.wallet import Wallet
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.channels import Channels
 from sidecar.server import metrics
-from sidecar.server.authz import Authorization
+from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.config import Settings
 from sidecar.tools.stack import Stack, free_port
 from tests.support.payers import funded_payer, pay_direct
@@ -108,7 +109,7 @@ async def test_ledger_errors_are_counted(stack: Stack) -> None:
     http.headers["x-payment"] = http.headers.pop("X-Payment")
     errors_before = value(page_in_process(), "x402_ledger_errors_total")
 
-    response = await servicer.Check(check, None)
+    response = await check_message(servicer, check)
 
     assert response.denied_response.status.code == 503
     assert value(page_in_process(), "x402_ledger_errors_total") == errors_before + 1

@@ -33,6 +33,7 @@ from sidecar.core import protocol, vouchers
 from sidecar.core.decision import UPSTREAM_HEADERS
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.channels import Channels
+from sidecar.server.authz.grpc_transport import check_message
 from sidecar.tools.stack import LOOPBACK, Stack
 from tests.support.cli import x402
 from tests.support.inprocess import check_request, servicer_for
@@ -235,7 +236,9 @@ async def test_free_answers_remove_the_gateways_upstream_headers(stack: Stack) -
     every header it asserts to the service."""
     servicer, ledger = servicer_for(stack)
     forged = {name: "VICTIM" for name in UPSTREAM_HEADERS}
-    response = await servicer.Check(check_request("GET", "/api/v1/agents/discover", forged))
+    response = await check_message(
+        servicer, check_request("GET", "/api/v1/agents/discover", forged)
+    )
     await ledger.close()
     assert set(response.ok_response.headers_to_remove) >= set(UPSTREAM_HEADERS)
 

@@ -129,6 +129,12 @@ class Authorization:
     requirements: Mapping[str, Any]  # our offer: the facilitator's paymentRequirements
 
     @property
+    def sender(self) -> str:
+        """The envelope's `payload.authorization.from` as the agent wrote it (EIP-55 case):
+        what receipts and the service are told; `payer` is it in lower case."""
+        return str(self.envelope["payload"]["authorization"]["from"])
+
+    @property
     def key(self) -> str:
         """Names the authorization across the ledger: token, payer and nonce."""
         token = str(self.requirements["asset"]).lower()

@@ -15,7 +15,6 @@ from sidecar.core.errors import (
     InsufficientFunds,
     LedgerUnavailable,
     NonceReused,
-    PaymentError,
     UnknownPayer,
     X402Error,
     refusal,
@@ -120,19 +119,15 @@ class Ledger:
         keys: tuple[str, ...],
         args: Sequence[str | int],
         parse: Callable[[Any], T],
-        late: Callable[[T | PaymentError], None] | None = None,
         within: float | None = None,
     ) -> T:
         """A money script on the hot path, through the pipelined client. Its ARGV starts
         with the deadline (see DEADLINE_SHARE): past it the script refuses, so a caller that
         answered 503 charged nothing. `parse` turns the reply into the result or raises its
-        reason. `late`: if the caller is cancelled (Envoy gave up on the check) once the
-        script is sent, `late` gets its outcome when Redis answers, so none goes unrecorded.
-        """
-        listener = None if late is None else lambda reply: late(_outcome(reply, parse))
+        reason. `within`: seconds the caller can still wait (Envoy's deadline)."""
         argv = (deadline_ms(self.pipe.timeout, within), *args)
         try:
-            reply = await self.pipe.evalsha(script, keys, argv, listener)
+            reply = await self.pipe.evalsha(script, keys, argv)
         except RedisPipeError as exc:
             raise unavailable(exc) from exc
         return _parsed(reply, parse)
@@ -146,18 +141,17 @@ class Ledger:
         expires_at: int,
         receipt_id: str,
         receipt: dict[str, str | int],
-        late: Callable[[int | PaymentError], None] | None = None,
         within: float | None = None,
     ) -> int:
         """Charge one proof atomically; returns the balance left or raises the reason.
 
-        `within`: seconds the caller can still wait (Envoy's deadline); `late`: see `run`."""
+        `within`: seconds the caller can still wait (Envoy's deadline)."""
         pairs: list[str | int] = []
         for name, value in receipt.items():
             pairs += (name, value)
         keys = (keyspace.account(payer), keyspace.nonce(payer, nonce), keyspace.receipts(payer))
         args = (asset, amount, expires_at + NONCE_GRACE, receipt_id, *pairs)
-        return await self.run(scripts.DEBIT, keys, args, _debited, late, within)
+        return await self.run(scripts.DEBIT, keys, args, _debited, within)
 
     async def credit(self, payer: str, asset: str, amount: int, idempotency_key: str) -> Credit:
         if amount <= 0:
@@ -262,16 +256,6 @@ def _parsed(reply: Any, parse: Callable[[Any], T]) -> T:
     if isinstance(reply, list) and reply and reply[0] == DEADLINE_PASSED:
         raise LedgerUnavailable("the ledger answered too late; nothing was charged")
     return parse(reply)
-
-
-def _outcome(reply: Any, parse: Callable[[Any], T]) -> T | PaymentError:
-    """A reply for a caller that gave up: the result, or the reason it raised."""
-    if isinstance(reply, RedisPipeError):
-        return unavailable(reply)
-    try:
-        return _parsed(reply, parse)
-    except PaymentError as error:
-        return error
 
 
 def _debited(result: list[Any]) -> int:

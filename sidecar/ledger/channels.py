@@ -15,7 +15,7 @@ credited = balance + channeled (deposits of open channels) + debited.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -25,7 +25,6 @@ from sidecar.core.errors import (
     ChannelExists,
     InsufficientFunds,
     InvoiceMismatch,
-    PaymentError,
     StaleVoucher,
     UnderpaidVoucher,
     UnknownChannel,
@@ -167,19 +166,16 @@ class Channels:
         price: Price,
         payees: str,
         now: int,
-        late: Callable[[tuple[int, int] | PaymentError], None] | None = None,
         within: float | None = None,
     ) -> tuple[int, int]:
         """The hot path's one ledger step: (left in the channel, amount charged).
         `payees`: the gateway's key ids, space-separated; the channel's payee must be one.
-        `late`, `within`: see `Ledger.run`."""
+        `within`: see `Ledger.run`."""
         payer = voucher.payer
         keys = (keyspace.account(payer), keyspace.channel(payer, voucher.channel_id))
         evidence = protocol.canonical_json(voucher.fields).decode()
         args = (price.asset.code, cumulative, voucher.sequence, price.amount, now, payees, evidence)
-        return await self.ledger.run(
-            scripts.VOUCHER, keys, args, partial(_accepted, price), late, within
-        )
+        return await self.ledger.run(scripts.VOUCHER, keys, args, partial(_accepted, price), within)
 
 
 def _accepted(price: Price, result: list[Any]) -> tuple[int, int]:

@@ -8,13 +8,13 @@ Money of a payer: credited = balance + held + debited (+ channeled) at every ins
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
-from sidecar.core.errors import InsufficientFunds, NonceReused, PaymentError, refusal
+from sidecar.core.errors import InsufficientFunds, NonceReused, refusal
 from sidecar.ledger import keyspace, scripts
 from sidecar.ledger.accounts import NONCE_GRACE, Ledger
 
@@ -49,7 +49,6 @@ class Holds:
         hold_id: str,
         lifetime_seconds: int,
         record: Mapping[str, str | int],
-        late: Callable[[int | PaymentError], None] | None = None,
         within: float | None = None,
     ) -> int:
         """Hold `amount` for one proof, atomically with the payer, nonce and balance
@@ -76,7 +75,7 @@ class Holds:
             keyspace.nonce(payer, ""),
             json.dumps(hold, separators=(",", ":")),
         )
-        return await self.ledger.run(scripts.HOLD, keys, args, _placed, late, within)
+        return await self.ledger.run(scripts.HOLD, keys, args, _placed, within)
 
     async def capture(
         self,
@@ -106,7 +105,7 @@ class Holds:
             keyspace.hold_expiries(payer),
             keyspace.receipts(payer),
         )
-        return await self.ledger.run(scripts.HOLD_CLOSE, keys, args, _closed, None, within)
+        return await self.ledger.run(scripts.HOLD_CLOSE, keys, args, _closed, within)
 
     async def sweep(self, payer: str) -> int:
         """Release the payer's holds past their lifetime; how many."""

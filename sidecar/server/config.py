@@ -48,7 +48,7 @@ MIN_SECRET_BYTES = 16
 class Settings:
     listen_grpc: str = "127.0.0.1:9001"  # ext_authz, the response phase, gRPC health
     # How Envoy asks for checks: "grpc" (ext_authz v3 Check on listen_grpc) or "http"
-    # (Envoy's http_service mode on listen_authz_http; server/http_authz.py).
+    # (Envoy's http_service mode on listen_authz_http; server/authz/http_transport.py).
     transport: str = "grpc"
     listen_authz_http: str = "127.0.0.1:9101"  # transport http: worker i on this port + i
     listen_http: str = "127.0.0.1:9000"  # discovery, /healthz, /readyz (below the workers)

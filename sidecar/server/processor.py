@@ -1,10 +1,10 @@
 """The response phase: Envoy's ext_proc v3 servicer, on routes charged on success.
 
-Envoy's ext_proc filter runs only on routes whose config enables it (server/envoy/routes.py), with
-request headers skipped and response headers sent. The check phase (authz.py) placed a
+Envoy's ext_proc filter runs only on routes whose config enables it (server/envoy/routes.py),
+with request headers skipped and response headers sent. The check phase (server/authz/) placed a
 hold and left its facts in ext_authz's dynamic metadata, which the filter forwards here
 (`metadata_options.forwarding_namespaces`). From the response's status and the usage the
-service reported, core/holds.py says what to capture; the hold's scheme (holding.py)
+service reported, core/holds.py says what to capture; the hold's scheme (server/schemes/)
 captures or releases it in one ledger script, and the client's response gets the signed
 receipt (PAYMENT-RESPONSE / X-Payment-Response) with the amount actually charged, and
 loses the usage header. A capture that cannot happen (the hold expired, the ledger is
@@ -35,12 +35,13 @@ from sidecar.core.money import Asset
 from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import CAPTURED, NO_HOLD, Closed
-from sidecar.server import holding, metrics
+from sidecar.server import metrics
 from sidecar.server.envoy import contract
 from sidecar.server.envoy.contract import EXT_AUTHZ
-from sidecar.server.holding import HoldingScheme
 from sidecar.server.logs import DecisionLog, get_logger
-from sidecar.server.schemes import ExactSettler
+from sidecar.server.schemes.base import HoldingScheme
+from sidecar.server.schemes.exact import ExactSettler
+from sidecar.server.schemes.registry import Schemes
 
 PROCESSOR_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 _CONTINUE_HEADERS = ext_proc.ProcessingResponse(response_headers=ext_proc.HeadersResponse())
@@ -110,7 +111,7 @@ class Processor:
         self.gateway = gateway
         self.worker = worker
         self.decisions = decisions or DecisionLog()
-        self.holding = holding.registry(gateway, ledger, settler)
+        self.holding = Schemes(gateway, ledger, settler).holding
 
     def handler(self) -> grpc.GenericRpcHandler:
         process = grpc.stream_stream_rpc_method_handler(
@@ -201,7 +202,7 @@ class Processor:
         phase = _phase(annotations, asset)
         if phase is None:
             raise ValueError("hold metadata without a response phase")
-        holder: HoldingScheme = self.holding[meta[contract.HOLD_SCHEME]]
+        holder: HoldingScheme[Any] = self.holding[meta[contract.HOLD_SCHEME]]
         held = int(meta[contract.HELD])
         entry["price"] = asset.to_decimal(held)
         capture = holds.captured(phase, held, status, headers.get(phase.usage_header))

@@ -24,8 +24,8 @@ from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
 from sidecar.ledger import reports
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import metrics
+from sidecar.server.authz.http_transport import reason_phrase
 from sidecar.server.envoy.contract import TOPUP_PATH
-from sidecar.server.http_authz import reason_phrase
 from sidecar.server.logs import get_logger
 from sidecar.server.topup import Topup
 

@@ -43,13 +43,16 @@ from sidecar.core.pricing import RouteTable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.cluster import ClusterPipe, is_cluster_url
 from sidecar.ledger.pipe import RedisPipe, redacted
-from sidecar.server import holding, http_authz, logs, metrics, wiring
+from sidecar.server import logs, metrics, wiring
 from sidecar.server.addresses import split_host_port
 from sidecar.server.admin import Facilities, check_listener, start_facilities
-from sidecar.server.authz import AUTHZ_SERVICE, Authorization
+from sidecar.server.authz import http_transport
+from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.grpc_transport import AUTHZ_SERVICE, GrpcChecks
 from sidecar.server.config import Settings
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
+from sidecar.server.schemes.base import sweep_forever
 from sidecar.server.side_port import AnyReply, Headers, SidePort, SideServer, start_http
 from sidecar.server.topup import Topup
 
@@ -129,13 +132,13 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     feed = wiring.decision_feed(settings, ledger)  # the dashboard's stream, if on
     decision_log = logs.DecisionLog(settings.log_level, sink=feed)
     over_http = settings.transport == "http"
-    answers = http_authz.HttpAnswers() if over_http else None
+    answers = http_transport.HttpAnswers() if over_http else None
     authz = Authorization(routes, gateway, ledger, worker, decision_log, limiter, settler, answers)
     # The response phase of routes charged on success: Envoy's ext_proc, on the gRPC port
     # whichever transport the checks come by.
     processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)
     server.add_generic_rpc_handlers(
-        (processor.handler(),) if over_http else (authz.handler(), processor.handler())
+        (processor.handler(),) if over_http else (GrpcChecks(authz).handler(), processor.handler())
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -156,7 +159,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     if over_http:
         host, port = split_host_port(worker_addresses(settings, "listen_authz_http")[worker], "")
         trusted = settings.edge_config().xff_num_trusted_hops
-        checks = await http_authz.serve(authz, host, port, trusted)
+        checks = await http_transport.serve(authz, host, port, trusted)
     for service in ("", AUTHZ_SERVICE, PROCESSOR_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     # Everything made so far lives as long as the worker: keep the collector from scanning
@@ -234,7 +237,7 @@ class WorkerZero:
             probes = await _start_side_port(settings, side, board, "listen_health")
         # The admin API and the settlement worker, if configured: one instance each.
         facilities = await start_facilities(settings, ledger, gateway)
-        sweeper = asyncio.create_task(holding.sweep_forever(ledger, settings.hold_sweep_seconds))
+        sweeper = asyncio.create_task(sweep_forever(ledger, settings.hold_sweep_seconds))
         return cls(http, probes, facilities, sweeper)
 
     async def close(self) -> None:

@@ -34,7 +34,7 @@ from sidecar.ledger.accounts import ACTIVE
 from sidecar.ledger.authorizations import Authorizations
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.logs import get_logger
-from sidecar.server.schemes import ExactSettler, settled_facts
+from sidecar.server.schemes.exact import ExactSettler, settled_facts
 
 Answer = tuple[int, str, bytes, dict[str, str]]
 log = get_logger("sidecar.topup")
@@ -141,7 +141,7 @@ class Topup:
         receipt = protocol.sign_receipt(
             receipts.topup_body(
                 payer,
-                str(decoded["payload"]["authorization"]["from"]),
+                auth.sender,
                 self.asset,
                 amount,
                 credit.balance,

@@ -17,7 +17,7 @@ from sidecar.ledger.rate_limit import RateLimiter, rate
 from sidecar.server.config import Settings
 from sidecar.server.facilitation import Chain, Facilitator
 from sidecar.server.feed import DecisionFeed
-from sidecar.server.schemes import ExactSettler
+from sidecar.server.schemes.exact import ExactSettler
 
 
 def ledger(settings: Settings) -> Ledger:

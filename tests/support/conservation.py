@@ -27,7 +27,8 @@ from sidecar.core.money import to_atomic
 from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import ACTIVE, SUSPENDED, Ledger
 from sidecar.ledger.holds import Holds
-from sidecar.server.authz import Authorization
+from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.envoy.contract import EXT_AUTHZ
 from sidecar.server.processor import Processor
 from sidecar.tools.stack import Stack
@@ -156,7 +157,9 @@ class Workload:
             payer_key, path = payer.public_key, self.rng.choice(list(HELD_ROUTES))
             headers = self.proof(payer, path, HELD_ROUTES[path][0], ttl=120)
         extensions = HELD_ROUTES[path][1]
-        response = await self.servicer.Check(check_request("GET", path, headers, extensions))
+        response = await check_message(
+            self.servicer, check_request("GET", path, headers, extensions)
+        )
         result = outcome(response)
         kind = "held_retry" if retry else "held"
         self.books.outcomes[f"{kind}:{result.reason}"] += 1

@@ -10,7 +10,8 @@ from typing import Any
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 
 from sidecar.ledger.accounts import Ledger
-from sidecar.server.authz import Authorization
+from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.config import Settings
 from sidecar.tools.stack import Stack
 
@@ -55,4 +56,4 @@ def servicer_for(stack: Stack) -> tuple[Authorization, Ledger]:
 
 
 async def check(servicer: Authorization, request: authz.CheckRequest) -> Outcome:
-    return outcome(await servicer.Check(request, None))
+    return outcome(await check_message(servicer, request))

@@ -89,7 +89,7 @@ patterns:
 {{- end }}
 {{- end }}
 
-{{- /* ext_authz's HTTP mode (sidecar/server/http_authz.py): what goes to the sidecar, and
+{{- /* ext_authz's HTTP mode (sidecar/server/authz/http_transport.py): what goes to the sidecar, and
      which of its answer's headers go where. "phase": a route whose response phase runs
      says so with a header on its checks. */}}
 {{- define "x402.envoyHttpService" -}}

@@ -2,7 +2,7 @@
 each priced route with its annotations, then the catch-all to the service.
 
 Over the gRPC transport a priced route carries its price as ext_authz
-`context_extensions`; over the HTTP transport (server/http_authz.py) the sidecar prices it
+`context_extensions`; over the HTTP transport (server/authz/http_transport.py) the sidecar prices it
 from its own route table, and a route with a response phase says so with a header.
 """
 

@@ -8,6 +8,7 @@ import httptools
 
 from sidecar.core import holds
 from sidecar.core.money import Asset
+from sidecar.server.authz.http_transport import HttpAnswers, client_address
 from sidecar.server.envoy.contract import (
     DENIAL_HEADERS,
     DENIAL_METADATA_KEY,
@@ -17,7 +18,6 @@ from sidecar.server.envoy.contract import (
     UNAVAILABLE_MARK,
     UNAVAILABLE_STAND_IN,
 )
-from sidecar.server.http_authz import HttpAnswers, client_address
 
 
 @dataclass

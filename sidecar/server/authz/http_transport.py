@@ -35,7 +35,7 @@ import httptools
 
 from sidecar.core import decision, holds, protocol
 from sidecar.core.errors import ConfigError
-from sidecar.server.authz import Facts
+from sidecar.server.authz.check import Facts
 from sidecar.server.envoy.contract import (
     DENIAL_METADATA,
     DENIAL_METADATA_KEY,
@@ -68,7 +68,7 @@ def _lines(headers: Iterable[tuple[str, str]]) -> bytes:
 
 
 class HttpAnswers:
-    """HTTP/1.1 answers for Envoy's ext_authz `http_service` (authz.Answers)."""
+    """HTTP/1.1 answers for Envoy's ext_authz `http_service` (check.Answers)."""
 
     _REMOVE_PROOFS = f"{REMOVE_HEADER}: {','.join(protocol.PROOF_HEADERS)}\r\n".encode()
     # A free request: the proofs and any x-x402-* assertion stripped (the edge strips them
@@ -118,7 +118,7 @@ def client_address(forwarded_for: str, trusted_hops: int) -> str:
 
 
 class Decider(Protocol):
-    """What answers a check: authz.Authorization (the bench's allow-all is another)."""
+    """What answers a check: check.Authorization (the bench's allow-all is another)."""
 
     async def decide(self, facts: Facts) -> bytes: ...
 

@@ -19,6 +19,7 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.struct_pb2 import Struct, Value
 from google.rpc import code_pb2, status_pb2
 
+from sidecar.core import decision, protocol
 from sidecar.server.envoy.contract import DENIAL_METADATA
 
 _LEN, _VARINT = 2, 0  # protobuf wire types
@@ -136,3 +137,24 @@ def denied(status: int, headers: Iterable[tuple[str, str]], body: bytes) -> byte
     http_status = _field(DENIED_STATUS, HTTP_STATUS_CODE + _varint(status))
     message = http_status + _options(DENIED_HEADERS, headers) + _field(DENIED_BODY, body)
     return _DENIED_STATUS + _field(DENIED, message) + _DENIAL_MARK
+
+
+class GrpcAnswers:
+    """The gRPC transport's answers (check.Answers): CheckResponse bytes."""
+
+    # Proof headers are bearer material: stripped before any request, free or paid, goes on.
+    _REMOVE_PROOFS = removals(protocol.PROOF_HEADERS)
+    # What the gateway asserts to the service is never the client's word: on a free request
+    # it is removed (Envoy strips every x-x402-* at the edge too); a paid one overwrites it.
+    free = ok(remove_headers=_REMOVE_PROOFS + removals(decision.UPSTREAM_HEADERS))
+
+    def ok(
+        self,
+        upstream: Iterable[tuple[str, str]],
+        response: Iterable[tuple[str, str]],
+        metadata: Mapping[str, str],
+    ) -> bytes:
+        return ok(upstream, response, self._REMOVE_PROOFS, metadata)
+
+    def denied(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+        return denied(status, headers, body)
