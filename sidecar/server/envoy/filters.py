@@ -39,8 +39,8 @@ def ext_authz_filter(ep: Endpoints) -> dict[str, Any]:
 
 
 def http_service(ep: Endpoints) -> dict[str, Any]:
-    """ext_authz's HTTP mode (server/authz/http_transport.py): what goes to the sidecar, and which of
-    its answer's headers go where."""
+    """ext_authz's HTTP mode (server/authz/http_transport.py): what goes to the sidecar,
+    and which of its answer's headers go where."""
     host, port = ep.authz_http
     return {
         "server_uri": {
