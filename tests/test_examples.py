@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lanes
+
 from sidecar.core import bundles
 from sidecar.core.money import to_atomic
-from sidecar.tools import lanes
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

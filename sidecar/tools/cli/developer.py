@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import click
 
@@ -27,7 +28,15 @@ from sidecar.tools.cli.base import DEMO_MODULES, SERVER_MODULES, main, redis_opt
     help="Run one lane of examples/ narrated instead: content, per-token, swarm, channel, "
     "per-row, ci, compliance.",
 )
-def demo(serve: bool, info: Path | None, lane: str | None) -> None:
+@click.option(
+    "--examples",
+    "examples_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("examples"),
+    show_default=True,
+    help="With --lane: a checkout's examples/ directory (the lanes and their harness).",
+)
+def demo(serve: bool, info: Path | None, lane: str | None, examples_dir: Path) -> None:
     """Start Redis, the sidecar, Envoy, a demo API, anvil with USDC and an x402 facilitator
     on loopback, and pay through them."""
     if info is not None and not serve:
@@ -35,9 +44,9 @@ def demo(serve: bool, info: Path | None, lane: str | None) -> None:
     if lane is not None:
         if serve:
             raise click.UsageError("--lane runs one lane and stops; it does not --serve")
-        from sidecar.tools import lanes
         from sidecar.tools.demo import make_console
 
+        lanes = _lanes_harness(examples_dir)
         if lane not in lanes.EXAMPLES:
             raise click.UsageError(f"--lane: one of {', '.join(lanes.EXAMPLES)}, not {lane!r}")
         sys.exit(lanes.narrate(lane, make_console()))
@@ -52,6 +61,20 @@ def demo(serve: bool, info: Path | None, lane: str | None) -> None:
         ) from None
 
     sys.exit(demo_story.run(serve=serve, info=info))
+
+
+def _lanes_harness(examples_dir: Path) -> ModuleType:
+    """examples/lanes.py, the examples' harness: it lives in a checkout, not in the wheel."""
+    import importlib
+
+    harness = examples_dir.resolve() / "lanes.py"
+    if not harness.is_file():
+        raise X402Error(
+            f"{harness} not found: the lanes are the programs in a checkout's examples/ "
+            "(run from the checkout, or give --examples DIR)"
+        )
+    sys.path.insert(0, str(harness.parent))  # as the examples import it: `import lanes`
+    return importlib.import_module("lanes")
 
 
 @main.command("load")
