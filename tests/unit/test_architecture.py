@@ -84,8 +84,7 @@ def test_the_boundary_check_sees_an_upward_import(tmp_path: Path) -> None:
 
 def test_the_sdk_loads_none_of_the_gateways_dependencies() -> None:
     probe = (
-        "import sys, sidecar.agent; "
-        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+        "import sys, sidecar.agent; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
