@@ -8,7 +8,8 @@ One `auth_flow` generator serves sync and async httpx (as httpx's DigestAuth doe
 piece of per-request state lives in the generator, so one auth object can be shared by
 threads and by hundreds of concurrent tasks; the only shared state is the wallet (locked),
 the discovery cache (discovery.py, shared with ChannelAuth) and the top-up state (locked).
-Receipts are read and checked by receipts.py, as ChannelAuth's are.
+Proofs are built by proofs.py (as the load generator's are), a payment in flight is
+accounted for by payments.py, receipts are read by receipts.py, as ChannelAuth's are.
 """
 
 from __future__ import annotations
