@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from click.testing import CliRunner
 
 from sidecar.tools.cli import main
@@ -37,3 +39,11 @@ def test_every_visible_command_has_an_audience() -> None:
     listed = sections(CliRunner().invoke(main, ["--help"]).output)
     del listed["Options"]
     assert visible == {name for names in listed.values() for name in names}
+
+
+def test_a_lane_needs_the_examples_directory_of_a_checkout(tmp_path: Path) -> None:
+    """The lanes' harness is not in the wheel: `--lane` says where it looked, in one line."""
+    result = CliRunner().invoke(main, ["demo", "--lane", "content", "--examples", str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"error: {tmp_path / 'lanes.py'} not found" in result.output
+    assert "--examples DIR" in result.output
