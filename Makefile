@@ -84,7 +84,7 @@ unit: install
 	$(PY) -m pytest tests/unit
 
 demo: install
-	$(VENV)/bin/x402 demo
+	X402_TOOLS_DIR=$(abspath $(TOOLS)) $(VENV)/bin/x402 demo
 
 # The sidecar against Envoy alone and an allow-all ext_authz server, through real Envoy and
 # Redis on loopback (installs wrk with apt-get if missing), then every payment path and the

@@ -99,7 +99,7 @@ FRAMEWORK = (
     "/threading.py",  # the worker's only other Python thread: grpc.aio's poller
 )
 # The worker's start-up, below the event loop: outside every check.
-OUTER = ("/sidecar/server/supervisor.py", "/sidecar/tools/cli.py")
+OUTER = ("/sidecar/server/supervisor.py", "/sidecar/tools/cli/")
 _FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import lanes
 
 from sidecar.agent import BudgetExceeded, X402Auth, receipt_of
 from sidecar.core.money import to_atomic, to_decimal
-from sidecar.tools import lanes
 
 STEPS = {"scanner": "/api/v1/scan/vulnerabilities", "licenses": "/api/v1/scan/licenses"}
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import lanes
 
 from sidecar.agent import X402Auth
 from sidecar.core.money import to_atomic, to_decimal
-from sidecar.tools import lanes
 
 
 def x402(*args: str) -> str:

@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import lanes
 
 from sidecar.agent import TOPUP_EXTENSION, TopUp, X402Auth, receipt_of
 from sidecar.core.money import to_atomic, to_decimal
-from sidecar.tools import lanes
 
 CALLS = {  # gateway → what the agent asks it for
     "text": "/api/v1/text/generate",

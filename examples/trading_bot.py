@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import lanes
 
 from sidecar.agent import ChannelAuth, PaymentChannel, receipt_of
 from sidecar.core.money import to_atomic, to_decimal
-from sidecar.tools import lanes
 
 WORKERS, DEPOSIT = 8, "1"
 SYMBOLS = ["BTC", "ETH", "SOL", "EUR"]

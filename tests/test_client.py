@@ -12,7 +12,8 @@ import httpx
 import pytest
 import requests
 
-from sidecar.agent.auth import X402Auth, parse_invoice, receipt_of
+from sidecar.agent.auth import X402Auth, receipt_of
+from sidecar.agent.proofs import parse_invoice
 from sidecar.agent.requests_adapter import X402Adapter, x402_session
 from sidecar.agent.wallet import Wallet
 from sidecar.core.errors import (

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import lanes
 import pytest
 import yaml
 
 from sidecar.server.config import Settings
-from sidecar.tools import lanes
 
 GUIDES = Path(__file__).resolve().parents[1] / "docs" / "guides"
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)

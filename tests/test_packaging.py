@@ -32,6 +32,13 @@ def test_the_base_install_is_the_sdk_alone(tmp_path: Path) -> None:
         "from sidecar.agent.x402_plugin import PrepaidEd25519; print('ok')"
     )
     assert subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout == "ok\n"
+    # The examples' harness stays beside examples/ in the checkout: not in the wheel.
+    where = "import pathlib, sidecar; print(pathlib.Path(sidecar.__file__).parent)"
+    package = Path(
+        subprocess.run([python, "-c", where], capture_output=True, text=True).stdout.strip()
+    )
+    assert (package / "agent" / "auth.py").is_file()
+    assert not [p.name for p in package.rglob("*.py") if p.stem in ("lanes", "specialist")]
     key = tmp_path / "agent.key"
     made = subprocess.run([x402, "keygen", "--out", str(key)], capture_output=True, text=True)
     assert made.returncode == 0, made.stderr

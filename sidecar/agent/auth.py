@@ -8,7 +8,8 @@ One `auth_flow` generator serves sync and async httpx (as httpx's DigestAuth doe
 piece of per-request state lives in the generator, so one auth object can be shared by
 threads and by hundreds of concurrent tasks; the only shared state is the wallet (locked),
 the discovery cache (discovery.py, shared with ChannelAuth) and the top-up state (locked).
-Receipts are read and checked by receipts.py, as ChannelAuth's are.
+Proofs are built by proofs.py (as the load generator's are), a payment in flight is
+accounted for by payments.py, receipts are read by receipts.py, as ChannelAuth's are.
 """
 
 from __future__ import annotations
@@ -24,12 +25,8 @@ import httpx
 from sidecar.agent.discovery import Discovery, DiscoveryCache, origin_of, path_of
 from sidecar.agent.exact import (
     ExactOffer,
-    Onchain,
     TopUp,
-    check_exact_receipt,
     exact_offers,
-    find_onchain,
-    official_default,
 )
 from sidecar.agent.flows import (
     SIGNATURE_HEADER,
@@ -46,33 +43,32 @@ from sidecar.agent.outcomes import (
     answer_of,
     attach_refusal,
     guard,
-    never_sent,
-    outcome_unknown,
     refusal_of,
-    transport_cause,
 )
+from sidecar.agent.payments import (
+    Checking,
+    ExactPayment,
+    Payment,
+    carry,
+    onchain_of,
+    send_paid,
+    settle_exact,
+    settle_prepaid,
+)
+from sidecar.agent.proofs import PROOF_HEADER, direct_terms, parse_invoice, proof_header
 from sidecar.agent.receipts import (
-    NOT_JSON,
     RECEIPT_EXTENSION,
     Receipt,
-    attach,
     bad_receipt,
-    receipt_fields,
-    receipt_header,
     receipt_of,
     refusal,
-    report,
 )
-from sidecar.agent.wallet import Reservation, Wallet, scale_atomic, scaled, unscaled
-from sidecar.core import protocol
+from sidecar.agent.wallet import Wallet, scaled
 from sidecar.core.errors import (
-    AmountError,
     ConfigError,
     InvalidChallenge,
-    PaymentError,
 )
 from sidecar.core.pricing import Price
-from sidecar.core.protocol import SCHEME, VERSION
 
 # Re-exported so an agent needs one import line.
 __all__ = [
@@ -89,48 +85,10 @@ __all__ = [
 ]
 
 TOPUP_EXTENSION = "x402_topup"  # the TopUp an auto top-up made before this response
-PROOF_HEADER = "X-Payment"
 # A prepaid proof refused for one of these is what a top-up cures (auto_topup).
 TOPUP_REASONS = frozenset({"unknown_payer", "insufficient_funds"})
 # A direct proof refused for one of these means the price list is stale: pay the challenge.
 FALLBACK_REASONS = frozenset({"invoice_mismatch", "invoice_expired", "payment_required"})
-# An invoice carries what a proof echoes back, without the payer's name and signature.
-INVOICE_FIELDS = {
-    name: kind for name, kind in protocol.PROOF_FIELDS.items() if name not in ("payer", "signature")
-}
-
-
-@dataclass
-class _Payment:
-    """One signed proof in flight; lives only inside one auth_flow generator."""
-
-    reservation: Reservation
-    proof: dict[str, Any]
-    request: httpx.Request  # the request it rides on: its answer is the paid one
-
-    def identity(self, origin: str) -> dict[str, Any]:
-        names = ("nonce", "invoice_id", "payer", "payee", "resource", "asset", "amount")
-        return {**{name: self.proof.get(name) for name in names}, "origin": origin}
-
-
-@dataclass
-class _ExactPayment:
-    """One signed `exact` authorization in flight."""
-
-    reservation: Reservation
-    onchain: Onchain  # the asset it is counted in, and its decimals
-    amount: int  # atomic
-    payer: str  # the EVM address that signed
-    resource: str | None  # METHOD path; None for a top-up
-
-    def identity(self, origin: str) -> dict[str, Any]:
-        return {
-            "payer": self.payer,
-            "resource": self.resource,
-            "asset": self.onchain.asset,
-            "amount": unscaled(scale_atomic(self.amount, self.onchain.decimals)),
-            "origin": origin,
-        }
 
 
 @dataclass
@@ -140,69 +98,6 @@ class _TopUps:
     lock: threading.Lock = field(default_factory=threading.Lock)
     generation: int = 0
     running: threading.Event | None = None
-
-
-def parse_invoice(response: httpx.Response) -> dict[str, Any] | None:
-    """The invoice of a 402 (JSON body, else the PAYMENT-REQUIRED header); None if absent."""
-    invoice: Any = None
-    try:
-        body = response.json()
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    if isinstance(body, dict):
-        invoice = body.get("x402")
-    header = response.headers.get("payment-required")
-    if not isinstance(invoice, dict) and header:
-        try:
-            required = protocol.decode_header(header)
-        except PaymentError:
-            raise InvalidChallenge("the PAYMENT-REQUIRED header is not base64 JSON") from None
-        accepts = required.get("accepts") if isinstance(required, dict) else None
-        for option in accepts if isinstance(accepts, list) else []:
-            if isinstance(option, dict) and option.get("scheme") == SCHEME:
-                invoice = option.get("extra")
-                break
-    if not isinstance(invoice, dict):
-        return None
-    return checked_invoice(invoice, "the 402's invoice")
-
-
-def checked_invoice(invoice: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """The invoice fields a proof echoes back, each of its type and of our version and
-    scheme; InvalidChallenge names `what` (where the invoice came from) otherwise."""
-    for name, kind in INVOICE_FIELDS.items():
-        if type(invoice.get(name)) is not kind:
-            raise InvalidChallenge(f"{what} has no valid {name!r}")
-    if invoice["version"] != VERSION or invoice["scheme"] != SCHEME:
-        raise InvalidChallenge(
-            f"cannot pay a {invoice['version']}/{invoice['scheme']} invoice "
-            f"(this client speaks {VERSION}/{SCHEME})"
-        )
-    return {name: invoice[name] for name in INVOICE_FIELDS}
-
-
-def _send_paid(
-    request: httpx.Request, payment: _Payment | _ExactPayment
-) -> Generator[Step, httpx.Response | None, httpx.Response]:
-    """`_send` for a request that carries a proof. Abandoned before its answer came (a
-    timeout, a dropped connection, a cancellation), the payment may have been charged: it
-    is counted as spent, and a transport error becomes PaymentOutcomeUnknown. A proof
-    whose connection never opened did not leave: its reservation goes back."""
-    try:
-        response = yield request
-    except GeneratorExit as closing:
-        cause = transport_cause(closing, request)
-        if cause is not None and never_sent(cause):
-            payment.reservation.release()
-            raise
-        payment.reservation.commit()
-        if cause is not None:
-            raise outcome_unknown(request, payment.identity(origin_of(request.url)), cause) from (
-                cause
-            )
-        raise
-    assert response is not None
-    return response
 
 
 class X402Auth(httpx.Auth):
@@ -278,11 +173,8 @@ class X402Auth(httpx.Auth):
             return self.gateway_keys
         return discovery.keys if discovery is not None else None
 
-    def _worded(self, problem: str | None) -> str | None:
-        """A receipt's problem, naming the keys it was checked against as they came."""
-        if problem is None or self.gateway_keys is None:
-            return problem
-        return problem.replace("the gateway's published keys", "the pinned keys (gateway_keys)")
+    def _checking(self, discovery: Discovery | None) -> Checking:
+        return Checking(self._keys(discovery), self.strict, self.gateway_keys is not None)
 
     def _topup_state(self, origin: str) -> _TopUps:
         with self._topups_lock:
@@ -379,7 +271,7 @@ class X402Auth(httpx.Auth):
             if price is not None:
                 payment = self._pay(request, self._direct_terms(request, price, discovery))
         if payment is not None:
-            response = yield from _send_paid(request, payment)
+            response = yield from send_paid(request, payment)
         else:
             response = yield from send(request)
 
@@ -422,85 +314,53 @@ class X402Auth(httpx.Auth):
         if invoice is not None:
             generation = self._topup_state(origin).generation
             payment = self._pay(request, invoice)
-            response = yield from _send_paid(request, payment)
+            response = yield from send_paid(request, payment)
             self._settle(payment, response, discovery)
             reason = refusal(response)
             if reason is not None and self._cures(reason):
                 yield from self._topup_and_retry(request, response, generation)
             return
         exact = self._pay_exact(request, offers, discovery)
-        response = yield from _send_paid(request, exact)
-        self._settle_exact(exact, answer_of(request, response), discovery)
-        _carry(request, response)
+        response = yield from send_paid(request, exact)
+        settle_exact(exact, answer_of(request, response), self._checking(discovery))
+        carry(request, response)
 
     def _direct_terms(
         self, request: httpx.Request, price: Price, discovery: Discovery
     ) -> dict[str, Any]:
-        return protocol.direct_terms(
-            f"{request.method} {path_of(request.url)}",
+        return direct_terms(
+            request.method,
+            path_of(request.url),
             price.asset.code,
             price.display,
             discovery.payee,
             int(time.time()) + min(self.direct_ttl, discovery.max_direct_ttl),
         )
 
-    def _pay(self, request: httpx.Request, terms: Mapping[str, Any]) -> _Payment:
+    def _pay(self, request: httpx.Request, terms: Mapping[str, Any]) -> Payment:
         """Guards first (they raise), then sign; the proof rides on the request."""
         reservation = self.wallet.reserve(terms["asset"], terms["amount"], terms["payee"])
         try:
-            proof = self.wallet.sign(terms)
+            proof, header = proof_header(terms, self.wallet.identity)
         except BaseException:
             reservation.release()
             raise
-        request.headers[PROOF_HEADER] = protocol.encode_header(proof)
-        return _Payment(reservation, proof, request)
+        request.headers[PROOF_HEADER] = header
+        return Payment(reservation, proof, request)
 
-    def _settle(
-        self, payment: _Payment, final: httpx.Response, discovery: Discovery | None
-    ) -> None:
+    def _settle(self, payment: Payment, final: httpx.Response, discovery: Discovery | None) -> None:
         """Account for a payment by its answer (a redirect's first hop, when the client
         followed it: a paid 3xx is the paid answer); its receipt goes on `final` too."""
         response = answer_of(payment.request, final)
         try:
-            self._settle_answer(payment, response, discovery)
+            settle_prepaid(payment, response, self._checking(discovery))
         finally:
-            _carry(payment.request, final)
-
-    def _settle_answer(
-        self, payment: _Payment, response: httpx.Response, discovery: Discovery | None
-    ) -> None:
-        header = receipt_header(response)
-        if header is None:
-            if response.status_code >= 400:
-                payment.reservation.release()  # a denial: the gateway charged nothing
-                return
-            # Success without a receipt: we may have paid, so it counts against the budget.
-            payment.reservation.commit()
-            message = f"{response.status_code} response carries no payment receipt"
-            bad_receipt(message, self.strict, response)
-            return
-        fields = receipt_fields(header)
-        if fields is None:
-            payment.reservation.commit()
-            bad_receipt(NOT_JSON, self.strict, response)
-            return
-        problem = check_receipt(fields, payment.proof, self._keys(discovery))
-        # A verified receipt of a hold says what was really charged: the budget gets the
-        # rest back (all of it when the service failed and the hold was released).
-        captured = None
-        if problem is None and ("held" in fields or fields.get("success") is False):
-            captured = scaled(str(fields["amount"]))
-        if captured == 0 and fields.get("success") is False:
-            payment.reservation.release()
-        else:
-            payment.reservation.commit(captured)
-        problem = self._worded(problem)
-        report(attach(response, fields, problem), problem, self.strict, response)
+            carry(payment.request, final)
 
     # -- exact -----------------------------------------------------------------------------
     def _pay_exact(
         self, request: httpx.Request, offers: list[ExactOffer], discovery: Discovery | None
-    ) -> _ExactPayment:
+    ) -> ExactPayment:
         """Guards first, in the ledger asset the token backs; then the official client signs."""
         evm = self.wallet.evm
         assert evm is not None
@@ -531,38 +391,7 @@ class X402Auth(httpx.Auth):
         request.headers.pop(PROOF_HEADER, None)  # a refused prepaid proof must not ride along
         request.headers[SIGNATURE_HEADER] = header
         resource = f"{request.method} {path_of(request.url)}"
-        return _ExactPayment(reservation, onchain, offer.amount, evm.address, resource)
-
-    def _settle_exact(
-        self, payment: _ExactPayment, response: httpx.Response, discovery: Discovery | None
-    ) -> None:
-        header = receipt_header(response)
-        if header is None:
-            if 400 <= response.status_code < 500:
-                payment.reservation.release()  # refused before anything settled
-                return
-            # A 5xx may come after the chain moved the money; a 2xx did pay.
-            payment.reservation.commit()
-            if response.status_code < 400:
-                message = f"{response.status_code} response carries no payment receipt"
-                bad_receipt(message, self.strict, response)
-            return
-        payment.reservation.commit()
-        fields = receipt_fields(header)
-        if fields is None:
-            bad_receipt(NOT_JSON, self.strict, response)
-            return
-        problem = check_exact_receipt(
-            fields,
-            self._keys(discovery),
-            payer=payment.payer,
-            resource=payment.resource,
-            asset=payment.onchain.asset,
-            atomic=payment.amount,
-            decimals=payment.onchain.decimals,
-        )
-        problem = self._worded(problem)
-        report(attach(response, fields, problem), problem, self.strict, response)
+        return ExactPayment(reservation, onchain, offer.amount, evm.address, resource)
 
     # -- auto top-up -----------------------------------------------------------------------
     def _cures(self, reason: str) -> bool:
@@ -619,52 +448,7 @@ class X402Auth(httpx.Auth):
                 return
             terms = invoice
         payment = self._pay(request, terms)
-        response = yield from _send_paid(request, payment)
+        response = yield from send_paid(request, payment)
         self._settle(payment, response, discovery)
         if topup is not None:
             response.extensions = {**response.extensions, TOPUP_EXTENSION: topup}
-
-
-def _carry(request: httpx.Request, final: httpx.Response) -> None:
-    """The receipt of a redirected request's paid hop, also on the last hop's response."""
-    paid = answer_of(request, final)
-    if paid is not final and RECEIPT_EXTENSION in paid.extensions:
-        receipt = paid.extensions[RECEIPT_EXTENSION]
-        final.extensions = {**final.extensions, RECEIPT_EXTENSION: receipt}
-
-
-def onchain_of(offer: ExactOffer, discovery: Discovery | None) -> Onchain | None:
-    """The ledger asset an exact offer's token backs (the gateway's discovery), else the
-    official client's well-known token (USDC on Base, …); None when neither knows it."""
-    found = find_onchain(discovery.onchain, offer.network, offer.token) if discovery else None
-    return found or official_default(offer.network, offer.token)
-
-
-def check_receipt(
-    fields: Mapping[str, Any], proof: Mapping[str, Any], keys: Mapping[str, str] | None
-) -> str | None:
-    """Why this receipt is not a valid receipt for `proof`, or None if it is one."""
-    if keys is None:
-        return "no gateway keys to verify it (the gateway has no /.well-known/x402)"
-    if not protocol.verify_receipt(fields, keys):
-        return "the signature does not verify against the gateway's published keys"
-    for name in ("payer", "payee", "nonce", "resource", "asset"):
-        if fields.get(name) != proof.get(name):
-            return f"its {name} is not the one paid"
-    try:
-        paid = scaled(str(proof.get("amount")))
-        amount = scaled(str(fields.get("amount")))
-        # a hold: what was held is what was paid, and at most that was captured
-        held = fields.get("held") if fields.get("success") is True else fields.get("released")
-        held_amount = None if held is None else scaled(str(held))
-    except AmountError:
-        return "its amount is not the amount paid"
-    if fields.get("success") is not True:
-        if fields.get("success") is False and held_amount == paid and amount == 0:
-            return None  # the service failed: the hold was released, nothing charged
-        return "it does not say success"
-    if held_amount is None and amount != paid:
-        return "its amount is not the amount paid"
-    if held_amount is not None and not (held_amount == paid and 0 <= amount <= paid):
-        return "its captured amount is not within the amount held"
-    return None

@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 
-from sidecar.agent.auth import PROOF_HEADER, parse_invoice
 from sidecar.agent.discovery import Discovery, DiscoveryCache, origin_of, path_of
+from sidecar.agent.proofs import PROOF_HEADER, parse_invoice
 from sidecar.agent.receipts import (
     NOT_JSON,
     attach,

@@ -15,7 +15,14 @@ import anyio
 import httpx
 
 from sidecar.agent.discovery import Discovery
-from sidecar.agent.exact import TOPUP_KIND, TopUp, check_exact_receipt, exact_offers, find_onchain
+from sidecar.agent.exact import (
+    TOPUP_KIND,
+    ExactOffer,
+    TopUp,
+    check_exact_receipt,
+    exact_offers,
+    find_onchain,
+)
 from sidecar.agent.receipts import receipt_header, refusal
 from sidecar.agent.wallet import Wallet
 from sidecar.core import protocol
@@ -26,6 +33,7 @@ from sidecar.core.errors import (
     PaymentError,
     TopUpFailed,
 )
+from sidecar.core.money import Asset
 
 JSON = "application/json"
 SIGNATURE_HEADER = "PAYMENT-SIGNATURE"  # the x402 v2 envelope, as official clients send it
@@ -94,40 +102,13 @@ def topup_flow(
     evm = wallet.evm
     if evm is None:
         raise ConfigError("a top-up is paid with an EVM key: this wallet has none")
-    payer = wallet.public_key
-    asset = discovery.routes.assets.get(terms.asset)
-    if asset is None:
-        raise TopUpFailed(f"the gateway's discovery lists no decimals for {terms.asset}")
-    atomic = asset.to_atomic(amount)  # AmountError: not an amount of this asset
-    try:
-        low, high = asset.to_atomic(terms.min), asset.to_atomic(terms.max)
-    except AmountError:
-        raise TopUpFailed("the gateway's top-up limits do not parse") from None
-    if not low <= atomic <= high:
-        raise TopUpFailed(
-            f"a top-up is {terms.min} to {terms.max} {terms.asset}; {amount} is not",
-            "bad_request",
-        )
-    query = urlencode({"payer": payer, "amount": amount})
+    asset, atomic = _topup_amount(discovery, amount)
+    query = urlencode({"payer": wallet.public_key, "amount": amount})
     url = f"{origin}{terms.path}?{query}"
     priced = yield from send(httpx.Request(terms.method, url, headers={"accept": JSON}))
     if priced.status_code != 402:
         raise _topup_refused(priced, "asking its price")
-    offers = [
-        offer
-        for offer in exact_offers(priced.headers.get("payment-required"))
-        if (found := find_onchain(discovery.onchain, offer.network, offer.token)) is not None
-        and found.asset == terms.asset
-    ]
-    if not offers:
-        raise InvalidChallenge(
-            f"the top-up's 402 offers exact in no token the gateway lists for {terms.asset}"
-        )
-    offer = offers[0]
-    if offer.amount != atomic:
-        raise InvalidChallenge(
-            f"the top-up's offer is for {offer.amount} atomic units, not the {atomic} asked for"
-        )
+    offer = _topup_offer(priced, discovery, atomic)
     reservation = wallet.reserve_atomic(
         terms.asset,
         atomic,
@@ -157,6 +138,62 @@ def topup_flow(
             reservation.commit()  # a 5xx may come after the chain moved the money
         raise _topup_refused(paid, "paying")
     reservation.commit()
+    return _topup_of(paid, wallet, evm.address, discovery, keys, atomic)
+
+
+def _topup_amount(discovery: Discovery, amount: str) -> tuple[Asset, int]:
+    """The credited asset and `amount` in its atomic units, within the gateway's limits."""
+    terms = discovery.topup
+    assert terms is not None
+    asset = discovery.routes.assets.get(terms.asset)
+    if asset is None:
+        raise TopUpFailed(f"the gateway's discovery lists no decimals for {terms.asset}")
+    atomic = asset.to_atomic(amount)  # AmountError: not an amount of this asset
+    try:
+        low, high = asset.to_atomic(terms.min), asset.to_atomic(terms.max)
+    except AmountError:
+        raise TopUpFailed("the gateway's top-up limits do not parse") from None
+    if not low <= atomic <= high:
+        raise TopUpFailed(
+            f"a top-up is {terms.min} to {terms.max} {terms.asset}; {amount} is not",
+            "bad_request",
+        )
+    return asset, atomic
+
+
+def _topup_offer(priced: httpx.Response, discovery: Discovery, atomic: int) -> ExactOffer:
+    """The top-up 402's `exact` offer in a token backing the credited asset, for `atomic`."""
+    terms = discovery.topup
+    assert terms is not None
+    offers = [
+        offer
+        for offer in exact_offers(priced.headers.get("payment-required"))
+        if (found := find_onchain(discovery.onchain, offer.network, offer.token)) is not None
+        and found.asset == terms.asset
+    ]
+    if not offers:
+        raise InvalidChallenge(
+            f"the top-up's 402 offers exact in no token the gateway lists for {terms.asset}"
+        )
+    offer = offers[0]
+    if offer.amount != atomic:
+        raise InvalidChallenge(
+            f"the top-up's offer is for {offer.amount} atomic units, not the {atomic} asked for"
+        )
+    return offer
+
+
+def _topup_of(
+    paid: httpx.Response,
+    wallet: Wallet,
+    evm_address: str,
+    discovery: Discovery,
+    keys: Mapping[str, str] | None,
+    atomic: int,
+) -> TopUp:
+    """The paid top-up's answer as a TopUp, its receipt checked."""
+    terms = discovery.topup
+    assert terms is not None
     try:
         body = paid.json()
     except (ValueError, UnicodeDecodeError):
@@ -173,12 +210,13 @@ def topup_flow(
     problem = check_exact_receipt(
         fields,
         keys,
-        payer=evm.address,
+        payer=evm_address,
         resource=None,
         asset=terms.asset,
         atomic=atomic,
-        decimals=asset.decimals,
+        decimals=discovery.routes.assets[terms.asset].decimals,
     )
+    payer = wallet.public_key
     if problem is None and (fields.get("payer") != payer or fields.get("kind") != TOPUP_KIND):
         problem = "it does not credit this wallet's key"
 

@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from sidecar.agent.auth import checked_invoice
+from sidecar.agent.proofs import checked_invoice
 from sidecar.agent.wallet import Reservation, Wallet
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import AmountError, InvalidChallenge

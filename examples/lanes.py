@@ -1,6 +1,7 @@
-"""The product's lanes as runnable worlds: the gateways (each its own Redis, sidecar, Envoy,
-upstream and key: one operator each), optionally a shared anvil chain with USDC and an x402
-facilitator, and one agent identity. Used by the programs in `examples/` and their tests.
+"""The examples' harness (beside them, not in the wheel): the product's lanes as runnable
+worlds: the gateways (each its own Redis, sidecar, Envoy, upstream and key: one operator
+each), optionally a shared anvil chain with USDC and an x402 facilitator, and one agent
+identity. Used by the programs in `examples/`, their tests and `x402 demo --lane`.
 
 `World` is what a lane's program needs to know (URLs, keys, config files), as JSON: a
 test starts the world, writes it with `World.save`, runs the example with `--info FILE`,
@@ -36,6 +37,7 @@ from sidecar.server.config import Settings
 from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port, wait_http
 
 Routes = Mapping[str, Mapping[str, Any]]
+EXAMPLES_DIR = Path(__file__).resolve().parent  # the example programs, and this harness
 DECIMALS = 6  # USDF, the gateways' default asset
 
 
@@ -48,7 +50,7 @@ class Spec:
     credit: Mapping[str, str] = field(default_factory=dict)
     chain: bool = False
     mint: int = 0  # atomic USDC minted to the agent's EVM key (the chain's faucet)
-    # Gateways whose service is a specialist agent (sidecar.tools.specialist) that pays
+    # Gateways whose service is a specialist agent (examples/specialist.py) that pays
     # another gateway's route for each task: name → (downstream gateway, path). Each has
     # its own wallet, credited `chained_credit` by the downstream operator.
     chained: Mapping[str, tuple[str, str]] = field(default_factory=dict)
@@ -241,7 +243,7 @@ class SpecialistStack(Stack):
 
     def start_upstream(self) -> Process:
         port = self.ports["upstream"]
-        argv = [sys.executable, "-m", "sidecar.tools.specialist", "--port", str(port)]
+        argv = [sys.executable, str(EXAMPLES_DIR / "specialist.py"), "--port", str(port)]
         argv += ["--downstream", self.downstream]
         process = self._spawn("upstream", argv, env={"X402_WALLET": self.wallet_seed})
         wait_http(f"http://{LOOPBACK}:{port}/", process=process)
@@ -462,7 +464,6 @@ EXAMPLES = {
     "ci": "ci_scanner.py",
     "compliance": "compliance_export.py",
 }
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 
 
 def load_example(name: str) -> Any:
@@ -474,7 +475,7 @@ def load_example(name: str) -> Any:
     path = EXAMPLES_DIR / EXAMPLES[name]
     spec = importlib.util.spec_from_file_location(f"x402_example_{name.replace('-', '_')}", path)
     if spec is None or spec.loader is None or not path.is_file():
-        raise X402Error(f"{path} not found: the lanes are the programs in a checkout's examples/")
+        raise X402Error(f"{path} not found beside the lanes' harness")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

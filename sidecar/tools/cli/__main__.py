@@ -1,0 +1,5 @@
+"""`python -m sidecar.tools.cli`: the `x402` command line."""
+
+from sidecar.tools.cli import main
+
+main()

@@ -1,0 +1,237 @@
+"""An agent's commands: keys, paying a request, buying credit, payment channels."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from sidecar.core.errors import X402Error
+from sidecar.core.identity import Identity
+from sidecar.tools.cli.base import (
+    KEY_ARGUMENTS,
+    admin_options,
+    check_key,
+    config_option,
+    main,
+    payers_call,
+    redis_option,
+)
+
+
+@main.command()
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Where to write the private key (mode 0600; never overwritten).",
+)
+@click.option(
+    "--evm",
+    is_flag=True,
+    help="An EVM (secp256k1) key instead: an agent's key for x402 `exact` and top-ups.",
+)
+def keygen(out: str, evm: bool) -> None:
+    """Create an Ed25519 key (a gateway signing key or an agent wallet), or an EVM key."""
+    from sidecar.agent.evm import EvmKey
+
+    key = EvmKey.generate() if evm else Identity.generate()
+    # Before writing: an EVM address needs the `evm` extra (ConfigError without it).
+    shown = [f"address: {key.address}"] if isinstance(key, EvmKey) else [
+        f"public key: {key.public_key}\n  as an agent's wallet, its payer id: x402 payer "
+        f"register {key.public_key}\n  as a gateway's signing key, its payee id: {key.kid}"
+    ]  # fmt: skip
+    try:
+        key.save(out)
+    except FileExistsError:
+        raise X402Error(f"{out} exists; refusing to overwrite a key") from None
+    except OSError as exc:
+        raise X402Error(f"cannot write {out}: {exc.strerror}") from None
+    for line in shown:
+        click.echo(line)
+
+
+@main.group()
+def channel() -> None:
+    """Open and close payment channels (a deposit locked for vouchered requests)."""
+
+
+@channel.command("open", context_settings=KEY_ARGUMENTS)
+@click.argument("public_key")
+@click.argument("deposit")
+@click.option("--asset", default=None, help="Asset code [default: the config's default].")
+@click.option("--ttl", type=click.IntRange(min=1), default=86400, show_default=True)
+@click.option("--id", "channel_id", default=None, help="Channel id [default: random].")
+@redis_option
+@config_option
+@admin_options
+def channel_open(
+    public_key: str,
+    deposit: str,
+    asset: str | None,
+    ttl: int,
+    channel_id: str | None,
+    redis_url: str | None,
+    config_path: str | None,
+) -> None:
+    """Lock DEPOSIT (a decimal) from a payer's balance into a new channel."""
+    check_key(public_key)
+    opened = payers_call(
+        redis_url,
+        config_path,
+        lambda p: p.open_channel(public_key, deposit, asset, ttl, channel_id),
+        channels=True,
+    )
+    click.echo(
+        f"channel {opened.channel_id}\n"
+        f"deposit {opened.deposit} {opened.asset}, open until {opened.expires_at} (unix time)\n"
+        f"balance left {opened.balance} {opened.asset}"
+    )
+
+
+@channel.command("close", context_settings=KEY_ARGUMENTS)
+@click.argument("public_key")
+@click.argument("channel_id")
+@redis_option
+@config_option
+@admin_options
+def channel_close(
+    public_key: str, channel_id: str, redis_url: str | None, config_path: str | None
+) -> None:
+    """Refund what is left of the deposit; the final voucher goes to settlement."""
+    check_key(public_key)
+    closed = payers_call(redis_url, config_path, lambda p: p.close_channel(public_key, channel_id))
+    head = f"channel {closed.channel_id} {'was already closed' if closed.already else 'closed'}"
+    click.echo(
+        f"{head}: spent {closed.cumulative} in {closed.vouchers} vouchers, refunded "
+        f"{closed.refund}; balance {closed.balance}\nsettlement receipt {closed.receipt_id}"
+    )
+
+
+@main.command()
+@click.argument("url")
+@click.option(
+    "-X",
+    "--request",
+    "method",
+    default=None,
+    metavar="METHOD",
+    help="HTTP method [default: GET, or POST with -d].",
+)
+@click.option(
+    "-H",
+    "--header",
+    "headers",
+    multiple=True,
+    metavar="'NAME: VALUE'",
+    help="Extra request header (repeatable).",
+)
+@click.option(
+    "-d", "--data", default=None, help="Request body; @FILE reads a file, @- reads stdin."
+)
+@click.option(
+    "--max-amount",
+    default=None,
+    metavar="AMOUNT",
+    help="Refuse to pay more than this per request (decimal, e.g. 0.50).",
+)
+@click.option("--asset", "assets", multiple=True, help="Only pay in this asset (repeatable).")
+@click.option("--payee", "payees", multiple=True, help="Only pay this gateway id (repeatable).")
+@click.option(
+    "--wallet",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Agent key file from `x402 keygen` [default: env X402_WALLET or X402_WALLET_FILE].",
+)
+@click.option(
+    "--evm-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="EVM key file (x402 keygen --evm): pays x402 `exact` where prepaid is not possible "
+    "[default: env X402_EVM_KEY or X402_EVM_KEY_FILE].",
+)
+@click.option(
+    "--direct/--challenge",
+    default=True,
+    show_default=True,
+    help="Pay from the price list in one round trip, or always wait for the 402.",
+)
+@click.option("--strict", is_flag=True, help="An invalid receipt is an error, not a warning.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds.")
+def pay(
+    url: str,
+    method: str | None,
+    headers: tuple[str, ...],
+    data: str | None,
+    max_amount: str | None,
+    assets: tuple[str, ...],
+    payees: tuple[str, ...],
+    wallet: str | None,
+    evm_key: str | None,
+    direct: bool,
+    strict: bool,
+    timeout: float,
+) -> None:
+    """Request URL like curl, paying if the gateway asks: body on stdout, receipt on stderr."""
+    from sidecar.tools import pay as payment
+
+    sys.exit(
+        payment.run(
+            payment.PayRequest(
+                url=url,
+                method=method,
+                headers=headers,
+                data=data,
+                max_amount=max_amount,
+                assets=assets,
+                payees=payees,
+                wallet=wallet,
+                evm_key=evm_key,
+                direct=direct,
+                strict=strict,
+                timeout=timeout,
+            )
+        )
+    )
+
+
+@main.command()
+@click.argument("url")
+@click.option(
+    "--amount",
+    required=True,
+    metavar="AMOUNT",
+    help="Credit to buy, a decimal in the gateway's top-up asset (e.g. 5).",
+)
+@click.option(
+    "--wallet",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Ed25519 key file credited [default: env X402_WALLET or X402_WALLET_FILE].",
+)
+@click.option(
+    "--evm-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="EVM key file that pays (x402 keygen --evm) [default: env X402_EVM_KEY or "
+    "X402_EVM_KEY_FILE].",
+)
+@click.option("--asset", "assets", multiple=True, help="Only pay in this asset (repeatable).")
+@click.option("--payee", "payees", multiple=True, help="Only pay this gateway id (repeatable).")
+@click.option("--strict", is_flag=True, help="An invalid receipt is an error, not a warning.")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds.")
+def topup(
+    url: str,
+    amount: str,
+    wallet: str | None,
+    evm_key: str | None,
+    assets: tuple[str, ...],
+    payees: tuple[str, ...],
+    strict: bool,
+    timeout: float,
+) -> None:
+    """Buy prepaid credit at the gateway URL, paid with x402 `exact` from an EVM key."""
+    from sidecar.tools import pay as payment
+
+    request = payment.TopupRequest(url, amount, wallet, evm_key, assets, payees, strict, timeout)
+    sys.exit(payment.run_topup(request))
