@@ -40,7 +40,7 @@ class Authorizations:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         redis = ledger.redis
-        self._reserve = redis.register_script(scripts.source("exact_reserve"))
+        self._reserve = redis.register_script(scripts.EXACT_RESERVE_SOURCE)
         self._finish = redis.register_script(scripts.source("exact_finish"))
         self._topup = redis.register_script(scripts.source("topup"))
 

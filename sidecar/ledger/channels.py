@@ -74,7 +74,7 @@ class Channels:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self.redis = ledger.redis
-        self._open = self.redis.register_script(scripts.source("channel_open"))
+        self._open = self.redis.register_script(scripts.CHANNEL_OPEN_SOURCE)
         self._close = self.redis.register_script(scripts.source("channel_close"))
 
     async def open(
