@@ -26,6 +26,7 @@ from sidecar.ledger.pipe import (
     redacted,
 )
 from sidecar.tools.stack import LOOPBACK, find_binary, free_port
+from tests.support.streams import raw_pipe
 
 COUNTER = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 
@@ -152,8 +153,9 @@ async def test_a_caller_that_gave_up_can_still_learn_the_outcome(redis: Redis) -
     debit.cancel()  # Envoy gave up on the check, the script is already in Redis
 
     await admin.call("CLIENT", "UNPAUSE")
-    assert isinstance(ledger.pipe, RedisPipe)
-    assert await ledger.pipe.call("ECHO", "after") == "after"  # replies in order
+    pipe = raw_pipe(ledger)
+    assert isinstance(pipe, RedisPipe)
+    assert await pipe.call("ECHO", "after") == "after"  # replies in order
 
     assert debit.cancelled()
     assert outcomes == [70]  # charged after all, and the caller's listener knows

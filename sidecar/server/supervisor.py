@@ -40,9 +40,8 @@ from sidecar.core import exact, protocol, vouchers
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import ConfigError
 from sidecar.core.pricing import RouteTable
-from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.cluster import ClusterPipe, is_cluster_url
-from sidecar.ledger.pipe import RedisPipe, redacted
+from sidecar.ledger.accounts import Ledger, check_url
+from sidecar.ledger.pipe import redacted
 from sidecar.server import holding, http_authz, logs, metrics, wiring
 from sidecar.server.admin import Facilities, check_listener, start_facilities
 from sidecar.server.authz import AUTHZ_SERVICE, Authorization
@@ -129,7 +128,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     ledger = Ledger.from_url(settings.redis_url, timeout=settings.redis_timeout_ms / 1000)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    limiter = wiring.rate_limiter(settings, ledger.pipe)
+    limiter = wiring.rate_limiter(settings, ledger)
     settler = wiring.exact_settler(settings, ledger)
     feed = wiring.decision_feed(settings, ledger)  # the dashboard's stream, if on
     decision_log = logs.DecisionLog(settings.log_level, sink=feed)
@@ -446,10 +445,7 @@ def run(settings: Settings) -> None:
     routes, gateway = settings.route_table(), settings.gateway()
     check_listener(settings)
     try:  # the URL and its TLS files, before any worker depends on them
-        if is_cluster_url(settings.redis_url):
-            ClusterPipe(settings.redis_url)
-        else:
-            RedisPipe(settings.redis_url)
+        check_url(settings.redis_url)
     except ValueError as exc:
         raise ConfigError(f"config redis_url {redacted(settings.redis_url)}: {exc}") from None
     refuse_ports_in_use(settings)
