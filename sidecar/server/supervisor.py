@@ -127,7 +127,6 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     address = worker_addresses(settings)[worker]
     ledger = Ledger.from_url(settings.redis_url, timeout=settings.redis_timeout_ms / 1000)
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     limiter = wiring.rate_limiter(settings, ledger)
     settler = wiring.exact_settler(settings, ledger)
     feed = wiring.decision_feed(settings, ledger)  # the dashboard's stream, if on
@@ -138,17 +137,8 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     # The response phase of routes charged on success: Envoy's ext_proc, on the gRPC port
     # whichever transport the checks come by.
     processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)
-    server.add_generic_rpc_handlers(
-        (processor.handler(),) if over_http else (authz.handler(), processor.handler())
-    )
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError:  # grpc: "Failed to bind"
-        bound = 0
-    if bound == 0:
-        raise ConfigError(f"config listen_grpc: worker {worker} cannot listen on {address}")
+    handlers = (processor.handler(),) if over_http else (authz.handler(), processor.handler())
+    server, health = _grpc_server(worker, address, handlers)
     topup = None
     if settler is not None and gateway.exact is not None and gateway.exact.topup:
         asset = routes.assets[gateway.exact.topup["asset"]]
@@ -201,6 +191,24 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
         with contextlib.suppress(Exception):
             await settler.close()
     log.info("sidecar.stopped")
+
+
+def _grpc_server(
+    worker: int, address: str, handlers: tuple[grpc.GenericRpcHandler, ...]
+) -> tuple[grpc.aio.Server, HealthServicer]:
+    """The worker's gRPC server on its own port: `handlers` (ext_authz over gRPC, the
+    response phase) and gRPC health; a port it cannot bind is a config error."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers(handlers)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpc: "Failed to bind"
+        bound = 0
+    if bound == 0:
+        raise ConfigError(f"config listen_grpc: worker {worker} cannot listen on {address}")
+    return server, health
 
 
 async def _log_started(log: Any, ledger: Ledger, **facts: Any) -> None:
