@@ -21,7 +21,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as authz
 
 from sidecar.core import protocol
 from sidecar.core.identity import Identity
-from sidecar.ledger import keyspace
+from sidecar.ledger import decisions
 from sidecar.ledger.accounts import Ledger
 from sidecar.server.authz.check import Authorization
 from sidecar.server.authz.grpc_transport import check_message
@@ -96,7 +96,7 @@ async def main_async(checks: int, rounds: int) -> dict[str, Any]:
                 per_check = cpu / checks * 1e6
                 best[name] = min(best.get(name, per_check), per_check)
                 print(f"{name}: {per_check:.1f} µs CPU per paid check")
-        kept = await ledger.redis.xlen(keyspace.DECISIONS)
+        kept = await decisions.kept(ledger)
         await ledger.close()
         return {"best_us": best, "dropped": feed.dropped, "stream_length": kept}
     finally:

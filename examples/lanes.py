@@ -29,7 +29,6 @@ from sidecar.agent.evm import EvmKey
 from sidecar.agent.wallet import Wallet
 from sidecar.core.identity import Identity, write_secret
 from sidecar.core.money import to_atomic
-from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.payers import ChannelClosing, ChannelView
 from sidecar.server import wiring
@@ -145,7 +144,7 @@ class Gateway:
         operator's revenue by payer."""
 
         async def op(ledger: Ledger, settings: Settings) -> dict[str, int]:
-            payers = [p async for p in ledger.redis.sscan_iter(keyspace.PAYERS)]
+            payers = [p async for p in ledger.scan_payers()]
             paid = {
                 p: sum(int(r["amount"]) for r in await ledger.receipts(p, 10_000)) for p in payers
             }

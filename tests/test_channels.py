@@ -31,14 +31,14 @@ from tests.support.cli import x402
 from tests.support.payers import b64json, funded_payer, voucher_header
 from tests.support.routes import VERIFY
 from tests.support.settlement import settle
-from tests.support.streams import xrange
+from tests.support.streams import raw, raw_pipe, xrange
 
 USDF = 1_000_000
 
 
 async def conserved(ledger: Ledger, payer: str) -> dict[str, int]:
     """credited = balance + channeled (open deposits) + debited, in atomic units."""
-    fields = await ledger.redis.hgetall(keyspace.account(payer))
+    fields = await raw(ledger).hgetall(keyspace.account(payer))
     amounts = {
         name: int(fields.get(f"{name}:USDF", "0"))
         for name in ("credited", "balance", "channeled", "debited")
@@ -106,7 +106,7 @@ async def test_open_a_thousand_vouchered_requests_and_close(
     assert (state.cumulative, state.sequence, state.status) == (10 * USDF, 1000, "open")
     assert lane.spent == "10"
     # Vouchers write no per-request record: the channel's last voucher is its whole state.
-    assert await ledger.redis.xlen(keyspace.receipts(payer)) == 0
+    assert await raw(ledger).xlen(keyspace.receipts(payer)) == 0
     await conserved(ledger, payer)
 
     # The last voucher again (a replay), and an older one: refused, nothing moves.
@@ -178,7 +178,7 @@ async def test_open_a_thousand_vouchered_requests_and_close(
     )
     await expect(await client.get(VERIFY.format(n=1), headers=late), 402, "channel_closed")
     # The close is one receipt in the stream, carrying the payer's final voucher.
-    [(_id, entry)] = await xrange(ledger.redis, keyspace.receipts(payer))
+    [(_id, entry)] = await xrange(raw(ledger), keyspace.receipts(payer))
     assert (entry["kind"], entry["amount"], entry["refund"], entry["sequence"]) == (
         "channel",
         str(10 * USDF),
@@ -371,9 +371,9 @@ async def test_the_settle_pass_closes_expired_channels(
         "debited": 10_000,
     }
     # Its close was settled in the same pass.
-    [(_id, entry)] = await xrange(ledger.redis, keyspace.receipts(wallet.public_key))
+    [(_id, entry)] = await xrange(raw(ledger), keyspace.receipts(wallet.public_key))
     assert entry["kind"] == "channel"
-    assert await ledger.redis.llen(keyspace.payer_batches(wallet.public_key)) == 1
+    assert await raw(ledger).llen(keyspace.payer_batches(wallet.public_key)) == 1
 
 
 async def test_a_voucher_accepted_after_envoy_gave_up_still_gets_its_log_line(
@@ -400,10 +400,10 @@ async def test_a_voucher_accepted_after_envoy_gave_up_still_gets_its_log_line(
         stack, wallet, cumulative="0.01", sequence=1, **terms
     )["X-Payment"]
     # Connected, and the script loaded (else its first call is NOSCRIPT, load, retry).
-    pipe = servicer.ledger.pipe
+    pipe = raw_pipe(servicer.ledger)
     assert isinstance(pipe, RedisPipe)  # one Redis here, not a cluster
     await pipe.call("SCRIPT", "LOAD", scripts.VOUCHER.source)
-    pause = asyncio.create_task(ledger.redis.execute_command("DEBUG", "SLEEP", "0.5"))
+    pause = asyncio.create_task(raw(ledger).execute_command("DEBUG", "SLEEP", "0.5"))
     await asyncio.sleep(0.05)
 
     task = asyncio.create_task(check_message(servicer, check))

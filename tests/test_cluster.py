@@ -30,6 +30,7 @@ from tests.support.conservation import run_and_check
 from tests.support.payers import funded_payer, paid_requests, pay_direct
 from tests.support.routes import ENVOY_ROUTES, ROUTES, VERIFY
 from tests.support.settlement import assert_exactly_once, remember_gateway, settle
+from tests.support.streams import raw_pipe
 
 MASTERS = 3
 PRICE = 10_000
@@ -145,7 +146,7 @@ async def test_every_key_of_a_payer_is_in_one_slot(cluster: Stack) -> None:
 
 
 async def test_ledger_round_trip(cledger: Ledger) -> None:
-    assert isinstance(cledger.pipe, ClusterPipe) and cledger.cluster
+    assert isinstance(raw_pipe(cledger), ClusterPipe) and cledger.cluster
     wallet = Identity.generate()
     payer = wallet.public_key
     assert await cledger.register(payer)
@@ -185,8 +186,9 @@ async def test_payers_spread_over_the_masters(cluster: Stack, cledger: Ledger) -
         home = owners[slot_of(keyspace.account(payer))]
         async with node(home) as master:  # the keys really are on that master
             assert await master.exists(keyspace.account(payer), keyspace.credits(payer)) == 2
-        assert isinstance(cledger.pipe, ClusterPipe)
-        assert cledger.pipe.owner(keyspace.account(payer)) == (LOOPBACK, home)
+        pipe = raw_pipe(cledger)
+        assert isinstance(pipe, ClusterPipe)
+        assert pipe.owner(keyspace.account(payer)) == (LOOPBACK, home)
         homes[payer] = home
     assert len(set(homes.values())) >= 2  # 12 random payers on one of 3 masters: p ≈ 6e-6
 
@@ -248,8 +250,8 @@ async def test_channels_and_settlement(
 async def test_rate_limits_on_the_cluster(cluster: Stack, cledger: Ledger) -> None:
     """Each bucket is one key in one slot: the payer's beside its account, the address's
     wherever its own tag hashes."""
-    assert isinstance(cledger.pipe, ClusterPipe)
-    limiter = RateLimiter(cledger.pipe, payer=Rate(1, 2), ip=Rate(1, 5))
+    assert isinstance(raw_pipe(cledger), ClusterPipe)
+    limiter = RateLimiter(cledger, payer=Rate(1, 2), ip=Rate(1, 5))
     payer = Identity.generate().public_key
     for _ in range(2):
         await limiter.check(payer, "192.0.2.7", protocol.new_nonce())
@@ -294,9 +296,10 @@ async def test_a_migrating_slot_is_followed(cluster: Stack, cledger: Ledger) -> 
     owners = await slot_owners(cluster.cluster_ports[0])
     source = owners[slot]
     target = next(port for port in cluster.cluster_ports if port != source)
-    assert isinstance(cledger.pipe, ClusterPipe)
+    pipe = raw_pipe(cledger)
+    assert isinstance(pipe, ClusterPipe)
     assert await debit(cledger, payer, PRICE, "r1")
-    assert cledger.pipe.owner(account_key) == (LOOPBACK, source)
+    assert pipe.owner(account_key) == (LOOPBACK, source)
 
     await migrate(source, target, slot, cluster.cluster_ports)
     try:
@@ -314,7 +317,7 @@ async def test_a_migrating_slot_is_followed(cluster: Stack, cledger: Ledger) -> 
     # The retried debit may have ended on the ASK path (which leaves the map alone) or
     # after a MOVED; by the next call at the latest, MOVED has fixed the map.
     assert await debit(cledger, payer, PRICE, "r3")
-    assert cledger.pipe.owner(account_key) == (LOOPBACK, target)
+    assert pipe.owner(account_key) == (LOOPBACK, target)
     account = await cledger.account(payer)
     assert account.debited["USDF"] == 3 * PRICE
     async with node(target) as dst:

@@ -45,6 +45,7 @@ from tests.support.demos import read_until_up, serve_demo
 from tests.support.payers import funded_payer, paid_requests, pay_direct
 from tests.support.settlement import settle
 from tests.support.stacks import ADMIN_TOKEN, ask_sidecar, over_http
+from tests.support.streams import raw
 
 MARKUP = '<script>document.title="owned"</script><img src=x id=injected>'
 PATH = "/api/v1/market/" + MARKUP
@@ -394,7 +395,7 @@ async def test_the_decision_stream_is_capped_and_a_dead_redis_costs_nothing(
     lines = [json.dumps({"decision": "allow", "reason": "free", "n": n}) for n in range(3000)]
     for start in range(0, 3000, 256):
         await decisions.append(admin_ledger, lines[start : start + 256], keep=1000)
-    kept = await admin_ledger.redis.xlen("x402:decisions")
+    kept = await decisions.kept(admin_ledger)
     assert 1000 <= kept < 1200  # MAXLEN ~: whole nodes trimmed
     newest = await decisions.recent(admin_ledger, 3)
     assert [line["n"] for line in newest] == [2999, 2998, 2997]
@@ -403,7 +404,7 @@ async def test_the_decision_stream_is_capped_and_a_dead_redis_costs_nothing(
     wide = [json.dumps({"reason": "free", "n": n, "path": "/" + "p" * 2000}) for n in range(2000)]
     for start in range(0, 2000, 256):
         await decisions.append(admin_ledger, wide[start : start + 256], max_bytes=cap)
-    used = await admin_ledger.redis.memory_usage("x402:decisions", samples=0)
+    used = await raw(admin_ledger).memory_usage("x402:decisions", samples=0)
     assert used is not None and cap // 2 < used <= cap * 1.05
     assert [line["n"] for line in await decisions.recent(admin_ledger, 1)] == [1999]
 

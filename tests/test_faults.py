@@ -25,6 +25,7 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.tools.stack import Stack
 from tests.support.payers import funded_payer, pay_direct
 from tests.support.routes import ROUTES
+from tests.support.streams import raw
 
 VERIFY = "/api/v1/trade/verify/T-7"
 PRICE = 10_000  # 0.01 USDF
@@ -198,7 +199,7 @@ async def test_script_cache_flushed_mid_load_costs_nothing() -> None:
         async def fault() -> None:
             for _ in range(3):
                 await asyncio.sleep(0.3)
-                await ledger.redis.script_flush()
+                await raw(ledger).script_flush()
 
         await traffic.run(fault)
         await ledger.close()

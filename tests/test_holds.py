@@ -30,6 +30,7 @@ from tests.support.cli import x402
 from tests.support.inprocess import check_request
 from tests.support.payers import funded_payer, pay_direct
 from tests.support.settlement import settle
+from tests.support.streams import raw, raw_pipe
 
 REPORT, ROWS, LLM = "/api/v1/report", "/api/v1/data/rows", "/api/v1/llm/generate"
 ROUTES: dict[str, dict[str, Any]] = {
@@ -430,10 +431,10 @@ async def test_a_hold_placed_after_envoy_gave_up_gets_its_line_and_stays_until_i
         holds_stack, wallet, f"GET {REPORT}", "0.25"
     ).items()}  # fmt: skip
     check = check_request("GET", REPORT, proof, {holds.EXT_PHASE: holds.PHASE_RESPONSE})
-    pipe = servicer.ledger.pipe
+    pipe = raw_pipe(servicer.ledger)
     assert isinstance(pipe, RedisPipe)  # one Redis here, not a cluster
     await pipe.call("SCRIPT", "LOAD", scripts.HOLD.source)  # connected, the script loaded
-    pause = asyncio.create_task(holds_ledger.redis.execute_command("DEBUG", "SLEEP", "0.5"))
+    pause = asyncio.create_task(raw(holds_ledger).execute_command("DEBUG", "SLEEP", "0.5"))
     await asyncio.sleep(0.05)
 
     task = asyncio.create_task(check_message(servicer, check))

@@ -16,7 +16,6 @@ import pytest
 from sidecar.core.errors import LedgerUnavailable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.channels import Channels
-from sidecar.ledger.pipe import RedisPipe
 from sidecar.ledger.rate_limit import Rate, RateLimiter
 from sidecar.tools.stack import LOOPBACK, Stack, free_port
 from tests.support.payers import funded_payer, pay_direct, voucher_header
@@ -153,7 +152,7 @@ async def test_vouchers_count_against_the_payer_too(limited: Stack, lledger: Led
 
 
 async def test_a_limiter_that_cannot_reach_redis_fails_closed() -> None:
-    dead = RedisPipe(f"redis://{LOOPBACK}:{free_port()}/0", timeout=0.2)
+    dead = Ledger.from_url(f"redis://{LOOPBACK}:{free_port()}/0", timeout=0.2)
     limiter = RateLimiter(dead, payer=Rate(1, 1), ip=Rate(1, 1))
     with pytest.raises(LedgerUnavailable):
         await limiter.check("payer", "127.0.0.1", "n" * 22)

@@ -13,8 +13,14 @@ from pathlib import Path
 import pytest
 
 from sidecar.core.errors import LedgerUnavailable
+from sidecar.core.money import Asset
+from sidecar.core.pricing import Price
+from sidecar.core.vouchers import Voucher
 from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.authorizations import Authorizations
+from sidecar.ledger.channels import Channels
 from sidecar.ledger.cluster import parse_cluster_url
+from sidecar.ledger.holds import CAPTURED, Holds
 from sidecar.ledger.pipe import (
     TLS,
     ConnectionFailed,
@@ -26,6 +32,7 @@ from sidecar.ledger.pipe import (
     redacted,
 )
 from sidecar.tools.stack import LOOPBACK, find_binary, free_port
+from tests.support.streams import raw_pipe
 
 COUNTER = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 
@@ -152,8 +159,9 @@ async def test_a_caller_that_gave_up_can_still_learn_the_outcome(redis: Redis) -
     debit.cancel()  # Envoy gave up on the check, the script is already in Redis
 
     await admin.call("CLIENT", "UNPAUSE")
-    assert isinstance(ledger.pipe, RedisPipe)
-    assert await ledger.pipe.call("ECHO", "after") == "after"  # replies in order
+    pipe = raw_pipe(ledger)
+    assert isinstance(pipe, RedisPipe)
+    assert await pipe.call("ECHO", "after") == "after"  # replies in order
 
     assert debit.cancelled()
     assert await step == 70  # charged after all, and the shielded step knows
@@ -287,3 +295,50 @@ def test_urls_in_logs_hide_the_password() -> None:
     )
     assert redacted("redis+cluster://:pw@a:1,b:2") == "redis+cluster://:***@a:1,b:2"
     assert redacted("redis://h:1/0") == "redis://h:1/0"
+
+
+async def test_every_hot_path_money_script_past_its_deadline_moves_nothing(redis: Redis) -> None:
+    """The deadline check every money script starts with (lua/money.lua): past it, the
+    debit, hold, capture, voucher and reservation scripts answer `deadline_passed`
+    (LedgerUnavailable, a 503) and move nothing; in time, the same call goes through."""
+    ledger = Ledger.from_url(redis.url, timeout=5.0)
+    await ledger.register("payer")
+    await ledger.credit("payer", "USDF", 100, "once")
+    expires, late = int(time.time()) + 60, -1.0  # `within` < 0: the caller has given up
+
+    with pytest.raises(LedgerUnavailable, match="too late"):
+        await ledger.debit("payer", "n1", "USDF", 30, expires, "r1", {}, within=late)
+    assert await ledger.debit("payer", "n1", "USDF", 30, expires, "r1", {}) == 70
+
+    holds = Holds(ledger)
+    with pytest.raises(LedgerUnavailable, match="too late"):
+        await holds.place("payer", "n2", "USDF", 20, expires, "h1", 60, {}, within=late)
+    assert await holds.place("payer", "n2", "USDF", 20, expires, "h1", 60, {}) == 50
+    with pytest.raises(LedgerUnavailable, match="too late"):
+        await holds.capture("payer", "h1", 20, int(time.time()), within=late)
+    assert await holds.open_holds("payer") == 1
+    assert (await holds.capture("payer", "h1", 20, int(time.time()))).outcome == CAPTURED
+
+    channels = Channels(ledger)
+    channel_id, _ = await channels.open("payer", "USDF", 40, "gw")
+    terms = {"channel_id": channel_id, "sequence": 1, "cumulative": "0.00001"}
+    voucher = Voucher(channel_id, "USDF", "0.00001", 1, "GET /", "gw", "payer", "", b"", terms)
+    price = Price("r", 10, Asset("USDF", 6))
+    with pytest.raises(LedgerUnavailable, match="too late"):
+        await channels.accept(voucher, 10, price, "gw", 0, within=late)
+    assert (await channels.get("payer", channel_id)).sequence == 0
+    assert await channels.accept(voucher, 10, price, "gw", 0) == (30, 10)
+
+    authorizations = Authorizations(ledger)
+    with pytest.raises(LedgerUnavailable, match="too late"):
+        await authorizations.reserve("0xabc", "k", int(time.time()) + 60, within=late)
+    assert (await authorizations.reserve("0xabc", "k", int(time.time()) + 60)).startswith(
+        "reserved:"
+    )
+    account = await ledger.account("payer")
+    assert (account.balances, account.debited, account.channeled) == (
+        {"USDF": 10},
+        {"USDF": 50},
+        {"USDF": 40},
+    )
+    await ledger.close()

@@ -32,6 +32,7 @@ from tests.support.settlement import (
     settle,
     settle_crash,
 )
+from tests.support.streams import raw
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ async def test_paid_requests_settle_into_signed_batches(
     anchored = jsonl_manifests(sstack.dir / "anchors.jsonl")
     assert len({m["batch_id"] for m in anchored}) == len(anchored)
     for manifest in anchored:
-        stored = await sledger.redis.get(keyspace.batch(manifest["batch_id"]))
+        stored = await raw(sledger).get(keyspace.batch(manifest["batch_id"]))
         assert stored is not None and canonical_json(manifest).decode() == stored
 
 
@@ -187,8 +188,8 @@ async def _committed(ledger: Ledger) -> int:
 
 async def _all_batch_ids(ledger: Ledger) -> list[Any]:
     ids = []
-    async for payer in ledger.redis.sscan_iter(keyspace.PAYERS):
-        ids += await ledger.redis.lrange(keyspace.payer_batches(payer), 0, -1)
+    async for payer in raw(ledger).sscan_iter(keyspace.PAYERS):
+        ids += await raw(ledger).lrange(keyspace.payer_batches(payer), 0, -1)
     return ids
 
 
@@ -247,13 +248,13 @@ async def test_settled_receipts_past_retention_leave_the_ledger_and_unsettled_on
     # A retention of 1 ms, the two new receipts not old enough to settle: the settled four
     # leave the ledger, the unsettled two stay.
     waiting = await settle_pass(retention=0.001, max_age=3600)
-    assert await sledger.redis.xlen(kept) == 2
+    assert await raw(sledger).xlen(kept) == 2
     assert (waiting.expired, waiting.unsettled, waiting.bundle["receipts"]) == (1, 2, [])
     settled = await settle_pass(flush=True)  # they settle, and stay (30 days)
     assert (settled.expired, len(settled.bundle["receipts"])) == (1, 2)
     assert [m["count"] for m in await settlement.payer_batches(sledger, payer)] == [4, 2]
     # A month later they are past the default retention as well.
     later = await settle_pass(later=31 * 86400)
-    assert await sledger.redis.xlen(kept) == 0
+    assert await raw(sledger).xlen(kept) == 0
     assert (later.expired, later.bundle["receipts"]) == (2, [])
     assert (await sledger.account(payer)).balances["USDF"] == 0  # money untouched by it

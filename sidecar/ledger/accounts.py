@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -63,13 +64,17 @@ class Account:
 
 
 class Ledger:
-    """Debits, the hot path, go through the pipelined client; the rest through redis-py."""
+    """Debits, the hot path, go through the pipelined client; the rest through redis-py.
+
+    Redis stays inside the ledger package: its two clients (`_redis`, `_pipe`) are used by
+    the ledger's own modules only; everything above calls the ledger's methods and sees a
+    Redis failure as LedgerUnavailable, never as a Redis error (see `translated`)."""
 
     def __init__(
         self, client: aioredis.Redis | RedisCluster, pipe: RedisPipe | ClusterPipe
     ) -> None:
-        self.redis = client
-        self.pipe = pipe
+        self._redis = client
+        self._pipe = pipe
         self.url = ""  # redis_url without its password, for logs
         # register_script: EVALSHA, and a reload on NOSCRIPT after a Redis restart.
         self._credit = client.register_script(scripts.source("credit"))
@@ -77,7 +82,7 @@ class Ledger:
     @property
     def cluster(self) -> bool:
         """On Redis Cluster (`redis+cluster://`): multi-key commands must stay in one slot."""
-        return isinstance(self.redis, RedisCluster)
+        return isinstance(self._redis, RedisCluster)
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 1.0) -> Ledger:
@@ -98,20 +103,24 @@ class Ledger:
     async def unreachable(self) -> str:
         """ "" if the hot path's connection reaches Redis, else why not (for logs: names
         the address and the cause, never the password)."""
-        if await self.pipe.ping():
+        if await self._pipe.ping():
             return ""
-        return self.pipe.last_error or "Redis did not answer PING"
+        return self._pipe.last_error or "Redis did not answer PING"
 
     async def close(self) -> None:
-        await self.pipe.close()
-        await self.redis.aclose()
+        await self._pipe.close()
+        await self._redis.aclose()
 
     async def call(self, op: Awaitable[Any]) -> Any:
         """Any redis-py operation off the hot path; Redis unreachable → LedgerUnavailable."""
-        try:
+        with translated():
             return await op
-        except (RedisError, OSError) as exc:
-            raise unavailable(exc) from exc
+
+    async def scan_payers(self, count: int = 500) -> AsyncIterator[str]:
+        """Every registered payer, a page of about `count` at a time (SSCAN: no order)."""
+        with translated():
+            async for payer in self._redis.sscan_iter(keyspace.PAYERS, count=count):
+                yield payer
 
     async def run(
         self,
@@ -125,9 +134,9 @@ class Ledger:
         with the deadline (see DEADLINE_SHARE): past it the script refuses, so a caller that
         answered 503 charged nothing. `parse` turns the reply into the result or raises its
         reason. `within`: seconds the caller can still wait (Envoy's deadline)."""
-        argv = (deadline_ms(self.pipe.timeout, within), *args)
+        argv = (deadline_ms(self._pipe.timeout, within), *args)
         try:
-            reply = await self.pipe.evalsha(script, keys, argv)
+            reply = await self._pipe.evalsha(script, keys, argv)
         except RedisPipeError as exc:
             raise unavailable(exc) from exc
         return _parsed(reply, parse)
@@ -176,22 +185,22 @@ class Ledger:
         """Make a payer known (active, zero balance); False if it was registered already."""
 
         async def op() -> bool:
-            created = bool(await self.redis.hsetnx(keyspace.account(payer), "status", ACTIVE))
-            await self.redis.sadd(keyspace.PAYERS, payer)
+            created = bool(await self._redis.hsetnx(keyspace.account(payer), "status", ACTIVE))
+            await self._redis.sadd(keyspace.PAYERS, payer)
             return created
 
         return bool(await self.call(op()))
 
     async def set_status(self, payer: str, status: str) -> None:
         async def op() -> None:
-            if not await self.redis.exists(keyspace.account(payer)):
+            if not await self._redis.exists(keyspace.account(payer)):
                 raise refusal(UnknownPayer.reason)
-            await self.redis.hset(keyspace.account(payer), "status", status)
+            await self._redis.hset(keyspace.account(payer), "status", status)
 
         await self.call(op())
 
     async def account(self, payer: str) -> Account:
-        fields: dict[str, str] = await self.call(self.redis.hgetall(keyspace.account(payer)))
+        fields: dict[str, str] = await self.call(self._redis.hgetall(keyspace.account(payer)))
         if not fields:
             raise refusal(UnknownPayer.reason)
 
@@ -219,13 +228,22 @@ class Ledger:
         """Up to `count` (stream id, receipt facts) of a payer, oldest first, after `after`."""
         start = f"({after}" if after else "-"
         entries: list[tuple[str, dict[str, str]]] = await self.call(
-            self.redis.xrange(keyspace.receipts(payer), min=start, count=count)
+            self._redis.xrange(keyspace.receipts(payer), min=start, count=count)
         )
         return entries
 
     async def ping(self) -> bool:
         """Whether the hot path's own connection reaches Redis (readiness)."""
-        return await self.pipe.ping()
+        return await self._pipe.ping()
+
+
+def check_url(url: str) -> None:
+    """Raise ValueError if `url` cannot name a ledger (its scheme, query or TLS files), as
+    `Ledger.from_url` would, without connecting."""
+    if redis_cluster.is_cluster_url(url):
+        ClusterPipe(url)
+    else:
+        RedisPipe(url)
 
 
 def _client(address: Address, timeout: float) -> aioredis.Redis:
@@ -250,6 +268,23 @@ def unavailable(exc: Exception) -> LedgerUnavailable:
     """The one way Redis failing becomes a reason: fail closed; the exception class tells
     the operator why, without secrets."""
     return LedgerUnavailable(f"ledger unavailable ({exc.__class__.__name__})")
+
+
+# What a Redis failure looks like from either client: redis-py's errors, the pipelined
+# client's, and the socket's own.
+REDIS_ERRORS = (RedisError, RedisPipeError, OSError)
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Redis failing inside the block raises LedgerUnavailable (see `unavailable`): the
+    ledger's modules wrap every Redis step off the hot path in it (`Ledger.call` does),
+    so no Redis error leaves the package. The hot path (`Ledger.run`) maps its one
+    client's error itself, without a context manager per check."""
+    try:
+        yield
+    except REDIS_ERRORS as exc:
+        raise unavailable(exc) from exc
 
 
 def _parsed(reply: Any, parse: Callable[[Any], T]) -> T:

@@ -39,8 +39,8 @@ class TopupCredit:
 class Authorizations:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        redis = ledger.redis
-        self._reserve = redis.register_script(scripts.source("exact_reserve"))
+        redis = ledger._redis
+        self._reserve = redis.register_script(scripts.EXACT_RESERVE_SOURCE)
         self._finish = redis.register_script(scripts.source("exact_finish"))
         self._topup = redis.register_script(scripts.source("topup"))
 
@@ -56,7 +56,7 @@ class Authorizations:
         (with `state`: `reserved:<id>:<owner>` or `settled:<tx>:<owner>`) when another
         check holds it or has settled it. `owner`: the Ed25519 payer a top-up credits."""
         reservation = f"reserved:{secrets.token_urlsafe(12)}:{owner}"
-        deadline = deadline_ms(self.ledger.pipe.timeout, within)
+        deadline = deadline_ms(self.ledger._pipe.timeout, within)
         result: list[Any] = await self.ledger.call(
             self._reserve(
                 keys=(keyspace.authorization(authorizer, key),),
@@ -89,7 +89,7 @@ class Authorizations:
     async def status(self, payer: str) -> str | None:
         """An Ed25519 payer's status (None: not known yet; a top-up creates it)."""
         status: str | None = await self.ledger.call(
-            self.ledger.redis.hget(keyspace.account(payer), "status")
+            self.ledger._redis.hget(keyspace.account(payer), "status")
         )
         return status
 
@@ -115,7 +115,7 @@ class Authorizations:
             raise refusal(str(result[0]))
         created = result[0] == "ok" and int(result[2]) == 1
         if created:  # the index of payers is no money: outside the script (another slot)
-            await self.ledger.call(self.ledger.redis.sadd(keyspace.PAYERS, payer))
+            await self.ledger.call(self.ledger._redis.sadd(keyspace.PAYERS, payer))
         return TopupCredit(int(result[1]), result[0] == "ok", created)
 
 

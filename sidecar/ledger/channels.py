@@ -72,9 +72,9 @@ class Channels:
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self.redis = ledger.redis
-        self._open = self.redis.register_script(scripts.source("channel_open"))
-        self._close = self.redis.register_script(scripts.source("channel_close"))
+        self._redis = ledger._redis
+        self._open = self._redis.register_script(scripts.CHANNEL_OPEN_SOURCE)
+        self._close = self._redis.register_script(scripts.source("channel_close"))
 
     async def open(
         self,
@@ -113,7 +113,7 @@ class Channels:
 
     async def get(self, payer: str, channel_id: str) -> ChannelState:
         fields: dict[str, str] = await self.ledger.call(
-            self.redis.hgetall(keyspace.channel(payer, channel_id))
+            self._redis.hgetall(keyspace.channel(payer, channel_id))
         )
         if not fields:
             raise UnknownChannel(f"no channel {channel_id} for this payer")
@@ -151,7 +151,7 @@ class Channels:
         )
 
     async def close_expired(self, payer: str) -> list[Closed]:
-        ids: set[str] = await self.ledger.call(self.redis.smembers(keyspace.channels(payer)))
+        ids: set[str] = await self.ledger.call(self._redis.smembers(keyspace.channels(payer)))
         closed = []
         for channel_id in sorted(ids):
             done = await self.close(payer, channel_id, only_expired=True)

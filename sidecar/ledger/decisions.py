@@ -35,18 +35,23 @@ async def append(
     if not lines:
         return
     try:
-        await ledger.pipe.evalsha(
+        await ledger._pipe.evalsha(
             scripts.DECISIONS, (keyspace.DECISIONS,), (keep, max_bytes, *lines)
         )
     except RedisPipeError as exc:
         raise unavailable(exc) from exc
 
 
+async def kept(ledger: Ledger) -> int:
+    """How many lines the stream holds now."""
+    return int(await ledger.call(ledger._redis.xlen(keyspace.DECISIONS)))
+
+
 async def recent(ledger: Ledger, count: int) -> list[dict[str, Any]]:
     """The newest `count` decisions, newest first; malformed entries are skipped."""
     entries = cast(
         list[tuple[str, dict[str, str]]],
-        await ledger.call(ledger.redis.xrevrange(keyspace.DECISIONS, count=count)),
+        await ledger.call(ledger._redis.xrevrange(keyspace.DECISIONS, count=count)),
     )
     found = []
     for _id, fields in entries:

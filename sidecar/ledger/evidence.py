@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from sidecar.core import bundles, merkle
 from sidecar.core.batches import leaf, signed_receipt
@@ -53,12 +53,12 @@ async def export(ledger: Ledger, keys: KeySet, assets: Mapping[str, Asset], quer
     if query.payer is not None:
         payers = [query.payer]
     else:
-        payers = sorted([p async for p in ledger.redis.sscan_iter(keyspace.PAYERS, count=500)])
+        payers = sorted([p async for p in ledger.scan_payers()])
     batches: list[dict[str, Any]] = []
     items: list[dict[str, Any]] = []
     unsettled = expired = 0
     for payer in payers:
-        state = cast(dict[str, str], await ledger.redis.hgetall(keyspace.settlement(payer)))
+        state: dict[str, str] = await ledger.call(ledger._redis.hgetall(keyspace.settlement(payer)))
         kept_from = state.get("trimmed", "0-0")  # receipts before it left the ledger
         for manifest in await settlement.payer_batches(ledger, payer):
             if stream_after(kept_from, manifest["first"]):
@@ -69,9 +69,8 @@ async def export(ledger: Ledger, keys: KeySet, assets: Mapping[str, Asset], quer
                 batches.append(manifest)
                 items.extend(chosen)
         after = state.get("settled", "0-0")
-        pending = cast(
-            list[tuple[str, dict[str, str]]],
-            await ledger.redis.xrange(keyspace.receipts(payer), min=f"({after}"),
+        pending: list[tuple[str, dict[str, str]]] = await ledger.call(
+            ledger._redis.xrange(keyspace.receipts(payer), min=f"({after}")
         )
         for _id, fields in pending:
             receipt = {"receipt_id": fields.get("receipt_id"), "issued_at": fields["issued_at"]}
@@ -88,11 +87,8 @@ async def _batch_items(
     manifest: Mapping[str, Any],
     query: Query,
 ) -> list[dict[str, Any]]:
-    entries = cast(
-        list[tuple[str, dict[str, str]]],
-        await ledger.redis.xrange(
-            keyspace.receipts(payer), min=manifest["first"], max=manifest["last"]
-        ),
+    entries: list[tuple[str, dict[str, str]]] = await ledger.call(
+        ledger._redis.xrange(keyspace.receipts(payer), min=manifest["first"], max=manifest["last"])
     )
     receipts = [signed_receipt(payer, fields, assets, keys) for _i, fields in entries]
     if not any(query.matches(r) for r in receipts):

@@ -37,7 +37,7 @@ class Closed:
 class Holds:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self._sweep = ledger.redis.register_script(scripts.HOLD_SWEEP_SOURCE)
+        self._sweep = ledger._redis.register_script(scripts.HOLD_SWEEP_SOURCE)
 
     async def place(
         self,
@@ -117,7 +117,7 @@ class Holds:
     async def sweep_all(self) -> int:
         """One pass over every registered payer (worker 0's sweeper); holds released."""
         released, cursor = 0, 0
-        redis: Any = self.ledger.redis
+        redis: Any = self.ledger._redis
         while True:
             cursor, payers = await self.ledger.call(
                 redis.sscan(keyspace.PAYERS, cursor, count=SWEEP_SCAN)
@@ -140,7 +140,7 @@ class Holds:
 
     async def open_holds(self, payer: str) -> int:
         """How many holds the payer has open (tests, the admin view)."""
-        return int(await self.ledger.call(self.ledger.redis.hlen(keyspace.holds(payer))))
+        return int(await self.ledger.call(self.ledger._redis.hlen(keyspace.holds(payer))))
 
 
 def _sweep_keys(payer: str) -> tuple[str, str, str]:

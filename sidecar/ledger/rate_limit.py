@@ -22,9 +22,8 @@ from typing import Any
 
 from sidecar.core.errors import RateLimited
 from sidecar.ledger import keyspace, scripts
-from sidecar.ledger.accounts import unavailable
-from sidecar.ledger.cluster import ClusterPipe
-from sidecar.ledger.pipe import RedisPipe, RedisPipeError
+from sidecar.ledger.accounts import Ledger, unavailable
+from sidecar.ledger.pipe import RedisPipeError
 
 UNKNOWN_ADDRESS = "unknown"  # a check without a source address: all such share one bucket
 
@@ -36,10 +35,8 @@ class Rate:
 
 
 class RateLimiter:
-    def __init__(
-        self, pipe: RedisPipe | ClusterPipe, payer: Rate | None = None, ip: Rate | None = None
-    ) -> None:
-        self.pipe = pipe
+    def __init__(self, ledger: Ledger, payer: Rate | None = None, ip: Rate | None = None) -> None:
+        self._pipe = ledger._pipe  # the hot path's pipelined client
         self.payer = payer
         self.ip = ip
 
@@ -62,7 +59,7 @@ class RateLimiter:
 
     async def _take(self, limit: str, rate: Rate, keys: tuple[str, ...]) -> None:
         try:
-            reply: Any = await self.pipe.evalsha(scripts.RATE, keys, (rate.per_second, rate.burst))
+            reply: Any = await self._pipe.evalsha(scripts.RATE, keys, (rate.per_second, rate.burst))
         except RedisPipeError as exc:
             # Fail closed, exactly like the debit would: the limiter is the ledger's Redis.
             raise unavailable(exc) from exc

@@ -78,7 +78,7 @@ def receipt_of(payer: str, stream_id: str, fields: dict[str, str]) -> Receipt:
 async def payers(ledger: Ledger, limit: int = MAX_PAYERS) -> list[str]:
     """Registered payers, sorted; at most `limit`."""
     found: list[str] = []
-    async for payer in ledger.redis.sscan_iter(keyspace.PAYERS, count=500):
+    async for payer in ledger.scan_payers():
         found.append(payer)
         if len(found) >= limit:
             break
@@ -89,7 +89,7 @@ async def receipts(ledger: Ledger, payer: str) -> list[Receipt]:
     """Every receipt of the payer still in its stream, oldest first."""
     entries = cast(
         list[tuple[str, dict[str, str]]],
-        await ledger.call(ledger.redis.xrange(keyspace.receipts(payer))),
+        await ledger.call(ledger._redis.xrange(keyspace.receipts(payer))),
     )
     return [receipt_of(payer, stream_id, fields) for stream_id, fields in entries]
 
@@ -97,7 +97,7 @@ async def receipts(ledger: Ledger, payer: str) -> list[Receipt]:
 async def recent_receipts(ledger: Ledger, payer: str, count: int) -> list[Receipt]:
     entries = cast(
         list[tuple[str, dict[str, str]]],
-        await ledger.call(ledger.redis.xrevrange(keyspace.receipts(payer), count=count)),
+        await ledger.call(ledger._redis.xrevrange(keyspace.receipts(payer), count=count)),
     )
     return [receipt_of(payer, stream_id, fields) for stream_id, fields in entries]
 
@@ -128,7 +128,7 @@ async def credits(ledger: Ledger, among: Iterable[str], per_payer: int = 20) -> 
     for payer in among:
         entries = cast(
             list[tuple[str, dict[str, str]]],
-            await ledger.call(ledger.redis.xrevrange(keyspace.credits(payer), count=per_payer)),
+            await ledger.call(ledger._redis.xrevrange(keyspace.credits(payer), count=per_payer)),
         )
         for _id, f in entries:
             try:
@@ -152,19 +152,19 @@ async def credits(ledger: Ledger, among: Iterable[str], per_payer: int = 20) -> 
 async def open_holds(ledger: Ledger, among: Iterable[str]) -> int:
     total = 0
     for payer in among:
-        total += int(await ledger.call(ledger.redis.hlen(keyspace.holds(payer))))
+        total += int(await ledger.call(ledger._redis.hlen(keyspace.holds(payer))))
     return total
 
 
 async def channel_ids(ledger: Ledger, payer: str) -> list[str]:
     """The payer's open channels."""
-    ids = await ledger.call(ledger.redis.smembers(keyspace.channels(payer)))
+    ids = await ledger.call(ledger._redis.smembers(keyspace.channels(payer)))
     return sorted(cast(set[str], ids))
 
 
 async def settled_cursor(ledger: Ledger, payer: str) -> str:
     """The last receipt-stream id in a committed batch ("0-0": none)."""
-    value = await ledger.call(ledger.redis.hget(keyspace.settlement(payer), "settled"))
+    value = await ledger.call(ledger._redis.hget(keyspace.settlement(payer), "settled"))
     return str(value or "0-0")
 
 
@@ -192,10 +192,10 @@ class Memory:
 
 async def memory(ledger: Ledger) -> Memory:
     """INFO memory of the ledger's Redis (of every primary, on a cluster)."""
-    if isinstance(ledger.redis, RedisCluster):
-        reply = await ledger.call(ledger.redis.info("memory", target_nodes=RedisCluster.PRIMARIES))
+    if isinstance(ledger._redis, RedisCluster):
+        reply = await ledger.call(ledger._redis.info("memory", target_nodes=RedisCluster.PRIMARIES))
     else:
-        reply = await ledger.call(ledger.redis.info("memory"))
+        reply = await ledger.call(ledger._redis.info("memory"))
     infos = [reply] if "used_memory" in reply else list(reply.values())
     nodes = [Memory(int(i["used_memory"]), int(i.get("maxmemory", 0))) for i in infos]
     return max(nodes, key=lambda m: (m.fill(), m.used))

@@ -38,7 +38,6 @@ from typing import Any, Protocol, cast
 
 import structlog
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from sidecar.core.batches import build_batch
 from sidecar.core.errors import SettlementError, X402Error
@@ -46,7 +45,7 @@ from sidecar.core.identity import KeySet
 from sidecar.core.money import Asset
 from sidecar.core.protocol import canonical_json
 from sidecar.ledger import keyspace, scripts
-from sidecar.ledger.accounts import Ledger, unavailable
+from sidecar.ledger.accounts import Ledger, translated
 from sidecar.ledger.channels import Channels
 
 # A fault hook is called with each step's name as the worker passes it: the crash tests
@@ -85,12 +84,13 @@ class RedisSink:
     name = "redis"
 
     def __init__(self, ledger: Ledger) -> None:
-        self.redis = ledger.redis
+        self._redis = ledger._redis
 
     async def anchor(self, manifest: Mapping[str, Any]) -> bool:
         text = canonical_json(manifest).decode()
-        created = await self.redis.set(keyspace.batch(manifest["batch_id"]), text, nx=True)
-        await self.redis.zadd(keyspace.BATCHES, {manifest["batch_id"]: manifest["closed_at"]})
+        with translated():
+            created = await self._redis.set(keyspace.batch(manifest["batch_id"]), text, nx=True)
+            await self._redis.zadd(keyspace.BATCHES, {manifest["batch_id"]: manifest["closed_at"]})
         return bool(created)
 
 
@@ -200,27 +200,25 @@ class Settler:
     ) -> None:
         self.ledger = ledger
         self.clock = clock  # unix seconds: the claims' "now" (receipts' age, retention)
-        self.redis = ledger.redis
+        self._redis = ledger._redis
         self.keys = keys  # each batch is signed by the key that signed its receipts
         self.assets = dict(assets)
         self.sinks = list(sinks)
         self.options = options or Options()
         self._fault = fault or _no_fault
-        self._claim = self.redis.register_script(scripts.source("settle_claim"))
-        self._commit = self.redis.register_script(scripts.source("settle_commit"))
+        self._claim = self._redis.register_script(scripts.source("settle_claim"))
+        self._commit = self._redis.register_script(scripts.source("settle_commit"))
         self.channels = Channels(ledger)
 
     async def run_once(self) -> Report:
         """One pass over every registered payer."""
         report = Report()
-        try:
-            async for payer in self.redis.sscan_iter(keyspace.PAYERS, count=500):
+        with translated():
+            async for payer in self.ledger.scan_payers():
                 report.payers += 1
                 await self._close_expired_channels(payer)
                 await self.settle_payer(payer, report)
             await self._record_pass(report)
-        except (RedisError, OSError) as exc:
-            raise unavailable(exc) from exc
         return report
 
     async def run_forever(self, interval: float, stop: asyncio.Event) -> None:
@@ -241,17 +239,15 @@ class Settler:
         keys = (keyspace.settlement(payer), keyspace.receipts(payer))
         while True:
             now_ms = int(self.clock() * 1000)
-            result: list[Any] = await self._claim(
-                keys=keys,
-                args=(
-                    options.worker_id,
-                    now_ms,
-                    int(options.lease * 1000),
-                    options.batch_size,
-                    0 if options.flush else int(options.max_age * 1000),
-                    int(options.retention * 1000),
-                ),
+            args = (
+                options.worker_id,
+                now_ms,
+                int(options.lease * 1000),
+                options.batch_size,
+                0 if options.flush else int(options.max_age * 1000),
+                int(options.retention * 1000),
             )
+            result: list[Any] = await self.ledger.call(self._claim(keys=keys, args=args))
             status = result[0]
             if status == "empty":
                 return
@@ -277,9 +273,11 @@ class Settler:
                 self._oldest(report, _ms(first))
                 return
             self._fault("after_anchor")
-            committed: list[Any] = await self._commit(
-                keys=(keyspace.settlement(payer), keyspace.payer_batches(payer)),
-                args=(first, last, batch.id),
+            committed: list[Any] = await self.ledger.call(
+                self._commit(
+                    keys=(keyspace.settlement(payer), keyspace.payer_batches(payer)),
+                    args=(first, last, batch.id),
+                )
             )
             if committed[0] != "ok":
                 report.stale += 1
@@ -306,13 +304,15 @@ class Settler:
 
     async def _record_pass(self, report: Report) -> None:
         """What the sidecar's /metrics reports as settlement lag."""
-        await self.redis.hset(
-            keyspace.SETTLEMENT,
-            mapping={
-                "pass_at_ms": int(time.time() * 1000),
-                "oldest_unsettled_ms": report.oldest_unsettled_ms or 0,
-                "batches": len(report.batches),
-            },
+        await self.ledger.call(
+            self._redis.hset(
+                keyspace.SETTLEMENT,
+                mapping={
+                    "pass_at_ms": int(time.time() * 1000),
+                    "oldest_unsettled_ms": report.oldest_unsettled_ms or 0,
+                    "batches": len(report.batches),
+                },
+            )
         )
 
 
@@ -327,7 +327,7 @@ def _ms(stream_id: str) -> int:
 async def settlement_lag(ledger: Ledger) -> float | None:
     """Seconds since the oldest receipt that was unsettled at the last pass (0: none was);
     None before any pass."""
-    state = cast(dict[str, str], await ledger.redis.hgetall(keyspace.SETTLEMENT))
+    state = cast(dict[str, str], await ledger.call(ledger._redis.hgetall(keyspace.SETTLEMENT)))
     if not state:
         return None
     oldest = int(state.get("oldest_unsettled_ms", "0"))
@@ -339,7 +339,7 @@ async def settlement_lag(ledger: Ledger) -> float | None:
 
 async def payer_batches(ledger: Ledger, payer: str) -> list[dict[str, Any]]:
     """The payer's committed batches, in order."""
-    ids = cast(list[str], await ledger.redis.lrange(keyspace.payer_batches(payer), 0, -1))
+    ids = await ledger.call(ledger._redis.lrange(keyspace.payer_batches(payer), 0, -1))
     return await manifests(ledger, ids)
 
 
@@ -347,11 +347,11 @@ async def manifests(ledger: Ledger, ids: Sequence[str]) -> list[dict[str, Any]]:
     if not ids:
         return []
     keys = [keyspace.batch(i) for i in ids]
-    if isinstance(ledger.redis, RedisCluster):
+    if isinstance(ledger._redis, RedisCluster):
         # Manifests are keyed by batch id, so they spread over slots: one MGET per slot.
-        texts = await ledger.redis.mget_nonatomic(keys)
+        texts = await ledger.call(ledger._redis.mget_nonatomic(keys))
     else:
-        texts = await ledger.redis.mget(keys)
+        texts = await ledger.call(ledger._redis.mget(keys))
     found = []
     for batch, text in zip(ids, texts, strict=True):
         if text is None:
@@ -366,11 +366,11 @@ async def recent_batches(
     """Newest first, from the anchor index (or one payer's committed list)."""
     if payer is not None:
         return list(reversed(await payer_batches(ledger, payer)))[:limit]
-    ids = cast(list[str], await ledger.redis.zrevrange(keyspace.BATCHES, 0, max(limit - 1, 0)))
+    ids = await ledger.call(ledger._redis.zrevrange(keyspace.BATCHES, 0, max(limit - 1, 0)))
     return await manifests(ledger, ids)
 
 
 async def committed_seq(ledger: Ledger, payer: str) -> int:
     """The sequence number of the payer's last committed batch (0: none yet)."""
-    seq = await ledger.call(ledger.redis.hget(keyspace.settlement(payer), "seq"))
+    seq = await ledger.call(ledger._redis.hget(keyspace.settlement(payer), "seq"))
     return int(seq or 0)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from redis.exceptions import RedisError
-
 from sidecar.core.errors import LedgerUnavailable
 from sidecar.ledger import decisions
 from sidecar.ledger.accounts import Ledger
@@ -49,7 +47,7 @@ class DecisionFeed:
         try:
             async with asyncio.timeout(SEND_TIMEOUT):
                 await decisions.append(self.ledger, lines, self.keep, self.max_bytes)
-        except (RedisError, OSError, TimeoutError, LedgerUnavailable):
+        except (LedgerUnavailable, TimeoutError):
             self.dropped += len(lines)
 
     async def close(self) -> None:

@@ -12,8 +12,6 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from sidecar.core import exact, holds
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import X402Error
@@ -157,7 +155,7 @@ class SidePort:
             async with asyncio.timeout(0.5):
                 lag = await settlement_lag(self.ledger)
                 memory = await reports.memory(self.ledger)
-        except (RedisError, OSError, TimeoutError, ValueError, X402Error):  # Redis down: the rest
+        except (TimeoutError, ValueError, X402Error):  # Redis down (LedgerUnavailable): the rest
             pass
         return 200, metrics.CONTENT_TYPE, metrics.render(lag, memory)
 

@@ -40,9 +40,8 @@ from sidecar.core import exact, protocol, vouchers
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import ConfigError
 from sidecar.core.pricing import RouteTable
-from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.cluster import ClusterPipe, is_cluster_url
-from sidecar.ledger.pipe import RedisPipe, redacted
+from sidecar.ledger.accounts import Ledger, check_url
+from sidecar.ledger.pipe import redacted
 from sidecar.server import logs, metrics, wiring
 from sidecar.server.addresses import split_host_port
 from sidecar.server.admin import Facilities, check_listener, start_facilities
@@ -126,8 +125,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     address = worker_addresses(settings)[worker]
     ledger = Ledger.from_url(settings.redis_url, timeout=settings.redis_timeout_ms / 1000)
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    limiter = wiring.rate_limiter(settings, ledger.pipe)
+    limiter = wiring.rate_limiter(settings, ledger)
     settler = wiring.exact_settler(settings, ledger)
     feed = wiring.decision_feed(settings, ledger)  # the dashboard's stream, if on
     decision_log = logs.DecisionLog(settings.log_level, sink=feed)
@@ -137,17 +135,10 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     # The response phase of routes charged on success: Envoy's ext_proc, on the gRPC port
     # whichever transport the checks come by.
     processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)
-    server.add_generic_rpc_handlers(
+    handlers = (
         (processor.handler(),) if over_http else (GrpcChecks(authz).handler(), processor.handler())
     )
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError:  # grpc: "Failed to bind"
-        bound = 0
-    if bound == 0:
-        raise ConfigError(f"config listen_grpc: worker {worker} cannot listen on {address}")
+    server, health = _grpc_server(worker, address, handlers)
     topup = None
     if settler is not None and gateway.exact is not None and gateway.exact.topup:
         asset = routes.assets[gateway.exact.topup["asset"]]
@@ -200,6 +191,24 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
         with contextlib.suppress(Exception):
             await settler.close()
     log.info("sidecar.stopped")
+
+
+def _grpc_server(
+    worker: int, address: str, handlers: tuple[grpc.GenericRpcHandler, ...]
+) -> tuple[grpc.aio.Server, HealthServicer]:
+    """The worker's gRPC server on its own port: `handlers` (ext_authz over gRPC, the
+    response phase) and gRPC health; a port it cannot bind is a config error."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers(handlers)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpc: "Failed to bind"
+        bound = 0
+    if bound == 0:
+        raise ConfigError(f"config listen_grpc: worker {worker} cannot listen on {address}")
+    return server, health
 
 
 async def _log_started(log: Any, ledger: Ledger, **facts: Any) -> None:
@@ -444,10 +453,7 @@ def run(settings: Settings) -> None:
     routes, gateway = settings.route_table(), settings.gateway()
     check_listener(settings)
     try:  # the URL and its TLS files, before any worker depends on them
-        if is_cluster_url(settings.redis_url):
-            ClusterPipe(settings.redis_url)
-        else:
-            RedisPipe(settings.redis_url)
+        check_url(settings.redis_url)
     except ValueError as exc:
         raise ConfigError(f"config redis_url {redacted(settings.redis_url)}: {exc}") from None
     refuse_ports_in_use(settings)

@@ -10,9 +10,7 @@ from sidecar.core.identity import KeySet
 from sidecar.ledger import settlement
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.authorizations import Authorizations
-from sidecar.ledger.cluster import ClusterPipe
 from sidecar.ledger.payers import Payers
-from sidecar.ledger.pipe import RedisPipe
 from sidecar.ledger.rate_limit import RateLimiter, rate
 from sidecar.server.config import Settings
 from sidecar.server.facilitation import Chain, Facilitator
@@ -24,13 +22,13 @@ def ledger(settings: Settings) -> Ledger:
     return Ledger.from_url(settings.redis_url, timeout=settings.redis_timeout_ms / 1000)
 
 
-def rate_limiter(settings: Settings, pipe: RedisPipe | ClusterPipe) -> RateLimiter | None:
+def rate_limiter(settings: Settings, ledger: Ledger) -> RateLimiter | None:
     """None when both limits are off: the servicer then skips the limiter entirely."""
     payer = rate(settings.rate_limit_payer_per_second, settings.rate_limit_payer_burst)
     ip = rate(settings.rate_limit_ip_per_second, settings.rate_limit_ip_burst)
     if payer is None and ip is None:
         return None
-    return RateLimiter(pipe, payer, ip)
+    return RateLimiter(ledger, payer, ip)
 
 
 def decision_feed(settings: Settings, ledger: Ledger) -> DecisionFeed | None:

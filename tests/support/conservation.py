@@ -33,7 +33,7 @@ from sidecar.server.envoy.contract import EXT_AUTHZ
 from sidecar.server.processor import Processor
 from sidecar.tools.stack import Stack
 from tests.support.inprocess import check, check_request, outcome, servicer_for
-from tests.support.streams import xrange
+from tests.support.streams import raw, xrange
 
 PAYERS = 24
 BATCH = 16  # operations in flight at once
@@ -267,8 +267,8 @@ async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
             assert credited == books.credited[payer]
             assert balance == credited - debited >= 0
             assert account.held == {}  # zero holds left
-            assert await ledger.redis.hlen(keyspace.holds(payer)) == 0
-            assert await ledger.redis.zcard(keyspace.hold_expiries(payer)) == 0
+            assert await raw(ledger).hlen(keyspace.holds(payer)) == 0
+            assert await raw(ledger).zcard(keyspace.hold_expiries(payer)) == 0
             stream = await ledger.receipts(payer, count=10**6)
             ids = [entry["receipt_id"] for entry in stream]
             # every debit has exactly one receipt and every receipt one debit
@@ -277,7 +277,7 @@ async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
             assert sum(books.receipts[i][1] for i in ids) == debited
             # balances recorded after each debit: never below zero at any point
             assert all(int(entry["balance"]) >= 0 for entry in stream)
-            credits = await xrange(ledger.redis, f"x402:{{{payer}}}:credits", count=10**6)
+            credits = await xrange(raw(ledger), f"x402:{{{payer}}}:credits", count=10**6)
             assert sum(int(fields["amount"]) for _id, fields in credits) == credited
             totals.update(credited=credited, balance=balance, debited=debited)
         assert totals["credited"] == totals["balance"] + totals["debited"]

@@ -15,6 +15,7 @@ from sidecar.core.money import to_decimal
 from sidecar.ledger.accounts import Ledger
 from sidecar.tools.stack import Stack
 from tests.support.stacks import ADMIN_TOKEN
+from tests.support.streams import raw
 
 GET_PAGES = (
     "/",
@@ -53,7 +54,7 @@ async def ledger_revenue(ledger: Ledger, decimals: int = 6) -> dict[tuple[str, s
     """(route, asset) → total, from every payer's receipts read page by page (the admin
     API's read path), summed here in integers."""
     totals: dict[tuple[str, str], int] = defaultdict(int)
-    members = cast(set[str], await ledger.redis.smembers("x402:payers"))
+    members = cast(set[str], await raw(ledger).smembers("x402:payers"))
     for payer in members:
         after = ""
         while True:

@@ -14,7 +14,7 @@ from sidecar.ledger import keyspace, settlement
 from sidecar.ledger.accounts import Ledger
 from sidecar.tools.stack import Stack
 from tests.support.cli import Run, python_module, x402
-from tests.support.streams import xrange
+from tests.support.streams import raw, xrange
 
 
 async def settle(stack: Stack, *args: str) -> Run:
@@ -30,7 +30,7 @@ async def settle_crash(stack: Stack, step: str, *args: str) -> Run:
 async def assert_exactly_once(ledger: Ledger, public_key: str) -> dict[str, int]:
     """Every receipt in Redis is in exactly one committed batch, batches chain per payer,
     and each manifest's signature and Merkle root hold. Returns receipts per payer."""
-    redis = ledger.redis
+    redis = raw(ledger)
     per_payer = {}
     async for payer in redis.sscan_iter(keyspace.PAYERS):
         entries = await xrange(redis, keyspace.receipts(payer))

@@ -82,6 +82,50 @@ def test_the_boundary_check_sees_an_upward_import(tmp_path: Path) -> None:
     ]
 
 
+REDIS_CLIENTS = ("redis", "hiredis")
+# The ledger's two clients: attributes of `Ledger` that only sidecar/ledger may touch.
+LEDGER_CLIENTS = ("_redis", "_pipe")
+
+
+def redis_leaks(path: Path) -> list[str]:
+    """Where a module imports a Redis client or reaches into the ledger's clients."""
+    found = [
+        f"{line} imports {module}"
+        for line, module in imports(path)
+        if module.split(".")[0] in REDIS_CLIENTS
+    ]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and node.attr in LEDGER_CLIENTS:
+            found.append(f"{node.lineno} uses .{node.attr}")
+    return sorted(found)
+
+
+def test_the_ledger_keeps_redis_to_itself() -> None:
+    """Only sidecar/ledger talks to Redis: the rest calls the ledger's methods and sees a
+    Redis failure as LedgerUnavailable, never a Redis error of its own to catch."""
+    leaks = [
+        f"{path.relative_to(PACKAGE.parent)}:{leak}"
+        for package in sorted(set(ALLOWED) - {"ledger"})
+        for path in modules_of(package)
+        for leak in redis_leaks(path)
+    ]
+    assert leaks == []
+
+
+def test_the_redis_check_sees_a_leak(tmp_path: Path) -> None:
+    module = tmp_path / "bad.py"
+    module.write_text(
+        "from redis.exceptions import RedisError\nimport hiredis\n"
+        "async def f(ledger):\n    return await ledger._redis.get('k'), ledger._pipe\n"
+    )
+    assert redis_leaks(module) == [
+        "1 imports redis.exceptions",
+        "2 imports hiredis",
+        "4 uses ._pipe",
+        "4 uses ._redis",
+    ]
+
+
 def test_the_sdk_loads_none_of_the_gateways_dependencies() -> None:
     probe = (
         "import sys, sidecar.agent; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"

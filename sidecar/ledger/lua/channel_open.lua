@@ -5,13 +5,11 @@
 local account, channel, open = KEYS[1], KEYS[2], KEYS[3]
 local asset, deposit = ARGV[1], tonumber(ARGV[2])
 
-local status = redis.call('HGET', account, 'status')
-if not status then return {'unknown_payer'} end
-if status ~= 'active' then return {'payer_suspended'} end
+local refused = payer_refused(account)
+if refused then return refused end
 if redis.call('EXISTS', channel) == 1 then return {'exists'} end
-
-local balance = tonumber(redis.call('HGET', account, 'balance:' .. asset) or '0')
-if balance < deposit then return {'insufficient_funds', balance} end
+refused = funds_refused(account, asset, deposit)
+if refused then return refused end
 
 -- Money is conserved: credited = balance + channeled (open deposits) + debited.
 local left = redis.call('HINCRBY', account, 'balance:' .. asset, '-' .. ARGV[2])

@@ -13,14 +13,8 @@ local account, channel = KEYS[1], KEYS[2]
 local cumulative, sequence = tonumber(ARGV[3]), tonumber(ARGV[4])
 local price, now = tonumber(ARGV[5]), tonumber(ARGV[6])
 
-local clock = redis.call('TIME')
-if tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) > tonumber(ARGV[1]) then
-  return {'deadline_passed'}
-end
-
-local status = redis.call('HGET', account, 'status')
-if not status then return {'unknown_payer'} end
-if status ~= 'active' then return {'payer_suspended'} end
+local refused = past_deadline(ARGV[1], clock_ms()) or payer_refused(account)
+if refused then return refused end
 
 local c = redis.call('HMGET', channel, 'status', 'asset', 'deposit', 'cumulative',
   'sequence', 'expires_at', 'payee')

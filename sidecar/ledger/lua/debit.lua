@@ -9,19 +9,9 @@
 local account, nonce_key, receipts = KEYS[1], KEYS[2], KEYS[3]
 local asset, amount, receipt_id = ARGV[2], tonumber(ARGV[3]), ARGV[5]
 
-local clock = redis.call('TIME')
-if tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) > tonumber(ARGV[1]) then
-  return {'deadline_passed'}
-end
-
-local status = redis.call('HGET', account, 'status')
-if not status then return {'unknown_payer'} end
-if status ~= 'active' then return {'payer_suspended'} end
-local spent = redis.call('GET', nonce_key)
-if spent then return {'nonce_reused', spent} end
-
-local balance = tonumber(redis.call('HGET', account, 'balance:' .. asset) or '0')
-if balance < amount then return {'insufficient_funds', balance} end
+local refused = past_deadline(ARGV[1], clock_ms())
+  or charge_refused(account, nonce_key, asset, amount)
+if refused then return refused end
 
 -- Amounts go to Redis as the caller's integer strings: Lua would print big numbers as 1e+15.
 local left = redis.call('HINCRBY', account, 'balance:' .. asset, '-' .. ARGV[3])

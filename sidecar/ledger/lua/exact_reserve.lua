@@ -5,10 +5,8 @@
 -- ARGV: deadline (unix ms), the reservation ("reserved:<id>:<owner>"), expiry (unix
 --       seconds: validBefore + grace)
 -- Returns {"ok"}, {"nonce_reused", state} or {"deadline_passed"}.
-local clock = redis.call('TIME')
-if tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) > tonumber(ARGV[1]) then
-  return {'deadline_passed'}
-end
+local late = past_deadline(ARGV[1], clock_ms())
+if late then return late end
 local state = redis.call('GET', KEYS[1])
 if state then return {'nonce_reused', state} end
 redis.call('SET', KEYS[1], ARGV[2])

@@ -11,17 +11,11 @@ local account, nonce_key, holds, expiries = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local asset, amount, hold_id = ARGV[2], tonumber(ARGV[3]), ARGV[5]
 
 local now = clock_ms()
-if now > tonumber(ARGV[1]) then return {'deadline_passed'} end
+local late = past_deadline(ARGV[1], now)
+if late then return late end
 sweep_holds(account, holds, expiries, ARGV[7], now, 16)
-
-local status = redis.call('HGET', account, 'status')
-if not status then return {'unknown_payer'} end
-if status ~= 'active' then return {'payer_suspended'} end
-local spent = redis.call('GET', nonce_key)
-if spent then return {'nonce_reused', spent} end
-
-local balance = tonumber(redis.call('HGET', account, 'balance:' .. asset) or '0')
-if balance < amount then return {'insufficient_funds', balance} end
+local refused = charge_refused(account, nonce_key, asset, amount)
+if refused then return refused end
 
 local expires = now + tonumber(ARGV[6])
 local left = redis.call('HINCRBY', account, 'balance:' .. asset, '-' .. ARGV[3])

@@ -11,7 +11,8 @@ local account, holds, expiries, receipts = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local hold_id, mode, prefix = ARGV[2], ARGV[3], ARGV[5]
 
 local now = clock_ms()
-if mode == 'capture' and now > tonumber(ARGV[1]) then return {'deadline_passed'} end
+local late = mode == 'capture' and past_deadline(ARGV[1], now)
+if late then return late end
 local raw = redis.call('HGET', holds, hold_id)
 if not raw then return {'no_hold'} end
 local hold = cjson.decode(raw)

@@ -1,12 +1,9 @@
--- Shared by the hold scripts (prepended to each by ledger/scripts.py): release a hold and
--- sweep a payer's expired ones. Every key is under the payer's hash tag: the nonce keys a
--- sweep frees are named from `nonce_prefix` (keyspace.nonce(payer, "")), in the same slot.
+-- Shared by the hold scripts (prepended to each by ledger/scripts.py, after money.lua):
+-- release a hold and sweep a payer's expired ones. Every key is under the payer's hash
+-- tag: the nonce keys a sweep frees are named from `nonce_prefix` (keyspace.nonce(payer,
+-- "")), in the same slot.
 -- A hold is a field of the payer's holds hash (JSON: asset, held, nonce, record) and a
 -- member of its expiry sorted set (score: expiry, unix ms by Redis's clock).
-local function clock_ms()
-  local clock = redis.call('TIME')
-  return tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-end
 
 -- Give the whole hold back and free its nonce (if it still names this hold); nil if the
 -- hold is gone (captured, released or swept already).

@@ -1,0 +1,44 @@
+-- The checks every money script starts with, prepended to each by ledger/scripts.py (one
+-- source per script, so a call is still one EVALSHA). Each check takes the keys its script
+-- was given, all under one hash tag, and returns the script's refusal, or nil to go on.
+
+-- Redis's clock, unix ms.
+local function clock_ms()
+  local clock = redis.call('TIME')
+  return tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+end
+
+-- {"deadline_passed"} once Redis's clock is past the caller's deadline (unix ms, ARGV[1] of
+-- a hot-path script): the caller has stopped waiting and answered 503, so nothing moves.
+local function past_deadline(deadline, now)
+  if now > tonumber(deadline) then return {'deadline_passed'} end
+  return nil
+end
+
+-- {"unknown_payer"} or {"payer_suspended"} unless the payer's account is active.
+local function payer_refused(account)
+  local status = redis.call('HGET', account, 'status')
+  if not status then return {'unknown_payer'} end
+  if status ~= 'active' then return {'payer_suspended'} end
+  return nil
+end
+
+-- {"nonce_reused", what spent it (a receipt or hold id)} if the proof's nonce is spent.
+local function nonce_refused(nonce_key)
+  local spent = redis.call('GET', nonce_key)
+  if spent then return {'nonce_reused', spent} end
+  return nil
+end
+
+-- {"insufficient_funds", balance} if the payer's balance of `asset` is under `amount`.
+local function funds_refused(account, asset, amount)
+  local balance = tonumber(redis.call('HGET', account, 'balance:' .. asset) or '0')
+  if balance < amount then return {'insufficient_funds', balance} end
+  return nil
+end
+
+-- A charge of one proof: the payer active, its nonce unused, its balance enough.
+local function charge_refused(account, nonce_key, asset, amount)
+  return payer_refused(account) or nonce_refused(nonce_key)
+    or funds_refused(account, asset, amount)
+end
