@@ -8,15 +8,16 @@ import sys
 import venv
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.packaging import source_tree
 
 
 def test_the_base_install_is_the_sdk_alone(tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
+    source = source_tree(tmp_path)
     python, x402 = env_dir / "bin" / "python", env_dir / "bin" / "x402"
     subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(ROOT)],
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(source)],
         check=True,
         timeout=600,
     )
