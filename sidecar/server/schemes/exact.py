@@ -42,7 +42,7 @@ from sidecar.server.envoy.contract import (
     RESERVATION,
     RESOURCE,
 )
-from sidecar.server.facilitation import Chain, Facilitator, SettleUnknown
+from sidecar.server.facilitation import Chain, FacilitatorClient, SettleUnknown
 from sidecar.server.schemes.base import (
     Charged,
     Closing,
@@ -70,7 +70,7 @@ class ExactSettler:
     def __init__(
         self,
         authorizations: Authorizations,
-        facilitator: Facilitator,
+        facilitator: FacilitatorClient,
         chain: Chain | None,
         lookup: float = 3.0,  # seconds the chain is watched for a settle whose answer was lost
     ) -> None:
