@@ -39,7 +39,7 @@ from bench.report import DIRECT_LANES, EXACT_C16, OFFICIAL_C16, PAID_C16, PAID_C
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity
 from sidecar.tools.chain import Chain, install_chain_tools
-from sidecar.tools.onchain import Facilitator, exact_settings, operator
+from sidecar.tools.onchain import FacilitatorProcess, exact_settings, operator
 from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port, wait_http
 
 LANES = 16  # the concurrency at which the sidecar is compared with the official stack
@@ -132,7 +132,7 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
     expect = phases["4 sidecar paid direct"]["ok_rps"] * 1.5  # to size the pre-signing
     with tempfile.TemporaryDirectory(prefix="x402-bench-") as tmp, Chain(mint=mint) as chain:
         workdir = Path(tmp)
-        facilitator = Facilitator(chain, workdir)  # its URL now, started below
+        facilitator = FacilitatorProcess(chain, workdir)  # its URL now, started below
         settings = exact_settings(chain, facilitator, exact_max_timeout_seconds=EXACT_TIMEOUT)
         stack = Stack(
             ROUTES,
@@ -184,7 +184,9 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
             facilitator.stop()
 
 
-def official_argv(chain: Chain, facilitator: Facilitator, port: int, workers: int) -> list[str]:
+def official_argv(
+    chain: Chain, facilitator: FacilitatorProcess, port: int, workers: int
+) -> list[str]:
     """The official x402 stack (bench/official.py), paid to the operator on this chain."""
     return [sys.executable, "-m", "bench.official", "--facilitator", facilitator.url,
             "--network", chain.network, "--asset", chain.token,
@@ -225,7 +227,7 @@ def settled_phases(
     wrk: str,
     args: argparse.Namespace,
     results: dict[str, Any],
-    running: tuple[Chain, Facilitator, Stack, Process],
+    running: tuple[Chain, FacilitatorProcess, Stack, Process],
     keys: list[str],
     official_url: str,
 ) -> None:

@@ -266,11 +266,11 @@ def start(spec: Spec) -> Iterator[World]:
         pay_to: dict[str, str] = {name: "" for name in spec.gateways}
         if spec.chain:
             from sidecar.tools.chain import Chain
-            from sidecar.tools.onchain import Facilitator, exact_settings
+            from sidecar.tools.onchain import FacilitatorProcess, exact_settings
 
             chain = running.enter_context(Chain())
             workdir = Path(running.enter_context(tempfile.TemporaryDirectory(prefix="x402-")))
-            facilitator = Facilitator(chain, workdir).start()
+            facilitator = FacilitatorProcess(chain, workdir).start()
             running.callback(facilitator.stop)
             # Three operators, three payees: spare[0] is the facilitator's, spare[1:] are free.
             operators = chain.spare[1:]

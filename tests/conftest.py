@@ -17,7 +17,7 @@ from tests.support.settlement import remember_gateway
 
 if TYPE_CHECKING:  # web3 and x402 load only in the modules that use the chain
     from sidecar.tools.chain import Chain
-    from sidecar.tools.onchain import Facilitator
+    from sidecar.tools.onchain import FacilitatorProcess
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -74,10 +74,12 @@ def chain() -> Iterator[Chain]:
 
 
 @pytest.fixture(scope="module")
-def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilitator]:
+def facilitator(
+    chain: Chain, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FacilitatorProcess]:
     """`x402 facilitator serve` on the module's chain."""
-    from sidecar.tools.onchain import Facilitator
+    from sidecar.tools.onchain import FacilitatorProcess
 
-    served = Facilitator(chain, tmp_path_factory.mktemp("facilitator")).start()
+    served = FacilitatorProcess(chain, tmp_path_factory.mktemp("facilitator")).start()
     yield served
     served.stop()

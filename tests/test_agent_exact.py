@@ -34,7 +34,7 @@ from sidecar.core.errors import (
 )
 from sidecar.core.identity import Identity
 from sidecar.tools.chain import Chain
-from sidecar.tools.onchain import Facilitator, exact_settings, operator
+from sidecar.tools.onchain import FacilitatorProcess, exact_settings, operator
 from sidecar.tools.stack import Stack
 
 PAID = "/api/paid"  # 0.01 USDF, also payable with 0.01 USDC (exact)
@@ -53,7 +53,7 @@ X402 = str(Path(sys.executable).with_name("x402"))
 
 
 @pytest.fixture(scope="module")
-def gw(chain: Chain, facilitator: Facilitator) -> Iterator[Stack]:
+def gw(chain: Chain, facilitator: FacilitatorProcess) -> Iterator[Stack]:
     with Stack(ROUTES, settings=exact_settings(chain, facilitator)) as running:
         yield running
 

@@ -13,7 +13,7 @@ import pytest
 
 from bench import official
 from sidecar.tools.chain import Chain
-from sidecar.tools.onchain import Facilitator, operator, payers
+from sidecar.tools.onchain import FacilitatorProcess, operator, payers
 from sidecar.tools.stack import LOOPBACK, Process, free_port, wait_http
 
 PRICE = 1000
@@ -21,7 +21,7 @@ PRICE = 1000
 
 @pytest.fixture(scope="module")
 def server(
-    chain: Chain, facilitator: Facilitator, tmp_path_factory: pytest.TempPathFactory
+    chain: Chain, facilitator: FacilitatorProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     port = free_port()
     argv = [sys.executable, "-m", "bench.official", "--facilitator", facilitator.url,

@@ -40,7 +40,7 @@ X402 = str(Path(sys.executable).with_name("x402"))
 
 
 @dataclass
-class Facilitator:
+class ServedFacilitator:
     url: str
     process: Process
     account: DevAccount
@@ -73,7 +73,9 @@ def write_key(path: Path, key: str, mode: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilitator]:
+def facilitator(
+    chain: Chain, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServedFacilitator]:
     workdir = tmp_path_factory.mktemp("facilitator")
     account = facilitator_of(chain)
     key_file = write_key(workdir / "key", account.key, 0o600)
@@ -86,13 +88,13 @@ def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Itera
     url = f"http://{LOOPBACK}:{port}"
     try:
         wait_http(f"{url}/health", timeout=30, process=process)
-        yield Facilitator(url, process, account, log_path)
+        yield ServedFacilitator(url, process, account, log_path)
     finally:
         process.stop()
 
 
 @pytest.fixture(scope="module")
-def http(facilitator: Facilitator) -> Iterator[httpx.Client]:
+def http(facilitator: ServedFacilitator) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=facilitator.url, timeout=60) as client:
         yield client
 
@@ -174,7 +176,7 @@ def test_the_chain_carries_usdc_as_circle_deploys_it(chain: Chain) -> None:
 
 
 def test_supported_lists_exact_on_this_chain_only(
-    http: httpx.Client, chain: Chain, facilitator: Facilitator
+    http: httpx.Client, chain: Chain, facilitator: ServedFacilitator
 ) -> None:
     response = http.get("/supported")
     assert response.status_code == 200
@@ -307,7 +309,7 @@ def test_the_key_file_must_be_private(chain: Chain, tmp_path: Path) -> None:
     assert account.key[2:] not in result.stderr + result.stdout
 
 
-def test_the_facilitator_never_logs_its_key(facilitator: Facilitator) -> None:
+def test_the_facilitator_never_logs_its_key(facilitator: ServedFacilitator) -> None:
     log = facilitator.log_path.read_text()
     assert "Facilitator listening" in log
     assert facilitator.account.key[2:].lower() not in log.lower()
@@ -332,7 +334,7 @@ def test_verify_and_settle_timings(http: httpx.Client, chain: Chain) -> None:
 
 
 def test_a_chain_outage_fails_payments_and_health(
-    http: httpx.Client, chain: Chain, facilitator: Facilitator
+    http: httpx.Client, chain: Chain, facilitator: ServedFacilitator
 ) -> None:
     # Near the end of the module: it stops the shared chain.
     assert http.get("/health").status_code == 200
@@ -347,7 +349,7 @@ def test_a_chain_outage_fails_payments_and_health(
 
 
 def test_a_killed_facilitator_refuses_connections(
-    http: httpx.Client, facilitator: Facilitator
+    http: httpx.Client, facilitator: ServedFacilitator
 ) -> None:
     # Last in the module: the harness's own sanity check, nothing after it needs the server.
     facilitator.process.kill()

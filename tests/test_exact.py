@@ -25,7 +25,7 @@ from sidecar.core import protocol
 from sidecar.core.identity import Identity
 from sidecar.tools.chain import Chain
 from sidecar.tools.onchain import (
-    Facilitator,
+    FacilitatorProcess,
     exact_settings,
     facilitator_account,
     official_client,
@@ -46,7 +46,7 @@ X402_CORE = Path(
 
 
 @pytest.fixture(scope="module")
-def stack(chain: Chain, facilitator: Facilitator) -> Iterator[Stack]:
+def stack(chain: Chain, facilitator: FacilitatorProcess) -> Iterator[Stack]:
     with Stack(ROUTES, settings=exact_settings(chain, facilitator)) as running:
         yield running
 
@@ -191,7 +191,7 @@ async def test_twenty_copies_of_one_authorization_are_served_and_settled_once(
 
 
 async def test_an_offer_mismatch_is_refused_before_the_facilitator(
-    http: httpx.AsyncClient, chain: Chain, facilitator: Facilitator
+    http: httpx.AsyncClient, chain: Chain, facilitator: FacilitatorProcess
 ) -> None:
     _, payload = await signed_envelope(chain, http, payer_index=2)
     envelope = payload.model_dump(by_alias=True)
@@ -258,7 +258,7 @@ async def test_timings_exact_versus_prepaid(
 
 
 async def test_a_dead_facilitator_is_503_for_exact_only_and_recovers(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain, facilitator: Facilitator
+    http: httpx.AsyncClient, stack: Stack, chain: Chain, facilitator: FacilitatorProcess
 ) -> None:
     header, _ = await signed_envelope(chain, http, payer_index=4)
     payer = payers(chain)[4]
@@ -318,7 +318,7 @@ async def test_a_browser_can_read_the_challenge_and_the_service_decides_on_its_a
 
 
 async def test_a_slow_facilitator_is_503_and_charges_nothing(
-    chain: Chain, facilitator: Facilitator
+    chain: Chain, facilitator: FacilitatorProcess
 ) -> None:
     """/verify not answered within facilitator_verify_timeout_ms (1 ms here): 503, nothing
     settled, prepaid unaffected."""

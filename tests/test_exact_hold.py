@@ -28,7 +28,7 @@ from sidecar.server.config import Settings
 from sidecar.server.logs import DecisionLog
 from sidecar.tools.chain import Chain
 from sidecar.tools.onchain import (
-    Facilitator,
+    FacilitatorProcess,
     exact_settings,
     facilitator_account,
     official_client,
@@ -50,7 +50,7 @@ ROUTES: dict[str, dict[str, Any]] = {
 
 
 @pytest.fixture(scope="module")
-def stack(chain: Chain, facilitator: Facilitator) -> Iterator[Stack]:
+def stack(chain: Chain, facilitator: FacilitatorProcess) -> Iterator[Stack]:
     with Stack(ROUTES, settings=exact_settings(chain, facilitator)) as running:
         yield running
 
@@ -226,7 +226,7 @@ async def test_funds_gone_before_the_settle_withhold_the_response(
 
 
 async def test_a_dead_facilitator_at_the_response_is_503_and_the_authorization_pays_later(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain, facilitator: Facilitator
+    http: httpx.AsyncClient, stack: Stack, chain: Chain, facilitator: FacilitatorProcess
 ) -> None:
     payer = payers(chain)[3]
     header, payload = await sign_exact(chain, http, REPORT, payer, PRICE)
@@ -268,7 +268,7 @@ async def test_an_on_check_route_still_settles_upfront(
 
 
 async def test_a_metered_route_refuses_exact_before_the_facilitator(
-    http: httpx.AsyncClient, chain: Chain, facilitator: Facilitator
+    http: httpx.AsyncClient, chain: Chain, facilitator: FacilitatorProcess
 ) -> None:
     challenge = await http.get(ROWS)
     assert challenge.status_code == 402
@@ -304,7 +304,7 @@ async def test_timings_exact_after_success_versus_upfront(
 
 
 async def test_a_settle_answer_lost_after_success_is_resolved_on_chain(
-    chain: Chain, facilitator: Facilitator
+    chain: Chain, facilitator: FacilitatorProcess
 ) -> None:
     """The facilitator sends the transfer but its /settle answer comes too late (anvil
     mines nothing until told): the sidecar looks the authorization up on chain, finds it

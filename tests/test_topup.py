@@ -25,7 +25,7 @@ from sidecar.core.identity import Identity
 from sidecar.ledger.accounts import SUSPENDED, Ledger
 from sidecar.tools.chain import Chain
 from sidecar.tools.onchain import (
-    Facilitator,
+    FacilitatorProcess,
     exact_settings,
     facilitator_account,
     official_client,
@@ -43,7 +43,7 @@ USDC = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def stack(chain: Chain, facilitator: Facilitator) -> Iterator[Stack]:
+def stack(chain: Chain, facilitator: FacilitatorProcess) -> Iterator[Stack]:
     settings = exact_settings(chain, facilitator, topup_min="1", topup_max="50")
     with Stack(ROUTES, settings=settings) as running:
         yield running
@@ -285,7 +285,7 @@ async def test_timings_topup_versus_prepaid(
 
 
 async def test_a_lost_settle_answer_is_resolved_on_chain_and_credited_once(
-    chain: Chain, facilitator: Facilitator
+    chain: Chain, facilitator: FacilitatorProcess
 ) -> None:
     """The facilitator's /settle answer comes too late (its transaction waits unmined):
     the outcome is unknown, so the sidecar looks the authorization up on chain before

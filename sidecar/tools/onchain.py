@@ -37,7 +37,7 @@ def payers(chain: Chain) -> list[DevAccount]:
 
 
 @dataclass
-class Facilitator:
+class FacilitatorProcess:
     """`x402 facilitator serve` on a fixed port, so it can be killed and started again."""
 
     chain: Chain
@@ -49,7 +49,7 @@ class Facilitator:
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    def start(self) -> Facilitator:
+    def start(self) -> FacilitatorProcess:
         key_file = self.workdir / "facilitator.key"
         key_file.unlink(missing_ok=True)  # a restart writes it again
         write_secret(key_file, facilitator_account(self.chain).key + "\n")
@@ -70,7 +70,7 @@ class Facilitator:
             self.process.stop()
 
 
-def exact_settings(chain: Chain, facilitator: Facilitator, **more: Any) -> dict[str, Any]:
+def exact_settings(chain: Chain, facilitator: FacilitatorProcess, **more: Any) -> dict[str, Any]:
     """The sidecar config keys that offer `exact` for USDF with the chain's USDC."""
     return {
         "onchain": {

@@ -19,7 +19,7 @@ from sidecar.core import protocol
 from sidecar.core.identity import Identity
 from sidecar.server.supervisor import SHUTDOWN_GRACE_SECONDS
 from sidecar.tools.chain import Chain
-from sidecar.tools.onchain import Facilitator, operator, payers
+from sidecar.tools.onchain import FacilitatorProcess, operator, payers
 from sidecar.tools.stack import LOOPBACK, free_port
 from tests.support.charts import CHART, render_chart
 from tests.support.containers import (
@@ -286,7 +286,9 @@ def test_alongside_an_existing_service_the_gateway_pod_pays_a_route_of_another_p
 EXACT_PATH, EXACT_PRICE = "/reports/r-exact", 10_000  # 0.01 USDF = 0.01 USDC
 
 
-def exact_values(chain: Chain, facilitator: Facilitator, redis_port: int) -> tuple[list[str], int]:
+def exact_values(
+    chain: Chain, facilitator: FacilitatorProcess, redis_port: int
+) -> tuple[list[str], int]:
     """The podman values with `exact` on this chain, the pod on the host's network (the
     chain and the facilitator listen on its loopback), every port a free one, and the
     ledger an external Redis there too (no name to resolve on the host's network)."""
@@ -324,7 +326,7 @@ def exact_values(chain: Chain, facilitator: Facilitator, redis_port: int) -> tup
 
 
 def test_a_sigterm_during_an_exact_settle_answers_the_settled_request_before_exiting(
-    built: Images, cluster: Cluster, chain: Chain, facilitator: Facilitator, tmp_path: Path
+    built: Images, cluster: Cluster, chain: Chain, facilitator: FacilitatorProcess, tmp_path: Path
 ) -> None:
     """The pod's sidecar gets SIGTERM while a paid request's settle waits for its block:
     the request is still answered 200 with the settled transaction and the receipt, and

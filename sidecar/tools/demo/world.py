@@ -16,7 +16,7 @@ from sidecar.agent.evm import EvmKey
 from sidecar.core.errors import ToolMissing, X402Error
 from sidecar.core.money import to_atomic, to_decimal
 from sidecar.tools.chain import Chain, DevAccount, install_chain_tools, missing_chain_tools
-from sidecar.tools.onchain import Facilitator, operator
+from sidecar.tools.onchain import FacilitatorProcess, operator
 from sidecar.tools.stack import Process
 
 ROUTES: dict[str, dict[str, Any]] = {
@@ -95,7 +95,7 @@ class Onchain:
     """The on-chain half of the demo, when it runs: anvil with USDC and the facilitator."""
 
     chain: Chain
-    facilitator: Facilitator
+    facilitator: FacilitatorProcess
 
     @property
     def processes(self) -> list[Process]:
@@ -168,7 +168,7 @@ def start_onchain(running: contextlib.ExitStack, console: Console) -> OnchainSta
         with console.status("starting anvil with USDC and the x402 facilitator…"):
             workdir = Path(running.enter_context(tempfile.TemporaryDirectory(prefix="x402-")))
             chain = running.enter_context(Chain(workdir=workdir))
-            facilitator = Facilitator(chain, workdir)
+            facilitator = FacilitatorProcess(chain, workdir)
             running.callback(facilitator.stop)
             facilitator.start()
     except ToolMissing as exc:
