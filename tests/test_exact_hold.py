@@ -23,7 +23,7 @@ from x402.http.utils import decode_payment_response_header
 from sidecar.core import holds, protocol
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import wiring
-from sidecar.server.authz.check import Authorization, Facts
+from sidecar.server.authz.check import CheckService, Facts
 from sidecar.server.config import Settings
 from sidecar.server.logs import DecisionLog
 from sidecar.tools.chain import Chain
@@ -343,7 +343,7 @@ async def test_a_check_envoy_left_after_the_verify_frees_the_authorization(
     ledger = Ledger.from_url(stack.redis_url)
     settler = wiring.exact_settler(settings, ledger)
     log = io.StringIO()
-    servicer = Authorization(
+    servicer = CheckService(
         settings.route_table(), settings.gateway(), ledger, decisions=DecisionLog(stream=log),
         settler=settler,
     )  # fmt: skip

@@ -46,7 +46,7 @@ from sidecar.server import logs, metrics, wiring
 from sidecar.server.addresses import split_host_port
 from sidecar.server.admin import Facilities, check_listener, start_facilities
 from sidecar.server.authz import http_transport
-from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import AUTHZ_SERVICE, GrpcChecks
 from sidecar.server.config import Settings
 from sidecar.server.envoy.contract import TOPUP_PATH
@@ -131,7 +131,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     decision_log = logs.DecisionLog(settings.log_level, sink=feed)
     over_http = settings.transport == "http"
     answers = http_transport.HttpAnswers() if over_http else None
-    authz = Authorization(routes, gateway, ledger, worker, decision_log, limiter, settler, answers)
+    authz = CheckService(routes, gateway, ledger, worker, decision_log, limiter, settler, answers)
     # The response phase of routes charged on success: Envoy's ext_proc, on the gRPC port
     # whichever transport the checks come by.
     processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)

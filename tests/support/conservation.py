@@ -27,7 +27,7 @@ from sidecar.core.money import to_atomic
 from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import ACTIVE, SUSPENDED, Ledger
 from sidecar.ledger.holds import Holds
-from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.envoy.contract import EXT_AUTHZ
 from sidecar.server.processor import Processor
@@ -82,7 +82,7 @@ class Books:
 
 class Workload:
     def __init__(
-        self, stack: Stack, servicer: Authorization, ledger: Ledger, rng: random.Random
+        self, stack: Stack, servicer: CheckService, ledger: Ledger, rng: random.Random
     ) -> None:
         self.stack, self.servicer, self.ledger, self.rng = stack, servicer, ledger, rng
         self.payers = [Identity.generate() for _ in range(PAYERS)]

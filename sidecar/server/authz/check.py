@@ -124,7 +124,7 @@ class Paying:
     started: float
 
 
-class Authorization:
+class CheckService:
     def __init__(
         self,
         routes: RouteTable,

@@ -118,7 +118,7 @@ def client_address(forwarded_for: str, trusted_hops: int) -> str:
 
 
 class Decider(Protocol):
-    """What answers a check: check.Authorization (the bench's allow-all is another)."""
+    """What answers a check: check.CheckService (the bench's allow-all is another)."""
 
     async def decide(self, facts: Facts) -> bytes: ...
 
