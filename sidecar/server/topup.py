@@ -170,7 +170,9 @@ class Topup:
         extra = {name: encoded for name in protocol.RECEIPT_HEADERS}
         return 200, "application/json", json.dumps(body).encode(), extra
 
-    async def _recover(self, auth: exact.Authorization, payer: str, state: str) -> dict[str, str]:
+    async def _recover(
+        self, auth: exact.Eip3009Authorization, payer: str, state: str
+    ) -> dict[str, str]:
         """The authorization was taken before. For this very payer, if the chain says it
         was used (an earlier attempt settled, then its credit or its answer was lost), the
         credit is applied now, still once; anyone else's copy is a replay."""
