@@ -147,7 +147,7 @@ class FacilitatorClient:
         )
 
 
-class Chain:
+class ChainReader:
     """Reads an EIP-3009 token over JSON-RPC (config `chain_rpc_url`)."""
 
     def __init__(self, rpc_url: str, timeout: float = 5.0) -> None:

@@ -42,7 +42,7 @@ from sidecar.server.envoy.contract import (
     RESERVATION,
     RESOURCE,
 )
-from sidecar.server.facilitation import Chain, FacilitatorClient, SettleUnknown
+from sidecar.server.facilitation import ChainReader, FacilitatorClient, SettleUnknown
 from sidecar.server.schemes.base import (
     Charged,
     Closing,
@@ -71,7 +71,7 @@ class ExactSettler:
         self,
         authorizations: Authorizations,
         facilitator: FacilitatorClient,
-        chain: Chain | None,
+        chain: ChainReader | None,
         lookup: float = 3.0,  # seconds the chain is watched for a settle whose answer was lost
     ) -> None:
         self.authorizations, self.facilitator, self.chain = authorizations, facilitator, chain
