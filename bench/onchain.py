@@ -38,7 +38,7 @@ from bench.harness import (
 from bench.report import DIRECT_LANES, EXACT_C16, OFFICIAL_C16, PAID_C16, PAID_C16_HTTP, VOUCHERS
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity
-from sidecar.tools.chain import Chain, install_chain_tools
+from sidecar.tools.chain import AnvilChain, install_chain_tools
 from sidecar.tools.onchain import FacilitatorProcess, exact_settings, operator
 from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port, wait_http
 
@@ -57,7 +57,7 @@ def chain_tools() -> None:
         raise SystemExit(f"bench: the chain's tools are missing: {error}") from None
 
 
-def sign_exact(required_header: str, chain: Chain, keys: list[str], count: int) -> list[str]:
+def sign_exact(required_header: str, chain: AnvilChain, keys: list[str], count: int) -> list[str]:
     """`count` PAYMENT-SIGNATURE values for a 402's `exact` offer, signed by the official
     x402 client (each a fresh EIP-3009 nonce), spread over the payers."""
     required = official.decode_required(required_header)
@@ -69,7 +69,7 @@ def sign_exact(required_header: str, chain: Chain, keys: list[str], count: int) 
 
 
 def onchain_phase(
-    wrk: str, chain: Chain, url: str, keys: list[str], seconds: float, warmup: float,
+    wrk: str, chain: AnvilChain, url: str, keys: list[str], seconds: float, warmup: float,
     lanes: int, workdir: Path, parts: dict[str, int],
 ) -> dict[str, Any]:  # fmt: skip
     """wrk -t1 -c`lanes` with one pre-signed `exact` payment per request against `url`; the
@@ -130,7 +130,7 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
     keys = [Account.create().key.hex() for _ in range(lanes)]  # one EVM payer per connection
     mint = {Account.from_key(key).address: PAYER_USDC for key in keys}
     expect = phases["4 sidecar paid direct"]["ok_rps"] * 1.5  # to size the pre-signing
-    with tempfile.TemporaryDirectory(prefix="x402-bench-") as tmp, Chain(mint=mint) as chain:
+    with tempfile.TemporaryDirectory(prefix="x402-bench-") as tmp, AnvilChain(mint=mint) as chain:
         workdir = Path(tmp)
         facilitator = FacilitatorProcess(chain, workdir)  # its URL now, started below
         settings = exact_settings(chain, facilitator, exact_max_timeout_seconds=EXACT_TIMEOUT)
@@ -185,7 +185,7 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
 
 
 def official_argv(
-    chain: Chain, facilitator: FacilitatorProcess, port: int, workers: int
+    chain: AnvilChain, facilitator: FacilitatorProcess, port: int, workers: int
 ) -> list[str]:
     """The official x402 stack (bench/official.py), paid to the operator on this chain."""
     return [sys.executable, "-m", "bench.official", "--facilitator", facilitator.url,
@@ -227,7 +227,7 @@ def settled_phases(
     wrk: str,
     args: argparse.Namespace,
     results: dict[str, Any],
-    running: tuple[Chain, FacilitatorProcess, Stack, Process],
+    running: tuple[AnvilChain, FacilitatorProcess, Stack, Process],
     keys: list[str],
     official_url: str,
 ) -> None:

@@ -265,10 +265,10 @@ def start(spec: Spec) -> Iterator[World]:
         rpc_url = token = evm_key = ""
         pay_to: dict[str, str] = {name: "" for name in spec.gateways}
         if spec.chain:
-            from sidecar.tools.chain import Chain
+            from sidecar.tools.chain import AnvilChain
             from sidecar.tools.onchain import FacilitatorProcess, exact_settings
 
-            chain = running.enter_context(Chain())
+            chain = running.enter_context(AnvilChain())
             workdir = Path(running.enter_context(tempfile.TemporaryDirectory(prefix="x402-")))
             facilitator = FacilitatorProcess(chain, workdir).start()
             running.callback(facilitator.stop)

@@ -19,7 +19,7 @@ from sidecar.agent.evm import EvmKey
 from sidecar.agent.exact import TopUp
 from sidecar.agent.wallet import Wallet
 from sidecar.core.identity import Identity
-from sidecar.tools.chain import Chain
+from sidecar.tools.chain import AnvilChain
 from sidecar.tools.demo.narration import Narration
 from sidecar.tools.demo.world import (
     AGENT_USDC,
@@ -64,7 +64,7 @@ def onchain_rows(table: Table, running: Onchain | None) -> None:
     table.add_row("operator (payTo)", running.pay_to)
 
 
-def mined(chain: Chain, transaction: str) -> bool:
+def mined(chain: AnvilChain, transaction: str) -> bool:
     """Whether `transaction` is a transaction hash the chain mined successfully."""
     return bool(TX_HASH.match(transaction)) and (
         chain.w3.eth.get_transaction_receipt(transaction)["status"] == 1  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ from rich.console import Console
 from sidecar.agent.evm import EvmKey
 from sidecar.core.errors import ToolMissing, X402Error
 from sidecar.core.money import to_atomic, to_decimal
-from sidecar.tools.chain import Chain, DevAccount, install_chain_tools, missing_chain_tools
+from sidecar.tools.chain import AnvilChain, DevAccount, install_chain_tools, missing_chain_tools
 from sidecar.tools.onchain import FacilitatorProcess, operator
 from sidecar.tools.stack import Process
 
@@ -94,7 +94,7 @@ TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")
 class Onchain:
     """The on-chain half of the demo, when it runs: anvil with USDC and the facilitator."""
 
-    chain: Chain
+    chain: AnvilChain
     facilitator: FacilitatorProcess
 
     @property
@@ -167,7 +167,7 @@ def start_onchain(running: contextlib.ExitStack, console: Console) -> OnchainSta
                 installed = install_chain_tools(report)
         with console.status("starting anvil with USDC and the x402 facilitator…"):
             workdir = Path(running.enter_context(tempfile.TemporaryDirectory(prefix="x402-")))
-            chain = running.enter_context(Chain(workdir=workdir))
+            chain = running.enter_context(AnvilChain(workdir=workdir))
             facilitator = FacilitatorProcess(chain, workdir)
             running.callback(facilitator.stop)
             facilitator.start()
