@@ -25,7 +25,7 @@ from sidecar.server import metrics
 from sidecar.server.authz.http_transport import reason_phrase
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.logs import get_logger
-from sidecar.server.topup import Topup
+from sidecar.server.topup import TopupService
 
 log = get_logger("sidecar.side_port")
 
@@ -110,7 +110,11 @@ def _exact_entries(gateway: Gateway) -> dict[str, Any]:
 
 class SidePort:
     def __init__(
-        self, routes: RouteTable, gateway: Gateway, ledger: Ledger, topup: Topup | None = None
+        self,
+        routes: RouteTable,
+        gateway: Gateway,
+        ledger: Ledger,
+        topup: TopupService | None = None,
     ) -> None:
         self.ledger = ledger
         self.topup = topup

@@ -53,7 +53,7 @@ from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
 from sidecar.server.schemes.base import sweep_forever
 from sidecar.server.side_port import AnyReply, Headers, SidePort, SideServer, start_http
-from sidecar.server.topup import Topup
+from sidecar.server.topup import TopupService
 
 SHUTDOWN_GRACE_SECONDS = 5.0
 CRASH_LOOP_RESTARTS = 5  # worker restarts within CRASH_LOOP_SECONDS before giving up
@@ -142,7 +142,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     topup = None
     if settler is not None and gateway.exact is not None and gateway.exact.topup:
         asset = routes.assets[gateway.exact.topup["asset"]]
-        topup = Topup(gateway, settler, settler.authorizations, asset)
+        topup = TopupService(gateway, settler, settler.authorizations, asset)
     side = SidePort(routes, gateway, ledger, topup)
     zero = await WorkerZero.start(settings, side, board, ledger, gateway) if worker == 0 else None
     await server.start()

@@ -40,7 +40,7 @@ Answer = tuple[int, str, bytes, dict[str, str]]
 log = get_logger("sidecar.topup")
 
 
-class Topup:
+class TopupService:
     def __init__(
         self, gateway: Gateway, settler: ExactSettler, authorizations: Authorizations, asset: Asset
     ) -> None:
