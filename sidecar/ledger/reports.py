@@ -112,7 +112,7 @@ async def revenue(ledger: Ledger, among: Iterable[str], now: int | None = None) 
 
 
 @dataclass(frozen=True, slots=True)
-class Topup:
+class CreditRecord:
     payer: str
     asset: str
     amount: int
@@ -121,7 +121,7 @@ class Topup:
     transaction: str
 
 
-async def credits(ledger: Ledger, among: Iterable[str], per_payer: int = 20) -> list[Topup]:
+async def credits(ledger: Ledger, among: Iterable[str], per_payer: int = 20) -> list[CreditRecord]:
     """The newest credits of each payer (operator credits and self-serve top-ups), newest
     first."""
     found = []
@@ -136,7 +136,7 @@ async def credits(ledger: Ledger, among: Iterable[str], per_payer: int = 20) -> 
             except ValueError:
                 continue
             found.append(
-                Topup(
+                CreditRecord(
                     payer,
                     f.get("asset", ""),
                     amount,

@@ -33,7 +33,7 @@ class Summary:
     revenue: reports.Revenue
     by_reason: dict[tuple[str, str], int]
     open_holds: int
-    credits: list[reports.Topup]
+    credits: list[reports.CreditRecord]
     lag: float | None
 
 
