@@ -103,7 +103,7 @@ def worker_addresses(settings: Settings, key: str = "listen_grpc") -> list[str]:
     return [f"{host}:{port + i}" for i in range(workers)]
 
 
-class Board:
+class WorkerBoard:
     """Each worker's state in memory shared across the fork, for worker 0's /readyz."""
 
     def __init__(self, workers: int) -> None:
@@ -116,7 +116,7 @@ class Board:
         return all(state == SERVING for state in self.states[:])  # bytes → ints
 
 
-async def serve(settings: Settings, worker: int, board: Board) -> None:
+async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     """One worker: run until SIGTERM or SIGINT, then drain: readiness flips first, then
     in-flight checks finish within the grace period."""
     logs.configure(settings.log_level)
@@ -238,7 +238,12 @@ class WorkerZero:
 
     @classmethod
     async def start(
-        cls, settings: Settings, side: SidePort, board: Board, ledger: Ledger, gateway: Gateway
+        cls,
+        settings: Settings,
+        side: SidePort,
+        board: WorkerBoard,
+        ledger: Ledger,
+        gateway: Gateway,
     ) -> WorkerZero:
         http = await _start_side_port(settings, side, board)
         probes = None
@@ -259,7 +264,7 @@ class WorkerZero:
 
 
 async def _start_side_port(
-    settings: Settings, side: SidePort, board: Board, key: str = "listen_http"
+    settings: Settings, side: SidePort, board: WorkerBoard, key: str = "listen_http"
 ) -> SideServer:
     """The side port (listen_http), or the probes' own port (listen_health: health only)."""
     probes_only = key == "listen_health"
@@ -282,7 +287,7 @@ async def _start_side_port(
         raise ConfigError(f"config {key}: cannot listen on {address}: {exc.strerror}") from None
 
 
-def run_worker(settings: Settings, worker: int, board: Board) -> None:
+def run_worker(settings: Settings, worker: int, board: WorkerBoard) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
@@ -294,7 +299,7 @@ def run_worker(settings: Settings, worker: int, board: Board) -> None:
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.board = Board(settings.workers)
+        self.board = WorkerBoard(settings.workers)
         self.children: dict[int, int] = {}  # pid → worker index
         self.stopping = False
         self.restarts: deque[float] = deque(maxlen=CRASH_LOOP_RESTARTS)
