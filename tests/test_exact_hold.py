@@ -20,7 +20,7 @@ import pytest
 from x402.http.clients import x402HttpxClient
 from x402.http.utils import decode_payment_response_header
 
-from sidecar.core import holds, protocol
+from sidecar.core import phases, protocol
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import wiring
 from sidecar.server.authz.check import CheckService, Facts
@@ -351,7 +351,7 @@ async def test_a_check_envoy_left_after_the_verify_frees_the_authorization(
     header, _ = await sign_exact(chain, http, REPORT, payer, PRICE)
     facts = Facts(
         "GET", REPORT, "gateway.test", "http", {"payment-signature": header},
-        {holds.EXT_PHASE: holds.PHASE_RESPONSE}, "127.0.0.1", gone=lambda: True,
+        {phases.EXT_PHASE: phases.PHASE_RESPONSE}, "127.0.0.1", gone=lambda: True,
     )  # fmt: skip
 
     await servicer.decide(facts)

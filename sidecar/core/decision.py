@@ -12,7 +12,7 @@ from typing import Any
 
 from nacl.signing import VerifyKey
 
-from sidecar.core import exact, holds, protocol
+from sidecar.core import exact, phases, protocol
 from sidecar.core.errors import (
     AmountError,
     InvalidInvoice,
@@ -169,8 +169,8 @@ def invoice(request: Request, price: Price, gateway: Gateway, now: int) -> dict[
         "invoice_id": protocol.invoice_id(gateway.invoice_secret, terms),
         "facilitator_url": f"{request.base_url(gateway)}/.well-known/x402",
         # charge: on_success: `amount` is the hold (a metered route's maximum); the
-        # receipt at the response says what was captured (core/holds.py)
-        **holds.describe(price.phase, price.asset),
+        # receipt at the response says what was captured (core/phases.py)
+        **phases.describe(price.phase, price.asset),
     }
 
 

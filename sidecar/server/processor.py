@@ -4,7 +4,7 @@ Envoy's ext_proc filter runs only on routes whose config enables it (server/envo
 with request headers skipped and response headers sent. The check phase (server/authz/) placed a
 hold and left its facts in ext_authz's dynamic metadata, which the filter forwards here
 (`metadata_options.forwarding_namespaces`). From the response's status and the usage the
-service reported, core/holds.py says what to capture; the hold's scheme (server/schemes/)
+service reported, core/phases.py says what to capture; the hold's scheme (server/schemes/)
 captures or releases it in one ledger script, and the client's response gets the signed
 receipt (PAYMENT-RESPONSE / X-Payment-Response) with the amount actually charged, and
 loses the usage header. A capture that cannot happen (the hold expired, the ledger is
@@ -27,11 +27,11 @@ from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
-from sidecar.core import decision, holds, protocol
+from sidecar.core import decision, phases, protocol
 from sidecar.core.decision import Denial, Gateway, Request
 from sidecar.core.errors import PaymentError, X402Error
-from sidecar.core.holds import ResponsePhase
 from sidecar.core.money import Asset
+from sidecar.core.phases import ResponsePhase
 from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import CAPTURED, NO_HOLD, Closed
@@ -94,7 +94,7 @@ def immediate(
 
 @lru_cache(maxsize=1024)
 def _phase(annotations: tuple[tuple[str, str], ...], asset: Asset) -> ResponsePhase | None:
-    return holds.from_annotations("hold metadata", dict(annotations), asset)
+    return phases.from_annotations("hold metadata", dict(annotations), asset)
 
 
 class Processor:
@@ -205,7 +205,7 @@ class Processor:
         holder: HoldingScheme[Any] = self.holding[meta[contract.HOLD_SCHEME]]
         held = int(meta[contract.HELD])
         entry["price"] = asset.to_decimal(held)
-        capture = holds.captured(phase, held, status, headers.get(phase.usage_header))
+        capture = phases.captured(phase, held, status, headers.get(phase.usage_header))
         now = int(time.time())
         mutation = ext_proc.HeaderMutation(remove_headers=[phase.usage_header])
         if capture.release:

@@ -12,7 +12,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sidecar.core import exact, holds
+from sidecar.core import exact, phases
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity
@@ -64,7 +64,7 @@ def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
                 "price": r.price.display,
                 "asset": r.price.asset.code,
                 "description": r.price.description,
-                **holds.describe(r.price.phase, r.price.asset),  # on_success, metered
+                **phases.describe(r.price.phase, r.price.asset),  # on_success, metered
             }
             for r in routes.routes
         ],

@@ -21,7 +21,7 @@ from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
-from sidecar.core import holds, protocol
+from sidecar.core import phases, protocol
 from sidecar.core.identity import Identity
 from sidecar.core.money import to_atomic
 from sidecar.ledger import keyspace
@@ -63,7 +63,7 @@ HELD_ROUTES = {
 }
 for _price, _extensions in HELD_ROUTES.values():
     _extensions.update(
-        {holds.EXT_PHASE: holds.PHASE_RESPONSE, "x402.hold_seconds": str(HOLD_SECONDS)}
+        {phases.EXT_PHASE: phases.PHASE_RESPONSE, "x402.hold_seconds": str(HOLD_SECONDS)}
     )
 
 

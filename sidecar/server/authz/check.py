@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sidecar.core import decision, exact, holds, protocol
+from sidecar.core import decision, exact, phases, protocol
 from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import (
     ConfigError,
@@ -206,7 +206,7 @@ class CheckService:
         if self.limiter is not None:  # before the ledger: a refused check charges nothing
             await self.limiter.check(payment.payer, facts.peer, payment.nonce)
         holder = None
-        if price.phase is not None:  # charge: on_success (core/holds.py)
+        if price.phase is not None:  # charge: on_success (core/phases.py)
             holder = self._holder(scheme, price, facts.extensions)
         return Paying(scheme, holder, payment, price, request, entry, now, started)
 
@@ -298,7 +298,7 @@ class CheckService:
         the response would go out free. A metered route cannot be charged on check."""
         assert price.phase is not None
         holder = self.schemes.holding.get(scheme.name)
-        responds = extensions.get(holds.EXT_PHASE) == holds.PHASE_RESPONSE
+        responds = extensions.get(phases.EXT_PHASE) == phases.PHASE_RESPONSE
         if responds and holder is not None:
             return holder
         if price.phase.metered and responds:  # the route can hold; this kind of payment not
@@ -309,7 +309,7 @@ class CheckService:
         if price.phase.metered:
             raise ConfigError(
                 f"route {price.route} is metered but has no response phase here "
-                f"(Envoy's ext_proc filter, annotation {holds.EXT_PHASE}) or scheme"
+                f"(Envoy's ext_proc filter, annotation {phases.EXT_PHASE}) or scheme"
             )
         return None
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from sidecar.core import holds
+from sidecar.core import phases
 from sidecar.core.decision import Request
 from sidecar.core.errors import PaymentError
 from sidecar.core.money import Asset
@@ -111,7 +111,7 @@ class HoldingScheme(Scheme[T]):
 
     @abstractmethod
     async def hold(
-        self, payment: Payment[T], price: Price, phase: holds.ResponsePhase, now: int,
+        self, payment: Payment[T], price: Price, phase: phases.ResponsePhase, now: int,
         within: float | None,
     ) -> Held: ...  # fmt: skip
 
@@ -122,7 +122,7 @@ class HoldingScheme(Scheme[T]):
 
     @abstractmethod
     async def capture(
-        self, meta: Mapping[str, str], asset: Asset, capture: holds.Capture, now: int,
+        self, meta: Mapping[str, str], asset: Asset, capture: phases.Capture, now: int,
         within: float | None,
     ) -> Closing:  # fmt: skip
         """Charge `capture.amount` of the hold whose metadata is `meta`; raises a typed
@@ -151,7 +151,7 @@ def metadata(
         # the access log's fields, as for a charge: the amount is the hold until captured
         "amount": price.display,
         "receipt_id": held.hold_id,
-        **holds.phase_annotations(price.phase, price.asset),
+        **phases.phase_annotations(price.phase, price.asset),
     }
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.core import exact, holds, protocol, receipts
+from sidecar.core import exact, phases, protocol, receipts
 from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import (
     FacilitatorUnavailable,
@@ -220,7 +220,7 @@ class Exact(HoldingScheme[Authorized]):
         return Charged(protocol.sign_receipt(receipt, self.gateway.identity), price.amount, None)
 
     async def hold(
-        self, payment: Payment[Authorized], price: Price, phase: holds.ResponsePhase, now: int,
+        self, payment: Payment[Authorized], price: Price, phase: phases.ResponsePhase, now: int,
         within: float | None,
     ) -> Held:  # fmt: skip
         """Reserve the authorization in the ledger (until its validBefore: copies and
@@ -252,7 +252,7 @@ class Exact(HoldingScheme[Authorized]):
         )
 
     async def capture(
-        self, meta: Mapping[str, str], asset: Asset, capture: holds.Capture, now: int,
+        self, meta: Mapping[str, str], asset: Asset, capture: phases.Capture, now: int,
         within: float | None,
     ) -> Closing:  # fmt: skip
         """/settle the reserved authorization; a failed settle withholds the response

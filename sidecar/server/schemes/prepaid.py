@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.core import decision, holds, protocol, receipts
+from sidecar.core import decision, phases, protocol, receipts
 from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import PaymentError
 from sidecar.core.money import Asset
@@ -64,7 +64,7 @@ class Prepaid(HoldingScheme[Proof]):
         return Charged(signed, price.amount, receipt["balance"], header)
 
     async def hold(
-        self, payment: Payment[Proof], price: Price, phase: holds.ResponsePhase, now: int,
+        self, payment: Payment[Proof], price: Price, phase: phases.ResponsePhase, now: int,
         within: float | None,
     ) -> Held:  # fmt: skip
         proof = payment.terms
@@ -89,7 +89,7 @@ class Prepaid(HoldingScheme[Proof]):
         return None  # the hold expires and the ledger gives it back; the proof stays spent
 
     async def capture(
-        self, meta: Mapping[str, str], asset: Asset, capture: holds.Capture, now: int,
+        self, meta: Mapping[str, str], asset: Asset, capture: phases.Capture, now: int,
         within: float | None,
     ) -> Closing:  # fmt: skip
         payer, hold_id, held = meta[PAYER], meta[HOLD], int(meta[HELD])
