@@ -82,9 +82,9 @@ def published_url(url: str) -> str:
     """A configured URL as discovery and the 402s publish it: without userinfo, query or
     fragment, where credentials hide (`https://user:key@host/x?token=…` → `https://host/x`).
     The sidecar itself still calls the URL as configured."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", "")).rstrip("/")
+    components = urlsplit(url)
+    host = components.netloc.rpartition("@")[2]
+    return urlunsplit((components.scheme, host, components.path, "", "")).rstrip("/")
 
 
 def offer(onchain: OnchainAsset, amount: int, terms: ExactTerms) -> dict[str, Any]:

@@ -105,9 +105,9 @@ def validate_path(path: str) -> None:
         raise ValueError(f"{path!r} is not a path pattern: it starts with /")
     if "?" in path or "#" in path:
         raise ValueError(f"{path!r}: a path pattern has no query string or fragment")
-    parts, params = segments(path), set()
-    for i, segment in enumerate(parts):
-        last = i == len(parts) - 1
+    path_segments, params = segments(path), set()
+    for i, segment in enumerate(path_segments):
+        last = i == len(path_segments) - 1
         if segment == REST and not last:
             raise ValueError(f"{path!r}: ** (the rest of the path) must be the last segment")
         if segment in (ONE, REST) or (segment == "" and last):

@@ -186,14 +186,14 @@ class Settings:
         origin = self.dashboard_public_origin.strip().rstrip("/").lower()
         if not origin:
             return ""
-        parts = urlsplit(origin)
+        components = urlsplit(origin)
         if (
-            parts.scheme not in ("http", "https")
-            or not parts.hostname
-            or "@" in parts.netloc
-            or parts.path
-            or parts.query
-            or parts.fragment
+            components.scheme not in ("http", "https")
+            or not components.hostname
+            or "@" in components.netloc
+            or components.path
+            or components.query
+            or components.fragment
         ):
             raise ConfigError(
                 "config dashboard_public_origin: scheme://host[:port], nothing more "
