@@ -70,7 +70,7 @@ def sign_exact(required_header: str, chain: AnvilChain, keys: list[str], count: 
 
 def onchain_phase(
     wrk: str, chain: AnvilChain, url: str, keys: list[str], seconds: float, warmup: float,
-    lanes: int, workdir: Path, parts: dict[str, int],
+    lanes: int, workdir: Path, pids: dict[str, int],
 ) -> dict[str, Any]:  # fmt: skip
     """wrk -t1 -c`lanes` with one pre-signed `exact` payment per request against `url`; the
     operator's USDC shows what settled on chain. The rate is first measured in the warm-up,
@@ -96,7 +96,7 @@ def onchain_phase(
     run = workdir / f"exact-run-{time.monotonic_ns()}"
     run.with_suffix(".0").write_text("\n".join(sign_exact(required, chain, keys, count)))
     args = (str(run), "PAYMENT-SIGNATURE")
-    meter = CpuMeter(parts)
+    meter = CpuMeter(pids)
     figures = run_wrk(wrk, url, seconds, lanes, 1, "paid.lua", args, ONCHAIN_TIMEOUT)
     figures["cpu_us_per_request"] = meter.per_request(figures["ok"])
     time.sleep(2)  # settles still in flight when wrk hung up
@@ -243,8 +243,8 @@ def settled_phases(
         "facilitator": facilitator.process.popen.pid,
     }
     url = stack.url + PAID_PATH
-    parts = {**{n: p.popen.pid for n, p in stack.processes.items()}, **onchain}
-    figures = onchain_phase(wrk, chain, url, keys, seconds, warmup, lanes, stack.dir, parts)
+    pids = {**{n: p.popen.pid for n, p in stack.processes.items()}, **onchain}
+    figures = onchain_phase(wrk, chain, url, keys, seconds, warmup, lanes, stack.dir, pids)
     figures["note"] = (
         "x402 v2 exact through Envoy and the sidecar: each request verified and "
         "settled (EIP-3009 transferWithAuthorization on anvil) by the facilitator "
@@ -252,10 +252,8 @@ def settled_phases(
     )
     phases[EXACT_C16] = figures
     show(EXACT_C16, figures)
-    parts = {"official": server.popen.pid, **onchain}
-    figures = onchain_phase(
-        wrk, chain, official_url, keys, seconds, warmup, lanes, stack.dir, parts
-    )
+    pids = {"official": server.popen.pid, **onchain}
+    figures = onchain_phase(wrk, chain, official_url, keys, seconds, warmup, lanes, stack.dir, pids)
     figures["note"] = (
         f"the official x402 {version('x402')} FastAPI middleware under uvicorn "
         f"({args.workers} workers), the same facilitator and chain: each request "
