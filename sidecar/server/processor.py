@@ -34,7 +34,7 @@ from sidecar.core.money import Asset
 from sidecar.core.phases import ResponsePhase
 from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.holds import CAPTURED, NO_HOLD, Closed
+from sidecar.ledger.holds import CAPTURED, NO_HOLD, HoldClosed
 from sidecar.server import metrics
 from sidecar.server.envoy import contract
 from sidecar.server.envoy.contract import EXT_AUTHZ
@@ -253,7 +253,7 @@ class Processor:
             return None
         return decision.deny(error, request, price, self.gateway, int(time.time()))
 
-    def _lost(self, closed: Closed, line: dict[str, Any]) -> ext_proc.ProcessingResponse:
+    def _lost(self, closed: HoldClosed, line: dict[str, Any]) -> ext_proc.ProcessingResponse:
         """The hold was gone (expired and released) when the response came: nothing was
         charged, so the response is not served."""
         line.update(decision="deny", status=504, reason="hold_expired", captured="0")
@@ -267,7 +267,7 @@ class Processor:
         )
 
 
-def _describe(line: dict[str, Any], closed: Closed) -> None:
+def _describe(line: dict[str, Any], closed: HoldClosed) -> None:
     """The decision line's request facts, from the hold's record (PROTOCOL §7)."""
     method, _, path = closed.record.get("resource", "").partition(" ")
     line["method"], line["path"] = method or None, path or None

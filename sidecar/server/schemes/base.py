@@ -29,7 +29,7 @@ from sidecar.core.errors import PaymentError
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
 from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.holds import Closed, Holds
+from sidecar.ledger.holds import HoldClosed, Holds
 from sidecar.server.envoy.contract import (  # the keys a hold carries to the response phase
     ASSET,
     HELD,
@@ -80,7 +80,7 @@ class Closing:
     """What a capture or release did, and the signed receipt the client gets with the
     response (None: there was no hold to close)."""
 
-    closed: Closed
+    closed: HoldClosed
     receipt: dict[str, Any] | None
     balance: str | None  # the payer's balance after it (wire decimal); None: on chain
     facts: Mapping[str, Any] = field(default_factory=dict)  # for the decision line

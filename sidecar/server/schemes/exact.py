@@ -31,7 +31,7 @@ from sidecar.core.exact import Eip3009Authorization
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
 from sidecar.ledger.authorizations import Authorizations
-from sidecar.ledger.holds import CAPTURED, RELEASED, Closed
+from sidecar.ledger.holds import CAPTURED, RELEASED, HoldClosed
 from sidecar.server.envoy.contract import (
     ENVELOPE,
     HELD,
@@ -267,7 +267,7 @@ class Exact(HoldingScheme[Authorized]):
             now,
         )  # fmt: skip
         body["held"] = asset.to_decimal(held)
-        closed = Closed(CAPTURED, 0, held, _record(meta, auth, self.gateway.payee), held)
+        closed = HoldClosed(CAPTURED, 0, held, _record(meta, auth, self.gateway.payee), held)
         facts = {
             "transaction": settled["transaction"],
             "network": settled["network"],
@@ -286,7 +286,7 @@ class Exact(HoldingScheme[Authorized]):
             auth.sender, meta[RESOURCE], asset, held, network, token, auth.nonce,
             meta[HOLD], self.gateway.payee, status, now,
         )  # fmt: skip
-        closed = Closed(RELEASED, 0, held, _record(meta, auth, self.gateway.payee), held)
+        closed = HoldClosed(RELEASED, 0, held, _record(meta, auth, self.gateway.payee), held)
         return Closing(closed, protocol.sign_receipt(body, self.gateway.identity), None)
 
 

@@ -14,7 +14,7 @@ from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
 from sidecar.core.protocol import Proof
 from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.holds import CAPTURED, NO_HOLD, Closed, Holds
+from sidecar.ledger.holds import CAPTURED, NO_HOLD, HoldClosed, Holds
 from sidecar.server.envoy.contract import HELD, HOLD, PAYER
 from sidecar.server.schemes.base import (
     Charged,
@@ -114,7 +114,13 @@ class Prepaid(HoldingScheme[Proof]):
         return Closing(closed, receipt, asset.to_decimal(closed.balance))
 
     def _captured(
-        self, payer: str, hold_id: str, closed: Closed, asset: Asset, now: int, units: int | None
+        self,
+        payer: str,
+        hold_id: str,
+        closed: HoldClosed,
+        asset: Asset,
+        now: int,
+        units: int | None,
     ) -> dict[str, Any]:
         """The signed receipt of a capture: the receipt-stream entry the script wrote."""
         entry: dict[str, Any] = {
