@@ -91,7 +91,7 @@ TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")
 
 
 @dataclass
-class Onchain:
+class DemoChain:
     """The on-chain half of the demo, when it runs: anvil with USDC and the facilitator."""
 
     chain: AnvilChain
@@ -114,7 +114,7 @@ class Onchain:
 class OnchainStatus:
     """What became of the on-chain half: running, skipped (no npm), or failed to start."""
 
-    onchain: Onchain | None = None
+    onchain: DemoChain | None = None
     skipped: str = ""  # why the on-chain lanes are skipped (ToolMissing): exit status kept
     error: str = ""  # why they could not start: the demo fails
     installed: list[str] = field(default_factory=list)
@@ -177,4 +177,4 @@ def start_onchain(running: contextlib.ExitStack, console: Console) -> OnchainSta
     except Exception as exc:  # reported as a failed step; the prepaid lanes still run
         console.print(f"[red]the local chain did not start:[/] {exc}", soft_wrap=True)
         return OnchainStatus(error=f"{exc.__class__.__name__}: {exc}")
-    return OnchainStatus(Onchain(chain, facilitator), installed=installed)
+    return OnchainStatus(DemoChain(chain, facilitator), installed=installed)
