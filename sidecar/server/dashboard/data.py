@@ -60,7 +60,7 @@ class PayerDetail:
 
 
 @dataclass(frozen=True)
-class Batch:
+class BatchStatus:
     manifest: dict[str, Any]
     committed: bool  # else still anchoring
 
@@ -74,7 +74,7 @@ class Unsettled:
 
 @dataclass(frozen=True)
 class SettlementState:
-    batches: list[Batch]
+    batches: list[BatchStatus]
     unsettled: list[Unsettled]
     lag: float | None
 
@@ -155,7 +155,7 @@ class DashboardData:
             owner = str(m["payer"])
             if owner not in committed:
                 committed[owner] = await settlement.committed_seq(self.ledger, owner)
-            batches.append(Batch(m, int(m["seq"]) <= committed[owner]))
+            batches.append(BatchStatus(m, int(m["seq"]) <= committed[owner]))
         unsettled = []
         for payer in await reports.payers(self.ledger):
             cursor = await reports.settled_cursor(self.ledger, payer)
