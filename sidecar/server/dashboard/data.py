@@ -46,7 +46,7 @@ class Decisions:
 
 @dataclass(frozen=True)
 class ShownReceipt:
-    receipt: reports.Receipt
+    receipt: reports.ReceiptRecord
     verifies: bool  # re-signed as the agent received it, it verifies with our keys
     settled: bool
 
@@ -68,7 +68,7 @@ class BatchStatus:
 @dataclass(frozen=True)
 class Unsettled:
     payer: str
-    receipts: list[reports.Receipt]  # after the payer's settled cursor
+    receipts: list[reports.ReceiptRecord]  # after the payer's settled cursor
     sums: dict[str, int]  # atomic, by asset
 
 
