@@ -120,7 +120,7 @@ def redis_memory(stack: Stack) -> int:
     return used
 
 
-def parts(stack: Stack) -> dict[str, int]:
+def pids(stack: Stack) -> dict[str, int]:
     return {name: stack.processes[name].popen.pid for name in ("envoy", "redis", "sidecar")}
 
 
@@ -131,7 +131,7 @@ def direct_phase(wrk: str, stack: Stack, lanes: int, seconds: float, per_lane: i
     asyncio.run(fund(stack, wallets, (per_lane + 10) * PRICE_ATOMIC))
     prefix = stack.dir / f"proofs-{time.monotonic_ns()}"
     presign(per_lane * lanes, wallets, payee, [Path(f"{prefix}.{i}") for i in range(lanes)])
-    offset, meter, memory = log.stat().st_size, CpuMeter(parts(stack)), redis_memory(stack)
+    offset, meter, memory = log.stat().st_size, CpuMeter(pids(stack)), redis_memory(stack)
     figures = run_wrk(wrk, url, seconds, lanes, lanes, "paid.lua", (str(prefix),))
     figures["cpu_us_per_request"] = meter.per_request(figures["requests"])
     figures["redis_bytes_per_request"] = round(
@@ -153,7 +153,7 @@ def channel_phase(wrk: str, stack: Stack, lanes: int, seconds: float, per_lane: 
     prefix = stack.dir / f"vouchers-{time.monotonic_ns()}"
     for i, lane in enumerate(signed):
         Path(f"{prefix}.{i}").write_text("\n".join(lane) + "\n")
-    offset, meter, memory = log.stat().st_size, CpuMeter(parts(stack)), redis_memory(stack)
+    offset, meter, memory = log.stat().st_size, CpuMeter(pids(stack)), redis_memory(stack)
     figures = run_wrk(wrk, url, seconds, lanes, lanes, "paid.lua", (str(prefix),))
     figures["cpu_us_per_request"] = meter.per_request(figures["requests"])
     figures["redis_bytes_per_request"] = round(

@@ -23,7 +23,7 @@ from sidecar.core import protocol
 from sidecar.core.identity import Identity
 from sidecar.ledger import decisions
 from sidecar.ledger.accounts import Ledger
-from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.config import Settings
 from sidecar.server.feed import DecisionFeed
@@ -51,7 +51,7 @@ def requests(stack: Stack, wallet: Identity, count: int, offset: int) -> list[au
     return made
 
 
-async def run(servicer: Authorization, batch: list[authz.CheckRequest]) -> tuple[float, float]:
+async def run(servicer: CheckService, batch: list[authz.CheckRequest]) -> tuple[float, float]:
     """(CPU seconds, wall seconds) for the batch, CONCURRENCY checks in flight."""
     queue = list(reversed(batch))
 
@@ -85,7 +85,7 @@ async def main_async(checks: int, rounds: int) -> dict[str, Any]:
         offset = 0
         for _round in range(rounds):
             for name, log in variants.items():
-                servicer = Authorization(
+                servicer = CheckService(
                     settings.route_table(), settings.gateway(), ledger, decisions=log
                 )
                 batch = requests(stack, wallet, checks, offset)

@@ -197,13 +197,13 @@ def cpu_seconds(pid: int) -> float:
 class CpuMeter:
     """CPU µs per request of each part of the stack (and of wrk) during one phase."""
 
-    def __init__(self, parts: dict[str, int]) -> None:
-        self.parts = parts
-        self.before = {name: cpu_seconds(pid) for name, pid in parts.items()}
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         self.children = resource.getrusage(resource.RUSAGE_CHILDREN)
 
     def per_request(self, requests: int) -> dict[str, float]:
-        used = {name: cpu_seconds(pid) - self.before[name] for name, pid in self.parts.items()}
+        used = {name: cpu_seconds(pid) - self.before[name] for name, pid in self.pids.items()}
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         used["client"] = (after.ru_utime + after.ru_stime) - (
             self.children.ru_utime + self.children.ru_stime

@@ -38,8 +38,8 @@ from bench.harness import (
 from bench.report import DIRECT_LANES, EXACT_C16, OFFICIAL_C16, PAID_C16, PAID_C16_HTTP, VOUCHERS
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity
-from sidecar.tools.chain import Chain, install_chain_tools
-from sidecar.tools.onchain import Facilitator, exact_settings, operator
+from sidecar.tools.chain import AnvilChain, install_chain_tools
+from sidecar.tools.onchain import FacilitatorProcess, exact_settings, operator
 from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port, wait_http
 
 LANES = 16  # the concurrency at which the sidecar is compared with the official stack
@@ -57,7 +57,7 @@ def chain_tools() -> None:
         raise SystemExit(f"bench: the chain's tools are missing: {error}") from None
 
 
-def sign_exact(required_header: str, chain: Chain, keys: list[str], count: int) -> list[str]:
+def sign_exact(required_header: str, chain: AnvilChain, keys: list[str], count: int) -> list[str]:
     """`count` PAYMENT-SIGNATURE values for a 402's `exact` offer, signed by the official
     x402 client (each a fresh EIP-3009 nonce), spread over the payers."""
     required = official.decode_required(required_header)
@@ -69,8 +69,8 @@ def sign_exact(required_header: str, chain: Chain, keys: list[str], count: int) 
 
 
 def onchain_phase(
-    wrk: str, chain: Chain, url: str, keys: list[str], seconds: float, warmup: float,
-    lanes: int, workdir: Path, parts: dict[str, int],
+    wrk: str, chain: AnvilChain, url: str, keys: list[str], seconds: float, warmup: float,
+    lanes: int, workdir: Path, pids: dict[str, int],
 ) -> dict[str, Any]:  # fmt: skip
     """wrk -t1 -c`lanes` with one pre-signed `exact` payment per request against `url`; the
     operator's USDC shows what settled on chain. The rate is first measured in the warm-up,
@@ -96,7 +96,7 @@ def onchain_phase(
     run = workdir / f"exact-run-{time.monotonic_ns()}"
     run.with_suffix(".0").write_text("\n".join(sign_exact(required, chain, keys, count)))
     args = (str(run), "PAYMENT-SIGNATURE")
-    meter = CpuMeter(parts)
+    meter = CpuMeter(pids)
     figures = run_wrk(wrk, url, seconds, lanes, 1, "paid.lua", args, ONCHAIN_TIMEOUT)
     figures["cpu_us_per_request"] = meter.per_request(figures["ok"])
     time.sleep(2)  # settles still in flight when wrk hung up
@@ -130,9 +130,9 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
     keys = [Account.create().key.hex() for _ in range(lanes)]  # one EVM payer per connection
     mint = {Account.from_key(key).address: PAYER_USDC for key in keys}
     expect = phases["4 sidecar paid direct"]["ok_rps"] * 1.5  # to size the pre-signing
-    with tempfile.TemporaryDirectory(prefix="x402-bench-") as tmp, Chain(mint=mint) as chain:
+    with tempfile.TemporaryDirectory(prefix="x402-bench-") as tmp, AnvilChain(mint=mint) as chain:
         workdir = Path(tmp)
-        facilitator = Facilitator(chain, workdir)  # its URL now, started below
+        facilitator = FacilitatorProcess(chain, workdir)  # its URL now, started below
         settings = exact_settings(chain, facilitator, exact_max_timeout_seconds=EXACT_TIMEOUT)
         stack = Stack(
             ROUTES,
@@ -184,7 +184,9 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
             facilitator.stop()
 
 
-def official_argv(chain: Chain, facilitator: Facilitator, port: int, workers: int) -> list[str]:
+def official_argv(
+    chain: AnvilChain, facilitator: FacilitatorProcess, port: int, workers: int
+) -> list[str]:
     """The official x402 stack (bench/official.py), paid to the operator on this chain."""
     return [sys.executable, "-m", "bench.official", "--facilitator", facilitator.url,
             "--network", chain.network, "--asset", chain.token,
@@ -225,7 +227,7 @@ def settled_phases(
     wrk: str,
     args: argparse.Namespace,
     results: dict[str, Any],
-    running: tuple[Chain, Facilitator, Stack, Process],
+    running: tuple[AnvilChain, FacilitatorProcess, Stack, Process],
     keys: list[str],
     official_url: str,
 ) -> None:
@@ -241,8 +243,8 @@ def settled_phases(
         "facilitator": facilitator.process.popen.pid,
     }
     url = stack.url + PAID_PATH
-    parts = {**{n: p.popen.pid for n, p in stack.processes.items()}, **onchain}
-    figures = onchain_phase(wrk, chain, url, keys, seconds, warmup, lanes, stack.dir, parts)
+    pids = {**{n: p.popen.pid for n, p in stack.processes.items()}, **onchain}
+    figures = onchain_phase(wrk, chain, url, keys, seconds, warmup, lanes, stack.dir, pids)
     figures["note"] = (
         "x402 v2 exact through Envoy and the sidecar: each request verified and "
         "settled (EIP-3009 transferWithAuthorization on anvil) by the facilitator "
@@ -250,10 +252,8 @@ def settled_phases(
     )
     phases[EXACT_C16] = figures
     show(EXACT_C16, figures)
-    parts = {"official": server.popen.pid, **onchain}
-    figures = onchain_phase(
-        wrk, chain, official_url, keys, seconds, warmup, lanes, stack.dir, parts
-    )
+    pids = {"official": server.popen.pid, **onchain}
+    figures = onchain_phase(wrk, chain, official_url, keys, seconds, warmup, lanes, stack.dir, pids)
     figures["note"] = (
         f"the official x402 {version('x402')} FastAPI middleware under uvicorn "
         f"({args.workers} workers), the same facilitator and chain: each request "

@@ -23,9 +23,9 @@ from sidecar.tools.load import percentiles
 
 
 async def run(url: str, rate: float, seconds: float, proofs: list[str], connections: int) -> Any:
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    head = f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nX-Payment: "
+    components = urlsplit(url)
+    host, port = components.hostname or "127.0.0.1", components.port or 80
+    head = f"GET {components.path} HTTP/1.1\r\nHost: {components.netloc}\r\nX-Payment: "
     idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
     for _ in range(connections):
         idle.put_nowait(await asyncio.open_connection(host, port))

@@ -50,9 +50,9 @@ LOAD_PROCESSES, LOAD_AGENTS = 1, 32
 
 
 def run_load(
-    stack: Stack, seconds: float, concurrency: int, *extra: str, parts: dict[str, int] | None = None
+    stack: Stack, seconds: float, concurrency: int, *extra: str, pids: dict[str, int] | None = None
 ) -> dict[str, Any]:
-    """`x402 load` on the paid route; with `parts`, the CPU per cleared loop of each part of
+    """`x402 load` on the paid route; with `pids`, the CPU per cleared loop of each part of
     the stack beside the generator's own (measured by x402 load over its clock)."""
     out = stack.dir / f"load-{time.monotonic_ns()}.json"
     argv = [
@@ -75,13 +75,13 @@ def run_load(
         "--no-progress",
         *extra,
     ]
-    meter = CpuMeter(parts) if parts else None
+    meter = CpuMeter(pids) if pids else None
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120, check=False)
     if not out.exists():
         raise SystemExit(f"bench: x402 load failed:\n{done.stdout}\n{done.stderr}")
     summary: dict[str, Any] = json.loads(out.read_text())
     if meter is not None:
-        # The stack's parts over the whole run (setup is a few Redis calls); "client" would
+        # The stack's processes over the whole run (setup is a few Redis calls); "client" would
         # be the generator's setup and pre-signing too, so its own window figure replaces it.
         cpu = meter.per_request(summary["cleared"])
         del cpu["client"]
@@ -92,10 +92,10 @@ def run_load(
 
 
 def load_phase(
-    name: str, stack: Stack, parts: dict[str, int], seconds: float, agents: int
+    name: str, stack: Stack, pids: dict[str, int], seconds: float, agents: int
 ) -> dict[str, Any]:
     """One run of phase (5), printed as it ends."""
-    figures = run_load(stack, seconds, agents, "--processes", str(LOAD_PROCESSES), parts=parts)
+    figures = run_load(stack, seconds, agents, "--processes", str(LOAD_PROCESSES), pids=pids)
     cpu, gen, loop = figures["cpu_us_per_loop"], figures["generator_cpu"], figures["loop_ms"]
     print(
         f"bench: {name:<30} "
@@ -204,7 +204,7 @@ class LocalRun:
         finally:
             stack.stop()
 
-    def parts(self) -> dict[str, int]:
+    def pids(self) -> dict[str, int]:
         names = ("envoy", "redis", "sidecar", "allow_all")
         processes = self.stack.processes
         return {n: processes[n].popen.pid for n in names if n in processes}
@@ -219,7 +219,7 @@ class LocalRun:
             script, warm_args, run_args = "paid.lua", (warm + prefix,), (proofs + prefix,)
         if args.warmup:
             run_wrk(self.wrk, url, args.warmup, args.connections, args.threads, script, warm_args)
-        meter = CpuMeter(self.parts())
+        meter = CpuMeter(self.pids())
         asked = check_traffic(stack)
         figures = run_wrk(
             self.wrk, url, args.duration, args.connections, args.threads, script, run_args
@@ -278,7 +278,7 @@ class LocalRun:
         duration = self.args.duration
         for agents, seconds in ((LOAD_AGENTS, duration), (1, max(3.0, duration / 2))):
             name = f"{prefix} challenge loops, {'full speed' if agents > 1 else '1 agent'}"
-            self.phases[name] = load_phase(name, self.stack, self.parts(), seconds, agents)
+            self.phases[name] = load_phase(name, self.stack, self.pids(), seconds, agents)
 
     def paced(self) -> None:
         """(6) paid requests at a constant rate: the sidecar's own check latency, from its

@@ -148,9 +148,13 @@ def strace_counts(lines: Iterable[str]) -> dict[str, int]:
     """`strace -c` summary → calls per syscall."""
     calls = {}
     for line in lines:
-        parts = line.split()
-        if len(parts) in (5, 6) and parts[0].replace(".", "", 1).isdigit() and parts[-1] != "total":
-            calls[parts[-1]] = int(parts[3])
+        fields = line.split()
+        if (
+            len(fields) in (5, 6)
+            and fields[0].replace(".", "", 1).isdigit()
+            and fields[-1] != "total"
+        ):
+            calls[fields[-1]] = int(fields[3])
     return calls
 
 

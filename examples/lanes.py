@@ -58,7 +58,7 @@ class Spec:
 
 
 @dataclass(frozen=True)
-class Gateway:
+class ServedGateway:
     """One operator's gateway: where agents connect and, for its operator, its ledger."""
 
     name: str
@@ -165,7 +165,7 @@ class Gateway:
 
 @dataclass(frozen=True)
 class World:
-    gateways: Mapping[str, Gateway]
+    gateways: Mapping[str, ServedGateway]
     agent_key: str  # the agent's Ed25519 seed text: one identity at every gateway
     evm_key: str = ""  # the agent's EVM key (hex), when a chain backs USDF
     rpc_url: str = ""
@@ -207,7 +207,7 @@ class World:
         document = json.loads(path.read_text())
         if "gateway_url" in document:
             return cls.from_demo(document, spec.gateways if spec else {"api": {}})
-        gateways = {name: Gateway(**spec) for name, spec in document.pop("gateways").items()}
+        gateways = {name: ServedGateway(**spec) for name, spec in document.pop("gateways").items()}
         return cls(gateways=gateways, **document)
 
     @classmethod
@@ -216,7 +216,7 @@ class World:
 
         workdir = Path(facts["wallet_file"]).parent  # the demo stack's directory
         discovery = httpx.get(facts["discovery_url"], timeout=10).json()
-        gateway = Gateway(
+        gateway = ServedGateway(
             "demo",
             facts["gateway_url"],
             facts["redis_url"],
@@ -265,12 +265,12 @@ def start(spec: Spec) -> Iterator[World]:
         rpc_url = token = evm_key = ""
         pay_to: dict[str, str] = {name: "" for name in spec.gateways}
         if spec.chain:
-            from sidecar.tools.chain import Chain
-            from sidecar.tools.onchain import Facilitator, exact_settings
+            from sidecar.tools.chain import AnvilChain
+            from sidecar.tools.onchain import FacilitatorProcess, exact_settings
 
-            chain = running.enter_context(Chain())
+            chain = running.enter_context(AnvilChain())
             workdir = Path(running.enter_context(tempfile.TemporaryDirectory(prefix="x402-")))
-            facilitator = Facilitator(chain, workdir).start()
+            facilitator = FacilitatorProcess(chain, workdir).start()
             running.callback(facilitator.stop)
             # Three operators, three payees: spare[0] is the facilitator's, spare[1:] are free.
             operators = chain.spare[1:]
@@ -312,7 +312,7 @@ def start(spec: Spec) -> Iterator[World]:
         for stack in stacks.values():  # but not the Envoys: two starting at once may pick
             stack.start_envoy()  # the same dynamic base id, and one hot-restarts the other
         gateways = {
-            name: Gateway(
+            name: ServedGateway(
                 name,
                 stack.url,
                 stack.redis_url,

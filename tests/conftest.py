@@ -16,8 +16,8 @@ from tests.support.routes import ENVOY_ROUTES, ROUTES
 from tests.support.settlement import remember_gateway
 
 if TYPE_CHECKING:  # web3 and x402 load only in the modules that use the chain
-    from sidecar.tools.chain import Chain
-    from sidecar.tools.onchain import Facilitator
+    from sidecar.tools.chain import AnvilChain
+    from sidecar.tools.onchain import FacilitatorProcess
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -62,22 +62,24 @@ def admin_stack() -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def chain() -> Iterator[Chain]:
+def chain() -> Iterator[AnvilChain]:
     """anvil with Circle's USDC deployed, the payers of sidecar.tools.onchain funded."""
-    from sidecar.tools.chain import Chain
+    from sidecar.tools.chain import AnvilChain
     from sidecar.tools.onchain import payers
 
-    with Chain() as running:
+    with AnvilChain() as running:
         for payer in payers(running):
             running.mint(payer.address, 100_000_000)  # 100 USDC each
         yield running
 
 
 @pytest.fixture(scope="module")
-def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilitator]:
+def facilitator(
+    chain: AnvilChain, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FacilitatorProcess]:
     """`x402 facilitator serve` on the module's chain."""
-    from sidecar.tools.onchain import Facilitator
+    from sidecar.tools.onchain import FacilitatorProcess
 
-    served = Facilitator(chain, tmp_path_factory.mktemp("facilitator")).start()
+    served = FacilitatorProcess(chain, tmp_path_factory.mktemp("facilitator")).start()
     yield served
     served.stop()

@@ -33,8 +33,8 @@ from sidecar.core.errors import (
     TopUpFailed,
 )
 from sidecar.core.identity import Identity
-from sidecar.tools.chain import Chain
-from sidecar.tools.onchain import Facilitator, exact_settings, operator
+from sidecar.tools.chain import AnvilChain
+from sidecar.tools.onchain import FacilitatorProcess, exact_settings, operator
 from sidecar.tools.stack import Stack
 
 PAID = "/api/paid"  # 0.01 USDF, also payable with 0.01 USDC (exact)
@@ -53,12 +53,12 @@ X402 = str(Path(sys.executable).with_name("x402"))
 
 
 @pytest.fixture(scope="module")
-def gw(chain: Chain, facilitator: Facilitator) -> Iterator[Stack]:
+def gw(chain: AnvilChain, facilitator: FacilitatorProcess) -> Iterator[Stack]:
     with Stack(ROUTES, settings=exact_settings(chain, facilitator)) as running:
         yield running
 
 
-def agent_key(chain: Chain) -> EvmKey:
+def agent_key(chain: AnvilChain) -> EvmKey:
     """A fresh EVM key holding USDC (no ETH: the facilitator pays the gas). Each test pays
     from its own key, so balances are per test."""
     key = EvmKey.generate()
@@ -66,7 +66,7 @@ def agent_key(chain: Chain) -> EvmKey:
     return key
 
 
-def balances(chain: Chain, key: EvmKey) -> tuple[int, int]:
+def balances(chain: AnvilChain, key: EvmKey) -> tuple[int, int]:
     return chain.balance_of(key.address), chain.balance_of(operator(chain).address)
 
 
@@ -113,7 +113,7 @@ class Sent:
 # -- exact on a priced route ----------------------------------------------------------------
 
 
-def test_a_wallet_with_only_an_evm_key_pays_exact(gw: Stack, chain: Chain) -> None:
+def test_a_wallet_with_only_an_evm_key_pays_exact(gw: Stack, chain: AnvilChain) -> None:
     account = agent_key(chain)
     wallet = Wallet(evm=account, budget="1")
     before = balances(chain, account)
@@ -142,7 +142,7 @@ def test_a_wallet_with_only_an_evm_key_pays_exact(gw: Stack, chain: Chain) -> No
 
 
 async def test_exact_payments_from_async_tasks_each_move_the_price_once(
-    gw: Stack, chain: Chain
+    gw: Stack, chain: AnvilChain
 ) -> None:
     account = agent_key(chain)
     wallet = Wallet(evm=account)
@@ -157,7 +157,7 @@ async def test_exact_payments_from_async_tasks_each_move_the_price_once(
     assert wallet.spent("USDF") == "0.03"
 
 
-def test_the_requests_adapter_pays_exact_too(gw: Stack, chain: Chain) -> None:
+def test_the_requests_adapter_pays_exact_too(gw: Stack, chain: AnvilChain) -> None:
     account = agent_key(chain)
     before = balances(chain, account)
     session = x402_session(X402Auth(Wallet(evm=account), strict=True))
@@ -167,7 +167,9 @@ def test_the_requests_adapter_pays_exact_too(gw: Stack, chain: Chain) -> None:
     assert balances(chain, account) == (before[0] - PRICE, before[1] + PRICE)
 
 
-async def test_a_wallet_with_both_keys_pays_prepaid_where_it_can(gw: Stack, chain: Chain) -> None:
+async def test_a_wallet_with_both_keys_pays_prepaid_where_it_can(
+    gw: Stack, chain: AnvilChain
+) -> None:
     account = agent_key(chain)
     wallet = Wallet(Identity.generate(), evm=account)
     await gw.fund(wallet.public_key, "1")
@@ -190,7 +192,7 @@ async def test_a_wallet_with_both_keys_pays_prepaid_where_it_can(gw: Stack, chai
     ],
 )
 def test_guards_refuse_an_exact_payment_before_anything_is_signed(
-    gw: Stack, chain: Chain, guards: dict[str, Any], error: type[Exception]
+    gw: Stack, chain: AnvilChain, guards: dict[str, Any], error: type[Exception]
 ) -> None:
     account = agent_key(chain)
     wallet = Wallet(evm=account, **guards)
@@ -207,7 +209,7 @@ def test_guards_refuse_an_exact_payment_before_anything_is_signed(
 
 
 def test_the_asset_and_payee_guards_also_take_the_token_and_the_pay_to_address(
-    gw: Stack, chain: Chain
+    gw: Stack, chain: AnvilChain
 ) -> None:
     account = agent_key(chain)
     wallet = Wallet(evm=account, assets=[chain.token], payees=[operator(chain).address])
@@ -220,7 +222,7 @@ def test_the_asset_and_payee_guards_also_take_the_token_and_the_pay_to_address(
 
 
 async def test_auto_topup_funds_a_fresh_key_once_for_concurrent_requests(
-    gw: Stack, chain: Chain
+    gw: Stack, chain: AnvilChain
 ) -> None:
     account = agent_key(chain)
     wallet = Wallet(Identity.generate(), evm=account, budget="2")
@@ -243,7 +245,7 @@ async def test_auto_topup_funds_a_fresh_key_once_for_concurrent_requests(
     assert wallet.spent("USDF") == "1.08"
 
 
-def test_auto_topup_from_threads_sharing_one_auth_buys_once(gw: Stack, chain: Chain) -> None:
+def test_auto_topup_from_threads_sharing_one_auth_buys_once(gw: Stack, chain: AnvilChain) -> None:
     account = agent_key(chain)
     wallet = Wallet(Identity.generate(), evm=account)
     auth = X402Auth(wallet, auto_topup="1", strict=True)
@@ -262,7 +264,7 @@ def test_auto_topup_from_threads_sharing_one_auth_buys_once(gw: Stack, chain: Ch
     assert chain.balance_of(account.address) == MINTED - 1_000_000
 
 
-def test_auto_topup_buys_again_only_when_the_credit_runs_out(gw: Stack, chain: Chain) -> None:
+def test_auto_topup_buys_again_only_when_the_credit_runs_out(gw: Stack, chain: AnvilChain) -> None:
     account = agent_key(chain)
     wallet = Wallet(Identity.generate(), evm=account)
     before = balances(chain, account)
@@ -281,7 +283,7 @@ def test_auto_topup_buys_again_only_when_the_credit_runs_out(gw: Stack, chain: C
     ]
 
 
-def test_a_top_up_the_budget_cannot_cover_signs_nothing(gw: Stack, chain: Chain) -> None:
+def test_a_top_up_the_budget_cannot_cover_signs_nothing(gw: Stack, chain: AnvilChain) -> None:
     account = agent_key(chain)
     wallet = Wallet(Identity.generate(), evm=account, budget="0.5")
     before = balances(chain, account)
@@ -297,7 +299,9 @@ def test_a_top_up_the_budget_cannot_cover_signs_nothing(gw: Stack, chain: Chain)
     assert wallet.spent("USDF") == "0"
 
 
-def test_a_top_up_outside_the_gateways_limits_is_a_typed_error(gw: Stack, chain: Chain) -> None:
+def test_a_top_up_outside_the_gateways_limits_is_a_typed_error(
+    gw: Stack, chain: AnvilChain
+) -> None:
     wallet = Wallet(Identity.generate(), evm=agent_key(chain))
     with pytest.raises(TopUpFailed, match="1 to 1000 USDF") as failed:
         topup(gw.url, wallet, "0.5")
@@ -305,7 +309,7 @@ def test_a_top_up_outside_the_gateways_limits_is_a_typed_error(gw: Stack, chain:
     assert topup_lines(gw, wallet.public_key) == []  # refused before asking
 
 
-def test_the_sdk_topup_credits_a_fresh_key(gw: Stack, chain: Chain) -> None:
+def test_the_sdk_topup_credits_a_fresh_key(gw: Stack, chain: AnvilChain) -> None:
     account = agent_key(chain)
     wallet = Wallet(Identity.generate(), evm=account)
     before = balances(chain, account)
@@ -333,7 +337,7 @@ def run_x402(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 
 def test_x402_topup_prints_the_balance_and_the_transaction(
-    gw: Stack, chain: Chain, tmp_path: Path
+    gw: Stack, chain: AnvilChain, tmp_path: Path
 ) -> None:
     account = agent_key(chain)
     agent = Identity.generate()
@@ -362,7 +366,9 @@ def test_x402_topup_prints_the_balance_and_the_transaction(
     assert again.stdout.splitlines()[1] == "balance 6.5 USDF"
 
 
-def test_x402_pay_with_only_an_evm_key_pays_exact(gw: Stack, chain: Chain, tmp_path: Path) -> None:
+def test_x402_pay_with_only_an_evm_key_pays_exact(
+    gw: Stack, chain: AnvilChain, tmp_path: Path
+) -> None:
     account = agent_key(chain)
     account.save(tmp_path / "agent.evm")
     before = balances(chain, account)
@@ -387,7 +393,7 @@ def test_x402_pay_with_only_an_evm_key_pays_exact(gw: Stack, chain: Chain, tmp_p
     ids=["below-min", "not-an-amount", "no-evm-key", "payee-guard"],
 )
 def test_x402_topup_errors_are_one_line(
-    gw: Stack, chain: Chain, args: list[str], env: str, words: list[str]
+    gw: Stack, chain: AnvilChain, args: list[str], env: str, words: list[str]
 ) -> None:
     account = agent_key(chain)
     before = balances(chain, account)
@@ -405,7 +411,7 @@ def test_x402_topup_errors_are_one_line(
 # -- the README ----------------------------------------------------------------------------------
 
 
-def test_the_readmes_self_funding_agent_runs_as_written(gw: Stack, chain: Chain) -> None:
+def test_the_readmes_self_funding_agent_runs_as_written(gw: Stack, chain: AnvilChain) -> None:
     text = README.read_text(encoding="utf-8")
     marker = "<!-- self-funding-snippet"
     found = re.search(r"```python\n(.*?)```", text[text.index(marker) :], re.DOTALL)

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from bench import official
-from sidecar.tools.chain import Chain
-from sidecar.tools.onchain import Facilitator, operator, payers
+from sidecar.tools.chain import AnvilChain
+from sidecar.tools.onchain import FacilitatorProcess, operator, payers
 from sidecar.tools.stack import LOOPBACK, Process, free_port, wait_http
 
 PRICE = 1000
@@ -21,7 +21,7 @@ PRICE = 1000
 
 @pytest.fixture(scope="module")
 def server(
-    chain: Chain, facilitator: Facilitator, tmp_path_factory: pytest.TempPathFactory
+    chain: AnvilChain, facilitator: FacilitatorProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     port = free_port()
     argv = [sys.executable, "-m", "bench.official", "--facilitator", facilitator.url,
@@ -38,7 +38,7 @@ def server(
         process.stop()
 
 
-def test_a_presigned_payment_is_settled_once(server: str, chain: Chain) -> None:
+def test_a_presigned_payment_is_settled_once(server: str, chain: AnvilChain) -> None:
     challenge = httpx.get(server, timeout=30)
     assert challenge.status_code == 402
     required = official.decode_required(challenge.headers["payment-required"])

@@ -30,7 +30,7 @@ from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, R
 
 from sidecar.core.errors import ToolMissing, X402Error
 from sidecar.tools import chain as chain_tools
-from sidecar.tools.chain import MULTICALL3_ADDRESS, Chain, DevAccount
+from sidecar.tools.chain import MULTICALL3_ADDRESS, AnvilChain, DevAccount
 from sidecar.tools.stack import LOOPBACK, Process, free_port, wait_http
 
 PRICE = 10_000  # 0.01 USDC
@@ -40,7 +40,7 @@ X402 = str(Path(sys.executable).with_name("x402"))
 
 
 @dataclass
-class Facilitator:
+class ServedFacilitator:
     url: str
     process: Process
     account: DevAccount
@@ -48,21 +48,21 @@ class Facilitator:
 
 
 @pytest.fixture(scope="module")
-def chain() -> Iterator[Chain]:
-    with Chain() as running:
+def chain() -> Iterator[AnvilChain]:
+    with AnvilChain() as running:
         running.mint(payer_of(running).address, MINTED)
         yield running
 
 
-def facilitator_of(chain: Chain) -> DevAccount:
+def facilitator_of(chain: AnvilChain) -> DevAccount:
     return chain.spare[0]
 
 
-def operator_of(chain: Chain) -> DevAccount:
+def operator_of(chain: AnvilChain) -> DevAccount:
     return chain.spare[1]
 
 
-def payer_of(chain: Chain) -> DevAccount:
+def payer_of(chain: AnvilChain) -> DevAccount:
     return chain.spare[2]
 
 
@@ -73,7 +73,9 @@ def write_key(path: Path, key: str, mode: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilitator]:
+def facilitator(
+    chain: AnvilChain, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServedFacilitator]:
     workdir = tmp_path_factory.mktemp("facilitator")
     account = facilitator_of(chain)
     key_file = write_key(workdir / "key", account.key, 0o600)
@@ -86,18 +88,18 @@ def facilitator(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Itera
     url = f"http://{LOOPBACK}:{port}"
     try:
         wait_http(f"{url}/health", timeout=30, process=process)
-        yield Facilitator(url, process, account, log_path)
+        yield ServedFacilitator(url, process, account, log_path)
     finally:
         process.stop()
 
 
 @pytest.fixture(scope="module")
-def http(facilitator: Facilitator) -> Iterator[httpx.Client]:
+def http(facilitator: ServedFacilitator) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=facilitator.url, timeout=60) as client:
         yield client
 
 
-def requirements(chain: Chain, amount: int = PRICE) -> PaymentRequirements:
+def requirements(chain: AnvilChain, amount: int = PRICE) -> PaymentRequirements:
     return PaymentRequirements(
         scheme="exact",
         network=chain.network,
@@ -109,7 +111,7 @@ def requirements(chain: Chain, amount: int = PRICE) -> PaymentRequirements:
     )
 
 
-def pay(chain: Chain, offer: PaymentRequirements) -> PaymentPayload:
+def pay(chain: AnvilChain, offer: PaymentRequirements) -> PaymentPayload:
     """What an official x402 client signs for this offer (EIP-3009 transferWithAuthorization)."""
     client = x402ClientSync()
     signer = EthAccountSigner(Account.from_key(payer_of(chain).key))
@@ -154,7 +156,7 @@ class Snapshot:
     gas_payer_nonce: int
 
 
-def snapshot(chain: Chain) -> Snapshot:
+def snapshot(chain: AnvilChain) -> Snapshot:
     return Snapshot(
         payer=chain.balance_of(payer_of(chain).address),
         operator=chain.balance_of(operator_of(chain).address),
@@ -163,7 +165,7 @@ def snapshot(chain: Chain) -> Snapshot:
     )
 
 
-def test_the_chain_carries_usdc_as_circle_deploys_it(chain: Chain) -> None:
+def test_the_chain_carries_usdc_as_circle_deploys_it(chain: AnvilChain) -> None:
     assert (chain.token_name, chain.token_version, chain.decimals) == ("USD Coin", "2", 6)
     assert chain.balance_of(payer_of(chain).address) >= PRICE
     assert len(chain.w3.eth.get_code(MULTICALL3_ADDRESS)) > 0
@@ -174,7 +176,7 @@ def test_the_chain_carries_usdc_as_circle_deploys_it(chain: Chain) -> None:
 
 
 def test_supported_lists_exact_on_this_chain_only(
-    http: httpx.Client, chain: Chain, facilitator: Facilitator
+    http: httpx.Client, chain: AnvilChain, facilitator: ServedFacilitator
 ) -> None:
     response = http.get("/supported")
     assert response.status_code == 200
@@ -183,7 +185,7 @@ def test_supported_lists_exact_on_this_chain_only(
     assert supported["signers"] == {"eip155:*": [facilitator.account.address]}
 
 
-def test_verify_then_settle_moves_exactly_the_price(http: httpx.Client, chain: Chain) -> None:
+def test_verify_then_settle_moves_exactly_the_price(http: httpx.Client, chain: AnvilChain) -> None:
     offer = requirements(chain)
     payload = pay(chain, offer)
     before = snapshot(chain)
@@ -207,7 +209,7 @@ def test_verify_then_settle_moves_exactly_the_price(http: httpx.Client, chain: C
 
 
 def test_settling_the_same_payload_again_fails_and_mines_nothing(
-    http: httpx.Client, chain: Chain
+    http: httpx.Client, chain: AnvilChain
 ) -> None:
     offer = requirements(chain)
     payload = pay(chain, offer)
@@ -224,7 +226,9 @@ def test_settling_the_same_payload_again_fails_and_mines_nothing(
     assert snapshot(chain) == before
 
 
-def test_a_changed_amount_is_invalid_and_settles_nothing(http: httpx.Client, chain: Chain) -> None:
+def test_a_changed_amount_is_invalid_and_settles_nothing(
+    http: httpx.Client, chain: AnvilChain
+) -> None:
     offer = requirements(chain)
     signed = pay(chain, offer).model_dump(by_alias=True, exclude_none=True)
     before = snapshot(chain)
@@ -249,7 +253,9 @@ def test_a_changed_amount_is_invalid_and_settles_nothing(http: httpx.Client, cha
     assert snapshot(chain) == before
 
 
-def test_a_payment_for_another_network_is_refused_as_such(http: httpx.Client, chain: Chain) -> None:
+def test_a_payment_for_another_network_is_refused_as_such(
+    http: httpx.Client, chain: AnvilChain
+) -> None:
     offer = requirements(chain).model_copy(update={"network": "eip155:8453"})
     payload = pay(chain, requirements(chain)).model_copy(update={"accepted": offer})
     verified = post(http, "/verify", body(payload, offer))
@@ -260,7 +266,7 @@ def test_a_payment_for_another_network_is_refused_as_such(http: httpx.Client, ch
 
 
 def test_a_payload_of_the_wrong_shape_is_an_invalid_payment(
-    http: httpx.Client, chain: Chain
+    http: httpx.Client, chain: AnvilChain
 ) -> None:
     offer = requirements(chain)
     signed = pay(chain, offer).model_dump(by_alias=True, exclude_none=True)
@@ -296,7 +302,7 @@ def test_a_request_that_is_not_a_payment_is_400(
     assert response.json()["error"] == "invalid_request"
 
 
-def test_the_key_file_must_be_private(chain: Chain, tmp_path: Path) -> None:
+def test_the_key_file_must_be_private(chain: AnvilChain, tmp_path: Path) -> None:
     account = facilitator_of(chain)
     key_file = write_key(tmp_path / "key", account.key, 0o644)
     argv = [X402, "facilitator", "serve", "--rpc-url", chain.rpc_url, "--key-file", str(key_file)]
@@ -307,13 +313,13 @@ def test_the_key_file_must_be_private(chain: Chain, tmp_path: Path) -> None:
     assert account.key[2:] not in result.stderr + result.stdout
 
 
-def test_the_facilitator_never_logs_its_key(facilitator: Facilitator) -> None:
+def test_the_facilitator_never_logs_its_key(facilitator: ServedFacilitator) -> None:
     log = facilitator.log_path.read_text()
     assert "Facilitator listening" in log
     assert facilitator.account.key[2:].lower() not in log.lower()
 
 
-def test_verify_and_settle_timings(http: httpx.Client, chain: Chain) -> None:
+def test_verify_and_settle_timings(http: httpx.Client, chain: AnvilChain) -> None:
     """Not a benchmark, and nothing asserted on the numbers: p50 on anvil, for the record."""
     offer = requirements(chain)
     verify_ms, settle_ms = [], []
@@ -332,7 +338,7 @@ def test_verify_and_settle_timings(http: httpx.Client, chain: Chain) -> None:
 
 
 def test_a_chain_outage_fails_payments_and_health(
-    http: httpx.Client, chain: Chain, facilitator: Facilitator
+    http: httpx.Client, chain: AnvilChain, facilitator: ServedFacilitator
 ) -> None:
     # Near the end of the module: it stops the shared chain.
     assert http.get("/health").status_code == 200
@@ -347,7 +353,7 @@ def test_a_chain_outage_fails_payments_and_health(
 
 
 def test_a_killed_facilitator_refuses_connections(
-    http: httpx.Client, facilitator: Facilitator
+    http: httpx.Client, facilitator: ServedFacilitator
 ) -> None:
     # Last in the module: the harness's own sanity check, nothing after it needs the server.
     facilitator.process.kill()
@@ -384,7 +390,7 @@ def test_a_bare_machine_installs_the_chain_tools_once_into_the_cache(bare_machin
     assert chain_tools.multicall3_wheel().is_relative_to(bare_machine)
     assert sorted(p.name for p in bare_machine.iterdir()) == [".lock", "node_modules", "wheels"]
     assert chain_tools.install_chain_tools(said.append) == [] and len(said) == 2  # once
-    with Chain() as running:
+    with AnvilChain() as running:
         assert len(running.w3.eth.get_code(MULTICALL3_ADDRESS)) > 0
         assert running.token_name == "USD Coin"
 

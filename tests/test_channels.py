@@ -22,7 +22,7 @@ from sidecar.ledger import keyspace, scripts
 from sidecar.ledger.accounts import SUSPENDED, Ledger
 from sidecar.ledger.channels import Channels
 from sidecar.ledger.pipe import RedisPipe
-from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.config import Settings
 from sidecar.server.logs import DecisionLog
@@ -383,7 +383,7 @@ async def test_a_voucher_accepted_after_envoy_gave_up_still_gets_its_log_line(
     the check cancelled as Envoy's timeout would: the line is written when Redis answers."""
     settings = Settings.load(stack.config_path)
     log = io.StringIO()
-    servicer = Authorization(
+    servicer = CheckService(
         settings.route_table(),
         settings.gateway(),
         Ledger.from_url(stack.redis_url, timeout=5),

@@ -23,9 +23,9 @@ from x402.schemas import PaymentPayload, PaymentRequired
 
 from sidecar.core import protocol
 from sidecar.core.identity import Identity
-from sidecar.tools.chain import Chain
+from sidecar.tools.chain import AnvilChain
 from sidecar.tools.onchain import (
-    Facilitator,
+    FacilitatorProcess,
     exact_settings,
     facilitator_account,
     official_client,
@@ -46,7 +46,7 @@ X402_CORE = Path(
 
 
 @pytest.fixture(scope="module")
-def stack(chain: Chain, facilitator: Facilitator) -> Iterator[Stack]:
+def stack(chain: AnvilChain, facilitator: FacilitatorProcess) -> Iterator[Stack]:
     with Stack(ROUTES, settings=exact_settings(chain, facilitator)) as running:
         yield running
 
@@ -58,7 +58,7 @@ async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def signed_envelope(
-    chain: Chain, http: httpx.AsyncClient, payer_index: int = 0
+    chain: AnvilChain, http: httpx.AsyncClient, payer_index: int = 0
 ) -> tuple[str, PaymentPayload]:
     """What the official client sends for this route's 402: the PAYMENT-SIGNATURE value."""
     return await sign_exact(chain, http, PAID, payers(chain)[payer_index], PRICE)
@@ -68,7 +68,7 @@ async def signed_envelope(
 
 
 async def test_the_402_offers_prepaid_and_exact(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain
 ) -> None:
     response = await http.get(PAID)
     assert response.status_code == 402
@@ -136,7 +136,7 @@ def node(script: str, data: Any) -> subprocess.CompletedProcess[str]:
 
 
 async def test_the_official_client_pays_with_exact_and_accepts_the_receipt(
-    stack: Stack, chain: Chain
+    stack: Stack, chain: AnvilChain
 ) -> None:
     payer = payers(chain)[0]
     before = balances(chain, payer.address)
@@ -168,7 +168,7 @@ async def test_the_official_client_pays_with_exact_and_accepts_the_receipt(
 
 
 async def test_twenty_copies_of_one_authorization_are_served_and_settled_once(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain
 ) -> None:
     header, _ = await signed_envelope(chain, http, payer_index=1)
     payer = payers(chain)[1]
@@ -191,7 +191,7 @@ async def test_twenty_copies_of_one_authorization_are_served_and_settled_once(
 
 
 async def test_an_offer_mismatch_is_refused_before_the_facilitator(
-    http: httpx.AsyncClient, chain: Chain, facilitator: Facilitator
+    http: httpx.AsyncClient, chain: AnvilChain, facilitator: FacilitatorProcess
 ) -> None:
     _, payload = await signed_envelope(chain, http, payer_index=2)
     envelope = payload.model_dump(by_alias=True)
@@ -205,7 +205,7 @@ async def test_an_offer_mismatch_is_refused_before_the_facilitator(
 
 
 async def test_an_invalid_authorization_is_402_with_the_facilitators_reason(
-    http: httpx.AsyncClient, chain: Chain
+    http: httpx.AsyncClient, chain: AnvilChain
 ) -> None:
     _, payload = await signed_envelope(chain, http, payer_index=2)
     payer = payers(chain)[2]
@@ -232,7 +232,7 @@ async def test_prepaid_still_pays_beside_exact(http: httpx.AsyncClient, stack: S
 
 
 async def test_timings_exact_versus_prepaid(
-    stack: Stack, chain: Chain, http: httpx.AsyncClient
+    stack: Stack, chain: AnvilChain, http: httpx.AsyncClient
 ) -> None:
     """Not a benchmark, nothing asserted on the numbers: p50 in this run, for the record."""
     wallet = Identity.generate()
@@ -258,7 +258,7 @@ async def test_timings_exact_versus_prepaid(
 
 
 async def test_a_dead_facilitator_is_503_for_exact_only_and_recovers(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain, facilitator: Facilitator
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain, facilitator: FacilitatorProcess
 ) -> None:
     header, _ = await signed_envelope(chain, http, payer_index=4)
     payer = payers(chain)[4]
@@ -302,7 +302,7 @@ async def test_a_browser_may_send_the_payment_header_preflight(http: httpx.Async
 
 
 async def test_a_browser_can_read_the_challenge_and_the_service_decides_on_its_answer(
-    http: httpx.AsyncClient, chain: Chain
+    http: httpx.AsyncClient, chain: AnvilChain
 ) -> None:
     """The 402 is the gateway's (CORS for any origin by default, no credentials); the paid
     answer is the service's, with the service's own CORS (the demo service has none)."""
@@ -318,7 +318,7 @@ async def test_a_browser_can_read_the_challenge_and_the_service_decides_on_its_a
 
 
 async def test_a_slow_facilitator_is_503_and_charges_nothing(
-    chain: Chain, facilitator: Facilitator
+    chain: AnvilChain, facilitator: FacilitatorProcess
 ) -> None:
     """/verify not answered within facilitator_verify_timeout_ms (1 ms here): 503, nothing
     settled, prepaid unaffected."""

@@ -20,15 +20,15 @@ import pytest
 from x402.http.clients import x402HttpxClient
 from x402.http.utils import decode_payment_response_header
 
-from sidecar.core import holds, protocol
+from sidecar.core import phases, protocol
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import wiring
-from sidecar.server.authz.check import Authorization, Facts
+from sidecar.server.authz.check import CheckService, Facts
 from sidecar.server.config import Settings
 from sidecar.server.logs import DecisionLog
-from sidecar.tools.chain import Chain
+from sidecar.tools.chain import AnvilChain
 from sidecar.tools.onchain import (
-    Facilitator,
+    FacilitatorProcess,
     exact_settings,
     facilitator_account,
     official_client,
@@ -50,7 +50,7 @@ ROUTES: dict[str, dict[str, Any]] = {
 
 
 @pytest.fixture(scope="module")
-def stack(chain: Chain, facilitator: Facilitator) -> Iterator[Stack]:
+def stack(chain: AnvilChain, facilitator: FacilitatorProcess) -> Iterator[Stack]:
     with Stack(ROUTES, settings=exact_settings(chain, facilitator)) as running:
         yield running
 
@@ -61,12 +61,12 @@ async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def settles(chain: Chain) -> int:
+def settles(chain: AnvilChain) -> int:
     """Transactions the facilitator has sent: one per settlement."""
     return chain.transaction_count(facilitator_account(chain).address)
 
 
-def nonce_used(chain: Chain, payer: str, nonce: str) -> bool:
+def nonce_used(chain: AnvilChain, payer: str, nonce: str) -> bool:
     return chain.authorization_used(payer, bytes.fromhex(nonce.removeprefix("0x")))
 
 
@@ -86,7 +86,7 @@ async def held(stack: Stack, payer: str) -> dict[str, Any]:
 
 
 async def test_a_failed_service_transfers_nothing_and_the_authorization_pays_later(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain
 ) -> None:
     payer = payers(chain)[0]
     header, payload = await sign_exact(chain, http, REPORT, payer, PRICE)
@@ -168,7 +168,7 @@ async def test_a_failed_service_transfers_nothing_and_the_authorization_pays_lat
 
 
 async def test_the_official_client_pays_after_success_and_accepts_the_receipt(
-    stack: Stack, chain: Chain
+    stack: Stack, chain: AnvilChain
 ) -> None:
     payer = payers(chain)[1]
     before, sent = balances(chain, payer.address), settles(chain)
@@ -189,7 +189,7 @@ async def test_the_official_client_pays_after_success_and_accepts_the_receipt(
 
 
 async def test_funds_gone_before_the_settle_withhold_the_response(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain
 ) -> None:
     """Verified at the check; the payer empties its wallet while the service works: the
     settle fails, the service's answer is not served, nothing is transferred to us."""
@@ -226,7 +226,7 @@ async def test_funds_gone_before_the_settle_withhold_the_response(
 
 
 async def test_a_dead_facilitator_at_the_response_is_503_and_the_authorization_pays_later(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain, facilitator: Facilitator
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain, facilitator: FacilitatorProcess
 ) -> None:
     payer = payers(chain)[3]
     header, payload = await sign_exact(chain, http, REPORT, payer, PRICE)
@@ -255,7 +255,7 @@ async def test_a_dead_facilitator_at_the_response_is_503_and_the_authorization_p
 
 
 async def test_an_on_check_route_still_settles_upfront(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain
 ) -> None:
     payer = payers(chain)[4]
     header, _ = await sign_exact(chain, http, UPFRONT, payer, PRICE)
@@ -268,7 +268,7 @@ async def test_an_on_check_route_still_settles_upfront(
 
 
 async def test_a_metered_route_refuses_exact_before_the_facilitator(
-    http: httpx.AsyncClient, chain: Chain, facilitator: Facilitator
+    http: httpx.AsyncClient, chain: AnvilChain, facilitator: FacilitatorProcess
 ) -> None:
     challenge = await http.get(ROWS)
     assert challenge.status_code == 402
@@ -283,7 +283,7 @@ async def test_a_metered_route_refuses_exact_before_the_facilitator(
 
 
 async def test_timings_exact_after_success_versus_upfront(
-    http: httpx.AsyncClient, chain: Chain
+    http: httpx.AsyncClient, chain: AnvilChain
 ) -> None:
     """Not a benchmark, nothing asserted on the numbers: p50 in this run, for the record."""
     payer = payers(chain)[4]
@@ -304,7 +304,7 @@ async def test_timings_exact_after_success_versus_upfront(
 
 
 async def test_a_settle_answer_lost_after_success_is_resolved_on_chain(
-    chain: Chain, facilitator: Facilitator
+    chain: AnvilChain, facilitator: FacilitatorProcess
 ) -> None:
     """The facilitator sends the transfer but its /settle answer comes too late (anvil
     mines nothing until told): the sidecar looks the authorization up on chain, finds it
@@ -333,7 +333,7 @@ async def test_a_settle_answer_lost_after_success_is_resolved_on_chain(
 
 
 async def test_a_check_envoy_left_after_the_verify_frees_the_authorization(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain
 ) -> None:
     """The real servicer in process, told Envoy is gone (as the HTTP transport is when
     Envoy hangs up; gRPC cancels instead) once the facilitator verified: no response phase
@@ -343,7 +343,7 @@ async def test_a_check_envoy_left_after_the_verify_frees_the_authorization(
     ledger = Ledger.from_url(stack.redis_url)
     settler = wiring.exact_settler(settings, ledger)
     log = io.StringIO()
-    servicer = Authorization(
+    servicer = CheckService(
         settings.route_table(), settings.gateway(), ledger, decisions=DecisionLog(stream=log),
         settler=settler,
     )  # fmt: skip
@@ -351,7 +351,7 @@ async def test_a_check_envoy_left_after_the_verify_frees_the_authorization(
     header, _ = await sign_exact(chain, http, REPORT, payer, PRICE)
     facts = Facts(
         "GET", REPORT, "gateway.test", "http", {"payment-signature": header},
-        {holds.EXT_PHASE: holds.PHASE_RESPONSE}, "127.0.0.1", gone=lambda: True,
+        {phases.EXT_PHASE: phases.PHASE_RESPONSE}, "127.0.0.1", gone=lambda: True,
     )  # fmt: skip
 
     await servicer.decide(facts)

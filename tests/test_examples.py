@@ -68,7 +68,7 @@ def test_content_agent_one_wallet_three_gateways_funds_itself_on_chain(tmp_path:
         assert usdc_before - world.usdc(agent.evm.address) == bought
 
 
-def ledger_amounts(gateway: lanes.Gateway, payer: str) -> dict[str, int]:
+def ledger_amounts(gateway: lanes.ServedGateway, payer: str) -> dict[str, int]:
     """receipt id → atomic amount charged, from the gateway's ledger."""
     return {r["receipt_id"]: int(r["amount"]) for r in gateway.receipts(payer)}
 

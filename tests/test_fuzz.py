@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from sidecar.core import protocol
 from sidecar.core.errors import BY_REASON
 from sidecar.core.identity import Identity
-from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.check import CheckService
 from sidecar.server.logs import DecisionLog
 from sidecar.tools.stack import Stack
 from tests.support.inprocess import Outcome, check, check_request, servicer_for
@@ -41,7 +41,7 @@ class Harness:
     def __init__(self, stack: Stack) -> None:
         self.loop = asyncio.new_event_loop()
         self.stack = stack
-        self.servicer: Authorization
+        self.servicer: CheckService
         self.servicer, self.ledger = servicer_for(stack)
         self.wallet = Identity.generate()
         self.run(self.ledger.register(self.wallet.public_key))

@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.core import holds, protocol
+from sidecar.core import phases, protocol
 from sidecar.core.errors import MaxAmountExceeded
 from sidecar.ledger import scripts
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import Holds
 from sidecar.ledger.pipe import RedisPipe
-from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.config import Settings
 from sidecar.server.logs import DecisionLog
@@ -420,7 +420,7 @@ async def test_a_hold_placed_after_envoy_gave_up_gets_its_line_and_stays_until_i
     sweep gives it back when it expires)."""
     settings = Settings.load(holds_stack.config_path, env={})
     log = io.StringIO()
-    servicer = Authorization(
+    servicer = CheckService(
         settings.route_table(),
         settings.gateway(),
         Ledger.from_url(holds_stack.redis_url, timeout=5),
@@ -430,7 +430,7 @@ async def test_a_hold_placed_after_envoy_gave_up_gets_its_line_and_stays_until_i
     proof = {name.lower(): value for name, value in pay_direct(
         holds_stack, wallet, f"GET {REPORT}", "0.25"
     ).items()}  # fmt: skip
-    check = check_request("GET", REPORT, proof, {holds.EXT_PHASE: holds.PHASE_RESPONSE})
+    check = check_request("GET", REPORT, proof, {phases.EXT_PHASE: phases.PHASE_RESPONSE})
     pipe = raw_pipe(servicer.ledger)
     assert isinstance(pipe, RedisPipe)  # one Redis here, not a cluster
     await pipe.call("SCRIPT", "LOAD", scripts.HOLD.source)  # connected, the script loaded

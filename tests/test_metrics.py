@@ -14,7 +14,7 @@ from sidecar.agent.wallet import Wallet
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.channels import Channels
 from sidecar.server import metrics
-from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.config import Settings
 from sidecar.tools.stack import Stack, free_port
@@ -97,7 +97,7 @@ async def test_ledger_errors_are_counted(stack: Stack) -> None:
     """The real servicer with a Redis that does not answer: fails closed, counts an error."""
     settings = Settings.load(stack.config_path)
     dead = Ledger.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
-    servicer = Authorization(settings.route_table(), settings.gateway(), dead)
+    servicer = CheckService(settings.route_table(), settings.gateway(), dead)
     live = Ledger.from_url(stack.redis_url)
     wallet = await funded_payer(live, 1_000_000)
     await live.close()

@@ -23,9 +23,9 @@ from sidecar.agent.wallet import Wallet
 from sidecar.core import protocol
 from sidecar.core.identity import Identity
 from sidecar.ledger.accounts import SUSPENDED, Ledger
-from sidecar.tools.chain import Chain
+from sidecar.tools.chain import AnvilChain
 from sidecar.tools.onchain import (
-    Facilitator,
+    FacilitatorProcess,
     exact_settings,
     facilitator_account,
     official_client,
@@ -43,7 +43,7 @@ USDC = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def stack(chain: Chain, facilitator: Facilitator) -> Iterator[Stack]:
+def stack(chain: AnvilChain, facilitator: FacilitatorProcess) -> Iterator[Stack]:
     settings = exact_settings(chain, facilitator, topup_min="1", topup_max="50")
     with Stack(ROUTES, settings=settings) as running:
         yield running
@@ -66,7 +66,7 @@ def b64json(value: str) -> Any:
     return json.loads(base64.b64decode(value))
 
 
-def onchain(chain: Chain, address: str) -> tuple[int, int]:
+def onchain(chain: AnvilChain, address: str) -> tuple[int, int]:
     return chain.balance_of(address), chain.balance_of(operator(chain).address)
 
 
@@ -83,7 +83,7 @@ def topup_lines(stack: Stack, payer: str) -> list[dict[str, Any]]:
 
 
 async def signed_topup(
-    chain: Chain, http: httpx.AsyncClient, key: str, amount: str, payer_index: int
+    chain: AnvilChain, http: httpx.AsyncClient, key: str, amount: str, payer_index: int
 ) -> str:
     """The 402 of a top-up, paid the way the official client pays it: the header value."""
     challenge = await http.post(TOPUP, params={"payer": key, "amount": amount})
@@ -95,7 +95,7 @@ async def signed_topup(
     return base64.b64encode(payload.model_dump_json(by_alias=True).encode()).decode()
 
 
-async def test_discovery_lists_the_topup_route(http: httpx.AsyncClient, chain: Chain) -> None:
+async def test_discovery_lists_the_topup_route(http: httpx.AsyncClient, chain: AnvilChain) -> None:
     doc = (await http.get("/.well-known/x402")).json()
     assert doc["topup"] == {
         "method": "POST",
@@ -109,7 +109,9 @@ async def test_discovery_lists_the_topup_route(http: httpx.AsyncClient, chain: C
     assert doc["payment_target"] == operator(chain).address
 
 
-async def test_the_topup_402_is_exact_for_the_amount(http: httpx.AsyncClient, chain: Chain) -> None:
+async def test_the_topup_402_is_exact_for_the_amount(
+    http: httpx.AsyncClient, chain: AnvilChain
+) -> None:
     key = Identity.generate().public_key
     response = await http.post(TOPUP, params={"payer": key, "amount": "5"})
     assert response.status_code == 402
@@ -128,7 +130,7 @@ async def test_the_topup_402_is_exact_for_the_amount(http: httpx.AsyncClient, ch
 
 
 async def test_an_official_client_buys_credit_the_sdk_spends_it(
-    stack: Stack, chain: Chain, ledger: Ledger
+    stack: Stack, chain: AnvilChain, ledger: Ledger
 ) -> None:
     """(b): a fresh key, no registration; an unmodified official client tops it up; the
     project's SDK pays 100 sub-cent requests from the credit."""
@@ -177,7 +179,7 @@ async def test_an_official_client_buys_credit_the_sdk_spends_it(
 
 
 async def test_a_replayed_topup_authorization_credits_nothing(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain
 ) -> None:
     key = Identity.generate().public_key
     header = await signed_topup(chain, http, key, "2", payer_index=1)
@@ -199,7 +201,7 @@ async def test_a_replayed_topup_authorization_credits_nothing(
 
 
 async def test_concurrent_copies_of_one_topup_credit_once(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain
 ) -> None:
     key = Identity.generate().public_key
     header = await signed_topup(chain, http, key, "3", payer_index=2)
@@ -216,7 +218,7 @@ async def test_concurrent_copies_of_one_topup_credit_once(
 
 
 async def test_a_suspended_payer_is_refused_before_anything_settles(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain, ledger: Ledger
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain, ledger: Ledger
 ) -> None:
     key = Identity.generate().public_key
     header = await signed_topup(chain, http, key, "1", payer_index=3)
@@ -259,7 +261,7 @@ async def test_a_topup_is_a_post(http: httpx.AsyncClient) -> None:
 
 
 async def test_timings_topup_versus_prepaid(
-    http: httpx.AsyncClient, stack: Stack, chain: Chain
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain
 ) -> None:
     """Not a benchmark, nothing asserted on the numbers: p50 in this run, for the record."""
     wallet = Identity.generate()
@@ -285,7 +287,7 @@ async def test_timings_topup_versus_prepaid(
 
 
 async def test_a_lost_settle_answer_is_resolved_on_chain_and_credited_once(
-    chain: Chain, facilitator: Facilitator
+    chain: AnvilChain, facilitator: FacilitatorProcess
 ) -> None:
     """The facilitator's /settle answer comes too late (its transaction waits unmined):
     the outcome is unknown, so the sidecar looks the authorization up on chain before

@@ -48,7 +48,7 @@ from sidecar.agent.outcomes import (
 from sidecar.agent.payments import (
     Checking,
     ExactPayment,
-    Payment,
+    PrepaidPayment,
     carry,
     onchain_of,
     send_paid,
@@ -337,7 +337,7 @@ class X402Auth(httpx.Auth):
             int(time.time()) + min(self.direct_ttl, discovery.max_direct_ttl),
         )
 
-    def _pay(self, request: httpx.Request, terms: Mapping[str, Any]) -> Payment:
+    def _pay(self, request: httpx.Request, terms: Mapping[str, Any]) -> PrepaidPayment:
         """Guards first (they raise), then sign; the proof rides on the request."""
         reservation = self.wallet.reserve(terms["asset"], terms["amount"], terms["payee"])
         try:
@@ -346,9 +346,11 @@ class X402Auth(httpx.Auth):
             reservation.release()
             raise
         request.headers[PROOF_HEADER] = header
-        return Payment(reservation, proof, request)
+        return PrepaidPayment(reservation, proof, request)
 
-    def _settle(self, payment: Payment, final: httpx.Response, discovery: Discovery | None) -> None:
+    def _settle(
+        self, payment: PrepaidPayment, final: httpx.Response, discovery: Discovery | None
+    ) -> None:
         """Account for a payment by its answer (a redirect's first hop, when the client
         followed it: a paid 3xx is the paid answer); its receipt goes on `final` too."""
         response = answer_of(payment.request, final)

@@ -34,7 +34,7 @@ from sidecar.agent.wallet import Reservation, scale_atomic, scaled, unscaled
 
 
 @dataclass
-class Payment:
+class PrepaidPayment:
     """One signed proof in flight; lives only inside one auth_flow generator."""
 
     reservation: Reservation
@@ -83,7 +83,7 @@ class Checking:
 
 
 def send_paid(
-    request: httpx.Request, payment: Payment | ExactPayment
+    request: httpx.Request, payment: PrepaidPayment | ExactPayment
 ) -> Generator[Step, httpx.Response | None, httpx.Response]:
     """`send` for a request that carries a proof. Abandoned before its answer came (a
     timeout, a dropped connection, a cancellation), the payment may have been charged: it
@@ -121,7 +121,7 @@ def onchain_of(offer: ExactOffer, discovery: Discovery | None) -> Onchain | None
     return found or official_default(offer.network, offer.token)
 
 
-def settle_prepaid(payment: Payment, response: httpx.Response, checking: Checking) -> None:
+def settle_prepaid(payment: PrepaidPayment, response: httpx.Response, checking: Checking) -> None:
     """Account for a prepaid payment by its (paid) answer, and check its receipt."""
     header = receipt_header(response)
     if header is None:

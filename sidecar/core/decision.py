@@ -12,7 +12,7 @@ from typing import Any
 
 from nacl.signing import VerifyKey
 
-from sidecar.core import exact, holds, protocol
+from sidecar.core import exact, phases, protocol
 from sidecar.core.errors import (
     AmountError,
     InvalidInvoice,
@@ -136,19 +136,19 @@ def clipped(value: str, limit: int = FIELD_BYTES) -> str | None:
     return raw[: limit - len(ELLIPSIS.encode())].decode("utf-8", "ignore") + ELLIPSIS
 
 
-def bound(entry: dict[str, Any], limit: int = FIELD_BYTES) -> None:
+def bound(line: dict[str, Any], limit: int = FIELD_BYTES) -> None:
     """Clip every string value of a decision line in place to `limit` bytes; the line's
     `truncated` lists the fields clipped. A few dict steps a check when nothing is long."""
     cut: list[str] | None = None
     fits = limit // 4  # this many characters fit, whatever they are (clipped's fast path)
-    for key, value in entry.items():
+    for key, value in line.items():
         if type(value) is str and len(value) > fits:
             short = clipped(value, limit)
             if short is not None:
-                entry[key] = short
+                line[key] = short
                 cut = [*(cut or ()), key]
     if cut is not None:
-        entry[TRUNCATED] = cut
+        line[TRUNCATED] = cut
 
 
 def invoice(request: Request, price: Price, gateway: Gateway, now: int) -> dict[str, Any]:
@@ -169,8 +169,8 @@ def invoice(request: Request, price: Price, gateway: Gateway, now: int) -> dict[
         "invoice_id": protocol.invoice_id(gateway.invoice_secret, terms),
         "facilitator_url": f"{request.base_url(gateway)}/.well-known/x402",
         # charge: on_success: `amount` is the hold (a metered route's maximum); the
-        # receipt at the response says what was captured (core/holds.py)
-        **holds.describe(price.phase, price.asset),
+        # receipt at the response says what was captured (core/phases.py)
+        **phases.describe(price.phase, price.asset),
     }
 
 

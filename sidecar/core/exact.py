@@ -82,9 +82,9 @@ def published_url(url: str) -> str:
     """A configured URL as discovery and the 402s publish it: without userinfo, query or
     fragment, where credentials hide (`https://user:key@host/x?token=…` → `https://host/x`).
     The sidecar itself still calls the URL as configured."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", "")).rstrip("/")
+    components = urlsplit(url)
+    host = components.netloc.rpartition("@")[2]
+    return urlunsplit((components.scheme, host, components.path, "", "")).rstrip("/")
 
 
 def offer(onchain: OnchainAsset, amount: int, terms: ExactTerms) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def invoice_fields(onchain: OnchainAsset, amount: int, terms: ExactTerms) -> dic
 
 
 @dataclass(frozen=True, slots=True)
-class Authorization:
+class Eip3009Authorization:
     """A checked EIP-3009 authorization and the envelope that carried it."""
 
     payer: str  # `from`, lower case
@@ -177,7 +177,9 @@ def parse(decoded: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, A
     return accepted, authorization
 
 
-def verify(decoded: Mapping[str, Any], requirements: Mapping[str, Any], now: int) -> Authorization:
+def verify(
+    decoded: Mapping[str, Any], requirements: Mapping[str, Any], now: int
+) -> Eip3009Authorization:
     """Match the envelope against this route's offer, cheapest first, before anyone is
     called: scheme, network, amount, asset, payTo, then the authorization's recipient,
     value and validity window. Addresses compare case-insensitively (EIP-55 checksums)."""
@@ -204,7 +206,7 @@ def verify(decoded: Mapping[str, Any], requirements: Mapping[str, Any], now: int
             f"validBefore is more than maxTimeoutSeconds ({requirements['maxTimeoutSeconds']}) "
             "ahead"
         )
-    return Authorization(
+    return Eip3009Authorization(
         payer=authorization["from"].lower(),
         to=authorization["to"].lower(),
         value=int(authorization["value"]),
@@ -216,12 +218,12 @@ def verify(decoded: Mapping[str, Any], requirements: Mapping[str, Any], now: int
     )
 
 
-def restore(envelope: Mapping[str, Any], requirements: Mapping[str, Any]) -> Authorization:
+def restore(envelope: Mapping[str, Any], requirements: Mapping[str, Any]) -> Eip3009Authorization:
     """An authorization `verify` accepted earlier (at the check), rebuilt for its settle in
     the response phase: the shapes are checked again, the clock is not (its validBefore is
     the chain's to enforce, and the reservation's)."""
     _, authorization = parse(envelope)
-    return Authorization(
+    return Eip3009Authorization(
         payer=authorization["from"].lower(),
         to=authorization["to"].lower(),
         value=int(authorization["value"]),

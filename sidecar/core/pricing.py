@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import unquote
 
-from sidecar.core import holds
+from sidecar.core import phases
 from sidecar.core.errors import AmountError, BadRequest, ConfigError, UnknownRoute
-from sidecar.core.holds import ResponsePhase
 from sidecar.core.money import Asset
+from sidecar.core.phases import ResponsePhase
 
 ANY_METHOD = "*"
 # What a request to a path no route lists gets: through for free, or 404 unknown_route.
@@ -42,7 +42,7 @@ class Price:
     amount: int  # atomic units of `asset`
     asset: Asset
     description: str = ""
-    # `charge: on_success` (a hold captured at the response; core/holds.py); None: on_check.
+    # `charge: on_success` (a hold captured at the response; core/phases.py); None: on_check.
     # A metered route's `amount` is its hold, the quoted maximum.
     phase: ResponsePhase | None = None
 
@@ -105,9 +105,9 @@ def validate_path(path: str) -> None:
         raise ValueError(f"{path!r} is not a path pattern: it starts with /")
     if "?" in path or "#" in path:
         raise ValueError(f"{path!r}: a path pattern has no query string or fragment")
-    parts, params = segments(path), set()
-    for i, segment in enumerate(parts):
-        last = i == len(parts) - 1
+    path_segments, params = segments(path), set()
+    for i, segment in enumerate(path_segments):
+        last = i == len(path_segments) - 1
         if segment == REST and not last:
             raise ValueError(f"{path!r}: ** (the rest of the path) must be the last segment")
         if segment in (ONE, REST) or (segment == "" and last):
@@ -323,7 +323,7 @@ class RouteTable:
         context_extensions override the route table."""
         if method not in _COMMON_METHODS and not _CANONICAL_METHOD.fullmatch(method):
             raise BadRequest(f"the method {method[:32]!r} is not an upper-case HTTP method")
-        if EXT_PRICE in context_extensions or holds.EXT_UNIT_PRICE in context_extensions:
+        if EXT_PRICE in context_extensions or phases.EXT_UNIT_PRICE in context_extensions:
             route = context_extensions.get(EXT_ROUTE, "")
             return _extension_price(
                 self,
@@ -346,13 +346,13 @@ class RouteTable:
         return None
 
 
-_PHASE_ANNOTATIONS = tuple(f"x402.{name}" for name in holds.ROUTE_KEYS)
+_PHASE_ANNOTATIONS = tuple(f"x402.{name}" for name in phases.ROUTE_KEYS)
 
 
 def _phase_annotations(extensions: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """A route's response-phase annotations, hashable for `_extension_price`'s cache; the
     common on_check route has none and pays one `in` per key."""
-    if holds.EXT_CHARGE not in extensions and holds.EXT_UNIT_PRICE not in extensions:
+    if phases.EXT_CHARGE not in extensions and phases.EXT_UNIT_PRICE not in extensions:
         return ()
     return tuple((k, extensions[k]) for k in _PHASE_ANNOTATIONS if k in extensions)
 
@@ -372,7 +372,7 @@ def _extension_price(
         raise ConfigError(f"context_extensions {EXT_ASSET}: unknown asset {asset_code!r}")
     phase = None
     if phase_annotations:
-        phase = holds.from_annotations("context_extensions x402", dict(phase_annotations), asset)
+        phase = phases.from_annotations("context_extensions x402", dict(phase_annotations), asset)
     if phase is not None and phase.metered:
         return Price(route, phase.maximum, asset, description, phase)
     try:

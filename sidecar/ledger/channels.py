@@ -56,7 +56,7 @@ class ChannelState:
 
 
 @dataclass(frozen=True)
-class Closed:
+class ChannelClosed:
     channel_id: str
     refund: int
     balance: int  # the payer's balance after the refund
@@ -119,7 +119,9 @@ class Channels:
             raise UnknownChannel(f"no channel {channel_id} for this payer")
         return _state(payer, channel_id, fields)
 
-    async def close(self, payer: str, channel_id: str, only_expired: bool = False) -> Closed | None:
+    async def close(
+        self, payer: str, channel_id: str, only_expired: bool = False
+    ) -> ChannelClosed | None:
         """Refund the rest of the deposit, settle the final voucher. Closing twice is
         harmless (already=True). None: only_expired and it has not expired."""
         receipt_id = protocol.new_receipt_id()
@@ -139,7 +141,7 @@ class Channels:
         if result[0] == "unknown_channel":
             raise UnknownChannel(f"no channel {channel_id} for this payer")
         _status, refund, balance, cumulative, sequence, stored_receipt, vouchers = result
-        return Closed(
+        return ChannelClosed(
             channel_id,
             int(refund),
             int(balance),
@@ -150,7 +152,7 @@ class Channels:
             vouchers=int(vouchers),
         )
 
-    async def close_expired(self, payer: str) -> list[Closed]:
+    async def close_expired(self, payer: str) -> list[ChannelClosed]:
         ids: set[str] = await self.ledger.call(self._redis.smembers(keyspace.channels(payer)))
         closed = []
         for channel_id in sorted(ids):

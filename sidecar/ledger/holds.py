@@ -24,7 +24,7 @@ SWEEP_SCAN = 500  # payers per SSCAN page of a full sweep
 
 
 @dataclass(frozen=True, slots=True)
-class Closed:
+class HoldClosed:
     """What closing a hold did."""
 
     outcome: str  # CAPTURED, RELEASED, EXPIRED (released: past its lifetime) or NO_HOLD
@@ -85,7 +85,7 @@ class Holds:
         issued_at: int,
         extra: Mapping[str, str] | None = None,
         within: float | None = None,
-    ) -> Closed:
+    ) -> HoldClosed:
         """Capture up to `amount` of the hold (the rest goes back) and append its receipt,
         with `extra` facts (e.g. units). A hold past its lifetime is released instead."""
         pairs: list[str | int] = [hold_id, "capture", amount, keyspace.nonce(payer, ""), issued_at]
@@ -93,12 +93,12 @@ class Holds:
             pairs += (name, value)
         return await self._close(payer, pairs, within)
 
-    async def release(self, payer: str, hold_id: str) -> Closed:
+    async def release(self, payer: str, hold_id: str) -> HoldClosed:
         """Give the whole hold back and free its nonce (the same proof can be retried)."""
         pairs: list[str | int] = [hold_id, "release", 0, keyspace.nonce(payer, ""), 0]
         return await self._close(payer, pairs, None)
 
-    async def _close(self, payer: str, args: list[str | int], within: float | None) -> Closed:
+    async def _close(self, payer: str, args: list[str | int], within: float | None) -> HoldClosed:
         keys = (
             keyspace.account(payer),
             keyspace.holds(payer),
@@ -157,9 +157,9 @@ def _placed(result: list[Any]) -> int:
     raise refusal(result[0])
 
 
-def _closed(result: list[Any]) -> Closed:
+def _closed(result: list[Any]) -> HoldClosed:
     outcome = str(result[0])
     if outcome == NO_HOLD:
-        return Closed(NO_HOLD, 0, 0)
+        return HoldClosed(NO_HOLD, 0, 0)
     hold = json.loads(result[3])
-    return Closed(outcome, int(result[1]), int(result[2]), hold["record"], int(hold["held"]))
+    return HoldClosed(outcome, int(result[1]), int(result[2]), hold["record"], int(hold["held"]))

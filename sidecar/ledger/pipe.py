@@ -137,32 +137,32 @@ def parse_url(url: str) -> Address:
     """`redis://[[user]:password@]host[:port][/db]`, the same with `rediss://` (TLS; the
     query may name ssl_ca_certs, ssl_certfile, ssl_keyfile), or
     `unix://[[user]:password@]/path?db=N`."""
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    username, password = unquote(parts.username or ""), unquote(parts.password or "")
-    if parts.scheme == "unix":
+    components = urlsplit(url)
+    query = parse_qs(components.query)
+    username, password = unquote(components.username or ""), unquote(components.password or "")
+    if components.scheme == "unix":
         check_query(query, ("db",))
-        if not parts.path:
+        if not components.path:
             raise ValueError("a unix:// Redis URL needs a socket path")
         db = query.get("db", ["0"])[0]
-        return Address(path=parts.path, username=username, password=password, db=_db(db))
-    if parts.scheme not in ("redis", "rediss"):
+        return Address(path=components.path, username=username, password=password, db=_db(db))
+    if components.scheme not in ("redis", "rediss"):
         raise ValueError(
-            f"Redis URL scheme must be one of {', '.join(SCHEMES)}, not {parts.scheme!r}"
+            f"Redis URL scheme must be one of {', '.join(SCHEMES)}, not {components.scheme!r}"
         )
     check_query(query, ("db", *TLS_PARAMS))
-    db = parts.path.strip("/") or query.get("db", ["0"])[0]
+    db = components.path.strip("/") or query.get("db", ["0"])[0]
     try:
-        port = parts.port or DEFAULT_PORT
+        port = components.port or DEFAULT_PORT
     except ValueError:
         raise ValueError("the Redis URL's port is not a number 1..65535") from None
     return Address(
-        host=parts.hostname or "127.0.0.1",
+        host=components.hostname or "127.0.0.1",
         port=port,
         username=username,
         password=password,
         db=_db(db),
-        tls=tls_from_query(parts.scheme, query),
+        tls=tls_from_query(components.scheme, query),
     )
 
 

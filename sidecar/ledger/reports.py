@@ -25,7 +25,7 @@ MAX_PAYERS = 10_000  # a dashboard page reads at most this many payers
 
 
 @dataclass(frozen=True, slots=True)
-class Receipt:
+class ReceiptRecord:
     stream_id: str
     payer: str
     route: str
@@ -48,7 +48,7 @@ class Revenue:
     hourly: dict[str, list[int]] = field(default_factory=dict)
     by_payer: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
 
-    def add(self, receipt: Receipt) -> None:
+    def add(self, receipt: ReceiptRecord) -> None:
         key = (receipt.route, receipt.asset)
         self.total[key] += receipt.amount
         self.count[key] += 1
@@ -66,13 +66,13 @@ class Revenue:
         return [(payer, asset, amount) for (payer, asset), amount in ranked[:limit]]
 
 
-def receipt_of(payer: str, stream_id: str, fields: dict[str, str]) -> Receipt:
+def receipt_of(payer: str, stream_id: str, fields: dict[str, str]) -> ReceiptRecord:
     route = fields.get("route") or (CHANNEL_ROUTE if fields.get("kind") == "channel" else "")
     try:
         amount, issued = int(fields.get("amount", "0")), int(fields.get("issued_at", "0"))
     except ValueError:
         amount, issued = 0, 0
-    return Receipt(stream_id, payer, route, fields.get("asset", ""), amount, issued, fields)
+    return ReceiptRecord(stream_id, payer, route, fields.get("asset", ""), amount, issued, fields)
 
 
 async def payers(ledger: Ledger, limit: int = MAX_PAYERS) -> list[str]:
@@ -85,7 +85,7 @@ async def payers(ledger: Ledger, limit: int = MAX_PAYERS) -> list[str]:
     return sorted(found)
 
 
-async def receipts(ledger: Ledger, payer: str) -> list[Receipt]:
+async def receipts(ledger: Ledger, payer: str) -> list[ReceiptRecord]:
     """Every receipt of the payer still in its stream, oldest first."""
     entries = cast(
         list[tuple[str, dict[str, str]]],
@@ -94,7 +94,7 @@ async def receipts(ledger: Ledger, payer: str) -> list[Receipt]:
     return [receipt_of(payer, stream_id, fields) for stream_id, fields in entries]
 
 
-async def recent_receipts(ledger: Ledger, payer: str, count: int) -> list[Receipt]:
+async def recent_receipts(ledger: Ledger, payer: str, count: int) -> list[ReceiptRecord]:
     entries = cast(
         list[tuple[str, dict[str, str]]],
         await ledger.call(ledger._redis.xrevrange(keyspace.receipts(payer), count=count)),
@@ -112,7 +112,7 @@ async def revenue(ledger: Ledger, among: Iterable[str], now: int | None = None) 
 
 
 @dataclass(frozen=True, slots=True)
-class Topup:
+class CreditRecord:
     payer: str
     asset: str
     amount: int
@@ -121,7 +121,7 @@ class Topup:
     transaction: str
 
 
-async def credits(ledger: Ledger, among: Iterable[str], per_payer: int = 20) -> list[Topup]:
+async def credits(ledger: Ledger, among: Iterable[str], per_payer: int = 20) -> list[CreditRecord]:
     """The newest credits of each payer (operator credits and self-serve top-ups), newest
     first."""
     found = []
@@ -136,7 +136,7 @@ async def credits(ledger: Ledger, among: Iterable[str], per_payer: int = 20) -> 
             except ValueError:
                 continue
             found.append(
-                Topup(
+                CreditRecord(
                     payer,
                     f.get("asset", ""),
                     amount,

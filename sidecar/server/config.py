@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from sidecar.core import exact, holds
+from sidecar.core import exact, phases
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import AmountError, ConfigError
 from sidecar.core.identity import KeySet, load_signing_key, read_secret
@@ -186,14 +186,14 @@ class Settings:
         origin = self.dashboard_public_origin.strip().rstrip("/").lower()
         if not origin:
             return ""
-        parts = urlsplit(origin)
+        components = urlsplit(origin)
         if (
-            parts.scheme not in ("http", "https")
-            or not parts.hostname
-            or "@" in parts.netloc
-            or parts.path
-            or parts.query
-            or parts.fragment
+            components.scheme not in ("http", "https")
+            or not components.hostname
+            or "@" in components.netloc
+            or components.path
+            or components.query
+            or components.fragment
         ):
             raise ConfigError(
                 "config dashboard_public_origin: scheme://host[:port], nothing more "
@@ -290,7 +290,7 @@ class Settings:
             if not isinstance(spec, Mapping):
                 raise ConfigError(f"{key}: must be a mapping with method, path and price")
             unknown = set(spec) - {"method", "path", "price", "asset", "description"}
-            unknown -= set(holds.ROUTE_KEYS)  # charge: on_success and metering
+            unknown -= set(phases.ROUTE_KEYS)  # charge: on_success and metering
             if unknown:
                 raise ConfigError(f"{key}: unknown key {sorted(unknown)[0]!r}")
             method = str(spec.get("method", ANY_METHOD)).upper()
@@ -304,7 +304,7 @@ class Settings:
             asset = assets.get(str(spec.get("asset", self.default_asset)))
             if asset is None:
                 raise ConfigError(f"{key}.asset: unknown asset {spec.get('asset')!r}")
-            phase = holds.phase_from(key, spec, asset)
+            phase = phases.phase_from(key, spec, asset)
             if phase is not None and phase.metered:
                 if "price" in spec:
                     raise ConfigError(f"{key}.price: a metered route is priced by unit_price")

@@ -57,7 +57,7 @@ def _text(answer: Mapping[str, Any], name: str) -> str:
     return value[:MAX_REASON_CHARS] if isinstance(value, str) else ""
 
 
-class Facilitator:
+class FacilitatorClient:
     """One per worker; the httpx client is made in the worker's event loop, on first use."""
 
     def __init__(self, url: str, verify_timeout: float, settle_timeout: float) -> None:
@@ -147,7 +147,7 @@ class Facilitator:
         )
 
 
-class Chain:
+class ChainReader:
     """Reads an EIP-3009 token over JSON-RPC (config `chain_rpc_url`)."""
 
     def __init__(self, rpc_url: str, timeout: float = 5.0) -> None:

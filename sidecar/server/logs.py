@@ -107,14 +107,14 @@ class DecisionLog:
             self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self.prefix}.{int((now - second) * 1_000_000):06d}Z"
 
-    def write(self, entry: dict[str, Any]) -> None:
+    def write(self, line: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        entry["event"] = "authz.decision"
-        entry["level"] = "info"
-        entry["timestamp"] = self.timestamp()
-        bound(entry)  # a request's path, method, id: at most FIELD_BYTES each
-        self.pending.append(_DUMPS(entry))
+        line["event"] = "authz.decision"
+        line["level"] = "info"
+        line["timestamp"] = self.timestamp()
+        bound(line)  # a request's path, method, id: at most FIELD_BYTES each
+        self.pending.append(_DUMPS(line))
         if len(self.pending) >= self.MAX_PENDING:
             self.flush()
         elif self.timer is None:

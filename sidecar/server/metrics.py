@@ -127,12 +127,12 @@ def use_multiprocess(directory: str) -> None:
     _current = _Metrics(None)  # multiprocess metrics live in the files, not a registry
 
 
-def record(entry: Mapping[str, Any], price: Price | None, charged: int, seconds: float) -> None:
-    """One check: the decision log entry (decision, reason), its price if priced, and the
+def record(line: Mapping[str, Any], price: Price | None, charged: int, seconds: float) -> None:
+    """One check: the decision log line (decision, reason), its price if priced, and the
     atomic units it charged (the revenue)."""
     metrics = _current
-    reason = entry["reason"]
-    metrics.decision(entry["decision"], reason, price.route if price is not None else "")
+    reason = line["reason"]
+    metrics.decision(line["decision"], reason, price.route if price is not None else "")
     if charged and price is not None:
         metrics.charge(price.asset.code, price.route, charged)
     elif reason == LEDGER_UNAVAILABLE:
@@ -140,15 +140,15 @@ def record(entry: Mapping[str, Any], price: Price | None, charged: int, seconds:
     metrics.latency.observe(seconds)
 
 
-def record_phase(entry: Mapping[str, Any], captured: int, seconds: float) -> None:
+def record_phase(line: Mapping[str, Any], captured: int, seconds: float) -> None:
     """One response phase (server/processor.py): capture, release or deny; the revenue of
     a route charged on success is counted here, at the capture, never at its hold."""
     metrics = _current
-    route = entry.get("route") or ""
-    metrics.decision(entry["decision"], entry["reason"], route)
+    route = line.get("route") or ""
+    metrics.decision(line["decision"], line["reason"], route)
     if captured:
-        metrics.charge(entry.get("asset") or "", route, captured)
-    elif entry["reason"] == LEDGER_UNAVAILABLE:
+        metrics.charge(line.get("asset") or "", route, captured)
+    elif line["reason"] == LEDGER_UNAVAILABLE:
         metrics.ledger_errors.inc()
 
 

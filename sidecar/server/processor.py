@@ -4,7 +4,7 @@ Envoy's ext_proc filter runs only on routes whose config enables it (server/envo
 with request headers skipped and response headers sent. The check phase (server/authz/) placed a
 hold and left its facts in ext_authz's dynamic metadata, which the filter forwards here
 (`metadata_options.forwarding_namespaces`). From the response's status and the usage the
-service reported, core/holds.py says what to capture; the hold's scheme (server/schemes/)
+service reported, core/phases.py says what to capture; the hold's scheme (server/schemes/)
 captures or releases it in one ledger script, and the client's response gets the signed
 receipt (PAYMENT-RESPONSE / X-Payment-Response) with the amount actually charged, and
 loses the usage header. A capture that cannot happen (the hold expired, the ledger is
@@ -27,14 +27,14 @@ from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
-from sidecar.core import decision, holds, protocol
+from sidecar.core import decision, phases, protocol
 from sidecar.core.decision import Denial, Gateway, Request
 from sidecar.core.errors import PaymentError, X402Error
-from sidecar.core.holds import ResponsePhase
 from sidecar.core.money import Asset
+from sidecar.core.phases import ResponsePhase
 from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.holds import CAPTURED, NO_HOLD, Closed
+from sidecar.ledger.holds import CAPTURED, NO_HOLD, HoldClosed
 from sidecar.server import metrics
 from sidecar.server.envoy import contract
 from sidecar.server.envoy.contract import EXT_AUTHZ
@@ -94,7 +94,7 @@ def immediate(
 
 @lru_cache(maxsize=1024)
 def _phase(annotations: tuple[tuple[str, str], ...], asset: Asset) -> ResponsePhase | None:
-    return holds.from_annotations("hold metadata", dict(annotations), asset)
+    return phases.from_annotations("hold metadata", dict(annotations), asset)
 
 
 class Processor:
@@ -162,7 +162,7 @@ class Processor:
         meta = {key: value.string_value for key, value in namespace.fields.items()}
         headers = headers_of(request.response_headers)
         status = int(headers.get(":status", "0") or 0)
-        entry: dict[str, Any] = {
+        line: dict[str, Any] = {
             "request_id": meta.get(contract.REQUEST_ID) or None,
             "phase": "response",
             "route": meta.get(contract.ROUTE),
@@ -173,20 +173,20 @@ class Processor:
             "worker": self.worker,
         }
         try:
-            response = await self._close(meta, headers, status, entry, context)
+            response = await self._close(meta, headers, status, line, context)
         except PaymentError as error:  # the ledger: the hold stays until it expires
-            entry.update(decision="deny", status=error.status, reason=error.reason)
+            line.update(decision="deny", status=error.status, reason=error.reason)
             denial = self._challenge(error, meta) if error.status == 402 else None
             response = immediate(error.status, error.reason, error.message, denial)
         except Exception:  # a bug must never serve the response free nor charge twice
             log.exception("processor.error", route=meta.get(contract.ROUTE))
-            entry.update(decision="deny", status=503, reason="internal_error")
+            line.update(decision="deny", status=503, reason="internal_error")
             response = immediate(503, "internal_error", "the payment could not be completed")
         elapsed = time.perf_counter() - started
-        entry["latency_ms"] = round(elapsed * 1000, 3)
-        metrics.record_phase(entry, int(entry.get("captured_atomic", 0)), elapsed)
-        entry.pop("captured_atomic", None)
-        self.decisions.write(entry)
+        line["latency_ms"] = round(elapsed * 1000, 3)
+        metrics.record_phase(line, int(line.get("captured_atomic", 0)), elapsed)
+        line.pop("captured_atomic", None)
+        self.decisions.write(line)
         return response
 
     async def _close(
@@ -194,7 +194,7 @@ class Processor:
         meta: Mapping[str, str],
         headers: Mapping[str, str],
         status: int,
-        entry: dict[str, Any],
+        line: dict[str, Any],
         context: Any,
     ) -> ext_proc.ProcessingResponse:
         asset = self.assets[meta[contract.ASSET]]
@@ -204,31 +204,31 @@ class Processor:
             raise ValueError("hold metadata without a response phase")
         holder: HoldingScheme[Any] = self.holding[meta[contract.HOLD_SCHEME]]
         held = int(meta[contract.HELD])
-        entry["price"] = asset.to_decimal(held)
-        capture = holds.captured(phase, held, status, headers.get(phase.usage_header))
+        line["price"] = asset.to_decimal(held)
+        capture = phases.captured(phase, held, status, headers.get(phase.usage_header))
         now = int(time.time())
         mutation = ext_proc.HeaderMutation(remove_headers=[phase.usage_header])
         if capture.release:
             closing = await holder.release(meta, asset, status, now)
-            entry.update(decision="release", status=status, reason="service_failed")
-            entry.update(captured="0", released=asset.to_decimal(closing.closed.held))
-            _describe(entry, closing.closed)
-            entry.update(closing.facts)
+            line.update(decision="release", status=status, reason="service_failed")
+            line.update(captured="0", released=asset.to_decimal(closing.closed.held))
+            _describe(line, closing.closed)
+            line.update(closing.facts)
             if closing.receipt is not None:
-                entry["balance"] = closing.balance
+                line["balance"] = closing.balance
                 mutation.set_headers.extend(receipt_headers(closing.receipt))
             return _headers(mutation)
         within = None if context is None else context.time_remaining()
         closing = await holder.capture(meta, asset, capture, now, within)
         closed = closing.closed
         if capture.units is not None:
-            entry.update(units=capture.units, usage=capture.usage)
-        _describe(entry, closed)
-        entry.update(closing.facts)
+            line.update(units=capture.units, usage=capture.usage)
+        _describe(line, closed)
+        line.update(closing.facts)
         if closed.outcome != CAPTURED or closing.receipt is None:
-            return self._lost(closed, entry)
-        entry.update(decision="capture", status=status, reason="captured")
-        entry.update(
+            return self._lost(closed, line)
+        line.update(decision="capture", status=status, reason="captured")
+        line.update(
             captured=asset.to_decimal(closed.amount),
             released=asset.to_decimal(closed.held - closed.amount),
             balance=closing.balance,
@@ -253,12 +253,12 @@ class Processor:
             return None
         return decision.deny(error, request, price, self.gateway, int(time.time()))
 
-    def _lost(self, closed: Closed, entry: dict[str, Any]) -> ext_proc.ProcessingResponse:
+    def _lost(self, closed: HoldClosed, line: dict[str, Any]) -> ext_proc.ProcessingResponse:
         """The hold was gone (expired and released) when the response came: nothing was
         charged, so the response is not served."""
-        entry.update(decision="deny", status=504, reason="hold_expired", captured="0")
+        line.update(decision="deny", status=504, reason="hold_expired", captured="0")
         if closed.outcome == NO_HOLD:
-            entry["reason"] = "no_hold"
+            line["reason"] = "no_hold"
         return immediate(
             504,
             "hold_expired",
@@ -267,11 +267,11 @@ class Processor:
         )
 
 
-def _describe(entry: dict[str, Any], closed: Closed) -> None:
+def _describe(line: dict[str, Any], closed: HoldClosed) -> None:
     """The decision line's request facts, from the hold's record (PROTOCOL §7)."""
     method, _, path = closed.record.get("resource", "").partition(" ")
-    entry["method"], entry["path"] = method or None, path or None
-    entry["invoice_id"] = closed.record.get("invoice_id") or None
+    line["method"], line["path"] = method or None, path or None
+    line["invoice_id"] = closed.record.get("invoice_id") or None
 
 
 def _headers(mutation: ext_proc.HeaderMutation) -> ext_proc.ProcessingResponse:

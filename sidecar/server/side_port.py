@@ -12,7 +12,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sidecar.core import exact, holds
+from sidecar.core import exact, phases
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity
@@ -25,7 +25,7 @@ from sidecar.server import metrics
 from sidecar.server.authz.http_transport import reason_phrase
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.logs import get_logger
-from sidecar.server.topup import Topup
+from sidecar.server.topup import TopupService
 
 log = get_logger("sidecar.side_port")
 
@@ -64,7 +64,7 @@ def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
                 "price": r.price.display,
                 "asset": r.price.asset.code,
                 "description": r.price.description,
-                **holds.describe(r.price.phase, r.price.asset),  # on_success, metered
+                **phases.describe(r.price.phase, r.price.asset),  # on_success, metered
             }
             for r in routes.routes
         ],
@@ -110,7 +110,11 @@ def _exact_entries(gateway: Gateway) -> dict[str, Any]:
 
 class SidePort:
     def __init__(
-        self, routes: RouteTable, gateway: Gateway, ledger: Ledger, topup: Topup | None = None
+        self,
+        routes: RouteTable,
+        gateway: Gateway,
+        ledger: Ledger,
+        topup: TopupService | None = None,
     ) -> None:
         self.ledger = ledger
         self.topup = topup

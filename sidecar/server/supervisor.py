@@ -46,14 +46,14 @@ from sidecar.server import logs, metrics, wiring
 from sidecar.server.addresses import split_host_port
 from sidecar.server.admin import Facilities, check_listener, start_facilities
 from sidecar.server.authz import http_transport
-from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import AUTHZ_SERVICE, GrpcChecks
 from sidecar.server.config import Settings
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
 from sidecar.server.schemes.base import sweep_forever
 from sidecar.server.side_port import AnyReply, Headers, SidePort, SideServer, start_http
-from sidecar.server.topup import Topup
+from sidecar.server.topup import TopupService
 
 SHUTDOWN_GRACE_SECONDS = 5.0
 CRASH_LOOP_RESTARTS = 5  # worker restarts within CRASH_LOOP_SECONDS before giving up
@@ -103,7 +103,7 @@ def worker_addresses(settings: Settings, key: str = "listen_grpc") -> list[str]:
     return [f"{host}:{port + i}" for i in range(workers)]
 
 
-class Board:
+class WorkerBoard:
     """Each worker's state in memory shared across the fork, for worker 0's /readyz."""
 
     def __init__(self, workers: int) -> None:
@@ -116,7 +116,7 @@ class Board:
         return all(state == SERVING for state in self.states[:])  # bytes → ints
 
 
-async def serve(settings: Settings, worker: int, board: Board) -> None:
+async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     """One worker: run until SIGTERM or SIGINT, then drain: readiness flips first, then
     in-flight checks finish within the grace period."""
     logs.configure(settings.log_level)
@@ -131,7 +131,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     decision_log = logs.DecisionLog(settings.log_level, sink=feed)
     over_http = settings.transport == "http"
     answers = http_transport.HttpAnswers() if over_http else None
-    authz = Authorization(routes, gateway, ledger, worker, decision_log, limiter, settler, answers)
+    authz = CheckService(routes, gateway, ledger, worker, decision_log, limiter, settler, answers)
     # The response phase of routes charged on success: Envoy's ext_proc, on the gRPC port
     # whichever transport the checks come by.
     processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)
@@ -142,7 +142,7 @@ async def serve(settings: Settings, worker: int, board: Board) -> None:
     topup = None
     if settler is not None and gateway.exact is not None and gateway.exact.topup:
         asset = routes.assets[gateway.exact.topup["asset"]]
-        topup = Topup(gateway, settler, settler.authorizations, asset)
+        topup = TopupService(gateway, settler, settler.authorizations, asset)
     side = SidePort(routes, gateway, ledger, topup)
     zero = await WorkerZero.start(settings, side, board, ledger, gateway) if worker == 0 else None
     await server.start()
@@ -238,7 +238,12 @@ class WorkerZero:
 
     @classmethod
     async def start(
-        cls, settings: Settings, side: SidePort, board: Board, ledger: Ledger, gateway: Gateway
+        cls,
+        settings: Settings,
+        side: SidePort,
+        board: WorkerBoard,
+        ledger: Ledger,
+        gateway: Gateway,
     ) -> WorkerZero:
         http = await _start_side_port(settings, side, board)
         probes = None
@@ -259,7 +264,7 @@ class WorkerZero:
 
 
 async def _start_side_port(
-    settings: Settings, side: SidePort, board: Board, key: str = "listen_http"
+    settings: Settings, side: SidePort, board: WorkerBoard, key: str = "listen_http"
 ) -> SideServer:
     """The side port (listen_http), or the probes' own port (listen_health: health only)."""
     probes_only = key == "listen_health"
@@ -282,7 +287,7 @@ async def _start_side_port(
         raise ConfigError(f"config {key}: cannot listen on {address}: {exc.strerror}") from None
 
 
-def run_worker(settings: Settings, worker: int, board: Board) -> None:
+def run_worker(settings: Settings, worker: int, board: WorkerBoard) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
@@ -294,7 +299,7 @@ def run_worker(settings: Settings, worker: int, board: Board) -> None:
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.board = Board(settings.workers)
+        self.board = WorkerBoard(settings.workers)
         self.children: dict[int, int] = {}  # pid → worker index
         self.stopping = False
         self.restarts: deque[float] = deque(maxlen=CRASH_LOOP_RESTARTS)

@@ -40,7 +40,7 @@ Answer = tuple[int, str, bytes, dict[str, str]]
 log = get_logger("sidecar.topup")
 
 
-class Topup:
+class TopupService:
     def __init__(
         self, gateway: Gateway, settler: ExactSettler, authorizations: Authorizations, asset: Asset
     ) -> None:
@@ -52,29 +52,29 @@ class Topup:
 
     async def respond(self, method: str, query: str, headers: Mapping[str, str]) -> Answer:
         started = time.perf_counter()
-        entry: dict[str, Any] = {"payer": None, "amount": None, "authorizer": None}
+        line: dict[str, Any] = {"payer": None, "amount": None, "authorizer": None}
         offer: dict[str, Any] | None = None
         try:
             if method != "POST":
                 raise BadRequest("a top-up is a POST")
             payer, amount = self._terms(query)
-            entry.update(payer=payer, amount=self.asset.to_decimal(amount))
+            line.update(payer=payer, amount=self.asset.to_decimal(amount))
             offer = exact.offer(self.onchain, amount, self.terms)
             context = (payer, amount, offer, query, headers)
-            answer = await self._pay(entry, *context)
-            entry.update(decision="allow", status=200, reason="topup")
+            answer = await self._pay(line, *context)
+            line.update(decision="allow", status=200, reason="topup")
             return answer
         except PaymentError as error:
-            entry.update(decision="deny", status=error.status, reason=error.reason)
-            return self._deny(error, entry, offer, query, headers)
+            line.update(decision="deny", status=error.status, reason=error.reason)
+            return self._deny(error, line, offer, query, headers)
         except Exception:  # a bug never credits, and never leaves the agent without an answer
-            log.exception("topup.error", payer=entry["payer"])
+            log.exception("topup.error", payer=line["payer"])
             failure = InternalError("the top-up failed; nothing was credited; try again")
-            entry.update(decision="deny", status=failure.status, reason=failure.reason)
-            return self._deny(failure, entry, offer, query, headers)
+            line.update(decision="deny", status=failure.status, reason=failure.reason)
+            return self._deny(failure, line, offer, query, headers)
         finally:
-            entry["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
-            log.info("topup.decision", **entry)
+            line["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            log.info("topup.decision", **line)
 
     def _terms(self, query: str) -> tuple[str, int]:
         try:
@@ -105,7 +105,7 @@ class Topup:
 
     async def _pay(
         self,
-        entry: dict[str, Any],
+        line: dict[str, Any],
         payer: str,
         amount: int,
         offer: dict[str, Any],
@@ -127,7 +127,7 @@ class Topup:
         if not isinstance(decoded, dict):
             raise MalformedPayment("payment must be a JSON object")
         auth = exact.verify(decoded, offer, int(time.time()))
-        entry["authorizer"] = auth.payer
+        line["authorizer"] = auth.payer
         try:
             settled = await self.settler.settle(auth, owner=payer)
         except NonceReused as reused:
@@ -152,7 +152,7 @@ class Topup:
             ),
             self.gateway.identity,
         )
-        entry.update(
+        line.update(
             transaction=settled["transaction"],
             receipt_id=receipt["receipt_id"],
             settled_via=settled.get("via", "ledger"),  # "chain": a lost settle answer looked up
@@ -170,7 +170,9 @@ class Topup:
         extra = {name: encoded for name in protocol.RECEIPT_HEADERS}
         return 200, "application/json", json.dumps(body).encode(), extra
 
-    async def _recover(self, auth: exact.Authorization, payer: str, state: str) -> dict[str, str]:
+    async def _recover(
+        self, auth: exact.Eip3009Authorization, payer: str, state: str
+    ) -> dict[str, str]:
         """The authorization was taken before. For this very payer, if the chain says it
         was used (an earlier attempt settled, then its credit or its answer was lost), the
         credit is applied now, still once; anyone else's copy is a replay."""
@@ -188,7 +190,7 @@ class Topup:
     def _deny(
         self,
         error: PaymentError,
-        entry: dict[str, Any],
+        line: dict[str, Any],
         offer: dict[str, Any] | None,
         query: str,
         headers: Mapping[str, str],
@@ -202,7 +204,7 @@ class Topup:
                 "version": protocol.VERSION,
                 "kind": "topup",
                 "scheme": exact.SCHEME,
-                "payer": entry["payer"],
+                "payer": line["payer"],
                 "asset": self.asset.code,
                 "amount": self.asset.to_decimal(amount),
                 "amount_atomic": str(amount),

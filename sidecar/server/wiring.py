@@ -13,7 +13,7 @@ from sidecar.ledger.authorizations import Authorizations
 from sidecar.ledger.payers import Payers
 from sidecar.ledger.rate_limit import RateLimiter, rate
 from sidecar.server.config import Settings
-from sidecar.server.facilitation import Chain, Facilitator
+from sidecar.server.facilitation import ChainReader, FacilitatorClient
 from sidecar.server.feed import DecisionFeed
 from sidecar.server.schemes.exact import ExactSettler
 
@@ -82,11 +82,11 @@ def exact_settler(settings: Settings, ledger: Ledger) -> ExactSettler | None:
     when no on-chain asset is configured."""
     if not settings.onchain:
         return None
-    facilitator = Facilitator(
+    facilitator = FacilitatorClient(
         settings.facilitator_url,
         settings.facilitator_verify_timeout_ms / 1000,
         settings.facilitator_settle_timeout_ms / 1000,
     )
-    chain = Chain(settings.chain_rpc_url) if settings.chain_rpc_url else None
+    chain = ChainReader(settings.chain_rpc_url) if settings.chain_rpc_url else None
     lookup = settings.chain_lookup_ms / 1000
     return ExactSettler(Authorizations(ledger), facilitator, chain, lookup)

@@ -1,6 +1,6 @@
 """A local EVM chain with real USDC: anvil, Circle's FiatTokenV2_2 and Multicall3.
 
-`Chain` starts anvil on a free loopback port in a temp dir, deploys the token the way
+`AnvilChain` starts anvil on a free loopback port in a temp dir, deploys the token the way
 Circle deploys USDC (SignatureChecker library linked in, the implementation behind a
 FiatTokenProxy, initialize through V2_2, a minter configured), puts Multicall3 at its
 canonical address (the official facilitator diagnoses failed simulations through it) and
@@ -278,7 +278,7 @@ class DevAccount:
     key: str
 
 
-class Chain:
+class AnvilChain:
     """anvil with USDC on it. Use as a context manager; anvil stops on exit.
 
     Roles: accounts[0] deploys and is the proxy admin; accounts[1] is the token's owner,
@@ -333,7 +333,7 @@ class Chain:
     def spare(self) -> list[DevAccount]:
         return self.accounts[2:]
 
-    def __enter__(self) -> Chain:
+    def __enter__(self) -> AnvilChain:
         try:
             self.start()
         except BaseException:

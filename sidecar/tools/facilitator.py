@@ -74,9 +74,15 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def rpc_secrets(rpc_url: str) -> list[str]:
-    """The parts of an RPC URL that may carry a provider's API key (path, query, user)."""
-    parts = urlsplit(rpc_url)
-    found = [rpc_url, parts.path.rstrip("/"), parts.query, parts.username, parts.password]
+    """The components of an RPC URL that may carry a provider's API key (path, query, user)."""
+    components = urlsplit(rpc_url)
+    found = [
+        rpc_url,
+        components.path.rstrip("/"),
+        components.query,
+        components.username,
+        components.password,
+    ]
     return sorted({part for part in found if part and len(part) > 3}, key=len, reverse=True)
 
 
@@ -88,9 +94,9 @@ def scrub(text: str, secrets: list[str]) -> str:
 
 def rpc_host(rpc_url: str) -> str:
     """What a message may say of the RPC URL: scheme, host and port only."""
-    parts = urlsplit(rpc_url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}"
+    components = urlsplit(rpc_url)
+    port = f":{components.port}" if components.port else ""
+    return f"{components.scheme}://{components.hostname}{port}"
 
 
 def build(rpc_url: str, key: str, network: str | None = None) -> tuple[x402FacilitatorSync, str]:

@@ -20,27 +20,27 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.schemas import PaymentPayload
 
 from sidecar.core.identity import write_secret
-from sidecar.tools.chain import Chain, DevAccount
+from sidecar.tools.chain import AnvilChain, DevAccount
 from sidecar.tools.stack import LOOPBACK, Process, free_port, wait_http
 
 
-def facilitator_account(chain: Chain) -> DevAccount:
+def facilitator_account(chain: AnvilChain) -> DevAccount:
     return chain.spare[0]
 
 
-def operator(chain: Chain) -> DevAccount:
+def operator(chain: AnvilChain) -> DevAccount:
     return chain.spare[1]
 
 
-def payers(chain: Chain) -> list[DevAccount]:
+def payers(chain: AnvilChain) -> list[DevAccount]:
     return chain.spare[2:]
 
 
 @dataclass
-class Facilitator:
+class FacilitatorProcess:
     """`x402 facilitator serve` on a fixed port, so it can be killed and started again."""
 
-    chain: Chain
+    chain: AnvilChain
     workdir: Path
     port: int = field(default_factory=free_port)
     process: Process | None = None
@@ -49,7 +49,7 @@ class Facilitator:
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    def start(self) -> Facilitator:
+    def start(self) -> FacilitatorProcess:
         key_file = self.workdir / "facilitator.key"
         key_file.unlink(missing_ok=True)  # a restart writes it again
         write_secret(key_file, facilitator_account(self.chain).key + "\n")
@@ -70,7 +70,9 @@ class Facilitator:
             self.process.stop()
 
 
-def exact_settings(chain: Chain, facilitator: Facilitator, **more: Any) -> dict[str, Any]:
+def exact_settings(
+    chain: AnvilChain, facilitator: FacilitatorProcess, **more: Any
+) -> dict[str, Any]:
     """The sidecar config keys that offer `exact` for USDF with the chain's USDC."""
     return {
         "onchain": {
@@ -90,7 +92,7 @@ def exact_settings(chain: Chain, facilitator: Facilitator, **more: Any) -> dict[
     }
 
 
-def official_client(chain: Chain, payer: DevAccount, cap: int) -> x402Client:
+def official_client(chain: AnvilChain, payer: DevAccount, cap: int) -> x402Client:
     """An unmodified official x402 client for the local token: `exact` on this chain, spend
     controls that allow our USDC (not a token it knows) up to `cap` atomic units."""
     return exact_client(chain.network, chain.token, payer.key, cap)

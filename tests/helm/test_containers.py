@@ -18,8 +18,8 @@ from x402.http.utils import decode_payment_response_header
 from sidecar.core import protocol
 from sidecar.core.identity import Identity
 from sidecar.server.supervisor import SHUTDOWN_GRACE_SECONDS
-from sidecar.tools.chain import Chain
-from sidecar.tools.onchain import Facilitator, operator, payers
+from sidecar.tools.chain import AnvilChain
+from sidecar.tools.onchain import FacilitatorProcess, operator, payers
 from sidecar.tools.stack import LOOPBACK, free_port
 from tests.support.charts import CHART, render_chart
 from tests.support.containers import (
@@ -286,7 +286,9 @@ def test_alongside_an_existing_service_the_gateway_pod_pays_a_route_of_another_p
 EXACT_PATH, EXACT_PRICE = "/reports/r-exact", 10_000  # 0.01 USDF = 0.01 USDC
 
 
-def exact_values(chain: Chain, facilitator: Facilitator, redis_port: int) -> tuple[list[str], int]:
+def exact_values(
+    chain: AnvilChain, facilitator: FacilitatorProcess, redis_port: int
+) -> tuple[list[str], int]:
     """The podman values with `exact` on this chain, the pod on the host's network (the
     chain and the facilitator listen on its loopback), every port a free one, and the
     ledger an external Redis there too (no name to resolve on the host's network)."""
@@ -324,7 +326,11 @@ def exact_values(chain: Chain, facilitator: Facilitator, redis_port: int) -> tup
 
 
 def test_a_sigterm_during_an_exact_settle_answers_the_settled_request_before_exiting(
-    built: Images, cluster: Cluster, chain: Chain, facilitator: Facilitator, tmp_path: Path
+    built: Images,
+    cluster: Cluster,
+    chain: AnvilChain,
+    facilitator: FacilitatorProcess,
+    tmp_path: Path,
 ) -> None:
     """The pod's sidecar gets SIGTERM while a paid request's settle waits for its block:
     the request is still answered 200 with the settled transaction and the receipt, and
@@ -376,7 +382,7 @@ def test_a_sigterm_during_an_exact_settle_answers_the_settled_request_before_exi
 
 
 async def pay_exact_across_a_sigterm(
-    chain: Chain, cluster: Cluster, x402: str, port: int
+    chain: AnvilChain, cluster: Cluster, x402: str, port: int
 ) -> httpx.Response:
     async with httpx.AsyncClient(base_url=f"http://{LOOPBACK}:{port}", timeout=90) as http:
         signature, _ = await sign_exact(chain, http, EXACT_PATH, payers(chain)[0], EXACT_PRICE)

@@ -21,13 +21,13 @@ from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
-from sidecar.core import holds, protocol
+from sidecar.core import phases, protocol
 from sidecar.core.identity import Identity
 from sidecar.core.money import to_atomic
 from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import ACTIVE, SUSPENDED, Ledger
 from sidecar.ledger.holds import Holds
-from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.envoy.contract import EXT_AUTHZ
 from sidecar.server.processor import Processor
@@ -63,7 +63,7 @@ HELD_ROUTES = {
 }
 for _price, _extensions in HELD_ROUTES.values():
     _extensions.update(
-        {holds.EXT_PHASE: holds.PHASE_RESPONSE, "x402.hold_seconds": str(HOLD_SECONDS)}
+        {phases.EXT_PHASE: phases.PHASE_RESPONSE, "x402.hold_seconds": str(HOLD_SECONDS)}
     )
 
 
@@ -82,7 +82,7 @@ class Books:
 
 class Workload:
     def __init__(
-        self, stack: Stack, servicer: Authorization, ledger: Ledger, rng: random.Random
+        self, stack: Stack, servicer: CheckService, ledger: Ledger, rng: random.Random
     ) -> None:
         self.stack, self.servicer, self.ledger, self.rng = stack, servicer, ledger, rng
         self.payers = [Identity.generate() for _ in range(PAYERS)]

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 from x402.schemas import PaymentPayload, PaymentRequired
 
-from sidecar.tools.chain import Chain, DevAccount
+from sidecar.tools.chain import AnvilChain, DevAccount
 from sidecar.tools.onchain import official_client, operator, payment_signature
 
 
@@ -21,13 +21,13 @@ def b64json(value: str) -> Any:
     return json.loads(base64.b64decode(value))
 
 
-def balances(chain: Chain, payer: str) -> tuple[int, int]:
+def balances(chain: AnvilChain, payer: str) -> tuple[int, int]:
     """The payer's and the operator's token balances."""
     return chain.balance_of(payer), chain.balance_of(operator(chain).address)
 
 
 async def sign_exact(
-    chain: Chain, http: httpx.AsyncClient, path: str, payer: DevAccount, cap: int,
+    chain: AnvilChain, http: httpx.AsyncClient, path: str, payer: DevAccount, cap: int,
     amount: int | None = None,
 ) -> tuple[str, PaymentPayload]:  # fmt: skip
     """What the official client sends for `path`'s 402: the PAYMENT-SIGNATURE value and
@@ -44,7 +44,7 @@ async def sign_exact(
     return payment_signature(payload), payload
 
 
-async def answer_lost(chain: Chain, send: Awaitable[httpx.Response]) -> httpx.Response:
+async def answer_lost(chain: AnvilChain, send: Awaitable[httpx.Response]) -> httpx.Response:
     """`send` a paid request while anvil mines nothing: the facilitator's settle transaction
     waits in the pool past the sidecar's facilitator_settle_timeout_ms (at most 1 s here),
     so the settle's answer is lost; then the block is mined and the sidecar, watching the

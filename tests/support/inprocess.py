@@ -10,7 +10,7 @@ from typing import Any
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 
 from sidecar.ledger.accounts import Ledger
-from sidecar.server.authz.check import Authorization
+from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.config import Settings
 from sidecar.tools.stack import Stack
@@ -49,11 +49,11 @@ def outcome(response: authz.CheckResponse) -> Outcome:
     return Outcome(denied.status.code, body["error"], body, headers)
 
 
-def servicer_for(stack: Stack) -> tuple[Authorization, Ledger]:
+def servicer_for(stack: Stack) -> tuple[CheckService, Ledger]:
     settings = Settings.load(stack.config_path, env={})
     ledger = Ledger.from_url(stack.redis_url)
-    return Authorization(settings.route_table(), settings.gateway(), ledger), ledger
+    return CheckService(settings.route_table(), settings.gateway(), ledger), ledger
 
 
-async def check(servicer: Authorization, request: authz.CheckRequest) -> Outcome:
+async def check(servicer: CheckService, request: authz.CheckRequest) -> Outcome:
     return outcome(await check_message(servicer, request))

@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sidecar.core import decision, exact, holds, protocol
+from sidecar.core import decision, exact, phases, protocol
 from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import (
     ConfigError,
@@ -119,12 +119,12 @@ class Paying:
     payment: Payment[Any]
     price: Price
     request: Request
-    entry: dict[str, Any]
+    line: dict[str, Any]
     now: int
     started: float
 
 
-class Authorization:
+class CheckService:
     def __init__(
         self,
         routes: RouteTable,
@@ -156,7 +156,7 @@ class Authorization:
             scheme=facts.scheme,
             proof_header=headers.get("x-payment") or headers.get("payment-signature"),
         )
-        entry: dict[str, Any] = {
+        line: dict[str, Any] = {
             "request_id": headers.get("x-request-id"),
             "method": request.method,
             "path": request.path,
@@ -174,16 +174,16 @@ class Authorization:
         try:
             price = self.routes.price_for(request.method, request.path, facts.extensions)
             if price is None:
-                entry.update(decision="allow", status=200, reason="free")
+                line.update(decision="allow", status=200, reason="free")
                 answer = self.answers.free
             else:
-                paying = await self._verify(request, price, facts, entry, now, started)
+                paying = await self._verify(request, price, facts, line, now, started)
                 if facts.cancels:
                     return await self._shielded(self._pay(paying, facts), facts)
                 return await self._pay(paying, facts)
         except Exception as error:
-            answer = self._refuse(error, request, price, entry, now)
-        self._record(entry, price, 0, started, facts)
+            answer = self._refuse(error, request, price, line, now)
+        self._record(line, price, 0, started, facts)
         return answer
 
     async def _verify(
@@ -191,7 +191,7 @@ class Authorization:
         request: Request,
         price: Price,
         facts: Facts,
-        entry: dict[str, Any],
+        line: dict[str, Any],
         now: int,
         started: float,
     ) -> Paying:
@@ -201,14 +201,14 @@ class Authorization:
         decoded = protocol.decode_payment(request.proof_header, self.gateway.max_proof_bytes)
         scheme = self.schemes.pick(exact.scheme_of(decoded))
         payment = scheme.verify(decoded, request, price, now)
-        entry["payer"], entry["invoice_id"] = payment.payer, payment.invoice_id
-        entry.update(payment.facts)
+        line["payer"], line["invoice_id"] = payment.payer, payment.invoice_id
+        line.update(payment.facts)
         if self.limiter is not None:  # before the ledger: a refused check charges nothing
             await self.limiter.check(payment.payer, facts.peer, payment.nonce)
         holder = None
-        if price.phase is not None:  # charge: on_success (core/holds.py)
+        if price.phase is not None:  # charge: on_success (core/phases.py)
             holder = self._holder(scheme, price, facts.extensions)
-        return Paying(scheme, holder, payment, price, request, entry, now, started)
+        return Paying(scheme, holder, payment, price, request, line, now, started)
 
     async def _shielded(self, paying: Coroutine[Any, Any, bytes], facts: Facts) -> bytes:
         """The paid part of a check whose transport cancels it when Envoy gives up: it runs
@@ -225,23 +225,23 @@ class Authorization:
     async def _pay(self, paying: Paying, facts: Facts) -> bytes:
         """The ledger step and its bookkeeping, in one place whether or not Envoy still
         waits: the answer, the decision line and the revenue."""
-        scheme, price, entry = paying.scheme, paying.price, paying.entry
+        scheme, price, line = paying.scheme, paying.price, paying.line
         charged = 0
         try:
             if paying.holder is not None:
                 answer = await self._hold(paying.holder, paying, facts)
             else:
                 done = await scheme.charge(paying.payment, price, paying.now, facts.within())
-                answer, charged = self._allow(scheme, done, price, entry), done.amount
+                answer, charged = self._allow(scheme, done, price, line), done.amount
         except Exception as error:
-            answer = self._refuse(error, paying.request, price, entry, paying.now)
-        self._record(entry, price, charged, paying.started, facts)
+            answer = self._refuse(error, paying.request, price, line, paying.now)
+        self._record(line, price, charged, paying.started, facts)
         return answer
 
     async def _hold(self, holder: HoldingScheme[Any], paying: Paying, facts: Facts) -> bytes:
         price = paying.price
         assert price.phase is not None
-        paying.entry["phase"] = "check"
+        paying.line["phase"] = "check"
         held = await holder.hold(paying.payment, price, price.phase, paying.now, facts.within())
         if facts.gone():  # no response phase will come for it
             refusal = await holder.abandon(held, paying.payment)
@@ -254,7 +254,7 @@ class Authorization:
         error: Exception,
         request: Request,
         price: Price | None,
-        entry: dict[str, Any],
+        line: dict[str, Any],
         now: int,
     ) -> bytes:
         """Any failure is a refusal: a bug must never let a request through."""
@@ -265,29 +265,29 @@ class Authorization:
             error = InternalError("the payment check failed; try again")
         assert isinstance(error, PaymentError)
         denial = decision.deny(error, request, price, self.gateway, now)
-        entry.update(
+        line.update(
             decision="deny", status=denial.status, reason=denial.reason, balance=denial.balance
         )
-        entry["invoice_id"] = entry["invoice_id"] or denial.invoice_id
+        line["invoice_id"] = line["invoice_id"] or denial.invoice_id
         return self.answers.denied(denial.status, denial.headers, denial.body)
 
     def _record(
         self,
-        entry: dict[str, Any],
+        line: dict[str, Any],
         price: Price | None,
         charged: int,
         started: float,
         facts: Facts,
     ) -> None:
         if facts.gone():
-            entry["cancelled"] = True
+            line["cancelled"] = True
         elapsed = time.perf_counter() - started
-        entry["latency_ms"] = round(elapsed * 1000, 3)
-        metrics.record(entry, price, charged, elapsed)
+        line["latency_ms"] = round(elapsed * 1000, 3)
+        metrics.record(line, price, charged, elapsed)
         if price is not None:
-            entry["route"], entry["price"] = price.route, price.display
-            entry["asset"] = price.asset.code
-        self.decisions.write(entry)
+            line["route"], line["price"] = price.route, price.display
+            line["asset"] = price.asset.code
+        self.decisions.write(line)
 
     def _holder(
         self, scheme: Scheme[Any], price: Price, extensions: Mapping[str, str]
@@ -298,7 +298,7 @@ class Authorization:
         the response would go out free. A metered route cannot be charged on check."""
         assert price.phase is not None
         holder = self.schemes.holding.get(scheme.name)
-        responds = extensions.get(holds.EXT_PHASE) == holds.PHASE_RESPONSE
+        responds = extensions.get(phases.EXT_PHASE) == phases.PHASE_RESPONSE
         if responds and holder is not None:
             return holder
         if price.phase.metered and responds:  # the route can hold; this kind of payment not
@@ -309,30 +309,30 @@ class Authorization:
         if price.phase.metered:
             raise ConfigError(
                 f"route {price.route} is metered but has no response phase here "
-                f"(Envoy's ext_proc filter, annotation {holds.EXT_PHASE}) or scheme"
+                f"(Envoy's ext_proc filter, annotation {phases.EXT_PHASE}) or scheme"
             )
         return None
 
     def _allow_held(self, held: Held, paying: Paying) -> bytes:
         """Allow with a hold: the service hears of it; the client's receipt comes with the
         response (server/processor.py), stating what was captured."""
-        entry, price, payment = paying.entry, paying.price, paying.payment
-        entry["decision"], entry["status"], entry["reason"] = "allow", 200, "held"
-        entry["receipt_id"], entry["balance"] = held.hold_id, held.balance
+        line, price, payment = paying.line, paying.price, paying.payment
+        line["decision"], line["status"], line["reason"] = "allow", 200, "held"
+        line["receipt_id"], line["balance"] = held.hold_id, held.balance
         upstream = (
             (decision.UPSTREAM_PAYER, held.payer or payment.payer),
             (decision.UPSTREAM_AMOUNT, price.display),
             (decision.UPSTREAM_RECEIPT, held.hold_id),
             (decision.UPSTREAM_HOLD, "true"),  # x-x402-amount is the hold, not the charge
         )
-        meta = base.metadata(held, payment, paying.scheme.name, price, entry["request_id"])
+        meta = base.metadata(held, payment, paying.scheme.name, price, line["request_id"])
         return self.answers.ok(upstream, (), meta)
 
     def _allow(
-        self, scheme: Scheme[Any], charged: Charged, price: Price, entry: dict[str, Any]
+        self, scheme: Scheme[Any], charged: Charged, price: Price, line: dict[str, Any]
     ) -> bytes:
-        entry["decision"], entry["status"], entry["reason"] = "allow", 200, scheme.reason
-        entry["receipt_id"], entry["balance"] = charged.receipt["receipt_id"], charged.balance
+        line["decision"], line["status"], line["reason"] = "allow", 200, scheme.reason
+        line["receipt_id"], line["balance"] = charged.receipt["receipt_id"], charged.balance
         allowed = decision.carrying(charged.receipt, charged.header)
         return self.answers.ok(
             allowed.upstream_headers,

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 
-from sidecar.server.authz.check import Authorization, Facts
+from sidecar.server.authz.check import CheckService, Facts
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 
@@ -34,10 +34,10 @@ def grpc_facts(check: authz.CheckRequest, context: Any) -> Facts:
 
 
 class GrpcChecks:
-    """The ext_authz servicer of a grpc.aio server, around one Authorization."""
+    """The ext_authz servicer of a grpc.aio server, around one CheckService."""
 
-    def __init__(self, authorization: Authorization) -> None:
-        self.authorization = authorization
+    def __init__(self, checks: CheckService) -> None:
+        self.checks = checks
 
     def handler(self) -> grpc.GenericRpcHandler:
         """ext_authz for a grpc.aio server; `check`'s bytes go out unserialized."""
@@ -47,12 +47,12 @@ class GrpcChecks:
         return grpc.method_handlers_generic_handler(AUTHZ_SERVICE, {"Check": check})
 
     async def check(self, check: authz.CheckRequest, context: Any) -> bytes:
-        return await self.authorization.decide(grpc_facts(check, context))
+        return await self.checks.decide(grpc_facts(check, context))
 
 
 async def check_message(
-    authorization: Authorization, check: authz.CheckRequest, context: Any = None
+    checks: CheckService, check: authz.CheckRequest, context: Any = None
 ) -> authz.CheckResponse:
     """One check as messages, as the gRPC transport runs it: for tests and tools."""
-    answer = await authorization.decide(grpc_facts(check, context))
+    answer = await checks.decide(grpc_facts(check, context))
     return authz.CheckResponse.FromString(answer)

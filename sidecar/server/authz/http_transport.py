@@ -33,7 +33,7 @@ from typing import Protocol, cast
 
 import httptools
 
-from sidecar.core import decision, holds, protocol
+from sidecar.core import decision, phases, protocol
 from sidecar.core.errors import ConfigError
 from sidecar.server.authz.check import Facts
 from sidecar.server.envoy.contract import (
@@ -49,7 +49,7 @@ from sidecar.server.envoy.contract import (
 
 MAX_HEAD_BYTES = 65536  # Envoy caps a client's header block at max_request_headers_kb (60)
 # A check's route annotations: over HTTP only whether the response phase runs (read-only).
-_RESPONSE_PHASE: Mapping[str, str] = MappingProxyType({holds.EXT_PHASE: holds.PHASE_RESPONSE})
+_RESPONSE_PHASE: Mapping[str, str] = MappingProxyType({phases.EXT_PHASE: phases.PHASE_RESPONSE})
 _NONE: Mapping[str, str] = MappingProxyType(
     {}
 )  # Envoy caps a client's header block at max_request_headers_kb (60)
@@ -118,7 +118,7 @@ def client_address(forwarded_for: str, trusted_hops: int) -> str:
 
 
 class Decider(Protocol):
-    """What answers a check: check.Authorization (the bench's allow-all is another)."""
+    """What answers a check: check.CheckService (the bench's allow-all is another)."""
 
     async def decide(self, facts: Facts) -> bytes: ...
 
@@ -184,7 +184,9 @@ class AuthzConnection(asyncio.Protocol):
         deadline = None
         if timeout is not None and timeout.isdigit():
             deadline = time.perf_counter() + int(timeout) / 1000
-        extensions = _RESPONSE_PHASE if headers.get(PHASE_HEADER) == holds.PHASE_RESPONSE else _NONE
+        extensions = (
+            _RESPONSE_PHASE if headers.get(PHASE_HEADER) == phases.PHASE_RESPONSE else _NONE
+        )
         facts = Facts(
             method,
             self.url.decode("latin-1").partition("?")[0],

@@ -33,7 +33,7 @@ class Summary:
     revenue: reports.Revenue
     by_reason: dict[tuple[str, str], int]
     open_holds: int
-    credits: list[reports.Topup]
+    credits: list[reports.CreditRecord]
     lag: float | None
 
 
@@ -46,7 +46,7 @@ class Decisions:
 
 @dataclass(frozen=True)
 class ShownReceipt:
-    receipt: reports.Receipt
+    receipt: reports.ReceiptRecord
     verifies: bool  # re-signed as the agent received it, it verifies with our keys
     settled: bool
 
@@ -60,7 +60,7 @@ class PayerDetail:
 
 
 @dataclass(frozen=True)
-class Batch:
+class BatchStatus:
     manifest: dict[str, Any]
     committed: bool  # else still anchoring
 
@@ -68,13 +68,13 @@ class Batch:
 @dataclass(frozen=True)
 class Unsettled:
     payer: str
-    receipts: list[reports.Receipt]  # after the payer's settled cursor
+    receipts: list[reports.ReceiptRecord]  # after the payer's settled cursor
     sums: dict[str, int]  # atomic, by asset
 
 
 @dataclass(frozen=True)
 class SettlementState:
-    batches: list[Batch]
+    batches: list[BatchStatus]
     unsettled: list[Unsettled]
     lag: float | None
 
@@ -155,7 +155,7 @@ class DashboardData:
             owner = str(m["payer"])
             if owner not in committed:
                 committed[owner] = await settlement.committed_seq(self.ledger, owner)
-            batches.append(Batch(m, int(m["seq"]) <= committed[owner]))
+            batches.append(BatchStatus(m, int(m["seq"]) <= committed[owner]))
         unsettled = []
         for payer in await reports.payers(self.ledger):
             cursor = await reports.settled_cursor(self.ledger, payer)

@@ -112,7 +112,7 @@ def bar_chart(
     width, height, pad = 1040, 140, 24
     top = max(values, default=0) or 1
     step = (width - 2 * pad) / max(len(values), 1)
-    parts = [
+    svg = [
         f'<svg role="img" aria-label="{esc(label)}" viewBox="0 0 {width} {height + 20}" '
         f'width="100%" xmlns="http://www.w3.org/2000/svg">',
         f'<line x1="{pad}" y1="{height}" x2="{width - pad}" y2="{height}" stroke="#c5ccd8"/>',
@@ -120,19 +120,19 @@ def bar_chart(
     for i, (value, text) in enumerate(zip(values, shown, strict=True)):
         h = (height - pad) * value / top  # pixels only
         x = pad + i * step
-        parts.append(
+        svg.append(
             f'<rect x="{x + 2:.1f}" y="{height - h:.1f}" width="{max(step - 4, 1):.1f}" '
             f'height="{h:.1f}" fill="#3b6fd8"><title>{esc(text)}</title></rect>'
         )
         if caption[i]:
-            parts.append(
+            svg.append(
                 f'<text x="{x + step / 2:.1f}" y="{height + 14}" font-size="10" '
                 f'text-anchor="middle" fill="#5b6475">{esc(caption[i])}</text>'
             )
     peak = shown[values.index(max(values))] if values else "0"
-    parts.append(f'<text x="{pad}" y="12" font-size="11" fill="#5b6475">max {esc(peak)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+    svg.append(f'<text x="{pad}" y="12" font-size="11" fill="#5b6475">max {esc(peak)}</text>')
+    svg.append("</svg>")
+    return "".join(svg)
 
 
 def hbar_chart(label: str, items: Sequence[tuple[str, int, str]]) -> str:
@@ -140,14 +140,14 @@ def hbar_chart(label: str, items: Sequence[tuple[str, int, str]]) -> str:
     width, row = 500, 22
     height = row * max(len(items), 1) + 4
     top = max((count for _n, count, _c in items), default=0) or 1
-    parts = [
+    svg = [
         f'<svg role="img" aria-label="{esc(label)}" viewBox="0 0 {width} {height}" '
         f'width="100%" xmlns="http://www.w3.org/2000/svg">'
     ]
     for i, (name, count, colour) in enumerate(items):
         w = 240 * count / top  # pixels only
         y = i * row + 2
-        parts.append(
+        svg.append(
             f'<text x="200" y="{y + 15}" font-size="12" text-anchor="end" fill="#1d2330">'
             f"{esc(name)}</text>"
             f'<rect x="210" y="{y + 3}" width="{max(w, 1):.1f}" height="{row - 6}" '
@@ -155,5 +155,5 @@ def hbar_chart(label: str, items: Sequence[tuple[str, int, str]]) -> str:
             f'<text x="{216 + w:.1f}" y="{y + 15}" font-size="12" fill="#1d2330">'
             f"{count}</text>"
         )
-    parts.append("</svg>")
-    return "".join(parts)
+    svg.append("</svg>")
+    return "".join(svg)

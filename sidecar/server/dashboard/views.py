@@ -133,7 +133,7 @@ def _holds(s: Summary) -> list[tuple[str, str]]:
     ]
 
 
-def _topups(credits: list[reports.Topup], show: Show) -> list[tuple[str, ...]]:
+def _topups(credits: list[reports.CreditRecord], show: Show) -> list[tuple[str, ...]]:
     return [
         (
             payer_link(t.payer),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sidecar.core import holds
+from sidecar.core import phases
 from sidecar.server.envoy import browser, contract, replies
 from sidecar.server.envoy.filters import PROCESSING_MODE
 
@@ -54,11 +54,11 @@ def contract_values() -> dict[str, Any]:
         "extPrice": contract.EXT_PRICE,
         "extAsset": contract.EXT_ASSET,
         "extDescription": contract.EXT_DESCRIPTION,
-        "extCharge": holds.EXT_CHARGE,
-        "chargeOnSuccess": holds.ON_SUCCESS,
+        "extCharge": phases.EXT_CHARGE,
+        "chargeOnSuccess": phases.ON_SUCCESS,
         "extPhase": contract.EXT_PHASE,
         # A route key of the sidecar config → its response-phase annotation.
-        "phaseExtensions": {key: f"x402.{key}" for key in holds.ROUTE_KEYS if key != "charge"},
+        "phaseExtensions": {key: f"x402.{key}" for key in phases.ROUTE_KEYS if key != "charge"},
         "corsAllowHeaders": browser.CORS_ALLOW_HEADERS,
         "corsExposeHeaders": browser.CORS_EXPOSE_HEADERS,
         "corsAllowMethods": browser.CORS_ALLOW_METHODS,

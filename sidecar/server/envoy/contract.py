@@ -17,7 +17,7 @@ from sidecar.core.decision import (
     UPSTREAM_PAYER,
     UPSTREAM_RECEIPT,
 )
-from sidecar.core.holds import EXT_PHASE, PHASE_KEYS, PHASE_RESPONSE
+from sidecar.core.phases import EXT_PHASE, PHASE_KEYS, PHASE_RESPONSE
 from sidecar.core.pricing import EXT_ASSET, EXT_DESCRIPTION, EXT_PRICE, EXT_ROUTE
 from sidecar.core.protocol import (
     ASSERTED_PREFIXES,
@@ -124,7 +124,7 @@ METADATA_KEYS = tuple(
 )
 
 # -- Per-route context_extensions (gRPC) --------------------------------------------------
-# A priced route's own, then its response phase's (PHASE_KEYS, from core/holds.py).
+# A priced route's own, then its response phase's (PHASE_KEYS, from core/phases.py).
 ROUTE_EXTENSIONS = (EXT_ROUTE, EXT_PRICE, EXT_ASSET, EXT_DESCRIPTION)
 
 # -- What browsers may send and read (the gateway's own answers) --------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.core import holds
+from sidecar.core import phases
 from sidecar.core.pricing import ANY_METHOD, is_pattern, path_regex
 from sidecar.server.envoy import browser, contract
 from sidecar.server.envoy.contract import EXT_AUTHZ, EXT_PROC
@@ -54,7 +54,7 @@ def route_extensions(name: str, spec: Mapping[str, Any], default_asset: str) -> 
     extensions[contract.EXT_ASSET] = str(spec.get("asset", default_asset))
     if spec.get("description"):
         extensions[contract.EXT_DESCRIPTION] = str(spec["description"])
-    extensions.update(holds.spec_annotations(spec))
+    extensions.update(phases.spec_annotations(spec))
     return extensions
 
 
@@ -68,7 +68,7 @@ def priced_route(
     """An Envoy route for a priced route. Over gRPC its price rides along as
     context_extensions; over HTTP (`http_service`: the filter's) there are none, and a
     route with a response phase says so with a header on its checks instead."""
-    phase = holds.spec_annotations(spec)
+    phase = phases.spec_annotations(spec)
     edge = edge or Edge()
     check_settings: dict[str, Any] = {
         "context_extensions": route_extensions(name, spec, default_asset)
@@ -87,7 +87,7 @@ def priced_route(
         }
     if phase:  # charge: on_success: the response phase runs on this route alone
         config[EXT_PROC] = response_phase_route()
-    timeout = holds.route_timeout(spec, edge.upstream_timeout_seconds)
+    timeout = phases.route_timeout(spec, edge.upstream_timeout_seconds)
     route = {"name": name, "match": _route_match(spec), "route": service_route(edge, timeout)}
     if config:
         route["typed_per_filter_config"] = config
@@ -100,7 +100,7 @@ def service_route(edge: Edge, timeout: int | None = None) -> dict[str, Any]:
 
 
 def has_response_phase(routes: Mapping[str, Mapping[str, Any]]) -> bool:
-    return any(holds.spec_annotations(spec) for spec in routes.values())
+    return any(phases.spec_annotations(spec) for spec in routes.values())
 
 
 def _gateway_routes(ep: Endpoints) -> list[dict[str, Any]]:

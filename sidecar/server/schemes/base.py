@@ -23,13 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from sidecar.core import holds
+from sidecar.core import phases
 from sidecar.core.decision import Request
 from sidecar.core.errors import PaymentError
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
 from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.holds import Closed, Holds
+from sidecar.ledger.holds import HoldClosed, Holds
 from sidecar.server.envoy.contract import (  # the keys a hold carries to the response phase
     ASSET,
     HELD,
@@ -80,7 +80,7 @@ class Closing:
     """What a capture or release did, and the signed receipt the client gets with the
     response (None: there was no hold to close)."""
 
-    closed: Closed
+    closed: HoldClosed
     receipt: dict[str, Any] | None
     balance: str | None  # the payer's balance after it (wire decimal); None: on chain
     facts: Mapping[str, Any] = field(default_factory=dict)  # for the decision line
@@ -111,7 +111,7 @@ class HoldingScheme(Scheme[T]):
 
     @abstractmethod
     async def hold(
-        self, payment: Payment[T], price: Price, phase: holds.ResponsePhase, now: int,
+        self, payment: Payment[T], price: Price, phase: phases.ResponsePhase, now: int,
         within: float | None,
     ) -> Held: ...  # fmt: skip
 
@@ -122,7 +122,7 @@ class HoldingScheme(Scheme[T]):
 
     @abstractmethod
     async def capture(
-        self, meta: Mapping[str, str], asset: Asset, capture: holds.Capture, now: int,
+        self, meta: Mapping[str, str], asset: Asset, capture: phases.Capture, now: int,
         within: float | None,
     ) -> Closing:  # fmt: skip
         """Charge `capture.amount` of the hold whose metadata is `meta`; raises a typed
@@ -151,7 +151,7 @@ def metadata(
         # the access log's fields, as for a charge: the amount is the hold until captured
         "amount": price.display,
         "receipt_id": held.hold_id,
-        **holds.phase_annotations(price.phase, price.asset),
+        **phases.phase_annotations(price.phase, price.asset),
     }
 
 

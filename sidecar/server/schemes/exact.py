@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.core import exact, holds, protocol, receipts
+from sidecar.core import exact, phases, protocol, receipts
 from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import (
     FacilitatorUnavailable,
@@ -27,11 +27,11 @@ from sidecar.core.errors import (
     SettlementFailed,
     UnsupportedScheme,
 )
-from sidecar.core.exact import Authorization
+from sidecar.core.exact import Eip3009Authorization
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
 from sidecar.ledger.authorizations import Authorizations
-from sidecar.ledger.holds import CAPTURED, RELEASED, Closed
+from sidecar.ledger.holds import CAPTURED, RELEASED, HoldClosed
 from sidecar.server.envoy.contract import (
     ENVELOPE,
     HELD,
@@ -42,7 +42,7 @@ from sidecar.server.envoy.contract import (
     RESERVATION,
     RESOURCE,
 )
-from sidecar.server.facilitation import Chain, Facilitator, SettleUnknown
+from sidecar.server.facilitation import ChainReader, FacilitatorClient, SettleUnknown
 from sidecar.server.schemes.base import (
     Charged,
     Closing,
@@ -56,7 +56,7 @@ from sidecar.server.schemes.base import (
 class Authorized:
     """An authorization that matched this route's offer, and the request it pays for."""
 
-    auth: Authorization
+    auth: Eip3009Authorization
     request: Request
 
 
@@ -70,8 +70,8 @@ class ExactSettler:
     def __init__(
         self,
         authorizations: Authorizations,
-        facilitator: Facilitator,
-        chain: Chain | None,
+        facilitator: FacilitatorClient,
+        chain: ChainReader | None,
         lookup: float = 3.0,  # seconds the chain is watched for a settle whose answer was lost
     ) -> None:
         self.authorizations, self.facilitator, self.chain = authorizations, facilitator, chain
@@ -83,7 +83,7 @@ class ExactSettler:
             await self.chain.close()
 
     async def settle(
-        self, auth: Authorization, within: float | None = None, owner: str = ""
+        self, auth: Eip3009Authorization, within: float | None = None, owner: str = ""
     ) -> dict[str, str]:
         """The settled facts (transaction, network, token, nonce, via), or a typed refusal:
         nonce_reused, facilitator_unavailable (503), invalid_payment, settlement_failed.
@@ -92,7 +92,7 @@ class ExactSettler:
         return await self.settle_reserved(auth, reservation)
 
     async def verify(
-        self, auth: Authorization, within: float | None = None, owner: str = ""
+        self, auth: Eip3009Authorization, within: float | None = None, owner: str = ""
     ) -> str:
         """The first half: reserve the authorization in the ledger (until it expires) and
         /verify it; the reservation, or a typed refusal with nothing reserved (a verify
@@ -113,12 +113,12 @@ class ExactSettler:
             )
         return reservation
 
-    async def release(self, auth: Authorization, reservation: str) -> None:
+    async def release(self, auth: Eip3009Authorization, reservation: str) -> None:
         """Nothing moved on chain: free the authorization (if still this reservation's)."""
         with contextlib.suppress(PaymentError):  # the reservation then simply expires
             await self.authorizations.release(auth.payer, auth.key, reservation)
 
-    async def settle_reserved(self, auth: Authorization, reservation: str) -> dict[str, str]:
+    async def settle_reserved(self, auth: Eip3009Authorization, reservation: str) -> dict[str, str]:
         """The second half: /settle a verified, reserved authorization. An unknown outcome
         is resolved on chain (unresolved: it stays reserved until it expires, 503)."""
         via = "facilitator"
@@ -144,7 +144,7 @@ class ExactSettler:
             await self.authorizations.settled(auth.payer, auth.key, reservation, transaction)
         return {**settled_facts(auth, transaction), "via": via}
 
-    async def resolve(self, auth: Authorization, failed: str = "") -> str:
+    async def resolve(self, auth: Eip3009Authorization, failed: str = "") -> str:
         """A settle whose outcome is unknown: did the authorization land on chain? Its
         transaction if so; else the reservation stays until the authorization expires (it
         may still land) and the answer is 503 (or settlement_failed after a failed tx)."""
@@ -173,7 +173,7 @@ class ExactSettler:
         )
 
 
-def settled_facts(auth: Authorization, transaction: str) -> dict[str, str]:
+def settled_facts(auth: Eip3009Authorization, transaction: str) -> dict[str, str]:
     return {
         "transaction": transaction,
         "network": str(auth.requirements["network"]),
@@ -220,7 +220,7 @@ class Exact(HoldingScheme[Authorized]):
         return Charged(protocol.sign_receipt(receipt, self.gateway.identity), price.amount, None)
 
     async def hold(
-        self, payment: Payment[Authorized], price: Price, phase: holds.ResponsePhase, now: int,
+        self, payment: Payment[Authorized], price: Price, phase: phases.ResponsePhase, now: int,
         within: float | None,
     ) -> Held:  # fmt: skip
         """Reserve the authorization in the ledger (until its validBefore: copies and
@@ -252,7 +252,7 @@ class Exact(HoldingScheme[Authorized]):
         )
 
     async def capture(
-        self, meta: Mapping[str, str], asset: Asset, capture: holds.Capture, now: int,
+        self, meta: Mapping[str, str], asset: Asset, capture: phases.Capture, now: int,
         within: float | None,
     ) -> Closing:  # fmt: skip
         """/settle the reserved authorization; a failed settle withholds the response
@@ -267,7 +267,7 @@ class Exact(HoldingScheme[Authorized]):
             now,
         )  # fmt: skip
         body["held"] = asset.to_decimal(held)
-        closed = Closed(CAPTURED, 0, held, _record(meta, auth, self.gateway.payee), held)
+        closed = HoldClosed(CAPTURED, 0, held, _record(meta, auth, self.gateway.payee), held)
         facts = {
             "transaction": settled["transaction"],
             "network": settled["network"],
@@ -286,7 +286,7 @@ class Exact(HoldingScheme[Authorized]):
             auth.sender, meta[RESOURCE], asset, held, network, token, auth.nonce,
             meta[HOLD], self.gateway.payee, status, now,
         )  # fmt: skip
-        closed = Closed(RELEASED, 0, held, _record(meta, auth, self.gateway.payee), held)
+        closed = HoldClosed(RELEASED, 0, held, _record(meta, auth, self.gateway.payee), held)
         return Closing(closed, protocol.sign_receipt(body, self.gateway.identity), None)
 
 
@@ -294,10 +294,10 @@ def _compact(value: Mapping[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _authorization(meta: Mapping[str, str]) -> Authorization:
+def _authorization(meta: Mapping[str, str]) -> Eip3009Authorization:
     return exact.restore(json.loads(meta[ENVELOPE]), json.loads(meta[REQUIREMENTS]))
 
 
-def _record(meta: Mapping[str, str], auth: Authorization, payee: str) -> dict[str, str]:
+def _record(meta: Mapping[str, str], auth: Eip3009Authorization, payee: str) -> dict[str, str]:
     """The request facts of the decision line (processor._describe), as a hold's record."""
     return {"resource": meta[RESOURCE], "nonce": auth.nonce, "payee": payee}

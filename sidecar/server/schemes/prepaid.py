@@ -7,14 +7,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.core import decision, holds, protocol, receipts
+from sidecar.core import decision, phases, protocol, receipts
 from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import PaymentError
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
 from sidecar.core.protocol import Proof
 from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.holds import CAPTURED, NO_HOLD, Closed, Holds
+from sidecar.ledger.holds import CAPTURED, NO_HOLD, HoldClosed, Holds
 from sidecar.server.envoy.contract import HELD, HOLD, PAYER
 from sidecar.server.schemes.base import (
     Charged,
@@ -64,7 +64,7 @@ class Prepaid(HoldingScheme[Proof]):
         return Charged(signed, price.amount, receipt["balance"], header)
 
     async def hold(
-        self, payment: Payment[Proof], price: Price, phase: holds.ResponsePhase, now: int,
+        self, payment: Payment[Proof], price: Price, phase: phases.ResponsePhase, now: int,
         within: float | None,
     ) -> Held:  # fmt: skip
         proof = payment.terms
@@ -89,7 +89,7 @@ class Prepaid(HoldingScheme[Proof]):
         return None  # the hold expires and the ledger gives it back; the proof stays spent
 
     async def capture(
-        self, meta: Mapping[str, str], asset: Asset, capture: holds.Capture, now: int,
+        self, meta: Mapping[str, str], asset: Asset, capture: phases.Capture, now: int,
         within: float | None,
     ) -> Closing:  # fmt: skip
         payer, hold_id, held = meta[PAYER], meta[HOLD], int(meta[HELD])
@@ -114,7 +114,13 @@ class Prepaid(HoldingScheme[Proof]):
         return Closing(closed, receipt, asset.to_decimal(closed.balance))
 
     def _captured(
-        self, payer: str, hold_id: str, closed: Closed, asset: Asset, now: int, units: int | None
+        self,
+        payer: str,
+        hold_id: str,
+        closed: HoldClosed,
+        asset: Asset,
+        now: int,
+        units: int | None,
     ) -> dict[str, Any]:
         """The signed receipt of a capture: the receipt-stream entry the script wrote."""
         entry: dict[str, Any] = {

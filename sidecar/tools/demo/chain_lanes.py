@@ -19,7 +19,7 @@ from sidecar.agent.evm import EvmKey
 from sidecar.agent.exact import TopUp
 from sidecar.agent.wallet import Wallet
 from sidecar.core.identity import Identity
-from sidecar.tools.chain import Chain
+from sidecar.tools.chain import AnvilChain
 from sidecar.tools.demo.narration import Narration
 from sidecar.tools.demo.world import (
     AGENT_USDC,
@@ -31,7 +31,7 @@ from sidecar.tools.demo.world import (
     TOPUP_AMOUNT,
     TOPUP_ATOMIC,
     TX_HASH,
-    Onchain,
+    DemoChain,
     OnchainStatus,
     new_evm_account,
     short,
@@ -53,7 +53,7 @@ class SelfFunded:
     paid: list[tuple[int, bool, str, str]] = field(default_factory=list)
 
 
-def onchain_rows(table: Table, running: Onchain | None) -> None:
+def onchain_rows(table: Table, running: DemoChain | None) -> None:
     """The on-chain half's rows in the demo's table of what runs."""
     if running is None:
         return
@@ -64,7 +64,7 @@ def onchain_rows(table: Table, running: Onchain | None) -> None:
     table.add_row("operator (payTo)", running.pay_to)
 
 
-def mined(chain: Chain, transaction: str) -> bool:
+def mined(chain: AnvilChain, transaction: str) -> bool:
     """Whether `transaction` is a transaction hash the chain mined successfully."""
     return bool(TX_HASH.match(transaction)) and (
         chain.w3.eth.get_transaction_receipt(transaction)["status"] == 1  # type: ignore[arg-type]
@@ -97,7 +97,7 @@ class OnchainLanes:
         self.story.attempt("self-funded top-up", lambda: self.self_funding_agent(onchain))
         self.story.attempt("exact payment", lambda: self.official_client_pays(onchain))
 
-    def self_funding_agent(self, onchain: Onchain) -> None:
+    def self_funding_agent(self, onchain: DemoChain) -> None:
         chain = onchain.chain
         self.story.step(
             "A. An agent that funds itself",
@@ -148,7 +148,7 @@ class OnchainLanes:
             f"balance {usdc(ledger)} USDF = {TOPUP_AMOUNT} topped up - {usdc(total)} spent",
         )
 
-    def pay_prepaid(self, onchain: Onchain, wallet: Wallet) -> SelfFunded:
+    def pay_prepaid(self, onchain: DemoChain, wallet: Wallet) -> SelfFunded:
         """The self-funding agent's requests: the first buys credit, all pay prepaid."""
         assert wallet.evm is not None
         spent = SelfFunded()
@@ -178,7 +178,7 @@ class OnchainLanes:
                 )
         return spent
 
-    def official_client_pays(self, onchain: Onchain) -> None:
+    def official_client_pays(self, onchain: DemoChain) -> None:
         chain = onchain.chain
         self.story.step(
             "B. Any x402 client pays with exact",

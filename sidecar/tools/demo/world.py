@@ -15,8 +15,8 @@ from rich.console import Console
 from sidecar.agent.evm import EvmKey
 from sidecar.core.errors import ToolMissing, X402Error
 from sidecar.core.money import to_atomic, to_decimal
-from sidecar.tools.chain import Chain, DevAccount, install_chain_tools, missing_chain_tools
-from sidecar.tools.onchain import Facilitator, operator
+from sidecar.tools.chain import AnvilChain, DevAccount, install_chain_tools, missing_chain_tools
+from sidecar.tools.onchain import FacilitatorProcess, operator
 from sidecar.tools.stack import Process
 
 ROUTES: dict[str, dict[str, Any]] = {
@@ -91,11 +91,11 @@ TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")
 
 
 @dataclass
-class Onchain:
+class DemoChain:
     """The on-chain half of the demo, when it runs: anvil with USDC and the facilitator."""
 
-    chain: Chain
-    facilitator: Facilitator
+    chain: AnvilChain
+    facilitator: FacilitatorProcess
 
     @property
     def processes(self) -> list[Process]:
@@ -114,7 +114,7 @@ class Onchain:
 class OnchainStatus:
     """What became of the on-chain half: running, skipped (no npm), or failed to start."""
 
-    onchain: Onchain | None = None
+    onchain: DemoChain | None = None
     skipped: str = ""  # why the on-chain lanes are skipped (ToolMissing): exit status kept
     error: str = ""  # why they could not start: the demo fails
     installed: list[str] = field(default_factory=list)
@@ -167,8 +167,8 @@ def start_onchain(running: contextlib.ExitStack, console: Console) -> OnchainSta
                 installed = install_chain_tools(report)
         with console.status("starting anvil with USDC and the x402 facilitator…"):
             workdir = Path(running.enter_context(tempfile.TemporaryDirectory(prefix="x402-")))
-            chain = running.enter_context(Chain(workdir=workdir))
-            facilitator = Facilitator(chain, workdir)
+            chain = running.enter_context(AnvilChain(workdir=workdir))
+            facilitator = FacilitatorProcess(chain, workdir)
             running.callback(facilitator.stop)
             facilitator.start()
     except ToolMissing as exc:
@@ -177,4 +177,4 @@ def start_onchain(running: contextlib.ExitStack, console: Console) -> OnchainSta
     except Exception as exc:  # reported as a failed step; the prepaid lanes still run
         console.print(f"[red]the local chain did not start:[/] {exc}", soft_wrap=True)
         return OnchainStatus(error=f"{exc.__class__.__name__}: {exc}")
-    return OnchainStatus(Onchain(chain, facilitator), installed=installed)
+    return OnchainStatus(DemoChain(chain, facilitator), installed=installed)

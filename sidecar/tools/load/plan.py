@@ -138,9 +138,9 @@ def generator_cpu(cpu_seconds: float, elapsed: float, cleared: int) -> dict[str,
     }
 
 
-def split(total: int, parts: int) -> list[int]:
-    """`total` as `parts` near-equal shares, the larger first: 5 over 2 is [3, 2]."""
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+def split(total: int, count: int) -> list[int]:
+    """`total` as `count` near-equal shares, the larger first: 5 over 2 is [3, 2]."""
+    return [total // count + (1 if i < total % count else 0) for i in range(count)]
 
 
 def presign_count(config: LoadConfig) -> int:

@@ -286,18 +286,18 @@ def render_summary(summary: dict[str, Any], config: LoadConfig) -> Any:
         values = summary[f"{leg}_ms"]
         if values["p50"] is not None:
             latency.add_row(leg, *(f"{values[k]:.2f}" for k in ("p50", "p95", "p99", "max")))
-    parts: list[Any] = [title, head, latency]
+    tables: list[Any] = [title, head, latency]
     if summary["errors"]:
         errors = Table(title="errors by reason")
         errors.add_column("reason")
         errors.add_column("count", justify="right")
         for reason, count in summary["errors"].items():
             errors.add_row(reason, str(count))
-        parts.append(errors)
+        tables.append(errors)
     statuses = Table(title="responses by status")
     statuses.add_column("status")
     statuses.add_column("count", justify="right")
     for status, count in summary["statuses"].items():
         statuses.add_row(status, str(count))
-    parts.append(statuses)
-    return Group(*parts)
+    tables.append(statuses)
+    return Group(*tables)

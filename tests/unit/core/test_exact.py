@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from eth_utils.crypto import keccak
 
-from sidecar.core import decision, exact, holds, protocol
+from sidecar.core import decision, exact, phases, protocol
 from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import (
     ConfigError,
@@ -187,10 +187,10 @@ def test_a_metered_routes_402_offers_no_exact() -> None:
     usdf = Asset("USDF", 6)
     gateway = Gateway(Identity.generate(), b"k" * 32, exact=terms())
     request = Request("GET", "/rows", "api.test", "http", None)
-    metered = holds.ResponsePhase(unit="row", unit_price=1_000, max_units=100)
+    metered = phases.ResponsePhase(unit="row", unit_price=1_000, max_units=100)
     for phase, schemes in (
         (metered, ["prepaid-ed25519"]),
-        (holds.ResponsePhase(), ["prepaid-ed25519", "exact"]),
+        (phases.ResponsePhase(), ["prepaid-ed25519", "exact"]),
         (None, ["prepaid-ed25519", "exact"]),
     ):
         price = Price("rows", 100_000, usdf, phase=phase)

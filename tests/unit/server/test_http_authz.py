@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from sidecar.core import holds
+from sidecar.core import phases
 from sidecar.core.money import Asset
 from sidecar.server.authz.http_transport import HttpAnswers, client_address
 from sidecar.server.envoy.contract import (
@@ -100,13 +100,13 @@ def test_the_client_address_is_counted_from_the_right_past_trusted_hops() -> Non
 
 def test_every_metadata_key_the_decision_writes_travels_as_a_header() -> None:
     usd = Asset("USDF", 6)
-    phase = holds.phase_from(
+    phase = phases.phase_from(
         "routes.rows",
         {"unit": "row", "unit_price": "0.001", "max_units": 10, "usage_missing": "minimum"},
         usd,
     )
     assert phase is not None
-    written = set(holds.phase_annotations(phase, usd))
+    written = set(phases.phase_annotations(phase, usd))
     assert written <= set(METADATA_KEYS)
     assert set(HOLD_METADATA_KEYS) <= set(METADATA_KEYS)
     for name in METADATA_KEYS:  # valid header names: Envoy would refuse anything else

@@ -1,4 +1,4 @@
-"""Hold and metering math (core/holds.py) and the route terms that describe it."""
+"""Hold and metering math (core/phases.py) and the route terms that describe it."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.core import holds
+from sidecar.core import phases
 from sidecar.core.errors import ConfigError
-from sidecar.core.holds import ResponsePhase, captured
 from sidecar.core.money import Asset
+from sidecar.core.phases import ResponsePhase, captured
 from sidecar.core.pricing import RouteTable
 
 USDF = Asset("USDF", 6)
@@ -18,15 +18,15 @@ FIXED = ResponsePhase()
 
 
 def test_a_fixed_route_captures_the_hold_below_the_threshold() -> None:
-    assert captured(FIXED, 250_000, 200, None) == holds.Capture(250_000, False)
-    assert captured(FIXED, 250_000, 404, None) == holds.Capture(250_000, False)
+    assert captured(FIXED, 250_000, 200, None) == phases.Capture(250_000, False)
+    assert captured(FIXED, 250_000, 404, None) == phases.Capture(250_000, False)
     assert captured(FIXED, 250_000, 500, None).release
     assert captured(ResponsePhase(failure_status=400), 250_000, 404, None).release
 
 
 def test_metered_usage_times_unit_price_never_above_the_hold() -> None:
-    assert captured(ROWS, 100_000, 200, "37") == holds.Capture(37_000, False, 37, "reported")
-    assert captured(ROWS, 100_000, 200, "5000") == holds.Capture(100_000, False, 100, "capped")
+    assert captured(ROWS, 100_000, 200, "37") == phases.Capture(37_000, False, 37, "reported")
+    assert captured(ROWS, 100_000, 200, "5000") == phases.Capture(100_000, False, 100, "capped")
     assert captured(ROWS, 100_000, 200, "0").amount == 2_000  # the minimum
 
 
@@ -46,12 +46,12 @@ def test_a_capture_is_never_above_the_hold(usage: int, status: int, price: int) 
 
 
 def test_route_terms_parse_and_fail_naming_the_key() -> None:
-    phase = holds.phase_from(
+    phase = phases.phase_from(
         "routes.rows", {"unit": "row", "unit_price": "0.001", "max_units": 100}, USDF
     )
     assert phase == ResponsePhase(unit="row", unit_price=1000, max_units=100)
     assert phase.maximum == 100_000
-    assert holds.phase_from("routes.a", {"price": "1"}, USDF) is None
+    assert phases.phase_from("routes.a", {"price": "1"}, USDF) is None
     bad: list[tuple[dict[str, object], str]] = [
         ({"charge": "later"}, "routes.a.charge"),
         ({"unit_price": "0.001", "max_units": 1, "charge": "on_check"}, "routes.a.charge"),
@@ -66,7 +66,7 @@ def test_route_terms_parse_and_fail_naming_the_key() -> None:
     ]
     for spec, key in bad:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            holds.phase_from("routes.a", spec, USDF)
+            phases.phase_from("routes.a", spec, USDF)
 
 
 def test_annotations_round_trip_through_the_route_table() -> None:
@@ -74,12 +74,12 @@ def test_annotations_round_trip_through_the_route_table() -> None:
     extensions = {
         "x402.route": "llm",
         "x402.asset": "USDF",
-        **holds.phase_annotations(phase, USDF),
+        **phases.phase_annotations(phase, USDF),
     }
     table = RouteTable([], {"USDF": USDF}, "USDF")
     price = table.price_for("POST", "/llm", extensions)
     assert price is not None and price.phase == phase and price.amount == 40_000
-    assert holds.from_annotations("x", extensions, USDF) == phase
+    assert phases.from_annotations("x", extensions, USDF) == phase
     fixed = table.price_for("GET", "/r", {"x402.price": "0.25", "x402.charge": "on_success"})
     assert fixed is not None and fixed.phase == ResponsePhase() and fixed.amount == 250_000
     plain = table.price_for("GET", "/r", {"x402.price": "0.25"})
@@ -87,7 +87,7 @@ def test_annotations_round_trip_through_the_route_table() -> None:
 
 
 def test_envoy_waits_for_the_service_no_longer_than_the_hold_lives() -> None:
-    assert holds.route_timeout({"price": "1"}, 15) == 15
-    assert holds.route_timeout({"charge": "on_success", "hold_seconds": 5}, 15) == 4
-    assert holds.route_timeout({"charge": "on_success"}, 15) == 15
-    assert holds.route_timeout({"charge": "on_success", "hold_seconds": 30}, 0) == 29
+    assert phases.route_timeout({"price": "1"}, 15) == 15
+    assert phases.route_timeout({"charge": "on_success", "hold_seconds": 5}, 15) == 4
+    assert phases.route_timeout({"charge": "on_success"}, 15) == 15
+    assert phases.route_timeout({"charge": "on_success", "hold_seconds": 30}, 0) == 29

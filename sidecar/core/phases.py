@@ -1,4 +1,4 @@
-"""Holds: charge for what was served. Pure: the route's response-phase terms and the math
+"""Response phases: charge for what was served. Pure: the route's response-phase terms and the math
 that turns a response (its status, the usage the service reported) into what to capture.
 
 A route with a response phase is charged in two steps. At check time the ledger places a
