@@ -24,7 +24,7 @@ from sidecar.core.errors import (
 )
 from sidecar.core.identity import Identity, KeySet, verify, verify_key
 from sidecar.core.pricing import Price
-from sidecar.core.protocol import SCHEME, VERSION, Proof
+from sidecar.core.protocol import SCHEME, Proof
 
 UPSTREAM_PAYER, UPSTREAM_AMOUNT, UPSTREAM_RECEIPT = (
     "x-x402-payer",
@@ -153,20 +153,18 @@ def bound(entry: dict[str, Any], limit: int = FIELD_BYTES) -> None:
 
 def invoice(request: Request, price: Price, gateway: Gateway, now: int) -> dict[str, Any]:
     """A fresh, stateless invoice: nothing is stored, the MAC makes it unforgeable."""
-    terms: dict[str, Any] = {
-        "version": VERSION,
-        "scheme": SCHEME,
-        "asset": price.asset.code,
-        "amount": price.display,
-        "nonce": protocol.new_nonce(),
-        "resource": request.resource,
-        "payee": gateway.payee,
-        "expires_at": now + gateway.invoice_ttl,
-    }
+    issued = protocol.Invoice.issue(
+        gateway.invoice_secret,
+        request.resource,
+        price.asset.code,
+        price.display,
+        gateway.payee,
+        now + gateway.invoice_ttl,
+    )
     return {
-        **terms,
+        **issued.terms,
         "amount_atomic": str(price.amount),
-        "invoice_id": protocol.invoice_id(gateway.invoice_secret, terms),
+        "invoice_id": issued.invoice_id,
         "facilitator_url": f"{request.base_url(gateway)}/.well-known/x402",
         # charge: on_success: `amount` is the hold (a metered route's maximum); the
         # receipt at the response says what was captured (core/holds.py)
