@@ -267,23 +267,23 @@ def payment_required(
     """The x402 v2 `PaymentRequired` object, so generic x402 tooling can read the challenge
     (and, where the route's asset is backed by a token on chain, pay it with `exact`)."""
     prepaid = {k: v for k, v in fresh.items() if k not in _EXACT_FIELDS}
-    accepts: list[dict[str, Any]] = [
-        {
-            "scheme": SCHEME,
-            "network": gateway.network,
-            "amount": str(price.amount),
-            "asset": price.asset.code,
-            "payTo": gateway.payee,
-            "maxTimeoutSeconds": gateway.invoice_ttl,
-            "extra": prepaid,
-        }
+    accepts = [
+        protocol.Offer(
+            SCHEME,
+            gateway.network,
+            str(price.amount),
+            price.asset.code,
+            gateway.payee,
+            gateway.invoice_ttl,
+            prepaid,
+        ).to_wire()
     ]
     # Not on a metered route: an EIP-3009 authorization is for one fixed value, and such a
     # route charges the units served (docs/protocol.md §12).
     metered = price.phase is not None and price.phase.metered
     onchain = gateway.exact.for_price(price) if gateway.exact is not None else None
     if onchain is not None and gateway.exact is not None and not metered:
-        accepts.append(exact.offer(onchain, price.amount, gateway.exact))
+        accepts.append(exact.offer(onchain, price.amount, gateway.exact).to_wire())
     return {
         "x402Version": protocol.X402_VERSION,
         "error": reason,

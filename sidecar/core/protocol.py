@@ -252,6 +252,64 @@ class Invoice:
         )
 
 
+# The x402 v2 PaymentRequirements fields and their JSON types, in wire order.
+OFFER_FIELDS: dict[str, type] = {
+    "scheme": str,
+    "network": str,
+    "amount": str,
+    "asset": str,
+    "payTo": str,
+    "maxTimeoutSeconds": int,
+    "extra": dict,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """One entry of a 402's `accepts` (PROTOCOL.md §2, §11): the x402 v2
+    PaymentRequirements of a scheme we take, as we publish it."""
+
+    scheme: str
+    network: str
+    amount: str  # atomic units
+    asset: str
+    pay_to: str
+    max_timeout_seconds: int
+    extra: Mapping[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme,
+            "network": self.network,
+            "amount": self.amount,
+            "asset": self.asset,
+            "payTo": self.pay_to,
+            "maxTimeoutSeconds": self.max_timeout_seconds,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Offer:
+        """An offer as published (exactly its fields, each of its JSON type), or
+        MalformedPayment."""
+        if not isinstance(obj, dict):
+            raise MalformedPayment("an offer must be a JSON object")
+        for name, kind in OFFER_FIELDS.items():
+            if type(obj.get(name)) is not kind:
+                raise MalformedPayment(f"the offer has no valid {name!r}")
+        if obj.keys() != OFFER_FIELDS.keys():
+            raise MalformedPayment("the offer has unknown fields")
+        return cls(
+            obj["scheme"],
+            obj["network"],
+            obj["amount"],
+            obj["asset"],
+            obj["payTo"],
+            obj["maxTimeoutSeconds"],
+            obj["extra"],
+        )
+
+
 def _fields_of(terms: Invoice | Proof) -> tuple[str, str, str, str, str, int]:
     return (terms.nonce, terms.resource, terms.asset, terms.amount, terms.payee, terms.expires_at)
 

@@ -11,7 +11,7 @@ import pytest
 from sidecar.core import protocol
 from sidecar.core.errors import InvalidChallenge, MalformedPayment, UnsupportedScheme
 from sidecar.core.identity import Identity
-from sidecar.core.protocol import Invoice, Proof
+from sidecar.core.protocol import Invoice, Offer, Proof
 
 WALLET = Identity.from_seed_text(base64.urlsafe_b64encode(bytes(range(32))).rstrip(b"=").decode())
 TERMS = Invoice("n_" + "a" * 22, "GET /api", "USDF", "0.25", "gw_x", 1_763_712_000)
@@ -96,3 +96,43 @@ def test_a_bad_proof_raises_the_protocols_reason() -> None:
         "unsupported_scheme",
         "malformed_payment",
     )
+
+
+OFFER_WIRE = {
+    "scheme": "exact",
+    "network": "eip155:84532",
+    "amount": "10000",
+    "asset": "0x" + "ab" * 20,
+    "payTo": "0x" + "cd" * 20,
+    "maxTimeoutSeconds": 300,
+    "extra": {"name": "USDC", "version": "2"},
+}
+OFFER_VECTOR = (
+    b'{"amount":"10000","asset":"0xabababababababababababababababababababab",'
+    b'"extra":{"name":"USDC","version":"2"},"maxTimeoutSeconds":300,'
+    b'"network":"eip155:84532","payTo":"0xcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd","scheme":"exact"}'
+)
+
+
+def test_an_offer_round_trips_to_the_same_wire() -> None:
+    offer = Offer.from_wire(OFFER_WIRE)
+    assert offer.pay_to == OFFER_WIRE["payTo"] and offer.max_timeout_seconds == 300
+    assert offer.to_wire() == OFFER_WIRE
+    assert list(offer.to_wire()) == list(OFFER_WIRE)  # the published key order too
+    assert protocol.canonical_json(offer.to_wire()) == OFFER_VECTOR
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {**OFFER_WIRE, "maxTimeoutSeconds": "300"},
+        {**OFFER_WIRE, "extra": None},
+        {k: v for k, v in OFFER_WIRE.items() if k != "payTo"},
+        {**OFFER_WIRE, "unknown": 1},
+        [OFFER_WIRE],
+    ],
+)
+def test_a_bad_offer_is_malformed(broken: object) -> None:
+    with pytest.raises(MalformedPayment) as error:
+        Offer.from_wire(broken)
+    assert error.value.reason == "malformed_payment"
