@@ -346,7 +346,11 @@ class Proof:
 
     def to_wire(self) -> dict[str, Any]:
         """The proof object of the X-Payment header, as it was signed."""
-        return {**self.invoice.to_wire(), "payer": self.payer, "signature": self.signature}
+        wire = _terms(*_fields_of(self))
+        if self.invoice_id is not None:
+            wire["invoice_id"] = self.invoice_id
+        wire["payer"], wire["signature"] = self.payer, self.signature
+        return wire
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> Proof:
