@@ -390,7 +390,7 @@ async def test_the_invoice_is_read_from_the_payment_required_header_too(gw: Stac
         402, headers={"payment-required": challenge.headers["payment-required"]}
     )
     assert from_body is not None and parse_invoice(header_only) == from_body
-    assert from_body["amount"] == "0.25" and from_body["invoice_id"].startswith("inv_")
+    assert from_body.amount == "0.25" and str(from_body.invoice_id).startswith("inv_")
     assert parse_invoice(httpx.Response(402, text="pay me")) is None  # not x402: untouched
     with pytest.raises(InvalidChallenge, match="not base64"):
         parse_invoice(httpx.Response(402, headers={"payment-required": "%%%"}))

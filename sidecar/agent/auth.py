@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 
@@ -69,6 +68,7 @@ from sidecar.core.errors import (
     InvalidChallenge,
 )
 from sidecar.core.pricing import Price
+from sidecar.core.protocol import Invoice
 
 # Re-exported so an agent needs one import line.
 __all__ = [
@@ -304,9 +304,9 @@ class X402Auth(httpx.Auth):
         if invoice is None and not can_exact:
             return  # nothing this wallet can pay: the caller gets the 402 as it is
         resource = f"{request.method} {path_of(request.url)}"
-        if invoice is not None and invoice["resource"] != resource:
+        if invoice is not None and invoice.resource != resource:
             raise InvalidChallenge(
-                f"the invoice is for {invoice['resource']!r}, not {resource!r}; not paying"
+                f"the invoice is for {invoice.resource!r}, not {resource!r}; not paying"
             )
         if cached is None:  # challenge mode: the keys that check the receipt
             discovery = yield from self._discover(request, origin)
@@ -325,9 +325,7 @@ class X402Auth(httpx.Auth):
         settle_exact(exact, answer_of(request, response), self._checking(discovery))
         carry(request, response)
 
-    def _direct_terms(
-        self, request: httpx.Request, price: Price, discovery: Discovery
-    ) -> dict[str, Any]:
+    def _direct_terms(self, request: httpx.Request, price: Price, discovery: Discovery) -> Invoice:
         return direct_terms(
             request.method,
             path_of(request.url),
@@ -337,9 +335,9 @@ class X402Auth(httpx.Auth):
             int(time.time()) + min(self.direct_ttl, discovery.max_direct_ttl),
         )
 
-    def _pay(self, request: httpx.Request, terms: Mapping[str, Any]) -> PrepaidPayment:
+    def _pay(self, request: httpx.Request, terms: Invoice) -> PrepaidPayment:
         """Guards first (they raise), then sign; the proof rides on the request."""
-        reservation = self.wallet.reserve(terms["asset"], terms["amount"], terms["payee"])
+        reservation = self.wallet.reserve(terms.asset, terms.amount, terms.payee)
         try:
             proof, header = proof_header(terms, self.wallet.identity)
         except BaseException:
@@ -446,7 +444,7 @@ class X402Auth(httpx.Auth):
         else:
             invoice = parse_invoice(refused)
             resource = f"{request.method} {path_of(request.url)}"
-            if invoice is None or invoice["resource"] != resource:
+            if invoice is None or invoice.resource != resource:
                 return
             terms = invoice
         payment = self._pay(request, terms)

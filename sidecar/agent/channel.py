@@ -188,9 +188,9 @@ class ChannelAuth(httpx.Auth):
         else:
             response = yield request
             invoice = parse_invoice(response) if response.status_code == 402 else None
-            if invoice is None or invoice["asset"] != self.channel.asset:
+            if invoice is None or invoice.asset != self.channel.asset:
                 return
-            amount = invoice["amount"]
+            amount = invoice.amount
 
         for attempt in (1, 2):
             issued = self.channel.issue(resource, amount, discovery.payee)

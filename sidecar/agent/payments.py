@@ -31,6 +31,7 @@ from sidecar.agent.receipts import (
     report,
 )
 from sidecar.agent.wallet import Reservation, scale_atomic, scaled, unscaled
+from sidecar.core.protocol import Proof
 
 
 @dataclass
@@ -38,12 +39,12 @@ class PrepaidPayment:
     """One signed proof in flight; lives only inside one auth_flow generator."""
 
     reservation: Reservation
-    proof: dict[str, Any]
+    proof: Proof
     request: httpx.Request  # the request it rides on: its answer is the paid one
 
     def identity(self, origin: str) -> dict[str, Any]:
         names = ("nonce", "invoice_id", "payer", "payee", "resource", "asset", "amount")
-        return {**{name: self.proof.get(name) for name in names}, "origin": origin}
+        return {**{name: getattr(self.proof, name) for name in names}, "origin": origin}
 
 
 @dataclass

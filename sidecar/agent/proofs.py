@@ -13,29 +13,25 @@ from sidecar.agent.wallet import scaled
 from sidecar.core import protocol
 from sidecar.core.errors import AmountError, InvalidChallenge, PaymentError
 from sidecar.core.identity import Identity
-from sidecar.core.protocol import SCHEME, VERSION
+from sidecar.core.protocol import SCHEME, Invoice, Proof
 
 PROOF_HEADER = "X-Payment"
-# An invoice carries what a proof echoes back, without the payer's name and signature.
-INVOICE_FIELDS = {
-    name: kind for name, kind in protocol.PROOF_FIELDS.items() if name not in ("payer", "signature")
-}
 
 
 def direct_terms(
     method: str, path: str, asset: str, amount: str, payee: str, expires_at: int
-) -> dict[str, Any]:
+) -> Invoice:
     """The terms of a direct payment of `METHOD path` from the price list (no 402 first)."""
-    return protocol.direct_terms(f"{method} {path}", asset, amount, payee, expires_at)
+    return Invoice.direct(f"{method} {path}", asset, amount, payee, expires_at)
 
 
-def proof_header(terms: Mapping[str, Any], signer: Identity) -> tuple[dict[str, Any], str]:
+def proof_header(terms: Invoice, signer: Identity) -> tuple[Proof, str]:
     """The proof of `terms` signed by `signer`, and its X-Payment header value."""
-    proof = protocol.sign_proof(terms, signer)
-    return proof, protocol.encode_header(proof)
+    proof = Proof.sign(terms, signer)
+    return proof, protocol.encode_header(proof.to_wire())
 
 
-def parse_invoice(response: httpx.Response) -> dict[str, Any] | None:
+def parse_invoice(response: httpx.Response) -> Invoice | None:
     """The invoice of a 402 (JSON body, else the PAYMENT-REQUIRED header); None if absent."""
     try:
         body = response.json()
@@ -44,7 +40,7 @@ def parse_invoice(response: httpx.Response) -> dict[str, Any] | None:
     return invoice_in(body, response.headers.get("payment-required"))
 
 
-def invoice_in(body: Any, header: str | None) -> dict[str, Any] | None:
+def invoice_in(body: Any, header: str | None) -> Invoice | None:
     """The invoice of a 402's parsed JSON body, else of its PAYMENT-REQUIRED header."""
     invoice = body.get("x402") if isinstance(body, dict) else None
     if not isinstance(invoice, dict) and header:
@@ -59,25 +55,11 @@ def invoice_in(body: Any, header: str | None) -> dict[str, Any] | None:
                 break
     if not isinstance(invoice, dict):
         return None
-    return checked_invoice(invoice, "the 402's invoice")
-
-
-def checked_invoice(invoice: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """The invoice fields a proof echoes back, each of its type and of our version and
-    scheme; InvalidChallenge names `what` (where the invoice came from) otherwise."""
-    for name, kind in INVOICE_FIELDS.items():
-        if type(invoice.get(name)) is not kind:
-            raise InvalidChallenge(f"{what} has no valid {name!r}")
-    if invoice["version"] != VERSION or invoice["scheme"] != SCHEME:
-        raise InvalidChallenge(
-            f"cannot pay a {invoice['version']}/{invoice['scheme']} invoice "
-            f"(this client speaks {VERSION}/{SCHEME})"
-        )
-    return {name: invoice[name] for name in INVOICE_FIELDS}
+    return Invoice.from_wire(invoice, "the 402's invoice")
 
 
 def check_receipt(
-    fields: Mapping[str, Any], proof: Mapping[str, Any], keys: Mapping[str, str] | None
+    fields: Mapping[str, Any], proof: Proof, keys: Mapping[str, str] | None
 ) -> str | None:
     """Why this receipt is not a valid receipt for `proof`, or None if it is one."""
     if keys is None:
@@ -85,10 +67,10 @@ def check_receipt(
     if not protocol.verify_receipt(fields, keys):
         return "the signature does not verify against the gateway's published keys"
     for name in ("payer", "payee", "nonce", "resource", "asset"):
-        if fields.get(name) != proof.get(name):
+        if fields.get(name) != getattr(proof, name):
             return f"its {name} is not the one paid"
     try:
-        paid = scaled(str(proof.get("amount")))
+        paid = scaled(proof.amount)
         amount = scaled(str(fields.get("amount")))
         # a hold: what was held is what was paid, and at most that was captured
         held = fields.get("held") if fields.get("success") is True else fields.get("released")

@@ -220,7 +220,7 @@ class Wallet:
         """The payer id: register it with a gateway's ledger (x402 payer register)."""
         return self.identity.public_key
 
-    def sign(self, terms: Mapping[str, Any]) -> dict[str, Any]:
+    def sign(self, terms: protocol.Invoice | Mapping[str, Any]) -> dict[str, Any]:
         return protocol.sign_proof(terms, self.identity)
 
     # -- accounting ------------------------------------------------------------------------

@@ -27,12 +27,11 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from sidecar.agent.proofs import checked_invoice
 from sidecar.agent.wallet import Reservation, Wallet
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import AmountError, InvalidChallenge
 from sidecar.core.money import to_atomic
-from sidecar.core.protocol import SCHEME
+from sidecar.core.protocol import SCHEME, Invoice
 
 if TYPE_CHECKING:  # the agent's own x402 install
     from x402.schemas import PaymentRequirements, PaymentResponseContext
@@ -83,17 +82,17 @@ class PrepaidEd25519:
     def create_payment_payload(self, requirements: PaymentRequirements) -> dict[str, Any]:
         """Our signed proof of the invoice in `requirements.extra`; guards first."""
         invoice = offer_invoice(requirements.extra)
-        if requirements.asset != invoice["asset"] or requirements.pay_to != invoice["payee"]:
+        if requirements.asset != invoice.asset or requirements.pay_to != invoice.payee:
             raise InvalidChallenge("the offer's asset or payTo differ from its invoice")
-        decimals = self.decimals.get(invoice["asset"])
+        decimals = self.decimals.get(invoice.asset)
         if decimals is not None:
             try:
-                same = to_atomic(invoice["amount"], decimals) == int(requirements.amount)
+                same = to_atomic(invoice.amount, decimals) == int(requirements.amount)
             except (AmountError, ValueError):
                 same = False
             if not same:
                 raise InvalidChallenge("the offer's amount differs from its invoice's")
-        reservation = self.wallet.reserve(invoice["asset"], invoice["amount"], invoice["payee"])
+        reservation = self.wallet.reserve(invoice.asset, invoice.amount, invoice.payee)
         try:
             proof = self.wallet.sign(invoice)
         except BaseException:
@@ -126,8 +125,8 @@ class PrepaidEd25519:
             reservation.refund()
 
 
-def offer_invoice(extra: Any) -> dict[str, Any]:
+def offer_invoice(extra: Any) -> Invoice:
     """The invoice fields of a `prepaid-ed25519` offer's `extra`, checked."""
     if not isinstance(extra, dict):
         raise InvalidChallenge("the prepaid-ed25519 offer carries no invoice in `extra`")
-    return checked_invoice(extra, "the offer's invoice")
+    return Invoice.from_wire(extra, "the offer's invoice")

@@ -24,7 +24,7 @@ from sidecar.core.errors import (
 )
 from sidecar.core.identity import Identity, KeySet, verify, verify_key
 from sidecar.core.pricing import Price
-from sidecar.core.protocol import SCHEME, VERSION, Proof
+from sidecar.core.protocol import SCHEME, Proof
 
 UPSTREAM_PAYER, UPSTREAM_AMOUNT, UPSTREAM_RECEIPT = (
     "x-x402-payer",
@@ -153,20 +153,18 @@ def bound(line: dict[str, Any], limit: int = FIELD_BYTES) -> None:
 
 def invoice(request: Request, price: Price, gateway: Gateway, now: int) -> dict[str, Any]:
     """A fresh, stateless invoice: nothing is stored, the MAC makes it unforgeable."""
-    terms: dict[str, Any] = {
-        "version": VERSION,
-        "scheme": SCHEME,
-        "asset": price.asset.code,
-        "amount": price.display,
-        "nonce": protocol.new_nonce(),
-        "resource": request.resource,
-        "payee": gateway.payee,
-        "expires_at": now + gateway.invoice_ttl,
-    }
+    issued = protocol.Invoice.issue(
+        gateway.invoice_secret,
+        request.resource,
+        price.asset.code,
+        price.display,
+        gateway.payee,
+        now + gateway.invoice_ttl,
+    )
     return {
-        **terms,
+        **issued.terms,
         "amount_atomic": str(price.amount),
-        "invoice_id": protocol.invoice_id(gateway.invoice_secret, terms),
+        "invoice_id": issued.invoice_id,
         "facilitator_url": f"{request.base_url(gateway)}/.well-known/x402",
         # charge: on_success: `amount` is the hold (a metered route's maximum); the
         # receipt at the response says what was captured (core/phases.py)
@@ -269,23 +267,23 @@ def payment_required(
     """The x402 v2 `PaymentRequired` object, so generic x402 tooling can read the challenge
     (and, where the route's asset is backed by a token on chain, pay it with `exact`)."""
     prepaid = {k: v for k, v in fresh.items() if k not in _EXACT_FIELDS}
-    accepts: list[dict[str, Any]] = [
-        {
-            "scheme": SCHEME,
-            "network": gateway.network,
-            "amount": str(price.amount),
-            "asset": price.asset.code,
-            "payTo": gateway.payee,
-            "maxTimeoutSeconds": gateway.invoice_ttl,
-            "extra": prepaid,
-        }
+    accepts = [
+        protocol.Offer(
+            SCHEME,
+            gateway.network,
+            str(price.amount),
+            price.asset.code,
+            gateway.payee,
+            gateway.invoice_ttl,
+            prepaid,
+        ).to_wire()
     ]
     # Not on a metered route: an EIP-3009 authorization is for one fixed value, and such a
     # route charges the units served (docs/protocol.md §12).
     metered = price.phase is not None and price.phase.metered
     onchain = gateway.exact.for_price(price) if gateway.exact is not None else None
     if onchain is not None and gateway.exact is not None and not metered:
-        accepts.append(exact.offer(onchain, price.amount, gateway.exact))
+        accepts.append(exact.offer(onchain, price.amount, gateway.exact).to_wire())
     return {
         "x402Version": protocol.X402_VERSION,
         "error": reason,

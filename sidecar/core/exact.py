@@ -27,6 +27,7 @@ from sidecar.core.errors import (
     UnsupportedVersion,
 )
 from sidecar.core.pricing import Price
+from sidecar.core.protocol import Offer
 
 SCHEME = "exact"
 X402_VERSION = 2
@@ -87,17 +88,17 @@ def published_url(url: str) -> str:
     return urlunsplit((components.scheme, host, components.path, "", "")).rstrip("/")
 
 
-def offer(onchain: OnchainAsset, amount: int, terms: ExactTerms) -> dict[str, Any]:
+def offer(onchain: OnchainAsset, amount: int, terms: ExactTerms) -> Offer:
     """The x402 v2 `PaymentRequirements` of `exact` for `amount` atomic units."""
-    return {
-        "scheme": SCHEME,
-        "network": onchain.network,
-        "amount": str(amount),
-        "asset": onchain.token,
-        "payTo": terms.pay_to,
-        "maxTimeoutSeconds": terms.max_timeout_seconds,
-        "extra": {"name": onchain.name, "version": onchain.version},
-    }
+    return Offer(
+        SCHEME,
+        onchain.network,
+        str(amount),
+        onchain.token,
+        terms.pay_to,
+        terms.max_timeout_seconds,
+        {"name": onchain.name, "version": onchain.version},
+    )
 
 
 def invoice_fields(onchain: OnchainAsset, amount: int, terms: ExactTerms) -> dict[str, Any]:
@@ -126,7 +127,7 @@ class Eip3009Authorization:
     valid_before: int
     nonce: str  # 0x + 64 hex, lower case
     envelope: Mapping[str, Any]  # what goes to the facilitator as paymentPayload, unchanged
-    requirements: Mapping[str, Any]  # our offer: the facilitator's paymentRequirements
+    requirements: Offer  # our offer: the facilitator's paymentRequirements
 
     @property
     def sender(self) -> str:
@@ -137,8 +138,8 @@ class Eip3009Authorization:
     @property
     def key(self) -> str:
         """Names the authorization across the ledger: token, payer and nonce."""
-        token = str(self.requirements["asset"]).lower()
-        return f"{self.requirements['network']}:{token}:{self.nonce}"
+        token = self.requirements.asset.lower()
+        return f"{self.requirements.network}:{token}:{self.nonce}"
 
 
 def scheme_of(decoded: Mapping[str, Any]) -> str:
@@ -177,34 +178,31 @@ def parse(decoded: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, A
     return accepted, authorization
 
 
-def verify(
-    decoded: Mapping[str, Any], requirements: Mapping[str, Any], now: int
-) -> Eip3009Authorization:
+def verify(decoded: Mapping[str, Any], requirements: Offer, now: int) -> Eip3009Authorization:
     """Match the envelope against this route's offer, cheapest first, before anyone is
     called: scheme, network, amount, asset, payTo, then the authorization's recipient,
     value and validity window. Addresses compare case-insensitively (EIP-55 checksums)."""
     accepted, authorization = parse(decoded)
-    if accepted.get("network") != requirements["network"]:
-        raise InvoiceMismatch(f"this route is paid on {requirements['network']}")
-    if accepted.get("amount") != requirements["amount"]:
-        raise InvoiceMismatch(f"this route costs {requirements['amount']} atomic units now")
-    for name in ("asset", "payTo"):
+    if accepted.get("network") != requirements.network:
+        raise InvoiceMismatch(f"this route is paid on {requirements.network}")
+    if accepted.get("amount") != requirements.amount:
+        raise InvoiceMismatch(f"this route costs {requirements.amount} atomic units now")
+    for name, ours in (("asset", requirements.asset), ("payTo", requirements.pay_to)):
         value = accepted.get(name)
-        if not isinstance(value, str) or value.lower() != str(requirements[name]).lower():
-            raise InvoiceMismatch(f"accepted.{name} is not this route's {requirements[name]}")
-    if authorization["to"].lower() != str(requirements["payTo"]).lower():
+        if not isinstance(value, str) or value.lower() != ours.lower():
+            raise InvoiceMismatch(f"accepted.{name} is not this route's {ours}")
+    if authorization["to"].lower() != requirements.pay_to.lower():
         raise InvoiceMismatch("the authorization pays someone else than this gateway's payTo")
-    if authorization["value"] != requirements["amount"]:
+    if authorization["value"] != requirements.amount:
         raise InvoiceMismatch("the authorization's value is not this route's price")
     valid_after, valid_before = int(authorization["validAfter"]), int(authorization["validBefore"])
     if valid_after > now:
         raise InvoiceExpired("the authorization is not valid yet (validAfter)")
     if valid_before < now + MIN_VALIDITY_SECONDS:
         raise InvoiceExpired("the authorization has expired (validBefore); sign a fresh one")
-    if valid_before > now + int(requirements["maxTimeoutSeconds"]) + CLOCK_SKEW_SECONDS:
+    if valid_before > now + requirements.max_timeout_seconds + CLOCK_SKEW_SECONDS:
         raise InvoiceMismatch(
-            f"validBefore is more than maxTimeoutSeconds ({requirements['maxTimeoutSeconds']}) "
-            "ahead"
+            f"validBefore is more than maxTimeoutSeconds ({requirements.max_timeout_seconds}) ahead"
         )
     return Eip3009Authorization(
         payer=authorization["from"].lower(),
@@ -218,7 +216,7 @@ def verify(
     )
 
 
-def restore(envelope: Mapping[str, Any], requirements: Mapping[str, Any]) -> Eip3009Authorization:
+def restore(envelope: Mapping[str, Any], requirements: Offer) -> Eip3009Authorization:
     """An authorization `verify` accepted earlier (at the check), rebuilt for its settle in
     the response phase: the shapes are checked again, the clock is not (its validBefore is
     the chain's to enforce, and the reservation's)."""

@@ -12,7 +12,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.core.errors import MalformedPayment, UnsupportedScheme, UnsupportedVersion
+from sidecar.core.errors import (
+    InvalidChallenge,
+    MalformedPayment,
+    UnsupportedScheme,
+    UnsupportedVersion,
+)
 from sidecar.core.identity import Identity, b64url, verify, verify_key
 
 VERSION = "fth-x402/2.0"
@@ -44,6 +49,10 @@ PROOF_FIELDS: dict[str, type] = {
     "signature": str,
 }
 # What the invoice MAC covers: every field the agent echoes back in its proof.
+# An invoice carries what a proof echoes back, without the payer's name and signature.
+INVOICE_FIELDS = {
+    name: kind for name, kind in PROOF_FIELDS.items() if name not in ("payer", "signature")
+}
 INVOICE_MAC_FIELDS = (
     "version",
     "scheme",
@@ -142,18 +151,9 @@ DISCOVERY_PATH = "/.well-known/x402"  # the price list and keys (PROTOCOL.md §6
 def direct_terms(
     resource: str, asset: str, amount: str, payee: str, expires_at: int
 ) -> dict[str, Any]:
-    """The terms of a direct payment (no challenge, PROTOCOL.md §3): a fresh nonce, no
-    invoice id; sign them with `sign_proof`."""
-    return {
-        "version": VERSION,
-        "scheme": SCHEME,
-        "nonce": new_nonce(),
-        "resource": resource,
-        "asset": asset,
-        "amount": amount,
-        "payee": payee,
-        "expires_at": expires_at,
-    }
+    """The terms of a direct payment (no challenge, PROTOCOL.md §3) as their wire object: a
+    fresh nonce, no invoice id; sign them with `sign_proof`."""
+    return Invoice.direct(resource, asset, amount, payee, expires_at).to_wire()
 
 
 def new_nonce() -> str:
@@ -175,8 +175,149 @@ def invoice_matches(secret: bytes, fields: Mapping[str, Any], claimed: str) -> b
     return hmac.compare_digest(invoice_id(secret, fields).encode(), claimed.encode())
 
 
+def _terms(
+    nonce: str, resource: str, asset: str, amount: str, payee: str, expires_at: int
+) -> dict[str, Any]:
+    """The fields the invoice MAC covers, as on the wire (INVOICE_MAC_FIELDS)."""
+    return {
+        "version": VERSION,
+        "scheme": SCHEME,
+        "asset": asset,
+        "amount": amount,
+        "nonce": nonce,
+        "resource": resource,
+        "payee": payee,
+        "expires_at": expires_at,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Invoice:
+    """The terms a proof signs (PROTOCOL.md §2): a 402's invoice, with the id that MACs it,
+    or a direct payment's terms (`invoice_id` None). Version and scheme are this protocol's."""
+
+    nonce: str
+    resource: str
+    asset: str
+    amount: str
+    payee: str
+    expires_at: int
+    invoice_id: str | None = None
+
+    @classmethod
+    def direct(cls, resource: str, asset: str, amount: str, payee: str, expires_at: int) -> Invoice:
+        """A direct payment's terms: a fresh nonce, no invoice id."""
+        return cls(new_nonce(), resource, asset, amount, payee, expires_at)
+
+    @classmethod
+    def issue(
+        cls, secret: bytes, resource: str, asset: str, amount: str, payee: str, expires_at: int
+    ) -> Invoice:
+        """A fresh, stateless invoice: a new nonce, and the MAC of its terms as its id."""
+        fresh = cls.direct(resource, asset, amount, payee, expires_at)
+        return cls(*_fields_of(fresh), invoice_id=invoice_id(secret, fresh.terms))
+
+    @property
+    def terms(self) -> dict[str, Any]:
+        """The fields the invoice MAC covers."""
+        return _terms(*_fields_of(self))
+
+    def to_wire(self) -> dict[str, Any]:
+        """The invoice fields a proof echoes back (`invoice_id` only when there is one)."""
+        wire = self.terms
+        if self.invoice_id is not None:
+            wire["invoice_id"] = self.invoice_id
+        return wire
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any], what: str = "the invoice") -> Invoice:
+        """A 402's invoice (its extra fields ignored), each field of its type and of our
+        version and scheme; InvalidChallenge names `what` (where it came from) otherwise."""
+        for name, kind in INVOICE_FIELDS.items():
+            if type(obj.get(name)) is not kind:
+                raise InvalidChallenge(f"{what} has no valid {name!r}")
+        if obj["version"] != VERSION or obj["scheme"] != SCHEME:
+            raise InvalidChallenge(
+                f"cannot pay a {obj['version']}/{obj['scheme']} invoice "
+                f"(this client speaks {VERSION}/{SCHEME})"
+            )
+        return cls(
+            obj["nonce"],
+            obj["resource"],
+            obj["asset"],
+            obj["amount"],
+            obj["payee"],
+            obj["expires_at"],
+            obj["invoice_id"],
+        )
+
+
+# The x402 v2 PaymentRequirements fields and their JSON types, in wire order.
+OFFER_FIELDS: dict[str, type] = {
+    "scheme": str,
+    "network": str,
+    "amount": str,
+    "asset": str,
+    "payTo": str,
+    "maxTimeoutSeconds": int,
+    "extra": dict,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """One entry of a 402's `accepts` (PROTOCOL.md §2, §11): the x402 v2
+    PaymentRequirements of a scheme we take, as we publish it."""
+
+    scheme: str
+    network: str
+    amount: str  # atomic units
+    asset: str
+    pay_to: str
+    max_timeout_seconds: int
+    extra: Mapping[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme,
+            "network": self.network,
+            "amount": self.amount,
+            "asset": self.asset,
+            "payTo": self.pay_to,
+            "maxTimeoutSeconds": self.max_timeout_seconds,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Offer:
+        """An offer as published (exactly its fields, each of its JSON type), or
+        MalformedPayment."""
+        if not isinstance(obj, dict):
+            raise MalformedPayment("an offer must be a JSON object")
+        for name, kind in OFFER_FIELDS.items():
+            if type(obj.get(name)) is not kind:
+                raise MalformedPayment(f"the offer has no valid {name!r}")
+        if obj.keys() != OFFER_FIELDS.keys():
+            raise MalformedPayment("the offer has unknown fields")
+        return cls(
+            obj["scheme"],
+            obj["network"],
+            obj["amount"],
+            obj["asset"],
+            obj["payTo"],
+            obj["maxTimeoutSeconds"],
+            obj["extra"],
+        )
+
+
+def _fields_of(terms: Invoice | Proof) -> tuple[str, str, str, str, str, int]:
+    return (terms.nonce, terms.resource, terms.asset, terms.amount, terms.payee, terms.expires_at)
+
+
 @dataclass(frozen=True, slots=True)
 class Proof:
+    """A signed proof (PROTOCOL.md §3), parsed once per paid request."""
+
     nonce: str
     resource: str
     asset: str
@@ -196,26 +337,65 @@ class Proof:
     @property
     def terms(self) -> dict[str, Any]:
         """The fields the invoice MAC covers."""
-        return {
-            "version": VERSION,
-            "scheme": SCHEME,
-            "nonce": self.nonce,
-            "resource": self.resource,
-            "asset": self.asset,
-            "amount": self.amount,
-            "payee": self.payee,
-            "expires_at": self.expires_at,
-        }
+        return _terms(*_fields_of(self))
+
+    @property
+    def invoice(self) -> Invoice:
+        """The terms this proof signs."""
+        return Invoice(*_fields_of(self), invoice_id=self.invoice_id)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The proof object of the X-Payment header, as it was signed."""
+        wire = _terms(*_fields_of(self))
+        if self.invoice_id is not None:
+            wire["invoice_id"] = self.invoice_id
+        wire["payer"], wire["signature"] = self.payer, self.signature
+        return wire
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> Proof:
+        """A decoded payment object (decode_payment) → Proof, or a typed 400."""
+        if obj.get("scheme") != SCHEME:
+            raise UnsupportedScheme(f"scheme must be {SCHEME!r}")
+        check_fields(obj, PROOF_FIELDS, optional="invoice_id")
+        if not obj["nonce"].isascii() or len(obj["nonce"]) < MIN_NONCE_CHARS:
+            raise MalformedPayment(f"nonce must be at least {MIN_NONCE_CHARS} ASCII characters")
+        unsigned = {k: v for k, v in obj.items() if k != "signature"}
+        return cls(
+            nonce=obj["nonce"],
+            resource=obj["resource"],
+            asset=obj["asset"],
+            amount=obj["amount"],
+            payee=obj["payee"],
+            expires_at=obj["expires_at"],
+            payer=obj["payer"],
+            signature=obj["signature"],
+            invoice_id=obj.get("invoice_id"),
+            signed_message=PROOF_DOMAIN + canonical_json(unsigned),
+        )
+
+    @classmethod
+    def sign(cls, terms: Invoice, wallet: Identity) -> Proof:
+        """Client side: `terms` signed by `wallet`."""
+        unsigned = {**terms.to_wire(), "payer": wallet.public_key}
+        message = PROOF_DOMAIN + canonical_json(unsigned)
+        return cls(
+            *_fields_of(terms),
+            payer=wallet.public_key,
+            signature=wallet.sign(message),
+            invoice_id=terms.invoice_id,
+            signed_message=message,
+        )
 
 
 def parse_proof(value: str, max_bytes: int) -> Proof:
     """Header value → Proof with every field of the right type, or a typed 400."""
-    return proof_from(decode_payment(value, max_bytes))
+    return Proof.from_wire(decode_payment(value, max_bytes))
 
 
 def decode_payment(value: str, max_bytes: int) -> dict[str, Any]:
     """What every scheme's header shares: size, base64, JSON object, version. Decoded once;
-    the servicer then picks the parser by `scheme` (proof_from, vouchers.voucher_from)."""
+    the servicer then picks the parser by `scheme` (Proof.from_wire, vouchers.voucher_from)."""
     if len(value) > max_bytes:
         raise MalformedPayment(f"payment header is larger than {max_bytes} bytes")
     obj = decode_header(value)
@@ -249,30 +429,11 @@ def check_fields(obj: Mapping[str, Any], spec: Mapping[str, type], optional: str
         raise MalformedPayment(f"payment has unknown field {sorted(unknown)[0]!r}")
 
 
-def proof_from(obj: Mapping[str, Any]) -> Proof:
-    """A decoded payment object (decode_payment) → Proof, or a typed 400."""
-    if obj.get("scheme") != SCHEME:
-        raise UnsupportedScheme(f"scheme must be {SCHEME!r}")
-    check_fields(obj, PROOF_FIELDS, optional="invoice_id")
-    if not obj["nonce"].isascii() or len(obj["nonce"]) < MIN_NONCE_CHARS:
-        raise MalformedPayment(f"nonce must be at least {MIN_NONCE_CHARS} ASCII characters")
-    unsigned = {k: v for k, v in obj.items() if k != "signature"}
-    return Proof(
-        nonce=obj["nonce"],
-        resource=obj["resource"],
-        asset=obj["asset"],
-        amount=obj["amount"],
-        payee=obj["payee"],
-        expires_at=obj["expires_at"],
-        payer=obj["payer"],
-        signature=obj["signature"],
-        invoice_id=obj.get("invoice_id"),
-        signed_message=PROOF_DOMAIN + canonical_json(unsigned),
-    )
-
-
-def sign_proof(terms: Mapping[str, Any], wallet: Identity) -> dict[str, Any]:
-    """Client side: sign invoice `terms` (or direct terms without invoice_id)."""
+def sign_proof(terms: Invoice | Mapping[str, Any], wallet: Identity) -> dict[str, Any]:
+    """Client side: sign invoice `terms` (or direct terms without invoice_id), as the wire
+    object; a mapping's proof fields are signed as they are (tests send odd ones)."""
+    if isinstance(terms, Invoice):
+        return Proof.sign(terms, wallet).to_wire()
     fields = {k: terms[k] for k in PROOF_FIELDS if k in terms and k not in ("payer", "signature")}
     fields["payer"] = wallet.public_key
     fields["signature"] = wallet.sign(PROOF_DOMAIN + canonical_json(fields))

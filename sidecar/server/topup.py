@@ -30,6 +30,7 @@ from sidecar.core.errors import (
     PaymentRequired,
 )
 from sidecar.core.money import Asset
+from sidecar.core.protocol import Offer
 from sidecar.ledger.accounts import ACTIVE
 from sidecar.ledger.authorizations import Authorizations
 from sidecar.server.envoy.contract import TOPUP_PATH
@@ -53,7 +54,7 @@ class TopupService:
     async def respond(self, method: str, query: str, headers: Mapping[str, str]) -> Answer:
         started = time.perf_counter()
         line: dict[str, Any] = {"payer": None, "amount": None, "authorizer": None}
-        offer: dict[str, Any] | None = None
+        offer: Offer | None = None
         try:
             if method != "POST":
                 raise BadRequest("a top-up is a POST")
@@ -108,7 +109,7 @@ class TopupService:
         line: dict[str, Any],
         payer: str,
         amount: int,
-        offer: dict[str, Any],
+        offer: Offer,
         query: str,
         headers: Mapping[str, str],
     ) -> Answer:
@@ -180,7 +181,7 @@ class TopupService:
         chain = self.settler.chain
         if owner != payer or chain is None:
             raise NonceReused("this authorization was already used, or is being settled")
-        token = str(auth.requirements["asset"])
+        token = auth.requirements.asset
         if not await chain.authorization_used(token, auth.payer, auth.nonce):
             raise NonceReused("this authorization is being settled; try again shortly")
         found = state.split(":")[1] if state.startswith("settled:") else ""
@@ -191,7 +192,7 @@ class TopupService:
         self,
         error: PaymentError,
         line: dict[str, Any],
-        offer: dict[str, Any] | None,
+        offer: Offer | None,
         query: str,
         headers: Mapping[str, str],
     ) -> Answer:
@@ -199,7 +200,7 @@ class TopupService:
         body.update({k: v for k, v in error.details.items() if k != "state"})
         extra: dict[str, str] = {}
         if error.status == 402 and offer is not None:
-            amount = int(offer["amount"])
+            amount = int(offer.amount)
             body["x402"] = {
                 "version": protocol.VERSION,
                 "kind": "topup",
@@ -218,7 +219,7 @@ class TopupService:
                     "description": f"prepaid {self.asset.code} credit for an Ed25519 key",
                     "mimeType": "application/json",
                 },
-                "accepts": [offer],
+                "accepts": [offer.to_wire()],
             }
             extra["payment-required"] = protocol.encode_header(required)
         if error.status == 503:

@@ -30,6 +30,7 @@ from sidecar.core.errors import (
 from sidecar.core.exact import Eip3009Authorization
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
+from sidecar.core.protocol import Offer
 from sidecar.ledger.authorizations import Authorizations
 from sidecar.ledger.holds import CAPTURED, RELEASED, HoldClosed
 from sidecar.server.envoy.contract import (
@@ -101,7 +102,7 @@ class ExactSettler:
             auth.payer, auth.key, auth.valid_before, within, owner
         )
         try:
-            verified = await self.facilitator.verify(auth.envelope, auth.requirements)
+            verified = await self.facilitator.verify(auth.envelope, auth.requirements.to_wire())
         except FacilitatorUnavailable:
             await self.release(auth, reservation)
             raise
@@ -123,7 +124,7 @@ class ExactSettler:
         is resolved on chain (unresolved: it stays reserved until it expires, 503)."""
         via = "facilitator"
         try:
-            settled = await self.facilitator.settle(auth.envelope, auth.requirements)
+            settled = await self.facilitator.settle(auth.envelope, auth.requirements.to_wire())
         except SettleUnknown:
             via, transaction = "chain", await self.resolve(auth)  # unresolved: stays reserved
         except FacilitatorUnavailable:
@@ -153,7 +154,7 @@ class ExactSettler:
                 "the settlement's outcome is unknown; this authorization stays reserved "
                 "until it expires"
             )
-        token = str(auth.requirements["asset"])
+        token = auth.requirements.asset
         deadline = time.monotonic() + self.lookup
         while True:
             if await self.chain.authorization_used(token, auth.payer, auth.nonce):
@@ -176,8 +177,8 @@ class ExactSettler:
 def settled_facts(auth: Eip3009Authorization, transaction: str) -> dict[str, str]:
     return {
         "transaction": transaction,
-        "network": str(auth.requirements["network"]),
-        "token": str(auth.requirements["asset"]),
+        "network": auth.requirements.network,
+        "token": auth.requirements.asset,
         "nonce": auth.nonce,
     }
 
@@ -235,7 +236,7 @@ class Exact(HoldingScheme[Authorized]):
         reservation = await self.settler.verify(auth, within)
         extra = {
             ENVELOPE: _compact(auth.envelope),
-            REQUIREMENTS: _compact(auth.requirements),
+            REQUIREMENTS: _compact(auth.requirements.to_wire()),
             RESERVATION: reservation,
             RESOURCE: request.resource,
             HOST: request.host,
@@ -281,7 +282,7 @@ class Exact(HoldingScheme[Authorized]):
         held = int(meta[HELD])
         auth = _authorization(meta)
         await self.settler.release(auth, meta[RESERVATION])
-        network, token = str(auth.requirements["network"]), str(auth.requirements["asset"])
+        network, token = auth.requirements.network, auth.requirements.asset
         body = receipts.exact_release_body(
             auth.sender, meta[RESOURCE], asset, held, network, token, auth.nonce,
             meta[HOLD], self.gateway.payee, status, now,
@@ -295,7 +296,8 @@ def _compact(value: Mapping[str, Any]) -> str:
 
 
 def _authorization(meta: Mapping[str, str]) -> Eip3009Authorization:
-    return exact.restore(json.loads(meta[ENVELOPE]), json.loads(meta[REQUIREMENTS]))
+    requirements = Offer.from_wire(json.loads(meta[REQUIREMENTS]))
+    return exact.restore(json.loads(meta[ENVELOPE]), requirements)
 
 
 def _record(meta: Mapping[str, str], auth: Eip3009Authorization, payee: str) -> dict[str, str]:

@@ -36,7 +36,7 @@ class Prepaid(HoldingScheme[Proof]):
         self, payment: Mapping[str, Any], request: Request, price: Price, now: int
     ) -> Payment[Proof]:
         proof = decision.verify_payment(
-            request, price, self.gateway, now, protocol.proof_from(payment)
+            request, price, self.gateway, now, protocol.Proof.from_wire(payment)
         )
         return Payment(proof.payer, proof, proof.invoice_id, proof.nonce)
 

@@ -28,6 +28,7 @@ from sidecar.core.errors import (
 from sidecar.core.identity import Identity, write_secret
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
+from sidecar.core.protocol import Offer
 from sidecar.server.config import Settings
 
 TOKEN = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
@@ -124,12 +125,12 @@ def terms() -> exact.ExactTerms:
     return found
 
 
-def offer(amount: int = 10_000) -> dict[str, Any]:
+def offer(amount: int = 10_000) -> Offer:
     return exact.offer(terms().assets["USDF"], amount, terms())
 
 
 def envelope(now: int, **authorization: str) -> dict[str, Any]:
-    requirements = offer()
+    requirements = offer().to_wire()
     auth = {
         "from": PAYER,
         "to": OPERATOR,
@@ -148,7 +149,7 @@ def envelope(now: int, **authorization: str) -> dict[str, Any]:
 
 
 def test_the_offer_is_x402_v2_exact() -> None:
-    assert offer() == {
+    assert offer().to_wire() == {
         "scheme": "exact",
         "network": "eip155:31337",
         "amount": "10000",
