@@ -188,25 +188,10 @@ class X402Auth(httpx.Auth):
     def sync_auth_flow(
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
-        """The payment flow under httpx.Client: each answer is read here, inside the flow,
-        so a timeout while reading it reaches the flow (an unknown outcome), not the GC."""
+        """The payment flow under httpx.Client, each answer read inside the flow."""
         if self.requires_request_body:
             request.read()
-        flow = self._flow(request, asynchronous=False)
-        try:
-            step = next(flow)
-            while True:
-                if isinstance(step, Wait):
-                    step.event.wait(step.timeout)
-                    step = flow.send(None)
-                else:
-                    response = yield step
-                    response.read()
-                    step = flow.send(response)
-        except StopIteration:
-            return
-        finally:
-            flow.close()
+        return drive(self._flow(request, asynchronous=False), read=True)
 
     async def async_auth_flow(
         self, request: httpx.Request

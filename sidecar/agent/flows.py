@@ -67,8 +67,10 @@ async def wait_async(wait: Wait) -> None:
         await anyio.sleep(0.005)
 
 
-def drive(flow: Flow) -> Generator[httpx.Request, httpx.Response, None]:
-    """A flow as an httpx auth flow for sync callers: a `Wait` blocks this thread."""
+def drive(flow: Flow, read: bool = False) -> Generator[httpx.Request, httpx.Response, None]:
+    """A flow as an httpx auth flow for sync callers: a `Wait` blocks this thread. With
+    `read`, each answer's body is read here, inside the flow, so a timeout while reading it
+    reaches the flow (an unknown outcome), not the garbage collector."""
     try:
         step = next(flow)
         while True:
@@ -76,7 +78,10 @@ def drive(flow: Flow) -> Generator[httpx.Request, httpx.Response, None]:
                 step.event.wait(step.timeout)
                 step = flow.send(None)
             else:
-                step = flow.send((yield step))
+                response = yield step
+                if read:
+                    response.read()
+                step = flow.send(response)
     except StopIteration:
         return
     finally:
