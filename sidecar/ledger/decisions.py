@@ -2,10 +2,11 @@
 
 Workers hand over the lines their decision log writes, a batch at a time (at most every
 `DecisionLog.FLUSH_SECONDS`), off the hot path: one script call per batch through the
-ledger's pipelined connection (a redis-py pipeline of one XADD per line cost a paid check
-~30 µs of CPU; see bench/feed.py), each XADD capped with `MAXLEN ~` so the stream stays a
-bounded window of the newest lines, and the batch trimmed further when the stream's memory
-passes its byte cap (lines are bounded too: core/decision.FIELD_BYTES per field).
+ledger's pipelined connection (a redis-py pipeline of one XADD per line costs a paid check
+measurably more: bench/feed.py, docs/performance.md), each XADD capped with `MAXLEN ~` so
+the stream stays a bounded window of the newest lines, and the batch trimmed further when
+the stream's memory passes its byte cap (lines are bounded too: core/decision.FIELD_BYTES
+per field).
 Losing a batch (Redis down) loses dashboard rows, never money: the stream is a view.
 """
 

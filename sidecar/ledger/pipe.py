@@ -1,6 +1,7 @@
 """A pipelined Redis client for the hot path: one connection, many scripts in flight.
 
-redis-py costs ~30 µs of Python per call and one pooled connection per command in flight.
+redis-py costs more Python per call than a check's own work, and one pooled connection
+per command in flight (docs/performance.md).
 Here every call is written to one connection as it comes and Redis answers strictly in
 order, so each reply goes to the oldest waiting call: hundreds of debits share a single
 socket for a few µs each. Only the hot path needs this; admin operations use redis-py.

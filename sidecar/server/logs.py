@@ -74,9 +74,9 @@ class DecisionLog:
     """The decision line of PROTOCOL.md §7 on the hot path.
 
     The same line structlog writes (the caller's keys in order, then `event`, `level` and
-    a UTC `timestamp`), built with one JSON encode: ~5 µs a check instead of ~13. Lines are
-    written together at most `FLUSH_SECONDS` after the first of them (or at `MAX_PENDING`):
-    a write per check cost a worker ~50 µs of CPU a check under load. The caller's keys
+    a UTC `timestamp`), built with one JSON encode. Lines are written together at most
+    `FLUSH_SECONDS` after the first of them (or at `MAX_PENDING`): a write per check costs
+    far more CPU under load (docs/performance.md, "The hot path"). The caller's keys
     are the fixed decision fields: no secret can get in. Call `flush` before exiting.
     """
 

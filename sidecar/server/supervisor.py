@@ -1,12 +1,13 @@
 """Run the sidecar: a supervisor process and one worker process per core.
 
-The gRPC framework costs ~200 µs of GIL-bound Python per check, so one process cannot use
-more than one core. `run` validates the config, then forks `workers` processes before any
-gRPC object exists (gRPC's threads do not survive a fork). Worker i serves ext_authz and
-gRPC health on its own port, listen_grpc's port + i; Envoy lists every worker as an
-endpoint of its x402_authz cluster (server/envoy/edge.py, Endpoints.authz_workers) and spreads
-checks evenly. SO_REUSEPORT would not: Envoy keeps a few long-lived HTTP/2 connections
-and the kernel pins each to one process. Worker 0 also serves the HTTP side port.
+The gRPC framework's per-check Python holds the GIL, so one process cannot use more than
+one core (docs/performance.md, "The server model"). `run` validates the config, then forks
+`workers` processes before any gRPC object exists (gRPC's threads do not survive a fork).
+Worker i serves ext_authz and gRPC health on its own port, listen_grpc's port + i; Envoy
+lists every worker as an endpoint of its x402_authz cluster (server/envoy/edge.py,
+Endpoints.authz_workers) and spreads checks evenly. SO_REUSEPORT would not: Envoy keeps a
+few long-lived HTTP/2 connections and the kernel pins each to one process. Worker 0 also
+serves the HTTP side port.
 
 The supervisor does nothing else: it restarts a worker that dies (a crash loop makes it
 stop everything and exit 1, for Kubernetes to restart the pod), and on SIGTERM or SIGINT

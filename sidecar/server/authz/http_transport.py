@@ -14,8 +14,9 @@ There are no per-route
 `context_extensions` here, so prices come from the sidecar's route table; a route's response
 phase is announced by the renderer's per-route `x-x402-phase` header instead.
 
-Why a second transport: grpc.aio costs ~200 µs of Python per check before our code runs;
-an asyncio protocol over httptools (llhttp, the parser uvicorn uses) costs a fraction of it.
+Why a second transport: grpc.aio costs more Python per check, before our code runs, than
+all of our own work (docs/performance.md, "Two transports"); an asyncio protocol over
+httptools (llhttp, the parser uvicorn uses) costs a fraction of it.
 The parser is that well-kept library; only the answers are written here, from prebuilt
 pieces. A check is never cancelled when Envoy hangs up: it finishes (the ledger scripts
 refuse past Envoy's deadline, so a 503 never charges) and its decision line says
