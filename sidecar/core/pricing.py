@@ -34,6 +34,10 @@ EXT_PRICE, EXT_ASSET, EXT_ROUTE, EXT_DESCRIPTION = (
     "x402.route",
     "x402.description",
 )
+# The name of an annotated Envoy route without `x402.route`: one name for all of them, not
+# the request's path, which an outsider chooses on a prefix or regex route (metric labels,
+# the annotation cache).
+UNNAMED_ROUTE = "annotated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +333,7 @@ class RouteTable:
                 self,
                 context_extensions.get(EXT_PRICE, ""),
                 context_extensions.get(EXT_ASSET, ""),
-                route or f"{method} {path}",
+                route or UNNAMED_ROUTE,
                 context_extensions.get(EXT_DESCRIPTION, ""),
                 _phase_annotations(context_extensions),
             )

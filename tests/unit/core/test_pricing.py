@@ -7,6 +7,7 @@ import pytest
 from sidecar.core.errors import BadRequest, ConfigError, UnknownRoute
 from sidecar.core.money import Asset
 from sidecar.core.pricing import (
+    UNNAMED_ROUTE,
     Price,
     Route,
     RouteTable,
@@ -72,9 +73,15 @@ def test_annotations_override_the_table() -> None:
     assert price == Price("promo", 50, EURF, "")
 
 
-def test_annotation_without_name_is_named_by_resource_and_zero_is_free() -> None:
-    price = TABLE.price_for("GET", "/x", {"x402.price": "0.01"})
-    assert price is not None and price.route == "GET /x" and price.asset == USDF
+def test_annotation_without_name_has_one_name_whatever_the_path_and_zero_is_free() -> None:
+    # A prefix route sees every path a client sends: none of them may become a route name
+    # (a metric label, a cache key).
+    names = set()
+    for path in ("/x", "/x/" + "a" * 5000, "/x/another"):
+        price = TABLE.price_for("GET", path, {"x402.price": "0.01"})
+        assert price is not None and price.asset == USDF
+        names.add(price.route)
+    assert names == {UNNAMED_ROUTE}
     assert TABLE.price_for("GET", "/api/v1/agent/pay-api/atlas", {"x402.price": "0"}) is None
 
 
