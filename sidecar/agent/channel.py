@@ -31,6 +31,7 @@ from sidecar.agent.receipts import (
     receipt_header,
     refusal,
     report,
+    verified,
 )
 from sidecar.agent.wallet import Reservation, Wallet, scaled, unscaled
 from sidecar.core import protocol, vouchers
@@ -230,7 +231,7 @@ class ChannelAuth(httpx.Auth):
 def _receipt_problem(
     fields: Mapping[str, Any], voucher: Mapping[str, Any], discovery: Discovery
 ) -> str | None:
-    if not protocol.verify_receipt(fields, discovery.keys):
+    if not verified(fields, discovery.keys):
         return "the receipt's signature does not verify against the gateway's keys"
     for name in ("channel_id", "sequence", "payer", "resource", "asset"):
         if fields.get(name) != voucher.get(name):

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.agent.receipts import verified
 from sidecar.core import protocol
 from sidecar.core.errors import AmountError, InvalidChallenge, PaymentError
 from sidecar.core.money import to_atomic
@@ -170,7 +171,7 @@ def check_exact_receipt(
     `METHOD path` (None for a top-up, whose credit receipt names the Ed25519 key)."""
     if keys is None:
         return "no gateway keys to verify it (the gateway has no /.well-known/x402)"
-    if not protocol.verify_receipt(fields, keys):
+    if not verified(fields, keys):
         return "the signature does not verify against the gateway's published keys"
     if fields.get("success") is not True:
         return "it does not say success"

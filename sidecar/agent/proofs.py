@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from sidecar.agent.receipts import verified
 from sidecar.agent.wallet import scaled
 from sidecar.core import protocol
 from sidecar.core.errors import AmountError, InvalidChallenge, PaymentError
@@ -64,7 +65,7 @@ def check_receipt(
     """Why this receipt is not a valid receipt for `proof`, or None if it is one."""
     if keys is None:
         return "no gateway keys to verify it (the gateway has no /.well-known/x402)"
-    if not protocol.verify_receipt(fields, keys):
+    if not verified(fields, keys):
         return "the signature does not verify against the gateway's published keys"
     for name in ("payer", "payee", "nonce", "resource", "asset"):
         if fields.get(name) != getattr(proof, name):

@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 
 from sidecar.core import protocol
-from sidecar.core.errors import InvalidReceipt, PaymentError, ReceiptWarning
+from sidecar.core.errors import InvalidReceipt, MalformedReceipt, PaymentError, ReceiptWarning
+from sidecar.core.receipts import Receipt as Signed
 
 RECEIPT_EXTENSION = "x402_receipt"
 NOT_JSON = "the payment receipt header is not base64 JSON"
@@ -120,6 +121,14 @@ def receipt_fields(header: str) -> dict[str, Any] | None:
     except PaymentError:
         return None
     return fields if isinstance(fields, dict) else None
+
+
+def verified(fields: Mapping[str, Any], keys: Mapping[str, str]) -> bool:
+    """Whether `fields` are a receipt signed by one of the gateway's `keys`."""
+    try:
+        return Signed.from_wire(fields).verify(keys)
+    except MalformedReceipt:
+        return False
 
 
 def attach(response: httpx.Response, fields: Mapping[str, Any], problem: str | None) -> Receipt:

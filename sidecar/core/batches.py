@@ -16,7 +16,8 @@ from sidecar.core import merkle, receipts
 from sidecar.core.errors import SettlementError
 from sidecar.core.identity import Identity, KeySet, b64url, verify, verify_key
 from sidecar.core.money import Asset
-from sidecar.core.protocol import VERSION, canonical_json, sign_receipt
+from sidecar.core.protocol import VERSION, canonical_json
+from sidecar.core.receipts import Receipt
 
 BATCH_DOMAIN = b"fth-x402/2.0 batch\n"
 BATCH_TYPE = "settlement-batch"
@@ -45,7 +46,7 @@ def signer(entry: Mapping[str, str], keys: KeySet) -> Identity:
 
 def signed_receipt(
     payer: str, entry: Mapping[str, str], assets: Mapping[str, Asset], keys: KeySet
-) -> dict[str, Any]:
+) -> Receipt:
     """The receipt the agent got for a receipt-stream entry, re-derived and re-signed by
     the key that signed it (its payee's).
 
@@ -61,18 +62,18 @@ def signed_receipt(
         raise SettlementError(
             f"receipt {entry.get('receipt_id')}: malformed stream entry ({exc})"
         ) from None
-    return sign_receipt(body, signer(entry, keys))
+    return Receipt.sign(body, signer(entry, keys))
 
 
 def leaf(receipt: Mapping[str, Any]) -> bytes:
-    """A batch's leaves are the signed receipts' canonical JSON."""
+    """A batch's leaves are the signed receipts' canonical JSON (their wire)."""
     return canonical_json(receipt)
 
 
 @dataclass(frozen=True)
 class Batch:
     manifest: dict[str, Any]  # signed
-    receipts: list[dict[str, Any]]  # signed, in leaf order
+    receipts: list[dict[str, Any]]  # signed, on the wire, in leaf order
     stream_ids: list[str]
     tree: merkle.MerkleTree = field(repr=False)
 
@@ -93,7 +94,8 @@ def build_batch(
     nor which key is current: a claim holds the receipts of one payee (settle_claim.lua
     ends it where the payee changes), and that payee's key signs the manifest too, so a
     batch rebuilt after a rotation is the same bytes."""
-    receipts = [signed_receipt(payer, fields, assets, keys) for _id, fields in entries]
+    signed = [signed_receipt(payer, fields, assets, keys) for _id, fields in entries]
+    receipts = [r.to_wire() for r in signed]
     gateway = signer(entries[0][1], keys)
     tree = merkle.MerkleTree([leaf(r) for r in receipts])
     totals: dict[str, int] = {}
@@ -113,7 +115,7 @@ def build_batch(
         "totals": {code: str(amount) for code, amount in sorted(totals.items())},
         "merkle_alg": merkle.ALGORITHM,
         "merkle_root": tree.root.hex(),
-        "closed_at": max(int(r["issued_at"]) for r in receipts),
+        "closed_at": max(r.issued_at for r in signed),
         "kid": gateway.kid,
     }
     manifest = {**body, "signature": gateway.sign(BATCH_DOMAIN + canonical_json(body))}

@@ -291,6 +291,13 @@ class InvalidReceipt(X402Error):
         self.reason = reason or message
 
 
+class MalformedReceipt(X402Error, ValueError):
+    """A signed receipt that is not one (Receipt.from_wire): not an object, or a common
+    field missing or of the wrong type; the message names the field."""
+
+    reason: ClassVar[str] = "malformed_receipt"
+
+
 class PaymentOutcomeUnknown(X402Error):
     """A proof was sent and its answer never came (a timeout, a dropped connection): the
     gateway may have charged it. The wallet counts it as spent. `payment` is its identity

@@ -12,14 +12,80 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
+from sidecar.core.errors import MalformedReceipt
+from sidecar.core.identity import Identity, verify, verify_key
 from sidecar.core.money import Asset
-from sidecar.core.protocol import VERSION, Proof
+from sidecar.core.protocol import RECEIPT_DOMAIN, VERSION, Proof, canonical_json, sign_receipt
 from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
 from sidecar.core.vouchers import Voucher
 
 CHANNEL_CLOSE = "channel"  # the `kind` of a channel close's stream entry
+
+# The fields every receipt has, whatever its variant (the bodies below), and their types.
+_COMMON: dict[str, type] = {
+    "receipt_id": str, "success": bool, "payer": str, "payee": str, "asset": str,
+    "amount": str, "issued_at": int, "kid": str, "signature": str,
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A signed receipt (PROTOCOL.md §4) as it crosses module boundaries: its common fields
+    typed, `body` every signed field but `kid` (a variant's extras included, read-only).
+    `to_wire()` is the dict that was signed plus the signature, so its canonical JSON is
+    the bytes of the receipt header and of a batch's leaf."""
+
+    receipt_id: str
+    success: bool
+    payer: str
+    payee: str
+    asset: str
+    amount: str  # decimal, as on the wire
+    issued_at: int
+    kid: str
+    signature: str
+    body: Mapping[str, Any] = field(repr=False)
+
+    @classmethod
+    def sign(cls, fields: Mapping[str, Any], gateway: Identity) -> Receipt:
+        """The receipt of an unsigned body (one of the functions below), signed."""
+        return cls.from_wire(sign_receipt(fields, gateway))
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Receipt:
+        """MalformedReceipt when `obj` is not an object with every common field typed."""
+        if not isinstance(obj, Mapping):
+            raise MalformedReceipt("a receipt is a JSON object")
+        for name, kind in _COMMON.items():
+            value = obj.get(name)
+            if type(value) is not kind:
+                raise MalformedReceipt(f"the receipt has no valid {name!r}")
+        body = MappingProxyType({k: v for k, v in obj.items() if k not in ("kid", "signature")})
+        return cls(
+            obj["receipt_id"], obj["success"], obj["payer"], obj["payee"], obj["asset"],
+            obj["amount"], obj["issued_at"], obj["kid"], obj["signature"], body,
+        )  # fmt: skip
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.body, "kid": self.kid, "signature": self.signature}
+
+    @property
+    def signed_message(self) -> bytes:
+        return RECEIPT_DOMAIN + canonical_json({**self.body, "kid": self.kid})
+
+    def verify(self, public_keys: Mapping[str, str]) -> bool:
+        """Offline check with the gateway keys of discovery ({kid: base64url public key})."""
+        if self.kid not in public_keys:
+            return False
+        try:
+            key = verify_key(public_keys[self.kid])
+        except ValueError:
+            return False
+        return verify(key, self.signed_message, self.signature)
 
 
 def debit_record(

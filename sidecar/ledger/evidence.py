@@ -90,7 +90,7 @@ async def _batch_items(
     entries: list[tuple[str, dict[str, str]]] = await ledger.call(
         ledger._redis.xrange(keyspace.receipts(payer), min=manifest["first"], max=manifest["last"])
     )
-    receipts = [signed_receipt(payer, fields, assets, keys) for _i, fields in entries]
+    receipts = [signed_receipt(payer, fields, assets, keys).to_wire() for _i, fields in entries]
     if not any(query.matches(r) for r in receipts):
         return []
     tree = merkle.MerkleTree([leaf(r) for r in receipts])

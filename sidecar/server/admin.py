@@ -173,13 +173,13 @@ class GatewayAdmin(pb_grpc.GatewayAdminServicer):  # type: ignore[misc]
                         stream_id=stream_id,
                         receipt_id=fields.get("receipt_id", ""),
                         kind=fields.get("kind", "debit"),
-                        asset=signed["asset"],
-                        amount=signed["amount"],
+                        asset=signed.asset,
+                        amount=signed.amount,
                         issued_at=int(fields.get("issued_at", "0")),
                         resource=fields.get("resource", ""),
                         route=fields.get("route", ""),
                         channel_id=fields.get("channel_id", ""),
-                        signed_json=canonical_json(signed).decode(),
+                        signed_json=canonical_json(signed.to_wire()).decode(),
                     )
                 )
             more = len(entries) == limit

@@ -74,7 +74,7 @@ def remember_gateway(stack: Stack) -> None:
 def _leaf(payer: str, fields: dict[str, str], public_key: str) -> bytes:
     gateway = _gateways[public_key]
     receipt = batches.signed_receipt(payer, fields, {"USDF": Asset("USDF", 6)}, KeySet(gateway))
-    return batches.leaf(receipt)
+    return batches.leaf(receipt.to_wire())
 
 
 def leaves_root(leaves: list[bytes]) -> str:

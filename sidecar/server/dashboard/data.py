@@ -13,7 +13,6 @@ from typing import Any
 from sidecar.core.batches import signed_receipt
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import SettlementError, X402Error
-from sidecar.core.protocol import verify_receipt
 from sidecar.ledger import decisions, evidence, reports, settlement
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.payers import Balance, ChannelView, Payers, checked_key
@@ -136,7 +135,7 @@ class DashboardData:
         for r in receipts:
             try:
                 signed = signed_receipt(payer, r.fields, self.payers.assets, self.gateway.keys)
-                ok = verify_receipt(signed, keys)
+                ok = signed.verify(keys)
             except SettlementError:
                 ok = False
             shown.append(ShownReceipt(r, ok, not reports.stream_after(r.stream_id, cursor)))
