@@ -21,17 +21,16 @@ from sidecar.core.identity import Identity
 from sidecar.ledger import keyspace, scripts
 from sidecar.ledger.accounts import SUSPENDED, Ledger
 from sidecar.ledger.channels import Channels
-from sidecar.ledger.pipe import RedisPipe
 from sidecar.server.authz.check import CheckService
-from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.config import Settings
 from sidecar.server.logs import DecisionLog
 from sidecar.tools.stack import Stack
 from tests.support.cli import x402
+from tests.support.inprocess import cancel_while_redis_stalls
 from tests.support.payers import b64json, funded_payer, voucher_header
 from tests.support.routes import VERIFY
 from tests.support.settlement import settle
-from tests.support.streams import raw, raw_pipe, xrange
+from tests.support.streams import raw, xrange
 
 USDF = 1_000_000
 
@@ -399,18 +398,7 @@ async def test_a_voucher_accepted_after_envoy_gave_up_still_gets_its_log_line(
     http.headers["x-payment"] = voucher_header(
         stack, wallet, cumulative="0.01", sequence=1, **terms
     )["X-Payment"]
-    # Connected, and the script loaded (else its first call is NOSCRIPT, load, retry).
-    pipe = raw_pipe(servicer.ledger)
-    assert isinstance(pipe, RedisPipe)  # one Redis here, not a cluster
-    await pipe.call("SCRIPT", "LOAD", scripts.VOUCHER.source)
-    pause = asyncio.create_task(raw(ledger).execute_command("DEBUG", "SLEEP", "0.5"))
-    await asyncio.sleep(0.05)
-
-    task = asyncio.create_task(check_message(servicer, check))
-    await asyncio.sleep(0.1)
-    task.cancel()
-    await pause
-    await asyncio.sleep(0.2)
+    await cancel_while_redis_stalls(servicer, ledger, scripts.VOUCHER, check)
 
     state = await Channels(ledger).get(wallet.public_key, channel_id)
     assert (state.cumulative, state.sequence) == (10_000, 1)

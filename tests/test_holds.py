@@ -20,17 +20,14 @@ from sidecar.core.errors import MaxAmountExceeded
 from sidecar.ledger import scripts
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import Holds
-from sidecar.ledger.pipe import RedisPipe
 from sidecar.server.authz.check import CheckService
-from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.config import Settings
 from sidecar.server.logs import DecisionLog
 from sidecar.tools.stack import Stack
 from tests.support.cli import x402
-from tests.support.inprocess import check_request
+from tests.support.inprocess import cancel_while_redis_stalls, check_request
 from tests.support.payers import funded_payer, pay_direct
 from tests.support.settlement import settle
-from tests.support.streams import raw, raw_pipe
 
 REPORT, ROWS, LLM = "/api/v1/report", "/api/v1/data/rows", "/api/v1/llm/generate"
 ROUTES: dict[str, dict[str, Any]] = {
@@ -431,17 +428,7 @@ async def test_a_hold_placed_after_envoy_gave_up_gets_its_line_and_stays_until_i
         holds_stack, wallet, f"GET {REPORT}", "0.25"
     ).items()}  # fmt: skip
     check = check_request("GET", REPORT, proof, {phases.EXT_PHASE: phases.PHASE_RESPONSE})
-    pipe = raw_pipe(servicer.ledger)
-    assert isinstance(pipe, RedisPipe)  # one Redis here, not a cluster
-    await pipe.call("SCRIPT", "LOAD", scripts.HOLD.source)  # connected, the script loaded
-    pause = asyncio.create_task(raw(holds_ledger).execute_command("DEBUG", "SLEEP", "0.5"))
-    await asyncio.sleep(0.05)
-
-    task = asyncio.create_task(check_message(servicer, check))
-    await asyncio.sleep(0.1)
-    task.cancel()
-    await pause
-    await asyncio.sleep(0.2)
+    await cancel_while_redis_stalls(servicer, holds_ledger, scripts.HOLD, check)
 
     account = await holds_ledger.account(wallet.public_key)
     assert (account.balances["USDF"], account.held["USDF"]) == (750_000, 250_000)

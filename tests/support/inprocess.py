@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,10 +11,12 @@ from typing import Any
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 
 from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.pipe import RedisPipe, Script
 from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.config import Settings
 from sidecar.tools.stack import Stack
+from tests.support.streams import raw, raw_pipe
 
 
 @dataclass(frozen=True)
@@ -57,3 +60,20 @@ def servicer_for(stack: Stack) -> tuple[CheckService, Ledger]:
 
 async def check(servicer: CheckService, request: authz.CheckRequest) -> Outcome:
     return outcome(await check_message(servicer, request))
+
+
+async def cancel_while_redis_stalls(
+    servicer: CheckService, ledger: Ledger, script: Script, request: authz.CheckRequest
+) -> None:
+    """Envoy gives up on a check while Redis stalls (DEBUG SLEEP): the check is cancelled
+    after its ledger step was sent, and Redis then answers it."""
+    pipe = raw_pipe(servicer.ledger)
+    assert isinstance(pipe, RedisPipe)  # one Redis here, not a cluster
+    await pipe.call("SCRIPT", "LOAD", script.source)  # connected, the script loaded
+    pause = asyncio.create_task(raw(ledger).execute_command("DEBUG", "SLEEP", "0.5"))
+    await asyncio.sleep(0.05)
+    task = asyncio.create_task(check_message(servicer, request))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await pause
+    await asyncio.sleep(0.2)  # the step's reply, and its bookkeeping
