@@ -6,6 +6,7 @@ Pure: the ledger step happens between `verify_payment` and `allow` in the servic
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any
@@ -21,6 +22,7 @@ from sidecar.core.errors import (
     InvoiceMismatch,
     MalformedPayment,
     PaymentError,
+    PaymentRequired,
 )
 from sidecar.core.identity import Identity, KeySet, verify, verify_key
 from sidecar.core.pricing import Price
@@ -57,6 +59,13 @@ class Gateway:
     exact: exact.ExactTerms | None = None  # the x402 `exact` scheme, where configured
     previous: tuple[Identity, ...] = field(default=(), repr=False)  # keys before a rotation
     previous_until: int = 0  # unix seconds: proofs to a previous key refused after; 0: never
+    # Each priced route's 402 `extensions` (bazaar, payment-identifier) by (route, method),
+    # and (route, "") for any other method; built once at start (server/listing.py).
+    extensions: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
+
+    def extensions_for(self, route: str, method: str) -> Mapping[str, Any] | None:
+        """The 402 `extensions` a request of `method` to `route` is declared."""
+        return self.extensions.get((route, method)) or self.extensions.get((route, ""))
 
     @cached_property
     def payee(self) -> str:
@@ -284,7 +293,7 @@ def payment_required(
     onchain = gateway.exact.for_price(price) if gateway.exact is not None else None
     if onchain is not None and gateway.exact is not None and not metered:
         accepts.append(exact.offer(onchain, price.amount, gateway.exact).to_wire())
-    return {
+    required: dict[str, Any] = {
         "x402Version": protocol.X402_VERSION,
         "error": reason,
         "resource": {
@@ -294,6 +303,15 @@ def payment_required(
         },
         "accepts": accepts,
     }
+    extensions = gateway.extensions_for(price.route, request.method)
+    if extensions:
+        required["extensions"] = extensions
+    return required
+
+
+def unpaid(request: Request, price: Price) -> PaymentRequired:
+    """The refusal of a priced request that carries no payment: the 402 challenge."""
+    return PaymentRequired(f"{request.resource} costs {price.display} {price.asset.code}")
 
 
 _EXACT_FIELDS = frozenset(("price_usd", "token", "chain", "facilitator", "payment_target"))

@@ -29,6 +29,7 @@ from sidecar.core.pricing import (
     refuse_ambiguity,
     validate_path,
 )
+from sidecar.server import listing, networks
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.envoy.edge import Edge
 
@@ -169,6 +170,7 @@ class Settings:
         settings = cls(**values)
         try:  # validate routes and assets now, not at the first request
             settings.route_table()
+            settings.route_extensions()
             settings.edge_config()
             settings.exact_terms()
             settings.dashboard_origin()
@@ -214,11 +216,14 @@ class Settings:
         for code, spec in self.onchain.items():
             if str(code) not in assets:
                 raise ConfigError(f"config onchain.{code}: not a ledger asset (see assets)")
+            entry = networks.resolve(str(code), spec)  # `network: base-sepolia` presets
             tokens[str(code)] = exact.onchain_from_config(
-                str(code), spec, assets[str(code)].decimals
+                str(code), entry, assets[str(code)].decimals
             )
-        if exact.ADDRESS.fullmatch(self.pay_to) is None:
+            networks.check_address(f"config onchain.{code}.token", tokens[str(code)].token)
+        if not self.pay_to:
             raise ConfigError("config pay_to: the operator's 0x address (required with onchain)")
+        networks.check_address("config pay_to", self.pay_to)
         if not self.facilitator_url.startswith(("http://", "https://")):
             raise ConfigError("config facilitator_url: an http(s) URL (required with onchain)")
         if self.chain_rpc_url and not self.chain_rpc_url.startswith(("http://", "https://")):
@@ -291,6 +296,7 @@ class Settings:
                 raise ConfigError(f"{key}: must be a mapping with method, path and price")
             unknown = set(spec) - {"method", "path", "price", "asset", "description"}
             unknown -= set(phases.ROUTE_KEYS)  # charge: on_success and metering
+            unknown -= set(listing.ROUTE_KEYS)  # the 402's extensions (bazaar, …)
             if unknown:
                 raise ConfigError(f"{key}: unknown key {sorted(unknown)[0]!r}")
             method = str(spec.get("method", ANY_METHOD)).upper()
@@ -333,6 +339,12 @@ class Settings:
         refuse_ambiguity(routes, case_sensitive)
         return RouteTable(routes, assets, self.default_asset, self.unlisted, case_sensitive)
 
+    def route_extensions(self) -> listing.Declarations:
+        """Each priced route's x402 extensions (bazaar, payment-identifier), by route and
+        method, built once here (server/listing.py)."""
+        priced = (r for r in self.route_table().routes if r.price.amount)
+        return listing.declarations((r.name, r.method, self.routes[r.name]) for r in priced)
+
     def signing_keys(self) -> KeySet:
         """The current signing key and the previous ones; a KeySetError (reason
         key_unreadable, key_mode, key_malformed, duplicate_kid) names the file at fault."""
@@ -364,6 +376,7 @@ class Settings:
             network=self.network,
             public_url=exact.published_url(self.public_url),
             exact=self.exact_terms(),
+            extensions=self.route_extensions(),
         )
 
 

@@ -65,12 +65,19 @@ def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
                 "asset": r.price.asset.code,
                 "description": r.price.description,
                 **phases.describe(r.price.phase, r.price.asset),  # on_success, metered
+                **_extensions(gateway, r.name, r.method),
             }
             for r in routes.routes
         ],
         "max_direct_ttl_seconds": gateway.max_direct_ttl,
         **_exact_entries(gateway),
     }
+
+
+def _extensions(gateway: Gateway, route: str, method: str) -> dict[str, Any]:
+    """A priced route's x402 extensions, as its 402 declares them (bazaar, …)."""
+    declared = gateway.extensions_for(route, method)
+    return {"extensions": declared} if declared else {}
 
 
 def _key_status(key: Identity, gateway: Gateway) -> dict[str, Any]:

@@ -32,7 +32,6 @@ from sidecar.core.errors import (
     ConfigError,
     InternalError,
     PaymentError,
-    PaymentRequired,
     UnsupportedScheme,
 )
 from sidecar.core.pricing import Price, RouteTable
@@ -197,7 +196,7 @@ class CheckService:
     ) -> Paying:
         """Every check before the ledger; raises the refusal."""
         if request.proof_header is None:
-            raise PaymentRequired(f"{request.resource} costs {price.display} {price.asset.code}")
+            raise decision.unpaid(request, price)
         decoded = protocol.decode_payment(request.proof_header, self.gateway.max_proof_bytes)
         scheme = self.schemes.pick(exact.scheme_of(decoded))
         payment = scheme.verify(decoded, request, price, now)

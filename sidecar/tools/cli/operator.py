@@ -132,6 +132,32 @@ def envoy_config(
     )
 
 
+@main.command("offers")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar="X402_CONFIG",
+    required=True,
+    help="YAML config file (X402_<KEY> environment variables override it).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: routes and tokens.")
+@click.option(
+    "--url",
+    default="",
+    help="The base URL agents reach (resource.url) [default: public_url, else localhost].",
+)
+def offers_command(config_path: str, as_json: bool, url: str) -> None:
+    """Preview each priced route's 402 offers (accepts[], extensions); starts nothing."""
+    import json
+
+    from sidecar.server.config import Settings
+    from sidecar.tools.offers import preview, render
+
+    found = preview(Settings.load(config_path), url)
+    click.echo(json.dumps(found, indent=2) if as_json else render(found))
+
+
 @main.group()
 def payer() -> None:
     """Register, credit, suspend payers and read balances."""

@@ -94,7 +94,7 @@ def test_env_overrides_the_exact_scalars() -> None:
         ({"onchain": {"USDF": {**ONCHAIN["USDF"], "decimals": 18}}}, "onchain.USDF.decimals"),
         ({"onchain": {"EUR": ONCHAIN["USDF"]}}, "onchain.EUR"),
         ({"onchain": {"USDF": {**ONCHAIN["USDF"], "token": "0x12"}}}, "onchain.USDF.token"),
-        ({"onchain": {"USDF": {**ONCHAIN["USDF"], "network": "base"}}}, "onchain.USDF.network"),
+        ({"onchain": {"USDF": {**ONCHAIN["USDF"], "network": "basee"}}}, "onchain.USDF.network"),
         ({"onchain": {"USDF": {**ONCHAIN["USDF"], "name": ""}}}, "onchain.USDF.name"),
         ({"onchain": {"USDF": {**ONCHAIN["USDF"], "chain": 1}}}, "onchain.USDF"),
         ({"pay_to": ""}, "pay_to"),
