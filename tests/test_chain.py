@@ -183,6 +183,7 @@ def test_supported_lists_exact_on_this_chain_only(
     supported = response.json()
     assert supported["kinds"] == [{"x402Version": 2, "scheme": "exact", "network": chain.network}]
     assert supported["signers"] == {"eip155:*": [facilitator.account.address]}
+    assert supported["extensions"] == ["bazaar"]  # GET /discovery/resources (tools/catalog.py)
 
 
 def test_verify_then_settle_moves_exactly_the_price(http: httpx.Client, chain: AnvilChain) -> None:

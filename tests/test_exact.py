@@ -17,6 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
+from x402.extensions.bazaar import validate_discovery_extension
+from x402.extensions.bazaar.types import parse_discovery_extension
+from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER
 from x402.http.clients import x402HttpxClient
 from x402.http.utils import decode_payment_response_header
 from x402.schemas import PaymentPayload, PaymentRequired
@@ -38,7 +41,17 @@ from tests.support.payers import pay_direct
 
 PAID = "/api/paid"
 PRICE = 10_000  # 0.01 USDF = 0.01 USDC
-ROUTES = {"paid": {"method": "GET", "path": PAID, "price": "0.01", "description": "paid"}}
+ROUTES = {
+    "paid": {
+        "method": "GET",
+        "path": PAID,
+        "price": "0.01",
+        "description": "paid",
+        # discoverable: the 402 declares the bazaar extension (server/listing.py)
+        "input_schema": {"properties": {"q": {"type": "string"}}},
+        "output_example": {"payer": "0x…"},
+    }
+}
 X402_CORE = Path(
     os.environ.get("X402_CORE")
     or Path(__file__).resolve().parents[1] / ".tools/node_modules/@x402/core"
@@ -100,6 +113,17 @@ async def test_the_402_validates_against_the_official_python_model(
     required = PaymentRequired.model_validate(b64json(response.headers["payment-required"]))
     assert [a.scheme for a in required.accepts] == ["prepaid-ed25519", "exact"]
     assert required.x402_version == 2 and required.resource is not None
+    # The extensions, in the official shape: bazaar (valid against its own schema, with
+    # the route's method) and payment-identifier, not required.
+    assert required.extensions is not None
+    assert set(required.extensions) == {"bazaar", PAYMENT_IDENTIFIER}
+    bazaar = parse_discovery_extension(required.extensions["bazaar"])
+    assert validate_discovery_extension(bazaar).valid
+    assert required.extensions["bazaar"]["info"]["input"]["method"] == "GET"
+    assert required.extensions[PAYMENT_IDENTIFIER]["info"] == {"required": False}
+    # and discovery lists the same declaration with the route
+    listed = (await http.get("/.well-known/x402")).json()["routes"]
+    assert [r["extensions"] for r in listed] == [required.extensions]
 
 
 async def test_the_402_validates_against_the_official_typescript_schema(
@@ -136,7 +160,7 @@ def node(script: str, data: Any) -> subprocess.CompletedProcess[str]:
 
 
 async def test_the_official_client_pays_with_exact_and_accepts_the_receipt(
-    stack: Stack, chain: AnvilChain
+    stack: Stack, chain: AnvilChain, facilitator: FacilitatorProcess
 ) -> None:
     payer = payers(chain)[0]
     before = balances(chain, payer.address)
@@ -165,6 +189,15 @@ async def test_the_official_client_pays_with_exact_and_accepts_the_receipt(
         payer.address.lower(),
     )
     assert "signature" not in json.dumps(line)
+
+    # The facilitator catalogued the route it settled, from the bazaar extension the
+    # client copied out of the 402 (GET /discovery/resources, the official shape).
+    async with httpx.AsyncClient(base_url=facilitator.url, timeout=10) as catalog:
+        listed = (await catalog.get("/discovery/resources", params={"type": "http"})).json()
+    found = [item for item in listed["items"] if item["resource"] == stack.url + PAID]
+    assert len(found) == 1, listed
+    assert found[0]["accepts"][0]["payTo"] == operator(chain).address
+    assert found[0]["extensions"]["bazaar"]["info"]["input"]["method"] == "GET"
 
 
 async def test_twenty_copies_of_one_authorization_are_served_and_settled_once(

@@ -1,10 +1,11 @@
 """`x402 facilitator serve`: the standard x402 facilitator HTTP API on one EVM chain.
 
 `POST /verify`, `POST /settle` (body `{"x402Version", "paymentPayload",
-"paymentRequirements"}`) and `GET /supported`, answered by the official `x402` package's
-facilitator (`x402FacilitatorSync` + its `exact` EVM scheme on a `FacilitatorWeb3Signer`,
-`simulate_in_settle=True`). This module only carries HTTP; every verification and
-settlement decision is the official code's.
+"paymentRequirements"}`), `GET /supported` and `GET /discovery/resources` (the bazaar
+extension's catalog of what settled here, tools/catalog.py), answered by the official
+`x402` package's facilitator (`x402FacilitatorSync` + its `exact` EVM scheme on a
+`FacilitatorWeb3Signer`, `simulate_in_settle=True`). This module only carries HTTP; every
+verification and settlement decision is the official code's.
 
 Answers follow the official facilitators: a payment that does not pass is HTTP 200 with
 `isValid: false` / `success: false` and the reason (the scheme's own codes, or the x402 v2
@@ -31,6 +32,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from pydantic import ValidationError
 from x402 import x402FacilitatorSync
+from x402.extensions.bazaar import BAZAAR
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.exact import ExactEvmFacilitatorScheme, ExactEvmSchemeConfig
 from x402.schemas import (
@@ -47,6 +49,7 @@ from x402.schemas import (
 
 from sidecar.core.errors import ConfigError
 from sidecar.core.identity import read_secret
+from sidecar.tools.catalog import BadQuery, Catalog
 
 log = logging.getLogger("sidecar.facilitator")
 
@@ -119,6 +122,7 @@ def build(rpc_url: str, key: str, network: str | None = None) -> tuple[x402Facil
     facilitator = x402FacilitatorSync()
     scheme = ExactEvmFacilitatorScheme(signer, ExactEvmSchemeConfig(simulate_in_settle=True))
     facilitator.register([actual], scheme)
+    facilitator.register_extension(BAZAAR)  # /supported lists it; the catalog serves it
     return facilitator, actual
 
 
@@ -166,10 +170,12 @@ class Server:
         self.network = network
         self.rpc_url = rpc_url
         self.secrets = rpc_secrets(rpc_url)
+        self.catalog = Catalog()
         self.app = web.Application(client_max_size=MAX_BODY)
         self.app.router.add_post("/verify", self.verify)
         self.app.router.add_post("/settle", self.settle)
         self.app.router.add_get("/supported", self.supported)
+        self.app.router.add_get("/discovery/resources", self.discovery)
         self.app.router.add_get("/health", self.health)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
@@ -221,6 +227,8 @@ class Server:
                 {"error": f"unexpected_{name}_error", "message": f"{name} failed"}, status=500
             )
         answer: VerifyResponse | SettleResponse = result
+        if isinstance(answer, SettleResponse) and answer.success:
+            self.catalog.record(body["paymentPayload"], body["paymentRequirements"])
         return self._answer(answer.model_dump(by_alias=True, exclude_none=True))
 
     def _answer(self, answer: dict[str, Any]) -> web.Response:
@@ -256,6 +264,13 @@ class Server:
     async def supported(self, request: web.Request) -> web.Response:
         supported = self.facilitator.get_supported()
         return web.json_response(supported.model_dump(by_alias=True, exclude_none=True))
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        """The bazaar catalog: the resources whose payments settled here."""
+        try:
+            return web.json_response(self.catalog.page(request.query))
+        except BadQuery as exc:
+            raise _bad_request(str(exc)) from None
 
     async def health(self, request: web.Request) -> web.Response:
         """200 while the chain answers: a failed check says nothing of an outage (the

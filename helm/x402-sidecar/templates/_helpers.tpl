@@ -396,6 +396,9 @@ time.sleep(int(sys.argv[2]))
 {{- range $key := list "failure_status" "max_units" "min_units" "hold_seconds" }}
 {{- if hasKey $route $key }}{{ $_ := set $spec $key (index $route $key | int64) }}{{ end }}
 {{- end }}
+{{- range $key := list "discoverable" "input_schema" "input_example" "output_schema" "output_example" "body_type" "payment_identifier" }}
+{{- if hasKey $route $key }}{{ $_ := set $spec $key (index $route $key) }}{{ end }}
+{{- end }}
 {{- $_ := set $routes $name $spec }}
 {{- end }}
 {{- $assets := dict }}
@@ -457,9 +460,11 @@ onchain:
 {{- range $code, $spec := $x.onchain }}
   {{ $code | quote }}:
     network: {{ $spec.network | quote }}
-    token: {{ $spec.token | quote }}
-    name: {{ $spec.name | quote }}
-    version: {{ $spec.version | quote }}
+    {{- range $key := list "token" "name" "version" }}
+    {{- if hasKey $spec $key }}
+    {{ $key }}: {{ index $spec $key | quote }}
+    {{- end }}
+    {{- end }}
     {{- if hasKey $spec "decimals" }}
     decimals: {{ int $spec.decimals }}
     {{- end }}
