@@ -60,12 +60,17 @@ class Gateway:
     previous: tuple[Identity, ...] = field(default=(), repr=False)  # keys before a rotation
     previous_until: int = 0  # unix seconds: proofs to a previous key refused after; 0: never
     # Each priced route's 402 `extensions` (bazaar, payment-identifier) by (route, method),
-    # and (route, "") for any other method; built once at start (server/listing.py).
+    # (route, "") for any other method, ("", "") for a route priced only by Envoy's
+    # annotations; built once at start (server/listing.py).
     extensions: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
 
     def extensions_for(self, route: str, method: str) -> Mapping[str, Any] | None:
         """The 402 `extensions` a request of `method` to `route` is declared."""
-        return self.extensions.get((route, method)) or self.extensions.get((route, ""))
+        return (
+            self.extensions.get((route, method))
+            or self.extensions.get((route, ""))
+            or self.extensions.get(("", ""))
+        )
 
     @cached_property
     def payee(self) -> str:

@@ -45,8 +45,9 @@ Declarations = dict[tuple[str, str], dict[str, Any]]
 def declarations(routes: Iterable[tuple[str, str, Mapping[str, Any]]]) -> Declarations:
     """(route name, method) → the 402's `extensions` for each priced route's (name,
     method, spec): the route's method (HEAD too for GET; every bazaar method for `*`),
-    and NO_METHOD, the declaration before the method is known."""
-    table: Declarations = {}
+    and NO_METHOD, the declaration before the method is known; (NO_METHOD, NO_METHOD) is a
+    route that only Envoy's annotations price: payment-identifier, optional."""
+    table: Declarations = {(NO_METHOD, NO_METHOD): _payment_identifier("routes", "optional")}
     for name, method, spec in routes:
         key = f"config routes.{name}"
         base = _payment_identifier(key, spec.get("payment_identifier", "optional"))

@@ -65,7 +65,7 @@ def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
                 "asset": r.price.asset.code,
                 "description": r.price.description,
                 **phases.describe(r.price.phase, r.price.asset),  # on_success, metered
-                **_extensions(gateway, r.name, r.method),
+                **(_extensions(gateway, r.name, r.method) if r.price.amount else {}),
             }
             for r in routes.routes
         ],

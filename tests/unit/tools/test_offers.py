@@ -20,6 +20,7 @@ from sidecar.core import decision, protocol
 from sidecar.core.decision import Request
 from sidecar.core.errors import ConfigError
 from sidecar.core.identity import Identity, write_secret
+from sidecar.core.pricing import UNNAMED_ROUTE
 from sidecar.server.config import Settings
 from sidecar.tools.cli import main
 from sidecar.tools.offers import preview
@@ -152,6 +153,15 @@ def test_the_402_extensions_validate_against_the_official_models(config: Path) -
     assert validate_discovery_extension(parse_discovery_extension(upload["bazaar"])).valid
     assert upload[PAYMENT_IDENTIFIER]["info"] == {"required": True}
     assert set(found["plain"]["extensions"]) == {PAYMENT_IDENTIFIER}  # not discoverable
+
+
+def test_a_route_priced_only_by_envoy_declares_payment_identifier(config: Path) -> None:
+    """An Envoy annotation prices a route the table does not list (pricing.UNNAMED_ROUTE):
+    its 402 still declares payment-identifier, optional; no bazaar (nothing describes it)."""
+    gateway = Settings.load(config, env={}).gateway()
+    declared = gateway.extensions_for(UNNAMED_ROUTE, "GET")
+    assert declared is not None and set(declared) == {PAYMENT_IDENTIFIER}
+    assert declared[PAYMENT_IDENTIFIER]["info"] == {"required": False}
 
 
 @pytest.mark.parametrize(
