@@ -9,6 +9,8 @@ import copy
 from dataclasses import dataclass, replace
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from sidecar.core import bundles
 from sidecar.core.identity import write_secret
 from sidecar.ledger import evidence
@@ -19,6 +21,7 @@ from sidecar.tools.anchoring import deploy, read_roots
 from sidecar.tools.demo.narration import Narration
 from sidecar.tools.demo.world import DemoChain, short
 from sidecar.tools.onchain import operator
+from sidecar.tools.settle import report_lines
 from sidecar.tools.stack import Stack
 
 
@@ -26,6 +29,7 @@ from sidecar.tools.stack import Stack
 class Proven:
     bundle: dict[str, Any]
     batches: int  # anchored by this settle pass
+    report: list[str]  # what x402 settle prints
 
 
 class AnchorLane:
@@ -52,15 +56,20 @@ class AnchorLane:
             "key_file": str(key_file),
         }
         settings = replace(Settings.load(self.stack.config_path), anchor_chain=anchor_chain)
-        proven = asyncio.run(self.settle_and_export(settings, deployed.address))
+        with capture_logs():  # the settle worker's log lines: the report says it all
+            proven = asyncio.run(self.settle_and_export(settings, deployed.address))
+        self.story.console.print("x402 settle --flush (anchor_chain configured):")
+        for line in proven.report:
+            self.story.console.print(f"  {line}", markup=False)
         [item, *_] = proven.bundle["receipts"]
-        receipt = item["receipt"]
         found = read_roots(chain.rpc_url, deployed.address, bundles.anchored_batches(proven.bundle))
         root = found.roots.get(item["batch_id"])
         self.story.console.print(
-            f"settled {proven.batches} batches; receipt {receipt['receipt_id']} is leaf "
-            f"{item['proof']['index']} of {item['batch_id']}, root on chain "
-            f"{short(root.hex() if root else 'none', 18)}"
+            f"receipt      {item['receipt']['receipt_id']}, leaf {item['proof']['index']} of "
+            f"{item['proof']['size']} in {item['batch_id']}"
+        )
+        self.story.console.print(
+            f"on chain     roots(sha256(batch id)) = {short(root.hex() if root else 'none', 24)}"
         )
         problems = bundles.check_anchors(proven.bundle, found.roots)
         self.story.check(
@@ -95,6 +104,6 @@ class AnchorLane:
             query = evidence.Query(payer=payer)
             keys, assets = settings.signing_keys(), settings.asset_table()
             exported = await evidence.export(ledger, keys, assets, query, contract)
-            return Proven(exported.bundle, len(report.batches))
+            return Proven(exported.bundle, len(report.batches), report_lines(report))
         finally:
             await ledger.close()
