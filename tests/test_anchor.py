@@ -29,7 +29,7 @@ from sidecar.server.anchor_settings import AnchorChain
 from sidecar.server.config import Settings
 from sidecar.tools.chain import AnvilChain, DevAccount
 from sidecar.tools.contracts import render
-from sidecar.tools.stack import Stack
+from sidecar.tools.stack import Stack, free_port
 from tests.support.cli import Run, x402
 from tests.support.payers import payers_with_receipts
 from tests.support.settlement import settle
@@ -55,7 +55,7 @@ def write_key(path: Path, key: str, mode: int = 0o600) -> Path:
 
 
 def with_anchor(stack: Stack, path: Path, anchor_chain: dict[str, Any]) -> Path:
-    config = yaml.safe_load(stack.config_path.read_text())
+    config = read_yaml(stack.config_path)
     path.write_text(yaml.safe_dump({**config, "anchor_chain": anchor_chain}))
     return path
 
@@ -66,6 +66,11 @@ async def export(config: Path, out: Path, payer: str) -> dict[str, Any]:
     )
     assert run.code == 0, run.err
     return read_json(out)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(path.read_text())
+    return loaded
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -249,3 +254,40 @@ async def test_the_operator_key_file_must_be_private(
     run = await x402("anchor", "deploy", "--rpc", chain.rpc_url, "--key-file", str(loose))
     assert run.code == 1 and "chmod 600" in run.err
     assert Account.from_key(operator_of(chain).key).address not in run.err + run.out
+
+
+async def test_a_chain_that_does_not_answer_holds_the_batch_back(
+    stack: Stack, ledger: Ledger, anchored: Anchored, chain: AnvilChain, tmp_path: Path
+) -> None:
+    """Fail closed: with the chain down the batch is not committed (the pass exits 1, the
+    receipt stays unsettled, nothing names the RPC URL); once the chain answers, the next
+    pass anchors and commits it."""
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        [(wallet, [receipt])] = await payers_with_receipts(ledger, client, stack, [1])
+    settings = read_yaml(anchored.config)
+    dead_rpc = f"http://127.0.0.1:{free_port()}/v2/SECRET-API-KEY"
+    down = with_anchor(
+        stack, tmp_path / "down.yaml", {**settings["anchor_chain"], "rpc_url": dead_rpc}
+    )
+    anchor_file = str(tmp_path / "anchors.jsonl")
+
+    run = await x402(
+        "settle", "--config", str(down), "--flush", "--lease", "0.1", "--anchor-file", anchor_file
+    )
+
+    assert run.code == 1
+    assert "1 failed" in run.err and "SECRET" not in run.out + run.err
+    out = tmp_path / "bundle.json"
+    run = await x402(
+        "evidence", "export", "--receipt", receipt["receipt_id"], "--out", str(out),
+        "--config", str(anchored.config),
+    )  # fmt: skip
+    assert run.code == 1 and "is in no settled batch" in run.err
+
+    run = await x402(
+        "settle", "--config", str(anchored.config), "--flush", "--anchor-file", anchor_file
+    )
+    assert run.code == 0, run.err
+    bundle = await export(anchored.config, out, wallet.public_key)
+    run = await verify(bundle, tmp_path / "b.json", anchored.key, "--chain", chain.rpc_url)
+    assert run.code == 0, run.out
