@@ -5,10 +5,11 @@ tampered receipt and a receipt of an unanchored batch, each for a named reason."
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ from web3.types import TxParams
 
 from sidecar.core.batches import anchor_key
 from sidecar.core.errors import AnchorError, ConfigError
-from sidecar.ledger import anchors
+from sidecar.ledger import anchors, settlement
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import wiring
+from sidecar.server.admin import start_facilities
 from sidecar.server.anchor_settings import AnchorChain
 from sidecar.server.config import Settings
 from sidecar.tools.chain import AnvilChain, DevAccount
@@ -140,6 +142,7 @@ async def test_a_receipt_is_proven_against_the_chain(
     run = await verify(anchored.bundle, tmp_path / "b.json", anchored.key, "--chain", chain.rpc_url)
 
     assert run.code == 0, run.out + run.err
+    assert "Unclosed" not in run.err  # the chain's connections are closed
     assert "OK: 7 receipts in 3 batches verify" in run.out
     assert (
         "OK: every receipt proven against the roots of 3 batches on chain "
@@ -291,3 +294,35 @@ async def test_a_chain_that_does_not_answer_holds_the_batch_back(
     bundle = await export(anchored.config, out, wallet.public_key)
     run = await verify(bundle, tmp_path / "b.json", anchored.key, "--chain", chain.rpc_url)
     assert run.code == 0, run.out
+
+
+async def test_the_sidecars_own_settle_loop_anchors_on_chain(
+    stack: Stack, ledger: Ledger, anchored: Anchored, chain: AnvilChain, tmp_path: Path
+) -> None:
+    """settle_interval_seconds with anchor_chain: worker 0's loop (here in process) commits
+    each batch once its root is on chain, and lets go of the chain when it stops."""
+    settings = replace(
+        Settings.load(anchored.config),
+        settle_interval_seconds=1,
+        settle_max_age_seconds=0,
+        listen_admin="",
+        anchor_file=str(tmp_path / "anchors.jsonl"),
+    )
+    facilities = await start_facilities(settings, ledger, settings.gateway())
+    try:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+            [(wallet, _receipts)] = await payers_with_receipts(ledger, client, stack, [2])
+        for _ in range(100):
+            manifests = await settlement.payer_batches(ledger, wallet.public_key)
+            if manifests:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the in-sidecar settle loop settled nothing")
+    finally:
+        await facilities.close(2)
+    address = Web3.to_checksum_address(anchored.contract)
+    contract = chain.w3.eth.contract(address=address, abi=anchors.artifact()["abi"])
+    [manifest] = manifests
+    root = contract.functions.roots(anchor_key(manifest["batch_id"])).call()
+    assert root.hex().removeprefix("0x") == manifest["merkle_root"]
