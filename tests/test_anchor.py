@@ -254,6 +254,15 @@ async def test_the_operator_key_file_must_be_private(
     assert loose_config is not None
     with pytest.raises(ConfigError, match="chmod 600"):
         wiring.chain_sink(loose_config)
+    # A mixed-case address whose checksum is wrong is a config error too, before any use.
+    wrong = anchored.contract[:2] + anchored.contract[2:].swapcase()
+    key_file = write_key(tmp_path / "operator.key", operator_of(chain).key)
+    mistyped = AnchorChain.from_mapping(
+        {**chain_config, "contract": wrong, "key_file": str(key_file)}
+    )
+    assert mistyped is not None
+    with pytest.raises(ConfigError, match=r"anchor_chain\.contract: .* checksum is wrong"):
+        wiring.chain_sink(mistyped)
     run = await x402("anchor", "deploy", "--rpc", chain.rpc_url, "--key-file", str(loose))
     assert run.code == 1 and "chmod 600" in run.err
     assert Account.from_key(operator_of(chain).key).address not in run.err + run.out

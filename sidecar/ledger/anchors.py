@@ -71,8 +71,15 @@ class AnchorContract:
     """The BatchAnchor at `address` on the chain behind `w3`."""
 
     def __init__(self, w3: Web3, address: str, timeout: float = 60.0) -> None:
-        if not AsyncWeb3.is_address(address):
-            raise AnchorError("not_anchor_contract", f"{address!r} is not an EVM address")
+        digits = address.removeprefix("0x")
+        mixed = digits not in (digits.lower(), digits.upper())  # EIP-55: then a checksum
+        if not AsyncWeb3.is_address(address) or (
+            mixed and not AsyncWeb3.is_checksum_address(address)
+        ):
+            raise AnchorError(
+                "not_anchor_contract",
+                f"{address!r} is not an EVM address (or its checksum is wrong)",
+            )
         self.w3 = w3
         self.address = AsyncWeb3.to_checksum_address(address)
         self.timeout = timeout  # how long a sent anchor may take to be mined

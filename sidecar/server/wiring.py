@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from sidecar.core.errors import ConfigError
+from sidecar.core.errors import AnchorError, ConfigError
 from sidecar.core.identity import KeySet, read_evm_key
 from sidecar.ledger import settlement
 from sidecar.ledger.accounts import Ledger
@@ -70,7 +70,10 @@ def chain_sink(chain: AnchorChain) -> settlement.AnchorSink:
             "missing): pip install 'x402-sidecar[evm]'"
         ) from None
     w3 = anchors.connect(chain.rpc_url, float(chain.timeout_seconds))
-    contract = anchors.AnchorContract(w3, chain.contract, float(chain.timeout_seconds))
+    try:
+        contract = anchors.AnchorContract(w3, chain.contract, float(chain.timeout_seconds))
+    except AnchorError as exc:  # a mixed-case address whose checksum is wrong
+        raise ConfigError(f"config anchor_chain.contract: {exc}") from None
     return anchors.ChainSink(contract, key)
 
 
