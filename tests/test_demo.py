@@ -36,7 +36,7 @@ CHECKS = [
     "budget guard", "decision log", "ledger", "refund", "metered charge",
     # the on-chain lanes
     "self-funded top-up", "prepaid from the credit", "ledger after top-up",
-    "exact payment", "exact on chain",
+    "exact payment", "exact on chain", "receipt proven on chain", "tampered receipt refused",
 ]  # fmt: skip
 TX_HASH = r"0x[0-9a-f]{64}"
 ERC20_BALANCE = [
@@ -91,6 +91,11 @@ def test_x402_demo_exits_0_and_reports_every_step() -> None:
         "transaction  0x",
         "✓ exact payment — settled on chain",
         "✓ exact on chain — payer -0.25 USDC, operator +0.25 USDC: exactly the price, 0.25",
+        # (c) the settled receipts' roots go on chain; a receipt is proven against them.
+        "C. Every receipt provable against the chain",
+        "BatchAnchor  0x",
+        "✓ receipt proven on chain",
+        "✓ tampered receipt refused — receipt rcpt_",
         f"All {len(CHECKS)} steps behaved as expected.",
     ]
     positions = [out.find(fact) for fact in facts]

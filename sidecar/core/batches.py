@@ -29,6 +29,12 @@ def batch_id(payer: str, first: str, last: str) -> str:
     return "bat_" + b64url(digest.digest()[:16])
 
 
+def anchor_key(batch: str) -> bytes:
+    """The 32 bytes a batch is anchored under on chain (the BatchAnchor contract's key):
+    SHA-256 of its id (UTF-8), so a verifier derives it from the manifest alone."""
+    return hashlib.sha256(batch.encode("utf-8")).digest()
+
+
 def signer(entry: Mapping[str, str], keys: KeySet) -> Identity:
     """The key that signed a receipt-stream entry's receipt: the key of its payee. After a
     rotation, an entry paid to a previous key is re-signed by that key, never the current

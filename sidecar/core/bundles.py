@@ -61,10 +61,12 @@ def bundle(
     query: Mapping[str, Any],
     created_at: int,
     gateway: Identity,
+    anchor_contract: str | None = None,
 ) -> dict[str, Any]:
     """The bundle of these manifests and receipt entries, with the signed statement that
-    lists them (so none can be dropped or added unnoticed)."""
-    statement = {
+    lists them (so none can be dropped or added unnoticed) and, where batches are anchored
+    on chain, the anchor contract's address (what `evidence verify --chain` reads)."""
+    statement: dict[str, Any] = {
         "version": VERSION,
         "type": "evidence-export",
         "query": dict(query),
@@ -73,6 +75,8 @@ def bundle(
         "batches": [m["batch_id"] for m in manifests],
         "kid": gateway.kid,
     }
+    if anchor_contract:
+        statement["anchor_contract"] = anchor_contract
     signed = {**statement, "signature": gateway.sign(STATEMENT_DOMAIN + canonical_json(statement))}
     return {"format": FORMAT, "statement": signed, "batches": manifests, "receipts": items}
 
@@ -213,19 +217,95 @@ def _signed_by(obj: Mapping[str, Any], domain: bytes, public_keys: Mapping[str, 
 
 
 def _proof_holds(receipt: Mapping[str, Any], proof: Any, manifest: Mapping[str, Any]) -> bool:
+    if not isinstance(proof, dict) or proof.get("size") != manifest.get("count"):
+        return False
+    try:
+        root = bytes.fromhex(str(manifest.get("merkle_root")))
+    except (TypeError, ValueError):
+        return False
+    return _leads_to(receipt, proof, root)
+
+
+def _leads_to(receipt: Mapping[str, Any], proof: Any, root: bytes) -> bool:
+    """Whether the receipt's inclusion proof leads to `root`."""
     if not isinstance(proof, dict):
         return False
     index, size, path = proof.get("index"), proof.get("size"), proof.get("path")
     if type(index) is not int or type(size) is not int or not isinstance(path, list):
         return False
-    if size != manifest.get("count"):
-        return False
     try:
         nodes = [bytes.fromhex(node) for node in path]
-        root = bytes.fromhex(str(manifest.get("merkle_root")))
     except (TypeError, ValueError):
         return False
     return merkle.verify(leaf(receipt), index, size, nodes, root)
+
+
+# -- against the chain: the roots its anchor contract holds (ledger/anchors.py) ----------
+
+
+@dataclass(frozen=True)
+class AnchorProblem:
+    """One way a bundle fails against the chain; `reason` is for programs: not_anchored
+    (the batch has no root on chain), root_mismatch (the manifest's root is not the one on
+    chain), proof_mismatch (the receipt's proof does not lead to the root on chain)."""
+
+    reason: str
+    message: str
+
+
+def anchor_contract(bundle: Any) -> str | None:
+    """The anchor contract the bundle's statement names (check the statement's signature
+    before trusting it: verify_bundle)."""
+    statement = bundle.get("statement") if isinstance(bundle, dict) else None
+    named = statement.get("anchor_contract") if isinstance(statement, dict) else None
+    return named if isinstance(named, str) else None
+
+
+def anchored_batches(bundle: Any) -> list[str]:
+    """Every batch id a bundle names (its manifests' and its receipts'), once, in order."""
+    if not isinstance(bundle, dict):
+        return []
+    named = [str(m.get("batch_id")) for m in _list(bundle, "batches")]
+    named += [str(i.get("batch_id")) for i in _list(bundle, "receipts")]
+    return list(dict.fromkeys(named))
+
+
+def check_anchors(bundle: Any, roots: Mapping[str, bytes | None]) -> list[AnchorProblem]:
+    """Each receipt's inclusion proof against the root the chain holds for its batch
+    (`roots`: batch id → root, None when not anchored), and each manifest's root against
+    the chain's. Pure: the caller reads the roots."""
+    if not isinstance(bundle, dict):
+        return [AnchorProblem("not_anchored", "not an evidence bundle")]
+    problems = []
+    for manifest in _list(bundle, "batches"):
+        batch, on_chain = str(manifest.get("batch_id")), roots.get(str(manifest.get("batch_id")))
+        if on_chain is not None and manifest.get("merkle_root") != on_chain.hex():
+            problems.append(
+                AnchorProblem(
+                    "root_mismatch",
+                    f"batch {batch}: the manifest's root {manifest.get('merkle_root')} is not "
+                    f"the root on chain {on_chain.hex()}",
+                )
+            )
+    for item in _list(bundle, "receipts"):
+        receipt, batch = item.get("receipt"), str(item.get("batch_id"))
+        rid = receipt.get("receipt_id") if isinstance(receipt, dict) else None
+        on_chain = roots.get(batch)
+        if on_chain is None:
+            problems.append(
+                AnchorProblem(
+                    "not_anchored", f"receipt {rid}: its batch {batch} is not anchored on chain"
+                )
+            )
+        elif not isinstance(receipt, dict) or not _leads_to(receipt, item.get("proof"), on_chain):
+            problems.append(
+                AnchorProblem(
+                    "proof_mismatch",
+                    f"receipt {rid}: Merkle proof does not lead to the root on chain for batch "
+                    f"{batch} (the receipt or its proof was altered)",
+                )
+            )
+    return problems
 
 
 def _check_voucher(receipt: Mapping[str, Any]) -> Sequence[str]:

@@ -196,6 +196,16 @@ class SettlementError(X402Error):
     """A batch that cannot be built or anchored; its claim stays and is retried."""
 
 
+class AnchorError(SettlementError):
+    """The on-chain anchor (ledger/anchors.py) cannot be read or written; `reason` says why:
+    chain_unavailable, not_anchor_contract, not_operator, anchor_conflict (the chain holds
+    another root for the batch), anchor_reverted. The message never carries the RPC URL."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 BY_REASON: dict[str, type[PaymentError]] = {
     cls.reason: cls
     for cls in (

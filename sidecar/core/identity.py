@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import stat
+import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -83,6 +84,15 @@ def read_secret(path: str | os.PathLike[str], what: str, min_bytes: int = 1) -> 
     if len(secret) < min_bytes:
         raise ConfigError(f"{what}: {path}: the secret must be at least {min_bytes} bytes")
     return secret
+
+
+def read_evm_key(path: str | os.PathLike[str], what: str) -> str:
+    """The 0x-prefixed hex private EVM key in `path` (an operator's or a facilitator's),
+    once `check_private` allows the file; the message never quotes the content."""
+    key = read_secret(path, what).decode("utf-8", errors="replace").removeprefix("0x")
+    if len(key) != 64 or any(c not in string.hexdigits for c in key):
+        raise ConfigError(f"{what} {path} does not hold a 32-byte hex private key")
+    return "0x" + key
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,15 @@ class Export:
     expired: int = 0  # batches whose receipts left the ledger (receipt_retention_seconds)
 
 
-async def export(ledger: Ledger, keys: KeySet, assets: Mapping[str, Asset], query: Query) -> Export:
-    """Collect every settled receipt the query matches, with its proof and manifest."""
+async def export(
+    ledger: Ledger,
+    keys: KeySet,
+    assets: Mapping[str, Asset],
+    query: Query,
+    anchor_contract: str | None = None,
+) -> Export:
+    """Collect every settled receipt the query matches, with its proof and manifest; the
+    statement names `anchor_contract`, where the batches' roots are on chain."""
     if query.payer is not None:
         payers = [query.payer]
     else:
@@ -75,7 +82,9 @@ async def export(ledger: Ledger, keys: KeySet, assets: Mapping[str, Asset], quer
         for _id, fields in pending:
             receipt = {"receipt_id": fields.get("receipt_id"), "issued_at": fields["issued_at"]}
             unsettled += query.matches(receipt)
-    bundle = bundles.bundle(batches, items, query.describe(), int(time.time()), keys.current)
+    bundle = bundles.bundle(
+        batches, items, query.describe(), int(time.time()), keys.current, anchor_contract
+    )
     return Export(bundle, unsettled, expired)
 
 

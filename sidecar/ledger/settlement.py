@@ -74,6 +74,10 @@ class AnchorSink(Protocol):
         """Record the manifest; False if this batch id was recorded already."""
         ...
 
+    async def close(self) -> None:
+        """Let go of connections (the chain's); the settle worker calls it when it stops."""
+        ...
+
 
 class RedisSink:
     """`x402:batch:<id>` holds the manifest, `x402:batches` indexes ids by closed_at.
@@ -92,6 +96,9 @@ class RedisSink:
             created = await self._redis.set(keyspace.batch(manifest["batch_id"]), text, nx=True)
             await self._redis.zadd(keyspace.BATCHES, {manifest["batch_id"]: manifest["closed_at"]})
         return bool(created)
+
+    async def close(self) -> None:
+        pass  # the ledger's connection is the ledger's to close
 
 
 class JsonlSink:
@@ -146,6 +153,9 @@ class JsonlSink:
             self._offset += len(line)
             self._seen.add(batch)
             return True
+
+    async def close(self) -> None:
+        pass  # every append opens and closes the file
 
     def manifests(self) -> list[dict[str, Any]]:
         """Every complete line (for audits and tests)."""
@@ -223,15 +233,25 @@ class Settler:
 
     async def run_forever(self, interval: float, stop: asyncio.Event) -> None:
         """The in-sidecar worker: a pass every `interval` seconds until `stop` is set."""
-        while not stop.is_set():
-            try:
-                report = await self.run_once()
-                if report.batches:
-                    log.info("settle.pass", batches=len(report.batches), receipts=report.receipts)
-            except X402Error as exc:
-                log.warning("settle.failed", error=str(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+        try:
+            while not stop.is_set():
+                try:
+                    report = await self.run_once()
+                    if report.batches:
+                        log.info(
+                            "settle.pass", batches=len(report.batches), receipts=report.receipts
+                        )
+                except X402Error as exc:
+                    log.warning("settle.failed", error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Close every sink (the chain sink's connections)."""
+        for sink in self.sinks:
+            await sink.close()
 
     async def settle_payer(self, payer: str, report: Report) -> None:
         """Claim, build, anchor, commit, until this payer has nothing ready."""

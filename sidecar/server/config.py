@@ -30,6 +30,7 @@ from sidecar.core.pricing import (
     validate_path,
 )
 from sidecar.server import listing, networks
+from sidecar.server.anchor_settings import AnchorChain
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.envoy.edge import Edge
 
@@ -106,6 +107,8 @@ class Settings:
     # Holds (charge: on_success): worker 0 releases every payer's expired holds this often.
     hold_sweep_seconds: int = 5
     anchor_file: str = "x402-anchors.jsonl"  # append-only manifest log; "" for Redis only
+    # Batches' Merkle roots on chain too (AnchorChain below): {rpc_url, contract, key_file}.
+    anchor_chain: Mapping[str, Any] = field(default_factory=dict)
     # Optional rate limits on paid checks (sidecar/ratelimit.py); 0 turns a limit off.
     rate_limit_payer_per_second: int = 0  # paid checks per payer and second
     rate_limit_payer_burst: int = 0  # checks at once after a quiet spell; 0: the rate
@@ -174,6 +177,7 @@ class Settings:
             settings.edge_config()
             settings.exact_terms()
             settings.dashboard_origin()
+            settings.anchor_chain_config()
         except ConfigError as exc:
             raise _named(exc, from_env) from None
         return settings
@@ -275,6 +279,10 @@ class Settings:
     def edge_config(self) -> Edge:
         """The `edge` mapping, checked: Envoy's timeouts, limits and header policy."""
         return Edge.from_mapping(self.edge)
+
+    def anchor_chain_config(self) -> AnchorChain | None:
+        """The `anchor_chain` mapping, checked; None: batches are not anchored on chain."""
+        return AnchorChain.from_mapping(self.anchor_chain)
 
     def asset_table(self) -> dict[str, Asset]:
         assets: dict[str, Asset] = {}

@@ -6,12 +6,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from sidecar.core.identity import KeySet
+from sidecar.core.errors import AnchorError, ConfigError
+from sidecar.core.identity import KeySet, read_evm_key
 from sidecar.ledger import settlement
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.authorizations import Authorizations
 from sidecar.ledger.payers import Payers
 from sidecar.ledger.rate_limit import RateLimiter, rate
+from sidecar.server.anchor_settings import AnchorChain
 from sidecar.server.config import Settings
 from sidecar.server.facilitation import ChainReader, FacilitatorClient
 from sidecar.server.feed import DecisionFeed
@@ -45,10 +47,34 @@ def anchor_sinks(
     anchor_file: str | None = None,
     fault: settlement.Fault | None = None,
 ) -> list[settlement.AnchorSink]:
-    """The default sinks: the JSONL file (unless "") first, then Redis."""
+    """The default sinks: the JSONL file (unless "") first, then Redis, then the chain's
+    anchor contract where `anchor_chain` is configured."""
     path = settings.anchor_file if anchor_file is None else anchor_file
     sinks: list[settlement.AnchorSink] = [settlement.JsonlSink(path, fault)] if path else []
-    return [*sinks, settlement.RedisSink(ledger)]
+    sinks.append(settlement.RedisSink(ledger))
+    chain = settings.anchor_chain_config()
+    if chain is not None:
+        sinks.append(chain_sink(chain))
+    return sinks
+
+
+def chain_sink(chain: AnchorChain) -> settlement.AnchorSink:
+    """The on-chain sink (ledger/anchors.py, the `evm` extra); ConfigError when the extra
+    is missing or the operator's key file is not a private hex key."""
+    key = read_evm_key(chain.key_file, "config anchor_chain.key_file")
+    try:
+        from sidecar.ledger import anchors
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"config anchor_chain: the chain anchor needs the evm extra ({exc.name} is "
+            "missing): pip install 'x402-sidecar[evm]'"
+        ) from None
+    w3 = anchors.connect(chain.rpc_url, float(chain.timeout_seconds))
+    try:
+        contract = anchors.AnchorContract(w3, chain.contract, float(chain.timeout_seconds))
+    except AnchorError as exc:  # a mixed-case address whose checksum is wrong
+        raise ConfigError(f"config anchor_chain.contract: {exc}") from None
+    return anchors.ChainSink(contract, key)
 
 
 def settler(

@@ -21,11 +21,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import string
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,7 +46,7 @@ from x402.schemas import (
 )
 
 from sidecar.core.errors import ConfigError
-from sidecar.core.identity import read_secret
+from sidecar.core.identity import read_evm_key
 from sidecar.tools.catalog import BadQuery, Catalog
 
 log = logging.getLogger("sidecar.facilitator")
@@ -57,16 +55,6 @@ MAX_BODY = 64 * 1024  # a payload with its requirements is ~1.5 KiB
 
 Payload = PaymentPayload | PaymentPayloadV1
 Requirements = PaymentRequirements | PaymentRequirementsV1
-
-
-def read_key_file(path: str | Path) -> str:
-    """The hex private key in `path`; refused if anyone but the owner may read it."""
-    text = read_secret(path, "key file").decode("utf-8", errors="replace")
-    key = text.removeprefix("0x")
-    # The message never quotes the file: it is a secret even when malformed.
-    if len(key) != 64 or any(c not in string.hexdigits for c in key):
-        raise ConfigError(f"key file {path} does not hold a 32-byte hex private key")
-    return "0x" + key
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -302,7 +290,7 @@ def _bad_request(message: str) -> web.HTTPBadRequest:
 def serve(rpc_url: str, key_file: str, listen: str, network: str | None = None) -> None:
     """Run until SIGTERM or SIGINT."""
     host, port = parse_listen(listen)
-    key = read_key_file(key_file)
+    key = read_evm_key(key_file, "key file")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # The official package logs every signature check at INFO.
     logging.getLogger("x402").setLevel(logging.WARNING)

@@ -45,7 +45,10 @@ async def settle(ledger: Ledger, settings: Settings, request: SettleRequest) -> 
     )
     if request.watch is not None:
         await worker.run_forever(request.watch, asyncio.Event())
-    report = await worker.run_once()
+    try:
+        report = await worker.run_once()
+    finally:
+        await worker.close()
     lines = report_lines(report)
     if report.failed:
         raise X402Error("\n".join([*lines, "some batches failed; see the log"]))

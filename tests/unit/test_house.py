@@ -162,3 +162,10 @@ def test_the_wheel_holds_no_examples_harness_nor_repository_reads(wheel: zipfile
         if name.endswith(".py") and REPOSITORY_PATH.search(wheel.read(name).decode("utf-8"))
     ]
     assert reads == []
+
+
+def test_the_wheel_ships_the_compiled_anchor_contract(wheel: zipfile.ZipFile) -> None:
+    """The runtime deploys and calls BatchAnchor from package data, with no compiler."""
+    names = set(wheel.namelist())
+    assert "sidecar/ledger/contracts/BatchAnchor.json" in names
+    assert "sidecar/ledger/contracts/BatchAnchor.sol" in names

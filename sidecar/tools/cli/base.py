@@ -51,6 +51,7 @@ AUDIENCES = {
         "payer",
         "settle",
         "evidence",
+        "anchor",
     ),
     "Agent": ("keygen", "pay", "topup", "channel"),
     "Developer": ("demo", "load", "facilitator"),

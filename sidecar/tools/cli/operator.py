@@ -341,7 +341,10 @@ def evidence_export(
     query = bundles.Query(receipt_id, payer_key, _unix_time(since), _unix_time(until))
 
     async def op(ledger: Ledger, settings: Settings) -> bundles.Export:
-        return await bundles.export(ledger, settings.signing_keys(), settings.asset_table(), query)
+        chain = settings.anchor_chain_config()
+        contract = chain.contract if chain is not None else None
+        keys, assets = settings.signing_keys(), settings.asset_table()
+        return await bundles.export(ledger, keys, assets, query, contract)
 
     result = ledger_call(redis_url, config_path, op)
     receipts = len(result.bundle["receipts"])
@@ -370,8 +373,23 @@ def evidence_export(
     "discovery document (/.well-known/x402) saved as JSON: its whole key set. Repeatable: "
     "after a rotation, the previous keys too.",
 )
-def evidence_verify(bundle: str, keys: tuple[str, ...]) -> None:
-    """Check a bundle offline; exit 1 and name every problem if anything fails."""
+@click.option(
+    "--chain",
+    "rpc_url",
+    default=None,
+    help="Also prove every receipt against the Merkle root anchored on this chain "
+    "(its JSON-RPC URL).",
+)
+@click.option(
+    "--contract",
+    default=None,
+    help="The BatchAnchor's address [default: the one the bundle's signed statement names].",
+)
+def evidence_verify(
+    bundle: str, keys: tuple[str, ...], rpc_url: str | None, contract: str | None
+) -> None:
+    """Check a bundle offline (and with --chain, against the roots on chain); exit 1 and
+    name every problem if anything fails."""
     import json
     from pathlib import Path
 
@@ -387,10 +405,65 @@ def evidence_verify(bundle: str, keys: tuple[str, ...]) -> None:
     verdict = bundles.verify_bundle(document, public_keys)
     if verdict.ok:
         click.echo(f"OK: {verdict.receipts} receipts in {verdict.batches} batches verify")
-        return
     for problem in verdict.problems:
         click.echo(f"FAIL: {problem}")
-    sys.exit(1)
+    chain_ok = rpc_url is None or _verify_on_chain(document, rpc_url, contract)
+    if not (verdict.ok and chain_ok):
+        sys.exit(1)
+
+
+def _verify_on_chain(document: object, rpc_url: str, contract: str | None) -> bool:
+    """Each receipt's proof against the root on chain; prints what fails, `[reason]` first."""
+    from sidecar.core import bundles
+    from sidecar.core.errors import AnchorError
+    from sidecar.tools.anchoring import read_roots
+
+    contract = contract or bundles.anchor_contract(document)
+    if contract is None:
+        raise X402Error("name the anchor contract: --contract ADDR (the bundle names none)")
+    try:
+        found = read_roots(rpc_url, contract, bundles.anchored_batches(document))
+    except AnchorError as exc:
+        click.echo(f"FAIL [{exc.reason}]: {exc}")
+        return False
+    problems = bundles.check_anchors(document, found.roots)
+    for problem in problems:
+        click.echo(f"FAIL [{problem.reason}]: {problem.message}")
+    if not problems:
+        batches = len(found.roots)
+        click.echo(
+            f"OK: every receipt proven against the roots of {batches} batches on chain "
+            f"(BatchAnchor {found.contract} on {found.network})"
+        )
+    return not problems
+
+
+@main.group()
+def anchor() -> None:
+    """The on-chain anchor of settlement batches (a BatchAnchor contract)."""
+
+
+@anchor.command("deploy")
+@click.option("--rpc", "rpc_url", required=True, help="The chain's JSON-RPC URL.")
+@click.option(
+    "--key-file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The operator's hex private key (mode 0600): the only key that may anchor.",
+)
+@click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True)
+def anchor_deploy(rpc_url: str, key_file: str, timeout: float) -> None:
+    """Deploy a BatchAnchor; print its address for config anchor_chain.contract."""
+    from sidecar.tools.anchoring import deploy
+
+    deployed = deploy(rpc_url, key_file, timeout)
+    click.echo(
+        f"BatchAnchor {deployed.address} on {deployed.network}, operator {deployed.operator}"
+    )
+    click.echo(
+        "config: anchor_chain: {rpc_url: <this RPC>, contract: "
+        f"{deployed.address}, key_file: {key_file}}}"
+    )
 
 
 def _key_set(key: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from sidecar.agent.exact import TopUp
 from sidecar.agent.wallet import Wallet
 from sidecar.core.identity import Identity
 from sidecar.tools.chain import AnvilChain
+from sidecar.tools.demo.anchor_lane import AnchorLane
 from sidecar.tools.demo.narration import Narration
 from sidecar.tools.demo.world import (
     AGENT_USDC,
@@ -96,6 +97,8 @@ class OnchainLanes:
         onchain = status.onchain
         self.story.attempt("self-funded top-up", lambda: self.self_funding_agent(onchain))
         self.story.attempt("exact payment", lambda: self.official_client_pays(onchain))
+        lane = AnchorLane(self.story, self.stack)
+        self.story.attempt("receipt proven on chain", lambda: lane.run(onchain))
 
     def self_funding_agent(self, onchain: DemoChain) -> None:
         chain = onchain.chain

@@ -4,6 +4,7 @@ refused with the failure named (the end-to-end export is tests/test_evidence.py)
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any
 
 import pytest
@@ -187,3 +188,49 @@ def test_a_public_key_must_be_32_bytes(text: str) -> None:
     with pytest.raises(ValueError):
         bundles.parse_public_key(text)
     assert bundles.parse_public_key(f" {GATEWAY.public_key}\n") == GATEWAY.public_key
+
+
+# -- against the chain's roots (check_anchors; the roots are read by tools/anchoring.py) --
+
+
+def chain_roots(bundle: dict[str, Any]) -> dict[str, bytes | None]:
+    """The roots a chain that anchored every batch of `bundle` holds."""
+    return {m["batch_id"]: bytes.fromhex(m["merkle_root"]) for m in bundle["batches"]}
+
+
+def test_anchor_key_is_the_sha256_of_the_batch_id() -> None:
+    assert batches.anchor_key("bat_x") == hashlib.sha256(b"bat_x").digest()
+    assert len(batches.anchor_key("bat_x")) == 32
+
+
+def test_every_receipt_proves_against_the_roots_on_chain(bundle: dict[str, Any]) -> None:
+    assert bundles.anchored_batches(bundle) == [m["batch_id"] for m in bundle["batches"]]
+    assert bundles.check_anchors(bundle, chain_roots(bundle)) == []
+
+
+def test_an_unanchored_batch_names_each_of_its_receipts(bundle: dict[str, Any]) -> None:
+    roots = chain_roots(bundle)
+    second = bundle["batches"][1]["batch_id"]
+    roots[second] = None
+    found = bundles.check_anchors(bundle, roots)
+    assert [p.reason for p in found] == ["not_anchored"] * 3
+    assert found[0].message == f"receipt rcpt_5: its batch {second} is not anchored on chain"
+
+
+def test_a_tampered_receipt_and_a_foreign_root_are_named(bundle: dict[str, Any]) -> None:
+    bundle["receipts"][2]["receipt"]["amount"] = "0.02"
+    roots = chain_roots(bundle)
+    first = bundle["batches"][0]["batch_id"]
+    assert [p.reason for p in bundles.check_anchors(bundle, roots)] == ["proof_mismatch"]
+    roots[first] = bytes(range(32))  # the chain holds another root for batch 1
+    found = [p.reason for p in bundles.check_anchors(bundle, roots)]
+    assert found == ["root_mismatch"] + ["proof_mismatch"] * 5
+
+
+def test_the_statement_names_the_anchor_contract() -> None:
+    address = "0x" + "ab" * 20
+    signed = bundles.bundle([], [], {}, 1, GATEWAY, address)
+    assert bundles.anchor_contract(signed) == address
+    assert bundles.verify_bundle(signed, GATEWAY.public_key).ok  # signed with the rest
+    assert bundles.anchor_contract(make_bundle()) is None
+    assert bundles.anchor_contract("not a bundle") is None
