@@ -48,7 +48,6 @@ from sidecar.agent.payments import (
     Checking,
     ExactPayment,
     PrepaidPayment,
-    Retrying,
     carry,
     charged_nothing,
     onchain_of,
@@ -64,6 +63,7 @@ from sidecar.agent.receipts import (
     receipt_of,
     refusal,
 )
+from sidecar.agent.retries import Retrying
 from sidecar.agent.wallet import Wallet, scaled
 from sidecar.core.errors import (
     ConfigError,

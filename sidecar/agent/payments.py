@@ -32,6 +32,7 @@ from sidecar.agent.receipts import (
     refusal,
     report,
 )
+from sidecar.agent.retries import Retrying
 from sidecar.agent.wallet import Reservation, scale_atomic, scaled, unscaled
 from sidecar.core.protocol import Proof
 
@@ -89,24 +90,6 @@ class Checking:
 NOTHING_CHARGED_5XX = frozenset({"ledger_unavailable", "facilitator_unavailable"})
 # A refusal that says the payment was spent (by this very payment, sent earlier).
 SPENT = "nonce_reused"
-
-
-@dataclass(frozen=True)
-class Retrying:
-    """How a paid request whose outcome is unknown is sent again: the SAME payment (the
-    same proof or authorization, the same payment id), after `Retry-After` (at most
-    `longest` seconds) or else an exponential backoff from `backoff`, at most `retries`
-    times. Never a newly signed payment for the same request."""
-
-    retries: int = 3
-    backoff: float = 0.25
-    longest: float = 30.0
-
-    def delay(self, response: httpx.Response, attempt: int) -> float:
-        said = response.headers.get("retry-after", "")
-        if said.isdigit():
-            return min(float(said), self.longest)
-        return min(self.backoff * float(1 << attempt), self.longest)
 
 
 def unknown_outcome(response: httpx.Response) -> bool:
