@@ -58,7 +58,6 @@ class X402Adapter(HTTPAdapter):
             response.close()
             history.append(response)
 
-
     def _send_paid(self, sent: httpx.Request, **kwargs: Any) -> requests.Response:
         """One request; a paid one is sent again as it is (the same payment) after a
         timeout or a dropped connection, as httpx's RetryPaid transport does."""
