@@ -28,7 +28,7 @@ from tests.support.hostile import HostileFacilitator, hostile_facilitator
 PAID = "/api/paid"
 PRICE = 10_000  # 0.01 USDF = 0.01 USDC
 ROUTES = {"paid": {"method": "GET", "path": PAID, "price": "0.01", "description": "paid"}}
-MODES = ("timeout", "502", "402")
+MODES = ("timeout", "502", "402", "pending")
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,9 @@ async def test_an_unknown_outcome_is_settlement_pending_and_the_same_payment_is_
     mode: str, http: httpx.AsyncClient, chain: AnvilChain, hostile: HostileFacilitator,
     stack: Stack,
 ) -> None:  # fmt: skip
-    payer = payers(chain)[3 + MODES.index(mode)]
+    payer = payers(chain)[(3 + MODES.index(mode)) % len(payers(chain))]
     header, _ = await sign_exact(chain, http, PAID, payer, PRICE)
+    earlier = len(stack.decisions())
     before = balances(chain, payer.address)
     hostile.mode = mode
     await asyncio.to_thread(chain.automine, False)
@@ -102,9 +103,9 @@ async def test_an_unknown_outcome_is_settlement_pending_and_the_same_payment_is_
     replay = await http.get(PAID, headers={"PAYMENT-SIGNATURE": header})
     assert (replay.status_code, replay.json()["error"]) == (402, "nonce_reused")
     assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
-    reasons = [
-        line["reason"] for line in stack.decisions() if line.get("payer") == payer.address.lower()
-    ]
+    await asyncio.sleep(0.2)  # decision lines are written after the answer
+    lines = stack.decisions()[earlier:]
+    reasons = [line["reason"] for line in lines if line.get("payer") == payer.address.lower()]
     assert reasons.count("exact") == 1 and "facilitator_unavailable" not in reasons
 
 

@@ -5,6 +5,8 @@ to answer it the way the field's facilitators do (PyPI `hostile-facilitator`'s c
 - `timeout`: the answer is held past the sidecar's settle timeout;
 - `502`: the answer is replaced by a proxy's 502;
 - `402`: the answer is replaced by a 402 re-challenge;
+- `pending`: the answer becomes the standard's non-terminal `settlement_pending` (HTTP 200,
+  `success: false`, the real transaction), as a facilitator whose receipt wait failed says;
 - `pass`: the real answer goes through.
 
 The settle moved the money on chain in every case; only its answer is lost or garbled.
@@ -24,7 +26,7 @@ from aiohttp import web
 
 from sidecar.tools.stack import LOOPBACK, free_port
 
-MODES = ("timeout", "502", "402", "pass")
+MODES = ("timeout", "502", "402", "pending", "pass")
 RECHALLENGE = {"x402Version": 2, "error": "payment_required", "accepts": []}
 
 
@@ -60,6 +62,11 @@ class HostileFacilitator:
             return web.Response(status=502, text="bad gateway")
         elif self.mode == "402":
             return web.json_response(RECHALLENGE, status=402)
+        elif self.mode == "pending":
+            settled = answer.json()
+            pending = {"success": False, "errorReason": "settlement_pending"}
+            pending |= {k: settled[k] for k in ("transaction", "network", "payer") if k in settled}
+            return web.json_response(pending)
         return web.Response(
             status=answer.status_code, body=answer.content, content_type="application/json"
         )
