@@ -23,7 +23,7 @@ from sidecar.tools.chain import AnvilChain
 from sidecar.tools.onchain import FacilitatorProcess, exact_settings, payers
 from sidecar.tools.stack import Stack
 from tests.support.exact import b64json, balances, sign_exact
-from tests.support.hostile import HostileFacilitator, hostile_facilitator
+from tests.support.hostile import HostileFacilitator, flaky_chain, hostile_facilitator
 
 PAID = "/api/paid"
 PRICE = 10_000  # 0.01 USDF = 0.01 USDC
@@ -146,4 +146,26 @@ async def test_the_sdk_sends_the_same_payment_again_until_the_outcome_is_known(
     assert response.status_code == 200, response.text
     assert len(set(signatures)) == 1 and len(signatures) >= 2  # re-sent, never re-signed
     assert wallet.spent("USDF") == "0.01"
+    assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
+
+
+async def test_a_failed_chain_read_is_retried_within_the_lookup_window(
+    chain: AnvilChain, facilitator: FacilitatorProcess, hostile: HostileFacilitator
+) -> None:
+    """The settle's answer is lost and the first two looks at the chain fail (a provider's
+    502): the lookup tries again within chain_lookup_ms and serves the landed payment."""
+    with flaky_chain(chain.rpc_url) as flaky:
+        settings = exact_settings(
+            chain, facilitator, facilitator_settle_timeout_ms=1000, chain_lookup_ms=3000
+        )
+        settings.update(facilitator_url=hostile.url, chain_rpc_url=flaky.url)
+        with Stack(ROUTES, settings=settings) as lossy:
+            async with httpx.AsyncClient(base_url=lossy.url, timeout=60) as http:
+                payer = payers(chain)[5]
+                header, _ = await sign_exact(chain, http, PAID, payer, PRICE)
+                before = balances(chain, payer.address)
+                hostile.mode, flaky.failures = "502", 2
+                response = await http.get(PAID, headers={"PAYMENT-SIGNATURE": header})
+    assert response.status_code == 200, response.text
+    assert flaky.failed == 2
     assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)

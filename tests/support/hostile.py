@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from aiohttp import web
@@ -72,11 +73,37 @@ class HostileFacilitator:
         )
 
 
+@dataclass
+class FlakyChain:
+    """A JSON-RPC proxy in front of anvil whose first `failures` reads of an authorization's
+    state (`eth_call`) fail with a 502, as a provider's transient errors do."""
+
+    upstream: str  # anvil's JSON-RPC URL
+    failures: int = 0
+    port: int = field(default_factory=free_port)
+    failed: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    async def _forward(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if b'"eth_call"' in body and self.failed < self.failures:
+            self.failed += 1
+            return web.Response(status=502, text="bad gateway")
+        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+            answer = await client.post(
+                self.upstream, content=body, headers={"content-type": "application/json"}
+            )
+        return web.Response(
+            status=answer.status_code, body=answer.content, content_type="application/json"
+        )
+
+
 @contextmanager
-def hostile_facilitator(upstream: str, mode: str = "502") -> Iterator[HostileFacilitator]:
-    """The hostile proxy in front of `upstream`, running until the block ends."""
-    assert mode in MODES
-    hostile = HostileFacilitator(upstream, mode)
+def _serving(handler: Any, port: int) -> Iterator[None]:
+    """An aiohttp server for `handler` on a loopback port, in its own thread and loop."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
     stopping: asyncio.Event | None = None
@@ -85,19 +112,19 @@ def hostile_facilitator(upstream: str, mode: str = "502") -> Iterator[HostileFac
         nonlocal stopping
         stopping = asyncio.Event()
         app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", hostile._forward)
+        app.router.add_route("*", "/{tail:.*}", handler)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, LOOPBACK, hostile.port).start()
+        await web.TCPSite(runner, LOOPBACK, port).start()
         started.set()
         await stopping.wait()
         await runner.cleanup()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
-    assert started.wait(10), "the hostile facilitator did not start"
+    assert started.wait(10), "the proxy did not start"
     try:
-        yield hostile
+        yield
     finally:
         assert stopping is not None
         loop.call_soon_threadsafe(stopping.set)
@@ -105,4 +132,21 @@ def hostile_facilitator(upstream: str, mode: str = "502") -> Iterator[HostileFac
         loop.close()
 
 
-__all__ = ["MODES", "HostileFacilitator", "hostile_facilitator"]
+@contextmanager
+def hostile_facilitator(upstream: str, mode: str = "502") -> Iterator[HostileFacilitator]:
+    """The hostile proxy in front of `upstream`, running until the block ends."""
+    assert mode in MODES
+    hostile = HostileFacilitator(upstream, mode)
+    with _serving(hostile._forward, hostile.port):
+        yield hostile
+
+
+@contextmanager
+def flaky_chain(upstream: str) -> Iterator[FlakyChain]:
+    """The flaky JSON-RPC proxy in front of `upstream`, running until the block ends."""
+    flaky = FlakyChain(upstream)
+    with _serving(flaky._forward, flaky.port):
+        yield flaky
+
+
+__all__ = ["MODES", "FlakyChain", "HostileFacilitator", "flaky_chain", "hostile_facilitator"]
