@@ -9,6 +9,8 @@ path itself.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,10 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
+import requests
 
 from sidecar.agent import (
     InsufficientFunds,
     PaymentOutcomeUnknown,
+    RetryPaid,
     UnknownPayer,
     Wallet,
     X402Auth,
@@ -27,6 +31,7 @@ from sidecar.agent import (
     refusal_of,
 )
 from sidecar.agent.requests_adapter import x402_session
+from sidecar.core.errors import NonceReused
 from sidecar.tools.stack import Stack
 
 ATLAS = "/api/v1/agent/pay-api/atlas"  # 0.25 USDF, charged on the request
@@ -173,8 +178,8 @@ def _slow_sync(wallet: Wallet, url: str) -> PaymentOutcomeUnknown:
 
 
 def _slow_requests(wallet: Wallet, url: str) -> PaymentOutcomeUnknown:
-    try:
-        x402_session(wallet).get(url, timeout=1)
+    try:  # retries=0: the adapter would otherwise send the same proof again (below)
+        x402_session(X402Auth(wallet, retries=0)).get(url, timeout=1)
     except PaymentOutcomeUnknown as exc:
         return exc
     raise AssertionError("a timeout after the proof was sent must say the outcome is unknown")
@@ -229,3 +234,52 @@ async def test_refusals_are_typed_with_the_next_step(stack: Stack) -> None:
     short = refusal_of(broke)
     assert isinstance(short, InsufficientFunds)
     assert "0.1" in str(short) and "x402 topup" in str(short)
+
+
+def _resend_sync(wallet: Wallet, url: str, nonces: list[str]) -> httpx.Response | None:
+    def seen(request: httpx.Request) -> None:
+        if "x-payment" in request.headers:
+            nonces.append(json.loads(base64.b64decode(request.headers["x-payment"]))["nonce"])
+
+    auth = X402Auth(wallet)
+    with httpx.Client(
+        auth=auth, timeout=1, transport=RetryPaid(), event_hooks={"request": [seen]}
+    ) as http:
+        try:
+            return http.get(url)
+        except PaymentOutcomeUnknown:
+            return None
+
+
+def _resend_requests(wallet: Wallet, url: str) -> requests.Response | None:
+    try:
+        return x402_session(wallet).get(url, timeout=1)
+    except PaymentOutcomeUnknown:
+        return None
+
+
+@pytest.mark.parametrize("driver", ["httpx", "requests"])
+async def test_a_timeout_on_a_paid_request_sends_the_same_proof_again(
+    stack: Stack, driver: str
+) -> None:
+    """The SDK's retry after a timeout (httpx's RetryPaid transport; the requests adapter
+    by itself) re-sends the same proof, never a new one: one charge, counted once. Without
+    the ledger's redelivery the retry is answered 402 nonce_reused with the receipt id of
+    that charge; with it, the retry passes again (and here times out again)."""
+    wallet = await funded(stack, budget="10")
+    url = f"{stack.url}{ATLAS}?sleep=3"
+    nonces: list[str] = []
+    if driver == "httpx":
+        response: Any = await asyncio.to_thread(_resend_sync, wallet, url, nonces)
+    else:
+        response = await asyncio.to_thread(_resend_requests, wallet, url)
+    if response is not None:  # the retry was answered: the charge it names is the one
+        assert response.status_code == 402 and response.json()["error"] == "nonce_reused"
+        assert isinstance(refusal_of(response), NonceReused)
+    if driver == "httpx":
+        assert len(nonces) == 1  # one proof signed: the transport re-sent it as it was
+    assert wallet.spent() == "0.25"  # charged, counted once
+    assert await stack.balance(wallet.public_key) == 9_750_000
+    await asyncio.sleep(0.2)  # decision lines are written after the answer
+    checks = [d for d in stack.decisions() if d["payer"] == wallet.public_key]
+    assert len(checks) >= 2 and checks[0]["decision"] == "allow"  # the same proof, again

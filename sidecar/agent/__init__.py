@@ -18,6 +18,7 @@ from sidecar.agent.channel import ChannelAuth, PaymentChannel
 from sidecar.agent.evm import EvmKey
 from sidecar.agent.exact import TopUp
 from sidecar.agent.outcomes import REFUSAL_EXTENSION, raise_for_payment, refusal_of
+from sidecar.agent.retries import AsyncRetryPaid, Retrying, RetryPaid
 from sidecar.agent.topup import atopup, topup
 from sidecar.agent.wallet import Wallet
 from sidecar.core.errors import (
@@ -32,6 +33,7 @@ from sidecar.core.errors import (
     PayeeNotAllowed,
     PaymentError,
     PaymentOutcomeUnknown,
+    SettlementPending,
     TopUpFailed,
     UnknownPayer,
 )
@@ -41,6 +43,7 @@ __all__ = [
     "REFUSAL_EXTENSION",
     "TOPUP_EXTENSION",
     "AssetNotAllowed",
+    "AsyncRetryPaid",
     "BudgetExceeded",
     "ChannelAuth",
     "ChannelExhausted",
@@ -57,6 +60,9 @@ __all__ = [
     "PaymentError",
     "PaymentOutcomeUnknown",
     "Receipt",
+    "RetryPaid",
+    "Retrying",
+    "SettlementPending",
     "TopUp",
     "TopUpFailed",
     "UnknownPayer",

@@ -49,6 +49,7 @@ from sidecar.agent.payments import (
     ExactPayment,
     PrepaidPayment,
     carry,
+    charged_nothing,
     onchain_of,
     send_paid,
     settle_exact,
@@ -62,6 +63,7 @@ from sidecar.agent.receipts import (
     receipt_of,
     refusal,
 )
+from sidecar.agent.retries import Retrying
 from sidecar.agent.wallet import Wallet, scaled
 from sidecar.core.errors import (
     ConfigError,
@@ -120,6 +122,10 @@ class X402Auth(httpx.Auth):
       `gateway_keys`, {kid: public key}) and put in `response.extensions["x402_receipt"]`;
       a bad one raises InvalidReceipt when strict=True, else warns (ReceiptWarning).
     - The wallet's guards are checked before signing; a refusal raises a GuardRefused.
+    - A paid request answered 503 without a receipt (an outcome the gateway could not
+      say: `settlement_pending`, a sidecar that died) is sent again with the SAME payment,
+      after Retry-After, at most `retries` times; never a newly signed one. Its budget
+      stays set aside until an answer says: charged (kept) or refused (given back).
     """
 
     requires_request_body = True  # the body is sent twice when a challenge is answered
@@ -136,6 +142,7 @@ class X402Auth(httpx.Auth):
         direct_ttl: int = 60,
         auto_topup: str | None = None,
         topup_timeout: float = 120.0,
+        retries: int = 3,
     ) -> None:
         self.wallet = wallet
         self.direct = direct
@@ -153,6 +160,9 @@ class X402Auth(httpx.Auth):
                 )
         self.auto_topup = auto_topup
         self.topup_timeout = topup_timeout  # how long a request waits for another's top-up
+        if retries < 0:
+            raise ConfigError("retries: 0 or more")
+        self.retrying = Retrying(retries)  # the same payment again after a 503
         self.discoveries = DiscoveryCache(discovery_ttl)
         self._topups_lock = threading.Lock()
         self._topups: dict[str, _TopUps] = {}
@@ -256,14 +266,15 @@ class X402Auth(httpx.Auth):
             if price is not None:
                 payment = self._pay(request, self._direct_terms(request, price, discovery))
         if payment is not None:
-            response = yield from send_paid(request, payment)
+            response = yield from send_paid(request, payment, self.retrying)
         else:
             response = yield from send(request)
 
         if payment is not None:
-            reason = refusal(answer_of(request, response))
-            if reason is None:
-                self._settle(payment, response, discovery)
+            answered = answer_of(request, response)
+            reason = refusal(answered)
+            if reason is None or not charged_nothing(answered):
+                self._settle(payment, response, discovery)  # paid, or perhaps charged
                 return
             payment.reservation.release()  # refused: nothing was charged
             if self._cures(reason):
@@ -299,14 +310,14 @@ class X402Auth(httpx.Auth):
         if invoice is not None:
             generation = self._topup_state(origin).generation
             payment = self._pay(request, invoice)
-            response = yield from send_paid(request, payment)
+            response = yield from send_paid(request, payment, self.retrying)
             self._settle(payment, response, discovery)
             reason = refusal(response)
             if reason is not None and self._cures(reason):
                 yield from self._topup_and_retry(request, response, generation)
             return
         exact = self._pay_exact(request, offers, discovery)
-        response = yield from send_paid(request, exact)
+        response = yield from send_paid(request, exact, self.retrying)
         settle_exact(exact, answer_of(request, response), self._checking(discovery))
         carry(request, response)
 
@@ -433,7 +444,7 @@ class X402Auth(httpx.Auth):
                 return
             terms = invoice
         payment = self._pay(request, terms)
-        response = yield from send_paid(request, payment)
+        response = yield from send_paid(request, payment, self.retrying)
         self._settle(payment, response, discovery)
         if topup is not None:
             response.extensions = {**response.extensions, TOPUP_EXTENSION: topup}

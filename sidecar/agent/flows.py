@@ -24,6 +24,7 @@ from sidecar.agent.exact import (
     find_onchain,
 )
 from sidecar.agent.receipts import receipt_header, refusal
+from sidecar.agent.retries import Retrying
 from sidecar.agent.wallet import Wallet
 from sidecar.core import protocol
 from sidecar.core.errors import (
@@ -131,13 +132,19 @@ def topup_flow(
     paid_request = httpx.Request(
         terms.method, url, headers={"accept": JSON, SIGNATURE_HEADER: header}
     )
+    retrying = Retrying()
     try:
         paid = yield from send(paid_request)
+        for attempt in range(retrying.retries):  # settlement_pending: the same one again
+            if paid.status_code != 503:
+                break
+            yield Wait(threading.Event(), retrying.delay(paid, attempt))
+            paid = yield from send(paid_request)
     except BaseException:
         reservation.commit()  # sent, perhaps settled: it counts
         raise
     if paid.status_code != 200:
-        if 400 <= paid.status_code < 500:
+        if 400 <= paid.status_code < 500 and refusal(paid) != "nonce_reused":
             reservation.release()  # refused before anything settled
         else:
             reservation.commit()  # a 5xx may come after the chain moved the money

@@ -42,8 +42,12 @@ NEXT_STEPS = {
         "to learn its outcome"
     ),
     "rate_limited": "wait {retry_after} s, then send the request again (nothing was charged)",
-    "ledger_unavailable": "nothing was charged: send the request again shortly",
-    "facilitator_unavailable": "nothing settled: send the request again shortly",
+    "ledger_unavailable": "nothing was charged: send the same proof again shortly",
+    "facilitator_unavailable": "nothing settled: send the same payment again shortly",
+    "settlement_pending": (
+        "the settlement's outcome is not known yet and the money may have moved: send the "
+        "SAME payment again after Retry-After (never a newly signed one); it is settled once"
+    ),
     "unsupported_scheme": "pay this route another way (a prepaid proof or `exact`)",
     "payment_required": "this wallet has nothing this route accepts (see the 402's offers)",
 }
@@ -138,9 +142,9 @@ def outcome_unknown(
     return PaymentOutcomeUnknown(
         f"{what}: {type(cause).__name__} after the payment was sent: {amount} "
         f"(nonce {facts.get('nonce', '?')}) may have been charged. Counted as spent. "
-        "Sending the request again pays again; re-sending the same proof "
-        "(`.resend_headers`) is charged at most once: answered 402 nonce_reused with the "
-        "receipt id if it was charged",
+        "Re-send the same proof (`.resend_headers`): it is charged at most once (a spent "
+        "one is answered 402 nonce_reused with its receipt id); never sign a new one for "
+        "this request until this one is known refused",
         facts,
         resend,
     )

@@ -4,6 +4,7 @@ settles that budget (committed, released or partly returned) and checks the rece
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from sidecar.agent.exact import (
     find_onchain,
     official_default,
 )
-from sidecar.agent.flows import Step
+from sidecar.agent.flows import Step, Wait
 from sidecar.agent.outcomes import answer_of, never_sent, outcome_unknown, transport_cause
 from sidecar.agent.proofs import check_receipt
 from sidecar.agent.receipts import (
@@ -28,8 +29,10 @@ from sidecar.agent.receipts import (
     bad_receipt,
     receipt_fields,
     receipt_header,
+    refusal,
     report,
 )
+from sidecar.agent.retries import Retrying
 from sidecar.agent.wallet import Reservation, scale_atomic, scaled, unscaled
 from sidecar.core.protocol import Proof
 
@@ -83,13 +86,42 @@ class Checking:
         return problem.replace("the gateway's published keys", "the pinned keys (gateway_keys)")
 
 
+# Answers that are known to have charged nothing: the budget set aside goes back.
+NOTHING_CHARGED_5XX = frozenset({"ledger_unavailable", "facilitator_unavailable"})
+# A refusal that says the payment was spent (by this very payment, sent earlier).
+SPENT = "nonce_reused"
+
+
+def unknown_outcome(response: httpx.Response) -> bool:
+    """An answer after which the same payment must be sent again: a 503 without a receipt
+    (the gateway, or Envoy for a sidecar that died, could not say; `settlement_pending`:
+    the money may have moved)."""
+    return response.status_code == 503 and receipt_header(response) is None
+
+
 def send_paid(
+    request: httpx.Request, payment: PrepaidPayment | ExactPayment, retrying: Retrying
+) -> Generator[Step, httpx.Response | None, httpx.Response]:
+    """`send` for a request that carries a proof, re-sent as it is (the same payment)
+    while the answer is a 503 without a receipt, at most `retrying.retries` times.
+    Abandoned before its answer came (a timeout, a dropped connection, a cancellation),
+    the payment may have been charged: it is counted as spent, and a transport error
+    becomes PaymentOutcomeUnknown. A proof whose connection never opened did not leave:
+    its reservation goes back."""
+    attempt = 0
+    while True:
+        response = yield from _send_once(request, payment)
+        if attempt >= retrying.retries or not unknown_outcome(answer_of(request, response)):
+            return response
+        pause = retrying.delay(answer_of(request, response), attempt)
+        attempt += 1
+        if pause > 0:
+            yield Wait(threading.Event(), pause)  # nothing sets it: a sleep
+
+
+def _send_once(
     request: httpx.Request, payment: PrepaidPayment | ExactPayment
 ) -> Generator[Step, httpx.Response | None, httpx.Response]:
-    """`send` for a request that carries a proof. Abandoned before its answer came (a
-    timeout, a dropped connection, a cancellation), the payment may have been charged: it
-    is counted as spent, and a transport error becomes PaymentOutcomeUnknown. A proof
-    whose connection never opened did not leave: its reservation goes back."""
     try:
         response = yield request
     except GeneratorExit as closing:
@@ -105,6 +137,16 @@ def send_paid(
         raise
     assert response is not None
     return response
+
+
+def charged_nothing(response: httpx.Response) -> bool:
+    """A refusal known to have charged nothing (its budget goes back): a 4xx with the
+    gateway's reason (but `nonce_reused`: this payment was spent), or a 503 whose reason
+    says nothing moved. Anything else without a receipt may have been charged."""
+    reason = refusal(response)
+    if reason is None or reason == SPENT:
+        return False
+    return 400 <= response.status_code < 500 or reason in NOTHING_CHARGED_5XX
 
 
 def carry(request: httpx.Request, final: httpx.Response) -> None:
@@ -126,8 +168,11 @@ def settle_prepaid(payment: PrepaidPayment, response: httpx.Response, checking: 
     """Account for a prepaid payment by its (paid) answer, and check its receipt."""
     header = receipt_header(response)
     if header is None:
-        if response.status_code >= 400:
-            payment.reservation.release()  # a denial: the gateway charged nothing
+        if charged_nothing(response):
+            payment.reservation.release()  # a refusal: the gateway charged nothing
+            return
+        if response.status_code >= 400:  # perhaps charged (a 503 after the retries, …)
+            payment.reservation.commit()
             return
         # Success without a receipt: we may have paid, so it counts against the budget.
         payment.reservation.commit()
@@ -157,10 +202,10 @@ def settle_exact(payment: ExactPayment, response: httpx.Response, checking: Chec
     """Account for an `exact` payment by its answer, and check its receipt."""
     header = receipt_header(response)
     if header is None:
-        if 400 <= response.status_code < 500:
+        if charged_nothing(response):
             payment.reservation.release()  # refused before anything settled
             return
-        # A 5xx may come after the chain moved the money; a 2xx did pay.
+        # settlement_pending or another 5xx may come after the chain moved the money.
         payment.reservation.commit()
         if response.status_code < 400:
             message = f"{response.status_code} response carries no payment receipt"

@@ -11,6 +11,7 @@ request before the first try, and an auth hook cannot send anything before the r
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from sidecar.agent.auth import RECEIPT_EXTENSION, REFUSAL_EXTENSION, X402Auth
+from sidecar.agent.retries import paid
 from sidecar.agent.wallet import Wallet
 
 __all__ = ["X402Adapter", "x402_session"]
@@ -39,7 +41,7 @@ class X402Adapter(HTTPAdapter):
         history: list[requests.Response] = []
         while True:
             try:
-                response = super().send(_to_requests(sent), **kwargs)
+                response = self._send_paid(sent, **kwargs)
             except BaseException:
                 flow.close()  # a proof in flight becomes PaymentOutcomeUnknown
                 raise
@@ -55,6 +57,20 @@ class X402Adapter(HTTPAdapter):
                 return response
             response.close()
             history.append(response)
+
+    def _send_paid(self, sent: httpx.Request, **kwargs: Any) -> requests.Response:
+        """One request; a paid one is sent again as it is (the same payment) after a
+        timeout or a dropped connection, as httpx's RetryPaid transport does."""
+        retrying = self.auth.retrying
+        attempt = 0
+        while True:
+            try:
+                return super().send(_to_requests(sent), **kwargs)
+            except (requests.ConnectionError, requests.Timeout):
+                if not paid(sent) or attempt >= retrying.retries:
+                    raise
+            time.sleep(retrying.delay(None, attempt))
+            attempt += 1
 
 
 def x402_session(auth: X402Auth | Wallet, **kwargs: Any) -> requests.Session:

@@ -134,10 +134,20 @@ class LedgerUnavailable(PaymentError):
 
 
 class FacilitatorUnavailable(PaymentError):
-    """The `exact` scheme's facilitator is down, too slow or answered 5xx: nothing was
-    settled (or a top-up's settle outcome could not be resolved yet); retry shortly."""
+    """The `exact` scheme's facilitator is down, too slow or answered 5xx before anything
+    was settled: nothing happened; the same authorization may be sent again."""
 
     reason = "facilitator_unavailable"
+    status = 503
+
+
+class SettlementPending(PaymentError):
+    """An `exact` settle was sent and its outcome is unknown (no answer, a 5xx, a
+    transaction not yet seen on chain): the money may have moved. Non-terminal (the
+    standard's `settlement_pending`): send the SAME authorization again after Retry-After,
+    never a new one; the body carries `transaction` and `network` when known."""
+
+    reason = "settlement_pending"
     status = 503
 
 
@@ -228,6 +238,7 @@ BY_REASON: dict[str, type[PaymentError]] = {
         RateLimited,
         LedgerUnavailable,
         FacilitatorUnavailable,
+        SettlementPending,
         InvalidPayment,
         SettlementFailed,
         BadRequest,

@@ -53,8 +53,9 @@ class Authorizations:
         owner: str = "",
     ) -> str:
         """Take the authorization for this check; returns the reservation. NonceReused
-        (with `state`: `reserved:<id>:<owner>` or `settled:<tx>:<owner>`) when another
-        check holds it or has settled it. `owner`: the Ed25519 payer a top-up credits."""
+        (with `state`: `reserved:<id>:<owner>`, `pending:<tx>:<owner>` or
+        `settled:<tx>:<owner>`) when another check holds it, left its settle's outcome
+        unknown, or has settled it. `owner`: the Ed25519 payer a top-up credits."""
         reservation = f"reserved:{secrets.token_urlsafe(12)}:{owner}"
         deadline = deadline_ms(self.ledger._pipe.timeout, within)
         result: list[Any] = await self.ledger.call(
@@ -71,20 +72,31 @@ class Authorizations:
             )
         return reservation
 
-    async def settled(self, authorizer: str, key: str, reservation: str, tx: str) -> None:
-        """The settlement landed: the authorization stays taken until it expires."""
+    async def settled(self, authorizer: str, key: str, reservation: str, tx: str) -> bool:
+        """The settlement landed: the authorization stays taken until it expires. False if
+        `reservation` (a reservation, or a pending state) was no longer the state: another
+        check resolved it first."""
         owner = reservation.split(":", 2)[2]
-        await self._end(authorizer, key, reservation, f"settled:{tx}:{owner}")
+        return await self._end(authorizer, key, reservation, f"settled:{tx}:{owner}")
+
+    async def pending(self, authorizer: str, key: str, reservation: str, tx: str) -> str:
+        """The settle's outcome is unknown and this check gives up: the state says so
+        (`pending:<tx>:<owner>`), so the same authorization sent again is resolved (on
+        chain) rather than refused. Returns the new state."""
+        state = f"pending:{tx}:{reservation.split(':', 2)[2]}"
+        await self._end(authorizer, key, reservation, state)
+        return state
 
     async def release(self, authorizer: str, key: str, reservation: str) -> None:
         """Nothing moved on chain (facilitator down, payment invalid, settle refused): the
         same authorization may be sent again."""
         await self._end(authorizer, key, reservation, "")
 
-    async def _end(self, authorizer: str, key: str, reservation: str, state: str) -> None:
-        await self.ledger.call(
+    async def _end(self, authorizer: str, key: str, reservation: str, state: str) -> bool:
+        result: list[Any] = await self.ledger.call(
             self._finish(keys=(keyspace.authorization(authorizer, key),), args=(reservation, state))
         )
+        return bool(result[0] == "ok")
 
     async def status(self, payer: str) -> str | None:
         """An Ed25519 payer's status (None: not known yet; a top-up creates it)."""

@@ -7,9 +7,11 @@ Why not the official `HTTPFacilitatorClient`: it folds a connection refused, a t
 5xx and a 4xx into one ValueError, and the gateway must tell them apart: a request that
 never reached the facilitator settled nothing (the authorization may be sent again), one
 that timed out or failed after it was sent has an *unknown* outcome (the reservation
-stays; a top-up looks the authorization up on chain). The bodies are the official ones:
-the agent's envelope goes through unchanged, the requirements are our offer. Plain httpx,
-so the server runs without the `evm` extra.
+stays; the authorization is looked up on chain). A /settle is answered only by HTTP 200
+with a SettleResponse (as the official client reads it): any other status after the
+request left (a 502 from a proxy, a 402 re-challenge) is an unknown outcome too. The
+bodies are the official ones: the agent's envelope goes through unchanged, the
+requirements are our offer. Plain httpx, so the server runs without the `evm` extra.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class FacilitatorClient:
         requirements: Mapping[str, Any],
         seconds: float,
         unknown: type[FacilitatorUnavailable],
+        only_ok: bool = False,
     ) -> dict[str, Any]:
         body = {
             "x402Version": exact.X402_VERSION,
@@ -105,14 +108,14 @@ class FacilitatorClient:
             raise unknown(
                 f"the facilitator did not answer {path} in time ({type(exc).__name__})"
             ) from None
-        if response.status_code >= 500 or len(content) > MAX_ANSWER_BYTES:
+        status = response.status_code
+        if status >= 500 or (only_ok and status != 200) or len(content) > MAX_ANSWER_BYTES:
             raise unknown(f"the facilitator failed {path} (HTTP {response.status_code})")
         try:
             answer = json.loads(content)
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
-            status = response.status_code
             raise unknown(f"the facilitator's {path} answer is not JSON (HTTP {status})")
         return answer
 
@@ -132,7 +135,7 @@ class FacilitatorClient:
 
     async def settle(self, payload: Mapping[str, Any], requirements: Mapping[str, Any]) -> Settled:
         answer = await self._post(
-            "/settle", payload, requirements, self.settle_timeout, SettleUnknown
+            "/settle", payload, requirements, self.settle_timeout, SettleUnknown, only_ok=True
         )
         success = answer.get("success")
         if not isinstance(success, bool):

@@ -35,7 +35,7 @@ from sidecar.ledger.accounts import ACTIVE
 from sidecar.ledger.authorizations import Authorizations
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.logs import get_logger
-from sidecar.server.schemes.exact import ExactSettler, settled_facts
+from sidecar.server.schemes.exact import ExactSettler
 
 Answer = tuple[int, str, bytes, dict[str, str]]
 log = get_logger("sidecar.topup")
@@ -131,8 +131,8 @@ class TopupService:
         line["authorizer"] = auth.payer
         try:
             settled = await self.settler.settle(auth, owner=payer)
-        except NonceReused as reused:
-            settled = await self._recover(auth, payer, str(reused.details.get("state", "")))
+        except NonceReused as reused:  # an earlier attempt's settle or credit was lost
+            settled = await self.settler.recover(auth, reused, owner=payer)
         source = f"{auth.key}:{auth.payer}"
         credit = await self.authorizations.credit_topup(
             payer, self.asset.code, amount, source, settled["transaction"]
@@ -170,23 +170,6 @@ class TopupService:
         encoded = protocol.encode_header(receipt)
         extra = {name: encoded for name in protocol.RECEIPT_HEADERS}
         return 200, "application/json", json.dumps(body).encode(), extra
-
-    async def _recover(
-        self, auth: exact.Eip3009Authorization, payer: str, state: str
-    ) -> dict[str, str]:
-        """The authorization was taken before. For this very payer, if the chain says it
-        was used (an earlier attempt settled, then its credit or its answer was lost), the
-        credit is applied now, still once; anyone else's copy is a replay."""
-        owner = state.rsplit(":", 1)[-1] if state.count(":") >= 2 else ""
-        chain = self.settler.chain
-        if owner != payer or chain is None:
-            raise NonceReused("this authorization was already used, or is being settled")
-        token = auth.requirements.asset
-        if not await chain.authorization_used(token, auth.payer, auth.nonce):
-            raise NonceReused("this authorization is being settled; try again shortly")
-        found = state.split(":")[1] if state.startswith("settled:") else ""
-        transaction = found or await chain.transaction_of(token, auth.payer, auth.nonce)
-        return {**settled_facts(auth, transaction or "unknown"), "via": "chain"}
 
     def _deny(
         self,

@@ -23,8 +23,10 @@ from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import (
     FacilitatorUnavailable,
     InvalidPayment,
+    NonceReused,
     PaymentError,
     SettlementFailed,
+    SettlementPending,
     UnsupportedScheme,
 )
 from sidecar.core.exact import Eip3009Authorization
@@ -59,6 +61,9 @@ class Authorized:
 
     auth: Eip3009Authorization
     request: Request
+
+
+SETTLEMENT_PENDING = SettlementPending.reason  # the standard's errorReason (x402 2.25)
 
 
 class ExactSettler:
@@ -121,20 +126,24 @@ class ExactSettler:
 
     async def settle_reserved(self, auth: Eip3009Authorization, reservation: str) -> dict[str, str]:
         """The second half: /settle a verified, reserved authorization. An unknown outcome
-        is resolved on chain (unresolved: it stays reserved until it expires, 503)."""
+        is resolved on chain; unresolved, the authorization is left `pending` and the
+        answer is 503 settlement_pending: the same authorization, sent again, is resolved
+        then (recover), never settled twice."""
         via = "facilitator"
         try:
             settled = await self.facilitator.settle(auth.envelope, auth.requirements.to_wire())
         except SettleUnknown:
-            via, transaction = "chain", await self.resolve(auth)  # unresolved: stays reserved
+            via, transaction = "chain", await self.resolve(auth, reservation)
         except FacilitatorUnavailable:
             await self.release(auth, reservation)  # the request never reached the facilitator
             raise
         else:
             if settled.success and settled.transaction:
                 transaction = settled.transaction
-            elif settled.transaction:  # sent, then failed: look at the chain, not the answer
-                via, transaction = "chain", await self.resolve(auth, failed=settled.reason)
+            elif settled.transaction:  # sent, then failed or pending: look at the chain
+                failed = "" if settled.reason == SETTLEMENT_PENDING else settled.reason
+                via = "chain"
+                transaction = await self.resolve(auth, reservation, settled.transaction, failed)
             else:
                 await self.release(auth, reservation)
                 raise SettlementFailed(
@@ -145,33 +154,90 @@ class ExactSettler:
             await self.authorizations.settled(auth.payer, auth.key, reservation, transaction)
         return {**settled_facts(auth, transaction), "via": via}
 
-    async def resolve(self, auth: Eip3009Authorization, failed: str = "") -> str:
-        """A settle whose outcome is unknown: did the authorization land on chain? Its
-        transaction if so; else the reservation stays until the authorization expires (it
-        may still land) and the answer is 503 (or settlement_failed after a failed tx)."""
-        if self.chain is None:
-            raise FacilitatorUnavailable(
-                "the settlement's outcome is unknown; this authorization stays reserved "
-                "until it expires"
-            )
-        token = auth.requirements.asset
-        deadline = time.monotonic() + self.lookup
-        while True:
-            if await self.chain.authorization_used(token, auth.payer, auth.nonce):
-                found = await self.chain.transaction_of(token, auth.payer, auth.nonce)
-                return found or "unknown"
-            if time.monotonic() + self.RESOLVE_INTERVAL > deadline:
-                break
-            await asyncio.sleep(self.RESOLVE_INTERVAL)
-        if failed:
+    async def resolve(
+        self, auth: Eip3009Authorization, reservation: str, sent: str = "", failed: str = ""
+    ) -> str:
+        """A settle whose outcome is unknown (`sent`: the transaction the facilitator named,
+        if any): its transaction if the chain shows the authorization used; else
+        settlement_failed after a transaction the facilitator saw fail, or the
+        authorization is left pending (503 settlement_pending)."""
+        found = await self.landed(auth)
+        if found is not None:
+            return found or sent or "unknown"
+        if failed:  # the reservation stays until the authorization expires
             raise SettlementFailed(
                 "the settlement transaction failed; nothing was charged",
                 facilitator_reason=failed,
             )
-        raise FacilitatorUnavailable(
-            "the settlement's outcome is unknown; this authorization stays reserved until it "
-            "expires"
-        )
+        with contextlib.suppress(PaymentError):  # else it stays `reserved`: refused as today
+            await self.authorizations.pending(auth.payer, auth.key, reservation, sent)
+        raise pending(auth, sent)
+
+    async def landed(self, auth: Eip3009Authorization, resettle: bool = False) -> str | None:
+        """Did the authorization land? Its transaction ("" when the chain shows it used but
+        the log is not found), or None when the lookup window (`lookup` seconds) passed
+        without seeing it. `resettle`: ask the facilitator first (/settle again: the token
+        takes an authorization once, so this never moves money twice). A failed chain read
+        is retried inside the window, not taken for an answer."""
+        if resettle:
+            with contextlib.suppress(FacilitatorUnavailable):
+                again = await self.facilitator.settle(auth.envelope, auth.requirements.to_wire())
+                if again.success and again.transaction:
+                    return again.transaction
+        if self.chain is None:
+            return None
+        token = auth.requirements.asset
+        deadline = time.monotonic() + self.lookup
+        while True:
+            with contextlib.suppress(FacilitatorUnavailable):  # a failed read: look again
+                if await self.chain.authorization_used(token, auth.payer, auth.nonce):
+                    with contextlib.suppress(FacilitatorUnavailable):
+                        return await self.chain.transaction_of(token, auth.payer, auth.nonce)
+                    return ""
+            if time.monotonic() + self.RESOLVE_INTERVAL > deadline:
+                return None
+            await asyncio.sleep(self.RESOLVE_INTERVAL)
+
+    async def recover(
+        self, auth: Eip3009Authorization, reused: NonceReused, owner: str = ""
+    ) -> dict[str, str]:
+        """The same authorization sent again, found taken in the ledger (`reused`, its
+        `state`). Only `owner`'s (a top-up's payer; "" on a paid route) is resolved: one
+        left pending, or (a top-up) one whose chain transfer an earlier attempt could not
+        credit; the settled facts when it landed, and a pending one is taken over by this
+        check alone (another re-sent copy gets nonce_reused). A paid route's authorization
+        that was settled, or is still being settled, stays a replay (nonce_reused)."""
+        state = str(reused.details.get("state", ""))
+        kind, _, rest = state.partition(":")
+        found, _, holder = rest.rpartition(":")
+        if holder != owner or kind not in ("pending", "reserved", "settled"):
+            raise reused
+        if kind != "pending" and not owner:
+            raise reused
+        if kind == "settled" and found:
+            return {**settled_facts(auth, found), "via": "chain"}
+        landed = await self.landed(auth, resettle=kind == "pending")
+        if landed is None:
+            if kind == "pending":
+                raise pending(auth, found)
+            raise NonceReused("this authorization is being settled; try again shortly")
+        transaction = landed or found or "unknown"
+        if kind == "pending":
+            took = await self.authorizations.settled(auth.payer, auth.key, state, transaction)
+            if not took:
+                raise reused
+        return {**settled_facts(auth, transaction), "via": "chain"}
+
+
+def pending(auth: Eip3009Authorization, transaction: str) -> SettlementPending:
+    """The answer to a settle whose outcome is still unknown: send the same again."""
+    known = {"transaction": transaction} if transaction else {}
+    return SettlementPending(
+        "the settlement's outcome is not known yet; the money may have moved: send this "
+        "same payment again after Retry-After (never a new one): it is settled at most once",
+        **known,
+        network=auth.requirements.network,
+    )
 
 
 def settled_facts(auth: Eip3009Authorization, transaction: str) -> dict[str, str]:
@@ -207,7 +273,10 @@ class Exact(HoldingScheme[Authorized]):
         self, payment: Payment[Authorized], price: Price, now: int, within: float | None
     ) -> Charged:
         auth = payment.terms.auth
-        settled = await self.settler.settle(auth, within)
+        try:
+            settled = await self.settler.settle(auth, within)
+        except NonceReused as reused:  # sent again after settlement_pending: resolve it
+            settled = await self.settler.recover(auth, reused)
         receipt = receipts.exact_body(
             auth.sender,
             payment.terms.request.resource,
