@@ -136,11 +136,16 @@ class DiscoveryCache:
 
     def store(self, origin: str, response: httpx.Response) -> Discovery | None:
         """Parse a discovery response and keep it; None when it is not a usable document.
+        A 5xx changes nothing: the last document fetched stays the answer.
 
         A price list is the price list of the origin that served it: a client that follows
         redirects may hand us another origin's document (`response.url`, the last hop),
         which is kept for that origin, never for `origin` (a server that redirects its
         /.well-known/x402 to a gateway would get proofs signed for that gateway)."""
+        if response.status_code >= 500 and origin_of(response.url) == origin:
+            # A gateway restarting or overloaded: keep the last good document rather
+            # than caching "none" (its keys verify receipts meanwhile).
+            return self.last(origin)
         discovery = None
         if response.status_code == 200:
             try:
