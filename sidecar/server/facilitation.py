@@ -16,22 +16,43 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from sidecar.core import exact
 from sidecar.core.errors import FacilitatorUnavailable
+from sidecar.server import logs
+from sidecar.server.credentials import Credentials, CredentialsUnusable, NoCredentials
 
 MAX_ANSWER_BYTES = 64 * 1024
 MAX_REASON_CHARS = 200
+CONNECT_SECONDS = 3.0  # longer without a connection: never reached, the next one is asked
+SUPPORTED_SECONDS = 10.0  # the handshake's GET /supported
+
+log = logs.get_logger("sidecar.facilitation")
 
 
 class SettleUnknown(FacilitatorUnavailable):
     """The settle request left and no clear answer came back (timeout, 5xx, garbage): the
     transfer may or may not have landed."""
+
+
+class NotReached(FacilitatorUnavailable):
+    """The request never reached the facilitator's verify or settle: connection refused or
+    timed out, a name that does not resolve, our credentials refused (401/403) or unusable.
+    Nothing was verified or settled: the next facilitator may be asked. The decision line
+    names the facilitator (host only) and what it saw (`seen`: the HTTP status, `unreachable` or
+    `credentials_unusable`)."""
+
+    def __init__(self, message: str, host: str, status: int | str) -> None:
+        super().__init__(message)
+        self.host, self.seen = host, status
+        self.logged = {"facilitator": host, "facilitator_status": status}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,14 +78,108 @@ def _text(answer: Mapping[str, Any], name: str) -> str:
     return value[:MAX_REASON_CHARS] if isinstance(value, str) else ""
 
 
-class FacilitatorClient:
-    """One per worker; the httpx client is made in the worker's event loop, on first use."""
+@dataclass(frozen=True)
+class Endpoint:
+    """One facilitator: its URL (as configured) and the credentials it is sent."""
 
-    def __init__(self, url: str, verify_timeout: float, settle_timeout: float) -> None:
-        self.url = url.rstrip("/")
+    url: str
+    credentials: Credentials = field(default_factory=NoCredentials)
+
+    @property
+    def host(self) -> str:
+        """What logs may say of it: the host and port, never a userinfo or a query."""
+        return host_of(self.url)
+
+
+def host_of(url: str) -> str:
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.hostname or '?'}{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """One entry of `GET /supported`'s `kinds` (x402 SupportedKind)."""
+
+    x402_version: int
+    scheme: str
+    network: str
+    extra: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Supported:
+    """A facilitator's `GET /supported` answer (x402 SupportedResponse: kinds, extensions,
+    signers by CAIP family)."""
+
+    kinds: tuple[Kind, ...]
+    extensions: tuple[str, ...] = ()
+    signers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def kind(self, scheme: str, network: str) -> Kind | None:
+        """The kind for x402 v2 `scheme` on `network`, or a `namespace:*` wildcard's."""
+        wildcard = network.partition(":")[0] + ":*"
+        for wanted in (network, wildcard):
+            for kind in self.kinds:
+                if (kind.x402_version, kind.scheme, kind.network) == (
+                    exact.X402_VERSION,
+                    scheme,
+                    wanted,
+                ):
+                    return kind
+        return None
+
+    @classmethod
+    def from_wire(cls, answer: Mapping[str, Any]) -> Supported:
+        """ValueError when the answer is not a SupportedResponse."""
+        kinds, signers = answer.get("kinds"), answer.get("signers", {})
+        extensions = answer.get("extensions", [])
+        if not isinstance(kinds, list) or not isinstance(signers, dict):
+            raise ValueError("not a SupportedResponse (kinds[], signers{})")
+        parsed = []
+        for kind in kinds:
+            if not isinstance(kind, dict):
+                raise ValueError("a kind is not an object")
+            version, scheme, network = (kind.get(k) for k in ("x402Version", "scheme", "network"))
+            extra = kind.get("extra") or {}
+            if not (isinstance(version, int) and isinstance(scheme, str)):
+                raise ValueError("a kind needs x402Version and scheme")
+            if not isinstance(network, str) or not isinstance(extra, dict):
+                raise ValueError("a kind needs a network (and an object as extra)")
+            parsed.append(Kind(version, scheme, network, extra))
+        return cls(
+            tuple(parsed),
+            tuple(str(e) for e in extensions) if isinstance(extensions, list) else (),
+            {
+                str(family): tuple(str(a) for a in addresses)
+                for family, addresses in signers.items()
+                if isinstance(addresses, list)
+            },
+        )
+
+
+class FacilitatorClient:
+    """The facilitators in order, one client per worker (the httpx client is made in the
+    worker's event loop, on first use). A request that never reached one (`NotReached`)
+    goes to the next, within the same time budget; any other outcome is final, an unknown
+    one above all: a settle that may have landed is never sent to a second facilitator."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint] | str,
+        verify_timeout: float,
+        settle_timeout: float,
+    ) -> None:
+        if isinstance(endpoints, str):
+            endpoints = [Endpoint(endpoints)]
+        self.endpoints = [Endpoint(e.url.rstrip("/"), e.credentials) for e in endpoints]
         self.verify_timeout = verify_timeout
         self.settle_timeout = settle_timeout
         self._client: httpx.AsyncClient | None = None
+
+    @property
+    def url(self) -> str:
+        return self.endpoints[0].url
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -77,6 +192,62 @@ class FacilitatorClient:
         if self._client is not None:
             await self._client.aclose()
 
+    async def _send(
+        self,
+        endpoint: Endpoint,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        seconds: float,
+        unknown: type[FacilitatorUnavailable],
+    ) -> dict[str, Any]:
+        url, host = endpoint.url + path, endpoint.host
+        try:
+            headers = endpoint.credentials.headers(method, url)
+        except CredentialsUnusable as exc:
+            log.error("facilitator.credentials_unusable", facilitator=host, cause=str(exc))
+            raise NotReached(
+                f"the facilitator {host} was not asked: its credentials are unusable",
+                host,
+                "credentials_unusable",
+            ) from None
+        timeout = httpx.Timeout(seconds, connect=min(seconds, CONNECT_SECONDS))
+        try:
+            async with asyncio.timeout(seconds):
+                response = await self.client.request(
+                    method, url, json=body, headers=headers, timeout=timeout
+                )
+                content = await response.aread()
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # Never reached the facilitator: nothing was verified or settled.
+            raise NotReached(
+                f"the facilitator {host} is unreachable ({type(exc).__name__}); "
+                "nothing was settled",
+                host,
+                "unreachable",
+            ) from None
+        except (httpx.HTTPError, TimeoutError, OSError) as exc:
+            raise unknown(
+                f"the facilitator did not answer {path} in time ({type(exc).__name__})"
+            ) from None
+        status = response.status_code
+        if status in (401, 403):  # refused at the door: nothing verified or settled
+            raise NotReached(
+                f"the facilitator {host} refused the gateway's credentials (HTTP {status}); "
+                "nothing was settled",
+                host,
+                status,
+            )
+        if status >= 500 or len(content) > MAX_ANSWER_BYTES:
+            raise unknown(f"the facilitator failed {path} (HTTP {status})")
+        try:
+            answer = json.loads(content)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise unknown(f"the facilitator's {path} answer is not JSON (HTTP {status})")
+        return answer
+
     async def _post(
         self,
         path: str,
@@ -85,36 +256,36 @@ class FacilitatorClient:
         seconds: float,
         unknown: type[FacilitatorUnavailable],
     ) -> dict[str, Any]:
+        """The first facilitator that can be reached answers; all within `seconds`."""
         body = {
             "x402Version": exact.X402_VERSION,
             "paymentPayload": payload,
             "paymentRequirements": requirements,
         }
-        try:
-            async with asyncio.timeout(seconds):
-                response = await self.client.post(
-                    self.url + path, json=body, timeout=httpx.Timeout(seconds)
+        deadline = time.monotonic() + seconds
+        for index, endpoint in enumerate(self.endpoints):
+            left = deadline - time.monotonic()
+            try:
+                return await self._send(endpoint, "POST", path, body, left, unknown)
+            except NotReached as exc:
+                last = index == len(self.endpoints) - 1
+                if last or deadline - time.monotonic() <= 0:
+                    raise
+                log.warning(
+                    "facilitator.failover", facilitator=exc.host, status=exc.seen, path=path
                 )
-                content = await response.aread()
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            # Never reached the facilitator: nothing was verified or settled.
-            raise FacilitatorUnavailable(
-                f"the facilitator is unreachable ({type(exc).__name__}); nothing was settled"
-            ) from None
-        except (httpx.HTTPError, TimeoutError, OSError) as exc:
-            raise unknown(
-                f"the facilitator did not answer {path} in time ({type(exc).__name__})"
-            ) from None
-        if response.status_code >= 500 or len(content) > MAX_ANSWER_BYTES:
-            raise unknown(f"the facilitator failed {path} (HTTP {response.status_code})")
+        raise AssertionError("no facilitator configured")
+
+    async def supported(self, endpoint: Endpoint) -> Supported:
+        """One facilitator's `GET /supported` (the handshake); FacilitatorUnavailable (or
+        NotReached) when it cannot be had."""
+        answer = await self._send(
+            endpoint, "GET", "/supported", None, SUPPORTED_SECONDS, FacilitatorUnavailable
+        )
         try:
-            answer = json.loads(content)
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            status = response.status_code
-            raise unknown(f"the facilitator's {path} answer is not JSON (HTTP {status})")
-        return answer
+            return Supported.from_wire(answer)
+        except ValueError as exc:
+            raise FacilitatorUnavailable(f"/supported: {exc}") from None
 
     async def verify(self, payload: Mapping[str, Any], requirements: Mapping[str, Any]) -> Verified:
         answer = await self._post(
