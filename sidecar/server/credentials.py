@@ -159,7 +159,9 @@ class CdpApiKey(_WatchedFile):
             api_key_id=key_id,
             api_key_secret=secret,
             request_method=method,
-            request_host=parts.netloc,
+            # With its scheme: cdp-sdk urlparses host + path, and a bare `host:port` would
+            # read as a scheme (the `uris` claim is the same as cdp-sdk's for CDP's host).
+            request_host=f"{parts.scheme}://{parts.netloc}",
             request_path=parts.path or "/",
             source=CDP_SOURCE,
         )

@@ -5,9 +5,10 @@ Every configured `exact` network must be among a facilitator's kinds (x402 v2, `
 network or its `eip155:*` wildcard). A facilitator that answers without one is a config
 error the sidecar says once, naming the facilitator's host and the network, and holds
 against its readiness (`/readyz` 503 `facilitator_unsupported` with the reason) until a
-later answer lists it. Until a first facilitator has answered at all the sidecar is not
-ready either (`facilitator_pending`); once it has, a facilitator that cannot be reached
-only logs a warning: payments then get their own 503, and prepaid stays served.
+later answer lists it. Until the first round of asking is over the sidecar is not ready
+either (`facilitator_pending`). A facilitator that cannot be reached or refuses our
+credentials only logs a warning (once, until that changes): `exact` payments then get
+their own 503, and prepaid stays served, so readiness does not drop with it.
 
 The answer's `extra` for each network (the first facilitator's that lists it: e.g. a
 `feePayer`) joins the offers' `extra` (`ExactTerms.facilitator_extra`, our EIP-712 domain
@@ -26,7 +27,7 @@ from sidecar.server import logs
 from sidecar.server.facilitation import Endpoint, FacilitatorClient, Supported
 
 PENDING, READY, UNSUPPORTED = "facilitator_pending", "ready", "facilitator_unsupported"
-RETRY_SECONDS = 2.0  # between handshakes until a first facilitator answered
+RETRY_SECONDS = 2.0  # between rounds while no facilitator has ever answered
 
 log = logs.get_logger("sidecar.handshake")
 
@@ -47,6 +48,7 @@ class Handshake:
         self.interval, self.speak = interval, speak
         self.state, self.reason = PENDING, "no facilitator has answered GET /supported yet"
         self.signers: dict[str, Mapping[str, tuple[str, ...]]] = {}
+        self.answered = False  # has any facilitator ever answered
         self._silent: dict[str, str] = {}  # facilitator → why it did not answer (logged once)
 
     async def once(self) -> None:
@@ -71,11 +73,12 @@ class Handshake:
                 if kind is not None and network not in extras:
                     extras[network] = dict(kind.extra)
         if answered:
+            self.answered = True
             self.extras.clear()
             self.extras.update(extras)
         if problems:
             self._become(UNSUPPORTED, "; ".join(problems))
-        elif answered:
+        elif answered or self.state == PENDING:
             self._become(READY, "")
 
     async def _ask(self, endpoint: Endpoint) -> Supported | None:
@@ -98,15 +101,15 @@ class Handshake:
             return
         if state == UNSUPPORTED:
             log.error("facilitator.unsupported", reason=reason)
-        else:
+        elif self.signers:
             signers = {host: dict(found) for host, found in self.signers.items()}
             log.info("facilitator.supported", networks=self.networks, signers=signers)
 
     async def run(self) -> None:
-        """Forever: a handshake now, then every `interval` (sooner while none answered)."""
+        """Forever: a round now, then every `interval` (sooner while none ever answered)."""
         while True:
             try:
                 await self.once()
             except Exception:  # never let the loop die on a surprise; say it
                 log.exception("facilitator.handshake_error")
-            await asyncio.sleep(RETRY_SECONDS if self.state == PENDING else self.interval)
+            await asyncio.sleep(self.interval if self.answered else RETRY_SECONDS)
