@@ -71,7 +71,7 @@ def test_several_facilitators_in_order_publish_the_first(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"facilitators": [{"url": "https://a.example"}], "facilitator_url": "https://b"}, "not both"),
+        ({"facilitators": [{"url": "https://a"}], "facilitator_url": "https://b"}, "not both"),
         ({"facilitators": "https://a.example"}, "config facilitators: must be a list"),
         ({"facilitators": ["https://a.example"]}, r"facilitators\[0\]: a mapping"),
         ({"facilitators": [{"url": "ftp://a"}]}, r"facilitators\[0\]: an http\(s\) URL"),
@@ -223,7 +223,12 @@ def test_the_supported_answer_is_read_as_the_official_shape() -> None:
     answer = {
         "kinds": [
             {"x402Version": 2, "scheme": "exact", "network": "eip155:31337"},
-            {"x402Version": 2, "scheme": "exact", "network": "solana:*", "extra": {"feePayer": "F"}},
+            {
+                "x402Version": 2,
+                "scheme": "exact",
+                "network": "solana:*",
+                "extra": {"feePayer": "F"},
+            },
             {"x402Version": 1, "scheme": "exact", "network": "base-sepolia"},
         ],
         "extensions": ["bazaar"],
@@ -236,6 +241,12 @@ def test_the_supported_answer_is_read_as_the_official_shape() -> None:
     assert kind is not None and kind.extra == {"feePayer": "F"}
     assert supported.signers == {"eip155:*": ("0xabc",)}
     assert supported.extensions == ("bazaar",)
-    for bad in ({}, {"kinds": {}}, {"kinds": [{"scheme": "exact"}]}, {"kinds": [], "signers": []}):
+    bad_answers: list[dict[str, Any]] = [
+        {},
+        {"kinds": {}},
+        {"kinds": [{"scheme": "exact"}]},
+        {"kinds": [], "signers": []},
+    ]
+    for bad in bad_answers:
         with pytest.raises(ValueError):
             Supported.from_wire(bad)
