@@ -166,20 +166,14 @@ class FacilitatorClient:
 
     def __init__(
         self,
-        endpoints: Sequence[Endpoint] | str,
+        endpoints: Sequence[Endpoint],
         verify_timeout: float,
         settle_timeout: float,
     ) -> None:
-        if isinstance(endpoints, str):
-            endpoints = [Endpoint(endpoints)]
         self.endpoints = [Endpoint(e.url.rstrip("/"), e.credentials) for e in endpoints]
         self.verify_timeout = verify_timeout
         self.settle_timeout = settle_timeout
         self._client: httpx.AsyncClient | None = None
-
-    @property
-    def url(self) -> str:
-        return self.endpoints[0].url
 
     @property
     def client(self) -> httpx.AsyncClient:
