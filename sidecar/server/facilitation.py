@@ -32,6 +32,7 @@ from sidecar.server.credentials import Credentials, CredentialsUnusable, NoCrede
 MAX_ANSWER_BYTES = 64 * 1024
 MAX_REASON_CHARS = 200
 CONNECT_SECONDS = 3.0  # longer without a connection: never reached, the next one is asked
+DOWN_SECONDS = 10.0  # a facilitator not reached is asked after the others for this long
 SUPPORTED_SECONDS = 10.0  # the handshake's GET /supported
 
 log = logs.get_logger("sidecar.facilitation")
@@ -162,7 +163,9 @@ class FacilitatorClient:
     """The facilitators in order, one client per worker (the httpx client is made in the
     worker's event loop, on first use). A request that never reached one (`NotReached`)
     goes to the next, within the same time budget; any other outcome is final, an unknown
-    one above all: a settle that may have landed is never sent to a second facilitator."""
+    one above all: a settle that may have landed is never sent to a second facilitator.
+    One not reached is asked after the others for DOWN_SECONDS (one warning when it goes
+    down), so a facilitator that is down costs each payment nothing."""
 
     def __init__(
         self,
@@ -171,6 +174,7 @@ class FacilitatorClient:
         settle_timeout: float,
     ) -> None:
         self.endpoints = [Endpoint(e.url.rstrip("/"), e.credentials) for e in endpoints]
+        self._down = [0.0] * len(self.endpoints)  # monotonic time until which one goes last
         self.verify_timeout = verify_timeout
         self.settle_timeout = settle_timeout
         self._client: httpx.AsyncClient | None = None
@@ -256,19 +260,33 @@ class FacilitatorClient:
             "paymentPayload": payload,
             "paymentRequirements": requirements,
         }
-        deadline = time.monotonic() + seconds
-        for index, endpoint in enumerate(self.endpoints):
-            left = deadline - time.monotonic()
+        now = time.monotonic()
+        deadline = now + seconds
+        # The ones not reached lately go last (asked still, when every other one fails).
+        order = sorted(range(len(self.endpoints)), key=lambda i: self._down[i] > now)
+        failed: list[tuple[int, NotReached]] = []
+        for index in order:
+            if failed and deadline - time.monotonic() <= 0:
+                break
             try:
-                return await self._send(endpoint, "POST", path, body, left, unknown)
+                answer = await self._send(
+                    self.endpoints[index], "POST", path, body, deadline - time.monotonic(),
+                    unknown,
+                )  # fmt: skip
             except NotReached as exc:
-                last = index == len(self.endpoints) - 1
-                if last or deadline - time.monotonic() <= 0:
-                    raise
-                log.warning(
-                    "facilitator.failover", facilitator=exc.host, status=exc.seen, path=path
-                )
-        raise AssertionError("no facilitator configured")
+                now = time.monotonic()
+                if self._down[index] <= now:  # a line when it goes down, not per request
+                    log.warning(
+                        "facilitator.not_reached", facilitator=exc.host, status=exc.seen, path=path
+                    )
+                self._down[index] = now + DOWN_SECONDS
+                failed.append((index, exc))
+                continue
+            self._down[index] = 0.0
+            return answer
+        # None reached: the refusal the decision line names is a refused credential before
+        # a facilitator down, then the first configured.
+        raise min(failed, key=lambda f: (f[1].seen == "unreachable", f[0]))[1]
 
     async def supported(self, endpoint: Endpoint) -> Supported:
         """One facilitator's `GET /supported` (the handshake); FacilitatorUnavailable (or
