@@ -10,6 +10,10 @@ that timed out or failed after it was sent has an *unknown* outcome (the reserva
 stays; a top-up looks the authorization up on chain). The bodies are the official ones:
 the agent's envelope goes through unchanged, the requirements are our offer. Plain httpx,
 so the server runs without the `evm` extra.
+
+The facilitators are a list in order, each sent its own credentials (server/credentials.py):
+a request that never reached one (`NotReached`: no connection, our credentials refused
+with 401/403) goes to the next; `GET /supported` is the handshake's (server/handshake.py).
 """
 
 from __future__ import annotations
