@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -426,7 +427,7 @@ def test_previous_signing_keys_are_mounted_and_configured() -> None:
 
 
 def test_facilitators_and_their_credentials_are_mounted_and_configured() -> None:
-    facilitators = [
+    facilitators: list[dict[str, Any]] = [
         {
             "url": "https://api.cdp.coinbase.com/platform/v2/x402",
             "cdpApiKeySecret": {"name": "cdp-api-key", "key": "cdp_api_key.json"},
