@@ -187,6 +187,10 @@ async def test_without_credentials_exact_is_503_and_prepaid_is_served(
                 401,
             )
             assert served_paths(stack) == []
+            exposition = (await http.get(f"{stack.sideport_url}/metrics")).text
+            host = guarded.url.removeprefix("http://")
+            counted = f'x402_facilitator_not_reached_total{{facilitator="{host}",status="401"}}'
+            assert counted in exposition, exposition
             wallet = Identity.generate()
             await stack.fund(wallet.public_key, "1")
             prepaid = await http.get(PAID, headers=pay_direct(stack, wallet, f"GET {PAID}", "0.01"))

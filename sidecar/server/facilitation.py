@@ -30,7 +30,7 @@ import httpx
 
 from sidecar.core import exact
 from sidecar.core.errors import FacilitatorUnavailable
-from sidecar.server import logs
+from sidecar.server import logs, metrics
 from sidecar.server.credentials import Credentials, CredentialsUnusable, NoCredentials
 
 MAX_ANSWER_BYTES = 64 * 1024
@@ -278,6 +278,7 @@ class FacilitatorClient:
                     unknown,
                 )  # fmt: skip
             except NotReached as exc:
+                metrics.facilitator_not_reached(exc.host, exc.seen)
                 now = time.monotonic()
                 if self._down[index] <= now:  # a line when it goes down, not per request
                     log.warning(
