@@ -13,6 +13,7 @@ from typing import Any
 
 import jwt
 import pytest
+from cdp.auth.utils.http import GetAuthHeadersOptions, get_auth_headers
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -180,6 +181,24 @@ def test_a_cdp_ed25519_key_mints_an_eddsa_jwt_per_request(tmp_path: Path) -> Non
     assert (claims["sub"], claims["iss"]) == ("key-1", "cdp")
     assert claims["uris"] == ["POST api.cdp.coinbase.com/platform/v2/x402/verify"]
     assert claims["exp"] - claims["nbf"] == 120
+    # The same header and claims as cdp-sdk's own facilitator config sends CDP.
+    options = GetAuthHeadersOptions(
+        api_key_id="key-1",
+        api_key_secret=secret,
+        request_method="POST",
+        request_host="api.cdp.coinbase.com",
+        request_path="/platform/v2/x402/verify",
+        source="x402",
+    )
+    theirs = get_auth_headers(options)
+    their_header, their_claims = decoded(
+        theirs["Authorization"].removeprefix("Bearer "), private.public_key(), "EdDSA"
+    )
+    assert set(their_header) == set(header) and their_header["kid"] == header["kid"]
+    assert {k: v for k, v in their_claims.items() if k not in ("nbf", "exp")} == {
+        k: v for k, v in claims.items() if k not in ("nbf", "exp")
+    }
+    assert first["Correlation-Context"] == theirs["Correlation-Context"]
 
 
 def test_a_cdp_ec_key_mints_an_es256_jwt_naming_the_path(tmp_path: Path) -> None:
