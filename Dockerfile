@@ -12,13 +12,16 @@ FROM ${BASE_IMAGE} AS build
 # A CA bundle for pip when a proxy re-signs TLS (mount it with the build); "": pip's own.
 ARG PIP_CERT=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CERT=${PIP_CERT}
+# The package's extras: add `cdp` for Coinbase CDP's facilitator (--build-arg
+# EXTRAS=server,cdp; config facilitators[].cdp_api_key_file, docs/production.md).
+ARG EXTRAS=server
 WORKDIR /src
 RUN python3 -m venv /opt/x402
 # The dependencies first, from pyproject.toml alone (a placeholder package), so a change
 # of the sources reuses this layer; then the package itself, without dependencies.
 COPY pyproject.toml ./
 RUN mkdir sidecar && touch README.md sidecar/__init__.py \
- && /opt/x402/bin/pip install '.[server]' \
+ && /opt/x402/bin/pip install ".[${EXTRAS}]" \
  && /opt/x402/bin/pip uninstall --yes x402-sidecar
 COPY README.md ./
 COPY sidecar ./sidecar

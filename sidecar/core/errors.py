@@ -41,6 +41,9 @@ class PaymentError(X402Error):
         super().__init__(message)
         self.message = message
         self.details = details
+        # Facts for the decision line only, never the answer's body (e.g. which
+        # facilitator refused and with what status).
+        self.logged: dict[str, str | int] = {}
 
 
 class PaymentRequired(PaymentError):

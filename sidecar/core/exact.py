@@ -74,6 +74,9 @@ class ExactTerms:
     facilitator_url: str  # as published (published_url): never the one with credentials
     max_timeout_seconds: int = 300
     topup: Mapping[str, Any] = field(default_factory=dict)  # discovery's `topup`, if any
+    # Each network's `extra` from the facilitator's GET /supported (server/handshake.py
+    # fills it at run time): it joins the offer's `extra`, our EIP-712 domain wins.
+    facilitator_extra: dict[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def for_price(self, price: Price) -> OnchainAsset | None:
         return self.assets.get(price.asset.code)
@@ -97,7 +100,11 @@ def offer(onchain: OnchainAsset, amount: int, terms: ExactTerms) -> Offer:
         onchain.token,
         terms.pay_to,
         terms.max_timeout_seconds,
-        {"name": onchain.name, "version": onchain.version},
+        {
+            **terms.facilitator_extra.get(onchain.network, {}),
+            "name": onchain.name,
+            "version": onchain.version,
+        },
     )
 
 

@@ -33,6 +33,7 @@ from sidecar.server import listing, networks
 from sidecar.server.anchor_settings import AnchorChain
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.envoy.edge import Edge
+from sidecar.server.facilitators import FacilitatorSpec, specs
 
 ENV_PREFIX = "X402_"
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", ANY_METHOD}
@@ -124,6 +125,10 @@ class Settings:
     # facilitator that verifies and settles. Empty `onchain`: prepaid only.
     onchain: Mapping[str, Any] = field(default_factory=dict)
     facilitator_url: str = ""  # the standard x402 facilitator API (/verify, /settle)
+    # Or several, in order, with credentials (server/facilitators.py): [{url, headers_file
+    # | cdp_api_key_file}]; asked GET /supported at start and this often (readiness).
+    facilitators: list[Mapping[str, Any]] = field(default_factory=list)
+    facilitator_supported_seconds: int = 60
     pay_to: str = ""  # the operator's address, the `payTo` of every exact offer
     exact_max_timeout_seconds: int = 300  # the offer's maxTimeoutSeconds
     facilitator_verify_timeout_ms: int = 5000  # past it: 503 facilitator_unavailable
@@ -228,21 +233,21 @@ class Settings:
         if not self.pay_to:
             raise ConfigError("config pay_to: the operator's 0x address (required with onchain)")
         networks.check_address("config pay_to", self.pay_to)
-        if not self.facilitator_url.startswith(("http://", "https://")):
-            raise ConfigError("config facilitator_url: an http(s) URL (required with onchain)")
+        facilitators = self.facilitator_specs()
+        if not facilitators:
+            raise ConfigError("config facilitator_url or facilitators: required with onchain")
         if self.chain_rpc_url and not self.chain_rpc_url.startswith(("http://", "https://")):
             raise ConfigError("config chain_rpc_url: an http(s) URL")
-        for key in ("exact_max_timeout_seconds", "facilitator_verify_timeout_ms"):
+        for key in ("exact_max_timeout_seconds", "facilitator_verify_timeout_ms",
+                    "facilitator_settle_timeout_ms"):  # fmt: skip
             if getattr(self, key) == 0:
                 raise ConfigError(f"config {key}: must be at least 1")
-        if self.facilitator_settle_timeout_ms == 0:
-            raise ConfigError("config facilitator_settle_timeout_ms: must be at least 1")
         if self.chain_lookup_ms < 0:
             raise ConfigError("config chain_lookup_ms: must be 0 or more")
         return exact.ExactTerms(
             tokens,
             self.pay_to,
-            exact.published_url(self.facilitator_url),
+            exact.published_url(facilitators[0].url),
             self.exact_max_timeout_seconds,
             self.topup_terms(tokens, assets),
         )
@@ -275,6 +280,10 @@ class Settings:
             "min_atomic": low,
             "max_atomic": high,
         }
+
+    def facilitator_specs(self) -> tuple[FacilitatorSpec, ...]:
+        """`facilitators`, or `facilitator_url` as a list of one, checked."""
+        return specs(self.facilitators, self.facilitator_url)
 
     def edge_config(self) -> Edge:
         """The `edge` mapping, checked: Envoy's timeouts, limits and header policy."""
@@ -464,6 +473,7 @@ def _coerced(name: str, value: Any, default: Any) -> Any:
                 "hold_sweep_seconds",
                 "decision_stream_max_bytes",
                 "side_port_max_connections",
+                "facilitator_supported_seconds",
             )
             and value == 0
         ):
@@ -482,6 +492,10 @@ def _coerced(name: str, value: Any, default: Any) -> Any:
         ):
             raise ConfigError(f"config {name}: must be a list of file paths")
         return tuple(value)
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"config {name}: must be a list")
+        return list(value)
     if not isinstance(value, Mapping):
         raise ConfigError(f"config {name}: must be a mapping")
     return dict(value)

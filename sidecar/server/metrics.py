@@ -77,6 +77,13 @@ class _Metrics:
             ("api",),
             registry=registry,
         )
+        self.facilitator_not_reached = Counter(
+            "x402_facilitator_not_reached",
+            "Requests to an x402 facilitator that never reached it, by its host and what "
+            "was seen (unreachable, 401, 403, credentials_unusable); the next one was asked.",
+            ("facilitator", "status"),
+            registry=registry,
+        )
         self.decision_children: dict[tuple[str, str, str], Any] = {}
         self.revenue_children: dict[tuple[str, str], Any] = {}
 
@@ -150,6 +157,10 @@ def record_phase(line: Mapping[str, Any], captured: int, seconds: float) -> None
         metrics.charge(line.get("asset") or "", route, captured)
     elif line["reason"] == LEDGER_UNAVAILABLE:
         metrics.ledger_errors.inc()
+
+
+def facilitator_not_reached(host: str, status: int | str) -> None:
+    _current.facilitator_not_reached.labels(host, str(status)).inc()
 
 
 def admin_auth_failed(api: str) -> None:

@@ -176,6 +176,7 @@ class Processor:
             response = await self._close(meta, headers, status, line, context)
         except PaymentError as error:  # the ledger: the hold stays until it expires
             line.update(decision="deny", status=error.status, reason=error.reason)
+            line.update(error.logged)
             denial = self._challenge(error, meta) if error.status == 402 else None
             response = immediate(error.status, error.reason, error.message, denial)
         except Exception:  # a bug must never serve the response free nor charge twice

@@ -21,9 +21,10 @@ from sidecar.core.protocol import DISCOVERY_PATH, SCHEME, VERSION
 from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
 from sidecar.ledger import reports
 from sidecar.ledger.accounts import Ledger
-from sidecar.server import metrics
+from sidecar.server import handshake, metrics
 from sidecar.server.authz.http_transport import reason_phrase
 from sidecar.server.envoy.contract import TOPUP_PATH
+from sidecar.server.handshake import Handshake
 from sidecar.server.logs import get_logger
 from sidecar.server.topup import TopupService
 
@@ -126,6 +127,7 @@ class SidePort:
         self.ledger = ledger
         self.topup = topup
         self.ready = True  # flipped off first on shutdown, so probes drain traffic
+        self.handshake: Handshake | None = None  # with `exact`: the facilitators' answer
         self._unreachable = ""  # why the ledger failed the last readiness probe
         discovery = json.dumps(discovery_document(routes, gateway)).encode()
 
@@ -145,6 +147,9 @@ class SidePort:
     async def readyz(self) -> tuple[int, str, bytes]:
         if not self.ready:
             return 503, "application/json", b'{"status":"shutting_down"}'
+        if self.handshake is not None and self.handshake.state != handshake.READY:
+            why = {"status": self.handshake.state, "reason": self.handshake.reason}
+            return 503, "application/json", json.dumps(why).encode()
         unreachable = await self.ledger.unreachable()
         if unreachable != self._unreachable:  # a line when it changes, not per probe
             if unreachable:

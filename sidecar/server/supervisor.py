@@ -51,8 +51,10 @@ from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import AUTHZ_SERVICE, GrpcChecks
 from sidecar.server.config import Settings
 from sidecar.server.envoy.contract import TOPUP_PATH
+from sidecar.server.handshake import Handshake
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
 from sidecar.server.schemes.base import sweep_forever
+from sidecar.server.schemes.exact import ExactSettler
 from sidecar.server.side_port import AnyReply, Headers, SidePort, SideServer, start_http
 from sidecar.server.topup import TopupService
 
@@ -145,6 +147,8 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
         asset = routes.assets[gateway.exact.topup["asset"]]
         topup = TopupService(gateway, settler, settler.authorizations, asset)
     side = SidePort(routes, gateway, ledger, topup)
+    side.handshake = handshake = _handshake(settings, settler, gateway, worker)
+    shaking = asyncio.create_task(handshake.run()) if handshake is not None else None
     zero = await WorkerZero.start(settings, side, board, ledger, gateway) if worker == 0 else None
     await server.start()
     checks = None
@@ -186,12 +190,27 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
         await feed.close()
     if zero is not None:
         await zero.close()
+    if shaking is not None:
+        shaking.cancel()
     with contextlib.suppress(Exception):
         await ledger.close()
     if settler is not None:
         with contextlib.suppress(Exception):
             await settler.close()
     log.info("sidecar.stopped")
+
+
+def _handshake(
+    settings: Settings, settler: ExactSettler | None, gateway: Gateway, worker: int
+) -> Handshake | None:
+    """GET /supported of the facilitators, at start and periodically (server/handshake.py):
+    worker 0's says whether the sidecar is ready, and logs; every worker takes the extras."""
+    if settler is None or gateway.exact is None:
+        return None
+    networks = [onchain.network for onchain in gateway.exact.assets.values()]
+    interval = float(settings.facilitator_supported_seconds)
+    extras = gateway.exact.facilitator_extra
+    return Handshake(settler.facilitator, networks, extras, interval, speak=worker == 0)
 
 
 def _grpc_server(
@@ -463,6 +482,7 @@ def run(settings: Settings) -> None:
     except ValueError as exc:
         raise ConfigError(f"config redis_url {redacted(settings.redis_url)}: {exc}") from None
     refuse_ports_in_use(settings)
+    wiring.facilitator_endpoints(settings)  # a credentials file unusable: say so once, here
     print_route_table(routes, gateway)
     with metrics.aggregated(settings.workers):  # /metrics sums every worker's samples
         code = Supervisor(settings).run()

@@ -67,6 +67,7 @@ class TopupService:
             return answer
         except PaymentError as error:
             line.update(decision="deny", status=error.status, reason=error.reason)
+            line.update(error.logged)
             return self._deny(error, line, offer, query, headers)
         except Exception:  # a bug never credits, and never leaves the agent without an answer
             log.exception("topup.error", payer=line["payer"])

@@ -13,9 +13,10 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.authorizations import Authorizations
 from sidecar.ledger.payers import Payers
 from sidecar.ledger.rate_limit import RateLimiter, rate
+from sidecar.server import facilitators
 from sidecar.server.anchor_settings import AnchorChain
 from sidecar.server.config import Settings
-from sidecar.server.facilitation import ChainReader, FacilitatorClient
+from sidecar.server.facilitation import ChainReader, Endpoint, FacilitatorClient
 from sidecar.server.feed import DecisionFeed
 from sidecar.server.schemes.exact import ExactSettler
 
@@ -103,13 +104,19 @@ def payers(settings: Settings, ledger: Ledger, payee: str | None = None) -> Paye
     return Payers(ledger, settings.asset_table(), settings.default_asset, payee)
 
 
+def facilitator_endpoints(settings: Settings) -> list[Endpoint]:
+    """The facilitators with their credentials read: a ConfigError names an unusable
+    credentials file (missing, readable by others, malformed)."""
+    return facilitators.endpoints(settings.facilitator_specs()) if settings.onchain else []
+
+
 def exact_settler(settings: Settings, ledger: Ledger) -> ExactSettler | None:
     """The facilitator, the chain reader and the reservations of the `exact` scheme; None
     when no on-chain asset is configured."""
     if not settings.onchain:
         return None
     facilitator = FacilitatorClient(
-        settings.facilitator_url,
+        facilitator_endpoints(settings),
         settings.facilitator_verify_timeout_ms / 1000,
         settings.facilitator_settle_timeout_ms / 1000,
     )

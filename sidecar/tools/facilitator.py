@@ -14,15 +14,19 @@ standard ones: `invalid_payload`, `invalid_payment_requirements`, `unsupported_s
 exception the official code lets out is 500 (`unexpected_verify_error` /
 `unexpected_settle_error`). The official scheme reports an unreachable RPC as a failed
 payment, so `GET /health` is 200 only while the chain answers (503 otherwise).
+
+`--require-bearer-file FILE` serves it as hosted facilitators do, behind credentials: every
+call but `/health` needs `Authorization: Bearer <the file's token>`, else 401.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,7 +50,7 @@ from x402.schemas import (
 )
 
 from sidecar.core.errors import ConfigError
-from sidecar.core.identity import read_evm_key
+from sidecar.core.identity import read_evm_key, read_secret
 from sidecar.tools.catalog import BadQuery, Catalog
 
 log = logging.getLogger("sidecar.facilitator")
@@ -54,6 +58,7 @@ log = logging.getLogger("sidecar.facilitator")
 MAX_BODY = 64 * 1024  # a payload with its requirements is ~1.5 KiB
 
 Payload = PaymentPayload | PaymentPayloadV1
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Requirements = PaymentRequirements | PaymentRequirementsV1
 
 
@@ -153,18 +158,34 @@ def _first_error(exc: Exception) -> str:
 class Server:
     """The aiohttp app around one official facilitator."""
 
-    def __init__(self, facilitator: x402FacilitatorSync, network: str, rpc_url: str) -> None:
+    def __init__(
+        self, facilitator: x402FacilitatorSync, network: str, rpc_url: str, bearer: str = ""
+    ) -> None:
         self.facilitator = facilitator
         self.network = network
         self.rpc_url = rpc_url
         self.secrets = rpc_secrets(rpc_url)
         self.catalog = Catalog()
-        self.app = web.Application(client_max_size=MAX_BODY)
+        self.bearer = f"Bearer {bearer}".encode() if bearer else b""
+        self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self.guard])
         self.app.router.add_post("/verify", self.verify)
         self.app.router.add_post("/settle", self.settle)
         self.app.router.add_get("/supported", self.supported)
         self.app.router.add_get("/discovery/resources", self.discovery)
         self.app.router.add_get("/health", self.health)
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """With a bearer token: 401 without it (but for /health, the probes')."""
+        if self.bearer and request.path != "/health":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, self.bearer):
+                return web.json_response(
+                    {"error": "unauthorized", "message": "a valid bearer token is required"},
+                    status=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -287,17 +308,22 @@ def _bad_request(message: str) -> web.HTTPBadRequest:
     )
 
 
-def serve(rpc_url: str, key_file: str, listen: str, network: str | None = None) -> None:
+def serve(
+    rpc_url: str, key_file: str, listen: str, network: str | None = None, bearer_file: str = ""
+) -> None:
     """Run until SIGTERM or SIGINT."""
     host, port = parse_listen(listen)
     key = read_evm_key(key_file, "key file")
+    bearer = ""
+    if bearer_file:
+        bearer = read_secret(bearer_file, "--require-bearer-file", 16).decode("utf-8", "replace")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # The official package logs every signature check at INFO.
     logging.getLogger("x402").setLevel(logging.WARNING)
     log.setLevel(logging.INFO)
     facilitator, actual = build(rpc_url, key, network)
     signers = facilitator.get_supported().signers.get("eip155:*", [])
-    server = Server(facilitator, actual, rpc_url)
+    server = Server(facilitator, actual, rpc_url, bearer)
 
     def ready(_: str) -> None:
         signer = ", ".join(signers)

@@ -44,6 +44,7 @@ class FacilitatorProcess:
     workdir: Path
     port: int = field(default_factory=free_port)
     process: Process | None = None
+    bearer_file: Path | None = None  # --require-bearer-file: 401 without this token
 
     @property
     def url(self) -> str:
@@ -57,6 +58,8 @@ class FacilitatorProcess:
         argv += ["--rpc-url", self.chain.rpc_url]
         argv += ["--key-file", str(key_file), "--listen", f"{LOOPBACK}:{self.port}"]
         argv += ["--network", self.chain.network]
+        if self.bearer_file is not None:
+            argv += ["--require-bearer-file", str(self.bearer_file)]
         self.process = Process("facilitator", argv, self.workdir / "facilitator.log").start()
         wait_http(f"{self.url}/health", timeout=30, process=self.process)
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -423,3 +424,56 @@ def test_previous_signing_keys_are_mounted_and_configured() -> None:
         {"key": "signing-0.key", "path": "previous-1.key"},
     ]
     assert "previous_signing_key_files" not in rendered_values("default").sidecar_config
+
+
+def test_facilitators_and_their_credentials_are_mounted_and_configured() -> None:
+    facilitators: list[dict[str, Any]] = [
+        {
+            "url": "https://api.cdp.coinbase.com/platform/v2/x402",
+            "cdpApiKeySecret": {"name": "cdp-api-key", "key": "cdp_api_key.json"},
+        },
+        {
+            "url": "https://facilitator.example/x402",
+            "headersSecret": {"name": "facilitator-headers", "key": "headers"},
+        },
+        {"url": "http://10.0.0.7:4022"},
+    ]
+    rendered = render_chart(
+        "exact",
+        "--set-json",
+        f"exact.facilitators={json.dumps(facilitators)}",
+        "--set",
+        "exact.supportedSeconds=30",
+    )
+    config = rendered.sidecar_config
+    directory = "/etc/x402/facilitators"
+    assert config["facilitators"] == [
+        {"url": facilitators[0]["url"], "cdp_api_key_file": f"{directory}/0/cdp_api_key.json"},
+        {"url": facilitators[1]["url"], "headers_file": f"{directory}/1/headers"},
+        {"url": facilitators[2]["url"]},
+    ]
+    assert "facilitator_url" not in config and config["facilitator_supported_seconds"] == 30
+    specs = Settings.from_mapping(config, env={}).facilitator_specs()  # the sidecar reads it
+    assert [spec.url for spec in specs] == [f["url"] for f in facilitators]
+    volumes = {v["name"]: v for v in rendered.pod["volumes"]}
+    assert volumes["x402-facilitator-0"]["secret"] == {
+        "secretName": "cdp-api-key",
+        "optional": False,
+        "defaultMode": 0o440,
+        "items": [{"key": "cdp_api_key.json", "path": "cdp_api_key.json"}],
+    }
+    assert volumes["x402-facilitator-1"]["secret"]["items"] == [
+        {"key": "headers", "path": "headers"}
+    ]
+    assert "x402-facilitator-2" not in volumes
+    mounts = {m["name"]: m for m in rendered.container("x402")["volumeMounts"]}
+    assert (
+        mounts["x402-facilitator-0"]["mountPath"],
+        mounts["x402-facilitator-1"]["mountPath"],
+    ) == (
+        f"{directory}/0",
+        f"{directory}/1",
+    )
+    default = rendered_values("exact").sidecar_config  # one facilitator_url, as before
+    assert default["facilitator_url"] == "https://facilitator.example/x402"
+    assert "facilitators" not in default

@@ -66,6 +66,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "x402.secretsDir" -}}/etc/x402/secrets{{- end }}
 {{- define "x402.adminSecretsDir" -}}/etc/x402/admin{{- end }}
 {{- define "x402.adminTlsDir" -}}/etc/x402/admin-tls{{- end }}
+{{- define "x402.facilitatorsDir" -}}/etc/x402/facilitators{{- end }}
 {{- define "x402.envoyConfigPath" -}}/etc/envoy/envoy.yaml{{- end }}
 
 {{/* ---- values checks the schema cannot express (fail closed, name the key) -------- */}}
@@ -472,7 +473,20 @@ onchain:
     usd: {{ $spec.usd }}
     {{- end }}
 {{- end }}
+{{- if $x.facilitators }}
+facilitators:
+{{- range $i, $f := $x.facilitators }}
+- url: {{ $f.url | quote }}
+  {{- if $f.headersSecret }}
+  headers_file: {{ printf "%s/%d/headers" (include "x402.facilitatorsDir" $) $i | quote }}
+  {{- else if $f.cdpApiKeySecret }}
+  cdp_api_key_file: {{ printf "%s/%d/cdp_api_key.json" (include "x402.facilitatorsDir" $) $i | quote }}
+  {{- end }}
+{{- end }}
+{{- else }}
 facilitator_url: {{ $x.facilitatorUrl | quote }}
+{{- end }}
+facilitator_supported_seconds: {{ int $x.supportedSeconds }}
 pay_to: {{ $x.payTo | quote }}
 exact_max_timeout_seconds: {{ int $x.maxTimeoutSeconds }}
 facilitator_verify_timeout_ms: {{ int $x.verifyTimeoutMs }}

@@ -267,6 +267,7 @@ class CheckService:
         line.update(
             decision="deny", status=denial.status, reason=denial.reason, balance=denial.balance
         )
+        line.update(error.logged)
         line["invoice_id"] = line["invoice_id"] or denial.invoice_id
         return self.answers.denied(denial.status, denial.headers, denial.body)
 

@@ -184,13 +184,21 @@ def facilitator() -> None:
 )
 @click.option("--listen", default="127.0.0.1:4022", show_default=True, help="HOST:PORT.")
 @click.option("--network", default=None, help="eip155:<chainId> [default: the chain's].")
-def facilitator_serve(rpc_url: str, key_file: str, listen: str, network: str | None) -> None:
+@click.option(
+    "--require-bearer-file",
+    default="",
+    type=click.Path(dir_okay=False),
+    help="Answer 401 unless `Authorization: Bearer <this file's token>` (mode 0600).",
+)
+def facilitator_serve(
+    rpc_url: str, key_file: str, listen: str, network: str | None, require_bearer_file: str
+) -> None:
     """Serve POST /verify, POST /settle and GET /supported with the official x402 code."""
     try:
         from sidecar.tools import facilitator as served
     except ImportError as exc:  # the evm extra brings x402[evm] and aiohttp
         raise X402Error(f"{exc.name} missing: pip install 'x402-sidecar[evm]'") from None
-    served.serve(rpc_url, key_file, listen, network)
+    served.serve(rpc_url, key_file, listen, network, require_bearer_file)
 
 
 @main.command(hidden=True)
