@@ -29,6 +29,7 @@ from sidecar.core.pricing import (
     refuse_ambiguity,
     validate_path,
 )
+from sidecar.server.channel_config import ChannelTerms
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.envoy.edge import Edge
 
@@ -130,6 +131,8 @@ class Settings:
     topup_asset: str = ""  # "": the default asset, if a token backs it; "off": no top-ups
     topup_min: str = "1"  # per top-up, in the asset's decimals
     topup_max: str = "1000"
+    # Self-serve channels (POST /x402/channel/open, /close): server/channel_config.py.
+    channels: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -172,6 +175,7 @@ class Settings:
             settings.edge_config()
             settings.exact_terms()
             settings.dashboard_origin()
+            settings.channel_terms()
         except ConfigError as exc:
             raise _named(exc, from_env) from None
         return settings
@@ -266,6 +270,10 @@ class Settings:
             "min_atomic": low,
             "max_atomic": high,
         }
+
+    def channel_terms(self) -> ChannelTerms | None:
+        """The `channels` group, checked (None: self-serve channels are off)."""
+        return ChannelTerms.from_mapping(self.channels, self.asset_table(), self.default_asset)
 
     def edge_config(self) -> Edge:
         """The `edge` mapping, checked: Envoy's timeouts, limits and header policy."""

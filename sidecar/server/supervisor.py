@@ -53,6 +53,7 @@ from sidecar.server.config import Settings
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
 from sidecar.server.schemes.base import sweep_forever
+from sidecar.server.self_channels import SelfChannels
 from sidecar.server.side_port import AnyReply, Headers, SidePort, SideServer, start_http
 from sidecar.server.topup import TopupService
 
@@ -144,7 +145,9 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     if settler is not None and gateway.exact is not None and gateway.exact.topup:
         asset = routes.assets[gateway.exact.topup["asset"]]
         topup = TopupService(gateway, settler, settler.authorizations, asset)
-    side = SidePort(routes, gateway, ledger, topup)
+    terms = settings.channel_terms()
+    channels = SelfChannels(gateway, ledger, terms, routes.assets) if terms else None
+    side = SidePort(routes, gateway, ledger, topup, channels)
     zero = await WorkerZero.start(settings, side, board, ledger, gateway) if worker == 0 else None
     await server.start()
     checks = None
