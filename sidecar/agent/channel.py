@@ -11,8 +11,8 @@ opens one for it (`x402 channel open PAYER DEPOSIT`, the admin API) and
 `PaymentChannel(wallet, "ch_…", deposit="10")` takes its id. Vouchers are a sequence:
 send them from one place at a time (a channel per concurrent lane). A voucher the gateway
 refuses because another got there first (stale_voucher) or because a lost answer left the
-two sides apart (underpaid_voucher) is re-issued once from the gateway's state, which can never be above
-what this wallet signed: the agent pays for each request at most once.
+two sides apart (underpaid_voucher) is re-issued once from the gateway's state, which can
+never be above what this wallet signed: the agent pays for each request at most once.
 """
 
 from __future__ import annotations
