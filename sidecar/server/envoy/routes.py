@@ -8,6 +8,7 @@ from its own route table, and a route with a response phase says so with a heade
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -119,7 +120,7 @@ def _gateway_routes(ep: Endpoints) -> list[dict[str, Any]]:
         },
     }
     channels = {
-        **discovery,
+        **copy.deepcopy(discovery),  # no shared dicts: the YAML would alias them
         "name": "x402_channels",
         "match": {"prefix": contract.CHANNEL_PATH_PREFIX},
     }
