@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -29,7 +29,7 @@ from sidecar.tools.onchain import FacilitatorProcess, exact_settings
 from sidecar.tools.stack import Stack
 from tests.support.cli import x402
 from tests.support.payers import conserved, funded_payer
-from tests.support.streams import raw
+from tests.support.streams import raw, xrange
 
 OPEN, CLOSE = "/x402/channel/open", "/x402/channel/close"
 CHEAP = "/api/cheap"
@@ -88,7 +88,8 @@ async def send(http: httpx.AsyncClient, path: str, request: dict[str, Any]) -> h
 async def state(ledger: Ledger, payer: str) -> tuple[dict[str, str], set[str]]:
     """Everything of the payer a channel request could move: its account, its channels."""
     account = await raw(ledger).hgetall(keyspace.account(payer))
-    return account, await raw(ledger).smembers(keyspace.channels(payer))
+    channels = await raw(ledger).smembers(keyspace.channels(payer))
+    return cast(dict[str, str], account), cast(set[str], channels)
 
 
 async def test_discovery_lists_self_serve_channels(http: httpx.AsyncClient) -> None:
@@ -158,7 +159,7 @@ async def test_a_fresh_key_tops_up_opens_streams_a_thousand_and_closes(
     # The close receipt is the one settlement batches: the same bytes from the stream.
     (entry,) = [
         fields
-        for _id, fields in await raw(ledger).xrange(keyspace.receipts(payer))
+        for _id, fields in await xrange(raw(ledger), keyspace.receipts(payer))
         if fields.get("kind") == "channel"
     ]
     assert entry["receipt_id"] == closed.receipt.receipt_id
