@@ -60,7 +60,7 @@ class ChannelTerms:
 
 
 @dataclass(frozen=True)
-class Gateway:
+class ChannelGateway:
     """What the flows learned of the gateway: its origin, discovery and channel terms."""
 
     origin: str
@@ -70,7 +70,7 @@ class Gateway:
 
 @dataclass(frozen=True)
 class Opened:
-    gateway: Gateway
+    gateway: ChannelGateway
     channel_id: str
     asset: str
     deposit: str
@@ -124,11 +124,11 @@ def gateway_flow(gateway_url: str) -> Flow:
         raise ChannelRequestFailed(
             f"{base} does not let agents open their own channels", "no_self_serve_channels"
         )
-    return Gateway(base, discovery, terms)
+    return ChannelGateway(base, discovery, terms)
 
 
 def open_flow(gateway_url: str, identity: Identity, deposit: str, ttl_seconds: int | None) -> Flow:
-    gateway: Gateway = yield from gateway_flow(gateway_url)
+    gateway: ChannelGateway = yield from gateway_flow(gateway_url)
     terms, discovery = gateway.terms, gateway.discovery
     channel_id = vouchers.new_channel_id()
     signed = channel_requests.sign_request(
@@ -157,7 +157,7 @@ def open_flow(gateway_url: str, identity: Identity, deposit: str, ttl_seconds: i
 
 
 def close_flow(gateway_url: str, identity: Identity, channel_id: str) -> Flow:
-    gateway: Gateway = yield from gateway_flow(gateway_url)
+    gateway: ChannelGateway = yield from gateway_flow(gateway_url)
     signed = channel_requests.sign_request(
         {
             "action": channel_requests.CLOSE,
@@ -189,7 +189,7 @@ def _replay_guard(discovery: Discovery) -> dict[str, Any]:
     }
 
 
-def _send(gateway: Gateway, path: str, signed: Mapping[str, Any]) -> Flow:
+def _send(gateway: ChannelGateway, path: str, signed: Mapping[str, Any]) -> Flow:
     """POST the signed request; (the answer's body, its verified receipt)."""
     headers = {channel_requests.HEADER: protocol.encode_header(signed)}
     response = yield httpx.Request("POST", gateway.origin + path, headers=headers)
