@@ -20,7 +20,7 @@ from sidecar.tools.cli.base import (
 )
 
 if TYPE_CHECKING:
-    from sidecar.agent.channel_open import Opened
+    from sidecar.agent.channel_open import Closed, Opened
 
 
 @main.command()
@@ -96,6 +96,10 @@ def channel_open(
 ) -> None:
     """Lock DEPOSIT (a decimal) from a payer's balance into a new channel: the operator's
     (PAYER, the ledger or admin API), or with --self the agent's own at the gateway URL."""
+    if self_serve and (asset or channel_id):
+        raise X402Error("--self opens in the gateway's asset under a random id: no --asset, --id")
+    if wallet and not self_serve:
+        raise X402Error("--wallet goes with --self (the operator names the PAYER instead)")
     if self_serve:
         opened = _self_open(target, deposit, wallet, ttl)
         click.echo(
@@ -121,12 +125,29 @@ def channel_open(
 
 
 def _self_open(url: str, deposit: str, wallet: str | None, ttl: int | None) -> Opened:
+    import httpx
+
     from sidecar.agent.channel import PaymentChannel
     from sidecar.agent.wallet import Wallet
 
-    channel = PaymentChannel.open(url, Wallet.load(wallet), deposit, ttl_seconds=ttl)
+    try:
+        channel = PaymentChannel.open(url, Wallet.load(wallet), deposit, ttl_seconds=ttl)
+    except httpx.HTTPError as exc:
+        raise X402Error(f"channel open at {url}: {exc.__class__.__name__}: {exc}") from None
     assert channel.opened is not None
     return channel.opened
+
+
+def _self_close(url: str, channel_id: str, wallet: str | None) -> Closed:
+    import httpx
+
+    from sidecar.agent.channel import PaymentChannel
+    from sidecar.agent.wallet import Wallet
+
+    try:
+        return PaymentChannel(Wallet.load(wallet), channel_id).close(url)
+    except httpx.HTTPError as exc:
+        raise X402Error(f"channel close at {url}: {exc.__class__.__name__}: {exc}") from None
 
 
 @channel.command("close", context_settings=KEY_ARGUMENTS)
@@ -146,11 +167,10 @@ def channel_close(
     config_path: str | None,
 ) -> None:
     """Refund what is left of the deposit; the final voucher goes to settlement."""
+    if wallet and not self_serve:
+        raise X402Error("--wallet goes with --self (the operator names the PAYER instead)")
     if self_serve:
-        from sidecar.agent.channel import PaymentChannel
-        from sidecar.agent.wallet import Wallet
-
-        done = PaymentChannel(Wallet.load(wallet), channel_id).close(target)
+        done = _self_close(target, channel_id, wallet)
         head = f"channel {channel_id} {'was already closed' if done.already_closed else 'closed'}"
         click.echo(
             f"{head}: spent {done.spent}, refunded {done.refund}; balance {done.balance} "
