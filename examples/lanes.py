@@ -6,7 +6,7 @@ identity. Used by the programs in `examples/`, their tests and `x402 demo --lane
 `World` is what a lane's program needs to know (URLs, keys, config files), as JSON: a
 test starts the world, writes it with `World.save`, runs the example with `--info FILE`,
 then checks the ledgers and the chain itself. Without `--info` the example starts its own
-world (`start`). The operator's side (credit, channels, settlement, evidence) goes through
+world (`start`). The operator's side (credit, settlement, evidence) goes through
 the ledger with the gateway's own config, as the `x402` CLI does.
 """
 
@@ -30,8 +30,6 @@ from sidecar.agent.wallet import Wallet
 from sidecar.core.identity import Identity, write_secret
 from sidecar.core.money import to_atomic
 from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.payers import ChannelClosing, ChannelView
-from sidecar.server import wiring
 from sidecar.server.config import Settings
 from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port, wait_http
 
@@ -117,27 +115,6 @@ class ServedGateway:
             )
 
         self._run(op)
-
-    def open_channel(self, payer: str, deposit: str) -> ChannelView:
-        """The operator locks `deposit` of the payer's balance (`x402 channel open`)."""
-
-        async def op(ledger: Ledger, settings: Settings) -> ChannelView:
-            payee = settings.signing_keys().current.kid
-            return await wiring.payers(settings, ledger, payee).open_channel(
-                payer, deposit, None, 3600, None
-            )
-
-        view: ChannelView = self._run(op)
-        return view
-
-    def close_channel(self, payer: str, channel_id: str) -> ChannelClosing:
-        """Refund what the vouchers did not spend (`x402 channel close`)."""
-
-        async def op(ledger: Ledger, settings: Settings) -> ChannelClosing:
-            return await wiring.payers(settings, ledger).close_channel(payer, channel_id)
-
-        closing: ChannelClosing = self._run(op)
-        return closing
 
     def revenue(self) -> dict[str, int]:
         """What each payer paid this gateway (atomic USDF, from the receipt streams): the

@@ -1,9 +1,11 @@
-"""Lane 4: a trading bot on state channels.
+"""Lane 4: a trading bot on state channels, opened and closed by the bot itself.
 
-The operator locks a deposit of the bot's credit into one channel per worker; each
-request to the market-signal route then carries a signed voucher raising that channel's
-total (no per-request state in Redis). Closing the channels settles what the vouchers
-spent and refunds the rest. The bot reports its request rate and the refund.
+The bot locks part of its own prepaid credit into one channel per worker with a request
+signed by its key (`PaymentChannel.open`, no operator involved); each request to the
+market-signal route then carries a signed voucher raising that channel's total (no
+per-request state in Redis). The bot closes its channels itself (`channel.close()`): what
+the vouchers spent is settled and the rest returns to its balance. It reports its
+request rate and the refund.
 
     python examples/trading_bot.py
 """
@@ -37,10 +39,8 @@ def lane(world: lanes.World, short: bool) -> dict[str, Any]:
     market = world.gateways["market"]
     wallet = world.wallet(max_amount="0.001")
     per_worker = 50 if short else 500
-    channels = []
-    for _ in range(WORKERS):  # the operator opens them (x402 channel open)
-        opened = market.open_channel(wallet.public_key, DEPOSIT)
-        channels.append(PaymentChannel(wallet, opened.channel_id, deposit=opened.deposit))
+    # The bot opens its own channels from its prepaid balance, signed by its key.
+    channels = [PaymentChannel.open(market.url, wallet, DEPOSIT) for _ in range(WORKERS)]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(WORKERS) as pool:  # one channel per thread: vouchers in order
@@ -51,11 +51,11 @@ def lane(world: lanes.World, short: bool) -> dict[str, Any]:
     rate = requests / seconds
     print(f"{requests} paid requests in {seconds:.2f} s: {rate:.0f} req/s over {WORKERS} channels")
     spent = refund = 0
-    for channel in channels:  # the operator closes them (x402 channel close)
-        closed = market.close_channel(wallet.public_key, channel.channel_id)
-        spent += to_atomic(closed.cumulative, 6)
+    for channel in channels:  # and closes them: the unspent deposit comes back
+        closed = channel.close()
+        spent += to_atomic(closed.spent, 6)
         refund += to_atomic(closed.refund, 6)
-        print(f"channel {closed.channel_id}: spent {closed.cumulative}, refunded {closed.refund}")
+        print(f"channel {closed.channel_id}: spent {closed.spent}, refunded {closed.refund}")
     return {
         "lane": "channel",
         "payer": wallet.public_key,

@@ -27,23 +27,12 @@ from sidecar.server.logs import DecisionLog
 from sidecar.tools.stack import Stack
 from tests.support.cli import x402
 from tests.support.inprocess import cancel_while_redis_stalls
-from tests.support.payers import b64json, funded_payer, voucher_header
+from tests.support.payers import b64json, conserved, funded_payer, voucher_header
 from tests.support.routes import VERIFY
 from tests.support.settlement import settle
 from tests.support.streams import raw, xrange
 
 USDF = 1_000_000
-
-
-async def conserved(ledger: Ledger, payer: str) -> dict[str, int]:
-    """credited = balance + channeled (open deposits) + debited, in atomic units."""
-    fields = await raw(ledger).hgetall(keyspace.account(payer))
-    amounts = {
-        name: int(fields.get(f"{name}:USDF", "0"))
-        for name in ("credited", "balance", "channeled", "debited")
-    }
-    assert amounts["credited"] == amounts["balance"] + amounts["channeled"] + amounts["debited"]
-    return amounts
 
 
 async def open_channel(stack: Stack, payer: str, deposit: str) -> str:

@@ -22,7 +22,7 @@ from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
 from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.channels import Channels
+from sidecar.ledger.channels import Channels, Nonce
 from sidecar.ledger.cluster import ClusterPipe, parse_cluster_url, slot_of
 from sidecar.ledger.rate_limit import Rate, RateLimiter
 from sidecar.tools.stack import LOOPBACK, Stack
@@ -222,12 +222,18 @@ async def test_channels_and_settlement(
     cluster: Stack, cledger: Ledger, cclient: httpx.AsyncClient
 ) -> None:
     """Every other script on the cluster: channel open, vouchers (on the pipe), close, then
-    `x402 settle` (a real process) scans `x402:payers` and batches every payer's receipts."""
+    `x402 settle` (a real process) scans `x402:payers` and batches every payer's receipts.
+    The open and close are self-serve ones: each spends a nonce key in the payer's slot."""
     wallet = await funded_payer(cledger, 2_000_000)
     payer = wallet.public_key
     await paid_requests(cclient, cluster, wallet, 30)
+    expires = int(time.time()) + 60
     channel_id, _left = await Channels(cledger).open(
-        payer, "USDF", 1_000_000, cluster.gateway_identity.kid
+        payer,
+        "USDF",
+        1_000_000,
+        cluster.gateway_identity.kid,
+        nonce=Nonce(protocol.new_nonce(), expires),
     )
     lane = PaymentChannel(Wallet(wallet), channel_id, deposit="1")
     async with httpx.AsyncClient(
@@ -235,8 +241,11 @@ async def test_channels_and_settlement(
     ) as agent:
         for n in range(20):
             assert (await agent.get(VERIFY.format(n=n))).status_code == 200
-    closed = await Channels(cledger).close(payer, channel_id)
+    closing = Nonce(protocol.new_nonce(), expires)
+    closed = await Channels(cledger).close(payer, channel_id, nonce=closing)
     assert closed is not None and (closed.cumulative, closed.refund) == (20 * PRICE, 800_000)
+    with pytest.raises(NonceReused):  # the close request replayed
+        await Channels(cledger).close(payer, channel_id, nonce=closing)
     account = await cledger.account(payer)
     assert account.balances["USDF"] == 2_000_000 - 50 * PRICE
 

@@ -1,26 +1,31 @@
 """Agents pay through a state channel with httpx: `ChannelAuth` signs one voucher per request.
 
-    channel = PaymentChannel(wallet, "ch_…", asset="USDF", deposit="10")
+    channel = PaymentChannel.open("https://api.example", wallet, "10")  # from its balance
     with httpx.Client(auth=ChannelAuth(channel)) as http:
         http.get(url)  # X-Payment: a voucher raising the cumulative amount by the price
+    channel.close()  # the unspent deposit returns to the wallet's prepaid balance
 
-The channel is opened by the operator (`x402 channel open PAYER DEPOSIT`, or the admin
-API); its id is all the agent needs. Vouchers are a sequence: send them from one place at
-a time (a channel per concurrent lane). A voucher the gateway refuses because another got
-there first (stale_voucher) or because a lost answer left the two sides apart
-(underpaid_voucher) is re-issued once from the gateway's state, which can never be above
-what this wallet signed: the agent pays for each request at most once.
+The agent opens and closes its own channel with requests signed by its key
+(`PaymentChannel.open` / `aopen`, `close` / `aclose`; channel_open.py), or the operator
+opens one for it (`x402 channel open PAYER DEPOSIT`, the admin API) and
+`PaymentChannel(wallet, "ch_…", deposit="10")` takes its id. Vouchers are a sequence:
+send them from one place at a time (a channel per concurrent lane). A voucher the gateway
+refuses because another got there first (stale_voucher) or because a lost answer left the
+two sides apart (underpaid_voucher) is re-issued once from the gateway's state, which can
+never be above what this wallet signed: the agent pays for each request at most once.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Generator, Mapping
+from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from sidecar.agent.channel_open import Closed, Opened, arun, close_flow, open_flow, run
 from sidecar.agent.discovery import Discovery, DiscoveryCache, origin_of, path_of
 from sidecar.agent.proofs import PROOF_HEADER, parse_invoice
 from sidecar.agent.receipts import (
@@ -38,6 +43,7 @@ from sidecar.core import protocol, vouchers
 from sidecar.core.errors import (
     AmountError,
     ChannelExhausted,
+    X402Error,
 )
 
 RESYNC_REASONS = frozenset({"stale_voucher", "underpaid_voucher"})
@@ -77,6 +83,94 @@ class PaymentChannel:
         self.sequence = sequence
         self._high_water = self._total  # the most this wallet ever signed for
         self._lock = threading.Lock()
+        self.gateway_url: str | None = None  # where it was opened (self-serve), for close()
+        self.opened: Opened | None = None  # the open's answer and receipt (self-serve)
+        self.closed: Closed | None = None  # the close's answer and receipt, once closed
+
+    @classmethod
+    def open(
+        cls,
+        gateway_url: str,
+        wallet: Wallet,
+        deposit: str,
+        *,
+        ttl_seconds: int | None = None,
+        client: httpx.Client | None = None,
+        request_timeout: float = 30.0,
+    ) -> PaymentChannel:
+        """Lock `deposit` (a decimal string in the gateway's channel asset) of the wallet's
+        prepaid balance into a new channel at the gateway, signed by the wallet's key.
+        `ttl_seconds`: its lifetime (default: the longest the gateway allows). Raises
+        ChannelRequestFailed with the gateway's reason (nothing moved)."""
+        flow = open_flow(gateway_url, wallet.identity, deposit, ttl_seconds)
+        with ExitStack() as stack:
+            http = client or stack.enter_context(httpx.Client(timeout=request_timeout))
+            opened: Opened = run(flow, http)
+        return cls._from(wallet, opened)
+
+    @classmethod
+    async def aopen(
+        cls,
+        gateway_url: str,
+        wallet: Wallet,
+        deposit: str,
+        *,
+        ttl_seconds: int | None = None,
+        client: httpx.AsyncClient | None = None,
+        request_timeout: float = 30.0,
+    ) -> PaymentChannel:
+        """`open` for asyncio (or trio) callers."""
+        flow = open_flow(gateway_url, wallet.identity, deposit, ttl_seconds)
+        async with AsyncExitStack() as stack:
+            http = client
+            if http is None:
+                http = await stack.enter_async_context(httpx.AsyncClient(timeout=request_timeout))
+            opened: Opened = await arun(flow, http)
+        return cls._from(wallet, opened)
+
+    @classmethod
+    def _from(cls, wallet: Wallet, opened: Opened) -> PaymentChannel:
+        channel = cls(wallet, opened.channel_id, asset=opened.asset, deposit=opened.deposit)
+        channel.gateway_url, channel.opened = opened.gateway.origin, opened
+        return channel
+
+    def close(
+        self,
+        gateway_url: str | None = None,
+        *,
+        client: httpx.Client | None = None,
+        request_timeout: float = 30.0,
+    ) -> Closed:
+        """Close the channel at the gateway with a request signed by the wallet's key: the
+        unspent deposit returns to the prepaid balance. Closing twice answers the first
+        close again (`already_closed`). `gateway_url`: where it lives, if not opened here."""
+        flow = close_flow(self._where(gateway_url), self.wallet.identity, self.channel_id)
+        with ExitStack() as stack:
+            http = client or stack.enter_context(httpx.Client(timeout=request_timeout))
+            self.closed = run(flow, http)
+        return self.closed
+
+    async def aclose(
+        self,
+        gateway_url: str | None = None,
+        *,
+        client: httpx.AsyncClient | None = None,
+        request_timeout: float = 30.0,
+    ) -> Closed:
+        """`close` for asyncio (or trio) callers."""
+        flow = close_flow(self._where(gateway_url), self.wallet.identity, self.channel_id)
+        async with AsyncExitStack() as stack:
+            http = client
+            if http is None:
+                http = await stack.enter_async_context(httpx.AsyncClient(timeout=request_timeout))
+            self.closed = await arun(flow, http)
+        return self.closed
+
+    def _where(self, gateway_url: str | None) -> str:
+        where = gateway_url or self.gateway_url
+        if where is None:
+            raise X402Error(f"channel {self.channel_id}: name the gateway_url to close it at")
+        return where
 
     def issue(self, resource: str, amount: str, payee: str) -> Issued:
         """Guards first (they raise), then sign a voucher raising the total by `amount`."""

@@ -123,6 +123,13 @@ class UnderpaidVoucher(PaymentError):
     reason = "underpaid_voucher"
 
 
+class ChannelExists(PaymentError):
+    """Opening a channel under an id already taken (a retried open is refused, not doubled)."""
+
+    reason = "channel_exists"
+    status = 409
+
+
 class RateLimited(PaymentError):
     """Too many paid checks for one payer or one client address (optional limits); the
     body says which `limit` and `retry_after` seconds, also in the Retry-After header."""
@@ -197,10 +204,6 @@ class UnknownAsset(X402Error):
     """An asset code the gateway's config does not list."""
 
 
-class ChannelExists(X402Error):
-    """Opening a channel under an id already taken (a retried open is refused, not doubled)."""
-
-
 class ChannelExhausted(X402Error):
     """The next voucher would go beyond the channel's deposit; nothing was signed."""
 
@@ -238,6 +241,7 @@ BY_REASON: dict[str, type[PaymentError]] = {
         ChannelClosed,
         StaleVoucher,
         UnderpaidVoucher,
+        ChannelExists,
         RateLimited,
         LedgerUnavailable,
         FacilitatorUnavailable,
@@ -260,6 +264,7 @@ LEDGER_MESSAGES = {
     "channel_closed": "this channel is closed or expired; pay directly or open another",
     "stale_voucher": "the voucher's sequence is not above the channel's last (replay?)",
     "underpaid_voucher": "the voucher raises the cumulative amount by less than the price",
+    "channel_exists": "a channel with this id exists already; nothing was moved",
 }
 
 
@@ -348,6 +353,17 @@ class TopUpFailed(X402Error):
     says what was or was not paid."""
 
     def __init__(self, message: str, reason: str = "topup_failed", status: int = 0) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+
+class ChannelRequestFailed(X402Error):
+    """A self-serve channel open or close the gateway refused (nothing moved), or whose
+    answer this SDK could not trust: the gateway's `reason` (PROTOCOL.md §5, §9, or
+    `http_<status>`, `bad_receipt`) and its `status`."""
+
+    def __init__(self, message: str, reason: str = "channel_request_failed", status: int = 0):
         super().__init__(message)
         self.reason = reason
         self.status = status

@@ -24,6 +24,7 @@ from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
 from sidecar.core.vouchers import Voucher
 
 CHANNEL_CLOSE = "channel"  # the `kind` of a channel close's stream entry
+CHANNEL_OPEN = "channel_open"  # the `kind` of a self-serve open's receipt
 
 # The fields every receipt has, whatever its variant (the bodies below), and their types.
 _COMMON: dict[str, type] = {
@@ -305,5 +306,37 @@ def topup_body(
         "network": settled["network"],
         "token": settled["token"],
         "nonce": settled["nonce"],
+        "issued_at": issued_at,
+    }
+
+
+def channel_open_body(
+    payer: str,
+    channel_id: str,
+    asset: Asset,
+    deposit: int,
+    balance: int,
+    expires_at: int,
+    receipt_id: str,
+    payee: str,
+    issued_at: int,
+) -> dict[str, Any]:
+    """The unsigned receipt of a self-serve channel open: `amount` is the deposit locked,
+    `balance` the payer's prepaid balance left. Not a stream entry (nothing is charged: the
+    channel's close is what settlement batches)."""
+    return {
+        "version": VERSION,
+        "success": True,
+        "receipt_id": receipt_id,
+        "kind": CHANNEL_OPEN,
+        "scheme": CHANNEL_SCHEME,
+        "channel_id": channel_id,
+        "payer": payer,
+        "payee": payee,
+        "asset": asset.code,
+        "amount": asset.to_decimal(deposit),
+        "deposit": asset.to_decimal(deposit),
+        "balance": asset.to_decimal(balance),
+        "expires_at": expires_at,
         "issued_at": issued_at,
     }

@@ -25,6 +25,7 @@ from sidecar.core.errors import (
     ChannelExists,
     InsufficientFunds,
     InvoiceMismatch,
+    NonceReused,
     StaleVoucher,
     UnderpaidVoucher,
     UnknownChannel,
@@ -32,11 +33,21 @@ from sidecar.core.errors import (
     refusal,
 )
 from sidecar.core.pricing import Price
+from sidecar.core.receipts import CHANNEL_CLOSE
 from sidecar.core.vouchers import CHANNEL_ID, Voucher, new_channel_id
 from sidecar.ledger import keyspace, scripts
 from sidecar.ledger.accounts import Ledger
 
 DEFAULT_TTL = 24 * 3600  # a channel's lifetime unless the opener says
+
+
+@dataclass(frozen=True)
+class Nonce:
+    """A self-serve request's nonce, spent by the script that moves the money, until the
+    request's expiry (unix seconds)."""
+
+    value: str
+    expires_at: int
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,7 @@ class Channels:
         self.ledger = ledger
         self._redis = ledger._redis
         self._open = self._redis.register_script(scripts.CHANNEL_OPEN_SOURCE)
-        self._close = self._redis.register_script(scripts.source("channel_close"))
+        self._close = self._redis.register_script(scripts.CHANNEL_CLOSE_SOURCE)
 
     async def open(
         self,
@@ -84,9 +95,13 @@ class Channels:
         payee: str,
         ttl: int = DEFAULT_TTL,
         channel_id: str | None = None,
+        nonce: Nonce | None = None,
+        now: int | None = None,
     ) -> tuple[str, int]:
         """Lock `deposit` atomic units; (channel id, balance left). A given channel id
-        makes a retry safe: opening it again is refused, never a second deposit."""
+        makes a retry safe: opening it again is refused, never a second deposit. `nonce`:
+        a request the payer signed itself, spent in the same script (a replay: nonce_reused).
+        The channel expires `ttl` seconds after `now` (unix seconds; default: the clock)."""
         if deposit <= 0:
             raise X402Error("a channel deposit must be a positive amount")
         if ttl <= 0:
@@ -94,17 +109,14 @@ class Channels:
         channel_id = channel_id or new_channel_id()
         if not CHANNEL_ID.fullmatch(channel_id):
             raise X402Error("channel id must be 8-64 characters of A-Z a-z 0-9 _ -")
-        now = int(time.time())
-        result: list[Any] = await self.ledger.call(
-            self._open(
-                keys=(
-                    keyspace.account(payer),
-                    keyspace.channel(payer, channel_id),
-                    keyspace.channels(payer),
-                ),
-                args=(asset, deposit, channel_id, payee, now + ttl, now),
-            )
-        )
+        now = int(time.time()) if now is None else now
+        keys = [keyspace.account(payer), keyspace.channel(payer, channel_id)]
+        keys.append(keyspace.channels(payer))
+        args: list[str | int] = [asset, deposit, channel_id, payee, now + ttl, now]
+        if nonce is not None:
+            keys.append(keyspace.nonce(payer, nonce.value))
+            args.append(nonce.expires_at)
+        result: list[Any] = await self.ledger.call(self._open(keys=keys, args=args))
         if result[0] == "ok":
             return channel_id, int(result[1])
         if result[0] == "exists":
@@ -120,26 +132,30 @@ class Channels:
         return _state(payer, channel_id, fields)
 
     async def close(
-        self, payer: str, channel_id: str, only_expired: bool = False
+        self,
+        payer: str,
+        channel_id: str,
+        only_expired: bool = False,
+        nonce: Nonce | None = None,
     ) -> ChannelClosed | None:
         """Refund the rest of the deposit, settle the final voucher. Closing twice is
-        harmless (already=True). None: only_expired and it has not expired."""
+        harmless (already=True). None: only_expired and it has not expired. `nonce`: as
+        for `open` (spent only when the answer is a close)."""
         receipt_id = protocol.new_receipt_id()
-        result: list[Any] = await self.ledger.call(
-            self._close(
-                keys=(
-                    keyspace.account(payer),
-                    keyspace.channel(payer, channel_id),
-                    keyspace.channels(payer),
-                    keyspace.receipts(payer),
-                ),
-                args=(channel_id, receipt_id, int(time.time()), "1" if only_expired else "0"),
-            )
-        )
+        keys = [keyspace.account(payer), keyspace.channel(payer, channel_id)]
+        keys += [keyspace.channels(payer), keyspace.receipts(payer)]
+        args: list[str | int] = [channel_id, receipt_id, int(time.time())]
+        args.append("1" if only_expired else "0")
+        if nonce is not None:
+            keys.append(keyspace.nonce(payer, nonce.value))
+            args.append(nonce.expires_at)
+        result: list[Any] = await self.ledger.call(self._close(keys=keys, args=args))
         if result[0] == "open":
             return None
         if result[0] == "unknown_channel":
             raise UnknownChannel(f"no channel {channel_id} for this payer")
+        if result[0] == NonceReused.reason:
+            raise refusal(result[0], "this close request was already used (replay)")
         _status, refund, balance, cumulative, sequence, stored_receipt, vouchers = result
         return ChannelClosed(
             channel_id,
@@ -151,6 +167,29 @@ class Channels:
             already=result[0] == "closed",
             vouchers=int(vouchers),
         )
+
+    async def close_entry(self, payer: str, channel_id: str) -> dict[str, str]:
+        """A closed channel's receipt-stream entry, as its close appended it (receipts.body
+        turns it into the close receipt settlement batches); UnknownChannel if not closed."""
+        fields: dict[str, str] = await self.ledger.call(
+            self._redis.hgetall(keyspace.channel(payer, channel_id))
+        )
+        if fields.get("status") != "closed":
+            raise UnknownChannel(f"no closed channel {channel_id} for this payer")
+        return {
+            "kind": CHANNEL_CLOSE,
+            "receipt_id": fields["receipt_id"],
+            "channel_id": channel_id,
+            "asset": fields["asset"],
+            "amount": fields["cumulative"],
+            "deposit": fields["deposit"],
+            "refund": fields["refund"],
+            "sequence": fields["sequence"],
+            "voucher": fields.get("voucher", ""),
+            "balance": fields["balance_after"],
+            "issued_at": fields["closed_at"],
+            "payee": fields["payee"],
+        }
 
     async def close_expired(self, payer: str) -> list[ChannelClosed]:
         ids: set[str] = await self.ledger.call(self._redis.smembers(keyspace.channels(payer)))
@@ -217,4 +256,6 @@ def _error(result: list[Any]) -> X402Error:
     reason = result[0]
     if reason == InsufficientFunds.reason:
         return refusal(reason, "the balance does not cover this deposit", balance=int(result[1]))
+    if reason == NonceReused.reason:
+        return refusal(reason, "this open request was already used (replay)")
     return refusal(reason)

@@ -43,4 +43,5 @@ HOLD_CLOSE = Script(money("hold_close", _HOLDS_COMMON))
 HOLD_SWEEP_SOURCE = money("hold_sweep", _HOLDS_COMMON)
 # Channels (ledger/channels.py) and `exact` reservations (ledger/authorizations.py).
 CHANNEL_OPEN_SOURCE = money("channel_open")
+CHANNEL_CLOSE_SOURCE = money("channel_close")
 EXACT_RESERVE_SOURCE = money("exact_reserve")

@@ -6,8 +6,7 @@ Bad config stops start-up with a message naming the key; secret values are never
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from sidecar.core.identity import KeySet, load_signing_key, read_secret
 from sidecar.core.money import MAX_BALANCE, Asset
 from sidecar.core.pricing import (
     ANY_METHOD,
-    UNLISTED,
     Price,
     Route,
     RouteTable,
@@ -31,19 +29,20 @@ from sidecar.core.pricing import (
 )
 from sidecar.server import listing, networks
 from sidecar.server.anchor_settings import AnchorChain
+from sidecar.server.channel_config import ChannelTerms
+from sidecar.server.config_values import (
+    ENV_PREFIX,
+    UniqueKeyLoader,
+    available_cores,
+    coerce,
+    named,
+    one_line,
+)
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.envoy.edge import Edge
 from sidecar.server.facilitators import FacilitatorSpec, specs
 
-ENV_PREFIX = "X402_"
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", ANY_METHOD}
-# String keys that take one of a few words (case-insensitive).
-CHOICES = {
-    "log_level": ("debug", "info", "warning", "error"),
-    "unlisted": UNLISTED,
-    "path_case": ("sensitive", "insensitive"),
-    "transport": ("grpc", "http"),
-}
 MIN_SECRET_BYTES = 16
 
 
@@ -139,6 +138,8 @@ class Settings:
     topup_asset: str = ""  # "": the default asset, if a token backs it; "off": no top-ups
     topup_min: str = "1"  # per top-up, in the asset's decimals
     topup_max: str = "1000"
+    # Self-serve channels (POST /x402/channel/open, /close): server/channel_config.py.
+    channels: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -154,7 +155,7 @@ class Settings:
             except ConfigError as exc:
                 raise ConfigError(f"config {path} {exc}") from None
             except yaml.YAMLError as exc:
-                raise ConfigError(f"config {path} is not valid YAML: {_one_line(exc)}") from None
+                raise ConfigError(f"config {path} is not valid YAML: {one_line(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError("config must be a YAML mapping of keys to values")
         return cls.from_mapping(raw, os.environ if env is None else env)
@@ -174,7 +175,7 @@ class Settings:
             if env_value is not None and isinstance(default, int | str):
                 value = env_value
                 from_env.add(name)
-            values[name] = _coerce(name, value, default, from_env)
+            values[name] = coerce(name, value, default, from_env)
         settings = cls(**values)
         try:  # validate routes and assets now, not at the first request
             settings.route_table()
@@ -183,8 +184,9 @@ class Settings:
             settings.exact_terms()
             settings.dashboard_origin()
             settings.anchor_chain_config()
+            settings.channel_terms()
         except ConfigError as exc:
-            raise _named(exc, from_env) from None
+            raise named(exc, from_env) from None
         return settings
 
     @property
@@ -284,6 +286,10 @@ class Settings:
     def facilitator_specs(self) -> tuple[FacilitatorSpec, ...]:
         """`facilitators`, or `facilitator_url` as a list of one, checked."""
         return specs(self.facilitators, self.facilitator_url)
+
+    def channel_terms(self) -> ChannelTerms | None:
+        """The `channels` group, checked (None: self-serve channels are off)."""
+        return ChannelTerms.from_mapping(self.channels, self.asset_table(), self.default_asset)
 
     def edge_config(self) -> Edge:
         """The `edge` mapping, checked: Envoy's timeouts, limits and header policy."""
@@ -395,107 +401,3 @@ class Settings:
             exact=self.exact_terms(),
             extensions=self.route_extensions(),
         )
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the
-    last one silently: a route, a price or a secret's file overridden by a typo)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Hashable] = set()
-        for key_node, _value in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                continue  # YAML's own constructor refuses it
-            if key in seen:
-                line = key_node.start_mark.line + 1
-                raise ConfigError(
-                    f"line {line}: the key {key!r} appears twice in one mapping "
-                    "(YAML would keep only the last)"
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _one_line(error: yaml.YAMLError) -> str:
-    """A YAML error without its multi-line snippet: the problem and where."""
-    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
-        return f"{error.problem} at line {error.problem_mark.line + 1}"
-    return " ".join(str(error).split())
-
-
-def available_cores() -> int:
-    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
-    (a Kubernetes CPU limit), so a pod limited to 2 CPUs on a 64-core node runs 2 workers."""
-    cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, -(-int(quota) // int(period))))  # ceiling
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-def _named(error: ConfigError, from_env: set[str]) -> ConfigError:
-    """`config workers: …` → `env X402_WORKERS: …` when the value came from there."""
-    found = re.match(r"config (\w+)\b", str(error))
-    if found is None or found.group(1) not in from_env:
-        return error
-    return ConfigError(f"env {ENV_PREFIX}{found.group(1).upper()}{str(error)[found.end() :]}")
-
-
-def _coerce(name: str, value: Any, default: Any, from_env: set[str]) -> Any:
-    """Check one top-level value against its default's type; env values arrive as str."""
-    try:
-        return _coerced(name, value, default)
-    except ConfigError as exc:
-        raise _named(exc, from_env) from None
-
-
-def _coerced(name: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool) or default is None:
-        return value
-    if isinstance(default, int):
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if type(value) is not int or value < 0:
-            raise ConfigError(f"config {name}: must be a non-negative integer")
-        if (
-            name
-            in (
-                "workers",
-                "invoice_ttl_seconds",
-                "max_direct_ttl_seconds",
-                "max_proof_bytes",
-                "settle_batch_size",
-                "settle_lease_seconds",
-                "hold_sweep_seconds",
-                "decision_stream_max_bytes",
-                "side_port_max_connections",
-                "facilitator_supported_seconds",
-            )
-            and value == 0
-        ):
-            raise ConfigError(f"config {name}: must be at least 1")
-        return value
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"config {name}: must be a string")
-        choices = CHOICES.get(name)
-        if choices is not None and value.lower() not in choices:
-            raise ConfigError(f"config {name}: one of {', '.join(choices)}")
-        return value.lower() if choices is not None else value
-    if isinstance(default, tuple):
-        if not isinstance(value, list | tuple) or not all(
-            isinstance(item, str) and item for item in value
-        ):
-            raise ConfigError(f"config {name}: must be a list of file paths")
-        return tuple(value)
-    if isinstance(default, list):
-        if not isinstance(value, list):
-            raise ConfigError(f"config {name}: must be a list")
-        return list(value)
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"config {name}: must be a mapping")
-    return dict(value)

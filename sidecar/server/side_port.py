@@ -1,8 +1,9 @@
 """The sidecar's small HTTP port: discovery (/.well-known/x402), self-serve top-ups
-(POST /x402/topup, where configured), /healthz, /readyz and /metrics (Prometheus).
+(POST /x402/topup, where configured), self-serve channels (POST /x402/channel/open and
+/close, unless turned off), /healthz, /readyz and /metrics (Prometheus).
 
-Envoy routes /.well-known/x402 and the top-up here without ext_authz; probes call the
-rest directly.
+Envoy routes /.well-known/x402, the top-up and the channel requests here without
+ext_authz; probes call the rest directly.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from sidecar.ledger import reports
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import handshake, metrics
 from sidecar.server.authz.http_transport import reason_phrase
-from sidecar.server.envoy.contract import TOPUP_PATH
+from sidecar.server.channel_config import ChannelTerms
+from sidecar.server.envoy.contract import CHANNEL_CLOSE_PATH, CHANNEL_OPEN_PATH, TOPUP_PATH
 from sidecar.server.handshake import Handshake
 from sidecar.server.logs import get_logger
+from sidecar.server.self_channels import SelfChannels
 from sidecar.server.topup import TopupService
 
 log = get_logger("sidecar.side_port")
@@ -40,10 +43,13 @@ QUERY = ":query"  # the request's query string, among the headers (no header has
 MAX_REQUEST_BYTES = 8192
 
 
-def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
+def discovery_document(
+    routes: RouteTable, gateway: Gateway, channels: ChannelTerms | None = None
+) -> dict[str, Any]:
     """What an agent needs to pay without a challenge (PROTOCOL.md §6). `payee` is the
     current key's id; `keys` is the key set, the current key first, then the previous
-    ones (still payees, and the keys of receipts signed before a rotation)."""
+    ones (still payees, and the keys of receipts signed before a rotation); `channels`,
+    where agents open their own channels."""
     return {
         "version": VERSION,
         "payee": gateway.payee,
@@ -72,6 +78,7 @@ def discovery_document(routes: RouteTable, gateway: Gateway) -> dict[str, Any]:
         ],
         "max_direct_ttl_seconds": gateway.max_direct_ttl,
         **_exact_entries(gateway),
+        **({"channels": channels.discovery()} if channels is not None else {}),
     }
 
 
@@ -123,13 +130,16 @@ class SidePort:
         gateway: Gateway,
         ledger: Ledger,
         topup: TopupService | None = None,
+        channels: SelfChannels | None = None,
     ) -> None:
         self.ledger = ledger
         self.topup = topup
+        self.channels = channels
         self.ready = True  # flipped off first on shutdown, so probes drain traffic
         self.handshake: Handshake | None = None  # with `exact`: the facilitators' answer
         self._unreachable = ""  # why the ledger failed the last readiness probe
-        discovery = json.dumps(discovery_document(routes, gateway)).encode()
+        terms = channels.terms if channels is not None else None
+        discovery = json.dumps(discovery_document(routes, gateway, terms)).encode()
 
         async def well_known() -> tuple[int, str, bytes]:
             return 200, "application/json", discovery
@@ -178,6 +188,8 @@ class SidePort:
     async def respond(self, method: str, path: str, headers: Headers) -> AnyReply:
         if path == TOPUP_PATH and self.topup is not None:
             return await self.topup.respond(method, headers.get(QUERY, ""), headers)
+        if path in (CHANNEL_OPEN_PATH, CHANNEL_CLOSE_PATH) and self.channels is not None:
+            return await self.channels.respond(method, path, headers)
         handler = self.handlers.get(path)
         if handler is None:
             return 404, "application/json", b'{"error":"not_found"}'

@@ -55,6 +55,7 @@ from sidecar.server.handshake import Handshake
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
 from sidecar.server.schemes.base import sweep_forever
 from sidecar.server.schemes.exact import ExactSettler
+from sidecar.server.self_channels import SelfChannels
 from sidecar.server.side_port import AnyReply, Headers, SidePort, SideServer, start_http
 from sidecar.server.topup import TopupService
 
@@ -142,12 +143,8 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
         (processor.handler(),) if over_http else (GrpcChecks(authz).handler(), processor.handler())
     )
     server, health = _grpc_server(worker, address, handlers)
-    topup = None
-    if settler is not None and gateway.exact is not None and gateway.exact.topup:
-        asset = routes.assets[gateway.exact.topup["asset"]]
-        topup = TopupService(gateway, settler, settler.authorizations, asset)
-    side = SidePort(routes, gateway, ledger, topup)
-    side.handshake = handshake = _handshake(settings, settler, gateway, worker)
+    side = _side_port(settings, routes, gateway, ledger, settler, worker)
+    handshake = side.handshake
     shaking = asyncio.create_task(handshake.run()) if handshake is not None else None
     zero = await WorkerZero.start(settings, side, board, ledger, gateway) if worker == 0 else None
     await server.start()
@@ -198,6 +195,27 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
         with contextlib.suppress(Exception):
             await settler.close()
     log.info("sidecar.stopped")
+
+
+def _side_port(
+    settings: Settings,
+    routes: RouteTable,
+    gateway: Gateway,
+    ledger: Ledger,
+    settler: ExactSettler | None,
+    worker: int,
+) -> SidePort:
+    """The side port's services: the top-up, self-serve channels, the facilitators'
+    handshake (its readiness)."""
+    topup = None
+    if settler is not None and gateway.exact is not None and gateway.exact.topup:
+        asset = routes.assets[gateway.exact.topup["asset"]]
+        topup = TopupService(gateway, settler, settler.authorizations, asset)
+    terms = settings.channel_terms()
+    channels = SelfChannels(gateway, ledger, terms, routes.assets) if terms else None
+    side = SidePort(routes, gateway, ledger, topup, channels)
+    side.handshake = _handshake(settings, settler, gateway, worker)
+    return side
 
 
 def _handshake(

@@ -477,3 +477,26 @@ def test_facilitators_and_their_credentials_are_mounted_and_configured() -> None
     default = rendered_values("exact").sidecar_config  # one facilitator_url, as before
     assert default["facilitator_url"] == "https://facilitator.example/x402"
     assert "facilitators" not in default
+
+
+def test_the_channels_values_reach_the_sidecar_config() -> None:
+    """Self-serve channels: on by default with the chart's bounds; the values set them."""
+    default = Settings.from_mapping(rendered_values("default").sidecar_config, env={})
+    terms = default.channel_terms()
+    assert terms is not None and (terms.min_deposit, terms.max_ttl_seconds) == (10_000, 86400)
+    rendered = render_chart(
+        "default",
+        "--set-string",
+        "channels.minDeposit=2,channels.maxDeposit=50",
+        "--set",
+        "channels.maxTtlSeconds=600",
+    )
+    custom = Settings.from_mapping(rendered.sidecar_config, env={}).channel_terms()
+    assert custom is not None
+    assert (custom.min_deposit, custom.max_deposit, custom.max_ttl_seconds) == (
+        2_000_000,
+        50_000_000,
+        600,
+    )
+    off = render_chart("default", "--set", "channels.selfServe=false")
+    assert Settings.from_mapping(off.sidecar_config, env={}).channel_terms() is None

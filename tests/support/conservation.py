@@ -5,7 +5,9 @@ do routes charged on success and metered ones, through the real response phase
 phase never runs (the worker was killed). Then, after the holds' lifetime, every invariant
 is checked against the ledger: credited = balance + captured (debited), no hold left,
 receipts = captures (tests/test_conservation.py, and on Redis Cluster
-tests/test_cluster.py)."""
+tests/test_cluster.py). Payers also open their own channels (self-serve, some requests
+replayed), pay vouchers and close them, concurrently with everything else: nothing stays
+channeled, and each close is one receipt of exactly what its vouchers raised."""
 
 from __future__ import annotations
 
@@ -16,21 +18,25 @@ import random
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
-from sidecar.core import phases, protocol
+from sidecar.core import channel_requests, phases, protocol, vouchers
 from sidecar.core.identity import Identity
-from sidecar.core.money import to_atomic
+from sidecar.core.money import to_atomic, to_decimal
 from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import ACTIVE, SUSPENDED, Ledger
+from sidecar.ledger.channels import Channels
 from sidecar.ledger.holds import Holds
 from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import check_message
+from sidecar.server.channel_config import ChannelTerms
 from sidecar.server.envoy.contract import EXT_AUTHZ
 from sidecar.server.processor import Processor
+from sidecar.server.self_channels import SelfChannels
 from sidecar.tools.stack import Stack
 from tests.support.inprocess import check, check_request, outcome, servicer_for
 from tests.support.streams import raw, xrange
@@ -78,6 +84,7 @@ class Books:
     credit_keys: dict[str, tuple[str, int]] = field(default_factory=dict)
     released: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # retry
     captured: list[tuple[str, str, dict[str, str], str]] = field(default_factory=list)
+    open_channels: list[tuple[str, str]] = field(default_factory=list)  # payer, channel id
 
 
 class Workload:
@@ -88,6 +95,10 @@ class Workload:
         self.payers = [Identity.generate() for _ in range(PAYERS)]
         self.books = Books()
         self.processor = Processor(servicer.routes, servicer.gateway, ledger)
+        assets = servicer.routes.assets
+        terms = ChannelTerms.from_mapping({}, assets, "USDF")
+        assert terms is not None
+        self.side = SelfChannels(servicer.gateway, ledger, terms, assets)
 
     def proof(self, payer: Identity, path: str, amount: str, ttl: int) -> dict[str, str]:
         payee, expires_at = self.stack.gateway_identity.kid, int(time.time()) + ttl
@@ -207,6 +218,82 @@ class Workload:
     async def held_retry(self) -> None:
         await self.held(retry=True)
 
+    async def side_request(self, payer: Identity, **terms: Any) -> tuple[dict[str, Any], Any]:
+        """A self-serve channel request signed by `payer`: (the signed object, the answer)."""
+        signed = channel_requests.sign_request(
+            {
+                "payee": self.stack.gateway_identity.kid,
+                "nonce": protocol.new_nonce(),
+                "expires_at": int(time.time()) + 60,
+                **terms,
+            },
+            payer,
+        )
+        return signed, await self.send(signed)
+
+    async def send(self, signed: dict[str, Any]) -> Any:
+        path = f"/x402/channel/{signed['action']}"
+        headers = {channel_requests.HEADER: protocol.encode_header(signed)}
+        status, _kind, body, *_ = await self.side.respond("POST", path, headers)
+        answer = json.loads(body)
+        return answer if status == 200 else answer["error"]
+
+    async def channel(self) -> None:
+        """A self-serve channel: the payer opens it (its request sometimes replayed), pays a
+        few vouchers, and closes it itself or leaves it open for the end."""
+        payer = self.rng.choice(self.payers)
+        deposit = self.rng.randint(10_000, 2_000_000)
+        open_terms = {"action": "open", "channel_id": vouchers.new_channel_id(), "asset": "USDF"}
+        signed, opened = await self.side_request(
+            payer, **open_terms, deposit=to_decimal(deposit, 6), ttl_seconds=600
+        )
+        reason = "opened" if isinstance(opened, dict) else opened
+        self.books.outcomes[f"channel_open:{reason}"] += 1
+        assert reason in ("opened", "insufficient_funds", "payer_suspended"), reason
+        if reason != "opened":
+            return
+        if self.rng.random() < 0.3:  # the same open request again: nothing moves
+            again = await self.send(signed)
+            self.books.outcomes[f"channel_replay:{again}"] += 1
+            assert again in ("nonce_reused", "payer_suspended"), again
+        channel_id, cumulative, sequence = signed["channel_id"], 0, 0
+        for _ in range(self.rng.randint(0, 4)):
+            template = self.rng.choice(list(PRICES))
+            atomic = PRICES[template][1]
+            if cumulative + atomic > deposit:
+                break
+            path = template.format(n=self.rng.randint(1, 50))
+            voucher = vouchers.sign_voucher(
+                {
+                    "channel_id": channel_id, "asset": "USDF",
+                    "cumulative": to_decimal(cumulative + atomic, 6), "sequence": sequence + 1,
+                    "resource": f"GET {path}", "payee": self.stack.gateway_identity.kid,
+                },
+                payer,
+            )  # fmt: skip
+            headers = {"x-payment": protocol.encode_header(voucher)}
+            result = await check(self.servicer, check_request("GET", path, headers))
+            self.books.outcomes[f"voucher:{result.reason}"] += 1
+            assert result.reason in ("allow", "payer_suspended"), result
+            if result.reason == "allow":
+                cumulative, sequence = cumulative + atomic, sequence + 1
+        if self.rng.random() < 0.2:
+            self.books.open_channels.append((payer.public_key, channel_id))
+            return
+        _signed, closed = await self.side_request(payer, action="close", channel_id=channel_id)
+        assert isinstance(closed, dict), closed  # a suspended payer still closes its own
+        assert to_atomic(closed["spent"], 6) == cumulative
+        self.books.receipts[closed["receipt"]["receipt_id"]] = (payer.public_key, cumulative)
+        self.books.outcomes["channel_close"] += 1
+
+    async def close_channels(self) -> None:
+        """What the payers left open is closed at the end (as by its expiry)."""
+        channels = Channels(self.ledger)
+        for payer, channel_id in self.books.open_channels:
+            closed = await channels.close(payer, channel_id)
+            assert closed is not None and not closed.already
+            self.books.receipts[closed.receipt_id] = (payer, closed.cumulative)
+
     async def run(self, operations: int) -> None:
         for payer in self.payers:
             await self.ledger.register(payer.public_key)
@@ -219,6 +306,7 @@ class Workload:
             + [self.held] * 40
             + [self.held_retry] * 8
             + [self.replay_captured] * 6
+            + [self.channel] * 10
         )
         done = 0
         while done < operations:
@@ -227,6 +315,7 @@ class Workload:
             done += size
         for payer in self.payers:  # leave everyone active for the final checks
             await self.ledger.set_status(payer.public_key, ACTIVE)
+        await self.close_channels()
 
 
 def respond_request(
@@ -267,6 +356,7 @@ async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
             assert credited == books.credited[payer]
             assert balance == credited - debited >= 0
             assert account.held == {}  # zero holds left
+            assert account.channeled.get("USDF", 0) == 0  # every channel closed
             assert await raw(ledger).hlen(keyspace.holds(payer)) == 0
             assert await raw(ledger).zcard(keyspace.hold_expiries(payer)) == 0
             stream = await ledger.receipts(payer, count=10**6)
@@ -289,6 +379,8 @@ async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
         assert outcomes["held:captured"] > 0 and outcomes["held:released"] > 0
         assert outcomes["held:abandoned"] > 0 and outcomes["held_retry:captured"] > 0
         assert outcomes["held_replay:nonce_reused"] > 0
+        assert outcomes["channel_open:opened"] > 0 and outcomes["channel_close"] > 0
+        assert outcomes["channel_replay:nonce_reused"] > 0 and outcomes["voucher:allow"] > 0
         print(
             f"\nconservation: {operations} operations, seed {seed}: {dict(outcomes)}; "
             f"credited {totals['credited']} = balances {totals['balance']} + "

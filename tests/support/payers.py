@@ -13,9 +13,11 @@ import httpx
 from sidecar.core import protocol, vouchers
 from sidecar.core.identity import Identity
 from sidecar.core.money import to_atomic
+from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import Ledger
 from sidecar.tools.stack import Stack
 from tests.support.routes import VERIFY, VERIFY_PRICE
+from tests.support.streams import raw
 
 
 async def funded_payer(ledger: Ledger, amount: int, asset: str = "USDF") -> Identity:
@@ -25,6 +27,17 @@ async def funded_payer(ledger: Ledger, amount: int, asset: str = "USDF") -> Iden
     if amount:
         await ledger.credit(wallet.public_key, asset, amount, f"setup-{wallet.public_key}")
     return wallet
+
+
+async def conserved(ledger: Ledger, payer: str) -> dict[str, int]:
+    """credited = balance + channeled (open deposits) + debited, in atomic units."""
+    fields = await raw(ledger).hgetall(keyspace.account(payer))
+    amounts = {
+        name: int(fields.get(f"{name}:USDF", "0"))
+        for name in ("credited", "balance", "channeled", "debited")
+    }
+    assert amounts["credited"] == amounts["balance"] + amounts["channeled"] + amounts["debited"]
+    return amounts
 
 
 async def funded_payer_at(redis_url: str, amount: int, asset: str = "USDF") -> Identity:

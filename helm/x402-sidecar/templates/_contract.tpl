@@ -9,6 +9,7 @@
   "extProc": "envoy.filters.http.ext_proc",
   "discoveryPath": "/.well-known/x402",
   "topupPath": "/x402/topup",
+  "channelPathPrefix": "/x402/channel/",
   "assertedPrefixes": [
     "x-x402-",
     "x-envoy-"

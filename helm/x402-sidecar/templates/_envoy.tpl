@@ -276,6 +276,19 @@ static_resources:
                   {{- include "x402.envoyCorsPolicy" $e.corsOrigins | nindent 18 }}
                   {{- end }}
               {{- end }}
+              # Self-serve channels: agents open and close their own, signed (the side port).
+              - name: x402_channels
+                match:
+                  prefix: {{ $c.channelPathPrefix }}
+                route:
+                  cluster: x402_http
+                typed_per_filter_config:
+                  {{ $ext }}:
+                    '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                    disabled: true
+                  {{- if $e.corsOrigins }}
+                  {{- include "x402.envoyCorsPolicy" $e.corsOrigins | nindent 18 }}
+                  {{- end }}
               {{- if $e.corsOrigins }}
               # A browser's preflight for a payment header, on any path: Envoy answers it
               # for the configured origins; any other goes on to the service.

@@ -497,6 +497,14 @@ topup_asset: {{ $x.topup.asset | quote }}
 topup_min: {{ $x.topup.min | quote }}
 topup_max: {{ $x.topup.max | quote }}
 {{- end }}
+{{- with $v.channels }}
+channels:
+  self_serve: {{ .selfServe }}
+  asset: {{ .asset | quote }}
+  min_deposit: {{ .minDeposit | quote }}
+  max_deposit: {{ .maxDeposit | quote }}
+  max_ttl_seconds: {{ int .maxTtlSeconds }}
+{{- end }}
 {{- end }}
 
 {{/* Envoy's ext_authz timeout: envoy.authzTimeout, or with `exact` the facilitator's

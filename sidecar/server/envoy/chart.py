@@ -35,6 +35,7 @@ def contract_values() -> dict[str, Any]:
         "extProc": contract.EXT_PROC,
         "discoveryPath": contract.DISCOVERY_PATH,
         "topupPath": contract.TOPUP_PATH,
+        "channelPathPrefix": contract.CHANNEL_PATH_PREFIX,
         "assertedPrefixes": list(contract.ASSERTED_PREFIXES),
         "methodOverrideHeaders": list(contract.METHOD_OVERRIDE_HEADERS),
         "requestIdHeader": contract.REQUEST_ID_HEADER,

@@ -50,6 +50,9 @@ EXT_AUTHZ = "envoy.filters.http.ext_authz"  # also the namespace of its dynamic 
 EXT_PROC = "envoy.filters.http.ext_proc"
 TRANSPORTS = ("grpc", "http")  # how ext_authz asks: the Check service, or http_service
 TOPUP_PATH = "/x402/topup"  # served by the side port; Envoy routes it without ext_authz
+# Self-serve channels (server/self_channels.py): the side port too, one Envoy route (prefix).
+CHANNEL_PATH_PREFIX = "/x402/channel/"
+CHANNEL_OPEN_PATH, CHANNEL_CLOSE_PATH = CHANNEL_PATH_PREFIX + "open", CHANNEL_PATH_PREFIX + "close"
 
 # -- Request headers ----------------------------------------------------------------------
 REQUEST_ID_HEADER = "x-request-id"

@@ -8,6 +8,7 @@ from its own route table, and a route with a response phase says so with a heade
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -104,8 +105,9 @@ def has_response_phase(routes: Mapping[str, Mapping[str, Any]]) -> bool:
 
 
 def _gateway_routes(ep: Endpoints) -> list[dict[str, Any]]:
-    """Discovery and, where configured, the top-up: the side port answers them, without
-    ext_authz."""
+    """Discovery, the self-serve channel requests and, where configured, the top-up: the
+    side port answers them, without ext_authz (it 404s channel requests when self-serve
+    channels are off)."""
     discovery = {
         "name": "x402_discovery",
         "match": {"path": contract.DISCOVERY_PATH},
@@ -117,22 +119,27 @@ def _gateway_routes(ep: Endpoints) -> list[dict[str, Any]]:
             }
         },
     }
+    channels = {
+        **copy.deepcopy(discovery),  # no shared dicts: the YAML would alias them
+        "name": "x402_channels",
+        "match": {"prefix": contract.CHANNEL_PATH_PREFIX},
+    }
     if not ep.topup_timeout:
-        return [discovery]
+        return [discovery, channels]
     topup = {
         **discovery,
         "name": "x402_topup",
         "match": {"path": contract.TOPUP_PATH},
         "route": {"cluster": "x402_http", "timeout": ep.topup_timeout},
     }
-    return [discovery, topup]
+    return [discovery, topup, channels]
 
 
 def virtual_host_routes(
     routes: Mapping[str, Mapping[str, Any]], default_asset: str, ep: Endpoints, edge: Edge
 ) -> list[dict[str, Any]]:
-    """Discovery, the top-up and a payment's preflight (answered by the gateway, with its
-    CORS), the priced routes, then the catch-all to the service."""
+    """Discovery, the top-up, the channel requests and a payment's preflight (answered by
+    the gateway, with its CORS), the priced routes, then the catch-all to the service."""
     origins = edge.cors_origins
     per_route_http = http_service(ep) if ep.transport == "http" else None
     # Unannotated paths still go through ext_authz: the sidecar's own route table may

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -17,6 +18,9 @@ from sidecar.tools.cli.base import (
     payers_call,
     redis_option,
 )
+
+if TYPE_CHECKING:
+    from sidecar.agent.channel_open import Closed, Opened
 
 
 @main.command()
@@ -56,51 +60,125 @@ def channel() -> None:
     """Open and close payment channels (a deposit locked for vouchered requests)."""
 
 
+SELF_HELP = (
+    "Self-serve: the agent itself, at the gateway URL given first, with a request signed "
+    "by its wallet's key (--wallet), from its own prepaid balance; no operator."
+)
+WALLET_HELP = "With --self: the agent's key file [default: env X402_WALLET or X402_WALLET_FILE]."
+
+
 @channel.command("open", context_settings=KEY_ARGUMENTS)
-@click.argument("public_key")
+@click.argument("target", metavar="PAYER|URL")
 @click.argument("deposit")
+@click.option("--self", "self_serve", is_flag=True, help=SELF_HELP)
+@click.option("--wallet", type=click.Path(dir_okay=False), default=None, help=WALLET_HELP)
 @click.option("--asset", default=None, help="Asset code [default: the config's default].")
-@click.option("--ttl", type=click.IntRange(min=1), default=86400, show_default=True)
+@click.option(
+    "--ttl",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Seconds [default: 86400, or with --self the gateway's longest].",
+)
 @click.option("--id", "channel_id", default=None, help="Channel id [default: random].")
 @redis_option
 @config_option
 @admin_options
 def channel_open(
-    public_key: str,
+    target: str,
     deposit: str,
+    self_serve: bool,
+    wallet: str | None,
     asset: str | None,
-    ttl: int,
+    ttl: int | None,
     channel_id: str | None,
     redis_url: str | None,
     config_path: str | None,
 ) -> None:
-    """Lock DEPOSIT (a decimal) from a payer's balance into a new channel."""
-    check_key(public_key)
-    opened = payers_call(
+    """Lock DEPOSIT (a decimal) from a payer's balance into a new channel: the operator's
+    (PAYER, the ledger or admin API), or with --self the agent's own at the gateway URL."""
+    if self_serve and (asset or channel_id):
+        raise X402Error("--self opens in the gateway's asset under a random id: no --asset, --id")
+    if wallet and not self_serve:
+        raise X402Error("--wallet goes with --self (the operator names the PAYER instead)")
+    if self_serve:
+        opened = _self_open(target, deposit, wallet, ttl)
+        click.echo(
+            f"channel {opened.channel_id}\n"
+            f"deposit {opened.deposit} {opened.asset}, open until {opened.expires_at} "
+            f"(unix time)\nbalance left {opened.balance} {opened.asset}\n"
+            f"receipt {opened.receipt.receipt_id} (verified)"
+        )
+        return
+    check_key(target)
+    opened_by_operator = payers_call(
         redis_url,
         config_path,
-        lambda p: p.open_channel(public_key, deposit, asset, ttl, channel_id),
+        lambda p: p.open_channel(target, deposit, asset, ttl or 86400, channel_id),
         channels=True,
     )
     click.echo(
-        f"channel {opened.channel_id}\n"
-        f"deposit {opened.deposit} {opened.asset}, open until {opened.expires_at} (unix time)\n"
-        f"balance left {opened.balance} {opened.asset}"
+        f"channel {opened_by_operator.channel_id}\n"
+        f"deposit {opened_by_operator.deposit} {opened_by_operator.asset}, open until "
+        f"{opened_by_operator.expires_at} (unix time)\n"
+        f"balance left {opened_by_operator.balance} {opened_by_operator.asset}"
     )
 
 
+def _self_open(url: str, deposit: str, wallet: str | None, ttl: int | None) -> Opened:
+    import httpx
+
+    from sidecar.agent.channel import PaymentChannel
+    from sidecar.agent.wallet import Wallet
+
+    try:
+        channel = PaymentChannel.open(url, Wallet.load(wallet), deposit, ttl_seconds=ttl)
+    except httpx.HTTPError as exc:
+        raise X402Error(f"channel open at {url}: {exc.__class__.__name__}: {exc}") from None
+    assert channel.opened is not None
+    return channel.opened
+
+
+def _self_close(url: str, channel_id: str, wallet: str | None) -> Closed:
+    import httpx
+
+    from sidecar.agent.channel import PaymentChannel
+    from sidecar.agent.wallet import Wallet
+
+    try:
+        return PaymentChannel(Wallet.load(wallet), channel_id).close(url)
+    except httpx.HTTPError as exc:
+        raise X402Error(f"channel close at {url}: {exc.__class__.__name__}: {exc}") from None
+
+
 @channel.command("close", context_settings=KEY_ARGUMENTS)
-@click.argument("public_key")
+@click.argument("target", metavar="PAYER|URL")
 @click.argument("channel_id")
+@click.option("--self", "self_serve", is_flag=True, help=SELF_HELP)
+@click.option("--wallet", type=click.Path(dir_okay=False), default=None, help=WALLET_HELP)
 @redis_option
 @config_option
 @admin_options
 def channel_close(
-    public_key: str, channel_id: str, redis_url: str | None, config_path: str | None
+    target: str,
+    channel_id: str,
+    self_serve: bool,
+    wallet: str | None,
+    redis_url: str | None,
+    config_path: str | None,
 ) -> None:
     """Refund what is left of the deposit; the final voucher goes to settlement."""
-    check_key(public_key)
-    closed = payers_call(redis_url, config_path, lambda p: p.close_channel(public_key, channel_id))
+    if wallet and not self_serve:
+        raise X402Error("--wallet goes with --self (the operator names the PAYER instead)")
+    if self_serve:
+        done = _self_close(target, channel_id, wallet)
+        head = f"channel {channel_id} {'was already closed' if done.already_closed else 'closed'}"
+        click.echo(
+            f"{head}: spent {done.spent}, refunded {done.refund}; balance {done.balance} "
+            f"{done.asset}\nclose receipt {done.receipt.receipt_id} (verified)"
+        )
+        return
+    check_key(target)
+    closed = payers_call(redis_url, config_path, lambda p: p.close_channel(target, channel_id))
     head = f"channel {closed.channel_id} {'was already closed' if closed.already else 'closed'}"
     click.echo(
         f"{head}: spent {closed.cumulative} in {closed.vouchers} vouchers, refunded "

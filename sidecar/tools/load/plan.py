@@ -64,7 +64,7 @@ class LoadConfig:
     processes: int = 0  # generator processes; 0: one per core (never more than concurrency)
 
     def process_count(self) -> int:
-        from sidecar.server.config import available_cores  # cgroup-aware, as the workers'
+        from sidecar.server.config_values import available_cores  # cgroup-aware, as the workers'
 
         return max(1, min(self.processes or available_cores(), self.concurrency))
 

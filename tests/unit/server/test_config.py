@@ -268,3 +268,33 @@ def test_a_free_literal_path_beside_a_priced_pattern_is_clear() -> None:
     assert table.price_for("GET", "/v1/forecast/sample", {}) is None
     price = table.price_for("GET", "/v1/forecast/rome", {})
     assert price is not None and price.route == "forecast"
+
+
+@pytest.mark.parametrize(
+    ("channels", "says"),
+    [
+        ("on", "config channels: must be a mapping"),
+        ({"min": "1"}, "config channels: unknown key 'min'"),
+        ({"self_serve": "yes"}, "config channels.self_serve: must be true or false"),
+        ({"asset": "EURF"}, "config channels.asset: 'EURF' is not in assets"),
+        ({"min_deposit": 1}, "config channels.min_deposit: write the amount as a string"),
+        ({"max_deposit": "0.0000001"}, "config channels.max_deposit"),
+        ({"min_deposit": "5", "max_deposit": "1"}, "need 0 < min_deposit <= max_deposit"),
+        ({"min_deposit": "0"}, "need 0 < min_deposit <= max_deposit"),
+        ({"max_ttl_seconds": 0}, "config channels.max_ttl_seconds"),
+        ({"max_ttl_seconds": "1h"}, "config channels.max_ttl_seconds"),
+    ],
+)
+def test_bad_channel_settings_name_the_key(channels: Any, says: str) -> None:
+    with pytest.raises(ConfigError, match=says.replace(".", r"\.")):
+        load({"channels": channels})
+
+
+def test_self_serve_channels_by_default_and_off_on_request() -> None:
+    terms = load({}).channel_terms()
+    assert terms is not None
+    assert (terms.asset.code, terms.min_deposit, terms.max_deposit) == ("USDF", 10_000, 10**9)
+    assert terms.discovery()["open"] == {"method": "POST", "path": "/x402/channel/open"}
+    custom = load({"channels": {"min_deposit": "1", "max_ttl_seconds": 60}}).channel_terms()
+    assert custom is not None and (custom.min_deposit, custom.max_ttl_seconds) == (10**6, 60)
+    assert load({"channels": {"self_serve": False}}).channel_terms() is None
