@@ -37,7 +37,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from sidecar.core import exact, protocol, vouchers
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import ConfigError
 from sidecar.core.pricing import RouteTable
@@ -53,6 +52,7 @@ from sidecar.server.config import Settings
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.handshake import Handshake
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
+from sidecar.server.route_report import print_route_table
 from sidecar.server.schemes.base import sweep_forever
 from sidecar.server.schemes.exact import ExactSettler
 from sidecar.server.self_channels import SelfChannels
@@ -451,43 +451,6 @@ def refuse_ports_in_use(settings: Settings) -> None:
                 ) from None
             reason = exc.strerror or str(exc)
             raise ConfigError(f"config {key}: cannot listen on {address}: {reason}") from None
-
-
-def route_lines(routes: RouteTable, gateway: Gateway) -> list[str]:
-    """The route table the sidecar enforces, one line per route: method, pattern, price,
-    charge mode and the schemes that pay it (printed by `x402 serve` at start)."""
-    rows = []
-    for route in routes.routes:
-        price, phase = route.price, route.price.phase
-        schemes = [protocol.SCHEME, vouchers.SCHEME]
-        if phase is not None and phase.metered:
-            amount = f"{price.asset.to_decimal(phase.unit_price)} {price.asset.code}/{phase.unit}"
-            mode = f"metered (hold {price.display} {price.asset.code}, max {phase.max_units})"
-        else:
-            amount = f"{price.display} {price.asset.code}" if price.amount else "free"
-            mode = "on_success" if phase is not None else "on_check"
-            if gateway.exact is not None and gateway.exact.for_price(price) is not None:
-                schemes.append(exact.SCHEME)
-        if not price.amount:
-            mode, schemes = "-", []
-        rows.append((route.method, route.path, amount, mode, ",".join(schemes) or "-"))
-    widths = [max((len(row[i]) for row in rows), default=0) for i in range(4)]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, [*widths, 0], strict=True)).rstrip()
-        for row in rows
-    ]
-
-
-def print_route_table(routes: RouteTable, gateway: Gateway) -> None:
-    unlisted = "served free" if routes.unlisted == "pass" else "refused: 404 unknown_route"
-    print(
-        f"x402 serve: {len(routes.routes)} routes enforced; unlisted: {routes.unlisted} "
-        f"(a path no route lists is {unlisted})",
-        file=sys.stderr,
-    )
-    for line in route_lines(routes, gateway):
-        print(f"  {line}", file=sys.stderr)
-    sys.stderr.flush()
 
 
 def run(settings: Settings) -> None:
