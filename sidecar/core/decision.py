@@ -6,6 +6,7 @@ Pure: the ledger step happens between `verify_payment` and `allow` in the servic
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any
@@ -21,6 +22,7 @@ from sidecar.core.errors import (
     InvoiceMismatch,
     MalformedPayment,
     PaymentError,
+    SettlementFailed,
 )
 from sidecar.core.identity import Identity, KeySet, verify, verify_key
 from sidecar.core.pricing import Price
@@ -247,6 +249,8 @@ def deny(
                 ),
             )
         )
+    if isinstance(error, SettlementFailed) and error.settlement is not None:  # says so
+        headers.append((protocol.PAYMENT_RESPONSE, protocol.encode_header(error.settlement)))
     if error.status == 503:
         headers.append(("retry-after", "1"))
     elif error.status == 429:  # rate_limited: when the next check may pass
@@ -283,7 +287,8 @@ def payment_required(
     metered = price.phase is not None and price.phase.metered
     onchain = gateway.exact.for_price(price) if gateway.exact is not None else None
     if onchain is not None and gateway.exact is not None and not metered:
-        accepts.append(exact.offer(onchain, price.amount, gateway.exact).to_wire())
+        upfront = price.phase is None  # charged on check: settled before the service runs
+        accepts.append(exact.offer(onchain, price.amount, gateway.exact, upfront).to_wire())
     return {
         "x402Version": protocol.X402_VERSION,
         "error": reason,
@@ -299,9 +304,14 @@ def payment_required(
 _EXACT_FIELDS = frozenset(("price_usd", "token", "chain", "facilitator", "payment_target"))
 
 
-def carrying(receipt: dict[str, Any], encoded: str | None = None) -> Allow:
+def carrying(
+    receipt: dict[str, Any],
+    encoded: str | None = None,
+    settlement: Mapping[str, Any] | None = None,
+) -> Allow:
     """A signed receipt and the headers that carry it: to the service and to the client.
-    `encoded`: its header value, when signing made it already (protocol.signed_receipt)."""
+    `encoded`: its header value, when signing made it already (protocol.signed_receipt).
+    `settlement`: an `exact` payment's SettleResponse, then PAYMENT-RESPONSE's value."""
     if encoded is None:
         encoded = protocol.encode_header(receipt)
     return Allow(
@@ -311,5 +321,5 @@ def carrying(receipt: dict[str, Any], encoded: str | None = None) -> Allow:
             (UPSTREAM_AMOUNT, receipt["amount"]),
             (UPSTREAM_RECEIPT, receipt["receipt_id"]),
         ),
-        response_headers=tuple((name, encoded) for name in protocol.RECEIPT_HEADERS),
+        response_headers=protocol.receipt_headers(encoded, settlement),
     )

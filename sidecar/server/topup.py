@@ -28,6 +28,7 @@ from sidecar.core.errors import (
     PayerSuspended,
     PaymentError,
     PaymentRequired,
+    SettlementFailed,
 )
 from sidecar.core.money import Asset
 from sidecar.core.protocol import Offer
@@ -167,8 +168,8 @@ class TopupService:
             "transaction": settled["transaction"],
             "receipt": receipt,
         }
-        encoded = protocol.encode_header(receipt)
-        extra = {name: encoded for name in protocol.RECEIPT_HEADERS}
+        settlement = exact.settle_response(auth, settled["transaction"])
+        extra = dict(protocol.receipt_headers(protocol.encode_header(receipt), settlement))
         return 200, "application/json", json.dumps(body).encode(), extra
 
     async def _recover(
@@ -222,6 +223,8 @@ class TopupService:
                 "accepts": [offer.to_wire()],
             }
             extra["payment-required"] = protocol.encode_header(required)
+        if isinstance(error, SettlementFailed) and error.settlement is not None:
+            extra[protocol.PAYMENT_RESPONSE] = protocol.encode_header(error.settlement)
         if error.status == 503:
             extra["retry-after"] = "1"
         return error.status, "application/json", json.dumps(body).encode(), extra

@@ -45,6 +45,7 @@
     "content-type",
     "cache-control",
     "payment-required",
+    "payment-response",
     "retry-after"
   ],
   "successHeaders": [

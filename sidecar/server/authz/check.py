@@ -333,7 +333,7 @@ class CheckService:
     ) -> bytes:
         line["decision"], line["status"], line["reason"] = "allow", 200, scheme.reason
         line["receipt_id"], line["balance"] = charged.receipt["receipt_id"], charged.balance
-        allowed = decision.carrying(charged.receipt, charged.header)
+        allowed = decision.carrying(charged.receipt, charged.header, charged.settlement)
         return self.answers.ok(
             allowed.upstream_headers,
             allowed.response_headers,

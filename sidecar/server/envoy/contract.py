@@ -22,6 +22,7 @@ from sidecar.core.pricing import EXT_ASSET, EXT_DESCRIPTION, EXT_PRICE, EXT_ROUT
 from sidecar.core.protocol import (
     ASSERTED_PREFIXES,
     DISCOVERY_PATH,
+    PAYMENT_RESPONSE,
     PROOF_HEADERS,
     RECEIPT_HEADERS,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "EXT_PHASE",
     "EXT_PRICE",
     "EXT_ROUTE",
+    "PAYMENT_RESPONSE",
     "PHASE_KEYS",
     "PHASE_RESPONSE",
     "PROOF_HEADERS",
@@ -83,7 +85,14 @@ PHASE_HEADER = "x-x402-phase"  # its value: PHASE_RESPONSE
 # Envoy's instruction, on an allow, to strip these from the request before the service.
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 # What Envoy passes to the client: from a denial, and with an allow.
-DENIAL_HEADERS = ("content-type", "cache-control", "payment-required", "retry-after")
+# (payment-response: a failed `exact` settlement's SettleResponse, success false.)
+DENIAL_HEADERS = (
+    "content-type",
+    "cache-control",
+    "payment-required",
+    PAYMENT_RESPONSE,
+    "retry-after",
+)
 SUCCESS_HEADERS = RECEIPT_HEADERS
 
 # -- ext_authz dynamic metadata -----------------------------------------------------------
