@@ -104,7 +104,7 @@
     "min_units": "x402.min_units",
     "hold_seconds": "x402.hold_seconds"
   },
-  "corsAllowHeaders": "payment-signature, x-payment, content-type, authorization",
+  "corsAllowHeaders": "payment-signature, x-payment, content-type, authorization, access-control-expose-headers",
   "corsExposeHeaders": "payment-required, payment-response, x-payment-response, x-request-id, retry-after",
   "corsAllowMethods": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
   "corsMaxAge": "600",

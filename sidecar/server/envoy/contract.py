@@ -137,7 +137,15 @@ METADATA_KEYS = tuple(
 ROUTE_EXTENSIONS = (EXT_ROUTE, EXT_PRICE, EXT_ASSET, EXT_DESCRIPTION)
 
 # -- What browsers may send and read (the gateway's own answers) --------------------------
-CORS_ALLOW_HEADERS = ("payment-signature", "x-payment", "content-type", "authorization")
+# (The official TypeScript clients send `Access-Control-Expose-Headers` on their paid
+# retry, so a browser's preflight asks for it too.)
+CORS_ALLOW_HEADERS = (
+    "payment-signature",
+    "x-payment",
+    "content-type",
+    "authorization",
+    "access-control-expose-headers",
+)
 CORS_EXPOSE_HEADERS = (
     "payment-required",
     "payment-response",
