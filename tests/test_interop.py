@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,13 @@ from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.schemas import PaymentRequired, SettleResponse
 
+from sidecar.core.identity import Identity
 from sidecar.tools.chain import AnvilChain, DevAccount
 from sidecar.tools.onchain import FacilitatorProcess, exact_settings, official_client
 from sidecar.tools.stack import Stack
 from tests.support.exact import b64json, balances
 
-PAID, REPORT = "/api/paid", "/api/v1/report"
+PAID, REPORT, TOPUP = "/api/paid", "/api/v1/report", "/x402/topup"
 PRICE = 10_000  # 0.01 USDF = 0.01 USDC
 ROUTES: dict[str, dict[str, Any]] = {
     "paid": {"method": "GET", "path": PAID, "price": "0.01"},
@@ -49,7 +51,8 @@ BLACKLIST = "0x" + keccak(text="blacklist(address)")[:4].hex()  # FiatToken's
 
 @pytest.fixture(scope="module")
 def stack(chain: AnvilChain, facilitator: FacilitatorProcess) -> Iterator[Stack]:
-    with Stack(ROUTES, settings=exact_settings(chain, facilitator)) as running:
+    settings = exact_settings(chain, facilitator, topup_min="1", topup_max="50")
+    with Stack(ROUTES, settings=settings) as running:
         yield running
 
 
@@ -216,13 +219,41 @@ async def test_a_failed_settlement_gives_the_client_success_false_and_a_reason(
 async def test_every_402_validates_against_both_sdks(http: httpx.AsyncClient) -> None:
     """A route's 402 (upfront and authorization flows) and the top-up's, through the
     Python model and @x402/core's zod schema."""
-    for path in (PAID, REPORT):
-        response = await http.get(path)
+    topup = await http.post(TOPUP, params={"payer": Identity.generate().public_key, "amount": "1"})
+    answers = [await http.get(PAID), await http.get(REPORT), topup]
+    for response in answers:
+        assert response.status_code == 402, response.text
         required = b64json(response.headers["payment-required"])
         PaymentRequired.model_validate(required)
         assert node_schema("PaymentRequiredV2Schema", required) == {"ok": True, "error": None}
-        flows = [offer["extra"].get("paymentFlow") for offer in required["accepts"][1:]]
-        assert flows == (["upfront"] if path == PAID else [None])
+    flows = [
+        [
+            offer["extra"].get("paymentFlow")
+            for offer in b64json(a.headers["payment-required"])["accepts"]
+            if offer["scheme"] == "exact"
+        ]
+        for a in answers
+    ]
+    # Settled before the service runs (or the credit): upfront; after it: authorization.
+    assert flows == [["upfront"], [None], ["upfront"]]
+
+
+def test_x402_conformance_passes_its_resource_checks(stack: Stack) -> None:
+    """PyPI x402-conformance (`x402conf resource`): P1-P7 over one unpaid GET of each
+    priced route, error-severity failures fatal."""
+    urls = [stack.url + PAID, stack.url + REPORT]
+    run = subprocess.run(
+        [sys.executable, "-m", "x402conf", "resource", "--fail-on-error", *urls],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = json.loads(run.stdout)["results"]
+    assert [r["target"] for r in results] == urls
+    checks = [check for r in results for check in r["checks"]]
+    assert len(checks) >= 14  # P1-P7 for each
+    assert [c for c in checks if not c["pass"]] == []
 
 
 # -- browsers --------------------------------------------------------------------------------
