@@ -316,6 +316,33 @@ def test_oversized_and_malformed_requests_get_the_envelope(edge: Stack) -> None:
     assert json.loads(body)["error"] == "bad_request"
 
 
+def test_a_header_block_over_the_limit_is_answered_431_without_a_reset(edge: Stack) -> None:
+    """A 70 KB header (the limit is 60 KiB): Envoy reads the whole block and answers 431 in
+    the envelope, and the connection stays usable. Envoy's codec used to stop reading at
+    the limit and close: the unread rest made the close a reset, which a client still
+    sending (or a proxy in between) saw instead of the 431."""
+
+    def answer(client: socket.socket) -> tuple[bytes, dict[str, Any]]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += client.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            body += client.recv(65536)
+        return head, json.loads(body)
+
+    request = "GET {} HTTP/1.1\r\nHost: gw\r\n{}\r\n"
+    with socket.create_connection((LOOPBACK, edge.ports["envoy"]), timeout=10) as client:
+        client.sendall(request.format(FREE, f"x-big: {'a' * 70_000}\r\n").encode())
+        head, body = answer(client)
+        assert head.startswith(b"HTTP/1.1 431") and b"content-type: application/json" in head
+        assert body["error"] == "headers_too_large"
+        client.sendall(request.format(FREE, "").encode())  # the same connection, still open
+        head, _ = answer(client)
+        assert head.startswith(b"HTTP/1.1 200"), head
+
+
 # -- 6. Envoy's own failures, and the sidecar's denials left alone ---------------------------
 
 

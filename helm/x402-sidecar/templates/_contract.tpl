@@ -110,6 +110,10 @@
   "corsMaxAge": "600",
   "paymentPreflight": "(?i)(.*[ ,])?(payment-signature|x-payment)([ ,].*)?",
   "stripCookieLua": "local names = {[\"x402_dashboard\"] = true, [\"__Host-x402_dashboard\"] = true}\nfunction envoy_on_request(request)\n  local headers = request:headers()\n  local count = headers:getNumValues(\"cookie\")\n  if count == 0 then return end\n  local kept, dropped = {}, false\n  for i = 0, count - 1 do\n    for pair in string.gmatch(headers:getAtIndex(\"cookie\", i), \"[^;]+\") do\n      local crumb = string.match(pair, \"^%s*(.-)%s*$\")\n      local name = string.match(crumb, \"^([^=]-)%s*=\") or crumb\n      if names[name] then dropped = true elseif crumb ~= \"\" then kept[#kept + 1] = crumb end\n    end\n  end\n  if not dropped then return end\n  headers:remove(\"cookie\")\n  if #kept > 0 then headers:add(\"cookie\", table.concat(kept, \"; \")) end\nend\n",
+  "headersLimitName": "x402.headers_limit",
+  "headersLimitLua": "local limit = @LIMIT_BYTES@\nfunction envoy_on_request(request)\n  local size = 0\n  for name, value in pairs(request:headers()) do\n    size = size + #name + #value\n  end\n  if size > limit then\n    request:respond({[\":status\"] = \"431\"}, \"\")\n  end\nend\n",
+  "headersLimitMark": "@LIMIT_BYTES@",
+  "maxCodecHeadersKb": 8192,
   "processingMode": {
     "request_header_mode": "SKIP",
     "response_header_mode": "SEND",
