@@ -269,6 +269,30 @@ async def test_a_trusted_proxy_names_the_client_to_the_service(trusting: Stack) 
         assert address_buckets(trusting) == {"x402:ip:{127.0.0.1}"}
 
 
+@pytest.mark.parametrize("trusted", [False, True])
+def test_the_402_names_the_url_agents_reached_only_through_a_trusted_proxy(
+    edge: Stack, trusting: Stack, trusted: bool
+) -> None:
+    """resource.url (and discovery's URL in the invoice) from the proxy's X-Forwarded-Proto
+    and X-Forwarded-Host when the operator trusts one (xff_num_trusted_hops); a client's
+    own are ignored otherwise (x402#636, #924)."""
+    stack = trusting if trusted else edge
+    forwarded = {"x-forwarded-proto": "https", "x-forwarded-host": "api.public.example"}
+    challenge = send(stack, "GET", ATLAS, forwarded)
+    assert challenge.status_code == 402
+    url = protocol.decode_header(challenge.headers["payment-required"])["resource"]["url"]
+    invoice = challenge.json()["x402"]["facilitator_url"]
+    if trusted:
+        assert url == "https://api.public.example" + ATLAS
+        assert invoice == "https://api.public.example/.well-known/x402"
+    else:
+        assert url == f"http://127.0.0.1:{stack.ports['envoy']}{ATLAS}"
+    # A forwarded host that is no plain host[:port] is never taken.
+    odd = send(stack, "GET", ATLAS, {**forwarded, "x-forwarded-host": "evil.example/x?"})
+    odd_url = protocol.decode_header(odd.headers["payment-required"])["resource"]["url"]
+    assert "evil" not in odd_url
+
+
 # -- 5. slow and oversized requests ----------------------------------------------------------
 
 

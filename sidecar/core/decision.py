@@ -6,6 +6,7 @@ Pure: the ledger step happens between `verify_payment` and `allow` in the servic
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -56,6 +57,10 @@ class Gateway:
     max_proof_bytes: int = 4096
     network: str = "fth:ledger"  # CAIP-2 shaped: the official x402 schemas require a ":"
     public_url: str = ""  # base URL agents use; derived from each request's Host when empty
+    # Proxies in front of Envoy the operator trusts (edge.xff_num_trusted_hops): with any,
+    # their X-Forwarded-Host names the request's host (Envoy already keeps their
+    # X-Forwarded-Proto only then); with none, a client's is ignored.
+    trusted_proxies: int = 0
     exact: exact.ExactTerms | None = None  # the x402 `exact` scheme, where configured
     previous: tuple[Identity, ...] = field(default=(), repr=False)  # keys before a rotation
     previous_until: int = 0  # unix seconds: proofs to a previous key refused after; 0: never
@@ -109,6 +114,20 @@ class Request:
 
     def base_url(self, gateway: Gateway) -> str:
         return gateway.public_url or f"{self.scheme}://{self.host}"
+
+
+_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+
+
+def request_host(host: str, forwarded_host: str | None, trusted_proxies: int) -> str:
+    """The host agents reached: the trusted proxy's `X-Forwarded-Host` (the entry the
+    nearest of `trusted_proxies` wrote) when there is one and it is a plain host[:port],
+    else the request's own Host."""
+    if trusted_proxies <= 0 or not forwarded_host:
+        return host
+    entries = [entry.strip() for entry in forwarded_host.split(",")]
+    named = entries[max(0, len(entries) - trusted_proxies)]
+    return named if _HOST.fullmatch(named) else host
 
 
 @dataclass(frozen=True, slots=True)

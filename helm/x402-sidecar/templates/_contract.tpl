@@ -22,7 +22,8 @@
   "authzRequestHeaders": [
     "x-payment",
     "payment-signature",
-    "x-request-id"
+    "x-request-id",
+    "x-forwarded-host"
   ],
   "httpRequestHeaders": [
     "x-payment",
@@ -30,7 +31,8 @@
     "x-request-id",
     "x-envoy-external-address",
     "x-forwarded-for",
-    "x-forwarded-proto"
+    "x-forwarded-proto",
+    "x-forwarded-host"
   ],
   "timeoutHeader": "x-x402-authz-timeout-ms",
   "phaseHeader": "x-x402-phase",

@@ -57,6 +57,8 @@ TOPUP_PATH = "/x402/topup"  # served by the side port; Envoy routes it without e
 REQUEST_ID_HEADER = "x-request-id"
 EXTERNAL_ADDRESS = "x-envoy-external-address"  # the client's address, as Envoy saw it
 FORWARDED_FOR, FORWARDED_PROTO = "x-forwarded-for", "x-forwarded-proto"
+# A trusted proxy's name for the host agents reached (resource.url, docs/configuration.md).
+FORWARDED_HOST = "x-forwarded-host"
 # ASSERTED_PREFIXES (core/protocol.py): the gateway's x-x402-* assertions to the service
 # and Envoy's own x-envoy-* control headers; a client's copies are removed before any
 # filter runs, and the sidecar sets its own at ext_authz allow.
@@ -65,7 +67,7 @@ FORWARDED_FOR, FORWARDED_PROTO = "x-forwarded-for", "x-forwarded-proto"
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
 # What Envoy sends of each request to the sidecar over gRPC (allowed_headers): what the
 # decision reads, and no cookies, credentials or bodies.
-AUTHZ_REQUEST_HEADERS = (*PROOF_HEADERS, REQUEST_ID_HEADER)
+AUTHZ_REQUEST_HEADERS = (*PROOF_HEADERS, REQUEST_ID_HEADER, FORWARDED_HOST)
 # The same over HTTP, where the client's address is Envoy's own x-envoy-external-address,
 # else the X-Forwarded-For entry Envoy appended itself (use_remote_address).
 HTTP_REQUEST_HEADERS = (
@@ -74,6 +76,7 @@ HTTP_REQUEST_HEADERS = (
     EXTERNAL_ADDRESS,
     FORWARDED_FOR,
     FORWARDED_PROTO,
+    FORWARDED_HOST,
 )
 # Gateway-asserted headers Envoy adds to every HTTP check (authorization_request.
 # headers_to_add; a client's x-x402-* never gets this far: the edge strips them): Envoy's
