@@ -238,22 +238,32 @@ async def test_every_402_validates_against_both_sdks(http: httpx.AsyncClient) ->
     assert flows == [["upfront"], [None], ["upfront"]]
 
 
-def test_x402_conformance_passes_its_resource_checks(stack: Stack) -> None:
-    """PyPI x402-conformance (`x402conf resource`): P1-P7 over one unpaid GET of each
-    priced route, error-severity failures fatal."""
-    urls = [stack.url + PAID, stack.url + REPORT]
+def conformance(mode: str, *targets: str) -> list[dict[str, Any]]:
+    """PyPI x402-conformance's `x402conf MODE --fail-on-error TARGET…`: its results."""
     run = subprocess.run(
-        [sys.executable, "-m", "x402conf", "resource", "--fail-on-error", *urls],
+        [sys.executable, "-m", "x402conf", mode, "--fail-on-error", *targets],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    results = json.loads(run.stdout)["results"]
-    assert [r["target"] for r in results] == urls
+    results: list[dict[str, Any]] = json.loads(run.stdout)["results"]
+    assert [r["target"] for r in results] == list(targets)
+    return results
+
+
+def test_x402_conformance_passes_its_resource_checks(stack: Stack) -> None:
+    """`x402conf resource`: P1-P7 over one unpaid GET of each priced route."""
+    results = conformance("resource", stack.url + PAID, stack.url + REPORT)
     checks = [check for r in results for check in r["checks"]]
     assert len(checks) >= 14  # P1-P7 for each
     assert [c for c in checks if not c["pass"]] == []
+
+
+def test_x402_conformance_passes_its_facilitator_checks(facilitator: FacilitatorProcess) -> None:
+    """`x402conf live`: S0-S4 over the project facilitator's GET /supported."""
+    [result] = conformance("live", facilitator.url)
+    assert result["checks"] and [c for c in result["checks"] if not c["pass"]] == []
 
 
 # -- browsers --------------------------------------------------------------------------------
