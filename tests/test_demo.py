@@ -264,6 +264,7 @@ def test_x402_demo_serve_info_writes_what_a_client_needs_and_sigterm_stops_it(
         settled = decode_payment_response_header(paid.headers["payment-response"])
         assert settled.success and re.fullmatch(TX_HASH, settled.transaction or "")
         assert settled.network == info["network"] == f"eip155:{info['chain_id']}"
+        assert settled.amount == str(price)
         after = onchain_balance(info, payer), onchain_balance(info, operator)
         assert after == (before[0] - price, before[1] + price)
 

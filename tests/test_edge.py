@@ -269,6 +269,30 @@ async def test_a_trusted_proxy_names_the_client_to_the_service(trusting: Stack) 
         assert address_buckets(trusting) == {"x402:ip:{127.0.0.1}"}
 
 
+@pytest.mark.parametrize("trusted", [False, True])
+def test_the_402_names_the_url_agents_reached_only_through_a_trusted_proxy(
+    edge: Stack, trusting: Stack, trusted: bool
+) -> None:
+    """resource.url (and discovery's URL in the invoice) from the proxy's X-Forwarded-Proto
+    and X-Forwarded-Host when the operator trusts one (xff_num_trusted_hops); a client's
+    own are ignored otherwise (x402#636, #924)."""
+    stack = trusting if trusted else edge
+    forwarded = {"x-forwarded-proto": "https", "x-forwarded-host": "api.public.example"}
+    challenge = send(stack, "GET", ATLAS, forwarded)
+    assert challenge.status_code == 402
+    url = protocol.decode_header(challenge.headers["payment-required"])["resource"]["url"]
+    invoice = challenge.json()["x402"]["facilitator_url"]
+    if trusted:
+        assert url == "https://api.public.example" + ATLAS
+        assert invoice == "https://api.public.example/.well-known/x402"
+    else:
+        assert url == f"http://127.0.0.1:{stack.ports['envoy']}{ATLAS}"
+    # A forwarded host that is no plain host[:port] is never taken.
+    odd = send(stack, "GET", ATLAS, {**forwarded, "x-forwarded-host": "evil.example/x?"})
+    odd_url = protocol.decode_header(odd.headers["payment-required"])["resource"]["url"]
+    assert "evil" not in odd_url
+
+
 # -- 5. slow and oversized requests ----------------------------------------------------------
 
 
@@ -314,6 +338,33 @@ def test_oversized_and_malformed_requests_get_the_envelope(edge: Stack) -> None:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head
     assert json.loads(body)["error"] == "bad_request"
+
+
+def test_a_header_block_over_the_limit_is_answered_431_without_a_reset(edge: Stack) -> None:
+    """A 70 KB header (the limit is 60 KiB): Envoy reads the whole block and answers 431 in
+    the envelope, and the connection stays usable. Envoy's codec used to stop reading at
+    the limit and close: the unread rest made the close a reset, which a client still
+    sending (or a proxy in between) saw instead of the 431."""
+
+    def answer(client: socket.socket) -> tuple[bytes, dict[str, Any]]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += client.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            body += client.recv(65536)
+        return head, json.loads(body)
+
+    request = "GET {} HTTP/1.1\r\nHost: gw\r\n{}\r\n"
+    with socket.create_connection((LOOPBACK, edge.ports["envoy"]), timeout=10) as client:
+        client.sendall(request.format(FREE, f"x-big: {'a' * 70_000}\r\n").encode())
+        head, body = answer(client)
+        assert head.startswith(b"HTTP/1.1 431") and b"content-type: application/json" in head
+        assert body["error"] == "headers_too_large"
+        client.sendall(request.format(FREE, "").encode())  # the same connection, still open
+        head, _ = answer(client)
+        assert head.startswith(b"HTTP/1.1 200"), head
 
 
 # -- 6. Envoy's own failures, and the sidecar's denials left alone ---------------------------

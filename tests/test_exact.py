@@ -96,7 +96,7 @@ async def test_the_402_offers_prepaid_and_exact(
         "asset": chain.token,
         "payTo": operator(chain).address,
         "maxTimeoutSeconds": 120,
-        "extra": {"name": "USD Coin", "version": "2"},
+        "extra": {"name": "USD Coin", "version": "2", "paymentFlow": "upfront"},
     }
     x402 = response.json()["x402"]
     assert x402["scheme"] == "prepaid-ed25519"  # the invoice agents of the SDK pay
@@ -172,15 +172,18 @@ async def test_the_official_client_pays_with_exact_and_accepts_the_receipt(
     settled = decode_payment_response_header(response.headers["payment-response"])
     assert settled.success is True
     assert settled.network == chain.network and settled.payer == payer.address
+    assert settled.amount == str(PRICE)  # atomic units of the token
+    assert b64json(response.headers["payment-response"])["asset"] == chain.token
     tx = chain.w3.eth.get_transaction_receipt(settled.transaction)  # type: ignore[arg-type]
     assert tx["status"] == 1
     after = balances(chain, payer.address)
     assert after == (before[0] - PRICE, before[1] + PRICE)
 
-    receipt = b64json(response.headers["payment-response"])
+    receipt = b64json(response.headers["x-payment-response"])  # ours, kept apart
     keys = {stack.gateway_identity.kid: stack.gateway_identity.public_key}
-    assert protocol.verify_receipt(receipt, keys)  # and our own signed receipt fields
+    assert protocol.verify_receipt(receipt, keys)
     assert (receipt["scheme"], receipt["amount"], receipt["asset"]) == ("exact", "0.01", "USDF")
+    assert receipt["transaction"] == settled.transaction
     assert receipt["resource"] == f"GET {PAID}"
     line = stack.wait_decisions(lambda d: d.get("receipt_id") == receipt["receipt_id"])[0]
     assert (line["decision"], line["reason"], line["payer"]) == (

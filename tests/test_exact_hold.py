@@ -97,8 +97,15 @@ async def test_a_failed_service_transfers_nothing_and_the_authorization_pays_lat
 
     assert failed.status_code == 500
     assert failed.json()["error"] == "demo_failure"  # the service's own answer
-    refund = b64json(failed.headers["payment-response"])
+    refund = b64json(failed.headers["x-payment-response"])
     assert protocol.verify_receipt(refund, keys(stack))
+    unsettled = decode_payment_response_header(failed.headers["payment-response"])
+    assert (unsettled.success, unsettled.error_reason, unsettled.transaction) == (
+        False,
+        "service_failed",
+        "",
+    )
+    assert unsettled.amount is None and unsettled.payer == payer.address
     assert (refund["success"], refund["scheme"], refund["amount"]) == (False, "exact", "0")
     assert (refund["released"], refund["status"], refund["transaction"]) == ("0.01", 500, "")
     assert refund["payer"] == payer.address
@@ -130,9 +137,12 @@ async def test_a_failed_service_transfers_nothing_and_the_authorization_pays_lat
     assert served.status_code == 200, served.text
     assert served.json()["service"] == MARKER
     assert served.json()["payer"] == payer.address
-    receipt = b64json(served.headers["payment-response"])
+    receipt = b64json(served.headers["x-payment-response"])
     assert protocol.verify_receipt(receipt, keys(stack))
     assert (receipt["success"], receipt["scheme"], receipt["amount"]) == (True, "exact", "0.01")
+    settled = b64json(served.headers["payment-response"])
+    assert (settled["amount"], settled["asset"]) == (str(PRICE), chain.token)
+    assert settled["transaction"] == receipt["transaction"]
     assert receipt["network"] == chain.network and receipt["payer"] == payer.address
     tx = chain.w3.eth.get_transaction_receipt(receipt["transaction"])
     assert tx["status"] == 1
@@ -179,11 +189,12 @@ async def test_the_official_client_pays_after_success_and_accepts_the_receipt(
     settled = decode_payment_response_header(response.headers["payment-response"])
     assert settled.success is True
     assert settled.network == chain.network and settled.payer == payer.address
+    assert settled.amount == str(PRICE)
     tx = chain.w3.eth.get_transaction_receipt(settled.transaction)  # type: ignore[arg-type]
     assert tx["status"] == 1
     assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
     assert settles(chain) == sent + 1
-    receipt = b64json(response.headers["payment-response"])
+    receipt = b64json(response.headers["x-payment-response"])
     assert protocol.verify_receipt(receipt, keys(stack))
     assert (receipt["resource"], receipt["held"]) == (f"GET {REPORT}", "0.01")
 
@@ -208,11 +219,16 @@ async def test_funds_gone_before_the_settle_withhold_the_response(
 
     assert response.status_code == 402, response.text
     assert response.json()["error"] == "settlement_failed"
-    assert MARKER not in response.text and "payment-response" not in response.headers
+    assert MARKER not in response.text and "x-payment-response" not in response.headers
+    # The standard's answer to a failed settlement: PAYMENT-RESPONSE, success false, why.
+    failed = decode_payment_response_header(response.headers["payment-response"])
+    assert (failed.success, failed.transaction, failed.network) == (False, "", chain.network)
+    assert failed.error_reason and failed.payer == payer.address and failed.amount is None
     # A fresh challenge, as at the check: the agent may pay again (once funded).
     required = b64json(response.headers["payment-required"])
     assert [offer["scheme"] for offer in required["accepts"]] == ["prepaid-ed25519", "exact"]
     assert required["accepts"][1]["amount"] == str(PRICE)
+    assert "paymentFlow" not in required["accepts"][1]["extra"]  # authorization: the default
     assert required["resource"]["url"].endswith(REPORT)
     assert response.json()["x402"]["charge"] == "on_success"
     assert chain.balance_of(operator(chain).address) == operator_before
@@ -262,8 +278,9 @@ async def test_an_on_check_route_still_settles_upfront(
     before = balances(chain, payer.address)
     failed = await http.get(UPFRONT, params={"fail": "500"}, headers={"PAYMENT-SIGNATURE": header})
     assert failed.status_code == 500  # settled before the service was asked
-    receipt = b64json(failed.headers["payment-response"])
+    receipt = b64json(failed.headers["x-payment-response"])
     assert (receipt["success"], receipt["amount"]) == (True, "0.01")
+    assert b64json(failed.headers["payment-response"])["amount"] == str(PRICE)
     assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
 
 
@@ -321,7 +338,7 @@ async def test_a_settle_answer_lost_after_success_is_resolved_on_chain(
             )
         assert served.status_code == 200, served.text
         assert served.json()["service"] == MARKER
-        receipt = b64json(served.headers["payment-response"])
+        receipt = b64json(served.headers["x-payment-response"])
         assert receipt["success"] is True and nonce_used(chain, payer.address, nonce)
         assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
         assert settles(chain) == sent + 1

@@ -150,7 +150,9 @@ async def test_an_official_client_buys_credit_the_sdk_spends_it(
     )
     settled = decode_payment_response_header(response.headers["payment-response"])
     assert settled.success and settled.transaction == body["transaction"]
-    assert settled.network == chain.network
+    assert settled.network == chain.network and settled.payer == payer.address
+    assert settled.amount == str(5 * USDC)  # what moved on chain, in the token's units
+    assert b64json(response.headers["payment-response"])["asset"] == chain.token
     assert chain.w3.eth.get_transaction_receipt(body["transaction"])["status"] == 1
     assert onchain(chain, payer.address) == (before[0] - 5 * USDC, before[1] + 5 * USDC)
     receipt = body["receipt"]
@@ -163,7 +165,7 @@ async def test_an_official_client_buys_credit_the_sdk_spends_it(
         "5",
     )
     assert receipt["authorizer"] == payer.address
-    assert b64json(response.headers["payment-response"]) == receipt
+    assert b64json(response.headers["x-payment-response"]) == receipt  # ours, kept apart
     account = await ledger.account(key)
     assert (account.status, account.balances, account.credited) == (
         "active",

@@ -95,10 +95,10 @@ def receipt_of(response: Any) -> Receipt | None:
 
 
 def receipt_header(response: httpx.Response) -> str | None:
-    for name in protocol.RECEIPT_HEADERS:
-        if name in response.headers:
-            return response.headers[name]
-    return None
+    """The gateway's signed receipt: always in X-Payment-Response (PAYMENT-RESPONSE is the
+    standard's SettleResponse on an `exact` payment, and alone on a failed settlement)."""
+    value: str | None = response.headers.get(protocol.X_RECEIPT)
+    return value
 
 
 def refusal(response: httpx.Response) -> str | None:

@@ -6,6 +6,7 @@ Pure: the ledger step happens between `verify_payment` and `allow` in the servic
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -23,6 +24,7 @@ from sidecar.core.errors import (
     MalformedPayment,
     PaymentError,
     PaymentRequired,
+    SettlementFailed,
 )
 from sidecar.core.identity import Identity, KeySet, verify, verify_key
 from sidecar.core.pricing import Price
@@ -56,6 +58,10 @@ class Gateway:
     max_proof_bytes: int = 4096
     network: str = "fth:ledger"  # CAIP-2 shaped: the official x402 schemas require a ":"
     public_url: str = ""  # base URL agents use; derived from each request's Host when empty
+    # Proxies in front of Envoy the operator trusts (edge.xff_num_trusted_hops): with any,
+    # their X-Forwarded-Host names the request's host (Envoy already keeps their
+    # X-Forwarded-Proto only then); with none, a client's is ignored.
+    trusted_proxies: int = 0
     exact: exact.ExactTerms | None = None  # the x402 `exact` scheme, where configured
     previous: tuple[Identity, ...] = field(default=(), repr=False)  # keys before a rotation
     previous_until: int = 0  # unix seconds: proofs to a previous key refused after; 0: never
@@ -121,6 +127,20 @@ class Request:
 
     def base_url(self, gateway: Gateway) -> str:
         return gateway.public_url or f"{self.scheme}://{self.host}"
+
+
+_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+
+
+def request_host(host: str, forwarded_host: str | None, trusted_proxies: int) -> str:
+    """The host agents reached: the trusted proxy's `X-Forwarded-Host` (the entry the
+    nearest of `trusted_proxies` wrote) when there is one and it is a plain host[:port],
+    else the request's own Host."""
+    if trusted_proxies <= 0 or not forwarded_host:
+        return host
+    entries = [entry.strip() for entry in forwarded_host.split(",")]
+    named = entries[max(0, len(entries) - trusted_proxies)]
+    return named if _HOST.fullmatch(named) else host
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +281,8 @@ def deny(
                 ),
             )
         )
+    if isinstance(error, SettlementFailed) and error.settlement is not None:  # says so
+        headers.append((protocol.PAYMENT_RESPONSE, protocol.encode_header(error.settlement)))
     if error.status == 503:
         headers.append(("retry-after", "1"))
     elif error.status == 429:  # rate_limited: when the next check may pass
@@ -297,7 +319,8 @@ def payment_required(
     metered = price.phase is not None and price.phase.metered
     onchain = gateway.exact.for_price(price) if gateway.exact is not None else None
     if onchain is not None and gateway.exact is not None and not metered:
-        accepts.append(exact.offer(onchain, price.amount, gateway.exact).to_wire())
+        upfront = price.phase is None  # charged on check: settled before the service runs
+        accepts.append(exact.offer(onchain, price.amount, gateway.exact, upfront).to_wire())
     required: dict[str, Any] = {
         "x402Version": protocol.X402_VERSION,
         "error": reason,
@@ -322,9 +345,14 @@ def unpaid(request: Request, price: Price) -> PaymentRequired:
 _EXACT_FIELDS = frozenset(("price_usd", "token", "chain", "facilitator", "payment_target"))
 
 
-def carrying(receipt: dict[str, Any], encoded: str | None = None) -> Allow:
+def carrying(
+    receipt: dict[str, Any],
+    encoded: str | None = None,
+    settlement: Mapping[str, Any] | None = None,
+) -> Allow:
     """A signed receipt and the headers that carry it: to the service and to the client.
-    `encoded`: its header value, when signing made it already (protocol.signed_receipt)."""
+    `encoded`: its header value, when signing made it already (protocol.signed_receipt).
+    `settlement`: an `exact` payment's SettleResponse, then PAYMENT-RESPONSE's value."""
     if encoded is None:
         encoded = protocol.encode_header(receipt)
     return Allow(
@@ -334,5 +362,5 @@ def carrying(receipt: dict[str, Any], encoded: str | None = None) -> Allow:
             (UPSTREAM_AMOUNT, receipt["amount"]),
             (UPSTREAM_RECEIPT, receipt["receipt_id"]),
         ),
-        response_headers=tuple((name, encoded) for name in protocol.RECEIPT_HEADERS),
+        response_headers=protocol.receipt_headers(encoded, settlement),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -169,9 +170,16 @@ class InvalidPayment(PaymentError):
 
 
 class SettlementFailed(PaymentError):
-    """An `exact` settlement failed on chain: nothing forwarded, nothing credited."""
+    """An `exact` settlement failed on chain: nothing forwarded, nothing credited.
+    `settlement`: the failed SettleResponse the answer's PAYMENT-RESPONSE carries."""
 
     reason = "settlement_failed"
+
+    def __init__(
+        self, message: str, settlement: Mapping[str, Any] | None = None, **details: str | int
+    ) -> None:
+        super().__init__(message, **details)
+        self.settlement = settlement
 
 
 class BadRequest(PaymentError):

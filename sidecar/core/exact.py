@@ -30,6 +30,7 @@ from sidecar.core.pricing import Price
 from sidecar.core.protocol import Offer
 
 SCHEME = "exact"
+UPFRONT = "upfront"  # extra.paymentFlow of an offer settled before the service runs
 X402_VERSION = 2
 EVM_NETWORK = re.compile(r"eip155:[1-9][0-9]{0,17}")
 ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
@@ -91,8 +92,18 @@ def published_url(url: str) -> str:
     return urlunsplit((components.scheme, host, components.path, "", "")).rstrip("/")
 
 
-def offer(onchain: OnchainAsset, amount: int, terms: ExactTerms) -> Offer:
-    """The x402 v2 `PaymentRequirements` of `exact` for `amount` atomic units."""
+def offer(onchain: OnchainAsset, amount: int, terms: ExactTerms, upfront: bool = True) -> Offer:
+    """The x402 v2 `PaymentRequirements` of `exact` for `amount` atomic units. `upfront`:
+    settled before the service runs (a route charged on check, a top-up), which the
+    standard's `extra.paymentFlow` declares (x402 v2 §6.1); absent, the flow is
+    `authorization` (verify, then settle after the service succeeded)."""
+    extra = {
+        **terms.facilitator_extra.get(onchain.network, {}),
+        "name": onchain.name,
+        "version": onchain.version,
+    }
+    if upfront:
+        extra["paymentFlow"] = UPFRONT
     return Offer(
         SCHEME,
         onchain.network,
@@ -100,12 +111,27 @@ def offer(onchain: OnchainAsset, amount: int, terms: ExactTerms) -> Offer:
         onchain.token,
         terms.pay_to,
         terms.max_timeout_seconds,
-        {
-            **terms.facilitator_extra.get(onchain.network, {}),
-            "name": onchain.name,
-            "version": onchain.version,
-        },
+        extra,
     )
+
+
+def settle_response(
+    auth: Eip3009Authorization, transaction: str, error_reason: str = "", error_message: str = ""
+) -> dict[str, Any]:
+    """The `PAYMENT-RESPONSE` of an `exact` payment: the official x402 SettleResponse
+    (`success`, `transaction`, `network`, `payer`; `amount` settled in the token's atomic
+    units, as a string) and the token's address as `asset`. With an `error_reason` it says
+    nothing was settled (`success` false, no `amount`), as the official servers answer a
+    failed settlement."""
+    response: dict[str, Any] = {"success": not error_reason}
+    if error_reason:
+        response["errorReason"] = error_reason
+        response["errorMessage"] = error_message or error_reason
+    response.update(payer=auth.sender, transaction=transaction, network=auth.requirements.network)
+    if not error_reason:
+        response["amount"] = auth.requirements.amount
+    response["asset"] = auth.requirements.asset
+    return response
 
 
 def invoice_fields(onchain: OnchainAsset, amount: int, terms: ExactTerms) -> dict[str, Any]:

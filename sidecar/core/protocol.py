@@ -28,6 +28,9 @@ PROOF_DOMAIN = b"fth-x402/2.0 proof\n"
 RECEIPT_DOMAIN = b"fth-x402/2.0 receipt\n"
 PROOF_HEADERS = ("x-payment", "payment-signature")
 RECEIPT_HEADERS = ("x-payment-response", "payment-response")
+# The standard's header: the signed receipt on prepaid and channel payments; an `exact`
+# payment's SettleResponse (core/exact.py settle_response), its receipt then in X_RECEIPT.
+X_RECEIPT, PAYMENT_RESPONSE = RECEIPT_HEADERS
 # Headers only the gateway writes: its assertions to the service (x-x402-*) and Envoy's own
 # control headers (x-envoy-*). A client's copies are removed at the edge (server/envoy/).
 ASSERTED_PREFIXES = ("x-x402-", "x-envoy-")
@@ -105,6 +108,16 @@ def canonical_json(obj: Mapping[str, Any]) -> bytes:
 def encode_header(obj: Mapping[str, Any]) -> str:
     """Header values are standard base64 of compact JSON, as in the public x402 headers."""
     return base64.b64encode(canonical_json(obj)).decode("ascii")
+
+
+def receipt_headers(
+    encoded: str, settlement: Mapping[str, Any] | None = None
+) -> tuple[tuple[str, str], ...]:
+    """The answer headers of a payment: its signed receipt (`encoded`) in both, or, beside
+    an `exact` SettleResponse, in X-Payment-Response alone."""
+    if settlement is None:
+        return tuple((name, encoded) for name in RECEIPT_HEADERS)
+    return ((X_RECEIPT, encoded), (PAYMENT_RESPONSE, encode_header(settlement)))
 
 
 def decode_header(value: str) -> Any:

@@ -398,6 +398,7 @@ class Settings:
             max_proof_bytes=self.max_proof_bytes,
             network=self.network,
             public_url=exact.published_url(self.public_url),
+            trusted_proxies=self.edge_config().xff_num_trusted_hops,
             exact=self.exact_terms(),
             extensions=self.route_extensions(),
         )

@@ -56,9 +56,11 @@ def header(name: str, value: str) -> HeaderValueOption:
     )
 
 
-def receipt_headers(receipt: Mapping[str, Any]) -> list[HeaderValueOption]:
+def receipt_headers(
+    receipt: Mapping[str, Any], settlement: Mapping[str, Any] | None = None
+) -> list[HeaderValueOption]:
     encoded = protocol.encode_header(receipt)
-    return [header(name, encoded) for name in protocol.RECEIPT_HEADERS]
+    return [header(name, value) for name, value in protocol.receipt_headers(encoded, settlement)]
 
 
 def headers_of(message: ext_proc.HttpHeaders) -> dict[str, str]:
@@ -217,7 +219,7 @@ class Processor:
             line.update(closing.facts)
             if closing.receipt is not None:
                 line["balance"] = closing.balance
-                mutation.set_headers.extend(receipt_headers(closing.receipt))
+                mutation.set_headers.extend(receipt_headers(closing.receipt, closing.settlement))
             return _headers(mutation)
         within = None if context is None else context.time_remaining()
         closing = await holder.capture(meta, asset, capture, now, within)
@@ -235,7 +237,7 @@ class Processor:
             balance=closing.balance,
             captured_atomic=closed.amount,
         )
-        mutation.set_headers.extend(receipt_headers(closing.receipt))
+        mutation.set_headers.extend(receipt_headers(closing.receipt, closing.settlement))
         return _headers(mutation)
 
     def _challenge(self, error: PaymentError, meta: Mapping[str, str]) -> Denial | None:

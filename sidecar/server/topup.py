@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
-from sidecar.core import exact, protocol, receipts
+from sidecar.core import decision, exact, protocol, receipts
 from sidecar.core.decision import Gateway, payer_key
 from sidecar.core.errors import (
     AmountError,
@@ -28,12 +28,13 @@ from sidecar.core.errors import (
     PayerSuspended,
     PaymentError,
     PaymentRequired,
+    SettlementFailed,
 )
 from sidecar.core.money import Asset
 from sidecar.core.protocol import Offer
 from sidecar.ledger.accounts import ACTIVE
 from sidecar.ledger.authorizations import Authorizations
-from sidecar.server.envoy.contract import TOPUP_PATH
+from sidecar.server.envoy.contract import FORWARDED_HOST, FORWARDED_PROTO, TOPUP_PATH
 from sidecar.server.logs import get_logger
 from sidecar.server.schemes.exact import ExactSettler
 
@@ -168,8 +169,8 @@ class TopupService:
             "transaction": settled["transaction"],
             "receipt": receipt,
         }
-        encoded = protocol.encode_header(receipt)
-        extra = {name: encoded for name in protocol.RECEIPT_HEADERS}
+        settlement = exact.settle_response(auth, settled["transaction"])
+        extra = dict(protocol.receipt_headers(protocol.encode_header(receipt), settlement))
         return 200, "application/json", json.dumps(body).encode(), extra
 
     def _deny(
@@ -206,12 +207,21 @@ class TopupService:
                 "accepts": [offer.to_wire()],
             }
             extra["payment-required"] = protocol.encode_header(required)
+        if isinstance(error, SettlementFailed) and error.settlement is not None:
+            extra[protocol.PAYMENT_RESPONSE] = protocol.encode_header(error.settlement)
         if error.status == 503:
             extra["retry-after"] = "1"
         return error.status, "application/json", json.dumps(body).encode(), extra
 
     def _base_url(self, headers: Mapping[str, str]) -> str:
+        """As the check's (core/decision.py Request.base_url): Envoy's X-Forwarded-Proto
+        (a trusted proxy's, else the connection's), the trusted proxy's X-Forwarded-Host."""
         if self.gateway.public_url:
             return self.gateway.public_url
-        scheme = headers.get("x-forwarded-proto", "http")
-        return f"{'https' if scheme == 'https' else 'http'}://{headers.get('host', 'localhost')}"
+        scheme = "https" if headers.get(FORWARDED_PROTO) == "https" else "http"
+        host = decision.request_host(
+            headers.get("host", "localhost"),
+            headers.get(FORWARDED_HOST),
+            self.gateway.trusted_proxies,
+        )
+        return f"{scheme}://{host}"

@@ -366,7 +366,8 @@ def test_a_sigterm_during_an_exact_settle_answers_the_settled_request_before_exi
     settled = decode_payment_response_header(response.headers["payment-response"])
     assert settled.success is True and settled.payer == payers(chain)[0].address
     assert chain.w3.eth.get_transaction_receipt(settled.transaction)["status"] == 1  # type: ignore[arg-type]
-    receipt = b64json(response.headers["payment-response"])
+    assert settled.amount == "10000"  # atomic units of the token
+    receipt = b64json(response.headers["x-payment-response"])
     assert (receipt["scheme"], receipt["amount"]) == ("exact", "0.01")
     # And then the sidecar finished its drain and exited (the pod restarts it here).
     wait_until(

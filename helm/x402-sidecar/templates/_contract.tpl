@@ -23,7 +23,8 @@
   "authzRequestHeaders": [
     "x-payment",
     "payment-signature",
-    "x-request-id"
+    "x-request-id",
+    "x-forwarded-host"
   ],
   "httpRequestHeaders": [
     "x-payment",
@@ -31,7 +32,8 @@
     "x-request-id",
     "x-envoy-external-address",
     "x-forwarded-for",
-    "x-forwarded-proto"
+    "x-forwarded-proto",
+    "x-forwarded-host"
   ],
   "timeoutHeader": "x-x402-authz-timeout-ms",
   "phaseHeader": "x-x402-phase",
@@ -46,6 +48,7 @@
     "content-type",
     "cache-control",
     "payment-required",
+    "payment-response",
     "retry-after"
   ],
   "successHeaders": [
@@ -104,12 +107,16 @@
     "min_units": "x402.min_units",
     "hold_seconds": "x402.hold_seconds"
   },
-  "corsAllowHeaders": "payment-signature, x-payment, content-type, authorization",
+  "corsAllowHeaders": "payment-signature, x-payment, content-type, authorization, access-control-expose-headers",
   "corsExposeHeaders": "payment-required, payment-response, x-payment-response, x-request-id, retry-after",
   "corsAllowMethods": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
   "corsMaxAge": "600",
   "paymentPreflight": "(?i)(.*[ ,])?(payment-signature|x-payment)([ ,].*)?",
   "stripCookieLua": "local names = {[\"x402_dashboard\"] = true, [\"__Host-x402_dashboard\"] = true}\nfunction envoy_on_request(request)\n  local headers = request:headers()\n  local count = headers:getNumValues(\"cookie\")\n  if count == 0 then return end\n  local kept, dropped = {}, false\n  for i = 0, count - 1 do\n    for pair in string.gmatch(headers:getAtIndex(\"cookie\", i), \"[^;]+\") do\n      local crumb = string.match(pair, \"^%s*(.-)%s*$\")\n      local name = string.match(crumb, \"^([^=]-)%s*=\") or crumb\n      if names[name] then dropped = true elseif crumb ~= \"\" then kept[#kept + 1] = crumb end\n    end\n  end\n  if not dropped then return end\n  headers:remove(\"cookie\")\n  if #kept > 0 then headers:add(\"cookie\", table.concat(kept, \"; \")) end\nend\n",
+  "headersLimitName": "x402.headers_limit",
+  "headersLimitLua": "local limit = @LIMIT_BYTES@\nfunction envoy_on_request(request)\n  local size = 0\n  for name, value in pairs(request:headers()) do\n    size = size + #name + #value\n  end\n  if size > limit then\n    request:respond({[\":status\"] = \"431\"}, \"\")\n  end\nend\n",
+  "headersLimitMark": "@LIMIT_BYTES@",
+  "maxCodecHeadersKb": 8192,
   "processingMode": {
     "request_header_mode": "SKIP",
     "response_header_mode": "SEND",

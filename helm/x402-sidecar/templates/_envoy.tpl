@@ -208,7 +208,8 @@ static_resources:
           request_headers_timeout: {{ int $e.requestHeadersTimeoutSeconds }}s
           stream_idle_timeout: {{ int $e.streamIdleTimeoutSeconds }}s
           request_timeout: {{ int $e.requestTimeoutSeconds }}s
-          max_request_headers_kb: {{ int $e.maxRequestHeadersKb }}
+          # Twice the limit: the first filter answers between the two (a readable 431).
+          max_request_headers_kb: {{ min (int $c.maxCodecHeadersKb) (mul 2 (int $e.maxRequestHeadersKb)) }}
           common_http_protocol_options:
             idle_timeout: {{ int $e.idleTimeoutSeconds }}s
             # x_x402_payer is x-x402-payer to CGI/WSGI services: such headers are dropped.
@@ -402,6 +403,13 @@ static_resources:
                   cluster: service
                   timeout: {{ int $e.upstreamTimeoutSeconds }}s
           http_filters:
+          # A header block over maxRequestHeadersKb, read whole: the 431 (server/envoy/headers.py).
+          - name: {{ $c.headersLimitName }}
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+              default_source_code:
+                inline_string: |
+                  {{- $c.headersLimitLua | replace $c.headersLimitMark (toString (mul 1024 (int $e.maxRequestHeadersKb))) | nindent 18 }}
           - name: envoy.filters.http.cors
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors

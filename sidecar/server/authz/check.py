@@ -39,6 +39,7 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.rate_limit import RateLimiter
 from sidecar.server import metrics
 from sidecar.server.authz.grpc_answers import GrpcAnswers
+from sidecar.server.envoy.contract import FORWARDED_HOST
 from sidecar.server.logs import DecisionLog, get_logger
 from sidecar.server.schemes import base
 from sidecar.server.schemes.base import Charged, Held, HoldingScheme, Payment, Scheme
@@ -151,7 +152,9 @@ class CheckService:
         request = Request(
             method=facts.method,
             path=facts.path,
-            host=facts.host,
+            host=decision.request_host(
+                facts.host, headers.get(FORWARDED_HOST), self.gateway.trusted_proxies
+            ),
             scheme=facts.scheme,
             proof_header=headers.get("x-payment") or headers.get("payment-signature"),
         )
@@ -333,7 +336,7 @@ class CheckService:
     ) -> bytes:
         line["decision"], line["status"], line["reason"] = "allow", 200, scheme.reason
         line["receipt_id"], line["balance"] = charged.receipt["receipt_id"], charged.balance
-        allowed = decision.carrying(charged.receipt, charged.header)
+        allowed = decision.carrying(charged.receipt, charged.header, charged.settlement)
         return self.answers.ok(
             allowed.upstream_headers,
             allowed.response_headers,

@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from sidecar.core import phases
-from sidecar.server.envoy import browser, contract, replies
+from sidecar.server.envoy import browser, contract, headers, replies
 from sidecar.server.envoy.filters import PROCESSING_MODE
 
 HEADER = """\
@@ -66,6 +66,10 @@ def contract_values() -> dict[str, Any]:
         "corsMaxAge": browser.CORS_MAX_AGE,
         "paymentPreflight": contract.PAYMENT_PREFLIGHT,
         "stripCookieLua": browser.strip_cookie_source(),
+        "headersLimitName": headers.NAME,
+        "headersLimitLua": headers.HEADERS_LIMIT_LUA,
+        "headersLimitMark": headers.LIMIT_MARK,
+        "maxCodecHeadersKb": headers.MAX_CODEC_KB,
         "processingMode": PROCESSING_MODE,
         "localReplies": replies.mappers(),
     }

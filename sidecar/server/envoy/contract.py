@@ -22,6 +22,7 @@ from sidecar.core.pricing import EXT_ASSET, EXT_DESCRIPTION, EXT_PRICE, EXT_ROUT
 from sidecar.core.protocol import (
     ASSERTED_PREFIXES,
     DISCOVERY_PATH,
+    PAYMENT_RESPONSE,
     PROOF_HEADERS,
     RECEIPT_HEADERS,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "EXT_PHASE",
     "EXT_PRICE",
     "EXT_ROUTE",
+    "PAYMENT_RESPONSE",
     "PHASE_KEYS",
     "PHASE_RESPONSE",
     "PROOF_HEADERS",
@@ -58,6 +60,8 @@ CHANNEL_OPEN_PATH, CHANNEL_CLOSE_PATH = CHANNEL_PATH_PREFIX + "open", CHANNEL_PA
 REQUEST_ID_HEADER = "x-request-id"
 EXTERNAL_ADDRESS = "x-envoy-external-address"  # the client's address, as Envoy saw it
 FORWARDED_FOR, FORWARDED_PROTO = "x-forwarded-for", "x-forwarded-proto"
+# A trusted proxy's name for the host agents reached (resource.url, docs/configuration.md).
+FORWARDED_HOST = "x-forwarded-host"
 # ASSERTED_PREFIXES (core/protocol.py): the gateway's x-x402-* assertions to the service
 # and Envoy's own x-envoy-* control headers; a client's copies are removed before any
 # filter runs, and the sidecar sets its own at ext_authz allow.
@@ -66,7 +70,7 @@ FORWARDED_FOR, FORWARDED_PROTO = "x-forwarded-for", "x-forwarded-proto"
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
 # What Envoy sends of each request to the sidecar over gRPC (allowed_headers): what the
 # decision reads, and no cookies, credentials or bodies.
-AUTHZ_REQUEST_HEADERS = (*PROOF_HEADERS, REQUEST_ID_HEADER)
+AUTHZ_REQUEST_HEADERS = (*PROOF_HEADERS, REQUEST_ID_HEADER, FORWARDED_HOST)
 # The same over HTTP, where the client's address is Envoy's own x-envoy-external-address,
 # else the X-Forwarded-For entry Envoy appended itself (use_remote_address).
 HTTP_REQUEST_HEADERS = (
@@ -75,6 +79,7 @@ HTTP_REQUEST_HEADERS = (
     EXTERNAL_ADDRESS,
     FORWARDED_FOR,
     FORWARDED_PROTO,
+    FORWARDED_HOST,
 )
 # Gateway-asserted headers Envoy adds to every HTTP check (authorization_request.
 # headers_to_add; a client's x-x402-* never gets this far: the edge strips them): Envoy's
@@ -86,7 +91,14 @@ PHASE_HEADER = "x-x402-phase"  # its value: PHASE_RESPONSE
 # Envoy's instruction, on an allow, to strip these from the request before the service.
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 # What Envoy passes to the client: from a denial, and with an allow.
-DENIAL_HEADERS = ("content-type", "cache-control", "payment-required", "retry-after")
+# (payment-response: a failed `exact` settlement's SettleResponse, success false.)
+DENIAL_HEADERS = (
+    "content-type",
+    "cache-control",
+    "payment-required",
+    PAYMENT_RESPONSE,
+    "retry-after",
+)
 SUCCESS_HEADERS = RECEIPT_HEADERS
 
 # -- ext_authz dynamic metadata -----------------------------------------------------------
@@ -131,7 +143,15 @@ METADATA_KEYS = tuple(
 ROUTE_EXTENSIONS = (EXT_ROUTE, EXT_PRICE, EXT_ASSET, EXT_DESCRIPTION)
 
 # -- What browsers may send and read (the gateway's own answers) --------------------------
-CORS_ALLOW_HEADERS = ("payment-signature", "x-payment", "content-type", "authorization")
+# (The official TypeScript clients send `Access-Control-Expose-Headers` on their paid
+# retry, so a browser's preflight asks for it too.)
+CORS_ALLOW_HEADERS = (
+    "payment-signature",
+    "x-payment",
+    "content-type",
+    "authorization",
+    "access-control-expose-headers",
+)
 CORS_EXPOSE_HEADERS = (
     "payment-required",
     "payment-response",

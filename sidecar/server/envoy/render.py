@@ -18,7 +18,7 @@ import yaml
 
 from sidecar.core.decision import FIELD_BYTES
 from sidecar.server.config import Settings
-from sidecar.server.envoy import browser, contract
+from sidecar.server.envoy import browser, contract, headers
 from sidecar.server.envoy.contract import EXT_AUTHZ, TRANSPORTS
 from sidecar.server.envoy.edge import Edge, Endpoints
 from sidecar.server.envoy.filters import (
@@ -168,10 +168,13 @@ def overload_manager(edge: Edge) -> dict[str, Any]:
     return manager
 
 
-def _http_filters(routes: Mapping[str, Mapping[str, Any]], ep: Endpoints) -> list[dict[str, Any]]:
-    """CORS, ext_authz, the response phase where a route has one, the dashboard cookie's
-    scrub, then the router."""
+def _http_filters(
+    routes: Mapping[str, Mapping[str, Any]], ep: Endpoints, edge: Edge
+) -> list[dict[str, Any]]:
+    """The header limit's 431, CORS, ext_authz, the response phase where a route has one,
+    the dashboard cookie's scrub, then the router."""
     return [
+        headers.headers_limit_filter(edge.max_request_headers_kb),
         {"name": browser.CORS, "typed_config": {"@type": f"{TYPES}.filters.http.cors.v3.Cors"}},
         ext_authz_filter(ep),
         *([response_phase_filter(ep.authz_timeout)] if has_response_phase(routes) else []),
@@ -203,7 +206,8 @@ def http_connection_manager(
         "request_headers_timeout": seconds(edge.request_headers_timeout_seconds),
         "stream_idle_timeout": seconds(edge.stream_idle_timeout_seconds),
         "request_timeout": seconds(edge.request_timeout_seconds),
-        "max_request_headers_kb": edge.max_request_headers_kb,
+        # Twice the limit: the first filter answers between the two (server/envoy/headers.py).
+        "max_request_headers_kb": headers.codec_headers_kb(edge.max_request_headers_kb),
         "common_http_protocol_options": {
             "idle_timeout": seconds(edge.idle_timeout_seconds),
             # x_x402_payer is x-x402-payer to CGI/WSGI services: such headers are dropped.
@@ -234,7 +238,7 @@ def http_connection_manager(
                 }
             ],
         },
-        "http_filters": _http_filters(routes, ep),
+        "http_filters": _http_filters(routes, ep, edge),
     }
 
 

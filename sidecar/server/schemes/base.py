@@ -64,6 +64,7 @@ class Charged:
     amount: int  # atomic units charged: the revenue
     balance: str | None  # what the payer has left (in a channel: in it); None: paid on chain
     header: str | None = None  # the receipt's header value, if signing already encoded it
+    settlement: Mapping[str, Any] | None = None  # `exact`: the standard's PAYMENT-RESPONSE
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,7 @@ class Closing:
     receipt: dict[str, Any] | None
     balance: str | None  # the payer's balance after it (wire decimal); None: on chain
     facts: Mapping[str, Any] = field(default_factory=dict)  # for the decision line
+    settlement: Mapping[str, Any] | None = None  # `exact`: the standard's PAYMENT-RESPONSE
 
 
 class Scheme(ABC, Generic[T]):

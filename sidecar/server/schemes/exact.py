@@ -146,9 +146,12 @@ class ExactSettler:
                 transaction = await self.resolve(auth, reservation, settled.transaction, failed)
             else:
                 await self.release(auth, reservation)
+                reason = settled.reason or "settle_failed"
+                message = settled.message or "the settlement failed; nothing was charged"
                 raise SettlementFailed(
-                    settled.message or "the settlement failed; nothing was charged",
-                    facilitator_reason=settled.reason or "settle_failed",
+                    message,
+                    exact.settle_response(auth, "", reason, message),
+                    facilitator_reason=reason,
                 )
         with contextlib.suppress(PaymentError):  # settled on chain: the reservation holds
             await self.authorizations.settled(auth.payer, auth.key, reservation, transaction)
@@ -165,9 +168,9 @@ class ExactSettler:
         if found is not None:
             return found or sent or "unknown"
         if failed:  # the reservation stays until the authorization expires
+            message = "the settlement transaction failed; nothing was charged"
             raise SettlementFailed(
-                "the settlement transaction failed; nothing was charged",
-                facilitator_reason=failed,
+                message, exact.settle_response(auth, "", failed, message), facilitator_reason=failed
             )
         with contextlib.suppress(PaymentError):  # else it stays `reserved`: refused as today
             await self.authorizations.pending(auth.payer, auth.key, reservation, sent)
@@ -266,7 +269,8 @@ class Exact(HoldingScheme[Authorized]):
         onchain = self.terms.for_price(price)
         if onchain is None:
             raise UnsupportedScheme(f"{price.asset.code} is not payable with exact here")
-        auth = exact.verify(payment, exact.offer(onchain, price.amount, self.terms), now)
+        upfront = price.phase is None  # else verified now, settled after the service
+        auth = exact.verify(payment, exact.offer(onchain, price.amount, self.terms, upfront), now)
         return Payment(auth.payer, Authorized(auth, request), nonce=auth.nonce)
 
     async def charge(
@@ -287,7 +291,9 @@ class Exact(HoldingScheme[Authorized]):
             self.gateway.payee,
             now,
         )
-        return Charged(protocol.sign_receipt(receipt, self.gateway.identity), price.amount, None)
+        signed = protocol.sign_receipt(receipt, self.gateway.identity)
+        settlement = exact.settle_response(auth, settled["transaction"])
+        return Charged(signed, price.amount, None, settlement=settlement)
 
     async def hold(
         self, payment: Payment[Authorized], price: Price, phase: phases.ResponsePhase, now: int,
@@ -343,7 +349,9 @@ class Exact(HoldingScheme[Authorized]):
             "network": settled["network"],
             "settled_via": settled["via"],
         }
-        return Closing(closed, protocol.sign_receipt(body, self.gateway.identity), None, facts)
+        signed = protocol.sign_receipt(body, self.gateway.identity)
+        settlement = exact.settle_response(auth, settled["transaction"])
+        return Closing(closed, signed, None, facts, settlement)
 
     async def release(
         self, meta: Mapping[str, str], asset: Asset, status: int, now: int
@@ -357,7 +365,11 @@ class Exact(HoldingScheme[Authorized]):
             meta[HOLD], self.gateway.payee, status, now,
         )  # fmt: skip
         closed = HoldClosed(RELEASED, 0, held, _record(meta, auth, self.gateway.payee), held)
-        return Closing(closed, protocol.sign_receipt(body, self.gateway.identity), None)
+        unsettled = exact.settle_response(
+            auth, "", "service_failed", f"the service answered {status}; nothing was settled"
+        )
+        signed = protocol.sign_receipt(body, self.gateway.identity)
+        return Closing(closed, signed, None, {}, unsettled)
 
 
 def _compact(value: Mapping[str, Any]) -> str:

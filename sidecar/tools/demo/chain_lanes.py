@@ -213,8 +213,11 @@ class OnchainLanes:
         self.balance_table(before, after)
         self.story.check(
             "exact payment",
-            response.status_code == 200 and settled.success and mined(chain, transaction),
-            f"settled on chain, transaction {short(transaction, 18)}",
+            response.status_code == 200
+            and settled.success
+            and settled.amount == str(EXACT_PRICE)
+            and mined(chain, transaction),
+            f"settled on chain, {settled.amount} atomic units, tx {short(transaction, 18)}",
         )
         self.story.check(
             "exact on chain",

@@ -222,3 +222,20 @@ def test_a_line_names_the_fields_it_clipped() -> None:
     short = {"path": "/api/atlas", "method": "GET"}
     decision.bound(short)
     assert short == {"path": "/api/atlas", "method": "GET"}  # no marker when nothing is cut
+
+
+def test_the_request_host_is_the_trusted_proxys_forwarded_host() -> None:
+    """X-Forwarded-Host only behind trusted proxies (the entry the nearest one wrote), and
+    only a plain host[:port]; else the request's own Host."""
+    assert decision.request_host("inner:8080", "api.example", 0) == "inner:8080"
+    assert decision.request_host("inner:8080", None, 1) == "inner:8080"
+    assert decision.request_host("inner:8080", "api.example", 1) == "api.example"
+    assert (
+        decision.request_host("inner:8080", "spoof.example, api.example:8443", 1)
+        == "api.example:8443"
+    )
+    assert decision.request_host("inner:8080", "edge.example, api.example", 2) == "edge.example"
+    assert decision.request_host("inner:8080", "a.example", 5) == "a.example"
+    assert decision.request_host("inner:8080", "[::1]:443", 1) == "[::1]:443"
+    for odd in ("evil.example/x", "user@evil.example", "a b", "", "evil.example:99999999"):
+        assert decision.request_host("inner:8080", odd, 1) == "inner:8080", odd

@@ -149,6 +149,7 @@ def envelope(now: int, **authorization: str) -> dict[str, Any]:
 
 
 def test_the_offer_is_x402_v2_exact() -> None:
+    """Settled before the service runs: the standard's `upfront` flow (x402 v2 §6.1)."""
     assert offer().to_wire() == {
         "scheme": "exact",
         "network": "eip155:31337",
@@ -156,8 +157,45 @@ def test_the_offer_is_x402_v2_exact() -> None:
         "asset": TOKEN,
         "payTo": OPERATOR,
         "maxTimeoutSeconds": 300,
-        "extra": {"name": "USD Coin", "version": "2"},
+        "extra": {"name": "USD Coin", "version": "2", "paymentFlow": "upfront"},
     }
+
+
+def test_an_offer_settled_after_the_service_declares_no_flow() -> None:
+    """`authorization` (verify, serve, settle) is the flow an absent paymentFlow means."""
+    settled_after = exact.offer(terms().assets["USDF"], 10_000, terms(), upfront=False)
+    assert settled_after.to_wire()["extra"] == {"name": "USD Coin", "version": "2"}
+
+
+def test_the_settle_response_is_the_official_one_with_atomic_amount_and_token() -> None:
+    """PAYMENT-RESPONSE of an `exact` payment: the official SettleResponse, nothing more
+    than `asset` beside it; a failed one says why and settles no amount."""
+    from x402.schemas import SettleResponse
+
+    now = int(time.time())
+    auth = exact.verify(envelope(now), offer(), now)
+    settled = exact.settle_response(auth, "0x" + "ab" * 32)
+    assert settled == {
+        "success": True,
+        "payer": PAYER,
+        "transaction": "0x" + "ab" * 32,
+        "network": "eip155:31337",
+        "amount": "10000",
+        "asset": TOKEN,
+    }
+    official = SettleResponse.model_validate(settled)
+    assert (official.amount, official.payer, official.network) == ("10000", PAYER, "eip155:31337")
+    failed = exact.settle_response(auth, "", "insufficient_funds", "the payer has no funds")
+    assert failed == {
+        "success": False,
+        "errorReason": "insufficient_funds",
+        "errorMessage": "the payer has no funds",
+        "payer": PAYER,
+        "transaction": "",
+        "network": "eip155:31337",
+        "asset": TOKEN,
+    }
+    assert SettleResponse.model_validate(failed).error_reason == "insufficient_funds"
 
 
 def test_a_matching_envelope_passes_addresses_in_any_case() -> None:
