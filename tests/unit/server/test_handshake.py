@@ -72,7 +72,7 @@ async def test_the_facilitators_extra_joins_the_offer_and_its_signers_are_kept(
     assert shake.signers == {url.removeprefix("http://"): {"eip155:*": (SIGNER,)}}
     usdc = OnchainAsset("USDF", NETWORK, SIGNER, "USDC", "2", 6)
     terms = ExactTerms({"USDF": usdc}, SIGNER, url, facilitator_extra=extras)
-    offered = exact.offer(usdc, 10_000, terms)
+    offered = exact.offer(usdc, 10_000, terms, upfront=False)
     assert offered.extra == {"feePayer": "F", "name": "USDC", "version": "2"}  # ours win
 
 

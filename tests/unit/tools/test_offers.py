@@ -97,7 +97,11 @@ def test_offers_shows_usdc_on_base_sepolia_as_the_official_package_lists_it(
         "asset": official["asset"],
         "payTo": OPERATOR,
         "maxTimeoutSeconds": 300,
-        "extra": {"name": official["name"], "version": official["version"]},
+        "extra": {
+            "name": official["name"],
+            "version": official["version"],
+            "paymentFlow": "upfront",  # charged on check: settled before the service runs
+        },
     }
     human = CliRunner().invoke(main, ["offers", "--config", str(config)])
     assert human.exit_code == 0, human.output
