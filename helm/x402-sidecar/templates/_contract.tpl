@@ -23,12 +23,14 @@
   "authzRequestHeaders": [
     "x-payment",
     "payment-signature",
-    "x-request-id"
+    "x-request-id",
+    "accept"
   ],
   "httpRequestHeaders": [
     "x-payment",
     "payment-signature",
     "x-request-id",
+    "accept",
     "x-envoy-external-address",
     "x-forwarded-for",
     "x-forwarded-proto"
