@@ -55,6 +55,7 @@ def stack(chain: AnvilChain, facilitator: FacilitatorProcess) -> Iterator[Stack]
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
     with chromium(tmp_path_factory.mktemp("downloads")) as driver:
+        driver.set_window_size(960, 720)  # the guide's pictures, small
         yield driver
 
 
