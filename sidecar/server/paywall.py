@@ -75,9 +75,9 @@ class Paywall:
             if len(self._pages) >= MAX_PAGES:
                 self._pages.clear()
             if offer is None:
-                found = (self._prepaid(request, price),)
+                found = (self._prepaid(price),)
             else:
-                found = _framed(self._official(request, price, offer))
+                found = _framed(self._official(price, offer))
             self._pages[key] = found
         return found
 
@@ -95,7 +95,7 @@ class Paywall:
             return None
         return exact.offer(onchain, price.amount, terms).to_wire()
 
-    def _official(self, request: Request, price: Price, offer: dict[str, Any]) -> str:
+    def _official(self, price: Price, offer: dict[str, Any]) -> str:
         """The official page for `offer`. Its `currentUrl` is empty: the page's fetch("")
         requests the page's own URL again, query string included."""
         from x402.http.paywall import create_paywall, evm_paywall
@@ -107,7 +107,7 @@ class Paywall:
                 "error": "payment_required",
                 "resource": {
                     "url": _PLACEHOLDER,
-                    "description": price.description or f"{request.method} {price.route}",
+                    "description": price.description,  # "": the page says the price only
                     "mimeType": "application/json",
                 },
                 "accepts": [offer],
@@ -117,11 +117,11 @@ class Paywall:
         builder.with_config(app_name=self.settings.app_name, app_logo=self.settings.app_logo)
         return builder.build().generate_html(required)
 
-    def _prepaid(self, request: Request, price: Price) -> bytes:
+    def _prepaid(self, price: Price) -> bytes:
         """A route paid only with prepaid proofs: how an agent wallet pays it."""
         name = html.escape(self.settings.app_name or "Payment required")
         cost = html.escape(f"{price.display} {price.asset.code}")
-        what = html.escape(price.description or f"{request.method} {price.route}")
+        what = html.escape(price.description or "This resource")
         logo = self.settings.app_logo
         image = f'<img src="{html.escape(logo)}" alt="" height="48">' if logo else ""
         return _PREPAID_PAGE.format(
@@ -139,18 +139,17 @@ def _frame() -> tuple[str, bytes, bytes]:
 
 
 def _framed(page: str) -> Pieces:
-    """An official page in pieces: the shared bundle around this page's configuration, in
-    which the placeholder marks the resource URL. A page of another shape is kept whole."""
+    """An official page in pieces around the resource URL (its placeholder); the bundle
+    before and after the page's configuration is the shared copy. A page of another shape
+    than template + configuration is kept whole (still around the URL)."""
     template, before, after = _frame()
     cut = template.index("</head>")
     tail = len(template) - cut
-    middle = page[cut : len(page) - tail]
-    if page[:cut] + page[len(page) - tail :] != template or _json(_PLACEHOLDER) not in (
-        middle.encode()
-    ):
-        return (page.encode(),)
-    head, _, rest = middle.encode().partition(_json(_PLACEHOLDER))
-    return (before, head, None, rest, after)
+    framed = page[:cut] + page[len(page) - tail :] == template
+    middle = page[cut : len(page) - tail] if framed else page
+    head, found, rest = middle.encode().partition(_json(_PLACEHOLDER))
+    pieces: Pieces = (head, None, rest) if found else (head,)
+    return (before, *pieces, after) if framed else pieces
 
 
 def _json(value: str) -> bytes:

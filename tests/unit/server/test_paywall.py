@@ -137,3 +137,13 @@ def test_a_route_with_the_paywall_off_keeps_the_json() -> None:
     paywall = Paywall(PaywallSettings(routes={"forecast": False}), GATEWAY)
     request = Request("GET", "/api/x", host="gw.example")
     assert paywall.answer(unpaid(FORECAST), request, FORECAST) is None
+
+
+def test_an_official_page_of_another_shape_is_kept_whole_around_the_url() -> None:
+    """Should the package's page ever not be its template plus the configuration, the page
+    still goes out whole, with each request's URL in its place."""
+    from sidecar.server import paywall as module
+
+    marker = json.dumps("x402-sidecar-paywall-resource-url")
+    pieces = module._framed(f"<html>{marker}</html>")
+    assert pieces == (b"<html>", None, b"</html>")
