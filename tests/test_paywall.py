@@ -6,6 +6,7 @@ account. Every other client keeps the JSON 402."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,8 +136,6 @@ def _balance(browser: WebDriver) -> str:
 
 def _keep(path: Path) -> None:
     """The guide's pictures (docs/guides/humans.md), where X402_PAYWALL_SCREENSHOTS asks."""
-    import os
-
     if os.environ.get("X402_PAYWALL_SCREENSHOTS"):
         shutil.copy(path, GUIDES / path.name)
 
