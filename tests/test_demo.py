@@ -246,6 +246,12 @@ def test_x402_demo_serve_info_writes_what_a_client_needs_and_sigterm_stops_it(
         credit = to_atomic(info["wallet_balance"], info["token_decimals"])
         assert receipt.balance == to_decimal(credit - price, info["token_decimals"])
 
+        # A person's browser gets the paywall page at the URL the demo printed.
+        assert f"Open in a browser: {info['paywall_url']}" in printed
+        page = httpx.get(info["paywall_url"], headers={"Accept": "text/html"}, timeout=30)
+        assert page.status_code == 402 and page.headers["content-type"].startswith("text/html")
+        assert "payment-required" in page.headers
+
         # (ii) the EVM key pays `exact` through the official client; the chain moves.
         payer, operator = info["evm_address"], info["pay_to"]
         before = onchain_balance(info, payer), onchain_balance(info, operator)

@@ -98,3 +98,11 @@ def test_the_auditors_guide(world: lanes.World, tmp_path: Path) -> None:
     assert re.search(r"OK: \d+ receipts in \d+ batches verify", out)
     assert "FAIL:" in out  # the tampered bundle
     assert "/api/v1/trade/verify/A-2 -> leaf" in out
+
+
+def test_the_humans_guide(world: lanes.World, tmp_path: Path) -> None:
+    out = run_guide("humans", world, tmp_path)
+    assert "browser: 402 text/html; charset=utf-8" in out
+    assert "curl:    402 application/json" in out
+    assert out.rstrip().endswith("1")  # the page's 402 carries PAYMENT-REQUIRED
+    assert (tmp_path / "paywall.yaml").is_file()

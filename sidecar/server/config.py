@@ -41,6 +41,8 @@ from sidecar.server.config_values import (
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.envoy.edge import Edge
 from sidecar.server.facilitators import FacilitatorSpec, specs
+from sidecar.server.paywall_settings import ROUTE_KEY as PAYWALL_ROUTE_KEY
+from sidecar.server.paywall_settings import PaywallSettings
 
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", ANY_METHOD}
 MIN_SECRET_BYTES = 16
@@ -140,6 +142,8 @@ class Settings:
     topup_max: str = "1000"
     # Self-serve channels (POST /x402/channel/open, /close): server/channel_config.py.
     channels: Mapping[str, Any] = field(default_factory=dict)
+    # What browsers get on a priced route (on, off, or a mapping): server/paywall_settings.py.
+    paywall: Any = None
 
     @classmethod
     def load(
@@ -185,6 +189,7 @@ class Settings:
             settings.dashboard_origin()
             settings.anchor_chain_config()
             settings.channel_terms()
+            settings.paywall_settings()
         except ConfigError as exc:
             raise named(exc, from_env) from None
         return settings
@@ -291,6 +296,10 @@ class Settings:
         """The `channels` group, checked (None: self-serve channels are off)."""
         return ChannelTerms.from_mapping(self.channels, self.asset_table(), self.default_asset)
 
+    def paywall_settings(self) -> PaywallSettings:
+        """The `paywall` value and each route's `paywall: on|off`, checked."""
+        return PaywallSettings.from_config(self.paywall, self.routes)
+
     def edge_config(self) -> Edge:
         """The `edge` mapping, checked: Envoy's timeouts, limits and header policy."""
         return Edge.from_mapping(self.edge)
@@ -320,6 +329,7 @@ class Settings:
             unknown = set(spec) - {"method", "path", "price", "asset", "description"}
             unknown -= set(phases.ROUTE_KEYS)  # charge: on_success and metering
             unknown -= set(listing.ROUTE_KEYS)  # the 402's extensions (bazaar, …)
+            unknown.discard(PAYWALL_ROUTE_KEY)  # what browsers get (paywall_settings.py)
             if unknown:
                 raise ConfigError(f"{key}: unknown key {sorted(unknown)[0]!r}")
             method = str(spec.get("method", ANY_METHOD)).upper()

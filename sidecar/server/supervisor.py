@@ -135,7 +135,10 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     decision_log = logs.DecisionLog(settings.log_level, sink=feed)
     over_http = settings.transport == "http"
     answers = http_transport.HttpAnswers() if over_http else None
-    authz = CheckService(routes, gateway, ledger, worker, decision_log, limiter, settler, answers)
+    paywall = wiring.paywall(settings, gateway)
+    authz = CheckService(
+        routes, gateway, ledger, worker, decision_log, limiter, settler, answers, paywall
+    )
     # The response phase of routes charged on success: Envoy's ext_proc, on the gRPC port
     # whichever transport the checks come by.
     processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)

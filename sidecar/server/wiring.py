@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from sidecar.core.decision import Gateway
 from sidecar.core.errors import AnchorError, ConfigError
 from sidecar.core.identity import KeySet, read_evm_key
 from sidecar.ledger import settlement
@@ -18,6 +19,7 @@ from sidecar.server.anchor_settings import AnchorChain
 from sidecar.server.config import Settings
 from sidecar.server.facilitation import ChainReader, Endpoint, FacilitatorClient
 from sidecar.server.feed import DecisionFeed
+from sidecar.server.paywall import Paywall
 from sidecar.server.schemes.exact import ExactSettler
 
 
@@ -32,6 +34,16 @@ def rate_limiter(settings: Settings, ledger: Ledger) -> RateLimiter | None:
     if payer is None and ip is None:
         return None
     return RateLimiter(ledger, payer, ip)
+
+
+def paywall(settings: Settings, gateway: Gateway) -> Paywall | None:
+    """The browsers' page on priced routes (None: off everywhere), its bundle loaded now."""
+    configured = settings.paywall_settings()
+    if not configured.anywhere:
+        return None
+    built = Paywall(configured, gateway)
+    built.warm()
+    return built
 
 
 def decision_feed(settings: Settings, ledger: Ledger) -> DecisionFeed | None:

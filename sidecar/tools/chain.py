@@ -294,8 +294,10 @@ class AnvilChain:
         name: str = "USD Coin",
         symbol: str = "USDC",
         decimals: int = 6,
+        port: int = 0,  # 0: any free port
     ) -> None:
         self.chain_id = chain_id
+        self.port = port
         self._mint = dict(mint or {})
         self._workdir = workdir
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
@@ -354,7 +356,7 @@ class AnvilChain:
             self._tempdir = tempfile.TemporaryDirectory(prefix="x402-chain-")
             self._workdir = Path(self._tempdir.name)
         config = self._workdir / "anvil.json"
-        port = free_port()
+        port = self.port or free_port()
         argv = [anvil_binary(), "--host", LOOPBACK, "--port", str(port)]
         argv += ["--chain-id", str(self.chain_id), "--accounts", "10"]
         argv += ["--config-out", str(config)]

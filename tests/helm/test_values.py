@@ -500,3 +500,24 @@ def test_the_channels_values_reach_the_sidecar_config() -> None:
     )
     off = render_chart("default", "--set", "channels.selfServe=false")
     assert Settings.from_mapping(off.sidecar_config, env={}).channel_terms() is None
+
+
+def test_the_paywall_values_reach_the_sidecar_config() -> None:
+    """The paywall: on by default; the values name the app and turn it off, per route too."""
+    default = Settings.from_mapping(rendered_values("default").sidecar_config, env={})
+    assert default.paywall_settings().enabled is True
+    rendered = render_chart(
+        "default",
+        "--set-string",
+        "paywall.appName=Atlas,paywall.appLogo=https://atlas.example/logo.svg",
+        "--set",
+        "paywall.enabled=false",
+        "--set",
+        "routes.atlas.method=GET,routes.atlas.path=/atlas,routes.atlas.price=0.25",
+        "--set",
+        "routes.atlas.paywall=true",
+    )
+    paywall = Settings.from_mapping(rendered.sidecar_config, env={}).paywall_settings()
+    assert (paywall.enabled, paywall.app_name) == (False, "Atlas")
+    assert paywall.app_logo == "https://atlas.example/logo.svg"
+    assert paywall.on_for("atlas") and not paywall.on_for("other")

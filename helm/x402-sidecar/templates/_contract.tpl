@@ -24,12 +24,14 @@
     "x-payment",
     "payment-signature",
     "x-request-id",
-    "x-forwarded-host"
+    "x-forwarded-host",
+    "accept"
   ],
   "httpRequestHeaders": [
     "x-payment",
     "payment-signature",
     "x-request-id",
+    "accept",
     "x-envoy-external-address",
     "x-forwarded-for",
     "x-forwarded-proto",

@@ -397,7 +397,7 @@ time.sleep(int(sys.argv[2]))
 {{- range $key := list "failure_status" "max_units" "min_units" "hold_seconds" }}
 {{- if hasKey $route $key }}{{ $_ := set $spec $key (index $route $key | int64) }}{{ end }}
 {{- end }}
-{{- range $key := list "discoverable" "input_schema" "input_example" "output_schema" "output_example" "body_type" "payment_identifier" }}
+{{- range $key := list "discoverable" "input_schema" "input_example" "output_schema" "output_example" "body_type" "payment_identifier" "paywall" }}
 {{- if hasKey $route $key }}{{ $_ := set $spec $key (index $route $key) }}{{ end }}
 {{- end }}
 {{- $_ := set $routes $name $spec }}
@@ -496,6 +496,12 @@ chain_lookup_ms: {{ int $x.chainLookupMs }}
 topup_asset: {{ $x.topup.asset | quote }}
 topup_min: {{ $x.topup.min | quote }}
 topup_max: {{ $x.topup.max | quote }}
+{{- end }}
+{{- with $v.paywall }}
+paywall:
+  enabled: {{ .enabled }}
+  app_name: {{ .appName | quote }}
+  app_logo: {{ .appLogo | quote }}
 {{- end }}
 {{- with $v.channels }}
 channels:

@@ -32,6 +32,7 @@ from sidecar.core.errors import (
     ConfigError,
     InternalError,
     PaymentError,
+    PaymentRequired,
     UnsupportedScheme,
 )
 from sidecar.core.pricing import Price, RouteTable
@@ -41,6 +42,7 @@ from sidecar.server import metrics
 from sidecar.server.authz.grpc_answers import GrpcAnswers
 from sidecar.server.envoy.contract import FORWARDED_HOST
 from sidecar.server.logs import DecisionLog, get_logger
+from sidecar.server.paywall import Paywall, wants_html
 from sidecar.server.schemes import base
 from sidecar.server.schemes.base import Charged, Held, HoldingScheme, Payment, Scheme
 from sidecar.server.schemes.exact import ExactSettler
@@ -135,6 +137,7 @@ class CheckService:
         limiter: RateLimiter | None = None,
         settler: ExactSettler | None = None,
         answers: Answers | None = None,
+        paywall: Paywall | None = None,
     ) -> None:
         self.routes = routes
         self.gateway = gateway
@@ -144,6 +147,7 @@ class CheckService:
         self.limiter = limiter  # None: no rate limits, not even a call
         self.answers: Answers = answers or GrpcAnswers()
         self.schemes = Schemes(gateway, ledger, settler)
+        self.paywall = paywall  # None: browsers get the JSON 402 like every client
         self._finishing: set[asyncio.Future[bytes]] = set()  # paid checks Envoy left
 
     async def decide(self, facts: Facts) -> bytes:
@@ -184,7 +188,8 @@ class CheckService:
                     return await self._shielded(self._pay(paying, facts), facts)
                 return await self._pay(paying, facts)
         except Exception as error:
-            answer = self._refuse(error, request, price, line, now)
+            browser = isinstance(error, PaymentRequired) and wants_html(headers.get("accept"))
+            answer = self._refuse(error, request, price, line, now, browser)
         self._record(line, price, 0, started, facts)
         return answer
 
@@ -258,8 +263,10 @@ class CheckService:
         price: Price | None,
         line: dict[str, Any],
         now: int,
+        browser: bool = False,
     ) -> bytes:
-        """Any failure is a refusal: a bug must never let a request through."""
+        """Any failure is a refusal: a bug must never let a request through. `browser`: an
+        unpaid request whose Accept prefers HTML, answered with the paywall's page."""
         if isinstance(error, ConfigError):  # a bad price annotation in Envoy's config
             error = InternalError(str(error))
         elif not isinstance(error, PaymentError):
@@ -267,6 +274,10 @@ class CheckService:
             error = InternalError("the payment check failed; try again")
         assert isinstance(error, PaymentError)
         denial = decision.deny(error, request, price, self.gateway, now)
+        if browser and self.paywall is not None and price is not None:
+            page = self.paywall.answer(denial, request, price)
+            if page is not None:
+                denial, line["paywall"] = page, True
         line.update(
             decision="deny", status=denial.status, reason=denial.reason, balance=denial.balance
         )

@@ -58,6 +58,7 @@ CHANNEL_OPEN_PATH, CHANNEL_CLOSE_PATH = CHANNEL_PATH_PREFIX + "open", CHANNEL_PA
 
 # -- Request headers ----------------------------------------------------------------------
 REQUEST_ID_HEADER = "x-request-id"
+ACCEPT_HEADER = "accept"  # an unpaid browser's navigation gets the paywall (server/paywall.py)
 EXTERNAL_ADDRESS = "x-envoy-external-address"  # the client's address, as Envoy saw it
 FORWARDED_FOR, FORWARDED_PROTO = "x-forwarded-for", "x-forwarded-proto"
 # A trusted proxy's name for the host agents reached (resource.url, docs/configuration.md).
@@ -70,12 +71,13 @@ FORWARDED_HOST = "x-forwarded-host"
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
 # What Envoy sends of each request to the sidecar over gRPC (allowed_headers): what the
 # decision reads, and no cookies, credentials or bodies.
-AUTHZ_REQUEST_HEADERS = (*PROOF_HEADERS, REQUEST_ID_HEADER, FORWARDED_HOST)
+AUTHZ_REQUEST_HEADERS = (*PROOF_HEADERS, REQUEST_ID_HEADER, FORWARDED_HOST, ACCEPT_HEADER)
 # The same over HTTP, where the client's address is Envoy's own x-envoy-external-address,
 # else the X-Forwarded-For entry Envoy appended itself (use_remote_address).
 HTTP_REQUEST_HEADERS = (
     *PROOF_HEADERS,
     REQUEST_ID_HEADER,
+    ACCEPT_HEADER,
     EXTERNAL_ADDRESS,
     FORWARDED_FOR,
     FORWARDED_PROTO,

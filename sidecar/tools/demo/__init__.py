@@ -25,7 +25,14 @@ from rich.console import Console
 
 from sidecar.tools.demo.serve import serve_forever
 from sidecar.tools.demo.story import Demo
-from sidecar.tools.demo.world import ROUTES, TOPUP_MAX, TOPUP_MIN, make_console, start_onchain
+from sidecar.tools.demo.world import (
+    ROUTES,
+    TOPUP_MAX,
+    TOPUP_MIN,
+    make_console,
+    start_onchain,
+    wallet_rpc_port,
+)
 from sidecar.tools.onchain import exact_settings
 from sidecar.tools.stack import Stack
 
@@ -40,7 +47,8 @@ def run(serve: bool = False, console: Console | None = None, info: Path | None =
     previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
         with contextlib.ExitStack() as running:
-            onchain = start_onchain(running, console)
+            # --serve: anvil where a person's browser wallet and the paywall page look
+            onchain = start_onchain(running, console, wallet_rpc_port() if serve else 0)
             settings: dict[str, Any] = {}
             if onchain.onchain is not None:
                 settings = exact_settings(

@@ -79,6 +79,12 @@ def serve_forever(
         soft_wrap=True,
     )
     serve_chain_snippets(console, facts)
+    console.print(
+        f"Open in a browser: {facts['paywall_url']}  (the paywall page; docs/guides/humans.md)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     watched = [*stack.processes.values()]
     if onchain.onchain is not None:
         watched += onchain.onchain.processes
@@ -120,6 +126,8 @@ def serve_facts(
         "wallet_public_key": wallet.public_key,
         "wallet_balance": SERVE_CREDIT,
         "routes": {name: dict(spec) for name, spec in ROUTES.items()},
+        # A priced route a person opens in a browser: the paywall page (server/paywall.py)
+        "paywall_url": stack.url + ATLAS,
     }
     running = onchain.onchain
     chain_keys = (

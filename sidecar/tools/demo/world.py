@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from sidecar.core.errors import ToolMissing, X402Error
 from sidecar.core.money import to_atomic, to_decimal
 from sidecar.tools.chain import AnvilChain, DevAccount, install_chain_tools, missing_chain_tools
 from sidecar.tools.onchain import FacilitatorProcess, operator
-from sidecar.tools.stack import Process
+from sidecar.tools.stack import LOOPBACK, Process
 
 ROUTES: dict[str, dict[str, Any]] = {
     "atlas": {
@@ -152,9 +153,25 @@ def to_atomic_usdf(amount: str) -> int:
         return -1
 
 
-def start_onchain(running: contextlib.ExitStack, console: Console) -> OnchainStatus:
+# Where browser wallets and the official paywall page look for a local chain (viem's
+# `anvil`, chain id 31337): `x402 demo --serve` puts anvil there when the port is free.
+WALLET_RPC_PORT = 8545
+
+
+def wallet_rpc_port() -> int:
+    """WALLET_RPC_PORT if nothing listens there, else 0 (any free port)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((LOOPBACK, WALLET_RPC_PORT))
+        except OSError:
+            return 0
+    return WALLET_RPC_PORT
+
+
+def start_onchain(running: contextlib.ExitStack, console: Console, port: int = 0) -> OnchainStatus:
     """anvil with USDC and `x402 facilitator serve`, stopped by `running`; the chain's tools
-    are installed into the per-user cache first if they are nowhere to be found."""
+    are installed into the per-user cache first if they are nowhere to be found. `port`:
+    anvil's (0: any free one)."""
     installed: list[str] = []
     try:
         if missing_chain_tools():
@@ -167,7 +184,7 @@ def start_onchain(running: contextlib.ExitStack, console: Console) -> OnchainSta
                 installed = install_chain_tools(report)
         with console.status("starting anvil with USDC and the x402 facilitator…"):
             workdir = Path(running.enter_context(tempfile.TemporaryDirectory(prefix="x402-")))
-            chain = running.enter_context(AnvilChain(workdir=workdir))
+            chain = running.enter_context(AnvilChain(workdir=workdir, port=port))
             facilitator = FacilitatorProcess(chain, workdir)
             running.callback(facilitator.stop)
             facilitator.start()
