@@ -92,9 +92,11 @@ def receipt(nonce: str, amount: int) -> dict[str, str | int]:
 async def debit(ledger: Ledger, payer: str, amount: int, receipt_id: str) -> int:
     nonce = protocol.new_nonce()
     expires = int(time.time()) + 60
-    return await ledger.debit(
+    left = await ledger.debit(
         payer, nonce, "USDF", amount, expires, receipt_id, receipt(nonce, amount)
     )
+    assert isinstance(left, int)
+    return left
 
 
 def payer_keys(payer: str) -> list[str]:

@@ -57,6 +57,7 @@ class Gateway:
     exact: exact.ExactTerms | None = None  # the x402 `exact` scheme, where configured
     previous: tuple[Identity, ...] = field(default=(), repr=False)  # keys before a rotation
     previous_until: int = 0  # unix seconds: proofs to a previous key refused after; 0: never
+    redelivery_limit: int = 3  # retries of one charged payment served uncharged (§13)
 
     @cached_property
     def payee(self) -> str:
@@ -100,6 +101,7 @@ class Request:
     host: str = ""
     scheme: str = "http"
     proof_header: str | None = None
+    query: str = ""  # after the `?`, as the client sent it: part of what a payment covers
 
     @property
     def resource(self) -> str:

@@ -42,6 +42,7 @@ CHOICES = {
     "transport": ("grpc", "http"),
 }
 MIN_SECRET_BYTES = 16
+MAX_REDELIVERIES = 100
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,9 @@ class Settings:
     topup_asset: str = ""  # "": the default asset, if a token backs it; "off": no top-ups
     topup_min: str = "1"  # per top-up, in the asset's decimals
     topup_max: str = "1000"
+    # A retry of a payment already charged (lost answer): served again, uncharged, at most
+    # this many times per payment; then nonce_reused (docs/protocol.md §13).
+    redelivery_limit: int = 3
 
     @classmethod
     def load(
@@ -172,6 +176,8 @@ class Settings:
             settings.edge_config()
             settings.exact_terms()
             settings.dashboard_origin()
+            if not 0 <= settings.redelivery_limit <= MAX_REDELIVERIES:
+                raise ConfigError(f"config redelivery_limit: 0 to {MAX_REDELIVERIES}")
         except ConfigError as exc:
             raise _named(exc, from_env) from None
         return settings
@@ -364,6 +370,7 @@ class Settings:
             network=self.network,
             public_url=exact.published_url(self.public_url),
             exact=self.exact_terms(),
+            redelivery_limit=self.redelivery_limit,
         )
 
 

@@ -21,12 +21,13 @@ Envoy is still there.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sidecar.core import decision, exact, phases, protocol
+from sidecar.core import decision, exact, phases, protocol, retries
 from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import (
     ConfigError,
@@ -36,6 +37,7 @@ from sidecar.core.errors import (
     UnsupportedScheme,
 )
 from sidecar.core.pricing import Price, RouteTable
+from sidecar.core.retries import Retry
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.rate_limit import RateLimiter
 from sidecar.server import metrics
@@ -47,6 +49,7 @@ from sidecar.server.schemes.exact import ExactSettler
 from sidecar.server.schemes.registry import Schemes
 
 log = get_logger("sidecar.authz")
+REDELIVERED = "redelivered"  # the decision line's reason for a retry served uncharged
 
 
 def _here() -> bool:
@@ -74,6 +77,7 @@ class Facts:
     # True where the transport cancels the check's coroutine when Envoy gives up (gRPC):
     # the paid part then runs shielded, and `gone` turns true.
     cancels: bool = False
+    query: str = ""  # the request's query string, without the `?`
 
     def within(self) -> float | None:
         """Seconds until Envoy stops waiting for this check, if it said."""
@@ -155,6 +159,7 @@ class CheckService:
             host=facts.host,
             scheme=facts.scheme,
             proof_header=headers.get("x-payment") or headers.get("payment-signature"),
+            query=facts.query,
         )
         line: dict[str, Any] = {
             "request_id": headers.get("x-request-id"),
@@ -198,9 +203,13 @@ class CheckService:
         """Every check before the ledger; raises the refusal."""
         if request.proof_header is None:
             raise PaymentRequired(f"{request.resource} costs {price.display} {price.asset.code}")
-        decoded = protocol.decode_payment(request.proof_header, self.gateway.max_proof_bytes)
+        max_bytes = self.gateway.max_proof_bytes
+        decoded, payment_id = protocol.decode_paid(request.proof_header, max_bytes)
         scheme = self.schemes.pick(exact.scheme_of(decoded))
         payment = scheme.verify(decoded, request, price, now)
+        if payment_id is not None and payment.retry is not None:  # the client names it
+            retry = Retry(retries.identity(payment_id, ""), payment.retry.fingerprint)
+            payment = dataclasses.replace(payment, retry=retry)
         line["payer"], line["invoice_id"] = payment.payer, payment.invoice_id
         line.update(payment.facts)
         if self.limiter is not None:  # before the ledger: a refused check charges nothing
@@ -331,7 +340,8 @@ class CheckService:
     def _allow(
         self, scheme: Scheme[Any], charged: Charged, price: Price, line: dict[str, Any]
     ) -> bytes:
-        line["decision"], line["status"], line["reason"] = "allow", 200, scheme.reason
+        reason = REDELIVERED if charged.redelivered else scheme.reason
+        line["decision"], line["status"], line["reason"] = "allow", 200, reason
         line["receipt_id"], line["balance"] = charged.receipt["receipt_id"], charged.balance
         allowed = decision.carrying(charged.receipt, charged.header)
         return self.answers.ok(

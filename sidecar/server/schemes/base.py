@@ -28,6 +28,7 @@ from sidecar.core.decision import Request
 from sidecar.core.errors import PaymentError
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
+from sidecar.core.retries import Retry
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import HoldClosed, Holds
 from sidecar.server.envoy.contract import (  # the keys a hold carries to the response phase
@@ -54,6 +55,7 @@ class Payment(Generic[T]):
     invoice_id: str | None = None
     nonce: str | None = None  # a proof's nonce: the rate limiter takes no token for a replay
     facts: Mapping[str, str] = field(default_factory=dict)  # for the decision line
+    retry: Retry | None = None  # how the ledger knows it again (None: not recorded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,7 @@ class Charged:
     amount: int  # atomic units charged: the revenue
     balance: str | None  # what the payer has left (in a channel: in it); None: paid on chain
     header: str | None = None  # the receipt's header value, if signing already encoded it
+    redelivered: bool = False  # a retry of a payment already charged: nothing charged now
 
 
 @dataclass(frozen=True, slots=True)
