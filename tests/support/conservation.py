@@ -24,6 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from sidecar.core import phases, protocol
 from sidecar.core.identity import Identity
 from sidecar.core.money import to_atomic
+from sidecar.core.retries import DEFAULT_REDELIVERY_LIMIT
 from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import ACTIVE, SUSPENDED, Ledger
 from sidecar.ledger.holds import Holds
@@ -128,9 +129,13 @@ class Workload:
         if not self.books.spent_proofs:
             return
         _payer, path, headers = self.rng.choice(self.books.spent_proofs)
-        result = await check(self.servicer, check_request("GET", path, headers))
-        self.books.outcomes[f"replay:{result.reason}"] += 1
-        assert result.reason in ("nonce_reused", "payer_suspended"), result
+        for _ in range(DEFAULT_REDELIVERY_LIMIT + 1):  # a lost answer's retries, then past
+            result = await check(self.servicer, check_request("GET", path, headers))
+            self.books.outcomes[f"replay:{result.reason}"] += 1
+            assert result.reason in ("allow", "nonce_reused", "payer_suspended"), result
+            if result.reason == "allow":  # redelivered: its first receipt, charged nothing
+                receipt = json.loads(base64.b64decode(result.headers["x-payment-response"]))
+                assert receipt["receipt_id"] in self.books.receipts
 
     async def expired(self) -> None:
         payer = self.rng.choice(self.payers)
@@ -285,6 +290,7 @@ async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
         outcomes = books.outcomes
         assert outcomes["allow"] > 0 and outcomes["insufficient_funds"] > 0
         assert outcomes["replay:nonce_reused"] > 0 and outcomes["credit_retry"] > 0
+        assert outcomes["replay:allow"] > 0  # redelivered (docs/protocol.md §13)
         assert outcomes["expired:invoice_expired"] > 0 and outcomes["payer_suspended"] > 0
         assert outcomes["held:captured"] > 0 and outcomes["held:released"] > 0
         assert outcomes["held:abandoned"] > 0 and outcomes["held_retry:captured"] > 0
