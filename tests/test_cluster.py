@@ -307,8 +307,8 @@ async def test_a_migrating_slot_is_followed(cluster: Stack, cledger: Ledger) -> 
     try:
         voucher = _voucher(cluster, wallet, channel_id)
         price = Price("verify", PRICE, Asset("USDF", 6))
-        left, charged = await channels.accept(voucher, PRICE, price, voucher.payee, 0)
-        assert (left, charged) == (500_000 - PRICE, PRICE)  # served by the target, after ASK
+        accepted = await channels.accept(voucher, PRICE, price, voucher.payee, 0)
+        assert accepted == (500_000 - PRICE, PRICE)  # served by the target, after ASK
 
         pending = asyncio.ensure_future(debit(cledger, payer, PRICE, "r2"))
         await asyncio.sleep(0.15)

@@ -137,7 +137,7 @@ def test_the_demo_exits_non_zero_when_a_step_misbehaves() -> None:
     assert status == 1
     text = out.getvalue()
     assert "✗ 402 challenge" in text and "✗ ledger" in text
-    assert "✓ replay refused" in text  # the other steps still ran
+    assert "✓ retry redelivered" in text  # the other steps still ran
     assert "steps misbehaved" in text
 
 

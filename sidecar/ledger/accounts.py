@@ -324,10 +324,10 @@ def _debited(result: list[Any]) -> int | Redelivered:
     the reason raised."""
     if result[0] == "ok":
         return int(result[1])
-    return _retried(result)
+    return retried(result)
 
 
-def _retried(result: list[Any]) -> Redelivered:
+def retried(result: list[Any]) -> Redelivered:
     """A money script's refusal, or a retry's recorded outcome (lua/money.lua `retried`)."""
     if result[0] == REDELIVERED:
         pairs = [str(value) for value in result[1:]]
