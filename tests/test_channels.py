@@ -119,8 +119,8 @@ async def test_open_a_thousand_vouchered_requests_and_close(
         sequence=1000,
         resource=f"GET {VERIFY.format(n=5)}",
     )
-    again = [await client.get(VERIFY.format(n=5), headers=last) for _ in range(3)]
-    assert {(r.status_code, r.headers["x-payment-response"]) for r in again} == {
+    retried = [await client.get(VERIFY.format(n=5), headers=last) for _ in range(3)]
+    assert {(r.status_code, r.headers["x-payment-response"]) for r in retried} == {
         (200, response.headers["x-payment-response"])
     }
     other = await client.get(VERIFY.format(n=5), params={"q": "other"}, headers=last)
