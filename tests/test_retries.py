@@ -13,8 +13,12 @@ import httpx
 from sidecar.core import protocol
 from sidecar.core.identity import Identity
 from sidecar.core.retries import DEFAULT_REDELIVERY_LIMIT, PAYMENT_IDENTIFIER
+from sidecar.ledger import scripts
 from sidecar.ledger.accounts import Ledger
+from sidecar.server.authz.check import CheckService
+from sidecar.server.config import Settings
 from sidecar.tools.stack import Stack
+from tests.support.inprocess import cancel_while_redis_stalls, check, check_request
 from tests.support.payers import b64json, direct_terms, funded_payer, pay_direct
 
 ATLAS = "/api/v1/agent/pay-api/atlas"  # 0.25 USDF, charged on check
@@ -166,3 +170,29 @@ async def test_a_connection_closed_after_sending_is_retried_uncharged(
     assert again.json()["receipt_id"] == receipt["receipt_id"]
     assert await balance(ledger, wallet) == 1_000_000 - PRICE
     assert await reasons(stack, wallet, 2) == ["paid", "redelivered"]
+
+
+async def test_a_charge_envoy_gave_up_on_is_redelivered_to_the_retry(
+    stack: Stack, ledger: Ledger
+) -> None:
+    """The real servicer in process; Redis stalls (DEBUG SLEEP) while the debit is in it and
+    the check is cancelled as Envoy's ext_authz deadline would: the charge lands after the
+    agent got its 503. The retry of the same proof gets that charge's receipt, uncharged."""
+    settings = Settings.load(stack.config_path)
+    servicer = CheckService(
+        settings.route_table(), settings.gateway(), Ledger.from_url(stack.redis_url, timeout=5)
+    )
+    wallet = await funded_payer(ledger, 1_000_000)
+    proof = pay_direct(stack, wallet, f"GET {ATLAS}", "0.25")["X-Payment"]
+    request = check_request("GET", ATLAS, {"x-payment": proof})
+    await cancel_while_redis_stalls(servicer, ledger, scripts.DEBIT, request)
+    [entry] = await ledger.receipts(wallet.public_key)  # charged after Envoy gave up
+
+    retried = await check(servicer, check_request("GET", ATLAS, {"x-payment": proof}))
+
+    assert retried.reason == "allow"
+    receipt = b64json(retried.headers["payment-response"])
+    assert receipt["receipt_id"] == entry["receipt_id"]
+    assert await balance(ledger, wallet) == 1_000_000 - PRICE
+    assert len(await ledger.receipts(wallet.public_key)) == 1
+    await servicer.ledger.close()
