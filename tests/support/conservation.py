@@ -198,16 +198,22 @@ class Workload:
             self.books.outcomes[f"{kind}:released"] += 1
 
     async def replay_captured(self) -> None:
-        """A captured hold's proof again: refused, naming the receipt that charged it."""
+        """A captured hold's proof again: redelivered with the receipt that charged it (no
+        new hold, nothing charged) up to the limit, then refused naming that receipt."""
         if not self.books.captured:
             return
         _payer, path, headers, receipt_id = self.rng.choice(self.books.captured)
         extensions = HELD_ROUTES[path][1]
-        result = await check(self.servicer, check_request("GET", path, headers, extensions))
-        self.books.outcomes[f"held_replay:{result.reason}"] += 1
-        assert result.reason in ("nonce_reused", "payer_suspended"), result
-        if result.reason == "nonce_reused":
-            assert result.body["receipt_id"] == receipt_id
+        for _ in range(DEFAULT_REDELIVERY_LIMIT + 1):
+            request = check_request("GET", path, headers, extensions)
+            result = await check(self.servicer, request)
+            self.books.outcomes[f"held_replay:{result.reason}"] += 1
+            assert result.reason in ("allow", "nonce_reused", "payer_suspended"), result
+            if result.reason == "nonce_reused":
+                assert result.body["receipt_id"] == receipt_id
+            if result.reason == "allow":
+                receipt = json.loads(base64.b64decode(result.headers["x-payment-response"]))
+                assert receipt["receipt_id"] == receipt_id
 
     async def held_retry(self) -> None:
         await self.held(retry=True)
@@ -294,7 +300,7 @@ async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
         assert outcomes["expired:invoice_expired"] > 0 and outcomes["payer_suspended"] > 0
         assert outcomes["held:captured"] > 0 and outcomes["held:released"] > 0
         assert outcomes["held:abandoned"] > 0 and outcomes["held_retry:captured"] > 0
-        assert outcomes["held_replay:nonce_reused"] > 0
+        assert outcomes["held_replay:nonce_reused"] > 0 and outcomes["held_replay:allow"] > 0
         print(
             f"\nconservation: {operations} operations, seed {seed}: {dict(outcomes)}; "
             f"credited {totals['credited']} = balances {totals['balance']} + "

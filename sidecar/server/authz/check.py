@@ -252,6 +252,8 @@ class CheckService:
         assert price.phase is not None
         paying.line["phase"] = "check"
         held = await holder.hold(paying.payment, price, price.phase, paying.now, facts.within())
+        if isinstance(held, Charged):  # a captured payment again: redelivered, no hold
+            return self._allow(paying.scheme, held, price, paying.line)
         if facts.gone():  # no response phase will come for it
             refusal = await holder.abandon(held, paying.payment)
             if refusal is not None:

@@ -116,7 +116,9 @@ class HoldingScheme(Scheme[T]):
     async def hold(
         self, payment: Payment[T], price: Price, phase: phases.ResponsePhase, now: int,
         within: float | None,
-    ) -> Held: ...  # fmt: skip
+    ) -> Held | Charged:  # fmt: skip
+        """Hold the payment's amount; or, for a retry of a payment whose hold was already
+        captured, its first receipt again, charged nothing (`Charged`, redelivered)."""
 
     @abstractmethod
     async def abandon(self, held: Held, payment: Payment[T]) -> PaymentError | None:

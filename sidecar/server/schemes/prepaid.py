@@ -27,6 +27,8 @@ from sidecar.server.schemes.base import (
 
 # What a debit's outcome keeps beside its receipt id: a redelivery re-signs the same receipt.
 _KEPT = ("balance", "issued_at", "nonce", "invoice_id")
+# What a captured hold's outcome keeps beside its receipt's fields (ledger/lua/hold_close).
+_NOT_RECEIPT = ("fp", "redelivered")
 
 
 class Prepaid(HoldingScheme[Proof]):
@@ -82,13 +84,13 @@ class Prepaid(HoldingScheme[Proof]):
     async def hold(
         self, payment: Payment[Proof], price: Price, phase: phases.ResponsePhase, now: int,
         within: float | None,
-    ) -> Held:  # fmt: skip
+    ) -> Held | Charged:  # fmt: skip
         proof = payment.terms
         hold_id = protocol.new_receipt_id()
         record = receipts.debit_record(
             proof, price.asset, price.amount, price.route, proof.payee, now
         )
-        balance = await self.holds.place(
+        placed = await self.holds.place(
             proof.payer,
             proof.nonce,
             price.asset.code,
@@ -98,8 +100,16 @@ class Prepaid(HoldingScheme[Proof]):
             phase.hold_seconds,
             record,
             within,
+            payment.retry,
+            self.gateway.redelivery_limit,
         )
-        return Held(hold_id, price.amount, price.asset.to_decimal(balance))
+        if isinstance(placed, Redelivered):  # captured before: its receipt, signed again
+            entry = {k: v for k, v in placed.outcome.items() if k not in _NOT_RECEIPT}
+            receipt = receipts.body(proof.payer, entry, price.asset)
+            signer = self.gateway.signer(str(receipt["payee"]))
+            signed, header = protocol.signed_receipt(receipt, signer)
+            return Charged(signed, 0, receipt["balance"], header, redelivered=True)
+        return Held(hold_id, price.amount, price.asset.to_decimal(placed))
 
     async def abandon(self, held: Held, payment: Payment[Proof]) -> PaymentError | None:
         return None  # the hold expires and the ledger gives it back; the proof stays spent
