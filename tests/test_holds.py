@@ -443,7 +443,8 @@ async def test_a_captured_holds_proof_sent_again_is_redelivered_uncharged(
 ) -> None:
     """The answer of a captured hold was lost: the same proof for the same request passes
     again with the capture's receipt and charges nothing, up to the limit (protocol.md
-    §13); the service runs again (no response is replayed yet)."""
+    §13); the service runs again (no response is replayed yet), its usage header
+    stripped."""
     wallet = await funded_payer(holds_ledger, 1_000_000)
     headers = pay_direct(holds_stack, wallet, f"GET {ROWS}", "0.1")
     served = await http.get(ROWS, params={"limit": "37"}, headers=headers)
@@ -454,6 +455,7 @@ async def test_a_captured_holds_proof_sent_again_is_redelivered_uncharged(
     assert {r.headers["payment-response"] for r in retries} == {served.headers["payment-response"]}
     assert {r.json()["receipt_id"] for r in retries} == {receipt["receipt_id"]}  # the service's
     assert {len(r.json()["rows"]) for r in retries} == {37}
+    assert not any("x402-usage" in r.headers for r in retries)  # stripped as for a capture
     past = await http.get(ROWS, params={"limit": "37"}, headers=headers)
     assert (past.status_code, past.json()["error"]) == (402, "nonce_reused")
     other = pay_direct(holds_stack, wallet, f"GET {ROWS}", "0.1")

@@ -253,7 +253,9 @@ class CheckService:
         paying.line["phase"] = "check"
         held = await holder.hold(paying.payment, price, price.phase, paying.now, facts.within())
         if isinstance(held, Charged):  # a captured payment again: redelivered, no hold
-            return self._allow(paying.scheme, held, price, paying.line)
+            # the response phase still strips the service's usage header
+            usage = {phases.EXT_USAGE_HEADER: price.phase.usage_header}
+            return self._allow(paying.scheme, held, price, paying.line, usage)
         if facts.gone():  # no response phase will come for it
             refusal = await holder.abandon(held, paying.payment)
             if refusal is not None:
@@ -340,14 +342,18 @@ class CheckService:
         return self.answers.ok(upstream, (), meta)
 
     def _allow(
-        self, scheme: Scheme[Any], charged: Charged, price: Price, line: dict[str, Any]
+        self,
+        scheme: Scheme[Any],
+        charged: Charged,
+        price: Price,
+        line: dict[str, Any],
+        extra: Mapping[str, str] | None = None,
     ) -> bytes:
         reason = REDELIVERED if charged.redelivered else scheme.reason
         line["decision"], line["status"], line["reason"] = "allow", 200, reason
         line["receipt_id"], line["balance"] = charged.receipt["receipt_id"], charged.balance
         allowed = decision.carrying(charged.receipt, charged.header)
-        return self.answers.ok(
-            allowed.upstream_headers,
-            allowed.response_headers,
-            access_metadata(allowed.receipt, price),
-        )
+        metadata = access_metadata(allowed.receipt, price)
+        if extra:
+            metadata.update(extra)
+        return self.answers.ok(allowed.upstream_headers, allowed.response_headers, metadata)
