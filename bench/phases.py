@@ -1,6 +1,7 @@
 """(1)-(8) on one stack (Redis, one Envoy with a bare listener and the product listener,
-the upstream Envoy's own direct_response), then (2h)-(8h) over the HTTP transport and
-(4w1) with one worker: the allow-all baseline (bench/allow_all.py), then the sidecar,
+the upstream Envoy's own direct_response), then (2h)-(8h) over the HTTP transport, (4w1)
+with one worker and (4r)/(4n), the outcome record's cost side by side: the allow-all
+baseline (bench/allow_all.py), then the sidecar,
 each phase measured with wrk, `x402 load` or bench/paced.py, and the ledger reconciled.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 from bench.harness import (
     FREE_PATH,
     HELD_PATH,
+    HERE,
     HOLD_SECONDS,
     METERED_PATH,
     PAID_PATH,
@@ -42,11 +44,15 @@ from bench.harness import (
 )
 from sidecar.core.identity import Identity
 from sidecar.tools.load import percentiles
-from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port
+from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port, wait_http
 
 # (5): one generator process reached the stack's limit on 2 cores, a second only took CPU
 # from the stack (docs/performance.md); the loops in flight are enough to keep it busy.
 LOAD_PROCESSES, LOAD_AGENTS = 1, 32
+# (4r)/(4n): the outcome record's cost, side by side (bench/before_record.py).
+BEFORE_RECORD = "4r paid direct, before the record"
+WITH_RECORD = "4n paid direct, with the record"
+REPO = HERE.parent
 
 
 def run_load(
@@ -201,6 +207,7 @@ class LocalRun:
             self.grpc_phases()
             self.http_phases()
             self.one_worker()
+            self.record_cost()
         finally:
             stack.stop()
 
@@ -370,3 +377,27 @@ class LocalRun:
                 reset_ledger(self.stack, self.wallets, self.funding)
                 self.stack.start_sidecar()
                 self.wrk_phase(name, self.paid_url, paid=True)
+
+    def record_cost(self) -> None:
+        """(4r) and (4n): paid direct over gRPC with the debit script of before the outcome
+        record (bench/before_record.py) and with today's, each on a fresh ledger, in the
+        order 4r 4n 4n 4r (a drift in a shared machine's load hurts both alike), the better
+        run of each kept: the record's cost side by side (docs/protocol.md §13)."""
+        stack = self.stack
+        for name in (BEFORE_RECORD, WITH_RECORD, WITH_RECORD, BEFORE_RECORD):
+            if not self.wanted(name.partition(" ")[0]):
+                continue
+            restart(stack, self.bare_port, "grpc", self.args.workers)
+            reset_ledger(stack, self.wallets, self.funding)
+            if name == WITH_RECORD:
+                stack.start_sidecar()
+            else:
+                argv = [sys.executable, "-m", "bench.before_record"]
+                config = ["serve", "--config", str(stack.config_path)]
+                env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+                process = stack._spawn("sidecar", [*argv, *config], env=env)
+                wait_http(f"{stack.sideport_url}/readyz", process=process)
+            self.wrk_phase(f"{name} (run)", self.paid_url, paid=True)
+            run, best = self.phases.pop(f"{name} (run)"), self.phases.get(name)
+            if best is None or run["ok_rps"] > best["ok_rps"]:
+                self.phases[name] = run

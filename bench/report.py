@@ -92,6 +92,7 @@ def targets(results: dict[str, Any]) -> None:
         ("metered >= 0.6 x on_check (gRPC)", ratios.get("metered/on_check"), 0.6),
         ("on_success >= 0.6 x on_check (HTTP)", ratios.get("http_on_success/http_on_check"), 0.6),
         ("metered >= 0.6 x on_check (HTTP)", ratios.get("http_metered/http_on_check"), 0.6),
+        ("paid with the record >= 0.9 x before", ratios.get("with_record/before_record"), 0.9),
     ]
     for transport, prefix in (("gRPC", "5"), ("HTTP", "5h HTTP")):
         full = phases.get(f"{prefix} challenge loops, full speed")
@@ -131,6 +132,10 @@ def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
         "http_on_success/http_on_check": ("7h HTTP paid on_success", HTTP_PAID),
         "http_metered/http_on_check": ("8h HTTP paid metered", HTTP_PAID),
         "grpc_2_workers/1_worker": ("4 sidecar paid direct", "4w1 paid direct, 1 worker"),
+        "with_record/before_record": (
+            "4n paid direct, with the record",
+            "4r paid direct, before the record",
+        ),
         "http_2_workers/1_worker": (HTTP_PAID, "4w1h HTTP paid direct, 1 worker"),
         "vouchers/paid": (VOUCHERS, DIRECT_LANES),
         "exact/paid": (EXACT_C16, PAID_C16),

@@ -15,6 +15,9 @@ sidecar, both with the same worker model. Then:
                                       the ext_proc response phase
   (8) paid, metered                   wrk, direct proofs; the response reports 37 of 100
                                       units (x402-usage), 37 are captured
+  (4r), (4n) paid direct, gRPC        wrk, each on a fresh ledger: the debit script of
+                                      before the outcome record (bench/before_record.py),
+                                      then today's: the record's cost side by side
 
 Then a second stack whose USDF is also offered as USDC (`exact`) on anvil with Circle's
 FiatTokenV2_2, settled through `x402 facilitator serve`, beside the official x402 stack

@@ -213,10 +213,11 @@ async def test_a_timeout_on_a_paid_answer_is_an_unknown_outcome(stack: Stack, dr
     # The wallet counts it (the worst case), and the budget left is exact, not stuck.
     assert wallet.spent() == "0.25" and wallet.remaining() == "9.75"
     assert await stack.balance(wallet.public_key) == 9_750_000  # it was charged
-    # Re-sending the same proof is charged at most once: the gateway names the receipt.
+    # The same proof is charged at most once: sent for another request (without the
+    # query), it is a conflict that names the receipt of its charge (docs/protocol.md §13).
     async with httpx.AsyncClient() as http:
         resent = await http.get(url.partition("?")[0], headers=error.resend_headers)
-    assert resent.status_code == 402 and resent.json()["error"] == "nonce_reused"
+    assert (resent.status_code, resent.json()["error"]) == (409, "payment_identifier_conflict")
     assert resent.json()["receipt_id"]
     assert await stack.balance(wallet.public_key) == 9_750_000
 

@@ -18,6 +18,7 @@ from sidecar.agent.wallet import Wallet
 from sidecar.core import protocol, vouchers
 from sidecar.core.errors import ChannelExhausted
 from sidecar.core.identity import Identity
+from sidecar.core.retries import DEFAULT_REDELIVERY_LIMIT
 from sidecar.ledger import keyspace, scripts
 from sidecar.ledger.accounts import SUSPENDED, Ledger
 from sidecar.ledger.channels import Channels
@@ -97,7 +98,8 @@ async def test_open_a_thousand_vouchered_requests_and_close(
     assert await raw(ledger).xlen(keyspace.receipts(payer)) == 0
     await conserved(ledger, payer)
 
-    # The last voucher again (a replay), and an older one: refused, nothing moves.
+    # The last voucher again: a lost answer's retry is redelivered with its first receipt;
+    # past the limit, or for another request, or an older one: refused. Nothing moves.
     last = voucher_header(
         stack,
         wallet,
@@ -106,6 +108,12 @@ async def test_open_a_thousand_vouchered_requests_and_close(
         sequence=1000,
         resource=f"GET {VERIFY.format(n=5)}",
     )
+    retried = [await client.get(VERIFY.format(n=5), headers=last) for _ in range(3)]
+    assert {(r.status_code, r.headers["x-payment-response"]) for r in retried} == {
+        (200, response.headers["x-payment-response"])
+    }
+    other = await client.get(VERIFY.format(n=5), params={"q": "other"}, headers=last)
+    assert (other.status_code, other.json()["error"]) == (409, "payment_identifier_conflict")
     body = await expect(await client.get(VERIFY.format(n=5), headers=last), 402, "stale_voucher")
     assert (body["sequence"], body["cumulative"]) == (1000, "10")
     older = voucher_header(
@@ -190,8 +198,10 @@ async def test_only_one_of_many_copies_of_a_voucher_is_accepted(
 
     responses = await asyncio.gather(*(client.get(path, headers=headers) for _ in range(30)))
 
-    statuses = [r.status_code for r in responses]
-    assert statuses.count(200) == 1 and statuses.count(402) == 29
+    statuses = [r.status_code for r in responses]  # one charge, the limit's redeliveries
+    assert statuses.count(200) == 1 + DEFAULT_REDELIVERY_LIMIT
+    assert statuses.count(402) == 29 - DEFAULT_REDELIVERY_LIMIT
+    assert len({r.json()["receipt_id"] for r in responses if r.status_code == 200}) == 1
     assert {r.json()["error"] for r in responses if r.status_code == 402} == {"stale_voucher"}
     state = await Channels(ledger).get(wallet.public_key, channel_id)
     assert (state.cumulative, state.sequence) == (10_000, 1)

@@ -32,7 +32,7 @@ from tests.support.demos import X402, read_until_up, serve_demo
 
 CHECKS = [
     "price list", "free route", "agent wallet", "402 challenge", "signed proof", "paid 200",
-    "verified receipt", "replay refused", "direct payment", "max_amount guard",
+    "verified receipt", "retry redelivered", "direct payment", "max_amount guard",
     "budget guard", "decision log", "ledger", "refund", "metered charge",
     # the on-chain lanes
     "self-funded top-up", "prepaid from the credit", "ledger after top-up",
@@ -65,12 +65,12 @@ def test_x402_demo_exits_0_and_reports_every_step() -> None:
         "→ retry with X-Payment",
         "← 200 from the service",
         "✓ verified receipt — rcpt_",
-        "← 402 nonce_reused",
+        "← 200 the same receipt again",
         "GET /api/v1/trade/verify/T-1001 → 200, 1 request, paid 0.01 USDF, receipt verified",
         "refused guard max_amount: 5 USDF is more than the 1 allowed per request",
         "refused guard budget: 0.25 USDF is more than the 0.2395 left",
         '"event": "authz.decision"',
-        "✓ decision log — free, payment_required, paid, nonce_reused, paid, paid",
+        "✓ decision log — free, payment_required, paid, redelivered, paid, paid",
         "✓ ledger — balance 9.7395 USDF",
         "GET /api/v1/data/rows?limit=37 → 500 (the service failed), charged 0 of 0.1 held",
         "✓ refund",
@@ -142,7 +142,7 @@ def test_the_demo_exits_non_zero_when_a_step_misbehaves() -> None:
     assert status == 1
     text = out.getvalue()
     assert "✗ 402 challenge" in text and "✗ ledger" in text
-    assert "✓ replay refused" in text  # the other steps still ran
+    assert "✓ retry redelivered" in text  # the other steps still ran
     assert "steps misbehaved" in text
 
 

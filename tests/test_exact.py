@@ -26,6 +26,7 @@ from x402.schemas import PaymentPayload, PaymentRequired
 
 from sidecar.core import protocol
 from sidecar.core.identity import Identity
+from sidecar.core.retries import DEFAULT_REDELIVERY_LIMIT
 from sidecar.tools.chain import AnvilChain
 from sidecar.tools.onchain import (
     FacilitatorProcess,
@@ -219,11 +220,51 @@ async def test_twenty_copies_of_one_authorization_are_served_and_settled_once(
     assert {a.json()["error"] for a in answers if a.status_code == 402} == {"nonce_reused"}
     assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
     assert chain.transaction_count(facilitator_account(chain).address) == gas_nonce + 1
-    # And later: a replay is refused, settles nothing.
+    # And later, settled and recorded: a retry is redelivered with the same receipt up to
+    # the limit (protocol.md §13), then refused; nothing settles again.
+    [paid] = [a for a in answers if a.status_code == 200]
+    for _ in range(DEFAULT_REDELIVERY_LIMIT):
+        again = await http.get(PAID, headers={"PAYMENT-SIGNATURE": header})
+        assert again.headers["payment-response"] == paid.headers["payment-response"]
     again = await http.get(PAID, headers={"PAYMENT-SIGNATURE": header})
     assert (again.status_code, again.json()["error"]) == (402, "nonce_reused")
     assert "payment-required" in again.headers  # a fresh challenge
     assert chain.transaction_count(facilitator_account(chain).address) == gas_nonce + 1
+
+
+def with_id(header: str, payment_id: str) -> dict[str, str]:
+    """The official client's PAYMENT-SIGNATURE with a payment-identifier id (the extension
+    rides beside the signed authorization)."""
+    envelope = b64json(header)
+    envelope["extensions"] = {PAYMENT_IDENTIFIER: {"info": {"required": False, "id": payment_id}}}
+    return {"PAYMENT-SIGNATURE": base64.b64encode(json.dumps(envelope).encode()).decode()}
+
+
+async def test_a_payment_identifier_pays_once_on_chain_across_authorizations(
+    http: httpx.AsyncClient, chain: AnvilChain
+) -> None:
+    payer = payers(chain)[2]
+    before = balances(chain, payer.address)
+    payment_id = f"pay_{os.urandom(16).hex()}"
+    first_header, _ = await signed_envelope(chain, http, payer_index=2)
+    first = await http.get(PAID, headers=with_id(first_header, payment_id))
+    assert first.status_code == 200, first.text
+    gas_nonce = chain.transaction_count(facilitator_account(chain).address)
+
+    # A second authorization (another nonce) for the same payment: served, never settled.
+    second_header, _ = await signed_envelope(chain, http, payer_index=2)
+    second = await http.get(PAID, headers=with_id(second_header, payment_id))
+    assert second.status_code == 200, second.text
+    assert second.headers["payment-response"] == first.headers["payment-response"]
+    # The same id for another request (a query): a conflict, nothing settled.
+    other = await http.get(
+        PAID,
+        params={"q": "1"},
+        headers=with_id(second_header, payment_id),
+    )
+    assert (other.status_code, other.json()["error"]) == (409, "payment_identifier_conflict")
+    assert chain.transaction_count(facilitator_account(chain).address) == gas_nonce
+    assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
 
 
 async def test_an_offer_mismatch_is_refused_before_the_facilitator(

@@ -2,7 +2,8 @@
 recovers by itself, and no payment is lost or charged twice.
 
 Every proof sent is accounted for: it was answered 200 (charged once), or refused before
-the ledger, or its answer was lost in the fault — then its retry is 200 or nonce_reused,
+the ledger, or its answer was lost in the fault — then its retry is 200 (charged then, or
+redelivered uncharged: docs/protocol.md §13) or nonce_reused,
 and the ledger holds exactly one receipt per charged nonce.
 """
 

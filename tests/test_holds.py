@@ -122,11 +122,11 @@ async def test_a_failed_service_charges_nothing_and_the_same_proof_pays_later(
     [stored] = await holds_ledger.receipts(wallet.public_key)
     assert (stored["receipt_id"], stored["amount"]) == (receipt["receipt_id"], "250000")
 
-    # Its answer lost, the agent retries: refused, with the receipt id that charged it.
+    # Its answer lost, the agent retries: served again with the receipt that charged it,
+    # nothing charged (protocol.md §13).
     again = await http.get(REPORT, headers=proof)
-    assert again.status_code == 402
-    assert again.json()["error"] == "nonce_reused"
-    assert again.json()["receipt_id"] == receipt["receipt_id"]
+    assert again.status_code == 200
+    assert again.headers["payment-response"] == served.headers["payment-response"]
     assert (await holds_ledger.account(wallet.public_key)).balances["USDF"] == 750_000
 
 
@@ -436,3 +436,32 @@ async def test_a_hold_placed_after_envoy_gave_up_gets_its_line_and_stays_until_i
     assert (line["decision"], line["reason"], line["cancelled"]) == ("allow", "held", True)
     assert line["phase"] == "check" and line["balance"] == "0.75"
     await servicer.ledger.close()
+
+
+async def test_a_captured_holds_proof_sent_again_is_redelivered_uncharged(
+    http: httpx.AsyncClient, holds_stack: Stack, holds_ledger: Ledger
+) -> None:
+    """The answer of a captured hold was lost: the same proof for the same request passes
+    again with the capture's receipt and charges nothing, up to the limit (protocol.md
+    §13); the service runs again (no response is replayed yet), its usage header
+    stripped."""
+    wallet = await funded_payer(holds_ledger, 1_000_000)
+    headers = pay_direct(holds_stack, wallet, f"GET {ROWS}", "0.1")
+    served = await http.get(ROWS, params={"limit": "37"}, headers=headers)
+    receipt = receipt_of(served)
+
+    retries = [await http.get(ROWS, params={"limit": "37"}, headers=headers) for _ in range(3)]
+
+    assert {r.headers["payment-response"] for r in retries} == {served.headers["payment-response"]}
+    assert {r.json()["receipt_id"] for r in retries} == {receipt["receipt_id"]}  # the service's
+    assert {len(r.json()["rows"]) for r in retries} == {37}
+    assert not any("x402-usage" in r.headers for r in retries)  # stripped as for a capture
+    past = await http.get(ROWS, params={"limit": "37"}, headers=headers)
+    assert (past.status_code, past.json()["error"]) == (402, "nonce_reused")
+    other = pay_direct(holds_stack, wallet, f"GET {ROWS}", "0.1")
+    await http.get(ROWS, params={"limit": "5"}, headers=other)
+    conflict = await http.get(ROWS, params={"limit": "6"}, headers=other)
+    assert (conflict.status_code, conflict.json()["error"]) == (409, "payment_identifier_conflict")
+    account = await holds_ledger.account(wallet.public_key)
+    assert account.debited["USDF"] == 37_000 + 5_000 and account.held == {}
+    assert len(await holds_ledger.receipts(wallet.public_key)) == 2

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.core import protocol
 from sidecar.core.identity import Identity
+from sidecar.core.retries import DEFAULT_REDELIVERY_LIMIT
 from sidecar.ledger.accounts import SUSPENDED, Ledger
 from sidecar.tools.stack import Stack
 from tests.support.payers import b64json, funded_payer, pay_direct, pay_invoice
@@ -184,11 +185,17 @@ async def expect(response: httpx.Response, status: int, reason: str) -> dict[str
     return body
 
 
-async def test_replay_is_refused(client: httpx.AsyncClient, ledger: Ledger) -> None:
+async def test_replay_is_redelivered_then_refused(
+    client: httpx.AsyncClient, ledger: Ledger
+) -> None:
     wallet = await funded_payer(ledger, 1_000_000)
     headers = pay_invoice(await client.get(ATLAS), wallet)
-    assert (await client.get(ATLAS, headers=headers)).status_code == 200
+    paid = await client.get(ATLAS, headers=headers)
+    assert paid.status_code == 200
 
+    for _ in range(DEFAULT_REDELIVERY_LIMIT):  # a lost answer's retry: the same receipt
+        again = await client.get(ATLAS, headers=headers)
+        assert again.headers["payment-response"] == paid.headers["payment-response"]
     await expect(await client.get(ATLAS, headers=headers), 402, "nonce_reused")
     assert (await ledger.account(wallet.public_key)).balances["USDF"] == 750_000
 

@@ -140,6 +140,7 @@ async def test_pay_timing_out_after_paying_says_it_may_have_been_charged(gateway
     proof = command.split("'")[1]
     again = await x402("pay", "-H", proof, slow.partition("?")[0], env=env)
     assert again.returncode == 1
-    assert json.loads(again.stdout)["error"] == "nonce_reused"
+    # ... for another request (no query): a conflict naming its charge (protocol.md §13).
+    assert json.loads(again.stdout)["error"] == "payment_identifier_conflict"
     assert json.loads(again.stdout)["receipt_id"]
     assert await gateway.balance(agent.public_key) == 9_750_000

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from sidecar.core.errors import LedgerUnavailable
+from sidecar.core.retries import DEFAULT_REDELIVERY_LIMIT
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.channels import Channels
 from sidecar.ledger.rate_limit import Rate, RateLimiter
@@ -98,9 +99,16 @@ async def test_a_replayed_proof_takes_no_token_from_its_payer(
     wallet = await funded_payer(lledger, 10 * PRICE)
     async with agent(limited, "127.0.0.3") as client:
         proof = pay_direct(limited, wallet, f"GET {PATH}", "0.01")
-        assert (await client.get(PATH, headers=proof)).status_code == 200
-        for _ in range(PAYER_BURST + 2):  # a thief replaying a captured proof
-            replay = await client.get(PATH, headers=proof)
+        first = await client.get(PATH, headers=proof)
+        assert first.status_code == 200
+        # A thief replaying a captured proof: redelivered uncharged up to the limit, then
+        # refused; none of it takes a token.
+        replays = [await client.get(PATH, headers=proof) for _ in range(PAYER_BURST + 4)]
+        redelivered = replays[:DEFAULT_REDELIVERY_LIMIT]
+        assert {(r.status_code, r.headers["payment-response"]) for r in redelivered} == {
+            (200, first.headers["payment-response"])
+        }
+        for replay in replays[DEFAULT_REDELIVERY_LIMIT:]:
             assert (replay.status_code, replay.json()["error"]) == (402, "nonce_reused")
         for _ in range(PAYER_BURST - 1):  # the payer's own allowance is intact
             fresh = pay_direct(limited, wallet, f"GET {PATH}", "0.01")

@@ -332,9 +332,8 @@ async def test_every_hot_path_money_script_past_its_deadline_moves_nothing(redis
     authorizations = Authorizations(ledger)
     with pytest.raises(LedgerUnavailable, match="too late"):
         await authorizations.reserve("0xabc", "k", int(time.time()) + 60, within=late)
-    assert (await authorizations.reserve("0xabc", "k", int(time.time()) + 60)).startswith(
-        "reserved:"
-    )
+    reservation = await authorizations.reserve("0xabc", "k", int(time.time()) + 60)
+    assert isinstance(reservation, str) and reservation.startswith("reserved:")
     account = await ledger.account("payer")
     assert (account.balances, account.debited, account.channeled) == (
         {"USDF": 10},

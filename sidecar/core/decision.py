@@ -65,6 +65,7 @@ class Gateway:
     exact: exact.ExactTerms | None = None  # the x402 `exact` scheme, where configured
     previous: tuple[Identity, ...] = field(default=(), repr=False)  # keys before a rotation
     previous_until: int = 0  # unix seconds: proofs to a previous key refused after; 0: never
+    redelivery_limit: int = 3  # retries of one charged payment served uncharged (§13)
     # Each priced route's 402 `extensions` (bazaar, payment-identifier) by (route, method),
     # (route, "") for any other method, ("", "") for a route priced only by Envoy's
     # annotations; built once at start (server/listing.py).
@@ -120,6 +121,7 @@ class Request:
     host: str = ""
     scheme: str = "http"
     proof_header: str | None = None
+    query: str = ""  # after the `?`, as the client sent it: part of what a payment covers
 
     @property
     def resource(self) -> str:

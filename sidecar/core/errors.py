@@ -99,6 +99,22 @@ class InsufficientFunds(PaymentError):
     reason = "insufficient_funds"
 
 
+class PaymentConflict(PaymentError):
+    """A payment identity (payment-identifier id, proof nonce, voucher) already paid for
+    another request: another route, query, amount or payee. Nothing charged, nothing
+    served; the body's `receipt_id` names the payment's first charge."""
+
+    reason = "payment_identifier_conflict"
+    status = 409
+
+
+class InvalidPaymentIdentifier(PaymentError):
+    """A payment-identifier extension whose id is not the extension's format."""
+
+    reason = "invalid_payment_identifier"
+    status = 400
+
+
 class UnknownChannel(PaymentError):
     """A voucher names a channel this payer has not opened with this gateway."""
 
@@ -245,6 +261,8 @@ BY_REASON: dict[str, type[PaymentError]] = {
         PayerSuspended,
         NonceReused,
         InsufficientFunds,
+        PaymentConflict,
+        InvalidPaymentIdentifier,
         UnknownChannel,
         ChannelClosed,
         StaleVoucher,
@@ -268,6 +286,7 @@ LEDGER_MESSAGES = {
     "payer_suspended": "this payer is suspended",
     "nonce_reused": "this proof was already used (replay)",
     "insufficient_funds": "the balance does not cover this request",
+    "payment_identifier_conflict": "this payment already paid for another request",
     "unknown_channel": "this payer has no such channel with this gateway",
     "channel_closed": "this channel is closed or expired; pay directly or open another",
     "stale_voucher": "the voucher's sequence is not above the channel's last (replay?)",

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.core import retries
 from sidecar.core.errors import (
     InvalidChallenge,
     MalformedPayment,
@@ -39,33 +40,18 @@ MAX_FIELD_CHARS = 512
 
 # Fields of a proof and their JSON types; `invoice_id` is absent in direct payments.
 PROOF_FIELDS: dict[str, type] = {
-    "version": str,
-    "scheme": str,
-    "invoice_id": str,
-    "nonce": str,
-    "resource": str,
-    "asset": str,
-    "amount": str,
-    "payee": str,
-    "expires_at": int,
-    "payer": str,
+    "version": str, "scheme": str, "invoice_id": str, "nonce": str, "resource": str,
+    "asset": str, "amount": str, "payee": str, "expires_at": int, "payer": str,
     "signature": str,
-}
+}  # fmt: skip
 # What the invoice MAC covers: every field the agent echoes back in its proof.
 # An invoice carries what a proof echoes back, without the payer's name and signature.
 INVOICE_FIELDS = {
     name: kind for name, kind in PROOF_FIELDS.items() if name not in ("payer", "signature")
 }
 INVOICE_MAC_FIELDS = (
-    "version",
-    "scheme",
-    "nonce",
-    "resource",
-    "asset",
-    "amount",
-    "payee",
-    "expires_at",
-)
+    "version", "scheme", "nonce", "resource", "asset", "amount", "payee", "expires_at"
+)  # fmt: skip
 
 
 def json_encoder(**options: Any) -> Callable[[Any], str]:
@@ -407,21 +393,29 @@ def parse_proof(value: str, max_bytes: int) -> Proof:
 
 
 def decode_payment(value: str, max_bytes: int) -> dict[str, Any]:
-    """What every scheme's header shares: size, base64, JSON object, version. Decoded once;
-    the servicer then picks the parser by `scheme` (Proof.from_wire, vouchers.voucher_from)."""
+    """What every scheme's header shares: size, base64, JSON object, version."""
+    return decode_paid(value, max_bytes)[0]
+
+
+def decode_paid(value: str, max_bytes: int) -> tuple[dict[str, Any], str | None]:
+    """`decode_payment`, and the x402 v2 envelope's payment-identifier id (None without
+    one; core/retries.py). Decoded once; the servicer then picks the parser by `scheme`
+    (Proof.from_wire, vouchers.voucher_from)."""
     if len(value) > max_bytes:
         raise MalformedPayment(f"payment header is larger than {max_bytes} bytes")
     obj = decode_header(value)
+    payment_id = None
     if isinstance(obj, dict) and "x402Version" in obj:  # the x402 v2 PAYMENT-SIGNATURE envelope
+        payment_id = retries.identifier(obj)
         accepted = obj.get("accepted")
         if isinstance(accepted, dict) and accepted.get("scheme") == EXACT_SCHEME:
-            return obj  # x402 `exact`: the envelope itself is the payment (core/exact.py)
+            return obj, payment_id  # x402 `exact`: the envelope is the payment (core/exact.py)
         obj = obj.get("payload")
     if not isinstance(obj, dict):
         raise MalformedPayment("payment must be a JSON object")
     if obj.get("version") != VERSION:
         raise UnsupportedVersion(f"version must be {VERSION!r}")
-    return obj
+    return obj, payment_id
 
 
 def check_fields(obj: Mapping[str, Any], spec: Mapping[str, type], optional: str = "") -> None:

@@ -12,15 +12,18 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from sidecar.core import retries
 from sidecar.core.errors import (
     InsufficientFunds,
     LedgerUnavailable,
     NonceReused,
+    PaymentConflict,
     UnknownPayer,
     X402Error,
     refusal,
 )
 from sidecar.core.money import MAX_BALANCE
+from sidecar.core.retries import Retry
 from sidecar.ledger import cluster as redis_cluster
 from sidecar.ledger import keyspace, scripts
 from sidecar.ledger.cluster import ClusterPipe
@@ -36,7 +39,17 @@ ACTIVE, SUSPENDED = "active", "suspended"
 DEADLINE_SHARE = 0.5
 DEADLINE_PASSED = "deadline_passed"
 
+REDELIVERED = "redelivered"
+
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Redelivered:
+    """A retry of a payment already charged: what its first charge recorded (the receipt
+    id, the balance after it, and the scheme's own fields). Nothing was charged again."""
+
+    outcome: dict[str, str]
 
 
 def deadline_ms(timeout: float, within: float | None = None) -> int:
@@ -151,16 +164,29 @@ class Ledger:
         receipt_id: str,
         receipt: dict[str, str | int],
         within: float | None = None,
-    ) -> int:
-        """Charge one proof atomically; returns the balance left or raises the reason.
+        retry: Retry | None = None,
+        redelivery_limit: int = 0,
+    ) -> int | Redelivered:
+        """Charge one proof atomically; returns the balance left or raises the reason. A
+        retry of a payment already charged (`retry`: its identity and request, recorded
+        with the charge) returns what the first charge recorded, at most
+        `redelivery_limit` times; then nonce_reused.
 
         `within`: seconds the caller can still wait (Envoy's deadline)."""
         pairs: list[str | int] = []
         for name, value in receipt.items():
             pairs += (name, value)
-        keys = (keyspace.account(payer), keyspace.nonce(payer, nonce), keyspace.receipts(payer))
-        args = (asset, amount, expires_at + NONCE_GRACE, receipt_id, *pairs)
-        return await self.run(scripts.DEBIT, keys, args, _debited, within)
+        retry = retry or Retry(retries.identity(None, nonce), "")
+        keys = (
+            keyspace.account(payer),
+            keyspace.nonce(payer, nonce),
+            keyspace.receipts(payer),
+            keyspace.outcome(payer, retry.identity),
+        )
+        kept = (receipt.get("issued_at", 0), nonce, receipt.get("invoice_id", ""))
+        expiry = expires_at + NONCE_GRACE
+        args = (asset, amount, expiry, receipt_id, retry.fingerprint, redelivery_limit, *kept)
+        return await self.run(scripts.DEBIT, keys, (*args, *pairs), _debited, within)
 
     async def credit(self, payer: str, asset: str, amount: int, idempotency_key: str) -> Credit:
         if amount <= 0:
@@ -293,13 +319,22 @@ def _parsed(reply: Any, parse: Callable[[Any], T]) -> T:
     return parse(reply)
 
 
-def _debited(result: list[Any]) -> int:
-    """The debit script's reply → the balance left, or the reason raised."""
+def _debited(result: list[Any]) -> int | Redelivered:
+    """The debit script's reply → the balance left (or a retry's recorded outcome), or
+    the reason raised."""
     if result[0] == "ok":
         return int(result[1])
+    return retried(result)
+
+
+def retried(result: list[Any]) -> Redelivered:
+    """A money script's refusal, or a retry's recorded outcome (lua/money.lua `retried`)."""
+    if result[0] == REDELIVERED:
+        pairs = [str(value) for value in result[1:]]
+        return Redelivered(dict(zip(pairs[::2], pairs[1::2], strict=True)))
     if result[0] == InsufficientFunds.reason:
         raise refusal(result[0], balance=int(result[1]))
-    if result[0] == NonceReused.reason and len(result) > 1:
+    if result[0] in (NonceReused.reason, PaymentConflict.reason) and len(result) > 1:
         # The charge whose answer the agent may have lost: its receipt id says it paid.
         raise refusal(result[0], receipt_id=str(result[1]))
     raise refusal(result[0])

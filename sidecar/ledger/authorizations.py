@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sidecar.core.errors import LedgerUnavailable, NonceReused, X402Error, refusal
 from sidecar.core.money import MAX_BALANCE
+from sidecar.core.retries import Retry
 from sidecar.ledger import keyspace, scripts
 from sidecar.ledger.accounts import (
     ACTIVE,
     DEADLINE_PASSED,
     IDEMPOTENCY_TTL,
     Ledger,
+    Redelivered,
     deadline_ms,
+    retried,
 )
 
 # A reservation outlives its authorization's validBefore by this much (clock skew): past
@@ -34,6 +38,22 @@ class TopupCredit:
     balance: int
     applied: bool  # False: this authorization had credited the payer already
     created: bool  # the payer's account was made by this credit
+
+
+@dataclass(frozen=True, slots=True)
+class Recording:
+    """What the check records of an `exact` payment with its settlement, for its retries
+    (docs/protocol.md §13): its identity and request, the redelivery limit, and what a
+    redelivery re-signs (receipt_id, issued_at)."""
+
+    retry: Retry
+    limit: int
+    outcome: Mapping[str, str]
+
+
+def _outcome(authorizer: str, recording: Recording) -> str:
+    """The payment's outcome hash, under the authorizer's hash tag."""
+    return keyspace.outcome(f"evm:{authorizer.lower()}", recording.retry.identity)
 
 
 class Authorizations:
@@ -51,33 +71,59 @@ class Authorizations:
         valid_before: int,
         within: float | None = None,
         owner: str = "",
-    ) -> str:
+        recording: Recording | None = None,
+    ) -> str | Redelivered:
         """Take the authorization for this check; returns the reservation. NonceReused
         (with `state`: `reserved:<id>:<owner>`, `pending:<tx>:<owner>` or
         `settled:<tx>:<owner>`) when another check holds it, left its settle's outcome
-        unknown, or has settled it. `owner`: the Ed25519 payer a top-up credits."""
+        unknown, or has settled it. `owner`: the Ed25519 payer a top-up credits.
+        With `recording`: a payment already settled and recorded under its identity is
+        redelivered (what it recorded), or a conflict for another request."""
         reservation = f"reserved:{secrets.token_urlsafe(12)}:{owner}"
         deadline = deadline_ms(self.ledger._pipe.timeout, within)
-        result: list[Any] = await self.ledger.call(
-            self._reserve(
-                keys=(keyspace.authorization(authorizer, key),),
-                args=(deadline, reservation, valid_before + RESERVATION_GRACE),
-            )
-        )
+        keys = [keyspace.authorization(authorizer, key)]
+        args: list[str | int] = [deadline, reservation, valid_before + RESERVATION_GRACE]
+        if recording is not None:
+            keys.append(_outcome(authorizer, recording))
+            args += (recording.retry.fingerprint, recording.limit)
+        result: list[Any] = await self.ledger.call(self._reserve(keys=keys, args=args))
         if result[0] == DEADLINE_PASSED:
             raise LedgerUnavailable("the ledger answered too late; nothing was reserved")
-        if result[0] == NonceReused.reason:
+        if result[0] == NonceReused.reason and not str(result[1]).startswith("rcpt_"):
             raise NonceReused(
                 "this authorization was already used, or is being settled", state=str(result[1])
             )
+        if result[0] != "ok":
+            return retried(result)
         return reservation
 
-    async def settled(self, authorizer: str, key: str, reservation: str, tx: str) -> bool:
-        """The settlement landed: the authorization stays taken until it expires. False if
-        `reservation` (a reservation, or a pending state) was no longer the state: another
-        check resolved it first."""
+    async def settled(
+        self,
+        authorizer: str,
+        key: str,
+        reservation: str,
+        tx: str,
+        recording: Recording | None = None,
+        via: str = "",
+    ) -> bool:
+        """The settlement landed: the authorization stays taken until it expires, and with
+        `recording`, the payment's outcome with it. False if `reservation` (a reservation,
+        or a pending state) was no longer the state: another check resolved it first."""
         owner = reservation.split(":", 2)[2]
-        return await self._end(authorizer, key, reservation, f"settled:{tx}:{owner}")
+        state = f"settled:{tx}:{owner}"
+        if recording is None:
+            return await self._end(authorizer, key, reservation, state)
+        outcome = {**recording.outcome, "fp": recording.retry.fingerprint}
+        pairs = [
+            item for pair in {**outcome, "transaction": tx, "via": via}.items() for item in pair
+        ]
+        result: list[Any] = await self.ledger.call(
+            self._finish(
+                keys=(keyspace.authorization(authorizer, key), _outcome(authorizer, recording)),
+                args=(reservation, state, *pairs),
+            )
+        )
+        return bool(result[0] == "ok")
 
     async def pending(self, authorizer: str, key: str, reservation: str, tx: str) -> str:
         """The settle's outcome is unknown and this check gives up: the state says so

@@ -26,6 +26,7 @@ from sidecar.core.errors import (
     InsufficientFunds,
     InvoiceMismatch,
     NonceReused,
+    PaymentConflict,
     StaleVoucher,
     UnderpaidVoucher,
     UnknownChannel,
@@ -36,7 +37,7 @@ from sidecar.core.pricing import Price
 from sidecar.core.receipts import CHANNEL_CLOSE
 from sidecar.core.vouchers import CHANNEL_ID, Voucher, new_channel_id
 from sidecar.ledger import keyspace, scripts
-from sidecar.ledger.accounts import Ledger
+from sidecar.ledger.accounts import REDELIVERED, Ledger, Redelivered, retried
 
 DEFAULT_TTL = 24 * 3600  # a channel's lifetime unless the opener says
 
@@ -208,22 +209,41 @@ class Channels:
         payees: str,
         now: int,
         within: float | None = None,
-    ) -> tuple[int, int]:
-        """The hot path's one ledger step: (left in the channel, amount charged).
+        retry: Accepting | None = None,
+    ) -> tuple[int, int] | Redelivered:
+        """The hot path's one ledger step: (left in the channel, amount charged), or, for
+        the channel's latest voucher sent again for the same request, what it recorded.
         `payees`: the gateway's key ids, space-separated; the channel's payee must be one.
         `within`: see `Ledger.run`."""
         payer = voucher.payer
         keys = (keyspace.account(payer), keyspace.channel(payer, voucher.channel_id))
         evidence = protocol.canonical_json(voucher.fields).decode()
-        args = (price.asset.code, cumulative, voucher.sequence, price.amount, now, payees, evidence)
+        retry = retry or Accepting("", 0, "")
+        args = (
+            price.asset.code, cumulative, voucher.sequence, price.amount, now, payees, evidence,
+            retry.fingerprint, retry.limit, retry.receipt_id,
+        )  # fmt: skip
         return await self.ledger.run(scripts.VOUCHER, keys, args, partial(_accepted, price), within)
 
 
-def _accepted(price: Price, result: list[Any]) -> tuple[int, int]:
-    """The voucher script's reply → (left in the channel, charged), or the PaymentError."""
+@dataclass(frozen=True, slots=True)
+class Accepting:
+    """What the voucher script records of the payment (docs/protocol.md §13): the request's
+    fingerprint, how often it may be redelivered, and the receipt id it gets."""
+
+    fingerprint: str
+    limit: int
+    receipt_id: str
+
+
+def _accepted(price: Price, result: list[Any]) -> tuple[int, int] | Redelivered:
+    """The voucher script's reply → (left in the channel, charged), a redelivery, or the
+    PaymentError."""
     reason = result[0]
     if reason == "ok":
         return int(result[1]), int(result[2])
+    if reason in (REDELIVERED, PaymentConflict.reason):
+        return retried(result)
     if reason in (StaleVoucher.reason, UnderpaidVoucher.reason):
         cumulative = price.asset.to_decimal(int(result[2]))
         raise refusal(reason, sequence=int(result[1]), cumulative=cumulative)

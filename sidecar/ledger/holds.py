@@ -14,9 +14,10 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
-from sidecar.core.errors import InsufficientFunds, NonceReused, refusal
+from sidecar.core import retries
+from sidecar.core.retries import Retry
 from sidecar.ledger import keyspace, scripts
-from sidecar.ledger.accounts import NONCE_GRACE, Ledger
+from sidecar.ledger.accounts import NONCE_GRACE, Ledger, Redelivered, retried
 
 CAPTURED, RELEASED, EXPIRED, NO_HOLD = "captured", "released", "hold_expired", "no_hold"
 SWEEP_LIMIT = 256  # holds one sweep call releases at most (a payer with more: next pass)
@@ -50,21 +51,30 @@ class Holds:
         lifetime_seconds: int,
         record: Mapping[str, str | int],
         within: float | None = None,
-    ) -> int:
+        retry: Retry | None = None,
+        redelivery_limit: int = 0,
+    ) -> int | Redelivered:
         """Hold `amount` for one proof, atomically with the payer, nonce and balance
         checks; the balance left, or raises the reason. `record`: the receipt facts the
-        capture writes (ledger/receipts.debit_record)."""
+        capture writes (ledger/receipts.debit_record). A retry of a payment whose hold was
+        captured (`retry`: its identity and request) returns what the capture recorded, at
+        most `redelivery_limit` times; then nonce_reused."""
+        retry = retry or Retry(retries.identity(None, nonce), "")
+        outcome = keyspace.outcome(payer, retry.identity)
         hold = {
             "asset": asset,
             "held": str(amount),
             "nonce": nonce,
             "record": {name: str(value) for name, value in record.items()},
+            "outcome": outcome,
+            "fp": retry.fingerprint,
         }
         keys = (
             keyspace.account(payer),
             keyspace.nonce(payer, nonce),
             keyspace.holds(payer),
             keyspace.hold_expiries(payer),
+            outcome,
         )
         args = (
             asset,
@@ -74,6 +84,8 @@ class Holds:
             lifetime_seconds * 1000,
             keyspace.nonce(payer, ""),
             json.dumps(hold, separators=(",", ":")),
+            retry.fingerprint,
+            redelivery_limit,
         )
         return await self.ledger.run(scripts.HOLD, keys, args, _placed, within)
 
@@ -147,14 +159,10 @@ def _sweep_keys(payer: str) -> tuple[str, str, str]:
     return keyspace.account(payer), keyspace.holds(payer), keyspace.hold_expiries(payer)
 
 
-def _placed(result: list[Any]) -> int:
+def _placed(result: list[Any]) -> int | Redelivered:
     if result[0] == "ok":
         return int(result[1])
-    if result[0] == InsufficientFunds.reason:
-        raise refusal(result[0], balance=int(result[1]))
-    if result[0] == NonceReused.reason:
-        raise refusal(result[0], receipt_id=str(result[1]))
-    raise refusal(result[0])
+    return retried(result)
 
 
 def _closed(result: list[Any]) -> HoldClosed:

@@ -21,6 +21,12 @@ def nonce(payer: str, nonce_value: str) -> str:
     return f"{PREFIX}:{{{payer}}}:nonce:{nonce_value}"
 
 
+def outcome(payer: str, identity: str) -> str:
+    """Hash: a payment's first outcome (fingerprint of the request it paid for, receipt id,
+    balance, redeliveries), kept as long as its proof's nonce (core/retries.py)."""
+    return f"{PREFIX}:{{{payer}}}:paid:{identity}"
+
+
 def holds(payer: str) -> str:
     """Hash: hold id → the hold (JSON: asset, held, nonce, receipt facts), until captured,
     released or swept (ledger/holds.py)."""

@@ -46,6 +46,7 @@ from sidecar.server.paywall_settings import PaywallSettings
 
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", ANY_METHOD}
 MIN_SECRET_BYTES = 16
+MAX_REDELIVERIES = 100
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,9 @@ class Settings:
     channels: Mapping[str, Any] = field(default_factory=dict)
     # What browsers get on a priced route (on, off, or a mapping): server/paywall_settings.py.
     paywall: Any = None
+    # A retry of a payment already charged (lost answer): served again, uncharged, at most
+    # this many times per payment; then nonce_reused (docs/protocol.md §13).
+    redelivery_limit: int = 3
 
     @classmethod
     def load(
@@ -190,6 +194,8 @@ class Settings:
             settings.anchor_chain_config()
             settings.channel_terms()
             settings.paywall_settings()
+            if not 0 <= settings.redelivery_limit <= MAX_REDELIVERIES:
+                raise ConfigError(f"config redelivery_limit: 0 to {MAX_REDELIVERIES}")
         except ConfigError as exc:
             raise named(exc, from_env) from None
         return settings
@@ -411,4 +417,5 @@ class Settings:
             trusted_proxies=self.edge_config().xff_num_trusted_hops,
             exact=self.exact_terms(),
             extensions=self.route_extensions(),
+            redelivery_limit=self.redelivery_limit,
         )

@@ -1,4 +1,4 @@
-"""The paywall: what a person with a browser gets from a priced route (docs/protocol.md §13).
+"""The paywall: what a person with a browser gets from a priced route (docs/protocol.md §14).
 
 A request without a payment whose `Accept` prefers `text/html` (a browser's navigation)
 gets the same 402 as any client (status, `PAYMENT-REQUIRED`, `Cache-Control: no-store`),

@@ -1,5 +1,5 @@
 """The `paywall` settings group: what a person with a browser gets from a priced route
-(server/paywall.py, docs/protocol.md §13).
+(server/paywall.py, docs/protocol.md §14).
 
     paywall: on                # or off; or the mapping below
     paywall:

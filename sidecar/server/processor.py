@@ -151,8 +151,13 @@ class Processor:
         self, request: ext_proc.ProcessingRequest, context: Any
     ) -> ext_proc.ProcessingResponse:
         namespace = request.metadata_context.filter_metadata.get(EXT_AUTHZ)
-        if namespace is None or contract.HOLD not in namespace.fields:
-            return _CONTINUE_HEADERS  # no hold: a free route, or one charged on check
+        if namespace is None:
+            return _CONTINUE_HEADERS  # a free route
+        if contract.HOLD not in namespace.fields:  # charged on check, or a redelivery
+            usage = namespace.fields.get(phases.EXT_USAGE_HEADER)
+            if usage is None:
+                return _CONTINUE_HEADERS
+            return _headers(ext_proc.HeaderMutation(remove_headers=[usage.string_value]))
         # Once the ledger is asked, finish: if Envoy gives up meanwhile (the client hung
         # up), the capture or release it made still gets its decision line and revenue.
         return await asyncio.shield(self._held(request, namespace, context))

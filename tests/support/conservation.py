@@ -27,6 +27,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from sidecar.core import channel_requests, phases, protocol, vouchers
 from sidecar.core.identity import Identity
 from sidecar.core.money import to_atomic, to_decimal
+from sidecar.core.retries import DEFAULT_REDELIVERY_LIMIT
 from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import ACTIVE, SUSPENDED, Ledger
 from sidecar.ledger.channels import Channels
@@ -139,9 +140,13 @@ class Workload:
         if not self.books.spent_proofs:
             return
         _payer, path, headers = self.rng.choice(self.books.spent_proofs)
-        result = await check(self.servicer, check_request("GET", path, headers))
-        self.books.outcomes[f"replay:{result.reason}"] += 1
-        assert result.reason in ("nonce_reused", "payer_suspended"), result
+        for _ in range(DEFAULT_REDELIVERY_LIMIT + 1):  # a lost answer's retries, then past
+            result = await check(self.servicer, check_request("GET", path, headers))
+            self.books.outcomes[f"replay:{result.reason}"] += 1
+            assert result.reason in ("allow", "nonce_reused", "payer_suspended"), result
+            if result.reason == "allow":  # redelivered: its first receipt, charged nothing
+                receipt = json.loads(base64.b64decode(result.headers["x-payment-response"]))
+                assert receipt["receipt_id"] in self.books.receipts
 
     async def expired(self) -> None:
         payer = self.rng.choice(self.payers)
@@ -204,16 +209,22 @@ class Workload:
             self.books.outcomes[f"{kind}:released"] += 1
 
     async def replay_captured(self) -> None:
-        """A captured hold's proof again: refused, naming the receipt that charged it."""
+        """A captured hold's proof again: redelivered with the receipt that charged it (no
+        new hold, nothing charged) up to the limit, then refused naming that receipt."""
         if not self.books.captured:
             return
         _payer, path, headers, receipt_id = self.rng.choice(self.books.captured)
         extensions = HELD_ROUTES[path][1]
-        result = await check(self.servicer, check_request("GET", path, headers, extensions))
-        self.books.outcomes[f"held_replay:{result.reason}"] += 1
-        assert result.reason in ("nonce_reused", "payer_suspended"), result
-        if result.reason == "nonce_reused":
-            assert result.body["receipt_id"] == receipt_id
+        for _ in range(DEFAULT_REDELIVERY_LIMIT + 1):
+            request = check_request("GET", path, headers, extensions)
+            result = await check(self.servicer, request)
+            self.books.outcomes[f"held_replay:{result.reason}"] += 1
+            assert result.reason in ("allow", "nonce_reused", "payer_suspended"), result
+            if result.reason == "nonce_reused":
+                assert result.body["receipt_id"] == receipt_id
+            if result.reason == "allow":
+                receipt = json.loads(base64.b64decode(result.headers["x-payment-response"]))
+                assert receipt["receipt_id"] == receipt_id
 
     async def held_retry(self) -> None:
         await self.held(retry=True)
@@ -375,10 +386,11 @@ async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
         outcomes = books.outcomes
         assert outcomes["allow"] > 0 and outcomes["insufficient_funds"] > 0
         assert outcomes["replay:nonce_reused"] > 0 and outcomes["credit_retry"] > 0
+        assert outcomes["replay:allow"] > 0  # redelivered (docs/protocol.md §13)
         assert outcomes["expired:invoice_expired"] > 0 and outcomes["payer_suspended"] > 0
         assert outcomes["held:captured"] > 0 and outcomes["held:released"] > 0
         assert outcomes["held:abandoned"] > 0 and outcomes["held_retry:captured"] > 0
-        assert outcomes["held_replay:nonce_reused"] > 0
+        assert outcomes["held_replay:nonce_reused"] > 0 and outcomes["held_replay:allow"] > 0
         assert outcomes["channel_open:opened"] > 0 and outcomes["channel_close"] > 0
         assert outcomes["channel_replay:nonce_reused"] > 0 and outcomes["voucher:allow"] > 0
         print(

@@ -2,11 +2,16 @@
 -- first; payer known and active, nonce unused, balance covers the amount -> move the
 -- amount from balance to held, mark the nonce (holding the hold id, the future receipt
 -- id) and record the hold with its expiry. The response phase captures or releases it.
--- KEYS: account hash, nonce key, holds hash, hold expiries zset (the payer's hash tag)
+-- A payment whose hold was captured is a retry (hold_close.lua recorded its outcome under
+-- the hold JSON's `outcome` key): redelivered or a conflict (money.lua `retried`).
+-- KEYS: account hash, nonce key, holds hash, hold expiries zset, the payment's outcome
+--       hash (the payer's hash tag)
 -- ARGV: deadline (unix ms), asset, amount (atomic), nonce expiry (unix s), hold id,
---       lifetime (ms), nonce key prefix, hold JSON {asset, held, nonce, record}
+--       lifetime (ms), nonce key prefix, hold JSON {asset, held, nonce, record, outcome,
+--       fp}, the request's fingerprint, the redelivery limit
 -- Returns {"ok", balance} or {reason} or {"insufficient_funds", balance} or
--- {"nonce_reused", receipt id} or {"deadline_passed"} (the caller answered 503: nothing).
+-- {"nonce_reused", receipt id} or a retry's answer or {"deadline_passed"} (the caller
+-- answered 503: nothing).
 local account, nonce_key, holds, expiries = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local asset, amount, hold_id = ARGV[2], tonumber(ARGV[3]), ARGV[5]
 
@@ -14,7 +19,8 @@ local now = clock_ms()
 local late = past_deadline(ARGV[1], now)
 if late then return late end
 sweep_holds(account, holds, expiries, ARGV[7], now, 16)
-local refused = charge_refused(account, nonce_key, asset, amount)
+local refused = retried(KEYS[5], ARGV[9], ARGV[10])
+  or charge_refused(account, nonce_key, asset, amount)
 if refused then return refused end
 
 local expires = now + tonumber(ARGV[6])

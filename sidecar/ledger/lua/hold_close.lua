@@ -5,6 +5,8 @@
 -- ARGV: deadline (unix ms; a capture past it moves nothing), hold id, "capture" or
 --       "release", amount to capture (atomic; at most the hold), nonce key prefix,
 --       issued_at (unix s), then extra receipt field/value pairs (e.g. units)
+-- A capture also records the payment's outcome (the receipt's fields) under the hold's
+-- `outcome` key, as long as its nonce is kept: hold.lua redelivers its retries.
 -- Returns {"captured", balance, amount, hold JSON}, {"released", balance, held, hold
 -- JSON}, {"hold_expired", balance, "0", hold JSON}, {"no_hold"} or {"deadline_passed"}.
 local account, holds, expiries, receipts = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -45,4 +47,9 @@ for name, value in pairs(hold.record) do
 end
 for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', receipts, '*', unpack(fields))
+if hold.outcome then  -- its retries are redelivered with this receipt (hold.lua)
+  redis.call('HSET', hold.outcome, 'fp', hold.fp, unpack(fields))
+  local ttl = redis.call('PTTL', prefix .. hold.nonce)
+  if ttl > 0 then redis.call('PEXPIRE', hold.outcome, ttl) end
+end
 return {'captured', left, captured, raw}

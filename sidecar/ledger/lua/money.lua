@@ -42,3 +42,19 @@ local function charge_refused(account, nonce_key, asset, amount)
   return payer_refused(account) or nonce_refused(nonce_key)
     or funds_refused(account, asset, amount)
 end
+
+-- A payment seen before: its first outcome is recorded under `outcome` (a hash, same hash
+-- tag) with the fingerprint of the request it paid for. nil: a payment not seen. Else
+-- {"payment_identifier_conflict", receipt id} for another request; {"nonce_reused", receipt
+-- id} past `limit` redeliveries; or {"redelivered", field, value, ...}: the recorded outcome
+-- (never charged again).
+local function retried(outcome, fingerprint, limit)
+  local seen = redis.call('HMGET', outcome, 'fp', 'receipt_id')
+  if not seen[1] then return nil end
+  if seen[1] ~= fingerprint then return {'payment_identifier_conflict', seen[2]} end
+  if redis.call('HINCRBY', outcome, 'redelivered', 1) > tonumber(limit) then
+    return {'nonce_reused', seen[2]}
+  end
+  local fields = redis.call('HGETALL', outcome)
+  return {'redelivered', unpack(fields)}
+end

@@ -21,12 +21,13 @@ Envoy is still there.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sidecar.core import decision, exact, phases, protocol
+from sidecar.core import decision, exact, phases, protocol, retries
 from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import (
     ConfigError,
@@ -36,6 +37,7 @@ from sidecar.core.errors import (
     UnsupportedScheme,
 )
 from sidecar.core.pricing import Price, RouteTable
+from sidecar.core.retries import Retry
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.rate_limit import RateLimiter
 from sidecar.server import metrics
@@ -49,6 +51,7 @@ from sidecar.server.schemes.exact import ExactSettler
 from sidecar.server.schemes.registry import Schemes
 
 log = get_logger("sidecar.authz")
+REDELIVERED = "redelivered"  # the decision line's reason for a retry served uncharged
 
 
 def _here() -> bool:
@@ -76,6 +79,7 @@ class Facts:
     # True where the transport cancels the check's coroutine when Envoy gives up (gRPC):
     # the paid part then runs shielded, and `gone` turns true.
     cancels: bool = False
+    query: str = ""  # the request's query string, without the `?`
 
     def within(self) -> float | None:
         """Seconds until Envoy stops waiting for this check, if it said."""
@@ -161,6 +165,7 @@ class CheckService:
             ),
             scheme=facts.scheme,
             proof_header=headers.get("x-payment") or headers.get("payment-signature"),
+            query=facts.query,
         )
         line: dict[str, Any] = {
             "request_id": headers.get("x-request-id"),
@@ -205,9 +210,13 @@ class CheckService:
         """Every check before the ledger; raises the refusal."""
         if request.proof_header is None:
             raise decision.unpaid(request, price)
-        decoded = protocol.decode_payment(request.proof_header, self.gateway.max_proof_bytes)
+        max_bytes = self.gateway.max_proof_bytes
+        decoded, payment_id = protocol.decode_paid(request.proof_header, max_bytes)
         scheme = self.schemes.pick(exact.scheme_of(decoded))
         payment = scheme.verify(decoded, request, price, now)
+        if payment_id is not None and payment.retry is not None:  # the client names it
+            retry = Retry(retries.identity(payment_id, ""), payment.retry.fingerprint)
+            payment = dataclasses.replace(payment, retry=retry)
         line["payer"], line["invoice_id"] = payment.payer, payment.invoice_id
         line.update(payment.facts)
         if self.limiter is not None:  # before the ledger: a refused check charges nothing
@@ -250,6 +259,10 @@ class CheckService:
         assert price.phase is not None
         paying.line["phase"] = "check"
         held = await holder.hold(paying.payment, price, price.phase, paying.now, facts.within())
+        if isinstance(held, Charged):  # a captured payment again: redelivered, no hold
+            # the response phase still strips the service's usage header
+            usage = {phases.EXT_USAGE_HEADER: price.phase.usage_header}
+            return self._allow(paying.scheme, held, price, paying.line, usage)
         if facts.gone():  # no response phase will come for it
             refusal = await holder.abandon(held, paying.payment)
             if refusal is not None:
@@ -343,13 +356,18 @@ class CheckService:
         return self.answers.ok(upstream, (), meta)
 
     def _allow(
-        self, scheme: Scheme[Any], charged: Charged, price: Price, line: dict[str, Any]
+        self,
+        scheme: Scheme[Any],
+        charged: Charged,
+        price: Price,
+        line: dict[str, Any],
+        extra: Mapping[str, str] | None = None,
     ) -> bytes:
-        line["decision"], line["status"], line["reason"] = "allow", 200, scheme.reason
+        reason = REDELIVERED if charged.redelivered else scheme.reason
+        line["decision"], line["status"], line["reason"] = "allow", 200, reason
         line["receipt_id"], line["balance"] = charged.receipt["receipt_id"], charged.balance
         allowed = decision.carrying(charged.receipt, charged.header, charged.settlement)
-        return self.answers.ok(
-            allowed.upstream_headers,
-            allowed.response_headers,
-            access_metadata(allowed.receipt, price),
-        )
+        metadata = access_metadata(allowed.receipt, price)
+        if extra:
+            metadata.update(extra)
+        return self.answers.ok(allowed.upstream_headers, allowed.response_headers, metadata)

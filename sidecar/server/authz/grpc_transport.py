@@ -20,9 +20,10 @@ def grpc_facts(check: authz.CheckRequest, context: Any) -> Facts:
     attributes = check.attributes
     http = attributes.request.http
     remaining = None if context is None else context.time_remaining()
+    path, _, query = http.path.partition("?")
     return Facts(
         http.method,
-        http.path.partition("?")[0],
+        path,
         http.host,
         http.scheme or "http",
         http.headers,
@@ -30,6 +31,7 @@ def grpc_facts(check: authz.CheckRequest, context: Any) -> Facts:
         attributes.source.address.socket_address.address,
         None if remaining is None else time.perf_counter() + remaining,
         cancels=True,
+        query=query,
     )
 
 

@@ -188,9 +188,10 @@ class AuthzConnection(asyncio.Protocol):
         extensions = (
             _RESPONSE_PHASE if headers.get(PHASE_HEADER) == phases.PHASE_RESPONSE else _NONE
         )
+        path, _, query = self.url.decode("latin-1").partition("?")
         facts = Facts(
             method,
-            self.url.decode("latin-1").partition("?")[0],
+            path,
             headers.get("host", ""),
             headers.get("x-forwarded-proto", "http"),
             headers,
@@ -199,6 +200,7 @@ class AuthzConnection(asyncio.Protocol):
             or client_address(headers.get("x-forwarded-for", ""), self.trusted_hops),
             deadline,
             self.gone,
+            query=query,
         )
         keep_alive = self.parser.should_keep_alive()
         task = asyncio.ensure_future(

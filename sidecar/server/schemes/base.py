@@ -28,6 +28,7 @@ from sidecar.core.decision import Request
 from sidecar.core.errors import PaymentError
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
+from sidecar.core.retries import Retry
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import HoldClosed, Holds
 from sidecar.server.envoy.contract import (  # the keys a hold carries to the response phase
@@ -54,6 +55,7 @@ class Payment(Generic[T]):
     invoice_id: str | None = None
     nonce: str | None = None  # a proof's nonce: the rate limiter takes no token for a replay
     facts: Mapping[str, str] = field(default_factory=dict)  # for the decision line
+    retry: Retry | None = None  # how the ledger knows it again (None: not recorded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,7 @@ class Charged:
     balance: str | None  # what the payer has left (in a channel: in it); None: paid on chain
     header: str | None = None  # the receipt's header value, if signing already encoded it
     settlement: Mapping[str, Any] | None = None  # `exact`: the standard's PAYMENT-RESPONSE
+    redelivered: bool = False  # a retry of a payment already charged: nothing charged now
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +118,9 @@ class HoldingScheme(Scheme[T]):
     async def hold(
         self, payment: Payment[T], price: Price, phase: phases.ResponsePhase, now: int,
         within: float | None,
-    ) -> Held: ...  # fmt: skip
+    ) -> Held | Charged:  # fmt: skip
+        """Hold the payment's amount; or, for a retry of a payment whose hold was already
+        captured, its first receipt again, charged nothing (`Charged`, redelivered)."""
 
     @abstractmethod
     async def abandon(self, held: Held, payment: Payment[T]) -> PaymentError | None:

@@ -7,12 +7,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.core import protocol, receipts, vouchers
+from sidecar.core import protocol, receipts, retries, vouchers
 from sidecar.core.decision import Gateway, Request
 from sidecar.core.pricing import Price
+from sidecar.core.retries import Retry
 from sidecar.core.vouchers import Voucher
-from sidecar.ledger.accounts import Ledger
-from sidecar.ledger.channels import Channels
+from sidecar.ledger.accounts import Ledger, Redelivered
+from sidecar.ledger.channels import Accepting, Channels
 from sidecar.server.schemes.base import Charged, Payment, Scheme
 
 
@@ -37,8 +38,16 @@ class Channel(Scheme[Signed]):
     ) -> Payment[Signed]:
         voucher = vouchers.voucher_from(payment)
         cumulative = vouchers.verify_voucher(voucher, request, price, self.gateway)
+        covered = retries.fingerprint(
+            request.method, request.path, request.query, price.amount, voucher.payee, price.route
+        )
         return Payment(
-            voucher.payer, Signed(voucher, cumulative), facts={"channel_id": voucher.channel_id}
+            voucher.payer,
+            Signed(voucher, cumulative),
+            facts={"channel_id": voucher.channel_id},
+            # the channel keeps its latest voucher's outcome, whatever payment-identifier
+            # id came with it (docs/protocol.md §13)
+            retry=Retry(f"{voucher.channel_id}:{voucher.sequence}", covered),
         )
 
     async def charge(
@@ -50,11 +59,21 @@ class Channel(Scheme[Signed]):
         # channel's payee is one of the gateway's keys (one opened before the rotation
         # works until it is closed, and its close is signed by the key it was opened to).
         receipt_id, payee = protocol.new_receipt_id(), voucher.payee
-        remaining, increment = await self.channels.accept(
-            voucher, cumulative, price, self.gateway.payee_list, now, within
+        covered = payment.retry.fingerprint if payment.retry is not None else ""
+        recording = Accepting(covered, self.gateway.redelivery_limit, receipt_id)
+        accepted = await self.channels.accept(
+            voucher, cumulative, price, self.gateway.payee_list, now, within, recording
         )
+        if isinstance(accepted, Redelivered):  # the latest voucher again: its first receipt
+            kept = accepted.outcome
+            receipt_id, now = kept["receipt_id"], int(kept["issued_at"])
+            remaining, increment = int(kept["balance"]), int(kept["increment"])
+        else:
+            remaining, increment = accepted
         receipt = receipts.voucher_body(
             voucher, price.asset, cumulative, increment, remaining, receipt_id, payee, now
         )
         signed, header = protocol.signed_receipt(receipt, self.gateway.signer(payee))
+        if isinstance(accepted, Redelivered):
+            return Charged(signed, 0, receipt["balance"], header, redelivered=True)
         return Charged(signed, increment, receipt["balance"], header)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.core import exact, phases, protocol, receipts
+from sidecar.core import exact, phases, protocol, receipts, retries
 from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import (
     FacilitatorUnavailable,
@@ -33,7 +33,9 @@ from sidecar.core.exact import Eip3009Authorization
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
 from sidecar.core.protocol import Offer
-from sidecar.ledger.authorizations import Authorizations
+from sidecar.core.retries import Retry
+from sidecar.ledger.accounts import Redelivered
+from sidecar.ledger.authorizations import Authorizations, Recording
 from sidecar.ledger.holds import CAPTURED, RELEASED, HoldClosed
 from sidecar.server.envoy.contract import (
     ENVELOPE,
@@ -97,6 +99,19 @@ class ExactSettler:
         reservation = await self.verify(auth, within, owner)
         return await self.settle_reserved(auth, reservation)
 
+    async def settle_recorded(
+        self, auth: Eip3009Authorization, within: float | None, recording: Recording
+    ) -> dict[str, str] | Redelivered:
+        """`settle`, the outcome recorded with the settlement; a payment already recorded
+        is redelivered: what it recorded, nothing verified or settled (protocol.md §13)."""
+        reservation = await self.authorizations.reserve(
+            auth.payer, auth.key, auth.valid_before, within, recording=recording
+        )
+        if isinstance(reservation, Redelivered):
+            return reservation
+        await self.verified(auth, reservation)
+        return await self.settle_reserved(auth, reservation, recording)
+
     async def verify(
         self, auth: Eip3009Authorization, within: float | None = None, owner: str = ""
     ) -> str:
@@ -106,6 +121,12 @@ class ExactSettler:
         reservation = await self.authorizations.reserve(
             auth.payer, auth.key, auth.valid_before, within, owner
         )
+        assert isinstance(reservation, str)  # nothing recorded, nothing redelivered
+        await self.verified(auth, reservation)
+        return reservation
+
+    async def verified(self, auth: Eip3009Authorization, reservation: str) -> None:
+        """/verify a reserved authorization; a refusal frees the reservation."""
         try:
             verified = await self.facilitator.verify(auth.envelope, auth.requirements.to_wire())
         except FacilitatorUnavailable:
@@ -117,14 +138,15 @@ class ExactSettler:
                 verified.message or "the facilitator found the authorization invalid",
                 facilitator_reason=verified.reason or "invalid",
             )
-        return reservation
 
     async def release(self, auth: Eip3009Authorization, reservation: str) -> None:
         """Nothing moved on chain: free the authorization (if still this reservation's)."""
         with contextlib.suppress(PaymentError):  # the reservation then simply expires
             await self.authorizations.release(auth.payer, auth.key, reservation)
 
-    async def settle_reserved(self, auth: Eip3009Authorization, reservation: str) -> dict[str, str]:
+    async def settle_reserved(
+        self, auth: Eip3009Authorization, reservation: str, recording: Recording | None = None
+    ) -> dict[str, str]:
         """The second half: /settle a verified, reserved authorization. An unknown outcome
         is resolved on chain; unresolved, the authorization is left `pending` and the
         answer is 503 settlement_pending: the same authorization, sent again, is resolved
@@ -154,7 +176,9 @@ class ExactSettler:
                     facilitator_reason=reason,
                 )
         with contextlib.suppress(PaymentError):  # settled on chain: the reservation holds
-            await self.authorizations.settled(auth.payer, auth.key, reservation, transaction)
+            await self.authorizations.settled(
+                auth.payer, auth.key, reservation, transaction, recording, via
+            )
         return {**settled_facts(auth, transaction), "via": via}
 
     async def resolve(
@@ -271,29 +295,52 @@ class Exact(HoldingScheme[Authorized]):
             raise UnsupportedScheme(f"{price.asset.code} is not payable with exact here")
         upfront = price.phase is None  # else verified now, settled after the service
         auth = exact.verify(payment, exact.offer(onchain, price.amount, self.terms, upfront), now)
-        return Payment(auth.payer, Authorized(auth, request), nonce=auth.nonce)
+        covered = retries.fingerprint(
+            request.method, request.path, request.query, price.amount, onchain.token, price.route
+        )
+        retry = Retry(retries.identity(None, auth.key), covered)
+        return Payment(auth.payer, Authorized(auth, request), nonce=auth.nonce, retry=retry)
 
     async def charge(
         self, payment: Payment[Authorized], price: Price, now: int, within: float | None
     ) -> Charged:
-        auth = payment.terms.auth
+        """Settle on check; the outcome is recorded with the settlement, so a retry of the
+        same payment (the same authorization, or payment-identifier id) is redelivered; an
+        authorization sent again after settlement_pending is resolved (recover)."""
+        auth, receipt_id = payment.terms.auth, protocol.new_receipt_id()
+        settled: dict[str, str] | Redelivered
         try:
-            settled = await self.settler.settle(auth, within)
-        except NonceReused as reused:  # sent again after settlement_pending: resolve it
+            if payment.retry is None:
+                settled = await self.settler.settle(auth, within)
+            else:
+                kept = {"receipt_id": receipt_id, "issued_at": str(now), "nonce": auth.nonce}
+                recording = Recording(payment.retry, self.gateway.redelivery_limit, kept)
+                settled = await self.settler.settle_recorded(auth, within, recording)
+        except NonceReused as reused:
             settled = await self.settler.recover(auth, reused)
+        redelivered = isinstance(settled, Redelivered)
+        if isinstance(settled, Redelivered):  # its first receipt, signed again
+            outcome = settled.outcome
+            receipt_id, now = outcome["receipt_id"], int(outcome["issued_at"])
+            settled = {
+                **settled_facts(auth, outcome["transaction"]),
+                "nonce": outcome["nonce"],  # the authorization that paid (a payment id's)
+                "via": outcome["via"],
+            }
         receipt = receipts.exact_body(
             auth.sender,
             payment.terms.request.resource,
             price.asset,
             price.amount,
             settled,
-            protocol.new_receipt_id(),
+            receipt_id,
             self.gateway.payee,
             now,
         )
         signed = protocol.sign_receipt(receipt, self.gateway.identity)
         settlement = exact.settle_response(auth, settled["transaction"])
-        return Charged(signed, price.amount, None, settlement=settlement)
+        return Charged(signed, 0 if redelivered else price.amount, None, settlement=settlement,
+                       redelivered=redelivered)  # fmt: skip
 
     async def hold(
         self, payment: Payment[Authorized], price: Price, phase: phases.ResponsePhase, now: int,

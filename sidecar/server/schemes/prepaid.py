@@ -7,13 +7,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.core import decision, phases, protocol, receipts
+from sidecar.core import decision, phases, protocol, receipts, retries
 from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import PaymentError
 from sidecar.core.money import Asset
 from sidecar.core.pricing import Price
 from sidecar.core.protocol import Proof
-from sidecar.ledger.accounts import Ledger
+from sidecar.core.retries import Retry
+from sidecar.ledger.accounts import Ledger, Redelivered
 from sidecar.ledger.holds import CAPTURED, NO_HOLD, HoldClosed, Holds
 from sidecar.server.envoy.contract import HELD, HOLD, PAYER
 from sidecar.server.schemes.base import (
@@ -23,6 +24,11 @@ from sidecar.server.schemes.base import (
     HoldingScheme,
     Payment,
 )
+
+# What a debit's outcome keeps beside its receipt id: a redelivery re-signs the same receipt.
+_KEPT = ("balance", "issued_at", "nonce", "invoice_id")
+# What a captured hold's outcome keeps beside its receipt's fields (ledger/lua/hold_close).
+_NOT_RECEIPT = ("fp", "redelivered")
 
 
 class Prepaid(HoldingScheme[Proof]):
@@ -38,7 +44,11 @@ class Prepaid(HoldingScheme[Proof]):
         proof = decision.verify_payment(
             request, price, self.gateway, now, protocol.Proof.from_wire(payment)
         )
-        return Payment(proof.payer, proof, proof.invoice_id, proof.nonce)
+        covered = retries.fingerprint(
+            request.method, request.path, request.query, price.amount, proof.payee, price.route
+        )
+        retry = Retry(retries.identity(None, proof.nonce), covered)
+        return Payment(proof.payer, proof, proof.invoice_id, proof.nonce, retry=retry)
 
     async def charge(
         self, payment: Payment[Proof], price: Price, now: int, within: float | None
@@ -48,7 +58,7 @@ class Prepaid(HoldingScheme[Proof]):
         # Paid to the payee the proof names (the current key, or a previous one after a
         # rotation): that key signs the receipt, here and when settlement re-signs it.
         record = receipts.debit_record(proof, asset, price.amount, price.route, proof.payee, now)
-        balance = await self.ledger.debit(
+        debited = await self.ledger.debit(
             proof.payer,
             proof.nonce,
             asset.code,
@@ -57,22 +67,30 @@ class Prepaid(HoldingScheme[Proof]):
             receipt_id,
             record,
             within,
+            payment.retry,
+            self.gateway.redelivery_limit,
         )
-        entry = {**record, "receipt_id": receipt_id, "balance": balance}
+        if isinstance(debited, Redelivered):  # the first charge's receipt, signed again
+            record |= {k: debited.outcome[k] for k in _KEPT}
+            entry = {**record, "receipt_id": debited.outcome["receipt_id"]}
+        else:
+            entry = {**record, "receipt_id": receipt_id, "balance": debited}
         receipt = receipts.body(proof.payer, entry, asset)
         signed, header = protocol.signed_receipt(receipt, self.gateway.signer(proof.payee))
+        if isinstance(debited, Redelivered):
+            return Charged(signed, 0, receipt["balance"], header, redelivered=True)
         return Charged(signed, price.amount, receipt["balance"], header)
 
     async def hold(
         self, payment: Payment[Proof], price: Price, phase: phases.ResponsePhase, now: int,
         within: float | None,
-    ) -> Held:  # fmt: skip
+    ) -> Held | Charged:  # fmt: skip
         proof = payment.terms
         hold_id = protocol.new_receipt_id()
         record = receipts.debit_record(
             proof, price.asset, price.amount, price.route, proof.payee, now
         )
-        balance = await self.holds.place(
+        placed = await self.holds.place(
             proof.payer,
             proof.nonce,
             price.asset.code,
@@ -82,8 +100,16 @@ class Prepaid(HoldingScheme[Proof]):
             phase.hold_seconds,
             record,
             within,
+            payment.retry,
+            self.gateway.redelivery_limit,
         )
-        return Held(hold_id, price.amount, price.asset.to_decimal(balance))
+        if isinstance(placed, Redelivered):  # captured before: its receipt, signed again
+            entry = {k: v for k, v in placed.outcome.items() if k not in _NOT_RECEIPT}
+            receipt = receipts.body(proof.payer, entry, price.asset)
+            signer = self.gateway.signer(str(receipt["payee"]))
+            signed, header = protocol.signed_receipt(receipt, signer)
+            return Charged(signed, 0, receipt["balance"], header, redelivered=True)
+        return Held(hold_id, price.amount, price.asset.to_decimal(placed))
 
     async def abandon(self, held: Held, payment: Payment[Proof]) -> PaymentError | None:
         return None  # the hold expires and the ledger gives it back; the proof stays spent

@@ -47,6 +47,7 @@ class Demo(Narration):
         self.wallet = Wallet.generate(max_amount=MAX_AMOUNT, budget=BUDGET)
         self.discovery: dict[str, Any] = {}
         self.replayed: dict[str, Any] | None = None  # the proof step 3 paid with
+        self.paid_receipt: str | None = None  # and the receipt it got
 
     def client(self, direct: bool) -> httpx.Client:
         auth = X402Auth(self.wallet, direct=direct, strict=True)
@@ -218,26 +219,28 @@ class Demo(Narration):
             f"{receipt.receipt_id} signed by {receipt.kid}, balance {receipt.balance}",
         )
         self.replayed = paid.proof
+        self.paid_receipt = response.headers.get("payment-response")
 
     def replay(self) -> None:
-        self.step("4. A replay", "Someone resends the exact same X-Payment header.")
+        self.step(
+            "4. A retry",
+            "The answer was lost: the agent resends the exact same X-Payment header.",
+        )
         proof = self.replayed
         if proof is None:
-            self.check("replay refused", False, "no proof to replay")
+            self.check("retry redelivered", False, "no proof to resend")
             return
         response = httpx.get(
             f"{self.stack.url}{ATLAS}",
             timeout=10,
             headers={"X-Payment": protocol.encode_header(proof)},
         )
-        reason = response.json().get("error")
-        self.console.print(
-            f"[bold]← {response.status_code}[/bold] {reason}: {response.json().get('message')}"
-        )
+        self.console.print(f"[bold]← {response.status_code}[/bold] the same receipt again")
         self.check(
-            "replay refused",
-            response.status_code == 402 and reason == "nonce_reused",
-            "402 nonce_reused, nothing charged",
+            "retry redelivered",
+            response.status_code == 200
+            and response.headers.get("payment-response") == self.paid_receipt,
+            "served again, charged nothing (at most 3 times; then 402 nonce_reused)",
         )
 
     def direct(self, client: httpx.Client) -> None:
@@ -319,7 +322,7 @@ class Demo(Narration):
             self.console.print("a raw line:")
             self.console.print(json.dumps(decisions[-1]), soft_wrap=True, markup=False)
         reasons = [d.get("reason") for d in decisions]
-        expected = ["free", "payment_required", "paid", "nonce_reused", "paid", "paid"]
+        expected = ["free", "payment_required", "paid", "redelivered", "paid", "paid"]
         self.check("decision log", reasons == expected, ", ".join(map(str, reasons)))
 
     def ledger(self) -> None:

@@ -75,6 +75,9 @@ def test_routes_become_a_route_table() -> None:
         ({"edge": {"cors_origins": "*"}}, {}, "edge.cors_origins"),
         ({"edge": {"cors_origins": ["https://a.example/path"]}}, {}, "edge.cors_origins"),
         ({"edge": {"cors_origins": ["*", "https://a.example"]}}, {}, "edge.cors_origins"),
+        ({"redelivery_limit": -1}, {}, "redelivery_limit"),
+        ({"redelivery_limit": 101}, {}, "redelivery_limit"),
+        ({}, {"X402_REDELIVERY_LIMIT": "1000"}, "X402_REDELIVERY_LIMIT"),
     ],
 )
 def test_bad_config_names_the_key(raw: dict[str, Any], env: dict[str, str], key: str) -> None:
