@@ -226,7 +226,11 @@ class ExactSettler:
             await asyncio.sleep(self.RESOLVE_INTERVAL)
 
     async def recover(
-        self, auth: Eip3009Authorization, reused: NonceReused, owner: str = ""
+        self,
+        auth: Eip3009Authorization,
+        reused: NonceReused,
+        owner: str = "",
+        recording: Recording | None = None,
     ) -> dict[str, str]:
         """The same authorization sent again, found taken in the ledger (`reused`, its
         `state`). Only `owner`'s (a top-up's payer; "" on a paid route) is resolved: one
@@ -250,7 +254,9 @@ class ExactSettler:
             raise NonceReused("this authorization is being settled; try again shortly")
         transaction = landed or found or "unknown"
         if kind == "pending":
-            took = await self.authorizations.settled(auth.payer, auth.key, state, transaction)
+            took = await self.authorizations.settled(
+                auth.payer, auth.key, state, transaction, recording, "chain"
+            )  # recorded: its own retries are redelivered from now on
             if not took:
                 raise reused
         return {**settled_facts(auth, transaction), "via": "chain"}
@@ -309,15 +315,17 @@ class Exact(HoldingScheme[Authorized]):
         authorization sent again after settlement_pending is resolved (recover)."""
         auth, receipt_id = payment.terms.auth, protocol.new_receipt_id()
         settled: dict[str, str] | Redelivered
+        recording = None
+        if payment.retry is not None:
+            kept = {"receipt_id": receipt_id, "issued_at": str(now), "nonce": auth.nonce}
+            recording = Recording(payment.retry, self.gateway.redelivery_limit, kept)
         try:
-            if payment.retry is None:
+            if recording is None:
                 settled = await self.settler.settle(auth, within)
             else:
-                kept = {"receipt_id": receipt_id, "issued_at": str(now), "nonce": auth.nonce}
-                recording = Recording(payment.retry, self.gateway.redelivery_limit, kept)
                 settled = await self.settler.settle_recorded(auth, within, recording)
-        except NonceReused as reused:
-            settled = await self.settler.recover(auth, reused)
+        except NonceReused as reused:  # sent again after settlement_pending: resolve it
+            settled = await self.settler.recover(auth, reused, recording=recording)
         redelivered = isinstance(settled, Redelivered)
         if isinstance(settled, Redelivered):  # its first receipt, signed again
             outcome = settled.outcome
