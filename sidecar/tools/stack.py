@@ -167,6 +167,9 @@ class Stack:
     # How Envoy asks the sidecar (config `transport`); X402_TRANSPORT picks it as it does for
     # `x402 serve`, so the whole end-to-end suite runs over either transport.
     transport: str = field(default_factory=lambda: os.environ.get("X402_TRANSPORT", "grpc"))
+    # The service: the demo upstream, or "mcp" / "mcp-json": an unmodified FastMCP server
+    # (tools/mcp_upstream.py) answering SSE or JSON.
+    upstream: str = "demo"
 
     def __post_init__(self) -> None:
         if self.workdir is None:
@@ -220,6 +223,11 @@ class Stack:
             "admin_token_file": str(self.dir / "admin.token"),
         }
         return token
+
+    @property
+    def upstream_url(self) -> str:
+        """The service itself, behind Envoy (the MCP server's /calls say what reached it)."""
+        return f"http://{LOOPBACK}:{self.ports['upstream']}"
 
     @property
     def sideport_url(self) -> str:
@@ -381,6 +389,12 @@ class Stack:
 
     def start_upstream(self) -> Process:
         port = str(self.ports["upstream"])
+        if self.upstream.startswith("mcp"):
+            argv = [sys.executable, "-m", "sidecar.tools.mcp_upstream", "--port", port]
+            argv += ["--json"] if self.upstream == "mcp-json" else []
+            process = self._spawn("upstream", argv)
+            wait_http(f"{self.upstream_url}/healthz", process=process)
+            return process
         # --log-headers: what reached the service, for upstream_requests()
         process = self._spawn("upstream", [*CLI, "upstream", "--port", port, "--log-headers"])
         wait_http(f"http://{LOOPBACK}:{self.ports['upstream']}/", process=process)

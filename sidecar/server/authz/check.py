@@ -34,11 +34,14 @@ from sidecar.core.errors import (
     PaymentError,
     UnsupportedScheme,
 )
+from sidecar.core.mcp import Call
 from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.rate_limit import RateLimiter
 from sidecar.server import metrics
 from sidecar.server.authz.grpc_answers import GrpcAnswers
+from sidecar.server.authz.mcp_calls import McpCalls
+from sidecar.server.envoy import contract
 from sidecar.server.logs import DecisionLog, get_logger
 from sidecar.server.schemes import base
 from sidecar.server.schemes.base import Charged, Held, HoldingScheme, Payment, Scheme
@@ -73,6 +76,7 @@ class Facts:
     # True where the transport cancels the check's coroutine when Envoy gives up (gRPC):
     # the paid part then runs shielded, and `gone` turns true.
     cancels: bool = False
+    body: bytes = b""  # the request body, on MCP routes only (Envoy's with_request_body)
 
     def within(self) -> float | None:
         """Seconds until Envoy stops waiting for this check, if it said."""
@@ -121,6 +125,7 @@ class Paying:
     line: dict[str, Any]
     now: int
     started: float
+    call: Call | None = None  # on an MCP route: the JSON-RPC tools/call it pays
 
 
 class CheckService:
@@ -144,6 +149,7 @@ class CheckService:
         self.answers: Answers = answers or GrpcAnswers()
         self.schemes = Schemes(gateway, ledger, settler)
         self._finishing: set[asyncio.Future[bytes]] = set()  # paid checks Envoy left
+        self.mcp = McpCalls(self)  # MCP routes: JSON-RPC bodies priced by tool
 
     async def decide(self, facts: Facts) -> bytes:
         started = time.perf_counter()
@@ -172,6 +178,8 @@ class CheckService:
         price = None
         try:
             price = self.routes.price_for(request.method, request.path, facts.extensions)
+            if price is not None and price.mcp is not None:
+                return await self.mcp.decide(facts, request, price, line, now, started)
             if price is None:
                 line.update(decision="allow", status=200, reason="free")
                 answer = self.answers.free
@@ -231,9 +239,10 @@ class CheckService:
                 answer = await self._hold(paying.holder, paying, facts)
             else:
                 done = await scheme.charge(paying.payment, price, paying.now, facts.within())
-                answer, charged = self._allow(scheme, done, price, line), done.amount
+                answer = self._allow(scheme, done, price, line, paying.call)
+                charged = done.amount
         except Exception as error:
-            answer = self._refuse(error, paying.request, price, line, paying.now)
+            answer = self._refuse(error, paying.request, price, line, paying.now, paying.call)
         self._record(line, price, charged, paying.started, facts)
         return answer
 
@@ -255,6 +264,7 @@ class CheckService:
         price: Price | None,
         line: dict[str, Any],
         now: int,
+        call: Call | None = None,
     ) -> bytes:
         """Any failure is a refusal: a bug must never let a request through."""
         if isinstance(error, ConfigError):  # a bad price annotation in Envoy's config
@@ -269,6 +279,10 @@ class CheckService:
         )
         line.update(error.logged)
         line["invoice_id"] = line["invoice_id"] or denial.invoice_id
+        if call is not None:  # an MCP route: the x402 MCP convention's answer
+            answered = self.mcp.refusal(call, error, request, price, now)
+            if answered is not None:
+                return self.answers.denied(*answered)
         return self.answers.denied(denial.status, denial.headers, denial.body)
 
     def _record(
@@ -326,16 +340,22 @@ class CheckService:
             (decision.UPSTREAM_HOLD, "true"),  # x-x402-amount is the hold, not the charge
         )
         meta = base.metadata(held, payment, paying.scheme.name, price, line["request_id"])
+        if paying.call is not None:  # the response phase reads the tool's answer
+            meta[contract.MCP] = contract.MCP_CALL
         return self.answers.ok(upstream, (), meta)
 
     def _allow(
-        self, scheme: Scheme[Any], charged: Charged, price: Price, line: dict[str, Any]
+        self,
+        scheme: Scheme[Any],
+        charged: Charged,
+        price: Price,
+        line: dict[str, Any],
+        call: Call | None = None,
     ) -> bytes:
         line["decision"], line["status"], line["reason"] = "allow", 200, scheme.reason
         line["receipt_id"], line["balance"] = charged.receipt["receipt_id"], charged.balance
         allowed = decision.carrying(charged.receipt, charged.header)
-        return self.answers.ok(
-            allowed.upstream_headers,
-            allowed.response_headers,
-            access_metadata(allowed.receipt, price),
-        )
+        metadata = access_metadata(allowed.receipt, price)
+        if call is not None:  # an MCP route: the settlement goes into the tool's result
+            metadata.update(self.mcp.allow_metadata(charged, price))
+        return self.answers.ok(allowed.upstream_headers, allowed.response_headers, metadata)

@@ -30,6 +30,7 @@ def grpc_facts(check: authz.CheckRequest, context: Any) -> Facts:
         attributes.source.address.socket_address.address,
         None if remaining is None else time.perf_counter() + remaining,
         cancels=True,
+        body=http.raw_body or http.body.encode(),  # MCP routes only (with_request_body)
     )
 
 

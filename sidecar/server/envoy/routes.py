@@ -12,12 +12,14 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.core import phases
+from sidecar.core import mcp, phases
 from sidecar.core.pricing import ANY_METHOD, is_pattern, path_regex
 from sidecar.server.envoy import browser, contract
 from sidecar.server.envoy.contract import EXT_AUTHZ, EXT_PROC
 from sidecar.server.envoy.edge import Edge, Endpoints
 from sidecar.server.envoy.filters import (
+    MCP_PROCESSING_MODE,
+    MCP_REQUEST_BODY,
     TYPES,
     http_service,
     response_phase_route,
@@ -56,6 +58,7 @@ def route_extensions(name: str, spec: Mapping[str, Any], default_asset: str) -> 
     if spec.get("description"):
         extensions[contract.EXT_DESCRIPTION] = str(spec["description"])
     extensions.update(phases.spec_annotations(spec))
+    extensions.update(mcp.spec_annotations(spec))
     return extensions
 
 
@@ -80,14 +83,17 @@ def priced_route(
             check_settings["http_service"] = with_headers(
                 http_service, {contract.PHASE_HEADER: contract.PHASE_RESPONSE}
             )
+    is_mcp = mcp.ROUTE_KEY in spec
+    if is_mcp:  # the check reads the JSON-RPC body (bounded: a longer one is Envoy's 413)
+        check_settings["with_request_body"] = MCP_REQUEST_BODY
     config: dict[str, Any] = {}
     if check_settings:
         config[EXT_AUTHZ] = {
             "@type": f"{TYPES}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
             "check_settings": check_settings,
         }
-    if phase:  # charge: on_success: the response phase runs on this route alone
-        config[EXT_PROC] = response_phase_route()
+    if phase or is_mcp:  # the response phase runs on this route alone
+        config[EXT_PROC] = response_phase_route(MCP_PROCESSING_MODE if is_mcp else None)
     timeout = phases.route_timeout(spec, edge.upstream_timeout_seconds)
     route = {"name": name, "match": _route_match(spec), "route": service_route(edge, timeout)}
     if config:
@@ -101,7 +107,7 @@ def service_route(edge: Edge, timeout: int | None = None) -> dict[str, Any]:
 
 
 def has_response_phase(routes: Mapping[str, Mapping[str, Any]]) -> bool:
-    return any(phases.spec_annotations(spec) for spec in routes.values())
+    return any(phases.spec_annotations(spec) or mcp.ROUTE_KEY in spec for spec in routes.values())
 
 
 def _gateway_routes(ep: Endpoints) -> list[dict[str, Any]]:
