@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sidecar.agent.wallet import Wallet
 from sidecar.agent.x402_plugin import PREPAID_NETWORK, PrepaidEd25519
 
 if TYPE_CHECKING:
+    import httpx
     from x402 import x402Client
     from x402.mcp import x402MCPSession
 
@@ -48,12 +49,13 @@ async def paying_session(
     *,
     wallet: Wallet | None = None,
     client: x402Client | None = None,
-    headers: dict[str, Any] | None = None,
+    http: httpx.AsyncClient | None = None,
 ) -> AsyncIterator[x402MCPSession]:
     """An initialized MCP session to the server at `url` (streamable HTTP) whose
-    `call_tool` pays priced tools: with `wallet` (prepaid) or an official x402 `client`."""
+    `call_tool` pays priced tools: with `wallet` (prepaid) or an official x402 `client`;
+    `http`: the httpx client the MCP transport uses (headers, timeouts)."""
     from mcp import ClientSession
-    from mcp.client.streamable_http import streamablehttp_client
+    from mcp.client.streamable_http import streamable_http_client
     from x402.mcp import x402MCPSession
 
     if client is None:
@@ -61,7 +63,7 @@ async def paying_session(
             raise ValueError("paying_session needs a wallet or an x402 client")
         client = prepaid_client(wallet)
     async with (
-        streamablehttp_client(url, headers=headers) as (read, write, _),
+        streamable_http_client(url, http_client=http) as (read, write, _),
         ClientSession(read, write) as session,
     ):
         paying = x402MCPSession(session, client)

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+from collections.abc import Awaitable, Callable
+from typing import cast
 
 from mcp.server.fastmcp import FastMCP
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+Handler = Callable[[Request], Awaitable[Response]]
 MCP_PATH = "/mcp"
 TOOLS = ("get_weather", "deep_research", "echo", "flaky", "set_flaky")
 
@@ -70,13 +73,15 @@ def server(host: str, port: int, json_response: bool = False) -> FastMCP:
         failing["flaky"] = fail
         return "ok"
 
-    @app.custom_route("/calls", methods=["GET"])
     async def counts(_request: Request) -> Response:
         return JSONResponse(dict(calls))
 
-    @app.custom_route("/healthz", methods=["GET"])
     async def healthz(_request: Request) -> Response:
         return PlainTextResponse("ok")
+
+    for path, handler in (("/calls", counts), ("/healthz", healthz)):
+        route = cast(Callable[[Handler], Handler], app.custom_route(path, methods=["GET"]))
+        route(handler)
 
     return app
 

@@ -149,7 +149,8 @@ class McpCalls:
             return error.status, headers, body
         if error.status not in (400, 402) or price is None or call.tool is None:
             return None
-        priced = tool_price(price, call.tool)
+        # the route's price (a refusal before the tool was priced), or the tool's own
+        priced = price if price.mcp is None else tool_price(price, call.tool)
         if priced is None:
             return None
         path = request.path.partition("#")[0]  # the route's, or the tool call's
