@@ -92,7 +92,9 @@ async def test_the_official_mcp_client_pays_a_tool_with_exact(gw: Stack, chain: 
 # -- 2. free methods pass and list prices; an unpaid call never reaches the server --------
 
 
-async def test_initialize_and_tools_list_are_free_and_list_the_prices(gw: Stack) -> None:
+async def test_initialize_and_tools_list_are_free_and_list_the_prices(
+    gw: Stack, http: httpx.AsyncClient
+) -> None:
     wallet = await funded(gw)
     async with paying_session(f"{gw.url}/mcp", wallet=wallet) as tools:
         listed = await tools.list_tools()
@@ -103,7 +105,7 @@ async def test_initialize_and_tools_list_are_free_and_list_the_prices(gw: Stack)
     assert prices["echo"] is None  # free: no price
     assert not echoed.payment_made and echoed.content[0].text == "free"
     assert await gw.balance(wallet.public_key) == 10_000_000
-    document = httpx.get(f"{gw.url}/.well-known/x402").json()
+    document = (await http.get(f"{gw.url}/.well-known/x402")).json()
     [route] = [r for r in document["routes"] if r.get("mcp")]
     assert route["mcp"]["tools"] == TOOLS and route["mcp"]["default"] == "free"
 
