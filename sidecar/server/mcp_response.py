@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
 from sidecar.core import mcp_results, protocol
+from sidecar.core.money import Asset
 from sidecar.server.envoy import contract
 
-if TYPE_CHECKING:
-    from sidecar.server.processor import Processor
+Held = Callable[
+    [ext_proc.ProcessingRequest, Any, Any, bool], Awaitable[ext_proc.ProcessingResponse]
+]
+HeadersOf = Callable[[ext_proc.HttpHeaders], dict[str, str]]
 
 _CONTINUE_BODY = ext_proc.ProcessingResponse(response_body=ext_proc.BodyResponse())
 _RECEIPT_HEADER = protocol.RECEIPT_HEADERS[-1]  # payment-response
@@ -54,8 +58,13 @@ def _body_response(
 class McpResponses:
     """An MCP route's answers, for one Processor."""
 
-    def __init__(self, processor: Processor) -> None:
-        self.processor = processor
+    def __init__(
+        self, assets: Mapping[str, Asset], network: str, held: Held, headers_of: HeadersOf
+    ) -> None:
+        """`held`: the processor's hold closing (Processor.held); `headers_of` its reading
+        of Envoy's headers."""
+        self.assets, self.network = assets, network
+        self.held, self.headers_of = held, headers_of
 
     async def headers(
         self, request: ext_proc.ProcessingRequest, namespace: Any, stream: McpStream, context: Any
@@ -84,7 +93,7 @@ class McpResponses:
                 return _CONTINUE_BODY  # not buffered whole: nothing to say yet
         assert stream.headers is not None
         meta = _metadata(stream.namespace)
-        headers = self.processor.headers_of(stream.headers.response_headers)
+        headers = self.headers_of(stream.headers.response_headers)
         content_type = headers.get("content-type", "")
         if meta.get(contract.MCP) == contract.MCP_LIST:
             listing = json.loads(meta[contract.MCP_PRICES])
@@ -92,9 +101,7 @@ class McpResponses:
             return _body_response(mcp_results.rewrite(body, content_type, edit))
         if contract.HOLD in meta:
             failed = mcp_results.failed(body, content_type)
-            closing = asyncio.shield(
-                self.processor.held(stream.headers, stream.namespace, context, failed)
-            )
+            closing = asyncio.shield(self.held(stream.headers, stream.namespace, context, failed))
             response = await closing
             if response.HasField("immediate_response"):
                 return response
@@ -115,8 +122,7 @@ class McpResponses:
         for option in mutation.set_headers:
             if option.header.key == _RECEIPT_HEADER:
                 receipt = protocol.decode_header(option.header.raw_value.decode())
-                asset = self.processor.assets[meta[contract.ASSET]]
-                network = self.processor.gateway.network
+                asset = self.assets[meta[contract.ASSET]]
                 reason = "tool_failed" if failed else ""
-                return mcp_results.settle_response(receipt, asset, network, reason)
+                return mcp_results.settle_response(receipt, asset, self.network, reason)
         return None

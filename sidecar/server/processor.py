@@ -113,8 +113,8 @@ class Processor:
         self.worker = worker
         self.decisions = decisions or DecisionLog()
         self.holding = Schemes(gateway, ledger, settler).holding
-        self.mcp = McpResponses(self)  # MCP routes: the settlement in the tool's result
-        self.headers_of = headers_of
+        # MCP routes: the settlement in the tool's result (server/mcp_response.py)
+        self.mcp = McpResponses(self.assets, gateway.network, self.held, headers_of)
 
     def handler(self) -> grpc.GenericRpcHandler:
         process = grpc.stream_stream_rpc_method_handler(

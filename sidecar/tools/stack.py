@@ -167,9 +167,7 @@ class Stack:
     # How Envoy asks the sidecar (config `transport`); X402_TRANSPORT picks it as it does for
     # `x402 serve`, so the whole end-to-end suite runs over either transport.
     transport: str = field(default_factory=lambda: os.environ.get("X402_TRANSPORT", "grpc"))
-    # The service: the demo upstream, or "mcp" / "mcp-json": an unmodified FastMCP server
-    # (tools/mcp_upstream.py) answering SSE or JSON.
-    upstream: str = "demo"
+    upstream: str = "demo"  # or "mcp" / "mcp-json": FastMCP (tools/mcp_upstream.py)
 
     def __post_init__(self) -> None:
         if self.workdir is None:
@@ -225,8 +223,7 @@ class Stack:
         return token
 
     @property
-    def upstream_url(self) -> str:
-        """The service itself, behind Envoy (the MCP server's /calls say what reached it)."""
+    def upstream_url(self) -> str:  # the service itself, behind Envoy
         return f"http://{LOOPBACK}:{self.ports['upstream']}"
 
     @property
@@ -389,10 +386,9 @@ class Stack:
 
     def start_upstream(self) -> Process:
         port = str(self.ports["upstream"])
-        if self.upstream.startswith("mcp"):
-            argv = [sys.executable, "-m", "sidecar.tools.mcp_upstream", "--port", port]
-            argv += ["--json"] if self.upstream == "mcp-json" else []
-            process = self._spawn("upstream", argv)
+        if self.upstream.startswith("mcp"):  # --json: JSON answers, not SSE
+            mcp = [sys.executable, "-m", "sidecar.tools.mcp_upstream", "--port", port]
+            process = self._spawn("upstream", mcp + ["--json"] * (self.upstream == "mcp-json"))
             wait_http(f"{self.upstream_url}/healthz", process=process)
             return process
         # --log-headers: what reached the service, for upstream_requests()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from sidecar.core import decision, exact, phases, protocol
@@ -39,6 +39,7 @@ from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.rate_limit import RateLimiter
 from sidecar.server import metrics
+from sidecar.server.authz import mcp_calls
 from sidecar.server.authz.grpc_answers import GrpcAnswers
 from sidecar.server.authz.mcp_calls import McpCalls
 from sidecar.server.envoy import contract
@@ -149,7 +150,7 @@ class CheckService:
         self.answers: Answers = answers or GrpcAnswers()
         self.schemes = Schemes(gateway, ledger, settler)
         self._finishing: set[asyncio.Future[bytes]] = set()  # paid checks Envoy left
-        self.mcp = McpCalls(self)  # MCP routes: JSON-RPC bodies priced by tool
+        self.mcp = McpCalls(gateway, self.answers)  # MCP routes: JSON-RPC priced by tool
 
     async def decide(self, facts: Facts) -> bytes:
         started = time.perf_counter()
@@ -179,7 +180,7 @@ class CheckService:
         try:
             price = self.routes.price_for(request.method, request.path, facts.extensions)
             if price is not None and price.mcp is not None:
-                return await self.mcp.decide(facts, request, price, line, now, started)
+                return await self._mcp(facts, request, price, line, now, started)
             if price is None:
                 line.update(decision="allow", status=200, reason="free")
                 answer = self.answers.free
@@ -216,6 +217,39 @@ class CheckService:
         if price.phase is not None:  # charge: on_success (core/phases.py)
             holder = self._holder(scheme, price, facts.extensions)
         return Paying(scheme, holder, payment, price, request, line, now, started)
+
+    async def _mcp(
+        self,
+        facts: Facts,
+        request: Request,
+        price: Price,
+        line: dict[str, Any],
+        now: int,
+        started: float,
+    ) -> bytes:
+        """An MCP route (server/authz/mcp_calls.py): the JSON-RPC body's tools/call of a
+        priced tool pays as its own resource; any other method passes free."""
+        call = self.mcp.accepting(facts)
+        try:
+            call = self.mcp.parse(facts, price, call)
+            line["mcp_method"], line["tool"] = call.method[:64] or None, call.tool
+            priced = None if call.tool is None else mcp_calls.tool_price(price, call.tool)
+            if priced is None or call.tool is None:
+                line.update(decision="allow", status=200, reason="free")
+                self._record(line, replace(price, amount=0), 0, started, facts)
+                return self.mcp.free(call, price)
+            tool_request = self.mcp.tool_request(request, call, call.tool)
+            paying = await self._verify(tool_request, priced, facts, line, now, started)
+            paying.call = call
+        except Exception as error:
+            answer = self._refuse(error, request, price, line, now, call)
+            # the line names the tool's price where the call named a priced tool
+            tool = None if call.tool is None else mcp_calls.tool_price(price, call.tool)
+            self._record(line, tool or replace(price, amount=0), 0, started, facts)
+            return answer
+        if facts.cancels:
+            return await self._shielded(self._pay(paying, facts), facts)
+        return await self._pay(paying, facts)
 
     async def _shielded(self, paying: Coroutine[Any, Any, bytes], facts: Facts) -> bytes:
         """The paid part of a check whose transport cancels it when Envoy gives up: it runs

@@ -15,12 +15,12 @@ that.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.core import decision, mcp, protocol
-from sidecar.core.decision import Request
+from sidecar.core.decision import Gateway, Request
 from sidecar.core.errors import InvoiceMismatch, McpError, PaymentError, PaymentRequired
 from sidecar.core.mcp import Call
 from sidecar.core.mcp_results import settle_response
@@ -28,8 +28,27 @@ from sidecar.core.pricing import Price
 from sidecar.server.envoy import contract
 
 if TYPE_CHECKING:
-    from sidecar.server.authz.check import CheckService, Facts
     from sidecar.server.schemes.base import Charged
+
+
+class Facts(Protocol):
+    """What this room reads of a check's facts (server/authz/check.py Facts)."""
+
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class Answers(Protocol):
+    """The transport's encoder (server/authz/check.py Answers), as far as used here."""
+
+    free: bytes
+
+    def ok(
+        self,
+        upstream: Iterable[tuple[str, str]],
+        response: Iterable[tuple[str, str]],
+        metadata: Mapping[str, str],
+    ) -> bytes: ...
 
 
 def _compact(value: Any) -> Any:
@@ -65,55 +84,31 @@ def prices_json(price: Price) -> str:
 
 
 class McpCalls:
-    """An MCP route's checks, for one CheckService (server/authz/check.py)."""
+    """An MCP route's answers and facts, for one CheckService (server/authz/check.py,
+    whose `_mcp` runs the check itself)."""
 
-    def __init__(self, service: CheckService) -> None:
-        self.service = service
+    def __init__(self, gateway: Gateway, answers: Answers) -> None:
+        self.gateway, self.answers = gateway, answers
 
-    async def decide(
-        self,
-        facts: Facts,
-        request: Request,
-        price: Price,
-        line: dict[str, Any],
-        now: int,
-        started: float,
-    ) -> bytes:
-        service = self.service
+    def accepting(self, facts: Facts) -> Call:
+        """A call not yet read: how the client takes the gateway's answers (its Accept)."""
+        return Call(None, "", sse=mcp.wants_sse(facts.headers.get(contract.ACCEPT_HEADER, "")))
+
+    def parse(self, facts: Facts, price: Price, accepting: Call) -> Call:
+        """The JSON-RPC request of an MCP route's body (typed McpError otherwise)."""
         assert price.mcp is not None
-        call = Call(None, "", sse=mcp.wants_sse(facts.headers.get(contract.ACCEPT_HEADER, "")))
-        try:
-            call = replace(mcp.parse(facts.body, price.mcp, contract.MCP_BODY_BYTES), sse=call.sse)
-            line["mcp_method"] = call.method[:64] or None
-            line["tool"] = call.tool
-            priced = None if call.tool is None else tool_price(price, call.tool)
-            if priced is None:
-                line.update(decision="allow", status=200, reason="free")
-                answer = self._free(call, price)
-                service._record(line, replace(price, amount=0), 0, started, facts)
-                return answer
-            assert call.tool is not None
-            tool_request = self._tool_request(request, call, call.tool)
-            paying = await service._verify(tool_request, priced, facts, line, now, started)
-            paying.call = call
-        except Exception as error:
-            answer = service._refuse(error, request, price, line, now, call)
-            # the line names the tool's price where the call named a priced tool
-            tool = None if call.tool is None else tool_price(price, call.tool)
-            service._record(line, tool or replace(price, amount=0), 0, started, facts)
-            return answer
-        if facts.cancels:
-            return await service._shielded(service._pay(paying, facts), facts)
-        return await service._pay(paying, facts)
+        parsed = mcp.parse(facts.body, price.mcp, contract.MCP_BODY_BYTES)
+        return replace(parsed, sse=accepting.sse)
 
-    def _free(self, call: Call, price: Price) -> bytes:
-        answers = self.service.answers
+    def free(self, call: Call, price: Price) -> bytes:
+        """A free method's allow; a tools/list's tells the response phase the prices."""
+        answers = self.answers
         if call.method != mcp.TOOLS_LIST:
             return answers.free
         meta = {contract.MCP: contract.MCP_LIST, contract.MCP_PRICES: prices_json(price)}
         return answers.ok((), (), meta)
 
-    def _tool_request(self, request: Request, call: Call, tool: str) -> Request:
+    def tool_request(self, request: Request, call: Call, tool: str) -> Request:
         """The request a tool call pays as: its own resource, its payment as the header
         value the schemes read. A payment for another tool's URL is refused here."""
         path = mcp.tool_path(request.path, tool)
@@ -122,7 +117,7 @@ class McpCalls:
             payment = _compact(call.payment)
             resource = payment.get("resource")
             if isinstance(resource, Mapping) and "url" in resource:
-                url = mcp.tool_url(request.base_url(self.service.gateway), request.path, tool)
+                url = mcp.tool_url(request.base_url(self.gateway), request.path, tool)
                 if resource["url"] != url:
                     raise InvoiceMismatch(f"the payment is for {str(resource['url'])[:200]!r}")
             header = protocol.encode_header(payment)
@@ -130,7 +125,7 @@ class McpCalls:
 
     def allow_metadata(self, charged: Charged, price: Price) -> dict[str, str]:
         """A paid call's settlement, for the response phase to write into the result."""
-        settled = settle_response(charged.receipt, price.asset, self.service.gateway.network)
+        settled = settle_response(charged.receipt, price.asset, self.gateway.network)
         return {contract.MCP: contract.MCP_CALL, contract.MCP_SETTLE: _json(settled)}
 
     def refusal(
@@ -158,7 +153,7 @@ class McpCalls:
             request.method, mcp.tool_path(path, call.tool), request.host, request.scheme
         )
         challenge = error if error.status == 402 else PaymentRequired(error.message)
-        gateway = self.service.gateway
+        gateway = self.gateway
         denial = decision.deny(challenge, tool_request, priced, gateway, now)
         required = dict(protocol.decode_header(dict(denial.headers)["payment-required"]))
         required["error"] = error.reason
