@@ -141,7 +141,7 @@ def spec_annotations(spec: Mapping[str, Any]) -> dict[str, str]:
     if not isinstance(spec.get(ROUTE_KEY), Mapping):
         return {}
     tools = spec[ROUTE_KEY].get("tools") or {}
-    listed = ",".join(f"{name}={price}" for name, price in tools.items())
+    listed = ",".join(f"{name}={price}" for name, price in sorted(tools.items()))
     return {EXT_MCP_TOOLS: listed, EXT_MCP_DEFAULT: str(spec[ROUTE_KEY].get("default", FREE))}
 
 

@@ -23,12 +23,14 @@
   "authzRequestHeaders": [
     "x-payment",
     "payment-signature",
-    "x-request-id"
+    "x-request-id",
+    "accept"
   ],
   "httpRequestHeaders": [
     "x-payment",
     "payment-signature",
     "x-request-id",
+    "accept",
     "x-envoy-external-address",
     "x-forwarded-for",
     "x-forwarded-proto"
@@ -78,7 +80,10 @@
     "x402.max_units",
     "x402.min_units",
     "x402.usage_missing",
-    "x402"
+    "x402",
+    "mcp",
+    "mcp_settle",
+    "mcp_prices"
   ],
   "accessLogKeys": [
     "payer",
@@ -118,6 +123,23 @@
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP"
   },
+  "mcpRouteKey": "mcp",
+  "extMcpTools": "x402.mcp_tools",
+  "extMcpDefault": "x402.mcp_default",
+  "mcpFree": "free",
+  "mcpRequestBody": {
+    "max_request_bytes": 65536,
+    "allow_partial_message": false,
+    "pack_as_bytes": true
+  },
+  "mcpProcessingMode": {
+    "request_header_mode": "SKIP",
+    "response_header_mode": "SEND",
+    "request_body_mode": "NONE",
+    "response_body_mode": "BUFFERED",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SKIP"
+  },
   "localReplies": [
     {
       "filter": {
@@ -139,6 +161,27 @@
         }
       },
       "status_code": 503
+    },
+    {
+      "filter": {
+        "metadata_filter": {
+          "matcher": {
+            "filter": "envoy.filters.http.ext_authz",
+            "path": [
+              {
+                "key": "x402"
+              }
+            ],
+            "value": {
+              "string_match": {
+                "exact": "answered"
+              }
+            }
+          },
+          "match_if_key_not_found": false
+        }
+      },
+      "status_code": 200
     },
     {
       "filter": {
