@@ -63,12 +63,6 @@ class ToolPrices:
         """The most one call costs: the route's price where one number is shown."""
         return max((amount for _, amount in self.tools), default=self.default) or self.default
 
-    def annotations(self, asset: Asset) -> dict[str, str]:
-        """Envoy's per-route context_extensions for these prices."""
-        tools = ",".join(f"{name}={asset.to_decimal(amount)}" for name, amount in self.tools)
-        default = asset.to_decimal(self.default) if self.default else FREE
-        return {EXT_MCP_TOOLS: tools, EXT_MCP_DEFAULT: default}
-
     def listing(self, asset: Asset) -> dict[str, str]:
         """Each priced tool's price as a wire decimal (discovery, tools/list)."""
         return {name: asset.to_decimal(amount) for name, amount in self.tools if amount}
@@ -108,9 +102,11 @@ def tool_prices(key: str, spec: Any, asset: Asset) -> ToolPrices:
     tools = spec.get("tools", {})
     if not isinstance(tools, Mapping):
         raise ConfigError(f"{key}.tools: must map each priced tool's name to its price")
-    priced = tuple(
-        (_tool_name(f"{key}.tools", name), _amount(f"{key}.tools.{name}", price, asset))
-        for name, price in tools.items()
+    priced = tuple(  # by name: the config's and the annotations' prices compare equal
+        sorted(
+            (_tool_name(f"{key}.tools", name), _amount(f"{key}.tools.{name}", price, asset))
+            for name, price in tools.items()
+        )
     )
     default = _amount(f"{key}.default", spec.get("default", FREE), asset)
     prices = ToolPrices(priced, default)
