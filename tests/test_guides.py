@@ -98,3 +98,13 @@ def test_the_auditors_guide(world: lanes.World, tmp_path: Path) -> None:
     assert re.search(r"OK: \d+ receipts in \d+ batches verify", out)
     assert "FAIL:" in out  # the tampered bundle
     assert "/api/v1/trade/verify/A-2 -> leaf" in out
+
+
+def test_the_mcp_guide(tmp_path: Path) -> None:
+    with lanes.start(lanes.SPECS["mcp"]) as mcp_world:
+        api, payer = mcp_world.gateways["api"], mcp_world.wallet().public_key
+        before = api.balance(payer)
+        out = run_guide("mcp", mcp_world, tmp_path)
+        assert "get_weather 0.01" in out and "echo free" in out
+        assert "paid: True 10000 atomic" in out and "receipt: rcpt_" in out
+        assert before - api.balance(payer) == 10_000
