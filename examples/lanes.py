@@ -31,6 +31,7 @@ from sidecar.core.identity import Identity, write_secret
 from sidecar.core.money import to_atomic
 from sidecar.ledger.accounts import Ledger
 from sidecar.server.config import Settings
+from sidecar.tools.mcp_stack import McpStack
 from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port, wait_http
 
 Routes = Mapping[str, Mapping[str, Any]]
@@ -258,9 +259,9 @@ def start(spec: Spec) -> Iterator[World]:
             assert agent.evm is not None
             chain.mint(agent.evm.address, spec.mint)
             rpc_url, token, evm_key = chain.rpc_url, chain.token, agent.evm.hex
-        upstream = "mcp" if spec.mcp else "demo"
-        stacks = {
-            name: Stack(routes, settings=settings[name], upstream=upstream)
+        kind = McpStack if spec.mcp else Stack
+        stacks: dict[str, Stack] = {
+            name: kind(routes, settings=settings[name])
             for name, routes in spec.gateways.items()
             if name not in spec.chained
         }

@@ -17,6 +17,7 @@ from sidecar.agent.mcp import paying_session, prepaid_client
 from sidecar.agent.wallet import Wallet
 from sidecar.core import protocol
 from sidecar.tools.chain import AnvilChain
+from sidecar.tools.mcp_stack import McpStack
 from sidecar.tools.onchain import FacilitatorProcess, exact_settings, official_client, payers
 from sidecar.tools.stack import Stack
 from tests.support.mcp import RawMcp, calls, messages
@@ -30,16 +31,16 @@ ON_SUCCESS: dict[str, dict[str, Any]] = {"tools": {**ROUTES["tools"], "charge": 
 
 
 @pytest.fixture(scope="module")
-def gw(chain: AnvilChain, facilitator: FacilitatorProcess) -> Iterator[Stack]:
+def gw(chain: AnvilChain, facilitator: FacilitatorProcess) -> Iterator[McpStack]:
     """Charged on check; the server answers each POST as an SSE stream (FastMCP's default)."""
-    with Stack(ROUTES, settings=exact_settings(chain, facilitator), upstream="mcp") as running:
+    with McpStack(ROUTES, settings=exact_settings(chain, facilitator)) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def held() -> Iterator[Stack]:
+def held() -> Iterator[McpStack]:
     """Charged on success; the server answers JSON."""
-    with Stack(ON_SUCCESS, upstream="mcp-json") as running:
+    with McpStack(ON_SUCCESS, json=True) as running:
         yield running
 
 
@@ -69,7 +70,9 @@ def keys(stack: Stack) -> dict[str, str]:
 # -- 1. the official MCP client pays `exact` ----------------------------------------------
 
 
-async def test_the_official_mcp_client_pays_a_tool_with_exact(gw: Stack, chain: AnvilChain) -> None:
+async def test_the_official_mcp_client_pays_a_tool_with_exact(
+    gw: McpStack, chain: AnvilChain
+) -> None:
     payer = payers(chain)[0]
     before, ran = chain.balance_of(payer.address), calls(gw).get("get_weather", 0)
     client = official_client(chain, payer, cap=1_000_000)
@@ -93,7 +96,7 @@ async def test_the_official_mcp_client_pays_a_tool_with_exact(gw: Stack, chain: 
 
 
 async def test_initialize_and_tools_list_are_free_and_list_the_prices(
-    gw: Stack, http: httpx.AsyncClient
+    gw: McpStack, http: httpx.AsyncClient
 ) -> None:
     wallet = await funded(gw)
     async with paying_session(f"{gw.url}/mcp", wallet=wallet) as tools:
@@ -112,7 +115,7 @@ async def test_initialize_and_tools_list_are_free_and_list_the_prices(
 
 @pytest.mark.parametrize("accept", ["application/json, text/event-stream", "text/event-stream"])
 async def test_an_unpaid_priced_call_is_answered_by_the_gateway(
-    gw: Stack, http: httpx.AsyncClient, accept: str
+    gw: McpStack, http: httpx.AsyncClient, accept: str
 ) -> None:
     raw = await RawMcp(gw, http).start()
     before = calls(gw).get("deep_research", 0)
@@ -137,7 +140,7 @@ async def test_an_unpaid_priced_call_is_answered_by_the_gateway(
 
 
 async def test_a_replayed_payment_is_refused_and_charged_once(
-    gw: Stack, http: httpx.AsyncClient
+    gw: McpStack, http: httpx.AsyncClient
 ) -> None:
     wallet = await funded(gw)
     raw = await RawMcp(gw, http).start()
@@ -155,7 +158,7 @@ async def test_a_replayed_payment_is_refused_and_charged_once(
 
 
 async def test_a_failing_tool_costs_nothing_and_the_same_payment_works_later(
-    held: Stack, http: httpx.AsyncClient
+    held: McpStack, http: httpx.AsyncClient
 ) -> None:
     wallet = await funded(held)
     raw = await RawMcp(held, http).start()
@@ -207,7 +210,7 @@ BAD_BODIES: list[tuple[bytes, int, int, str]] = [
 
 @pytest.mark.parametrize(("body", "status", "code", "reason"), BAD_BODIES)
 async def test_a_body_that_is_not_json_rpc_gets_a_json_rpc_error(
-    gw: Stack, http: httpx.AsyncClient, body: bytes, status: int, code: int, reason: str
+    gw: McpStack, http: httpx.AsyncClient, body: bytes, status: int, code: int, reason: str
 ) -> None:
     before = forwarded(gw)
     response = await RawMcp(gw, http).post(body)
@@ -218,7 +221,7 @@ async def test_a_body_that_is_not_json_rpc_gets_a_json_rpc_error(
     assert forwarded(gw) == before
 
 
-async def test_a_body_over_the_limit_is_refused_413(gw: Stack, http: httpx.AsyncClient) -> None:
+async def test_a_body_over_the_limit_is_refused_413(gw: McpStack, http: httpx.AsyncClient) -> None:
     before = forwarded(gw)
     big = {"jsonrpc": "2.0", "id": 1, "method": "tools/call"}
     big["params"] = {"name": "echo", "arguments": {"text": "x" * 70_000}}
@@ -229,7 +232,7 @@ async def test_a_body_over_the_limit_is_refused_413(gw: Stack, http: httpx.Async
 
 
 async def test_a_payment_for_another_tool_or_amount_is_refused(
-    gw: Stack, http: httpx.AsyncClient
+    gw: McpStack, http: httpx.AsyncClient
 ) -> None:
     wallet = await funded(gw)
     raw = await RawMcp(gw, http).start()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -167,7 +167,6 @@ class Stack:
     # How Envoy asks the sidecar (config `transport`); X402_TRANSPORT picks it as it does for
     # `x402 serve`, so the whole end-to-end suite runs over either transport.
     transport: str = field(default_factory=lambda: os.environ.get("X402_TRANSPORT", "grpc"))
-    upstream: str = "demo"  # or "mcp" / "mcp-json": FastMCP (tools/mcp_upstream.py)
 
     def __post_init__(self) -> None:
         if self.workdir is None:
@@ -223,10 +222,6 @@ class Stack:
         return token
 
     @property
-    def upstream_url(self) -> str:  # the service itself, behind Envoy
-        return f"http://{LOOPBACK}:{self.ports['upstream']}"
-
-    @property
     def sideport_url(self) -> str:
         return f"http://{LOOPBACK}:{self.ports['http']}"
 
@@ -235,7 +230,7 @@ class Stack:
         return self.dir / "x402.yaml"
 
     # -- lifecycle ---------------------------------------------------------------------
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -290,6 +285,7 @@ class Stack:
             sideport=(LOOPBACK, self.ports["http"]),
             authz_timeout=self.authz_timeout or authz_timeout,
             topup_timeout=topup_timeout,
+            mcp_service=(LOOPBACK, self.ports["mcp"]) if "mcp" in self.ports else None,  # McpStack
         )
         envoy_routes = self.routes if self.envoy_routes is None else self.envoy_routes
         edge = Edge.from_mapping(config.get("edge"))  # the sidecar config's `edge`, as the CLI
@@ -386,11 +382,6 @@ class Stack:
 
     def start_upstream(self) -> Process:
         port = str(self.ports["upstream"])
-        if self.upstream.startswith("mcp"):  # --json: JSON answers, not SSE
-            mcp = [sys.executable, "-m", "sidecar.tools.mcp_upstream", "--port", port]
-            process = self._spawn("upstream", mcp + ["--json"] * (self.upstream == "mcp-json"))
-            wait_http(f"{self.upstream_url}/healthz", process=process)
-            return process
         # --log-headers: what reached the service, for upstream_requests()
         process = self._spawn("upstream", [*CLI, "upstream", "--port", port, "--log-headers"])
         wait_http(f"http://{LOOPBACK}:{self.ports['upstream']}/", process=process)

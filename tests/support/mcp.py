@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 
+from sidecar.tools.mcp_stack import McpStack
 from sidecar.tools.stack import Stack
 
 ACCEPT_BOTH = "application/json, text/event-stream"
@@ -82,7 +83,7 @@ class RawMcp:
         return response, found[-1] if found else {}
 
 
-def calls(stack: Stack) -> dict[str, int]:
+def calls(stack: McpStack) -> dict[str, int]:
     """How many times each tool ran on the MCP server (what reached it)."""
-    counts: dict[str, int] = httpx.get(f"{stack.upstream_url}/calls").json()
+    counts: dict[str, int] = httpx.get(f"{stack.server_url}/calls").json()
     return counts

@@ -68,10 +68,12 @@ def priced_route(
     default_asset: str,
     edge: Edge | None = None,
     http_service: Mapping[str, Any] | None = None,
+    mcp_cluster: str = "service",
 ) -> dict[str, Any]:
     """An Envoy route for a priced route. Over gRPC its price rides along as
     context_extensions; over HTTP (`http_service`: the filter's) there are none, and a
-    route with a response phase says so with a header on its checks instead."""
+    route with a response phase says so with a header on its checks instead. An MCP route
+    goes to `mcp_cluster` (an MCP server beside the service, in the demo)."""
     phase = phases.spec_annotations(spec)
     edge = edge or Edge()
     check_settings: dict[str, Any] = {
@@ -95,15 +97,18 @@ def priced_route(
     if phase or is_mcp:  # the response phase runs on this route alone
         config[EXT_PROC] = response_phase_route(MCP_PROCESSING_MODE if is_mcp else None)
     timeout = phases.route_timeout(spec, edge.upstream_timeout_seconds)
-    route = {"name": name, "match": _route_match(spec), "route": service_route(edge, timeout)}
+    upstream = service_route(edge, timeout, mcp_cluster if is_mcp else "service")
+    route = {"name": name, "match": _route_match(spec), "route": upstream}
     if config:
         route["typed_per_filter_config"] = config
     return route
 
 
-def service_route(edge: Edge, timeout: int | None = None) -> dict[str, Any]:
+def service_route(
+    edge: Edge, timeout: int | None = None, cluster: str = "service"
+) -> dict[str, Any]:
     value = edge.upstream_timeout_seconds if timeout is None else timeout
-    return {"cluster": "service", "timeout": seconds(value)}
+    return {"cluster": cluster, "timeout": seconds(value)}
 
 
 def has_response_phase(routes: Mapping[str, Mapping[str, Any]]) -> bool:
@@ -148,6 +153,7 @@ def virtual_host_routes(
     the gateway, with its CORS), the priced routes, then the catch-all to the service."""
     origins = edge.cors_origins
     per_route_http = http_service(ep) if ep.transport == "http" else None
+    mcp_cluster = "mcp_service" if ep.mcp_service else "service"
     # Unannotated paths still go through ext_authz: the sidecar's own route table may
     # price them, and otherwise answers "free" without touching Redis.
     fallback = {"name": "service", "match": {"prefix": "/"}, "route": service_route(edge)}
@@ -157,7 +163,7 @@ def virtual_host_routes(
         # Exact paths first, as the sidecar's route table matches them: Envoy takes the
         # first match, so a template must not shadow one.
         *(
-            priced_route(name, spec, default_asset, edge, per_route_http)
+            priced_route(name, spec, default_asset, edge, per_route_http, mcp_cluster)
             for name, spec in sorted(
                 routes.items(), key=lambda item: is_pattern(str(item[1]["path"]))
             )
