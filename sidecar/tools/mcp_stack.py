@@ -15,6 +15,7 @@ from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port, wait_http
 class McpStack(Stack):
     json: bool = False  # the MCP server answers each POST with JSON, not an SSE stream
     beside: bool = False  # the demo's service stays; the MCP server serves the MCP routes
+    stateless: bool = False  # no MCP sessions: each request stands alone (the bench)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -35,6 +36,7 @@ class McpStack(Stack):
             super().start_upstream()
         name = "mcp" if self.beside else "upstream"
         argv = [sys.executable, "-m", "sidecar.tools.mcp_upstream", "--port", str(self.mcp_port)]
-        process = self._spawn(name, argv + ["--json"] * self.json)
+        argv += ["--json"] * self.json + ["--stateless"] * self.stateless
+        process = self._spawn(name, argv)
         wait_http(f"{self.server_url}/healthz", process=process)
         return process

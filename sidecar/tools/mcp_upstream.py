@@ -7,7 +7,7 @@ Tools: `get_weather` and `deep_research` (priced in the demo), `echo` (free), `f
 `GET /calls` says how many times each tool ran (what reached the server), `GET /healthz`
 that it is up.
 
-    python -m sidecar.tools.mcp_upstream --port 8766 [--json]
+    python -m sidecar.tools.mcp_upstream --port 8766 [--json] [--stateless]
 """
 
 from __future__ import annotations
@@ -27,15 +27,17 @@ MCP_PATH = "/mcp"
 TOOLS = ("get_weather", "deep_research", "echo", "flaky", "set_flaky")
 
 
-def server(host: str, port: int, json_response: bool = False) -> FastMCP:
+def server(host: str, port: int, json_response: bool = False, stateless: bool = False) -> FastMCP:
     """The FastMCP server; `json_response`: answer each POST with one JSON document
-    instead of an SSE stream (both are streamable HTTP)."""
+    instead of an SSE stream (both are streamable HTTP); `stateless`: no session (each
+    request stands alone, as the bench sends them)."""
     app = FastMCP(
         "x402-demo-tools",
         host=host,
         port=port,
         streamable_http_path=MCP_PATH,
         json_response=json_response,
+        stateless_http=stateless,
         log_level="WARNING",
     )
     calls: collections.Counter[str] = collections.Counter()
@@ -91,8 +93,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--json", action="store_true", help="answer JSON, not SSE")
+    parser.add_argument("--stateless", action="store_true", help="no sessions")
     args = parser.parse_args()
-    server(args.host, args.port, args.json).run(transport="streamable-http")
+    server(args.host, args.port, args.json, args.stateless).run(transport="streamable-http")
 
 
 if __name__ == "__main__":
