@@ -108,6 +108,9 @@ async def test_initialize_and_tools_list_are_free_and_list_the_prices(
     assert prices["echo"] is None  # free: no price
     assert not echoed.payment_made and echoed.content[0].text == "free"
     assert await gw.balance(wallet.public_key) == 10_000_000
+    # x402 serve's start-up route table names the tools and their prices
+    table = "MCP tools (USDF): deep_research 0.25, flaky 0.01, get_weather 0.01; others free"
+    assert table in gw.processes["sidecar"].log()
     document = (await http.get(f"{gw.url}/.well-known/x402")).json()
     [route] = [r for r in document["routes"] if r.get("mcp")]
     assert route["mcp"]["tools"] == TOOLS and route["mcp"]["default"] == "free"

@@ -61,7 +61,7 @@ class McpResponses:
     def __init__(
         self, assets: Mapping[str, Asset], network: str, held: Held, headers_of: HeadersOf
     ) -> None:
-        """`held`: the processor's hold closing (Processor.held); `headers_of` its reading
+        """`held`: the processor's hold closing (Processor._held); `headers_of` its reading
         of Envoy's headers."""
         self.assets, self.network = assets, network
         self.held, self.headers_of = held, headers_of

@@ -114,7 +114,7 @@ class Processor:
         self.decisions = decisions or DecisionLog()
         self.holding = Schemes(gateway, ledger, settler).holding
         # MCP routes: the settlement in the tool's result (server/mcp_response.py)
-        self.mcp = McpResponses(self.assets, gateway.network, self.held, headers_of)
+        self.mcp = McpResponses(self.assets, gateway.network, self._held, headers_of)
 
     def handler(self) -> grpc.GenericRpcHandler:
         process = grpc.stream_stream_rpc_method_handler(
@@ -165,9 +165,9 @@ class Processor:
             return _CONTINUE_HEADERS  # no hold: a free route, or one charged on check
         # Once the ledger is asked, finish: if Envoy gives up meanwhile (the client hung
         # up), the capture or release it made still gets its decision line and revenue.
-        return await asyncio.shield(self.held(request, namespace, context))
+        return await asyncio.shield(self._held(request, namespace, context))
 
-    async def held(
+    async def _held(
         self,
         request: ext_proc.ProcessingRequest,
         namespace: Any,
