@@ -38,6 +38,9 @@ def report(results: dict[str, Any], rate: float) -> None:
     if "5 challenge loops, 1 agent" in phases:
         print(f"{'challenge loop, 1 agent':<48}p50 "
               f"{phases['5 challenge loops, 1 agent']['loop_ms']['p50']} ms")  # fmt: skip
+    for kind, added in results.get("mcp", {}).items():  # (13): bench/mcp.py
+        print(f"{f'MCP tool call, {kind} vs free':<48}x{added['throughput_ratio']:.3f} req/s, "
+              f"p50 {added['added_p50_ms']:+.2f} ms")  # fmt: skip
     onchain_report(results)
     targets(results)
     for key in ("ledger", "ledger_http"):

@@ -30,14 +30,18 @@ FiatTokenV2_2, settled through `x402 facilitator serve`, beside the official x40
                                       each verified and settled on chain
   (12) official x402 stack, c16       the same payments to the official FastAPI middleware
 
+Then MCP tool calls (bench/mcp.py) through an unmodified FastMCP server, a paid call
+beside the same call on a free tool: (13) free, (13p) prepaid and, with the chain, (13x)
+`exact`; the throughput ratio to the free call and the p50 latency each payment adds.
+
 It prints a table and the ratios (results["ratios"], named after both sides), checks the
 ledger (debits = allowed paid requests x price, no negative balance) and the chain (USDC
 settled = 200s + requests wrk hung up on) and writes bench/results.json. On a 2-core
 machine it takes about 4 minutes (`--no-onchain`: 2, without (9)-(12)).
 
 The parts: bench/harness.py (wrk, the CPU meter, the stack's files, proofs, funding),
-bench/phases.py (1)-(8), bench/onchain.py (9)-(12), bench/report.py (the table, the
-ratios, the targets).
+bench/phases.py (1)-(8), bench/onchain.py (9)-(12), bench/mcp.py (13), bench/report.py
+(the table, the ratios, the targets).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import HERE, ensure_wrk
+from bench.mcp import run_phases as mcp_phases
 from bench.onchain import onchain_phases
 from bench.phases import LocalRun, selection
 from bench.report import report
@@ -86,6 +91,8 @@ def main() -> None:
     LocalRun(wrk, args, only, results).run()
     if not args.no_onchain and (only is None or only & {"9", "10", "11", "12"}):
         onchain_phases(wrk, args, results)
+    if only is None or "13" in only:  # MCP tool calls, paid beside free (bench/mcp.py)
+        mcp_phases(wrk, args, results)
 
     results["machine"] = {
         "cores": len(os.sched_getaffinity(0)),

@@ -220,6 +220,37 @@ class InternalError(PaymentError):
     status = 503
 
 
+class McpError(PaymentError):
+    """A body on an MCP route that is not a JSON-RPC 2.0 request the gateway can price
+    (docs/protocol.md, MCP tool calls): answered by the gateway as a JSON-RPC error with
+    `code`, nothing charged, nothing forwarded."""
+
+    code: ClassVar[int] = -32600
+    reason = "mcp_invalid_request"
+    status = 400
+
+
+class McpParseError(McpError):
+    code = -32700
+    reason = "mcp_parse_error"
+
+
+class McpInvalidParams(McpError):
+    code = -32602
+    reason = "mcp_invalid_params"
+
+
+class McpBatchRefused(McpError):
+    """A JSON-RPC batch holding a priced tools/call: each priced call is sent alone."""
+
+    reason = "mcp_batch_refused"
+
+
+class McpBodyTooLarge(McpError):
+    reason = "body_too_large"
+    status = 413
+
+
 class InvalidKey(X402Error, ValueError):
     """A payer key that is not base64url of a 32-byte Ed25519 public key."""
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from sidecar.core import exact, phases
+from sidecar.core import exact, mcp, phases
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import AmountError, ConfigError
 from sidecar.core.identity import KeySet, load_signing_key, read_secret
@@ -336,6 +336,7 @@ class Settings:
             unknown -= set(phases.ROUTE_KEYS)  # charge: on_success and metering
             unknown -= set(listing.ROUTE_KEYS)  # the 402's extensions (bazaar, …)
             unknown.discard(PAYWALL_ROUTE_KEY)  # what browsers get (paywall_settings.py)
+            unknown.discard(mcp.ROUTE_KEY)  # an MCP server's tool prices (core/mcp.py)
             if unknown:
                 raise ConfigError(f"{key}: unknown key {sorted(unknown)[0]!r}")
             method = str(spec.get("method", ANY_METHOD)).upper()
@@ -354,6 +355,9 @@ class Settings:
                 if "price" in spec:
                     raise ConfigError(f"{key}.price: a metered route is priced by unit_price")
                 spec = {**spec, "price": asset.to_decimal(phase.maximum)}
+            tools = mcp.route_prices(key, spec, method, asset, phase)
+            if tools is not None:
+                spec = {**spec, "price": asset.to_decimal(tools.maximum)}
             price = spec.get("price")
             if isinstance(price, int) and not isinstance(price, bool):
                 price = str(price)
@@ -371,7 +375,7 @@ class Settings:
                     str(name),
                     method,
                     str(path),
-                    Price(str(name), amount, asset, description, phase),
+                    Price(str(name), amount, asset, description, phase, tools),
                 )
             )
         case_sensitive = self.path_case == "sensitive"

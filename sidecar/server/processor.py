@@ -39,6 +39,7 @@ from sidecar.server import metrics
 from sidecar.server.envoy import contract
 from sidecar.server.envoy.contract import EXT_AUTHZ
 from sidecar.server.logs import DecisionLog, get_logger
+from sidecar.server.mcp_response import McpResponses, McpStream
 from sidecar.server.schemes.base import HoldingScheme
 from sidecar.server.schemes.exact import ExactSettler
 from sidecar.server.schemes.registry import Schemes
@@ -114,6 +115,8 @@ class Processor:
         self.worker = worker
         self.decisions = decisions or DecisionLog()
         self.holding = Schemes(gateway, ledger, settler).holding
+        # MCP routes: the settlement in the tool's result (server/mcp_response.py)
+        self.mcp = McpResponses(self.assets, gateway.network, self._held, headers_of)
 
     def handler(self) -> grpc.GenericRpcHandler:
         process = grpc.stream_stream_rpc_method_handler(
@@ -128,19 +131,26 @@ class Processor:
     ) -> None:
         """One stream per response: read and answer each message (context.read/write is
         cheaper in grpc.aio than an async-generator handler)."""
+        stream = McpStream()
         while True:
             request = await context.read()
             if request is grpc.aio.EOF:
                 return
-            await context.write(await self.respond(request, context))
+            await context.write(await self.respond(request, context, stream))
 
     async def respond(
-        self, request: ext_proc.ProcessingRequest, context: Any = None
+        self,
+        request: ext_proc.ProcessingRequest,
+        context: Any = None,
+        stream: McpStream | None = None,
     ) -> ext_proc.ProcessingResponse:
-        """One message of the stream; anything but response headers continues unchanged."""
+        """One message of the stream; anything but response headers (and an MCP call's
+        body, server/mcp_response.py) continues unchanged."""
         kind = request.WhichOneof("request")
         if kind == "response_headers":
-            return await self.response_headers(request, context)
+            return await self.response_headers(request, context, stream)
+        if kind == "response_body" and stream is not None and stream.headers is not None:
+            return await self.mcp.body(request, stream, context)
         if kind in ("request_trailers", "response_trailers"):
             return ext_proc.ProcessingResponse(**{kind: ext_proc.TrailersResponse()})
         if kind in ("request_body", "response_body"):
@@ -148,9 +158,11 @@ class Processor:
         return ext_proc.ProcessingResponse(request_headers=ext_proc.HeadersResponse())
 
     async def response_headers(
-        self, request: ext_proc.ProcessingRequest, context: Any
+        self, request: ext_proc.ProcessingRequest, context: Any, stream: McpStream | None = None
     ) -> ext_proc.ProcessingResponse:
         namespace = request.metadata_context.filter_metadata.get(EXT_AUTHZ)
+        if namespace is not None and contract.MCP in namespace.fields and stream is not None:
+            return await self.mcp.headers(request, namespace, stream, context)
         if namespace is None:
             return _CONTINUE_HEADERS  # a free route
         if contract.HOLD not in namespace.fields:  # charged on check, or a redelivery
@@ -163,8 +175,14 @@ class Processor:
         return await asyncio.shield(self._held(request, namespace, context))
 
     async def _held(
-        self, request: ext_proc.ProcessingRequest, namespace: Any, context: Any
+        self,
+        request: ext_proc.ProcessingRequest,
+        namespace: Any,
+        context: Any,
+        tool_failed: bool = False,
     ) -> ext_proc.ProcessingResponse:
+        """Close the hold; `tool_failed`: an MCP tool's answer was an error, whatever its
+        status (server/mcp_response.py), so the hold is released."""
         started = time.perf_counter()
         meta = {key: value.string_value for key, value in namespace.fields.items()}
         headers = headers_of(request.response_headers)
@@ -179,8 +197,13 @@ class Processor:
             "upstream_status": status,
             "worker": self.worker,
         }
+        if tool_failed:
+            line["tool_failed"] = True
         try:
-            response = await self._close(meta, headers, status, line, context)
+            closing_status = max(status, 599) if tool_failed else status
+            response = await self._close(meta, headers, closing_status, line, context)
+            if tool_failed and line.get("decision") == "release":
+                line.update(status=status, reason="tool_failed")
         except PaymentError as error:  # the ledger: the hold stays until it expires
             line.update(decision="deny", status=error.status, reason=error.reason)
             line.update(error.logged)

@@ -25,6 +25,11 @@ def route_lines(routes: RouteTable, gateway: Gateway) -> list[str]:
             mode = "on_success" if phase is not None else "on_check"
             if gateway.exact is not None and gateway.exact.for_price(price) is not None:
                 schemes.append(exact.SCHEME)
+        if price.mcp is not None:  # an MCP server's tools, per call
+            listed = price.mcp.listing(price.asset)
+            default = price.asset.to_decimal(price.mcp.default) if price.mcp.default else "free"
+            tools = ", ".join(f"{name} {amount}" for name, amount in listed.items())
+            amount = f"MCP tools ({price.asset.code}): {tools}; others {default}"
         if not price.amount:
             mode, schemes = "-", []
         rows.append((route.method, route.path, amount, mode, ",".join(schemes) or "-"))

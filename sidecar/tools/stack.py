@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -230,7 +230,7 @@ class Stack:
         return self.dir / "x402.yaml"
 
     # -- lifecycle ---------------------------------------------------------------------
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -285,6 +285,7 @@ class Stack:
             sideport=(LOOPBACK, self.ports["http"]),
             authz_timeout=self.authz_timeout or authz_timeout,
             topup_timeout=topup_timeout,
+            mcp_service=(LOOPBACK, self.ports["mcp"]) if "mcp" in self.ports else None,  # McpStack
         )
         envoy_routes = self.routes if self.envoy_routes is None else self.envoy_routes
         edge = Edge.from_mapping(config.get("edge"))  # the sidecar config's `edge`, as the CLI

@@ -83,7 +83,10 @@
     "x402.max_units",
     "x402.min_units",
     "x402.usage_missing",
-    "x402"
+    "x402",
+    "mcp",
+    "mcp_settle",
+    "mcp_prices"
   ],
   "accessLogKeys": [
     "payer",
@@ -127,6 +130,23 @@
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP"
   },
+  "mcpRouteKey": "mcp",
+  "extMcpTools": "x402.mcp_tools",
+  "extMcpDefault": "x402.mcp_default",
+  "mcpFree": "free",
+  "mcpRequestBody": {
+    "max_request_bytes": 65536,
+    "allow_partial_message": false,
+    "pack_as_bytes": true
+  },
+  "mcpProcessingMode": {
+    "request_header_mode": "SKIP",
+    "response_header_mode": "SEND",
+    "request_body_mode": "NONE",
+    "response_body_mode": "BUFFERED",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SKIP"
+  },
   "localReplies": [
     {
       "filter": {
@@ -148,6 +168,27 @@
         }
       },
       "status_code": 503
+    },
+    {
+      "filter": {
+        "metadata_filter": {
+          "matcher": {
+            "filter": "envoy.filters.http.ext_authz",
+            "path": [
+              {
+                "key": "x402"
+              }
+            ],
+            "value": {
+              "string_match": {
+                "exact": "answered"
+              }
+            }
+          },
+          "match_if_key_not_found": false
+        }
+      },
+      "status_code": 200
     },
     {
       "filter": {

@@ -336,6 +336,7 @@ static_resources:
                       exact: {{ $method }}
                   {{- end }}
                 {{- $phase := include "x402.hasPhase" $route }}
+                {{- $mcp := hasKey $route $c.mcpRouteKey }}
                 {{- $timeout := int $e.upstreamTimeoutSeconds }}
                 {{- if $phase }}
                 {{- /* The service answers within the hold's lifetime, so it can be captured. */}}
@@ -345,15 +346,22 @@ static_resources:
                 route:
                   cluster: service
                   timeout: {{ $timeout }}s
-                {{- if or (not $http) $phase }}
+                {{- if or (not $http) $phase $mcp }}
                 typed_per_filter_config:
                   {{- if $http }}
-                  # Priced by the sidecar's route table; the response phase runs here.
+                  # Priced by the sidecar's route table; the response phase runs here, or
+                  # an MCP route's JSON-RPC body goes to the check.
                   {{ $ext }}:
                     '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
                     check_settings:
+                      {{- if $phase }}
                       http_service:
                         {{- include "x402.envoyHttpService" (dict "ctx" $ "phase" true) | nindent 24 }}
+                      {{- end }}
+                      {{- if $mcp }}
+                      with_request_body:
+{{ toYaml $c.mcpRequestBody | indent 24 }}
+                      {{- end }}
                   {{- else }}
                   {{ $ext }}:
                     '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
@@ -381,16 +389,30 @@ static_resources:
                         {{- end }}
                         {{- end }}
                         {{- end }}
+                        {{- if $mcp }}
+                        {{- $tools := list }}
+                        {{- range $tool := keys (default dict (index $route $c.mcpRouteKey).tools) | sortAlpha }}
+                        {{- $tools = append $tools (printf "%s=%s" $tool (index (index $route $c.mcpRouteKey).tools $tool | toString)) }}
+                        {{- end }}
+                        {{ $c.extMcpTools }}: {{ join "," $tools | toJson }}
+                        {{ $c.extMcpDefault }}: {{ default $c.mcpFree (index $route $c.mcpRouteKey).default | toString | toJson }}
+                        {{- end }}
+                      {{- if $mcp }}
+                      # The MCP route's JSON-RPC body goes to the check (bounded).
+                      with_request_body:
+{{ toYaml $c.mcpRequestBody | indent 24 }}
+                      {{- end }}
                   {{- end }}
-                  {{- if $phase }}
-                  # charge: on_success: the response phase (ext_proc) runs on this route.
+                  {{- if or $phase $mcp }}
+                  # charge: on_success, or an MCP route: the response phase (ext_proc) runs
+                  # on this route (an MCP route's answer buffered, for its settlement).
                   {{ $proc }}:
                     '@type': type.googleapis.com/envoy.config.route.v3.FilterConfig
                     config:
                       '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
                       overrides:
                         processing_mode:
-{{ toYaml $c.processingMode | indent 26 }}
+{{ toYaml (ternary $c.mcpProcessingMode $c.processingMode $mcp) | indent 26 }}
                   {{- end }}
                 {{- end }}
               {{- end }}

@@ -38,9 +38,12 @@ from sidecar.core import decision, phases, protocol
 from sidecar.core.errors import ConfigError
 from sidecar.server.authz.check import Facts
 from sidecar.server.envoy.contract import (
+    ANSWERED_MARK,
+    ANSWERED_STAND_IN,
     DENIAL_METADATA,
     DENIAL_METADATA_KEY,
     EXTERNAL_ADDRESS,
+    MCP_BODY_BYTES,
     PHASE_HEADER,
     REMOVE_HEADER,
     TIMEOUT_HEADER,
@@ -94,11 +97,14 @@ class HttpAnswers:
 
     _DENIED = _lines(DENIAL_METADATA.items())  # Envoy's local-reply mappers leave it as is
     _UNAVAILABLE = _lines([(DENIAL_METADATA_KEY, UNAVAILABLE_MARK)])  # ... or restore a 503
+    _ANSWERED = _lines([(DENIAL_METADATA_KEY, ANSWERED_MARK)])  # ... or an MCP answer's 200
 
     def denied(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
         mark = self._DENIED
         if status >= 500:
             status, mark = UNAVAILABLE_STAND_IN, self._UNAVAILABLE
+        elif status == 200:  # the gateway's own answer on an MCP route, not an allow
+            status, mark = ANSWERED_STAND_IN, self._ANSWERED
         return (
             f"HTTP/1.1 {status} {reason_phrase(status)}\r\ncontent-length: {len(body)}\r\n".encode()
             + _lines(headers)
@@ -146,6 +152,7 @@ class AuthzConnection(asyncio.Protocol):
         self.url = b""
         self.headers: dict[str, str] = {}
         self.size = 0
+        self.body = bytearray()
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -174,8 +181,9 @@ class AuthzConnection(asyncio.Protocol):
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_body(self, body: bytes) -> None:
-        self.size += len(body)  # Envoy sends none (no with_request_body); bound it anyway
-        if self.size > MAX_HEAD_BYTES:
+        # Envoy sends one only on MCP routes (with_request_body, at most MCP_BODY_BYTES)
+        self.body += body
+        if len(self.body) > MCP_BODY_BYTES:
             raise _Malformed("body too large")
 
     def on_message_complete(self) -> None:
@@ -201,6 +209,7 @@ class AuthzConnection(asyncio.Protocol):
             deadline,
             self.gone,
             query=query,
+            body=bytes(self.body),
         )
         keep_alive = self.parser.should_keep_alive()
         task = asyncio.ensure_future(

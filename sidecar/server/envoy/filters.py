@@ -80,11 +80,11 @@ def _ms(duration: str) -> int:
     return round(float(duration.removesuffix("s")) * 1000)
 
 
-def response_phase_route() -> dict[str, Any]:
+def response_phase_route(mode: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Enables the ext_proc filter (disabled in the chain) on one route."""
     return {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {
         "@type": f"{TYPES}.filters.http.ext_proc.v3.ExtProcPerRoute",
-        "overrides": {"processing_mode": PROCESSING_MODE},
+        "overrides": {"processing_mode": dict(mode or PROCESSING_MODE)},
     }}  # fmt: skip
 
 
@@ -96,6 +96,18 @@ PROCESSING_MODE = {
     "response_body_mode": "NONE",
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP",
+}
+
+
+# An MCP route's: the response's body too, buffered whole (bounded by the connection's
+# buffer limit), so the settlement is written into the tool's JSON-RPC result.
+MCP_PROCESSING_MODE = {**PROCESSING_MODE, "response_body_mode": "BUFFERED"}
+# What an MCP route sends of its request's body to the check: the JSON-RPC message, at
+# most MCP_BODY_BYTES (a longer one is refused 413 by Envoy, never forwarded), as bytes.
+MCP_REQUEST_BODY = {
+    "max_request_bytes": contract.MCP_BODY_BYTES,
+    "allow_partial_message": False,
+    "pack_as_bytes": True,
 }
 
 

@@ -282,6 +282,7 @@ def render(
                 ),
                 _cluster("x402_http", *ep.sideport),
                 _cluster("service", *ep.service),
+                *([_cluster("mcp_service", *ep.mcp_service)] if ep.mcp_service else []),
             ],
         },
     }

@@ -63,7 +63,16 @@ ROUTES: dict[str, dict[str, Any]] = {
         "max_units": 4000,
         "description": "LLM generation, per token",
     },
+    # An unmodified MCP server's tools (FastMCP beside the demo service), per call.
+    "mcp-tools": {
+        "method": "POST",
+        "path": "/mcp",
+        "mcp": {"tools": {"get_weather": "0.01", "deep_research": "0.25"}, "default": "free"},
+        "description": "MCP tools, per call",
+    },
 }
+MCP_PATH = "/mcp"
+MCP_TOOLS = {"get_weather": "0.01", "deep_research": "0.25"}
 FREE_PATH = "/api/v1/agents/discover"  # not in the price list: free
 ATLAS = "/api/v1/agent/pay-api/atlas"
 CREDIT = "10"
