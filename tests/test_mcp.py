@@ -16,6 +16,7 @@ from x402.schemas import parse_payment_required
 from sidecar.agent.mcp import paying_session, prepaid_client
 from sidecar.agent.wallet import Wallet
 from sidecar.core import protocol
+from sidecar.core.retries import DEFAULT_REDELIVERY_LIMIT
 from sidecar.tools.chain import AnvilChain
 from sidecar.tools.mcp_stack import McpStack
 from sidecar.tools.onchain import FacilitatorProcess, exact_settings, official_client, payers
@@ -142,9 +143,12 @@ async def test_an_unpaid_priced_call_is_answered_by_the_gateway(
 # -- 3. replays, and a tool that fails on an on_success route ------------------------------
 
 
-async def test_a_replayed_payment_is_refused_and_charged_once(
+async def test_a_replayed_payment_is_redelivered_within_its_limit_and_charged_once(
     gw: McpStack, http: httpx.AsyncClient
 ) -> None:
+    """The same payment for the same call (a lost answer's retry) runs the tool again,
+    charged nothing, up to the redelivery limit; with other arguments it is another
+    request (a plain 409 payment_identifier_conflict); past the limit nonce_reused (docs/protocol.md §13)."""
     wallet = await funded(gw)
     raw = await RawMcp(gw, http).start()
     _, unpaid = await raw.call("get_weather", {"city": "Oslo"})
@@ -153,10 +157,20 @@ async def test_a_replayed_payment_is_refused_and_charged_once(
     settled = paid["result"]["_meta"]["x402/payment-response"]
     assert settled["success"] is True and settled["amount"] == str(WEATHER)
     ran = calls(gw)["get_weather"]
+    conflict, _ = await raw.call("get_weather", {"city": "Paris"}, payment)
+    assert conflict.status_code == 409  # plain: not a payment the client can make
+    assert conflict.json()["error"] == "payment_identifier_conflict"
+    assert calls(gw)["get_weather"] == ran  # another request: never reached the server
+    for _ in range(DEFAULT_REDELIVERY_LIMIT):
+        _, again = await raw.call("get_weather", {"city": "Oslo"}, payment)
+        assert again["result"].get("isError") is not True, again
+        resent = again["result"]["_meta"]["x402/payment-response"]
+        assert resent["transaction"] == settled["transaction"]  # the same receipt
+    assert calls(gw)["get_weather"] == ran + DEFAULT_REDELIVERY_LIMIT
     _, replayed = await raw.call("get_weather", {"city": "Oslo"}, payment)
     assert replayed["result"]["isError"] is True
     assert replayed["result"]["structuredContent"]["error"] == "nonce_reused"
-    assert calls(gw)["get_weather"] == ran  # the replay never reached the server
+    assert calls(gw)["get_weather"] == ran + DEFAULT_REDELIVERY_LIMIT  # never reached it
     assert await gw.balance(wallet.public_key) == 10_000_000 - WEATHER
 
 

@@ -122,6 +122,7 @@ class Request:
     scheme: str = "http"
     proof_header: str | None = None
     query: str = ""  # after the `?`, as the client sent it: part of what a payment covers
+    body_digest: str = ""  # a hash of the body where the route reads it (MCP): covered too
 
     @property
     def resource(self) -> str:

@@ -12,6 +12,7 @@ content); the settlement comes back in `result._meta["x402/payment-response"]`
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -162,6 +163,9 @@ class Call:
     tool: str | None = None  # tools/call's params.name
     payment: Mapping[str, Any] | None = None  # params._meta["x402/payment"]
     sse: bool = False  # the gateway's own answer as an SSE event (the client's Accept)
+    # SHA-256 of the call's `arguments` (canonical JSON): part of what its payment covers,
+    # so a retry with other arguments is another request (docs/protocol.md §13)
+    arguments_digest: str = ""
 
 
 def _load(body: bytes, max_bytes: int) -> Any:
@@ -205,7 +209,10 @@ def _call(message: Any) -> Call:
     payment = meta.get(PAYMENT_META)
     if payment is not None and not isinstance(payment, dict):
         raise McpInvalidParams(f"tools/call: params._meta[{PAYMENT_META!r}] must be an object")
-    return Call(request_id, method, name, payment)
+    arguments = params.get("arguments", {})
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    return Call(request_id, method, name, payment, arguments_digest=digest)
 
 
 def parse(body: bytes, prices: ToolPrices, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Call:

@@ -121,7 +121,10 @@ class McpCalls:
                 if resource["url"] != url:
                     raise InvoiceMismatch(f"the payment is for {str(resource['url'])[:200]!r}")
             header = protocol.encode_header(payment)
-        return Request(request.method, path, request.host, request.scheme, header)
+        return Request(
+            request.method, path, request.host, request.scheme, header,
+            body_digest=call.arguments_digest,
+        )  # fmt: skip
 
     def allow_metadata(self, charged: Charged, price: Price) -> dict[str, str]:
         """A paid call's settlement, for the response phase to write into the result."""

@@ -302,7 +302,13 @@ class Exact(HoldingScheme[Authorized]):
         upfront = price.phase is None  # else verified now, settled after the service
         auth = exact.verify(payment, exact.offer(onchain, price.amount, self.terms, upfront), now)
         covered = retries.fingerprint(
-            request.method, request.path, request.query, price.amount, onchain.token, price.route
+            request.method,
+            request.path,
+            request.query,
+            price.amount,
+            onchain.token,
+            price.route,
+            request.body_digest,
         )
         retry = Retry(retries.identity(None, auth.key), covered)
         return Payment(auth.payer, Authorized(auth, request), nonce=auth.nonce, retry=retry)

@@ -45,7 +45,13 @@ class Prepaid(HoldingScheme[Proof]):
             request, price, self.gateway, now, protocol.Proof.from_wire(payment)
         )
         covered = retries.fingerprint(
-            request.method, request.path, request.query, price.amount, proof.payee, price.route
+            request.method,
+            request.path,
+            request.query,
+            price.amount,
+            proof.payee,
+            price.route,
+            request.body_digest,
         )
         retry = Retry(retries.identity(None, proof.nonce), covered)
         return Payment(proof.payer, proof, proof.invoice_id, proof.nonce, retry=retry)
