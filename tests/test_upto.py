@@ -19,6 +19,7 @@ from x402.http.utils import decode_payment_response_header
 from x402.mechanisms.evm.constants import ERC20_ALLOWANCE_ABI
 from x402.schemas import PaymentPayload, PaymentRequired
 
+from sidecar.agent import EvmKey, Wallet, X402Auth, receipt_of
 from sidecar.core import protocol, upto
 from sidecar.tools import permit2
 from sidecar.tools.chain import AnvilChain, DevAccount
@@ -239,3 +240,22 @@ def test_the_committed_test_doubles_are_what_solc_compiles() -> None:
     assert render_upto_test_doubles() == (
         files("sidecar.tools").joinpath(permit2.ARTIFACT).read_text("utf-8")
     )
+
+
+def test_the_sdk_pays_a_metered_route_with_upto_and_counts_what_settled(
+    stack: Stack, chain: AnvilChain
+) -> None:
+    """A wallet with only an EVM key (no prepaid possible): X402Auth signs the route's
+    maximum with `upto`; the budget is charged the 37 rows settled, not the 100 held."""
+    payer = approved(chain, payers(chain)[5])
+    wallet = Wallet(evm=EvmKey.from_text(payer.key), budget="1")
+    before = balances(chain, payer.address)
+    with httpx.Client(base_url=stack.url, auth=X402Auth(wallet, strict=True), timeout=60) as http:
+        response = http.get(ROWS, params={"limit": "37"})
+
+    assert response.status_code == 200, response.text
+    receipt = receipt_of(response)
+    assert receipt is not None and receipt.verified
+    assert (receipt.fields["scheme"], receipt.amount) == ("upto", "0.037")
+    assert balances(chain, payer.address) == (before[0] - 37 * UNIT, before[1] + 37 * UNIT)
+    assert (wallet.spent("USDF"), wallet.remaining("USDF")) == ("0.037", "0.963")
