@@ -74,11 +74,17 @@ def install(w3: Web3) -> None:
 
 
 def approve(w3: Web3, token: str, owner: str) -> None:
-    """`owner` (an unlocked dev account) lets Permit2 move its tokens: the one on-chain
-    step a payer takes before paying `upto` without the gas-sponsoring extension."""
-    contract = w3.eth.contract(address=Web3.to_checksum_address(token), abi=APPROVE_ABI)
-    sent = contract.functions.approve(PERMIT2, UNLIMITED).transact(
-        {"from": Web3.to_checksum_address(owner)}
-    )
-    if w3.eth.wait_for_transaction_receipt(sent, timeout=10)["status"] != 1:
-        raise X402Error("approve(Permit2) reverted")
+    """`owner` lets Permit2 move its tokens: the one on-chain step a payer takes before
+    paying `upto` without the gas-sponsoring extension. Sent as `owner` through anvil's
+    impersonation (any address, dev account or not), given gas money if it has none."""
+    address = Web3.to_checksum_address(owner)
+    if w3.eth.get_balance(address) == 0:
+        w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [address, hex(10**18)])
+    w3.provider.make_request(RPCEndpoint("anvil_impersonateAccount"), [address])
+    try:
+        contract = w3.eth.contract(address=Web3.to_checksum_address(token), abi=APPROVE_ABI)
+        sent = contract.functions.approve(PERMIT2, UNLIMITED).transact({"from": address})
+        if w3.eth.wait_for_transaction_receipt(sent, timeout=10)["status"] != 1:
+            raise X402Error("approve(Permit2) reverted")
+    finally:
+        w3.provider.make_request(RPCEndpoint("anvil_stopImpersonatingAccount"), [address])
