@@ -8,6 +8,7 @@ at it. Nothing is mocked."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from importlib.resources import files
 from typing import Any
@@ -135,6 +136,25 @@ async def test_the_official_client_pays_the_rows_served(stack: Stack, chain: Anv
         lambda e: e.get("phase") == "response" and e.get("receipt_id") == receipt["receipt_id"],
     )
     assert (capture["decision"], capture["captured"], capture["units"]) == ("capture", "0.037", 37)
+
+
+async def test_a_route_charged_on_success_settles_its_price_with_upto(
+    stack: Stack, chain: AnvilChain
+) -> None:
+    payer = payers(chain)[0]  # approved above
+    before = balances(chain, payer.address)
+    client = upto_client(chain.network, chain.token, payer.key, MAXIMUM)
+    async with x402HttpxClient(client, timeout=60) as paying:
+        response = await paying.get(stack.url + REPORT)
+
+    assert response.status_code == 200, response.text
+    settled = decode_payment_response_header(response.headers["payment-response"])
+    assert (settled.success, settled.amount) == (True, str(PRICE))
+    assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
+    receipt = b64json(response.headers["x-payment-response"])
+    assert (receipt["scheme"], receipt["amount"], receipt["held"]) == ("upto", "0.01", "0.01")
+    # No decision line carries the signed authorization.
+    assert all("signature" not in json.dumps(line) for line in stack.decisions())
 
 
 async def test_a_failed_service_settles_nothing_and_the_authorization_pays_later(
