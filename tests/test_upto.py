@@ -279,3 +279,35 @@ def test_the_sdk_pays_a_metered_route_with_upto_and_counts_what_settled(
     assert (receipt.fields["scheme"], receipt.amount) == ("upto", "0.037")
     assert balances(chain, payer.address) == (before[0] - 37 * UNIT, before[1] + 37 * UNIT)
     assert (wallet.spent("USDF"), wallet.remaining("USDF")) == ("0.037", "0.963")
+
+
+async def test_a_dead_facilitator_at_the_response_is_503_and_the_authorization_pays_later(
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain, facilitator: FacilitatorProcess
+) -> None:
+    """Verified at the check, the facilitator gone before the settle: the response is not
+    served (fail closed), nothing moved, the reservation is freed and the same
+    authorization pays once the facilitator is back."""
+    payer = payers(chain)[1]  # approved above
+    header, _ = await sign_upto(chain, http, ROWS, payer)
+    before, sent = balances(chain, payer.address), settles(chain)
+    pending = asyncio.create_task(
+        http.get(ROWS, params={"limit": "9", "sleep": "2"}, headers={"PAYMENT-SIGNATURE": header})
+    )
+    await asyncio.to_thread(
+        stack.wait_decisions,
+        lambda e: e.get("reason") == "held" and e.get("payer") == payer.address.lower(),
+        1,
+        20.0,
+    )
+    facilitator.kill()  # between the verify and the settle
+    try:
+        response = await pending
+        assert (response.status_code, response.json()["error"]) == (503, "facilitator_unavailable")
+        assert MARKER not in response.text and "payment-response" not in response.headers
+        assert balances(chain, payer.address) == before and settles(chain) == sent
+    finally:
+        facilitator.start()
+    served = await http.get(ROWS, params={"limit": "9"}, headers={"PAYMENT-SIGNATURE": header})
+    assert served.status_code == 200, served.text
+    assert b64json(served.headers["payment-response"])["amount"] == str(9 * UNIT)
+    assert balances(chain, payer.address) == (before[0] - 9 * UNIT, before[1] + 9 * UNIT)
