@@ -34,7 +34,7 @@ from sidecar.tools.onchain import (
     upto_client,
 )
 from sidecar.tools.stack import Stack
-from tests.support.exact import b64json, balances, run_node_client
+from tests.support.exact import answer_lost, b64json, balances, run_node_client
 
 ROWS, REPORT, UPFRONT = "/api/v1/data/rows", "/api/v1/report", "/api/paid"
 UNIT = 1_000  # 0.001 USDF = 0.001 USDC a row
@@ -311,3 +311,27 @@ async def test_a_dead_facilitator_at_the_response_is_503_and_the_authorization_p
     assert served.status_code == 200, served.text
     assert b64json(served.headers["payment-response"])["amount"] == str(9 * UNIT)
     assert balances(chain, payer.address) == (before[0] - 9 * UNIT, before[1] + 9 * UNIT)
+
+
+async def test_a_settle_answer_lost_is_resolved_by_permit2s_nonce_on_chain(
+    chain: AnvilChain, facilitator: FacilitatorProcess
+) -> None:
+    """The facilitator sends the settle but its answer comes too late (anvil mines nothing
+    until told): the sidecar finds the authorization's Permit2 nonce used once mined and
+    serves the response as settled; a replay stays refused."""
+    settings = exact_settings(chain, facilitator, facilitator_settle_timeout_ms=1000)
+    payer = payers(chain)[2]  # approved above
+    with Stack(ROUTES, settings=settings) as slow:
+        async with httpx.AsyncClient(base_url=slow.url, timeout=60) as http:
+            header, _ = await sign_upto(chain, http, ROWS, payer)
+            before = balances(chain, payer.address)
+            served = await answer_lost(
+                chain, http.get(ROWS, params={"limit": "3"}, headers={"PAYMENT-SIGNATURE": header})
+            )
+            again = await http.get(ROWS, headers={"PAYMENT-SIGNATURE": header})
+    assert served.status_code == 200, served.text
+    assert served.json()["service"] == MARKER
+    settled = b64json(served.headers["payment-response"])
+    assert (settled["success"], settled["amount"]) == (True, str(3 * UNIT))
+    assert balances(chain, payer.address) == (before[0] - 3 * UNIT, before[1] + 3 * UNIT)
+    assert (again.status_code, again.json()["error"]) == (402, "nonce_reused")

@@ -49,6 +49,20 @@ FACILITATOR_ADDRESS = "facilitatorAddress"  # the extra the facilitator's /suppo
 # The x402 extension that lets a payer with no Permit2 approval pay: an EIP-2612 permit
 # for Permit2, signed beside the authorization and sent by the facilitator in one step.
 GAS_SPONSORING = "eip2612GasSponsoring"
+# Permit2's nonceBitmap(address,uint256) selector: a settle whose answer was lost is looked
+# up there (the nonce's bit is set once a transfer used it).
+NONCE_BITMAP_SELECTOR = "0x4fe02b44"
+
+
+def nonce_bitmap_call(owner: str, nonce: str) -> tuple[str, int]:
+    """eth_call data for Permit2's nonceBitmap(owner, word) holding `nonce`, and the bit
+    that says it is used."""
+    value = int(nonce)
+    word = format(value >> 8, "x").rjust(64, "0")
+    return (
+        NONCE_BITMAP_SELECTOR + owner.lower().removeprefix("0x").rjust(64, "0") + word,
+        1 << (value & 0xFF),
+    )
 
 
 def offer(onchain: OnchainAsset, maximum: int, terms: ExactTerms, facilitator: str) -> Offer:

@@ -13,8 +13,10 @@ authorization stops at the ledger's reservation, before the facilitator is calle
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +47,7 @@ from sidecar.server.envoy.contract import (
 )
 from sidecar.server.facilitation import SettleUnknown
 from sidecar.server.schemes.base import Charged, Closing, Held, HoldingScheme, Payment
-from sidecar.server.schemes.exact import ExactSettler
+from sidecar.server.schemes.exact import SETTLEMENT_PENDING, ExactSettler
 
 NO_TRANSACTION = "none"  # the reservation's record of a zero settlement: nothing sent
 
@@ -161,26 +163,25 @@ class Upto(HoldingScheme[Authorized]):
         """/settle `amount` of a verified, reserved authorization: its transaction, or a
         typed refusal. Nothing sent (refused, unreachable): the reservation is freed. Sent
         with an unknown outcome: the authorization stays reserved until its deadline (one
-        settlement per signature; a replay is refused) and the answer is 503."""
+        settlement per signature; a replay is refused) and the answer is 503, unless the
+        chain shows the authorization's Permit2 nonce used within the lookup (then it was
+        settled: the transaction is not known)."""
         if amount == 0:  # nothing to move: the signature is spent all the same
             await self._spent(auth, reservation, NO_TRANSACTION)
             return ""
         requirements = auth.for_amount(amount).to_wire()
         try:
             settled = await self.settler.facilitator.settle(auth.envelope, requirements)
-        except SettleUnknown as unknown:
-            with contextlib.suppress(PaymentError):
-                await self.settler.authorizations.pending(auth.payer, auth.key, reservation, "")
-            raise SettlementPending(
-                "the upto settlement's outcome is not known; the money may have moved",
-                network=auth.requirements.network,
-            ) from unknown
+        except SettleUnknown:
+            return await self._unknown(auth, reservation, "")
         except FacilitatorUnavailable:
             await self.settler.release(auth, reservation)
             raise
         if settled.success and settled.transaction:
             await self._spent(auth, reservation, settled.transaction)
             return settled.transaction
+        if settled.transaction and settled.reason == SETTLEMENT_PENDING:
+            return await self._unknown(auth, reservation, settled.transaction)
         if not settled.transaction:
             await self.settler.release(auth, reservation)
         reason = settled.reason or "settle_failed"
@@ -190,6 +191,37 @@ class Upto(HoldingScheme[Authorized]):
             auth.settle_response(amount, settled.transaction, reason, message),
             facilitator_reason=reason,
         )
+
+    async def _unknown(self, auth: Permit2Authorization, reservation: str, sent: str) -> str:
+        """A settle sent whose outcome is not known (`sent`: its transaction, if named):
+        settled if the chain shows the nonce used, else left pending (503)."""
+        if await self._landed(auth):  # the answer was lost, the transfer was not
+            await self._spent(auth, reservation, sent or NO_TRANSACTION)
+            return sent
+        with contextlib.suppress(PaymentError):
+            await self.settler.authorizations.pending(auth.payer, auth.key, reservation, sent)
+        known = {"transaction": sent} if sent else {}
+        raise SettlementPending(
+            "the upto settlement's outcome is not known; the money may have moved",
+            **known,
+            network=auth.requirements.network,
+        )
+
+    async def _landed(self, auth: Permit2Authorization) -> bool:
+        """Did a transfer use the authorization's Permit2 nonce? Watched on chain for the
+        settler's `lookup` seconds (config chain_lookup_ms); a failed read looks again."""
+        chain = self.settler.chain
+        if chain is None:
+            return False
+        data, bit = upto.nonce_bitmap_call(auth.payer, auth.nonce)
+        deadline = time.monotonic() + self.settler.lookup
+        while True:
+            with contextlib.suppress(FacilitatorUnavailable):
+                if await chain.read_uint(upto.PERMIT2, data) & bit:
+                    return True
+            if time.monotonic() + self.settler.RESOLVE_INTERVAL > deadline:
+                return False
+            await asyncio.sleep(self.settler.RESOLVE_INTERVAL)
 
     async def _spent(self, auth: Permit2Authorization, reservation: str, transaction: str) -> None:
         with contextlib.suppress(PaymentError):  # settled on chain: the reservation holds

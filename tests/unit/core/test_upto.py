@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from eth_account import Account
+from eth_utils.crypto import keccak
 from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm import constants as official
 from x402.mechanisms.evm.upto import UptoEvmClientScheme
@@ -155,3 +156,11 @@ def test_the_402_offers_upto_where_the_response_settles_once_the_facilitator_lis
         assert sponsoring == ("upto" in schemes)
         if "upto" in schemes:
             assert required["accepts"][-1] == offer().to_wire()
+
+
+def test_the_nonce_bitmap_call_names_permit2s_word_and_bit() -> None:
+    owner = "0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65"
+    data, bit = upto.nonce_bitmap_call(owner, str(3 * 256 + 5))
+    assert data.startswith("0x" + keccak(text="nonceBitmap(address,uint256)")[:4].hex())
+    assert data[10:74] == owner.lower()[2:].rjust(64, "0")
+    assert int(data[74:], 16) == 3 and bit == 1 << 5
