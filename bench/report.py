@@ -11,6 +11,7 @@ HTTP_PAID = "4h HTTP sidecar paid direct"
 VOUCHERS, DIRECT_LANES = "9 channel vouchers, 16 lanes", "9 paid direct, 16 lanes"
 PAID_C16, EXACT_C16 = "10 sidecar paid direct, c16", "11 sidecar exact on anvil, c16"
 OFFICIAL_C16 = "12 official x402 stack, c16"
+UPTO_C16 = "11u sidecar upto metered on anvil, c16"
 PAID_C16_HTTP = "10h HTTP sidecar paid direct, c16"
 
 
@@ -63,7 +64,7 @@ def print_ledger(key: str, ledger: dict[str, Any]) -> None:
 def onchain_report(results: dict[str, Any]) -> None:
     """(11) and (12) against the chain, and (10) against (12) against DESIGN.md's targets."""
     phases, ratios = results["phases"], results["ratios"]
-    for name in (EXACT_C16, OFFICIAL_C16):
+    for name in (EXACT_C16, UPTO_C16, OFFICIAL_C16):
         if name in phases:
             chain = phases[name]["chain"]
             print(
@@ -142,6 +143,8 @@ def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
         "http_2_workers/1_worker": (HTTP_PAID, "4w1h HTTP paid direct, 1 worker"),
         "vouchers/paid": (VOUCHERS, DIRECT_LANES),
         "exact/paid": (EXACT_C16, PAID_C16),
+        "upto_metered/exact": (UPTO_C16, EXACT_C16),
+        "sidecar_upto/official_x402": (UPTO_C16, OFFICIAL_C16),
         "sidecar_paid/official_x402": (PAID_C16, OFFICIAL_C16),
         "sidecar_http_paid/official_x402": (PAID_C16_HTTP, OFFICIAL_C16),
         "sidecar_exact/official_x402": (EXACT_C16, OFFICIAL_C16),

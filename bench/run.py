@@ -28,6 +28,9 @@ FiatTokenV2_2, settled through `x402 facilitator serve`, beside the official x40
   (10) sidecar paid direct, c16       wrk -t1 -c16, as (4)
   (11) sidecar exact on anvil, c16    wrk -t1 -c16, pre-signed EIP-3009 authorizations,
                                       each verified and settled on chain
+  (11u) sidecar upto metered, c16     wrk -t1 -c16, pre-signed Permit2 authorizations of
+                                      the metered route's maximum, the 37 units used
+                                      settled on chain at the response
   (12) official x402 stack, c16       the same payments to the official FastAPI middleware
 
 Then MCP tool calls (bench/mcp.py) through an unmodified FastMCP server, a paid call

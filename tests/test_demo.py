@@ -37,7 +37,8 @@ CHECKS = [
     "budget guard", "decision log", "ledger", "refund", "metered charge", "mcp tool paid",
     # the on-chain lanes
     "self-funded top-up", "prepaid from the credit", "ledger after top-up",
-    "exact payment", "exact on chain", "receipt proven on chain", "tampered receipt refused",
+    "exact payment", "exact on chain", "upto payment", "upto on chain",
+    "receipt proven on chain", "tampered receipt refused",
 ]  # fmt: skip
 TX_HASH = r"0x[0-9a-f]{64}"
 ERC20_BALANCE = [
@@ -97,8 +98,14 @@ def test_x402_demo_exits_0_and_reports_every_step() -> None:
         "transaction  0x",
         "✓ exact payment — settled on chain",
         "✓ exact on chain — payer -0.25 USDC, operator +0.25 USDC: exactly the price, 0.25",
-        # (c) the settled receipts' roots go on chain; a receipt is proven against them.
-        "C. Every receipt provable against the chain",
+        # (c) the official client pays a metered route with upto: what was served settles.
+        "C. Any x402 wallet pays a metered route with upto",
+        "GET /api/v1/data/rows?limit=37 → 200, paid with upto on eip155:31337: settled 0.037 "
+        "of 0.1 USDC signed",
+        "✓ upto payment — 37 rows settled on chain, 37000 atomic units",
+        "✓ upto on chain — payer -0.037 USDC, operator +0.037 USDC: what was served",
+        # (d) the settled receipts' roots go on chain; a receipt is proven against them.
+        "D. Every receipt provable against the chain",
         "BatchAnchor  0x",
         "✓ receipt proven on chain",
         "✓ tampered receipt refused — receipt rcpt_",

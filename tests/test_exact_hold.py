@@ -226,7 +226,11 @@ async def test_funds_gone_before_the_settle_withhold_the_response(
     assert failed.error_reason and failed.payer == payer.address and failed.amount is None
     # A fresh challenge, as at the check: the agent may pay again (once funded).
     required = b64json(response.headers["payment-required"])
-    assert [offer["scheme"] for offer in required["accepts"]] == ["prepaid-ed25519", "exact"]
+    assert [offer["scheme"] for offer in required["accepts"]] == [
+        "prepaid-ed25519",
+        "exact",
+        "upto",  # tests/test_upto.py
+    ]
     assert required["accepts"][1]["amount"] == str(PRICE)
     assert "paymentFlow" not in required["accepts"][1]["extra"]  # authorization: the default
     assert required["resource"]["url"].endswith(REPORT)
@@ -290,7 +294,7 @@ async def test_a_metered_route_refuses_exact_before_the_facilitator(
     challenge = await http.get(ROWS)
     assert challenge.status_code == 402
     offers = b64json(challenge.headers["payment-required"])["accepts"]
-    assert [offer["scheme"] for offer in offers] == ["prepaid-ed25519"]  # no exact offer
+    assert [offer["scheme"] for offer in offers] == ["prepaid-ed25519", "upto"]  # no exact
     # An authorization for the route's hold, signed anyway: refused, nothing verified.
     header, _ = await sign_exact(chain, http, REPORT, payers(chain)[4], ROWS_MAX, ROWS_MAX)
     log = (facilitator.workdir / "facilitator.log").read_text()

@@ -148,7 +148,8 @@ async def test_a_replayed_payment_is_redelivered_within_its_limit_and_charged_on
 ) -> None:
     """The same payment for the same call (a lost answer's retry) runs the tool again,
     charged nothing, up to the redelivery limit; with other arguments it is another
-    request (a plain 409 payment_identifier_conflict); past the limit nonce_reused (docs/protocol.md §13)."""
+    request (a plain 409 payment_identifier_conflict); past the limit nonce_reused
+    (docs/protocol.md §13)."""
     wallet = await funded(gw)
     raw = await RawMcp(gw, http).start()
     _, unpaid = await raw.call("get_weather", {"city": "Oslo"})

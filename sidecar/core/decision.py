@@ -14,7 +14,7 @@ from typing import Any
 
 from nacl.signing import VerifyKey
 
-from sidecar.core import exact, phases, protocol
+from sidecar.core import exact, phases, protocol, upto
 from sidecar.core.errors import (
     AmountError,
     InvalidInvoice,
@@ -324,6 +324,9 @@ def payment_required(
     if onchain is not None and gateway.exact is not None and not metered:
         upfront = price.phase is None  # charged on check: settled before the service runs
         accepts.append(exact.offer(onchain, price.amount, gateway.exact, upfront).to_wire())
+    # `upto` where the amount is known at the response: the hold is its maximum.
+    uptos = upto.offer_for(onchain, price, gateway.exact)
+    accepts.extend(found.to_wire() for found in uptos)
     required: dict[str, Any] = {
         "x402Version": protocol.X402_VERSION,
         "error": reason,
@@ -335,6 +338,8 @@ def payment_required(
         "accepts": accepts,
     }
     extensions = gateway.extensions_for(price.route, request.method)
+    if uptos and gateway.exact is not None and gateway.exact.upto_extensions:
+        extensions = {**(extensions or {}), **gateway.exact.upto_extensions}
     if extensions:
         required["extensions"] = extensions
     return required

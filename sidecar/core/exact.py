@@ -78,6 +78,11 @@ class ExactTerms:
     # Each network's `extra` from the facilitator's GET /supported (server/handshake.py
     # fills it at run time): it joins the offer's `extra`, our EIP-712 domain wins.
     facilitator_extra: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Each network's `upto` kind `extra` from GET /supported (its facilitatorAddress): `upto`
+    # is offered on a network once its facilitator lists it (core/upto.py).
+    upto_extra: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    # The x402 extensions a 402 declares where it offers `upto` (eip2612GasSponsoring).
+    upto_extensions: Mapping[str, Any] = field(default_factory=dict)
 
     def for_price(self, price: Price) -> OnchainAsset | None:
         return self.assets.get(price.asset.code)
@@ -118,19 +123,37 @@ def offer(onchain: OnchainAsset, amount: int, terms: ExactTerms, upfront: bool =
 def settle_response(
     auth: Eip3009Authorization, transaction: str, error_reason: str = "", error_message: str = ""
 ) -> dict[str, Any]:
-    """The `PAYMENT-RESPONSE` of an `exact` payment: the official x402 SettleResponse
-    (`success`, `transaction`, `network`, `payer`; `amount` settled in the token's atomic
-    units, as a string) and the token's address as `asset`. With an `error_reason` it says
-    nothing was settled (`success` false, no `amount`), as the official servers answer a
-    failed settlement."""
+    """The `PAYMENT-RESPONSE` of an `exact` payment (`standard_settle_response`): the
+    authorization's whole value settled, or nothing with an `error_reason`."""
+    requirements = auth.requirements
+    return standard_settle_response(
+        auth.sender, requirements.network, requirements.asset, requirements.amount,
+        transaction, error_reason, error_message,
+    )  # fmt: skip
+
+
+def standard_settle_response(
+    payer: str,
+    network: str,
+    token: str,
+    amount: str,
+    transaction: str,
+    error_reason: str = "",
+    error_message: str = "",
+) -> dict[str, Any]:
+    """The `PAYMENT-RESPONSE` of an on-chain payment (`exact`, `upto`): the official x402
+    SettleResponse (`success`, `transaction`, `network`, `payer`; `amount` settled in the
+    token's atomic units, as a string) and the token's address as `asset`. With an
+    `error_reason` it says nothing was settled (`success` false, no `amount`), as the
+    official servers answer a failed settlement."""
     response: dict[str, Any] = {"success": not error_reason}
     if error_reason:
         response["errorReason"] = error_reason
         response["errorMessage"] = error_message or error_reason
-    response.update(payer=auth.sender, transaction=transaction, network=auth.requirements.network)
+    response.update(payer=payer, transaction=transaction, network=network)
     if not error_reason:
-        response["amount"] = auth.requirements.amount
-    response["asset"] = auth.requirements.asset
+        response["amount"] = amount
+    response["asset"] = token
     return response
 
 

@@ -263,6 +263,7 @@ class Settings:
             exact.published_url(facilitators[0].url),
             self.exact_max_timeout_seconds,
             self.topup_terms(tokens, assets),
+            upto_extensions=_upto_extensions(),
         )
 
     def topup_terms(
@@ -423,3 +424,11 @@ class Settings:
             extensions=self.route_extensions(),
             redelivery_limit=self.redelivery_limit,
         )
+
+
+def _upto_extensions() -> dict[str, Any]:
+    """What a 402 offering `upto` declares: the official eip2612GasSponsoring extension (a
+    payer without a Permit2 approval signs the token's EIP-2612 permit beside it)."""
+    from x402.extensions.eip2612_gas_sponsoring import declare_eip2612_gas_sponsoring_extension
+
+    return declare_eip2612_gas_sponsoring_extension()

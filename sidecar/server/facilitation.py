@@ -372,6 +372,13 @@ class ChainReader:
             raise FacilitatorUnavailable(f"the chain refused {method}")
         return answer["result"]
 
+    async def read_uint(self, contract: str, data: str) -> int:
+        """eth_call `data` on `contract`, its answer as an unsigned integer (0 if empty)."""
+        result = await self._call("eth_call", [{"to": contract, "data": data}, "latest"])
+        if not isinstance(result, str) or not result.startswith("0x"):
+            raise FacilitatorUnavailable("the chain's eth_call answer is not hex")
+        return int(result, 16) if len(result) > 2 else 0
+
     async def authorization_used(self, token: str, authorizer: str, nonce: str) -> bool:
         """FiatToken's authorizationState(authorizer, nonce): used (or canceled)?"""
         data = exact.authorization_state_call(authorizer, nonce)

@@ -13,7 +13,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sidecar.core import exact, mcp, phases
+from sidecar.core import exact, mcp, phases, upto
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity
@@ -63,7 +63,11 @@ def discovery_document(
             for key in gateway.keys.all
         ],
         "assets": [{"asset": a.code, "decimals": a.decimals} for a in routes.assets.values()],
-        "schemes": [SCHEME, CHANNEL_SCHEME, *([exact.SCHEME] if gateway.exact else [])],
+        "schemes": [
+            SCHEME,
+            CHANNEL_SCHEME,
+            *([exact.SCHEME, upto.SCHEME] if gateway.exact else []),
+        ],
         "routes": [
             {
                 "method": r.method,

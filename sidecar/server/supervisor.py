@@ -231,7 +231,8 @@ def _handshake(
     networks = [onchain.network for onchain in gateway.exact.assets.values()]
     interval = float(settings.facilitator_supported_seconds)
     extras = gateway.exact.facilitator_extra
-    return Handshake(settler.facilitator, networks, extras, interval, speak=worker == 0)
+    uptos = gateway.exact.upto_extra
+    return Handshake(settler.facilitator, networks, extras, interval, worker == 0, uptos)
 
 
 def _grpc_server(

@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sidecar.core import exact, phases, protocol, receipts, retries
 from sidecar.core.decision import Gateway, Request
@@ -68,6 +68,22 @@ class Authorized:
 SETTLEMENT_PENDING = SettlementPending.reason  # the standard's errorReason (x402 2.25)
 
 
+class Reservable(Protocol):
+    """A signed on-chain authorization the ledger reserves and the facilitator verifies:
+    `exact`'s EIP-3009 one, `upto`'s Permit2 one (core/upto.py)."""
+
+    @property
+    def payer(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def valid_before(self) -> int: ...
+    @property
+    def envelope(self) -> Mapping[str, Any]: ...
+    @property
+    def requirements(self) -> Offer: ...
+
+
 class ExactSettler:
     """One EIP-3009 authorization, settled at most once through the facilitator: reserve
     it in the ledger (concurrent and replayed copies stop here), /verify, /settle. Shared
@@ -112,9 +128,7 @@ class ExactSettler:
         await self.verified(auth, reservation)
         return await self.settle_reserved(auth, reservation, recording)
 
-    async def verify(
-        self, auth: Eip3009Authorization, within: float | None = None, owner: str = ""
-    ) -> str:
+    async def verify(self, auth: Reservable, within: float | None = None, owner: str = "") -> str:
         """The first half: reserve the authorization in the ledger (until it expires) and
         /verify it; the reservation, or a typed refusal with nothing reserved (a verify
         moves nothing: the same authorization may come again)."""
@@ -125,7 +139,7 @@ class ExactSettler:
         await self.verified(auth, reservation)
         return reservation
 
-    async def verified(self, auth: Eip3009Authorization, reservation: str) -> None:
+    async def verified(self, auth: Reservable, reservation: str) -> None:
         """/verify a reserved authorization; a refusal frees the reservation."""
         try:
             verified = await self.facilitator.verify(auth.envelope, auth.requirements.to_wire())
@@ -139,7 +153,7 @@ class ExactSettler:
                 facilitator_reason=verified.reason or "invalid",
             )
 
-    async def release(self, auth: Eip3009Authorization, reservation: str) -> None:
+    async def release(self, auth: Reservable, reservation: str) -> None:
         """Nothing moved on chain: free the authorization (if still this reservation's)."""
         with contextlib.suppress(PaymentError):  # the reservation then simply expires
             await self.authorizations.release(auth.payer, auth.key, reservation)

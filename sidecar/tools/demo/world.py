@@ -96,6 +96,7 @@ PREPAID_PATHS = [
 PREPAID_SPENT = 271_000
 CLIENT_USDC = 1 * USDC  # minted to the official client's key
 EXACT_PRICE = 250_000  # atlas, 0.25 USDC
+ROWS, ROW_PRICE, ROWS_MAXIMUM = "/api/v1/data/rows", 1_000, 100_000  # 0.001 USDC a row, 100
 SERVE_CREDIT, SERVE_USDC = "100", 100 * USDC
 TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")
 
