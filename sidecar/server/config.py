@@ -29,6 +29,7 @@ from sidecar.core.pricing import (
     refuse_ambiguity,
     validate_path,
 )
+from sidecar.server.durability_settings import Durability
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.envoy.edge import Edge
 
@@ -130,6 +131,8 @@ class Settings:
     topup_asset: str = ""  # "": the default asset, if a token backs it; "off": no top-ups
     topup_min: str = "1"  # per top-up, in the asset's decimals
     topup_max: str = "1000"
+    # Durable money-in and reconciliation with the chain (server/durability_settings.py).
+    durability: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -172,6 +175,7 @@ class Settings:
             settings.edge_config()
             settings.exact_terms()
             settings.dashboard_origin()
+            settings.durability_config()
         except ConfigError as exc:
             raise _named(exc, from_env) from None
         return settings
@@ -266,6 +270,10 @@ class Settings:
             "min_atomic": low,
             "max_atomic": high,
         }
+
+    def durability_config(self) -> Durability:
+        """The `durability` mapping, checked."""
+        return Durability.from_mapping(self.durability)
 
     def edge_config(self) -> Edge:
         """The `edge` mapping, checked: Envoy's timeouts, limits and header policy."""

@@ -39,9 +39,10 @@ from grpc_health.v1._async import HealthServicer
 
 from sidecar.core import exact, protocol, vouchers
 from sidecar.core.decision import Gateway
-from sidecar.core.errors import ConfigError
+from sidecar.core.errors import ConfigError, LedgerNotDurable
 from sidecar.core.pricing import RouteTable
 from sidecar.ledger.accounts import Ledger, check_url
+from sidecar.ledger.durability import DurableWrites
 from sidecar.ledger.pipe import redacted
 from sidecar.server import logs, metrics, wiring
 from sidecar.server.addresses import split_host_port
@@ -144,6 +145,7 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     if settler is not None and gateway.exact is not None and gateway.exact.topup:
         asset = routes.assets[gateway.exact.topup["asset"]]
         topup = TopupService(gateway, settler, settler.authorizations, asset)
+        await _log_durability(log, settler.authorizations.durable)
     side = SidePort(routes, gateway, ledger, topup)
     zero = await WorkerZero.start(settings, side, board, ledger, gateway) if worker == 0 else None
     await server.start()
@@ -210,6 +212,15 @@ def _grpc_server(
     if bound == 0:
         raise ConfigError(f"config listen_grpc: worker {worker} cannot listen on {address}")
     return server, health
+
+
+async def _log_durability(log: Any, durable: DurableWrites) -> None:
+    """How this ledger makes a top-up's credit durable, at start; refused: an error line
+    (top-ups answer 503 ledger_not_durable until the server allows them; /readyz says so)."""
+    mode = await durable.refresh()
+    log.info("ledger.durability", money_in=mode.kind, detail=mode.detail, replicas=durable.replicas)
+    if not mode.takes_money:
+        log.error("topup.refused", reason=LedgerNotDurable.reason, detail=mode.detail)
 
 
 async def _log_started(log: Any, ledger: Ledger, **facts: Any) -> None:

@@ -10,6 +10,7 @@ from sidecar.core.identity import KeySet
 from sidecar.ledger import settlement
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.authorizations import Authorizations
+from sidecar.ledger.durability import DurableWrites
 from sidecar.ledger.payers import Payers
 from sidecar.ledger.rate_limit import RateLimiter, rate
 from sidecar.server.config import Settings
@@ -89,4 +90,6 @@ def exact_settler(settings: Settings, ledger: Ledger) -> ExactSettler | None:
     )
     chain = ChainReader(settings.chain_rpc_url) if settings.chain_rpc_url else None
     lookup = settings.chain_lookup_ms / 1000
-    return ExactSettler(Authorizations(ledger), facilitator, chain, lookup)
+    durability = settings.durability_config()
+    durable = DurableWrites(ledger, durability.enabled, durability.replicas, durability.timeout_ms)
+    return ExactSettler(Authorizations(ledger, durable), facilitator, chain, lookup)

@@ -44,6 +44,7 @@ from sidecar.server.envoy.contract import (
     RESOURCE,
 )
 from sidecar.server.facilitation import ChainReader, FacilitatorClient, SettleUnknown
+from sidecar.server.logs import get_logger
 from sidecar.server.schemes.base import (
     Charged,
     Closing,
@@ -51,6 +52,8 @@ from sidecar.server.schemes.base import (
     HoldingScheme,
     Payment,
 )
+
+log = get_logger("sidecar.exact")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +144,13 @@ class ExactSettler:
                     settled.message or "the settlement failed; nothing was charged",
                     facilitator_reason=settled.reason or "settle_failed",
                 )
+        durable = False
         with contextlib.suppress(PaymentError):  # settled on chain: the reservation holds
-            await self.authorizations.settled(auth.payer, auth.key, reservation, transaction)
+            durable = await self.authorizations.settled(
+                auth.payer, auth.key, reservation, transaction
+            )
+        if not durable:  # the transfer is on chain (x402 reconcile finds it); say so
+            log.warning("exact.record_not_durable", authorizer=auth.payer, transaction=transaction)
         return {**settled_facts(auth, transaction), "via": via}
 
     async def resolve(self, auth: Eip3009Authorization, failed: str = "") -> str:
