@@ -77,6 +77,11 @@ class _Metrics:
             ("api",),
             registry=registry,
         )
+        self.reconcile_repairs = Counter(
+            "x402_reconcile_repairs",
+            "Top-ups paid on chain that the ledger had lost, credited by reconciliation.",
+            registry=registry,
+        )
         self.decision_children: dict[tuple[str, str, str], Any] = {}
         self.revenue_children: dict[tuple[str, str], Any] = {}
 
@@ -150,6 +155,12 @@ def record_phase(line: Mapping[str, Any], captured: int, seconds: float) -> None
         metrics.charge(line.get("asset") or "", route, captured)
     elif line["reason"] == LEDGER_UNAVAILABLE:
         metrics.ledger_errors.inc()
+
+
+def reconcile_repaired(count: int) -> None:
+    """`count` lost top-ups credited by a reconciliation pass (worker 0's)."""
+    if count:
+        _current.reconcile_repairs.inc(count)
 
 
 def admin_auth_failed(api: str) -> None:

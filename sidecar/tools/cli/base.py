@@ -42,7 +42,16 @@ DEMO_MODULES = frozenset({"x402", "web3", "eth_account", "eth_typing", "aiohttp"
 
 # `x402 --help` lists the commands by who uses them; keygen serves both sides.
 AUDIENCES = {
-    "Operator": ("serve", "keygen", "secret", "envoy-config", "payer", "settle", "evidence"),
+    "Operator": (
+        "serve",
+        "keygen",
+        "secret",
+        "envoy-config",
+        "payer",
+        "settle",
+        "reconcile",
+        "evidence",
+    ),
     "Agent": ("keygen", "pay", "topup", "channel"),
     "Developer": ("demo", "load", "facilitator"),
 }

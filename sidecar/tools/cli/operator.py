@@ -377,3 +377,57 @@ def _key_set(key: str) -> dict[str, str]:
         return parse_key_set(Path(key).read_text() if Path(key).is_file() else key)
     except ValueError as exc:
         raise X402Error(f"--key {key[:60]}: no public key nor discovery document ({exc})") from None
+
+
+@main.command()
+@click.option(
+    "--from-block",
+    "first",
+    type=click.IntRange(min=0),
+    default=None,
+    help="The first block to read [default: the last --blocks blocks].",
+)
+@click.option(
+    "--blocks",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Without --from-block: how many recent blocks [default: durability.reconcile_blocks].",
+)
+@click.option("--rpc", "rpc_url", default="", help="JSON-RPC URL [default: chain_rpc_url].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per transfer, then totals.")
+@config_option
+@redis_option
+def reconcile(
+    first: int | None,
+    blocks: int | None,
+    rpc_url: str,
+    as_json: bool,
+    config_path: str | None,
+    redis_url: str | None,
+) -> None:
+    """Credit top-ups the ledger lost, from the chain's transfers to pay_to."""
+    import dataclasses
+    import json
+
+    from sidecar.server import wiring
+
+    async def op(ledger: Ledger, settings: Settings) -> dict[str, int]:
+        reconciler, chain = wiring.reconciler(settings, ledger, rpc_url)
+        try:
+            window = blocks or settings.durability_config().reconcile_blocks
+            report = await reconciler.run(first, window)
+        finally:
+            await chain.close()
+        for transfer in report.transfers:
+            if as_json:
+                click.echo(json.dumps(dataclasses.asdict(transfer)))
+            else:
+                who = f" payer {transfer.payer}" if transfer.payer else ""
+                click.echo(
+                    f"{transfer.outcome:9} {transfer.kind or '-':5} {transfer.transaction} "
+                    f"from {transfer.sender} {transfer.value} {transfer.asset}{who}"
+                )
+        return report.summary()
+
+    summary = ledger_call(redis_url, config_path, op)
+    click.echo(json.dumps(summary) if as_json else " ".join(f"{k}={v}" for k, v in summary.items()))
