@@ -11,17 +11,23 @@ credits nothing.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.core import exact
+from sidecar.core.errors import X402Error
 from sidecar.core.exact import OnchainAsset
 from sidecar.ledger.authorizations import Authorizations
+from sidecar.server import metrics
 from sidecar.server.facilitation import ChainRangeError, ChainReader
+from sidecar.server.logs import get_logger
 
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 CREDITED, KNOWN, UNMATCHED = "credited", "known", "unmatched"
+log = get_logger("sidecar.reconcile")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,3 +142,25 @@ class Reconciler:
             payer, onchain.asset, value, source, transaction
         )
         return CREDITED if credit.applied else KNOWN
+
+
+async def reconcile_forever(
+    reconciler: Reconciler, chain: ChainReader, interval: float, blocks: int
+) -> None:
+    """Worker 0: a pass over the last `blocks` blocks now, then every `interval` seconds;
+    one line per pass, the repairs counted (x402_reconcile_repairs)."""
+    try:
+        while True:
+            try:
+                report = await reconciler.run(None, blocks)
+            except (X402Error, OSError) as exc:  # the chain or Redis down: next time
+                log.warning("reconcile.failed", error=str(exc))
+            else:
+                metrics.reconcile_repaired(report.count(CREDITED))
+                log.info("reconcile.pass", **report.summary())
+                for transfer in report.transfers:
+                    if transfer.outcome == CREDITED:
+                        log.warning("reconcile.credited", **dataclasses.asdict(transfer))
+            await asyncio.sleep(interval)
+    finally:
+        await chain.close()

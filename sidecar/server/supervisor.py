@@ -53,6 +53,7 @@ from sidecar.server.authz.grpc_transport import AUTHZ_SERVICE, GrpcChecks
 from sidecar.server.config import Settings
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.processor import PROCESSOR_SERVICE, Processor
+from sidecar.server.reconcile import reconcile_forever
 from sidecar.server.schemes.base import sweep_forever
 from sidecar.server.side_port import AnyReply, Headers, SidePort, SideServer, start_http
 from sidecar.server.topup import TopupService
@@ -247,6 +248,7 @@ class WorkerZero:
     probes: SideServer | None
     facilities: Facilities
     sweeper: asyncio.Task[None]
+    reconciling: asyncio.Task[None] | None = None  # x402 reconcile on an interval
 
     @classmethod
     async def start(
@@ -264,15 +266,28 @@ class WorkerZero:
         # The admin API and the settlement worker, if configured: one instance each.
         facilities = await start_facilities(settings, ledger, gateway)
         sweeper = asyncio.create_task(sweep_forever(ledger, settings.hold_sweep_seconds))
-        return cls(http, probes, facilities, sweeper)
+        return cls(http, probes, facilities, sweeper, _reconciling(settings, ledger))
 
     async def close(self) -> None:
         """After the drain (the side port's is in serve's)."""
         self.sweeper.cancel()
+        if self.reconciling is not None:
+            self.reconciling.cancel()
         self.http.close()
         if self.probes is not None:
             self.probes.close()
         await self.facilities.close(SHUTDOWN_GRACE_SECONDS)
+
+
+def _reconciling(settings: Settings, ledger: Ledger) -> asyncio.Task[None] | None:
+    """Worker 0's reconciliation with the chain, where a chain is configured."""
+    durability = settings.durability_config()
+    interval = durability.reconcile_interval_seconds
+    if not interval or not settings.chain_rpc_url or settings.exact_terms() is None:
+        return None
+    reconciler, chain = wiring.reconciler(settings, ledger)
+    blocks = durability.reconcile_blocks
+    return asyncio.create_task(reconcile_forever(reconciler, chain, interval, blocks))
 
 
 async def _start_side_port(
