@@ -92,22 +92,25 @@ async def test_failover_to_the_promoted_replica_keeps_every_acknowledged_credit(
                 break
             await asyncio.sleep(0.05)
 
+        enough = asyncio.Event()  # mid-stream: kill the primary
+
         async def stream(payer: str) -> None:
             while True:
                 try:
                     if await credit(ledger, durable, payer, 1):
                         acknowledged[payer] += 1
-                except Exception:  # noqa: BLE001 - the primary died: no acknowledgement
+                    if sum(acknowledged.values()) >= 40:
+                        enough.set()
+                except Exception:
                     return
 
         streams = [asyncio.create_task(stream(payer)) for payer in payers]
-        while sum(acknowledged.values()) < 40:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(enough.wait(), 30)
         primary.kill()
         await asyncio.wait_for(asyncio.gather(*streams), 30)
         promoted = Ledger.from_url(replica.url)
         try:
-            await promoted.call(promoted._redis.execute_command("REPLICAOF", "NO", "ONE"))  # type: ignore[no-untyped-call]
+            await promoted.call(promoted._redis.execute_command("REPLICAOF", "NO", "ONE"))
         finally:
             await promoted.close()
         for payer in payers:
