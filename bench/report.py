@@ -148,4 +148,8 @@ def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
         if paid in phases and OFFICIAL_C16 in phases:
             p50 = phases[OFFICIAL_C16]["p50_ms"] / max(phases[paid]["p50_ms"], 1e-3)
             ratios[key] = round(p50, 1)
+    durable, off = "13 top-up, durable (WAITAOF)", "13 top-up, not durable"
+    if durable in phases and off in phases:  # latency: above 1 is what durability costs
+        p50 = phases[durable]["latency_ms"]["p50"] / max(phases[off]["latency_ms"]["p50"], 1e-3)
+        ratios["topup_durable_p50/topup_not_durable_p50"] = round(p50, 3)
     return ratios

@@ -26,6 +26,8 @@ FiatTokenV2_2, settled through `x402 facilitator serve`, beside the official x40
   (11) sidecar exact on anvil, c16    wrk -t1 -c16, pre-signed EIP-3009 authorizations,
                                       each verified and settled on chain
   (12) official x402 stack, c16       the same payments to the official FastAPI middleware
+  (13) top-ups, durable and not       20 each through the real route, settled on anvil;
+                                      then money_in: off (bench/topups.py); beside (10)
 
 It prints a table and the ratios (results["ratios"], named after both sides), checks the
 ledger (debits = allowed paid requests x price, no negative balance) and the chain (USDC
