@@ -76,7 +76,7 @@ async def replica_fsyncs(stack: Stack) -> None:
     server = client(stack)
     for _ in range(200):
         server.set("test:probe", 1)
-        counts = server.execute_command("WAITAOF", 1, 1, 100)  # type: ignore[no-untyped-call]
+        counts = server.execute_command("WAITAOF", 1, 1, 1000)  # type: ignore[no-untyped-call]
         if counts[1] == 1:
             return
         await asyncio.sleep(0.05)
@@ -130,7 +130,7 @@ async def test_a_credit_not_confirmed_on_disk_is_a_503_naming_the_transaction(
     again, never a 200; once a replica is back, the same authorization is known credited."""
     wanting = settings(chain, facilitator, replicas=1, timeout_ms=1500)
     with Stack(ROUTES, settings=wanting, ledger_server="valkey") as stack:
-        upstream = ("--replicaof", LOOPBACK, str(stack.ports["redis"]))
+        upstream = ("--replicaof", LOOPBACK, str(stack.ports["redis"]), "--appendfsync", "always")
         replica = Valkey(tmp_path / "replica", *upstream).start()
         http.base_url = httpx.URL(stack.url)
         key = Identity.generate().public_key
@@ -240,3 +240,43 @@ async def test_reconcile_credits_a_lost_topup_exactly_once(
         refused = reconcile(stack, "--from-block", str(past))
         assert refused.returncode == 1
         assert f"blocks {past}.." in refused.stderr and "head" in refused.stderr
+
+
+async def test_failover_to_the_promoted_replica_keeps_every_answered_topup(
+    chain: AnvilChain, facilitator: FacilitatorProcess, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Top-ups waiting for one replica (durability.replicas: 1); the primary is killed
+    during the stream and the replica promoted (REPLICAOF NO ONE): every top-up answered
+    200 is credited on it, and `x402 reconcile` against it finds nothing to add."""
+    wanting = settings(chain, facilitator, replicas=1, timeout_ms=1500)
+    with Stack(ROUTES, settings=wanting, ledger_server="valkey") as stack:
+        upstream = ("--replicaof", LOOPBACK, str(stack.ports["redis"]), "--appendfsync", "always")
+        replica = Valkey(tmp_path / "replica", *upstream).start()
+        http.base_url = httpx.URL(stack.url)
+        first = chain.w3.eth.block_number + 1
+        try:
+            await replica_fsyncs(stack)
+            answered: dict[str, int] = {}
+            for round_ in range(4):
+                if round_ == 2:
+                    stack.processes["redis"].kill()  # the primary dies mid-stream
+                key = Identity.generate().public_key
+                try:
+                    header = await signed(chain, http, key, payer=round_ % 4)
+                    answered[key] = (await topup(http, key, header)).status_code
+                except AssertionError:  # no 402 to sign: the ledger is down, nothing paid
+                    answered[key] = 503
+            assert list(answered.values()) == [200, 200, 503, 503]
+            promoted = redis.Redis(host=LOOPBACK, port=replica.port, decode_responses=True)
+            promoted.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]
+            for key, status in answered.items():
+                if status == 200:
+                    account = promoted.hgetall(f"x402:{{{key}}}:account")
+                    assert account["balance:USDF"] == str(2 * USDC), key
+            argv = ["--redis", replica.url, "--from-block", str(first)]
+            found = reconcile(stack, *argv)
+            assert found.returncode == 0, found.stderr
+            totals = json.loads(found.stdout.splitlines()[-1])
+            assert (totals["credited"], totals["known"]) == (0, 2), found.stdout
+        finally:
+            replica.kill()
