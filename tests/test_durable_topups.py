@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import yaml
 from x402.schemas import PaymentPayload, PaymentRequired
 
 from sidecar.core.errors import UnknownPayer
@@ -240,6 +241,22 @@ async def test_reconcile_credits_a_lost_topup_exactly_once(
         refused = reconcile(stack, "--from-block", str(past))
         assert refused.returncode == 1
         assert f"blocks {past}.." in refused.stderr and "head" in refused.stderr
+
+        # Lost again (the snapshot once more); now worker 0 repairs it, at its start.
+        restart_ledger(stack)
+        config = yaml.safe_load(stack.config_path.read_text())
+        config["durability"]["reconcile_interval_seconds"] = 3600
+        stack.config_path.write_text(yaml.safe_dump(config))
+        stack.processes.pop("sidecar").stop()
+        stack.start_sidecar()
+        for _ in range(200):
+            scraped = (await http.get(stack.sideport_url + "/metrics")).text
+            if "x402_reconcile_repairs_total 1.0" in scraped:
+                break
+            await asyncio.sleep(0.05)
+        assert "x402_reconcile_repairs_total 1.0" in scraped
+        assert await stack.balance(key) == 2 * USDC
+        assert '"reconcile.credited"' in stack.processes["sidecar"].log()
 
 
 async def test_failover_to_the_promoted_replica_keeps_every_answered_topup(
