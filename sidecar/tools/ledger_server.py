@@ -35,8 +35,16 @@ def default() -> str:
 
 
 def persistence(valkey: bool) -> list[str]:
-    """Valkey keeps an AOF, fsynced every second (WAITAOF waits for each credit);
-    redis-server none (a test asks for its own with `redis_args`)."""
+    """Valkey keeps an AOF, fsynced every second (WAITAOF waits for each credit), and
+    takes DEBUG from loopback as redis-server does (fault tests stall it with DEBUG SLEEP);
+    redis-server no AOF (a test asks for its own with `redis_args`)."""
     if valkey:
-        return ["--appendonly", "yes", "--appendfsync", "everysec"]
+        return [
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--enable-debug-command",
+            "local",
+        ]
     return ["--appendonly", "no"]
