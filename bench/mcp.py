@@ -8,16 +8,16 @@ answers; sidecar/tools/mcp_upstream.py) behind an MCP route pricing `get_weather
 settled through `x402 facilitator serve`. wrk POSTs JSON-RPC tools/call bodies
 (bench/wrk/mcp.lua), all at the same concurrency:
 
-  (13)  MCP free tool call            tools/call echo, no payment
-  (13p) MCP paid tool call, prepaid   tools/call get_weather, a pre-signed direct proof
+  (14)  MCP free tool call            tools/call echo, no payment
+  (14p) MCP paid tool call, prepaid   tools/call get_weather, a pre-signed direct proof
                                       per request in params._meta["x402/payment"]
-  (13x) MCP paid tool call, exact     the same with a pre-signed EIP-3009 authorization,
+  (14x) MCP paid tool call, exact     the same with a pre-signed EIP-3009 authorization,
                                       verified and settled on chain per request
 
 The report: each phase's req/s and p50, and per payment kind the throughput ratio to the
 free call and the latency it adds (p50 paid - p50 free). The MCP server's own call count
 and the ledger check that every paid 200 ran the tool once and was charged once.
-`make bench` runs it as phases 13 (`--phases 13`).
+`make bench` runs it as phases 14 (`--phases 14`).
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ ROUTES = {
     "tools": {"method": "POST", "path": PATH, "mcp": {"tools": {PAID_TOOL: PRICE}}},
 }
 FREE, PREPAID, EXACT = (
-    "13 MCP free tool call",
-    "13p MCP paid tool call, prepaid",
-    ("13x MCP paid tool call, exact"),
+    "14 MCP free tool call",
+    "14p MCP paid tool call, prepaid",
+    ("14x MCP paid tool call, exact"),
 )
 PAYERS, PROOF_TTL, EXACT_TIMEOUT = 32, 3000, 3000
 ONCHAIN_TIMEOUT = 30
@@ -138,7 +138,7 @@ def compare(phases: dict[str, Any], paid: str, free: str) -> dict[str, float]:
 
 
 def run_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """`make bench`'s (13): with the chain unless --no-onchain."""
+    """`make bench`'s (14): with the chain unless --no-onchain."""
     if getattr(args, "no_onchain", False) or getattr(args, "no_exact", False):
         measure(wrk, args, results)
     else:
@@ -149,7 +149,7 @@ def measure(
     wrk: str, args: argparse.Namespace, results: dict[str, Any], chain: Any = None,
     keys: list[str] | None = None, settings: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
-    """(13), (13p) and, with a chain, (13x) into results["phases"] and results["mcp"]."""
+    """(14), (14p) and, with a chain, (14x) into results["phases"] and results["mcp"]."""
     phases = results.setdefault("phases", {})
     config = {"max_direct_ttl_seconds": 3600, **(settings or {})}
     with (
@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--no-exact", action="store_true", help="skip (13x): no chain")
+    parser.add_argument("--no-exact", action="store_true", help="skip (14x): no chain")
     args = parser.parse_args()
     wrk = ensure_wrk()
     results: dict[str, Any] = {"phases": {}}
@@ -204,7 +204,7 @@ def main() -> None:
 
 
 def with_chain(wrk: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """(13)-(13x) with USDF backed by USDC on anvil and the facilitator."""
+    """(14)-(14x) with USDF backed by USDC on anvil and the facilitator."""
     from eth_account import Account
 
     from bench.onchain import LANES, PAYER_USDC, chain_tools

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from eth_account import Account
 
-from bench import channels, official
+from bench import channels, official, topups
 from bench.harness import (
     FREE_PATH,
     METERED_PATH,
@@ -197,6 +197,9 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
             stack.start_sidecar()
             phases[PAID_C16_HTTP] = paid_c16(wrk, args, stack, wallets, expect, "16h")
             show(PAID_C16_HTTP, phases[PAID_C16_HTTP])
+
+            # (13) the top-up's latency, durable (as configured) and then not.
+            topups.topup_phases(stack, chain, keys[0], args.workers, results)
         finally:
             if server is not None:
                 server.stop()

@@ -39,7 +39,7 @@ def report(results: dict[str, Any], rate: float) -> None:
     if "5 challenge loops, 1 agent" in phases:
         print(f"{'challenge loop, 1 agent':<48}p50 "
               f"{phases['5 challenge loops, 1 agent']['loop_ms']['p50']} ms")  # fmt: skip
-    for kind, added in results.get("mcp", {}).items():  # (13): bench/mcp.py
+    for kind, added in results.get("mcp", {}).items():  # (14): bench/mcp.py
         print(f"{f'MCP tool call, {kind} vs free':<48}x{added['throughput_ratio']:.3f} req/s, "
               f"p50 {added['added_p50_ms']:+.2f} ms")  # fmt: skip
     onchain_report(results)
@@ -159,4 +159,8 @@ def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
         if paid in phases and OFFICIAL_C16 in phases:
             p50 = phases[OFFICIAL_C16]["p50_ms"] / max(phases[paid]["p50_ms"], 1e-3)
             ratios[key] = round(p50, 1)
+    durable, off = "13 top-up, durable (WAITAOF)", "13 top-up, not durable"
+    if durable in phases and off in phases:  # latency: above 1 is what durability costs
+        p50 = phases[durable]["latency_ms"]["p50"] / max(phases[off]["latency_ms"]["p50"], 1e-3)
+        ratios["topup_durable_p50/topup_not_durable_p50"] = round(p50, 3)
     return ratios

@@ -32,9 +32,11 @@ FiatTokenV2_2, settled through `x402 facilitator serve`, beside the official x40
                                       the metered route's maximum, the 37 units used
                                       settled on chain at the response
   (12) official x402 stack, c16       the same payments to the official FastAPI middleware
+  (13) top-ups, durable and not       20 each through the real route, settled on anvil;
+                                      then money_in: off (bench/topups.py); beside (10)
 
 Then MCP tool calls (bench/mcp.py) through an unmodified FastMCP server, a paid call
-beside the same call on a free tool: (13) free, (13p) prepaid and, with the chain, (13x)
+beside the same call on a free tool: (14) free, (14p) prepaid and, with the chain, (14x)
 `exact`; the throughput ratio to the free call and the p50 latency each payment adds.
 
 It prints a table and the ratios (results["ratios"], named after both sides), checks the
@@ -43,8 +45,8 @@ settled = 200s + requests wrk hung up on) and writes bench/results.json. On a 2-
 machine it takes about 4 minutes (`--no-onchain`: 2, without (9)-(12)).
 
 The parts: bench/harness.py (wrk, the CPU meter, the stack's files, proofs, funding),
-bench/phases.py (1)-(8), bench/onchain.py (9)-(12), bench/mcp.py (13), bench/report.py
-(the table, the ratios, the targets).
+bench/phases.py (1)-(8), bench/onchain.py (9)-(12), bench/topups.py (13), bench/mcp.py
+(14), bench/report.py (the table, the ratios, the targets).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def main() -> None:
     LocalRun(wrk, args, only, results).run()
     if not args.no_onchain and (only is None or only & {"9", "10", "11", "12"}):
         onchain_phases(wrk, args, results)
-    if only is None or "13" in only:  # MCP tool calls, paid beside free (bench/mcp.py)
+    if only is None or "14" in only:  # MCP tool calls, paid beside free (bench/mcp.py)
         mcp_phases(wrk, args, results)
 
     results["machine"] = {

@@ -160,6 +160,23 @@ class LedgerUnavailable(PaymentError):
     status = 503
 
 
+class LedgerNotDurable(PaymentError):
+    """Top-ups are refused, before anything is verified or settled: the ledger's Redis
+    cannot make a credit durable (no WAITAOF and no `appendfsync always`, docs/redis.md)."""
+
+    reason = "ledger_not_durable"
+    status = 503
+
+
+class CreditNotDurable(PaymentError):
+    """A top-up settled on chain and was credited, but the ledger did not confirm the
+    credit on disk in time: send the same authorization again (it is credited at most
+    once, also if this credit was lost); details name the `transaction`."""
+
+    reason = "credit_not_durable"
+    status = 503
+
+
 class FacilitatorUnavailable(PaymentError):
     """The `exact` scheme's facilitator is down, too slow or answered 5xx before anything
     was settled: nothing happened; the same authorization may be sent again."""
@@ -301,6 +318,8 @@ BY_REASON: dict[str, type[PaymentError]] = {
         ChannelExists,
         RateLimited,
         LedgerUnavailable,
+        LedgerNotDurable,
+        CreditNotDurable,
         FacilitatorUnavailable,
         SettlementPending,
         InvalidPayment,

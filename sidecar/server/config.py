@@ -38,6 +38,7 @@ from sidecar.server.config_values import (
     named,
     one_line,
 )
+from sidecar.server.durability_settings import Durability
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.envoy.edge import Edge
 from sidecar.server.facilitators import FacilitatorSpec, specs
@@ -148,6 +149,8 @@ class Settings:
     # A retry of a payment already charged (lost answer): served again, uncharged, at most
     # this many times per payment; then nonce_reused (docs/protocol.md §13).
     redelivery_limit: int = 3
+    # Durable money-in and reconciliation with the chain (server/durability_settings.py).
+    durability: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -196,6 +199,7 @@ class Settings:
             settings.paywall_settings()
             if not 0 <= settings.redelivery_limit <= MAX_REDELIVERIES:
                 raise ConfigError(f"config redelivery_limit: 0 to {MAX_REDELIVERIES}")
+            settings.durability_config()
         except ConfigError as exc:
             raise named(exc, from_env) from None
         return settings
@@ -306,6 +310,10 @@ class Settings:
     def paywall_settings(self) -> PaywallSettings:
         """The `paywall` value and each route's `paywall: on|off`, checked."""
         return PaywallSettings.from_config(self.paywall, self.routes)
+
+    def durability_config(self) -> Durability:
+        """The `durability` mapping, checked."""
+        return Durability.from_mapping(self.durability)
 
     def edge_config(self) -> Edge:
         """The `edge` mapping, checked: Envoy's timeouts, limits and header policy."""

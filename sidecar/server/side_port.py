@@ -182,7 +182,12 @@ class SidePort:
             self._unreachable = unreachable
         if unreachable:
             return 503, "application/json", b'{"status":"ledger_unavailable"}'
-        return 200, "application/json", b'{"status":"ready"}'
+        if self.topup is None:
+            return 200, "application/json", b'{"status":"ready"}'
+        # Ready for paid checks either way; top-ups are taken only on a durable ledger.
+        mode = self.topup.authorizations.durable.mode
+        ready = {"status": "ready", "money_in": mode.kind, "money_in_detail": mode.detail}
+        return 200, "application/json", json.dumps(ready).encode()
 
     async def metrics(self) -> tuple[int, str, bytes]:
         """Every worker's metrics (multiprocess files), and from Redis the settlement lag

@@ -1,8 +1,6 @@
-"""Start the real parts on loopback: Redis, the sidecar, Envoy and a demo upstream.
-
-Used by `x402 demo`, the end-to-end tests and the benchmark, so all three run the same
-wiring. Every process gets free ports, a working directory and a log file.
-"""
+"""Start the real parts on loopback: Redis (or Valkey), the sidecar, Envoy and a demo
+upstream. Used by `x402 demo`, the end-to-end tests and the benchmark, so all three run the
+same wiring. Every process gets free ports, a working directory and a log file."""
 
 from __future__ import annotations
 
@@ -31,6 +29,7 @@ from sidecar.core.identity import Identity, write_secret
 from sidecar.server.config import Settings
 from sidecar.server.envoy.edge import Edge, Endpoints
 from sidecar.server.envoy.render import render, timeouts
+from sidecar.tools import ledger_server
 from sidecar.tools import redis_tls as tls_server
 
 LOOPBACK = "127.0.0.1"
@@ -160,6 +159,8 @@ class Stack:
     workers: int = 1  # sidecar worker processes, each an endpoint of Envoy's x402_authz
     envoy_concurrency: int = 1  # Envoy worker threads
     redis_args: tuple[str, ...] = ()  # extra redis-server arguments, e.g. AOF for fault tests
+    # "valkey" (Valkey 8 with AOF) or "redis" (as found, AOF off); see tools/ledger_server.py
+    ledger_server: str = field(default_factory=ledger_server.default)
     redis_cluster: int = 0  # > 0: the ledger on a Redis Cluster of this many masters
     redis_tls: Path | None = None  # certificates: the ledger over TLS (tools/redis_tls.py)
     authz_timeout: str = ""  # Envoy's ext_authz timeout; default: longer than the ledger's
@@ -310,12 +311,17 @@ class Stack:
                 str(self.dir),
                 "--save",
                 "",
-                "--appendonly",
-                "no",
+                *ledger_server.persistence(self.valkey),
                 *self.redis_args,
             ],
         )
         return self._wait_redis(process, self.ports["redis"], b"PING", b"+PONG")
+
+    @property
+    def valkey(self) -> bool:
+        """Whether the ledger runs on Valkey (see `ledger_server`)."""
+        plain = self.redis_tls is None and not self.redis_cluster
+        return plain and self.ledger_server == "valkey"
 
     def _wait_redis(self, process: Process, port: int, command: bytes, answer: bytes) -> Process:
         """Until the server on `port` answers `command` (inline) with a reply holding `answer`."""
@@ -331,6 +337,8 @@ class Stack:
 
     def _redis_server(self, port: int) -> list[str]:
         """The redis-server command line listening on `port` (over TLS with `redis_tls`)."""
+        if self.valkey:
+            return [ledger_server.valkey_binary(), "--port", str(port)]
         if self.redis_tls is None:
             return [find_binary("redis-server"), "--port", str(port)]
         return tls_server.server_argv(self.redis_tls, port, bool(self.redis_cluster))

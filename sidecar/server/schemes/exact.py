@@ -48,6 +48,7 @@ from sidecar.server.envoy.contract import (
     RESOURCE,
 )
 from sidecar.server.facilitation import ChainReader, FacilitatorClient, SettleUnknown
+from sidecar.server.logs import get_logger
 from sidecar.server.schemes.base import (
     Charged,
     Closing,
@@ -55,6 +56,8 @@ from sidecar.server.schemes.base import (
     HoldingScheme,
     Payment,
 )
+
+log = get_logger("sidecar.exact")
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,10 +192,13 @@ class ExactSettler:
                     exact.settle_response(auth, "", reason, message),
                     facilitator_reason=reason,
                 )
+        durable = False
         with contextlib.suppress(PaymentError):  # settled on chain: the reservation holds
-            await self.authorizations.settled(
+            _, durable = await self.authorizations.settled(
                 auth.payer, auth.key, reservation, transaction, recording, via
             )
+        if not durable:  # the transfer is on chain (x402 reconcile finds it); say so
+            log.warning("exact.record_not_durable", authorizer=auth.payer, transaction=transaction)
         return {**settled_facts(auth, transaction), "via": via}
 
     async def resolve(
@@ -268,7 +274,7 @@ class ExactSettler:
             raise NonceReused("this authorization is being settled; try again shortly")
         transaction = landed or found or "unknown"
         if kind == "pending":
-            took = await self.authorizations.settled(
+            took, _ = await self.authorizations.settled(
                 auth.payer, auth.key, state, transaction, recording, "chain"
             )  # recorded: its own retries are redelivered from now on
             if not took:

@@ -78,6 +78,12 @@ def test_routes_become_a_route_table() -> None:
         ({"redelivery_limit": -1}, {}, "redelivery_limit"),
         ({"redelivery_limit": 101}, {}, "redelivery_limit"),
         ({}, {"X402_REDELIVERY_LIMIT": "1000"}, "X402_REDELIVERY_LIMIT"),
+        ({"durability": "always"}, {}, "durability"),
+        ({"durability": {"fsync": 1}}, {}, "durability: unknown key 'fsync'"),
+        ({"durability": {"money_in": "maybe"}}, {}, "durability.money_in"),
+        ({"durability": {"replicas": -1}}, {}, "durability.replicas"),
+        ({"durability": {"timeout_ms": 0}}, {}, "durability.timeout_ms"),
+        ({"durability": {"reconcile_interval_seconds": "5m"}}, {}, "durability.reconcile_"),
     ],
 )
 def test_bad_config_names_the_key(raw: dict[str, Any], env: dict[str, str], key: str) -> None:
@@ -94,6 +100,13 @@ def test_edge_settings_for_envoy() -> None:
     assert load({"edge": {"cors_origins": origins}}).edge_config().cors_origins == tuple(origins)
     assert load({"edge": {"cors_origins": []}}).edge_config().cors_origins == ()
     assert Edge().cors_origins == ("*",)
+
+
+def test_durability_settings() -> None:
+    default = load({}).durability_config()
+    assert (default.enabled, default.replicas, default.timeout_ms) == (True, 0, 1000)
+    chosen = load({"durability": {"money_in": "off", "replicas": 1}}).durability_config()
+    assert (chosen.enabled, chosen.replicas) == (False, 1)
 
 
 def test_assets_take_a_number_or_a_mapping() -> None:
