@@ -44,11 +44,14 @@ class TopupCredit:
 class Recording:
     """What the check records of an `exact` payment with its settlement, for its retries
     (docs/protocol.md §13): its identity and request, the redelivery limit, and what a
-    redelivery re-signs (receipt_id, issued_at)."""
+    redelivery re-signs (receipt_id, issued_at); `response`: what its retries are answered
+    with (server/replays.py; "" none), kept if the payer keeps fewer than `per_payer`."""
 
     retry: Retry
     limit: int
     outcome: Mapping[str, str]
+    response: str = ""
+    per_payer: int = 0
 
 
 def _outcome(authorizer: str, recording: Recording) -> str:
@@ -61,7 +64,7 @@ class Authorizations:
         self.ledger = ledger
         redis = ledger._redis
         self._reserve = redis.register_script(scripts.EXACT_RESERVE_SOURCE)
-        self._finish = redis.register_script(scripts.source("exact_finish"))
+        self._finish = redis.register_script(scripts.EXACT_FINISH_SOURCE)
         self._topup = redis.register_script(scripts.source("topup"))
 
     async def reserve(
@@ -119,8 +122,12 @@ class Authorizations:
         ]
         result: list[Any] = await self.ledger.call(
             self._finish(
-                keys=(keyspace.authorization(authorizer, key), _outcome(authorizer, recording)),
-                args=(reservation, state, *pairs),
+                keys=(
+                    keyspace.authorization(authorizer, key),
+                    _outcome(authorizer, recording),
+                    keyspace.replays(f"evm:{authorizer.lower()}"),
+                ),
+                args=(reservation, state, recording.response, recording.per_payer, *pairs),
             )
         )
         return bool(result[0] == "ok")

@@ -49,8 +49,17 @@
   "denialHeaders": [
     "content-type",
     "cache-control",
+    "content-encoding",
+    "content-language",
+    "content-disposition",
+    "etag",
+    "last-modified",
+    "expires",
+    "link",
+    "location",
     "payment-required",
     "payment-response",
+    "x-payment-response",
     "retry-after"
   ],
   "successHeaders": [
@@ -73,6 +82,7 @@
     "exact_resource",
     "http_host",
     "http_scheme",
+    "payment_outcome",
     "x402.charge",
     "x402.phase",
     "x402.failure_status",
@@ -123,7 +133,7 @@
     "request_header_mode": "SKIP",
     "response_header_mode": "SEND",
     "request_body_mode": "NONE",
-    "response_body_mode": "NONE",
+    "response_body_mode": "BUFFERED_PARTIAL",
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP"
   },
@@ -148,6 +158,27 @@
         }
       },
       "status_code": 503
+    },
+    {
+      "filter": {
+        "metadata_filter": {
+          "matcher": {
+            "filter": "envoy.filters.http.ext_authz",
+            "path": [
+              {
+                "key": "x402"
+              }
+            ],
+            "value": {
+              "string_match": {
+                "exact": "replayed"
+              }
+            }
+          },
+          "match_if_key_not_found": false
+        }
+      },
+      "status_code": 200
     },
     {
       "filter": {

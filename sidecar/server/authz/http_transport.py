@@ -43,6 +43,8 @@ from sidecar.server.envoy.contract import (
     EXTERNAL_ADDRESS,
     PHASE_HEADER,
     REMOVE_HEADER,
+    REPLAYED_MARK,
+    REPLAYED_STAND_IN,
     TIMEOUT_HEADER,
     UNAVAILABLE_MARK,
     UNAVAILABLE_STAND_IN,
@@ -94,11 +96,14 @@ class HttpAnswers:
 
     _DENIED = _lines(DENIAL_METADATA.items())  # Envoy's local-reply mappers leave it as is
     _UNAVAILABLE = _lines([(DENIAL_METADATA_KEY, UNAVAILABLE_MARK)])  # ... or restore a 503
+    _REPLAYED = _lines([(DENIAL_METADATA_KEY, REPLAYED_MARK)])  # ... or a 200
 
     def denied(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
         mark = self._DENIED
         if status >= 500:
             status, mark = UNAVAILABLE_STAND_IN, self._UNAVAILABLE
+        elif status == 200:  # a replayed response (server/replays.py): a 200 would allow
+            status, mark = REPLAYED_STAND_IN, self._REPLAYED
         return (
             f"HTTP/1.1 {status} {reason_phrase(status)}\r\ncontent-length: {len(body)}\r\n".encode()
             + _lines(headers)

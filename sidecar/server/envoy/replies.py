@@ -7,7 +7,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from sidecar.server.envoy import browser
-from sidecar.server.envoy.contract import DENIAL_METADATA_KEY, EXT_AUTHZ, UNAVAILABLE_MARK
+from sidecar.server.envoy.contract import (
+    DENIAL_METADATA_KEY,
+    EXT_AUTHZ,
+    REPLAYED_MARK,
+    UNAVAILABLE_MARK,
+)
 
 
 def _reply(
@@ -83,8 +88,11 @@ def mappers() -> list[dict[str, Any]]:
     # Over the HTTP transport a sidecar 503 arrives as a stand-in status (a 5xx would be
     # taken for the sidecar's own failure): its status comes back, its body stays.
     unavailable = _denial_filter({"string_match": {"exact": UNAVAILABLE_MARK}})
+    # ... and a replayed 200 (server/replays.py) as another.
+    replayed = _denial_filter({"string_match": {"exact": REPLAYED_MARK}})
     return [
         {"filter": unavailable, "status_code": 503},
+        {"filter": replayed, "status_code": 200},
         {"filter": sidecar_denial},
         # ext_authz failed (sidecar down, timed out, refused): fail closed.
         _reply(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -37,12 +38,14 @@ from sidecar.core.retries import Retry
 from sidecar.ledger.accounts import Redelivered
 from sidecar.ledger.authorizations import Authorizations, Recording
 from sidecar.ledger.holds import CAPTURED, RELEASED, HoldClosed
+from sidecar.server import replays
 from sidecar.server.envoy.contract import (
     ENVELOPE,
     HELD,
     HOLD,
     HOST,
     HTTP_SCHEME,
+    OUTCOME,
     REQUIREMENTS,
     RESERVATION,
     RESOURCE,
@@ -104,13 +107,22 @@ class ExactSettler:
     ) -> dict[str, str] | Redelivered:
         """`settle`, the outcome recorded with the settlement; a payment already recorded
         is redelivered: what it recorded, nothing verified or settled (protocol.md §13)."""
+        reservation = await self.verify_recorded(auth, within, recording)
+        if isinstance(reservation, Redelivered):
+            return reservation
+        return await self.settle_reserved(auth, reservation, recording)
+
+    async def verify_recorded(
+        self, auth: Eip3009Authorization, within: float | None, recording: Recording
+    ) -> str | Redelivered:
+        """`verify` for a payment whose outcome the settle will record: one already
+        recorded is redelivered (what it recorded), nothing verified (protocol.md §13)."""
         reservation = await self.authorizations.reserve(
             auth.payer, auth.key, auth.valid_before, within, recording=recording
         )
-        if isinstance(reservation, Redelivered):
-            return reservation
-        await self.verified(auth, reservation)
-        return await self.settle_reserved(auth, reservation, recording)
+        if not isinstance(reservation, Redelivered):
+            await self.verified(auth, reservation)
+        return reservation
 
     async def verify(
         self, auth: Eip3009Authorization, within: float | None = None, owner: str = ""
@@ -317,8 +329,7 @@ class Exact(HoldingScheme[Authorized]):
         settled: dict[str, str] | Redelivered
         recording = None
         if payment.retry is not None:
-            kept = {"receipt_id": receipt_id, "issued_at": str(now), "nonce": auth.nonce}
-            recording = Recording(payment.retry, self.gateway.redelivery_limit, kept)
+            recording = self._recording(payment.retry, receipt_id, now, auth.nonce)
         try:
             if recording is None:
                 settled = await self.settler.settle(auth, within)
@@ -326,15 +337,31 @@ class Exact(HoldingScheme[Authorized]):
                 settled = await self.settler.settle_recorded(auth, within, recording)
         except NonceReused as reused:  # sent again after settlement_pending: resolve it
             settled = await self.settler.recover(auth, reused, recording=recording)
-        redelivered = isinstance(settled, Redelivered)
         if isinstance(settled, Redelivered):  # its first receipt, signed again
-            outcome = settled.outcome
-            receipt_id, now = outcome["receipt_id"], int(outcome["issued_at"])
-            settled = {
-                **settled_facts(auth, outcome["transaction"]),
-                "nonce": outcome["nonce"],  # the authorization that paid (a payment id's)
-                "via": outcome["via"],
-            }
+            return self._redelivered(payment, price, settled)
+        return self._charged(payment, price, settled, receipt_id, now)
+
+    def _redelivered(
+        self, payment: Payment[Authorized], price: Price, again: Redelivered, held: bool = False
+    ) -> Charged:
+        """A retry of a recorded payment: its first receipt, signed again, nothing charged;
+        with its kept response, if any (server/replays.py)."""
+        outcome, auth = again.outcome, payment.terms.auth
+        settled = {
+            **settled_facts(auth, outcome["transaction"]),
+            "nonce": outcome["nonce"],  # the authorization that paid (a payment id's)
+            "via": outcome["via"],
+        }
+        receipt_id, now = outcome["receipt_id"], int(outcome["issued_at"])
+        charged = self._charged(payment, price, settled, receipt_id, now, held)
+        kept = replays.recorded(outcome)
+        return dataclasses.replace(charged, amount=0, redelivered=True, response=kept)
+
+    def _charged(
+        self, payment: Payment[Authorized], price: Price, settled: Mapping[str, str],
+        receipt_id: str, now: int, held: bool = False,
+    ) -> Charged:  # fmt: skip
+        auth = payment.terms.auth
         receipt = receipts.exact_body(
             auth.sender,
             payment.terms.request.resource,
@@ -345,25 +372,46 @@ class Exact(HoldingScheme[Authorized]):
             self.gateway.payee,
             now,
         )
+        if held:  # settled at the response: its receipt says what it held
+            receipt["held"] = price.asset.to_decimal(price.amount)
         signed = protocol.sign_receipt(receipt, self.gateway.identity)
         settlement = exact.settle_response(auth, settled["transaction"])
-        return Charged(signed, 0 if redelivered else price.amount, None, settlement=settlement,
-                       redelivered=redelivered)  # fmt: skip
+        return Charged(signed, price.amount, None, settlement=settlement)
+
+    def _recording(
+        self, retry: Retry, receipt_id: str, now: int, nonce: str, response: str = ""
+    ) -> Recording:
+        kept = {"receipt_id": receipt_id, "issued_at": str(now), "nonce": nonce}
+        limit, per_payer = self.gateway.redelivery_limit, self.gateway.replay_per_payer
+        return Recording(retry, limit, kept, response, per_payer)
 
     async def hold(
         self, payment: Payment[Authorized], price: Price, phase: phases.ResponsePhase, now: int,
         within: float | None,
-    ) -> Held:  # fmt: skip
+    ) -> Held | Charged:  # fmt: skip
         """Reserve the authorization in the ledger (until its validBefore: copies and
         replays stop there) and have the facilitator /verify it; no /settle, so nothing
-        moves on chain until the response phase."""
+        moves on chain until the response phase. A payment settled at a response before is
+        a retry: its recorded outcome (and response), nothing verified; one left
+        settlement_pending is resolved (recover) and, landed, passes settled."""
         if phase.metered:
             raise UnsupportedScheme(
                 f"route {price.route} is metered: an exact authorization is for one fixed "
                 "value and cannot be charged for the units served; pay it with a prepaid proof"
             )
         auth, request = payment.terms.auth, payment.terms.request
-        reservation = await self.settler.verify(auth, within)
+        hold_id = protocol.new_receipt_id()
+        if payment.retry is None:
+            reservation: str | Redelivered = await self.settler.verify(auth, within)
+        else:
+            recording = self._recording(payment.retry, hold_id, now, auth.nonce)
+            try:
+                reservation = await self.settler.verify_recorded(auth, within, recording)
+            except NonceReused as reused:  # sent again after settlement_pending
+                settled = await self.settler.recover(auth, reused, recording=recording)
+                return self._charged(payment, price, settled, hold_id, now, held=True)
+        if isinstance(reservation, Redelivered):
+            return self._redelivered(payment, price, reservation, held=True)
         extra = {
             ENVELOPE: _compact(auth.envelope),
             REQUIREMENTS: _compact(auth.requirements.to_wire()),
@@ -372,7 +420,9 @@ class Exact(HoldingScheme[Authorized]):
             HOST: request.host,
             HTTP_SCHEME: request.scheme,
         }
-        return Held(protocol.new_receipt_id(), price.amount, None, extra, auth.sender)
+        if payment.retry is not None:
+            extra[OUTCOME] = f"{payment.retry.identity} {payment.retry.fingerprint}"
+        return Held(hold_id, price.amount, None, extra, auth.sender)
 
     async def abandon(self, held: Held, payment: Payment[Authorized]) -> PaymentError | None:
         """No response phase will settle it: free the reservation, so the same
@@ -392,7 +442,12 @@ class Exact(HoldingScheme[Authorized]):
         if capture.amount != held:  # the hold refused metered routes: never here
             raise ValueError("an exact authorization settles its whole value or nothing")
         auth = _authorization(meta)
-        settled = await self.settler.settle_reserved(auth, meta[RESERVATION])
+        recording = None
+        if meta.get(OUTCOME):  # recorded with the settlement: its retries are answered so
+            identity, _, covered = meta[OUTCOME].partition(" ")
+            retry = Retry(identity, covered)
+            recording = self._recording(retry, meta[HOLD], now, auth.nonce, capture.response)
+        settled = await self.settler.settle_reserved(auth, meta[RESERVATION], recording)
         body = receipts.exact_body(
             auth.sender, meta[RESOURCE], asset, held, settled, meta[HOLD], self.gateway.payee,
             now,
