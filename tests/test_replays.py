@@ -174,3 +174,40 @@ async def test_one_proof_sent_a_hundred_times_is_answered_at_most_the_limit(
     assert all(a.content == first.content for a in answers[:DEFAULT_REDELIVERY_LIMIT])
     assert served(replay_stack, receipt_id(first)) == 1
     assert await debited(replay_ledger, wallet) == 250_000
+
+
+async def test_a_service_error_or_redirect_it_was_charged_for_is_replayed_as_it_was(
+    http: httpx.AsyncClient, replay_stack: Stack, replay_ledger: Ledger
+) -> None:
+    """Statuses below the route's failure_status are captured, so kept: the retry gets
+    the same status, body and Location, over either transport."""
+    wallet = await funded_payer(replay_ledger, 1_000_000)
+    for params in ({"fail": "404"}, {"redirect": "/elsewhere"}):
+        headers = pay_direct(replay_stack, wallet, f"GET {REPORT}", "0.25")
+        first = await http.get(REPORT, params=params, headers=headers)
+        again = await http.get(REPORT, params=params, headers=headers)
+
+        assert first.status_code in (404, 302)
+        assert (again.status_code, again.content) == (first.status_code, first.content)
+        assert again.headers.get("location") == first.headers.get("location")
+        assert served(replay_stack, receipt_id(first)) == 1
+    assert await debited(replay_ledger, wallet) == 2 * 250_000
+
+
+async def test_a_body_larger_than_envoys_buffer_is_served_whole_and_not_kept(
+    http: httpx.AsyncClient, replay_stack: Stack, replay_ledger: Ledger
+) -> None:
+    """Envoy shows the sidecar only its buffer's worth of a large body: the capture
+    happens on it (the receipt on the response), the client gets every byte, and the
+    retry is redelivered."""
+    wallet = await funded_payer(replay_ledger, 1_000_000)
+    headers = pay_direct(replay_stack, wallet, f"GET {ROWS}", "0.1")
+    first = await http.get(ROWS, params={"limit": "4000"}, headers=headers)
+    again = await http.get(ROWS, params={"limit": "4000"}, headers=headers)
+
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert len(first.content) > 64 * 1024 and len(first.json()["rows"]) == 4000
+    assert b64json(first.headers["payment-response"])["units"] == 100  # max_units
+    assert receipt_id(again) == receipt_id(first)
+    assert served(replay_stack, receipt_id(first)) == 2
+    assert await debited(replay_ledger, wallet) == 100_000
