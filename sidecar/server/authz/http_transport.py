@@ -9,8 +9,8 @@ become ext_authz's dynamic metadata (the access log, the response phase), and
 `x-envoy-auth-headers-to-remove` strips the proof. Any other status denies: Envoy answers
 the client with it, the `allowed_client_headers` and our body; but Envoy takes any 5xx for
 its own failure and drops our answer, so a 503 travels as UNAVAILABLE_STAND_IN, marked, and
-the renderer's local-reply mapper gives it back its 503 (server/envoy/replies.py).
-There are no per-route
+the renderer's local-reply mapper gives it back its 503 (server/envoy/replies.py); a
+replayed 200 (server/replays.py) likewise travels as REPLAYED_STAND_IN. There are no per-route
 `context_extensions` here, so prices come from the sidecar's route table; a route's response
 phase is announced by the renderer's per-route `x-x402-phase` header instead.
 
