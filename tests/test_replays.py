@@ -20,10 +20,17 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.tools.stack import Stack
 from tests.support.payers import b64json, funded_payer, pay_direct
 
-REPORT, ROWS = "/api/v1/report", "/api/v1/data/rows"
+REPORT, ROWS, SLOW = "/api/v1/report", "/api/v1/data/rows", "/api/v1/slow"
 ROUTES: dict[str, dict[str, Any]] = {
     "report": {"method": "GET", "path": REPORT, "price": "0.25", "charge": "on_success"},
     "rows": {"method": "GET", "path": ROWS, "unit": "row", "unit_price": "0.001", "max_units": 100},
+    "slow": {
+        "method": "GET",
+        "path": SLOW,
+        "price": "0.25",
+        "charge": "on_success",
+        "hold_seconds": 3,
+    },
 }
 BODY_MAX, PER_PAYER = 2048, 2  # small, so a test reaches both limits cheaply
 
@@ -211,3 +218,44 @@ async def test_a_body_larger_than_envoys_buffer_is_served_whole_and_not_kept(
     assert receipt_id(again) == receipt_id(first)
     assert served(replay_stack, receipt_id(first)) == 2
     assert await debited(replay_ledger, wallet) == 100_000
+
+
+async def test_a_retry_while_its_hold_is_open_is_told_to_resend_and_is_charged_once(
+    http: httpx.AsyncClient, replay_stack: Stack, replay_ledger: Ledger
+) -> None:
+    """The agent hangs up while the service works (before any answer): its proof's hold is
+    open, nothing charged yet. The same proof sent meanwhile is `503 payment_in_progress`
+    (not `nonce_reused`: nothing was charged), and sent again after Retry-After it ends
+    served once: the recorded answer if the response was captured, else (the hold
+    released) the proof pays anew. One charge either way."""
+    wallet = await funded_payer(replay_ledger, 1_000_000)
+    headers = pay_direct(replay_stack, wallet, f"GET {SLOW}", "0.25")
+    url = urlsplit(replay_stack.url)
+    assert url.hostname is not None and url.port is not None
+    _reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    proof = headers["X-Payment"]
+    writer.write(f"GET {SLOW}?sleep=1 HTTP/1.1\r\nHost: x\r\nX-Payment: {proof}\r\n\r\n".encode())
+    await writer.drain()
+    for _ in range(250):  # the hold is placed; the service dawdles
+        if (await replay_ledger.account(wallet.public_key)).held:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("no hold was placed")
+    writer.close()
+    await writer.wait_closed()
+
+    waiting = await http.get(SLOW, params={"sleep": "1"}, headers=headers)
+
+    assert waiting.status_code == 503, waiting.text
+    assert waiting.json()["error"] == "payment_in_progress"
+    assert waiting.json()["receipt_id"].startswith("rcpt_")
+    assert waiting.headers["retry-after"] == "1"
+    for _ in range(100):  # the SDK's loop: the same proof after Retry-After
+        answer = await http.get(SLOW, params={"sleep": "1"}, headers=headers)
+        if answer.status_code != 503:
+            break
+        await asyncio.sleep(0.1)
+    assert answer.status_code == 200, answer.text
+    assert await debited(replay_ledger, wallet) == 250_000
+    assert len(await replay_ledger.receipts(wallet.public_key)) == 1
