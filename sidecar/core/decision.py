@@ -66,6 +66,10 @@ class Gateway:
     previous: tuple[Identity, ...] = field(default=(), repr=False)  # keys before a rotation
     previous_until: int = 0  # unix seconds: proofs to a previous key refused after; 0: never
     redelivery_limit: int = 3  # retries of one charged payment served uncharged (§13)
+    # A retry on a route with a response phase answered with the recorded response (§13):
+    # bodies up to this many bytes, this many kept per payer at once (0: none kept).
+    replay_body_max_bytes: int = 0
+    replay_per_payer: int = 0
     # Each priced route's 402 `extensions` (bazaar, payment-identifier) by (route, method),
     # (route, "") for any other method, ("", "") for a route priced only by Envoy's
     # annotations; built once at start (server/listing.py).

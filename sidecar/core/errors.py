@@ -108,6 +108,17 @@ class PaymentConflict(PaymentError):
     status = 409
 
 
+class PaymentInProgress(PaymentError):
+    """A proof whose hold is still open (its request is being served, or its answer was
+    lost before the response was seen): nothing charged yet. Non-terminal: send the SAME
+    proof again after Retry-After; once the hold is captured the retry gets the recorded
+    answer, once it is released the same proof pays anew. The body's `receipt_id` names
+    the hold (docs/protocol.md §13)."""
+
+    reason = "payment_in_progress"
+    status = 503
+
+
 class InvalidPaymentIdentifier(PaymentError):
     """A payment-identifier extension whose id is not the extension's format."""
 
@@ -310,6 +321,7 @@ BY_REASON: dict[str, type[PaymentError]] = {
         NonceReused,
         InsufficientFunds,
         PaymentConflict,
+        PaymentInProgress,
         InvalidPaymentIdentifier,
         UnknownChannel,
         ChannelClosed,
@@ -337,6 +349,8 @@ LEDGER_MESSAGES = {
     "nonce_reused": "this proof was already used (replay)",
     "insufficient_funds": "the balance does not cover this request",
     "payment_identifier_conflict": "this payment already paid for another request",
+    "payment_in_progress": "this proof's request is still being served (its hold is open); "
+    "nothing is charged yet: send this same proof again after Retry-After",
     "unknown_channel": "this payer has no such channel with this gateway",
     "channel_closed": "this channel is closed or expired; pay directly or open another",
     "stale_voucher": "the voucher's sequence is not above the channel's last (replay?)",

@@ -46,11 +46,14 @@ class TopupCredit:
 class Recording:
     """What the check records of an `exact` payment with its settlement, for its retries
     (docs/protocol.md §13): its identity and request, the redelivery limit, and what a
-    redelivery re-signs (receipt_id, issued_at)."""
+    redelivery re-signs (receipt_id, issued_at); `response`: what its retries are answered
+    with (server/replays.py; "" none), kept if the payer keeps fewer than `per_payer`."""
 
     retry: Retry
     limit: int
     outcome: Mapping[str, str]
+    response: str = ""
+    per_payer: int = 0
 
 
 def _outcome(authorizer: str, recording: Recording) -> str:
@@ -65,7 +68,7 @@ class Authorizations:
         self.durable = durable or DurableWrites(ledger)
         redis = ledger._redis
         self._reserve = redis.register_script(scripts.EXACT_RESERVE_SOURCE)
-        self._finish = redis.register_script(scripts.source("exact_finish"))
+        self._finish = redis.register_script(scripts.EXACT_FINISH_SOURCE)
         self._topup = redis.register_script(scripts.source("topup"))
 
     async def reserve(
@@ -129,8 +132,9 @@ class Authorizations:
         keys = [keyspace.authorization(authorizer, key)]
         args: list[str | int] = [reservation, state, IDEMPOTENCY_TTL]
         if recording is not None:
-            keys.append(_outcome(authorizer, recording))
+            keys += (_outcome(authorizer, recording), keyspace.replays(f"evm:{authorizer.lower()}"))
             outcome = {**recording.outcome, "fp": recording.retry.fingerprint}
+            args += (recording.response, recording.per_payer)
             args += [item for pair in {**outcome, "transaction": tx, "via": via}.items()
                      for item in pair]  # fmt: skip
         result, durable = await self.durable.run(

@@ -44,6 +44,7 @@ from sidecar.server.envoy.edge import Edge
 from sidecar.server.facilitators import FacilitatorSpec, specs
 from sidecar.server.paywall_settings import ROUTE_KEY as PAYWALL_ROUTE_KEY
 from sidecar.server.paywall_settings import PaywallSettings
+from sidecar.server.replay_settings import DEFAULT_BODY_MAX_BYTES, DEFAULT_PER_PAYER, ReplaySettings
 
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", ANY_METHOD}
 MIN_SECRET_BYTES = 16
@@ -151,6 +152,10 @@ class Settings:
     redelivery_limit: int = 3
     # Durable money-in and reconciliation with the chain (server/durability_settings.py).
     durability: Mapping[str, Any] = field(default_factory=dict)
+    # A retry on a route with a response phase is answered with the recorded response:
+    # bodies up to this many bytes, this many per payer at once (server/replay_settings.py).
+    replay_body_max_bytes: int = DEFAULT_BODY_MAX_BYTES
+    replay_per_payer: int = DEFAULT_PER_PAYER
 
     @classmethod
     def load(
@@ -197,6 +202,7 @@ class Settings:
             settings.anchor_chain_config()
             settings.channel_terms()
             settings.paywall_settings()
+            settings.replay_settings()
             if not 0 <= settings.redelivery_limit <= MAX_REDELIVERIES:
                 raise ConfigError(f"config redelivery_limit: 0 to {MAX_REDELIVERIES}")
             settings.durability_config()
@@ -306,6 +312,10 @@ class Settings:
     def channel_terms(self) -> ChannelTerms | None:
         """The `channels` group, checked (None: self-serve channels are off)."""
         return ChannelTerms.from_mapping(self.channels, self.asset_table(), self.default_asset)
+
+    def replay_settings(self) -> ReplaySettings:
+        """The recorded-response limits, checked (server/replay_settings.py)."""
+        return ReplaySettings.from_config(self.replay_body_max_bytes, self.replay_per_payer)
 
     def paywall_settings(self) -> PaywallSettings:
         """The `paywall` value and each route's `paywall: on|off`, checked."""
@@ -431,6 +441,8 @@ class Settings:
             exact=self.exact_terms(),
             extensions=self.route_extensions(),
             redelivery_limit=self.redelivery_limit,
+            replay_body_max_bytes=self.replay_body_max_bytes,
+            replay_per_payer=self.replay_per_payer,
         )
 
 

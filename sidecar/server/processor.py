@@ -16,6 +16,7 @@ ledger releases it: the payer is charged only when the response was seen.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -35,14 +36,14 @@ from sidecar.core.phases import ResponsePhase
 from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import CAPTURED, NO_HOLD, HoldClosed
-from sidecar.server import metrics
+from sidecar.server import metrics, replays
 from sidecar.server.envoy import contract
 from sidecar.server.envoy.contract import EXT_AUTHZ
 from sidecar.server.logs import DecisionLog, get_logger
 from sidecar.server.mcp_response import McpResponses, McpStream
 from sidecar.server.schemes.base import HoldingScheme
-from sidecar.server.schemes.exact import ExactSettler
 from sidecar.server.schemes.registry import Schemes
+from sidecar.server.settler import ExactSettler
 
 PROCESSOR_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 _CONTINUE_HEADERS = ext_proc.ProcessingResponse(response_headers=ext_proc.HeadersResponse())
@@ -66,10 +67,11 @@ def receipt_headers(
 
 def headers_of(message: ext_proc.HttpHeaders) -> dict[str, str]:
     """Envoy sends header values as raw bytes (or, with an old runtime flag, as `value`)."""
-    return {
-        h.key.lower(): h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-        for h in message.headers.headers
-    }
+    return {h.key.lower(): _value(h) for h in message.headers.headers}
+
+
+def _value(header: HeaderValue) -> str:
+    return header.raw_value.decode("utf-8", "replace") if header.raw_value else str(header.value)
 
 
 def immediate(
@@ -117,6 +119,9 @@ class Processor:
         self.holding = Schemes(gateway, ledger, settler).holding
         # MCP routes: the settlement in the tool's result (server/mcp_response.py)
         self.mcp = McpResponses(self.assets, gateway.network, self._held, headers_of)
+        # Responses kept for their payments' retries (server/replays.py): the capture
+        # waits for the body Envoy buffers on held routes.
+        self.keeping = gateway.replay_per_payer > 0
 
     def handler(self) -> grpc.GenericRpcHandler:
         process = grpc.stream_stream_rpc_method_handler(
@@ -132,25 +137,30 @@ class Processor:
         """One stream per response: read and answer each message (context.read/write is
         cheaper in grpc.aio than an async-generator handler)."""
         stream = McpStream()
+        waiting = replays.Waiting()
         while True:
             request = await context.read()
             if request is grpc.aio.EOF:
                 return
-            await context.write(await self.respond(request, context, stream))
+            await context.write(await self.respond(request, context, stream, waiting))
 
     async def respond(
         self,
         request: ext_proc.ProcessingRequest,
         context: Any = None,
         stream: McpStream | None = None,
+        waiting: replays.Waiting | None = None,
     ) -> ext_proc.ProcessingResponse:
-        """One message of the stream; anything but response headers (and an MCP call's
-        body, server/mcp_response.py) continues unchanged."""
+        """One message of the stream; anything but response headers continues unchanged,
+        but the body of an MCP call (server/mcp_response.py) or of a held response whose
+        capture waits for it (`waiting`)."""
         kind = request.WhichOneof("request")
         if kind == "response_headers":
-            return await self.response_headers(request, context, stream)
+            return await self.response_headers(request, context, stream, waiting)
         if kind == "response_body" and stream is not None and stream.headers is not None:
             return await self.mcp.body(request, stream, context)
+        if kind == "response_body" and waiting is not None and waiting.headers is not None:
+            return await self._held_body(request, context, waiting)
         if kind in ("request_trailers", "response_trailers"):
             return ext_proc.ProcessingResponse(**{kind: ext_proc.TrailersResponse()})
         if kind in ("request_body", "response_body"):
@@ -158,7 +168,11 @@ class Processor:
         return ext_proc.ProcessingResponse(request_headers=ext_proc.HeadersResponse())
 
     async def response_headers(
-        self, request: ext_proc.ProcessingRequest, context: Any, stream: McpStream | None = None
+        self,
+        request: ext_proc.ProcessingRequest,
+        context: Any,
+        stream: McpStream | None = None,
+        waiting: replays.Waiting | None = None,
     ) -> ext_proc.ProcessingResponse:
         namespace = request.metadata_context.filter_metadata.get(EXT_AUTHZ)
         if namespace is not None and contract.MCP in namespace.fields and stream is not None:
@@ -170,9 +184,25 @@ class Processor:
             if usage is None:
                 return _CONTINUE_HEADERS
             return _headers(ext_proc.HeaderMutation(remove_headers=[usage.string_value]))
+        if self.keeping and waiting is not None and not request.response_headers.end_of_stream:
+            waiting.headers = request  # the capture records the body: it waits for it
+            return _CONTINUE_HEADERS
         # Once the ledger is asked, finish: if Envoy gives up meanwhile (the client hung
         # up), the capture or release it made still gets its decision line and revenue.
-        return await asyncio.shield(self._held(request, namespace, context))
+        body = b"" if request.response_headers.end_of_stream else None  # None: not seen
+        return await asyncio.shield(self._held(request, namespace, context, body=body))
+
+    async def _held_body(
+        self, request: ext_proc.ProcessingRequest, context: Any, waiting: replays.Waiting
+    ) -> ext_proc.ProcessingResponse:
+        """The body of a held response (whole, or Envoy's buffer of it): capture now, the
+        response kept with it; the receipt headers go out with this answer."""
+        first, waiting.headers = waiting.headers, None
+        namespace = first.metadata_context.filter_metadata[EXT_AUTHZ]
+        part = request.response_body
+        body = part.body if part.end_of_stream else None  # None: too large to keep
+        answer = await asyncio.shield(self._held(first, namespace, context, body=body))
+        return replays.at_body(answer)
 
     async def _held(
         self,
@@ -180,6 +210,7 @@ class Processor:
         namespace: Any,
         context: Any,
         tool_failed: bool = False,
+        body: bytes | None = None,
     ) -> ext_proc.ProcessingResponse:
         """Close the hold; `tool_failed`: an MCP tool's answer was an error, whatever its
         status (server/mcp_response.py), so the hold is released."""
@@ -199,9 +230,13 @@ class Processor:
         }
         if tool_failed:
             line["tool_failed"] = True
+        kept = ""
+        if self.keeping and not tool_failed:
+            fields = ((h.key.lower(), _value(h)) for h in request.response_headers.headers.headers)
+            kept = replays.encode(status, fields, body, self.gateway.replay_body_max_bytes)
         try:
             closing_status = max(status, 599) if tool_failed else status
-            response = await self._close(meta, headers, closing_status, line, context)
+            response = await self._close(meta, headers, closing_status, line, context, kept)
             if tool_failed and line.get("decision") == "release":
                 line.update(status=status, reason="tool_failed")
         except PaymentError as error:  # the ledger: the hold stays until it expires
@@ -227,6 +262,7 @@ class Processor:
         status: int,
         line: dict[str, Any],
         context: Any,
+        kept: str = "",
     ) -> ext_proc.ProcessingResponse:
         asset = self.assets[meta[contract.ASSET]]
         annotations = tuple(sorted((k, v) for k, v in meta.items() if k.startswith("x402.")))
@@ -237,6 +273,7 @@ class Processor:
         held = int(meta[contract.HELD])
         line["price"] = asset.to_decimal(held)
         capture = phases.captured(phase, held, status, headers.get(phase.usage_header))
+        capture = dataclasses.replace(capture, response=kept)
         now = int(time.time())
         mutation = ext_proc.HeaderMutation(remove_headers=[phase.usage_header])
         if capture.release:

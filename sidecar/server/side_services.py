@@ -13,8 +13,8 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.durability import DurableWrites
 from sidecar.server.config import Settings
 from sidecar.server.handshake import Handshake
-from sidecar.server.schemes.exact import ExactSettler
 from sidecar.server.self_channels import SelfChannels
+from sidecar.server.settler import ExactSettler
 from sidecar.server.side_port import SidePort
 from sidecar.server.topup import TopupService
 

@@ -38,7 +38,7 @@ from sidecar.ledger.accounts import ACTIVE
 from sidecar.ledger.authorizations import Authorizations
 from sidecar.server.envoy.contract import FORWARDED_HOST, FORWARDED_PROTO, TOPUP_PATH
 from sidecar.server.logs import get_logger
-from sidecar.server.schemes.exact import ExactSettler
+from sidecar.server.settler import ExactSettler
 
 Answer = tuple[int, str, bytes, dict[str, str]]
 log = get_logger("sidecar.topup")

@@ -22,7 +22,7 @@ from sidecar.server.facilitation import ChainReader, Endpoint, FacilitatorClient
 from sidecar.server.feed import DecisionFeed
 from sidecar.server.paywall import Paywall
 from sidecar.server.reconcile import Reconciler
-from sidecar.server.schemes.exact import ExactSettler
+from sidecar.server.settler import ExactSettler
 
 
 def ledger(settings: Settings) -> Ledger:

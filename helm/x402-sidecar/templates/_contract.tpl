@@ -49,8 +49,17 @@
   "denialHeaders": [
     "content-type",
     "cache-control",
+    "content-encoding",
+    "content-language",
+    "content-disposition",
+    "etag",
+    "last-modified",
+    "expires",
+    "link",
+    "location",
     "payment-required",
     "payment-response",
+    "x-payment-response",
     "retry-after"
   ],
   "successHeaders": [
@@ -73,6 +82,7 @@
     "exact_resource",
     "http_host",
     "http_scheme",
+    "payment_outcome",
     "x402.charge",
     "x402.phase",
     "x402.failure_status",
@@ -126,7 +136,7 @@
     "request_header_mode": "SKIP",
     "response_header_mode": "SEND",
     "request_body_mode": "NONE",
-    "response_body_mode": "NONE",
+    "response_body_mode": "BUFFERED_PARTIAL",
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP"
   },

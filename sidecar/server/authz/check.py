@@ -41,7 +41,7 @@ from sidecar.core.pricing import Price, RouteTable
 from sidecar.core.retries import Retry
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.rate_limit import RateLimiter
-from sidecar.server import metrics
+from sidecar.server import metrics, replays
 from sidecar.server.authz import mcp_calls
 from sidecar.server.authz.grpc_answers import GrpcAnswers
 from sidecar.server.authz.mcp_calls import McpCalls
@@ -51,11 +51,12 @@ from sidecar.server.logs import DecisionLog, get_logger
 from sidecar.server.paywall import Paywall, wants_html
 from sidecar.server.schemes import base
 from sidecar.server.schemes.base import Charged, Held, HoldingScheme, Payment, Scheme
-from sidecar.server.schemes.exact import ExactSettler
 from sidecar.server.schemes.registry import Schemes
+from sidecar.server.settler import ExactSettler
 
 log = get_logger("sidecar.authz")
 REDELIVERED = "redelivered"  # the decision line's reason for a retry served uncharged
+REPLAYED = "replayed"  # ... for one answered with its recorded response (server/replays.py)
 
 
 def _here() -> bool:
@@ -287,7 +288,7 @@ class CheckService:
         charged = 0
         try:
             if paying.holder is not None:
-                answer = await self._hold(paying.holder, paying, facts)
+                answer, charged = await self._hold(paying.holder, paying, facts)
             else:
                 done = await scheme.charge(paying.payment, price, paying.now, facts.within())
                 answer = self._allow(scheme, done, price, line, call=paying.call)
@@ -297,20 +298,25 @@ class CheckService:
         self._record(line, price, charged, paying.started, facts)
         return answer
 
-    async def _hold(self, holder: HoldingScheme[Any], paying: Paying, facts: Facts) -> bytes:
+    async def _hold(
+        self, holder: HoldingScheme[Any], paying: Paying, facts: Facts
+    ) -> tuple[bytes, int]:
+        """The hold step: the answer, and what it charged (a payment resolved settled)."""
         price = paying.price
         assert price.phase is not None
         paying.line["phase"] = "check"
         held = await holder.hold(paying.payment, price, price.phase, paying.now, facts.within())
+        if isinstance(held, Charged) and held.response is not None:  # its kept response
+            return self._replay(held, held.response, paying.line), 0
         if isinstance(held, Charged):  # a captured payment again: redelivered, no hold
             # the response phase still strips the service's usage header
             usage = {phases.EXT_USAGE_HEADER: price.phase.usage_header}
-            return self._allow(paying.scheme, held, price, paying.line, usage)
+            return self._allow(paying.scheme, held, price, paying.line, usage), held.amount
         if facts.gone():  # no response phase will come for it
             refusal = await holder.abandon(held, paying.payment)
             if refusal is not None:
                 raise refusal
-        return self._allow_held(held, paying)
+        return self._allow_held(held, paying), 0
 
     def _refuse(
         self,
@@ -387,6 +393,14 @@ class CheckService:
                 f"(Envoy's ext_proc filter, annotation {phases.EXT_PHASE}) or scheme"
             )
         return None
+
+    def _replay(self, charged: Charged, kept: replays.Recorded, line: dict[str, Any]) -> bytes:
+        """A retry of a payment whose response was kept: the gateway answers it, with the
+        payment's receipt; the service does not run again, nothing is charged."""
+        line["decision"], line["status"], line["reason"] = "allow", kept.status, REPLAYED
+        line["receipt_id"], line["balance"] = charged.receipt["receipt_id"], charged.balance
+        headers = replays.answer_headers(kept, charged.receipt, charged.header, charged.settlement)
+        return self.answers.denied(kept.status, headers, kept.body)
 
     def _allow_held(self, held: Held, paying: Paying) -> bytes:
         """Allow with a hold: the service hears of it; the client's receipt comes with the

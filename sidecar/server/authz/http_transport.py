@@ -9,8 +9,9 @@ become ext_authz's dynamic metadata (the access log, the response phase), and
 `x-envoy-auth-headers-to-remove` strips the proof. Any other status denies: Envoy answers
 the client with it, the `allowed_client_headers` and our body; but Envoy takes any 5xx for
 its own failure and drops our answer, so a 503 travels as UNAVAILABLE_STAND_IN, marked, and
-the renderer's local-reply mapper gives it back its 503 (server/envoy/replies.py).
-There are no per-route
+the renderer's local-reply mapper gives it back its 503 (server/envoy/replies.py); the
+gateway's own 200 (an MCP answer, a replayed response) likewise travels as
+ANSWERED_STAND_IN. There are no per-route
 `context_extensions` here, so prices come from the sidecar's route table; a route's response
 phase is announced by the renderer's per-route `x-x402-phase` header instead.
 
@@ -97,14 +98,14 @@ class HttpAnswers:
 
     _DENIED = _lines(DENIAL_METADATA.items())  # Envoy's local-reply mappers leave it as is
     _UNAVAILABLE = _lines([(DENIAL_METADATA_KEY, UNAVAILABLE_MARK)])  # ... or restore a 503
-    _ANSWERED = _lines([(DENIAL_METADATA_KEY, ANSWERED_MARK)])  # ... or an MCP answer's 200
+    _ANSWERED = _lines([(DENIAL_METADATA_KEY, ANSWERED_MARK)])  # ... or a 200
 
     def denied(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
         mark = self._DENIED
         if status >= 500:
             status, mark = UNAVAILABLE_STAND_IN, self._UNAVAILABLE
-        elif status == 200:  # the gateway's own answer on an MCP route, not an allow
-            status, mark = ANSWERED_STAND_IN, self._ANSWERED
+        elif status == 200:  # the gateway's own answer (an MCP route's, a replayed
+            status, mark = ANSWERED_STAND_IN, self._ANSWERED  # response): 200 would allow
         return (
             f"HTTP/1.1 {status} {reason_phrase(status)}\r\ncontent-length: {len(body)}\r\n".encode()
             + _lines(headers)

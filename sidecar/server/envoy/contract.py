@@ -97,12 +97,24 @@ PHASE_HEADER = "x-x402-phase"  # its value: PHASE_RESPONSE
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 # What Envoy passes to the client: from a denial, and with an allow.
 # (payment-response: a failed `exact` settlement's SettleResponse, success false.)
-DENIAL_HEADERS = (
+# A retry answered with its payment's recorded response (server/replays.py): the service's
+# headers it carries (both transports; the rest of the service's headers are not kept).
+REPLAY_HEADERS = (
     "content-type",
     "cache-control",
-    "payment-required",
-    PAYMENT_RESPONSE,
-    "retry-after",
+    "content-encoding",
+    "content-language",
+    "content-disposition",
+    "etag",
+    "last-modified",
+    "expires",
+    "link",
+    "location",
+)
+DENIAL_HEADERS = tuple(
+    dict.fromkeys(
+        (*REPLAY_HEADERS, "payment-required", PAYMENT_RESPONSE, *RECEIPT_HEADERS, "retry-after")
+    )
 )
 SUCCESS_HEADERS = RECEIPT_HEADERS
 
@@ -126,7 +138,10 @@ ENVELOPE, REQUIREMENTS, RESERVATION, RESOURCE = (
 HOST, HTTP_SCHEME = "http_host", "http_scheme"
 # Every key a hold's metadata may hold besides the phase's annotations (PHASE_KEYS).
 HOLD_METADATA_KEYS: tuple[str, ...] = (HOLD, HOLD_SCHEME, PAYER, ASSET, HELD, ROUTE, REQUEST_ID)
-HOLD_METADATA_KEYS += (ENVELOPE, REQUIREMENTS, RESERVATION, RESOURCE, HOST, HTTP_SCHEME)
+# The payment's identity and the fingerprint of its request (core/retries.py), "<identity>
+# <fingerprint>": an `exact` settle at the response records its outcome under it.
+OUTCOME = "payment_outcome"
+HOLD_METADATA_KEYS += (ENVELOPE, REQUIREMENTS, RESERVATION, RESOURCE, HOST, HTTP_SCHEME, OUTCOME)
 # Dynamic metadata {"x402": "denied"} on every denial: Envoy's local-reply mappers
 # (replies.local_reply_config) leave a reply carrying it as the sidecar wrote it.
 DENIAL_METADATA_KEY = "x402"
@@ -141,9 +156,10 @@ UNAVAILABLE_STAND_IN, UNAVAILABLE_MARK = 490, "unavailable"
 MCP, MCP_SETTLE, MCP_PRICES = "mcp", "mcp_settle", "mcp_prices"
 MCP_CALL, MCP_LIST = "call", "list"  # values of MCP
 MCP_METADATA_KEYS = (MCP, MCP_SETTLE, MCP_PRICES)
-# An MCP route's payment-required answer is an HTTP 200 (a JSON-RPC result): over HTTP a
-# 200 from the sidecar would allow, so it travels as this stand-in status, marked with this
-# value of DENIAL_METADATA_KEY, and a local-reply mapper gives it back its 200.
+# The gateway's own 200 answers, an MCP route's payment-required one (a JSON-RPC result)
+# and a replayed response (server/replays.py): over HTTP a 200 from the sidecar would
+# allow, so it travels as this stand-in status, marked with this value of
+# DENIAL_METADATA_KEY, and a local-reply mapper gives it back its 200.
 ANSWERED_STAND_IN, ANSWERED_MARK = 491, "answered"
 # What Envoy sends of an MCP route's request body to the check (with_request_body).
 MCP_BODY_BYTES = DEFAULT_MAX_BODY_BYTES

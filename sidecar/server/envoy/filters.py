@@ -88,12 +88,14 @@ def response_phase_route(mode: Mapping[str, str] | None = None) -> dict[str, Any
     }}  # fmt: skip
 
 
-# Only the response's headers go to the sidecar: no request message, no bodies.
+# The response's headers and body go to the sidecar (no request message): the body
+# buffered up to Envoy's buffer limit (a larger one: its first part, the rest streams), so
+# the capture can keep the response for the payment's retries (server/replays.py).
 PROCESSING_MODE = {
     "request_header_mode": "SKIP",
     "response_header_mode": "SEND",
     "request_body_mode": "NONE",
-    "response_body_mode": "NONE",
+    "response_body_mode": "BUFFERED_PARTIAL",
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP",
 }

@@ -88,7 +88,8 @@ def mappers() -> list[dict[str, Any]]:
     # Over the HTTP transport a sidecar 503 arrives as a stand-in status (a 5xx would be
     # taken for the sidecar's own failure): its status comes back, its body stays.
     unavailable = _denial_filter({"string_match": {"exact": UNAVAILABLE_MARK}})
-    # ... and an MCP route's answer (a JSON-RPC result) as another: its 200 comes back.
+    # ... and the gateway's own 200 (an MCP route's JSON-RPC result, a replayed response) as
+    # another: its 200 comes back.
     answered = _denial_filter({"string_match": {"exact": ANSWERED_MARK}})
     return [
         {"filter": unavailable, "status_code": 503},

@@ -10,9 +10,10 @@ from sidecar.core.decision import Gateway
 from sidecar.ledger.accounts import Ledger
 from sidecar.server.schemes.base import HoldingScheme, Scheme
 from sidecar.server.schemes.channel import Channel
-from sidecar.server.schemes.exact import Exact, ExactSettler
+from sidecar.server.schemes.exact import Exact
 from sidecar.server.schemes.prepaid import Prepaid
 from sidecar.server.schemes.upto import Upto
+from sidecar.server.settler import ExactSettler
 
 
 class Schemes:

@@ -2,7 +2,8 @@
 settled at the response for the amount the response phase captured (usage x unit price,
 capped at the hold, which is the maximum), once. Nothing moves in the prepaid ledger: the
 chain's transfer is the payment; the ledger holds the authorization's reservation, as for
-`exact` (server/schemes/exact.py, whose `ExactSettler` reserves and verifies both).
+`exact` (server/schemes/exact.py; `ExactSettler` in server/settler.py reserves and
+verifies both).
 
 Offered where the amount is known at the response (a metered route, or `charge:
 on_success`) once the facilitator's /supported names its `facilitatorAddress` for the
@@ -47,7 +48,7 @@ from sidecar.server.envoy.contract import (
 )
 from sidecar.server.facilitation import SettleUnknown
 from sidecar.server.schemes.base import Charged, Closing, Held, HoldingScheme, Payment
-from sidecar.server.schemes.exact import SETTLEMENT_PENDING, ExactSettler
+from sidecar.server.settler import SETTLEMENT_PENDING, ExactSettler
 
 NO_TRANSACTION = "none"  # the reservation's record of a zero settlement: nothing sent
 
