@@ -206,31 +206,41 @@ def scheme_of(decoded: Mapping[str, Any]) -> str:
     return str(decoded.get("scheme"))
 
 
-def _string(obj: Mapping[str, Any], name: str, pattern: re.Pattern[str], what: str) -> str:
-    value = obj.get(name)
+def field_of(obj: Any, name: str, pattern: re.Pattern[str], what: str, scheme: str = SCHEME) -> str:
+    """A string field of `obj` matching `pattern`, else a typed 400 naming it."""
+    value = obj.get(name) if isinstance(obj, Mapping) else None
     if not isinstance(value, str) or pattern.fullmatch(value) is None:
-        raise MalformedPayment(f"exact payment: {what} {name!r} is missing or malformed")
+        raise MalformedPayment(f"{scheme} payment: {what} {name!r} is missing or malformed")
     return value
+
+
+def open_envelope(
+    decoded: Mapping[str, Any], scheme: str, inner: str, what: str
+) -> tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]]:
+    """An x402 v2 PaymentPayload of `scheme`: its `accepted`, its `payload` and the
+    payload's `inner` object (`what` names it in errors), shapes checked; typed 400s."""
+    if decoded.get("x402Version") != X402_VERSION:
+        raise UnsupportedVersion(f"{scheme} payments are x402Version 2 envelopes")
+    accepted, payload = decoded.get("accepted"), decoded.get("payload")
+    if not isinstance(accepted, Mapping) or not isinstance(payload, Mapping):
+        raise MalformedPayment(f"{scheme} payment: the envelope needs `accepted` and `payload`")
+    if accepted.get("scheme") != scheme:
+        raise UnsupportedScheme(f"scheme must be {scheme!r}")
+    found = payload.get(inner)
+    if not isinstance(found, Mapping):
+        raise MalformedPayment(f"{scheme} payment: payload.{inner} is missing{what}")
+    field_of(payload, "signature", SIGNATURE, "payload", scheme)
+    return accepted, payload, found
 
 
 def parse(decoded: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
     """The envelope's `accepted` and `payload.authorization`, shapes checked; typed 400s."""
-    if decoded.get("x402Version") != X402_VERSION:
-        raise UnsupportedVersion("exact payments are x402Version 2 envelopes")
-    accepted, payload = decoded.get("accepted"), decoded.get("payload")
-    if not isinstance(accepted, Mapping) or not isinstance(payload, Mapping):
-        raise MalformedPayment("exact payment: the envelope needs `accepted` and `payload`")
-    if accepted.get("scheme") != SCHEME:
-        raise UnsupportedScheme(f"scheme must be {SCHEME!r}")
-    authorization = payload.get("authorization")
-    if not isinstance(authorization, Mapping):
-        raise MalformedPayment("exact payment: payload.authorization is missing (EIP-3009)")
-    _string(payload, "signature", SIGNATURE, "payload")
-    _string(authorization, "from", ADDRESS, "authorization")
-    _string(authorization, "to", ADDRESS, "authorization")
-    _string(authorization, "nonce", NONCE, "authorization")
+    accepted, _, authorization = open_envelope(decoded, SCHEME, "authorization", " (EIP-3009)")
+    field_of(authorization, "from", ADDRESS, "authorization")
+    field_of(authorization, "to", ADDRESS, "authorization")
+    field_of(authorization, "nonce", NONCE, "authorization")
     for name in ("value", "validAfter", "validBefore"):
-        _string(authorization, name, UINT, "authorization")
+        field_of(authorization, name, UINT, "authorization")
     return accepted, authorization
 
 

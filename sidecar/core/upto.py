@@ -23,19 +23,16 @@ from typing import Any
 from sidecar.core.errors import (
     InvoiceExpired,
     InvoiceMismatch,
-    MalformedPayment,
-    UnsupportedScheme,
-    UnsupportedVersion,
 )
 from sidecar.core.exact import (
     ADDRESS,
     CLOCK_SKEW_SECONDS,
     MIN_VALIDITY_SECONDS,
-    SIGNATURE,
     UINT,
-    X402_VERSION,
     ExactTerms,
     OnchainAsset,
+    field_of,
+    open_envelope,
     standard_settle_response,
 )
 from sidecar.core.pricing import Price
@@ -139,25 +136,12 @@ class Permit2Authorization:
 
 
 def _field(obj: Any, name: str, pattern: Any, what: str) -> str:
-    value = obj.get(name) if isinstance(obj, Mapping) else None
-    if not isinstance(value, str) or pattern.fullmatch(value) is None:
-        raise MalformedPayment(f"upto payment: {what} {name!r} is missing or malformed")
-    return value
+    return field_of(obj, name, pattern, what, SCHEME)
 
 
 def parse(decoded: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
     """The envelope's `accepted` and `payload.permit2Authorization`, shapes checked."""
-    if decoded.get("x402Version") != X402_VERSION:
-        raise UnsupportedVersion("upto payments are x402Version 2 envelopes")
-    accepted, payload = decoded.get("accepted"), decoded.get("payload")
-    if not isinstance(accepted, Mapping) or not isinstance(payload, Mapping):
-        raise MalformedPayment("upto payment: the envelope needs `accepted` and `payload`")
-    if accepted.get("scheme") != SCHEME:
-        raise UnsupportedScheme(f"scheme must be {SCHEME!r}")
-    permit = payload.get("permit2Authorization")
-    if not isinstance(permit, Mapping):
-        raise MalformedPayment("upto payment: payload.permit2Authorization is missing")
-    _field(payload, "signature", SIGNATURE, "payload")
+    accepted, _, permit = open_envelope(decoded, SCHEME, "permit2Authorization", "")
     for name in ("from", "spender"):
         _field(permit, name, ADDRESS, "permit2Authorization")
     for name in ("nonce", "deadline"):
