@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.core.money import to_atomic
 from sidecar.core.pricing import is_pattern
 from sidecar.server.config import Settings
 from sidecar.server.envoy import contract
@@ -26,6 +25,7 @@ from tests.support.charts import (
     REPO,
     VALUES,
     Rendered,
+    listed_amount,
     merge,
     ordered_routes,
     render_chart,
@@ -176,13 +176,7 @@ def test_sidecar_config_is_the_same_route_table(rendered: Rendered) -> None:
     expected = set()
     for name, spec in v["routes"].items():
         asset = spec.get("asset", v["defaultAsset"])
-        if "unit_price" in spec:  # metered: the hold, the quoted maximum
-            amount = to_atomic(spec["unit_price"], v["assets"][asset]) * spec["max_units"]
-        elif "mcp" in spec:  # an MCP route: its dearest tool
-            prices = [*spec["mcp"]["tools"].values(), spec["mcp"].get("default", "0")]
-            amount = max(to_atomic(p.replace("free", "0"), v["assets"][asset]) for p in prices)
-        else:
-            amount = to_atomic(spec["price"], v["assets"][asset])
+        amount = listed_amount(spec, v, asset)
         expected.add((name, spec.get("method", "*"), spec["path"], asset, amount))
     actual = {(r.name, r.method, r.path, r.price.asset.code, r.price.amount) for r in table.routes}
     assert actual == expected
