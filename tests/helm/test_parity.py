@@ -15,6 +15,7 @@ import yaml
 
 from sidecar.core.pricing import is_pattern
 from sidecar.server.config import Settings
+from sidecar.server.durability_settings import Durability
 from sidecar.server.envoy import contract
 from sidecar.server.envoy.chart import contract_template
 from sidecar.server.envoy.edge import Edge, Endpoints
@@ -165,6 +166,20 @@ def test_the_charts_transport_defaults_are_the_sidecars() -> None:
     assert chart["transport"] == defaults["transport"] == Endpoints().transport
     port = int(str(defaults["listen_authz_http"]).rpartition(":")[2])
     assert chart["authzHttpPort"] == port == Endpoints().authz_http[1]
+
+
+def test_the_charts_retry_and_durability_defaults_are_the_sidecars() -> None:
+    chart = yaml.safe_load((CHART / "values.yaml").read_text())["sidecar"]
+    defaults = Settings()
+    retries = {snake_case(key): value for key, value in chart["retries"].items()}
+    assert retries == {
+        "redelivery_limit": defaults.redelivery_limit,
+        "replay_body_max_bytes": defaults.replay_body_max_bytes,
+        "replay_per_payer": defaults.replay_per_payer,
+    }
+    durability = {snake_case(key): value for key, value in chart["durability"].items()}
+    assert Durability.from_mapping(durability) == Durability()
+    assert set(durability) == set(dataclasses.asdict(Durability()))
 
 
 def test_sidecar_config_is_the_same_route_table(rendered: Rendered) -> None:
