@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from sidecar.agent import EvmKey, Wallet, X402Auth
+from sidecar.agent import EvmKey, Wallet, X402Auth, atopup, topup
+from sidecar.core.identity import Identity
 from sidecar.tools.chain import AnvilChain
 from sidecar.tools.onchain import FacilitatorProcess, exact_settings, payers
 from sidecar.tools.stack import Stack
@@ -163,17 +164,8 @@ async def test_the_sdk_sends_the_same_payment_again_until_the_outcome_is_known(
         if "payment-signature" in request.headers:
             signatures.append(request.headers["payment-signature"])
 
-    def mine_after_the_first_answer() -> None:
-        for _ in range(200):
-            if chain.pending_transactions():
-                break
-            threading.Event().wait(0.05)
-        threading.Event().wait(1.5)  # past the settle timeout: the first answer was 503
-        chain.mine()
-
     await asyncio.to_thread(chain.automine, False)
-    miner = threading.Thread(target=mine_after_the_first_answer)
-    miner.start()
+    miner = mine_after_the_first_answer(chain)
     try:
         async with httpx.AsyncClient(
             auth=X402Auth(wallet), timeout=60, event_hooks={"request": [seen]}
@@ -186,6 +178,58 @@ async def test_the_sdk_sends_the_same_payment_again_until_the_outcome_is_known(
     assert len(set(signatures)) == 1 and len(signatures) >= 2  # re-sent, never re-signed
     assert wallet.spent("USDF") == "0.01"
     assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
+
+
+def mine_after_the_first_answer(chain: AnvilChain) -> threading.Thread:
+    """Holds the settlement unmined past the settle timeout (the first answer is a 503),
+    then mines it: started here, joined by the caller."""
+
+    def mine() -> None:
+        for _ in range(200):
+            if chain.pending_transactions():
+                break
+            threading.Event().wait(0.05)
+        threading.Event().wait(1.5)
+        chain.mine()
+
+    miner = threading.Thread(target=mine)
+    miner.start()
+    return miner
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_the_sdks_topup_sends_the_same_authorization_again_until_credited(
+    flavour: str, stack: Stack, chain: AnvilChain, hostile: HostileFacilitator
+) -> None:
+    """topup()/atopup() meet 503 settlement_pending on the top-up route: they wait
+    Retry-After and send the very same authorization again; one transfer, credited once."""
+    payer = payers(chain)[2 if flavour == "sync" else 3]
+    wallet = Wallet(Identity.generate(), evm=EvmKey.from_text(payer.key), budget="5")
+    before = balances(chain, payer.address)
+    hostile.mode = "502"
+    await asyncio.to_thread(chain.automine, False)
+    miner = mine_after_the_first_answer(chain)
+    statuses: list[int] = []
+    try:
+        if flavour == "sync":
+            hooks = {"response": [lambda r: statuses.append(r.status_code)]}
+            with httpx.Client(timeout=60, event_hooks=hooks) as client:
+                done = await asyncio.to_thread(topup, stack.url, wallet, "1", client=client)
+        else:
+
+            async def seen(response: httpx.Response) -> None:
+                statuses.append(response.status_code)
+
+            async with httpx.AsyncClient(timeout=60, event_hooks={"response": [seen]}) as aclient:
+                done = await atopup(stack.url, wallet, "1", client=aclient)
+    finally:
+        miner.join()
+        await asyncio.to_thread(chain.automine, True)
+    assert statuses[1:3] == [402, 503] and statuses[-1] == 200, statuses  # after discovery
+    assert (done.credited, done.balance, done.verified) == ("1", "1", True)
+    assert await stack.balance(wallet.public_key) == 1_000_000
+    assert wallet.spent("USDF") == "1"
+    assert balances(chain, payer.address) == (before[0] - 1_000_000, before[1] + 1_000_000)
 
 
 async def test_a_failed_chain_read_is_retried_within_the_lookup_window(

@@ -21,7 +21,7 @@ import httpx
 
 from sidecar.agent.discovery import Discovery, origin_of
 from sidecar.agent.exact import TopUp
-from sidecar.agent.flows import Step, topup_flow
+from sidecar.agent.flows import Wait, topup_flow, wait_async
 from sidecar.agent.wallet import Wallet
 from sidecar.core import protocol
 from sidecar.core.errors import InvalidReceipt, ReceiptWarning, TopUpFailed, X402Error
@@ -53,7 +53,11 @@ def topup(
         try:
             step = next(flow)
             while True:
-                step = flow.send(http.send(_request(step), auth=None))
+                if isinstance(step, Wait):  # Retry-After of a 503 (settlement_pending, …)
+                    step.event.wait(step.timeout)
+                    step = flow.send(None)
+                else:
+                    step = flow.send(http.send(step, auth=None))
         except StopIteration as finished:
             done: TopUp = finished.value
         finally:
@@ -83,7 +87,11 @@ async def atopup(
         try:
             step = next(flow)
             while True:
-                step = flow.send(await http.send(_request(step), auth=None))
+                if isinstance(step, Wait):
+                    await wait_async(step)
+                    step = flow.send(None)
+                else:
+                    step = flow.send(await http.send(step, auth=None))
         except StopIteration as finished:
             done: TopUp = finished.value
         finally:
@@ -116,11 +124,6 @@ def _discovery(response: httpx.Response) -> Discovery:
             response.status_code,
         )
     return discovery
-
-
-def _request(step: Step) -> httpx.Request:
-    assert isinstance(step, httpx.Request)  # a top-up never waits for another
-    return step
 
 
 def _checked(done: TopUp, strict: bool) -> TopUp:
