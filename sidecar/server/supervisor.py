@@ -51,7 +51,8 @@ from sidecar.server.authz.grpc_transport import AUTHZ_SERVICE, GrpcChecks
 from sidecar.server.config import Settings
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.handshake import Handshake
-from sidecar.server.processor import PROCESSOR_SERVICE, Processor
+from sidecar.server.processing.grpc_transport import PROCESSOR_SERVICE, GrpcProcessor
+from sidecar.server.processing.phase import Processor
 from sidecar.server.route_report import print_route_table
 from sidecar.server.schemes.base import sweep_forever
 from sidecar.server.schemes.exact import ExactSettler
@@ -142,9 +143,8 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     # The response phase of routes charged on success: Envoy's ext_proc, on the gRPC port
     # whichever transport the checks come by.
     processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)
-    handlers = (
-        (processor.handler(),) if over_http else (GrpcChecks(authz).handler(), processor.handler())
-    )
+    grpc_processor = GrpcProcessor(processor).handler()
+    handlers = (grpc_processor,) if over_http else (GrpcChecks(authz).handler(), grpc_processor)
     server, health = _grpc_server(worker, address, handlers)
     side = _side_port(settings, routes, gateway, ledger, settler, worker)
     handshake = side.handshake

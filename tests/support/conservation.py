@@ -1,7 +1,7 @@
 """The conservation-of-money workload: credits (some retried), paid requests from
 concurrent payers, replays, expired proofs and suspensions through the real servicer; so
 do routes charged on success and metered ones, through the real response phase
-(server/processor.py) with random statuses and usage reports, and holds whose response
+(server/processing/) with random statuses and usage reports, and holds whose response
 phase never runs (the worker was killed). Then, after the holds' lifetime, every invariant
 is checked against the ledger: credited = balance + captured (debited), no hold left,
 receipts = captures (tests/test_conservation.py, and on Redis Cluster
@@ -36,7 +36,8 @@ from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.channel_config import ChannelTerms
 from sidecar.server.envoy.contract import EXT_AUTHZ
-from sidecar.server.processor import Processor
+from sidecar.server.processing.grpc_transport import GrpcProcessor
+from sidecar.server.processing.phase import Processor
 from sidecar.server.self_channels import SelfChannels
 from sidecar.tools.stack import Stack
 from tests.support.inprocess import check, check_request, outcome, servicer_for
@@ -95,7 +96,7 @@ class Workload:
         self.stack, self.servicer, self.ledger, self.rng = stack, servicer, ledger, rng
         self.payers = [Identity.generate() for _ in range(PAYERS)]
         self.books = Books()
-        self.processor = Processor(servicer.routes, servicer.gateway, ledger)
+        self.processor = GrpcProcessor(Processor(servicer.routes, servicer.gateway, ledger))
         assets = servicer.routes.assets
         terms = ChannelTerms.from_mapping({}, assets, "USDF")
         assert terms is not None

@@ -1,7 +1,7 @@
 """The contract with Envoy: every name and key the sidecar and Envoy's config must agree on.
 
 Both transports (server/authz/http_transport.py, the gRPC servicer), the response phase
-(server/processor.py), the config renderer (render.py) and the Helm chart (its
+(server/processing/), the config renderer (render.py) and the Helm chart (its
 templates/_contract.tpl is generated from this module by chart.py) read them here. The few
 that pure code in `sidecar/core` needs itself (the headers asserted to the service, the
 proof and receipt headers, the route annotations) are defined there, where imports point,

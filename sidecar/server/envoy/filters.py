@@ -100,7 +100,7 @@ PROCESSING_MODE = {
 
 
 def response_phase_filter(timeout: str) -> dict[str, Any]:
-    """Envoy's ext_proc filter for the response phase (server/processor.py), disabled
+    """Envoy's ext_proc filter for the response phase (server/processing/), disabled
     unless a route enables it. Fail closed: if the sidecar cannot be asked (down, too
     slow), the client gets an error, never the response; the hold it could not capture
     expires and the ledger releases it, so nothing is charged either."""

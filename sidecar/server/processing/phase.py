@@ -1,7 +1,8 @@
-"""The response phase: Envoy's ext_proc v3 servicer, on routes charged on success.
+"""The response phase's decision, on routes charged on success, whichever transport brings it.
 
 Envoy's ext_proc filter runs only on routes whose config enables it (server/envoy/routes.py),
-with request headers skipped and response headers sent. The check phase (server/authz/) placed a
+with request headers skipped and response headers sent, over gRPC (grpc_transport.py) or
+HTTP (http_transport.py), as the check's transport. The check phase (server/authz/) placed a
 hold and left its facts in ext_authz's dynamic metadata, which the filter forwards here
 (`metadata_options.forwarding_namespaces`). From the response's status and the usage the
 service reported, core/phases.py says what to capture; the hold's scheme (server/schemes/)
@@ -11,6 +12,8 @@ loses the usage header. A capture that cannot happen (the hold expired, the ledg
 down) replaces the response with an error: a response is never served free. If this phase
 never runs (the sidecar or Envoy died, the client went away), the hold expires and the
 ledger releases it: the payer is charged only when the response was seen.
+
+The answer is transport-free (Continue or Immediate); each transport writes it its way.
 """
 
 from __future__ import annotations
@@ -18,14 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
-
-import grpc
-from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
-from envoy.type.v3.http_status_pb2 import HttpStatus
 
 from sidecar.core import decision, phases, protocol
 from sidecar.core.decision import Denial, Gateway, Request
@@ -37,61 +36,55 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import CAPTURED, NO_HOLD, HoldClosed
 from sidecar.server import metrics
 from sidecar.server.envoy import contract
-from sidecar.server.envoy.contract import EXT_AUTHZ
 from sidecar.server.logs import DecisionLog, get_logger
 from sidecar.server.schemes.base import HoldingScheme
 from sidecar.server.schemes.exact import ExactSettler
 from sidecar.server.schemes.registry import Schemes
 
-PROCESSOR_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
-_CONTINUE_HEADERS = ext_proc.ProcessingResponse(response_headers=ext_proc.HeadersResponse())
-
 log = get_logger("sidecar.processor")
 
+Headers = tuple[tuple[str, str], ...]
 
-def header(name: str, value: str) -> HeaderValueOption:
-    return HeaderValueOption(
-        header=HeaderValue(key=name, raw_value=value.encode()),
-        append_action=HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
-    )
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """The service's response goes on, with these headers set (overwritten) and removed."""
+
+    set_headers: Headers = ()
+    remove_headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Immediate:
+    """The service's response is replaced by this one."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    details: str
+
+
+Answer = Continue | Immediate
+CONTINUE = Continue()
 
 
 def receipt_headers(
     receipt: Mapping[str, Any], settlement: Mapping[str, Any] | None = None
-) -> list[HeaderValueOption]:
+) -> Headers:
     encoded = protocol.encode_header(receipt)
-    return [header(name, value) for name, value in protocol.receipt_headers(encoded, settlement)]
+    return protocol.receipt_headers(encoded, settlement)
 
 
-def headers_of(message: ext_proc.HttpHeaders) -> dict[str, str]:
-    """Envoy sends header values as raw bytes (or, with an old runtime flag, as `value`)."""
-    return {
-        h.key.lower(): h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-        for h in message.headers.headers
-    }
-
-
-def immediate(
-    status: int, reason: str, message: str, denial: Denial | None = None
-) -> ext_proc.ProcessingResponse:
+def immediate(status: int, reason: str, message: str, denial: Denial | None = None) -> Immediate:
     """Replace the service's response: a capture that cannot happen never serves it free.
     `denial`: the check's own refusal (a 402 with its fresh challenge) to answer instead."""
     if denial is not None:
-        body = denial.body
-        headers = [header(name, value) for name, value in denial.headers]
-    else:
-        body = json.dumps({"error": reason, "message": message}).encode()
-        headers = [header("content-type", "application/json"), header("cache-control", "no-store")]
-        if status == 503:
-            headers.append(header("retry-after", "1"))
-    return ext_proc.ProcessingResponse(
-        immediate_response=ext_proc.ImmediateResponse(
-            status=HttpStatus(code=status),
-            headers=ext_proc.HeaderMutation(set_headers=headers),
-            body=body,
-            details=f"x402_{reason}",
-        )
-    )
+        return Immediate(status, denial.headers, denial.body, f"x402_{reason}")
+    body = json.dumps({"error": reason, "message": message}).encode()
+    headers: Headers = (("content-type", "application/json"), ("cache-control", "no-store"))
+    if status == 503:
+        headers += (("retry-after", "1"),)
+    return Immediate(status, headers, body, f"x402_{reason}")
 
 
 @lru_cache(maxsize=1024)
@@ -115,59 +108,26 @@ class Processor:
         self.decisions = decisions or DecisionLog()
         self.holding = Schemes(gateway, ledger, settler).holding
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        process = grpc.stream_stream_rpc_method_handler(
-            self.process,
-            request_deserializer=ext_proc.ProcessingRequest.FromString,
-            response_serializer=ext_proc.ProcessingResponse.SerializeToString,
-        )
-        return grpc.method_handlers_generic_handler(PROCESSOR_SERVICE, {"Process": process})
-
-    async def process(
-        self, _requests: AsyncIterator[ext_proc.ProcessingRequest], context: Any
-    ) -> None:
-        """One stream per response: read and answer each message (context.read/write is
-        cheaper in grpc.aio than an async-generator handler)."""
-        while True:
-            request = await context.read()
-            if request is grpc.aio.EOF:
-                return
-            await context.write(await self.respond(request, context))
-
-    async def respond(
-        self, request: ext_proc.ProcessingRequest, context: Any = None
-    ) -> ext_proc.ProcessingResponse:
-        """One message of the stream; anything but response headers continues unchanged."""
-        kind = request.WhichOneof("request")
-        if kind == "response_headers":
-            return await self.response_headers(request, context)
-        if kind in ("request_trailers", "response_trailers"):
-            return ext_proc.ProcessingResponse(**{kind: ext_proc.TrailersResponse()})
-        if kind in ("request_body", "response_body"):
-            return ext_proc.ProcessingResponse(**{kind: ext_proc.BodyResponse()})
-        return ext_proc.ProcessingResponse(request_headers=ext_proc.HeadersResponse())
-
     async def response_headers(
-        self, request: ext_proc.ProcessingRequest, context: Any
-    ) -> ext_proc.ProcessingResponse:
-        namespace = request.metadata_context.filter_metadata.get(EXT_AUTHZ)
-        if namespace is None:
-            return _CONTINUE_HEADERS  # a free route
-        if contract.HOLD not in namespace.fields:  # charged on check, or a redelivery
-            usage = namespace.fields.get(phases.EXT_USAGE_HEADER)
+        self, meta: Mapping[str, str] | None, headers: Mapping[str, str], deadline: float | None
+    ) -> Answer:
+        """The response's headers: `meta`, the check's ext_authz metadata (None: a free
+        route); `deadline`, when Envoy stops waiting (time.perf_counter(); None: unknown)."""
+        if meta is None:
+            return CONTINUE  # a free route
+        if contract.HOLD not in meta:  # charged on check, or a redelivery
+            usage = meta.get(phases.EXT_USAGE_HEADER)
             if usage is None:
-                return _CONTINUE_HEADERS
-            return _headers(ext_proc.HeaderMutation(remove_headers=[usage.string_value]))
+                return CONTINUE
+            return Continue(remove_headers=(usage,))
         # Once the ledger is asked, finish: if Envoy gives up meanwhile (the client hung
         # up), the capture or release it made still gets its decision line and revenue.
-        return await asyncio.shield(self._held(request, namespace, context))
+        return await asyncio.shield(self._held(meta, headers, deadline))
 
     async def _held(
-        self, request: ext_proc.ProcessingRequest, namespace: Any, context: Any
-    ) -> ext_proc.ProcessingResponse:
+        self, meta: Mapping[str, str], headers: Mapping[str, str], deadline: float | None
+    ) -> Answer:
         started = time.perf_counter()
-        meta = {key: value.string_value for key, value in namespace.fields.items()}
-        headers = headers_of(request.response_headers)
         status = int(headers.get(":status", "0") or 0)
         line: dict[str, Any] = {
             "request_id": meta.get(contract.REQUEST_ID) or None,
@@ -180,7 +140,7 @@ class Processor:
             "worker": self.worker,
         }
         try:
-            response = await self._close(meta, headers, status, line, context)
+            response = await self._close(meta, headers, status, line, deadline)
         except PaymentError as error:  # the ledger: the hold stays until it expires
             line.update(decision="deny", status=error.status, reason=error.reason)
             line.update(error.logged)
@@ -203,8 +163,8 @@ class Processor:
         headers: Mapping[str, str],
         status: int,
         line: dict[str, Any],
-        context: Any,
-    ) -> ext_proc.ProcessingResponse:
+        deadline: float | None,
+    ) -> Answer:
         asset = self.assets[meta[contract.ASSET]]
         annotations = tuple(sorted((k, v) for k, v in meta.items() if k.startswith("x402.")))
         phase = _phase(annotations, asset)
@@ -215,18 +175,19 @@ class Processor:
         line["price"] = asset.to_decimal(held)
         capture = phases.captured(phase, held, status, headers.get(phase.usage_header))
         now = int(time.time())
-        mutation = ext_proc.HeaderMutation(remove_headers=[phase.usage_header])
+        remove = (phase.usage_header,)
         if capture.release:
             closing = await holder.release(meta, asset, status, now)
             line.update(decision="release", status=status, reason="service_failed")
             line.update(captured="0", released=asset.to_decimal(closing.closed.held))
             _describe(line, closing.closed)
             line.update(closing.facts)
-            if closing.receipt is not None:
-                line["balance"] = closing.balance
-                mutation.set_headers.extend(receipt_headers(closing.receipt, closing.settlement))
-            return _headers(mutation)
-        within = None if context is None else context.time_remaining()
+            if closing.receipt is None:
+                return Continue(remove_headers=remove)
+            line["balance"] = closing.balance
+            receipt = receipt_headers(closing.receipt, closing.settlement)
+            return Continue(receipt, remove)
+        within = None if deadline is None else deadline - time.perf_counter()
         closing = await holder.capture(meta, asset, capture, now, within)
         closed = closing.closed
         if capture.units is not None:
@@ -242,8 +203,7 @@ class Processor:
             balance=closing.balance,
             captured_atomic=closed.amount,
         )
-        mutation.set_headers.extend(receipt_headers(closing.receipt, closing.settlement))
-        return _headers(mutation)
+        return Continue(receipt_headers(closing.receipt, closing.settlement), remove)
 
     def _challenge(self, error: PaymentError, meta: Mapping[str, str]) -> Denial | None:
         """A 402 at the response (`exact`'s settlement_failed) as the check would answer
@@ -261,7 +221,7 @@ class Processor:
             return None
         return decision.deny(error, request, price, self.gateway, int(time.time()))
 
-    def _lost(self, closed: HoldClosed, line: dict[str, Any]) -> ext_proc.ProcessingResponse:
+    def _lost(self, closed: HoldClosed, line: dict[str, Any]) -> Immediate:
         """The hold was gone (expired and released) when the response came: nothing was
         charged, so the response is not served."""
         line.update(decision="deny", status=504, reason="hold_expired", captured="0")
@@ -280,11 +240,3 @@ def _describe(line: dict[str, Any], closed: HoldClosed) -> None:
     method, _, path = closed.record.get("resource", "").partition(" ")
     line["method"], line["path"] = method or None, path or None
     line["invoice_id"] = closed.record.get("invoice_id") or None
-
-
-def _headers(mutation: ext_proc.HeaderMutation) -> ext_proc.ProcessingResponse:
-    return ext_proc.ProcessingResponse(
-        response_headers=ext_proc.HeadersResponse(
-            response=ext_proc.CommonResponse(header_mutation=mutation)
-        )
-    )
