@@ -299,6 +299,9 @@ async def test_a_sidecar_killed_mid_request_leaves_no_charge_and_no_hold(
             stack.processes["sidecar"].popen.wait()
             lost = await pending
             assert lost.status_code == 503  # never the service's answer, never free
+            # Envoy's own failure of the phase, typed (docs/protocol.md §5).
+            assert lost.json()["error"] == "response_phase_unavailable"
+            assert lost.json()["details"].startswith("ext_proc_error")
             assert "payment-response" not in lost.headers
             stack.start_sidecar()  # back up, before the hold's lifetime ends
 

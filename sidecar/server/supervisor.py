@@ -52,6 +52,7 @@ from sidecar.server.config import Settings
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.handshake import Handshake
 from sidecar.server.processing.grpc_transport import PROCESSOR_SERVICE, GrpcProcessor
+from sidecar.server.processing.http_transport import HttpProcessor
 from sidecar.server.processing.phase import Processor
 from sidecar.server.route_report import print_route_table
 from sidecar.server.schemes.base import sweep_forever
@@ -140,11 +141,12 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     authz = CheckService(
         routes, gateway, ledger, worker, decision_log, limiter, settler, answers, paywall
     )
-    # The response phase of routes charged on success: Envoy's ext_proc, on the gRPC port
-    # whichever transport the checks come by.
+    # The response phase of routes charged on success: Envoy's ext_proc, by the checks'
+    # transport (over HTTP on the checks' listener, processing/http_transport.py).
     processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)
-    grpc_processor = GrpcProcessor(processor).handler()
-    handlers = (grpc_processor,) if over_http else (GrpcChecks(authz).handler(), grpc_processor)
+    handlers = (
+        () if over_http else (GrpcChecks(authz).handler(), GrpcProcessor(processor).handler())
+    )
     server, health = _grpc_server(worker, address, handlers)
     side = _side_port(settings, routes, gateway, ledger, settler, worker)
     handshake = side.handshake
@@ -155,7 +157,8 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     if over_http:
         host, port = split_host_port(worker_addresses(settings, "listen_authz_http")[worker], "")
         trusted = settings.edge_config().xff_num_trusted_hops
-        checks = await http_transport.serve(authz, host, port, trusted)
+        processing = HttpProcessor(processor)
+        checks = await http_transport.serve(authz, host, port, trusted, processing)
     for service in ("", AUTHZ_SERVICE, PROCESSOR_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     # Everything made so far lives as long as the worker: keep the collector from scanning

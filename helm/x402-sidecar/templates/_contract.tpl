@@ -39,6 +39,8 @@
   ],
   "timeoutHeader": "x-x402-authz-timeout-ms",
   "phaseHeader": "x-x402-phase",
+  "processPath": "/x402/ext_proc",
+  "processHeader": "x-x402-ext-proc",
   "phaseResponse": "response",
   "upstreamHeaders": [
     "x-x402-payer",
@@ -196,6 +198,42 @@
         "json_format": {
           "error": "authz_unavailable",
           "message": "the payment check is unavailable; retry shortly"
+        },
+        "content_type": "application/json"
+      }
+    },
+    {
+      "filter": {
+        "extension_filter": {
+          "name": "envoy.access_loggers.extension_filters.cel",
+          "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+            "expression": "response.code_details.startsWith('ext_proc_error')"
+          }
+        }
+      },
+      "status_code": 503,
+      "headers_to_add": [
+        {
+          "header": {
+            "key": "cache-control",
+            "value": "no-store"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        },
+        {
+          "header": {
+            "key": "retry-after",
+            "value": "1"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        }
+      ],
+      "body_format_override": {
+        "json_format": {
+          "error": "response_phase_unavailable",
+          "message": "the payment could not be completed; nothing was charged, retry shortly",
+          "details": "%RESPONSE_CODE_DETAILS%"
         },
         "content_type": "application/json"
       }

@@ -444,9 +444,27 @@ static_resources:
             disabled: true
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              {{- if $http }}
+              # Over HTTP (sidecar/server/processing/http_transport.py): a JSON POST to the
+              # checks' listener, marked as the phase's, with Envoy's deadline for it.
+              http_service:
+                http_service:
+                  http_uri:
+                    uri: http://127.0.0.1:{{ int $v.sidecar.authzHttpPort }}{{ $c.processPath }}
+                    cluster: x402_authz_http
+                    timeout: {{ include "x402.authzTimeout" . }}
+                  request_headers_to_add:
+                  - header:
+                      key: {{ $c.processHeader }}
+                      value: {{ $c.phaseResponse }}
+                  - header:
+                      key: {{ $c.timeoutHeader }}
+                      value: {{ include "x402.durationMs" (include "x402.authzTimeout" .) | quote }}
+              {{- else }}
               grpc_service:
                 envoy_grpc:
                   cluster_name: x402_authz
+              {{- end }}
               failure_mode_allow: false
               processing_mode:
 {{ toYaml $c.processingMode | indent 16 }}

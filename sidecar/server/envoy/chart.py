@@ -43,6 +43,8 @@ def contract_values() -> dict[str, Any]:
         "httpRequestHeaders": list(contract.HTTP_REQUEST_HEADERS),
         "timeoutHeader": contract.TIMEOUT_HEADER,
         "phaseHeader": contract.PHASE_HEADER,
+        "processPath": contract.PROCESS_PATH,
+        "processHeader": contract.PROCESS_HEADER,
         "phaseResponse": contract.PHASE_RESPONSE,
         "upstreamHeaders": list(contract.UPSTREAM_HEADERS),
         "denialHeaders": list(contract.DENIAL_HEADERS),

@@ -20,8 +20,8 @@ class Endpoints:
     authz: tuple[str, int] = ("127.0.0.1", 9001)  # sidecar gRPC, worker 0
     # The sidecar's worker i listens on authz's port + i; each is one cluster endpoint.
     authz_workers: int = 1
-    # How ext_authz asks: "grpc" (the Check service above) or "http" (http_service, at
-    # authz_http's port + i; the response phase stays on gRPC, ext_proc has no HTTP mode).
+    # How ext_authz and ext_proc ask: "grpc" (the services above) or "http" (http_service,
+    # at authz_http's port + i; the response phase too, on PROCESS_PATH).
     transport: str = "grpc"
     authz_http: tuple[str, int] = ("127.0.0.1", 9101)
     sideport: tuple[str, int] = ("127.0.0.1", 9000)  # sidecar HTTP

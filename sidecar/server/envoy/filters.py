@@ -99,17 +99,23 @@ PROCESSING_MODE = {
 }
 
 
-def response_phase_filter(timeout: str) -> dict[str, Any]:
+def response_phase_filter(ep: Endpoints) -> dict[str, Any]:
     """Envoy's ext_proc filter for the response phase (server/processing/), disabled
-    unless a route enables it. Fail closed: if the sidecar cannot be asked (down, too
-    slow), the client gets an error, never the response; the hold it could not capture
-    expires and the ledger releases it, so nothing is charged either."""
+    unless a route enables it, over the checks' transport. Fail closed: if the sidecar
+    cannot be asked (down, too slow), the client gets an error, never the response; the
+    hold it could not capture expires and the ledger releases it, so nothing is charged."""
+    timeout = ep.authz_timeout
+    service: dict[str, Any]
+    if ep.transport == "http":
+        service = {"http_service": process_http_service(ep)}
+    else:
+        service = {"grpc_service": {"envoy_grpc": {"cluster_name": "x402_authz"}}}
     return {
         "name": EXT_PROC,
         "disabled": True,
         "typed_config": {
             "@type": f"{TYPES}.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "x402_authz"}},
+            **service,
             "failure_mode_allow": False,
             "processing_mode": PROCESSING_MODE,
             "message_timeout": timeout,
@@ -117,6 +123,28 @@ def response_phase_filter(timeout: str) -> dict[str, Any]:
             "metadata_options": {"forwarding_namespaces": {"untyped": [EXT_AUTHZ]}},
             "status_on_error": {"code": "ServiceUnavailable"},
         },
+    }
+
+
+def process_http_service(ep: Endpoints) -> dict[str, Any]:
+    """ext_proc's HTTP mode (server/processing/http_transport.py): a JSON POST to the
+    checks' listener, marked as the phase's, with Envoy's deadline for it."""
+    host, port = ep.authz_http
+    headers = {
+        contract.PROCESS_HEADER: contract.PHASE_RESPONSE,
+        contract.TIMEOUT_HEADER: str(_ms(ep.authz_timeout)),
+    }
+    return {
+        "http_service": {
+            "http_uri": {
+                "uri": f"http://{host}:{port}{contract.PROCESS_PATH}",
+                "cluster": "x402_authz_http",
+                "timeout": ep.authz_timeout,
+            },
+            "request_headers_to_add": [
+                {"header": {"key": key, "value": value}} for key, value in headers.items()
+            ],
+        }
     }
 
 

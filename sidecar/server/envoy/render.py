@@ -177,7 +177,7 @@ def _http_filters(
         headers.headers_limit_filter(edge.max_request_headers_kb),
         {"name": browser.CORS, "typed_config": {"@type": f"{TYPES}.filters.http.cors.v3.Cors"}},
         ext_authz_filter(ep),
-        *([response_phase_filter(ep.authz_timeout)] if has_response_phase(routes) else []),
+        *([response_phase_filter(ep)] if has_response_phase(routes) else []),
         browser.strip_dashboard_cookie(),
         {
             "name": "envoy.filters.http.router",

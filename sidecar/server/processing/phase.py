@@ -28,7 +28,7 @@ from typing import Any
 
 from sidecar.core import decision, phases, protocol
 from sidecar.core.decision import Denial, Gateway, Request
-from sidecar.core.errors import PaymentError, X402Error
+from sidecar.core.errors import LedgerUnavailable, PaymentError, X402Error
 from sidecar.core.money import Asset
 from sidecar.core.phases import ResponsePhase
 from sidecar.core.pricing import Price, RouteTable
@@ -188,6 +188,8 @@ class Processor:
             receipt = receipt_headers(closing.receipt, closing.settlement)
             return Continue(receipt, remove)
         within = None if deadline is None else deadline - time.perf_counter()
+        if within is not None and within <= 0:  # Envoy has answered 503: never charge
+            raise LedgerUnavailable("the response phase came past Envoy's deadline")
         closing = await holder.capture(meta, asset, capture, now, within)
         closed = closing.closed
         if capture.units is not None:
