@@ -338,7 +338,7 @@ class LocalRun:
             self.paced()
         time.sleep(0.5)
         envoy_allowed = envoy_stat(stack, "http.ingress.ext_authz.ok") - before
-        self.charged_on_success("7 paid on_success", "8 paid metered")
+        self.charged_on_success("7 gRPC paid on_success", "8 gRPC paid metered")
         # wrk's paid runs (warm-up and measured) each leave up to `connections` in flight.
         self.results["ledger"] = reconcile(stack, envoy_allowed, 2 * self.args.connections)
 
