@@ -34,6 +34,7 @@ from bench.harness import (
     decision_latencies,
     envoy_stat,
     fund,
+    ledger_bytes,
     ledger_totals,
     presign,
     reset_ledger,
@@ -227,12 +228,16 @@ class LocalRun:
         if args.warmup:
             run_wrk(self.wrk, url, args.warmup, args.connections, args.threads, script, warm_args)
         meter = CpuMeter(self.pids())
-        asked = check_traffic(stack)
+        asked, memory = check_traffic(stack), ledger_bytes(stack)
         figures = run_wrk(
             self.wrk, url, args.duration, args.connections, args.threads, script, run_args
         )
         figures["cpu_us_per_request"] = meter.per_request(figures["requests"])
         figures["bytes_per_check"] = bytes_per_check(asked, check_traffic(stack))
+        figures["peak_rss_mb"] = meter.peak_rss()
+        if paid:  # what each paid request left in Redis (spent nonce, receipt, outcome, hold)
+            grown = ledger_bytes(stack) - memory
+            figures["ledger_bytes_per_request"] = round(grown / max(figures["requests"], 1))
         self.phases[name] = figures
         print(
             f"bench: {name:<30} {figures['ok_rps']:>8.0f} req/s  "

@@ -39,6 +39,7 @@ def report(results: dict[str, Any], rate: float) -> None:
         print(f"{'challenge loop, 1 agent':<48}p50 "
               f"{phases['5 challenge loops, 1 agent']['loop_ms']['p50']} ms")  # fmt: skip
     onchain_report(results)
+    memory_report(phases)
     targets(results)
     for key in ("ledger", "ledger_http"):
         if key in results:
@@ -107,6 +108,25 @@ def targets(results: dict[str, Any]) -> None:
     for name, value, goal in checks:
         if value is not None:
             print(f"target: {name:<44}{'met' if value >= goal else 'NOT met'}")
+
+
+def memory_report(phases: dict[str, Any]) -> None:
+    """Each part's peak RSS by the end of each phase (the sidecar: its largest worker), and
+    what each paid request left in the ledger (Redis used_memory grown over the phase)."""
+    print()
+    for name, figures in phases.items():
+        peak = figures.get("peak_rss_mb")
+        if not peak:
+            continue
+        parts = ", ".join(f"{part} {mb:.0f}" for part, mb in peak.items())
+        grown = figures.get("ledger_bytes_per_request")
+        ledger = f"; ledger {grown} B/paid request" if grown is not None else ""
+        print(f"memory: {name:<30} peak RSS MB: {parts}{ledger}")
+    worst = max((f["peak_rss_mb"].get("sidecar", 0.0) for f in phases.values()
+                 if f.get("peak_rss_mb")), default=None)  # fmt: skip
+    if worst is not None:
+        verdict = "met" if worst < 150 else "NOT met"
+        print(f"target: {'sidecar worker peak RSS < 150 MB':<44}{verdict} ({worst:.0f} MB)")
 
 
 def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
