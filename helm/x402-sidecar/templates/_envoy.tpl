@@ -403,7 +403,8 @@ static_resources:
                   cluster: service
                   timeout: {{ int $e.upstreamTimeoutSeconds }}s
           http_filters:
-          # A header block over maxRequestHeadersKb, read whole: the 431 (server/envoy/headers.py).
+          # A header block over maxRequestHeadersKb, read whole: the 431; and the dashboard's
+          # session cookie stripped (one Lua filter, server/envoy/headers.py).
           - name: {{ $c.headersLimitName }}
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
@@ -477,14 +478,6 @@ static_resources:
               status_on_error:
                 code: ServiceUnavailable
           {{- end }}
-          # The dashboard's session cookie (a browser sends it to every port of its host)
-          # never reaches the service; Lua, as Envoy's header mutations cannot edit a value.
-          - name: envoy.filters.http.lua
-            typed_config:
-              '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
-              default_source_code:
-                inline_string: |
-                  {{- $c.stripCookieLua | nindent 18 }}
           - name: envoy.filters.http.router
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router

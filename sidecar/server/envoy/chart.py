@@ -67,7 +67,6 @@ def contract_values() -> dict[str, Any]:
         "corsAllowMethods": browser.CORS_ALLOW_METHODS,
         "corsMaxAge": browser.CORS_MAX_AGE,
         "paymentPreflight": contract.PAYMENT_PREFLIGHT,
-        "stripCookieLua": browser.strip_cookie_source(),
         "headersLimitName": headers.NAME,
         "headersLimitLua": headers.HEADERS_LIMIT_LUA,
         "headersLimitMark": headers.LIMIT_MARK,

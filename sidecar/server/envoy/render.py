@@ -171,14 +171,13 @@ def overload_manager(edge: Edge) -> dict[str, Any]:
 def _http_filters(
     routes: Mapping[str, Mapping[str, Any]], ep: Endpoints, edge: Edge
 ) -> list[dict[str, Any]]:
-    """The header limit's 431, CORS, ext_authz, the response phase where a route has one,
-    the dashboard cookie's scrub, then the router."""
+    """The header limit's 431 and the dashboard cookie's scrub (one Lua filter), CORS,
+    ext_authz, the response phase where a route has one, then the router."""
     return [
         headers.headers_limit_filter(edge.max_request_headers_kb),
         {"name": browser.CORS, "typed_config": {"@type": f"{TYPES}.filters.http.cors.v3.Cors"}},
         ext_authz_filter(ep),
         *([response_phase_filter(ep)] if has_response_phase(routes) else []),
-        browser.strip_dashboard_cookie(),
         {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": f"{TYPES}.filters.http.router.v3.Router"},
