@@ -79,6 +79,7 @@ generate: install tools
 	$(VENV)/bin/x402 envoy-config --config envoy/x402.yaml > envoy/envoy.yaml
 	$(PY) -m sidecar.server.envoy.chart > helm/x402-sidecar/templates/_contract.tpl
 	SOLC_JS=$(abspath $(SOLC)) $(PY) -m sidecar.tools.contracts > sidecar/ledger/contracts/BatchAnchor.json
+	SOLC_JS=$(abspath $(SOLC)) $(PY) -m sidecar.tools.contracts upto > sidecar/tools/testchain/UptoTestDoubles.json
 
 TEST_ENV := HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(abspath $(USDC)) \
 	MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) X402_CORE=$(abspath $(X402_CORE)) \

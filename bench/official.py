@@ -30,7 +30,7 @@ from x402.http.middleware.fastapi import payment_middleware
 from x402.mechanisms.evm.exact import ExactEvmServerScheme
 from x402.schemas import AssetAmount, PaymentPayload, PaymentRequired
 
-from sidecar.tools.onchain import exact_client, payment_signature
+from sidecar.tools.onchain import exact_client, payment_signature, upto_client
 
 PATH = "/api/v1/bench/paid"
 CONFIG_VARIABLE = "X402_BENCH_OFFICIAL"  # how uvicorn's worker processes get the config
@@ -86,14 +86,15 @@ def from_env() -> FastAPI:
     return create_app(config)
 
 
-def sign_batch(job: tuple[str, str, str, str, int, int]) -> list[str]:
-    required_json, network, token, key, cap, count = job
+def sign_batch(job: tuple[str, str, str, str, int, int, str]) -> list[str]:
+    required_json, network, token, key, cap, count, scheme = job
     required = PaymentRequired.model_validate_json(required_json)
-    client = exact_client(network, token, key, cap)
+    make = upto_client if scheme == "upto" else exact_client
+    client = make(network, token, key, cap)
 
     async def sign() -> list[str]:
         headers = []
-        for _ in range(count):  # a fresh EIP-3009 nonce each
+        for _ in range(count):  # a fresh nonce each (EIP-3009, or Permit2's)
             payload = await client.create_payment_payload(required)
             assert isinstance(payload, PaymentPayload)
             headers.append(payment_signature(payload))
@@ -108,13 +109,14 @@ def decode_required(header: str) -> PaymentRequired:
 
 
 def sign_jobs(
-    required: PaymentRequired, network: str, token: str, keys: list[str], cap: int, count: int
-) -> list[tuple[str, str, str, str, int, int]]:
-    """`count` payments spread over the payers' `keys`, as jobs for `sign_batch` (one per
-    payer, so a pool signs them in parallel)."""
+    required: PaymentRequired, network: str, token: str, keys: list[str], cap: int, count: int,
+    scheme: str = "exact",
+) -> list[tuple[str, str, str, str, int, int, str]]:  # fmt: skip
+    """`count` payments (of the 402's `scheme` offer) spread over the payers' `keys`, as
+    jobs for `sign_batch` (one per payer, so a pool signs them in parallel)."""
     text = required.model_dump_json(by_alias=True)
     each = -(-count // len(keys))
-    return [(text, network, token, key, cap, each) for key in keys]
+    return [(text, network, token, key, cap, each, scheme) for key in keys]
 
 
 def main() -> None:

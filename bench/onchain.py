@@ -1,6 +1,6 @@
-"""(9)-(12): channel vouchers, `exact` on anvil and the official x402 stack, on a second
-stack whose USDF is also offered as USDC (`exact`) on anvil with Circle's FiatTokenV2_2,
-settled through `x402 facilitator serve`, beside the official x402 stack
+"""(9)-(12): channel vouchers, `exact` and `upto` on anvil and the official x402 stack, on a
+second stack whose USDF is also offered as USDC (`exact`, `upto`) on anvil with Circle's
+FiatTokenV2_2, settled through `x402 facilitator serve`, beside the official x402 stack
 (bench/official.py) on the same chain and facilitator, all at 16 connections.
 """
 
@@ -20,13 +20,16 @@ from typing import Any
 import httpx
 from eth_account import Account
 
-from bench import channels, official
+from bench import channels, official, topups
 from bench.harness import (
     FREE_PATH,
+    METERED_PATH,
     PAID_PATH,
     PAYERS,
     PRICE_ATOMIC,
     ROUTES,
+    UNIT_PRICE_ATOMIC,
+    UNITS_USED,
     CpuMeter,
     fund,
     presign,
@@ -35,9 +38,18 @@ from bench.harness import (
     show,
     write_bench_files,
 )
-from bench.report import DIRECT_LANES, EXACT_C16, OFFICIAL_C16, PAID_C16, PAID_C16_HTTP, VOUCHERS
+from bench.report import (
+    DIRECT_LANES,
+    EXACT_C16,
+    OFFICIAL_C16,
+    PAID_C16,
+    PAID_C16_HTTP,
+    UPTO_C16,
+    VOUCHERS,
+)
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity
+from sidecar.tools import permit2
 from sidecar.tools.chain import AnvilChain, install_chain_tools
 from sidecar.tools.onchain import FacilitatorProcess, exact_settings, operator
 from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port, wait_http
@@ -57,11 +69,13 @@ def chain_tools() -> None:
         raise SystemExit(f"bench: the chain's tools are missing: {error}") from None
 
 
-def sign_exact(required_header: str, chain: AnvilChain, keys: list[str], count: int) -> list[str]:
-    """`count` PAYMENT-SIGNATURE values for a 402's `exact` offer, signed by the official
-    x402 client (each a fresh EIP-3009 nonce), spread over the payers."""
+def sign_exact(
+    required_header: str, chain: AnvilChain, keys: list[str], count: int, scheme: str = "exact"
+) -> list[str]:
+    """`count` PAYMENT-SIGNATURE values for a 402's `exact` (or `upto`) offer, signed by the
+    official x402 client (each a fresh nonce), spread over the payers."""
     required = official.decode_required(required_header)
-    jobs = official.sign_jobs(required, chain.network, chain.token, keys, PAYER_USDC, count)
+    jobs = official.sign_jobs(required, chain.network, chain.token, keys, PAYER_USDC, count, scheme)
     with multiprocessing.Pool(os.cpu_count() or 1) as pool:
         batches = pool.map(official.sign_batch, jobs)
     # Interleaved, so that consecutive requests come from different payers.
@@ -70,11 +84,13 @@ def sign_exact(required_header: str, chain: AnvilChain, keys: list[str], count: 
 
 def onchain_phase(
     wrk: str, chain: AnvilChain, url: str, keys: list[str], seconds: float, warmup: float,
-    lanes: int, workdir: Path, pids: dict[str, int],
+    lanes: int, workdir: Path, pids: dict[str, int], scheme: str = "exact",
+    each: int = PRICE_ATOMIC,
 ) -> dict[str, Any]:  # fmt: skip
-    """wrk -t1 -c`lanes` with one pre-signed `exact` payment per request against `url`; the
-    operator's USDC shows what settled on chain. The rate is first measured in the warm-up,
-    so that the run has enough payments but not many more (signing costs the bench time)."""
+    """wrk -t1 -c`lanes` with one pre-signed `exact` (or `upto`) payment per request against
+    `url`; the operator's USDC shows what settled on chain (`each` atomic units a request).
+    The rate is first measured in the warm-up, so that the run has enough payments but not
+    many more (signing costs the bench time)."""
     challenge = httpx.get(url, timeout=30)
     if challenge.status_code != 402 or "payment-required" not in challenge.headers:
         raise SystemExit(f"bench: {url} did not answer 402: {challenge.status_code}")
@@ -83,7 +99,9 @@ def onchain_phase(
     before = chain.balance_of(payee)
     warm_count = lanes * 8
     warm = workdir / f"exact-warm-{time.monotonic_ns()}"
-    warm.with_suffix(".0").write_text("\n".join(sign_exact(required, chain, keys, warm_count)))
+    warm.with_suffix(".0").write_text(
+        "\n".join(sign_exact(required, chain, keys, warm_count, scheme))
+    )
     args = (str(warm), "PAYMENT-SIGNATURE")
     # A settle on chain takes seconds under load: wrk must not give up on it at 5 s.
     warmed = run_wrk(wrk, url, warmup, lanes, 1, "paid.lua", args, ONCHAIN_TIMEOUT)
@@ -94,13 +112,13 @@ def onchain_phase(
         rate = max(rate, 3 * warm_count / warmup)
     count = int(rate * 1.6 * seconds) + 4 * lanes
     run = workdir / f"exact-run-{time.monotonic_ns()}"
-    run.with_suffix(".0").write_text("\n".join(sign_exact(required, chain, keys, count)))
+    run.with_suffix(".0").write_text("\n".join(sign_exact(required, chain, keys, count, scheme)))
     args = (str(run), "PAYMENT-SIGNATURE")
     meter = CpuMeter(pids)
     figures = run_wrk(wrk, url, seconds, lanes, 1, "paid.lua", args, ONCHAIN_TIMEOUT)
     figures["cpu_us_per_request"] = meter.per_request(figures["ok"])
     time.sleep(2)  # settles still in flight when wrk hung up
-    settled = (chain.balance_of(payee) - before) // PRICE_ATOMIC
+    settled = (chain.balance_of(payee) - before) // each
     answered = warmed["ok"] + figures["ok"]
     # Every 200 was settled on chain; a payment settled without a 200 is one wrk hung up on
     # (at most the requests in flight at the end of the warm-up and of the run).
@@ -123,6 +141,8 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
       (10) wrk -t1 -c16: paid direct proofs, as (4) at the official stack's concurrency
       (11) wrk -t1 -c16: x402 `exact` through Envoy and the sidecar, verified and settled
            on chain per request
+      (11u) wrk -t1 -c16: x402 `upto` on the metered route, the units used settled on
+           chain per request at the response
       (12) wrk -t1 -c16: the official FastAPI middleware + facilitator + chain
     """
     chain_tools()
@@ -177,6 +197,9 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
             stack.start_sidecar()
             phases[PAID_C16_HTTP] = paid_c16(wrk, args, stack, wallets, expect, "16h")
             show(PAID_C16_HTTP, phases[PAID_C16_HTTP])
+
+            # (13) the top-up's latency, durable (as configured) and then not.
+            topups.topup_phases(stack, chain, keys[0], args.workers, results)
         finally:
             if server is not None:
                 server.stop()
@@ -252,6 +275,8 @@ def settled_phases(
     )
     phases[EXACT_C16] = figures
     show(EXACT_C16, figures)
+    phases[UPTO_C16] = upto_phase(wrk, chain, stack, keys, seconds, warmup, pids)
+    show(UPTO_C16, phases[UPTO_C16])
     pids = {"official": server.popen.pid, **onchain}
     figures = onchain_phase(wrk, chain, official_url, keys, seconds, warmup, lanes, stack.dir, pids)
     figures["note"] = (
@@ -261,3 +286,23 @@ def settled_phases(
     )
     phases[OFFICIAL_C16] = figures
     show(OFFICIAL_C16, figures)
+
+
+def upto_phase(
+    wrk: str, chain: AnvilChain, stack: Stack, keys: list[str], seconds: float, warmup: float,
+    pids: dict[str, int],
+) -> dict[str, Any]:  # fmt: skip
+    """(11u) x402 `upto` on the metered route: each payer's USDC approved to Permit2 once,
+    then each request signs the route's maximum (100 units) and settles the 37 used."""
+    for key in keys:
+        permit2.approve(chain.w3, chain.token, Account.from_key(key).address)
+    url, used = stack.url + METERED_PATH, UNITS_USED * UNIT_PRICE_ATOMIC
+    figures = onchain_phase(
+        wrk, chain, url, keys, seconds, warmup, LANES, stack.dir, pids, "upto", used
+    )
+    figures["note"] = (
+        "x402 v2 upto through Envoy and the sidecar on the metered route: a Permit2 "
+        "authorization of the maximum verified at the check, the 37 units used settled "
+        "on chain at the response (ext_proc); pre-signed by the official x402 client"
+    )
+    return figures

@@ -11,6 +11,7 @@ HTTP_PAID = "4h HTTP sidecar paid direct"
 VOUCHERS, DIRECT_LANES = "9 channel vouchers, 16 lanes", "9 paid direct, 16 lanes"
 PAID_C16, EXACT_C16 = "10 sidecar paid direct, c16", "11 sidecar exact on anvil, c16"
 OFFICIAL_C16 = "12 official x402 stack, c16"
+UPTO_C16 = "11u sidecar upto metered on anvil, c16"
 PAID_C16_HTTP = "10h HTTP sidecar paid direct, c16"
 
 
@@ -38,6 +39,9 @@ def report(results: dict[str, Any], rate: float) -> None:
     if "5 challenge loops, 1 agent" in phases:
         print(f"{'challenge loop, 1 agent':<48}p50 "
               f"{phases['5 challenge loops, 1 agent']['loop_ms']['p50']} ms")  # fmt: skip
+    for kind, added in results.get("mcp", {}).items():  # (14): bench/mcp.py
+        print(f"{f'MCP tool call, {kind} vs free':<48}x{added['throughput_ratio']:.3f} req/s, "
+              f"p50 {added['added_p50_ms']:+.2f} ms")  # fmt: skip
     onchain_report(results)
     memory_report(phases)
     targets(results)
@@ -61,7 +65,7 @@ def print_ledger(key: str, ledger: dict[str, Any]) -> None:
 def onchain_report(results: dict[str, Any]) -> None:
     """(11) and (12) against the chain, and (10) against (12) against DESIGN.md's targets."""
     phases, ratios = results["phases"], results["ratios"]
-    for name in (EXACT_C16, OFFICIAL_C16):
+    for name in (EXACT_C16, UPTO_C16, OFFICIAL_C16):
         if name in phases:
             chain = phases[name]["chain"]
             print(
@@ -159,6 +163,8 @@ def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
         "http_2_workers/1_worker": (HTTP_PAID, "4w1h HTTP paid direct, 1 worker"),
         "vouchers/paid": (VOUCHERS, DIRECT_LANES),
         "exact/paid": (EXACT_C16, PAID_C16),
+        "upto_metered/exact": (UPTO_C16, EXACT_C16),
+        "sidecar_upto/official_x402": (UPTO_C16, OFFICIAL_C16),
         "sidecar_paid/official_x402": (PAID_C16, OFFICIAL_C16),
         "sidecar_http_paid/official_x402": (PAID_C16_HTTP, OFFICIAL_C16),
         "sidecar_exact/official_x402": (EXACT_C16, OFFICIAL_C16),
@@ -173,4 +179,8 @@ def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
         if paid in phases and OFFICIAL_C16 in phases:
             p50 = phases[OFFICIAL_C16]["p50_ms"] / max(phases[paid]["p50_ms"], 1e-3)
             ratios[key] = round(p50, 1)
+    durable, off = "13 top-up, durable (WAITAOF)", "13 top-up, not durable"
+    if durable in phases and off in phases:  # latency: above 1 is what durability costs
+        p50 = phases[durable]["latency_ms"]["p50"] / max(phases[off]["latency_ms"]["p50"], 1e-3)
+        ratios["topup_durable_p50/topup_not_durable_p50"] = round(p50, 3)
     return ratios

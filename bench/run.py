@@ -28,7 +28,16 @@ FiatTokenV2_2, settled through `x402 facilitator serve`, beside the official x40
   (10) sidecar paid direct, c16       wrk -t1 -c16, as (4)
   (11) sidecar exact on anvil, c16    wrk -t1 -c16, pre-signed EIP-3009 authorizations,
                                       each verified and settled on chain
+  (11u) sidecar upto metered, c16     wrk -t1 -c16, pre-signed Permit2 authorizations of
+                                      the metered route's maximum, the 37 units used
+                                      settled on chain at the response
   (12) official x402 stack, c16       the same payments to the official FastAPI middleware
+  (13) top-ups, durable and not       20 each through the real route, settled on anvil;
+                                      then money_in: off (bench/topups.py); beside (10)
+
+Then MCP tool calls (bench/mcp.py) through an unmodified FastMCP server, a paid call
+beside the same call on a free tool: (14) free, (14p) prepaid and, with the chain, (14x)
+`exact`; the throughput ratio to the free call and the p50 latency each payment adds.
 
 It prints a table and the ratios (results["ratios"], named after both sides), checks the
 ledger (debits = allowed paid requests x price, no negative balance) and the chain (USDC
@@ -36,8 +45,8 @@ settled = 200s + requests wrk hung up on) and writes bench/results.json. On a 2-
 machine it takes about 4 minutes (`--no-onchain`: 2, without (9)-(12)).
 
 The parts: bench/harness.py (wrk, the CPU meter, the stack's files, proofs, funding),
-bench/phases.py (1)-(8), bench/onchain.py (9)-(12), bench/report.py (the table, the
-ratios, the targets).
+bench/phases.py (1)-(8), bench/onchain.py (9)-(12), bench/topups.py (13), bench/mcp.py
+(14), bench/report.py (the table, the ratios, the targets).
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import HERE, ensure_wrk
+from bench.mcp import run_phases as mcp_phases
 from bench.onchain import onchain_phases
 from bench.phases import LocalRun, selection
 from bench.report import report
@@ -86,6 +96,8 @@ def main() -> None:
     LocalRun(wrk, args, only, results).run()
     if not args.no_onchain and (only is None or only & {"9", "10", "11", "12"}):
         onchain_phases(wrk, args, results)
+    if only is None or "14" in only:  # MCP tool calls, paid beside free (bench/mcp.py)
+        mcp_phases(wrk, args, results)
 
     results["machine"] = {
         "cores": len(os.sched_getaffinity(0)),

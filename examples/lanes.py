@@ -31,6 +31,7 @@ from sidecar.core.identity import Identity, write_secret
 from sidecar.core.money import to_atomic
 from sidecar.ledger.accounts import Ledger
 from sidecar.server.config import Settings
+from sidecar.tools.mcp_stack import McpStack
 from sidecar.tools.stack import LOOPBACK, Process, Stack, free_port, wait_http
 
 Routes = Mapping[str, Mapping[str, Any]]
@@ -53,6 +54,7 @@ class Spec:
     chained: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     chained_credit: str = "1"
     dashboard: bool = False  # each gateway serves the operator's dashboard (admin token)
+    mcp: bool = False  # each gateway's service is an unmodified FastMCP server (/mcp)
 
 
 @dataclass(frozen=True)
@@ -257,8 +259,9 @@ def start(spec: Spec) -> Iterator[World]:
             assert agent.evm is not None
             chain.mint(agent.evm.address, spec.mint)
             rpc_url, token, evm_key = chain.rpc_url, chain.token, agent.evm.hex
-        stacks = {
-            name: Stack(routes, settings=settings[name])
+        kind = McpStack if spec.mcp else Stack
+        stacks: dict[str, Stack] = {
+            name: kind(routes, settings=settings[name])
             for name, routes in spec.gateways.items()
             if name not in spec.chained
         }
@@ -417,6 +420,21 @@ SPECS: dict[str, Spec] = {
         chain=True,
         mint=10_000_000,
     ),
+    # An unmodified MCP server's tools, priced per call at the edge (the agent pays with
+    # its prepaid wallet through the official MCP client and x402.mcp's session).
+    "mcp": Spec(
+        gateways={
+            "api": {
+                "tools": _route(
+                    "POST",
+                    "/mcp",
+                    mcp={"tools": {"get_weather": "0.01", "deep_research": "0.25"}},
+                )
+            }
+        },
+        credit={"api": "1"},
+        mcp=True,
+    ),
     # A day of paid calls, settled, exported and verified.
     "compliance": Spec(
         gateways={
@@ -439,6 +457,7 @@ EXAMPLES = {
     "per-row": "per_row_pipeline.py",
     "ci": "ci_scanner.py",
     "compliance": "compliance_export.py",
+    "mcp": "mcp_agent.py",
 }
 
 

@@ -176,15 +176,22 @@ def test_the_chain_carries_usdc_as_circle_deploys_it(chain: AnvilChain) -> None:
     assert admin[-20:] == bytes.fromhex(chain.deployer.address[2:])
 
 
-def test_supported_lists_exact_on_this_chain_only(
+def test_supported_lists_exact_and_upto_on_this_chain_only(
     http: httpx.Client, chain: AnvilChain, facilitator: ServedFacilitator
 ) -> None:
     response = http.get("/supported")
     assert response.status_code == 200
     supported = response.json()
-    assert supported["kinds"] == [{"x402Version": 2, "scheme": "exact", "network": chain.network}]
-    assert supported["signers"] == {"eip155:*": [facilitator.account.address]}
-    assert supported["extensions"] == ["bazaar"]  # GET /discovery/resources (tools/catalog.py)
+    signer = facilitator.account.address
+    assert supported["kinds"] == [
+        {"x402Version": 2, "scheme": "exact", "network": chain.network},
+        # upto: the address the payer's signature binds (tests/test_upto.py)
+        {"x402Version": 2, "scheme": "upto", "network": chain.network,
+         "extra": {"facilitatorAddress": signer}},
+    ]  # fmt: skip
+    assert supported["signers"] == {"eip155:*": [signer]}
+    # bazaar: GET /discovery/resources (tools/catalog.py); upto's gas sponsoring
+    assert supported["extensions"] == ["bazaar", "eip2612GasSponsoring"]
 
 
 def test_verify_then_settle_moves_exactly_the_price(http: httpx.Client, chain: AnvilChain) -> None:

@@ -110,6 +110,8 @@ def payer_keys(payer: str) -> list[str]:
         keyspace.payer_batches(payer),
         keyspace.channel(payer, "ch_x"),
         keyspace.channels(payer),
+        keyspace.outcome(payer, "own:n"),
+        keyspace.replays(payer),
     ]
 
 

@@ -23,6 +23,7 @@ from x402.http.clients import x402HttpxClient
 from x402.http.utils import decode_payment_response_header
 
 from sidecar.agent.auth import X402Auth, receipt_of
+from sidecar.agent.mcp import paying_session
 from sidecar.agent.wallet import Wallet
 from sidecar.core.money import to_atomic, to_decimal
 from sidecar.tools import demo
@@ -33,10 +34,11 @@ from tests.support.demos import X402, read_until_up, serve_demo
 CHECKS = [
     "price list", "free route", "agent wallet", "402 challenge", "signed proof", "paid 200",
     "verified receipt", "retry redelivered", "direct payment", "max_amount guard",
-    "budget guard", "decision log", "ledger", "refund", "metered charge",
+    "budget guard", "decision log", "ledger", "refund", "metered charge", "mcp tool paid",
     # the on-chain lanes
     "self-funded top-up", "prepaid from the credit", "ledger after top-up",
-    "exact payment", "exact on chain", "receipt proven on chain", "tampered receipt refused",
+    "exact payment", "exact on chain", "upto payment", "upto on chain",
+    "receipt proven on chain", "tampered receipt refused",
 ]  # fmt: skip
 TX_HASH = r"0x[0-9a-f]{64}"
 ERC20_BALANCE = [
@@ -77,6 +79,11 @@ def test_x402_demo_exits_0_and_reports_every_step() -> None:
         "GET /api/v1/data/rows → 200, 37 rows: charged 0.037 of 0.1 USDF held",
         "POST /api/v1/llm/generate → 200, 120 tokens: charged 0.0012 of 0.04 USDF held",
         "✓ metered charge — 37 rows x 0.001 + 120 tokens x 0.00001 = 0.0382 USDF",
+        # an unmodified MCP server's tool, paid by an agent through the same gateway
+        "9. An agent pays an MCP tool",
+        "tool get_weather    0.01",
+        "tools/call get_weather → paid 0.01 USDF, receipt rcpt_",
+        "✓ mcp tool paid — 0.01 USDF for one call, the tool ran once; balance 0.99",
         # (a) an EVM key alone buys credit for a fresh Ed25519 key, then pays prepaid.
         "A. An agent that funds itself",
         "top-up 5 USDF credited, transaction 0x",
@@ -91,8 +98,14 @@ def test_x402_demo_exits_0_and_reports_every_step() -> None:
         "transaction  0x",
         "✓ exact payment — settled on chain",
         "✓ exact on chain — payer -0.25 USDC, operator +0.25 USDC: exactly the price, 0.25",
-        # (c) the settled receipts' roots go on chain; a receipt is proven against them.
-        "C. Every receipt provable against the chain",
+        # (c) the official client pays a metered route with upto: what was served settles.
+        "C. Any x402 wallet pays a metered route with upto",
+        "GET /api/v1/data/rows?limit=37 → 200, paid with upto on eip155:31337: settled 0.037 "
+        "of 0.1 USDC signed",
+        "✓ upto payment — 37 rows settled on chain, 37000 atomic units",
+        "✓ upto on chain — payer -0.037 USDC, operator +0.037 USDC: what was served",
+        # (d) the settled receipts' roots go on chain; a receipt is proven against them.
+        "D. Every receipt provable against the chain",
         "BatchAnchor  0x",
         "✓ receipt proven on chain",
         "✓ tampered receipt refused — receipt rcpt_",
@@ -127,7 +140,7 @@ def test_without_npm_the_demo_runs_the_prepaid_lanes_and_says_why_not_the_chain(
     assert result.returncode == 0, out + result.stderr
     assert "on-chain lanes skipped: npm not found" in out
     assert "On-chain lanes skipped: npm not found" in out
-    assert f"All {CHECKS.index('metered charge') + 1} steps behaved as expected." in out
+    assert f"All {CHECKS.index('mcp tool paid') + 1} steps behaved as expected." in out
     assert "The on-chain lanes were skipped: npm not found" in out
     assert "A. An agent that funds itself" not in out and "✗" not in out
     assert not (tmp_path / "cache" / "x402-sidecar" / "tools" / "node_modules").exists()
@@ -274,10 +287,21 @@ def test_x402_demo_serve_info_writes_what_a_client_needs_and_sigterm_stops_it(
         after = onchain_balance(info, payer), onchain_balance(info, operator)
         assert after == (before[0] - price, before[1] + price)
 
+        # (iii) the MCP server behind the same gateway: its tools and prices, paid.
+        assert info["mcp_url"] == gateway + "/mcp"
+        assert info["mcp_tools"] == {"get_weather": "0.01", "deep_research": "0.25"}
+
+        async def call_tool() -> Any:
+            async with paying_session(info["mcp_url"], wallet=wallet) as tools:
+                return await tools.call_tool("get_weather", {"city": "Oslo"})
+
+        tool = asyncio.run(call_tool())
+        assert tool.payment_made and tool.payment_response.success
+
         # SIGTERM stops everything it started, each process's own children included.
         pids = set(info["processes"].values())
         assert set(info["processes"]) == {
-            "redis", "upstream", "sidecar", "envoy", "anvil", "facilitator"
+            "redis", "upstream", "mcp", "sidecar", "envoy", "anvil", "facilitator"
         }  # fmt: skip
         assert all(alive(pid) for pid in pids)
         process.send_signal(signal.SIGTERM)

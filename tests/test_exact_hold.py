@@ -21,6 +21,7 @@ from x402.http.clients import x402HttpxClient
 from x402.http.utils import decode_payment_response_header
 
 from sidecar.core import phases, protocol
+from sidecar.core.retries import DEFAULT_REDELIVERY_LIMIT
 from sidecar.ledger.accounts import Ledger
 from sidecar.server import wiring
 from sidecar.server.authz.check import CheckService, Facts
@@ -171,7 +172,11 @@ async def test_a_failed_service_transfers_nothing_and_the_authorization_pays_lat
     ]
     assert revenue and revenue[0].endswith(f" {float(PRICE)}")
 
-    # A replay is refused before the facilitator: nothing more moves.
+    # A replay is answered with the recorded response (docs/protocol.md §13), up to the
+    # redelivery limit, then refused: never before the facilitator, nothing more moves.
+    for _ in range(DEFAULT_REDELIVERY_LIMIT):
+        again = await http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
+        assert (again.status_code, again.content) == (200, served.content)
     again = await http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
     assert (again.status_code, again.json()["error"]) == (402, "nonce_reused")
     assert settles(chain) == sent + 1
@@ -226,7 +231,11 @@ async def test_funds_gone_before_the_settle_withhold_the_response(
     assert failed.error_reason and failed.payer == payer.address and failed.amount is None
     # A fresh challenge, as at the check: the agent may pay again (once funded).
     required = b64json(response.headers["payment-required"])
-    assert [offer["scheme"] for offer in required["accepts"]] == ["prepaid-ed25519", "exact"]
+    assert [offer["scheme"] for offer in required["accepts"]] == [
+        "prepaid-ed25519",
+        "exact",
+        "upto",  # tests/test_upto.py
+    ]
     assert required["accepts"][1]["amount"] == str(PRICE)
     assert "paymentFlow" not in required["accepts"][1]["extra"]  # authorization: the default
     assert required["resource"]["url"].endswith(REPORT)
@@ -270,6 +279,36 @@ async def test_a_dead_facilitator_at_the_response_is_503_and_the_authorization_p
     assert settles(chain) == sent + 1
 
 
+async def test_a_retry_of_a_payment_settled_at_the_response_gets_the_same_response(
+    http: httpx.AsyncClient, stack: Stack, chain: AnvilChain
+) -> None:
+    """The same authorization sent again after its settle at the response (its answer
+    lost): answered with the recorded response and receipt, nothing verified or settled
+    again, the service not run again (docs/protocol.md §13)."""
+    payer = payers(chain)[5]
+    header, _ = await sign_exact(chain, http, REPORT, payer, PRICE)
+    first = await http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
+    assert first.status_code == 200, first.text
+    sent = settles(chain)
+
+    again = await http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
+
+    assert again.status_code == 200, again.text
+    assert again.content == first.content
+    receipt = b64json(again.headers["x-payment-response"])
+    assert receipt["receipt_id"] == b64json(first.headers["x-payment-response"])["receipt_id"]
+    assert protocol.verify_receipt(receipt, keys(stack))
+    assert again.headers["payment-response"] == first.headers["payment-response"]
+    assert settles(chain) == sent
+    rid = receipt["receipt_id"]
+    seen = [e for e in stack.upstream_requests() if e["headers"].get("x-x402-receipt-id") == rid]
+    assert len(seen) == 1
+    [line] = await asyncio.to_thread(
+        stack.wait_decisions, lambda e: e.get("reason") == "replayed" and e.get("receipt_id") == rid
+    )
+    assert line["payer"] == payer.address.lower()
+
+
 async def test_an_on_check_route_still_settles_upfront(
     http: httpx.AsyncClient, stack: Stack, chain: AnvilChain
 ) -> None:
@@ -290,7 +329,7 @@ async def test_a_metered_route_refuses_exact_before_the_facilitator(
     challenge = await http.get(ROWS)
     assert challenge.status_code == 402
     offers = b64json(challenge.headers["payment-required"])["accepts"]
-    assert [offer["scheme"] for offer in offers] == ["prepaid-ed25519"]  # no exact offer
+    assert [offer["scheme"] for offer in offers] == ["prepaid-ed25519", "upto"]  # no exact
     # An authorization for the route's hold, signed anyway: refused, nothing verified.
     header, _ = await sign_exact(chain, http, REPORT, payers(chain)[4], ROWS_MAX, ROWS_MAX)
     log = (facilitator.workdir / "facilitator.log").read_text()

@@ -25,9 +25,12 @@ from sidecar.tools.stack import Stack
 from tests.support.exact import b64json, balances, sign_exact
 from tests.support.hostile import HostileFacilitator, flaky_chain, hostile_facilitator
 
-PAID = "/api/paid"
+PAID, REPORT = "/api/paid", "/api/v1/report"
 PRICE = 10_000  # 0.01 USDF = 0.01 USDC
-ROUTES = {"paid": {"method": "GET", "path": PAID, "price": "0.01", "description": "paid"}}
+ROUTES = {
+    "paid": {"method": "GET", "path": PAID, "price": "0.01", "description": "paid"},
+    "report": {"method": "GET", "path": REPORT, "price": "0.01", "charge": "on_success"},
+}
 MODES = ("timeout", "502", "402", "pending")
 
 
@@ -71,6 +74,37 @@ async def test_a_settle_whose_answer_is_lost_is_served_once_the_chain_shows_it(
     again = await http.get(PAID, headers={"PAYMENT-SIGNATURE": header})
     assert again.status_code == 200, again.text
     assert again.headers["x-payment-response"] == response.headers["x-payment-response"]
+    assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
+
+
+async def test_an_unknown_outcome_at_the_response_is_resolved_when_the_same_payment_comes(
+    http: httpx.AsyncClient, chain: AnvilChain, hostile: HostileFacilitator, stack: Stack
+) -> None:
+    """On a route charged on success the settle runs at the response: its unknown outcome
+    withholds the response (503 settlement_pending); the same authorization sent again is
+    resolved at the check (landed: it passes, settled, nothing settled again) and recorded,
+    so a further retry is redelivered with the same receipt."""
+    payer = payers(chain)[1]  # balances compared within the test: deltas
+    header, _ = await sign_exact(chain, http, REPORT, payer, PRICE)
+    before = balances(chain, payer.address)
+    hostile.mode = "timeout"
+    await asyncio.to_thread(chain.automine, False)
+    try:
+        pending = await http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
+    finally:
+        await asyncio.to_thread(chain.mine)
+        await asyncio.to_thread(chain.automine, True)
+    assert (pending.status_code, pending.json()["error"]) == (503, "settlement_pending")
+    assert "payment-required" not in pending.headers  # no new invoice: the same payment
+
+    served = await http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
+    assert served.status_code == 200, served.text
+    assert served.json()["service"] == "demo-upstream"
+    receipt = b64json(served.headers["payment-response"])
+    assert chain.w3.eth.get_transaction_receipt(receipt["transaction"])["status"] == 1
+    again = await http.get(REPORT, headers={"PAYMENT-SIGNATURE": header})
+    assert again.status_code == 200, again.text
+    assert again.headers["x-payment-response"] == served.headers["x-payment-response"]
     assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
 
 

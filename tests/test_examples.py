@@ -15,7 +15,7 @@ from typing import Any
 import lanes
 
 from sidecar.core import bundles
-from sidecar.core.money import to_atomic
+from sidecar.core.money import to_atomic, to_decimal
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -221,3 +221,17 @@ def test_an_example_runs_against_x402_demo_serve_info(tmp_path: Path) -> None:
     finally:
         demo.send_signal(signal.SIGINT)
         demo.wait(timeout=30)
+
+
+def test_mcp_agent_pays_an_unmodified_mcp_servers_tools(tmp_path: Path) -> None:
+    with lanes.start(lanes.SPECS["mcp"]) as world:
+        gateway = world.gateways["api"]
+        payer = world.wallet().public_key
+        before = gateway.balance(payer)
+        figures = run_example("mcp_agent", world, tmp_path)
+
+        assert figures["payer"] == payer
+        assert figures["prices"]["get_weather"] == "0.01"
+        assert figures["prices"]["echo"] == "free" and figures["free_paid"] is False
+        assert figures["spent"] == "0.01" == to_decimal(before - gateway.balance(payer), 6)
+        assert [r["receipt_id"] for r in gateway.receipts(payer)] == figures["receipts"]

@@ -106,3 +106,13 @@ def test_the_humans_guide(world: lanes.World, tmp_path: Path) -> None:
     assert "curl:    402 application/json" in out
     assert out.rstrip().endswith("1")  # the page's 402 carries PAYMENT-REQUIRED
     assert (tmp_path / "paywall.yaml").is_file()
+
+
+def test_the_mcp_guide(tmp_path: Path) -> None:
+    with lanes.start(lanes.SPECS["mcp"]) as mcp_world:
+        api, payer = mcp_world.gateways["api"], mcp_world.wallet().public_key
+        before = api.balance(payer)
+        out = run_guide("mcp", mcp_world, tmp_path)
+        assert "get_weather 0.01" in out and "echo free" in out
+        assert "paid: True 10000 atomic" in out and "receipt: rcpt_" in out
+        assert before - api.balance(payer) == 10_000

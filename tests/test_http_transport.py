@@ -31,7 +31,9 @@ HELD_ROUTES = {
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    with Stack(HELD_ROUTES, transport="http") as running:
+    """No kept responses (`replay_per_payer: 0`): no route sends a body, so the response
+    phase goes over HTTP too (server/envoy/filters.py phase_over_http)."""
+    with Stack(HELD_ROUTES, transport="http", settings={"replay_per_payer": 0}) as running:
         yield running
 
 
@@ -249,3 +251,13 @@ def test_a_free_or_unmarked_message_continues_and_what_is_not_envoys_fails_the_p
     # The same path without Envoy's mark is a client request's check, never the phase.
     [checked] = exchange(stack, process(processing_request(200, None), mark=False))
     assert b"application/json" not in checked.partition(b"\r\n\r\n")[0]
+
+
+def test_an_mcp_answer_over_http_fails_closed(stack: Stack) -> None:
+    """An MCP route's phase needs the tool's answer, which ext_proc's http_service never
+    sends (the renderer puts such routes on gRPC): asked over HTTP about a held call, the
+    sidecar replaces the response (a 503), never serving it free."""
+    metadata = {contract.MCP: contract.MCP_CALL, contract.HOLD: "r1", contract.HELD: "250000"}
+    [answer] = exchange(stack, process(processing_request(200, metadata)))
+    status, message = answer_of(answer)
+    assert status == 200 and message["immediate_response"]["status"]["code"] == 503

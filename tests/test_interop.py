@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,7 +31,7 @@ from sidecar.core.identity import Identity
 from sidecar.tools.chain import AnvilChain, DevAccount
 from sidecar.tools.onchain import FacilitatorProcess, exact_settings, official_client
 from sidecar.tools.stack import Stack
-from tests.support.exact import b64json, balances
+from tests.support.exact import NODE_MODULES, b64json, balances, run_node_client
 
 PAID, REPORT, TOPUP = "/api/paid", "/api/v1/report", "/x402/topup"
 PRICE = 10_000  # 0.01 USDF = 0.01 USDC
@@ -41,11 +40,6 @@ ROUTES: dict[str, dict[str, Any]] = {
     "report": {"method": "GET", "path": REPORT, "price": "0.01", "charge": "on_success"},
 }
 CLIENTS = ("httpx", "requests", "fetch", "axios")
-NODE_MODULES = Path(
-    os.environ.get("X402_NODE_MODULES")
-    or Path(__file__).resolve().parents[1] / ".tools/node_modules"
-)
-TS_CLIENT = Path(__file__).resolve().parent / "support/interop_client.js"
 BLACKLIST = "0x" + keccak(text="blacklist(address)")[:4].hex()  # FiatToken's
 
 
@@ -108,23 +102,11 @@ def _pay_with_requests(chain: AnvilChain, payer: DevAccount, url: str) -> dict[s
 async def _pay_with_node(
     client: str, chain: AnvilChain, payer: DevAccount, url: str
 ) -> dict[str, Any]:
-    assert (NODE_MODULES / "@x402" / client).is_dir(), f"@x402/{client} missing: make tools"
     job = {
         "client": client, "url": url, "method": "GET", "privateKey": payer.key,
         "network": chain.network, "token": chain.token, "cap": str(PRICE),
     }  # fmt: skip
-    process = await asyncio.create_subprocess_exec(
-        "node",
-        str(TS_CLIENT),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
-    )
-    out, err = await asyncio.wait_for(process.communicate(json.dumps(job).encode()), 120)
-    assert process.returncode == 0, err.decode()
-    answer: dict[str, Any] = json.loads(out)
-    return answer
+    return await run_node_client(job)
 
 
 def node_schema(schema: str, value: Any) -> dict[str, Any]:

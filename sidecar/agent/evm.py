@@ -17,7 +17,7 @@ import string
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from sidecar.agent.exact import EXACT
+from sidecar.agent.exact import EXACT, UPTO
 from sidecar.core.errors import ConfigError, InvalidChallenge
 from sidecar.core.identity import read_secret, write_secret
 
@@ -114,11 +114,14 @@ class EvmKey:
         return str(self.account.address)
 
     def sign_exact(self, offer: Mapping[str, Any], resource: Mapping[str, Any] | None) -> str:
-        """A `PAYMENT-SIGNATURE` value for one x402 v2 `exact` offer (an `accepts[]` entry).
+        """A `PAYMENT-SIGNATURE` value for one x402 v2 `exact` or `upto` offer (an
+        `accepts[]` entry).
 
         The inner payload is the official client's `ExactEvmScheme` (EIP-3009 authorization,
-        valid until now + the offer's maxTimeoutSeconds); the envelope echoes the offer as
-        `accepted` and the 402's `resource`, as the official clients send it."""
+        valid until now + the offer's maxTimeoutSeconds) or `UptoEvmScheme` (a Permit2
+        witness transfer of at most the offer's amount: the payer's token needs an approval
+        to Permit2); the envelope echoes the offer as `accepted` and the 402's `resource`,
+        as the official clients send it."""
         try:
             from pydantic import ValidationError
             from x402.http.utils import encode_payment_signature_header
@@ -133,11 +136,18 @@ class EvmKey:
         except ValidationError as exc:
             problem = exc.errors()[0]["msg"]
             raise InvalidChallenge(f"the 402's exact offer is malformed: {problem}") from None
-        if requirements.scheme != EXACT:
-            raise InvalidChallenge(f"not an exact offer: {requirements.scheme!r}")
-        inner = ExactEvmClientScheme(EthAccountSigner(self.account)).create_payment_payload(
-            requirements
-        )
+        if requirements.scheme == UPTO:  # a maximum, settled for what the response used
+            from x402.mechanisms.evm.upto import UptoEvmClientScheme
+
+            scheme: Any = UptoEvmClientScheme(EthAccountSigner(self.account))
+        elif requirements.scheme == EXACT:
+            scheme = ExactEvmClientScheme(EthAccountSigner(self.account))
+        else:
+            raise InvalidChallenge(f"not an exact or upto offer: {requirements.scheme!r}")
+        try:
+            inner = scheme.create_payment_payload(requirements)
+        except ValueError as exc:  # upto: no facilitatorAddress to bind
+            raise InvalidChallenge(f"the 402's {requirements.scheme} offer: {exc}") from None
         payload = PaymentPayload(
             x402_version=2, payload=inner, accepted=requirements, resource=info
         )

@@ -19,6 +19,7 @@ from sidecar.core.errors import AmountError, InvalidChallenge, PaymentError
 from sidecar.core.money import to_atomic
 
 EXACT = "exact"
+UPTO = "upto"  # the standard's usage-based scheme: a signed maximum, settled for what was used
 EVM_NETWORK = re.compile(r"eip155:[1-9][0-9]{0,17}")
 ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 UINT = re.compile(r"0|[1-9][0-9]{0,77}")
@@ -95,11 +96,17 @@ class ExactOffer:
 
     @property
     def amount(self) -> int:
+        """Atomic units: the price (`exact`), or the most that may be settled (`upto`)."""
         return int(self.offer["amount"])
 
+    @property
+    def scheme(self) -> str:
+        return str(self.offer["scheme"])
 
-def exact_offers(header: str | None) -> list[ExactOffer]:
-    """The `exact` EVM offers in a PAYMENT-REQUIRED header value ([] if none or no header)."""
+
+def exact_offers(header: str | None, schemes: tuple[str, ...] = (EXACT,)) -> list[ExactOffer]:
+    """The EVM offers of `schemes` (`exact`; with UPTO, `upto` too, after it) in a
+    PAYMENT-REQUIRED header value ([] if none or no header)."""
     if not header:
         return []
     try:
@@ -112,9 +119,14 @@ def exact_offers(header: str | None) -> list[ExactOffer]:
     resource = resource if isinstance(resource, dict) else None
     accepts = required.get("accepts")
     offers = []
-    for option in accepts if isinstance(accepts, list) else []:
-        if isinstance(option, dict) and option.get("scheme") == EXACT and _is_evm_offer(option):
-            offers.append(ExactOffer(option, resource))
+    for scheme in schemes:
+        for option in accepts if isinstance(accepts, list) else []:
+            if (
+                isinstance(option, dict)
+                and option.get("scheme") == scheme
+                and _is_evm_offer(option)
+            ):
+                offers.append(ExactOffer(option, resource))
     return offers
 
 
@@ -164,11 +176,13 @@ def check_exact_receipt(
     asset: str,
     atomic: int,
     decimals: int,
+    at_most: bool = False,
 ) -> str | None:
     """Why `fields` is not a valid receipt of the `exact` payment described, or None.
 
     `payer`: the EVM address that signed (case-insensitive); `resource`: the request's
-    `METHOD path` (None for a top-up, whose credit receipt names the Ed25519 key)."""
+    `METHOD path` (None for a top-up, whose credit receipt names the Ed25519 key);
+    `at_most`: `atomic` is an `upto` maximum, and the receipt's amount may be less."""
     if keys is None:
         return "no gateway keys to verify it (the gateway has no /.well-known/x402)"
     if not verified(fields, keys):
@@ -188,7 +202,8 @@ def check_exact_receipt(
     if fields.get("asset") != asset:
         return "its asset is not the one paid"
     try:
-        same = to_atomic(str(fields.get("amount")), decimals) == atomic
+        paid = to_atomic(str(fields.get("amount")), decimals)
+        same = paid <= atomic if at_most else paid == atomic
     except AmountError:
         same = False
     if not same:

@@ -48,6 +48,10 @@ NEXT_STEPS = {
         "the settlement's outcome is not known yet and the money may have moved: send the "
         "SAME payment again after Retry-After (never a newly signed one); it is settled once"
     ),
+    "payment_in_progress": (
+        "this proof's request is still being served and nothing is charged yet: send the "
+        "SAME proof again after Retry-After (never a newly signed one)"
+    ),
     "unsupported_scheme": "pay this route another way (a prepaid proof or `exact`)",
     "payment_required": "this wallet has nothing this route accepts (see the 402's offers)",
 }

@@ -31,9 +31,11 @@ from sidecar.agent.receipts import (
     receipt_header,
     refusal,
     report,
+    verified,
 )
 from sidecar.agent.retries import Retrying
 from sidecar.agent.wallet import Reservation, scale_atomic, scaled, unscaled
+from sidecar.core.money import to_atomic
 from sidecar.core.protocol import Proof
 
 
@@ -59,6 +61,7 @@ class ExactPayment:
     amount: int  # atomic
     payer: str  # the EVM address that signed
     resource: str | None  # METHOD path; None for a top-up
+    upto: bool = False  # `upto`: `amount` is the maximum; the receipt says what settled
 
     def identity(self, origin: str) -> dict[str, Any]:
         return {
@@ -211,8 +214,11 @@ def settle_exact(payment: ExactPayment, response: httpx.Response, checking: Chec
             message = f"{response.status_code} response carries no payment receipt"
             bad_receipt(message, checking.strict, response)
         return
-    payment.reservation.commit()
     fields = receipt_fields(header)
+    if fields is not None and payment.upto:
+        settle_upto(payment, fields, response, checking)
+        return
+    payment.reservation.commit()
     if fields is None:
         bad_receipt(NOT_JSON, checking.strict, response)
         return
@@ -225,5 +231,27 @@ def settle_exact(payment: ExactPayment, response: httpx.Response, checking: Chec
         atomic=payment.amount,
         decimals=payment.onchain.decimals,
     )
+    problem = checking.worded(problem)
+    report(attach(response, fields, problem), problem, checking.strict, response)
+
+
+def settle_upto(
+    payment: ExactPayment, fields: Mapping[str, Any], response: httpx.Response, checking: Checking
+) -> None:
+    """An `upto` payment's receipt: the budget is charged what settled (at most the
+    maximum reserved), nothing when the service failed and nothing settled."""
+    onchain = payment.onchain
+    problem = check_exact_receipt(
+        fields, checking.keys, payer=payment.payer, resource=payment.resource,
+        asset=onchain.asset, atomic=payment.amount, decimals=onchain.decimals, at_most=True,
+    )  # fmt: skip
+    if problem is None:
+        settled = to_atomic(str(fields["amount"]), onchain.decimals)
+        payment.reservation.commit(scale_atomic(settled, onchain.decimals))
+    elif fields.get("success") is False and verified(fields, checking.keys or {}):
+        payment.reservation.release()  # a signed release: nothing settled on chain
+        problem = None
+    else:
+        payment.reservation.commit()
     problem = checking.worded(problem)
     report(attach(response, fields, problem), problem, checking.strict, response)

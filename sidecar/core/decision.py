@@ -14,7 +14,7 @@ from typing import Any
 
 from nacl.signing import VerifyKey
 
-from sidecar.core import exact, phases, protocol
+from sidecar.core import exact, phases, protocol, upto
 from sidecar.core.errors import (
     AmountError,
     InvalidInvoice,
@@ -66,6 +66,10 @@ class Gateway:
     previous: tuple[Identity, ...] = field(default=(), repr=False)  # keys before a rotation
     previous_until: int = 0  # unix seconds: proofs to a previous key refused after; 0: never
     redelivery_limit: int = 3  # retries of one charged payment served uncharged (§13)
+    # A retry on a route with a response phase answered with the recorded response (§13):
+    # bodies up to this many bytes, this many kept per payer at once (0: none kept).
+    replay_body_max_bytes: int = 0
+    replay_per_payer: int = 0
     # Each priced route's 402 `extensions` (bazaar, payment-identifier) by (route, method),
     # (route, "") for any other method, ("", "") for a route priced only by Envoy's
     # annotations; built once at start (server/listing.py).
@@ -122,6 +126,7 @@ class Request:
     scheme: str = "http"
     proof_header: str | None = None
     query: str = ""  # after the `?`, as the client sent it: part of what a payment covers
+    body_digest: str = ""  # a hash of the body where the route reads it (MCP): covered too
 
     @property
     def resource(self) -> str:
@@ -323,6 +328,9 @@ def payment_required(
     if onchain is not None and gateway.exact is not None and not metered:
         upfront = price.phase is None  # charged on check: settled before the service runs
         accepts.append(exact.offer(onchain, price.amount, gateway.exact, upfront).to_wire())
+    # `upto` where the amount is known at the response: the hold is its maximum.
+    uptos = upto.offer_for(onchain, price, gateway.exact)
+    accepts.extend(found.to_wire() for found in uptos)
     required: dict[str, Any] = {
         "x402Version": protocol.X402_VERSION,
         "error": reason,
@@ -334,6 +342,8 @@ def payment_required(
         "accepts": accepts,
     }
     extensions = gateway.extensions_for(price.route, request.method)
+    if uptos and gateway.exact is not None and gateway.exact.upto_extensions:
+        extensions = {**(extensions or {}), **gateway.exact.upto_extensions}
     if extensions:
         required["extensions"] = extensions
     return required

@@ -108,6 +108,17 @@ class PaymentConflict(PaymentError):
     status = 409
 
 
+class PaymentInProgress(PaymentError):
+    """A proof whose hold is still open (its request is being served, or its answer was
+    lost before the response was seen): nothing charged yet. Non-terminal: send the SAME
+    proof again after Retry-After; once the hold is captured the retry gets the recorded
+    answer, once it is released the same proof pays anew. The body's `receipt_id` names
+    the hold (docs/protocol.md §13)."""
+
+    reason = "payment_in_progress"
+    status = 503
+
+
 class InvalidPaymentIdentifier(PaymentError):
     """A payment-identifier extension whose id is not the extension's format."""
 
@@ -157,6 +168,23 @@ class RateLimited(PaymentError):
 
 class LedgerUnavailable(PaymentError):
     reason = "ledger_unavailable"
+    status = 503
+
+
+class LedgerNotDurable(PaymentError):
+    """Top-ups are refused, before anything is verified or settled: the ledger's Redis
+    cannot make a credit durable (no WAITAOF and no `appendfsync always`, docs/redis.md)."""
+
+    reason = "ledger_not_durable"
+    status = 503
+
+
+class CreditNotDurable(PaymentError):
+    """A top-up settled on chain and was credited, but the ledger did not confirm the
+    credit on disk in time: send the same authorization again (it is credited at most
+    once, also if this credit was lost); details name the `transaction`."""
+
+    reason = "credit_not_durable"
     status = 503
 
 
@@ -220,6 +248,37 @@ class InternalError(PaymentError):
     status = 503
 
 
+class McpError(PaymentError):
+    """A body on an MCP route that is not a JSON-RPC 2.0 request the gateway can price
+    (docs/protocol.md, MCP tool calls): answered by the gateway as a JSON-RPC error with
+    `code`, nothing charged, nothing forwarded."""
+
+    code: ClassVar[int] = -32600
+    reason = "mcp_invalid_request"
+    status = 400
+
+
+class McpParseError(McpError):
+    code = -32700
+    reason = "mcp_parse_error"
+
+
+class McpInvalidParams(McpError):
+    code = -32602
+    reason = "mcp_invalid_params"
+
+
+class McpBatchRefused(McpError):
+    """A JSON-RPC batch holding a priced tools/call: each priced call is sent alone."""
+
+    reason = "mcp_batch_refused"
+
+
+class McpBodyTooLarge(McpError):
+    reason = "body_too_large"
+    status = 413
+
+
 class InvalidKey(X402Error, ValueError):
     """A payer key that is not base64url of a 32-byte Ed25519 public key."""
 
@@ -262,6 +321,7 @@ BY_REASON: dict[str, type[PaymentError]] = {
         NonceReused,
         InsufficientFunds,
         PaymentConflict,
+        PaymentInProgress,
         InvalidPaymentIdentifier,
         UnknownChannel,
         ChannelClosed,
@@ -270,6 +330,8 @@ BY_REASON: dict[str, type[PaymentError]] = {
         ChannelExists,
         RateLimited,
         LedgerUnavailable,
+        LedgerNotDurable,
+        CreditNotDurable,
         FacilitatorUnavailable,
         SettlementPending,
         InvalidPayment,
@@ -287,6 +349,8 @@ LEDGER_MESSAGES = {
     "nonce_reused": "this proof was already used (replay)",
     "insufficient_funds": "the balance does not cover this request",
     "payment_identifier_conflict": "this payment already paid for another request",
+    "payment_in_progress": "this proof's request is still being served (its hold is open); "
+    "nothing is charged yet: send this same proof again after Retry-After",
     "unknown_channel": "this payer has no such channel with this gateway",
     "channel_closed": "this channel is closed or expired; pay directly or open another",
     "stale_voucher": "the voucher's sequence is not above the channel's last (replay?)",

@@ -78,6 +78,11 @@ class ExactTerms:
     # Each network's `extra` from the facilitator's GET /supported (server/handshake.py
     # fills it at run time): it joins the offer's `extra`, our EIP-712 domain wins.
     facilitator_extra: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Each network's `upto` kind `extra` from GET /supported (its facilitatorAddress): `upto`
+    # is offered on a network once its facilitator lists it (core/upto.py).
+    upto_extra: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    # The x402 extensions a 402 declares where it offers `upto` (eip2612GasSponsoring).
+    upto_extensions: Mapping[str, Any] = field(default_factory=dict)
 
     def for_price(self, price: Price) -> OnchainAsset | None:
         return self.assets.get(price.asset.code)
@@ -118,19 +123,37 @@ def offer(onchain: OnchainAsset, amount: int, terms: ExactTerms, upfront: bool =
 def settle_response(
     auth: Eip3009Authorization, transaction: str, error_reason: str = "", error_message: str = ""
 ) -> dict[str, Any]:
-    """The `PAYMENT-RESPONSE` of an `exact` payment: the official x402 SettleResponse
-    (`success`, `transaction`, `network`, `payer`; `amount` settled in the token's atomic
-    units, as a string) and the token's address as `asset`. With an `error_reason` it says
-    nothing was settled (`success` false, no `amount`), as the official servers answer a
-    failed settlement."""
+    """The `PAYMENT-RESPONSE` of an `exact` payment (`standard_settle_response`): the
+    authorization's whole value settled, or nothing with an `error_reason`."""
+    requirements = auth.requirements
+    return standard_settle_response(
+        auth.sender, requirements.network, requirements.asset, requirements.amount,
+        transaction, error_reason, error_message,
+    )  # fmt: skip
+
+
+def standard_settle_response(
+    payer: str,
+    network: str,
+    token: str,
+    amount: str,
+    transaction: str,
+    error_reason: str = "",
+    error_message: str = "",
+) -> dict[str, Any]:
+    """The `PAYMENT-RESPONSE` of an on-chain payment (`exact`, `upto`): the official x402
+    SettleResponse (`success`, `transaction`, `network`, `payer`; `amount` settled in the
+    token's atomic units, as a string) and the token's address as `asset`. With an
+    `error_reason` it says nothing was settled (`success` false, no `amount`), as the
+    official servers answer a failed settlement."""
     response: dict[str, Any] = {"success": not error_reason}
     if error_reason:
         response["errorReason"] = error_reason
         response["errorMessage"] = error_message or error_reason
-    response.update(payer=auth.sender, transaction=transaction, network=auth.requirements.network)
+    response.update(payer=payer, transaction=transaction, network=network)
     if not error_reason:
-        response["amount"] = auth.requirements.amount
-    response["asset"] = auth.requirements.asset
+        response["amount"] = amount
+    response["asset"] = token
     return response
 
 
@@ -183,31 +206,41 @@ def scheme_of(decoded: Mapping[str, Any]) -> str:
     return str(decoded.get("scheme"))
 
 
-def _string(obj: Mapping[str, Any], name: str, pattern: re.Pattern[str], what: str) -> str:
-    value = obj.get(name)
+def field_of(obj: Any, name: str, pattern: re.Pattern[str], what: str, scheme: str = SCHEME) -> str:
+    """A string field of `obj` matching `pattern`, else a typed 400 naming it."""
+    value = obj.get(name) if isinstance(obj, Mapping) else None
     if not isinstance(value, str) or pattern.fullmatch(value) is None:
-        raise MalformedPayment(f"exact payment: {what} {name!r} is missing or malformed")
+        raise MalformedPayment(f"{scheme} payment: {what} {name!r} is missing or malformed")
     return value
+
+
+def open_envelope(
+    decoded: Mapping[str, Any], scheme: str, inner: str, what: str
+) -> tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]]:
+    """An x402 v2 PaymentPayload of `scheme`: its `accepted`, its `payload` and the
+    payload's `inner` object (`what` names it in errors), shapes checked; typed 400s."""
+    if decoded.get("x402Version") != X402_VERSION:
+        raise UnsupportedVersion(f"{scheme} payments are x402Version 2 envelopes")
+    accepted, payload = decoded.get("accepted"), decoded.get("payload")
+    if not isinstance(accepted, Mapping) or not isinstance(payload, Mapping):
+        raise MalformedPayment(f"{scheme} payment: the envelope needs `accepted` and `payload`")
+    if accepted.get("scheme") != scheme:
+        raise UnsupportedScheme(f"scheme must be {scheme!r}")
+    found = payload.get(inner)
+    if not isinstance(found, Mapping):
+        raise MalformedPayment(f"{scheme} payment: payload.{inner} is missing{what}")
+    field_of(payload, "signature", SIGNATURE, "payload", scheme)
+    return accepted, payload, found
 
 
 def parse(decoded: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
     """The envelope's `accepted` and `payload.authorization`, shapes checked; typed 400s."""
-    if decoded.get("x402Version") != X402_VERSION:
-        raise UnsupportedVersion("exact payments are x402Version 2 envelopes")
-    accepted, payload = decoded.get("accepted"), decoded.get("payload")
-    if not isinstance(accepted, Mapping) or not isinstance(payload, Mapping):
-        raise MalformedPayment("exact payment: the envelope needs `accepted` and `payload`")
-    if accepted.get("scheme") != SCHEME:
-        raise UnsupportedScheme(f"scheme must be {SCHEME!r}")
-    authorization = payload.get("authorization")
-    if not isinstance(authorization, Mapping):
-        raise MalformedPayment("exact payment: payload.authorization is missing (EIP-3009)")
-    _string(payload, "signature", SIGNATURE, "payload")
-    _string(authorization, "from", ADDRESS, "authorization")
-    _string(authorization, "to", ADDRESS, "authorization")
-    _string(authorization, "nonce", NONCE, "authorization")
+    accepted, _, authorization = open_envelope(decoded, SCHEME, "authorization", " (EIP-3009)")
+    field_of(authorization, "from", ADDRESS, "authorization")
+    field_of(authorization, "to", ADDRESS, "authorization")
+    field_of(authorization, "nonce", NONCE, "authorization")
     for name in ("value", "validAfter", "validBefore"):
-        _string(authorization, name, UINT, "authorization")
+        field_of(authorization, name, UINT, "authorization")
     return accepted, authorization
 
 

@@ -104,6 +104,7 @@ class Capture:
     release: bool  # the whole hold goes back and the nonce is freed (a failed response)
     units: int | None = None  # metered: the units charged
     usage: str = ""  # metered: "reported", "missing", "malformed" or "capped"
+    response: str = ""  # the response kept for the payment's retries (server/replays.py)
 
 
 def captured(phase: ResponsePhase, held: int, status: int, usage: str | None) -> Capture:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import unquote
 
-from sidecar.core import phases
+from sidecar.core import mcp, phases
 from sidecar.core.errors import AmountError, BadRequest, ConfigError, UnknownRoute
 from sidecar.core.money import Asset
 from sidecar.core.phases import ResponsePhase
@@ -49,6 +49,9 @@ class Price:
     # `charge: on_success` (a hold captured at the response; core/phases.py); None: on_check.
     # A metered route's `amount` is its hold, the quoted maximum.
     phase: ResponsePhase | None = None
+    # An MCP route's tool prices (core/mcp.py): `amount` is then its dearest tool's, and
+    # the check prices each tools/call by its tool.
+    mcp: mcp.ToolPrices | None = None
 
     @property
     def display(self) -> str:
@@ -327,6 +330,16 @@ class RouteTable:
         context_extensions override the route table."""
         if method not in _COMMON_METHODS and not _CANONICAL_METHOD.fullmatch(method):
             raise BadRequest(f"the method {method[:32]!r} is not an upper-case HTTP method")
+        if mcp.EXT_MCP_TOOLS in context_extensions:
+            return _mcp_price(
+                self,
+                context_extensions.get(mcp.EXT_MCP_TOOLS, ""),
+                context_extensions.get(mcp.EXT_MCP_DEFAULT, ""),
+                context_extensions.get(EXT_ASSET, ""),
+                context_extensions.get(EXT_ROUTE, "") or UNNAMED_ROUTE,
+                context_extensions.get(EXT_DESCRIPTION, ""),
+                _phase_annotations(context_extensions),
+            )
         if EXT_PRICE in context_extensions or phases.EXT_UNIT_PRICE in context_extensions:
             route = context_extensions.get(EXT_ROUTE, "")
             return _extension_price(
@@ -384,3 +397,24 @@ def _extension_price(
     except AmountError as exc:
         raise ConfigError(f"context_extensions {EXT_PRICE}: {exc}") from None
     return Price(route, amount, asset, description, phase) if amount else None
+
+
+@lru_cache(maxsize=1024)
+def _mcp_price(
+    table: RouteTable,
+    tools: str,
+    default: str,
+    asset_code: str,
+    route: str,
+    description: str,
+    phase_annotations: tuple[tuple[str, str], ...] = (),
+) -> Price:
+    """An MCP route's annotations (core/mcp.py), parsed once."""
+    asset = table.assets.get(asset_code or table.default_asset)
+    if asset is None:
+        raise ConfigError(f"context_extensions {EXT_ASSET}: unknown asset {asset_code!r}")
+    prices = mcp.from_annotations(tools, default, asset)
+    phase = None
+    if phase_annotations:
+        phase = phases.from_annotations("context_extensions x402", dict(phase_annotations), asset)
+    return Price(route, prices.maximum, asset, description, phase, prices)

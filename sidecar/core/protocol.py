@@ -24,6 +24,8 @@ from sidecar.core.identity import Identity, b64url, verify, verify_key
 VERSION = "fth-x402/2.0"
 SCHEME = "prepaid-ed25519"
 EXACT_SCHEME = "exact"  # the x402 standard scheme (core/exact.py), routed by accepted.scheme
+# The x402 standard schemes whose envelope itself is the payment (core/exact.py, core/upto.py).
+ENVELOPE_SCHEMES = frozenset({EXACT_SCHEME, "upto"})
 X402_VERSION = 2
 PROOF_DOMAIN = b"fth-x402/2.0 proof\n"
 RECEIPT_DOMAIN = b"fth-x402/2.0 receipt\n"
@@ -408,8 +410,8 @@ def decode_paid(value: str, max_bytes: int) -> tuple[dict[str, Any], str | None]
     if isinstance(obj, dict) and "x402Version" in obj:  # the x402 v2 PAYMENT-SIGNATURE envelope
         payment_id = retries.identifier(obj)
         accepted = obj.get("accepted")
-        if isinstance(accepted, dict) and accepted.get("scheme") == EXACT_SCHEME:
-            return obj, payment_id  # x402 `exact`: the envelope is the payment (core/exact.py)
+        if isinstance(accepted, dict) and accepted.get("scheme") in ENVELOPE_SCHEMES:
+            return obj, payment_id  # x402 `exact`, `upto`: the envelope itself is the payment
         obj = obj.get("payload")
     if not isinstance(obj, dict):
         raise MalformedPayment("payment must be a JSON object")

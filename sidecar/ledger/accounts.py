@@ -18,6 +18,7 @@ from sidecar.core.errors import (
     LedgerUnavailable,
     NonceReused,
     PaymentConflict,
+    PaymentInProgress,
     UnknownPayer,
     X402Error,
     refusal,
@@ -334,7 +335,8 @@ def retried(result: list[Any]) -> Redelivered:
         return Redelivered(dict(zip(pairs[::2], pairs[1::2], strict=True)))
     if result[0] == InsufficientFunds.reason:
         raise refusal(result[0], balance=int(result[1]))
-    if result[0] in (NonceReused.reason, PaymentConflict.reason) and len(result) > 1:
+    named = (NonceReused.reason, PaymentConflict.reason, PaymentInProgress.reason)
+    if result[0] in named and len(result) > 1:
         # The charge whose answer the agent may have lost: its receipt id says it paid.
         raise refusal(result[0], receipt_id=str(result[1]))
     raise refusal(result[0])

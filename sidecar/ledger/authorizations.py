@@ -27,6 +27,7 @@ from sidecar.ledger.accounts import (
     deadline_ms,
     retried,
 )
+from sidecar.ledger.durability import DurableWrites
 
 # A reservation outlives its authorization's validBefore by this much (clock skew): past
 # validBefore the token itself refuses the authorization.
@@ -38,17 +39,21 @@ class TopupCredit:
     balance: int
     applied: bool  # False: this authorization had credited the payer already
     created: bool  # the payer's account was made by this credit
+    durable: bool = True  # False: the ledger did not confirm it on disk (WAITAOF short)
 
 
 @dataclass(frozen=True, slots=True)
 class Recording:
     """What the check records of an `exact` payment with its settlement, for its retries
     (docs/protocol.md §13): its identity and request, the redelivery limit, and what a
-    redelivery re-signs (receipt_id, issued_at)."""
+    redelivery re-signs (receipt_id, issued_at); `response`: what its retries are answered
+    with (server/replays.py; "" none), kept if the payer keeps fewer than `per_payer`."""
 
     retry: Retry
     limit: int
     outcome: Mapping[str, str]
+    response: str = ""
+    per_payer: int = 0
 
 
 def _outcome(authorizer: str, recording: Recording) -> str:
@@ -57,11 +62,13 @@ def _outcome(authorizer: str, recording: Recording) -> str:
 
 
 class Authorizations:
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, durable: DurableWrites | None = None) -> None:
         self.ledger = ledger
+        # money-in (a top-up's credit, an exact settlement's record) waits for durability
+        self.durable = durable or DurableWrites(ledger)
         redis = ledger._redis
         self._reserve = redis.register_script(scripts.EXACT_RESERVE_SOURCE)
-        self._finish = redis.register_script(scripts.source("exact_finish"))
+        self._finish = redis.register_script(scripts.EXACT_FINISH_SOURCE)
         self._topup = redis.register_script(scripts.source("topup"))
 
     async def reserve(
@@ -86,7 +93,16 @@ class Authorizations:
         if recording is not None:
             keys.append(_outcome(authorizer, recording))
             args += (recording.retry.fingerprint, recording.limit)
-        result: list[Any] = await self.ledger.call(self._reserve(keys=keys, args=args))
+        result: list[Any]
+        if owner:  # a top-up: whom it credits is on disk before any money moves (reconcile)
+            result, durable = await self.durable.run(
+                lambda client: self._reserve(keys=keys, args=args, client=client)
+            )
+            if result[0] == "ok" and not durable:
+                await self.release(authorizer, key, reservation)
+                raise LedgerUnavailable("the ledger did not confirm the reservation on disk")
+        else:
+            result = await self.ledger.call(self._reserve(keys=keys, args=args))
         if result[0] == DEADLINE_PASSED:
             raise LedgerUnavailable("the ledger answered too late; nothing was reserved")
         if result[0] == NonceReused.reason and not str(result[1]).startswith("rcpt_"):
@@ -105,25 +121,26 @@ class Authorizations:
         tx: str,
         recording: Recording | None = None,
         via: str = "",
-    ) -> bool:
-        """The settlement landed: the authorization stays taken until it expires, and with
-        `recording`, the payment's outcome with it. False if `reservation` (a reservation,
-        or a pending state) was no longer the state: another check resolved it first."""
+    ) -> tuple[bool, bool]:
+        """The settlement landed: the authorization stays taken until it expires (at least
+        as long as a top-up's credit key, for `x402 reconcile`), and with `recording`, the
+        payment's outcome with it. Returns (took, durable): took False if `reservation` (a
+        reservation, or a pending state) was no longer the state (another check resolved
+        it first); durable whether the record is known on disk (DurableWrites)."""
         owner = reservation.split(":", 2)[2]
         state = f"settled:{tx}:{owner}"
-        if recording is None:
-            return await self._end(authorizer, key, reservation, state)
-        outcome = {**recording.outcome, "fp": recording.retry.fingerprint}
-        pairs = [
-            item for pair in {**outcome, "transaction": tx, "via": via}.items() for item in pair
-        ]
-        result: list[Any] = await self.ledger.call(
-            self._finish(
-                keys=(keyspace.authorization(authorizer, key), _outcome(authorizer, recording)),
-                args=(reservation, state, *pairs),
-            )
+        keys = [keyspace.authorization(authorizer, key)]
+        args: list[str | int] = [reservation, state, IDEMPOTENCY_TTL]
+        if recording is not None:
+            keys += (_outcome(authorizer, recording), keyspace.replays(f"evm:{authorizer.lower()}"))
+            outcome = {**recording.outcome, "fp": recording.retry.fingerprint}
+            args += (recording.response, recording.per_payer)
+            args += [item for pair in {**outcome, "transaction": tx, "via": via}.items()
+                     for item in pair]  # fmt: skip
+        result, durable = await self.durable.run(
+            lambda client: self._finish(keys=keys, args=args, client=client)
         )
-        return bool(result[0] == "ok")
+        return result[0] == "ok", durable
 
     async def pending(self, authorizer: str, key: str, reservation: str, tx: str) -> str:
         """The settle's outcome is unknown and this check gives up: the state says so
@@ -144,6 +161,14 @@ class Authorizations:
         )
         return bool(result[0] == "ok")
 
+    async def state(self, authorizer: str, key: str) -> str:
+        """An authorization's state: `reserved:<id>:<owner>`, `settled:<tx>:<owner>` or ""
+        (never seen, or expired). `owner`: the Ed25519 payer of a top-up, else ""."""
+        found = await self.ledger.call(
+            self.ledger._redis.get(keyspace.authorization(authorizer, key))
+        )
+        return str(found or "")
+
     async def status(self, payer: str) -> str | None:
         """An Ed25519 payer's status (None: not known yet; a top-up creates it)."""
         status: str | None = await self.ledger.call(
@@ -157,15 +182,15 @@ class Authorizations:
         """Credit `amount` once per `source` (the authorization); creates the account."""
         if amount <= 0:
             raise X402Error("a credit must be a positive amount")
-        result: list[Any] = await self.ledger.call(
-            self._topup(
-                keys=(
-                    keyspace.account(payer),
-                    keyspace.idempotency(payer, f"topup:{source}"),
-                    keyspace.credits(payer),
-                ),
-                args=(asset, amount, IDEMPOTENCY_TTL, MAX_BALANCE, int(time.time()), source, tx),
-            )
+        keys = (
+            keyspace.account(payer),
+            keyspace.idempotency(payer, f"topup:{source}"),
+            keyspace.credits(payer),
+        )
+        args = (asset, amount, IDEMPOTENCY_TTL, MAX_BALANCE, int(time.time()), source, tx)
+        result: list[Any]
+        result, durable = await self.durable.run(
+            lambda client: self._topup(keys=keys, args=args, client=client)
         )
         if result[0] == "balance_limit":
             raise X402Error(f"a balance may not exceed {MAX_BALANCE} atomic units")
@@ -174,7 +199,13 @@ class Authorizations:
         created = result[0] == "ok" and int(result[2]) == 1
         if created:  # the index of payers is no money: outside the script (another slot)
             await self.ledger.call(self.ledger._redis.sadd(keyspace.PAYERS, payer))
-        return TopupCredit(int(result[1]), result[0] == "ok", created)
+        return TopupCredit(int(result[1]), result[0] == "ok", created, durable)
+
+    async def credited(self, payer: str, source: str) -> bool:
+        """Whether the top-up of `source` (`<authorization key>:<authorizer>`) credited
+        `payer` (within the idempotency window)."""
+        once = keyspace.idempotency(payer, f"topup:{source}")
+        return bool(await self.ledger.call(self.ledger._redis.exists(once)))
 
 
 __all__ = ["ACTIVE", "RESERVATION_GRACE", "Authorizations", "TopupCredit"]

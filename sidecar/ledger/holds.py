@@ -97,17 +97,30 @@ class Holds:
         issued_at: int,
         extra: Mapping[str, str] | None = None,
         within: float | None = None,
+        response: str = "",
+        per_payer: int = 0,
     ) -> HoldClosed:
         """Capture up to `amount` of the hold (the rest goes back) and append its receipt,
-        with `extra` facts (e.g. units). A hold past its lifetime is released instead."""
-        pairs: list[str | int] = [hold_id, "capture", amount, keyspace.nonce(payer, ""), issued_at]
+        with `extra` facts (e.g. units). A hold past its lifetime is released instead.
+        `response`: kept with the payment's outcome for its retries (server/replays.py),
+        if the payer keeps fewer than `per_payer`."""
+        prefix = keyspace.nonce(payer, "")
+        pairs: list[str | int] = [
+            hold_id,
+            "capture",
+            amount,
+            prefix,
+            issued_at,
+            response,
+            per_payer,
+        ]
         for name, value in (extra or {}).items():
             pairs += (name, value)
         return await self._close(payer, pairs, within)
 
     async def release(self, payer: str, hold_id: str) -> HoldClosed:
         """Give the whole hold back and free its nonce (the same proof can be retried)."""
-        pairs: list[str | int] = [hold_id, "release", 0, keyspace.nonce(payer, ""), 0]
+        pairs: list[str | int] = [hold_id, "release", 0, keyspace.nonce(payer, ""), 0, "", 0]
         return await self._close(payer, pairs, None)
 
     async def _close(self, payer: str, args: list[str | int], within: float | None) -> HoldClosed:
@@ -116,6 +129,7 @@ class Holds:
             keyspace.holds(payer),
             keyspace.hold_expiries(payer),
             keyspace.receipts(payer),
+            keyspace.replays(payer),
         )
         return await self.ledger.run(scripts.HOLD_CLOSE, keys, args, _closed, within)
 

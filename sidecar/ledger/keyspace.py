@@ -27,6 +27,12 @@ def outcome(payer: str, identity: str) -> str:
     return f"{PREFIX}:{{{payer}}}:paid:{identity}"
 
 
+def replays(payer: str) -> str:
+    """Zset: the outcome keys holding a kept response (server/replays.py), by expiry (unix
+    ms): a payer keeps at most `replay_per_payer` at once."""
+    return f"{PREFIX}:{{{payer}}}:replays"
+
+
 def holds(payer: str) -> str:
     """Hash: hold id → the hold (JSON: asset, held, nonce, receipt facts), until captured,
     released or swept (ledger/holds.py)."""

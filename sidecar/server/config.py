@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from sidecar.core import exact, phases
+from sidecar.core import exact, mcp, phases
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import AmountError, ConfigError
 from sidecar.core.identity import KeySet, load_signing_key, read_secret
@@ -38,11 +38,13 @@ from sidecar.server.config_values import (
     named,
     one_line,
 )
+from sidecar.server.durability_settings import Durability
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.envoy.edge import Edge
 from sidecar.server.facilitators import FacilitatorSpec, specs
 from sidecar.server.paywall_settings import ROUTE_KEY as PAYWALL_ROUTE_KEY
 from sidecar.server.paywall_settings import PaywallSettings
+from sidecar.server.replay_settings import DEFAULT_BODY_MAX_BYTES, DEFAULT_PER_PAYER, ReplaySettings
 
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", ANY_METHOD}
 MIN_SECRET_BYTES = 16
@@ -148,6 +150,12 @@ class Settings:
     # A retry of a payment already charged (lost answer): served again, uncharged, at most
     # this many times per payment; then nonce_reused (docs/protocol.md §13).
     redelivery_limit: int = 3
+    # Durable money-in and reconciliation with the chain (server/durability_settings.py).
+    durability: Mapping[str, Any] = field(default_factory=dict)
+    # A retry on a route with a response phase is answered with the recorded response:
+    # bodies up to this many bytes, this many per payer at once (server/replay_settings.py).
+    replay_body_max_bytes: int = DEFAULT_BODY_MAX_BYTES
+    replay_per_payer: int = DEFAULT_PER_PAYER
 
     @classmethod
     def load(
@@ -194,8 +202,10 @@ class Settings:
             settings.anchor_chain_config()
             settings.channel_terms()
             settings.paywall_settings()
+            settings.replay_settings()
             if not 0 <= settings.redelivery_limit <= MAX_REDELIVERIES:
                 raise ConfigError(f"config redelivery_limit: 0 to {MAX_REDELIVERIES}")
+            settings.durability_config()
         except ConfigError as exc:
             raise named(exc, from_env) from None
         return settings
@@ -263,6 +273,7 @@ class Settings:
             exact.published_url(facilitators[0].url),
             self.exact_max_timeout_seconds,
             self.topup_terms(tokens, assets),
+            upto_extensions=_upto_extensions(),
         )
 
     def topup_terms(
@@ -302,9 +313,17 @@ class Settings:
         """The `channels` group, checked (None: self-serve channels are off)."""
         return ChannelTerms.from_mapping(self.channels, self.asset_table(), self.default_asset)
 
+    def replay_settings(self) -> ReplaySettings:
+        """The recorded-response limits, checked (server/replay_settings.py)."""
+        return ReplaySettings.from_config(self.replay_body_max_bytes, self.replay_per_payer)
+
     def paywall_settings(self) -> PaywallSettings:
         """The `paywall` value and each route's `paywall: on|off`, checked."""
         return PaywallSettings.from_config(self.paywall, self.routes)
+
+    def durability_config(self) -> Durability:
+        """The `durability` mapping, checked."""
+        return Durability.from_mapping(self.durability)
 
     def edge_config(self) -> Edge:
         """The `edge` mapping, checked: Envoy's timeouts, limits and header policy."""
@@ -336,6 +355,7 @@ class Settings:
             unknown -= set(phases.ROUTE_KEYS)  # charge: on_success and metering
             unknown -= set(listing.ROUTE_KEYS)  # the 402's extensions (bazaar, …)
             unknown.discard(PAYWALL_ROUTE_KEY)  # what browsers get (paywall_settings.py)
+            unknown.discard(mcp.ROUTE_KEY)  # an MCP server's tool prices (core/mcp.py)
             if unknown:
                 raise ConfigError(f"{key}: unknown key {sorted(unknown)[0]!r}")
             method = str(spec.get("method", ANY_METHOD)).upper()
@@ -354,6 +374,9 @@ class Settings:
                 if "price" in spec:
                     raise ConfigError(f"{key}.price: a metered route is priced by unit_price")
                 spec = {**spec, "price": asset.to_decimal(phase.maximum)}
+            tools = mcp.route_prices(key, spec, method, asset, phase)
+            if tools is not None:
+                spec = {**spec, "price": asset.to_decimal(tools.maximum)}
             price = spec.get("price")
             if isinstance(price, int) and not isinstance(price, bool):
                 price = str(price)
@@ -371,7 +394,7 @@ class Settings:
                     str(name),
                     method,
                     str(path),
-                    Price(str(name), amount, asset, description, phase),
+                    Price(str(name), amount, asset, description, phase, tools),
                 )
             )
         case_sensitive = self.path_case == "sensitive"
@@ -418,4 +441,14 @@ class Settings:
             exact=self.exact_terms(),
             extensions=self.route_extensions(),
             redelivery_limit=self.redelivery_limit,
+            replay_body_max_bytes=self.replay_body_max_bytes,
+            replay_per_payer=self.replay_per_payer,
         )
+
+
+def _upto_extensions() -> dict[str, Any]:
+    """What a 402 offering `upto` declares: the official eip2612GasSponsoring extension (a
+    payer without a Permit2 approval signs the token's EIP-2612 permit beside it)."""
+    from x402.extensions.eip2612_gas_sponsoring import declare_eip2612_gas_sponsoring_extension
+
+    return declare_eip2612_gas_sponsoring_extension()

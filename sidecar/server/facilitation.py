@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from sidecar.core import exact
-from sidecar.core.errors import FacilitatorUnavailable
+from sidecar.core.errors import FacilitatorUnavailable, X402Error
 from sidecar.server import logs, metrics
 from sidecar.server.credentials import Credentials, CredentialsUnusable, NoCredentials
 
@@ -340,6 +340,10 @@ class FacilitatorClient:
         )
 
 
+class ChainRangeError(X402Error):
+    """A block range the chain's RPC does not serve (too wide, or past its head)."""
+
+
 class ChainReader:
     """Reads an EIP-3009 token over JSON-RPC (config `chain_rpc_url`)."""
 
@@ -371,6 +375,40 @@ class ChainReader:
         if not isinstance(answer, dict) or "result" not in answer:
             raise FacilitatorUnavailable(f"the chain refused {method}")
         return answer["result"]
+
+    async def read_uint(self, contract: str, data: str) -> int:
+        """eth_call `data` on `contract`, its answer as an unsigned integer (0 if empty)."""
+        result = await self._call("eth_call", [{"to": contract, "data": data}, "latest"])
+        if not isinstance(result, str) or not result.startswith("0x"):
+            raise FacilitatorUnavailable("the chain's eth_call answer is not hex")
+        return int(result, 16) if len(result) > 2 else 0
+
+    async def head(self) -> int:
+        """The chain's latest block number."""
+        return int(await self._call("eth_blockNumber", []), 16)
+
+    async def logs(
+        self, token: str, topics: list[str | None], first: int, last: int
+    ) -> list[dict[str, Any]]:
+        """The token's logs matching `topics` in blocks first..last; a range the node does
+        not serve raises ChainRangeError with the node's own words (its limit)."""
+        query = {"address": token, "fromBlock": hex(first), "toBlock": hex(last), "topics": topics}
+        body = {"jsonrpc": "2.0", "id": 1, "method": "eth_getLogs", "params": [query]}
+        try:
+            answer = (await self.client.post(self.rpc_url, json=body)).json()
+        except (httpx.HTTPError, ValueError, OSError) as exc:
+            raise FacilitatorUnavailable(
+                f"the chain is unreachable ({type(exc).__name__})"
+            ) from None
+        found = answer.get("result") if isinstance(answer, dict) else None
+        if not isinstance(found, list):
+            error = answer.get("error") if isinstance(answer, dict) else None
+            said = error.get("message", "") if isinstance(error, dict) else str(answer)[:200]
+            raise ChainRangeError(
+                f"the RPC cannot serve eth_getLogs over blocks {first}..{last}: "
+                f"{str(said)[:MAX_REASON_CHARS]}"
+            )
+        return [entry for entry in found if isinstance(entry, dict)]
 
     async def authorization_used(self, token: str, authorizer: str, nonce: str) -> bool:
         """FiatToken's authorizationState(authorizer, nonce): used (or canceled)?"""

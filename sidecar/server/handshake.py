@@ -12,7 +12,9 @@ their own 503, and prepaid stays served, so readiness does not drop with it.
 
 The answer's `extra` for each network (the first facilitator's that lists it: e.g. a
 `feePayer`) joins the offers' `extra` (`ExactTerms.facilitator_extra`, our EIP-712 domain
-wins); its `signers` are kept and logged.
+wins); its `signers` are kept and logged. A network's `upto` kind, when listed, gives its
+`extra` (the facilitatorAddress the payer's signature binds) to `ExactTerms.upto_extra`:
+`upto` is offered there from then on; not listing it is no error.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import asyncio
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
-from sidecar.core import exact
+from sidecar.core import exact, upto
 from sidecar.core.errors import FacilitatorUnavailable
 from sidecar.server import logs
 from sidecar.server.facilitation import Endpoint, FacilitatorClient, Supported
@@ -40,12 +42,14 @@ class Handshake:
         extras: MutableMapping[str, Mapping[str, Any]],
         interval: float,
         speak: bool = True,
+        upto: MutableMapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """`networks`: the configured `exact` networks; `extras`: where each network's
         facilitator `extra` goes (the offers read it); `speak`: this worker logs (worker
         0; the others only take the extras)."""
         self.client, self.networks, self.extras = client, list(dict.fromkeys(networks)), extras
         self.interval, self.speak = interval, speak
+        self.upto = upto  # where each network's `upto` kind extra goes (facilitatorAddress)
         self.state, self.reason = PENDING, "no facilitator has answered GET /supported yet"
         self.signers: dict[str, Mapping[str, tuple[str, ...]]] = {}
         self.answered = False  # has any facilitator ever answered
@@ -54,6 +58,7 @@ class Handshake:
     async def once(self) -> None:
         """Ask every facilitator; update the state, the extras and the signers."""
         problems, answered, extras = [], False, {}
+        uptos: dict[str, Mapping[str, Any]] = {}
         for endpoint in self.client.endpoints:
             supported = await self._ask(endpoint)
             if supported is None:
@@ -72,10 +77,16 @@ class Handshake:
                 kind = supported.kind(exact.SCHEME, network)
                 if kind is not None and network not in extras:
                     extras[network] = dict(kind.extra)
+                kind = supported.kind(upto.SCHEME, network)  # optional: offered if listed
+                if kind is not None and network not in uptos:
+                    uptos[network] = dict(kind.extra)
         if answered:
             self.answered = True
             self.extras.clear()
             self.extras.update(extras)
+            if self.upto is not None:
+                self.upto.clear()
+                self.upto.update(uptos)
         if problems:
             self._become(UNSUPPORTED, "; ".join(problems))
         elif answered or self.state == PENDING:

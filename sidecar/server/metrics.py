@@ -84,6 +84,11 @@ class _Metrics:
             ("facilitator", "status"),
             registry=registry,
         )
+        self.reconcile_repairs = Counter(
+            "x402_reconcile_repairs",
+            "Top-ups paid on chain that the ledger had lost, credited by reconciliation.",
+            registry=registry,
+        )
         self.decision_children: dict[tuple[str, str, str], Any] = {}
         self.revenue_children: dict[tuple[str, str], Any] = {}
 
@@ -161,6 +166,12 @@ def record_phase(line: Mapping[str, Any], captured: int, seconds: float) -> None
 
 def facilitator_not_reached(host: str, status: int | str) -> None:
     _current.facilitator_not_reached.labels(host, str(status)).inc()
+
+
+def reconcile_repaired(count: int) -> None:
+    """`count` lost top-ups credited by a reconciliation pass (worker 0's)."""
+    if count:
+        _current.reconcile_repairs.inc(count)
 
 
 def admin_auth_failed(api: str) -> None:

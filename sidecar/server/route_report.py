@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from sidecar.core import exact, protocol, vouchers
+from sidecar.core import exact, protocol, upto, vouchers
 from sidecar.core.decision import Gateway
 from sidecar.core.pricing import RouteTable
 
@@ -25,6 +25,14 @@ def route_lines(routes: RouteTable, gateway: Gateway) -> list[str]:
             mode = "on_success" if phase is not None else "on_check"
             if gateway.exact is not None and gateway.exact.for_price(price) is not None:
                 schemes.append(exact.SCHEME)
+        onchain = gateway.exact is not None and gateway.exact.for_price(price) is not None
+        if phase is not None and onchain:  # once the facilitator lists it (core/upto.py)
+            schemes.append(upto.SCHEME)
+        if price.mcp is not None:  # an MCP server's tools, per call
+            listed = price.mcp.listing(price.asset)
+            default = price.asset.to_decimal(price.mcp.default) if price.mcp.default else "free"
+            tools = ", ".join(f"{name} {amount}" for name, amount in listed.items())
+            amount = f"MCP tools ({price.asset.code}): {tools}; others {default}"
         if not price.amount:
             mode, schemes = "-", []
         rows.append((route.method, route.path, amount, mode, ",".join(schemes) or "-"))

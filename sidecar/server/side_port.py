@@ -13,11 +13,11 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sidecar.core import exact, phases
+from sidecar.core import exact, mcp, phases, upto
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import X402Error
 from sidecar.core.identity import Identity
-from sidecar.core.pricing import RouteTable
+from sidecar.core.pricing import Price, RouteTable
 from sidecar.core.protocol import DISCOVERY_PATH, SCHEME, VERSION
 from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
 from sidecar.ledger import reports
@@ -63,7 +63,11 @@ def discovery_document(
             for key in gateway.keys.all
         ],
         "assets": [{"asset": a.code, "decimals": a.decimals} for a in routes.assets.values()],
-        "schemes": [SCHEME, CHANNEL_SCHEME, *([exact.SCHEME] if gateway.exact else [])],
+        "schemes": [
+            SCHEME,
+            CHANNEL_SCHEME,
+            *([exact.SCHEME, upto.SCHEME] if gateway.exact else []),
+        ],
         "routes": [
             {
                 "method": r.method,
@@ -73,6 +77,7 @@ def discovery_document(
                 "description": r.price.description,
                 **phases.describe(r.price.phase, r.price.asset),  # on_success, metered
                 **(_extensions(gateway, r.name, r.method) if r.price.amount else {}),
+                **_mcp_tools(r.price),
             }
             for r in routes.routes
         ],
@@ -86,6 +91,14 @@ def _extensions(gateway: Gateway, route: str, method: str) -> dict[str, Any]:
     """A priced route's x402 extensions, as its 402 declares them (bazaar, …)."""
     declared = gateway.extensions_for(route, method)
     return {"extensions": declared} if declared else {}
+
+
+def _mcp_tools(price: Price) -> dict[str, Any]:
+    """An MCP route's tools: each priced tool's price, and the others' (core/mcp.py)."""
+    if price.mcp is None:
+        return {}
+    default = price.asset.to_decimal(price.mcp.default) if price.mcp.default else mcp.FREE
+    return {"mcp": {"tools": price.mcp.listing(price.asset), "default": default}}
 
 
 def _key_status(key: Identity, gateway: Gateway) -> dict[str, Any]:
@@ -169,7 +182,12 @@ class SidePort:
             self._unreachable = unreachable
         if unreachable:
             return 503, "application/json", b'{"status":"ledger_unavailable"}'
-        return 200, "application/json", b'{"status":"ready"}'
+        if self.topup is None:
+            return 200, "application/json", b'{"status":"ready"}'
+        # Ready for paid checks either way; top-ups are taken only on a durable ledger.
+        mode = self.topup.authorizations.durable.mode
+        ready = {"status": "ready", "money_in": mode.kind, "money_in_detail": mode.detail}
+        return 200, "application/json", json.dumps(ready).encode()
 
     async def metrics(self) -> tuple[int, str, bytes]:
         """Every worker's metrics (multiprocess files), and from Redis the settlement lag

@@ -39,10 +39,9 @@ from grpc_health.v1._async import HealthServicer
 
 from sidecar.core.decision import Gateway
 from sidecar.core.errors import ConfigError
-from sidecar.core.pricing import RouteTable
 from sidecar.ledger.accounts import Ledger, check_url
 from sidecar.ledger.pipe import redacted
-from sidecar.server import logs, metrics, wiring
+from sidecar.server import logs, metrics, side_services, wiring
 from sidecar.server.addresses import split_host_port
 from sidecar.server.admin import Facilities, check_listener, start_facilities
 from sidecar.server.authz import http_transport
@@ -50,16 +49,13 @@ from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import AUTHZ_SERVICE, GrpcChecks
 from sidecar.server.config import Settings
 from sidecar.server.envoy.contract import TOPUP_PATH
-from sidecar.server.handshake import Handshake
 from sidecar.server.processing.grpc_transport import PROCESSOR_SERVICE, GrpcProcessor
 from sidecar.server.processing.http_transport import HttpProcessor
 from sidecar.server.processing.phase import Processor
+from sidecar.server.reconcile import reconcile_forever
 from sidecar.server.route_report import print_route_table
 from sidecar.server.schemes.base import sweep_forever
-from sidecar.server.schemes.exact import ExactSettler
-from sidecar.server.self_channels import SelfChannels
 from sidecar.server.side_port import AnyReply, Headers, SidePort, SideServer, start_http
-from sidecar.server.topup import TopupService
 
 SHUTDOWN_GRACE_SECONDS = 5.0
 CRASH_LOOP_RESTARTS = 5  # worker restarts within CRASH_LOOP_SECONDS before giving up
@@ -141,14 +137,15 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     authz = CheckService(
         routes, gateway, ledger, worker, decision_log, limiter, settler, answers, paywall
     )
-    # The response phase of routes charged on success: Envoy's ext_proc, by the checks'
-    # transport (over HTTP on the checks' listener, processing/http_transport.py).
+    # The response phase: ext_proc on the gRPC port, and with the HTTP transport over HTTP
+    # too when no route sends a body (envoy/filters.py phase_over_http).
     processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)
-    handlers = (
-        () if over_http else (GrpcChecks(authz).handler(), GrpcProcessor(processor).handler())
-    )
+    processes = GrpcProcessor(processor).handler()
+    handlers = (processes,) if over_http else (GrpcChecks(authz).handler(), processes)
     server, health = _grpc_server(worker, address, handlers)
-    side = _side_port(settings, routes, gateway, ledger, settler, worker)
+    side = side_services.side_port(settings, routes, gateway, ledger, settler, worker)
+    if side.topup is not None and settler is not None:
+        await side_services.log_durability(log, settler.authorizations.durable)
     handshake = side.handshake
     shaking = asyncio.create_task(handshake.run()) if handshake is not None else None
     zero = await WorkerZero.start(settings, side, board, ledger, gateway) if worker == 0 else None
@@ -203,40 +200,6 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     log.info("sidecar.stopped")
 
 
-def _side_port(
-    settings: Settings,
-    routes: RouteTable,
-    gateway: Gateway,
-    ledger: Ledger,
-    settler: ExactSettler | None,
-    worker: int,
-) -> SidePort:
-    """The side port's services: the top-up, self-serve channels, the facilitators'
-    handshake (its readiness)."""
-    topup = None
-    if settler is not None and gateway.exact is not None and gateway.exact.topup:
-        asset = routes.assets[gateway.exact.topup["asset"]]
-        topup = TopupService(gateway, settler, settler.authorizations, asset)
-    terms = settings.channel_terms()
-    channels = SelfChannels(gateway, ledger, terms, routes.assets) if terms else None
-    side = SidePort(routes, gateway, ledger, topup, channels)
-    side.handshake = _handshake(settings, settler, gateway, worker)
-    return side
-
-
-def _handshake(
-    settings: Settings, settler: ExactSettler | None, gateway: Gateway, worker: int
-) -> Handshake | None:
-    """GET /supported of the facilitators, at start and periodically (server/handshake.py):
-    worker 0's says whether the sidecar is ready, and logs; every worker takes the extras."""
-    if settler is None or gateway.exact is None:
-        return None
-    networks = [onchain.network for onchain in gateway.exact.assets.values()]
-    interval = float(settings.facilitator_supported_seconds)
-    extras = gateway.exact.facilitator_extra
-    return Handshake(settler.facilitator, networks, extras, interval, speak=worker == 0)
-
-
 def _grpc_server(
     worker: int, address: str, handlers: tuple[grpc.GenericRpcHandler, ...]
 ) -> tuple[grpc.aio.Server, HealthServicer]:
@@ -279,6 +242,7 @@ class WorkerZero:
     probes: SideServer | None
     facilities: Facilities
     sweeper: asyncio.Task[None]
+    reconciling: asyncio.Task[None] | None = None  # x402 reconcile on an interval
 
     @classmethod
     async def start(
@@ -296,15 +260,28 @@ class WorkerZero:
         # The admin API and the settlement worker, if configured: one instance each.
         facilities = await start_facilities(settings, ledger, gateway)
         sweeper = asyncio.create_task(sweep_forever(ledger, settings.hold_sweep_seconds))
-        return cls(http, probes, facilities, sweeper)
+        return cls(http, probes, facilities, sweeper, _reconciling(settings, ledger))
 
     async def close(self) -> None:
         """After the drain (the side port's is in serve's)."""
         self.sweeper.cancel()
+        if self.reconciling is not None:
+            self.reconciling.cancel()
         self.http.close()
         if self.probes is not None:
             self.probes.close()
         await self.facilities.close(SHUTDOWN_GRACE_SECONDS)
+
+
+def _reconciling(settings: Settings, ledger: Ledger) -> asyncio.Task[None] | None:
+    """Worker 0's reconciliation with the chain, where a chain is configured."""
+    durability = settings.durability_config()
+    interval = durability.reconcile_interval_seconds
+    if not interval or not settings.chain_rpc_url or settings.exact_terms() is None:
+        return None
+    reconciler, chain = wiring.reconciler(settings, ledger)
+    blocks = durability.reconcile_blocks
+    return asyncio.create_task(reconcile_forever(reconciler, chain, interval, blocks))
 
 
 async def _start_side_port(

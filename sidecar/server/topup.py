@@ -22,7 +22,9 @@ from sidecar.core.decision import Gateway, payer_key
 from sidecar.core.errors import (
     AmountError,
     BadRequest,
+    CreditNotDurable,
     InternalError,
+    LedgerNotDurable,
     MalformedPayment,
     NonceReused,
     PayerSuspended,
@@ -36,7 +38,7 @@ from sidecar.ledger.accounts import ACTIVE
 from sidecar.ledger.authorizations import Authorizations
 from sidecar.server.envoy.contract import FORWARDED_HOST, FORWARDED_PROTO, TOPUP_PATH
 from sidecar.server.logs import get_logger
-from sidecar.server.schemes.exact import ExactSettler
+from sidecar.server.settler import ExactSettler
 
 Answer = tuple[int, str, bytes, dict[str, str]]
 log = get_logger("sidecar.topup")
@@ -118,6 +120,9 @@ class TopupService:
         # A suspended payer is refused before anything is verified or settled.
         if (await self.authorizations.status(payer)) not in (None, ACTIVE):
             raise PayerSuspended("this payer is suspended")
+        mode = await self.authorizations.durable.takes_money()
+        if not mode.takes_money:  # refused before anything is verified or settled
+            raise LedgerNotDurable(f"top-ups are refused: {mode.detail}")
         header = headers.get("payment-signature") or headers.get("x-payment")
         if header is None:
             raise PaymentRequired(
@@ -139,6 +144,14 @@ class TopupService:
         credit = await self.authorizations.credit_topup(
             payer, self.asset.code, amount, source, settled["transaction"]
         )
+        if not credit.durable:  # credited (now or before), not confirmed on disk: no 200
+            line.update(transaction=settled["transaction"], durable=False)
+            raise CreditNotDurable(
+                "the payment settled on chain and was credited, but the ledger did not "
+                "confirm the credit on disk; send the same PAYMENT-SIGNATURE again (it is "
+                "credited at most once)",
+                transaction=settled["transaction"],
+            )
         if not credit.applied:  # a replay of an authorization that credited this key
             raise NonceReused("this authorization has already been credited")
         receipt = protocol.sign_receipt(

@@ -12,6 +12,7 @@ from sidecar.core.identity import KeySet, read_evm_key
 from sidecar.ledger import settlement
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.authorizations import Authorizations
+from sidecar.ledger.durability import DurableWrites
 from sidecar.ledger.payers import Payers
 from sidecar.ledger.rate_limit import RateLimiter, rate
 from sidecar.server import facilitators
@@ -20,7 +21,8 @@ from sidecar.server.config import Settings
 from sidecar.server.facilitation import ChainReader, Endpoint, FacilitatorClient
 from sidecar.server.feed import DecisionFeed
 from sidecar.server.paywall import Paywall
-from sidecar.server.schemes.exact import ExactSettler
+from sidecar.server.reconcile import Reconciler
+from sidecar.server.settler import ExactSettler
 
 
 def ledger(settings: Settings) -> Ledger:
@@ -134,4 +136,19 @@ def exact_settler(settings: Settings, ledger: Ledger) -> ExactSettler | None:
     )
     chain = ChainReader(settings.chain_rpc_url) if settings.chain_rpc_url else None
     lookup = settings.chain_lookup_ms / 1000
-    return ExactSettler(Authorizations(ledger), facilitator, chain, lookup)
+    durability = settings.durability_config()
+    durable = DurableWrites(ledger, durability.enabled, durability.replicas, durability.timeout_ms)
+    return ExactSettler(Authorizations(ledger, durable), facilitator, chain, lookup)
+
+
+def reconciler(
+    settings: Settings, ledger: Ledger, rpc_url: str = ""
+) -> tuple[Reconciler, ChainReader]:
+    """`x402 reconcile`'s parts: the chain (rpc_url, else chain_rpc_url) and the ledger's
+    authorizations, for every `onchain` token paying `pay_to`; close the reader after."""
+    terms = settings.exact_terms()
+    url = rpc_url or settings.chain_rpc_url
+    if terms is None or not url:
+        raise ConfigError("reconcile needs an `onchain` token, pay_to and chain_rpc_url")
+    chain = ChainReader(url)
+    return Reconciler(chain, Authorizations(ledger), terms.assets, terms.pay_to), chain

@@ -449,6 +449,9 @@ class AnvilChain:
         self.w3.provider.make_request(RPCEndpoint("anvil_setCode"), [MULTICALL3_ADDRESS, code])
         if self.w3.eth.get_code(MULTICALL3_ADDRESS).hex().removeprefix("0x") != code[2:].lower():
             raise X402Error("anvil_setCode did not place Multicall3")
+        from sidecar.tools import permit2  # compiles with solc-js: loaded once it is needed
+
+        permit2.install(self.w3)  # Permit2 and the `upto` proxy's test doubles
 
     def _token(self) -> Contract:
         assert self._contract is not None

@@ -1,8 +1,9 @@
 """Compiles the project's Solidity (the batch anchor, `sidecar/ledger/contracts/`) with npm
 `solc` (solc-js, run by node) into the artifact the wheel ships, so the runtime needs no
 compiler: `python -m sidecar.tools.contracts > sidecar/ledger/contracts/BatchAnchor.json`
-(`make generate`). The same source, settings and compiler give the same bytes, which a
-test checks against the committed artifact.
+(`make generate`); with the argument `upto`, the test chain's Permit2 and upto proxy
+(sidecar/tools/permit2.py). The same source, settings and compiler give the same bytes,
+which a test checks against the committed artifact.
 
 solc-js is found through SOLC_JS (the package's directory; the Makefile sets it), else in
 X402_TOOLS_DIR's node_modules (`make tools`).
@@ -16,11 +17,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from sidecar.core.errors import ToolMissing, X402Error
+from sidecar.tools import permit2
 from sidecar.tools.chain import tools_dir
 
 SOLC_PACKAGE = "solc@0.8.37"
@@ -67,17 +70,19 @@ def source() -> str:
     return files("sidecar.ledger").joinpath(f"contracts/{SOURCE}").read_text("utf-8")
 
 
-def compile_anchor() -> dict[str, Any]:
-    """The artifact of BatchAnchor: ABI, creation and runtime code, selectors, and what made
-    them (compiler, settings, the source's SHA-256)."""
+def compile_solidity(
+    sources: Mapping[str, str], contracts: Sequence[str], settings: Mapping[str, Any]
+) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Compile `sources` (file name → Solidity text) with solc-js: the compiler's version
+    and, for each of `contracts` (as "File.sol:Name"), solc's output for it (the selection
+    `settings["outputSelection"]` names). solc's errors raise X402Error."""
     node = shutil.which("node")
     if node is None:
         raise ToolMissing("node not found: solc-js runs on node")
-    text = source()
     standard = {
         "language": "Solidity",
-        "sources": {SOURCE: {"content": text}},
-        "settings": SETTINGS,
+        "sources": {name: {"content": text} for name, text in sources.items()},
+        "settings": settings,
     }
     done = subprocess.run(
         [node, "-e", _COMPILE, str(solc_dir())],
@@ -93,10 +98,22 @@ def compile_anchor() -> dict[str, Any]:
     errors = [e for e in result["output"].get("errors", []) if e.get("severity") == "error"]
     if errors:
         raise X402Error("solc: " + "; ".join(e["formattedMessage"] for e in errors))
-    compiled = result["output"]["contracts"][SOURCE][CONTRACT]
+    compiled = {}
+    for contract in contracts:
+        file, _, name = contract.partition(":")
+        compiled[contract] = result["output"]["contracts"][file][name]
+    return str(result["version"]), compiled
+
+
+def compile_anchor() -> dict[str, Any]:
+    """The artifact of BatchAnchor: ABI, creation and runtime code, selectors, and what made
+    them (compiler, settings, the source's SHA-256)."""
+    text = source()
+    version, found = compile_solidity({SOURCE: text}, [f"{SOURCE}:{CONTRACT}"], SETTINGS)
+    compiled = found[f"{SOURCE}:{CONTRACT}"]
     return {
         "contractName": CONTRACT,
-        "compiler": f"solc-js {result['version']}",
+        "compiler": f"solc-js {version}",
         "settings": {k: v for k, v in SETTINGS.items() if k != "outputSelection"},
         "sourceSha256": hashlib.sha256(text.encode()).hexdigest(),
         "abi": compiled["abi"],
@@ -111,5 +128,26 @@ def render() -> str:
     return json.dumps(compile_anchor(), indent=1, sort_keys=True) + "\n"
 
 
+def compile_upto_test_doubles() -> dict[str, Any]:
+    """The artifact of the test chain's Permit2 and upto proxy (sidecar/tools/permit2.py):
+    each canonical address's runtime code, and what made it."""
+    texts = permit2.sources()
+    version, found = compile_solidity(texts, [name for name, _ in permit2.PLACED], permit2.SETTINGS)
+    return {
+        "compiler": f"solc-js {version}",
+        "settings": {k: v for k, v in permit2.SETTINGS.items() if k != "outputSelection"},
+        "sourceSha256": hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest(),
+        "runtime": {
+            address: "0x" + found[name]["evm"]["deployedBytecode"]["object"]
+            for name, address in permit2.PLACED
+        },
+    }
+
+
+def render_upto_test_doubles() -> str:
+    return json.dumps(compile_upto_test_doubles(), indent=1, sort_keys=True) + "\n"
+
+
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    upto = sys.argv[1:] == ["upto"]
+    sys.stdout.write(render_upto_test_doubles() if upto else render())

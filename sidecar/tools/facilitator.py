@@ -3,11 +3,12 @@
 `POST /verify`, `POST /settle` (body `{"x402Version", "paymentPayload",
 "paymentRequirements"}`), `GET /supported` and `GET /discovery/resources` (the bazaar
 extension's catalog of what settled here, tools/catalog.py), answered by the official
-`x402` package's facilitator (`x402FacilitatorSync` + its `exact` EVM scheme on a
-`FacilitatorWeb3Signer`, `simulate_in_settle=True`). This module only carries HTTP; every
-verification and settlement decision is the official code's. Settlements run concurrently
-(tools/settling.py: the signer's own nonces and one receipt watcher; up to
-settling.THREADS blocking calls in flight).
+`x402` package's facilitator (`x402FacilitatorSync` + its `exact` and `upto` EVM schemes
+on a `FacilitatorWeb3Signer`, `simulate_in_settle=True`; the `eip2612GasSponsoring`
+extension declared). This module only carries HTTP; every verification and settlement
+decision is the official code's. Settlements run concurrently (tools/settling.py: the
+signer's own nonces and one receipt watcher; up to settling.THREADS blocking calls in
+flight).
 
 Answers follow the official facilitators: a payment that does not pass is HTTP 200 with
 `isValid: false` / `success: false` and the reason (the scheme's own codes, or the x402 v2
@@ -38,7 +39,9 @@ from aiohttp import web
 from pydantic import ValidationError
 from x402 import x402FacilitatorSync
 from x402.extensions.bazaar import BAZAAR
+from x402.extensions.eip2612_gas_sponsoring import EIP2612_GAS_SPONSORING
 from x402.mechanisms.evm.exact import ExactEvmFacilitatorScheme, ExactEvmSchemeConfig
+from x402.mechanisms.evm.upto import UptoEvmFacilitatorScheme, UptoEvmSchemeConfig
 from x402.schemas import (
     PaymentPayload,
     PaymentPayloadV1,
@@ -99,7 +102,8 @@ def rpc_host(rpc_url: str) -> str:
 
 
 def build(rpc_url: str, key: str, network: str | None = None) -> tuple[x402FacilitatorSync, str]:
-    """The official facilitator with the `exact` EVM scheme on the chain behind `rpc_url`.
+    """The official facilitator with the `exact` and `upto` EVM schemes on the chain behind
+    `rpc_url`.
 
     The network defaults to the chain's own id; a given one must match it. Only x402 v2 on
     this one network is registered (register_exact_evm_facilitator would add v1 for every
@@ -118,7 +122,13 @@ def build(rpc_url: str, key: str, network: str | None = None) -> tuple[x402Facil
     facilitator = x402FacilitatorSync()
     scheme = ExactEvmFacilitatorScheme(signer, ExactEvmSchemeConfig(simulate_in_settle=True))
     facilitator.register([actual], scheme)
+    # `upto` (Permit2 witness transfers through the x402 upto proxy): /supported gives its
+    # extra.facilitatorAddress, which the payer's signature binds. Simulated at settle too,
+    # so a replayed authorization is refused before anything is broadcast.
+    upto = UptoEvmFacilitatorScheme(signer, UptoEvmSchemeConfig(simulate_in_settle=True))
+    facilitator.register([actual], upto)
     facilitator.register_extension(BAZAAR)  # /supported lists it; the catalog serves it
+    facilitator.register_extension(EIP2612_GAS_SPONSORING)  # upto's permit for Permit2
     return facilitator, actual
 
 

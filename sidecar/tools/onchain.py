@@ -17,6 +17,8 @@ from x402 import x402Client
 from x402.client_base import SpendControlAsset, SpendControls
 from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
+from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
+from x402.mechanisms.evm.upto import UptoEvmClientScheme
 from x402.schemas import PaymentPayload
 
 from sidecar.core.identity import write_secret
@@ -106,6 +108,20 @@ def exact_client(network: str, token: str, key: str, cap: int) -> x402Client:
     paying `exact` on `network` from the hex private `key`, `token` allowed up to `cap`."""
     client = x402Client()
     register_exact_evm_client(client, EthAccountSigner(Account.from_key(key)), network)
+    allowed = SpendControlAsset(network=network, asset=token, max_amount_per_payment=str(cap))
+    client.set_spend_controls(SpendControls(allowed_assets=[allowed]))
+    return client
+
+
+def upto_client(network: str, token: str, key: str, cap: int, rpc_url: str = "") -> x402Client:
+    """The official client paying `upto` (only) on `network` from the hex private `key`, a
+    maximum of up to `cap` atomic units of `token`. With `rpc_url` its signer reads the
+    chain, so it signs the eip2612GasSponsoring permit when the payer has no Permit2
+    approval (the 402 declares the extension)."""
+    account = Account.from_key(key)
+    signer = EthAccountSignerWithRPC(account, rpc_url) if rpc_url else EthAccountSigner(account)
+    client = x402Client()
+    client.register(network, UptoEvmClientScheme(signer))
     allowed = SpendControlAsset(network=network, asset=token, max_amount_per_payment=str(cap))
     client.set_spend_controls(SpendControls(allowed_assets=[allowed]))
     return client

@@ -1,8 +1,6 @@
-"""Start the real parts on loopback: Redis, the sidecar, Envoy and a demo upstream.
-
-Used by `x402 demo`, the end-to-end tests and the benchmark, so all three run the same
-wiring. Every process gets free ports, a working directory and a log file.
-"""
+"""Start the real parts on loopback: Redis (or Valkey), the sidecar, Envoy and a demo
+upstream. Used by `x402 demo`, the end-to-end tests and the benchmark, so all three run the
+same wiring. Every process gets free ports, a working directory and a log file."""
 
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -31,6 +29,7 @@ from sidecar.core.identity import Identity, write_secret
 from sidecar.server.config import Settings
 from sidecar.server.envoy.edge import Edge, Endpoints
 from sidecar.server.envoy.render import render, timeouts
+from sidecar.tools import ledger_server
 from sidecar.tools import redis_tls as tls_server
 
 LOOPBACK = "127.0.0.1"
@@ -160,6 +159,8 @@ class Stack:
     workers: int = 1  # sidecar worker processes, each an endpoint of Envoy's x402_authz
     envoy_concurrency: int = 1  # Envoy worker threads
     redis_args: tuple[str, ...] = ()  # extra redis-server arguments, e.g. AOF for fault tests
+    # "valkey" (Valkey 8 with AOF) or "redis" (as found, AOF off); see tools/ledger_server.py
+    ledger_server: str = field(default_factory=ledger_server.default)
     redis_cluster: int = 0  # > 0: the ledger on a Redis Cluster of this many masters
     redis_tls: Path | None = None  # certificates: the ledger over TLS (tools/redis_tls.py)
     authz_timeout: str = ""  # Envoy's ext_authz timeout; default: longer than the ledger's
@@ -230,7 +231,7 @@ class Stack:
         return self.dir / "x402.yaml"
 
     # -- lifecycle ---------------------------------------------------------------------
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -273,7 +274,7 @@ class Stack:
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         # Envoy waits longer than the sidecar waits for Redis (and, with `exact`, for the
         # facilitator), so the sidecar answers first.
-        authz_timeout, topup_timeout = timeouts(Settings.from_mapping(config, env={}))
+        authz_timeout, topup_timeout = timeouts(sidecar := Settings.from_mapping(config, env={}))
         endpoints = Endpoints(
             listen=(LOOPBACK, self.ports["envoy"]),
             admin=(LOOPBACK, self.ports["admin"]),
@@ -285,6 +286,8 @@ class Stack:
             sideport=(LOOPBACK, self.ports["http"]),
             authz_timeout=self.authz_timeout or authz_timeout,
             topup_timeout=topup_timeout,
+            mcp_service=(LOOPBACK, self.ports["mcp"]) if "mcp" in self.ports else None,  # McpStack
+            keep_responses=sidecar.replay_per_payer > 0,
         )
         envoy_routes = self.routes if self.envoy_routes is None else self.envoy_routes
         edge = Edge.from_mapping(config.get("edge"))  # the sidecar config's `edge`, as the CLI
@@ -309,12 +312,17 @@ class Stack:
                 str(self.dir),
                 "--save",
                 "",
-                "--appendonly",
-                "no",
+                *ledger_server.persistence(self.valkey),
                 *self.redis_args,
             ],
         )
         return self._wait_redis(process, self.ports["redis"], b"PING", b"+PONG")
+
+    @property
+    def valkey(self) -> bool:
+        """Whether the ledger runs on Valkey (see `ledger_server`)."""
+        plain = self.redis_tls is None and not self.redis_cluster
+        return plain and self.ledger_server == "valkey"
 
     def _wait_redis(self, process: Process, port: int, command: bytes, answer: bytes) -> Process:
         """Until the server on `port` answers `command` (inline) with a reply holding `answer`."""
@@ -330,6 +338,8 @@ class Stack:
 
     def _redis_server(self, port: int) -> list[str]:
         """The redis-server command line listening on `port` (over TLS with `redis_tls`)."""
+        if self.valkey:
+            return [ledger_server.valkey_binary(), "--port", str(port)]
         if self.redis_tls is None:
             return [find_binary("redis-server"), "--port", str(port)]
         return tls_server.server_argv(self.redis_tls, port, bool(self.redis_cluster))

@@ -125,7 +125,11 @@ def test_notes_explain_the_product_and_print_no_secret(name: str, notes_chart: P
     assert ("WARNING: settlement is off" in notes) == (not settling)
     routes = list(ordered_routes(rendered.values["routes"]).values())
     for route in routes[:10]:  # the first ten, then "… and N more"
-        price = route.get("price") or f"{route['unit_price']} per {route.get('unit', 'unit')}"
+        price = route.get("price") or (
+            "MCP tools"
+            if "mcp" in route
+            else f"{route['unit_price']} per {route.get('unit', 'unit')}"
+        )
         assert f"{route.get('method', '*')} {route['path']}  {price}" in notes
     assert (f"and {len(routes) - 10} more" in notes) == (len(routes) > 10)
     for data in rendered.secret_values().values():

@@ -178,6 +178,9 @@ def test_sidecar_config_is_the_same_route_table(rendered: Rendered) -> None:
         asset = spec.get("asset", v["defaultAsset"])
         if "unit_price" in spec:  # metered: the hold, the quoted maximum
             amount = to_atomic(spec["unit_price"], v["assets"][asset]) * spec["max_units"]
+        elif "mcp" in spec:  # an MCP route: its dearest tool
+            prices = [*spec["mcp"]["tools"].values(), spec["mcp"].get("default", "0")]
+            amount = max(to_atomic(p.replace("free", "0"), v["assets"][asset]) for p in prices)
         else:
             amount = to_atomic(spec["price"], v["assets"][asset])
         expected.add((name, spec.get("method", "*"), spec["path"], asset, amount))

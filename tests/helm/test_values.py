@@ -521,3 +521,20 @@ def test_the_paywall_values_reach_the_sidecar_config() -> None:
     assert (paywall.enabled, paywall.app_name) == (False, "Atlas")
     assert paywall.app_logo == "https://atlas.example/logo.svg"
     assert paywall.on_for("atlas") and not paywall.on_for("other")
+
+
+def test_the_in_chart_redis_has_waitaof_and_its_aof_on() -> None:
+    """Top-ups are durable on the in-chart Redis (docs/redis.md): Redis >= 7.2 or Valkey
+    (WAITAOF), appendonly yes."""
+    rendered = render_chart("internal-redis")
+    statefulset = next(
+        doc
+        for doc in rendered.docs
+        if doc["kind"] == "StatefulSet" and "redis" in doc["metadata"]["name"]
+    )
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    name, _, tag = container["image"].rpartition(":")
+    version = tuple(int(part) for part in tag.split("-")[0].split(".")[:2])
+    assert version >= ((8, 0) if name.endswith("valkey") else (7, 2)), container["image"]
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
@@ -36,7 +37,7 @@ from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.channel_config import ChannelTerms
 from sidecar.server.envoy.contract import EXT_AUTHZ
-from sidecar.server.processing.grpc_transport import GrpcProcessor
+from sidecar.server.processing.grpc_transport import GrpcProcessor, Waiting
 from sidecar.server.processing.phase import Processor
 from sidecar.server.self_channels import SelfChannels
 from sidecar.tools.stack import Stack
@@ -85,7 +86,8 @@ class Books:
     outcomes: Counter[str] = field(default_factory=Counter)
     credit_keys: dict[str, tuple[str, int]] = field(default_factory=dict)
     released: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # retry
-    captured: list[tuple[str, str, dict[str, str], str]] = field(default_factory=list)
+    # payer, path, proof headers, receipt id, the body kept for its retries (None: none)
+    captured: list[tuple[str, str, dict[str, str], str, bytes | None]] = field(default_factory=list)
     open_channels: list[tuple[str, str]] = field(default_factory=list)  # payer, channel id
 
 
@@ -190,8 +192,10 @@ class Workload:
             return
         status = self.rng.choice((200, 200, 200, 201, 404, 500, 503))
         usage = self.rng.choice(("0", "1", "37", "99", "100", "250", "", "bad", None))
-        answer = await self.processor.respond(respond_request(response, status, usage))
-        mutation = answer.response_headers.response.header_mutation
+        answer, kept = await self.respond(respond_request(response, status, usage), status)
+        body_answer = answer.WhichOneof("response") == "response_body"
+        common = answer.response_body if body_answer else answer.response_headers
+        mutation = common.response.header_mutation
         receipts = {h.header.key: h.header.raw_value for h in mutation.set_headers}
         if answer.HasField("immediate_response"):  # the hold expired before its response
             self.books.outcomes["held:expired_before_response"] += 1
@@ -202,23 +206,52 @@ class Workload:
             assert atomic <= to_atomic(HELD_ROUTES[path][0], 6)
             assert receipt["receipt_id"] not in self.books.receipts
             self.books.receipts[receipt["receipt_id"]] = (payer_key, atomic)
-            self.books.captured.append((payer_key, path, headers, receipt["receipt_id"]))
+            self.books.captured.append((payer_key, path, headers, receipt["receipt_id"], kept))
             self.books.outcomes[f"{kind}:captured"] += 1
         else:
             assert status >= 500 and receipt["amount"] == "0"
             self.books.released.append((payer_key, path, headers))
             self.books.outcomes[f"{kind}:released"] += 1
 
+    async def respond(
+        self, request: ext_proc.ProcessingRequest, status: int
+    ) -> tuple[ext_proc.ProcessingResponse, bytes | None]:
+        """The response phase as Envoy runs it: the headers, then (half the time) the body
+        buffered after them, which the capture keeps for the payment's retries."""
+        if self.rng.random() < 0.5:
+            return await self.processor.respond(request), None
+        waiting = Waiting()
+        # The route's mode, as Envoy says it in the first message: the body follows.
+        request.protocol_config.response_body_mode = ProcessingMode.BUFFERED_PARTIAL
+        held_back = await self.processor.respond(request, None, waiting)
+        assert held_back.WhichOneof("response") == "response_headers"
+        body = json.dumps({"served": status, "n": self.rng.randrange(10**6)}).encode()
+        part = ext_proc.HttpBody(body=body, end_of_stream=True)
+        answer = await self.processor.respond(
+            ext_proc.ProcessingRequest(response_body=part), None, waiting
+        )
+        return answer, body if status < 500 else None
+
     async def replay_captured(self) -> None:
-        """A captured hold's proof again: redelivered with the receipt that charged it (no
-        new hold, nothing charged) up to the limit, then refused naming that receipt."""
+        """A captured hold's proof again: answered with its kept response, or redelivered,
+        with the receipt that charged it (no new hold, nothing charged) up to the limit,
+        then refused naming that receipt."""
         if not self.books.captured:
             return
-        _payer, path, headers, receipt_id = self.rng.choice(self.books.captured)
+        _payer, path, headers, receipt_id, kept = self.rng.choice(self.books.captured)
         extensions = HELD_ROUTES[path][1]
         for _ in range(DEFAULT_REDELIVERY_LIMIT + 1):
             request = check_request("GET", path, headers, extensions)
-            result = await check(self.servicer, request)
+            message = await check_message(self.servicer, request)
+            denied = message.denied_response
+            replay = kept is not None and denied.body == kept.decode()  # the kept response
+            if message.status.code != 0 and replay:
+                self.books.outcomes["held_replay:replayed"] += 1
+                replayed = {h.header.key: h.header.value for h in denied.headers}
+                receipt = json.loads(base64.b64decode(replayed["x-payment-response"]))
+                assert receipt["receipt_id"] == receipt_id
+                continue
+            result = outcome(message)
             self.books.outcomes[f"held_replay:{result.reason}"] += 1
             assert result.reason in ("allow", "nonce_reused", "payer_suspended"), result
             if result.reason == "nonce_reused":
@@ -392,6 +425,7 @@ async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:
         assert outcomes["held:captured"] > 0 and outcomes["held:released"] > 0
         assert outcomes["held:abandoned"] > 0 and outcomes["held_retry:captured"] > 0
         assert outcomes["held_replay:nonce_reused"] > 0 and outcomes["held_replay:allow"] > 0
+        assert outcomes["held_replay:replayed"] > 0  # a kept response (server/replays.py)
         assert outcomes["channel_open:opened"] > 0 and outcomes["channel_close"] > 0
         assert outcomes["channel_replay:nonce_reused"] > 0 and outcomes["voucher:allow"] > 0
         print(

@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import subprocess
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +18,32 @@ from x402.schemas import PaymentPayload, PaymentRequired
 
 from sidecar.tools.chain import AnvilChain, DevAccount
 from sidecar.tools.onchain import official_client, operator, payment_signature
+
+# The npm packages of the official TypeScript clients (the Makefile's tools target).
+NODE_MODULES = Path(
+    os.environ.get("X402_NODE_MODULES")
+    or Path(__file__).resolve().parents[2] / ".tools/node_modules"
+)
+TS_CLIENT = Path(__file__).resolve().parent / "interop_client.js"
+
+
+async def run_node_client(job: dict[str, str]) -> dict[str, Any]:
+    """One request paid by an official TypeScript client (interop_client.js; `job` as it
+    documents), run by node: its status, decoded PAYMENT-RESPONSE and body."""
+    client = job["client"]
+    assert (NODE_MODULES / "@x402" / client).is_dir(), f"@x402/{client} missing: make tools"
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(TS_CLIENT),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
+    )
+    out, err = await asyncio.wait_for(process.communicate(json.dumps(job).encode()), 120)
+    assert process.returncode == 0, err.decode()
+    answer: dict[str, Any] = json.loads(out)
+    return answer
 
 
 def b64json(value: str) -> Any:

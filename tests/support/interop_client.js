@@ -1,13 +1,22 @@
 // An official x402 TypeScript client (`@x402/fetch` or `@x402/axios`, with `@x402/evm`
 // and viem) paying one request, unmodified: tests/test_interop.py runs it with node,
 // NODE_PATH naming the node_modules the Makefile's tools target fills. Input on stdin:
-// {"client": "fetch"|"axios", "url", "method", "privateKey", "network", "token", "cap"};
+// {"client": "fetch"|"axios", "url", "method", "privateKey", "network", "token", "cap",
+// "scheme": "exact" (the default) | "upto"};
 // output on stdout: the answer's status, its PAYMENT-RESPONSE decoded by the client's own
 // decodePaymentResponseHeader, and the body.
 "use strict";
 
 const { privateKeyToAccount } = require("viem/accounts");
 const { ExactEvmScheme } = require("@x402/evm/exact/client");
+
+function scheme(job, account) {
+  if (job.scheme === "upto") {
+    const { UptoEvmScheme } = require("@x402/evm/upto/client");
+    return new UptoEvmScheme(account);
+  }
+  return new ExactEvmScheme(account);
+}
 
 function limits(job) {
   // The local USDC is no default asset of the official clients: allow it, up to `cap`.
@@ -16,7 +25,7 @@ function limits(job) {
 
 async function payWithFetch(job, account) {
   const { wrapFetchWithPayment, x402Client, decodePaymentResponseHeader } = require("@x402/fetch");
-  const client = new x402Client().register(job.network, new ExactEvmScheme(account));
+  const client = new x402Client().register(job.network, scheme(job, account));
   client.setSpendControls(limits(job));
   const pay = wrapFetchWithPayment(fetch, client);
   const response = await pay(job.url, { method: job.method });
@@ -33,7 +42,7 @@ async function payWithFetch(job, account) {
 async function payWithAxios(job, account) {
   const axios = require("axios");
   const { wrapAxiosWithPayment, x402Client, decodePaymentResponseHeader } = require("@x402/axios");
-  const client = new x402Client().register(job.network, new ExactEvmScheme(account));
+  const client = new x402Client().register(job.network, scheme(job, account));
   if (typeof client.setSpendControls === "function") client.setSpendControls(limits(job));
   // Its interceptor pays on a 402 *error*: axios's default validateStatus, as users have it.
   const api = wrapAxiosWithPayment(axios.create(), client);

@@ -169,3 +169,4 @@ def test_the_wheel_ships_the_compiled_anchor_contract(wheel: zipfile.ZipFile) ->
     names = set(wheel.namelist())
     assert "sidecar/ledger/contracts/BatchAnchor.json" in names
     assert "sidecar/ledger/contracts/BatchAnchor.sol" in names
+    assert "sidecar/tools/testchain/UptoTestDoubles.json" in names  # the test chain's upto

@@ -51,8 +51,17 @@
   "denialHeaders": [
     "content-type",
     "cache-control",
+    "content-encoding",
+    "content-language",
+    "content-disposition",
+    "etag",
+    "last-modified",
+    "expires",
+    "link",
+    "location",
     "payment-required",
     "payment-response",
+    "x-payment-response",
     "retry-after"
   ],
   "successHeaders": [
@@ -75,6 +84,7 @@
     "exact_resource",
     "http_host",
     "http_scheme",
+    "payment_outcome",
     "x402.charge",
     "x402.phase",
     "x402.failure_status",
@@ -85,7 +95,10 @@
     "x402.max_units",
     "x402.min_units",
     "x402.usage_missing",
-    "x402"
+    "x402",
+    "mcp",
+    "mcp_settle",
+    "mcp_prices"
   ],
   "accessLogKeys": [
     "payer",
@@ -124,7 +137,32 @@
     "request_header_mode": "SKIP",
     "response_header_mode": "SEND",
     "request_body_mode": "NONE",
+    "response_body_mode": "BUFFERED_PARTIAL",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SKIP"
+  },
+  "headersProcessingMode": {
+    "request_header_mode": "SKIP",
+    "response_header_mode": "SEND",
+    "request_body_mode": "NONE",
     "response_body_mode": "NONE",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SKIP"
+  },
+  "mcpRouteKey": "mcp",
+  "extMcpTools": "x402.mcp_tools",
+  "extMcpDefault": "x402.mcp_default",
+  "mcpFree": "free",
+  "mcpRequestBody": {
+    "max_request_bytes": 65536,
+    "allow_partial_message": false,
+    "pack_as_bytes": true
+  },
+  "mcpProcessingMode": {
+    "request_header_mode": "SKIP",
+    "response_header_mode": "SEND",
+    "request_body_mode": "NONE",
+    "response_body_mode": "BUFFERED",
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP"
   },
@@ -149,6 +187,27 @@
         }
       },
       "status_code": 503
+    },
+    {
+      "filter": {
+        "metadata_filter": {
+          "matcher": {
+            "filter": "envoy.filters.http.ext_authz",
+            "path": [
+              {
+                "key": "x402"
+              }
+            ],
+            "value": {
+              "string_match": {
+                "exact": "answered"
+              }
+            }
+          },
+          "match_if_key_not_found": false
+        }
+      },
+      "status_code": 200
     },
     {
       "filter": {

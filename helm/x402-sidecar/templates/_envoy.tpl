@@ -336,6 +336,7 @@ static_resources:
                       exact: {{ $method }}
                   {{- end }}
                 {{- $phase := include "x402.hasPhase" $route }}
+                {{- $mcp := hasKey $route $c.mcpRouteKey }}
                 {{- $timeout := int $e.upstreamTimeoutSeconds }}
                 {{- if $phase }}
                 {{- /* The service answers within the hold's lifetime, so it can be captured. */}}
@@ -345,15 +346,22 @@ static_resources:
                 route:
                   cluster: service
                   timeout: {{ $timeout }}s
-                {{- if or (not $http) $phase }}
+                {{- if or (not $http) $phase $mcp }}
                 typed_per_filter_config:
                   {{- if $http }}
-                  # Priced by the sidecar's route table; the response phase runs here.
+                  # Priced by the sidecar's route table; the response phase runs here, or
+                  # an MCP route's JSON-RPC body goes to the check.
                   {{ $ext }}:
                     '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
                     check_settings:
+                      {{- if $phase }}
                       http_service:
                         {{- include "x402.envoyHttpService" (dict "ctx" $ "phase" true) | nindent 24 }}
+                      {{- end }}
+                      {{- if $mcp }}
+                      with_request_body:
+{{ toYaml $c.mcpRequestBody | indent 24 }}
+                      {{- end }}
                   {{- else }}
                   {{ $ext }}:
                     '@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
@@ -381,16 +389,30 @@ static_resources:
                         {{- end }}
                         {{- end }}
                         {{- end }}
+                        {{- if $mcp }}
+                        {{- $tools := list }}
+                        {{- range $tool := keys (default dict (index $route $c.mcpRouteKey).tools) | sortAlpha }}
+                        {{- $tools = append $tools (printf "%s=%s" $tool (index (index $route $c.mcpRouteKey).tools $tool | toString)) }}
+                        {{- end }}
+                        {{ $c.extMcpTools }}: {{ join "," $tools | toJson }}
+                        {{ $c.extMcpDefault }}: {{ default $c.mcpFree (index $route $c.mcpRouteKey).default | toString | toJson }}
+                        {{- end }}
+                      {{- if $mcp }}
+                      # The MCP route's JSON-RPC body goes to the check (bounded).
+                      with_request_body:
+{{ toYaml $c.mcpRequestBody | indent 24 }}
+                      {{- end }}
                   {{- end }}
-                  {{- if $phase }}
-                  # charge: on_success: the response phase (ext_proc) runs on this route.
+                  {{- if or $phase $mcp }}
+                  # charge: on_success, or an MCP route: the response phase (ext_proc) runs
+                  # on this route (an MCP route's answer buffered, for its settlement).
                   {{ $proc }}:
                     '@type': type.googleapis.com/envoy.config.route.v3.FilterConfig
                     config:
                       '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
                       overrides:
                         processing_mode:
-{{ toYaml $c.processingMode | indent 26 }}
+{{ toYaml (ternary $c.mcpProcessingMode (ternary $c.processingMode $c.headersProcessingMode (include "x402.keepsResponses" $ | eq "true")) $mcp) | indent 26 }}
                   {{- end }}
                 {{- end }}
               {{- end }}
@@ -445,7 +467,7 @@ static_resources:
             disabled: true
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-              {{- if $http }}
+              {{- if include "x402.phaseOverHttp" . }}
               # Over HTTP (sidecar/server/processing/http_transport.py): a JSON POST to the
               # checks' listener, marked as the phase's, with Envoy's deadline for it.
               http_service:
@@ -462,13 +484,16 @@ static_resources:
                       key: {{ $c.timeoutHeader }}
                       value: {{ include "x402.durationMs" (include "x402.authzTimeout" .) | quote }}
               {{- else }}
+              # Over gRPC whenever a route sends its body (the kept response of
+              # sidecar/server/replays.py, an MCP tool's result): Envoy's http_service
+              # sends none (sidecar/server/envoy/filters.py phase_over_http).
               grpc_service:
                 envoy_grpc:
                   cluster_name: x402_authz
               {{- end }}
               failure_mode_allow: false
               processing_mode:
-{{ toYaml $c.processingMode | indent 16 }}
+{{ toYaml $c.headersProcessingMode | indent 16 }}
               # As the check's: with `exact`, a response phase may /settle (after success).
               message_timeout: {{ include "x402.authzTimeout" . }}
               metadata_options:

@@ -239,7 +239,19 @@ time.sleep(int(sys.argv[2]))
 {{- end }}
 
 {{- define "x402.anyPhase" -}}
-{{- range $name, $route := .Values.routes }}{{ include "x402.hasPhase" $route }}{{ end }}
+{{- range $name, $route := .Values.routes }}{{ include "x402.hasPhase" $route }}{{ if hasKey $route "mcp" }}true{{ end }}{{ end }}
+{{- end }}
+
+{{/* "true" when the sidecar keeps responses for their payments' retries (its default
+     replay_per_payer): a route with a response phase sends its body. */}}
+{{- define "x402.keepsResponses" -}}true{{- end }}
+
+{{/* "true" when the response phase goes over ext_proc's http_service: the HTTP transport,
+     and no route sends a body (no MCP route, no kept responses; envoy/filters.py). */}}
+{{- define "x402.phaseOverHttp" -}}
+{{- $mcp := false }}
+{{- range $name, $route := .Values.routes }}{{ if hasKey $route "mcp" }}{{ $mcp = true }}{{ end }}{{ end }}
+{{- if and (eq .Values.sidecar.transport "http") (ne (include "x402.keepsResponses" .) "true") (not $mcp) }}true{{ end }}
 {{- end }}
 
 {{/* Route names in match order, space-separated: exact paths first, then templated
@@ -397,7 +409,7 @@ time.sleep(int(sys.argv[2]))
 {{- range $key := list "failure_status" "max_units" "min_units" "hold_seconds" }}
 {{- if hasKey $route $key }}{{ $_ := set $spec $key (index $route $key | int64) }}{{ end }}
 {{- end }}
-{{- range $key := list "discoverable" "input_schema" "input_example" "output_schema" "output_example" "body_type" "payment_identifier" "paywall" }}
+{{- range $key := list "mcp" "discoverable" "input_schema" "input_example" "output_schema" "output_example" "body_type" "payment_identifier" "paywall" }}
 {{- if hasKey $route $key }}{{ $_ := set $spec $key (index $route $key) }}{{ end }}
 {{- end }}
 {{- $_ := set $routes $name $spec }}

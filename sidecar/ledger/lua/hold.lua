@@ -10,7 +10,7 @@
 --       lifetime (ms), nonce key prefix, hold JSON {asset, held, nonce, record, outcome,
 --       fp}, the request's fingerprint, the redelivery limit
 -- Returns {"ok", balance} or {reason} or {"insufficient_funds", balance} or
--- {"nonce_reused", receipt id} or a retry's answer or {"deadline_passed"} (the caller
+-- {"nonce_reused", receipt id} or {"payment_in_progress", hold id} or a retry's answer or {"deadline_passed"} (the caller
 -- answered 503: nothing).
 local account, nonce_key, holds, expiries = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local asset, amount, hold_id = ARGV[2], tonumber(ARGV[3]), ARGV[5]
@@ -19,7 +19,15 @@ local now = clock_ms()
 local late = past_deadline(ARGV[1], now)
 if late then return late end
 sweep_holds(account, holds, expiries, ARGV[7], now, 16)
-local refused = retried(KEYS[5], ARGV[9], ARGV[10])
+-- A proof whose hold is still open: not charged yet, so not `nonce_reused`.
+local function in_progress()
+  local spent = redis.call('GET', nonce_key)
+  if spent and redis.call('HEXISTS', holds, spent) == 1 then
+    return {'payment_in_progress', spent}
+  end
+  return nil
+end
+local refused = retried(KEYS[5], ARGV[9], ARGV[10]) or in_progress()
   or charge_refused(account, nonce_key, asset, amount)
 if refused then return refused end
 

@@ -1,12 +1,15 @@
 -- Close one hold when its response was seen: capture part or all of it (the rest goes
 -- back to the balance; one receipt for the captured amount) or release it whole and free
 -- its nonce. A hold past its lifetime is released, never captured.
--- KEYS: account hash, holds hash, hold expiries zset, receipts stream (payer's hash tag)
+-- KEYS: account hash, holds hash, hold expiries zset, receipts stream, the payer's kept
+--       responses zset (payer's hash tag)
 -- ARGV: deadline (unix ms; a capture past it moves nothing), hold id, "capture" or
 --       "release", amount to capture (atomic; at most the hold), nonce key prefix,
---       issued_at (unix s), then extra receipt field/value pairs (e.g. units)
--- A capture also records the payment's outcome (the receipt's fields) under the hold's
--- `outcome` key, as long as its nonce is kept: hold.lua redelivers its retries.
+--       issued_at (unix s), the response to keep ("" none; server/replays.py), the most
+--       responses a payer keeps, then extra receipt field/value pairs (e.g. units)
+-- A capture also records the payment's outcome (the receipt's fields, and the response
+-- within the payer's bound) under the hold's `outcome` key, as long as its nonce is kept:
+-- hold.lua answers its retries with it.
 -- Returns {"captured", balance, amount, hold JSON}, {"released", balance, held, hold
 -- JSON}, {"hold_expired", balance, "0", hold JSON}, {"no_hold"} or {"deadline_passed"}.
 local account, holds, expiries, receipts = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -45,11 +48,12 @@ for name, value in pairs(hold.record) do
     fields[#fields + 1] = value
   end
 end
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', receipts, '*', unpack(fields))
 if hold.outcome then  -- its retries are redelivered with this receipt (hold.lua)
   redis.call('HSET', hold.outcome, 'fp', hold.fp, unpack(fields))
   local ttl = redis.call('PTTL', prefix .. hold.nonce)
   if ttl > 0 then redis.call('PEXPIRE', hold.outcome, ttl) end
+  keep_response(KEYS[5], hold.outcome, ARGV[7], ARGV[8], now, ttl)
 end
 return {'captured', left, captured, raw}

@@ -58,3 +58,16 @@ local function retried(outcome, fingerprint, limit)
   local fields = redis.call('HGETALL', outcome)
   return {'redelivered', unpack(fields)}
 end
+
+-- Keep a payment's response under its `outcome` (for `ttl` ms, as the outcome) so its
+-- retry is answered with it (server/replays.py): at most `limit` kept per payer at once
+-- (`replays`, a zset of outcome keys by expiry). Over the limit nothing is kept and the
+-- retry is redelivered instead. `response`: "" keeps nothing.
+local function keep_response(replays, outcome, response, limit, now, ttl)
+  if response == '' or ttl <= 0 or tonumber(limit) <= 0 then return end
+  redis.call('ZREMRANGEBYSCORE', replays, '-inf', now)
+  if redis.call('ZCARD', replays) >= tonumber(limit) then return end
+  redis.call('HSET', outcome, 'response', response)
+  redis.call('ZADD', replays, now + ttl, outcome)
+  if redis.call('PTTL', replays) < ttl then redis.call('PEXPIRE', replays, ttl) end
+end

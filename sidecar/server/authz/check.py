@@ -24,7 +24,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from sidecar.core import decision, exact, phases, protocol, retries
@@ -36,22 +36,27 @@ from sidecar.core.errors import (
     PaymentRequired,
     UnsupportedScheme,
 )
+from sidecar.core.mcp import Call
 from sidecar.core.pricing import Price, RouteTable
 from sidecar.core.retries import Retry
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.rate_limit import RateLimiter
-from sidecar.server import metrics
+from sidecar.server import metrics, replays
+from sidecar.server.authz import mcp_calls
 from sidecar.server.authz.grpc_answers import GrpcAnswers
+from sidecar.server.authz.mcp_calls import McpCalls
+from sidecar.server.envoy import contract
 from sidecar.server.envoy.contract import FORWARDED_HOST
 from sidecar.server.logs import DecisionLog, get_logger
 from sidecar.server.paywall import Paywall, wants_html
 from sidecar.server.schemes import base
 from sidecar.server.schemes.base import Charged, Held, HoldingScheme, Payment, Scheme
-from sidecar.server.schemes.exact import ExactSettler
 from sidecar.server.schemes.registry import Schemes
+from sidecar.server.settler import ExactSettler
 
 log = get_logger("sidecar.authz")
 REDELIVERED = "redelivered"  # the decision line's reason for a retry served uncharged
+REPLAYED = "replayed"  # ... for one answered with its recorded response (server/replays.py)
 
 
 def _here() -> bool:
@@ -80,6 +85,7 @@ class Facts:
     # the paid part then runs shielded, and `gone` turns true.
     cancels: bool = False
     query: str = ""  # the request's query string, without the `?`
+    body: bytes = b""  # the request body, on MCP routes only (Envoy's with_request_body)
 
     def within(self) -> float | None:
         """Seconds until Envoy stops waiting for this check, if it said."""
@@ -128,6 +134,7 @@ class Paying:
     line: dict[str, Any]
     now: int
     started: float
+    call: Call | None = None  # on an MCP route: the JSON-RPC tools/call it pays
 
 
 class CheckService:
@@ -153,6 +160,7 @@ class CheckService:
         self.schemes = Schemes(gateway, ledger, settler)
         self.paywall = paywall  # None: browsers get the JSON 402 like every client
         self._finishing: set[asyncio.Future[bytes]] = set()  # paid checks Envoy left
+        self.mcp = McpCalls(gateway, self.answers)  # MCP routes: JSON-RPC priced by tool
 
     async def decide(self, facts: Facts) -> bytes:
         started = time.perf_counter()
@@ -184,6 +192,8 @@ class CheckService:
         price = None
         try:
             price = self.routes.price_for(request.method, request.path, facts.extensions)
+            if price is not None and price.mcp is not None:
+                return await self._mcp(facts, request, price, line, now, started)
             if price is None:
                 line.update(decision="allow", status=200, reason="free")
                 answer = self.answers.free
@@ -226,6 +236,39 @@ class CheckService:
             holder = self._holder(scheme, price, facts.extensions)
         return Paying(scheme, holder, payment, price, request, line, now, started)
 
+    async def _mcp(
+        self,
+        facts: Facts,
+        request: Request,
+        price: Price,
+        line: dict[str, Any],
+        now: int,
+        started: float,
+    ) -> bytes:
+        """An MCP route (server/authz/mcp_calls.py): the JSON-RPC body's tools/call of a
+        priced tool pays as its own resource; any other method passes free."""
+        call = self.mcp.accepting(facts)
+        try:
+            call = self.mcp.parse(facts, price, call)
+            line["mcp_method"], line["tool"] = call.method[:64] or None, call.tool
+            priced = None if call.tool is None else mcp_calls.tool_price(price, call.tool)
+            if priced is None or call.tool is None:
+                line.update(decision="allow", status=200, reason="free")
+                self._record(line, replace(price, amount=0), 0, started, facts)
+                return self.mcp.free(call, price)
+            tool_request = self.mcp.tool_request(request, call, call.tool)
+            paying = await self._verify(tool_request, priced, facts, line, now, started)
+            paying.call = call
+        except Exception as error:
+            answer = self._refuse(error, request, price, line, now, call=call)
+            # the line names the tool's price where the call named a priced tool
+            tool = None if call.tool is None else mcp_calls.tool_price(price, call.tool)
+            self._record(line, tool or replace(price, amount=0), 0, started, facts)
+            return answer
+        if facts.cancels:
+            return await self._shielded(self._pay(paying, facts), facts)
+        return await self._pay(paying, facts)
+
     async def _shielded(self, paying: Coroutine[Any, Any, bytes], facts: Facts) -> bytes:
         """The paid part of a check whose transport cancels it when Envoy gives up: it runs
         to its end all the same, and its line says `cancelled`."""
@@ -245,29 +288,35 @@ class CheckService:
         charged = 0
         try:
             if paying.holder is not None:
-                answer = await self._hold(paying.holder, paying, facts)
+                answer, charged = await self._hold(paying.holder, paying, facts)
             else:
                 done = await scheme.charge(paying.payment, price, paying.now, facts.within())
-                answer, charged = self._allow(scheme, done, price, line), done.amount
+                answer = self._allow(scheme, done, price, line, call=paying.call)
+                charged = done.amount
         except Exception as error:
-            answer = self._refuse(error, paying.request, price, line, paying.now)
+            answer = self._refuse(error, paying.request, price, line, paying.now, call=paying.call)
         self._record(line, price, charged, paying.started, facts)
         return answer
 
-    async def _hold(self, holder: HoldingScheme[Any], paying: Paying, facts: Facts) -> bytes:
+    async def _hold(
+        self, holder: HoldingScheme[Any], paying: Paying, facts: Facts
+    ) -> tuple[bytes, int]:
+        """The hold step: the answer, and what it charged (a payment resolved settled)."""
         price = paying.price
         assert price.phase is not None
         paying.line["phase"] = "check"
         held = await holder.hold(paying.payment, price, price.phase, paying.now, facts.within())
+        if isinstance(held, Charged) and held.response is not None:  # its kept response
+            return self._replay(held, held.response, paying.line), 0
         if isinstance(held, Charged):  # a captured payment again: redelivered, no hold
             # the response phase still strips the service's usage header
             usage = {phases.EXT_USAGE_HEADER: price.phase.usage_header}
-            return self._allow(paying.scheme, held, price, paying.line, usage)
+            return self._allow(paying.scheme, held, price, paying.line, usage), held.amount
         if facts.gone():  # no response phase will come for it
             refusal = await holder.abandon(held, paying.payment)
             if refusal is not None:
                 raise refusal
-        return self._allow_held(held, paying)
+        return self._allow_held(held, paying), 0
 
     def _refuse(
         self,
@@ -277,6 +326,7 @@ class CheckService:
         line: dict[str, Any],
         now: int,
         browser: bool = False,
+        call: Call | None = None,
     ) -> bytes:
         """Any failure is a refusal: a bug must never let a request through. `browser`: an
         unpaid request whose Accept prefers HTML, answered with the paywall's page."""
@@ -296,6 +346,10 @@ class CheckService:
         )
         line.update(error.logged)
         line["invoice_id"] = line["invoice_id"] or denial.invoice_id
+        if call is not None:  # an MCP route: the x402 MCP convention's answer
+            answered = self.mcp.refusal(call, error, request, price, now)
+            if answered is not None:
+                return self.answers.denied(*answered)
         return self.answers.denied(denial.status, denial.headers, denial.body)
 
     def _record(
@@ -340,6 +394,14 @@ class CheckService:
             )
         return None
 
+    def _replay(self, charged: Charged, kept: replays.Recorded, line: dict[str, Any]) -> bytes:
+        """A retry of a payment whose response was kept: the gateway answers it, with the
+        payment's receipt; the service does not run again, nothing is charged."""
+        line["decision"], line["status"], line["reason"] = "allow", kept.status, REPLAYED
+        line["receipt_id"], line["balance"] = charged.receipt["receipt_id"], charged.balance
+        headers = replays.answer_headers(kept, charged.receipt, charged.header, charged.settlement)
+        return self.answers.denied(kept.status, headers, kept.body)
+
     def _allow_held(self, held: Held, paying: Paying) -> bytes:
         """Allow with a hold: the service hears of it; the client's receipt comes with the
         response (server/processing/), stating what was captured."""
@@ -353,6 +415,8 @@ class CheckService:
             (decision.UPSTREAM_HOLD, "true"),  # x-x402-amount is the hold, not the charge
         )
         meta = base.metadata(held, payment, paying.scheme.name, price, line["request_id"])
+        if paying.call is not None:  # the response phase reads the tool's answer
+            meta[contract.MCP] = contract.MCP_CALL
         return self.answers.ok(upstream, (), meta)
 
     def _allow(
@@ -362,6 +426,7 @@ class CheckService:
         price: Price,
         line: dict[str, Any],
         extra: Mapping[str, str] | None = None,
+        call: Call | None = None,
     ) -> bytes:
         reason = REDELIVERED if charged.redelivered else scheme.reason
         line["decision"], line["status"], line["reason"] = "allow", 200, reason
@@ -370,4 +435,6 @@ class CheckService:
         metadata = access_metadata(allowed.receipt, price)
         if extra:
             metadata.update(extra)
+        if call is not None:  # an MCP route: the settlement goes into the tool's result
+            metadata.update(self.mcp.allow_metadata(charged, price))
         return self.answers.ok(allowed.upstream_headers, allowed.response_headers, metadata)

@@ -32,6 +32,7 @@ def grpc_facts(check: authz.CheckRequest, context: Any) -> Facts:
         None if remaining is None else time.perf_counter() + remaining,
         cancels=True,
         query=query,
+        body=http.raw_body or http.body.encode(),  # MCP routes only (with_request_body)
     )
 
 

@@ -9,8 +9,9 @@ become ext_authz's dynamic metadata (the access log, the response phase), and
 `x-envoy-auth-headers-to-remove` strips the proof. Any other status denies: Envoy answers
 the client with it, the `allowed_client_headers` and our body; but Envoy takes any 5xx for
 its own failure and drops our answer, so a 503 travels as UNAVAILABLE_STAND_IN, marked, and
-the renderer's local-reply mapper gives it back its 503 (server/envoy/replies.py).
-There are no per-route
+the renderer's local-reply mapper gives it back its 503 (server/envoy/replies.py); the
+gateway's own 200 (an MCP answer, a replayed response) likewise travels as
+ANSWERED_STAND_IN. There are no per-route
 `context_extensions` here, so prices come from the sidecar's route table; a route's response
 phase is announced by the renderer's per-route `x-x402-phase` header instead.
 
@@ -38,9 +39,12 @@ from sidecar.core import decision, phases, protocol
 from sidecar.core.errors import ConfigError
 from sidecar.server.authz.check import Facts
 from sidecar.server.envoy.contract import (
+    ANSWERED_MARK,
+    ANSWERED_STAND_IN,
     DENIAL_METADATA,
     DENIAL_METADATA_KEY,
     EXTERNAL_ADDRESS,
+    MCP_BODY_BYTES,
     PHASE_HEADER,
     PROCESS_HEADER,
     PROCESS_PATH,
@@ -99,11 +103,14 @@ class HttpAnswers:
 
     _DENIED = _lines(DENIAL_METADATA.items())  # Envoy's local-reply mappers leave it as is
     _UNAVAILABLE = _lines([(DENIAL_METADATA_KEY, UNAVAILABLE_MARK)])  # ... or restore a 503
+    _ANSWERED = _lines([(DENIAL_METADATA_KEY, ANSWERED_MARK)])  # ... or a 200
 
     def denied(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
         mark = self._DENIED
         if status >= 500:
             status, mark = UNAVAILABLE_STAND_IN, self._UNAVAILABLE
+        elif status == 200:  # the gateway's own answer (an MCP route's, a replayed
+            status, mark = ANSWERED_STAND_IN, self._ANSWERED  # response): 200 would allow
         return (
             f"HTTP/1.1 {status} {reason_phrase(status)}\r\ncontent-length: {len(body)}\r\n".encode()
             + _lines(headers)
@@ -163,7 +170,7 @@ class AuthzConnection(asyncio.Protocol):
         self.url = b""
         self.headers: dict[str, str] = {}
         self.size = 0
-        self.body: list[bytes] = []
+        self.body = bytearray()
         self.processes = False  # the response phase's message, not a check
         self.limit = MAX_HEAD_BYTES
 
@@ -198,11 +205,11 @@ class AuthzConnection(asyncio.Protocol):
             self.processes, self.limit = True, MAX_PROCESS_BYTES
 
     def on_body(self, body: bytes) -> None:
-        self.size += len(body)  # a check has none (no with_request_body); bound it anyway
-        if self.size > self.limit:
+        # A check's: only on MCP routes (with_request_body, at most MCP_BODY_BYTES); the
+        # response phase's message: at most MAX_PROCESS_BYTES.
+        self.body += body
+        if len(self.body) > (MAX_PROCESS_BYTES if self.processes else MCP_BODY_BYTES):
             raise _Malformed("body too large")
-        if self.processes:
-            self.body.append(body)
 
     def _processes(self) -> bool:
         """The response phase's message: a check never carries PROCESS_HEADER (Envoy adds
@@ -222,7 +229,7 @@ class AuthzConnection(asyncio.Protocol):
             deadline = time.perf_counter() + int(timeout) / 1000
         keep_alive = self.parser.should_keep_alive()
         if self.processing is not None and self.processes:
-            answering = self.processing.answer(b"".join(self.body), deadline)
+            answering = self.processing.answer(bytes(self.body), deadline)
             self._schedule(answering, False, keep_alive)
             return
         extensions = (
@@ -241,6 +248,7 @@ class AuthzConnection(asyncio.Protocol):
             deadline,
             self.gone,
             query=query,
+            body=bytes(self.body),
         )
         self._schedule(self.authz.decide(facts), method == "HEAD", keep_alive)
 

@@ -15,9 +15,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sidecar.core import phases
+from sidecar.core import mcp, phases
 from sidecar.server.envoy import browser, contract, headers, replies
-from sidecar.server.envoy.filters import PROCESSING_MODE
+from sidecar.server.envoy.filters import (
+    HEADERS_MODE,
+    MCP_PROCESSING_MODE,
+    MCP_REQUEST_BODY,
+    PROCESSING_MODE,
+)
 
 HEADER = """\
 {{/* GENERATED from sidecar/server/envoy/contract.py: do not edit. Regenerate with
@@ -72,6 +77,14 @@ def contract_values() -> dict[str, Any]:
         "headersLimitMark": headers.LIMIT_MARK,
         "maxCodecHeadersKb": headers.MAX_CODEC_KB,
         "processingMode": PROCESSING_MODE,
+        "headersProcessingMode": HEADERS_MODE,
+        # MCP routes (core/mcp.py): their annotations, request body and response phase.
+        "mcpRouteKey": mcp.ROUTE_KEY,
+        "extMcpTools": mcp.EXT_MCP_TOOLS,
+        "extMcpDefault": mcp.EXT_MCP_DEFAULT,
+        "mcpFree": mcp.FREE,
+        "mcpRequestBody": MCP_REQUEST_BODY,
+        "mcpProcessingMode": MCP_PROCESSING_MODE,
         "localReplies": replies.mappers(),
     }
 

@@ -17,6 +17,7 @@ from sidecar.core.decision import (
     UPSTREAM_PAYER,
     UPSTREAM_RECEIPT,
 )
+from sidecar.core.mcp import DEFAULT_MAX_BODY_BYTES
 from sidecar.core.phases import EXT_PHASE, PHASE_KEYS, PHASE_RESPONSE
 from sidecar.core.pricing import EXT_ASSET, EXT_DESCRIPTION, EXT_PRICE, EXT_ROUTE
 from sidecar.core.protocol import (
@@ -58,7 +59,9 @@ CHANNEL_OPEN_PATH, CHANNEL_CLOSE_PATH = CHANNEL_PATH_PREFIX + "open", CHANNEL_PA
 
 # -- Request headers ----------------------------------------------------------------------
 REQUEST_ID_HEADER = "x-request-id"
-ACCEPT_HEADER = "accept"  # an unpaid browser's navigation gets the paywall (server/paywall.py)
+# An unpaid browser's navigation gets the paywall (server/paywall.py); an MCP route's
+# answer made by the gateway is JSON or an SSE event, as the client accepts.
+ACCEPT_HEADER = "accept"
 EXTERNAL_ADDRESS = "x-envoy-external-address"  # the client's address, as Envoy saw it
 FORWARDED_FOR, FORWARDED_PROTO = "x-forwarded-for", "x-forwarded-proto"
 # A trusted proxy's name for the host agents reached (resource.url, docs/configuration.md).
@@ -99,12 +102,24 @@ PROCESS_HEADER = "x-x402-ext-proc"  # its value: PHASE_RESPONSE
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 # What Envoy passes to the client: from a denial, and with an allow.
 # (payment-response: a failed `exact` settlement's SettleResponse, success false.)
-DENIAL_HEADERS = (
+# A retry answered with its payment's recorded response (server/replays.py): the service's
+# headers it carries (both transports; the rest of the service's headers are not kept).
+REPLAY_HEADERS = (
     "content-type",
     "cache-control",
-    "payment-required",
-    PAYMENT_RESPONSE,
-    "retry-after",
+    "content-encoding",
+    "content-language",
+    "content-disposition",
+    "etag",
+    "last-modified",
+    "expires",
+    "link",
+    "location",
+)
+DENIAL_HEADERS = tuple(
+    dict.fromkeys(
+        (*REPLAY_HEADERS, "payment-required", PAYMENT_RESPONSE, *RECEIPT_HEADERS, "retry-after")
+    )
 )
 SUCCESS_HEADERS = RECEIPT_HEADERS
 
@@ -128,7 +143,10 @@ ENVELOPE, REQUIREMENTS, RESERVATION, RESOURCE = (
 HOST, HTTP_SCHEME = "http_host", "http_scheme"
 # Every key a hold's metadata may hold besides the phase's annotations (PHASE_KEYS).
 HOLD_METADATA_KEYS: tuple[str, ...] = (HOLD, HOLD_SCHEME, PAYER, ASSET, HELD, ROUTE, REQUEST_ID)
-HOLD_METADATA_KEYS += (ENVELOPE, REQUIREMENTS, RESERVATION, RESOURCE, HOST, HTTP_SCHEME)
+# The payment's identity and the fingerprint of its request (core/retries.py), "<identity>
+# <fingerprint>": an `exact` settle at the response records its outcome under it.
+OUTCOME = "payment_outcome"
+HOLD_METADATA_KEYS += (ENVELOPE, REQUIREMENTS, RESERVATION, RESOURCE, HOST, HTTP_SCHEME, OUTCOME)
 # Dynamic metadata {"x402": "denied"} on every denial: Envoy's local-reply mappers
 # (replies.local_reply_config) leave a reply carrying it as the sidecar wrote it.
 DENIAL_METADATA_KEY = "x402"
@@ -137,11 +155,33 @@ DENIAL_METADATA = {DENIAL_METADATA_KEY: "denied"}
 # denial travels as this stand-in status, marked with this value of DENIAL_METADATA_KEY,
 # and a local-reply mapper gives it back its 503.
 UNAVAILABLE_STAND_IN, UNAVAILABLE_MARK = 490, "unavailable"
+# MCP routes (core/mcp.py, server/authz/mcp_calls.py): what the check tells the response
+# phase of a JSON-RPC request: a paid tools/call (its settlement, the x402 SettleResponse as
+# JSON, when charged on check) or a tools/list (the tools' prices, as JSON).
+MCP, MCP_SETTLE, MCP_PRICES = "mcp", "mcp_settle", "mcp_prices"
+MCP_CALL, MCP_LIST = "call", "list"  # values of MCP
+MCP_METADATA_KEYS = (MCP, MCP_SETTLE, MCP_PRICES)
+# The gateway's own 200 answers, an MCP route's payment-required one (a JSON-RPC result)
+# and a replayed response (server/replays.py): over HTTP a 200 from the sidecar would
+# allow, so it travels as this stand-in status, marked with this value of
+# DENIAL_METADATA_KEY, and a local-reply mapper gives it back its 200.
+ANSWERED_STAND_IN, ANSWERED_MARK = 491, "answered"
+# What Envoy sends of an MCP route's request body to the check (with_request_body).
+MCP_BODY_BYTES = DEFAULT_MAX_BODY_BYTES
 # Every key the decision may put in ext_authz's dynamic metadata; over HTTP each travels as
 # a header of that name and Envoy's dynamic_metadata_from_headers turns it back.
 METADATA_KEYS = tuple(
     dict.fromkeys(
-        (PAYER, AMOUNT, ASSET, RECEIPT_ID, *HOLD_METADATA_KEYS, *PHASE_KEYS, DENIAL_METADATA_KEY)
+        (
+            PAYER,
+            AMOUNT,
+            ASSET,
+            RECEIPT_ID,
+            *HOLD_METADATA_KEYS,
+            *PHASE_KEYS,
+            DENIAL_METADATA_KEY,
+            *MCP_METADATA_KEYS,
+        )
     )
 )
 

@@ -29,6 +29,11 @@ class Endpoints:
     # The self-serve top-up route (POST /x402/topup → the side port, no ext_authz) and how
     # long Envoy waits for it: "" renders no such route.
     topup_timeout: str = ""
+    # An MCP server beside the service (the demo's): the MCP routes go to it instead.
+    mcp_service: tuple[str, int] | None = None
+    # The sidecar keeps responses for their payments' retries (`replay_per_payer` > 0):
+    # a route with a response phase sends its body too (server/envoy/filters.py).
+    keep_responses: bool = True
 
 
 @dataclass(frozen=True)

@@ -80,33 +80,63 @@ def _ms(duration: str) -> int:
     return round(float(duration.removesuffix("s")) * 1000)
 
 
-def response_phase_route() -> dict[str, Any]:
+def response_phase_route(mode: Mapping[str, str]) -> dict[str, Any]:
     """Enables the ext_proc filter (disabled in the chain) on one route."""
     return {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {
         "@type": f"{TYPES}.filters.http.ext_proc.v3.ExtProcPerRoute",
-        "overrides": {"processing_mode": PROCESSING_MODE},
+        "overrides": {"processing_mode": dict(mode)},
     }}  # fmt: skip
 
 
-# Only the response's headers go to the sidecar: no request message, no bodies.
+# The response's headers and body go to the sidecar (no request message): the body
+# buffered up to Envoy's buffer limit (a larger one: its first part, the rest streams), so
+# the capture can keep the response for the payment's retries (server/replays.py).
 PROCESSING_MODE = {
     "request_header_mode": "SKIP",
     "response_header_mode": "SEND",
     "request_body_mode": "NONE",
-    "response_body_mode": "NONE",
+    "response_body_mode": "BUFFERED_PARTIAL",
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP",
 }
+# Only the response's headers (the sidecar keeps no responses, `replay_per_payer: 0`): the
+# filter's own mode, and the only one ext_proc's http_service takes (Envoy 1.40 refuses a
+# body mode there, and answers a route's body message over it never).
+HEADERS_MODE = {**PROCESSING_MODE, "response_body_mode": "NONE"}
+# An MCP route's: the response's body too, buffered whole (bounded by the connection's
+# buffer limit), so the settlement is written into the tool's JSON-RPC result.
+MCP_PROCESSING_MODE = {**PROCESSING_MODE, "response_body_mode": "BUFFERED"}
+# What an MCP route sends of its request's body to the check: the JSON-RPC message, at
+# most MCP_BODY_BYTES (a longer one is refused 413 by Envoy, never forwarded), as bytes.
+MCP_REQUEST_BODY = {
+    "max_request_bytes": contract.MCP_BODY_BYTES,
+    "allow_partial_message": False,
+    "pack_as_bytes": True,
+}
 
 
-def response_phase_filter(ep: Endpoints) -> dict[str, Any]:
+def route_mode(keep_responses: bool, is_mcp: bool) -> dict[str, str]:
+    """What a route with a response phase sends the sidecar (`keep_responses`:
+    Endpoints.keep_responses)."""
+    if is_mcp:
+        return MCP_PROCESSING_MODE
+    return PROCESSING_MODE if keep_responses else HEADERS_MODE
+
+
+def phase_over_http(ep: Endpoints, any_mcp: bool) -> bool:
+    """The response phase over ext_proc's http_service: with the HTTP transport, when no
+    route sends a body (no MCP route, no kept responses); otherwise over gRPC."""
+    return ep.transport == "http" and not ep.keep_responses and not any_mcp
+
+
+def response_phase_filter(ep: Endpoints, over_http: bool) -> dict[str, Any]:
     """Envoy's ext_proc filter for the response phase (server/processing/), disabled
-    unless a route enables it, over the checks' transport. Fail closed: if the sidecar
+    unless a route enables it; `over_http`: phase_over_http. Fail closed: if the sidecar
     cannot be asked (down, too slow), the client gets an error, never the response; the
     hold it could not capture expires and the ledger releases it, so nothing is charged."""
     timeout = ep.authz_timeout
     service: dict[str, Any]
-    if ep.transport == "http":
+    if over_http:
         service = {"http_service": process_http_service(ep)}
     else:
         service = {"grpc_service": {"envoy_grpc": {"cluster_name": "x402_authz"}}}
@@ -117,7 +147,7 @@ def response_phase_filter(ep: Endpoints) -> dict[str, Any]:
             "@type": f"{TYPES}.filters.http.ext_proc.v3.ExternalProcessor",
             **service,
             "failure_mode_allow": False,
-            "processing_mode": PROCESSING_MODE,
+            "processing_mode": HEADERS_MODE,
             "message_timeout": timeout,
             # The hold the check placed, as ext_authz's dynamic metadata.
             "metadata_options": {"forwarding_namespaces": {"untyped": [EXT_AUTHZ]}},

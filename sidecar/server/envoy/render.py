@@ -25,10 +25,11 @@ from sidecar.server.envoy.filters import (
     TYPES,
     early_header_mutation,
     ext_authz_filter,
+    phase_over_http,
     response_phase_filter,
 )
 from sidecar.server.envoy.replies import local_reply_config
-from sidecar.server.envoy.routes import has_response_phase, seconds, virtual_host_routes
+from sidecar.server.envoy.routes import has_mcp, has_response_phase, seconds, virtual_host_routes
 
 # A client writes the method and path: the access log keeps FIELD_BYTES of each, as the
 # sidecar's own lines do (a 60 KB path would otherwise be a 60 KB line).
@@ -177,7 +178,11 @@ def _http_filters(
         headers.headers_limit_filter(edge.max_request_headers_kb),
         {"name": browser.CORS, "typed_config": {"@type": f"{TYPES}.filters.http.cors.v3.Cors"}},
         ext_authz_filter(ep),
-        *([response_phase_filter(ep)] if has_response_phase(routes) else []),
+        *(
+            [response_phase_filter(ep, phase_over_http(ep, has_mcp(routes)))]
+            if has_response_phase(routes)
+            else []
+        ),
         {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": f"{TYPES}.filters.http.router.v3.Router"},
@@ -281,6 +286,7 @@ def render(
                 ),
                 _cluster("x402_http", *ep.sideport),
                 _cluster("service", *ep.service),
+                *([_cluster("mcp_service", *ep.mcp_service)] if ep.mcp_service else []),
             ],
         },
     }

@@ -7,7 +7,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from sidecar.server.envoy import browser
-from sidecar.server.envoy.contract import DENIAL_METADATA_KEY, EXT_AUTHZ, UNAVAILABLE_MARK
+from sidecar.server.envoy.contract import (
+    ANSWERED_MARK,
+    DENIAL_METADATA_KEY,
+    EXT_AUTHZ,
+    UNAVAILABLE_MARK,
+)
 
 
 def _reply(
@@ -99,8 +104,12 @@ def mappers() -> list[dict[str, Any]]:
     # Over the HTTP transport a sidecar 503 arrives as a stand-in status (a 5xx would be
     # taken for the sidecar's own failure): its status comes back, its body stays.
     unavailable = _denial_filter({"string_match": {"exact": UNAVAILABLE_MARK}})
+    # ... and the gateway's own 200 (an MCP route's JSON-RPC result, a replayed response) as
+    # another: its 200 comes back.
+    answered = _denial_filter({"string_match": {"exact": ANSWERED_MARK}})
     return [
         {"filter": unavailable, "status_code": 503},
+        {"filter": answered, "status_code": 200},
         {"filter": sidecar_denial},
         # ext_authz failed (sidecar down, timed out, refused): fail closed.
         _reply(

@@ -12,15 +12,17 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.core import phases
+from sidecar.core import mcp, phases
 from sidecar.core.pricing import ANY_METHOD, is_pattern, path_regex
 from sidecar.server.envoy import browser, contract
 from sidecar.server.envoy.contract import EXT_AUTHZ, EXT_PROC
 from sidecar.server.envoy.edge import Edge, Endpoints
 from sidecar.server.envoy.filters import (
+    MCP_REQUEST_BODY,
     TYPES,
     http_service,
     response_phase_route,
+    route_mode,
     with_headers,
 )
 
@@ -56,6 +58,7 @@ def route_extensions(name: str, spec: Mapping[str, Any], default_asset: str) -> 
     if spec.get("description"):
         extensions[contract.EXT_DESCRIPTION] = str(spec["description"])
     extensions.update(phases.spec_annotations(spec))
+    extensions.update(mcp.spec_annotations(spec))
     return extensions
 
 
@@ -65,10 +68,14 @@ def priced_route(
     default_asset: str,
     edge: Edge | None = None,
     http_service: Mapping[str, Any] | None = None,
+    mcp_cluster: str = "service",
+    keep_responses: bool = True,
 ) -> dict[str, Any]:
     """An Envoy route for a priced route. Over gRPC its price rides along as
     context_extensions; over HTTP (`http_service`: the filter's) there are none, and a
-    route with a response phase says so with a header on its checks instead."""
+    route with a response phase says so with a header on its checks instead. An MCP route
+    goes to `mcp_cluster` (an MCP server beside the service, in the demo);
+    `keep_responses`: Endpoints.keep_responses."""
     phase = phases.spec_annotations(spec)
     edge = edge or Edge()
     check_settings: dict[str, Any] = {
@@ -80,28 +87,38 @@ def priced_route(
             check_settings["http_service"] = with_headers(
                 http_service, {contract.PHASE_HEADER: contract.PHASE_RESPONSE}
             )
+    is_mcp = mcp.ROUTE_KEY in spec
+    if is_mcp:  # the check reads the JSON-RPC body (bounded: a longer one is Envoy's 413)
+        check_settings["with_request_body"] = MCP_REQUEST_BODY
     config: dict[str, Any] = {}
     if check_settings:
         config[EXT_AUTHZ] = {
             "@type": f"{TYPES}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
             "check_settings": check_settings,
         }
-    if phase:  # charge: on_success: the response phase runs on this route alone
-        config[EXT_PROC] = response_phase_route()
+    if phase or is_mcp:  # the response phase runs on this route alone
+        config[EXT_PROC] = response_phase_route(route_mode(keep_responses, is_mcp))
     timeout = phases.route_timeout(spec, edge.upstream_timeout_seconds)
-    route = {"name": name, "match": _route_match(spec), "route": service_route(edge, timeout)}
+    upstream = service_route(edge, timeout, mcp_cluster if is_mcp else "service")
+    route = {"name": name, "match": _route_match(spec), "route": upstream}
     if config:
         route["typed_per_filter_config"] = config
     return route
 
 
-def service_route(edge: Edge, timeout: int | None = None) -> dict[str, Any]:
+def service_route(
+    edge: Edge, timeout: int | None = None, cluster: str = "service"
+) -> dict[str, Any]:
     value = edge.upstream_timeout_seconds if timeout is None else timeout
-    return {"cluster": "service", "timeout": seconds(value)}
+    return {"cluster": cluster, "timeout": seconds(value)}
 
 
 def has_response_phase(routes: Mapping[str, Mapping[str, Any]]) -> bool:
-    return any(phases.spec_annotations(spec) for spec in routes.values())
+    return any(phases.spec_annotations(spec) or mcp.ROUTE_KEY in spec for spec in routes.values())
+
+
+def has_mcp(routes: Mapping[str, Mapping[str, Any]]) -> bool:
+    return any(mcp.ROUTE_KEY in spec for spec in routes.values())
 
 
 def _gateway_routes(ep: Endpoints) -> list[dict[str, Any]]:
@@ -142,6 +159,7 @@ def virtual_host_routes(
     the gateway, with its CORS), the priced routes, then the catch-all to the service."""
     origins = edge.cors_origins
     per_route_http = http_service(ep) if ep.transport == "http" else None
+    mcp_cluster = "mcp_service" if ep.mcp_service else "service"
     # Unannotated paths still go through ext_authz: the sidecar's own route table may
     # price them, and otherwise answers "free" without touching Redis.
     fallback = {"name": "service", "match": {"prefix": "/"}, "route": service_route(edge)}
@@ -151,7 +169,9 @@ def virtual_host_routes(
         # Exact paths first, as the sidecar's route table matches them: Envoy takes the
         # first match, so a template must not shadow one.
         *(
-            priced_route(name, spec, default_asset, edge, per_route_http)
+            priced_route(
+                name, spec, default_asset, edge, per_route_http, mcp_cluster, ep.keep_responses
+            )
             for name, spec in sorted(
                 routes.items(), key=lambda item: is_pattern(str(item[1]["path"]))
             )

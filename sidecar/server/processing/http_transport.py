@@ -22,7 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from sidecar.server.envoy.contract import EXT_AUTHZ
-from sidecar.server.processing.phase import Answer, Continue, Headers, Processor
+from sidecar.server.processing.answers import Answer, Continue, Headers, Wait
+from sidecar.server.processing.phase import Processor
 
 _OVERWRITE = "OVERWRITE_IF_EXISTS_OR_ADD"
 # Every other message the filter could send continues unchanged (the processing mode sends
@@ -63,7 +64,8 @@ def _set(headers: Headers) -> list[dict[str, Any]]:
 
 
 def encode(answer: Answer) -> bytes:
-    """The decision as ext_proc's ProcessingResponse, in proto JSON."""
+    """The decision on the response's headers as ext_proc's ProcessingResponse, in proto
+    JSON (no body: Envoy 1.40's http_service sends none, server/envoy/filters.py)."""
     if isinstance(answer, Continue):
         if not answer.set_headers and not answer.remove_headers:
             return _CONTINUE["response_headers"]
@@ -116,8 +118,13 @@ class HttpProcessor:
             if kind != "response_headers":
                 return _ok(_CONTINUE[kind])
             meta = metadata_of(request)
-            headers = headers_of(request["response_headers"])
+            message = request["response_headers"]
+            headers = headers_of(message)
+            end_of_stream = message.get("end_of_stream") is True
         except (ValueError, StopIteration, TypeError, KeyError, AttributeError):
             return BAD_REQUEST
-        answer = await self.processor.response_headers(meta, headers, deadline)
+        # No body message ever comes over HTTP: a held response is captured on its headers.
+        answer = await self.processor.response_headers(meta, headers, deadline, end_of_stream)
+        if isinstance(answer, Wait):  # the phase needs a body this transport never brings
+            return BAD_REQUEST
         return _ok(encode(answer))

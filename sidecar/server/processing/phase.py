@@ -13,20 +13,24 @@ down) replaces the response with an error: a response is never served free. If t
 never runs (the sidecar or Envoy died, the client went away), the hold expires and the
 ledger releases it: the payer is charged only when the response was seen.
 
-The answer is transport-free (Continue or Immediate); each transport writes it its way.
+The answer is transport-free (answers.py: Continue, Immediate, or Wait: the decision
+comes with the body); each transport writes it its way. Two routes wait for the body: an
+MCP route's (mcp.py: the settlement goes into the tool's result) and a held route's whose
+response is kept for its payment's retries (server/replays.py: the capture records it).
+Only gRPC brings a body (Envoy 1.40's ext_proc http_service sends none,
+server/envoy/filters.py): over HTTP a held response is captured on its headers, not kept.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from sidecar.core import decision, phases, protocol
+from sidecar.core import decision, phases
 from sidecar.core.decision import Denial, Gateway, Request
 from sidecar.core.errors import LedgerUnavailable, PaymentError, X402Error
 from sidecar.core.money import Asset
@@ -34,57 +38,25 @@ from sidecar.core.phases import ResponsePhase
 from sidecar.core.pricing import Price, RouteTable
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import CAPTURED, NO_HOLD, HoldClosed
-from sidecar.server import metrics
+from sidecar.server import metrics, replays
 from sidecar.server.envoy import contract
 from sidecar.server.logs import DecisionLog, get_logger
+from sidecar.server.processing.answers import (
+    CONTINUE,
+    WAIT,
+    Answer,
+    Continue,
+    Immediate,
+    Wait,
+    immediate,
+    receipt_headers,
+)
+from sidecar.server.processing.mcp import HELD_BACK, McpResponses
 from sidecar.server.schemes.base import HoldingScheme
-from sidecar.server.schemes.exact import ExactSettler
 from sidecar.server.schemes.registry import Schemes
+from sidecar.server.settler import ExactSettler
 
 log = get_logger("sidecar.processor")
-
-Headers = tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Continue:
-    """The service's response goes on, with these headers set (overwritten) and removed."""
-
-    set_headers: Headers = ()
-    remove_headers: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Immediate:
-    """The service's response is replaced by this one."""
-
-    status: int
-    headers: Headers
-    body: bytes
-    details: str
-
-
-Answer = Continue | Immediate
-CONTINUE = Continue()
-
-
-def receipt_headers(
-    receipt: Mapping[str, Any], settlement: Mapping[str, Any] | None = None
-) -> Headers:
-    encoded = protocol.encode_header(receipt)
-    return protocol.receipt_headers(encoded, settlement)
-
-
-def immediate(status: int, reason: str, message: str, denial: Denial | None = None) -> Immediate:
-    """Replace the service's response: a capture that cannot happen never serves it free.
-    `denial`: the check's own refusal (a 402 with its fresh challenge) to answer instead."""
-    if denial is not None:
-        return Immediate(status, denial.headers, denial.body, f"x402_{reason}")
-    body = json.dumps({"error": reason, "message": message}).encode()
-    headers: Headers = (("content-type", "application/json"), ("cache-control", "no-store"))
-    if status == 503:
-        headers += (("retry-after", "1"),)
-    return Immediate(status, headers, body, f"x402_{reason}")
 
 
 @lru_cache(maxsize=1024)
@@ -107,26 +79,81 @@ class Processor:
         self.worker = worker
         self.decisions = decisions or DecisionLog()
         self.holding = Schemes(gateway, ledger, settler).holding
+        # MCP routes: the settlement in the tool's result (mcp.py).
+        self.mcp = McpResponses(self.assets, gateway.network, self._tool_held)
+        # Responses kept for their payments' retries (server/replays.py): the capture
+        # waits for the body Envoy buffers on held routes.
+        self.keeping = gateway.replay_per_payer > 0
 
     async def response_headers(
-        self, meta: Mapping[str, str] | None, headers: Mapping[str, str], deadline: float | None
-    ) -> Answer:
+        self,
+        meta: Mapping[str, str] | None,
+        headers: Mapping[str, str],
+        deadline: float | None,
+        end_of_stream: bool = False,
+        body_follows: bool = False,
+    ) -> Answer | Wait:
         """The response's headers: `meta`, the check's ext_authz metadata (None: a free
-        route); `deadline`, when Envoy stops waiting (time.perf_counter(); None: unknown)."""
+        route); `deadline`, when Envoy stops waiting (time.perf_counter(); None: unknown);
+        `end_of_stream`: the response has no body; `body_follows`: the transport brings
+        its body next (then Wait: the decision comes with response_body)."""
         if meta is None:
             return CONTINUE  # a free route
+        if contract.MCP in meta:
+            if end_of_stream:  # no body: no JSON-RPC answer at all
+                return await self.mcp.body(meta, headers, b"", deadline)
+            if body_follows:
+                return Wait(HELD_BACK)
+            if contract.HOLD not in meta:  # paid at the check: served, without its _meta
+                return CONTINUE
+            # The tool's answer never comes, so its hold cannot be closed by it: never
+            # served free (the hold expires, nothing charged).
+            return immediate(503, "internal_error", "the payment could not be completed")
         if contract.HOLD not in meta:  # charged on check, or a redelivery
             usage = meta.get(phases.EXT_USAGE_HEADER)
             if usage is None:
                 return CONTINUE
             return Continue(remove_headers=(usage,))
+        if self.keeping and body_follows and not end_of_stream:
+            return WAIT  # the capture records the body: it waits for it
         # Once the ledger is asked, finish: if Envoy gives up meanwhile (the client hung
         # up), the capture or release it made still gets its decision line and revenue.
-        return await asyncio.shield(self._held(meta, headers, deadline))
+        body = b"" if end_of_stream else None  # None: not seen
+        return await asyncio.shield(self._held(meta, headers, deadline, body=body))
+
+    async def response_body(
+        self,
+        meta: Mapping[str, str],
+        headers: Mapping[str, str],
+        body: bytes | None,
+        deadline: float | None,
+    ) -> Answer:
+        """The body after a Wait (whole, or None: larger than Envoy's buffer), with the
+        headers and metadata the transport kept: an MCP tool's answer gets its settlement,
+        a held response is captured and kept with it."""
+        if contract.MCP in meta:
+            return await self.mcp.body(meta, headers, body or b"", deadline)
+        return await asyncio.shield(self._held(meta, headers, deadline, body=body))
+
+    async def _tool_held(
+        self,
+        meta: Mapping[str, str],
+        headers: Mapping[str, str],
+        deadline: float | None,
+        tool_failed: bool,
+    ) -> Answer:
+        return await self._held(meta, headers, deadline, tool_failed=tool_failed)
 
     async def _held(
-        self, meta: Mapping[str, str], headers: Mapping[str, str], deadline: float | None
+        self,
+        meta: Mapping[str, str],
+        headers: Mapping[str, str],
+        deadline: float | None,
+        tool_failed: bool = False,
+        body: bytes | None = None,
     ) -> Answer:
+        """Close the hold; `tool_failed`: an MCP tool's answer was an error, whatever its
+        status (mcp.py), so the hold is released; `body`: the response's, to keep."""
         started = time.perf_counter()
         status = int(headers.get(":status", "0") or 0)
         line: dict[str, Any] = {
@@ -139,8 +166,17 @@ class Processor:
             "upstream_status": status,
             "worker": self.worker,
         }
+        if tool_failed:
+            line["tool_failed"] = True
+        kept = ""
+        if self.keeping and not tool_failed:
+            limit = self.gateway.replay_body_max_bytes
+            kept = replays.encode(status, headers.items(), body, limit)
         try:
-            response = await self._close(meta, headers, status, line, deadline)
+            closing_status = max(status, 599) if tool_failed else status
+            response = await self._close(meta, headers, closing_status, line, deadline, kept)
+            if tool_failed and line.get("decision") == "release":
+                line.update(status=status, reason="tool_failed")
         except PaymentError as error:  # the ledger: the hold stays until it expires
             line.update(decision="deny", status=error.status, reason=error.reason)
             line.update(error.logged)
@@ -164,6 +200,7 @@ class Processor:
         status: int,
         line: dict[str, Any],
         deadline: float | None,
+        kept: str = "",
     ) -> Answer:
         asset = self.assets[meta[contract.ASSET]]
         annotations = tuple(sorted((k, v) for k, v in meta.items() if k.startswith("x402.")))
@@ -174,6 +211,7 @@ class Processor:
         held = int(meta[contract.HELD])
         line["price"] = asset.to_decimal(held)
         capture = phases.captured(phase, held, status, headers.get(phase.usage_header))
+        capture = dataclasses.replace(capture, response=kept)
         now = int(time.time())
         remove = (phase.usage_header,)
         if capture.release:

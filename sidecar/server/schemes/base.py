@@ -41,6 +41,7 @@ from sidecar.server.envoy.contract import (  # the keys a hold carries to the re
     ROUTE,
 )
 from sidecar.server.logs import get_logger
+from sidecar.server.replays import Recorded
 
 T = TypeVar("T")
 
@@ -68,6 +69,7 @@ class Charged:
     header: str | None = None  # the receipt's header value, if signing already encoded it
     settlement: Mapping[str, Any] | None = None  # `exact`: the standard's PAYMENT-RESPONSE
     redelivered: bool = False  # a retry of a payment already charged: nothing charged now
+    response: Recorded | None = None  # its recorded response: the retry is answered with it
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,13 @@ class Channel(Scheme[Signed]):
         voucher = vouchers.voucher_from(payment)
         cumulative = vouchers.verify_voucher(voucher, request, price, self.gateway)
         covered = retries.fingerprint(
-            request.method, request.path, request.query, price.amount, voucher.payee, price.route
+            request.method,
+            request.path,
+            request.query,
+            price.amount,
+            voucher.payee,
+            price.route,
+            request.body_digest,
         )
         return Payment(
             voucher.payer,

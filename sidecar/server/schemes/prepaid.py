@@ -16,6 +16,7 @@ from sidecar.core.protocol import Proof
 from sidecar.core.retries import Retry
 from sidecar.ledger.accounts import Ledger, Redelivered
 from sidecar.ledger.holds import CAPTURED, NO_HOLD, HoldClosed, Holds
+from sidecar.server import replays
 from sidecar.server.envoy.contract import HELD, HOLD, PAYER
 from sidecar.server.schemes.base import (
     Charged,
@@ -28,7 +29,7 @@ from sidecar.server.schemes.base import (
 # What a debit's outcome keeps beside its receipt id: a redelivery re-signs the same receipt.
 _KEPT = ("balance", "issued_at", "nonce", "invoice_id")
 # What a captured hold's outcome keeps beside its receipt's fields (ledger/lua/hold_close).
-_NOT_RECEIPT = ("fp", "redelivered")
+_NOT_RECEIPT = ("fp", "redelivered", replays.RESPONSE)
 
 
 class Prepaid(HoldingScheme[Proof]):
@@ -45,7 +46,13 @@ class Prepaid(HoldingScheme[Proof]):
             request, price, self.gateway, now, protocol.Proof.from_wire(payment)
         )
         covered = retries.fingerprint(
-            request.method, request.path, request.query, price.amount, proof.payee, price.route
+            request.method,
+            request.path,
+            request.query,
+            price.amount,
+            proof.payee,
+            price.route,
+            request.body_digest,
         )
         retry = Retry(retries.identity(None, proof.nonce), covered)
         return Payment(proof.payer, proof, proof.invoice_id, proof.nonce, retry=retry)
@@ -108,7 +115,8 @@ class Prepaid(HoldingScheme[Proof]):
             receipt = receipts.body(proof.payer, entry, price.asset)
             signer = self.gateway.signer(str(receipt["payee"]))
             signed, header = protocol.signed_receipt(receipt, signer)
-            return Charged(signed, 0, receipt["balance"], header, redelivered=True)
+            kept = replays.recorded(placed.outcome)
+            return Charged(signed, 0, receipt["balance"], header, None, True, kept)
         return Held(hold_id, price.amount, price.asset.to_decimal(placed))
 
     async def abandon(self, held: Held, payment: Payment[Proof]) -> PaymentError | None:
@@ -120,7 +128,10 @@ class Prepaid(HoldingScheme[Proof]):
     ) -> Closing:  # fmt: skip
         payer, hold_id, held = meta[PAYER], meta[HOLD], int(meta[HELD])
         extra = receipts.hold_extra(held, capture.units)
-        closed = await self.holds.capture(payer, hold_id, capture.amount, now, extra, within)
+        closed = await self.holds.capture(
+            payer, hold_id, capture.amount, now, extra, within,
+            capture.response, self.gateway.replay_per_payer,
+        )  # fmt: skip
         if closed.outcome != CAPTURED:
             return Closing(closed, None, None)
         receipt = self._captured(payer, hold_id, closed, asset, now, capture.units)

@@ -10,8 +10,10 @@ from sidecar.core.decision import Gateway
 from sidecar.ledger.accounts import Ledger
 from sidecar.server.schemes.base import HoldingScheme, Scheme
 from sidecar.server.schemes.channel import Channel
-from sidecar.server.schemes.exact import Exact, ExactSettler
+from sidecar.server.schemes.exact import Exact
 from sidecar.server.schemes.prepaid import Prepaid
+from sidecar.server.schemes.upto import Upto
+from sidecar.server.settler import ExactSettler
 
 
 class Schemes:
@@ -22,7 +24,7 @@ class Schemes:
     ) -> None:
         kinds: list[Scheme[Any]] = [Prepaid(gateway, ledger), Channel(gateway, ledger)]
         if gateway.exact is not None and settler is not None:
-            kinds.append(Exact(gateway, settler))
+            kinds += [Exact(gateway, settler), Upto(gateway, settler)]
         self.by_name = {kind.name: kind for kind in kinds}
         # Those with a hold step, for routes charged on success.
         self.holding: dict[str, HoldingScheme[Any]] = {

@@ -50,6 +50,7 @@ AUDIENCES = {
         "offers",
         "payer",
         "settle",
+        "reconcile",
         "evidence",
         "anchor",
     ),

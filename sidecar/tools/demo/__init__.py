@@ -4,7 +4,8 @@ Starts a real Redis, the sidecar, the real Envoy and a small upstream (sidecar.s
 creates and funds an agent wallet, then narrates: the price list, a 402 challenge, the
 signed proof, the paid 200 with its verified receipt, a replay refused, direct payments
 in one round trip, two spending guards refusing, the decision log and the ledger; then
-paying for what was served: a failed call refunded and metered calls charged by usage.
+paying for what was served: a failed call refunded and metered calls charged by usage;
+and an agent paying an MCP tool of an unmodified FastMCP server behind the same gateway.
 Then the two on-chain lanes, with anvil + Circle's USDC and `x402 facilitator serve`
 (sidecar.tools.chain, sidecar.tools.onchain): an agent holding only an EVM key tops up a
 fresh Ed25519 key and pays prepaid from the credit; an unmodified official x402 client
@@ -33,8 +34,8 @@ from sidecar.tools.demo.world import (
     start_onchain,
     wallet_rpc_port,
 )
+from sidecar.tools.mcp_stack import McpStack
 from sidecar.tools.onchain import exact_settings
-from sidecar.tools.stack import Stack
 
 __all__ = ["ROUTES", "Demo", "make_console", "run", "serve_forever"]
 
@@ -58,7 +59,7 @@ def run(serve: bool = False, console: Console | None = None, info: Path | None =
                     topup_max=TOPUP_MAX,
                 )
             with console.status("starting Redis, the sidecar, Envoy and the demo service…"):
-                stack = Stack(ROUTES, settings=settings)
+                stack = McpStack(ROUTES, settings=settings, beside=True)  # + FastMCP at /mcp
                 token = stack.with_admin() if serve else ""  # --serve: the dashboard too
                 running.enter_context(stack)
             if serve:

@@ -39,7 +39,7 @@ class AnchorLane:
     def run(self, onchain: DemoChain) -> None:
         chain = onchain.chain
         self.story.step(
-            "C. Every receipt provable against the chain",
+            "D. Every receipt provable against the chain",
             "The operator deploys a BatchAnchor (x402 anchor deploy) and settles: each batch's\n"
             "Merkle root goes on chain from the operator's key. x402 evidence verify --chain\n"
             "then proves a receipt against the root the contract holds, with no trust in the\n"

@@ -1,5 +1,6 @@
 """The demo's on-chain lanes (anvil with USDC, `x402 facilitator serve`): an agent that
-tops up its own credit with USDC, and an unmodified official x402 client paying `exact`."""
+tops up its own credit with USDC, an unmodified official x402 client paying `exact`, and
+one paying a metered route with `upto` (a maximum signed, what was served settled)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ from sidecar.tools.demo.world import (
     EXACT_PRICE,
     PREPAID_PATHS,
     PREPAID_SPENT,
+    ROW_PRICE,
+    ROWS,
+    ROWS_MAXIMUM,
     TOPUP_AMOUNT,
     TOPUP_ATOMIC,
     TX_HASH,
@@ -40,7 +44,7 @@ from sidecar.tools.demo.world import (
     to_atomic_usdf,
     usdc,
 )
-from sidecar.tools.onchain import official_client
+from sidecar.tools.onchain import official_client, upto_client
 from sidecar.tools.stack import Stack
 
 
@@ -97,6 +101,7 @@ class OnchainLanes:
         onchain = status.onchain
         self.story.attempt("self-funded top-up", lambda: self.self_funding_agent(onchain))
         self.story.attempt("exact payment", lambda: self.official_client_pays(onchain))
+        self.story.attempt("upto payment", lambda: self.official_client_meters(onchain))
         lane = AnchorLane(self.story, self.stack)
         self.story.attempt("receipt proven on chain", lambda: lane.run(onchain))
 
@@ -224,6 +229,57 @@ class OnchainLanes:
             after == (before[0] - EXACT_PRICE, before[1] + EXACT_PRICE),
             f"payer {signed(after[0] - before[0])} USDC, operator {signed(after[1] - before[1])} "
             f"USDC: exactly the price, {usdc(EXACT_PRICE)}",
+        )
+
+    def official_client_meters(self, onchain: DemoChain) -> None:
+        chain = onchain.chain
+        self.story.step(
+            "C. Any x402 wallet pays a metered route with upto",
+            "The same official client with the standard upto scheme (UptoEvmScheme). The "
+            f"402 of {ROWS} offers upto for the route's maximum, 100 rows: the wallet signs a "
+            "Permit2 authorization of at most that, the facilitator verifies it, the service "
+            "serves 37 rows, and only 37 x 0.001 settles on chain. This wallet holds USDC "
+            "only (no approval to Permit2, no ETH): it also signs the token's EIP-2612 permit "
+            "(the eip2612GasSponsoring extension the 402 declares), which the facilitator "
+            "sends in the same transaction, paying the gas.",
+        )
+        payer = new_evm_account()
+        chain.mint(payer.address, CLIENT_USDC)
+        before = onchain.balances(payer.address)
+        client = upto_client(chain.network, chain.token, payer.key, ROWS_MAXIMUM, chain.rpc_url)
+
+        async def pay() -> httpx.Response:
+            async with x402HttpxClient(client, timeout=60) as http:
+                answer: httpx.Response = await http.get(
+                    self.stack.url + ROWS, params={"limit": "37"}
+                )
+                return answer
+
+        response = asyncio.run(pay())
+        settled = decode_payment_response_header(response.headers.get("payment-response", ""))
+        after = onchain.balances(payer.address)
+        transaction = settled.transaction or ""
+        used = 37 * ROW_PRICE
+        self.story.console.print(f"payer        {payer.address}")
+        self.story.console.print(
+            f"GET {ROWS}?limit=37 → {response.status_code}, paid with upto on {settled.network}: "
+            f"settled {usdc(used)} of {usdc(ROWS_MAXIMUM)} USDC signed"
+        )
+        self.story.console.print(f"transaction  {transaction}")
+        self.balance_table(before, after)
+        self.story.check(
+            "upto payment",
+            response.status_code == 200
+            and settled.success
+            and settled.amount == str(used)
+            and mined(chain, transaction),
+            f"37 rows settled on chain, {settled.amount} atomic units, tx {short(transaction, 18)}",
+        )
+        self.story.check(
+            "upto on chain",
+            after == (before[0] - used, before[1] + used),
+            f"payer {signed(after[0] - before[0])} USDC, operator {signed(after[1] - before[1])} "
+            f"USDC: what was served, not the maximum",
         )
 
     def balance_table(self, before: tuple[int, int], after: tuple[int, int]) -> None:

@@ -24,6 +24,8 @@ from sidecar.core import protocol
 from sidecar.core.errors import X402Error
 from sidecar.tools.demo.world import (
     ATLAS,
+    MCP_PATH,
+    MCP_TOOLS,
     ROUTES,
     SERVE_CREDIT,
     SERVE_USDC,
@@ -54,6 +56,7 @@ def serve_forever(
     table.add_row("Redis", stack.redis_url)
     table.add_row("agent wallet", f"{key_file} ({SERVE_CREDIT} USDF)")
     facts = serve_facts(stack, wallet, key_file, onchain)
+    table.add_row("MCP server", f"{facts['mcp_url']} (tools: {facts['mcp_tools']})")
     serve_chain_rows(table, facts)
     if token:
         table.add_row("dashboard", stack.dashboard_url)
@@ -128,6 +131,9 @@ def serve_facts(
         "routes": {name: dict(spec) for name, spec in ROUTES.items()},
         # A priced route a person opens in a browser: the paywall page (server/paywall.py)
         "paywall_url": stack.url + ATLAS,
+        # The MCP server behind the same gateway (streamable HTTP), its tools' prices.
+        "mcp_url": stack.url + MCP_PATH,
+        "mcp_tools": dict(MCP_TOOLS),
     }
     running = onchain.onchain
     chain_keys = (

@@ -19,6 +19,7 @@ from sidecar.core import protocol
 from sidecar.core.errors import BudgetExceeded, MaxAmountExceeded
 from sidecar.core.money import to_decimal
 from sidecar.tools.demo.chain_lanes import OnchainLanes, onchain_rows
+from sidecar.tools.demo.mcp_lane import McpLane
 from sidecar.tools.demo.narration import Narration, Recorder
 from sidecar.tools.demo.world import (
     ATLAS,
@@ -31,6 +32,7 @@ from sidecar.tools.demo.world import (
     OnchainStatus,
     short,
 )
+from sidecar.tools.mcp_stack import McpStack
 from sidecar.tools.stack import Stack
 
 
@@ -72,6 +74,8 @@ class Demo(Narration):
         self.attempt("decision log", self.decision_log)
         self.attempt("ledger", self.ledger)
         self.attempt("refund", self.served)
+        if isinstance(self.stack, McpStack):  # the MCP server beside the demo service
+            self.attempt("mcp tool paid", McpLane(self, self.stack).run)
         OnchainLanes(self, self.stack, self.onchain).run()
         return self.summary(self.onchain.skipped)
 

@@ -63,7 +63,16 @@ ROUTES: dict[str, dict[str, Any]] = {
         "max_units": 4000,
         "description": "LLM generation, per token",
     },
+    # An unmodified MCP server's tools (FastMCP beside the demo service), per call.
+    "mcp-tools": {
+        "method": "POST",
+        "path": "/mcp",
+        "mcp": {"tools": {"get_weather": "0.01", "deep_research": "0.25"}, "default": "free"},
+        "description": "MCP tools, per call",
+    },
 }
+MCP_PATH = "/mcp"
+MCP_TOOLS = {"get_weather": "0.01", "deep_research": "0.25"}
 FREE_PATH = "/api/v1/agents/discover"  # not in the price list: free
 ATLAS = "/api/v1/agent/pay-api/atlas"
 CREDIT = "10"
@@ -87,6 +96,7 @@ PREPAID_PATHS = [
 PREPAID_SPENT = 271_000
 CLIENT_USDC = 1 * USDC  # minted to the official client's key
 EXACT_PRICE = 250_000  # atlas, 0.25 USDC
+ROWS, ROW_PRICE, ROWS_MAXIMUM = "/api/v1/data/rows", 1_000, 100_000  # 0.001 USDC a row, 100
 SERVE_CREDIT, SERVE_USDC = "100", 100 * USDC
 TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")
 

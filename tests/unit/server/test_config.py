@@ -11,6 +11,7 @@ from sidecar.core.errors import ConfigError, KeySetError
 from sidecar.core.identity import Identity, write_secret
 from sidecar.server.config import Settings
 from sidecar.server.envoy.edge import Edge
+from sidecar.server.replay_settings import ReplaySettings
 
 ROUTE = {"method": "GET", "path": "/api/{id}", "price": "0.25"}
 
@@ -78,11 +79,28 @@ def test_routes_become_a_route_table() -> None:
         ({"redelivery_limit": -1}, {}, "redelivery_limit"),
         ({"redelivery_limit": 101}, {}, "redelivery_limit"),
         ({}, {"X402_REDELIVERY_LIMIT": "1000"}, "X402_REDELIVERY_LIMIT"),
+        ({"durability": "always"}, {}, "durability"),
+        ({"durability": {"fsync": 1}}, {}, "durability: unknown key 'fsync'"),
+        ({"durability": {"money_in": "maybe"}}, {}, "durability.money_in"),
+        ({"durability": {"replicas": -1}}, {}, "durability.replicas"),
+        ({"durability": {"timeout_ms": 0}}, {}, "durability.timeout_ms"),
+        ({"durability": {"reconcile_interval_seconds": "5m"}}, {}, "durability.reconcile_"),
+        ({"replay_body_max_bytes": -1}, {}, "replay_body_max_bytes"),
+        ({"replay_body_max_bytes": 2 * 1024 * 1024}, {}, "replay_body_max_bytes"),
+        ({"replay_per_payer": 10_001}, {}, "replay_per_payer"),
+        ({}, {"X402_REPLAY_PER_PAYER": "-1"}, "X402_REPLAY_PER_PAYER"),
     ],
 )
 def test_bad_config_names_the_key(raw: dict[str, Any], env: dict[str, str], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load(raw, **env)
+
+
+def test_replay_settings_reach_the_gateway() -> None:
+    assert load({}).replay_settings() == ReplaySettings()
+    settings = load({"replay_body_max_bytes": 100, "replay_per_payer": 0})
+    assert settings.replay_settings() == ReplaySettings(100, 0)
+    assert not settings.replay_settings().enabled
 
 
 def test_edge_settings_for_envoy() -> None:
@@ -94,6 +112,13 @@ def test_edge_settings_for_envoy() -> None:
     assert load({"edge": {"cors_origins": origins}}).edge_config().cors_origins == tuple(origins)
     assert load({"edge": {"cors_origins": []}}).edge_config().cors_origins == ()
     assert Edge().cors_origins == ("*",)
+
+
+def test_durability_settings() -> None:
+    default = load({}).durability_config()
+    assert (default.enabled, default.replicas, default.timeout_ms) == (True, 0, 1000)
+    chosen = load({"durability": {"money_in": "off", "replicas": 1}}).durability_config()
+    assert (chosen.enabled, chosen.replicas) == (False, 1)
 
 
 def test_assets_take_a_number_or_a_mapping() -> None:

@@ -76,6 +76,28 @@ async def test_the_facilitators_extra_joins_the_offer_and_its_signers_are_kept(
     assert offered.extra == {"feePayer": "F", "name": "USDC", "version": "2"}  # ours win
 
 
+async def test_an_upto_kind_gives_its_facilitator_address_and_its_absence_is_no_error(
+    facilitator: Serve,
+) -> None:
+    listed = kinds(NETWORK)
+    listed["kinds"].append(
+        {"x402Version": 2, "scheme": "upto", "network": NETWORK,
+         "extra": {"facilitatorAddress": SIGNER}}
+    )  # fmt: skip
+    client = FacilitatorClient([Endpoint(await facilitator(web.json_response(listed)))], 5.0, 5.0)
+    uptos: dict[str, Any] = {}
+    shake = Handshake(client, [NETWORK], {}, 60.0, True, uptos)
+    await shake.once()
+    assert shake.state == handshake.READY
+    assert uptos == {NETWORK: {"facilitatorAddress": SIGNER}}
+    # A later answer without upto: no longer offered, and the sidecar stays ready.
+    client = FacilitatorClient([Endpoint(await facilitator(web.json_response(kinds(NETWORK))))],
+                               5.0, 5.0)  # fmt: skip
+    shake = Handshake(client, [NETWORK], {}, 60.0, True, uptos)
+    await shake.once()
+    assert (shake.state, uptos) == (handshake.READY, {})
+
+
 async def test_a_facilitator_without_the_network_is_named_and_holds_readiness(
     facilitator: Serve,
 ) -> None:

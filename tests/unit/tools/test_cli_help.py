@@ -27,8 +27,8 @@ def test_help_groups_the_commands_by_audience() -> None:
     listed = sections(result.output)
     assert list(listed)[1:] == ["Operator", "Agent", "Developer"]  # after "Options"
     assert listed["Operator"] == [
-        "serve", "keygen", "secret", "envoy-config", "offers", "payer", "settle", "evidence",
-        "anchor",
+        "serve", "keygen", "secret", "envoy-config", "offers", "payer", "settle", "reconcile",
+        "evidence", "anchor",
     ]  # fmt: skip
     assert listed["Agent"] == ["keygen", "pay", "topup", "channel"]
     assert listed["Developer"] == ["demo", "load", "facilitator"]
