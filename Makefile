@@ -85,13 +85,18 @@ TEST_ENV := HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(a
 	MULTICALL3_WHEEL=$(abspath $(MULTICALL3)) X402_CORE=$(abspath $(X402_CORE)) \
 	SOLC_JS=$(abspath $(SOLC)) X402_NODE_MODULES=$(abspath $(TOOLS)/node_modules)
 # The end-to-end files that run a second time with Envoy asking over the HTTP transport
-# (X402_TRANSPORT=http, docs/configuration.md): every one that starts a stack.
-E2E_OVER_HTTP := $(filter-out tests/test_packaging.py tests/test_fuzz.py tests/test_grafana.py \
-	tests/test_readme.py tests/test_guides.py tests/test_http_transport.py, $(wildcard tests/test_*.py))
+# (X402_TRANSPORT=http, docs/configuration.md): every one whose subject is a request's
+# check or response phase. Left out: what never asks the check (the ledger, the chain,
+# settlement, evidence, top-ups, the admin API, the dashboard, the CLI, the demo and
+# examples, the bench's tools) and the files with no stack.
+ONE_TRANSPORT := packaging fuzz grafana readme guides http_transport admin anchor chain \
+	bench_official bench_profile cli cluster conservation dashboard demo durability \
+	durable_topups evidence examples redis_pipe redis_tls settlement topup
+E2E_OVER_HTTP := $(filter-out $(ONE_TRANSPORT:%=tests/test_%.py), $(wildcard tests/test_*.py))
 
 test: install tools containers browser redis-tls lint
-	$(TEST_ENV) $(PY) -m pytest
-	X402_TRANSPORT=http $(TEST_ENV) $(PY) -m pytest $(E2E_OVER_HTTP)
+	$(TEST_ENV) $(PY) -m pytest --durations=15
+	X402_TRANSPORT=http $(TEST_ENV) $(PY) -m pytest --durations=15 $(E2E_OVER_HTTP)
 
 unit: install
 	$(PY) -m pytest tests/unit

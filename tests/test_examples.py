@@ -171,7 +171,7 @@ def test_the_readme_links_every_example_on_one_line() -> None:
     readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
     harness = {"lanes.py", "specialist.py"}  # beside the programs, not one of them
     programs = sorted(p.name for p in EXAMPLES.glob("*.py") if p.name not in harness)
-    assert len(programs) == 7
+    assert len(programs) == 8
     for program in programs:
         lines = [line for line in readme.splitlines() if f"(examples/{program})" in line]
         assert len(lines) == 1 and lines[0].startswith(f"- [examples/{program}]"), program

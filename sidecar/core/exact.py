@@ -244,32 +244,49 @@ def parse(decoded: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, A
     return accepted, authorization
 
 
-def verify(decoded: Mapping[str, Any], requirements: Offer, now: int) -> Eip3009Authorization:
-    """Match the envelope against this route's offer, cheapest first, before anyone is
-    called: scheme, network, amount, asset, payTo, then the authorization's recipient,
-    value and validity window. Addresses compare case-insensitively (EIP-55 checksums)."""
-    accepted, authorization = parse(decoded)
+def same_address(value: Any, ours: str) -> bool:
+    """Whether `value` is the address `ours` (EIP-55 checksums compare case-insensitively)."""
+    return isinstance(value, str) and value.lower() == ours.lower()
+
+
+def match_accepted(accepted: Mapping[str, Any], requirements: Offer, amount_is: str) -> None:
+    """The envelope's `accepted` against this route's offer (exact and upto): network,
+    amount (`amount_is`: what the route's amount is, for the message), asset, payTo."""
     if accepted.get("network") != requirements.network:
         raise InvoiceMismatch(f"this route is paid on {requirements.network}")
     if accepted.get("amount") != requirements.amount:
-        raise InvoiceMismatch(f"this route costs {requirements.amount} atomic units now")
+        raise InvoiceMismatch(f"this route's {amount_is} is {requirements.amount} atomic units now")
     for name, ours in (("asset", requirements.asset), ("payTo", requirements.pay_to)):
-        value = accepted.get(name)
-        if not isinstance(value, str) or value.lower() != ours.lower():
+        if not same_address(accepted.get(name), ours):
             raise InvoiceMismatch(f"accepted.{name} is not this route's {ours}")
-    if authorization["to"].lower() != requirements.pay_to.lower():
+
+
+def check_window(
+    valid_after: int, until: int, until_name: str, requirements: Offer, now: int
+) -> None:
+    """An authorization's validity window: valid now, long enough to settle, and no longer
+    than the offer's maxTimeoutSeconds (with CLOCK_SKEW_SECONDS of slack)."""
+    if valid_after > now:
+        raise InvoiceExpired("the authorization is not valid yet (validAfter)")
+    if until < now + MIN_VALIDITY_SECONDS:
+        raise InvoiceExpired(f"the authorization has expired ({until_name}); sign a fresh one")
+    if until > now + requirements.max_timeout_seconds + CLOCK_SKEW_SECONDS:
+        limit = requirements.max_timeout_seconds
+        raise InvoiceMismatch(f"{until_name} is more than maxTimeoutSeconds ({limit}) ahead")
+
+
+def verify(decoded: Mapping[str, Any], requirements: Offer, now: int) -> Eip3009Authorization:
+    """Match the envelope against this route's offer, cheapest first, before anyone is
+    called: scheme, network, amount, asset, payTo, then the authorization's recipient,
+    value and validity window."""
+    accepted, authorization = parse(decoded)
+    match_accepted(accepted, requirements, "price")
+    if not same_address(authorization["to"], requirements.pay_to):
         raise InvoiceMismatch("the authorization pays someone else than this gateway's payTo")
     if authorization["value"] != requirements.amount:
         raise InvoiceMismatch("the authorization's value is not this route's price")
     valid_after, valid_before = int(authorization["validAfter"]), int(authorization["validBefore"])
-    if valid_after > now:
-        raise InvoiceExpired("the authorization is not valid yet (validAfter)")
-    if valid_before < now + MIN_VALIDITY_SECONDS:
-        raise InvoiceExpired("the authorization has expired (validBefore); sign a fresh one")
-    if valid_before > now + requirements.max_timeout_seconds + CLOCK_SKEW_SECONDS:
-        raise InvoiceMismatch(
-            f"validBefore is more than maxTimeoutSeconds ({requirements.max_timeout_seconds}) ahead"
-        )
+    check_window(valid_after, valid_before, "validBefore", requirements, now)
     return Eip3009Authorization(
         payer=authorization["from"].lower(),
         to=authorization["to"].lower(),

@@ -20,19 +20,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.core.errors import (
-    InvoiceExpired,
-    InvoiceMismatch,
-)
+from sidecar.core.errors import InvoiceMismatch
 from sidecar.core.exact import (
     ADDRESS,
-    CLOCK_SKEW_SECONDS,
-    MIN_VALIDITY_SECONDS,
     UINT,
     ExactTerms,
     OnchainAsset,
+    check_window,
     field_of,
+    match_accepted,
     open_envelope,
+    same_address,
     standard_settle_response,
 )
 from sidecar.core.pricing import Price
@@ -154,43 +152,25 @@ def parse(decoded: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, A
     return accepted, permit
 
 
-def _same(value: Any, ours: str) -> bool:
-    return isinstance(value, str) and value.lower() == ours.lower()
-
-
 def verify(decoded: Mapping[str, Any], requirements: Offer, now: int) -> Permit2Authorization:
     """Match the envelope against this route's offer, cheapest first, before anyone is
     called: scheme, network, maximum, asset, payTo; then the permit's token, maximum,
     spender (the upto proxy), recipient, facilitator and validity window."""
     accepted, permit = parse(decoded)
-    if accepted.get("network") != requirements.network:
-        raise InvoiceMismatch(f"this route is paid on {requirements.network}")
-    if accepted.get("amount") != requirements.amount:
-        raise InvoiceMismatch(f"this route's maximum is {requirements.amount} atomic units now")
-    for name, ours in (("asset", requirements.asset), ("payTo", requirements.pay_to)):
-        if not _same(accepted.get(name), ours):
-            raise InvoiceMismatch(f"accepted.{name} is not this route's {ours}")
+    match_accepted(accepted, requirements, "maximum")
     permitted, witness = permit["permitted"], permit["witness"]
-    if not _same(permitted["token"], requirements.asset):
+    if not same_address(permitted["token"], requirements.asset):
         raise InvoiceMismatch("the permit is for another token than this route's")
     if permitted["amount"] != requirements.amount:
         raise InvoiceMismatch("the permit's maximum is not this route's")
-    if not _same(permit["spender"], UPTO_PROXY):
+    if not same_address(permit["spender"], UPTO_PROXY):
         raise InvoiceMismatch(f"the permit's spender must be the x402 upto proxy {UPTO_PROXY}")
-    if not _same(witness["to"], requirements.pay_to):
+    if not same_address(witness["to"], requirements.pay_to):
         raise InvoiceMismatch("the authorization pays someone else than this gateway's payTo")
-    if not _same(witness["facilitator"], str(requirements.extra.get(FACILITATOR_ADDRESS, ""))):
+    facilitator = str(requirements.extra.get(FACILITATOR_ADDRESS, ""))
+    if not same_address(witness["facilitator"], facilitator):
         raise InvoiceMismatch("the authorization names another facilitator than this offer's")
-    deadline = int(permit["deadline"])
-    if int(witness["validAfter"]) > now:
-        raise InvoiceExpired("the authorization is not valid yet (validAfter)")
-    if deadline < now + MIN_VALIDITY_SECONDS:
-        raise InvoiceExpired("the authorization has expired (deadline); sign a fresh one")
-    if deadline > now + requirements.max_timeout_seconds + CLOCK_SKEW_SECONDS:
-        raise InvoiceMismatch(
-            f"the deadline is more than maxTimeoutSeconds ({requirements.max_timeout_seconds}) "
-            "ahead"
-        )
+    check_window(int(witness["validAfter"]), int(permit["deadline"]), "deadline", requirements, now)
     return restore(decoded, requirements)
 
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.core.money import to_atomic
 from sidecar.core.pricing import is_pattern
 from sidecar.server.config import Settings
+from sidecar.server.durability_settings import Durability
 from sidecar.server.envoy import contract
 from sidecar.server.envoy.chart import contract_template
 from sidecar.server.envoy.edge import Edge, Endpoints
@@ -26,6 +26,7 @@ from tests.support.charts import (
     REPO,
     VALUES,
     Rendered,
+    listed_amount,
     merge,
     ordered_routes,
     render_chart,
@@ -167,6 +168,20 @@ def test_the_charts_transport_defaults_are_the_sidecars() -> None:
     assert chart["authzHttpPort"] == port == Endpoints().authz_http[1]
 
 
+def test_the_charts_retry_and_durability_defaults_are_the_sidecars() -> None:
+    chart = yaml.safe_load((CHART / "values.yaml").read_text())["sidecar"]
+    defaults = Settings()
+    retries = {snake_case(key): value for key, value in chart["retries"].items()}
+    assert retries == {
+        "redelivery_limit": defaults.redelivery_limit,
+        "replay_body_max_bytes": defaults.replay_body_max_bytes,
+        "replay_per_payer": defaults.replay_per_payer,
+    }
+    durability = {snake_case(key): value for key, value in chart["durability"].items()}
+    assert Durability.from_mapping(durability) == Durability()
+    assert set(durability) == set(dataclasses.asdict(Durability()))
+
+
 def test_sidecar_config_is_the_same_route_table(rendered: Rendered) -> None:
     v = rendered.values
     config = rendered.sidecar_config
@@ -176,13 +191,7 @@ def test_sidecar_config_is_the_same_route_table(rendered: Rendered) -> None:
     expected = set()
     for name, spec in v["routes"].items():
         asset = spec.get("asset", v["defaultAsset"])
-        if "unit_price" in spec:  # metered: the hold, the quoted maximum
-            amount = to_atomic(spec["unit_price"], v["assets"][asset]) * spec["max_units"]
-        elif "mcp" in spec:  # an MCP route: its dearest tool
-            prices = [*spec["mcp"]["tools"].values(), spec["mcp"].get("default", "0")]
-            amount = max(to_atomic(p.replace("free", "0"), v["assets"][asset]) for p in prices)
-        else:
-            amount = to_atomic(spec["price"], v["assets"][asset])
+        amount = listed_amount(spec, v, asset)
         expected.add((name, spec.get("method", "*"), spec["path"], asset, amount))
     actual = {(r.name, r.method, r.path, r.price.asset.code, r.price.amount) for r in table.routes}
     assert actual == expected

@@ -185,6 +185,16 @@ INVALID: dict[str, tuple[str, list[str], str]] = {
         [],
         "sidecar.holdSweepSeconds: Must be greater than or equal to 1",
     ),
+    "a typo in durability's money_in": (
+        "sidecar: {durability: {moneyIn: of}}",
+        [],
+        "sidecar.durability.moneyIn: sidecar.durability.moneyIn must be one of the following",
+    ),
+    "an unknown retries key": (
+        "sidecar: {retries: {redeliveries: 3}}",
+        [],
+        "Additional property redeliveries is not allowed",
+    ),
     "negative settlement interval": (
         "sidecar: {settlement: {intervalSeconds: -5}}",
         [],
@@ -406,6 +416,25 @@ def test_rate_limits_settlement_holds_and_the_admin_api_reach_the_sidecar_config
     assert default.sidecar_config["anchor_file"] == ""
     assert "x402-data" not in {v["name"] for v in default.pod["volumes"]}
     assert not default.has("Secret", f"{FULLNAME}-admin")
+
+
+def test_retries_and_durability_reach_the_sidecar_config() -> None:
+    rendered = render_chart(
+        "default",
+        "--set",
+        "sidecar.retries.redeliveryLimit=0",
+        "--set",
+        "sidecar.retries.replayPerPayer=8",
+        "--set",
+        "sidecar.durability.moneyIn=off",
+        "--set",
+        "sidecar.durability.replicas=1",
+    )
+    settings = Settings.from_mapping(rendered.sidecar_config, env={})
+    assert (settings.redelivery_limit, settings.replay_per_payer) == (0, 8)
+    assert settings.replay_settings().body_max_bytes == 32768
+    durability = settings.durability_config()
+    assert (durability.money_in, durability.replicas, durability.timeout_ms) == ("off", 1, 1000)
 
 
 def test_previous_signing_keys_are_mounted_and_configured() -> None:

@@ -155,9 +155,18 @@ def snake_case(key: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
 
 
-def listed_price(spec: Mapping[str, Any], values: Mapping[str, Any], asset: str) -> str:
-    """A route's price in discovery: a metered route's is its hold, the quoted maximum."""
+def listed_amount(spec: Mapping[str, Any], values: Mapping[str, Any], asset: str) -> int:
+    """A route's price in atomic units as the sidecar lists it: a metered route's is its
+    hold (the quoted maximum), an MCP route's its dearest tool."""
     decimals = values["assets"][asset]
     if "unit_price" in spec:
-        return to_decimal(to_atomic(spec["unit_price"], decimals) * spec["max_units"], decimals)
-    return to_decimal(to_atomic(spec["price"], decimals), decimals)
+        return int(to_atomic(spec["unit_price"], decimals) * spec["max_units"])
+    if "mcp" in spec:
+        prices = [*spec["mcp"]["tools"].values(), spec["mcp"].get("default", "free")]
+        return max(to_atomic("0" if p == "free" else p, decimals) for p in prices)
+    return to_atomic(spec["price"], decimals)
+
+
+def listed_price(spec: Mapping[str, Any], values: Mapping[str, Any], asset: str) -> str:
+    """A route's price in discovery, as a decimal string (listed_amount)."""
+    return to_decimal(listed_amount(spec, values, asset), values["assets"][asset])
