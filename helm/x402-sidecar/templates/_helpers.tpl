@@ -242,9 +242,11 @@ time.sleep(int(sys.argv[2]))
 {{- range $name, $route := .Values.routes }}{{ include "x402.hasPhase" $route }}{{ if hasKey $route "mcp" }}true{{ end }}{{ end }}
 {{- end }}
 
-{{/* "true" when the sidecar keeps responses for their payments' retries (its default
-     replay_per_payer): a route with a response phase sends its body. */}}
-{{- define "x402.keepsResponses" -}}true{{- end }}
+{{/* "true" when the sidecar keeps responses for their payments' retries
+     (sidecar.retries.replayPerPayer > 0): a route with a response phase sends its body. */}}
+{{- define "x402.keepsResponses" -}}
+{{- if gt (int .Values.sidecar.retries.replayPerPayer) 0 }}true{{ end }}
+{{- end }}
 
 {{/* "true" when the response phase goes over ext_proc's http_service: the HTTP transport,
      and no route sends a body (no MCP route, no kept responses; envoy/filters.py). */}}
