@@ -184,9 +184,12 @@ class LocalRun:
     ) -> None:
         self.wrk, self.args, self.only, self.results = wrk, args, only, results
         self.phases: dict[str, Any] = results["phases"]
+        settings: dict[str, Any] = {"max_direct_ttl_seconds": 3600, "hold_sweep_seconds": 1}
+        if args.replay_per_payer is not None:
+            settings["replay_per_payer"] = args.replay_per_payer
         self.stack = Stack(
             ROUTES,
-            settings={"max_direct_ttl_seconds": 3600, "hold_sweep_seconds": 1},
+            settings=settings,
             workers=args.workers,
             envoy_concurrency=args.envoy_concurrency,
         )

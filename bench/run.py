@@ -83,6 +83,13 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--no-onchain", action="store_true", help="skip (9)-(12): vouchers, exact, official"
     )
+    parser.add_argument(
+        "--replay-per-payer",
+        type=int,
+        default=None,
+        help="the sidecar's replay_per_payer (0: no kept responses, so 7h/8h's response "
+        "phase goes over HTTP too)",
+    )
     return parser.parse_args()
 
 
