@@ -194,6 +194,31 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The largest peak resident set (VmHWM, since the process started) of a process and
+    its live descendants, in MB: for the sidecar, its busiest worker's."""
+    peak = 0.0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                peak = max(peak, peak_rss_mb(int(child)))
+    except (OSError, ValueError):
+        pass
+    return round(peak, 1)
+
+
+def ledger_bytes(stack: Stack) -> int:
+    """Redis's used_memory (INFO memory): the ledger's whole footprint."""
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        return int(client.info("memory")["used_memory"])
+    finally:
+        client.close()
+
+
 class CpuMeter:
     """CPU µs per request of each part of the stack (and of wrk) during one phase."""
 
@@ -209,6 +234,10 @@ class CpuMeter:
             self.children.ru_utime + self.children.ru_stime
         )
         return {name: round(seconds * 1e6 / max(requests, 1), 1) for name, seconds in used.items()}
+
+    def peak_rss(self) -> dict[str, float]:
+        """Each part's peak resident set so far, MB (the sidecar: its largest worker)."""
+        return {name: peak_rss_mb(pid) for name, pid in self.pids.items()}
 
 
 def restart(stack: Stack, bare_port: int, transport: str, workers: int) -> None:

@@ -34,6 +34,7 @@ from bench.harness import (
     decision_latencies,
     envoy_stat,
     fund,
+    ledger_bytes,
     ledger_totals,
     presign,
     reset_ledger,
@@ -183,9 +184,12 @@ class LocalRun:
     ) -> None:
         self.wrk, self.args, self.only, self.results = wrk, args, only, results
         self.phases: dict[str, Any] = results["phases"]
+        settings: dict[str, Any] = {"max_direct_ttl_seconds": 3600, "hold_sweep_seconds": 1}
+        if args.replay_per_payer is not None:
+            settings["replay_per_payer"] = args.replay_per_payer
         self.stack = Stack(
             ROUTES,
-            settings={"max_direct_ttl_seconds": 3600, "hold_sweep_seconds": 1},
+            settings=settings,
             workers=args.workers,
             envoy_concurrency=args.envoy_concurrency,
         )
@@ -227,12 +231,16 @@ class LocalRun:
         if args.warmup:
             run_wrk(self.wrk, url, args.warmup, args.connections, args.threads, script, warm_args)
         meter = CpuMeter(self.pids())
-        asked = check_traffic(stack)
+        asked, memory = check_traffic(stack), ledger_bytes(stack)
         figures = run_wrk(
             self.wrk, url, args.duration, args.connections, args.threads, script, run_args
         )
         figures["cpu_us_per_request"] = meter.per_request(figures["requests"])
         figures["bytes_per_check"] = bytes_per_check(asked, check_traffic(stack))
+        figures["peak_rss_mb"] = meter.peak_rss()
+        if paid:  # what each paid request left in Redis (spent nonce, receipt, outcome, hold)
+            grown = ledger_bytes(stack) - memory
+            figures["ledger_bytes_per_request"] = round(grown / max(figures["requests"], 1))
         self.phases[name] = figures
         print(
             f"bench: {name:<30} {figures['ok_rps']:>8.0f} req/s  "
@@ -338,7 +346,7 @@ class LocalRun:
             self.paced()
         time.sleep(0.5)
         envoy_allowed = envoy_stat(stack, "http.ingress.ext_authz.ok") - before
-        self.charged_on_success("7 paid on_success", "8 paid metered")
+        self.charged_on_success("7 gRPC paid on_success", "8 gRPC paid metered")
         # wrk's paid runs (warm-up and measured) each leave up to `connections` in flight.
         self.results["ledger"] = reconcile(stack, envoy_allowed, 2 * self.args.connections)
 

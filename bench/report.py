@@ -43,6 +43,7 @@ def report(results: dict[str, Any], rate: float) -> None:
         print(f"{f'MCP tool call, {kind} vs free':<48}x{added['throughput_ratio']:.3f} req/s, "
               f"p50 {added['added_p50_ms']:+.2f} ms")  # fmt: skip
     onchain_report(results)
+    memory_report(phases)
     targets(results)
     for key in ("ledger", "ledger_http"):
         if key in results:
@@ -92,8 +93,8 @@ def targets(results: dict[str, Any]) -> None:
         ("HTTP paid >= 0.8 x gRPC allow-all", ratios.get("http_paid/grpc_allow_all"), 0.8),
         ("HTTP paid >= 1.7 x gRPC paid", ratios.get("http_paid/grpc_paid"), 1.7),
         ("gRPC paid >= 0.5 x gRPC allow-all", ratios.get("paid/allow_all"), 0.5),
-        ("on_success >= 0.6 x on_check (gRPC)", ratios.get("on_success/on_check"), 0.6),
-        ("metered >= 0.6 x on_check (gRPC)", ratios.get("metered/on_check"), 0.6),
+        ("on_success >= 0.6 x on_check (gRPC)", ratios.get("grpc_on_success/grpc_on_check"), 0.6),
+        ("metered >= 0.6 x on_check (gRPC)", ratios.get("grpc_metered/grpc_on_check"), 0.6),
         ("on_success >= 0.6 x on_check (HTTP)", ratios.get("http_on_success/http_on_check"), 0.6),
         ("metered >= 0.6 x on_check (HTTP)", ratios.get("http_metered/http_on_check"), 0.6),
         ("paid with the record >= 0.9 x before", ratios.get("with_record/before_record"), 0.9),
@@ -113,6 +114,25 @@ def targets(results: dict[str, Any]) -> None:
             print(f"target: {name:<44}{'met' if value >= goal else 'NOT met'}")
 
 
+def memory_report(phases: dict[str, Any]) -> None:
+    """Each part's peak RSS by the end of each phase (the sidecar: its largest worker), and
+    what each paid request left in the ledger (Redis used_memory grown over the phase)."""
+    print()
+    for name, figures in phases.items():
+        peak = figures.get("peak_rss_mb")
+        if not peak:
+            continue
+        parts = ", ".join(f"{part} {mb:.0f}" for part, mb in peak.items())
+        grown = figures.get("ledger_bytes_per_request")
+        ledger = f"; ledger {grown} B/paid request" if grown is not None else ""
+        print(f"memory: {name:<30} peak RSS MB: {parts}{ledger}")
+    worst = max((f["peak_rss_mb"].get("sidecar", 0.0) for f in phases.values()
+                 if f.get("peak_rss_mb")), default=None)  # fmt: skip
+    if worst is not None:
+        verdict = "met" if worst < 150 else "NOT met"
+        print(f"target: {'sidecar worker peak RSS < 150 MB':<44}{verdict} ({worst:.0f} MB)")
+
+
 def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
     """The ratios by the names of both sides, each where both phases ran."""
 
@@ -124,8 +144,8 @@ def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
         "paid/allow_all_no_proof": ("4 sidecar paid direct", "2b allow-all, no proof header"),
         "paid/envoy_only": ("4 sidecar paid direct", "1 envoy only"),
         "allow_all/envoy_only": ("2 allow-all ext_authz", "1 envoy only"),
-        "on_success/on_check": ("7 paid on_success", "4 sidecar paid direct"),
-        "metered/on_check": ("8 paid metered", "4 sidecar paid direct"),
+        "grpc_on_success/grpc_on_check": ("7 gRPC paid on_success", "4 sidecar paid direct"),
+        "grpc_metered/grpc_on_check": ("8 gRPC paid metered", "4 sidecar paid direct"),
         "http_paid/grpc_allow_all": (HTTP_PAID, "2 allow-all ext_authz"),
         "http_paid/grpc_paid": (HTTP_PAID, "4 sidecar paid direct"),
         "http_paid/http_allow_all": (HTTP_PAID, "2h HTTP allow-all, no proof header"),

@@ -11,6 +11,7 @@ from bench import profile
 
 ROOT = "run (uvloop/__init__.py:92);Runner.run (asyncio/runners.py:118)"
 CHECK = ROOT + ";GrpcChecks.check (sidecar/server/authz/grpc_transport.py:50)"
+PROCESS = ROOT + ";HttpProcessor.answer (sidecar/server/processing/http_transport.py:120)"
 
 
 @pytest.mark.parametrize(
@@ -37,6 +38,13 @@ CHECK = ROOT + ";GrpcChecks.check (sidecar/server/authz/grpc_transport.py:50)"
          "transport framework"),
         (CHECK + ";HttpAnswers.ok (sidecar/server/authz/http_transport.py:110)",
          "response building"),
+        # The response phase over HTTP (a held route): its answer's JSON is response building.
+        (PROCESS, "glue"),
+        (PROCESS + ";encode (sidecar/server/processing/http_transport.py:70)",
+         "response building"),
+        (PROCESS + ";loads (json/__init__.py:346)", "JSON (+base64)"),
+        (PROCESS + ";Processor._held (sidecar/server/processing/phase.py:130);"
+         "receipt_headers (sidecar/server/processing/phase.py:71)", "response building"),
         ("<module> (somewhere.py:1)", "other"),
     ],
 )  # fmt: skip

@@ -9,6 +9,7 @@ facilitator serve the whole module.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import statistics
 import subprocess
@@ -214,6 +215,53 @@ def test_verify_then_settle_moves_exactly_the_price(http: httpx.Client, chain: A
     assert after.operator == before.operator + PRICE
     nonce = bytes.fromhex(payload.payload["authorization"]["nonce"][2:])
     assert chain.authorization_used(payer_of(chain).address, nonce)
+
+
+IN_FLIGHT = 12  # above asyncio.to_thread's default pool on a small machine (cores + 4)
+
+
+def test_several_settlements_are_in_flight_at_once_and_each_transfers_once(
+    chain: AnvilChain, facilitator: ServedFacilitator
+) -> None:
+    """anvil mines nothing until all of them are sent: settled one at a time, a single
+    transaction would ever wait in its pool. Then one block, and every settlement is a
+    success with its own transaction, each transfer on chain exactly once, the facilitator's
+    nonces consecutive (tools/settling.py)."""
+    offer = requirements(chain)
+    payloads = [pay(chain, offer) for _ in range(IN_FLIGHT)]
+    before = snapshot(chain)
+
+    async def settle_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=facilitator.url, timeout=60) as client:
+            sent = [
+                asyncio.ensure_future(client.post("/settle", json=body(payload, offer)))
+                for payload in payloads
+            ]
+            for _ in range(600):  # bounded: settled one by one, the pool never fills
+                if await asyncio.to_thread(chain.pending_transactions) == IN_FLIGHT:
+                    break
+                assert not any(task.done() for task in sent), "a settlement did not wait"
+                await asyncio.sleep(0.05)
+            assert await asyncio.to_thread(chain.pending_transactions) == IN_FLIGHT
+            await asyncio.to_thread(chain.mine)
+            return list(await asyncio.gather(*sent))
+
+    chain.automine(False)
+    try:
+        answers = [answer.json() for answer in asyncio.run(settle_all())]
+    finally:
+        chain.automine(True)
+    assert all(answer["success"] for answer in answers), answers
+    transactions = {answer["transaction"] for answer in answers}
+    assert len(transactions) == IN_FLIGHT
+    after = snapshot(chain)
+    assert after.payer == before.payer - IN_FLIGHT * PRICE
+    assert after.operator == before.operator + IN_FLIGHT * PRICE
+    assert after.gas_payer_nonce == before.gas_payer_nonce + IN_FLIGHT
+    mined = [chain.w3.eth.get_transaction_receipt(tx) for tx in transactions]
+    assert {receipt["status"] for receipt in mined} == {1}
+    nonces = sorted(chain.w3.eth.get_transaction(tx)["nonce"] for tx in transactions)
+    assert nonces == list(range(before.gas_payer_nonce, after.gas_payer_nonce))
 
 
 def test_settling_the_same_payload_again_fails_and_mines_nothing(

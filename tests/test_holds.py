@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from sidecar.core import phases, protocol
 from sidecar.core.errors import MaxAmountExceeded
@@ -299,6 +300,9 @@ async def test_a_sidecar_killed_mid_request_leaves_no_charge_and_no_hold(
             stack.processes["sidecar"].popen.wait()
             lost = await pending
             assert lost.status_code == 503  # never the service's answer, never free
+            # Envoy's own failure of the phase, typed (docs/protocol.md §5).
+            assert lost.json()["error"] == "response_phase_unavailable"
+            assert lost.json()["details"].startswith("ext_proc_error")
             assert "payment-response" not in lost.headers
             stack.start_sidecar()  # back up, before the hold's lifetime ends
 
@@ -465,3 +469,35 @@ async def test_a_captured_holds_proof_sent_again_is_redelivered_uncharged(
     account = await holds_ledger.account(wallet.public_key)
     assert account.debited["USDF"] == 37_000 + 5_000 and account.held == {}
     assert len(await holds_ledger.receipts(wallet.public_key)) == 2
+
+
+async def test_held_requests_leave_no_key_without_an_expiry_per_request(
+    http: httpx.AsyncClient, holds_stack: Stack, holds_ledger: Ledger
+) -> None:
+    """Memory is bounded by expiry: after a payer's first held request, more of them (each
+    captured or released) add no key without a TTL; what they leave per request (the
+    spent nonce, the recorded outcome) expires. The receipts stream aside: settlement
+    trims it."""
+    wallet = await funded_payer(holds_ledger, 1_000_000)
+
+    async def paid(fail: str | None = None) -> None:
+        params = {"fail": fail} if fail else {}
+        proof = pay_direct(holds_stack, wallet, f"GET {REPORT}", "0.25")
+        answer = await http.get(REPORT, params=params, headers=proof)
+        assert answer.status_code == (int(fail) if fail else 200)
+
+    client = aioredis.from_url(holds_stack.redis_url)
+
+    async def lasting() -> set[bytes]:
+        keys = [key async for key in client.scan_iter(count=1000)]
+        ttls = [await client.ttl(key) for key in keys]
+        return {key for key, ttl in zip(keys, ttls, strict=True) if ttl == -1}
+
+    try:
+        await paid()
+        before = await lasting()
+        for fail in (None, "500", None):
+            await paid(fail)
+        assert await lasting() == before
+    finally:
+        await client.aclose()

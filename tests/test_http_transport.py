@@ -1,26 +1,39 @@
-"""The HTTP ext_authz transport's own wire (server/authz/http_transport.py), whatever X402_TRANSPORT
-says: Envoy's http_service mode in front of a real sidecar and Redis. The decisions behind
-it are the end-to-end suite's, which runs over both transports (`make test`)."""
+"""The HTTP transport's own wire (server/authz/http_transport.py, and the response phase's,
+server/processing/http_transport.py), whatever X402_TRANSPORT says: Envoy's http_service
+modes in front of a real sidecar and Redis. The decisions behind it are the end-to-end
+suite's, which runs over both transports (`make test`)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 
+from sidecar.core import phases
+from sidecar.ledger.accounts import Ledger
+from sidecar.server.envoy import contract
 from sidecar.tools.stack import LOOPBACK, Stack
 from tests.support.payers import funded_payer_at, pay_direct
 from tests.support.routes import ROUTES
 
 ATLAS = str(ROUTES["atlas"]["path"])  # GET, 0.25
+REPORT = "/api/v1/report"  # GET, 0.25, charged on success: the response phase runs
+HELD_ROUTES = {
+    **ROUTES,
+    "report": {"method": "GET", "path": REPORT, "price": "0.25", "charge": "on_success"},
+}
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    with Stack(ROUTES, transport="http") as running:
+    """No kept responses (`replay_per_payer: 0`): no route sends a body, so the response
+    phase goes over HTTP too (server/envoy/filters.py phase_over_http)."""
+    with Stack(HELD_ROUTES, transport="http", settings={"replay_per_payer": 0}) as running:
         yield running
 
 
@@ -117,3 +130,134 @@ async def test_paid_through_envoy_over_http_reaches_the_service_with_the_facts(
         if entry.startswith("{") and seen["receipt_id"] in entry
     ]
     assert access and access[0]["payer"] == wallet.public_key
+
+
+# -- The response phase over HTTP (ext_proc's http_service) ------------------------------
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def process(body: bytes, timeout_ms: int = 1000, mark: bool = True) -> bytes:
+    """ext_proc's POST as Envoy writes it (chunked, JSON), to the checks' port."""
+    marks = f"{contract.PROCESS_HEADER}: response\r\n" if mark else ""
+    return (
+        f"POST {contract.PROCESS_PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        f"content-type: application/json\r\n{marks}"
+        f"{contract.TIMEOUT_HEADER}: {timeout_ms}\r\ntransfer-encoding: chunked\r\n\r\n"
+    ).encode() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+def processing_request(status: int, metadata: dict[str, str] | None) -> bytes:
+    message: dict[str, Any] = {
+        "response_headers": {
+            "headers": {"headers": [{"key": ":status", "raw_value": b64(str(status))}]}
+        }
+    }
+    if metadata is not None:
+        message["metadata_context"] = {"filter_metadata": {contract.EXT_AUTHZ: metadata}}
+    return json.dumps(message).encode()
+
+
+def answer_of(raw: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body) if body else {}
+
+
+def held_check(stack: Stack, proof: dict[str, str]) -> dict[str, str]:
+    """A check on the held route over the wire, as Envoy sends it; the hold's metadata
+    its answer carries (Envoy's dynamic_metadata_from_headers)."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in proof.items())
+    extra += f"{contract.PHASE_HEADER}: {phases.PHASE_RESPONSE}\r\n"
+    extra += f"{contract.TIMEOUT_HEADER}: 1000\r\n"
+    [answer] = exchange(stack, check(REPORT, extra=extra))
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+    assert head.startswith("HTTP/1.1 200"), head
+    fields = dict(line.split(": ", 1) for line in head.split("\r\n")[1:])
+    return {key: fields[key] for key in contract.METADATA_KEYS if key in fields}
+
+
+def test_envoy_asks_the_response_phase_over_http_on_the_checks_port(stack: Stack) -> None:
+    config = (stack.dir / "envoy.yaml").read_text()
+    assert f"{contract.PROCESS_PATH}" in config and "x402_authz_http" in config
+    [ext_proc] = [line for line in config.splitlines() if "ext_proc.v3.ExternalProcessor" in line]
+    assert ext_proc
+    # No ext_proc service on the gRPC port over this transport: a capture that works came
+    # over HTTP.
+    assert "ExternalProcessor" not in config.partition("grpc_service")[2].partition("x402_authz")[0]
+
+
+async def test_a_held_request_through_envoy_is_captured_over_http(stack: Stack) -> None:
+    wallet = await funded_payer_at(stack.redis_url, 1_000_000)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        served = await client.get(
+            REPORT, headers=pay_direct(stack, wallet, f"GET {REPORT}", "0.25")
+        )
+    assert served.status_code == 200
+    receipt = json.loads(base64.b64decode(served.headers["payment-response"]))
+    assert receipt["success"] is True and receipt["amount"] == "0.25"
+    [line] = stack.wait_decisions(
+        lambda d: d.get("phase") == "response" and d.get("receipt_id") == receipt["receipt_id"]
+    )
+    assert line["decision"] == "capture" and line["upstream_status"] == 200
+
+
+async def test_a_phase_past_envoys_deadline_never_charges_and_a_timely_one_captures_once(
+    stack: Stack,
+) -> None:
+    """Envoy gave up on the phase (its deadline, carried on the POST, has passed): the
+    capture script refuses, the answer replaces the response (never served free), the hold
+    stays. The same hold's phase in time captures it, once."""
+    wallet = await funded_payer_at(stack.redis_url, 1_000_000)
+    metadata = held_check(stack, pay_direct(stack, wallet, f"GET {REPORT}", "0.25"))
+    assert contract.HOLD in metadata
+    [late] = exchange(stack, process(processing_request(200, metadata), timeout_ms=0))
+    status, message = answer_of(late)
+    assert status == 200 and message["immediate_response"]["status"]["code"] == 503
+    ledger = Ledger.from_url(stack.redis_url)
+    try:
+        account = await ledger.account(wallet.public_key)
+        assert (account.balances["USDF"], account.held["USDF"]) == (750_000, 250_000)
+        [timely] = exchange(stack, process(processing_request(200, metadata)))
+        status, message = answer_of(timely)
+        mutation = message["response_headers"]["response"]["header_mutation"]
+        receipts = {h["header"]["key"]: h["header"]["raw_value"] for h in mutation["set_headers"]}
+        receipt = json.loads(base64.b64decode(base64.b64decode(receipts["payment-response"])))
+        assert receipt["amount"] == "0.25" and receipt["receipt_id"] == metadata[contract.HOLD]
+        account = await ledger.account(wallet.public_key)
+        assert (account.balances["USDF"], account.held) == (750_000, {})
+        assert len(await ledger.receipts(wallet.public_key)) == 1
+    finally:
+        await ledger.close()
+
+
+def test_a_free_or_unmarked_message_continues_and_what_is_not_envoys_fails_the_phase(
+    stack: Stack,
+) -> None:
+    continues = [
+        process(processing_request(200, None)),  # no hold: a free response
+        process(b'{"response_body":{"body":"eA=="}}'),  # other messages continue as they are
+    ]
+    answers = exchange(stack, b"".join(continues), expect=2)
+    assert [answer_of(a) for a in answers] == [
+        (200, {"response_headers": {}}),
+        (200, {"response_body": {}}),
+    ]
+    # Not a ProcessingRequest: a 400, which Envoy takes for the phase's failure (its 503).
+    for body in (b"not json", b"[1]", b'{"response_headers":{"headers":{"headers":[{}]}}}'):
+        [refused] = exchange(stack, process(body))
+        assert refused.startswith(b"HTTP/1.1 400")
+    # The same path without Envoy's mark is a client request's check, never the phase.
+    [checked] = exchange(stack, process(processing_request(200, None), mark=False))
+    assert b"application/json" not in checked.partition(b"\r\n\r\n")[0]
+
+
+def test_an_mcp_answer_over_http_fails_closed(stack: Stack) -> None:
+    """An MCP route's phase needs the tool's answer, which ext_proc's http_service never
+    sends (the renderer puts such routes on gRPC): asked over HTTP about a held call, the
+    sidecar replaces the response (a 503), never serving it free."""
+    metadata = {contract.MCP: contract.MCP_CALL, contract.HOLD: "r1", contract.HELD: "250000"}
+    [answer] = exchange(stack, process(processing_request(200, metadata)))
+    status, message = answer_of(answer)
+    assert status == 200 and message["immediate_response"]["status"]["code"] == 503

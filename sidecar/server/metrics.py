@@ -153,7 +153,7 @@ def record(line: Mapping[str, Any], price: Price | None, charged: int, seconds: 
 
 
 def record_phase(line: Mapping[str, Any], captured: int, seconds: float) -> None:
-    """One response phase (server/processor.py): capture, release or deny; the revenue of
+    """One response phase (server/processing/): capture, release or deny; the revenue of
     a route charged on success is counted here, at the capture, never at its hold."""
     metrics = _current
     route = line.get("route") or ""

@@ -2,12 +2,13 @@
 
 On a route with a response phase (`charge: on_success`, metered), Envoy's ext_proc sends
 the sidecar the response's headers and then its body (buffered up to Envoy's buffer,
-server/envoy/filters.py). The capture waits for the body: the scheme's capture records
-the response (`Capture.response`, encoded here) with the payment's outcome in the same
-ledger script (ledger/lua/money.lua `keep_response`), for the payment's lifetime, at most
-`replay_per_payer` per payer at once. A retry of that payment is then answered by the
-check itself with the recorded status, headers and body (a denied response of either
-transport, with the payment's receipt headers): the service does not run again.
+server/envoy/filters.py; over gRPC, server/processing/). The capture waits for the body:
+the scheme's capture records the response (`Capture.response`, encoded here) with the
+payment's outcome in the same ledger script (ledger/lua/money.lua `keep_response`), for
+the payment's lifetime, at most `replay_per_payer` per payer at once. A retry of that
+payment is then answered by the check itself with the recorded status, headers and body
+(a denied response of either transport, with the payment's receipt headers): the service
+does not run again.
 
 What is kept: the status (2xx to 4xx), the service's headers named in REPLAY_HEADERS, and
 the body when it is whole, UTF-8 text (Envoy's denied body is a protobuf string) and at
@@ -23,8 +24,6 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
 from sidecar.core import protocol
 from sidecar.server.envoy.contract import REPLAY_HEADERS
@@ -84,23 +83,3 @@ def _text(body: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-class Waiting:
-    """One ext_proc stream's held response whose body is still to come: its headers
-    message, kept until the body arrives (the capture records both)."""
-
-    __slots__ = ("headers",)
-
-    def __init__(self) -> None:
-        self.headers: Any = None  # the response_headers ProcessingRequest, or None
-
-
-def at_body(answer: ext_proc.ProcessingResponse) -> ext_proc.ProcessingResponse:
-    """The response phase's answer to a headers message, as the answer to the body message
-    that followed them (Envoy holds buffered headers until the body is answered, so their
-    mutations still apply); an immediate response stays one."""
-    if answer.WhichOneof("response") != "response_headers":
-        return answer
-    common = answer.response_headers.response
-    return ext_proc.ProcessingResponse(response_body=ext_proc.BodyResponse(response=common))

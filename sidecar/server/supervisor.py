@@ -49,7 +49,9 @@ from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import AUTHZ_SERVICE, GrpcChecks
 from sidecar.server.config import Settings
 from sidecar.server.envoy.contract import TOPUP_PATH
-from sidecar.server.processor import PROCESSOR_SERVICE, Processor
+from sidecar.server.processing.grpc_transport import PROCESSOR_SERVICE, GrpcProcessor
+from sidecar.server.processing.http_transport import HttpProcessor
+from sidecar.server.processing.phase import Processor
 from sidecar.server.reconcile import reconcile_forever
 from sidecar.server.route_report import print_route_table
 from sidecar.server.schemes.base import sweep_forever
@@ -135,12 +137,11 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     authz = CheckService(
         routes, gateway, ledger, worker, decision_log, limiter, settler, answers, paywall
     )
-    # The response phase of routes charged on success: Envoy's ext_proc, on the gRPC port
-    # whichever transport the checks come by.
+    # The response phase: ext_proc on the gRPC port, and with the HTTP transport over HTTP
+    # too when no route sends a body (envoy/filters.py phase_over_http).
     processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)
-    handlers = (
-        (processor.handler(),) if over_http else (GrpcChecks(authz).handler(), processor.handler())
-    )
+    processes = GrpcProcessor(processor).handler()
+    handlers = (processes,) if over_http else (GrpcChecks(authz).handler(), processes)
     server, health = _grpc_server(worker, address, handlers)
     side = side_services.side_port(settings, routes, gateway, ledger, settler, worker)
     if side.topup is not None and settler is not None:
@@ -153,7 +154,8 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     if over_http:
         host, port = split_host_port(worker_addresses(settings, "listen_authz_http")[worker], "")
         trusted = settings.edge_config().xff_num_trusted_hops
-        checks = await http_transport.serve(authz, host, port, trusted)
+        processing = HttpProcessor(processor)
+        checks = await http_transport.serve(authz, host, port, trusted, processing)
     for service in ("", AUTHZ_SERVICE, PROCESSOR_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     # Everything made so far lives as long as the worker: keep the collector from scanning

@@ -5,8 +5,10 @@
 extension's catalog of what settled here, tools/catalog.py), answered by the official
 `x402` package's facilitator (`x402FacilitatorSync` + its `exact` and `upto` EVM schemes
 on a `FacilitatorWeb3Signer`, `simulate_in_settle=True`; the `eip2612GasSponsoring`
-extension declared). This module only carries HTTP; every
-verification and settlement decision is the official code's.
+extension declared). This module only carries HTTP; every verification and settlement
+decision is the official code's. Settlements run concurrently (tools/settling.py: the
+signer's own nonces and one receipt watcher; up to settling.THREADS blocking calls in
+flight).
 
 Answers follow the official facilitators: a payment that does not pass is HTTP 200 with
 `isValid: false` / `success: false` and the reason (the scheme's own codes, or the x402 v2
@@ -28,6 +30,7 @@ import json
 import logging
 import urllib.request
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,7 +40,6 @@ from pydantic import ValidationError
 from x402 import x402FacilitatorSync
 from x402.extensions.bazaar import BAZAAR
 from x402.extensions.eip2612_gas_sponsoring import EIP2612_GAS_SPONSORING
-from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.exact import ExactEvmFacilitatorScheme, ExactEvmSchemeConfig
 from x402.mechanisms.evm.upto import UptoEvmFacilitatorScheme, UptoEvmSchemeConfig
 from x402.schemas import (
@@ -55,6 +57,7 @@ from x402.schemas import (
 from sidecar.core.errors import ConfigError
 from sidecar.core.identity import read_evm_key, read_secret
 from sidecar.tools.catalog import BadQuery, Catalog
+from sidecar.tools.settling import THREADS, ConcurrentSigner
 
 log = logging.getLogger("sidecar.facilitator")
 
@@ -106,7 +109,7 @@ def build(rpc_url: str, key: str, network: str | None = None) -> tuple[x402Facil
     this one network is registered (register_exact_evm_facilitator would add v1 for every
     public EVM network, which this signer's RPC does not serve).
     """
-    signer = FacilitatorWeb3Signer(private_key=key, rpc_url=rpc_url)
+    signer = ConcurrentSigner(key, rpc_url)
     try:
         chain_id = signer.get_chain_id()
     except Exception as exc:  # the error's text would quote the whole URL
@@ -183,6 +186,7 @@ class Server:
         self.app.router.add_get("/supported", self.supported)
         self.app.router.add_get("/discovery/resources", self.discovery)
         self.app.router.add_get("/health", self.health)
+        self.app.on_startup.append(_threads)
 
     @web.middleware
     async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -301,6 +305,12 @@ class Server:
                 {"status": "chain_unavailable", "network": self.network}, status=503
             )
         return web.json_response({"status": "ok", "network": self.network, "block": block})
+
+
+async def _threads(_: web.Application) -> None:
+    """asyncio.to_thread's pool, wide enough for every settlement in flight (each holds a
+    thread while it waits for its receipt); the default is cores + 4."""
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(THREADS))
 
 
 def _block_number(rpc_url: str) -> int:

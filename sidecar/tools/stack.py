@@ -274,7 +274,7 @@ class Stack:
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         # Envoy waits longer than the sidecar waits for Redis (and, with `exact`, for the
         # facilitator), so the sidecar answers first.
-        authz_timeout, topup_timeout = timeouts(Settings.from_mapping(config, env={}))
+        authz_timeout, topup_timeout = timeouts(sidecar := Settings.from_mapping(config, env={}))
         endpoints = Endpoints(
             listen=(LOOPBACK, self.ports["envoy"]),
             admin=(LOOPBACK, self.ports["admin"]),
@@ -287,6 +287,7 @@ class Stack:
             authz_timeout=self.authz_timeout or authz_timeout,
             topup_timeout=topup_timeout,
             mcp_service=(LOOPBACK, self.ports["mcp"]) if "mcp" in self.ports else None,  # McpStack
+            keep_responses=sidecar.replay_per_payer > 0,
         )
         envoy_routes = self.routes if self.envoy_routes is None else self.envoy_routes
         edge = Edge.from_mapping(config.get("edge"))  # the sidecar config's `edge`, as the CLI

@@ -80,6 +80,15 @@ def test_every_values_file_over_http_passes_envoy_validate(name: str, tmp_path: 
     envoy_validate(render_chart(name, "--set", "sidecar.transport=http"), tmp_path)
 
 
+def test_the_response_phase_over_http_passes_envoy_validate(tmp_path: Path) -> None:
+    """Without kept responses the held routes' phase goes over ext_proc's http_service,
+    headers alone: Envoy refuses a body mode there."""
+    over = ("--set", "sidecar.transport=http", "--set", "sidecar.retries.replayPerPayer=0")
+    rendered = render_chart("exact", *over)
+    assert "http_service:\n                http_service:" in rendered.configmap["envoy.yaml"]
+    envoy_validate(rendered, tmp_path)
+
+
 def envoy_validate(rendered: Rendered, tmp_path: Path) -> None:
     path = tmp_path / "envoy.yaml"
     path.write_text(rendered.configmap["envoy.yaml"])

@@ -57,6 +57,27 @@ def test_every_values_file_over_http_has_the_shape_of_the_python_renderer(name: 
     assert without_probe(rendered.envoy_config) == renderers_envoy_config(rendered)
 
 
+@pytest.mark.parametrize("name", ["exact", "many-routes"])
+def test_without_kept_responses_the_response_phase_goes_over_http_as_the_renderers(
+    name: str,
+) -> None:
+    """sidecar.retries.replayPerPayer 0: no held route sends its body, so over the HTTP
+    transport the phase goes over ext_proc's http_service, unless an MCP route needs the
+    tool's answer (many-routes has one): both as the renderer."""
+    rendered = render_chart(
+        name, "--set", "sidecar.transport=http", "--set", "sidecar.retries.replayPerPayer=0"
+    )
+    rendered.values = merge(
+        rendered.values, {"sidecar": {"transport": "http", "retries": {"replayPerPayer": 0}}}
+    )
+    assert without_probe(rendered.envoy_config) == renderers_envoy_config(rendered)
+    chain = rendered.envoy_config["static_resources"]["listeners"][0]["filter_chains"][0]
+    filters = chain["filters"][0]["typed_config"]["http_filters"]
+    [ext_proc] = [f["typed_config"] for f in filters if f["name"] == contract.EXT_PROC]
+    over_http = not any("mcp" in spec for spec in rendered.values["routes"].values())
+    assert ("http_service" in ext_proc) is over_http
+
+
 def renderers_envoy_config(rendered: Rendered) -> dict[str, Any]:
     """What `render(...)` makes of the values, as `x402 envoy-config` would."""
     v = rendered.values
@@ -70,6 +91,7 @@ def renderers_envoy_config(rendered: Rendered) -> dict[str, Any]:
         authz_http=(LOOPBACK, v["sidecar"]["authzHttpPort"]),
         sideport=(LOOPBACK, v["sidecar"]["httpPort"]),
         authz_timeout=v["envoy"]["authzTimeout"],
+        keep_responses=v["sidecar"]["retries"]["replayPerPayer"] > 0,
     )
     if v["exact"]["onchain"]:  # the renderer's timeouts for this sidecar config, as the CLI
         authz, topup = timeouts(Settings.from_mapping(rendered.sidecar_config, env={}))

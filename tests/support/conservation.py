@@ -1,7 +1,7 @@
 """The conservation-of-money workload: credits (some retried), paid requests from
 concurrent payers, replays, expired proofs and suspensions through the real servicer; so
 do routes charged on success and metered ones, through the real response phase
-(server/processor.py) with random statuses and usage reports, and holds whose response
+(server/processing/) with random statuses and usage reports, and holds whose response
 phase never runs (the worker was killed). Then, after the holds' lifetime, every invariant
 is checked against the ledger: credited = balance + captured (debited), no hold left,
 receipts = captures (tests/test_conservation.py, and on Redis Cluster
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
@@ -32,12 +33,12 @@ from sidecar.ledger import keyspace
 from sidecar.ledger.accounts import ACTIVE, SUSPENDED, Ledger
 from sidecar.ledger.channels import Channels
 from sidecar.ledger.holds import Holds
-from sidecar.server import replays
 from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.channel_config import ChannelTerms
 from sidecar.server.envoy.contract import EXT_AUTHZ
-from sidecar.server.processor import Processor
+from sidecar.server.processing.grpc_transport import GrpcProcessor, Waiting
+from sidecar.server.processing.phase import Processor
 from sidecar.server.self_channels import SelfChannels
 from sidecar.tools.stack import Stack
 from tests.support.inprocess import check, check_request, outcome, servicer_for
@@ -97,7 +98,7 @@ class Workload:
         self.stack, self.servicer, self.ledger, self.rng = stack, servicer, ledger, rng
         self.payers = [Identity.generate() for _ in range(PAYERS)]
         self.books = Books()
-        self.processor = Processor(servicer.routes, servicer.gateway, ledger)
+        self.processor = GrpcProcessor(Processor(servicer.routes, servicer.gateway, ledger))
         assets = servicer.routes.assets
         terms = ChannelTerms.from_mapping({}, assets, "USDF")
         assert terms is not None
@@ -219,13 +220,15 @@ class Workload:
         buffered after them, which the capture keeps for the payment's retries."""
         if self.rng.random() < 0.5:
             return await self.processor.respond(request), None
-        waiting = replays.Waiting()
-        held_back = await self.processor.respond(request, None, waiting=waiting)
+        waiting = Waiting()
+        # The route's mode, as Envoy says it in the first message: the body follows.
+        request.protocol_config.response_body_mode = ProcessingMode.BUFFERED_PARTIAL
+        held_back = await self.processor.respond(request, None, waiting)
         assert held_back.WhichOneof("response") == "response_headers"
         body = json.dumps({"served": status, "n": self.rng.randrange(10**6)}).encode()
         part = ext_proc.HttpBody(body=body, end_of_stream=True)
         answer = await self.processor.respond(
-            ext_proc.ProcessingRequest(response_body=part), None, waiting=waiting
+            ext_proc.ProcessingRequest(response_body=part), None, waiting
         )
         return answer, body if status < 500 else None
 

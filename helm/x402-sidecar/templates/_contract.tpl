@@ -39,6 +39,8 @@
   ],
   "timeoutHeader": "x-x402-authz-timeout-ms",
   "phaseHeader": "x-x402-phase",
+  "processPath": "/x402/ext_proc",
+  "processHeader": "x-x402-ext-proc",
   "phaseResponse": "response",
   "upstreamHeaders": [
     "x-x402-payer",
@@ -127,9 +129,8 @@
   "corsAllowMethods": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
   "corsMaxAge": "600",
   "paymentPreflight": "(?i)(.*[ ,])?(payment-signature|x-payment)([ ,].*)?",
-  "stripCookieLua": "local names = {[\"x402_dashboard\"] = true, [\"__Host-x402_dashboard\"] = true}\nfunction envoy_on_request(request)\n  local headers = request:headers()\n  local count = headers:getNumValues(\"cookie\")\n  if count == 0 then return end\n  local kept, dropped = {}, false\n  for i = 0, count - 1 do\n    for pair in string.gmatch(headers:getAtIndex(\"cookie\", i), \"[^;]+\") do\n      local crumb = string.match(pair, \"^%s*(.-)%s*$\")\n      local name = string.match(crumb, \"^([^=]-)%s*=\") or crumb\n      if names[name] then dropped = true elseif crumb ~= \"\" then kept[#kept + 1] = crumb end\n    end\n  end\n  if not dropped then return end\n  headers:remove(\"cookie\")\n  if #kept > 0 then headers:add(\"cookie\", table.concat(kept, \"; \")) end\nend\n",
   "headersLimitName": "x402.headers_limit",
-  "headersLimitLua": "local limit = @LIMIT_BYTES@\nfunction envoy_on_request(request)\n  local size = 0\n  for name, value in pairs(request:headers()) do\n    size = size + #name + #value\n  end\n  if size > limit then\n    request:respond({[\":status\"] = \"431\"}, \"\")\n  end\nend\n",
+  "headersLimitLua": "local limit = @LIMIT_BYTES@\nlocal names = {[\"x402_dashboard\"] = true, [\"__Host-x402_dashboard\"] = true}\nlocal function strip_dashboard_cookie(headers)\n  local kept, dropped = {}, false\n  for i = 0, headers:getNumValues(\"cookie\") - 1 do\n    for pair in string.gmatch(headers:getAtIndex(\"cookie\", i), \"[^;]+\") do\n      local crumb = string.match(pair, \"^%s*(.-)%s*$\")\n      local name = string.match(crumb, \"^([^=]-)%s*=\") or crumb\n      if names[name] then dropped = true elseif crumb ~= \"\" then kept[#kept + 1] = crumb end\n    end\n  end\n  if not dropped then return end\n  headers:remove(\"cookie\")\n  if #kept > 0 then headers:add(\"cookie\", table.concat(kept, \"; \")) end\nend\nfunction envoy_on_request(request)\n  local headers = request:headers()\n  local size, cookies = 0, false\n  for name, value in pairs(headers) do\n    size = size + #name + #value\n    if name == \"cookie\" then cookies = true end\n  end\n  if size > limit then\n    request:respond({[\":status\"] = \"431\"}, \"\")\n    return\n  end\n  if cookies then strip_dashboard_cookie(headers) end\nend\n",
   "headersLimitMark": "@LIMIT_BYTES@",
   "maxCodecHeadersKb": 8192,
   "processingMode": {
@@ -137,6 +138,14 @@
     "response_header_mode": "SEND",
     "request_body_mode": "NONE",
     "response_body_mode": "BUFFERED_PARTIAL",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SKIP"
+  },
+  "headersProcessingMode": {
+    "request_header_mode": "SKIP",
+    "response_header_mode": "SEND",
+    "request_body_mode": "NONE",
+    "response_body_mode": "NONE",
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP"
   },
@@ -247,6 +256,42 @@
         "json_format": {
           "error": "authz_unavailable",
           "message": "the payment check is unavailable; retry shortly"
+        },
+        "content_type": "application/json"
+      }
+    },
+    {
+      "filter": {
+        "extension_filter": {
+          "name": "envoy.access_loggers.extension_filters.cel",
+          "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+            "expression": "response.code_details.startsWith('ext_proc_error')"
+          }
+        }
+      },
+      "status_code": 503,
+      "headers_to_add": [
+        {
+          "header": {
+            "key": "cache-control",
+            "value": "no-store"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        },
+        {
+          "header": {
+            "key": "retry-after",
+            "value": "1"
+          },
+          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        }
+      ],
+      "body_format_override": {
+        "json_format": {
+          "error": "response_phase_unavailable",
+          "message": "the payment could not be completed; nothing was charged, retry shortly",
+          "details": "%RESPONSE_CODE_DETAILS%"
         },
         "content_type": "application/json"
       }

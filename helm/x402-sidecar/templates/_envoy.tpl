@@ -412,7 +412,7 @@ static_resources:
                       '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
                       overrides:
                         processing_mode:
-{{ toYaml (ternary $c.mcpProcessingMode $c.processingMode $mcp) | indent 26 }}
+{{ toYaml (ternary $c.mcpProcessingMode (ternary $c.processingMode $c.headersProcessingMode (include "x402.keepsResponses" $ | eq "true")) $mcp) | indent 26 }}
                   {{- end }}
                 {{- end }}
               {{- end }}
@@ -425,7 +425,8 @@ static_resources:
                   cluster: service
                   timeout: {{ int $e.upstreamTimeoutSeconds }}s
           http_filters:
-          # A header block over maxRequestHeadersKb, read whole: the 431 (server/envoy/headers.py).
+          # A header block over maxRequestHeadersKb, read whole: the 431; and the dashboard's
+          # session cookie stripped (one Lua filter, server/envoy/headers.py).
           - name: {{ $c.headersLimitName }}
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
@@ -466,12 +467,33 @@ static_resources:
             disabled: true
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              {{- if include "x402.phaseOverHttp" . }}
+              # Over HTTP (sidecar/server/processing/http_transport.py): a JSON POST to the
+              # checks' listener, marked as the phase's, with Envoy's deadline for it.
+              http_service:
+                http_service:
+                  http_uri:
+                    uri: http://127.0.0.1:{{ int $v.sidecar.authzHttpPort }}{{ $c.processPath }}
+                    cluster: x402_authz_http
+                    timeout: {{ include "x402.authzTimeout" . }}
+                  request_headers_to_add:
+                  - header:
+                      key: {{ $c.processHeader }}
+                      value: {{ $c.phaseResponse }}
+                  - header:
+                      key: {{ $c.timeoutHeader }}
+                      value: {{ include "x402.durationMs" (include "x402.authzTimeout" .) | quote }}
+              {{- else }}
+              # Over gRPC whenever a route sends its body (the kept response of
+              # sidecar/server/replays.py, an MCP tool's result): Envoy's http_service
+              # sends none (sidecar/server/envoy/filters.py phase_over_http).
               grpc_service:
                 envoy_grpc:
                   cluster_name: x402_authz
+              {{- end }}
               failure_mode_allow: false
               processing_mode:
-{{ toYaml $c.processingMode | indent 16 }}
+{{ toYaml $c.headersProcessingMode | indent 16 }}
               # As the check's: with `exact`, a response phase may /settle (after success).
               message_timeout: {{ include "x402.authzTimeout" . }}
               metadata_options:
@@ -481,14 +503,6 @@ static_resources:
               status_on_error:
                 code: ServiceUnavailable
           {{- end }}
-          # The dashboard's session cookie (a browser sends it to every port of its host)
-          # never reaches the service; Lua, as Envoy's header mutations cannot edit a value.
-          - name: envoy.filters.http.lua
-            typed_config:
-              '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
-              default_source_code:
-                inline_string: |
-                  {{- $c.stripCookieLua | nindent 18 }}
           - name: envoy.filters.http.router
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router

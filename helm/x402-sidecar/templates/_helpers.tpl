@@ -242,6 +242,20 @@ time.sleep(int(sys.argv[2]))
 {{- range $name, $route := .Values.routes }}{{ include "x402.hasPhase" $route }}{{ if hasKey $route "mcp" }}true{{ end }}{{ end }}
 {{- end }}
 
+{{/* "true" when the sidecar keeps responses for their payments' retries
+     (sidecar.retries.replayPerPayer > 0): a route with a response phase sends its body. */}}
+{{- define "x402.keepsResponses" -}}
+{{- if gt (int .Values.sidecar.retries.replayPerPayer) 0 }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the response phase goes over ext_proc's http_service: the HTTP transport,
+     and no route sends a body (no MCP route, no kept responses; envoy/filters.py). */}}
+{{- define "x402.phaseOverHttp" -}}
+{{- $mcp := false }}
+{{- range $name, $route := .Values.routes }}{{ if hasKey $route "mcp" }}{{ $mcp = true }}{{ end }}{{ end }}
+{{- if and (eq .Values.sidecar.transport "http") (ne (include "x402.keepsResponses" .) "true") (not $mcp) }}true{{ end }}
+{{- end }}
+
 {{/* Route names in match order, space-separated: exact paths first, then templated
      ones, each group by name. The sidecar's route table looks up in the same order. */}}
 {{- define "x402.routeNames" -}}

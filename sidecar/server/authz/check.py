@@ -404,7 +404,7 @@ class CheckService:
 
     def _allow_held(self, held: Held, paying: Paying) -> bytes:
         """Allow with a hold: the service hears of it; the client's receipt comes with the
-        response (server/processor.py), stating what was captured."""
+        response (server/processing/), stating what was captured."""
         line, price, payment = paying.line, paying.price, paying.payment
         line["decision"], line["status"], line["reason"] = "allow", 200, "held"
         line["receipt_id"], line["balance"] = held.hold_id, held.balance

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from http import HTTPStatus
 from types import MappingProxyType
 from typing import Protocol, cast
@@ -46,6 +46,8 @@ from sidecar.server.envoy.contract import (
     EXTERNAL_ADDRESS,
     MCP_BODY_BYTES,
     PHASE_HEADER,
+    PROCESS_HEADER,
+    PROCESS_PATH,
     REMOVE_HEADER,
     TIMEOUT_HEADER,
     UNAVAILABLE_MARK,
@@ -53,6 +55,9 @@ from sidecar.server.envoy.contract import (
 )
 
 MAX_HEAD_BYTES = 65536  # Envoy caps a client's header block at max_request_headers_kb (60)
+# The response phase's ProcessingRequest: the service's response headers (Envoy caps them at
+# its max_response_headers_kb, 60 by default), in base64 and JSON.
+MAX_PROCESS_BYTES = 4 * MAX_HEAD_BYTES
 # A check's route annotations: over HTTP only whether the response phase runs (read-only).
 _RESPONSE_PHASE: Mapping[str, str] = MappingProxyType({phases.EXT_PHASE: phases.PHASE_RESPONSE})
 _NONE: Mapping[str, str] = MappingProxyType(
@@ -131,18 +136,30 @@ class Decider(Protocol):
     async def decide(self, facts: Facts) -> bytes: ...
 
 
+class Processing(Protocol):
+    """What answers the response phase over HTTP: processing.http_transport.HttpProcessor."""
+
+    async def answer(self, body: bytes, deadline: float | None) -> bytes: ...
+
+
 class _Malformed(Exception):
     """A check request that is not HTTP/1.1 as Envoy writes it."""
 
 
 class AuthzConnection(asyncio.Protocol):
-    """One connection from Envoy's ext_authz HTTP client: keep-alive, one check at a time
-    (answers go out in request order should Envoy ever pipeline)."""
+    """One connection from Envoy's ext_authz HTTP client (or its ext_proc one, the response
+    phase: PROCESS_PATH with PROCESS_HEADER): keep-alive, one request at a time (answers go
+    out in request order should Envoy ever pipeline)."""
 
     def __init__(
-        self, authz: Decider, trusted_hops: int, inflight: set[asyncio.Future[None]]
+        self,
+        authz: Decider,
+        trusted_hops: int,
+        inflight: set[asyncio.Future[None]],
+        processing: Processing | None = None,
     ) -> None:
         self.authz, self.trusted_hops, self.inflight = authz, trusted_hops, inflight
+        self.processing = processing
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -154,6 +171,8 @@ class AuthzConnection(asyncio.Protocol):
         self.headers: dict[str, str] = {}
         self.size = 0
         self.body = bytearray()
+        self.processes = False  # the response phase's message, not a check
+        self.limit = MAX_HEAD_BYTES
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -177,15 +196,29 @@ class AuthzConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.size += len(name) + len(value)
-        if self.size > MAX_HEAD_BYTES:
+        if self.size > self.limit:
             raise _Malformed("header block too large")
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
+    def on_headers_complete(self) -> None:
+        if self._processes():
+            self.processes, self.limit = True, MAX_PROCESS_BYTES
+
     def on_body(self, body: bytes) -> None:
-        # Envoy sends one only on MCP routes (with_request_body, at most MCP_BODY_BYTES)
+        # A check's: only on MCP routes (with_request_body, at most MCP_BODY_BYTES); the
+        # response phase's message: at most MAX_PROCESS_BYTES.
         self.body += body
-        if len(self.body) > MCP_BODY_BYTES:
+        if len(self.body) > (MAX_PROCESS_BYTES if self.processes else MCP_BODY_BYTES):
             raise _Malformed("body too large")
+
+    def _processes(self) -> bool:
+        """The response phase's message: a check never carries PROCESS_HEADER (Envoy adds
+        it to the phase's requests alone; the edge strips a client's x-x402-*)."""
+        return (
+            self.processing is not None
+            and PROCESS_HEADER in self.headers
+            and self.url == PROCESS_PATH.encode()
+        )
 
     def on_message_complete(self) -> None:
         headers = self.headers
@@ -194,6 +227,11 @@ class AuthzConnection(asyncio.Protocol):
         deadline = None
         if timeout is not None and timeout.isdigit():
             deadline = time.perf_counter() + int(timeout) / 1000
+        keep_alive = self.parser.should_keep_alive()
+        if self.processing is not None and self.processes:
+            answering = self.processing.answer(bytes(self.body), deadline)
+            self._schedule(answering, False, keep_alive)
+            return
         extensions = (
             _RESPONSE_PHASE if headers.get(PHASE_HEADER) == phases.PHASE_RESPONSE else _NONE
         )
@@ -212,10 +250,10 @@ class AuthzConnection(asyncio.Protocol):
             query=query,
             body=bytes(self.body),
         )
-        keep_alive = self.parser.should_keep_alive()
-        task = asyncio.ensure_future(
-            self._answer(facts, method == "HEAD", keep_alive, self.previous)
-        )
+        self._schedule(self.authz.decide(facts), method == "HEAD", keep_alive)
+
+    def _schedule(self, answering: Awaitable[bytes], head_only: bool, keep_alive: bool) -> None:
+        task = asyncio.ensure_future(self._answer(answering, head_only, keep_alive, self.previous))
         self.previous = task
         self.inflight.add(task)  # a worker drains these before it stops
         task.add_done_callback(self.inflight.discard)
@@ -225,12 +263,12 @@ class AuthzConnection(asyncio.Protocol):
 
     async def _answer(
         self,
-        facts: Facts,
+        answering: Awaitable[bytes],
         head_only: bool,
         keep_alive: bool,
         previous: asyncio.Future[None] | None,
     ) -> None:
-        answer = await self.authz.decide(facts)
+        answer = await answering
         if previous is not None and not previous.done():
             await previous
         if head_only:  # an answer to HEAD carries no body: Envoy would not read it
@@ -255,10 +293,12 @@ class AuthzConnection(asyncio.Protocol):
 
 
 class CheckServer:
-    """One worker's HTTP ext_authz listener and the checks it has in flight."""
+    """One worker's HTTP ext_authz listener (and response phase) and what it has in flight."""
 
-    def __init__(self, authz: Decider, trusted_hops: int) -> None:
-        self.authz, self.trusted_hops = authz, trusted_hops
+    def __init__(
+        self, authz: Decider, trusted_hops: int, processing: Processing | None = None
+    ) -> None:
+        self.authz, self.trusted_hops, self.processing = authz, trusted_hops, processing
         self.inflight: set[asyncio.Future[None]] = set()
         self.server: asyncio.Server | None = None
 
@@ -266,7 +306,9 @@ class CheckServer:
         loop = asyncio.get_running_loop()
         try:
             self.server = await loop.create_server(
-                lambda: AuthzConnection(self.authz, self.trusted_hops, self.inflight),
+                lambda: AuthzConnection(
+                    self.authz, self.trusted_hops, self.inflight, self.processing
+                ),
                 host,
                 port,
                 backlog=1024,
@@ -284,8 +326,11 @@ class CheckServer:
             await asyncio.wait(set(self.inflight), timeout=grace)
 
 
-async def serve(authz: Decider, host: str, port: int, trusted_hops: int) -> CheckServer:
-    """Listen for Envoy's ext_authz checks on host:port."""
-    server = CheckServer(authz, trusted_hops)
+async def serve(
+    authz: Decider, host: str, port: int, trusted_hops: int, processing: Processing | None = None
+) -> CheckServer:
+    """Listen for Envoy's ext_authz checks (and, with `processing`, its response phase) on
+    host:port."""
+    server = CheckServer(authz, trusted_hops, processing)
     await server.start(host, port)
     return server

@@ -27,7 +27,6 @@ CORS_MAX_AGE = "600"
 ANY_ORIGIN = "*"
 # The dashboard's cookie, under its plain name and its `__Host-` (TLS) name.
 DASHBOARD_COOKIES = (COOKIE.removeprefix("__Host-"), "__Host-" + COOKIE.removeprefix("__Host-"))
-LUA = "envoy.filters.http.lua"
 
 
 def origin_regex(origins: Sequence[str]) -> str:
@@ -122,12 +121,9 @@ def cors_replies(mappers: list[dict[str, Any]], origins: Sequence[str]) -> list[
 # service's own cookies must reach it. Nothing changes for a request without the cookie.
 STRIP_COOKIE_LUA = """\
 local names = {{{names}}}
-function envoy_on_request(request)
-  local headers = request:headers()
-  local count = headers:getNumValues("cookie")
-  if count == 0 then return end
+local function strip_dashboard_cookie(headers)
   local kept, dropped = {{}}, false
-  for i = 0, count - 1 do
+  for i = 0, headers:getNumValues("cookie") - 1 do
     for pair in string.gmatch(headers:getAtIndex("cookie", i), "[^;]+") do
       local crumb = string.match(pair, "^%s*(.-)%s*$")
       local name = string.match(crumb, "^([^=]-)%s*=") or crumb
@@ -141,18 +137,8 @@ end
 """
 
 
-def strip_dashboard_cookie() -> dict[str, Any]:
-    """The Lua filter that removes the dashboard's session cookie from forwarded requests."""
-    return {
-        "name": LUA,
-        "typed_config": {
-            "@type": f"{TYPES}.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": strip_cookie_source()},
-        },
-    }
-
-
 def strip_cookie_source() -> str:
-    """The Lua filter's source, naming the dashboard's cookies."""
+    """`strip_dashboard_cookie(headers)` in Lua, naming the dashboard's cookies: the edge's
+    one Lua filter (envoy/headers.py) calls it on a request that carries a cookie."""
     names = ", ".join(f'["{name}"] = true' for name in DASHBOARD_COOKIES)
     return STRIP_COOKIE_LUA.format(names=names)

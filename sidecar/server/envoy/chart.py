@@ -17,7 +17,12 @@ from typing import Any
 
 from sidecar.core import mcp, phases
 from sidecar.server.envoy import browser, contract, headers, replies
-from sidecar.server.envoy.filters import MCP_PROCESSING_MODE, MCP_REQUEST_BODY, PROCESSING_MODE
+from sidecar.server.envoy.filters import (
+    HEADERS_MODE,
+    MCP_PROCESSING_MODE,
+    MCP_REQUEST_BODY,
+    PROCESSING_MODE,
+)
 
 HEADER = """\
 {{/* GENERATED from sidecar/server/envoy/contract.py: do not edit. Regenerate with
@@ -43,6 +48,8 @@ def contract_values() -> dict[str, Any]:
         "httpRequestHeaders": list(contract.HTTP_REQUEST_HEADERS),
         "timeoutHeader": contract.TIMEOUT_HEADER,
         "phaseHeader": contract.PHASE_HEADER,
+        "processPath": contract.PROCESS_PATH,
+        "processHeader": contract.PROCESS_HEADER,
         "phaseResponse": contract.PHASE_RESPONSE,
         "upstreamHeaders": list(contract.UPSTREAM_HEADERS),
         "denialHeaders": list(contract.DENIAL_HEADERS),
@@ -65,12 +72,12 @@ def contract_values() -> dict[str, Any]:
         "corsAllowMethods": browser.CORS_ALLOW_METHODS,
         "corsMaxAge": browser.CORS_MAX_AGE,
         "paymentPreflight": contract.PAYMENT_PREFLIGHT,
-        "stripCookieLua": browser.strip_cookie_source(),
         "headersLimitName": headers.NAME,
         "headersLimitLua": headers.HEADERS_LIMIT_LUA,
         "headersLimitMark": headers.LIMIT_MARK,
         "maxCodecHeadersKb": headers.MAX_CODEC_KB,
         "processingMode": PROCESSING_MODE,
+        "headersProcessingMode": HEADERS_MODE,
         # MCP routes (core/mcp.py): their annotations, request body and response phase.
         "mcpRouteKey": mcp.ROUTE_KEY,
         "extMcpTools": mcp.EXT_MCP_TOOLS,

@@ -1,7 +1,7 @@
 """The contract with Envoy: every name and key the sidecar and Envoy's config must agree on.
 
 Both transports (server/authz/http_transport.py, the gRPC servicer), the response phase
-(server/processor.py), the config renderer (render.py) and the Helm chart (its
+(server/processing/), the config renderer (render.py) and the Helm chart (its
 templates/_contract.tpl is generated from this module by chart.py) read them here. The few
 that pure code in `sidecar/core` needs itself (the headers asserted to the service, the
 proof and receipt headers, the route annotations) are defined there, where imports point,
@@ -91,6 +91,11 @@ HTTP_REQUEST_HEADERS = (
 # deadline for the check, and on routes whose response phase (ext_proc) runs, the phase.
 TIMEOUT_HEADER = "x-x402-authz-timeout-ms"
 PHASE_HEADER = "x-x402-phase"  # its value: PHASE_RESPONSE
+# The response phase over HTTP (ext_proc's http_service) comes to the same listener as the
+# checks: a POST to PROCESS_PATH carrying PROCESS_HEADER (request_headers_to_add, which a
+# check never carries) and TIMEOUT_HEADER, Envoy's deadline for the phase.
+PROCESS_PATH = "/x402/ext_proc"
+PROCESS_HEADER = "x-x402-ext-proc"  # its value: PHASE_RESPONSE
 
 # -- Answer headers (HTTP transport) ------------------------------------------------------
 # Envoy's instruction, on an allow, to strip these from the request before the service.

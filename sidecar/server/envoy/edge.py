@@ -20,8 +20,8 @@ class Endpoints:
     authz: tuple[str, int] = ("127.0.0.1", 9001)  # sidecar gRPC, worker 0
     # The sidecar's worker i listens on authz's port + i; each is one cluster endpoint.
     authz_workers: int = 1
-    # How ext_authz asks: "grpc" (the Check service above) or "http" (http_service, at
-    # authz_http's port + i; the response phase stays on gRPC, ext_proc has no HTTP mode).
+    # How ext_authz and ext_proc ask: "grpc" (the services above) or "http" (http_service,
+    # at authz_http's port + i; the response phase too, on PROCESS_PATH).
     transport: str = "grpc"
     authz_http: tuple[str, int] = ("127.0.0.1", 9101)
     sideport: tuple[str, int] = ("127.0.0.1", 9000)  # sidecar HTTP
@@ -31,6 +31,9 @@ class Endpoints:
     topup_timeout: str = ""
     # An MCP server beside the service (the demo's): the MCP routes go to it instead.
     mcp_service: tuple[str, int] | None = None
+    # The sidecar keeps responses for their payments' retries (`replay_per_payer` > 0):
+    # a route with a response phase sends its body too (server/envoy/filters.py).
+    keep_responses: bool = True
 
 
 @dataclass(frozen=True)

@@ -80,11 +80,11 @@ def _ms(duration: str) -> int:
     return round(float(duration.removesuffix("s")) * 1000)
 
 
-def response_phase_route(mode: Mapping[str, str] | None = None) -> dict[str, Any]:
+def response_phase_route(mode: Mapping[str, str]) -> dict[str, Any]:
     """Enables the ext_proc filter (disabled in the chain) on one route."""
     return {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {
         "@type": f"{TYPES}.filters.http.ext_proc.v3.ExtProcPerRoute",
-        "overrides": {"processing_mode": dict(mode or PROCESSING_MODE)},
+        "overrides": {"processing_mode": dict(mode)},
     }}  # fmt: skip
 
 
@@ -99,8 +99,10 @@ PROCESSING_MODE = {
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP",
 }
-
-
+# Only the response's headers (the sidecar keeps no responses, `replay_per_payer: 0`): the
+# filter's own mode, and the only one ext_proc's http_service takes (Envoy 1.40 refuses a
+# body mode there, and answers a route's body message over it never).
+HEADERS_MODE = {**PROCESSING_MODE, "response_body_mode": "NONE"}
 # An MCP route's: the response's body too, buffered whole (bounded by the connection's
 # buffer limit), so the settlement is written into the tool's JSON-RPC result.
 MCP_PROCESSING_MODE = {**PROCESSING_MODE, "response_body_mode": "BUFFERED"}
@@ -113,24 +115,66 @@ MCP_REQUEST_BODY = {
 }
 
 
-def response_phase_filter(timeout: str) -> dict[str, Any]:
-    """Envoy's ext_proc filter for the response phase (server/processor.py), disabled
-    unless a route enables it. Fail closed: if the sidecar cannot be asked (down, too
-    slow), the client gets an error, never the response; the hold it could not capture
-    expires and the ledger releases it, so nothing is charged either."""
+def route_mode(keep_responses: bool, is_mcp: bool) -> dict[str, str]:
+    """What a route with a response phase sends the sidecar (`keep_responses`:
+    Endpoints.keep_responses)."""
+    if is_mcp:
+        return MCP_PROCESSING_MODE
+    return PROCESSING_MODE if keep_responses else HEADERS_MODE
+
+
+def phase_over_http(ep: Endpoints, any_mcp: bool) -> bool:
+    """The response phase over ext_proc's http_service: with the HTTP transport, when no
+    route sends a body (no MCP route, no kept responses); otherwise over gRPC."""
+    return ep.transport == "http" and not ep.keep_responses and not any_mcp
+
+
+def response_phase_filter(ep: Endpoints, over_http: bool) -> dict[str, Any]:
+    """Envoy's ext_proc filter for the response phase (server/processing/), disabled
+    unless a route enables it; `over_http`: phase_over_http. Fail closed: if the sidecar
+    cannot be asked (down, too slow), the client gets an error, never the response; the
+    hold it could not capture expires and the ledger releases it, so nothing is charged."""
+    timeout = ep.authz_timeout
+    service: dict[str, Any]
+    if over_http:
+        service = {"http_service": process_http_service(ep)}
+    else:
+        service = {"grpc_service": {"envoy_grpc": {"cluster_name": "x402_authz"}}}
     return {
         "name": EXT_PROC,
         "disabled": True,
         "typed_config": {
             "@type": f"{TYPES}.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "x402_authz"}},
+            **service,
             "failure_mode_allow": False,
-            "processing_mode": PROCESSING_MODE,
+            "processing_mode": HEADERS_MODE,
             "message_timeout": timeout,
             # The hold the check placed, as ext_authz's dynamic metadata.
             "metadata_options": {"forwarding_namespaces": {"untyped": [EXT_AUTHZ]}},
             "status_on_error": {"code": "ServiceUnavailable"},
         },
+    }
+
+
+def process_http_service(ep: Endpoints) -> dict[str, Any]:
+    """ext_proc's HTTP mode (server/processing/http_transport.py): a JSON POST to the
+    checks' listener, marked as the phase's, with Envoy's deadline for it."""
+    host, port = ep.authz_http
+    headers = {
+        contract.PROCESS_HEADER: contract.PHASE_RESPONSE,
+        contract.TIMEOUT_HEADER: str(_ms(ep.authz_timeout)),
+    }
+    return {
+        "http_service": {
+            "http_uri": {
+                "uri": f"http://{host}:{port}{contract.PROCESS_PATH}",
+                "cluster": "x402_authz_http",
+                "timeout": ep.authz_timeout,
+            },
+            "request_headers_to_add": [
+                {"header": {"key": key, "value": value}} for key, value in headers.items()
+            ],
+        }
     }
 
 

@@ -25,10 +25,11 @@ from sidecar.server.envoy.filters import (
     TYPES,
     early_header_mutation,
     ext_authz_filter,
+    phase_over_http,
     response_phase_filter,
 )
 from sidecar.server.envoy.replies import local_reply_config
-from sidecar.server.envoy.routes import has_response_phase, seconds, virtual_host_routes
+from sidecar.server.envoy.routes import has_mcp, has_response_phase, seconds, virtual_host_routes
 
 # A client writes the method and path: the access log keeps FIELD_BYTES of each, as the
 # sidecar's own lines do (a 60 KB path would otherwise be a 60 KB line).
@@ -171,14 +172,17 @@ def overload_manager(edge: Edge) -> dict[str, Any]:
 def _http_filters(
     routes: Mapping[str, Mapping[str, Any]], ep: Endpoints, edge: Edge
 ) -> list[dict[str, Any]]:
-    """The header limit's 431, CORS, ext_authz, the response phase where a route has one,
-    the dashboard cookie's scrub, then the router."""
+    """The header limit's 431 and the dashboard cookie's scrub (one Lua filter), CORS,
+    ext_authz, the response phase where a route has one, then the router."""
     return [
         headers.headers_limit_filter(edge.max_request_headers_kb),
         {"name": browser.CORS, "typed_config": {"@type": f"{TYPES}.filters.http.cors.v3.Cors"}},
         ext_authz_filter(ep),
-        *([response_phase_filter(ep.authz_timeout)] if has_response_phase(routes) else []),
-        browser.strip_dashboard_cookie(),
+        *(
+            [response_phase_filter(ep, phase_over_http(ep, has_mcp(routes)))]
+            if has_response_phase(routes)
+            else []
+        ),
         {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": f"{TYPES}.filters.http.router.v3.Router"},

@@ -73,6 +73,22 @@ def _denial_filter(value: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _phase_failed() -> dict[str, Any]:
+    """Envoy's own failure of the response phase (ext_proc: the sidecar down, too slow, or
+    answering what Envoy cannot read): its details start with ext_proc_error. The sidecar's
+    own answers at the response carry x402_<reason> and are left as it wrote them."""
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3."
+                "ExpressionFilter",
+                "expression": "response.code_details.startsWith('ext_proc_error')",
+            },
+        }
+    }
+
+
 def local_reply_config(origins: Iterable[str] = ()) -> dict[str, Any]:
     """The mappers, each carrying the gateway's CORS for `origins` (browser.cors_replies)."""
     return {"mappers": browser.cors_replies(mappers(), tuple(origins))}
@@ -102,6 +118,16 @@ def mappers() -> list[dict[str, Any]]:
             "the payment check is unavailable; retry shortly",
             503,
             retry=True,
+        ),
+        # The response phase failed (fail closed: never the response; the hold nobody
+        # captured expires and the ledger releases it).
+        _reply(
+            _phase_failed(),
+            "response_phase_unavailable",
+            "the payment could not be completed; nothing was charged, retry shortly",
+            503,
+            retry=True,
+            details=True,
         ),
         _reply(_flags("UT"), "upstream_timeout", "the service did not answer in time", 504),
         _reply(

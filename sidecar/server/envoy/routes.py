@@ -18,11 +18,11 @@ from sidecar.server.envoy import browser, contract
 from sidecar.server.envoy.contract import EXT_AUTHZ, EXT_PROC
 from sidecar.server.envoy.edge import Edge, Endpoints
 from sidecar.server.envoy.filters import (
-    MCP_PROCESSING_MODE,
     MCP_REQUEST_BODY,
     TYPES,
     http_service,
     response_phase_route,
+    route_mode,
     with_headers,
 )
 
@@ -69,11 +69,13 @@ def priced_route(
     edge: Edge | None = None,
     http_service: Mapping[str, Any] | None = None,
     mcp_cluster: str = "service",
+    keep_responses: bool = True,
 ) -> dict[str, Any]:
     """An Envoy route for a priced route. Over gRPC its price rides along as
     context_extensions; over HTTP (`http_service`: the filter's) there are none, and a
     route with a response phase says so with a header on its checks instead. An MCP route
-    goes to `mcp_cluster` (an MCP server beside the service, in the demo)."""
+    goes to `mcp_cluster` (an MCP server beside the service, in the demo);
+    `keep_responses`: Endpoints.keep_responses."""
     phase = phases.spec_annotations(spec)
     edge = edge or Edge()
     check_settings: dict[str, Any] = {
@@ -95,7 +97,7 @@ def priced_route(
             "check_settings": check_settings,
         }
     if phase or is_mcp:  # the response phase runs on this route alone
-        config[EXT_PROC] = response_phase_route(MCP_PROCESSING_MODE if is_mcp else None)
+        config[EXT_PROC] = response_phase_route(route_mode(keep_responses, is_mcp))
     timeout = phases.route_timeout(spec, edge.upstream_timeout_seconds)
     upstream = service_route(edge, timeout, mcp_cluster if is_mcp else "service")
     route = {"name": name, "match": _route_match(spec), "route": upstream}
@@ -113,6 +115,10 @@ def service_route(
 
 def has_response_phase(routes: Mapping[str, Mapping[str, Any]]) -> bool:
     return any(phases.spec_annotations(spec) or mcp.ROUTE_KEY in spec for spec in routes.values())
+
+
+def has_mcp(routes: Mapping[str, Mapping[str, Any]]) -> bool:
+    return any(mcp.ROUTE_KEY in spec for spec in routes.values())
 
 
 def _gateway_routes(ep: Endpoints) -> list[dict[str, Any]]:
@@ -163,7 +169,9 @@ def virtual_host_routes(
         # Exact paths first, as the sidecar's route table matches them: Envoy takes the
         # first match, so a template must not shadow one.
         *(
-            priced_route(name, spec, default_asset, edge, per_route_http, mcp_cluster)
+            priced_route(
+                name, spec, default_asset, edge, per_route_http, mcp_cluster, ep.keep_responses
+            )
             for name, spec in sorted(
                 routes.items(), key=lambda item: is_pattern(str(item[1]["path"]))
             )

@@ -1,4 +1,4 @@
 """The payment kinds the gateway accepts: one module each (prepaid, channel, exact), one
 shape (base.Scheme, with an optional hold step: base.HoldingScheme) and one registry
 (registry.Schemes) that the check (server/authz) and the response phase
-(server/processor.py) pick from by the payment's scheme name."""
+(server/processing/) pick from by the payment's scheme name."""

@@ -269,5 +269,5 @@ def _authorization(meta: Mapping[str, str]) -> Eip3009Authorization:
 
 
 def _record(meta: Mapping[str, str], auth: Eip3009Authorization, payee: str) -> dict[str, str]:
-    """The request facts of the decision line (processor._describe), as a hold's record."""
+    """The request facts of the decision line (processing/phase._describe), as a hold's record."""
     return {"resource": meta[RESOURCE], "nonce": auth.nonce, "payee": payee}

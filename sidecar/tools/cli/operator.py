@@ -124,6 +124,7 @@ def envoy_config(
         sideport=split_host_port(settings.listen_http, "listen_http"),
         authz_timeout=authz_timeout,
         topup_timeout=topup_timeout,
+        keep_responses=settings.replay_per_payer > 0,
     )
     click.echo(
         render_yaml(settings.routes, settings.default_asset, endpoints, settings.edge_config()),

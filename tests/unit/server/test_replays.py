@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
-
 from sidecar.server import replays
+from sidecar.server.processing import grpc_transport
+from sidecar.server.processing.answers import Continue, immediate
 
 HEADERS = [
     (":status", "200"),
@@ -44,15 +44,18 @@ def test_the_receipt_headers_follow_the_services() -> None:
     ) in headers
 
 
-def test_a_headers_answer_becomes_the_bodys_answer() -> None:
-    mutation = ext_proc.HeaderMutation(remove_headers=["x402-usage"])
-    headers = ext_proc.ProcessingResponse(
-        response_headers=ext_proc.HeadersResponse(
-            response=ext_proc.CommonResponse(header_mutation=mutation)
-        )
-    )
-    body = replays.at_body(headers)
+def test_an_answer_to_the_body_sets_the_held_back_headers_and_the_body() -> None:
+    """Envoy holds buffered headers until the body is answered: the body's answer carries
+    the receipt headers (and an MCP result's new body)."""
+    answer = Continue((("payment-response", "R"),), ("x402-usage",), b"new")
+    body = grpc_transport.message(answer, "response_body")
     assert body.WhichOneof("response") == "response_body"
-    assert list(body.response_body.response.header_mutation.remove_headers) == ["x402-usage"]
-    immediate = ext_proc.ProcessingResponse(immediate_response=ext_proc.ImmediateResponse())
-    assert replays.at_body(immediate) is immediate
+    common = body.response_body.response
+    assert list(common.header_mutation.remove_headers) == ["x402-usage"]
+    assert [h.header.key for h in common.header_mutation.set_headers] == ["payment-response"]
+    assert common.body_mutation.body == b"new"
+    plain = grpc_transport.message(Continue(), "response_body")
+    assert plain.WhichOneof("response") == "response_body"
+    assert not plain.response_body.HasField("response")
+    refused = grpc_transport.message(immediate(503, "internal_error", "no"), "response_body")
+    assert refused.immediate_response.status.code == 503
