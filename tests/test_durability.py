@@ -56,15 +56,26 @@ async def test_a_durable_credit_survives_kill_9_in_every_one_of_50_runs(tmp_path
         server.kill()
 
 
-async def test_waitaof_short_of_replicas_is_not_durable(tmp_path: Path) -> None:
-    """Asked for a replica that is not there: the credit is applied, never called durable."""
+async def waitaof_calls(ledger: Ledger) -> int:
+    stats = await ledger.call(ledger._redis.info("commandstats"))
+    return int(stats.get("cmdstat_waitaof", {}).get("calls", 0))
+
+
+async def test_waitaof_short_of_replicas_is_not_durable_and_is_asked_once(
+    tmp_path: Path,
+) -> None:
+    """Asked for a replica that is not there, waiting longer than the ledger's Redis
+    timeout: the credit is applied, never called durable, and WAITAOF is sent once (a
+    retry would run on a fresh connection that wrote nothing, and prove nothing)."""
     server = Valkey(tmp_path).start()
-    ledger = Ledger.from_url(server.url)
+    ledger = Ledger.from_url(server.url, timeout=0.5)
     try:
-        durable = DurableWrites(ledger, replicas=1, timeout_ms=50)
+        durable = DurableWrites(ledger, replicas=1, timeout_ms=1500)
         assert (await durable.refresh()).kind == WAITAOF
         payer = Identity.generate().public_key
+        before = await waitaof_calls(ledger)
         assert not await credit(ledger, durable, payer, 7)
+        assert await waitaof_calls(ledger) == before + 1
         assert await balance(server.url, payer) == 7
     finally:
         await ledger.close()

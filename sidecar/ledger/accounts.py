@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from sidecar.core import retries
@@ -43,6 +45,7 @@ DEADLINE_PASSED = "deadline_passed"
 REDELIVERED = "redelivered"
 
 T = TypeVar("T")
+NO_RETRY = RedisRetry(NoBackoff(), 0)  # redis-py retries a timed-out command otherwise
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,7 @@ class Ledger:
     ) -> None:
         self._redis = client
         self._pipe = pipe
+        self._waiting: dict[float, aioredis.Redis] = {}  # waiting_client's, by socket timeout
         self.url = ""  # redis_url without its password, for logs
         # register_script: EVALSHA, and a reload on NOSCRIPT after a Redis restart.
         self._credit = client.register_script(scripts.source("credit"))
@@ -114,6 +118,18 @@ class Ledger:
         ledger.url = redacted(url)
         return ledger
 
+    def waiting_client(self, wait: float) -> aioredis.Redis:
+        """A client for a write followed by a wait for it on the same connection (WAITAOF):
+        its socket timeout covers `wait` seconds more than the ledger's, and it never
+        retries, since a retried wait runs on a fresh connection that has written nothing
+        and would prove nothing. Not on Redis Cluster."""
+        if not isinstance(self._pipe, RedisPipe):
+            raise X402Error("a waiting client needs a single Redis, not a Cluster")
+        timeout = self._pipe.timeout + wait
+        if timeout not in self._waiting:
+            self._waiting[timeout] = _client(self._pipe.address, timeout, retry=NO_RETRY)
+        return self._waiting[timeout]
+
     async def unreachable(self) -> str:
         """ "" if the hot path's connection reaches Redis, else why not (for logs: names
         the address and the cause, never the password)."""
@@ -124,6 +140,8 @@ class Ledger:
     async def close(self) -> None:
         await self._pipe.close()
         await self._redis.aclose()
+        for waiting in self._waiting.values():
+            await waiting.aclose()
 
     async def call(self, op: Awaitable[Any]) -> Any:
         """Any redis-py operation off the hot path; Redis unreachable → LedgerUnavailable."""
@@ -273,7 +291,7 @@ def check_url(url: str) -> None:
         RedisPipe(url)
 
 
-def _client(address: Address, timeout: float) -> aioredis.Redis:
+def _client(address: Address, timeout: float, **options: Any) -> aioredis.Redis:
     """redis-py's client for everything but the hot path, at the pipe's address."""
     where: dict[str, Any] = {"host": address.host, "port": address.port}
     if address.path:
@@ -288,6 +306,7 @@ def _client(address: Address, timeout: float) -> aioredis.Redis:
         decode_responses=True,
         health_check_interval=30,
         **redis_cluster.tls_options(address.tls),
+        **options,
     )
 
 

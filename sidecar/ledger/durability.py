@@ -106,7 +106,8 @@ class DurableWrites:
         redis = self.ledger._redis
         if self.mode.kind != WAITAOF or not isinstance(redis, Redis):
             return await self.ledger.call(write(redis)), True
-        async with redis.client() as connection:  # one connection: WAITAOF waits for its writes
+        waiting = self.ledger.waiting_client(self.timeout_ms / 1000)
+        async with waiting.client() as connection:  # one connection: WAITAOF waits for its writes
             result = await self.ledger.call(write(connection))
             return result, await self._wait(connection)
 
