@@ -80,7 +80,7 @@ class Processor:
         self.decisions = decisions or DecisionLog()
         self.holding = Schemes(gateway, ledger, settler).holding
         # MCP routes: the settlement in the tool's result (mcp.py).
-        self.mcp = McpResponses(self.assets, gateway.network, self._tool_held)
+        self.mcp = McpResponses(self.assets, gateway.network, self._held)
         # Responses kept for their payments' retries (server/replays.py): the capture
         # waits for the body Envoy buffers on held routes.
         self.keeping = gateway.replay_per_payer > 0
@@ -134,15 +134,6 @@ class Processor:
         if contract.MCP in meta:
             return await self.mcp.body(meta, headers, body or b"", deadline)
         return await asyncio.shield(self._held(meta, headers, deadline, body=body))
-
-    async def _tool_held(
-        self,
-        meta: Mapping[str, str],
-        headers: Mapping[str, str],
-        deadline: float | None,
-        tool_failed: bool,
-    ) -> Answer:
-        return await self._held(meta, headers, deadline, tool_failed=tool_failed)
 
     async def _held(
         self,
