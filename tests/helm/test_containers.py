@@ -292,16 +292,10 @@ def exact_values(
     """The podman values with `exact` on this chain, the pod on the host's network (the
     chain and the facilitator listen on its loopback), every port a free one, and the
     ledger an external Redis there too (no name to resolve on the host's network)."""
-    ports = {
-        "envoy.port": free_port(),
-        "envoy.adminPort": free_port(),
-        "envoy.probePort": free_port(),
-        "app.port": free_port(),
-        "sidecar.httpPort": free_port(),
-        "sidecar.healthPort": free_port(),
-        "sidecar.grpcPort": free_port(),
-        "sidecar.authzHttpPort": free_port(),
-    }
+    taken: set[int] = set()  # the kernel may hand a released port out again
+    keys = ["envoy.port", "envoy.adminPort", "envoy.probePort", "app.port"]
+    keys += ["sidecar.httpPort", "sidecar.healthPort", "sidecar.grpcPort", "sidecar.authzHttpPort"]
+    ports = {key: free_port(taken) for key in keys}
     onchain = {
         "network": chain.network,
         "token": chain.token,

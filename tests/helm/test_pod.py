@@ -58,9 +58,9 @@ def test_the_rendered_pod_runs_as_processes_and_takes_a_payment(
     workers = values["sidecar"]["workers"]
     taken: set[int] = set()
     ports = {key: free_port(taken) for key in ("envoy", "admin", "probe", "app", "http", "health")}
-    ports["redis"] = free_port()
-    grpc_port = free_ports(workers)  # worker i listens on grpcPort + i
-    authz_http_port = free_ports(workers)  # and, with transport http, on authzHttpPort + i
+    ports["redis"] = free_port(taken)
+    grpc_port = free_ports(workers, taken)  # worker i listens on grpcPort + i
+    authz_http_port = free_ports(workers, taken)  # and, with transport http, authzHttpPort + i
     auth = values["redis"]["auth"]
     password = secrets.token_urlsafe(18) if auth["existingSecret"] else None
     redis_process = start_redis(tmp_path / "redis", ports["redis"], password)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from sidecar.core.identity import Identity, write_secret
-from sidecar.tools.stack import LOOPBACK, free_port, free_ports
+from sidecar.tools.stack import LOOPBACK, free_port
 from tests.support.cli import ROOT
 
 
@@ -24,10 +24,11 @@ def serve_config(directory: Path, **settings: Any) -> Path:
     """A config for one worker on fresh loopback ports, with its own keys."""
     Identity.generate().save(directory / "signing.key")
     write_secret(directory / "invoice.secret", os.urandom(32).hex() + "\n")
+    taken: set[int] = set()  # the kernel may hand a released port out again
     config = {
-        "listen_grpc": f"{LOOPBACK}:{free_ports(1)}",
-        "listen_authz_http": f"{LOOPBACK}:{free_ports(1)}",
-        "listen_http": f"{LOOPBACK}:{free_port()}",
+        "listen_grpc": f"{LOOPBACK}:{free_port(taken)}",
+        "listen_authz_http": f"{LOOPBACK}:{free_port(taken)}",
+        "listen_http": f"{LOOPBACK}:{free_port(taken)}",
         "listen_admin": "",
         "signing_key_file": str(directory / "signing.key"),
         "invoice_secret_file": str(directory / "invoice.secret"),
