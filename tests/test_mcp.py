@@ -17,6 +17,7 @@ from sidecar.agent.mcp import paying_session, prepaid_client
 from sidecar.agent.wallet import Wallet
 from sidecar.core import protocol
 from sidecar.core.retries import DEFAULT_REDELIVERY_LIMIT
+from sidecar.server.envoy import contract
 from sidecar.tools.chain import AnvilChain
 from sidecar.tools.mcp_stack import McpStack
 from sidecar.tools.onchain import FacilitatorProcess, exact_settings, official_client, payers
@@ -24,7 +25,7 @@ from sidecar.tools.stack import Stack
 from tests.support.mcp import RawMcp, calls, messages
 
 WEATHER, RESEARCH = 10_000, 250_000  # 0.01 and 0.25 USDF (= USDC on the chain)
-TOOLS = {"get_weather": "0.01", "deep_research": "0.25", "flaky": "0.01"}
+TOOLS = {"get_weather": "0.01", "deep_research": "0.25", "flaky": "0.01", "report": "0.01"}
 ROUTES: dict[str, dict[str, Any]] = {
     "tools": {"method": "POST", "path": "/mcp", "mcp": {"tools": TOOLS, "default": "free"}},
 }
@@ -110,7 +111,7 @@ async def test_initialize_and_tools_list_are_free_and_list_the_prices(
     assert not echoed.payment_made and echoed.content[0].text == "free"
     assert await gw.balance(wallet.public_key) == 10_000_000
     # x402 serve's start-up route table names the tools and their prices
-    table = "MCP tools (USDF): deep_research 0.25, flaky 0.01, get_weather 0.01; others free"
+    table = "MCP tools (USDF): deep_research 0.25, flaky 0.01, get_weather 0.01, report 0.01;"
     assert table in gw.processes["sidecar"].log()
     document = (await http.get(f"{gw.url}/.well-known/x402")).json()
     [route] = [r for r in document["routes"] if r.get("mcp")]
@@ -264,3 +265,56 @@ async def test_a_payment_for_another_tool_or_amount_is_refused(
         assert answer["result"]["structuredContent"]["error"] == "invoice_mismatch"
     assert forwarded(gw) == before
     assert await gw.balance(wallet.public_key) == 10_000_000
+
+
+# -- 5. what the edge buffers: a body up to MCP_BODY_BYTES, an answer up to MCP_BUFFER_BYTES
+
+
+async def test_a_body_past_the_edge_buffer_and_within_the_limit_is_checked_and_served(
+    gw: McpStack, http: httpx.AsyncClient
+) -> None:
+    """The edge buffers 32 KiB a connection; an MCP route's stream takes its whole
+    request (at most MCP_BODY_BYTES) to the check, where it used to be Envoy's 500."""
+    raw = await RawMcp(gw, http).start()
+    text = "x" * (contract.MCP_BODY_BYTES - 1024)
+    response, echoed = await raw.call("echo", {"text": text})
+    assert response.status_code == 200
+    assert echoed["result"]["content"][0]["text"] == text
+
+
+async def test_an_answer_past_the_edge_buffer_is_served_with_its_settlement(
+    gw: McpStack, http: httpx.AsyncClient
+) -> None:
+    wallet = await funded(gw)
+    raw = await RawMcp(gw, http).start()
+    _, unpaid = await raw.call("report", {"kilobytes": 300})
+    payment = await prepaid_payment(wallet, unpaid["result"]["structuredContent"])
+    response, paid = await raw.call("report", {"kilobytes": 300}, payment)
+    assert response.status_code == 200
+    assert paid["result"]["content"][0]["text"] == "r" * 300 * 1024
+    settled = paid["result"]["_meta"]["x402/payment-response"]
+    assert settled["success"] is True and settled["amount"] == str(WEATHER)
+    assert protocol.verify_receipt(settled["extra"]["receipt"], keys(gw))
+    assert await gw.balance(wallet.public_key) == 10_000_000 - WEATHER
+
+
+async def test_an_answer_over_the_buffer_is_envoys_500_and_its_hold_goes_back_at_once(
+    held: McpStack, http: httpx.AsyncClient
+) -> None:
+    """Longer than MCP_BUFFER_BYTES, the answer cannot carry its settlement: Envoy fails
+    it, and the hold is released when the response phase's stream ends without it, not
+    at its expiry (60 s)."""
+    wallet = await funded(held)
+    raw = await RawMcp(held, http).start()
+    kilobytes = contract.MCP_BUFFER_BYTES // 1024 + 64
+    _, unpaid = await raw.call("report", {"kilobytes": kilobytes})
+    payment = await prepaid_payment(wallet, unpaid["result"]["structuredContent"])
+    params = {"name": "report", "arguments": {"kilobytes": kilobytes}}
+    params["_meta"] = {"x402/payment": payment}
+    failed = await raw.post(raw.request("tools/call", params))
+    assert failed.status_code == 500
+    released = held.wait_decisions(
+        lambda d: d.get("payer") == wallet.public_key and d.get("phase") == "response"
+    )
+    assert [(d["decision"], d["reason"]) for d in released] == [("release", "not_served")]
+    assert await held.balance(wallet.public_key) == 10_000_000

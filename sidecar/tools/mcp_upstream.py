@@ -3,7 +3,8 @@ FastMCP over streamable HTTP (`/mcp`), with no payment code at all. The gateway 
 of it prices its tools (docs/guides/mcp.md).
 
 Tools: `get_weather` and `deep_research` (priced in the demo), `echo` (free), `flaky`
-(fails while `set_flaky(true)` says so: an `on_success` route then charges nothing).
+(fails while `set_flaky(true)` says so: an `on_success` route then charges nothing),
+`report` (an answer of the size asked: past the gateway's buffers).
 `GET /calls` says how many times each tool ran (what reached the server), `GET /healthz`
 that it is up.
 
@@ -24,7 +25,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 Handler = Callable[[Request], Awaitable[Response]]
 MCP_PATH = "/mcp"
-TOOLS = ("get_weather", "deep_research", "echo", "flaky", "set_flaky")
+TOOLS = ("get_weather", "deep_research", "report", "echo", "flaky", "set_flaky")
 
 
 def server(host: str, port: int, json_response: bool = False, stateless: bool = False) -> FastMCP:
@@ -54,6 +55,12 @@ def server(host: str, port: int, json_response: bool = False, stateless: bool = 
         """A long report on a topic."""
         calls["deep_research"] += 1
         return f"A report on {topic}: it is a deep subject."
+
+    @app.tool()
+    def report(kilobytes: int) -> str:
+        """A report of `kilobytes` KiB (at most 4 MiB)."""
+        calls["report"] += 1
+        return "r" * (1024 * min(kilobytes, 4096))
 
     @app.tool()
     def echo(text: str) -> str:

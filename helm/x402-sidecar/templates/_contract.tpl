@@ -158,6 +158,7 @@
     "allow_partial_message": false,
     "pack_as_bytes": true
   },
+  "mcpBufferBytes": 1048576,
   "mcpProcessingMode": {
     "request_header_mode": "SKIP",
     "response_header_mode": "SEND",

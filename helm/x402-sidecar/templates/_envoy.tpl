@@ -346,6 +346,10 @@ static_resources:
                 route:
                   cluster: service
                   timeout: {{ $timeout }}s
+                {{- if $mcp }}
+                # The request's body and the tool's answer are buffered whole, up to this.
+                request_body_buffer_limit: {{ $c.mcpBufferBytes }}
+                {{- end }}
                 {{- if or (not $http) $phase $mcp }}
                 typed_per_filter_config:
                   {{- if $http }}

@@ -84,6 +84,7 @@ def contract_values() -> dict[str, Any]:
         "extMcpDefault": mcp.EXT_MCP_DEFAULT,
         "mcpFree": mcp.FREE,
         "mcpRequestBody": MCP_REQUEST_BODY,
+        "mcpBufferBytes": contract.MCP_BUFFER_BYTES,
         "mcpProcessingMode": MCP_PROCESSING_MODE,
         "localReplies": replies.mappers(),
     }

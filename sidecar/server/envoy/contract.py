@@ -168,6 +168,10 @@ MCP_METADATA_KEYS = (MCP, MCP_SETTLE, MCP_PRICES)
 ANSWERED_STAND_IN, ANSWERED_MARK = 491, "answered"
 # What Envoy sends of an MCP route's request body to the check (with_request_body).
 MCP_BODY_BYTES = DEFAULT_MAX_BODY_BYTES
+# An MCP route's stream buffer (its route's request_body_buffer_limit, which Envoy 1.36+
+# lets exceed the edge's 32 KiB): the request's body and the tool's answer, which the
+# response phase reads whole, are buffered up to it; a longer answer is Envoy's 500.
+MCP_BUFFER_BYTES = 1048576
 # Every key the decision may put in ext_authz's dynamic metadata; over HTTP each travels as
 # a header of that name and Envoy's dynamic_metadata_from_headers turns it back.
 METADATA_KEYS = tuple(

@@ -100,7 +100,9 @@ def priced_route(
         config[EXT_PROC] = response_phase_route(route_mode(keep_responses, is_mcp))
     timeout = phases.route_timeout(spec, edge.upstream_timeout_seconds)
     upstream = service_route(edge, timeout, mcp_cluster if is_mcp else "service")
-    route = {"name": name, "match": _route_match(spec), "route": upstream}
+    route: dict[str, Any] = {"name": name, "match": _route_match(spec), "route": upstream}
+    if is_mcp:  # its body and answer are buffered whole (contract.py)
+        route["request_body_buffer_limit"] = contract.MCP_BUFFER_BYTES
     if config:
         route["typed_per_filter_config"] = config
     return route

@@ -6,6 +6,7 @@ Waiting until the body message comes."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class GrpcProcessor:
 
     def __init__(self, processor: Processor) -> None:
         self.processor = processor
+        self._releasing: set[asyncio.Future[None]] = set()  # unanswered holds' tasks
 
     def handler(self) -> grpc.GenericRpcHandler:
         process = grpc.stream_stream_rpc_method_handler(
@@ -115,11 +117,21 @@ class GrpcProcessor:
         """One stream per response: read and answer each message (context.read/write is
         cheaper in grpc.aio than an async-generator handler)."""
         waiting = Waiting()
-        while True:
-            request = await context.read()
-            if request is grpc.aio.EOF:
-                return
-            await context.write(await self.respond(request, context, waiting))
+        try:
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    return
+                await context.write(await self.respond(request, context, waiting))
+        finally:
+            if waiting.meta is not None and waiting.headers is not None:
+                # Ended before the body its decision waited for (the stream may be being
+                # cancelled): the hold is released on a task of its own.
+                task = asyncio.ensure_future(
+                    self.processor.unanswered(waiting.meta, waiting.headers)
+                )
+                self._releasing.add(task)
+                task.add_done_callback(self._releasing.discard)
 
     async def respond(
         self,

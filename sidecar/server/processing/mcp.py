@@ -21,8 +21,11 @@ from sidecar.core.money import Asset
 from sidecar.server.envoy import contract
 from sidecar.server.processing.answers import CONTINUE, Answer, Continue, Headers
 
-# The processor's hold closing (phase.Processor._held): meta, headers, deadline, tool_failed.
-Held = Callable[[Mapping[str, str], Mapping[str, str], float | None, bool], Awaitable[Answer]]
+# The processor's hold closing (phase.Processor._held): meta, headers, deadline, and why it
+# is released whatever the status ("": it is not).
+Held = Callable[[Mapping[str, str], Mapping[str, str], float | None, str], Awaitable[Answer]]
+# Those reasons (the decision line's): the tool answered an error; the answer never came.
+TOOL_FAILED, NOT_SERVED = "tool_failed", "not_served"
 
 _RECEIPT_HEADER = protocol.RECEIPT_HEADERS[-1]  # payment-response
 # The answer's length changes: the headers wait for the body without their content-length.
@@ -51,7 +54,8 @@ class McpResponses:
         answer = CONTINUE
         if contract.HOLD in meta:
             failed = mcp_results.failed(body, content_type)
-            closed = await asyncio.shield(self.held(meta, headers, deadline, failed))
+            failure = TOOL_FAILED if failed else ""
+            closed = await asyncio.shield(self.held(meta, headers, deadline, failure))
             if not isinstance(closed, Continue):
                 return closed
             answer = closed
@@ -72,6 +76,6 @@ class McpResponses:
             if name == _RECEIPT_HEADER:
                 receipt = protocol.decode_header(value)
                 asset = self.assets[meta[contract.ASSET]]
-                reason = "tool_failed" if failed else ""
+                reason = TOOL_FAILED if failed else ""
                 return mcp_results.settle_response(receipt, asset, self.network, reason)
         return None

@@ -51,7 +51,7 @@ from sidecar.server.processing.answers import (
     immediate,
     receipt_headers,
 )
-from sidecar.server.processing.mcp import HELD_BACK, McpResponses
+from sidecar.server.processing.mcp import HELD_BACK, NOT_SERVED, TOOL_FAILED, McpResponses
 from sidecar.server.schemes.base import HoldingScheme
 from sidecar.server.schemes.registry import Schemes
 from sidecar.server.settler import ExactSettler
@@ -135,16 +135,24 @@ class Processor:
             return await self.mcp.body(meta, headers, body or b"", deadline)
         return await asyncio.shield(self._held(meta, headers, deadline, body=body))
 
+    async def unanswered(self, meta: Mapping[str, str], headers: Mapping[str, str]) -> None:
+        """The body a decision waited for never came: Envoy failed the response (an MCP
+        answer longer than contract.MCP_BUFFER_BYTES) or the client went away. Nothing was
+        served, so a hold goes back now rather than at its expiry."""
+        if contract.HOLD in meta:
+            await asyncio.shield(self._held(meta, headers, None, NOT_SERVED))
+
     async def _held(
         self,
         meta: Mapping[str, str],
         headers: Mapping[str, str],
         deadline: float | None,
-        tool_failed: bool = False,
+        failure: str = "",
         body: bytes | None = None,
     ) -> Answer:
-        """Close the hold; `tool_failed`: an MCP tool's answer was an error, whatever its
-        status (mcp.py), so the hold is released; `body`: the response's, to keep."""
+        """Close the hold; `failure` (TOOL_FAILED: an MCP tool's answer was an error,
+        whatever its status, mcp.py; NOT_SERVED: the answer never came) releases it;
+        `body`: the response's, to keep."""
         started = time.perf_counter()
         status = int(headers.get(":status", "0") or 0)
         line: dict[str, Any] = {
@@ -157,17 +165,17 @@ class Processor:
             "upstream_status": status,
             "worker": self.worker,
         }
-        if tool_failed:
+        if failure == TOOL_FAILED:
             line["tool_failed"] = True
         kept = ""
-        if self.keeping and not tool_failed:
+        if self.keeping and not failure:
             limit = self.gateway.replay_body_max_bytes
             kept = replays.encode(status, headers.items(), body, limit)
         try:
-            closing_status = max(status, 599) if tool_failed else status
+            closing_status = max(status, 599) if failure else status
             response = await self._close(meta, headers, closing_status, line, deadline, kept)
-            if tool_failed and line.get("decision") == "release":
-                line.update(status=status, reason="tool_failed")
+            if failure and line.get("decision") == "release":
+                line.update(status=status, reason=failure)
         except PaymentError as error:  # the ledger: the hold stays until it expires
             line.update(decision="deny", status=error.status, reason=error.reason)
             line.update(error.logged)
