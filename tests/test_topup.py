@@ -180,7 +180,7 @@ async def test_an_official_client_buys_credit_the_sdk_spends_it(
     assert await stack.balance(key) == 5 * USDC - 100 * 1_000
 
 
-async def test_a_replayed_topup_authorization_credits_nothing(
+async def test_a_replayed_topup_authorization_credits_nothing_and_gets_its_receipt_again(
     http: httpx.AsyncClient, stack: Stack, chain: AnvilChain
 ) -> None:
     key = Identity.generate().public_key
@@ -192,11 +192,23 @@ async def test_a_replayed_topup_authorization_credits_nothing(
         TOPUP, params={"payer": key, "amount": "2"}, headers={"PAYMENT-SIGNATURE": header}
     )
     assert first.status_code == 200, first.text
-    for who in (key, Identity.generate().public_key):  # the same key, or someone else's
-        again = await http.post(
-            TOPUP, params={"payer": who, "amount": "2"}, headers={"PAYMENT-SIGNATURE": header}
-        )
-        assert (again.status_code, again.json()["error"]) == (402, "nonce_reused")
+    # The same key (a retry after a lost answer): the same credit's answer, nothing more.
+    again = await http.post(
+        TOPUP, params={"payer": key, "amount": "2"}, headers={"PAYMENT-SIGNATURE": header}
+    )
+    assert again.status_code == 200, again.text
+    receipt, repeated = first.json()["receipt"], again.json()["receipt"]
+    assert repeated["receipt_id"] == receipt["receipt_id"]
+    assert repeated["transaction"] == receipt["transaction"] and repeated["balance"] == "2"
+    assert protocol.verify_receipt(
+        repeated, {stack.gateway_identity.kid: stack.gateway_identity.public_key}
+    )
+    other = await http.post(  # someone else's key: that authorization is spent
+        TOPUP,
+        params={"payer": Identity.generate().public_key, "amount": "2"},
+        headers={"PAYMENT-SIGNATURE": header},
+    )
+    assert (other.status_code, other.json()["error"]) == (402, "nonce_reused")
     assert await stack.balance(key) == 2 * USDC
     assert onchain(chain, payer.address) == (before[0] - 2 * USDC, before[1] + 2 * USDC)
     assert chain.transaction_count(facilitator_account(chain).address) == gas_nonce + 1
@@ -215,7 +227,9 @@ async def test_concurrent_copies_of_one_topup_credit_once(
             for _ in range(10)
         )
     )
-    assert sorted(a.status_code for a in answers) == [200] + [402] * 9
+    # One settles and credits; the copies find it done and get its answer.
+    assert [a.status_code for a in answers] == [200] * 10, [a.text for a in answers]
+    assert len({a.json()["receipt"]["receipt_id"] for a in answers}) == 1
     assert await stack.balance(key) == 3 * USDC
 
 
@@ -313,7 +327,8 @@ async def test_a_lost_settle_answer_is_resolved_on_chain_and_credited_once(
             allowed = [line for line in topup_lines(lossy, key) if line["decision"] == "allow"]
             assert [line["settled_via"] for line in allowed] == ["chain"]
             again = await http.post(TOPUP, params=params, headers={"PAYMENT-SIGNATURE": header})
-            assert (again.status_code, again.json()["error"]) == (402, "nonce_reused")
+            assert again.status_code == 200, again.text  # the same answer; no new credit
+            assert again.json()["receipt"]["receipt_id"] == body["receipt"]["receipt_id"]
             assert await lossy.balance(key) == 4 * USDC
             assert onchain(chain, payer.address) == (before[0] - 4 * USDC, before[1] + 4 * USDC)
 

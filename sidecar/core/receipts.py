@@ -10,6 +10,7 @@ deterministic, so re-signing gives the same signature.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from sidecar.core.errors import MalformedReceipt
-from sidecar.core.identity import Identity, verify, verify_key
+from sidecar.core.identity import Identity, b64url, verify, verify_key
 from sidecar.core.money import Asset
 from sidecar.core.protocol import RECEIPT_DOMAIN, VERSION, Proof, canonical_json, sign_receipt
 from sidecar.core.vouchers import SCHEME as CHANNEL_SCHEME
@@ -275,6 +276,12 @@ def exact_release_body(
         "status": status,
         "issued_at": issued_at,
     }
+
+
+def topup_receipt_id(source: str) -> str:
+    """A top-up's receipt id, one per authorization (`source`): an agent that sends the
+    same authorization again (its answer lost) is answered with the same receipt."""
+    return "rcpt_" + b64url(hashlib.sha256(f"topup:{source}".encode()).digest()[:16])
 
 
 def topup_body(

@@ -152,8 +152,8 @@ class TopupService:
                 "credited at most once)",
                 transaction=settled["transaction"],
             )
-        if not credit.applied:  # a replay of an authorization that credited this key
-            raise NonceReused("this authorization has already been credited")
+        if not credit.applied:  # a retry of an authorization that credited this key:
+            line["replayed"] = True  # its answer again, the same receipt id; no credit
         receipt = protocol.sign_receipt(
             receipts.topup_body(
                 payer,
@@ -162,7 +162,7 @@ class TopupService:
                 amount,
                 credit.balance,
                 settled,
-                protocol.new_receipt_id(),
+                receipts.topup_receipt_id(source),
                 self.gateway.payee,
                 int(time.time()),
             ),
