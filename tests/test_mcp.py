@@ -298,23 +298,23 @@ async def test_an_answer_past_the_edge_buffer_is_served_with_its_settlement(
     assert await gw.balance(wallet.public_key) == 10_000_000 - WEATHER
 
 
-async def test_an_answer_over_the_buffer_is_envoys_500_and_its_hold_goes_back_at_once(
-    held: McpStack, http: httpx.AsyncClient
-) -> None:
+async def test_an_answer_over_the_buffer_is_envoys_500_and_its_hold_goes_back_at_once() -> None:
     """Longer than MCP_BUFFER_BYTES, the answer cannot carry its settlement: Envoy fails
-    it, and the hold is released when the response phase's stream ends without it, not
-    at its expiry (60 s)."""
-    wallet = await funded(held)
-    raw = await RawMcp(held, http).start()
-    kilobytes = contract.MCP_BUFFER_BYTES // 1024 + 64
-    _, unpaid = await raw.call("report", {"kilobytes": kilobytes})
-    payment = await prepaid_payment(wallet, unpaid["result"]["structuredContent"])
-    params = {"name": "report", "arguments": {"kilobytes": kilobytes}}
-    params["_meta"] = {"x402/payment": payment}
-    failed = await raw.post(raw.request("tools/call", params))
-    assert failed.status_code == 500
-    released = held.wait_decisions(
-        lambda d: d.get("payer") == wallet.public_key and d.get("phase") == "response"
-    )
-    assert [(d["decision"], d["reason"]) for d in released] == [("release", "not_served")]
-    assert await held.balance(wallet.public_key) == 10_000_000
+    it, and the hold is released when the response phase's stream ends without its body,
+    not at its expiry (60 s). The answer is an SSE stream whose headers leave before the
+    tool's result (FastMCP's default), so the phase has them when Envoy fails the body."""
+    with McpStack(ON_SUCCESS) as held_sse:
+        async with httpx.AsyncClient(timeout=30) as http:
+            wallet = await funded(held_sse)
+            raw = await RawMcp(held_sse, http).start()
+            arguments = {"kilobytes": contract.MCP_BUFFER_BYTES // 1024 + 64, "seconds": 0.3}
+            _, unpaid = await raw.call("report", arguments)
+            payment = await prepaid_payment(wallet, unpaid["result"]["structuredContent"])
+            params = {"name": "report", "arguments": arguments, "_meta": {"x402/payment": payment}}
+            failed = await raw.post(raw.request("tools/call", params))
+            assert failed.status_code == 500
+            released = held_sse.wait_decisions(
+                lambda d: d.get("payer") == wallet.public_key and d.get("phase") == "response"
+            )
+            assert [(d["decision"], d["reason"]) for d in released] == [("release", "not_served")]
+            assert await held_sse.balance(wallet.public_key) == 10_000_000

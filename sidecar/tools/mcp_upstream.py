@@ -14,6 +14,7 @@ that it is up.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import json
 from collections.abc import Awaitable, Callable
@@ -57,9 +58,11 @@ def server(host: str, port: int, json_response: bool = False, stateless: bool = 
         return f"A report on {topic}: it is a deep subject."
 
     @app.tool()
-    def report(kilobytes: int) -> str:
-        """A report of `kilobytes` KiB (at most 4 MiB)."""
+    async def report(kilobytes: int, seconds: float = 0.0) -> str:
+        """A report of `kilobytes` KiB (at most 4 MiB), written after `seconds` (at most 5:
+        an SSE answer's headers leave first)."""
         calls["report"] += 1
+        await asyncio.sleep(min(seconds, 5.0))
         return "r" * (1024 * min(kilobytes, 4096))
 
     @app.tool()
