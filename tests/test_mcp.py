@@ -307,7 +307,7 @@ async def test_an_answer_over_the_buffer_is_envoys_500_and_its_hold_goes_back_at
         async with httpx.AsyncClient(timeout=30) as http:
             wallet = await funded(held_sse)
             raw = await RawMcp(held_sse, http).start()
-            arguments = {"kilobytes": contract.MCP_BUFFER_BYTES // 1024 + 64, "seconds": 0.3}
+            arguments = {"kilobytes": contract.MCP_BUFFER_BYTES // 1024 + 64, "seconds": 1.0}
             _, unpaid = await raw.call("report", arguments)
             payment = await prepaid_payment(wallet, unpaid["result"]["structuredContent"])
             params = {"name": "report", "arguments": arguments, "_meta": {"x402/payment": payment}}
