@@ -26,7 +26,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 Handler = Callable[[Request], Awaitable[Response]]
 MCP_PATH = "/mcp"
-TOOLS = ("get_weather", "deep_research", "report", "echo", "flaky", "set_flaky")
 
 
 def server(host: str, port: int, json_response: bool = False, stateless: bool = False) -> FastMCP:

@@ -103,8 +103,8 @@ PROCESSING_MODE = {
 # filter's own mode, and the only one ext_proc's http_service takes (Envoy 1.40 refuses a
 # body mode there, and answers a route's body message over it never).
 HEADERS_MODE = {**PROCESSING_MODE, "response_body_mode": "NONE"}
-# An MCP route's: the response's body too, buffered whole (bounded by the connection's
-# buffer limit), so the settlement is written into the tool's JSON-RPC result.
+# An MCP route's: the response's body too, buffered whole (up to the route's own buffer,
+# contract.MCP_BUFFER_BYTES), so the settlement is written into the tool's JSON-RPC result.
 MCP_PROCESSING_MODE = {**PROCESSING_MODE, "response_body_mode": "BUFFERED"}
 # What an MCP route sends of its request's body to the check: the JSON-RPC message, at
 # most MCP_BODY_BYTES (a longer one is refused 413 by Envoy, never forwarded), as bytes.
