@@ -42,13 +42,14 @@ from bench.report import (
     DIRECT_LANES,
     EXACT_C16,
     OFFICIAL_C16,
+    OFFICIAL_PROJECT_C16,
     PAID_C16,
     PAID_C16_HTTP,
     UPTO_C16,
     VOUCHERS,
 )
 from sidecar.core.errors import X402Error
-from sidecar.core.identity import Identity
+from sidecar.core.identity import Identity, write_secret
 from sidecar.tools import permit2
 from sidecar.tools.chain import AnvilChain, install_chain_tools
 from sidecar.tools.onchain import FacilitatorProcess, exact_settings, operator
@@ -143,7 +144,11 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
            on chain per request
       (11u) wrk -t1 -c16: x402 `upto` on the metered route, the units used settled on
            chain per request at the response
-      (12) wrk -t1 -c16: the official FastAPI middleware + facilitator + chain
+      (12) wrk -t1 -c16: the official FastAPI middleware + the official facilitator as
+           the official package's example runs it (bench/reference_facilitator.py), the
+           reference a seller would otherwise pick
+      (12p) wrk -t1 -c16: the official middleware + `x402 facilitator serve`, so that the
+           facilitator's share and the gateway's are each visible
     """
     chain_tools()
     phases, lanes = results["phases"], LANES
@@ -152,7 +157,8 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
     expect = phases["4 sidecar paid direct"]["ok_rps"] * 1.5  # to size the pre-signing
     with tempfile.TemporaryDirectory(prefix="x402-bench-") as tmp, AnvilChain(mint=mint) as chain:
         workdir = Path(tmp)
-        facilitator = FacilitatorProcess(chain, workdir)  # its URL now, started below
+        # Its URL now, started below; /verify in processes of their own, one per core.
+        facilitator = FacilitatorProcess(chain, workdir, verify_processes=os.cpu_count() or 1)
         settings = exact_settings(chain, facilitator, exact_max_timeout_seconds=EXACT_TIMEOUT)
         stack = Stack(
             ROUTES,
@@ -160,18 +166,26 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
             workers=args.workers,
             envoy_concurrency=args.envoy_concurrency,
         )
-        official_port = free_port()
-        server: Process | None = None
+        official_port, project_port, reference_port = free_port(), free_port(), free_port()
+        servers: list[Process] = []
         try:
             facilitator.start()
-            # The official server boots (imports) while the sidecar's stack starts.
-            argv = official_argv(chain, facilitator, official_port, args.workers)
-            server = Process("official", argv, workdir / "official.log").start()
+            reference = reference_facilitator(chain, workdir, reference_port)
+            servers.append(reference)
+            # The official servers boot (imports) while the sidecar's stack starts.
+            for port, url, name in (
+                (official_port, f"http://{LOOPBACK}:{reference_port}", "official"),
+                (project_port, facilitator.url, "official_project"),
+            ):
+                argv = official_argv(chain, url, port, args.workers)
+                servers.append(Process(name, argv, workdir / f"{name}.log").start())
             write_bench_files(stack)
             stack.start_redis()
             stack.start_envoy()
             stack.start_sidecar()
-            wait_http(f"http://{LOOPBACK}:{official_port}/health", timeout=120, process=server)
+            wait_http(f"http://{LOOPBACK}:{reference_port}/health", timeout=120, process=reference)
+            for port, server in ((official_port, servers[1]), (project_port, servers[2])):
+                wait_http(f"http://{LOOPBACK}:{port}/health", timeout=120, process=server)
             if args.warmup:
                 run_wrk(wrk, stack.url + FREE_PATH, args.warmup, lanes, lanes)
 
@@ -188,9 +202,12 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
             show(PAID_C16, phases[PAID_C16])
 
             # (11) and (12): every paid request settles on chain through the facilitator.
-            official_url = f"http://{LOOPBACK}:{official_port}{official.PATH}"
-            settled_phases(wrk, args, results, (chain, facilitator, stack, server), keys,
-                           official_url)  # fmt: skip
+            official_urls = {
+                OFFICIAL_C16: (f"http://{LOOPBACK}:{official_port}{official.PATH}", servers[:2]),
+                OFFICIAL_PROJECT_C16: (f"http://{LOOPBACK}:{project_port}{official.PATH}",
+                                       servers[2:]),
+            }  # fmt: skip
+            settled_phases(wrk, args, results, (chain, facilitator, stack), keys, official_urls)
 
             # (10h) as (10), Envoy asking over the HTTP transport.
             restart(stack, free_port(), "http", args.workers)
@@ -201,17 +218,26 @@ def onchain_phases(wrk: str, args: argparse.Namespace, results: dict[str, Any]) 
             # (13) the top-up's latency, durable (as configured) and then not.
             topups.topup_phases(stack, chain, keys[0], args.workers, results)
         finally:
-            if server is not None:
+            for server in servers:
                 server.stop()
             stack.stop()
             facilitator.stop()
 
 
-def official_argv(
-    chain: AnvilChain, facilitator: FacilitatorProcess, port: int, workers: int
-) -> list[str]:
+def reference_facilitator(chain: AnvilChain, workdir: Path, port: int) -> Process:
+    """(12)'s facilitator (bench/reference_facilitator.py), with a key of its own: its nonces
+    never meet `x402 facilitator serve`'s."""
+    key_file = workdir / "reference.key"
+    write_secret(key_file, chain.spare[-1].key + "\n")
+    argv = [sys.executable, "-m", "bench.reference_facilitator", "--rpc-url", chain.rpc_url,
+            "--key-file", str(key_file), "--network", chain.network,
+            "--port", str(port)]  # fmt: skip
+    return Process("reference_facilitator", argv, workdir / "reference.log").start()
+
+
+def official_argv(chain: AnvilChain, facilitator_url: str, port: int, workers: int) -> list[str]:
     """The official x402 stack (bench/official.py), paid to the operator on this chain."""
-    return [sys.executable, "-m", "bench.official", "--facilitator", facilitator.url,
+    return [sys.executable, "-m", "bench.official", "--facilitator", facilitator_url,
             "--network", chain.network, "--asset", chain.token,
             "--asset-name", chain.token_name, "--asset-version", chain.token_version,
             "--pay-to", operator(chain).address, "--amount", str(PRICE_ATOMIC),
@@ -250,13 +276,13 @@ def settled_phases(
     wrk: str,
     args: argparse.Namespace,
     results: dict[str, Any],
-    running: tuple[AnvilChain, FacilitatorProcess, Stack, Process],
+    running: tuple[AnvilChain, FacilitatorProcess, Stack],
     keys: list[str],
-    official_url: str,
+    official_urls: dict[str, tuple[str, list[Process]]],
 ) -> None:
-    """(11) the sidecar's `exact` and (12) the official stack, each payment settled on
-    chain through the facilitator."""
-    chain, facilitator, stack, server = running
+    """(11) the sidecar's `exact`, (12) the official stack and (12p) the official middleware
+    with the project's facilitator, each payment settled on chain through a facilitator."""
+    chain, facilitator, stack = running
     phases, lanes = results["phases"], LANES
     seconds = args.official_duration
     warmup = max(args.warmup, 3.0)
@@ -277,15 +303,25 @@ def settled_phases(
     show(EXACT_C16, figures)
     phases[UPTO_C16] = upto_phase(wrk, chain, stack, keys, seconds, warmup, pids)
     show(UPTO_C16, phases[UPTO_C16])
-    pids = {"official": server.popen.pid, **onchain}
-    figures = onchain_phase(wrk, chain, official_url, keys, seconds, warmup, lanes, stack.dir, pids)
-    figures["note"] = (
-        f"the official x402 {version('x402')} FastAPI middleware under uvicorn "
-        f"({args.workers} workers), the same facilitator and chain: each request "
-        "verified, served and settled on chain; pre-signed by the official client"
-    )
-    phases[OFFICIAL_C16] = figures
-    show(OFFICIAL_C16, figures)
+    facilitators = {
+        OFFICIAL_C16: "the official facilitator as its example runs it",
+        OFFICIAL_PROJECT_C16: "`x402 facilitator serve`",
+    }
+    for name, (official_url, processes) in official_urls.items():
+        pids = {process.name: process.popen.pid for process in processes}
+        pids["anvil"] = onchain["anvil"]
+        if name == OFFICIAL_PROJECT_C16:
+            pids["facilitator"] = onchain["facilitator"]
+        figures = onchain_phase(
+            wrk, chain, official_url, keys, seconds, warmup, lanes, stack.dir, pids
+        )
+        figures["note"] = (
+            f"the official x402 {version('x402')} FastAPI middleware under uvicorn "
+            f"({args.workers} workers), {facilitators[name]}, the same chain: each request "
+            "verified, served and settled on chain; pre-signed by the official client"
+        )
+        phases[name] = figures
+        show(name, figures)
 
 
 def upto_phase(

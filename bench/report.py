@@ -10,7 +10,10 @@ from typing import Any
 HTTP_PAID = "4h HTTP sidecar paid direct"
 VOUCHERS, DIRECT_LANES = "9 channel vouchers, 16 lanes", "9 paid direct, 16 lanes"
 PAID_C16, EXACT_C16 = "10 sidecar paid direct, c16", "11 sidecar exact on anvil, c16"
+# (12) the reference: the official middleware with the official facilitator as the official
+# package's example runs it; (12p) the same middleware with `x402 facilitator serve`.
 OFFICIAL_C16 = "12 official x402 stack, c16"
+OFFICIAL_PROJECT_C16 = "12p official middleware, project facilitator, c16"
 UPTO_C16 = "11u sidecar upto metered on anvil, c16"
 PAID_C16_HTTP = "10h HTTP sidecar paid direct, c16"
 
@@ -65,7 +68,7 @@ def print_ledger(key: str, ledger: dict[str, Any]) -> None:
 def onchain_report(results: dict[str, Any]) -> None:
     """(11) and (12) against the chain, and (10) against (12) against DESIGN.md's targets."""
     phases, ratios = results["phases"], results["ratios"]
-    for name in (EXACT_C16, UPTO_C16, OFFICIAL_C16):
+    for name in (EXACT_C16, UPTO_C16, OFFICIAL_C16, OFFICIAL_PROJECT_C16):
         if name in phases:
             chain = phases[name]["chain"]
             print(
@@ -98,6 +101,8 @@ def targets(results: dict[str, Any]) -> None:
         ("on_success >= 0.6 x on_check (HTTP)", ratios.get("http_on_success/http_on_check"), 0.6),
         ("metered >= 0.6 x on_check (HTTP)", ratios.get("http_metered/http_on_check"), 0.6),
         ("paid with the record >= 0.9 x before", ratios.get("with_record/before_record"), 0.9),
+        ("sidecar paid >= 200 x official (c16)", ratios.get("sidecar_paid/official_x402"), 200),
+        ("exact >= 5 x official (c16)", ratios.get("sidecar_exact/official_x402"), 5),
     ]
     for transport, prefix in (("gRPC", "5"), ("HTTP", "5h HTTP")):
         full = phases.get(f"{prefix} challenge loops, full speed")
@@ -168,6 +173,8 @@ def named_ratios(phases: dict[str, Any]) -> dict[str, float]:
         "sidecar_paid/official_x402": (PAID_C16, OFFICIAL_C16),
         "sidecar_http_paid/official_x402": (PAID_C16_HTTP, OFFICIAL_C16),
         "sidecar_exact/official_x402": (EXACT_C16, OFFICIAL_C16),
+        "official_project_facilitator/official_x402": (OFFICIAL_PROJECT_C16, OFFICIAL_C16),
+        "sidecar_exact/official_project_facilitator": (EXACT_C16, OFFICIAL_PROJECT_C16),
     }
     ratios = {
         key: round(rps(a) / rps(b), 3) if rps(b) else float("inf")

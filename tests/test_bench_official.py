@@ -1,6 +1,8 @@
 """The official x402 stack that `make bench` measures (bench/official.py) really charges:
-the official FastAPI middleware, the facilitator and anvil + USDC, paid with what the
-bench pre-signs with the official client. Nothing is mocked."""
+the official FastAPI middleware, a facilitator and anvil + USDC, paid with what the bench
+pre-signs with the official client; with either facilitator the bench puts behind it: the
+reference, the official one as its example runs it (bench/reference_facilitator.py), and
+`x402 facilitator serve`. Nothing is mocked."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench import official
+from bench import official, onchain
 from sidecar.tools.chain import AnvilChain
 from sidecar.tools.onchain import FacilitatorProcess, operator, payers
 from sidecar.tools.stack import LOOPBACK, Process, free_port, wait_http
@@ -19,23 +21,35 @@ from sidecar.tools.stack import LOOPBACK, Process, free_port, wait_http
 PRICE = 1000
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["reference", "project"])
 def server(
-    chain: AnvilChain, facilitator: FacilitatorProcess, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    chain: AnvilChain,
+    facilitator: FacilitatorProcess,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
+    workdir = Path(tmp_path_factory.mktemp("official"))
+    reference: Process | None = None
+    facilitator_url = facilitator.url
+    if request.param == "reference":
+        reference_port = free_port()
+        reference = onchain.reference_facilitator(chain, workdir, reference_port)
+        facilitator_url = f"http://{LOOPBACK}:{reference_port}"
+        wait_http(f"{facilitator_url}/health", timeout=120, process=reference)
     port = free_port()
-    argv = [sys.executable, "-m", "bench.official", "--facilitator", facilitator.url,
+    argv = [sys.executable, "-m", "bench.official", "--facilitator", facilitator_url,
             "--network", chain.network, "--asset", chain.token,
             "--asset-name", chain.token_name, "--asset-version", chain.token_version,
             "--pay-to", operator(chain).address, "--amount", str(PRICE),
             "--port", str(port)]  # fmt: skip
-    log = Path(tmp_path_factory.mktemp("official")) / "official.log"
-    process = Process("official", argv, log).start()
+    process = Process("official", argv, workdir / "official.log").start()
     try:
         wait_http(f"http://{LOOPBACK}:{port}/health", timeout=120, process=process)
         yield f"http://{LOOPBACK}:{port}{official.PATH}"
     finally:
         process.stop()
+        if reference is not None:
+            reference.stop()
 
 
 def test_a_presigned_payment_is_settled_once(server: str, chain: AnvilChain) -> None:

@@ -83,7 +83,9 @@ def facilitator(
     port = free_port()
     argv = [X402, "facilitator", "serve", "--rpc-url", chain.rpc_url]
     argv += ["--key-file", str(key_file), "--listen", f"{LOOPBACK}:{port}"]
-    argv += ["--network", chain.network]
+    # /verify in two processes of its own (tools/verifying.py): every test below goes
+    # through them, settles through the serving process.
+    argv += ["--network", chain.network, "--verify-processes", "2"]
     log_path = workdir / "facilitator.log"
     process = Process("facilitator", argv, log_path).start()
     url = f"http://{LOOPBACK}:{port}"
@@ -269,6 +271,9 @@ def test_settling_the_same_payload_again_fails_and_mines_nothing(
 ) -> None:
     offer = requirements(chain)
     payload = pay(chain, offer)
+    # Verified first: that settle skips its second simulation (tools/verifying.py), the
+    # replay's does not.
+    assert post(http, "/verify", body(payload, offer))["isValid"] is True
     assert post(http, "/settle", body(payload, offer))["success"] is True
     before = snapshot(chain)
 

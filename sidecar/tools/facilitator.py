@@ -42,6 +42,7 @@ from x402.extensions.bazaar import BAZAAR
 from x402.extensions.eip2612_gas_sponsoring import EIP2612_GAS_SPONSORING
 from x402.mechanisms.evm.exact import ExactEvmFacilitatorScheme, ExactEvmSchemeConfig
 from x402.mechanisms.evm.upto import UptoEvmFacilitatorScheme, UptoEvmSchemeConfig
+from x402.pending_settlement_store import InMemoryPendingSettlementStore
 from x402.schemas import (
     PaymentPayload,
     PaymentPayloadV1,
@@ -58,6 +59,7 @@ from sidecar.core.errors import ConfigError
 from sidecar.core.identity import read_evm_key, read_secret
 from sidecar.tools.catalog import BadQuery, Catalog
 from sidecar.tools.settling import THREADS, ConcurrentSigner
+from sidecar.tools.verifying import Simulated, VerifyPool
 
 log = logging.getLogger("sidecar.facilitator")
 
@@ -101,7 +103,18 @@ def rpc_host(rpc_url: str) -> str:
     return f"{components.scheme}://{components.hostname}{port}"
 
 
-def build(rpc_url: str, key: str, network: str | None = None) -> tuple[x402FacilitatorSync, str]:
+@dataclass(frozen=True)
+class Official:
+    """The official facilitator on one chain, and its twin for the payloads this process's
+    /verify simulated moments ago (tools/verifying.py): the same signer, schemes and pending
+    store, but its `exact` settle does not simulate the transfer a second time."""
+
+    facilitator: x402FacilitatorSync
+    presimulated: x402FacilitatorSync
+    network: str
+
+
+def build(rpc_url: str, key: str, network: str | None = None) -> Official:
     """The official facilitator with the `exact` and `upto` EVM schemes on the chain behind
     `rpc_url`.
 
@@ -119,17 +132,21 @@ def build(rpc_url: str, key: str, network: str | None = None) -> tuple[x402Facil
     actual = f"eip155:{chain_id}"
     if network is not None and network != actual:
         raise ConfigError(f"--network {network} but the chain at {rpc_host(rpc_url)} is {actual}")
-    facilitator = x402FacilitatorSync()
-    scheme = ExactEvmFacilitatorScheme(signer, ExactEvmSchemeConfig(simulate_in_settle=True))
-    facilitator.register([actual], scheme)
     # `upto` (Permit2 witness transfers through the x402 upto proxy): /supported gives its
     # extra.facilitatorAddress, which the payer's signature binds. Simulated at settle too,
     # so a replayed authorization is refused before anything is broadcast.
     upto = UptoEvmFacilitatorScheme(signer, UptoEvmSchemeConfig(simulate_in_settle=True))
-    facilitator.register([actual], upto)
-    facilitator.register_extension(BAZAAR)  # /supported lists it; the catalog serves it
-    facilitator.register_extension(EIP2612_GAS_SPONSORING)  # upto's permit for Permit2
-    return facilitator, actual
+    pending = InMemoryPendingSettlementStore()  # a settle left pending is found by either
+    built = []
+    for simulate in (True, False):
+        facilitator = x402FacilitatorSync()
+        config = ExactEvmSchemeConfig(simulate_in_settle=simulate)
+        facilitator.register([actual], ExactEvmFacilitatorScheme(signer, config, pending))
+        facilitator.register([actual], upto)
+        facilitator.register_extension(BAZAAR)  # /supported lists it; the catalog serves it
+        facilitator.register_extension(EIP2612_GAS_SPONSORING)  # upto's permit for Permit2
+        built.append(facilitator)
+    return Official(built[0], built[1], actual)
 
 
 @dataclass
@@ -172,10 +189,13 @@ class Server:
     """The aiohttp app around one official facilitator."""
 
     def __init__(
-        self, facilitator: x402FacilitatorSync, network: str, rpc_url: str, bearer: str = ""
+        self, official: Official, rpc_url: str, bearer: str = "", pool: VerifyPool | None = None
     ) -> None:
-        self.facilitator = facilitator
-        self.network = network
+        self.official = official
+        self.facilitator = official.facilitator
+        self.network = official.network
+        self.pool = pool
+        self.simulated = Simulated()
         self.rpc_url = rpc_url
         self.secrets = rpc_secrets(rpc_url)
         self.catalog = Catalog()
@@ -187,6 +207,9 @@ class Server:
         self.app.router.add_get("/discovery/resources", self.discovery)
         self.app.router.add_get("/health", self.health)
         self.app.on_startup.append(_threads)
+        if pool is not None:
+            self.app.on_startup.append(lambda _: pool.start())
+            self.app.on_cleanup.append(lambda _: _closed(pool))
 
     @web.middleware
     async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -219,7 +242,7 @@ class Server:
         self,
         name: str,
         request: web.Request,
-        call: Callable[[Payload, Requirements], Any],
+        call: Callable[[dict[str, Any], Payload, Requirements], Awaitable[Any]],
         failed: Callable[[Invalid], dict[str, Any]],
     ) -> web.Response:
         body = await self._body(request)
@@ -235,8 +258,7 @@ class Server:
                         payload.get_network(),
                     )
             try:
-                # The official signer is blocking web3: keep it off the event loop.
-                result = await asyncio.to_thread(call, payload, requirements)
+                result = await call(body, payload, requirements)
             except SchemeNotFoundError as exc:
                 raise Invalid("unsupported_scheme", str(exc), exc.network) from None
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -270,7 +292,21 @@ class Server:
                 "invalidMessage": invalid.message,
             }
 
-        return await self._run("verify", request, self.facilitator.verify, failed)
+        return await self._run("verify", request, self._verify, failed)
+
+    async def _verify(
+        self, body: dict[str, Any], payload: Payload, requirements: Requirements
+    ) -> VerifyResponse:
+        if self.pool is None:  # the official signer is blocking web3: off the event loop
+            verified = await asyncio.to_thread(self.facilitator.verify, payload, requirements)
+        else:
+            answer = await self.pool.verify(payload, requirements)
+            if isinstance(answer, tuple):
+                raise Invalid(*answer)
+            verified = answer
+        if verified.is_valid and requirements.scheme == "exact":
+            self.simulated.remember(body)  # the official exact /verify simulates the transfer
+        return verified
 
     async def settle(self, request: web.Request) -> web.Response:
         def failed(invalid: Invalid) -> dict[str, Any]:
@@ -282,7 +318,15 @@ class Server:
                 "network": invalid.network,
             }
 
-        return await self._run("settle", request, self.facilitator.settle, failed)
+        return await self._run("settle", request, self._settle, failed)
+
+    async def _settle(
+        self, body: dict[str, Any], payload: Payload, requirements: Requirements
+    ) -> SettleResponse:
+        official = self.official
+        simulated = requirements.scheme == "exact" and self.simulated.take(body)
+        facilitator = official.presimulated if simulated else official.facilitator
+        return await asyncio.to_thread(facilitator.settle, payload, requirements)
 
     async def supported(self, request: web.Request) -> web.Response:
         supported = self.facilitator.get_supported()
@@ -307,6 +351,10 @@ class Server:
         return web.json_response({"status": "ok", "network": self.network, "block": block})
 
 
+async def _closed(pool: VerifyPool) -> None:
+    pool.close()
+
+
 async def _threads(_: web.Application) -> None:
     """asyncio.to_thread's pool, wide enough for every settlement in flight (each holds a
     thread while it waits for its receipt); the default is cores + 4."""
@@ -329,9 +377,15 @@ def _bad_request(message: str) -> web.HTTPBadRequest:
 
 
 def serve(
-    rpc_url: str, key_file: str, listen: str, network: str | None = None, bearer_file: str = ""
+    rpc_url: str,
+    key_file: str,
+    listen: str,
+    network: str | None = None,
+    bearer_file: str = "",
+    verify_processes: int = 0,
 ) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT; `verify_processes`: /verify in that many processes of
+    its own (tools/verifying.py; 0: in this one)."""
     host, port = parse_listen(listen)
     key = read_evm_key(key_file, "key file")
     bearer = ""
@@ -341,9 +395,13 @@ def serve(
     # The official package logs every signature check at INFO.
     logging.getLogger("x402").setLevel(logging.WARNING)
     log.setLevel(logging.INFO)
-    facilitator, actual = build(rpc_url, key, network)
-    signers = facilitator.get_supported().signers.get("eip155:*", [])
-    server = Server(facilitator, actual, rpc_url, bearer)
+    official = build(rpc_url, key, network)
+    actual = official.network
+    signers = official.facilitator.get_supported().signers.get("eip155:*", [])
+    pool = None
+    if verify_processes > 0:
+        pool = VerifyPool(verify_processes, build, rpc_url, key, actual)
+    server = Server(official, rpc_url, bearer, pool)
 
     def ready(_: str) -> None:
         signer = ", ".join(signers)

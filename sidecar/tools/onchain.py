@@ -47,6 +47,7 @@ class FacilitatorProcess:
     port: int = field(default_factory=free_port)
     process: Process | None = None
     bearer_file: Path | None = None  # --require-bearer-file: 401 without this token
+    verify_processes: int = 0  # --verify-processes
 
     @property
     def url(self) -> str:
@@ -62,6 +63,8 @@ class FacilitatorProcess:
         argv += ["--network", self.chain.network]
         if self.bearer_file is not None:
             argv += ["--require-bearer-file", str(self.bearer_file)]
+        if self.verify_processes:
+            argv += ["--verify-processes", str(self.verify_processes)]
         self.process = Process("facilitator", argv, self.workdir / "facilitator.log").start()
         wait_http(f"{self.url}/health", timeout=30, process=self.process)
         return self

@@ -190,15 +190,27 @@ def facilitator() -> None:
     type=click.Path(dir_okay=False),
     help="Answer 401 unless `Authorization: Bearer <this file's token>` (mode 0600).",
 )
+@click.option(
+    "--verify-processes",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    help="Answer /verify in this many processes of their own (0: in the settling one).",
+)
 def facilitator_serve(
-    rpc_url: str, key_file: str, listen: str, network: str | None, require_bearer_file: str
+    rpc_url: str,
+    key_file: str,
+    listen: str,
+    network: str | None,
+    require_bearer_file: str,
+    verify_processes: int,
 ) -> None:
     """Serve POST /verify, POST /settle and GET /supported with the official x402 code."""
     try:
         from sidecar.tools import facilitator as served
     except ImportError as exc:  # the evm extra brings x402[evm] and aiohttp
         raise X402Error(f"{exc.name} missing: pip install 'x402-sidecar[evm]'") from None
-    served.serve(rpc_url, key_file, listen, network, require_bearer_file)
+    served.serve(rpc_url, key_file, listen, network, require_bearer_file, verify_processes)
 
 
 @main.command(hidden=True)
