@@ -8,6 +8,8 @@ answered (its decision lines); kernel time is its own line.
 
     python -m bench.profile --seconds 10 [--native] [--raw out.txt]
     python -m bench.profile --strace    # syscalls per check instead (strace -c, main thread)
+    python -m bench.profile --route held --transport http --replay-per-payer 0
+                                        # the check and the response phase, both over HTTP
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.harness import (
     HELD_PATH,
@@ -214,6 +217,13 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--route", choices=sorted(ROUTE_PATHS), default="paid", help="the bench's route"
     )
+    parser.add_argument(
+        "--replay-per-payer",
+        type=int,
+        default=None,
+        help="the sidecar's replay_per_payer (0: no kept responses, so a held route's "
+        "response phase goes over HTTP with --transport http)",
+    )
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw stacks here")
     parser.add_argument("--strace", action="store_true", help="count syscalls, no py-spy")
     return parser.parse_args()
@@ -319,9 +329,12 @@ def main() -> None:
     args = arguments()
     worker = args.worker if args.worker >= 0 else args.workers - 1
     wrk = ensure_wrk()
+    settings: dict[str, Any] = {"max_direct_ttl_seconds": 3600}
+    if args.replay_per_payer is not None:
+        settings["replay_per_payer"] = args.replay_per_payer
     stack = Stack(
         ROUTES,
-        settings={"max_direct_ttl_seconds": 3600},
+        settings=settings,
         workers=args.workers,
         envoy_concurrency=1,
         transport=args.transport,
