@@ -90,12 +90,13 @@ TEST_ENV := HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(a
 # settlement, evidence, top-ups, self-serve channels, key rotation, the admin API, the
 # dashboard, the CLI and `x402 load`, the demo and examples, the bench's tools), the files
 # with no stack, and those whose subject lies behind answers the other files already
-# carry over HTTP (the SDK's agent flows, the facilitator's credentials, a settle whose
-# outcome is pending, `upto`'s chain: its check is `exact`'s, its phase on gRPC).
+# carry over HTTP (the SDK's agent flows, `x402 pay`: the SDK's client as a command, the
+# facilitator's credentials, a settle whose outcome is pending, `upto`'s chain: its check
+# is `exact`'s, its phase on gRPC).
 ONE_TRANSPORT := packaging fuzz grafana readme guides http_transport admin anchor chain \
 	bench_official bench_profile cli cluster conservation dashboard demo durability \
 	durable_topups evidence examples redis_pipe redis_tls settlement topup self_channels \
-	rotation load agent_exact agent_outcomes facilitators exact_pending upto
+	rotation load pay agent_exact agent_outcomes facilitators exact_pending upto
 E2E_OVER_HTTP := $(filter-out $(ONE_TRANSPORT:%=tests/test_%.py), $(wildcard tests/test_*.py))
 
 test: install tools containers browser redis-tls lint

@@ -28,6 +28,7 @@ from sidecar.server.processing.answers import (
     Wait,
 )
 from sidecar.server.processing.phase import Processor
+from sidecar.server.schemes.base import unpacked
 
 PROCESSOR_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 _CONTINUE_HEADERS = ext_proc.ProcessingResponse(response_headers=ext_proc.HeadersResponse())
@@ -158,7 +159,7 @@ class GrpcProcessor:
         namespace = request.metadata_context.filter_metadata.get(EXT_AUTHZ)
         meta = None
         if namespace is not None:
-            meta = {key: value.string_value for key, value in namespace.fields.items()}
+            meta = unpacked({key: value.string_value for key, value in namespace.fields.items()})
         headers = headers_of(request.response_headers)
         answer = await self.processor.response_headers(
             meta,

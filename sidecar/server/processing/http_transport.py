@@ -24,6 +24,7 @@ from typing import Any
 from sidecar.server.envoy.contract import EXT_AUTHZ
 from sidecar.server.processing.answers import Answer, Continue, Headers, Wait
 from sidecar.server.processing.phase import Processor
+from sidecar.server.schemes.base import unpacked
 
 _OVERWRITE = "OVERWRITE_IF_EXISTS_OR_ADD"
 # Every other message the filter could send continues unchanged (the processing mode sends
@@ -100,7 +101,7 @@ def metadata_of(request: Mapping[str, Any]) -> dict[str, str] | None:
     namespace = request.get("metadata_context", {}).get("filter_metadata", {}).get(EXT_AUTHZ)
     if namespace is None:
         return None
-    return {key: value for key, value in namespace.items() if isinstance(value, str)}
+    return unpacked({key: value for key, value in namespace.items() if isinstance(value, str)})
 
 
 class HttpProcessor:

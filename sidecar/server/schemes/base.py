@@ -18,6 +18,7 @@ abandoned goes to the scheme's `abandon` (no response phase will come for it).
 from __future__ import annotations
 
 import asyncio
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,11 +33,14 @@ from sidecar.core.retries import Retry
 from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import HoldClosed, Holds
 from sidecar.server.envoy.contract import (  # the keys a hold carries to the response phase
+    AMOUNT,
     ASSET,
     HELD,
     HOLD,
+    HOLD_FACTS,
     HOLD_SCHEME,
     PAYER,
+    RECEIPT_ID,
     REQUEST_ID,
     ROUTE,
 )
@@ -146,22 +150,42 @@ class HoldingScheme(Scheme[T]):
 def metadata(
     held: Held, payment: Payment[Any], scheme: str, price: Price, request_id: str | None
 ) -> dict[str, str]:
-    """What the response phase needs, as ext_authz dynamic metadata (strings)."""
+    """What the response phase needs, as ext_authz dynamic metadata (strings): the hold's id,
+    its facts packed in one key (contract.HOLD_FACTS), and the access log's fields."""
     assert price.phase is not None
-    return {
-        HOLD: held.hold_id,
+    facts = {
         HOLD_SCHEME: scheme,
-        PAYER: payment.payer,
         ASSET: price.asset.code,
         HELD: str(held.amount),
         ROUTE: price.route,
         REQUEST_ID: request_id or "",
         **held.extra,
-        # the access log's fields, as for a charge: the amount is the hold until captured
-        "amount": price.display,
-        "receipt_id": held.hold_id,
         **phases.phase_annotations(price.phase, price.asset),
     }
+    return {
+        HOLD: held.hold_id,
+        HOLD_FACTS: json.dumps(facts, separators=(",", ":")),
+        PAYER: payment.payer,
+        # the access log's fields, as for a charge: the amount is the hold until captured
+        AMOUNT: price.display,
+        RECEIPT_ID: held.hold_id,
+    }
+
+
+def unpacked(meta: dict[str, str]) -> dict[str, str]:
+    """The check's metadata as the response phase reads it: the hold's packed facts
+    (metadata) spread into their own keys. Facts that do not parse are left out, so the
+    phase finds the hold incomplete and refuses to serve (never serves it free)."""
+    packed = meta.pop(HOLD_FACTS, None)
+    if packed is None:
+        return meta
+    try:
+        facts = json.loads(packed)
+    except ValueError:
+        return meta
+    if isinstance(facts, dict):
+        meta.update((k, v) for k, v in facts.items() if isinstance(v, str) and k not in meta)
+    return meta
 
 
 async def sweep_forever(ledger: Ledger, seconds: float) -> None:

@@ -8,16 +8,25 @@ import httptools
 
 from sidecar.core import phases
 from sidecar.core.money import Asset
+from sidecar.core.pricing import Price
 from sidecar.server.authz.http_transport import HttpAnswers, client_address
 from sidecar.server.envoy.contract import (
+    ASSET,
     DENIAL_HEADERS,
     DENIAL_METADATA_KEY,
+    ENVELOPE,
+    HELD,
+    HOLD,
+    HOLD_FACTS,
     HOLD_METADATA_KEYS,
     METADATA_KEYS,
     REMOVE_HEADER,
+    REQUEST_ID,
+    ROUTE,
     UNAVAILABLE_MARK,
     UNAVAILABLE_STAND_IN,
 )
+from sidecar.server.schemes.base import Held, Payment, metadata, unpacked
 
 
 @dataclass
@@ -106,8 +115,21 @@ def test_every_metadata_key_the_decision_writes_travels_as_a_header() -> None:
         usd,
     )
     assert phase is not None
-    written = set(phases.phase_annotations(phase, usd))
-    assert written <= set(METADATA_KEYS)
-    assert set(HOLD_METADATA_KEYS) <= set(METADATA_KEYS)
+    price = Price("rows", 10_000, usd, phase=phase)
+    held = Held("r_hold", 10_000, "0.99", {ENVELOPE: '{"x402Version":2}'})
+    written = metadata(held, Payment("payer-key", None), "prepaid-ed25519", price, "req-1")
+    assert set(written) == set(HOLD_METADATA_KEYS) <= set(METADATA_KEYS)
+    # The hold's facts travel in one key, and come back whole for the response phase.
+    facts = unpacked(dict(written))
+    assert HOLD_FACTS not in facts
+    assert phases.phase_annotations(phase, usd).items() <= facts.items()
+    assert (facts[HOLD], facts[HELD], facts[ASSET], facts[ROUTE]) == (
+        "r_hold",
+        "10000",
+        "USDF",
+        "rows",
+    )
+    assert (facts[REQUEST_ID], facts[ENVELOPE]) == ("req-1", '{"x402Version":2}')
+    assert unpacked({HOLD: "r", HOLD_FACTS: "not json"}) == {HOLD: "r"}  # incomplete: refused
     for name in METADATA_KEYS:  # valid header names: Envoy would refuse anything else
         assert name == name.lower() and " " not in name and ":" not in name
