@@ -8,8 +8,10 @@ import pytest
 from x402.extensions.bazaar.facilitator_client import _parse_list_response
 
 from sidecar.server import listing
+from sidecar.tools import verifying
 from sidecar.tools.catalog import BadQuery, Catalog
 from sidecar.tools.facilitator import rpc_secrets, scrub
+from sidecar.tools.verifying import Simulated
 
 
 def test_messages_never_carry_the_rpc_urls_key() -> None:
@@ -92,3 +94,49 @@ def test_the_catalog_filters_and_pages_as_the_official_client_asks() -> None:
     ]
     with pytest.raises(BadQuery):
         catalog.page({"limit": "-1"})
+
+
+# -- a /verify's simulation, standing for the settle that follows (tools/verifying.py) --------
+
+
+def verified_body(nonce: str, amount: str = "1000") -> dict[str, Any]:
+    return {
+        "x402Version": 2,
+        "paymentPayload": {"payload": {"authorization": {"nonce": nonce}}},
+        "paymentRequirements": {"scheme": "exact", "amount": amount},
+    }
+
+
+def test_a_verified_payload_skips_one_simulation_at_most() -> None:
+    simulated = Simulated()
+    body = verified_body("0x01")
+    assert simulated.take(body) is False  # never verified here: its settle simulates
+    simulated.remember(body)
+    assert simulated.take(body) is True
+    assert simulated.take(body) is False  # settled again: simulated, refused before sending
+
+
+def test_the_simulation_stands_for_the_same_payload_and_requirements_only() -> None:
+    simulated = Simulated()
+    simulated.remember(verified_body("0x01"))
+    assert simulated.take(verified_body("0x02")) is False
+    assert simulated.take(verified_body("0x01", amount="2000")) is False
+    # Key order does not make another payload.
+    reordered = dict(reversed(list(verified_body("0x01").items())))
+    assert simulated.take(reordered) is True
+
+
+def test_a_simulation_goes_stale() -> None:
+    simulated = Simulated(fresh=0.0)
+    body = verified_body("0x01")
+    simulated.remember(body)
+    assert simulated.take(body) is False
+
+
+def test_what_is_remembered_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(verifying, "MAX_REMEMBERED", 3)
+    simulated = Simulated()
+    for i in range(5):
+        simulated.remember(verified_body(f"0x{i:02x}"))
+    assert len(simulated.until) == 3  # the later ones simulate at their settle, as before
+    assert simulated.take(verified_body("0x04")) is False
