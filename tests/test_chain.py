@@ -10,7 +10,9 @@ facilitator serve the whole module.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -396,6 +398,40 @@ def test_verify_and_settle_timings(http: httpx.Client, chain: AnvilChain) -> Non
         f"\nfacilitator on anvil over 20 calls: verify p50 {statistics.median(verify_ms):.1f} ms,"
         f" settle p50 {statistics.median(settle_ms):.1f} ms"
     )
+
+
+def verify_processes(facilitator: ServedFacilitator) -> list[int]:
+    """The facilitator's /verify pool processes (tools/verifying.py), by their command."""
+    pid = facilitator.process.popen.pid
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return [
+        child
+        for child in children
+        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()
+        and b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes()
+    ]
+
+
+def test_a_verify_process_that_dies_is_replaced_and_the_verify_answered(
+    http: httpx.Client, chain: AnvilChain, facilitator: ServedFacilitator
+) -> None:
+    before = verify_processes(facilitator)
+    assert len(before) == 2, before
+    os.kill(before[0], signal.SIGKILL)
+    offer = requirements(chain)
+    payload = pay(chain, offer)
+    # The pool is broken for good once a process dies: this verify finds it so, and is
+    # answered by the pool that replaces it.
+    assert post(http, "/verify", body(payload, offer)) == {
+        "isValid": True,
+        "payer": payer_of(chain).address,
+    }
+    after = verify_processes(facilitator)  # the new pool grows with demand, up to 2
+    assert after and not set(after) & set(before), (before, after)
+    assert "pool of 2 is replaced" in facilitator.log_path.read_text()
+    assert post(http, "/settle", body(payload, offer))["success"] is True
 
 
 def test_a_chain_outage_fails_payments_and_health(

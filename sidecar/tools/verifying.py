@@ -6,7 +6,8 @@ official scheme's Python (web3's encoders and middleware, the signature checks, 
 simulation) is GIL-bound, and one process ran out of CPU near 20-30 payments/s
 (docs/performance.md). A /verify signs nothing, so it can run anywhere: here in a pool of
 processes, each with its own copy of the official facilitator, built as the serving one
-is (tools/facilitator.py `build`).
+is (tools/facilitator.py `build`). A process that dies (killed, out of memory) breaks the
+pool for good: the next /verify replaces it and is answered there.
 
 A payment's /settle usually follows its /verify within a few hundred milliseconds, and the
 official `exact` settle verifies again, simulating the transfer once more. `Simulated`
@@ -21,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import multiprocessing
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from x402.schemas import SchemeNotFoundError, VerifyResponse
@@ -33,6 +36,7 @@ FRESH_SECONDS = 10.0  # how long a /verify's simulation stands for the settle th
 MAX_REMEMBERED = 100_000  # a bound on memory if settles never come
 
 _worker: Any = None  # the pool process's own official facilitator
+log = logging.getLogger("sidecar.facilitator")
 
 
 def _start(build: Callable[[str, str, str], Any], rpc_url: str, key: str, network: str) -> None:
@@ -69,11 +73,15 @@ class VerifyPool:
         network: str,
     ) -> None:
         self.processes = processes
-        self.pool = ProcessPoolExecutor(
-            processes,
+        self.initargs = (build, rpc_url, key, network)
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self.processes,
             mp_context=multiprocessing.get_context("spawn"),  # never fork a threaded server
             initializer=_start,
-            initargs=(build, rpc_url, key, network),
+            initargs=self.initargs,
         )
 
     async def start(self) -> None:
@@ -84,8 +92,19 @@ class VerifyPool:
         )
 
     async def verify(self, payload: Any, requirements: Any) -> VerifyResponse | tuple[str, ...]:
+        """/verify in a pool process. A pool whose process died (killed, out of memory) is
+        broken for good: it is replaced, and the call asked again there (a /verify moves
+        nothing, so asking twice is safe)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, _verify, payload, requirements)
+        pool = self.pool
+        try:
+            return await loop.run_in_executor(pool, _verify, payload, requirements)
+        except BrokenProcessPool:
+            if self.pool is pool:  # the first call to see it replaces it
+                log.warning("a /verify process died: its pool of %d is replaced", self.processes)
+                pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = self._new_pool()
+            return await loop.run_in_executor(self.pool, _verify, payload, requirements)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
