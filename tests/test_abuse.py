@@ -22,7 +22,9 @@ CONNECTIONS = 8
 
 
 LONG_PATH_BYTES = 55 * 1024  # under Envoy's 60 KB header limit, as an attacker would
-LONG_FLOOD = 12_000  # past the decision stream's 10,000 entries: its cap is what holds
+# The dashboard's stream capped at LONG_STREAM_CAP and flooded past it: its cap is what
+# holds. Unclipped, the lines it keeps would be 2,000 x 55 KB, eleven times the bound.
+LONG_STREAM_CAP, LONG_FLOOD = 2_000, 3_200  # 16 connections x 200
 LEDGER_MAXMEMORY = 64 * 1024 * 1024
 
 
@@ -92,12 +94,16 @@ async def test_with_the_dashboard_a_flood_grows_only_its_capped_stream() -> None
 
 
 async def test_a_flood_of_long_paths_stays_bounded_in_bytes() -> None:
-    """12,000 unpaid requests with 55 KB paths, the dashboard's stream on, the ledger's
+    """3,200 unpaid requests with 55 KB paths, the dashboard's stream on, the ledger's
     Redis under maxmemory with noeviction (a full ledger refuses every paid request): its
     memory grows by less than 10 MB, a paid request still pays, and every line of the
     sidecar's log and Envoy's access log is short, the sidecar's clipped path marked."""
     flooded = stacks.admin_stack()
-    flooded.settings = {**flooded.settings, "unlisted": "deny"}  # a short 404 to read back
+    flooded.settings = {
+        **flooded.settings,
+        "unlisted": "deny",  # a short 404 to read back
+        "decision_stream_max": LONG_STREAM_CAP,
+    }
     maxmemory = ("--maxmemory", str(LEDGER_MAXMEMORY), "--maxmemory-policy", "noeviction")
     flooded.redis_args = maxmemory
     path = "/flood/" + "x" * (LONG_PATH_BYTES - len("/flood/"))
@@ -114,7 +120,8 @@ async def test_a_flood_of_long_paths_stays_bounded_in_bytes() -> None:
             await asyncio.sleep(0.2)  # the last batches reach the stream
             grown = (await redis.info("memory"))["used_memory"] - before
             assert grown < 10 * 1024 * 1024, grown
-            assert 0 < await redis.xlen("x402:decisions") <= 10_000
+            # MAXLEN ~ trims whole nodes (100 entries by default): about the cap.
+            assert LONG_STREAM_CAP <= await redis.xlen("x402:decisions") <= LONG_STREAM_CAP + 100
         finally:
             await redis.aclose()
         # Every line of the log is short; each flooded line keeps a clipped, marked path.
