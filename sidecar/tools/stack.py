@@ -31,47 +31,14 @@ from sidecar.server.envoy.edge import Edge, Endpoints
 from sidecar.server.envoy.render import render, timeouts
 from sidecar.tools import ledger_server
 from sidecar.tools import redis_tls as tls_server
+from sidecar.tools.ports import (  # re-exported: the tests and tools start stacks with them
+    LOOPBACK as LOOPBACK,
+)
+from sidecar.tools.ports import free_cluster_port as free_cluster_port
+from sidecar.tools.ports import free_port as free_port
+from sidecar.tools.ports import free_ports as free_ports
 
-LOOPBACK = "127.0.0.1"
 CLI = [sys.executable, "-m", "sidecar.tools.cli"]  # `x402`, run by this interpreter
-
-
-def free_port(taken: set[int] | None = None) -> int:
-    return free_ports(1, taken)
-
-
-def free_ports(count: int, taken: set[int] | None = None) -> int:
-    """The first of `count` consecutive free ports (one per sidecar worker), none of them
-    in `taken` (the kernel may hand a released port out again); they join it."""
-    taken = set() if taken is None else taken
-    while True:
-        with socket.socket() as s:
-            s.bind((LOOPBACK, 0))
-            first = int(s.getsockname()[1])
-        span = set(range(first, first + count))
-        if span & taken:
-            continue
-        with contextlib.ExitStack() as held:
-            try:
-                for port in span:
-                    held.enter_context(socket.socket()).bind((LOOPBACK, port))
-            except OSError:
-                continue
-        taken |= span
-        return first
-
-
-def free_cluster_port() -> int:
-    """A free port whose cluster bus port (+10000, fixed in Redis 6) is free as well."""
-    while True:
-        port = free_port()
-        if port + 10000 < 65536:
-            with socket.socket() as bus:
-                try:
-                    bus.bind((LOOPBACK, port + 10000))
-                except OSError:
-                    continue
-                return port
 
 
 def find_binary(name: str) -> str:
