@@ -298,6 +298,28 @@ async def test_an_answer_past_the_edge_buffer_is_served_with_its_settlement(
     assert await gw.balance(wallet.public_key) == 10_000_000 - WEATHER
 
 
+async def test_an_answer_over_the_buffer_paid_on_check_is_served_whole(
+    gw: McpStack, http: httpx.AsyncClient
+) -> None:
+    """Paid at the check, an answer longer than MCP_BUFFER_BYTES (an SSE stream) is served
+    as the tool wrote it, without the settlement its `_meta` has no room for; the receipt
+    is in its headers, and the payment was charged once (it was Envoy's 500, paid)."""
+    wallet = await funded(gw)
+    raw = await RawMcp(gw, http).start()
+    arguments = {"kilobytes": contract.MCP_BUFFER_BYTES // 1024 + 64}
+    _, unpaid = await raw.call("report", arguments)
+    payment = await prepaid_payment(wallet, unpaid["result"]["structuredContent"])
+    ran = calls(gw).get("report", 0)
+    response, paid = await raw.call("report", arguments, payment)
+    assert response.status_code == 200
+    assert paid["result"]["content"][0]["text"] == "r" * arguments["kilobytes"] * 1024
+    assert "x402/payment-response" not in (paid["result"].get("_meta") or {})
+    receipt = protocol.decode_header(response.headers["x-payment-response"])
+    assert protocol.verify_receipt(receipt, keys(gw)) and receipt["amount"] == "0.01"
+    assert calls(gw)["report"] == ran + 1
+    assert await gw.balance(wallet.public_key) == 10_000_000 - WEATHER
+
+
 async def test_an_answer_over_the_buffer_is_envoys_500_and_its_hold_goes_back_at_once() -> None:
     """Longer than MCP_BUFFER_BYTES, the answer cannot carry its settlement: Envoy fails
     it, and the hold is released when the response phase's stream ends without its body,

@@ -139,11 +139,19 @@
     "pack_as_bytes": true
   },
   "mcpBufferBytes": 1048576,
-  "mcpProcessingMode": {
+  "mcpHeldProcessingMode": {
     "request_header_mode": "SKIP",
     "response_header_mode": "SEND",
     "request_body_mode": "NONE",
     "response_body_mode": "BUFFERED",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SKIP"
+  },
+  "mcpChargedProcessingMode": {
+    "request_header_mode": "SKIP",
+    "response_header_mode": "SEND",
+    "request_body_mode": "NONE",
+    "response_body_mode": "BUFFERED_PARTIAL",
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP"
   },

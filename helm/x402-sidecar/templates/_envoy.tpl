@@ -416,7 +416,7 @@ static_resources:
                       '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
                       overrides:
                         processing_mode:
-{{ toYaml (ternary $c.mcpProcessingMode (ternary $c.processingMode $c.headersProcessingMode (include "x402.keepsResponses" $ | eq "true")) $mcp) | indent 26 }}
+{{ toYaml (ternary (ternary $c.mcpHeldProcessingMode $c.mcpChargedProcessingMode (not (empty $phase))) (ternary $c.processingMode $c.headersProcessingMode (include "x402.keepsResponses" $ | eq "true")) $mcp) | indent 26 }}
                   {{- end }}
                 {{- end }}
               {{- end }}

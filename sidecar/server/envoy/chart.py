@@ -19,7 +19,8 @@ from sidecar.core import mcp, phases
 from sidecar.server.envoy import browser, contract, headers, replies
 from sidecar.server.envoy.filters import (
     HEADERS_MODE,
-    MCP_PROCESSING_MODE,
+    MCP_CHARGED_MODE,
+    MCP_HELD_MODE,
     MCP_REQUEST_BODY,
     PROCESSING_MODE,
 )
@@ -85,7 +86,8 @@ def contract_values() -> dict[str, Any]:
         "mcpFree": mcp.FREE,
         "mcpRequestBody": MCP_REQUEST_BODY,
         "mcpBufferBytes": contract.MCP_BUFFER_BYTES,
-        "mcpProcessingMode": MCP_PROCESSING_MODE,
+        "mcpHeldProcessingMode": MCP_HELD_MODE,
+        "mcpChargedProcessingMode": MCP_CHARGED_MODE,
         "localReplies": replies.mappers(),
     }
 

@@ -103,9 +103,14 @@ PROCESSING_MODE = {
 # filter's own mode, and the only one ext_proc's http_service takes (Envoy 1.40 refuses a
 # body mode there, and answers a route's body message over it never).
 HEADERS_MODE = {**PROCESSING_MODE, "response_body_mode": "NONE"}
-# An MCP route's: the response's body too, buffered whole (up to the route's own buffer,
-# contract.MCP_BUFFER_BYTES), so the settlement is written into the tool's JSON-RPC result.
-MCP_PROCESSING_MODE = {**PROCESSING_MODE, "response_body_mode": "BUFFERED"}
+# An MCP route charged on success: the response's body too, buffered whole (up to the
+# route's own buffer, contract.MCP_BUFFER_BYTES), as the hold's close depends on how the
+# tool did and writes the settlement into its JSON-RPC result. A longer answer is Envoy's
+# 500 and its hold goes back. One message brings the whole body, trailers or not.
+MCP_HELD_MODE = {**PROCESSING_MODE, "response_body_mode": "BUFFERED"}
+# An MCP route charged on check: the settlement goes into an answer that fits that buffer;
+# a longer one, already paid for, is served as the tool wrote it (its first part comes).
+MCP_CHARGED_MODE = {**PROCESSING_MODE, "response_body_mode": "BUFFERED_PARTIAL"}
 # What an MCP route sends of its request's body to the check: the JSON-RPC message, at
 # most MCP_BODY_BYTES (a longer one is refused 413 by Envoy, never forwarded), as bytes.
 MCP_REQUEST_BODY = {
@@ -115,11 +120,11 @@ MCP_REQUEST_BODY = {
 }
 
 
-def route_mode(keep_responses: bool, is_mcp: bool) -> dict[str, str]:
+def route_mode(keep_responses: bool, is_mcp: bool, held: bool) -> dict[str, str]:
     """What a route with a response phase sends the sidecar (`keep_responses`:
-    Endpoints.keep_responses)."""
+    Endpoints.keep_responses; `held`: charged on success, so the check places a hold)."""
     if is_mcp:
-        return MCP_PROCESSING_MODE
+        return MCP_HELD_MODE if held else MCP_CHARGED_MODE
     return PROCESSING_MODE if keep_responses else HEADERS_MODE
 
 

@@ -97,7 +97,7 @@ def priced_route(
             "check_settings": check_settings,
         }
     if phase or is_mcp:  # the response phase runs on this route alone
-        config[EXT_PROC] = response_phase_route(route_mode(keep_responses, is_mcp))
+        config[EXT_PROC] = response_phase_route(route_mode(keep_responses, is_mcp, bool(phase)))
     timeout = phases.route_timeout(spec, edge.upstream_timeout_seconds)
     upstream = service_route(edge, timeout, mcp_cluster if is_mcp else "service")
     route: dict[str, Any] = {"name": name, "match": _route_match(spec), "route": upstream}

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
@@ -91,10 +92,13 @@ def message(answer: Answer | Wait, kind: str = "response_headers") -> ext_proc.P
 @dataclass(slots=True)
 class Waiting:
     """One stream's response whose decision comes with its body: its check's metadata and
-    headers, kept until the body arrives."""
+    headers, kept until the body arrives; `whole`: the route's mode buffers the body whole
+    (BUFFERED), so its one message is all of it even without end_of_stream (trailers
+    follow)."""
 
     meta: dict[str, str] | None = None
     headers: dict[str, str] | None = None
+    whole: bool = False
 
 
 class GrpcProcessor:
@@ -161,17 +165,18 @@ class GrpcProcessor:
         if namespace is not None:
             meta = unpacked({key: value.string_value for key, value in namespace.fields.items()})
         headers = headers_of(request.response_headers)
+        # The route's mode, as Envoy says it in the stream's first message.
+        mode = request.protocol_config.response_body_mode
         answer = await self.processor.response_headers(
             meta,
             headers,
             _deadline(context),
             end_of_stream=request.response_headers.end_of_stream,
-            # The route's mode, as Envoy says it in the stream's first message: a body
-            # comes after the headers unless it is NONE (0).
-            body_follows=waiting is not None and request.protocol_config.response_body_mode != 0,
+            body_follows=waiting is not None and mode != ProcessingMode.NONE,
         )
         if isinstance(answer, Wait) and waiting is not None:
             waiting.meta, waiting.headers = meta, headers
+            waiting.whole = mode == ProcessingMode.BUFFERED
         return message(answer)
 
     async def response_body(
@@ -181,10 +186,11 @@ class GrpcProcessor:
         part = request.response_body
         meta, headers = waiting.meta, waiting.headers
         assert meta is not None and headers is not None
-        if contract.MCP in meta and not part.end_of_stream:
-            return _CONTINUE_BODY  # not buffered whole: nothing to say yet
+        whole = part.end_of_stream or waiting.whole
+        if contract.MCP in meta and not whole:
+            return _CONTINUE_BODY  # its first part (paid on check): served as it is
         waiting.meta = waiting.headers = None
-        body = part.body if part.end_of_stream else None
+        body = part.body if whole else None
         answer = await self.processor.response_body(meta, headers, body, _deadline(context))
         return message(answer, "response_body")
 

@@ -1,5 +1,5 @@
-"""The response phase of MCP routes (phase.py): the tool's answer, buffered whole by Envoy
-(server/envoy/filters.py MCP_PROCESSING_MODE), gets the settlement in
+"""The response phase of MCP routes (phase.py): the tool's answer, buffered by Envoy
+(server/envoy/filters.py MCP_HELD_MODE, MCP_CHARGED_MODE), gets the settlement in
 `result._meta["x402/payment-response"]` (x402.mcp's SettleResponse), as JSON or in its SSE
 event; a tools/list result gets each priced tool's price in the tool's `_meta`.
 
