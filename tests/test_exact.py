@@ -215,15 +215,22 @@ async def test_twenty_copies_of_one_authorization_are_served_and_settled_once(
     answers = await asyncio.gather(
         *(http.get(PAID, headers={"PAYMENT-SIGNATURE": header}) for _ in range(20))
     )
-    statuses = sorted(a.status_code for a in answers)
-    assert statuses == [200] + [402] * 19, [a.text for a in answers if a.status_code != 402]
-    assert {a.json()["error"] for a in answers if a.status_code == 402} == {"nonce_reused"}
+    # One settles; a copy checked while it is in flight is refused, and one checked after
+    # it was recorded (a loaded machine spreads the twenty) is its redelivery: the same
+    # receipt, nothing settled again (protocol.md §13).
+    served = [a for a in answers if a.status_code == 200]
+    assert served, [a.text for a in answers]
+    assert len({a.headers["payment-response"] for a in served}) == 1  # one receipt
+    refused = [a for a in answers if a.status_code == 402]
+    assert len(served) + len(refused) == 20
+    assert {a.json()["error"] for a in refused} == {"nonce_reused"}
     assert balances(chain, payer.address) == (before[0] - PRICE, before[1] + PRICE)
     assert chain.transaction_count(facilitator_account(chain).address) == gas_nonce + 1
-    # And later, settled and recorded: a retry is redelivered with the same receipt up to
-    # the limit (protocol.md §13), then refused; nothing settles again.
-    [paid] = [a for a in answers if a.status_code == 200]
-    for _ in range(DEFAULT_REDELIVERY_LIMIT):
+    # And later: a retry is redelivered with the same receipt up to the limit, then
+    # refused; nothing settles again.
+    paid, redelivered = served[0], len(served) - 1
+    assert redelivered <= DEFAULT_REDELIVERY_LIMIT
+    for _ in range(DEFAULT_REDELIVERY_LIMIT - redelivered):
         again = await http.get(PAID, headers={"PAYMENT-SIGNATURE": header})
         assert again.headers["payment-response"] == paid.headers["payment-response"]
     again = await http.get(PAID, headers={"PAYMENT-SIGNATURE": header})
