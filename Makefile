@@ -99,9 +99,14 @@ ONE_TRANSPORT := packaging fuzz grafana readme guides http_transport admin ancho
 	rotation load pay agent_exact agent_outcomes facilitators exact_pending upto
 E2E_OVER_HTTP := $(filter-out $(ONE_TRANSPORT:%=tests/test_%.py), $(wildcard tests/test_*.py))
 
+# Two pytest-xdist workers, each running whole files (a module's stack starts once): the
+# suite mostly waits on the processes it starts, so one worker leaves the 2 cores two-thirds
+# idle. Each worker, and what it starts, takes ports from its own share (tests/conftest.py).
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile --durations=15
+
 test: install tools containers browser redis-tls lint
-	$(TEST_ENV) $(PY) -m pytest --durations=15
-	X402_TRANSPORT=http $(TEST_ENV) $(PY) -m pytest --durations=15 $(E2E_OVER_HTTP)
+	$(TEST_ENV) $(PYTEST)
+	X402_TRANSPORT=http $(TEST_ENV) $(PYTEST) $(E2E_OVER_HTTP)
 
 unit: install
 	$(PY) -m pytest tests/unit

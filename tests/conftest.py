@@ -1,8 +1,9 @@
-"""Fixtures only: a real stack on loopback (Redis, sidecar, Envoy, upstream) per session,
-the admin stack, clients. Shared helpers are in tests/support."""
+"""Fixtures: a real stack on loopback (Redis, sidecar, Envoy, upstream) per session, the
+admin stack, clients; and each xdist worker's ports. Shared helpers are in tests/support."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,7 @@ import httpx
 import pytest
 
 from sidecar.ledger.accounts import Ledger
+from sidecar.tools import ports
 from sidecar.tools.stack import Stack
 from tests.support import stacks
 from tests.support.routes import ENVOY_ROUTES, ROUTES
@@ -18,6 +20,15 @@ from tests.support.settlement import remember_gateway
 if TYPE_CHECKING:  # web3 and x402 load only in the modules that use the chain
     from sidecar.tools.chain import AnvilChain
     from sidecar.tools.onchain import FacilitatorProcess
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test`'s -n 2) each worker, and every process it starts,
+    takes ports from its own share (sidecar/tools/ports.py): two workers never race for one."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw"):
+        count = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+        os.environ[ports.RANGE_ENV] = ports.shard_range(int(worker[2:]), count)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

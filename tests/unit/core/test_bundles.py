@@ -183,7 +183,9 @@ def test_the_checks_do_not_change_the_bundle(bundle: dict[str, Any]) -> None:
     assert bundle == kept
 
 
-@pytest.mark.parametrize("text", ["", "abc", GATEWAY.public_key + "AAAA"])
+@pytest.mark.parametrize(
+    "text", ["", "abc", GATEWAY.public_key + "AAAA"], ids=["empty", "short", "long"]
+)
 def test_a_public_key_must_be_32_bytes(text: str) -> None:
     with pytest.raises(ValueError):
         bundles.parse_public_key(text)
