@@ -192,8 +192,6 @@ class Server:
         self, official: Official, rpc_url: str, bearer: str = "", pool: VerifyPool | None = None
     ) -> None:
         self.official = official
-        self.facilitator = official.facilitator
-        self.network = official.network
         self.pool = pool
         self.simulated = Simulated()
         self.rpc_url = rpc_url
@@ -251,10 +249,10 @@ class Server:
             # The official facilitator routes every eip155:* network to a scheme registered
             # for one; this signer's RPC serves exactly one chain.
             for network in (payload.get_network(), str(requirements.network)):
-                if network != self.network:
+                if network != self.official.network:
                     raise Invalid(
                         "invalid_network",
-                        f"this facilitator serves {self.network}",
+                        f"this facilitator serves {self.official.network}",
                         payload.get_network(),
                     )
             try:
@@ -298,7 +296,9 @@ class Server:
         self, body: dict[str, Any], payload: Payload, requirements: Requirements
     ) -> VerifyResponse:
         if self.pool is None:  # the official signer is blocking web3: off the event loop
-            verified = await asyncio.to_thread(self.facilitator.verify, payload, requirements)
+            verified = await asyncio.to_thread(
+                self.official.facilitator.verify, payload, requirements
+            )
         else:
             answer = await self.pool.verify(payload, requirements)
             if isinstance(answer, tuple):
@@ -329,7 +329,7 @@ class Server:
         return await asyncio.to_thread(facilitator.settle, payload, requirements)
 
     async def supported(self, request: web.Request) -> web.Response:
-        supported = self.facilitator.get_supported()
+        supported = self.official.facilitator.get_supported()
         return web.json_response(supported.model_dump(by_alias=True, exclude_none=True))
 
     async def discovery(self, request: web.Request) -> web.Response:
@@ -346,9 +346,9 @@ class Server:
             block = await asyncio.to_thread(_block_number, self.rpc_url)
         except Exception:
             return web.json_response(
-                {"status": "chain_unavailable", "network": self.network}, status=503
+                {"status": "chain_unavailable", "network": self.official.network}, status=503
             )
-        return web.json_response({"status": "ok", "network": self.network, "block": block})
+        return web.json_response({"status": "ok", "network": self.official.network, "block": block})
 
 
 async def _closed(pool: VerifyPool) -> None:

@@ -195,7 +195,11 @@ def facilitator() -> None:
     default=0,
     show_default=True,
     type=click.IntRange(0, 64),
-    help="Answer /verify in this many processes of their own (0: in the settling one).",
+    help=(
+        "Answer /verify in this many processes of their own (0: in the settling one). "
+        "Either way an exact payment /verify found valid in the last 10 s settles without "
+        "simulating its transfer again."
+    ),
 )
 def facilitator_serve(
     rpc_url: str,
