@@ -4,8 +4,7 @@ without end_of_stream (HTTP trailers follow it), a BUFFERED_PARTIAL one only wit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import cast
+from typing import Any, cast
 
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
@@ -25,23 +24,11 @@ class Deciding:
     def __init__(self) -> None:
         self.bodies: list[bytes | None] = []
 
-    async def response_headers(
-        self,
-        meta: Mapping[str, str] | None,
-        headers: Mapping[str, str],
-        deadline: float | None,
-        end_of_stream: bool = False,
-        body_follows: bool = False,
-    ) -> Answer | Wait:
+    async def response_headers(self, *_: Any, body_follows: bool, **__: Any) -> Answer | Wait:
         return Wait(HELD_BACK) if body_follows else CONTINUE
 
-    async def response_body(
-        self,
-        meta: Mapping[str, str],
-        headers: Mapping[str, str],
-        body: bytes | None,
-        deadline: float | None,
-    ) -> Answer:
+    async def response_body(self, *facts: Any) -> Answer:
+        _meta, _headers, body, _deadline = facts
         self.bodies.append(body)
         return Continue(body=b"settled:" + (body or b""))
 
