@@ -406,11 +406,11 @@ def verify_processes(facilitator: ServedFacilitator) -> list[int]:
     children = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         children += [int(child) for child in (task / "children").read_text().split()]
+    commands = {child: Path(f"/proc/{child}/cmdline").read_bytes() for child in children}
     return [
         child
-        for child in children
-        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()
-        and b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes()
+        for child, command in commands.items()
+        if b"spawn_main" in command and b"resource_tracker" not in command
     ]
 
 

@@ -2,9 +2,10 @@
 rest): a port is only bound once its process starts, and the kernel may hand a released
 port out again meanwhile, to another stack, a chain or a facilitator started beside it.
 
-Test runs side by side (`make test`'s shards) each take ports from a range of their own,
-X402_PORT_RANGE ("12000-21999"), below the kernel's ephemeral ports, so neither can be
-handed a port the other chose and has not bound yet; without it the kernel picks."""
+Test processes side by side (`make test`'s xdist workers, tests/conftest.py) each take
+ports from a range of their own, X402_PORT_RANGE ("12000-21999"), below the kernel's
+ephemeral ports, so neither can be handed a port the other chose and has not bound yet;
+without it the kernel picks."""
 
 from __future__ import annotations
 
