@@ -132,6 +132,17 @@ def build(rpc_url: str, key: str, network: str | None = None) -> Official:
     actual = f"eip155:{chain_id}"
     if network is not None and network != actual:
         raise ConfigError(f"--network {network} but the chain at {rpc_host(rpc_url)} is {actual}")
+    return _assembled(signer, actual)
+
+
+def build_known(rpc_url: str, key: str, network: str) -> Official:
+    """`build` on a network `build` already checked against the chain (the /verify pool's
+    processes): nothing is asked of the chain, so a pool replaced during an outage starts
+    and answers, as the serving process does, that the payment cannot be verified."""
+    return _assembled(ConcurrentSigner(key, rpc_url), network)
+
+
+def _assembled(signer: ConcurrentSigner, actual: str) -> Official:
     # `upto` (Permit2 witness transfers through the x402 upto proxy): /supported gives its
     # extra.facilitatorAddress, which the payer's signature binds. Simulated at settle too,
     # so a replayed authorization is refused before anything is broadcast.
@@ -400,7 +411,7 @@ def serve(
     signers = official.facilitator.get_supported().signers.get("eip155:*", [])
     pool = None
     if verify_processes > 0:
-        pool = VerifyPool(verify_processes, build, rpc_url, key, actual)
+        pool = VerifyPool(verify_processes, build_known, rpc_url, key, actual)
     server = Server(official, rpc_url, bearer, pool)
 
     def ready(_: str) -> None:

@@ -6,8 +6,9 @@ official scheme's Python (web3's encoders and middleware, the signature checks, 
 simulation) is GIL-bound, and one process ran out of CPU near 20-30 payments/s
 (docs/performance.md). A /verify signs nothing, so it can run anywhere: here in a pool of
 processes, each with its own copy of the official facilitator, built as the serving one
-is (tools/facilitator.py `build`). A process that dies (killed, out of memory) breaks the
-pool for good: the next /verify replaces it and is answered there.
+is (tools/facilitator.py `build_known`, asking nothing of the chain). A process that dies
+(killed, out of memory) breaks the pool for good: the next /verify replaces it and is
+answered there.
 
 A payment's /settle usually follows its /verify within a few hundred milliseconds, and the
 official `exact` settle verifies again, simulating the transfer once more. `Simulated`
