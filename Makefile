@@ -92,7 +92,7 @@ TEST_ENV := HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(a
 # with no stack, and those whose subject lies behind answers the other files already
 # carry over HTTP (the SDK's agent flows, `x402 pay`: the SDK's client as a command, the
 # facilitator's credentials, a settle whose outcome is pending, `upto`'s chain: its check
-# is `exact`'s, its phase on gRPC).
+# is `exact`'s, its phase the same HTTP call over either transport).
 ONE_TRANSPORT := packaging fuzz grafana readme guides http_transport admin anchor chain \
 	bench_official bench_profile cli cluster conservation dashboard demo durability \
 	durable_topups evidence examples redis_pipe redis_tls settlement topup self_channels \

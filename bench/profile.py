@@ -90,8 +90,7 @@ RULES: tuple[tuple[str, str, str], ...] = (
     ("/sidecar/server/authz/http_transport.py", "", "transport framework"),  # the HTTP transport
     # The response phase's answers (held and metered routes), either transport.
     ("/sidecar/server/processing/http_transport.py", "encode", "response building"),
-    ("/sidecar/server/processing/http_transport.py", "_set", "response building"),
-    ("/sidecar/server/processing/http_transport.py", "_ok", "response building"),
+    ("/sidecar/server/processing/http_transport.py", "_header_lines", "response building"),
     ("/sidecar/server/processing/grpc_transport.py", "message", "response building"),
     ("/sidecar/server/processing/grpc_transport.py", "_set", "response building"),
     ("/sidecar/server/processing/grpc_transport.py", "header", "response building"),

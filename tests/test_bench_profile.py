@@ -38,11 +38,12 @@ PROCESS = ROOT + ";HttpProcessor.answer (sidecar/server/processing/http_transpor
          "transport framework"),
         (CHECK + ";HttpAnswers.ok (sidecar/server/authz/http_transport.py:110)",
          "response building"),
-        # The response phase over HTTP (a held route): its answer's JSON is response building.
+        # The response phase over HTTP (a held route): its answer is response building.
         (PROCESS, "glue"),
         (PROCESS + ";encode (sidecar/server/processing/http_transport.py:70)",
          "response building"),
-        (PROCESS + ";loads (json/__init__.py:346)", "JSON (+base64)"),
+        (PROCESS + ";_header_lines (sidecar/server/processing/http_transport.py:40)",
+         "response building"),
         (PROCESS + ";Processor._held (sidecar/server/processing/phase.py:130);"
          "receipt_headers (sidecar/server/processing/phase.py:71)", "response building"),
         ("<module> (somewhere.py:1)", "other"),

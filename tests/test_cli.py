@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from sidecar.core.identity import Identity, write_secret
+from sidecar.server.envoy import phase_call
 from sidecar.server.envoy.contract import EXT_AUTHZ, EXT_PROC
 from sidecar.server.envoy.edge import Endpoints
 from sidecar.server.envoy.render import render_yaml
@@ -269,36 +270,35 @@ def test_envoy_config_renders_the_http_transport_valid(tmp_path: Path) -> None:
     assert_valid_envoy(tmp_path / "envoy.yaml")
 
 
-@pytest.mark.parametrize("replay_per_payer", [64, 0])
-def test_the_response_phase_goes_over_http_only_when_no_route_sends_a_body(
-    tmp_path: Path, replay_per_payer: int
+@pytest.mark.parametrize(("transport", "replay_per_payer"), [("grpc", 64), ("http", 0)])
+def test_a_held_routes_phase_is_the_lua_call_whichever_the_transport(
+    tmp_path: Path, transport: str, replay_per_payer: int
 ) -> None:
-    """Envoy 1.40's ext_proc http_service takes no body mode (Envoy refuses the config)
-    and never answers a body message: with kept responses (the default) the phase goes
-    over gRPC, a held route sending its body; without, over HTTP, headers alone."""
+    """A held route's response phase is the Lua filter's call to the sidecar's HTTP
+    listener (server/envoy/phase_call.py) over either transport, with the body up to the
+    edge's buffer when responses are kept; the MCP routes' ext_proc is absent without one."""
     example = yaml.safe_load((ROOT / "envoy" / "x402.yaml").read_text())
     held = {"method": "GET", "path": "/api/held", "price": "0.01", "charge": "on_success"}
     config = tmp_path / "x402.yaml"
     config.write_text(
         yaml.safe_dump(
             {**example, "routes": {**example["routes"], "held": held},
-             "transport": "http", "replay_per_payer": replay_per_payer}
+             "transport": transport, "replay_per_payer": replay_per_payer}
         )
     )  # fmt: skip
     result = x402("envoy-config", "--config", str(config))
     assert result.returncode == 0, result.stderr
-    hcm = yaml.safe_load(result.stdout)["static_resources"]["listeners"][0]["filter_chains"][0]
+    rendered = yaml.safe_load(result.stdout)
+    hcm = rendered["static_resources"]["listeners"][0]["filter_chains"][0]
     hcm = hcm["filters"][0]["typed_config"]
-    ext_proc = next(f for f in hcm["http_filters"] if f["name"] == EXT_PROC)["typed_config"]
+    [call] = [f["typed_config"] for f in hcm["http_filters"] if f["name"] == phase_call.NAME]
+    source = call["source_codes"][phase_call.SOURCE]["inline_string"]
+    assert f"local keep = {32768 if replay_per_payer else 0}" in source
+    assert all(f["name"] != EXT_PROC for f in hcm["http_filters"])
     [route] = [r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if r["name"] == "held"]
-    mode = route["typed_per_filter_config"][EXT_PROC]["config"]["overrides"]["processing_mode"]
-    if replay_per_payer:
-        assert "grpc_service" in ext_proc and "http_service" not in ext_proc
-        assert mode["response_body_mode"] == "BUFFERED_PARTIAL"
-    else:
-        assert "http_service" in ext_proc and "grpc_service" not in ext_proc
-        assert mode["response_body_mode"] == "NONE"
-    assert ext_proc["processing_mode"]["response_body_mode"] == "NONE"
+    assert route["typed_per_filter_config"][phase_call.NAME]["name"] == phase_call.SOURCE
+    clusters = [c["name"] for c in rendered["static_resources"]["clusters"]]
+    assert "x402_authz_http" in clusters
     (tmp_path / "envoy.yaml").write_text(result.stdout)
     assert_valid_envoy(tmp_path / "envoy.yaml")
 

@@ -23,6 +23,7 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.holds import Holds
 from sidecar.server.authz.check import CheckService
 from sidecar.server.config import Settings
+from sidecar.server.envoy import phase_call
 from sidecar.server.logs import DecisionLog
 from sidecar.tools.stack import Stack
 from tests.support.cli import x402
@@ -89,6 +90,21 @@ def receipt_of(response: httpx.Response) -> dict[str, Any]:
 async def keys(client: httpx.AsyncClient) -> dict[str, str]:
     doc = (await client.get("/.well-known/x402")).json()
     return {key["kid"]: key["public_key"] for key in doc["keys"]}
+
+
+async def test_the_phase_port_answers_checks_only_over_the_http_transport(
+    holds_stack: Stack,
+) -> None:
+    """A held route's response phase comes to the workers' HTTP port whichever the
+    transport; over gRPC that port answers the phase's calls alone: anything else is a
+    404, never a check's allow."""
+    port = holds_stack.ports["authz_http"]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as raw:
+        asked = await raw.get(REPORT)
+    if holds_stack.transport == "grpc":
+        assert asked.status_code == 404 and asked.json()["error"] == "not_found"
+    else:  # a check without a proof: the route's price, never a pass
+        assert asked.status_code == 402
 
 
 async def test_a_failed_service_charges_nothing_and_the_same_proof_pays_later(
@@ -302,7 +318,8 @@ async def test_a_sidecar_killed_mid_request_leaves_no_charge_and_no_hold(
             assert lost.status_code == 503  # never the service's answer, never free
             # Envoy's own failure of the phase, typed (docs/protocol.md §5).
             assert lost.json()["error"] == "response_phase_unavailable"
-            assert lost.json()["details"].startswith("ext_proc_error")
+            # (the phase's call found no sidecar: Envoy's own 503 for it, phase_call.py)
+            assert lost.json()["details"] == phase_call.FAILED_DETAILS + "call_503"
             assert "payment-response" not in lost.headers
             stack.start_sidecar()  # back up, before the hold's lifetime ends
 

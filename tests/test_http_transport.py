@@ -9,14 +9,13 @@ import base64
 import json
 import socket
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
 
 from sidecar.core import phases
 from sidecar.ledger.accounts import Ledger
-from sidecar.server.envoy import contract
+from sidecar.server.envoy import contract, phase_call
 from sidecar.tools.stack import LOOPBACK, Stack
 from tests.support.payers import funded_payer_at, pay_direct
 from tests.support.routes import ROUTES
@@ -31,9 +30,8 @@ HELD_ROUTES = {
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    """No kept responses (`replay_per_payer: 0`): no route sends a body, so the response
-    phase goes over HTTP too (server/envoy/filters.py phase_over_http)."""
-    with Stack(HELD_ROUTES, transport="http", settings={"replay_per_payer": 0}) as running:
+    """A held route: its response phase goes over HTTP too (server/envoy/phase_call.py)."""
+    with Stack(HELD_ROUTES, transport="http") as running:
         yield running
 
 
@@ -132,37 +130,39 @@ async def test_paid_through_envoy_over_http_reaches_the_service_with_the_facts(
     assert access and access[0]["payer"] == wallet.public_key
 
 
-# -- The response phase over HTTP (ext_proc's http_service) ------------------------------
+# -- The response phase over HTTP (the Lua filter's call) --------------------------------
 
 
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
+def process(
+    metadata: dict[str, str] | None,
+    status: int | None = 200,
+    body: bytes | None = None,
+    timeout_ms: int = 1000,
+    mark: bool = True,
+) -> bytes:
+    """The phase's POST as Envoy's Lua filter writes it (server/envoy/phase_call.py), to the
+    checks' port: the check's metadata and the response's status as headers, the body when
+    the filter read it whole."""
+    lines = [f"POST {contract.PROCESS_PATH} HTTP/1.1", "host: x402"]
+    if mark:
+        lines.append(f"{contract.PROCESS_HEADER}: {phases.PHASE_RESPONSE}")
+    lines.append(f"{contract.TIMEOUT_HEADER}: {timeout_ms}")
+    lines += [f"{contract.META_PREFIX}{key}: {value}" for key, value in (metadata or {}).items()]
+    if status is not None:
+        lines.append(f"{contract.STATUS_HEADER}: {status}")
+    lines.append(f"{contract.RESPONSE_PREFIX}content-type: application/json")
+    if body is not None:
+        lines.append(f"{contract.BODY_HEADER}: {contract.WHOLE_BODY}")
+    lines.append(f"content-length: {len(body or b'')}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
 
 
-def process(body: bytes, timeout_ms: int = 1000, mark: bool = True) -> bytes:
-    """ext_proc's POST as Envoy writes it (chunked, JSON), to the checks' port."""
-    marks = f"{contract.PROCESS_HEADER}: response\r\n" if mark else ""
-    return (
-        f"POST {contract.PROCESS_PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-        f"content-type: application/json\r\n{marks}"
-        f"{contract.TIMEOUT_HEADER}: {timeout_ms}\r\ntransfer-encoding: chunked\r\n\r\n"
-    ).encode() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-
-
-def processing_request(status: int, metadata: dict[str, str] | None) -> bytes:
-    message: dict[str, Any] = {
-        "response_headers": {
-            "headers": {"headers": [{"key": ":status", "raw_value": b64(str(status))}]}
-        }
-    }
-    if metadata is not None:
-        message["metadata_context"] = {"filter_metadata": {contract.EXT_AUTHZ: metadata}}
-    return json.dumps(message).encode()
-
-
-def answer_of(raw: bytes) -> tuple[int, dict[str, Any]]:
+def answer_of(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """The sidecar's answer: its status, its headers, its body."""
     head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), json.loads(body) if body else {}
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    return int(status_line.split(" ", 2)[1]), headers, body
 
 
 def held_check(stack: Stack, proof: dict[str, str]) -> dict[str, str]:
@@ -179,13 +179,12 @@ def held_check(stack: Stack, proof: dict[str, str]) -> dict[str, str]:
 
 
 def test_envoy_asks_the_response_phase_over_http_on_the_checks_port(stack: Stack) -> None:
+    """The held route's phase is the Lua filter's call to the checks' cluster; no ext_proc
+    (no MCP route here), so nothing of the phase goes over gRPC."""
     config = (stack.dir / "envoy.yaml").read_text()
-    assert f"{contract.PROCESS_PATH}" in config and "x402_authz_http" in config
-    [ext_proc] = [line for line in config.splitlines() if "ext_proc.v3.ExternalProcessor" in line]
-    assert ext_proc
-    # No ext_proc service on the gRPC port over this transport: a capture that works came
-    # over HTTP.
-    assert "ExternalProcessor" not in config.partition("grpc_service")[2].partition("x402_authz")[0]
+    assert phase_call.NAME in config and contract.PROCESS_PATH in config
+    assert "x402_authz_http" in config
+    assert "ext_proc.v3.ExternalProcessor" not in config
 
 
 async def test_a_held_request_through_envoy_is_captured_over_http(stack: Stack) -> None:
@@ -208,22 +207,23 @@ async def test_a_phase_past_envoys_deadline_never_charges_and_a_timely_one_captu
 ) -> None:
     """Envoy gave up on the phase (its deadline, carried on the POST, has passed): the
     capture script refuses, the answer replaces the response (never served free), the hold
-    stays. The same hold's phase in time captures it, once."""
+    stays. The same hold's phase in time captures it, once, and keeps its body."""
     wallet = await funded_payer_at(stack.redis_url, 1_000_000)
     metadata = held_check(stack, pay_direct(stack, wallet, f"GET {REPORT}", "0.25"))
     assert contract.HOLD in metadata
-    [late] = exchange(stack, process(processing_request(200, metadata), timeout_ms=0))
-    status, message = answer_of(late)
-    assert status == 200 and message["immediate_response"]["status"]["code"] == 503
+    [late] = exchange(stack, process(metadata, body=b'{"late": 1}', timeout_ms=0))
+    status, headers, body = answer_of(late)
+    assert status == 200 and headers[contract.REPLACE_HEADER] == "503"
+    assert json.loads(body)["error"] == "ledger_unavailable"
     ledger = Ledger.from_url(stack.redis_url)
     try:
         account = await ledger.account(wallet.public_key)
         assert (account.balances["USDF"], account.held["USDF"]) == (750_000, 250_000)
-        [timely] = exchange(stack, process(processing_request(200, metadata)))
-        status, message = answer_of(timely)
-        mutation = message["response_headers"]["response"]["header_mutation"]
-        receipts = {h["header"]["key"]: h["header"]["raw_value"] for h in mutation["set_headers"]}
-        receipt = json.loads(base64.b64decode(base64.b64decode(receipts["payment-response"])))
+        [timely] = exchange(stack, process(metadata, body=b'{"report": 1}'))
+        status, headers, body = answer_of(timely)
+        assert status == 200 and contract.REPLACE_HEADER not in headers and body == b""
+        encoded = headers[contract.SET_PREFIX + "payment-response"]
+        receipt = json.loads(base64.b64decode(encoded))
         assert receipt["amount"] == "0.25" and receipt["receipt_id"] == metadata[contract.HOLD]
         account = await ledger.account(wallet.public_key)
         assert (account.balances["USDF"], account.held) == (750_000, {})
@@ -232,32 +232,25 @@ async def test_a_phase_past_envoys_deadline_never_charges_and_a_timely_one_captu
         await ledger.close()
 
 
-def test_a_free_or_unmarked_message_continues_and_what_is_not_envoys_fails_the_phase(
+def test_a_free_or_unmarked_call_continues_and_what_is_not_envoys_fails_the_phase(
     stack: Stack,
 ) -> None:
-    continues = [
-        process(processing_request(200, None)),  # no hold: a free response
-        process(b'{"response_body":{"body":"eA=="}}'),  # other messages continue as they are
-    ]
-    answers = exchange(stack, b"".join(continues), expect=2)
-    assert [answer_of(a) for a in answers] == [
-        (200, {"response_headers": {}}),
-        (200, {"response_body": {}}),
-    ]
-    # Not a ProcessingRequest: a 400, which Envoy takes for the phase's failure (its 503).
-    for body in (b"not json", b"[1]", b'{"response_headers":{"headers":{"headers":[{}]}}}'):
-        [refused] = exchange(stack, process(body))
-        assert refused.startswith(b"HTTP/1.1 400")
+    [free] = exchange(stack, process(None))  # no metadata: a free response goes on as it is
+    assert answer_of(free) == (200, {"content-length": "0"}, b"")
+    # Without the response's status the call is not Envoy's: a 400, which the filter takes
+    # for the phase's failure (its 503).
+    [refused] = exchange(stack, process({contract.HOLD: "r1"}, status=None))
+    assert refused.startswith(b"HTTP/1.1 400")
     # The same path without Envoy's mark is a client request's check, never the phase.
-    [checked] = exchange(stack, process(processing_request(200, None), mark=False))
-    assert b"application/json" not in checked.partition(b"\r\n\r\n")[0]
+    [checked] = exchange(stack, process(None, mark=False))
+    assert contract.REMOVE_HEADER in answer_of(checked)[1]  # a check's allow: a free path
 
 
-def test_an_mcp_answer_over_http_fails_closed(stack: Stack) -> None:
-    """An MCP route's phase needs the tool's answer, which ext_proc's http_service never
-    sends (the renderer puts such routes on gRPC): asked over HTTP about a held call, the
-    sidecar replaces the response (a 503), never serving it free."""
+def test_an_mcp_answer_the_phase_never_saw_fails_closed(stack: Stack) -> None:
+    """An MCP route's phase needs the tool's answer (the renderer puts such routes on
+    gRPC): asked over HTTP about a held call without its body, the sidecar replaces the
+    response (a 503), never serving it free."""
     metadata = {contract.MCP: contract.MCP_CALL, contract.HOLD: "r1", contract.HELD: "250000"}
-    [answer] = exchange(stack, process(processing_request(200, metadata)))
-    status, message = answer_of(answer)
-    assert status == 200 and message["immediate_response"]["status"]["code"] == 503
+    [answer] = exchange(stack, process(metadata))
+    status, headers, _ = answer_of(answer)
+    assert status == 200 and headers[contract.REPLACE_HEADER] == "503"

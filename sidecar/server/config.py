@@ -41,6 +41,7 @@ from sidecar.server.config_values import (
 from sidecar.server.durability_settings import Durability
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.envoy.edge import Edge
+from sidecar.server.envoy.routes import has_held_route
 from sidecar.server.facilitators import FacilitatorSpec, specs
 from sidecar.server.paywall_settings import ROUTE_KEY as PAYWALL_ROUTE_KEY
 from sidecar.server.paywall_settings import PaywallSettings
@@ -343,6 +344,12 @@ class Settings:
         if self.default_asset not in assets:
             raise ConfigError(f"config default_asset: {self.default_asset!r} is not in assets")
         return assets
+
+    @property
+    def listens_http(self) -> bool:
+        """Workers listen on listen_authz_http: for the HTTP transport's checks, and for a
+        held route's response phase whichever the transport (envoy/phase_call.py)."""
+        return self.transport == "http" or has_held_route(self.routes)
 
     def route_table(self) -> RouteTable:
         assets = self.asset_table()

@@ -1,8 +1,9 @@
 """A retry answered with the response it paid for (docs/protocol.md §13).
 
-On a route with a response phase (`charge: on_success`, metered), Envoy's ext_proc sends
-the sidecar the response's headers and then its body (buffered up to Envoy's buffer,
-server/envoy/filters.py; over gRPC, server/processing/). The capture waits for the body:
+On a route with a response phase (`charge: on_success`, metered), Envoy's Lua call sends
+the sidecar the response's headers and its body (when its content-length fits Envoy's
+buffer, server/envoy/phase_call.py; server/processing/http_transport.py). The capture
+waits for the body:
 the scheme's capture records the response (`Capture.response`, encoded here) with the
 payment's outcome in the same ledger script (ledger/lua/money.lua `keep_response`), for
 the payment's lifetime, at most `replay_per_payer` per payer at once. A retry of that

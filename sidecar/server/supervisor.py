@@ -92,7 +92,7 @@ def worker_addresses(settings: Settings, key: str = "listen_grpc") -> list[str]:
     spans = {"listen_http": 1, "listen_grpc": workers}
     if settings.listen_health:
         spans["listen_health"] = 1
-    if settings.transport == "http":
+    if settings.listens_http:
         spans["listen_authz_http"] = workers
     for other, span in spans.items():
         _, start = split_host_port(getattr(settings, other), other)
@@ -137,8 +137,8 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     authz = CheckService(
         routes, gateway, ledger, worker, decision_log, limiter, settler, answers, paywall
     )
-    # The response phase: ext_proc on the gRPC port, and with the HTTP transport over HTTP
-    # too when no route sends a body (envoy/filters.py phase_over_http).
+    # The response phase: a held route's, the Lua filter's calls on the HTTP listener
+    # (envoy/phase_call.py); an MCP route's, ext_proc on the gRPC port.
     processor = Processor(routes, gateway, ledger, worker, authz.decisions, settler)
     processes = GrpcProcessor(processor).handler()
     handlers = (processes,) if over_http else (GrpcChecks(authz).handler(), processes)
@@ -151,11 +151,11 @@ async def serve(settings: Settings, worker: int, board: WorkerBoard) -> None:
     zero = await WorkerZero.start(settings, side, board, ledger, gateway) if worker == 0 else None
     await server.start()
     checks = None
-    if over_http:
+    if settings.listens_http:
         host, port = split_host_port(worker_addresses(settings, "listen_authz_http")[worker], "")
         trusted = settings.edge_config().xff_num_trusted_hops
         processing = HttpProcessor(processor)
-        checks = await http_transport.serve(authz, host, port, trusted, processing)
+        checks = await http_transport.serve(authz, host, port, trusted, processing, over_http)
     for service in ("", AUTHZ_SERVICE, PROCESSOR_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     # Everything made so far lives as long as the worker: keep the collector from scanning
@@ -405,7 +405,7 @@ def _die_with_parent(parent: int) -> None:
 def listeners(settings: Settings) -> list[tuple[str, str]]:
     """Every (config key, host:port) the sidecar will listen on."""
     bound = [("listen_grpc", address) for address in worker_addresses(settings)]
-    if settings.transport == "http":
+    if settings.listens_http:
         bound += [("listen_authz_http", a) for a in worker_addresses(settings, "listen_authz_http")]
     bound.append(("listen_http", settings.listen_http))
     if settings.listen_health:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.server.envoy import phase_call
 from sidecar.tools.stack import find_binary
 from tests.support.charts import (
     CHART,
@@ -80,12 +81,16 @@ def test_every_values_file_over_http_passes_envoy_validate(name: str, tmp_path: 
     envoy_validate(render_chart(name, "--set", "sidecar.transport=http"), tmp_path)
 
 
-def test_the_response_phase_over_http_passes_envoy_validate(tmp_path: Path) -> None:
-    """Without kept responses the held routes' phase goes over ext_proc's http_service,
-    headers alone: Envoy refuses a body mode there."""
-    over = ("--set", "sidecar.transport=http", "--set", "sidecar.retries.replayPerPayer=0")
-    rendered = render_chart("exact", *over)
-    assert "http_service:\n                http_service:" in rendered.configmap["envoy.yaml"]
+@pytest.mark.parametrize("replay_per_payer", ["64", "0"])
+def test_the_held_routes_phase_call_passes_envoy_validate(
+    replay_per_payer: str, tmp_path: Path
+) -> None:
+    """The held routes' response phase, the Lua filter's call (server/envoy/phase_call.py),
+    with and without kept responses (the body it sends up to the edge's buffer, or none)."""
+    rendered = render_chart("exact", "--set", f"sidecar.retries.replayPerPayer={replay_per_payer}")
+    envoy = rendered.configmap["envoy.yaml"]
+    keep = "local keep = 32768" if replay_per_payer != "0" else "local keep = 0"
+    assert phase_call.NAME in envoy and keep in envoy
     envoy_validate(rendered, tmp_path)
 
 

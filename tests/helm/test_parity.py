@@ -16,7 +16,7 @@ import yaml
 from sidecar.core.pricing import is_pattern
 from sidecar.server.config import Settings
 from sidecar.server.durability_settings import Durability
-from sidecar.server.envoy import contract
+from sidecar.server.envoy import contract, phase_call
 from sidecar.server.envoy.chart import contract_template
 from sidecar.server.envoy.edge import Edge, Endpoints
 from sidecar.server.envoy.render import render, timeouts
@@ -58,24 +58,20 @@ def test_every_values_file_over_http_has_the_shape_of_the_python_renderer(name: 
 
 
 @pytest.mark.parametrize("name", ["exact", "many-routes"])
-def test_without_kept_responses_the_response_phase_goes_over_http_as_the_renderers(
+def test_without_kept_responses_the_phase_call_sends_no_body_as_the_renderers(
     name: str,
 ) -> None:
-    """sidecar.retries.replayPerPayer 0: no held route sends its body, so over the HTTP
-    transport the phase goes over ext_proc's http_service, unless an MCP route needs the
-    tool's answer (many-routes has one): both as the renderer."""
-    rendered = render_chart(
-        name, "--set", "sidecar.transport=http", "--set", "sidecar.retries.replayPerPayer=0"
-    )
-    rendered.values = merge(
-        rendered.values, {"sidecar": {"transport": "http", "retries": {"replayPerPayer": 0}}}
-    )
+    """sidecar.retries.replayPerPayer 0: the held routes' phase call sends no body; an MCP
+    route (many-routes has one) keeps its ext_proc over gRPC: both as the renderer."""
+    rendered = render_chart(name, "--set", "sidecar.retries.replayPerPayer=0")
+    rendered.values = merge(rendered.values, {"sidecar": {"retries": {"replayPerPayer": 0}}})
     assert without_probe(rendered.envoy_config) == renderers_envoy_config(rendered)
     chain = rendered.envoy_config["static_resources"]["listeners"][0]["filter_chains"][0]
     filters = chain["filters"][0]["typed_config"]["http_filters"]
-    [ext_proc] = [f["typed_config"] for f in filters if f["name"] == contract.EXT_PROC]
-    over_http = not any("mcp" in spec for spec in rendered.values["routes"].values())
-    assert ("http_service" in ext_proc) is over_http
+    [call] = [f["typed_config"] for f in filters if f["name"] == phase_call.NAME]
+    assert "local keep = 0" in call["source_codes"][phase_call.SOURCE]["inline_string"]
+    any_mcp = any("mcp" in spec for spec in rendered.values["routes"].values())
+    assert any(f["name"] == contract.EXT_PROC for f in filters) is any_mcp
 
 
 def renderers_envoy_config(rendered: Rendered) -> dict[str, Any]:

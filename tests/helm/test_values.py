@@ -107,7 +107,7 @@ INVALID: dict[str, tuple[str, list[str], str]] = {
     "http workers on the grpc workers' ports": (
         "sidecar: {transport: http, workers: 2, authzHttpPort: 9002}",
         [],
-        "(with transport http, authzHttpPort..authzHttpPort+workers-1 too) share",
+        "(with transport http or a held route, authzHttpPort..authzHttpPort+workers-1 too) share",
     ),
     "http workers past the last port": (
         "sidecar: {transport: http, workers: 2, authzHttpPort: 65535}",

@@ -20,10 +20,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
-from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.auth.v3 import external_auth_pb2 as authz
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
 from sidecar.core import channel_requests, phases, protocol, vouchers
 from sidecar.core.identity import Identity
@@ -36,8 +33,8 @@ from sidecar.ledger.holds import Holds
 from sidecar.server.authz.check import CheckService
 from sidecar.server.authz.grpc_transport import check_message
 from sidecar.server.channel_config import ChannelTerms
-from sidecar.server.envoy.contract import EXT_AUTHZ
-from sidecar.server.processing.grpc_transport import GrpcProcessor, Waiting
+from sidecar.server.envoy import contract
+from sidecar.server.processing.http_transport import HttpProcessor
 from sidecar.server.processing.phase import Processor
 from sidecar.server.self_channels import SelfChannels
 from sidecar.tools.stack import Stack
@@ -98,7 +95,7 @@ class Workload:
         self.stack, self.servicer, self.ledger, self.rng = stack, servicer, ledger, rng
         self.payers = [Identity.generate() for _ in range(PAYERS)]
         self.books = Books()
-        self.processor = GrpcProcessor(Processor(servicer.routes, servicer.gateway, ledger))
+        self.processor = HttpProcessor(Processor(servicer.routes, servicer.gateway, ledger))
         assets = servicer.routes.assets
         terms = ChannelTerms.from_mapping({}, assets, "USDF")
         assert terms is not None
@@ -192,14 +189,15 @@ class Workload:
             return
         status = self.rng.choice((200, 200, 200, 201, 404, 500, 503))
         usage = self.rng.choice(("0", "1", "37", "99", "100", "250", "", "bad", None))
-        answer, kept = await self.respond(respond_request(response, status, usage), status)
-        body_answer = answer.WhichOneof("response") == "response_body"
-        common = answer.response_body if body_answer else answer.response_headers
-        mutation = common.response.header_mutation
-        receipts = {h.header.key: h.header.raw_value for h in mutation.set_headers}
-        if answer.HasField("immediate_response"):  # the hold expired before its response
+        answer, kept = await self.respond(phase_call(response, status, usage), status)
+        if contract.REPLACE_HEADER in answer:  # the hold expired before its response
             self.books.outcomes["held:expired_before_response"] += 1
             return
+        receipts = {
+            name.removeprefix(contract.SET_PREFIX): value
+            for name, value in answer.items()
+            if name.startswith(contract.SET_PREFIX)
+        }
         receipt = json.loads(base64.b64decode(receipts["x-payment-response"]))
         if receipt["success"]:
             atomic = to_atomic(receipt["amount"], 6)
@@ -214,23 +212,20 @@ class Workload:
             self.books.outcomes[f"{kind}:released"] += 1
 
     async def respond(
-        self, request: ext_proc.ProcessingRequest, status: int
-    ) -> tuple[ext_proc.ProcessingResponse, bytes | None]:
-        """The response phase as Envoy runs it: the headers, then (half the time) the body
-        buffered after them, which the capture keeps for the payment's retries."""
+        self, call: dict[str, str], status: int
+    ) -> tuple[dict[str, str], bytes | None]:
+        """The response phase as Envoy's Lua filter calls it (server/envoy/phase_call.py):
+        half the time with the body, which the capture keeps for the payment's retries; the
+        answer's headers."""
+        body = b""
         if self.rng.random() < 0.5:
-            return await self.processor.respond(request), None
-        waiting = Waiting()
-        # The route's mode, as Envoy says it in the first message: the body follows.
-        request.protocol_config.response_body_mode = ProcessingMode.BUFFERED_PARTIAL
-        held_back = await self.processor.respond(request, None, waiting)
-        assert held_back.WhichOneof("response") == "response_headers"
-        body = json.dumps({"served": status, "n": self.rng.randrange(10**6)}).encode()
-        part = ext_proc.HttpBody(body=body, end_of_stream=True)
-        answer = await self.processor.respond(
-            ext_proc.ProcessingRequest(response_body=part), None, waiting
-        )
-        return answer, body if status < 500 else None
+            body = json.dumps({"served": status, "n": self.rng.randrange(10**6)}).encode()
+            call[contract.BODY_HEADER] = contract.WHOLE_BODY
+        raw = await self.processor.answer(call, body, None)
+        head = raw.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+        assert head[0] == "HTTP/1.1 200 OK", head
+        answer = dict(line.split(": ", 1) for line in head[1:])
+        return answer, body if body and status < 500 else None
 
     async def replay_captured(self) -> None:
         """A captured hold's proof again: answered with its kept response, or redelivered,
@@ -363,20 +358,17 @@ class Workload:
         await self.close_channels()
 
 
-def respond_request(
+def phase_call(
     check_response: authz.CheckResponse, status: int, usage: str | None
-) -> ext_proc.ProcessingRequest:
-    """What Envoy's ext_proc filter sends at the response: its headers, and ext_authz's
-    dynamic metadata (the hold)."""
-    headers = [HeaderValue(key=":status", raw_value=str(status).encode())]
+) -> dict[str, str]:
+    """What Envoy's Lua filter sends at the response (server/envoy/phase_call.py): ext_authz's
+    dynamic metadata (the hold) and the response's status and headers."""
+    metadata = check_response.dynamic_metadata.fields
+    call = {contract.META_PREFIX + key: value.string_value for key, value in metadata.items()}
+    call[contract.STATUS_HEADER] = str(status)
     if usage is not None:
-        headers.append(HeaderValue(key="x402-usage", raw_value=usage.encode()))
-    metadata = Metadata()
-    metadata.filter_metadata[EXT_AUTHZ].CopyFrom(check_response.dynamic_metadata)
-    return ext_proc.ProcessingRequest(
-        response_headers=ext_proc.HttpHeaders(headers=HeaderMap(headers=headers)),
-        metadata_context=metadata,
-    )
+        call[contract.RESPONSE_PREFIX + "x402-usage"] = usage
+    return call
 
 
 async def run_and_check(stack: Stack, operations: int, seed: int) -> Books:

@@ -39,8 +39,6 @@
   ],
   "timeoutHeader": "x-x402-authz-timeout-ms",
   "phaseHeader": "x-x402-phase",
-  "processPath": "/x402/ext_proc",
-  "processHeader": "x-x402-ext-proc",
   "phaseResponse": "response",
   "upstreamHeaders": [
     "x-x402-payer",
@@ -113,14 +111,6 @@
   "headersLimitLua": "local limit = @LIMIT_BYTES@\nlocal names = {[\"x402_dashboard\"] = true, [\"__Host-x402_dashboard\"] = true}\nlocal function strip_dashboard_cookie(headers)\n  local kept, dropped = {}, false\n  for i = 0, headers:getNumValues(\"cookie\") - 1 do\n    for pair in string.gmatch(headers:getAtIndex(\"cookie\", i), \"[^;]+\") do\n      local crumb = string.match(pair, \"^%s*(.-)%s*$\")\n      local name = string.match(crumb, \"^([^=]-)%s*=\") or crumb\n      if names[name] then dropped = true elseif crumb ~= \"\" then kept[#kept + 1] = crumb end\n    end\n  end\n  if not dropped then return end\n  headers:remove(\"cookie\")\n  if #kept > 0 then headers:add(\"cookie\", table.concat(kept, \"; \")) end\nend\nfunction envoy_on_request(request)\n  local headers = request:headers()\n  local size, cookies = 0, false\n  for name, value in pairs(headers) do\n    size = size + #name + #value\n    if name == \"cookie\" then cookies = true end\n  end\n  if size > limit then\n    request:respond({[\":status\"] = \"431\"}, \"\")\n    return\n  end\n  if cookies then strip_dashboard_cookie(headers) end\nend\n",
   "headersLimitMark": "@LIMIT_BYTES@",
   "maxCodecHeadersKb": 8192,
-  "processingMode": {
-    "request_header_mode": "SKIP",
-    "response_header_mode": "SEND",
-    "request_body_mode": "NONE",
-    "response_body_mode": "BUFFERED_PARTIAL",
-    "request_trailer_mode": "SKIP",
-    "response_trailer_mode": "SKIP"
-  },
   "headersProcessingMode": {
     "request_header_mode": "SKIP",
     "response_header_mode": "SEND",
@@ -129,6 +119,12 @@
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP"
   },
+  "phaseCallName": "x402.response_phase",
+  "phaseCallSource": "phase",
+  "phaseCallLua": "local keep = @KEEP_BYTES@\nlocal timeout = @TIMEOUT_MS@\nlocal unavailable = '{\"error\":\"response_phase_unavailable\",\"message\":\"the payment could not be completed; nothing was charged, retry shortly\",\"details\":\"x402_phase_'\n\n-- Replace the response: its headers but CORS's, its status, its body.\nlocal function replace(response, status, body, set)\n  local headers = response:headers()\n  local names = {}\n  for name, _ in pairs(headers) do\n    if name:sub(1, 1) ~= \":\" and name:sub(1, 15) ~= \"access-control-\" then\n      names[#names + 1] = name\n    end\n  end\n  for _, name in ipairs(names) do headers:remove(name) end\n  headers:replace(\":status\", status)\n  for name, value in pairs(set) do headers:replace(name, value) end\n  headers:replace(\"content-length\", tostring(#body))\n  response:body(true):setBytes(body)\nend\n\n-- Envoy's own failure of the phase: the typed 503, never the service's answer.\nlocal function fail(response, details)\n  replace(response, \"503\", unavailable .. details .. '\"}',\n    {[\"content-type\"] = \"application/json\", [\"cache-control\"] = \"no-store\",\n      [\"retry-after\"] = \"1\"})\nend\n\nlocal function phase(response)\n  local meta = response:streamInfo():dynamicMetadata():get(\"envoy.filters.http.ext_authz\")\n  if meta == nil then return end\n  local call = {\n    [\":method\"] = \"POST\", [\":path\"] = \"/x402/phase\", [\":authority\"] = \"x402\",\n    [\"x-x402-process\"] = \"response\",\n    [\"x-x402-authz-timeout-ms\"] = tostring(timeout),\n  }\n  for key, value in pairs(meta) do\n    if type(value) == \"string\" then call[\"x-x402-meta-\" .. key] = value end\n  end\n  for name, value in pairs(response:headers()) do\n    if name == \":status\" then\n      call[\"x-x402-status\"] = value\n    elseif name:sub(1, 1) ~= \":\" then\n      call[\"x-x402-response-\" .. name] = value\n    end\n  end\n  local body = \"\"\n  local length = tonumber(response:headers():get(\"content-length\"))\n  if length ~= nil and length <= keep then\n    local buffered = response:body()\n    if buffered ~= nil then body = buffered:getBytes(0, buffered:length()) end\n    call[\"x-x402-body\"] = \"whole\"\n  end\n  local answer, replacement = response:httpCall(\"x402_authz_http\", call, body, timeout)\n  local status = answer[\":status\"]\n  if status ~= \"200\" then return fail(response, \"call_\" .. tostring(status)) end\n  local set = {}\n  for name, value in pairs(answer) do\n    if name:sub(1, 11) == \"x-x402-set-\" then\n      set[name:sub(12)] = value\n    end\n  end\n  local instead = answer[\"x-x402-replace\"]\n  if instead ~= nil then return replace(response, instead, replacement or \"\", set) end\n  -- (handles taken before a yield are void after it: the headers are asked for again)\n  local headers = response:headers()\n  for name, value in pairs(set) do headers:replace(name, value) end\n  if answer[\"x-x402-replace-body\"] ~= nil then\n    headers:replace(\"content-length\", tostring(#replacement))\n    response:body(true):setBytes(replacement)\n  end\n  local removed = answer[\"x-x402-remove\"]\n  if removed ~= nil then\n    for name in removed:gmatch(\"[^,]+\") do headers:remove(name) end\n  end\nend\n\n-- A script error would let the response through as it is: caught, it is the typed 503.\nfunction envoy_on_response(response)\n  local ok, err = pcall(phase, response)\n  if not ok then\n    response:logErr(\"x402 response phase: \" .. tostring(err))\n    fail(response, \"error\")\n  end\nend\n",
+  "phaseCallKeepMark": "@KEEP_BYTES@",
+  "phaseCallTimeoutMark": "@TIMEOUT_MS@",
+  "phaseKeepBytes": 32768,
   "mcpRouteKey": "mcp",
   "extMcpTools": "x402.mcp_tools",
   "extMcpDefault": "x402.mcp_default",

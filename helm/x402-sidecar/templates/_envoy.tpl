@@ -407,16 +407,22 @@ static_resources:
 {{ toYaml $c.mcpRequestBody | indent 24 }}
                       {{- end }}
                   {{- end }}
-                  {{- if or $phase $mcp }}
-                  # charge: on_success, or an MCP route: the response phase (ext_proc) runs
-                  # on this route (an MCP route's answer buffered, for its settlement).
+                  {{- if and $phase (not $mcp) }}
+                  # charge: on_success or metered: the response phase, the Lua filter's call
+                  # to the sidecar (server/envoy/phase_call.py), runs on this route.
+                  {{ $c.phaseCallName }}:
+                    '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute
+                    name: {{ $c.phaseCallSource }}
+                  {{- else if $mcp }}
+                  # An MCP route: the response phase (ext_proc) runs on this route, its
+                  # answer buffered, for its settlement.
                   {{ $proc }}:
                     '@type': type.googleapis.com/envoy.config.route.v3.FilterConfig
                     config:
                       '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
                       overrides:
                         processing_mode:
-{{ toYaml (ternary (ternary $c.mcpHeldProcessingMode $c.mcpChargedProcessingMode (not (empty $phase))) (ternary $c.processingMode $c.headersProcessingMode (include "x402.keepsResponses" $ | eq "true")) $mcp) | indent 26 }}
+{{ toYaml (ternary $c.mcpHeldProcessingMode $c.mcpChargedProcessingMode (not (empty $phase))) | indent 26 }}
                   {{- end }}
                 {{- end }}
               {{- end }}
@@ -463,38 +469,30 @@ static_resources:
               failure_mode_allow: false
               status_on_error:
                 code: ServiceUnavailable
-          {{- if include "x402.anyPhase" . }}
-          # The response phase of routes charged on success, disabled unless a route
+          {{- if include "x402.anyHeld" . }}
+          # The response phase of held routes (charged on success, metered): a Lua call to
+          # the sidecar's HTTP listener, with the response's body when it keeps it
+          # (server/envoy/phase_call.py). Fail closed: no sidecar answer means the typed
+          # 503, never the response; the hold nobody captured expires and is released.
+          - name: {{ $c.phaseCallName }}
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+              source_codes:
+                {{ $c.phaseCallSource }}:
+                  inline_string: |
+                    {{- $c.phaseCallLua | replace $c.phaseCallKeepMark (ternary (toString $c.phaseKeepBytes) "0" (gt (int $v.sidecar.retries.replayPerPayer) 0)) | replace $c.phaseCallTimeoutMark (include "x402.durationMs" (include "x402.authzTimeout" .)) | nindent 20 }}
+          {{- end }}
+          {{- if include "x402.anyMcp" . }}
+          # The response phase of MCP routes (ext_proc over gRPC), disabled unless a route
           # enables it. Fail closed: no sidecar answer means an error, never the response;
           # the hold nobody captured expires and the ledger releases it.
           - name: {{ $proc }}
             disabled: true
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-              {{- if include "x402.phaseOverHttp" . }}
-              # Over HTTP (sidecar/server/processing/http_transport.py): a JSON POST to the
-              # checks' listener, marked as the phase's, with Envoy's deadline for it.
-              http_service:
-                http_service:
-                  http_uri:
-                    uri: http://127.0.0.1:{{ int $v.sidecar.authzHttpPort }}{{ $c.processPath }}
-                    cluster: x402_authz_http
-                    timeout: {{ include "x402.authzTimeout" . }}
-                  request_headers_to_add:
-                  - header:
-                      key: {{ $c.processHeader }}
-                      value: {{ $c.phaseResponse }}
-                  - header:
-                      key: {{ $c.timeoutHeader }}
-                      value: {{ include "x402.durationMs" (include "x402.authzTimeout" .) | quote }}
-              {{- else }}
-              # Over gRPC whenever a route sends its body (the kept response of
-              # sidecar/server/replays.py, an MCP tool's result): Envoy's http_service
-              # sends none (sidecar/server/envoy/filters.py phase_over_http).
               grpc_service:
                 envoy_grpc:
                   cluster_name: x402_authz
-              {{- end }}
               failure_mode_allow: false
               processing_mode:
 {{ toYaml $c.headersProcessingMode | indent 16 }}
@@ -514,8 +512,8 @@ static_resources:
   clusters:
 {{- /* Sidecar worker i serves ext_authz on grpcPort + i; each is an endpoint. */}}
 {{ include "x402.envoyCluster" (dict "name" "x402_authz" "port" (int $v.sidecar.grpcPort) "http2" true "count" (int $v.sidecar.workers)) | indent 2 }}
-{{- if $http }}
-{{- /* Transport http: worker i serves checks over HTTP/1 on authzHttpPort + i. */}}
+{{- if include "x402.listensHttp" . }}
+{{- /* Worker i serves HTTP/1 on authzHttpPort + i: the checks over HTTP, the phase's calls. */}}
 {{ include "x402.envoyCluster" (dict "name" "x402_authz_http" "port" (int $v.sidecar.authzHttpPort) "count" (int $v.sidecar.workers)) | indent 2 }}
 {{- end }}
 {{ include "x402.envoyCluster" (dict "name" "x402_http" "port" (int $v.sidecar.httpPort)) | indent 2 }}

@@ -97,12 +97,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 {{- end }}
-{{- /* Sidecar worker i listens on grpcPort + i (and, over HTTP, on authzHttpPort + i). */}}
+{{- /* Sidecar worker i listens on grpcPort + i (and, over HTTP or with a held route, on
+       authzHttpPort + i). */}}
 {{- $ports := list (int $v.envoy.port) (int $v.envoy.adminPort) (int $v.envoy.probePort) (int $v.sidecar.httpPort) (int $v.sidecar.healthPort) }}
 {{- if not $v.existingService.name }}{{ $ports = prepend $ports (int $v.app.port) }}{{ end }}
 {{- if $v.sidecar.admin.enabled }}{{ $ports = append $ports (int $v.sidecar.admin.port) }}{{ end }}
 {{- range $i := until (int $v.sidecar.workers) }}{{ $ports = append $ports (add $v.sidecar.grpcPort $i | int) }}{{ end }}
-{{- if eq $v.sidecar.transport "http" }}
+{{- if include "x402.listensHttp" . }}
 {{- range $i := until (int $v.sidecar.workers) }}{{ $ports = append $ports (add $v.sidecar.authzHttpPort $i | int) }}{{ end }}
 {{- end }}
 {{- if and $v.existingService.name $v.networkPolicy.enabled (not $v.existingService.podSelector) }}
@@ -112,11 +113,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail "existingService.name: the gateway fronts an existing Service, so it runs no app container; unset app.image.repository" }}
 {{- end }}
 {{- if ne (len $ports) (len (uniq $ports)) }}
-{{- fail (printf "ports: app.port, envoy.port, envoy.adminPort, envoy.probePort, sidecar.httpPort, sidecar.healthPort and sidecar.grpcPort..grpcPort+workers-1 (with transport http, authzHttpPort..authzHttpPort+workers-1 too) share one network namespace and must differ (got %v)" $ports) }}
+{{- fail (printf "ports: app.port, envoy.port, envoy.adminPort, envoy.probePort, sidecar.httpPort, sidecar.healthPort and sidecar.grpcPort..grpcPort+workers-1 (with transport http or a held route, authzHttpPort..authzHttpPort+workers-1 too) share one network namespace and must differ (got %v)" $ports) }}
 {{- end }}
 {{- range $key := list "grpcPort" "authzHttpPort" }}
 {{- $port := index $v.sidecar $key | int }}
-{{- if and (or (eq $key "grpcPort") (eq $v.sidecar.transport "http")) (gt (add $port $v.sidecar.workers | int) 65536) }}
+{{- if and (or (eq $key "grpcPort") (include "x402.listensHttp" $)) (gt (add $port $v.sidecar.workers | int) 65536) }}
 {{- fail (printf "sidecar.%s: %d workers need ports %d..%d" $key (int $v.sidecar.workers) $port (add $port $v.sidecar.workers -1 | int)) }}
 {{- end }}
 {{- end }}
@@ -233,27 +234,26 @@ time.sleep(int(sys.argv[2]))
 {{/* ---- routes ------------------------------------------------------------------ */}}
 
 {{/* "true" when a route is charged on success (or metered): a hold, captured at the
-     response by the ext_proc filter; "" otherwise. */}}
+     response phase; "" otherwise. */}}
 {{- define "x402.hasPhase" -}}
 {{- if or (eq (lower (toString (default "" .charge))) "on_success") (hasKey . "unit_price") }}true{{ end }}
 {{- end }}
 
-{{- define "x402.anyPhase" -}}
-{{- range $name, $route := .Values.routes }}{{ include "x402.hasPhase" $route }}{{ if hasKey $route "mcp" }}true{{ end }}{{ end }}
+{{/* "true" when a route holds and is not an MCP route: its response phase is the Lua
+     filter's call to the sidecar's HTTP listener, whichever the transport
+     (server/envoy/phase_call.py); an MCP route's is ext_proc over gRPC. */}}
+{{- define "x402.anyHeld" -}}
+{{- range $name, $route := .Values.routes }}{{ if and (include "x402.hasPhase" $route) (not (hasKey $route "mcp")) }}true{{ end }}{{ end }}
 {{- end }}
 
-{{/* "true" when the sidecar keeps responses for their payments' retries
-     (sidecar.retries.replayPerPayer > 0): a route with a response phase sends its body. */}}
-{{- define "x402.keepsResponses" -}}
-{{- if gt (int .Values.sidecar.retries.replayPerPayer) 0 }}true{{ end }}
+{{- define "x402.anyMcp" -}}
+{{- range $name, $route := .Values.routes }}{{ if hasKey $route "mcp" }}true{{ end }}{{ end }}
 {{- end }}
 
-{{/* "true" when the response phase goes over ext_proc's http_service: the HTTP transport,
-     and no route sends a body (no MCP route, no kept responses; envoy/filters.py). */}}
-{{- define "x402.phaseOverHttp" -}}
-{{- $mcp := false }}
-{{- range $name, $route := .Values.routes }}{{ if hasKey $route "mcp" }}{{ $mcp = true }}{{ end }}{{ end }}
-{{- if and (eq .Values.sidecar.transport "http") (ne (include "x402.keepsResponses" .) "true") (not $mcp) }}true{{ end }}
+{{/* "true" when the sidecar's workers listen on authzHttpPort + i: the HTTP transport's
+     checks, or a held route's response phase. */}}
+{{- define "x402.listensHttp" -}}
+{{- if or (eq .Values.sidecar.transport "http") (include "x402.anyHeld" .) }}true{{ end }}
 {{- end }}
 
 {{/* Route names in match order, space-separated: exact paths first, then templated

@@ -375,7 +375,7 @@ class CheckService:
     ) -> HoldingScheme[Any] | None:
         """The hold step for this payment, or None to charge on check. A hold is placed only
         when Envoy says this route runs the response phase (the `x402.phase` annotation the
-        renderer writes beside the ext_proc filter): otherwise nothing would capture it, and
+        renderer writes beside the response phase): otherwise nothing would capture it, and
         the response would go out free. A metered route cannot be charged on check."""
         assert price.phase is not None
         holder = self.schemes.holding.get(scheme.name)
@@ -390,7 +390,7 @@ class CheckService:
         if price.phase.metered:
             raise ConfigError(
                 f"route {price.route} is metered but has no response phase here "
-                f"(Envoy's ext_proc filter, annotation {phases.EXT_PHASE}) or scheme"
+                f"(Envoy's response phase, annotation {phases.EXT_PHASE}) or scheme"
             )
         return None
 

@@ -58,6 +58,7 @@ MAX_HEAD_BYTES = 65536  # Envoy caps a client's header block at max_request_head
 # The response phase's ProcessingRequest: the service's response headers (Envoy caps them at
 # its max_response_headers_kb, 60 by default), in base64 and JSON.
 MAX_PROCESS_BYTES = 4 * MAX_HEAD_BYTES
+_PROCESS_URL = PROCESS_PATH.encode()
 # A check's route annotations: over HTTP only whether the response phase runs (read-only).
 _RESPONSE_PHASE: Mapping[str, str] = MappingProxyType({phases.EXT_PHASE: phases.PHASE_RESPONSE})
 _NONE: Mapping[str, str] = MappingProxyType(
@@ -139,7 +140,9 @@ class Decider(Protocol):
 class Processing(Protocol):
     """What answers the response phase over HTTP: processing.http_transport.HttpProcessor."""
 
-    async def answer(self, body: bytes, deadline: float | None) -> bytes: ...
+    async def answer(
+        self, headers: Mapping[str, str], body: bytes, deadline: float | None
+    ) -> bytes: ...
 
 
 class _Malformed(Exception):
@@ -147,7 +150,7 @@ class _Malformed(Exception):
 
 
 class AuthzConnection(asyncio.Protocol):
-    """One connection from Envoy's ext_authz HTTP client (or its ext_proc one, the response
+    """One connection from Envoy's ext_authz HTTP client (or its Lua filter's, the response
     phase: PROCESS_PATH with PROCESS_HEADER): keep-alive, one request at a time (answers go
     out in request order should Envoy ever pipeline)."""
 
@@ -157,9 +160,10 @@ class AuthzConnection(asyncio.Protocol):
         trusted_hops: int,
         inflight: set[asyncio.Future[None]],
         processing: Processing | None = None,
+        checks: bool = True,
     ) -> None:
         self.authz, self.trusted_hops, self.inflight = authz, trusted_hops, inflight
-        self.processing = processing
+        self.processing, self.checks = processing, checks
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -195,14 +199,17 @@ class AuthzConnection(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.headers and self.processing is not None and self.url == _PROCESS_URL:
+            # The phase's call carries the response's header block and the check's metadata
+            # (a client's check on this path is bounded by Envoy's 60 KiB before it).
+            self.limit = MAX_PROCESS_BYTES
         self.size += len(name) + len(value)
         if self.size > self.limit:
             raise _Malformed("header block too large")
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
-        if self._processes():
-            self.processes, self.limit = True, MAX_PROCESS_BYTES
+        self.processes = self._processes()
 
     def on_body(self, body: bytes) -> None:
         # A check's: only on MCP routes (with_request_body, at most MCP_BODY_BYTES); the
@@ -217,7 +224,7 @@ class AuthzConnection(asyncio.Protocol):
         return (
             self.processing is not None
             and PROCESS_HEADER in self.headers
-            and self.url == PROCESS_PATH.encode()
+            and self.url == _PROCESS_URL
         )
 
     def on_message_complete(self) -> None:
@@ -229,8 +236,11 @@ class AuthzConnection(asyncio.Protocol):
             deadline = time.perf_counter() + int(timeout) / 1000
         keep_alive = self.parser.should_keep_alive()
         if self.processing is not None and self.processes:
-            answering = self.processing.answer(bytes(self.body), deadline)
+            answering = self.processing.answer(headers, bytes(self.body), deadline)
             self._schedule(answering, False, keep_alive)
+            return
+        if not self.checks:  # the gRPC transport's listener: the response phase alone
+            self._refuse(404, "not_found", "this listener answers the response phase only")
             return
         extensions = (
             _RESPONSE_PHASE if headers.get(PHASE_HEADER) == phases.PHASE_RESPONSE else _NONE
@@ -296,9 +306,14 @@ class CheckServer:
     """One worker's HTTP ext_authz listener (and response phase) and what it has in flight."""
 
     def __init__(
-        self, authz: Decider, trusted_hops: int, processing: Processing | None = None
+        self,
+        authz: Decider,
+        trusted_hops: int,
+        processing: Processing | None = None,
+        checks: bool = True,
     ) -> None:
         self.authz, self.trusted_hops, self.processing = authz, trusted_hops, processing
+        self.checks = checks
         self.inflight: set[asyncio.Future[None]] = set()
         self.server: asyncio.Server | None = None
 
@@ -307,7 +322,7 @@ class CheckServer:
         try:
             self.server = await loop.create_server(
                 lambda: AuthzConnection(
-                    self.authz, self.trusted_hops, self.inflight, self.processing
+                    self.authz, self.trusted_hops, self.inflight, self.processing, self.checks
                 ),
                 host,
                 port,
@@ -327,10 +342,15 @@ class CheckServer:
 
 
 async def serve(
-    authz: Decider, host: str, port: int, trusted_hops: int, processing: Processing | None = None
+    authz: Decider,
+    host: str,
+    port: int,
+    trusted_hops: int,
+    processing: Processing | None = None,
+    checks: bool = True,
 ) -> CheckServer:
-    """Listen for Envoy's ext_authz checks (and, with `processing`, its response phase) on
-    host:port."""
-    server = CheckServer(authz, trusted_hops, processing)
+    """Listen for Envoy's ext_authz checks (without `checks`: refused, the gRPC transport's)
+    and, with `processing`, its response phase, on host:port."""
+    server = CheckServer(authz, trusted_hops, processing, checks)
     await server.start(host, port)
     return server

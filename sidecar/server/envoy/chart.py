@@ -16,14 +16,14 @@ import json
 from typing import Any
 
 from sidecar.core import mcp, phases
-from sidecar.server.envoy import browser, contract, headers, replies
+from sidecar.server.envoy import browser, contract, headers, phase_call, replies
 from sidecar.server.envoy.filters import (
     HEADERS_MODE,
     MCP_CHARGED_MODE,
     MCP_HELD_MODE,
     MCP_REQUEST_BODY,
-    PROCESSING_MODE,
 )
+from sidecar.server.envoy.render import BUFFER_LIMIT_BYTES
 
 HEADER = """\
 {{/* GENERATED from sidecar/server/envoy/contract.py: do not edit. Regenerate with
@@ -49,8 +49,6 @@ def contract_values() -> dict[str, Any]:
         "httpRequestHeaders": list(contract.HTTP_REQUEST_HEADERS),
         "timeoutHeader": contract.TIMEOUT_HEADER,
         "phaseHeader": contract.PHASE_HEADER,
-        "processPath": contract.PROCESS_PATH,
-        "processHeader": contract.PROCESS_HEADER,
         "phaseResponse": contract.PHASE_RESPONSE,
         "upstreamHeaders": list(contract.UPSTREAM_HEADERS),
         "denialHeaders": list(contract.DENIAL_HEADERS),
@@ -77,8 +75,15 @@ def contract_values() -> dict[str, Any]:
         "headersLimitLua": headers.HEADERS_LIMIT_LUA,
         "headersLimitMark": headers.LIMIT_MARK,
         "maxCodecHeadersKb": headers.MAX_CODEC_KB,
-        "processingMode": PROCESSING_MODE,
         "headersProcessingMode": HEADERS_MODE,
+        # Held routes' response phase (phase_call.py): the Lua filter, its marks, and the
+        # body it sends when responses are kept (the edge's buffer).
+        "phaseCallName": phase_call.NAME,
+        "phaseCallSource": phase_call.SOURCE,
+        "phaseCallLua": phase_call.PHASE_LUA,
+        "phaseCallKeepMark": phase_call.KEEP_MARK,
+        "phaseCallTimeoutMark": phase_call.TIMEOUT_MARK,
+        "phaseKeepBytes": BUFFER_LIMIT_BYTES,
         # MCP routes (core/mcp.py): their annotations, request body and response phase.
         "mcpRouteKey": mcp.ROUTE_KEY,
         "extMcpTools": mcp.EXT_MCP_TOOLS,

@@ -91,11 +91,25 @@ HTTP_REQUEST_HEADERS = (
 # deadline for the check, and on routes whose response phase (ext_proc) runs, the phase.
 TIMEOUT_HEADER = "x-x402-authz-timeout-ms"
 PHASE_HEADER = "x-x402-phase"  # its value: PHASE_RESPONSE
-# The response phase over HTTP (ext_proc's http_service) comes to the same listener as the
-# checks: a POST to PROCESS_PATH carrying PROCESS_HEADER (request_headers_to_add, which a
-# check never carries) and TIMEOUT_HEADER, Envoy's deadline for the phase.
-PROCESS_PATH = "/x402/ext_proc"
-PROCESS_HEADER = "x-x402-ext-proc"  # its value: PHASE_RESPONSE
+# The response phase over HTTP (envoy/phase_call.py, a Lua filter's call) comes to the same
+# listener as the checks: a POST to PROCESS_PATH carrying PROCESS_HEADER (which a check
+# never carries) and TIMEOUT_HEADER, Envoy's deadline for the phase. The check's metadata
+# travels as META_PREFIX + key, the response's headers as RESPONSE_PREFIX + name, its
+# status as STATUS_HEADER, and its body as the POST's when BODY_HEADER says "whole".
+PROCESS_PATH = "/x402/phase"
+PROCESS_HEADER = "x-x402-process"  # its value: PHASE_RESPONSE
+META_PREFIX = "x-x402-meta-"
+RESPONSE_PREFIX = "x-x402-response-"
+STATUS_HEADER = "x-x402-status"
+BODY_HEADER, WHOLE_BODY = "x-x402-body", "whole"
+# The sidecar's answer, always a 200: SET_PREFIX + name sets a header of the response,
+# REMOVE_HEADER_LIST lists those removed, REPLACE_BODY_HEADER puts the answer's body in
+# place of the response's, REPLACE_HEADER (a status) replaces the whole response (its
+# headers but CORS's, and its body by the answer's).
+SET_PREFIX = "x-x402-set-"
+REMOVE_HEADER_LIST = "x-x402-remove"
+REPLACE_HEADER = "x-x402-replace"
+REPLACE_BODY_HEADER = "x-x402-replace-body"
 
 # -- Answer headers (HTTP transport) ------------------------------------------------------
 # Envoy's instruction, on an allow, to strip these from the request before the service.

@@ -20,8 +20,10 @@ class Endpoints:
     authz: tuple[str, int] = ("127.0.0.1", 9001)  # sidecar gRPC, worker 0
     # The sidecar's worker i listens on authz's port + i; each is one cluster endpoint.
     authz_workers: int = 1
-    # How ext_authz and ext_proc ask: "grpc" (the services above) or "http" (http_service,
-    # at authz_http's port + i; the response phase too, on PROCESS_PATH).
+    # How ext_authz asks: "grpc" (the services above) or "http" (http_service, at
+    # authz_http's port + i). A held route's response phase is a call to authz_http's
+    # ports whichever the transport (PROCESS_PATH, phase_call.py); an MCP route's, ext_proc
+    # over gRPC.
     transport: str = "grpc"
     authz_http: tuple[str, int] = ("127.0.0.1", 9101)
     sideport: tuple[str, int] = ("127.0.0.1", 9000)  # sidecar HTTP
@@ -32,7 +34,7 @@ class Endpoints:
     # An MCP server beside the service (the demo's): the MCP routes go to it instead.
     mcp_service: tuple[str, int] | None = None
     # The sidecar keeps responses for their payments' retries (`replay_per_payer` > 0):
-    # a route with a response phase sends its body too (server/envoy/filters.py).
+    # a held route's phase call carries its body (server/envoy/phase_call.py).
     keep_responses: bool = True
 
 

@@ -1,5 +1,5 @@
 """Envoy's HTTP filters in front of the service: the edge's header scrub, ext_authz over
-either transport, and the response phase (ext_proc)."""
+either transport, and the response phase over gRPC (ext_proc; over HTTP: phase_call.py)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def http_service(ep: Endpoints) -> dict[str, Any]:
             # Envoy's own deadline for the check: the sidecar's ledger scripts refuse past
             # it, so a check Envoy already answered with 503 never charges.
             "headers_to_add": [
-                {"key": contract.TIMEOUT_HEADER, "value": str(_ms(ep.authz_timeout))}
+                {"key": contract.TIMEOUT_HEADER, "value": str(ms(ep.authz_timeout))}
             ],
         },
         "authorization_response": {
@@ -75,7 +75,7 @@ def with_headers(http_service: Mapping[str, Any], headers: Mapping[str, str]) ->
     return {**http_service, "authorization_request": request}
 
 
-def _ms(duration: str) -> int:
+def ms(duration: str) -> int:
     """Milliseconds of an Envoy duration string ("1s", "0.3s", "1.250s")."""
     return round(float(duration.removesuffix("s")) * 1000)
 
@@ -88,29 +88,25 @@ def response_phase_route(mode: Mapping[str, str]) -> dict[str, Any]:
     }}  # fmt: skip
 
 
-# The response's headers and body go to the sidecar (no request message): the body
-# buffered up to Envoy's buffer limit (a larger one: its first part, the rest streams), so
-# the capture can keep the response for the payment's retries (server/replays.py).
-PROCESSING_MODE = {
+# The response phase over gRPC is an MCP route's (a held route's goes over HTTP,
+# phase_call.py): the filter's own mode sends the response's headers alone (no request
+# message); each MCP route's sends its body too.
+HEADERS_MODE = {
     "request_header_mode": "SKIP",
     "response_header_mode": "SEND",
     "request_body_mode": "NONE",
-    "response_body_mode": "BUFFERED_PARTIAL",
+    "response_body_mode": "NONE",
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP",
 }
-# Only the response's headers (the sidecar keeps no responses, `replay_per_payer: 0`): the
-# filter's own mode, and the only one ext_proc's http_service takes (Envoy 1.40 refuses a
-# body mode there, and answers a route's body message over it never).
-HEADERS_MODE = {**PROCESSING_MODE, "response_body_mode": "NONE"}
-# An MCP route charged on success: the response's body too, buffered whole (up to the
-# route's own buffer, contract.MCP_BUFFER_BYTES), as the hold's close depends on how the
-# tool did and writes the settlement into its JSON-RPC result. A longer answer is Envoy's
-# 500 and its hold goes back. One message brings the whole body, trailers or not.
-MCP_HELD_MODE = {**PROCESSING_MODE, "response_body_mode": "BUFFERED"}
+# An MCP route charged on success: the response's body, buffered whole (up to the route's
+# own buffer, contract.MCP_BUFFER_BYTES), as the hold's close depends on how the tool did
+# and writes the settlement into its JSON-RPC result. A longer answer is Envoy's 500 and
+# its hold goes back. One message brings the whole body, trailers or not.
+MCP_HELD_MODE = {**HEADERS_MODE, "response_body_mode": "BUFFERED"}
 # An MCP route charged on check: the settlement goes into an answer that fits that buffer;
 # a longer one, already paid for, is served as the tool wrote it (its first part comes).
-MCP_CHARGED_MODE = {**PROCESSING_MODE, "response_body_mode": "BUFFERED_PARTIAL"}
+MCP_CHARGED_MODE = {**HEADERS_MODE, "response_body_mode": "BUFFERED_PARTIAL"}
 # What an MCP route sends of its request's body to the check: the JSON-RPC message, at
 # most MCP_BODY_BYTES (a longer one is refused 413 by Envoy, never forwarded), as bytes.
 MCP_REQUEST_BODY = {
@@ -120,66 +116,29 @@ MCP_REQUEST_BODY = {
 }
 
 
-def route_mode(keep_responses: bool, is_mcp: bool, held: bool) -> dict[str, str]:
-    """What a route with a response phase sends the sidecar (`keep_responses`:
-    Endpoints.keep_responses; `held`: charged on success, so the check places a hold)."""
-    if is_mcp:
-        return MCP_HELD_MODE if held else MCP_CHARGED_MODE
-    return PROCESSING_MODE if keep_responses else HEADERS_MODE
+def mcp_mode(held: bool) -> dict[str, str]:
+    """What an MCP route sends its response phase (`held`: charged on success)."""
+    return MCP_HELD_MODE if held else MCP_CHARGED_MODE
 
 
-def phase_over_http(ep: Endpoints, any_mcp: bool) -> bool:
-    """The response phase over ext_proc's http_service: with the HTTP transport, when no
-    route sends a body (no MCP route, no kept responses); otherwise over gRPC."""
-    return ep.transport == "http" and not ep.keep_responses and not any_mcp
-
-
-def response_phase_filter(ep: Endpoints, over_http: bool) -> dict[str, Any]:
-    """Envoy's ext_proc filter for the response phase (server/processing/), disabled
-    unless a route enables it; `over_http`: phase_over_http. Fail closed: if the sidecar
-    cannot be asked (down, too slow), the client gets an error, never the response; the
-    hold it could not capture expires and the ledger releases it, so nothing is charged."""
-    timeout = ep.authz_timeout
-    service: dict[str, Any]
-    if over_http:
-        service = {"http_service": process_http_service(ep)}
-    else:
-        service = {"grpc_service": {"envoy_grpc": {"cluster_name": "x402_authz"}}}
+def response_phase_filter(ep: Endpoints) -> dict[str, Any]:
+    """Envoy's ext_proc filter for the response phase over gRPC (server/processing/),
+    disabled unless a route enables it. Fail closed: if the sidecar cannot be asked (down,
+    too slow), the client gets an error, never the response; the hold it could not capture
+    expires and the ledger releases it, so nothing is charged."""
     return {
         "name": EXT_PROC,
         "disabled": True,
         "typed_config": {
             "@type": f"{TYPES}.filters.http.ext_proc.v3.ExternalProcessor",
-            **service,
+            "grpc_service": {"envoy_grpc": {"cluster_name": "x402_authz"}},
             "failure_mode_allow": False,
             "processing_mode": HEADERS_MODE,
-            "message_timeout": timeout,
+            "message_timeout": ep.authz_timeout,
             # The hold the check placed, as ext_authz's dynamic metadata.
             "metadata_options": {"forwarding_namespaces": {"untyped": [EXT_AUTHZ]}},
             "status_on_error": {"code": "ServiceUnavailable"},
         },
-    }
-
-
-def process_http_service(ep: Endpoints) -> dict[str, Any]:
-    """ext_proc's HTTP mode (server/processing/http_transport.py): a JSON POST to the
-    checks' listener, marked as the phase's, with Envoy's deadline for it."""
-    host, port = ep.authz_http
-    headers = {
-        contract.PROCESS_HEADER: contract.PHASE_RESPONSE,
-        contract.TIMEOUT_HEADER: str(_ms(ep.authz_timeout)),
-    }
-    return {
-        "http_service": {
-            "http_uri": {
-                "uri": f"http://{host}:{port}{contract.PROCESS_PATH}",
-                "cluster": "x402_authz_http",
-                "timeout": ep.authz_timeout,
-            },
-            "request_headers_to_add": [
-                {"header": {"key": key, "value": value}} for key, value in headers.items()
-            ],
-        }
     }
 
 

@@ -18,18 +18,18 @@ import yaml
 
 from sidecar.core.decision import FIELD_BYTES
 from sidecar.server.config import Settings
-from sidecar.server.envoy import browser, contract, headers
+from sidecar.server.envoy import browser, contract, headers, phase_call
 from sidecar.server.envoy.contract import EXT_AUTHZ, TRANSPORTS
 from sidecar.server.envoy.edge import Edge, Endpoints
 from sidecar.server.envoy.filters import (
     TYPES,
     early_header_mutation,
     ext_authz_filter,
-    phase_over_http,
+    ms,
     response_phase_filter,
 )
 from sidecar.server.envoy.replies import local_reply_config
-from sidecar.server.envoy.routes import has_mcp, has_response_phase, seconds, virtual_host_routes
+from sidecar.server.envoy.routes import has_held_route, has_mcp, seconds, virtual_host_routes
 
 # A client writes the method and path: the access log keeps FIELD_BYTES of each, as the
 # sidecar's own lines do (a 60 KB path would otherwise be a 60 KB line).
@@ -54,8 +54,8 @@ def timeouts(settings: Settings) -> tuple[str, str]:
     With the `exact` scheme a check waits for the facilitator's /verify and /settle (a real
     chain's settle takes seconds), the on-chain lookup of a settle whose answer was lost
     (chain_lookup_ms) and three ledger steps; the top-up adds its credit (one more ledger
-    step) and a second. The ext_proc filter's message
-    timeout (the response phase) is the same: on a `charge: on_success` route `exact` is
+    step) and a second. The response phase's timeout (its Lua call, an MCP route's
+    ext_proc message) is the same: on a `charge: on_success` route `exact` is
     /settle'd there, after the service succeeded. The chart computes the same."""
     redis_ms = settings.redis_timeout_ms
     floor_ms = max(1000, redis_ms + 500)
@@ -174,15 +174,13 @@ def _http_filters(
 ) -> list[dict[str, Any]]:
     """The header limit's 431 and the dashboard cookie's scrub (one Lua filter), CORS,
     ext_authz, the response phase where a route has one, then the router."""
+    keep = BUFFER_LIMIT_BYTES if ep.keep_responses else 0  # bodies the edge buffers whole
     return [
         headers.headers_limit_filter(edge.max_request_headers_kb),
         {"name": browser.CORS, "typed_config": {"@type": f"{TYPES}.filters.http.cors.v3.Cors"}},
         ext_authz_filter(ep),
-        *(
-            [response_phase_filter(ep, phase_over_http(ep, has_mcp(routes)))]
-            if has_response_phase(routes)
-            else []
-        ),
+        *([phase_call.phase_filter(keep, ms(ep.authz_timeout))] if has_held_route(routes) else []),
+        *([response_phase_filter(ep)] if has_mcp(routes) else []),
         {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": f"{TYPES}.filters.http.router.v3.Router"},
@@ -271,7 +269,8 @@ def render(
             }
         ],
     }
-    http = ep.transport == "http"
+    # The checks' HTTP listeners: the HTTP transport's checks, or a held route's phase.
+    http = ep.transport == "http" or has_held_route(routes)
     return {
         "admin": {"address": _address(*ep.admin)},
         "overload_manager": overload_manager(edge),

@@ -74,8 +74,9 @@ def _denial_filter(value: dict[str, Any]) -> dict[str, Any]:
 
 
 def _phase_failed() -> dict[str, Any]:
-    """Envoy's own failure of the response phase (ext_proc: the sidecar down, too slow, or
-    answering what Envoy cannot read): its details start with ext_proc_error. The sidecar's
+    """Envoy's own failure of an MCP route's response phase (ext_proc: the sidecar down,
+    too slow, or answering what Envoy cannot read; a held route's Lua call writes the same
+    envelope itself, envoy/phase_call.py): its details start with ext_proc_error. The sidecar's
     own answers at the response carry x402_<reason> and are left as it wrote them."""
     return {
         "extension_filter": {

@@ -14,15 +14,15 @@ from typing import Any
 
 from sidecar.core import mcp, phases
 from sidecar.core.pricing import ANY_METHOD, is_pattern, path_regex
-from sidecar.server.envoy import browser, contract
+from sidecar.server.envoy import browser, contract, phase_call
 from sidecar.server.envoy.contract import EXT_AUTHZ, EXT_PROC
 from sidecar.server.envoy.edge import Edge, Endpoints
 from sidecar.server.envoy.filters import (
     MCP_REQUEST_BODY,
     TYPES,
     http_service,
+    mcp_mode,
     response_phase_route,
-    route_mode,
     with_headers,
 )
 
@@ -69,13 +69,13 @@ def priced_route(
     edge: Edge | None = None,
     http_service: Mapping[str, Any] | None = None,
     mcp_cluster: str = "service",
-    keep_responses: bool = True,
 ) -> dict[str, Any]:
     """An Envoy route for a priced route. Over gRPC its price rides along as
     context_extensions; over HTTP (`http_service`: the filter's) there are none, and a
-    route with a response phase says so with a header on its checks instead. An MCP route
-    goes to `mcp_cluster` (an MCP server beside the service, in the demo);
-    `keep_responses`: Endpoints.keep_responses."""
+    route with a response phase says so with a header on its checks instead. A held
+    route's response phase is the Lua filter's call (phase_call.py), an MCP route's
+    ext_proc over gRPC, whichever the check's transport. An MCP route goes to
+    `mcp_cluster` (an MCP server beside the service, in the demo)."""
     phase = phases.spec_annotations(spec)
     edge = edge or Edge()
     check_settings: dict[str, Any] = {
@@ -96,8 +96,10 @@ def priced_route(
             "@type": f"{TYPES}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
             "check_settings": check_settings,
         }
-    if phase or is_mcp:  # the response phase runs on this route alone
-        config[EXT_PROC] = response_phase_route(route_mode(keep_responses, is_mcp, bool(phase)))
+    if phase and not is_mcp:  # the phase over HTTP (a held route), on this route alone
+        config[phase_call.NAME] = phase_call.route_config()
+    elif is_mcp:  # over gRPC (ext_proc), on this route alone
+        config[EXT_PROC] = response_phase_route(mcp_mode(bool(phase)))
     timeout = phases.route_timeout(spec, edge.upstream_timeout_seconds)
     upstream = service_route(edge, timeout, mcp_cluster if is_mcp else "service")
     route: dict[str, Any] = {"name": name, "match": _route_match(spec), "route": upstream}
@@ -115,8 +117,10 @@ def service_route(
     return {"cluster": cluster, "timeout": seconds(value)}
 
 
-def has_response_phase(routes: Mapping[str, Mapping[str, Any]]) -> bool:
-    return any(phases.spec_annotations(spec) or mcp.ROUTE_KEY in spec for spec in routes.values())
+def has_held_route(routes: Mapping[str, Mapping[str, Any]]) -> bool:
+    """A route whose response phase goes over HTTP (phase_call.py): charged on success or
+    metered, and not an MCP route (whose phase rewrites the answer, over gRPC)."""
+    return any(phases.spec_annotations(s) and mcp.ROUTE_KEY not in s for s in routes.values())
 
 
 def has_mcp(routes: Mapping[str, Mapping[str, Any]]) -> bool:
@@ -171,9 +175,7 @@ def virtual_host_routes(
         # Exact paths first, as the sidecar's route table matches them: Envoy takes the
         # first match, so a template must not shadow one.
         *(
-            priced_route(
-                name, spec, default_asset, edge, per_route_http, mcp_cluster, ep.keep_responses
-            )
+            priced_route(name, spec, default_asset, edge, per_route_http, mcp_cluster)
             for name, spec in sorted(
                 routes.items(), key=lambda item: is_pattern(str(item[1]["path"]))
             )

@@ -1,2 +1,2 @@
-"""The response phase: the decision (phase.py) and Envoy's ext_proc over either transport
-(grpc_transport.py, http_transport.py)."""
+"""The response phase: the decision (phase.py), Envoy's Lua call for held routes
+(http_transport.py) and its ext_proc stream for MCP routes (grpc_transport.py)."""

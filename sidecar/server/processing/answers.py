@@ -1,5 +1,6 @@
 """The response phase's answers, transport-free: each transport (grpc_transport.py,
-http_transport.py) writes them as ext_proc's ProcessingResponse its way."""
+http_transport.py) writes them its way: ext_proc's ProcessingResponse, the Lua call's
+answer headers."""
 
 from __future__ import annotations
 

@@ -1,131 +1,111 @@
-"""Envoy's ext_proc over plain HTTP/1.1 (`transport: http`): the same decision, a cheaper wire.
+"""The response phase over plain HTTP/1.1 (`transport: http`): the same decision, a cheaper
+wire.
 
-Envoy's ext_proc `http_service` mode POSTs each message of the phase, a ProcessingRequest as
-proto JSON (bytes in base64), and reads a ProcessingResponse as JSON from a 200 answer; any
-other status, a body it cannot read, or no answer within the timeout is the phase's failure
-(failure_mode_allow false: the client gets Envoy's 503, never the response). It comes to the
-check's listener (server/authz/http_transport.py routes it here by contract.PROCESS_HEADER),
-with TIMEOUT_HEADER, Envoy's deadline for the phase: the ledger scripts refuse past it, so a
-capture Envoy already gave up on never charges. A phase is never cancelled when Envoy hangs
-up: it finishes (phase.Processor shields the ledger step) and its decision line is written.
+Envoy's Lua filter (server/envoy/phase_call.py) POSTs each held response to the checks'
+listener (server/authz/http_transport.py routes it here by contract.PROCESS_HEADER): the
+check's ext_authz metadata as META_PREFIX headers, the response's headers as
+RESPONSE_PREFIX ones and its status, its body as the POST's when the filter read it whole,
+and TIMEOUT_HEADER, Envoy's deadline for the call: the ledger scripts refuse past it, so a
+capture Envoy already gave up on never charges. The answer is always a 200 whose headers
+say what to do (SET_PREFIX, REMOVE_HEADER_LIST, REPLACE_HEADER); anything else, or no
+answer in time, is the phase's failure (the filter's typed 503, never the response). A
+phase is never cancelled when Envoy hangs up: it finishes (phase.Processor shields the
+ledger step) and its decision line is written.
 
-Why: a grpc.aio bidirectional stream per response cost about half a worker's CPU on a held
-request (docs/performance.md); a JSON POST over a kept-alive HTTP/1.1 connection, parsed
-by httptools and json, costs a fraction.
+Why: a grpc.aio bidirectional stream per response cost about half of a held request's
+CPU in the sidecar (docs/performance.md); one POST over a kept-alive connection, parsed by
+httptools, costs a fraction, and Envoy writes it with no protobuf-to-JSON transcoding.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import replace
 
-from sidecar.server.envoy.contract import EXT_AUTHZ
+from sidecar.server.envoy.contract import (
+    BODY_HEADER,
+    META_PREFIX,
+    REMOVE_HEADER_LIST,
+    REPLACE_BODY_HEADER,
+    REPLACE_HEADER,
+    RESPONSE_PREFIX,
+    SET_PREFIX,
+    STATUS_HEADER,
+    WHOLE_BODY,
+)
 from sidecar.server.processing.answers import Answer, Continue, Headers, Wait
 from sidecar.server.processing.phase import Processor
 from sidecar.server.schemes.base import unpacked
 
-_OVERWRITE = "OVERWRITE_IF_EXISTS_OR_ADD"
-# Every other message the filter could send continues unchanged (the processing mode sends
-# only the response's headers).
-_CONTINUE = {
-    kind: b'{"%s":{}}' % kind.encode()
-    for kind in (
-        "request_headers",
-        "response_headers",
-        "request_body",
-        "response_body",
-        "request_trailers",
-        "response_trailers",
-    )
-}
+BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"  # the phase fails
 
 
-def _ok(body: bytes) -> bytes:
-    return (
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-        % len(body)
-        + body
-    )
-
-
-BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"  # Envoy: the phase failed
-
-
-def _b64(value: bytes) -> str:
-    return base64.b64encode(value).decode("ascii")
-
-
-def _set(headers: Headers) -> list[dict[str, Any]]:
-    return [
-        {"header": {"key": name, "raw_value": _b64(value.encode())}, "append_action": _OVERWRITE}
+def _header_lines(headers: Headers) -> bytes:
+    return b"".join(
+        b"%s%s: %s\r\n" % (SET_PREFIX.encode(), name.encode(), value.encode("latin-1"))
         for name, value in headers
-    ]
+    )
 
 
 def encode(answer: Answer) -> bytes:
-    """The decision on the response's headers as ext_proc's ProcessingResponse, in proto
-    JSON (no body: Envoy 1.40's http_service sends none, server/envoy/filters.py)."""
+    """The decision as the filter's instructions: one 200 whose headers say them, with the
+    replacement body when there is one."""
+    body = b""
     if isinstance(answer, Continue):
-        if not answer.set_headers and not answer.remove_headers:
-            return _CONTINUE["response_headers"]
-        mutation: dict[str, Any] = {"set_headers": _set(answer.set_headers)}
+        lines = _header_lines(answer.set_headers)
         if answer.remove_headers:
-            mutation["remove_headers"] = list(answer.remove_headers)
-        message: dict[str, Any] = {"response_headers": {"response": {"header_mutation": mutation}}}
+            lines += b"%s: %s\r\n" % (
+                REMOVE_HEADER_LIST.encode(),
+                ",".join(answer.remove_headers).encode(),
+            )
+        if answer.body is not None:
+            lines += b"%s: 1\r\n" % REPLACE_BODY_HEADER.encode()
+            body = answer.body
     else:
-        message = {
-            "immediate_response": {
-                "status": {"code": answer.status},
-                "headers": {"set_headers": _set(answer.headers)},
-                "body": _b64(answer.body),
-                "details": answer.details,
-            }
-        }
-    return json.dumps(message, separators=(",", ":")).encode()
+        lines = b"%s: %d\r\n" % (REPLACE_HEADER.encode(), answer.status) + _header_lines(
+            answer.headers
+        )
+        body = answer.body
+    return b"HTTP/1.1 200 OK\r\n%scontent-length: %d\r\n\r\n%s" % (lines, len(body), body)
 
 
-def headers_of(message: Mapping[str, Any]) -> dict[str, str]:
-    """HttpHeaders in proto JSON: raw_value in base64 (or, with an old runtime flag, value)."""
-    decoded: dict[str, str] = {}
-    for entry in message.get("headers", {}).get("headers", ()):
-        raw = entry.get("raw_value")
-        value = base64.b64decode(raw).decode("utf-8", "replace") if raw else entry.get("value", "")
-        decoded[str(entry["key"]).lower()] = value
-    return decoded
-
-
-def metadata_of(request: Mapping[str, Any]) -> dict[str, str] | None:
-    """ext_authz's dynamic metadata the filter forwarded (None: the check left none)."""
-    namespace = request.get("metadata_context", {}).get("filter_metadata", {}).get(EXT_AUTHZ)
-    if namespace is None:
-        return None
-    return unpacked({key: value for key, value in namespace.items() if isinstance(value, str)})
+def facts_of(headers: Mapping[str, str]) -> tuple[dict[str, str] | None, dict[str, str]]:
+    """The check's metadata (None: it left none) and the response's headers, :status
+    included, out of the call's prefixed headers."""
+    meta: dict[str, str] = {}
+    response: dict[str, str] = {}
+    for name, value in headers.items():
+        if name.startswith(META_PREFIX):
+            meta[name[len(META_PREFIX) :]] = value
+        elif name.startswith(RESPONSE_PREFIX):
+            response[name[len(RESPONSE_PREFIX) :]] = value
+    response[":status"] = headers.get(STATUS_HEADER, "")
+    return (unpacked(meta) if meta else None), response
 
 
 class HttpProcessor:
-    """ext_proc's http_service answers, around one phase.Processor."""
+    """The Lua filter's calls, answered around one phase.Processor."""
 
     def __init__(self, processor: Processor) -> None:
         self.processor = processor
 
-    async def answer(self, body: bytes, deadline: float | None) -> bytes:
-        """One ProcessingRequest (JSON) → the whole HTTP answer. A message that is not
-        Envoy's is a 400: the phase fails closed (Envoy answers 503)."""
-        try:
-            request = json.loads(body)
-            kind = next(key for key in _CONTINUE if key in request)
-            if kind != "response_headers":
-                return _ok(_CONTINUE[kind])
-            meta = metadata_of(request)
-            message = request["response_headers"]
-            headers = headers_of(message)
-            end_of_stream = message.get("end_of_stream") is True
-        except (ValueError, StopIteration, TypeError, KeyError, AttributeError):
+    async def answer(
+        self, headers: Mapping[str, str], body: bytes, deadline: float | None
+    ) -> bytes:
+        """One call → the whole HTTP answer. A call without the response's status is not
+        Envoy's: a 400, and the phase fails closed (the filter's 503)."""
+        meta, response = facts_of(headers)
+        if not response[":status"].isdigit():
             return BAD_REQUEST
-        # No body message ever comes over HTTP: a held response is captured on its headers.
-        answer = await self.processor.response_headers(meta, headers, deadline, end_of_stream)
-        if isinstance(answer, Wait):  # the phase needs a body this transport never brings
-            return BAD_REQUEST
-        return _ok(encode(answer))
+        whole = headers.get(BODY_HEADER) == WHOLE_BODY
+        processor = self.processor
+        answer = await processor.response_headers(
+            meta, response, deadline, end_of_stream=whole and not body, body_follows=whole
+        )
+        if isinstance(answer, Wait):
+            assert meta is not None  # a Wait is a held (or MCP) response's
+            waited = answer.remove_headers
+            answer = await processor.response_body(meta, response, body, deadline)
+            if waited and isinstance(answer, Continue):
+                answer = replace(answer, remove_headers=answer.remove_headers + waited)
+        return encode(answer)

@@ -1,24 +1,23 @@
 """The response phase's decision, on routes charged on success, whichever transport brings it.
 
-Envoy's ext_proc filter runs only on routes whose config enables it (server/envoy/routes.py),
-with request headers skipped and response headers sent, over gRPC (grpc_transport.py) or
-HTTP (http_transport.py), as the check's transport. The check phase (server/authz/) placed a
-hold and left its facts in ext_authz's dynamic metadata, which the filter forwards here
-(`metadata_options.forwarding_namespaces`). From the response's status and the usage the
-service reported, core/phases.py says what to capture; the hold's scheme (server/schemes/)
-captures or releases it in one ledger script, and the client's response gets the signed
-receipt (PAYMENT-RESPONSE / X-Payment-Response) with the amount actually charged, and
-loses the usage header. A capture that cannot happen (the hold expired, the ledger is
-down) replaces the response with an error: a response is never served free. If this phase
+Envoy runs it only on routes whose config enables it (server/envoy/routes.py): a held
+route's as its Lua filter's HTTP call (server/envoy/phase_call.py, http_transport.py), an
+MCP route's over ext_proc's gRPC stream (grpc_transport.py). The check phase
+(server/authz/) placed a hold and left its facts in ext_authz's dynamic metadata, which
+Envoy forwards here. From the response's status and the usage the service reported,
+core/phases.py says what to capture; the hold's scheme (server/schemes/) captures or
+releases it in one ledger script, and the client's response gets the signed receipt
+(PAYMENT-RESPONSE / X-Payment-Response) with the amount actually charged, and loses the
+usage header. A capture that cannot happen (the hold expired, the ledger is down)
+replaces the response with an error: a response is never served free. If this phase
 never runs (the sidecar or Envoy died, the client went away), the hold expires and the
 ledger releases it: the payer is charged only when the response was seen.
 
 The answer is transport-free (answers.py: Continue, Immediate, or Wait: the decision
 comes with the body); each transport writes it its way. Two routes wait for the body: an
 MCP route's (mcp.py: the settlement goes into the tool's result) and a held route's whose
-response is kept for its payment's retries (server/replays.py: the capture records it).
-Only gRPC brings a body (Envoy 1.40's ext_proc http_service sends none,
-server/envoy/filters.py): over HTTP a held response is captured on its headers, not kept.
+response is kept for its payment's retries (server/replays.py: the capture records it;
+a body the Lua call did not read, too long or chunked, is captured, not kept).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
 The check (server/authz) picks a scheme by the payment's `scheme`, and alone writes the
 decision line and counts revenue from what `charge` returns. On a route charged on success
 (`charge: on_success`), a HoldingScheme's `hold` places a hold instead of charging; the
-check answers allow with the hold's facts as ext_authz dynamic metadata, which Envoy's
-ext_proc filter forwards to the response phase (server/processing/). There the same
+check answers allow with the hold's facts as ext_authz dynamic metadata, which Envoy
+forwards to the response phase (server/processing/). There the same
 scheme's `capture` or `release` closes it, and the signed receipt states what was charged.
 A scheme without a hold step (channel vouchers) is charged on check on such a route.
 
