@@ -1,8 +1,8 @@
 """Envoy's ext_proc over gRPC, an MCP route's response phase whichever the transport
 (server/envoy/filters.py; a held route's is the Lua call, http_transport.py): one grpc.aio
-bidirectional stream per response, its messages answered from phase.Processor's decision. A decision that waits
-for the body (phase.Wait) keeps the headers and the check's metadata in the stream's
-Waiting until the body message comes."""
+bidirectional stream per response, its messages answered from phase.Processor's decision.
+A decision that waits for the body (phase.Wait) keeps the headers and the check's metadata
+in the stream's Waiting until the body message comes."""
 
 from __future__ import annotations
 
