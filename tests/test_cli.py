@@ -293,10 +293,13 @@ def test_a_held_routes_phase_is_the_lua_call_whichever_the_transport(
     hcm = hcm["filters"][0]["typed_config"]
     [call] = [f["typed_config"] for f in hcm["http_filters"] if f["name"] == phase_call.NAME]
     source = call["source_codes"][phase_call.SOURCE]["inline_string"]
-    assert f"local keep = {32768 if replay_per_payer else 0}" in source
+    assert f"local keep = {1 if replay_per_payer else 0}" in source
     assert all(f["name"] != EXT_PROC for f in hcm["http_filters"])
     [route] = [r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if r["name"] == "held"]
-    assert route["typed_per_filter_config"][phase_call.NAME]["name"] == phase_call.SOURCE
+    per_route = route["typed_per_filter_config"]
+    assert per_route[phase_call.NAME]["name"] == per_route[phase_call.DROP_NAME]["name"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names.index(phase_call.DROP_NAME) < names.index(phase_call.NAME)  # after, going out
     clusters = [c["name"] for c in rendered["static_resources"]["clusters"]]
     assert "x402_authz_http" in clusters
     (tmp_path / "envoy.yaml").write_text(result.stdout)

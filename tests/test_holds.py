@@ -290,7 +290,14 @@ def fragile_stack() -> Iterator[Stack]:
             "price": "0.25",
             "charge": "on_success",
             "hold_seconds": HOLD_SECONDS,
-        }
+        },
+        "bulk": {  # answers past the edge's 32 KiB buffer: they stream after the headers
+            "method": "GET",
+            "path": ROWS,
+            "price": "0.25",
+            "charge": "on_success",
+            "hold_seconds": HOLD_SECONDS,
+        },
     }
     with Stack(routes, settings={"hold_sweep_seconds": 1}) as running:
         yield running
@@ -339,6 +346,48 @@ async def test_a_sidecar_killed_mid_request_leaves_no_charge_and_no_hold(
             assert receipt_of(served)["amount"] == "0.25"
             assert receipt_of(served)["receipt_id"] != held["receipt_id"]
         assert (await ledger.account(wallet.public_key)).balances["USDF"] == 750_000
+    finally:
+        await ledger.close()
+
+
+async def test_a_refused_answer_too_long_to_read_first_is_never_served(
+    fragile_stack: Stack,
+) -> None:
+    """An answer longer than the edge's buffer is not read before the phase's call: it
+    streams after the headers. When the phase fails (the sidecar dies while the service
+    works), the drop filter (server/envoy/phase_call.py) empties it on its way out: the
+    typed 503, not one row of the service's answer."""
+    stack = fragile_stack
+    ledger = Ledger.from_url(stack.redis_url)
+    try:
+        wallet = await funded_payer(ledger, 1_000_000)
+        proof = pay_direct(stack, wallet, f"GET {ROWS}", "0.25")
+        query = {"limit": "4000", "sleep": "1.5"}  # ~100 KB of rows
+        async with httpx.AsyncClient(base_url=stack.url, timeout=15) as http:
+            pending = asyncio.create_task(http.get(ROWS, params=query, headers=proof))
+            await asyncio.to_thread(
+                stack.wait_decisions,
+                lambda e: e.get("reason") == "held" and e.get("path") == ROWS,
+                1,
+                10.0,
+            )
+            os.killpg(stack.processes["sidecar"].popen.pid, signal.SIGKILL)
+            stack.processes["sidecar"].popen.wait()
+            lost = await pending
+            stack.start_sidecar()
+            assert lost.status_code == 503
+            assert lost.json() == {
+                "error": "response_phase_unavailable",
+                "message": "the payment could not be completed; nothing was charged, retry shortly",
+                "details": phase_call.FAILED_DETAILS + "call_503",
+            }
+            assert "payment-response" not in lost.headers
+            # The phase answering, the same long answer is served whole (a new payment: the
+            # first one's hold is still open until it expires).
+            again = pay_direct(stack, wallet, f"GET {ROWS}", "0.25")
+            served = await http.get(ROWS, params={"limit": "4000"}, headers=again)
+            assert served.status_code == 200 and len(served.json()["rows"]) == 4000
+            assert len(served.content) > 32768 and receipt_of(served)["amount"] == "0.25"
     finally:
         await ledger.close()
 

@@ -6,7 +6,7 @@
 
 Both top-level integers (env X402_REPLAY_BODY_MAX_BYTES, X402_REPLAY_PER_PAYER);
 `replay_per_payer: 0` keeps none (every retry is a redelivery). Envoy buffers a response
-for the sidecar up to its per-connection buffer (32 KiB at the edge, envoy/render.py): a
+for the sidecar up to its per-connection buffer (32 KiB at the edge, envoy/filters.py): a
 larger body is never seen whole, so never kept. Checked here (ConfigError naming the key).
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sidecar.core.errors import ConfigError
 
-DEFAULT_BODY_MAX_BYTES = 32 * 1024  # Envoy's edge buffer (envoy/render.py BUFFER_LIMIT_BYTES)
+DEFAULT_BODY_MAX_BYTES = 32 * 1024  # Envoy's edge buffer (envoy/filters.py BUFFER_LIMIT_BYTES)
 DEFAULT_PER_PAYER = 64
 MAX_BODY_BYTES = 1024 * 1024  # Envoy's default buffer: more is never seen whole
 MAX_PER_PAYER = 10_000

@@ -89,7 +89,7 @@ def test_the_held_routes_phase_call_passes_envoy_validate(
     with and without kept responses (the body it sends up to the edge's buffer, or none)."""
     rendered = render_chart("exact", "--set", f"sidecar.retries.replayPerPayer={replay_per_payer}")
     envoy = rendered.configmap["envoy.yaml"]
-    keep = "local keep = 32768" if replay_per_payer != "0" else "local keep = 0"
+    keep = "local keep = 1" if replay_per_payer != "0" else "local keep = 0"
     assert phase_call.NAME in envoy and keep in envoy
     envoy_validate(rendered, tmp_path)
 

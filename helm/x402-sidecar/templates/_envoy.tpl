@@ -410,6 +410,9 @@ static_resources:
                   {{- if and $phase (not $mcp) }}
                   # charge: on_success or metered: the response phase, the Lua filter's call
                   # to the sidecar (server/envoy/phase_call.py), runs on this route.
+                  {{ $c.phaseDropName }}:
+                    '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute
+                    name: {{ $c.phaseCallSource }}
                   {{ $c.phaseCallName }}:
                     '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute
                     name: {{ $c.phaseCallSource }}
@@ -474,13 +477,22 @@ static_resources:
           # the sidecar's HTTP listener, with the response's body when it keeps it
           # (server/envoy/phase_call.py). Fail closed: no sidecar answer means the typed
           # 503, never the response; the hold nobody captured expires and is released.
+          # The drop filter (after it on the way out) empties a refused response's body
+          # that streams.
+          - name: {{ $c.phaseDropName }}
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+              source_codes:
+                {{ $c.phaseCallSource }}:
+                  inline_string: |
+                    {{- $c.phaseDropLua | nindent 20 }}
           - name: {{ $c.phaseCallName }}
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
               source_codes:
                 {{ $c.phaseCallSource }}:
                   inline_string: |
-                    {{- $c.phaseCallLua | replace $c.phaseCallKeepMark (ternary (toString $c.phaseKeepBytes) "0" (gt (int $v.sidecar.retries.replayPerPayer) 0)) | replace $c.phaseCallTimeoutMark (include "x402.durationMs" (include "x402.authzTimeout" .)) | nindent 20 }}
+                    {{- $c.phaseCallLua | replace $c.phaseCallKeepMark (ternary "1" "0" (gt (int $v.sidecar.retries.replayPerPayer) 0)) | replace $c.phaseCallTimeoutMark (include "x402.durationMs" (include "x402.authzTimeout" .)) | nindent 20 }}
           {{- end }}
           {{- if include "x402.anyMcp" . }}
           # The response phase of MCP routes (ext_proc over gRPC), disabled unless a route

@@ -23,7 +23,6 @@ from sidecar.server.envoy.filters import (
     MCP_HELD_MODE,
     MCP_REQUEST_BODY,
 )
-from sidecar.server.envoy.render import BUFFER_LIMIT_BYTES
 
 HEADER = """\
 {{/* GENERATED from sidecar/server/envoy/contract.py: do not edit. Regenerate with
@@ -76,14 +75,14 @@ def contract_values() -> dict[str, Any]:
         "headersLimitMark": headers.LIMIT_MARK,
         "maxCodecHeadersKb": headers.MAX_CODEC_KB,
         "headersProcessingMode": HEADERS_MODE,
-        # Held routes' response phase (phase_call.py): the Lua filter, its marks, and the
-        # body it sends when responses are kept (the edge's buffer).
+        # Held routes' response phase (phase_call.py): its two Lua filters and the marks.
         "phaseCallName": phase_call.NAME,
+        "phaseDropName": phase_call.DROP_NAME,
         "phaseCallSource": phase_call.SOURCE,
         "phaseCallLua": phase_call.PHASE_LUA,
+        "phaseDropLua": phase_call.DROP_LUA,
         "phaseCallKeepMark": phase_call.KEEP_MARK,
         "phaseCallTimeoutMark": phase_call.TIMEOUT_MARK,
-        "phaseKeepBytes": BUFFER_LIMIT_BYTES,
         # MCP routes (core/mcp.py): their annotations, request body and response phase.
         "mcpRouteKey": mcp.ROUTE_KEY,
         "extMcpTools": mcp.EXT_MCP_TOOLS,

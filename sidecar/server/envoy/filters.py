@@ -11,6 +11,9 @@ from sidecar.server.envoy.contract import EXT_AUTHZ, EXT_PROC
 from sidecar.server.envoy.edge import Edge, Endpoints
 
 TYPES = "type.googleapis.com/envoy.extensions"
+# The edge's per-connection buffer (Envoy's edge-proxy guidance): a response body the
+# response phase reads whole fits it.
+BUFFER_LIMIT_BYTES = 32768
 
 
 def exact(names: Iterable[str]) -> dict[str, Any]:

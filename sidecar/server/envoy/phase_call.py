@@ -22,11 +22,12 @@ import json
 from typing import Any
 
 from sidecar.server.envoy import contract
-from sidecar.server.envoy.filters import TYPES
+from sidecar.server.envoy.filters import BUFFER_LIMIT_BYTES, TYPES
 
 NAME = "x402.response_phase"  # a Lua filter, enabled per route (route_config)
-SOURCE = "phase"  # its one named source
-KEEP_MARK, TIMEOUT_MARK = "@KEEP_BYTES@", "@TIMEOUT_MS@"  # the chart replaces them too
+DROP_NAME = "x402.response_drop"  # the Lua filter after it on the way out (drop_filter)
+SOURCE = "phase"  # each filter's one named source
+KEEP_MARK, TIMEOUT_MARK = "@KEEP@", "@TIMEOUT_MS@"  # the chart replaces them too
 # The typed 503 of Envoy's own failure of the phase (docs/protocol.md §5), as replies.py
 # writes ext_proc's; `details` says how the call ended.
 UNAVAILABLE = json.dumps(
@@ -37,14 +38,22 @@ UNAVAILABLE = json.dumps(
     separators=(",", ":"),
 )
 FAILED_DETAILS = "x402_phase_"  # + call_<its status> (Envoy's 503/504, the sidecar's), or error
+# A refusal of a response whose body streams (not read before the call, below): the
+# phase's filter cannot touch that body once it has waited for the call, so it hands the
+# replacement to DROP_NAME in this header, which empties the body as it passes.
+DROP_HEADER = "x-x402-drop"
 
+# A body is read before the call when its length is known and fits the edge's buffer (or a
+# 204/304 has none): then a refusal can replace it. Any other streams on after the headers;
+# its refusal goes through DROP_HEADER. `keep`: the read body goes to the sidecar too.
 PHASE_LUA = f"""\
+local limit = {BUFFER_LIMIT_BYTES}
 local keep = {KEEP_MARK}
 local timeout = {TIMEOUT_MARK}
 local unavailable = '{UNAVAILABLE[:-1]},"details":"{FAILED_DETAILS}'
 
 -- Replace the response: its headers but CORS's, its status, its body.
-local function replace(response, status, body, set)
+local function replace(response, read, status, body, set)
   local headers = response:headers()
   local names = {{}}
   for name, _ in pairs(headers) do
@@ -55,18 +64,24 @@ local function replace(response, status, body, set)
   for _, name in ipairs(names) do headers:remove(name) end
   headers:replace(":status", status)
   for name, value in pairs(set) do headers:replace(name, value) end
-  headers:replace("content-length", tostring(#body))
-  response:body(true):setBytes(body)
+  if read then
+    headers:replace("content-length", tostring(#body))
+    response:body(true):setBytes(body)
+  else
+    headers:replace("{DROP_HEADER}", body)
+  end
 end
 
 -- Envoy's own failure of the phase: the typed 503, never the service's answer.
-local function fail(response, details)
-  replace(response, "503", unavailable .. details .. '"}}',
+local function fail(response, read, details)
+  replace(response, read, "503", unavailable .. details .. '"}}',
     {{["content-type"] = "application/json", ["cache-control"] = "no-store",
       ["retry-after"] = "1"}})
 end
 
-local function phase(response)
+local function phase(response, state)
+  local headers = response:headers()
+  headers:remove("{DROP_HEADER}")  -- only this filter asks for a drop
   local meta = response:streamInfo():dynamicMetadata():get("{contract.EXT_AUTHZ}")
   if meta == nil then return end
   local call = {{
@@ -77,7 +92,7 @@ local function phase(response)
   for key, value in pairs(meta) do
     if type(value) == "string" then call["{contract.META_PREFIX}" .. key] = value end
   end
-  for name, value in pairs(response:headers()) do
+  for name, value in pairs(headers) do
     if name == ":status" then
       call["{contract.STATUS_HEADER}"] = value
     elseif name:sub(1, 1) ~= ":" then
@@ -85,15 +100,19 @@ local function phase(response)
     end
   end
   local body = ""
-  local length = tonumber(response:headers():get("content-length"))
-  if length ~= nil and length <= keep then
+  local length = tonumber(headers:get("content-length"))
+  local status = headers:get(":status")
+  if (length ~= nil and length <= limit) or status == "204" or status == "304" then
+    state.read = true
     local buffered = response:body()
-    if buffered ~= nil then body = buffered:getBytes(0, buffered:length()) end
-    call["{contract.BODY_HEADER}"] = "{contract.WHOLE_BODY}"
+    if keep == 1 then
+      if buffered ~= nil then body = buffered:getBytes(0, buffered:length()) end
+      call["{contract.BODY_HEADER}"] = "{contract.WHOLE_BODY}"
+    end
   end
   local answer, replacement = response:httpCall("x402_authz_http", call, body, timeout)
-  local status = answer[":status"]
-  if status ~= "200" then return fail(response, "call_" .. tostring(status)) end
+  local answered = answer[":status"]
+  if answered ~= "200" then return fail(response, state.read, "call_" .. tostring(answered)) end
   local set = {{}}
   for name, value in pairs(answer) do
     if name:sub(1, {len(contract.SET_PREFIX)}) == "{contract.SET_PREFIX}" then
@@ -101,11 +120,12 @@ local function phase(response)
     end
   end
   local instead = answer["{contract.REPLACE_HEADER}"]
-  if instead ~= nil then return replace(response, instead, replacement or "", set) end
+  if instead ~= nil then return replace(response, state.read, instead, replacement or "", set) end
   -- (handles taken before a yield are void after it: the headers are asked for again)
-  local headers = response:headers()
+  headers = response:headers()
   for name, value in pairs(set) do headers:replace(name, value) end
   if answer["{contract.REPLACE_BODY_HEADER}"] ~= nil then
+    if not state.read then error("a body to replace that was not read") end
     headers:replace("content-length", tostring(#replacement))
     response:body(true):setBytes(replacement)
   end
@@ -117,32 +137,56 @@ end
 
 -- A script error would let the response through as it is: caught, it is the typed 503.
 function envoy_on_response(response)
-  local ok, err = pcall(phase, response)
+  local state = {{read = false}}
+  local ok, err = pcall(phase, response, state)
   if not ok then
     response:logErr("x402 response phase: " .. tostring(err))
-    fail(response, "error")
+    fail(response, state.read, "error")
+  end
+end
+"""
+
+# After the phase's filter on the way out: a refused response whose body streams has its
+# body emptied chunk by chunk, the first chunk carrying the replacement (no content-length:
+# chunked to the client). Anything else passes untouched.
+DROP_LUA = f"""\
+function envoy_on_response(response)
+  local headers = response:headers()
+  local replacement = headers:get("{DROP_HEADER}")
+  if replacement == nil then return end
+  headers:remove("{DROP_HEADER}")
+  local first = true
+  for chunk in response:bodyChunks() do
+    chunk:setBytes(first and replacement or "")
+    first = false
   end
 end
 """
 
 
-def phase_source(keep_bytes: int, timeout_ms: int) -> str:
-    """The filter's Lua: a body up to `keep_bytes` (by its content-length; 0: none) goes
-    to the sidecar; `timeout_ms`: how long Envoy waits for its answer."""
-    return PHASE_LUA.replace(KEEP_MARK, str(keep_bytes)).replace(TIMEOUT_MARK, str(timeout_ms))
+def phase_source(keep: bool, timeout_ms: int) -> str:
+    """The phase filter's Lua: `keep`, the read body goes to the sidecar (kept responses);
+    `timeout_ms`: how long Envoy waits for the sidecar's answer."""
+    return PHASE_LUA.replace(KEEP_MARK, "1" if keep else "0").replace(TIMEOUT_MARK, str(timeout_ms))
 
 
-def phase_filter(keep_bytes: int, timeout_ms: int) -> dict[str, Any]:
-    """The Lua filter, running only where a route names its source (route_config)."""
+def _lua(name: str, source: str) -> dict[str, Any]:
     return {
-        "name": NAME,
+        "name": name,
         "typed_config": {
             "@type": f"{TYPES}.filters.http.lua.v3.Lua",
-            "source_codes": {SOURCE: {"inline_string": phase_source(keep_bytes, timeout_ms)}},
+            "source_codes": {SOURCE: {"inline_string": source}},
         },
     }
 
 
-def route_config() -> dict[str, Any]:
-    """A held route's: the filter runs the phase on it."""
-    return {"@type": f"{TYPES}.filters.http.lua.v3.LuaPerRoute", "name": SOURCE}
+def phase_filters(keep: bool, timeout_ms: int) -> list[dict[str, Any]]:
+    """The drop filter, then the phase's (the order out is the reverse): each runs only
+    where a route names its source (route_configs)."""
+    return [_lua(DROP_NAME, DROP_LUA), _lua(NAME, phase_source(keep, timeout_ms))]
+
+
+def route_configs() -> dict[str, dict[str, Any]]:
+    """A held route's: both filters run on it."""
+    config = {"@type": f"{TYPES}.filters.http.lua.v3.LuaPerRoute", "name": SOURCE}
+    return {DROP_NAME: config, NAME: dict(config)}

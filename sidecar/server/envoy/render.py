@@ -22,6 +22,7 @@ from sidecar.server.envoy import browser, contract, headers, phase_call
 from sidecar.server.envoy.contract import EXT_AUTHZ, TRANSPORTS
 from sidecar.server.envoy.edge import Edge, Endpoints
 from sidecar.server.envoy.filters import (
+    BUFFER_LIMIT_BYTES,
     TYPES,
     early_header_mutation,
     ext_authz_filter,
@@ -42,8 +43,8 @@ _ACCESS_LOG_FORMAT = {
     "duration_ms": "%DURATION%",
     **{key: f"%DYNAMIC_METADATA({EXT_AUTHZ}:{key})%" for key in contract.ACCESS_LOG_KEYS},
 }
-# Fixed edge limits (Envoy's edge-proxy guidance); docs/configuration.md lists them.
-BUFFER_LIMIT_BYTES = 32768
+# Fixed edge limits (Envoy's edge-proxy guidance); docs/configuration.md lists them (and
+# filters.BUFFER_LIMIT_BYTES).
 HTTP2_STREAM_WINDOW_BYTES = 65536
 HTTP2_CONNECTION_WINDOW_BYTES = 1048576
 
@@ -174,12 +175,12 @@ def _http_filters(
 ) -> list[dict[str, Any]]:
     """The header limit's 431 and the dashboard cookie's scrub (one Lua filter), CORS,
     ext_authz, the response phase where a route has one, then the router."""
-    keep = BUFFER_LIMIT_BYTES if ep.keep_responses else 0  # bodies the edge buffers whole
+    held = has_held_route(routes)
     return [
         headers.headers_limit_filter(edge.max_request_headers_kb),
         {"name": browser.CORS, "typed_config": {"@type": f"{TYPES}.filters.http.cors.v3.Cors"}},
         ext_authz_filter(ep),
-        *([phase_call.phase_filter(keep, ms(ep.authz_timeout))] if has_held_route(routes) else []),
+        *(phase_call.phase_filters(ep.keep_responses, ms(ep.authz_timeout)) if held else []),
         *([response_phase_filter(ep)] if has_mcp(routes) else []),
         {
             "name": "envoy.filters.http.router",

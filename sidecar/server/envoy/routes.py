@@ -97,7 +97,7 @@ def priced_route(
             "check_settings": check_settings,
         }
     if phase and not is_mcp:  # the phase over HTTP (a held route), on this route alone
-        config[phase_call.NAME] = phase_call.route_config()
+        config.update(phase_call.route_configs())
     elif is_mcp:  # over gRPC (ext_proc), on this route alone
         config[EXT_PROC] = response_phase_route(mcp_mode(bool(phase)))
     timeout = phases.route_timeout(spec, edge.upstream_timeout_seconds)
