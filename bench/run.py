@@ -64,6 +64,7 @@ from bench.mcp import run_phases as mcp_phases
 from bench.onchain import onchain_phases
 from bench.phases import LocalRun, selection
 from bench.report import report
+from sidecar.tools import ports
 
 
 def arguments() -> argparse.Namespace:
@@ -95,6 +96,11 @@ def arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = arguments()
+    # The bench restarts the sidecar with other worker counts: ports below the kernel's
+    # ephemeral ones (sidecar/tools/ports.py) are never taken meanwhile by an outgoing
+    # connection of wrk's or Envoy's, as a kernel-picked one was once (the sidecar then
+    # could not bind it again).
+    os.environ.setdefault(ports.RANGE_ENV, ports.shard_range(0, 1))
     only = selection(args.phases)
     out = args.out or (HERE / "results.json" if only is None else None)
     wrk = ensure_wrk()
