@@ -339,6 +339,6 @@ def upto_phase(
     figures["note"] = (
         "x402 v2 upto through Envoy and the sidecar on the metered route: a Permit2 "
         "authorization of the maximum verified at the check, the 37 units used settled "
-        "on chain at the response (ext_proc); pre-signed by the official x402 client"
+        "on chain at the response (the response phase); pre-signed by the official x402 client"
     )
     return figures

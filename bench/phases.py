@@ -312,8 +312,8 @@ class LocalRun:
         )
 
     def charged_on_success(self, held: str, metered: str) -> None:
-        """(7) and (8) (or (7h) and (8h)): charged on success, through the ext_proc
-        response phase."""
+        """(7) and (8) (or (7h) and (8h)): charged on success, through the response
+        phase (the Lua filter's call, server/envoy/phase_call.py)."""
         stack = self.stack
         if self.wanted(held.partition(" ")[0]):
             self.wrk_phase(held, stack.url + HELD_PATH, paid=True, prefix=".held")

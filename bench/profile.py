@@ -8,7 +8,7 @@ answered (its decision lines); kernel time is its own line.
 
     python -m bench.profile --seconds 10 [--native] [--raw out.txt]
     python -m bench.profile --strace    # syscalls per check instead (strace -c, main thread)
-    python -m bench.profile --route held --transport http --replay-per-payer 0
+    python -m bench.profile --route held --transport http
                                         # the check and the response phase, both over HTTP
 """
 
@@ -221,7 +221,7 @@ def arguments() -> argparse.Namespace:
         type=int,
         default=None,
         help="the sidecar's replay_per_payer (0: no kept responses, so a held route's "
-        "response phase goes over HTTP with --transport http)",
+        "response phase call carries no body)",
     )
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw stacks here")
     parser.add_argument("--strace", action="store_true", help="count syscalls, no py-spy")

@@ -12,7 +12,7 @@ sidecar, both with the same worker model. Then:
   (6) paid at a fixed 500 req/s       x402 load --direct --rate 500; the sidecar's own
                                       check latency from its decision log
   (7) paid, charge: on_success        wrk, direct proofs; a hold at the check, captured by
-                                      the ext_proc response phase (gRPC; 7h/8h over HTTP)
+                                      the response phase (one HTTP call, either transport)
   (8) paid, metered                   wrk, direct proofs; the response reports 37 of 100
                                       units (x402-usage), 37 are captured
   (4r), (4n) paid direct, gRPC        wrk, each on a fresh ledger: the debit script of
@@ -88,8 +88,8 @@ def arguments() -> argparse.Namespace:
         "--replay-per-payer",
         type=int,
         default=None,
-        help="the sidecar's replay_per_payer (0: no kept responses, so 7h/8h's response "
-        "phase goes over HTTP too)",
+        help="the sidecar's replay_per_payer (0: no kept responses, so the response phase's "
+        "call carries no body)",
     )
     return parser.parse_args()
 

@@ -1,7 +1,7 @@
 """The HTTP transport's own wire (server/authz/http_transport.py, and the response phase's,
 server/processing/http_transport.py), whatever X402_TRANSPORT says: Envoy's http_service
-modes in front of a real sidecar and Redis. The decisions behind it are the end-to-end
-suite's, which runs over both transports (`make test`)."""
+and its Lua filter's call in front of a real sidecar and Redis. The decisions behind it are
+the end-to-end suite's, which runs over both transports (`make test`)."""
 
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ MAX_REDELIVERIES = 100
 
 @dataclass(frozen=True)
 class Settings:
-    listen_grpc: str = "127.0.0.1:9001"  # ext_authz, the response phase, gRPC health
+    listen_grpc: str = "127.0.0.1:9001"  # ext_authz, MCP routes' response phase, gRPC health
     # How Envoy asks for checks: "grpc" (ext_authz v3 Check on listen_grpc) or "http"
     # (Envoy's http_service mode on listen_authz_http; server/authz/http_transport.py).
     transport: str = "grpc"

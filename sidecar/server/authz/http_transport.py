@@ -55,8 +55,9 @@ from sidecar.server.envoy.contract import (
 )
 
 MAX_HEAD_BYTES = 65536  # Envoy caps a client's header block at max_request_headers_kb (60)
-# The response phase's ProcessingRequest: the service's response headers (Envoy caps them at
-# its max_response_headers_kb, 60 by default), in base64 and JSON.
+# The response phase's call: the service's response headers (Envoy caps them at its
+# max_response_headers_kb, 60 by default) and the check's metadata as headers, and the body
+# Envoy read (at most its 32 KiB buffer).
 MAX_PROCESS_BYTES = 4 * MAX_HEAD_BYTES
 _PROCESS_URL = PROCESS_PATH.encode()
 # A check's route annotations: over HTTP only whether the response phase runs (read-only).

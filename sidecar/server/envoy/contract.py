@@ -88,7 +88,7 @@ HTTP_REQUEST_HEADERS = (
 )
 # Gateway-asserted headers Envoy adds to every HTTP check (authorization_request.
 # headers_to_add; a client's x-x402-* never gets this far: the edge strips them): Envoy's
-# deadline for the check, and on routes whose response phase (ext_proc) runs, the phase.
+# deadline for the check, and on routes whose response phase runs, the phase.
 TIMEOUT_HEADER = "x-x402-authz-timeout-ms"
 PHASE_HEADER = "x-x402-phase"  # its value: PHASE_RESPONSE
 # The response phase over HTTP (envoy/phase_call.py, a Lua filter's call) comes to the same
@@ -110,6 +110,10 @@ SET_PREFIX = "x-x402-set-"
 REMOVE_HEADER_LIST = "x-x402-remove"
 REPLACE_HEADER = "x-x402-replace"
 REPLACE_BODY_HEADER = "x-x402-replace-body"
+# Envoy's own failure of the response phase (docs/protocol.md §5), as an MCP route's local
+# reply (replies.py) and a held route's Lua call (phase_call.py) both write it.
+PHASE_UNAVAILABLE = "response_phase_unavailable"
+PHASE_UNAVAILABLE_MESSAGE = "the payment could not be completed; nothing was charged, retry shortly"
 
 # -- Answer headers (HTTP transport) ------------------------------------------------------
 # Envoy's instruction, on an allow, to strip these from the request before the service.

@@ -31,10 +31,7 @@ KEEP_MARK, TIMEOUT_MARK = "@KEEP@", "@TIMEOUT_MS@"  # the chart replaces them to
 # The typed 503 of Envoy's own failure of the phase (docs/protocol.md §5), as replies.py
 # writes ext_proc's; `details` says how the call ended.
 UNAVAILABLE = json.dumps(
-    {
-        "error": "response_phase_unavailable",
-        "message": "the payment could not be completed; nothing was charged, retry shortly",
-    },
+    {"error": contract.PHASE_UNAVAILABLE, "message": contract.PHASE_UNAVAILABLE_MESSAGE},
     separators=(",", ":"),
 )
 FAILED_DETAILS = "x402_phase_"  # + call_<its status> (Envoy's 503/504, the sidecar's), or error

@@ -11,6 +11,8 @@ from sidecar.server.envoy.contract import (
     ANSWERED_MARK,
     DENIAL_METADATA_KEY,
     EXT_AUTHZ,
+    PHASE_UNAVAILABLE,
+    PHASE_UNAVAILABLE_MESSAGE,
     UNAVAILABLE_MARK,
 )
 
@@ -124,8 +126,8 @@ def mappers() -> list[dict[str, Any]]:
         # captured expires and the ledger releases it).
         _reply(
             _phase_failed(),
-            "response_phase_unavailable",
-            "the payment could not be completed; nothing was charged, retry shortly",
+            PHASE_UNAVAILABLE,
+            PHASE_UNAVAILABLE_MESSAGE,
             503,
             retry=True,
             details=True,

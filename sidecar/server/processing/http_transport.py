@@ -1,5 +1,5 @@
-"""The response phase over plain HTTP/1.1 (`transport: http`): the same decision, a cheaper
-wire.
+"""A held route's response phase over plain HTTP/1.1, whichever the check's transport: the
+same decision, a cheaper wire.
 
 Envoy's Lua filter (server/envoy/phase_call.py) POSTs each held response to the checks'
 listener (server/authz/http_transport.py routes it here by contract.PROCESS_HEADER): the
