@@ -41,7 +41,7 @@ from sidecar.server.config_values import (
 from sidecar.server.durability_settings import Durability
 from sidecar.server.envoy.contract import TOPUP_PATH
 from sidecar.server.envoy.edge import Edge
-from sidecar.server.envoy.routes import has_held_route
+from sidecar.server.envoy.routes import listens_http
 from sidecar.server.facilitators import FacilitatorSpec, specs
 from sidecar.server.paywall_settings import ROUTE_KEY as PAYWALL_ROUTE_KEY
 from sidecar.server.paywall_settings import PaywallSettings
@@ -347,9 +347,8 @@ class Settings:
 
     @property
     def listens_http(self) -> bool:
-        """Workers listen on listen_authz_http: for the HTTP transport's checks, and for a
-        held route's response phase whichever the transport (envoy/phase_call.py)."""
-        return self.transport == "http" or has_held_route(self.routes)
+        """Workers listen on listen_authz_http (envoy/routes.py listens_http)."""
+        return listens_http(self.transport, self.routes)
 
     def route_table(self) -> RouteTable:
         assets = self.asset_table()

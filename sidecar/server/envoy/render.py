@@ -30,7 +30,13 @@ from sidecar.server.envoy.filters import (
     response_phase_filter,
 )
 from sidecar.server.envoy.replies import local_reply_config
-from sidecar.server.envoy.routes import has_held_route, has_mcp, seconds, virtual_host_routes
+from sidecar.server.envoy.routes import (
+    has_held_route,
+    has_mcp,
+    listens_http,
+    seconds,
+    virtual_host_routes,
+)
 
 # A client writes the method and path: the access log keeps FIELD_BYTES of each, as the
 # sidecar's own lines do (a 60 KB path would otherwise be a 60 KB line).
@@ -43,8 +49,8 @@ _ACCESS_LOG_FORMAT = {
     "duration_ms": "%DURATION%",
     **{key: f"%DYNAMIC_METADATA({EXT_AUTHZ}:{key})%" for key in contract.ACCESS_LOG_KEYS},
 }
-# Fixed edge limits (Envoy's edge-proxy guidance); docs/configuration.md lists them (and
-# filters.BUFFER_LIMIT_BYTES).
+# Fixed edge limits (Envoy's edge-proxy guidance; the per-connection buffer is
+# filters.BUFFER_LIMIT_BYTES); docs/configuration.md lists them.
 HTTP2_STREAM_WINDOW_BYTES = 65536
 HTTP2_CONNECTION_WINDOW_BYTES = 1048576
 
@@ -270,8 +276,7 @@ def render(
             }
         ],
     }
-    # The checks' HTTP listeners: the HTTP transport's checks, or a held route's phase.
-    http = ep.transport == "http" or has_held_route(routes)
+    http = listens_http(ep.transport, routes)  # the workers' HTTP ports, a cluster
     return {
         "admin": {"address": _address(*ep.admin)},
         "overload_manager": overload_manager(edge),

@@ -123,6 +123,12 @@ def has_held_route(routes: Mapping[str, Mapping[str, Any]]) -> bool:
     return any(phases.spec_annotations(s) and mcp.ROUTE_KEY not in s for s in routes.values())
 
 
+def listens_http(transport: str, routes: Mapping[str, Mapping[str, Any]]) -> bool:
+    """The sidecar's workers serve HTTP (listen_authz_http): the HTTP transport's checks, or
+    a held route's response phase whichever the transport."""
+    return transport == "http" or has_held_route(routes)
+
+
 def has_mcp(routes: Mapping[str, Mapping[str, Any]]) -> bool:
     return any(mcp.ROUTE_KEY in spec for spec in routes.values())
 
