@@ -321,17 +321,18 @@ async def test_the_sidecars_own_settle_loop_anchors_on_chain(
     try:
         async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
             [(wallet, _receipts)] = await payers_with_receipts(ledger, client, stack, [2])
+        # With max age 0 a receipt that lands while the first is anchoring is its own batch.
         for _ in range(100):
             manifests = await settlement.payer_batches(ledger, wallet.public_key)
-            if manifests:
+            if sum(int(m["count"]) for m in manifests) == 2:
                 break
             await asyncio.sleep(0.1)
         else:
-            raise AssertionError("the in-sidecar settle loop settled nothing")
+            raise AssertionError("the in-sidecar settle loop did not settle both receipts")
     finally:
         await facilities.close(2)
     address = Web3.to_checksum_address(anchored.contract)
     contract = chain.w3.eth.contract(address=address, abi=anchors.artifact()["abi"])
-    [manifest] = manifests
-    root = contract.functions.roots(anchor_key(manifest["batch_id"])).call()
-    assert root.hex().removeprefix("0x") == manifest["merkle_root"]
+    for manifest in manifests:
+        root = contract.functions.roots(anchor_key(manifest["batch_id"])).call()
+        assert root.hex().removeprefix("0x") == manifest["merkle_root"]
