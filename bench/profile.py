@@ -10,6 +10,7 @@ answered (its decision lines); kernel time is its own line.
     python -m bench.profile --strace    # syscalls per check instead (strace -c, main thread)
     python -m bench.profile --route held --transport http
                                         # the check and the response phase, both over HTTP
+    python -m bench.profile --route free  # a free route's check: the transport's own cost
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import (
+    FREE_PATH,
     HELD_PATH,
     METERED_PATH,
     PAID_PATH,
@@ -47,7 +49,14 @@ from sidecar.core.identity import Identity
 from sidecar.tools.stack import Stack
 
 TRANSPORTS = ("grpc", "http")
-ROUTE_PATHS = {"paid": PAID_PATH, "held": HELD_PATH, "metered": METERED_PATH}
+ROUTE_PATHS = {
+    "paid": PAID_PATH,
+    "free": FREE_PATH,
+    "held": HELD_PATH,
+    "metered": METERED_PATH,
+}
+# The decision lines that count as the route's checks.
+REASONS = {"paid": "paid", "free": "free", "held": "captured", "metered": "captured"}
 
 CATEGORIES = (
     "transport framework",
@@ -266,7 +275,7 @@ def tracer(args: argparse.Namespace, pid: int, raw: Path) -> list[str]:
 def record(args: argparse.Namespace, wrk: str, stack: Stack, worker: int) -> Recording:
     """Warm up, attach the tracer to the worker, run wrk, count what the worker did."""
     url = presign_proofs(args, stack)
-    reason = "paid" if args.route == "paid" else "captured"
+    reason = REASONS[args.route]
     sidecar = stack.processes["sidecar"]
     pid = worker_pids(sidecar.log(), stack.ports["grpc"])[worker]
     if args.warmup:
@@ -297,9 +306,9 @@ def record(args: argparse.Namespace, wrk: str, stack: Stack, worker: int) -> Rec
     )
 
 
-def print_syscalls(worker: int, rec: Recording) -> None:
+def print_syscalls(args: argparse.Namespace, worker: int, rec: Recording) -> None:
     calls, checks = strace_counts(rec.lines), rec.checks
-    print(f"profile: worker {worker} answered {checks} paid checks; syscalls per check "
+    print(f"profile: worker {worker} answered {checks} {args.route} checks; syscalls per check "
           "on its main thread (strace slows it: counts, not times)")  # fmt: skip
     for name, count in sorted(calls.items(), key=lambda item: -item[1]):
         print(f"{name:<24}{count / max(checks, 1):>10.2f}")
@@ -309,8 +318,9 @@ def print_syscalls(worker: int, rec: Recording) -> None:
 def print_breakdown(args: argparse.Namespace, worker: int, rec: Recording) -> None:
     samples, checks = parse_raw(rec.lines), rec.checks
     per = breakdown(samples, rec.user, checks)
-    print(f"profile: {rec.ok_rps:.0f} paid req/s through Envoy, transport "
-          f"{args.transport}; worker {worker} (pid {rec.pid}) answered {checks} paid checks, "
+    print(f"profile: {rec.ok_rps:.0f} {args.route} req/s through Envoy, transport "
+          f"{args.transport}; worker {worker} (pid {rec.pid}) answered {checks} {args.route} "
+          f"checks, "
           f"{sum(samples.values())} samples{' (native)' if args.native else ''}")  # fmt: skip
     print(f"{'category':<24}{'µs/check':>10}{'share':>8}")
     for category in CATEGORIES:
@@ -347,7 +357,7 @@ def main() -> None:
     finally:
         stack.stop()
     if args.strace:
-        print_syscalls(worker, recording)
+        print_syscalls(args, worker, recording)
     else:
         print_breakdown(args, worker, recording)
 

@@ -75,9 +75,11 @@ def test_strace_summary_and_decision_lines() -> None:
         [
             '{"worker": 1, "decision": "allow", "reason": "paid", "event": "authz.decision"}',
             '{"worker": 0, "decision": "allow", "reason": "paid", "event": "authz.decision"}',
+            '{"worker": 1, "decision": "allow", "reason": "free", "event": "authz.decision"}',
             '{"pid": 41, "listen_grpc": "127.0.0.1:9001", "event": "sidecar.started"}',
             '{"pid": 42, "listen_grpc": "127.0.0.1:9002", "event": "sidecar.started"}',
         ]
     )
     assert profile.paid_checks(log, 1) == 1
+    assert profile.paid_checks(log, 1, profile.REASONS["free"]) == 1
     assert profile.worker_pids(log, 9001) == {0: 41, 1: 42}
