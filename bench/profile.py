@@ -268,8 +268,9 @@ def tracer(args: argparse.Namespace, pid: int, raw: Path) -> list[str]:
         return [shutil.which("strace") or "strace", "-c", "-p", str(pid), "-o", str(raw)]
     return [str(Path(sys.executable).parent / "py-spy"), "record", "-r", str(args.rate),
             "-p", str(pid), "-f", "raw", "-o", str(raw),
-            "-d", str(round(args.seconds) + 2), "--nonblocking",
-            *(["--native"] if args.native else [])]  # fmt: skip
+            "-d", str(round(args.seconds) + 2),
+            # py-spy refuses --native with --nonblocking: native stacks pause the process
+            *(["--native"] if args.native else ["--nonblocking"])]  # fmt: skip
 
 
 def record(args: argparse.Namespace, wrk: str, stack: Stack, worker: int) -> Recording:
