@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from sidecar.agent.channel import ChannelAuth, PaymentChannel
 from sidecar.agent.wallet import Wallet
@@ -26,6 +25,7 @@ from sidecar.ledger.channels import Channels, Nonce
 from sidecar.ledger.cluster import ClusterPipe, parse_cluster_url, slot_of
 from sidecar.ledger.rate_limit import Rate, RateLimiter
 from sidecar.tools.stack import LOOPBACK, Stack
+from tests.support.cluster import finish_migration, migrate, node, slot_owners
 from tests.support.conservation import run_and_check
 from tests.support.payers import funded_payer, paid_requests, pay_direct
 from tests.support.routes import ENVOY_ROUTES, ROUTES, VERIFY
@@ -58,21 +58,6 @@ async def cledger(cluster: Stack) -> AsyncIterator[Ledger]:
 async def cclient(cluster: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
         yield http
-
-
-def node(port: int) -> aioredis.Redis:
-    """A plain connection to one cluster node, to see where keys really live."""
-    return aioredis.Redis(host=LOOPBACK, port=port, decode_responses=True)
-
-
-async def slot_owners(port: int) -> dict[int, int]:
-    """Slot → port of its master, as the cluster itself says (CLUSTER SLOTS)."""
-    async with node(port) as any_node:
-        ranges = await any_node.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-    owners = {}
-    for start, end, master, *_replicas in ranges:
-        owners.update(dict.fromkeys(range(int(start), int(end) + 1), int(master[1])))
-    return owners
 
 
 def receipt(nonce: str, amount: int) -> dict[str, str | int]:
@@ -276,24 +261,6 @@ async def test_rate_limits_on_the_cluster(cluster: Stack, cledger: Ledger) -> No
         async with node(owners[slot_of(key)]) as home:
             assert await home.exists(key) == 1
     assert slot_of(keyspace.payer_rate(payer)) == slot_of(keyspace.account(payer))
-
-
-async def migrate(source: int, target: int, slot: int, others: list[int]) -> None:
-    """Move one slot between masters by hand, as `redis-cli --cluster reshard` does."""
-    async with node(source) as src, node(target) as dst:
-        src_id, dst_id = await src.cluster("MYID"), await dst.cluster("MYID")
-        await dst.cluster("SETSLOT", slot, "IMPORTING", src_id)
-        await src.cluster("SETSLOT", slot, "MIGRATING", dst_id)
-        keys = await src.cluster("GETKEYSINSLOT", slot, 1000)
-        await src.execute_command("MIGRATE", LOOPBACK, target, "", 0, 5000, "KEYS", *keys)  # type: ignore[no-untyped-call]
-
-
-async def finish_migration(target: int, slot: int, ports: list[int]) -> None:
-    async with node(target) as dst:
-        dst_id = await dst.cluster("MYID")
-    for port in [target, *(p for p in ports if p != target)]:
-        async with node(port) as master:
-            await master.cluster("SETSLOT", slot, "NODE", dst_id)
 
 
 async def test_a_migrating_slot_is_followed(cluster: Stack, cledger: Ledger) -> None:

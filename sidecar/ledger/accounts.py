@@ -92,7 +92,8 @@ class Ledger:
     ) -> None:
         self._redis = client
         self._pipe = pipe
-        self._waiting: dict[float, aioredis.Redis] = {}  # waiting_client's, by socket timeout
+        # waiting_client's and servers', by server and socket timeout
+        self._waiting: dict[tuple[Address, float], aioredis.Redis] = {}
         self.url = ""  # redis_url without its password, for logs
         # register_script: EVALSHA, and a reload on NOSCRIPT after a Redis restart.
         self._credit = client.register_script(scripts.source("credit"))
@@ -118,17 +119,39 @@ class Ledger:
         ledger.url = redacted(url)
         return ledger
 
-    def waiting_client(self, wait: float) -> aioredis.Redis:
+    async def waiting_client(self, wait: float, key: str) -> aioredis.Redis:
         """A client for a write followed by a wait for it on the same connection (WAITAOF):
         its socket timeout covers `wait` seconds more than the ledger's, and it never
         retries, since a retried wait runs on a fresh connection that has written nothing
-        and would prove nothing. Not on Redis Cluster."""
+        and would prove nothing. On Redis Cluster, a client of the master that owns `key`."""
+        pipe = self._pipe
+        with translated():
+            address = pipe.address if isinstance(pipe, RedisPipe) else await pipe.master_of(key)
+        return self._server_client(address, pipe.timeout + wait)
+
+    async def servers(self) -> list[tuple[str, aioredis.Redis]]:
+        """Each server that takes writes, named for logs, with a client of its own: the one
+        Redis, or every master of a Cluster (what durability asks each of them)."""
+        pipe = self._pipe
+        if isinstance(pipe, RedisPipe):
+            assert isinstance(self._redis, aioredis.Redis)
+            return [(self.url, self._redis)]
+        with translated():
+            masters = await pipe.masters()
+        return [(master.where, self._server_client(master, pipe.timeout)) for master in masters]
+
+    def moved(self, key: str, host: str, port: int) -> None:
+        """A connection of one's own was told the slot of `key` is now served at host:port
+        (MOVED): the Cluster's map says so before the next call. Nothing on a single Redis."""
         if not isinstance(self._pipe, RedisPipe):
-            raise X402Error("a waiting client needs a single Redis, not a Cluster")
-        timeout = self._pipe.timeout + wait
-        if timeout not in self._waiting:
-            self._waiting[timeout] = _client(self._pipe.address, timeout, retry=NO_RETRY)
-        return self._waiting[timeout]
+            self._pipe.moved(key, host, port)
+
+    def _server_client(self, address: Address, timeout: float) -> aioredis.Redis:
+        """One client per server and socket timeout, kept for the ledger's life."""
+        found = self._waiting.get((address, timeout))
+        if found is None:
+            found = self._waiting[(address, timeout)] = _client(address, timeout, retry=NO_RETRY)
+        return found
 
     async def unreachable(self) -> str:
         """ "" if the hot path's connection reaches Redis, else why not (for logs: names

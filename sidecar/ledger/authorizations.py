@@ -96,7 +96,7 @@ class Authorizations:
         result: list[Any]
         if owner:  # a top-up: whom it credits is on disk before any money moves (reconcile)
             result, durable = await self.durable.run(
-                lambda client: self._reserve(keys=keys, args=args, client=client)
+                lambda client: self._reserve(keys=keys, args=args, client=client), keys[0]
             )
             if result[0] == "ok" and not durable:
                 await self.release(authorizer, key, reservation)
@@ -138,7 +138,7 @@ class Authorizations:
             args += [item for pair in {**outcome, "transaction": tx, "via": via}.items()
                      for item in pair]  # fmt: skip
         result, durable = await self.durable.run(
-            lambda client: self._finish(keys=keys, args=args, client=client)
+            lambda client: self._finish(keys=keys, args=args, client=client), keys[0]
         )
         return result[0] == "ok", durable
 
@@ -190,7 +190,7 @@ class Authorizations:
         args = (asset, amount, IDEMPOTENCY_TTL, MAX_BALANCE, int(time.time()), source, tx)
         result: list[Any]
         result, durable = await self.durable.run(
-            lambda client: self._topup(keys=keys, args=args, client=client)
+            lambda client: self._topup(keys=keys, args=args, client=client), keys[0]
         )
         if result[0] == "balance_limit":
             raise X402Error(f"a balance may not exceed {MAX_BALANCE} atomic units")

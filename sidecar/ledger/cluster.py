@@ -217,6 +217,25 @@ class ClusterPipe:
         """The master this client sends `key`'s calls to (None before the map is loaded)."""
         return self._slots[slot_of(key)]
 
+    async def master_of(self, key: str) -> Address:
+        """The address of the master that owns `key`'s slot, for a connection of its own
+        (a durable write and its WAITAOF must share one)."""
+        return self._pipe(await self._owner(slot_of(key))).address
+
+    async def masters(self) -> list[Address]:
+        """Every master's address, as the slot map has them now."""
+        if not self._loaded:
+            await self._refresh()
+        return [self._pipe(node).address for node in dict.fromkeys(self._slots) if node]
+
+    def moved(self, key: str, host: str, port: int) -> None:
+        """A connection of one's own was told `MOVED <slot> host:port` for `key`: the slot's
+        entry is fixed at once, and the rest of the map reloaded in the background."""
+        slot = slot_of(key)
+        asked = self._slots[slot]
+        self._slots[slot] = (host.strip("[]") or (asked[0] if asked else ""), port)
+        self._refresh_soon()
+
     # -- the slot map ----------------------------------------------------------------------
     def _pipe(self, node: Node) -> RedisPipe:
         pipe = self._pipes.get(node)

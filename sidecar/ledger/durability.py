@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import MovedError, ResponseError
 
 from sidecar.core.errors import LedgerUnavailable
 from sidecar.ledger.accounts import REDIS_ERRORS, Ledger, unavailable
@@ -38,34 +38,52 @@ class Mode:
 
 
 async def probe(ledger: Ledger, enabled: bool) -> Mode:
-    """What the ledger's server offers. `enabled` False: durability switched off."""
+    """What the ledger's servers offer (on Redis Cluster, every master must offer it).
+    `enabled` False: durability switched off."""
     if not enabled:
         return Mode(OFF, "durability off (config durability.money_in: off)")
-    if ledger.cluster:
-        return Mode(REFUSED, "durable money-in is not supported on Redis Cluster yet")
-    redis = ledger._redis
-    assert isinstance(redis, Redis)
     try:
-        info: dict[str, Any] = await ledger.call(redis.info("persistence"))
-        waitaof = await _has_waitaof(redis)
+        servers = [(name, await _facts(ledger, redis)) for name, redis in await ledger.servers()]
     except LedgerUnavailable as exc:  # unreachable now: refused, probed again later
         return Mode(REFUSED, f"the ledger's Redis could not be asked ({exc})")
-    aof = int(info.get("aof_enabled", 0)) == 1
-    if waitaof:
-        if not aof:
-            return Mode(REFUSED, "the ledger's Redis has appendonly no: WAITAOF cannot fsync")
-        return Mode(WAITAOF, "WAITAOF after every credit")
+    modes = [(name, _mode(facts)) for name, facts in servers]
+    cluster = ledger.cluster
+    for name, mode in modes:
+        if not mode.takes_money:
+            return Mode(REFUSED, f"{name}: {mode.detail}" if cluster else mode.detail)
+    kinds = {mode.kind for _, mode in modes}
+    if kinds == {WAITAOF}:
+        return Mode(WAITAOF, "WAITAOF after every credit" + (" (every master)" if cluster else ""))
+    if all(facts.fsync_always for _, facts in servers):  # some without WAITAOF: all fsync
+        return Mode(FSYNC_ALWAYS, "appendfsync always on every master fsyncs every write")
+    return Mode(
+        REFUSED,
+        "the Cluster's masters differ: some have WAITAOF, others only appendfsync always; "
+        "run every master with appendfsync always, or all on Redis >= 7.2 / Valkey 8",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What one server says of its persistence."""
+
+    waitaof: bool
+    aof: bool
+    appendfsync: str  # "" where CONFIG is disabled (a managed Redis): cannot tell
+
+    @property
+    def fsync_always(self) -> bool:
+        return self.aof and self.appendfsync == "always"
+
+
+async def _facts(ledger: Ledger, redis: Redis) -> _Facts:
+    info: dict[str, Any] = await ledger.call(redis.info("persistence"))
+    waitaof = await _has_waitaof(redis)
     try:
         fsync: dict[str, str] = await ledger.call(redis.config_get("appendfsync"))
     except LedgerUnavailable:  # CONFIG disabled (a managed Redis): cannot tell
         fsync = {}
-    if aof and fsync.get("appendfsync") == "always":
-        return Mode(FSYNC_ALWAYS, "no WAITAOF; appendfsync always fsyncs every write")
-    return Mode(
-        REFUSED,
-        "the ledger's Redis has no WAITAOF (Redis < 7.2) and does not report appendonly yes "
-        f"with appendfsync always (appendfsync: {fsync.get('appendfsync', 'unknown')})",
-    )
+    return _Facts(waitaof, int(info.get("aof_enabled", 0)) == 1, fsync.get("appendfsync", ""))
 
 
 async def _has_waitaof(redis: Redis) -> bool:
@@ -79,6 +97,21 @@ async def _has_waitaof(redis: Redis) -> bool:
     except REDIS_ERRORS as exc:
         raise unavailable(exc) from exc
     return True
+
+
+def _mode(facts: _Facts) -> Mode:
+    """One server's durability."""
+    if facts.waitaof:
+        if not facts.aof:
+            return Mode(REFUSED, "the ledger's Redis has appendonly no: WAITAOF cannot fsync")
+        return Mode(WAITAOF, "WAITAOF after every credit")
+    if facts.fsync_always:
+        return Mode(FSYNC_ALWAYS, "no WAITAOF; appendfsync always fsyncs every write")
+    return Mode(
+        REFUSED,
+        "the ledger's Redis has no WAITAOF (Redis < 7.2) and does not report appendonly yes "
+        f"with appendfsync always (appendfsync: {facts.appendfsync or 'unknown'})",
+    )
 
 
 class DurableWrites:
@@ -100,15 +133,24 @@ class DurableWrites:
         """The mode, probed again if it refuses (the operator may have fixed the server)."""
         return self.mode if self.mode.takes_money else await self.refresh()
 
-    async def run(self, write: Callable[[Any], Awaitable[T]]) -> tuple[T, bool]:
-        """`write(client)` (redis-py calls on `client`), then the wait: its result and
-        whether the write is known durable (always True unless mode is `waitaof`)."""
-        redis = self.ledger._redis
-        if self.mode.kind != WAITAOF or not isinstance(redis, Redis):
-            return await self.ledger.call(write(redis)), True
-        waiting = self.ledger.waiting_client(self.timeout_ms / 1000)
+    async def run(self, write: Callable[[Any], Awaitable[T]], key: str) -> tuple[T, bool]:
+        """`write(client)` (redis-py calls on `client`, on keys in `key`'s slot), then the
+        wait: its result and whether the write is known durable (always True unless mode
+        is `waitaof`)."""
+        if self.mode.kind != WAITAOF:
+            return await self.ledger.call(write(self.ledger._redis)), True
+        waiting = await self.ledger.waiting_client(self.timeout_ms / 1000, key)
         async with waiting.client() as connection:  # one connection: WAITAOF waits for its writes
-            result = await self.ledger.call(write(connection))
+            try:
+                result = await self.ledger.call(write(connection))
+            except LedgerUnavailable as exc:
+                # The Cluster's slot moved since the map was read: Redis refused before the
+                # script ran (nothing written), so this fails closed and the next call goes
+                # to the new owner. (ASK, TRYAGAIN: mid-migration, fails closed until done.)
+                moved = exc.__cause__
+                if isinstance(moved, MovedError):
+                    self.ledger.moved(key, moved.host, moved.port)
+                raise
             return result, await self._wait(connection)
 
     async def _wait(self, connection: Redis) -> bool:

@@ -129,6 +129,7 @@ class Stack:
     # "valkey" (Valkey 8 with AOF) or "redis" (as found, AOF off); see tools/ledger_server.py
     ledger_server: str = field(default_factory=ledger_server.default)
     redis_cluster: int = 0  # > 0: the ledger on a Redis Cluster of this many masters
+    cluster_on_valkey: bool = False  # its masters on Valkey 8 (WAITAOF), not redis-server
     redis_tls: Path | None = None  # certificates: the ledger over TLS (tools/redis_tls.py)
     authz_timeout: str = ""  # Envoy's ext_authz timeout; default: longer than the ledger's
     service_host: str = LOOPBACK  # how Envoy addresses the upstream ("localhost": by DNS)
@@ -305,7 +306,7 @@ class Stack:
 
     def _redis_server(self, port: int) -> list[str]:
         """The redis-server command line listening on `port` (over TLS with `redis_tls`)."""
-        if self.valkey:
+        if self.valkey or (self.redis_cluster and self.cluster_on_valkey):
             return [ledger_server.valkey_binary(), "--port", str(port)]
         if self.redis_tls is None:
             return [find_binary("redis-server"), "--port", str(port)]
