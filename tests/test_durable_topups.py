@@ -21,6 +21,8 @@ from x402.schemas import PaymentPayload, PaymentRequired
 
 from sidecar.core.errors import UnknownPayer
 from sidecar.core.identity import Identity
+from sidecar.ledger import keyspace
+from sidecar.ledger.cluster import slot_of
 from sidecar.tools.chain import AnvilChain
 from sidecar.tools.onchain import (
     FacilitatorProcess,
@@ -30,6 +32,7 @@ from sidecar.tools.onchain import (
     payers,
 )
 from sidecar.tools.stack import CLI, LOOPBACK, Process, Stack
+from tests.support.cluster import slot_owners
 from tests.support.valkey import Valkey
 
 TOPUP = "/x402/topup"
@@ -121,6 +124,36 @@ async def test_kill_9_right_after_a_topups_200_keeps_the_credit(
         assert answered.status_code == 200, answered.text
         restart_ledger(durable)
         assert await durable.balance(key) == run * 2 * USDC
+
+
+async def test_on_a_cluster_a_topups_200_survives_kill_9_of_its_payers_master(
+    chain: AnvilChain, facilitator: FacilitatorProcess, http: httpx.AsyncClient
+) -> None:
+    """The ledger on Redis Cluster (three Valkey 8 masters with the AOF): the top-up waits
+    on its payer's master (docs/redis.md), so that master killed right after the 200 and
+    started again from its files still has the credit."""
+    aof = ("--appendonly", "yes", "--appendfsync", "everysec")
+    with Stack(
+        ROUTES,
+        settings=settings(chain, facilitator),
+        redis_cluster=3,
+        cluster_on_valkey=True,
+        redis_args=aof,
+    ) as stack:
+        http.base_url = httpx.URL(stack.url)
+        ready = (await http.get(stack.sideport_url + "/readyz")).json()
+        assert ready["money_in"] == "waitaof", ready
+        assert ready["money_in_detail"] == "WAITAOF after every credit (every master)"
+        key = Identity.generate().public_key
+        answered = await topup(http, key, await signed(chain, http, key, payer=1))
+        assert answered.status_code == 200, answered.text
+        owners = await slot_owners(stack.cluster_ports[0])
+        home = stack.cluster_ports.index(owners[slot_of(keyspace.account(key))])
+        old = stack.processes[f"redis{home}"]
+        old.kill()  # right after the acknowledgement
+        again = stack.processes[f"redis{home}"] = Process(old.name, old.argv, old.log_path).start()
+        stack._wait_redis(again, stack.cluster_ports[home], b"CLUSTER INFO", b"cluster_state:ok")
+        assert await stack.balance(key) == 2 * USDC
 
 
 async def test_a_credit_not_confirmed_on_disk_is_a_503_naming_the_transaction(
