@@ -6,11 +6,15 @@ closed, then lands once on the new owner; on redis-server 7.0 masters it takes
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+from redis.exceptions import RedisError
 
 from sidecar.core.errors import LedgerUnavailable
 from sidecar.core.identity import Identity
@@ -19,7 +23,7 @@ from sidecar.ledger.accounts import Ledger
 from sidecar.ledger.authorizations import Authorizations
 from sidecar.ledger.cluster import slot_of
 from sidecar.ledger.durability import FSYNC_ALWAYS, REFUSED, WAITAOF, DurableWrites
-from sidecar.tools.stack import LOOPBACK, Stack
+from sidecar.tools.stack import LOOPBACK, Process, Stack, find_binary, free_cluster_port
 from tests.support.cluster import finish_migration, migrate, node, slot_owners
 from tests.support.routes import ROUTES
 
@@ -168,3 +172,26 @@ async def test_redis_7_0_masters_need_appendfsync_always_every_one(fsync: str, k
                 assert (await ledger.account(payer)).balances == {"USDF": 300}
         finally:
             await ledger.close()
+
+
+async def test_a_cluster_that_reports_no_master_refuses_money_in(tmp_path: Path) -> None:
+    """A node with cluster mode on but no slots yet (before `--cluster create`): CLUSTER
+    SLOTS names no master, so nothing can be asked and money-in is refused, not assumed."""
+    port = free_cluster_port()
+    argv = [find_binary("redis-server"), "--port", str(port), "--bind", LOOPBACK]
+    argv += ["--dir", str(tmp_path), "--cluster-enabled", "yes", "--save", ""]
+    argv += ["--appendonly", "yes", "--appendfsync", "always"]
+    process = Process("lonely", argv, tmp_path / "redis.log").start()
+    ledger = Ledger.from_url(f"redis+cluster://{LOOPBACK}:{port}")
+    try:
+        for _ in range(200):
+            async with node(port) as lonely:
+                with contextlib.suppress(OSError, RedisError):
+                    if await lonely.ping():
+                        break
+            await asyncio.sleep(0.025)
+        mode = await DurableWrites(ledger).refresh()
+        assert (mode.kind, mode.detail) == (REFUSED, "the ledger's Redis Cluster reports no master")
+    finally:
+        await ledger.close()
+        process.kill()

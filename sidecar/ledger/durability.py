@@ -46,6 +46,8 @@ async def probe(ledger: Ledger, enabled: bool) -> Mode:
         servers = [(name, await _facts(ledger, redis)) for name, redis in await ledger.servers()]
     except LedgerUnavailable as exc:  # unreachable now: refused, probed again later
         return Mode(REFUSED, f"the ledger's Redis could not be asked ({exc})")
+    if not servers:  # a Cluster whose map names no master: nothing can be asked
+        return Mode(REFUSED, "the ledger's Redis Cluster reports no master")
     modes = [(name, _mode(facts)) for name, facts in servers]
     cluster = ledger.cluster
     for name, mode in modes:
