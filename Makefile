@@ -94,9 +94,9 @@ TEST_ENV := HELM=$(abspath $(HELM)) ANVIL=$(abspath $(ANVIL)) STABLECOIN_EVM=$(a
 # facilitator's credentials, a settle whose outcome is pending, `upto`'s chain: its check
 # is `exact`'s, its phase the same HTTP call over either transport).
 ONE_TRANSPORT := packaging fuzz grafana readme guides http_transport admin anchor chain \
-	bench_official bench_profile cli cluster cluster_durability conservation dashboard demo durability \
-	durable_topups evidence examples redis_pipe redis_tls settlement topup self_channels \
-	rotation load pay agent_exact agent_outcomes facilitators exact_pending upto
+	bench_official bench_profile cli cluster cluster_durability conservation dashboard demo \
+	durability durable_topups evidence examples redis_pipe redis_tls settlement topup \
+	self_channels rotation load pay agent_exact agent_outcomes facilitators exact_pending upto
 E2E_OVER_HTTP := $(filter-out $(ONE_TRANSPORT:%=tests/test_%.py), $(wildcard tests/test_*.py))
 
 # Two pytest-xdist workers, each running whole files (a module's stack starts once): the

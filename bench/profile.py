@@ -319,10 +319,10 @@ def print_syscalls(args: argparse.Namespace, worker: int, rec: Recording) -> Non
 def print_breakdown(args: argparse.Namespace, worker: int, rec: Recording) -> None:
     samples, checks = parse_raw(rec.lines), rec.checks
     per = breakdown(samples, rec.user, checks)
+    native = " (native)" if args.native else ""
     print(f"profile: {rec.ok_rps:.0f} {args.route} req/s through Envoy, transport "
           f"{args.transport}; worker {worker} (pid {rec.pid}) answered {checks} {args.route} "
-          f"checks, "
-          f"{sum(samples.values())} samples{' (native)' if args.native else ''}")  # fmt: skip
+          f"checks, {sum(samples.values())} samples{native}")  # fmt: skip
     print(f"{'category':<24}{'µs/check':>10}{'share':>8}")
     for category in CATEGORIES:
         share = samples[category] / max(sum(samples.values()), 1)

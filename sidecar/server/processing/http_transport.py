@@ -38,12 +38,14 @@ from sidecar.server.processing.phase import Processor
 from sidecar.server.schemes.base import unpacked
 
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"  # the phase fails
+# The answer's header names, encoded once (every held response's answer writes them).
+_SET, _REMOVE = SET_PREFIX.encode(), REMOVE_HEADER_LIST.encode()
+_REPLACE_BODY, _REPLACE = b"%s: 1\r\n" % REPLACE_BODY_HEADER.encode(), REPLACE_HEADER.encode()
 
 
 def _header_lines(headers: Headers) -> bytes:
     return b"".join(
-        b"%s%s: %s\r\n" % (SET_PREFIX.encode(), name.encode(), value.encode("latin-1"))
-        for name, value in headers
+        b"%s%s: %s\r\n" % (_SET, name.encode(), value.encode("latin-1")) for name, value in headers
     )
 
 
@@ -54,17 +56,12 @@ def encode(answer: Answer) -> bytes:
     if isinstance(answer, Continue):
         lines = _header_lines(answer.set_headers)
         if answer.remove_headers:
-            lines += b"%s: %s\r\n" % (
-                REMOVE_HEADER_LIST.encode(),
-                ",".join(answer.remove_headers).encode(),
-            )
+            lines += b"%s: %s\r\n" % (_REMOVE, ",".join(answer.remove_headers).encode())
         if answer.body is not None:
-            lines += b"%s: 1\r\n" % REPLACE_BODY_HEADER.encode()
+            lines += _REPLACE_BODY
             body = answer.body
     else:
-        lines = b"%s: %d\r\n" % (REPLACE_HEADER.encode(), answer.status) + _header_lines(
-            answer.headers
-        )
+        lines = b"%s: %d\r\n" % (_REPLACE, answer.status) + _header_lines(answer.headers)
         body = answer.body
     return b"HTTP/1.1 200 OK\r\n%scontent-length: %d\r\n\r\n%s" % (lines, len(body), body)
 
